@@ -1,0 +1,104 @@
+"""Attention over the paged KV cache: the one primitive that is not plain tensor math.
+
+The batch contract (shared by the reference interpreter, the kernels and the
+runtime; see docs/batch-contract.md):
+
+    k_cache.L, v_cache.L  [NB, block_size, num_kv_heads, head_dim]  one pair per layer
+    slot_mapping          i64[T]     cache slot (block * block_size + offset) of each
+                                     token; -1 for padding tokens (not written)
+    query_start_loc       i32[S + 1] token offsets of each sequence's new tokens in the step
+    seq_lens              i32[S]     each sequence's length after this step (cached + new)
+    block_tables          i32[S, MB] the cache blocks of each sequence, in order
+
+A sequence's new tokens are its last `n = query_start_loc[s+1] - query_start_loc[s]`
+positions, so one step can mix prefill (n > 1, possibly after a cached prefix)
+and decode (n == 1) sequences. Tokens past `query_start_loc[S]` are padding and
+produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import BrazeError
+from .ops import REQUIRED, OpDef, register
+from .types import TensorType
+
+
+def _cache_write_infer(types, attrs):
+    k, v, k_cache, v_cache, slots = types
+    if k.rank != 3 or k_cache.rank != 4 or k.shape[1:] != k_cache.shape[2:]:
+        raise BrazeError(f"cache_write: k {k} does not fit cache {k_cache}")
+    if v.shape[1:] != v_cache.shape[2:]:
+        raise BrazeError(f"cache_write: v {v} does not fit cache {v_cache}")
+    if slots.rank != 1 or slots.dtype not in ("i64", "i32"):
+        raise BrazeError(f"cache_write: slot_mapping must be 1-D integer, got {slots}")
+    return []
+
+
+def _cache_write(k, v, k_cache, v_cache, slot_mapping):
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[: slot_mapping.shape[0]][valid].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[: slot_mapping.shape[0]][valid].to(v_cache.dtype)
+    return ()
+
+
+register(OpDef("cache_write", ("k", "v", "k_cache", "v_cache", "slot_mapping"),
+               _cache_write_infer, _cache_write, writes=(2, 3),
+               doc="store each token's k and v at its slot; slot -1 is skipped"))
+
+
+def _attention_infer(types, attrs):
+    q, k_cache, v_cache, qsl, seq_lens, block_tables = types
+    if q.rank != 3 or k_cache.rank != 4 or q.shape[2] != k_cache.shape[3]:
+        raise BrazeError(f"paged_attention: q {q} does not match cache {k_cache}")
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
+        raise BrazeError(f"paged_attention: {hq} query heads are not a multiple of {hkv} kv heads")
+    out_dim = v_cache.shape[3]
+    return [TensorType((q.shape[0], hq, out_dim), q.dtype)]
+
+
+def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                     scale, sliding_window, causal):
+    """Reference: gather each sequence's keys from its blocks and attend in float32."""
+    out = torch.zeros(q.shape[0], q.shape[1], v_cache.shape[3], dtype=q.dtype, device=q.device)
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // hkv
+    starts = query_start_loc.tolist()
+    for s, length in enumerate(seq_lens.tolist()):
+        lo, hi = starts[s], starts[s + 1]
+        n = hi - lo
+        if n == 0:
+            continue
+        if n > length:
+            raise BrazeError(f"paged_attention: sequence {s} has {n} new tokens but length {length}")
+        nblocks = -(-length // block_size)
+        blocks = block_tables[s, :nblocks].long()
+        k = k_cache[blocks].reshape(-1, hkv, k_cache.shape[3])[:length].float()
+        v = v_cache[blocks].reshape(-1, hkv, v_cache.shape[3])[:length].float()
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        qs = q[lo:hi].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        qpos = torch.arange(length - n, length, device=q.device)[:, None]
+        kpos = torch.arange(length, device=q.device)[None, :]
+        allowed = torch.ones(n, length, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed &= kpos <= qpos
+        if sliding_window:
+            allowed &= kpos > qpos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+register(OpDef("paged_attention",
+               ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables"),
+               _attention_infer, _paged_attention,
+               attrs={"scale": REQUIRED, "sliding_window": 0, "causal": True},
+               graph_break=True,
+               doc="softmax(q k^T * scale + mask) v over each sequence's cached keys; "
+                   "sliding_window=W keeps keys at positions > pos - W"))

@@ -1,0 +1,122 @@
+"""Elementwise ops: unary math, binary arithmetic with broadcasting, casts, where.
+
+A binary op takes two tensor operands, or one operand and a Python scalar in
+the `scalar` attribute (`scalar_first=true` when the scalar is the left side),
+so `x * 0.5` keeps torch's exact type-promotion and rounding:
+
+    %3: f32[T, 64] = mul(%2) {scalar=0.5}
+    %4: f32[T, 64] = sub(%3) {scalar=1.0, scalar_first=true}     # 1.0 - %3
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BrazeError
+from .ops import REQUIRED, OpDef, meta_dtype, register
+from .types import TensorType, canon_dim, dtype_name, torch_dtype
+
+
+def broadcast_shapes(*shapes: tuple) -> tuple:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dim = 1
+        for s in shapes:
+            j = i - (rank - len(s))
+            if j < 0:
+                continue
+            d = s[j]
+            if d == 1:
+                continue
+            if dim == 1:
+                dim = d
+            elif dim != d:
+                raise BrazeError(f"shapes {[tuple(map(str, s)) for s in shapes]} do not broadcast")
+        out.append(canon_dim(dim))
+    return tuple(out)
+
+
+def _unary(name: str, fn, doc: str, attrs: dict | None = None) -> None:
+    def infer(types, attrs):
+        (x,) = types
+        return [TensorType(x.shape, meta_dtype(fn, types, attrs))]
+
+    def impl(x, **attrs):
+        return fn(x, **attrs)
+
+    register(OpDef(name, ("x",), infer, impl, attrs=attrs or {}, pointwise=True, doc=doc))
+
+
+for _name, _fn in {
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid, "silu": F.silu, "relu": F.relu, "abs": torch.abs,
+    "reciprocal": torch.reciprocal, "logical_not": torch.logical_not,
+}.items():
+    _unary(_name, _fn, f"torch.{_fn.__name__}(x)")
+
+_unary("gelu", lambda x, approximate: F.gelu(x, approximate=approximate),
+       "F.gelu(x, approximate)", {"approximate": "none"})
+
+
+def _binary_call(fn, args, scalar, scalar_first):
+    if scalar is None:
+        if len(args) != 2:
+            raise BrazeError(f"{fn.__name__} needs two tensor operands or a `scalar` attribute")
+        return fn(args[0], args[1])
+    if len(args) != 1:
+        raise BrazeError(f"{fn.__name__} with a `scalar` attribute takes one tensor operand")
+    return fn(scalar, args[0]) if scalar_first else fn(args[0], scalar)
+
+
+def _binary(name: str, fn) -> None:
+    def infer(types, attrs):
+        shape = broadcast_shapes(*(t.shape for t in types))
+        dtype = meta_dtype(lambda *a, **kw: _binary_call(fn, a, **kw), types, attrs)
+        return [TensorType(shape, dtype)]
+
+    def impl(*args, scalar, scalar_first):
+        return _binary_call(fn, args, scalar, scalar_first)
+
+    register(OpDef(name, ("a", "b?"), infer, impl,
+                   attrs={"scalar": None, "scalar_first": False}, pointwise=True,
+                   doc=f"torch semantics of {name}(a, b) with broadcasting"))
+
+
+def _pow(a, b):
+    # torch.pow has no (Number, Tensor) overload on every version; ** does.
+    return a ** b
+
+
+for _name, _fn in {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+    "pow": _pow, "maximum": torch.maximum, "minimum": torch.minimum,
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le,
+    "gt": torch.gt, "ge": torch.ge, "logical_and": torch.logical_and,
+    "logical_or": torch.logical_or,
+}.items():
+    _binary(_name, _fn)
+
+
+def _cast_infer(types, attrs):
+    return [types[0].with_dtype(attrs["dtype"])]
+
+
+register(OpDef("cast", ("x",), _cast_infer,
+               lambda x, dtype: x.to(torch_dtype(dtype)),
+               attrs={"dtype": REQUIRED}, pointwise=True, doc="x.to(dtype)"))
+
+
+def _where_infer(types, attrs):
+    cond, a, b = types
+    if cond.dtype != "bool":
+        raise BrazeError(f"where: condition must be bool, got {cond.dtype}")
+    shape = broadcast_shapes(cond.shape, a.shape, b.shape)
+    dtype = dtype_name(torch.promote_types(torch_dtype(a.dtype), torch_dtype(b.dtype)))
+    return [TensorType(shape, dtype)]
+
+
+register(OpDef("where", ("cond", "a", "b"), _where_infer, torch.where, pointwise=True,
+               doc="torch.where(cond, a, b)"))

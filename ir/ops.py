@@ -1,0 +1,127 @@
+"""The op registry: every op braze knows, declared once.
+
+An op declares its operands (a trailing `*` marks a variadic operand, a
+trailing `?` an optional one), its attributes with defaults (`REQUIRED` for
+none), shape/dtype inference over `TensorType`s, a reference implementation in
+plain torch, and its properties:
+
+    pointwise    elementwise with broadcasting; fusable into pointwise groups
+    reduction    reduces over `dims`; may end a pointwise group
+    graph_break  cannot sit inside a captured CUDA graph segment
+    writes       indices of operands the op mutates in place (persistent state)
+
+Op definitions live in the `op_*.py` modules beside this one, grouped by kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import BrazeError
+from .types import TensorType
+
+
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+InferFn = Callable[[list[TensorType], dict], list[TensorType]]
+ImplFn = Callable[..., Any]
+
+
+@dataclass
+class OpDef:
+    name: str
+    operands: tuple[str, ...]
+    infer: InferFn
+    impl: ImplFn
+    attrs: dict[str, Any] = field(default_factory=dict)
+    pointwise: bool = False
+    reduction: bool = False
+    graph_break: bool = False
+    writes: tuple[int, ...] = ()
+    doc: str = ""
+
+    def check_arity(self, n: int) -> None:
+        fixed = [o for o in self.operands if not o.endswith(("*", "?"))]
+        optional = [o for o in self.operands if o.endswith("?")]
+        variadic = any(o.endswith("*") for o in self.operands)
+        if n < len(fixed) or (not variadic and n > len(fixed) + len(optional)):
+            raise BrazeError(
+                f"op '{self.name}' takes operands ({', '.join(self.operands)}), got {n}")
+
+    def resolve_attrs(self, attrs: dict) -> dict:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise BrazeError(
+                f"op '{self.name}' has no attribute(s) {sorted(unknown)}; "
+                f"it takes {sorted(self.attrs) or 'none'}")
+        out = {}
+        for k, default in self.attrs.items():
+            if k in attrs:
+                out[k] = attrs[k]
+            elif default is REQUIRED:
+                raise BrazeError(f"op '{self.name}' needs attribute '{k}'")
+            else:
+                out[k] = default
+        return out
+
+    def explicit_attrs(self, attrs: dict) -> dict:
+        """The attributes that differ from their defaults: what the text form prints."""
+        return {k: v for k, v in attrs.items()
+                if self.attrs.get(k, REQUIRED) is REQUIRED or self.attrs[k] != v
+                or type(self.attrs[k]) is not type(v)}
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    if opdef.name in OPS:
+        raise ValueError(f"op {opdef.name} registered twice")
+    OPS[opdef.name] = opdef
+    return opdef
+
+
+def get_op(name: str) -> OpDef:
+    _load_definitions()
+    try:
+        return OPS[name]
+    except KeyError:
+        raise BrazeError(f"unknown op '{name}'; known ops: {', '.join(sorted(OPS))}") from None
+
+
+def all_ops() -> dict[str, OpDef]:
+    _load_definitions()
+    return dict(OPS)
+
+
+_loaded = False
+
+
+def _load_definitions() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import op_attention, op_linalg, op_pointwise, op_reduce, op_shape  # noqa: F401
+
+
+def meta_dtype(fn: Callable, types: list[TensorType], attrs: dict) -> str:
+    """The dtype torch would give: run the reference on tiny meta tensors.
+
+    Rank-0 operands stay rank-0 so torch's type-promotion rules for
+    zero-dim tensors apply exactly as they will at run time.
+    """
+    from .types import dtype_name, torch_dtype
+    args = [torch.empty((1,) * t.rank if t.rank else (), dtype=torch_dtype(t.dtype), device="meta")
+            for t in types]
+    out = fn(*args, **attrs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return dtype_name(out.dtype)

@@ -1,0 +1,141 @@
+"""Tensor types: a dtype and a shape whose dims are ints or sympy expressions.
+
+The symbols are the few sizes that change from step to step or from host to
+host; everything else is a concrete int fixed at compile time:
+
+    T   tokens in the step (padded)
+    S   sequences in the step
+    NB  blocks in the paged KV cache (chosen by the runtime from free memory)
+    MB  blocks per sequence in the block table (max_model_len / block_size)
+
+Sympy is used for shape inference and index math only, never on a hot path.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Union
+
+import sympy
+import torch
+
+from .errors import BrazeError
+
+T = sympy.Symbol("T", integer=True, positive=True)
+S = sympy.Symbol("S", integer=True, positive=True)
+NB = sympy.Symbol("NB", integer=True, positive=True)
+MB = sympy.Symbol("MB", integer=True, positive=True)
+SYMBOLS = {"T": T, "S": S, "NB": NB, "MB": MB}
+
+Dim = Union[int, sympy.Expr]
+
+DTYPES: dict[str, torch.dtype] = {
+    "f64": torch.float64,
+    "f32": torch.float32,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "i64": torch.int64,
+    "i32": torch.int32,
+    "i16": torch.int16,
+    "i8": torch.int8,
+    "u8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise BrazeError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise BrazeError(f"dtype {dtype} has no braze IR name; known: {', '.join(DTYPES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[dtype_name(name)]
+
+
+def is_float(name: str) -> bool:
+    return torch_dtype(name).is_floating_point
+
+
+def canon_dim(d) -> Dim:
+    """An int stays an int; an expression that simplifies to an integer becomes one."""
+    if isinstance(d, bool):
+        raise BrazeError(f"dimension must be an int or expression, got {d!r}")
+    if isinstance(d, int):
+        return d
+    if isinstance(d, sympy.Integer):
+        return int(d)
+    if isinstance(d, sympy.Expr):
+        return int(d) if d.is_Integer else d
+    raise BrazeError(f"dimension must be an int or sympy expression, got {d!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_dim(text: str) -> Dim:
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        expr = sympy.sympify(text, locals=SYMBOLS)
+    except (sympy.SympifyError, SyntaxError, TypeError) as e:
+        raise BrazeError(f"cannot parse dimension {text!r}: {e}") from None
+    unknown = expr.free_symbols - set(SYMBOLS.values())
+    if unknown:
+        raise BrazeError(
+            f"dimension {text!r} uses unknown symbol(s) {sorted(map(str, unknown))}; "
+            f"declared symbols are {', '.join(SYMBOLS)}")
+    return canon_dim(expr)
+
+
+def dim_str(d: Dim) -> str:
+    return str(d)
+
+
+def eval_dim(d: Dim, bindings: dict[str, int]) -> int:
+    if isinstance(d, int):
+        return d
+    return int(d.subs({SYMBOLS[k]: v for k, v in bindings.items() if k in SYMBOLS}))
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple
+    dtype: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(canon_dim(d) for d in self.shape))
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> Dim:
+        n = sympy.Integer(1)
+        for d in self.shape:
+            n = n * d
+        return canon_dim(n)
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(tuple(shape), self.dtype)
+
+    def with_dtype(self, dtype) -> "TensorType":
+        return TensorType(self.shape, dtype_name(dtype))
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(dim_str(d) for d in self.shape)}]"
+
+    def concrete_shape(self, bindings: dict[str, int]) -> tuple[int, ...]:
+        return tuple(eval_dim(d, bindings) for d in self.shape)
