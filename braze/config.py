@@ -1,0 +1,49 @@
+"""Compile options: one dataclass, validated once, recorded in the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from braze.ir.errors import BrazeError
+
+CUDAGRAPH_MODES = ("none", "piecewise", "full")
+OPT_LEVELS = (0,)   # -O1/-O2 come with the pass pipeline
+
+
+@dataclass
+class CompileOptions:
+    opt_level: int = 0
+    dtype: str | None = None              # None: the checkpoint's dtype
+    max_num_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int | None = None      # None: the model's max_position_embeddings
+    block_size: int = 16
+    targets: str = "sm_80,sm_90"
+    cudagraph_mode: str = "piecewise"
+
+    def validate(self) -> None:
+        if self.opt_level not in (0, 1, 2):
+            raise BrazeError(f"--opt-level must be 0, 1 or 2, got {self.opt_level}")
+        if self.opt_level not in OPT_LEVELS:
+            raise BrazeError(f"--opt-level {self.opt_level} needs the fusion pass pipeline, which "
+                             f"this braze version does not have yet; use --opt-level 0")
+        for name in ("max_num_tokens", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise BrazeError(f"--{name.replace('_', '-')} must be positive, "
+                                 f"got {getattr(self, name)}")
+        if self.block_size & (self.block_size - 1):
+            raise BrazeError(f"--block-size must be a power of two, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise BrazeError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.cudagraph_mode not in CUDAGRAPH_MODES:
+            raise BrazeError(f"--cudagraph-mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
+                             f"got {self.cudagraph_mode!r}")
+        for t in self.target_list():
+            if not (t.startswith("sm_") and t[3:].isdigit()):
+                raise BrazeError(f"--targets entry {t!r} is not like sm_80 or sm_90")
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def to_json(self) -> dict:
+        return asdict(self)

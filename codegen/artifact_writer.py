@@ -1,0 +1,122 @@
+"""Write an artifact directory (schema in braze/artifact.py).
+
+Weights stream into shards of at most `shard_bytes`, so a model larger than
+memory is never held whole. The directory is built under a temporary name
+and renamed into place at the end: a failed compile never leaves a
+half-written artifact where a good one was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from braze import __version__
+from braze.artifact import (FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, TOKENIZER_DIR,
+                            TOKENIZER_FILES, sha256_file)
+from braze.ir import Graph, print_graph
+from braze.ir.errors import BrazeError
+from braze.ir.types import torch_dtype
+
+SHARD_BYTES = 2 << 30
+
+
+def versions() -> dict:
+    import transformers
+    out = {"braze": __version__, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: dict,
+                   model_dir: Path, extra: dict | None = None, shard_bytes: int = SHARD_BYTES,
+                   overwrite: bool = False, log=None) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BrazeError(f"{out} already exists; pass --force to replace it")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write(tmp, graph, load_param, model, options, Path(model_dir), extra or {},
+                          shard_bytes, log)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, model_dir: Path,
+           extra: dict, shard_bytes: int, log) -> dict:
+    (root / GRAPH_FILE).write_text(print_graph(graph))
+    (root / "config.json").write_text(json.dumps(model["config"], indent=1) + "\n")
+    params_index, shard, shard_size, files = {}, {}, 0, []
+    total_bytes = 0
+    names = list(graph.params)
+    t0 = time.perf_counter()
+
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            fname = f"weights-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(root / fname), metadata={"format": "pt"})
+            files.append(fname)
+            shard, shard_size = {}, 0
+
+    for i, name in enumerate(names):
+        p = graph.params[name]
+        t = load_param(name)
+        if t.dtype != torch_dtype(p.type.dtype) or tuple(t.shape) != tuple(p.type.shape):
+            raise BrazeError(f"parameter {name}: got {t.dtype} {list(t.shape)}, "
+                             f"graph expects {p.type}")
+        nbytes = t.numel() * t.element_size()
+        if shard and shard_size + nbytes > shard_bytes:
+            flush()
+        shard[name] = t.contiguous()
+        shard_size += nbytes
+        total_bytes += nbytes
+        params_index[name] = len(files)
+        if log and (i + 1) % 64 == 0:
+            log(f"  weights: {i + 1}/{len(names)} tensors, {total_bytes / 2**20:.1f} MiB")
+    flush()
+    params = {n: files[k] for n, k in params_index.items()}
+    if log:
+        log(f"wrote {len(names)} weight tensors ({total_bytes / 2**20:.1f} MiB) in "
+            f"{len(files)} file(s) in {time.perf_counter() - t0:.2f}s")
+    tok_files = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    if tok_files:
+        (root / TOKENIZER_DIR).mkdir()
+        for f in tok_files:
+            shutil.copyfile(model_dir / f, root / TOKENIZER_DIR / f)
+    hashes = {str(p.relative_to(root)): sha256_file(p)
+              for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "model": {k: v for k, v in model.items() if k != "config"},
+        "options": options,
+        "graph": {"file": GRAPH_FILE, "ops": graph.op_counts(), "nodes": len(graph.nodes),
+                  "inputs": [v.name for v in graph.inputs], "outputs": list(graph.outputs)},
+        "weights": {"files": files, "params": params, "bytes": total_bytes},
+        "tokenizer": TOKENIZER_DIR if tok_files else None,
+        **extra,
+        "files": hashes,
+    }

@@ -1,0 +1,126 @@
+"""From a Hugging Face model directory to an IR graph plus where each weight comes from."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from braze.ir import Graph
+from braze.ir.errors import BrazeError
+from braze.ir.types import dtype_name, torch_dtype
+from braze.models.registry import ARCHITECTURES, build_model, build_spec, family_of, weight_sources
+from braze.models.spec import ModelSpec
+
+from .trace import trace_to_ir
+from .weights import Checkpoint, check_sources, load_source
+
+DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "fp32": "f32",
+                 "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16", "half": "f16",
+                 "float": "f32"}
+
+
+def parse_dtype(text: str) -> str:
+    key = str(text).replace("torch.", "").lower()
+    if key not in DTYPE_ALIASES:
+        raise BrazeError(f"unsupported dtype {text!r}; use float32, float16 or bfloat16")
+    return DTYPE_ALIASES[key]
+
+
+@dataclass
+class LoadedModel:
+    graph: Graph
+    spec: ModelSpec
+    config: dict                                     # config.json as written
+    dtype: str
+    checkpoint: Checkpoint | None = None
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)   # e.g. RoPE inv_freq
+    sources: dict = field(default_factory=dict)                        # param -> WeightSource
+
+    def load_param(self, name: str) -> torch.Tensor:
+        if name in self.computed:
+            return self.computed[name]
+        return load_source(self.checkpoint, self.sources[name], torch_dtype(self.dtype))
+
+    def unused_checkpoint_tensors(self) -> list[str]:
+        used = {n for s in self.sources.values() for n in s.names}
+        return sorted(self.checkpoint.names() - used) if self.checkpoint else []
+
+
+def read_config(model_dir: Path):
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise BrazeError(f"model directory {model_dir} does not exist")
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model directory")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise BrazeError(f"{path}: not valid JSON ({e})") from None
+    archs = raw.get("architectures") or []
+    if archs and not any(a in ARCHITECTURES for a in archs):
+        raise BrazeError(f"unsupported architecture {', '.join(archs)} in {path}; braze "
+                         f"supports: {', '.join(ARCHITECTURES)}")
+    from transformers import AutoConfig
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = AutoConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError, TypeError) as e:
+        raise BrazeError(f"{path}: transformers cannot read this config ({e})") from None
+    family_of(cfg)
+    return raw, cfg
+
+
+def default_dtype(raw: dict) -> str:
+    d = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return parse_dtype(d)
+
+
+def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
+               with_weights: bool = True, log=None) -> LoadedModel:
+    """Trace the model of `model_dir` to IR; with weights, check every weight's name and shape."""
+    raw, cfg = read_config(model_dir)
+    spec = build_spec(cfg)
+    dt = parse_dtype(dtype) if dtype else default_dtype(raw)
+    if log:
+        log(f"model: {spec.architecture} ({spec.num_params_hint}), dtype {dt}")
+    t0 = time.perf_counter()
+    module = build_model(spec, torch_dtype(dt))
+    graph = trace_to_ir(module, spec.architecture, block_size, dt, log=log)
+    loaded = LoadedModel(graph, spec, raw, dt)
+    for name, p in graph.params.items():
+        t = _real_tensor(module, name)
+        if t is not None:
+            loaded.computed[name] = t
+    if with_weights:
+        ckpt = Checkpoint(Path(model_dir))
+        loaded.checkpoint = ckpt
+        available = ckpt.names()
+        for name, p in graph.params.items():
+            if name in loaded.computed:
+                continue
+            src = weight_sources(spec, name, p.type.shape, available)
+            check_sources(ckpt, name, src, p.type.shape)
+            loaded.sources[name] = src
+        unused = loaded.unused_checkpoint_tensors()
+        if unused and log:
+            log(f"note: {len(unused)} checkpoint tensor(s) not used by the model, e.g. {unused[0]}")
+    if log:
+        log(f"frontend done in {time.perf_counter() - t0:.2f}s: {len(graph.nodes)} ops, "
+            f"{len(graph.params)} parameters")
+    return loaded
+
+
+def _real_tensor(module, name: str):
+    import operator
+    t = operator.attrgetter(name)(module)
+    return None if t.is_meta else t.detach()
+
+
+__all__ = ["load_model", "LoadedModel", "parse_dtype", "dtype_name"]

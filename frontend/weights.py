@@ -1,0 +1,99 @@
+"""Read checkpoint weights from safetensors (one file or a sharded index).
+
+Every IR parameter is found through its family's `WeightSource`, checked
+against the shape the graph expects, and converted to the compile dtype.
+Errors name the weight, the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from braze.ir.errors import BrazeError
+from braze.models.registry import WeightSource
+
+
+class Checkpoint:
+    """Lazy access to the tensors of a Hugging Face model directory."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise BrazeError(f"{index}: not a valid safetensors index ({e})") from None
+            self.files = {name: self.dir / f for name, f in weight_map.items()}
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            if not shards:
+                raise BrazeError(f"{self.dir}: no *.safetensors weights found (braze reads "
+                                 f"safetensors only; convert .bin checkpoints first)")
+            self.files = {}
+            for f in shards:
+                for name in self._open(f).keys():
+                    self.files[name] = f
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, path: Path):
+        if not hasattr(self, "_handles"):
+            self._handles = {}
+        if path not in self._handles:
+            if not path.exists():
+                raise BrazeError(f"{path}: weight file listed in the index is missing")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise BrazeError(f"{path}: cannot read safetensors file ({e})") from None
+        return self._handles[path]
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.files[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(self.files[name]).get_tensor(name)
+
+
+def check_sources(ckpt: Checkpoint, param: str, source: WeightSource, expected: tuple) -> None:
+    available = ckpt.names()
+    missing = [n for n in source.names if n not in available]
+    if missing:
+        raise BrazeError(f"weight {missing[0]!r} (for parameter {param}, shape "
+                         f"{list(expected)}) is missing from the checkpoint in {ckpt.dir}")
+    shapes = [ckpt.shape(n) for n in source.names]
+    if source.kind == "stack":
+        got = (len(shapes),) + shapes[0]
+        bad = next((n for n, s in zip(source.names, shapes) if s != shapes[0]), None)
+        if bad:
+            raise BrazeError(f"weight {bad!r} has shape {list(ckpt.shape(bad))}, unlike "
+                             f"{list(shapes[0])} of the other experts")
+    elif source.kind == "slice":
+        got = list(shapes[0])
+        got[source.dim] = source.stop - source.start
+        if shapes[0][source.dim] < source.stop:
+            got[source.dim] = -1
+        got = tuple(got)
+    else:
+        got = shapes[0]
+    if tuple(got) != tuple(expected):
+        raise BrazeError(f"weight {source.names[0]!r} has shape {list(shapes[0])}, but "
+                         f"parameter {param} needs {list(expected)} (does config.json match "
+                         f"the weights?)")
+
+
+def load_source(ckpt: Checkpoint, source: WeightSource, dtype: torch.dtype) -> torch.Tensor:
+    if source.kind == "stack":
+        t = torch.stack([ckpt.get(n).to(dtype) for n in source.names])
+    elif source.kind == "slice":
+        t = ckpt.get(source.names[0]).narrow(source.dim, source.start, source.stop - source.start)
+    else:
+        t = ckpt.get(source.names[0])
+    return t.to(dtype).contiguous()

@@ -1,0 +1,102 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen3, Mixtral and Qwen3-MoE.
+
+Module names mirror Hugging Face's (`model.layers.0.self_attn.q_proj`, ...), so
+IR parameter names are checkpoint names wherever the layouts agree; the family
+table in registry.py maps the rest (stacked experts, Mixtral's names).
+
+forward() takes the batch contract (docs/batch-contract.md) and returns logits
+for every token of the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rope
+from .moe import DenseMoE
+from .primitives import PagedAttention
+from .spec import ModelSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype):
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=bias)
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
+        self.attn = PagedAttention(layer, spec.num_heads, spec.num_kv_heads, d,
+                                   scale=d ** -0.5, sliding_window=spec.sliding_windows[layer])
+
+    def forward(self, x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables):
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        half = self.head_dim // 2
+        q = apply_rope(q, cos, sin, half)
+        k = apply_rope(k, cos, sin, half)
+        o = self.attn(q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables)
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(spec, layer, dtype)
+        if spec.moe_layers[layer]:
+            m = spec.moe
+            self.mlp = DenseMoE(spec.hidden_size, m.num_experts, m.top_k, m.intermediate_size,
+                                m.norm_topk_prob, spec.hidden_act, dtype)
+        else:
+            self.mlp = MLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+    def forward(self, x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping,
+                               query_start_loc, seq_lens, block_tables)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, inv_freq: torch.Tensor,
+                 attention_scaling: float):
+        super().__init__()
+        self.tie_word_embeddings = spec.tie_word_embeddings
+        self.model = DecoderModel(spec, dtype)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.to(dtype)
+        # after .to(dtype): the frequencies stay float32, as HF keeps them
+        self.model.rotary_emb = RotaryEmbedding(inv_freq, attention_scaling, dtype)
+
+    def forward(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+                block_tables, logits_indices):
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
+        x = self.model.norm(x)
+        if self.tie_word_embeddings:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)

@@ -1,0 +1,26 @@
+"""The one model primitive that is not plain torch: attention over the paged KV cache.
+
+A leaf module for tracing: the frontend maps each call to the IR ops
+`cache_write` (store this step's k and v at their slots) and `paged_attention`
+(attend over everything cached for each sequence), adding the layer's cache
+tensors `%k_cache.L` and `%v_cache.L` as graph inputs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float, sliding_window: int = 0):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables):
+        raise RuntimeError("PagedAttention is a tracing primitive; run the traced braze graph")

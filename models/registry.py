@@ -1,0 +1,102 @@
+"""Model families by the `architectures` entry of config.json, and their checkpoint names.
+
+Each IR parameter is filled from the checkpoint by a `WeightSource`:
+  - the same name (most weights),
+  - another name (Mixtral's `block_sparse_moe` is our `mlp`),
+  - a stack of per-expert tensors (`experts.{e}.gate_proj.weight` -> `experts.gate_proj`),
+  - a slice of a fused tensor (transformers 5's `experts.gate_up_proj` layout).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from braze.ir.errors import BrazeError
+
+from .decoder import CausalLM
+from .rope import rope_frequencies
+from .spec import ModelSpec, spec_from_config
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+
+
+# used only when config.json names no architectures (e.g. a config built in code)
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "mixtral": "mixtral",
+               "qwen3_moe": "qwen3_moe"}
+
+
+def family_of(config) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    if not archs and getattr(config, "model_type", None) in MODEL_TYPES:
+        return MODEL_TYPES[config.model_type]
+    named = ", ".join(archs) or f"(none; model_type {getattr(config, 'model_type', '?')!r})"
+    raise BrazeError(f"unsupported architecture {named}; braze supports: "
+                     f"{', '.join(ARCHITECTURES)}")
+
+
+def build_spec(config) -> ModelSpec:
+    spec = spec_from_config(config, family_of(config))
+    if spec.architecture == "?":
+        spec.architecture = type(config).__name__.replace("Config", "ForCausalLM")
+    return spec
+
+
+def build_model(spec: ModelSpec, dtype: torch.dtype) -> CausalLM:
+    """The traceable module, with weights on the meta device (the frontend never needs them).
+
+    Only the RoPE frequencies are real: they are computed here, not read from the checkpoint.
+    """
+    inv_freq, scaling = rope_frequencies(spec.rope, spec.head_dim, spec.max_position_embeddings)
+    with torch.device("meta"):
+        model = CausalLM(spec, dtype, torch.empty(0), scaling)
+    model.model.rotary_emb.inv_freq = torch.nn.Parameter(inv_freq, requires_grad=False)
+    return model
+
+
+@dataclass
+class WeightSource:
+    names: list[str]                  # checkpoint tensors read
+    kind: str = "copy"                # copy | stack | slice
+    dim: int = 0                      # slice: dimension and range
+    start: int = 0
+    stop: int = 0
+
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+_MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def weight_sources(spec: ModelSpec, param: str, shape: tuple, available: set[str]) -> WeightSource:
+    """Where the checkpoint keeps IR parameter `param` (its expected shape is `shape`)."""
+    m = _EXPERT.match(param)
+    if m:
+        prefix, proj = m.groups()
+        n = spec.moe.num_experts
+        fused = f"{prefix}.mlp.experts.gate_up_proj"
+        if proj != "down_proj" and fused in available:
+            inter = shape[1]
+            lo = 0 if proj == "gate_proj" else inter
+            return WeightSource([fused], "slice", dim=1, start=lo, stop=lo + inter)
+        if f"{prefix}.mlp.experts.{proj}" in available:
+            return WeightSource([f"{prefix}.mlp.experts.{proj}"])
+        if spec.family == "mixtral":
+            names = [f"{prefix}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[proj]}.weight"
+                     for e in range(n)]
+        else:
+            names = [f"{prefix}.mlp.experts.{e}.{proj}.weight" for e in range(n)]
+        return WeightSource(names, "stack")
+    if spec.family == "mixtral" and ".mlp.gate." in param and param not in available:
+        return WeightSource([param.replace(".mlp.gate.", ".block_sparse_moe.gate.")])
+    return WeightSource([param])

@@ -1,0 +1,121 @@
+"""ModelSpec: the few numbers our model definitions need, read from a HF config.
+
+The config is read through `transformers.AutoConfig`, which fills each family's
+defaults and normalises legacy keys (`rope_scaling` + `rope_theta` become
+`rope_parameters`), so real checkpoints of any age read the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from braze.ir.errors import BrazeError
+
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass
+class MoESpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+
+
+@dataclass
+class ModelSpec:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: dict
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: list[int] = field(default_factory=list)   # per layer, 0 = full attention
+    moe: MoESpec | None = None
+    moe_layers: list[bool] = field(default_factory=list)       # per layer: sparse MoE block?
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_params_hint(self) -> str:
+        return f"{self.num_layers} layers, hidden {self.hidden_size}, vocab {self.vocab_size}"
+
+
+def _get(cfg, name, default=None):
+    v = getattr(cfg, name, default)
+    return default if v is None else v
+
+
+def _require(cfg, name):
+    v = getattr(cfg, name, None)
+    if v is None:
+        raise BrazeError(f"config.json has no '{name}', which {type(cfg).__name__} needs")
+    return v
+
+
+def spec_from_config(cfg, family: str) -> ModelSpec:
+    hidden = _require(cfg, "hidden_size")
+    heads = _require(cfg, "num_attention_heads")
+    layers = _require(cfg, "num_hidden_layers")
+    head_dim = _get(cfg, "head_dim") or hidden // heads
+    act = _get(cfg, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise BrazeError(f"config.json hidden_act={act!r} is not supported; "
+                         f"supported: {', '.join(ACTIVATIONS)}")
+    rope = dict(_get(cfg, "rope_parameters", None) or {})
+    if not rope:
+        rope = dict(_get(cfg, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    window = _get(cfg, "sliding_window", 0) or 0
+    layer_types = _get(cfg, "layer_types", None)
+    if layer_types:
+        windows = [window if t == "sliding_attention" else 0 for t in layer_types]
+    else:
+        windows = [window] * layers
+    eos = _get(cfg, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    spec = ModelSpec(
+        architecture=(_get(cfg, "architectures", None) or ["?"])[0], family=family,
+        vocab_size=_require(cfg, "vocab_size"), hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=_get(cfg, "num_key_value_heads", heads),
+        head_dim=head_dim, intermediate_size=_require(cfg, "intermediate_size"),
+        rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        max_position_embeddings=_get(cfg, "max_position_embeddings", 2048), rope=rope,
+        hidden_act=act, tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        attention_bias=bool(_get(cfg, "attention_bias", False)),
+        mlp_bias=bool(_get(cfg, "mlp_bias", False)), qk_norm=family in ("qwen3", "qwen3_moe"),
+        sliding_windows=windows, bos_token_id=_get(cfg, "bos_token_id", None), eos_token_ids=eos,
+    )
+    if family == "mixtral":
+        spec.moe = MoESpec(_require(cfg, "num_local_experts"), _require(cfg, "num_experts_per_tok"),
+                           spec.intermediate_size, True)
+        spec.moe_layers = [True] * layers
+    elif family == "qwen3_moe":
+        experts = _get(cfg, "num_experts", None) or _get(cfg, "num_local_experts", 0)
+        spec.moe = MoESpec(experts, _require(cfg, "num_experts_per_tok"),
+                           _require(cfg, "moe_intermediate_size"),
+                           bool(_get(cfg, "norm_topk_prob", False)))
+        only = set(_get(cfg, "mlp_only_layers", []) or [])
+        step = _get(cfg, "decoder_sparse_step", 1) or 1
+        spec.moe_layers = [i not in only and experts > 0 and (i + 1) % step == 0
+                           for i in range(layers)]
+    else:
+        spec.moe_layers = [False] * layers
+    if spec.moe and spec.moe.top_k > spec.moe.num_experts:
+        raise BrazeError(f"config.json num_experts_per_tok={spec.moe.top_k} exceeds the "
+                         f"{spec.moe.num_experts} experts")
+    if heads % spec.num_kv_heads:
+        raise BrazeError(f"config.json num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={spec.num_kv_heads}")
+    return spec

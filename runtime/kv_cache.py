@@ -1,0 +1,58 @@
+"""The paged KV cache: per-layer block tensors and a block allocator.
+
+Layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]` (the batch
+contract, ir/contract.py). A token at position p of a sequence lives in block
+`block_table[p // block_size]` at offset `p % block_size`, i.e. slot
+`block * block_size + offset`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from braze.ir import Graph
+from braze.ir.errors import BrazeError
+from braze.ir.types import torch_dtype
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise BrazeError(f"KV cache exhausted: need {n} more block(s), {len(self._free)} "
+                             f"free of {self.num_blocks}; shorten the request or give the "
+                             f"cache more blocks")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class KVCache:
+    def __init__(self, graph: Graph, num_blocks: int, device="cpu"):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.block_size = None
+        for v in graph.inputs:
+            if v.name.startswith(("k_cache.", "v_cache.")):
+                _, bs, heads, dim = v.type.shape
+                self.block_size = bs
+                self.tensors[v.name] = torch.zeros(num_blocks, bs, heads, dim,
+                                                   dtype=torch_dtype(v.type.dtype), device=device)
+        if self.block_size is None:
+            raise BrazeError(f"graph @{graph.name} has no k_cache inputs: not a decoder graph")
+        self.num_blocks = num_blocks
+        self.allocator = BlockAllocator(num_blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
