@@ -1,0 +1,200 @@
+"""The `braze` command line (DESIGN §1). Every user error is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from braze import __version__
+from braze.ir.errors import BrazeError
+
+EXIT_ERROR = 1
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids takes comma-separated integers like 1,2,3, got {text!r}") from None
+
+
+def cmd_compile(a) -> int:
+    from braze.compiler import compile
+    compile(a.model_dir, a.output, force=a.force, dump_ir=a.dump_ir, log=None if a.quiet else _log,
+            opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
+            max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
+            targets=a.targets, cudagraph_mode=a.cudagraph_mode)
+    return 0
+
+
+def _sampling(a):
+    from braze.runtime.sampler import SamplingParams
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos)
+
+
+def cmd_generate(a) -> int:
+    from braze.runtime.llm import LLM
+    if (a.prompt is None) == (a.prompt_ids is None):
+        raise BrazeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    params = _sampling(a)
+    params.validate()
+    llm = LLM(a.artifact, backend=a.backend)
+    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
+    if a.json:
+        print(json.dumps({"token_ids": out.token_ids, "text": out.text}))
+    else:
+        print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from braze.inspect import format_summary, summarize
+    summary = summarize(a.artifact, check_hashes=not a.no_verify)
+    print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
+    return 0
+
+
+def cmd_opt(a) -> int:
+    from braze.ir import parse_graph, print_graph, verify
+    try:
+        text = sys.stdin.read() if a.file == "-" else open(a.file).read()
+    except OSError as e:
+        raise BrazeError(f"cannot read {a.file}: {e.strerror}") from None
+    g = parse_graph(text)
+    verify(g)
+    passes = [p for p in (a.passes or "").split(",") if p.strip()]
+    if passes:
+        raise BrazeError(f"unknown pass {passes[0]!r}: this braze version has no passes yet "
+                         f"(use --passes '' to parse, verify and print)")
+    sys.stdout.write(print_graph(g))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    raise BrazeError("`braze serve` (the OpenAI-compatible HTTP server) is not built yet; "
+                     "use `braze generate` or braze.LLM from Python")
+
+
+def cmd_demo(a) -> int:
+    from braze.demo import run_demo
+    return run_demo(max_tokens=a.max_tokens, keep=a.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="braze", description="braze: an ahead-of-time compiler and serving runtime for LLM "
+        "inference. Compile a Hugging Face model directory once, then generate from the artifact.")
+    p.add_argument("--version", action="version", version=f"braze {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a Hugging Face model directory into an artifact",
+                       description="Trace MODEL_DIR (config.json + *.safetensors) into braze IR "
+                       "and write a self-contained artifact directory.")
+    c.add_argument("model_dir", metavar="MODEL_DIR")
+    c.add_argument("-o", "--output", required=True, metavar="ARTIFACT", help="artifact directory to write")
+    c.add_argument("--opt-level", type=int, default=0, choices=(0, 1, 2),
+                   help="0: the traced graph as is (default). 1 and 2 (canonicalisation, fusion) "
+                   "need the pass pipeline, not in this version yet")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="weights and compute dtype (default: the checkpoint's)")
+    c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
+                   help="most tokens in one step (recorded for the runtime; default 8192)")
+    c.add_argument("--max-num-seqs", type=_positive_int, default=256,
+                   help="most sequences in one step (recorded for the runtime; default 256)")
+    c.add_argument("--max-model-len", type=_positive_int,
+                   help="longest sequence, prompt + output (default: max_position_embeddings)")
+    c.add_argument("--block-size", type=_positive_int, default=16, help="KV-cache block size in tokens (default 16)")
+    c.add_argument("--targets", default="sm_80,sm_90",
+                   help="GPU targets for ahead-of-time kernels (recorded; kernels come with codegen)")
+    c.add_argument("--cudagraph-mode", default="piecewise", choices=("none", "piecewise", "full"),
+                   help="CUDA graph capture mode (recorded; used by the CUDA runtime when it lands)")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR of each stage into DIR")
+    c.add_argument("--force", action="store_true", help="replace ARTIFACT if it exists")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.set_defaults(fn=cmd_compile)
+
+    g = sub.add_parser("generate", help="generate tokens from an artifact",
+                       description="Generate a completion for one prompt. Greedy by default.")
+    g.add_argument("artifact", metavar="ARTIFACT")
+    g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the artifact's tokenizer)")
+    g.add_argument("--prompt-ids", type=_token_ids, metavar="1,2,3", help="prompt token ids")
+    g.add_argument("--max-tokens", type=_positive_int, default=16, help="tokens to generate (default 16)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    g.add_argument("--seed", type=int, help="seed for sampling")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
+                   help="auto picks the best available; today: reference (the IR interpreter)")
+    g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("inspect", help="summarise an artifact")
+    i.add_argument("artifact", metavar="ARTIFACT")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--no-verify", action="store_true", help="skip checking file hashes")
+    i.set_defaults(fn=cmd_inspect)
+
+    o = sub.add_parser("opt", help="run passes on IR text (like mlir-opt)",
+                       description="Read IR text (FILE or - for stdin), verify it, run --passes, print it.")
+    o.add_argument("file", metavar="FILE.bir")
+    o.add_argument("--passes", default="", help="comma-separated pass names")
+    o.add_argument("--print-after-all", action="store_true", help="print the IR after each pass")
+    o.set_defaults(fn=cmd_opt)
+
+    s = sub.add_parser("serve", help="serve an artifact over HTTP (not built yet)")
+    s.add_argument("artifact", metavar="ARTIFACT")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", default="auto")
+    s.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")
+    d.add_argument("--max-tokens", type=_positive_int, default=16)
+    d.add_argument("--keep", metavar="DIR", help="keep the model and artifact in DIR")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except BrazeError as e:
+        print(f"braze: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("braze: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in braze, not the user's fault: one line unless debugging
+        if os.environ.get("BRAZE_DEBUG"):
+            raise
+        print(f"braze: internal error: {type(e).__name__}: {e} (a bug in braze; rerun with "
+              f"BRAZE_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`braze inspect`: a readable summary of an artifact (uses the runtime loader only)."""
+
+from __future__ import annotations
+
+from braze.runtime.loader import open_artifact
+
+
+def summarize(path, check_hashes: bool = True) -> dict:
+    art = open_artifact(path, check_hashes=check_hashes)
+    m = art.manifest
+    g = art.graph
+    return {
+        "artifact": str(art.root),
+        "format_version": m["format_version"],
+        "versions": m.get("versions", {}),
+        "model": {k: v for k, v in m["model"].items()},
+        "options": m["options"],
+        "ops": g.op_counts(),
+        "nodes": len(g.nodes),
+        "inputs": {v.name: str(v.type) for v in g.inputs},
+        "outputs": {k: str(v.type) for k, v in g.outputs.items()},
+        "parameters": len(g.params),
+        "parameter_bytes": m["weights"]["bytes"],
+        "weight_files": m["weights"]["files"],
+        "tokenizer": m.get("tokenizer") is not None,
+        "hashes_verified": check_hashes,
+    }
+
+
+def format_summary(s: dict) -> str:
+    model, opts = s["model"], s["options"]
+    lines = [
+        f"artifact   {s['artifact']}  (format v{s['format_version']}, braze "
+        f"{s['versions'].get('braze', '?')}, torch {s['versions'].get('torch', '?')})",
+        f"model      {model['architecture']} ({model['family']}): {model['num_layers']} layers, "
+        f"hidden {model['hidden_size']}, heads {model['num_heads']}/{model['num_kv_heads']} kv, "
+        f"head_dim {model['head_dim']}, vocab {model['vocab_size']}, dtype {model['dtype']}",
+        f"options    -O{opts['opt_level']}, max_model_len {opts['max_model_len']}, block_size "
+        f"{opts['block_size']}, max_num_tokens {opts['max_num_tokens']}, max_num_seqs "
+        f"{opts['max_num_seqs']}, targets {opts['targets']}, cudagraph {opts['cudagraph_mode']}",
+        f"weights    {s['parameters']} tensors, {s['parameter_bytes'] / 2**20:.1f} MiB in "
+        f"{len(s['weight_files'])} file(s); tokenizer: {'yes' if s['tokenizer'] else 'no'}",
+        f"graph      {s['nodes']} ops; kernels: none yet (reference interpreter)",
+    ]
+    width = max(len(k) for k in s["ops"]) if s["ops"] else 0
+    for name, n in sorted(s["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {name:<{width}}  {n}")
+    lines.append("inputs     " + ", ".join(f"%{k}: {v}" for k, v in list(s["inputs"].items())[:7])
+                 + (f", + {len(s['inputs']) - 7} KV-cache tensors" if len(s["inputs"]) > 7 else ""))
+    lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
+    return "\n".join(lines)

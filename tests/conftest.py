@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random checkpoints and their compiled artifacts, built once per session."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from braze.tiny import make_checkpoint, tiny_llama3_rope
+
+# Each case is a family plus config overrides; together they cover llama3 RoPE scaling,
+# tied embeddings, head_dim != hidden/heads, a sliding window shorter than the prompt,
+# and MoE models with dense layers mixed in.
+CASES = {
+    "llama": ("llama", {}),
+    "llama-llama3rope-tied": ("llama", {"rope_scaling": tiny_llama3_rope(),
+                                        "tie_word_embeddings": True}),
+    "mistral-window8": ("mistral", {}),
+    "qwen3-headdim24-tied": ("qwen3", {}),
+    "mixtral": ("mixtral", {}),
+    "qwen3_moe-dense-middle": ("qwen3_moe", {}),
+    "qwen3_moe-step2-nonorm": ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": [],
+                                             "norm_topk_prob": False}),
+}
+
+
+class _Store:
+    def __init__(self, factory):
+        self.factory = factory
+        self.checkpoints = {}
+        self.artifacts = {}
+
+    def checkpoint(self, case: str):
+        if case not in self.checkpoints:
+            family, overrides = CASES[case]
+            d = self.factory.mktemp(case)
+            shard = "40KB" if case == "mixtral" else None   # one case loads a sharded index
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.checkpoints[case] = make_checkpoint(family, d / "model", seed=1,
+                                                         max_shard_size=shard, **overrides)
+        return self.checkpoints[case]
+
+    def artifact(self, case: str, **options):
+        key = (case, tuple(sorted(options.items())))
+        if key not in self.artifacts:
+            import braze
+            out = self.factory.mktemp(case + "-art") / "a.braze"
+            braze.compile(self.checkpoint(case), out, **options)
+            self.artifacts[key] = out
+        return self.artifacts[key]
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    torch.manual_seed(0)
+    return _Store(tmp_path_factory)
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    with contextlib.redirect_stderr(io.StringIO()):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = None   # compare fixed-length greedy runs
+    m.generation_config.pad_token_id = 0
+    return m
