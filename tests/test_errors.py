@@ -1,0 +1,166 @@
+"""Bad input: each a one-line error naming the thing at fault, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, "-m", "braze", *map(str, args)], capture_output=True,
+                       text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("braze: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unsupported_architecture(store, tmp_path):
+    d = _copy(store.checkpoint("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
+    assert not (tmp_path / "a").exists()
+
+
+def _rewrite_weights(d, edit):
+    f = d / "model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def test_missing_weight(store, tmp_path):
+    d = _copy(store.checkpoint("llama"), tmp_path / "m")
+    _rewrite_weights(d, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, "model.layers.1.self_attn.k_proj.weight", "missing")
+
+
+def test_misshaped_weight(store, tmp_path):
+    d = _copy(store.checkpoint("llama"), tmp_path / "m")
+    _rewrite_weights(d, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"][:10]))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, "model.norm.weight", "[10]", "[64]")
+
+
+def test_missing_expert_in_sharded_checkpoint(store, tmp_path):
+    d = _copy(store.checkpoint("mixtral"), tmp_path / "m")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    gone = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
+    del index["weight_map"][gone]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, gone)
+
+
+def test_not_a_model_dir(tmp_path):
+    code, _, err = run("compile", tmp_path / "nope", "-o", tmp_path / "a")
+    assert_one_line_error(code, err, "nope", "does not exist")
+
+
+@pytest.fixture
+def artifact_copy(store, tmp_path):
+    return _copy(store.artifact("llama"), tmp_path / "a.braze")
+
+
+def test_tampered_weights(artifact_copy):
+    f = next(artifact_copy.glob("weights-*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    code, _, err = run("generate", artifact_copy, "--prompt-ids", "1,2")
+    assert_one_line_error(code, err, f.name, "sha256")
+
+
+def test_tampered_graph(artifact_copy):
+    g = artifact_copy / "graph.bir"
+    g.write_text(g.read_text().replace("silu", "relu", 1))
+    code, _, err = run("inspect", artifact_copy)
+    assert_one_line_error(code, err, "graph.bir", "sha256")
+
+
+def test_corrupt_manifest(artifact_copy):
+    (artifact_copy / "manifest.json").write_text("{ not json")
+    code, _, err = run("generate", artifact_copy, "--prompt-ids", "1,2")
+    assert_one_line_error(code, err, "manifest.json", "corrupt")
+
+
+def test_other_format_version(artifact_copy):
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    m["format_version"] = 99
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run("generate", artifact_copy, "--prompt-ids", "1,2")
+    assert_one_line_error(code, err, "format version 99", "recompile")
+
+
+def test_missing_and_extra_files(artifact_copy, tmp_path):
+    (artifact_copy / "stray.txt").write_text("x")
+    code, _, err = run("inspect", artifact_copy)
+    assert_one_line_error(code, err, "stray.txt")
+    (artifact_copy / "stray.txt").unlink()
+    (artifact_copy / "config.json").unlink()
+    code, _, err = run("inspect", artifact_copy)
+    assert_one_line_error(code, err, "config.json", "missing")
+
+
+def test_not_an_artifact(tmp_path):
+    code, _, err = run("generate", tmp_path, "--prompt-ids", "1")
+    assert_one_line_error(code, err, "manifest.json")
+
+
+def test_prompt_too_long(store, tmp_path):
+    art = tmp_path / "short.braze"
+    code, _, err = run("compile", store.checkpoint("llama"), "-o", art, "--max-model-len", "8", "-q")
+    assert code == 0, err
+    code, _, err = run("generate", art, "--prompt-ids", ",".join(["5"] * 9))
+    assert_one_line_error(code, err, "9 tokens", "max_model_len")
+
+
+def test_bad_prompt_ids_and_options(store):
+    art = store.artifact("llama")
+    code, _, err = run("generate", art, "--prompt-ids", "1,x")
+    assert code == 2 and "--prompt-ids" in err and "Traceback" not in err
+    code, _, err = run("generate", art, "--prompt-ids", "1,99999")
+    assert_one_line_error(code, err, "99999", "vocabulary")
+    code, _, err = run("generate", art, "--prompt-ids", "1", "--top-p", "0")
+    assert_one_line_error(code, err, "top_p")
+    code, _, err = run("generate", art)
+    assert_one_line_error(code, err, "--prompt")
+
+
+def test_existing_output_needs_force(store, tmp_path):
+    art = tmp_path / "a.braze"
+    art.mkdir()
+    code, _, err = run("compile", store.checkpoint("llama"), "-o", art)
+    assert_one_line_error(code, err, str(art), "--force")
+
+
+def test_opt_level_not_available_yet(store, tmp_path):
+    code, _, err = run("compile", store.checkpoint("llama"), "-o", tmp_path / "a", "--opt-level", "2")
+    assert_one_line_error(code, err, "--opt-level 2")
+
+
+def test_bad_ir_text(tmp_path):
+    f = tmp_path / "bad.bir"
+    f.write_text("graph @g(%x: f32[T]) {\n  %0: f32[T] = frobnicate(%x)\n  return y=%0\n}\n")
+    code, _, err = run("opt", f, "--passes", "")
+    assert_one_line_error(code, err, "line 2", "frobnicate")
