@@ -7,8 +7,10 @@ with the module path, the function and the source line that made it.
 
 from __future__ import annotations
 
+import builtins
 import operator
 import time
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -32,6 +34,9 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (nn.Linear, nn.Embedding, PagedAttention))
 
 
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     module = next(reversed(stack.values()), None) if stack else None
@@ -41,7 +46,9 @@ def _where(node: fx.Node) -> str:
         cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         parts.append(f"module {path or '(root)'} ({cls_name.rsplit('.', 1)[-1]})")
     trace = (node.stack_trace or "").strip().splitlines()
-    files = [i for i, ln in enumerate(trace) if ln.strip().startswith("File ")]
+    # the innermost frame that is the model's code, not torch's own tracing machinery
+    files = [i for i, ln in enumerate(trace) if ln.strip().startswith("File ")
+             and _TORCH_DIR not in ln]
     if files:
         i = files[-1]
         loc = trace[i].strip()
@@ -117,6 +124,10 @@ def trace_to_ir(model: nn.Module, name: str, block_size: int, kv_dtype: str,
             elif node.op in ("call_function", "call_method"):
                 table = FUNCTIONS if node.op == "call_function" else METHODS
                 handler = table.get(node.target)
+                if node.target is builtins.getattr:
+                    raise BrazeError(f"the model reads tensor attribute .{args[1]} while tracing; "
+                                     f"shapes are symbolic here: use -1 for the token dimension "
+                                     f"and sizes from the config for the rest")
                 if handler is None:
                     raise BrazeError(f"braze IR has no mapping for {_target_name(node)}")
                 env[node] = handler(g, *args, **kwargs)
