@@ -7,6 +7,7 @@ once; nodes appear in execution order, so the list is also the schedule.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,6 +22,9 @@ class Value:
     type: TensorType
     kind: str = "result"            # "input" | "param" | "result"
     producer: "Node | None" = None
+    # params only: how the compiler computes this weight from other params (a detached
+    # node over params, e.g. the concatenated QKV weight); None = read from the checkpoint
+    recipe: "Node | None" = None
 
     @property
     def ref(self) -> str:
@@ -53,8 +57,10 @@ class Graph:
         self.params: dict[str, Value] = {}
         self.nodes: list[Node] = []
         self.outputs: dict[str, Value] = {}
+        self.meta: dict = {}             # graph-level facts passes record (segments, memory plan)
         self._names: set[str] = set()
         self._counter = 0
+        self._insert_at: int | None = None
 
     # -- building -------------------------------------------------------
     def _claim(self, name: str) -> str:
@@ -80,6 +86,29 @@ class Graph:
         self.params[name] = v
         return v
 
+    def add_derived_param(self, name: str, op: str, sources: list[Value], attrs: dict | None = None,
+                          type: TensorType | None = None) -> Value:
+        """A weight the compiler computes from other params: `@name = op(@a, @b) {attrs}`."""
+        opdef = get_op(op)
+        attrs = opdef.resolve_attrs(attrs or {})
+        for s in sources:
+            if s.kind != "param":
+                raise BrazeError(f"derived parameter @{name} may only use params, not {s.ref}")
+        if type is None:
+            types = opdef.infer([s.type for s in sources], attrs)
+            if len(types) != 1:
+                raise BrazeError(f"derived parameter @{name}: op '{op}' must have one result")
+            type = types[0]
+        v = self.add_param(name, type)
+        v.recipe = Node(op, list(sources), attrs, [v])
+        return v
+
+    def unique_param_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.params:
+            name, i = f"{base}.{i}", i + 1
+        return name
+
     def add_node(self, op: str, operands: Iterable[Value], attrs: dict | None = None,
                  names: list[str] | None = None, types: list[TensorType] | None = None) -> Node:
         """Append a node; result types are inferred unless given (the parser gives them)."""
@@ -95,8 +124,74 @@ class Graph:
             name = names[i] if i < len(names) and names[i] else self.fresh_name()
             self._claim(name)
             node.results.append(Value(name, t, "result", node))
-        self.nodes.append(node)
+        if self._insert_at is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self._insert_at, node)
+            self._insert_at += 1
         return node
+
+    # -- rewriting ------------------------------------------------------
+    @contextlib.contextmanager
+    def inserting_before(self, node: Node):
+        """New nodes go just before `node` (in order) instead of at the end."""
+        saved = self._insert_at
+        self._insert_at = self.nodes.index(node)
+        try:
+            yield
+        finally:
+            self._insert_at = saved
+
+    def replace_all_uses(self, old: Value, new: Value) -> int:
+        n = 0
+        for node in self.nodes:
+            for i, v in enumerate(node.operands):
+                if v is old:
+                    node.operands[i] = new
+                    n += 1
+        for k, v in self.outputs.items():
+            if v is old:
+                self.outputs[k] = new
+                n += 1
+        return n
+
+    def erase_node(self, node: Node) -> None:
+        self.nodes.remove(node)
+        for r in node.results:
+            self._names.discard(r.name)
+
+    def has_effects(self, node: Node) -> bool:
+        return bool(node.opdef.writes)
+
+    def remove_dead(self) -> int:
+        """Drop nodes whose results nobody reads (and which write nothing), then unused params."""
+        live = set(self.outputs.values())
+        keep = []
+        removed = 0
+        for node in reversed(self.nodes):
+            if self.has_effects(node) or any(r in live for r in node.results):
+                keep.append(node)
+                live.update(node.operands)
+            else:
+                removed += 1
+                for r in node.results:
+                    self._names.discard(r.name)
+        self.nodes = keep[::-1]
+        self.remove_unused_params()
+        return removed
+
+    def remove_unused_params(self) -> None:
+        used = {v for n in self.nodes for v in n.operands if v.kind == "param"}
+        used |= {v for v in self.outputs.values() if v.kind == "param"}
+        frontier = list(used)
+        while frontier:      # params that derived params are computed from stay declared
+            v = frontier.pop()
+            if v.recipe is not None:
+                for s in v.recipe.operands:
+                    if s not in used:
+                        used.add(s)
+                        frontier.append(s)
+        self.params = {k: v for k, v in self.params.items() if v in used}
 
     def op(self, op: str, *operands: Value, **attrs) -> Value:
         """Build a single-result node and return its value: `g.op("mul", x, scalar=2.0)`."""

@@ -109,7 +109,13 @@ def _load_definitions() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import op_attention, op_linalg, op_pointwise, op_reduce, op_shape  # noqa: F401
+        # every ir/op_*.py module defines ops; new op families need only a new file
+        import importlib
+        import pkgutil
+        from pathlib import Path
+        for mod in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+            if mod.name.startswith("op_"):
+                importlib.import_module(f"{__package__}.{mod.name}")
 
 
 def meta_dtype(fn: Callable, types: list[TensorType], attrs: dict) -> str:

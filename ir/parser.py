@@ -14,7 +14,7 @@ from .types import TensorType, dtype_name, parse_dim
 
 _NAME = r"[A-Za-z0-9_.:\-]+"
 _HEADER = re.compile(rf"^graph @({_NAME})\((.*)\) \{{$")
-_PARAM = re.compile(rf"^param @({_NAME}): (.+)$")
+_PARAM = re.compile(rf"^param @({_NAME}): ([^=]+?)(?: = (.+))?$")
 _CALL = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\(([^()]*)\)(?: \{(.*)\})?$")
 
 
@@ -65,7 +65,7 @@ def parse_type(text: str) -> TensorType:
 class _AttrReader:
     _TOKEN = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(-?inf|nan)\b|'
                         r'(-?\d+\.\d*(?:[eE][-+]?\d+)?|-?\d+[eE][-+]?\d+)|(-?\d+)|'
-                        r'(true|false|none)\b|([\[\],=])|([A-Za-z_][A-Za-z0-9_]*))')
+                        r'(true|false|none)\b|([\[\],=:{}])|([A-Za-z_][A-Za-z0-9_]*))')
 
     def __init__(self, text: str):
         self.text, self.pos = text, 0
@@ -97,6 +97,21 @@ class _AttrReader:
             return int(integer)
         if kw is not None:
             return {"true": True, "false": False, "none": None}[kw]
+        if punct == "{":
+            items = {}
+            if self._peek() == "}":
+                self._next()
+                return items
+            while True:
+                key = self.value()
+                if not isinstance(key, str) or self._next().group(0).strip() != ":":
+                    raise BrazeError("expected '\"key\": value' in a dict attribute")
+                items[key] = self.value()
+                sep = self._next().group(0).strip()
+                if sep == "}":
+                    return items
+                if sep != ",":
+                    raise BrazeError(f"expected ',' or '}}' in dict, got {sep!r}")
         if punct == "[":
             items = []
             if self._peek() == "]":
@@ -155,7 +170,17 @@ def parse_graph(text: str) -> Graph:
                 m = _PARAM.match(line)
                 if not m:
                     raise BrazeError("expected 'param @name: type'")
-                env["@" + m.group(1)] = g.add_param(m.group(1), parse_type(m.group(2)))
+                if m.group(3):
+                    op, operands, attrs = _parse_call(env, m.group(3))
+                    v = g.add_derived_param(m.group(1), op, operands, attrs,
+                                            type=parse_type(m.group(2)))
+                else:
+                    v = g.add_param(m.group(1), parse_type(m.group(2)))
+                env["@" + m.group(1)] = v
+            elif line == "meta" or line.startswith("meta {"):
+                if not line.endswith("}"):
+                    raise BrazeError("expected 'meta {key=value, ...}'")
+                g.meta.update(parse_attrs(line[len("meta {"):-1]))
             elif line == "return" or line.startswith("return "):
                 for item in split_top(line[len("return"):]):
                     key, _, ref = item.partition("=")
@@ -175,6 +200,14 @@ def _lookup(env: dict, ref: str) -> Value:
     return env[ref]
 
 
+def _parse_call(env: dict, text: str):
+    m = _CALL.match(text)
+    if not m:
+        raise BrazeError("expected 'op(%operands) {attrs}'")
+    op, args, attr_text = m.groups()
+    return op, [_lookup(env, a) for a in split_top(args)], parse_attrs(attr_text or "")
+
+
 def _parse_node(g: Graph, env: dict, line: str) -> None:
     lhs_rhs = split_top(line, " = ")
     if len(lhs_rhs) == 1:
@@ -183,11 +216,7 @@ def _parse_node(g: Graph, env: dict, line: str) -> None:
         lhs, rhs = lhs_rhs
     else:
         raise BrazeError("expected '%name: type = op(%operands) {attrs}'")
-    m = _CALL.match(rhs)
-    if not m:
-        raise BrazeError("expected 'op(%operands) {attrs}'")
-    op, args, attr_text = m.groups()
-    operands = [_lookup(env, a) for a in split_top(args)]
+    op, operands, attrs = _parse_call(env, rhs)
     names, types = [], []
     for res in split_top(lhs):
         name, _, ty = res.partition(":")
@@ -195,6 +224,6 @@ def _parse_node(g: Graph, env: dict, line: str) -> None:
             raise BrazeError(f"result {res!r} must look like %name: type")
         names.append(name[1:])
         types.append(parse_type(ty))
-    node = g.add_node(op, operands, parse_attrs(attr_text or ""), names=names, types=types)
+    node = g.add_node(op, operands, attrs, names=names, types=types)
     for r in node.results:
         env[r.ref] = r

@@ -34,6 +34,8 @@ def format_attr(v) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_attr(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {format_attr(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"attribute value {v!r} of type {type(v).__name__} has no text form")
 
 
@@ -53,8 +55,12 @@ def format_node(node: Node) -> str:
 def print_graph(g: Graph) -> str:
     args = ", ".join(f"{v.ref}: {v.type}" for v in g.inputs)
     lines = [f"graph @{g.name}({args}) {{"]
-    lines += [f"  param {p.ref}: {p.type}" for p in g.params.values()]
+    for p in g.params.values():
+        recipe = f" = {format_node(p.recipe).split(' = ', 1)[1]}" if p.recipe is not None else ""
+        lines.append(f"  param {p.ref}: {p.type}{recipe}")
     lines += ["  " + format_node(n) for n in g.nodes]
+    if g.meta:
+        lines.append("  meta" + format_attrs(g.meta))
     outs = ", ".join(f"{k}={v.ref}" for k, v in g.outputs.items())
     lines.append(f"  return {outs}".rstrip())
     lines.append("}")

@@ -32,6 +32,8 @@ def check(g: Graph):
         if key in names:
             yield f"{key} is defined twice"
         names.add(key)
+        if v.recipe is not None:
+            yield from _check_recipe(v, defined)
         defined.add(id(v))
     for i, node in enumerate(g.nodes):
         where = f"node {i} ({node.op})"
@@ -71,3 +73,19 @@ def check(g: Graph):
     for k, v in g.outputs.items():
         if id(v) not in defined:
             yield f"output {k} refers to {v.ref}, which is not defined in the graph"
+
+
+def _check_recipe(v, defined):
+    r = v.recipe
+    try:
+        opdef = r.opdef
+        attrs = opdef.resolve_attrs(r.attrs)
+        expected = opdef.infer([s.type for s in r.operands], attrs)
+    except BrazeError as e:
+        yield f"derived parameter {v.ref}: {e}"
+        return
+    for s in r.operands:
+        if s.kind != "param" or id(s) not in defined:
+            yield f"derived parameter {v.ref} uses {s.ref}, which is not a parameter declared before it"
+    if len(expected) != 1 or expected[0] != v.type:
+        yield f"derived parameter {v.ref} is declared {v.type} but its recipe gives {expected[0] if expected else 'nothing'}"

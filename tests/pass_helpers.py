@@ -1,0 +1,145 @@
+"""Helpers for pass tests: IR text in -> text out, and before/after equivalence on the interpreter."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+
+from braze.ir import Graph, parse_graph, print_graph, run_graph, verify
+from braze.ir.types import torch_dtype
+from braze.passes import PassContext, PassManager
+
+
+def run_passes(g: Graph, names: list[str], **options) -> tuple[Graph, PassContext]:
+    ctx = PassContext(options=options)
+    PassManager(names, ctx, verify_each=True).run(g)
+    return g, ctx
+
+
+def opt_text(text: str, *names: str, **options) -> str:
+    """Parse IR text, run passes (verifying after each), print the result."""
+    g = parse_graph(textwrap.dedent(text))
+    verify(g)
+    run_passes(g, list(names), **options)
+    return print_graph(g)
+
+
+def same_text(a: str, b: str) -> bool:
+    norm = lambda s: "\n".join(ln.strip() for ln in textwrap.dedent(s).strip().splitlines())
+    return norm(a) == norm(b)
+
+
+def materialize_params(g: Graph, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Compute derived params (recipes) from the given source params, as the compiler does."""
+    out = dict(params)
+    for name, p in g.params.items():
+        if p.recipe is not None and name not in out:
+            args = [out[s.name] for s in p.recipe.operands]
+            res = p.recipe.opdef.impl(*args, **p.recipe.attrs)
+            out[name] = res[0] if isinstance(res, (tuple, list)) else res
+    return out
+
+
+def random_feeds(g: Graph, bindings: dict[str, int], seed: int = 0, int_high: int = 8):
+    """Random values for every input and (non-derived) param; floats ~N(0,1), ints in [0, int_high)."""
+    gen = torch.Generator().manual_seed(seed)
+    feeds, params = {}, {}
+    for v in list(g.inputs) + [p for p in g.params.values() if p.recipe is None]:
+        shape = v.type.concrete_shape(bindings)
+        dt = torch_dtype(v.type.dtype)
+        if dt.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dt)
+        elif dt == torch.bool:
+            t = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            t = torch.randint(0, int_high, shape, generator=gen).to(dt)
+        (params if v.kind == "param" else feeds)[v.name] = t
+    return feeds, params
+
+
+def assert_pass_preserves(text_or_graph, names: list[str], bindings: dict[str, int], seed: int = 0,
+                          atol: float = 1e-5, rtol: float = 1e-5, feeds=None, params=None, **options):
+    """Run the graph before and after the passes on the same random values; outputs must agree.
+    Returns the graph after the passes."""
+    before = parse_graph(textwrap.dedent(text_or_graph)) if isinstance(text_or_graph, str) \
+        else parse_graph(print_graph(text_or_graph))
+    after = parse_graph(print_graph(before))
+    if feeds is None:
+        feeds, params = random_feeds(before, bindings, seed)
+    clone = lambda d: {k: v.clone() for k, v in d.items()}
+    want = run_graph(before, clone(feeds), materialize_params(before, params))
+    run_passes(after, names, **options)
+    got = run_graph(after, clone(feeds), materialize_params(after, params))
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol)
+    return after
+
+
+# -- real model graphs -------------------------------------------------------------------
+
+_MODEL_CACHE: dict = {}
+
+
+def model_graph(family: str, tmp_dir, seed: int = 1, **overrides):
+    """A tiny random checkpoint of `family` traced to IR, with its real weights.
+    Returns (graph, params). Cached per (family, overrides) within a test session."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from braze.frontend import load_model
+    from braze.tiny import make_checkpoint
+
+    key = (family, seed, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+    if key not in _MODEL_CACHE:
+        d = Path(tmp_dir) / f"{family}-{abs(hash(key))}"
+        with contextlib.redirect_stderr(io.StringIO()):
+            make_checkpoint(family, d, seed=seed, with_tokenizer=False, **overrides)
+        loaded = load_model(d)
+        params = {n: loaded.load_param(n) for n in loaded.graph.params}
+        _MODEL_CACHE[key] = (print_graph(loaded.graph), params)
+    text, params = _MODEL_CACHE[key]
+    return parse_graph(text), dict(params)
+
+
+def model_step_feeds(g: Graph, prompts=((1, 17, 93, 4, 250, 66, 7), (5, 9, 33)), num_blocks: int = 8,
+                     cached=(0, 0)):
+    """Inputs for one mixed step: sequence i runs prompts[i][cached[i]:] after cached[i] tokens
+    already in the cache (the cache holds random values there, standing in for earlier steps)."""
+    from braze.runtime.batch import SeqChunk, build_step
+    block_size = g.input("k_cache.0").type.shape[1]
+    chunks, next_block = [], 0
+    for p, c in zip(prompts, cached):
+        n = -(-len(p) // block_size)
+        chunks.append(SeqChunk(list(p[c:]), c, list(range(next_block, next_block + n))))
+        next_block += n
+    feeds = build_step(chunks, block_size, max_blocks=4)
+    gen = torch.Generator().manual_seed(0)
+    for v in g.inputs:
+        if v.name.startswith(("k_cache.", "v_cache.")):
+            shape = (num_blocks,) + tuple(v.type.shape[1:])
+            feeds[v.name] = torch.randn(shape, generator=gen).to(torch_dtype(v.type.dtype))
+    return feeds
+
+
+def assert_model_pass_preserves(g: Graph, params, names: list[str], atol=1e-5, rtol=1e-5,
+                                **options) -> Graph:
+    """Run a model graph before/after `names` on a mixed prefill+decode step (cache included)."""
+    feeds = model_step_feeds(g, cached=(0, 2))
+    before = parse_graph(print_graph(g))
+    want_feeds = {k: v.clone() for k, v in feeds.items()}
+    want = run_graph(before, want_feeds, materialize_params(before, params))
+    run_passes(g, names, **options)
+    got_feeds = {k: v.clone() for k, v in feeds.items()}
+    got = run_graph(g, got_feeds, materialize_params(g, params))
+    for k in want:
+        w, o = want[k], got[k]
+        if w.shape != o.shape and k == "logits":   # prune-logits keeps only the sampled rows
+            w = w.index_select(0, feeds["logits_indices"])
+        torch.testing.assert_close(o, w, atol=atol, rtol=rtol)
+    for k in feeds:
+        if k.startswith(("k_cache.", "v_cache.")):
+            torch.testing.assert_close(got_feeds[k], want_feeds[k], atol=atol, rtol=rtol)
+    return g
