@@ -102,3 +102,29 @@ register(OpDef("paged_attention",
                graph_break=True,
                doc="softmax(q k^T * scale + mask) v over each sequence's cached keys; "
                    "sliding_window=W keeps keys at positions > pos - W"))
+
+
+def _kernel_attention_infer(types, attrs):
+    (out,) = _attention_infer(types, attrs)
+    q, k_cache = types[0], types[1]
+    if (q.shape[1], q.shape[2], k_cache.shape[2]) != (attrs["num_heads"], attrs["head_dim"],
+                                                     attrs["num_kv_heads"]):
+        raise BrazeError(f"attention: heads/dims attributes do not match q {q} and cache {k_cache}")
+    return [TensorType((q.shape[0], attrs["num_heads"] * types[2].shape[3]), q.dtype)]
+
+
+def _kernel_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                      sliding_window, causal, num_heads, num_kv_heads, head_dim):
+    out = _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                           scale, sliding_window, causal)
+    return out.reshape(out.shape[0], -1)
+
+
+register(OpDef("attention",
+               ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables"),
+               _kernel_attention_infer, _kernel_attention,
+               attrs={"scale": REQUIRED, "sliding_window": 0, "causal": True,
+                      "num_heads": REQUIRED, "num_kv_heads": REQUIRED, "head_dim": REQUIRED},
+               graph_break=True,
+               doc="the kernel form of paged_attention: one launch for a mixed prefill+decode "
+                   "batch, GQA group num_heads/num_kv_heads, output already [T, heads*head_dim]"))
