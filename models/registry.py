@@ -9,10 +9,12 @@ Each IR parameter is filled from the checkpoint by a `WeightSource`:
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from braze.ir.errors import BrazeError
 
@@ -59,10 +61,24 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> CausalLM:
     Only the RoPE frequencies are real: they are computed here, not read from the checkpoint.
     """
     inv_freq, scaling = rope_frequencies(spec.rope, spec.head_dim, spec.max_position_embeddings)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = CausalLM(spec, dtype, torch.empty(0), scaling)
     model.model.rotary_emb.inv_freq = torch.nn.Parameter(inv_freq, requires_grad=False)
     return model
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip the random initialisation of meta weights: it computes nothing, yet its dynamo
+    guard costs about a second on first use."""
+    saved = [(cls, cls.reset_parameters) for cls in (nn.Linear, nn.Embedding)]
+    try:
+        for cls, _ in saved:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.reset_parameters = fn
 
 
 @dataclass
