@@ -8,12 +8,16 @@ once; nodes appear in execution order, so the list is also the schedule.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import BrazeError
 from .ops import OpDef, get_op
 from .types import TensorType
+
+
+_VALID_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 @dataclass(eq=False)
@@ -64,6 +68,8 @@ class Graph:
 
     # -- building -------------------------------------------------------
     def _claim(self, name: str) -> str:
+        if not _VALID_NAME.match(name):
+            raise BrazeError(f"value name {name!r} is not valid: use letters, digits, _ . -")
         if name in self._names:
             raise BrazeError(f"value name %{name} defined twice in graph @{self.name}")
         self._names.add(name)
@@ -80,6 +86,8 @@ class Graph:
         return v
 
     def add_param(self, name: str, type: TensorType) -> Value:
+        if not _VALID_NAME.match(name):
+            raise BrazeError(f"parameter name {name!r} is not valid: use letters, digits, _ . -")
         if name in self.params:
             raise BrazeError(f"parameter @{name} declared twice in graph @{self.name}")
         v = Value(name, type, "param")

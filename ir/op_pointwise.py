@@ -61,6 +61,11 @@ _unary("gelu", lambda x, approximate: F.gelu(x, approximate=approximate),
        "F.gelu(x, approximate)", {"approximate": "none"})
 
 
+_MIRROR = {"lt": torch.gt, "le": torch.ge, "gt": torch.lt, "ge": torch.le,
+           "eq": torch.eq, "ne": torch.ne}
+_NO_NUMBER = (torch.maximum, torch.minimum, torch.logical_and, torch.logical_or)
+
+
 def _binary_call(fn, args, scalar, scalar_first):
     if scalar is None:
         if len(args) != 2:
@@ -68,7 +73,17 @@ def _binary_call(fn, args, scalar, scalar_first):
         return fn(args[0], args[1])
     if len(args) != 1:
         raise BrazeError(f"{fn.__name__} with a `scalar` attribute takes one tensor operand")
-    return fn(scalar, args[0]) if scalar_first else fn(args[0], scalar)
+    x = args[0]
+    if fn in _NO_NUMBER:
+        # these take no Python number: a 0-d tensor of the dtype the number would promote to
+        # gives the same result and dtype
+        other = torch.tensor(scalar, dtype=torch.result_type(x, scalar), device=x.device)
+        return fn(other, x) if scalar_first else fn(x, other)
+    if scalar_first:
+        if fn.__name__ in _MIRROR:          # comparisons take no number on the left: mirror
+            return _MIRROR[fn.__name__](x, scalar)
+        return fn(scalar, x)
+    return fn(x, scalar)
 
 
 def _binary(name: str, fn) -> None:
@@ -114,8 +129,7 @@ def _where_infer(types, attrs):
     if cond.dtype != "bool":
         raise BrazeError(f"where: condition must be bool, got {cond.dtype}")
     shape = broadcast_shapes(cond.shape, a.shape, b.shape)
-    dtype = dtype_name(torch.promote_types(torch_dtype(a.dtype), torch_dtype(b.dtype)))
-    return [TensorType(shape, dtype)]
+    return [TensorType(shape, meta_dtype(torch.where, types, attrs))]
 
 
 register(OpDef("where", ("cond", "a", "b"), _where_infer, torch.where, pointwise=True,

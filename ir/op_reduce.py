@@ -18,7 +18,12 @@ def norm_dim(d: int, rank: int, op: str) -> int:
 def _reduce(name: str, fn) -> None:
     def infer(types, attrs):
         (x,) = types
+        if not attrs["dims"]:
+            raise BrazeError(f"{name}: name the dims to reduce (dims=[] would mean all of them "
+                             f"in torch, which braze does not express)")
         dims = {norm_dim(d, x.rank, name) for d in attrs["dims"]}
+        if len(dims) != len(attrs["dims"]):
+            raise BrazeError(f"{name}: dims {attrs['dims']} name a dimension twice")
         if attrs["keepdim"]:
             shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
         else:

@@ -23,8 +23,9 @@ def _reshape_infer(types, attrs):
             if d != -1:
                 known *= d
         rest = numel / known if known else sympy.Integer(0)
-        if isinstance(rest, sympy.Rational) and not rest.is_Integer:
-            raise BrazeError(f"reshape: {x} cannot be viewed as {shape}")
+        if sympy.sympify(rest).is_integer is not True:
+            raise BrazeError(f"reshape: {x} cannot be viewed as {shape} (the -1 dim would be "
+                             f"{rest}, not a whole number for every size)")
         shape[shape.index(-1)] = canon_dim(rest)
     else:
         total = 1
@@ -64,6 +65,9 @@ register(OpDef("unsqueeze", ("x",), _unsqueeze_infer, lambda x, dim: x.unsqueeze
 def _squeeze_infer(types, attrs):
     (x,) = types
     d = norm_dim(attrs["dim"], x.rank, "squeeze")
+    if not isinstance(x.shape[d], int):
+        raise BrazeError(f"squeeze: dim {d} of {x} is symbolic; it would vanish only when it "
+                         f"is 1 at run time, so the result type is unknown")
     if x.shape[d] != 1:
         return [x]
     return [x.with_shape(x.shape[:d] + x.shape[d + 1:])]
@@ -107,7 +111,8 @@ def _slice_infer(types, attrs):
     if isinstance(size, int):
         n = len(range(*slice(start, end, step).indices(size)))
     elif (start or 0) >= 0 and end is None:
-        n = canon_dim(sympy.ceiling((size - (start or 0)) / step))
+        n = sympy.ceiling((size - (start or 0)) / step)
+        n = canon_dim(n if not start else sympy.Max(0, n))
     else:
         raise BrazeError(f"slice: cannot take [{start}:{end}:{step}] of symbolic dim {size}")
     return [x.with_shape(x.shape[:d] + (n,) + x.shape[d + 1:])]

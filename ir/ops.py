@@ -127,7 +127,10 @@ def meta_dtype(fn: Callable, types: list[TensorType], attrs: dict) -> str:
     from .types import dtype_name, torch_dtype
     args = [torch.empty((1,) * t.rank if t.rank else (), dtype=torch_dtype(t.dtype), device="meta")
             for t in types]
-    out = fn(*args, **attrs)
+    try:
+        out = fn(*args, **attrs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise BrazeError(f"invalid operands or attributes: {e}") from None
     if isinstance(out, (tuple, list)):
         out = out[0]
     return dtype_name(out.dtype)

@@ -12,7 +12,7 @@ from .errors import BrazeError
 from .graph import Graph, Value
 from .types import TensorType, dtype_name, parse_dim
 
-_NAME = r"[A-Za-z0-9_.:\-]+"
+_NAME = r"[A-Za-z0-9_.\-]+"
 _HEADER = re.compile(rf"^graph @({_NAME})\((.*)\) \{{$")
 _PARAM = re.compile(rf"^param @({_NAME}): ([^=]+?)(?: = (.+))?$")
 _CALL = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\(([^()]*)\)(?: \{(.*)\})?$")

@@ -35,6 +35,9 @@ def format_attr(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_attr(x) for x in v) + "]"
     if isinstance(v, dict):
+        bad = [k for k in v if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"dict attribute keys must be strings, got {bad[0]!r}")
         return "{" + ", ".join(f"{json.dumps(str(k))}: {format_attr(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"attribute value {v!r} of type {type(v).__name__} has no text form")
 

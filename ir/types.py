@@ -14,6 +14,7 @@ Sympy is used for shape inference and index math only, never on a hot path.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -76,20 +77,32 @@ def canon_dim(d) -> Dim:
     raise BrazeError(f"dimension must be an int or sympy expression, got {d!r}")
 
 
+_DIM_TEXT = re.compile(r"^[\sA-Za-z0-9_+\-*/(),]*$")
+_DIM_FUNCS = {"ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min}
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_dim(text: str) -> Dim:
+    """An int, or an integer-valued expression over the declared symbols.
+
+    Only digits, the symbols, + - * / ( ) and ceiling/floor/Max/Min are accepted:
+    dimension text is never evaluated as Python."""
     text = text.strip()
     if text.lstrip("-").isdigit():
         return int(text)
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+    unknown = names - set(SYMBOLS) - set(_DIM_FUNCS)
+    if not _DIM_TEXT.match(text) or unknown or not text:
+        what = f"unknown symbol(s) {sorted(unknown)}" if unknown else "characters outside + - * / ( )"
+        raise BrazeError(f"cannot parse dimension {text!r}: {what}; dimensions are ints or "
+                         f"expressions over {', '.join(SYMBOLS)}")
     try:
-        expr = sympy.sympify(text, locals=SYMBOLS)
-    except (sympy.SympifyError, SyntaxError, TypeError) as e:
+        expr = sympy.sympify(text, locals={**SYMBOLS, **_DIM_FUNCS}, rational=True)
+    except (sympy.SympifyError, SyntaxError, TypeError, ZeroDivisionError) as e:
         raise BrazeError(f"cannot parse dimension {text!r}: {e}") from None
-    unknown = expr.free_symbols - set(SYMBOLS.values())
-    if unknown:
-        raise BrazeError(
-            f"dimension {text!r} uses unknown symbol(s) {sorted(map(str, unknown))}; "
-            f"declared symbols are {', '.join(SYMBOLS)}")
+    if not isinstance(expr, sympy.Expr) or expr.is_integer is not True:
+        raise BrazeError(f"dimension {text!r} is not an integer expression over "
+                         f"{', '.join(SYMBOLS)}")
     return canon_dim(expr)
 
 

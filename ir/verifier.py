@@ -4,9 +4,9 @@
 - every value is defined once, every output names a defined value
 - each node's op exists, its arity and attributes are valid, and its result
   types equal what the op infers from its operand types
-- an op writes only persistent state (graph inputs), and no value is written
-  by two different ops' outputs; a written input is not read again before the
-  writing node unless that read is by the writer itself (ordering is the schedule)
+- an op writes only persistent state (graph inputs); each input is written by at
+  most one node, and no other node reads it before that write (a step's cache
+  writes come before the attention that reads them: the node order is the schedule)
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def check(g: Graph):
         except BrazeError as e:
             yield f"{where}: {e}"
             expected = None
+        except Exception as e:  # a torch error from an invalid attribute value
+            yield f"{where}: invalid attributes {attrs}: {type(e).__name__}: {e}"
+            expected = None
         if expected is not None:
             if len(expected) != len(node.results):
                 yield f"{where}: has {len(node.results)} results, op gives {len(expected)}"
@@ -70,6 +73,7 @@ def check(g: Graph):
                 yield f"{where}: result {r.ref} does not point back at its node"
             names.add(r.ref)
             defined.add(id(r))
+    yield from _check_writes(g)
     for k, v in g.outputs.items():
         if id(v) not in defined:
             yield f"output {k} refers to {v.ref}, which is not defined in the graph"
@@ -89,3 +93,26 @@ def _check_recipe(v, defined):
             yield f"derived parameter {v.ref} uses {s.ref}, which is not a parameter declared before it"
     if len(expected) != 1 or expected[0] != v.type:
         yield f"derived parameter {v.ref} is declared {v.type} but its recipe gives {expected[0] if expected else 'nothing'}"
+
+
+def _check_writes(g: Graph):
+    writer: dict[int, int] = {}
+    for i, node in enumerate(g.nodes):
+        try:
+            writes = node.opdef.writes
+        except BrazeError:
+            continue
+        for idx in writes:
+            if idx >= len(node.operands):
+                continue
+            v = node.operands[idx]
+            if id(v) in writer:
+                yield (f"node {i} ({node.op}): {v.ref} is already written by node "
+                       f"{writer[id(v)]} ({g.nodes[writer[id(v)]].op})")
+            writer.setdefault(id(v), i)
+    for i, node in enumerate(g.nodes):
+        for v in node.operands:
+            w = writer.get(id(v))
+            if w is not None and i < w:
+                yield (f"node {i} ({node.op}) reads {v.ref} before node {w} "
+                       f"({g.nodes[w].op}) writes it")

@@ -1,0 +1,108 @@
+"""Mixture of experts as one op: route each token to its top-k experts and run only those.
+
+    %y: bf16[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down) {top_k=2, renormalize=true, act="silu"}
+
+    x          [T, H]      the tokens
+    router     [E, H]      router (gate) weight: logits = x @ router.T
+    w_gate_up  [E, 2I, H]  per expert, the gate rows then the up rows
+    w_down     [E, H, I]   per expert, the down projection
+
+Semantics, exactly those of the dense reference form in models/moe.py:
+
+    probs      = softmax(x @ router.T, dtype=f32)
+    w, idx     = topk(probs, top_k)                   # f32 weights, expert ids
+    w          = w / w.sum(-1) if renormalize         # in f32
+    y[t]       = sum_j  w[t, j].to(x.dtype) * expert(idx[t, j], x[t])
+    expert(e, v) = act(v @ gate[e].T) * (v @ up[e].T) @ down[e].T     # in x.dtype
+
+The reference implementation does the work the kernel will, O(top_k) per
+token: it sorts the (token, expert) pairs by expert, runs each expert's two
+GEMMs on only the rows routed to it, scales by the routing weight and adds the
+rows back (accumulating in f32, rounding to x.dtype once, as the dense
+combine einsum does). `EXPERT_GEMM_ROWS` counts the rows it pushed through
+expert GEMMs, so tests can prove it computes T * top_k rows and not T * E.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BrazeError
+from .ops import REQUIRED, OpDef, register
+from .types import TensorType, is_float
+
+ACTS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+}
+
+# rows pushed through expert GEMMs by the reference impl since the last reset (once per
+# expert per row: its gate_up and down GEMMs see the same rows); tests set it to 0
+EXPERT_GEMM_ROWS = 0
+
+
+def _fused_moe_infer(types, attrs):
+    x, router, gate_up, down = types
+    if x.rank != 2 or router.rank != 2 or gate_up.rank != 3 or down.rank != 3:
+        raise BrazeError(f"fused_moe: want x [T, H], router [E, H], w_gate_up [E, 2I, H], "
+                         f"w_down [E, H, I]; got {x}, {router}, {gate_up}, {down}")
+    e, h = router.shape
+    two_i = gate_up.shape[1]
+    if not isinstance(two_i, int) or two_i % 2:
+        raise BrazeError(f"fused_moe: w_gate_up {gate_up} must have an even number of rows per expert")
+    if x.shape[1] != h or gate_up.shape != (e, two_i, h) or down.shape != (e, h, two_i // 2):
+        raise BrazeError(f"fused_moe: shapes disagree: x {x}, router {router}, "
+                         f"w_gate_up {gate_up}, w_down {down}")
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1 or not is_float(x.dtype):
+        raise BrazeError(f"fused_moe: operands must share one float dtype, got {sorted(dtypes)}")
+    k = attrs["top_k"]
+    if isinstance(e, int) and not (isinstance(k, int) and 1 <= k <= e):
+        raise BrazeError(f"fused_moe: top_k={k!r} must be in 1..{e} (the number of experts)")
+    if attrs["act"] not in ACTS:
+        raise BrazeError(f"fused_moe: act {attrs['act']!r} is not one of {sorted(ACTS)}")
+    return [TensorType(x.shape, x.dtype)]
+
+
+def route(x, router, top_k: int, renormalize: bool):
+    """Per token its top_k expert ids and their weights in x's dtype, as the dense form rounds them."""
+    probs = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(x.dtype), ids
+
+
+def _fused_moe(x, router, w_gate_up, w_down, top_k, renormalize, act):
+    global EXPERT_GEMM_ROWS
+    weights, ids = route(x, router, top_k, renormalize)
+    # align: the (token, slot) pairs sorted by expert, so each expert reads one contiguous run
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // top_k
+    pair_weights = weights.reshape(-1)[order]
+    counts = torch.bincount(flat, minlength=router.shape[0]).tolist()
+    inter = w_gate_up.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = tokens[start:start + n]
+        gate_up = F.linear(x[rows], w_gate_up[e])
+        h = ACTS[act](gate_up[:, :inter]) * gate_up[:, inter:]
+        y = F.linear(h, w_down[e])
+        out.index_add_(0, rows, y.float() * pair_weights[start:start + n, None].float())
+        EXPERT_GEMM_ROWS += n
+        start += n
+    return out.to(x.dtype)
+
+
+register(OpDef(
+    "fused_moe", ("x", "router", "w_gate_up", "w_down"), _fused_moe_infer, _fused_moe,
+    attrs={"top_k": REQUIRED, "renormalize": REQUIRED, "act": "silu"},
+    doc="top-k routed mixture of experts: softmax(f32) router, top_k, optional renormalisation, "
+        "per-expert act(x Wg^T) * (x Wu^T) Wd^T weighted by the routing weight in x's dtype"))
