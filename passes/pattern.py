@@ -82,12 +82,24 @@ class _Matcher:
     def __init__(self, graph: Graph, users: dict):
         self.graph, self.users = graph, users
         self.deepest = ""
+        self.depth = 0
+        self.best = -1
 
     def fail(self, msg: str):
-        self.deepest = msg
+        # report the failure that got furthest into the pattern: when an Opt or a
+        # commutative retry falls back, its shallow failure must not hide the real reason
+        if self.depth >= self.best:
+            self.best, self.deepest = self.depth, msg
         raise _Fail(msg)
 
     def value(self, pat: Pat, v: Value, b: dict, nodes: list) -> None:
+        self.depth += 1
+        try:
+            self._value(pat, v, b, nodes)
+        finally:
+            self.depth -= 1
+
+    def _value(self, pat: Pat, v: Value, b: dict, nodes: list) -> None:
         if isinstance(pat, Var):
             if pat.kind and v.kind != pat.kind:
                 self.fail(f"{v.ref} is a {v.kind}, pattern wants a {pat.kind}")
