@@ -107,6 +107,12 @@ def parse_dim(text: str) -> Dim:
 
 
 def dim_str(d: Dim) -> str:
+    return str(d) if isinstance(d, int) else _expr_str(d)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expr_str(d) -> str:
+    # sympy's printer is slow, and the same few expressions (T, S + 1, ...) print thousands of times
     return str(d)
 
 
