@@ -1,0 +1,199 @@
+"""fuse-norm: RMSNorm math -> `rms_norm`; a residual add in front of it -> `add_rms_norm`.
+
+RMSNorm as models/layers.py writes it (the casts are f32 -> f32 in a float32
+model, and may be gone once `canonicalize` has run; `w * n` or `n * w`):
+
+Before:
+    %59: f32[T, 64] = add(%0, %58)
+    %60: f32[T, 64] = cast(%59) {dtype="f32"}
+    %61: f32[T, 64] = pow(%60) {scalar=2}
+    %62: f32[T, 1] = mean(%61) {dims=[-1], keepdim=true}
+    %63: f32[T, 1] = add(%62) {scalar=1e-06}
+    %64: f32[T, 1] = rsqrt(%63)
+    %65: f32[T, 64] = mul(%60, %64)
+    %66: f32[T, 64] = cast(%65) {dtype="f32"}
+    %67: f32[T, 64] = mul(@model.layers.0.post_attention_layernorm.weight, %66)
+    %68: f32[T, 128] = linear(%67, @model.layers.0.mlp.gate_proj.weight)
+    ...
+    %73: f32[T, 64] = add(%59, %72)
+After:
+    %67: f32[T, 64], %59: f32[T, 64] = add_rms_norm(%0, %58, @model.layers.0.post_attention_layernorm.weight) {eps=1e-06}
+    %68: f32[T, 128] = linear(%67, @model.layers.0.mlp.gate_proj.weight)
+    ...
+    %73: f32[T, 64] = add(%59, %72)
+
+Step 1 turns every RMSNorm into `rms_norm(x, w) {eps}` wherever it sits (also
+the per-head QK norm over [T, heads, head_dim]). It needs the reduction to be a
+keepdim mean over the last dim, the math in float32 (x cast to f32, or x
+already f32) and the cast back to x's own dtype, because that is exactly what
+the op computes; w must be 1-D over the last dim. Step 2 folds a two-tensor,
+same-shape `add` that feeds an `rms_norm` into `add_rms_norm(a, b, w)`, whose
+second result is the sum (the residual stream, read again by the next
+residual add); it sits where the add was. The first layer's input norm has no
+add in front and stays `rms_norm`. The count returned is norms fused plus adds
+folded.
+"""
+
+from __future__ import annotations
+
+from braze.ir import Graph, Node, Value
+from braze.ir.types import is_float
+
+from .manager import PassContext, register_pass
+from .pattern import Op, Opt, Var, match
+
+
+def _hf(cast_in: bool):
+    """x.float(), or x itself when x is already f32 (canonicalize drops the f32 -> f32 cast)."""
+    x32 = Var("x", dtype="f32")
+    return Opt(Op("cast", Var("x"), dtype="f32"), x32) if cast_in else x32
+
+
+def _rsqrt_pattern(hf):
+    var = Op("mean", Op("pow", hf, scalar=2), dims=Var("dims"), keepdim=Var("keepdim"))
+    return Op("rsqrt", Op("add", var, scalar=Var("eps")))
+
+
+def _norm_pattern(cast_in: bool):
+    hf = _hf(cast_in)
+    norm = Op("mul", hf, _rsqrt_pattern(hf))
+    return Op("mul", Var("w"), Opt(Op("cast", norm, dtype=Var("out_dtype")), norm))
+
+
+WITH_CAST, NO_CAST, RSQRT = _norm_pattern(True), _norm_pattern(False), _rsqrt_pattern(_hf(True))
+
+
+def match_rms_norm(g: Graph, root: Value, users: dict):
+    """The RMSNorm rooted at `root`, or the failed Match (with its reason)."""
+    m = match(WITH_CAST, root, g, users)
+    if not m and "also used by" in m.reason:
+        # x.float() read elsewhere too: match from the f32 value instead (the cast stays)
+        m2 = match(NO_CAST, root, g, users)
+        if m2:
+            return m2
+    return m
+
+
+def norm_problem(m) -> str:
+    """Why a structurally matched RMSNorm is not the op's exact math, or ''."""
+    x, w = m["x"], m["w"]
+    rank = x.type.rank
+    if not is_float(x.type.dtype):
+        return f"x {x.ref} is {x.type.dtype}, not floating point"
+    if list(m["dims"]) not in ([-1], [rank - 1]) or m["keepdim"] is not True:
+        return f"mean over dims {m['dims']} keepdim={m['keepdim']}, not the last dim with keepdim"
+    eps = m["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return f"eps {eps!r} is not a number"
+    out = m.get("out_dtype", x.type.dtype)
+    if out != x.type.dtype:
+        return f"the normalised value is cast to {out}, not back to x's dtype {x.type.dtype}"
+    if w.type.shape != (x.type.shape[-1],):
+        return f"weight {w.ref} is {w.type}, not [{x.type.shape[-1]}] over the last dim of x"
+    return ""
+
+
+def _looks_like_norm(node: Node) -> bool:
+    """rsqrt of a mean of squares (eps added or not): an RMSNorm, whether or not it matches."""
+    p = node.operands[0].producer
+    p = p.operands[0].producer if p is not None and p.op == "add" else p
+    p = p.operands[0].producer if p is not None and p.op == "mean" else None
+    return p is not None and p.op == "pow"
+
+
+def _roots_after(rsqrt: Node, users: dict) -> list[Value]:
+    """Muls up to four steps downstream of an rsqrt, farthest first: candidate norm outputs."""
+    out, frontier = [], [rsqrt]
+    for _ in range(4):
+        frontier = [u for n in frontier for u in users.get(n.results[0], [])
+                    if u.op in ("mul", "cast", "add")]
+        out += [n.results[0] for n in frontier if n.op == "mul"]
+    return out[::-1]
+
+
+def diagnose(g: Graph, rsqrt: Node, users: dict) -> str:
+    """Why the RMSNorm around this rsqrt did not match (pattern reasons name the first
+    difference only when the pattern has no alternatives, so look piece by piece)."""
+    m = match(RSQRT, rsqrt.results[0], g, users)
+    if not m:
+        return f"rsqrt is not of mean(x^2) + eps: {m.reason}"
+    for root in _roots_after(rsqrt, users):
+        reason = match_rms_norm(g, root, users).reason
+        if "also used by" in reason:
+            return reason
+    return "the normalised x * rsqrt(mean(x^2) + eps) is not scaled by a 1-D weight (w * n)"
+
+
+def rebuild(g: Graph, anchor: Node, dead: list[Node], op: str, operands: list[Value], attrs: dict,
+            names: list[str]) -> Node:
+    """Erase `dead` and put `op` where `anchor` is (before the first node from `anchor` on
+    that survives), its results named `names`: the replaced values' own names, so the text
+    stays readable. The caller then points the old values' users at the new results."""
+    i = g.nodes.index(anchor)
+    gone = set(map(id, dead))
+    after = next((n for n in g.nodes[i:] if id(n) not in gone), None)
+    for n in dead:
+        g.erase_node(n)
+    if after is None:
+        return g.add_node(op, operands, attrs, names=names)
+    with g.inserting_before(after):
+        return g.add_node(op, operands, attrs, names=names)
+
+
+def fuse_rms_norms(g: Graph, ctx: PassContext) -> int:
+    users = g.users()
+    count, seen = 0, set()
+    for node in reversed(list(g.nodes)):   # outermost mul first: inner muls are then gone
+        if node.op != "mul" or id(node) in seen:
+            continue
+        m = match_rms_norm(g, node.results[0], users)
+        if not m:
+            continue
+        seen.update(id(n) for n in m.nodes)
+        problem = norm_problem(m)
+        if problem:
+            ctx.refuse(node, f"RMSNorm not fused: {problem}")
+            continue
+        root = node.results[0]
+        new = rebuild(g, node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]}, [root.name])
+        g.replace_all_uses(root, new.results[0])
+        users = g.users()
+        count += 1
+    for node in g.nodes:
+        if node.op == "rsqrt" and id(node) not in seen and _looks_like_norm(node):
+            ctx.refuse(node, "RMSNorm not fused: " + diagnose(g, node, users))
+    return count
+
+
+def fold_residual_adds(g: Graph, ctx: PassContext) -> int:
+    count = 0
+    for node in list(g.nodes):
+        if node.op != "rms_norm":
+            continue
+        s, w = node.operands
+        add = s.producer
+        if add is None or add.op != "add":
+            continue
+        if len(add.operands) != 2:
+            ctx.refuse(node, f"residual add {s.ref} adds a scalar, not two tensors")
+            continue
+        a, b = add.operands
+        if a.type.shape != b.type.shape:
+            ctx.refuse(node, f"residual add {s.ref} broadcasts {a.type} with {b.type}")
+            continue
+        if w.producer is not None and g.nodes.index(w.producer) > g.nodes.index(add):
+            ctx.refuse(node, f"weight {w.ref} is computed after the residual add {s.ref}")
+            continue
+        n_old = node.results[0]
+        fused = rebuild(g, add, [add, node], "add_rms_norm", [a, b, w], {"eps": node.attrs["eps"]},
+                        [n_old.name, s.name])
+        g.replace_all_uses(n_old, fused.results[0])
+        g.replace_all_uses(s, fused.results[1])
+        count += 1
+    return count
+
+
+@register_pass("fuse-norm")
+def fuse_norm(g: Graph, ctx: PassContext) -> int:
+    """RMSNorm -> rms_norm; residual add + rms_norm -> add_rms_norm."""
+    return fuse_rms_norms(g, ctx) + fold_residual_adds(g, ctx)
