@@ -1,0 +1,205 @@
+"""fuse-moe: the dense reference MoE (every expert on every token) -> `fused_moe`, O(top_k).
+
+models/moe.py writes a mixture of experts densely: all E experts run on all T
+tokens and a sparse routing matrix (zero where a token did not pick the expert)
+weights their sum. This pass recognises that subgraph and replaces it with one
+`fused_moe` op that routes first and runs each token through its top_k experts
+only (see ir/op_moe.py). The gate and up expert weights are concatenated at
+compile time into one derived parameter, so the artifact ships the merged
+[E, 2I, H] weight and the kernel does one GEMM for both.
+
+Before (Qwen3-MoE, float32):
+    %68: f32[T, 4] = linear(%67, @model.layers.0.mlp.gate.weight)
+    %69: f32[T, 4] = softmax(%68) {dim=-1, dtype="f32"}
+    %70: f32[T, 2], %71: i64[T, 2] = topk(%69) {k=2}
+    %72: f32[T, 1] = sum(%70) {dims=[-1], keepdim=true}
+    %73: f32[T, 2] = div(%70, %72)
+    %74: f32[T, 4] = full_like(%69) {value=0.0}
+    %75: f32[T, 4] = scatter(%74, %71, %73) {dim=1}
+    %76: f32[T, 4] = cast(%75) {dtype="f32"}
+    %77: f32[T, 4, 32] = einsum(%67, @model.layers.0.mlp.experts.gate_proj) {equation="th,eih->tei"}
+    %78: f32[T, 4, 32] = einsum(%67, @model.layers.0.mlp.experts.up_proj) {equation="th,eih->tei"}
+    %79: f32[T, 4, 32] = silu(%77)
+    %80: f32[T, 4, 32] = mul(%79, %78)
+    %81: f32[T, 4, 64] = einsum(%80, @model.layers.0.mlp.experts.down_proj) {equation="tei,ehi->teh"}
+    %82: f32[T, 64] = einsum(%76, %81) {equation="te,teh->th"}
+After:
+    param @model.layers.0.mlp.experts.gate_up_proj: f32[4, 64, 64] = cat(@model.layers.0.mlp.experts.gate_proj, @model.layers.0.mlp.experts.up_proj) {dim=1}
+    %227: f32[T, 64] = fused_moe(%67, @model.layers.0.mlp.gate.weight, @model.layers.0.mlp.experts.gate_up_proj, @model.layers.0.mlp.experts.down_proj) {top_k=2, renormalize=true}
+
+The renormalisation (sum/div) is optional (Qwen3-MoE `norm_topk_prob=False`),
+and so is the cast of the routing matrix (a float32 model's no-op cast may be
+gone). The activation may be silu, relu, gelu or tanh-gelu. Dense MLP layers of
+an MoE model (Qwen3-MoE `mlp_only_layers`) are linears, not this pattern, and
+stay as they are. If `merge-projections` ever merged the router into a bigger
+linear on the same input, the router weight is recovered from the merged
+weight's `cat` recipe.
+
+Refused, with the reason (`--explain`): every 2-operand einsum of a [T, E] and
+a [T, E, H] operand that is not exactly this form, e.g. a different einsum
+equation, a routing matrix that is not a scatter of top-k weights into zeros,
+a router softmax not in float32, or an intermediate (router logits, expert
+outputs) that something else also reads.
+"""
+
+from __future__ import annotations
+
+from braze.ir import Graph, Node, Value, get_op
+
+from .manager import PassContext, register_pass
+from .pattern import Op, Var, erase_matched, match
+
+_LAST = (-1, 1)          # the last dim of a rank-2 value, spelt either way
+
+
+def _dense_moe(cast: bool, renorm: bool) -> Op:
+    """The dense form, with or without the routing cast and the renormalisation. (Four
+    patterns rather than `Opt`s, so that a refusal names the deepest mismatch.)"""
+    x = Var("x")
+    softmax = Op("softmax", Var("logits"), dim=Var("softmax_dim", where=lambda d: d in _LAST),
+                 name="softmax")
+    topk_w = Op("topk", softmax, k=Var("k"), dim=Var("topk_dim", where=lambda d: d in _LAST),
+                largest=True, name="topk_w")
+    topk_i = Op("topk", Var("probs_again"), result=1, name="topk_i")
+    weights = topk_w
+    if renorm:
+        total = Op("sum", topk_w, dims=Var("sum_dims", where=lambda d: list(d) in ([-1], [1])),
+                   keepdim=True)
+        weights = Op("div", topk_w, total, name="renorm")
+    routing = Op("scatter", Op("full_like", Var("zeros_of"), value=0.0), topk_i, weights,
+                 dim=Var("scatter_dim", where=lambda d: d in _LAST), name="scatter")
+    if cast:
+        routing = Op("cast", routing, dtype=Var("routing_dtype"))
+    gate = Op("einsum", x, Var("w_gate", kind="param"), equation="th,eih->tei")
+    up = Op("einsum", x, Var("w_up", kind="param"), equation="th,eih->tei")
+    act = Op(("silu", "relu", "gelu"), gate, name="act")
+    down = Op("einsum", Op("mul", act, up), Var("w_down", kind="param"), equation="tei,ehi->teh")
+    return Op("einsum", routing, down, equation="te,teh->th")
+
+
+PATTERNS = {(c, r): _dense_moe(c, r) for c in (False, True) for r in (False, True)}
+
+
+def _pattern_for(root: Node) -> Op:
+    """Pick the variant by peeking at the routing operand's producers."""
+    def made_by(v: Value, op: str) -> bool:
+        return v.producer is not None and v.producer.op == op
+    routing = root.operands[0]
+    cast = made_by(routing, "cast")
+    scatter = routing.producer.operands[0] if cast else routing
+    renorm = made_by(scatter, "scatter") and len(scatter.producer.operands) == 3 \
+        and made_by(scatter.producer.operands[2], "div")
+    return PATTERNS[(cast, renorm)]
+
+
+def _is_candidate(node: Node) -> bool:
+    """Any einsum that combines per-expert outputs [T, E, H] with [T, E] weights, in either order."""
+    return (node.op == "einsum" and len(node.operands) == 2 and node.results[0].type.rank == 2
+            and sorted(v.type.rank for v in node.operands) == [2, 3])
+
+
+@register_pass("fuse-moe")
+def fuse_moe(g: Graph, ctx: PassContext) -> int:
+    """Dense reference MoE (router, top-k, scatter, all-expert einsums) -> fused_moe."""
+    count = 0
+    for node in list(g.nodes):
+        if not _is_candidate(node):
+            continue
+        reason = _fuse(g, node)
+        if reason:
+            ctx.refuse(node, f"not a dense MoE: {reason}")
+        else:
+            count += 1
+    return count
+
+
+def _fuse(g: Graph, root: Node) -> str | None:
+    users = g.users()
+    m = match(_pattern_for(root), root.results[0], g, users)
+    if not m:
+        return m.reason
+    if m["topk_w"] is not m["topk_i"]:
+        return "the routing weights and the expert ids come from two different topk nodes"
+    xv, probs = m["x"], m["softmax"].results[0]
+    if probs.type.dtype != "f32":
+        return f"the router softmax is in {probs.type.dtype}; fused_moe routes in f32"
+    table = m["scatter"].results[0].type
+    if table.shape != probs.type.shape:
+        return f"the routing matrix is {table}, the router probabilities {probs.type}"
+    if table.dtype not in ("f32", xv.type.dtype):
+        return (f"the routing matrix is built in {table.dtype}, which would round the "
+                f"weights differently from a cast to {xv.type.dtype}")
+    router = _router_weight(g, m["logits"], m["softmax"], xv, users)
+    if isinstance(router, str):
+        return router
+    router_w, router_nodes = router
+    wg, wu, wd = m["w_gate"], m["w_up"], m["w_down"]
+    if wg.type != wu.type:
+        return f"gate {wg.ref} {wg.type} and up {wu.ref} {wu.type} expert weights differ in shape"
+    act_node = m["act"]
+    act_name = act_node.op
+    if act_node.op == "gelu":
+        act_name = {"none": "gelu", "tanh": "gelu_tanh"}.get(act_node.attrs["approximate"])
+        if act_name is None:
+            return f"gelu approximate={act_node.attrs['approximate']!r} has no fused form"
+    attrs = {"top_k": m["k"], "renormalize": m.get("renorm") is not None, "act": act_name}
+    e, i, h = wg.type.shape
+    gate_up_type = wg.type.with_shape((e, 2 * i, h)) if isinstance(i, int) else wg.type
+    try:   # the op's own shape rules decide, before the graph is touched
+        get_op("fused_moe").infer([xv.type, router_w.type, gate_up_type, wd.type], attrs)
+    except Exception as err:
+        return str(err)
+
+    w_gate_up = _gate_up_param(g, wg, wu)
+    with g.inserting_before(root):
+        out = g.op("fused_moe", xv, router_w, w_gate_up, wd, **attrs)
+    g.replace_all_uses(root.results[0], out)
+    erase_matched(g, m)
+    for n in router_nodes:
+        g.erase_node(n)
+    return None
+
+
+def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value, users: dict):
+    """(router weight, nodes that only computed the logits) or why the logits are not x @ W.T."""
+    if users.get(logits) != [softmax] or logits in g.outputs.values():
+        return f"the router logits {logits.ref} are also used outside the MoE"
+    node, rows = logits.producer, None
+    if node is not None and node.op in ("split", "slice") and node.attrs["dim"] in _LAST:
+        # a router merged into a bigger linear on x: logits are rows [start, end) of it
+        if node.op == "split":
+            at = node.results.index(logits)
+            start = sum(node.attrs["sizes"][:at])
+            rows = (start, start + node.attrs["sizes"][at])
+        elif node.attrs["step"] == 1 and (node.attrs["start"] or 0) >= 0:
+            start = node.attrs["start"] or 0
+            rows = (start, start + logits.type.shape[1])
+        node = node.operands[0].producer if rows else None
+    if node is None or node.op != "linear" or len(node.operands) != 2:
+        return f"the router logits {logits.ref} are not linear(x, @weight) without a bias"
+    if node.operands[0] is not xv:
+        return f"the router reads {node.operands[0].ref}, the experts read {xv.ref}"
+    w = node.operands[1]
+    if w.kind != "param":
+        return f"the router weight {w.ref} is not a parameter"
+    if rows is None:
+        return w, [node]
+    recipe = w.recipe
+    if recipe is not None and recipe.op == "cat" and recipe.attrs["dim"] in (0, -2):
+        offset = 0
+        for part in recipe.operands:
+            if (offset, offset + part.type.shape[0]) == rows:
+                return part, [logits.producer] if logits.producer.op == "slice" else []
+            offset += part.type.shape[0]
+    return f"the router logits are rows {rows} of {w.ref}, which is not a concatenation holding them"
+
+
+def _gate_up_param(g: Graph, wg: Value, wu: Value) -> Value:
+    """The [E, 2I, H] concatenation of gate and up expert weights, declared once."""
+    for p in g.params.values():
+        r = p.recipe
+        if r is not None and r.op == "cat" and r.operands == [wg, wu] and r.attrs["dim"] == 1:
+            return p
+    base = wg.name[:-len("gate_proj")] + "gate_up_proj" if wg.name.endswith(".gate_proj") \
+        else wg.name + ".gate_up"
+    return g.add_derived_param(g.unique_param_name(base), "cat", [wg, wu], {"dim": 1})
