@@ -1,6 +1,19 @@
 """fused_pointwise: a group of pointwise ops (and row reductions) that one generated kernel runs.
 
-    %51, %43 = fused_pointwise(%0, %42, @model.layers.0.post_attention_layernorm.weight) {body="graph @group(%in0: f32[T, 64], %in1: f32[T, 64], %in2: f32[64]) {\\n  %0: f32[T, 64] = add(%in0, %in1)\\n  ...\\n  return out0=%8, out1=%0\\n}\\n"}
+    %43, %51 = fused_pointwise(%0, %42, @model.layers.0.post_attention_layernorm.weight) {body="..."}
+
+with `body` (one string attribute; printed here unescaped):
+
+    graph @group(%in0: f32[T, 64], %in1: f32[T, 64], %in2: f32[64]) {
+      %0: f32[T, 64] = add(%in0, %in1)
+      %1: f32[T, 64] = pow(%0) {scalar=2}
+      %2: f32[T, 1] = mean(%1) {dims=[-1], keepdim=true}
+      %3: f32[T, 1] = add(%2) {scalar=1e-06}
+      %4: f32[T, 1] = rsqrt(%3)
+      %5: f32[T, 64] = mul(%0, %4)
+      %6: f32[T, 64] = mul(%in2, %5)
+      return out0=%0, out1=%6
+    }
 
 `body` is the IR text (`print_graph`) of a small graph. Its inputs `%in0, %in1, ...`
 are the fused op's operands in order (weights included: the operand is the param);
