@@ -1,0 +1,78 @@
+"""split-segments: cut the schedule into the pieces the runtime captures as CUDA graphs.
+
+An op whose registry entry says `graph_break=True` (attention over the paged KV
+cache: its launch shape depends on each step's sequence lengths) cannot sit inside
+a captured graph for arbitrary batches. With `cudagraph_mode` (a compile option):
+
+    piecewise  every break op is its own eager "break" segment; the runs of ops
+               between them are "graph" segments, captured once per batch bucket
+    full       one "graph" segment for the whole forward. If the graph has break
+               ops, that capture is only valid for decode-only batches (one new
+               token per sequence), whose attention launch is fixed by the static
+               metadata buffers: recorded as full_capture="decode-only" (else
+               "any"); the runtime decides which batches replay it and runs the
+               others eagerly
+    none       one "eager" segment: nothing is captured
+
+Segments are `[kind, first_node_index, last_node_index]` (inclusive), cover every
+node exactly once and in order; an empty graph segment (two adjacent breaks, a
+break first or last) is not emitted. `graph_breaks` counts the break segments.
+
+Before (cudagraph_mode="piecewise"):
+    %0: f32[T, 2, 4] = mul(%q) {scalar=2.0}
+    %1: f32[T, 2, 4] = paged_attention(%0, %k_cache.0, %v_cache.0, %query_start_loc, %seq_lens, %block_tables) {scale=0.5}
+    %2: f32[T, 2, 4] = add(%1, %q)
+    %3: f32[T, 2, 4] = paged_attention(%2, %k_cache.0, %v_cache.0, %query_start_loc, %seq_lens, %block_tables) {scale=0.5}
+    %4: f32[T, 2, 4] = neg(%3)
+After: the same nodes, and
+    meta {segments=[["graph", 0, 0], ["break", 1, 1], ["graph", 2, 2], ["break", 3, 3], ["graph", 4, 4]], graph_breaks=2, cudagraph_mode="piecewise"}
+
+The indices point into `g.nodes`: any pass that adds, removes or reorders nodes
+afterwards invalidates them, which is why this pass runs (with plan-memory) last.
+"""
+
+from __future__ import annotations
+
+from braze.ir import Graph
+from braze.ir.errors import BrazeError
+
+from .manager import PassContext, register_pass
+
+MODES = ("piecewise", "full", "none")
+
+
+def segments_for(g: Graph, mode: str) -> list[list]:
+    n = len(g.nodes)
+    if n == 0:
+        return []
+    if mode == "none":
+        return [["eager", 0, n - 1]]
+    if mode == "full":
+        return [["graph", 0, n - 1]]
+    out, start = [], 0
+    for i, node in enumerate(g.nodes):
+        if node.opdef.graph_break:
+            if start < i:
+                out.append(["graph", start, i - 1])
+            out.append(["break", i, i])
+            start = i + 1
+    if start < n:
+        out.append(["graph", start, n - 1])
+    return out
+
+
+@register_pass("split-segments")
+def split_segments(g: Graph, ctx: PassContext) -> int:
+    """Record g.meta["segments"] (graph / break / eager runs of nodes) for CUDA-graph capture."""
+    mode = ctx.option("cudagraph_mode", "piecewise")
+    if mode not in MODES:
+        raise BrazeError(f"cudagraph_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    segments = segments_for(g, mode)
+    g.meta["segments"] = segments
+    g.meta["graph_breaks"] = sum(1 for s in segments if s[0] == "break")
+    g.meta["cudagraph_mode"] = mode
+    g.meta.pop("full_capture", None)
+    if mode == "full":
+        breaks = any(node.opdef.graph_break for node in g.nodes)
+        g.meta["full_capture"] = "decode-only" if breaks else "any"
+    return len(segments)
