@@ -37,7 +37,8 @@ def _token_ids(text: str) -> list[int]:
 
 def cmd_compile(a) -> int:
     from braze.compiler import compile
-    compile(a.model_dir, a.output, force=a.force, dump_ir=a.dump_ir, log=None if a.quiet else _log,
+    compile(a.model_dir, a.output, force=a.force, dump_ir=a.dump_ir, explain=a.explain,
+            log=None if a.quiet else _log,
             opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
             targets=a.targets, cudagraph_mode=a.cudagraph_mode)
@@ -74,17 +75,30 @@ def cmd_inspect(a) -> int:
 
 def cmd_opt(a) -> int:
     from braze.ir import parse_graph, print_graph, verify
+    from braze.passes import PassContext, PassManager
     try:
         text = sys.stdin.read() if a.file == "-" else open(a.file).read()
     except OSError as e:
         raise BrazeError(f"cannot read {a.file}: {e.strerror}") from None
     g = parse_graph(text)
     verify(g)
-    passes = [p for p in (a.passes or "").split(",") if p.strip()]
-    if passes:
-        raise BrazeError(f"unknown pass {passes[0]!r}: this braze version has no passes yet "
-                         f"(use --passes '' to parse, verify and print)")
-    sys.stdout.write(print_graph(g))
+    names = [p.strip() for p in (a.passes or "").split(",") if p.strip()]
+    ctx = PassContext(options={k: v for k, v in (("max_num_tokens", a.max_num_tokens),
+                                                  ("cudagraph_mode", a.cudagraph_mode)) if v})
+
+    def show(name, i, graph):
+        sys.stdout.write(f"// ----- after {name} -----\n{print_graph(graph)}")
+
+    records = PassManager(names, ctx, verify_each=True,
+                          after_each=show if a.print_after_all else None).run(g)
+    if not a.print_after_all:
+        sys.stdout.write(print_graph(g))
+    if a.explain:
+        for r in ctx.refusals:
+            print(f"refused [{r.pass_name}] {r.node}: {r.reason}", file=sys.stderr)
+    if a.stats:
+        for r in records:
+            print(f"{r.name}: {r.matches} matches, {r.ms:.1f} ms", file=sys.stderr)
     return 0
 
 
@@ -110,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and write a self-contained artifact directory.")
     c.add_argument("model_dir", metavar="MODEL_DIR")
     c.add_argument("-o", "--output", required=True, metavar="ARTIFACT", help="artifact directory to write")
-    c.add_argument("--opt-level", type=int, default=0, choices=(0, 1, 2),
-                   help="0: the traced graph as is (default). 1 and 2 (canonicalisation, fusion) "
-                   "need the pass pipeline, not in this version yet")
+    c.add_argument("--opt-level", type=int, default=2, choices=(0, 1, 2),
+                   help="0: the traced graph as is; 1: canonicalisation; 2: every fusion pass, "
+                   "segments and memory plan (default)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights and compute dtype (default: the checkpoint's)")
     c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
@@ -126,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU targets for ahead-of-time kernels (recorded; kernels come with codegen)")
     c.add_argument("--cudagraph-mode", default="piecewise", choices=("none", "piecewise", "full"),
                    help="CUDA graph capture mode (recorded; used by the CUDA runtime when it lands)")
-    c.add_argument("--dump-ir", metavar="DIR", help="write the IR of each stage into DIR")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
+    c.add_argument("--explain", action="store_true",
+                   help="say why each near-miss fusion was refused")
     c.add_argument("--force", action="store_true", help="replace ARTIFACT if it exists")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
@@ -154,10 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     o = sub.add_parser("opt", help="run passes on IR text (like mlir-opt)",
-                       description="Read IR text (FILE or - for stdin), verify it, run --passes, print it.")
+                       description="Read IR text (FILE or - for stdin), verify it, run --passes "
+                       "in order (verifying after each), print it. --passes '' prints the graph "
+                       "unchanged. Passes: canonicalize, merge-projections, fuse-moe, fuse-norm, "
+                       "fuse-rope, fuse-attention, prune-logits, fuse-pointwise, split-segments, "
+                       "plan-memory.")
     o.add_argument("file", metavar="FILE.bir")
     o.add_argument("--passes", default="", help="comma-separated pass names")
     o.add_argument("--print-after-all", action="store_true", help="print the IR after each pass")
+    o.add_argument("--explain", action="store_true", help="say why near-miss fusions were refused")
+    o.add_argument("--stats", action="store_true", help="matches and time per pass (on stderr)")
+    o.add_argument("--max-num-tokens", type=_positive_int, help="for plan-memory (default 8192)")
+    o.add_argument("--cudagraph-mode", choices=("none", "piecewise", "full"),
+                   help="for split-segments (default piecewise)")
     o.set_defaults(fn=cmd_opt)
 
     s = sub.add_parser("serve", help="serve an artifact over HTTP (not built yet)")

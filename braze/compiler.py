@@ -1,18 +1,24 @@
-"""`braze compile`: model directory -> IR -> artifact.
+"""`braze compile`: model directory -> IR -> passes -> artifact.
 
-The pipeline today: trace (frontend) -> verify -> write the artifact
-(codegen). The pass pipeline (-O1/-O2) and kernels slot in between.
+    [1/3] trace      frontend: models/ definition -> IR, weights located and checked
+    [2/3] optimise   the -O pipeline (passes/), timed per pass
+    [3/3] package    derived weights computed (merged QKV, ...), artifact written (codegen)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
+import torch
+
 from braze.codegen.artifact_writer import write_artifact
 from braze.frontend import load_model
-from braze.ir import print_graph, verify
+from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
+from braze.passes import PassContext, PassManager, dump_after_each
 
 from .config import CompileOptions
 
@@ -21,7 +27,8 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def compile(model_dir, out, *, force: bool = False, dump_ir=None, log=None, **options):
+def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool = False,
+            log=None, **options):
     """Compile a Hugging Face model directory into an artifact at `out`; returns the Artifact."""
     log = log or _quiet
     opts = CompileOptions(**options)
@@ -32,20 +39,31 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, log=None, **op
         raise BrazeError(f"{out} already exists; pass --force to replace it")
     log(f"[1/3] tracing {model_dir}")
     loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log)
-    spec = loaded.spec
+    spec, graph = loaded.spec, loaded.graph
     if opts.max_model_len is None:
         opts.max_model_len = spec.max_position_embeddings
     elif opts.max_model_len > spec.max_position_embeddings:
         raise BrazeError(f"--max-model-len {opts.max_model_len} exceeds the model's "
                          f"max_position_embeddings ({spec.max_position_embeddings})")
     opts.dtype = loaded.dtype
-    verify(loaded.graph)
+    verify(graph)
+    ops_before = graph.op_counts()
+    after_each = None
     if dump_ir:
         d = Path(dump_ir)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "00-traced.bir").write_text(print_graph(loaded.graph))
-        log(f"dumped IR to {d}")
-    log(f"[2/3] -O{opts.opt_level}: no passes to run")
+        (d / "00-traced.bir").write_text(print_graph(graph))
+        after_each = dump_after_each(d)
+        log(f"dumping IR after each stage into {d}")
+    log(f"[2/3] optimising at -O{opts.opt_level}")
+    ctx = PassContext(options=opts.to_json())
+    records = PassManager.for_level(opts.opt_level, ctx=ctx, after_each=after_each, log=log,
+                                    verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
+    verify(graph)
+    if explain:
+        for r in ctx.refusals:
+            log(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
+    load_param = materialize(graph, loaded.load_param)
     log(f"[3/3] writing artifact {out}")
     model = {
         "architecture": spec.architecture, "family": spec.family, "dtype": loaded.dtype,
@@ -56,16 +74,41 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, log=None, **op
         "bos_token_id": spec.bos_token_id, "eos_token_ids": _eos_ids(model_dir, spec),
         "config": loaded.config,
     }
-    write_artifact(out, loaded.graph, loaded.load_param, model, opts.to_json(), Path(model_dir),
-                   overwrite=force, log=log)
+    compile_info = {
+        "passes": [{"name": r.name, "matches": r.matches, "ms": r.ms} for r in records],
+        "ops_before": ops_before,
+        "ops_after": graph.op_counts(),
+        "refusals": len(ctx.refusals),
+    }
+    write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
+                   extra={"compile": compile_info}, overwrite=force, log=log)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out)
 
 
+def materialize(graph: Graph, load_source):
+    """Turn derived params into plain ones the artifact ships, and drop params only they used.
+
+    Returns a loader that computes each derived weight from its sources (recipes are
+    plain IR ops, evaluated with their reference implementation at compile time)."""
+    recipes = {name: p.recipe for name, p in graph.params.items() if p.recipe is not None}
+
+    def load(name: str) -> torch.Tensor:
+        r = recipes.get(name)
+        if r is None:
+            return load_source(name)
+        out = r.opdef.impl(*[load(s.name) for s in r.operands], **r.attrs)
+        return (out[0] if isinstance(out, (tuple, list)) else out).contiguous()
+
+    for p in graph.params.values():
+        p.recipe = None
+    graph.remove_unused_params()
+    return load
+
+
 def _eos_ids(model_dir, spec) -> list[int]:
     """eos ids from config.json, plus generation_config.json's (which often lists more)."""
-    import json
     ids = list(spec.eos_token_ids)
     gen = Path(model_dir) / "generation_config.json"
     if gen.exists():

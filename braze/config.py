@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass
 from braze.ir.errors import BrazeError
 
 CUDAGRAPH_MODES = ("none", "piecewise", "full")
-OPT_LEVELS = (0,)   # -O1/-O2 come with the pass pipeline
 
 
 @dataclass
 class CompileOptions:
-    opt_level: int = 0
+    opt_level: int = 2
     dtype: str | None = None              # None: the checkpoint's dtype
     max_num_tokens: int = 8192
     max_num_seqs: int = 256
@@ -24,9 +23,6 @@ class CompileOptions:
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
             raise BrazeError(f"--opt-level must be 0, 1 or 2, got {self.opt_level}")
-        if self.opt_level not in OPT_LEVELS:
-            raise BrazeError(f"--opt-level {self.opt_level} needs the fusion pass pipeline, which "
-                             f"this braze version does not have yet; use --opt-level 0")
         for name in ("max_num_tokens", "max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise BrazeError(f"--{name.replace('_', '-')} must be positive, "

@@ -34,7 +34,7 @@ def run_demo(max_tokens: int = 16, keep: str | None = None) -> int:
         _say(f"1. building a tiny random-weight Llama and a BPE tokenizer in {model_dir}")
         with contextlib.redirect_stderr(io.StringIO()):
             make_checkpoint("llama", model_dir, seed=0)
-        _say(f"2. compiling: braze compile {model_dir} -o {artifact} --opt-level 0")
+        _say(f"2. compiling at -O2: braze compile {model_dir} -o {artifact}")
         t = time.perf_counter()
         braze.compile(model_dir, artifact, force=True, log=lambda m: _say("   " + m))
         _say(f"   compiled in {time.perf_counter() - t:.2f}s")

@@ -9,6 +9,9 @@ def summarize(path, check_hashes: bool = True) -> dict:
     art = open_artifact(path, check_hashes=check_hashes)
     m = art.manifest
     g = art.graph
+    compile_info = m.get("compile", {})
+    segments = g.meta.get("segments") or []
+    memory = g.meta.get("memory") or {}
     return {
         "artifact": str(art.root),
         "format_version": m["format_version"],
@@ -16,7 +19,13 @@ def summarize(path, check_hashes: bool = True) -> dict:
         "model": {k: v for k, v in m["model"].items()},
         "options": m["options"],
         "ops": g.op_counts(),
+        "ops_before_passes": compile_info.get("ops_before", {}),
         "nodes": len(g.nodes),
+        "passes": compile_info.get("passes", []),
+        "segments": len(segments),
+        "graph_breaks": int(g.meta.get("graph_breaks", 0)),
+        "arena_bytes": int(memory.get("arena_bytes", 0)),
+        "gemms": "extern (torch/cuBLAS)",
         "inputs": {v.name: str(v.type) for v in g.inputs},
         "outputs": {k: str(v.type) for k, v in g.outputs.items()},
         "parameters": len(g.params),
@@ -40,8 +49,14 @@ def format_summary(s: dict) -> str:
         f"{opts['max_num_seqs']}, targets {opts['targets']}, cudagraph {opts['cudagraph_mode']}",
         f"weights    {s['parameters']} tensors, {s['parameter_bytes'] / 2**20:.1f} MiB in "
         f"{len(s['weight_files'])} file(s); tokenizer: {'yes' if s['tokenizer'] else 'no'}",
-        f"graph      {s['nodes']} ops; kernels: none yet (reference interpreter)",
+        f"graph      {s['nodes']} ops (traced: {sum(s['ops_before_passes'].values()) or s['nodes']}); "
+        f"{s['segments']} segments, {s['graph_breaks']} graph breaks; arena "
+        f"{s['arena_bytes'] / 2**20:.1f} MiB; GEMMs: {s['gemms']}; kernels: none yet "
+        f"(reference interpreter)",
     ]
+    if s["passes"]:
+        lines.append("passes     " + ", ".join(f"{p['name']} {p['matches']} ({p['ms']:.0f} ms)"
+                                              for p in s["passes"]))
     width = max(len(k) for k in s["ops"]) if s["ops"] else 0
     for name, n in sorted(s["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {name:<{width}}  {n}")

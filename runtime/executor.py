@@ -45,6 +45,8 @@ class Executor:
         if num_blocks is None:
             num_blocks = self.max_blocks * min(int(opts.get("max_num_seqs", 1)), 4)
         self.cache = KVCache(self.graph, num_blocks, self.device)
+        # after prune-logits the graph computes logits only for the sampled rows ([S, vocab])
+        self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "S"
 
     @property
     def block_size(self) -> int:
@@ -54,7 +56,8 @@ class Executor:
         return build_step(chunks, self.block_size, self.max_blocks, device=self.device)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run one step; returns logits for every token of the step."""
+        """Run one step; returns the graph's logits: every token's, or each sequence's
+        sampled row if the graph was compiled with prune-logits."""
         feeds = dict(inputs)
         feeds.update(self.cache.tensors)
         return run_graph(self.graph, feeds, self.params)["logits"]
@@ -63,4 +66,6 @@ class Executor:
         """Run one step; returns the logits of each sequence's last new token [S, vocab]."""
         inputs = self.step_inputs(chunks)
         logits = self.run(inputs)
+        if self.logits_pruned:
+            return logits
         return logits.index_select(0, inputs["logits_indices"])

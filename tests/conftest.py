@@ -43,6 +43,7 @@ class _Store:
         return self.checkpoints[case]
 
     def artifact(self, case: str, **options):
+        options.setdefault("opt_level", 0)
         key = (case, tuple(sorted(options.items())))
         if key not in self.artifacts:
             import braze

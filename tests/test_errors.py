@@ -154,9 +154,11 @@ def test_existing_output_needs_force(store, tmp_path):
     assert_one_line_error(code, err, str(art), "--force")
 
 
-def test_opt_level_not_available_yet(store, tmp_path):
-    code, _, err = run("compile", store.checkpoint("llama"), "-o", tmp_path / "a", "--opt-level", "2")
-    assert_one_line_error(code, err, "--opt-level 2")
+def test_unknown_pass(tmp_path):
+    f = tmp_path / "g.bir"
+    f.write_text("graph @g(%x: f32[T]) {\n  %0: f32[T] = neg(%x)\n  return y=%0\n}\n")
+    code, _, err = run("opt", f, "--passes", "fuse-everything")
+    assert_one_line_error(code, err, "fuse-everything", "canonicalize")
 
 
 def test_bad_ir_text(tmp_path):
