@@ -1,0 +1,57 @@
+"""Launch plans: the artifact schema for how a graph runs on kernels (shared by codegen and runtime).
+
+Each IR node lowers to an ordered list of launches. A launch is plain JSON:
+
+    {"node": 12, "kernel": "rms_norm.rms_norm_kernel#3", "grid": ["T", 1, 1],
+     "args": [{"buf": "%11"}, {"buf": "@model.norm.weight"}, {"buf": "%12"},
+              {"expr": "T"}, {"int": 64}, {"float": 1e-06}, {"stride": ["%11", 0]}],
+     "constexprs": {"BLOCK": 64}, "num_warps": 4}
+
+or an extern call that runs the IR op's torch implementation (GEMMs through cuBLAS, views):
+
+    {"node": 13, "extern": "linear", "args": [{"buf": "%12"}, {"buf": "@w"}],
+     "attrs": {}, "results": ["%13"]}
+
+Argument kinds: `buf` a graph value, param or input by reference; `ws` a
+workspace buffer (declared by name with shape expressions and dtype, allocated
+once for the largest batch); `expr` an integer expression over the step sizes
+T, S, MB (evaluated when a batch size is bound, never on the device); `int`,
+`float` literals; `stride` a buffer's stride along a dim. Grid entries are
+expressions too. Kernel ids name a variant (module, function, signature,
+constexprs) in the manifest's kernel table; the same variant serves every launch
+that shares them.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+
+from braze.ir.errors import BrazeError
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+
+def compile_expr(text):
+    """An integer expression over T, S, MB -> a function of those sizes (no eval of arbitrary code)."""
+    if isinstance(text, int):
+        return lambda sizes: text
+    tree = ast.parse(str(text), mode="eval").body
+
+    def ev(n, sizes):
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name):
+            return sizes[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
+            return _OPS[type(n.op)](ev(n.left, sizes), ev(n.right, sizes))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand, sizes)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("cdiv", "max", "min"):
+            a = [ev(x, sizes) for x in n.args]
+            return -(-a[0] // a[1]) if n.func.id == "cdiv" else (max(a) if n.func.id == "max" else min(a))
+        raise BrazeError(f"launch expression {text!r}: unsupported element {ast.dump(n)[:40]}")
+
+    ev(tree, {"T": 1, "S": 1, "MB": 1, "NB": 1})   # reject bad expressions at load, not at run
+    return lambda sizes: ev(tree, sizes)
