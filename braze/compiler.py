@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from braze.codegen.artifact_writer import write_artifact
+from braze.codegen.emit import emit_kernels
+from braze.codegen.plan import build_plan
 from braze.frontend import load_model
 from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
@@ -80,8 +82,18 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
         "ops_after": graph.op_counts(),
         "refusals": len(ctx.refusals),
     }
+    plan = build_plan(graph)
+    kernel_count = len(plan["kernels"])
+    compile_info["extern_ops"] = plan["extern_ops"]
+    log(f"codegen: {sum(len(s['launches']) for s in plan['segments'])} launches, "
+        f"{kernel_count} kernel variants, extern: "
+        f"{', '.join(f'{k} x{n}' for k, n in plan['extern_ops'].items()) or 'none'}")
+
+    def emit(root: Path) -> dict:
+        return emit_kernels(plan, root, opts.target_list(), log)
+
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
-                   extra={"compile": compile_info}, overwrite=force, log=log)
+                   extra={"compile": compile_info}, overwrite=force, log=log, emit=emit)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out)

@@ -41,7 +41,9 @@ def versions() -> dict:
 
 def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: dict,
                    model_dir: Path, extra: dict | None = None, shard_bytes: int = SHARD_BYTES,
-                   overwrite: bool = False, log=None) -> Path:
+                   overwrite: bool = False, log=None, emit=None) -> Path:
+    """`emit(root) -> dict` writes more files (kernels, cubins) before hashing and returns
+    manifest entries for them."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise BrazeError(f"{out} already exists; pass --force to replace it")
@@ -50,7 +52,10 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        manifest = _write(tmp, graph, load_param, model, options, Path(model_dir), extra or {},
+        extra = dict(extra or {})
+        if emit is not None:
+            extra.update(emit(tmp))
+        manifest = _write(tmp, graph, load_param, model, options, Path(model_dir), extra,
                           shard_bytes, log)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
         if out.exists():

@@ -1,8 +1,10 @@
 """Run an artifact's graph one step at a time.
 
-Backends: `reference` runs the IR interpreter with torch on any device. The
-`cuda` and `interpret` backends (Triton kernels, launch plans, CUDA graphs)
-arrive with the codegen work; asking for them now says so.
+Backends:
+  reference  the IR interpreter (torch reference ops) on any device
+  interpret  the artifact's launch plans, Triton kernels under TRITON_INTERPRET=1, on the CPU
+  cuda       the same launch plans on a GPU
+  auto       cuda when a GPU is present (and the artifact has plans), else reference
 """
 
 from __future__ import annotations
@@ -19,25 +21,30 @@ from .loader import Artifact
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, has_plan: bool = True) -> str:
     if backend not in BACKENDS:
         raise BrazeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "reference"
-    if backend in ("cuda", "interpret"):
-        raise BrazeError(f"backend {backend!r} needs compiled kernels, which this braze version "
-                         f"does not build yet; use --backend reference")
+        return "cuda" if torch.cuda.is_available() and has_plan else "reference"
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise BrazeError("backend 'cuda' needs a CUDA GPU and none is visible; use --backend "
+                         "interpret (the same kernels on the CPU) or reference")
     return backend
 
 
 class Executor:
     def __init__(self, artifact: Artifact, backend: str = "auto", device: str | None = None,
                  num_blocks: int | None = None):
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, has_plan="plan" in artifact.manifest)
         self.artifact = artifact
         self.graph = artifact.graph
-        self.device = torch.device(device or "cpu")
+        self.device = torch.device(device or ("cuda" if self.backend == "cuda" else "cpu"))
         self.params = artifact.load_weights(self.device)
+        self.plan = None
+        if self.backend in ("cuda", "interpret"):
+            from .plan_executor import PlanExecutor
+            self.plan = PlanExecutor(artifact, self.params, self.device,
+                                     interpret=self.backend == "interpret")
         opts = artifact.options
         self.max_model_len = int(opts["max_model_len"])
         block_size = int(opts["block_size"])
@@ -60,6 +67,8 @@ class Executor:
         sampled row if the graph was compiled with prune-logits."""
         feeds = dict(inputs)
         feeds.update(self.cache.tensors)
+        if self.plan is not None:
+            return self.plan.run(feeds)["logits"]
         return run_graph(self.graph, feeds, self.params)["logits"]
 
     def step(self, chunks: list[SeqChunk]) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Compile every kernel variant of a plan for every target, in parallel, with progress.
+
+Each variant becomes `cubin/<target>/<id>.cubin` plus `<id>.json` (Triton's
+metadata: shared memory, warps, the kernel's name), hashed by the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from braze.ir.errors import BrazeError
+
+
+def _safe(variant_id: str) -> str:
+    return variant_id.replace("#", "_")
+
+
+def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict) -> tuple:
+    from braze.codegen.aot import compile_launch
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    k = compile_launch(Path(kernel_dir), launch, target, sources)
+    meta = {key: getattr(k.metadata, key) for key in ("name", "shared", "num_warps", "num_stages")
+            if hasattr(k.metadata, key)}
+    return k.asm["cubin"], meta
+
+
+def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str], log=None,
+                workers: int | None = None) -> dict:
+    """-> {variant_id: {target: {"cubin": rel path, "meta": rel path, "shared": bytes}}}"""
+    jobs = []
+    for vid, v in plan["kernels"].items():
+        launch = dict(v, args=[{"ty": t} for t in v["signature"]])
+        for t in targets:
+            jobs.append((vid, t, launch))
+    if not jobs:
+        return {}
+    table: dict[str, dict] = {}
+    workers = workers or max(1, min(os.cpu_count() or 1, len(jobs)))
+    t0 = time.perf_counter()
+    done = 0
+
+    def record(vid, t, cubin, meta):
+        d = out_dir / "cubin" / t
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{_safe(vid)}.cubin").write_bytes(cubin)
+        (d / f"{_safe(vid)}.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
+        table.setdefault(vid, {})[t] = {"cubin": f"cubin/{t}/{_safe(vid)}.cubin",
+                                        "meta": f"cubin/{t}/{_safe(vid)}.json",
+                                        "shared": meta.get("shared", 0)}
+
+    if workers == 1:
+        for vid, t, launch in jobs:
+            record(vid, t, *_compile_one(str(kernel_dir), launch, t, plan["sources"]))
+            done += 1
+            if log:
+                log(f"  kernels: {done}/{len(jobs)} compiled ({vid} for {t})")
+        return table
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futs = {pool.submit(_compile_one, str(kernel_dir), launch, t, plan["sources"]): (vid, t)
+                for vid, t, launch in jobs}
+        for fut in as_completed(futs):
+            vid, t = futs[fut]
+            try:
+                cubin, meta = fut.result()
+            except BrazeError:
+                raise
+            except Exception as e:
+                raise BrazeError(f"kernel {vid} does not compile for {t}: {e}") from None
+            record(vid, t, cubin, meta)
+            done += 1
+            if log and (done % 8 == 0 or done == len(jobs)):
+                log(f"  kernels: {done}/{len(jobs)} compiled on {workers} processes "
+                    f"({time.perf_counter() - t0:.1f}s)")
+    return table

@@ -1,0 +1,67 @@
+"""Lower a passed graph into launch plans: every node to kernel launches or an extern call.
+
+Nodes whose op has a kernel template (codegen/kernels/) become Triton launches;
+GEMMs (`linear`, `matmul`, `einsum`) and views stay extern calls through torch
+(cuBLAS on a GPU), and so does any op without a template yet, which
+`braze inspect` lists. Launches are grouped by the segments split-segments
+recorded, and identical kernel variants are shared through one kernel table.
+"""
+
+from __future__ import annotations
+
+import json
+
+from braze.ir import Graph
+from braze.ir.errors import BrazeError
+
+from .kernels import kernel_module_for, lower_node
+
+EXTERN_BY_DESIGN = {"linear", "matmul", "einsum",                           # GEMMs: cuBLAS
+                    "reshape", "permute", "unsqueeze", "squeeze", "expand",  # views
+                    "slice", "select", "split"}
+
+
+def variant_key(launch: dict) -> str:
+    sig = [a["ty"] for a in launch["args"]]
+    return json.dumps([launch["module"], launch["fn"], sig, sorted(launch["constexprs"].items()),
+                       launch["num_warps"], launch["num_stages"]])
+
+
+def build_plan(g: Graph) -> dict:
+    """-> {"segments": [...], "workspaces": {...}, "kernels": {id: variant}, "sources": {...},
+    "extern_ops": {op: count}}"""
+    segments = g.meta.get("segments") or [["eager", 0, len(g.nodes) - 1]]
+    kernels: dict[str, dict] = {}
+    ids: dict[str, str] = {}
+    workspaces: dict[str, dict] = {}
+    sources: dict[str, str] = {}
+    extern: dict[str, int] = {}
+    per_node: list[list[dict]] = []
+    for i, node in enumerate(g.nodes):
+        if node.op not in EXTERN_BY_DESIGN and kernel_module_for(node.op) is not None:
+            try:
+                launches, ws, srcs = lower_node(node, i)
+            except BrazeError as e:
+                raise BrazeError(f"lowering node {i} ({node.op}): {e}") from None
+            workspaces.update(ws)
+            sources.update(srcs)
+            for launch in launches:
+                key = variant_key(launch)
+                if key not in ids:
+                    ids[key] = f"{launch['module']}.{launch['fn']}#{len(ids)}"
+                    kernels[ids[key]] = {k: launch[k] for k in ("module", "fn", "constexprs",
+                                                                "num_warps", "num_stages")}
+                    kernels[ids[key]]["signature"] = [a["ty"] for a in launch["args"]]
+                launch["kernel"] = ids[key]
+            per_node.append(launches)
+        else:
+            extern[node.op] = extern.get(node.op, 0) + 1
+            per_node.append([{"node": i, "extern": node.op,
+                              "args": [{"buf": v.ref} for v in node.operands],
+                              "attrs": node.attrs, "results": [r.ref for r in node.results]}])
+    out_segments = []
+    for kind, first, last in segments:
+        launches = [launch for i in range(first, last + 1) for launch in per_node[i]]
+        out_segments.append({"kind": kind, "first": first, "last": last, "launches": launches})
+    return {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
+            "sources": sources, "extern_ops": dict(sorted(extern.items()))}
