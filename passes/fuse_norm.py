@@ -157,7 +157,14 @@ def fuse_rms_norms(g: Graph, ctx: PassContext) -> int:
         root = node.results[0]
         new = rebuild(g, node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]}, [root.name])
         g.replace_all_uses(root, new.results[0])
-        users = g.users()
+        # keep the use map current instead of rebuilding it per norm (quadratic on big graphs)
+        gone = set(map(id, m.nodes))
+        for n in m.nodes:
+            for v in n.operands:
+                users[v] = [u for u in users.get(v, []) if id(u) not in gone]
+        for v in new.operands:
+            users.setdefault(v, []).append(new)
+        users[new.results[0]] = users.pop(root, [])
         count += 1
     for node in g.nodes:
         if node.op == "rsqrt" and id(node) not in seen and _looks_like_norm(node):

@@ -13,6 +13,7 @@ fusions they refused (`--explain`).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import pkgutil
 import time
@@ -130,6 +131,18 @@ class PassManager:
         return cls(PIPELINES[level], **kw)
 
     def run(self, g: Graph) -> list[PassRecord]:
+        # the passes allocate many small objects and free few: the cyclic collector's full
+        # sweeps of a large graph cost more than the passes themselves (profiled: ~0.6 s of
+        # 1.3 s on Qwen3-30B-A3B), so it pauses while they run
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(g)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self, g: Graph) -> list[PassRecord]:
         records = []
         for i, info in enumerate(self.infos):
             self.ctx.current = info.name
