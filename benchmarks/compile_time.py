@@ -1,30 +1,44 @@
 #!/usr/bin/env python
-"""Compile-time benchmark of the braze frontend on full-size model shapes.
+"""Compile-time benchmark of the braze frontend and -O2 pass pipeline on full-size shapes.
 
 For each model shape, only `config.json` is written to a temporary directory
 (no weights), then we time:
 
   trace   braze.frontend.load_model(dir, with_weights=False): AutoConfig read,
           model built on the meta device, torch.fx trace, mapping to braze IR
-  verify  braze.ir.verify(graph)
-  print   braze.ir.print_graph(graph)            (graph -> text)
+  verify  braze.ir.verify(graph)                 (the traced graph)
+  print   braze.ir.print_graph(graph)            (traced graph -> text)
   parse   braze.ir.parse_graph(text)             (text -> graph)
+  passes  PassManager.for_level(2, ctx=PassContext(options=opts)).run(graph) on the
+          traced graph, as braze/compiler.py runs it: opts is CompileOptions(dtype=
+          "bfloat16", max_model_len=<max_position_embeddings>, max_num_tokens=8192),
+          validated, dtype then set to the traced one; includes pass discovery
+          (the pass modules' first import), timed per pass by the manager
+  verify2 braze.ir.verify(graph)                 (the optimised graph, as the compiler does)
 
-The round trip is checked (untimed): the parsed graph verifies and prints to
-the same text. Each repeat runs in a fresh Python process by default (cold
-state: fx, AutoConfig and op-registry caches empty; imports are timed apart
-and not counted in `trace`), and the best of `--repeat` runs is reported.
+  pipeline = trace + verify + passes + verify2   (what `braze compile` does before
+                                                  packaging; print and parse not included)
 
-DESIGN target: trace under 5 s per model on a 2-core CPU.
+The round trip is checked (untimed) before the passes: the parsed graph verifies
+and prints to the same text. Each repeat runs in a fresh Python process by
+default (cold state: fx, AutoConfig and op-registry caches empty, pass modules
+not imported; imports of torch/transformers/braze are timed apart and not
+counted), and the best of `--repeat` runs is reported: each phase and each pass
+its own minimum, `pipeline` the best run's total. Passes slower than
+--slow-pass (0.5 s) in the best run are then cProfiled, each in a fresh process.
+
+DESIGN target: trace (and the whole pipeline) under 5 s per model on a 2-core CPU.
 
     python benchmarks/compile_time.py
     python benchmarks/compile_time.py --repeat 5 --json results.json
     python benchmarks/compile_time.py --models llama3-8b --profile
+    python benchmarks/compile_time.py --models qwen3-30b-a3b --profile-pass fuse-norm
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -37,6 +51,11 @@ import time
 
 TARGET_TRACE_S = 5.0
 PHASES = ("trace", "verify", "print", "parse")
+PIPELINE_PHASES = ("passes", "verify2")
+TIMED = ("import",) + PHASES + PIPELINE_PHASES + ("pipeline",)
+OPT_LEVEL = 2
+MAX_NUM_TOKENS = 8192
+SLOW_PASS_S = 0.5
 
 
 # -- model shapes -------------------------------------------------------------
@@ -76,8 +95,47 @@ def write_config(model: str, model_dir: str) -> None:
     MODELS[model]().save_pretrained(model_dir)
 
 
-def measure(model: str, model_dir: str) -> dict:
-    """Run the four phases once on the config in `model_dir`; return timings and sizes.
+class GcTimer:
+    """Time spent in the cyclic garbage collector (gc.callbacks), and full (gen 2) collections.
+
+    cProfile and the pass manager's timer charge a collection to whatever code was
+    allocating when it started; this tells how much of a pass is the collector."""
+
+    def __init__(self):
+        self.s, self.full, self._t = 0.0, 0, 0.0
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.s += time.perf_counter() - self._t
+            self.full += info["generation"] == 2
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+    def snapshot(self) -> tuple[float, int]:
+        return self.s, self.full
+
+
+def compile_options(loaded, opt_level: int = OPT_LEVEL, max_num_tokens: int = MAX_NUM_TOKENS):
+    """The options `braze compile --dtype bfloat16` would use for `loaded` (see compiler.py)."""
+    from braze.config import CompileOptions
+
+    opts = CompileOptions(opt_level=opt_level, dtype="bfloat16", max_num_tokens=max_num_tokens,
+                          max_model_len=loaded.spec.max_position_embeddings)
+    opts.validate()
+    opts.dtype = loaded.dtype          # as the compiler does after tracing
+    return opts
+
+
+def measure(model: str, model_dir: str, opt_level: int = OPT_LEVEL,
+            max_num_tokens: int = MAX_NUM_TOKENS) -> dict:
+    """Run the phases once on the config in `model_dir`; return timings and sizes.
 
     The config is written by the caller (in another process by default): building a
     transformers config class in code imports modules (e.g. `LlamaConfig` pulls in
@@ -88,7 +146,9 @@ def measure(model: str, model_dir: str) -> dict:
     import transformers
 
     import braze.ir as ir
+    from braze.config import CompileOptions  # noqa: F401  (imported as braze.compiler does)
     from braze.frontend import load_model
+    from braze.passes import PassContext, PassManager
     import_s = time.perf_counter() - t0
 
     files = sorted(os.listdir(model_dir))
@@ -114,18 +174,57 @@ def measure(model: str, model_dir: str) -> dict:
     ir.verify(parsed)
     if ir.print_graph(parsed) != text:
         raise SystemExit(f"{model}: print -> parse -> print is not the identity")
-
+    del parsed
+    ir_nodes, params = len(graph.nodes), len(graph.params)
     elements = 0
     for p in graph.params.values():
         shape = p.type.shape
         if all(isinstance(d, int) for d in shape):
             elements += math.prod(shape)
+
+    # the -O pipeline on the traced graph, as braze.compiler.compile runs it
+    opts = compile_options(loaded, opt_level, max_num_tokens)
+    ops_before, nodes_before = graph.op_counts(), len(graph.nodes)
+    gc_per_pass: list[tuple[float, int]] = []
+    with GcTimer() as gct:
+        t = time.perf_counter()
+        ctx = PassContext(options=opts.to_json())
+        manager = PassManager.for_level(opts.opt_level, ctx=ctx,   # first call imports the passes
+                                        after_each=lambda name, i, g: gc_per_pass.append(
+                                            gct.snapshot()))
+        setup_s = time.perf_counter() - t
+        gc_setup = gct.snapshot()
+        records = manager.run(graph)
+        passes_s = time.perf_counter() - t
+    gc_marks = [gc_setup] + gc_per_pass
+
+    t = time.perf_counter()
+    ir.verify(graph)
+    verify2_s = time.perf_counter() - t
+    memory = graph.meta.get("memory") or {}
+    segments = graph.meta.get("segments")
+
     return {
         "model": model, "architecture": loaded.spec.architecture, "dtype": loaded.dtype,
-        "config_files": files, "ir_nodes": len(graph.nodes), "params": len(graph.params),
+        "config_files": files, "ir_nodes": ir_nodes, "params": params,
         "param_elements": elements, "text_chars": len(text),
         "import_s": import_s, "trace_s": trace_s, "verify_s": verify_s,
         "print_s": print_s, "parse_s": parse_s,
+        "passes_s": passes_s, "verify2_s": verify2_s,
+        "pipeline_s": trace_s + verify_s + passes_s + verify2_s,
+        "opt_level": opts.opt_level, "options": opts.to_json(),
+        "pass_setup_ms": setup_s * 1000,
+        "passes": [{"name": r.name, "matches": r.matches, "ms": r.ms, "ops_after": r.ops_after,
+                    "gc_ms": (gc_marks[i + 1][0] - gc_marks[i][0]) * 1000,
+                    "gc_full": gc_marks[i + 1][1] - gc_marks[i][1]}
+                   for i, r in enumerate(records)],
+        "passes_gc_s": gct.s, "passes_gc_full": gct.full,
+        "nodes_before": nodes_before, "nodes_after": len(graph.nodes),
+        "ops_before": ops_before, "ops_after": graph.op_counts(),
+        "refusals": len(ctx.refusals),
+        "arena_bytes": memory.get("arena_bytes"), "bindings": memory.get("bindings"),
+        "segments": None if segments is None else len(segments),
+        "graph_breaks": graph.meta.get("graph_breaks"),
         "log": [f"{at:6.3f}s {line}" for at, line in log_lines],
         "breakdown": breakdown(log_lines, trace_s),
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -173,8 +272,60 @@ def profile(model: str, model_dir: str, top: int) -> None:
     print(out.getvalue().rstrip())
 
 
-def _run_worker(model: str, model_dir: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--dir", model_dir]
+def profile_passes(model: str, model_dir: str, names: list[str], top: int,
+                   opt_level: int = OPT_LEVEL, max_num_tokens: int = MAX_NUM_TOKENS) -> None:
+    """Run the -O pipeline (cold, in this process) pass by pass, cProfiling only the passes
+    in `names` (every occurrence), each separately; top functions by self and cumulative time.
+
+    One PassManager per pass with the shared PassContext is what PassManager.run does."""
+    import cProfile
+    import io
+    import pstats
+
+    import braze.ir as ir
+    from braze.frontend import load_model
+    from braze.passes import PIPELINES, PassContext, PassManager
+
+    loaded = load_model(model_dir, with_weights=False)
+    graph = loaded.graph
+    ir.verify(graph)
+    opts = compile_options(loaded, opt_level, max_num_tokens)
+    ctx = PassContext(options=opts.to_json())
+    PassManager.for_level(opts.opt_level, ctx=ctx)        # pass discovery, not profiled
+    pipeline = PIPELINES[opts.opt_level]
+    unknown = sorted(set(names) - set(pipeline))
+    if unknown:
+        raise SystemExit(f"not in the -O{opts.opt_level} pipeline: {', '.join(unknown)}")
+    for i, name in enumerate(pipeline):
+        manager = PassManager([name], ctx=ctx)
+        if name not in names:
+            manager.run(graph)
+            continue
+        prof = cProfile.Profile()
+        with GcTimer() as gct:
+            t = time.perf_counter()
+            prof.enable()
+            (rec,) = manager.run(graph)
+            prof.disable()
+            wall = time.perf_counter() - t
+        print(f"== cProfile: {model} -O{opts.opt_level} pass {i + 1} {name}: {rec.matches} "
+              f"matches, {rec.ms:.0f} ms under the profiler ({wall:.2f} s wall), "
+              f"{rec.ops_after} ops after; of that {gct.s * 1000:.0f} ms in the garbage "
+              f"collector ({gct.full} full collections), charged by cProfile to the "
+              f"function that was allocating ==")
+        for key, label in (("tottime", "self (tottime)"), ("cumulative", "cumulative")):
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).strip_dirs().sort_stats(key).print_stats(top)
+            body = out.getvalue().strip().splitlines()
+            start = next((j for j, line in enumerate(body) if "ncalls" in line), 0)
+            print(f"-- top {top} by {label} --")
+            print("\n".join(line for line in body[start:] if line.strip()))
+    ir.verify(graph)
+
+
+def _run_worker(model: str, model_dir: str, extra: list[str] | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--dir", model_dir,
+           *(extra or [])]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout + res.stderr)
@@ -186,23 +337,82 @@ def _run_worker(model: str, model_dir: str) -> dict:
 
 def best_of(runs: list[dict]) -> dict:
     best = dict(min(runs, key=lambda r: r["trace_s"]))   # its log and breakdown
-    for key in ("import_s",) + tuple(f"{p}_s" for p in PHASES):
-        best[key] = min(r[key] for r in runs)
-    best["runs"] = [{k: r[k] for k in ("import_s",) + tuple(f"{p}_s" for p in PHASES)}
-                    for r in runs]
+    for key in TIMED:
+        best[key + "_s"] = min(r[key + "_s"] for r in runs)
+    best["runs"] = [{k + "_s": r[k + "_s"] for k in TIMED} for r in runs]
+    best["pass_setup_ms"] = min(r["pass_setup_ms"] for r in runs)
+    passes = []
+    for i, p in enumerate(best["passes"]):
+        same = [r["passes"][i] for r in runs]
+        if any((q["name"], q["matches"], q["ops_after"]) != (p["name"], p["matches"],
+                                                              p["ops_after"]) for q in same):
+            raise SystemExit(f"{best['model']}: pass {i + 1} {p['name']} differs between runs")
+        fastest = min(same, key=lambda q: q["ms"])
+        passes.append(dict(p, ms=fastest["ms"], gc_ms=fastest["gc_ms"],
+                           gc_full=fastest["gc_full"], ms_runs=[q["ms"] for q in same]))
+    best["passes"] = passes
     return best
 
 
 def table(results: list[dict], target: float) -> str:
+    level = results[0]["opt_level"]
     head = ["model", "IR nodes", "params", "weights", "trace s", "verify s", "print s",
-            "parse s", f"trace < {target:g} s"]
+            "parse s", f"trace < {target:g} s", f"-O{level} passes s", "verify2 s",
+            "pipeline s", f"pipeline < {target:g} s"]
     rows = [head]
     for r in results:
         rows.append([r["model"], str(r["ir_nodes"]), str(r["params"]),
                      f"{r['param_elements'] / 1e9:.2f}B",
                      *(f"{r[p + '_s']:.3f}" for p in PHASES),
-                     "ok" if r["trace_s"] < target else "OVER"])
+                     "ok" if r["trace_s"] < target else "OVER",
+                     *(f"{r[p + '_s']:.3f}" for p in PIPELINE_PHASES + ("pipeline",)),
+                     "ok" if r["pipeline_s"] < target else "OVER"])
     return _markdown(rows)
+
+
+def summary_table(results: list[dict]) -> str:
+    level = results[0]["opt_level"]
+    head = ["model", "nodes traced", f"nodes -O{level}", "op kinds", "refusals",
+            f"arena bytes (T={results[0]['options']['max_num_tokens']})", "arena MiB",
+            "segments", "graph breaks"]
+    rows = [head]
+    for r in results:
+        arena = r["arena_bytes"]
+        rows.append([r["model"], str(r["nodes_before"]), str(r["nodes_after"]),
+                     f"{len(r['ops_before'])} -> {len(r['ops_after'])}", str(r["refusals"]),
+                     "-" if arena is None else f"{arena:,}",
+                     "-" if arena is None else f"{arena / 2**20:.1f}",
+                     "-" if r["segments"] is None else str(r["segments"]),
+                     "-" if r["graph_breaks"] is None else str(r["graph_breaks"])])
+    return _markdown(rows)
+
+
+def pass_table(r: dict, slow_ms: float) -> str:
+    many = len(r["passes"][0]["ms_runs"]) > 1 if r["passes"] else False
+    head = ["#", "pass", "matches", "ms" + (" (best)" if many else ""),
+            "of which GC ms", "full GCs", *(["ms (all runs)"] if many else []), "ops after",
+            "share"]
+    total = r["pass_setup_ms"] + sum(p["ms"] for p in r["passes"])
+    rows = [head, ["", "(pass discovery: first import)", "", f"{r['pass_setup_ms']:.1f}", "", "",
+                   *([""] if many else []), str(r["nodes_before"]),
+                   f"{r['pass_setup_ms'] / total:.0%}"]]
+    for i, p in enumerate(r["passes"], 1):
+        mark = " (slow)" if p["ms"] > slow_ms else ""
+        rows.append([str(i), p["name"] + mark, str(p["matches"]), f"{p['ms']:.1f}",
+                     f"{p['gc_ms']:.1f}", str(p["gc_full"]),
+                     *([" / ".join(f"{m:.0f}" for m in p["ms_runs"])] if many else []),
+                     str(p["ops_after"]), f"{p['ms'] / total:.0%}"])
+    rows.append(["", "sum", "", f"{total:.1f}", f"{sum(p['gc_ms'] for p in r['passes']):.1f}",
+                 str(sum(p["gc_full"] for p in r["passes"])), *([""] if many else []),
+                 str(r["nodes_after"]), ""])
+    return _markdown(rows, left=2)
+
+
+def ops_lines(r: dict) -> str:
+    def fmt(counts):
+        return ", ".join(f"{op} {n}" for op, n in counts.items())
+    return (f"  before ({r['nodes_before']} nodes): {fmt(r['ops_before'])}\n"
+            f"  after  ({r['nodes_after']} nodes): {fmt(r['ops_after'])}")
 
 
 def breakdown_table(results: list[dict]) -> str:
@@ -217,24 +427,27 @@ def breakdown_table(results: list[dict]) -> str:
     return _markdown(rows) if len(rows) > 1 else ""
 
 
-def _markdown(rows: list[list[str]]) -> str:
+def _markdown(rows: list[list[str]], left: int = 1) -> str:
+    """A Markdown table: the first `left` columns left-aligned, the rest right-aligned."""
     head = rows[0]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
     for j, row in enumerate(rows):
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.ljust(w) if i < left else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("| " + " | ".join(cells) + " |")
         if j == 0:
-            lines.append("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2)
+            lines.append("|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":"
                                         for i, w in enumerate(widths)) + "|")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        description="Time braze's frontend (trace to IR), verifier and IR text round trip "
-                    "on full-size model shapes (config.json only, no weights).",
-        epilog=f"DESIGN target: trace under {TARGET_TRACE_S:g} s per model on a 2-core CPU.")
+        description="Time braze's frontend (trace to IR), verifier, IR text round trip and "
+                    "-O2 pass pipeline on full-size model shapes (config.json only, no weights).",
+        epilog=f"DESIGN target: trace and the whole pipeline (trace + verify + passes + "
+               f"verify) under {TARGET_TRACE_S:g} s per model on a 2-core CPU.")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
                     help="model shapes to benchmark (default: all)")
     ap.add_argument("--repeat", type=int, default=3,
@@ -245,45 +458,66 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH",
                     help="also write the results as JSON to PATH ('-' for stdout)")
     ap.add_argument("--target", type=float, default=TARGET_TRACE_S,
-                    help=f"trace-time target in seconds (default {TARGET_TRACE_S:g})")
+                    help=f"target in seconds for trace and for the whole pipeline "
+                         f"(default {TARGET_TRACE_S:g})")
     ap.add_argument("--strict", action="store_true",
-                    help="exit 1 when a model's trace time is over the target")
+                    help="exit 1 when a model's trace or pipeline time is over the target")
+    ap.add_argument("--opt-level", type=int, choices=(0, 1, 2), default=OPT_LEVEL,
+                    help=f"pass pipeline to run after tracing (default {OPT_LEVEL})")
+    ap.add_argument("--max-num-tokens", type=int, default=MAX_NUM_TOKENS, metavar="T",
+                    help=f"compile option the memory plan is sized for (default "
+                         f"{MAX_NUM_TOKENS})")
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, cProfile the trace of each model (fresh process)")
+    ap.add_argument("--slow-pass", type=float, default=SLOW_PASS_S, metavar="SECONDS",
+                    help=f"afterwards, cProfile each pass slower than this in the best run, "
+                         f"in a fresh process (default {SLOW_PASS_S:g}; 0 profiles every "
+                         f"pass, a negative value none)")
+    ap.add_argument("--profile-pass", action="append", default=[], metavar="NAME",
+                    help="also cProfile this pass for every model (repeatable)")
     ap.add_argument("--profile-top", type=int, default=15, metavar="N",
                     help="functions to show per profile (default 15)")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="print every run and the frontend's own log lines")
     ap.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--profile-worker", metavar="MODEL", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-passes-worker", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(measure(args.worker, args.dir)))
+        print(json.dumps(measure(args.worker, args.dir, args.opt_level, args.max_num_tokens)))
         return 0
     if args.profile_worker:
         profile(args.profile_worker, args.dir, args.profile_top)
         return 0
+    if args.profile_passes_worker:
+        profile_passes(args.profile_passes_worker, args.dir, args.profile_pass, args.profile_top,
+                       args.opt_level, args.max_num_tokens)
+        return 0
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    level_args = ["--opt-level", str(args.opt_level), "--max-num-tokens", str(args.max_num_tokens)]
 
     mode = "in-process (warm)" if args.in_process else "fresh process per run (cold)"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"braze compile-time benchmark: best of {args.repeat}, {mode}; "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"load average {load:.2f}", flush=True)
+    load = _loadavg()
+    print(f"braze compile-time benchmark: best of {args.repeat}, {mode}, -O{args.opt_level}, "
+          f"max_num_tokens {args.max_num_tokens}; {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, load average {_fmt_load(load)} (1/5/15 min)",
+          flush=True)
     results = []
     for model in args.models:
         runs = []
         for i in range(args.repeat):
             with tempfile.TemporaryDirectory(prefix=f"braze-{model}-") as tmp:
                 write_config(model, tmp)
-                r = measure(model, tmp) if args.in_process else _run_worker(model, tmp)
+                r = (measure(model, tmp, args.opt_level, args.max_num_tokens) if args.in_process
+                     else _run_worker(model, tmp, level_args))
             runs.append(r)
             if args.verbose:
                 print(f"  {model} run {i + 1}: import {r['import_s']:.2f}s, " + ", ".join(
-                    f"{p} {r[p + '_s']:.3f}s" for p in PHASES), flush=True)
+                    f"{p} {r[p + '_s']:.3f}s" for p in PHASES + PIPELINE_PHASES + ("pipeline",)),
+                    flush=True)
                 for line in r["log"]:
                     print(f"    | {line}")
         results.append(best_of(runs))
@@ -291,22 +525,40 @@ def main(argv=None) -> int:
     imports = "" if args.in_process else (
         f"; imports of torch/transformers/braze (not counted) best "
         f"{min(r['import_s'] for r in results):.2f}s")
-    print(f"torch {r0['torch']}, transformers {r0['transformers']}{imports}\n")
+    load_end = _loadavg()
+    print(f"torch {r0['torch']}, transformers {r0['transformers']}{imports}; "
+          f"load average at the end {_fmt_load(load_end)}\n")
     print(table(results, args.target))
+    print("\npipeline = trace + verify + passes + verify2 (the best run's total; the other "
+          "columns are each phase's best)")
     split = breakdown_table(results)
     if split:
         print("\ntrace split (from the frontend's log):\n" + split)
+    slow_ms = args.slow_pass * 1000
+    if args.opt_level:
+        print(f"\n-O{args.opt_level} result (max_num_tokens {args.max_num_tokens}, "
+              f"max_model_len = max_position_embeddings):\n" + summary_table(results))
+        for r in results:
+            print(f"\n-O{args.opt_level} passes, {r['model']} (ms per pass as the pass manager "
+                  f"times it; best of {args.repeat} per pass):")
+            print(pass_table(r, slow_ms if args.slow_pass >= 0 else float("inf")))
+            print("ops:\n" + ops_lines(r))
 
     over = [r["model"] for r in results if r["trace_s"] >= args.target]
     if over:
         print(f"\nover the {args.target:g} s trace target: {', '.join(over)}")
+    over_pipeline = [r["model"] for r in results if r["pipeline_s"] >= args.target]
+    if over_pipeline:
+        print(f"\nover the {args.target:g} s pipeline target: {', '.join(over_pipeline)}")
     if args.json:
         doc = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
                "python": platform.python_version(), "platform": platform.platform(),
-               "load_average_at_start": load,
+               "load_average_at_start": load, "load_average_at_end": load_end,
                "torch": r0["torch"], "transformers": r0["transformers"],
                "repeat": args.repeat, "mode": "in-process" if args.in_process else "subprocess",
-               "target_trace_s": args.target, "results": results}
+               "opt_level": args.opt_level, "max_num_tokens": args.max_num_tokens,
+               "target_trace_s": args.target, "target_pipeline_s": args.target,
+               "results": results}
         text = json.dumps(doc, indent=2)
         if args.json == "-":
             print(text)
@@ -323,7 +575,30 @@ def main(argv=None) -> int:
                                       str(args.profile_top)])
             if res.returncode:
                 return res.returncode
-    return 1 if (args.strict and over) else 0
+    for r in results:
+        names = sorted({p["name"] for p in r["passes"]
+                        if (args.slow_pass >= 0 and p["ms"] > slow_ms)
+                        or p["name"] in args.profile_pass})
+        if not names:
+            continue
+        print()
+        with tempfile.TemporaryDirectory(prefix=f"braze-{r['model']}-") as tmp:
+            write_config(r["model"], tmp)
+            res = subprocess.run([sys.executable, os.path.abspath(__file__),
+                                  "--profile-passes-worker", r["model"], "--dir", tmp,
+                                  "--profile-top", str(args.profile_top), *level_args,
+                                  *(a for n in names for a in ("--profile-pass", n))])
+        if res.returncode:
+            return res.returncode
+    return 1 if (args.strict and (over or over_pipeline)) else 0
+
+
+def _loadavg() -> tuple[float, float, float] | None:
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def _fmt_load(load) -> str:
+    return "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
 
 
 if __name__ == "__main__":

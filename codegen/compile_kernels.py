@@ -23,8 +23,13 @@ def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict) -> t
     from braze.codegen.aot import compile_launch
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     k = compile_launch(Path(kernel_dir), launch, target, sources)
-    meta = {key: getattr(k.metadata, key) for key in ("name", "shared", "num_warps", "num_stages")
-            if hasattr(k.metadata, key)}
+    # Triton's own metadata file, exactly as its cache holds it: what its CompiledKernel
+    # needs to load this cubin again without compiling
+    group = getattr(k, "metadata_group", None) or {}
+    meta_file = next((p for name, p in group.items() if name.endswith(".json")), None)
+    meta = json.loads(Path(meta_file).read_text()) if meta_file else {
+        key: getattr(k.metadata, key) for key in ("name", "shared", "num_warps", "num_stages")
+        if hasattr(k.metadata, key)}
     return k.asm["cubin"], meta
 
 
@@ -50,7 +55,8 @@ def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str],
         (d / f"{_safe(vid)}.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
         table.setdefault(vid, {})[t] = {"cubin": f"cubin/{t}/{_safe(vid)}.cubin",
                                         "meta": f"cubin/{t}/{_safe(vid)}.json",
-                                        "shared": meta.get("shared", 0)}
+                                        "name": meta.get("name"), "shared": meta.get("shared", 0),
+                                        "hash": meta.get("hash")}
 
     if workers == 1:
         for vid, t, launch in jobs:

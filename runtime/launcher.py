@@ -81,8 +81,9 @@ class KernelModules:
 class PlanRunner:
     """Executes one node's launches; expressions are compiled once, evaluated per batch size."""
 
-    def __init__(self, modules: KernelModules, workspaces: dict[str, dict], device):
+    def __init__(self, modules: KernelModules, workspaces: dict[str, dict], device, cubins=None):
         self.modules = modules
+        self.cubins = cubins          # runtime.cubins.CubinCache on a GPU, else None
         self.ws_specs = workspaces
         self.device = device
         self._ws: dict[tuple, torch.Tensor] = {}
@@ -128,9 +129,21 @@ class PlanRunner:
             for ref, t in zip(launch.get("results", []), out):
                 env[ref] = t
             return
-        fn = self.modules.get(launch["module"], launch["fn"])
         grid = tuple(self._expr(g, sizes) for g in launch["grid"])
         if 0 in grid:
             return
+        compiled = self.cubins.get(launch["kernel"], launch) if self.cubins and "kernel" in launch else None
+        if compiled is not None:
+            compiled[grid](*self._with_constexprs(launch, args))
+            return
+        fn = self.modules.get(launch["module"], launch["fn"])
         fn[grid](*args, **launch.get("constexprs", {}), num_warps=launch.get("num_warps", 4),
                  num_stages=launch.get("num_stages", 2))
+
+    def _with_constexprs(self, launch: dict, args: list) -> list:
+        """All arguments in the kernel's order, constexprs included, as Triton's launcher
+        for a compiled kernel takes them."""
+        fn = self.modules.get(launch["module"], launch["fn"])
+        it = iter(args)
+        return [launch["constexprs"][n] if n in launch["constexprs"] else next(it)
+                for n in fn.arg_names]

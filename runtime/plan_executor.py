@@ -32,7 +32,11 @@ class PlanExecutor:
         self.device = torch.device(device)
         self.launches = [launch for seg in plan["segments"] for launch in seg["launches"]]
         self.modules = KernelModules(artifact.root / "kernels", interpret=interpret)
-        self.runner = PlanRunner(self.modules, plan["workspaces"], self.device)
+        cubins = None
+        if not interpret and self.device.type == "cuda":
+            from .cubins import CubinCache
+            cubins = CubinCache(artifact.root, artifact.manifest, self.modules)
+        self.runner = PlanRunner(self.modules, plan["workspaces"], self.device, cubins)
         self.params = {f"@{k}": v for k, v in params.items()}
         memory = self.graph.meta.get("memory") or {}
         self.slots = {f"%{k}": tuple(v) for k, v in (memory.get("buffers") or {}).items()}

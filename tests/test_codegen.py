@@ -1,0 +1,72 @@
+"""Codegen: launch plans, kernel tables, ahead-of-time cubins for sm_80/sm_90 without a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from braze.artifact import sha256_file
+from braze.codegen.plan import EXTERN_BY_DESIGN
+from braze.launch import compile_expr
+
+from conftest import CASES
+
+FAMILY_CASES = ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral", "qwen3_moe-dense-middle"]
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_bf16_artifact_has_a_cubin_per_kernel_per_target(store, case):
+    root = store.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90")
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["targets"] == ["sm_80", "sm_90"]
+    assert m["kernels"], "an -O2 artifact must use kernels"
+    for vid, k in m["kernels"].items():
+        assert set(k["targets"]) == {"sm_80", "sm_90"}, vid
+        for t, entry in k["targets"].items():
+            for f in (entry["cubin"], entry["meta"]):
+                assert (root / f).is_file() and m["files"][f] == sha256_file(root / f)
+            assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
+        assert (root / "kernels" / f"{k['module']}.py").is_file()
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_plan_is_complete_and_well_formed(store, case):
+    root = store.artifact(case, opt_level=2)
+    m = json.loads((root / "manifest.json").read_text())
+    plan = m["plan"]
+    nodes = [launch["node"] for seg in plan["segments"] for launch in seg["launches"]]
+    assert sorted(set(nodes)) == list(range(max(nodes) + 1))
+    for seg in plan["segments"]:
+        for launch in seg["launches"]:
+            if "kernel" in launch:
+                assert launch["kernel"] in m["kernels"]
+                for g in launch["grid"]:
+                    compile_expr(g)({"T": 5, "S": 2, "MB": 4})
+    assert set(plan["extern_ops"]) - EXTERN_BY_DESIGN <= {"cat", "index_select"}, plan["extern_ops"]
+
+
+def test_interpret_backend_imports_no_compiler(store):
+    art = store.artifact("llama", opt_level=2)
+    code = f"""
+import sys
+from braze.runtime import LLM, SamplingParams
+LLM({str(art)!r}, backend="interpret").generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+bad = [m for m in sys.modules if m.split('.')[:2] in (['braze', 'frontend'], ['braze', 'passes'],
+       ['braze', 'models'], ['braze', 'codegen'], ['braze', 'compiler'])]
+assert not bad, bad
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cuda_backend_without_gpu_is_a_clear_error(store):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = subprocess.run([sys.executable, "-m", "braze", "generate", str(store.artifact("llama", opt_level=2)),
+                        "--prompt-ids", "1,2", "--backend", "cuda"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
