@@ -26,6 +26,13 @@ def summarize(path, check_hashes: bool = True) -> dict:
         "graph_breaks": int(g.meta.get("graph_breaks", 0)),
         "arena_bytes": int(memory.get("arena_bytes", 0)),
         "gemms": "extern (torch/cuBLAS)",
+        "kernels": {vid: {"module": k["module"], "fn": k["fn"],
+                          "targets": {t: {"shared": e.get("shared", 0)}
+                                      for t, e in k.get("targets", {}).items()}}
+                    for vid, k in (m.get("kernels") or {}).items()},
+        "targets": m.get("targets", []),
+        "extern_ops": (m.get("plan") or {}).get("extern_ops", {}),
+        "launches": sum(len(s["launches"]) for s in (m.get("plan") or {}).get("segments", [])),
         "inputs": {v.name: str(v.type) for v in g.inputs},
         "outputs": {k: str(v.type) for k, v in g.outputs.items()},
         "parameters": len(g.params),
@@ -51,8 +58,11 @@ def format_summary(s: dict) -> str:
         f"{len(s['weight_files'])} file(s); tokenizer: {'yes' if s['tokenizer'] else 'no'}",
         f"graph      {s['nodes']} ops (traced: {sum(s['ops_before_passes'].values()) or s['nodes']}); "
         f"{s['segments']} segments, {s['graph_breaks']} graph breaks; arena "
-        f"{s['arena_bytes'] / 2**20:.1f} MiB; GEMMs: {s['gemms']}; kernels: none yet "
-        f"(reference interpreter)",
+        f"{s['arena_bytes'] / 2**20:.1f} MiB",
+        f"codegen    {s['launches']} launches; {len(s['kernels'])} Triton kernel variants"
+        f"{' with cubins for ' + ', '.join(s['targets']) if s['targets'] else ' (no cubins: --targets was empty)'}; "
+        f"GEMMs {s['gemms']}; extern: "
+        + (", ".join(f"{k} x{n}" for k, n in s["extern_ops"].items()) or "none"),
     ]
     if s["passes"]:
         lines.append("passes     " + ", ".join(f"{p['name']} {p['matches']} ({p['ms']:.0f} ms)"
