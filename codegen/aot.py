@@ -40,6 +40,15 @@ def signature_of(launch: dict, fn) -> dict:
     return sig
 
 
+def aligned_attrs(fn, signature: dict) -> dict:
+    """Every pointer argument 16-byte aligned, as Triton's JIT would specialise it on a GPU
+    for our buffers (arena slots are 256-aligned; torch allocations too): without this the
+    cubins fall back to scalar loads and no cp.async pipelining. The runtime checks the
+    alignment before it launches a stored cubin (runtime/cubins.py)."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if str(signature.get(n, "")).startswith("*")}
+
+
 def compile_launch(kernel_dir: Path, launch: dict, target: str, sources: dict | None = None):
     """-> the triton CompiledKernel of one launch's variant for `target` ("sm_90").
 
@@ -53,7 +62,8 @@ def compile_launch(kernel_dir: Path, launch: dict, target: str, sources: dict | 
         path = KernelModules(kernel_dir, False, dict(sources))._materialise(launch["module"])
     mod = _load(path)
     fn = getattr(mod, launch["fn"])
-    src = ASTSource(fn=fn, signature=signature_of(launch, fn), constexprs=launch["constexprs"])
+    sig = signature_of(launch, fn)
+    src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"], attrs=aligned_attrs(fn, sig))
     cap = int(target.removeprefix("sm_"))
     try:
         return triton.compile(src, target=GPUTarget("cuda", cap, 32),

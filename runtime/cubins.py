@@ -57,7 +57,9 @@ class CubinCache:
                     else:
                         sig[n] = launch["args"][k]["ty"]
                         k += 1
-                src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"])
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                         if str(sig[n]).startswith("*")}     # as codegen/aot.py compiled it
+                src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"], attrs=attrs)
                 name = entry["name"]
                 group = {f"{name}.json": str(self.root / entry["meta"]),
                          f"{name}.cubin": str(self.root / entry["cubin"])}

@@ -133,7 +133,9 @@ class PlanRunner:
         if 0 in grid:
             return
         compiled = self.cubins.get(launch["kernel"], launch) if self.cubins and "kernel" in launch else None
-        if compiled is not None:
+        if compiled is not None and all(a.data_ptr() % 16 == 0 for a in args
+                                        if isinstance(a, torch.Tensor)):
+            # cubins were compiled for 16-byte aligned pointers; anything else JITs
             compiled[grid](*self._with_constexprs(launch, args))
             return
         fn = self.modules.get(launch["module"], launch["fn"])

@@ -1,0 +1,221 @@
+"""The fused MoE kernels (codegen/kernels/moe.py) against the reference op, and their cubins.
+
+Numerics run under the Triton interpreter: float32 within 1e-5 (only the GEMMs' summation
+order differs from torch's), float16 within a couple of ulp (the kernels round at the same
+points as the reference, and in practice agree bit for bit).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import braze
+from braze.ir import Graph, T, TensorType, run_graph
+from braze.launch import compile_expr
+from kernel_helpers import aot_compile_node, check_kernels, lower_node, run_with_kernels
+from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+
+import braze.codegen.kernels.moe as moe
+
+PIPELINE_O2 = braze.passes.PIPELINES[2]
+DT = {"f32": torch.float32, "f16": torch.float16}
+TOL = {"f32": {"atol": 1e-5, "rtol": 1e-5}, "f16": {"atol": 2e-3, "rtol": 2e-3}}
+
+
+def _graph(e, h, i, k, renorm, act, dtype, strided=False):
+    g = Graph("moe")
+    if strided:      # x is a column slice of a wider activation (row stride h + 24)
+        xx = g.add_input("x", TensorType((T, h + 24), dtype))
+        x = g.op("slice", xx, dim=1, start=8, end=8 + h)
+    else:
+        x = g.add_input("x", TensorType((T, h), dtype))
+    r = g.add_param("router", TensorType((e, h), dtype))
+    gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), dtype))
+    d = g.add_param("w_down", TensorType((e, h, i), dtype))
+    g.set_output("y", g.op("fused_moe", x, r, gu, d, top_k=k, renormalize=renorm, act=act))
+    return g
+
+
+def _values(g, tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = g.inputs[0]
+    dt = DT[x.type.dtype]
+    p = {n: v.type.shape for n, v in g.params.items()}
+    feeds = {"x": torch.randn(tokens, x.type.shape[1], generator=gen).to(dt)}
+    scaled = lambda shape: (torch.randn(shape, generator=gen) / shape[2] ** 0.5).to(dt)
+    params = {"router": torch.randn(p["router"], generator=gen).to(dt),
+              "w_gate_up": scaled(p["w_gate_up"]), "w_down": scaled(p["w_down"])}
+    return feeds, params
+
+
+CASES = [   # tokens, experts, top_k, hidden, inter, renormalize, act
+    (1, 4, 1, 64, 32, False, "silu"),
+    (3, 6, 2, 40, 24, True, "gelu"),
+    (17, 4, 4, 64, 24, True, "gelu_tanh"),      # top_k = E
+    (17, 6, 2, 40, 32, False, "relu"),
+    (3, 6, 6, 64, 32, False, "silu"),            # top_k = E
+    (17, 6, 2, 64, 32, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("tokens, e, k, h, i, renorm, act", CASES)
+def test_matches_reference(tokens, e, k, h, i, renorm, act, dtype):
+    g = _graph(e, h, i, k, renorm, act, dtype)
+    feeds, params = _values(g, tokens, seed=tokens * 31 + e * 7 + k)
+    check_kernels(g, feeds, params, {"fused_moe"}, {"T": tokens}, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_strided_input(dtype):
+    g = _graph(6, 40, 24, 2, True, "silu", dtype, strided=True)
+    feeds, params = _values(g, 5, seed=4)
+    check_kernels(g, feeds, params, {"fused_moe"}, {"T": 5}, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("tokens, e, k", [(17, 6, 3), (40, 4, 2)])
+def test_large_tile_regime(tokens, e, k, dtype, monkeypatch):
+    """The prefill launches (BLOCK_M 64, grouped tile order), forced for a small T."""
+    monkeypatch.setattr(moe, "SMALL_ROWS_PER_EXPERT", 0)
+    g = _graph(e, 40, 24, k, True, "silu", dtype)
+    launches, _, _ = lower_node(g, 0)
+    active = {l["constexprs"].get("BLOCK_M") for l in launches
+              if all(compile_expr(d)({"T": tokens}) for d in l["grid"])}
+    assert active == {64, None}
+    feeds, params = _values(g, tokens, seed=tokens)
+    check_kernels(g, feeds, params, {"fused_moe"}, {"T": tokens}, **TOL[dtype])
+
+
+def test_one_hot_expert_gets_every_token():
+    """All tokens routed to one expert: its run spans several BLOCK_M tiles."""
+    g = _graph(4, 64, 32, 1, False, "silu", "f32")
+    feeds, params = _values(g, 40, seed=5)
+    feeds["x"][:, 0] = 4.0                      # a constant feature that only expert 2 reads
+    params["router"][:, 0] = 0.0
+    params["router"][2, 0] = 20.0
+    ids = torch.softmax(feeds["x"] @ params["router"].T, -1).argmax(-1)
+    assert (ids == 2).all()
+    check_kernels(g, feeds, params, {"fused_moe"}, {"T": 40}, **TOL["f32"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # numpy, on the NaN row
+def test_nan_token_stays_in_its_row():
+    """A garbage (NaN) token must still route to valid experts and not touch other rows."""
+    g = _graph(6, 40, 24, 2, True, "silu", "f32")
+    feeds, params = _values(g, 5, seed=6)
+    feeds["x"][2] = float("nan")
+    want = run_graph(g, {k: v.clone() for k, v in feeds.items()}, params)["y"]
+    got = run_with_kernels(g, {k: v.clone() for k, v in feeds.items()}, params, {"fused_moe"},
+                           {"T": 5})["y"]
+    assert got[2].isnan().all()
+    rows = [0, 1, 3, 4]
+    torch.testing.assert_close(got[rows], want[rows], **TOL["f32"])
+
+
+# -- the static plan: grids and workspaces depend on T only, and are large enough ------------
+
+def test_plan_grids_and_worst_case_bounds():
+    e, k = 6, 2
+    launches, workspaces, _ = lower_node(_graph(e, 40, 24, k, True, "silu", "f32"), 0)
+    limit = moe.SMALL_ROWS_PER_EXPERT * e // k
+    rng = random.Random(0)
+    for tokens in [1, 2, 3, 17, limit, limit + 1, 300]:
+        sizes = {"T": tokens}
+        on = [l for l in launches if all(compile_expr(d)(sizes) for d in l["grid"])]
+        bms = {l["constexprs"]["BLOCK_M"] for l in on if "BLOCK_M" in l["constexprs"]}
+        assert bms == {16 if tokens <= limit else 64}, (tokens, bms)      # one regime per T
+        assert len(on) == 6
+        rows = compile_expr(workspaces["ws.0.sorted_ids"]["shape"][0])(sizes)
+        for l in on:
+            if l["fn"] not in ("moe_gate_up_kernel", "moe_down_kernel"):
+                continue
+            bm = l["constexprs"]["BLOCK_M"]
+            max_tiles = compile_expr(l["args"][5]["expr"])(sizes)
+            for trial in range(20):      # random and adversarial routings fit the static plan
+                counts = [0] * e
+                for _ in range(tokens):
+                    for ex in (rng.sample(range(e), k) if trial else range(k)):
+                        counts[ex] += 1
+                tiles = sum(-(-c // bm) for c in counts)
+                assert tiles <= max_tiles and tiles * bm <= rows
+
+
+# -- real -O2 graphs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_o2_model_graphs(family, tmp_path_factory):
+    g, params = model_graph(family, tmp_path_factory.mktemp(family))
+    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    assert any(n.op == "fused_moe" for n in g.nodes)
+    feeds = model_step_feeds(g, cached=(0, 2))
+    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
+    check_kernels(g, feeds, materialize_params(g, params), {"fused_moe"}, sizes,
+                  atol=1e-5, rtol=1e-5)
+
+
+def test_o2_qwen3_moe_float16(tmp_path):
+    import contextlib
+    import io
+
+    from braze.frontend import load_model
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):
+        d = make_checkpoint("qwen3_moe", tmp_path / "q", seed=2, with_tokenizer=False)
+    loaded = load_model(d, dtype="float16")
+    g = loaded.graph
+    params = {n: loaded.load_param(n) for n in g.params if g.params[n].recipe is None}
+    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    feeds = model_step_feeds(g, cached=(0, 2))
+    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
+    check_kernels(g, feeds, materialize_params(g, params), {"fused_moe"}, sizes,
+                  atol=2e-3, rtol=2e-3)
+
+
+# -- cubins at real sizes --------------------------------------------------------------------
+
+A100_SHARED = 166912      # bytes of shared memory one block may use: sm_80 (163 KB)
+H100_SHARED = 232448      # sm_90 (227 KB)
+
+
+def _specialised(launch, target):
+    """The variant Triton's JIT builds on a GPU for 16-byte aligned pointers and strides (the
+    plain AOT build assumes no alignment, so it neither vectorises nor pipelines loads)."""
+    import triton
+    from braze.codegen.aot import _load, signature_of
+    from kernel_helpers import KERNEL_DIR
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = getattr(_load(KERNEL_DIR / f"{launch['module']}.py"), launch["fn"])
+    sig = signature_of(launch, fn)
+    attrs = {(n,): [["tt.divisibility", 16]] for n, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or a.startswith("stride")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"], attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32),
+                          options={"num_warps": launch["num_warps"],
+                                   "num_stages": launch["num_stages"]})
+
+
+@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (8, 4096, 14336, 2)],
+                         ids=["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_compiles_bf16_for_sm80_and_sm90(shape):
+    e, h, i, k = shape
+    g = _graph(e, h, i, k, True, "silu", "bf16")
+    launches, _, _ = lower_node(g, 0)
+    kernels = aot_compile_node(g, 0)
+    assert len(kernels) == 2 * len(launches) == 2 * 11
+    assert all(c.asm.get("cubin") for c in kernels)
+    for c in kernels:
+        assert c.metadata.shared <= A100_SHARED
+    if e != 8:
+        return
+    # the aligned variants a GPU's JIT builds pipeline the GEMM loads: they must fit too. Their
+    # shared memory depends only on the block sizes, which are at their largest at this shape
+    for launch in launches:
+        if launch["fn"] in ("moe_gate_up_kernel", "moe_down_kernel"):
+            for target, limit in (("sm_80", A100_SHARED), ("sm_90", H100_SHARED)):
+                c = _specialised(launch, target)
+                assert "cp.async" in c.asm["ptx"] and c.metadata.shared <= limit
