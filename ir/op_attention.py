@@ -117,7 +117,7 @@ def _kernel_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tabl
                       sliding_window, causal, num_heads, num_kv_heads, head_dim):
     out = _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
                            scale, sliding_window, causal)
-    return out.reshape(out.shape[0], -1)
+    return out.reshape(out.shape[0], num_heads * v_cache.shape[3])   # -1 fails when T == 0
 
 
 register(OpDef("attention",

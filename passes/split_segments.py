@@ -1,8 +1,10 @@
 """split-segments: cut the schedule into the pieces the runtime captures as CUDA graphs.
 
-An op whose registry entry says `graph_break=True` (attention over the paged KV
-cache: its launch shape depends on each step's sequence lengths) cannot sit inside
-a captured graph for arbitrary batches. With `cudagraph_mode` (a compile option):
+An op whose registry entry says `graph_break=True` runs eagerly between captured
+graphs. Attention is one: our kernel's grid depends only on T, S and MB, but
+running it eagerly keeps the door open for attention backends whose launch does
+depend on per-step metadata, and lets one captured graph per bucket serve any
+mix of prefill and decode. With `cudagraph_mode` (a compile option):
 
     piecewise  every break op is its own eager "break" segment; the runs of ops
                between them are "graph" segments, captured once per batch bucket
