@@ -154,8 +154,9 @@ def test_o2_qwen3_float16(tmp_path):
 def test_compiles_bf16_for_sm80_and_sm90(op, hidden):
     kernels = aot_compile_node(_norm_graph(op, (T, hidden), "bf16"), 0)
     assert len(kernels) == 2 and all(k.asm.get("cubin") for k in kernels)
-    for k in kernels:       # the row stays in registers: shared memory only for the reduction
-        assert k.metadata.shared <= 1024
+    for k in kernels:       # the row stays in registers; with 16-byte aligned (vectorised)
+        # loads Triton stages one layout conversion of the row through shared memory
+        assert k.metadata.shared <= 16 * 1024
 
 
 def test_compiles_bf16_per_head_and_two_pass():
