@@ -1,7 +1,9 @@
 """`braze demo`: the whole path on a tiny random model, on the CPU, in seconds.
 
-Builds a random-weight Llama and a small tokenizer in a temp dir, compiles it,
-generates greedily, and checks the tokens against transformers' own model.
+Builds a random-weight Llama and a small tokenizer in a temp dir, compiles it at
+-O2 (fusions, launch plans, cubins for sm_80/sm_90), generates greedily with the
+reference interpreter and with the Triton kernels (interpreted on the CPU), and
+checks the tokens against transformers' own model.
 """
 
 from __future__ import annotations
@@ -48,14 +50,19 @@ def run_demo(max_tokens: int = 16, keep: str | None = None) -> int:
         _say(f"   generated  {out.token_ids}")
         _say(f"   text       {out.text!r}  (random weights: gibberish is expected)")
         _say(f"   {len(out.token_ids)} tokens in {dt:.2f}s")
-        _say("4. checking against transformers' own implementation with the same weights")
+        _say("4. the same prompt through the compiled Triton kernels (Triton's CPU interpreter)")
+        t = time.perf_counter()
+        kern = braze.LLM(artifact, backend="interpret").generate(PROMPT, params)[0]
+        _say(f"   generated  {kern.token_ids}  in {time.perf_counter() - t:.2f}s: "
+             f"{'identical' if kern.token_ids == out.token_ids else 'DIFFERENT'}")
+        _say("5. checking against transformers' own implementation with the same weights")
         from transformers import AutoModelForCausalLM
         with contextlib.redirect_stderr(io.StringIO()):
             hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         with torch.no_grad():
             ref = hf.generate(torch.tensor([out.prompt_token_ids]), max_new_tokens=max_tokens,
                               min_new_tokens=max_tokens, do_sample=False)[0, len(out.prompt_token_ids):]
-        same = ref.tolist() == out.token_ids
+        same = ref.tolist() == out.token_ids == kern.token_ids
         _say(f"   transformers generated {ref.tolist()}")
         _say(f"   {'identical' if same else 'DIFFERENT'} greedy tokens")
         _say(f"done in {time.perf_counter() - t_all:.1f}s. Inspect the artifact with: braze inspect "
