@@ -55,3 +55,29 @@ def compile_expr(text):
 
     ev(tree, {"T": 1, "S": 1, "MB": 1, "NB": 1})   # reject bad expressions at load, not at run
     return lambda sizes: ev(tree, sizes)
+
+
+def kernel_signature(launch: dict, arg_names: list[str]) -> dict:
+    """Triton's signature of a launch's kernel: each parameter's type, constexprs marked."""
+    sig, k = {}, 0
+    for n in arg_names:
+        if n in launch["constexprs"]:
+            sig[n] = "constexpr"
+        else:
+            if k >= len(launch["args"]):
+                raise BrazeError(f"kernel {launch['fn']} takes more runtime args than the launch gives")
+            sig[n] = launch["args"][k]["ty"]
+            k += 1
+    if k != len(launch["args"]):
+        raise BrazeError(f"kernel {launch['fn']} takes {k} runtime args, launch gives "
+                         f"{len(launch['args'])}")
+    return sig
+
+
+def aligned_attrs(arg_names: list[str], signature: dict) -> dict:
+    """Every pointer argument 16-byte aligned, as Triton's JIT would specialise it on a GPU
+    for our buffers (arena slots are 256-aligned; torch allocations too). Codegen compiles
+    cubins with it and the runtime rebuilds the same source to load them, checking the
+    alignment of the pointers it binds before it launches a stored cubin."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(arg_names)
+            if str(signature.get(n, "")).startswith("*")}

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from braze.ir.errors import BrazeError
+from braze.launch import aligned_attrs, kernel_signature
 
 
 def _load(path: Path):
@@ -23,30 +24,6 @@ def _load(path: Path):
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
-
-
-def signature_of(launch: dict, fn) -> dict:
-    names = list(fn.arg_names)
-    sig, k = {}, 0
-    for n in names:
-        if n in launch["constexprs"]:
-            sig[n] = "constexpr"
-        else:
-            sig[n] = launch["args"][k]["ty"]
-            k += 1
-    if k != len(launch["args"]):
-        raise BrazeError(f"kernel {launch['fn']} takes {k} runtime args, launch gives "
-                         f"{len(launch['args'])}")
-    return sig
-
-
-def aligned_attrs(fn, signature: dict) -> dict:
-    """Every pointer argument 16-byte aligned, as Triton's JIT would specialise it on a GPU
-    for our buffers (arena slots are 256-aligned; torch allocations too): without this the
-    cubins fall back to scalar loads and no cp.async pipelining. The runtime checks the
-    alignment before it launches a stored cubin (runtime/cubins.py)."""
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-            if str(signature.get(n, "")).startswith("*")}
 
 
 def compile_launch(kernel_dir: Path, launch: dict, target: str, sources: dict | None = None):
@@ -62,8 +39,9 @@ def compile_launch(kernel_dir: Path, launch: dict, target: str, sources: dict | 
         path = KernelModules(kernel_dir, False, dict(sources))._materialise(launch["module"])
     mod = _load(path)
     fn = getattr(mod, launch["fn"])
-    sig = signature_of(launch, fn)
-    src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"], attrs=aligned_attrs(fn, sig))
+    sig = kernel_signature(launch, fn.arg_names)
+    src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"],
+                    attrs=aligned_attrs(fn.arg_names, sig))
     cap = int(target.removeprefix("sm_"))
     try:
         return triton.compile(src, target=GPUTarget("cuda", cap, 32),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from braze.launch import aligned_attrs, kernel_signature
+
 log = logging.getLogger("braze.runtime")
 
 
@@ -49,17 +51,9 @@ class CubinCache:
                 from triton.compiler import ASTSource
                 from triton.compiler.compiler import CompiledKernel
                 fn = self.modules.get(launch["module"], launch["fn"])
-                names = list(fn.arg_names)
-                sig, k = {}, 0
-                for n in names:
-                    if n in launch["constexprs"]:
-                        sig[n] = "constexpr"
-                    else:
-                        sig[n] = launch["args"][k]["ty"]
-                        k += 1
-                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                         if str(sig[n]).startswith("*")}     # as codegen/aot.py compiled it
-                src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"], attrs=attrs)
+                sig = kernel_signature(launch, fn.arg_names)
+                src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"],
+                                attrs=aligned_attrs(fn.arg_names, sig))   # as codegen compiled it
                 name = entry["name"]
                 group = {f"{name}.json": str(self.root / entry["meta"]),
                          f"{name}.cubin": str(self.root / entry["cubin"])}
