@@ -70,3 +70,23 @@ def test_cuda_backend_without_gpu_is_a_clear_error(store):
                         "--prompt-ids", "1,2", "--backend", "cuda"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stored_cubins_load_as_triton_kernels(store):
+    """Without a GPU, check everything short of launching: each stored cubin and its Triton
+    metadata rebuild into a CompiledKernel for the variant's source and signature."""
+    from braze.runtime import open_artifact
+    from braze.runtime.cubins import CubinCache
+    from braze.runtime.launcher import KernelModules
+    art = open_artifact(store.artifact("qwen3_moe-dense-middle", opt_level=2, dtype="bfloat16",
+                                       targets="sm_80,sm_90"))
+    modules = KernelModules(art.root / "kernels", interpret=False)
+    cache = CubinCache(art.root, art.manifest, modules)
+    cache.usable, cache.target = True, "sm_90"        # as on an H100 with the same triton
+    launches = {l["kernel"]: l for s in art.manifest["plan"]["segments"] for l in s["launches"]
+                if "kernel" in l}
+    assert launches
+    for vid, launch in launches.items():
+        k = cache.get(vid, launch)
+        assert k is not None, vid
+        assert k.metadata.target.arch == 90 and k.kernel == (art.root / art.manifest["kernels"][vid]["targets"]["sm_90"]["cubin"]).read_bytes()
