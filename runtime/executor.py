@@ -50,7 +50,9 @@ class Executor:
         block_size = int(opts["block_size"])
         self.max_blocks = -(-self.max_model_len // block_size)
         if num_blocks is None:
-            num_blocks = self.max_blocks * min(int(opts.get("max_num_seqs", 1)), 4)
+            # start small; the generation loop grows it to each request's need (a full
+            # max_model_len cache of a large model would not fit in host memory)
+            num_blocks = min(self.max_blocks, 64)
         self.cache = KVCache(self.graph, num_blocks, self.device)
         # after prune-logits the graph computes logits only for the sampled rows ([S, vocab])
         self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "S"

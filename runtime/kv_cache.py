@@ -39,16 +39,28 @@ class KVCache:
     def __init__(self, graph: Graph, num_blocks: int, device="cpu"):
         self.tensors: dict[str, torch.Tensor] = {}
         self.block_size = None
+        self._layout = {}
         for v in graph.inputs:
             if v.name.startswith(("k_cache.", "v_cache.")):
                 _, bs, heads, dim = v.type.shape
                 self.block_size = bs
-                self.tensors[v.name] = torch.zeros(num_blocks, bs, heads, dim,
-                                                   dtype=torch_dtype(v.type.dtype), device=device)
+                self._layout[v.name] = ((bs, heads, dim), torch_dtype(v.type.dtype))
         if self.block_size is None:
             raise BrazeError(f"graph @{graph.name} has no k_cache inputs: not a decoder graph")
+        self.device = device
+        self._allocate(num_blocks)
+
+    def _allocate(self, num_blocks: int) -> None:
+        self.tensors = {name: torch.zeros((num_blocks,) + shape, dtype=dtype, device=self.device)
+                        for name, (shape, dtype) in self._layout.items()}
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)
+
+    def ensure_blocks(self, needed: int) -> None:
+        """Grow the cache to hold `needed` blocks when nothing is cached (the one-sequence
+        loop sizes it to each request instead of to the longest possible one)."""
+        if needed > self.num_blocks and self.allocator.num_free == self.num_blocks:
+            self._allocate(needed)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

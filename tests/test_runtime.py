@@ -1,0 +1,41 @@
+"""Runtime pieces: the KV cache grows to a request's need; step inputs follow the contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braze.ir.errors import BrazeError
+from braze.runtime import Executor, open_artifact
+from braze.runtime.batch import SeqChunk, build_step
+from braze.runtime.generate import generate_ids
+from braze.runtime.sampler import SamplingParams
+
+
+def test_cache_grows_to_the_request(store):
+    art = open_artifact(store.artifact("llama"))
+    small = Executor(art, num_blocks=1)
+    prompt = list(range(3, 43))                                   # 40 tokens: 3 blocks with 8 new
+    got = generate_ids(small, prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert small.cache.num_blocks >= 3 and small.cache.allocator.num_free == small.cache.num_blocks
+    want = generate_ids(Executor(art, num_blocks=8), prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert got == want
+
+
+def test_cache_in_use_does_not_grow():
+    from braze.runtime.kv_cache import BlockAllocator
+    a = BlockAllocator(2)
+    a.allocate(2)
+    with pytest.raises(BrazeError, match="KV cache exhausted"):
+        a.allocate(1)
+
+
+def test_step_inputs_follow_the_contract():
+    s = build_step([SeqChunk([5, 6, 7], 0, [2]), SeqChunk([9], 17, [0, 3])], block_size=16,
+                   max_blocks=4, pad_to=6)
+    assert s["positions"].tolist() == [0, 1, 2, 17, 0, 0]
+    assert s["slot_mapping"].tolist() == [32, 33, 34, 3 * 16 + 1, -1, -1]
+    assert s["query_start_loc"].tolist() == [0, 3, 4] and s["seq_lens"].tolist() == [3, 18]
+    assert s["logits_indices"].tolist() == [2, 3]
+    assert s["block_tables"].shape == (2, 4) and s["block_tables"][1, :2].tolist() == [0, 3]
+    assert s["input_ids"].dtype == torch.int64 and s["query_start_loc"].dtype == torch.int32
