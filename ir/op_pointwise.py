@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .errors import BrazeError
 from .ops import REQUIRED, OpDef, meta_dtype, register
-from .types import TensorType, canon_dim, dtype_name, torch_dtype
+from .types import TensorType, canon_dim, torch_dtype
 
 
 def broadcast_shapes(*shapes: tuple) -> tuple:

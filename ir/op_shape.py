@@ -8,7 +8,7 @@ import torch
 from .errors import BrazeError
 from .op_reduce import norm_dim
 from .ops import REQUIRED, OpDef, register
-from .types import TensorType, canon_dim
+from .types import canon_dim
 
 
 def _reshape_infer(types, attrs):

@@ -12,7 +12,6 @@ from braze.artifact import sha256_file
 from braze.codegen.plan import EXTERN_BY_DESIGN
 from braze.launch import compile_expr
 
-from conftest import CASES
 
 FAMILY_CASES = ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral", "qwen3_moe-dense-middle"]
 
