@@ -9,11 +9,15 @@ accepts but hardware rejects: bf16 tl.dot with K < 16, too much shared memory).
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 from braze.ir.errors import BrazeError
 from braze.launch import aligned_attrs, kernel_signature
+
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")    # as runtime/launcher.py: one default
 
 
 def _load(path: Path):

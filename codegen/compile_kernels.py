@@ -21,7 +21,6 @@ def _safe(variant_id: str) -> str:
 
 def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict) -> tuple:
     from braze.codegen.aot import compile_launch
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     k = compile_launch(Path(kernel_dir), launch, target, sources)
     # Triton's own metadata file, exactly as its cache holds it: what its CompiledKernel
     # needs to load this cubin again without compiling

@@ -36,6 +36,11 @@ def _interpret(on: bool):
                 os.environ["TRITON_INTERPRET"] = old
 
 
+# Triton 3.9 warns that its FP-fusion default will change; pin today's default so kernels
+# JIT-compiled here match the cubins codegen built (codegen/aot.py pins the same)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
 class KernelModules:
     """Kernel source modules by name, loaded once from `directory`."""
 
