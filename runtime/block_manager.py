@@ -1,0 +1,240 @@
+"""A paged KV block manager with prefix caching (in the style of vLLM's).
+
+Each sequence owns a block table: block `i` holds its tokens `[i*bs, (i+1)*bs)`.
+Blocks carry reference counts; a block with count 0 is free. Full blocks are
+hashed by chaining: `hash(block i) = hash((hash(block i-1), tuple(tokens of i)))`,
+so equal hashes mean equal whole prefixes. A hashed block stays in the prefix
+cache after it is freed ("cached free") and a later prompt with the same prefix
+reuses it (ref count +1, out of the free queue) instead of recomputing it.
+Free blocks live in two pools: plain ones (no hash), used first, and cached ones
+in an LRU queue ordered by the time they were freed; when no plain block is left
+the least recently freed cached block is evicted (its hash dropped) and reused.
+A sequence's table is freed tail first, so a prefix's later blocks are evicted
+before its head. Only full blocks are cached or shared, so a sequence's last,
+partial block is always private and appending never writes a shared block.
+
+Hashes are registered when a block's tokens are scheduled (at `allocate` for
+the prompt's full blocks, at `append_slots` when a block fills): the engine
+runs a sequence's scheduled tokens in the step that allocated them, and inside
+a step every layer writes the cache before it attends, so a sequence admitted in
+the same step may already hit those blocks. Pure Python; no torch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from braze.ir.errors import BrazeError
+
+
+class _Seq:
+    __slots__ = ("table", "num_tokens", "hashes")
+
+    def __init__(self):
+        self.table: list[int] = []
+        self.num_tokens = 0
+        self.hashes: list[int] = []      # chained hashes of the sequence's full blocks
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+        if not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise BrazeError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise BrazeError(f"block_size must be a positive integer, got {block_size!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        self._plain_free: deque[int] = deque(range(num_blocks))
+        self._cached_free: OrderedDict[int, None] = OrderedDict()   # LRU: oldest freed first
+        self._block_hash: dict[int, int] = {}     # block -> hash, for cached blocks
+        self._cached: dict[int, int] = {}         # hash -> block
+        self._seqs: dict[object, _Seq] = {}
+        self._hit_tokens = 0
+        self._query_tokens = 0
+        self._evictions = 0
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks available to allocate: plain free plus evictable cached ones."""
+        return len(self._plain_free) + len(self._cached_free)
+
+    def block_table(self, seq_id) -> list[int]:
+        return list(self._seq(seq_id).table)
+
+    def num_tokens(self, seq_id) -> int:
+        return self._seq(seq_id).num_tokens
+
+    def ref_count(self, block: int) -> int:
+        return self._ref[block]
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._block_hash
+
+    def free_blocks(self) -> list[int]:
+        """The free blocks: plain ones, then cached ones in eviction (LRU) order."""
+        return list(self._plain_free) + list(self._cached_free)
+
+    def seq_ids(self) -> list:
+        return list(self._seqs)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def stats(self) -> dict:
+        return {
+            "kv_blocks_total": self.num_blocks,
+            "kv_blocks_free": self.num_free_blocks,
+            "prefix_cache_hit_tokens": self._hit_tokens,
+            "prefix_cache_queries": self._query_tokens,
+            "evictions": self._evictions,
+        }
+
+    # ----------------------------------------------------------------- hashing
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _chain(self, token_ids, start_hashes: list[int], upto_blocks: int) -> list[int]:
+        """Extend `start_hashes` to the hashes of the first `upto_blocks` full blocks."""
+        hashes = list(start_hashes)
+        bs = self.block_size
+        for i in range(len(hashes), upto_blocks):
+            prev = hashes[-1] if hashes else None
+            hashes.append(hash((prev, tuple(token_ids[i * bs:(i + 1) * bs]))))
+        return hashes
+
+    def _hits(self, token_ids) -> tuple[list[int], list[int]]:
+        """(hashes of the prompt's full blocks, the cached blocks of its longest cached
+        prefix, capped so at least one token is left to compute)."""
+        n = len(token_ids)
+        hashes = self._chain(token_ids, [], n // self.block_size)
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            for h in hashes[: (n - 1) // self.block_size]:
+                b = self._cached.get(h)
+                if b is None:
+                    break
+                hits.append(b)
+        return hashes, hits
+
+    def _register(self, block: int, h: int) -> None:
+        if self.enable_prefix_caching and h not in self._cached and block not in self._block_hash:
+            self._cached[h] = block
+            self._block_hash[block] = h
+
+    # -------------------------------------------------------------- allocation
+
+    def _take(self, n: int) -> list[int]:
+        """Pop `n` free blocks (the caller checked there are enough), plain ones first,
+        then evicting the least recently freed cached ones."""
+        out = []
+        for _ in range(n):
+            if self._plain_free:
+                b = self._plain_free.popleft()
+            else:
+                b, _ = self._cached_free.popitem(last=False)
+                del self._cached[self._block_hash.pop(b)]
+                self._evictions += 1
+            self._ref[b] = 1
+            out.append(b)
+        return out
+
+    def _fits(self, need: int, hits: list[int], watermark: int) -> bool:
+        reclaimed = sum(1 for b in hits if self._ref[b] == 0)   # hits leave the free pool
+        return need <= self.num_free_blocks - reclaimed - watermark
+
+    def can_allocate(self, token_ids, watermark: int = 0) -> bool:
+        """Whether `allocate` would succeed for this prompt now, keeping `watermark`
+        free blocks in reserve (for running sequences' decode steps)."""
+        if len(token_ids) == 0:
+            return False
+        _, hits = self._hits(token_ids)
+        need = self._blocks_for(len(token_ids)) - len(hits)
+        return self._fits(need, hits, watermark)
+
+    def allocate(self, seq_id, token_ids) -> int:
+        """Give a new sequence blocks for its prompt, reusing cached prefix blocks.
+        Returns the number of cached tokens (a multiple of block_size, < len(token_ids))."""
+        if seq_id in self._seqs:
+            raise BrazeError(f"sequence {seq_id!r} already has blocks; free it first")
+        n = len(token_ids)
+        if n == 0:
+            raise BrazeError(f"sequence {seq_id!r} has an empty prompt")
+        hashes, hits = self._hits(token_ids)
+        need = self._blocks_for(n) - len(hits)
+        if not self._fits(need, hits, 0):
+            raise BrazeError(
+                f"KV cache exhausted: sequence {seq_id!r} needs {need} more block(s) for "
+                f"{n} tokens, {self.num_free_blocks} free of {self.num_blocks}; check "
+                f"can_allocate() before admitting, or give the cache more blocks")
+        for b in hits:
+            if self._ref[b] == 0:
+                del self._cached_free[b]
+            self._ref[b] += 1
+        seq = _Seq()
+        seq.table = hits + self._take(need)
+        seq.num_tokens = n
+        seq.hashes = hashes
+        for i in range(len(hits), len(hashes)):
+            self._register(seq.table[i], hashes[i])
+        self._seqs[seq_id] = seq
+        if self.enable_prefix_caching:
+            self._query_tokens += n
+            self._hit_tokens += len(hits) * self.block_size
+        return len(hits) * self.block_size
+
+    def append_slots(self, seq_id, num_new_tokens: int, token_ids_so_far) -> bool:
+        """Grow a running sequence by `num_new_tokens`. `token_ids_so_far` is the whole
+        sequence *including* the new tokens. Returns False (changing nothing) when the
+        blocks run out: the caller preempts something and retries."""
+        seq = self._seq(seq_id)
+        if num_new_tokens < 0:
+            raise BrazeError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        total = seq.num_tokens + num_new_tokens
+        if len(token_ids_so_far) != total:
+            raise BrazeError(
+                f"sequence {seq_id!r}: token_ids_so_far has {len(token_ids_so_far)} tokens, "
+                f"expected {total} ({seq.num_tokens} held + {num_new_tokens} new)")
+        need = self._blocks_for(total) - len(seq.table)
+        if need > self.num_free_blocks:
+            return False
+        seq.table.extend(self._take(need))
+        seq.num_tokens = total
+        old = len(seq.hashes)
+        seq.hashes = self._chain(token_ids_so_far, seq.hashes, total // self.block_size)
+        for i in range(old, len(seq.hashes)):
+            self._register(seq.table[i], seq.hashes[i])
+        return True
+
+    def free(self, seq_id) -> None:
+        """Release a sequence's blocks; those no longer referenced become free, hashed
+        ones staying in the prefix cache until evicted. Tail blocks are freed first."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            raise BrazeError(f"sequence {seq_id!r} has no blocks to free")
+        for b in reversed(seq.table):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._block_hash:
+                    self._cached_free[b] = None
+                else:
+                    self._plain_free.append(b)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash: cached free blocks become plain free blocks, and
+        blocks in use will not be cached when freed."""
+        for b in self._cached_free:
+            self._plain_free.append(b)
+        self._cached_free.clear()
+        self._cached.clear()
+        self._block_hash.clear()
+
+    def _seq(self, seq_id) -> _Seq:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise BrazeError(f"unknown sequence {seq_id!r}")
+        return seq
