@@ -5,8 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import torch
+from hypothesis import strategies as st
 
-from braze.ir import Graph, parse_graph, print_graph, run_graph, verify
+from braze.ir import Graph, T, TensorType, parse_graph, print_graph, run_graph, verify
 from braze.ir.types import torch_dtype
 from braze.passes import PassContext, PassManager
 
@@ -143,3 +144,58 @@ def assert_model_pass_preserves(g: Graph, params, names: list[str], atol=1e-5, r
         if k.startswith(("k_cache.", "v_cache.")):
             torch.testing.assert_close(got_feeds[k], want_feeds[k], atol=atol, rtol=rtol)
     return g
+
+
+# -- random pointwise graphs (fuse-pointwise and its kernels) ---------------------------
+
+@st.composite
+def pointwise_graphs(draw, unary, binary, scalar_ops, scalars, compares, max_n, max_t):
+    """Random DAGs of pointwise ops over broadcastable shapes, with scalars, casts, where, row
+    reductions (and reductions over other dims, left standing), non-pointwise nodes between
+    (softmax). Returns (graph, T). The op lists and sizes are the caller's."""
+    n = draw(st.integers(1, max_n), label="N")
+    dtype = draw(st.sampled_from(["f32", "f16"]), label="dtype")
+    other = {"f32": "f16", "f16": "f32"}[dtype]
+    shapes = [(T, n), (T, 1), (n,), (1, n), ()]
+    g = Graph("g")
+    pool = [g.add_input(f"x{i}", TensorType(draw(st.sampled_from(shapes)), dtype))
+            for i in range(draw(st.integers(1, 3)))]
+    pool.append(g.add_input("full", TensorType((T, n), dtype)))
+    if draw(st.booleans()):
+        pool.append(g.add_param("w", TensorType((n,), dtype)))
+    ends = []
+    pick = lambda: draw(st.sampled_from(pool[-4:] if draw(st.booleans()) else pool))
+    for _ in range(draw(st.integers(2, 12))):
+        kind = draw(st.sampled_from(["unary", "binary", "binary", "scalar", "cast", "where",
+                                     "reduce", "softmax"]))
+        a = pick()
+        if kind == "unary":
+            v = g.op(draw(st.sampled_from(unary)), a)
+        elif kind == "binary":
+            v = g.op(draw(st.sampled_from(binary)), a, pick())
+        elif kind == "scalar":
+            v = g.op(draw(st.sampled_from(scalar_ops)), a,
+                     scalar=draw(st.sampled_from(scalars)),
+                     scalar_first=draw(st.booleans()))
+        elif kind == "cast":
+            v = g.op("cast", a, dtype=draw(st.sampled_from([other, a.type.dtype])))
+        elif kind == "where":
+            v = g.op("where", g.op(draw(st.sampled_from(compares)), a, pick()), a, pick())
+        elif kind == "softmax" and a.type.rank:
+            v = g.op("softmax", a, dim=-1)
+        elif kind == "reduce" and a.type.rank:
+            op = draw(st.sampled_from(["sum", "mean", "amax"]))
+            dims = draw(st.sampled_from([[-1], [-1], [a.type.rank - 1], [0]]))
+            keep = draw(st.booleans())
+            v = g.op(op, a, dims=dims, keepdim=keep)
+            if not keep:
+                ends.append(v)
+                continue
+        else:
+            continue
+        pool.append(v)
+    results = [v for v in pool if v.kind == "result"]
+    outs = ends + draw(st.lists(st.sampled_from(results), max_size=3)) if results else ends
+    for i, v in enumerate(outs + ([results[-1]] if results else [])):
+        g.set_output(f"y{i}", v)
+    return g, draw(st.integers(1, max_t), label="T")

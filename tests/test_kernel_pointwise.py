@@ -10,14 +10,13 @@ import textwrap
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import braze.passes
 from braze.codegen.kernels import pointwise
 from braze.ir import Graph, T, TensorType, all_ops, parse_graph, print_graph, run_graph, verify
 from braze.ir.types import torch_dtype
 from kernel_helpers import aot_compile_node, check_kernels, lower_node, run_with_kernels
-from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+from pass_helpers import materialize_params, model_graph, model_step_feeds, pointwise_graphs, run_passes
 
 PIPELINE_O2 = braze.passes.PIPELINES[2]
 KERNEL_OPS = set(pointwise.OPS)
@@ -379,61 +378,10 @@ UNARY_OPS = ["neg", "tanh", "sigmoid", "silu", "abs", "relu", "sin", "cos", "exp
 BINARY_OPS = ["add", "sub", "mul", "maximum", "minimum", "div", "pow"]
 
 
-@st.composite
-def pointwise_graphs(draw):
-    """Random DAGs of pointwise ops over broadcastable shapes, with scalars, casts, where, row
-    reductions (and reductions over other dims, left standing), non-pointwise nodes between."""
-    n = draw(st.integers(1, 6), label="N")
-    dtype = draw(st.sampled_from(["f32", "f16"]), label="dtype")
-    other = {"f32": "f16", "f16": "f32"}[dtype]
-    shapes = [(T, n), (T, 1), (n,), (1, n), ()]
-    g = Graph("g")
-    pool = [g.add_input(f"x{i}", TensorType(draw(st.sampled_from(shapes)), dtype))
-            for i in range(draw(st.integers(1, 3)))]
-    pool.append(g.add_input("full", TensorType((T, n), dtype)))
-    if draw(st.booleans()):
-        pool.append(g.add_param("w", TensorType((n,), dtype)))
-    ends = []
-    pick = lambda: draw(st.sampled_from(pool[-4:] if draw(st.booleans()) else pool))
-    for _ in range(draw(st.integers(2, 12))):
-        kind = draw(st.sampled_from(["unary", "binary", "binary", "scalar", "cast", "where",
-                                     "reduce", "softmax"]))
-        a = pick()
-        if kind == "unary":
-            v = g.op(draw(st.sampled_from(UNARY_OPS)), a)
-        elif kind == "binary":
-            v = g.op(draw(st.sampled_from(BINARY_OPS)), a, pick())
-        elif kind == "scalar":
-            v = g.op(draw(st.sampled_from(["add", "sub", "mul", "div", "pow", "maximum"])), a,
-                     scalar=draw(st.sampled_from([2, 0.5, -1.5, 1e-06, 3, 0.1])),
-                     scalar_first=draw(st.booleans()))
-        elif kind == "cast":
-            v = g.op("cast", a, dtype=draw(st.sampled_from([other, a.type.dtype])))
-        elif kind == "where":
-            v = g.op("where", g.op(draw(st.sampled_from(["gt", "le", "ne"])), a, pick()), a, pick())
-        elif kind == "softmax" and a.type.rank:
-            v = g.op("softmax", a, dim=-1)
-        elif kind == "reduce" and a.type.rank:
-            op = draw(st.sampled_from(["sum", "mean", "amax"]))
-            dims = draw(st.sampled_from([[-1], [-1], [a.type.rank - 1], [0]]))
-            keep = draw(st.booleans())
-            v = g.op(op, a, dims=dims, keepdim=keep)
-            if not keep:
-                ends.append(v)
-                continue
-        else:
-            continue
-        pool.append(v)
-    results = [v for v in pool if v.kind == "result"]
-    outs = ends + draw(st.lists(st.sampled_from(results), max_size=3)) if results else ends
-    for i, v in enumerate(outs + ([results[-1]] if results else [])):
-        g.set_output(f"y{i}", v)
-    return g, draw(st.integers(1, 9), label="T")
-
-
 @settings(max_examples=100, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(pointwise_graphs())
+@given(pointwise_graphs(UNARY_OPS, BINARY_OPS, ["add", "sub", "mul", "div", "pow", "maximum"],
+                       [2, 0.5, -1.5, 1e-06, 3, 0.1], ["gt", "le", "ne"], max_n=6, max_t=9))
 def test_random_pointwise_graphs(case):
     g, t = case
     if not g.outputs:

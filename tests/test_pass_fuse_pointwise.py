@@ -7,12 +7,11 @@ import textwrap
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from braze.ir import BrazeError, Graph, T, TensorType, parse_graph, print_graph, run_graph, verify
 from braze.ir.op_pointwise_group import parse_body
 from pass_helpers import (assert_model_pass_preserves, materialize_params, model_graph, opt_text,
-                          random_feeds, run_passes, same_text)
+                          pointwise_graphs, random_feeds, run_passes, same_text)
 
 
 def fuse(text: str):
@@ -312,61 +311,10 @@ UNARY = ["neg", "tanh", "sigmoid", "silu", "abs", "relu", "sin", "cos", "exp"]
 BINARY = ["add", "sub", "mul", "maximum", "minimum", "div"]
 
 
-@st.composite
-def pointwise_graphs(draw):
-    """Random DAGs of pointwise ops over broadcastable shapes, with scalars, casts, where,
-    row reductions (and reductions over other dims), and non-pointwise nodes in between."""
-    n = draw(st.integers(1, 4), label="N")
-    dtype = draw(st.sampled_from(["f32", "f16"]), label="dtype")
-    other = {"f32": "f16", "f16": "f32"}[dtype]
-    shapes = [(T, n), (T, 1), (n,), (1, n), ()]
-    g = Graph("g")
-    pool = [g.add_input(f"x{i}", TensorType(draw(st.sampled_from(shapes)), dtype))
-            for i in range(draw(st.integers(1, 3)))]
-    pool.append(g.add_input("full", TensorType((T, n), dtype)))
-    if draw(st.booleans()):
-        pool.append(g.add_param("w", TensorType((n,), dtype)))
-    ends = []
-    pick = lambda: draw(st.sampled_from(pool[-4:] if draw(st.booleans()) else pool))
-    for _ in range(draw(st.integers(2, 12))):
-        kind = draw(st.sampled_from(["unary", "binary", "binary", "scalar", "cast", "where",
-                                     "reduce", "softmax"]))
-        a = pick()
-        if kind == "unary":
-            v = g.op(draw(st.sampled_from(UNARY)), a)
-        elif kind == "binary":
-            v = g.op(draw(st.sampled_from(BINARY)), a, pick())
-        elif kind == "scalar":
-            v = g.op(draw(st.sampled_from(["add", "sub", "mul", "div", "pow"])), a,
-                     scalar=draw(st.sampled_from([2, 0.5, -1.5, 1e-06, 3])),
-                     scalar_first=draw(st.booleans()))
-        elif kind == "cast":
-            v = g.op("cast", a, dtype=draw(st.sampled_from([other, a.type.dtype])))
-        elif kind == "where":
-            v = g.op("where", g.op("gt", a, pick()), a, pick())
-        elif kind == "softmax" and a.type.rank:        # a non-pointwise node between members
-            v = g.op("softmax", a, dim=-1)
-        elif kind == "reduce" and a.type.rank:
-            op = draw(st.sampled_from(["sum", "mean", "amax"]))
-            dims = draw(st.sampled_from([[-1], [-1], [a.type.rank - 1], [0]]))
-            keep = draw(st.booleans())
-            v = g.op(op, a, dims=dims, keepdim=keep)
-            if not keep:                               # does not broadcast back: an output only
-                ends.append(v)
-                continue
-        else:
-            continue
-        pool.append(v)
-    results = [v for v in pool if v.kind == "result"]
-    outs = ends + draw(st.lists(st.sampled_from(results), max_size=3)) if results else ends
-    for i, v in enumerate(outs + ([results[-1]] if results else [])):
-        g.set_output(f"y{i}", v)
-    return g, draw(st.integers(1, 5), label="T")
-
-
 @settings(max_examples=80, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(pointwise_graphs())
+@given(pointwise_graphs(UNARY, BINARY, ["add", "sub", "mul", "div", "pow"],
+                       [2, 0.5, -1.5, 1e-06, 3], ["gt"], max_n=4, max_t=5))
 def test_random_pointwise_graphs_compute_the_same(case):
     g, t = case
     if not g.outputs:
