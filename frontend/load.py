@@ -12,7 +12,7 @@ import torch
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
-from braze.ir.types import dtype_name, torch_dtype
+from braze.ir.types import torch_dtype
 from braze.models.registry import ARCHITECTURES, build_model, build_spec, family_of, weight_sources
 from braze.models.spec import ModelSpec
 
@@ -123,4 +123,4 @@ def _real_tensor(module, name: str):
     return None if t.is_meta else t.detach()
 
 
-__all__ = ["load_model", "LoadedModel", "parse_dtype", "dtype_name"]
+__all__ = ["load_model", "LoadedModel", "parse_dtype"]

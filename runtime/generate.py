@@ -33,8 +33,9 @@ def generate_ids(executor: Executor, prompt_ids: list[int], params: SamplingPara
     if params.seed is not None:
         gen.manual_seed(params.seed)
     cache = executor.cache
-    cache.ensure_blocks(cache.blocks_for(len(prompt_ids) + max_new))
-    blocks = cache.allocator.allocate(cache.blocks_for(len(prompt_ids) + max_new))
+    needed = cache.blocks_for(len(prompt_ids) + max_new)
+    cache.ensure_blocks(needed)
+    blocks = cache.allocator.allocate(needed)
     try:
         out: list[int] = []
         chunk = SeqChunk(list(prompt_ids), 0, blocks)
