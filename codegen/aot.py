@@ -8,26 +8,25 @@ accepts but hardware rejects: bf16 tl.dot with K < 16, too much shared memory).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from braze.ir.errors import BrazeError
 from braze.launch import aligned_attrs, kernel_signature
 
-
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")    # as runtime/launcher.py: one default
 
 
-def _load(path: Path):
-    name = f"braze_aot_{abs(hash(str(path)))}_{path.stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+_MODULES: dict[str, object] = {}
+
+
+def kernel_fn(kernel_dir: Path, launch: dict, sources: dict | None = None):
+    """The @triton.jit function of a launch, loaded (once per process) the way the runtime
+    loads it: templates from `kernel_dir`, generated modules from `sources`."""
+    from braze.runtime.launcher import KernelModules
+    mods = _MODULES.setdefault(str(kernel_dir), KernelModules(Path(kernel_dir), interpret=False))
+    mods.sources.update(sources or {})
+    return mods.get(launch["module"], launch["fn"])
 
 
 def compile_launch(kernel_dir: Path, launch: dict, target: str, sources: dict | None = None):
@@ -37,12 +36,7 @@ def compile_launch(kernel_dir: Path, launch: dict, target: str, sources: dict | 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    path = Path(kernel_dir) / f"{launch['module']}.py"
-    if sources and launch["module"] in sources:
-        from braze.runtime.launcher import KernelModules
-        path = KernelModules(kernel_dir, False, dict(sources))._materialise(launch["module"])
-    mod = _load(path)
-    fn = getattr(mod, launch["fn"])
+    fn = kernel_fn(kernel_dir, launch, sources)
     sig = kernel_signature(launch, fn.arg_names)
     src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"],
                     attrs=aligned_attrs(fn.arg_names, sig))

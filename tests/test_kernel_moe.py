@@ -185,12 +185,12 @@ def _specialised(launch, target):
     """The variant Triton's JIT builds on a GPU for 16-byte aligned pointers and strides (the
     plain AOT build assumes no alignment, so it neither vectorises nor pipelines loads)."""
     import triton
-    from braze.codegen.aot import _load
+    from braze.codegen.aot import kernel_fn
     from braze.launch import kernel_signature
     from kernel_helpers import KERNEL_DIR
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    fn = getattr(_load(KERNEL_DIR / f"{launch['module']}.py"), launch["fn"])
+    fn = kernel_fn(KERNEL_DIR, launch)
     sig = kernel_signature(launch, fn.arg_names)
     attrs = {(n,): [["tt.divisibility", 16]] for n, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or a.startswith("stride")}
