@@ -67,3 +67,20 @@ def hf_model(path):
     m.generation_config.eos_token_id = None   # compare fixed-length greedy runs
     m.generation_config.pad_token_id = 0
     return m
+
+
+def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
+    from braze.runtime import Executor, open_artifact
+    return Executor(open_artifact(store.artifact(case, opt_level=opt_level)), backend=backend,
+                    num_blocks=num_blocks)
+
+
+def assert_greedy_matches_transformers(store, case, ex, prompt, max_tokens):
+    """Our greedy continuation of `prompt` equals transformers' `generate` on the same weights."""
+    from braze.runtime.generate import generate_ids
+    from braze.runtime.sampler import SamplingParams
+    ours = generate_ids(ex, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    with torch.no_grad():
+        theirs = hf_model(store.checkpoint(case)).generate(
+            torch.tensor([list(prompt)]), max_new_tokens=max_tokens, do_sample=False)
+    assert ours == theirs[0, len(prompt):].tolist()

@@ -7,23 +7,16 @@ import torch
 
 from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk
-from braze.runtime.generate import generate_ids
-from braze.runtime.sampler import SamplingParams
 
-from conftest import CASES, hf_model
+from conftest import CASES, assert_greedy_matches_transformers, executor
 
 PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpret_greedy_matches_transformers(store, case):
-    ex = Executor(open_artifact(store.artifact(case, opt_level=2)), backend="interpret",
-                  num_blocks=8)
-    ours = generate_ids(ex, PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))
-    with torch.no_grad():
-        theirs = hf_model(store.checkpoint(case)).generate(torch.tensor([PROMPT]),
-                                                           max_new_tokens=6, do_sample=False)
-    assert ours == theirs[0, len(PROMPT):].tolist()
+    ex = executor(store, case, opt_level=2, backend="interpret", num_blocks=8)
+    assert_greedy_matches_transformers(store, case, ex, PROMPT, 6)
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle"])

@@ -9,19 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk
-from braze.runtime.generate import generate_ids
-from braze.runtime.sampler import SamplingParams
 
-from conftest import CASES, hf_model
+from conftest import CASES, assert_greedy_matches_transformers, executor, hf_model
 
 PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45, 200, 3, 77, 12, 190, 55, 8, 101, 42]
 
 
 def _executor(store, case):
-    return Executor(open_artifact(store.artifact(case, opt_level=2)), backend="reference",
-                    num_blocks=32)
+    return executor(store, case, opt_level=2)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -43,13 +39,7 @@ def test_o2_logits_match_transformers(store, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_o2_greedy_generation_matches_transformers(store, case):
-    ex = _executor(store, case)
-    ref = hf_model(store.checkpoint(case))
-    prompt = PROMPT[:11]
-    ours = generate_ids(ex, prompt, SamplingParams(max_tokens=16, ignore_eos=True))
-    with torch.no_grad():
-        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
-    assert ours == theirs[0, len(prompt):].tolist()
+    assert_greedy_matches_transformers(store, case, _executor(store, case), PROMPT[:11], 16)
 
 
 @pytest.mark.parametrize("case", list(CASES))
