@@ -13,11 +13,10 @@ A sequence's table is freed tail first, so a prefix's later blocks are evicted
 before its head. Only full blocks are cached or shared, so a sequence's last,
 partial block is always private and appending never writes a shared block.
 
-Hashes are registered when a block's tokens are scheduled (at `allocate` for
-the prompt's full blocks, at `append_slots` when a block fills): the engine
-runs a sequence's scheduled tokens in the step that allocated them, and inside
-a step every layer writes the cache before it attends, so a sequence admitted in
-the same step may already hit those blocks. Pure Python; no torch.
+A block's hash is registered only once its tokens are in the cache: the engine
+calls `commit(seq_id, num_computed)` after each step. A prompt prefilled in
+chunks over several steps holds blocks whose contents are not written yet, and
+another sequence must never hit those. Pure Python; no torch.
 """
 
 from __future__ import annotations
@@ -28,12 +27,13 @@ from braze.ir.errors import BrazeError
 
 
 class _Seq:
-    __slots__ = ("table", "num_tokens", "hashes")
+    __slots__ = ("table", "num_tokens", "hashes", "registered")
 
     def __init__(self):
         self.table: list[int] = []
         self.num_tokens = 0
         self.hashes: list[int] = []      # chained hashes of the sequence's full blocks
+        self.registered = 0              # leading blocks whose hashes are in the prefix cache
 
 
 class BlockManager:
@@ -179,8 +179,7 @@ class BlockManager:
         seq.table = hits + self._take(need)
         seq.num_tokens = n
         seq.hashes = hashes
-        for i in range(len(hits), len(hashes)):
-            self._register(seq.table[i], hashes[i])
+        seq.registered = len(hits)
         self._seqs[seq_id] = seq
         if self.enable_prefix_caching:
             self._query_tokens += n
@@ -204,11 +203,20 @@ class BlockManager:
             return False
         seq.table.extend(self._take(need))
         seq.num_tokens = total
-        old = len(seq.hashes)
         seq.hashes = self._chain(token_ids_so_far, seq.hashes, total // self.block_size)
-        for i in range(old, len(seq.hashes)):
-            self._register(seq.table[i], seq.hashes[i])
         return True
+
+    def commit(self, seq_id, num_computed: int) -> None:
+        """The first `num_computed` tokens of the sequence are now in the cache: put its
+        full blocks among them into the prefix cache."""
+        seq = self._seq(seq_id)
+        if not 0 <= num_computed <= seq.num_tokens:
+            raise BrazeError(f"sequence {seq_id!r}: {num_computed} computed tokens, but it "
+                             f"holds {seq.num_tokens}")
+        upto = min(num_computed // self.block_size, len(seq.hashes))
+        for i in range(seq.registered, upto):
+            self._register(seq.table[i], seq.hashes[i])
+        seq.registered = max(seq.registered, upto)
 
     def free(self, seq_id) -> None:
         """Release a sequence's blocks; those no longer referenced become free, hashed

@@ -41,20 +41,34 @@ def check_invariants(bm: BlockManager, lengths: dict | None = None):
     assert set(bm._cached_free) <= set(bm._block_hash)
 
 
+def admit(bm, sid, prompt):
+    """Allocate a prompt and mark it all computed (as a step that prefills it whole does)."""
+    cached = bm.allocate(sid, prompt)
+    bm.commit(sid, len(prompt))
+    return cached
+
+
+def grow(bm, sid, n, seq):
+    ok = bm.append_slots(sid, n, seq)
+    if ok:
+        bm.commit(sid, len(seq))
+    return ok
+
+
 # ------------------------------------------------------------------- unit tests
 
 def test_shared_prefix_hits_and_shares_blocks():
     bm = BlockManager(16, BS)
     a = toks(10)                       # 2 full blocks + 2 tokens
-    assert bm.allocate("a", a) == 0
+    assert admit(bm, "a", a) == 0
     b = toks(8) + [100, 101, 102]      # same 2 full blocks, different tail
-    assert bm.allocate("b", b) == 8
+    assert admit(bm, "b", b) == 8
     ta, tb = bm.block_table("a"), bm.block_table("b")
     assert ta[:2] == tb[:2] and ta[2] != tb[2]
     assert [bm.ref_count(x) for x in ta[:2]] == [2, 2]
     assert bm.ref_count(ta[2]) == 1 and bm.ref_count(tb[2]) == 1
     # a different first block breaks the chain: no hit on block 1 alone
-    assert bm.allocate("c", [99] + toks(7, 1) + [5]) == 0
+    assert admit(bm, "c", [99] + toks(7, 1) + [5]) == 0
     s = bm.stats()
     assert s["prefix_cache_hit_tokens"] == 8
     assert s["prefix_cache_queries"] == 10 + 11 + 9
@@ -64,22 +78,22 @@ def test_shared_prefix_hits_and_shares_blocks():
 def test_last_block_never_served_from_cache():
     bm = BlockManager(16, BS)
     p = toks(8)                        # exactly 2 full blocks
-    bm.allocate("a", p)
-    assert bm.allocate("b", p) == 4    # at most len-1 tokens' worth: one block
+    admit(bm, "a", p)
+    assert admit(bm, "b", p) == 4    # at most len-1 tokens' worth: one block
     assert bm.block_table("a")[0] == bm.block_table("b")[0]
     assert bm.block_table("a")[1] != bm.block_table("b")[1]
-    assert bm.allocate("c", toks(9)) == 8   # one extra token: both blocks hit
-    assert bm.allocate("d", toks(1)) == 0
+    assert admit(bm, "c", toks(9)) == 8   # one extra token: both blocks hit
+    assert admit(bm, "d", toks(1)) == 0
     check_invariants(bm)
 
 
 def test_freed_blocks_stay_cached_and_hit_later():
     bm = BlockManager(8, BS)
-    bm.allocate("a", toks(9))
+    admit(bm, "a", toks(9))
     table = bm.block_table("a")
     bm.free("a")
     assert bm.num_free_blocks == 8
-    assert bm.allocate("b", toks(9)) == 8
+    assert admit(bm, "b", toks(9)) == 8
     assert bm.block_table("b")[:2] == table[:2]
     assert bm.num_free_blocks == 5
     check_invariants(bm)
@@ -87,38 +101,38 @@ def test_freed_blocks_stay_cached_and_hit_later():
 
 def test_plain_blocks_preferred_and_eviction_is_lru():
     bm = BlockManager(4, BS)
-    bm.allocate("x", toks(4, 0) + [0])      # full block X cached + 1 partial
-    bm.allocate("y", toks(4, 50) + [0])     # full block Y cached + 1 partial
+    admit(bm, "x", toks(4, 0) + [0])      # full block X cached + 1 partial
+    admit(bm, "y", toks(4, 50) + [0])     # full block Y cached + 1 partial
     bx, by = bm.block_table("x")[0], bm.block_table("y")[0]
     bm.free("x")                            # X freed first (older)
     bm.free("y")
     assert bm.stats()["evictions"] == 0
     # two plain free blocks (the partials) are used before evicting anything
-    bm.allocate("p", toks(8, 200))
+    admit(bm, "p", toks(8, 200))
     assert bm.stats()["evictions"] == 0
     assert bm.is_cached(bx) and bm.is_cached(by)
-    bm.allocate("q", toks(2, 300))          # evicts X, the least recently freed
+    admit(bm, "q", toks(2, 300))          # evicts X, the least recently freed
     assert bm.block_table("q") == [bx]
     assert bm.stats()["evictions"] == 1
     assert not bm.is_cached(bx) and bm.is_cached(by)
     bm.free("q")
-    assert bm.allocate("r", toks(4, 50) + [1]) == 4   # Y still hits
+    assert admit(bm, "r", toks(4, 50) + [1]) == 4   # Y still hits
     assert bm.block_table("r")[0] == by
     check_invariants(bm)
 
 
 def test_hit_refreshes_lru_position():
     bm = BlockManager(4, BS)
-    bm.allocate("x", toks(4, 0) + [0])
-    bm.allocate("y", toks(4, 50) + [0])
+    admit(bm, "x", toks(4, 0) + [0])
+    admit(bm, "y", toks(4, 50) + [0])
     bx, by = bm.block_table("x")[0], bm.block_table("y")[0]
     bm.free("x")
     bm.free("y")
-    bm.allocate("x2", toks(4, 0) + [7])     # hit X: out of the free queue
+    admit(bm, "x2", toks(4, 0) + [7])     # hit X: out of the free queue
     bm.free("x2")                           # X now the most recently freed
-    bm.allocate("p", toks(8, 100))          # the two plain blocks (the partials)...
+    admit(bm, "p", toks(8, 100))          # the two plain blocks (the partials)...
     assert bm.stats()["evictions"] == 0
-    bm.allocate("q", toks(1, 300))          # then evict Y, not X
+    admit(bm, "q", toks(1, 300))          # then evict Y, not X
     assert bm.block_table("q") == [by]
     assert bm.is_cached(bx)
 
@@ -126,21 +140,21 @@ def test_hit_refreshes_lru_position():
 def test_append_slots_grows_and_registers_full_blocks():
     bm = BlockManager(8, BS)
     seq = toks(3)
-    bm.allocate("a", seq)
+    admit(bm, "a", seq)
     for t in range(3, 10):
         seq.append(t)
-        assert bm.append_slots("a", 1, seq)
+        assert grow(bm, "a", 1, seq)
         assert len(bm.block_table("a")) == -(-len(seq) // BS)
     # the blocks filled by decoding are now cached: a new prompt hits them
-    assert bm.allocate("b", toks(9)) == 8
+    assert admit(bm, "b", toks(9)) == 8
     assert bm.block_table("b")[:2] == bm.block_table("a")[:2]
     # multi-token append (chunked prefill / speculative)
     seq += [50, 51, 52, 53, 54, 55]
-    assert bm.append_slots("a", 6, seq)
+    assert grow(bm, "a", 6, seq)
     assert len(bm.block_table("a")) == 4
     check_invariants(bm)
     with pytest.raises(BrazeError):
-        bm.append_slots("a", 1, seq)        # wrong token count
+        grow(bm, "a", 1, seq)        # wrong token count
 
 
 def test_out_of_blocks():
@@ -148,26 +162,26 @@ def test_out_of_blocks():
     assert bm.can_allocate(toks(12))
     assert not bm.can_allocate(toks(13))
     assert not bm.can_allocate([])
-    bm.allocate("a", toks(8))
+    admit(bm, "a", toks(8))
     assert bm.can_allocate(toks(4, 100))
     assert not bm.can_allocate(toks(4, 100), watermark=1)
     assert not bm.can_allocate(toks(5, 100))
     with pytest.raises(BrazeError, match="exhausted"):
-        bm.allocate("b", toks(5, 100))
+        admit(bm, "b", toks(5, 100))
     check_invariants(bm)
     seq = toks(8)
     seq.append(8)
-    assert bm.append_slots("a", 1, seq)     # takes the last block
+    assert grow(bm, "a", 1, seq)     # takes the last block
     seq.extend(range(9, 13))
     before = bm.block_table("a")
-    assert not bm.append_slots("a", 4, seq)  # needs a 4th block: caller preempts
+    assert not grow(bm, "a", 4, seq)  # needs a 4th block: caller preempts
     assert bm.block_table("a") == before and bm.num_tokens("a") == 9
     check_invariants(bm)
 
 
 def test_can_allocate_counts_hits_and_evictable_blocks():
     bm = BlockManager(3, BS)
-    bm.allocate("a", toks(9))               # all 3 blocks in use
+    admit(bm, "a", toks(9))               # all 3 blocks in use
     assert not bm.can_allocate(toks(2, 100))
     assert not bm.can_allocate(toks(5))     # a hit on block 0, but no block for the tail
     bm.free("a")                            # 2 cached free + 1 plain free
@@ -175,15 +189,15 @@ def test_can_allocate_counts_hits_and_evictable_blocks():
     assert bm.can_allocate(toks(12, 100))   # evicting both cached blocks
     # hits on free cached blocks take them out of the pool
     assert bm.can_allocate(toks(12))
-    assert bm.allocate("b", toks(12)) == 8
+    assert admit(bm, "b", toks(12)) == 8
     check_invariants(bm)
 
 
 def test_free_returns_everything_and_stats():
     bm = BlockManager(10, BS)
-    bm.allocate("a", toks(10))
-    bm.allocate("b", toks(10))
-    bm.allocate("c", toks(7, 40))
+    admit(bm, "a", toks(10))
+    admit(bm, "b", toks(10))
+    admit(bm, "c", toks(7, 40))
     s = bm.stats()
     assert s["kv_blocks_total"] == 10
     assert s["kv_blocks_free"] == 10 - 3 - 1 - 2
@@ -201,14 +215,14 @@ def test_free_returns_everything_and_stats():
 
 def test_reset_prefix_cache_and_disabled_caching():
     bm = BlockManager(8, BS)
-    bm.allocate("a", toks(9))
+    admit(bm, "a", toks(9))
     bm.free("a")
     bm.reset_prefix_cache()
-    assert bm.allocate("b", toks(9)) == 0
+    assert admit(bm, "b", toks(9)) == 0
     check_invariants(bm)
     off = BlockManager(8, BS, enable_prefix_caching=False)
-    off.allocate("a", toks(9))
-    assert off.allocate("b", toks(9)) == 0
+    admit(off, "a", toks(9))
+    assert admit(off, "b", toks(9)) == 0
     off.free("a")
     off.free("b")
     assert off.stats()["prefix_cache_queries"] == 0
@@ -222,13 +236,27 @@ def test_bad_arguments():
     with pytest.raises(BrazeError):
         BlockManager(4, 0)
     bm = BlockManager(4, BS)
-    bm.allocate("a", [1])
+    admit(bm, "a", [1])
     with pytest.raises(BrazeError):
-        bm.allocate("a", [1])
+        admit(bm, "a", [1])
     with pytest.raises(BrazeError):
-        bm.allocate("e", [])
+        admit(bm, "e", [])
     with pytest.raises(BrazeError):
-        bm.append_slots("zz", 1, [1])
+        grow(bm, "zz", 1, [1])
+
+
+def test_blocks_are_cached_only_once_computed():
+    """A prompt prefilled in chunks must not be served to others before it is written."""
+    bm = BlockManager(16, BS)
+    bm.allocate("a", toks(13))              # 3 full blocks, nothing computed yet
+    assert bm.allocate("b", toks(13)) == 0
+    bm.commit("a", 6)                       # first chunk: block 0 written, block 1 half
+    assert bm.allocate("c", toks(13)) == 4
+    bm.commit("a", 13)
+    assert bm.allocate("d", toks(13)) == 12
+    with pytest.raises(BrazeError):
+        bm.commit("a", 14)
+    check_invariants(bm)
 
 
 # ------------------------------------------------------------ state machine
@@ -246,18 +274,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm = BlockManager(12, BS)
         self.seqs: dict[int, list[int]] = {}
         self.mem: dict[int, list] = {b: [None] * BS for b in range(12)}
+        self.computed: dict[int, int] = {}
         self.next_id = 0
 
-    def _write(self, sid, start):
-        table, seq = self.bm.block_table(sid), self.seqs[sid]
-        for p in range(start, len(seq)):
-            b = table[p // BS]
-            assert self.bm.ref_count(b) == 1, "writing a shared block"
-            self.mem[b][p % BS] = seq[p]
-
     @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), max_size=9),
-          use_check=st.booleans())
-    def allocate(self, prefix, tail, use_check):
+          use_check=st.booleans(), data=st.data())
+    def allocate(self, prefix, tail, use_check, data):
         prompt = prefix + tail
         if not prompt:
             return
@@ -275,12 +297,32 @@ class BlockManagerMachine(RuleBasedStateMachine):
         table = self.bm.block_table(sid)
         for p in range(cached):                # the hit blocks hold exactly this prefix
             assert self.mem[table[p // BS]][p % BS] == prompt[p]
-        self._write(sid, cached)
+        # chunked prefill: only a first chunk may be computed in this step
+        self.computed[sid] = cached
+        self._compute(sid, data.draw(st.integers(cached, len(prompt))))
 
-    @precondition(lambda self: self.seqs)
+    def _compute(self, sid, upto):
+        """Write the sequence's tokens [computed, upto) into its blocks, then commit."""
+        seq, table = self.seqs[sid], self.bm.block_table(sid)
+        for p in range(self.computed[sid], upto):
+            b = table[p // BS]
+            assert self.bm.ref_count(b) == 1, "writing a shared block"
+            self.mem[b][p % BS] = seq[p]
+        self.computed[sid] = upto
+        self.bm.commit(sid, upto)
+
+    @precondition(lambda self: any(self.computed[s] < len(q) for s, q in self.seqs.items()))
+    @rule(data=st.data())
+    def compute_chunk(self, data):
+        sid = data.draw(st.sampled_from(sorted(s for s, q in self.seqs.items()
+                                               if self.computed[s] < len(q))))
+        self._compute(sid, data.draw(st.integers(self.computed[sid] + 1, len(self.seqs[sid]))))
+
+    @precondition(lambda self: any(self.computed[s] == len(q) for s, q in self.seqs.items()))
     @rule(data=st.data(), new=st.lists(st.integers(0, 3), min_size=1, max_size=6))
     def append(self, data, new):
-        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        sid = data.draw(st.sampled_from(sorted(s for s, q in self.seqs.items()
+                                               if self.computed[s] == len(q))))
         old = len(self.seqs[sid])
         need = -(-(old + len(new)) // BS) - len(self.bm.block_table(sid))
         free_before = self.bm.num_free_blocks
@@ -290,7 +332,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if ok:
             assert self.bm.num_free_blocks == free_before - need
             self.seqs[sid] = grown
-            self._write(sid, old)
+            self._compute(sid, len(grown))
         else:
             assert self.bm.num_tokens(sid) == old
 
