@@ -1,9 +1,16 @@
 """Runtime: load an artifact and serve it. Imports `ir` and the artifact schema only,
-never the compiler (frontend, passes, models, codegen)."""
+never the compiler (frontend, passes, models, codegen). Names load lazily so that
+importing one piece (say the block manager) does not pull in the engine."""
 
-from .executor import Executor
-from .llm import LLM, Completion
-from .loader import Artifact, open_artifact
-from .sampler import SamplingParams
+_WHERE = {"Executor": "executor", "LLM": "llm", "Completion": "llm", "Engine": "engine",
+          "Artifact": "loader", "open_artifact": "loader", "SamplingParams": "sampler",
+          "RequestOutput": "request"}
 
-__all__ = ["Executor", "LLM", "Completion", "Artifact", "open_artifact", "SamplingParams"]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

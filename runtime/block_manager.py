@@ -65,6 +65,10 @@ class BlockManager:
     def block_table(self, seq_id) -> list[int]:
         return list(self._seq(seq_id).table)
 
+    def table_since(self, seq_id, start: int) -> list[int]:
+        """The sequence's blocks from index `start` on (what a device copy of its table lacks)."""
+        return self._seq(seq_id).table[start:]
+
     def num_tokens(self, seq_id) -> int:
         return self._seq(seq_id).num_tokens
 

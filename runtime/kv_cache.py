@@ -56,6 +56,23 @@ class KVCache:
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)
 
+    @property
+    def bytes_per_block(self) -> int:
+        total = 0
+        for shape, dtype in self._layout.values():
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def resize(self, num_blocks: int) -> None:
+        """Reallocate for `num_blocks` (only while nothing is cached)."""
+        if self.allocator.num_free != self.num_blocks:
+            raise BrazeError("the KV cache cannot be resized while blocks are in use")
+        self.tensors = {}
+        self._allocate(num_blocks)
+
     def ensure_blocks(self, needed: int) -> None:
         """Grow the cache to hold `needed` blocks when nothing is cached (the one-sequence
         loop sizes it to each request instead of to the longest possible one)."""
@@ -68,3 +85,28 @@ class KVCache:
     @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def default_num_blocks(cache: KVCache, device, max_num_seqs: int, max_blocks: int,
+                       reserve_bytes: int = 0, gpu_memory_utilization: float = 0.9,
+                       cpu_bytes: int = 1 << 30) -> int:
+    """How many KV blocks to allocate when the user does not say.
+
+    On a GPU: what is left of `gpu_memory_utilization` of the device after the weights
+    (already loaded) and `reserve_bytes` (activations, CUDA graph pool). On the CPU: enough
+    for every sequence at full length, capped at `cpu_bytes`, but always one full sequence.
+    """
+    per = cache.bytes_per_block
+    want = max_num_seqs * max_blocks
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = free - int((1 - gpu_memory_utilization) * total) - reserve_bytes
+        n = budget // per
+        if n < max_blocks:
+            raise BrazeError(
+                f"not enough GPU memory for the KV cache: {max(budget, 0) >> 20} MiB left after "
+                f"the weights holds {max(n, 0)} blocks, one full sequence needs {max_blocks}; "
+                f"compile with a smaller --max-model-len or pass num_kv_blocks")
+        return int(min(n, want))
+    return int(max(min(want, cpu_bytes // per), min(max_blocks, want) or 1))

@@ -1,0 +1,159 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Each step has a token budget (`max_num_tokens`) and a sequence limit (`max_num_seqs`).
+Running requests go first, in admission order: a decoding request takes one token,
+a request part-way through its prompt takes as much of the rest as the budget allows
+(chunked prefill). Then waiting requests are admitted first-come first-served while
+the budget, the sequence limit and the KV cache allow; admission needs blocks for
+the whole prompt (less what the prefix cache already holds).
+
+When a running request needs a new block and none is free, the most recently
+admitted running request is preempted by recompute: its blocks are freed, it goes
+back to the front of the waiting queue with its output so far, and on readmission
+the prompt and that output are prefilled again (often from the prefix cache).
+Nothing is lost: the tokens it already produced stay in the request. A step that
+preempts admits no new requests.
+
+Pure Python over runtime.block_manager; no torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from braze.ir.errors import BrazeError
+
+from .block_manager import BlockManager
+from .request import Request, Status
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_new: int                 # tokens of the request run this step
+    start: int                   # its tokens already in the cache (the chunk's first position)
+    samples: bool = field(init=False)   # the chunk reaches the request's last token: sample
+
+    def __post_init__(self):
+        self.samples = self.start + self.num_new == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new for c in self.chunks)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(c.num_new == 1 for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
+                 watermark_blocks: int = 0):
+        if max_num_seqs < 1 or max_num_tokens < 1:
+            raise BrazeError(f"max_num_seqs ({max_num_seqs}) and max_num_tokens "
+                             f"({max_num_tokens}) must be positive")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+        self.watermark = watermark_blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out (finished or aborted), freeing its blocks."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+            self.bm.free(req.request_id)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        req.status = Status.FINISHED
+        req.row = None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed, budget)
+            if num_new <= 0:            # nothing to run (cannot happen in the engine's loop)
+                i += 1
+                continue
+            if not self._grow(req, num_new, out):
+                continue                # req itself was preempted; running[i] is the next one
+            out.chunks.append(ScheduledChunk(req, num_new, req.num_computed))
+            budget -= num_new
+            i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            tokens = req.all_token_ids
+            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0):
+                break
+            cached = self.bm.allocate(req.request_id, tokens)
+            self.waiting.popleft()
+            req.num_computed = cached
+            req.status = Status.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.num_cached_tokens = cached
+            self.running.append(req)
+            num_new = min(req.num_tokens - cached, budget)
+            out.chunks.append(ScheduledChunk(req, num_new, cached))
+            budget -= num_new
+        return out
+
+    def _grow(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Make room in the cache for `num_new` more tokens of `req`, preempting the most
+        recently admitted requests if needed. False if `req` itself had to go."""
+        held = self.bm.num_tokens(req.request_id)
+        extra = req.num_computed + num_new - held
+        if extra <= 0:
+            return True
+        upto = req.all_token_ids[:held + extra] if held + extra < req.num_tokens else req.all_token_ids
+        while not self.bm.append_slots(req.request_id, extra, upto):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.bm.free(req.request_id)
+        req.status = Status.WAITING
+        req.num_computed = 0
+        req.row = None
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    # ------------------------------------------------------------------ after
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """The step ran: its chunks' tokens are in the cache."""
+        for c in out.chunks:
+            req = c.request
+            req.num_computed = c.start + c.num_new
+            if req.status is Status.RUNNING:
+                self.bm.commit(req.request_id, req.num_computed)
