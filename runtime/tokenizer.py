@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from braze.ir.errors import BrazeError
@@ -18,11 +19,22 @@ class Tokenizer:
         cfg_path = Path(directory) / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
 
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added (special) tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (any slice of a sequence); bytes of an incomplete UTF-8
+        character at either end come out as U+FFFD."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        """The vocabulary entry of each id (None for an id outside the vocabulary)."""
+        return [self._tok.id_to_token(int(i)) for i in ids]
