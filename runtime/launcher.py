@@ -3,6 +3,13 @@
 Kernel modules are loaded from source files (the artifact's kernels/ directory),
 under `TRITON_INTERPRET=1` for the interpret backend, so the same plan runs on a
 CPU through Triton's interpreter or on a GPU through compiled kernels.
+
+A launch runs two ways: `PlanRunner.run` resolves its arguments from an env on
+every call (eager), and `PlanRunner.bind` resolves them once for one batch size
+into a `BoundLaunch`, a call with every argument frozen (tensors, ints, grid,
+the compiled kernel) -- exactly what a CUDA graph capture freezes. A bound
+extern writes into the static buffer it is given (`out=` GEMMs, copies); a view
+is taken once at bind time over static storage and costs nothing at replay.
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ class PlanRunner:
         self.ws_specs = workspaces
         self.device = device
         self._ws: dict[tuple, torch.Tensor] = {}
+        self._ws_flat: dict[str, torch.Tensor] = {}      # bound plans' workspaces, by name
         self._exprs: dict[str, object] = {}
 
     def _expr(self, text, sizes):
@@ -124,6 +132,57 @@ class PlanRunner:
             return env[ref].stride(dim)
         raise BrazeError(f"unknown launch argument {a}")
 
+    def reserve_workspaces(self, sizes_list: list[dict]) -> None:
+        """Allocate each workspace once, for the largest of `sizes_list`; a smaller batch
+        then gets a view of its first bytes (bound plans of every bucket share them)."""
+        for name, spec in self.ws_specs.items():
+            dtype = torch_dtype(spec["dtype"])
+            need = max(_numel(tuple(self._expr(d, sz) for d in spec["shape"])) for sz in sizes_list)
+            have = self._ws_flat.get(name)
+            if have is None or have.numel() < need:
+                self._ws_flat[name] = torch.empty(need, dtype=dtype, device=self.device)
+
+    def shared_workspace(self, name: str, sizes: dict) -> torch.Tensor:
+        """A view of the reserved workspace `name` shaped for `sizes`."""
+        spec = self.ws_specs[name]
+        shape = tuple(self._expr(d, sizes) for d in spec["shape"])
+        flat = self._ws_flat.get(name)
+        if flat is None or flat.numel() < _numel(shape):
+            self.reserve_workspaces([sizes])
+            flat = self._ws_flat[name]
+        return flat[:_numel(shape)].view(shape)
+
+    def bind(self, launch: dict, env: dict, sizes: dict, out_for=None) -> BoundLaunch | None:
+        """Resolve `launch` once for `sizes`: a BoundLaunch to call at every replay, or None
+        when nothing runs at replay (an empty grid; a view, whose result is put in `env`).
+
+        `out_for(ref)` gives the static buffer an extern result must be written into, or
+        None for a result that has no storage of its own (a view)."""
+        out_for = out_for or (lambda ref: None)
+        if "extern" in launch:
+            return bind_extern(self, launch, env, sizes, out_for)
+        args, tensors = [], []
+        for a in launch["args"]:
+            v = self.shared_workspace(a["ws"], sizes) if "ws" in a else self.arg(a, env, sizes)
+            if isinstance(v, torch.Tensor):
+                tensors.append((a.get("buf") or a.get("ws"), v))
+            args.append(v)
+        grid = tuple(self._expr(g, sizes) for g in launch["grid"])
+        while len(grid) < 3:
+            grid += (1,)
+        if 0 in grid:
+            return None
+        name = launch.get("kernel") or f"{launch['module']}.{launch['fn']}"
+        compiled = self.cubins.get(launch["kernel"], launch) if self.cubins and "kernel" in launch else None
+        if compiled is not None and all(t.data_ptr() % 16 == 0 for _, t in tensors):
+            return BoundLaunch(name, launch["node"], _cubin_call(compiled, grid,
+                                                                self._with_constexprs(launch, args)),
+                               tensors)
+        fn = self.modules.get(launch["module"], launch["fn"])
+        kwargs = dict(launch.get("constexprs", {}), num_warps=launch.get("num_warps", 4),
+                      num_stages=launch.get("num_stages", 2))
+        return BoundLaunch(name, launch["node"], _jit_call(fn[grid], args, kwargs), tensors)
+
     def run(self, launch: dict, env: dict, sizes: dict) -> None:
         args = [self.arg(a, env, sizes) for a in launch["args"]]
         if "extern" in launch:
@@ -154,3 +213,156 @@ class PlanRunner:
         it = iter(args)
         return [launch["constexprs"][n] if n in launch["constexprs"] else next(it)
                 for n in fn.arg_names]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+class BoundLaunch:
+    """One launch with every argument resolved: calling it replays the launch.
+
+    `tensors` lists (name, tensor) of every tensor it reads or writes, for the checks
+    that bound buffers never move; `node` is the graph node it belongs to."""
+
+    __slots__ = ("call", "name", "node", "tensors")
+
+    def __init__(self, name: str, node: int, call, tensors: list):
+        self.name, self.node, self.call, self.tensors = name, node, call, tensors
+
+    def __call__(self) -> None:
+        self.call()
+
+    def __repr__(self) -> str:
+        return f"BoundLaunch({self.name}, node {self.node})"
+
+
+def _jit_call(launcher, args: list, kwargs: dict):
+    return lambda: launcher(*args, **kwargs)
+
+
+def _cubin_call(compiled, grid: tuple, args: list):
+    launcher = compiled[grid]
+    return lambda: launcher(*args)
+
+
+# extern ops that only re-describe their operand's storage (plan-memory gives them no slot)
+VIEW_OPS = frozenset({"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
+                      "split"})
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def bind_extern(runner: PlanRunner, launch: dict, env: dict, sizes: dict, out_for):
+    """Bind an extern launch (a torch op) so that replay writes only into static buffers.
+
+    views       taken once now; nothing at replay (a view whose torch result is a copy
+                gets a static buffer and is re-copied at every replay)
+    linear      torch.mm / addmm with out= into the result's buffer
+    matmul      torch.matmul with out=
+    anything    the op's torch implementation, its results copied into their buffers
+                (allocates temporaries at replay: inside a CUDA graph they come from the
+                graph's pool; counted as `fallback` for `braze inspect`-style reports)"""
+    op = launch["extern"]
+    opdef = get_op(op)
+    attrs = launch.get("attrs", {})
+    args = [runner.arg(a, env, sizes) for a in launch["args"]]
+    results = launch.get("results", [])
+    tensors = [(a["buf"], v) for a, v in zip(launch["args"], args)
+               if "buf" in a and isinstance(v, torch.Tensor)]
+    name = f"extern.{op}"
+    node = launch["node"]
+
+    def as_tuple(out):
+        return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+    if op in VIEW_OPS:
+        outs = as_tuple(opdef.impl(*args, **attrs))
+        src = args[0]
+        calls = []
+        for k, (ref, t) in enumerate(zip(results, outs)):
+            buf = out_for(ref)
+            if buf is None and _same_storage(t, src):
+                env[ref] = t                                  # a view: bound once
+                continue
+            if buf is None:
+                raise BrazeError(f"extern {op} (node {node}) returned a copy for {ref} and the "
+                                 f"plan has no buffer for it; recompile the artifact")
+            buf = buf.view(t.shape)
+            env[ref] = buf
+            tensors.append((ref, buf))
+            if op == "reshape" and len(results) == 1:
+                calls.append(_copy_call(buf.view(src.shape), src))     # no temporary
+            else:
+                calls.append(_generic_one(opdef, args, attrs, buf, k))
+        if not calls:
+            return None
+        return BoundLaunch(name, node, calls[0] if len(calls) == 1 else _seq(calls), tensors)
+
+    bufs = [out_for(ref) for ref in results]
+    for ref, buf in zip(results, bufs):
+        if buf is None:
+            raise BrazeError(f"extern {op} (node {node}) result {ref} has no static buffer")
+        env[ref] = buf
+        tensors.append((ref, buf))
+    call = None
+    if op == "linear" and len(bufs) == 1:
+        call = _linear_out(args, bufs[0])
+    elif op == "matmul" and len(bufs) == 1 and args[0].dim() >= 2 and args[1].dim() >= 2:
+        a, b = args
+        out = bufs[0]
+        call = lambda: torch.matmul(a, b, out=out)
+    if call is None:
+        call = _generic_all(opdef, args, attrs, bufs)
+        name += "(fallback)"
+    return BoundLaunch(name, node, call, tensors)
+
+
+def _linear_out(args, out: torch.Tensor):
+    """x @ w.T (+ b) straight into `out`, or None when x cannot be seen as a matrix."""
+    x, w = args[0], args[1]
+    b = args[2] if len(args) > 2 else None
+    if x.dim() == 1 or w.dim() != 2:
+        return None
+    try:
+        x2 = x.view(-1, x.shape[-1])
+        o2 = out.view(-1, out.shape[-1])
+    except RuntimeError:
+        return None
+    wt = w.t()
+    if b is None:
+        return lambda: torch.mm(x2, wt, out=o2)
+    return lambda: torch.addmm(b, x2, wt, out=o2)
+
+
+def _copy_call(dst: torch.Tensor, src: torch.Tensor):
+    return lambda: dst.copy_(src)
+
+
+def _seq(calls):
+    def run():
+        for c in calls:
+            c()
+    return run
+
+
+def _generic_one(opdef, args, attrs, buf, index):
+    def run():
+        out = opdef.impl(*args, **attrs)
+        out = (out,) if isinstance(out, torch.Tensor) else out
+        buf.copy_(out[index])
+    return run
+
+
+def _generic_all(opdef, args, attrs, bufs):
+    def run():
+        out = opdef.impl(*args, **attrs)
+        out = (out,) if isinstance(out, torch.Tensor) else (out or ())
+        for buf, t in zip(bufs, out):
+            buf.copy_(t)
+    return run

@@ -1,9 +1,12 @@
 """Run an artifact's launch plans: Triton kernels (interpreted on CPU, or on a GPU) + extern torch.
 
 Every kernel output lives at its planned offset in one static arena (plan-memory),
-so the buffers a CUDA graph would capture never move; extern GEMMs and views
-produce their own tensors. Segments run in order (CUDA graph capture and replay
-come with the runtime work).
+so the buffers a CUDA graph would capture never move. `run` executes the plans
+eagerly (extern GEMMs and views produce their own tensors); `bind` resolves them
+once for one batch size into a `BoundPlan` whose every launch reads and writes
+only static storage -- the arena, the caller's input buffers, the KV cache, the
+weights, the workspaces and one static buffer per graph output -- which is what
+runtime/graph_runner.py captures into CUDA graphs (or replays on the CPU).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import logging
 import torch
 
 from braze.ir.errors import BrazeError
-from braze.ir.types import torch_dtype
+from braze.ir.types import eval_dim, torch_dtype
+from braze.launch import compile_expr
 
-from .launcher import KernelModules, PlanRunner
+from .launcher import VIEW_OPS, BoundLaunch, KernelModules, PlanRunner
 from .loader import Artifact
 
 log = logging.getLogger("braze.runtime")
@@ -42,12 +46,30 @@ class PlanExecutor:
         self.slots = {f"%{k}": tuple(v) for k, v in (memory.get("buffers") or {}).items()}
         self.arena = torch.empty(int(memory.get("arena_bytes", 0)), dtype=torch.uint8,
                                  device=self.device)
+        opts = artifact.options or {}
+        bindings = memory.get("bindings") or {}
+        block_size = int(opts.get("block_size", 16))
+        # the largest batch the static storage is planned for (plan-memory's bindings)
+        self.max_sizes = {
+            "T": int(bindings.get("T", opts.get("max_num_tokens", 8192))),
+            "S": int(bindings.get("S", opts.get("max_num_seqs", 256))),
+            "MB": int(bindings.get("MB", -(-int(opts.get("max_model_len") or 2048) // block_size))),
+        }
+        self._static_out: dict[str, torch.Tensor] = {}   # unplanned results, for bound plans
+        self._shape_fns: dict[tuple, object] = {}
         kernel_nodes = {launch["node"] for launch in self.launches if "kernel" in launch}
         # the results each kernel-lowered node writes into, allocated before its first launch
         self.allocs: dict[int, list] = {i: self.graph.nodes[i].results for i in kernel_nodes}
 
+    def shape_of(self, value, sizes) -> tuple[int, ...]:
+        """`value`'s shape at these step sizes, without sympy on the per-bucket path."""
+        fn = self._shape_fns.get(value.type.shape)
+        if fn is None:
+            fn = self._shape_fns[value.type.shape] = _shape_fn(value.type.shape)
+        return fn(sizes)
+
     def _buffer(self, value, sizes) -> torch.Tensor:
-        shape = value.type.concrete_shape(sizes)
+        shape = self.shape_of(value, sizes)
         dtype = torch_dtype(value.type.dtype)
         slot = self.slots.get(value.ref)
         if slot is None:
@@ -76,3 +98,109 @@ class PlanExecutor:
                 allocated.add(i)
             self.runner.run(launch, env, sizes)
         return {k: env[v.ref] for k, v in self.graph.outputs.items()}
+
+    # -- bound plans (static buffers; CUDA graphs capture these) --------------------------
+
+    def _static_buffer(self, value, sizes) -> torch.Tensor:
+        """`value`'s arena slot, or for a value plan-memory left out (graph outputs, and
+        every result of an unplanned graph), a static buffer sized for the largest batch;
+        a smaller batch uses its first bytes, like an arena slot."""
+        if value.ref in self.slots:
+            return self._buffer(value, sizes)
+        dtype = torch_dtype(value.type.dtype)
+        shape = self.shape_of(value, sizes)
+        n = 1
+        for d in shape:
+            n *= d
+        flat = self._static_out.get(value.ref)
+        if flat is None or flat.numel() < n:
+            largest = dict(sizes)
+            for k, v in self.max_sizes.items():
+                largest[k] = max(v, sizes.get(k, 0))
+            big = 1
+            for d in self.shape_of(value, largest):
+                big *= d
+            flat = torch.empty(max(n, big), dtype=dtype, device=self.device)
+            self._static_out[value.ref] = flat
+        return flat[:n].view(shape)
+
+    def bind(self, feeds: dict[str, torch.Tensor], sizes: dict) -> BoundPlan:
+        """Every launch resolved for `sizes` against `feeds` (the step inputs, views of the
+        caller's static buffers, and the caches): a BoundPlan to replay."""
+        sizes = dict(sizes)
+        env = dict(self.params)
+        for k, v in feeds.items():
+            env[f"%{k}"] = v
+        for v in self.graph.inputs:
+            if v.ref not in env:
+                raise BrazeError(f"graph input {v.ref} ({v.type}) has no static buffer to bind")
+        values = {}
+        for node in self.graph.nodes:
+            for r in node.results:
+                values[r.ref] = (node, r)
+
+        def out_for(ref):
+            node, r = values[ref]
+            if node.op in VIEW_OPS and ref not in self.slots:
+                return None
+            return self._static_buffer(r, sizes)
+
+        calls: list[BoundLaunch] = []
+        bound_nodes = set()
+        for launch in self.launches:
+            i = launch["node"]
+            if i in self.allocs and i not in bound_nodes:
+                for r in self.allocs[i]:
+                    env[r.ref] = self._static_buffer(r, sizes)
+                bound_nodes.add(i)
+            try:
+                b = self.runner.bind(launch, env, sizes, out_for)
+            except BrazeError:
+                raise
+            except Exception as e:   # a torch error binding a view or a kernel: name the node
+                raise BrazeError(f"binding node {i} ({self.graph.nodes[i].op}) at "
+                                 f"T={sizes['T']} S={sizes['S']} failed: {type(e).__name__}: {e}") from e
+            if b is not None:
+                calls.append(b)
+        outputs = {k: env[v.ref] for k, v in self.graph.outputs.items()}
+        return BoundPlan(sizes, calls, outputs)
+
+
+# two unrelated sizes at which a compiled dimension must agree with sympy's value
+_PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41}, {"T": 4093, "S": 131, "MB": 61, "NB": 53})
+
+
+def _dim_fn(d):
+    if isinstance(d, int):
+        return lambda sizes: d
+    try:
+        f = compile_expr(str(d))
+        if all(f(p) == eval_dim(d, p) for p in _PROBES):
+            return f
+    except (BrazeError, KeyError, SyntaxError, ZeroDivisionError):
+        pass
+    return lambda sizes: eval_dim(d, sizes)         # an expression the fast path cannot read
+
+
+def _shape_fn(shape):
+    fns = [_dim_fn(d) for d in shape]
+    return lambda sizes: tuple(f(sizes) for f in fns)
+
+
+class BoundPlan:
+    """One batch size's launches, resolved: `calls` in order (each a BoundLaunch with
+    its node index), and the graph outputs (static tensors the calls write)."""
+
+    def __init__(self, sizes: dict, calls: list, outputs: dict[str, torch.Tensor]):
+        self.sizes, self.calls, self.outputs = sizes, calls, outputs
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        for c in self.calls:
+            c()
+        return self.outputs
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every tensor a call reads or writes, and the outputs."""
+        out = [t for c in self.calls for t in c.tensors]
+        out += [(f"output {k}", v) for k, v in self.outputs.items()]
+        return out

@@ -1,0 +1,450 @@
+"""The step executor: batch buckets, static input buffers and CUDA-graph segments.
+
+A step of T tokens and S sequences runs padded to a bucket: T_pad = the smallest
+bucket >= T, S_pad = min(T_pad, max_num_seqs). For each bucket the artifact's
+launch plans are bound once (`PlanExecutor.bind`): every argument resolved to a
+static tensor or an int -- views of the caller's persistent input buffers
+(`input_ids[:T_pad]`, `query_start_loc[:S_pad + 1]`, ...), the KV cache, the
+weights, the arena slots, the workspaces and a static buffer per graph output.
+That frozen call list is exactly what a CUDA graph bakes in, so:
+
+  cuda       each "graph" segment of each bucket is captured once into a
+             torch.cuda.CUDAGraph, largest bucket first, all in one memory pool,
+             gc paused, after a warm-up run; "break" segments (attention) run
+             eagerly between replays. mode "full": one graph for the whole
+             forward; when the graph has break ops it is only valid for
+             decode-only batches (full_capture="decode-only") and only captured
+             for buckets a decode-only batch can use; other batches replay the
+             piecewise segments.
+  interpret  the same bound calls replayed directly on the CPU (Triton kernels
+             under the interpreter, extern GEMMs with out= into static buffers):
+             replay allocates nothing, reads no device data on the host and sees
+             the step only through the static buffers -- the graph discipline,
+             checked without a GPU.
+  reference  nothing to bind: the IR interpreter runs on views of the buffers.
+
+Segments per mode (recomputed from the ops' `graph_break` property, so a mode
+other than the artifact's compiled one works too): none -> one "eager" run;
+piecewise -> "graph" runs cut at every break op; full -> one "graph" run.
+
+The caller writes the step into the static buffers and pads it (input_ids 0,
+positions 0, slot_mapping -1 up to T_pad; query_start_loc[S+1 : S_pad+1] = T,
+seq_lens 0 and logits_indices 0 for the padded sequences): `write_step` does
+that from an unpadded batch-contract dict (runtime/batch.py build_step).
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import logging
+import time
+
+import torch
+
+from braze.ir import run_graph
+from braze.ir.errors import BrazeError
+
+log = logging.getLogger("braze.runtime")
+
+MODES = ("none", "piecewise", "full")
+STEP_INPUTS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
+               "block_tables", "logits_indices")
+_TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
+_SEQ_ROWS = ("seq_lens", "block_tables", "logits_indices")
+
+
+def default_buckets(max_num_tokens: int) -> list[int]:
+    """1, 2, 4, then every 8 up to 256, every 16 up to 512, every 32 up to 1024, then
+    8 per doubling (at most 12.5% padding); capped at and always including the maximum."""
+    out, b = [1, 2, 4], 8
+    while b < max_num_tokens:
+        out.append(b)
+        if b < 256:
+            b += 8
+        elif b < 512:
+            b += 16
+        elif b < 1024:
+            b += 32
+        else:
+            b += (1 << (b.bit_length() - 1)) // 8
+    out = [x for x in out if x < max_num_tokens]
+    return out + [max_num_tokens]
+
+
+def validate_buckets(buckets, max_num_tokens: int) -> list[int]:
+    """Sorted, distinct, positive ints no larger than max_num_tokens; max_num_tokens is
+    added when missing (a step of that size must have a bucket)."""
+    if buckets is None:
+        return default_buckets(max_num_tokens)
+    out = set()
+    for b in buckets:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise BrazeError(f"batch bucket {b!r} is not a positive integer token count")
+        if b > max_num_tokens:
+            raise BrazeError(f"batch bucket {b} exceeds max_num_tokens {max_num_tokens} (the "
+                             f"static input_ids holds {max_num_tokens} tokens); drop it or "
+                             f"size the buffers larger")
+        out.add(b)
+    if not out:
+        raise BrazeError("batch buckets are empty; give at least one token count, or None "
+                         "for the default")
+    out.add(max_num_tokens)
+    return sorted(out)
+
+
+def segments_for(graph, mode: str) -> list[tuple[str, int, int]]:
+    """(kind, first, last) node runs for `mode`; the same cut as passes/split_segments.py."""
+    n = len(graph.nodes)
+    if n == 0:
+        return []
+    if mode == "none":
+        return [("eager", 0, n - 1)]
+    if mode == "full":
+        return [("graph", 0, n - 1)]
+    meta = graph.meta
+    if meta.get("cudagraph_mode") == "piecewise" and meta.get("segments"):
+        return [tuple(s) for s in meta["segments"]]
+    out, start = [], 0
+    for i, node in enumerate(graph.nodes):
+        if node.opdef.graph_break:
+            if start < i:
+                out.append(("graph", start, i - 1))
+            out.append(("break", i, i))
+            start = i + 1
+    if start < n:
+        out.append(("graph", start, n - 1))
+    return out
+
+
+def _group(calls: list, segments) -> list[tuple[str, int, int, list]]:
+    """Split bound calls (in node order) into the segments' runs."""
+    out, k = [], 0
+    for kind, first, last in segments:
+        run = []
+        while k < len(calls) and calls[k].node <= last:
+            if calls[k].node < first:
+                raise BrazeError(f"launch for node {calls[k].node} falls outside the segments")
+            run.append(calls[k])
+            k += 1
+        out.append((kind, first, last, run))
+    if k != len(calls):
+        raise BrazeError(f"launch for node {calls[k].node} falls outside the segments")
+    return out
+
+
+class _Bucket:
+    """One padded batch size: its bound plan and the step lists that replay it."""
+
+    def __init__(self, T: int, S: int, plan, views: dict):
+        self.T, self.S, self.plan, self.views = T, S, plan, views
+        self.logits = plan.outputs["logits"]
+        self.pieces = None        # steps for any batch (piecewise or eager); None if full="any"
+        self.full = None          # steps of the whole-forward graph (mode full)
+        self.checks: list[tuple[str, torch.Tensor, int]] = []
+
+
+class GraphRunner:
+    def __init__(self, executor, static: dict[str, torch.Tensor], buckets: list[int] | None,
+                 max_num_seqs: int, mode: str | None = None, debug: bool = False):
+        self.executor = executor
+        self.static = static
+        self.debug = bool(debug)
+        missing = [n for n in STEP_INPUTS if n not in static]
+        if missing:
+            raise BrazeError(f"static input buffers lack {', '.join(missing)}")
+        self.max_num_tokens = int(static["input_ids"].shape[0])
+        self.max_num_seqs = int(max_num_seqs)
+        if self.max_num_seqs < 1:
+            raise BrazeError(f"max_num_seqs must be positive, got {max_num_seqs}")
+        self.max_blocks = int(static["block_tables"].shape[1])
+        self._check_static()
+        plan = getattr(executor, "plan", None)
+        if plan is not None:
+            lim = plan.max_sizes
+            for what, have, cap, flag in (("max_num_tokens", self.max_num_tokens, lim["T"], "--max-num-tokens"),
+                                          ("max_num_seqs", self.max_num_seqs, lim["S"], "--max-num-seqs"),
+                                          ("block table width", self.max_blocks, lim["MB"], "--max-model-len")):
+                if have > cap:
+                    raise BrazeError(f"{what} {have} exceeds the {cap} the artifact's buffers were "
+                                     f"planned for; recompile with a larger {flag} or lower it")
+        self.buckets = validate_buckets(buckets, self.max_num_tokens)
+        graph = executor.graph
+        if mode is None:
+            mode = graph.meta.get("cudagraph_mode") or "none"
+        if mode not in MODES:
+            raise BrazeError(f"cudagraph mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        has_breaks = any(n.opdef.graph_break for n in graph.nodes)
+        self.full_capture = None
+        if mode == "full":
+            self.full_capture = "decode-only" if has_breaks else "any"
+        # a decode-only batch has T == S <= max_num_seqs tokens: these buckets serve it
+        i = bisect.bisect_left(self.buckets, min(self.max_num_seqs, self.max_num_tokens))
+        self._decode_limit = self.buckets[min(i, len(self.buckets) - 1)]
+        self._buckets: dict[int, _Bucket] = {}
+        self._graphs: list = []
+        self._cache = None
+        self._static_ptrs: dict[str, int] = {}
+        self._captured = False
+        self.last_variant = None      # which plan the last run replayed: full / piecewise / eager
+        self.stats = {"cuda_graphs_captured": 0, "capture_seconds": 0.0, "capture_bytes": 0,
+                      "buckets": list(self.buckets), "mode": self.mode, "plans_bound": 0,
+                      "full_capture": self.full_capture}
+
+    # -- shapes -------------------------------------------------------------------------
+
+    def _check_static(self) -> None:
+        st, T, S = self.static, self.max_num_tokens, self.max_num_seqs
+        want = {"input_ids": T, "positions": T, "slot_mapping": T, "query_start_loc": S + 1,
+                "seq_lens": S, "block_tables": S, "logits_indices": S}
+        for name, n in want.items():
+            if st[name].shape[0] < n:
+                raise BrazeError(f"static buffer {name} has {st[name].shape[0]} rows, needs {n} "
+                                 f"(max_num_tokens {T}, max_num_seqs {S})")
+            if not st[name].is_contiguous():
+                raise BrazeError(f"static buffer {name} must be contiguous")
+
+    def bucket_for(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """(T_pad, S_pad) for a step of num_tokens tokens over num_seqs sequences."""
+        if num_tokens > self.max_num_tokens:
+            raise BrazeError(f"step has {num_tokens} tokens, more than max_num_tokens "
+                             f"{self.max_num_tokens}; schedule fewer tokens per step")
+        if num_seqs > self.max_num_seqs:
+            raise BrazeError(f"step has {num_seqs} sequences, more than max_num_seqs "
+                             f"{self.max_num_seqs}")
+        if num_tokens < 0 or num_seqs < 0:
+            raise BrazeError(f"step sizes must be non-negative, got {num_tokens} tokens, "
+                             f"{num_seqs} sequences")
+        i = bisect.bisect_left(self.buckets, max(num_tokens, 1))
+        while min(self.buckets[i], self.max_num_seqs) < num_seqs:   # more sequences than tokens
+            i += 1
+            if i == len(self.buckets):
+                raise BrazeError(f"step has {num_seqs} sequences, more than the largest bucket "
+                                 f"({self.buckets[-1]} tokens) holds")
+        T = self.buckets[i]
+        return T, min(T, self.max_num_seqs)
+
+    def _sizes(self, T: int) -> dict:
+        S = min(T, self.max_num_seqs)
+        sizes = {"T": T, "S": S, "MB": self.max_blocks}
+        cache = self.executor.cache.tensors
+        if cache:
+            sizes["NB"] = int(next(iter(cache.values())).shape[0])
+        return sizes
+
+    def _views(self, T: int, S: int) -> dict[str, torch.Tensor]:
+        st = self.static
+        v = {n: st[n][:T] for n in _TOKEN_ROWS}
+        v.update({n: st[n][:S] for n in _SEQ_ROWS})
+        v["query_start_loc"] = st["query_start_loc"][:S + 1]
+        return v
+
+    # -- writing a step -----------------------------------------------------------------
+
+    def write_step(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """Copy an unpadded step (the batch contract, e.g. runtime/batch.py build_step) into
+        the static buffers and pad it to its bucket; returns (num_tokens, num_seqs)."""
+        n, s = int(inputs["input_ids"].shape[0]), int(inputs["seq_lens"].shape[0])
+        T, S = self.bucket_for(n, s)
+        st = self.static
+        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            st[name][:n].copy_(inputs[name])
+            st[name][n:T].fill_(pad)
+        st["query_start_loc"][:s + 1].copy_(inputs["query_start_loc"])
+        st["query_start_loc"][s + 1:S + 1].fill_(n)
+        st["seq_lens"][:s].copy_(inputs["seq_lens"])
+        st["seq_lens"][s:S].fill_(0)
+        bt = inputs["block_tables"]
+        w = min(int(bt.shape[1]), self.max_blocks)
+        st["block_tables"][:s, :w].copy_(bt[:, :w])
+        st["block_tables"][:s, w:].fill_(0)
+        st["block_tables"][s:S].fill_(0)
+        st["logits_indices"][:s].copy_(inputs["logits_indices"])
+        st["logits_indices"][s:S].fill_(0)
+        return n, s
+
+    def _write_dummy_step(self) -> None:
+        """An all-padding step (no cache writes, no keys read) for warm-up and capture."""
+        st = self.static
+        for name in STEP_INPUTS:
+            st[name].fill_(-1 if name == "slot_mapping" else 0)
+
+    # -- capture ------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        self._buckets.clear()
+        self._graphs.clear()
+        self._captured = False
+
+    def capture(self, progress=None) -> None:
+        """Bind (and on a GPU capture) every bucket, largest first. The static buffers'
+        contents are kept."""
+        t0 = time.perf_counter()
+        self._release()
+        ex = self.executor
+        self._cache = ex.cache.tensors
+        self._static_ptrs = {n: self.static[n].data_ptr() for n in STEP_INPUTS}
+        self.stats.update(cuda_graphs_captured=0, capture_bytes=0, plans_bound=0)
+        self.stats.pop("extern_fallbacks", None)
+        if ex.backend == "reference":
+            self._captured = True
+            self.stats["capture_seconds"] = time.perf_counter() - t0
+            return
+        plan = ex.plan
+        if plan is None:
+            raise BrazeError(f"backend {ex.backend!r} has no launch plans to bind")
+        saved = {n: self.static[n].clone() for n in STEP_INPUTS}
+        self._write_dummy_step()
+        try:
+            plan.runner.reserve_workspaces([self._sizes(T) for T in self.buckets])
+            for T in reversed(self.buckets):
+                self._bind_bucket(T)
+                if progress is not None and ex.backend != "cuda":
+                    progress(f"bound bucket {T} tokens ({len(self._buckets)}/{len(self.buckets)})")
+            if ex.backend == "cuda":
+                self._capture_graphs(progress)
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            for n, t in saved.items():
+                self.static[n].copy_(t)
+        self._captured = True
+        self.stats["capture_seconds"] = time.perf_counter() - t0
+        st = self.stats
+        log.info("bound %d step plans for buckets %s (mode %s), %d CUDA graphs, %.2fs, pool %.1f MiB",
+                 st["plans_bound"], st["buckets"], st["mode"], st["cuda_graphs_captured"],
+                 st["capture_seconds"], st["capture_bytes"] / 2**20)
+        if st.get("extern_fallbacks"):
+            log.info("extern ops without an in-place form (allocate at replay): %s",
+                     ", ".join(st["extern_fallbacks"]))
+
+    def _bind_bucket(self, T: int) -> None:
+        ex = self.executor
+        sizes = self._sizes(T)
+        S = sizes["S"]
+        views = self._views(T, S)
+        feeds = dict(views)
+        feeds.update(ex.cache.tensors)
+        plan = ex.plan.bind(feeds, sizes)
+        if "logits" not in plan.outputs:
+            raise BrazeError("the artifact's graph has no 'logits' output")
+        b = _Bucket(T, S, plan, views)
+        graph = ex.graph
+        if self.mode == "full":
+            b.full = _group(plan.calls, segments_for(graph, "full"))
+            if self.full_capture == "decode-only":
+                if T > self._decode_limit:
+                    b.full = None
+                b.pieces = _group(plan.calls, segments_for(graph, "piecewise"))
+        else:
+            b.pieces = _group(plan.calls, segments_for(graph, self.mode))
+        self.stats["plans_bound"] += (b.full is not None) + (b.pieces is not None)
+        if "extern_fallbacks" not in self.stats:   # externs that allocate at replay
+            self.stats["extern_fallbacks"] = sorted({c.name for c in plan.calls
+                                                     if c.name.endswith("(fallback)")})
+        # what the debug check compares at every replay
+        b.checks = [(name, t, t.data_ptr()) for name, t in plan.tensors()]
+        b.checks += [(f"static {n}[:{t.shape[0]}]", t, t.data_ptr()) for n, t in views.items()]
+        if ex.backend != "cuda":     # replayed directly: the flat call lists
+            b.full = None if b.full is None else [c for seg in b.full for c in seg[3]]
+            b.pieces = None if b.pieces is None else [c for seg in b.pieces for c in seg[3]]
+        self._buckets[T] = b
+
+    def _capture_graphs(self, progress) -> None:
+        dev = self.executor.device
+        torch.cuda.synchronize(dev)
+        stream = torch.cuda.Stream(device=dev)
+        pool = torch.cuda.graph_pool_handle()
+        order = [self._buckets[T] for T in reversed(self.buckets)]
+        # warm-up: compile / load every kernel and initialise cuBLAS outside any capture
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for b in order:
+                b.plan()
+        stream.synchronize()
+        reserved = torch.cuda.memory_reserved(dev)
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for k, b in enumerate(order):
+                if b.full is not None:
+                    b.full = self._capture_segments(b, b.full, pool, stream)
+                if b.pieces is not None:
+                    b.pieces = self._capture_segments(b, b.pieces, pool, stream)
+                if progress is not None:
+                    progress(f"captured bucket {b.T} tokens ({k + 1}/{len(order)}, "
+                             f"{len(self._graphs)} graphs)")
+        finally:
+            if was_enabled:
+                gc.enable()
+        torch.cuda.synchronize(dev)
+        self.stats["cuda_graphs_captured"] = len(self._graphs)
+        self.stats["capture_bytes"] = max(0, torch.cuda.memory_reserved(dev) - reserved)
+
+    def _capture_segments(self, b: _Bucket, segments, pool, stream) -> list:
+        steps = []
+        for kind, first, last, calls in segments:
+            if kind != "graph" or not calls:
+                steps.extend(calls)
+                continue
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    for c in calls:
+                        c()
+            except Exception as e:
+                raise BrazeError(f"capturing nodes {first}-{last} of bucket {b.T} tokens into a "
+                                 f"CUDA graph failed ({type(e).__name__}: {e}); run with "
+                                 f"cudagraph mode 'none'") from e
+            self._graphs.append(g)
+            steps.append(g.replay)
+        return steps
+
+    # -- replay -------------------------------------------------------------------------
+
+    def run(self, num_tokens: int, num_seqs: int, decode_only: bool) -> torch.Tensor:
+        """The forward of the step already in the static buffers; returns the logits
+        (a static tensor, overwritten by the next run)."""
+        T, S = self.bucket_for(num_tokens, num_seqs)
+        if decode_only and num_tokens != num_seqs:
+            raise BrazeError(f"a decode-only step has one token per sequence, got {num_tokens} "
+                             f"tokens for {num_seqs} sequences")
+        ex = self.executor
+        if ex.backend == "reference":
+            feeds = self._views(T, S)
+            feeds.update(ex.cache.tensors)
+            return run_graph(ex.graph, feeds, ex.params)["logits"]
+        if not self._captured:
+            self.capture()
+        if ex.cache.tensors is not self._cache:
+            raise BrazeError("the KV cache was reallocated after the step plans were bound "
+                             "(KVCache.resize / ensure_blocks); call GraphRunner.capture() again")
+        b = self._buckets[T]
+        if self.debug:
+            self._check_bound(b)
+        if b.full is not None and (decode_only or self.full_capture == "any"):
+            steps, self.last_variant = b.full, "full"
+        else:
+            steps, self.last_variant = b.pieces, ("eager" if self.mode == "none" else "piecewise")
+        for f in steps:
+            f()
+        return b.logits
+
+    def _check_bound(self, b: _Bucket) -> None:
+        for name, ptr in self._static_ptrs.items():
+            t = self.static.get(name)
+            if t is None or t.data_ptr() != ptr:
+                raise BrazeError(f"static input buffer {name!r} moved since capture: write each "
+                                 f"step into the buffers GraphRunner was given (copy_), never "
+                                 f"replace them")
+        for name, t, ptr in b.checks:
+            if t.data_ptr() != ptr:
+                raise BrazeError(f"bound buffer {name} of bucket {b.T} tokens moved since "
+                                 f"capture ({ptr:#x} -> {t.data_ptr():#x})")
+        for name, t in self._cache.items():
+            if name not in self.executor.cache.tensors or \
+                    self.executor.cache.tensors[name].data_ptr() != t.data_ptr():
+                raise BrazeError(f"KV cache tensor {name} moved since capture; call capture() again")

@@ -1,0 +1,325 @@
+"""The step executor's bound launch plans, replayed on the CPU (runtime/graph_runner.py).
+
+What a CUDA graph needs is checked here without a GPU: for every batch bucket the
+plans bound to the static buffers give the reference interpreter's logits (and KV
+cache) on real mixed steps with padding tokens and zero-length sequences; replay
+allocates nothing, reads no device value on the host and touches only static
+storage; it sees a step only through the static input buffers; debug mode notices
+a buffer that moved; and the modes none / piecewise / full agree.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import re
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from braze.ir import run_graph
+from braze.ir.errors import BrazeError
+from braze.runtime import Executor, open_artifact
+from braze.runtime.batch import SeqChunk, build_step
+from braze.runtime.graph_runner import GraphRunner, default_buckets, validate_buckets
+
+BUCKETS = [1, 2, 4, 8]
+MAX_T, MAX_S, NUM_BLOCKS = 8, 4, 16
+OPTIONS = {"opt_level": 2, "max_num_tokens": MAX_T, "max_num_seqs": MAX_S, "max_model_len": 64}
+
+
+@pytest.fixture(scope="module")
+def art(store):
+    return open_artifact(store.artifact("llama", **OPTIONS))
+
+
+@pytest.fixture(scope="module")
+def ex(art):
+    return Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+
+
+def static_for(ex, max_t=MAX_T, max_s=MAX_S):
+    """The caller-owned persistent step buffers (garbage-filled: padding is the caller's job)."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *shape: torch.randint(0, 3, shape, generator=g)
+    return {"input_ids": r(max_t), "positions": r(max_t), "slot_mapping": r(max_t) - 1,
+            "query_start_loc": r(max_s + 1).int(), "seq_lens": r(max_s).int(),
+            "block_tables": r(max_s, ex.max_blocks).int(), "logits_indices": r(max_s)}
+
+
+def random_cache(ex, seed):
+    """Fill the runner's cache in place with random values; the reference gets a copy."""
+    g = torch.Generator().manual_seed(seed)
+    for t in ex.cache.tensors.values():
+        t.copy_(torch.randn(t.shape, generator=g))
+    return {k: v.clone() for k, v in ex.cache.tensors.items()}
+
+
+def reference_logits(ex, chunks, ref_cache):
+    feeds = build_step(chunks, ex.block_size, ex.max_blocks)
+    feeds.update(ref_cache)
+    return run_graph(ex.graph, feeds, ex.params)["logits"]
+
+
+def replay(runner, ex, chunks):
+    n, s = runner.write_step(build_step(chunks, ex.block_size, ex.max_blocks))
+    out = runner.run(n, s, decode_only=all(len(c.token_ids) == 1 for c in chunks))
+    return out[:s].clone() if ex.logits_pruned else \
+        out.index_select(0, runner.static["logits_indices"][:s]).clone()
+
+
+def C(tokens, computed, blocks):
+    return SeqChunk(list(tokens), computed, list(blocks))
+
+
+# Two steps per bucket (each needing exactly that bucket): a prefill, then a mixed step on
+# top of it -- decodes, a chunked prefill after cached tokens, new prompts, and (bucket 8) a
+# decode at position 20 whose keys span two blocks of the random-filled cache.
+STEPS = {
+    1: [[C([5], 0, [0])], [C([9], 1, [0])]],
+    2: [[C([5, 6], 0, [0])], [C([9], 2, [0]), C([40], 0, [1])]],
+    4: [[C([5, 6, 7], 0, [0])], [C([9], 3, [0]), C([41, 42], 0, [1])]],
+    8: [[C([5, 6, 7, 8, 9], 0, [0]), C([11, 12], 0, [1])],
+        [C([10], 5, [0]), C([13, 14], 2, [1]), C([20, 21, 22], 0, [2]), C([23], 20, [5, 3])]],
+}
+
+
+def test_steps_cover_each_bucket_and_padding(ex):
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
+    for T, steps in STEPS.items():
+        for chunks in steps:
+            n, s = sum(len(c.token_ids) for c in chunks), len(chunks)
+            assert r.bucket_for(n, s) == (T, min(T, MAX_S))
+    assert any(sum(len(c.token_ids) for c in ch) < T for T, st in STEPS.items() for ch in st)
+    assert any(len(ch) < min(T, MAX_S) for T, st in STEPS.items() for ch in st)
+
+
+def test_replay_equals_reference_for_every_bucket(ex):
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
+    r.capture()
+    assert r.stats["plans_bound"] == len(BUCKETS) and r.stats["cuda_graphs_captured"] == 0
+    for T, steps in STEPS.items():
+        ref_cache = random_cache(ex, seed=T)
+        for chunks in steps:          # different contents through the same bound plan
+            got = replay(r, ex, chunks)
+            want = reference_logits(ex, chunks, ref_cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for name, t in ex.cache.tensors.items():   # same writes, none from padding tokens
+            torch.testing.assert_close(t, ref_cache[name], atol=1e-5, rtol=1e-5)
+
+
+def _clobber(ex, r):
+    ex.plan.arena.fill_(255)                        # NaN in every float slot
+    for flat in ex.plan._static_out.values():
+        flat.fill_(float("nan"))
+    for flat in ex.plan.runner._ws_flat.values():
+        flat.fill_(float("nan"))
+
+
+def test_replay_sees_the_step_only_through_the_static_buffers(ex):
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
+    r.capture()
+    random_cache(ex, seed=11)
+    a = [C([5, 6, 7, 8], 0, [0]), C([30, 31], 0, [1])]
+    b = [C([50, 51, 52], 0, [2]), C([60], 0, [3]), C([61, 62], 0, [4])]
+    first = replay(r, ex, a)
+    other = replay(r, ex, b)
+    _clobber(ex, r)                                 # stale intermediates must not matter
+    again = replay(r, ex, a)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first[:2], other[:2])
+
+
+def _static_storages(ex, runner):
+    """Every storage a replay may touch: the caller's buffers, cache, weights, arena,
+    workspaces and output buffers -- nothing else."""
+    ts = list(runner.static.values()) + list(ex.cache.tensors.values()) + list(ex.params.values())
+    ts += [ex.plan.arena] + list(ex.plan.runner._ws_flat.values()) + list(ex.plan._static_out.values())
+    return {t.untyped_storage().data_ptr() for t in ts}
+
+
+class _Discipline(TorchDispatchMode):
+    """Flags any torch op that allocates bytes, touches storage outside `allowed`, or reads a
+    device value on the host. (The Triton interpreter's own bookkeeping makes 0-byte
+    tensors and re-points them at the kernel arguments' storage with set_: allowed.)"""
+
+    HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal",
+                  "aten.masked_select", "aten.unique")
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed = allowed
+        self.bad = collections.Counter()
+        self.ops = collections.Counter()
+
+    def _check(self, func, t, what):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.nbytes() > 0 and st.data_ptr() not in self.allowed:
+                self.bad[f"{func} {what} {tuple(t.shape)}"] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        self.ops[name] += 1
+        if name.startswith(self.HOST_READS):
+            self.bad[f"{name} (host read)"] += 1
+        for a in list(args) + list(kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else [a]):
+                self._check(name, t, "reads")
+        out = func(*args, **kwargs)
+        for t in (out if isinstance(out, (list, tuple)) else [out]):
+            self._check(name, t, "makes")
+        return out
+
+
+def test_replay_allocates_nothing_and_touches_only_static_storage(ex):
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
+    r.capture()
+    random_cache(ex, seed=3)
+    chunks = [C([5, 6, 7], 0, [0]), C([8], 4, [1])]
+    n, s = r.write_step(build_step(chunks, ex.block_size, ex.max_blocks))
+    allowed = _static_storages(ex, r)
+    # every tensor bound into the plans lives in that static storage
+    for b in r._buckets.values():
+        for name, t in b.plan.tensors():
+            assert t.untyped_storage().data_ptr() in allowed, name
+    with _Discipline(allowed) as spy:
+        out = r.run(n, s, decode_only=False)
+    assert not spy.bad, dict(spy.bad)
+    assert spy.ops["aten.mm.out"] == 9                       # the GEMMs write in place
+    assert out.untyped_storage().data_ptr() in allowed
+    # the check has teeth: the eager plan runner allocates its GEMM results
+    eager = build_step(chunks, ex.block_size, ex.max_blocks)
+    with _Discipline(allowed | {t.untyped_storage().data_ptr() for t in eager.values()}) as spy:
+        ex.run(eager)
+    assert any("makes" in k for k in spy.bad)
+
+
+def test_debug_mode_catches_moved_buffers(ex):
+    static = static_for(ex)
+    r = GraphRunner(ex, static, BUCKETS, MAX_S, debug=True)
+    r.capture()
+    chunks = [C([5], 0, [0])]
+    replay(r, ex, chunks)
+    original = static["positions"]
+    static["positions"] = original.clone()           # a new tensor: the plans still read the old
+    with pytest.raises(BrazeError, match="positions"):
+        r.run(1, 1, decode_only=True)
+    static["positions"] = original
+    b = r._buckets[1]
+    name, t, _ = next(c for c in b.checks if re.fullmatch(r"%\d+", c[0]))   # an arena slot view
+    t.set_(torch.empty_like(t))                      # a bound intermediate re-pointed
+    with pytest.raises(BrazeError, match=re.escape(f"bound buffer {name} ")):
+        r.run(1, 1, decode_only=True)
+
+
+def test_reallocated_cache_is_refused(art):
+    ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), [1], MAX_S)
+    r.capture()
+    ex.cache.resize(NUM_BLOCKS + 1)
+    with pytest.raises(BrazeError, match="capture"):
+        r.run(1, 1, decode_only=True)
+    r.capture()                                       # re-bound to the new cache
+    r.write_step(build_step([C([5], 0, [0])], ex.block_size, ex.max_blocks))
+    r.run(1, 1, decode_only=True)
+
+
+def test_modes_agree(ex):
+    mixed = [C([5, 6, 7, 8, 9], 0, [0]), C([11], 0, [1])]
+    decode = [C([10], 5, [0]), C([12], 1, [1])]
+    results, bound = {}, {}
+    for mode in ("none", "piecewise", "full"):
+        r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S, mode=mode)
+        r.capture()
+        random_cache(ex, seed=5)
+        results[mode] = (replay(r, ex, mixed), replay(r, ex, decode))
+        bound[mode] = (r.stats["plans_bound"], r.stats["full_capture"])
+        assert r.last_variant == {"none": "eager", "piecewise": "piecewise", "full": "full"}[mode]
+    for mode in ("none", "full"):
+        for got, want in zip(results[mode], results["piecewise"]):
+            assert torch.equal(got, want), mode
+    # full with attention breaks: a whole-forward plan only where a decode-only batch fits
+    # (buckets up to max_num_seqs), piecewise plans for every bucket
+    assert bound == {"none": (4, None), "piecewise": (4, None), "full": (3 + 4, "decode-only")}
+
+
+def test_artifact_mode_is_the_default(store):
+    art = open_artifact(store.artifact("llama", cudagraph_mode="full", **OPTIONS))
+    ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), [1, 2], MAX_S)
+    assert r.mode == "full" and r.full_capture == "decode-only"
+    r.capture()
+    ref_cache = random_cache(ex, seed=9)
+    chunks = [C([9], 3, [0])]
+    torch.testing.assert_close(replay(r, ex, chunks), reference_logits(ex, chunks, ref_cache),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_reference_backend_runs_padded_steps(art):
+    ex = Executor(art, backend="reference", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
+    r.capture()
+    assert r.stats["plans_bound"] == 0
+    for T, steps in STEPS.items():
+        ref_cache = random_cache(ex, seed=T)
+        for chunks in steps:
+            got = replay(r, ex, chunks)
+            torch.testing.assert_close(got, reference_logits(ex, chunks, ref_cache),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_default_buckets():
+    b = default_buckets(8192)
+    assert b[:8] == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert b == sorted(set(b)) and b[-1] == 8192
+    steps = {(lo, hi): hi - lo for lo, hi in itertools.pairwise(b)}
+    assert all(d == 8 for (lo, hi), d in steps.items() if 8 <= lo < 256)
+    assert all(d == 16 for (lo, hi), d in steps.items() if 256 <= lo < 512)
+    assert all(d == 32 for (lo, hi), d in steps.items() if 512 <= lo < 1024)
+    assert all(d <= lo // 8 for (lo, hi), d in steps.items() if lo >= 1024)   # <= 12.5% padding
+    assert default_buckets(8) == [1, 2, 4, 8]
+    assert default_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert default_buckets(1) == [1]
+
+
+@pytest.mark.parametrize("bad", [[0], [-2], [2.5], [True], [16], []])
+def test_bad_buckets_are_refused(bad):
+    with pytest.raises(BrazeError, match="bucket"):
+        validate_buckets(bad, 8)
+
+
+def test_buckets_sorted_and_capped():
+    assert validate_buckets([4, 2, 2], 8) == [2, 4, 8]
+    assert validate_buckets(None, 8) == [1, 2, 4, 8]
+
+
+def test_bucket_for(ex):
+    r = GraphRunner(ex, static_for(ex), [4, 1, 2], MAX_S)
+    assert r.buckets == [1, 2, 4, 8]
+    assert r.bucket_for(1, 1) == (1, 1)
+    assert r.bucket_for(3, 2) == (4, 4)
+    assert r.bucket_for(5, 3) == (8, 4)
+    assert r.bucket_for(2, 2) == (2, 2)
+    assert r.bucket_for(1, 3) == (4, 4)          # zero-length sequences need sequence rows
+    with pytest.raises(BrazeError, match="max_num_tokens"):
+        r.bucket_for(9, 1)
+    with pytest.raises(BrazeError, match="max_num_seqs"):
+        r.bucket_for(4, 5)
+
+
+def test_bad_setup_is_refused(ex):
+    with pytest.raises(BrazeError, match="cudagraph mode"):
+        GraphRunner(ex, static_for(ex), BUCKETS, MAX_S, mode="partial")
+    with pytest.raises(BrazeError, match="max-num-tokens"):       # bigger than the arena plan
+        GraphRunner(ex, static_for(ex, max_t=16), None, MAX_S)
+    with pytest.raises(BrazeError, match="max-num-seqs"):
+        GraphRunner(ex, static_for(ex, max_s=8), BUCKETS, 8)
+    st = static_for(ex)
+    del st["seq_lens"]
+    with pytest.raises(BrazeError, match="seq_lens"):
+        GraphRunner(ex, st, BUCKETS, MAX_S)
+    with pytest.raises(BrazeError, match="decode-only"):
+        GraphRunner(ex, static_for(ex), BUCKETS, MAX_S).run(3, 2, decode_only=True)
