@@ -50,8 +50,7 @@ class Executor:
         block_size = int(opts["block_size"])
         self.max_blocks = -(-self.max_model_len // block_size)
         if num_blocks is None:
-            # start small; the generation loop grows it to each request's need (a full
-            # max_model_len cache of a large model would not fit in host memory)
+            # small: the engine sizes the cache (kv_cache.default_num_blocks) and resizes it
             num_blocks = min(self.max_blocks, 64)
         self.cache = KVCache(self.graph, num_blocks, self.device)
         # after prune-logits the graph computes logits only for the sampled rows ([S, vocab])

@@ -73,12 +73,6 @@ class KVCache:
         self.tensors = {}
         self._allocate(num_blocks)
 
-    def ensure_blocks(self, needed: int) -> None:
-        """Grow the cache to hold `needed` blocks when nothing is cached (the one-sequence
-        loop sizes it to each request instead of to the longest possible one)."""
-        if needed > self.num_blocks and self.allocator.num_free == self.num_blocks:
-            self._allocate(needed)
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -1,47 +1,59 @@
-"""The Python face of serving: `braze.LLM(artifact).generate(prompts, SamplingParams(...))`."""
+"""The Python face of serving: `braze.LLM(artifact).generate(prompts, SamplingParams(...))`.
+
+`generate` queues every prompt on the engine at once (continuous batching) and
+returns one `RequestOutput` per prompt, in the prompts' order.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
 
 from braze.ir.errors import BrazeError
 
-from .executor import Executor
-from .generate import generate_ids
-from .loader import open_artifact
+from .engine import Engine
+from .request import RequestOutput
 from .sampler import SamplingParams
-from .tokenizer import Tokenizer
 
-
-@dataclass
-class Completion:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
+Completion = RequestOutput      # the name braze used before the engine
 
 
 class LLM:
-    def __init__(self, artifact, backend: str = "auto", device: str | None = None):
-        self.artifact = open_artifact(artifact)
-        self.executor = Executor(self.artifact, backend=backend, device=device)
-        tok_dir = self.artifact.tokenizer_dir
-        self.tokenizer = Tokenizer(tok_dir) if tok_dir else None
-        self.eos_token_ids = list(self.artifact.model.get("eos_token_ids") or [])
+    def __init__(self, artifact, backend: str = "auto", num_kv_blocks: int | None = None,
+                 max_num_seqs: int | None = None, max_num_tokens: int | None = None,
+                 device: str | None = None, **engine_options):
+        self.engine = Engine(artifact, backend=backend, num_kv_blocks=num_kv_blocks,
+                             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
+                             device=device, **engine_options)
+        self.artifact = self.engine.artifact
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[Completion]:
-        """prompts: a string, a list of strings, or a list of token-id lists."""
-        params = params or SamplingParams()
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a list of token ids, or a list of those.
+        params: one SamplingParams for all prompts, or one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise BrazeError("this artifact has no tokenizer: pass token ids instead of text")
-                ids = self.tokenizer.encode(p)
-            else:
-                ids = [int(t) for t in p]
-            new = generate_ids(self.executor, ids, params, self.eos_token_ids)
-            text = self.tokenizer.decode(new) if self.tokenizer else None
-            out.append(Completion(ids, new, text))
-        return out
+        prompts = list(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise BrazeError(f"{len(params)} SamplingParams for {len(prompts)} prompts; "
+                                 f"give one, or one per prompt")
+            plist = list(params)
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
+        ids = []
+        try:
+            for p, sp in zip(prompts, plist):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, p, sp)
+                ids.append(rid)
+            final = self.engine.run_to_completion(ids)
+        except BaseException:
+            for rid in ids:             # an interrupted call leaves nothing running
+                self.engine.abort_request(rid)
+            raise
+        return [final[rid] for rid in ids]
+
+    def stats(self) -> dict:
+        return self.engine.stats()

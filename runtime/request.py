@@ -66,6 +66,8 @@ class RequestOutput:
 
     `token_ids`/`text` are everything generated so far (text with a stop string cut
     off); `new_token_ids`/`new_text` are what this report adds to the previous one.
+    While the request runs, `token_ids` is the engine's live list (it keeps growing;
+    copy it to keep a snapshot); once finished it no longer changes.
     """
     request_id: str
     prompt_token_ids: list[int]
@@ -85,3 +87,42 @@ class RequestOutput:
 
 def now() -> float:
     return time.monotonic()
+
+
+class Request:
+    """The engine's record of one request. `all_token_ids` is prompt + output so far;
+    `num_computed` counts its tokens already in the KV cache."""
+
+    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
+                 "status", "num_computed", "row", "metrics", "detok", "finish_reason",
+                 "stop_reason", "eos_ids", "max_len", "reported_tokens")
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
+                 max_len: int = 1 << 62, arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.status = Status.WAITING
+        self.num_computed = 0
+        self.row: int | None = None           # persistent-batch row while running
+        self.metrics = RequestMetrics(arrival_time if arrival_time is not None else now())
+        self.detok = None                     # runtime.detokenizer.IncrementalDetokenizer
+        self.finish_reason: str | None = None
+        self.stop_reason = None
+        self.eos_ids = frozenset(eos_ids)
+        self.max_len = max_len                # total tokens (prompt + output) allowed
+        self.reported_tokens = 0              # output tokens already reported
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed})")

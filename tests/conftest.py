@@ -76,10 +76,14 @@ def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
 
 
 def assert_greedy_matches_transformers(store, case, ex, prompt, max_tokens):
-    """Our greedy continuation of `prompt` equals transformers' `generate` on the same weights."""
-    from braze.runtime.generate import generate_ids
+    """Our engine's greedy continuation of `prompt` (on `ex`'s artifact and backend) equals
+    transformers' `generate` on the same weights."""
+    from braze.runtime.engine import Engine
     from braze.runtime.sampler import SamplingParams
-    ours = generate_ids(ex, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    eng = Engine(ex.artifact, backend=ex.backend, num_kv_blocks=16, max_num_seqs=4,
+                 buckets=[1, 2, 4, 8, 16] if ex.backend == "interpret" else None)
+    eng.add_request("r", list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    ours = eng.run_to_completion()["r"].token_ids
     with torch.no_grad():
         theirs = hf_model(store.checkpoint(case)).generate(
             torch.tensor([list(prompt)]), max_new_tokens=max_tokens, do_sample=False)

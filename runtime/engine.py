@@ -1,0 +1,236 @@
+"""The serving engine: requests in, tokens out, many requests at once.
+
+    eng = Engine("model.braze")
+    eng.add_request("a", "Hello", SamplingParams(max_tokens=8))
+    while eng.has_unfinished():
+        for out in eng.step():
+            print(out.request_id, out.new_text, out.finish_reason)
+
+Each `step` schedules (runtime/scheduler.py), runs the model on the scheduled
+chunks (runtime/model_runner.py), and applies the sampled tokens: stop tokens,
+stop strings, max_tokens and the length limit finish a request; its blocks are
+freed at once. Not thread-safe: one thread drives an engine (the HTTP server runs
+it in its own thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from braze.ir.errors import BrazeError
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .loader import Artifact, open_artifact
+from .model_runner import ModelRunner
+from .request import Request, RequestOutput, now
+from .sampler import SamplingParams
+from .scheduler import Scheduler
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("braze.engine")
+
+
+class Engine:
+    def __init__(self, artifact, backend: str = "auto", num_kv_blocks: int | None = None,
+                 max_num_seqs: int | None = None, max_num_tokens: int | None = None,
+                 device: str | None = None, buckets: list[int] | None = None,
+                 cudagraph_mode: str | None = None, enable_prefix_caching: bool = True,
+                 debug: bool = False, progress=None):
+        self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(self.artifact, backend=backend, device=device,
+                                  num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                                  max_num_tokens=max_num_tokens, buckets=buckets,
+                                  cudagraph_mode=cudagraph_mode, debug=debug, progress=progress)
+        self.startup_seconds = time.perf_counter() - t0
+        r = self.runner
+        self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
+                                   watermark_blocks=max(0, r.num_kv_blocks // 100))
+        tok_dir = self.artifact.tokenizer_dir
+        self.tokenizer = Tokenizer(tok_dir) if tok_dir else None
+        self.eos_token_ids = list(self.artifact.model.get("eos_token_ids") or [])
+        self.vocab_size = self.artifact.model.get("vocab_size")
+        self.max_model_len = r.max_len
+        self.model_name = self.artifact.root.name
+        self.requests: dict[str, Request] = {}
+        self._aborted: list[Request] = []
+        self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
+                          "requests_finished": 0, "steps": 0}
+
+    @property
+    def backend(self) -> str:
+        return self.runner.executor.backend
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids."""
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self.requests:
+            raise BrazeError(f"request id {request_id!r} is already in use")
+        ids = self.encode(prompt)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
+                             f"all (max_model_len), so at most {limit - 1} leave room to generate")
+        req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
+                      max_len=min(limit, len(ids) + params.max_tokens), arrival_time=arrival_time)
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
+        elif params.stop:
+            raise BrazeError("stop strings need a tokenizer and this artifact has none; "
+                             "use stop_token_ids")
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self._counters["prompt_tokens_total"] += len(ids)
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise BrazeError("this artifact has no tokenizer: pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise BrazeError("a prompt is a string or a list of integer token ids") from None
+        if not ids:
+            raise BrazeError("the prompt is empty: give at least one token")
+        vocab = self.vocab_size
+        bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+        if bad:
+            raise BrazeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        self._finish(req, "abort")
+        self._aborted.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(r) for r in self._aborted]
+        self._aborted.clear()
+        sched = self.scheduler.schedule()
+        for req in sched.preempted:
+            self.runner.remove(req)
+        if not sched.chunks:
+            if self.scheduler.has_work() and not sched.preempted:
+                raise BrazeError("the scheduler could not run any request: the KV cache is too "
+                                 "small for the waiting prompt")
+            return outputs
+        t = now()
+        for c in sched.chunks:
+            if c.request.row is None:
+                self.runner.add(c.request)
+            if c.request.metrics.first_scheduled_time is None:
+                c.request.metrics.first_scheduled_time = t
+        tokens = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only)
+        self.scheduler.commit(sched)
+        self._counters["steps"] += 1
+        t = now()
+        for c, tok in zip(sched.chunks, tokens):
+            if c.samples:
+                out = self._append(c.request, tok, t)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _append(self, req: Request, token: int, t: float) -> RequestOutput | None:
+        req.output_token_ids.append(token)
+        req.all_token_ids.append(token)
+        self._counters["generation_tokens_total"] += 1
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = t
+        m.last_token_time = t
+        reason = stop = None
+        if token in req.params.stop_token_ids or token in req.eos_ids:
+            reason, stop = "stop", token
+        hit = req.detok.update([token]) if req.detok is not None else None
+        if hit is not None:
+            reason, stop = "stop", hit
+        elif reason is None and (len(req.output_token_ids) >= req.params.max_tokens
+                                 or req.num_tokens >= req.max_len):
+            reason = "length"
+        if reason is not None:
+            req.stop_reason = stop
+            self._finish(req, reason)
+        return self._output(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.scheduler.remove(req)
+        self.runner.remove(req)
+        req.finish_reason = reason
+        req.metrics.finished_time = now()
+        self.requests.pop(req.request_id, None)
+        self._counters["requests_finished"] += 1
+
+    def _output(self, req: Request) -> RequestOutput:
+        new_ids = req.output_token_ids[req.reported_tokens:]
+        req.reported_tokens = len(req.output_token_ids)
+        finished = req.finished
+        if req.detok is not None:
+            new_text = req.detok.output_delta(finished)
+            text = req.detok.text
+        else:
+            new_text, text = "", None
+        # token_ids is the request's own list (no copy per step): it grows while the request
+        # runs and is final once it finishes
+        return RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids,
+                             text, new_ids, new_text, finished, req.finish_reason,
+                             req.stop_reason, req.metrics.as_dict(len(req.output_token_ids)))
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> dict:
+        bm = self.block_manager.stats()
+        g = self.runner.graphs.stats
+        return {
+            "kv_blocks_total": bm["kv_blocks_total"],
+            "kv_blocks_free": bm["kv_blocks_free"],
+            "kv_blocks_used": self.block_manager.num_blocks - bm["kv_blocks_free"],
+            "prefix_cache_hit_tokens": bm["prefix_cache_hit_tokens"],
+            "prefix_cache_queries": bm["prefix_cache_queries"],
+            "preemptions": self.scheduler.num_preemptions,
+            "cuda_graphs_captured": g.get("cuda_graphs_captured", 0),
+            "capture_seconds": g.get("capture_seconds", 0.0),
+            "num_running": self.num_running(),
+            "num_waiting": self.num_waiting(),
+            "backend": self.backend,
+            "max_num_seqs": self.runner.max_num_seqs,
+            "max_num_tokens": self.runner.max_num_tokens,
+            "max_model_len": self.max_model_len,
+            **self._counters,
+        }
+
+    def run_to_completion(self, request_ids=None) -> dict[str, RequestOutput]:
+        """Step until the given requests (default: all) finish; their final outputs."""
+        want = set(self.requests if request_ids is None else request_ids)
+        final: dict[str, RequestOutput] = {}
+        while want - final.keys():
+            for out in self.step():
+                if out.finished and out.request_id in want:
+                    final[out.request_id] = out
+            if not self.has_unfinished() and want - final.keys():
+                missing = sorted(want - final.keys())[:3]
+                raise BrazeError(f"requests {missing} ended without a final output")
+        return final
+

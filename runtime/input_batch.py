@@ -1,0 +1,193 @@
+"""The persistent batch: request state in fixed rows of device tensors.
+
+A running request owns a row. Its tokens (prompt, then every sampled token) live in
+`token_ids[row]`, its KV block table in `block_table[row]`, its sampling settings in
+per-row vectors. The host writes a row when a request is (re)admitted and then only
+deltas: block-table entries it has not sent yet, and each step's row mapping
+(row, new tokens, first position, whether it samples) as one small tensor. Every
+step input of the batch contract (ir/contract.py) is then computed on the device
+from that state and written into the static buffers the executor (and its CUDA
+graphs) read. Sampled tokens are written into `token_ids` on the device, so the
+next step's `input_ids` never make a round trip through the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from braze.ir.errors import BrazeError
+
+from .request import Request
+from .scheduler import ScheduledChunk
+
+I64, I32 = torch.int64, torch.int32
+
+STATIC_INPUTS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
+                 "block_tables", "logits_indices")
+
+
+def static_buffers(max_num_tokens: int, max_num_seqs: int, max_blocks: int, device) -> dict:
+    """The persistent step-input buffers, sized for the largest step; never reallocated."""
+    z = dict(device=device)
+    return {
+        "input_ids": torch.zeros(max_num_tokens, dtype=I64, **z),
+        "positions": torch.zeros(max_num_tokens, dtype=I64, **z),
+        "slot_mapping": torch.full((max_num_tokens,), -1, dtype=I64, **z),
+        "query_start_loc": torch.zeros(max_num_seqs + 1, dtype=I32, **z),
+        "seq_lens": torch.zeros(max_num_seqs, dtype=I32, **z),
+        "block_tables": torch.zeros(max_num_seqs, max_blocks, dtype=I32, **z),
+        "logits_indices": torch.zeros(max_num_seqs, dtype=I64, **z),
+    }
+
+
+class PersistentBatch:
+    def __init__(self, max_num_seqs: int, max_len: int, max_blocks: int, block_size: int,
+                 device, static: dict[str, torch.Tensor]):
+        z = dict(device=device)
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.max_len = max_len
+        self.static = static
+        # +1 column: a request at max_len still gets its last sampled token written
+        self.token_ids = torch.zeros(max_num_seqs, max_len + 1, dtype=I64, **z)
+        self.block_table = torch.zeros(max_num_seqs, max_blocks, dtype=I32, **z)
+        self.prompt_len = torch.zeros(max_num_seqs, dtype=I64, **z)
+        self.temperature = torch.zeros(max_num_seqs, dtype=torch.float32, **z)
+        self.top_k = torch.zeros(max_num_seqs, dtype=I64, **z)
+        self.top_p = torch.ones(max_num_seqs, dtype=torch.float32, **z)
+        self.seed = torch.zeros(max_num_seqs, dtype=I64, **z)
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self._blocks_sent = [0] * max_num_seqs       # host mirror of each row's table length
+        self._filtering = [False] * max_num_seqs     # rows whose params use top-k / top-p
+        self._arange = torch.arange(max(max_num_seqs, static["input_ids"].shape[0]) + 1,
+                                    dtype=I64, **z)
+        self._pending_tokens: list[tuple[int, list[int]]] = []
+        self._pending_params: list[tuple[int, Request]] = []
+
+    # ---------------------------------------------------------------- rows
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def add(self, req: Request, seed: int) -> None:
+        """Give a (re)admitted request a row; its tokens and settings go to the device with
+        the next step's deltas."""
+        if req.row is not None:
+            raise BrazeError(f"request {req.request_id!r} already has row {req.row}")
+        if not self._free_rows:
+            raise BrazeError("persistent batch is full: more running requests than max_num_seqs")
+        row = self._free_rows.pop()
+        req.row = row
+        self._blocks_sent[row] = 0
+        p = req.params
+        self._filtering[row] = p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)
+        self._pending_tokens.append((row, req.all_token_ids))
+        self._pending_params.append((row, (len(req.prompt_token_ids), p.temperature, p.top_k,
+                                           p.top_p, seed)))
+
+    def remove(self, req: Request) -> None:
+        if req.row is not None:
+            self._free_rows.append(req.row)
+            self._pending_tokens = [(r, t) for r, t in self._pending_tokens if r != req.row]
+            self._pending_params = [(r, v) for r, v in self._pending_params if r != req.row]
+            req.row = None
+
+    def uses_filtering(self, chunks: list[ScheduledChunk]) -> bool:
+        return any(self._filtering[c.request.row] for c in chunks)
+
+    # ---------------------------------------------------------------- deltas
+
+    def _send_deltas(self, chunks: list[ScheduledChunk], block_manager) -> None:
+        rows, cols, vals = [], [], []
+        for r, tokens in self._pending_tokens:
+            n = len(tokens)
+            rows.extend([r] * n)
+            cols.extend(range(n))
+            vals.extend(tokens)
+        if rows:
+            self._put(self.token_ids, rows, cols, vals)
+        self._pending_tokens.clear()
+        if self._pending_params:
+            idx = torch.tensor([r for r, _ in self._pending_params], dtype=I64)
+            v = list(zip(*[vals for _, vals in self._pending_params]))
+            idx = idx.to(self.device)
+            self.prompt_len[idx] = torch.tensor(v[0], dtype=I64).to(self.device)
+            self.temperature[idx] = torch.tensor(v[1], dtype=torch.float32).to(self.device)
+            self.top_k[idx] = torch.tensor(v[2], dtype=I64).to(self.device)
+            self.top_p[idx] = torch.tensor(v[3], dtype=torch.float32).to(self.device)
+            self.seed[idx] = torch.tensor(v[4], dtype=I64).to(self.device)
+            self._pending_params.clear()
+        rows, cols, vals = [], [], []
+        for c in chunks:
+            r = c.request.row
+            sent = self._blocks_sent[r]
+            new = block_manager.table_since(c.request.request_id, sent)
+            if new:
+                rows.extend([r] * len(new))
+                cols.extend(range(sent, sent + len(new)))
+                vals.extend(new)
+                self._blocks_sent[r] = sent + len(new)
+        if rows:
+            self._put(self.block_table, rows, cols, vals)
+
+    def _put(self, target: torch.Tensor, rows, cols, vals) -> None:
+        host = torch.tensor([rows, cols, vals], dtype=I64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        d = host.to(self.device, non_blocking=True)
+        target.index_put_((d[0], d[1]), d[2].to(target.dtype))
+
+    # ---------------------------------------------------------------- a step
+
+    def prepare(self, chunks: list[ScheduledChunk], block_manager, num_tokens_padded: int,
+                num_seqs_padded: int) -> dict[str, torch.Tensor]:
+        """Write this step's inputs into the static buffers (padded to the bucket); returns
+        the per-sequence vectors the sampler needs (rows, seq_lens, samples)."""
+        self._send_deltas(chunks, block_manager)
+        S, T = len(chunks), sum(c.num_new for c in chunks)
+        meta = torch.tensor([[c.request.row for c in chunks], [c.num_new for c in chunks],
+                             [c.start for c in chunks], [int(c.samples) for c in chunks]],
+                            dtype=I64)
+        if self.device.type == "cuda":
+            meta = meta.pin_memory()
+        meta = meta.to(self.device, non_blocking=True)
+        rows, num_new, start, samples = meta[0], meta[1], meta[2], meta[3]
+        ends = torch.cumsum(num_new, 0)
+        seq_of = torch.repeat_interleave(self._arange[:S], num_new, output_size=T)
+        pos = start[seq_of] + self._arange[:T] - (ends - num_new)[seq_of]
+        r = rows[seq_of]
+        st = self.static
+        st["input_ids"][:T] = self.token_ids[r, pos]
+        st["positions"][:T] = pos
+        bs = self.block_size
+        st["slot_mapping"][:T] = self.block_table[r, pos // bs].to(I64) * bs + pos % bs
+        seq_lens = start + num_new
+        st["query_start_loc"][1:S + 1] = ends
+        st["seq_lens"][:S] = seq_lens
+        st["block_tables"][:S] = self.block_table[rows]
+        st["logits_indices"][:S] = ends - 1
+        # padding: no token writes the cache (-1), padded sequences are empty
+        Tp, Sp = num_tokens_padded, num_seqs_padded
+        if Tp > T:
+            st["input_ids"][T:Tp] = 0
+            st["positions"][T:Tp] = 0
+            st["slot_mapping"][T:Tp] = -1
+        if Sp > S:
+            st["query_start_loc"][S + 1:Sp + 1] = T
+            st["seq_lens"][S:Sp] = 0
+            st["logits_indices"][S:Sp] = 0
+        st["query_start_loc"][0] = 0
+        return {"rows": rows, "seq_lens": seq_lens, "samples": samples}
+
+    def write_sampled(self, rows: torch.Tensor, seq_lens: torch.Tensor, samples: torch.Tensor,
+                      tokens: torch.Tensor) -> None:
+        """Append each sampling row's token to its row of `token_ids`, on the device."""
+        col = seq_lens.clamp(max=self.max_len)
+        keep = self.token_ids[rows, col]
+        self.token_ids[rows, col] = torch.where(samples.bool(), tokens, keep)
+
+    def sampling_args(self, rows: torch.Tensor, seq_lens: torch.Tensor) -> dict:
+        return {"temperature": self.temperature[rows], "top_k": self.top_k[rows],
+                "top_p": self.top_p[rows], "seeds": self.seed[rows],
+                "counters": seq_lens.to(I64) - self.prompt_len[rows]}

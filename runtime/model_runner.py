@@ -1,0 +1,102 @@
+"""One engine step on the device: persistent batch → static inputs → forward → sample.
+
+Owns the executor (weights, KV cache), the persistent batch, the static step buffers
+and the graph runner that replays captured segments over them. The engine hands it
+a scheduled step; it returns the sampled token of every sequence that samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from braze.ir.errors import BrazeError
+
+from .executor import Executor
+from .graph_runner import GraphRunner
+from .input_batch import PersistentBatch, static_buffers
+from .kv_cache import default_num_blocks
+from .loader import Artifact
+from .sampler import sample_batch
+from .scheduler import ScheduledChunk
+
+log = logging.getLogger("braze.runtime")
+
+
+class ModelRunner:
+    def __init__(self, artifact: Artifact, backend: str = "auto", device: str | None = None,
+                 num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
+                 max_num_tokens: int | None = None, buckets: list[int] | None = None,
+                 cudagraph_mode: str | None = None, debug: bool = False, progress=None):
+        opts = artifact.options
+        self.max_num_seqs = _limit("max_num_seqs", max_num_seqs, int(opts["max_num_seqs"]))
+        self.max_num_tokens = _limit("max_num_tokens", max_num_tokens, int(opts["max_num_tokens"]))
+        self.executor = Executor(artifact, backend=backend, device=device, num_blocks=1)
+        ex = self.executor
+        self.device = ex.device
+        self.block_size = ex.block_size
+        self.max_blocks = ex.max_blocks
+        self.static = static_buffers(self.max_num_tokens, self.max_num_seqs, self.max_blocks,
+                                     self.device)
+        arena = int((artifact.graph.meta.get("memory") or {}).get("arena_bytes", 0))
+        if num_kv_blocks is None:
+            num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
+                                               self.max_blocks, reserve_bytes=2 * arena + (1 << 29))
+        elif not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
+            raise BrazeError(f"num_kv_blocks must be a positive integer, got {num_kv_blocks!r}")
+        ex.cache.resize(num_kv_blocks)
+        self.num_kv_blocks = num_kv_blocks
+        # a sequence can never hold more tokens than the cache or the artifact allows
+        self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size)
+        self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
+                                     self.block_size, self.device, self.static)
+        self.graphs = GraphRunner(ex, self.static, buckets, self.max_num_seqs,
+                                  mode=cudagraph_mode, debug=debug)
+        self.graphs.capture(progress=progress)
+        self._seed_rng = random.Random()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.executor.cache.bytes
+
+    def add(self, req) -> None:
+        seed = req.params.seed
+        if seed is None:
+            seed = self._seed_rng.getrandbits(62)
+        self.batch.add(req, seed)
+
+    def remove(self, req) -> None:
+        self.batch.remove(req)
+
+    def execute(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool) -> list[int]:
+        """Run one step; returns one token per chunk (meaningful where `chunk.samples`)."""
+        T = sum(c.num_new for c in chunks)
+        S = len(chunks)
+        Tp, Sp = self.graphs.bucket_for(T, S)
+        meta = self.batch.prepare(chunks, block_manager, Tp, Sp)
+        logits = self.graphs.run(T, S, decode_only)
+        if self.executor.logits_pruned:
+            logits = logits[:S]
+        else:
+            logits = logits.index_select(0, self.static["logits_indices"][:S])
+        rows, seq_lens = meta["rows"], meta["seq_lens"]
+        if all(c.request.params.temperature == 0 for c in chunks):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = sample_batch(logits.float(), **self.batch.sampling_args(rows, seq_lens),
+                                  filter=self.batch.uses_filtering(chunks))
+        self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
+        return tokens.tolist()
+
+
+def _limit(name: str, value, compiled: int) -> int:
+    if value is None:
+        return compiled
+    if not isinstance(value, int) or value < 1:
+        raise BrazeError(f"{name} must be a positive integer, got {value!r}")
+    if value > compiled:
+        raise BrazeError(f"{name}={value} exceeds the {compiled} this artifact was compiled for "
+                         f"(its buffers are planned for that); recompile with --{name.replace('_', '-')} {value}")
+    return value

@@ -1,0 +1,211 @@
+"""The serving engine end to end on the reference backend (float32, tiny random models).
+
+Batch invariance against one-by-one runs and against transformers' teacher-forced
+logits, prefix caching, preemption, seeded sampling, stops, aborts and errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braze.ir.errors import BrazeError
+from braze.runtime.engine import Engine
+from braze.runtime.llm import LLM
+from braze.runtime.sampler import SamplingParams
+
+from conftest import hf_model
+
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def run_all(engine, prompts, params):
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    base = len(engine.requests) + engine.stats()["requests_finished"]
+    ids = [f"q{base + i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, plist):
+        engine.add_request(rid, p, sp)
+    final = engine.run_to_completion(ids)
+    return [final[r] for r in ids]
+
+
+def assert_valid_greedy(model, prompt, generated):
+    """Each generated token is transformers' argmax given the tokens before it (teacher
+    forcing; a near-tie within 1e-4 is accepted)."""
+    seq = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        logits = model(seq).logits[0, len(prompt) - 1:-1]
+    chosen = logits.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    assert torch.all(chosen >= logits.max(dim=-1).values - 1e-4), (prompt, generated)
+
+
+@pytest.mark.parametrize("case,opt", [("llama", 0), ("llama", 2), ("qwen3_moe-dense-middle", 2)])
+def test_batch_equals_one_by_one_and_transformers(store, case, opt):
+    art = store.artifact(case, opt_level=opt)
+    prompts = prompts_of([1, 3, 17, 40, 5, 33, 2, 24])
+    # a small token budget forces chunked prefill mixed with decodes
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=24)
+    together = run_all(eng, prompts, GREEDY)
+    alone = [run_all(eng, [p], GREEDY)[0] for p in prompts]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    model = hf_model(store.checkpoint(case))
+    for p, o in zip(prompts, together):
+        assert len(o.token_ids) == GREEDY.max_tokens and o.finish_reason == "length"
+        assert_valid_greedy(model, p, o.token_ids)
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+
+
+def test_prefix_cache_hits_and_changes_nothing(store):
+    art = store.artifact("llama")
+    shared = prompts_of([40], seed=3)[0]
+    prompts = [shared + t for t in prompts_of([4, 9, 1, 20], seed=4)]
+    cached = Engine(art, backend="reference", num_kv_blocks=64)
+    first = run_all(cached, prompts[:1], GREEDY)
+    rest = run_all(cached, prompts[1:], GREEDY)
+    s = cached.stats()
+    assert s["prefix_cache_hit_tokens"] >= 3 * 32          # 2 full blocks of 16, three times
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+    plain = Engine(art, backend="reference", num_kv_blocks=64, enable_prefix_caching=False)
+    want = run_all(plain, prompts, GREEDY)
+    assert [o.token_ids for o in first + rest] == [o.token_ids for o in want]
+    assert plain.stats()["prefix_cache_hit_tokens"] == 0
+    assert (first + rest)[1].metrics["num_cached_tokens"] == 32
+
+
+def test_preemption_completes_everything_unchanged(store):
+    art = store.artifact("llama")
+    prompts = prompts_of([20, 25, 18, 30, 22, 19], seed=5)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    roomy = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    tight = Engine(art, backend="reference", num_kv_blocks=8)   # 128 token slots for ~270 tokens
+    got = run_all(tight, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in roomy]
+    s = tight.stats()
+    assert s["preemptions"] > 0 and s["kv_blocks_free"] == 8
+    assert sum(o.metrics["num_preemptions"] for o in got) == s["preemptions"]
+
+
+def test_seeded_sampling_reproducible_across_batches(store):
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=64)
+    p = prompts_of([7], seed=6)[0]
+    others = prompts_of([3, 12, 30], seed=7)
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234,
+                        ignore_eos=True)
+    alone = run_all(eng, [p], sp)[0].token_ids
+    mixed = run_all(eng, others[:1] + [p] + others[1:],
+                    [SamplingParams(max_tokens=5, temperature=0.7, seed=9, ignore_eos=True),
+                     sp, GREEDY, SamplingParams(max_tokens=12, temperature=1.3, ignore_eos=True)])
+    assert mixed[1].token_ids == alone
+    again = run_all(Engine(art, backend="reference", num_kv_blocks=16), [p], sp)[0].token_ids
+    assert again == alone
+    other = run_all(eng, [p], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9,
+                                             top_k=50, seed=4321, ignore_eos=True))[0].token_ids
+    assert other != alone
+
+
+def test_stops_and_finish_reasons(store):
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=64)
+    p = prompts_of([6], seed=8)[0]
+    free = run_all(eng, [p], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop_tok = free.token_ids[4]
+    first = free.token_ids.index(stop_tok)
+    by_id = run_all(eng, [p], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))[0]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_tok
+    assert by_id.token_ids == free.token_ids[:first + 1]
+    # a stop string: the text is cut before it
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop:
+        by_str = run_all(eng, [p], SamplingParams(max_tokens=12, stop=[stop]))[0]
+        assert by_str.finish_reason == "stop" and by_str.stop_reason == stop
+        assert by_str.text == text[:text.index(stop)]
+    # EOS ends a request unless ignore_eos
+    eos = eng.eos_token_ids[0]
+    eng.eos_token_ids = [stop_tok]
+    ended = run_all(eng, [p], SamplingParams(max_tokens=12))[0]
+    assert ended.finish_reason == "stop" and ended.token_ids[-1] == stop_tok
+    assert eos is not None
+
+
+def test_abort_frees_blocks_and_reports(store):
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=32)
+    a, b = prompts_of([30, 10], seed=9)
+    eng.add_request("a", a, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("b", b, SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.stats()["kv_blocks_used"] > 0
+    eng.abort_request("a")
+    eng.abort_request("nobody")                     # unknown ids are ignored
+    outs = {}
+    for _ in range(20):
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o)
+        if not eng.has_unfinished():
+            break
+    assert outs["a"][-1].finish_reason == "abort" and outs["a"][-1].finished
+    assert outs["b"][-1].finish_reason == "length"
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+
+
+def test_bad_requests_are_refused_clearly(store):
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=8)        # 128 tokens of cache
+    with pytest.raises(BrazeError, match=r"prompt has 200 tokens.*128"):
+        eng.add_request("x", [5] * 200, GREEDY)
+    with pytest.raises(BrazeError, match="empty"):
+        eng.add_request("x", [], GREEDY)
+    with pytest.raises(BrazeError, match="outside the vocabulary"):
+        eng.add_request("x", [10 ** 6], GREEDY)
+    with pytest.raises(BrazeError, match="temperature"):
+        eng.add_request("x", [5], SamplingParams(temperature=-1))
+    eng.add_request("x", [5], GREEDY)
+    with pytest.raises(BrazeError, match="already in use"):
+        eng.add_request("x", [5], GREEDY)
+    with pytest.raises(BrazeError, match="max_num_seqs"):
+        Engine(art, backend="reference", max_num_seqs=10 ** 6)
+    with pytest.raises(BrazeError, match="num_kv_blocks"):
+        Engine(art, backend="reference", num_kv_blocks=0)
+
+
+def test_llm_api_order_text_and_stats(store):
+    llm = LLM(store.artifact("llama"), backend="reference", num_kv_blocks=48)
+    outs = llm.generate(["hello world", "a", [1, 5, 6]],
+                        SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [o.prompt_token_ids for o in outs][2] == [1, 5, 6]
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("hello world")
+    for o in outs:
+        assert len(o.token_ids) == 6 and o.finish_reason == "length"
+        assert o.text == llm.tokenizer.decode(o.token_ids)
+        assert o.metrics["ttft"] is not None and o.metrics["queue_time"] is not None
+    s = llm.stats()
+    for k in ("kv_blocks_total", "kv_blocks_free", "prefix_cache_hit_tokens", "preemptions",
+              "cuda_graphs_captured", "capture_seconds"):
+        assert k in s
+    assert s["kv_blocks_total"] == 48 == s["kv_blocks_free"]
+    single = llm.generate("hello world", SamplingParams(max_tokens=6, ignore_eos=True))
+    assert single[0].token_ids == outs[0].token_ids
+
+
+def test_interpret_backend_batch_equals_reference(store):
+    """The same engine over the Triton kernels (interpreted) and bound-plan replay."""
+    art = store.artifact("llama", opt_level=2)
+    prompts = prompts_of([9, 3, 14], seed=10)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    kern = Engine(art, backend="interpret", num_kv_blocks=16, max_num_seqs=4,
+                  buckets=[1, 2, 4, 8, 16, 32], debug=True)
+    got = run_all(kern, prompts, params)
+    want = run_all(Engine(art, backend="reference", num_kv_blocks=16), prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert kern.stats()["kv_blocks_free"] == 16
