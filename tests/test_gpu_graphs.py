@@ -18,6 +18,7 @@ from braze.ir import run_graph
 from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk, build_step
 from braze.runtime.graph_runner import GraphRunner, default_buckets, segments_for
+from braze.runtime.input_batch import static_buffers as runtime_static_buffers
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -28,14 +29,7 @@ OPTIONS = {"opt_level": 2, "max_num_tokens": MAX_T, "max_num_seqs": MAX_S, "max_
 
 
 def static_buffers(ex, max_t, max_s):
-    z = {"device": ex.device}
-    return {"input_ids": torch.zeros(max_t, dtype=torch.int64, **z),
-            "positions": torch.zeros(max_t, dtype=torch.int64, **z),
-            "slot_mapping": torch.full((max_t,), -1, dtype=torch.int64, **z),
-            "query_start_loc": torch.zeros(max_s + 1, dtype=torch.int32, **z),
-            "seq_lens": torch.zeros(max_s, dtype=torch.int32, **z),
-            "block_tables": torch.zeros(max_s, ex.max_blocks, dtype=torch.int32, **z),
-            "logits_indices": torch.zeros(max_s, dtype=torch.int64, **z)}
+    return runtime_static_buffers(max_t, max_s, ex.max_blocks, ex.device)
 
 
 def make_step(rng: random.Random, num_tokens: int, max_seqs: int, block_size: int,
