@@ -190,34 +190,35 @@ class BlockManager:
             self._hit_tokens += len(hits) * self.block_size
         return len(hits) * self.block_size
 
-    def append_slots(self, seq_id, num_new_tokens: int, token_ids_so_far) -> bool:
-        """Grow a running sequence by `num_new_tokens`. `token_ids_so_far` is the whole
-        sequence *including* the new tokens. Returns False (changing nothing) when the
-        blocks run out: the caller preempts something and retries."""
+    def append_slots(self, seq_id, num_new_tokens: int) -> bool:
+        """Grow a running sequence by `num_new_tokens` (their values need not be known yet:
+        a token still being sampled on the device counts). Returns False (changing
+        nothing) when the blocks run out: the caller preempts something and retries."""
         seq = self._seq(seq_id)
         if num_new_tokens < 0:
             raise BrazeError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         total = seq.num_tokens + num_new_tokens
-        if len(token_ids_so_far) != total:
-            raise BrazeError(
-                f"sequence {seq_id!r}: token_ids_so_far has {len(token_ids_so_far)} tokens, "
-                f"expected {total} ({seq.num_tokens} held + {num_new_tokens} new)")
         need = self._blocks_for(total) - len(seq.table)
         if need > self.num_free_blocks:
             return False
         seq.table.extend(self._take(need))
         seq.num_tokens = total
-        seq.hashes = self._chain(token_ids_so_far, seq.hashes, total // self.block_size)
         return True
 
-    def commit(self, seq_id, num_computed: int) -> None:
+    def commit(self, seq_id, num_computed: int, token_ids=None) -> None:
         """The first `num_computed` tokens of the sequence are now in the cache: put its
-        full blocks among them into the prefix cache."""
+        full blocks among them into the prefix cache. `token_ids` (at least
+        `num_computed` of them) is needed once decoding has filled blocks past the prompt."""
         seq = self._seq(seq_id)
         if not 0 <= num_computed <= seq.num_tokens:
             raise BrazeError(f"sequence {seq_id!r}: {num_computed} computed tokens, but it "
                              f"holds {seq.num_tokens}")
-        upto = min(num_computed // self.block_size, len(seq.hashes))
+        upto = num_computed // self.block_size
+        if upto > len(seq.hashes):
+            if token_ids is None or len(token_ids) < upto * self.block_size:
+                raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
+                                 f"needs their ids to hash its blocks")
+            seq.hashes = self._chain(token_ids, seq.hashes, upto)
         for i in range(seq.registered, upto):
             self._register(seq.table[i], seq.hashes[i])
         seq.registered = max(seq.registered, upto)

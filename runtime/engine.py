@@ -6,10 +6,11 @@
         for out in eng.step():
             print(out.request_id, out.new_text, out.finish_reason)
 
-Each `step` schedules (runtime/scheduler.py), runs the model on the scheduled
-chunks (runtime/model_runner.py), and applies the sampled tokens: stop tokens,
-stop strings, max_tokens and the length limit finish a request; its blocks are
-freed at once. Not thread-safe: one thread drives an engine (the HTTP server runs
+Each `step` schedules (runtime/scheduler.py), launches the model on the scheduled
+chunks (runtime/model_runner.py), and applies sampled tokens: stop tokens, stop
+strings, max_tokens and the length limit finish a request; its blocks are freed at
+once. With async scheduling (default on a GPU) the tokens applied are the previous
+step's, read back while this one runs (docs/runtime.md, "Overlap"). Not thread-safe: one thread drives an engine (the HTTP server runs
 it in its own thread).
 """
 
@@ -37,7 +38,7 @@ class Engine:
                  max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                  device: str | None = None, buckets: list[int] | None = None,
                  cudagraph_mode: str | None = None, enable_prefix_caching: bool = True,
-                 debug: bool = False, progress=None):
+                 async_scheduling: bool | None = None, debug: bool = False, progress=None):
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         t0 = time.perf_counter()
         self.runner = ModelRunner(self.artifact, backend=backend, device=device,
@@ -57,6 +58,11 @@ class Engine:
         self.model_name = self.artifact.root.name
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
+        self._in_flight: list = []          # launched steps whose tokens are not applied yet
+        # overlap: schedule and launch step N+1 before reading step N's tokens back; only
+        # worth it where the device runs asynchronously to the host
+        self.async_scheduling = (self.backend == "cuda" if async_scheduling is None
+                                 else bool(async_scheduling))
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "requests_finished": 0, "steps": 0}
 
@@ -115,7 +121,7 @@ class Engine:
         self._aborted.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self._in_flight)
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -126,34 +132,52 @@ class Engine:
     # ---------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, and apply the tokens of the step before it (with
+        async scheduling) or of this one. Returns the reports of requests that got tokens
+        or finished."""
         outputs = [self._output(r) for r in self._aborted]
         self._aborted.clear()
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.remove(req)
-        if not sched.chunks:
-            if self.scheduler.has_work() and not sched.preempted:
-                raise BrazeError("the scheduler could not run any request: the KV cache is too "
-                                 "small for the waiting prompt")
-            return outputs
-        t = now()
-        for c in sched.chunks:
-            if c.request.row is None:
-                self.runner.add(c.request)
-            if c.request.metrics.first_scheduled_time is None:
-                c.request.metrics.first_scheduled_time = t
-        tokens = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only)
-        self.scheduler.commit(sched)
-        self._counters["steps"] += 1
-        t = now()
-        for c, tok in zip(sched.chunks, tokens):
-            if c.samples:
-                out = self._append(c.request, tok, t)
-                if out is not None:
-                    outputs.append(out)
+        if sched.chunks:
+            t = now()
+            for c in sched.chunks:
+                if c.request.row is None:
+                    self.runner.add(c.request)
+                if c.request.metrics.first_scheduled_time is None:
+                    c.request.metrics.first_scheduled_time = t
+            result = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only)
+            for c in sched.chunks:
+                if c.samples:
+                    c.request.num_pending += 1
+            self._in_flight.append((sched, result))
+            self._counters["steps"] += 1
+        elif not self._in_flight and not sched.preempted and self.scheduler.has_work():
+            raise BrazeError("the scheduler could not run any request: the KV cache is too "
+                             "small for the waiting prompt")
+        lag = 1 if self.async_scheduling and sched.chunks else 0
+        while len(self._in_flight) > lag:
+            outputs.extend(self._apply(*self._in_flight.pop(0)))
         return outputs
 
-    def _append(self, req: Request, token: int, t: float) -> RequestOutput | None:
+    def _apply(self, sched, result) -> list[RequestOutput]:
+        """A step's tokens are back: its blocks enter the prefix cache, its tokens join
+        their requests (dropped for requests that finished meanwhile)."""
+        tokens = result.tokens()
+        self.scheduler.commit(sched)
+        t = now()
+        outputs = []
+        for c, tok in zip(sched.chunks, tokens):
+            if c.samples:
+                req = c.request
+                req.num_pending -= 1
+                if req.finished:
+                    continue
+                outputs.append(self._append(req, tok, t))
+        return outputs
+
+    def _append(self, req: Request, token: int, t: float) -> RequestOutput:
         req.output_token_ids.append(token)
         req.all_token_ids.append(token)
         self._counters["generation_tokens_total"] += 1
@@ -168,7 +192,7 @@ class Engine:
         if hit is not None:
             reason, stop = "stop", hit
         elif reason is None and (len(req.output_token_ids) >= req.params.max_tokens
-                                 or req.num_tokens >= req.max_len):
+                                 or len(req.all_token_ids) >= req.max_len):
             reason = "length"
         if reason is not None:
             req.stop_reason = stop

@@ -70,8 +70,9 @@ class ModelRunner:
     def remove(self, req) -> None:
         self.batch.remove(req)
 
-    def execute(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool) -> list[int]:
-        """Run one step; returns one token per chunk (meaningful where `chunk.samples`)."""
+    def execute(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool) -> "StepResult":
+        """Launch one step; its result holds one token per chunk (meaningful where
+        `chunk.samples`). On a GPU this returns before the step has run."""
         T = sum(c.num_new for c in chunks)
         S = len(chunks)
         Tp, Sp = self.graphs.bucket_for(T, S)
@@ -88,7 +89,26 @@ class ModelRunner:
             tokens = sample_batch(logits.float(), **self.batch.sampling_args(rows, seq_lens),
                                   filter=self.batch.uses_filtering(chunks))
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
-        return tokens.tolist()
+        return StepResult(tokens)
+
+
+class StepResult:
+    """A launched step's sampled tokens, copied to the host without blocking the launch."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self._event = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tokens
+
+    def tokens(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 def _limit(name: str, value, compiled: int) -> int:

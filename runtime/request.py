@@ -95,7 +95,7 @@ class Request:
 
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
-                 "stop_reason", "eos_ids", "max_len", "reported_tokens")
+                 "stop_reason", "eos_ids", "max_len", "reported_tokens", "num_pending")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -114,10 +114,19 @@ class Request:
         self.eos_ids = frozenset(eos_ids)
         self.max_len = max_len                # total tokens (prompt + output) allowed
         self.reported_tokens = 0              # output tokens already reported
+        self.num_pending = 0                  # tokens sampled on the device, not yet read back
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        """Tokens of the sequence, counting those still being sampled on the device."""
+        return len(self.all_token_ids) + self.num_pending
+
+    @property
+    def reaches_limit(self) -> bool:
+        """Its tokens so far (pending ones included) already end it by length: nothing more
+        to run for it, whatever the pending tokens turn out to be."""
+        n_out = len(self.output_token_ids) + self.num_pending
+        return n_out >= self.params.max_tokens or self.num_tokens >= self.max_len
 
     @property
     def finished(self) -> bool:

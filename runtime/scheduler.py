@@ -14,6 +14,11 @@ the prompt and that output are prefilled again (often from the prefix cache).
 Nothing is lost: the tokens it already produced stay in the request. A step that
 preempts admits no new requests.
 
+Scheduling a chunk advances the request's `num_computed` at once: the device runs
+steps in order, so the next step may be scheduled while this one still runs
+(tokens being sampled count through `Request.num_pending`). `commit` later puts
+the blocks a finished step wrote into the prefix cache.
+
 Pure Python over runtime.block_manager; no torch.
 """
 
@@ -34,9 +39,11 @@ class ScheduledChunk:
     num_new: int                 # tokens of the request run this step
     start: int                   # its tokens already in the cache (the chunk's first position)
     samples: bool = field(init=False)   # the chunk reaches the request's last token: sample
+    epoch: int = field(init=False)      # the request's preemption count when scheduled
 
     def __post_init__(self):
         self.samples = self.start + self.num_new == self.request.num_tokens
+        self.epoch = self.request.metrics.num_preemptions
 
 
 @dataclass
@@ -95,18 +102,20 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed, budget)
-            if num_new <= 0:            # nothing to run (cannot happen in the engine's loop)
-                i += 1
+            if num_new <= 0 or (req.num_pending and req.reaches_limit):
+                i += 1                  # waiting for its last token to come back
                 continue
             if not self._grow(req, num_new, out):
                 continue                # req itself was preempted; running[i] is the next one
-            out.chunks.append(ScheduledChunk(req, num_new, req.num_computed))
+            self._schedule(req, num_new, out)
             budget -= num_new
             i += 1
         if out.preempted:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:         # preempted while a token was in flight: wait for it
+                break
             tokens = req.all_token_ids
             if not self.bm.can_allocate(tokens, self.watermark if self.running else 0):
                 break
@@ -118,9 +127,13 @@ class Scheduler:
                 req.metrics.num_cached_tokens = cached
             self.running.append(req)
             num_new = min(req.num_tokens - cached, budget)
-            out.chunks.append(ScheduledChunk(req, num_new, cached))
+            self._schedule(req, num_new, out)
             budget -= num_new
         return out
+
+    def _schedule(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+        out.chunks.append(ScheduledChunk(req, num_new, req.num_computed))
+        req.num_computed += num_new
 
     def _grow(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room in the cache for `num_new` more tokens of `req`, preempting the most
@@ -129,8 +142,7 @@ class Scheduler:
         extra = req.num_computed + num_new - held
         if extra <= 0:
             return True
-        upto = req.all_token_ids[:held + extra] if held + extra < req.num_tokens else req.all_token_ids
-        while not self.bm.append_slots(req.request_id, extra, upto):
+        while not self.bm.append_slots(req.request_id, extra):
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is req:
@@ -151,9 +163,10 @@ class Scheduler:
     # ------------------------------------------------------------------ after
 
     def commit(self, out: SchedulerOutput) -> None:
-        """The step ran: its chunks' tokens are in the cache."""
+        """A step has run (its results are read back): the blocks it filled hold their KV,
+        so they may serve other prompts. Chunks of requests finished or preempted since
+        they were scheduled are skipped (their blocks are gone)."""
         for c in out.chunks:
             req = c.request
-            req.num_computed = c.start + c.num_new
-            if req.status is Status.RUNNING:
-                self.bm.commit(req.request_id, req.num_computed)
+            if req.status is Status.RUNNING and c.epoch == req.metrics.num_preemptions:
+                self.bm.commit(req.request_id, c.start + c.num_new, req.all_token_ids)

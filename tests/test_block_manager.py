@@ -49,9 +49,9 @@ def admit(bm, sid, prompt):
 
 
 def grow(bm, sid, n, seq):
-    ok = bm.append_slots(sid, n, seq)
+    ok = bm.append_slots(sid, n)
     if ok:
-        bm.commit(sid, len(seq))
+        bm.commit(sid, len(seq), seq)
     return ok
 
 
@@ -154,7 +154,10 @@ def test_append_slots_grows_and_registers_full_blocks():
     assert len(bm.block_table("a")) == 4
     check_invariants(bm)
     with pytest.raises(BrazeError):
-        grow(bm, "a", 1, seq)        # wrong token count
+        bm.commit("a", 17)                  # more than it holds
+    assert bm.append_slots("a", 4)          # tokens still being sampled: no ids yet
+    with pytest.raises(BrazeError):
+        bm.commit("a", 20, seq)             # 16 ids cannot hash a 5th block
 
 
 def test_out_of_blocks():
@@ -309,7 +312,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.ref_count(b) == 1, "writing a shared block"
             self.mem[b][p % BS] = seq[p]
         self.computed[sid] = upto
-        self.bm.commit(sid, upto)
+        self.bm.commit(sid, upto, seq)
 
     @precondition(lambda self: any(self.computed[s] < len(q) for s, q in self.seqs.items()))
     @rule(data=st.data())
@@ -327,7 +330,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         need = -(-(old + len(new)) // BS) - len(self.bm.block_table(sid))
         free_before = self.bm.num_free_blocks
         grown = self.seqs[sid] + new
-        ok = self.bm.append_slots(sid, len(new), grown)
+        ok = self.bm.append_slots(sid, len(new))
         assert ok == (need <= free_before)
         if ok:
             assert self.bm.num_free_blocks == free_before - need

@@ -44,12 +44,15 @@ def assert_valid_greedy(model, prompt, generated):
     assert torch.all(chosen >= logits.max(dim=-1).values - 1e-4), (prompt, generated)
 
 
-@pytest.mark.parametrize("case,opt", [("llama", 0), ("llama", 2), ("qwen3_moe-dense-middle", 2)])
-def test_batch_equals_one_by_one_and_transformers(store, case, opt):
+@pytest.mark.parametrize("case,opt,lag", [("llama", 0, False), ("llama", 2, True),
+                                          ("qwen3_moe-dense-middle", 2, False)])
+def test_batch_equals_one_by_one_and_transformers(store, case, opt, lag):
     art = store.artifact(case, opt_level=opt)
     prompts = prompts_of([1, 3, 17, 40, 5, 33, 2, 24])
-    # a small token budget forces chunked prefill mixed with decodes
-    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=24)
+    # a small token budget forces chunked prefill mixed with decodes; `lag` schedules step
+    # N+1 before step N's tokens are applied (the GPU's overlap), on the CPU
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=24,
+                 async_scheduling=lag)
     together = run_all(eng, prompts, GREEDY)
     alone = [run_all(eng, [p], GREEDY)[0] for p in prompts]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
@@ -61,11 +64,12 @@ def test_batch_equals_one_by_one_and_transformers(store, case, opt):
     assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
 
 
-def test_prefix_cache_hits_and_changes_nothing(store):
+@pytest.mark.parametrize("lag", [False, True])
+def test_prefix_cache_hits_and_changes_nothing(store, lag):
     art = store.artifact("llama")
     shared = prompts_of([40], seed=3)[0]
     prompts = [shared + t for t in prompts_of([4, 9, 1, 20], seed=4)]
-    cached = Engine(art, backend="reference", num_kv_blocks=64)
+    cached = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
     first = run_all(cached, prompts[:1], GREEDY)
     rest = run_all(cached, prompts[1:], GREEDY)
     s = cached.stats()
@@ -78,12 +82,14 @@ def test_prefix_cache_hits_and_changes_nothing(store):
     assert (first + rest)[1].metrics["num_cached_tokens"] == 32
 
 
-def test_preemption_completes_everything_unchanged(store):
+@pytest.mark.parametrize("lag", [False, True])
+def test_preemption_completes_everything_unchanged(store, lag):
     art = store.artifact("llama")
     prompts = prompts_of([20, 25, 18, 30, 22, 19], seed=5)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     roomy = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
-    tight = Engine(art, backend="reference", num_kv_blocks=8)   # 128 token slots for ~270 tokens
+    tight = Engine(art, backend="reference", num_kv_blocks=8,   # 128 token slots for ~270 tokens
+                   async_scheduling=lag)
     got = run_all(tight, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in roomy]
     s = tight.stats()
@@ -110,9 +116,10 @@ def test_seeded_sampling_reproducible_across_batches(store):
     assert other != alone
 
 
-def test_stops_and_finish_reasons(store):
+@pytest.mark.parametrize("lag", [False, True])
+def test_stops_and_finish_reasons(store, lag):
     art = store.artifact("llama")
-    eng = Engine(art, backend="reference", num_kv_blocks=64)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
     p = prompts_of([6], seed=8)[0]
     free = run_all(eng, [p], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 12
@@ -136,9 +143,10 @@ def test_stops_and_finish_reasons(store):
     assert eos is not None
 
 
-def test_abort_frees_blocks_and_reports(store):
+@pytest.mark.parametrize("lag", [False, True])
+def test_abort_frees_blocks_and_reports(store, lag):
     art = store.artifact("llama")
-    eng = Engine(art, backend="reference", num_kv_blocks=32)
+    eng = Engine(art, backend="reference", num_kv_blocks=32, async_scheduling=lag)
     a, b = prompts_of([30, 10], seed=9)
     eng.add_request("a", a, SamplingParams(max_tokens=50, ignore_eos=True))
     eng.add_request("b", b, SamplingParams(max_tokens=4, ignore_eos=True))

@@ -20,6 +20,9 @@ from braze.runtime.scheduler import Scheduler
 BS = 4
 
 
+STOP = 0       # the fake model's end-of-sequence token
+
+
 def fake_token(seq: list[int]) -> int:
     """The 'model': the next token depends on the whole sequence, like a real one."""
     return (sum(seq) * 31 + len(seq)) % 50
@@ -31,19 +34,25 @@ def alone(prompt: list[int], max_tokens: int, max_len: int) -> list[int]:
         t = fake_token(seq)
         out.append(t)
         seq.append(t)
+        if t == STOP:
+            break
     return out
 
 
 class Driver:
-    """What the engine does around the scheduler, minus the model."""
+    """What the engine does around the scheduler, minus the model. With `lag`, a step's
+    tokens are read back only after the next step is scheduled (the engine's overlap of
+    host scheduling with device execution)."""
 
-    def __init__(self, num_blocks, max_num_seqs, max_num_tokens):
+    def __init__(self, num_blocks, max_num_seqs, max_num_tokens, lag=False):
         self.bm = BlockManager(num_blocks, BS)
         self.sched = Scheduler(self.bm, max_num_seqs, max_num_tokens)
         self.max_len = num_blocks * BS
         self.live: dict[str, Request] = {}
         self.done: dict[str, list[int]] = {}
         self.aborted: set[str] = set()
+        self.lag = lag
+        self.in_flight: list = []
 
     def add(self, rid, prompt, max_tokens):
         req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens),
@@ -56,6 +65,9 @@ class Driver:
         self.sched.remove(req)
         self.aborted.add(rid)
 
+    def busy(self) -> bool:
+        return self.sched.has_work() or bool(self.in_flight)
+
     def step(self):
         out = self.sched.schedule()
         assert out.num_tokens <= self.sched.max_num_tokens
@@ -66,27 +78,41 @@ class Driver:
         for c in out.chunks:
             req = c.request
             assert req.status is Status.RUNNING and c.num_new >= 1
-            assert c.start == req.num_computed
-            assert len(self.bm.block_table(req.request_id)) * BS >= c.start + c.num_new
+            assert c.start + c.num_new == req.num_computed <= req.num_tokens
+            assert len(self.bm.block_table(req.request_id)) * BS >= req.num_computed
+            if c.samples:
+                req.num_pending += 1
+        if out.chunks:
+            self.in_flight.append(out)
+        if self.in_flight and (len(self.in_flight) > int(self.lag) or not out.chunks):
+            self.resolve(self.in_flight.pop(0))
+        return out
+
+    def resolve(self, out):
         self.sched.commit(out)
         for c in out.chunks:
             req = c.request
-            if c.samples:
-                t = fake_token(req.all_token_ids)
-                req.output_token_ids.append(t)
-                req.all_token_ids.append(t)
-                if len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= req.max_len:
-                    self.sched.remove(req)
-                    self.done[req.request_id] = req.output_token_ids
-                    del self.live[req.request_id]
-        return out
+            if not c.samples:
+                continue
+            req.num_pending -= 1
+            if req.finished:
+                continue                      # stopped meanwhile: the extra token is dropped
+            assert len(req.all_token_ids) == c.start + c.num_new
+            t = fake_token(req.all_token_ids)
+            req.output_token_ids.append(t)
+            req.all_token_ids.append(t)
+            if (t == STOP or len(req.output_token_ids) >= req.params.max_tokens
+                    or len(req.all_token_ids) >= req.max_len):
+                self.sched.remove(req)
+                self.done[req.request_id] = req.output_token_ids
+                del self.live[req.request_id]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(num_blocks=st.integers(3, 12), max_num_seqs=st.integers(1, 6),
-                max_num_tokens=st.integers(1, 24))
-    def setup(self, num_blocks, max_num_seqs, max_num_tokens):
-        self.d = Driver(num_blocks, max_num_seqs, max_num_tokens)
+                max_num_tokens=st.integers(1, 24), lag=st.booleans())
+    def setup(self, num_blocks, max_num_seqs, max_num_tokens, lag):
+        self.d = Driver(num_blocks, max_num_seqs, max_num_tokens, lag)
         self.n = 0
         self.prompts: dict[str, tuple[list[int], int]] = {}
 
@@ -110,7 +136,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(steps=st.integers(1, 6))
     def step(self, steps):
         for _ in range(steps):
-            if not self.d.sched.has_work():
+            if not self.d.busy():
                 break
             self.d.step()
 
@@ -134,7 +160,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         d = self.d
         for _ in range(2000):                 # bounded: every request finishes
-            if not d.sched.has_work():
+            if not d.busy():
                 break
             d.step()
         assert not d.live
@@ -167,7 +193,7 @@ def test_preemption_recomputes_and_counts():
     d.add("a", list(range(1, 7)), 6)      # 6 + 6 tokens: 3 blocks at the end
     d.add("b", list(range(10, 16)), 6)
     for _ in range(200):
-        if not d.sched.has_work():
+        if not d.busy():
             break
         d.step()
     assert d.sched.num_preemptions >= 1
