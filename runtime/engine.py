@@ -51,7 +51,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
                                    watermark_blocks=max(0, r.num_kv_blocks // 100))
         tok_dir = self.artifact.tokenizer_dir
-        self.tokenizer = Tokenizer(tok_dir) if tok_dir else None
+        has_tok = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
+        self.tokenizer = Tokenizer(tok_dir) if has_tok else None
         self.eos_token_ids = list(self.artifact.model.get("eos_token_ids") or [])
         self.vocab_size = self.artifact.model.get("vocab_size")
         self.max_model_len = r.max_len
@@ -200,8 +201,8 @@ class Engine:
         return self._output(req)
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.scheduler.remove(req)
-        self.runner.remove(req)
+        self.runner.remove(req)          # its persistent-batch row
+        self.scheduler.remove(req)       # its KV blocks
         req.finish_reason = reason
         req.metrics.finished_time = now()
         self.requests.pop(req.request_id, None)
@@ -236,6 +237,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "cuda_graphs_captured": g.get("cuda_graphs_captured", 0),
             "capture_seconds": g.get("capture_seconds", 0.0),
+            "capture_bytes": g.get("capture_bytes", 0),
             "num_running": self.num_running(),
             "num_waiting": self.num_waiting(),
             "backend": self.backend,

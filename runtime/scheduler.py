@@ -88,7 +88,6 @@ class Scheduler:
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status = Status.FINISHED
-        req.row = None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -154,7 +153,6 @@ class Scheduler:
         self.bm.free(req.request_id)
         req.status = Status.WAITING
         req.num_computed = 0
-        req.row = None
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)

@@ -94,6 +94,7 @@ def test_preemption_completes_everything_unchanged(store, lag):
     assert [o.token_ids for o in got] == [o.token_ids for o in roomy]
     s = tight.stats()
     assert s["preemptions"] > 0 and s["kv_blocks_free"] == 8
+    assert tight.runner.batch.num_free_rows == tight.runner.max_num_seqs   # no row leaked
     assert sum(o.metrics["num_preemptions"] for o in got) == s["preemptions"]
 
 
@@ -217,3 +218,18 @@ def test_interpret_backend_batch_equals_reference(store):
     want = run_all(Engine(art, backend="reference", num_kv_blocks=16), prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert kern.stats()["kv_blocks_free"] == 16
+
+
+def test_rows_are_reused_after_requests_finish(store):
+    """More requests over the engine's life than it has persistent-batch rows."""
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=2)
+    prompts = prompts_of([3, 5, 4, 6, 2], seed=11)
+    outs = run_all(eng, prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert all(len(o.token_ids) == 3 for o in outs)
+    eng.add_request("late", prompts[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.step()
+    eng.abort_request("late")
+    again = run_all(eng, prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    assert eng.runner.batch.num_free_rows == 2
