@@ -65,6 +65,9 @@ class BlockManager:
     def block_table(self, seq_id) -> list[int]:
         return list(self._seq(seq_id).table)
 
+    def table_len(self, seq_id) -> int:
+        return len(self._seqs[seq_id].table)
+
     def table_since(self, seq_id, start: int) -> list[int]:
         """The sequence's blocks from index `start` on (what a device copy of its table lacks)."""
         return self._seq(seq_id).table[start:]
@@ -198,6 +201,9 @@ class BlockManager:
         if num_new_tokens < 0:
             raise BrazeError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         total = seq.num_tokens + num_new_tokens
+        if total <= len(seq.table) * self.block_size:      # room in its last block
+            seq.num_tokens = total
+            return True
         need = self._blocks_for(total) - len(seq.table)
         if need > self.num_free_blocks:
             return False

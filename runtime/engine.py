@@ -16,6 +16,8 @@ it in its own thread).
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 
@@ -66,6 +68,13 @@ class Engine:
                                  else bool(async_scheduling))
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "requests_finished": 0, "steps": 0}
+        # the weights, kernels and graphs live as long as the engine: keep the collector
+        # from walking them on every collection during serving
+        gc.collect()
+        gc.freeze()
+        if not _unfreeze.registered:     # so extension modules see their objects freed at exit
+            atexit.register(_unfreeze)
+            _unfreeze.registered = True
 
     @property
     def backend(self) -> str:
@@ -189,7 +198,7 @@ class Engine:
         reason = stop = None
         if token in req.params.stop_token_ids or token in req.eos_ids:
             reason, stop = "stop", token
-        hit = req.detok.update([token]) if req.detok is not None else None
+        hit = req.detok.update([token]) if req.detok is not None and req.params.stop else None
         if hit is not None:
             reason, stop = "stop", hit
         elif reason is None and (len(req.output_token_ids) >= req.params.max_tokens
@@ -212,16 +221,18 @@ class Engine:
         new_ids = req.output_token_ids[req.reported_tokens:]
         req.reported_tokens = len(req.output_token_ids)
         finished = req.finished
-        if req.detok is not None:
-            new_text = req.detok.output_delta(finished)
-            text = req.detok.text
-        else:
-            new_text, text = "", None
+        metrics = req.metrics.as_dict(len(req.output_token_ids)) if finished else None
         # token_ids is the request's own list (no copy per step): it grows while the request
         # runs and is final once it finishes
-        return RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids,
-                             text, new_ids, new_text, finished, req.finish_reason,
-                             req.stop_reason, req.metrics.as_dict(len(req.output_token_ids)))
+        out = RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, None,
+                            new_ids, "", finished, req.finish_reason, req.stop_reason, metrics)
+        if req.detok is not None:
+            if req.params.stop:          # already detokenised in the step, for the stop check
+                out._new_text = req.detok.output_delta(finished)
+                out._text = req.detok.text
+            else:                        # detokenised where it is read
+                out._lazy = (req.detok, req.reported_tokens)
+        return out
 
     # ---------------------------------------------------------------- stats
 
@@ -260,3 +271,10 @@ class Engine:
                 raise BrazeError(f"requests {missing} ended without a final output")
         return final
 
+
+def _unfreeze() -> None:
+    gc.unfreeze()
+    gc.collect()
+
+
+_unfreeze.registered = False

@@ -122,8 +122,8 @@ class PersistentBatch:
         for c in chunks:
             r = c.request.row
             sent = self._blocks_sent[r]
-            new = block_manager.table_since(c.request.request_id, sent)
-            if new:
+            if block_manager.table_len(c.request.request_id) > sent:
+                new = block_manager.table_since(c.request.request_id, sent)
                 rows.extend([r] * len(new))
                 cols.extend(range(sent, sent + len(new)))
                 vals.extend(new)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Status(enum.Enum):
@@ -60,29 +60,65 @@ class RequestMetrics:
                 "num_preemptions": self.num_preemptions}
 
 
-@dataclass
 class RequestOutput:
     """One request's state as the engine reports it after a step (or at the end).
 
     `token_ids`/`text` are everything generated so far (text with a stop string cut
     off); `new_token_ids`/`new_text` are what this report adds to the previous one.
     While the request runs, `token_ids` is the engine's live list (it keeps growing;
-    copy it to keep a snapshot); once finished it no longer changes.
+    copy it to keep a snapshot); once finished it no longer changes. `metrics` is
+    filled in the final report.
+
+    Text is detokenised where it is read, not in the engine's step (except for requests
+    with stop strings, which the engine must see as text): reading `text`/`new_text`
+    of a request's reports in order gives each piece once.
     """
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None         # "stop", "length" or "abort" once finished
-    stop_reason: int | str | None = None     # the stop token id or stop string that ended it
-    metrics: dict = field(default_factory=dict)
+
+    __slots__ = ("request_id", "prompt_token_ids", "token_ids", "new_token_ids", "finished",
+                 "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy")
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], token_ids: list[int],
+                 text: str | None, new_token_ids: list[int] | None = None, new_text: str = "",
+                 finished: bool = False, finish_reason: str | None = None, stop_reason=None,
+                 metrics: dict | None = None, lazy=None):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.token_ids = token_ids
+        self.new_token_ids = new_token_ids if new_token_ids is not None else []
+        self.finished = finished
+        self.finish_reason = finish_reason   # "stop", "length" or "abort" once finished
+        self.stop_reason = stop_reason       # the stop token id or stop string that ended it
+        self.metrics = metrics if metrics is not None else {}
+        self._text, self._new_text = text, new_text
+        self._lazy = lazy                    # (detokenizer, tokens upto) to decode on demand
+
+    def _resolve(self) -> None:
+        detok, upto = self._lazy
+        self._lazy = None
+        if detok.num_tokens < upto:
+            detok.update(self.token_ids[detok.num_tokens:upto])
+        self._new_text = detok.output_delta(self.finished)
+        self._text = detok.text
+
+    @property
+    def text(self) -> str | None:
+        if self._lazy is not None:
+            self._resolve()
+        return self._text
+
+    @property
+    def new_text(self) -> str:
+        if self._lazy is not None:
+            self._resolve()
+        return self._new_text
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def __repr__(self) -> str:
+        return (f"RequestOutput({self.request_id!r}, tokens={len(self.token_ids)}, "
+                f"finished={self.finished}, finish_reason={self.finish_reason!r})")
 
 
 def now() -> float:

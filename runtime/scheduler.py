@@ -33,17 +33,19 @@ from .block_manager import BlockManager
 from .request import Request, Status
 
 
-@dataclass
 class ScheduledChunk:
-    request: Request
-    num_new: int                 # tokens of the request run this step
-    start: int                   # its tokens already in the cache (the chunk's first position)
-    samples: bool = field(init=False)   # the chunk reaches the request's last token: sample
-    epoch: int = field(init=False)      # the request's preemption count when scheduled
+    """`num_new` tokens of `request` run this step, from position `start` (its tokens
+    already in the cache). `samples`: the chunk reaches the request's last token, so the
+    step samples for it. `epoch`: the request's preemption count when scheduled."""
 
-    def __post_init__(self):
-        self.samples = self.start + self.num_new == self.request.num_tokens
-        self.epoch = self.request.metrics.num_preemptions
+    __slots__ = ("request", "num_new", "start", "samples", "epoch")
+
+    def __init__(self, request: Request, num_new: int, start: int):
+        self.request = request
+        self.num_new = num_new
+        self.start = start
+        self.samples = start + num_new == request.num_tokens
+        self.epoch = request.metrics.num_preemptions
 
 
 @dataclass
@@ -164,7 +166,11 @@ class Scheduler:
         """A step has run (its results are read back): the blocks it filled hold their KV,
         so they may serve other prompts. Chunks of requests finished or preempted since
         they were scheduled are skipped (their blocks are gone)."""
+        bs = self.bm.block_size
         for c in out.chunks:
             req = c.request
+            end = c.start + c.num_new
+            if end // bs == c.start // bs:
+                continue                # completed no block (most decode steps)
             if req.status is Status.RUNNING and c.epoch == req.metrics.num_preemptions:
-                self.bm.commit(req.request_id, c.start + c.num_new, req.all_token_ids)
+                self.bm.commit(req.request_id, end, req.all_token_ids)
