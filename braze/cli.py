@@ -48,7 +48,8 @@ def cmd_compile(a) -> int:
 def _sampling(a):
     from braze.runtime.sampler import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                          top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos)
+                          top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos,
+                          stop=a.stop or [])
 
 
 def cmd_generate(a) -> int:
@@ -57,10 +58,11 @@ def cmd_generate(a) -> int:
         raise BrazeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     params = _sampling(a)
     params.validate()
-    llm = LLM(a.artifact, backend=a.backend)
+    llm = LLM(a.artifact, backend=a.backend, num_kv_blocks=a.num_kv_blocks)
     out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
     if a.json:
-        print(json.dumps({"token_ids": out.token_ids, "text": out.text}))
+        print(json.dumps({"token_ids": out.token_ids, "text": out.text,
+                          "finish_reason": out.finish_reason}))
     else:
         print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
     return 0
@@ -103,8 +105,17 @@ def cmd_opt(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    raise BrazeError("`braze serve` (the OpenAI-compatible HTTP server) is not built yet; "
-                     "use `braze generate` or braze.LLM from Python")
+    try:
+        from braze.serving.server import serve
+    except ImportError as e:
+        raise BrazeError(f"`braze serve` needs fastapi and uvicorn ({e}); "
+                         "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
+    if a.drain_timeout < 0:
+        raise BrazeError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
+    return serve(a.artifact, host=a.host, port=a.port, backend=a.backend,
+                 num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
+                 max_queue=a.max_queue, served_model_name=a.served_model_name,
+                 drain_timeout=a.drain_timeout, log_level=a.log_level)
 
 
 def cmd_demo(a) -> int:
@@ -158,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when this text appears (not included in the output); repeatable")
+    g.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
+                   help="KV cache blocks to allocate (default: what the GPU's free memory "
+                        "holds, or up to 1 GiB on the CPU)")
     g.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
                    help="auto picks the best available; today: reference (the IR interpreter)")
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
@@ -185,11 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for split-segments (default piecewise)")
     o.set_defaults(fn=cmd_opt)
 
-    s = sub.add_parser("serve", help="serve an artifact over HTTP (not built yet)")
+    s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
+                       description="Serve ARTIFACT over HTTP: /v1/completions, "
+                       "/v1/chat/completions, /v1/models, /health, /version, /metrics. "
+                       "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--backend", default="auto")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
+                   help="auto picks the best available")
+    s.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
+                   help="KV-cache blocks (default: the engine's choice)")
+    s.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
+                   help="most requests in the running batch (default: the artifact's)")
+    s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
+                   help="most requests waiting for the running batch; more get 503 (default 256)")
+    s.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients use (default: the artifact directory's name)")
+    s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")

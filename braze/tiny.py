@@ -31,6 +31,17 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in this order
 MODEL_MAX_LENGTH = 256
 
+# A minimal chat template (BOS, "role: content" lines, then "assistant:"), so that
+# `braze serve` can answer /v1/chat/completions for tiny models.  Like real templates
+# it writes the BOS itself (transformers tokenizes a rendered chat without adding one).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ message['role'] + ': ' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
 _TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. A compiler turns a program written
 in one language into another language, usually one that a machine can run. It
@@ -71,7 +82,8 @@ def make_tokenizer(out_dir, vocab_size: int = 256) -> int:
     The vocabulary is 3 special tokens + 128 ASCII bytes + BPE merges, so the
     result is at least 131 and at most ``vocab_size``.
 
-    Writes ``tokenizer.json`` and ``tokenizer_config.json`` into ``out_dir`` so
+    Writes ``tokenizer.json`` and ``tokenizer_config.json`` (with a small chat
+    template, :data:`CHAT_TEMPLATE`) into ``out_dir`` so
     that both ``tokenizers.Tokenizer.from_file`` and
     ``transformers.AutoTokenizer.from_pretrained`` load it.  Deterministic.
     """
@@ -104,6 +116,7 @@ def make_tokenizer(out_dir, vocab_size: int = 256) -> int:
         "pad_token": "<pad>",
         "model_max_length": MODEL_MAX_LENGTH,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tok.get_vocab_size()

@@ -1,0 +1,276 @@
+"""The Engine in one background thread, and an asyncio stream of outputs per request.
+
+The runtime Engine is not thread-safe, so exactly one thread (started here) calls
+`add_request`, `abort_request` and `step`. The event loop talks to it through a command
+list under a condition variable; the thread sleeps on that condition when it has no work
+(no busy spin), and hands each step's outputs back to the loop in one
+`call_soon_threadsafe`, where they are routed to the `RequestStream` of their request.
+
+Admission control happens on the loop: a request is refused (`QueueFull`, HTTP 503) when
+`max_queue` accepted requests are already waiting for a place in the running batch, and
+(`Unavailable`, 503) while draining or after the engine thread died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from braze.ir.errors import BrazeError
+
+log = logging.getLogger("braze.serving")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    pass
+
+
+class Rejected(Exception):
+    """The engine accepted the request but cannot run it (the client's fault: HTTP 400)."""
+
+
+class Aborted(Exception):
+    """The request was aborted: by its client, or by the server shutting down."""
+
+
+class RequestStream:
+    """`async for out in stream` yields the request's RequestOutputs until the finished one."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str, num_prompt_tokens: int):
+        self.owner = owner
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.arrival = time.monotonic()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self, reason: str = "aborted by the client") -> None:
+        """Stop generating (frees the KV blocks); a reader still waiting gets `Aborted`."""
+        if not self.finished:
+            self.owner.abort(self.request_id)
+            self.queue.put_nowait(Aborted(reason))
+
+
+class AsyncEngine:
+    def __init__(self, engine, max_queue: int = 256, metrics=None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.draining = False
+        self._streams: dict[str, RequestStream] = {}
+        self._cond = threading.Condition()
+        self._commands: list[tuple] = []
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._snap: dict = {"running": 0, "waiting": 0, "kv_blocks_used": 0,
+                            "kv_blocks_total": 0, "preemptions": 0}
+        self.error: BaseException | None = None
+
+    # ---- lifecycle (event-loop thread) -------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._snap = self._read_stats()
+        self._thread = threading.Thread(target=self._run, name="braze-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._streams)
+
+    def snapshot(self) -> dict:
+        """Engine gauges as of its last step, with requests not yet running as waiting."""
+        snap = dict(self._snap)
+        snap["waiting"] = max(0, len(self._streams) - snap.get("running", 0))
+        return snap
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no request is in flight; True when that happened."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline and self.alive:
+            await asyncio.sleep(0.05)
+        return not self._streams
+
+    def abort_all(self, reason: str) -> None:
+        for s in list(self._streams.values()):
+            s.abort(reason)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self.abort_all("the server is shutting down")
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        self._fail_pending("the server is shutting down")
+
+    # ---- requests (event-loop thread) -------------------------------------------------
+    async def add(self, request_id: str, prompt, params, num_prompt_tokens: int) -> RequestStream:
+        """Admit a request; returns once the engine accepted it (its errors raise here)."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; not accepting new requests")
+        if not self.alive:
+            raise Unavailable("the engine is not running (see the server log)")
+        if self.snapshot()["waiting"] >= self.max_queue:
+            raise QueueFull(f"the server is overloaded: {self.max_queue} requests are already "
+                            "waiting (--max-queue); retry later")
+        stream = RequestStream(self, request_id, num_prompt_tokens)
+        ack = self._loop.create_future()
+        self._streams[request_id] = stream
+        self._send(("add", request_id, prompt, params, ack))
+        try:
+            await ack
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        if self.metrics is not None:
+            self.metrics.on_admitted(num_prompt_tokens)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        s = self._streams.pop(request_id, None)
+        if s is None:
+            return
+        if self.metrics is not None:
+            self.metrics.on_finished("abort", {}, time.monotonic() - s.arrival)
+        self._send(("abort", request_id))
+
+    def _send(self, cmd: tuple) -> None:
+        with self._cond:
+            self._commands.append(cmd)
+            self._cond.notify()
+
+    # ---- delivery (event-loop thread, scheduled by the engine thread) ------------------
+    def _deliver(self, acks, outputs, snap) -> None:
+        self._snap = snap
+        for fut, err in acks:
+            if fut.done():         # its client went away while it was being added
+                continue
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(None)
+        for out in outputs:
+            s = self._streams.get(out.request_id)
+            if s is None:          # aborted on our side already
+                continue
+            if self.metrics is not None and out.new_token_ids:
+                self.metrics.on_tokens(len(out.new_token_ids))
+            if out.finished:
+                del self._streams[out.request_id]
+                if self.metrics is not None:
+                    self.metrics.on_finished(out.finish_reason, out.metrics or {},
+                                             time.monotonic() - s.arrival)
+            s.queue.put_nowait(out)
+
+    def _reject(self, ids: list[str], message: str) -> None:
+        for rid in ids:
+            s = self._streams.pop(rid, None)
+            if s is not None:
+                if self.metrics is not None:
+                    self.metrics.on_finished("error", {}, time.monotonic() - s.arrival)
+                s.queue.put_nowait(Rejected(message))
+
+    def _fail_pending(self, message: str) -> None:
+        with self._cond:
+            cmds, self._commands = self._commands, []
+        for cmd in cmds:
+            if cmd[0] == "add" and not cmd[4].done():
+                cmd[4].set_exception(Unavailable(message))
+
+    def _fail_all(self, err: BaseException) -> None:
+        self.error = err
+        self._fail_pending(f"the engine failed: {type(err).__name__}: {err}")
+        streams, self._streams = list(self._streams.values()), {}
+        for s in streams:
+            s.queue.put_nowait(Unavailable(f"the engine failed: {type(err).__name__}: {err}"))
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:       # the loop is closed: the server is gone
+            pass
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _read_stats(self) -> dict:
+        eng = self.engine
+        st = dict(eng.stats())
+        st["running"] = eng.num_running()
+        st["engine_waiting"] = eng.num_waiting()
+        return st
+
+    def _drop_waiting(self, err: BrazeError) -> list:
+        waiting = getattr(getattr(self.engine, "scheduler", None), "waiting", None)
+        ids = [r.request_id for r in waiting or ()]
+        if not ids:
+            raise err
+        log.error("%s; failing %d waiting request(s)", err, len(ids))
+        for rid in ids:
+            self.engine.abort_request(rid)
+        self._post(self._reject, ids, str(err))
+        return []
+
+    def _run(self) -> None:
+        eng = self.engine
+        busy = False
+        try:
+            while True:
+                with self._cond:
+                    while not self._commands and not self._stop and not busy:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    cmds, self._commands = self._commands, []
+                acks, must_step = [], False
+                for cmd in cmds:
+                    if cmd[0] == "add":
+                        _, rid, prompt, params, fut = cmd
+                        try:
+                            eng.add_request(rid, prompt, params)
+                            acks.append((fut, None))
+                        except Exception as e:      # BrazeError: the client's fault → 400
+                            acks.append((fut, e))
+                    else:
+                        eng.abort_request(cmd[1])
+                        must_step = True            # the step reports (and frees) aborted ones
+                try:
+                    outputs = eng.step() if (eng.has_unfinished() or must_step) else []
+                except BrazeError as e:
+                    # a waiting request can never run (say, its prompt needs more KV blocks
+                    # than the cache has): fail the waiting ones, keep serving the rest
+                    outputs = self._drop_waiting(e)
+                busy = eng.has_unfinished()
+                self._post(self._deliver, acks, outputs, self._read_stats())
+        except BaseException as e:
+            log.exception("the engine thread failed; /health now reports 503")
+            self._post(self._fail_all, e)

@@ -1,0 +1,98 @@
+"""Chat messages rendered to a prompt with the tokenizer's chat template.
+
+The template comes from the artifact's tokenizer directory: `chat_template.jinja` when
+present, else `chat_template` in tokenizer_config.json (a string, or a list of named
+templates where "default" wins). It is rendered in jinja2's immutable sandbox: templates
+ship with models, and a template must not reach Python internals.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .protocol import ChatMessage, bad_request
+
+NO_TEMPLATE = ("model has no chat template (no chat_template in its tokenizer_config.json); "
+               "use /v1/completions with a prompt instead")
+
+
+def load_template(tokenizer_dir: Path | None, config: dict | None) -> str | None:
+    if tokenizer_dir is not None:
+        f = Path(tokenizer_dir) / "chat_template.jinja"
+        if f.is_file():
+            return f.read_text()
+    t = (config or {}).get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def _token_text(config: dict, key: str) -> str:
+    v = config.get(key)
+    if isinstance(v, dict):          # {"content": "<s>", "lstrip": false, ...}
+        v = v.get("content")
+    return v if isinstance(v, str) else ""
+
+
+class _TemplateError(Exception):
+    pass
+
+
+def _raise(message):
+    raise _TemplateError(message)
+
+
+class ChatTemplate:
+    """A compiled chat template; `render(messages)` returns the prompt text."""
+
+    def __init__(self, source: str, config: dict | None = None):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        config = config or {}
+        self.bos_token = _token_text(config, "bos_token")
+        self.eos_token = _token_text(config, "eos_token")
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+               extra: dict | None = None) -> str:
+        msgs = [{"role": m.role, "content": _content_text(m)}
+                | ({"name": m.name} if m.name else {}) for m in messages]
+        from jinja2 import TemplateError
+        try:
+            return self.template.render(
+                messages=msgs, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token, **(extra or {}))
+        except _TemplateError as e:
+            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+        except TemplateError as e:
+            raise bad_request(f"the chat template failed on these messages: {e}",
+                              "messages") from None
+
+
+def _content_text(m: ChatMessage) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for p in m.content:
+        if p.type != "text":
+            raise bad_request(f"message content of type {p.type!r} is not supported; "
+                              "send text", "messages")
+        parts.append(p.text or "")
+    return "".join(parts)
+
+
+def strip_leading_bos(text: str, bos_token: str, tokenizer_adds_bos: bool) -> str:
+    """Templates often write the BOS token themselves; when the tokenizer also prepends
+    one, drop the template's so the prompt starts with exactly one."""
+    if tokenizer_adds_bos and bos_token and text.startswith(bos_token):
+        return text[len(bos_token):]
+    return text

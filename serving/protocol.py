@@ -1,0 +1,191 @@
+"""Request bodies and errors of the OpenAI API as braze serves them (pydantic).
+
+Requests allow extra fields (clients send many; braze reads `ignore_eos`, `top_k`,
+`stop_token_ids`, `add_generation_prompt`, `chat_template_kwargs` among them). Checks
+pydantic cannot express as field bounds (n=1 only, unsupported options, the prompt's
+shape) live in `check_*` and raise `APIError`, which the app turns into an OpenAI-shaped
+JSON error: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error the client caused (or overload); becomes an OpenAI-shaped JSON response."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, None)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)          # -1 or 0: no limit
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+def check_common(req: _GenerationRequest) -> None:
+    """Options braze does not implement get a clear 400 rather than being silently ignored."""
+    if req.n != 1:
+        raise bad_request(f"only n=1 is supported, got n={req.n}", "n")
+    if req.presence_penalty:
+        raise bad_request("presence_penalty is not supported; leave it at 0", "presence_penalty")
+    if req.frequency_penalty:
+        raise bad_request("frequency_penalty is not supported; leave it at 0", "frequency_penalty")
+    if req.logprobs:
+        raise bad_request("logprobs are not supported", "logprobs")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if any(s == "" for s in stops):
+        raise bad_request("stop strings must not be empty", "stop")
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request: text or token ids."""
+    check_common(req)
+    if req.echo:
+        raise bad_request("echo is not supported", "echo")
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if req.best_of not in (None, 1):
+        raise bad_request(f"only best_of=1 is supported, got best_of={req.best_of}", "best_of")
+    p = req.prompt
+    if isinstance(p, list):
+        if not p:
+            raise bad_request("the prompt is empty", "prompt")
+        if isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise bad_request(f"one prompt per request is supported, got {len(p)}", "prompt")
+            p = p[0]
+    if isinstance(p, str):
+        if not p:
+            raise bad_request("the prompt is empty", "prompt")
+        return p
+    if not p:
+        raise bad_request("the prompt is empty", "prompt")
+    return [int(t) for t in p]
+
+
+def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
+    check_common(req)
+    return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
+    """Keyword arguments for runtime.sampler.SamplingParams."""
+    kw: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "top_k": 0 if req.top_k in (None, -1) else req.top_k,
+        "seed": req.seed,
+        "ignore_eos": req.ignore_eos,
+    }
+    if req.stop:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.stop_token_ids:
+        kw["stop_token_ids"] = list(req.stop_token_ids)
+    return kw
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for FastAPI's RequestValidationError errors, as one line."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    kind = e.get("type", "")
+    if kind == "json_invalid":
+        ctx = e.get("ctx") or {}
+        return f"the request body is not valid JSON ({ctx.get('error', e.get('msg'))})", None
+    if kind == "missing" and not loc:
+        return "the request body is missing: send a JSON object", None
+    if kind in ("model_attributes_type", "dict_type") and not loc:
+        return "the request body must be a JSON object", None
+    # a union (prompt: str | list...) reports one error per branch; the field is what matters
+    param = loc[0] if loc else None
+    where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-")))
+    msg = e.get("msg", "invalid value")
+    return (f"{where}: {msg}" if where else msg), param
+

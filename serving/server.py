@@ -1,0 +1,134 @@
+"""`braze serve`: load the engine, bind the port, run uvicorn, drain on SIGTERM.
+
+The socket is bound before the engine loads, so "port in use" fails at once (one line,
+no traceback). SIGTERM or Ctrl-C starts a drain instead of uvicorn's immediate shutdown:
+new requests get 503 while in-flight ones finish, for at most `drain_timeout` seconds;
+the rest are aborted (their streams end with an error event), then the server and the
+engine thread stop and the process exits 0. A second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from braze.ir.errors import BrazeError
+
+from .app import Service, create_app
+
+log = logging.getLogger("braze.serving")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise BrazeError(f"cannot listen on {host}:{port}: the address is already in use; "
+                             "stop the other server or pick another --port") from None
+        raise BrazeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
+          num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
+          max_queue: int = 256, served_model_name: str | None = None,
+          drain_timeout: float = 30.0, log_level: str = "info") -> int:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from braze.runtime.engine import Engine
+    from braze.runtime.loader import open_artifact
+    from braze.runtime.tokenizer import Tokenizer
+
+    from .async_engine import AsyncEngine
+    from .chat import ChatTemplate, load_template
+    from .metrics import Metrics
+
+    sock = bind_socket(host, port)
+    try:
+        art = open_artifact(artifact)
+        opts = {k: v for k, v in (("num_kv_blocks", num_kv_blocks),
+                                  ("max_num_seqs", max_num_seqs)) if v is not None}
+        engine = Engine(art, backend=backend, **opts)
+        tokenizer = engine.tokenizer
+        if tokenizer is None and art.tokenizer_dir is not None:
+            tokenizer = Tokenizer(art.tokenizer_dir)
+        config = getattr(tokenizer, "config", None) or {}
+        source = load_template(art.tokenizer_dir, config)
+        template = None
+        if source:
+            try:
+                template = ChatTemplate(source, config)
+            except Exception as e:   # jinja2.TemplateSyntaxError: serve completions anyway
+                log.warning("the model's chat template does not compile (%s); "
+                            "/v1/chat/completions will answer 400", e)
+        name = served_model_name or engine.model_name
+        metrics = Metrics(name)
+        svc = Service(AsyncEngine(engine, max_queue=max_queue, metrics=metrics), metrics,
+                      name, engine.max_model_len, tokenizer, template)
+        app = create_app(svc)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=5)
+        server = DrainingServer(config, svc, drain_timeout, _url(sock))
+        server.run(sockets=[sock])
+        log.info("stopped")
+    finally:
+        sock.close()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once."""
+
+    def __init__(self, config, svc, drain_timeout: float, url: str):
+        super().__init__(config)
+        self.svc, self.drain_timeout, self.url = svc, drain_timeout, url
+        self.drain_requested = False
+        self._drainer = None
+
+    def handle_exit(self, sig, frame):
+        # runs in the signal handler: set flags only (the loop polls them); not recording
+        # the signal keeps uvicorn from re-raising it at exit, so a drained server exits 0
+        if self.drain_requested:
+            self.should_exit = self.force_exit = True
+        else:
+            self.drain_requested = True
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        self._drainer = asyncio.create_task(self._drain_when_asked())
+        print(f"braze: serving {self.svc.model_name!r} at {self.url} "
+              f"(OpenAI API: {self.url}/v1)", flush=True)
+
+    async def _drain_when_asked(self):
+        while not self.drain_requested and not self.should_exit:
+            await asyncio.sleep(0.05)
+        if self.should_exit:
+            return
+        aeng = self.svc.aengine
+        aeng.begin_drain()
+        log.info("draining: %d request(s) in flight, waiting up to %.0f s",
+                 aeng.num_inflight, self.drain_timeout)
+        if not await aeng.wait_idle(self.drain_timeout):
+            log.warning("drain timeout: aborting %d request(s)", aeng.num_inflight)
+            aeng.abort_all("the server is shutting down (drain timeout)")
+            await asyncio.sleep(0.2)     # let the aborted streams say so
+        self.should_exit = True

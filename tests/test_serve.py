@@ -1,0 +1,556 @@
+"""`braze serve` end to end: the real server in a subprocess on 127.0.0.1, a tiny compiled
+llama (reference backend) with the tiny tokenizer and its chat template, talked to with
+the `openai` package and raw httpx. Generated text is checked against the engine run
+in-process one request at a time, and chat prompts against transformers'
+`apply_chat_template`. Also unit tests of the pieces that need no server (protocol,
+metrics text, chat rendering, SSE framing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+MODEL = "tiny-llama"
+START_TIMEOUT = 120.0
+
+
+# ---- the server in a subprocess ---------------------------------------------------------
+
+class Server:
+    def __init__(self, artifact, workdir: Path, *extra: str):
+        self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "braze", "serve", str(artifact), "--port", "0",
+                 "--backend", "reference", "--served-model-name", MODEL, *extra],
+                stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            m = re.search(r"http://127\.0\.0\.1:\d+", self.out.read_text())
+            if m:
+                self.url = m.group(0)
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the server did not start:\n{self.stderr()[-3000:]}")
+            time.sleep(0.1)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0,
+                                    timeout=60)
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in self.http.get("/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_metrics(self, pred, timeout=20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if pred(m) or time.monotonic() > deadline:
+                return m
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def artifact(store):
+    return store.artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    s = Server(artifact, tmp_path_factory.mktemp("serve"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(artifact):
+    """Text the engine generates for one prompt on its own (in-process, greedy)."""
+    from braze.runtime.engine import Engine
+    from braze.runtime.sampler import SamplingParams
+    eng = Engine(artifact, backend="reference", num_kv_blocks=64)
+    count = iter(range(10**6))
+
+    def run(prompt, max_tokens, **kw):
+        rid = f"ref{next(count)}"
+        eng.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, **kw))
+        out = eng.run_to_completion([rid])[rid]
+        return out.text, out.finish_reason, len(out.token_ids), len(out.prompt_token_ids)
+    return run
+
+
+def sse_events(lines) -> list:
+    """The JSON payloads of an SSE stream, then "[DONE]"."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- completions and chat -----------------------------------------------------------------
+
+def test_completion_plain_and_streamed(server, reference):
+    want, reason, n, n_prompt = reference("The quick brown fox", 12, ignore_eos=True)
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = server.client.completions.create(**kw)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, n) == (n_prompt, 12)
+    assert r.usage.total_tokens == n_prompt + 12 and r.model == MODEL
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+
+    chunks = list(server.client.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == "length" and set(finals[:-1]) <= {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_completion_token_ids_and_stop_string(server, reference):
+    ids = [1, 40, 41, 42, 43, 44]
+    want, *_ = reference(ids, 8, ignore_eos=True)
+    r = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want and r.usage.prompt_tokens == len(ids)
+    # a stop string taken from the middle of the greedy continuation ends it there
+    full, *_ = reference("Once upon a time", 24, ignore_eos=True)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    want, reason, *_ = reference("Once upon a time", 24, ignore_eos=True, stop=[stop])
+    assert reason == "stop" and stop not in want
+    for stream in (False, True):
+        res = server.client.completions.create(model=MODEL, prompt="Once upon a time",
+                                               max_tokens=24, temperature=0, stop=[stop],
+                                               stream=stream, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(res)
+            text, last = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0]
+        else:
+            text, last = res.choices[0].text, res.choices[0]
+        assert (text, last.finish_reason) == (want, "stop")
+
+
+def test_chat_plain_and_streamed(server, reference, store):
+    from transformers import AutoTokenizer
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello, who are you?"}]
+    hf = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    prompt_ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+        prompt_ids = prompt_ids["input_ids"]
+    want, _, _, n_prompt = reference(list(prompt_ids), 10, ignore_eos=True)
+    assert n_prompt == len(prompt_ids)
+
+    kw = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = server.client.chat.completions.create(**kw)
+    c = r.choices[0]
+    assert (c.message.role, c.message.content, c.finish_reason) == ("assistant", want, "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 10)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+
+    chunks = list(server.client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert [ch for ch in chunks if ch.choices][-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.prompt_tokens == n_prompt and chunks[-1].usage.completion_tokens == 10
+
+
+def test_raw_sse_framing(server):
+    with server.http.stream("POST", "/v1/completions", json={
+            "model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    parts = body.split("\n\n")
+    assert parts[-1] == "" and parts[-2] == "data: [DONE]"
+    assert all(p.startswith("data: {") for p in parts[:-2])
+    events = sse_events(body.splitlines())
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and "usage" not in events[0]
+
+
+def test_models_version_health(server):
+    import braze
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.http.get("/version").json() == {"version": braze.__version__}
+    assert server.http.get("/health").status_code == 200
+
+
+def test_32_concurrent_clients(server, reference):
+    prompts = [f"Client {i % 4} says" for i in range(32)]      # 4 distinct, 8 clients each
+
+    def one(i):
+        kw = dict(model=MODEL, prompt=prompts[i], max_tokens=6, temperature=0,
+                  extra_body={"ignore_eos": True})
+        if i % 2:
+            return "".join(c.choices[0].text for c in
+                           server.client.completions.create(**kw, stream=True))
+        return server.client.completions.create(**kw).choices[0].text
+
+    with ThreadPoolExecutor(32) as pool:
+        got = [f.result(timeout=120) for f in [pool.submit(one, i) for i in range(32)]]
+    want = {p: reference(p, 6, ignore_eos=True)[0] for p in set(prompts)}
+    assert got == [want[p] for p in prompts]
+    m = server.wait_metrics(lambda m: m["braze_requests_running"] == 0)
+    assert m["braze_requests_running"] == 0 and m["braze_requests_waiting"] == 0
+
+
+# ---- disconnects free the KV cache ----------------------------------------------------------
+
+def test_streams_closed_early_free_the_kv_cache(server):
+    before = server.metrics()
+    for i in range(4):
+        with server.http.stream("POST", "/v1/completions", json={
+                "model": MODEL, "prompt": f"Stream {i}", "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "stream": True}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: {")
+                if seen == 2:
+                    break                       # leaving the block closes the connection
+    m = server.wait_metrics(lambda m: m["braze_kv_cache_usage"] == 0
+                            and m["braze_requests_running"] == 0)
+    assert m["braze_kv_cache_usage"] == 0 and m["braze_requests_running"] == 0
+    aborted = 'braze_requests_total{finish_reason="abort"}'
+    assert m[aborted] - before[aborted] == 4
+    assert server.http.get("/health").status_code == 200
+    # and it still serves
+    r = server.client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert r.usage.completion_tokens <= 2
+
+
+def test_non_streamed_client_gone_aborts(server):
+    aborted = 'braze_requests_total{finish_reason="abort"}'
+    before = server.metrics()[aborted]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", timeout=0.15, json={
+            "model": MODEL, "prompt": "Wait", "max_tokens": 240, "temperature": 0,
+            "ignore_eos": True})
+    m = server.wait_metrics(lambda m: m[aborted] > before and m["braze_kv_cache_usage"] == 0)
+    assert m[aborted] == before + 1 and m["braze_kv_cache_usage"] == 0
+
+
+def test_metrics_text(server):
+    text = server.http.get("/metrics").text
+    for name, kind in [("braze_requests_running", "gauge"), ("braze_requests_waiting", "gauge"),
+                       ("braze_kv_cache_usage", "gauge"), ("braze_prompt_tokens_total", "counter"),
+                       ("braze_generation_tokens_total", "counter"),
+                       ("braze_preemptions_total", "counter"),
+                       ("braze_requests_total", "counter"),
+                       ("braze_time_to_first_token_seconds", "histogram"),
+                       ("braze_time_per_output_token_seconds", "histogram")]:
+        assert f"# TYPE {name} {kind}\n" in text
+    m = server.metrics()
+    assert m["braze_generation_tokens_total"] >= 12 and m["braze_prompt_tokens_total"] > 0
+    n = m['braze_time_to_first_token_seconds_bucket{le="+Inf"}']
+    assert n == m["braze_time_to_first_token_seconds_count"] > 0
+    done = [f'braze_requests_total{{finish_reason="{r}"}}' for r in ("stop", "length")]
+    assert n == sum(m[k] for k in done)           # every completed request had a first token
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+def _assert_error(r: httpx.Response, status: int, *words: str):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in err["message"], err
+    assert r.headers.get("x-request-id")
+    return err
+
+
+def test_bad_requests_get_openai_errors(server):
+    post = server.http.post
+    _assert_error(post("/v1/completions", content=b"{not json",
+                       headers={"content-type": "application/json"}), 400, "JSON")
+    err = _assert_error(post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400,
+                        "temperature")
+    assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
+    _assert_error(post("/v1/completions", json={"prompt": "x", "n": 2}), 400, "n=1")
+    _assert_error(post("/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n=1")
+    _assert_error(post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400,
+                  "max_tokens")
+    _assert_error(post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")
+    _assert_error(post("/v1/completions", json=[1, 2]), 400)
+    _assert_error(post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+    _assert_error(post("/v1/completions", json={"prompt": [1, 99999]}), 400, "99999")
+    # a prompt longer than the model allows names both lengths
+    _assert_error(post("/v1/completions", json={"prompt": [1] * 300}), 400, "300", "256")
+    err = _assert_error(post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404,
+                        "gpt-9")
+    assert err["code"] == "model_not_found"
+    _assert_error(server.http.get("/v1/nothing"), 404)
+    # through the openai client too
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        server.client.completions.create(model=MODEL, prompt="x", n=2)
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="gpt-9", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        server.client.completions.create(model=MODEL, prompt="x", temperature=-0.5, stream=True)
+    assert server.http.get("/health").status_code == 200
+
+
+def test_request_id_echoed_or_generated(server):
+    r = server.http.get("/health", headers={"X-Request-Id": "my-id-42"})
+    assert r.headers["x-request-id"] == "my-id-42"
+    r = server.http.post("/v1/completions", json={"prompt": "x", "n": 2},
+                         headers={"X-Request-Id": "bad-one"})
+    assert r.status_code == 400 and r.headers["x-request-id"] == "bad-one"
+    with server.http.stream("POST", "/v1/completions", headers={"X-Request-Id": "streamed"},
+                            json={"prompt": "x", "max_tokens": 2, "stream": True}) as r:
+        assert r.headers["x-request-id"] == "streamed"
+        r.read()
+    ids = {server.http.get(p).headers["x-request-id"] for p in ("/metrics", "/version", "/nope")}
+    assert len(ids) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    resp = server.client.completions.with_raw_response.create(
+        model=MODEL, prompt="x", max_tokens=1, extra_headers={"X-Request-Id": "via-openai"})
+    assert resp.headers["x-request-id"] == "via-openai"
+    assert re.search(r"request via-openai \(cmpl-[0-9a-f]+\): \d+ prompt tokens, 1 output "
+                     r"tokens, finish \w+, ttft [\d.]+ s, total [\d.]+ s", _wait_log(server,
+                                                                                   "via-openai"))
+
+
+def _wait_log(server, needle, timeout=10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in server.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.stderr()
+
+
+# ---- overload and shutdown: a second server, one sequence at a time --------------------------
+
+def test_full_queue_gets_503_then_sigterm_drains(artifact, tmp_path):
+    s = Server(artifact, tmp_path, "--max-num-seqs", "1", "--max-queue", "1")
+    try:
+        first_chunk = threading.Event()
+        result = {}
+
+        def stream_long():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                    "model": MODEL, "prompt": "Long", "max_tokens": 240, "temperature": 0,
+                    "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}) as r:
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    first_chunk.set()
+                result["events"] = sse_events(lines)
+
+        t1 = threading.Thread(target=stream_long, daemon=True)
+        t1.start()
+        assert first_chunk.wait(30)                       # the long one is running
+        # six more at once: the running batch (1) is full, one waits, the rest get 503
+        barrier = threading.Barrier(6, timeout=30)
+
+        def slam(i):
+            barrier.wait()
+            if i % 2:
+                try:
+                    r = s.client.completions.create(model=MODEL, prompt="Next", max_tokens=2,
+                                                    temperature=0)
+                    return 200, r.usage.completion_tokens
+                except openai.APIStatusError as e:   # InternalServerError for a 503
+                    return e.status_code, e.body
+            r = httpx.post(s.url + "/v1/completions", timeout=60, json={
+                "model": MODEL, "prompt": "Next", "max_tokens": 2, "temperature": 0})
+            return r.status_code, (r.json()["usage"]["completion_tokens"] if r.status_code == 200
+                                   else _assert_error(r, 503, "--max-queue"))
+
+        pool = ThreadPoolExecutor(6)
+        futures = [pool.submit(slam, i) for i in range(6)]
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in futures) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [f.result()[1] for f in futures if f.done() and f.result()[0] == 503]
+        assert len(refused) >= 4 and all(e["code"] == "queue_full" for e in refused), refused
+        assert s.metrics()["braze_requests_rejected_total"] >= len(refused)
+
+        # SIGTERM: stop accepting, let the in-flight requests finish, exit 0
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        health = None
+        while time.monotonic() < deadline and t1.is_alive():
+            try:
+                health = httpx.get(s.url + "/health", timeout=5)
+            except httpx.TransportError:
+                break
+            if health.status_code == 503:
+                break
+            time.sleep(0.02)
+        if t1.is_alive():     # still draining: new work is refused
+            assert health is not None and health.status_code == 503
+            _assert_error(httpx.post(s.url + "/v1/completions", timeout=30,
+                                     json={"model": MODEL, "prompt": "Late"}), 503, "shutting down")
+        t1.join(60)
+        results = [f.result(timeout=60) for f in futures]
+        pool.shutdown()
+        assert s.proc.wait(timeout=40) == 0
+        events = result["events"]
+        assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 240
+        assert events[-3]["choices"][0]["finish_reason"] == "length"
+        served = [n for code, n in results if code == 200]
+        refused = [e for code, e in results if code == 503]
+        assert 1 <= len(served) <= 2 and served == [2] * len(served), results
+        assert len(served) + len(refused) == 6 and all(e["code"] == "queue_full" for e in refused)
+        assert "draining" in s.stderr() and "Traceback" not in s.stderr()
+    finally:
+        s.stop()
+
+
+def test_drain_timeout_aborts_what_is_left(artifact, tmp_path):
+    s = Server(artifact, tmp_path, "--drain-timeout", "0")
+    try:
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                "model": MODEL, "prompt": "Long", "max_tokens": 240, "temperature": 0,
+                "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 1:
+                    s.proc.send_signal(signal.SIGTERM)
+        events = sse_events(lines)
+        assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
+        assert s.proc.wait(timeout=40) == 0
+    finally:
+        s.stop()
+
+
+def test_serve_errors_are_one_line(artifact, tmp_path, server):
+    port = server.url.rsplit(":", 1)[1]
+    runs = [subprocess.Popen([sys.executable, "-m", "braze", "serve", str(a), "--port", p,
+                              "--backend", "reference"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for a, p in ((artifact, port), (tmp_path / "missing", "0"))]
+    (_, busy), (_, missing) = [r.communicate(timeout=60) for r in runs]
+    assert [r.returncode for r in runs] == [1, 1]
+    assert "already in use" in busy and port in busy
+    for err in (busy, missing):
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("braze: error:"), err
+
+
+# ---- pieces without a server ----------------------------------------------------------------
+
+def test_chat_template_matches_transformers_and_is_sandboxed(store):
+    from transformers import AutoTokenizer
+
+    from braze.serving.chat import ChatTemplate, load_template
+    from braze.serving.protocol import APIError, ChatMessage
+    d = store.checkpoint("llama")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    t = ChatTemplate(load_template(d, config), config)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
+    hf = AutoTokenizer.from_pretrained(d)
+    for gen in (True, False):
+        assert t.render([ChatMessage(**m) for m in msgs], gen) == \
+            hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    parts = ChatMessage(role="user", content=[{"type": "text", "text": "a"},
+                                              {"type": "text", "text": "b"}])
+    assert t.render([parts]) == "<s>user: ab\nassistant:"
+    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(APIError) as e:
+        evil.render([ChatMessage(role="user", content="x")])
+    assert e.value.status == 400
+    raising = ChatTemplate("{{ raise_exception('only user turns') }}")
+    with pytest.raises(APIError, match="only user turns"):
+        raising.render([ChatMessage(role="user", content="x")])
+    assert load_template(None, {}) is None
+    assert load_template(None, {"chat_template": [{"name": "tool", "template": "t"},
+                                                  {"name": "default", "template": "d"}]}) == "d"
+
+
+def test_metrics_histogram_text():
+    from braze.serving.metrics import Histogram, Metrics
+    h = Histogram("x_seconds", "help", (0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0, None):
+        h.observe(v)
+    assert h.render()[2:] == ['x_seconds_bucket{le="0.1"} 2', 'x_seconds_bucket{le="1.0"} 3',
+                              'x_seconds_bucket{le="+Inf"} 4', "x_seconds_sum 3.65",
+                              "x_seconds_count 4"]
+    m = Metrics("m")
+    m.on_finished("length", {"ttft": 0.02, "tpot": 0.01, "queue_time": 0.0}, 0.5)
+    m.on_finished("abort", {}, 0.1)
+    text = m.render({"running": 1, "waiting": 2, "kv_blocks_used": 3, "kv_blocks_total": 12})
+    assert "braze_kv_cache_usage 0.25\n" in text and "braze_requests_waiting 2\n" in text
+    assert 'braze_requests_total{finish_reason="abort"} 1\n' in text
+    assert "braze_time_to_first_token_seconds_count 1\n" in text
+    assert "braze_kv_cache_usage 0.0\n" in Metrics("m").render({})
+
+
+def test_protocol_checks():
+    from braze.serving.protocol import (
+        APIError,
+        CompletionRequest,
+        completion_prompt,
+        sampling_kwargs,
+        validation_message,
+    )
+    assert completion_prompt(CompletionRequest(prompt=["hi"])) == "hi"
+    assert completion_prompt(CompletionRequest(prompt=[[1, 2]])) == [1, 2]
+    assert completion_prompt(CompletionRequest(prompt=[5, 6])) == [5, 6]
+    for bad, word in ((dict(prompt=""), "empty"), (dict(prompt=["a", "b"]), "one prompt"),
+                      (dict(prompt="a", n=2), "n=1"), (dict(prompt="a", echo=True), "echo"),
+                      (dict(prompt="a", stop=[""]), "stop")):
+        with pytest.raises(APIError, match=word):
+            completion_prompt(CompletionRequest(**bad))
+    req = CompletionRequest(prompt="a", top_k=-1, stop="x", ignore_eos=True, unknown_field=1)
+    kw = sampling_kwargs(req, 7)
+    assert kw["top_k"] == 0 and kw["stop"] == ["x"] and kw["ignore_eos"] and kw["max_tokens"] == 7
+    assert kw["temperature"] == 1.0           # the OpenAI default
+    msg, param = validation_message([{"type": "greater_than_equal", "loc": ("body", "top_k"),
+                                      "msg": "Input should be greater than or equal to -1"}])
+    assert param == "top_k" and msg.startswith("top_k: ")
+
+
+def test_sse_framing():
+    from braze.serving import responses as R
+    chunk = R.chat_chunk("id1", 5, "m", {"role": "assistant", "content": ""})
+    b = R.sse(chunk)
+    assert b.startswith(b"data: {") and b.endswith(b"}\n\n") and b"\n" not in b[:-2]
+    assert json.loads(b[6:]) == chunk and R.SSE_DONE == b"data: [DONE]\n\n"
+    u = R.usage_chunk("id1", 5, "m", "text_completion", R.usage(3, 4))
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == 7
