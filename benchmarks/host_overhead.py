@@ -23,7 +23,7 @@ part of a step:
                    argmax, the step result)
     commit         Scheduler.commit (KV block bookkeeping, prefix-cache hashes)
     bookkeeping    the rest of Engine.step: the sampled tokens read back to the host, per
-                   request _append (stop checks, max_tokens), incremental detokenisation,
+                   request stop checks (max_tokens, stop ids), detokenisation of stop-string requests,
                    RequestOutput building (the residual of the step after the pieces above)
 
 The reference backend runs steps one after the other (no async scheduling): each step's
@@ -36,7 +36,7 @@ checks that every timed step reports exactly one new token for each of them, non
 
     clean     only a clock around Engine.step: the figure to compare with the target
     phases    wrappers (time.perf_counter) around the per-step pieces above
-    detail    also wrappers around the per-request pieces of bookkeeping (_append,
+    detail    also wrappers around the per-request pieces of bookkeeping (
               IncrementalDetokenizer.update / output_delta, _output); these add ~1 us per
               request, so their absolute values are inflated, their split is what counts
     ops       one step under a TorchFunctionMode counting torch calls per piece (attribute
@@ -77,7 +77,7 @@ BLOCK_SIZE = 16
 LOGITS_BANK = 8          # preallocated logits tensors the stub cycles through
 STEP_PIECES = ("schedule", "prepare", "forward_stub", "sampling_args", "sample_batch",
                "write_sampled", "commit")
-DETAIL_PIECES = ("_append", "detok_update", "_output", "detok_output_delta")
+DETAIL_PIECES = ("detok_update", "_output", "detok_output_delta")
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -102,7 +102,8 @@ def make_engine(artifact: Path, args):
     from braze.runtime.engine import Engine
 
     per_req = math.ceil(args.max_model_len / BLOCK_SIZE)
-    eng = Engine(artifact, backend="reference", num_kv_blocks=args.requests * per_req + 16,
+    eng = Engine(artifact, backend="reference", freeze_gc=True,
+                 num_kv_blocks=args.requests * per_req + 16,
                  max_num_seqs=args.requests, max_num_tokens=args.max_num_tokens)
     return eng
 
@@ -241,7 +242,6 @@ def wrap_step_pieces(clock: Clock, eng) -> None:
 def wrap_detail_pieces(clock: Clock, eng) -> None:
     from braze.runtime.detokenizer import IncrementalDetokenizer
 
-    clock.wrap(eng, "_append", "_append")
     clock.wrap(eng, "_output", "_output")
     clock.wrap(IncrementalDetokenizer, "update", "detok_update", on_class=True)
     clock.wrap(IncrementalDetokenizer, "output_delta", "detok_output_delta", on_class=True)
@@ -407,13 +407,12 @@ def breakdown(totals: list[float], pieces: dict[str, list[float]]) -> dict[str, 
     rows["commit"] = get("commit")
     rows["bookkeeping"] = [t - s - e - c for t, s, e, c in
                            zip(totals, get("schedule"), get("execute"), get("commit"))]
-    if "_append" in pieces:
+    if "_output" in pieces:
         out_, upd, delta = get("_output"), get("detok_update"), get("detok_output_delta")
-        rows["  stop checks (_append less below)"] = [a - u - o for a, u, o in
-                                                      zip(get("_append"), upd, out_)]
-        rows["  detokenise (update + output_delta)"] = [u + d for u, d in zip(upd, delta)]
+        rows["  detokenise (stop-string requests only)"] = [u + d for u, d in zip(upd, delta)]
         rows["  outputs (_output less output_delta)"] = [o - d for o, d in zip(out_, delta)]
-        rows["  step loop other"] = [b - a for b, a in zip(rows["bookkeeping"], get("_append"))]
+        rows["  stop checks and step loop"] = [b - o - u for b, o, u in
+                                               zip(rows["bookkeeping"], out_, upd)]
     rows["total"] = totals
     return {k: summary(v) for k, v in rows.items()}
 

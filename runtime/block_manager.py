@@ -211,6 +211,17 @@ class BlockManager:
         seq.num_tokens = total
         return True
 
+    def reserve(self, seq_id, total: int) -> bool:
+        """Hold slots for the sequence's first `total` tokens (no-op if it already does):
+        `append_slots` of the difference, as one cheap call for the decode hot path."""
+        seq = self._seqs[seq_id]
+        if total <= seq.num_tokens:
+            return True
+        if total <= len(seq.table) * self.block_size:
+            seq.num_tokens = total
+            return True
+        return self.append_slots(seq_id, total - seq.num_tokens)
+
     def commit(self, seq_id, num_computed: int, token_ids=None) -> None:
         """The first `num_computed` tokens of the sequence are now in the cache: put its
         full blocks among them into the prefix cache. `token_ids` (at least

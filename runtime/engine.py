@@ -27,7 +27,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .loader import Artifact, open_artifact
 from .model_runner import ModelRunner
-from .request import Request, RequestOutput, now
+from .request import Request, RequestOutput, Status, now
 from .sampler import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
@@ -40,7 +40,8 @@ class Engine:
                  max_num_seqs: int | None = None, max_num_tokens: int | None = None,
                  device: str | None = None, buckets: list[int] | None = None,
                  cudagraph_mode: str | None = None, enable_prefix_caching: bool = True,
-                 async_scheduling: bool | None = None, debug: bool = False, progress=None):
+                 async_scheduling: bool | None = None, freeze_gc: bool = False,
+                 debug: bool = False, progress=None):
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         t0 = time.perf_counter()
         self.runner = ModelRunner(self.artifact, backend=backend, device=device,
@@ -68,13 +69,8 @@ class Engine:
                                  else bool(async_scheduling))
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "requests_finished": 0, "steps": 0}
-        # the weights, kernels and graphs live as long as the engine: keep the collector
-        # from walking them on every collection during serving
-        gc.collect()
-        gc.freeze()
-        if not _unfreeze.registered:     # so extension modules see their objects freed at exit
-            atexit.register(_unfreeze)
-            _unfreeze.registered = True
+        if freeze_gc:
+            freeze_gc_now()
 
     @property
     def backend(self) -> str:
@@ -173,41 +169,42 @@ class Engine:
 
     def _apply(self, sched, result) -> list[RequestOutput]:
         """A step's tokens are back: its blocks enter the prefix cache, its tokens join
-        their requests (dropped for requests that finished meanwhile)."""
+        their requests (dropped for requests that finished meanwhile), stops are checked."""
         tokens = result.tokens()
         self.scheduler.commit(sched)
         t = now()
         outputs = []
-        for c, tok in zip(sched.chunks, tokens):
-            if c.samples:
-                req = c.request
-                req.num_pending -= 1
-                if req.finished:
-                    continue
-                outputs.append(self._append(req, tok, t))
+        finished = Status.FINISHED
+        for c, token in zip(sched.chunks, tokens):
+            if not c.samples:
+                continue
+            req = c.request
+            req.num_pending -= 1
+            if req.status is finished:
+                continue
+            out_ids = req.output_token_ids
+            out_ids.append(token)
+            req.all_token_ids.append(token)
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = t
+            m.last_token_time = t
+            p = req.params
+            reason = None
+            if token in req.eos_ids or token in p.stop_token_ids:
+                reason, req.stop_reason = "stop", token
+            if p.stop and req.detok is not None:
+                hit = req.detok.update((token,))
+                if hit is not None:
+                    reason, req.stop_reason = "stop", hit
+            if reason is None and (len(out_ids) >= p.max_tokens
+                                   or len(req.all_token_ids) >= req.max_len):
+                reason = "length"
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(self._output(req))
+        self._counters["generation_tokens_total"] += len(outputs)
         return outputs
-
-    def _append(self, req: Request, token: int, t: float) -> RequestOutput:
-        req.output_token_ids.append(token)
-        req.all_token_ids.append(token)
-        self._counters["generation_tokens_total"] += 1
-        m = req.metrics
-        if m.first_token_time is None:
-            m.first_token_time = t
-        m.last_token_time = t
-        reason = stop = None
-        if token in req.params.stop_token_ids or token in req.eos_ids:
-            reason, stop = "stop", token
-        hit = req.detok.update([token]) if req.detok is not None and req.params.stop else None
-        if hit is not None:
-            reason, stop = "stop", hit
-        elif reason is None and (len(req.output_token_ids) >= req.params.max_tokens
-                                 or len(req.all_token_ids) >= req.max_len):
-            reason = "length"
-        if reason is not None:
-            req.stop_reason = stop
-            self._finish(req, reason)
-        return self._output(req)
 
     def _finish(self, req: Request, reason: str) -> None:
         self.runner.remove(req)          # its persistent-batch row
@@ -270,6 +267,17 @@ class Engine:
                 missing = sorted(want - final.keys())[:3]
                 raise BrazeError(f"requests {missing} ended without a final output")
         return final
+
+
+def freeze_gc_now() -> None:
+    """For a process that serves one engine: move everything alive now (weights, kernels,
+    graphs, the engine) out of the garbage collector's sight, so collections during serving
+    stay cheap. Not for processes that make many engines (frozen cycles are never freed)."""
+    gc.collect()
+    gc.freeze()
+    if not _unfreeze.registered:     # so extension modules see their objects freed at exit
+        atexit.register(_unfreeze)
+        _unfreeze.registered = True
 
 
 def _unfreeze() -> None:

@@ -153,10 +153,13 @@ class PersistentBatch:
             meta = meta.pin_memory()
         meta = meta.to(self.device, non_blocking=True)
         rows, num_new, start, samples = meta[0], meta[1], meta[2], meta[3]
-        ends = torch.cumsum(num_new, 0)
-        seq_of = torch.repeat_interleave(self._arange[:S], num_new, output_size=T)
-        pos = start[seq_of] + self._arange[:T] - (ends - num_new)[seq_of]
-        r = rows[seq_of]
+        if T == S:          # one token per sequence (decode): token i is sequence i's
+            ends, r, pos = self._arange[1:S + 1], rows, start
+        else:
+            ends = torch.cumsum(num_new, 0)
+            seq_of = torch.repeat_interleave(self._arange[:S], num_new, output_size=T)
+            pos = start[seq_of] + self._arange[:T] - (ends - num_new)[seq_of]
+            r = rows[seq_of]
         st = self.static
         st["input_ids"][:T] = self.token_ids[r, pos]
         st["positions"][:T] = pos
@@ -178,14 +181,17 @@ class PersistentBatch:
             st["seq_lens"][S:Sp] = 0
             st["logits_indices"][S:Sp] = 0
         st["query_start_loc"][0] = 0
-        return {"rows": rows, "seq_lens": seq_lens, "samples": samples}
+        every = all(c.samples for c in chunks)
+        return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
 
-    def write_sampled(self, rows: torch.Tensor, seq_lens: torch.Tensor, samples: torch.Tensor,
-                      tokens: torch.Tensor) -> None:
-        """Append each sampling row's token to its row of `token_ids`, on the device."""
+    def write_sampled(self, rows: torch.Tensor, seq_lens: torch.Tensor,
+                      samples: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        """Append each sampling row's token to its row of `token_ids`, on the device
+        (`samples` None: every row samples)."""
         col = seq_lens.clamp(max=self.max_len)
-        keep = self.token_ids[rows, col]
-        self.token_ids[rows, col] = torch.where(samples.bool(), tokens, keep)
+        if samples is not None:
+            tokens = torch.where(samples.bool(), tokens, self.token_ids[rows, col])
+        self.token_ids[rows, col] = tokens
 
     def sampling_args(self, rows: torch.Tensor, seq_lens: torch.Tensor) -> dict:
         return {"temperature": self.temperature[rows], "top_k": self.top_k[rows],

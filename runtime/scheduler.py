@@ -100,15 +100,18 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed, budget)
+        running, reserve, chunks = self.running, self.bm.reserve, out.chunks
+        while i < len(running) and budget > 0:
+            req = running[i]
+            start = req.num_computed
+            num_new = min(req.num_tokens - start, budget)
             if num_new <= 0 or (req.num_pending and req.reaches_limit):
                 i += 1                  # waiting for its last token to come back
                 continue
-            if not self._grow(req, num_new, out):
+            if not reserve(req.request_id, start + num_new) and not self._grow(req, num_new, out):
                 continue                # req itself was preempted; running[i] is the next one
-            self._schedule(req, num_new, out)
+            chunks.append(ScheduledChunk(req, num_new, start))
+            req.num_computed = start + num_new
             budget -= num_new
             i += 1
         if out.preempted:
@@ -128,22 +131,16 @@ class Scheduler:
                 req.metrics.num_cached_tokens = cached
             self.running.append(req)
             num_new = min(req.num_tokens - cached, budget)
-            self._schedule(req, num_new, out)
+            out.chunks.append(ScheduledChunk(req, num_new, cached))
+            req.num_computed = cached + num_new
             budget -= num_new
         return out
-
-    def _schedule(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
-        out.chunks.append(ScheduledChunk(req, num_new, req.num_computed))
-        req.num_computed += num_new
 
     def _grow(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room in the cache for `num_new` more tokens of `req`, preempting the most
         recently admitted requests if needed. False if `req` itself had to go."""
-        held = self.bm.num_tokens(req.request_id)
-        extra = req.num_computed + num_new - held
-        if extra <= 0:
-            return True
-        while not self.bm.append_slots(req.request_id, extra):
+        total = req.num_computed + num_new
+        while not self.bm.reserve(req.request_id, total):
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is req:

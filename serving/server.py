@@ -65,7 +65,7 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "a
         art = open_artifact(artifact)
         opts = {k: v for k, v in (("num_kv_blocks", num_kv_blocks),
                                   ("max_num_seqs", max_num_seqs)) if v is not None}
-        engine = Engine(art, backend=backend, **opts)
+        engine = Engine(art, backend=backend, freeze_gc=True, **opts)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
