@@ -253,6 +253,19 @@ class Sync:
         return [(host[i + 1] - host[i]) * 1000 for i in range(len(host) - 1)]
 
 
+def timed_steps(one_step, steps: int, sync) -> tuple[float, list[float]]:
+    """Run `steps` calls of `one_step` between device syncs: (total seconds, per-step ms)."""
+    marks, host = sync.marks(steps + 1), [0.0] * (steps + 1)
+    sync.sync()
+    t = time.perf_counter()
+    sync.mark(marks, 0, host)
+    for i in range(steps):
+        one_step()
+        sync.mark(marks, i + 1, host)
+    sync.sync()
+    return time.perf_counter() - t, sync.step_ms(marks, host)
+
+
 def decode_figures(batch: int, steps: int, total_s: float, step_ms: list[float]) -> dict:
     ms = sorted(step_ms)
     return {"batch": batch, "steps": steps, "time_s": total_s,
@@ -288,16 +301,8 @@ def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) ->
     for _ in range(args.warmup):
         one_step()
     variant = eng.runner.graphs.last_variant
-    marks, host = sync.marks(args.steps + 1), [0.0] * (args.steps + 1)
-    sync.sync()
-    t = time.perf_counter()
-    sync.mark(marks, 0, host)
-    for i in range(args.steps):
-        one_step()
-        sync.mark(marks, i + 1, host)
-    sync.sync()
-    total = time.perf_counter() - t
-    res = decode_figures(batch, args.steps, total, sync.step_ms(marks, host))
+    total, step_ms = timed_steps(one_step, args.steps, sync)
+    res = decode_figures(batch, args.steps, total, step_ms)
     res["graph_variant"] = variant
     res["tokens_request0"] = tokens[ids[0]]
     res["context_tokens"] = len(prompts[0]) + len(tokens[ids[0]])
@@ -500,15 +505,8 @@ def hf_decode(model, fwd, batch: int, prompts, args, sync: Sync, compiled: bool)
             one_step()
         sync.sync()
         warm_s = time.perf_counter() - t
-        marks, host = sync.marks(args.steps + 1), [0.0] * (args.steps + 1)
-        t = time.perf_counter()
-        sync.mark(marks, 0, host)
-        for i in range(args.steps):
-            one_step()
-            sync.mark(marks, i + 1, host)
-        sync.sync()
-        total = time.perf_counter() - t
-    res = decode_figures(batch, args.steps, total, sync.step_ms(marks, host))
+        total, step_ms = timed_steps(one_step, args.steps, sync)
+    res = decode_figures(batch, args.steps, total, step_ms)
     res["warmup_s"] = warm_s
     res["tokens_request0"] = [int(t[0]) for t in tokens]
     return res
