@@ -52,7 +52,8 @@ def run_demo(max_tokens: int = 16, keep: str | None = None) -> int:
         _say(f"   {len(out.token_ids)} tokens in {dt:.2f}s")
         _say("4. the same prompt through the compiled Triton kernels (Triton's CPU interpreter)")
         t = time.perf_counter()
-        kern = braze.LLM(artifact, backend="interpret").generate(PROMPT, params)[0]
+        # one sequence: the interpreter runs every program instance, so do not pad to 256 rows
+        kern = braze.LLM(artifact, backend="interpret", max_num_seqs=1).generate(PROMPT, params)[0]
         _say(f"   generated  {kern.token_ids}  in {time.perf_counter() - t:.2f}s: "
              f"{'identical' if kern.token_ids == out.token_ids else 'DIFFERENT'}")
         _say("5. checking against transformers' own implementation with the same weights")
