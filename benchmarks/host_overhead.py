@@ -148,7 +148,7 @@ def add_requests(eng, args, vocab: int) -> None:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=i if args.temperature > 0 else None,
-                            stop=list(args.stop or []))
+                            stop=list(args.stop or []), output_kind=args.output_kind)
         eng.add_request(f"r{i}", prompt, sp)
 
 
@@ -166,11 +166,19 @@ def warm_up(eng, args) -> int:
     else:
         raise SystemExit("requests never all reached decode")
     for _ in range(args.warmup):
-        check_step(eng.step(), R)
+        check_step(eng, eng.step(), R)
     return prefill
 
 
-def check_step(outs, R: int) -> None:
+OUTPUT_KIND = ["delta"]
+
+
+def check_step(eng, outs, R: int) -> None:
+    if OUTPUT_KIND[0] == "final":      # no per-step reports: every request still running
+        if outs or eng.num_running() != R:
+            raise SystemExit(f"a timed step finished a request ({len(outs)} outputs, "
+                             f"{eng.num_running()} running); raise --max-model-len")
+        return
     if len(outs) != R or any(o.finished for o in outs) or any(len(o.new_token_ids) != 1
                                                                for o in outs):
         raise SystemExit(f"a timed step did not decode one token for each of {R} requests "
@@ -258,7 +266,7 @@ def timed_steps(eng, n: int, R: int, clock: Clock | None = None) -> tuple[list[f
         t = pc()
         outs = eng.step()
         totals.append(pc() - t)
-        check_step(outs, R)
+        check_step(eng, outs, R)
         if clock is not None:
             for k, v in clock.acc.items():
                 pieces.setdefault(k, []).append(v)
@@ -303,7 +311,7 @@ def count_torch_calls(eng, clock: Clock, R: int, steps: int = 3) -> dict[str, di
 
     with Count():
         for _ in range(steps):
-            check_step(eng.step(), R)
+            check_step(eng, eng.step(), R)
     return {k: {n: c / steps for n, c in v.items()} for k, v in counts.items()}
 
 
@@ -359,7 +367,7 @@ def profile_steps(eng, n: int, R: int, top: int) -> str:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):
-        check_step(eng.step(), R)
+        check_step(eng, eng.step(), R)
     prof.disable()
     out = []
     for key, label in (("cumulative", "cumulative"), ("tottime", "self (tottime)")):
@@ -504,6 +512,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=0, help="default 0 (no filter)")
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="a stop string for every request (repeatable; default none)")
+    ap.add_argument("--output-kind", choices=("delta", "final"), default="delta",
+                    help="delta (default): the engine reports every request every step, as "
+                         "when streaming; final: only finished ones, as LLM.generate does")
     ap.add_argument("--no-detail", action="store_true",
                     help="skip the per-request detail pass")
     ap.add_argument("--profile", action="store_true",
@@ -519,6 +530,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=100.0, metavar="SECONDS",
                     help="stop adding passes once this much time has gone (default 100)")
     args = ap.parse_args(argv)
+    OUTPUT_KIND[0] = args.output_kind
     if args.requests < 1 or args.steps < 1 or args.warmup < 0 or args.prompt_len < 1:
         ap.error("--requests, --steps, --prompt-len must be positive, --warmup >= 0")
     if args.max_num_tokens < args.requests:

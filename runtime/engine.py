@@ -174,6 +174,7 @@ class Engine:
         self.scheduler.commit(sched)
         t = now()
         outputs = []
+        n = 0
         finished = Status.FINISHED
         for c, token in zip(sched.chunks, tokens):
             if not c.samples:
@@ -202,8 +203,11 @@ class Engine:
                 reason = "length"
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(self._output(req))
-        self._counters["generation_tokens_total"] += len(outputs)
+                outputs.append(self._output(req))
+            elif p.output_kind == "delta":
+                outputs.append(self._output(req))
+            n += 1
+        self._counters["generation_tokens_total"] += n
         return outputs
 
     def _finish(self, req: Request, reason: str) -> None:

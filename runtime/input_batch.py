@@ -119,10 +119,11 @@ class PersistentBatch:
             self.seed[idx] = torch.tensor(v[4], dtype=I64).to(self.device)
             self._pending_params.clear()
         rows, cols, vals = [], [], []
+        bs, sent_of = self.block_size, self._blocks_sent
         for c in chunks:
             r = c.request.row
-            sent = self._blocks_sent[r]
-            if block_manager.table_len(c.request.request_id) > sent:
+            sent = sent_of[r]
+            if (c.start + c.num_new + bs - 1) // bs > sent:   # the step reaches an unsent block
                 new = block_manager.table_since(c.request.request_id, sent)
                 rows.extend([r] * len(new))
                 cols.extend(range(sent, sent + len(new)))
@@ -146,9 +147,8 @@ class PersistentBatch:
         the per-sequence vectors the sampler needs (rows, seq_lens, samples)."""
         self._send_deltas(chunks, block_manager)
         S, T = len(chunks), sum(c.num_new for c in chunks)
-        meta = torch.tensor([[c.request.row for c in chunks], [c.num_new for c in chunks],
-                             [c.start for c in chunks], [int(c.samples) for c in chunks]],
-                            dtype=I64)
+        meta = torch.tensor([(c.request.row, c.num_new, c.start, c.samples) for c in chunks],
+                            dtype=I64).t().contiguous()
         if self.device.type == "cuda":
             meta = meta.pin_memory()
         meta = meta.to(self.device, non_blocking=True)

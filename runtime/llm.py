@@ -6,6 +6,7 @@ returns one `RequestOutput` per prompt, in the prompts' order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from braze.ir.errors import BrazeError
@@ -42,6 +43,8 @@ class LLM:
             plist = list(params)
         else:
             plist = [params or SamplingParams()] * len(prompts)
+        # only final results are wanted: the engine skips the per-step reports
+        plist = [dataclasses.replace(sp, output_kind="final") for sp in plist]
         ids = []
         try:
             for p, sp in zip(prompts, plist):

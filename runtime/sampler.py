@@ -32,6 +32,7 @@ import torch
 from braze.ir.errors import BrazeError
 
 MAX_STOP_STRINGS = 16
+OUTPUT_KINDS = ("delta", "final")
 SEED_LIMIT = 1 << 63          # seeds are in [0, 2**63)
 
 
@@ -53,6 +54,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)   # a str or a list of str; None = []
+    # "delta": the engine reports the request after every step that gives it tokens (for
+    # streaming); "final": only when it finishes (offline generation: less host work)
+    output_kind: str = "delta"
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -103,6 +107,9 @@ class SamplingParams:
                 raise BrazeError(f"stop_token_ids must hold integers >= 0, got {t!r} in stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
             raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
+                             f"got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:

@@ -233,3 +233,22 @@ def test_rows_are_reused_after_requests_finish(store):
     again = run_all(eng, prompts, SamplingParams(max_tokens=3, ignore_eos=True))
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
     assert eng.runner.batch.num_free_rows == 2
+
+
+def test_output_kind_final_reports_only_at_the_end(store):
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=16)
+    p = prompts_of([5], seed=12)[0]
+    eng.add_request("d", p, SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.add_request("f", p, SamplingParams(max_tokens=4, ignore_eos=True, output_kind="final"))
+    seen = {"d": [], "f": []}
+    for _ in range(20):
+        for o in eng.step():
+            seen[o.request_id].append(o)
+        if not eng.has_unfinished():
+            break
+    assert len(seen["d"]) == 4 and [len(o.new_token_ids) for o in seen["d"]] == [1] * 4
+    assert len(seen["f"]) == 1 and seen["f"][0].finished
+    assert seen["f"][0].token_ids == seen["d"][-1].token_ids
+    assert seen["f"][0].text == "".join(o.new_text for o in seen["d"])
+    with pytest.raises(BrazeError, match="output_kind"):
+        SamplingParams(output_kind="all").validate()
