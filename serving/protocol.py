@@ -161,6 +161,8 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
         "top_k": 0 if req.top_k in (None, -1) else req.top_k,
         "seed": req.seed,
         "ignore_eos": req.ignore_eos,
+        # a non-streamed response needs only the final report: less work per engine step
+        "output_kind": "delta" if req.stream else "final",
     }
     if req.stop:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
