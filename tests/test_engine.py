@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from braze.ir.errors import BrazeError
 from braze.runtime.engine import Engine
@@ -252,3 +253,63 @@ def test_output_kind_final_reports_only_at_the_end(store):
     assert seen["f"][0].text == "".join(o.new_text for o in seen["d"])
     with pytest.raises(BrazeError, match="output_kind"):
         SamplingParams(output_kind="all").validate()
+
+
+@pytest.fixture(scope="module")
+def solo(store):
+    """Greedy continuations of prompts run one at a time (the reference for random mixes)."""
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64)
+    cache = {}
+
+    def get(prompt, max_tokens):
+        key = (tuple(prompt), max_tokens)
+        if key not in cache:
+            cache[key] = run_all(eng, [prompt], SamplingParams(max_tokens=max_tokens,
+                                                               ignore_eos=True))[0].token_ids
+        return cache[key]
+    return get
+
+
+POOL = prompts_of([3, 17, 30, 9, 21, 2], seed=13)
+
+
+@settings(max_examples=12, deadline=None)
+@given(plan=st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(1, 10),
+                               st.integers(0, 6), st.booleans()), min_size=1, max_size=7),
+       num_blocks=st.integers(4, 12), max_num_tokens=st.sampled_from([8, 24, 64]),
+       max_num_seqs=st.integers(1, 4), lag=st.booleans())
+def test_random_arrivals_and_aborts_keep_results_and_free_everything(
+        store, solo, plan, num_blocks, max_num_tokens, max_num_seqs, lag):
+    """Requests arrive at random steps, some are aborted, the cache and batch are tight:
+    every request that is not aborted gets exactly its solo continuation, and at the end
+    every KV block and batch row is free again."""
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=num_blocks,
+                 max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs, async_scheduling=lag)
+    arrivals = sorted(((at, i) for i, (_, _, at, _) in enumerate(plan)))
+    final, step = {}, 0
+    for _ in range(400):                               # bounded
+        while arrivals and arrivals[0][0] <= step:
+            _, i = arrivals.pop(0)
+            p, n, _, abort = plan[i]
+            eng.add_request(f"r{i}", POOL[p], SamplingParams(max_tokens=n, ignore_eos=True))
+        for o in eng.step():
+            if o.finished:
+                assert o.request_id not in final, "a request finished twice"
+                final[o.request_id] = o
+        step += 1
+        for i, (_, _, at, abort) in enumerate(plan):
+            if abort and step == at + 2:
+                eng.abort_request(f"r{i}")
+        if not arrivals and not eng.has_unfinished():
+            break
+    assert set(final) == {f"r{i}" for i in range(len(plan))}, "a request was lost"
+    for i, (p, n, _, abort) in enumerate(plan):
+        o = final[f"r{i}"]
+        if o.finish_reason == "abort":
+            assert abort
+            assert o.token_ids == solo(POOL[p], n)[:len(o.token_ids)]
+        else:
+            assert o.finish_reason == "length" and o.token_ids == solo(POOL[p], n)
+    s = eng.stats()
+    assert s["kv_blocks_free"] == num_blocks and s["num_running"] == s["num_waiting"] == 0
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
