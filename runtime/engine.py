@@ -127,7 +127,9 @@ class Engine:
         self._aborted.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._in_flight)
+        """Whether `step` has more to do or report (running, waiting, launched, or
+        aborted requests whose final report is not out yet)."""
+        return bool(self.requests or self._in_flight or self._aborted)
 
     def num_running(self) -> int:
         return len(self.scheduler.running)

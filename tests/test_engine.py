@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from braze.ir.errors import BrazeError
 from braze.runtime.engine import Engine
@@ -274,6 +274,8 @@ POOL = prompts_of([3, 17, 30, 9, 21, 2], seed=13)
 
 
 @settings(max_examples=12, deadline=None)
+# aborted mid-prefill, then nothing left: the abort report must still come out
+@example(plan=[(1, 1, 0, True)], num_blocks=4, max_num_tokens=8, max_num_seqs=1, lag=False)
 @given(plan=st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(1, 10),
                                st.integers(0, 6), st.booleans()), min_size=1, max_size=7),
        num_blocks=st.integers(4, 12), max_num_tokens=st.sampled_from([8, 24, 64]),
