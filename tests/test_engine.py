@@ -273,7 +273,7 @@ def solo(store):
 POOL = prompts_of([3, 17, 30, 9, 21, 2], seed=13)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=40, deadline=None)
 # aborted mid-prefill, then nothing left: the abort report must still come out
 @example(plan=[(1, 1, 0, True)], num_blocks=4, max_num_tokens=8, max_num_seqs=1, lag=False)
 @given(plan=st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(1, 10),
