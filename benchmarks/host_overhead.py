@@ -13,14 +13,14 @@ part of a step:
     prepare        PersistentBatch.prepare: deltas to the device rows, the step's static
                    inputs (input_ids, positions, slot_mapping, ...) built from them
     forward stub   bucket_for + returning the preallocated logits (the model is excluded)
-    sample_batch   sampling_args + runtime.sampler.sample_batch (Gumbel-max over [S, vocab]);
-                   only called when a request samples (--temperature > 0): an all-greedy
-                   step takes an argmax instead, counted in "execute other". Device work on
-                   a GPU; on the CPU it is done here, so the vocab is kept small (--vocab,
-                   default 512) and sample_batch is also timed by itself (see below)
+    sample         PersistentBatch.sample: a greedy argmax for an all-greedy step, else
+                   runtime.sampler.sample_batch (Gumbel-max over [S, vocab], --temperature
+                   > 0). Device work on a GPU; on the CPU it is done here, so the vocab is
+                   kept small (--vocab, default 512) and sample_batch is also timed by
+                   itself (see below)
     write_sampled  the sampled tokens written into the persistent batch rows
-    execute other  the rest of ModelRunner.execute (bucket choice, logits slice, greedy
-                   argmax, the step result)
+    execute other  the rest of ModelRunner.execute (bucket choice, logits slice, the step
+                   result)
     commit         Scheduler.commit (KV block bookkeeping, prefix-cache hashes)
     bookkeeping    the rest of Engine.step: the sampled tokens read back to the host, per
                    request stop checks (max_tokens, stop ids), detokenisation of stop-string requests,
@@ -75,8 +75,7 @@ from pathlib import Path
 TARGET_MS = 1.0
 BLOCK_SIZE = 16
 LOGITS_BANK = 8          # preallocated logits tensors the stub cycles through
-STEP_PIECES = ("schedule", "prepare", "forward_stub", "sampling_args", "sample_batch",
-               "write_sampled", "commit")
+STEP_PIECES = ("schedule", "prepare", "forward_stub", "sample", "write_sampled", "commit")
 DETAIL_PIECES = ("detok_update", "_output", "detok_output_delta")
 
 
@@ -234,16 +233,13 @@ class Clock:
 
 
 def wrap_step_pieces(clock: Clock, eng) -> None:
-    import braze.runtime.model_runner as mr
-
     runner, batch = eng.runner, eng.runner.batch
     clock.wrap(eng.scheduler, "schedule", "schedule")
     clock.wrap(eng.scheduler, "commit", "commit")
     clock.wrap(runner, "execute", "execute")
     clock.wrap(batch, "prepare", "prepare")
     clock.wrap(runner.graphs, "run", "forward_stub")
-    clock.wrap(batch, "sampling_args", "sampling_args")
-    clock.wrap(mr, "sample_batch", "sample_batch")
+    clock.wrap(batch, "sample", "sample")
     clock.wrap(batch, "write_sampled", "write_sampled")
 
 
@@ -406,11 +402,10 @@ def breakdown(totals: list[float], pieces: dict[str, list[float]]) -> dict[str, 
     rows: dict[str, list[float]] = {}
     for k in ("schedule", "prepare", "forward_stub"):
         rows[k] = get(k)
-    rows["sample_batch + sampling_args"] = [a + b for a, b in zip(get("sampling_args"),
-                                                                   get("sample_batch"))]
+    rows["sample (greedy argmax or sample_batch)"] = get("sample")
     rows["write_sampled"] = get("write_sampled")
-    inner = ("prepare", "forward_stub", "sampling_args", "sample_batch", "write_sampled")
-    rows["execute other (logits slice, greedy argmax, ...)"] = [e - sum(get(k)[i] for k in inner)
+    inner = ("prepare", "forward_stub", "sample", "write_sampled")
+    rows["execute other (bucket choice, logits slice, ...)"] = [e - sum(get(k)[i] for k in inner)
                              for i, e in enumerate(get("execute"))]
     rows["commit"] = get("commit")
     rows["bookkeeping"] = [t - s - e - c for t, s, e, c in
@@ -443,8 +438,8 @@ def _short(name: str) -> str:
 
 
 def ops_table(counts: dict[str, dict[str, float]], top: int = 5) -> str:
-    order = ["engine", "schedule", "execute", "prepare", "forward_stub", "sampling_args",
-             "sample_batch", "write_sampled", "commit"]
+    order = ["engine", "schedule", "execute", "prepare", "forward_stub", "sample",
+             "write_sampled", "commit"]
     rows = [["piece", "torch calls/step", "most frequent"]]
     total = 0.0
     for k in order + sorted(set(counts) - set(order)):

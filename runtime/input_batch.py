@@ -18,6 +18,7 @@ import torch
 from braze.ir.errors import BrazeError
 
 from .request import Request
+from .sampler import SamplingTensors
 from .scheduler import ScheduledChunk
 
 I64, I32 = torch.int64, torch.int32
@@ -52,13 +53,9 @@ class PersistentBatch:
         self.token_ids = torch.zeros(max_num_seqs, max_len + 1, dtype=I64, **z)
         self.block_table = torch.zeros(max_num_seqs, max_blocks, dtype=I32, **z)
         self.prompt_len = torch.zeros(max_num_seqs, dtype=I64, **z)
-        self.temperature = torch.zeros(max_num_seqs, dtype=torch.float32, **z)
-        self.top_k = torch.zeros(max_num_seqs, dtype=I64, **z)
-        self.top_p = torch.ones(max_num_seqs, dtype=torch.float32, **z)
-        self.seed = torch.zeros(max_num_seqs, dtype=I64, **z)
+        self.sampling = SamplingTensors(max_num_seqs, device)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._blocks_sent = [0] * max_num_seqs       # host mirror of each row's table length
-        self._filtering = [False] * max_num_seqs     # rows whose params use top-k / top-p
         self._arange = torch.arange(max(max_num_seqs, static["input_ids"].shape[0]) + 1,
                                     dtype=I64, **z)
         self._pending_tokens: list[tuple[int, list[int]]] = []
@@ -80,11 +77,8 @@ class PersistentBatch:
         row = self._free_rows.pop()
         req.row = row
         self._blocks_sent[row] = 0
-        p = req.params
-        self._filtering[row] = p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)
         self._pending_tokens.append((row, req.all_token_ids))
-        self._pending_params.append((row, (len(req.prompt_token_ids), p.temperature, p.top_k,
-                                           p.top_p, seed)))
+        self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed)))
 
     def remove(self, req: Request) -> None:
         if req.row is not None:
@@ -92,9 +86,6 @@ class PersistentBatch:
             self._pending_tokens = [(r, t) for r, t in self._pending_tokens if r != req.row]
             self._pending_params = [(r, v) for r, v in self._pending_params if r != req.row]
             req.row = None
-
-    def uses_filtering(self, chunks: list[ScheduledChunk]) -> bool:
-        return any(self._filtering[c.request.row] for c in chunks)
 
     # ---------------------------------------------------------------- deltas
 
@@ -109,14 +100,11 @@ class PersistentBatch:
             self._put(self.token_ids, rows, cols, vals)
         self._pending_tokens.clear()
         if self._pending_params:
-            idx = torch.tensor([r for r, _ in self._pending_params], dtype=I64)
-            v = list(zip(*[vals for _, vals in self._pending_params]))
-            idx = idx.to(self.device)
-            self.prompt_len[idx] = torch.tensor(v[0], dtype=I64).to(self.device)
-            self.temperature[idx] = torch.tensor(v[1], dtype=torch.float32).to(self.device)
-            self.top_k[idx] = torch.tensor(v[2], dtype=I64).to(self.device)
-            self.top_p[idx] = torch.tensor(v[3], dtype=torch.float32).to(self.device)
-            self.seed[idx] = torch.tensor(v[4], dtype=I64).to(self.device)
+            rows = [r for r, _ in self._pending_params]
+            prompt_lens, params, seeds = zip(*[v for _, v in self._pending_params])
+            idx = torch.tensor(rows, dtype=I64).to(self.device)
+            self.prompt_len[idx] = torch.tensor(prompt_lens, dtype=I64).to(self.device)
+            self.sampling.set_rows(rows, params, seeds)
             self._pending_params.clear()
         rows, cols, vals = [], [], []
         bs, sent_of = self.block_size, self._blocks_sent
@@ -193,7 +181,13 @@ class PersistentBatch:
             tokens = torch.where(samples.bool(), tokens, self.token_ids[rows, col])
         self.token_ids[rows, col] = tokens
 
-    def sampling_args(self, rows: torch.Tensor, seq_lens: torch.Tensor) -> dict:
-        return {"temperature": self.temperature[rows], "top_k": self.top_k[rows],
-                "top_p": self.top_p[rows], "seeds": self.seed[rows],
-                "counters": seq_lens.to(I64) - self.prompt_len[rows]}
+    def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], rows: torch.Tensor,
+               seq_lens: torch.Tensor) -> torch.Tensor:
+        """Each sequence's next token; its counter (the output index being drawn) is derived
+        from the sequence: tokens after this step less the prompt."""
+        host_rows = [c.request.row for c in chunks]
+        s = self.sampling
+        if s.all_greedy(host_rows):
+            return s.sample(logits, rows, None, greedy_only=True)
+        return s.sample(logits.float(), rows, seq_lens.to(I64) - self.prompt_len[rows],
+                        filter=s.needs_filter(host_rows))

@@ -8,7 +8,6 @@ a scheduled step; it returns the sampled token of every sequence that samples.
 from __future__ import annotations
 
 import logging
-import random
 
 import torch
 
@@ -19,7 +18,7 @@ from .graph_runner import GraphRunner
 from .input_batch import PersistentBatch, static_buffers
 from .kv_cache import default_num_blocks
 from .loader import Artifact
-from .sampler import sample_batch
+from .sampler import resolve_seed
 from .scheduler import ScheduledChunk
 
 log = logging.getLogger("braze.runtime")
@@ -55,17 +54,13 @@ class ModelRunner:
         self.graphs = GraphRunner(ex, self.static, buckets, self.max_num_seqs,
                                   mode=cudagraph_mode, debug=debug)
         self.graphs.capture(progress=progress)
-        self._seed_rng = random.Random()
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.executor.cache.bytes
 
     def add(self, req) -> None:
-        seed = req.params.seed
-        if seed is None:
-            seed = self._seed_rng.getrandbits(62)
-        self.batch.add(req, seed)
+        self.batch.add(req, resolve_seed(req.params.seed))
 
     def remove(self, req) -> None:
         self.batch.remove(req)
@@ -83,11 +78,7 @@ class ModelRunner:
         else:
             logits = logits.index_select(0, self.static["logits_indices"][:S])
         rows, seq_lens = meta["rows"], meta["seq_lens"]
-        if all(c.request.params.temperature == 0 for c in chunks):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = sample_batch(logits.float(), **self.batch.sampling_args(rows, seq_lens),
-                                  filter=self.batch.uses_filtering(chunks))
+        tokens = self.batch.sample(logits, chunks, rows, seq_lens)
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
         return StepResult(tokens)
 

@@ -16,8 +16,6 @@ compositions and preemption-with-recompute.
 
 `SamplingTensors` keeps those per-row parameters in persistent tensors (one row per
 persistent-batch slot) that the engine fills when a request takes a slot.
-
-`sample` is the older one-request sampler used by runtime/generate.py.
 """
 
 from __future__ import annotations
@@ -222,9 +220,10 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 class SamplingTensors:
     """Per-row sampling parameters in persistent tensors, one row per persistent-batch slot.
 
-    The engine calls `set_rows` when requests take slots (and again after a preemption,
-    with their counters = tokens generated so far); `sample(logits, rows)` samples logits
-    row i for slot rows[i] and, by default, advances those slots' counters on the device.
+    The engine calls `set_rows` when requests take slots; `sample(logits, rows, counters)`
+    samples logits row i for slot rows[i]. The counter (the index of the token being
+    sampled in the request's output) is not stored here: the caller derives it from the
+    sequence, so it stays right across preemption and recompute.
     """
 
     def __init__(self, max_rows: int, device: str | torch.device = "cpu"):
@@ -235,12 +234,11 @@ class SamplingTensors:
         self.top_k = torch.zeros(max_rows, dtype=i64, device=self.device)
         self.top_p = torch.ones(max_rows, dtype=f32, device=self.device)
         self.seeds = torch.zeros(max_rows, dtype=i64, device=self.device)
-        self.counters = torch.zeros(max_rows, dtype=i64, device=self.device)
         self._greedy = [True] * max_rows      # host mirrors, to pick the cheap path
         self._filters = [False] * max_rows
 
     def set_rows(self, rows: Sequence[int], params: Sequence[SamplingParams],
-                 seeds: Sequence[int], counters: Sequence[int] | None = None) -> None:
+                 seeds: Sequence[int]) -> None:
         """Fill slots `rows` from validated params; `seeds` already resolved (resolve_seed)."""
         if not rows:
             return
@@ -255,7 +253,6 @@ class SamplingTensors:
         put(self.top_k, [int(p.top_k) if p.top_k > 0 else 0 for p in params])
         put(self.top_p, [float(p.top_p) for p in params])
         put(self.seeds, [int(s) for s in seeds])
-        put(self.counters, [0] * len(rows) if counters is None else [int(c) for c in counters])
         for r, p in zip(rows, params):
             self._greedy[r] = p.greedy
             self._filters[r] = p.filters
@@ -266,42 +263,15 @@ class SamplingTensors:
     def needs_filter(self, rows: Iterable[int]) -> bool:
         return any(self._filters[r] for r in rows)
 
-    def sample(self, logits: torch.Tensor, rows: torch.Tensor, *, filter: bool = True,
-               greedy_only: bool = False, advance: bool = True) -> torch.Tensor:
-        """Tokens i64[S] for logits [S, V] whose row i belongs to slot rows[i] (i64[S] on device).
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor, *,
+               filter: bool = True, greedy_only: bool = False) -> torch.Tensor:
+        """Tokens i64[S] for logits [S, V] whose row i belongs to slot rows[i] (i64[S] on
+        device), drawing token number counters[i] of that request's output.
 
         Host flags (from `all_greedy` / `needs_filter`) choose cheaper paths:
         greedy_only=True is a plain argmax, filter=False skips the top-k/top-p sort.
         """
         if greedy_only:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = sample_batch(logits, self.temperature[rows], self.top_k[rows],
-                                  self.top_p[rows], self.seeds[rows], self.counters[rows],
-                                  filter=filter)
-        if advance:
-            self.counters.index_add_(0, rows, torch.ones_like(rows))
-        return tokens
-
-
-# ---------------------------------------------------------------------------------------
-
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [S, V] -> token ids [S]."""
-    logits = logits.float()
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            return logits.argmax(dim=-1)
+        return sample_batch(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
+                            self.seeds[rows], counters, filter=filter)

@@ -14,7 +14,6 @@ from braze.runtime.sampler import (
     SamplingTensors,
     gumbel_noise,
     resolve_seed,
-    sample,
     sample_batch,
 )
 from hypothesis import HealthCheck, given, settings
@@ -274,26 +273,24 @@ def test_mixed_greedy_and_sampled_rows():
 
 # ------------------------------------------------------------------ SamplingTensors
 
-def test_sampling_tensors_fill_rows_and_advance_counters():
+def test_sampling_tensors_fill_rows_and_sample_with_given_counters():
     vocab = 64
     st_ = SamplingTensors(8)
     params = [SamplingParams(temperature=1.0, seed=5), SamplingParams(),
               SamplingParams(temperature=0.8, top_k=-1, top_p=0.9, seed=6)]
-    st_.set_rows([6, 1, 3], params, [5, 0, 6], counters=[10, 0, 2])
+    st_.set_rows([6, 1, 3], params, [5, 0, 6])
     assert st_.all_greedy([1]) and not st_.all_greedy([1, 6])
     assert st_.needs_filter([3]) and not st_.needs_filter([6, 1])
     logits = _logits(6, 3, vocab)
     rows = torch.tensor([3, 6, 1])
-    got = st_.sample(logits, rows)
+    got = st_.sample(logits, rows, torch.tensor([2, 10, 0]))
     want = _run(logits, [0.8, 1.0, 0.0], [0, 0, 0], [0.9, 1.0, 1.0], [6, 5, 0], [2, 10, 0])
     assert torch.equal(got, want)
-    assert st_.counters[[3, 6, 1]].tolist() == [3, 11, 1]
-    # the next step uses the advanced counters
-    got = st_.sample(logits, rows, advance=False)
+    # the next tokens of the same requests: the caller's counters move on
+    got = st_.sample(logits, rows, torch.tensor([3, 11, 1]))
     assert torch.equal(got, _run(logits, [0.8, 1.0, 0.0], [0, 0, 0], [0.9, 1.0, 1.0],
                                  [6, 5, 0], [3, 11, 1]))
-    assert st_.counters[[3, 6, 1]].tolist() == [3, 11, 1]
-    assert torch.equal(st_.sample(logits, rows, greedy_only=True), logits.argmax(dim=-1))
+    assert torch.equal(st_.sample(logits, rows, None, greedy_only=True), logits.argmax(dim=-1))
 
 
 def test_sample_batch_has_no_data_dependent_host_code():
@@ -313,14 +310,6 @@ def test_bfloat16_logits_are_accepted():
     out = _run(logits, [0.0, 1.0, 0.0, 1.0], [0, 5, 0, 0], [1.0, 1.0, 1.0, 0.5], [1, 2, 3, 4], [0] * 4)
     assert out.dtype == torch.int64
     assert out[0] == logits[0].float().argmax() and out[2] == logits[2].float().argmax()
-
-
-def test_old_single_request_sampler_still_works():
-    logits = _logits(8, 2, 30)
-    assert torch.equal(sample(logits, SamplingParams()), logits.argmax(dim=-1))
-    g = torch.Generator().manual_seed(0)
-    out = sample(logits, SamplingParams(temperature=1.0, top_k=3), g)
-    assert all(int(t) in logits[i].topk(3).indices.tolist() for i, t in enumerate(out))
 
 
 # ------------------------------------------------------------------------- validate
