@@ -43,13 +43,14 @@ import time
 import torch
 
 from braze.ir import run_graph
+from braze.ir.contract import STEP_INPUTS as CONTRACT
 from braze.ir.errors import BrazeError
 
 log = logging.getLogger("braze.runtime")
 
 MODES = ("none", "piecewise", "full")
-STEP_INPUTS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
-               "block_tables", "logits_indices")
+STEP_INPUTS = tuple(CONTRACT)          # the batch contract's step inputs, by name
+PADDING = {"slot_mapping": -1}         # a padding token writes no cache slot; others pad 0
 _TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
 _SEQ_ROWS = ("seq_lens", "block_tables", "logits_indices")
 
@@ -91,6 +92,18 @@ def validate_buckets(buckets, max_num_tokens: int) -> list[int]:
                          "for the default")
     out.add(max_num_tokens)
     return sorted(out)
+
+
+def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int) -> None:
+    """Pad a step written into the static rows [0, n) (tokens) and [0, s) (sequences) out
+    to its bucket (T, S): padding tokens write no cache slot, padded sequences are empty."""
+    if T > n:
+        for name in ("input_ids", "positions", "slot_mapping"):
+            static[name][n:T] = PADDING.get(name, 0)
+    if S > s:
+        static["query_start_loc"][s + 1:S + 1] = n
+        static["seq_lens"][s:S] = 0
+        static["logits_indices"][s:S] = 0
 
 
 def segments_for(graph, mode: str) -> list[tuple[str, int, int]]:
@@ -248,27 +261,22 @@ class GraphRunner:
         n, s = int(inputs["input_ids"].shape[0]), int(inputs["seq_lens"].shape[0])
         T, S = self.bucket_for(n, s)
         st = self.static
-        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
-            st[name][:n].copy_(inputs[name])
-            st[name][n:T].fill_(pad)
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "logits_indices"):
+            st[name][:inputs[name].shape[0]].copy_(inputs[name])
         st["query_start_loc"][:s + 1].copy_(inputs["query_start_loc"])
-        st["query_start_loc"][s + 1:S + 1].fill_(n)
-        st["seq_lens"][:s].copy_(inputs["seq_lens"])
-        st["seq_lens"][s:S].fill_(0)
         bt = inputs["block_tables"]
         w = min(int(bt.shape[1]), self.max_blocks)
         st["block_tables"][:s, :w].copy_(bt[:, :w])
         st["block_tables"][:s, w:].fill_(0)
         st["block_tables"][s:S].fill_(0)
-        st["logits_indices"][:s].copy_(inputs["logits_indices"])
-        st["logits_indices"][s:S].fill_(0)
+        pad_step(st, n, s, T, S)
         return n, s
 
     def _write_dummy_step(self) -> None:
         """An all-padding step (no cache writes, no keys read) for warm-up and capture."""
         st = self.static
         for name in STEP_INPUTS:
-            st[name].fill_(-1 if name == "slot_mapping" else 0)
+            st[name].fill_(PADDING.get(name, 0))
 
     # -- capture ------------------------------------------------------------------------
 

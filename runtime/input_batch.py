@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import torch
 
+from braze.ir.contract import STEP_INPUTS
 from braze.ir.errors import BrazeError
+from braze.ir.types import torch_dtype
 
+from .graph_runner import PADDING, pad_step
 from .request import Request
 from .sampler import SamplingTensors
 from .scheduler import ScheduledChunk
 
 I64, I32 = torch.int64, torch.int32
 
-STATIC_INPUTS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
-                 "block_tables", "logits_indices")
-
-
 def static_buffers(max_num_tokens: int, max_num_seqs: int, max_blocks: int, device) -> dict:
-    """The persistent step-input buffers, sized for the largest step; never reallocated."""
-    z = dict(device=device)
-    return {
-        "input_ids": torch.zeros(max_num_tokens, dtype=I64, **z),
-        "positions": torch.zeros(max_num_tokens, dtype=I64, **z),
-        "slot_mapping": torch.full((max_num_tokens,), -1, dtype=I64, **z),
-        "query_start_loc": torch.zeros(max_num_seqs + 1, dtype=I32, **z),
-        "seq_lens": torch.zeros(max_num_seqs, dtype=I32, **z),
-        "block_tables": torch.zeros(max_num_seqs, max_blocks, dtype=I32, **z),
-        "logits_indices": torch.zeros(max_num_seqs, dtype=I64, **z),
-    }
+    """The persistent step-input buffers of the batch contract, sized for the largest step
+    and filled with padding; never reallocated."""
+    sizes = {"T": max_num_tokens, "S": max_num_seqs, "MB": max_blocks}
+    return {name: torch.full(t.concrete_shape(sizes), PADDING.get(name, 0),
+                             dtype=torch_dtype(t.dtype), device=device)
+            for name, t in STEP_INPUTS.items()}
 
 
 class PersistentBatch:
@@ -158,16 +152,7 @@ class PersistentBatch:
         st["seq_lens"][:S] = seq_lens
         st["block_tables"][:S] = self.block_table[rows]
         st["logits_indices"][:S] = ends - 1
-        # padding: no token writes the cache (-1), padded sequences are empty
-        Tp, Sp = num_tokens_padded, num_seqs_padded
-        if Tp > T:
-            st["input_ids"][T:Tp] = 0
-            st["positions"][T:Tp] = 0
-            st["slot_mapping"][T:Tp] = -1
-        if Sp > S:
-            st["query_start_loc"][S + 1:Sp + 1] = T
-            st["seq_lens"][S:Sp] = 0
-            st["logits_indices"][S:Sp] = 0
+        pad_step(st, T, S, num_tokens_padded, num_seqs_padded)
         st["query_start_loc"][0] = 0
         every = all(c.samples for c in chunks)
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
