@@ -42,17 +42,23 @@ RUNTIME_BLOCK = 1024        # column block when the row width is symbolic
 
 
 @triton.jit
+def _split_rows(rows, n1, n2):
+    """(i0, i1, i2) int64 indices of flat row r of an [n0, n1, n2, cols] view."""
+    q = rows // n2
+    i2 = (rows - q * n2).to(tl.int64)
+    i0 = q // n1
+    i1 = (q - i0 * n1).to(tl.int64)
+    return i0.to(tl.int64), i1, i2
+
+
+@triton.jit
 def index_select_kernel(src_ptr, idx_ptr, dst_ptr, n_rows, n1, n2, n_src, n_cols, idx_stride,
                         s0, s1, s2, d0, d1, d2,
                         W: tl.constexpr, GL: tl.constexpr, BLOCK: tl.constexpr,
                         ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
-    q = rows // n2
-    i2 = (rows - q * n2).to(tl.int64)
-    i0 = q // n1
-    i1 = (q - i0 * n1).to(tl.int64)
-    i0 = i0.to(tl.int64)
+    i0, i1, i2 = _split_rows(rows, n1, n2)
     dst_row = (i0 * d0 + i1 * d1 + i2 * d2)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     n_c = n_cols
@@ -98,11 +104,7 @@ def cat_copy_kernel(src_ptr, dst_ptr, n_rows, n1, n2, n_cols, off, size_d,
                     NREP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
-    q = rows // n2
-    i2 = (rows - q * n2).to(tl.int64)
-    i0 = q // n1
-    i1 = (q - i0 * n1).to(tl.int64)
-    i0 = i0.to(tl.int64)
+    i0, i1, i2 = _split_rows(rows, n1, n2)
     src_row = (i0 * s0 + i1 * s1 + i2 * s2)[:, None]
     dst_row = (i0 * d0 + i1 * d1 + i2 * d2)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]

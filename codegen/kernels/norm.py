@@ -54,14 +54,20 @@ TILE = 2048                 # minimum elements per program for small D (ROWS > 1
 
 
 @triton.jit
+def _split_rows(rows, n_inner):
+    """(outer, inner) int64 indices of flat row r of an [outer, n_inner, D] view."""
+    outer = rows // n_inner
+    inner = (rows - outer * n_inner).to(tl.int64)
+    return outer.to(tl.int64), inner
+
+
+@triton.jit
 def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
                     x_s0, x_s1, o_s0, o_s1,
                     D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
-    outer = rows // n_inner                         # row r of an [outer, n_inner, D] view
-    inner = (rows - outer * n_inner).to(tl.int64)
-    outer = outer.to(tl.int64)
+    outer, inner = _split_rows(rows, n_inner)
     x_row = (outer * x_s0 + inner * x_s1)[:, None]
     o_row = (outer * o_s0 + inner * o_s1)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
@@ -95,9 +101,7 @@ def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_inner, 
                         D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
-    outer = rows // n_inner                         # row r of an [outer, n_inner, D] view
-    inner = (rows - outer * n_inner).to(tl.int64)
-    outer = outer.to(tl.int64)
+    outer, inner = _split_rows(rows, n_inner)
     a_row = (outer * a_s0 + inner * a_s1)[:, None]
     b_row = (outer * b_s0 + inner * b_s1)[:, None]
     o_row = (outer * o_s0 + inner * o_s1)[:, None]
