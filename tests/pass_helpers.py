@@ -83,9 +83,10 @@ def assert_pass_preserves(text_or_graph, names: list[str], bindings: dict[str, i
 _MODEL_CACHE: dict = {}
 
 
-def model_graph(family: str, tmp_dir, seed: int = 1, **overrides):
-    """A tiny random checkpoint of `family` traced to IR, with its real weights.
-    Returns (graph, params). Cached per (family, overrides) within a test session."""
+def model_graph(family: str, tmp_dir, seed: int = 1, dtype: str | None = None, **overrides):
+    """A tiny random checkpoint of `family` traced to IR (in `dtype`, default the
+    checkpoint's), with its real weights. Returns (graph, params). Cached per
+    (family, seed, dtype, overrides) within a test session."""
     import contextlib
     import io
     from pathlib import Path
@@ -93,16 +94,33 @@ def model_graph(family: str, tmp_dir, seed: int = 1, **overrides):
     from braze.frontend import load_model
     from braze.tiny import make_checkpoint
 
-    key = (family, seed, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+    key = (family, seed, dtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
     if key not in _MODEL_CACHE:
         d = Path(tmp_dir) / f"{family}-{abs(hash(key))}"
         with contextlib.redirect_stderr(io.StringIO()):
             make_checkpoint(family, d, seed=seed, with_tokenizer=False, **overrides)
-        loaded = load_model(d)
+        loaded = load_model(d) if dtype is None else load_model(d, dtype=dtype)
         params = {n: loaded.load_param(n) for n in loaded.graph.params}
         _MODEL_CACHE[key] = (print_graph(loaded.graph), params)
     text, params = _MODEL_CACHE[key]
     return parse_graph(text), dict(params)
+
+
+O2_SERVING = dict(max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+
+
+def o2_model_graph(family: str, tmp_dir, seed: int = 1, dtype: str | None = None, **overrides):
+    """`model_graph` through the -O2 pipeline at small serving sizes: (graph, params with
+    the derived ones materialised)."""
+    from braze.passes import PIPELINES
+    g, params = model_graph(family, tmp_dir, seed, dtype, **overrides)
+    run_passes(g, PIPELINES[2], **O2_SERVING)
+    return g, materialize_params(g, params)
+
+
+def step_sizes(feeds: dict) -> dict[str, int]:
+    """The T and S a step's feeds bind."""
+    return {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
 
 
 def model_step_feeds(g: Graph, prompts=((1, 17, 93, 4, 250, 66, 7), (5, 9, 33)), num_blocks: int = 8,

@@ -8,14 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import braze.passes
 from braze.codegen.kernels import attention as attn_mod
 from braze.ir import MB, NB, Graph, S, T, TensorType
 from braze.ir.types import torch_dtype
 from kernel_helpers import aot_compile_node, check_kernels, lower_node
-from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 
-PIPELINE_O2 = braze.passes.PIPELINES[2]
 # f32: fp32 everywhere, only the summation order differs. f16: p is rounded to f16 for the
 # p @ v product (as in FlashAttention) and the output once more: a couple of f16 ulps.
 TOL = {"f32": dict(atol=1e-5, rtol=1e-5), "f16": dict(atol=2e-3, rtol=2e-3)}
@@ -141,14 +139,11 @@ def test_launch_plan_depends_only_on_step_sizes():
 def test_attention_on_o2_model_graph(tmp_path, family):
     """Every attention of a real -O2 graph (mistral: sliding window 8, qwen3: head_dim 24)
     in a step mixing a fresh prefill, a chunk after a cached prefix and a decode."""
-    g, params = model_graph(family, tmp_path)
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64,
-               block_size=16)
+    g, params = o2_model_graph(family, tmp_path)
     assert g.op_counts().get("attention")
     prompts = (tuple(range(3, 23)), tuple(range(40, 53)), tuple(range(7, 37)))
     feeds = model_step_feeds(g, prompts=prompts, cached=(0, 9, 29), num_blocks=8)
-    params = materialize_params(g, params)
-    sizes = {"T": feeds["input_ids"].shape[0], "S": 3, "MB": feeds["block_tables"].shape[1]}
+    sizes = {**step_sizes(feeds), "MB": feeds["block_tables"].shape[1]}
     check_kernels(g, feeds, params, {"attention"}, sizes, atol=2e-5, rtol=2e-5)
 
 

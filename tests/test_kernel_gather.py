@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import braze.passes
 from braze.ir import Graph, S, T, TensorType
 from braze.ir.types import torch_dtype
 from kernel_helpers import aot_compile_node, check_kernels, lower_node, run_with_kernels
-from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 
-PIPELINE_O2 = braze.passes.PIPELINES[2]
 OPS = {"index_select", "cat"}
 
 
@@ -134,12 +132,10 @@ def test_cat_repeated_operand_runs():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
 def test_o2_model_graphs(family, tmp_path_factory):
-    g, params = model_graph(family, tmp_path_factory.mktemp(family))
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph(family, tmp_path_factory.mktemp(family))
     assert {n.op for n in g.nodes} >= OPS
     feeds = model_step_feeds(g, cached=(0, 2))
-    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
-    check_kernels(g, feeds, materialize_params(g, params), OPS, sizes, atol=0, rtol=0)
+    check_kernels(g, feeds, params, OPS, step_sizes(feeds), atol=0, rtol=0)
 
 
 # -- cubins at real sizes ------------------------------------------------------------------

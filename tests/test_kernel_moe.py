@@ -12,15 +12,13 @@ import random
 import pytest
 import torch
 
-import braze
 from braze.ir import Graph, T, TensorType, run_graph
 from braze.launch import compile_expr
 from kernel_helpers import aot_compile_node, check_kernels, lower_node, run_with_kernels
-from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 
 import braze.codegen.kernels.moe as moe
 
-PIPELINE_O2 = braze.passes.PIPELINES[2]
 DT = {"f32": torch.float32, "f16": torch.float16}
 TOL = {"f32": {"atol": 1e-5, "rtol": 1e-5}, "f16": {"atol": 2e-3, "rtol": 2e-3}}
 
@@ -148,31 +146,16 @@ def test_plan_grids_and_worst_case_bounds():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_o2_model_graphs(family, tmp_path_factory):
-    g, params = model_graph(family, tmp_path_factory.mktemp(family))
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph(family, tmp_path_factory.mktemp(family))
     assert any(n.op == "fused_moe" for n in g.nodes)
     feeds = model_step_feeds(g, cached=(0, 2))
-    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
-    check_kernels(g, feeds, materialize_params(g, params), {"fused_moe"}, sizes,
-                  atol=1e-5, rtol=1e-5)
+    check_kernels(g, feeds, params, {"fused_moe"}, step_sizes(feeds), atol=1e-5, rtol=1e-5)
 
 
 def test_o2_qwen3_moe_float16(tmp_path):
-    import contextlib
-    import io
-
-    from braze.frontend import load_model
-    from braze.tiny import make_checkpoint
-    with contextlib.redirect_stderr(io.StringIO()):
-        d = make_checkpoint("qwen3_moe", tmp_path / "q", seed=2, with_tokenizer=False)
-    loaded = load_model(d, dtype="float16")
-    g = loaded.graph
-    params = {n: loaded.load_param(n) for n in g.params if g.params[n].recipe is None}
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph("qwen3_moe", tmp_path, seed=2, dtype="float16")
     feeds = model_step_feeds(g, cached=(0, 2))
-    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
-    check_kernels(g, feeds, materialize_params(g, params), {"fused_moe"}, sizes,
-                  atol=2e-3, rtol=2e-3)
+    check_kernels(g, feeds, params, {"fused_moe"}, step_sizes(feeds), atol=2e-3, rtol=2e-3)
 
 
 # -- cubins at real sizes --------------------------------------------------------------------

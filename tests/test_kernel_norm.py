@@ -3,19 +3,14 @@ on real -O2 model graphs, and their cubins at real model sizes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import pytest
 import torch
 
-import braze.passes
 from braze.ir import Graph, T, TensorType
 from braze.ir.types import torch_dtype
 from kernel_helpers import aot_compile_node, check_kernels
-from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 
-PIPELINE_O2 = braze.passes.PIPELINES[2]
 TOL = {"f32": dict(atol=1e-5, rtol=1e-5), "f16": dict(atol=1e-3, rtol=2e-3)}   # f16: one ulp
 OPS = {"rms_norm", "add_rms_norm"}
 
@@ -125,26 +120,16 @@ def test_f16_large_values_round_the_sum_first():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
 def test_o2_model_graphs(family, tmp_path_factory):
-    g, params = model_graph(family, tmp_path_factory.mktemp(family))
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph(family, tmp_path_factory.mktemp(family))
     assert {n.op for n in g.nodes} >= OPS
     feeds = model_step_feeds(g, cached=(0, 2))
-    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
-    check_kernels(g, feeds, materialize_params(g, params), OPS, sizes, atol=1e-5, rtol=1e-5)
+    check_kernels(g, feeds, params, OPS, step_sizes(feeds), atol=1e-5, rtol=1e-5)
 
 
 def test_o2_qwen3_float16(tmp_path):
-    from braze.frontend import load_model
-    from braze.tiny import make_checkpoint
-    with contextlib.redirect_stderr(io.StringIO()):
-        d = make_checkpoint("qwen3", tmp_path / "q", seed=2, with_tokenizer=False)
-    loaded = load_model(d, dtype="float16")
-    g = loaded.graph
-    params = {n: loaded.load_param(n) for n in g.params if g.params[n].recipe is None}
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph("qwen3", tmp_path, seed=2, dtype="float16")
     feeds = model_step_feeds(g, cached=(0, 2))
-    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
-    check_kernels(g, feeds, materialize_params(g, params), OPS, sizes, atol=2e-2, rtol=1e-2)
+    check_kernels(g, feeds, params, OPS, step_sizes(feeds), atol=2e-2, rtol=1e-2)
 
 
 # -- cubins at real sizes ------------------------------------------------------------------

@@ -3,8 +3,6 @@ reference interpreter (Triton interpreter), on real -O2 graphs, and their cubins
 
 from __future__ import annotations
 
-import contextlib
-import io
 import textwrap
 
 import pytest
@@ -16,7 +14,8 @@ from braze.codegen.kernels import pointwise
 from braze.ir import Graph, T, TensorType, all_ops, parse_graph, print_graph, run_graph, verify
 from braze.ir.types import torch_dtype
 from kernel_helpers import aot_compile_node, check_kernels, lower_node, run_with_kernels
-from pass_helpers import materialize_params, model_graph, model_step_feeds, pointwise_graphs, run_passes
+from pass_helpers import (model_step_feeds, o2_model_graph, pointwise_graphs, run_passes,
+                          step_sizes)
 
 PIPELINE_O2 = braze.passes.PIPELINES[2]
 KERNEL_OPS = set(pointwise.OPS)
@@ -398,31 +397,22 @@ def test_random_pointwise_graphs(case):
 # -- real graphs ----------------------------------------------------------------------------------
 
 def _o2(g, params):
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
     ops = {n.op for n in g.nodes} & KERNEL_OPS
     feeds = model_step_feeds(g, cached=(0, 2))          # a prefill and a chunked prefill
-    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0],
-             "MB": feeds["block_tables"].shape[1]}
-    return g, ops, feeds, materialize_params(g, params), sizes
+    return g, ops, feeds, params, {**step_sizes(feeds), "MB": feeds["block_tables"].shape[1]}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_o2_model_graphs(family, tmp_path_factory):
     """SwiGLU groups on the gate_up halves; the lone cast, mul, cos and sin of the RoPE angles."""
-    g, ops, feeds, params, sizes = _o2(*model_graph(family, tmp_path_factory.mktemp("m")))
+    g, ops, feeds, params, sizes = _o2(*o2_model_graph(family, tmp_path_factory.mktemp("m")))
     assert "fused_pointwise" in ops and len(ops) > 1, g.op_counts()
     check_kernels(g, feeds, params, ops, sizes, atol=1e-5, rtol=1e-5)
 
 
 def test_o2_llama_float16(tmp_path):
     """In f16 the cos/sin join the cast to the model dtype: groups of two."""
-    from braze.frontend import load_model
-    from braze.tiny import make_checkpoint
-    with contextlib.redirect_stderr(io.StringIO()):
-        d = make_checkpoint("llama", tmp_path / "m", seed=2, with_tokenizer=False)
-    loaded = load_model(d, dtype="float16")
-    params = {n: loaded.load_param(n) for n, p in loaded.graph.params.items() if p.recipe is None}
-    g, ops, feeds, params, sizes = _o2(loaded.graph, params)
+    g, ops, feeds, params, sizes = _o2(*o2_model_graph("llama", tmp_path, seed=2, dtype="float16"))
     assert "fused_pointwise" in ops, g.op_counts()
     check_kernels(g, feeds, params, ops, sizes, atol=1e-3, rtol=1e-3)
 

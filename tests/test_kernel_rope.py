@@ -4,19 +4,14 @@ interpreter): both styles, QK-norm on/off, strided q/k/v views, slot -1 padding;
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import pytest
 import torch
 
-import braze.passes
 from braze.ir import NB, Graph, T, TensorType
 from braze.ir.types import torch_dtype
 from kernel_helpers import aot_compile_node, check_kernels
-from pass_helpers import materialize_params, model_graph, model_step_feeds, run_passes
+from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 
-PIPELINE_O2 = braze.passes.PIPELINES[2]
 OPS = {"rope", "rope1", "rope_cache_write"}
 # f16 without the norm reproduces every reference rounding point: bit-exact
 TOL = {"f32": dict(atol=1e-5, rtol=1e-5), "f16": dict(atol=0, rtol=0)}
@@ -188,7 +183,7 @@ def _padded_step(g, pad=2):
     feeds = model_step_feeds(g, cached=(0, 2))
     for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
         feeds[name] = torch.cat([feeds[name], torch.full((pad,), fill, dtype=feeds[name].dtype)])
-    return feeds, {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
+    return feeds, step_sizes(feeds)
 
 
 @pytest.mark.parametrize("family,overrides", [
@@ -201,26 +196,18 @@ def test_o2_model_graphs(family, overrides, tmp_path_factory):
     if overrides.get("rope_scaling") == "llama3":
         from braze.tiny import tiny_llama3_rope
         overrides = {"rope_scaling": tiny_llama3_rope()}
-    g, params = model_graph(family, tmp_path_factory.mktemp(family), **overrides)
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph(family, tmp_path_factory.mktemp(family), **overrides)
     nodes = [n for n in g.nodes if n.op == "rope_cache_write"]
     assert nodes and all(bool(n.operands[8:]) == family.startswith("qwen3") for n in nodes)
     feeds, sizes = _padded_step(g)
-    check_kernels(g, feeds, materialize_params(g, params), OPS, sizes, atol=1e-5, rtol=1e-5)
+    check_kernels(g, feeds, params, OPS, sizes, atol=1e-5, rtol=1e-5)
 
 
 def test_o2_qwen3_float16(tmp_path):
-    from braze.frontend import load_model
-    from braze.tiny import make_checkpoint
-    with contextlib.redirect_stderr(io.StringIO()):
-        d = make_checkpoint("qwen3", tmp_path / "q", seed=2, with_tokenizer=False)
-    loaded = load_model(d, dtype="float16")
-    g = loaded.graph
-    params = {n: loaded.load_param(n) for n in g.params if g.params[n].recipe is None}
-    run_passes(g, PIPELINE_O2, max_num_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16)
+    g, params = o2_model_graph("qwen3", tmp_path, seed=2, dtype="float16")
     assert any(n.op == "rope_cache_write" for n in g.nodes)
     feeds, sizes = _padded_step(g)
-    check_kernels(g, feeds, materialize_params(g, params), OPS, sizes, atol=1e-2, rtol=1e-2)
+    check_kernels(g, feeds, params, OPS, sizes, atol=1e-2, rtol=1e-2)
 
 
 # -- cubins at real sizes ------------------------------------------------------------------

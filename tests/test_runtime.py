@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from braze.ir.errors import BrazeError
-from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk, build_step
-from braze.runtime.sampler import SamplingParams
 
 
 def test_cache_in_use_does_not_grow():
