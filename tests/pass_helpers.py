@@ -26,6 +26,14 @@ def opt_text(text: str, *names: str, **options) -> str:
     return print_graph(g)
 
 
+def refusal_reasons(text: str, *names: str, **options) -> list[str]:
+    """Run passes on IR text they must leave alone: assert the graph is unchanged and
+    return the refusal reasons, sorted."""
+    g, ctx = run_passes(parse_graph(text), list(names), **options)
+    assert print_graph(g) == print_graph(parse_graph(text)), "a refused graph must be unchanged"
+    return sorted(r.reason for r in ctx.refusals)
+
+
 def same_text(a: str, b: str) -> bool:
     norm = lambda s: "\n".join(ln.strip() for ln in textwrap.dedent(s).strip().splitlines())
     return norm(a) == norm(b)
