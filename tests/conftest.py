@@ -26,6 +26,10 @@ CASES = {
 }
 
 
+# a prompt long enough to span two 16-token KV blocks, for the model-vs-transformers tests
+PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45, 200, 3, 77, 12, 190, 55, 8, 101, 42]
+
+
 class _Store:
     def __init__(self, factory):
         self.factory = factory

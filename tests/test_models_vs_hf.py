@@ -11,9 +11,7 @@ import torch
 
 from braze.runtime.batch import SeqChunk
 
-from conftest import CASES, assert_greedy_matches_transformers, executor, hf_model
-
-PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45, 200, 3, 77, 12, 190, 55, 8, 101, 42]
+from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model
 
 
 def _executor(store, case):
