@@ -10,16 +10,14 @@ Each `step` schedules (runtime/scheduler.py), launches the model on the schedule
 chunks (runtime/model_runner.py), and applies sampled tokens: stop tokens, stop
 strings, max_tokens and the length limit finish a request; its blocks are freed at
 once. With async scheduling (default on a GPU) the tokens applied are the previous
-step's, read back while this one runs (docs/runtime.md, "Overlap"). Not thread-safe: one thread drives an engine (the HTTP server runs
-it in its own thread).
+step's, read back while this one runs (docs/runtime.md, "Overlap"). Not thread-safe:
+one thread drives an engine (the HTTP server runs it in its own thread).
 """
 
 from __future__ import annotations
 
 import atexit
 import gc
-import logging
-import time
 
 from braze.ir.errors import BrazeError
 
@@ -32,8 +30,6 @@ from .sampler import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
-log = logging.getLogger("braze.engine")
-
 
 class Engine:
     def __init__(self, artifact, backend: str = "auto", num_kv_blocks: int | None = None,
@@ -43,12 +39,10 @@ class Engine:
                  async_scheduling: bool | None = None, freeze_gc: bool = False,
                  debug: bool = False, progress=None):
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
-        t0 = time.perf_counter()
         self.runner = ModelRunner(self.artifact, backend=backend, device=device,
                                   num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                   max_num_tokens=max_num_tokens, buckets=buckets,
                                   cudagraph_mode=cudagraph_mode, debug=debug, progress=progress)
-        self.startup_seconds = time.perf_counter() - t0
         r = self.runner
         self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,

@@ -53,7 +53,7 @@ class PersistentBatch:
         self._arange = torch.arange(max(max_num_seqs, static["input_ids"].shape[0]) + 1,
                                     dtype=I64, **z)
         self._pending_tokens: list[tuple[int, list[int]]] = []
-        self._pending_params: list[tuple[int, Request]] = []
+        self._pending_params: list[tuple[int, tuple]] = []   # (row, (prompt len, params, seed))
 
     # ---------------------------------------------------------------- rows
 
@@ -114,11 +114,14 @@ class PersistentBatch:
         if rows:
             self._put(self.block_table, rows, cols, vals)
 
-    def _put(self, target: torch.Tensor, rows, cols, vals) -> None:
-        host = torch.tensor([rows, cols, vals], dtype=I64)
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the device, copied without blocking the host."""
         if self.device.type == "cuda":
             host = host.pin_memory()
-        d = host.to(self.device, non_blocking=True)
+        return host.to(self.device, non_blocking=True)
+
+    def _put(self, target: torch.Tensor, rows, cols, vals) -> None:
+        d = self._upload(torch.tensor([rows, cols, vals], dtype=I64))
         target.index_put_((d[0], d[1]), d[2].to(target.dtype))
 
     # ---------------------------------------------------------------- a step
@@ -129,11 +132,8 @@ class PersistentBatch:
         the per-sequence vectors the sampler needs (rows, seq_lens, samples)."""
         self._send_deltas(chunks, block_manager)
         S, T = len(chunks), sum(c.num_new for c in chunks)
-        meta = torch.tensor([(c.request.row, c.num_new, c.start, c.samples) for c in chunks],
-                            dtype=I64).t().contiguous()
-        if self.device.type == "cuda":
-            meta = meta.pin_memory()
-        meta = meta.to(self.device, non_blocking=True)
+        table = [(c.request.row, c.num_new, c.start, c.samples) for c in chunks]
+        meta = self._upload(torch.tensor(table, dtype=I64).t().contiguous())
         rows, num_new, start, samples = meta[0], meta[1], meta[2], meta[3]
         if T == S:          # one token per sequence (decode): token i is sequence i's
             ends, r, pos = self._arange[1:S + 1], rows, start
@@ -152,8 +152,7 @@ class PersistentBatch:
         st["seq_lens"][:S] = seq_lens
         st["block_tables"][:S] = self.block_table[rows]
         st["logits_indices"][:S] = ends - 1
-        pad_step(st, T, S, num_tokens_padded, num_seqs_padded)
-        st["query_start_loc"][0] = 0
+        pad_step(st, T, S, num_tokens_padded, num_seqs_padded)   # query_start_loc[0] stays 0
         every = all(c.samples for c in chunks)
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
 

@@ -7,8 +7,6 @@ a scheduled step; it returns the sampled token of every sequence that samples.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from braze.ir.errors import BrazeError
@@ -20,8 +18,6 @@ from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .sampler import resolve_seed
 from .scheduler import ScheduledChunk
-
-log = logging.getLogger("braze.runtime")
 
 
 class ModelRunner:
@@ -54,10 +50,6 @@ class ModelRunner:
         self.graphs = GraphRunner(ex, self.static, buckets, self.max_num_seqs,
                                   mode=cudagraph_mode, debug=debug)
         self.graphs.capture(progress=progress)
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.executor.cache.bytes
 
     def add(self, req) -> None:
         self.batch.add(req, resolve_seed(req.params.seed))
