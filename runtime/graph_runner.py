@@ -429,7 +429,7 @@ class GraphRunner:
             self.capture()
         if ex.cache.tensors is not self._cache:
             raise BrazeError("the KV cache was reallocated after the step plans were bound "
-                             "(KVCache.resize / ensure_blocks); call GraphRunner.capture() again")
+                             "(KVCache.resize); call GraphRunner.capture() again")
         b = self._buckets[T]
         if self.debug:
             self._check_bound(b)

@@ -1,4 +1,5 @@
-"""The paged KV cache: per-layer block tensors and a block allocator.
+"""The paged KV cache: per-layer block tensors (which sequence holds which block is
+runtime/block_manager.py's business) and their default size.
 
 Layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]` (the batch
 contract, ir/contract.py). A token at position p of a sequence lives in block
@@ -13,26 +14,6 @@ import torch
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
-
-
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise BrazeError(f"KV cache exhausted: need {n} more block(s), {len(self._free)} "
-                             f"free of {self.num_blocks}; shorten the request or give the "
-                             f"cache more blocks")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
 
 
 class KVCache:
@@ -54,7 +35,6 @@ class KVCache:
         self.tensors = {name: torch.zeros((num_blocks,) + shape, dtype=dtype, device=self.device)
                         for name, (shape, dtype) in self._layout.items()}
         self.num_blocks = num_blocks
-        self.allocator = BlockAllocator(num_blocks)
 
     @property
     def bytes_per_block(self) -> int:
@@ -67,18 +47,10 @@ class KVCache:
         return total
 
     def resize(self, num_blocks: int) -> None:
-        """Reallocate for `num_blocks` (only while nothing is cached)."""
-        if self.allocator.num_free != self.num_blocks:
-            raise BrazeError("the KV cache cannot be resized while blocks are in use")
+        """Reallocate for `num_blocks`, dropping the contents: before the first step (which
+        blocks hold what is the engine's block manager's business, not the cache's)."""
         self.tensors = {}
         self._allocate(num_blocks)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def default_num_blocks(cache: KVCache, device, max_num_seqs: int, max_blocks: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import weakref
 
 import pytest
 import torch
@@ -71,6 +72,19 @@ def hf_model(path):
     m.generation_config.eos_token_id = None   # compare fixed-length greedy runs
     m.generation_config.pad_token_id = 0
     return m
+
+
+_TAKEN = weakref.WeakKeyDictionary()      # executor -> KV blocks handed out by take_blocks
+
+
+def take_blocks(ex, n: int) -> list[int]:
+    """`n` KV blocks of `ex` that no earlier call handed out, for hand-built steps
+    (the engine's block manager does this in serving)."""
+    start = _TAKEN.get(ex, 0)
+    if start + n > ex.cache.num_blocks:
+        raise AssertionError(f"the test asks for more than the {ex.cache.num_blocks} KV blocks")
+    _TAKEN[ex] = start + n
+    return list(range(start, start + n))
 
 
 def executor(store, case, opt_level=0, backend="reference", num_blocks=32):

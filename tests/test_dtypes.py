@@ -9,12 +9,14 @@ import braze
 from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk
 
+from conftest import take_blocks
+
 PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 
 
 def _logits(path):
     ex = Executor(open_artifact(path), num_blocks=8)
-    return ex, ex.run(ex.step_inputs([SeqChunk(PROMPT, 0, ex.cache.allocator.allocate(1))]))
+    return ex, ex.run(ex.step_inputs([SeqChunk(PROMPT, 0, take_blocks(ex, 1))]))
 
 
 @pytest.mark.parametrize("dtype,torch_dtype,tol", [("float16", torch.float16, 3e-2),

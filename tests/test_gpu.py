@@ -16,10 +16,10 @@ PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 def test_cuda_bf16_close_to_transformers(store, case):
     from braze.runtime import Executor, open_artifact
     from braze.runtime.batch import SeqChunk
-    from conftest import hf_model
+    from conftest import hf_model, take_blocks
     art = open_artifact(store.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90"))
     ex = Executor(art, backend="cuda", num_blocks=8)
-    logits = ex.step([SeqChunk(PROMPT, 0, ex.cache.allocator.allocate(1))])
+    logits = ex.step([SeqChunk(PROMPT, 0, take_blocks(ex, 1))])
     ref = hf_model(store.checkpoint(case)).to("cuda", torch.bfloat16)
     with torch.no_grad():
         want = ref(torch.tensor([PROMPT], device="cuda")).logits[0, -1:]
@@ -30,6 +30,7 @@ def test_cubins_and_jit_agree(store):
     """The stored cubins and kernels JIT-compiled from the shipped source give the same logits."""
     from braze.runtime import Executor, open_artifact
     from braze.runtime.batch import SeqChunk
+    from conftest import take_blocks
     art = open_artifact(store.artifact("qwen3_moe-dense-middle", opt_level=2, dtype="bfloat16",
                                        targets="sm_80,sm_90"))
     outs = []
@@ -39,7 +40,7 @@ def test_cubins_and_jit_agree(store):
             ex.plan.runner.cubins = None
         elif not ex.plan.runner.cubins.usable:
             pytest.skip("artifact built with another triton version than this machine's")
-        outs.append(ex.step([SeqChunk(PROMPT, 0, ex.cache.allocator.allocate(1))]))
+        outs.append(ex.step([SeqChunk(PROMPT, 0, take_blocks(ex, 1))]))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from braze.runtime.batch import SeqChunk
 
-from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model
+from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model, take_blocks
 
 
 def _executor(store, case):
@@ -22,7 +22,7 @@ def _executor(store, case):
 def test_prefill_logits_match_transformers(store, case):
     ex = _executor(store, case)
     ref = hf_model(store.checkpoint(case))
-    blocks = ex.cache.allocator.allocate(2)
+    blocks = take_blocks(ex, 2)
     logits = ex.run(ex.step_inputs([SeqChunk(PROMPT, 0, blocks)]))
     with torch.no_grad():
         expected = ref(torch.tensor([PROMPT])).logits[0]
@@ -34,7 +34,7 @@ def test_chunked_prefill_over_cached_prefix_matches(store, case):
     """The last 13 tokens attend over 7 already cached: same logits as one full prefill."""
     ex = _executor(store, case)
     ref = hf_model(store.checkpoint(case))
-    blocks = ex.cache.allocator.allocate(2)
+    blocks = take_blocks(ex, 2)
     ex.run(ex.step_inputs([SeqChunk(PROMPT[:7], 0, blocks)]))
     logits = ex.run(ex.step_inputs([SeqChunk(PROMPT[7:], 7, blocks)]))
     with torch.no_grad():
@@ -54,13 +54,13 @@ def test_mixed_batch_equals_one_by_one(store, case):
     alone = []
     for seq_chunks in ([(a, 0)], [(b[:9], 0), (b[9:], 9)], [(c[:5], 0), (c[5:], 5)]):
         ex = _executor(store, case)
-        blocks = ex.cache.allocator.allocate(2)
+        blocks = take_blocks(ex, 2)
         for toks, done in seq_chunks:
             out = ex.run(ex.step_inputs([SeqChunk(toks, done, blocks)]))
         alone.append(out)
 
     ex = _executor(store, case)
-    ba, bb, bc = (ex.cache.allocator.allocate(2) for _ in range(3))
+    ba, bb, bc = (take_blocks(ex, 2) for _ in range(3))
     ex.run(ex.step_inputs([SeqChunk(b[:9], 0, bb), SeqChunk(c[:5], 0, bc)]))
     # one step: a fresh prefill (11), a decode (1 new after 9 cached), a prefill after a prefix
     inputs = ex.step_inputs([SeqChunk(a, 0, ba), SeqChunk(b[9:], 9, bb), SeqChunk(c[5:], 5, bc)])
@@ -75,7 +75,7 @@ def test_padding_tokens_do_not_touch_the_cache(store):
     """Tokens past query_start_loc[S] (slot -1) leave the cache and real rows unchanged."""
     from braze.runtime.batch import build_step
     ex = _executor(store, "llama")
-    blocks = ex.cache.allocator.allocate(2)
+    blocks = take_blocks(ex, 2)
     plain = ex.run(build_step([SeqChunk(PROMPT[:5], 0, blocks)], ex.block_size, ex.max_blocks))
     before = {k: v.clone() for k, v in ex.cache.tensors.items()}
     padded = build_step([SeqChunk(PROMPT[:5], 0, blocks)], ex.block_size, ex.max_blocks, pad_to=8)

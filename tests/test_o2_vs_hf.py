@@ -11,7 +11,7 @@ import torch
 
 from braze.runtime.batch import SeqChunk
 
-from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model
+from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model, take_blocks
 
 
 def _executor(store, case):
@@ -25,7 +25,7 @@ def test_o2_logits_match_transformers(store, case):
     ref = hf_model(store.checkpoint(case))
     with torch.no_grad():
         expected = ref(torch.tensor([PROMPT])).logits[0]
-    a, b = ex.cache.allocator.allocate(2), ex.cache.allocator.allocate(2)
+    a, b = take_blocks(ex, 2), take_blocks(ex, 2)
     got = ex.step([SeqChunk(PROMPT[:9], 0, a)])
     torch.testing.assert_close(got[0], expected[8], atol=1e-4, rtol=1e-4)
     ex.step([SeqChunk(PROMPT[:4], 0, b)])
@@ -68,7 +68,7 @@ def test_o2_moe_computes_only_the_selected_experts(store, case):
                                    if n.op == "fused_moe")
     op_moe.EXPERT_GEMM_ROWS = 0
     tokens = 13
-    ex.step([SeqChunk(PROMPT[:tokens], 0, ex.cache.allocator.allocate(1))])
+    ex.step([SeqChunk(PROMPT[:tokens], 0, take_blocks(ex, 1))])
     assert op_moe.EXPERT_GEMM_ROWS == tokens * top_k * moe_layers
 
 
