@@ -115,11 +115,9 @@ def create_app(svc: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if svc.aengine.draining:
-            return _error(503, "the server is shutting down", "service_unavailable")
-        if not svc.aengine.alive:
-            return _error(503, "the engine is not running (see the server log)",
-                          "service_unavailable")
+        reason = svc.aengine.unavailable_reason()
+        if reason is not None:
+            return _error(503, reason, "service_unavailable")
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")

@@ -132,12 +132,19 @@ class AsyncEngine:
         self._fail_pending("the server is shutting down")
 
     # ---- requests (event-loop thread) -------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        """Why no new request can be served now (draining, engine thread gone), or None."""
+        if self.draining:
+            return "the server is shutting down; not accepting new requests"
+        if not self.alive:
+            return "the engine is not running (see the server log)"
+        return None
+
     async def add(self, request_id: str, prompt, params, num_prompt_tokens: int) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here)."""
-        if self.draining:
-            raise Unavailable("the server is shutting down; not accepting new requests")
-        if not self.alive:
-            raise Unavailable("the engine is not running (see the server log)")
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise Unavailable(reason)
         if self.snapshot()["waiting"] >= self.max_queue:
             raise QueueFull(f"the server is overloaded: {self.max_queue} requests are already "
                             "waiting (--max-queue); retry later")
