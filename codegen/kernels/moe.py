@@ -107,6 +107,27 @@ def _mma(a, b, acc):
 
 
 @triton.jit
+def _gemm_tile(a_ptrs, b_ptrs, a_rows_ok, b_cols_ok, acc, K: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """acc + A @ B over K for one output tile: a_ptrs [M, BLOCK_K] and b_ptrs [BLOCK_K, N]
+    address the first K block (K contiguous); rows of A and columns of B outside the
+    tile are masked, and so is the K tail when BLOCK_K does not divide K."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        if K % BLOCK_K == 0:
+            a = tl.load(a_ptrs, mask=a_rows_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=b_cols_ok[None, :], other=0.0)
+        else:
+            km = ks < K - k0
+            a = tl.load(a_ptrs, mask=a_rows_ok[:, None] & km[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=b_cols_ok[None, :] & km[:, None], other=0.0)
+        acc = _mma(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _act(g, ACT: tl.constexpr):
     """The activation in fp32, in the form torch's CPU/GPU kernels compute it."""
     if ACT == "silu":
@@ -164,18 +185,8 @@ def moe_router_kernel(x_ptr, r_ptr, logits_ptr, counts_ptr, n_tokens, stride_x, 
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + toks.to(tl.int64)[:, None] * stride_x + ks[None, :]
     b_ptrs = r_ptr + cols.to(tl.int64)[None, :] * stride_r + ks[:, None]
-    acc = tl.full([BLOCK_T, BLOCK_E], 0, tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        if HIDDEN % BLOCK_K == 0:
-            a = tl.load(a_ptrs, mask=tmask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
-        else:
-            km = ks < HIDDEN - k0
-            a = tl.load(a_ptrs, mask=tmask[:, None] & km[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=cmask[None, :] & km[:, None], other=0.0)
-        acc = _mma(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = _gemm_tile(a_ptrs, b_ptrs, tmask, cmask, tl.full([BLOCK_T, BLOCK_E], 0, tl.float32),
+                     HIDDEN, BLOCK_K)
     out = logits_ptr + toks.to(tl.int64)[:, None] * NUM_E + cols[None, :]
     tl.store(out, acc.to(logits_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
@@ -312,18 +323,8 @@ def moe_down_kernel(h_ptr, w_ptr, sorted_ptr, counts_ptr, y_ptr, max_tiles,
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + srow[:, None] * INTER + ks[None, :]
     b_ptrs = w_ptr + e.to(tl.int64) * stride_we + ns.to(tl.int64)[None, :] * stride_wn + ks[:, None]
-    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
-        if INTER % BLOCK_K == 0:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
-        else:
-            km = ks < INTER - k0
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=nmask[None, :] & km[:, None], other=0.0)
-        acc = _mma(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = _gemm_tile(a_ptrs, b_ptrs, rmask, nmask, tl.full([BLOCK_M, BLOCK_N], 0, tl.float32),
+                     INTER, BLOCK_K)
     pair = tl.load(sorted_ptr + srow, mask=rmask, other=0).to(tl.int64)
     out = y_ptr + pair[:, None] * HIDDEN + ns[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
