@@ -402,7 +402,8 @@ class Prepared:
         import torch
         from braze.codegen.kernels import lower_node
         from braze.ir.types import torch_dtype
-        from braze.runtime.launcher import KernelModules, PlanRunner
+        from braze.kernel_modules import KernelModules
+        from braze.runtime.launcher import PlanRunner
         g = case.graph
         self.case, self.node = case, g.nodes[case.index]
         self.launches, workspaces, sources = lower_node(self.node, case.index)

@@ -8,13 +8,11 @@ accepts but hardware rejects: bf16 tl.dot with K < 16, too much shared memory).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from braze.ir.errors import BrazeError
+from braze.kernel_modules import KernelModules
 from braze.launch import aligned_attrs, kernel_signature
-
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")    # as runtime/launcher.py: one default
 
 
 _MODULES: dict[str, object] = {}
@@ -23,7 +21,6 @@ _MODULES: dict[str, object] = {}
 def kernel_fn(kernel_dir: Path, launch: dict, sources: dict | None = None):
     """The @triton.jit function of a launch, loaded (once per process) the way the runtime
     loads it: templates from `kernel_dir`, generated modules from `sources`."""
-    from braze.runtime.launcher import KernelModules
     mods = _MODULES.setdefault(str(kernel_dir), KernelModules(Path(kernel_dir), interpret=False))
     mods.sources.update(sources or {})
     return mods.get(launch["module"], launch["fn"])

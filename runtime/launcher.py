@@ -1,6 +1,6 @@
 """Run launch plans (braze/launch.py) with torch tensors: Triton kernels and extern torch ops.
 
-Kernel modules are loaded from source files (the artifact's kernels/ directory),
+Kernel modules are loaded from the artifact's kernels/ directory (braze/kernel_modules.py),
 under `TRITON_INTERPRET=1` for the interpret backend, so the same plan runs on a
 CPU through Triton's interpreter or on a GPU through compiled kernels.
 
@@ -14,80 +14,13 @@ is taken once at bind time over static storage and costs nothing at replay.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import torch
 
 from braze.ir import get_op
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
+from braze.kernel_modules import KernelModules
 from braze.launch import compile_expr
-
-
-@contextlib.contextmanager
-def _interpret(on: bool):
-    old = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            if old is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-
-
-# Triton 3.9 warns that its FP-fusion default will change; pin today's default so kernels
-# JIT-compiled here match the cubins codegen built (codegen/aot.py pins the same)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-
-class KernelModules:
-    """Kernel source modules by name, loaded once from `directory`."""
-
-    def __init__(self, directory: Path, interpret: bool, sources: dict[str, str] | None = None):
-        self.directory = Path(directory)
-        self.interpret = interpret
-        self.sources = sources if sources is not None else {}   # generated, not on disk yet
-        self._mods: dict[str, object] = {}
-
-    def get(self, module: str, fn: str):
-        if module not in self._mods:
-            path = self.directory / f"{module}.py"
-            if module in self.sources:
-                path = self._materialise(module)
-            if not path.exists():
-                raise BrazeError(f"kernel module {path} is missing")
-            name = f"braze_kernels_{'interp' if self.interpret else 'gpu'}_{abs(hash(str(path)))}_{module}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod      # triton's jit resolves globals through the module
-            with _interpret(self.interpret):
-                spec.loader.exec_module(mod)
-            self._mods[module] = mod
-        try:
-            return getattr(self._mods[module], fn)
-        except AttributeError:
-            raise BrazeError(f"kernel module {module} has no kernel {fn}") from None
-
-
-    def _materialise(self, module: str) -> Path:
-        """Triton's jit needs a real source file (it reads the function's source lines)."""
-        import hashlib
-        import tempfile
-        text = self.sources[module]
-        d = Path(tempfile.gettempdir()) / "braze-kernels"
-        d.mkdir(exist_ok=True)
-        path = d / f"{module}_{hashlib.sha256(text.encode()).hexdigest()[:16]}.py"
-        if not path.exists():
-            path.write_text(text)
-        return path
 
 
 class PlanRunner:

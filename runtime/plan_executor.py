@@ -17,9 +17,10 @@ import torch
 
 from braze.ir.errors import BrazeError
 from braze.ir.types import eval_dim, torch_dtype
+from braze.kernel_modules import KernelModules
 from braze.launch import compile_expr
 
-from .launcher import VIEW_OPS, BoundLaunch, KernelModules, PlanRunner
+from .launcher import VIEW_OPS, BoundLaunch, PlanRunner
 from .loader import Artifact
 
 log = logging.getLogger("braze.runtime")

@@ -23,7 +23,8 @@ def run_with_kernels(g: Graph, feeds: dict, params: dict, ops: set[str], binding
     """Run `g` node by node: nodes whose op is in `ops` through their kernels (Triton
     interpreter on CPU), the rest through the reference implementations. Caches in
     `feeds` are written in place. Returns the graph outputs."""
-    from braze.runtime.launcher import KernelModules, PlanRunner
+    from braze.kernel_modules import KernelModules
+    from braze.runtime.launcher import PlanRunner
     env = {}
     for v in g.inputs:
         env[v.ref] = feeds[v.name]

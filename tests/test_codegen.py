@@ -76,7 +76,7 @@ def test_stored_cubins_load_as_triton_kernels(store):
     metadata rebuild into a CompiledKernel for the variant's source and signature."""
     from braze.runtime import open_artifact
     from braze.runtime.cubins import CubinCache
-    from braze.runtime.launcher import KernelModules
+    from braze.kernel_modules import KernelModules
     art = open_artifact(store.artifact("qwen3_moe-dense-middle", opt_level=2, dtype="bfloat16",
                                        targets="sm_80,sm_90"))
     modules = KernelModules(art.root / "kernels", interpret=False)
@@ -89,3 +89,37 @@ def test_stored_cubins_load_as_triton_kernels(store):
         k = cache.get(vid, launch)
         assert k is not None, vid
         assert k.metadata.target.arch == 90 and k.kernel == (art.root / art.manifest["kernels"][vid]["targets"]["sm_90"]["cubin"]).read_bytes()
+
+
+def test_loading_kernels_never_writes_into_the_artifact(store):
+    """With bytecode writing on (as on the GPU machine, unlike these CPU machines), opening
+    and running an artifact twice leaves it unchanged: no kernels/__pycache__ appears, and
+    the second open does not refuse an unlisted file."""
+    import os
+    art = store.artifact("llama", opt_level=2)
+    before = sorted(str(p.relative_to(art)) for p in art.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "braze", "generate", str(art), "--prompt-ids",
+                            "1,2,3", "--max-tokens", "2", "--backend", "interpret", "--json"],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+    assert sorted(str(p.relative_to(art)) for p in art.rglob("*")) == before
+
+
+def test_generated_kernels_need_no_shared_directory(tmp_path, monkeypatch):
+    """Generated kernel sources load from memory: nothing is written to a temporary directory
+    that another user could plant code in, and a planted file there is never executed."""
+    import hashlib
+    import tempfile
+    from braze.kernel_modules import KernelModules
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / "braze-kernels"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    src = "import triton\n\n@triton.jit\ndef kernel(x):\n    pass\n"
+    for name in ("pw_0", "pw_0_" + hashlib.sha256(src.encode()).hexdigest()[:16]):
+        (planted / f"{name}.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    fn = KernelModules(tmp_path / "none", interpret=False, sources={"pw_0": src}).get("pw_0", "kernel")
+    assert fn.src.strip().startswith("def kernel(x)") and not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["braze-kernels"]

@@ -1,0 +1,92 @@
+"""Load Triton kernel modules from source text, never through Python's import machinery.
+
+Shared by codegen (which compiles the kernels to cubins) and the runtime (which launches
+them), so neither imports the other. A module's text is read once, compiled with its
+file name, and registered in `linecache` under that name, which is where Triton's
+`@triton.jit` reads a kernel's source (`inspect.getsourcelines`). So:
+
+- nothing is ever written: no `__pycache__/*.pyc` inside an artifact (the next open would
+  refuse the unlisted file), no shared temporary directory for generated kernels (another
+  user could plant code there; concurrent writers could leave a half-written file);
+- the text compiled is the text Triton sees, even if the file changes on disk afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import linecache
+import os
+import sys
+import types
+from pathlib import Path
+
+from braze.ir.errors import BrazeError
+
+# Triton 3.9 warns that its FP-fusion default will change; pin today's default, here once,
+# so that kernels JIT-compiled at run time match the cubins codegen built
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+@contextlib.contextmanager
+def _interpret(on: bool):
+    """`@triton.jit` decides at decoration time whether it makes an interpreted function."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+
+
+def load_source(module: str, text: str, filename: str, interpret: bool) -> types.ModuleType:
+    """Execute kernel source `text` as a fresh module named after `module` and its content."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    name = f"braze_kernels_{'interp' if interpret else 'gpu'}_{module}_{digest}"
+    # mtime None: linecache.checkcache never replaces these lines from the disk
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    mod = types.ModuleType(name)
+    mod.__file__ = filename
+    sys.modules[name] = mod      # triton's jit resolves a kernel's globals through its module
+    try:
+        code = compile(text, filename, "exec", dont_inherit=True)
+        with _interpret(interpret):
+            exec(code, mod.__dict__)
+    except Exception as e:   # a syntax or import error in a kernel module: name it
+        sys.modules.pop(name, None)
+        raise BrazeError(f"kernel module {filename} cannot be loaded: {type(e).__name__}: {e}") \
+            from None
+    return mod
+
+
+class KernelModules:
+    """Kernel source modules by name: files of `directory`, or generated `sources` (module
+    name -> text) that are not on disk. Each is loaded once."""
+
+    def __init__(self, directory: Path, interpret: bool, sources: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.interpret = interpret
+        self.sources = sources if sources is not None else {}
+        self._mods: dict[str, types.ModuleType] = {}
+
+    def get(self, module: str, fn: str):
+        if module not in self._mods:
+            if module in self.sources:
+                text = self.sources[module]
+                filename = f"<braze generated kernel {module}>"
+            else:
+                path = self.directory / f"{module}.py"
+                if not path.is_file():
+                    raise BrazeError(f"kernel module {path} is missing")
+                text = path.read_text()
+                filename = str(path)
+            self._mods[module] = load_source(module, text, filename, self.interpret)
+        try:
+            return getattr(self._mods[module], fn)
+        except AttributeError:
+            raise BrazeError(f"kernel module {module} has no kernel {fn}") from None
