@@ -13,12 +13,11 @@ import json
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
+from braze.ir.layout import VIEW_OPS
 
 from .kernels import kernel_module_for, lower_node
 
-EXTERN_BY_DESIGN = {"linear", "matmul", "einsum",                           # GEMMs: cuBLAS
-                    "reshape", "permute", "unsqueeze", "squeeze", "expand",  # views
-                    "slice", "select", "split"}
+EXTERN_BY_DESIGN = {"linear", "matmul", "einsum"} | VIEW_OPS        # GEMMs: cuBLAS; views
 
 
 def variant_key(launch: dict) -> str:

@@ -48,18 +48,15 @@ from __future__ import annotations
 
 import bisect
 
-import torch
-
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
+from braze.ir.layout import VIEW_OPS, Layouts
 from braze.ir.types import SYMBOLS, TensorType, torch_dtype
 
 from .manager import PassContext, register_pass
 
 ALIGN = 256
 BY_SIZE_BUDGET = 1_000_000
-VIEW_OPS = frozenset({"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
-                      "split"})
 
 
 def bindings_from(ctx: PassContext) -> dict[str, int]:
@@ -67,43 +64,6 @@ def bindings_from(ctx: PassContext) -> dict[str, int]:
     return {"T": int(ctx.option("max_num_tokens", 8192)),
             "S": int(ctx.option("max_num_seqs", 256)),
             "MB": -(-int(ctx.option("max_model_len", 2048)) // block_size)}
-
-
-# Two unrelated prime-sized probes for the symbols: a reshape counts as a view only if torch
-# can view it at both, so no accidental size coincidence makes a copy look like a view.
-PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41}, {"T": 4093, "S": 131, "MB": 61, "NB": 53})
-
-
-class _Layouts:
-    """Each view's strides, found by running the view op on meta tensors at the probe sizes."""
-
-    def __init__(self):
-        self.dense: dict = {}       # TensorType -> contiguous meta tensors, one per probe
-        self.of: dict = {}          # view result -> its meta tensors, or None if unknown
-
-    def get(self, v):
-        if v in self.of:
-            return self.of[v]
-        if v.type not in self.dense:
-            try:
-                self.dense[v.type] = [torch.empty(v.type.concrete_shape(p), device="meta",
-                                                  dtype=torch_dtype(v.type.dtype)) for p in PROBES]
-            except (TypeError, ValueError, RuntimeError):
-                self.dense[v.type] = None
-        return self.dense[v.type]
-
-    def view(self, node) -> list | None:
-        """Per result: its meta tensors (None: layout unknown); None overall: not a view."""
-        src = self.get(node.operands[0])
-        if src is None:
-            return None if node.op == "reshape" else [None] * len(node.results)
-        try:
-            outs = [m.view(node.attrs["shape"]) if node.op == "reshape"
-                    else node.opdef.impl(m, **node.attrs) for m in src]
-        except (RuntimeError, IndexError, ValueError):   # reshape: torch would have to copy
-            return None if node.op == "reshape" else [None] * len(node.results)
-        outs = [o if isinstance(o, (tuple, list)) else (o,) for o in outs]
-        return [list(per_probe) for per_probe in zip(*outs)]
 
 
 def _aligned(n: int) -> int:
@@ -206,19 +166,17 @@ def plan(g: Graph, bindings: dict[str, int], placers=None) -> dict:
     """The memory plan for g (see the module docstring), as a printable dict.
     `placers` (tests) forces the placement heuristics to try."""
     owner: dict = {}           # view result -> the value that owns its storage
-    layouts = _Layouts()
+    layouts = Layouts()        # every planned value is a dense slot of the arena
     last: dict = {}
     for i, node in enumerate(g.nodes):
         for v in node.operands:
             last[v] = i
         if node.op in VIEW_OPS:
-            views = layouts.view(node)
-            if views is None:
+            if not layouts.is_view(node):
                 continue            # a reshape torch cannot view: it gets its own buffer
             src = node.operands[0]
-            for r, lay in zip(node.results, views):
+            for r in node.results:
                 owner[r] = owner.get(src, src)
-                layouts.of[r] = lay
 
     returned = set()
     for v in g.outputs.values():

@@ -15,10 +15,11 @@ is taken once at bind time over static storage and costs nothing at replay.
 from __future__ import annotations
 
 import torch
-
 from braze.ir import get_op
 from braze.ir.errors import BrazeError
+from braze.ir.layout import VIEW_OPS
 from braze.ir.types import torch_dtype
+
 from braze.kernel_modules import KernelModules
 from braze.launch import compile_expr
 
@@ -182,9 +183,6 @@ def _cubin_call(compiled, grid: tuple, args: list):
     return lambda: launcher(*args)
 
 
-# extern ops that only re-describe their operand's storage (plan-memory gives them no slot)
-VIEW_OPS = frozenset({"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
-                      "split"})
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from braze.ir.errors import BrazeError
+from braze.ir.layout import PROBES, VIEW_OPS
 from braze.ir.types import eval_dim, torch_dtype
+
 from braze.kernel_modules import KernelModules
 from braze.launch import compile_expr
 
-from .launcher import VIEW_OPS, BoundLaunch, PlanRunner
+from .launcher import BoundLaunch, PlanRunner
 from .loader import Artifact
 
 log = logging.getLogger("braze.runtime")
@@ -167,16 +168,12 @@ class PlanExecutor:
         return BoundPlan(sizes, calls, outputs)
 
 
-# two unrelated sizes at which a compiled dimension must agree with sympy's value
-_PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41}, {"T": 4093, "S": 131, "MB": 61, "NB": 53})
-
-
 def _dim_fn(d):
     if isinstance(d, int):
         return lambda sizes: d
     try:
         f = compile_expr(str(d))
-        if all(f(p) == eval_dim(d, p) for p in _PROBES):
+        if all(f(p) == eval_dim(d, p) for p in PROBES):   # sympy's value at both
             return f
     except (BrazeError, KeyError, SyntaxError, ZeroDivisionError):
         pass

@@ -22,10 +22,11 @@ from pass_helpers import (materialize_params, model_graph, model_step_feeds, opt
 
 from braze.ir import Graph, parse_graph, print_graph, run_graph
 from braze.ir.errors import BrazeError
+from braze.ir.layout import VIEW_OPS
 from braze.ir.types import T, TensorType, torch_dtype
 from braze.passes import PassContext
 from braze.passes.manager import PIPELINES
-from braze.passes.plan_memory import (ALIGN, VIEW_OPS, place_by_size, place_in_order, plan,
+from braze.passes.plan_memory import (ALIGN, place_by_size, place_in_order, plan,
                                       plan_memory)
 from braze.tiny import FAMILIES
 

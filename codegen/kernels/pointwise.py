@@ -76,11 +76,7 @@ _TL = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "
 _FLOATS = ("f64", "f32", "f16", "bf16")
 _INT_MIN = {"i64": -(1 << 63), "i32": -(1 << 31), "i16": -(1 << 15), "i8": -(1 << 7), "u8": 0,
             "bool": 0}
-_VIEW_OPS = frozenset({"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice",
-                       "select", "split"})
 _DENSE_EXTERN = frozenset({"linear", "matmul"})     # torch GEMMs return fresh dense tensors
-# two unrelated probe sizes: a stride that agrees at both is a constant
-_PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41}, {"T": 4093, "S": 131, "MB": 61, "NB": 53})
 _BIG = 65536                   # the largest T (S, ...) the int32 offset check allows for
 _TILE = 2048                   # elements per row-kernel program tile
 
@@ -144,54 +140,12 @@ def _body_of(node):
 
 # -- layouts --------------------------------------------------------------------------------------
 
-def _dense_strides(shape) -> list:
-    import sympy
-    out, acc = [], sympy.Integer(1)
-    for d in reversed(shape):
-        out.append(int(acc) if acc.is_Integer else acc)
-        acc = acc * d
-    return out[::-1]
-
-
-def _layout(v, memo: dict) -> list:
-    """Per dim of `v`: its stride, an int or sympy expr known now, or None (read at run time)."""
-    if v in memo:
-        return memo[v]
+def _dense_result(node) -> bool:
+    """Results the runtime hands this kernel as dense tensors: GEMMs' (torch returns fresh
+    dense tensors) and kernels' (arena slots); an eager extern op's own tensor may have any
+    layout, so its strides are read at run time."""
     from braze.codegen.kernels import kernel_module_for
-    p = v.producer
-    if p is None or p.op in _DENSE_EXTERN or (p.op not in _VIEW_OPS
-                                              and kernel_module_for(p.op) is not None):
-        out = _dense_strides(v.type.shape)
-    elif p.op in _VIEW_OPS:
-        out = _view_layout(p, v, memo)
-    else:
-        out = [None] * v.type.rank      # an extern op's own tensor: any layout
-    memo[v] = out
-    return out
-
-
-def _view_layout(p, v, memo: dict) -> list:
-    import sympy
-    import torch
-
-    from braze.ir.types import SYMBOLS, torch_dtype
-    src = p.operands[0]
-    src_strides = _layout(src, memo)
-    if any(s is None for s in src_strides):
-        return [None] * v.type.rank
-    per_probe = []
-    for probe in _PROBES:
-        subs = {SYMBOLS[k]: n for k, n in probe.items()}
-        sizes = src.type.concrete_shape(probe)
-        strides = [int(sympy.sympify(s).subs(subs)) for s in src_strides]
-        m = torch.empty_strided(sizes, strides, dtype=torch_dtype(src.type.dtype), device="meta")
-        try:
-            out = (m.view(p.attrs["shape"]) if p.op == "reshape" else p.opdef.impl(m, **p.attrs))
-        except (RuntimeError, IndexError, ValueError):
-            return _dense_strides(v.type.shape)        # torch copies: a dense tensor of its own
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        per_probe.append(out[p.results.index(v)].stride())
-    return [a if a == b else None for a, b in zip(*per_probe)]
+    return node.op in _DENSE_EXTERN or kernel_module_for(node.op) is not None
 
 
 # -- code generation ------------------------------------------------------------------------------
@@ -211,7 +165,6 @@ def _conv(x: str, src: str, dst: str) -> str:
 def _round_scalar(s, dt: str):
     """A Python number as torch holds it in dtype `dt` (a Python float or int)."""
     import torch
-
     from braze.ir.types import torch_dtype
     if dt == "bool":
         return int(bool(s))
@@ -250,7 +203,8 @@ class _Kernel:
         self.lines: list[str] = []
         self.index_vars: dict = {}
         self.var: dict = {}              # body value -> (name, dtype)
-        self.memo: dict = {}
+        from braze.ir.layout import Layouts
+        self.layouts = Layouts(_dense_result)
         self.n = 0
         self._sympy = sympy
         numel = sympy.Integer(1)
@@ -313,7 +267,7 @@ class _Kernel:
         ev = lambda e: int(sp.sympify(e).subs(subs))
         worst = ev(self.numel)
         for v in self.operands:
-            strides = _layout(v, self.memo)
+            strides = self.layouts(v)
             ext = 1
             for d, s in zip(v.type.shape, strides):
                 if s is not None:
@@ -429,7 +383,7 @@ class _Kernel:
     def _load(self, v):
         k = self.g.inputs.index(v)
         outer = self.operands[k]
-        strides = _layout(outer, self.memo)
+        strides = self.layouts(outer)
         dims = self._dims(v.type.rank)
         name = f"x{k}"
         self.var[v] = (name, v.type.dtype)
@@ -475,13 +429,14 @@ class _Kernel:
         return f"tl.store({addr}, {value})" if m is None else f"tl.store({addr}, {value}, mask={m})"
 
     def _store(self, k: int, v):
+        from braze.ir.layout import dense_strides
         out = self.results[k]
         name, dt = self.var[v]
         value = _conv(name, dt, out.type.dtype)
         p = v.producer
         keep = not (p is not None and p.op in ("sum", "mean", "amax") and not p.attrs["keepdim"])
         dims = self._dims(v.type.rank, leading=not keep)
-        strides = _dense_strides(out.type.shape)
+        strides = dense_strides(out.type.shape)
         last = self.rank - 1
         present = {k2 for j, k2 in enumerate(dims) if v.type.shape[j] != 1}
         missing = [k2 for k2 in range(self.rank) if self.space[k2] != 1 and k2 not in present
@@ -597,7 +552,6 @@ class _Kernel:
 
     def _common_dtype(self, node) -> str:
         import torch
-
         from braze.ir.types import dtype_name, torch_dtype
         metas = [torch.empty((1,) * v.type.rank if v.type.rank else (), device="meta",
                              dtype=torch_dtype(v.type.dtype)) for v in node.operands]
