@@ -5,6 +5,7 @@ to the tree, so it cannot see a package that pyproject.toml leaves out of the wh
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -29,9 +30,13 @@ def _source_packages() -> set[str]:
 
 
 def test_wheel_installs_every_package_and_runs_the_demo(tmp_path):
+    # build from a copy: setuptools writes build/ and *.egg-info into the source tree
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info",
+                                                            "__pycache__", ".*"))
     wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(wheels), str(ROOT)], capture_output=True, text=True,
+                        "-q", "-w", str(wheels), str(src)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = wheels.glob("braze-*.whl")
