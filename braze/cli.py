@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("braze: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `braze inspect ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # a bug in braze, not the user's fault: one line unless debugging
         if os.environ.get("BRAZE_DEBUG"):
             raise

@@ -82,7 +82,7 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
         "ops_after": graph.op_counts(),
         "refusals": len(ctx.refusals),
     }
-    plan = build_plan(graph)
+    plan = build_plan(graph, opts.to_json())
     kernel_count = len(plan["kernels"])
     compile_info["extern_ops"] = plan["extern_ops"]
     log(f"codegen: {sum(len(s['launches']) for s in plan['segments'])} launches, "

@@ -26,11 +26,13 @@ def summarize(path, check_hashes: bool = True) -> dict:
         "graph_breaks": int(g.meta.get("graph_breaks", 0)),
         "arena_bytes": int(memory.get("arena_bytes", 0)),
         "gemms": "extern (torch/cuBLAS)",
-        "kernels": {vid: {"module": k["module"], "fn": k["fn"],
-                          "targets": {t: {"shared": e.get("shared", 0)}
-                                      for t, e in k.get("targets", {}).items()}}
+        "kernels": {vid: {"module": k["module"], "fn": k["fn"], "specs": k.get("specs", []),
+                          "shared": {t: max((e.get("shared", 0) for e in by_key.values()),
+                                            default=0)
+                                     for t, by_key in k.get("cubins", {}).items()}}
                     for vid, k in (m.get("kernels") or {}).items()},
         "targets": m.get("targets", []),
+        "cubins_here": _cubins_here(m),
         "extern_ops": (m.get("plan") or {}).get("extern_ops", {}),
         "launches": sum(len(s["launches"]) for s in (m.get("plan") or {}).get("segments", [])),
         "inputs": {v.name: str(v.type) for v in g.inputs},
@@ -41,6 +43,16 @@ def summarize(path, check_hashes: bool = True) -> dict:
         "tokenizer": m.get("tokenizer") is not None,
         "hashes_verified": check_hashes,
     }
+
+
+def _cubins_here(m: dict) -> dict:
+    """Whether this host would launch the stored cubins, and why not."""
+    import triton
+
+    from braze.runtime.cubins import device_target, unusable_reason
+    target = device_target()
+    return {"triton_built": m.get("versions", {}).get("triton"), "triton_here": triton.__version__,
+            "gpu_here": target, "unusable": unusable_reason(m, triton.__version__, target)}
 
 
 def format_summary(s: dict) -> str:
@@ -64,6 +76,13 @@ def format_summary(s: dict) -> str:
         f"GEMMs {s['gemms']}; extern: "
         + (", ".join(f"{k} x{n}" for k, n in s["extern_ops"].items()) or "none"),
     ]
+    here = s["cubins_here"]
+    n_specs = sum(len(k["specs"]) for k in s["kernels"].values())
+    lines.append(f"cubins     {n_specs} specialisations of {len(s['kernels'])} variants, built with "
+                 f"triton {here['triton_built']}; here (triton {here['triton_here']}, "
+                 f"{here['gpu_here'] or 'no GPU'}): "
+                 + ("launched from the cubins" if here["unusable"] is None
+                    else f"not used: {here['unusable']}"))
     if s["passes"]:
         lines.append("passes     " + ", ".join(f"{p['name']} {p['matches']} ({p['ms']:.0f} ms)"
                                               for p in s["passes"]))

@@ -57,27 +57,56 @@ def compile_expr(text):
     return lambda sizes: ev(tree, sizes)
 
 
-def kernel_signature(launch: dict, arg_names: list[str]) -> dict:
-    """Triton's signature of a launch's kernel: each parameter's type, constexprs marked."""
-    sig, k = {}, 0
-    for n in arg_names:
-        if n in launch["constexprs"]:
+# How Triton's JIT specialises a kernel's runtime arguments, one character each, so that
+# cubins compiled ahead of time are built for what the JIT would build at the launch site:
+#   "1"  an int equal to 1: compiled in as a constant
+#   "D"  an int divisible by 16, or a pointer aligned to 16 bytes (`tt.divisibility` 16)
+#   "-"  neither; floats are never specialised
+# A cubin built for key K runs any launch whose own key A it admits: where K says "1" or
+# "D", A says the same (a "-" in K assumes nothing).
+
+def spec_char(value) -> str:
+    if isinstance(value, (bool, float)):
+        return "-"
+    if isinstance(value, int):
+        return "1" if value == 1 else ("D" if value % 16 == 0 else "-")
+    return "D" if value.data_ptr() % 16 == 0 else "-"
+
+
+def spec_key(values) -> str:
+    return "".join(spec_char(v) for v in values)
+
+
+def admits(compiled: str, actual: str) -> bool:
+    return len(compiled) == len(actual) and all(c == "-" or c == a for c, a in zip(compiled, actual))
+
+
+def specialised_source(launch: dict, arg_names: list[str], key: str) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of Triton's ASTSource for a launch's kernel compiled
+    for spec `key`: each parameter's type (constexprs, and ints specialised to 1, marked
+    constexpr), the constexpr values, and the divisibility attributes by parameter index."""
+    types = [a["ty"] for a in launch["args"]]
+    runtime = [n for n in arg_names if n not in launch["constexprs"]]
+    if len(runtime) != len(types):
+        raise BrazeError(f"kernel {launch['fn']} takes {len(runtime)} runtime args, the launch "
+                         f"gives {len(types)}")
+    if len(key) != len(types):
+        raise BrazeError(f"kernel {launch['fn']}: spec key {key!r} has {len(key)} entries for "
+                         f"{len(types)} runtime args")
+    sig, constexprs, attrs = {}, dict(launch["constexprs"]), {}
+    by_name = dict(zip(runtime, zip(types, key)))
+    for i, n in enumerate(arg_names):
+        if n not in by_name:
             sig[n] = "constexpr"
+            continue
+        ty, c = by_name[n]
+        if c == "1":
+            if ty.startswith("*") or ty.startswith("fp"):
+                raise BrazeError(f"kernel {launch['fn']}: argument {n} of type {ty} cannot be "
+                                 f"specialised to 1")
+            sig[n], constexprs[n] = "constexpr", 1
         else:
-            if k >= len(launch["args"]):
-                raise BrazeError(f"kernel {launch['fn']} takes more runtime args than the launch gives")
-            sig[n] = launch["args"][k]["ty"]
-            k += 1
-    if k != len(launch["args"]):
-        raise BrazeError(f"kernel {launch['fn']} takes {k} runtime args, launch gives "
-                         f"{len(launch['args'])}")
-    return sig
-
-
-def aligned_attrs(arg_names: list[str], signature: dict) -> dict:
-    """Every pointer argument 16-byte aligned, as Triton's JIT would specialise it on a GPU
-    for our buffers (arena slots are 256-aligned; torch allocations too). Codegen compiles
-    cubins with it and the runtime rebuilds the same source to load them, checking the
-    alignment of the pointers it binds before it launches a stored cubin."""
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(arg_names)
-            if str(signature.get(n, "")).startswith("*")}
+            sig[n] = ty
+            if c == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs

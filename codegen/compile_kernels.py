@@ -1,7 +1,8 @@
 """Compile every kernel variant of a plan for every target, in parallel, with progress.
 
-Each variant becomes `cubin/<target>/<id>.cubin` plus `<id>.json` (Triton's
-metadata: shared memory, warps, the kernel's name), hashed by the manifest.
+Each variant is compiled once per spec key it lists (codegen/specialize.py) and target:
+`cubin/<target>/<id>@<key>.cubin` plus `<id>@<key>.json` (Triton's metadata: shared
+memory, warps, the kernel's name), hashed by the manifest.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from pathlib import Path
 from braze.ir.errors import BrazeError
 
 
-def _safe(variant_id: str) -> str:
-    return variant_id.replace("#", "_")
+def _file_stem(variant_id: str, key: str) -> str:
+    return f"{variant_id.replace('#', '_')}@{key}"
 
 
-def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict) -> tuple:
+def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict, key: str) -> tuple:
     from braze.codegen.aot import compile_launch
-    k = compile_launch(Path(kernel_dir), launch, target, sources)
+    k = compile_launch(Path(kernel_dir), launch, target, sources, key)
     # Triton's own metadata file, exactly as its cache holds it: what its CompiledKernel
     # needs to load this cubin again without compiling
     group = getattr(k, "metadata_group", None) or {}
@@ -34,12 +35,14 @@ def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict) -> t
 
 def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str], log=None,
                 workers: int | None = None) -> dict:
-    """-> {variant_id: {target: {"cubin": rel path, "meta": rel path, "shared": bytes}}}"""
+    """-> {variant_id: {target: {key: {"cubin": rel path, "meta": rel path, "name": kernel,
+    "shared": bytes, "hash": Triton's}}}}"""
     jobs = []
     for vid, v in plan["kernels"].items():
         launch = dict(v, args=[{"ty": t} for t in v["signature"]])
-        for t in targets:
-            jobs.append((vid, t, launch))
+        for key in v["specs"]:
+            for t in targets:
+                jobs.append((vid, t, key, launch))
     if not jobs:
         return {}
     table: dict[str, dict] = {}
@@ -47,35 +50,35 @@ def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str],
     t0 = time.perf_counter()
     done = 0
 
-    def record(vid, t, cubin, meta):
+    def record(vid, t, key, cubin, meta):
         d = out_dir / "cubin" / t
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"{_safe(vid)}.cubin").write_bytes(cubin)
-        (d / f"{_safe(vid)}.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
-        table.setdefault(vid, {})[t] = {"cubin": f"cubin/{t}/{_safe(vid)}.cubin",
-                                        "meta": f"cubin/{t}/{_safe(vid)}.json",
-                                        "name": meta.get("name"), "shared": meta.get("shared", 0),
-                                        "hash": meta.get("hash")}
+        stem = _file_stem(vid, key)
+        (d / f"{stem}.cubin").write_bytes(cubin)
+        (d / f"{stem}.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
+        table.setdefault(vid, {}).setdefault(t, {})[key] = {
+            "cubin": f"cubin/{t}/{stem}.cubin", "meta": f"cubin/{t}/{stem}.json",
+            "name": meta.get("name"), "shared": meta.get("shared", 0), "hash": meta.get("hash")}
 
     if workers == 1:
-        for vid, t, launch in jobs:
-            record(vid, t, *_compile_one(str(kernel_dir), launch, t, plan["sources"]))
+        for vid, t, key, launch in jobs:
+            record(vid, t, key, *_compile_one(str(kernel_dir), launch, t, plan["sources"], key))
             done += 1
             if log:
-                log(f"  kernels: {done}/{len(jobs)} compiled ({vid} for {t})")
+                log(f"  kernels: {done}/{len(jobs)} compiled ({vid} {key} for {t})")
         return table
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futs = {pool.submit(_compile_one, str(kernel_dir), launch, t, plan["sources"]): (vid, t)
-                for vid, t, launch in jobs}
+        futs = {pool.submit(_compile_one, str(kernel_dir), launch, t, plan["sources"], key):
+                (vid, t, key) for vid, t, key, launch in jobs}
         for fut in as_completed(futs):
-            vid, t = futs[fut]
+            vid, t, key = futs[fut]
             try:
                 cubin, meta = fut.result()
             except BrazeError:
                 raise
             except Exception as e:
-                raise BrazeError(f"kernel {vid} does not compile for {t}: {e}") from None
-            record(vid, t, cubin, meta)
+                raise BrazeError(f"kernel {vid} (spec {key}) does not compile for {t}: {e}") from None
+            record(vid, t, key, cubin, meta)
             done += 1
             if log and (done % 8 == 0 or done == len(jobs)):
                 log(f"  kernels: {done}/{len(jobs)} compiled on {workers} processes "

@@ -23,9 +23,10 @@ def emit_kernels(plan: dict, root: Path, targets: list[str], log=None) -> dict:
     t0 = time.perf_counter()
     table = compile_all(plan, TEMPLATE_DIR, root, targets, log=log) if targets else {}
     if log and targets and plan["kernels"]:
-        log(f"compiled {len(plan['kernels'])} kernels for {', '.join(targets)} in "
-            f"{time.perf_counter() - t0:.1f}s")
-    kernels = {vid: dict(v, targets=table.get(vid, {})) for vid, v in plan["kernels"].items()}
+        n = sum(len(v["specs"]) for v in plan["kernels"].values())
+        log(f"compiled {len(plan['kernels'])} kernels ({n} specialisations) for "
+            f"{', '.join(targets)} in {time.perf_counter() - t0:.1f}s")
+    kernels = {vid: dict(v, cubins=table.get(vid, {})) for vid, v in plan["kernels"].items()}
     return {"plan": {"segments": plan["segments"], "workspaces": plan["workspaces"],
                      "extern_ops": plan["extern_ops"]},
             "kernels": kernels, "targets": targets}

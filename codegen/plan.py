@@ -16,6 +16,7 @@ from braze.ir.errors import BrazeError
 from braze.ir.layout import VIEW_OPS
 
 from .kernels import kernel_module_for, lower_node
+from .specialize import step_sizes, variant_keys
 
 EXTERN_BY_DESIGN = {"linear", "matmul", "einsum"} | VIEW_OPS        # GEMMs: cuBLAS; views
 
@@ -26,9 +27,10 @@ def variant_key(launch: dict) -> str:
                        launch["num_warps"], launch["num_stages"]])
 
 
-def build_plan(g: Graph) -> dict:
+def build_plan(g: Graph, options: dict) -> dict:
     """-> {"segments": [...], "workspaces": {...}, "kernels": {id: variant}, "sources": {...},
-    "extern_ops": {op: count}}"""
+    "extern_ops": {op: count}}; each variant lists the spec keys to compile it for
+    (codegen/specialize.py), given the compile `options`."""
     segments = g.meta.get("segments") or [["eager", 0, len(g.nodes) - 1]]
     kernels: dict[str, dict] = {}
     ids: dict[str, str] = {}
@@ -62,5 +64,8 @@ def build_plan(g: Graph) -> dict:
     for kind, first, last in segments:
         launches = [launch for i in range(first, last + 1) for launch in per_node[i]]
         out_segments.append({"kind": kind, "first": first, "last": last, "launches": launches})
+    every = [launch for launches in per_node for launch in launches]
+    for vid, keys in variant_keys(g, kernels, every, step_sizes(options)).items():
+        kernels[vid]["specs"] = keys
     return {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
             "sources": sources, "extern_ops": dict(sorted(extern.items()))}

@@ -36,3 +36,28 @@ def cache_names(layer: int) -> tuple[str, str]:
 
 def cache_type(block_size: int, num_kv_heads: int, head_dim: int, dtype: str) -> TensorType:
     return TensorType((NB, block_size, num_kv_heads, head_dim), dtype)
+
+
+def default_buckets(max_num_tokens: int) -> list[int]:
+    """The padded token counts steps run at: 1, 2, 4, then every 8 up to 256, every 16 up
+    to 512, every 32 up to 1024, then 8 per doubling (at most 12.5% padding); capped at and
+    always including the maximum. The compiler specialises kernels for these sizes and the
+    runtime captures a CUDA graph for each."""
+    out, b = [1, 2, 4], 8
+    while b < max_num_tokens:
+        out.append(b)
+        if b < 256:
+            b += 8
+        elif b < 512:
+            b += 16
+        elif b < 1024:
+            b += 32
+        else:
+            b += (1 << (b.bit_length() - 1)) // 8
+    out = [x for x in out if x < max_num_tokens]
+    return out + [max_num_tokens]
+
+
+def bucket_sizes(tokens: int, max_num_seqs: int, max_blocks: int) -> dict[str, int]:
+    """The step symbols of a bucket of `tokens` padded tokens: at most one sequence per token."""
+    return {"T": tokens, "S": min(tokens, max_num_seqs), "MB": max_blocks}

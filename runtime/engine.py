@@ -246,6 +246,7 @@ class Engine:
             "cuda_graphs_captured": g.get("cuda_graphs_captured", 0),
             "capture_seconds": g.get("capture_seconds", 0.0),
             "capture_bytes": g.get("capture_bytes", 0),
+            **self.runner.executor.kernel_stats(),
             "num_running": self.num_running(),
             "num_waiting": self.num_waiting(),
             "backend": self.backend,

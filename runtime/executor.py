@@ -56,6 +56,18 @@ class Executor:
         # after prune-logits the graph computes logits only for the sampled rows ([S, vocab])
         self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "S"
 
+    def kernel_stats(self) -> dict:
+        """How this executor's kernels run: `kernels_cubin`, `kernels_cubin_less_specialised`
+        and `kernels_jit` count the kernel specialisations launched so far by where their
+        code came from (cuda backend; all 0 elsewhere), and `cubins_unusable` says why the
+        artifact's cubins cannot run here (None when they can, or off cuda)."""
+        cubins = self.plan.runner.cubins if self.plan is not None else None
+        counts = cubins.counts() if cubins is not None else {}
+        return {"kernels_cubin": counts.get("cubin", 0),
+                "kernels_cubin_less_specialised": counts.get("cubin_less_specialised", 0),
+                "kernels_jit": counts.get("jit", 0),
+                "cubins_unusable": cubins.reason if cubins is not None else None}
+
     @property
     def block_size(self) -> int:
         return self.cache.block_size

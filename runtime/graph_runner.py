@@ -44,6 +44,7 @@ import torch
 
 from braze.ir import run_graph
 from braze.ir.contract import STEP_INPUTS as CONTRACT
+from braze.ir.contract import bucket_sizes, default_buckets
 from braze.ir.errors import BrazeError
 
 log = logging.getLogger("braze.runtime")
@@ -53,24 +54,6 @@ STEP_INPUTS = tuple(CONTRACT)          # the batch contract's step inputs, by na
 PADDING = {"slot_mapping": -1}         # a padding token writes no cache slot; others pad 0
 _TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
 _SEQ_ROWS = ("seq_lens", "block_tables", "logits_indices")
-
-
-def default_buckets(max_num_tokens: int) -> list[int]:
-    """1, 2, 4, then every 8 up to 256, every 16 up to 512, every 32 up to 1024, then
-    8 per doubling (at most 12.5% padding); capped at and always including the maximum."""
-    out, b = [1, 2, 4], 8
-    while b < max_num_tokens:
-        out.append(b)
-        if b < 256:
-            b += 8
-        elif b < 512:
-            b += 16
-        elif b < 1024:
-            b += 32
-        else:
-            b += (1 << (b.bit_length() - 1)) // 8
-    out = [x for x in out if x < max_num_tokens]
-    return out + [max_num_tokens]
 
 
 def validate_buckets(buckets, max_num_tokens: int) -> list[int]:
@@ -239,8 +222,7 @@ class GraphRunner:
         return T, min(T, self.max_num_seqs)
 
     def _sizes(self, T: int) -> dict:
-        S = min(T, self.max_num_seqs)
-        sizes = {"T": T, "S": S, "MB": self.max_blocks}
+        sizes = bucket_sizes(T, self.max_num_seqs, self.max_blocks)
         cache = self.executor.cache.tensors
         if cache:
             sizes["NB"] = int(next(iter(cache.values())).shape[0])

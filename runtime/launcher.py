@@ -21,7 +21,7 @@ from braze.ir.layout import VIEW_OPS
 from braze.ir.types import torch_dtype
 
 from braze.kernel_modules import KernelModules
-from braze.launch import compile_expr
+from braze.launch import compile_expr, spec_key
 
 
 class PlanRunner:
@@ -107,15 +107,16 @@ class PlanRunner:
         if 0 in grid:
             return None
         name = launch.get("kernel") or f"{launch['module']}.{launch['fn']}"
-        compiled = self.cubins.get(launch["kernel"], launch) if self.cubins and "kernel" in launch else None
-        if compiled is not None and all(t.data_ptr() % 16 == 0 for _, t in tensors):
-            return BoundLaunch(name, launch["node"], _cubin_call(compiled, grid,
-                                                                self._with_constexprs(launch, args)),
-                               tensors)
-        fn = self.modules.get(launch["module"], launch["fn"])
-        kwargs = dict(launch.get("constexprs", {}), num_warps=launch.get("num_warps", 4),
-                      num_stages=launch.get("num_stages", 2))
-        return BoundLaunch(name, launch["node"], _jit_call(fn[grid], args, kwargs), tensors)
+        spec = spec_key(args)
+        compiled = self._cubin(launch, spec)
+        if compiled is not None:
+            call = _cubin_call(compiled, grid, self._with_constexprs(launch, args))
+        else:
+            fn = self.modules.get(launch["module"], launch["fn"])
+            kwargs = dict(launch.get("constexprs", {}), num_warps=launch.get("num_warps", 4),
+                          num_stages=launch.get("num_stages", 2))
+            call = _jit_call(fn[grid], args, kwargs)
+        return BoundLaunch(name, launch["node"], call, tensors, spec)
 
     def run(self, launch: dict, env: dict, sizes: dict) -> None:
         args = [self.arg(a, env, sizes) for a in launch["args"]]
@@ -130,15 +131,20 @@ class PlanRunner:
         grid = tuple(self._expr(g, sizes) for g in launch["grid"])
         if 0 in grid:
             return
-        compiled = self.cubins.get(launch["kernel"], launch) if self.cubins and "kernel" in launch else None
-        if compiled is not None and all(a.data_ptr() % 16 == 0 for a in args
-                                        if isinstance(a, torch.Tensor)):
-            # cubins were compiled for 16-byte aligned pointers; anything else JITs
+        compiled = self._cubin(launch, spec_key(args)) if self.cubins is not None else None
+        if compiled is not None:
             compiled[grid](*self._with_constexprs(launch, args))
             return
         fn = self.modules.get(launch["module"], launch["fn"])
         fn[grid](*args, **launch.get("constexprs", {}), num_warps=launch.get("num_warps", 4),
                  num_stages=launch.get("num_stages", 2))
+
+    def _cubin(self, launch: dict, spec: str):
+        """The stored cubin for a launch whose argument values have spec key `spec`, or
+        None: JIT-compile from source."""
+        if self.cubins is None or "kernel" not in launch:
+            return None
+        return self.cubins.get(launch["kernel"], launch, spec)
 
     def _with_constexprs(self, launch: dict, args: list) -> list:
         """All arguments in the kernel's order, constexprs included, as Triton's launcher
@@ -160,12 +166,14 @@ class BoundLaunch:
     """One launch with every argument resolved: calling it replays the launch.
 
     `tensors` lists (name, tensor) of every tensor it reads or writes, for the checks
-    that bound buffers never move; `node` is the graph node it belongs to."""
+    that bound buffers never move; `node` is the graph node it belongs to; `spec` is a
+    kernel launch's spec key (braze/launch.py: how Triton specialises its argument values),
+    None for an extern call."""
 
-    __slots__ = ("call", "name", "node", "tensors")
+    __slots__ = ("call", "name", "node", "tensors", "spec")
 
-    def __init__(self, name: str, node: int, call, tensors: list):
-        self.name, self.node, self.call, self.tensors = name, node, call, tensors
+    def __init__(self, name: str, node: int, call, tensors: list, spec: str | None = None):
+        self.name, self.node, self.call, self.tensors, self.spec = name, node, call, tensors, spec
 
     def __call__(self) -> None:
         self.call()

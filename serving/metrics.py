@@ -111,6 +111,12 @@ class Metrics:
             snap.get("preemptions", 0))
         one("braze_prefix_cache_hit_tokens_total", "counter",
             "Prompt tokens served from the prefix cache.", snap.get("prefix_cache_hit_tokens", 0))
+        out += ["# HELP braze_kernels Kernel specialisations launched, by where their code came "
+                "from (cubin: built ahead of time for them; cubin_less_specialised; jit: compiled "
+                "from source on this host, e.g. for an artifact built with another Triton).",
+                "# TYPE braze_kernels gauge"]
+        out += [f'braze_kernels{{source="{k}"}} {snap.get("kernels_" + k, 0)}'
+                for k in ("cubin", "cubin_less_specialised", "jit")]
         one("braze_requests_rejected_total", "counter",
             "Requests refused with 503 (queue full, draining or engine down).", self.rejected)
         out += ["# HELP braze_requests_total Finished requests by finish reason.",

@@ -106,3 +106,23 @@ def assert_greedy_matches_transformers(store, case, ex, prompt, max_tokens):
         theirs = hf_model(store.checkpoint(case)).generate(
             torch.tensor([list(prompt)]), max_new_tokens=max_tokens, do_sample=False)
     assert ours == theirs[0, len(prompt):].tolist()
+
+
+@contextlib.contextmanager
+def count_triton_jit():
+    """Collects the name of every kernel Triton's JIT compiles (or loads from its disk
+    cache) inside the block, through Triton's own pre-compile hook."""
+    import triton
+    knobs = triton.knobs.runtime
+    seen: list[str] = []
+    old = knobs.jit_cache_hook
+
+    def hook(*args, **kwargs):
+        seen.append(str(kwargs.get("repr") or getattr(kwargs.get("fn"), "name", args[:1])))
+        return False          # compile as usual
+
+    knobs.jit_cache_hook = hook
+    try:
+        yield seen
+    finally:
+        knobs.jit_cache_hook = old

@@ -38,8 +38,20 @@ def test_compile_generate_inspect(store, tmp_path):
     info = json.loads(r.stdout)
     assert info["model"]["architecture"] == "Qwen3ForCausalLM"
     assert info["ops"]["paged_attention"] == 2 and info["parameters"] > 0
+    import triton
+    assert info["cubins_here"] == {"triton_built": triton.__version__,
+                                   "triton_here": triton.__version__, "gpu_here": None,
+                                   "unusable": "this host has no CUDA GPU"}
     r = braze("inspect", art)
     assert "Qwen3ForCausalLM" in r.stdout and "paged_attention" in r.stdout
+    assert f"built with triton {triton.__version__}" in r.stdout
+
+    # a reader that left (`braze inspect ... | head`) is no error: stdout is a pipe nobody reads
+    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
+            "from braze.cli import main; sys.exit(main(['inspect', sys.argv[1]]))")
+    r = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and not r.stderr, r.stderr
 
 
 def test_text_prompt_and_seeded_sampling(store):

@@ -17,17 +17,19 @@ FAMILY_CASES = ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral", "
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)
-def test_bf16_artifact_has_a_cubin_per_kernel_per_target(store, case):
+def test_bf16_artifact_has_a_cubin_per_kernel_per_spec_per_target(store, case):
     root = store.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90")
     m = json.loads((root / "manifest.json").read_text())
     assert m["targets"] == ["sm_80", "sm_90"]
     assert m["kernels"], "an -O2 artifact must use kernels"
     for vid, k in m["kernels"].items():
-        assert set(k["targets"]) == {"sm_80", "sm_90"}, vid
-        for t, entry in k["targets"].items():
-            for f in (entry["cubin"], entry["meta"]):
-                assert (root / f).is_file() and m["files"][f] == sha256_file(root / f)
-            assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
+        assert k["specs"] and set(k["cubins"]) == {"sm_80", "sm_90"}, vid
+        for t, by_key in k["cubins"].items():
+            assert sorted(by_key) == k["specs"], (vid, t)
+            for key, entry in by_key.items():
+                for f in (entry["cubin"], entry["meta"]):
+                    assert (root / f).is_file() and m["files"][f] == sha256_file(root / f)
+                assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
         assert (root / "kernels" / f"{k['module']}.py").is_file()
 
 
@@ -73,10 +75,10 @@ def test_cuda_backend_without_gpu_is_a_clear_error(store):
 
 def test_stored_cubins_load_as_triton_kernels(store):
     """Without a GPU, check everything short of launching: each stored cubin and its Triton
-    metadata rebuild into a CompiledKernel for the variant's source and signature."""
+    metadata rebuild into a CompiledKernel for the variant's source, signature and spec."""
+    from braze.kernel_modules import KernelModules
     from braze.runtime import open_artifact
     from braze.runtime.cubins import CubinCache
-    from braze.kernel_modules import KernelModules
     art = open_artifact(store.artifact("qwen3_moe-dense-middle", opt_level=2, dtype="bfloat16",
                                        targets="sm_80,sm_90"))
     modules = KernelModules(art.root / "kernels", interpret=False)
@@ -86,9 +88,13 @@ def test_stored_cubins_load_as_triton_kernels(store):
                 if "kernel" in l}
     assert launches
     for vid, launch in launches.items():
-        k = cache.get(vid, launch)
-        assert k is not None, vid
-        assert k.metadata.target.arch == 90 and k.kernel == (art.root / art.manifest["kernels"][vid]["targets"]["sm_90"]["cubin"]).read_bytes()
+        for key, entry in art.manifest["kernels"][vid]["cubins"]["sm_90"].items():
+            k = cache.get(vid, launch, key)
+            assert k is not None, (vid, key)
+            assert k.metadata.target.arch == 90
+            assert k.kernel == (art.root / entry["cubin"]).read_bytes()
+    assert cache.counts() == {"cubin": sum(len(art.manifest["kernels"][v]["specs"]) for v in launches),
+                              "cubin_less_specialised": 0, "jit": 0}
 
 
 def test_loading_kernels_never_writes_into_the_artifact(store):
@@ -123,3 +129,4 @@ def test_generated_kernels_need_no_shared_directory(tmp_path, monkeypatch):
     fn = KernelModules(tmp_path / "none", interpret=False, sources={"pw_0": src}).get("pw_0", "kernel")
     assert fn.src.strip().startswith("def kernel(x)") and not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["braze-kernels"]
+

@@ -14,16 +14,35 @@ PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 @pytest.mark.parametrize("case", ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral",
                                   "qwen3_moe-dense-middle"])
 def test_cuda_bf16_close_to_transformers(store, case):
+    """Every position's logits of the cuda backend in bf16 against transformers in bf16 on
+    the same GPU. The tolerance is measured, not guessed: transformers' own bf16 run differs
+    from its float32 run by some amount (bf16's 8-bit mantissa through the layers, at this
+    logit scale); braze's kernels may differ from transformers' bf16 by a few times that,
+    never more. Argmax agrees wherever float32's top-2 margin is well above that noise."""
     from braze.runtime import Executor, open_artifact
     from braze.runtime.batch import SeqChunk
     from conftest import hf_model, take_blocks
     art = open_artifact(store.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90"))
-    ex = Executor(art, backend="cuda", num_blocks=8)
-    logits = ex.step([SeqChunk(PROMPT, 0, take_blocks(ex, 1))])
-    ref = hf_model(store.checkpoint(case)).to("cuda", torch.bfloat16)
+    ex = Executor(art, backend="cuda", num_blocks=16)
+    # logits are computed only where sampled: each prefix of the prompt is its own sequence
+    ours = torch.cat([ex.step([SeqChunk(PROMPT[:p], 0, take_blocks(ex, 1))])
+                      for p in range(1, len(PROMPT) + 1)]).float()
+    ref = hf_model(store.checkpoint(case)).to("cuda")
     with torch.no_grad():
-        want = ref(torch.tensor([PROMPT], device="cuda")).logits[0, -1:]
-    torch.testing.assert_close(logits.float(), want.float(), atol=0.15, rtol=0.05)
+        f32 = ref(torch.tensor([PROMPT], device="cuda")).logits[0].float()
+        b16 = ref.to(torch.bfloat16)(torch.tensor([PROMPT], device="cuda")).logits[0].float()
+    noise, err = (b16 - f32).abs(), (ours - b16).abs()
+    print(f"\n{case}: |braze - hf bf16| max {err.max():.4f} median {err.median():.5f}; "
+          f"|hf bf16 - hf f32| max {noise.max():.4f} median {noise.median():.5f}; "
+          f"logit scale {f32.abs().max():.2f}")
+    # the median as well as the max: in an MoE a rounding difference can flip one token's
+    # expert choice, which moves its logits by a lot without anything being wrong elsewhere
+    for stat in (torch.max, torch.median):
+        assert stat(err) <= 4 * stat(noise) + 2 ** -8 * f32.abs().max(), (stat.__name__, err, noise)
+    noise, err = noise.max().item(), err.max().item()
+    top2 = f32.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * max(noise, err)
+    assert torch.equal(ours.argmax(-1)[clear], f32.argmax(-1)[clear])
 
 
 def test_cubins_and_jit_agree(store):
@@ -68,6 +87,6 @@ def test_engine_on_cuda_equals_reference(store, mode):
         if backend == "cuda":
             print(f"mode {mode}: {s['cuda_graphs_captured']} graphs in {s['capture_seconds']:.2f}s")
             assert (s["cuda_graphs_captured"] > 0) == (mode != "none")
-    # greedy rows must agree exactly; sampled rows too unless float noise flips a near-tie
-    assert outs["cuda"][0::2] == outs["reference"][0::2]
-    assert sum(a == b for a, b in zip(outs["cuda"][1::2], outs["reference"][1::2])) >= 1
+    # float32 on both: kernel and reference logits differ by ~1e-6, far below any gap the
+    # seeded Gumbel-max sampler or the argmax could fall into, so every row agrees exactly
+    assert outs["cuda"] == outs["reference"]

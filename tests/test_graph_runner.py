@@ -22,7 +22,8 @@ from braze.ir import run_graph
 from braze.ir.errors import BrazeError
 from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk, build_step
-from braze.runtime.graph_runner import GraphRunner, default_buckets, validate_buckets
+from braze.ir.contract import default_buckets
+from braze.runtime.graph_runner import GraphRunner, validate_buckets
 
 BUCKETS = [1, 2, 4, 8]
 MAX_T, MAX_S, NUM_BLOCKS = 8, 4, 16

@@ -166,21 +166,15 @@ H100_SHARED = 232448      # sm_90 (227 KB)
 
 def _specialised(launch, target):
     """The variant Triton's JIT builds on a GPU for 16-byte aligned pointers and strides (the
-    plain AOT build assumes no alignment, so it neither vectorises nor pipelines loads)."""
-    import triton
-    from braze.codegen.aot import kernel_fn
-    from braze.launch import kernel_signature
+    plain AOT build assumes no alignment of strides, so it neither vectorises nor pipelines
+    loads)."""
+    from braze.codegen.aot import compile_launch, kernel_fn
     from kernel_helpers import KERNEL_DIR
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     fn = kernel_fn(KERNEL_DIR, launch)
-    sig = kernel_signature(launch, fn.arg_names)
-    attrs = {(n,): [["tt.divisibility", 16]] for n, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a.startswith("stride")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=launch["constexprs"], attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32),
-                          options={"num_warps": launch["num_warps"],
-                                   "num_stages": launch["num_stages"]})
+    runtime = [n for n in fn.arg_names if n not in launch["constexprs"]]
+    key = "".join("D" if a["ty"].startswith("*") or n.startswith("stride") else "-"
+                  for n, a in zip(runtime, launch["args"]))
+    return compile_launch(KERNEL_DIR, launch, target, key=key)
 
 
 @pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (8, 4096, 14336, 2)],

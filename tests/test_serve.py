@@ -514,8 +514,10 @@ def test_metrics_histogram_text():
     m = Metrics("m")
     m.on_finished("length", {"ttft": 0.02, "tpot": 0.01, "queue_time": 0.0}, 0.5)
     m.on_finished("abort", {}, 0.1)
-    text = m.render({"running": 1, "waiting": 2, "kv_blocks_used": 3, "kv_blocks_total": 12})
+    text = m.render({"running": 1, "waiting": 2, "kv_blocks_used": 3, "kv_blocks_total": 12,
+                     "kernels_cubin": 40, "kernels_jit": 2})
     assert "braze_kv_cache_usage 0.25\n" in text and "braze_requests_waiting 2\n" in text
+    assert 'braze_kernels{source="cubin"} 40\n' in text and 'braze_kernels{source="jit"} 2\n' in text
     assert 'braze_requests_total{finish_reason="abort"} 1\n' in text
     assert "braze_time_to_first_token_seconds_count 1\n" in text
     assert "braze_kv_cache_usage 0.0\n" in Metrics("m").render({})

@@ -1,0 +1,94 @@
+"""Which specialisations of each kernel variant to compile ahead of time.
+
+Triton's JIT compiles a kernel for what it sees at the call: ints equal to 1 become
+constants, ints divisible by 16 and 16-byte aligned pointers get divisibility hints
+(braze/launch.py's spec keys). Those hints are what let it vectorise loads, so a cubin
+built without them is slower than the JIT. The runtime binds each launch once per
+batch bucket (ir/contract.py's default buckets); here every launch site's runtime
+arguments are evaluated at each bucket's step sizes, as the runtime will resolve them:
+
+    buf, ws       pointers into the arena, parameters, static inputs: aligned ("D")
+    int           the literal
+    expr          the expression at the bucket's T, S, MB
+    stride        the value's stride along the dim (ir/layout.py), where it is known
+                  before run time; "-" otherwise
+    float         never specialised
+
+Each variant gets the keys of all its launch sites at all buckets, plus a generic key
+in which every argument that varies between buckets assumes nothing: a launch the
+compiler did not foresee (other buckets, another --max-num-seqs) runs the most
+specialised stored cubin its own key admits, never the JIT.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from braze.ir import Graph
+from braze.ir.contract import bucket_sizes, default_buckets
+from braze.ir.layout import Layouts
+from braze.ir.types import SYMBOLS
+from braze.launch import compile_expr, spec_char
+
+
+def step_sizes(options: dict) -> list[dict[str, int]]:
+    """The step symbols of every default bucket the recorded options give."""
+    max_blocks = -(-int(options["max_model_len"]) // int(options["block_size"]))
+    return [bucket_sizes(t, int(options["max_num_seqs"]), max_blocks)
+            for t in default_buckets(int(options["max_num_tokens"]))]
+
+
+class _Values:
+    """Graph values by reference (`%name`, `@param`)."""
+
+    def __init__(self, g: Graph):
+        self.by_ref = {f"@{k}": v for k, v in g.params.items()}
+        for v in g.inputs:
+            self.by_ref[v.ref] = v
+        for n in g.nodes:
+            for r in n.results:
+                self.by_ref[r.ref] = r
+
+
+def _arg_spec(a: dict, values: _Values, layouts: Layouts):
+    """One runtime argument: a spec char, or a function of the step sizes giving one."""
+    if "buf" in a or "ws" in a:
+        return "D"
+    if "float" in a:
+        return "-"
+    if "int" in a:
+        return spec_char(int(a["int"]))
+    if "expr" in a:
+        if "NB" in str(a["expr"]):
+            return "-"                      # NB, the cache size, is chosen at run time
+        f = compile_expr(a["expr"])
+        return lambda sizes: spec_char(f(sizes))
+    ref, dim = a["stride"]
+    v = values.by_ref.get(ref)
+    stride = layouts(v)[dim] if v is not None else None
+    if stride is None:
+        return "-"
+    if isinstance(stride, int):
+        return spec_char(stride)
+    expr = sympy.sympify(stride)
+    if not expr.free_symbols <= {SYMBOLS[k] for k in ("T", "S", "MB")}:
+        return "-"
+    return lambda sizes: spec_char(int(expr.subs({SYMBOLS[k]: n for k, n in sizes.items()})))
+
+
+def variant_keys(g: Graph, kernels: dict, launches: list[dict], sizes_list: list[dict]) -> dict:
+    """-> {variant id: sorted spec keys to compile}, from every launch of the plan."""
+    values, layouts = _Values(g), Layouts()
+    keys: dict[str, set] = {vid: set() for vid in kernels}
+    for launch in launches:
+        if "kernel" not in launch:
+            continue
+        specs = [_arg_spec(a, values, layouts) for a in launch["args"]]
+        per_bucket = ["".join(s if isinstance(s, str) else s(sz) for s in specs)
+                      for sz in sizes_list]
+        varies = [len({k[i] for k in per_bucket}) > 1 for i in range(len(specs))]
+        generic = "".join("-" if v else c for v, c in zip(varies, per_bucket[0])) \
+            if per_bucket else "".join(s if isinstance(s, str) else "-" for s in specs)
+        keys[launch["kernel"]].update(per_bucket)
+        keys[launch["kernel"]].add(generic)
+    return {vid: sorted(k) for vid, k in keys.items()}
