@@ -49,6 +49,8 @@ import sys
 import tempfile
 import time
 
+from results_file import ResultsFile
+
 TARGET_TRACE_S = 5.0
 PHASES = ("trace", "verify", "print", "parse")
 PIPELINE_PHASES = ("passes", "verify2")
@@ -505,7 +507,14 @@ def main(argv=None) -> int:
           f"max_num_tokens {args.max_num_tokens}; {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, load average {_fmt_load(load)} (1/5/15 min)",
           flush=True)
-    results = []
+    out = ResultsFile(args.json, {
+        "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "load_average_at_start": load, "repeat": args.repeat,
+        "mode": "in-process" if args.in_process else "subprocess",
+        "opt_level": args.opt_level, "max_num_tokens": args.max_num_tokens,
+        "target_trace_s": args.target, "target_pipeline_s": args.target})
+    results = out.results
     for model in args.models:
         runs = []
         for i in range(args.repeat):
@@ -520,7 +529,7 @@ def main(argv=None) -> int:
                     flush=True)
                 for line in r["log"]:
                     print(f"    | {line}")
-        results.append(best_of(runs))
+        out.add(best_of(runs))
     r0 = results[0]
     imports = "" if args.in_process else (
         f"; imports of torch/transformers/braze (not counted) best "
@@ -550,21 +559,7 @@ def main(argv=None) -> int:
     over_pipeline = [r["model"] for r in results if r["pipeline_s"] >= args.target]
     if over_pipeline:
         print(f"\nover the {args.target:g} s pipeline target: {', '.join(over_pipeline)}")
-    if args.json:
-        doc = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-               "python": platform.python_version(), "platform": platform.platform(),
-               "load_average_at_start": load, "load_average_at_end": load_end,
-               "torch": r0["torch"], "transformers": r0["transformers"],
-               "repeat": args.repeat, "mode": "in-process" if args.in_process else "subprocess",
-               "opt_level": args.opt_level, "max_num_tokens": args.max_num_tokens,
-               "target_trace_s": args.target, "target_pipeline_s": args.target,
-               "results": results}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    out.finish(load_average_at_end=load_end, torch=r0["torch"], transformers=r0["transformers"])
     if args.profile:
         for model in args.models:
             print()

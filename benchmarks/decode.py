@@ -85,6 +85,10 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from results_file import ResultsFile
+from step_profile import markdown as profile_markdown
+from step_profile import profile_steps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0,
@@ -277,7 +281,8 @@ def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) ->
     """Prefill `batch` prompts together, warm up, then time --steps engine steps."""
     from braze.runtime.sampler import SamplingParams
 
-    sp = SamplingParams(max_tokens=args.warmup + args.steps + 4, ignore_eos=True)
+    extra = args.profile_steps if batch in args.profile_batches else 0
+    sp = SamplingParams(max_tokens=args.warmup + args.steps + extra + 4, ignore_eos=True)
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts):
         eng.add_request(rid, p, sp)
@@ -304,6 +309,11 @@ def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) ->
     total, step_ms = timed_steps(one_step, args.steps, sync)
     res = decode_figures(batch, args.steps, total, step_ms)
     res["graph_variant"] = variant
+    if batch in args.profile_batches:
+        prof = res["profile"] = profile_steps(one_step, args.profile_steps, sync)
+        path = Path(args.profile_dir) / f"profile-{args.model_key}-b{batch}.md"
+        path.write_text(profile_markdown(prof, f"braze decode step, {args.model_key} shape, "
+                                               f"batch {batch}"))
     res["tokens_request0"] = tokens[ids[0]]
     res["context_tokens"] = len(prompts[0]) + len(tokens[ids[0]])
     # the forward alone: replay the last decode step already in the static buffers (it
@@ -337,12 +347,12 @@ def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) ->
     return res
 
 
-def run_braze(art: Path, batches, prompts, args, sync: Sync) -> dict:
+def run_braze(art: Path, batches, prompts, args, sync: Sync, out: dict, row) -> dict:
+    """Fills `out` as it goes; `row(engine, batch, figures)` after each batch."""
     import torch
 
     from braze.runtime.engine import Engine
 
-    out: dict = {}
     t = time.perf_counter()
     eng = Engine(art, **engine_options(args, max(batches)))
     out["engine_start_s"] = time.perf_counter() - t
@@ -356,13 +366,18 @@ def run_braze(art: Path, batches, prompts, args, sync: Sync) -> dict:
     out["backend"] = eng.backend
     out["kv_blocks"] = st["kv_blocks_total"]
     out["runs"] = {}
+    row("braze", 0, {})         # engine start figures, saved before the first batch
     for b in batches:        # a failed batch is reported; the others still run
         try:
             run = out["runs"][b] = braze_decode(eng, b, prompts[:b], args, sync)
             if "cleanup_error" in run:
                 out.setdefault("failed", {})[f"{b} cleanup"] = run["cleanup_error"]
+            row("braze", b, run)
         except Exception as e:
             out.setdefault("failed", {})[b] = f"{type(e).__name__}: {e}"
+            row("braze", b, {})
+    out["kernels"] = {k: v for k, v in eng.stats().items()
+                      if k.startswith("kernels_") or k == "cubins_unusable"}
     del eng
     gc.collect()
     if torch.cuda.is_available():
@@ -531,10 +546,11 @@ def teacher_forced_check(model, prompt: list[int], generated: list[int]) -> dict
             "ok": deficit <= MISMATCH_SIGMA}
 
 
-def run_hf(model, batches, prompts, args, sync: Sync, which: str, t_start: float) -> dict:
+def run_hf(model, batches, prompts, args, sync: Sync, which: str, t_start: float, out: dict,
+           row) -> dict:
+    """Fills `out` as it goes; `row(engine, batch, figures)` after each batch."""
     import torch
 
-    out = {}
     if which == "eager":
         fwd = model.forward
     else:
@@ -548,6 +564,7 @@ def run_hf(model, batches, prompts, args, sync: Sync, which: str, t_start: float
             out[b] = {"skipped": f"budget of {args.budget:g} s spent"}
             continue
         out[b] = hf_decode(model, fwd, b, prompts, args, sync, compiled=which == "compile")
+        row(f"hf {which}", b, out[b])
         gc.collect()
     if which == "compile":
         torch.compiler.reset()
@@ -561,29 +578,44 @@ def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def section(res: dict, name: str, fn, log):
+def section(res: dict, name: str, fn, log, out: ResultsFile):
+    """Run one section into res[name]; a failure is recorded and the others go on. The
+    results file is saved after each, so a run cut short keeps what it measured."""
     t = time.perf_counter()
+    part = res[name] = {}       # a section may fill this as it goes (rows saved as they come)
     try:
-        res[name] = fn()
+        got = fn(part)
+        if got is not None:
+            res[name] = got
         log(f"  {name}: done in {time.perf_counter() - t:.1f}s")
     except Exception as e:      # report and go on with the other sections
         res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}\n" + \
             "".join(traceback.format_exc()[-2500:])
         log(f"  {name}: FAILED after {time.perf_counter() - t:.1f}s: {type(e).__name__}: "
             f"{str(e)[:300]}")
+        out.save()
         return None
+    out.save()
     return res[name]
 
 
-def run_model(key: str, args, t_start: float, log) -> dict:
+def run_model(key: str, args, t_start: float, log, out: ResultsFile) -> dict:
     import torch
 
     spec = (TINY_MODELS if args.dry_run else MODELS)[key]
+    args.model_key = key
     batches = list(args.batch_list)
     dev = args.device
     dtype = getattr(torch, args.dtype)
     sync = Sync(dev)
-    res: dict = {"model": key, "name": spec["name"], "shape": spec, "batches": batches}
+    res = out.add({"model": key, "name": spec["name"], "shape": spec, "batches": batches})
+
+    def row(engine: str, batch: int, fig: dict) -> None:
+        """One measured (engine, batch): shown and saved now, not at the end."""
+        if "tpot_ms" in fig:
+            log(f"  {engine} batch {batch}: {fig['tpot_ms']:.3f} ms per step, "
+                f"{fig['tokens_per_s']:.0f} tokens/s")
+        out.save()
     log(f"== {spec['name']} ({key}) ==")
     t = time.perf_counter()
     model = build_hf_model(spec, dev, dtype)
@@ -603,33 +635,35 @@ def run_model(key: str, args, t_start: float, log) -> dict:
         log(f"  built and saved {res['params'] / 1e6:.1f}M params in "
             f"{res['hf_build_s'] + res['save_s']:.1f}s")
 
-        def do_compile():
+        def do_compile(_):
             t0 = time.perf_counter()
             compile_artifact(ckpt, art, args, max(batches))
             return {"seconds": time.perf_counter() - t0}
 
-        if section(res, "braze_compile", do_compile, log) is not None:
+        if section(res, "braze_compile", do_compile, log, out) is not None:
             if args.cold_start:
-                section(res, "cold_start", lambda: run_cold_start(art, args, max(batches)), log)
+                section(res, "cold_start", lambda _: run_cold_start(art, args, max(batches)),
+                        log, out)
             if "braze" in args.engines:
-                bz = section(res, "braze", lambda: run_braze(art, batches, prompts, args, sync),
-                             log)
+                bz = section(res, "braze", lambda part: run_braze(art, batches, prompts, args,
+                                                                  sync, part, row), log, out)
                 for b, err in ((bz or {}).get("failed") or {}).items():
                     res.setdefault("errors", {})[f"braze batch {b}"] = err
                     log(f"  braze batch {b}: FAILED: {err[:300]}")
     if "eager" in args.engines:
-        section(res, "hf_eager", lambda: run_hf(model, batches, prompts, args, sync, "eager",
-                                                t_start), log)
+        section(res, "hf_eager", lambda part: run_hf(model, batches, prompts, args, sync,
+                                                     "eager", t_start, part, row), log, out)
     if "compile" in args.engines:
         if time.perf_counter() - t_start > args.budget:
             res["hf_compile"] = {"skipped": f"budget of {args.budget:g} s spent"}
         else:
-            section(res, "hf_compile", lambda: run_hf(model, batches, prompts, args, sync,
-                                                      "compile", t_start), log)
+            section(res, "hf_compile", lambda part: run_hf(model, batches, prompts, args, sync,
+                                                           "compile", t_start, part, row),
+                    log, out)
     braze_runs = (res.get("braze") or {}).get("runs") or {}
     if 1 in braze_runs:
-        section(res, "check", lambda: teacher_forced_check(
-            model, prompts[0], braze_runs[1]["tokens_request0"]), log)
+        section(res, "check", lambda _: teacher_forced_check(
+            model, prompts[0], braze_runs[1]["tokens_request0"]), log, out)
         hf1 = ((res.get("hf_eager") or {}).get(1) or {}).get("tokens_request0")
         if hf1:
             b = braze_runs[1]["tokens_request0"]
@@ -691,15 +725,19 @@ def decode_table(r: dict) -> str:
     return _markdown(rows)
 
 
-def roofline_lines(r: dict, peak: float | None) -> list[str]:
+def roofline_lines(r: dict, peak: float | None, copy_tbps: float | None = None) -> list[str]:
+    """Batch-1 decode against the HBM roofline: bytes per step over the nominal peak
+    bandwidth, and over the device-to-device copy bandwidth measured in this run."""
     by = r["bytes_b1"]
     if not peak:
         return [f"roofline: n/a (no peak bandwidth for this device; --peak-tbps); bytes per "
                 f"batch-1 step {by['total'] / 1e6:.3f} MB"]
     floor_ms = by["total"] / (peak * 1e12) * 1000
+    copy_ms = by["total"] / (copy_tbps * 1e12) * 1000 if copy_tbps else None
     out = [f"HBM roofline at batch 1: {by['weights'] / 1e9:.3f} GB of weights + "
            f"{by['kv'] / 1e6:.1f} MB of KV cache per step / {peak:g} TB/s = {floor_ms:.3f} ms "
-           f"per token"]
+           f"per token" + (f"; at the measured copy bandwidth {copy_tbps:.2f} TB/s "
+                           f"{copy_ms:.3f} ms" if copy_ms else "")]
     for label, run in (("braze engine step", _get(r, "braze", "runs", 1)),
                        ("braze forward only", _get(r, "braze", "runs", 1, "forward")),
                        ("HF eager", _get(r, "hf_eager", 1)),
@@ -708,12 +746,34 @@ def roofline_lines(r: dict, peak: float | None) -> list[str]:
             frac = floor_ms / run["tpot_ms"]
             flag = "" if not label.startswith("braze") else (
                 "  (target >= 80 %: ok)" if frac >= ROOFLINE_TARGET else "  (target >= 80 %: MISSED)")
+            measured = f", {100 * copy_ms / run['tpot_ms']:.1f} % of measured" if copy_ms else ""
             out.append(f"  {label:20s} TPOT {run['tpot_ms']:.3f} ms -> {100 * frac:.1f} % of "
-                       f"the roofline{flag}")
+                       f"the nominal roofline{measured}{flag}")
     return out
 
 
-def report_model(r: dict, peak: float | None, dry_run: bool) -> str:
+def measured_copy_tbps(nbytes: int = 4 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth, bytes read plus written per second, in TB/s (the
+    ceiling a decode step's weight reads can reach on this GPU, as METHOD.md measures it)."""
+    import torch
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()
+    return nbytes / sorted(times)[len(times) // 2] / 1e12
+
+
+def report_model(r: dict, peak: float | None, dry_run: bool, copy_tbps: float | None = None) -> str:
     lines = [f"\n## {r['name']} ({r['params'] / 1e6:.1f}M params)"]
     c = _get(r, "braze_compile", "seconds")
     if c is not None:
@@ -729,6 +789,12 @@ def report_model(r: dict, peak: float | None, dry_run: bool) -> str:
                      f"(full capture: {g['full_capture']}), buckets {g['buckets']}; "
                      f"{bz['kv_blocks']} KV blocks; decode steps replayed: "
                      + ", ".join(f"B={b} {run.get('graph_variant')}" for b, run in bz["runs"].items()))
+        k = bz.get("kernels") or {}
+        if k:
+            lines.append(f"kernels: {k.get('kernels_cubin', 0)} specialisations from their cubins, "
+                         f"{k.get('kernels_cubin_less_specialised', 0)} from less specialised "
+                         f"ones, {k.get('kernels_jit', 0)} JIT-compiled"
+                         + (f" ({k['cubins_unusable']})" if k.get("cubins_unusable") else ""))
     cs = r.get("cold_start")
     if cs:
         ok = cs["cold_start_excl_weights_s"] < COLD_START_TARGET_S
@@ -745,7 +811,7 @@ def report_model(r: dict, peak: float | None, dry_run: bool) -> str:
     if dry_run:
         lines.append("DRY RUN: CPU timings of tiny shapes; they mean nothing about performance")
     lines.append(decode_table(r))
-    lines.extend(roofline_lines(r, None if dry_run else peak))
+    lines.extend(roofline_lines(r, None if dry_run else peak, copy_tbps))
     ck = r.get("check")
     if ck and "tokens" in ck:
         lines.append(f"check: braze's batch-1 greedy tokens teacher-forced through HF: "
@@ -835,7 +901,15 @@ def parse_args(argv):
                     "(default the system temp dir; the 8B shape needs ~33 GB)")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: tiny shapes on the CPU, the same code path")
-    ap.add_argument("--json", metavar="PATH", help="write all results as JSON ('-': stdout)")
+    ap.add_argument("--json", metavar="PATH", help="write all results as JSON, rewritten after "
+                    "every measured row so a run cut short keeps its figures ('-': stdout at "
+                    "the end)")
+    ap.add_argument("--profile-batches", default="", metavar="B,B",
+                    help="profile braze's decode step at these batches with torch.profiler "
+                         "(kernels per step, GPU busy share, idle gaps), e.g. 1,64")
+    ap.add_argument("--profile-steps", type=int, default=5, help="steps per profile (default 5)")
+    ap.add_argument("--profile-dir", default=".", help="where profile-<model>-b<B>.md tables "
+                    "go (default: the current directory)")
     ap.add_argument("--cold-start-worker", metavar="ARTIFACT", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--backend", default=None, help=argparse.SUPPRESS)
@@ -851,6 +925,7 @@ def parse_args(argv):
         tuple(int(b) for b in args.batches.split(",") if b.strip())
     if not args.batch_list or min(args.batch_list) < 1:
         ap.error("--batches needs positive integers")
+    args.profile_batches = {int(b) for b in args.profile_batches.split(",") if b.strip()}
     args.steps = args.steps if args.steps is not None else (3 if dry else 128)
     args.warmup = args.warmup if args.warmup is not None else (2 if dry else 8)
     args.forward_warmup = 1 if dry else 3
@@ -869,7 +944,7 @@ def parse_args(argv):
     args.dtype = "float32" if dry else "bfloat16"
     max_b = args.max_batch or max(args.batch_list)
     if args.max_model_len is None:
-        need = args.prompt_len + args.warmup + args.steps + 8
+        need = args.prompt_len + args.warmup + args.steps + args.profile_steps + 8
         args.max_model_len = -(-need // BLOCK_SIZE) * BLOCK_SIZE
     if args.max_num_tokens is None:
         args.max_num_tokens = max(max_b * args.prompt_len, max_b, 16)
@@ -930,14 +1005,25 @@ def main(argv=None) -> int:
     log(f"GPU {gpu} (peak {peak if peak else 'n/a'} TB/s), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, triton {triton_v}, Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs")
-    results = []
+    out = ResultsFile(args.json, {
+        "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "peak_tbps": peak, "dry_run": args.dry_run,
+        "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_v,
+        "python": platform.python_version(), "cpus": os.cpu_count(),
+        "config": {k: v for k, v in vars(args).items()
+                   if k not in ("json", "forward_args", "cold_start_worker")}},
+        drop=("tokens_request0",))            # token lists are long and not figures
+    if not args.dry_run:
+        out.doc["copy_tbps"] = measured_copy_tbps()
+        log(f"device-to-device copy: {out.doc['copy_tbps']:.2f} TB/s (read + write)")
+        out.save()
     for key in args.model_list:
-        results.append(run_model(key, args, t_start, log))
+        r = run_model(key, args, t_start, log, out)
+        print(report_model(r, peak, args.dry_run, out.doc.get("copy_tbps")), flush=True)
         gc.collect()                # the model and its caches go with run_model's frame
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for r in results:
-        print(report_model(r, peak, args.dry_run))
+    results = out.results
+    misses = []
     if not args.dry_run:
         misses = target_misses(results, peak)
         print("\nDESIGN targets: " + ("all met" if not misses else "MISSED: " + "; ".join(misses)))
@@ -946,26 +1032,8 @@ def main(argv=None) -> int:
     print(f"\nwall {time.perf_counter() - t_start:.1f}s" +
           (f"; failed sections: {', '.join(failed)}" if failed else "") +
           (f"; MISMATCH in {', '.join(mismatch)}" if mismatch else ""))
-    if args.json:
-        for r in results:        # token lists are long and not figures
-            for run in (_get(r, "braze", "runs") or {}).values():
-                run.pop("tokens_request0", None)
-            for k in ("hf_eager", "hf_compile"):
-                for run in (r.get(k) or {}).values():
-                    if isinstance(run, dict):
-                        run.pop("tokens_request0", None)
-        doc = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "peak_tbps": peak,
-               "dry_run": args.dry_run, "torch": torch.__version__,
-               "transformers": transformers.__version__, "triton": triton_v,
-               "python": platform.python_version(), "cpus": os.cpu_count(),
-               "config": {k: v for k, v in vars(args).items()
-                          if k not in ("json", "forward_args", "cold_start_worker")},
-               "results": results}
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    out.finish(wall_s=time.perf_counter() - t_start, failed=failed, mismatch=mismatch,
+               target_misses=misses)
     return 1 if failed or mismatch else 0
 
 

@@ -62,7 +62,6 @@ import argparse
 import contextlib
 import gc
 import io
-import json
 import math
 import os
 import platform
@@ -71,6 +70,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_file import ResultsFile
 
 TARGET_MS = 1.0
 BLOCK_SIZE = 16
@@ -569,23 +570,31 @@ def main(argv=None) -> int:
               f"max_model_len {args.max_model_len}, {eng.runner.num_kv_blocks} KV blocks",
               flush=True)
         R = args.requests
-        results: dict = {}
+        out = ResultsFile(args.json, {
+            "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "load_average_at_start": load,
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "target_ms": args.target_ms, "prefill_steps": prefill_steps}, results={})
+        results = out.results
 
         with GcWatch() as gcw:
             clean, _ = timed_steps(eng, args.steps, R)
-        results["clean"] = {**summary(clean), "gc_collections": gcw.n, "gc_ms": gcw.s * 1000}
+        out.put("clean", {**summary(clean), "gc_collections": gcw.n, "gc_ms": gcw.s * 1000})
+        print(f"clean: host {results['clean']['mean_ms']:.3f} ms per step (mean)", flush=True)
 
         clock = Clock()
         wrap_step_pieces(clock, eng)
         phases_tot, phases_pieces = timed_steps(eng, args.steps, R, clock)
-        results["phases"] = breakdown(phases_tot, phases_pieces)
-        results["torch_calls"] = count_torch_calls(eng, clock, R)
+        out.put("phases", breakdown(phases_tot, phases_pieces))
+        out.put("torch_calls", count_torch_calls(eng, clock, R))
         if not args.no_detail and time.perf_counter() - t_start < args.budget:
             wrap_detail_pieces(clock, eng)
             det_tot, det_pieces = timed_steps(eng, args.steps, R, clock)
-            results["detail"] = breakdown(det_tot, det_pieces)
+            out.put("detail", breakdown(det_tot, det_pieces))
         clock.restore()
-        results["sampling_alone_ms"] = sampling_alone(R, vocab)
+        out.put("sampling_alone_ms", sampling_alone(R, vocab))
         prof_text = None
         if args.profile and time.perf_counter() - t_start < args.budget:
             prof_text = profile_steps(eng, args.steps, R, args.profile_top)
@@ -628,19 +637,8 @@ def main(argv=None) -> int:
     load_end = _loadavg()
     print(f"\nload average at the end {_fmt_load(load_end)}; wall {time.perf_counter() - t_start:.1f}s")
 
-    if args.json:
-        doc = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-               "python": platform.python_version(), "platform": platform.platform(),
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "load_average_at_start": load, "load_average_at_end": load_end,
-               "config": {k: v for k, v in vars(args).items() if k != "json"},
-               "target_ms": args.target_ms, "meets_target": ok, "prefill_steps": prefill_steps,
-               "engine_stats": stats, "results": results, "profile": prof_text}
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    out.finish(load_average_at_end=load_end, meets_target=ok, engine_stats=stats,
+               profile=prof_text)
     return 1 if (args.strict and not ok) else 0
 
 

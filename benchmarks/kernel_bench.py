@@ -55,17 +55,16 @@ the tolerance is marked MISMATCH (and the exit code is 1).
 Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), checked against the
 reference; the timing columns print "n/a". Use it to check the script before a GPU session.
 
-    python benchmarks/kernels.py --dry-run
-    python benchmarks/kernels.py
-    python benchmarks/kernels.py --models llama3-8b qwen3-30b-a3b --json out.json
-    python benchmarks/kernels.py --kernels attention fused_moe --sizes 1 64 8192
-    python benchmarks/kernels.py --help
+    python benchmarks/kernel_bench.py --dry-run
+    python benchmarks/kernel_bench.py
+    python benchmarks/kernel_bench.py --models llama3-8b qwen3-30b-a3b --json out.json
+    python benchmarks/kernel_bench.py --kernels attention fused_moe --sizes 1 64 8192
+    python benchmarks/kernel_bench.py --help
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -74,6 +73,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from results_file import ResultsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DIR = ROOT / "codegen" / "kernels"
@@ -724,7 +725,10 @@ def main(argv=None) -> int:
                                             args.budget)
 
     aot_cubins = AotCubins() if args.aot else None
-    results, failures = [], 0
+    out = ResultsFile(args.json, {"machine": info, "peak_gbps": peak, "peak_source": peak_src,
+                                  "args": vars(args), "dry_run": args.dry_run,
+                                  "shapes": {m: shapes[m] for m in args.models}})
+    results, failures = out.results, 0
     for model in args.models:
         b = Builder(model, shapes[model], args.dtype, device, context, prefill_from, args.seed)
         rows = []
@@ -766,6 +770,7 @@ def main(argv=None) -> int:
                 failures += not r["ok"]
                 r["wall_s"] = time.perf_counter() - t0
                 rows.append(r)
+                out.add(r)
                 if "error" not in r:       # progress, one line per case
                     timing = ""
                     if r.get("us") is not None:
@@ -778,7 +783,6 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         print_table(model, rows, shapes[model], peak)
-        results += rows
 
     missed = [r for r in results if r.get("target_met") is False]
     print()
@@ -794,11 +798,8 @@ def main(argv=None) -> int:
                 print(f"  {r['model']} {r['kernel']} {r['size']}: {what} ({r['target']})")
         elif any(r.get("target_met") for r in results):
             print("targets: all met")
+    out.finish(failures=failures, targets_missed=len(missed))
     if args.json:
-        out = {"machine": info, "peak_gbps": peak, "peak_source": peak_src,
-               "args": vars(args), "dry_run": args.dry_run,
-               "shapes": {m: shapes[m] for m in args.models}, "results": results}
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
     if failures:
         return 1
