@@ -96,7 +96,7 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
                    extra={"compile": compile_info}, overwrite=force, log=log, emit=emit)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
-    return open_artifact(out)
+    return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written
 
 
 def materialize(graph: Graph, load_source):

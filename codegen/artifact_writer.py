@@ -1,13 +1,15 @@
 """Write an artifact directory (schema in braze/artifact.py).
 
 Weights stream into shards of at most `shard_bytes`, so a model larger than
-memory is never held whole. The directory is built under a temporary name
+memory is never held whole; each shard is hashed from the bytes written, so an 8B
+model's 16 GB are not read back to hash them. The directory is built under a temporary name
 and renamed into place at the end: a failed compile never leaves a
 half-written artifact where a good one was expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from braze import __version__
 from braze.artifact import (FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, TOKENIZER_DIR,
@@ -75,12 +77,15 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
     total_bytes = 0
     names = list(graph.params)
     t0 = time.perf_counter()
+    digests: dict[str, str] = {}
 
     def flush():
         nonlocal shard, shard_size
         if shard:
             fname = f"weights-{len(files) + 1:05d}.safetensors"
-            save_file(shard, str(root / fname), metadata={"format": "pt"})
+            data = save(shard, metadata={"format": "pt"})
+            (root / fname).write_bytes(data)
+            digests[fname] = hashlib.sha256(data).hexdigest()
             files.append(fname)
             shard, shard_size = {}, 0
 
@@ -109,8 +114,11 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
         (root / TOKENIZER_DIR).mkdir()
         for f in tok_files:
             shutil.copyfile(model_dir / f, root / TOKENIZER_DIR / f)
-    hashes = {str(p.relative_to(root)): sha256_file(p)
-              for p in sorted(root.rglob("*")) if p.is_file()}
+    hashes = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(root))
+            hashes[rel] = digests.get(rel) or sha256_file(p)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

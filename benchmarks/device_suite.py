@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""The device suite: what braze needs to learn from a GPU, in one call of at most 9 minutes.
+
+    python3 benchmarks/device_suite.py OUTDIR              # part 1: the most important facts
+    python3 benchmarks/device_suite.py OUTDIR --part 2     # what part 1 has no time for
+    python3 benchmarks/device_suite.py OUTDIR --dry-run    # the same stages on a CPU, tiny
+
+A GPU is lent for about 15 minutes at a time and one command may run 10, so the suite
+puts the facts that matter most first, gives every stage a time limit against one
+overall deadline (--deadline, default 530 s from the start), and writes its files into
+OUTDIR as it goes: whatever stops it, what it had measured is there. It imports no
+braze and nothing outside the standard library itself; every stage is a subprocess.
+
+Part 1:
+  env          GPU, driver, versions, device-to-device copy bandwidth      env.txt
+  install      pip install --no-deps --no-index (the GPU image has no network)
+  correctness  pytest -m gpu: bf16 logits at every position vs transformers,  gpu-tests.log
+               graph modes none/piecewise/full agree, every bucket's replay
+               equals eager, bf16 cubins launched with zero JIT
+  decode-1b    Llama-3.2-1B shape, batch 1 and 64 vs HF eager, profiled     decode-1b.json,
+                                                                           profile-1b-b1.md,
+                                                                           profile-1b-b64.md
+  decode-8b    Llama-3-8B shape, batch 1 vs HF eager (weights in /dev/shm)  decode-8b.json
+Part 2:
+  decode-1b    batches 1, 16, 64 vs HF eager and torch.compile, cold start  decode-1b-full.json
+  decode-8b    batches 16, 64 vs HF eager, cold start                       decode-8b-full.json
+  kernels      every kernel template at model shapes: us, GB/s, % of HBM    kernels.json
+
+Every part also writes summary.md (the stage table and the headline figures, rewritten
+after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
+files, as the device tool brings back. Record the figures in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESERVE_S = 10          # kept back from the deadline to write the summary
+
+ENV_SNIPPET = r"""
+import json, platform, subprocess, sys
+info = {"python": platform.python_version(), "executable": sys.executable}
+for name in ("torch", "triton", "transformers", "numpy", "safetensors", "tokenizers"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as e:
+        info[name] = f"missing ({type(e).__name__})"
+import torch
+info["cuda_available"] = torch.cuda.is_available()
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(gpu=p.name, capability=f"sm_{p.major}{p.minor}", sms=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        s.record(); b.copy_(a); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    info["copy_tbps_read_plus_write"] = round(2 * a.numel() / sorted(times)[5] / 1e12, 3)
+    try:
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,"
+             "temperature.gpu,memory.used", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:
+        info["nvidia_smi"] = f"unavailable ({e})"
+print(json.dumps(info))
+"""
+
+
+class Suite:
+    def __init__(self, out: Path, deadline_s: float, dry_run: bool, part: int):
+        self.out, self.dry_run, self.part = out, dry_run, part
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + deadline_s
+        self.rows: list[dict] = []
+        self.facts: list[str] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.python = sys.executable
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic() - RESERVE_S
+
+    def stage(self, name: str, limit_s: float, cmds: list[list[str]], log: str,
+              min_s: float = 20, after=None) -> bool:
+        """Run `cmds` in order into OUTDIR/`log`, within min(limit_s, time left). Returns
+        whether every command succeeded; `after()` adds headline facts either way."""
+        budget = min(limit_s, self.left())
+        row = {"stage": name, "limit_s": round(budget), "status": "skipped", "seconds": 0.0}
+        self.rows.append(row)
+        if budget < min_s:
+            row["status"] = f"skipped: {max(0, round(self.left()))} s left"
+            self.write_summary()
+            return False
+        t = time.monotonic()
+        ok = True
+        with open(self.out / log, "a") as f:
+            for cmd in cmds:
+                f.write(f"\n$ {' '.join(cmd)}\n")
+                f.flush()
+                left = budget - (time.monotonic() - t)
+                if left < 1:
+                    row["status"], ok = "timed out", False
+                    break
+                print(f"[{self.elapsed():5.0f}s] {name}: {' '.join(cmd)[:160]}", flush=True)
+                try:
+                    rc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f,
+                                        stderr=subprocess.STDOUT, timeout=left).returncode
+                except subprocess.TimeoutExpired:
+                    row["status"], ok = f"timed out after {budget:.0f} s", False
+                    break
+                if rc != 0:
+                    row["status"], ok = f"failed (exit {rc})", False
+                    break
+            else:
+                row["status"] = "ok"
+        row["seconds"] = round(time.monotonic() - t, 1)
+        print(f"[{self.elapsed():5.0f}s] {name}: {row['status']} in {row['seconds']} s", flush=True)
+        if after is not None:
+            try:
+                after()
+            except Exception as e:     # a summary must not stop the suite
+                self.facts.append(f"{name}: could not read results ({type(e).__name__}: {e})")
+        self.write_summary()
+        return ok
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def write_summary(self) -> None:
+        lines = [f"# braze device suite, part {self.part}{' (DRY RUN on the CPU)' if self.dry_run else ''}",
+                 "", f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {self.elapsed():.0f} s elapsed", "",
+                 "| stage | status | seconds | limit s |", "|---|---|---:|---:|"]
+        lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['limit_s']} |"
+                  for r in self.rows]
+        if self.facts:
+            lines += ["", "## Figures", ""] + [f"- {f}" for f in self.facts]
+        (self.out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    # -- stages ------------------------------------------------------------------------
+    def env_stage(self) -> None:
+        def after():
+            text = (self.out / "env.txt").read_text().strip().splitlines()
+            info = json.loads(next(line for line in reversed(text) if line.startswith("{")))
+            self.facts.append(
+                f"env: {info.get('gpu', 'no GPU')} {info.get('capability', '')}, "
+                f"copy {info.get('copy_tbps_read_plus_write', 'n/a')} TB/s; python "
+                f"{info['python']}, torch {info['torch']}, triton {info['triton']}, "
+                f"transformers {info['transformers']}, numpy {info['numpy']}; "
+                f"nvidia-smi: {info.get('nvidia_smi', 'n/a')}")
+        self.stage("env", 60, [[self.python, "-c", ENV_SNIPPET]], "env.txt", min_s=5,
+                   after=after)
+
+    def install_stage(self) -> None:
+        if self.dry_run:
+            self.rows.append({"stage": "install", "limit_s": 0, "seconds": 0.0,
+                              "status": "skipped (dry run: the checkout is installed)"})
+            return
+        pip = [self.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+               "--no-build-isolation"]
+        if self.stage("install", 120, [pip + ["-e", str(ROOT)]], "env.txt", min_s=10):
+            return
+        # an image whose setuptools cannot do editable installs: a plain one on PYTHONPATH
+        target = Path("/tmp/braze-site")
+        self.stage("install (fallback)", 120, [pip + ["--target", str(target), str(ROOT)]],
+                   "env.txt", min_s=10)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [str(target)] + [p for p in [self.env.get("PYTHONPATH")] if p])
+
+    def correctness_stage(self, limit_s: float) -> None:
+        cmd = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider",
+               "tests/test_gpu.py", "tests/test_gpu_graphs.py"]
+        if importlib.util.find_spec("pytest_timeout"):
+            cmd += ["--timeout", "150"]
+
+        def after():
+            log = (self.out / "gpu-tests.log").read_text().splitlines()
+            tail = [line for line in log if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+            final = next((line for line in reversed(log) if " in " in line and
+                          any(w in line for w in ("passed", "failed", "skipped", "error"))), "?")
+            bad = [line for line in tail if not line.startswith(("PASSED", "SKIPPED"))]
+            self.facts.append(f"correctness: {final.strip('= ')}"
+                              + ("" if not bad else "; " + "; ".join(b[:160] for b in bad[:6])))
+        self.stage("correctness", limit_s, [cmd], "gpu-tests.log", after=after)
+
+    def decode_stage(self, name: str, limit_s: float, model: str, batches: str,
+                     baselines: str, json_name: str, extra: list[str]) -> None:
+        json_path = self.out / json_name
+        cmd = [self.python, str(BENCH / "decode.py"), "--models", model, "--batches", batches,
+               "--baselines", baselines, "--json", str(json_path),
+               "--budget", str(max(30, limit_s - 60))] + extra
+        if self.dry_run:
+            cmd += ["--dry-run", "--steps", "2", "--warmup", "1"]
+        else:
+            cmd += ["--work-dir", work_dir(40 << 30 if model == "8b" else 8 << 30)]
+
+        def after():
+            doc = json.loads(json_path.read_text())
+            for r in doc["results"]:
+                self.facts += decode_facts(r, doc)
+            if not doc.get("complete"):
+                self.facts.append(f"{name}: results incomplete (the stage was cut short)")
+        self.stage(name, limit_s, [cmd], "decode.log", after=after)
+
+    def kernels_stage(self, limit_s: float) -> None:
+        json_path = self.out / "kernels.json"
+        cmd = [self.python, str(BENCH / "kernel_bench.py"), "--json", str(json_path)]
+        if self.dry_run:
+            cmd += ["--dry-run", "--kernels", "norm"]
+
+        def after():
+            doc = json.loads(json_path.read_text())
+            ok = sum(1 for r in doc["results"] if r.get("ok"))
+            self.facts.append(f"kernels: {ok}/{len(doc['results'])} cases match the reference"
+                              + ("" if doc.get("complete") else " (cut short)"))
+        self.stage("kernels", limit_s, [cmd], "kernels.log", after=after)
+
+
+def work_dir(need_bytes: int) -> str:
+    """/dev/shm when it can hold the checkpoint and the artifact (memory, not disk: the 8B
+    shape's 16 GB are written twice), else the temp dir."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free >= need_bytes:
+        return str(shm)
+    return os.environ.get("TMPDIR", "/tmp")
+
+
+def decode_facts(r: dict, doc: dict) -> list[str]:
+    """Headline lines of one model's decode results (benchmarks/decode.py's JSON)."""
+    out = []
+    name = r.get("name", r.get("model"))
+    runs = (r.get("braze") or {}).get("runs") or {}
+    peak, copy = doc.get("peak_tbps"), doc.get("copy_tbps")
+    total = (r.get("bytes_b1") or {}).get("total")
+    for b, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        if "tpot_ms" not in run:
+            continue
+        line = f"decode {name} batch {b}: braze {run['tpot_ms']:.3f} ms/step"
+        fwd = run.get("forward") or {}
+        if "tpot_ms" in fwd:
+            line += f" (forward alone {fwd['tpot_ms']:.3f})"
+        for key, label in (("hf_eager", "HF eager"), ("hf_compile", "torch.compile")):
+            base = (r.get(key) or {}).get(str(b)) or (r.get(key) or {}).get(b) or {}
+            if "tpot_ms" in base:
+                line += (f"; {label} {base['tpot_ms']:.3f} ms (braze "
+                         f"{base['tpot_ms'] / run['tpot_ms']:.2f}x faster)")
+        if str(b) == "1" and total and peak:
+            line += f"; {100 * total / (peak * 1e12) / (run['tpot_ms'] / 1e3):.1f} % of the " \
+                    f"{peak:g} TB/s roofline"
+            if copy:
+                line += f", {100 * total / (copy * 1e12) / (run['tpot_ms'] / 1e3):.1f} % of " \
+                        f"the measured {copy:.2f} TB/s"
+        out.append(line)
+    k = (r.get("braze") or {}).get("kernels")
+    if k:
+        out.append(f"kernels {name}: {k}")
+    g = (r.get("braze") or {}).get("graphs")
+    if g:
+        out.append(f"graphs {name}: {g.get('cuda_graphs_captured')} captured in "
+                   f"{g.get('capture_seconds') or 0:.2f} s, pool "
+                   f"{(g.get('capture_bytes') or 0) / 2**20:.0f} MiB")
+    cs = r.get("cold_start") or {}
+    if "cold_start_excl_weights_s" in cs:
+        out.append(f"cold start {name}: {cs['cold_start_excl_weights_s']:.2f} s weights excluded "
+                   f"({cs['total_s']:.2f} s in all)")
+    ck = r.get("check") or {}
+    if "tokens" in ck:
+        out.append(f"check {name}: {ck['argmax_agree']}/{ck['tokens']} tokens are HF's argmax, "
+                   f"max shortfall {ck['max_deficit_sigma']:.3f} sigma "
+                   f"({'ok' if ck.get('ok') else 'MISMATCH'})")
+    for sec, err in (r.get("errors") or {}).items():
+        out.append(f"ERROR {name} {sec}: {err.splitlines()[0][:200]}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
+    ap.add_argument("--part", type=int, choices=(1, 2), default=1)
+    ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
+                    help="stop starting work after this many seconds (default 530: a "
+                         "9-minute device call with room to bring the files back)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: the same stages at tiny shapes on the CPU (CI runs this)")
+    args = ap.parse_args(argv)
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = Suite(out, args.deadline, args.dry_run, args.part)
+    s.write_summary()
+    s.env_stage()
+    s.install_stage()
+    if args.part == 1:
+        s.correctness_stage(200)
+        s.decode_stage("decode-1b", 150, "1b", "1,64" if not args.dry_run else "1,4", "eager",
+                       "decode-1b.json", ["--no-cold-start", "--profile-batches",
+                                          "1,64" if not args.dry_run else "1,4",
+                                          "--profile-dir", str(out)])
+        s.decode_stage("decode-8b", 220, "8b", "1", "eager", "decode-8b.json", ["--no-cold-start"])
+    else:
+        s.decode_stage("decode-1b", 200, "1b", "1,16,64" if not args.dry_run else "1,4",
+                       "eager,compile", "decode-1b-full.json", [])
+        s.decode_stage("decode-8b", 200, "8b", "16,64" if not args.dry_run else "4", "eager",
+                       "decode-8b-full.json", [])
+        s.kernels_stage(120)
+    s.write_summary()
+    print((out / "summary.md").read_text())
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped (dry run")
+                    or r["stage"] == "install (fallback)" for r in s.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

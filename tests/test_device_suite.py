@@ -1,0 +1,62 @@
+"""The device suite (benchmarks/device_suite.py) runs on a GPU for a few minutes now and
+then; its CPU dry run, at tiny shapes, keeps it from rotting in between."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "device_suite.py"
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from device_suite import Suite  # noqa: E402
+
+
+def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SUITE), str(out), "--dry-run", *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("part, files", [
+    ("1", {"summary.md", "env.txt", "gpu-tests.log", "decode.log", "decode-1b.json",
+           "decode-8b.json", "profile-1b-b1.md", "profile-1b-b4.md"}),
+    ("2", {"summary.md", "env.txt", "decode.log", "decode-1b-full.json", "decode-8b-full.json",
+           "kernels.json", "kernels.log"}),
+])
+def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
+    r = run_suite(tmp_path, "--part", part)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {p.name for p in tmp_path.iterdir()} == files and len(files) <= 8
+    summary = (tmp_path / "summary.md").read_text()
+    stages = [line.split("|")[1:3] for line in summary.splitlines() if line.startswith("| ")
+              and not line.startswith("| stage")]
+    assert stages and all(s.strip() == "ok" or "dry run" in s for _, s in stages), summary
+    for f in files:
+        if f.endswith(".json"):
+            doc = json.loads((tmp_path / f).read_text())
+            assert doc["complete"] and doc["results"], f
+    if part == "1":
+        prof = (tmp_path / "profile-1b-b1.md").read_text()
+        assert "% of the step" in prof and "| `aten::" in prof
+        assert "check tiny Llama-3.2-1B:" in summary and "MISMATCH" not in summary
+
+
+def test_a_deadline_skips_stages_and_still_writes_the_summary(tmp_path):
+    r = run_suite(tmp_path, "--deadline", "25")
+    summary = (tmp_path / "summary.md").read_text()
+    assert r.returncode == 1
+    assert "| env | ok |" in summary
+    assert "| decode-8b | skipped:" in summary
+
+
+def test_a_stage_over_its_limit_is_stopped(tmp_path):
+    s = Suite(tmp_path, deadline_s=60, dry_run=True, part=1)
+    ok = s.stage("sleepy", 1, [[sys.executable, "-c", "import time; time.sleep(30)"]],
+                 "sleepy.log", min_s=0)
+    assert not ok and s.rows[-1]["status"].startswith("timed out") and s.rows[-1]["seconds"] < 10
+    assert "| sleepy | timed out" in (tmp_path / "summary.md").read_text()
