@@ -15,6 +15,7 @@ symbolic dims), or None: not known before run time.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import sympy
@@ -41,15 +42,19 @@ def dense_strides(shape) -> list:
 
 def _probe_strides(shape) -> list | None:
     """Row-major strides of `shape` at each probe, or None when it cannot be sized there."""
+    sizes = _at_probes(shape)
+    return None if sizes is None else [dense_strides(list(s)) for s in sizes]
+
+
+@functools.lru_cache(maxsize=8192)
+def _at_probes(shape: tuple) -> tuple | None:
+    """`shape` at each probe (sympy is slow: a graph repeats a few shapes many times)."""
     try:
-        return [dense_strides([int(d) for d in _concrete(shape, p)]) for p in PROBES]
+        return tuple(tuple(d if isinstance(d, int) else
+                           int(sympy.sympify(d).subs({SYMBOLS[k]: n for k, n in p.items()}))
+                           for d in shape) for p in PROBES)
     except (TypeError, ValueError, RuntimeError):
         return None
-
-
-def _concrete(shape, probe: dict) -> tuple:
-    subs = {SYMBOLS[k]: n for k, n in probe.items()}
-    return tuple(d if isinstance(d, int) else int(sympy.sympify(d).subs(subs)) for d in shape)
 
 
 def run_view(node, src: list) -> list | None:
@@ -57,9 +62,10 @@ def run_view(node, src: list) -> list | None:
     tensors with the operand's strides `src` (one list per probe); None: torch copies (a
     reshape it cannot view), so the results are dense tensors of their own."""
     x = node.operands[0]
+    shapes = _at_probes(x.type.shape)
     per_probe = []
-    for probe, strides in zip(PROBES, src):
-        m = torch.empty_strided(_concrete(x.type.shape, probe), strides,
+    for shape, strides in zip(shapes, src):
+        m = torch.empty_strided(shape, strides,
                                 dtype=torch_dtype(x.type.dtype), device="meta")
         try:
             out = m.view(node.attrs["shape"]) if node.op == "reshape" else node.opdef.impl(m, **node.attrs)
