@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from braze import __version__
@@ -33,6 +34,21 @@ def _token_ids(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--prompt-ids takes comma-separated integers like 1,2,3, got {text!r}") from None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _escaped(text: str) -> str:
+    """A shell argument with the usual backslash escapes read (`--stop "\\n"` is a newline);
+    any other backslash stays as it is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+BACKEND_HELP = ("auto (default): cuda on a GPU, else reference; cuda: the launch plans, stored "
+                "cubins and CUDA graphs on a GPU; reference: the IR interpreter in torch, any "
+                "device; interpret: the Triton kernels under Triton's CPU interpreter (slow; "
+                "for checking kernels without a GPU)")
 
 
 def cmd_compile(a) -> int:
@@ -147,10 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-model-len", type=_positive_int,
                    help="longest sequence, prompt + output (default: max_position_embeddings)")
     c.add_argument("--block-size", type=_positive_int, default=16, help="KV-cache block size in tokens (default 16)")
-    c.add_argument("--targets", default="sm_80,sm_90",
-                   help="GPU targets for ahead-of-time kernels (recorded; kernels come with codegen)")
+    c.add_argument("--targets", default="sm_80,sm_90", metavar="sm_XY,...",
+                   help="GPU architectures to compile the kernels' cubins for, comma-separated "
+                        "(default sm_80,sm_90: A100 and H100/H200; '' for none, and the kernels "
+                        "JIT-compile on the GPU at first use). Cubins run only under the Triton "
+                        "version that built them: compile with your GPU fleet's Triton")
     c.add_argument("--cudagraph-mode", default="piecewise", choices=("none", "piecewise", "full"),
-                   help="CUDA graph capture mode (recorded; used by the CUDA runtime when it lands)")
+                   help="how the cuda backend captures CUDA graphs: none (launch the plans "
+                        "eagerly), piecewise (one graph per segment between graph breaks such as "
+                        "attention; default), full (piecewise, plus one graph for the whole "
+                        "step of decode-only batches)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")
@@ -169,13 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
-    g.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop when this text appears (not included in the output); repeatable")
+    g.add_argument("--stop", action="append", metavar="TEXT", type=_escaped,
+                   help="stop when this text appears (not included in the output); repeatable; "
+                        "\\n, \\t, \\r and \\\\ are read as newline, tab, return and backslash")
     g.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
                    help="KV cache blocks to allocate (default: what the GPU's free memory "
                         "holds, or up to 1 GiB on the CPU)")
     g.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
-                   help="auto picks the best available; today: reference (the IR interpreter)")
+                   help=BACKEND_HELP)
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     g.set_defaults(fn=cmd_generate)
 
@@ -209,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
-                   help="auto picks the best available")
+                   help=BACKEND_HELP)
     s.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
                    help="KV-cache blocks (default: the engine's choice)")
     s.add_argument("--max-num-seqs", type=_positive_int, metavar="N",

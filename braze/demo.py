@@ -66,8 +66,10 @@ def run_demo(max_tokens: int = 16, keep: str | None = None) -> int:
         same = ref.tolist() == out.token_ids == kern.token_ids
         _say(f"   transformers generated {ref.tolist()}")
         _say(f"   {'identical' if same else 'DIFFERENT'} greedy tokens")
-        _say(f"done in {time.perf_counter() - t_all:.1f}s. Inspect the artifact with: braze inspect "
-             f"{artifact}" + ("" if keep else " (pass --keep DIR to keep it)"))
+        _say(f"done in {time.perf_counter() - t_all:.1f}s. " + (
+            f"Inspect the artifact with: braze inspect {artifact}" if keep else
+            "The model and artifact were temporary: `braze demo --keep DIR` keeps them, then "
+            "`braze inspect DIR/tiny-llama.braze` shows what the compiler did"))
         return 0 if same else 1
     finally:
         if not keep:

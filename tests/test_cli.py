@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -79,10 +80,19 @@ def test_opt_prints_a_fixed_point(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs():
-    r = braze("demo", "--max-tokens", "8")
+def test_demo_runs(tmp_path):
+    r = braze("demo", "--max-tokens", "8", "--keep", tmp_path / "kept")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "identical greedy tokens" in r.stdout
+    suggested = re.search(r"braze inspect (\S+)", r.stdout.splitlines()[-1]).group(1)
+    assert braze("inspect", suggested).returncode == 0
+
+
+def test_stop_text_takes_the_usual_escapes():
+    from braze.cli import build_parser
+    a = build_parser().parse_args(["generate", "a.braze", "--prompt-ids", "1", "--stop", "\\n",
+                                   "--stop", "x\\ty", "--stop", "C:\\dir", "--stop", "\\\\n"])
+    assert a.stop == ["\n", "x\ty", "C:\\dir", "\\n"]
 
 
 def test_help_lists_commands():

@@ -62,3 +62,4 @@ def test_wheel_installs_every_package_and_runs_the_demo(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "identical greedy tokens" in r.stdout
+    assert "braze inspect /" not in r.stdout      # the temporary artifact is gone by now
