@@ -21,7 +21,7 @@ from pathlib import Path
 from braze.ir.errors import BrazeError
 
 FORMAT = "braze-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: step limits recorded; cubins per spec key
 MANIFEST = "manifest.json"
 GRAPH_FILE = "graph.bir"
 TOKENIZER_DIR = "tokenizer"

@@ -93,7 +93,8 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
         return emit_kernels(plan, root, opts.target_list(), log)
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
-                   extra={"compile": compile_info}, overwrite=force, log=log, emit=emit)
+                   extra={"compile": compile_info, "limits": opts.limits().to_json()},
+                   overwrite=force, log=log, emit=emit)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
 
 CUDAGRAPH_MODES = ("none", "piecewise", "full")
@@ -13,10 +14,10 @@ CUDAGRAPH_MODES = ("none", "piecewise", "full")
 class CompileOptions:
     opt_level: int = 2
     dtype: str | None = None              # None: the checkpoint's dtype
-    max_num_tokens: int = 8192
-    max_num_seqs: int = 256
+    max_num_tokens: int = StepLimits.max_num_tokens
+    max_num_seqs: int = StepLimits.max_num_seqs
     max_model_len: int | None = None      # None: the model's max_position_embeddings
-    block_size: int = 16
+    block_size: int = StepLimits.block_size
     targets: str = "sm_80,sm_90"
     cudagraph_mode: str = "piecewise"
 
@@ -37,6 +38,10 @@ class CompileOptions:
         for t in self.target_list():
             if not (t.startswith("sm_") and t[3:].isdigit()):
                 raise BrazeError(f"--targets entry {t!r} is not like sm_80 or sm_90")
+
+    def limits(self) -> StepLimits:
+        """The step limits these options give (max_model_len resolved by now)."""
+        return StepLimits.from_options(self.to_json())
 
     def target_list(self) -> list[str]:
         return [t.strip() for t in self.targets.split(",") if t.strip()]

@@ -25,17 +25,17 @@ from __future__ import annotations
 import sympy
 
 from braze.ir import Graph
-from braze.ir.contract import bucket_sizes, default_buckets
+from braze.ir.contract import StepLimits, bucket_sizes, default_buckets
 from braze.ir.layout import Layouts
 from braze.ir.types import SYMBOLS
 from braze.launch import compile_expr, spec_char
 
 
 def step_sizes(options: dict) -> list[dict[str, int]]:
-    """The step symbols of every default bucket the recorded options give."""
-    max_blocks = -(-int(options["max_model_len"]) // int(options["block_size"]))
-    return [bucket_sizes(t, int(options["max_num_seqs"]), max_blocks)
-            for t in default_buckets(int(options["max_num_tokens"]))]
+    """The step symbols of every default bucket the compile options give."""
+    lim = StepLimits.from_options(options)
+    return [bucket_sizes(t, lim.max_num_seqs, lim.max_blocks)
+            for t in default_buckets(lim.max_num_tokens)]
 
 
 class _Values:

@@ -17,6 +17,9 @@ The compiled kernels and the runtime use this same contract.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
+from .errors import BrazeError
 from .types import MB, NB, S, T, TensorType
 
 STEP_INPUTS: dict[str, TensorType] = {
@@ -61,3 +64,44 @@ def default_buckets(max_num_tokens: int) -> list[int]:
 def bucket_sizes(tokens: int, max_num_seqs: int, max_blocks: int) -> dict[str, int]:
     """The step symbols of a bucket of `tokens` padded tokens: at most one sequence per token."""
     return {"T": tokens, "S": min(tokens, max_num_seqs), "MB": max_blocks}
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """The largest step an artifact serves, fixed when it is compiled: the static arena,
+    the step buffers and the specialised kernels are sized by these, so compile records
+    them once in the manifest ("limits") and the runtime reads them from there. The
+    defaults here are the compiler's defaults (braze/config.py takes them from here)."""
+
+    max_num_tokens: int = 8192          # T: tokens in one step
+    max_num_seqs: int = 256             # S: sequences in one step
+    max_model_len: int = 2048           # the longest sequence, prompt + output
+    block_size: int = 16                # tokens per KV-cache block
+
+    @property
+    def max_blocks(self) -> int:
+        """MB: the block table's width, the blocks of one longest sequence."""
+        return -(-self.max_model_len // self.block_size)
+
+    def bindings(self) -> dict[str, int]:
+        """The step symbols at their largest."""
+        return {"T": self.max_num_tokens, "S": self.max_num_seqs, "MB": self.max_blocks}
+
+    @classmethod
+    def from_options(cls, options: dict) -> "StepLimits":
+        """From compile options (missing or None entries take the defaults)."""
+        return cls(**{k: int(options[k]) for k in cls.__dataclass_fields__
+                      if options.get(k) is not None})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, where: str) -> "StepLimits":
+        """The limits an artifact was compiled for, exactly as recorded: no defaults."""
+        got = manifest.get("limits")
+        if not isinstance(got, dict) or set(got) != set(cls.__dataclass_fields__) or not all(
+                isinstance(v, int) and v > 0 for v in got.values()):
+            raise BrazeError(f"{where} records no valid step limits ({got!r}); recompile it "
+                             f"with this braze")
+        return cls(**got)

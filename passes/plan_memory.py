@@ -49,6 +49,7 @@ from __future__ import annotations
 import bisect
 
 from braze.ir import Graph
+from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
 from braze.ir.layout import VIEW_OPS, Layouts
 from braze.ir.types import SYMBOLS, TensorType, torch_dtype
@@ -60,10 +61,7 @@ BY_SIZE_BUDGET = 1_000_000
 
 
 def bindings_from(ctx: PassContext) -> dict[str, int]:
-    block_size = int(ctx.option("block_size", 16))
-    return {"T": int(ctx.option("max_num_tokens", 8192)),
-            "S": int(ctx.option("max_num_seqs", 256)),
-            "MB": -(-int(ctx.option("max_model_len", 2048)) // block_size)}
+    return StepLimits.from_options(ctx.options).bindings()
 
 
 def _aligned(n: int) -> int:

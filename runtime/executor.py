@@ -45,14 +45,17 @@ class Executor:
             from .plan_executor import PlanExecutor
             self.plan = PlanExecutor(artifact, self.params, self.device,
                                      interpret=self.backend == "interpret")
-        opts = artifact.options
-        self.max_model_len = int(opts["max_model_len"])
-        block_size = int(opts["block_size"])
-        self.max_blocks = -(-self.max_model_len // block_size)
+        limits = artifact.limits
+        self.max_model_len = limits.max_model_len
+        self.max_blocks = limits.max_blocks
         if num_blocks is None:
             # small: the engine sizes the cache (kv_cache.default_num_blocks) and resizes it
             num_blocks = min(self.max_blocks, 64)
         self.cache = KVCache(self.graph, num_blocks, self.device)
+        if self.cache.block_size != limits.block_size:
+            raise BrazeError(f"artifact {artifact.root}: its KV-cache inputs hold "
+                             f"{self.cache.block_size}-token blocks, its manifest says "
+                             f"{limits.block_size}; recompile it")
         # after prune-logits the graph computes logits only for the sampled rows ([S, vocab])
         self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "S"
 

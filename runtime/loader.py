@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from braze.artifact import GRAPH_FILE, TOKENIZER_DIR, read_manifest, verify_files
 from braze.ir import Graph, parse_graph, verify
+from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
 
 log = logging.getLogger("braze.runtime")
@@ -32,6 +33,11 @@ class Artifact:
     @property
     def options(self) -> dict:
         return self.manifest["options"]
+
+    @property
+    def limits(self) -> StepLimits:
+        """The step limits it was compiled for (ir/contract.py), as the manifest records them."""
+        return StepLimits.from_manifest(self.manifest, f"artifact {self.root}")
 
     @property
     def tokenizer_dir(self) -> Path | None:

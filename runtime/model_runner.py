@@ -25,9 +25,9 @@ class ModelRunner:
                  num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
                  max_num_tokens: int | None = None, buckets: list[int] | None = None,
                  cudagraph_mode: str | None = None, debug: bool = False, progress=None):
-        opts = artifact.options
-        self.max_num_seqs = _limit("max_num_seqs", max_num_seqs, int(opts["max_num_seqs"]))
-        self.max_num_tokens = _limit("max_num_tokens", max_num_tokens, int(opts["max_num_tokens"]))
+        limits = artifact.limits
+        self.max_num_seqs = _limit("max_num_seqs", max_num_seqs, limits.max_num_seqs)
+        self.max_num_tokens = _limit("max_num_tokens", max_num_tokens, limits.max_num_tokens)
         self.executor = Executor(artifact, backend=backend, device=device, num_blocks=1)
         ex = self.executor
         self.device = ex.device

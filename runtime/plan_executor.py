@@ -48,15 +48,8 @@ class PlanExecutor:
         self.slots = {f"%{k}": tuple(v) for k, v in (memory.get("buffers") or {}).items()}
         self.arena = torch.empty(int(memory.get("arena_bytes", 0)), dtype=torch.uint8,
                                  device=self.device)
-        opts = artifact.options or {}
-        bindings = memory.get("bindings") or {}
-        block_size = int(opts.get("block_size", 16))
-        # the largest batch the static storage is planned for (plan-memory's bindings)
-        self.max_sizes = {
-            "T": int(bindings.get("T", opts.get("max_num_tokens", 8192))),
-            "S": int(bindings.get("S", opts.get("max_num_seqs", 256))),
-            "MB": int(bindings.get("MB", -(-int(opts.get("max_model_len") or 2048) // block_size))),
-        }
+        # the largest batch the static storage is planned for
+        self.max_sizes = artifact.limits.bindings()
         self._static_out: dict[str, torch.Tensor] = {}   # unplanned results, for bound plans
         self._shape_fns: dict[tuple, object] = {}
         kernel_nodes = {launch["node"] for launch in self.launches if "kernel" in launch}

@@ -33,6 +33,18 @@ def test_bf16_artifact_has_a_cubin_per_kernel_per_spec_per_target(store, case):
         assert (root / "kernels" / f"{k['module']}.py").is_file()
 
 
+def test_step_limits_are_recorded_once_and_planned_for(store):
+    """The manifest's step limits are the compile options, and plan-memory sized the arena
+    for exactly those: compile and runtime share one set of numbers."""
+    from braze.runtime import open_artifact
+    art = open_artifact(store.artifact("llama", opt_level=2, max_num_tokens=40, max_num_seqs=6,
+                                       max_model_len=72, block_size=8))
+    assert art.manifest["limits"] == {"max_num_tokens": 40, "max_num_seqs": 6,
+                                      "max_model_len": 72, "block_size": 8}
+    assert art.graph.meta["memory"]["bindings"] == {"T": 40, "S": 6, "MB": 9}
+    assert art.limits.bindings() == art.graph.meta["memory"]["bindings"]
+
+
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_plan_is_complete_and_well_formed(store, case):
     root = store.artifact(case, opt_level=2)

@@ -166,3 +166,19 @@ def test_bad_ir_text(tmp_path):
     f.write_text("graph @g(%x: f32[T]) {\n  %0: f32[T] = frobnicate(%x)\n  return y=%0\n}\n")
     code, _, err = run("opt", f, "--passes", "")
     assert_one_line_error(code, err, "line 2", "frobnicate")
+
+
+def test_an_artifact_without_step_limits_is_refused_by_name(artifact_copy):
+    """The runtime reads the step limits the compiler recorded, with no fallbacks: a manifest
+    without them (or with a bad one) is named, with what to do."""
+    from braze.ir.errors import BrazeError
+    from braze.runtime import Executor, open_artifact
+    for bad in (None, {"max_num_tokens": 8}, {"max_num_tokens": 0, "max_num_seqs": 4,
+                                              "max_model_len": 64, "block_size": 16}):
+        m = json.loads((artifact_copy / "manifest.json").read_text())
+        m.pop("limits", None)
+        if bad is not None:
+            m["limits"] = bad
+        (artifact_copy / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BrazeError, match="no valid step limits.*recompile"):
+            Executor(open_artifact(artifact_copy, check_hashes=False), backend="reference")
