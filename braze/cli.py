@@ -10,6 +10,7 @@ import sys
 
 from braze import __version__
 from braze.ir.errors import BrazeError
+from braze.ir.segments import CUDAGRAPH_MODES
 
 EXIT_ERROR = 1
 
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default sm_80,sm_90: A100 and H100/H200; '' for none, and the kernels "
                         "JIT-compile on the GPU at first use). Cubins run only under the Triton "
                         "version that built them: compile with your GPU fleet's Triton")
-    c.add_argument("--cudagraph-mode", default="piecewise", choices=("none", "piecewise", "full"),
+    c.add_argument("--cudagraph-mode", default="piecewise", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs: none (launch the plans "
                         "eagerly), piecewise (one graph per segment between graph breaks such as "
                         "attention; default), full (piecewise, plus one graph for the whole "
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--explain", action="store_true", help="say why near-miss fusions were refused")
     o.add_argument("--stats", action="store_true", help="matches and time per pass (on stderr)")
     o.add_argument("--max-num-tokens", type=_positive_int, help="for plan-memory (default 8192)")
-    o.add_argument("--cudagraph-mode", choices=("none", "piecewise", "full"),
+    o.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="for split-segments (default piecewise)")
     o.set_defaults(fn=cmd_opt)
 

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
+from braze.ir.segments import CUDAGRAPH_MODES
 
-CUDAGRAPH_MODES = ("none", "piecewise", "full")
 
 
 @dataclass

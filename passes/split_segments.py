@@ -1,4 +1,5 @@
-"""split-segments: cut the schedule into the pieces the runtime captures as CUDA graphs.
+"""split-segments: cut the schedule into the pieces the runtime captures as CUDA graphs
+(the rule itself is ir/segments.py's, which the runtime shares).
 
 An op whose registry entry says `graph_break=True` runs eagerly between captured
 graphs. Attention is one: our kernel's grid depends only on T, S and MB, but
@@ -37,44 +38,21 @@ from __future__ import annotations
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
+from braze.ir.segments import CUDAGRAPH_MODES, full_capture, segments_for
 
 from .manager import PassContext, register_pass
-
-MODES = ("piecewise", "full", "none")
-
-
-def segments_for(g: Graph, mode: str) -> list[list]:
-    n = len(g.nodes)
-    if n == 0:
-        return []
-    if mode == "none":
-        return [["eager", 0, n - 1]]
-    if mode == "full":
-        return [["graph", 0, n - 1]]
-    out, start = [], 0
-    for i, node in enumerate(g.nodes):
-        if node.opdef.graph_break:
-            if start < i:
-                out.append(["graph", start, i - 1])
-            out.append(["break", i, i])
-            start = i + 1
-    if start < n:
-        out.append(["graph", start, n - 1])
-    return out
-
 
 @register_pass("split-segments")
 def split_segments(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["segments"] (graph / break / eager runs of nodes) for CUDA-graph capture."""
     mode = ctx.option("cudagraph_mode", "piecewise")
-    if mode not in MODES:
-        raise BrazeError(f"cudagraph_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in CUDAGRAPH_MODES:
+        raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {mode!r}")
     segments = segments_for(g, mode)
     g.meta["segments"] = segments
     g.meta["graph_breaks"] = sum(1 for s in segments if s[0] == "break")
     g.meta["cudagraph_mode"] = mode
     g.meta.pop("full_capture", None)
     if mode == "full":
-        breaks = any(node.opdef.graph_break for node in g.nodes)
-        g.meta["full_capture"] = "decode-only" if breaks else "any"
+        g.meta["full_capture"] = full_capture(g)
     return len(segments)

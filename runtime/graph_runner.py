@@ -46,10 +46,11 @@ from braze.ir import run_graph
 from braze.ir.contract import STEP_INPUTS as CONTRACT
 from braze.ir.contract import bucket_sizes, default_buckets
 from braze.ir.errors import BrazeError
+from braze.ir.segments import CUDAGRAPH_MODES, full_capture
+from braze.ir.segments import segments_for as cut_segments
 
 log = logging.getLogger("braze.runtime")
 
-MODES = ("none", "piecewise", "full")
 STEP_INPUTS = tuple(CONTRACT)          # the batch contract's step inputs, by name
 PADDING = {"slot_mapping": -1}         # a padding token writes no cache slot; others pad 0
 _TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
@@ -90,27 +91,12 @@ def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int) ->
 
 
 def segments_for(graph, mode: str) -> list[tuple[str, int, int]]:
-    """(kind, first, last) node runs for `mode`; the same cut as passes/split_segments.py."""
-    n = len(graph.nodes)
-    if n == 0:
-        return []
-    if mode == "none":
-        return [("eager", 0, n - 1)]
-    if mode == "full":
-        return [("graph", 0, n - 1)]
+    """(kind, first, last) node runs for `mode`: the cut split-segments recorded, or the
+    same rule (ir/segments.py) for a mode the artifact was not compiled with."""
     meta = graph.meta
-    if meta.get("cudagraph_mode") == "piecewise" and meta.get("segments"):
+    if mode == "piecewise" and meta.get("cudagraph_mode") == "piecewise" and meta.get("segments"):
         return [tuple(s) for s in meta["segments"]]
-    out, start = [], 0
-    for i, node in enumerate(graph.nodes):
-        if node.opdef.graph_break:
-            if start < i:
-                out.append(("graph", start, i - 1))
-            out.append(("break", i, i))
-            start = i + 1
-    if start < n:
-        out.append(("graph", start, n - 1))
-    return out
+    return [tuple(s) for s in cut_segments(graph, mode)]
 
 
 def _group(calls: list, segments) -> list[tuple[str, int, int, list]]:
@@ -168,13 +154,11 @@ class GraphRunner:
         graph = executor.graph
         if mode is None:
             mode = graph.meta.get("cudagraph_mode") or "none"
-        if mode not in MODES:
-            raise BrazeError(f"cudagraph mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in CUDAGRAPH_MODES:
+            raise BrazeError(f"cudagraph mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
+                             f"got {mode!r}")
         self.mode = mode
-        has_breaks = any(n.opdef.graph_break for n in graph.nodes)
-        self.full_capture = None
-        if mode == "full":
-            self.full_capture = "decode-only" if has_breaks else "any"
+        self.full_capture = full_capture(graph) if mode == "full" else None
         # a decode-only batch has T == S <= max_num_seqs tokens: these buckets serve it
         i = bisect.bisect_left(self.buckets, min(self.max_num_seqs, self.max_num_tokens))
         self._decode_limit = self.buckets[min(i, len(self.buckets) - 1)]
