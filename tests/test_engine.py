@@ -83,6 +83,35 @@ def test_prefix_cache_hits_and_changes_nothing(store, lag):
     assert (first + rest)[1].metrics["num_cached_tokens"] == 32
 
 
+@pytest.mark.parametrize("max_num_tokens,num_blocks,lag", [
+    (None, 64, False),      # whole prompts in one step
+    (8, 64, True),          # chunked prefill, with step N+1 scheduled before N's tokens
+    (24, 8, False),         # 128 token slots for ~180 tokens: preemption
+])
+def test_prefix_cache_hits_only_on_the_same_whole_prefix(store, max_num_tokens, num_blocks, lag):
+    """A = X+Y+..., then B = Y+... : B's first block has A's second block's tokens, but
+    its KV (at positions 0..15, after nothing) is not A's (after X). B must get no hit
+    and its solo output; C = X+Y+... still hits both blocks."""
+    art = store.artifact("llama")
+    g = torch.Generator().manual_seed(14)
+    x, y, z, tail = torch.randint(3, 200, (4, 16), generator=g).tolist()
+    a, b, c = x + y + tail[:5], y + z + tail[5:9], x + y + tail[9:]
+    filler = prompts_of([30], seed=15)[0]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    eng = Engine(art, backend="reference", num_kv_blocks=num_blocks,
+                 max_num_tokens=max_num_tokens, async_scheduling=lag)
+    first = run_all(eng, [a], params)
+    rest = run_all(eng, [b, c, filler], params)
+    assert rest[0].metrics["num_cached_tokens"] == 0
+    assert rest[1].metrics["num_cached_tokens"] == 32
+    plain = Engine(art, backend="reference", num_kv_blocks=64, enable_prefix_caching=False)
+    alone = [run_all(plain, [p], params)[0].token_ids for p in (a, b, c, filler)]
+    assert [o.token_ids for o in first + rest] == alone
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+    assert (s["preemptions"] > 0) == (num_blocks == 8)
+
+
 @pytest.mark.parametrize("lag", [False, True])
 def test_preemption_completes_everything_unchanged(store, lag):
     art = store.artifact("llama")
