@@ -106,3 +106,38 @@ def assert_greedy_matches_transformers(store, case, ex, prompt, max_tokens):
         theirs = hf_model(store.checkpoint(case)).generate(
             torch.tensor([list(prompt)]), max_new_tokens=max_tokens, do_sample=False)
     assert ours == theirs[0, len(prompt):].tolist()
+
+
+# -- the engine ------------------------------------------------------------------------
+
+def prompts_of(lengths, seed=0):
+    """Random prompts of the given lengths, each starting with BOS (1)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def run_all(engine, prompts, params):
+    """Queue `prompts` (with one SamplingParams, or one each) on `engine` at once and run
+    them to completion; their final outputs, in order."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    base = len(engine.requests) + engine.stats()["requests_finished"]
+    ids = [f"q{base + i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, plist):
+        engine.add_request(rid, p, sp)
+    final = engine.run_to_completion(ids)
+    return [final[r] for r in ids]
+
+
+def last_token_stops(tokenizer, token_ids):
+    """Stops that first complete at the last of `token_ids[:k]`, for the largest k that
+    has them: (k, a stop token id, a stop string). For tests of a stop on the last allowed
+    token (max_tokens = k); `token_ids` is a run without stops."""
+    for k in range(len(token_ids), 1, -1):
+        tok = token_ids[k - 1]
+        text, before = tokenizer.decode(token_ids[:k]), tokenizer.decode(token_ids[:k - 1])
+        if tok in token_ids[:k - 1] or len(text) <= len(before) or not text.startswith(before):
+            continue
+        stop = text[-2:]
+        if stop.strip() and text.find(stop) == len(text) - len(stop):
+            return k, tok, stop
+    raise AssertionError(f"no token of {token_ids} both stops first and adds text")

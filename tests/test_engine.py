@@ -1,7 +1,8 @@
 """The serving engine end to end on the reference backend (float32, tiny random models).
 
 Batch invariance against one-by-one runs and against transformers' teacher-forced
-logits, prefix caching, preemption, seeded sampling, stops, aborts and errors.
+logits, prefix caching, preemption, seeded sampling, aborts and errors (stops:
+test_stops.py).
 """
 
 from __future__ import annotations
@@ -15,24 +16,9 @@ from braze.runtime.engine import Engine
 from braze.runtime.llm import LLM
 from braze.runtime.sampler import SamplingParams
 
-from conftest import hf_model
+from conftest import hf_model, prompts_of, run_all
 
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
-
-
-def prompts_of(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
-
-
-def run_all(engine, prompts, params):
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-    base = len(engine.requests) + engine.stats()["requests_finished"]
-    ids = [f"q{base + i}" for i in range(len(prompts))]
-    for rid, p, sp in zip(ids, prompts, plist):
-        engine.add_request(rid, p, sp)
-    final = engine.run_to_completion(ids)
-    return [final[r] for r in ids]
 
 
 def assert_valid_greedy(model, prompt, generated):
@@ -145,33 +131,6 @@ def test_seeded_sampling_reproducible_across_batches(store):
     other = run_all(eng, [p], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9,
                                              top_k=50, seed=4321, ignore_eos=True))[0].token_ids
     assert other != alone
-
-
-@pytest.mark.parametrize("lag", [False, True])
-def test_stops_and_finish_reasons(store, lag):
-    art = store.artifact("llama")
-    eng = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
-    p = prompts_of([6], seed=8)[0]
-    free = run_all(eng, [p], SamplingParams(max_tokens=12, ignore_eos=True))[0]
-    assert free.finish_reason == "length" and len(free.token_ids) == 12
-    stop_tok = free.token_ids[4]
-    first = free.token_ids.index(stop_tok)
-    by_id = run_all(eng, [p], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))[0]
-    assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_tok
-    assert by_id.token_ids == free.token_ids[:first + 1]
-    # a stop string: the text is cut before it
-    text = free.text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
-    if stop:
-        by_str = run_all(eng, [p], SamplingParams(max_tokens=12, stop=[stop]))[0]
-        assert by_str.finish_reason == "stop" and by_str.stop_reason == stop
-        assert by_str.text == text[:text.index(stop)]
-    # EOS ends a request unless ignore_eos
-    eos = eng.eos_token_ids[0]
-    eng.eos_token_ids = [stop_tok]
-    ended = run_all(eng, [p], SamplingParams(max_tokens=12))[0]
-    assert ended.finish_reason == "stop" and ended.token_ids[-1] == stop_tok
-    assert eos is not None
 
 
 @pytest.mark.parametrize("lag", [False, True])
