@@ -11,13 +11,21 @@ import torch
 
 from braze.tiny import make_checkpoint, tiny_llama3_rope
 
-# Each case is a family plus config overrides; together they cover llama3 RoPE scaling,
+# Each case is a family plus config overrides; together they cover every RoPE type the
+# models support (default, llama3, linear, dynamic, yarn with its cos/sin scale of 1.139),
 # tied embeddings, head_dim != hidden/heads, a sliding window shorter than the prompt,
 # and MoE models with dense layers mixed in.
 CASES = {
     "llama": ("llama", {}),
     "llama-llama3rope-tied": ("llama", {"rope_scaling": tiny_llama3_rope(),
                                         "tie_word_embeddings": True}),
+    "llama-linearrope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0,
+                                                    "rope_theta": 10000.0}}),
+    "llama-dynamicrope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0,
+                                                     "rope_theta": 10000.0}}),
+    "qwen3-yarnrope": ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 64,
+                                                  "rope_theta": 10000.0}}),
     "mistral-window8": ("mistral", {}),
     "qwen3-headdim24-tied": ("qwen3", {}),
     "mixtral": ("mixtral", {}),
@@ -91,6 +99,22 @@ def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
     from braze.runtime import Executor, open_artifact
     return Executor(open_artifact(store.artifact(case, opt_level=opt_level)), backend=backend,
                     num_blocks=num_blocks)
+
+
+def assert_steps_match_transformers(store, case, ex, atol=1e-4, rtol=1e-4):
+    """Three steps on `ex` (a fresh prefill; a chunked prefill over a cached prefix mixed
+    with a decode) give transformers' logits for the same positions of PROMPT."""
+    from braze.runtime.batch import SeqChunk
+    with torch.no_grad():
+        expected = hf_model(store.checkpoint(case))(torch.tensor([PROMPT])).logits[0]
+    a, b = take_blocks(ex, 2), take_blocks(ex, 2)
+    got = ex.step([SeqChunk(PROMPT[:9], 0, a)])
+    torch.testing.assert_close(got[0], expected[8], atol=atol, rtol=rtol)
+    ex.step([SeqChunk(PROMPT[:4], 0, b)])
+    # one step: sequence a continues with 11 tokens after 9 cached; b decodes its 5th token
+    got = ex.step([SeqChunk(PROMPT[9:], 9, a), SeqChunk(PROMPT[4:5], 4, b)])
+    torch.testing.assert_close(got[0], expected[-1], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[1], expected[4], atol=atol, rtol=rtol)
 
 
 def assert_greedy_matches_transformers(store, case, ex, prompt, max_tokens):
