@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from conftest import hf_model
@@ -66,7 +65,6 @@ def test_opt_prints_a_fixed_point(store, tmp_path):
     assert r2.stdout == r1.stdout == src.read_text()
 
 
-@pytest.mark.slow
 def test_demo_runs():
     r = braze("demo", "--max-tokens", "8")
     assert r.returncode == 0, r.stdout + r.stderr
