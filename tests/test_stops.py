@@ -14,12 +14,12 @@ from braze.runtime.sampler import SamplingParams
 
 from conftest import last_token_stops, prompts_of, run_all
 
-PROMPT = prompts_of([6], seed=8)[0]
+STOP_PROMPT = prompts_of([6], seed=8)[0]
 
 
 def free_run(eng, max_tokens=12):
     """The greedy continuation with no stops: what the stops below cut."""
-    out = run_all(eng, [PROMPT], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
+    out = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == max_tokens
     return out
 
@@ -27,7 +27,7 @@ def free_run(eng, max_tokens=12):
 def stream(eng, params):
     """Every report of one request, as a streaming client sees them."""
     rid = f"s{eng.stats()['requests_finished']}"
-    eng.add_request(rid, PROMPT, params)
+    eng.add_request(rid, STOP_PROMPT, params)
     reports = []
     while eng.has_unfinished():
         reports += [o for o in eng.step() if o.request_id == rid]
@@ -41,20 +41,20 @@ def test_stops_mid_output(store, lag):
     free = free_run(eng)
     stop_tok = free.token_ids[4]
     first = free.token_ids.index(stop_tok)
-    by_id = run_all(eng, [PROMPT], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))[0]
+    by_id = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))[0]
     assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_tok
     assert by_id.token_ids == free.token_ids[:first + 1]
     # a stop string: the text is cut before it
     text = free.text
     stop = text[len(text) // 2: len(text) // 2 + 2]
     assert stop, text
-    by_str = run_all(eng, [PROMPT], SamplingParams(max_tokens=12, stop=[stop]))[0]
+    by_str = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12, stop=[stop]))[0]
     assert by_str.finish_reason == "stop" and by_str.stop_reason == stop
     assert by_str.text == text[:text.index(stop)]
     # the artifact carries the checkpoint's EOS, which ends a request unless ignore_eos
     assert eng.eos_token_ids == [AutoConfig.from_pretrained(store.checkpoint("llama")).eos_token_id]
     eng.eos_token_ids = [stop_tok]
-    ended = run_all(eng, [PROMPT], SamplingParams(max_tokens=12))[0]
+    ended = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12))[0]
     assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:first + 1]
 
 
@@ -79,7 +79,7 @@ def test_stop_on_the_last_allowed_token(store, kind, lag):
     if kind == "eos":
         eng.eos_token_ids = llm.engine.eos_token_ids = [tok]
     reports = stream(eng, params)
-    (offline,) = llm.generate(PROMPT, params)
+    (offline,) = llm.generate(STOP_PROMPT, params)
     for final in (reports[-1], offline):
         assert (final.finish_reason, final.stop_reason) == ("stop", reason)
         assert final.token_ids == free.token_ids[:k] and final.text == text
