@@ -116,7 +116,8 @@ def pytest(m: Mutation, cwd: str, timeout: float) -> tuple[int, list[str], str]:
     except subprocess.TimeoutExpired:
         return -1, [], f"timed out after {timeout:.0f} s"
     out = r.stdout + r.stderr
-    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, flags=re.M)
+    failed = [re.sub(r"^.*?(?=tests/)", "", f)        # ids relative to the repository root
+              for f in re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, flags=re.M)]
     lines = [ln for ln in out.strip().splitlines() if ln.strip()]
     return r.returncode, failed, lines[-1] if lines else ""
 
