@@ -11,13 +11,21 @@ import torch
 
 from braze.tiny import make_checkpoint, tiny_llama3_rope
 
-# Each case is a family plus config overrides; together they cover llama3 RoPE scaling,
+# Each case is a family plus config overrides; together they cover every RoPE type the
+# models support (default, llama3, linear, dynamic, yarn with its cos/sin scale of 1.139),
 # tied embeddings, head_dim != hidden/heads, a sliding window shorter than the prompt,
 # and MoE models with dense layers mixed in.
 CASES = {
     "llama": ("llama", {}),
     "llama-llama3rope-tied": ("llama", {"rope_scaling": tiny_llama3_rope(),
                                         "tie_word_embeddings": True}),
+    "llama-linearrope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0,
+                                                    "rope_theta": 10000.0}}),
+    "llama-dynamicrope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0,
+                                                     "rope_theta": 10000.0}}),
+    "qwen3-yarnrope": ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 64,
+                                                  "rope_theta": 10000.0}}),
     "mistral-window8": ("mistral", {}),
     "qwen3-headdim24-tied": ("qwen3", {}),
     "mixtral": ("mixtral", {}),
@@ -93,6 +101,22 @@ def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
                     num_blocks=num_blocks)
 
 
+def assert_steps_match_transformers(store, case, ex, atol=1e-4, rtol=1e-4):
+    """Three steps on `ex` (a fresh prefill; a chunked prefill over a cached prefix mixed
+    with a decode) give transformers' logits for the same positions of PROMPT."""
+    from braze.runtime.batch import SeqChunk
+    with torch.no_grad():
+        expected = hf_model(store.checkpoint(case))(torch.tensor([PROMPT])).logits[0]
+    a, b = take_blocks(ex, 2), take_blocks(ex, 2)
+    got = ex.step([SeqChunk(PROMPT[:9], 0, a)])
+    torch.testing.assert_close(got[0], expected[8], atol=atol, rtol=rtol)
+    ex.step([SeqChunk(PROMPT[:4], 0, b)])
+    # one step: sequence a continues with 11 tokens after 9 cached; b decodes its 5th token
+    got = ex.step([SeqChunk(PROMPT[9:], 9, a), SeqChunk(PROMPT[4:5], 4, b)])
+    torch.testing.assert_close(got[0], expected[-1], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[1], expected[4], atol=atol, rtol=rtol)
+
+
 def assert_greedy_matches_transformers(store, case, ex, prompt, max_tokens):
     """Our engine's greedy continuation of `prompt` (on `ex`'s artifact and backend) equals
     transformers' `generate` on the same weights."""
@@ -126,3 +150,38 @@ def count_triton_jit():
         yield seen
     finally:
         knobs.jit_cache_hook = old
+
+
+# -- the engine ------------------------------------------------------------------------
+
+def prompts_of(lengths, seed=0):
+    """Random prompts of the given lengths, each starting with BOS (1)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def run_all(engine, prompts, params):
+    """Queue `prompts` (with one SamplingParams, or one each) on `engine` at once and run
+    them to completion; their final outputs, in order."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    base = len(engine.requests) + engine.stats()["requests_finished"]
+    ids = [f"q{base + i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, plist):
+        engine.add_request(rid, p, sp)
+    final = engine.run_to_completion(ids)
+    return [final[r] for r in ids]
+
+
+def last_token_stops(tokenizer, token_ids):
+    """Stops that first complete at the last of `token_ids[:k]`, for the largest k that
+    has them: (k, a stop token id, a stop string). For tests of a stop on the last allowed
+    token (max_tokens = k); `token_ids` is a run without stops."""
+    for k in range(len(token_ids), 1, -1):
+        tok = token_ids[k - 1]
+        text, before = tokenizer.decode(token_ids[:k]), tokenizer.decode(token_ids[:k - 1])
+        if tok in token_ids[:k - 1] or len(text) <= len(before) or not text.startswith(before):
+            continue
+        stop = text[-2:]
+        if stop.strip() and text.find(stop) == len(text) - len(stop):
+            return k, tok, stop
+    raise AssertionError(f"no token of {token_ids} both stops first and adds text")

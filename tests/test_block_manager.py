@@ -75,6 +75,16 @@ def test_shared_prefix_hits_and_shares_blocks():
     check_invariants(bm)
 
 
+def test_equal_block_after_another_prefix_does_not_hit():
+    """A block's KV depends on every token before it: the same 4 tokens that were block 1
+    of one prompt must not serve block 0 of another."""
+    bm = BlockManager(16, BS)
+    admit(bm, "a", toks(8) + [9])           # blocks [0..3] and [4..7] cached
+    assert admit(bm, "b", toks(4, 4) + [9]) == 0
+    assert bm.block_table("b")[0] != bm.block_table("a")[1]
+    check_invariants(bm)
+
+
 def test_last_block_never_served_from_cache():
     bm = BlockManager(16, BS)
     p = toks(8)                        # exactly 2 full blocks
@@ -264,13 +274,16 @@ def test_blocks_are_cached_only_once_computed():
 
 # ------------------------------------------------------------ state machine
 
-PREFIXES = [toks(8, 0), toks(6, 0) + [70, 71], toks(5, 100), []]
+# toks(4, 4) is the second block of toks(8, 0): the same tokens after a different prefix
+PREFIXES = [toks(8, 0), toks(6, 0) + [70, 71], toks(5, 100), toks(4, 4), []]
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate / append / free / reset, checking the invariants and that a
-    cache hit serves exactly the tokens the prompt wants (a 'physical' model of the
-    block contents is written as tokens are scheduled)."""
+    cache hit serves exactly what the prompt wants. A 'physical' model of the block
+    contents is written as tokens are scheduled: each slot records its position and the
+    whole sequence up to and including its token, because a KV entry depends on both
+    (equal tokens after another prefix, or at another position, hold other values)."""
 
     def __init__(self):
         super().__init__()
@@ -299,7 +312,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.seqs[sid] = list(prompt)
         table = self.bm.block_table(sid)
         for p in range(cached):                # the hit blocks hold exactly this prefix
-            assert self.mem[table[p // BS]][p % BS] == prompt[p]
+            assert self.mem[table[p // BS]][p % BS] == (p, tuple(prompt[:p + 1]))
         # chunked prefill: only a first chunk may be computed in this step
         self.computed[sid] = cached
         self._compute(sid, data.draw(st.integers(cached, len(prompt))))
@@ -310,7 +323,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for p in range(self.computed[sid], upto):
             b = table[p // BS]
             assert self.bm.ref_count(b) == 1, "writing a shared block"
-            self.mem[b][p % BS] = seq[p]
+            self.mem[b][p % BS] = (p, tuple(seq[:p + 1]))
         self.computed[sid] = upto
         self.bm.commit(sid, upto, seq)
 

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from conftest import hf_model
@@ -79,7 +78,6 @@ def test_opt_prints_a_fixed_point(store, tmp_path):
     assert r2.stdout == r1.stdout == src.read_text()
 
 
-@pytest.mark.slow
 def test_demo_runs(tmp_path):
     r = braze("demo", "--max-tokens", "8", "--keep", tmp_path / "kept")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,7 +1,8 @@
 """The serving engine end to end on the reference backend (float32, tiny random models).
 
 Batch invariance against one-by-one runs and against transformers' teacher-forced
-logits, prefix caching, preemption, seeded sampling, stops, aborts and errors.
+logits, prefix caching, preemption, seeded sampling, aborts and errors (stops:
+test_stops.py).
 """
 
 from __future__ import annotations
@@ -15,24 +16,9 @@ from braze.runtime.engine import Engine
 from braze.runtime.llm import LLM
 from braze.runtime.sampler import SamplingParams
 
-from conftest import hf_model
+from conftest import hf_model, prompts_of, run_all
 
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
-
-
-def prompts_of(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, 200, (n - 1,), generator=g).tolist() for n in lengths]
-
-
-def run_all(engine, prompts, params):
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-    base = len(engine.requests) + engine.stats()["requests_finished"]
-    ids = [f"q{base + i}" for i in range(len(prompts))]
-    for rid, p, sp in zip(ids, prompts, plist):
-        engine.add_request(rid, p, sp)
-    final = engine.run_to_completion(ids)
-    return [final[r] for r in ids]
 
 
 def assert_valid_greedy(model, prompt, generated):
@@ -83,6 +69,35 @@ def test_prefix_cache_hits_and_changes_nothing(store, lag):
     assert (first + rest)[1].metrics["num_cached_tokens"] == 32
 
 
+@pytest.mark.parametrize("max_num_tokens,num_blocks,lag", [
+    (None, 64, False),      # whole prompts in one step
+    (8, 64, True),          # chunked prefill, with step N+1 scheduled before N's tokens
+    (24, 8, False),         # 128 token slots for ~180 tokens: preemption
+])
+def test_prefix_cache_hits_only_on_the_same_whole_prefix(store, max_num_tokens, num_blocks, lag):
+    """A = X+Y+..., then B = Y+... : B's first block has A's second block's tokens, but
+    its KV (at positions 0..15, after nothing) is not A's (after X). B must get no hit
+    and its solo output; C = X+Y+... still hits both blocks."""
+    art = store.artifact("llama")
+    g = torch.Generator().manual_seed(14)
+    x, y, z, tail = torch.randint(3, 200, (4, 16), generator=g).tolist()
+    a, b, c = x + y + tail[:5], y + z + tail[5:9], x + y + tail[9:]
+    filler = prompts_of([30], seed=15)[0]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    eng = Engine(art, backend="reference", num_kv_blocks=num_blocks,
+                 max_num_tokens=max_num_tokens, async_scheduling=lag)
+    first = run_all(eng, [a], params)
+    rest = run_all(eng, [b, c, filler], params)
+    assert rest[0].metrics["num_cached_tokens"] == 0
+    assert rest[1].metrics["num_cached_tokens"] == 32
+    plain = Engine(art, backend="reference", num_kv_blocks=64, enable_prefix_caching=False)
+    alone = [run_all(plain, [p], params)[0].token_ids for p in (a, b, c, filler)]
+    assert [o.token_ids for o in first + rest] == alone
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+    assert (s["preemptions"] > 0) == (num_blocks == 8)
+
+
 @pytest.mark.parametrize("lag", [False, True])
 def test_preemption_completes_everything_unchanged(store, lag):
     art = store.artifact("llama")
@@ -116,33 +131,6 @@ def test_seeded_sampling_reproducible_across_batches(store):
     other = run_all(eng, [p], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9,
                                              top_k=50, seed=4321, ignore_eos=True))[0].token_ids
     assert other != alone
-
-
-@pytest.mark.parametrize("lag", [False, True])
-def test_stops_and_finish_reasons(store, lag):
-    art = store.artifact("llama")
-    eng = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
-    p = prompts_of([6], seed=8)[0]
-    free = run_all(eng, [p], SamplingParams(max_tokens=12, ignore_eos=True))[0]
-    assert free.finish_reason == "length" and len(free.token_ids) == 12
-    stop_tok = free.token_ids[4]
-    first = free.token_ids.index(stop_tok)
-    by_id = run_all(eng, [p], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))[0]
-    assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_tok
-    assert by_id.token_ids == free.token_ids[:first + 1]
-    # a stop string: the text is cut before it
-    text = free.text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
-    if stop:
-        by_str = run_all(eng, [p], SamplingParams(max_tokens=12, stop=[stop]))[0]
-        assert by_str.finish_reason == "stop" and by_str.stop_reason == stop
-        assert by_str.text == text[:text.index(stop)]
-    # EOS ends a request unless ignore_eos
-    eos = eng.eos_token_ids[0]
-    eng.eos_token_ids = [stop_tok]
-    ended = run_all(eng, [p], SamplingParams(max_tokens=12))[0]
-    assert ended.finish_reason == "stop" and ended.token_ids[-1] == stop_tok
-    assert eos is not None
 
 
 @pytest.mark.parametrize("lag", [False, True])

@@ -1,4 +1,5 @@
-"""-O2 artifacts run through their Triton kernels (interpreted on the CPU) against transformers."""
+"""-O2 artifacts run through their Triton kernels (interpreted on the CPU) against transformers:
+float32 logits within 1e-4 and greedy tokens identical."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from braze.runtime import Executor, open_artifact
 from braze.runtime.batch import SeqChunk
 
-from conftest import CASES, assert_greedy_matches_transformers, executor, take_blocks
+from conftest import (CASES, assert_greedy_matches_transformers, assert_steps_match_transformers,
+                      executor, take_blocks)
 
 PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 
@@ -17,6 +19,12 @@ PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 def test_interpret_greedy_matches_transformers(store, case):
     ex = executor(store, case, opt_level=2, backend="interpret", num_blocks=8)
     assert_greedy_matches_transformers(store, case, ex, PROMPT, 6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpret_logits_match_transformers(store, case):
+    assert_steps_match_transformers(store, case, executor(store, case, opt_level=2,
+                                                          backend="interpret", num_blocks=8))
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle"])

@@ -123,13 +123,16 @@ def test_o2_model_graphs(family, tmp_path_factory):
     g, params = o2_model_graph(family, tmp_path_factory.mktemp(family))
     assert {n.op for n in g.nodes} >= OPS
     feeds = model_step_feeds(g, cached=(0, 2))
-    check_kernels(g, feeds, params, OPS, step_sizes(feeds), atol=1e-5, rtol=1e-5)
+    # the kernels sum a row in another order than torch: measured at most 7.2e-7 apart
+    check_kernels(g, feeds, params, OPS, step_sizes(feeds), **TOL["f32"])
 
 
 def test_o2_qwen3_float16(tmp_path):
+    """Bit-exact: in f16 the kernels round where the reference does, and the fp32 sum
+    order never moved an f16 result on this graph (measured difference 0.0)."""
     g, params = o2_model_graph("qwen3", tmp_path, seed=2, dtype="float16")
     feeds = model_step_feeds(g, cached=(0, 2))
-    check_kernels(g, feeds, params, OPS, step_sizes(feeds), atol=2e-2, rtol=1e-2)
+    check_kernels(g, feeds, params, OPS, step_sizes(feeds), atol=0, rtol=0)
 
 
 # -- cubins at real sizes ------------------------------------------------------------------

@@ -200,14 +200,19 @@ def test_o2_model_graphs(family, overrides, tmp_path_factory):
     nodes = [n for n in g.nodes if n.op == "rope_cache_write"]
     assert nodes and all(bool(n.operands[8:]) == family.startswith("qwen3") for n in nodes)
     feeds, sizes = _padded_step(g)
-    check_kernels(g, feeds, params, OPS, sizes, atol=1e-5, rtol=1e-5)
+    # bit-exact without QK-norm; with it (qwen3) the norm sums in another order than torch:
+    # measured at most 1.2e-6 apart
+    tol = TOL["f32"] if family.startswith("qwen3") else dict(atol=0, rtol=0)
+    check_kernels(g, feeds, params, OPS, sizes, **tol)
 
 
 def test_o2_qwen3_float16(tmp_path):
+    """Bit-exact, QK-norm included: in f16 the kernel rounds where the reference does, and
+    the fp32 sum order never moved an f16 result on this graph (measured difference 0.0)."""
     g, params = o2_model_graph("qwen3", tmp_path, seed=2, dtype="float16")
     assert any(n.op == "rope_cache_write" for n in g.nodes)
     feeds, sizes = _padded_step(g)
-    check_kernels(g, feeds, params, OPS, sizes, atol=1e-2, rtol=1e-2)
+    check_kernels(g, feeds, params, OPS, sizes, atol=0, rtol=0)
 
 
 # -- cubins at real sizes ------------------------------------------------------------------

@@ -7,11 +7,11 @@ pipeline must have done to each graph.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from braze.runtime.batch import SeqChunk
 
-from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model, take_blocks
+from conftest import (CASES, PROMPT, assert_greedy_matches_transformers,
+                      assert_steps_match_transformers, executor, take_blocks)
 
 
 def _executor(store, case):
@@ -20,19 +20,7 @@ def _executor(store, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_o2_logits_match_transformers(store, case):
-    """A fresh prefill, then a chunked prefill over a cached prefix, then a decode step."""
-    ex = _executor(store, case)
-    ref = hf_model(store.checkpoint(case))
-    with torch.no_grad():
-        expected = ref(torch.tensor([PROMPT])).logits[0]
-    a, b = take_blocks(ex, 2), take_blocks(ex, 2)
-    got = ex.step([SeqChunk(PROMPT[:9], 0, a)])
-    torch.testing.assert_close(got[0], expected[8], atol=1e-4, rtol=1e-4)
-    ex.step([SeqChunk(PROMPT[:4], 0, b)])
-    # one step: sequence a continues with 11 tokens after 9 cached; b decodes its 5th token
-    got = ex.step([SeqChunk(PROMPT[9:], 9, a), SeqChunk(PROMPT[4:5], 4, b)])
-    torch.testing.assert_close(got[0], expected[-1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got[1], expected[4], atol=1e-4, rtol=1e-4)
+    assert_steps_match_transformers(store, case, _executor(store, case))
 
 
 @pytest.mark.parametrize("case", list(CASES))

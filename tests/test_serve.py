@@ -97,17 +97,21 @@ def server(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(artifact):
-    """Text the engine generates for one prompt on its own (in-process, greedy)."""
+def ref_engine(artifact):
+    """The engine in-process, for requests run one at a time (what the server must match)."""
     from braze.runtime.engine import Engine
+    return Engine(artifact, backend="reference", num_kv_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def reference(ref_engine):
+    """Text the engine generates for one prompt on its own (in-process, greedy)."""
     from braze.runtime.sampler import SamplingParams
-    eng = Engine(artifact, backend="reference", num_kv_blocks=64)
-    count = iter(range(10**6))
+
+    from conftest import run_all
 
     def run(prompt, max_tokens, **kw):
-        rid = f"ref{next(count)}"
-        eng.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, **kw))
-        out = eng.run_to_completion([rid])[rid]
+        (out,) = run_all(ref_engine, [prompt], SamplingParams(max_tokens=max_tokens, **kw))
         return out.text, out.finish_reason, len(out.token_ids), len(out.prompt_token_ids)
     return run
 
@@ -164,6 +168,29 @@ def test_completion_token_ids_and_stop_string(server, reference):
         else:
             text, last = res.choices[0].text, res.choices[0]
         assert (text, last.finish_reason) == (want, "stop")
+
+
+def test_stop_on_the_last_allowed_token(server, ref_engine):
+    """A stop token or stop string landing on the max_tokens-th token: finish_reason
+    "stop" (not "length"), and the stop string cut from the text, streamed or not."""
+    from braze.runtime.sampler import SamplingParams
+
+    from conftest import last_token_stops, run_all
+    prompt = "Once upon a time"
+    (free,) = run_all(ref_engine, [prompt], SamplingParams(max_tokens=12, ignore_eos=True))
+    k, tok, stop = last_token_stops(ref_engine.tokenizer, free.token_ids)
+    text = ref_engine.tokenizer.decode(free.token_ids[:k])
+    for extra, want in (({"stop_token_ids": [tok]}, text), ({"stop": [stop]}, text[:-len(stop)])):
+        for stream in (False, True):
+            res = server.client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=k, temperature=0, stream=stream,
+                stop=extra.get("stop"), extra_body={"ignore_eos": True, **extra})
+            if stream:
+                chunks = list(res)
+                got, last = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0]
+            else:
+                got, last = res.choices[0].text, res.choices[0]
+            assert (got, last.finish_reason) == (want, "stop"), (extra, stream)
 
 
 def test_chat_plain_and_streamed(server, reference, store):

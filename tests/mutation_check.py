@@ -1,0 +1,195 @@
+"""Known-important bugs, put in one at a time: each must make its named tests fail.
+
+    python tests/mutation_check.py            # all of them
+    python tests/mutation_check.py --list
+    python tests/mutation_check.py yarn-scale stop-at-last-token
+
+Each mutation below changes what a user gets (wrong KV reused, a wrong finish reason,
+logits off, a wrong expert, text leaking past a stop string). The script first runs every
+named test on the unchanged code (they must pass, or a failure would prove nothing),
+then for each mutation replaces one exact piece of source, runs that mutation's tests,
+and puts the file back, whatever happens. A mutation whose tests still pass is a hole
+in the suite: write the test that sees it before declaring the feature done. Add a
+mutation here whenever a bug slips past the tests.
+
+Not a pytest file (pytest collects test_*.py only). pytest runs from a temporary
+directory, so failing examples found under a mutation do not land in the repository's
+hypothesis database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutation:
+    name: str
+    effect: str          # what a user would see
+    path: str            # relative to the repository root
+    old: str             # must occur exactly once
+    new: str
+    tests: list[str]     # test files or node ids, relative to the repository root
+    k: str = ""          # a pytest -k expression narrowing them, if any
+
+
+MUTATIONS = [
+    Mutation("prefix-hash-drops-parent",
+             "a block that appeared after another prefix is served from the prefix cache",
+             "runtime/block_manager.py",
+             "hashes.append(hash((prev, tuple(token_ids[i * bs:(i + 1) * bs]))))",
+             "hashes.append(hash((None, tuple(token_ids[i * bs:(i + 1) * bs]))))",
+             ["tests/test_block_manager.py",
+              "tests/test_engine.py::test_prefix_cache_hits_only_on_the_same_whole_prefix"]),
+    Mutation("stop-at-last-token",
+             "finish_reason 'length' when a stop lands on the max_tokens-th token",
+             "runtime/engine.py",
+             "if reason is None and (len(out_ids) >= p.max_tokens",
+             "if (len(out_ids) >= p.max_tokens",
+             ["tests/test_stops.py", "tests/test_serve.py::test_stop_on_the_last_allowed_token"]),
+    Mutation("yarn-scale",
+             "YaRN models' cos/sin lose their attention scaling: logits off",
+             "models/layers.py",
+             "if self.attention_scaling != 1.0:",
+             "if False:",
+             ["tests/test_models_vs_hf.py", "tests/test_o2_vs_hf.py",
+              "tests/test_interpret_vs_hf.py"], k="yarn"),
+    Mutation("rmsnorm-no-upcast",
+             "RMSNorm in half precision without float32: twice the error",
+             "models/layers.py",
+             "h = x.to(torch.float32)\n        variance",
+             "h = x\n        variance",
+             ["tests/test_dtypes.py"]),
+    Mutation("attention-kernel-window",
+             "the attention kernel's sliding window sees one key too many",
+             "codegen/kernels/attention.py",
+             "allowed = allowed & (k_pos[None, :] > q_pos[:, None] - WINDOW)",
+             "allowed = allowed & (k_pos[None, :] >= q_pos[:, None] - WINDOW)",
+             ["tests/test_kernel_attention.py"]),
+    Mutation("reference-attention-window",
+             "the reference attention's sliding window sees one key too many",
+             "ir/op_attention.py",
+             "allowed &= kpos > qpos - sliding_window",
+             "allowed &= kpos >= qpos - sliding_window",
+             ["tests/test_models_vs_hf.py"], k="mistral"),
+    Mutation("moe-router-repeats-experts",
+             "the fused MoE router can pick the same expert twice for a token",
+             "codegen/kernels/moe.py",
+             "avail = tl.where(hit, -2.0, avail)",
+             "avail = avail",
+             ["tests/test_kernel_moe.py"]),
+    Mutation("fuse-moe-always-renormalises",
+             "MoE models with norm_topk_prob=False get renormalised routing weights",
+             "passes/fuse_moe.py",
+             '"renormalize": m.get("renorm") is not None',
+             '"renormalize": True',
+             ["tests/test_pass_fuse_moe.py", "tests/test_o2_vs_hf.py"], k="moe or nonorm"),
+    Mutation("stop-string-tail-short",
+             "a stop string split across tokens is missed (the search keeps one character "
+             "too few of the text before the new piece)",
+             "runtime/detokenizer.py",
+             'searched[-(self._max_stop - 1):] if self._max_stop > 1 else ""',
+             'searched[-(self._max_stop - 2):] if self._max_stop > 2 else ""',
+             ["tests/test_detokenizer.py"]),
+]
+
+
+def pytest(m: Mutation, cwd: str, timeout: float) -> tuple[int, list[str], str]:
+    """Run the mutation's tests; (exit code, failed test ids, the output's last line)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+           "-c", str(ROOT / "pyproject.toml"), *(str(ROOT / t) for t in m.tests)]
+    if m.k:
+        cmd += ["-k", m.k]
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, [], f"timed out after {timeout:.0f} s"
+    out = r.stdout + r.stderr
+    failed = [re.sub(r"^.*?(?=tests/)", "", f)        # ids relative to the repository root
+              for f in re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, flags=re.M)]
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    return r.returncode, failed, lines[-1] if lines else ""
+
+
+def apply(m: Mutation) -> str:
+    """Put the mutation in; return the original text (the caller restores it)."""
+    path = ROOT / m.path
+    text = path.read_text()
+    n = text.count(m.old)
+    if n != 1:
+        raise SystemExit(f"{m.name}: {m.path} holds the original {n} times, not once; "
+                         f"update the mutation to the current source")
+    path.write_text(text.replace(m.old, m.new))
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running the named tests on the unchanged code first")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run")
+    ap.add_argument("-v", "--verbose", action="store_true", help="name every test that failed")
+    a = ap.parse_args()
+    if a.list:
+        for m in MUTATIONS:
+            print(f"{m.name:32s} {m.path}: {m.effect}")
+        return 0
+    unknown = set(a.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        raise SystemExit(f"unknown mutation(s): {', '.join(sorted(unknown))}; see --list")
+    chosen = [m for m in MUTATIONS if not a.names or m.name in a.names]
+    for m in chosen:      # every original must be there before anything is changed
+        if (ROOT / m.path).read_text().count(m.old) != 1:
+            raise SystemExit(f"{m.name}: the original is not in {m.path} exactly once")
+    with tempfile.TemporaryDirectory(prefix="braze-mutation-") as cwd:
+        if not a.no_baseline:
+            for m in chosen:
+                rc, failed, last = pytest(m, cwd, a.timeout)
+                if rc != 0:
+                    print(f"baseline: the tests of {m.name} fail on the unchanged code "
+                          f"({last}): {failed[:5]}")
+                    return 2
+            print(f"baseline: the named tests of {len(chosen)} mutation(s) pass unchanged")
+        missed = []
+        for m in chosen:
+            t0 = time.monotonic()
+            original = apply(m)
+            try:
+                rc, failed, last = pytest(m, cwd, a.timeout)
+            finally:
+                (ROOT / m.path).write_text(original)
+            took = time.monotonic() - t0
+            if rc == 1 and failed:
+                shown = ", ".join(f.split("/")[-1] for f in failed[:4])
+                more = f" (+{len(failed) - 4} more)" if len(failed) > 4 else ""
+                print(f"CAUGHT  {m.name:32s} {len(failed)} failed: {shown}{more}  [{took:.0f} s]")
+                if a.verbose:
+                    print("".join(f"          {f}\n" for f in failed), end="")
+            else:
+                missed.append(m.name)
+                why = "tests still pass" if rc == 0 else f"pytest exit {rc}: {last}"
+                print(f"MISSED  {m.name:32s} {why}  [{took:.0f} s]")
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} mutations caught"
+          + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    # no .pyc of a mutated module may outlive the mutation
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    # a SIGTERM unwinds like an exception, so the mutated file is restored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main())
