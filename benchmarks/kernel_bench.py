@@ -184,8 +184,8 @@ class Builder:
                                   dtype=dtype)
 
     def step(self, seqs):
-        """Batch metadata (runtime.batch.build_step) over shuffled cache blocks."""
-        from braze.runtime.batch import SeqChunk, build_step
+        """Batch metadata (braze.ir.contract.build_step) over shuffled cache blocks."""
+        from braze.ir.contract import SeqChunk, build_step
         torch = self.torch
         need = [-(-(c + n) // BLOCK_SIZE) for c, n in seqs]
         num_blocks = sum(need) + 1

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .errors import BrazeError
 from .types import MB, NB, S, T, TensorType
 
@@ -105,3 +107,56 @@ class StepLimits:
             raise BrazeError(f"{where} records no valid step limits ({got!r}); recompile it "
                              f"with this braze")
         return cls(**got)
+
+
+# -- the reference construction of a step's inputs -------------------------------------------
+# The runtime builds these on the device, into static buffers, from its persistent batch
+# (runtime/input_batch.py); this host-side builder is the contract written as plain code,
+# the oracle tests and benchmarks build steps with.
+
+@dataclass
+class SeqChunk:
+    token_ids: list[int]        # the new tokens of this step
+    num_computed: int           # tokens of the sequence already in the cache
+    block_table: list[int]      # the sequence's cache blocks (enough for all its tokens)
+
+
+def build_step(chunks: list[SeqChunk], block_size: int, max_blocks: int | None = None,
+               pad_to: int | None = None, device="cpu") -> dict[str, torch.Tensor]:
+    ids, positions, slots, qsl, seq_lens = [], [], [], [0], []
+    width = max_blocks or max((len(c.block_table) for c in chunks), default=1) or 1
+    tables = torch.zeros(len(chunks), width, dtype=torch.int32)
+    for s, c in enumerate(chunks):
+        n = len(c.token_ids)
+        total = c.num_computed + n
+        if -(-total // block_size) > len(c.block_table):
+            raise BrazeError(f"sequence {s} needs {-(-total // block_size)} cache blocks for "
+                             f"{total} tokens but has {len(c.block_table)}")
+        if len(c.block_table) > width:
+            raise BrazeError(f"sequence {s} has {len(c.block_table)} blocks; the block table "
+                             f"holds {width} (max_model_len / block_size)")
+        for i in range(n):
+            p = c.num_computed + i
+            positions.append(p)
+            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
+        ids.extend(c.token_ids)
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(total)
+        tables[s, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+    pad = (pad_to or len(ids)) - len(ids)
+    if pad < 0:
+        raise BrazeError(f"step has {len(ids)} tokens, more than the padded size {pad_to}")
+    ids += [0] * pad
+    positions += [0] * pad
+    slots += [-1] * pad
+    i64 = dict(dtype=torch.int64, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    return {
+        "input_ids": torch.tensor(ids, **i64),
+        "positions": torch.tensor(positions, **i64),
+        "slot_mapping": torch.tensor(slots, **i64),
+        "query_start_loc": torch.tensor(qsl, **i32),
+        "seq_lens": torch.tensor(seq_lens, **i32),
+        "block_tables": tables.to(device),
+        "logits_indices": torch.tensor([q - 1 for q in qsl[1:]], **i64),
+    }

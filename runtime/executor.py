@@ -14,7 +14,6 @@ import torch
 from braze.ir import run_graph
 from braze.ir.errors import BrazeError
 
-from .batch import SeqChunk, build_step
 from .kv_cache import KVCache
 from .loader import Artifact
 
@@ -75,9 +74,6 @@ class Executor:
     def block_size(self) -> int:
         return self.cache.block_size
 
-    def step_inputs(self, chunks: list[SeqChunk]) -> dict[str, torch.Tensor]:
-        return build_step(chunks, self.block_size, self.max_blocks, device=self.device)
-
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run one step; returns the graph's logits: every token's, or each sequence's
         sampled row if the graph was compiled with prune-logits."""
@@ -86,11 +82,3 @@ class Executor:
         if self.plan is not None:
             return self.plan.run(feeds)["logits"]
         return run_graph(self.graph, feeds, self.params)["logits"]
-
-    def step(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Run one step; returns the logits of each sequence's last new token [S, vocab]."""
-        inputs = self.step_inputs(chunks)
-        logits = self.run(inputs)
-        if self.logits_pruned:
-            return logits
-        return logits.index_select(0, inputs["logits_indices"])

@@ -30,7 +30,7 @@ piecewise -> "graph" runs cut at every break op; full -> one "graph" run.
 The caller writes the step into the static buffers and pads it (input_ids 0,
 positions 0, slot_mapping -1 up to T_pad; query_start_loc[S+1 : S_pad+1] = T,
 seq_lens 0 and logits_indices 0 for the padded sequences): `write_step` does
-that from an unpadded batch-contract dict (runtime/batch.py build_step).
+that from an unpadded batch-contract dict (ir/contract.py build_step).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class GraphRunner:
     # -- writing a step -----------------------------------------------------------------
 
     def write_step(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
-        """Copy an unpadded step (the batch contract, e.g. runtime/batch.py build_step) into
+        """Copy an unpadded step (the batch contract, e.g. ir/contract.py build_step) into
         the static buffers and pad it to its bucket; returns (num_tokens, num_seqs)."""
         n, s = int(inputs["input_ids"].shape[0]), int(inputs["seq_lens"].shape[0])
         T, S = self.bucket_for(n, s)

@@ -95,6 +95,19 @@ def take_blocks(ex, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
+def step_inputs(ex, chunks) -> dict:
+    """A hand-built step's inputs for executor `ex` (the contract's reference builder)."""
+    from braze.ir.contract import build_step
+    return build_step(chunks, ex.block_size, ex.max_blocks, device=ex.device)
+
+
+def run_step(ex, chunks) -> torch.Tensor:
+    """Run one hand-built step on `ex`: the logits of each sequence's last new token."""
+    inputs = step_inputs(ex, chunks)
+    logits = ex.run(inputs)
+    return logits if ex.logits_pruned else logits.index_select(0, inputs["logits_indices"])
+
+
 def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
     from braze.runtime import Executor, open_artifact
     return Executor(open_artifact(store.artifact(case, opt_level=opt_level)), backend=backend,
@@ -104,15 +117,15 @@ def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
 def assert_steps_match_transformers(store, case, ex, atol=1e-4, rtol=1e-4):
     """Three steps on `ex` (a fresh prefill; a chunked prefill over a cached prefix mixed
     with a decode) give transformers' logits for the same positions of PROMPT."""
-    from braze.runtime.batch import SeqChunk
+    from braze.ir.contract import SeqChunk
     with torch.no_grad():
         expected = hf_model(store.checkpoint(case))(torch.tensor([PROMPT])).logits[0]
     a, b = take_blocks(ex, 2), take_blocks(ex, 2)
-    got = ex.step([SeqChunk(PROMPT[:9], 0, a)])
+    got = run_step(ex, [SeqChunk(PROMPT[:9], 0, a)])
     torch.testing.assert_close(got[0], expected[8], atol=atol, rtol=rtol)
-    ex.step([SeqChunk(PROMPT[:4], 0, b)])
+    run_step(ex, [SeqChunk(PROMPT[:4], 0, b)])
     # one step: sequence a continues with 11 tokens after 9 cached; b decodes its 5th token
-    got = ex.step([SeqChunk(PROMPT[9:], 9, a), SeqChunk(PROMPT[4:5], 4, b)])
+    got = run_step(ex, [SeqChunk(PROMPT[9:], 9, a), SeqChunk(PROMPT[4:5], 4, b)])
     torch.testing.assert_close(got[0], expected[-1], atol=atol, rtol=rtol)
     torch.testing.assert_close(got[1], expected[4], atol=atol, rtol=rtol)
 

@@ -135,7 +135,7 @@ def model_step_feeds(g: Graph, prompts=((1, 17, 93, 4, 250, 66, 7), (5, 9, 33)),
                      cached=(0, 0)):
     """Inputs for one mixed step: sequence i runs prompts[i][cached[i]:] after cached[i] tokens
     already in the cache (the cache holds random values there, standing in for earlier steps)."""
-    from braze.runtime.batch import SeqChunk, build_step
+    from braze.ir.contract import SeqChunk, build_step
     block_size = g.input("k_cache.0").type.shape[1]
     chunks, next_block = [], 0
     for p, c in zip(prompts, cached):

@@ -22,9 +22,9 @@ import torch
 
 import braze
 from braze.runtime import Executor, open_artifact
-from braze.runtime.batch import SeqChunk
+from braze.ir.contract import SeqChunk
 
-from conftest import PROMPT
+from conftest import PROMPT, run_step
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 MEAN_ERROR_RATIO = 0.8          # measured 0.53-0.70 correct, 0.94-1.49 without the upcast
@@ -49,7 +49,7 @@ def teacher_forced(ex) -> torch.Tensor:
     """Logits at every position of PROMPT, one decode step per token (a -O2 graph
     computes logits only for the sampled rows)."""
     blocks = list(range(-(-len(PROMPT) // ex.block_size)))
-    return torch.stack([ex.step([SeqChunk([t], i, blocks)])[0]
+    return torch.stack([run_step(ex, [SeqChunk([t], i, blocks)])[0]
                         for i, t in enumerate(PROMPT)]).float()
 
 
@@ -86,7 +86,7 @@ def test_half_precision_artifact_holds_that_dtype(store, compiled, dtype):
     art = compiled("qwen3_moe-dense-middle", dtype, 2)
     assert art.model["dtype"] == {"float16": "f16", "bfloat16": "bf16"}[dtype]
     ex = Executor(open_artifact(art.root), num_blocks=2)
-    assert ex.step([SeqChunk(PROMPT[:3], 0, [0])]).dtype == HALF[dtype]
+    assert run_step(ex, [SeqChunk(PROMPT[:3], 0, [0])]).dtype == HALF[dtype]
     assert all(p.dtype == HALF[dtype] for n, p in ex.params.items() if "inv_freq" not in n)
     rope = [p for n, p in ex.params.items() if "inv_freq" in n]    # -O2 folds it into a derived one
     assert rope and all(p.dtype == torch.float32 for p in rope)

@@ -20,12 +20,12 @@ def test_cuda_bf16_close_to_transformers(store, case):
     logit scale); braze's kernels may differ from transformers' bf16 by a few times that,
     never more. Argmax agrees wherever float32's top-2 margin is well above that noise."""
     from braze.runtime import Executor, open_artifact
-    from braze.runtime.batch import SeqChunk
-    from conftest import hf_model, take_blocks
+    from braze.ir.contract import SeqChunk
+    from conftest import hf_model, run_step, take_blocks
     art = open_artifact(store.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90"))
     ex = Executor(art, backend="cuda", num_blocks=16)
     # logits are computed only where sampled: each prefix of the prompt is its own sequence
-    ours = torch.cat([ex.step([SeqChunk(PROMPT[:p], 0, take_blocks(ex, 1))])
+    ours = torch.cat([run_step(ex, [SeqChunk(PROMPT[:p], 0, take_blocks(ex, 1))])
                       for p in range(1, len(PROMPT) + 1)]).float()
     ref = hf_model(store.checkpoint(case)).to("cuda")
     with torch.no_grad():
@@ -48,8 +48,8 @@ def test_cuda_bf16_close_to_transformers(store, case):
 def test_cubins_and_jit_agree(store):
     """The stored cubins and kernels JIT-compiled from the shipped source give the same logits."""
     from braze.runtime import Executor, open_artifact
-    from braze.runtime.batch import SeqChunk
-    from conftest import take_blocks
+    from braze.ir.contract import SeqChunk
+    from conftest import run_step, take_blocks
     art = open_artifact(store.artifact("qwen3_moe-dense-middle", opt_level=2, dtype="bfloat16",
                                        targets="sm_80,sm_90"))
     outs = []
@@ -59,7 +59,7 @@ def test_cubins_and_jit_agree(store):
             ex.plan.runner.cubins = None
         elif not ex.plan.runner.cubins.usable:
             pytest.skip("artifact built with another triton version than this machine's")
-        outs.append(ex.step([SeqChunk(PROMPT, 0, take_blocks(ex, 1))]))
+        outs.append(run_step(ex, [SeqChunk(PROMPT, 0, take_blocks(ex, 1))]))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 

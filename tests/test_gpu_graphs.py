@@ -16,7 +16,7 @@ import torch
 
 from braze.ir import run_graph
 from braze.runtime import Executor, open_artifact
-from braze.runtime.batch import SeqChunk, build_step
+from braze.ir.contract import SeqChunk, build_step
 from braze.ir.contract import default_buckets
 from braze.runtime.graph_runner import GraphRunner, segments_for
 from braze.runtime.input_batch import static_buffers as runtime_static_buffers

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from braze.ir import run_graph
 from braze.ir.errors import BrazeError
 from braze.runtime import Executor, open_artifact
-from braze.runtime.batch import SeqChunk, build_step
+from braze.ir.contract import SeqChunk, build_step
 from braze.ir.contract import default_buckets
 from braze.runtime.graph_runner import GraphRunner, validate_buckets
 

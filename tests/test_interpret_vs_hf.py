@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from braze.runtime import Executor, open_artifact
-from braze.runtime.batch import SeqChunk
+from braze.ir.contract import SeqChunk
 
 from conftest import (CASES, assert_greedy_matches_transformers, assert_steps_match_transformers,
-                      executor, take_blocks)
+                      executor, run_step, take_blocks)
 
 PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 
@@ -35,6 +35,6 @@ def test_interpret_mixed_step_matches_reference(store, case):
     for backend in ("reference", "interpret"):
         ex = Executor(art, backend=backend, num_blocks=8)
         a, b = take_blocks(ex, 1), take_blocks(ex, 1)
-        ex.step([SeqChunk(PROMPT[:5], 0, b)])
-        outs.append(ex.step([SeqChunk(PROMPT, 0, a), SeqChunk(PROMPT[5:6], 5, b)]))
+        run_step(ex, [SeqChunk(PROMPT[:5], 0, b)])
+        outs.append(run_step(ex, [SeqChunk(PROMPT, 0, a), SeqChunk(PROMPT[5:6], 5, b)]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from braze.runtime.batch import SeqChunk
+from braze.ir.contract import SeqChunk
 
-from conftest import CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model, take_blocks
+from conftest import (CASES, PROMPT, assert_greedy_matches_transformers, executor, hf_model,
+                      step_inputs, take_blocks)
 
 
 def _executor(store, case):
@@ -23,7 +24,7 @@ def test_prefill_logits_match_transformers(store, case):
     ex = _executor(store, case)
     ref = hf_model(store.checkpoint(case))
     blocks = take_blocks(ex, 2)
-    logits = ex.run(ex.step_inputs([SeqChunk(PROMPT, 0, blocks)]))
+    logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT, 0, blocks)]))
     with torch.no_grad():
         expected = ref(torch.tensor([PROMPT])).logits[0]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
@@ -35,8 +36,8 @@ def test_chunked_prefill_over_cached_prefix_matches(store, case):
     ex = _executor(store, case)
     ref = hf_model(store.checkpoint(case))
     blocks = take_blocks(ex, 2)
-    ex.run(ex.step_inputs([SeqChunk(PROMPT[:7], 0, blocks)]))
-    logits = ex.run(ex.step_inputs([SeqChunk(PROMPT[7:], 7, blocks)]))
+    ex.run(step_inputs(ex, [SeqChunk(PROMPT[:7], 0, blocks)]))
+    logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT[7:], 7, blocks)]))
     with torch.no_grad():
         expected = ref(torch.tensor([PROMPT])).logits[0, 7:]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
@@ -56,14 +57,14 @@ def test_mixed_batch_equals_one_by_one(store, case):
         ex = _executor(store, case)
         blocks = take_blocks(ex, 2)
         for toks, done in seq_chunks:
-            out = ex.run(ex.step_inputs([SeqChunk(toks, done, blocks)]))
+            out = ex.run(step_inputs(ex, [SeqChunk(toks, done, blocks)]))
         alone.append(out)
 
     ex = _executor(store, case)
     ba, bb, bc = (take_blocks(ex, 2) for _ in range(3))
-    ex.run(ex.step_inputs([SeqChunk(b[:9], 0, bb), SeqChunk(c[:5], 0, bc)]))
+    ex.run(step_inputs(ex, [SeqChunk(b[:9], 0, bb), SeqChunk(c[:5], 0, bc)]))
     # one step: a fresh prefill (11), a decode (1 new after 9 cached), a prefill after a prefix
-    inputs = ex.step_inputs([SeqChunk(a, 0, ba), SeqChunk(b[9:], 9, bb), SeqChunk(c[5:], 5, bc)])
+    inputs = step_inputs(ex, [SeqChunk(a, 0, ba), SeqChunk(b[9:], 9, bb), SeqChunk(c[5:], 5, bc)])
     inputs = {k: v for k, v in inputs.items()}
     logits = ex.run(inputs)
     q = inputs["query_start_loc"].tolist()
@@ -73,7 +74,7 @@ def test_mixed_batch_equals_one_by_one(store, case):
 
 def test_padding_tokens_do_not_touch_the_cache(store):
     """Tokens past query_start_loc[S] (slot -1) leave the cache and real rows unchanged."""
-    from braze.runtime.batch import build_step
+    from braze.ir.contract import build_step
     ex = _executor(store, "llama")
     blocks = take_blocks(ex, 2)
     plain = ex.run(build_step([SeqChunk(PROMPT[:5], 0, blocks)], ex.block_size, ex.max_blocks))

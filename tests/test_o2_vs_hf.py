@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from braze.runtime.batch import SeqChunk
+from braze.ir.contract import SeqChunk
 
 from conftest import (CASES, PROMPT, assert_greedy_matches_transformers,
-                      assert_steps_match_transformers, executor, take_blocks)
+                      assert_steps_match_transformers, executor, run_step, take_blocks)
 
 
 def _executor(store, case):
@@ -56,7 +56,7 @@ def test_o2_moe_computes_only_the_selected_experts(store, case):
                                    if n.op == "fused_moe")
     op_moe.EXPERT_GEMM_ROWS = 0
     tokens = 13
-    ex.step([SeqChunk(PROMPT[:tokens], 0, take_blocks(ex, 1))])
+    run_step(ex, [SeqChunk(PROMPT[:tokens], 0, take_blocks(ex, 1))])
     assert op_moe.EXPERT_GEMM_ROWS == tokens * top_k * moe_layers
 
 

@@ -51,7 +51,7 @@ def test_real_graphs(family, tmp_path_factory):
 @given(t=st.integers(1, 6), window=st.sampled_from([0, 2, 5]), extra_user=st.booleans())
 def test_equivalent_on_random_values(t, window, extra_user):
     from braze.ir import parse_graph
-    from braze.runtime.batch import SeqChunk, build_step
+    from braze.ir.contract import SeqChunk, build_step
     from pass_helpers import run_passes
     import torch
     text = BEFORE.replace("sliding_window=3", f"sliding_window={window}")

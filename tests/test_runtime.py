@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from braze.runtime.batch import SeqChunk, build_step
+from braze.ir.contract import SeqChunk, build_step
 
 
 def test_step_inputs_follow_the_contract():
