@@ -98,6 +98,10 @@ MODELS = {
                vocab=128256, tie=True, rope={**LLAMA3_ROPE, "factor": 32.0}, max_pos=131072),
     "8b": dict(name="Llama-3-8B", hidden=4096, layers=32, heads=32, kv_heads=8, inter=14336,
                vocab=128256, tie=False, rope={**LLAMA3_ROPE, "factor": 8.0}, max_pos=131072),
+    # --cpu: what a laptop without a GPU serves (SmolLM-135M's shape)
+    "135m": dict(name="SmolLM-135M", hidden=576, layers=30, heads=9, kv_heads=3, inter=1536,
+                 vocab=49152, tie=True, rope={"rope_type": "default", "rope_theta": 10000.0},
+                 max_pos=2048),
 }
 _TINY_ROPE = {**LLAMA3_ROPE, "rope_theta": 10000.0, "factor": 8.0,
               "original_max_position_embeddings": 64}
@@ -904,6 +908,10 @@ def parse_args(argv):
                     "(default the system temp dir; the 8B shape needs ~33 GB)")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: tiny shapes on the CPU, the same code path")
+    ap.add_argument("--cpu", action="store_true",
+                    help="decode on the CPU at a real small shape (default --models 135m, "
+                         "float32, braze's reference backend, against HF eager): what "
+                         "`braze serve` does on a laptop")
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON, rewritten after "
                     "every measured row so a run cut short keeps its figures ('-': stdout at "
                     "the end)")
@@ -920,6 +928,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
 
     dry = args.dry_run
+    if args.cpu and args.models == "1b,8b":
+        args.models = "135m"
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.model_list if m not in MODELS]
     if bad:
@@ -940,11 +950,15 @@ def parse_args(argv):
     for e in args.engines:
         if e not in ("braze", "eager", "compile"):
             ap.error(f"unknown engine {e!r}")
-    args.targets = args.targets if args.targets is not None else ("" if dry else "sm_90")
-    args.compile_backend = args.compile_backend or ("eager" if dry else "inductor")
-    args.backend = args.backend or ("interpret" if dry else "cuda")
-    args.device = "cpu" if dry else "cuda"
-    args.dtype = "float32" if dry else "bfloat16"
+    cpu = dry or args.cpu
+    args.targets = args.targets if args.targets is not None else ("" if cpu else "sm_90")
+    args.compile_backend = args.compile_backend or ("eager" if cpu else "inductor")
+    args.backend = args.backend or ("interpret" if dry else "reference" if cpu else "cuda")
+    args.device = "cpu" if cpu else "cuda"
+    args.dtype = "float32" if cpu else "bfloat16"
+    args.cold_start = args.cold_start and not args.cpu
+    if args.cpu and args.baselines is None and args.engines == "braze,eager,compile":
+        args.engines = ["braze", "eager"]
     max_b = args.max_batch or max(args.batch_list)
     if args.max_model_len is None:
         need = args.prompt_len + args.warmup + args.steps + args.profile_steps + 8
@@ -987,17 +1001,18 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, flush=True)
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("no CUDA GPU visible: run with --dry-run to check the script on the CPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU visible: run with --cpu (CPU decode) or --dry-run (the script's "
+              "GPU path, checked on the CPU at tiny shapes)")
         return 2
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    peak = None if args.dry_run else peak_tbps(gpu, args.peak_tbps)
+    peak = None if args.device == "cpu" else peak_tbps(gpu, args.peak_tbps)
     try:
         import triton
         triton_v = triton.__version__
     except ImportError:
         triton_v = "n/a"
-    log(f"braze decode benchmark{' (DRY RUN, CPU, tiny shapes)' if args.dry_run else ''}: "
+    log(f"braze decode benchmark{' (DRY RUN, CPU, tiny shapes)' if args.dry_run else ' (CPU)' if args.cpu else ''}: "
         f"models {','.join(args.model_list)}, batches {','.join(map(str, args.batch_list))}, "
         f"{args.steps} steps after {args.warmup} warm-up, prompt {args.prompt_len}, "
         f"{args.dtype}, engines {','.join(args.engines)}; braze -O{args.opt_level} targets "
@@ -1015,7 +1030,7 @@ def main(argv=None) -> int:
         "config": {k: v for k, v in vars(args).items()
                    if k not in ("json", "forward_args", "cold_start_worker")}},
         drop=("tokens_request0",))            # token lists are long and not figures
-    if not args.dry_run:
+    if args.device == "cuda":
         out.doc["copy_tbps"] = measured_copy_tbps()
         log(f"device-to-device copy: {out.doc['copy_tbps']:.2f} TB/s (read + write)")
         out.save()
