@@ -47,8 +47,8 @@ def read_manifest(root: Path) -> dict:
         raise BrazeError(f"{root} is not a braze artifact: it has no {MANIFEST}")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise BrazeError(f"{path} is corrupt: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:      # RecursionError: absurdly deep nesting
+        raise BrazeError(f"{path} is corrupt: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BrazeError(f"{path} is not a braze manifest (no \"format\": \"{FORMAT}\")")
     version = manifest.get("format_version")

@@ -178,7 +178,7 @@ def _dim_fn(d):
         f = compile_expr(str(d))
         if all(f(p) == eval_dim(d, p) for p in _PROBES):
             return f
-    except (BrazeError, KeyError, SyntaxError, ZeroDivisionError):
+    except BrazeError:
         pass
     return lambda sizes: eval_dim(d, sizes)         # an expression the fast path cannot read
 
