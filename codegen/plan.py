@@ -10,11 +10,14 @@ recorded, and identical kernel variants are shared through one kernel table.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
 
 from .kernels import kernel_module_for, lower_node
+
+TEMPLATE_DIR = Path(__file__).parent / "kernels"
 
 EXTERN_BY_DESIGN = {"linear", "matmul", "einsum",                           # GEMMs: cuBLAS
                     "reshape", "permute", "unsqueeze", "squeeze", "expand",  # views
@@ -65,3 +68,19 @@ def build_plan(g: Graph) -> dict:
         out_segments.append({"kind": kind, "first": first, "last": last, "launches": launches})
     return {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
             "sources": sources, "extern_ops": dict(sorted(extern.items()))}
+
+
+def artifact_parts(plan: dict) -> tuple[dict, dict[str, bytes]]:
+    """What an artifact holds for `plan`, cubins apart: its manifest's "plan" and "kernels"
+    entries (each variant without the "targets" its cubins add) and its kernel files
+    (kernels/<module>.py -> source bytes). `braze compile` writes exactly these; loading an
+    artifact nobody trusted signed regenerates them from its graph.bir and compares bytes
+    (runtime/trust.py), which is why this is a pure function of the graph."""
+    entries = {"plan": {"segments": plan["segments"], "workspaces": plan["workspaces"],
+                        "extern_ops": plan["extern_ops"]},
+               "kernels": plan["kernels"]}
+    files = {}
+    for m in sorted({v["module"] for v in plan["kernels"].values()}):
+        files[f"kernels/{m}.py"] = (plan["sources"][m].encode() if m in plan["sources"]
+                                    else (TEMPLATE_DIR / f"{m}.py").read_bytes())
+    return entries, files

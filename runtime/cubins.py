@@ -13,6 +13,8 @@ from pathlib import Path
 
 from braze.launch import aligned_attrs, kernel_signature
 
+from .trust import check_loaded_cubin
+
 log = logging.getLogger("braze.runtime")
 
 
@@ -29,6 +31,7 @@ class CubinCache:
         import triton
         self.root, self.modules = Path(root), modules
         self.kernels = manifest.get("kernels", {})
+        self.files = manifest["files"]
         self.target = device_target()
         made_with = manifest.get("versions", {}).get("triton")
         self.usable = made_with == triton.__version__ and self.target in manifest.get("targets", [])
@@ -58,6 +61,7 @@ class CubinCache:
                 group = {f"{name}.json": str(self.root / entry["meta"]),
                          f"{name}.cubin": str(self.root / entry["cubin"])}
                 kernel = CompiledKernel(src, group, entry.get("hash") or variant_id)
+                check_loaded_cubin(kernel, self.root, entry, self.files)
             except Exception as e:  # a Triton internals mismatch: compile from source instead
                 log.warning("cubin for %s could not be loaded (%s: %s); compiling from source",
                             variant_id, type(e).__name__, e)

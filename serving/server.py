@@ -48,7 +48,8 @@ def _url(sock: socket.socket) -> str:
 def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
           num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
           max_queue: int = 256, served_model_name: str | None = None,
-          drain_timeout: float = 30.0, log_level: str = "info") -> int:
+          drain_timeout: float = 30.0, log_level: str = "info", trusted_keys=None,
+          trust_artifact: bool = False) -> int:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -62,7 +63,7 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "a
 
     sock = bind_socket(host, port)
     try:
-        art = open_artifact(artifact)
+        art = open_artifact(artifact, trusted_keys=trusted_keys, trust_artifact=trust_artifact)
         opts = {k: v for k, v in (("num_kv_blocks", num_kv_blocks),
                                   ("max_num_seqs", max_num_seqs)) if v is not None}
         engine = Engine(art, backend=backend, freeze_gc=True, **opts)
