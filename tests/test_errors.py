@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-
-def run(*args):
-    r = subprocess.run([sys.executable, "-m", "braze", *map(str, args)], capture_output=True,
-                       text=True, timeout=300)
-    return r.returncode, r.stdout, r.stderr
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("braze: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
+from cli_helpers import assert_one_line_error, run
 
 
 def _copy(src, dst):
