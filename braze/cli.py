@@ -113,11 +113,15 @@ def cmd_serve(a) -> int:
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
     if a.drain_timeout < 0:
         raise BrazeError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
+    if a.read_timeout <= 0:
+        raise BrazeError(f"--read-timeout must be > 0, got {a.read_timeout}")
     return serve(a.artifact, host=a.host, port=a.port, backend=a.backend,
                  num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
                  max_queue=a.max_queue, served_model_name=a.served_model_name,
                  drain_timeout=a.drain_timeout, log_level=a.log_level,
-                 trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact)
+                 trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
+                 read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
+                 allowed_hosts=a.allowed_hosts)
 
 
 def cmd_demo(a) -> int:
@@ -247,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client may take to send a request's headers, and again its "
+                   "body; slower clients are disconnected (default 30)")
+    s.add_argument("--limit-concurrency", type=_positive_int, default=1024, metavar="N",
+                   help="most open connections and requests at once; more get 503 (default 1024)")
+    s.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated Host header names to answer (*.example.com for "
+                   "subdomains, * for any). Bound to loopback (the default) the server answers "
+                   "only localhost and loopback addresses, so web pages cannot reach it through "
+                   "DNS rebinding; bound elsewhere it answers any name unless this is given")
     _trust_flags(s)
     s.set_defaults(fn=cmd_serve)
 
