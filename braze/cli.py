@@ -83,7 +83,7 @@ def cmd_opt(a) -> int:
         text = sys.stdin.read() if a.file == "-" else open(a.file).read()
     except OSError as e:
         raise BrazeError(f"cannot read {a.file}: {e.strerror}") from None
-    g = parse_graph(text)
+    g = parse_graph(text, source="<stdin>" if a.file == "-" else a.file)
     verify(g)
     names = [p.strip() for p in (a.passes or "").split(",") if p.strip()]
     ctx = PassContext(options={k: v for k, v in (("max_num_tokens", a.max_num_tokens),
