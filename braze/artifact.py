@@ -155,8 +155,19 @@ def _check_references(root: Path, manifest: dict, files: dict) -> None:
     if not isinstance(kernels, dict):
         raise BrazeError(f"{root / MANIFEST}: its kernel table is not an object")
     for vid, k in kernels.items():
-        targets = k.get("targets") if isinstance(k, dict) else None
-        for target, entry in (targets or {}).items():
-            for key in ("cubin", "meta"):
-                listed(entry.get(key) if isinstance(entry, dict) else None,
-                       f"{target} {key} file of kernel {vid}")
+        for key, rel in _file_entries(k):
+            listed(rel, f"{key} file of kernel {vid}")
+
+
+def _file_entries(value):
+    """("cubin" | "meta", path) for every file a kernel-table entry names, however deep
+    (per target, per specialisation)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in ("cubin", "meta"):
+                yield k, v
+            else:
+                yield from _file_entries(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _file_entries(v)

@@ -70,12 +70,19 @@ def build_plan(g: Graph) -> dict:
             "sources": sources, "extern_ops": dict(sorted(extern.items()))}
 
 
+def regenerate(graph: Graph, options: dict) -> tuple[dict, dict[str, bytes]]:
+    """What `braze compile` with `options` writes for `graph`, cubins apart: the manifest
+    entries and kernel files of `artifact_parts`. Loading an artifact that no trusted key
+    signed compares its own against these (runtime/trust.py); the plan is a function of
+    the graph alone today, `options` is what a plan may come to depend on."""
+    return artifact_parts(build_plan(graph))
+
+
 def artifact_parts(plan: dict) -> tuple[dict, dict[str, bytes]]:
     """What an artifact holds for `plan`, cubins apart: its manifest's "plan" and "kernels"
     entries (each variant without the "targets" its cubins add) and its kernel files
-    (kernels/<module>.py -> source bytes). `braze compile` writes exactly these; loading an
-    artifact nobody trusted signed regenerates them from its graph.bir and compares bytes
-    (runtime/trust.py), which is why this is a pure function of the graph."""
+    (kernels/<module>.py -> source bytes). `braze compile` writes exactly these, and
+    `regenerate` gives them again for verification."""
     entries = {"plan": {"segments": plan["segments"], "workspaces": plan["workspaces"],
                         "extern_ops": plan["extern_ops"]},
                "kernels": plan["kernels"]}

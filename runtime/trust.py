@@ -116,9 +116,9 @@ def _canon(value) -> str:
 def _regenerate(root: Path, manifest: dict, graph: Graph) -> tuple[str | None, dict]:
     """-> (None, module -> sha256) when the plans and kernel files are what this braze
     generates from the graph, else (what differs, naming the file, {})."""
-    from braze.codegen.plan import artifact_parts, build_plan
+    from braze.codegen.plan import regenerate
     try:
-        entries, files = artifact_parts(build_plan(graph))
+        entries, files = regenerate(graph, manifest.get("options") or {})
     except Exception as e:     # a hostile graph can upset any lowering: none of it runs
         return f"its {GRAPH_FILE} does not lower to launch plans ({type(e).__name__}: " \
                f"{str(e)[:200]})", {}
@@ -135,10 +135,12 @@ def _regenerate(root: Path, manifest: dict, graph: Graph) -> tuple[str | None, d
         if _canon(plan.get(key)) != _canon(want):
             return f"manifest.json's launch plan{_first_difference(plan.get(key), want, key)} " \
                    f"differs from what this braze generates from its {GRAPH_FILE}", {}
+    # each variant as far as codegen describes it; what compiling cubins adds is not
+    # compared: a verified artifact's cubins are never loaded
     kernels = manifest.get("kernels") if isinstance(manifest.get("kernels"), dict) else {}
-    stripped = {vid: {k: v for k, v in entry.items() if k != "targets"}
-                for vid, entry in kernels.items() if isinstance(entry, dict)}
-    if _canon(stripped) != _canon(entries["kernels"]) or len(stripped) != len(kernels):
+    stripped = {vid: ({k: entry.get(k) for k in entries["kernels"].get(vid, entry)}
+                      if isinstance(entry, dict) else entry) for vid, entry in kernels.items()}
+    if _canon(stripped) != _canon(entries["kernels"]):
         return f"manifest.json's kernel table{_first_difference(stripped, entries['kernels'], 'kernels')} " \
                f"differs from what this braze generates from its {GRAPH_FILE}", {}
     return None, {rel[len("kernels/"):-len(".py")]: hashlib.sha256(data).hexdigest()
