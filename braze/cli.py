@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact", metavar="ARTIFACT")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-verify", action="store_true",
-                   help="skip checking file hashes (and so whether the artifact is trusted)")
+                   help="skip checking file hashes")
     _trust_flags(i, run=False)
     i.set_defaults(fn=cmd_inspect)
 

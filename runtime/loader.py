@@ -71,11 +71,12 @@ def open_artifact(path, check_hashes: bool = True, trusted_keys=None,
     manifest, manifest_bytes = read_manifest_bytes(root)
     verify_files(root, manifest, check_hashes=check_hashes)
     _check_versions(root, manifest)
-    graph = _read_graph(root, manifest, check_hashes)
-    if check_hashes:
-        trust = establish(root, manifest, manifest_bytes, graph, trusted_keys, trust_artifact)
-    else:
-        trust = Trust("none", "not checked: the artifact's file hashes were not verified")
+    graph = _read_graph(root, manifest)
+    # trust does not rest on `check_hashes`: the signature covers the manifest's bytes, and
+    # executable files are checked against the manifest when they are read to run
+    # (braze/kernel_modules.py, trust.check_loaded_cubin); check_hashes=False skips
+    # re-hashing the rest (weights), e.g. right after compile wrote and hashed them
+    trust = establish(root, manifest, manifest_bytes, graph, trusted_keys, trust_artifact)
     if require_trust and not trust.admitted:
         raise BrazeError(refusal(root, trust))
     if trust.admitted:
@@ -83,10 +84,11 @@ def open_artifact(path, check_hashes: bool = True, trusted_keys=None,
     return Artifact(root, manifest, graph, trust)
 
 
-def _read_graph(root: Path, manifest: dict, check_hashes: bool) -> Graph:
+def _read_graph(root: Path, manifest: dict) -> Graph:
     data = (root / GRAPH_FILE).read_bytes()        # read once: parsed is what was hashed
-    if check_hashes and hashlib.sha256(data).hexdigest() != manifest["files"][GRAPH_FILE]:
-        raise BrazeError(f"artifact file {root / GRAPH_FILE} changed while it was loaded")
+    if hashlib.sha256(data).hexdigest() != manifest["files"][GRAPH_FILE]:
+        raise BrazeError(f"artifact file {root / GRAPH_FILE} does not match its sha256 in the "
+                         f"manifest: it was modified or corrupted; recompile the artifact")
     try:
         graph = parse_graph(data.decode("utf-8"), source=GRAPH_FILE)
     except UnicodeDecodeError:

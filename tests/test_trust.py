@@ -161,13 +161,20 @@ def test_tampered_file_without_recomputed_hash_is_refused(art, tmp_path):
     assert not marker.exists()
 
 
-def test_kernel_text_is_checked_when_read_not_only_at_open(art, tmp_path):
-    """A kernel file swapped after the artifact was opened (and its hashes checked) is
-    refused when the runtime reads it to execute it."""
+@pytest.mark.parametrize("when", ["after-open", "hashes-skipped"])
+def test_kernel_text_is_checked_when_read_not_only_at_open(art, tmp_path, when):
+    """A kernel file swapped after the artifact was opened, or opened without the bulk hash
+    check (as compile reopens what it just wrote), is refused when the runtime reads it to
+    execute it: trust never rests on that check alone."""
     from braze.runtime import LLM, open_artifact
     marker = tmp_path / "ran"
-    opened = open_artifact(art)
-    _tamper_kernel(art, marker)
+    if when == "after-open":
+        opened = open_artifact(art)
+        _tamper_kernel(art, marker)
+    else:
+        _tamper_kernel(art, marker)
+        opened = open_artifact(art, check_hashes=False)
+        assert opened.trust.how == "signed"
     with pytest.raises(BrazeError, match="norm.py is not the file that was verified or signed"):
         LLM(opened, backend="interpret", num_kv_blocks=8)
     assert not marker.exists()
