@@ -86,7 +86,7 @@ def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:
     if not isinstance(files, dict) or not files:
         raise BrazeError(f"{root / MANIFEST} lists no files: the artifact is incomplete")
     for rel, digest in files.items():
-        inside(root, rel)
+        _inside(root, rel)
         if not isinstance(digest, str):
             raise BrazeError(f"{root / MANIFEST}: the sha256 of {rel} is not a string")
     present = _regular_files(root)
@@ -104,7 +104,7 @@ def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:
                                  f"manifest: it was modified or corrupted; recompile the artifact")
 
 
-def inside(root: Path, rel) -> Path:
+def _inside(root: Path, rel) -> Path:
     """`root / rel` for a manifest path `rel` that stays inside the artifact: relative,
     POSIX, no `..`, `.` or empty parts. Nothing is looked up on disk for a refused path."""
     ok = isinstance(rel, str) and rel and "\\" not in rel and "\0" not in rel

@@ -113,8 +113,9 @@ def cmd_serve(a) -> int:
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
     if a.drain_timeout < 0:
         raise BrazeError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
-    if a.read_timeout <= 0:
-        raise BrazeError(f"--read-timeout must be > 0, got {a.read_timeout}")
+    if not 0 < a.read_timeout < float("inf"):
+        raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
+                         f"{a.read_timeout}")
     return serve(a.artifact, host=a.host, port=a.port, backend=a.backend,
                  num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
                  max_queue=a.max_queue, served_model_name=a.served_model_name,
@@ -210,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise an artifact")
     i.add_argument("artifact", metavar="ARTIFACT")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--no-verify", action="store_true",
-                   help="skip checking file hashes")
+    i.add_argument("--no-verify", action="store_true", help="skip checking file hashes")
     _trust_flags(i, run=False)
     i.set_defaults(fn=cmd_inspect)
 
