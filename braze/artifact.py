@@ -8,6 +8,13 @@ An artifact is a plain directory, never pickle:
     weights-NNNNN.safetensors
     config.json              the model's config, as given
     tokenizer/               tokenizer files, when the model directory had them
+    kernels/, cubin/         kernel sources and their ahead-of-time binaries (codegen)
+    signature.json           an Ed25519 signature of manifest.json (braze/signing.py)
+
+Every path the manifest names is relative, resolves inside the artifact, and is listed
+with its sha256 in `files`; links and anything but regular files are refused, and so is
+any file the manifest does not list. What may run from an artifact is decided after
+these checks (runtime/trust.py).
 
 This module is shared by the compiler and the runtime, so it imports neither.
 """
@@ -16,13 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
+import stat
+from pathlib import Path, PurePosixPath
 
 from braze.ir.errors import BrazeError
 
 FORMAT = "braze-artifact"
 FORMAT_VERSION = 2     # 2: step limits recorded; cubins per spec key
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
 GRAPH_FILE = "graph.bir"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -32,23 +42,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    # O_NOFOLLOW: a file swapped for a link after the artifact was walked is not followed
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def read_manifest(root: Path) -> dict:
+    return read_manifest_bytes(root)[0]
+
+
+def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
+    """The manifest and the exact bytes it was parsed from (what a signature covers)."""
     root = Path(root)
     if not root.is_dir():
         raise BrazeError(f"artifact {root} does not exist (make one with `braze compile`)")
     path = root / MANIFEST
     if not path.exists():
         raise BrazeError(f"{root} is not a braze artifact: it has no {MANIFEST}")
+    data = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise BrazeError(f"{path} is corrupt: not valid JSON ({e})") from None
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as e:      # RecursionError: absurdly deep nesting
+        raise BrazeError(f"{path} is corrupt: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BrazeError(f"{path} is not a braze manifest (no \"format\": \"{FORMAT}\")")
     version = manifest.get("format_version")
@@ -57,23 +74,100 @@ def read_manifest(root: Path) -> dict:
         raise BrazeError(f"artifact {root} has format version {version} (made by braze "
                          f"{made_by}); this braze reads version {FORMAT_VERSION}: recompile "
                          f"it with `braze compile`")
-    return manifest
+    return manifest, data
 
 
 def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:
-    """Every file the manifest lists exists with its recorded sha256, and nothing is unlisted."""
+    """Every file the manifest lists lies inside `root` and exists with its recorded sha256,
+    nothing else is there (no links, no unlisted files), and every file the manifest refers
+    to elsewhere (weights, graph, tokenizer, cubins) is one of the listed files."""
     root = Path(root)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BrazeError(f"{root / MANIFEST} lists no files: the artifact is incomplete")
-    for rel, digest in sorted(files.items()):
-        path = root / rel
-        if not path.is_file():
+    for rel, digest in files.items():
+        _inside(root, rel)
+        if not isinstance(digest, str):
+            raise BrazeError(f"{root / MANIFEST}: the sha256 of {rel} is not a string")
+    present = _regular_files(root)
+    for rel in sorted(files):
+        if rel not in present:
             raise BrazeError(f"artifact {root} is missing {rel} (listed in its manifest)")
-        if check_hashes and sha256_file(path) != digest:
-            raise BrazeError(f"artifact file {path} does not match its sha256 in the manifest: "
-                             f"it was modified or corrupted; recompile the artifact")
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    extra = sorted(present - set(files) - {MANIFEST})
+    extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
     if extra:
         raise BrazeError(f"artifact {root} holds {extra[0]}, which its manifest does not list")
+    _check_references(root, manifest, files)
+    if check_hashes:
+        for rel, digest in sorted(files.items()):
+            if sha256_file(root / rel) != digest:
+                raise BrazeError(f"artifact file {root / rel} does not match its sha256 in the "
+                                 f"manifest: it was modified or corrupted; recompile the artifact")
+
+
+def _inside(root: Path, rel) -> Path:
+    """`root / rel` for a manifest path `rel` that stays inside the artifact: relative,
+    POSIX, no `..`, `.` or empty parts. Nothing is looked up on disk for a refused path."""
+    ok = isinstance(rel, str) and rel and "\\" not in rel and "\0" not in rel
+    parts = PurePosixPath(rel).parts if ok else ()
+    if not ok or PurePosixPath(rel).is_absolute() or any(p in ("..", ".") for p in parts) \
+            or "/".join(parts) != rel:
+        raise BrazeError(f"artifact {root}: its manifest names {str(rel)[:200]!r}, which is not a "
+                         f"plain relative path inside the artifact; braze reads nothing outside "
+                         f"it (the manifest was edited by hand or by an attacker: recompile it)")
+    return root / rel
+
+
+def _regular_files(root: Path) -> set[str]:
+    """The relative paths of the files under `root`; a link (to a file or a directory) or a
+    special file (a FIFO would block whoever hashes it) anywhere is refused."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise BrazeError(f"artifact {root} holds a symbolic link, {rel}: braze refuses "
+                                 f"links in an artifact (copy the file in instead)")
+            if name in filenames and not stat.S_ISREG(mode):
+                raise BrazeError(f"artifact {root} holds {rel}, which is not a regular file")
+            if name in filenames:
+                out.add(rel)
+    return out
+
+
+def _check_references(root: Path, manifest: dict, files: dict) -> None:
+    def listed(rel, what: str) -> None:
+        if rel not in files:
+            raise BrazeError(f"artifact {root}: its {what} {str(rel)[:200]!r} is not one of the "
+                             f"files its manifest lists and hashes; recompile the artifact")
+
+    listed(GRAPH_FILE, "graph")
+    weights = manifest.get("weights")
+    if not isinstance(weights, dict) or not isinstance(weights.get("files"), list):
+        raise BrazeError(f"{root / MANIFEST} has no list of weight files")
+    for f in weights["files"]:
+        listed(f, "weight file")
+    if manifest.get("tokenizer") not in (None, TOKENIZER_DIR):
+        raise BrazeError(f"artifact {root}: its tokenizer directory must be {TOKENIZER_DIR!r}, "
+                         f"got {str(manifest.get('tokenizer'))[:200]!r}")
+    kernels = manifest.get("kernels") or {}
+    if not isinstance(kernels, dict):
+        raise BrazeError(f"{root / MANIFEST}: its kernel table is not an object")
+    for vid, k in kernels.items():
+        for key, rel in _file_entries(k):
+            listed(rel, f"{key} file of kernel {vid}")
+
+
+def _file_entries(value):
+    """("cubin" | "meta", path) for every file a kernel-table entry names, however deep
+    (per target, per specialisation)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in ("cubin", "meta"):
+                yield k, v
+            else:
+                yield from _file_entries(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _file_entries(v)

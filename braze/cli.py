@@ -58,7 +58,7 @@ def cmd_compile(a) -> int:
             log=None if a.quiet else _log,
             opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
-            targets=a.targets, cudagraph_mode=a.cudagraph_mode)
+            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign)
     return 0
 
 
@@ -75,7 +75,8 @@ def cmd_generate(a) -> int:
         raise BrazeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     params = _sampling(a)
     params.validate()
-    llm = LLM(a.artifact, backend=a.backend, num_kv_blocks=a.num_kv_blocks)
+    llm = LLM(a.artifact, backend=a.backend, num_kv_blocks=a.num_kv_blocks,
+              trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact)
     out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
     if a.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text,
@@ -87,7 +88,7 @@ def cmd_generate(a) -> int:
 
 def cmd_inspect(a) -> int:
     from braze.inspect import format_summary, summarize
-    summary = summarize(a.artifact, check_hashes=not a.no_verify)
+    summary = summarize(a.artifact, check_hashes=not a.no_verify, trusted_keys=a.trusted_keys)
     print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
     return 0
 
@@ -99,7 +100,7 @@ def cmd_opt(a) -> int:
         text = sys.stdin.read() if a.file == "-" else open(a.file).read()
     except OSError as e:
         raise BrazeError(f"cannot read {a.file}: {e.strerror}") from None
-    g = parse_graph(text)
+    g = parse_graph(text, source="<stdin>" if a.file == "-" else a.file)
     verify(g)
     names = [p.strip() for p in (a.passes or "").split(",") if p.strip()]
     ctx = PassContext(options={k: v for k, v in (("max_num_tokens", a.max_num_tokens),
@@ -129,15 +130,36 @@ def cmd_serve(a) -> int:
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
     if a.drain_timeout < 0:
         raise BrazeError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
+    if not 0 < a.read_timeout < float("inf"):
+        raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
+                         f"{a.read_timeout}")
     return serve(a.artifact, host=a.host, port=a.port, backend=a.backend,
                  num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
                  max_queue=a.max_queue, served_model_name=a.served_model_name,
-                 drain_timeout=a.drain_timeout, log_level=a.log_level)
+                 drain_timeout=a.drain_timeout, log_level=a.log_level,
+                 trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
+                 read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
+                 allowed_hosts=a.allowed_hosts)
 
 
 def cmd_demo(a) -> int:
     from braze.demo import run_demo
     return run_demo(max_tokens=a.max_tokens, keep=a.keep)
+
+
+def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
+    p.add_argument("--trusted-keys", metavar="DIR",
+                   help="a directory of Ed25519 public keys (*.pub or *.pem, PEM or OpenSSH) "
+                   "whose signed artifacts are trusted, besides ~/.config/braze/trusted-keys "
+                   "(which holds your own key, so what you compile yourself needs no flag). An "
+                   "artifact no trusted key signed runs only if this braze regenerates its "
+                   "launch plans and kernels byte for byte")
+    if run:
+        p.add_argument("--trust-artifact", action="store_true",
+                       help="run the artifact's kernel sources, launch plans and cubins even "
+                       "though no trusted key signed it and this braze cannot regenerate them "
+                       "(like transformers' trust_remote_code: only for artifacts whose source "
+                       "you trust; logged as a warning)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")
+    c.add_argument("--sign", metavar="KEY",
+                   help="sign the artifact with this Ed25519 private key file (PEM or OpenSSH; "
+                   "make one with `openssl genpkey -algorithm ed25519 -out KEY`) instead of "
+                   "your per-user key (~/.config/braze/signing-key.pem, made on first use); "
+                   "hosts that trust its public key run the artifact's kernels and cubins as "
+                   "they are")
     c.add_argument("--force", action="store_true", help="replace ARTIFACT if it exists")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.set_defaults(fn=cmd_compile)
@@ -201,12 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
                    help=BACKEND_HELP)
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
+    _trust_flags(g)
     g.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("inspect", help="summarise an artifact")
     i.add_argument("artifact", metavar="ARTIFACT")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-verify", action="store_true", help="skip checking file hashes")
+    _trust_flags(i, run=False)
     i.set_defaults(fn=cmd_inspect)
 
     o = sub.add_parser("opt", help="run passes on IR text (like mlir-opt)",
@@ -245,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client may take to send a request's headers, and again its "
+                   "body; slower clients are disconnected (default 30)")
+    s.add_argument("--limit-concurrency", type=_positive_int, default=1024, metavar="N",
+                   help="most open connections and requests at once; more get 503 (default 1024)")
+    s.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated Host header names to answer (*.example.com for "
+                   "subdomains, * for any). Bound to loopback (the default) the server answers "
+                   "only localhost and loopback addresses, so web pages cannot reach it through "
+                   "DNS rebinding; bound elsewhere it answers any name unless this is given")
+    _trust_flags(s)
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")

@@ -21,6 +21,7 @@ from braze.frontend import load_model
 from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
 from braze.passes import PassContext, PassManager, dump_after_each
+from braze.signing import default_private_key, load_private_key
 
 from .config import CompileOptions
 
@@ -30,11 +31,15 @@ def _quiet(msg: str) -> None:
 
 
 def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool = False,
-            log=None, **options):
-    """Compile a Hugging Face model directory into an artifact at `out`; returns the Artifact."""
+            log=None, sign=None, **options):
+    """Compile a Hugging Face model directory into an artifact at `out`; returns the Artifact.
+
+    The artifact is signed with the Ed25519 private key file `sign`, or by default with
+    the per-user key (braze/signing.py), so that hosts trusting the key run it as it is."""
     log = log or _quiet
     opts = CompileOptions(**options)
     opts.validate()
+    key = load_private_key(sign) if sign else default_private_key(log=log)   # fail early
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not force:
@@ -94,7 +99,7 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
                    extra={"compile": compile_info, "limits": opts.limits().to_json()},
-                   overwrite=force, log=log, emit=emit)
+                   overwrite=force, log=log, emit=emit, signing_key=key)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written

@@ -5,8 +5,10 @@ from __future__ import annotations
 from braze.runtime.loader import open_artifact
 
 
-def summarize(path, check_hashes: bool = True) -> dict:
-    art = open_artifact(path, check_hashes=check_hashes)
+def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
+    # inspecting runs nothing from the artifact, so an untrusted one is shown, not refused
+    art = open_artifact(path, check_hashes=check_hashes, trusted_keys=trusted_keys,
+                        require_trust=False)
     m = art.manifest
     g = art.graph
     compile_info = m.get("compile", {})
@@ -42,6 +44,7 @@ def summarize(path, check_hashes: bool = True) -> dict:
         "weight_files": m["weights"]["files"],
         "tokenizer": m.get("tokenizer") is not None,
         "hashes_verified": check_hashes,
+        "trust": {"how": art.trust.how, "detail": art.trust.detail},
     }
 
 
@@ -92,4 +95,7 @@ def format_summary(s: dict) -> str:
     lines.append("inputs     " + ", ".join(f"%{k}: {v}" for k, v in list(s["inputs"].items())[:7])
                  + (f", + {len(s['inputs']) - 7} KV-cache tensors" if len(s["inputs"]) > 7 else ""))
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
+    lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
+                 + ("" if s["trust"]["how"] != "none" else
+                    " (generate and serve refuse it; see --trusted-keys and --trust-artifact)"))
     return "\n".join(lines)

@@ -8,7 +8,10 @@ file name, and registered in `linecache` under that name, which is where Triton'
 - nothing is ever written: no `__pycache__/*.pyc` inside an artifact (the next open would
   refuse the unlisted file), no shared temporary directory for generated kernels (another
   user could plant code there; concurrent writers could leave a half-written file);
-- the text compiled is the text Triton sees, even if the file changes on disk afterwards.
+- the text compiled is the text Triton sees, even if the file changes on disk afterwards;
+- with `hashes` (what the runtime passes: runtime/trust.py decided which text may run),
+  the bytes read are checked against their trusted sha256 before anything is executed,
+  and a module name is a plain identifier, so no name reaches outside the directory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import hashlib
 import linecache
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -64,14 +68,22 @@ def load_source(module: str, text: str, filename: str, interpret: bool) -> types
     return mod
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class KernelModules:
     """Kernel source modules by name: files of `directory`, or generated `sources` (module
-    name -> text) that are not on disk. Each is loaded once."""
+    name -> text) that are not on disk. Each is loaded once.
 
-    def __init__(self, directory: Path, interpret: bool, sources: dict[str, str] | None = None):
+    `hashes` (module name -> sha256 hex) admits a file of `directory` only if its bytes have
+    that hash; None trusts the directory (codegen's own templates, installed with braze)."""
+
+    def __init__(self, directory: Path, interpret: bool, sources: dict[str, str] | None = None,
+                 hashes: dict[str, str] | None = None):
         self.directory = Path(directory)
         self.interpret = interpret
         self.sources = sources if sources is not None else {}
+        self.hashes = hashes
         self._mods: dict[str, types.ModuleType] = {}
 
     def get(self, module: str, fn: str):
@@ -80,13 +92,28 @@ class KernelModules:
                 text = self.sources[module]
                 filename = f"<braze generated kernel {module}>"
             else:
-                path = self.directory / f"{module}.py"
-                if not path.is_file():
-                    raise BrazeError(f"kernel module {path} is missing")
-                text = path.read_text()
-                filename = str(path)
+                text = self._read(module)
+                filename = str(self.directory / f"{module}.py")
             self._mods[module] = load_source(module, text, filename, self.interpret)
         try:
             return getattr(self._mods[module], fn)
         except AttributeError:
             raise BrazeError(f"kernel module {module} has no kernel {fn}") from None
+
+    def _read(self, module: str) -> str:
+        if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
+            raise BrazeError(f"kernel module name {str(module)[:80]!r} is not a plain identifier; "
+                             f"braze loads kernels only from {self.directory}")
+        path = self.directory / f"{module}.py"
+        if self.hashes is not None and module not in self.hashes:
+            raise BrazeError(f"kernel module {path} is not one the artifact lists and hashes")
+        if not path.is_file():
+            raise BrazeError(f"kernel module {path} is missing")
+        data = path.read_bytes()
+        if self.hashes is not None and hashlib.sha256(data).hexdigest() != self.hashes[module]:
+            raise BrazeError(f"kernel module {path} is not the file that was verified or signed "
+                             f"(it changed after the artifact was opened); nothing of it ran")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BrazeError(f"kernel module {path} is not UTF-8 text") from None

@@ -25,6 +25,7 @@ from braze.artifact import (FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, TOKENI
 from braze.ir import Graph, print_graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
+from braze.signing import sign_artifact
 
 SHARD_BYTES = 2 << 30
 
@@ -43,9 +44,9 @@ def versions() -> dict:
 
 def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: dict,
                    model_dir: Path, extra: dict | None = None, shard_bytes: int = SHARD_BYTES,
-                   overwrite: bool = False, log=None, emit=None) -> Path:
+                   overwrite: bool = False, log=None, emit=None, signing_key=None) -> Path:
     """`emit(root) -> dict` writes more files (kernels, cubins) before hashing and returns
-    manifest entries for them."""
+    manifest entries for them; `signing_key` (Ed25519) signs the manifest."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise BrazeError(f"{out} already exists; pass --force to replace it")
@@ -60,6 +61,10 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
         manifest = _write(tmp, graph, load_param, model, options, Path(model_dir), extra,
                           shard_bytes, log)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        if signing_key is not None:
+            key_id = sign_artifact(tmp, signing_key)
+            if log:
+                log(f"signed the artifact with {key_id}")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -10,6 +10,7 @@ recorded, and identical kernel variants are shared through one kernel table.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
@@ -17,6 +18,8 @@ from braze.ir.layout import VIEW_OPS
 
 from .kernels import kernel_module_for, lower_node
 from .specialize import step_sizes, variant_keys
+
+TEMPLATE_DIR = Path(__file__).parent / "kernels"
 
 EXTERN_BY_DESIGN = {"linear", "matmul", "einsum"} | VIEW_OPS        # GEMMs: cuBLAS; views
 
@@ -69,3 +72,26 @@ def build_plan(g: Graph, options: dict) -> dict:
         kernels[vid]["specs"] = keys
     return {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
             "sources": sources, "extern_ops": dict(sorted(extern.items()))}
+
+
+def regenerate(graph: Graph, options: dict) -> tuple[dict, dict[str, bytes]]:
+    """What `braze compile` with `options` writes for `graph`, cubins apart: the manifest
+    entries and kernel files of `artifact_parts`. Loading an artifact that no trusted key
+    signed compares its own against these (runtime/trust.py); the plan is a function of
+    the graph alone today, `options` is what a plan may come to depend on."""
+    return artifact_parts(build_plan(graph, options))
+
+
+def artifact_parts(plan: dict) -> tuple[dict, dict[str, bytes]]:
+    """What an artifact holds for `plan`, cubins apart: its manifest's "plan" and "kernels"
+    entries (each variant without the "targets" its cubins add) and its kernel files
+    (kernels/<module>.py -> source bytes). `braze compile` writes exactly these, and
+    `regenerate` gives them again for verification."""
+    entries = {"plan": {"segments": plan["segments"], "workspaces": plan["workspaces"],
+                        "extern_ops": plan["extern_ops"]},
+               "kernels": plan["kernels"]}
+    files = {}
+    for m in sorted({v["module"] for v in plan["kernels"].values()}):
+        files[f"kernels/{m}.py"] = (plan["sources"][m].encode() if m in plan["sources"]
+                                    else (TEMPLATE_DIR / f"{m}.py").read_bytes())
+    return entries, files

@@ -1,6 +1,10 @@
 """Parse the textual IR (see printer.py) back into a Graph.
 
-Errors name the line and what was expected there.
+Errors name the line and what was expected there. The readers are small grammars that
+never evaluate text: dimensions (dim_grammar.py), attribute values (JSON-like literals,
+nested at most MAX_NESTING deep, integers of at most MAX_INT_DIGITS digits). A graph.bir
+is data an artifact ships, so a hostile one must fail fast with a BrazeError, not hang
+or overflow the stack.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ _NAME = r"[A-Za-z0-9_.\-]+"
 _HEADER = re.compile(rf"^graph @({_NAME})\((.*)\) \{{$")
 _PARAM = re.compile(rf"^param @({_NAME}): ([^=]+?)(?: = (.+))?$")
 _CALL = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\(([^()]*)\)(?: \{(.*)\})?$")
+MAX_NESTING = 64          # attribute lists/dicts; the deepest braze writes is 3
+MAX_INT_DIGITS = 400      # Python refuses int() of more than 4300 digits with a ValueError
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
@@ -25,7 +31,7 @@ def split_top(text: str, sep: str = ",") -> list[str]:
         c = text[i]
         if in_str:
             cur.append(c)
-            if c == "\\":
+            if c == "\\" and i + 1 < len(text):
                 cur.append(text[i + 1])
                 i += 1
             elif c == '"':
@@ -68,7 +74,7 @@ class _AttrReader:
                         r'(true|false|none)\b|([\[\],=:{}])|([A-Za-z_][A-Za-z0-9_]*))')
 
     def __init__(self, text: str):
-        self.text, self.pos = text, 0
+        self.text, self.pos, self.depth = text, 0, 0
 
     def _next(self):
         m = self._TOKEN.match(self.text, self.pos)
@@ -85,15 +91,29 @@ class _AttrReader:
             self.pos = save
 
     def value(self):
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise BrazeError(f"attribute values nested more than {MAX_NESTING} deep")
+        try:
+            return self._value()
+        finally:
+            self.depth -= 1
+
+    def _value(self):
         m = self._next()
         s, special, flt, integer, kw, punct, _ident = m.groups()
         if s is not None:
-            return json.loads(s)
+            try:
+                return json.loads(s)
+            except ValueError as e:     # a bad escape such as "\x"
+                raise BrazeError(f"bad string {s[:40]!r} in attributes: {e}") from None
         if special is not None:
             return float(special)
         if flt is not None:
             return float(flt)
         if integer is not None:
+            if len(integer) > MAX_INT_DIGITS + 1:
+                raise BrazeError(f"integer of more than {MAX_INT_DIGITS} digits in attributes")
             return int(integer)
         if kw is not None:
             return {"true": True, "false": False, "none": None}[kw]
@@ -142,7 +162,8 @@ def parse_attrs(text: str) -> dict:
     return _AttrReader(text).attrs()
 
 
-def parse_graph(text: str) -> Graph:
+def parse_graph(text: str, source: str = "IR") -> Graph:
+    """`source` names the text in errors: "graph.bir line 12: ..." (default "IR line 12")."""
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
     if not lines:
@@ -188,7 +209,7 @@ def parse_graph(text: str) -> Graph:
             else:
                 _parse_node(g, env, line)
         except BrazeError as e:
-            raise BrazeError(f"IR line {lineno}: {e}  [{line[:120]}]") from None
+            raise BrazeError(f"{source} line {lineno}: {e}  [{line[:120]}]") from None
     if g is None or not done:
         raise BrazeError("IR text ends before the graph's closing '}'")
     return g

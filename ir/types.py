@@ -20,7 +20,10 @@ from typing import Union
 
 import sympy
 import torch
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.str import StrPrinter
 
+from .dim_grammar import MAX_DIGITS, read_dim
 from .errors import BrazeError
 
 T = sympy.Symbol("T", integer=True, positive=True)
@@ -77,29 +80,22 @@ def canon_dim(d) -> Dim:
     raise BrazeError(f"dimension must be an int or sympy expression, got {d!r}")
 
 
-_DIM_TEXT = re.compile(r"^[\sA-Za-z0-9_+\-*/(),]*$")
-_DIM_FUNCS = {"ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min}
+_INT = re.compile(rf"-?[0-9]{{1,{MAX_DIGITS}}}")
 
 
 @functools.lru_cache(maxsize=4096)
 def parse_dim(text: str) -> Dim:
-    """An int, or an integer-valued expression over the declared symbols.
-
-    Only digits, the symbols, + - * / ( ) and ceiling/floor/Max/Min are accepted:
-    dimension text is never evaluated as Python."""
+    """An int, or an integer-valued expression over the declared symbols, read by the small
+    grammar of ir/dim_grammar.py (dimension text is never evaluated, by Python or sympy)."""
     text = text.strip()
-    if text.lstrip("-").isdigit():
+    if _INT.fullmatch(text):
         return int(text)
-    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
-    unknown = names - set(SYMBOLS) - set(_DIM_FUNCS)
-    if not _DIM_TEXT.match(text) or unknown or not text:
-        what = f"unknown symbol(s) {sorted(unknown)}" if unknown else "characters outside + - * / ( )"
-        raise BrazeError(f"cannot parse dimension {text!r}: {what}; dimensions are ints or "
-                         f"expressions over {', '.join(SYMBOLS)}")
     try:
-        expr = sympy.sympify(text, locals={**SYMBOLS, **_DIM_FUNCS}, rational=True)
-    except (sympy.SympifyError, SyntaxError, TypeError, ZeroDivisionError) as e:
-        raise BrazeError(f"cannot parse dimension {text!r}: {e}") from None
+        expr = read_dim(text, SYMBOLS)
+    except BrazeError as e:
+        raise BrazeError(f"cannot parse dimension {text[:80]!r}: {e}; dimensions are ints or "
+                         f"expressions over {', '.join(SYMBOLS)} with + - * / ( ) and "
+                         f"ceiling, floor, Max, Min") from None
     if not isinstance(expr, sympy.Expr) or expr.is_integer is not True:
         raise BrazeError(f"dimension {text!r} is not an integer expression over "
                          f"{', '.join(SYMBOLS)}")
@@ -110,10 +106,23 @@ def dim_str(d: Dim) -> str:
     return str(d) if isinstance(d, int) else _expr_str(d)
 
 
+class _DimPrinter(StrPrinter):
+    """sympy's text, but a power as a product (`(T*T)`): the dimension grammar has no `**`."""
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.as_base_exp()
+        if exp.is_Integer and exp > 1:
+            return "(" + "*".join([self.parenthesize(base, PRECEDENCE["Mul"])] * int(exp)) + ")"
+        return super()._print_Pow(expr, rational)
+
+
+_PRINTER = _DimPrinter()
+
+
 @functools.lru_cache(maxsize=4096)
 def _expr_str(d) -> str:
     # sympy's printer is slow, and the same few expressions (T, S + 1, ...) print thousands of times
-    return str(d)
+    return _PRINTER.doprint(d)
 
 
 def eval_dim(d: Dim, bindings: dict[str, int]) -> int:

@@ -1,6 +1,7 @@
 """Runtime: load an artifact and serve it. Imports `ir` and the artifact schema only,
-never the compiler (frontend, passes, models, codegen). Names load lazily so that
-importing one piece (say the block manager) does not pull in the engine."""
+never the compiler (frontend, passes, models); codegen's lowering only to verify an
+artifact no trusted key signed (trust.py). Names load lazily so that importing one
+piece (say the block manager) does not pull in the engine."""
 
 _WHERE = {"Executor": "executor", "LLM": "llm", "Completion": "llm", "Engine": "engine",
           "Artifact": "loader", "open_artifact": "loader", "SamplingParams": "sampler",

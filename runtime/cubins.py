@@ -19,6 +19,8 @@ from pathlib import Path
 
 from braze.launch import admits, specialised_source
 
+from .trust import check_loaded_cubin
+
 log = logging.getLogger("braze.runtime")
 
 
@@ -53,6 +55,7 @@ class CubinCache:
         import triton
         self.root, self.modules = Path(root), modules
         self.kernels = manifest.get("kernels", {})
+        self.files = manifest["files"]
         self.target = device_target()
         self.reason = unusable_reason(manifest, triton.__version__, self.target)
         self.usable = self.reason is None
@@ -109,7 +112,9 @@ class CubinCache:
             name = entry["name"]
             group = {f"{name}.json": str(self.root / entry["meta"]),
                      f"{name}.cubin": str(self.root / entry["cubin"])}
-            return CompiledKernel(src, group, entry.get("hash") or f"{variant_id}@{key}")
+            kernel = CompiledKernel(src, group, entry.get("hash") or f"{variant_id}@{key}")
+            check_loaded_cubin(kernel, self.root, entry, self.files)   # the bytes Triton read
+            return kernel
         except Exception as e:  # a Triton internals mismatch: compile from source instead
             self._warn(variant_id, f"cubin {entry['cubin']} could not be loaded "
                                    f"({type(e).__name__}: {e}); JIT-compiling {variant_id}")

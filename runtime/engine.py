@@ -37,8 +37,12 @@ class Engine:
                  device: str | None = None, buckets: list[int] | None = None,
                  cudagraph_mode: str | None = None, enable_prefix_caching: bool = True,
                  async_scheduling: bool | None = None, freeze_gc: bool = False,
-                 debug: bool = False, progress=None):
-        self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
+                 debug: bool = False, progress=None, trusted_keys=None,
+                 trust_artifact: bool = False):
+        # trusted_keys / trust_artifact: what admits an artifact no trusted key signed and
+        # this braze cannot regenerate (runtime/trust.py)
+        self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(
+            artifact, trusted_keys=trusted_keys, trust_artifact=trust_artifact)
         self.runner = ModelRunner(self.artifact, backend=backend, device=device,
                                   num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                   max_num_tokens=max_num_tokens, buckets=buckets,

@@ -16,6 +16,7 @@ from braze.ir.errors import BrazeError
 
 from .kv_cache import KVCache
 from .loader import Artifact
+from .trust import refusal
 
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 
@@ -34,6 +35,8 @@ def resolve_backend(backend: str, has_plan: bool = True) -> str:
 class Executor:
     def __init__(self, artifact: Artifact, backend: str = "auto", device: str | None = None,
                  num_blocks: int | None = None):
+        if not artifact.trust.admitted:     # opened for inspection only: nothing of it runs
+            raise BrazeError(refusal(artifact.root, artifact.trust))
         self.backend = resolve_backend(backend, has_plan="plan" in artifact.manifest)
         self.artifact = artifact
         self.graph = artifact.graph

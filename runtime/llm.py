@@ -1,5 +1,8 @@
 """The Python face of serving: `braze.LLM(artifact).generate(prompts, SamplingParams(...))`.
 
+`LLM(artifact, trusted_keys=DIR, trust_artifact=True)` admit artifacts that neither a key
+this user trusts signed nor this braze can regenerate (docs/trust.md).
+
 `generate` queues every prompt on the engine at once (continuous batching) and
 returns one `RequestOutput` per prompt, in the prompts' order.
 """

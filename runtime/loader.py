@@ -1,10 +1,12 @@
-"""Open an artifact for serving: check format, versions and hashes; read graph and weights.
+"""Open an artifact for serving: check format, versions, paths and hashes; read the graph;
+decide what of it may run (runtime/trust.py); read the weights.
 
 Never imports the compiler: the graph comes from graph.bir, not from tracing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from braze.artifact import GRAPH_FILE, TOKENIZER_DIR, read_manifest, verify_files
+from braze.artifact import GRAPH_FILE, TOKENIZER_DIR, read_manifest_bytes, verify_files
 from braze.ir import Graph, parse_graph, verify
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
+
+from .trust import Trust, establish, refusal
 
 log = logging.getLogger("braze.runtime")
 
@@ -25,6 +29,7 @@ class Artifact:
     root: Path
     manifest: dict
     graph: Graph
+    trust: Trust
 
     @property
     def model(self) -> dict:
@@ -62,17 +67,45 @@ class Artifact:
         return out
 
 
-def open_artifact(path, check_hashes: bool = True) -> Artifact:
+def open_artifact(path, check_hashes: bool = True, trusted_keys=None,
+                  trust_artifact: bool = False, require_trust: bool = True) -> Artifact:
+    """Open the artifact at `path`. Unless `require_trust` is False (`braze inspect` only
+    reports), it is refused unless it is signed by a trusted key (the per-user
+    trusted-keys directory and `trusted_keys`, a directory), verified by regenerating its
+    plans and kernels, or `trust_artifact` is given (runtime/trust.py)."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest, manifest_bytes = read_manifest_bytes(root)
     verify_files(root, manifest, check_hashes=check_hashes)
     _check_versions(root, manifest)
+    graph = _read_graph(root, manifest)
+    # trust does not rest on `check_hashes`: the signature covers the manifest's bytes, and
+    # executable files are checked against the manifest when they are read to run
+    # (braze/kernel_modules.py, trust.check_loaded_cubin); check_hashes=False skips
+    # re-hashing the rest (weights), e.g. right after compile wrote and hashed them
+    trust = establish(root, manifest, manifest_bytes, graph, trusted_keys, trust_artifact)
+    if require_trust and not trust.admitted:
+        raise BrazeError(refusal(root, trust))
+    if trust.admitted:
+        log.info("artifact %s: %s", root, trust.detail)
+    return Artifact(root, manifest, graph, trust)
+
+
+def _read_graph(root: Path, manifest: dict) -> Graph:
+    data = (root / GRAPH_FILE).read_bytes()        # read once: parsed is what was hashed
+    if hashlib.sha256(data).hexdigest() != manifest["files"][GRAPH_FILE]:
+        raise BrazeError(f"artifact file {root / GRAPH_FILE} does not match its sha256 in the "
+                         f"manifest: it was modified or corrupted; recompile the artifact")
     try:
-        graph = parse_graph((root / GRAPH_FILE).read_text())
+        graph = parse_graph(data.decode("utf-8"), source=GRAPH_FILE)
+    except UnicodeDecodeError:
+        raise BrazeError(f"artifact {root}: {GRAPH_FILE} is not UTF-8 text") from None
+    except BrazeError as e:
+        raise BrazeError(f"artifact {root}: {e}") from None
+    try:
         verify(graph)
     except BrazeError as e:
         raise BrazeError(f"artifact {root}: {GRAPH_FILE} is invalid: {e}") from None
-    return Artifact(root, manifest, graph)
+    return graph
 
 
 def _check_versions(root: Path, manifest: dict) -> None:

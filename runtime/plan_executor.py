@@ -37,11 +37,18 @@ class PlanExecutor:
         self.graph = artifact.graph
         self.device = torch.device(device)
         self.launches = [launch for seg in plan["segments"] for launch in seg["launches"]]
-        self.modules = KernelModules(artifact.root / "kernels", interpret=interpret)
+        # only kernel text whose hash the artifact's trust admits is executed
+        self.modules = KernelModules(artifact.root / "kernels", interpret=interpret,
+                                     hashes=artifact.trust.kernel_hashes)
         cubins = None
         if not interpret and self.device.type == "cuda":
-            from .cubins import CubinCache
-            cubins = CubinCache(artifact.root, artifact.manifest, self.modules)
+            if artifact.trust.cubins:
+                from .cubins import CubinCache
+                cubins = CubinCache(artifact.root, artifact.manifest, self.modules)
+            else:
+                log.info("artifact %s is %s, not signed: its cubins are not used; kernels "
+                         "compile from their verified source at first use", artifact.root,
+                         artifact.trust.how)
         self.runner = PlanRunner(self.modules, plan["workspaces"], self.device, cubins)
         self.params = {f"@{k}": v for k, v in params.items()}
         memory = self.graph.meta.get("memory") or {}
@@ -168,7 +175,7 @@ def _dim_fn(d):
         f = compile_expr(str(d))
         if all(f(p) == eval_dim(d, p) for p in PROBES):   # sympy's value at both
             return f
-    except (BrazeError, KeyError, SyntaxError, ZeroDivisionError):
+    except BrazeError:
         pass
     return lambda sizes: eval_dim(d, sizes)         # an expression the fast path cannot read
 

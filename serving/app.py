@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -34,6 +33,7 @@ from .async_engine import (
     Unavailable,
 )
 from .chat import NO_TEMPLATE, ChatTemplate, strip_leading_bos
+from .hosts import HostCheck
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -44,8 +44,10 @@ from .protocol import (
     completion_prompt,
     error_body,
     sampling_kwargs,
+    send_error,
     validation_message,
 )
+from .read_timeouts import BodyTimeout
 
 log = logging.getLogger("braze.serving")
 
@@ -99,7 +101,10 @@ class Service:
             raise APIError(503, str(e), "service_unavailable", None, "unavailable") from None
 
 
-def create_app(svc: Service) -> FastAPI:
+def create_app(svc: Service, read_timeout: float | None = None,
+               allowed_hosts: list[str] | None = None, bind_host: str = "127.0.0.1") -> FastAPI:
+    """`read_timeout`: seconds a request body may take (serving/read_timeouts.py);
+    `allowed_hosts`: the Host names answered, None for any (serving/hosts.py)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.aengine.start(asyncio.get_running_loop())
@@ -111,6 +116,11 @@ def create_app(svc: Service) -> FastAPI:
     app = FastAPI(title="braze", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     app.state.service = svc
+    # added first, so inside the request-id middleware: their errors get an X-Request-Id too
+    if read_timeout is not None:
+        app.add_middleware(BodyTimeout, seconds=read_timeout)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts, bind_host=bind_host)
     _install_errors(app)
 
     @app.get("/health")
@@ -342,12 +352,8 @@ class RequestIdMiddleware:
             log.exception("request %s failed", rid)
             if started:
                 raise
-            body = json.dumps(error_body("internal server error (a bug in braze; see the "
-                                         "server log)", "internal_error")).encode()
-            await send_with_id({"type": "http.response.start", "status": 500,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
-            await send_with_id({"type": "http.response.body", "body": body})
+            await send_error(send_with_id, 500, "internal server error (a bug in braze; see "
+                             "the server log)", "internal_error")
 
 
 __all__ = ["RequestIdMiddleware", "Service", "create_app"]

@@ -9,6 +9,7 @@ JSON error: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,18 @@ class APIError(Exception):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+async def send_error(send, status: int, message: str, type: str, code: str | None = None,
+                     close: bool = False) -> None:
+    """An OpenAI-shaped error straight through ASGI `send`: for middleware, which runs outside
+    FastAPI's exception handlers. `close` asks the server to close the connection after it."""
+    body = json.dumps(error_body(message, type, None, code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

@@ -5,6 +5,10 @@ no traceback). SIGTERM or Ctrl-C starts a drain instead of uvicorn's immediate s
 new requests get 503 while in-flight ones finish, for at most `drain_timeout` seconds;
 the rest are aborted (their streams end with an error event), then the server and the
 engine thread stop and the process exits 0. A second signal forces the exit.
+
+Clients are held to `read_timeout` for a request's headers and body (read_timeouts.py),
+at most `limit_concurrency` connections and requests are open at once (uvicorn answers
+503 beyond), and the Host header is checked (hosts.py).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import socket
 import sys
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from braze.ir.errors import BrazeError
 
 from .app import Service, create_app
+from .hosts import hosts_to_answer, is_loopback
+from .read_timeouts import header_timeout_protocol
 
 log = logging.getLogger("braze.serving")
 
@@ -48,7 +55,9 @@ def _url(sock: socket.socket) -> str:
 def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
           num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
           max_queue: int = 256, served_model_name: str | None = None,
-          drain_timeout: float = 30.0, log_level: str = "info") -> int:
+          drain_timeout: float = 30.0, log_level: str = "info", trusted_keys=None,
+          trust_artifact: bool = False, read_timeout: float = 30.0,
+          limit_concurrency: int = 1024, allowed_hosts: str | None = None) -> int:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -62,7 +71,7 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "a
 
     sock = bind_socket(host, port)
     try:
-        art = open_artifact(artifact)
+        art = open_artifact(artifact, trusted_keys=trusted_keys, trust_artifact=trust_artifact)
         opts = {k: v for k, v in (("num_kv_blocks", num_kv_blocks),
                                   ("max_num_seqs", max_num_seqs)) if v is not None}
         engine = Engine(art, backend=backend, freeze_gc=True, **opts)
@@ -82,9 +91,13 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "a
         metrics = Metrics(name)
         svc = Service(AsyncEngine(engine, max_queue=max_queue, metrics=metrics), metrics,
                       name, engine.max_model_len, tokenizer, template)
-        app = create_app(svc)
+        hosts = hosts_to_answer(host, allowed_hosts)
+        if hosts is None and not is_loopback(host):
+            log.info("answering requests for any Host name (pass --allowed-hosts to restrict)")
+        app = create_app(svc, read_timeout=read_timeout, allowed_hosts=hosts, bind_host=host)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, limit_concurrency=limit_concurrency,
+                                http=header_timeout_protocol(AutoHTTPProtocol, read_timeout))
         server = DrainingServer(config, svc, drain_timeout, _url(sock))
         server.run(sockets=[sock])
         log.info("stopped")

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
+import os
+import shutil
+import tempfile
 import weakref
 
 import pytest
 import torch
 
 from braze.tiny import make_checkpoint, tiny_llama3_rope
+
+# braze keeps its per-user signing key and trusted keys in $XDG_CONFIG_HOME/braze: the tests
+# (and the braze subprocesses they start, which inherit this) get their own, not the user's
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="braze-test-config-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
 
 # Each case is a family plus config overrides; together they cover every RoPE type the
 # models support (default, llama3, linear, dynamic, yarn with its cos/sin scale of 1.139),

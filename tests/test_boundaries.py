@@ -69,6 +69,13 @@ assert not bad, bad
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# The one sanctioned reach of the runtime into codegen: verifying an artifact that no
+# trusted key signed regenerates its plans with codegen's lowering (a pure function of the
+# IR), imported lazily inside the function that needs it (docs/trust.md). Nothing else.
+RUNTIME_MAY_IMPORT = {("runtime/trust.py",
+                       "from braze.codegen.plan import regenerate")}
+
+
 def test_import_direction():
     """ir imports nothing of braze; runtime imports no compiler package (static check)."""
     import re
@@ -82,5 +89,8 @@ def test_import_direction():
         for f in (ROOT / sub).rglob("*.py"):
             for line in f.read_text().splitlines():
                 if re.match(r"\s*(from|import)\s", line) and any(b in line for b in banned):
-                    bad.append(f"{f.relative_to(ROOT)}: {line.strip()}")
+                    where = (f.relative_to(ROOT).as_posix(), line.strip())
+                    if where in RUNTIME_MAY_IMPORT and line.startswith(" "):   # lazily only
+                        continue
+                    bad.append(f"{where[0]}: {where[1]}")
     assert not bad, bad

@@ -530,7 +530,7 @@ def _bad(line3: str) -> str:
     (_bad("  %0: f32[T, 4] = mul(%9) {scalar=0.5}"), 3, "%9 is used before it is defined"),
     (_bad("  %0: f32[T, 4] = mul(@nope) {scalar=0.5}"), 3, "@nope is used before"),
     (_bad("  %0: f33[T, 4] = mul(%x) {scalar=0.5}"), 3, "unknown dtype 'f33'"),
-    (_bad("  %0: f32[T, K] = mul(%x) {scalar=0.5}"), 3, "unknown symbol(s) ['K']"),
+    (_bad("  %0: f32[T, K] = mul(%x) {scalar=0.5}"), 3, "unknown symbol 'K'"),
     (_bad("  %0: f32[T, 4 +] = mul(%x) {scalar=0.5}"), 3, "cannot parse dimension"),
     (_bad("  %0: f32 T = mul(%x) {scalar=0.5}"), 3, "expected a type"),
     (_bad("  %0: f32[T, 4] = mul(%x) {scalar=0.5"), 3, "unbalanced"),

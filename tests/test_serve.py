@@ -9,7 +9,6 @@ metrics text, chat rendering, SSE framing).
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,70 +16,16 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
 
-MODEL = "tiny-llama"
-START_TIMEOUT = 120.0
+from serve_helpers import MODEL, Server  # noqa: E402  (after the importorskip)
 
 
 # ---- the server in a subprocess ---------------------------------------------------------
-
-class Server:
-    def __init__(self, artifact, workdir: Path, *extra: str):
-        self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "braze", "serve", str(artifact), "--port", "0",
-                 "--backend", "reference", "--served-model-name", MODEL, *extra],
-                stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            m = re.search(r"http://127\.0\.0\.1:\d+", self.out.read_text())
-            if m:
-                self.url = m.group(0)
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"the server did not start:\n{self.stderr()[-3000:]}")
-            time.sleep(0.1)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0,
-                                    timeout=60)
-
-    def stderr(self) -> str:
-        return self.err.read_text()
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in self.http.get("/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def wait_metrics(self, pred, timeout=20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            if pred(m) or time.monotonic() > deadline:
-                return m
-            time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def artifact(store):
@@ -429,7 +374,9 @@ def test_full_queue_gets_503_then_sigterm_drains(artifact, tmp_path):
         pool = ThreadPoolExecutor(6)
         futures = [pool.submit(slam, i) for i in range(6)]
         deadline = time.monotonic() + 30
-        while sum(f.done() for f in futures) < 4 and time.monotonic() < deadline:
+        # five answered: the sixth is then the one waiting in the queue, already received;
+        # with four, the sixth may still be on its way and would meet the drain's 503
+        while sum(f.done() for f in futures) < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
         refused = [f.result()[1] for f in futures if f.done() and f.result()[0] == 503]
         assert len(refused) >= 4 and all(e["code"] == "queue_full" for e in refused), refused

@@ -112,7 +112,7 @@ def _cache(stored: dict, built_with: str, targets=("sm_90",)):
 
     from braze.runtime.cubins import CubinCache
     manifest = {"versions": {"triton": built_with or triton.__version__},
-                "targets": list(targets),
+                "targets": list(targets), "files": {},
                 "kernels": {"k#0": {"cubins": {"sm_90": stored}}}}
     cache = CubinCache("/nonexistent", manifest, modules=None)
     cache.target = "sm_90"                     # as on an H100 (this machine has no GPU)
