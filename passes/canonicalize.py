@@ -174,13 +174,13 @@ def _fold_through(node: Node, written: set) -> bool:
         a, b, c = x.type.dtype, inner_v.type.dtype, node.results[0].type.dtype
         if not (b in _EXACT[a] and (is_float(c) or not is_float(b) or _exact(a, c))):
             return False
-        node.operands[0] = x
+        node.operands = (x,)
         return True
     if node.op == "permute":
         rank = x.type.rank
         p1 = [d % rank for d in inner.attrs["dims"]]
         node.attrs = dict(node.attrs, dims=[p1[d % rank] for d in node.attrs["dims"]])
-        node.operands[0] = x
+        node.operands = (x,)
         return True
     # reshape: the outer shape (maybe with -1) read against x gives the same type
     try:
@@ -188,7 +188,7 @@ def _fold_through(node: Node, written: set) -> bool:
             return False
     except BrazeError:
         return False
-    node.operands[0] = x
+    node.operands = (x,)
     return True
 
 
@@ -238,11 +238,9 @@ def _sweep(g: Graph, ctx: PassContext, refused: set) -> tuple[int, int]:
     version: dict[Value, int] = {}
     rewrites = replaced = 0
     for node in g.nodes:
+        if repl and any(v in repl for v in node.operands):
+            node.operands = [repl.get(v, v) for v in node.operands]
         ops = node.operands
-        for i, v in enumerate(ops):
-            r = repl.get(v)
-            if r is not None:
-                ops[i] = r
         writes = node.opdef.writes
         if writes:
             for i in writes:
@@ -264,6 +262,7 @@ def _sweep(g: Graph, ctx: PassContext, refused: set) -> tuple[int, int]:
             rewrites += 1
             replaced += 1
             continue
+        ops = node.operands              # (a fold through may have replaced them)
         if len(node.results) == 1 and ops and all(v.kind == "param" for v in ops):
             why = _why_not_fold(node)
             if why is None:

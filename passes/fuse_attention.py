@@ -26,7 +26,6 @@ from .manager import PassContext, register_pass
 @register_pass("fuse-attention")
 def fuse_attention(g: Graph, ctx: PassContext) -> int:
     """paged_attention (+ the reshape that flattens its heads) -> attention."""
-    users = g.users()
     count = 0
     for node in list(g.nodes):
         if node.op != "paged_attention":
@@ -41,7 +40,7 @@ def fuse_attention(g: Graph, ctx: PassContext) -> int:
         attrs = dict(node.attrs, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim)
         with g.inserting_before(node):
             flat = g.op("attention", *node.operands, **attrs)
-        readers = users.get(out, [])
+        readers = g.users(out)
         flattening = [u for u in readers if u.op == "reshape"
                       and list(u.attrs["shape"]) in ([-1, heads * out_dim], [out.type.shape[0], heads * out_dim])]
         for u in flattening:

@@ -114,8 +114,7 @@ def fuse_moe(g: Graph, ctx: PassContext) -> int:
 
 
 def _fuse(g: Graph, root: Node) -> str | None:
-    users = g.users()
-    m = match(_pattern_for(root), root.results[0], g, users)
+    m = match(_pattern_for(root), root.results[0], g)
     if not m:
         return m.reason
     if m["topk_w"] is not m["topk_i"]:
@@ -129,7 +128,7 @@ def _fuse(g: Graph, root: Node) -> str | None:
     if table.dtype not in ("f32", xv.type.dtype):
         return (f"the routing matrix is built in {table.dtype}, which would round the "
                 f"weights differently from a cast to {xv.type.dtype}")
-    router = _router_weight(g, m["logits"], m["softmax"], xv, users)
+    router = _router_weight(g, m["logits"], m["softmax"], xv)
     if isinstance(router, str):
         return router
     router_w, router_nodes = router
@@ -160,9 +159,9 @@ def _fuse(g: Graph, root: Node) -> str | None:
     return None
 
 
-def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value, users: dict):
+def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value):
     """(router weight, nodes that only computed the logits) or why the logits are not x @ W.T."""
-    if users.get(logits) != [softmax] or logits in g.outputs.values():
+    if g.users(logits) != [softmax] or logits in g.outputs.values():
         return f"the router logits {logits.ref} are also used outside the MoE"
     node, rows = logits.producer, None
     if node is not None and node.op in ("split", "slice") and node.attrs["dim"] in _LAST:
@@ -198,7 +197,7 @@ def _gate_up_param(g: Graph, wg: Value, wu: Value) -> Value:
     """The [E, 2I, H] concatenation of gate and up expert weights, declared once."""
     for p in g.params.values():
         r = p.recipe
-        if r is not None and r.op == "cat" and r.operands == [wg, wu] and r.attrs["dim"] == 1:
+        if r is not None and r.op == "cat" and r.operands == (wg, wu) and r.attrs["dim"] == 1:
             return p
     base = wg.name[:-len("gate_proj")] + "gate_up_proj" if wg.name.endswith(".gate_proj") \
         else wg.name + ".gate_up"

@@ -63,12 +63,12 @@ def _norm_pattern(cast_in: bool):
 WITH_CAST, NO_CAST, RSQRT = _norm_pattern(True), _norm_pattern(False), _rsqrt_pattern(_hf(True))
 
 
-def match_rms_norm(g: Graph, root: Value, users: dict):
+def match_rms_norm(g: Graph, root: Value):
     """The RMSNorm rooted at `root`, or the failed Match (with its reason)."""
-    m = match(WITH_CAST, root, g, users)
+    m = match(WITH_CAST, root, g)
     if not m and "also used by" in m.reason:
         # x.float() read elsewhere too: match from the f32 value instead (the cast stays)
-        m2 = match(NO_CAST, root, g, users)
+        m2 = match(NO_CAST, root, g)
         if m2:
             return m2
     return m
@@ -101,24 +101,24 @@ def _looks_like_norm(node: Node) -> bool:
     return p is not None and p.op == "pow"
 
 
-def _roots_after(rsqrt: Node, users: dict) -> list[Value]:
+def _roots_after(g: Graph, rsqrt: Node) -> list[Value]:
     """Muls up to four steps downstream of an rsqrt, farthest first: candidate norm outputs."""
     out, frontier = [], [rsqrt]
     for _ in range(4):
-        frontier = [u for n in frontier for u in users.get(n.results[0], [])
+        frontier = [u for n in frontier for u in g.users(n.results[0])
                     if u.op in ("mul", "cast", "add")]
         out += [n.results[0] for n in frontier if n.op == "mul"]
     return out[::-1]
 
 
-def diagnose(g: Graph, rsqrt: Node, users: dict) -> str:
+def diagnose(g: Graph, rsqrt: Node) -> str:
     """Why the RMSNorm around this rsqrt did not match (pattern reasons name the first
     difference only when the pattern has no alternatives, so look piece by piece)."""
-    m = match(RSQRT, rsqrt.results[0], g, users)
+    m = match(RSQRT, rsqrt.results[0], g)
     if not m:
         return f"rsqrt is not of mean(x^2) + eps: {m.reason}"
-    for root in _roots_after(rsqrt, users):
-        reason = match_rms_norm(g, root, users).reason
+    for root in _roots_after(g, rsqrt):
+        reason = match_rms_norm(g, root).reason
         if "also used by" in reason:
             return reason
     return "the normalised x * rsqrt(mean(x^2) + eps) is not scaled by a 1-D weight (w * n)"
@@ -129,7 +129,7 @@ def rebuild(g: Graph, anchor: Node, dead: list[Node], op: str, operands: list[Va
     """Erase `dead` and put `op` where `anchor` is (before the first node from `anchor` on
     that survives), its results named `names`: the replaced values' own names, so the text
     stays readable. The caller then points the old values' users at the new results."""
-    i = g.nodes.index(anchor)
+    i = g.index(anchor)
     gone = set(map(id, dead))
     after = next((n for n in g.nodes[i:] if id(n) not in gone), None)
     for n in dead:
@@ -141,12 +141,11 @@ def rebuild(g: Graph, anchor: Node, dead: list[Node], op: str, operands: list[Va
 
 
 def fuse_rms_norms(g: Graph, ctx: PassContext) -> int:
-    users = g.users()
     count, seen = 0, set()
     for node in reversed(list(g.nodes)):   # outermost mul first: inner muls are then gone
         if node.op != "mul" or id(node) in seen:
             continue
-        m = match_rms_norm(g, node.results[0], users)
+        m = match_rms_norm(g, node.results[0])
         if not m:
             continue
         seen.update(id(n) for n in m.nodes)
@@ -157,18 +156,10 @@ def fuse_rms_norms(g: Graph, ctx: PassContext) -> int:
         root = node.results[0]
         new = rebuild(g, node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]}, [root.name])
         g.replace_all_uses(root, new.results[0])
-        # keep the use map current instead of rebuilding it per norm (quadratic on big graphs)
-        gone = set(map(id, m.nodes))
-        for n in m.nodes:
-            for v in n.operands:
-                users[v] = [u for u in users.get(v, []) if id(u) not in gone]
-        for v in new.operands:
-            users.setdefault(v, []).append(new)
-        users[new.results[0]] = users.pop(root, [])
         count += 1
     for node in g.nodes:
         if node.op == "rsqrt" and id(node) not in seen and _looks_like_norm(node):
-            ctx.refuse(node, "RMSNorm not fused: " + diagnose(g, node, users))
+            ctx.refuse(node, "RMSNorm not fused: " + diagnose(g, node))
     return count
 
 
@@ -188,7 +179,7 @@ def fold_residual_adds(g: Graph, ctx: PassContext) -> int:
         if a.type.shape != b.type.shape:
             ctx.refuse(node, f"residual add {s.ref} broadcasts {a.type} with {b.type}")
             continue
-        if w.producer is not None and g.nodes.index(w.producer) > g.nodes.index(add):
+        if w.producer is not None and g.index(w.producer) > g.index(add):
             ctx.refuse(node, f"weight {w.ref} is computed after the residual add {s.ref}")
             continue
         n_old = node.results[0]

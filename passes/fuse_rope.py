@@ -143,7 +143,7 @@ def _looks_like_rope(node: Node) -> str:
     return ""
 
 
-def find_rotations(g: Graph, ctx: PassContext, users: dict) -> list[Rotation]:
+def find_rotations(g: Graph, ctx: PassContext) -> list[Rotation]:
     out = []
     for node in g.nodes:
         if node.op != "add":
@@ -151,7 +151,7 @@ def find_rotations(g: Graph, ctx: PassContext, users: dict) -> list[Rotation]:
         style = _looks_like_rope(node)
         if not style:
             continue
-        m = match(NEOX if style == "neox" else GPTJ, node.results[0], g, users)
+        m = match(NEOX if style == "neox" else GPTJ, node.results[0], g)
         if not m:
             ctx.refuse(node, f"RoPE ({style}) not fused: {m.reason}")
             continue
@@ -163,7 +163,7 @@ def find_rotations(g: Graph, ctx: PassContext, users: dict) -> list[Rotation]:
         p = r.x.producer
         inside = set(map(id, r.nodes))
         if p is not None and p.op == "rms_norm" and r.x not in g.outputs.values() \
-                and all(id(u) in inside for u in users.get(r.x, [])):
+                and all(id(u) in inside for u in g.users(r.x)):
             r.norm = p
         out.append(r)
     return out
@@ -175,7 +175,7 @@ def _pairable(a: Rotation, b: Rotation) -> bool:
             and dims_equal(ta.shape[0], tb.shape[0]) and ta.shape[2] == tb.shape[2])
 
 
-def pair_rotations(g: Graph, rots: list[Rotation], users: dict):
+def pair_rotations(g: Graph, rots: list[Rotation]):
     """[(q, k, cache_write or None)] and the single rotations left over."""
     by_root = {id(r.root.results[0]): r for r in rots}
     taken, pairs = set(), []
@@ -183,7 +183,7 @@ def pair_rotations(g: Graph, rots: list[Rotation], users: dict):
         if cw.op != "cache_write" or id(cw.operands[0]) not in by_root:
             continue
         rk = by_root[id(cw.operands[0])]
-        for att in users.get(cw.operands[2], []):
+        for att in g.users(cw.operands[2]):
             if att.op not in ("paged_attention", "attention") or att.operands[1] is not cw.operands[2]:
                 continue
             rq = by_root.get(id(att.operands[0]))
@@ -201,15 +201,15 @@ def pair_rotations(g: Graph, rots: list[Rotation], users: dict):
             continue
         rest.remove(b)
         # no attention says which is k: the one whose only reader is a cache_write
-        cw = _sole_cache_write(b, users) or _sole_cache_write(a, users)
+        cw = _sole_cache_write(g, b) or _sole_cache_write(g, a)
         pairs.append((b, a, cw) if cw is not None and cw.operands[0] is a.root.results[0]
                      else (a, b, cw))
     return pairs, singles
 
 
-def _sole_cache_write(r: Rotation, users: dict) -> Node | None:
+def _sole_cache_write(g: Graph, r: Rotation) -> Node | None:
     out = r.root.results[0]
-    readers = users.get(out, [])
+    readers = g.users(out)
     if len(readers) == 1 and readers[0].op == "cache_write" and readers[0].operands[0] is out:
         return readers[0]
     return None
@@ -251,13 +251,11 @@ class _Rewriter:
         operands = xs + [self.resolve(o) for o in (*v, rs[0].cos, rs[0].sin, *cache)] + ws
         dead = [n for r in rs for n in r.nodes] + [r.norm for r in rs if fold] + list(dead_extra)
         gone = set(map(id, dead))
-        pos = {id(n): i for i, n in enumerate(g.nodes)}
-        here = pos[id(at)]
-        if any(o.producer is not None and (id(o.producer) in gone or pos[id(o.producer)] >= here)
+        here = g.index(at)
+        if any(o.producer is not None and (id(o.producer) in gone or g.index(o.producer) >= here)
                for o in operands):
             return False
-        users = g.users()
-        if any(id(u) not in gone and pos[id(u)] <= here for r in results for u in users.get(r, [])):
+        if any(id(u) not in gone and g.index(u) <= here for r in results for u in g.users(r)):
             return False
         attrs = {"style": rs[0].style, "eps": rs[0].norm.attrs["eps"] if fold else None}
         node = rebuild(g, at, dead, op, operands, attrs, [r.name for r in results])
@@ -271,7 +269,7 @@ class _Rewriter:
         qv, kv = q.root.results[0], k.root.results[0]
         fold = self.fold([q, k])
         if cw is not None:
-            if len(self.g.users().get(kv, [])) != 1 or kv in self.g.outputs.values():
+            if self.g.num_users(kv) != 1 or kv in self.g.outputs.values():
                 self.ctx.refuse(cw, f"cache write not fused into rope: {kv.ref} has other users")
             elif self.emit("rope_cache_write", [q, k], fold, cw, [qv], v=cw.operands[1:2],
                            cache=cw.operands[2:], dead_extra=(cw,)):
@@ -279,7 +277,7 @@ class _Rewriter:
             else:
                 self.ctx.refuse(cw, f"cache write not fused into rope: {qv.ref} is read before "
                                     f"the write, or an input is computed after it")
-        first, second = sorted((q, k), key=lambda r: self.g.nodes.index(r.root))
+        first, second = sorted((q, k), key=lambda r: self.g.index(r.root))
         if not (self.emit("rope", [q, k], fold, first.root, [qv, kv])
                 or self.emit("rope", [q, k], fold, second.root, [qv, kv])):
             self.ctx.refuse(q.root, f"RoPE of {qv.ref} and {kv.ref} not paired: no place where "
@@ -294,9 +292,8 @@ class _Rewriter:
 @register_pass("fuse-rope")
 def fuse_rope(g: Graph, ctx: PassContext) -> int:
     """x * cos + rotate(x) * sin on q and k -> rope / rope1 / rope_cache_write."""
-    users = g.users()
-    rots = find_rotations(g, ctx, users)
-    pairs, singles = pair_rotations(g, rots, users)
+    rots = find_rotations(g, ctx)
+    pairs, singles = pair_rotations(g, rots)
     rw = _Rewriter(g, ctx)
     for q, k, cw in pairs:
         rw.pair(q, k, cw)

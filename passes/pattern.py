@@ -79,8 +79,8 @@ class _Fail(Exception):
 
 
 class _Matcher:
-    def __init__(self, graph: Graph, users: dict):
-        self.graph, self.users = graph, users
+    def __init__(self, graph: Graph):
+        self.graph = graph
         self.deepest = ""
         self.depth = 0
         self.best = -1
@@ -165,10 +165,9 @@ class _Matcher:
         raise last
 
 
-def match(pat: Pat, value: Value, graph: Graph, users: dict | None = None) -> Match:
+def match(pat: Pat, value: Value, graph: Graph) -> Match:
     """Match `pat` rooted at `value`; the root node may have any users, inner ones only matched ones."""
-    users = users if users is not None else graph.users()
-    m = _Matcher(graph, users)
+    m = _Matcher(graph)
     b, nodes = {}, []
     try:
         m.value(pat, value, b, nodes)
@@ -181,7 +180,7 @@ def match(pat: Pat, value: Value, graph: Graph, users: dict | None = None) -> Ma
         if n is root:
             continue
         for r in n.results:
-            outside = [u for u in users.get(r, []) if id(u) not in inside]
+            outside = [u for u in graph.users(r) if id(u) not in inside]
             if outside or r in outputs:
                 where = f"{outside[0].op}" if outside else "a graph output"
                 return Match(ok=False, reason=f"{r.ref} ({n.op}) is also used by {where}, "

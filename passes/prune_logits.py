@@ -101,15 +101,14 @@ def _rowwise(node: Node) -> bool:
 
 def _hoistable(g: Graph, head: Node) -> list[Node]:
     """The row-wise nodes feeding the head's input that nothing else reads, in schedule order."""
-    users = g.users()
     outputs = set(g.outputs.values())
     region: set[int] = {id(head)}
-    for node in reversed(g.nodes[:g.nodes.index(head)]):
+    for node in reversed(g.nodes[:g.index(head)]):
         if not _rowwise(node) or any(r in outputs or r in head.operands[1:] for r in node.results):
             continue    # (the head's weight and bias keep all their rows)
         # every reader moves too and takes these results row by row (not as a broadcast
         # over all T rows, which would still need every row)
-        reads = [(u, r) for r in node.results for u in users.get(r, [])]
+        reads = [(u, r) for r in node.results for u in g.users(r)]
         if reads and all(id(u) in region and (u is head or all(
                 _aligned(u, v) for v in u.operands if v is r)) for u, r in reads):
             region.add(id(node))
