@@ -51,8 +51,8 @@ Each sweep walks the node list once, in order, keeping a map old value -> new va
    of mutable state is not the same as a copy of it.
 2. Common subexpressions: same op, the same operand values, equal attributes (floats
    by exact value and type, -0.0 != 0.0, nan never equal) compute the same results,
-   so a later node is replaced by the earlier one. add/mul/maximum/minimum/eq/ne/
-   logical_and/logical_or match either operand order. Ops that write are never merged.
+   so a later node is replaced by the earlier one. Ops the registry calls commutative
+   (add, mul, maximum, minimum, eq, ne, logical_and, logical_or) match either operand order. Ops that write are never merged.
    An operand that some op writes carries a version bumped at each write, so a read
    of the cache after a `cache_write` is never merged with one before it (the verifier
    forbids reads before the write today; the pass does not rely on it).
@@ -81,7 +81,6 @@ from .manager import PassContext, register_pass
 
 SMALL_CONSTANT_BYTES = 64 * 1024
 MAX_SWEEPS = 20
-COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or"}
 SAME_TYPE_IS_IDENTITY = {"reshape", "expand", "slice"}
 
 # _EXACT[a] = dtypes that hold every value of dtype a exactly (besides a itself): wider
@@ -194,7 +193,7 @@ def _fold_through(node: Node, written: set) -> bool:
 
 def _cse_key(node: Node, version: dict):
     ops = tuple((id(v), version.get(v, 0)) for v in node.operands)
-    if node.op in COMMUTATIVE and len(ops) == 2:
+    if node.opdef.commutative and len(ops) == 2:
         ops = tuple(sorted(ops))
     return (node.op, ops, tuple((k, _freeze(v)) for k, v in node.attrs.items()))
 

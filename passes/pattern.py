@@ -13,8 +13,8 @@
 Rules: a `Var` binds a value (the same name twice must be the same value); an
 attribute given as a literal must equal the node's, given as a `Var` it binds.
 Matched inner nodes must have no users outside the match (else replacing them
-would keep them alive): the one-use rule. `add`, `mul`, `maximum`, `minimum` match
-their two operands in either order.
+would keep them alive): the one-use rule. Ops the registry calls `commutative` (add,
+mul, maximum, ...) match their two operands in either order.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from braze.ir import Graph, Node, Value
-
-COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or"}
 
 
 class Pat:
@@ -144,7 +142,7 @@ class _Matcher:
         if len(node.operands) != len(pat.operands):
             self.fail(f"{node.op} has {len(node.operands)} operands, pattern wants {len(pat.operands)}")
         orders = [list(node.operands)]
-        if node.op in COMMUTATIVE and len(node.operands) == 2:
+        if node.opdef.commutative and len(node.operands) == 2:
             orders.append(list(reversed(node.operands)))
         last = None
         for operands in orders:

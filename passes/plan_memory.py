@@ -50,7 +50,7 @@ import bisect
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
-from braze.ir.layout import VIEW_OPS, Layouts
+from braze.ir.layout import Layouts
 from braze.ir.types import SYMBOLS, TensorType, torch_dtype
 
 from .manager import PassContext, register_pass
@@ -171,7 +171,7 @@ def plan(g: Graph, bindings: dict[str, int], placers=None) -> dict:
     for i, node in enumerate(g.nodes):
         for v in node.operands:
             last[v] = i
-        if node.op in VIEW_OPS:
+        if node.opdef.view:
             if not layouts.is_view(node):
                 continue            # a reshape torch cannot view: it gets its own buffer
             src = node.operands[0]
