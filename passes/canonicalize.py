@@ -281,7 +281,7 @@ def _sweep(g: Graph, ctx: PassContext, refused: set) -> tuple[int, int]:
     return rewrites, replaced
 
 
-@register_pass("canonicalize")
+@register_pass("canonicalize", stage="simplify", level=1)
 def run(g: Graph, ctx: PassContext) -> int:
     """Dead code, common subexpressions, no-op casts/reshapes/..., constant folding."""
     total = 0

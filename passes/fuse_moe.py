@@ -47,7 +47,8 @@ from __future__ import annotations
 from braze.ir import Graph, Node, Value, get_op
 
 from .manager import PassContext, register_pass
-from .pattern import Op, Var, erase_matched, match
+from .pattern import Op, Var, match
+from .rewrite import Rewriter, Rule, rewrite
 
 _LAST = (-1, 1)          # the last dim of a rank-2 value, spelt either way
 
@@ -98,22 +99,17 @@ def _is_candidate(node: Node) -> bool:
             and sorted(v.type.rank for v in node.operands) == [2, 3])
 
 
-@register_pass("fuse-moe")
+# after merge-projections: a router merged into a bigger linear is recovered (below)
+@register_pass("fuse-moe", after=("merge-projections",))
 def fuse_moe(g: Graph, ctx: PassContext) -> int:
     """Dense reference MoE (router, top-k, scatter, all-expert einsums) -> fused_moe."""
-    count = 0
-    for node in list(g.nodes):
-        if not _is_candidate(node):
-            continue
-        reason = _fuse(g, node)
-        if reason:
-            ctx.refuse(node, f"not a dense MoE: {reason}")
-        else:
-            count += 1
-    return count
+    return rewrite(g, ctx, [Rule("einsum", _fuse, explain="not a dense MoE: ")])
 
 
-def _fuse(g: Graph, root: Node) -> str | None:
+def _fuse(root: Node, rw: Rewriter) -> str | int | None:
+    if not _is_candidate(root):
+        return None
+    g = rw.g
     m = match(_pattern_for(root), root.results[0], g)
     if not m:
         return m.reason
@@ -152,11 +148,8 @@ def _fuse(g: Graph, root: Node) -> str | None:
     w_gate_up = _gate_up_param(g, wg, wu)
     with g.inserting_before(root):
         out = g.op("fused_moe", xv, router_w, w_gate_up, wd, **attrs)
-    g.replace_all_uses(root.results[0], out)
-    erase_matched(g, m)
-    for n in router_nodes:
-        g.erase_node(n)
-    return None
+    rw.replace(root.results[0], out, dead=m.nodes + router_nodes)
+    return 1
 
 
 def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value):

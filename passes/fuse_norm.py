@@ -41,6 +41,7 @@ from braze.ir.types import is_float
 
 from .manager import PassContext, register_pass
 from .pattern import Op, Opt, Var, match
+from .rewrite import Rewriter, Rule
 
 
 def _hf(cast_in: bool):
@@ -124,74 +125,50 @@ def diagnose(g: Graph, rsqrt: Node) -> str:
     return "the normalised x * rsqrt(mean(x^2) + eps) is not scaled by a 1-D weight (w * n)"
 
 
-def rebuild(g: Graph, anchor: Node, dead: list[Node], op: str, operands: list[Value], attrs: dict,
-            names: list[str]) -> Node:
-    """Erase `dead` and put `op` where `anchor` is (before the first node from `anchor` on
-    that survives), its results named `names`: the replaced values' own names, so the text
-    stays readable. The caller then points the old values' users at the new results."""
-    i = g.index(anchor)
-    gone = set(map(id, dead))
-    after = next((n for n in g.nodes[i:] if id(n) not in gone), None)
-    for n in dead:
-        g.erase_node(n)
-    if after is None:
-        return g.add_node(op, operands, attrs, names=names)
-    with g.inserting_before(after):
-        return g.add_node(op, operands, attrs, names=names)
+def _fuse_norm(node: Node, rw: Rewriter):
+    """An RMSNorm whose outermost op is `node` (a mul) -> rms_norm."""
+    m = match_rms_norm(rw.g, node.results[0])
+    if not m:
+        return None
+    rw.claim(m.nodes)        # its inner muls are not the roots of smaller norms
+    problem = norm_problem(m)
+    if problem:
+        return problem
+    rw.rebuild(node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]},
+               replacing=[node.results[0]])
+    return 1
 
 
-def fuse_rms_norms(g: Graph, ctx: PassContext) -> int:
-    count, seen = 0, set()
-    for node in reversed(list(g.nodes)):   # outermost mul first: inner muls are then gone
-        if node.op != "mul" or id(node) in seen:
-            continue
-        m = match_rms_norm(g, node.results[0])
-        if not m:
-            continue
-        seen.update(id(n) for n in m.nodes)
-        problem = norm_problem(m)
-        if problem:
-            ctx.refuse(node, f"RMSNorm not fused: {problem}")
-            continue
-        root = node.results[0]
-        new = rebuild(g, node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]}, [root.name])
-        g.replace_all_uses(root, new.results[0])
-        count += 1
-    for node in g.nodes:
-        if node.op == "rsqrt" and id(node) not in seen and _looks_like_norm(node):
-            ctx.refuse(node, "RMSNorm not fused: " + diagnose(g, node))
-    return count
+def _explain_norm(node: Node, rw: Rewriter):
+    """An rsqrt of a mean of squares that no RMSNorm match took: why not."""
+    return diagnose(rw.g, node) if _looks_like_norm(node) else None
 
 
-def fold_residual_adds(g: Graph, ctx: PassContext) -> int:
-    count = 0
-    for node in list(g.nodes):
-        if node.op != "rms_norm":
-            continue
-        s, w = node.operands
-        add = s.producer
-        if add is None or add.op != "add":
-            continue
-        if len(add.operands) != 2:
-            ctx.refuse(node, f"residual add {s.ref} adds a scalar, not two tensors")
-            continue
-        a, b = add.operands
-        if a.type.shape != b.type.shape:
-            ctx.refuse(node, f"residual add {s.ref} broadcasts {a.type} with {b.type}")
-            continue
-        if w.producer is not None and g.index(w.producer) > g.index(add):
-            ctx.refuse(node, f"weight {w.ref} is computed after the residual add {s.ref}")
-            continue
-        n_old = node.results[0]
-        fused = rebuild(g, add, [add, node], "add_rms_norm", [a, b, w], {"eps": node.attrs["eps"]},
-                        [n_old.name, s.name])
-        g.replace_all_uses(n_old, fused.results[0])
-        g.replace_all_uses(s, fused.results[1])
-        count += 1
-    return count
+def _fold_residual_add(node: Node, rw: Rewriter):
+    """rms_norm(add(a, b), w) -> add_rms_norm(a, b, w), which also returns a + b."""
+    g = rw.g
+    s, w = node.operands
+    add = s.producer
+    if add is None or add.op != "add":
+        return None
+    if len(add.operands) != 2:
+        return f"residual add {s.ref} adds a scalar, not two tensors"
+    a, b = add.operands
+    if a.type.shape != b.type.shape:
+        return f"residual add {s.ref} broadcasts {a.type} with {b.type}"
+    if w.producer is not None and g.index(w.producer) > g.index(add):
+        return f"weight {w.ref} is computed after the residual add {s.ref}"
+    rw.rebuild(add, [add, node], "add_rms_norm", [a, b, w], {"eps": node.attrs["eps"]},
+               replacing=[node.results[0], s])
+    return 1
 
 
 @register_pass("fuse-norm")
 def fuse_norm(g: Graph, ctx: PassContext) -> int:
     """RMSNorm -> rms_norm; residual add + rms_norm -> add_rms_norm."""
-    return fuse_rms_norms(g, ctx) + fold_residual_adds(g, ctx)
+    rw = Rewriter(g, ctx)
+    # outermost mul first: a norm's inner muls are then gone, or claimed by its refusal
+    rw.run([Rule("mul", _fuse_norm, explain="RMSNorm not fused: ")], reverse=True)
+    rw.run([Rule("rsqrt", _explain_norm, explain="RMSNorm not fused: ")])
+    rw.run([Rule("rms_norm", _fold_residual_add)])
+    return rw.count

@@ -83,7 +83,7 @@ def _describe(v: Value) -> str:
     return f"{v.ref} ({v.producer.op})" if v.producer is not None else v.ref
 
 
-@register_pass("fuse-pointwise")
+@register_pass("fuse-pointwise", stage="group")
 def fuse_pointwise(g: Graph, ctx: PassContext) -> int:
     pos = {n: i for i, n in enumerate(g.nodes)}
     group_of: dict[Node, _Group] = {}

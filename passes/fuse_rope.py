@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from braze.ir import Graph, Node, Value
 from braze.ir.types import dims_equal, is_float
 
-from .fuse_norm import rebuild
 from .manager import PassContext, register_pass
 from .pattern import Op, Var, match
+from .rewrite import Rewriter, Rule
 
 
 def _slice(x, tag):
@@ -143,22 +143,20 @@ def _looks_like_rope(node: Node) -> str:
     return ""
 
 
-def find_rotations(g: Graph, ctx: PassContext) -> list[Rotation]:
-    out = []
-    for node in g.nodes:
-        if node.op != "add":
-            continue
+def find_rotations(rw: Rewriter) -> list[Rotation]:
+    """Every rotation in the graph (a walk that only collects: pairing needs them all)."""
+    g, out = rw.g, []
+
+    def found(node: Node, rw: Rewriter):
         style = _looks_like_rope(node)
         if not style:
-            continue
+            return None
         m = match(NEOX if style == "neox" else GPTJ, node.results[0], g)
         if not m:
-            ctx.refuse(node, f"RoPE ({style}) not fused: {m.reason}")
-            continue
+            return f"RoPE ({style}) not fused: {m.reason}"
         problem = rotation_problem(m, style)
         if problem:
-            ctx.refuse(node, f"RoPE ({style}) not fused: {problem}")
-            continue
+            return f"RoPE ({style}) not fused: {problem}"
         r = Rotation(node, m["x"], m["cos"], m["sin"], style, m.nodes)
         p = r.x.producer
         inside = set(map(id, r.nodes))
@@ -166,6 +164,9 @@ def find_rotations(g: Graph, ctx: PassContext) -> list[Rotation]:
                 and all(id(u) in inside for u in g.users(r.x)):
             r.norm = p
         out.append(r)
+        return 0
+
+    rw.run([Rule("add", found)])
     return out
 
 
@@ -215,9 +216,9 @@ def _sole_cache_write(g: Graph, r: Rotation) -> Node | None:
     return None
 
 
-class _Rewriter:
-    def __init__(self, g: Graph, ctx: PassContext):
-        self.g, self.ctx = g, ctx
+class _Fuser:
+    def __init__(self, rw: Rewriter):
+        self.rw, self.g, self.ctx = rw, rw.g, rw.ctx
         self.subst: dict = {}     # id(old value) -> the fused result that replaced it
         self.count = 0
 
@@ -258,9 +259,8 @@ class _Rewriter:
         if any(id(u) not in gone and g.index(u) <= here for r in results for u in g.users(r)):
             return False
         attrs = {"style": rs[0].style, "eps": rs[0].norm.attrs["eps"] if fold else None}
-        node = rebuild(g, at, dead, op, operands, attrs, [r.name for r in results])
+        node = self.rw.rebuild(at, dead, op, operands, attrs, replacing=results)
         for old, new in zip(results, node.results):
-            g.replace_all_uses(old, new)
             self.subst[id(old)] = new
         self.count += len(rs) * (2 if fold else 1) + len(dead_extra)
         return True
@@ -289,14 +289,16 @@ class _Rewriter:
         self.emit("rope1", [r], self.fold([r]), r.root, [r.root.results[0]])
 
 
-@register_pass("fuse-rope")
+# after fuse-norm: a pair's single-use rms_norm inputs (the QK-norm) fold in
+@register_pass("fuse-rope", after=("fuse-norm",))
 def fuse_rope(g: Graph, ctx: PassContext) -> int:
     """x * cos + rotate(x) * sin on q and k -> rope / rope1 / rope_cache_write."""
-    rots = find_rotations(g, ctx)
+    rw = Rewriter(g, ctx)
+    rots = find_rotations(rw)
     pairs, singles = pair_rotations(g, rots)
-    rw = _Rewriter(g, ctx)
+    fuser = _Fuser(rw)
     for q, k, cw in pairs:
-        rw.pair(q, k, cw)
+        fuser.pair(q, k, cw)
     for r in singles:
-        rw.single(r)
-    return rw.count
+        fuser.single(r)
+    return fuser.count

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from braze.ir import Graph, Node, Value
+from braze.ir import Graph, Value
 
 
 class Pat:
@@ -184,10 +184,3 @@ def match(pat: Pat, value: Value, graph: Graph) -> Match:
                 return Match(ok=False, reason=f"{r.ref} ({n.op}) is also used by {where}, "
                                               f"outside the pattern")
     return Match(bindings=b, nodes=nodes)
-
-
-def erase_matched(graph: Graph, m: Match, keep: tuple[Node, ...] = ()) -> None:
-    """Remove the matched nodes once their results have been replaced."""
-    for n in m.nodes:
-        if n not in keep and n in graph.nodes:
-            graph.erase_node(n)

@@ -227,7 +227,8 @@ def plan(g: Graph, bindings: dict[str, int], placers=None) -> dict:
     }
 
 
-@register_pass("plan-memory")
+# after split-segments: the arena it plans is the one the segments share
+@register_pass("plan-memory", stage="schedule", after=("split-segments",))
 def plan_memory(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["memory"]: one static arena, each intermediate's offset, views as aliases."""
     g.meta["memory"] = plan(g, bindings_from(ctx))

@@ -115,7 +115,8 @@ def _hoistable(g: Graph, head: Node) -> list[Node]:
     return [n for n in g.nodes if id(n) in region and n is not head]
 
 
-@register_pass("prune-logits")
+# after fuse-norm: the final norm it moves above the gather is an add_rms_norm by then
+@register_pass("prune-logits", after=("fuse-norm",))
 def prune_logits(g: Graph, ctx: PassContext) -> int:
     """logits = linear(h, W) over all tokens -> linear(index_select(h, %logits_indices), W)."""
     if g.meta.get("logits") == "pruned":
@@ -143,7 +144,7 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
     if h.type.rank != 2 or h.type.shape[0] != T:
         ctx.refuse(head, f"the LM head reads {h.ref}: {h.type}, not token rows [T, hidden]")
         return 0
-    readers = [n for n in g.nodes if logits in n.operands]
+    readers = g.users(logits)
     others = [k for k, v in g.outputs.items() if v is logits and k != "logits"]
     if readers or others:
         what = readers[0].op if readers else f"output {others[0]}"

@@ -63,7 +63,7 @@ def segments_for(g: Graph, mode: str) -> list[list]:
     return out
 
 
-@register_pass("split-segments")
+@register_pass("split-segments", stage="schedule")
 def split_segments(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["segments"] (graph / break / eager runs of nodes) for CUDA-graph capture."""
     mode = ctx.option("cudagraph_mode", "piecewise")
