@@ -55,7 +55,7 @@ import sympy
 
 from braze.ir import Graph, print_graph
 from braze.ir.layout import Layouts, dense_strides
-from braze.ir.op_pointwise_group import parse_body
+from braze.ir.op_pointwise_group import ROW_REDUCTIONS, parse_body
 from braze.ir.types import SYMBOLS
 
 from .dim_code import kernel_printer
@@ -99,9 +99,10 @@ def _body_of(node):
 # -- layouts --------------------------------------------------------------------------------------
 
 def _dense_result(node) -> bool:
-    """Results the runtime hands this kernel as dense tensors: GEMMs' (torch returns fresh
-    dense tensors) and kernels' (arena slots); an eager extern op's own tensor may have any
-    layout, so its strides are read at run time."""
+    """Results the runtime hands this kernel as dense tensors: those of extern ops the
+    registry says return fresh dense tensors (`returns_dense`: GEMMs) and of kernels (arena
+    slots); another eager extern op's own tensor may have any layout, so its strides are
+    read at run time."""
     return node.opdef.returns_dense or kernel_module_for(node.op) is not None
 
 
@@ -311,7 +312,7 @@ class _Kernel:
         name, dt = self.var[v]
         value = conv(name, dt, out.type.dtype)
         p = v.producer
-        keep = not (p is not None and p.op in ("sum", "mean", "amax") and not p.attrs["keepdim"])
+        keep = not (p is not None and p.op in ROW_REDUCTIONS and not p.attrs["keepdim"])
         dims = self._dims(v.type.rank, leading=not keep)
         strides = dense_strides(out.type.shape)
         last = self.rank - 1

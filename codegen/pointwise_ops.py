@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 
 from braze.ir.errors import BrazeError
+from braze.ir.op_pointwise_group import ROW_REDUCTIONS
 
 TL = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64",
       "i64": "tl.int64", "i32": "tl.int32", "i16": "tl.int16", "i8": "tl.int8",
@@ -111,7 +112,7 @@ class OpEmitter:
 
     def emit(self, node) -> str:
         R = node.results[0].type.dtype
-        if node.op in ("sum", "mean", "amax"):
+        if node.op in ROW_REDUCTIONS:
             return self._reduce(node, R)
         form = node.opdef.triton
         if form is None:

@@ -515,17 +515,25 @@ def _fused_pointwise(c: Case, op):
 
 # -- the generic test -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", sorted(CASES))
-def test_inferred_types_match_reference(op):
+def check_drawn_cases(op, then=None):
+    """Run `op`'s case on drawn sizes and values (Case.run checks the inferred types), then
+    `then(case, outputs)`."""
     @settings(max_examples=6, **SETTINGS)
     @given(st.data())
     def check(data):
         c = Case(data.draw)
         CASES[op](c, op)
         assert any(n.op == op for n in c.g.nodes), f"the case for {op} builds no {op} node"
-        c.run()
+        out = c.run()
+        if then is not None:
+            then(c, out)
 
     check()
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_inferred_types_match_reference(op):
+    check_drawn_cases(op)
 
 
 # -- the registry's properties hold for the reference ------------------------------------------
@@ -533,18 +541,13 @@ def test_inferred_types_match_reference(op):
 @pytest.mark.parametrize("op", sorted(name for name, d in all_ops().items() if d.view))
 def test_a_view_op_returns_views_of_its_operand(op):
     """`view` ops re-describe storage: on dense inputs torch returns views, never copies."""
-    @settings(max_examples=6, **SETTINGS)
-    @given(st.data())
-    def check(data):
-        c = Case(data.draw)
-        CASES[op](c, op)
-        out = c.run()
+    def shares_storage(c, out):
         node = next(n for n in c.g.nodes if n.op == op)
         src = c.inputs[node.operands[0].name].untyped_storage().data_ptr()
         for r in node.results:
             assert out[f"r{r.name}"].untyped_storage().data_ptr() == src, f"{op} copied"
 
-    check()
+    check_drawn_cases(op, shares_storage)
 
 
 def test_views_are_extern_and_extern_ops_have_no_kernel():
