@@ -134,7 +134,7 @@ def _stage_order(infos: list[PassInfo]) -> list[str]:
 
 
 class _Pipelines(Mapping):
-    """PIPELINES[level]: computed from the passes' declared places when first asked."""
+    """PIPELINES[level]: computed from the passes' declared places each time it is read."""
 
     def __getitem__(self, level: int) -> list[str]:
         if level not in LEVELS:
