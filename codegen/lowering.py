@@ -21,32 +21,10 @@ import sympy
 from braze.ir import Node, Value
 from braze.ir.errors import BrazeError
 
+from .dim_code import launch_expr as expr_text     # templates write grids with it too
+
 _TRITON_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "f64": "fp64", "i64": "i64",
                  "i32": "i32", "i16": "i16", "i8": "i8", "u8": "u8", "bool": "i1"}
-
-
-def expr_text(d) -> str:
-    """A sympy dim -> the launch-expression grammar (ints, T/S/MB, + - * //, cdiv)."""
-    if isinstance(d, int):
-        return str(d)
-    d = sympy.sympify(d)
-    if d.is_Integer:
-        return str(int(d))
-    if d.is_Symbol:
-        return d.name
-    if d.is_Add:
-        return "(" + " + ".join(expr_text(a) for a in d.args) + ")"
-    if d.is_Mul:
-        return "(" + " * ".join(expr_text(a) for a in d.args) + ")"
-    if isinstance(d, sympy.ceiling):
-        num, den = sympy.fraction(sympy.together(d.args[0]))
-        return f"cdiv({expr_text(num)}, {expr_text(den)})"
-    if isinstance(d, sympy.floor):
-        num, den = sympy.fraction(sympy.together(d.args[0]))
-        return f"({expr_text(num)} // {expr_text(den)})"
-    if isinstance(d, sympy.Max):
-        return f"max({', '.join(expr_text(a) for a in d.args)})"
-    raise BrazeError(f"cannot express dimension {d} as a launch expression")
 
 
 class Lowering:

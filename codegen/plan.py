@@ -1,9 +1,9 @@
 """Lower a passed graph into launch plans: every node to kernel launches or an extern call.
 
 Nodes whose op has a kernel template (codegen/kernels/) become Triton launches;
-GEMMs (`linear`, `matmul`, `einsum`) and views stay extern calls through torch
-(cuBLAS on a GPU), and so does any op without a template yet, which
-`braze inspect` lists. Launches are grouped by the segments split-segments
+ops the registry marks `extern` (GEMMs: `linear`, `matmul`, `einsum`; views) stay
+extern calls through torch (cuBLAS on a GPU), and so does any op without a template
+yet, which `braze inspect` lists. Launches are grouped by the segments split-segments
 recorded, and identical kernel variants are shared through one kernel table.
 """
 
@@ -14,14 +14,11 @@ from pathlib import Path
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
-from braze.ir.layout import VIEW_OPS
 
 from .kernels import kernel_module_for, lower_node
 from .specialize import step_sizes, variant_keys
 
 TEMPLATE_DIR = Path(__file__).parent / "kernels"
-
-EXTERN_BY_DESIGN = {"linear", "matmul", "einsum"} | VIEW_OPS        # GEMMs: cuBLAS; views
 
 
 def variant_key(launch: dict) -> str:
@@ -42,7 +39,7 @@ def build_plan(g: Graph, options: dict) -> dict:
     extern: dict[str, int] = {}
     per_node: list[list[dict]] = []
     for i, node in enumerate(g.nodes):
-        if node.op not in EXTERN_BY_DESIGN and kernel_module_for(node.op) is not None:
+        if not node.opdef.extern and kernel_module_for(node.op) is not None:
             try:
                 launches, ws, srcs = lower_node(node, i)
             except BrazeError as e:

@@ -21,12 +21,12 @@ from typing import Callable
 import sympy
 import torch
 
+from .ops import all_ops
 from .types import SYMBOLS, torch_dtype
 
-# ops whose result only re-describes its operand's storage (a reshape torch cannot
-# express as a view of the operand's strides is the exception: it copies)
-VIEW_OPS = frozenset({"reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "select",
-                      "split"})
+# ops whose result only re-describes its operand's storage (the registry's `view`; a
+# reshape torch cannot express as a view of the operand's strides is the exception: it copies)
+VIEW_OPS = frozenset(name for name, opdef in all_ops().items() if opdef.view)
 
 PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41}, {"T": 4093, "S": 131, "MB": 61, "NB": 53})
 
@@ -93,7 +93,7 @@ class Layouts:
             return self._probed[v]
         p = v.producer
         out = None
-        if p is not None and p.op in VIEW_OPS:
+        if p is not None and p.opdef.view:
             src = self.probed(p.operands[0])
             views = run_view(p, src) if src is not None else None
             if views is not None:

@@ -29,8 +29,11 @@ def _linear_infer(types, attrs):
     return [TensorType(x.shape[:-1] + (w.shape[0],), _same_dtype("linear", types))]
 
 
+# GEMMs stay torch calls (cuBLAS on a GPU); linear and matmul return fresh dense tensors,
+# einsum may return a permuted view of its result
 register(OpDef("linear", ("x", "weight", "bias?"), _linear_infer,
-               lambda x, w, b=None: F.linear(x, w, b), doc="F.linear(x, weight, bias): x @ weight.T"))
+               lambda x, w, b=None: F.linear(x, w, b), extern=True, returns_dense=True,
+               doc="F.linear(x, weight, bias): x @ weight.T"))
 
 
 def _matmul_infer(types, attrs):
@@ -43,7 +46,8 @@ def _matmul_infer(types, attrs):
     return [TensorType(batch + (a.shape[-2], b.shape[-1]), _same_dtype("matmul", types))]
 
 
-register(OpDef("matmul", ("a", "b"), _matmul_infer, torch.matmul, doc="torch.matmul(a, b)"))
+register(OpDef("matmul", ("a", "b"), _matmul_infer, torch.matmul, extern=True, returns_dense=True,
+               doc="torch.matmul(a, b)"))
 
 
 def _einsum_infer(types, attrs):
@@ -72,7 +76,7 @@ def _einsum_infer(types, attrs):
 
 register(OpDef("einsum", ("xs*",), _einsum_infer,
                lambda *xs, equation: torch.einsum(equation, *xs),
-               attrs={"equation": REQUIRED}, doc="torch.einsum(equation, *xs)"))
+               attrs={"equation": REQUIRED}, extern=True, doc="torch.einsum(equation, *xs)"))
 
 
 def _embedding_infer(types, attrs):

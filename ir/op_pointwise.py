@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BrazeError
-from .ops import REQUIRED, OpDef, meta_dtype, register
+from .ops import REQUIRED, OpDef, TritonForm, meta_dtype, register
 from .types import TensorType, canon_dim, torch_dtype
 
 
@@ -38,7 +38,7 @@ def broadcast_shapes(*shapes: tuple) -> tuple:
     return tuple(out)
 
 
-def _unary(name: str, fn, doc: str, attrs: dict | None = None) -> None:
+def _unary(name: str, fn, triton: TritonForm, doc: str, attrs: dict | None = None) -> None:
     def infer(types, attrs):
         (x,) = types
         return [TensorType(x.shape, meta_dtype(fn, types, attrs))]
@@ -46,18 +46,36 @@ def _unary(name: str, fn, doc: str, attrs: dict | None = None) -> None:
     def impl(x, **attrs):
         return fn(x, **attrs)
 
-    register(OpDef(name, ("x",), infer, impl, attrs=attrs or {}, pointwise=True, doc=doc))
+    register(OpDef(name, ("x",), infer, impl, attrs=attrs or {}, pointwise=True,
+                   triton=triton, doc=doc))
 
 
-for _name, _fn in {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
-    "rsqrt": torch.rsqrt, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "silu": F.silu, "relu": F.relu, "abs": torch.abs,
-    "reciprocal": torch.reciprocal, "logical_not": torch.logical_not,
-}.items():
-    _unary(_name, _fn, f"torch.{_fn.__name__}(x)")
+# The kernel forms: division and sqrt are IEEE (div_rn, sqrt_rn), rsqrt is 1/sqrt and
+# silu x / (1 + exp(-x)) as torch computes them on the CPU; tanh goes through the
+# generator's _tanh (exp-based, with a series near 0)
+for _name, _fn, _expr, _numerics in [
+    ("neg", torch.neg, "-{x}", "exact"),
+    ("exp", torch.exp, "tl.exp({x})", "float"),
+    ("log", torch.log, "tl.log({x})", "float"),
+    ("sqrt", torch.sqrt, "tl.sqrt_rn({x})", "float"),
+    ("rsqrt", torch.rsqrt, "tl.div_rn(1.0, tl.sqrt_rn({x}))", "float"),
+    ("sin", torch.sin, "tl.sin({x})", "float"),
+    ("cos", torch.cos, "tl.cos({x})", "float"),
+    ("tanh", torch.tanh, "_tanh({x})", "float"),
+    ("sigmoid", torch.sigmoid, "tl.div_rn(1.0, 1.0 + tl.exp(-{x}))", "float"),
+    ("silu", F.silu, "tl.div_rn({x}, 1.0 + tl.exp(-{x}))", "float"),
+    ("relu", F.relu, "tl.where({x} < 0, 0, {x}).to({R})", "exact"),
+    ("abs", torch.abs, "tl.abs({x})", "exact"),
+    ("reciprocal", torch.reciprocal, "tl.div_rn(1.0, {x})", "float"),
+    ("logical_not", torch.logical_not, "({x} == 0)", "raw"),
+]:
+    _unary(_name, _fn, TritonForm(_expr, _numerics), f"torch.{_fn.__name__}(x)")
 
+# torch's CPU forms: x * 0.5 * (1 + erf(x / sqrt 2)); 0.5 * x * (1 + tanh(b * (x + k x^3)))
 _unary("gelu", lambda x, approximate: F.gelu(x, approximate=approximate),
+       TritonForm({"none": "{x} * 0.5 * (1.0 + tl.erf({x} * 0.7071067811865476))",
+                   "tanh": "0.5 * {x} * (1.0 + _tanh(0.7978845608028654 * ({x} + 0.044715 * "
+                           "({x} * {x} * {x}))))"}, "float", by="approximate"),
        "F.gelu(x, approximate)", {"approximate": "none"})
 
 
@@ -86,7 +104,7 @@ def _binary_call(fn, args, scalar, scalar_first):
     return fn(x, scalar)
 
 
-def _binary(name: str, fn) -> None:
+def _binary(name: str, fn, triton: TritonForm, commutative: bool) -> None:
     def infer(types, attrs):
         shape = broadcast_shapes(*(t.shape for t in types))
         dtype = meta_dtype(lambda *a, **kw: _binary_call(fn, a, **kw), types, attrs)
@@ -97,6 +115,7 @@ def _binary(name: str, fn) -> None:
 
     register(OpDef(name, ("a", "b?"), infer, impl,
                    attrs={"scalar": None, "scalar_first": False}, pointwise=True,
+                   commutative=commutative, triton=triton,
                    doc=f"torch semantics of {name}(a, b) with broadcasting"))
 
 
@@ -105,14 +124,25 @@ def _pow(a, b):
     return a ** b
 
 
-for _name, _fn in {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
-    "pow": _pow, "maximum": torch.maximum, "minimum": torch.minimum,
-    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le,
-    "gt": torch.gt, "ge": torch.ge, "logical_and": torch.logical_and,
-    "logical_or": torch.logical_or,
-}.items():
-    _binary(_name, _fn)
+for _name, _fn, _expr, _numerics, _commutative in [
+    ("add", torch.add, "({a} + {b})", "arith", True),
+    ("sub", torch.sub, "({a} - {b})", "arith", False),
+    ("mul", torch.mul, "({a} * {b})", "scale", True),
+    ("div", torch.div, "tl.div_rn({a}, {b})", "scale", False),
+    ("pow", _pow, "_pow({a}, {b})", "pow", False),
+    ("maximum", torch.maximum, "tl.maximum({a}, {b}{nan})", "minmax", True),
+    ("minimum", torch.minimum, "tl.minimum({a}, {b}{nan})", "minmax", True),
+    ("eq", torch.eq, "({a} == {b})", "compare", True),
+    ("ne", torch.ne, "({a} != {b})", "compare", True),
+    ("lt", torch.lt, "({a} < {b})", "compare", False),
+    ("le", torch.le, "({a} <= {b})", "compare", False),
+    ("gt", torch.gt, "({a} > {b})", "compare", False),
+    ("ge", torch.ge, "({a} >= {b})", "compare", False),
+    # as selects: the interpreter cannot `&` a 0-d bool with a block
+    ("logical_and", torch.logical_and, "tl.where({a} != 0, {b} != 0, False)", "logical", True),
+    ("logical_or", torch.logical_or, "tl.where({a} != 0, True, {b} != 0)", "logical", True),
+]:
+    _binary(_name, _fn, TritonForm(_expr, _numerics), _commutative)
 
 
 def _cast_infer(types, attrs):
@@ -121,7 +151,8 @@ def _cast_infer(types, attrs):
 
 register(OpDef("cast", ("x",), _cast_infer,
                lambda x, dtype: x.to(torch_dtype(dtype)),
-               attrs={"dtype": REQUIRED}, pointwise=True, doc="x.to(dtype)"))
+               attrs={"dtype": REQUIRED}, pointwise=True, triton=TritonForm("{x}", "convert"),
+               doc="x.to(dtype)"))
 
 
 def _where_infer(types, attrs):
@@ -133,4 +164,5 @@ def _where_infer(types, attrs):
 
 
 register(OpDef("where", ("cond", "a", "b"), _where_infer, torch.where, pointwise=True,
+               triton=TritonForm("tl.where({cond}, {a}, {b})", "select"),
                doc="torch.where(cond, a, b)"))

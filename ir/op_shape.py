@@ -37,7 +37,7 @@ def _reshape_infer(types, attrs):
 
 
 register(OpDef("reshape", ("x",), _reshape_infer, lambda x, shape: x.reshape(shape),
-               attrs={"shape": REQUIRED}, doc="x.reshape(shape); one -1 allowed"))
+               attrs={"shape": REQUIRED}, view=True, doc="x.reshape(shape); one -1 allowed"))
 
 
 def _permute_infer(types, attrs):
@@ -49,7 +49,7 @@ def _permute_infer(types, attrs):
 
 
 register(OpDef("permute", ("x",), _permute_infer, lambda x, dims: x.permute(dims),
-               attrs={"dims": REQUIRED}))
+               attrs={"dims": REQUIRED}, view=True))
 
 
 def _unsqueeze_infer(types, attrs):
@@ -59,7 +59,7 @@ def _unsqueeze_infer(types, attrs):
 
 
 register(OpDef("unsqueeze", ("x",), _unsqueeze_infer, lambda x, dim: x.unsqueeze(dim),
-               attrs={"dim": REQUIRED}))
+               attrs={"dim": REQUIRED}, view=True))
 
 
 def _squeeze_infer(types, attrs):
@@ -74,7 +74,7 @@ def _squeeze_infer(types, attrs):
 
 
 register(OpDef("squeeze", ("x",), _squeeze_infer, lambda x, dim: x.squeeze(dim),
-               attrs={"dim": REQUIRED}))
+               attrs={"dim": REQUIRED}, view=True))
 
 
 def _expand_infer(types, attrs):
@@ -98,7 +98,7 @@ def _expand_infer(types, attrs):
 
 
 register(OpDef("expand", ("x",), _expand_infer, lambda x, shape: x.expand(shape),
-               attrs={"shape": REQUIRED}, doc="x.expand(shape); -1 keeps a dim"))
+               attrs={"shape": REQUIRED}, view=True, doc="x.expand(shape); -1 keeps a dim"))
 
 
 def _slice_infer(types, attrs):
@@ -123,7 +123,7 @@ def _slice(x, dim, start, end, step):
 
 
 register(OpDef("slice", ("x",), _slice_infer, _slice,
-               attrs={"dim": REQUIRED, "start": None, "end": None, "step": 1},
+               attrs={"dim": REQUIRED, "start": None, "end": None, "step": 1}, view=True,
                doc="x[..., start:end:step, ...] along dim"))
 
 
@@ -135,7 +135,7 @@ def _select_infer(types, attrs):
 
 register(OpDef("select", ("x",), _select_infer,
                lambda x, dim, index: x.select(dim, index),
-               attrs={"dim": REQUIRED, "index": REQUIRED}, doc="x.select(dim, index)"))
+               attrs={"dim": REQUIRED, "index": REQUIRED}, view=True, doc="x.select(dim, index)"))
 
 
 def _cat_infer(types, attrs):
@@ -165,7 +165,8 @@ def _split_infer(types, attrs):
 
 register(OpDef("split", ("x",), _split_infer,
                lambda x, sizes, dim: tuple(torch.split(x, list(sizes), dim=dim)),
-               attrs={"sizes": REQUIRED, "dim": REQUIRED}, doc="torch.split: one result per size"))
+               attrs={"sizes": REQUIRED, "dim": REQUIRED}, view=True,
+               doc="torch.split: one result per size"))
 
 
 def _index_select_infer(types, attrs):

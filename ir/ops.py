@@ -9,7 +9,17 @@ plain torch, and its properties:
     reduction    reduces over `dims`; may end a pointwise group
     graph_break  cannot sit inside a captured CUDA graph segment
     writes       indices of operands the op mutates in place (persistent state)
+    view         the result only re-describes the operand's storage (reshape, slice,
+                 ...: torch may copy where it cannot, see ir/layout.py)
+    commutative  two tensor operands in either order compute the same value
+    extern       stays a call of the torch implementation by design, never a kernel
+                 (GEMMs run on cuBLAS; every view op is extern too)
+    returns_dense  the torch implementation returns a fresh dense tensor, so an extern
+                 call's result layout is known at codegen time
+    triton       how a generated pointwise kernel computes it (`TritonForm`)
 
+Everything the compiler knows about an op is here: a new op is one `register`
+call, and passes and codegen read these properties instead of lists of op names.
 Op definitions live in the `op_*.py` modules beside this one, grouped by kind.
 """
 
@@ -35,6 +45,38 @@ InferFn = Callable[[list[TensorType], dict], list[TensorType]]
 ImplFn = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class TritonForm:
+    """A pointwise op in a generated kernel (codegen/pointwise_kernel.py).
+
+    `expr` is a Triton expression over the operands' code: `{x}` for a unary op, `{a}`
+    and `{b}` for a binary one, `{cond}`, `{a}`, `{b}` for where; `{R}` is the result's
+    Triton dtype. It may call the generator's device functions (`_tanh`, `_pow`). With
+    `by`, `expr` is a dict from the value of that attribute to the expression.
+
+    `numerics` names the rule (codegen/pointwise_ops.py) that converts the operands and
+    rounds the result, so the kernel rounds where torch does:
+        convert   the operand converted to the result dtype (cast)
+        exact     operands converted to the result dtype R and computed in R
+        raw       operands as they are
+        float     the operand in R's opmath type (f32 for f16/bf16), the result rounded to R
+        arith     two operands rounded to R, computed in opmath(R), rounded to R
+        scale     as arith, but a right-hand number or one-element tensor keeps its fp32
+                  value (torch's CPU mul and div)
+        compare   operands in their common dtype
+        minmax    operands in R; `{nan}` is where NaN propagation goes for floats
+        select    cond as it is, a and b in R
+        logical   truth values; a Python-number operand folds by the op's own reference
+        pow       torch's special cases of the exponent, else fp64 exp/log
+    """
+    expr: str | dict
+    numerics: str
+    by: str | None = None
+
+    def expression(self, attrs: dict) -> str:
+        return self.expr if self.by is None else self.expr[attrs[self.by]]
+
+
 @dataclass
 class OpDef:
     name: str
@@ -46,7 +88,16 @@ class OpDef:
     reduction: bool = False
     graph_break: bool = False
     writes: tuple[int, ...] = ()
+    view: bool = False
+    commutative: bool = False
+    extern: bool = False
+    returns_dense: bool = False
+    triton: TritonForm | None = None
     doc: str = ""
+
+    def __post_init__(self):
+        if self.view:
+            self.extern = True          # a view is torch's business: it costs no kernel
 
     def check_arity(self, n: int) -> None:
         fixed = [o for o in self.operands if not o.endswith(("*", "?"))]

@@ -51,8 +51,8 @@ Each sweep walks the node list once, in order, keeping a map old value -> new va
    of mutable state is not the same as a copy of it.
 2. Common subexpressions: same op, the same operand values, equal attributes (floats
    by exact value and type, -0.0 != 0.0, nan never equal) compute the same results,
-   so a later node is replaced by the earlier one. add/mul/maximum/minimum/eq/ne/
-   logical_and/logical_or match either operand order. Ops that write are never merged.
+   so a later node is replaced by the earlier one. Ops the registry calls commutative
+   (add, mul, maximum, minimum, eq, ne, logical_and, logical_or) match either operand order. Ops that write are never merged.
    An operand that some op writes carries a version bumped at each write, so a read
    of the cache after a `cache_write` is never merged with one before it (the verifier
    forbids reads before the write today; the pass does not rely on it).
@@ -81,7 +81,6 @@ from .manager import PassContext, register_pass
 
 SMALL_CONSTANT_BYTES = 64 * 1024
 MAX_SWEEPS = 20
-COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or"}
 SAME_TYPE_IS_IDENTITY = {"reshape", "expand", "slice"}
 
 # _EXACT[a] = dtypes that hold every value of dtype a exactly (besides a itself): wider
@@ -174,13 +173,13 @@ def _fold_through(node: Node, written: set) -> bool:
         a, b, c = x.type.dtype, inner_v.type.dtype, node.results[0].type.dtype
         if not (b in _EXACT[a] and (is_float(c) or not is_float(b) or _exact(a, c))):
             return False
-        node.operands[0] = x
+        node.operands = (x,)
         return True
     if node.op == "permute":
         rank = x.type.rank
         p1 = [d % rank for d in inner.attrs["dims"]]
         node.attrs = dict(node.attrs, dims=[p1[d % rank] for d in node.attrs["dims"]])
-        node.operands[0] = x
+        node.operands = (x,)
         return True
     # reshape: the outer shape (maybe with -1) read against x gives the same type
     try:
@@ -188,13 +187,13 @@ def _fold_through(node: Node, written: set) -> bool:
             return False
     except BrazeError:
         return False
-    node.operands[0] = x
+    node.operands = (x,)
     return True
 
 
 def _cse_key(node: Node, version: dict):
     ops = tuple((id(v), version.get(v, 0)) for v in node.operands)
-    if node.op in COMMUTATIVE and len(ops) == 2:
+    if node.opdef.commutative and len(ops) == 2:
         ops = tuple(sorted(ops))
     return (node.op, ops, tuple((k, _freeze(v)) for k, v in node.attrs.items()))
 
@@ -238,11 +237,9 @@ def _sweep(g: Graph, ctx: PassContext, refused: set) -> tuple[int, int]:
     version: dict[Value, int] = {}
     rewrites = replaced = 0
     for node in g.nodes:
+        if repl and any(v in repl for v in node.operands):
+            node.operands = [repl.get(v, v) for v in node.operands]
         ops = node.operands
-        for i, v in enumerate(ops):
-            r = repl.get(v)
-            if r is not None:
-                ops[i] = r
         writes = node.opdef.writes
         if writes:
             for i in writes:
@@ -264,6 +261,7 @@ def _sweep(g: Graph, ctx: PassContext, refused: set) -> tuple[int, int]:
             rewrites += 1
             replaced += 1
             continue
+        ops = node.operands              # (a fold through may have replaced them)
         if len(node.results) == 1 and ops and all(v.kind == "param" for v in ops):
             why = _why_not_fold(node)
             if why is None:
@@ -283,7 +281,7 @@ def _sweep(g: Graph, ctx: PassContext, refused: set) -> tuple[int, int]:
     return rewrites, replaced
 
 
-@register_pass("canonicalize")
+@register_pass("canonicalize", stage="simplify", level=1)
 def run(g: Graph, ctx: PassContext) -> int:
     """Dead code, common subexpressions, no-op casts/reshapes/..., constant folding."""
     total = 0

@@ -18,39 +18,37 @@ reshape still becomes `attention`, followed by a reshape back to [T, heads, dim]
 
 from __future__ import annotations
 
-from braze.ir import Graph
+from braze.ir import Graph, Node
 
 from .manager import PassContext, register_pass
+from .rewrite import Rewriter, Rule, rewrite
 
 
-@register_pass("fuse-attention")
+# after fuse-rope: it pairs q and k through the operands of the attention primitive
+@register_pass("fuse-attention", after=("fuse-rope",))
 def fuse_attention(g: Graph, ctx: PassContext) -> int:
     """paged_attention (+ the reshape that flattens its heads) -> attention."""
-    users = g.users()
-    count = 0
-    for node in list(g.nodes):
-        if node.op != "paged_attention":
-            continue
-        q, k_cache = node.operands[0], node.operands[1]
-        heads, dim, kv_heads = q.type.shape[1], q.type.shape[2], k_cache.type.shape[2]
-        if not all(isinstance(d, int) for d in (heads, dim, kv_heads)):
-            ctx.refuse(node, f"head counts must be concrete, got q {q.type} and cache {k_cache.type}")
-            continue
-        out = node.results[0]
-        out_dim = out.type.shape[2]
-        attrs = dict(node.attrs, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim)
+    return rewrite(g, ctx, [Rule("paged_attention", _fuse)])
+
+
+def _fuse(node: Node, rw: Rewriter):
+    g = rw.g
+    q, k_cache = node.operands[0], node.operands[1]
+    heads, dim, kv_heads = q.type.shape[1], q.type.shape[2], k_cache.type.shape[2]
+    if not all(isinstance(d, int) for d in (heads, dim, kv_heads)):
+        return f"head counts must be concrete, got q {q.type} and cache {k_cache.type}"
+    out = node.results[0]
+    out_dim = out.type.shape[2]
+    attrs = dict(node.attrs, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim)
+    with g.inserting_before(node):
+        flat = g.op("attention", *node.operands, **attrs)
+    readers = g.users(out)
+    flattening = [u for u in readers if u.op == "reshape"
+                  and list(u.attrs["shape"]) in ([-1, heads * out_dim], [out.type.shape[0], heads * out_dim])]
+    rw.replace([u.results[0] for u in flattening], [flat] * len(flattening), dead=flattening)
+    if len(flattening) != len(readers) or out in g.outputs.values():
         with g.inserting_before(node):
-            flat = g.op("attention", *node.operands, **attrs)
-        readers = users.get(out, [])
-        flattening = [u for u in readers if u.op == "reshape"
-                      and list(u.attrs["shape"]) in ([-1, heads * out_dim], [out.type.shape[0], heads * out_dim])]
-        for u in flattening:
-            g.replace_all_uses(u.results[0], flat)
-            g.erase_node(u)
-        if len(flattening) != len(readers) or out in g.outputs.values():
-            with g.inserting_before(node):
-                unflat = g.op("reshape", flat, shape=[-1, heads, out_dim])
-            g.replace_all_uses(out, unflat)
-        g.erase_node(node)
-        count += 1
-    return count
+            unflat = g.op("reshape", flat, shape=[-1, heads, out_dim])
+        g.replace_all_uses(out, unflat)
+    rw.erase_dead([node])
+    return 1

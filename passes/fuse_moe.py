@@ -47,7 +47,8 @@ from __future__ import annotations
 from braze.ir import Graph, Node, Value, get_op
 
 from .manager import PassContext, register_pass
-from .pattern import Op, Var, erase_matched, match
+from .pattern import Op, Var, match
+from .rewrite import Rewriter, Rule, rewrite
 
 _LAST = (-1, 1)          # the last dim of a rank-2 value, spelt either way
 
@@ -98,24 +99,18 @@ def _is_candidate(node: Node) -> bool:
             and sorted(v.type.rank for v in node.operands) == [2, 3])
 
 
-@register_pass("fuse-moe")
+# after merge-projections: a router merged into a bigger linear is recovered (below)
+@register_pass("fuse-moe", after=("merge-projections",))
 def fuse_moe(g: Graph, ctx: PassContext) -> int:
     """Dense reference MoE (router, top-k, scatter, all-expert einsums) -> fused_moe."""
-    count = 0
-    for node in list(g.nodes):
-        if not _is_candidate(node):
-            continue
-        reason = _fuse(g, node)
-        if reason:
-            ctx.refuse(node, f"not a dense MoE: {reason}")
-        else:
-            count += 1
-    return count
+    return rewrite(g, ctx, [Rule("einsum", _fuse, explain="not a dense MoE: ")])
 
 
-def _fuse(g: Graph, root: Node) -> str | None:
-    users = g.users()
-    m = match(_pattern_for(root), root.results[0], g, users)
+def _fuse(root: Node, rw: Rewriter) -> str | int | None:
+    if not _is_candidate(root):
+        return None
+    g = rw.g
+    m = match(_pattern_for(root), root.results[0], g)
     if not m:
         return m.reason
     if m["topk_w"] is not m["topk_i"]:
@@ -129,7 +124,7 @@ def _fuse(g: Graph, root: Node) -> str | None:
     if table.dtype not in ("f32", xv.type.dtype):
         return (f"the routing matrix is built in {table.dtype}, which would round the "
                 f"weights differently from a cast to {xv.type.dtype}")
-    router = _router_weight(g, m["logits"], m["softmax"], xv, users)
+    router = _router_weight(g, m["logits"], m["softmax"], xv)
     if isinstance(router, str):
         return router
     router_w, router_nodes = router
@@ -153,16 +148,13 @@ def _fuse(g: Graph, root: Node) -> str | None:
     w_gate_up = _gate_up_param(g, wg, wu)
     with g.inserting_before(root):
         out = g.op("fused_moe", xv, router_w, w_gate_up, wd, **attrs)
-    g.replace_all_uses(root.results[0], out)
-    erase_matched(g, m)
-    for n in router_nodes:
-        g.erase_node(n)
-    return None
+    rw.replace(root.results[0], out, dead=m.nodes + router_nodes)
+    return 1
 
 
-def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value, users: dict):
+def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value):
     """(router weight, nodes that only computed the logits) or why the logits are not x @ W.T."""
-    if users.get(logits) != [softmax] or logits in g.outputs.values():
+    if g.users(logits) != [softmax] or logits in g.outputs.values():
         return f"the router logits {logits.ref} are also used outside the MoE"
     node, rows = logits.producer, None
     if node is not None and node.op in ("split", "slice") and node.attrs["dim"] in _LAST:
@@ -198,7 +190,7 @@ def _gate_up_param(g: Graph, wg: Value, wu: Value) -> Value:
     """The [E, 2I, H] concatenation of gate and up expert weights, declared once."""
     for p in g.params.values():
         r = p.recipe
-        if r is not None and r.op == "cat" and r.operands == [wg, wu] and r.attrs["dim"] == 1:
+        if r is not None and r.op == "cat" and r.operands == (wg, wu) and r.attrs["dim"] == 1:
             return p
     base = wg.name[:-len("gate_proj")] + "gate_up_proj" if wg.name.endswith(".gate_proj") \
         else wg.name + ".gate_up"

@@ -41,6 +41,7 @@ from braze.ir.types import is_float
 
 from .manager import PassContext, register_pass
 from .pattern import Op, Opt, Var, match
+from .rewrite import Rewriter, Rule
 
 
 def _hf(cast_in: bool):
@@ -63,12 +64,12 @@ def _norm_pattern(cast_in: bool):
 WITH_CAST, NO_CAST, RSQRT = _norm_pattern(True), _norm_pattern(False), _rsqrt_pattern(_hf(True))
 
 
-def match_rms_norm(g: Graph, root: Value, users: dict):
+def match_rms_norm(g: Graph, root: Value):
     """The RMSNorm rooted at `root`, or the failed Match (with its reason)."""
-    m = match(WITH_CAST, root, g, users)
+    m = match(WITH_CAST, root, g)
     if not m and "also used by" in m.reason:
         # x.float() read elsewhere too: match from the f32 value instead (the cast stays)
-        m2 = match(NO_CAST, root, g, users)
+        m2 = match(NO_CAST, root, g)
         if m2:
             return m2
     return m
@@ -101,106 +102,73 @@ def _looks_like_norm(node: Node) -> bool:
     return p is not None and p.op == "pow"
 
 
-def _roots_after(rsqrt: Node, users: dict) -> list[Value]:
+def _roots_after(g: Graph, rsqrt: Node) -> list[Value]:
     """Muls up to four steps downstream of an rsqrt, farthest first: candidate norm outputs."""
     out, frontier = [], [rsqrt]
     for _ in range(4):
-        frontier = [u for n in frontier for u in users.get(n.results[0], [])
+        frontier = [u for n in frontier for u in g.users(n.results[0])
                     if u.op in ("mul", "cast", "add")]
         out += [n.results[0] for n in frontier if n.op == "mul"]
     return out[::-1]
 
 
-def diagnose(g: Graph, rsqrt: Node, users: dict) -> str:
+def diagnose(g: Graph, rsqrt: Node) -> str:
     """Why the RMSNorm around this rsqrt did not match (pattern reasons name the first
     difference only when the pattern has no alternatives, so look piece by piece)."""
-    m = match(RSQRT, rsqrt.results[0], g, users)
+    m = match(RSQRT, rsqrt.results[0], g)
     if not m:
         return f"rsqrt is not of mean(x^2) + eps: {m.reason}"
-    for root in _roots_after(rsqrt, users):
-        reason = match_rms_norm(g, root, users).reason
+    for root in _roots_after(g, rsqrt):
+        reason = match_rms_norm(g, root).reason
         if "also used by" in reason:
             return reason
     return "the normalised x * rsqrt(mean(x^2) + eps) is not scaled by a 1-D weight (w * n)"
 
 
-def rebuild(g: Graph, anchor: Node, dead: list[Node], op: str, operands: list[Value], attrs: dict,
-            names: list[str]) -> Node:
-    """Erase `dead` and put `op` where `anchor` is (before the first node from `anchor` on
-    that survives), its results named `names`: the replaced values' own names, so the text
-    stays readable. The caller then points the old values' users at the new results."""
-    i = g.nodes.index(anchor)
-    gone = set(map(id, dead))
-    after = next((n for n in g.nodes[i:] if id(n) not in gone), None)
-    for n in dead:
-        g.erase_node(n)
-    if after is None:
-        return g.add_node(op, operands, attrs, names=names)
-    with g.inserting_before(after):
-        return g.add_node(op, operands, attrs, names=names)
+def _fuse_norm(node: Node, rw: Rewriter):
+    """An RMSNorm whose outermost op is `node` (a mul) -> rms_norm."""
+    m = match_rms_norm(rw.g, node.results[0])
+    if not m:
+        return None
+    rw.claim(m.nodes)        # its inner muls are not the roots of smaller norms
+    problem = norm_problem(m)
+    if problem:
+        return problem
+    rw.rebuild(node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]},
+               replacing=[node.results[0]])
+    return 1
 
 
-def fuse_rms_norms(g: Graph, ctx: PassContext) -> int:
-    users = g.users()
-    count, seen = 0, set()
-    for node in reversed(list(g.nodes)):   # outermost mul first: inner muls are then gone
-        if node.op != "mul" or id(node) in seen:
-            continue
-        m = match_rms_norm(g, node.results[0], users)
-        if not m:
-            continue
-        seen.update(id(n) for n in m.nodes)
-        problem = norm_problem(m)
-        if problem:
-            ctx.refuse(node, f"RMSNorm not fused: {problem}")
-            continue
-        root = node.results[0]
-        new = rebuild(g, node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"]}, [root.name])
-        g.replace_all_uses(root, new.results[0])
-        # keep the use map current instead of rebuilding it per norm (quadratic on big graphs)
-        gone = set(map(id, m.nodes))
-        for n in m.nodes:
-            for v in n.operands:
-                users[v] = [u for u in users.get(v, []) if id(u) not in gone]
-        for v in new.operands:
-            users.setdefault(v, []).append(new)
-        users[new.results[0]] = users.pop(root, [])
-        count += 1
-    for node in g.nodes:
-        if node.op == "rsqrt" and id(node) not in seen and _looks_like_norm(node):
-            ctx.refuse(node, "RMSNorm not fused: " + diagnose(g, node, users))
-    return count
+def _explain_norm(node: Node, rw: Rewriter):
+    """An rsqrt of a mean of squares that no RMSNorm match took: why not."""
+    return diagnose(rw.g, node) if _looks_like_norm(node) else None
 
 
-def fold_residual_adds(g: Graph, ctx: PassContext) -> int:
-    count = 0
-    for node in list(g.nodes):
-        if node.op != "rms_norm":
-            continue
-        s, w = node.operands
-        add = s.producer
-        if add is None or add.op != "add":
-            continue
-        if len(add.operands) != 2:
-            ctx.refuse(node, f"residual add {s.ref} adds a scalar, not two tensors")
-            continue
-        a, b = add.operands
-        if a.type.shape != b.type.shape:
-            ctx.refuse(node, f"residual add {s.ref} broadcasts {a.type} with {b.type}")
-            continue
-        if w.producer is not None and g.nodes.index(w.producer) > g.nodes.index(add):
-            ctx.refuse(node, f"weight {w.ref} is computed after the residual add {s.ref}")
-            continue
-        n_old = node.results[0]
-        fused = rebuild(g, add, [add, node], "add_rms_norm", [a, b, w], {"eps": node.attrs["eps"]},
-                        [n_old.name, s.name])
-        g.replace_all_uses(n_old, fused.results[0])
-        g.replace_all_uses(s, fused.results[1])
-        count += 1
-    return count
+def _fold_residual_add(node: Node, rw: Rewriter):
+    """rms_norm(add(a, b), w) -> add_rms_norm(a, b, w), which also returns a + b."""
+    g = rw.g
+    s, w = node.operands
+    add = s.producer
+    if add is None or add.op != "add":
+        return None
+    if len(add.operands) != 2:
+        return f"residual add {s.ref} adds a scalar, not two tensors"
+    a, b = add.operands
+    if a.type.shape != b.type.shape:
+        return f"residual add {s.ref} broadcasts {a.type} with {b.type}"
+    if w.producer is not None and g.index(w.producer) > g.index(add):
+        return f"weight {w.ref} is computed after the residual add {s.ref}"
+    rw.rebuild(add, [add, node], "add_rms_norm", [a, b, w], {"eps": node.attrs["eps"]},
+               replacing=[node.results[0], s])
+    return 1
 
 
 @register_pass("fuse-norm")
 def fuse_norm(g: Graph, ctx: PassContext) -> int:
     """RMSNorm -> rms_norm; residual add + rms_norm -> add_rms_norm."""
-    return fuse_rms_norms(g, ctx) + fold_residual_adds(g, ctx)
+    rw = Rewriter(g, ctx)
+    # outermost mul first: a norm's inner muls are then gone, or claimed by its refusal
+    rw.run([Rule("mul", _fuse_norm, explain="RMSNorm not fused: ")], reverse=True)
+    rw.run([Rule("rsqrt", _explain_norm, explain="RMSNorm not fused: ")])
+    rw.run([Rule("rms_norm", _fold_residual_add)])
+    return rw.count

@@ -61,7 +61,6 @@ value is refused too. Groups of one op are left alone (no memory traffic saved).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 from braze.ir import BrazeError, Graph, Node, Value, print_graph
@@ -84,9 +83,8 @@ def _describe(v: Value) -> str:
     return f"{v.ref} ({v.producer.op})" if v.producer is not None else v.ref
 
 
-@register_pass("fuse-pointwise")
+@register_pass("fuse-pointwise", stage="group")
 def fuse_pointwise(g: Graph, ctx: PassContext) -> int:
-    users = g.users()
     pos = {n: i for i, n in enumerate(g.nodes)}
     group_of: dict[Node, _Group] = {}
     barriers: list[Node] = []
@@ -100,16 +98,16 @@ def fuse_pointwise(g: Graph, ctx: PassContext) -> int:
             if n.op in ROW_REDUCTIONS and any(v.producer in group_of for v in n.operands):
                 ctx.refuse(n, f"not fused with its input's group: {e}")
             continue
-        _place(n, space, len(barriers), barriers, users, pos, group_of, ctx)
+        _place(g, n, space, len(barriers), barriers, pos, group_of, ctx)
 
     groups = {id(gr): gr for gr in group_of.values() if len(gr.nodes) >= 2}.values()
     count, texts = 0, {}
     for gr in sorted(groups, key=lambda gr: pos[gr.nodes[-1]]):
-        count += _rewrite(g, gr.nodes, users, texts)
+        count += _rewrite(g, gr.nodes, texts)
     return count
 
 
-def _place(n: Node, space: Space, epoch: int, barriers: list[Node], users: dict, pos: dict,
+def _place(g: Graph, n: Node, space: Space, epoch: int, barriers: list[Node], pos: dict,
            group_of: dict, ctx: PassContext) -> None:
     """Put `n` into the groups of its operands' producers that it can join, or a new group."""
     producers: list[_Group] = []
@@ -139,7 +137,7 @@ def _place(n: Node, space: Space, epoch: int, barriers: list[Node], users: dict,
         take.append(gr)
     if reasons:
         ctx.refuse(n, "; ".join(reasons))
-    own_ext = [(n.results[0], u) for u in users.get(n.results[0], ())]
+    own_ext = [(n.results[0], u) for u in g.users(n.results[0])]
     if not take:
         group_of[n] = _Group([n], space, epoch, own_ext)
         return
@@ -172,13 +170,13 @@ def _closed(gr: _Group, n: Node, epoch: int, barriers: list[Node], pos: dict) ->
     return None
 
 
-def _rewrite(g: Graph, members: list[Node], users: dict, texts: dict) -> int:
+def _rewrite(g: Graph, members: list[Node], texts: dict) -> int:
     """Replace `members` (in schedule order) by one fused_pointwise node where the last one was."""
     inside = set(members)
     graph_outputs = set(g.outputs.values())
     outputs = [m.results[0] for m in members
                if m.results[0] in graph_outputs
-               or any(u not in inside for u in users.get(m.results[0], ()))]
+               or any(u not in inside for u in g.users(m.results[0]))]
     if not outputs:
         return 0                   # nothing reads the group: dead code is canonicalize's job
     inputs: list[Value] = []
@@ -188,19 +186,15 @@ def _rewrite(g: Graph, members: list[Node], users: dict, texts: dict) -> int:
                 inputs.append(v)
 
     text = _body_text(members, inputs, outputs, texts)
-    at = g.nodes.index(members[-1]) + 1
+    at = g.index(members[-1]) + 1
     anchor = g.nodes[at] if at < len(g.nodes) else None
     for m in members:
         g.erase_node(m)
-    with g.inserting_before(anchor) if anchor is not None else contextlib.nullcontext():
+    with g.inserting_before(anchor):
         fused = g.add_node("fused_pointwise", inputs, {"body": text},
                            names=[v.name for v in outputs], types=[v.type for v in outputs])
     for old, new in zip(outputs, fused.results):
-        for u in users.get(old, ()):
-            u.operands[:] = [new if v is old else v for v in u.operands]
-        for k, v in g.outputs.items():
-            if v is old:
-                g.outputs[k] = new
+        g.replace_all_uses(old, new)
     return 1
 
 

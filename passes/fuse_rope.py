@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from braze.ir import Graph, Node, Value
 from braze.ir.types import dims_equal, is_float
 
-from .fuse_norm import rebuild
 from .manager import PassContext, register_pass
 from .pattern import Op, Var, match
+from .rewrite import Rewriter, Rule
 
 
 def _slice(x, tag):
@@ -143,29 +143,30 @@ def _looks_like_rope(node: Node) -> str:
     return ""
 
 
-def find_rotations(g: Graph, ctx: PassContext, users: dict) -> list[Rotation]:
-    out = []
-    for node in g.nodes:
-        if node.op != "add":
-            continue
+def find_rotations(rw: Rewriter) -> list[Rotation]:
+    """Every rotation in the graph (a walk that only collects: pairing needs them all)."""
+    g, out = rw.g, []
+
+    def found(node: Node, rw: Rewriter):
         style = _looks_like_rope(node)
         if not style:
-            continue
-        m = match(NEOX if style == "neox" else GPTJ, node.results[0], g, users)
+            return None
+        m = match(NEOX if style == "neox" else GPTJ, node.results[0], g)
         if not m:
-            ctx.refuse(node, f"RoPE ({style}) not fused: {m.reason}")
-            continue
+            return f"RoPE ({style}) not fused: {m.reason}"
         problem = rotation_problem(m, style)
         if problem:
-            ctx.refuse(node, f"RoPE ({style}) not fused: {problem}")
-            continue
+            return f"RoPE ({style}) not fused: {problem}"
         r = Rotation(node, m["x"], m["cos"], m["sin"], style, m.nodes)
         p = r.x.producer
         inside = set(map(id, r.nodes))
         if p is not None and p.op == "rms_norm" and r.x not in g.outputs.values() \
-                and all(id(u) in inside for u in users.get(r.x, [])):
+                and all(id(u) in inside for u in g.users(r.x)):
             r.norm = p
         out.append(r)
+        return 0
+
+    rw.run([Rule("add", found)])
     return out
 
 
@@ -175,7 +176,7 @@ def _pairable(a: Rotation, b: Rotation) -> bool:
             and dims_equal(ta.shape[0], tb.shape[0]) and ta.shape[2] == tb.shape[2])
 
 
-def pair_rotations(g: Graph, rots: list[Rotation], users: dict):
+def pair_rotations(g: Graph, rots: list[Rotation]):
     """[(q, k, cache_write or None)] and the single rotations left over."""
     by_root = {id(r.root.results[0]): r for r in rots}
     taken, pairs = set(), []
@@ -183,7 +184,7 @@ def pair_rotations(g: Graph, rots: list[Rotation], users: dict):
         if cw.op != "cache_write" or id(cw.operands[0]) not in by_root:
             continue
         rk = by_root[id(cw.operands[0])]
-        for att in users.get(cw.operands[2], []):
+        for att in g.users(cw.operands[2]):
             if att.op not in ("paged_attention", "attention") or att.operands[1] is not cw.operands[2]:
                 continue
             rq = by_root.get(id(att.operands[0]))
@@ -201,23 +202,23 @@ def pair_rotations(g: Graph, rots: list[Rotation], users: dict):
             continue
         rest.remove(b)
         # no attention says which is k: the one whose only reader is a cache_write
-        cw = _sole_cache_write(b, users) or _sole_cache_write(a, users)
+        cw = _sole_cache_write(g, b) or _sole_cache_write(g, a)
         pairs.append((b, a, cw) if cw is not None and cw.operands[0] is a.root.results[0]
                      else (a, b, cw))
     return pairs, singles
 
 
-def _sole_cache_write(r: Rotation, users: dict) -> Node | None:
+def _sole_cache_write(g: Graph, r: Rotation) -> Node | None:
     out = r.root.results[0]
-    readers = users.get(out, [])
+    readers = g.users(out)
     if len(readers) == 1 and readers[0].op == "cache_write" and readers[0].operands[0] is out:
         return readers[0]
     return None
 
 
-class _Rewriter:
-    def __init__(self, g: Graph, ctx: PassContext):
-        self.g, self.ctx = g, ctx
+class _Fuser:
+    def __init__(self, rw: Rewriter):
+        self.rw, self.g, self.ctx = rw, rw.g, rw.ctx
         self.subst: dict = {}     # id(old value) -> the fused result that replaced it
         self.count = 0
 
@@ -251,18 +252,15 @@ class _Rewriter:
         operands = xs + [self.resolve(o) for o in (*v, rs[0].cos, rs[0].sin, *cache)] + ws
         dead = [n for r in rs for n in r.nodes] + [r.norm for r in rs if fold] + list(dead_extra)
         gone = set(map(id, dead))
-        pos = {id(n): i for i, n in enumerate(g.nodes)}
-        here = pos[id(at)]
-        if any(o.producer is not None and (id(o.producer) in gone or pos[id(o.producer)] >= here)
+        here = g.index(at)
+        if any(o.producer is not None and (id(o.producer) in gone or g.index(o.producer) >= here)
                for o in operands):
             return False
-        users = g.users()
-        if any(id(u) not in gone and pos[id(u)] <= here for r in results for u in users.get(r, [])):
+        if any(id(u) not in gone and g.index(u) <= here for r in results for u in g.users(r)):
             return False
         attrs = {"style": rs[0].style, "eps": rs[0].norm.attrs["eps"] if fold else None}
-        node = rebuild(g, at, dead, op, operands, attrs, [r.name for r in results])
+        node = self.rw.rebuild(at, dead, op, operands, attrs, replacing=results)
         for old, new in zip(results, node.results):
-            g.replace_all_uses(old, new)
             self.subst[id(old)] = new
         self.count += len(rs) * (2 if fold else 1) + len(dead_extra)
         return True
@@ -271,7 +269,7 @@ class _Rewriter:
         qv, kv = q.root.results[0], k.root.results[0]
         fold = self.fold([q, k])
         if cw is not None:
-            if len(self.g.users().get(kv, [])) != 1 or kv in self.g.outputs.values():
+            if self.g.num_users(kv) != 1 or kv in self.g.outputs.values():
                 self.ctx.refuse(cw, f"cache write not fused into rope: {kv.ref} has other users")
             elif self.emit("rope_cache_write", [q, k], fold, cw, [qv], v=cw.operands[1:2],
                            cache=cw.operands[2:], dead_extra=(cw,)):
@@ -279,7 +277,7 @@ class _Rewriter:
             else:
                 self.ctx.refuse(cw, f"cache write not fused into rope: {qv.ref} is read before "
                                     f"the write, or an input is computed after it")
-        first, second = sorted((q, k), key=lambda r: self.g.nodes.index(r.root))
+        first, second = sorted((q, k), key=lambda r: self.g.index(r.root))
         if not (self.emit("rope", [q, k], fold, first.root, [qv, kv])
                 or self.emit("rope", [q, k], fold, second.root, [qv, kv])):
             self.ctx.refuse(q.root, f"RoPE of {qv.ref} and {kv.ref} not paired: no place where "
@@ -291,15 +289,16 @@ class _Rewriter:
         self.emit("rope1", [r], self.fold([r]), r.root, [r.root.results[0]])
 
 
-@register_pass("fuse-rope")
+# after fuse-norm: a pair's single-use rms_norm inputs (the QK-norm) fold in
+@register_pass("fuse-rope", after=("fuse-norm",))
 def fuse_rope(g: Graph, ctx: PassContext) -> int:
     """x * cos + rotate(x) * sin on q and k -> rope / rope1 / rope_cache_write."""
-    users = g.users()
-    rots = find_rotations(g, ctx, users)
-    pairs, singles = pair_rotations(g, rots, users)
-    rw = _Rewriter(g, ctx)
+    rw = Rewriter(g, ctx)
+    rots = find_rotations(rw)
+    pairs, singles = pair_rotations(g, rots)
+    fuser = _Fuser(rw)
     for q, k, cw in pairs:
-        rw.pair(q, k, cw)
+        fuser.pair(q, k, cw)
     for r in singles:
-        rw.single(r)
-    return rw.count
+        fuser.single(r)
+    return fuser.count

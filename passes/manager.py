@@ -1,14 +1,25 @@
-"""Pass registry and pass manager.
+"""Pass registry, pipelines and the pass manager.
 
 A pass is a function `run(graph, ctx) -> int` (the number of rewrites it made)
-registered under its public name with `@register_pass("fuse-norm")`; its
-docstring shows the IR before and after. Pass modules in this package are
-found automatically: a new pass is one new file.
+registered under its public name with `@register_pass(...)`; its docstring shows
+the IR before and after. Pass modules in this package are found automatically,
+and each declares its own place in the pipelines, so a new pass is one new file:
 
-The manager runs a named pipeline (`-O0` nothing, `-O1` canonicalisation, `-O2`
-everything), times each pass, counts its matches, can dump the IR after each
-pass and verify between passes, and collects the reasons passes give for the
-fusions they refused (`--explain`).
+    @register_pass("fuse-rope", stage="fuse", after=("fuse-norm",))
+
+- `stage`: one of STAGES, run in that order (a stage may run more than once:
+  `simplify` cleans the traced graph and again what the fusions left);
+- `after` / `before`: passes of the same stage it must follow or precede (naming a
+  pass of another stage is allowed when the stage order already agrees);
+- `level`: the lowest -O level that runs it (`-O0` nothing, `-O1` canonicalisation,
+  `-O2` everything); None: only when named (`braze opt --passes`).
+
+Within a stage, passes with no order between them run by level, then in the order
+they were found (module name, then registration). `PIPELINES[level]` is the result.
+
+The manager runs a pipeline, times each pass, counts its matches, can dump the IR
+after each pass and verify between passes, and collects the reasons passes give
+for the fusions they refused (`--explain`).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import gc
 import importlib
 import pkgutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,32 +38,117 @@ from braze.ir.errors import BrazeError
 
 PassFn = Callable[[Graph, "PassContext"], int]
 
+STAGES = (
+    ("simplify", "dead code, common subexpressions, no-ops, constants"),
+    ("merge", "GEMMs that read one value become one; later patterns see reshape(split(linear))"),
+    ("fuse", "pattern fusions, each replacing a subgraph with a fused op"),
+    ("simplify", "clean what the fusions left"),
+    ("group", "the remaining pointwise ops become generated kernels"),
+    ("schedule", "record node indices (segments, memory plan): no node may change after"),
+)
+LEVELS = (0, 1, 2)
+
 
 @dataclass
 class PassInfo:
     name: str
     fn: PassFn
     doc: str
+    stage: str = "fuse"
+    level: int | None = 2
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    found: int = 0                   # registration order: the tie-break within a stage
 
 
 PASSES: dict[str, PassInfo] = {}
 
-PIPELINES: dict[int, list[str]] = {
-    0: [],
-    1: ["canonicalize"],
-    2: ["canonicalize", "merge-projections", "fuse-moe", "fuse-norm", "fuse-rope",
-        "fuse-attention", "prune-logits", "canonicalize", "fuse-pointwise", "split-segments",
-        "plan-memory"],
-}
 
+def register_pass(name: str, *, stage: str = "fuse", level: int | None = 2,
+                  after: tuple[str, ...] = (), before: tuple[str, ...] = ()):
+    if stage not in {s for s, _ in STAGES}:
+        raise ValueError(f"pass {name}: stage must be one of {sorted({s for s, _ in STAGES})}")
 
-def register_pass(name: str):
     def deco(fn: PassFn) -> PassFn:
         if name in PASSES:
             raise ValueError(f"pass {name} registered twice")
-        PASSES[name] = PassInfo(name, fn, (fn.__doc__ or fn.__module__).strip())
+        PASSES[name] = PassInfo(name, fn, (fn.__doc__ or fn.__module__).strip(), stage, level,
+                                tuple(after), tuple(before), len(PASSES))
         return fn
     return deco
+
+
+def pipeline(level: int) -> list[str]:
+    """The passes -O`level` runs, in order (see the module docstring)."""
+    _discover()
+    if level not in LEVELS:
+        raise BrazeError(f"no pipeline for -O{level}; choose one of {list(LEVELS)}")
+    for info in PASSES.values():
+        _check_order(info)
+    out: list[str] = []
+    for stage, _ in STAGES:
+        for name in _stage_order([p for p in PASSES.values() if p.stage == stage
+                                  and p.level is not None and p.level <= level]):
+            if not out or out[-1] != name:      # a stage that runs again right away is one run
+                out.append(name)
+    return out
+
+
+def _check_order(info: PassInfo) -> None:
+    """Every pass named in after/before exists, and a cross-stage one agrees with STAGES."""
+    slots: dict[str, list[int]] = {}
+    for i, (stage, _) in enumerate(STAGES):
+        slots.setdefault(stage, []).append(i)
+    for other, earlier in [(o, True) for o in info.after] + [(o, False) for o in info.before]:
+        if other not in PASSES:
+            raise BrazeError(f"pass {info.name} is placed relative to unknown pass {other!r}")
+        o = PASSES[other]
+        first, then = (o, info) if earlier else (info, o)
+        if o.stage != info.stage and min(slots[first.stage]) > max(slots[then.stage]):
+            raise BrazeError(f"pass {info.name} ({info.stage}) cannot run "
+                             f"{'after' if earlier else 'before'} {other} ({o.stage}): "
+                             f"the stages run in the other order")
+
+
+def _stage_order(infos: list[PassInfo]) -> list[str]:
+    """Kahn's algorithm over the stage's after/before edges; ties by (level, found)."""
+    names = {p.name for p in infos}
+    preds: dict[str, set[str]] = {p.name: set() for p in infos}
+    for p in infos:
+        preds[p.name].update(a for a in p.after if a in names)
+        for b in p.before:
+            if b in names:
+                preds[b].add(p.name)
+    by_name = {p.name: p for p in infos}
+    out: list[str] = []
+    while preds:
+        ready = [n for n, ps in preds.items() if not ps]
+        if not ready:
+            raise BrazeError(f"passes {sorted(preds)} are ordered in a cycle (after/before)")
+        first = min(ready, key=lambda n: (by_name[n].level, by_name[n].found))
+        out.append(first)
+        del preds[first]
+        for ps in preds.values():
+            ps.discard(first)
+    return out
+
+
+class _Pipelines(Mapping):
+    """PIPELINES[level]: computed from the passes' declared places each time it is read."""
+
+    def __getitem__(self, level: int) -> list[str]:
+        if level not in LEVELS:
+            raise KeyError(level)
+        return pipeline(level)
+
+    def __iter__(self):
+        return iter(LEVELS)
+
+    def __len__(self) -> int:
+        return len(LEVELS)
+
+
+PIPELINES: Mapping[int, list[str]] = _Pipelines()
 
 
 _discovered = False
@@ -63,7 +160,7 @@ def _discover() -> None:
         _discovered = True
         here = Path(__file__).parent
         for mod in sorted(pkgutil.iter_modules([str(here)]), key=lambda m: m.name):
-            if mod.name not in ("manager", "pattern"):
+            if mod.name not in ("manager", "pattern", "rewrite"):
                 importlib.import_module(f"{__package__}.{mod.name}")
 
 
@@ -126,9 +223,7 @@ class PassManager:
 
     @classmethod
     def for_level(cls, level: int, **kw) -> "PassManager":
-        if level not in PIPELINES:
-            raise BrazeError(f"no pipeline for -O{level}; choose one of {sorted(PIPELINES)}")
-        return cls(PIPELINES[level], **kw)
+        return cls(pipeline(level), **kw)
 
     def run(self, g: Graph) -> list[PassRecord]:
         # the passes allocate many small objects and free few: the cyclic collector's full

@@ -36,6 +36,7 @@ from __future__ import annotations
 from braze.ir import Graph, Node, Value
 
 from .manager import PassContext, register_pass
+from .rewrite import Rewriter, Rule, rewrite
 
 # readable names for the usual families of projections: (parts in order) -> merged part
 KNOWN_GROUPS = {
@@ -72,7 +73,8 @@ def _why_not(node: Node) -> str | None:
     return None
 
 
-def _merge(g: Graph, x: Value, group: list[Node]) -> None:
+def _merge(rw: Rewriter, x: Value, group: list[Node]) -> None:
+    g = rw.g
     weights = [n.operands[1] for n in group]
     w = g.add_derived_param(merged_name(g, [v.name for v in weights]), "cat", weights, {"dim": 0})
     extra = []
@@ -82,34 +84,36 @@ def _merge(g: Graph, x: Value, group: list[Node]) -> None:
     with g.inserting_before(group[0]):
         y = g.op("linear", x, w, *extra)
         split = g.add_node("split", [y], {"sizes": [v.type.shape[0] for v in weights], "dim": -1})
-    for node, part in zip(group, split.results):
-        g.replace_all_uses(node.results[0], part)
-        g.erase_node(node)
+    rw.replace([n.results[0] for n in group], split.results, dead=group)
 
 
-@register_pass("merge-projections")
+@register_pass("merge-projections", stage="merge")
 def merge_projections(g: Graph, ctx: PassContext) -> int:
     """linear(x, @a), linear(x, @b), ... -> split(linear(x, cat(@a, @b, ...)))."""
-    by_input: dict[Value, list[Node]] = {}
-    for node in g.nodes:
-        if node.op == "linear":
-            by_input.setdefault(node.operands[0], []).append(node)
-    count = 0
-    for x, linears in by_input.items():
+    done: set[Value] = set()
+
+    def merge_on_input(node: Node, rw: Rewriter) -> int:
+        """At the first linear on its input x: every linear on x, merged where they can be."""
+        x = node.operands[0]
+        if x in done:
+            return 0
+        done.add(x)
+        linears = [u for u in dict.fromkeys(g.users(x)) if u.op == "linear" and u.operands[0] is x]
         if len(linears) < 2:
-            continue
+            return 0
+        count = 0
         # compatible linears share (dtype, has bias); each such class merges on its own
         classes: dict[tuple, list[Node]] = {}
-        for node in linears:
-            reason = _why_not(node)
+        for n in linears:
+            reason = _why_not(n)
             if reason:
-                ctx.refuse(node, f"not merged with the other linears on {x.ref}: {reason}")
+                rw.refuse(n, f"not merged with the other linears on {x.ref}: {reason}")
                 continue
-            key = (node.operands[1].type.dtype, len(node.operands) > 2)
-            classes.setdefault(key, []).append(node)
+            key = (n.operands[1].type.dtype, len(n.operands) > 2)
+            classes.setdefault(key, []).append(n)
         for (dtype, bias), group in classes.items():
             if len(group) >= 2:
-                _merge(g, x, group)
+                _merge(rw, x, group)
                 count += 1
                 continue
             others = [k for k in classes if k != (dtype, bias)]
@@ -121,5 +125,7 @@ def merge_projections(g: Graph, ctx: PassContext) -> int:
                           f"it has no bias and the other linears on {x.ref} do")
             else:
                 reason = f"the only linear on {x.ref} with param weights; nothing to merge it with"
-            ctx.refuse(group[0], f"not merged: {reason}")
-    return count
+            rw.refuse(group[0], f"not merged: {reason}")
+        return count
+
+    return rewrite(g, ctx, [Rule("linear", merge_on_input)])

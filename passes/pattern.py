@@ -13,8 +13,8 @@
 Rules: a `Var` binds a value (the same name twice must be the same value); an
 attribute given as a literal must equal the node's, given as a `Var` it binds.
 Matched inner nodes must have no users outside the match (else replacing them
-would keep them alive): the one-use rule. `add`, `mul`, `maximum`, `minimum` match
-their two operands in either order.
+would keep them alive): the one-use rule. Ops the registry calls `commutative` (add,
+mul, maximum, ...) match their two operands in either order.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from braze.ir import Graph, Node, Value
-
-COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or"}
+from braze.ir import Graph, Value
 
 
 class Pat:
@@ -79,8 +77,8 @@ class _Fail(Exception):
 
 
 class _Matcher:
-    def __init__(self, graph: Graph, users: dict):
-        self.graph, self.users = graph, users
+    def __init__(self, graph: Graph):
+        self.graph = graph
         self.deepest = ""
         self.depth = 0
         self.best = -1
@@ -144,7 +142,7 @@ class _Matcher:
         if len(node.operands) != len(pat.operands):
             self.fail(f"{node.op} has {len(node.operands)} operands, pattern wants {len(pat.operands)}")
         orders = [list(node.operands)]
-        if node.op in COMMUTATIVE and len(node.operands) == 2:
+        if node.opdef.commutative and len(node.operands) == 2:
             orders.append(list(reversed(node.operands)))
         last = None
         for operands in orders:
@@ -165,10 +163,9 @@ class _Matcher:
         raise last
 
 
-def match(pat: Pat, value: Value, graph: Graph, users: dict | None = None) -> Match:
+def match(pat: Pat, value: Value, graph: Graph) -> Match:
     """Match `pat` rooted at `value`; the root node may have any users, inner ones only matched ones."""
-    users = users if users is not None else graph.users()
-    m = _Matcher(graph, users)
+    m = _Matcher(graph)
     b, nodes = {}, []
     try:
         m.value(pat, value, b, nodes)
@@ -181,16 +178,9 @@ def match(pat: Pat, value: Value, graph: Graph, users: dict | None = None) -> Ma
         if n is root:
             continue
         for r in n.results:
-            outside = [u for u in users.get(r, []) if id(u) not in inside]
+            outside = [u for u in graph.users(r) if id(u) not in inside]
             if outside or r in outputs:
                 where = f"{outside[0].op}" if outside else "a graph output"
                 return Match(ok=False, reason=f"{r.ref} ({n.op}) is also used by {where}, "
                                               f"outside the pattern")
     return Match(bindings=b, nodes=nodes)
-
-
-def erase_matched(graph: Graph, m: Match, keep: tuple[Node, ...] = ()) -> None:
-    """Remove the matched nodes once their results have been replaced."""
-    for n in m.nodes:
-        if n not in keep and n in graph.nodes:
-            graph.erase_node(n)

@@ -51,7 +51,7 @@ import bisect
 from braze.ir import Graph
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
-from braze.ir.layout import VIEW_OPS, Layouts
+from braze.ir.layout import Layouts
 from braze.ir.types import SYMBOLS, TensorType, torch_dtype
 
 from .manager import PassContext, register_pass
@@ -169,7 +169,7 @@ def plan(g: Graph, bindings: dict[str, int], placers=None) -> dict:
     for i, node in enumerate(g.nodes):
         for v in node.operands:
             last[v] = i
-        if node.op in VIEW_OPS:
+        if node.opdef.view:
             if not layouts.is_view(node):
                 continue            # a reshape torch cannot view: it gets its own buffer
             src = node.operands[0]
@@ -225,7 +225,8 @@ def plan(g: Graph, bindings: dict[str, int], placers=None) -> dict:
     }
 
 
-@register_pass("plan-memory")
+# after split-segments: the arena it plans is the one the segments share
+@register_pass("plan-memory", stage="schedule", after=("split-segments",))
 def plan_memory(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["memory"]: one static arena, each intermediate's offset, views as aliases."""
     g.meta["memory"] = plan(g, bindings_from(ctx))

@@ -101,22 +101,22 @@ def _rowwise(node: Node) -> bool:
 
 def _hoistable(g: Graph, head: Node) -> list[Node]:
     """The row-wise nodes feeding the head's input that nothing else reads, in schedule order."""
-    users = g.users()
     outputs = set(g.outputs.values())
     region: set[int] = {id(head)}
-    for node in reversed(g.nodes[:g.nodes.index(head)]):
+    for node in reversed(g.nodes[:g.index(head)]):
         if not _rowwise(node) or any(r in outputs or r in head.operands[1:] for r in node.results):
             continue    # (the head's weight and bias keep all their rows)
         # every reader moves too and takes these results row by row (not as a broadcast
         # over all T rows, which would still need every row)
-        reads = [(u, r) for r in node.results for u in users.get(r, [])]
+        reads = [(u, r) for r in node.results for u in g.users(r)]
         if reads and all(id(u) in region and (u is head or all(
                 _aligned(u, v) for v in u.operands if v is r)) for u, r in reads):
             region.add(id(node))
     return [n for n in g.nodes if id(n) in region and n is not head]
 
 
-@register_pass("prune-logits")
+# after fuse-norm: the final norm it moves above the gather is an add_rms_norm by then
+@register_pass("prune-logits", after=("fuse-norm",))
 def prune_logits(g: Graph, ctx: PassContext) -> int:
     """logits = linear(h, W) over all tokens -> linear(index_select(h, %logits_indices), W)."""
     if g.meta.get("logits") == "pruned":
@@ -144,7 +144,7 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
     if h.type.rank != 2 or h.type.shape[0] != T:
         ctx.refuse(head, f"the LM head reads {h.ref}: {h.type}, not token rows [T, hidden]")
         return 0
-    readers = [n for n in g.nodes if logits in n.operands]
+    readers = g.users(logits)
     others = [k for k, v in g.outputs.items() if v is logits and k != "logits"]
     if readers or others:
         what = readers[0].op if readers else f"output {others[0]}"

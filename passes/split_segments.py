@@ -42,7 +42,7 @@ from braze.ir.segments import CUDAGRAPH_MODES, full_capture, segments_for
 
 from .manager import PassContext, register_pass
 
-@register_pass("split-segments")
+@register_pass("split-segments", stage="schedule")
 def split_segments(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["segments"] (graph / break / eager runs of nodes) for CUDA-graph capture."""
     mode = ctx.option("cudagraph_mode", "piecewise")

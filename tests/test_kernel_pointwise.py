@@ -18,7 +18,7 @@ from pass_helpers import (model_step_feeds, o2_model_graph, pointwise_graphs, ru
                           step_sizes)
 
 PIPELINE_O2 = braze.passes.PIPELINES[2]
-KERNEL_OPS = set(pointwise.OPS)
+KERNEL_OPS = set(pointwise.ops())
 # f32: the kernels round like torch op by op, so only transcendental ulps and reduction order
 # differ; f16: a rounding that lands on the other side of a half-way point is one f16 ulp
 TOL = {"f32": dict(atol=1e-6, rtol=1e-5), "f16": dict(atol=1e-3, rtol=1e-3)}
@@ -65,6 +65,9 @@ def test_every_pointwise_op_of_the_registry_is_lowered():
     pointwise_ops = {name for name, d in all_ops().items() if d.pointwise}
     assert pointwise_ops <= KERNEL_OPS, sorted(pointwise_ops - KERNEL_OPS)
     assert KERNEL_OPS - pointwise_ops == {"fused_pointwise"}
+    from braze.codegen.pointwise_ops import NUMERICS
+    for name in pointwise_ops:       # each form names a rounding rule the generator has
+        assert all_ops()[name].triton.numerics in NUMERICS, name
 
 
 # -- hand-written groups --------------------------------------------------------------------------

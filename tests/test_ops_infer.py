@@ -515,15 +515,75 @@ def _fused_pointwise(c: Case, op):
 
 # -- the generic test -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", sorted(CASES))
-def test_inferred_types_match_reference(op):
+def check_drawn_cases(op, then=None):
+    """Run `op`'s case on drawn sizes and values (Case.run checks the inferred types), then
+    `then(case, outputs)`."""
     @settings(max_examples=6, **SETTINGS)
     @given(st.data())
     def check(data):
         c = Case(data.draw)
         CASES[op](c, op)
         assert any(n.op == op for n in c.g.nodes), f"the case for {op} builds no {op} node"
-        c.run()
+        out = c.run()
+        if then is not None:
+            then(c, out)
+
+    check()
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_inferred_types_match_reference(op):
+    check_drawn_cases(op)
+
+
+# -- the registry's properties hold for the reference ------------------------------------------
+
+@pytest.mark.parametrize("op", sorted(name for name, d in all_ops().items() if d.view))
+def test_a_view_op_returns_views_of_its_operand(op):
+    """`view` ops re-describe storage: on dense inputs torch returns views, never copies."""
+    def shares_storage(c, out):
+        node = next(n for n in c.g.nodes if n.op == op)
+        src = c.inputs[node.operands[0].name].untyped_storage().data_ptr()
+        for r in node.results:
+            assert out[f"r{r.name}"].untyped_storage().data_ptr() == src, f"{op} copied"
+
+    check_drawn_cases(op, shares_storage)
+
+
+def test_views_are_extern_and_extern_ops_have_no_kernel():
+    from braze.codegen.kernels import kernel_module_for
+    for name, d in all_ops().items():
+        assert not d.view or d.extern, name
+        if d.extern:
+            assert kernel_module_for(name) is None, f"{name} is extern by design but has a kernel"
+
+
+TWO_TENSOR_OPS = sorted(n for n, d in all_ops().items() if d.pointwise and d.operands == ("a", "b?"))
+# a pair on which operand order matters for every op that is not commutative
+WITNESS = (torch.tensor([1.0, 2.0, -1.5, 0.5]), torch.tensor([2.0, 3.0, 2.0, 0.25]))
+
+
+@pytest.mark.parametrize("op", TWO_TENSOR_OPS)
+def test_commutative_is_exactly_when_operand_order_does_not_matter(op):
+    impl = all_ops()[op].impl
+    call = lambda a, b: impl(a, b, scalar=None, scalar_first=False)
+    if not all_ops()[op].commutative:
+        a, b = WITNESS
+        assert not torch.equal(call(a, b), call(b, a)), f"{op} is commutative; say so"
+        return
+
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    @settings(max_examples=30, **SETTINGS)
+    @given(st.lists(st.tuples(floats, floats), min_size=1, max_size=6),
+           st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]))
+    def check(pairs, dtype):
+        a = torch.tensor([p[0] for p in pairs])
+        b = torch.tensor([p[1] for p in pairs])
+        if not dtype.is_floating_point:
+            a, b = (torch.nan_to_num(t, posinf=7, neginf=-7).round().to(dtype) for t in (a, b))
+        else:
+            a, b = a.to(dtype), b.to(dtype)
+        torch.testing.assert_close(call(a, b), call(b, a), rtol=0, atol=0, equal_nan=True)
 
     check()
 

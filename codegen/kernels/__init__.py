@@ -1,7 +1,8 @@
 """Hand-written Triton kernel templates, one module per fused op family.
 
-A module declares `OPS` (the IR ops it lowers) and `lower(node, L)`, which
-describes the node's launches with a `codegen.lowering.Lowering` `L`. The
+A module declares `OPS` (the IR ops it lowers), or `ops()` where the registry
+says which (pointwise.py: every op with a Triton form), and `lower(node, L)`,
+which describes the node's launches with a `codegen.lowering.Lowering` `L`. The
 module's source is copied into each artifact's kernels/ directory, so it must
 import only triton, triton.language and the standard library at module level
 (codegen-only imports go inside `lower`).
@@ -24,7 +25,7 @@ def _discover() -> dict:
         here = Path(__file__).parent
         for m in sorted(pkgutil.iter_modules([str(here)]), key=lambda m: m.name):
             mod = importlib.import_module(f"{__package__}.{m.name}")
-            for op in getattr(mod, "OPS", ()):
+            for op in mod.ops() if hasattr(mod, "ops") else getattr(mod, "OPS", ()):
                 _BY_OP[op] = mod
     return _BY_OP
 
