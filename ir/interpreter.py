@@ -30,39 +30,53 @@ def last_uses(g: Graph) -> dict[int, list]:
 
 def run_graph(g: Graph, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
               check_types: bool = False) -> dict[str, torch.Tensor]:
-    env: dict = {}
-    for v in g.inputs:
-        if v.name not in inputs:
-            raise BrazeError(f"graph input %{v.name} ({v.type}) was not given")
-        env[v] = inputs[v.name]
-    for name, v in g.params.items():
-        if name not in params:
-            raise BrazeError(f"parameter @{name} ({v.type}) was not given")
-        env[v] = params[name]
-    if check_types:
-        for v in env:
-            _check(v, env[v])
-    frees = last_uses(g)
-    for i, node in enumerate(g.nodes):
-        args = [env[v] for v in node.operands]
-        try:
-            out = node.opdef.impl(*args, **node.attrs)
-        except BrazeError:
-            raise
-        except Exception as e:  # a torch error inside a reference op: name the node
-            raise BrazeError(f"node {i} `{node}` failed: {type(e).__name__}: {e}") from e
-        if isinstance(out, torch.Tensor):
-            out = (out,)
-        if len(out) != len(node.results):
-            raise BrazeError(f"node {i} ({node.op}) returned {len(out)} values, "
-                             f"expected {len(node.results)}")
-        for r, t in zip(node.results, out):
-            env[r] = t
-            if check_types:
-                _check(r, t)
-        for v in frees.get(i, ()):
-            del env[v]
-    return {k: env[v] for k, v in g.outputs.items()}
+    return Interpreter(g).run(inputs, params, check_types)
+
+
+class Interpreter:
+    """run_graph for a graph that no longer changes (a loaded artifact's): what each node
+    reads, calls and frees is worked out once, so a step pays only for the ops."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        frees = last_uses(g)
+        self.steps = [(i, node, node.opdef.impl, node.operands, node.attrs, node.results,
+                       frees.get(i, ())) for i, node in enumerate(g.nodes)]
+
+    def run(self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+            check_types: bool = False) -> dict[str, torch.Tensor]:
+        g = self.g
+        env: dict = {}
+        for v in g.inputs:
+            if v.name not in inputs:
+                raise BrazeError(f"graph input %{v.name} ({v.type}) was not given")
+            env[v] = inputs[v.name]
+        for name, v in g.params.items():
+            if name not in params:
+                raise BrazeError(f"parameter @{name} ({v.type}) was not given")
+            env[v] = params[name]
+        if check_types:
+            for v in env:
+                _check(v, env[v])
+        for i, node, impl, operands, attrs, results, frees in self.steps:
+            try:
+                out = impl(*[env[v] for v in operands], **attrs)
+            except BrazeError:
+                raise
+            except Exception as e:  # a torch error inside a reference op: name the node
+                raise BrazeError(f"node {i} `{node}` failed: {type(e).__name__}: {e}") from e
+            if isinstance(out, torch.Tensor):
+                out = (out,)
+            if len(out) != len(results):
+                raise BrazeError(f"node {i} ({node.op}) returned {len(out)} values, "
+                                 f"expected {len(results)}")
+            for r, t in zip(results, out):
+                env[r] = t
+                if check_types:
+                    _check(r, t)
+            for v in frees:
+                del env[v]
+        return {k: env[v] for k, v in g.outputs.items()}
 
 
 def _check(v, t: torch.Tensor) -> None:

@@ -62,37 +62,67 @@ def _attention_infer(types, attrs):
 
 def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
                      scale, sliding_window, causal):
-    """Reference: gather each sequence's keys from its blocks and attend in float32."""
+    """Reference: gather each sequence's keys from its blocks and attend in float32.
+
+    Sequences with one new token (decodes) are done together, padded to the longest;
+    the others (prefill chunks) one at a time, each a batch of its own tokens."""
     out = torch.zeros(q.shape[0], q.shape[1], v_cache.shape[3], dtype=q.dtype, device=q.device)
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    group = q.shape[1] // hkv
     starts = query_start_loc.tolist()
-    for s, length in enumerate(seq_lens.tolist()):
-        lo, hi = starts[s], starts[s + 1]
-        n = hi - lo
-        if n == 0:
-            continue
+    lengths = seq_lens.tolist()
+    decodes = []
+    for s, length in enumerate(lengths):
+        n = starts[s + 1] - starts[s]
         if n > length:
             raise BrazeError(f"paged_attention: sequence {s} has {n} new tokens but length {length}")
-        nblocks = -(-length // block_size)
-        blocks = block_tables[s, :nblocks].long()
-        k = k_cache[blocks].reshape(-1, hkv, k_cache.shape[3])[:length].float()
-        v = v_cache[blocks].reshape(-1, hkv, v_cache.shape[3])[:length].float()
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        qs = q[lo:hi].float()
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        qpos = torch.arange(length - n, length, device=q.device)[:, None]
-        kpos = torch.arange(length, device=q.device)[None, :]
-        allowed = torch.ones(n, length, dtype=torch.bool, device=q.device)
-        if causal:
-            allowed &= kpos <= qpos
-        if sliding_window:
-            allowed &= kpos > qpos - sliding_window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+        if n == 1:
+            decodes.append(s)
+        elif n > 1:
+            _attend(q, k_cache, v_cache, out, [s], starts, lengths, block_tables, scale,
+                    sliding_window, causal)
+    if decodes:
+        _attend(q, k_cache, v_cache, out, decodes, starts, lengths, block_tables, scale,
+                sliding_window, causal)
     return out
+
+
+def _attend(q, k_cache, v_cache, out, seqs, starts, lengths, block_tables, scale,
+            sliding_window, causal):
+    """Attention for sequences `seqs`, which all have the same number n of new tokens:
+    their keys gathered to the longest one's length L, [B, L, kv heads, dim] (index_select
+    on whole blocks: a third of the time of indexing with the block table), masked past
+    each one's own length, causally and to the sliding window."""
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // hkv
+    dev = q.device
+    lens = torch.tensor([lengths[s] for s in seqs], device=dev)
+    L = max(lengths[s] for s in seqs)
+    n = starts[seqs[0] + 1] - starts[seqs[0]]
+    nb = -(-L // block_size)
+    blocks = block_tables[seqs, :nb].flatten().long()
+    k = k_cache.index_select(0, blocks).view(len(seqs), nb * block_size, hkv, -1)[:, :L].float()
+    v = v_cache.index_select(0, blocks).view(len(seqs), nb * block_size, hkv, -1)[:, :L].float()
+    if n == 1:
+        rows = torch.tensor([starts[s] for s in seqs], device=dev)
+    else:
+        rows = torch.cat([torch.arange(starts[s], starts[s] + n) for s in seqs]).to(dev)
+    qs = q[rows].float().view(len(seqs), n, q.shape[1], q.shape[2]).transpose(1, 2)
+    mask = None
+    # one token per sequence, all as long as L, no window: every key is visible
+    if not (n == 1 and not sliding_window and all(lengths[s] == L for s in seqs)):
+        kpos = torch.arange(L, device=dev)
+        qpos = lens[:, None] - n + torch.arange(n, device=dev)           # [B, n]
+        mask = kpos[None, None, :] < lens[:, None, None]                 # [B, n, L]
+        if causal:
+            mask = mask & (kpos[None, None, :] <= qpos[:, :, None])
+        if sliding_window:
+            mask = mask & (kpos[None, None, :] > qpos[:, :, None] - sliding_window)
+        mask = mask[:, None]
+    # every query row keeps at least its own key (or, not causal, the first), so no row
+    # is all -inf; GQA: query head h reads kv head h // group
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=group > 1)                                            # [B, H, n, dv]
+    out[rows] = o.transpose(1, 2).reshape(len(seqs) * n, q.shape[1], v.shape[-1]).to(q.dtype)
 
 
 register(OpDef("paged_attention",

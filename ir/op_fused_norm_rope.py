@@ -165,8 +165,13 @@ _ROPE_ATTRS = {"style": REQUIRED, "eps": None}
 
 register(OpDef("rms_norm", ("x", "w"), _rms_norm_infer, rms_norm_ref, attrs={"eps": REQUIRED},
                doc="w * (x.float() * rsqrt(mean(x.float()^2, -1, keepdim) + eps)).to(x.dtype)"))
-register(OpDef("add_rms_norm", ("a", "b", "w"), _add_rms_norm_infer,
-               lambda a, b, w, eps: (rms_norm_ref(a + b, w, eps), a + b), attrs={"eps": REQUIRED},
+def _add_rms_norm(a, b, w, eps):
+    s = a + b
+    return rms_norm_ref(s, w, eps), s
+
+
+register(OpDef("add_rms_norm", ("a", "b", "w"), _add_rms_norm_infer, _add_rms_norm,
+               attrs={"eps": REQUIRED},
                doc="s = a + b (the residual stream); returns (rms_norm(s, w) {eps}, s)"))
 register(OpDef("rope", ("q", "k", "cos", "sin", "q_norm_w?", "k_norm_w?"), _rope_infer, _rope,
                attrs=dict(_ROPE_ATTRS),

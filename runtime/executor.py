@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from braze.ir import run_graph
+from braze.ir.interpreter import Interpreter
 from braze.ir.errors import BrazeError
 
 from .kv_cache import KVCache
@@ -43,6 +43,7 @@ class Executor:
         self.device = torch.device(device or ("cuda" if self.backend == "cuda" else "cpu"))
         self.params = artifact.load_weights(self.device)
         self.plan = None
+        self.interpreter = Interpreter(self.graph)      # the reference backend's
         if self.backend in ("cuda", "interpret"):
             from .plan_executor import PlanExecutor
             self.plan = PlanExecutor(artifact, self.params, self.device,
@@ -84,4 +85,4 @@ class Executor:
         feeds.update(self.cache.tensors)
         if self.plan is not None:
             return self.plan.run(feeds)["logits"]
-        return run_graph(self.graph, feeds, self.params)["logits"]
+        return self.interpreter.run(feeds, self.params)["logits"]

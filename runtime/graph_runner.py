@@ -42,7 +42,6 @@ import time
 
 import torch
 
-from braze.ir import run_graph
 from braze.ir.contract import STEP_INPUTS as CONTRACT
 from braze.ir.contract import bucket_sizes, default_buckets
 from braze.ir.errors import BrazeError
@@ -390,7 +389,7 @@ class GraphRunner:
         if ex.backend == "reference":
             feeds = self._views(T, S)
             feeds.update(ex.cache.tensors)
-            return run_graph(ex.graph, feeds, ex.params)["logits"]
+            return ex.interpreter.run(feeds, ex.params)["logits"]
         if not self._captured:
             self.capture()
         if ex.cache.tensors is not self._cache:
