@@ -11,6 +11,7 @@ import sys
 from braze import __version__
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
+from braze.runtime.options import BACKENDS
 
 EXIT_ERROR = 1
 
@@ -75,8 +76,7 @@ def cmd_generate(a) -> int:
         raise BrazeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     params = _sampling(a)
     params.validate()
-    llm = LLM(a.artifact, backend=a.backend, num_kv_blocks=a.num_kv_blocks,
-              trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact)
+    llm = LLM(a.artifact, _engine_options(a))
     out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
     if a.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text,
@@ -133,11 +133,9 @@ def cmd_serve(a) -> int:
     if not 0 < a.read_timeout < float("inf"):
         raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
                          f"{a.read_timeout}")
-    return serve(a.artifact, host=a.host, port=a.port, backend=a.backend,
-                 num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
+    return serve(a.artifact, _engine_options(a), host=a.host, port=a.port,
                  max_queue=a.max_queue, served_model_name=a.served_model_name,
                  drain_timeout=a.drain_timeout, log_level=a.log_level,
-                 trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                  read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
                  allowed_hosts=a.allowed_hosts)
 
@@ -145,6 +143,44 @@ def cmd_serve(a) -> int:
 def cmd_demo(a) -> int:
     from braze.demo import run_demo
     return run_demo(max_tokens=a.max_tokens, keep=a.keep)
+
+
+def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
+    """The engine's options (runtime/options.py), the same for generate and serve."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
+                   help=f"KV-cache blocks to allocate (default: {kv_default})")
+    p.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
+                   help="most sequences in one step (default and upper bound: the artifact's "
+                        "--max-num-seqs)")
+    p.add_argument("--max-num-tokens", type=_positive_int, metavar="N",
+                   help="most tokens in one step, prefill chunks included (default and upper "
+                        "bound: the artifact's --max-num-tokens)")
+    p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
+                   help="how the cuda backend captures CUDA graphs (default: the artifact's): "
+                        "none, piecewise, or full (one graph per decode-only step)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompt prefixes seen before")
+    p.add_argument("--device", help="torch device to run on, e.g. cuda:1 (default: cuda for the "
+                                    "cuda backend, else cpu)")
+    p.add_argument("--buckets", type=_token_ids, metavar="1,2,4,...",
+                   help="padded step sizes in tokens, one CUDA graph each (default: 1, 2, 4, "
+                        "then every 8 up to 256, ...; the kernels are specialised for those)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   help="schedule step N+1 while step N runs (default: on for cuda)")
+    p.add_argument("--debug", action="store_true",
+                   help="check on every step that captured graphs still see their buffers")
+    _trust_flags(p)
+
+
+def _engine_options(a):
+    from braze.runtime.options import EngineOptions
+    return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
+                         max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
+                         buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
+                         enable_prefix_caching=a.enable_prefix_caching,
+                         async_scheduling=a.async_scheduling, debug=a.debug,
+                         trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -223,13 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", type=_escaped,
                    help="stop when this text appears (not included in the output); repeatable; "
                         "\\n, \\t, \\r and \\\\ are read as newline, tab, return and backslash")
-    g.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
-                   help="KV cache blocks to allocate (default: what the GPU's free memory "
-                        "holds, or up to 1 GiB on the CPU)")
-    g.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
-                   help=BACKEND_HELP)
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
-    _trust_flags(g)
+    _engine_flags(g, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     g.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("inspect", help="summarise an artifact")
@@ -262,12 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", metavar="ARTIFACT")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--backend", default="auto", choices=("auto", "cuda", "reference", "interpret"),
-                   help=BACKEND_HELP)
-    s.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
-                   help="KV-cache blocks (default: the engine's choice)")
-    s.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
-                   help="most requests in the running batch (default: the artifact's)")
     s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                    help="most requests waiting for the running batch; more get 503 (default 256)")
     s.add_argument("--served-model-name", metavar="NAME",
@@ -285,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "subdomains, * for any). Bound to loopback (the default) the server answers "
                    "only localhost and loopback addresses, so web pages cannot reach it through "
                    "DNS rebinding; bound elsewhere it answers any name unless this is given")
-    _trust_flags(s)
+    _engine_flags(s, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")

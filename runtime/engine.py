@@ -24,6 +24,7 @@ from braze.ir.errors import BrazeError
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .loader import Artifact, open_artifact
+from .options import EngineOptions
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, now
 from .sampler import SamplingParams
@@ -32,23 +33,18 @@ from .tokenizer import Tokenizer
 
 
 class Engine:
-    def __init__(self, artifact, backend: str = "auto", num_kv_blocks: int | None = None,
-                 max_num_seqs: int | None = None, max_num_tokens: int | None = None,
-                 device: str | None = None, buckets: list[int] | None = None,
-                 cudagraph_mode: str | None = None, enable_prefix_caching: bool = True,
-                 async_scheduling: bool | None = None, freeze_gc: bool = False,
-                 debug: bool = False, progress=None, trusted_keys=None,
-                 trust_artifact: bool = False):
+    def __init__(self, artifact, options: EngineOptions | None = None, *, progress=None,
+                 **overrides):
+        """`artifact`: a path or an opened Artifact; `options` (runtime/options.py) and/or
+        its fields as keywords; `progress(msg)` hears about CUDA-graph capture."""
+        self.options = opts = EngineOptions.of(options, **overrides)
         # trusted_keys / trust_artifact: what admits an artifact no trusted key signed and
         # this braze cannot regenerate (runtime/trust.py)
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(
-            artifact, trusted_keys=trusted_keys, trust_artifact=trust_artifact)
-        self.runner = ModelRunner(self.artifact, backend=backend, device=device,
-                                  num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                                  max_num_tokens=max_num_tokens, buckets=buckets,
-                                  cudagraph_mode=cudagraph_mode, debug=debug, progress=progress)
+            artifact, trusted_keys=opts.trusted_keys, trust_artifact=opts.trust_artifact)
+        self.runner = ModelRunner(self.artifact, opts, progress=progress)
         r = self.runner
-        self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
                                    watermark_blocks=max(0, r.num_kv_blocks // 100))
         tok_dir = self.artifact.tokenizer_dir
@@ -63,11 +59,11 @@ class Engine:
         self._in_flight: list = []          # launched steps whose tokens are not applied yet
         # overlap: schedule and launch step N+1 before reading step N's tokens back; only
         # worth it where the device runs asynchronously to the host
-        self.async_scheduling = (self.backend == "cuda" if async_scheduling is None
-                                 else bool(async_scheduling))
+        self.async_scheduling = (self.backend == "cuda" if opts.async_scheduling is None
+                                 else bool(opts.async_scheduling))
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "requests_finished": 0, "steps": 0}
-        if freeze_gc:
+        if opts.freeze_gc:
             freeze_gc_now()
 
     @property

@@ -16,9 +16,9 @@ from braze.ir.errors import BrazeError
 
 from .kv_cache import KVCache
 from .loader import Artifact
+from .options import BACKENDS
 from .trust import refusal
 
-BACKENDS = ("auto", "cuda", "reference", "interpret")
 
 
 def resolve_backend(backend: str, has_plan: bool = True) -> str:

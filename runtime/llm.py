@@ -15,6 +15,7 @@ import itertools
 from braze.ir.errors import BrazeError
 
 from .engine import Engine
+from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
 
@@ -22,12 +23,10 @@ Completion = RequestOutput      # the name braze used before the engine
 
 
 class LLM:
-    def __init__(self, artifact, backend: str = "auto", num_kv_blocks: int | None = None,
-                 max_num_seqs: int | None = None, max_num_tokens: int | None = None,
-                 device: str | None = None, **engine_options):
-        self.engine = Engine(artifact, backend=backend, num_kv_blocks=num_kv_blocks,
-                             max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens,
-                             device=device, **engine_options)
+    def __init__(self, artifact, options: EngineOptions | None = None, **overrides):
+        """`options` (runtime/options.py) and/or its fields as keywords: backend,
+        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ..."""
+        self.engine = Engine(artifact, EngineOptions.of(options, **overrides))
         self.artifact = self.engine.artifact
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

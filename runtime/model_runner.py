@@ -16,19 +16,19 @@ from .graph_runner import GraphRunner
 from .input_batch import PersistentBatch, static_buffers
 from .kv_cache import default_num_blocks
 from .loader import Artifact
+from .options import EngineOptions
 from .sampler import resolve_seed
 from .scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, artifact: Artifact, backend: str = "auto", device: str | None = None,
-                 num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
-                 max_num_tokens: int | None = None, buckets: list[int] | None = None,
-                 cudagraph_mode: str | None = None, debug: bool = False, progress=None):
+    def __init__(self, artifact: Artifact, options: EngineOptions, progress=None):
         limits = artifact.limits
-        self.max_num_seqs = _limit("max_num_seqs", max_num_seqs, limits.max_num_seqs)
-        self.max_num_tokens = _limit("max_num_tokens", max_num_tokens, limits.max_num_tokens)
-        self.executor = Executor(artifact, backend=backend, device=device, num_blocks=1)
+        self.max_num_seqs = _limit("max_num_seqs", options.max_num_seqs, limits.max_num_seqs)
+        self.max_num_tokens = _limit("max_num_tokens", options.max_num_tokens,
+                                     limits.max_num_tokens)
+        self.executor = Executor(artifact, backend=options.backend, device=options.device,
+                                 num_blocks=1)
         ex = self.executor
         self.device = ex.device
         self.block_size = ex.block_size
@@ -36,19 +36,18 @@ class ModelRunner:
         self.static = static_buffers(self.max_num_tokens, self.max_num_seqs, self.max_blocks,
                                      self.device)
         arena = int((artifact.graph.meta.get("memory") or {}).get("arena_bytes", 0))
+        num_kv_blocks = options.num_kv_blocks
         if num_kv_blocks is None:
             num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
                                                self.max_blocks, reserve_bytes=2 * arena + (1 << 29))
-        elif not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
-            raise BrazeError(f"num_kv_blocks must be a positive integer, got {num_kv_blocks!r}")
         ex.cache.resize(num_kv_blocks)
         self.num_kv_blocks = num_kv_blocks
         # a sequence can never hold more tokens than the cache or the artifact allows
         self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size)
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
-        self.graphs = GraphRunner(ex, self.static, buckets, self.max_num_seqs,
-                                  mode=cudagraph_mode, debug=debug)
+        self.graphs = GraphRunner(ex, self.static, options.buckets, self.max_num_seqs,
+                                  mode=options.cudagraph_mode, debug=options.debug)
         self.graphs.capture(progress=progress)
 
     def add(self, req) -> None:
@@ -94,11 +93,10 @@ class StepResult:
         return self._host.tolist()
 
 
-def _limit(name: str, value, compiled: int) -> int:
+def _limit(name: str, value: int | None, compiled: int) -> int:
+    """An engine option bounded by the artifact's step limit (EngineOptions checked its type)."""
     if value is None:
         return compiled
-    if not isinstance(value, int) or value < 1:
-        raise BrazeError(f"{name} must be a positive integer, got {value!r}")
     if value > compiled:
         raise BrazeError(f"{name}={value} exceeds the {compiled} this artifact was compiled for "
                          f"(its buffers are planned for that); recompile with --{name.replace('_', '-')} {value}")

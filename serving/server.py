@@ -52,17 +52,18 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
-          num_kv_blocks: int | None = None, max_num_seqs: int | None = None,
+def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
           max_queue: int = 256, served_model_name: str | None = None,
-          drain_timeout: float = 30.0, log_level: str = "info", trusted_keys=None,
-          trust_artifact: bool = False, read_timeout: float = 30.0,
+          drain_timeout: float = 30.0, log_level: str = "info", read_timeout: float = 30.0,
           limit_concurrency: int = 1024, allowed_hosts: str | None = None) -> int:
+    """Serve `artifact` with the engine `options` (runtime/options.EngineOptions; gc is
+    frozen after start-up) on host:port until SIGTERM."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from braze.runtime.engine import Engine
     from braze.runtime.loader import open_artifact
+    from braze.runtime.options import EngineOptions
     from braze.runtime.tokenizer import Tokenizer
 
     from .async_engine import AsyncEngine
@@ -71,10 +72,10 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, backend: str = "a
 
     sock = bind_socket(host, port)
     try:
-        art = open_artifact(artifact, trusted_keys=trusted_keys, trust_artifact=trust_artifact)
-        opts = {k: v for k, v in (("num_kv_blocks", num_kv_blocks),
-                                  ("max_num_seqs", max_num_seqs)) if v is not None}
-        engine = Engine(art, backend=backend, freeze_gc=True, **opts)
+        opts = EngineOptions.of(options, freeze_gc=True)
+        art = open_artifact(artifact, trusted_keys=opts.trusted_keys,
+                            trust_artifact=opts.trust_artifact)
+        engine = Engine(art, opts)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import hf_model
@@ -101,3 +102,39 @@ def test_help_lists_commands():
     for flag in ("--opt-level", "--dtype", "--max-num-tokens", "--max-num-seqs", "--max-model-len",
                  "--block-size", "--targets", "--cudagraph-mode", "--dump-ir"):
         assert flag in r.stdout
+
+
+def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
+    """One options object (runtime/options.py) from the command line and from braze.LLM:
+    each of its fields has a flag on generate and serve, and a bad value is refused once,
+    by name, before any work."""
+    from dataclasses import fields
+
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM
+    from braze.runtime.options import EngineOptions
+    flags = ["--backend", "reference", "--device", "cpu", "--num-kv-blocks", "9",
+             "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
+             "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
+             "--debug", "--trusted-keys", "keys", "--trust-artifact"]
+    want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9, max_num_seqs=3,
+                         max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
+                         enable_prefix_caching=False, async_scheduling=False, debug=True,
+                         trusted_keys="keys", trust_artifact=True)
+    set_by_server = {"freeze_gc"}
+    assert {f.name for f in fields(EngineOptions) if getattr(want, f.name) != f.default} \
+        == {f.name for f in fields(EngineOptions)} - set_by_server
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        assert _engine_options(build_parser().parse_args(cmd + flags)) == want
+    llm = LLM(store.artifact("llama", max_num_tokens=64, max_num_seqs=8), backend="reference",
+              max_num_seqs=3, max_num_tokens=40, buckets=[1, 8, 40], num_kv_blocks=9,
+              enable_prefix_caching=False)
+    s = llm.stats()
+    assert (s["max_num_seqs"], s["max_num_tokens"], s["kv_blocks_total"]) == (3, 40, 9)
+    with pytest.raises(BrazeError, match="unknown engine option 'max_seqs'"):
+        LLM(store.artifact("llama"), max_seqs=3)
+    with pytest.raises(BrazeError, match="max_num_tokens must be a positive integer"):
+        LLM(store.artifact("llama"), max_num_tokens=0)
+    with pytest.raises(BrazeError, match="max_num_seqs=9 exceeds the 8"):
+        LLM(store.artifact("llama", max_num_tokens=64, max_num_seqs=8), max_num_seqs=9)

@@ -1,0 +1,56 @@
+"""How an engine runs an artifact: one options object, checked once, passed from the command
+line or `braze.LLM` through the server and the engine to the model runner.
+
+What the artifact fixed when it was compiled (its step limits, ir/contract.py) bounds some
+of these: `max_num_seqs` and `max_num_tokens` may be lowered, never raised, and default to
+the artifact's. That check needs the artifact, so the model runner makes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from braze.ir.errors import BrazeError
+from braze.ir.segments import CUDAGRAPH_MODES
+
+BACKENDS = ("auto", "cuda", "reference", "interpret")
+
+
+@dataclass
+class EngineOptions:
+    backend: str = "auto"                 # auto: cuda on a GPU, else reference
+    device: str | None = None             # default: cuda for the cuda backend, else cpu
+    num_kv_blocks: int | None = None      # None: what the device's free memory holds
+    max_num_seqs: int | None = None       # None: the artifact's
+    max_num_tokens: int | None = None     # None: the artifact's
+    buckets: list[int] | None = None      # padded step sizes; None: ir/contract.default_buckets
+    cudagraph_mode: str | None = None     # None: the artifact's
+    enable_prefix_caching: bool = True
+    async_scheduling: bool | None = None  # None: on for cuda (the device runs ahead)
+    freeze_gc: bool = False               # gc.freeze after start-up (servers)
+    debug: bool = False                   # check bound buffers on every replay
+    trusted_keys: str | None = None       # a directory of public keys to trust
+    trust_artifact: bool = False          # run an artifact nothing else admits (loudly)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise BrazeError(f"unknown backend {self.backend!r}; choose one of "
+                             f"{', '.join(BACKENDS)}")
+        for name in ("num_kv_blocks", "max_num_seqs", "max_num_tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BrazeError(f"{name} must be a positive integer, got {v!r}")
+        if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
+            raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
+                             f"got {self.cudagraph_mode!r}")
+
+    @classmethod
+    def of(cls, options: "EngineOptions | None" = None, **overrides) -> "EngineOptions":
+        """`options` (or the defaults) with keyword overrides, checked; an unknown keyword
+        is an error that names it."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise BrazeError(f"unknown engine option {bad[0]!r}; the options are "
+                             f"{', '.join(sorted(known))}")
+        return cls(**{**asdict(options or cls()), **overrides})
