@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -133,11 +134,18 @@ def cmd_serve(a) -> int:
     if not 0 < a.read_timeout < float("inf"):
         raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
                          f"{a.read_timeout}")
-    return serve(a.artifact, _engine_options(a), host=a.host, port=a.port,
-                 max_queue=a.max_queue, served_model_name=a.served_model_name,
-                 drain_timeout=a.drain_timeout, log_level=a.log_level,
-                 read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
-                 allowed_hosts=a.allowed_hosts)
+    rc = serve(a.artifact, _engine_options(a), host=a.host, port=a.port,
+               max_queue=a.max_queue, served_model_name=a.served_model_name,
+               drain_timeout=a.drain_timeout, log_level=a.log_level,
+               read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
+               allowed_hosts=a.allowed_hosts)
+    # the server has drained and stopped: skip the interpreter's teardown of torch, triton
+    # and the engine thread, which took a second or more after "stopped" (a supervisor
+    # waiting on the exit, a rolling restart, waits for it); logs and output are flushed
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def cmd_demo(a) -> int:
