@@ -13,7 +13,9 @@ braze and nothing outside the standard library itself; every stage is a subproce
 
 Part 1:
   env          GPU, driver, versions, device-to-device copy bandwidth      env.txt
-  install      pip install --no-deps --no-index (the GPU image has no network)
+  install      pip install --no-deps --no-index (the GPU image has no network), and the
+               wheels benchmarks/device_wheels.sh put in .whl/ (carry it: cryptography,
+               which signing needs; only signed artifacts' cubins are launched)
   correctness  pytest -m gpu: bf16 logits at every position vs transformers,  gpu-tests.log
                graph modes none/piecewise/full agree, every bucket's replay
                equals eager, bf16 cubins launched with zero JIT
@@ -138,6 +140,11 @@ class Suite:
         self.write_summary()
         return ok
 
+    def have(self, module: str) -> bool:
+        """Whether the suite's python, with the stages' PYTHONPATH, can import `module`."""
+        return subprocess.run([self.python, "-c", f"import {module}"], env=self.env,
+                              capture_output=True, timeout=60).returncode == 0
+
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
@@ -172,6 +179,17 @@ class Suite:
             return
         pip = [self.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                "--no-build-isolation"]
+        wheels = sorted((ROOT / ".whl").glob("*.whl"))
+        if wheels:          # benchmarks/device_wheels.sh: what the image lacks (cryptography)
+            site = Path("/tmp/braze-deps")
+            self.stage("install wheels", 60, [pip + ["--target", str(site)] + list(map(str, wheels))],
+                       "env.txt", min_s=5)
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                [str(site)] + [p for p in [self.env.get("PYTHONPATH")] if p])
+        if not self.have("cryptography"):
+            self.facts.append("WARNING: no cryptography package: braze compile cannot sign "
+                              "artifacts, so no cubins are launched; run "
+                              "benchmarks/device_wheels.sh here and carry .whl")
         if self.stage("install", 120, [pip + ["-e", str(ROOT)]], "env.txt", min_s=10):
             return
         # an image whose setuptools cannot do editable installs: a plain one on PYTHONPATH

@@ -56,13 +56,24 @@ def key_id(raw_public: bytes) -> str:
     return "ed25519:" + hashlib.sha256(raw_public).hexdigest()[:16]
 
 
+def _crypto(module: str):
+    """A module of the `cryptography` package, or a clear error when it is not installed
+    (an install with --no-deps, as on a GPU image with no network)."""
+    import importlib
+    try:
+        return importlib.import_module(f"cryptography.{module}")
+    except ImportError:
+        raise BrazeError("artifact signatures (Ed25519) need the cryptography package, which "
+                         "is not installed: pip install 'cryptography>=41'") from None
+
+
 def _ed25519():
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    ed25519 = _crypto("hazmat.primitives.asymmetric.ed25519")
     return ed25519
 
 
 def _raw(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization as s
+    s = _crypto("hazmat.primitives.serialization")
     return public_key.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
 
 
@@ -70,7 +81,7 @@ def _raw(public_key) -> bytes:
 
 def load_private_key(path) -> object:
     """An Ed25519 private key from a PEM or OpenSSH file (not passphrase-protected)."""
-    from cryptography.hazmat.primitives import serialization as s
+    s = _crypto("hazmat.primitives.serialization")
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -96,7 +107,7 @@ def load_private_key(path) -> object:
 def default_private_key(log=None):
     """The per-user signing key, made (with its public half in trusted-keys/) on first use;
     None, with a warning, where the configuration directory cannot be written."""
-    from cryptography.hazmat.primitives import serialization as s
+    s = _crypto("hazmat.primitives.serialization")
     path = config_dir() / DEFAULT_KEY
     if path.exists():
         return load_private_key(path)
@@ -180,7 +191,7 @@ def _check_private_to_owner(path: Path) -> None:
 
 
 def _load_public(path: Path) -> bytes:
-    from cryptography.hazmat.primitives import serialization as s
+    s = _crypto("hazmat.primitives.serialization")
     data = path.read_bytes()
     for load in (s.load_pem_public_key, s.load_ssh_public_key):
         try:
@@ -229,7 +240,7 @@ def read_signature(root: Path, manifest_bytes: bytes) -> Signature | None:
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise BrazeError(f"{path} is not a valid braze signature ({str(e)[:120]}); delete it "
                          f"or re-sign the artifact") from None
-    from cryptography.exceptions import InvalidSignature
+    InvalidSignature = _crypto("exceptions").InvalidSignature
     try:
         public.verify(sig, manifest_bytes)
         valid = True

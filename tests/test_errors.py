@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -169,3 +171,14 @@ def test_an_artifact_without_step_limits_is_refused_by_name(artifact_copy):
         rehash(artifact_copy)            # unsigned now: the operator's trust admits it
         with pytest.raises(BrazeError, match="no valid step limits.*recompile"):
             Executor(open_artifact(artifact_copy, trust_artifact=True), backend="reference")
+
+
+def test_compile_without_the_cryptography_package_says_what_to_install(store, tmp_path):
+    """An install with --no-deps (a GPU image with no network) may lack `cryptography`:
+    signing is then a one-line error naming the package, not an internal error."""
+    code = ("import sys; sys.modules['cryptography'] = None\n"
+            "from braze.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "compile", str(store.checkpoint("llama")),
+                        "-o", str(tmp_path / "a.braze"), "-q", "--targets", ""],
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r.returncode, r.stderr, "cryptography", "pip install")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Wheels the GPU image lacks, for the device suite to install with --no-index (the device
+# machine has no network). Run here, in the checkout, before a device call, and name .whl
+# in the call's carry: the suite's install stage installs whatever .whl/ holds.
+#   cryptography (+ cffi, pycparser): braze compile signs artifacts (braze/signing.py), and
+#   only a signed artifact's cubins are launched (docs/trust.md)
+set -eu
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl
+for pkg in "cryptography==48.0.0" "cffi==2.0.0" "pycparser==3.0"; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$pkg"
+done
+ls -la .whl
