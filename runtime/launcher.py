@@ -15,11 +15,11 @@ is taken once at bind time over static storage and costs nothing at replay.
 from __future__ import annotations
 
 import torch
+
 from braze.ir import get_op
 from braze.ir.errors import BrazeError
 from braze.ir.layout import VIEW_OPS
 from braze.ir.types import torch_dtype
-
 from braze.kernel_modules import KernelModules
 from braze.launch import compile_expr, spec_key
 
