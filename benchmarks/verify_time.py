@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# this directory holds kernels.py, which would shadow the `kernels` package transformers imports
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 MODELS = ("tiny-llama", "llama3-8b")
 
@@ -68,16 +66,17 @@ def build_8b(root: Path) -> Path:
     from braze.passes import PassContext, PassManager
     loaded = load_model(str(model_dir), with_weights=False)
     graph = loaded.graph
-    PassManager.for_level(2, ctx=PassContext(options=ct.compile_options(loaded).to_json())).run(graph)
+    options = ct.compile_options(loaded).to_json()
+    PassManager.for_level(2, ctx=PassContext(options=options)).run(graph)
     materialize(graph, lambda name: None)
     out = root / "llama3-8b.braze"
     out.mkdir()
     (out / GRAPH_FILE).write_text(print_graph(graph))
-    entries = emit_kernels(build_plan(graph), out, targets=[])
+    entries = emit_kernels(build_plan(graph, options), out, targets=[])
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
              if p.is_file()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": {"files": []},
-                **entries, "files": files}
+                "options": options, **entries, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 

@@ -51,7 +51,8 @@ class _Values:
 
 
 def _arg_spec(a: dict, values: _Values, layouts: Layouts):
-    """One runtime argument: a spec char, or a function of the step sizes giving one."""
+    """One runtime argument: a spec char, or ("expr", text) / ("sym", expr) whose value at
+    a bucket's step sizes gives one (hashable, so that launches alike are worked out once)."""
     if "buf" in a or "ws" in a:
         return "D"
     if "float" in a:
@@ -61,8 +62,7 @@ def _arg_spec(a: dict, values: _Values, layouts: Layouts):
     if "expr" in a:
         if "NB" in str(a["expr"]):
             return "-"                      # NB, the cache size, is chosen at run time
-        f = compile_expr(a["expr"])
-        return lambda sizes: spec_char(f(sizes))
+        return ("expr", str(a["expr"]))
     ref, dim = a["stride"]
     v = values.by_ref.get(ref)
     stride = layouts(v)[dim] if v is not None else None
@@ -73,22 +73,37 @@ def _arg_spec(a: dict, values: _Values, layouts: Layouts):
     expr = sympy.sympify(stride)
     if not expr.free_symbols <= {SYMBOLS[k] for k in ("T", "S", "MB")}:
         return "-"
-    return lambda sizes: spec_char(int(expr.subs({SYMBOLS[k]: n for k, n in sizes.items()})))
+    return ("sym", expr)
+
+
+def _at(spec, sizes: dict) -> str:
+    kind, what = spec
+    if kind == "expr":
+        return spec_char(compile_expr(what)(sizes))
+    return spec_char(int(what.subs({SYMBOLS[k]: n for k, n in sizes.items()})))
+
+
+def _keys(specs: tuple, sizes_list: list[dict]) -> set[str]:
+    """The spec keys of a launch whose arguments are `specs`: one per bucket, and a generic
+    one in which every argument that varies between buckets assumes nothing."""
+    per_bucket = ["".join(s if isinstance(s, str) else _at(s, sz) for s in specs)
+                  for sz in sizes_list]
+    if not per_bucket:
+        return {"".join(s if isinstance(s, str) else "-" for s in specs)}
+    varies = [len({k[i] for k in per_bucket}) > 1 for i in range(len(specs))]
+    return set(per_bucket) | {"".join("-" if v else c for v, c in zip(varies, per_bucket[0]))}
 
 
 def variant_keys(g: Graph, kernels: dict, launches: list[dict], sizes_list: list[dict]) -> dict:
     """-> {variant id: sorted spec keys to compile}, from every launch of the plan."""
     values, layouts = _Values(g), Layouts()
     keys: dict[str, set] = {vid: set() for vid in kernels}
+    seen: dict[tuple, set] = {}          # the layers of a model launch alike: once each
     for launch in launches:
         if "kernel" not in launch:
             continue
-        specs = [_arg_spec(a, values, layouts) for a in launch["args"]]
-        per_bucket = ["".join(s if isinstance(s, str) else s(sz) for s in specs)
-                      for sz in sizes_list]
-        varies = [len({k[i] for k in per_bucket}) > 1 for i in range(len(specs))]
-        generic = "".join("-" if v else c for v, c in zip(varies, per_bucket[0])) \
-            if per_bucket else "".join(s if isinstance(s, str) else "-" for s in specs)
-        keys[launch["kernel"]].update(per_bucket)
-        keys[launch["kernel"]].add(generic)
+        specs = tuple(_arg_spec(a, values, layouts) for a in launch["args"])
+        if specs not in seen:
+            seen[specs] = _keys(specs, sizes_list)
+        keys[launch["kernel"]] |= seen[specs]
     return {vid: sorted(k) for vid, k in keys.items()}
