@@ -38,19 +38,7 @@ def step_sizes(options: dict) -> list[dict[str, int]]:
             for t in default_buckets(lim.max_num_tokens)]
 
 
-class _Values:
-    """Graph values by reference (`%name`, `@param`)."""
-
-    def __init__(self, g: Graph):
-        self.by_ref = {f"@{k}": v for k, v in g.params.items()}
-        for v in g.inputs:
-            self.by_ref[v.ref] = v
-        for n in g.nodes:
-            for r in n.results:
-                self.by_ref[r.ref] = r
-
-
-def _arg_spec(a: dict, values: _Values, layouts: Layouts):
+def _arg_spec(a: dict, values: dict, layouts: Layouts):
     """One runtime argument: a spec char, or ("expr", text) / ("sym", expr) whose value at
     a bucket's step sizes gives one (hashable, so that launches alike are worked out once)."""
     if "buf" in a or "ws" in a:
@@ -64,7 +52,7 @@ def _arg_spec(a: dict, values: _Values, layouts: Layouts):
             return "-"                      # NB, the cache size, is chosen at run time
         return ("expr", str(a["expr"]))
     ref, dim = a["stride"]
-    v = values.by_ref.get(ref)
+    v = values.get(ref)
     stride = layouts(v)[dim] if v is not None else None
     if stride is None:
         return "-"
@@ -96,7 +84,7 @@ def _keys(specs: tuple, sizes_list: list[dict]) -> set[str]:
 
 def variant_keys(g: Graph, kernels: dict, launches: list[dict], sizes_list: list[dict]) -> dict:
     """-> {variant id: sorted spec keys to compile}, from every launch of the plan."""
-    values, layouts = _Values(g), Layouts()
+    values, layouts = {v.ref: v for v in g.values()}, Layouts()   # by `%name` / `@param`
     keys: dict[str, set] = {vid: set() for vid in kernels}
     seen: dict[tuple, set] = {}          # the layers of a model launch alike: once each
     for launch in launches:
