@@ -22,7 +22,7 @@ import sympy
 import torch
 
 from .ops import all_ops
-from .types import SYMBOLS, torch_dtype
+from .types import eval_dim, torch_dtype
 
 # ops whose result only re-describes its operand's storage (the registry's `view`; a
 # reshape torch cannot express as a view of the operand's strides is the exception: it copies)
@@ -50,9 +50,7 @@ def _probe_strides(shape) -> list | None:
 def _at_probes(shape: tuple) -> tuple | None:
     """`shape` at each probe (sympy is slow: a graph repeats a few shapes many times)."""
     try:
-        return tuple(tuple(d if isinstance(d, int) else
-                           int(sympy.sympify(d).subs({SYMBOLS[k]: n for k, n in p.items()}))
-                           for d in shape) for p in PROBES)
+        return tuple(tuple(eval_dim(d, p) for d in shape) for p in PROBES)
     except (TypeError, ValueError, RuntimeError):
         return None
 
