@@ -101,10 +101,7 @@ def _attend(q, k_cache, v_cache, out, seqs, starts, lengths, block_tables, scale
     blocks = block_tables[seqs, :nb].flatten().long()
     k = k_cache.index_select(0, blocks).view(len(seqs), nb * block_size, hkv, -1)[:, :L].float()
     v = v_cache.index_select(0, blocks).view(len(seqs), nb * block_size, hkv, -1)[:, :L].float()
-    if n == 1:
-        rows = torch.tensor([starts[s] for s in seqs], device=dev)
-    else:
-        rows = torch.cat([torch.arange(starts[s], starts[s] + n) for s in seqs]).to(dev)
+    rows = torch.tensor([starts[s] + i for s in seqs for i in range(n)], device=dev)
     qs = q[rows].float().view(len(seqs), n, q.shape[1], q.shape[2]).transpose(1, 2)
     mask = None
     # one token per sequence, all as long as L, no window: every key is visible
