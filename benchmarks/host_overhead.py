@@ -34,7 +34,9 @@ exceeds the forward (small models, small batches).
 Passes, each over --steps decode steps with all --requests requests decoding (the script
 checks that every timed step reports exactly one new token for each of them, none finished):
 
-    clean     only a clock around Engine.step: the figure to compare with the target
+    clean     only a clock around Engine.step: the figure to compare with the target; also
+              the stepping thread's CPU time per step (time.thread_time), which a busy
+              shared machine does not inflate
     phases    wrappers (time.perf_counter) around the per-step pieces above
     detail    also wrappers around the per-request pieces of bookkeeping (
               IncrementalDetokenizer.update / output_delta, _output); these add ~1 us per
@@ -252,17 +254,22 @@ def wrap_detail_pieces(clock: Clock, eng) -> None:
     clock.wrap(IncrementalDetokenizer, "output_delta", "detok_output_delta", on_class=True)
 
 
-def timed_steps(eng, n: int, R: int, clock: Clock | None = None) -> tuple[list[float], dict]:
-    """n steps; per-step total seconds, and the per-piece seconds of each step."""
+def timed_steps(eng, n: int, R: int, clock: Clock | None = None,
+                cpu: list[float] | None = None) -> tuple[list[float], dict]:
+    """n steps; per-step total seconds, and the per-piece seconds of each step. `cpu`, if
+    given, receives each step's CPU seconds of this thread (time.thread_time): on a machine
+    other processes share, the wall clock also counts the time the step waited for a core."""
     totals: list[float] = []
     pieces: dict[str, list[float]] = {}
-    pc = time.perf_counter
+    pc, tt = time.perf_counter, time.thread_time
     for _ in range(n):
         if clock is not None:
             clock.reset()
-        t = pc()
+        c, t = tt(), pc()
         outs = eng.step()
         totals.append(pc() - t)
+        if cpu is not None:
+            cpu.append(tt() - c)
         check_step(eng, outs, R)
         if clock is not None:
             for k, v in clock.acc.items():
@@ -579,9 +586,11 @@ def main(argv=None) -> int:
             "target_ms": args.target_ms, "prefill_steps": prefill_steps}, results={})
         results = out.results
 
+        clean_cpu: list[float] = []
         with GcWatch() as gcw:
-            clean, _ = timed_steps(eng, args.steps, R)
-        out.put("clean", {**summary(clean), "gc_collections": gcw.n, "gc_ms": gcw.s * 1000})
+            clean, _ = timed_steps(eng, args.steps, R, cpu=clean_cpu)
+        out.put("clean", {**summary(clean), "gc_collections": gcw.n, "gc_ms": gcw.s * 1000,
+                          "cpu": summary(clean_cpu)})
         print(f"clean: host {results['clean']['mean_ms']:.3f} ms per step (mean)", flush=True)
 
         clock = Clock()
@@ -608,6 +617,9 @@ def main(argv=None) -> int:
           f"({c['gc_ms']:.1f} ms); target < {args.target_ms:g} ms: "
           f"{'ok' if ok else 'MISSED'} ({c['mean_ms'] / args.target_ms:.1f}x the target); "
           f"per request {1000 * c['mean_ms'] / R:.2f} us")
+    print(f"clean, CPU time of the stepping thread (not counting waits for a core on a shared "
+          f"machine): mean {c['cpu']['mean_ms']:.3f}, p50 {c['cpu']['p50_ms']:.3f}, "
+          f"p99 {c['cpu']['p99_ms']:.3f} ms per step")
     ph = results["phases"]
     print(f"\nphases (perf_counter wrappers around the per-step pieces; step total "
           f"{ph['total']['mean_ms']:.3f} ms mean vs {c['mean_ms']:.3f} clean):")

@@ -85,7 +85,7 @@ class Engine:
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
                              f"all (max_model_len), so at most {limit - 1} leave room to generate")
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
-                      max_len=min(limit, len(ids) + params.max_tokens), arrival_time=arrival_time)
+                      max_len=limit, arrival_time=arrival_time)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         elif params.stop:
@@ -172,30 +172,29 @@ class Engine:
         outputs = []
         n = 0
         finished = Status.FINISHED
-        for c, token in zip(sched.chunks, tokens):
+        for c, token in zip(sched.chunks, tokens):     # per request: keep it lean
             if not c.samples:
                 continue
             req = c.request
             req.num_pending -= 1
             if req.status is finished:
                 continue
-            out_ids = req.output_token_ids
-            out_ids.append(token)
-            req.all_token_ids.append(token)
+            req.output_token_ids.append(token)
+            all_ids = req.all_token_ids
+            all_ids.append(token)
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = t
             m.last_token_time = t
             p = req.params
             reason = None
-            if token in req.eos_ids or token in p.stop_token_ids:
+            if token in req.stop_ids:
                 reason, req.stop_reason = "stop", token
             if p.stop and req.detok is not None:
                 hit = req.detok.update((token,))
                 if hit is not None:
                     reason, req.stop_reason = "stop", hit
-            if reason is None and (len(out_ids) >= p.max_tokens
-                                   or len(req.all_token_ids) >= req.max_len):
+            if reason is None and len(all_ids) >= req.max_len:     # max_tokens included
                 reason = "length"
             if reason is not None:
                 self._finish(req, reason)
@@ -270,12 +269,20 @@ class Engine:
         return final
 
 
+# Young-generation threshold for a serving process. A decode step of 256 requests allocates
+# over a thousand container objects (chunks, reports, token lists), so the default 700 runs
+# a collection every step, over objects that are still alive and get promoted. At 20000
+# most of them have died by refcount before a collection looks at them.
+GC_THRESHOLDS = (20_000, 10, 10)
+
+
 def freeze_gc_now() -> None:
     """For a process that serves one engine: move everything alive now (weights, kernels,
     graphs, the engine) out of the garbage collector's sight, so collections during serving
     stay cheap. Not for processes that make many engines (frozen cycles are never freed)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     if not _unfreeze.registered:     # so extension modules see their objects freed at exit
         atexit.register(_unfreeze)
         _unfreeze.registered = True

@@ -131,7 +131,7 @@ class Request:
 
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
-                 "stop_reason", "eos_ids", "max_len", "reported_tokens", "num_pending")
+                 "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -147,8 +147,13 @@ class Request:
         self.detok = None                     # runtime.detokenizer.IncrementalDetokenizer
         self.finish_reason: str | None = None
         self.stop_reason = None
-        self.eos_ids = frozenset(eos_ids)
-        self.max_len = max_len                # total tokens (prompt + output) allowed
+        # the token ids that end it: EOS (the caller passes none for ignore_eos) and the
+        # request's stop_token_ids, as one set for the per-token check
+        self.stop_ids = frozenset(eos_ids).union(getattr(params, "stop_token_ids", ()) or ())
+        # total tokens (prompt + output) allowed: also max_tokens, so one length check ends it
+        max_tokens = getattr(params, "max_tokens", None)
+        self.max_len = max_len if max_tokens is None else min(
+            max_len, len(self.prompt_token_ids) + max_tokens)
         self.reported_tokens = 0              # output tokens already reported
         self.num_pending = 0                  # tokens sampled on the device, not yet read back
 
@@ -161,8 +166,7 @@ class Request:
     def reaches_limit(self) -> bool:
         """Its tokens so far (pending ones included) already end it by length: nothing more
         to run for it, whatever the pending tokens turn out to be."""
-        n_out = len(self.output_token_ids) + self.num_pending
-        return n_out >= self.params.max_tokens or self.num_tokens >= self.max_len
+        return self.num_tokens >= self.max_len          # max_len counts max_tokens in
 
     @property
     def finished(self) -> bool:

@@ -40,11 +40,11 @@ class ScheduledChunk:
 
     __slots__ = ("request", "num_new", "start", "samples", "epoch")
 
-    def __init__(self, request: Request, num_new: int, start: int):
+    def __init__(self, request: Request, num_new: int, start: int, samples: bool | None = None):
         self.request = request
         self.num_new = num_new
         self.start = start
-        self.samples = start + num_new == request.num_tokens
+        self.samples = start + num_new == request.num_tokens if samples is None else samples
         self.epoch = request.metrics.num_preemptions
 
 
@@ -52,6 +52,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # the chunks that complete at least one KV block, the only ones `commit` has work for
+    # (a decode step of 256 requests in blocks of 16 has about 16)
+    fills: list[ScheduledChunk] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -100,18 +103,24 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_tokens
         i = 0
-        running, reserve, chunks = self.running, self.bm.reserve, out.chunks
-        while i < len(running) and budget > 0:
+        running, reserve, chunks, fills = self.running, self.bm.reserve, out.chunks, out.fills
+        bs = self.bm.block_size
+        while i < len(running) and budget > 0:      # the decode hot path: keep it lean
             req = running[i]
             start = req.num_computed
-            num_new = min(req.num_tokens - start, budget)
+            total = len(req.all_token_ids) + req.num_pending     # req.num_tokens, inlined
+            num_new = total - start if total - start < budget else budget
             if num_new <= 0 or (req.num_pending and req.reaches_limit):
                 i += 1                  # waiting for its last token to come back
                 continue
-            if not reserve(req.request_id, start + num_new) and not self._grow(req, num_new, out):
+            end = start + num_new
+            if not reserve(req.request_id, end) and not self._grow(req, num_new, out):
                 continue                # req itself was preempted; running[i] is the next one
-            chunks.append(ScheduledChunk(req, num_new, start))
-            req.num_computed = start + num_new
+            c = ScheduledChunk(req, num_new, start, end == total)
+            chunks.append(c)
+            if end // bs != start // bs:
+                fills.append(c)
+            req.num_computed = end
             budget -= num_new
             i += 1
         if out.preempted:
@@ -131,7 +140,10 @@ class Scheduler:
                 req.metrics.num_cached_tokens = cached
             self.running.append(req)
             num_new = min(req.num_tokens - cached, budget)
-            out.chunks.append(ScheduledChunk(req, num_new, cached))
+            c = ScheduledChunk(req, num_new, cached)
+            out.chunks.append(c)
+            if (cached + num_new) // bs != cached // bs:
+                out.fills.append(c)
             req.num_computed = cached + num_new
             budget -= num_new
         return out
@@ -163,11 +175,8 @@ class Scheduler:
         """A step has run (its results are read back): the blocks it filled hold their KV,
         so they may serve other prompts. Chunks of requests finished or preempted since
         they were scheduled are skipped (their blocks are gone)."""
-        bs = self.bm.block_size
-        for c in out.chunks:
+        for c in out.fills:             # the chunks that completed a block
             req = c.request
             end = c.start + c.num_new
-            if end // bs == c.start // bs:
-                continue                # completed no block (most decode steps)
             if req.status is Status.RUNNING and c.epoch == req.metrics.num_preemptions:
                 self.bm.commit(req.request_id, end, req.all_token_ids)

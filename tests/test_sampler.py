@@ -14,6 +14,7 @@ from braze.runtime.sampler import (
     SamplingTensors,
     gumbel_noise,
     resolve_seed,
+    row_argmax,
     sample_batch,
 )
 from hypothesis import HealthCheck, given, settings
@@ -291,6 +292,40 @@ def test_sampling_tensors_fill_rows_and_sample_with_given_counters():
     assert torch.equal(got, _run(logits, [0.8, 1.0, 0.0], [0, 0, 0], [0.9, 1.0, 1.0],
                                  [6, 5, 0], [3, 11, 1]))
     assert torch.equal(st_.sample(logits, rows, None, greedy_only=True), logits.argmax(dim=-1))
+
+
+_flag_ops = st.lists(st.tuples(st.sampled_from(["set", "release"]), st.integers(0, 5),
+                               st.floats(0.0, 2.0), st.sampled_from([0, 3]),
+                               st.sampled_from([1.0, 0.5])), max_size=30)
+
+
+@HYP
+@given(ops=_flag_ops)
+def test_sampling_flags_follow_the_occupied_slots(ops):
+    """The slot counters that let an all-greedy step skip the per-row checks agree with a
+    per-slot recount after any sequence of fills and releases (a stale count would send a
+    sampling request down the greedy path)."""
+    st_ = SamplingTensors(6)
+    occupied: dict[int, SamplingParams] = {}
+    for op, row, temp, top_k, top_p in ops:
+        if op == "set":
+            p = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p)
+            st_.set_rows([row], [p], [0])
+            occupied[row] = p
+        else:
+            st_.release(row)
+            occupied.pop(row, None)
+        assert st_.any_sampling == any(not p.greedy for p in occupied.values())
+        for rows in (list(occupied), list(occupied)[:1]):
+            assert st_.all_greedy(rows) == all(occupied[r].greedy for r in rows)
+            assert st_.needs_filter(rows) == any(occupied[r].filters for r in rows)
+
+
+def test_row_argmax_takes_the_first_maximum_like_argmax():
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, -3.0]])
+    assert row_argmax(x).tolist() == [1, 0, 0] == x.argmax(dim=-1).tolist()
+    logits = _logits(9, 64, 300).round()          # rounded: many ties
+    assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
 
 
 def test_sample_batch_has_no_data_dependent_host_code():
