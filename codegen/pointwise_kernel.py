@@ -55,7 +55,7 @@ import sympy
 
 from braze.ir import Graph, print_graph
 from braze.ir.layout import Layouts, dense_strides
-from braze.ir.op_pointwise_group import ROW_REDUCTIONS, parse_body
+from braze.ir.op_pointwise_group import parse_body, reduces_rows
 from braze.ir.types import SYMBOLS
 
 from .dim_code import kernel_printer
@@ -312,7 +312,7 @@ class _Kernel:
         name, dt = self.var[v]
         value = conv(name, dt, out.type.dtype)
         p = v.producer
-        keep = not (p is not None and p.op in ROW_REDUCTIONS and not p.attrs["keepdim"])
+        keep = not (p is not None and reduces_rows(p.op) and not p.attrs["keepdim"])
         dims = self._dims(v.type.rank, leading=not keep)
         strides = dense_strides(out.type.shape)
         last = self.rank - 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 
 from braze.ir.errors import BrazeError
-from braze.ir.op_pointwise_group import ROW_REDUCTIONS
 
 TL = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64",
       "i64": "tl.int64", "i32": "tl.int32", "i16": "tl.int16", "i8": "tl.int8",
@@ -112,7 +111,7 @@ class OpEmitter:
 
     def emit(self, node) -> str:
         R = node.results[0].type.dtype
-        if node.op in ROW_REDUCTIONS:
+        if node.opdef.combine is not None:
             return self._reduce(node, R)
         form = node.opdef.triton
         if form is None:
@@ -252,7 +251,8 @@ class OpEmitter:
     def _reduce(self, node, R: str) -> str:
         x, dx = self._operand(node, 0)
         n = self.row_len
-        if node.op == "amax":
+        combine = node.opdef.combine
+        if combine == "max":
             ident = lit(float("-inf"), dx) if dx in FLOATS else str(_INT_MIN[dx])
             red = f"tl.reduce(tl.where(cm, {x}, {ident}), 1, _elementwise_max)[:, None]"
             if dx in FLOATS:       # torch's amax propagates NaN; max.f32 on the GPU does not
@@ -262,7 +262,7 @@ class OpEmitter:
         A = opmath(R)
         zero = "0.0" if A in FLOATS else "0"
         red = f"tl.reduce(tl.where(cm, {conv(x, dx, A)}, {zero}), 1, _sum_combine)[:, None]"
-        if node.op == "mean":
+        if combine == "mean":
             red = f"tl.div_rn({red}, {lit(float(n), A)})"
         return conv(red, A, R)
 

@@ -164,6 +164,7 @@ def _rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_w=Non
 _ROPE_ATTRS = {"style": REQUIRED, "eps": None}
 
 register(OpDef("rms_norm", ("x", "w"), _rms_norm_infer, rms_norm_ref, attrs={"eps": REQUIRED},
+               last_dim_rowwise=True,
                doc="w * (x.float() * rsqrt(mean(x.float()^2, -1, keepdim) + eps)).to(x.dtype)"))
 def _add_rms_norm(a, b, w, eps):
     s = a + b
@@ -171,7 +172,7 @@ def _add_rms_norm(a, b, w, eps):
 
 
 register(OpDef("add_rms_norm", ("a", "b", "w"), _add_rms_norm_infer, _add_rms_norm,
-               attrs={"eps": REQUIRED},
+               attrs={"eps": REQUIRED}, last_dim_rowwise=True,
                doc="s = a + b (the residual stream); returns (rms_norm(s, w) {eps}, s)"))
 register(OpDef("rope", ("q", "k", "cos", "sin", "q_norm_w?", "k_norm_w?"), _rope_infer, _rope,
                attrs=dict(_ROPE_ATTRS),

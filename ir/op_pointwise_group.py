@@ -42,10 +42,13 @@ import functools
 from dataclasses import dataclass
 
 from .errors import BrazeError
-from .ops import REQUIRED, OpDef, register
+from .ops import REQUIRED, OpDef, get_op, register
 from .types import TensorType
 
-ROW_REDUCTIONS = ("sum", "mean", "amax")
+
+def reduces_rows(op: str) -> bool:
+    """Whether a generated kernel can compute op as a reduction (the registry's `combine`)."""
+    return get_op(op).combine is not None
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _fmt(shape: tuple) -> str:
 
 
 def is_row_reduction(node) -> bool:
-    if node.op not in ROW_REDUCTIONS:
+    if not reduces_rows(node.op):
         return False
     rank = node.operands[0].type.rank
     dims = node.attrs["dims"]
@@ -80,7 +83,7 @@ def node_space(node) -> Space:
             raise BrazeError(f"{node.op} reduces a row of symbolic length {shape[-1]}; "
                              f"a row kernel needs a fixed row size")
         return Space(shape, row=True)
-    if node.op in ROW_REDUCTIONS:
+    if reduces_rows(node.op):
         raise BrazeError(f"{node.op} reduces dims {node.attrs['dims']} of "
                          f"{node.operands[0].type}; only a reduction over the last dim fuses")
     raise BrazeError(f"{node.op} is neither pointwise nor a row reduction")
@@ -107,7 +110,7 @@ def reduced_value_use(node, members) -> str | None:
     """Why `node` reading a keepdim=false reduction of `members` breaks the kernel, or None."""
     for v in node.operands:
         p = v.producer
-        if p is not None and p in members and p.op in ROW_REDUCTIONS and not p.attrs["keepdim"]:
+        if p is not None and p in members and reduces_rows(p.op) and not p.attrs["keepdim"]:
             return (f"{v.ref} = {p.op}(...) drops the reduced dim (keepdim=false), so {node.op} "
                     f"would broadcast it across the wrong dims; it can only be a group output")
     return None

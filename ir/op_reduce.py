@@ -15,7 +15,7 @@ def norm_dim(d: int, rank: int, op: str) -> int:
     return d % rank if rank else 0
 
 
-def _reduce(name: str, fn) -> None:
+def _reduce(name: str, fn, combine: str) -> None:
     def infer(types, attrs):
         (x,) = types
         if not attrs["dims"]:
@@ -31,12 +31,12 @@ def _reduce(name: str, fn) -> None:
         return [TensorType(tuple(shape), meta_dtype(fn, types, attrs))]
 
     register(OpDef(name, ("x",), infer, fn, attrs={"dims": REQUIRED, "keepdim": False},
-                   reduction=True, doc=f"{name} over `dims`"))
+                   reduction=True, combine=combine, doc=f"{name} over `dims`"))
 
 
-_reduce("sum", lambda x, dims, keepdim: torch.sum(x, dim=list(dims), keepdim=keepdim))
-_reduce("mean", lambda x, dims, keepdim: torch.mean(x, dim=list(dims), keepdim=keepdim))
-_reduce("amax", lambda x, dims, keepdim: torch.amax(x, dim=list(dims), keepdim=keepdim))
+_reduce("sum", lambda x, dims, keepdim: torch.sum(x, dim=list(dims), keepdim=keepdim), "sum")
+_reduce("mean", lambda x, dims, keepdim: torch.mean(x, dim=list(dims), keepdim=keepdim), "mean")
+_reduce("amax", lambda x, dims, keepdim: torch.amax(x, dim=list(dims), keepdim=keepdim), "max")
 
 
 def _argmax_infer(types, attrs):

@@ -37,7 +37,8 @@ def _reshape_infer(types, attrs):
 
 
 register(OpDef("reshape", ("x",), _reshape_infer, lambda x, shape: x.reshape(shape),
-               attrs={"shape": REQUIRED}, view=True, doc="x.reshape(shape); one -1 allowed"))
+               attrs={"shape": REQUIRED}, view=True, same_type_is_identity=True,
+               doc="x.reshape(shape); one -1 allowed"))
 
 
 def _permute_infer(types, attrs):
@@ -98,7 +99,8 @@ def _expand_infer(types, attrs):
 
 
 register(OpDef("expand", ("x",), _expand_infer, lambda x, shape: x.expand(shape),
-               attrs={"shape": REQUIRED}, view=True, doc="x.expand(shape); -1 keeps a dim"))
+               attrs={"shape": REQUIRED}, view=True, same_type_is_identity=True,
+               doc="x.expand(shape); -1 keeps a dim"))
 
 
 def _slice_infer(types, attrs):
@@ -124,6 +126,7 @@ def _slice(x, dim, start, end, step):
 
 register(OpDef("slice", ("x",), _slice_infer, _slice,
                attrs={"dim": REQUIRED, "start": None, "end": None, "step": 1}, view=True,
+               same_type_is_identity=True,
                doc="x[..., start:end:step, ...] along dim"))
 
 

@@ -7,11 +7,18 @@ plain torch, and its properties:
 
     pointwise    elementwise with broadcasting; fusable into pointwise groups
     reduction    reduces over `dims`; may end a pointwise group
+    combine      for a reduction a generated kernel computes: how it combines a row
+                 ("sum", "mean" = sum / count, "max" = NaN-propagating maximum)
     graph_break  cannot sit inside a captured CUDA graph segment
     writes       indices of operands the op mutates in place (persistent state)
     view         the result only re-describes the operand's storage (reshape, slice,
                  ...: torch may copy where it cannot, see ir/layout.py)
     commutative  two tensor operands in either order compute the same value
+    last_dim_rowwise  every result works over the last dim of operand 0, each leading index
+                 on its own (rms_norm and its fused forms): a result row depends only on
+                 the same row of the operands, so rows may be dropped before it
+    same_type_is_identity  a result with its operand's exact type is that operand
+                 (reshape to the same shape, a full expand or slice)
     extern       stays a call of the torch implementation by design, never a kernel
                  (GEMMs run on cuBLAS; every view op is extern too)
     returns_dense  the torch implementation returns a fresh dense tensor, so an extern
@@ -86,10 +93,13 @@ class OpDef:
     attrs: dict[str, Any] = field(default_factory=dict)
     pointwise: bool = False
     reduction: bool = False
+    combine: str | None = None
     graph_break: bool = False
     writes: tuple[int, ...] = ()
     view: bool = False
     commutative: bool = False
+    last_dim_rowwise: bool = False
+    same_type_is_identity: bool = False
     extern: bool = False
     returns_dense: bool = False
     triton: TritonForm | None = None

@@ -75,13 +75,13 @@ from __future__ import annotations
 import math
 
 from braze.ir import BrazeError, Graph, Node, Value
+from braze.ir.ops import get_op
 from braze.ir.types import is_float, torch_dtype
 
 from .manager import PassContext, register_pass
 
 SMALL_CONSTANT_BYTES = 64 * 1024
 MAX_SWEEPS = 20
-SAME_TYPE_IS_IDENTITY = {"reshape", "expand", "slice"}
 
 # _EXACT[a] = dtypes that hold every value of dtype a exactly (besides a itself): wider
 # floats, ints of wider range, and floats whose significand holds the int (f16: 11 bits,
@@ -143,7 +143,7 @@ def _identity_of(node: Node, written: set) -> Value | None:
         # a symbolic dim may be 1 at run time (T == 1), and then torch does squeeze it
         # (the squeeze op refuses to type that case today; this rule does not rely on it)
         return x if type(x.type.shape[a["dim"] % x.type.rank]) is int else None
-    if op == "cast" or op in SAME_TYPE_IS_IDENTITY:
+    if op == "cast" or get_op(op).same_type_is_identity:
         return x
     if op == "permute":
         rank = x.type.rank

@@ -64,8 +64,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from braze.ir import BrazeError, Graph, Node, Value, print_graph
-from braze.ir.op_pointwise_group import (ROW_REDUCTIONS, Space, join_spaces, node_space,
-                                         reduced_value_use)
+from braze.ir.op_pointwise_group import (Space, join_spaces, node_space, reduced_value_use,
+                                         reduces_rows)
 
 from .manager import PassContext, register_pass
 
@@ -95,7 +95,7 @@ def fuse_pointwise(g: Graph, ctx: PassContext) -> int:
         try:
             space = node_space(n)
         except BrazeError as e:
-            if n.op in ROW_REDUCTIONS and any(v.producer in group_of for v in n.operands):
+            if reduces_rows(n.op) and any(v.producer in group_of for v in n.operands):
                 ctx.refuse(n, f"not fused with its input's group: {e}")
             continue
         _place(g, n, space, len(barriers), barriers, pos, group_of, ctx)

@@ -59,11 +59,6 @@ from braze.ir.types import T
 
 from .manager import PassContext, register_pass
 
-# fused ops (ir/op_fused_norm_rope.py) that are row-wise in every result: rms_norm(x, w),
-# add_rms_norm(a, b, w) -> (rms_norm(a + b, w), a + b); they normalise over the last dim
-ROWWISE_FUSED = {"rms_norm", "add_rms_norm"}
-
-
 def _rows(v: Value) -> bool:
     return v.type.rank >= 1 and v.type.shape[0] == T
 
@@ -77,20 +72,20 @@ def _aligned(node: Node, v: Value) -> bool:
 
 def _rowwise(node: Node) -> bool:
     """Output row i depends only on row i of the row-aligned operands."""
+    opdef = get_op(node.op)
     if not node.operands or not all(_rows(r) for r in node.results) or \
-            len(node.results) != 1 and node.op not in ROWWISE_FUSED:
+            len(node.results) != 1 and not opdef.last_dim_rowwise:
         return False
     out = node.results[0].type
-    opdef = get_op(node.op)
     if opdef.reduction:
         dims = node.attrs["dims"] if "dims" in node.attrs else [node.attrs.get("dim")]
         # an empty dims list reduces everything in torch, rows included
         if not dims or None in dims or len(node.operands) != 1 or not _rows(node.operands[0]):
             return False
         return all(d % node.operands[0].type.rank != 0 for d in dims)
-    if not (opdef.pointwise or node.op in ROWWISE_FUSED):
+    if not (opdef.pointwise or opdef.last_dim_rowwise):
         return False
-    if node.op in ROWWISE_FUSED and (out.rank < 2 or not _aligned(node, node.operands[0])):
+    if opdef.last_dim_rowwise and (out.rank < 2 or not _aligned(node, node.operands[0])):
         return False    # they normalise the last dim, which must not be the token dim
     for v in node.operands:
         # same rank: row-aligned [T, ...] or broadcast [1, ...]; lower rank broadcasts over rows

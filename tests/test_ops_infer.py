@@ -558,6 +558,45 @@ def test_views_are_extern_and_extern_ops_have_no_kernel():
             assert kernel_module_for(name) is None, f"{name} is extern by design but has a kernel"
 
 
+@pytest.mark.parametrize("op", sorted(n for n, d in all_ops().items() if d.last_dim_rowwise))
+def test_last_dim_rowwise_ops_compute_each_row_alone(op):
+    """prune-logits drops rows before these ops: every result row must be the op's result
+    on that row alone (operands [T, H], the last one a [H] weight)."""
+    d = all_ops()[op]
+    attrs = d.resolve_attrs({"eps": 1e-6} if "eps" in d.attrs else {})
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(7, 16, generator=g) for _ in d.operands[:-1]] + [torch.randn(16, generator=g)]
+    full = d.impl(*args, **attrs)
+    rows = [5, 1, 2]
+    part = d.impl(*[a[rows] for a in args[:-1]], args[-1], **attrs)
+    full, part = (x if isinstance(x, tuple) else (x,) for x in (full, part))
+    for f, p_ in zip(full, part):
+        torch.testing.assert_close(p_, f[rows], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", sorted(n for n, d in all_ops().items() if d.same_type_is_identity))
+def test_same_type_is_identity_ops_return_their_operand_at_the_same_type(op):
+    """canonicalize replaces such a node by its operand when the types agree."""
+    def same_values(c, out):
+        node = next(n for n in c.g.nodes if n.op == op)
+        if node.results[0].type == node.operands[0].type:
+            assert torch.equal(out[f"r{node.results[0].name}"], c.inputs[node.operands[0].name])
+
+    check_drawn_cases(op, same_values)
+
+
+def test_combine_names_how_each_fusable_reduction_reduces():
+    """pointwise codegen emits a row reduction from `combine` alone: it must match torch."""
+    x = torch.tensor([[1.0, -2.0, 4.0], [0.5, 0.25, -8.0]])
+    torch_of = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax}
+    combining = {n: d for n, d in all_ops().items() if d.combine is not None}
+    assert combining, "no reduction declares how it combines"
+    for name, d in combining.items():
+        assert d.reduction and d.combine in torch_of, name
+        got = d.impl(x, dims=[-1], keepdim=True)
+        assert torch.equal(got, torch_of[d.combine](x, dim=-1, keepdim=True)), name
+
+
 TWO_TENSOR_OPS = sorted(n for n, d in all_ops().items() if d.pointwise and d.operands == ("a", "b?"))
 # a pair on which operand order matters for every op that is not commutative
 WITNESS = (torch.tensor([1.0, 2.0, -1.5, 0.5]), torch.tensor([2.0, 3.0, 2.0, 0.25]))
