@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -178,6 +188,17 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="schedule step N+1 while step N runs (default: on for cuda)")
     p.add_argument("--debug", action="store_true",
                    help="check on every step that captured graphs still see their buffers")
+    p.add_argument("--kv-offload-cpu-gb", type=_positive_float, metavar="GB",
+                   help="keep KV blocks of computed prefixes in this much host memory too, and "
+                        "load them back on a prefix hit the device no longer holds (default: "
+                        "off; 4 when a lower tier is named)")
+    p.add_argument("--kv-offload-dir", metavar="PATH",
+                   help="a third KV tier below host memory: one file per block in PATH (shared "
+                        "by every process serving the same artifact)")
+    p.add_argument("--kv-offload-s3", metavar="s3://BUCKET/PREFIX",
+                   help="a third KV tier in an S3-compatible object store, through boto3 "
+                        "(credentials, region and AWS_ENDPOINT_URL from the usual AWS "
+                        "environment variables)")
     _trust_flags(p)
 
 
@@ -188,7 +209,9 @@ def _engine_options(a):
                          buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
                          enable_prefix_caching=a.enable_prefix_caching,
                          async_scheduling=a.async_scheduling, debug=a.debug,
-                         trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact)
+                         trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
+                         kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
+                         kv_offload_s3=a.kv_offload_s3)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:

@@ -54,6 +54,9 @@ class BlockManager:
         self._hit_tokens = 0
         self._query_tokens = 0
         self._evictions = 0
+        # when a list: (seq_id, block index, block) of each block `commit` puts into the
+        # prefix cache, for the engine to offload (runtime/kv_offload.py)
+        self.registrations: list | None = None
 
     # ----------------------------------------------------------------- queries
 
@@ -128,10 +131,32 @@ class BlockManager:
                 hits.append(b)
         return hashes, hits
 
-    def _register(self, block: int, h: int) -> None:
+    def _register(self, block: int, h: int) -> bool:
         if self.enable_prefix_caching and h not in self._cached and block not in self._block_hash:
             self._cached[h] = block
             self._block_hash[block] = h
+            return True
+        return False
+
+    def cached_prefix_blocks(self, token_ids) -> int:
+        """How many leading blocks of this prompt the prefix cache holds (what `allocate`
+        would reuse)."""
+        return len(self._hits(token_ids)[1])
+
+    def adopt(self, seq_id, num_blocks: int) -> list[int]:
+        """The sequence's next `num_blocks` blocks after those already in the prefix cache
+        were filled from elsewhere (a lower KV tier): they enter the prefix cache as
+        computed. Returns their block ids, for the caller to fill before the next step."""
+        seq = self._seq(seq_id)
+        first = seq.registered
+        if num_blocks < 0 or first + num_blocks > (seq.num_tokens - 1) // self.block_size:
+            raise BrazeError(f"sequence {seq_id!r}: cannot adopt {num_blocks} block(s) after "
+                             f"{first}: at least one token of its {seq.num_tokens} must be left "
+                             f"to compute")
+        for i in range(first, first + num_blocks):
+            self._register(seq.table[i], seq.hashes[i])
+        seq.registered = first + num_blocks
+        return seq.table[first:first + num_blocks]
 
     # -------------------------------------------------------------- allocation
 
@@ -236,8 +261,10 @@ class BlockManager:
                 raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
                                  f"needs their ids to hash its blocks")
             seq.hashes = self._chain(token_ids, seq.hashes, upto)
+        log = self.registrations
         for i in range(seq.registered, upto):
-            self._register(seq.table[i], seq.hashes[i])
+            if self._register(seq.table[i], seq.hashes[i]) and log is not None:
+                log.append((seq_id, i, seq.table[i]))
         seq.registered = max(seq.registered, upto)
 
     def free(self, seq_id) -> None:

@@ -23,6 +23,7 @@ from braze.ir.errors import BrazeError
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .kv_offload import KVTransferPolicy, make_offload
 from .loader import Artifact, open_artifact
 from .options import EngineOptions
 from .model_runner import ModelRunner
@@ -47,6 +48,11 @@ class Engine:
         self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
                                    watermark_blocks=max(0, r.num_kv_blocks // 100))
+        # lower KV tiers (host memory, a directory, an object store), when the options ask
+        self.offload = make_offload(opts, r.executor.cache, self.artifact.manifest, r.device)
+        if self.offload is not None:
+            self.block_manager.registrations = []
+            self.scheduler.kv_loader = self.offload
         tok_dir = self.artifact.tokenizer_dir
         has_tok = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
         self.tokenizer = Tokenizer(tok_dir) if has_tok else None
@@ -73,10 +79,15 @@ class Engine:
     # ------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids."""
+                    arrival_time: float | None = None, kv_transfer_params: dict | None = None
+                    ) -> None:
+        """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
+        `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
+        lower KV tiers), "store": false (keep its blocks out of them)}."""
         params = params or SamplingParams()
         params.validate()
+        policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \
+            else None
         if request_id in self.requests:
             raise BrazeError(f"request id {request_id!r} is already in use")
         ids = self.encode(prompt)
@@ -91,6 +102,7 @@ class Engine:
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
                              "use stop_token_ids")
+        req.kv_policy = policy
         self.requests[request_id] = req
         self.scheduler.add(req)
         self._counters["prompt_tokens_total"] += len(ids)
@@ -139,6 +151,8 @@ class Engine:
         or finished."""
         outputs = [self._output(r) for r in self._aborted]
         self._aborted.clear()
+        if self.offload is not None:
+            self.offload.poll()
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.remove(req)
@@ -155,6 +169,8 @@ class Engine:
                     c.request.num_pending += 1
             self._in_flight.append((sched, result))
             self._counters["steps"] += 1
+        elif sched.staging and not self._in_flight:
+            self.offload.wait_staging(timeout=0.05)    # nothing else to do meanwhile
         elif not self._in_flight and not sched.preempted and self.scheduler.has_work():
             raise BrazeError("the scheduler could not run any request: the KV cache is too "
                              "small for the waiting prompt")
@@ -168,6 +184,8 @@ class Engine:
         their requests (dropped for requests that finished meanwhile), stops are checked."""
         tokens = result.tokens()
         self.scheduler.commit(sched)
+        if self.offload is not None:
+            self._offload_new_blocks()
         t = now()
         outputs = []
         n = 0
@@ -205,9 +223,27 @@ class Engine:
         self._counters["generation_tokens_total"] += n
         return outputs
 
+    def _offload_new_blocks(self) -> None:
+        """The blocks this step put into the prefix cache go down to the host tier (for
+        requests whose policy lets them)."""
+        regs = self.block_manager.registrations
+        if not regs:
+            return
+        blocks, keys = [], []
+        for seq_id, i, block in regs:
+            req = self.requests.get(seq_id)
+            if req is None or (req.kv_policy is not None and not req.kv_policy.store):
+                continue
+            blocks.append(block)
+            keys.append(self.offload.keys(req, i + 1)[i])
+        regs.clear()
+        self.offload.store(blocks, keys)
+
     def _finish(self, req: Request, reason: str) -> None:
         self.runner.remove(req)          # its persistent-batch row
         self.scheduler.remove(req)       # its KV blocks
+        if self.offload is not None:
+            self.offload.forget(req)
         req.finish_reason = reason
         req.metrics.finished_time = now()
         self.requests.pop(req.request_id, None)
@@ -253,6 +289,8 @@ class Engine:
             "max_num_tokens": self.runner.max_num_tokens,
             "max_model_len": self.max_model_len,
             **self._counters,
+            **({f"kv_offload_{k}": v for k, v in self.offload.stats().items()}
+               if self.offload is not None else {}),
         }
 
     def run_to_completion(self, request_ids=None) -> dict[str, RequestOutput]:

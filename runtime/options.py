@@ -31,6 +31,11 @@ class EngineOptions:
     debug: bool = False                   # check bound buffers on every replay
     trusted_keys: str | None = None       # a directory of public keys to trust
     trust_artifact: bool = False          # run an artifact nothing else admits (loudly)
+    # KV blocks below the device (runtime/kv_offload.py): a host-memory tier of this many
+    # GiB, and below it a directory or an s3://bucket/prefix
+    kv_offload_cpu_gb: float | None = None
+    kv_offload_dir: str | None = None
+    kv_offload_s3: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -40,6 +45,12 @@ class EngineOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")
+        v = self.kv_offload_cpu_gb
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise BrazeError(f"kv_offload_cpu_gb must be a positive number of GiB, got {v!r}")
+        if self.kv_offload_dir and self.kv_offload_s3:
+            raise BrazeError("choose one lower KV tier: kv_offload_dir or kv_offload_s3, "
+                             "not both")
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")

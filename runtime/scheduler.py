@@ -55,6 +55,8 @@ class SchedulerOutput:
     # the chunks that complete at least one KV block, the only ones `commit` has work for
     # (a decode step of 256 requests in blocks of 16 has about 16)
     fills: list[ScheduledChunk] = field(default_factory=list)
+    # waiting requests passed over because their KV is being staged from a lower tier
+    staging: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +80,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # runtime/kv_offload.py's KVOffload when KV blocks have lower tiers: asked whether a
+        # waiting request's blocks are staged (`ready`), and to fill them on admission (`load`)
+        self.kv_loader = None
 
     # ------------------------------------------------------------------ queue
 
@@ -125,15 +130,22 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        loader, w = self.kv_loader, 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[w]
             if req.num_pending:         # preempted while a token was in flight: wait for it
                 break
+            if loader is not None and not loader.ready(req, self.bm):
+                w += 1                  # its KV is on its way from a lower tier: admit others
+                out.staging += 1
+                continue
             tokens = req.all_token_ids
             if not self.bm.can_allocate(tokens, self.watermark if self.running else 0):
                 break
             cached = self.bm.allocate(req.request_id, tokens)
-            self.waiting.popleft()
+            del self.waiting[w]
+            if loader is not None:
+                cached += loader.load(req, self.bm, cached)
             req.num_computed = cached
             req.status = Status.RUNNING
             if req.metrics.first_scheduled_time is None:

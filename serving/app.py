@@ -87,12 +87,14 @@ class Service:
                               "prompt")
         return self.tokenizer.encode(prompt)
 
-    async def submit(self, request_id: str, ids: list[int], params: SamplingParams) -> RequestStream:
+    async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
+                     kv_transfer_params: dict | None = None) -> RequestStream:
         try:
             params.validate()
-            return await self.aengine.add(request_id, ids, params, len(ids))
+            return await self.aengine.add(request_id, ids, params, len(ids), kv_transfer_params)
         except BrazeError as e:
-            raise bad_request(str(e)) from None
+            param = "kv_transfer_params" if str(e).startswith("kv_transfer_params") else None
+            raise bad_request(str(e), param) from None
         except QueueFull as e:
             self.metrics.rejected += 1
             raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
@@ -175,7 +177,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
 async def _generate(svc: Service, request: Request, body, ids: list[int], params, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    stream = await svc.submit(rid, ids, params)
+    stream = await svc.submit(rid, ids, params, body.kv_transfer_params)
     job = _Job(svc, stream, rid, request.scope.get("braze.request_id", rid), chat,
                int(time.time()))
     if body.stream:

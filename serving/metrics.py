@@ -117,6 +117,8 @@ class Metrics:
                 "# TYPE braze_kernels gauge"]
         out += [f'braze_kernels{{source="{k}"}} {snap.get("kernels_" + k, 0)}'
                 for k in ("cubin", "cubin_less_specialised", "jit")]
+        if snap.get("kv_offload_lower_tier", "absent") != "absent":
+            out += _offload_metrics(snap)
         one("braze_requests_rejected_total", "counter",
             "Requests refused with 503 (queue full, draining or engine down).", self.rejected)
         out += ["# HELP braze_requests_total Finished requests by finish reason.",
@@ -125,3 +127,38 @@ class Metrics:
         for h in (self.ttft, self.tpot, self.latency, self.queue_time):
             out += h.render()
         return "\n".join(out) + "\n"
+
+
+def _offload_metrics(snap: dict) -> list[str]:
+    """The lower KV tiers (runtime/kv_offload.py): blocks loaded per tier, bytes moved, time
+    spent, failures."""
+    lower = snap.get("kv_offload_lower_tier") or "lower"
+    g = lambda k: _num(snap.get("kv_offload_" + k, 0))      # noqa: E731
+    out = ["# HELP braze_kv_offload_loaded_blocks_total KV blocks loaded back to the device, "
+           "by the tier that held them.", "# TYPE braze_kv_offload_loaded_blocks_total counter",
+           f'braze_kv_offload_loaded_blocks_total{{tier="host"}} {g("load_blocks_host")}',
+           f'braze_kv_offload_loaded_blocks_total{{tier="{lower}"}} {g("load_blocks_lower")}',
+           "# HELP braze_kv_offload_bytes_total KV bytes moved between tiers.",
+           "# TYPE braze_kv_offload_bytes_total counter"]
+    for direction, tier, key in (("store", "host", "store_bytes_host"),
+                                 ("store", lower, "store_bytes_lower"),
+                                 ("load", "host", "load_bytes_host"),
+                                 ("load", lower, "load_bytes_lower")):
+        out.append(f'braze_kv_offload_bytes_total{{direction="{direction}",tier="{tier}"}} '
+                   f'{g(key)}')
+    out += ["# HELP braze_kv_offload_seconds_total Time spent storing and loading KV blocks.",
+            "# TYPE braze_kv_offload_seconds_total counter",
+            f'braze_kv_offload_seconds_total{{direction="store"}} {g("store_seconds")}',
+            f'braze_kv_offload_seconds_total{{direction="load"}} {g("load_seconds")}',
+            "# HELP braze_kv_offload_operations_total Store and load operations (batches of "
+            "blocks).", "# TYPE braze_kv_offload_operations_total counter",
+            f'braze_kv_offload_operations_total{{direction="store"}} {g("stores")}',
+            f'braze_kv_offload_operations_total{{direction="load"}} {g("loads")}',
+            "# HELP braze_kv_offload_failures_total Failed KV block loads and stores (the "
+            "blocks are computed instead).", "# TYPE braze_kv_offload_failures_total counter",
+            f'braze_kv_offload_failures_total{{direction="store"}} {g("store_failures")}',
+            f'braze_kv_offload_failures_total{{direction="load"}} {g("load_failures")}',
+            "# HELP braze_kv_offload_host_blocks KV blocks held in the host tier.",
+            "# TYPE braze_kv_offload_host_blocks gauge",
+            f"braze_kv_offload_host_blocks {g('host_blocks')}"]
+    return out

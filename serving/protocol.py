@@ -82,6 +82,8 @@ class _GenerationRequest(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     user: str | None = None
+    # vLLM's: {"max_load_tokens": N, "store": bool} for the lower KV tiers (docs/serving.md)
+    kv_transfer_params: dict | None = None
 
     @property
     def include_usage(self) -> bool:

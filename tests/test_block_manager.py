@@ -292,10 +292,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.mem: dict[int, list] = {b: [None] * BS for b in range(12)}
         self.computed: dict[int, int] = {}
         self.next_id = 0
+        # a lower KV tier (runtime/kv_offload.py): each computed full block's contents, by
+        # the whole prefix up to its end (the key), as the offload stores them
+        self.offloaded: dict[tuple, list] = {}
 
     @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), max_size=9),
-          use_check=st.booleans(), data=st.data())
-    def allocate(self, prefix, tail, use_check, data):
+          use_check=st.booleans(), promote=st.booleans(), data=st.data())
+    def allocate(self, prefix, tail, use_check, promote, data):
         prompt = prefix + tail
         if not prompt:
             return
@@ -313,6 +316,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         table = self.bm.block_table(sid)
         for p in range(cached):                # the hit blocks hold exactly this prefix
             assert self.mem[table[p // BS]][p % BS] == (p, tuple(prompt[:p + 1]))
+        if promote:       # the blocks after the hits that the lower tier holds come back
+            n, first = 0, cached // BS
+            while first + n < (len(prompt) - 1) // BS and \
+                    tuple(prompt[:(first + n + 1) * BS]) in self.offloaded:
+                n += 1
+            for i, b in enumerate(self.bm.adopt(sid, n), start=first):
+                assert self.bm.ref_count(b) == 1, "loading into a shared block"
+                self.mem[b] = list(self.offloaded[tuple(prompt[:(i + 1) * BS])])
+            cached += n * BS
+            table = self.bm.block_table(sid)
+            for p in range(cached):            # what was loaded is exactly this prefix's KV
+                assert self.mem[table[p // BS]][p % BS] == (p, tuple(prompt[:p + 1]))
         # chunked prefill: only a first chunk may be computed in this step
         self.computed[sid] = cached
         self._compute(sid, data.draw(st.integers(cached, len(prompt))))
@@ -326,6 +341,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.mem[b][p % BS] = (p, tuple(seq[:p + 1]))
         self.computed[sid] = upto
         self.bm.commit(sid, upto, seq)
+        for i in range(upto // BS):            # offload: every computed full block
+            self.offloaded[tuple(seq[:(i + 1) * BS])] = list(self.mem[table[i]])
 
     @precondition(lambda self: any(self.computed[s] < len(q) for s, q in self.seqs.items()))
     @rule(data=st.data())

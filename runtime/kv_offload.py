@@ -1,0 +1,362 @@
+"""KV blocks below the device: offload to host memory (and on to a disk or object-store
+tier), and promotion back on a prefix hit the device no longer holds.
+
+    store    a full block enters the device's prefix cache (its KV is computed): it is
+             copied to the host tier, asynchronously on a GPU (a gather on the compute
+             stream, then a copy to pinned memory that the host picks up at a later step),
+             and written through to the lower tier by a background thread
+    ready    the scheduler asks before admitting a request: the blocks after its device
+             prefix hits that a lower tier holds are staged into host memory in the
+             background; until that is done the request waits in the scheduler (others
+             are admitted meanwhile), never inside a step
+    load     on admission, the leading blocks the host tier holds are copied into the
+             request's fresh device blocks, before the step that reads them, and enter the
+             device's prefix cache as computed
+
+A block's key is the model's identity plus a chained hash of every token up to the
+block's end, so equal keys mean equal KV and two artifacts never share blocks. A load
+that fails (a corrupt or missing block, a tier that errors) stops at that block: the
+rest is computed as if it had never been offloaded. Per request, `kv_transfer_params`
+(vLLM's name) caps the tokens loaded (`max_load_tokens`, 0 = none) and says whether its
+blocks are stored (`store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from braze.ir.errors import BrazeError
+
+from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
+
+GIB = 1 << 30
+TRANSFER_KEYS = {"max_load_tokens", "store"}
+
+
+@dataclass
+class KVTransferPolicy:
+    """What one request may do with the lower tiers."""
+    max_load_tokens: int | None = None     # None: no cap; 0: load nothing
+    store: bool = True
+
+    @classmethod
+    def of(cls, params) -> "KVTransferPolicy":
+        if params is None:
+            return cls()
+        if not isinstance(params, dict):
+            raise BrazeError(f"kv_transfer_params must be an object, got {params!r}")
+        bad = sorted(set(params) - TRANSFER_KEYS)
+        if bad:
+            raise BrazeError(f"kv_transfer_params has no field {bad[0]!r}; it takes "
+                             f"{', '.join(sorted(TRANSFER_KEYS))}")
+        cap = params.get("max_load_tokens")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise BrazeError(f"kv_transfer_params.max_load_tokens must be an integer >= 0 "
+                             f"(0: load nothing), got {cap!r}")
+        store = params.get("store", True)
+        if not isinstance(store, bool):
+            raise BrazeError(f"kv_transfer_params.store must be true or false, got {store!r}")
+        return cls(cap, store)
+
+
+DEFAULT_POLICY = KVTransferPolicy()
+
+
+def model_identity(manifest: dict, block_size: int, layout: dict) -> bytes:
+    """What makes KV blocks of two artifacts interchangeable: the same graph and weights
+    and the same cache layout."""
+    files = manifest.get("files", {})
+    ident = {"files": {k: v for k, v in sorted(files.items())
+                       if k == "graph.bir" or k.startswith("weights")},
+             "block_size": block_size,
+             "layout": {k: [list(s), str(d)] for k, (s, d) in sorted(layout.items())}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()
+
+
+class _Staging:
+    """A background fetch of a request's blocks from the lower tier into host memory."""
+    __slots__ = ("future", "keys")
+
+    def __init__(self, future, keys):
+        self.future, self.keys = future, keys
+
+
+class KVOffload:
+    def __init__(self, cache, identity: bytes, host_bytes: int, lower=None, device="cpu"):
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.names = sorted(cache.tensors)
+        self.block_bytes = cache.bytes_per_block
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.identity = identity
+        self.host = HostStore(host_bytes, self.block_bytes, pin=self.cuda)
+        self.lower = lower
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-io") if lower else None
+        self._keys: dict[str, list[str]] = {}          # request id -> its block keys so far
+        self._staging: dict[str, _Staging] = {}
+        self._pending: list = []       # (event, host buffer, keys) of copies still running
+        self._in_host_from_lower: set[str] = set()
+        self._lock = threading.Lock()
+        self.counters = {"store_blocks": 0, "store_bytes_host": 0, "store_bytes_lower": 0,
+                         "store_failures": 0, "load_blocks_host": 0, "load_blocks_lower": 0,
+                         "load_bytes_host": 0, "load_bytes_lower": 0, "load_failures": 0,
+                         "load_seconds": 0.0, "loads": 0, "store_seconds": 0.0, "stores": 0}
+
+    # ------------------------------------------------------------------ keys
+
+    def keys(self, req, num_blocks: int) -> list[str]:
+        """The keys of the request's first `num_blocks` full blocks."""
+        ks = self._keys.setdefault(req.request_id, [])
+        if len(ks) < num_blocks:
+            bs, ids = self.block_size, req.all_token_ids
+            prev = bytes.fromhex(ks[-1]) if ks else self.identity
+            for i in range(len(ks), num_blocks):
+                block = np.asarray(ids[i * bs:(i + 1) * bs], dtype=np.int64).tobytes()
+                prev = hashlib.blake2b(prev + block, digest_size=16).digest()
+                ks.append(prev.hex())
+        return ks[:num_blocks]
+
+    def forget(self, req) -> None:
+        self._keys.pop(req.request_id, None)
+        st = self._staging.pop(req.request_id, None)
+        if st is not None:
+            st.future.cancel()
+
+    # ------------------------------------------------------------------ load
+
+    def _loadable(self, req, bm) -> tuple[int, int]:
+        """(first, end): the block range a load may fill: after the device's prefix hits,
+        within the request's cap, leaving at least one token to compute."""
+        bs = self.block_size
+        n = len(req.all_token_ids)
+        first = bm.cached_prefix_blocks(req.all_token_ids)
+        end = (n - 1) // bs
+        cap = (req.kv_policy or DEFAULT_POLICY).max_load_tokens
+        if cap is not None:
+            end = min(end, first + cap // bs)
+        return first, max(first, end)
+
+    def ready(self, req, bm) -> bool:
+        """Whether `req` may be admitted now; False while its blocks are being staged from
+        the lower tier (the first call for a request starts that)."""
+        st = self._staging.get(req.request_id)
+        if st is not None:
+            if not st.future.done():
+                return False
+            return True
+        if self.lower is None:
+            return True
+        first, end = self._loadable(req, bm)
+        if end <= first:
+            return True
+        keys = self.keys(req, end)[first:]
+        need = []
+        for k in keys:
+            if k in self.host:
+                continue
+            need = keys[keys.index(k):]
+            break
+        if not need:
+            return True
+        self._staging[req.request_id] = _Staging(self._io.submit(self._stage, need), need)
+        return False
+
+    def wait_staging(self, timeout: float) -> None:
+        """Block until some staging finishes or `timeout` seconds pass (the engine has
+        nothing else to run)."""
+        pending = [s.future for s in self._staging.values() if not s.future.done()]
+        if pending:
+            wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def _stage(self, keys: list[str]) -> None:
+        """Background: the lower tier's blocks for `keys` (in order, up to the first it
+        lacks or fails on) into the host tier."""
+        t = time.perf_counter()
+        got = 0
+        for k in keys:
+            if k in self.host:
+                continue
+            try:
+                payload = self.lower.get(k)
+            except StoreError:
+                with self._lock:
+                    self.counters["load_failures"] += 1
+                break
+            if payload is None or len(payload) != self.block_bytes:
+                if payload is not None:
+                    with self._lock:
+                        self.counters["load_failures"] += 1
+                break
+            block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if self.host.pin:
+                block = block.pin_memory()
+            self.host.put(k, block)
+            got += 1
+            with self._lock:
+                self._in_host_from_lower.add(k)
+                self.counters["load_bytes_lower"] += len(payload)
+        with self._lock:
+            self.counters["load_seconds"] += time.perf_counter() - t
+            self.counters["loads"] += 1 if got else 0
+
+    def load(self, req, bm, cached_tokens: int) -> int:
+        """After `bm.allocate` gave `req` its blocks with `cached_tokens` from the device's
+        prefix cache: fill the following blocks the host tier holds. Returns the tokens
+        loaded (a multiple of the block size)."""
+        self._staging.pop(req.request_id, None)
+        bs = self.block_size
+        first, end = self._loadable(req, bm)
+        first = cached_tokens // bs
+        if end <= first:
+            return 0
+        keys = self.keys(req, end)[first:]
+        blocks = []
+        for k in keys:
+            b = self.host.get(k)
+            if b is None:
+                break
+            blocks.append(b)
+        if not blocks:
+            return 0
+        t = time.perf_counter()
+        ids = bm.adopt(req.request_id, len(blocks))
+        self._copy_in(torch.stack(blocks), ids)
+        with self._lock:
+            for k in keys[:len(blocks)]:
+                tier = "lower" if k in self._in_host_from_lower else "host"
+                self._in_host_from_lower.discard(k)
+                self.counters[f"load_blocks_{tier}"] += 1
+            self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
+            self.counters["load_seconds"] += time.perf_counter() - t
+            self.counters["loads"] += 1
+        return len(blocks) * bs
+
+    def _copy_in(self, host: torch.Tensor, ids: list[int]) -> None:
+        """Host blocks [n, block_bytes] into device blocks `ids`, ordered before the next
+        step on the compute stream."""
+        dev = host.to(self.device, non_blocking=True)
+        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        off = 0
+        for name in self.names:
+            t = self.cache.tensors[name]
+            per = t[0].numel() * t.element_size()
+            part = dev[:, off:off + per].contiguous().view(t.dtype).view((len(ids),) + t.shape[1:])
+            t.index_copy_(0, idx, part)
+            off += per
+        if self.cuda:                   # keep the pinned source alive until the copy ran
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pending.append((ev, host, None))
+
+    # ----------------------------------------------------------------- store
+
+    def store(self, blocks: list[int], keys: list[str]) -> None:
+        """Device blocks (just entered the prefix cache) to the host tier, and on to the
+        lower tier."""
+        todo = [(b, k) for b, k in zip(blocks, keys) if k not in self.host]
+        if not todo:
+            return
+        t = time.perf_counter()
+        idx = torch.tensor([b for b, _ in todo], dtype=torch.int64, device=self.device)
+        parts = [self.cache.tensors[n].index_select(0, idx).view(len(todo), -1).view(torch.uint8)
+                 for n in self.names]
+        gathered = torch.cat(parts, dim=1)
+        keys = [k for _, k in todo]
+        if self.cuda:
+            buf = self.host.new_buffer(len(todo))
+            buf.copy_(gathered, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pending.append((ev, buf, keys))
+        else:
+            self._stored(gathered, keys)
+        self.counters["store_seconds"] += time.perf_counter() - t
+        self.counters["stores"] += 1
+
+    def _stored(self, host: torch.Tensor, keys: list[str]) -> None:
+        for row, k in zip(host, keys):
+            self.host.put(k, row.clone() if not self.cuda else row)
+        self.counters["store_blocks"] += len(keys)
+        self.counters["store_bytes_host"] += len(keys) * self.block_bytes
+        if self._io is not None:
+            payloads = [(k, row.numpy().tobytes()) for row, k in zip(host, keys)]
+            self._io.submit(self._write_through, payloads)
+
+    def _write_through(self, payloads) -> None:
+        for k, data in payloads:
+            try:
+                self.lower.put(k, data)
+            except StoreError:
+                with self._lock:
+                    self.counters["store_failures"] += 1
+                continue
+            with self._lock:
+                self.counters["store_bytes_lower"] += len(data)
+
+    def poll(self) -> None:
+        """Pick up the copies that finished (GPU): stored blocks enter the host tier."""
+        if not self._pending:
+            return
+        keep = []
+        for ev, buf, keys in self._pending:
+            if ev.query():
+                if keys is not None:
+                    self._stored(buf, keys)
+            else:
+                keep.append((ev, buf, keys))
+        self._pending = keep
+
+    def drain(self) -> None:
+        """Wait for every copy and lower-tier write in flight (tests, shutdown)."""
+        for ev, _, _ in self._pending:
+            ev.synchronize()
+        self.poll()
+        if self._io is not None:
+            self._io.submit(lambda: None).result()
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True, cancel_futures=False)
+
+    # ----------------------------------------------------------------- stats
+
+    def stats(self) -> dict:
+        with self._lock:
+            c = dict(self.counters)
+        c["host_blocks"] = len(self.host)
+        c["host_capacity_blocks"] = self.host.capacity_blocks
+        c["host_evictions"] = self.host.evictions
+        c["lower_tier"] = self.lower.name if self.lower is not None else None
+        return c
+
+
+def make_offload(options, cache, manifest: dict, device) -> KVOffload | None:
+    """The offload tiers the engine options ask for, or None."""
+    if not (options.kv_offload_cpu_gb or options.kv_offload_dir or options.kv_offload_s3):
+        return None
+    if not options.enable_prefix_caching:
+        raise BrazeError("KV offload keeps the blocks of the prefix cache: it needs prefix "
+                         "caching on (drop --no-prefix-caching)")
+    if options.kv_offload_dir and options.kv_offload_s3:
+        raise BrazeError("choose one lower KV tier: --kv-offload-dir or --kv-offload-s3, "
+                         "not both")
+    lower = None
+    if options.kv_offload_dir:
+        lower = DirectoryStore(options.kv_offload_dir)
+    elif options.kv_offload_s3:
+        lower = S3Store(options.kv_offload_s3)
+    gb = options.kv_offload_cpu_gb if options.kv_offload_cpu_gb else DEFAULT_HOST_GB
+    identity = model_identity(manifest, cache.block_size, cache._layout)
+    return KVOffload(cache, identity, int(gb * GIB), lower, device)
+
+
+DEFAULT_HOST_GB = 4.0      # the host tier when only a lower tier is named

@@ -1,0 +1,210 @@
+"""The lower tiers of the KV cache: KV blocks as bytes, by key, in host memory, a local
+directory or an S3-compatible object store.
+
+A key names one block of one model: the model's identity and the chained hash of every
+token up to the block's end (runtime/kv_offload.py makes them), so two artifacts never
+share a block and equal keys mean equal KV.
+
+    HostStore       pinned host memory (on a GPU host), LRU within a byte budget
+    DirectoryStore  one file per block under a directory
+    S3Store         one object per block under s3://bucket/prefix, through boto3
+
+Disk and object-store blocks carry a sha256 of their payload: a block that reads back
+different (a torn write, a flipped bit, someone else's file) is a failed load, and the
+engine computes the block instead. Their errors raise `StoreError`; the caller counts
+them and carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from braze.ir.errors import BrazeError
+
+MAGIC = b"BRAZEKV1"
+_HEADER = len(MAGIC) + 32          # magic, then the payload's sha256
+
+
+class StoreError(Exception):
+    """A lower tier failed to read or write a block (counted, never fatal)."""
+
+
+def seal(payload: bytes) -> bytes:
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def unseal(data: bytes, key: str, where: str) -> bytes:
+    if len(data) < _HEADER or data[:len(MAGIC)] != MAGIC:
+        raise StoreError(f"KV block {key} in {where} is not a braze KV block")
+    payload = data[_HEADER:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC):_HEADER]:
+        raise StoreError(f"KV block {key} in {where} is corrupt (checksum mismatch)")
+    return payload
+
+
+class HostStore:
+    """Blocks as host tensors, least recently used evicted first once `capacity_bytes`
+    is reached. Thread-safe: a background stager adds blocks read from a lower tier."""
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, block_bytes: int, pin: bool = False):
+        if capacity_bytes < block_bytes:
+            raise BrazeError(f"the host KV tier ({capacity_bytes} bytes) cannot hold one block "
+                             f"({block_bytes} bytes); give it more memory (--kv-offload-cpu-gb)")
+        self.capacity_blocks = capacity_bytes // block_bytes
+        self.block_bytes = block_bytes
+        self.pin = pin
+        self._blocks: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._blocks
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            t = self._blocks.get(key)
+            if t is not None:
+                self._blocks.move_to_end(key)
+            return t
+
+    def put(self, key: str, block: torch.Tensor) -> None:
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return
+            while len(self._blocks) >= self.capacity_blocks:
+                self._blocks.popitem(last=False)
+                self.evictions += 1
+            self._blocks[key] = block
+
+    def new_buffer(self, num_blocks: int) -> torch.Tensor:
+        """Host memory for `num_blocks` blocks, pinned where that makes copies asynchronous."""
+        return torch.empty((num_blocks, self.block_bytes), dtype=torch.uint8,
+                           pin_memory=self.pin)
+
+
+class DirectoryStore:
+    """One file per block, written to a temporary name and renamed, so a reader never sees
+    a half-written block."""
+
+    name = "disk"
+
+    def __init__(self, path):
+        self.root = Path(path).expanduser()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BrazeError(f"KV offload directory {self.root} cannot be created ({e}); "
+                             f"pass a writable --kv-offload-dir") from None
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.kv"
+
+    def contains(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str) -> bytes | None:
+        p = self._path(key)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"KV block {key} cannot be read from {p} ({e})") from None
+        return unseal(data, key, str(p))
+
+    def put(self, key: str, payload: bytes) -> None:
+        p = self._path(key)
+        tmp = None
+        try:
+            p.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+            try:
+                f = os.fdopen(fd, "wb")
+            except OSError:
+                os.close(fd)
+                raise
+            with f:
+                f.write(seal(payload))
+            os.replace(tmp, p)
+        except OSError as e:            # a full disk among them
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            raise StoreError(f"KV block {key} cannot be written to {p} ({e})") from None
+
+
+class S3Store:
+    """One object per block under `s3://bucket/prefix`. Credentials, region and endpoint
+    come from boto3's usual sources (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_DEFAULT_REGION, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible
+    server, ~/.aws/config)."""
+
+    name = "s3"
+
+    def __init__(self, url: str, client=None):
+        u = urlparse(url)
+        if u.scheme != "s3" or not u.netloc:
+            raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}")
+        self.bucket, self.prefix = u.netloc, u.path.strip("/")
+        if client is None:
+            try:
+                import boto3
+            except ImportError:
+                raise BrazeError("--kv-offload-s3 needs the boto3 package: "
+                                 "pip install boto3") from None
+            from botocore.config import Config
+            # a tier that is down must cost a step little: two tries, short timeouts
+            client = boto3.client("s3", config=Config(
+                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=2,
+                read_timeout=10))
+        self.client = client
+        self.url = url
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}.kv" if self.prefix else f"{key}.kv"
+
+    def contains(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as e:
+            if _not_found(e):
+                return False
+            raise StoreError(f"KV block {key}: {self.url} cannot be queried ({e})") from None
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            data = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except Exception as e:
+            if _not_found(e):
+                return None
+            raise StoreError(f"KV block {key} cannot be read from {self.url} ({e})") from None
+        return unseal(data, key, self.url)
+
+    def put(self, key: str, payload: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=seal(payload))
+        except Exception as e:
+            raise StoreError(f"KV block {key} cannot be written to {self.url} ({e})") from None
+
+
+def _not_found(e: Exception) -> bool:
+    code = getattr(e, "response", {}).get("Error", {}).get("Code")
+    return code in ("404", "NoSuchKey", "NotFound")

@@ -1,0 +1,303 @@
+"""KV blocks below the device (runtime/kv_offload.py, runtime/kv_stores.py): a tiny device
+cache, a host tier and a disk or S3 tier (moto's server on 127.0.0.1).
+
+Prompts that share a prefix are interleaved with enough other traffic to push the prefix out
+of the device cache, then out of host memory. The outputs must equal an engine that keeps
+everything on the device, and the loads must come from the tier the traffic left them in.
+Faults (a corrupt block, a tier that errors, a full disk) are counted and never change an
+output.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from braze.ir.errors import BrazeError
+from braze.runtime import kv_stores
+from braze.runtime.block_manager import BlockManager
+from braze.runtime.engine import Engine
+from braze.runtime.kv_offload import GIB, KVTransferPolicy
+from braze.runtime.kv_stores import HostStore, StoreError, seal, unseal
+from braze.runtime.sampler import SamplingParams
+
+from conftest import prompts_of, run_all
+
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+SHARED = prompts_of([70], seed=3)[0]                 # 4 full blocks of 16 to load
+FIRST, SECOND = (SHARED + t for t in prompts_of([5, 9], seed=4))
+FILLERS = prompts_of([60, 61, 62, 63, 64, 65], seed=5)     # traffic that evicts the prefix
+DEVICE_BLOCKS = 12
+
+
+def _block_bytes(art) -> int:
+    return Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS).runner.executor \
+        .cache.bytes_per_block
+
+
+def _host_gb(art, blocks: int) -> float:
+    return blocks * _block_bytes(art) / GIB
+
+
+@pytest.fixture(scope="module")
+def art(store):
+    return store.artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def want(art):
+    """The outputs with everything on the device (a cache large enough for all of it)."""
+    eng = Engine(art, backend="reference", num_kv_blocks=256)
+    return [o.token_ids for o in _traffic(eng)]
+
+
+def _traffic(eng, second_params=None):
+    """FIRST, the fillers, then SECOND; the outputs. `eng.before_second` keeps the offload
+    stats from before SECOND, so a test can tell SECOND's loads from the fillers' (a
+    preempted filler's computed blocks come back from the host tier too)."""
+    out = run_all(eng, [FIRST], GREEDY)
+    out += run_all(eng, FILLERS, GREEDY)
+    if eng.offload is not None:
+        eng.offload.drain()
+        eng.before_second = _offload_stats(eng)
+    if second_params is None:
+        out += run_all(eng, [SECOND], GREEDY)
+    else:
+        eng.add_request("second", SECOND, GREEDY, kv_transfer_params=second_params)
+        out.append(eng.run_to_completion(["second"])["second"])
+    if eng.offload is not None:
+        eng.offload.drain()
+    return out
+
+
+def _offload_stats(eng) -> dict:
+    return {k[len("kv_offload_"):]: v for k, v in eng.stats().items()
+            if k.startswith("kv_offload_")}
+
+
+def _second_loads(eng) -> tuple[int, int]:
+    """(blocks from host, blocks from the lower tier) that SECOND loaded."""
+    now, before = _offload_stats(eng), eng.before_second
+    return (now["load_blocks_host"] - before["load_blocks_host"],
+            now["load_blocks_lower"] - before["load_blocks_lower"])
+
+
+def test_a_prefix_evicted_from_the_device_comes_back_from_host_memory(art, want):
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 64))
+    got = _traffic(eng)
+    assert [o.token_ids for o in got] == want
+    s = _offload_stats(eng)
+    assert _second_loads(eng) == (4, 0)
+    assert s["store_blocks"] >= 4 + len(FILLERS) * 3 and s["load_failures"] == 0
+    # all 4 loadable blocks came from host: the device cache had lost the whole prefix
+    assert got[-1].metrics["num_cached_tokens"] == 4 * 16
+
+
+def test_evicted_from_host_too_it_comes_back_from_disk(art, want, tmp_path):
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_dir=str(tmp_path / "kv"))
+    got = _traffic(eng)
+    assert [o.token_ids for o in got] == want
+    s = _offload_stats(eng)
+    assert _second_loads(eng) == (0, 4)
+    assert s["store_bytes_lower"] >= s["store_blocks"] * _block_bytes(art)
+    assert len(list((tmp_path / "kv").rglob("*.kv"))) == s["store_blocks"]
+
+
+def test_a_second_engine_loads_what_the_first_stored_on_disk(art, want, tmp_path):
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    run_all(first, [FIRST], GREEDY)
+    first.offload.drain()
+    fresh = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    assert run_all(fresh, [SECOND], GREEDY)[0].token_ids == want[-1]
+    assert _offload_stats(fresh)["load_blocks_lower"] == 4
+
+
+def test_the_request_policy_caps_and_disables_loads_and_stores(art, want, tmp_path):
+    host = _host_gb(art, 64)
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_cpu_gb=host)
+    assert _traffic(eng, {"max_load_tokens": 0})[-1].token_ids == want[-1]
+    assert _second_loads(eng) == (0, 0)
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_cpu_gb=host)
+    assert _traffic(eng, {"max_load_tokens": 40})[-1].token_ids == want[-1]
+    assert _second_loads(eng) == (2, 0)                          # 40 tokens: 2 whole blocks
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_cpu_gb=host)
+    eng.add_request("private", FIRST, GREEDY, kv_transfer_params={"store": False})
+    eng.run_to_completion(["private"])
+    assert _offload_stats(eng)["store_blocks"] == 0
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"max_load_tokens": -1}, "max_load_tokens must be an integer >= 0"),
+    ({"store": "no"}, "store must be true or false"),
+    ({"do_remote_prefill": True}, "no field 'do_remote_prefill'"),
+    ([1], "must be an object"),
+])
+def test_bad_transfer_params_are_refused_by_name(params, fragment):
+    with pytest.raises(BrazeError, match=fragment):
+        KVTransferPolicy.of(params)
+
+
+# -- faults -------------------------------------------------------------------------------
+
+def test_a_corrupt_disk_block_is_a_counted_miss_and_is_computed(art, want, tmp_path):
+    kv = tmp_path / "kv"
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_dir=str(kv))
+    run_all(first, [FIRST], GREEDY)
+    first.offload.drain()
+    keys = first.offload.keys(_probe(FIRST), 4)
+    victim = kv / keys[2][:2] / f"{keys[2]}.kv"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    fresh = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_dir=str(kv))
+    assert run_all(fresh, [SECOND], GREEDY)[0].token_ids == want[-1]
+    s = _offload_stats(fresh)
+    assert s["load_failures"] == 1 and s["load_blocks_lower"] == 2     # up to the bad one
+
+
+def _probe(tokens):
+    """A stand-in request with the fields KVOffload.keys reads."""
+    class R:
+        request_id = "probe"
+        all_token_ids = tokens
+    return R
+
+
+def test_a_full_disk_is_counted_and_changes_no_output(art, want, tmp_path, monkeypatch):
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_dir=str(tmp_path / "kv"))
+    # from here on every block file the disk tier opens for writing fails as on a full disk
+    # (after the engine opened the artifact, which reads through os.fdopen too)
+    monkeypatch.setattr(kv_stores.os, "fdopen", no_space)
+    assert [o.token_ids for o in _traffic(eng)] == want
+    s = _offload_stats(eng)
+    assert s["store_failures"] == s["store_blocks"] > 0 and s["store_bytes_lower"] == 0
+    assert not [f for f in (tmp_path / "kv").rglob("*") if f.is_file()]   # no block, no temp
+
+
+def test_blocks_seal_with_a_checksum():
+    payload = bytes(range(256)) * 4
+    assert unseal(seal(payload), "k", "here") == payload
+    bad = bytearray(seal(payload))
+    bad[40] ^= 1
+    with pytest.raises(StoreError, match="corrupt"):
+        unseal(bytes(bad), "k", "here")
+    with pytest.raises(StoreError, match="not a braze KV block"):
+        unseal(b"hello", "k", "here")
+
+
+def test_the_host_tier_evicts_least_recently_used_first():
+    import torch
+    h = HostStore(3 * 8, 8)
+    for k in "abc":
+        h.put(k, torch.zeros(8, dtype=torch.uint8))
+    assert h.get("a") is not None            # a is now the most recent
+    h.put("d", torch.zeros(8, dtype=torch.uint8))
+    assert "b" not in h and all(k in h for k in "acd") and h.evictions == 1
+    with pytest.raises(BrazeError, match="cannot hold one block"):
+        HostStore(4, 8)
+
+
+def test_adopt_registers_blocks_after_the_hits_and_leaves_a_token_to_compute():
+    bm = BlockManager(8, block_size=4)
+    tokens = list(range(1, 15))              # 14 tokens: 3 full blocks, 3 loadable at most
+    assert bm.cached_prefix_blocks(tokens) == 0
+    bm.allocate("a", tokens)
+    ids = bm.adopt("a", 2)
+    assert ids == bm.block_table("a")[:2]
+    assert bm.cached_prefix_blocks(tokens) == 2
+    with pytest.raises(BrazeError, match="at least one token"):
+        bm.adopt("a", 2)
+    bm.free("a")
+    bm.allocate("b", tokens)                 # the adopted blocks are ordinary prefix hits now
+    assert bm.block_table("b")[:2] == ids
+
+
+# -- S3 ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def s3(monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{server._server.server_port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="braze-kv")
+    yield server
+    try:
+        server.stop()
+    except Exception:       # a test stopped it already
+        pass
+
+
+def test_an_s3_tier_on_a_real_s3_server(art, want, s3):
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_s3="s3://braze-kv/models/a")
+    got = _traffic(eng)
+    assert [o.token_ids for o in got] == want
+    s = _offload_stats(eng)
+    assert s["lower_tier"] == "s3" and _second_loads(eng) == (0, 4) and s["store_failures"] == 0
+    import boto3
+    listed = boto3.client("s3").list_objects_v2(Bucket="braze-kv", Prefix="models/a/")
+    assert listed["KeyCount"] == s["store_blocks"]
+
+
+def test_an_s3_tier_that_errors_is_counted_and_changes_no_output(art, want, s3):
+    s3.stop()                                # every S3 call now fails to connect
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_s3="s3://braze-kv/x")
+    assert [o.token_ids for o in _traffic(eng)] == want
+    s = _offload_stats(eng)
+    assert s["store_failures"] > 0 and s["load_failures"] >= 1 and _second_loads(eng)[1] == 0
+
+
+def test_offload_options_are_checked(art, tmp_path):
+    with pytest.raises(BrazeError, match="kv_offload_cpu_gb must be a positive number"):
+        Engine(art, backend="reference", kv_offload_cpu_gb=0)
+    with pytest.raises(BrazeError, match="choose one lower KV tier"):
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_s3="s3://a/b")
+    with pytest.raises(BrazeError, match="wants s3://BUCKET"):
+        Engine(art, backend="reference", kv_offload_s3="http://example.com/x")
+    with pytest.raises(BrazeError, match="prefix caching"):
+        Engine(art, backend="reference", kv_offload_cpu_gb=1, enable_prefix_caching=False)
+
+
+# -- from braze serve ------------------------------------------------------------------------
+
+def test_serve_takes_the_tier_flags_and_kv_transfer_params(art, want, tmp_path):
+    pytest.importorskip("fastapi")
+    from serve_helpers import MODEL, Server
+    s = Server(art, tmp_path, "--num-kv-blocks", str(DEVICE_BLOCKS),
+               "--kv-offload-cpu-gb", repr(_host_gb(art, 64)),
+               "--kv-offload-dir", str(tmp_path / "kv"))
+    try:
+        def complete(prompt, **extra):
+            r = s.http.post("/v1/completions", json={
+                "model": MODEL, "prompt": prompt, "max_tokens": GREEDY.max_tokens,
+                "temperature": 0, "ignore_eos": True, **extra})
+            return r
+        for p in [FIRST, *FILLERS]:
+            assert complete(p).status_code == 200
+        before = s.metrics()
+        r = complete(SECOND, kv_transfer_params={"max_load_tokens": 1000})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] is not None
+        m = s.metrics()
+        key = 'braze_kv_offload_loaded_blocks_total{tier="host"}'
+        assert m[key] - before[key] == 4
+        assert m['braze_kv_offload_bytes_total{direction="store",tier="disk"}'] > 0
+        bad = complete(SECOND, kv_transfer_params={"max_load_tokens": "all"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "kv_transfer_params"
+    finally:
+        s.stop()
