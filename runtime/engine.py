@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import threading
 
 from braze.ir.errors import BrazeError
 
@@ -30,6 +31,9 @@ from .request import Request, RequestOutput, Status, now
 from .sampler import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
+
+
+_STRUCTURED_LOCK = threading.Lock()
 
 
 class Engine:
@@ -110,6 +114,10 @@ class Engine:
     def structured(self):
         """The structured-output backend (xgrammar over the artifact's tokenizer), made on
         first use."""
+        with _STRUCTURED_LOCK:        # the server may ask from a worker thread
+            return self._structured_backend()
+
+    def _structured_backend(self):
         if self._structured is None:
             from .structured import StructuredBackend
             # the logits' width, which a padded LM head makes wider than the tokenizer

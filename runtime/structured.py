@@ -22,6 +22,7 @@ no xgrammar installed.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -218,9 +219,9 @@ class GrammarCache:
         except Exception as e:         # xgrammar raises RuntimeError/ValueError with its reason
             what = {"json": "JSON schema", "json_object": "JSON grammar", "regex": "regex",
                     "choice": "choice", "grammar": "grammar"}[kind]
-            raise BrazeError(f"the {what} could not be compiled: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-                             ) from None
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", why)     # xgrammar's log prefix
+            raise BrazeError(f"the {what} could not be compiled: {why}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -211,6 +211,10 @@ class ToolStreamer:
 
     def feed(self, text: str, finished: bool) -> list[dict]:
         p = self.parse(text, finished)
+        if finished and self.sent and not p.calls:
+            # calls went out but the whole output does not parse (cut by max_tokens, say):
+            # keep what was sent rather than resend it all as text
+            p = self.parse(text, False)
         deltas = []
         content = p.content.strip() if finished else p.content.lstrip().rstrip()
         if len(content) > self.content_sent:
