@@ -269,3 +269,14 @@ def test_padded_vocab_masks_ids_past_the_tokenizer(store):
     logits = torch.zeros(1, n_tok + 40)
     apply_token_bitmask(logits, mask)
     assert torch.isinf(logits[0, n_tok:]).all() and not torch.isinf(logits[0]).all()
+
+
+def test_llm_raises_for_a_grammar_that_does_not_compile(llm):
+    with pytest.raises(BrazeError, match="regex could not be compiled"):
+        llm.generate(["Hi"], SamplingParams(structured_outputs={"regex": "(("}))
+    # choices with quotes and backslashes are matched literally
+    choices = ['say "hi"', "back\\slash", "tab\there"]
+    outs = llm.generate(["Pick:"] * 3, [SamplingParams(
+        max_tokens=20, temperature=1.0, seed=i, structured_outputs={"choice": choices})
+        for i in range(3)])
+    assert all(o.text in choices for o in outs), [o.text for o in outs]
