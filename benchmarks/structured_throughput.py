@@ -29,6 +29,12 @@ SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"},
                                            "text": {"type": "string", "minLength": 2000}},
           "required": ["id", "text"], "additionalProperties": False}
 REGEX = r"[a-z ,.]{2000}"
+# a typical schema for --mask-vocab (no long minimum length, which xgrammar unrolls)
+MASK_SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"},
+                                                "text": {"type": "string"},
+                                                "tags": {"type": "array",
+                                                         "items": {"type": "string"}}},
+               "required": ["id", "text", "tags"], "additionalProperties": False}
 
 
 def tiny_artifact() -> Path:
@@ -72,6 +78,53 @@ def run(llm, prompts, max_tokens, constraint, seed, timer):
             "finish": sorted({o.finish_reason for o in outs})}
 
 
+def mask_cost(vocab: int, rows: int, repeats: int = 31) -> dict:
+    """Grammar work per step at a real model's vocabulary size, without a model: a
+    synthetic vocabulary (the 256 single bytes, then random ASCII words of 2..10 letters)
+    of `vocab` tokens, the JSON schema's matchers for `rows` requests, each advanced through
+    a valid JSON text, timing bitmask fill and masking of f32[rows, vocab] logits (medians)."""
+    import random
+
+    import torch
+    import xgrammar as xgr
+
+    from braze.runtime.sampler import apply_token_bitmask
+    from braze.runtime.structured import apply_bitmask_fast
+    rnd = random.Random(0)
+    words = {bytes([b]) for b in range(256)}
+    letters = b"abcdefghijklmnopqrstuvwxyz ,.0123456789"
+    while len(words) < vocab:
+        words.add(bytes(rnd.choice(letters) for _ in range(rnd.randint(2, 10))))
+    encoded = sorted(words, key=lambda w: (len(w), w))
+    info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=vocab, stop_token_ids=[0])
+    t0 = time.perf_counter()
+    compiled = xgr.GrammarCompiler(info, max_threads=2).compile_json_schema(
+        json.dumps(MASK_SCHEMA), any_whitespace=False)
+    compile_s = time.perf_counter() - t0
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(rows)]
+    for m in matchers:
+        assert m.accept_string('{"id": 12, "text": "hello wor')
+    mask = xgr.allocate_token_bitmask(rows, vocab)
+    logits = torch.randn(rows, vocab)
+    fill, fast, plain = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, m in enumerate(matchers):
+            m.fill_next_token_bitmask(mask, i)
+        fill.append(time.perf_counter() - t0)
+        for fn, out in ((apply_bitmask_fast, fast), (apply_token_bitmask, plain)):
+            x = logits.clone()
+            t0 = time.perf_counter()
+            fn(x, mask)
+            out.append(time.perf_counter() - t0)
+
+    def median_ms(v):
+        return 1e3 * sorted(v)[len(v) // 2]
+    return {"vocab": vocab, "rows": rows, "schema_compile_s": compile_s,
+            "fill_ms": median_ms(fill), "apply_xgrammar_cpu_ms": median_ms(fast),
+            "apply_torch_ms": median_ms(plain)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifact")
@@ -81,7 +134,18 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="runs per mode; the best is kept")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--mask-vocab", type=int, metavar="V",
+                    help="instead: the grammar work per step alone, at vocabulary size V "
+                    "(synthetic vocabulary, no model) for --batch rows")
     a = ap.parse_args()
+    if a.mask_vocab:
+        r = mask_cost(a.mask_vocab, a.batch)
+        print(json.dumps(r, indent=2) if a.json else
+              f"vocab {r['vocab']}, {r['rows']} rows: schema compile {r['schema_compile_s']:.2f} s; "
+              f"per step: bitmask fill {r['fill_ms']:.2f} ms, masking {r['apply_xgrammar_cpu_ms']:.2f} ms "
+              f"(xgrammar CPU kernel) / {r['apply_torch_ms']:.2f} ms (plain torch); "
+              f"load average {os.getloadavg()[0]:.1f}")
+        return 0
     if not a.artifact and not a.tiny:
         ap.error("give --artifact or --tiny")
     import braze

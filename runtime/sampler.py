@@ -215,9 +215,14 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     bitmask[s, v // 32] (int32 [S, ceil(V/32)], the packed layout xgrammar fills) is 0.
     Plain torch, any device; runtime/structured.py uses xgrammar's kernels where it can."""
     vocab = logits.shape[-1]
-    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
-    return logits.masked_fill_(~allowed, float("-inf"))
+    # word j's bit b is bit b % 8 of its byte b // 8 (little-endian, as every torch device)
+    # and a table turns each byte into its 8 flags: one byte per vocabulary entry, no wider
+    byte_bits = torch.arange(256, device=bitmask.device, dtype=torch.int32)[:, None] \
+        >> torch.arange(8, device=bitmask.device, dtype=torch.int32)
+    table = (byte_bits & 1) == 0                  # [256, 8]: True = disallowed
+    packed = bitmask.contiguous().view(torch.uint8)
+    banned = table.index_select(0, packed.flatten().int()).view(packed.shape[0], -1)[:, :vocab]
+    return logits.masked_fill_(banned, float("-inf"))
 
 
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
