@@ -230,3 +230,31 @@ def test_chat_template_gets_tools_like_transformers(store):
     assert ours == want
     assert '"name": "get_weather", "arguments": {"city": "Paris", "days": 2}' in ours
     assert detect(TOOL_TEMPLATE) == "hermes"
+
+
+def test_auto_parses_tool_calls_from_the_reply(server):
+    """tool_choice auto with the hermes parser: a reply forced (by a regex) into the hermes
+    format comes back as tool_calls, streamed as argument deltas, finish_reason tool_calls."""
+    regex = (r'Checking\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}'
+             r'\n</tool_call>')
+    kw = dict(max_tokens=120, temperature=1.0, seed=3, tools=TOOLS, tool_choice="auto",
+              extra_body={"structured_outputs": {"regex": regex}})
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_time"
+    assert json.loads(call.function.arguments) in ({"tz": "UTC"}, {"tz": "CET"})
+    content, calls, reason = streamed_chat(server, **kw)
+    assert (content, reason) == ("Checking.", "tool_calls")
+    assert calls == [{"name": "get_time", "arguments": call.function.arguments}]
+
+
+def test_unknown_parser_is_a_startup_error(store):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "braze", "serve", str(store.artifact("llama")),
+                        "--port", "0", "--tool-call-parser", "nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "--tool-call-parser 'nope'" in p.stderr
+    assert "Traceback" not in p.stderr
