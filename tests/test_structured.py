@@ -280,3 +280,27 @@ def test_llm_raises_for_a_grammar_that_does_not_compile(llm):
         max_tokens=20, temperature=1.0, seed=i, structured_outputs={"choice": choices})
         for i in range(3)])
     assert all(o.text in choices for o in outs), [o.text for o in outs]
+
+
+def test_runs_without_xgrammar_until_a_grammar_is_asked_for(store):
+    """No xgrammar installed: generation without a grammar works, the server's modules
+    import, and a grammar request gets an error naming the package."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+sys.modules["xgrammar"] = None          # import xgrammar -> ImportError
+import braze, braze.serving.app
+from braze.ir.errors import BrazeError
+from braze.runtime.sampler import SamplingParams
+llm = braze.LLM({str(store.artifact("llama"))!r}, backend="reference", num_kv_blocks=16)
+print(len(llm.generate(["Hi"], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids))
+try:
+    llm.generate(["Hi"], SamplingParams(structured_outputs={{"regex": "a+"}}))
+except BrazeError as e:
+    print(e)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "3" and "pip install xgrammar" in lines[1]
