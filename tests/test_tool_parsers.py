@@ -52,8 +52,9 @@ CASES = [
      'unit:<|"|>celsius<|"|>}<tool_call|><|tool_call>call:get_time{tz:<|"|>Europe/Paris<|"|>,'
      'fmt:<|"|>24h "quoted" {braces}<|"|>}<tool_call|>', "Looking it up.",
      [("get_weather", WEATHER), ("get_time", TIME)]),
-    ("gemma4", '<|tool_call>call:plan{steps:[1,2,3],deep:{ok:true,note:null}}<tool_call|>', None,
-     [("plan", {"steps": [1, 2, 3], "deep": {"ok": True, "note": None}})]),
+    ("gemma4", '<|tool_call>call:plan{steps:[1,2,3],deep:{ok:true,note:null},mode:fast}'
+     '<tool_call|>', None,
+     [("plan", {"steps": [1, 2, 3], "deep": {"ok": True, "note": None}, "mode": "fast"})]),
 ]
 
 

@@ -74,8 +74,12 @@ def _to_json(src: str) -> str:
             out.append(tok)
         elif expect_key and expect_key[-1] and (not out or out[-1] in "{,"):
             out.append(json.dumps(tok if not tok.startswith('"') else json.loads(tok)))
-        else:
-            out.append(tok)
+        else:                        # a number, true/false/null, or a bare word: a string
+            try:
+                json.loads(tok)
+                out.append(tok)
+            except ValueError:
+                out.append(json.dumps(tok, ensure_ascii=False))
     text = "".join(out)
     value = json.loads(text)
     if not isinstance(value, dict):
