@@ -304,3 +304,28 @@ except BrazeError as e:
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()
     assert lines[0] == "3" and "pip install xgrammar" in lines[1]
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_preemption_keeps_grammar_outputs_unchanged(store, lag):
+    """Preempted and recomputed, a request's matcher state is kept: the same tokens as
+    with room to spare, and still valid."""
+    from braze.runtime.engine import Engine
+
+    from conftest import run_all
+    art = store.artifact("llama")
+    prompts = ["The quick brown fox jumps over", "Once upon a time there was",
+               "Large language models predict", "A compiler turns a program", "Hello"]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=i, ignore_eos=True,
+                             structured_outputs={"regex": r"[a-z]+( [a-z]+)*\."}
+                             if i % 2 else {"json": SCHEMA})
+              for i in range(len(prompts))]
+    roomy = [run_all(Engine(art, backend="reference", num_kv_blocks=64), [p], sp)[0]
+             for p, sp in zip(prompts, params)]
+    tight = Engine(art, backend="reference", num_kv_blocks=6, async_scheduling=lag)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        tight.add_request(f"r{i}", p, sp)
+    got = tight.run_to_completion()
+    assert tight.stats()["preemptions"] > 0
+    assert [list(got[f"r{i}"].token_ids) for i in range(len(prompts))] \
+        == [list(o.token_ids) for o in roomy]

@@ -111,3 +111,43 @@ def test_detect_from_template():
     assert detect("{{ bos_token }}{% for m in messages %}{% endfor %}") is None
     with pytest.raises(ValueError):
         ToolParser("nope")
+
+
+def test_required_and_named_plans_stream_like_they_parse():
+    """tool_choice required (a JSON array of {name, parameters}) and named (the arguments
+    alone): the same deltas contract as the parsers, and vLLM's schema for required."""
+    from types import SimpleNamespace
+
+    from braze.serving.tools import plan, required_schema
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}},
+        {"type": "function", "function": {"name": "g"}}]
+    schema = required_schema(tools, parallel=False)
+    assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
+    assert [i["properties"]["name"]["enum"] for i in schema["items"]["anyOf"]] == [["f"], ["g"]]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object",
+                                                                      "properties": {}}
+
+    def body(choice):
+        return SimpleNamespace(model_extra={"tools": tools, "tool_choice": choice})
+    req = plan(body("required"), None)
+    text = '[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters": {}}]'
+    content, calls = final_message(req.parse(text, True))
+    assert content is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+        [("f", '{"a": 1}'), ("g", "{}")]
+    named = plan(body({"type": "function", "function": {"name": "f"}}), None)
+    for p, text in ((req, text), (named, '{"a": 12}')):
+        whole = final_message(p.parse(text, True))[1]
+        want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in whole]
+        for cuts in [range(1, len(text))] + [[k] for k in range(len(text) + 1)]:
+            s_content, s_calls = stream(SimpleNamespace(streamer=p.streamer), text, cuts)
+            assert (s_content, s_calls) == ("", want)
+
+
+def test_stream_cut_by_max_tokens_keeps_what_was_sent():
+    p = ToolParser("hermes")
+    text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": [1, 2'
+    content, calls = stream(p, text, range(1, len(text)))
+    assert content == "Hi" and calls == [{"name": "f", "arguments": '{"a": [1, 2'}]
