@@ -148,7 +148,7 @@ def cmd_serve(a) -> int:
                max_queue=a.max_queue, served_model_name=a.served_model_name,
                drain_timeout=a.drain_timeout, log_level=a.log_level,
                read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
-               allowed_hosts=a.allowed_hosts)
+               allowed_hosts=a.allowed_hosts, tool_call_parser=a.tool_call_parser)
     # the server has drained and stopped: skip the interpreter's teardown of torch, triton
     # and the engine thread, which took a second or more after "stopped" (a supervisor
     # waiting on the exit, a rolling restart, waits for it); logs and output are flushed
@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "subdomains, * for any). Bound to loopback (the default) the server answers "
                    "only localhost and loopback addresses, so web pages cannot reach it through "
                    "DNS rebinding; bound elsewhere it answers any name unless this is given")
+    s.add_argument("--tool-call-parser", metavar="NAME",
+                   help="how to read tool calls out of replies for tool_choice \"auto\": "
+                   "hermes (Qwen), llama3_json, mistral, deepseek_v3, phi4_mini_json, internlm, "
+                   "gemma4 (default: the one the chat template's markers point to, if any)")
     _engine_flags(s, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     s.set_defaults(fn=cmd_serve)
 

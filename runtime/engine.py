@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import threading
 
 from braze.ir.errors import BrazeError
 
@@ -31,6 +32,9 @@ from .request import Request, RequestOutput, Status, now
 from .sampler import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
+
+
+_STRUCTURED_LOCK = threading.Lock()
 
 
 class Engine:
@@ -62,6 +66,8 @@ class Engine:
         self.model_name = self.artifact.root.name
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
+        self._structured = None             # runtime.structured.StructuredBackend, on first use
+        self._grammar_wait: list[Request] = []   # requests whose grammar is compiling
         self._in_flight: list = []          # launched steps whose tokens are not applied yet
         # overlap: schedule and launch step N+1 before reading step N's tokens back; only
         # worth it where the device runs asynchronously to the host
@@ -98,14 +104,64 @@ class Engine:
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=limit, arrival_time=arrival_time)
         if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
+            req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop,
+                                               skip_special_tokens=params.skip_special_tokens)
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
                              "use stop_token_ids")
         req.kv_policy = policy
+        if params.structured_outputs is not None:
+            # compiled in a worker thread; the request waits outside the scheduler till then
+            req.grammar = self.structured.cache.compile_async(params.structured_outputs)
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if req.grammar is not None and not req.grammar.done():
+            self._grammar_wait.append(req)
+        elif req.grammar is not None:
+            self._start_matcher(req)
+        else:
+            self.scheduler.add(req)
         self._counters["prompt_tokens_total"] += len(ids)
+
+    @property
+    def structured(self):
+        """The structured-output backend (xgrammar over the artifact's tokenizer), made on
+        first use."""
+        with _STRUCTURED_LOCK:        # the server may ask from a worker thread
+            return self._structured_backend()
+
+    def _structured_backend(self):
+        if self._structured is None:
+            from .structured import StructuredBackend
+            # the logits' width, which a padded LM head makes wider than the tokenizer
+            vocab = self.runner.executor.graph.outputs["logits"].type.shape[-1]
+            self._structured = StructuredBackend(self.artifact.tokenizer_dir, int(vocab),
+                                                 self.eos_token_ids, self.runner.max_num_seqs,
+                                                 self.runner.device)
+            self.runner.structured = self._structured
+        return self._structured
+
+    def _start_matcher(self, req: Request) -> bool:
+        """The request's grammar compiled: give it a matcher and queue it. A grammar that
+        failed to compile aborts the request (stop_reason: the error)."""
+        err = req.grammar.exception()
+        if err is not None:
+            self.requests.pop(req.request_id, None)
+            req.status = Status.FINISHED
+            req.finish_reason, req.stop_reason = "abort", str(err)
+            req.metrics.finished_time = now()
+            self._aborted.append(req)
+            return False
+        req.matcher = self.structured.matcher(req.params.structured_outputs, req.grammar.result())
+        self.scheduler.add(req)
+        return True
+
+    def _admit_compiled(self) -> None:
+        ready = [r for r in self._grammar_wait if r.grammar.done()]
+        if ready:
+            self._grammar_wait = [r for r in self._grammar_wait if not r.grammar.done()]
+            for r in ready:
+                if not r.finished:
+                    self._start_matcher(r)
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -129,6 +185,15 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
+        if req in self._grammar_wait:
+            self._grammar_wait.remove(req)
+            req.status = Status.FINISHED      # never reached the scheduler
+            req.finish_reason = "abort"
+            req.metrics.finished_time = now()
+            self.requests.pop(request_id, None)
+            self._counters["requests_finished"] += 1
+            self._aborted.append(req)
+            return
         self._finish(req, "abort")
         self._aborted.append(req)
 
@@ -149,10 +214,16 @@ class Engine:
         """Schedule and launch a step, and apply the tokens of the step before it (with
         async scheduling) or of this one. Returns the reports of requests that got tokens
         or finished."""
+        if self._grammar_wait:
+            self._admit_compiled()
         outputs = [self._output(r) for r in self._aborted]
         self._aborted.clear()
         if self.offload is not None:
             self.offload.poll()
+        if self._in_flight and any(r.matcher is not None for r in self.scheduler.running):
+            # a grammar's next mask needs the token still in flight: no overlap this step
+            while self._in_flight:
+                outputs.extend(self._apply(*self._in_flight.pop(0)))
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.remove(req)
@@ -171,7 +242,13 @@ class Engine:
             self._counters["steps"] += 1
         elif sched.staging and not self._in_flight:
             self.offload.wait_staging(timeout=0.05)    # nothing else to do meanwhile
-        elif not self._in_flight and not sched.preempted and self.scheduler.has_work():
+        elif self._grammar_wait and not self._in_flight and not self.scheduler.has_work():
+            # nothing to run but grammars compiling: wait for one rather than spin
+            from concurrent.futures import FIRST_COMPLETED, wait
+            wait([r.grammar for r in self._grammar_wait], timeout=0.01,
+                 return_when=FIRST_COMPLETED)
+        elif (not self._in_flight and not sched.preempted and self.scheduler.has_work()
+              and not self._grammar_wait):
             raise BrazeError("the scheduler could not run any request: the KV cache is too "
                              "small for the waiting prompt")
         lag = 1 if self.async_scheduling and sched.chunks else 0
@@ -212,6 +289,11 @@ class Engine:
                 hit = req.detok.update((token,))
                 if hit is not None:
                     reason, req.stop_reason = "stop", hit
+            if req.matcher is not None and reason is None:
+                # a token the grammar refuses (only possible for a stop token it does not
+                # know) or a grammar that is complete: the output is done
+                if not req.matcher.accept_token(token) or req.matcher.is_terminated():
+                    reason = "stop"
             if reason is None and len(all_ids) >= req.max_len:     # max_tokens included
                 reason = "length"
             if reason is not None:

@@ -47,6 +47,12 @@ class LLM:
             plist = [params or SamplingParams()] * len(prompts)
         # only final results are wanted: the engine skips the per-step reports
         plist = [dataclasses.replace(sp, output_kind="final") for sp in plist]
+        for sp in plist:
+            if sp.structured_outputs is not None:
+                # a grammar that does not compile is the caller's error, raised here (the
+                # engine would only abort the request)
+                sp.validate()
+                self.engine.structured.cache.compile(sp.structured_outputs)
         ids = []
         try:
             for p, sp in zip(prompts, plist):

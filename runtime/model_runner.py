@@ -50,6 +50,22 @@ class ModelRunner:
                                   mode=options.cudagraph_mode, debug=options.debug)
         self.graphs.capture(progress=progress)
 
+    structured = None      # runtime.structured.StructuredBackend, set by the engine on first use
+
+    def _constrain(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Mask the logits of rows whose request follows a grammar (one packed bitmask for
+        the step; rows without one are all ones)."""
+        matchers = [c.request.matcher if c.samples else None for c in chunks]
+        mask = self.structured.bitmask(matchers)
+        if mask is None:
+            return logits
+        from .structured import apply_bitmask_fast
+        logits = logits.float()
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
+        apply_bitmask_fast(logits, mask)
+        return logits
+
     def add(self, req) -> None:
         self.batch.add(req, resolve_seed(req.params.seed))
 
@@ -69,6 +85,8 @@ class ModelRunner:
         else:
             logits = logits.index_select(0, self.static["logits_indices"][:S])
         rows, seq_lens = meta["rows"], meta["seq_lens"]
+        if self.structured is not None:
+            logits = self._constrain(logits, chunks)
         tokens = self.batch.sample(logits, chunks, rows, seq_lens)
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
         return StepResult(tokens)

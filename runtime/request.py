@@ -132,7 +132,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending",
-                 "kv_policy")
+                 "kv_policy", "grammar", "matcher")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -158,6 +158,8 @@ class Request:
         self.reported_tokens = 0              # output tokens already reported
         self.num_pending = 0                  # tokens sampled on the device, not yet read back
         self.kv_policy = None                 # runtime.kv_offload.KVTransferPolicy, if set
+        self.grammar = None                   # Future of its compiled grammar (structured output)
+        self.matcher = None                   # its xgrammar GrammarMatcher once compiled
 
     @property
     def num_tokens(self) -> int:

@@ -55,6 +55,10 @@ class SamplingParams:
     # "delta": the engine reports the request after every step that gives it tokens (for
     # streaming); "final": only when it finishes (offline generation: less host work)
     output_kind: str = "delta"
+    # a grammar the output must follow (runtime/structured.py): a StructuredOutputsParams
+    # or its dict form {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
+    structured_outputs: object = None
+    skip_special_tokens: bool = True      # drop special tokens from the text
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -69,6 +73,9 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None:
+            from .structured import StructuredOutputsParams
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
 
     def validate(self) -> None:
         """Raise BrazeError naming the first bad parameter and its value."""
@@ -105,6 +112,11 @@ class SamplingParams:
                 raise BrazeError(f"stop_token_ids must hold integers >= 0, got {t!r} in stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
             raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
+        if not isinstance(self.skip_special_tokens, bool):
+            raise BrazeError(f"skip_special_tokens must be true or false, "
+                             f"got {self.skip_special_tokens!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
                              f"got {self.output_kind!r}")
@@ -196,6 +208,21 @@ def _restrict(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     n = torch.minimum(n_p, k)
     threshold = ordered.gather(-1, (n - 1)[:, None])
     return scaled.masked_fill(scaled < threshold, float("-inf"))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """In place: logits [S, V] entry (s, v) becomes -inf where bit v % 32 of
+    bitmask[s, v // 32] (int32 [S, ceil(V/32)], the packed layout xgrammar fills) is 0.
+    Plain torch, any device; runtime/structured.py uses xgrammar's kernels where it can."""
+    vocab = logits.shape[-1]
+    # word j's bit b is bit b % 8 of its byte b // 8 (little-endian, as every torch device)
+    # and a table turns each byte into its 8 flags: one byte per vocabulary entry, no wider
+    byte_bits = torch.arange(256, device=bitmask.device, dtype=torch.int32)[:, None] \
+        >> torch.arange(8, device=bitmask.device, dtype=torch.int32)
+    table = (byte_bits & 1) == 0                  # [256, 8]: True = disallowed
+    packed = bitmask.contiguous().view(torch.uint8)
+    banned = table.index_select(0, packed.flatten().int()).view(packed.shape[0], -1)[:, :vocab]
+    return logits.masked_fill_(banned, float("-inf"))
 
 
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

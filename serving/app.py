@@ -48,6 +48,9 @@ from .protocol import (
     validation_message,
 )
 from .read_timeouts import BodyTimeout
+from .structured import request_constraint
+from .tool_parsers import final_message
+from .tools import plan as tools_plan
 
 log = logging.getLogger("braze.serving")
 
@@ -63,6 +66,7 @@ class Service:
     tokenizer: object | None              # runtime.tokenizer.Tokenizer
     chat_template: ChatTemplate | None
     created: int = 0
+    tool_call_parser: str | None = None   # for tool_choice "auto" (serving/tool_parsers)
 
     def __post_init__(self):
         self.created = int(time.time())
@@ -87,8 +91,22 @@ class Service:
                               "prompt")
         return self.tokenizer.encode(prompt)
 
+    async def compile_grammar(self, constraint) -> None:
+        """Compile a request's grammar before it reaches the engine, in a worker thread (the
+        event loop and the engine thread go on meanwhile): a grammar that does not compile
+        is a 400, and the engine finds it in its cache."""
+        loop = asyncio.get_running_loop()
+        engine = self.aengine.engine
+        try:
+            backend = await loop.run_in_executor(None, lambda: engine.structured)
+            await asyncio.wrap_future(backend.cache.compile_async(constraint))
+        except BrazeError as e:
+            raise bad_request(str(e)) from None
+
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      kv_transfer_params: dict | None = None) -> RequestStream:
+        if params.structured_outputs is not None:
+            await self.compile_grammar(params.structured_outputs)
         try:
             params.validate()
             return await self.aengine.add(request_id, ids, params, len(ids), kv_transfer_params)
@@ -149,7 +167,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
         ids = svc.encode(completion_prompt(body))
-        params = SamplingParams(**sampling_kwargs(body, body.max_tokens or 16))
+        params = SamplingParams(**sampling_kwargs(body, body.max_tokens or 16),
+                                structured_outputs=request_constraint(body))
         return await _generate(svc, request, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -161,25 +180,36 @@ def create_app(svc: Service, read_timeout: float | None = None,
         if svc.tokenizer is None:
             raise bad_request("this model has no tokenizer, so it cannot chat; use "
                               "/v1/completions with token ids", "messages")
+        tool_plan = tools_plan(body, svc.tool_call_parser)
+        constraint = request_constraint(body)
+        if tool_plan is not None and tool_plan.constraint is not None:
+            if constraint is not None:
+                raise bad_request("tool_choice required or a named function cannot be combined "
+                                  "with response_format or structured_outputs", "tool_choice")
+            constraint = tool_plan.constraint
         text = svc.chat_template.render(body.messages, body.add_generation_prompt,
-                                        body.chat_template_kwargs)
+                                        body.chat_template_kwargs,
+                                        tools=tool_plan.tools if tool_plan else None)
         ids = svc.tokenizer.encode(strip_leading_bos(text, svc.chat_template.bos_token,
                                                      svc.adds_bos))
         if max_tokens is None:     # chat default: up to the end of the context
             max_tokens = max(1, svc.max_model_len - len(ids))
-        params = SamplingParams(**sampling_kwargs(body, max_tokens))
-        return await _generate(svc, request, body, ids, params, chat=True)
+        params = SamplingParams(**sampling_kwargs(body, max_tokens), structured_outputs=constraint,
+                                skip_special_tokens=tool_plan.skip_special_tokens
+                                if tool_plan else True)
+        return await _generate(svc, request, body, ids, params, chat=True, tool_plan=tool_plan)
 
     return app
 
 
 # ---- generation --------------------------------------------------------------------------
 
-async def _generate(svc: Service, request: Request, body, ids: list[int], params, chat: bool):
+async def _generate(svc: Service, request: Request, body, ids: list[int], params, chat: bool,
+                    tool_plan=None):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     stream = await svc.submit(rid, ids, params, body.kv_transfer_params)
     job = _Job(svc, stream, rid, request.scope.get("braze.request_id", rid), chat,
-               int(time.time()))
+               int(time.time()), tool_plan)
     if body.stream:
         return StreamingResponse(job.sse(body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -190,15 +220,19 @@ class _Job:
     """One admitted request: its output stream rendered as SSE or as one JSON body."""
 
     def __init__(self, svc: Service, stream: RequestStream, rid: str, client_rid: str,
-                 chat: bool, created: int):
+                 chat: bool, created: int, tool_plan=None):
         self.svc, self.stream, self.rid, self.client_rid = svc, stream, rid, client_rid
         self.chat, self.created = chat, created
+        # with tools in play, chat text goes through the plan's parser (serving/tools.py)
+        self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
         self.last = None
         self.outcome = "abort"
 
     async def sse(self, include_usage: bool):
         name, rid, created = self.svc.model_name, self.rid, self.created
         done = False
+        streamer = self.tools.streamer() if self.tools is not None else None
+        text = ""
         try:
             if self.chat:
                 yield R.sse(R.chat_chunk(rid, created, name, {"role": "assistant", "content": ""},
@@ -208,6 +242,14 @@ class _Job:
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise Aborted(f"the request ended with finish_reason {out.finish_reason!r}")
                 reason = out.finish_reason if out.finished else None
+                if streamer is not None:
+                    text += out.new_text
+                    for delta in streamer.feed(text, out.finished):
+                        yield R.sse(R.chat_chunk(rid, created, name, delta, None, include_usage))
+                    if reason:
+                        reason = self.tools.finish_reason(streamer.calls, reason)
+                        yield R.sse(R.chat_chunk(rid, created, name, {}, reason, include_usage))
+                    continue
                 if out.new_text or reason:
                     if self.chat:
                         delta = {"content": out.new_text} if out.new_text else {}
@@ -257,6 +299,12 @@ class _Job:
             self._log()
         out = self.last
         text = out.text or ""
+        if self.tools is not None:
+            content, calls = final_message(self.tools.parse(text, True))
+            reason = self.tools.finish_reason(len(calls), out.finish_reason)
+            return JSONResponse(R.chat_completion(self.rid, self.created, self.svc.model_name,
+                                                  content, reason, self._usage(),
+                                                  tool_calls=calls))
         make = R.chat_completion if self.chat else R.completion
         return JSONResponse(make(self.rid, self.created, self.svc.model_name, text,
                                  out.finish_reason, self._usage()))

@@ -61,14 +61,22 @@ class ChatTemplate:
         self.eos_token = _token_text(config, "eos_token")
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               extra: dict | None = None) -> str:
+               extra: dict | None = None, tools: list[dict] | None = None) -> str:
+        """`tools`: the request's tools, passed to the template as `tools` (as
+        transformers' apply_chat_template does); assistant `tool_calls` and tool messages'
+        `tool_call_id` reach the template too."""
+        from .tools import template_messages
         msgs = [{"role": m.role, "content": _content_text(m)}
-                | ({"name": m.name} if m.name else {}) for m in messages]
+                | ({"name": m.name} if m.name else {}) | more
+                for m, more in zip(messages, template_messages(messages))]
         from jinja2 import TemplateError
+        kw = dict(extra or {})
+        if tools is not None:
+            kw["tools"] = tools
         try:
             return self.template.render(
                 messages=msgs, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token, eos_token=self.eos_token, **(extra or {}))
+                bos_token=self.bos_token, eos_token=self.eos_token, **kw)
         except _TemplateError as e:
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
         except TemplateError as e:

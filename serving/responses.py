@@ -38,10 +38,13 @@ def completion_chunk(id: str, created: int, model: str, text: str,
     return d
 
 
-def chat_completion(id: str, created: int, model: str, text: str, finish_reason: str | None,
-                    use: dict) -> dict:
+def chat_completion(id: str, created: int, model: str, text: str | None,
+                    finish_reason: str | None, use: dict, tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None, "finish_reason": finish_reason}],
             "usage": use, "system_fingerprint": None}
 

@@ -55,7 +55,8 @@ def _url(sock: socket.socket) -> str:
 def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
           max_queue: int = 256, served_model_name: str | None = None,
           drain_timeout: float = 30.0, log_level: str = "info", read_timeout: float = 30.0,
-          limit_concurrency: int = 1024, allowed_hosts: str | None = None) -> int:
+          limit_concurrency: int = 1024, allowed_hosts: str | None = None,
+          tool_call_parser: str | None = None) -> int:
     """Serve `artifact` with the engine `options` (runtime/options.EngineOptions; gc is
     frozen after start-up) on host:port until SIGTERM."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -70,6 +71,10 @@ def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
     from .chat import ChatTemplate, load_template
     from .metrics import Metrics
 
+    from .tool_parsers import PARSERS, ALIASES, detect
+    if tool_call_parser is not None and ALIASES.get(tool_call_parser, tool_call_parser) not in PARSERS:
+        raise BrazeError(f"--tool-call-parser {tool_call_parser!r} is not a parser braze has; "
+                         f"choose one of {', '.join(sorted(PARSERS))}")
     sock = bind_socket(host, port)
     try:
         opts = EngineOptions.of(options, freeze_gc=True)
@@ -90,8 +95,13 @@ def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
                             "/v1/chat/completions will answer 400", e)
         name = served_model_name or engine.model_name
         metrics = Metrics(name)
+        parser = tool_call_parser or detect(source)
+        if parser is not None:
+            log.info("tool calls (tool_choice auto) are read with the %r parser%s", parser,
+                     "" if tool_call_parser else " (from the chat template)")
         svc = Service(AsyncEngine(engine, max_queue=max_queue, metrics=metrics), metrics,
-                      name, engine.max_model_len, tokenizer, template)
+                      name, engine.max_model_len, tokenizer, template,
+                      tool_call_parser=parser)
         hosts = hosts_to_answer(host, allowed_hosts)
         if hosts is None and not is_loopback(host):
             log.info("answering requests for any Host name (pass --allowed-hosts to restrict)")

@@ -1,0 +1,90 @@
+"""Mistral: `[TOOL_CALLS]` (a special token: the request keeps it in the text), then either a
+JSON array `[{"name": ..., "arguments": {...}}, ...]` (tokenizer v3..v7) or, from tokenizer
+v11, `name[ARGS]{...}` per call, each call after its own `[TOOL_CALLS]`."""
+
+from __future__ import annotations
+
+import json
+
+from .base import (Call, Parsed, call_from_scan, held_back, plain, scan_call_object, skip_ws,
+                   value_end)
+
+MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+SKIP_SPECIAL_TOKENS = False
+
+
+def parse(text: str, final: bool) -> Parsed:
+    k = text.find(MARKER)
+    if k >= 0 and not text[skip_ws(text, k + len(MARKER)):].startswith("["):
+        j = skip_ws(text, k + len(MARKER))
+        if j < len(text) or final:
+            return _parse_v11(text, final, k)
+    return parse_array_after(text, final, MARKER)
+
+
+def parse_array_after(text: str, final: bool, marker: str) -> Parsed:
+    """Content, then `marker`, then a JSON array of call objects."""
+    k = text.find(marker)
+    if k < 0:
+        return plain(text) if final else Parsed(text[:len(text) - held_back(text, (marker,))])
+    content = text[:k]
+    j = skip_ws(text, k + len(marker))
+    if j >= len(text):
+        return plain(text) if final else Parsed(content)
+    if text[j] != "[":
+        return plain(text) if final else Parsed(content)
+    calls = []
+    j = skip_ws(text, j + 1)
+    while j < len(text):
+        if text[j] == "]" and (calls or final):
+            if final and skip_ws(text, j + 1) != len(text):
+                return plain(text)
+            return Parsed(content, calls)
+        if text[j] != "{":
+            return plain(text) if final else Parsed(content, calls)
+        s = scan_call_object(text, j)
+        call = call_from_scan(text, s, final)
+        if call is None or not s.valid:
+            return plain(text) if final else Parsed(content, calls)
+        calls.append(call)
+        if s.end is None:
+            break
+        j = skip_ws(text, s.end)
+        if j < len(text) and text[j] == ",":
+            j = skip_ws(text, j + 1)
+    return plain(text) if final else Parsed(content, calls)
+
+
+def _parse_v11(text: str, final: bool, k: int) -> Parsed:
+    content, calls = text[:k], []
+    i = k
+    while i < len(text):
+        if not text.startswith(MARKER, i):
+            return plain(text) if final else Parsed(content, calls)
+        i += len(MARKER)
+        a = text.find(ARGS, i)
+        if a < 0:
+            if final:
+                return plain(text)
+            break
+        name = text[i:a].strip()
+        j = skip_ws(text, a + len(ARGS))
+        if j >= len(text):
+            calls.append(Call(name, ""))
+            break
+        end = value_end(text, j)
+        args = text[j:end if end is not None else len(text)]
+        calls.append(Call(name, args))
+        if end is None:
+            if final:
+                return plain(text)
+            break
+        i = skip_ws(text, end)
+    if final:
+        try:
+            if not all(isinstance(json.loads(c.arguments), dict) for c in calls):
+                return plain(text)
+        except ValueError:
+            return plain(text)
+    return Parsed(content, calls)
+

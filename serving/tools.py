@@ -1,0 +1,163 @@
+"""Tool calling in chat requests: `tools`, `tool_choice`, and how the reply is read back.
+
+tool_choice (vLLM's rules): absent means "auto" when tools are given, else "none".
+  "none"      the reply is text; the tools still go into the chat template.
+  "auto"      the model decides; its text is parsed for calls by the server's tool-call
+              parser (`--tool-call-parser`, or the one the chat template points to).
+  "required"  the reply is constrained to a JSON array of {"name", "parameters"} objects,
+              each naming one of the tools with arguments valid for its schema (one item
+              when parallel_tool_calls is false); finish_reason "tool_calls".
+  {"type": "function", "function": {"name": N}}
+              the reply is constrained to N's arguments (its parameters schema);
+              finish_reason "stop", as OpenAI answers a forced function.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from braze.runtime.structured import StructuredOutputsParams
+
+from .protocol import bad_request
+from .tool_parsers import ToolParser
+from .tool_parsers.base import Call, Parsed, ToolStreamer
+from .tool_parsers.mistral import parse_array_after
+
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+@dataclass
+class ToolPlan:
+    """How one chat request uses tools."""
+    mode: str                                   # none, auto, required, named
+    tools: list[dict]                           # for the chat template
+    constraint: StructuredOutputsParams | None = None
+    parser: ToolParser | None = None            # auto
+    name: str | None = None                     # named
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        return self.parser.skip_special_tokens if self.parser is not None else True
+
+    def parse(self, text: str, final: bool) -> Parsed:
+        if self.mode == "auto":
+            return self.parser.parse(text, final)
+        if self.mode == "required":
+            return parse_array_after(text, final, "")
+        if self.mode == "named":
+            return Parsed("", [Call(self.name, text)])
+        return Parsed(text, [])
+
+    def streamer(self) -> ToolStreamer:
+        return ToolStreamer(self.parse)
+
+    def finish_reason(self, calls: int, reason: str) -> str:
+        if calls and self.mode in ("auto", "required") and reason == "stop":
+            return "tool_calls"
+        return reason
+
+
+def _tool_list(tools: Any) -> list[dict]:
+    if not isinstance(tools, list) or not tools:
+        raise bad_request("tools must be a non-empty list of {\"type\": \"function\", "
+                          "\"function\": {...}}", "tools")
+    out = []
+    for t in tools:
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" \
+                or not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise bad_request("each tool must be {\"type\": \"function\", \"function\": "
+                              "{\"name\": ..., \"parameters\": {...}}}", "tools")
+        params = f.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise bad_request(f"tool {f['name']!r}: parameters must be a JSON schema object",
+                              "tools")
+        out.append({"type": "function", "function": f})
+    return out
+
+
+def _schema(f: dict) -> dict:
+    return f.get("parameters") or EMPTY_PARAMETERS
+
+
+def required_schema(tools: list[dict], parallel: bool = True) -> dict:
+    """vLLM's schema for tool_choice "required": an array of {name, parameters}."""
+    items = [{"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                             "parameters": _schema(t["function"])},
+              "required": ["name", "parameters"]} for t in tools]
+    schema = {"type": "array", "minItems": 1,
+              "items": {"type": "object", "anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def plan(body, parser_name: str | None) -> ToolPlan | None:
+    """The request's tool plan (None without tools and tool_choice); 400 for bad ones."""
+    extra = body.model_extra or {}
+    tools, choice = extra.get("tools"), extra.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return None
+    tools = _tool_list(tools)
+    if choice is None:
+        choice = "auto"
+    if choice == "none":
+        return ToolPlan("none", tools)
+    if choice == "auto":
+        if parser_name is None:
+            raise bad_request('tool_choice "auto" needs a tool-call parser: start the server '
+                              "with --tool-call-parser NAME (this model's chat template does "
+                              'not name one), or use tool_choice "required" or a named '
+                              "function", "tool_choice")
+        return ToolPlan("auto", tools, parser=ToolParser(parser_name))
+    if choice == "required":
+        parallel = extra.get("parallel_tool_calls", True) is not False
+        return ToolPlan("required", tools, StructuredOutputsParams(
+            json=required_schema(tools, parallel)))
+    if isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        for t in tools:
+            if t["function"]["name"] == name:
+                return ToolPlan("named", tools, StructuredOutputsParams(
+                    json=_schema(t["function"])), name=name)
+        raise bad_request(f"tool_choice names the function {name!r}, which is not in tools",
+                          "tool_choice")
+    raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                      '"function": {"name": ...}}', "tool_choice")
+
+
+def template_messages(messages) -> list[dict]:
+    """Chat messages as the template sees them: assistant tool_calls with their arguments
+    as objects (what templates expect, as vLLM passes them), tool results with their id."""
+    out = []
+    for m in messages:
+        d = {}
+        calls = (m.model_extra or {}).get("tool_calls")
+        if calls:
+            d["tool_calls"] = [_template_call(c) for c in calls]
+        tcid = (m.model_extra or {}).get("tool_call_id")
+        if tcid is not None:
+            d["tool_call_id"] = tcid
+        out.append(d)
+    return out
+
+
+def _template_call(c: Any) -> dict:
+    if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+        raise bad_request("an assistant message's tool_calls must be a list of "
+                          "{\"id\", \"type\": \"function\", \"function\": {\"name\", "
+                          "\"arguments\"}}", "messages")
+    f = dict(c["function"])
+    args = f.get("arguments")
+    if isinstance(args, str):
+        try:
+            f["arguments"] = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise bad_request(f"tool call {f.get('name')!r} in messages has arguments that "
+                              "are not JSON", "messages") from None
+    return {"id": c.get("id"), "type": c.get("type", "function"), "function": f}

@@ -1,0 +1,260 @@
+"""Structured output and tool calling through `braze serve` with the `openai` client (tiny
+random llama, reference backend), and the chat template's view of tools and tool history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("xgrammar")
+
+from serve_helpers import MODEL, Server  # noqa: E402
+
+SCHEMA = {"type": "object",
+          "properties": {"city": {"type": "string", "maxLength": 6},
+                         "unit": {"enum": ["C", "F"]},
+                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+          "required": ["city", "unit", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                           "parameters": SCHEMA}},
+         {"type": "function", "function": {"name": "get_time",
+                                           "parameters": {"type": "object", "properties": {
+                                               "tz": {"enum": ["UTC", "CET"]}},
+                                               "required": ["tz"],
+                                               "additionalProperties": False}}}]
+MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    s = Server(store.artifact("llama"), tmp_path_factory.mktemp("serve-structured"),
+               "--tool-call-parser", "hermes")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def validate(value, schema):
+    try:
+        import jsonschema
+    except ImportError:
+        assert set(value) == set(schema["required"])
+        return
+    jsonschema.validate(value, schema)
+
+
+def streamed_chat(server, **kw):
+    content, calls, reasons = "", [], []
+    for chunk in server.client.chat.completions.create(model=MODEL, messages=MSGS, stream=True,
+                                                       **kw):
+        choice = chunk.choices[0]
+        reasons.append(choice.finish_reason)
+        content += choice.delta.content or ""
+        for tc in choice.delta.tool_calls or []:
+            if tc.index == len(calls):
+                assert tc.id and tc.type == "function" and tc.function.name
+                calls.append({"name": tc.function.name, "arguments": ""})
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+    assert set(reasons[:-1]) <= {None}
+    return content, calls, reasons[-1]
+
+
+def test_response_format_json_schema(server):
+    rf = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA,
+                                                 "strict": True}}
+    for seed in (0, 1, 2):
+        r = server.client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=60,
+                                                  temperature=1.0, seed=seed, response_format=rf)
+        assert r.choices[0].finish_reason == "stop"
+        validate(json.loads(r.choices[0].message.content), SCHEMA)
+    content, calls, reason = streamed_chat(server, max_tokens=60, temperature=1.0, seed=0,
+                                           response_format=rf)
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=60,
+                                              temperature=1.0, seed=0, response_format=rf)
+    assert (content, calls, reason) == (r.choices[0].message.content, [], "stop")
+    # json_object, and the completions endpoint with vLLM's fields
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40,
+                                              temperature=0, response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.startswith("{") and (r.choices[0].finish_reason == "length"
+                                     or isinstance(json.loads(text), dict))
+    r = server.client.completions.create(model=MODEL, prompt="Pick", max_tokens=10,
+                                         extra_body={"guided_choice": ["left", "right"]})
+    assert r.choices[0].text in ("left", "right")
+    r = server.client.completions.create(model=MODEL, prompt="Pick", max_tokens=10,
+                                         extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
+    assert r.choices[0].text.isdigit() and len(r.choices[0].text) == 4
+
+
+def test_tool_choice_required(server):
+    for parallel, seed in ((False, 0), (False, 1), (True, 2)):
+        kw = dict(max_tokens=120, temperature=1.0, seed=seed, tools=TOOLS,
+                  tool_choice="required", parallel_tool_calls=parallel)
+        r = server.client.chat.completions.create(model=MODEL, messages=MSGS, **kw)
+        choice = r.choices[0]
+        if choice.finish_reason == "length":      # a random model may not close the array
+            assert parallel
+            continue
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls
+        assert calls and (len(calls) == 1 or parallel)
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+        for c in calls:
+            assert c.type == "function" and c.id.startswith("call_")
+            validate(json.loads(c.function.arguments), schemas[c.function.name])
+        content, s_calls, reason = streamed_chat(server, **kw)
+        assert reason == "tool_calls" and not content
+        assert s_calls == [{"name": c.function.name, "arguments": c.function.arguments}
+                           for c in calls]
+
+
+def test_tool_choice_named(server):
+    kw = dict(max_tokens=60, temperature=1.0, seed=4, tools=TOOLS,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    validate(json.loads(call.function.arguments), SCHEMA)
+    content, calls, reason = streamed_chat(server, **kw)
+    assert (content, reason) == ("", "stop")
+    assert calls == [{"name": "get_weather", "arguments": call.function.arguments}]
+
+
+def test_tool_history_auto_and_none(server):
+    """Assistant tool_calls and tool results are accepted in the history; with "auto" the
+    (random) reply is parsed by the hermes parser: plain text here, so content."""
+    history = MSGS + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    for choice in ("auto", "none", None):
+        kw = {} if choice is None else {"tool_choice": choice}
+        r = server.client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS,
+                                                  max_tokens=8, temperature=0, **kw)
+        c = r.choices[0]
+        assert c.finish_reason in ("stop", "length") and not c.message.tool_calls
+        assert isinstance(c.message.content, str)
+
+
+def test_bad_structured_requests(server):
+    h = server.http
+    cases = [
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+        {"response_format": {"type": "xml"}},
+        {"structured_outputs": {"regex": "(("}},
+        {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+        {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tools": [{"type": "function"}]},
+        {"tool_choice": "required"},
+        {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        {"messages": MSGS + [{"role": "assistant", "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]},
+    ]
+    for extra in cases:
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                 "max_tokens": 4, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_auto_without_a_parser_is_400(store, tmp_path):
+    s = Server(store.artifact("llama"), tmp_path)
+    try:
+        r = s.http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                      "tools": TOOLS, "max_tokens": 4})
+        assert r.status_code == 400 and "--tool-call-parser" in r.json()["error"]["message"]
+        r = s.http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                      "tools": TOOLS, "tool_choice": "none",
+                                                      "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        s.stop()
+
+
+# a Qwen2.5-style template: tools in the system turn, tool calls and results in the history
+TOOL_TEMPLATE = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+<tool_call>
+{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_chat_template_gets_tools_like_transformers(store):
+    from transformers import AutoTokenizer
+
+    from braze.serving.chat import ChatTemplate
+    from braze.serving.protocol import ChatMessage
+    from braze.serving.tool_parsers import detect
+    tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    history = MSGS + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    ours = ChatTemplate(TOOL_TEMPLATE).render([ChatMessage(**m) for m in history], True,
+                                              tools=TOOLS)
+    # transformers takes the arguments as an object (vLLM converts them the same way)
+    hf_history = json.loads(json.dumps(history))
+    hf_history[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris", "days": 2}
+    hf_history[1]["content"] = ""
+    want = tok.apply_chat_template(hf_history, tools=TOOLS, chat_template=TOOL_TEMPLATE,
+                                   tokenize=False, add_generation_prompt=True)
+    assert ours == want
+    assert '"name": "get_weather", "arguments": {"city": "Paris", "days": 2}' in ours
+    assert detect(TOOL_TEMPLATE) == "hermes"
+
+
+def test_auto_parses_tool_calls_from_the_reply(server):
+    """tool_choice auto with the hermes parser: a reply forced (by a regex) into the hermes
+    format comes back as tool_calls, streamed as argument deltas, finish_reason tool_calls."""
+    regex = (r'Checking\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}'
+             r'\n</tool_call>')
+    kw = dict(max_tokens=120, temperature=1.0, seed=3, tools=TOOLS, tool_choice="auto",
+              extra_body={"structured_outputs": {"regex": regex}})
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_time"
+    assert json.loads(call.function.arguments) in ({"tz": "UTC"}, {"tz": "CET"})
+    content, calls, reason = streamed_chat(server, **kw)
+    assert (content, reason) == ("Checking.", "tool_calls")
+    assert calls == [{"name": "get_time", "arguments": call.function.arguments}]
+
+
+def test_unknown_parser_is_a_startup_error(store):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "braze", "serve", str(store.artifact("llama")),
+                        "--port", "0", "--tool-call-parser", "nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "--tool-call-parser 'nope'" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,153 @@
+"""Tool-call parsers on recorded-style model outputs of each family: the non-streamed
+parse, and the stream split at every character boundary (the concatenated deltas must
+equal the non-streamed parse)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from braze.serving.tool_parsers import ToolParser, detect, final_message
+
+WEATHER = {"city": "Paris", "unit": "celsius"}
+TIME = {"tz": "Europe/Paris", "fmt": "24h \"quoted\" {braces}"}
+
+# (parser, output, content, [(name, arguments dict)])
+CASES = [
+    ("hermes", 'I will check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+     '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
+     '"arguments": {"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" {braces}"}}\n</tool_call>',
+     "I will check.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("hermes", '<tool_call>\n{"arguments": {"city": "Paris", "unit": "celsius"}, '
+     '"name": "get_weather"}\n</tool_call>', None, [("get_weather", WEATHER)]),
+    ("hermes", "No tools needed: 2 < 3 and <tool is not a tag.", "No tools needed: 2 < 3 and "
+     "<tool is not a tag.", []),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+     None, [("get_weather", WEATHER)]),
+    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
+     '"unit": "celsius"}}; {"name": "get_time", "parameters": {"tz": "Europe/Paris", '
+     '"fmt": "24h \\"quoted\\" {braces}"}}', None, [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("llama3_json", "The weather in Paris is mild.", "The weather in Paris is mild.", []),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", '
+     '"unit": "celsius"}}, {"name": "get_time", "arguments": {"tz": "Europe/Paris", '
+     '"fmt": "24h \\"quoted\\" {braces}"}}]', None, [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("mistral", 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+     '[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" {braces}"}',
+     "Sure.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("deepseek_v3", "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+     'get_weather\n```json\n{"city": "Paris", "unit": "celsius"}\n```<｜tool▁call▁end｜>\n'
+     "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
+     '{"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" {braces}"}\n```<｜tool▁call▁end｜>'
+     "<｜tool▁calls▁end｜>", "Let me look.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+     '{"city": "Paris", "unit": "celsius"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None,
+     [("get_weather", WEATHER)]),
+    ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Paris", '
+     '"unit": "celsius"}}]', None, [("get_weather", WEATHER)]),
+    ("internlm", 'Checking the weather.<|action_start|><|plugin|>\n{"name": "get_weather", '
+     '"parameters": {"city": "Paris", "unit": "celsius"}}<|action_end|>', "Checking the weather.",
+     [("get_weather", WEATHER)]),
+    ("gemma4", 'Looking it up.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,'
+     'unit:<|"|>celsius<|"|>}<tool_call|><|tool_call>call:get_time{tz:<|"|>Europe/Paris<|"|>,'
+     'fmt:<|"|>24h "quoted" {braces}<|"|>}<tool_call|>', "Looking it up.",
+     [("get_weather", WEATHER), ("get_time", TIME)]),
+    ("gemma4", '<|tool_call>call:plan{steps:[1,2,3],deep:{ok:true,note:null},mode:fast}'
+     '<tool_call|>', None,
+     [("plan", {"steps": [1, 2, 3], "deep": {"ok": True, "note": None}, "mode": "fast"})]),
+]
+
+
+def stream(parser: ToolParser, text: str, cuts) -> tuple[str, list[dict]]:
+    """Feed the output in pieces ending at `cuts`; the concatenated content and calls."""
+    s = parser.streamer()
+    content, calls = "", []
+    prev = 0
+    for end in list(cuts) + [len(text)]:
+        if end <= prev and end != len(text):
+            continue
+        prev = end
+        for d in s.feed(text[:end], end == len(text)):
+            content += d.get("content", "")
+            for tc in d.get("tool_calls", []):
+                i = tc["index"]
+                if i == len(calls):
+                    assert tc["id"].startswith("call_") and tc["type"] == "function"
+                    assert tc["function"]["name"]
+                    calls.append({"name": tc["function"]["name"], "arguments": ""})
+                else:
+                    assert "name" not in tc.get("function", {}) and "id" not in tc
+                calls[i]["arguments"] += tc["function"].get("arguments", "")
+    return content, calls
+
+
+@pytest.mark.parametrize("name,text,content,calls", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_parse_whole_and_streamed(name, text, content, calls):
+    parser = ToolParser(name)
+    got_content, got_calls = final_message(parser.parse(text, final=True))
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] \
+        == calls
+    whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in got_calls]
+    # one character at a time, then every split into two pieces
+    for cuts in [range(1, len(text))] + [[k] for k in range(len(text) + 1)]:
+        s_content, s_calls = stream(parser, text, cuts)
+        assert s_content == (content or ""), cuts
+        assert s_calls == whole, cuts
+
+
+def test_invalid_json_is_content():
+    p = ToolParser("hermes")
+    text = '<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>'
+    assert final_message(p.parse(text)) == (text, [])
+
+
+def test_detect_from_template():
+    assert detect("{% if tools %}<tool_call>{{ x }}</tool_call>{% endif %}") == "hermes"
+    assert detect("<|python_tag|>") == "llama3_json"
+    assert detect("[TOOL_CALLS]") == "mistral"
+    assert detect("{{ bos_token }}{% for m in messages %}{% endfor %}") is None
+    with pytest.raises(ValueError):
+        ToolParser("nope")
+
+
+def test_required_and_named_plans_stream_like_they_parse():
+    """tool_choice required (a JSON array of {name, parameters}) and named (the arguments
+    alone): the same deltas contract as the parsers, and vLLM's schema for required."""
+    from types import SimpleNamespace
+
+    from braze.serving.tools import plan, required_schema
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}},
+        {"type": "function", "function": {"name": "g"}}]
+    schema = required_schema(tools, parallel=False)
+    assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
+    assert [i["properties"]["name"]["enum"] for i in schema["items"]["anyOf"]] == [["f"], ["g"]]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object",
+                                                                      "properties": {}}
+
+    def body(choice):
+        return SimpleNamespace(model_extra={"tools": tools, "tool_choice": choice})
+    req = plan(body("required"), None)
+    text = '[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters": {}}]'
+    content, calls = final_message(req.parse(text, True))
+    assert content is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+        [("f", '{"a": 1}'), ("g", "{}")]
+    named = plan(body({"type": "function", "function": {"name": "f"}}), None)
+    for p, text in ((req, text), (named, '{"a": 12}')):
+        whole = final_message(p.parse(text, True))[1]
+        want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in whole]
+        for cuts in [range(1, len(text))] + [[k] for k in range(len(text) + 1)]:
+            s_content, s_calls = stream(SimpleNamespace(streamer=p.streamer), text, cuts)
+            assert (s_content, s_calls) == ("", want)
+
+
+def test_stream_cut_by_max_tokens_keeps_what_was_sent():
+    p = ToolParser("hermes")
+    text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": [1, 2'
+    content, calls = stream(p, text, range(1, len(text)))
+    assert content == "Hi" and calls == [{"name": "f", "arguments": '{"a": [1, 2'}]
