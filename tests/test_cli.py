@@ -117,16 +117,22 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     flags = ["--backend", "reference", "--device", "cpu", "--num-kv-blocks", "9",
              "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
              "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
-             "--debug", "--trusted-keys", "keys", "--trust-artifact"]
+             "--debug", "--trusted-keys", "keys", "--trust-artifact",
+             "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv"]
     want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9, max_num_seqs=3,
                          max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
                          enable_prefix_caching=False, async_scheduling=False, debug=True,
-                         trusted_keys="keys", trust_artifact=True)
+                         trusted_keys="keys", trust_artifact=True, kv_offload_cpu_gb=0.5,
+                         kv_offload_dir="kv")
     set_by_server = {"freeze_gc"}
+    # the lower KV tier is a directory or an object store, not both: checked on its own
+    exclusive = {"kv_offload_s3"}
     assert {f.name for f in fields(EngineOptions) if getattr(want, f.name) != f.default} \
-        == {f.name for f in fields(EngineOptions)} - set_by_server
+        == {f.name for f in fields(EngineOptions)} - set_by_server - exclusive
     for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
         assert _engine_options(build_parser().parse_args(cmd + flags)) == want
+        s3 = build_parser().parse_args(cmd + ["--kv-offload-s3", "s3://b/p"])
+        assert _engine_options(s3).kv_offload_s3 == "s3://b/p"
     llm = LLM(store.artifact("llama", max_num_tokens=64, max_num_seqs=8), backend="reference",
               max_num_seqs=3, max_num_tokens=40, buckets=[1, 8, 40], num_kv_blocks=9,
               enable_prefix_caching=False)
