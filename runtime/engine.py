@@ -26,8 +26,8 @@ from .detokenizer import IncrementalDetokenizer
 from .loader import Artifact, open_artifact
 from .options import EngineOptions
 from .model_runner import ModelRunner
-from .request import Request, RequestOutput, Status, now
-from .sampler import SamplingParams
+from .request import Request, RequestOutput, Status, TokenLogprobs, now
+from .sampler import SamplingParams, bias_entries
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
@@ -84,8 +84,14 @@ class Engine:
         if len(ids) >= limit:
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
                              f"all (max_model_len), so at most {limit - 1} leave room to generate")
+        if params.num_samples > 1:
+            raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
+                             "sample per request; add params.children() as requests "
+                             "(LLM.generate and the server do)")
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=min(limit, len(ids) + params.max_tokens), arrival_time=arrival_time)
+        req.bias = bias_entries(params, list(req.eos_ids) + params.stop_token_ids,
+                                self._bad_word_ids(params))
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         elif params.stop:
@@ -94,6 +100,35 @@ class Engine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         self._counters["prompt_tokens_total"] += len(ids)
+
+    def _bad_word_ids(self, params: SamplingParams) -> list[int]:
+        """Token ids of bad words (vLLM: the word and the word after a space); a word that
+        no encoding makes one token is refused (only single-token bad words are banned)."""
+        vocab = self.vocab_size
+        checks = [("logit_bias", t) for t in (params.logit_bias or {})]
+        checks += [("bad_words_token_ids", t) for t in params.bad_words_token_ids]
+        for name, t in checks:
+            if vocab and t >= vocab:
+                raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})")
+        ids = list(params.bad_words_token_ids)
+        if not params.bad_words:
+            return ids
+        if self.tokenizer is None:
+            raise BrazeError("bad_words need a tokenizer and this artifact has none; use "
+                             "bad_words_token_ids")
+        lead = self.tokenizer.encode("")            # a BOS the tokenizer adds by itself
+        for word in params.bad_words:
+            single = []
+            for text in (word, " " + word.lstrip(" ")):
+                enc = self.tokenizer.encode(text)
+                enc = enc[len(lead):] if enc[:len(lead)] == lead else enc
+                if len(enc) == 1:
+                    single.append(enc[0])
+            if not single:
+                raise BrazeError(f"bad_words: {word!r} is several tokens; only bad words that "
+                                 "are one token (alone or after a space) are supported")
+            ids += single
+        return ids
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -167,12 +202,13 @@ class Engine:
         """A step's tokens are back: its blocks enter the prefix cache, its tokens join
         their requests (dropped for requests that finished meanwhile), stops are checked."""
         tokens = result.tokens()
+        logprobs = result.logprobs()
         self.scheduler.commit(sched)
         t = now()
         outputs = []
         n = 0
         finished = Status.FINISHED
-        for c, token in zip(sched.chunks, tokens):
+        for i, (c, token) in enumerate(zip(sched.chunks, tokens)):
             if not c.samples:
                 continue
             req = c.request
@@ -182,6 +218,10 @@ class Engine:
             out_ids = req.output_token_ids
             out_ids.append(token)
             req.all_token_ids.append(token)
+            if req.logprobs is not None:
+                lp, rank, top = logprobs[i]
+                req.logprobs.append(TokenLogprobs(token, lp, rank, top[:req.params.logprobs]))
+                req.cumulative_logprob += lp
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = t
@@ -223,6 +263,10 @@ class Engine:
         # runs and is final once it finishes
         out = RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, None,
                             new_ids, "", finished, req.finish_reason, req.stop_reason, metrics)
+        if req.logprobs is not None:
+            out.logprobs = req.logprobs
+            out.new_logprobs = req.logprobs[len(req.logprobs) - len(new_ids):]
+            out.cumulative_logprob = req.cumulative_logprob
         if req.detok is not None:
             if req.params.stop:          # already detokenised in the step, for the stop check
                 out._new_text = req.detok.output_delta(finished)

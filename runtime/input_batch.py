@@ -21,7 +21,7 @@ from braze.ir.types import torch_dtype
 
 from .graph_runner import PADDING, pad_step
 from .request import Request
-from .sampler import SamplingTensors
+from .sampler import Logprobs, SamplingTensors, compute_logprobs
 from .scheduler import ScheduledChunk
 
 I64, I32 = torch.int64, torch.int32
@@ -53,7 +53,7 @@ class PersistentBatch:
         self._arange = torch.arange(max(max_num_seqs, static["input_ids"].shape[0]) + 1,
                                     dtype=I64, **z)
         self._pending_tokens: list[tuple[int, list[int]]] = []
-        self._pending_params: list[tuple[int, tuple]] = []   # (row, (prompt len, params, seed))
+        self._pending_params: list[tuple[int, tuple]] = []   # (row, (prompt len, params, seed, bias))
 
     # ---------------------------------------------------------------- rows
 
@@ -61,7 +61,7 @@ class PersistentBatch:
     def num_free_rows(self) -> int:
         return len(self._free_rows)
 
-    def add(self, req: Request, seed: int) -> None:
+    def add(self, req: Request, seed: int, bias: list | None = None) -> None:
         """Give a (re)admitted request a row; its tokens and settings go to the device with
         the next step's deltas."""
         if req.row is not None:
@@ -72,7 +72,8 @@ class PersistentBatch:
         req.row = row
         self._blocks_sent[row] = 0
         self._pending_tokens.append((row, req.all_token_ids))
-        self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed)))
+        self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed,
+                                           bias if bias is not None else [])))
 
     def remove(self, req: Request) -> None:
         if req.row is not None:
@@ -95,10 +96,10 @@ class PersistentBatch:
         self._pending_tokens.clear()
         if self._pending_params:
             rows = [r for r, _ in self._pending_params]
-            prompt_lens, params, seeds = zip(*[v for _, v in self._pending_params])
+            prompt_lens, params, seeds, bias = zip(*[v for _, v in self._pending_params])
             idx = torch.tensor(rows, dtype=I64).to(self.device)
             self.prompt_len[idx] = torch.tensor(prompt_lens, dtype=I64).to(self.device)
-            self.sampling.set_rows(rows, params, seeds)
+            self.sampling.set_rows(rows, params, seeds, bias)
             self._pending_params.clear()
         rows, cols, vals = [], [], []
         bs, sent_of = self.block_size, self._blocks_sent
@@ -166,12 +167,28 @@ class PersistentBatch:
         self.token_ids[rows, col] = tokens
 
     def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], rows: torch.Tensor,
-               seq_lens: torch.Tensor) -> torch.Tensor:
-        """Each sequence's next token; its counter (the output index being drawn) is derived
-        from the sequence: tokens after this step less the prompt."""
+               seq_lens: torch.Tensor) -> tuple[torch.Tensor, Logprobs | None]:
+        """Each sequence's next token, and the raw logprobs when a row reports them. Its
+        counter (the output index being drawn) is derived from the sequence: tokens after
+        this step less the prompt. Penalties read the rows' token histories here, on the
+        device (with async scheduling the last sampled token is already there)."""
         host_rows = [c.request.row for c in chunks]
         s = self.sampling
+        bias, penalties = s.needs_bias(host_rows), s.needs_penalties(host_rows)
+        counters = None
+        if bias or penalties or not s.all_greedy(host_rows):
+            counters = seq_lens.to(I64) - self.prompt_len[rows]
+        tokens = None
+        if penalties:     # the histories up to the longest sequence of the step
+            width = max(c.start + c.num_new for c in chunks)
+            tokens = self.token_ids[rows, :width]
+        proc = s.processing(rows, bias=bias, penalties=penalties, tokens=tokens,
+                            prompt_len=self.prompt_len[rows] if penalties else None,
+                            seq_len=seq_lens.to(I64) if penalties else None)
         if s.all_greedy(host_rows):
-            return s.sample(logits, rows, None, greedy_only=True)
-        return s.sample(logits.float(), rows, seq_lens.to(I64) - self.prompt_len[rows],
-                        filter=s.needs_filter(host_rows))
+            out = s.sample(logits, rows, counters, greedy_only=True, proc=proc)
+        else:
+            out = s.sample(logits.float(), rows, counters, filter=s.needs_filter(host_rows),
+                           proc=proc)
+        k = s.num_logprobs(host_rows)
+        return out, (compute_logprobs(logits, out, k) if k >= 0 else None)

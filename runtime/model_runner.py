@@ -17,7 +17,7 @@ from .input_batch import PersistentBatch, static_buffers
 from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .options import EngineOptions
-from .sampler import resolve_seed
+from .sampler import Logprobs, resolve_seed
 from .scheduler import ScheduledChunk
 
 
@@ -51,7 +51,7 @@ class ModelRunner:
         self.graphs.capture(progress=progress)
 
     def add(self, req) -> None:
-        self.batch.add(req, resolve_seed(req.params.seed))
+        self.batch.add(req, resolve_seed(req.params.seed), req.bias)
 
     def remove(self, req) -> None:
         self.batch.remove(req)
@@ -69,28 +69,45 @@ class ModelRunner:
         else:
             logits = logits.index_select(0, self.static["logits_indices"][:S])
         rows, seq_lens = meta["rows"], meta["seq_lens"]
-        tokens = self.batch.sample(logits, chunks, rows, seq_lens)
+        tokens, logprobs = self.batch.sample(logits, chunks, rows, seq_lens)
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
-        return StepResult(tokens)
+        return StepResult(tokens, logprobs)
 
 
 class StepResult:
-    """A launched step's sampled tokens, copied to the host without blocking the launch."""
+    """A launched step's sampled tokens (and raw logprobs when a row asked for them),
+    copied to the host without blocking the launch."""
 
-    def __init__(self, tokens: torch.Tensor):
+    def __init__(self, tokens: torch.Tensor, logprobs: Logprobs | None = None):
         self._event = None
+        parts = [tokens]
+        if logprobs is not None:
+            parts += [logprobs.sampled, logprobs.rank, logprobs.top_ids, logprobs.top_logprobs]
         if tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._parts = [_to_pinned(t) for t in parts]
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = tokens
+            self._parts = parts
 
     def tokens(self) -> list[int]:
         if self._event is not None:
             self._event.synchronize()
-        return self._host.tolist()
+        return self._parts[0].tolist()
+
+    def logprobs(self) -> list[tuple] | None:
+        """Per row: (sampled token's logprob, its rank, [(top id, logprob), ...]); None
+        when no row asked. Call after tokens()."""
+        if len(self._parts) == 1:
+            return None
+        sampled, rank, ids, lps = (p.tolist() for p in self._parts[1:])
+        return [(s, r, list(zip(i, v))) for s, r, i, v in zip(sampled, rank, ids, lps)]
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _limit(name: str, value: int | None, compiled: int) -> int:

@@ -24,12 +24,16 @@ import math
 import numbers
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from braze.ir.errors import BrazeError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024          # OpenAI allows 300; vLLM any. Entries per request.
+MAX_LOGPROBS = 20              # OpenAI's top_logprobs limit
+MAX_N = 64
+MAX_REPETITION_PENALTY = 100.0
 OUTPUT_KINDS = ("delta", "final")
 SEED_LIMIT = 1 << 63          # seeds are in [0, 2**63)
 
@@ -55,6 +59,19 @@ class SamplingParams:
     # "delta": the engine reports the request after every step that gives it tokens (for
     # streaming); "final": only when it finishes (offline generation: less host work)
     output_kind: str = "delta"
+    # logits processing (vLLM semantics), applied on the device, batched (sample_batch)
+    presence_penalty: float = 0.0     # OpenAI: minus this for every token already generated
+    frequency_penalty: float = 0.0    # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0   # HF/vLLM: prompt + output tokens: logit / p if > 0 else * p
+    logit_bias: dict[int, float] | None = None   # token id -> bias, each in [-100, 100]
+    min_tokens: int = 0               # EOS and stop_token_ids banned until this many are out
+    bad_words: list[str] = field(default_factory=list)   # words never generated
+    bad_words_token_ids: list[int] = field(default_factory=list)   # ids never generated
+    # what is reported: raw model logprobs (vLLM's default logprobs_mode "raw_logprobs")
+    logprobs: int | None = None       # None: none; N >= 0: the sampled token's and top N
+    # parallel samples: `n` outputs per prompt, the best `n` of `best_of` by cumulative logprob
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -69,6 +86,14 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
+        if self.bad_words is None:
+            self.bad_words = []
+        elif isinstance(self.bad_words, (str, tuple)):
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if self.bad_words_token_ids is None:
+            self.bad_words_token_ids = []
+        elif isinstance(self.bad_words_token_ids, tuple):
+            self.bad_words_token_ids = list(self.bad_words_token_ids)
 
     def validate(self) -> None:
         """Raise BrazeError naming the first bad parameter and its value."""
@@ -108,6 +133,51 @@ class SamplingParams:
         if self.output_kind not in OUTPUT_KINDS:
             raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
                              f"got {self.output_kind!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not -2 <= v <= 2:
+                raise BrazeError(f"{name} must be a number in [-2, 2], got {v!r}")
+        v = self.repetition_penalty
+        if not _is_real(v) or not math.isfinite(v) or not 0 < v <= MAX_REPETITION_PENALTY:
+            raise BrazeError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY}] "
+                             f"(1 = none), got {v!r}")
+        v = self.logit_bias
+        if v is not None:
+            if not isinstance(v, dict):
+                raise BrazeError(f"logit_bias must be a map of token id to bias, got {v!r}")
+            if len(v) > MAX_LOGIT_BIAS:
+                raise BrazeError(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+            clean = {}
+            for t, b in v.items():
+                tid = int(t) if isinstance(t, str) and t.strip().lstrip("-").isdigit() else t
+                if not _is_int(tid) or tid < 0:
+                    raise BrazeError(f"logit_bias keys must be token ids >= 0, got {t!r} in logit_bias")
+                if not _is_real(b) or not math.isfinite(b):
+                    raise BrazeError(f"logit_bias values must be numbers in [-100, 100], got {b!r} "
+                                     f"for token {t!r} in logit_bias")
+                clean[int(tid)] = max(-100.0, min(100.0, float(b)))
+            self.logit_bias = clean
+        v = self.min_tokens
+        if not _is_int(v) or v < 0:
+            raise BrazeError(f"min_tokens must be an integer >= 0, got {v!r}")
+        if _is_int(self.max_tokens) and v > self.max_tokens:
+            raise BrazeError(f"min_tokens ({v}) must not exceed max_tokens ({self.max_tokens})")
+        v = self.bad_words
+        if not isinstance(v, list) or not all(isinstance(w, str) and w for w in v):
+            raise BrazeError(f"bad_words must be a list of non-empty strings, got {v!r}")
+        v = self.bad_words_token_ids
+        if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
+            raise BrazeError(f"bad_words_token_ids must be a list of token ids >= 0, got {v!r}")
+        v = self.logprobs
+        if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+            raise BrazeError(f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        v = self.n
+        if not _is_int(v) or not 1 <= v <= MAX_N:
+            raise BrazeError(f"n must be an integer in [1, {MAX_N}], got {v!r}")
+        v = self.best_of
+        if v is not None and (not _is_int(v) or not self.n <= v <= MAX_N):
+            raise BrazeError(f"best_of must be null or an integer in [n, {MAX_N}] (n={self.n}), "
+                             f"got {v!r}")
 
     @property
     def greedy(self) -> bool:
@@ -117,6 +187,29 @@ class SamplingParams:
     def filters(self) -> bool:
         """True when top-k or top-p restricts the sampled set (matters only when not greedy)."""
         return not self.greedy and (self.top_k > 0 or self.top_p < 1)
+
+    @property
+    def penalties(self) -> bool:
+        """True when a penalty changes the logits (they need the token history)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated for the prompt: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def children(self) -> list[SamplingParams]:
+        """The n=1 requests that make up a parallel-sampling request (itself when n=1 and no
+        best_of). A seeded parent gives child i the seed + i (each child is reproducible and
+        the children differ); best_of > n also needs each child's cumulative logprob."""
+        k = self.num_samples
+        if k == 1:
+            return [self]
+        lp = self.logprobs if self.logprobs is not None or k == self.n else 0
+        return [replace(self, n=1, best_of=None, logprobs=lp,
+                        seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT)
+                for i in range(k)]
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -198,16 +291,88 @@ def _restrict(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     return scaled.masked_fill(scaled < threshold, float("-inf"))
 
 
+# ---------------------------------------------------------------------------------------
+# logits processing: each step is a function of the logits and per-row tensors, in the
+# order vLLM's sampler applies them (bias-like processors, then penalties); temperature,
+# top-k/top-p and the Gumbel draw follow in sample_batch. A new step (a grammar bitmask,
+# say) is one more function called from `process_logits`.
+
+NEVER = 1 << 62        # an "until" counter no request reaches: the entry always applies
+
+
+def apply_sparse_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+                      until: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Add values[s, j] to logits[s, ids[s, j]] while counters[s] < until[s, j].
+
+    One table holds logit_bias (finite values), bad words (-inf) and min_tokens (-inf for
+    EOS and stop ids until the row's min_tokens); unused entries are (id 0, value 0).
+    """
+    live = counters[:, None] < until
+    add = torch.zeros_like(logits).scatter_add_(1, ids, torch.where(live, values, 0.0))
+    return logits + add
+
+
+def apply_penalties(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: torch.Tensor,
+                    seq_len: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
+                    repetition: torch.Tensor) -> torch.Tensor:
+    """vLLM's penalties from each row's token history (tokens i64[S, L]: positions below
+    prompt_len[s] are the prompt, those in [prompt_len[s], seq_len[s]) the output so far;
+    later columns are ignored). Repetition (prompt and output): a positive logit is divided
+    by the penalty, a negative one multiplied. Then frequency (times the token's count in
+    the output) and presence (once per token in the output) are subtracted.
+
+    The counts are rebuilt from the history each step (as vLLM does) rather than kept in a
+    persistent [slots, vocab] tensor: nothing to keep right across preemption, recompute
+    and async steps, and the [S, V] scratch exists only in steps with penalties.
+    """
+    S, V = logits.shape
+    pos = torch.arange(tokens.shape[1], device=logits.device)
+    seen = pos[None, :] < seq_len[:, None]
+    is_out = seen & (pos[None, :] >= prompt_len[:, None])
+    tok = tokens.clamp(0, V - 1)
+    counts = torch.zeros_like(logits).scatter_add_(1, tok, is_out.to(logits.dtype))
+    in_seq = torch.zeros_like(logits).scatter_add_(1, tok, seen.to(logits.dtype)) > 0
+    rep = repetition[:, None]
+    logits = torch.where(in_seq, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+@dataclass
+class Processing:
+    """Per-row inputs of the logits-processing steps for one step's rows; a None group
+    skips its step (the host knows from its mirrors which steps any row needs)."""
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # ids, values, until
+    penalties: tuple[torch.Tensor, ...] | None = None   # tokens, prompt_len, seq_len, pres, freq, rep
+
+    @property
+    def empty(self) -> bool:
+        return self.bias is None and self.penalties is None
+
+
+def process_logits(logits: torch.Tensor, counters: torch.Tensor | None,
+                   proc: Processing | None) -> torch.Tensor:
+    """The logits the sampler draws from: float32, then each processing step in order."""
+    logits = logits.float()
+    if proc is None:
+        return logits
+    if proc.bias is not None:
+        logits = apply_sparse_bias(logits, *proc.bias, counters)
+    if proc.penalties is not None:
+        logits = apply_penalties(logits, *proc.penalties)
+    return logits
+
+
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,
-                 filter: bool = True) -> torch.Tensor:
+                 filter: bool = True, proc: Processing | None = None) -> torch.Tensor:
     """One token per row: logits [S, V] -> i64[S], on the logits' device.
 
     temperature f32[S] (0 = greedy argmax), top_k i64[S] (0 = no limit), top_p f32[S],
     seeds i64[S], counters i64[S]. `filter=False` skips top-k/top-p (and their sort);
-    pass it only when no sampled row restricts its set.
+    pass it only when no sampled row restricts its set. `proc`: penalties, logit bias,
+    bad words, min_tokens (process_logits), applied first, to greedy rows too.
     """
-    logits = logits.float()
+    logits = process_logits(logits, counters, proc)
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     scaled = logits / t[:, None]
@@ -217,6 +382,43 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return torch.where(greedy, logits.argmax(dim=-1), scores.argmax(dim=-1))
 
 
+@dataclass
+class Logprobs:
+    """The model's logprobs (log_softmax of the raw logits) for a step's rows: the sampled
+    token's f32[S] and its rank i64[S] (1 = the most likely), the top ids and logprobs
+    [S, K] (K = the largest request's top count in the step)."""
+    sampled: torch.Tensor
+    rank: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> Logprobs:
+    """Raw logprobs, as vLLM reports by default (logprobs_mode "raw_logprobs"): of the
+    model's distribution, before penalties, bias, temperature and top-k/top-p."""
+    lp = torch.log_softmax(raw_logits.float(), dim=-1)
+    sampled = lp.gather(1, tokens[:, None])
+    rank = (lp > sampled).sum(dim=-1) + 1
+    top = torch.topk(lp, k, dim=-1) if k > 0 else None
+    empty = lp[:, :0]
+    return Logprobs(sampled[:, 0], rank,
+                    top.indices if top is not None else empty.long(),
+                    top.values if top is not None else empty)
+
+
+def bias_entries(params: SamplingParams, stop_ids: Iterable[int] = (),
+                 bad_ids: Iterable[int] = ()) -> list[tuple[int, float, int]]:
+    """The (token id, value, until) rows of a request's sparse bias table: logit_bias,
+    single-token bad words (-inf always), and EOS/stop ids banned (-inf) while fewer than
+    min_tokens tokens are out. `stop_ids`: the ids that would end it (EOS unless
+    ignore_eos, and stop_token_ids); `bad_ids`: bad words' token ids."""
+    out = [(t, b, NEVER) for t, b in (params.logit_bias or {}).items()]
+    out += [(t, float("-inf"), NEVER) for t in dict.fromkeys(bad_ids)]
+    if params.min_tokens > 0:
+        out += [(t, float("-inf"), params.min_tokens) for t in dict.fromkeys(stop_ids)]
+    return out
+
+
 class SamplingTensors:
     """Per-row sampling parameters in persistent tensors, one row per persistent-batch slot.
 
@@ -224,6 +426,10 @@ class SamplingTensors:
     samples logits row i for slot rows[i]. The counter (the index of the token being
     sampled in the request's output) is not stored here: the caller derives it from the
     sequence, so it stays right across preemption and recompute.
+
+    Logits processing: penalties (f32 per row), and a sparse bias table [rows, W] of
+    (id, value, until) entries (bias_entries) whose width W grows to the widest request
+    seen (a few KB per row; the table is only read in steps where a row has entries).
     """
 
     def __init__(self, max_rows: int, device: str | torch.device = "cpu"):
@@ -234,16 +440,28 @@ class SamplingTensors:
         self.top_k = torch.zeros(max_rows, dtype=i64, device=self.device)
         self.top_p = torch.ones(max_rows, dtype=f32, device=self.device)
         self.seeds = torch.zeros(max_rows, dtype=i64, device=self.device)
+        self.presence = torch.zeros(max_rows, dtype=f32, device=self.device)
+        self.frequency = torch.zeros(max_rows, dtype=f32, device=self.device)
+        self.repetition = torch.ones(max_rows, dtype=f32, device=self.device)
+        self.bias_ids = torch.zeros(max_rows, 0, dtype=i64, device=self.device)
+        self.bias_values = torch.zeros(max_rows, 0, dtype=f32, device=self.device)
+        self.bias_until = torch.zeros(max_rows, 0, dtype=i64, device=self.device)
         self._greedy = [True] * max_rows      # host mirrors, to pick the cheap path
         self._filters = [False] * max_rows
+        self._penalties = [False] * max_rows
+        self._bias = [False] * max_rows
+        self._logprobs = [-1] * max_rows      # top count reported, -1: no logprobs
 
     def set_rows(self, rows: Sequence[int], params: Sequence[SamplingParams],
-                 seeds: Sequence[int]) -> None:
-        """Fill slots `rows` from validated params; `seeds` already resolved (resolve_seed)."""
+                 seeds: Sequence[int], entries: Sequence[list] | None = None) -> None:
+        """Fill slots `rows` from validated params; `seeds` already resolved (resolve_seed);
+        `entries`: each row's sparse bias table (bias_entries), default logit_bias only."""
         if not rows:
             return
         if not len(rows) == len(params) == len(seeds):
             raise ValueError("rows, params and seeds must have the same length")
+        if entries is None:
+            entries = [bias_entries(p) for p in params]
         idx = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
 
         def put(dst: torch.Tensor, values) -> None:
@@ -253,9 +471,35 @@ class SamplingTensors:
         put(self.top_k, [int(p.top_k) if p.top_k > 0 else 0 for p in params])
         put(self.top_p, [float(p.top_p) for p in params])
         put(self.seeds, [int(s) for s in seeds])
-        for r, p in zip(rows, params):
+        put(self.presence, [float(p.presence_penalty) for p in params])
+        put(self.frequency, [float(p.frequency_penalty) for p in params])
+        put(self.repetition, [float(p.repetition_penalty) for p in params])
+        width = max(len(e) for e in entries)
+        if width > self.bias_ids.shape[1]:
+            self._widen(width)
+        if width or any(self._bias[r] for r in rows):
+            w = self.bias_ids.shape[1]
+            pad = [e + [(0, 0.0, 0)] * (w - len(e)) for e in entries]
+            put(self.bias_ids, [[t for t, _, _ in e] for e in pad])
+            put(self.bias_values, [[v for _, v, _ in e] for e in pad])
+            put(self.bias_until, [[u for _, _, u in e] for e in pad])
+        for r, p, e in zip(rows, params, entries):
             self._greedy[r] = p.greedy
             self._filters[r] = p.filters
+            self._penalties[r] = p.penalties
+            self._bias[r] = bool(e)
+            self._logprobs[r] = -1 if p.logprobs is None else int(p.logprobs)
+
+    def _widen(self, width: int) -> None:
+        w = 1 << max(0, width - 1).bit_length()           # next power of two
+        old = self.bias_ids.shape[1]
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros(self.max_rows, w, dtype=t.dtype, device=self.device)
+            new[:, :old] = t
+            return new
+        self.bias_ids, self.bias_values, self.bias_until = (
+            grow(self.bias_ids), grow(self.bias_values), grow(self.bias_until))
 
     def all_greedy(self, rows: Iterable[int]) -> bool:
         return all(self._greedy[r] for r in rows)
@@ -263,15 +507,43 @@ class SamplingTensors:
     def needs_filter(self, rows: Iterable[int]) -> bool:
         return any(self._filters[r] for r in rows)
 
-    def sample(self, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor, *,
-               filter: bool = True, greedy_only: bool = False) -> torch.Tensor:
+    def needs_penalties(self, rows: Iterable[int]) -> bool:
+        return any(self._penalties[r] for r in rows)
+
+    def needs_bias(self, rows: Iterable[int]) -> bool:
+        return any(self._bias[r] for r in rows)
+
+    def num_logprobs(self, rows: Iterable[int]) -> int:
+        """The largest top count the rows report; -1 when none reports logprobs."""
+        return max((self._logprobs[r] for r in rows), default=-1)
+
+    def processing(self, rows: torch.Tensor, *, bias: bool, penalties: bool,
+                   tokens: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None,
+                   seq_len: torch.Tensor | None = None) -> Processing | None:
+        """The Processing of slots `rows` (i64[S] on device) for the steps asked for;
+        penalties need each row's token history (tokens [S, L]) and its prompt and
+        sequence lengths."""
+        if not (bias or penalties):
+            return None
+        proc = Processing()
+        if bias:
+            proc.bias = (self.bias_ids[rows], self.bias_values[rows], self.bias_until[rows])
+        if penalties:
+            proc.penalties = (tokens, prompt_len, seq_len, self.presence[rows],
+                              self.frequency[rows], self.repetition[rows])
+        return proc
+
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor | None, *,
+               filter: bool = True, greedy_only: bool = False,
+               proc: Processing | None = None) -> torch.Tensor:
         """Tokens i64[S] for logits [S, V] whose row i belongs to slot rows[i] (i64[S] on
         device), drawing token number counters[i] of that request's output.
 
         Host flags (from `all_greedy` / `needs_filter`) choose cheaper paths:
-        greedy_only=True is a plain argmax, filter=False skips the top-k/top-p sort.
+        greedy_only=True is an argmax (of the processed logits when `proc` is given),
+        filter=False skips the top-k/top-p sort.
         """
         if greedy_only:
-            return logits.argmax(dim=-1)
+            return process_logits(logits, counters, proc).argmax(dim=-1)
         return sample_batch(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                            self.seeds[rows], counters, filter=filter)
+                            self.seeds[rows], counters, filter=filter, proc=proc)
