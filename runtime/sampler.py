@@ -32,7 +32,7 @@ from braze.ir.errors import BrazeError
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024          # OpenAI allows 300; vLLM any. Entries per request.
 MAX_LOGPROBS = 20              # OpenAI's top_logprobs limit
-MAX_N = 64
+MAX_N = 128                    # samples per prompt (n, best_of): bounds the fan-out
 MAX_REPETITION_PENALTY = 100.0
 OUTPUT_KINDS = ("delta", "final")
 SEED_LIMIT = 1 << 63          # seeds are in [0, 2**63)
