@@ -75,6 +75,11 @@ class BlockManager:
     def num_tokens(self, seq_id) -> int:
         return self._seq(seq_id).num_tokens
 
+    def num_registered(self, seq_id) -> int:
+        """Leading blocks of the sequence that are in the prefix cache (0 when unknown)."""
+        seq = self._seqs.get(seq_id)
+        return 0 if seq is None else seq.registered
+
     def ref_count(self, block: int) -> int:
         return self._ref[block]
 

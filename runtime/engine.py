@@ -73,8 +73,10 @@ class Engine:
     # ------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids."""
+                    arrival_time: float | None = None, group: str | None = None) -> None:
+        """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
+        `group`: parallel samples of one prompt (SamplingParams.children) name the same
+        group, so they share the prompt's KV blocks (runtime/scheduler.py)."""
         params = params or SamplingParams()
         params.validate()
         if request_id in self.requests:
@@ -90,6 +92,7 @@ class Engine:
                              "(LLM.generate and the server do)")
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=min(limit, len(ids) + params.max_tokens), arrival_time=arrival_time)
+        req.group = group
         req.bias = bias_entries(params, list(req.eos_ids) + params.stop_token_ids,
                                 self._bad_word_ids(params))
         if self.tokenizer is not None:

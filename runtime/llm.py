@@ -56,7 +56,8 @@ class LLM:
                 children = sp.children()       # n > 1 / best_of: one request per sample
                 group = [base] if len(children) == 1 else [f"{base}-{i}" for i in range(len(children))]
                 for rid, child in zip(group, children):
-                    self.engine.add_request(rid, p, child)
+                    self.engine.add_request(rid, p, child,
+                                            group=base if len(children) > 1 else None)
                     ids.append(rid)
                 groups.append((sp, group))
             final = self.engine.run_to_completion(ids)

@@ -155,7 +155,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "eos_ids", "max_len", "reported_tokens", "num_pending",
-                 "bias", "logprobs", "cumulative_logprob")
+                 "bias", "logprobs", "cumulative_logprob", "group")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -178,6 +178,7 @@ class Request:
         self.bias: list = []                  # sparse bias table entries (sampler.bias_entries)
         self.logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
+        self.group = None                     # parallel samples of one prompt share a group
 
     @property
     def num_tokens(self) -> int:

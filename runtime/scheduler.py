@@ -7,6 +7,10 @@ a request part-way through its prompt takes as much of the rest as the budget al
 the budget, the sequence limit and the KV cache allow; admission needs blocks for
 the whole prompt (less what the prefix cache already holds).
 
+Parallel samples of one prompt (n, best_of: requests with the same `group`) share its
+KV blocks through the prefix cache: a sibling waits while another one is still
+prefilling the prompt, then is admitted with the prompt's full blocks as cache hits.
+
 When a running request needs a new block and none is free, the most recently
 admitted running request is preempted by recompute: its blocks are freed, it goes
 back to the front of the waiting queue with its output so far, and on readmission
@@ -120,6 +124,8 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:         # preempted while a token was in flight: wait for it
                 break
+            if req.group is not None and self._sibling_prefilling(req):
+                break                   # share the sibling's prompt blocks once they are cached
             tokens = req.all_token_ids
             if not self.bm.can_allocate(tokens, self.watermark if self.running else 0):
                 break
@@ -135,6 +141,16 @@ class Scheduler:
             req.num_computed = cached + num_new
             budget -= num_new
         return out
+
+    def _sibling_prefilling(self, req: Request) -> bool:
+        """A parallel sample (same `group`, same prompt) is running but its prompt's full
+        blocks are not in the prefix cache yet: admitting `req` now would compute the
+        prompt again instead of sharing those blocks."""
+        full = len(req.prompt_token_ids) // self.bm.block_size
+        if full == 0 or not self.bm.enable_prefix_caching:
+            return False
+        return any(r.group == req.group and self.bm.num_registered(r.request_id) < full
+                   for r in self.running)
 
     def _grow(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room in the cache for `num_new` more tokens of `req`, preempting the most

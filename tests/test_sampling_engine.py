@@ -164,6 +164,19 @@ def test_n_and_best_of_through_llm_generate(art):
     assert s["num_running"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]
 
 
+@pytest.mark.parametrize("lag", [False, True])
+def test_parallel_samples_share_the_prompts_blocks(art, lag):
+    llm = LLM(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
+    p = prompts_of([40], seed=19)[0]                 # two full 16-token blocks
+    sp = SamplingParams(max_tokens=4, temperature=1.0, seed=5, n=4, ignore_eos=True)
+    (o,) = llm.generate([p], sp)
+    assert llm.stats()["prefix_cache_hit_tokens"] == 3 * 32     # each sibling hits both
+    alone = [LLM(art, backend="reference", num_kv_blocks=64).generate(
+        [p], SamplingParams(max_tokens=4, temperature=1.0, seed=5 + i, ignore_eos=True))[0]
+        for i in range(4)]
+    assert [x.token_ids for x in o.outputs] == [x.token_ids for x in alone]
+
+
 def test_n_samples_follow_the_models_distribution(art, model):
     """6 x n=100 one-token samples at temperature 1.3: frequencies = softmax(hf_logits / T)."""
     llm = LLM(art, backend="reference", num_kv_blocks=256)
