@@ -140,7 +140,8 @@ class AsyncEngine:
             return "the engine is not running (see the server log)"
         return None
 
-    async def add(self, request_id: str, prompt, params, num_prompt_tokens: int) -> RequestStream:
+    async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
+                  group: str | None = None) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here)."""
         reason = self.unavailable_reason()
         if reason is not None:
@@ -151,7 +152,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = self._loop.create_future()
         self._streams[request_id] = stream
-        self._send(("add", request_id, prompt, params, ack))
+        self._send(("add", request_id, prompt, params, ack, group))
         try:
             await ack
         except asyncio.CancelledError:
@@ -261,9 +262,9 @@ class AsyncEngine:
                 acks, must_step = [], False
                 for cmd in cmds:
                     if cmd[0] == "add":
-                        _, rid, prompt, params, fut = cmd
+                        _, rid, prompt, params, fut, group = cmd
                         try:
-                            eng.add_request(rid, prompt, params)
+                            eng.add_request(rid, prompt, params, group=group)
                             acks.append((fut, None))
                         except Exception as e:      # BrazeError: the client's fault → 400
                             acks.append((fut, e))
