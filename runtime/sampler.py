@@ -544,6 +544,8 @@ class SamplingTensors:
         filter=False skips the top-k/top-p sort.
         """
         if greedy_only:
+            if proc is None:
+                return logits.argmax(dim=-1)
             return process_logits(logits, counters, proc).argmax(dim=-1)
         return sample_batch(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
                             self.seeds[rows], counters, filter=filter, proc=proc)
