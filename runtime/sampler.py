@@ -306,10 +306,10 @@ def apply_sparse_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Ten
 
     One table holds logit_bias (finite values), bad words (-inf) and min_tokens (-inf for
     EOS and stop ids until the row's min_tokens); unused entries are (id 0, value 0).
+    One scatter_add into a copy of the logits: O(S * W) work past the copy.
     """
     live = counters[:, None] < until
-    add = torch.zeros_like(logits).scatter_add_(1, ids, torch.where(live, values, 0.0))
-    return logits + add
+    return logits.scatter_add(1, ids, torch.where(live, values, 0.0))
 
 
 def apply_penalties(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: torch.Tensor,
@@ -317,24 +317,31 @@ def apply_penalties(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: torc
                     repetition: torch.Tensor) -> torch.Tensor:
     """vLLM's penalties from each row's token history (tokens i64[S, L]: positions below
     prompt_len[s] are the prompt, those in [prompt_len[s], seq_len[s]) the output so far;
-    later columns are ignored). Repetition (prompt and output): a positive logit is divided
-    by the penalty, a negative one multiplied. Then frequency (times the token's count in
-    the output) and presence (once per token in the output) are subtracted.
+    later columns are ignored; seq_len >= 1). Repetition (prompt and output): a positive
+    logit is divided by the penalty, a negative one multiplied. Then frequency (times the
+    token's count in the output) and presence (once per token in the output) are
+    subtracted.
 
     The counts are rebuilt from the history each step (as vLLM does) rather than kept in a
     persistent [slots, vocab] tensor: nothing to keep right across preemption, recompute
-    and async steps, and the [S, V] scratch exists only in steps with penalties.
+    and async steps, and the [S, V] count scratch exists only in steps with penalties.
+    Only the tokens of the history change, so the new values are computed at the history's
+    [S, L] positions and scattered into a copy of the logits (every position of a token
+    carries the same value; positions past seq_len repeat position 0's).
     """
-    S, V = logits.shape
+    V = logits.shape[1]
     pos = torch.arange(tokens.shape[1], device=logits.device)
     seen = pos[None, :] < seq_len[:, None]
     is_out = seen & (pos[None, :] >= prompt_len[:, None])
     tok = tokens.clamp(0, V - 1)
     counts = torch.zeros_like(logits).scatter_add_(1, tok, is_out.to(logits.dtype))
-    in_seq = torch.zeros_like(logits).scatter_add_(1, tok, seen.to(logits.dtype)) > 0
+    g = logits.gather(1, tok)
+    cnt = counts.gather(1, tok)
     rep = repetition[:, None]
-    logits = torch.where(in_seq, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+    new = (torch.where(g > 0, g / rep, g * rep) - frequency[:, None] * cnt
+           - presence[:, None] * (cnt > 0).to(logits.dtype))
+    idx = torch.where(seen, tok, tok[:, :1])
+    return logits.scatter(1, idx, torch.where(seen, new, new[:, :1]))
 
 
 @dataclass
