@@ -32,6 +32,12 @@ from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 
+PROMPT_LOGPROBS_PRUNED = (
+    "prompt_logprobs needs the logits of every prompt position, and this artifact computes "
+    "them only where it samples (its -O2 prune-logits pass); compile it with --opt-level 1 "
+    "(or 0) to serve prompt_logprobs")
+
+
 class Engine:
     def __init__(self, artifact, options: EngineOptions | None = None, *, progress=None,
                  **overrides):
@@ -86,6 +92,8 @@ class Engine:
         if len(ids) >= limit:
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
                              f"all (max_model_len), so at most {limit - 1} leave room to generate")
+        if params.prompt_logprobs is not None and self.runner.executor.logits_pruned:
+            raise BrazeError(PROMPT_LOGPROBS_PRUNED)
         if params.num_samples > 1:
             raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
                              "sample per request; add params.children() as requests "
@@ -206,6 +214,13 @@ class Engine:
         their requests (dropped for requests that finished meanwhile), stops are checked."""
         tokens = result.tokens()
         logprobs = result.logprobs()
+        for ci, first, entries in result.prompt_logprobs():
+            req = sched.chunks[ci].request
+            want = req.params.prompt_logprobs
+            for j, (lp, rank, top) in enumerate(entries):
+                pos = first + j
+                req.prompt_logprobs[pos] = TokenLogprobs(req.prompt_token_ids[pos], lp, rank,
+                                                         top[:want])
         self.scheduler.commit(sched)
         t = now()
         outputs = []
@@ -270,6 +285,7 @@ class Engine:
             out.logprobs = req.logprobs
             out.new_logprobs = req.logprobs[len(req.logprobs) - len(new_ids):]
             out.cumulative_logprob = req.cumulative_logprob
+        out.prompt_logprobs = req.prompt_logprobs
         if req.detok is not None:
             if req.params.stop:          # already detokenised in the step, for the stop check
                 out._new_text = req.detok.output_delta(finished)

@@ -85,4 +85,5 @@ def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> Reques
                 o.logprobs = o.new_logprobs = o.cumulative_logprob = None
     head = chosen[0]
     head.outputs = list(chosen)
+    head.prompt_logprobs = samples[0].prompt_logprobs     # the first sample computes them
     return head

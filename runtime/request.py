@@ -90,7 +90,7 @@ class RequestOutput:
 
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "new_token_ids", "finished",
                  "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy",
-                 "logprobs", "new_logprobs", "cumulative_logprob", "outputs")
+                 "logprobs", "new_logprobs", "cumulative_logprob", "outputs", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], token_ids: list[int],
                  text: str | None, new_token_ids: list[int] | None = None, new_text: str = "",
@@ -114,6 +114,9 @@ class RequestOutput:
         # LLM.generate with n > 1 or best_of: the chosen samples, best first for best_of
         # (this report's own fields are those of outputs[0])
         self.outputs: list[RequestOutput] | None = None
+        # with SamplingParams.prompt_logprobs: None for the first prompt token, then a
+        # TokenLogprobs per prompt token (its logprob given the tokens before it)
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def _resolve(self) -> None:
         detok, upto = self._lazy
@@ -155,7 +158,7 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "eos_ids", "max_len", "reported_tokens", "num_pending",
-                 "bias", "logprobs", "cumulative_logprob", "group")
+                 "bias", "logprobs", "cumulative_logprob", "group", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -179,6 +182,8 @@ class Request:
         self.logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
         self.group = None                     # parallel samples of one prompt share a group
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids))
 
     @property
     def num_tokens(self) -> int:

@@ -69,6 +69,9 @@ class SamplingParams:
     bad_words_token_ids: list[int] = field(default_factory=list)   # ids never generated
     # what is reported: raw model logprobs (vLLM's default logprobs_mode "raw_logprobs")
     logprobs: int | None = None       # None: none; N >= 0: the sampled token's and top N
+    # each prompt token's logprob given the tokens before it, and the top N (vLLM); needs
+    # an artifact with logits at every position (compiled without prune-logits: -O0/-O1)
+    prompt_logprobs: int | None = None
     # parallel samples: `n` outputs per prompt, the best `n` of `best_of` by cumulative logprob
     n: int = 1
     best_of: int | None = None
@@ -171,6 +174,10 @@ class SamplingParams:
         v = self.logprobs
         if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
             raise BrazeError(f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        v = self.prompt_logprobs
+        if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+            raise BrazeError(f"prompt_logprobs must be null or an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {v!r}")
         v = self.n
         if not _is_int(v) or not 1 <= v <= MAX_N:
             raise BrazeError(f"n must be an integer in [1, {MAX_N}], got {v!r}")
@@ -202,13 +209,15 @@ class SamplingParams:
     def children(self) -> list[SamplingParams]:
         """The n=1 requests that make up a parallel-sampling request (itself when n=1 and no
         best_of). A seeded parent gives child i the seed + i (each child is reproducible and
-        the children differ); best_of > n also needs each child's cumulative logprob."""
+        the children differ); best_of > n also needs each child's cumulative logprob. Only
+        the first child computes prompt_logprobs (the others may share the prompt's KV)."""
         k = self.num_samples
         if k == 1:
             return [self]
         lp = self.logprobs if self.logprobs is not None or k == self.n else 0
         return [replace(self, n=1, best_of=None, logprobs=lp,
-                        seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT)
+                        seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT,
+                        prompt_logprobs=self.prompt_logprobs if i == 0 else None)
                 for i in range(k)]
 
 
@@ -404,6 +413,7 @@ def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> 
     """Raw logprobs, as vLLM reports by default (logprobs_mode "raw_logprobs"): of the
     model's distribution, before penalties, bias, temperature and top-k/top-p."""
     lp = torch.log_softmax(raw_logits.float(), dim=-1)
+    k = min(k, lp.shape[-1])
     sampled = lp.gather(1, tokens[:, None])
     rank = (lp > sampled).sum(dim=-1) + 1
     top = torch.topk(lp, k, dim=-1) if k > 0 else None

@@ -127,9 +127,11 @@ class Scheduler:
             if req.group is not None and self._sibling_prefilling(req):
                 break                   # share the sibling's prompt blocks once they are cached
             tokens = req.all_token_ids
-            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0):
+            # prompt logprobs need the logits of every prompt position: no cache hits
+            use_cache = req.params.prompt_logprobs is None
+            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0, use_cache):
                 break
-            cached = self.bm.allocate(req.request_id, tokens)
+            cached = self.bm.allocate(req.request_id, tokens, use_cache)
             self.waiting.popleft()
             req.num_computed = cached
             req.status = Status.RUNNING

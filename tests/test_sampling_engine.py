@@ -200,3 +200,33 @@ def test_n_samples_follow_the_models_distribution(art, model):
     assert bins >= 5 and stat < 3 * bins + 40          # far beyond chance for a right sampler
     wrong, _ = chi2(torch.softmax(logits / 0.5, dim=0))
     assert wrong > 4 * stat
+
+
+def test_prompt_logprobs_are_transformers_log_softmax(store, model):
+    """An -O0 artifact has logits at every position: each prompt token's logprob given
+    its prefix, over chunked prefill (small token budget) and a prefix-cache-warm prompt."""
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=16)
+    p = prompts_of([37], seed=20)[0]
+    run_all(eng, [p], SamplingParams(max_tokens=2))             # the prompt is now cached
+    (o,) = run_all(eng, [p], SamplingParams(max_tokens=2, prompt_logprobs=3, ignore_eos=True))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p])).logits[0].double(), dim=-1)
+    plp = o.prompt_logprobs
+    assert len(plp) == len(p) and plp[0] is None
+    for pos in range(1, len(p)):
+        e = plp[pos]
+        assert e.token_id == p[pos]
+        assert abs(e.logprob - ref[pos - 1, p[pos]].item()) < 1e-4
+        assert e.rank == int((ref[pos - 1] > ref[pos - 1, p[pos]] + 1e-6).sum()) + 1
+        assert [t for t, _ in e.top] == torch.topk(ref[pos - 1], 3).indices.tolist()
+    # parallel samples: the first computes them, the report carries them
+    (n,) = LLM(art, backend="reference", num_kv_blocks=64).generate(
+        [p], SamplingParams(max_tokens=2, n=2, temperature=1.0, prompt_logprobs=0, seed=1))
+    assert [e.token_id for e in n.prompt_logprobs[1:]] == p[1:]
+
+
+def test_prompt_logprobs_refused_where_logits_are_pruned(store):
+    eng = Engine(store.artifact("llama", opt_level=2), backend="reference", num_kv_blocks=16)
+    with pytest.raises(BrazeError, match="prompt_logprobs.*opt-level"):
+        eng.add_request("x", [1, 2, 3], SamplingParams(prompt_logprobs=1))
