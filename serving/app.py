@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -198,6 +199,7 @@ class _Choice:
         self.last = None
         self.offset = 0                 # text_offset of the next token (completions logprobs)
         self.started = False            # its first stream chunk is out
+        self.echoed = False             # its echo chunk is out
 
 
 class _Job:
@@ -223,6 +225,9 @@ class _Job:
         except BrazeError as e:
             raise bad_request(str(e)) from None
         children = self.params.children()
+        if self.params.prompt_logprobs is not None:    # every choice reports its prompt's
+            children = [dataclasses.replace(c, prompt_logprobs=self.params.prompt_logprobs)
+                        for c in children]
         single = len(prompts) == 1 and len(children) == 1
         try:
             for pi, (text, ids) in enumerate(prompts):
@@ -253,6 +258,44 @@ class _Job:
             return c.prompt_text
         tok = self.svc.tokenizer
         return "" if tok is None else tok.decode(c.prompt_ids)
+
+    def _prompt_logprobs(self, out) -> list | None:
+        """vLLM's prompt_logprobs: None for the first token, then {id: {logprob, rank,
+        decoded_token}} with the prompt token and the top N."""
+        if self.params.prompt_logprobs is None or out is None or out.prompt_logprobs is None:
+            return None
+        res = []
+        for e in out.prompt_logprobs:
+            if e is None:
+                res.append(None)
+                continue
+            d = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self._token_text(i)}
+                 for r, (i, v) in enumerate(e.top)}
+            d.setdefault(str(e.token_id), {"logprob": e.logprob, "rank": e.rank,
+                                           "decoded_token": self._token_text(e.token_id)})
+            res.append(d)
+        return res
+
+    def _echo_logprobs(self, c: _Choice, out) -> dict | None:
+        """Completions logprobs of the echoed prompt (the first token has none)."""
+        if not self.want_logprobs or out is None or out.prompt_logprobs is None:
+            return None
+        tokens, lps, tops, offsets = [], [], [], []
+        for pos, e in enumerate(out.prompt_logprobs):
+            t = self._token_text(c.prompt_ids[pos])
+            tokens.append(t)
+            offsets.append(c.offset)
+            c.offset += len(t)
+            if e is None:
+                lps.append(None)
+                tops.append(None)
+            else:
+                lps.append(e.logprob)
+                top = {self._token_text(i): v for i, v in e.top[:self.params.logprobs]}
+                top.setdefault(t, e.logprob)
+                tops.append(top)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": offsets}
 
     def _logprobs(self, c: _Choice, entries) -> dict | None:
         if not self.want_logprobs or entries is None:
@@ -299,21 +342,25 @@ class _Job:
         done = False
         body = R.chat_body if self.chat else R.completion_body
         try:
-            for c in self.choices:
-                first = None
-                if self.chat:
+            if self.chat:
+                for c in self.choices:
                     first = R.chat_choice(c.index, "", None, delta={"role": "assistant", "content": ""})
-                elif self.echo:
-                    first = R.completion_choice(c.index, self._prompt_text(c), None)
-                if first is not None:
-                    if self.token_ids and not self.chat:
-                        first["prompt_token_ids"] = c.prompt_ids
-                        c.started = True
-                    extra = {"prompt_token_ids": c.prompt_ids} if self.chat and self.token_ids \
+                    extra = {"prompt_token_ids": c.prompt_ids} if self.token_ids \
                         and c is self.choices[0] else {}
                     yield R.sse(body(rid, created, name, [first], None, True, include_usage, **extra))
             async for c, out in self._outputs():
                 c.last = out
+                if not self.chat and self.echo and not c.echoed:
+                    # the prompt first (once its logprobs, if asked for, are known)
+                    c.echoed = c.started = True
+                    first = R.completion_choice(c.index, self._prompt_text(c), None,
+                                                self._echo_logprobs(c, out))
+                    if self.token_ids:
+                        first["prompt_token_ids"] = c.prompt_ids
+                    plp = self._prompt_logprobs(out)
+                    if plp is not None:
+                        first["prompt_logprobs"] = plp
+                    yield R.sse(body(rid, created, name, [first], None, True, include_usage))
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise Aborted(f"the request ended with finish_reason {out.finish_reason!r}")
                 reason = out.finish_reason if out.finished else None
@@ -328,9 +375,12 @@ class _Job:
                     choice = R.chat_choice(c.index, "", reason, lp, stop_reason, ids, delta=delta)
                 else:
                     prompt_ids = c.prompt_ids if self.token_ids and not c.started else None
+                    plp = self._prompt_logprobs(out) if not c.started else None
                     c.started = True
                     choice = R.completion_choice(c.index, out.new_text, reason, lp, stop_reason,
                                                  prompt_ids, ids)
+                    if plp is not None:
+                        choice["prompt_logprobs"] = plp
                 if stop_reason is None:
                     choice.pop("stop_reason", None)
                 yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
@@ -395,7 +445,10 @@ class _Job:
         for index, c in chosen:
             out = c.last
             text = out.text or ""
+            echo_lp = self._echo_logprobs(c, out) if self.echo and not self.chat else None
             lp = self._logprobs(c, out.logprobs) if p.logprobs is not None else None
+            if echo_lp is not None and lp is not None:
+                lp = {k: echo_lp[k] + lp[k] for k in lp}
             ids = list(out.token_ids) if self.token_ids else None
             stop_reason = out.stop_reason
             if self.chat:
@@ -405,12 +458,18 @@ class _Job:
                     text = self._prompt_text(c) + text
                 ch = R.completion_choice(index, text, out.finish_reason, lp, stop_reason,
                                          c.prompt_ids if self.token_ids else None, ids)
+                plp = self._prompt_logprobs(out)
+                if plp is not None:
+                    ch["prompt_logprobs"] = plp
             if stop_reason is None:
                 ch.pop("stop_reason", None)
             choices.append(ch)
         name = self.svc.model_name
         if self.chat:
             extra = {"prompt_token_ids": self.choices[0].prompt_ids} if self.token_ids else {}
+            plp = self._prompt_logprobs(chosen[0][1].last)
+            if plp is not None:
+                extra["prompt_logprobs"] = plp
             return R.chat_body(self.rid, self.created, name, choices, self._usage(), **extra)
         return R.completion_body(self.rid, self.created, name, choices, self._usage())
 

@@ -87,7 +87,7 @@ class _GenerationRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)                                 # vLLM extension
     bad_words: list[str] | None = None                               # vLLM extension
     return_token_ids: bool = False                                   # vLLM extension
-    prompt_logprobs: int | None = None                               # vLLM extension: refused
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)           # vLLM extension
     user: str | None = None
 
     @property
@@ -127,16 +127,8 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-PROMPT_LOGPROBS_UNSUPPORTED = (
-    "prompt_logprobs is not supported: a braze artifact computes logits only at the "
-    "positions it samples (the prune-logits pass), so the logprobs of prompt tokens are "
-    "never computed")
-
-
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
-    if req.prompt_logprobs is not None:
-        raise bad_request(PROMPT_LOGPROBS_UNSUPPORTED, "prompt_logprobs")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
@@ -151,10 +143,6 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     check_common(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs needs the prompt's logprobs, which braze does "
-                          "not compute (" + PROMPT_LOGPROBS_UNSUPPORTED.split(": ", 1)[1] + ")",
-                          "echo")
     best_of = req.best_of
     if best_of is not None and best_of < req.n:
         raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
@@ -222,6 +210,11 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
     else:
         kw["logprobs"] = req.logprobs
         kw["best_of"] = req.best_of
+    plp = req.prompt_logprobs
+    if getattr(req, "echo", False) and req.logprobs is not None:   # echo shows the prompt's too
+        plp = max(plp or 0, req.logprobs)
+    if plp is not None:
+        kw["prompt_logprobs"] = plp
     return kw
 
 

@@ -115,7 +115,8 @@ def completion_body(id: str, created: int, model: str, choices: list[dict], use:
 
 def chat_body(id: str, created: int, model: str, choices: list[dict], use: dict | None,
               chunk: bool = False, with_usage_field: bool = False,
-              prompt_token_ids: list[int] | None = None) -> dict:
+              prompt_token_ids: list[int] | None = None, prompt_logprobs: list | None = None
+              ) -> dict:
     d = {"id": id, "object": "chat.completion.chunk" if chunk else "chat.completion",
          "created": created, "model": model, "choices": choices}
     if not chunk:
@@ -125,6 +126,8 @@ def chat_body(id: str, created: int, model: str, choices: list[dict], use: dict 
         d["usage"] = None
     if prompt_token_ids is not None:
         d["prompt_token_ids"] = prompt_token_ids
+    if prompt_logprobs is not None:
+        d["prompt_logprobs"] = prompt_logprobs
     return d
 
 

@@ -296,9 +296,8 @@ def test_bad_requests_get_openai_errors(server):
     assert err["code"] == "model_not_found"
     _assert_error(server.http.get("/v1/nothing"), 404)
     # through the openai client too
-    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
-        server.client.completions.create(model=MODEL, prompt="x",
-                                         extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        server.client.completions.create(model=MODEL, prompt="x", suffix="y")
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="gpt-9", prompt="x")
     with pytest.raises(openai.BadRequestError):
@@ -513,7 +512,7 @@ def test_protocol_checks():
     assert completion_prompts(CompletionRequest(prompt=["a", "b"])) == ["a", "b"]
     assert completion_prompts(CompletionRequest(prompt=[[1], [2, 3]])) == [[1], [2, 3]]
     for bad, word in ((dict(prompt=""), "empty"), (dict(prompt=["a", ""]), "empty"),
-                      (dict(prompt="a", echo=True, logprobs=1), "echo"),
+                      (dict(prompt="a", suffix="b"), "suffix"),
                       (dict(prompt="a", n=2, best_of=1), "best_of"),
                       (dict(prompt="a", stop=[""]), "stop")):
         with pytest.raises(APIError, match=word):

@@ -172,11 +172,45 @@ def test_penalties_bias_min_tokens_and_bad_words(server, run):
     assert r.model_dump()["choices"][0]["token_ids"] == [42, 42, 42]
 
 
+def test_prompt_logprobs_and_echo_with_logprobs(server, run):
+    """The test artifact is -O0 (logits at every position), so the prompt's logprobs exist."""
+    want = run(IDS, max_tokens=3, logprobs=2, prompt_logprobs=2)
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=3, temperature=0,
+                                         logprobs=2, echo=True,
+                                         extra_body={"ignore_eos": True, "prompt_logprobs": 1})
+    c = r.model_dump()["choices"][0]
+    lp = c["logprobs"]
+    assert lp["tokens"] == [_tok(run, t) for t in IDS + want.token_ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for pos in range(1, len(IDS)):
+        assert abs(lp["token_logprobs"][pos] - want.prompt_logprobs[pos].logprob) < 1e-4
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    plp = c["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(IDS)
+    for pos in range(1, len(IDS)):
+        e = want.prompt_logprobs[pos]
+        assert abs(plp[pos][str(IDS[pos])]["logprob"] - e.logprob) < 1e-4
+        assert plp[pos][str(IDS[pos])]["rank"] == e.rank
+    # streamed: the echo chunk carries the prompt's logprobs, then the output's follow
+    chunks = list(server.client.completions.create(
+        model=MODEL, prompt=IDS, max_tokens=3, temperature=0, logprobs=2, echo=True,
+        stream=True, extra_body={"ignore_eos": True}))
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for x in ch.choices[0].logprobs.token_logprobs]
+    assert len(streamed) == len(IDS) + 3 and streamed[0] is None
+    assert all(abs(a - b) < 1e-4 for a, b in zip(streamed[1:], lp["token_logprobs"][1:]))
+    # chat: on the response
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+        extra_body={"prompt_logprobs": 0}).model_dump()
+    assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) > 3
+
+
 def test_what_cannot_be_done_is_a_clear_400(server):
     post = server.http.post
     cases = [
-        ({"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"99999": 1}}, "99999"),
         ({"prompt": "x", "n": 2, "best_of": 1}, "best_of"),
