@@ -174,9 +174,12 @@ class PersistentBatch:
         device (with async scheduling the last sampled token is already there)."""
         host_rows = [c.request.row for c in chunks]
         s = self.sampling
-        bias, penalties = s.needs_bias(host_rows), s.needs_penalties(host_rows)
+        options = s.any_options(host_rows)
+        bias = options and s.needs_bias(host_rows)
+        penalties = options and s.needs_penalties(host_rows)
+        greedy = s.all_greedy(host_rows)
         counters = None
-        if bias or penalties or not s.all_greedy(host_rows):
+        if bias or penalties or not greedy:
             counters = seq_lens.to(I64) - self.prompt_len[rows]
         tokens = None
         if penalties:     # the histories up to the longest sequence of the step
@@ -185,10 +188,10 @@ class PersistentBatch:
         proc = s.processing(rows, bias=bias, penalties=penalties, tokens=tokens,
                             prompt_len=self.prompt_len[rows] if penalties else None,
                             seq_len=seq_lens.to(I64) if penalties else None)
-        if s.all_greedy(host_rows):
+        if greedy:
             out = s.sample(logits, rows, counters, greedy_only=True, proc=proc)
         else:
             out = s.sample(logits.float(), rows, counters, filter=s.needs_filter(host_rows),
                            proc=proc)
-        k = s.num_logprobs(host_rows)
+        k = s.num_logprobs(host_rows) if options else -1
         return out, (compute_logprobs(logits, out, k) if k >= 0 else None)

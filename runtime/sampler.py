@@ -468,6 +468,9 @@ class SamplingTensors:
         self._penalties = [False] * max_rows
         self._bias = [False] * max_rows
         self._logprobs = [-1] * max_rows      # top count reported, -1: no logprobs
+        # slots whose last request used any of those (a step with none of them among its
+        # rows skips the per-row checks; a freed slot stays here until it is reused)
+        self._optioned: set[int] = set()
 
     def set_rows(self, rows: Sequence[int], params: Sequence[SamplingParams],
                  seeds: Sequence[int], entries: Sequence[list] | None = None) -> None:
@@ -506,6 +509,10 @@ class SamplingTensors:
             self._penalties[r] = p.penalties
             self._bias[r] = bool(e)
             self._logprobs[r] = -1 if p.logprobs is None else int(p.logprobs)
+            if self._penalties[r] or self._bias[r] or self._logprobs[r] >= 0:
+                self._optioned.add(r)
+            else:
+                self._optioned.discard(r)
 
     def _widen(self, width: int) -> None:
         w = 1 << max(0, width - 1).bit_length()           # next power of two
@@ -523,6 +530,10 @@ class SamplingTensors:
 
     def needs_filter(self, rows: Iterable[int]) -> bool:
         return any(self._filters[r] for r in rows)
+
+    def any_options(self, rows: Iterable[int]) -> bool:
+        """Whether a row uses penalties, the bias table or logprobs (cheap when no slot does)."""
+        return bool(self._optioned) and not self._optioned.isdisjoint(rows)
 
     def needs_penalties(self, rows: Iterable[int]) -> bool:
         return any(self._penalties[r] for r in rows)
