@@ -243,3 +243,25 @@ def test_children_of_parallel_sampling():
     assert len(kids) == 4 and all(k.logprobs == 0 and k.seed is None for k in kids)
     assert SamplingParams(logprobs=2).children()[0].logprobs == 2
     assert math.isfinite(SamplingParams().repetition_penalty)
+
+
+@HYP
+@given(data=st.data(), rows=st.integers(1, 5), vocab=st.integers(2, 30), width=st.integers(1, 6))
+def test_sparse_bias_matches_a_loop(data, rows, vocab, width):
+    logits = _logits(data.draw(st.integers(0, 99)), rows, vocab)
+    entry = st.tuples(st.integers(0, vocab - 1),
+                      st.one_of(st.floats(-100, 100), st.just(float("-inf"))),
+                      st.one_of(st.integers(0, 8), st.just(NEVER)))
+    table = [data.draw(st.lists(entry, min_size=width, max_size=width, unique_by=lambda e: e[0]))
+             for _ in range(rows)]
+    counters = [data.draw(st.integers(0, 8)) for _ in range(rows)]
+    ids = torch.tensor([[e[0] for e in r] for r in table])
+    vals = torch.tensor([[e[1] for e in r] for r in table])
+    until = torch.tensor([[e[2] for e in r] for r in table])
+    got = apply_sparse_bias(logits, ids, vals, until, torch.tensor(counters))
+    want = logits.clone()
+    for r in range(rows):
+        for t, v, u in table[r]:
+            if counters[r] < u:
+                want[r, t] += v
+    torch.testing.assert_close(got, want)

@@ -230,3 +230,31 @@ def test_prompt_logprobs_refused_where_logits_are_pruned(store):
     eng = Engine(store.artifact("llama", opt_level=2), backend="reference", num_kv_blocks=16)
     with pytest.raises(BrazeError, match="prompt_logprobs.*opt-level"):
         eng.add_request("x", [1, 2, 3], SamplingParams(prompt_logprobs=1))
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_options_survive_preemption(art, lag):
+    """Penalties read the token history from the rows, min_tokens the output count: both
+    are rebuilt when a preempted request is readmitted and recomputed."""
+    prompts = prompts_of([20, 25, 18, 30, 22, 19], seed=21)
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=4, frequency_penalty=0.7,
+                            repetition_penalty=1.3, min_tokens=10, logit_bias={9: 1.0},
+                            logprobs=1)
+    roomy = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    tight = Engine(art, backend="reference", num_kv_blocks=8, async_scheduling=lag)
+    got = run_all(tight, prompts, params)
+    assert tight.stats()["preemptions"] > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in roomy]
+    assert all(len(o.logprobs) == len(o.token_ids) for o in got)
+
+
+def test_logprobs_are_raw_even_with_bias_and_penalties(eng, model):
+    """vLLM's default logprobs_mode: the model's logprobs, not the processed ones."""
+    p = prompts_of([6], seed=22)[0]
+    (o,) = run_all(eng, [p], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1,
+                                            logit_bias={42: 100}, repetition_penalty=2.0))
+    assert o.token_ids == [42, 42, 42]
+    ref = torch.log_softmax(_hf_logits(model, p, o.token_ids), dim=-1)
+    for i, e in enumerate(o.logprobs):
+        assert abs(e.logprob - ref[i, 42].item()) < 1e-4 and e.logprob < -1   # not ~0
+        assert e.top[0][0] == ref[i].argmax().item()
