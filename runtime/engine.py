@@ -32,6 +32,8 @@ from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 
+MAX_BAD_WORD_TOKENS = 16
+
 PROMPT_LOGPROBS_PRUNED = (
     "prompt_logprobs needs the logits of every prompt position, and this artifact computes "
     "them only where it samples (its -O2 prune-logits pass); compile it with --opt-level 1 "
@@ -101,8 +103,8 @@ class Engine:
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=min(limit, len(ids) + params.max_tokens), arrival_time=arrival_time)
         req.group = group
-        req.bias = bias_entries(params, list(req.eos_ids) + params.stop_token_ids,
-                                self._bad_word_ids(params))
+        single, req.bad_sequences = self._bad_words(params)
+        req.bias = bias_entries(params, list(req.eos_ids) + params.stop_token_ids, single)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         elif params.stop:
@@ -112,34 +114,38 @@ class Engine:
         self.scheduler.add(req)
         self._counters["prompt_tokens_total"] += len(ids)
 
-    def _bad_word_ids(self, params: SamplingParams) -> list[int]:
-        """Token ids of bad words (vLLM: the word and the word after a space); a word that
-        no encoding makes one token is refused (only single-token bad words are banned)."""
+    def _bad_words(self, params: SamplingParams) -> tuple[list[int], list[list[int]]]:
+        """(single-token bad words' ids, multi-token bad words' token ids). As in vLLM each
+        word is encoded alone and after a space; each encoding is banned (a multi-token one
+        by banning its last token where the output ends with the rest of it)."""
         vocab = self.vocab_size
         checks = [("logit_bias", t) for t in (params.logit_bias or {})]
         checks += [("bad_words_token_ids", t) for t in params.bad_words_token_ids]
         for name, t in checks:
             if vocab and t >= vocab:
                 raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})")
-        ids = list(params.bad_words_token_ids)
+        single, multi = list(params.bad_words_token_ids), []
         if not params.bad_words:
-            return ids
+            return single, multi
         if self.tokenizer is None:
             raise BrazeError("bad_words need a tokenizer and this artifact has none; use "
                              "bad_words_token_ids")
         lead = self.tokenizer.encode("")            # a BOS the tokenizer adds by itself
         for word in params.bad_words:
-            single = []
-            for text in (word, " " + word.lstrip(" ")):
+            for text in dict.fromkeys((word, " " + word.lstrip(" "))):
                 enc = self.tokenizer.encode(text)
                 enc = enc[len(lead):] if enc[:len(lead)] == lead else enc
+                if len(enc) > MAX_BAD_WORD_TOKENS:
+                    raise BrazeError(f"bad_words: {word!r} is {len(enc)} tokens; at most "
+                                     f"{MAX_BAD_WORD_TOKENS} are supported")
                 if len(enc) == 1:
                     single.append(enc[0])
-            if not single:
-                raise BrazeError(f"bad_words: {word!r} is several tokens; only bad words that "
-                                 "are one token (alone or after a space) are supported")
-            ids += single
-        return ids
+                elif enc and enc not in multi:
+                    multi.append(enc)
+        return single, multi
+
+    def _bad_word_ids(self, params: SamplingParams) -> list[int]:
+        return self._bad_words(params)[0]
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

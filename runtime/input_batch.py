@@ -53,7 +53,8 @@ class PersistentBatch:
         self._arange = torch.arange(max(max_num_seqs, static["input_ids"].shape[0]) + 1,
                                     dtype=I64, **z)
         self._pending_tokens: list[tuple[int, list[int]]] = []
-        self._pending_params: list[tuple[int, tuple]] = []   # (row, (prompt len, params, seed, bias))
+        # (row, (prompt len, params, seed, bias entries, multi-token bad words))
+        self._pending_params: list[tuple[int, tuple]] = []
 
     # ---------------------------------------------------------------- rows
 
@@ -61,7 +62,8 @@ class PersistentBatch:
     def num_free_rows(self) -> int:
         return len(self._free_rows)
 
-    def add(self, req: Request, seed: int, bias: list | None = None) -> None:
+    def add(self, req: Request, seed: int, bias: list | None = None,
+            bad_sequences: list | None = None) -> None:
         """Give a (re)admitted request a row; its tokens and settings go to the device with
         the next step's deltas."""
         if req.row is not None:
@@ -73,7 +75,8 @@ class PersistentBatch:
         self._blocks_sent[row] = 0
         self._pending_tokens.append((row, req.all_token_ids))
         self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed,
-                                           bias if bias is not None else [])))
+                                           bias if bias is not None else [],
+                                           bad_sequences if bad_sequences is not None else [])))
 
     def remove(self, req: Request) -> None:
         if req.row is not None:
@@ -96,10 +99,10 @@ class PersistentBatch:
         self._pending_tokens.clear()
         if self._pending_params:
             rows = [r for r, _ in self._pending_params]
-            prompt_lens, params, seeds, bias = zip(*[v for _, v in self._pending_params])
+            prompt_lens, params, seeds, bias, seqs = zip(*[v for _, v in self._pending_params])
             idx = torch.tensor(rows, dtype=I64).to(self.device)
             self.prompt_len[idx] = torch.tensor(prompt_lens, dtype=I64).to(self.device)
-            self.sampling.set_rows(rows, params, seeds, bias)
+            self.sampling.set_rows(rows, params, seeds, bias, seqs)
             self._pending_params.clear()
         rows, cols, vals = [], [], []
         bs, sent_of = self.block_size, self._blocks_sent
@@ -185,9 +188,17 @@ class PersistentBatch:
         if penalties:     # the histories up to the longest sequence of the step
             width = max(c.start + c.num_new for c in chunks)
             tokens = self.token_ids[rows, :width]
+        tail = None
+        if options and s.needs_bad_words(host_rows):   # the last P output tokens, right-aligned
+            P = s.bad_word_prefix_len
+            n = seq_lens.to(I64)
+            pos = n[:, None] - P + torch.arange(P, device=self.device)[None, :]
+            prompt_len = self.prompt_len[rows]
+            tail = torch.where(pos >= prompt_len[:, None],
+                               self.token_ids[rows[:, None], pos.clamp(min=0)], -2)
         proc = s.processing(rows, bias=bias, penalties=penalties, tokens=tokens,
                             prompt_len=self.prompt_len[rows] if penalties else None,
-                            seq_len=seq_lens.to(I64) if penalties else None)
+                            seq_len=seq_lens.to(I64) if penalties else None, tail=tail)
         if greedy:
             out = s.sample(logits, rows, counters, greedy_only=True, proc=proc)
         else:

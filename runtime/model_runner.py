@@ -51,7 +51,7 @@ class ModelRunner:
         self.graphs.capture(progress=progress)
 
     def add(self, req) -> None:
-        self.batch.add(req, resolve_seed(req.params.seed), req.bias)
+        self.batch.add(req, resolve_seed(req.params.seed), req.bias, req.bad_sequences)
 
     def remove(self, req) -> None:
         self.batch.remove(req)

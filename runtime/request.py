@@ -158,7 +158,8 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "eos_ids", "max_len", "reported_tokens", "num_pending",
-                 "bias", "logprobs", "cumulative_logprob", "group", "prompt_logprobs")
+                 "bias", "logprobs", "cumulative_logprob", "group", "prompt_logprobs",
+                 "bad_sequences")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -179,6 +180,7 @@ class Request:
         self.reported_tokens = 0              # output tokens already reported
         self.num_pending = 0                  # tokens sampled on the device, not yet read back
         self.bias: list = []                  # sparse bias table entries (sampler.bias_entries)
+        self.bad_sequences: list[list[int]] = []   # multi-token bad words, as token ids
         self.logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
         self.group = None                     # parallel samples of one prompt share a group

@@ -321,6 +321,16 @@ def apply_sparse_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Ten
     return logits.scatter_add(1, ids, torch.where(live, values, 0.0))
 
 
+def apply_bad_word_sequences(logits: torch.Tensor, prefix: torch.Tensor, last: torch.Tensor,
+                             live: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Multi-token bad words (vLLM): ban a word's last token where the output so far ends
+    with the rest of it. prefix i64[S, M, P]: word m's tokens but the last, right-aligned,
+    -1 before them; last i64[S, M]; live bool[S, M] (False: padding); tail i64[S, P]: the
+    row's last P output tokens, right-aligned, -2 where the output is shorter."""
+    match = ((prefix == tail[:, None, :]) | (prefix < 0)).all(dim=-1) & live
+    return logits.scatter_add(1, last, torch.where(match, float("-inf"), 0.0))
+
+
 def apply_penalties(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: torch.Tensor,
                     seq_len: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
                     repetition: torch.Tensor) -> torch.Tensor:
@@ -358,11 +368,12 @@ class Processing:
     """Per-row inputs of the logits-processing steps for one step's rows; a None group
     skips its step (the host knows from its mirrors which steps any row needs)."""
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # ids, values, until
+    bad_words: tuple[torch.Tensor, ...] | None = None   # prefix, last, live, tail
     penalties: tuple[torch.Tensor, ...] | None = None   # tokens, prompt_len, seq_len, pres, freq, rep
 
     @property
     def empty(self) -> bool:
-        return self.bias is None and self.penalties is None
+        return self.bias is None and self.bad_words is None and self.penalties is None
 
 
 def process_logits(logits: torch.Tensor, counters: torch.Tensor | None,
@@ -373,6 +384,8 @@ def process_logits(logits: torch.Tensor, counters: torch.Tensor | None,
         return logits
     if proc.bias is not None:
         logits = apply_sparse_bias(logits, *proc.bias, counters)
+    if proc.bad_words is not None:
+        logits = apply_bad_word_sequences(logits, *proc.bad_words)
     if proc.penalties is not None:
         logits = apply_penalties(logits, *proc.penalties)
     return logits
@@ -463,19 +476,26 @@ class SamplingTensors:
         self.bias_ids = torch.zeros(max_rows, 0, dtype=i64, device=self.device)
         self.bias_values = torch.zeros(max_rows, 0, dtype=f32, device=self.device)
         self.bias_until = torch.zeros(max_rows, 0, dtype=i64, device=self.device)
+        # multi-token bad words: [rows, M, P] right-aligned prefixes, [rows, M] last tokens
+        self.bw_prefix = torch.full((max_rows, 0, 0), -1, dtype=i64, device=self.device)
+        self.bw_last = torch.zeros(max_rows, 0, dtype=i64, device=self.device)
+        self.bw_live = torch.zeros(max_rows, 0, dtype=torch.bool, device=self.device)
         self._greedy = [True] * max_rows      # host mirrors, to pick the cheap path
         self._filters = [False] * max_rows
         self._penalties = [False] * max_rows
         self._bias = [False] * max_rows
+        self._bad_words = [False] * max_rows
         self._logprobs = [-1] * max_rows      # top count reported, -1: no logprobs
         # slots whose last request used any of those (a step with none of them among its
         # rows skips the per-row checks; a freed slot stays here until it is reused)
         self._optioned: set[int] = set()
 
     def set_rows(self, rows: Sequence[int], params: Sequence[SamplingParams],
-                 seeds: Sequence[int], entries: Sequence[list] | None = None) -> None:
+                 seeds: Sequence[int], entries: Sequence[list] | None = None,
+                 sequences: Sequence[list] | None = None) -> None:
         """Fill slots `rows` from validated params; `seeds` already resolved (resolve_seed);
-        `entries`: each row's sparse bias table (bias_entries), default logit_bias only."""
+        `entries`: each row's sparse bias table (bias_entries), default logit_bias only;
+        `sequences`: each row's multi-token bad words (token id lists), default none."""
         if not rows:
             return
         if not len(rows) == len(params) == len(seeds):
@@ -503,16 +523,52 @@ class SamplingTensors:
             put(self.bias_ids, [[t for t, _, _ in e] for e in pad])
             put(self.bias_values, [[v for _, v, _ in e] for e in pad])
             put(self.bias_until, [[u for _, _, u in e] for e in pad])
+        if sequences is None:
+            sequences = [[] for _ in rows]
+        self._set_bad_words(rows, idx, sequences)
         for r, p, e in zip(rows, params, entries):
             self._greedy[r] = p.greedy
             self._filters[r] = p.filters
             self._penalties[r] = p.penalties
             self._bias[r] = bool(e)
             self._logprobs[r] = -1 if p.logprobs is None else int(p.logprobs)
-            if self._penalties[r] or self._bias[r] or self._logprobs[r] >= 0:
+            if self._penalties[r] or self._bias[r] or self._bad_words[r] or self._logprobs[r] >= 0:
                 self._optioned.add(r)
             else:
                 self._optioned.discard(r)
+
+    def _set_bad_words(self, rows, idx: torch.Tensor, sequences: Sequence[list]) -> None:
+        m = max(len(s) for s in sequences)
+        p = max((len(w) - 1 for s in sequences for w in s), default=0)
+        M, P = self.bw_last.shape[1], self.bw_prefix.shape[2]
+        if m > M or p > P:         # grow, keeping the rows that use them (right-aligned)
+            M2, P2 = max(m, M), max(p, P)
+            prefix = torch.full((self.max_rows, M2, P2), -1, dtype=torch.int64, device=self.device)
+            prefix[:, :M, P2 - P:] = self.bw_prefix
+            last = torch.zeros(self.max_rows, M2, dtype=torch.int64, device=self.device)
+            last[:, :M] = self.bw_last
+            live = torch.zeros(self.max_rows, M2, dtype=torch.bool, device=self.device)
+            live[:, :M] = self.bw_live
+            self.bw_prefix, self.bw_last, self.bw_live = prefix, last, live
+            M, P = M2, P2
+        if not M:
+            return
+        if m == 0 and not any(self._bad_words[r] for r in rows):
+            return
+        pre = [[[-1] * P for _ in range(M)] for _ in rows]
+        last = [[0] * M for _ in rows]
+        live = [[False] * M for _ in rows]
+        for i, seqs in enumerate(sequences):
+            for j, w in enumerate(seqs):
+                pre[i][j][P - (len(w) - 1):] = w[:-1]
+                last[i][j] = w[-1]
+                live[i][j] = True
+        dev = self.device
+        self.bw_prefix.index_copy_(0, idx, torch.tensor(pre, dtype=torch.int64, device=dev))
+        self.bw_last.index_copy_(0, idx, torch.tensor(last, dtype=torch.int64, device=dev))
+        self.bw_live.index_copy_(0, idx, torch.tensor(live, dtype=torch.bool, device=dev))
+        for r, seqs in zip(rows, sequences):
+            self._bad_words[r] = bool(seqs)
 
     def _widen(self, width: int) -> None:
         w = 1 << max(0, width - 1).bit_length()           # next power of two
@@ -545,15 +601,27 @@ class SamplingTensors:
         """The largest top count the rows report; -1 when none reports logprobs."""
         return max((self._logprobs[r] for r in rows), default=-1)
 
+    def needs_bad_words(self, rows: Iterable[int]) -> bool:
+        return any(self._bad_words[r] for r in rows)
+
+    @property
+    def bad_word_prefix_len(self) -> int:
+        """P: the longest multi-token bad word less its last token (the output tail needed)."""
+        return self.bw_prefix.shape[2]
+
     def processing(self, rows: torch.Tensor, *, bias: bool, penalties: bool,
                    tokens: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None,
-                   seq_len: torch.Tensor | None = None) -> Processing | None:
+                   seq_len: torch.Tensor | None = None, tail: torch.Tensor | None = None
+                   ) -> Processing | None:
         """The Processing of slots `rows` (i64[S] on device) for the steps asked for;
         penalties need each row's token history (tokens [S, L]) and its prompt and
-        sequence lengths."""
-        if not (bias or penalties):
+        sequence lengths; multi-token bad words (when `tail` is given) the last
+        `bad_word_prefix_len` output tokens of each row (tail [S, P], -2 for none)."""
+        if not (bias or penalties or tail is not None):
             return None
         proc = Processing()
+        if tail is not None:
+            proc.bad_words = (self.bw_prefix[rows], self.bw_last[rows], self.bw_live[rows], tail)
         if bias:
             proc.bias = (self.bias_ids[rows], self.bias_values[rows], self.bias_until[rows])
         if penalties:

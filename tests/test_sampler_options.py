@@ -15,6 +15,7 @@ from braze.runtime.sampler import (
     Processing,
     SamplingParams,
     SamplingTensors,
+    apply_bad_word_sequences,
     apply_penalties,
     apply_sparse_bias,
     bias_entries,
@@ -265,3 +266,33 @@ def test_sparse_bias_matches_a_loop(data, rows, vocab, width):
             if counters[r] < u:
                 want[r, t] += v
     torch.testing.assert_close(got, want)
+
+
+@HYP
+@given(data=st.data(), rows=st.integers(1, 4), words=st.integers(1, 4), plen=st.integers(1, 4))
+def test_bad_word_sequences_match_a_loop(data, rows, words, plen):
+    vocab = 6                                  # few ids: prefixes match often
+    logits = _logits(data.draw(st.integers(0, 99)), rows, vocab)
+    tok = st.integers(0, vocab - 1)
+    table = [[data.draw(st.lists(tok, min_size=2, max_size=plen + 1)) for _ in range(words)]
+             for _ in range(rows)]
+    live = [[data.draw(st.booleans()) for _ in range(words)] for _ in range(rows)]
+    outputs = [data.draw(st.lists(tok, max_size=6)) for _ in range(rows)]
+    prefix = torch.full((rows, words, plen), -1)
+    last = torch.zeros(rows, words, dtype=torch.int64)
+    for r in range(rows):
+        for m, w in enumerate(table[r]):
+            prefix[r, m, plen - (len(w) - 1):] = torch.tensor(w[:-1])
+            last[r, m] = w[-1]
+    tail = torch.full((rows, plen), -2)
+    for r, out in enumerate(outputs):
+        if out[-plen:]:
+            tail[r, plen - len(out[-plen:]):] = torch.tensor(out[-plen:])
+    got = apply_bad_word_sequences(logits, prefix, last, torch.tensor(live), tail)
+    want = logits.clone()
+    for r in range(rows):
+        for m, w in enumerate(table[r]):
+            k = len(w) - 1
+            if live[r][m] and len(outputs[r]) >= k and outputs[r][len(outputs[r]) - k:] == w[:-1]:
+                want[r, w[-1]] = float("-inf")
+    assert torch.equal(got, want)

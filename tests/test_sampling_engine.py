@@ -123,7 +123,7 @@ def test_logit_bias_forces_and_bad_words_ban(eng, art):
     banned = eng._bad_word_ids(SamplingParams(bad_words=[word]))
     assert banned and all(tok.decode([t]).strip() == word for t in banned)
     with pytest.raises(BrazeError, match="bad_words"):
-        eng.add_request("bw", p, SamplingParams(bad_words=["a very long multi token phrase"]))
+        eng.add_request("bw", p, SamplingParams(bad_words=["a very long phrase " * 8]))
     with pytest.raises(BrazeError, match="logit_bias.*99999"):
         eng.add_request("lb", p, SamplingParams(logit_bias={99999: 1}))
 
@@ -258,3 +258,38 @@ def test_logprobs_are_raw_even_with_bias_and_penalties(eng, model):
     for i, e in enumerate(o.logprobs):
         assert abs(e.logprob - ref[i, 42].item()) < 1e-4 and e.logprob < -1   # not ~0
         assert e.top[0][0] == ref[i].argmax().item()
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_multi_token_bad_words_are_never_completed(art, lag):
+    eng = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
+    tok = eng.tokenizer
+    lead = tok.encode("")
+    p = prompts_of([5], seed=23)[0]
+    (g,) = run_all(eng, [p], SamplingParams(max_tokens=12, ignore_eos=True))
+    ids = g.token_ids
+    word = None
+    for i in range(1, len(ids) - 1):         # two output tokens that are a word's encoding
+        text = tok.decode(ids[i:i + 2])
+        enc = tok.encode(text)
+        if enc[len(lead):] == ids[i:i + 2] and text.strip():
+            word = text
+            break
+    if word is None:
+        pytest.skip("no two-token word in this greedy continuation")
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, bad_words=[word])
+    single, multi = eng._bad_words(sp)
+    assert ids[i:i + 2] in multi
+    others = prompts_of([9, 14], seed=24)
+    outs = run_all(eng, [p] + others, [sp, GREEDY_12, sp])
+    o = outs[0].token_ids
+    assert o[:i] == ids[:i] and o != ids           # same until the word would complete
+    for out in (outs[0], outs[2]):
+        t = out.token_ids
+        for w in multi:
+            assert not any(t[k:k + len(w)] == w for k in range(len(t) - len(w) + 1)), (w, t)
+        assert not set(t) & set(single)
+    assert outs[1].token_ids == run_all(eng, [others[0]], GREEDY_12)[0].token_ids
+
+
+GREEDY_12 = SamplingParams(max_tokens=12, ignore_eos=True)
