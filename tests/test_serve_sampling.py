@@ -170,6 +170,15 @@ def test_penalties_bias_min_tokens_and_bad_words(server, run):
                                          logit_bias={"42": 100}, extra_body={"ignore_eos": True,
                                                                               "return_token_ids": True})
     assert r.model_dump()["choices"][0]["token_ids"] == [42, 42, 42]
+    # bad words: the greedy text's first word never appears
+    plain = run(IDS, max_tokens=8)
+    word = plain.text.split()[0] if plain.text.split() else None
+    if word:
+        r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True, "bad_words": [word],
+                                                         "return_token_ids": True})
+        want = run(IDS, max_tokens=8, bad_words=[word])
+        assert r.choices[0].text == want.text != plain.text
 
 
 def test_prompt_logprobs_and_echo_with_logprobs(server, run):
@@ -217,7 +226,7 @@ def test_what_cannot_be_done_is_a_clear_400(server):
         ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens"),
-        ({"prompt": "x", "bad_words": ["an entirely multi token phrase"]}, "bad_words"),
+        ({"prompt": "x", "bad_words": ["an entirely long phrase " * 8]}, "bad_words"),
         ({"prompt": ["x", ""]}, "prompt"),
     ]
     for body, word in cases:
