@@ -9,7 +9,8 @@ Cases, each on [requests, vocab] float32 logits (new random logits every step):
     sampled       temperature 0.8, top-k 50, top-p 0.9, seeded (the Gumbel-max path)
     sampled+opts  the same plus every option on every row: presence, frequency and
                   repetition penalties over a --history-token history, 16 logit_bias
-                  entries, min_tokens with 2 stop ids banned, 4 bad words, logprobs=5
+                  entries, min_tokens with 2 stop ids banned, 4 single-token and 4
+                  multi-token bad words, logprobs=5
     greedy+opts   greedy with the same options
     greedy+penalties, greedy+bias, greedy+logprobs   one group of options at a time
 
@@ -62,7 +63,9 @@ def measure(case: str, a, device) -> dict:
     p = params_for(case)
     rows = list(range(S))
     entries = [bias_entries(p, stop_ids=p.stop_token_ids, bad_ids=p.bad_words_token_ids)] * S
-    batch.sampling.set_rows(rows, [p] * S, [7 + r for r in rows], entries)
+    # "+bias"/"+opts": also 4 multi-token bad words (2 and 3 tokens) per row
+    seqs = [[[5, 6], [7, 8], [9, 10, 11], [12, 13, 14]] if p.bad_words_token_ids else []] * S
+    batch.sampling.set_rows(rows, [p] * S, [7 + r for r in rows], entries, seqs)
     g = torch.Generator().manual_seed(0)
     batch.token_ids[:, :L] = torch.randint(0, V, (S, L), generator=g).to(device)
     prompt = L // 2
