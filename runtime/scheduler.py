@@ -149,8 +149,8 @@ class Scheduler:
         blocks are not in the prefix cache yet: admitting `req` now would compute the
         prompt again instead of sharing those blocks."""
         full = len(req.prompt_token_ids) // self.bm.block_size
-        if full == 0 or not self.bm.enable_prefix_caching:
-            return False
+        if full == 0 or not self.bm.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return False                # (prompt logprobs: it computes its prompt anyway)
         return any(r.group == req.group and self.bm.num_registered(r.request_id) < full
                    for r in self.running)
 
