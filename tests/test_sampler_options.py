@@ -296,3 +296,47 @@ def test_bad_word_sequences_match_a_loop(data, rows, words, plen):
             if live[r][m] and len(outputs[r]) >= k and outputs[r][len(outputs[r]) - k:] == w[:-1]:
                 want[r, w[-1]] = float("-inf")
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_processed_sampling_replays_in_a_cuda_graph():
+    """sample_batch with every processing step (and raw logprobs) captured once, replayed
+    with new counters: equals eager (not run without a CUDA device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dev, s, vocab, hist = "cuda", 32, 32_000, 64
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(s, vocab, generator=g) * 3).to(dev)
+    i64 = dict(dtype=torch.int64, device=dev)
+    temp = torch.where(torch.arange(s) % 3 == 0, 0.0, 0.9).to(dev)
+    top_k, top_p = torch.full((s,), 40, **i64), torch.full((s,), 0.9, device=dev)
+    seeds, counters = torch.arange(s, **i64) * 7919, torch.arange(s, **i64)
+    proc = Processing(
+        bias=(torch.randint(0, vocab, (s, 8), generator=g).to(dev), torch.randn(s, 8, generator=g).to(dev),
+              torch.full((s, 8), NEVER, **i64)),
+        bad_words=(torch.randint(0, 50, (s, 2, 2), generator=g).to(dev),
+                   torch.randint(0, vocab, (s, 2), generator=g).to(dev),
+                   torch.ones(s, 2, dtype=torch.bool, device=dev),
+                   torch.randint(0, 50, (s, 2), generator=g).to(dev)),
+        penalties=(torch.randint(0, vocab, (s, hist), generator=g).to(dev), torch.full((s,), 20, **i64),
+                   torch.full((s,), hist, **i64), torch.full((s,), 0.5, device=dev),
+                   torch.full((s,), 0.3, device=dev), torch.full((s,), 1.2, device=dev)))
+
+    def run():
+        tok = sample_batch(logits, temp, top_k, top_p, seeds, counters, proc=proc)
+        return tok, compute_logprobs(logits, tok, 5).sampled
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    counters.add_(1)
+    graph.replay()
+    assert torch.equal(captured[0], run()[0])
