@@ -373,6 +373,14 @@ class _Job:
                 if self.chat:
                     delta = {"content": out.new_text} if out.new_text else {}
                     choice = R.chat_choice(c.index, "", reason, lp, stop_reason, ids, delta=delta)
+                    plp = self._prompt_logprobs(out) if not c.started else None
+                    c.started = True
+                    if plp is not None:      # with the choice's first tokens, on the chunk
+                        if stop_reason is None:
+                            choice.pop("stop_reason", None)
+                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage,
+                                         prompt_logprobs=plp))
+                        continue
                 else:
                     prompt_ids = c.prompt_ids if self.token_ids and not c.started else None
                     plp = self._prompt_logprobs(out) if not c.started else None

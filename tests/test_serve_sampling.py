@@ -213,6 +213,13 @@ def test_prompt_logprobs_and_echo_with_logprobs(server, run):
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
         extra_body={"prompt_logprobs": 0}).model_dump()
     assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) > 3
+    chunks = list(server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=True,
+        extra_body={"prompt_logprobs": 0}))
+    with_plp = [c.model_dump().get("prompt_logprobs") for c in chunks]
+    with_plp = [x for x in with_plp if x is not None]
+    assert len(with_plp) == 1                       # once, with the first tokens
+    assert [d and sorted(d) for d in with_plp[0]] == [d and sorted(d) for d in r["prompt_logprobs"]]
 
 
 def test_what_cannot_be_done_is_a_clear_400(server):
