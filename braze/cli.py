@@ -78,7 +78,10 @@ def _sampling(a):
     from braze.runtime.sampler import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                           top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos,
-                          stop=a.stop or [])
+                          stop=a.stop or [], presence_penalty=a.presence_penalty,
+                          frequency_penalty=a.frequency_penalty,
+                          repetition_penalty=a.repetition_penalty, min_tokens=a.min_tokens,
+                          logprobs=a.logprobs, n=a.n)
 
 
 def cmd_generate(a) -> int:
@@ -89,11 +92,16 @@ def cmd_generate(a) -> int:
     params.validate()
     llm = LLM(a.artifact, _engine_options(a))
     out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
-    if a.json:
-        print(json.dumps({"token_ids": out.token_ids, "text": out.text,
-                          "finish_reason": out.finish_reason}))
-    else:
-        print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    for o in out.outputs or [out]:
+        if a.json:
+            d = {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
+            if o.logprobs is not None:
+                d["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob, "rank": e.rank,
+                                  "top": [[i, v] for i, v in e.top]} for e in o.logprobs]
+                d["cumulative_logprob"] = o.cumulative_logprob
+            print(json.dumps(d))
+        else:
+            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
     return 0
 
 
@@ -290,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", type=_escaped,
                    help="stop when this text appears (not included in the output); repeatable; "
                         "\\n, \\t, \\r and \\\\ are read as newline, tab, return and backslash")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="vLLM/HF repetition penalty over prompt and output (1 = none)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="generate at least this many tokens before EOS or a stop token")
+    g.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json: each token's logprob, rank and the N most likely")
+    g.add_argument("-n", "--n", type=_positive_int, default=1,
+                   help="samples to generate (one line or JSON object each)")
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     _engine_flags(g, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     g.set_defaults(fn=cmd_generate)

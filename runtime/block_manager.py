@@ -78,6 +78,11 @@ class BlockManager:
     def num_tokens(self, seq_id) -> int:
         return self._seq(seq_id).num_tokens
 
+    def num_registered(self, seq_id) -> int:
+        """Leading blocks of the sequence that are in the prefix cache (0 when unknown)."""
+        seq = self._seqs.get(seq_id)
+        return 0 if seq is None else seq.registered
+
     def ref_count(self, block: int) -> int:
         return self._ref[block]
 
@@ -117,13 +122,13 @@ class BlockManager:
             hashes.append(hash((prev, tuple(token_ids[i * bs:(i + 1) * bs]))))
         return hashes
 
-    def _hits(self, token_ids) -> tuple[list[int], list[int]]:
+    def _hits(self, token_ids, use_cache: bool = True) -> tuple[list[int], list[int]]:
         """(hashes of the prompt's full blocks, the cached blocks of its longest cached
-        prefix, capped so at least one token is left to compute)."""
+        prefix, capped so at least one token is left to compute; none if not use_cache)."""
         n = len(token_ids)
         hashes = self._chain(token_ids, [], n // self.block_size)
         hits: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_cache:
             for h in hashes[: (n - 1) // self.block_size]:
                 b = self._cached.get(h)
                 if b is None:
@@ -179,24 +184,25 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self._ref[b] == 0)   # hits leave the free pool
         return need <= self.num_free_blocks - reclaimed - watermark
 
-    def can_allocate(self, token_ids, watermark: int = 0) -> bool:
+    def can_allocate(self, token_ids, watermark: int = 0, use_cache: bool = True) -> bool:
         """Whether `allocate` would succeed for this prompt now, keeping `watermark`
         free blocks in reserve (for running sequences' decode steps)."""
         if len(token_ids) == 0:
             return False
-        _, hits = self._hits(token_ids)
+        _, hits = self._hits(token_ids, use_cache)
         need = self._blocks_for(len(token_ids)) - len(hits)
         return self._fits(need, hits, watermark)
 
-    def allocate(self, seq_id, token_ids) -> int:
-        """Give a new sequence blocks for its prompt, reusing cached prefix blocks.
+    def allocate(self, seq_id, token_ids, use_cache: bool = True) -> int:
+        """Give a new sequence blocks for its prompt, reusing cached prefix blocks (unless
+        not `use_cache`: a request that needs every prompt position computed).
         Returns the number of cached tokens (a multiple of block_size, < len(token_ids))."""
         if seq_id in self._seqs:
             raise BrazeError(f"sequence {seq_id!r} already has blocks; free it first")
         n = len(token_ids)
         if n == 0:
             raise BrazeError(f"sequence {seq_id!r} has an empty prompt")
-        hashes, hits = self._hits(token_ids)
+        hashes, hits = self._hits(token_ids, use_cache)
         need = self._blocks_for(n) - len(hits)
         if not self._fits(need, hits, 0):
             raise BrazeError(

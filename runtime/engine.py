@@ -28,13 +28,19 @@ from .kv_offload import KVTransferPolicy, make_offload
 from .loader import Artifact, open_artifact
 from .options import EngineOptions
 from .model_runner import ModelRunner
-from .request import Request, RequestOutput, Status, now
-from .sampler import SamplingParams
+from .request import Request, RequestOutput, Status, TokenLogprobs, now
+from .sampler import SamplingParams, bias_entries
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 
 _STRUCTURED_LOCK = threading.Lock()
+MAX_BAD_WORD_TOKENS = 16
+
+PROMPT_LOGPROBS_PRUNED = (
+    "prompt_logprobs needs the logits of every prompt position, and this artifact computes "
+    "them only where it samples (its -O2 prune-logits pass); compile it with --opt-level 1 "
+    "(or 0) to serve prompt_logprobs")
 
 
 class Engine:
@@ -85,11 +91,13 @@ class Engine:
     # ------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, kv_transfer_params: dict | None = None
-                    ) -> None:
+                    arrival_time: float | None = None, kv_transfer_params: dict | None = None,
+                    group: str | None = None) -> None:
         """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
         `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
-        lower KV tiers), "store": false (keep its blocks out of them)}."""
+        lower KV tiers), "store": false (keep its blocks out of them)}. `group`: parallel
+        samples of one prompt (SamplingParams.children) name the same group, so they share
+        the prompt's KV blocks (runtime/scheduler.py)."""
         params = params or SamplingParams()
         params.validate()
         policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \
@@ -101,8 +109,17 @@ class Engine:
         if len(ids) >= limit:
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
                              f"all (max_model_len), so at most {limit - 1} leave room to generate")
+        if params.prompt_logprobs is not None and self.runner.executor.logits_pruned:
+            raise BrazeError(PROMPT_LOGPROBS_PRUNED)
+        if params.num_samples > 1:
+            raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
+                             "sample per request; add params.children() as requests "
+                             "(LLM.generate and the server do)")
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=limit, arrival_time=arrival_time)
+        req.group = group
+        single, req.bad_sequences = self._bad_words(params)
+        req.bias = bias_entries(params, list(req.stop_ids), single)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop,
                                                skip_special_tokens=params.skip_special_tokens)
@@ -162,6 +179,38 @@ class Engine:
             for r in ready:
                 if not r.finished:
                     self._start_matcher(r)
+    def _bad_words(self, params: SamplingParams) -> tuple[list[int], list[list[int]]]:
+        """(single-token bad words' ids, multi-token bad words' token ids). As in vLLM each
+        word is encoded alone and after a space; each encoding is banned (a multi-token one
+        by banning its last token where the output ends with the rest of it)."""
+        vocab = self.vocab_size
+        checks = [("logit_bias", t) for t in (params.logit_bias or {})]
+        checks += [("bad_words_token_ids", t) for t in params.bad_words_token_ids]
+        for name, t in checks:
+            if vocab and t >= vocab:
+                raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})")
+        single, multi = list(params.bad_words_token_ids), []
+        if not params.bad_words:
+            return single, multi
+        if self.tokenizer is None:
+            raise BrazeError("bad_words need a tokenizer and this artifact has none; use "
+                             "bad_words_token_ids")
+        lead = self.tokenizer.encode("")            # a BOS the tokenizer adds by itself
+        for word in params.bad_words:
+            for text in dict.fromkeys((word, " " + word.lstrip(" "))):
+                enc = self.tokenizer.encode(text)
+                enc = enc[len(lead):] if enc[:len(lead)] == lead else enc
+                if len(enc) > MAX_BAD_WORD_TOKENS:
+                    raise BrazeError(f"bad_words: {word!r} is {len(enc)} tokens; at most "
+                                     f"{MAX_BAD_WORD_TOKENS} are supported")
+                if len(enc) == 1:
+                    single.append(enc[0])
+                elif enc and enc not in multi:
+                    multi.append(enc)
+        return single, multi
+
+    def _bad_word_ids(self, params: SamplingParams) -> list[int]:
+        return self._bad_words(params)[0]
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -260,6 +309,14 @@ class Engine:
         """A step's tokens are back: its blocks enter the prefix cache, its tokens join
         their requests (dropped for requests that finished meanwhile), stops are checked."""
         tokens = result.tokens()
+        logprobs = result.logprobs()
+        for ci, first, entries in result.prompt_logprobs():
+            req = sched.chunks[ci].request
+            want = req.params.prompt_logprobs
+            for j, (lp, rank, top) in enumerate(entries):
+                pos = first + j
+                req.prompt_logprobs[pos] = TokenLogprobs(req.prompt_token_ids[pos], lp, rank,
+                                                         top[:want])
         self.scheduler.commit(sched)
         if self.offload is not None:
             self._offload_new_blocks()
@@ -267,7 +324,7 @@ class Engine:
         outputs = []
         n = 0
         finished = Status.FINISHED
-        for c, token in zip(sched.chunks, tokens):     # per request: keep it lean
+        for i, (c, token) in enumerate(zip(sched.chunks, tokens)):   # per request: keep it lean
             if not c.samples:
                 continue
             req = c.request
@@ -277,6 +334,10 @@ class Engine:
             req.output_token_ids.append(token)
             all_ids = req.all_token_ids
             all_ids.append(token)
+            if req.logprobs is not None:
+                lp, rank, top = logprobs[i]
+                req.logprobs.append(TokenLogprobs(token, lp, rank, top[:req.params.logprobs]))
+                req.cumulative_logprob += lp
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = t
@@ -340,6 +401,11 @@ class Engine:
         # runs and is final once it finishes
         out = RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, None,
                             new_ids, "", finished, req.finish_reason, req.stop_reason, metrics)
+        if req.logprobs is not None:
+            out.logprobs = req.logprobs
+            out.new_logprobs = req.logprobs[len(req.logprobs) - len(new_ids):]
+            out.cumulative_logprob = req.cumulative_logprob
+        out.prompt_logprobs = req.prompt_logprobs
         if req.detok is not None:
             if req.params.stop:          # already detokenised in the step, for the stop check
                 out._new_text = req.detok.output_delta(finished)

@@ -22,7 +22,7 @@ from braze.ir.types import torch_dtype
 
 from .graph_runner import PADDING, pad_step
 from .request import Request
-from .sampler import SamplingTensors
+from .sampler import Logprobs, SamplingTensors, compute_logprobs
 from .scheduler import ScheduledChunk
 
 I64, I32 = torch.int64, torch.int32
@@ -60,7 +60,8 @@ class PersistentBatch:
         self._arange = torch.arange(max(max_num_seqs, static["input_ids"].shape[0]) + 1,
                                     dtype=I64, **z)
         self._pending_tokens: list[tuple[int, list[int]]] = []
-        self._pending_params: list[tuple[int, tuple]] = []   # (row, (prompt len, params, seed))
+        # (row, (prompt len, params, seed, bias entries, multi-token bad words))
+        self._pending_params: list[tuple[int, tuple]] = []
 
     # ---------------------------------------------------------------- rows
 
@@ -68,7 +69,8 @@ class PersistentBatch:
     def num_free_rows(self) -> int:
         return len(self._free_rows)
 
-    def add(self, req: Request, seed: int) -> None:
+    def add(self, req: Request, seed: int, bias: list | None = None,
+            bad_sequences: list | None = None) -> None:
         """Give a (re)admitted request a row; its tokens and settings go to the device with
         the next step's deltas."""
         if req.row is not None:
@@ -79,7 +81,9 @@ class PersistentBatch:
         req.row = row
         self._blocks_sent[row] = 0
         self._pending_tokens.append((row, req.all_token_ids))
-        self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed)))
+        self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed,
+                                           bias if bias is not None else [],
+                                           bad_sequences if bad_sequences is not None else [])))
 
     def remove(self, req: Request) -> None:
         if req.row is not None:
@@ -103,10 +107,10 @@ class PersistentBatch:
         self._pending_tokens.clear()
         if self._pending_params:
             rows = [r for r, _ in self._pending_params]
-            prompt_lens, params, seeds = zip(*[v for _, v in self._pending_params])
+            prompt_lens, params, seeds, bias, seqs = zip(*[v for _, v in self._pending_params])
             idx = torch.tensor(rows, dtype=I64).to(self.device)
             self.prompt_len[idx] = torch.tensor(prompt_lens, dtype=I64).to(self.device)
-            self.sampling.set_rows(rows, params, seeds)
+            self.sampling.set_rows(rows, params, seeds, bias, seqs)
             self._pending_params.clear()
         rows, cols, vals = [], [], []
         bs, sent_of = self.block_size, self._blocks_sent
@@ -176,12 +180,41 @@ class PersistentBatch:
         self.token_ids[rows, col] = tokens
 
     def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], rows: torch.Tensor,
-               seq_lens: torch.Tensor) -> torch.Tensor:
-        """Each sequence's next token; its counter (the output index being drawn) is derived
-        from the sequence: tokens after this step less the prompt."""
+               seq_lens: torch.Tensor) -> tuple[torch.Tensor, Logprobs | None]:
+        """Each sequence's next token, and the raw logprobs when a row reports them. Its
+        counter (the output index being drawn) is derived from the sequence: tokens after
+        this step less the prompt. Penalties read the rows' token histories here, on the
+        device (with async scheduling the last sampled token is already there)."""
         s = self.sampling
-        host_rows = [c.request.row for c in chunks] if s.any_sampling else ()
-        if s.all_greedy(host_rows):
-            return s.sample(logits, rows, None, greedy_only=True)
-        return s.sample(logits.float(), rows, seq_lens.to(I64) - self.prompt_len[rows],
-                        filter=s.needs_filter(host_rows))
+        if not s.any_sampling and not s.any_optioned:      # the plain greedy step
+            return s.sample(logits, rows, None, greedy_only=True), None
+        host_rows = [c.request.row for c in chunks]
+        options = s.any_options(host_rows)
+        bias = options and s.needs_bias(host_rows)
+        penalties = options and s.needs_penalties(host_rows)
+        greedy = s.all_greedy(host_rows)
+        counters = None
+        if bias or penalties or not greedy:
+            counters = seq_lens.to(I64) - self.prompt_len[rows]
+        tokens = None
+        if penalties:     # the histories up to the longest sequence of the step
+            width = max(c.start + c.num_new for c in chunks)
+            tokens = self.token_ids[rows, :width]
+        tail = None
+        if options and s.needs_bad_words(host_rows):   # the last P output tokens, right-aligned
+            P = s.bad_word_prefix_len
+            n = seq_lens.to(I64)
+            pos = n[:, None] - P + torch.arange(P, device=self.device)[None, :]
+            prompt_len = self.prompt_len[rows]
+            tail = torch.where(pos >= prompt_len[:, None],
+                               self.token_ids[rows[:, None], pos.clamp(min=0)], -2)
+        proc = s.processing(rows, bias=bias, penalties=penalties, tokens=tokens,
+                            prompt_len=self.prompt_len[rows] if penalties else None,
+                            seq_len=seq_lens.to(I64) if penalties else None, tail=tail)
+        if greedy:
+            out = s.sample(logits, rows, counters, greedy_only=True, proc=proc)
+        else:
+            out = s.sample(logits.float(), rows, counters, filter=s.needs_filter(host_rows),
+                           proc=proc)
+        k = s.num_logprobs(host_rows) if options else -1
+        return out, (compute_logprobs(logits, out, k) if k >= 0 else None)

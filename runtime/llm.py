@@ -45,6 +45,8 @@ class LLM:
             plist = list(params)
         else:
             plist = [params or SamplingParams()] * len(prompts)
+        for sp in plist:
+            sp.validate()
         # only final results are wanted: the engine skips the per-step reports
         plist = [dataclasses.replace(sp, output_kind="final") for sp in plist]
         for sp in plist:
@@ -53,18 +55,41 @@ class LLM:
                 # engine would only abort the request)
                 sp.validate()
                 self.engine.structured.cache.compile(sp.structured_outputs)
-        ids = []
+        groups, ids = [], []
         try:
             for p, sp in zip(prompts, plist):
-                rid = f"llm-{next(self._ids)}"
-                self.engine.add_request(rid, p, sp)
-                ids.append(rid)
+                base = f"llm-{next(self._ids)}"
+                children = sp.children()       # n > 1 / best_of: one request per sample
+                group = [base] if len(children) == 1 else [f"{base}-{i}" for i in range(len(children))]
+                for rid, child in zip(group, children):
+                    self.engine.add_request(rid, p, child,
+                                            group=base if len(children) > 1 else None)
+                    ids.append(rid)
+                groups.append((sp, group))
             final = self.engine.run_to_completion(ids)
         except BaseException:
             for rid in ids:             # an interrupted call leaves nothing running
                 self.engine.abort_request(rid)
             raise
-        return [final[rid] for rid in ids]
+        return [pick_samples(sp, [final[rid] for rid in group]) for sp, group in groups]
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+
+def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> RequestOutput:
+    """The report of a prompt from its samples: with best_of, the n of highest cumulative
+    logprob (best first; ties keep sample order), else all n in order. The first is the
+    report itself and all are in its `outputs` (set only when there are several samples)."""
+    if len(samples) == 1:
+        return samples[0]
+    chosen = samples
+    if params.best_of is not None and params.best_of > params.n:
+        chosen = sorted(samples, key=lambda o: -o.cumulative_logprob)[:params.n]
+        if params.logprobs is None:            # they were computed only to rank the samples
+            for o in chosen:
+                o.logprobs = o.new_logprobs = o.cumulative_logprob = None
+    head = chosen[0]
+    head.outputs = list(chosen)
+    head.prompt_logprobs = samples[0].prompt_logprobs     # the first sample computes them
+    return head

@@ -17,7 +17,7 @@ from .input_batch import PersistentBatch, static_buffers
 from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .options import EngineOptions
-from .sampler import resolve_seed
+from .sampler import Logprobs, compute_logprobs, resolve_seed
 from .scheduler import ScheduledChunk
 
 
@@ -67,7 +67,7 @@ class ModelRunner:
         return logits
 
     def add(self, req) -> None:
-        self.batch.add(req, resolve_seed(req.params.seed))
+        self.batch.add(req, resolve_seed(req.params.seed), req.bias, req.bad_sequences)
 
     def remove(self, req) -> None:
         self.batch.remove(req)
@@ -80,6 +80,10 @@ class ModelRunner:
         Tp, Sp = self.graphs.bucket_for(T, S)
         meta = self.batch.prepare(chunks, block_manager, Tp, Sp)
         logits = self.graphs.run(T, S, decode_only)
+        prompt_lp = None
+        if not self.executor.logits_pruned and any(
+                c.request.params.prompt_logprobs is not None for c in chunks):
+            prompt_lp = prompt_logprobs(logits, chunks)
         if self.executor.logits_pruned:
             logits = logits[:S]
         else:
@@ -87,28 +91,91 @@ class ModelRunner:
         rows, seq_lens = meta["rows"], meta["seq_lens"]
         if self.structured is not None:
             logits = self._constrain(logits, chunks)
-        tokens = self.batch.sample(logits, chunks, rows, seq_lens)
+        tokens, logprobs = self.batch.sample(logits, chunks, rows, seq_lens)
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
-        return StepResult(tokens)
+        return StepResult(tokens, logprobs, prompt_lp)
 
 
 class StepResult:
-    """A launched step's sampled tokens, copied to the host without blocking the launch."""
+    """A launched step's sampled tokens (and raw logprobs when a row asked for them),
+    copied to the host without blocking the launch."""
 
-    def __init__(self, tokens: torch.Tensor):
+    def __init__(self, tokens: torch.Tensor, logprobs: Logprobs | None = None,
+                 prompt_lp: tuple | None = None):
         self._event = None
+        parts = [tokens]
+        self._prompt_where = None
+        if prompt_lp is not None:     # (where: [(chunk index, first prompt position, n)], Logprobs)
+            self._prompt_where, plp = prompt_lp
+            parts += [plp.sampled, plp.rank, plp.top_ids, plp.top_logprobs]
+        if logprobs is not None:
+            parts += [logprobs.sampled, logprobs.rank, logprobs.top_ids, logprobs.top_logprobs]
         if tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._parts = [_to_pinned(t) for t in parts]
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = tokens
+            self._parts = parts
 
     def tokens(self) -> list[int]:
         if self._event is not None:
             self._event.synchronize()
-        return self._host.tolist()
+        return self._parts[0].tolist()
+
+    def logprobs(self) -> list[tuple] | None:
+        """Per row: (sampled token's logprob, its rank, [(top id, logprob), ...]); None
+        when no row asked. Call after tokens()."""
+        first = 1 if self._prompt_where is None else 5
+        if len(self._parts) == first:
+            return None
+        sampled, rank, ids, lps = (p.tolist() for p in self._parts[first:first + 4])
+        return [(s, r, list(zip(i, v))) for s, r, i, v in zip(sampled, rank, ids, lps)]
+
+    def prompt_logprobs(self) -> list[tuple[int, int, list]]:
+        """(chunk index, first prompt position, [(logprob, rank, top), ...]) per chunk that
+        computed prompt logprobs this step. Call after tokens()."""
+        if self._prompt_where is None:
+            return []
+        sampled, rank, ids, lps = (p.tolist() for p in self._parts[1:5])
+        rows = [(s, r, list(zip(i, v))) for s, r, i, v in zip(sampled, rank, ids, lps)]
+        out, k = [], 0
+        for ci, first, n in self._prompt_where:
+            out.append((ci, first, rows[k:k + n]))
+            k += n
+        return out
+
+
+def prompt_logprobs(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> tuple | None:
+    """Raw logprobs of the prompt tokens this step's chunks compute: the logits row of
+    position p (every position has one: the artifact is not logits-pruned) scores prompt
+    token p + 1. Returns ([(chunk index, first prompt position scored, count)], Logprobs)
+    or None when no chunk reaches a prompt token it can score."""
+    rows, targets, where, k, off = [], [], [], 0, 0
+    for ci, c in enumerate(chunks):
+        req = c.request
+        want = req.params.prompt_logprobs
+        n_prompt = len(req.prompt_token_ids)
+        if want is not None:
+            # positions start .. start+num_new-1 score tokens start+1 .. (prompt only)
+            last = min(c.start + c.num_new, n_prompt - 1)
+            n = last - c.start
+            if n > 0:
+                rows.extend(range(off, off + n))
+                targets.extend(req.prompt_token_ids[c.start + 1:last + 1])
+                where.append((ci, c.start + 1, n))
+                k = max(k, want)
+        off += c.num_new
+    if not rows:
+        return None
+    dev = logits.device
+    sel = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(dev))
+    return where, compute_logprobs(sel, torch.tensor(targets, dtype=torch.int64).to(dev), k)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _limit(name: str, value: int | None, compiled: int) -> int:

@@ -60,6 +60,20 @@ class RequestMetrics:
                 "num_preemptions": self.num_preemptions}
 
 
+class TokenLogprobs:
+    """The model's raw logprobs at one output position: the sampled `token_id`, its
+    `logprob` and `rank` (1 = most likely), and `top`: [(token id, logprob), ...] of the
+    N most likely, best first (N = the request's `logprobs`)."""
+
+    __slots__ = ("token_id", "logprob", "rank", "top")
+
+    def __init__(self, token_id: int, logprob: float, rank: int, top: list):
+        self.token_id, self.logprob, self.rank, self.top = token_id, logprob, rank, top
+
+    def __repr__(self) -> str:
+        return f"TokenLogprobs({self.token_id}, {self.logprob:.4f}, rank={self.rank}, top={self.top})"
+
+
 class RequestOutput:
     """One request's state as the engine reports it after a step (or at the end).
 
@@ -75,7 +89,8 @@ class RequestOutput:
     """
 
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "new_token_ids", "finished",
-                 "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy")
+                 "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy",
+                 "logprobs", "new_logprobs", "cumulative_logprob", "outputs", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], token_ids: list[int],
                  text: str | None, new_token_ids: list[int] | None = None, new_text: str = "",
@@ -91,6 +106,17 @@ class RequestOutput:
         self.metrics = metrics if metrics is not None else {}
         self._text, self._new_text = text, new_text
         self._lazy = lazy                    # (detokenizer, tokens upto) to decode on demand
+        # with SamplingParams.logprobs: a TokenLogprobs per output token (the live list, like
+        # token_ids), those of this report, and the sum of the sampled tokens' logprobs
+        self.logprobs: list[TokenLogprobs] | None = None
+        self.new_logprobs: list[TokenLogprobs] | None = None
+        self.cumulative_logprob: float | None = None
+        # LLM.generate with n > 1 or best_of: the chosen samples, best first for best_of
+        # (this report's own fields are those of outputs[0])
+        self.outputs: list[RequestOutput] | None = None
+        # with SamplingParams.prompt_logprobs: None for the first prompt token, then a
+        # TokenLogprobs per prompt token (its logprob given the tokens before it)
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def _resolve(self) -> None:
         detok, upto = self._lazy
@@ -132,7 +158,8 @@ class Request:
     __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending",
-                 "kv_policy", "grammar", "matcher")
+                 "kv_policy", "grammar", "matcher", "bias", "logprobs", "cumulative_logprob",
+                 "group", "prompt_logprobs", "bad_sequences")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -160,6 +187,13 @@ class Request:
         self.kv_policy = None                 # runtime.kv_offload.KVTransferPolicy, if set
         self.grammar = None                   # Future of its compiled grammar (structured output)
         self.matcher = None                   # its xgrammar GrammarMatcher once compiled
+        self.bias: list = []                  # sparse bias table entries (sampler.bias_entries)
+        self.bad_sequences: list[list[int]] = []   # multi-token bad words, as token ids
+        self.logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
+        self.cumulative_logprob = 0.0
+        self.group = None                     # parallel samples of one prompt share a group
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids))
 
     @property
     def num_tokens(self) -> int:

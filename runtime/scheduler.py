@@ -7,6 +7,10 @@ a request part-way through its prompt takes as much of the rest as the budget al
 the budget, the sequence limit and the KV cache allow; admission needs blocks for
 the whole prompt (less what the prefix cache already holds).
 
+Parallel samples of one prompt (n, best_of: requests with the same `group`) share its
+KV blocks through the prefix cache: a sibling waits while another one is still
+prefilling the prompt, then is admitted with the prompt's full blocks as cache hits.
+
 When a running request needs a new block and none is free, the most recently
 admitted running request is preempted by recompute: its blocks are freed, it goes
 back to the front of the waiting queue with its output so far, and on readmission
@@ -135,16 +139,21 @@ class Scheduler:
             req = self.waiting[w]
             if req.num_pending:         # preempted while a token was in flight: wait for it
                 break
-            if loader is not None and not loader.ready(req, self.bm):
+            # prompt logprobs need the logits of every prompt position: no cache hits, and
+            # no blocks loaded from lower KV tiers either
+            use_cache = req.params.prompt_logprobs is None
+            if use_cache and loader is not None and not loader.ready(req, self.bm):
                 w += 1                  # its KV is on its way from a lower tier: admit others
                 out.staging += 1
                 continue
+            if req.group is not None and self._sibling_prefilling(req):
+                break                   # share the sibling's prompt blocks once they are cached
             tokens = req.all_token_ids
-            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0):
+            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0, use_cache):
                 break
-            cached = self.bm.allocate(req.request_id, tokens)
+            cached = self.bm.allocate(req.request_id, tokens, use_cache)
             del self.waiting[w]
-            if loader is not None:
+            if use_cache and loader is not None:
                 cached += loader.load(req, self.bm, cached)
             req.num_computed = cached
             req.status = Status.RUNNING
@@ -159,6 +168,16 @@ class Scheduler:
             req.num_computed = cached + num_new
             budget -= num_new
         return out
+
+    def _sibling_prefilling(self, req: Request) -> bool:
+        """A parallel sample (same `group`, same prompt) is running but its prompt's full
+        blocks are not in the prefix cache yet: admitting `req` now would compute the
+        prompt again instead of sharing those blocks."""
+        full = len(req.prompt_token_ids) // self.bm.block_size
+        if full == 0 or not self.bm.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return False                # (prompt logprobs: it computes its prompt anyway)
+        return any(r.group == req.group and self.bm.num_registered(r.request_id) < full
+                   for r in self.running)
 
     def _grow(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room in the cache for `num_new` more tokens of `req`, preempting the most

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -41,7 +42,7 @@ from .protocol import (
     CompletionRequest,
     bad_request,
     chat_max_tokens,
-    completion_prompt,
+    completion_prompts,
     error_body,
     sampling_kwargs,
     send_error,
@@ -104,12 +105,14 @@ class Service:
             raise bad_request(str(e)) from None
 
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
-                     kv_transfer_params: dict | None = None) -> RequestStream:
+                     group: str | None = None, kv_transfer_params: dict | None = None
+                     ) -> RequestStream:
         if params.structured_outputs is not None:
             await self.compile_grammar(params.structured_outputs)
         try:
             params.validate()
-            return await self.aengine.add(request_id, ids, params, len(ids), kv_transfer_params)
+            return await self.aengine.add(request_id, ids, params, len(ids), group=group,
+                                          kv_transfer_params=kv_transfer_params)
         except BrazeError as e:
             param = "kv_transfer_params" if str(e).startswith("kv_transfer_params") else None
             raise bad_request(str(e), param) from None
@@ -166,10 +169,11 @@ def create_app(svc: Service, read_timeout: float | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
-        ids = svc.encode(completion_prompt(body))
+        prompts = [(p if isinstance(p, str) else None, svc.encode(p))
+                   for p in completion_prompts(body)]
         params = SamplingParams(**sampling_kwargs(body, body.max_tokens or 16),
                                 structured_outputs=request_constraint(body))
-        return await _generate(svc, request, body, ids, params, chat=False)
+        return await _generate(svc, request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -197,67 +201,247 @@ def create_app(svc: Service, read_timeout: float | None = None,
         params = SamplingParams(**sampling_kwargs(body, max_tokens), structured_outputs=constraint,
                                 skip_special_tokens=tool_plan.skip_special_tokens
                                 if tool_plan else True)
-        return await _generate(svc, request, body, ids, params, chat=True, tool_plan=tool_plan)
+        return await _generate(svc, request, body, [(None, ids)], params, chat=True,
+                               tool_plan=tool_plan)
 
     return app
 
 
 # ---- generation --------------------------------------------------------------------------
 
-async def _generate(svc: Service, request: Request, body, ids: list[int], params, chat: bool,
-                    tool_plan=None):
+async def _generate(svc: Service, request: Request, body, prompts: list, params: SamplingParams,
+                    chat: bool, tool_plan=None):
+    """Run `prompts` ([(text or None, token ids)]) with `params`: one engine request per
+    prompt and sample (n, best_of), rendered as one response or one SSE stream."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    stream = await svc.submit(rid, ids, params, body.kv_transfer_params)
-    job = _Job(svc, stream, rid, request.scope.get("braze.request_id", rid), chat,
-               int(time.time()), tool_plan)
+    job = _Job(svc, rid, request.scope.get("braze.request_id", rid), chat, int(time.time()),
+               body, params, tool_plan)
+    await job.submit(prompts)
     if body.stream:
         return StreamingResponse(job.sse(body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return await job.whole(request)
 
 
-class _Job:
-    """One admitted request: its output stream rendered as SSE or as one JSON body."""
+class _Choice:
+    """One sample of one prompt: its engine request's stream and what was sent of it."""
 
-    def __init__(self, svc: Service, stream: RequestStream, rid: str, client_rid: str,
-                 chat: bool, created: int, tool_plan=None):
-        self.svc, self.stream, self.rid, self.client_rid = svc, stream, rid, client_rid
-        self.chat, self.created = chat, created
+    def __init__(self, index: int, prompt: int, stream: RequestStream, prompt_text, ids):
+        self.index, self.prompt, self.stream = index, prompt, stream
+        self.prompt_text, self.prompt_ids = prompt_text, ids
+        self.text = ""                  # with tools: the text so far, for the streamer
+        self.streamer = None            # with tools: its ToolStreamer (serving/tools.py)
+        self.last = None
+        self.offset = 0                 # text_offset of the next token (completions logprobs)
+        self.started = False            # its first stream chunk is out
+        self.echoed = False             # its echo chunk is out
+
+
+class _Job:
+    """One admitted request: its choices' output streams rendered as SSE or as one JSON body."""
+
+    def __init__(self, svc: Service, rid: str, client_rid: str, chat: bool, created: int,
+                 body, params: SamplingParams, tool_plan=None):
+        self.svc, self.rid, self.client_rid = svc, rid, client_rid
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
         self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
-        self.last = None
+        self.chat, self.created, self.body, self.params = chat, created, body, params
+        self.choices: list[_Choice] = []
+        self.num_prompt_tokens = 0
+        self.arrival = time.monotonic()
         self.outcome = "abort"
+        self.echo = bool(getattr(body, "echo", False))
+        self.want_logprobs = params.logprobs is not None
+        self.token_ids = bool(getattr(body, "return_token_ids", False))
+
+    async def submit(self, prompts: list) -> None:
+        """Admit every (prompt, sample) as an engine request; if one is refused, the ones
+        already admitted are aborted and the error goes to the client."""
+        try:
+            self.params.validate()
+        except BrazeError as e:
+            raise bad_request(str(e)) from None
+        children = self.params.children()
+        if self.params.prompt_logprobs is not None:    # every choice reports its prompt's
+            children = [dataclasses.replace(c, prompt_logprobs=self.params.prompt_logprobs)
+                        for c in children]
+        single = len(prompts) == 1 and len(children) == 1
+        try:
+            for pi, (text, ids) in enumerate(prompts):
+                self.num_prompt_tokens += len(ids)
+                group = None if len(children) == 1 else f"{self.rid}-{pi}"
+                for j, child in enumerate(children):
+                    crid = self.rid if single else f"{self.rid}-{pi}-{j}"
+                    stream = await self.svc.submit(crid, ids, child, group,
+                                                   getattr(self.body, "kv_transfer_params", None))
+                    self.choices.append(_Choice(pi * self.params.n + j, pi, stream, text, ids))
+        except BaseException:
+            self._abort_all()
+            raise
+
+    def _abort_all(self, reason: str = "aborted by the client") -> None:
+        for c in self.choices:
+            c.stream.abort(reason)
+
+    @property
+    def last(self):
+        return self.choices[0].last if self.choices else None
+
+    def _token_text(self, tid: int) -> str:
+        tok = self.svc.tokenizer
+        return f"token_id:{tid}" if tok is None else tok.decode([tid], skip_special_tokens=False)
+
+    def _prompt_text(self, c: _Choice) -> str:
+        if c.prompt_text is not None:
+            return c.prompt_text
+        tok = self.svc.tokenizer
+        return "" if tok is None else tok.decode(c.prompt_ids)
+
+    def _prompt_logprobs(self, out) -> list | None:
+        """vLLM's prompt_logprobs: None for the first token, then {id: {logprob, rank,
+        decoded_token}} with the prompt token and the top N."""
+        if self.params.prompt_logprobs is None or out is None or out.prompt_logprobs is None:
+            return None
+        res = []
+        for e in out.prompt_logprobs:
+            if e is None:
+                res.append(None)
+                continue
+            d = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self._token_text(i)}
+                 for r, (i, v) in enumerate(e.top)}
+            d.setdefault(str(e.token_id), {"logprob": e.logprob, "rank": e.rank,
+                                           "decoded_token": self._token_text(e.token_id)})
+            res.append(d)
+        return res
+
+    def _echo_logprobs(self, c: _Choice, out) -> dict | None:
+        """Completions logprobs of the echoed prompt (the first token has none)."""
+        if not self.want_logprobs or out is None or out.prompt_logprobs is None:
+            return None
+        tokens, lps, tops, offsets = [], [], [], []
+        for pos, e in enumerate(out.prompt_logprobs):
+            t = self._token_text(c.prompt_ids[pos])
+            tokens.append(t)
+            offsets.append(c.offset)
+            c.offset += len(t)
+            if e is None:
+                lps.append(None)
+                tops.append(None)
+            else:
+                lps.append(e.logprob)
+                top = {self._token_text(i): v for i, v in e.top[:self.params.logprobs]}
+                top.setdefault(t, e.logprob)
+                tops.append(top)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _logprobs(self, c: _Choice, entries) -> dict | None:
+        if not self.want_logprobs or entries is None:
+            return None
+        if self.chat:
+            return R.chat_logprobs(entries, self._token_text)
+        lp, c.offset = R.completion_logprobs(entries, self._token_text, c.offset)
+        return lp
+
+    async def _outputs(self):
+        """(choice, output) as they come, from every choice's stream."""
+        if len(self.choices) == 1:
+            c = self.choices[0]
+            async for out in c.stream:
+                yield c, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: _Choice):
+            try:
+                async for out in c.stream:
+                    queue.put_nowait((c, out, None))
+            except BaseException as e:     # noqa: BLE001 -- handed to the reader
+                queue.put_nowait((c, None, e))
+                return
+            queue.put_nowait((c, None, None))
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        try:
+            left = len(tasks)
+            while left:
+                c, out, err = await queue.get()
+                if err is not None:
+                    raise err
+                if out is None:
+                    left -= 1
+                    continue
+                yield c, out
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def sse(self, include_usage: bool):
         name, rid, created = self.svc.model_name, self.rid, self.created
         done = False
-        streamer = self.tools.streamer() if self.tools is not None else None
-        text = ""
+        body = R.chat_body if self.chat else R.completion_body
         try:
             if self.chat:
-                yield R.sse(R.chat_chunk(rid, created, name, {"role": "assistant", "content": ""},
-                                         with_usage_field=include_usage))
-            async for out in self.stream:
-                self.last = out
+                for c in self.choices:
+                    first = R.chat_choice(c.index, "", None, delta={"role": "assistant", "content": ""})
+                    extra = {"prompt_token_ids": c.prompt_ids} if self.token_ids \
+                        and c is self.choices[0] else {}
+                    yield R.sse(body(rid, created, name, [first], None, True, include_usage, **extra))
+            async for c, out in self._outputs():
+                c.last = out
+                if not self.chat and self.echo and not c.echoed:
+                    # the prompt first (once its logprobs, if asked for, are known)
+                    c.echoed = c.started = True
+                    first = R.completion_choice(c.index, self._prompt_text(c), None,
+                                                self._echo_logprobs(c, out))
+                    if self.token_ids:
+                        first["prompt_token_ids"] = c.prompt_ids
+                    plp = self._prompt_logprobs(out)
+                    if plp is not None:
+                        first["prompt_logprobs"] = plp
+                    yield R.sse(body(rid, created, name, [first], None, True, include_usage))
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise Aborted(f"the request ended with finish_reason {out.finish_reason!r}")
                 reason = out.finish_reason if out.finished else None
-                if streamer is not None:
-                    text += out.new_text
-                    for delta in streamer.feed(text, out.finished):
-                        yield R.sse(R.chat_chunk(rid, created, name, delta, None, include_usage))
+                if self.tools is not None:    # chat text through the tool-call parser
+                    if c.streamer is None:
+                        c.streamer = self.tools.streamer()
+                    c.text += out.new_text
+                    for delta in c.streamer.feed(c.text, out.finished):
+                        choice = R.chat_choice(c.index, "", None, delta=delta)
+                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
                     if reason:
-                        reason = self.tools.finish_reason(streamer.calls, reason)
-                        yield R.sse(R.chat_chunk(rid, created, name, {}, reason, include_usage))
+                        reason = self.tools.finish_reason(c.streamer.calls, reason)
+                        choice = R.chat_choice(c.index, "", reason, delta={})
+                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
                     continue
-                if out.new_text or reason:
-                    if self.chat:
-                        delta = {"content": out.new_text} if out.new_text else {}
-                        chunk = R.chat_chunk(rid, created, name, delta, reason, include_usage)
-                    else:
-                        chunk = R.completion_chunk(rid, created, name, out.new_text, reason,
-                                                   include_usage)
-                    yield R.sse(chunk)
+                new_ids = out.new_token_ids
+                if not (out.new_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):
+                    continue
+                lp = self._logprobs(c, out.new_logprobs) if new_ids else None
+                ids = list(new_ids) if self.token_ids else None
+                stop_reason = out.stop_reason if reason else None
+                if self.chat:
+                    delta = {"content": out.new_text} if out.new_text else {}
+                    choice = R.chat_choice(c.index, "", reason, lp, stop_reason, ids, delta=delta)
+                    plp = self._prompt_logprobs(out) if not c.started else None
+                    c.started = True
+                    if plp is not None:      # with the choice's first tokens, on the chunk
+                        if stop_reason is None:
+                            choice.pop("stop_reason", None)
+                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage,
+                                         prompt_logprobs=plp))
+                        continue
+                else:
+                    prompt_ids = c.prompt_ids if self.token_ids and not c.started else None
+                    plp = self._prompt_logprobs(out) if not c.started else None
+                    c.started = True
+                    choice = R.completion_choice(c.index, out.new_text, reason, lp, stop_reason,
+                                                 prompt_ids, ids)
+                    if plp is not None:
+                        choice["prompt_logprobs"] = plp
+                if stop_reason is None:
+                    choice.pop("stop_reason", None)
+                yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
             self.outcome = self.last.finish_reason if self.last else "abort"
             if include_usage:
                 obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -273,64 +457,107 @@ class _Job:
             done = True
         finally:
             if not done:          # the client went away (the generator was cancelled/closed)
-                self.stream.abort()
+                self._abort_all()
+            else:
+                self._abort_all("the request failed")   # no-op for finished streams
             self._log()
 
     async def whole(self, request: Request):
         watcher = asyncio.create_task(self._watch_disconnect(request))
         try:
-            async for out in self.stream:
-                self.last = out
-            if self.last is None or self.last.finish_reason not in ("stop", "length"):
+            async for c, out in self._outputs():
+                c.last = out
+            bad = [c.last for c in self.choices
+                   if c.last is None or c.last.finish_reason not in ("stop", "length")]
+            if bad:
                 raise Aborted(f"the request ended with finish_reason "
-                              f"{self.last.finish_reason if self.last else None!r}")
+                              f"{bad[0].finish_reason if bad[0] else None!r}")
             self.outcome = self.last.finish_reason
         except Rejected as e:
             self.outcome = "error"
+            self._abort_all("the request failed")
             raise bad_request(str(e)) from None
         except (Aborted, Unavailable) as e:
             self.outcome = "abort"
+            self._abort_all("the request failed")
             raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
         except asyncio.CancelledError:
-            self.stream.abort()
+            self._abort_all()
             raise
         finally:
             watcher.cancel()
             self._log()
-        out = self.last
-        text = out.text or ""
-        if self.tools is not None:
-            content, calls = final_message(self.tools.parse(text, True))
-            reason = self.tools.finish_reason(len(calls), out.finish_reason)
-            return JSONResponse(R.chat_completion(self.rid, self.created, self.svc.model_name,
-                                                  content, reason, self._usage(),
-                                                  tool_calls=calls))
-        make = R.chat_completion if self.chat else R.completion
-        return JSONResponse(make(self.rid, self.created, self.svc.model_name, text,
-                                 out.finish_reason, self._usage()))
+        return JSONResponse(self._body())
+
+    def _body(self) -> dict:
+        """The whole response: each prompt's n choices (for best_of, the n of highest
+        cumulative logprob among its best_of samples), indexed prompt * n + rank."""
+        p, n = self.params, self.params.n
+        chosen: list[tuple[int, _Choice]] = []
+        for pi in sorted({c.prompt for c in self.choices}):
+            mine = [c for c in self.choices if c.prompt == pi]
+            if p.best_of is not None and p.best_of > n:
+                mine = sorted(mine, key=lambda c: -c.last.cumulative_logprob)[:n]
+            chosen += [(pi * n + j, c) for j, c in enumerate(mine)]
+        choices = []
+        for index, c in chosen:
+            out = c.last
+            text = out.text or ""
+            echo_lp = self._echo_logprobs(c, out) if self.echo and not self.chat else None
+            lp = self._logprobs(c, out.logprobs) if p.logprobs is not None else None
+            if echo_lp is not None and lp is not None:
+                lp = {k: echo_lp[k] + lp[k] for k in lp}
+            ids = list(out.token_ids) if self.token_ids else None
+            stop_reason = out.stop_reason
+            if self.chat and self.tools is not None:
+                content, calls = final_message(self.tools.parse(text, True))
+                reason = self.tools.finish_reason(len(calls), out.finish_reason)
+                ch = R.chat_choice(index, content, reason, lp, stop_reason, ids)
+                if calls:
+                    ch["message"]["tool_calls"] = calls
+            elif self.chat:
+                ch = R.chat_choice(index, text, out.finish_reason, lp, stop_reason, ids)
+            else:
+                if self.echo:
+                    text = self._prompt_text(c) + text
+                ch = R.completion_choice(index, text, out.finish_reason, lp, stop_reason,
+                                         c.prompt_ids if self.token_ids else None, ids)
+                plp = self._prompt_logprobs(out)
+                if plp is not None:
+                    ch["prompt_logprobs"] = plp
+            if stop_reason is None:
+                ch.pop("stop_reason", None)
+            choices.append(ch)
+        name = self.svc.model_name
+        if self.chat:
+            extra = {"prompt_token_ids": self.choices[0].prompt_ids} if self.token_ids else {}
+            plp = self._prompt_logprobs(chosen[0][1].last)
+            if plp is not None:
+                extra["prompt_logprobs"] = plp
+            return R.chat_body(self.rid, self.created, name, choices, self._usage(), **extra)
+        return R.completion_body(self.rid, self.created, name, choices, self._usage())
 
     async def _watch_disconnect(self, request: Request):
         """Abort when the client of a non-streamed request goes away. The body has been
         read, so the next ASGI message can only be `http.disconnect` (uvicorn also sends it
         once the response is complete, by which time this task is cancelled)."""
-        while not self.stream.finished:
+        while not all(c.stream.finished for c in self.choices):
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                if not self.stream.finished:
-                    self.stream.abort("the client disconnected")
+                self._abort_all("the client disconnected")
                 return
 
     def _usage(self) -> dict:
-        n_out = len(self.last.token_ids) if self.last else 0
-        return R.usage(self.stream.num_prompt_tokens, n_out)
+        n_out = sum(len(c.last.token_ids) for c in self.choices if c.last is not None)
+        return R.usage(self.num_prompt_tokens, n_out)
 
     def _log(self) -> None:
         out = self.last
-        n_out = len(out.token_ids) if out else 0
+        n_out = sum(len(c.last.token_ids) for c in self.choices if c.last is not None)
         ttft = (out.metrics or {}).get("ttft") if out else None
-        total = time.monotonic() - self.stream.arrival
+        total = time.monotonic() - self.arrival
         log.info("request %s (%s): %d prompt tokens, %d output tokens, finish %s, ttft %s, "
-                 "total %.3f s", self.client_rid, self.rid, self.stream.num_prompt_tokens, n_out,
+                 "total %.3f s", self.client_rid, self.rid, self.num_prompt_tokens, n_out,
                  self.outcome, "-" if ttft is None else f"{ttft:.3f} s", total)
 
 

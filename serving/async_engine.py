@@ -141,7 +141,8 @@ class AsyncEngine:
         return None
 
     async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
-                  kv_transfer_params: dict | None = None) -> RequestStream:
+                  group: str | None = None, kv_transfer_params: dict | None = None
+                  ) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here)."""
         reason = self.unavailable_reason()
         if reason is not None:
@@ -152,7 +153,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = self._loop.create_future()
         self._streams[request_id] = stream
-        self._send(("add", request_id, prompt, params, ack, kv_transfer_params))
+        self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params))
         try:
             await ack
         except asyncio.CancelledError:
@@ -262,9 +263,10 @@ class AsyncEngine:
                 acks, must_step = [], False
                 for cmd in cmds:
                     if cmd[0] == "add":
-                        _, rid, prompt, params, fut, kv_params = cmd
+                        _, rid, prompt, params, fut, group, kv_params = cmd
                         try:
-                            eng.add_request(rid, prompt, params, kv_transfer_params=kv_params)
+                            eng.add_request(rid, prompt, params, group=group,
+                                            kv_transfer_params=kv_params)
                             acks.append((fut, None))
                         except Exception as e:      # BrazeError: the client's fault → 400
                             acks.append((fut, e))

@@ -1,9 +1,10 @@
 """Request bodies and errors of the OpenAI API as braze serves them (pydantic).
 
 Requests allow extra fields (clients send many; braze reads `ignore_eos`, `top_k`,
-`stop_token_ids`, `add_generation_prompt`, `chat_template_kwargs` among them). Checks
-pydantic cannot express as field bounds (n=1 only, unsupported options, the prompt's
-shape) live in `check_*` and raise `APIError`, which the app turns into an OpenAI-shaped
+`stop_token_ids`, `add_generation_prompt`, `chat_template_kwargs`, `repetition_penalty`,
+`min_tokens`, `bad_words`, `return_token_ids` among them). Checks pydantic cannot
+express as field bounds (unsupported options, the prompts' shape) live in `check_*` and
+`completion_prompts` and raise `APIError`, which the app turns into an OpenAI-shaped
 JSON error: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -78,9 +79,15 @@ class _GenerationRequest(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)   # vLLM extension
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)                                 # vLLM extension
+    bad_words: list[str] | None = None                               # vLLM extension
+    return_token_ids: bool = False                                   # vLLM extension
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)           # vLLM extension
     user: str | None = None
     # vLLM's: {"max_load_tokens": N, "store": bool} for the lower KV tiers (docs/serving.md)
     kv_transfer_params: dict | None = None
@@ -94,9 +101,9 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
 
 
 class TextPart(BaseModel):
@@ -117,53 +124,58 @@ class ChatCompletionRequest(_GenerationRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
-    if req.n != 1:
-        raise bad_request(f"only n=1 is supported, got n={req.n}", "n")
-    if req.presence_penalty:
-        raise bad_request("presence_penalty is not supported; leave it at 0", "presence_penalty")
-    if req.frequency_penalty:
-        raise bad_request("frequency_penalty is not supported; leave it at 0", "frequency_penalty")
-    if req.logprobs:
-        raise bad_request("logprobs are not supported", "logprobs")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
+    for k in req.logit_bias or {}:
+        if not k.strip().isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request, each text or token ids: a string, a list of
+    strings, a list of token ids, or a list of token-id lists."""
+    check_common(req)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    best_of = req.best_of
+    if best_of is not None and best_of < req.n:
+        raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
+    if best_of is not None and best_of > req.n and req.stream:
+        raise bad_request("best_of > n cannot be streamed (the best samples are known only "
+                          "at the end)", "best_of")
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    elif not p:
+        raise bad_request("the prompt is empty", "prompt")
+    elif not isinstance(p[0], (str, list)):
+        p = [p]
+    out: list[str | list[int]] = []
+    for one in p:
+        if not one:
+            raise bad_request("the prompt is empty" if len(p) == 1 else
+                              "a prompt in the list is empty", "prompt")
+        out.append(one if isinstance(one, str) else [int(t) for t in one])
+    return out
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    """The one prompt of a completion request: text or token ids."""
-    check_common(req)
-    if req.echo:
-        raise bad_request("echo is not supported", "echo")
-    if req.suffix:
-        raise bad_request("suffix is not supported", "suffix")
-    if req.best_of not in (None, 1):
-        raise bad_request(f"only best_of=1 is supported, got best_of={req.best_of}", "best_of")
-    p = req.prompt
-    if isinstance(p, list):
-        if not p:
-            raise bad_request("the prompt is empty", "prompt")
-        if isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise bad_request(f"one prompt per request is supported, got {len(p)}", "prompt")
-            p = p[0]
-    if isinstance(p, str):
-        if not p:
-            raise bad_request("the prompt is empty", "prompt")
-        return p
-    if not p:
-        raise bad_request("the prompt is empty", "prompt")
-    return [int(t) for t in p]
+    """The first prompt of a completion request (completion_prompts for all)."""
+    return completion_prompts(req)[0]
 
 
 def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     check_common(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
 
@@ -183,6 +195,28 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     if req.stop_token_ids:
         kw["stop_token_ids"] = list(req.stop_token_ids)
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        v = getattr(req, name)
+        if v is not None:
+            kw[name] = v
+    if req.logit_bias:
+        kw["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+    if req.min_tokens:
+        kw["min_tokens"] = req.min_tokens
+    if req.bad_words:
+        kw["bad_words"] = list(req.bad_words)
+    kw["n"] = req.n
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            kw["logprobs"] = req.top_logprobs or 0
+    else:
+        kw["logprobs"] = req.logprobs
+        kw["best_of"] = req.best_of
+    plp = req.prompt_logprobs
+    if getattr(req, "echo", False) and req.logprobs is not None:   # echo shows the prompt's too
+        plp = max(plp or 0, req.logprobs)
+    if plp is not None:
+        kw["prompt_logprobs"] = plp
     return kw
 
 

@@ -69,3 +69,93 @@ def model_list(name: str, created: int, max_model_len: int) -> dict:
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                          "owned_by": "braze", "root": name,
                                          "max_model_len": max_model_len}]}
+
+
+# ---- several choices, logprobs, token ids --------------------------------------------------
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
+                      stop_reason=None, prompt_token_ids: list[int] | None = None,
+                      token_ids: list[int] | None = None) -> dict:
+    c = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if stop_reason is not None:
+        c["stop_reason"] = stop_reason
+    if prompt_token_ids is not None:
+        c["prompt_token_ids"] = prompt_token_ids
+    if token_ids is not None:
+        c["token_ids"] = token_ids
+    return c
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
+                stop_reason=None, token_ids: list[int] | None = None, delta: dict | None = None
+                ) -> dict:
+    """A chat choice: a `message` (whole response) or, with `delta`, a stream chunk's."""
+    c = {"index": index}
+    if delta is not None:
+        c["delta"] = delta
+    else:
+        c["message"] = {"role": "assistant", "content": text}
+    c["logprobs"] = logprobs
+    c["finish_reason"] = finish_reason
+    if stop_reason is not None:
+        c["stop_reason"] = stop_reason
+    if token_ids is not None:
+        c["token_ids"] = token_ids
+    return c
+
+
+def completion_body(id: str, created: int, model: str, choices: list[dict], use: dict | None,
+                    chunk: bool = False, with_usage_field: bool = False) -> dict:
+    d = {"id": id, "object": "text_completion", "created": created, "model": model,
+         "choices": choices}
+    if not chunk:
+        d["usage"] = use
+        d["system_fingerprint"] = None
+    elif with_usage_field:
+        d["usage"] = None
+    return d
+
+
+def chat_body(id: str, created: int, model: str, choices: list[dict], use: dict | None,
+              chunk: bool = False, with_usage_field: bool = False,
+              prompt_token_ids: list[int] | None = None, prompt_logprobs: list | None = None
+              ) -> dict:
+    d = {"id": id, "object": "chat.completion.chunk" if chunk else "chat.completion",
+         "created": created, "model": model, "choices": choices}
+    if not chunk:
+        d["usage"] = use
+        d["system_fingerprint"] = None
+    elif with_usage_field:
+        d["usage"] = None
+    if prompt_token_ids is not None:
+        d["prompt_token_ids"] = prompt_token_ids
+    if prompt_logprobs is not None:
+        d["prompt_logprobs"] = prompt_logprobs
+    return d
+
+
+def completion_logprobs(entries, token_text, offset: int) -> tuple[dict, int]:
+    """OpenAI's completions `logprobs` for TokenLogprobs `entries` (runtime/request.py):
+    {tokens, token_logprobs, top_logprobs: [{token: logprob}] (the top N and the sampled
+    token), text_offset}; offsets count from `offset`. Returns it and the next offset."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        t = token_text(e.token_id)
+        tokens.append(t)
+        lps.append(e.logprob)
+        top = {token_text(i): v for i, v in e.top}
+        top.setdefault(t, e.logprob)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(t)
+    return ({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+             "text_offset": offsets}, offset)
+
+
+def chat_logprobs(entries, token_text) -> dict:
+    """OpenAI's chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    def item(tid: int, lp: float) -> dict:
+        t = token_text(tid)
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+    return {"content": [item(e.token_id, e.logprob)
+                        | {"top_logprobs": [item(i, v) for i, v in e.top]} for e in entries]}

@@ -34,6 +34,16 @@ def test_compile_generate_inspect(store, tmp_path):
     assert out["token_ids"] == ref[0, 3:].tolist()
     assert isinstance(out["text"], str)
 
+    r = braze("generate", art, "--prompt-ids", "1,2,3", "--max-tokens", "4", "--n", "2",
+              "--temperature", "1", "--seed", "3", "--logprobs", "2", "--repetition-penalty",
+              "1.2", "--backend", "reference", "--json", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 2 and all(len(x["logprobs"]) == 4 for x in lines)
+    assert all(len(e["top"]) == 2 and e["rank"] >= 1 for e in lines[0]["logprobs"])
+    r = braze("generate", art, "--prompt-ids", "1", "--presence-penalty", "5")
+    assert r.returncode != 0 and "presence_penalty" in r.stderr
+
     r = braze("inspect", art, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)

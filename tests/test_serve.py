@@ -280,9 +280,9 @@ def test_bad_requests_get_openai_errors(server):
     err = _assert_error(post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400,
                         "temperature")
     assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
-    _assert_error(post("/v1/completions", json={"prompt": "x", "n": 2}), 400, "n=1")
+    _assert_error(post("/v1/completions", json={"prompt": "x", "n": 0}), 400, "n")
     _assert_error(post("/v1/chat/completions",
-                       json={"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n=1")
+                       json={"messages": [{"role": "user", "content": "x"}], "n": 500}), 400, "n")
     _assert_error(post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400,
                   "max_tokens")
     _assert_error(post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")
@@ -296,8 +296,8 @@ def test_bad_requests_get_openai_errors(server):
     assert err["code"] == "model_not_found"
     _assert_error(server.http.get("/v1/nothing"), 404)
     # through the openai client too
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        server.client.completions.create(model=MODEL, prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        server.client.completions.create(model=MODEL, prompt="x", suffix="y")
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="gpt-9", prompt="x")
     with pytest.raises(openai.BadRequestError):
@@ -308,7 +308,7 @@ def test_bad_requests_get_openai_errors(server):
 def test_request_id_echoed_or_generated(server):
     r = server.http.get("/health", headers={"X-Request-Id": "my-id-42"})
     assert r.headers["x-request-id"] == "my-id-42"
-    r = server.http.post("/v1/completions", json={"prompt": "x", "n": 2},
+    r = server.http.post("/v1/completions", json={"prompt": "x", "n": 0},
                          headers={"X-Request-Id": "bad-one"})
     assert r.status_code == 400 and r.headers["x-request-id"] == "bad-one"
     with server.http.stream("POST", "/v1/completions", headers={"X-Request-Id": "streamed"},
@@ -502,17 +502,21 @@ def test_protocol_checks():
         APIError,
         CompletionRequest,
         completion_prompt,
+        completion_prompts,
         sampling_kwargs,
         validation_message,
     )
     assert completion_prompt(CompletionRequest(prompt=["hi"])) == "hi"
     assert completion_prompt(CompletionRequest(prompt=[[1, 2]])) == [1, 2]
     assert completion_prompt(CompletionRequest(prompt=[5, 6])) == [5, 6]
-    for bad, word in ((dict(prompt=""), "empty"), (dict(prompt=["a", "b"]), "one prompt"),
-                      (dict(prompt="a", n=2), "n=1"), (dict(prompt="a", echo=True), "echo"),
+    assert completion_prompts(CompletionRequest(prompt=["a", "b"])) == ["a", "b"]
+    assert completion_prompts(CompletionRequest(prompt=[[1], [2, 3]])) == [[1], [2, 3]]
+    for bad, word in ((dict(prompt=""), "empty"), (dict(prompt=["a", ""]), "empty"),
+                      (dict(prompt="a", suffix="b"), "suffix"),
+                      (dict(prompt="a", n=2, best_of=1), "best_of"),
                       (dict(prompt="a", stop=[""]), "stop")):
         with pytest.raises(APIError, match=word):
-            completion_prompt(CompletionRequest(**bad))
+            completion_prompts(CompletionRequest(**bad))
     req = CompletionRequest(prompt="a", top_k=-1, stop="x", ignore_eos=True, unknown_field=1)
     kw = sampling_kwargs(req, 7)
     assert kw["top_k"] == 0 and kw["stop"] == ["x"] and kw["ignore_eos"] and kw["max_tokens"] == 7
