@@ -90,3 +90,38 @@ def test_engine_on_cuda_equals_reference(store, mode):
     # float32 on both: kernel and reference logits differ by ~1e-6, far below any gap the
     # seeded Gumbel-max sampler or the argmax could fall into, so every row agrees exactly
     assert outs["cuda"] == outs["reference"]
+
+
+def test_kv_offload_on_cuda_equals_everything_on_the_device(store, tmp_path):
+    """The host tier's GPU path (gather on the compute stream, non-blocking copy into pinned
+    memory picked up at a later step, copy back before the step that reads it) and a disk
+    tier give the tokens of an engine whose cache holds everything."""
+    from braze.runtime.engine import Engine
+    from braze.runtime.sampler import SamplingParams
+    art = store.artifact("llama", opt_level=2, targets="sm_80,sm_90", max_num_tokens=64,
+                         max_num_seqs=8)
+    g = torch.Generator().manual_seed(3)
+    shared = [1] + torch.randint(3, 200, (69,), generator=g).tolist()
+    fillers = [[1] + torch.randint(3, 200, (60 + i,), generator=g).tolist() for i in range(6)]
+    traffic = [[shared + [5, 6]], fillers, [shared + [7, 8, 9]]]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    runs = {}
+    for name, kw in (("device", dict(num_kv_blocks=256)),
+                     ("host", dict(num_kv_blocks=12, kv_offload_cpu_gb=0.01)),
+                     ("disk", dict(num_kv_blocks=12, kv_offload_cpu_gb=0.0005,
+                                   kv_offload_dir=str(tmp_path / "kv")))):
+        eng = Engine(art, backend="cuda", **kw)
+        out = []
+        for k, batch in enumerate(traffic):
+            for i, p in enumerate(batch):
+                eng.add_request(f"{k}.{i}", p, sp)
+            res = eng.run_to_completion()
+            out += [res[f"{k}.{i}"].token_ids for i in range(len(batch))]
+            if eng.offload is not None:
+                eng.offload.drain()
+        runs[name] = out
+        if eng.offload is not None:
+            s = eng.stats()
+            print(name, {k: v for k, v in s.items() if k.startswith("kv_offload_")})
+            assert s["kv_offload_load_blocks_host"] + s["kv_offload_load_blocks_lower"] >= 4
+    assert runs["host"] == runs["device"] and runs["disk"] == runs["device"]
