@@ -198,6 +198,14 @@ def test_cli_compiles_a_gguf_and_generates(tmp_path):
                             "--backend", "reference")
     assert code == 0, err
     assert len(json.loads(stdout)["token_ids"]) == 3
+    code, stdout, err = run("inspect", out)
+    assert code == 0, err
+    assert "source     gguf m.gguf (qwen3; Q8_0 x" in stdout
+
+
+def test_compile_help_says_model_may_be_a_gguf_file():
+    code, stdout, _ = run("compile", "--help")
+    assert code == 0 and ".gguf file" in stdout
 
 
 def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
