@@ -125,7 +125,8 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
 
 
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
-               vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None) -> Path:
+               vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None,
+               name: str | None = None) -> Path:
     """Write `model` (a transformers Llama/Qwen3) to `path` as llama.cpp would.
 
     `qtype`: GGMLQuantizationType names, comma-separated: the 2-D weights take them in
@@ -141,7 +142,7 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     cycle = [Q[q] for q in qtype.split(",")]
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{family}")
+    w.add_name(name or f"tiny-{family}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)

@@ -187,6 +187,22 @@ def test_llama3_rope_freqs_tensor_scales_rope(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_llama_gguf_named_mistral_is_read_as_transformers_reads_it(tmp_path):
+    """llama.cpp writes Mistral as architecture llama; depending on its version transformers
+    reads one named mistral as mistral or as llama: braze follows the installed one."""
+    model = tiny_hf_model("llama", 320)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm", name="mistral-tiny")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    theirs, _ = hf_from_gguf(path)
+    assert manifest["model"]["architecture"] == type(theirs).__name__
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = theirs(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_cli_compiles_a_gguf_and_generates(tmp_path):
     model = tiny_hf_model("qwen3", 256)
     path = write_gguf(model, tmp_path / "m.gguf", "Q8_0")
