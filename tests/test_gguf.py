@@ -187,6 +187,22 @@ def test_llama3_rope_freqs_tensor_scales_rope(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_linear_rope_scaling_keys_are_read(tmp_path):
+    """llama.cpp's `llama.rope.scaling.*` keys (which transformers' GGUF reader skips) give
+    the RoPE of the model the file was written from."""
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    model = tiny_hf_model("llama", 320, rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm",
+                      extra_kv={"llama.rope.scaling.type": "linear",
+                                "llama.rope.scaling.factor": 4.0})
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_llama_gguf_named_mistral_is_read_as_transformers_reads_it(tmp_path):
     """llama.cpp writes Mistral as architecture llama; depending on its version transformers
     reads one named mistral as mistral or as llama: braze follows the installed one."""
