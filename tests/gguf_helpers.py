@@ -159,7 +159,9 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
         w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    if tokenizer == "spm":
+    if tokenizer is None:
+        pass
+    elif tokenizer == "spm":
         tokens, scores, types = vocab or spm_vocab(cfg.vocab_size)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)

@@ -203,6 +203,15 @@ def test_linear_rope_scaling_keys_are_read(tmp_path):
     torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_gguf_without_a_tokenizer_compiles_for_token_ids(tmp_path):
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0", tokenizer=None)
+    out, lines = tmp_path / "a.braze", []
+    braze.compile(path, out, opt_level=0, targets="", log=lines.append)
+    assert any("the GGUF file has no tokenizer" in ln for ln in lines)
+    assert not (out / "tokenizer" / "tokenizer.json").exists()
+    assert _prefill_logits(out, [1, 2, 3]).shape == (3, 320)
+
+
 def test_a_llama_gguf_named_mistral_is_read_as_transformers_reads_it(tmp_path):
     """llama.cpp writes Mistral as architecture llama; depending on its version transformers
     reads one named mistral as mistral or as llama: braze follows the installed one."""
