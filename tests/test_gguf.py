@@ -263,6 +263,18 @@ def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
     assert_one_line_error(code, err, "blk.1.ffn_up.weight", "IQ4_NL", "Q4_K")
 
 
+@pytest.mark.parametrize("kv, needle", [
+    ({"split.count": 3}, "split GGUF; merge the parts first"),
+    ({"llama.rope.scaling.type": "longrope"}, "RoPE scaling type 'longrope' is not supported"),
+])
+def test_split_files_and_unknown_rope_scaling_are_refused(tmp_path, kv, needle):
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F16", tokenizer="spm",
+                      extra_kv=kv)
+    with pytest.raises(BrazeError, match=needle):
+        braze.compile(path, tmp_path / "a.braze")
+    assert not (tmp_path / "a.braze").exists()
+
+
 def test_not_a_gguf_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
