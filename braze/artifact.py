@@ -6,8 +6,10 @@ An artifact is a plain directory, never pickle:
                              index, and the sha256 of every other file
     graph.bir                the IR text
     weights-NNNNN.safetensors
-    config.json              the model's config, as given
-    tokenizer/               tokenizer files, when the model directory had them
+    config.json              the model's config, as given (for a GGUF source: read from
+                             its metadata; manifest model.source names the file and sha256)
+    tokenizer/               tokenizer files, when the model directory had them (for a GGUF:
+                             converted from its metadata by transformers)
     kernels/, cubin/         kernel sources and their ahead-of-time binaries (codegen)
     signature.json           an Ed25519 signature of manifest.json (braze/signing.py)
 

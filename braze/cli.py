@@ -240,20 +240,27 @@ def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="braze", description="braze: an ahead-of-time compiler and serving runtime for LLM "
-        "inference. Compile a Hugging Face model directory once, then generate from the artifact.")
+        "inference. Compile a Hugging Face model directory (or a .gguf file) once, then generate "
+        "from the artifact.")
     p.add_argument("--version", action="version", version=f"braze {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("compile", help="compile a Hugging Face model directory into an artifact",
-                       description="Trace MODEL_DIR (config.json + *.safetensors) into braze IR "
-                       "and write a self-contained artifact directory.")
-    c.add_argument("model_dir", metavar="MODEL_DIR")
+    c = sub.add_parser("compile", help="compile a Hugging Face model directory or a .gguf "
+                       "file into an artifact",
+                       description="Trace MODEL (a Hugging Face directory: config.json + "
+                       "*.safetensors; or a llama.cpp/Ollama .gguf file) into braze IR and write "
+                       "a self-contained artifact directory.")
+    c.add_argument("model_dir", metavar="MODEL",
+                   help="a Hugging Face model directory (config.json, *.safetensors, tokenizer "
+                        "files), or a .gguf file (llama, qwen3; F32/F16/BF16, Q8_0, Q4_0, Q4_1, "
+                        "Q5_0, Q5_1 and Q2_K..Q6_K weights, dequantized to --dtype)")
     c.add_argument("-o", "--output", required=True, metavar="ARTIFACT", help="artifact directory to write")
     c.add_argument("--opt-level", type=int, default=2, choices=(0, 1, 2),
                    help="0: the traced graph as is; 1: canonicalisation; 2: every fusion pass, "
                    "segments and memory plan (default)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="weights and compute dtype (default: the checkpoint's)")
+                   help="weights and compute dtype (default: the checkpoint's; for a quantized "
+                        "GGUF, float16)")
     c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
                    help="most tokens in one step (recorded for the runtime; default 8192)")
     c.add_argument("--max-num-seqs", type=_positive_int, default=256,

@@ -1,4 +1,4 @@
-"""`braze compile`: model directory -> IR -> passes -> artifact.
+"""`braze compile`: model directory (or .gguf file) -> IR -> passes -> artifact.
 
     [1/3] trace      frontend: models/ definition -> IR, weights located and checked
     [2/3] optimise   the -O pipeline (passes/), timed per pass
@@ -18,6 +18,7 @@ from braze.codegen.artifact_writer import write_artifact
 from braze.codegen.emit import emit_kernels
 from braze.codegen.plan import build_plan
 from braze.frontend import load_model
+from braze.frontend.gguf import GGUFSource, is_gguf
 from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
 from braze.passes import PassContext, PassManager, dump_after_each
@@ -32,7 +33,8 @@ def _quiet(msg: str) -> None:
 
 def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool = False,
             log=None, sign=None, **options):
-    """Compile a Hugging Face model directory into an artifact at `out`; returns the Artifact.
+    """Compile a Hugging Face model directory, or a GGUF file, into an artifact at `out`;
+    returns the Artifact.
 
     The artifact is signed with the Ed25519 private key file `sign`, or by default with
     the per-user key (braze/signing.py), so that hosts trusting the key run it as it is."""
@@ -45,7 +47,21 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
     if out.exists() and not force:
         raise BrazeError(f"{out} already exists; pass --force to replace it")
     log(f"[1/3] tracing {model_dir}")
-    loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log)
+    gguf = GGUFSource(model_dir, log=log) if is_gguf(model_dir) else None
+    try:
+        return _compile(gguf.dir if gguf else Path(model_dir), out, opts, key, t0, force,
+                        dump_ir, explain, log, gguf)
+    finally:
+        if gguf:
+            gguf.close()
+
+
+def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain, log, gguf):
+    """`model_dir`: the HF directory, or the staging directory of a GGUF file (`gguf`)."""
+    loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log,
+                        checkpoint=gguf.checkpoint if gguf else None)
+    if gguf:
+        gguf.adjust(loaded)
     spec, graph = loaded.spec, loaded.graph
     if opts.max_model_len is None:
         opts.max_model_len = spec.max_position_embeddings
@@ -81,6 +97,8 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
         "bos_token_id": spec.bos_token_id, "eos_token_ids": _eos_ids(model_dir, spec),
         "config": loaded.config,
     }
+    if gguf:
+        model["source"] = gguf.identity()
     compile_info = {
         "passes": [{"name": r.name, "matches": r.matches, "ms": r.ms} for r in records],
         "ops_before": ops_before,

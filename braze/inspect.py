@@ -48,6 +48,14 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
     }
 
 
+def _source_line(src: dict) -> str:
+    """Where the weights came from, when not a Hugging Face directory (a GGUF file)."""
+    types = ", ".join(f"{k} x{n}" for k, n in (src.get("tensor_types") or {}).items())
+    return (f"source     {src.get('format', '?')} {src.get('file', '?')} "
+            f"({src.get('gguf_architecture', '?')}; {types}), sha256 "
+            f"{str(src.get('sha256', '?'))[:16]}...")
+
+
 def _cubins_here(m: dict) -> dict:
     """Whether this host would launch the stored cubins, and why not."""
     import triton
@@ -66,6 +74,7 @@ def format_summary(s: dict) -> str:
         f"model      {model['architecture']} ({model['family']}): {model['num_layers']} layers, "
         f"hidden {model['hidden_size']}, heads {model['num_heads']}/{model['num_kv_heads']} kv, "
         f"head_dim {model['head_dim']}, vocab {model['vocab_size']}, dtype {model['dtype']}",
+        *([_source_line(model["source"])] if model.get("source") else []),
         f"options    -O{opts['opt_level']}, max_model_len {opts['max_model_len']}, block_size "
         f"{opts['block_size']}, max_num_tokens {opts['max_num_tokens']}, max_num_seqs "
         f"{opts['max_num_seqs']}, targets {opts['targets']}, cudagraph {opts['cudagraph_mode']}",

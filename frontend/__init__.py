@@ -1,4 +1,5 @@
-"""Frontend: Hugging Face model directory -> braze IR (torch.fx over models/), plus weights."""
+"""Frontend: Hugging Face model directory (or a GGUF file, read as one: gguf.py) -> braze IR
+(torch.fx over models/), plus weights."""
 
 from .load import LoadedModel, load_model, parse_dtype
 

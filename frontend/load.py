@@ -53,6 +53,9 @@ class LoadedModel:
 
 def read_config(model_dir: Path):
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise BrazeError(f"{model_dir} is a file; expected a Hugging Face model directory "
+                         f"or a .gguf file")
     if not model_dir.is_dir():
         raise BrazeError(f"model directory {model_dir} does not exist")
     path = model_dir / "config.json"
@@ -83,8 +86,10 @@ def default_dtype(raw: dict) -> str:
 
 
 def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
-               with_weights: bool = True, log=None) -> LoadedModel:
-    """Trace the model of `model_dir` to IR; with weights, check every weight's name and shape."""
+               with_weights: bool = True, log=None, checkpoint=None) -> LoadedModel:
+    """Trace the model of `model_dir` to IR; with weights, check every weight's name and shape.
+
+    `checkpoint` replaces the directory's safetensors (a GGUF file's tensors: frontend/gguf.py)."""
     raw, cfg = read_config(model_dir)
     spec = build_spec(cfg)
     dt = parse_dtype(dtype) if dtype else default_dtype(raw)
@@ -99,7 +104,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
         if t is not None:
             loaded.computed[name] = t
     if with_weights:
-        ckpt = Checkpoint(Path(model_dir))
+        ckpt = checkpoint if checkpoint is not None else Checkpoint(Path(model_dir))
         loaded.checkpoint = ckpt
         available = ckpt.names()
         for name, p in graph.params.items():

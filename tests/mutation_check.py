@@ -102,6 +102,19 @@ MUTATIONS = [
              'searched[-(self._max_stop - 1):] if self._max_stop > 1 else ""',
              'searched[-(self._max_stop - 2):] if self._max_stop > 2 else ""',
              ["tests/test_detokenizer.py"]),
+    Mutation("gguf-qk-permutation-kept",
+             "a llama GGUF compiles, but Q and K keep llama.cpp's row order: wrong RoPE pairs, "
+             "wrong logits",
+             "frontend/gguf.py",
+             "if self._permute and (\".attn_q.\" in gname or \".attn_k.\" in gname):",
+             "if False:",
+             ["tests/test_gguf.py"], k="llama and (logits or written)"),
+    Mutation("gguf-rope-freqs-ignored",
+             "a Llama 3.1+ GGUF runs with unscaled RoPE (its rope_freqs tensor skipped)",
+             "frontend/gguf.py",
+             "factors = self.checkpoint.rope_freq_factors()",
+             "factors = None",
+             ["tests/test_gguf.py"], k="rope_freqs"),
 ]
 
 

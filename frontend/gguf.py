@@ -1,0 +1,314 @@
+"""A GGUF file (llama.cpp, Ollama) read as if it were a Hugging Face model directory.
+
+The rest of the compiler reads a model directory: config.json, tokenizer files and a
+checkpoint of tensors with transformers' names. `GGUFSource` gives it exactly that:
+
+  - a small staging directory with config.json (from the GGUF metadata, read by
+    transformers' own GGUF config reader), generation_config.json (the end-of-generation
+    ids llama.cpp stops on) and the tokenizer files (transformers' GGUF tokenizer
+    converter, saved as tokenizer.json / tokenizer_config.json / chat_template.jinja);
+  - `GGUFCheckpoint`, which names each GGUF tensor as transformers does (gguf's
+    `TensorNameMap` applied to the transformers model's own parameter names), undoes
+    llama.cpp's Q/K row permutation for llama, and dequantizes one tensor at a time
+    with `gguf.quants.dequantize` when the artifact writer asks for it. The file is
+    memory-mapped, so at most one dequantized tensor (plus the artifact shard being
+    written) is in memory, never a second copy of the checkpoint.
+
+What transformers does not read and llama.cpp does is read here too: RoPE scaling keys
+(`{arch}.rope.scaling.*`, linear and yarn), Llama 3's `rope_freqs` tensor (per-frequency
+divisors, applied to the RoPE inverse frequencies), `attention.key_length` as head_dim,
+and the eot/eom ids as stop tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from braze.ir.errors import BrazeError
+
+# general.architecture -> (transformers architecture, whether llama.cpp permuted Q/K rows)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen3": ("Qwen3ForCausalLM", False),
+}
+# llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
+MISTRAL = ("MistralForCausalLM", True)
+
+# the quant types braze dequantizes (through gguf.quants.dequantize)
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+ROPE_FREQS = "rope_freqs.weight"
+INV_FREQ = "model.rotary_emb.inv_freq"
+
+
+def is_gguf(path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    if p.suffix.lower() == ".gguf":
+        return True
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise BrazeError(f"reading a .gguf file needs the gguf package ({e}); "
+                         f"pip install gguf") from None
+    return gguf
+
+
+class GGUFSource:
+    """A .gguf file as a model directory (`dir`) plus a checkpoint; `close()` removes `dir`."""
+
+    def __init__(self, path, log=None):
+        gguf = _import_gguf()
+        self.path = Path(path)
+        self.log = log or (lambda msg: None)
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+        except (ValueError, OSError, IndexError, KeyError) as e:
+            raise BrazeError(f"{self.path}: not a readable GGUF file ({str(e)[:200]})") from None
+        self.arch = self._str("general.architecture") or "?"
+        self.name = self._str("general.name") or ""
+        self._check_supported()
+        self.types = Counter(t.tensor_type.name for t in self.reader.tensors)
+        size = self.path.stat().st_size
+        self.log(f"GGUF {self.path.name}: {self.arch} {self.name!r}, "
+                 f"{len(self.reader.tensors)} tensors ("
+                 + ", ".join(f"{k} x{n}" for k, n in self.types.most_common())
+                 + f"), {size / 2**30:.2f} GiB")
+        self._tmp = tempfile.TemporaryDirectory(prefix="braze-gguf-")
+        self.dir = Path(self._tmp.name)
+        self.config = self._write_config()
+        self._write_tokenizer()
+        self.checkpoint = GGUFCheckpoint(self, self.config, log=self.log)
+
+    # -- metadata -----------------------------------------------------------------------
+
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        v = f.contents()
+        return v.item() if isinstance(v, np.generic) else v
+
+    def _str(self, key: str) -> str | None:
+        v = self.field(key)
+        return v if isinstance(v, str) else None
+
+    def _check_supported(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise BrazeError(f"{self.path}: GGUF architecture {self.arch!r} is not supported; "
+                             f"braze reads GGUF architectures: {', '.join(ARCHITECTURES)}")
+        splits = self.field("split.count", 1)
+        if splits and int(splits) > 1:
+            raise BrazeError(f"{self.path} is part 1 of a {splits}-way split GGUF; merge the "
+                             f"parts first (llama-gguf-split --merge)")
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in QUANT_TYPES:
+                raise BrazeError(f"{self.path}: tensor {t.name} has GGUF quant type "
+                                 f"{t.tensor_type.name}, which braze does not dequantize; "
+                                 f"supported: {', '.join(QUANT_TYPES)}")
+
+    def default_dtype(self) -> str:
+        """The dtype the weights were stored in: float32 if all are F32, bfloat16 if any is
+        BF16, else float16 (llama.cpp's own compute type for quantized weights)."""
+        types = set(self.types)
+        if types <= {"F32"}:
+            return "float32"
+        if "BF16" in types:
+            return "bfloat16"
+        return "float16"
+
+    def _write_config(self):
+        from transformers import AutoConfig
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                cfg = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise BrazeError(f"{self.path}: transformers cannot read its GGUF metadata "
+                             f"({str(e)[:200]})") from None
+        arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
+        cfg.architectures = [arch_name]
+        a = self.arch
+        key_length = self.field(f"{a}.attention.key_length")
+        if key_length:
+            cfg.head_dim = int(key_length)
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        scaling = self.field(f"{a}.rope.scaling.type")
+        if scaling and scaling != "none":
+            if scaling not in ("linear", "yarn"):
+                raise BrazeError(f"{self.path}: RoPE scaling type {scaling!r} is not supported "
+                                 f"(braze reads linear and yarn from GGUF)")
+            rope["rope_type"] = scaling
+            rope["factor"] = float(self.field(f"{a}.rope.scaling.factor", 1.0))
+            orig = self.field(f"{a}.rope.scaling.original_context_length")
+            if orig:
+                rope["original_max_position_embeddings"] = int(orig)
+            cfg.rope_parameters = rope
+        cfg.dtype = self.default_dtype()
+        cfg.save_pretrained(str(self.dir))
+        raw = json.loads((self.dir / "config.json").read_text())
+        eos = cfg.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            t = self.field(key)
+            if isinstance(t, int) and t not in eos:
+                eos.append(t)
+        gen = {"eos_token_id": eos}
+        if cfg.bos_token_id is not None:
+            gen["bos_token_id"] = cfg.bos_token_id
+        (self.dir / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
+        return raw
+
+    def _write_tokenizer(self) -> None:
+        """transformers' GGUF tokenizer converter, saved in the usual files."""
+        if "tokenizer.ggml.tokens" not in self.reader.fields:
+            self.log("note: the GGUF file has no tokenizer; prompts must be token ids")
+            return
+        from transformers import AutoTokenizer
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                tok = AutoTokenizer.from_pretrained(str(self.path.parent),
+                                                    gguf_file=self.path.name)
+                tok.save_pretrained(str(self.dir))
+        except Exception as e:     # the converters raise many types; the artifact still works
+            self.log(f"note: no tokenizer: transformers cannot convert this GGUF's tokenizer "
+                     f"({type(e).__name__}: {str(e)[:200]}); prompts must be token ids")
+
+    # -- identity -----------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        """What the artifact records about its source: the file, its sha256, the types."""
+        t0 = time.perf_counter()
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        self.log(f"hashed {self.path.name} in {time.perf_counter() - t0:.1f}s")
+        return {"format": "gguf", "file": self.path.name, "bytes": self.path.stat().st_size,
+                "sha256": h.hexdigest(), "gguf_architecture": self.arch, "name": self.name,
+                "file_type": self.field("general.file_type"),
+                "tensor_types": dict(self.types.most_common())}
+
+    def adjust(self, loaded) -> None:
+        """Apply what only the GGUF says to the traced model: Llama 3 `rope_freqs` divide
+        the RoPE inverse frequencies (llama.cpp's `freq_factors`)."""
+        factors = self.checkpoint.rope_freq_factors()
+        if factors is None or INV_FREQ not in loaded.computed:
+            return
+        inv = loaded.computed[INV_FREQ]
+        if factors.shape != inv.shape:
+            raise BrazeError(f"{self.path}: {ROPE_FREQS} has shape {list(factors.shape)}, "
+                             f"but the model's RoPE has {inv.shape[0]} frequencies")
+        loaded.computed[INV_FREQ] = (inv / factors).to(inv.dtype)
+        self.log(f"RoPE: frequencies divided by the GGUF's {ROPE_FREQS} (Llama 3 scaling)")
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF file under transformers' names (the frontend's Checkpoint API)."""
+
+    def __init__(self, source: GGUFSource, config: dict, log=None):
+        self.source = source
+        self.dir = source.path
+        self.log = log or (lambda msg: None)
+        self._permute = ARCHITECTURES[source.arch][1]
+        self._heads = config.get("num_attention_heads")
+        self._kv_heads = config.get("num_key_value_heads") or self._heads
+        self.tensors = {t.name: t for t in source.reader.tensors}
+        hf_names = _transformers_names(source, config)
+        self.files = {}            # our name -> GGUF tensor name
+        for gname in self.tensors:
+            if gname == ROPE_FREQS:
+                continue
+            self.files[hf_names.get(gname, gname)] = gname
+        self._done, self._bytes, self._t0, self._last_log = 0, 0, None, 0.0
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.tensors[self.files[name]].shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+        gname = self.files[name]
+        t = self.tensors[gname]
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.shape(name))
+        if self._permute and (".attn_q." in gname or ".attn_k." in gname):
+            w = _unpermute(w, self._heads if ".attn_q." in gname else self._kv_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        out = torch.from_numpy(w if w.flags.writeable else w.copy())   # F32: a view of the map
+        self._progress(t)
+        return out
+
+    def rope_freq_factors(self) -> torch.Tensor | None:
+        t = self.tensors.get(ROPE_FREQS)
+        if t is None:
+            return None
+        import gguf
+        return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
+                                         dtype=np.float32).reshape(-1))
+
+    def _progress(self, t) -> None:
+        self._done += 1
+        self._bytes += int(t.n_bytes)
+        now = time.perf_counter()
+        total = len(self.files)
+        if now - self._last_log >= 2.0 or self._done == total:
+            self._last_log = now
+            self.log(f"  dequantized {self._done}/{total} GGUF tensors "
+                     f"({self._bytes / 2**20:.1f} MiB read) in {now - self._t0:.1f}s")
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py `LlamaModel.permute`),
+    as transformers' LlamaTensorProcessor does."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _transformers_names(source: GGUFSource, config: dict) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name, found as transformers finds it:
+    gguf's TensorNameMap applied to the parameter names of the transformers model (built
+    on the meta device, so it costs no memory)."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(str(source.dir))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(cfg)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == source.arch)
+    name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    out = {}
+    for hf_name in model.state_dict():
+        base, dot, suffix = hf_name.rpartition(".")
+        gname = name_map.get_name(base)
+        if gname is not None:
+            out[f"{gname}.{suffix}"] = hf_name
+    return out
+
+
+__all__ = ["GGUFSource", "GGUFCheckpoint", "is_gguf", "QUANT_TYPES", "ARCHITECTURES"]

@@ -1,0 +1,289 @@
+"""GGUF checkpoints: `braze compile model.gguf` against transformers reading the same file.
+
+Each case is a tiny random Llama or Qwen3 written as llama.cpp writes it (tests/
+gguf_helpers.py) in some quant types; braze and transformers both dequantize it with
+gguf's own code, so in float32 their logits agree to 1e-4 and greedy tokens are equal.
+Q4_K and Q6_K have no Python quantizer: those tensors are random valid blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+
+import pytest
+import torch
+
+import braze
+from braze.ir.contract import SeqChunk
+from braze.ir.errors import BrazeError
+
+from cli_helpers import assert_one_line_error, run
+from conftest import step_inputs, take_blocks
+from gguf_helpers import bpe_vocab, hf_from_gguf, llama3_rope_factors, tiny_hf_model, write_gguf
+
+PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45, 200, 3, 77, 12, 190, 55, 8, 101, 42]
+
+# name -> (arch, quant types in turn, tokenizer kind, model overrides)
+CASES = {
+    "llama-F32": ("llama", "F32", "spm", {}),
+    "llama-F16-BF16-Q8_0": ("llama", "F16,BF16,Q8_0", "spm", {}),
+    "llama-Q4_0-Q4_1": ("llama", "Q4_0,Q4_1", "spm", {}),
+    "llama-Q4_K-Q6_K": ("llama", "Q4_K,Q6_K", "spm", dict(hidden_size=256, intermediate_size=256)),
+    "qwen3-Q8_0-F16-tied": ("qwen3", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
+    "qwen3-Q6_K-Q4_0": ("qwen3", "Q6_K,Q4_0", "bpe", dict(hidden_size=256, intermediate_size=256)),
+}
+VOCAB = {"spm": 320, "bpe": 256}
+
+
+class _Files:
+    def __init__(self, factory):
+        self.factory = factory
+        self.ggufs, self.artifacts, self.logs, self.hf, self.written = {}, {}, {}, {}, {}
+
+    def gguf(self, case):
+        if case not in self.ggufs:
+            arch, qtype, tok, overrides = CASES[case]
+            model = self.written[case] = tiny_hf_model(arch, VOCAB[tok], **overrides)
+            self.ggufs[case] = write_gguf(model, self.factory.mktemp(case) / "model.gguf",
+                                          qtype, tokenizer=tok)
+        return self.ggufs[case]
+
+    def artifact(self, case):
+        if case not in self.artifacts:
+            out = self.factory.mktemp(case + "-art") / "a.braze"
+            lines = []
+            braze.compile(self.gguf(case), out, opt_level=0, targets="", dtype="float32",
+                          log=lines.append)
+            self.artifacts[case], self.logs[case] = out, lines
+        return self.artifacts[case]
+
+    def transformers(self, case):
+        if case not in self.hf:
+            self.hf[case] = hf_from_gguf(self.gguf(case))
+        return self.hf[case]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return _Files(tmp_path_factory)
+
+
+def _prefill_logits(artifact, prompt):
+    from braze.runtime import Executor, open_artifact
+    ex = Executor(open_artifact(artifact), backend="reference", num_blocks=8)
+    return ex.run(step_inputs(ex, [SeqChunk(prompt, 0, take_blocks(ex, 2))]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_reading_the_same_gguf(files, case):
+    vocab = VOCAB[CASES[case][2]]
+    prompt = [t % vocab for t in PROMPT]
+    got = _prefill_logits(files.artifact(case), prompt)
+    model, _ = files.transformers(case)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_f32_gguf_gives_the_logits_of_the_model_it_was_written_from(files):
+    """Independent of transformers' GGUF reader: llama.cpp's Q/K row permutation is undone."""
+    prompt = [t % 320 for t in PROMPT]
+    got = _prefill_logits(files.artifact("llama-F32"), prompt)
+    with torch.no_grad():
+        expected = files.written["llama-F32"](torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["llama-Q4_0-Q4_1", "qwen3-Q8_0-F16-tied"])
+def test_greedy_tokens_match_transformers(files, case):
+    from braze.runtime.engine import Engine
+    from braze.runtime import open_artifact
+    from braze.runtime.sampler import SamplingParams
+    eng = Engine(open_artifact(files.artifact(case)), backend="reference", num_kv_blocks=16,
+                 max_num_seqs=2)
+    prompt = PROMPT[:11]
+    eng.add_request("r", prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+    ours = eng.run_to_completion()["r"].token_ids
+    model, _ = files.transformers(case)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert ours == theirs[0, len(prompt):].tolist()
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello the world", "  two  spaces",
+         "A compiler, in one language: 9:45!", ""]
+
+
+@pytest.mark.parametrize("case", ["llama-F32", "qwen3-Q8_0-F16-tied"])
+def test_tokenizer_encodes_like_transformers(files, case):
+    """The artifact's tokenizer (tokenizers only, as the runtime loads it) against
+    transformers' AutoTokenizer.from_pretrained(dir, gguf_file=...)."""
+    from braze.runtime.tokenizer import Tokenizer
+    ours = Tokenizer(files.artifact(case) / "tokenizer")
+    _, theirs = files.transformers(case)
+    for text in TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+    ids = theirs("hello the world")["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+def test_chat_template_and_stop_ids_come_from_the_gguf(files):
+    from gguf_helpers import QWEN_CHAT_TEMPLATE
+    art = files.artifact("qwen3-Q8_0-F16-tied")
+    assert (art / "tokenizer" / "chat_template.jinja").read_text() == QWEN_CHAT_TEMPLATE
+    manifest = json.loads((art / "manifest.json").read_text())
+    tokens = bpe_vocab(256)[0]
+    assert tokens.index("<|im_end|>") in manifest["model"]["eos_token_ids"]
+
+
+def test_manifest_records_the_gguf_source(files):
+    path = files.gguf("llama-Q4_0-Q4_1")
+    manifest = json.loads((files.artifact("llama-Q4_0-Q4_1") / "manifest.json").read_text())
+    src = manifest["model"]["source"]
+    assert src["format"] == "gguf" and src["file"] == "model.gguf"
+    assert src["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert src["gguf_architecture"] == "llama"
+    assert set(src["tensor_types"]) == {"Q4_0", "Q4_1", "F32"}
+    assert manifest["model"]["architecture"] == "LlamaForCausalLM"
+
+
+def test_dequantizing_reports_progress(files):
+    files.artifact("llama-Q4_K-Q6_K")
+    log = "\n".join(files.logs["llama-Q4_K-Q6_K"])
+    assert "Q4_K x" in log and "Q6_K x" in log
+    assert "dequantized 21/21 GGUF tensors" in log
+
+
+def test_default_dtype_follows_the_file(tmp_path):
+    """Without --dtype: float32 for an all-F32 file, float16 for a quantized one."""
+    from braze.frontend.gguf import GGUFSource
+    model = tiny_hf_model("llama", 320)
+    for qtype, dtype in (("F32", "float32"), ("Q8_0", "float16"), ("BF16", "bfloat16")):
+        src = GGUFSource(write_gguf(model, tmp_path / f"{qtype}.gguf", qtype, tokenizer="spm"))
+        try:
+            assert src.default_dtype() == dtype
+        finally:
+            src.close()
+
+
+def test_llama3_rope_freqs_tensor_scales_rope(tmp_path):
+    """Llama 3.1+ GGUFs carry RoPE scaling as a `rope_freqs` tensor, which transformers
+    ignores: braze applies it, so it matches the original (HF) model's llama3 RoPE."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    model = tiny_hf_model("llama", 320, rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm",
+                      rope_freqs=llama3_rope_factors(rope, 16))
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    prompt = [t % 320 for t in PROMPT]
+    got = _prefill_logits(out, prompt)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_rope_scaling_keys_are_read(tmp_path):
+    """llama.cpp's `llama.rope.scaling.*` keys (which transformers' GGUF reader skips) give
+    the RoPE of the model the file was written from."""
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    model = tiny_hf_model("llama", 320, rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm",
+                      extra_kv={"llama.rope.scaling.type": "linear",
+                                "llama.rope.scaling.factor": 4.0})
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_gguf_without_a_tokenizer_compiles_for_token_ids(tmp_path):
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0", tokenizer=None)
+    out, lines = tmp_path / "a.braze", []
+    braze.compile(path, out, opt_level=0, targets="", log=lines.append)
+    assert any("the GGUF file has no tokenizer" in ln for ln in lines)
+    assert not (out / "tokenizer" / "tokenizer.json").exists()
+    assert _prefill_logits(out, [1, 2, 3]).shape == (3, 320)
+
+
+def test_a_llama_gguf_named_mistral_is_read_as_transformers_reads_it(tmp_path):
+    """llama.cpp writes Mistral as architecture llama; depending on its version transformers
+    reads one named mistral as mistral or as llama: braze follows the installed one."""
+    model = tiny_hf_model("llama", 320)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm", name="mistral-tiny")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    theirs, _ = hf_from_gguf(path)
+    assert manifest["model"]["architecture"] == type(theirs).__name__
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = theirs(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_compiles_a_gguf_and_generates(tmp_path):
+    model = tiny_hf_model("qwen3", 256)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0")
+    out = tmp_path / "a.braze"
+    code, _, err = run("compile", path, "-o", out, "--opt-level", "0", "--targets", "")
+    assert code == 0, err
+    assert "GGUF m.gguf: qwen3" in err and "dequantized" in err
+    code, stdout, err = run("generate", out, "--prompt", "hello", "--max-tokens", "3", "--json",
+                            "--backend", "reference")
+    assert code == 0, err
+    assert len(json.loads(stdout)["token_ids"]) == 3
+    code, stdout, err = run("inspect", out)
+    assert code == 0, err
+    assert "source     gguf m.gguf (qwen3; Q8_0 x" in stdout
+
+
+def test_compile_help_says_model_may_be_a_gguf_file():
+    code, stdout, _ = run("compile", "--help")
+    assert code == 0 and ".gguf file" in stdout
+
+
+def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F32",
+                      tokenizer="spm", arch="phi3")
+    code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen3")
+
+
+def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0",
+                      tokenizer="spm", tensor_types={"blk.1.ffn_up.weight": "IQ4_NL"})
+    code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "blk.1.ffn_up.weight", "IQ4_NL", "Q4_K")
+
+
+@pytest.mark.parametrize("kv, needle", [
+    ({"split.count": 3}, "split GGUF; merge the parts first"),
+    ({"llama.rope.scaling.type": "longrope"}, "RoPE scaling type 'longrope' is not supported"),
+])
+def test_split_files_and_unknown_rope_scaling_are_refused(tmp_path, kv, needle):
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F16", tokenizer="spm",
+                      extra_kv=kv)
+    with pytest.raises(BrazeError, match=needle):
+        braze.compile(path, tmp_path / "a.braze")
+    assert not (tmp_path / "a.braze").exists()
+
+
+def test_not_a_gguf_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(BrazeError, match="not a readable GGUF file"):
+        with contextlib.redirect_stderr(io.StringIO()):
+            braze.compile(bad, tmp_path / "a.braze")
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\x00" * 16)
+    with pytest.raises(BrazeError, match="is a file; expected a Hugging Face model directory "
+                                         "or a .gguf file"):
+        braze.compile(other, tmp_path / "b.braze")
+
