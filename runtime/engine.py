@@ -83,14 +83,15 @@ class Engine:
         limit = self.max_model_len
         if len(ids) >= limit:
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
-                             f"all (max_model_len), so at most {limit - 1} leave room to generate")
+                             f"all (max_model_len), so at most {limit - 1} leave room to generate",
+                             param="prompt")
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=min(limit, len(ids) + params.max_tokens), arrival_time=arrival_time)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop)
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
-                             "use stop_token_ids")
+                             "use stop_token_ids", param="stop")
         self.requests[request_id] = req
         self.scheduler.add(req)
         self._counters["prompt_tokens_total"] += len(ids)
@@ -98,19 +99,22 @@ class Engine:
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise BrazeError("this artifact has no tokenizer: pass token ids instead of text")
+                raise BrazeError("this artifact has no tokenizer: pass token ids instead of text",
+                                 param="prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             try:
                 ids = [int(t) for t in prompt]
             except (TypeError, ValueError):
-                raise BrazeError("a prompt is a string or a list of integer token ids") from None
+                raise BrazeError("a prompt is a string or a list of integer token ids",
+                                 param="prompt") from None
         if not ids:
-            raise BrazeError("the prompt is empty: give at least one token")
+            raise BrazeError("the prompt is empty: give at least one token", param="prompt")
         vocab = self.vocab_size
         bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
         if bad:
-            raise BrazeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise BrazeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                             param="prompt")
         return ids
 
     def abort_request(self, request_id: str) -> None:

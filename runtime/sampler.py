@@ -74,40 +74,46 @@ class SamplingParams:
         """Raise BrazeError naming the first bad parameter and its value."""
         v = self.max_tokens
         if not _is_int(v) or v < 1:
-            raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}")
+            raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
         v = self.temperature
         if not _is_real(v) or not math.isfinite(v) or v < 0:
-            raise BrazeError(f"temperature must be a finite number >= 0 (0 = greedy), got {v!r}")
+            raise BrazeError(f"temperature must be a finite number >= 0 (0 = greedy), got {v!r}",
+                             param="temperature")
         v = self.top_p
         if not _is_real(v) or not math.isfinite(v) or not 0 < v <= 1:
-            raise BrazeError(f"top_p must be a number in (0, 1], got {v!r}")
+            raise BrazeError(f"top_p must be a number in (0, 1], got {v!r}", param="top_p")
         v = self.top_k
         if not _is_int(v) or v < -1:
-            raise BrazeError(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {v!r}")
+            raise BrazeError(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {v!r}",
+                             param="top_k")
         if v == -1:
             self.top_k = 0
         v = self.seed
         if v is not None and (not _is_int(v) or not 0 <= v < SEED_LIMIT):
-            raise BrazeError(f"seed must be null or an integer in [0, 2**63), got {v!r}")
+            raise BrazeError(f"seed must be null or an integer in [0, 2**63), got {v!r}", param="seed")
         v = self.stop
         if not isinstance(v, list):
-            raise BrazeError(f"stop must be a string or a list of strings, got {v!r}")
+            raise BrazeError(f"stop must be a string or a list of strings, got {v!r}", param="stop")
         if len(v) > MAX_STOP_STRINGS:
-            raise BrazeError(f"stop has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed")
+            raise BrazeError(f"stop has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                             param="stop")
         for s in v:
             if not isinstance(s, str) or not s:
-                raise BrazeError(f"stop strings must be non-empty strings, got {s!r} in stop")
+                raise BrazeError(f"stop strings must be non-empty strings, got {s!r} in stop", param="stop")
         v = self.stop_token_ids
         if not isinstance(v, list):
-            raise BrazeError(f"stop_token_ids must be a list of integers >= 0, got {v!r}")
+            raise BrazeError(f"stop_token_ids must be a list of integers >= 0, got {v!r}",
+                             param="stop_token_ids")
         for t in v:
             if not _is_int(t) or t < 0:
-                raise BrazeError(f"stop_token_ids must hold integers >= 0, got {t!r} in stop_token_ids")
+                raise BrazeError(f"stop_token_ids must hold integers >= 0, got {t!r} in "
+                                 "stop_token_ids", param="stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
-            raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}",
+                             param="ignore_eos")
         if self.output_kind not in OUTPUT_KINDS:
             raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
-                             f"got {self.output_kind!r}")
+                             f"got {self.output_kind!r}", param="output_kind")
 
     @property
     def greedy(self) -> bool:
