@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -32,15 +33,27 @@ from .async_engine import (
     RequestStream,
     Unavailable,
 )
-from .chat import NO_TEMPLATE, ChatTemplate, strip_leading_bos
+from .auth import APIKeyCheck
+from .body_limit import BodyLimit
+from .chat import (
+    NO_TEMPLATE,
+    ChatTemplate,
+    RequestTemplates,
+    chat_size,
+    check_messages,
+    strip_leading_bos,
+)
 from .hosts import HostCheck
 from .metrics import Metrics
+from .options import ServerOptions
 from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     bad_request,
     chat_max_tokens,
+    check_context,
+    check_text,
     completion_prompt,
     error_body,
     sampling_kwargs,
@@ -51,7 +64,10 @@ from .read_timeouts import BodyTimeout
 
 log = logging.getLogger("braze.serving")
 
-
+# Prompts up to this many characters are tokenised on the event loop (microseconds); longer
+# ones on a tokenising thread: a long prompt takes seconds (the tokenizer releases the GIL),
+# and on the loop it stalled every other stream and /health for that long.
+INLINE_CHARS = 4096
 
 @dataclass
 class Service:
@@ -63,9 +79,12 @@ class Service:
     tokenizer: object | None              # runtime.tokenizer.Tokenizer
     chat_template: ChatTemplate | None
     created: int = 0
+    trust_request_chat_template: bool = False
 
     def __post_init__(self):
         self.created = int(time.time())
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="braze-tokenize")
+        self.request_templates = RequestTemplates(getattr(self.tokenizer, "config", None))
         # Does encoding prepend a BOS by itself? Then a template's own BOS is dropped.
         self.adds_bos = False
         bos = self.chat_template.bos_token if self.chat_template else ""
@@ -79,20 +98,66 @@ class Service:
                                 f"{self.model_name!r} (see /v1/models)",
                            "invalid_request_error", "model", "model_not_found")
 
-    def encode(self, prompt) -> list[int]:
+    async def off_loop(self, size: int, fn, *args):
+        """fn(*args): on the event loop when `size` (characters of text to tokenise) is
+        small, else on a tokenising thread."""
+        if size <= INLINE_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+
+    def encode(self, prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, list):
             return prompt
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer: send the prompt as token ids",
                               "prompt")
-        return self.tokenizer.encode(prompt)
+        check_text(prompt, "prompt")
+        return self.tokenizer.encode(prompt, add_special_tokens)
 
-    async def submit(self, request_id: str, ids: list[int], params: SamplingParams) -> RequestStream:
+    async def encode_prompt(self, prompt, add_special_tokens: bool = True) -> list[int]:
+        size = len(prompt) if isinstance(prompt, str) else 0
+        return await self.off_loop(size, self.encode, prompt, add_special_tokens)
+
+    def template_for(self, body) -> ChatTemplate:
+        """The request's own chat_template where the server takes those, else the model's."""
+        if body.chat_template is not None:
+            if not self.trust_request_chat_template:
+                raise bad_request("this server does not take chat templates from requests; "
+                                  "start it with --trust-request-chat-template to allow them",
+                                  "chat_template")
+            return self.request_templates.get(body.chat_template)
+        if self.chat_template is None:
+            raise bad_request(NO_TEMPLATE, "messages")
+        return self.chat_template
+
+    def chat_ids(self, body, add_special_tokens: bool | None = None) -> list[int]:
+        """The prompt of a chat request. `add_special_tokens` None: as chat completions
+        feed the model (exactly one BOS); True/False: the rendered text encoded so."""
+        template = self.template_for(body)
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer, so it cannot chat; use "
+                              "/v1/completions with token ids", "messages")
+        check_messages(body.messages)
+        text = template.render(body.messages, body.add_generation_prompt,
+                               body.chat_template_kwargs)
+        check_text(text, "chat_template_kwargs", "the prompt the chat template made")
+        if add_special_tokens is None:
+            return self.tokenizer.encode(strip_leading_bos(text, template.bos_token,
+                                                           self.adds_bos))
+        return self.tokenizer.encode(text, add_special_tokens)
+
+    async def chat_prompt_ids(self, body, add_special_tokens: bool | None = None) -> list[int]:
+        size = chat_size(body.messages) + len(body.chat_template or "")
+        return await self.off_loop(size, self.chat_ids, body, add_special_tokens)
+
+    async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
+                     prompt_param: str = "prompt") -> RequestStream:
         try:
             params.validate()
             return await self.aengine.add(request_id, ids, params, len(ids))
         except BrazeError as e:
-            raise bad_request(str(e)) from None
+            param = getattr(e, "param", None)
+            raise bad_request(str(e), prompt_param if param == "prompt" else param) from None
         except QueueFull as e:
             self.metrics.rejected += 1
             raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
@@ -102,9 +167,13 @@ class Service:
 
 
 def create_app(svc: Service, read_timeout: float | None = None,
-               allowed_hosts: list[str] | None = None, bind_host: str = "127.0.0.1") -> FastAPI:
+               allowed_hosts: list[str] | None = None, bind_host: str = "127.0.0.1",
+               options: ServerOptions | None = None) -> FastAPI:
     """`read_timeout`: seconds a request body may take (serving/read_timeouts.py);
-    `allowed_hosts`: the Host names answered, None for any (serving/hosts.py)."""
+    `allowed_hosts`: the Host names answered, None for any (serving/hosts.py); `options`:
+    the body limit, API keys and CORS (serving/options.py)."""
+    options = options or ServerOptions()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.aengine.start(asyncio.get_running_loop())
@@ -112,16 +181,32 @@ def create_app(svc: Service, read_timeout: float | None = None,
             yield
         finally:
             await svc.aengine.stop()
+            svc.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="braze", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     app.state.service = svc
-    # added first, so inside the request-id middleware: their errors get an X-Request-Id too
+    app.state.server_options = options
+    # added first, so inside the request-id middleware: their errors get an X-Request-Id too.
+    # The first added runs innermost: Host check, then the API key, then the body's time
+    # and size; CORS outside them so that their errors carry CORS headers
+    app.add_middleware(BodyLimit, max_bytes=options.max_request_body_bytes)
     if read_timeout is not None:
         app.add_middleware(BodyTimeout, seconds=read_timeout)
+    if options.api_keys:
+        app.add_middleware(APIKeyCheck, keys=options.api_keys)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts, bind_host=bind_host)
+    if options.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins,
+                           allow_methods=options.allowed_methods,
+                           allow_headers=options.allowed_headers,
+                           allow_credentials=options.allow_credentials,
+                           expose_headers=["X-Request-Id"])
     _install_errors(app)
+    from .utility_routes import install as install_utility_routes
+    install_utility_routes(app, svc)
 
     @app.get("/health")
     async def health():
@@ -146,25 +231,27 @@ def create_app(svc: Service, read_timeout: float | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
-        ids = svc.encode(completion_prompt(body))
-        params = SamplingParams(**sampling_kwargs(body, body.max_tokens or 16))
+        ids = await svc.encode_prompt(completion_prompt(body))
+        if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
+            max_tokens = body.max_tokens
+            if len(ids) < svc.max_model_len:       # else the engine says the prompt is too long
+                check_context(len(ids), max_tokens, svc.max_model_len, "max_tokens")
+        else:                     # the OpenAI default, 16, as far as the context allows
+            max_tokens = max(1, min(16, svc.max_model_len - len(ids)))
+        params = SamplingParams(**sampling_kwargs(body, max_tokens))
         return await _generate(svc, request, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
-        if svc.chat_template is None:
-            raise bad_request(NO_TEMPLATE, "messages")
-        if svc.tokenizer is None:
-            raise bad_request("this model has no tokenizer, so it cannot chat; use "
-                              "/v1/completions with token ids", "messages")
-        text = svc.chat_template.render(body.messages, body.add_generation_prompt,
-                                        body.chat_template_kwargs)
-        ids = svc.tokenizer.encode(strip_leading_bos(text, svc.chat_template.bos_token,
-                                                     svc.adds_bos))
+        ids = await svc.chat_prompt_ids(body)
         if max_tokens is None:     # chat default: up to the end of the context
             max_tokens = max(1, svc.max_model_len - len(ids))
+        elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long
+            check_context(len(ids), max_tokens, svc.max_model_len,
+                          "max_completion_tokens" if body.max_completion_tokens is not None
+                          else "max_tokens")
         params = SamplingParams(**sampling_kwargs(body, max_tokens))
         return await _generate(svc, request, body, ids, params, chat=True)
 
@@ -175,7 +262,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
 async def _generate(svc: Service, request: Request, body, ids: list[int], params, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    stream = await svc.submit(rid, ids, params)
+    stream = await svc.submit(rid, ids, params, "messages" if chat else "prompt")
     job = _Job(svc, stream, rid, request.scope.get("braze.request_id", rid), chat,
                int(time.time()))
     if body.stream:
@@ -312,7 +399,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(BrazeError)
     async def braze_error(request, exc: BrazeError):
-        return _error(400, str(exc))
+        return _error(400, str(exc), param=getattr(exc, "param", None))
 
     app.add_middleware(RequestIdMiddleware)
 
