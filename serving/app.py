@@ -114,6 +114,24 @@ class Service:
         check_text(prompt, "prompt")
         return self.tokenizer.encode(prompt, add_special_tokens)
 
+    def encode_for_model(self, prompt, param: str = "prompt") -> list[int]:
+        """encode(), refusing a prompt longer than the model allows (without building the
+        list of all its ids, and before it reaches the engine thread)."""
+        if isinstance(prompt, list) or not hasattr(self.tokenizer, "encode_capped"):
+            return self.encode(prompt)
+        check_text(prompt, param)
+        ids, n = self.tokenizer.encode_capped(prompt, self.max_model_len)
+        self.check_prompt_len(n, param)
+        return ids
+
+    def check_prompt_len(self, n: int, param: str) -> None:
+        """The engine's own check (Engine.add_request), made here, before the ids travel."""
+        limit = self.max_model_len
+        if n >= limit:
+            raise bad_request(f"the prompt has {n} tokens; this model allows {limit} in all "
+                              f"(max_model_len), so at most {limit - 1} leave room to "
+                              "generate", param)
+
     async def encode_prompt(self, prompt, add_special_tokens: bool = True) -> list[int]:
         size = len(prompt) if isinstance(prompt, str) else 0
         return await self.off_loop(size, self.encode, prompt, add_special_tokens)
@@ -130,9 +148,11 @@ class Service:
             raise bad_request(NO_TEMPLATE, "messages")
         return self.chat_template
 
-    def chat_ids(self, body, add_special_tokens: bool | None = None) -> list[int]:
+    def chat_ids(self, body, add_special_tokens: bool | None = None,
+                 for_model: bool = False) -> list[int]:
         """The prompt of a chat request. `add_special_tokens` None: as chat completions
-        feed the model (exactly one BOS); True/False: the rendered text encoded so."""
+        feed the model (exactly one BOS); True/False: the rendered text encoded so.
+        `for_model`: refuse a prompt longer than the model allows (see encode_for_model)."""
         template = self.template_for(body)
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer, so it cannot chat; use "
@@ -142,13 +162,18 @@ class Service:
                                body.chat_template_kwargs)
         check_text(text, "chat_template_kwargs", "the prompt the chat template made")
         if add_special_tokens is None:
-            return self.tokenizer.encode(strip_leading_bos(text, template.bos_token,
-                                                           self.adds_bos))
+            text = strip_leading_bos(text, template.bos_token, self.adds_bos)
+            if for_model and hasattr(self.tokenizer, "encode_capped"):
+                ids, n = self.tokenizer.encode_capped(text, self.max_model_len)
+                self.check_prompt_len(n, "messages")
+                return ids
+            return self.tokenizer.encode(text)
         return self.tokenizer.encode(text, add_special_tokens)
 
-    async def chat_prompt_ids(self, body, add_special_tokens: bool | None = None) -> list[int]:
+    async def chat_prompt_ids(self, body, add_special_tokens: bool | None = None,
+                              for_model: bool = False) -> list[int]:
         size = chat_size(body.messages) + len(body.chat_template or "")
-        return await self.off_loop(size, self.chat_ids, body, add_special_tokens)
+        return await self.off_loop(size, self.chat_ids, body, add_special_tokens, for_model)
 
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      prompt_param: str = "prompt") -> RequestStream:
@@ -231,7 +256,9 @@ def create_app(svc: Service, read_timeout: float | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
-        ids = await svc.encode_prompt(completion_prompt(body))
+        prompt = completion_prompt(body)
+        ids = await svc.off_loop(len(prompt) if isinstance(prompt, str) else 0,
+                                 svc.encode_for_model, prompt)
         if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
             max_tokens = body.max_tokens
             if len(ids) < svc.max_model_len:       # else the engine says the prompt is too long
@@ -245,7 +272,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
-        ids = await svc.chat_prompt_ids(body)
+        ids = await svc.chat_prompt_ids(body, for_model=True)
         if max_tokens is None:     # chat default: up to the end of the context
             max_tokens = max(1, svc.max_model_len - len(ids))
         elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long

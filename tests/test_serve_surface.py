@@ -45,11 +45,18 @@ PLUGIN = textwrap.dedent('''
         def __getattr__(self, name):
             return getattr(self.tok, name)
 
-        def encode(self, text, *args, **kwargs):
+        def _hold(self, text):
             if "%s" in text:
                 entered.set()
                 release.wait(120)
+
+        def encode(self, text, *args, **kwargs):
+            self._hold(text)
             return self.tok.encode(text, *args, **kwargs)
+
+        def encode_capped(self, text, *args, **kwargs):
+            self._hold(text)
+            return self.tok.encode_capped(text, *args, **kwargs)
 
 
     def install(app):
@@ -543,3 +550,29 @@ def test_second_sigterm_answers_503_and_exits_non_zero(artifact, tmp_path):
         assert "Traceback" not in s.stderr()
     finally:
         s.stop()
+
+
+def test_tokenising_a_long_text_lets_other_threads_run(tokenizer):
+    """The tokenizer must release the GIL on long texts, or moving tokenisation to a thread
+    would not help: this thread must keep running while another one tokenises megabytes.
+    (`tokenizers.Tokenizer.encode` holds the GIL; `encode_batch` does not.) Counted, not
+    timed: the ticks this thread makes during the other's encode call."""
+    text = "lorem ipsum dolor sit amet " * 150_000          # 4 MB: a second or more
+    ticks = {"n": 0, "during": None}
+    stop = threading.Event()
+
+    def work():
+        before = ticks["n"]
+        tokenizer.encode(text)
+        ticks["during"] = ticks["n"] - before
+        stop.set()
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    while not stop.is_set():
+        ticks["n"] += 1
+        time.sleep(0.001)
+    t.join(GUARD)
+    # holding the GIL the whole call allows at most a tick or two at its ends
+    assert ticks["during"] >= 10, ticks
+    assert tokenizer.encode(text[:5000]) == tokenizer._tok.encode(text[:5000]).ids
