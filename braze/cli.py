@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        description="Serve ARTIFACT over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /health, /version, /metrics. "
+                       "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /server_info, /health, "
+                       "/ping, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
