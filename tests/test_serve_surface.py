@@ -576,3 +576,37 @@ def test_tokenising_a_long_text_lets_other_threads_run(tokenizer):
     # holding the GIL the whole call allows at most a tick or two at its ends
     assert ticks["during"] >= 10, ticks
     assert tokenizer.encode(text[:5000]) == tokenizer._tok.encode(text[:5000]).ids
+
+
+def test_every_server_option_is_reachable_from_serve(monkeypatch):
+    """One options object (serving/options.py) for the server side of `braze serve`, as
+    EngineOptions is for the engine: each field has a flag."""
+    from dataclasses import fields
+
+    from braze.cli import _server_options, build_parser
+    from braze.serving.options import ServerOptions
+    for name in ("BRAZE_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    flags = ["--host", "0.0.0.0", "--port", "9", "--max-queue", "5", "--served-model-name", "m",
+             "--drain-timeout", "3", "--log-level", "debug", "--read-timeout", "4",
+             "--limit-concurrency", "7", "--allowed-hosts", "a.example",
+             "--max-request-body-bytes", "1000", "--api-key", "k1", "--api-key", "k2",
+             "--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST",
+             "--allowed-headers", "authorization", "--allow-credentials",
+             "--trust-request-chat-template", "--extension", "m:f", "--extension", "name"]
+    want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
+                         drain_timeout=3.0, log_level="debug", read_timeout=4.0,
+                         limit_concurrency=7, allowed_hosts="a.example",
+                         max_request_body_bytes=1000, api_keys=["k1", "k2"],
+                         allowed_origins=["https://a.example"], allowed_methods=["GET", "POST"],
+                         allowed_headers=["authorization"], allow_credentials=True,
+                         trust_request_chat_template=True, extensions=["m:f", "name"])
+    default = ServerOptions()
+    assert {f.name for f in fields(ServerOptions)
+            if getattr(want, f.name) != getattr(default, f.name)} \
+        == {f.name for f in fields(ServerOptions)}
+    assert _server_options(build_parser().parse_args(["serve", "a.braze", *flags])) == want
+    assert _server_options(build_parser().parse_args(["serve", "a.braze"])) == default
+    monkeypatch.setenv("BRAZE_API_KEY", "from-env")
+    assert _server_options(build_parser().parse_args(["serve", "a.braze"])).api_keys == \
+        ["from-env"]
