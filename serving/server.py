@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -62,6 +63,9 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
     frozen after start-up) and the `server` options (serving/options.ServerOptions, or its
     fields as keywords: host, port, ...) until SIGTERM; returns the exit status."""
     so = ServerOptions.of(server, **overrides)
+    # the tokenizer's own worker threads would tokenise a long prompt at normal priority:
+    # keep that work on the (nicer) tokenising threads of app.Service
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     host, port = so.host, so.port
     logging.basicConfig(level=getattr(logging, so.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
