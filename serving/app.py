@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -38,17 +34,11 @@ from .async_engine import (
 )
 from .auth import APIKeyCheck
 from .body_limit import BodyLimit
-from .chat import (
-    NO_TEMPLATE,
-    ChatTemplate,
-    RequestTemplates,
-    chat_size,
-    check_messages,
-    strip_leading_bos,
-)
+from .chat import ChatTemplate
 from .hosts import HostCheck
 from .metrics import Metrics
 from .options import ServerOptions
+from .prompts import Prompts
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -56,7 +46,6 @@ from .protocol import (
     bad_request,
     chat_max_tokens,
     check_context,
-    check_text,
     completion_prompt,
     error_body,
     sampling_kwargs,
@@ -67,22 +56,7 @@ from .read_timeouts import BodyTimeout
 
 log = logging.getLogger("braze.serving")
 
-# Prompts up to this many characters are tokenised on the event loop (microseconds); longer
-# ones on a tokenising thread: a long prompt takes seconds (the tokenizer releases the GIL),
-# and on the loop it stalled every other stream and /health for that long.
-INLINE_CHARS = 4096
-TOKENIZE_NICE = 10    # the tokenising threads yield the CPU to the engine thread and the loop
 
-
-def _lower_priority() -> None:
-    """Make this (tokenising) thread nicer: on a busy machine a megabyte prompt then takes
-    longer itself instead of slowing every other request. Linux threads have their own
-    niceness; elsewhere setpriority would renice the whole process, so it is left alone."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TOKENIZE_NICE)
-        except OSError:
-            pass
 
 @dataclass
 class Service:
@@ -98,9 +72,7 @@ class Service:
 
     def __post_init__(self):
         self.created = int(time.time())
-        self.tokenize_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="braze-tokenize",
-                                                initializer=_lower_priority)
-        self.request_templates = RequestTemplates(getattr(self.tokenizer, "config", None))
+        self.prompts = Prompts(self, self.trust_request_chat_template)   # serving/prompts.py
         # Does encoding prepend a BOS by itself? Then a template's own BOS is dropped.
         self.adds_bos = False
         bos = self.chat_template.bos_token if self.chat_template else ""
@@ -114,82 +86,13 @@ class Service:
                                 f"{self.model_name!r} (see /v1/models)",
                            "invalid_request_error", "model", "model_not_found")
 
-    async def off_loop(self, size: int, fn, *args):
-        """fn(*args): on the event loop when `size` (characters of text to tokenise) is
-        small, else on a tokenising thread."""
-        if size <= INLINE_CHARS:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
-
-    def encode(self, prompt, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, prompt) -> list[int]:
         if isinstance(prompt, list):
             return prompt
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer: send the prompt as token ids",
                               "prompt")
-        check_text(prompt, "prompt")
-        return self.tokenizer.encode(prompt, add_special_tokens)
-
-    def encode_for_model(self, prompt, param: str = "prompt") -> list[int]:
-        """encode(), refusing a prompt longer than the model allows (without building the
-        list of all its ids, and before it reaches the engine thread)."""
-        if isinstance(prompt, list) or not hasattr(self.tokenizer, "encode_capped"):
-            return self.encode(prompt)
-        check_text(prompt, param)
-        ids, n = self.tokenizer.encode_capped(prompt, self.max_model_len)
-        self.check_prompt_len(n, param)
-        return ids
-
-    def check_prompt_len(self, n: int, param: str) -> None:
-        """The engine's own check (Engine.add_request), made here, before the ids travel."""
-        limit = self.max_model_len
-        if n >= limit:
-            raise bad_request(f"the prompt has {n} tokens; this model allows {limit} in all "
-                              f"(max_model_len), so at most {limit - 1} leave room to "
-                              "generate", param)
-
-    async def encode_prompt(self, prompt, add_special_tokens: bool = True) -> list[int]:
-        size = len(prompt) if isinstance(prompt, str) else 0
-        return await self.off_loop(size, self.encode, prompt, add_special_tokens)
-
-    def template_for(self, body) -> ChatTemplate:
-        """The request's own chat_template where the server takes those, else the model's."""
-        if body.chat_template is not None:
-            if not self.trust_request_chat_template:
-                raise bad_request("this server does not take chat templates from requests; "
-                                  "start it with --trust-request-chat-template to allow them",
-                                  "chat_template")
-            return self.request_templates.get(body.chat_template)
-        if self.chat_template is None:
-            raise bad_request(NO_TEMPLATE, "messages")
-        return self.chat_template
-
-    def chat_ids(self, body, add_special_tokens: bool | None = None,
-                 for_model: bool = False) -> list[int]:
-        """The prompt of a chat request. `add_special_tokens` None: as chat completions
-        feed the model (exactly one BOS); True/False: the rendered text encoded so.
-        `for_model`: refuse a prompt longer than the model allows (see encode_for_model)."""
-        template = self.template_for(body)
-        if self.tokenizer is None:
-            raise bad_request("this model has no tokenizer, so it cannot chat; use "
-                              "/v1/completions with token ids", "messages")
-        check_messages(body.messages)
-        text = template.render(body.messages, body.add_generation_prompt,
-                               body.chat_template_kwargs)
-        check_text(text, "chat_template_kwargs", "the prompt the chat template made")
-        if add_special_tokens is None:
-            text = strip_leading_bos(text, template.bos_token, self.adds_bos)
-            if for_model and hasattr(self.tokenizer, "encode_capped"):
-                ids, n = self.tokenizer.encode_capped(text, self.max_model_len)
-                self.check_prompt_len(n, "messages")
-                return ids
-            return self.tokenizer.encode(text)
-        return self.tokenizer.encode(text, add_special_tokens)
-
-    async def chat_prompt_ids(self, body, add_special_tokens: bool | None = None,
-                              for_model: bool = False) -> list[int]:
-        size = chat_size(body.messages) + len(body.chat_template or "")
-        return await self.off_loop(size, self.chat_ids, body, add_special_tokens, for_model)
+        return self.tokenizer.encode(prompt)
 
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      prompt_param: str = "prompt") -> RequestStream:
@@ -222,7 +125,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
             yield
         finally:
             await svc.aengine.stop()
-            svc.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            svc.prompts.shutdown()
 
     app = FastAPI(title="braze", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None)
@@ -273,8 +176,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
         prompt = completion_prompt(body)
-        ids = await svc.off_loop(len(prompt) if isinstance(prompt, str) else 0,
-                                 svc.encode_for_model, prompt)
+        ids = await svc.prompts.for_model(prompt)
         if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
             max_tokens = body.max_tokens
             if len(ids) < svc.max_model_len:       # else the engine says the prompt is too long
@@ -288,7 +190,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
-        ids = await svc.chat_prompt_ids(body, for_model=True)
+        ids = await svc.prompts.chat(body, for_model=True)
         if max_tokens is None:     # chat default: up to the end of the context
             max_tokens = max(1, svc.max_model_len - len(ids))
         elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long

@@ -61,10 +61,10 @@ def install(app: FastAPI, svc) -> None:
             if not body.messages:
                 raise bad_request("messages is empty", "messages")
             check_chat(body)
-            ids = await svc.chat_prompt_ids(body, body.add_special_tokens)
+            ids = await svc.prompts.chat(body, body.add_special_tokens)
         else:
             add = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = await svc.encode_prompt(body.prompt, add)
+            ids = await svc.prompts.ids(body.prompt, add)
         strs = svc.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": svc.max_model_len, "tokens": ids,
                 "token_strs": strs}
@@ -79,7 +79,8 @@ def install(app: FastAPI, svc) -> None:
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                               "tokens")
-        text = await svc.off_loop(len(body.tokens), svc.tokenizer.decode, body.tokens, False)
+        text = await svc.prompts.off_loop(len(body.tokens), svc.tokenizer.decode, body.tokens,
+                                          False)
         return {"prompt": text}
 
     info: dict = {}
