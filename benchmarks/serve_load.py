@@ -12,6 +12,16 @@ exit status is 1 otherwise).
 
 With --artifact it starts `braze serve ARTIFACT --port 0` itself and stops it (SIGTERM)
 at the end. Not a test: record what it prints in benchmarks/RESULTS.md.
+
+--big-request-mb M measures what one huge request does to everyone else: the load runs
+twice on the same server, without and then with one M-MB text prompt sent once a quarter
+of the requests have finished, and reports p99 time to first token of the other requests
+in both runs (the target: it moves by no more than 10%). The server is started with a
+body limit above M MB, so the big prompt is read and tokenised (then refused as longer
+than the model allows); --big-request-limit default keeps the server's limit (413).
+
+    python benchmarks/serve_load.py --artifact tiny.braze --backend reference \
+        --concurrency 64 --requests 192 --big-request-mb 10
 """
 
 from __future__ import annotations
@@ -83,8 +93,31 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int],
             "in": usage.get("prompt_tokens", len(prompt)), "finish": finish}
 
 
+def big_body(model: str, size: int) -> bytes:
+    """A completion request whose prompt is `size` bytes of text, encoded once before the
+    run (encoding 10 MB of JSON on this client's event loop would delay its own clocks)."""
+    text = ("lorem ipsum dolor sit amet " * (size // 27 + 1))[:size]
+    return json.dumps({"model": model, "prompt": text, "max_tokens": 1}).encode()
+
+
+async def big_request(client: httpx.AsyncClient, body: bytes, timeout: float) -> dict:
+    """Send the big request; its status and how long it took."""
+    size = len(body)
+    t0 = time.perf_counter()
+    try:
+        r = await client.post("/v1/completions", timeout=timeout, content=body,
+                              headers={"content-type": "application/json"})
+        status = r.status_code
+        code = (r.json().get("error") or {}).get("code") if status != 200 else None
+    except (httpx.HTTPError, OSError) as e:
+        status, code = None, f"{type(e).__name__}: {e}"
+    return {"bytes": size, "status": status, "code": code, "start": t0,
+            "seconds": time.perf_counter() - t0}
+
+
 async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: int,
-                   max_tokens: int, timeout: float, warmup: int, seed: int) -> dict:
+                   max_tokens: int, timeout: float, warmup: int, seed: int,
+                   big_bytes: int = 0) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -101,8 +134,17 @@ async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: in
             for p in todo:
                 results.append(await one_request(client, model, p, max_tokens, timeout))
 
+        big: dict = {}
+        body = big_body(model, big_bytes) if big_bytes else b""
+
+        async def send_big():                 # once a quarter of the requests are done
+            while len(results) < num_requests // 4:
+                await asyncio.sleep(0.005)
+            big.update(await big_request(client, body, timeout))
+
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)),
+                             *([send_big()] if big_bytes else []))
         duration = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
     failures = [r["error"] for r in results if not r["ok"]]
@@ -118,7 +160,8 @@ async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: in
             "requests_per_s": len(ok) / duration, "output_tokens_per_s": out_tokens / duration,
             "output_tokens": out_tokens, "ttft_s": stats("ttft"), "tpot_s": stats("tpot"),
             "latency_s": stats("latency"), "failures": len(failures),
-            "failure_examples": failures[:5]}
+            "failure_examples": failures[:5],
+            **({"big_request": {k: v for k, v in big.items() if k != "start"}} if big else {})}
 
 
 def start_server(artifact: str, backend: str, extra: list[str], timeout: float = 300.0):
@@ -171,6 +214,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--big-request-mb", type=float, default=0, metavar="M",
+                   help="also run with one M-MB prompt in the middle and compare p99 TTFT")
+    p.add_argument("--big-request-limit", choices=("raise", "default"), default="raise",
+                   help="with --artifact: start the server with a body limit above the big "
+                   "request, so it is tokenised (raise, default), or keep the server's (413)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     for name in ("concurrency", "requests", "prompt_len", "max_tokens"):
@@ -179,11 +227,22 @@ def main(argv=None) -> int:
 
     proc = None
     url = a.url
+    big_bytes = int(a.big_request_mb * 1e6)
+    extra = list(a.server_arg)
+    if big_bytes and a.big_request_limit == "raise":
+        extra.append(f"--max-request-body-bytes={big_bytes + 1_000_000}")
     if a.artifact:
-        proc, url, _ = start_server(a.artifact, a.backend, a.server_arg)
+        proc, url, _ = start_server(a.artifact, a.backend, extra)
     try:
         res = asyncio.run(run_load(url.rstrip("/"), a.concurrency, a.requests, a.prompt_len,
                                    a.max_tokens, a.timeout, a.warmup, a.seed))
+        if big_bytes:
+            with_big = asyncio.run(run_load(url.rstrip("/"), a.concurrency, a.requests,
+                                            a.prompt_len, a.max_tokens, a.timeout, a.warmup,
+                                            a.seed + 1, big_bytes))
+            base, moved = res["ttft_s"]["p99"], with_big["ttft_s"]["p99"]
+            res = {**res, "with_big_request": with_big,
+                   "ttft_p99_ratio": moved / base if base and moved else None}
     finally:
         if proc is not None:
             rc = stop_server(proc)
@@ -207,7 +266,19 @@ def main(argv=None) -> int:
         print(f"  failures          {res['failures']}")
         for e in res["failure_examples"]:
             print(f"    {e}")
-    return 1 if res["failures"] else 0
+        if "with_big_request" in res:
+            w, b = res["with_big_request"], res["with_big_request"].get("big_request", {})
+            print(f"  with one {b.get('bytes', 0) / 1e6:.1f} MB request in the middle "
+                  f"(HTTP {b.get('status')} {b.get('code') or ''} after "
+                  f"{b.get('seconds', 0):.2f} s):")
+            for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
+                s = w[key]
+                print(f"  {name:<8} p50 {fmt(s['p50']):>10}   p99 {fmt(s['p99']):>10}")
+            ratio = res["ttft_p99_ratio"]
+            print(f"  p99 TTFT with / without: {'-' if ratio is None else f'{ratio:.2f}x'}")
+            print(f"  failures          {w['failures']}")
+    failed = res["failures"] or res.get("with_big_request", {}).get("failures")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from braze import __version__
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
 from braze.runtime.options import BACKENDS
+from braze.serving.options import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 EXIT_ERROR = 1
 
@@ -147,16 +148,7 @@ def cmd_serve(a) -> int:
     except ImportError as e:
         raise BrazeError(f"`braze serve` needs fastapi and uvicorn ({e}); "
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
-    if a.drain_timeout < 0:
-        raise BrazeError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
-    if not 0 < a.read_timeout < float("inf"):
-        raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
-                         f"{a.read_timeout}")
-    rc = serve(a.artifact, _engine_options(a), host=a.host, port=a.port,
-               max_queue=a.max_queue, served_model_name=a.served_model_name,
-               drain_timeout=a.drain_timeout, log_level=a.log_level,
-               read_timeout=a.read_timeout, limit_concurrency=a.limit_concurrency,
-               allowed_hosts=a.allowed_hosts, tool_call_parser=a.tool_call_parser)
+    rc = serve(a.artifact, _engine_options(a), _server_options(a))
     # the server has drained and stopped: skip the interpreter's teardown of torch, triton
     # and the engine thread, which took a second or more after "stopped" (a supervisor
     # waiting on the exit, a rolling restart, waits for it); logs and output are flushed
@@ -220,6 +212,23 @@ def _engine_options(a):
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
                          kv_offload_s3=a.kv_offload_s3)
+
+
+def _server_options(a):
+    """serving/options.ServerOptions from `braze serve`'s flags (checked there)."""
+    from braze.serving.options import ServerOptions, api_keys_from, name_list
+    keys, _ = api_keys_from(a.api_key)
+    return ServerOptions(
+        host=a.host, port=a.port, max_queue=a.max_queue, served_model_name=a.served_model_name,
+        drain_timeout=a.drain_timeout, log_level=a.log_level, read_timeout=a.read_timeout,
+        limit_concurrency=a.limit_concurrency, allowed_hosts=a.allowed_hosts,
+        max_request_body_bytes=a.max_request_body_bytes, api_keys=keys,
+        allowed_origins=name_list(a.allowed_origins),
+        allowed_methods=name_list(a.allowed_methods) or ["*"],
+        allowed_headers=name_list(a.allowed_headers) or ["*"],
+        allow_credentials=a.allow_credentials, tool_call_parser=a.tool_call_parser,
+        trust_request_chat_template=a.trust_request_chat_template,
+        extensions=list(a.extension or []))
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -344,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        description="Serve ARTIFACT over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /health, /version, /metrics. "
+                       "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /server_info, /health, "
+                       "/ping, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -370,6 +380,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read tool calls out of replies for tool_choice \"auto\": "
                    "hermes (Qwen), llama3_json, mistral, deepseek_v3, phi4_mini_json, internlm, "
                    "gemma4 (default: the one the chat template's markers point to, if any)")
+    s.add_argument("--max-request-body-bytes", type=_positive_int, metavar="N",
+                   default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                   help="largest request body accepted; bigger gets 413 (default "
+                   f"{DEFAULT_MAX_REQUEST_BODY_BYTES}, 4 MiB: about a million tokens of text)")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health, "
+                   "/ping, /version and /metrics (401 otherwise); repeatable for several keys. "
+                   "Default: $BRAZE_API_KEY, else $VLLM_API_KEY, else no key. Prefer the "
+                   "environment: a flag shows in the process list")
+    s.add_argument("--allowed-origins", metavar="ORIGINS",
+                   help="CORS: origins whose web pages may call the API, comma-separated or "
+                   "a JSON list, e.g. https://app.example.com or '*' (default: none, no CORS "
+                   "headers; vLLM's default is '*')")
+    s.add_argument("--allowed-methods", metavar="METHODS",
+                   help="CORS: methods allowed to those origins (default *)")
+    s.add_argument("--allowed-headers", metavar="HEADERS",
+                   help="CORS: request headers allowed to those origins (default *)")
+    s.add_argument("--allow-credentials", action="store_true",
+                   help="CORS: let those origins send cookies and Authorization (needs "
+                   "--allowed-origins to list origins, not '*')")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let chat requests bring their own Jinja chat_template (rendered in a "
+                   "sandbox, but a template can burn CPU: only for trusted clients; without "
+                   "this flag such a request gets 400)")
+    s.add_argument("--extension", action="append", metavar="MODULE:FUNCTION|NAME",
+                   help="call FUNCTION(app) at start-up to add routes or middleware to the "
+                   "FastAPI app; NAME: an entry point of the group braze.serve_extensions. "
+                   "Repeatable (docs/serving.md)")
     _engine_flags(s, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     s.set_defaults(fn=cmd_serve)
 

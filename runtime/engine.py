@@ -108,13 +108,14 @@ class Engine:
         limit = self.max_model_len
         if len(ids) >= limit:
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
-                             f"all (max_model_len), so at most {limit - 1} leave room to generate")
+                             f"all (max_model_len), so at most {limit - 1} leave room to generate",
+                             param="prompt")
         if params.prompt_logprobs is not None and self.runner.executor.logits_pruned:
-            raise BrazeError(PROMPT_LOGPROBS_PRUNED)
+            raise BrazeError(PROMPT_LOGPROBS_PRUNED, param="prompt_logprobs")
         if params.num_samples > 1:
             raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
                              "sample per request; add params.children() as requests "
-                             "(LLM.generate and the server do)")
+                             "(LLM.generate and the server do)", param="n")
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=limit, arrival_time=arrival_time)
         req.group = group
@@ -125,7 +126,7 @@ class Engine:
                                                skip_special_tokens=params.skip_special_tokens)
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
-                             "use stop_token_ids")
+                             "use stop_token_ids", param="stop")
         req.kv_policy = policy
         if params.structured_outputs is not None:
             # compiled in a worker thread; the request waits outside the scheduler till then
@@ -215,19 +216,22 @@ class Engine:
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise BrazeError("this artifact has no tokenizer: pass token ids instead of text")
+                raise BrazeError("this artifact has no tokenizer: pass token ids instead of text",
+                                 param="prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             try:
                 ids = [int(t) for t in prompt]
             except (TypeError, ValueError):
-                raise BrazeError("a prompt is a string or a list of integer token ids") from None
+                raise BrazeError("a prompt is a string or a list of integer token ids",
+                                 param="prompt") from None
         if not ids:
-            raise BrazeError("the prompt is empty: give at least one token")
+            raise BrazeError("the prompt is empty: give at least one token", param="prompt")
         vocab = self.vocab_size
         bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
         if bad:
-            raise BrazeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise BrazeError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                             param="prompt")
         return ids
 
     def abort_request(self, request_id: str) -> None:

@@ -52,18 +52,20 @@ class KVTransferPolicy:
         if params is None:
             return cls()
         if not isinstance(params, dict):
-            raise BrazeError(f"kv_transfer_params must be an object, got {params!r}")
+            raise BrazeError(f"kv_transfer_params must be an object, got {params!r}",
+                             param="kv_transfer_params")
         bad = sorted(set(params) - TRANSFER_KEYS)
         if bad:
             raise BrazeError(f"kv_transfer_params has no field {bad[0]!r}; it takes "
-                             f"{', '.join(sorted(TRANSFER_KEYS))}")
+                             f"{', '.join(sorted(TRANSFER_KEYS))}", param="kv_transfer_params")
         cap = params.get("max_load_tokens")
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
             raise BrazeError(f"kv_transfer_params.max_load_tokens must be an integer >= 0 "
-                             f"(0: load nothing), got {cap!r}")
+                             f"(0: load nothing), got {cap!r}", param="kv_transfer_params")
         store = params.get("store", True)
         if not isinstance(store, bool):
-            raise BrazeError(f"kv_transfer_params.store must be true or false, got {store!r}")
+            raise BrazeError(f"kv_transfer_params.store must be true or false, got {store!r}",
+                             param="kv_transfer_params")
         return cls(cap, store)
 
 

@@ -109,94 +109,99 @@ class SamplingParams:
         """Raise BrazeError naming the first bad parameter and its value."""
         v = self.max_tokens
         if not _is_int(v) or v < 1:
-            raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}")
+            raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
         v = self.temperature
         if not _is_real(v) or not math.isfinite(v) or v < 0:
-            raise BrazeError(f"temperature must be a finite number >= 0 (0 = greedy), got {v!r}")
+            raise BrazeError(f"temperature must be a finite number >= 0 (0 = greedy), got {v!r}",
+                             param="temperature")
         v = self.top_p
         if not _is_real(v) or not math.isfinite(v) or not 0 < v <= 1:
-            raise BrazeError(f"top_p must be a number in (0, 1], got {v!r}")
+            raise BrazeError(f"top_p must be a number in (0, 1], got {v!r}", param="top_p")
         v = self.top_k
         if not _is_int(v) or v < -1:
-            raise BrazeError(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {v!r}")
+            raise BrazeError(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {v!r}",
+                             param="top_k")
         if v == -1:
             self.top_k = 0
         v = self.seed
         if v is not None and (not _is_int(v) or not 0 <= v < SEED_LIMIT):
-            raise BrazeError(f"seed must be null or an integer in [0, 2**63), got {v!r}")
+            raise BrazeError(f"seed must be null or an integer in [0, 2**63), got {v!r}", param="seed")
         v = self.stop
         if not isinstance(v, list):
-            raise BrazeError(f"stop must be a string or a list of strings, got {v!r}")
+            raise BrazeError(f"stop must be a string or a list of strings, got {v!r}", param="stop")
         if len(v) > MAX_STOP_STRINGS:
-            raise BrazeError(f"stop has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed")
+            raise BrazeError(f"stop has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                             param="stop")
         for s in v:
             if not isinstance(s, str) or not s:
-                raise BrazeError(f"stop strings must be non-empty strings, got {s!r} in stop")
+                raise BrazeError(f"stop strings must be non-empty strings, got {s!r} in stop", param="stop")
         v = self.stop_token_ids
         if not isinstance(v, list):
-            raise BrazeError(f"stop_token_ids must be a list of integers >= 0, got {v!r}")
+            raise BrazeError(f"stop_token_ids must be a list of integers >= 0, got {v!r}",
+                             param="stop_token_ids")
         for t in v:
             if not _is_int(t) or t < 0:
-                raise BrazeError(f"stop_token_ids must hold integers >= 0, got {t!r} in stop_token_ids")
+                raise BrazeError(f"stop_token_ids must hold integers >= 0, got {t!r} in "
+                                 "stop_token_ids", param="stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
-            raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", param="ignore_eos")
         if self.structured_outputs is not None:
             self.structured_outputs.validate()
         if not isinstance(self.skip_special_tokens, bool):
             raise BrazeError(f"skip_special_tokens must be true or false, "
-                             f"got {self.skip_special_tokens!r}")
+                             f"got {self.skip_special_tokens!r}", param="skip_special_tokens")
         if self.output_kind not in OUTPUT_KINDS:
             raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
-                             f"got {self.output_kind!r}")
+                             f"got {self.output_kind!r}", param="output_kind")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not math.isfinite(v) or not -2 <= v <= 2:
-                raise BrazeError(f"{name} must be a number in [-2, 2], got {v!r}")
+                raise BrazeError(f"{name} must be a number in [-2, 2], got {v!r}", param=name)
         v = self.repetition_penalty
         if not _is_real(v) or not math.isfinite(v) or not 0 < v <= MAX_REPETITION_PENALTY:
             raise BrazeError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY}] "
-                             f"(1 = none), got {v!r}")
+                             f"(1 = none), got {v!r}", param="repetition_penalty")
         v = self.logit_bias
         if v is not None:
             if not isinstance(v, dict):
-                raise BrazeError(f"logit_bias must be a map of token id to bias, got {v!r}")
+                raise BrazeError(f"logit_bias must be a map of token id to bias, got {v!r}", param="logit_bias")
             if len(v) > MAX_LOGIT_BIAS:
-                raise BrazeError(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+                raise BrazeError(f"logit_bias has {len(v)} entries; at most {MAX_LOGIT_BIAS} are allowed", param="logit_bias")
             clean = {}
             for t, b in v.items():
                 tid = int(t) if isinstance(t, str) and t.strip().lstrip("-").isdigit() else t
                 if not _is_int(tid) or tid < 0:
-                    raise BrazeError(f"logit_bias keys must be token ids >= 0, got {t!r} in logit_bias")
+                    raise BrazeError(f"logit_bias keys must be token ids >= 0, got {t!r} in logit_bias", param="logit_bias")
                 if not _is_real(b) or not math.isfinite(b):
                     raise BrazeError(f"logit_bias values must be numbers in [-100, 100], got {b!r} "
-                                     f"for token {t!r} in logit_bias")
+                                     f"for token {t!r} in logit_bias", param="logit_bias")
                 clean[int(tid)] = max(-100.0, min(100.0, float(b)))
             self.logit_bias = clean
         v = self.min_tokens
         if not _is_int(v) or v < 0:
-            raise BrazeError(f"min_tokens must be an integer >= 0, got {v!r}")
+            raise BrazeError(f"min_tokens must be an integer >= 0, got {v!r}", param="min_tokens")
         if _is_int(self.max_tokens) and v > self.max_tokens:
-            raise BrazeError(f"min_tokens ({v}) must not exceed max_tokens ({self.max_tokens})")
+            raise BrazeError(f"min_tokens ({v}) must not exceed max_tokens ({self.max_tokens})", param="min_tokens")
         v = self.bad_words
         if not isinstance(v, list) or not all(isinstance(w, str) and w for w in v):
-            raise BrazeError(f"bad_words must be a list of non-empty strings, got {v!r}")
+            raise BrazeError(f"bad_words must be a list of non-empty strings, got {v!r}", param="bad_words")
         v = self.bad_words_token_ids
         if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
-            raise BrazeError(f"bad_words_token_ids must be a list of token ids >= 0, got {v!r}")
+            raise BrazeError(f"bad_words_token_ids must be a list of token ids >= 0, got {v!r}", param="bad_words_token_ids")
         v = self.logprobs
         if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
-            raise BrazeError(f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+            raise BrazeError(f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {v!r}", param="logprobs")
         v = self.prompt_logprobs
         if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
             raise BrazeError(f"prompt_logprobs must be null or an integer in [0, {MAX_LOGPROBS}], "
-                             f"got {v!r}")
+                             f"got {v!r}", param="prompt_logprobs")
         v = self.n
         if not _is_int(v) or not 1 <= v <= MAX_N:
-            raise BrazeError(f"n must be an integer in [1, {MAX_N}], got {v!r}")
+            raise BrazeError(f"n must be an integer in [1, {MAX_N}], got {v!r}", param="n")
         v = self.best_of
         if v is not None and (not _is_int(v) or not self.n <= v <= MAX_N):
             raise BrazeError(f"best_of must be null or an integer in [n, {MAX_N}] (n={self.n}), "
-                             f"got {v!r}")
+                             f"got {v!r}", param="best_of")
 
     @property
     def greedy(self) -> bool:

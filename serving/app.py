@@ -33,15 +33,20 @@ from .async_engine import (
     RequestStream,
     Unavailable,
 )
-from .chat import NO_TEMPLATE, ChatTemplate, strip_leading_bos
+from .auth import APIKeyCheck
+from .body_limit import BodyLimit
+from .chat import ChatTemplate
 from .hosts import HostCheck
 from .metrics import Metrics
+from .options import ServerOptions
+from .prompts import Prompts
 from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     bad_request,
     chat_max_tokens,
+    check_context,
     completion_prompts,
     error_body,
     sampling_kwargs,
@@ -68,9 +73,11 @@ class Service:
     chat_template: ChatTemplate | None
     created: int = 0
     tool_call_parser: str | None = None   # for tool_choice "auto" (serving/tool_parsers)
+    trust_request_chat_template: bool = False
 
     def __post_init__(self):
         self.created = int(time.time())
+        self.prompts = Prompts(self, self.trust_request_chat_template)   # serving/prompts.py
         # Does encoding prepend a BOS by itself? Then a template's own BOS is dropped.
         self.adds_bos = False
         bos = self.chat_template.bos_token if self.chat_template else ""
@@ -105,8 +112,8 @@ class Service:
             raise bad_request(str(e)) from None
 
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
-                     group: str | None = None, kv_transfer_params: dict | None = None
-                     ) -> RequestStream:
+                     group: str | None = None, kv_transfer_params: dict | None = None,
+                     prompt_param: str = "prompt") -> RequestStream:
         if params.structured_outputs is not None:
             await self.compile_grammar(params.structured_outputs)
         try:
@@ -114,8 +121,8 @@ class Service:
             return await self.aengine.add(request_id, ids, params, len(ids), group=group,
                                           kv_transfer_params=kv_transfer_params)
         except BrazeError as e:
-            param = "kv_transfer_params" if str(e).startswith("kv_transfer_params") else None
-            raise bad_request(str(e), param) from None
+            param = getattr(e, "param", None)
+            raise bad_request(str(e), prompt_param if param == "prompt" else param) from None
         except QueueFull as e:
             self.metrics.rejected += 1
             raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
@@ -125,9 +132,13 @@ class Service:
 
 
 def create_app(svc: Service, read_timeout: float | None = None,
-               allowed_hosts: list[str] | None = None, bind_host: str = "127.0.0.1") -> FastAPI:
+               allowed_hosts: list[str] | None = None, bind_host: str = "127.0.0.1",
+               options: ServerOptions | None = None) -> FastAPI:
     """`read_timeout`: seconds a request body may take (serving/read_timeouts.py);
-    `allowed_hosts`: the Host names answered, None for any (serving/hosts.py)."""
+    `allowed_hosts`: the Host names answered, None for any (serving/hosts.py); `options`:
+    the body limit, API keys and CORS (serving/options.py)."""
+    options = options or ServerOptions()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.aengine.start(asyncio.get_running_loop())
@@ -135,16 +146,32 @@ def create_app(svc: Service, read_timeout: float | None = None,
             yield
         finally:
             await svc.aengine.stop()
+            svc.prompts.shutdown()
 
     app = FastAPI(title="braze", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     app.state.service = svc
-    # added first, so inside the request-id middleware: their errors get an X-Request-Id too
+    app.state.server_options = options
+    # added first, so inside the request-id middleware: their errors get an X-Request-Id too.
+    # The first added runs innermost: Host check, then the API key, then the body's time
+    # and size; CORS outside them so that their errors carry CORS headers
+    app.add_middleware(BodyLimit, max_bytes=options.max_request_body_bytes)
     if read_timeout is not None:
         app.add_middleware(BodyTimeout, seconds=read_timeout)
+    if options.api_keys:
+        app.add_middleware(APIKeyCheck, keys=options.api_keys)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts, bind_host=bind_host)
+    if options.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins,
+                           allow_methods=options.allowed_methods,
+                           allow_headers=options.allowed_headers,
+                           allow_credentials=options.allow_credentials,
+                           expose_headers=["X-Request-Id"])
     _install_errors(app)
+    from .utility_routes import install as install_utility_routes
+    install_utility_routes(app, svc)
 
     @app.get("/health")
     async def health():
@@ -169,9 +196,17 @@ def create_app(svc: Service, read_timeout: float | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
-        prompts = [(p if isinstance(p, str) else None, svc.encode(p))
-                   for p in completion_prompts(body)]
-        params = SamplingParams(**sampling_kwargs(body, body.max_tokens or 16),
+        texts = completion_prompts(body)
+        prompts = [(p if isinstance(p, str) else None, await svc.prompts.for_model(p))
+                   for p in texts]
+        longest = max(len(ids) for _, ids in prompts)
+        if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
+            max_tokens = body.max_tokens
+            if longest < svc.max_model_len:      # else the engine says the prompt is too long
+                check_context(longest, max_tokens, svc.max_model_len, "max_tokens")
+        else:                     # the OpenAI default, 16, as far as the context allows
+            max_tokens = max(1, min(16, svc.max_model_len - longest))
+        params = SamplingParams(**sampling_kwargs(body, max_tokens),
                                 structured_outputs=request_constraint(body))
         return await _generate(svc, request, body, prompts, params, chat=False)
 
@@ -179,11 +214,6 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
-        if svc.chat_template is None:
-            raise bad_request(NO_TEMPLATE, "messages")
-        if svc.tokenizer is None:
-            raise bad_request("this model has no tokenizer, so it cannot chat; use "
-                              "/v1/completions with token ids", "messages")
         tool_plan = tools_plan(body, svc.tool_call_parser)
         constraint = request_constraint(body)
         if tool_plan is not None and tool_plan.constraint is not None:
@@ -191,13 +221,14 @@ def create_app(svc: Service, read_timeout: float | None = None,
                 raise bad_request("tool_choice required or a named function cannot be combined "
                                   "with response_format or structured_outputs", "tool_choice")
             constraint = tool_plan.constraint
-        text = svc.chat_template.render(body.messages, body.add_generation_prompt,
-                                        body.chat_template_kwargs,
-                                        tools=tool_plan.tools if tool_plan else None)
-        ids = svc.tokenizer.encode(strip_leading_bos(text, svc.chat_template.bos_token,
-                                                     svc.adds_bos))
+        ids = await svc.prompts.chat(body, for_model=True,
+                                     tools=tool_plan.tools if tool_plan else None)
         if max_tokens is None:     # chat default: up to the end of the context
             max_tokens = max(1, svc.max_model_len - len(ids))
+        elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long
+            check_context(len(ids), max_tokens, svc.max_model_len,
+                          "max_completion_tokens" if body.max_completion_tokens is not None
+                          else "max_tokens")
         params = SamplingParams(**sampling_kwargs(body, max_tokens), structured_outputs=constraint,
                                 skip_special_tokens=tool_plan.skip_special_tokens
                                 if tool_plan else True)
@@ -272,8 +303,9 @@ class _Job:
                 group = None if len(children) == 1 else f"{self.rid}-{pi}"
                 for j, child in enumerate(children):
                     crid = self.rid if single else f"{self.rid}-{pi}-{j}"
-                    stream = await self.svc.submit(crid, ids, child, group,
-                                                   getattr(self.body, "kv_transfer_params", None))
+                    stream = await self.svc.submit(
+                        crid, ids, child, group, getattr(self.body, "kv_transfer_params", None),
+                        "messages" if self.chat else "prompt")
                     self.choices.append(_Choice(pi * self.params.n + j, pi, stream, text, ids))
         except BaseException:
             self._abort_all()
@@ -589,7 +621,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(BrazeError)
     async def braze_error(request, exc: BrazeError):
-        return _error(400, str(exc))
+        return _error(400, str(exc), param=getattr(exc, "param", None))
 
     app.add_middleware(RequestIdMiddleware)
 

@@ -111,10 +111,11 @@ class AsyncEngine:
     def begin_drain(self) -> None:
         self.draining = True
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait (bounded) until no request is in flight; True when that happened."""
+    async def wait_idle(self, timeout: float, give_up=lambda: False) -> bool:
+        """Wait (bounded, and until `give_up()`) until no request is in flight; True when
+        that happened."""
         deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline and self.alive:
+        while self._streams and time.monotonic() < deadline and self.alive and not give_up():
             await asyncio.sleep(0.05)
         return not self._streams
 

@@ -9,10 +9,11 @@ ship with models, and a template must not reach Python internals.
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime
 from pathlib import Path
 
-from .protocol import ChatMessage, bad_request
+from .protocol import ChatMessage, bad_request, check_text
 
 NO_TEMPLATE = ("model has no chat template (no chat_template in its tokenizer_config.json); "
                "use /v1/completions with a prompt instead")
@@ -82,6 +83,51 @@ class ChatTemplate:
         except TemplateError as e:
             raise bad_request(f"the chat template failed on these messages: {e}",
                               "messages") from None
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """400 for message text the tokenizer cannot take (lone surrogates), naming where."""
+    for i, m in enumerate(messages):
+        check_text(_content_text(m), "messages", f"messages[{i}].content")
+        if m.name:
+            check_text(m.name, "messages", f"messages[{i}].name")
+
+
+class RequestTemplates:
+    """Chat templates that requests bring (`chat_template`), each compiled once; the last
+    `size` distinct ones are kept. Compile errors are the client's: 400 naming the field."""
+
+    def __init__(self, config: dict | None, size: int = 16):
+        self.config, self.size = config or {}, size
+        self._compiled: dict[str, ChatTemplate] = {}
+        self._lock = threading.Lock()    # used from the tokenising threads
+
+    def get(self, source: str) -> ChatTemplate:
+        with self._lock:
+            t = self._compiled.pop(source, None)
+        if t is None:
+            from jinja2 import TemplateError
+            check_text(source, "chat_template")
+            try:
+                t = ChatTemplate(source, self.config)
+            except TemplateError as e:
+                raise bad_request(f"chat_template does not compile: {e}", "chat_template") from None
+        with self._lock:
+            self._compiled[source] = t
+            while len(self._compiled) > self.size:
+                self._compiled.pop(next(iter(self._compiled)))
+        return t
+
+
+def chat_size(messages: list[ChatMessage]) -> int:
+    """Characters of text in `messages`: what tokenising them costs, roughly."""
+    n = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            n += len(m.content)
+        elif m.content:
+            n += sum(len(p.text or "") for p in m.content)
+    return n
 
 
 def _content_text(m: ChatMessage) -> str:

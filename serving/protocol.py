@@ -2,10 +2,12 @@
 
 Requests allow extra fields (clients send many; braze reads `ignore_eos`, `top_k`,
 `stop_token_ids`, `add_generation_prompt`, `chat_template_kwargs`, `repetition_penalty`,
-`min_tokens`, `bad_words`, `return_token_ids` among them). Checks pydantic cannot
-express as field bounds (unsupported options, the prompts' shape) live in `check_*` and
-`completion_prompts` and raise `APIError`, which the app turns into an OpenAI-shaped
-JSON error: {"error": {"message", "type", "param", "code"}}.
+`min_tokens`, `bad_words`, `return_token_ids` among them) and ignore the ones they do not
+know, except the fields of NOT_YET_SUPPORTED: options of the OpenAI or vLLM API that change
+the output and that braze does not implement yet, which a request may send only at their
+neutral value. Checks pydantic cannot express as field bounds (unsupported options, the
+prompts' shape) live in `check_*` and `completion_prompts` and raise `APIError`, which the
+app turns into an OpenAI-shaped JSON error: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -112,6 +114,23 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+# Fields of the OpenAI and vLLM APIs that braze accepts but does not implement yet, with
+# the values that mean "off" (sent by clients that fill in every field). A request setting
+# one to anything else gets a 400 naming it, never a silently different answer. Whoever
+# implements a field removes its line.
+_OFF = (None, False, 0, "", [], {})
+NOT_YET_SUPPORTED: dict[str, tuple] = {
+    "suffix": _OFF,
+    "min_p": _OFF,
+    "functions": _OFF,
+    "function_call": (None, "none"),
+    "continue_final_message": _OFF,
+    "use_beam_search": _OFF,
+}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
@@ -126,11 +145,35 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    chat_template: str | None = None     # a Jinja template instead of the tokenizer's
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+# what braze passes to a chat template itself: chat_template_kwargs cannot replace them
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def check_supported(req: BaseModel) -> None:
+    """400 for a field of NOT_YET_SUPPORTED set to a value other than its neutral ones."""
+    values = {**req.__dict__, **(req.model_extra or {})}
+    for name, off in NOT_YET_SUPPORTED.items():
+        v = values.get(name)
+        # 0 == False in Python: a bool is neutral only where a bool is listed
+        if not any(v is o or (v == o and isinstance(v, bool) == isinstance(o, bool))
+                   for o in off):
+            hint = "" if off is _OFF else f" or send {name}={_short(off[-1])}"
+            raise bad_request(f"{name} is not supported by this server yet (got "
+                              f"{name}={_short(v)}); leave it out{hint}", name)
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
+    check_supported(req)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
@@ -176,7 +219,43 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     check_common(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    check_chat(req)
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def check_chat(req: ChatCompletionRequest) -> None:
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise bad_request(f"messages[{i}].role is {_short(m.role)}; a role is one of "
+                              f"{', '.join(ROLES)}", "messages")
+    bad = [k for k in (req.chat_template_kwargs or {}) if k in RESERVED_TEMPLATE_KWARGS]
+    if bad:
+        raise bad_request(f"chat_template_kwargs must not set {bad[0]!r}: braze passes "
+                          f"{', '.join(RESERVED_TEMPLATE_KWARGS)} to the template itself"
+                          + (" (send add_generation_prompt as a request field)"
+                             if bad[0] == "add_generation_prompt" else ""),
+                          "chat_template_kwargs")
+
+
+def check_text(text: str, param: str, where: str | None = None) -> None:
+    """A string that the tokenizer can take: no lone UTF-16 surrogates ("\\ud800"), which
+    JSON can carry but UTF-8 cannot. `where` names the spot (default: `param`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{where or param} holds a lone UTF-16 surrogate "
+                          f"({text[e.start]!r} at character {e.start}), which is not valid "
+                          "Unicode text; send each such pair whole or drop it", param) from None
+
+
+def check_context(num_prompt: int, max_tokens: int, max_model_len: int, param: str) -> None:
+    """The prompt plus the tokens asked for must fit the model (vLLM's message): a
+    completion silently cut at the end of the context would look like finish "length"."""
+    if num_prompt + max_tokens > max_model_len:
+        raise bad_request(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {max_model_len} tokens and your request has "
+            f"{num_prompt} input tokens ({max_tokens} > {max_model_len} - {num_prompt})", param)
 
 
 def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:

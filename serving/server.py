@@ -4,7 +4,10 @@ The socket is bound before the engine loads, so "port in use" fails at once (one
 no traceback). SIGTERM or Ctrl-C starts a drain instead of uvicorn's immediate shutdown:
 new requests get 503 while in-flight ones finish, for at most `drain_timeout` seconds;
 the rest are aborted (their streams end with an error event), then the server and the
-engine thread stop and the process exits 0. A second signal forces the exit.
+engine thread stop and the process exits 0. A second signal ends the drain at once: what is
+still in flight is aborted and answered (an OpenAI-shaped 503, or a stream's error event),
+and the process exits with 128 + the signal's number, as a shell reports a killed process;
+a third exits without answering.
 
 Clients are held to `read_timeout` for a request's headers and body (read_timeouts.py),
 at most `limit_concurrency` connections and requests are open at once (uvicorn answers
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import signal
 import socket
 import sys
 
@@ -26,6 +31,7 @@ from braze.ir.errors import BrazeError
 
 from .app import Service, create_app
 from .hosts import hosts_to_answer, is_loopback
+from .options import ServerOptions
 from .read_timeouts import header_timeout_protocol
 
 log = logging.getLogger("braze.serving")
@@ -52,14 +58,16 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
-          max_queue: int = 256, served_model_name: str | None = None,
-          drain_timeout: float = 30.0, log_level: str = "info", read_timeout: float = 30.0,
-          limit_concurrency: int = 1024, allowed_hosts: str | None = None,
-          tool_call_parser: str | None = None) -> int:
+def serve(artifact, options=None, server: ServerOptions | None = None, **overrides) -> int:
     """Serve `artifact` with the engine `options` (runtime/options.EngineOptions; gc is
-    frozen after start-up) on host:port until SIGTERM."""
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+    frozen after start-up) and the `server` options (serving/options.ServerOptions, or its
+    fields as keywords: host, port, ...) until SIGTERM; returns the exit status."""
+    so = ServerOptions.of(server, **overrides)
+    # the tokenizer's own worker threads would tokenise a long prompt at normal priority:
+    # keep that work on the (nicer) tokenising threads of app.Service
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    host, port = so.host, so.port
+    logging.basicConfig(level=getattr(logging, so.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from braze.runtime.engine import Engine
@@ -67,16 +75,19 @@ def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
     from braze.runtime.options import EngineOptions
     from braze.runtime.tokenizer import Tokenizer
 
+    from . import extensions
     from .async_engine import AsyncEngine
     from .chat import ChatTemplate, load_template
     from .metrics import Metrics
 
     from .tool_parsers import PARSERS, ALIASES, detect
+    tool_call_parser = so.tool_call_parser
     if tool_call_parser is not None and ALIASES.get(tool_call_parser, tool_call_parser) not in PARSERS:
         raise BrazeError(f"--tool-call-parser {tool_call_parser!r} is not a parser braze has; "
                          f"choose one of {', '.join(sorted(PARSERS))}")
     sock = bind_socket(host, port)
     try:
+        hooks = extensions.load_all(so.extensions)     # a bad name fails before the engine loads
         opts = EngineOptions.of(options, freeze_gc=True)
         art = open_artifact(artifact, trusted_keys=opts.trusted_keys,
                             trust_artifact=opts.trust_artifact)
@@ -93,28 +104,39 @@ def serve(artifact, options=None, host: str = "127.0.0.1", port: int = 8000,
             except Exception as e:   # jinja2.TemplateSyntaxError: serve completions anyway
                 log.warning("the model's chat template does not compile (%s); "
                             "/v1/chat/completions will answer 400", e)
-        name = served_model_name or engine.model_name
+        name = so.served_model_name or engine.model_name
         metrics = Metrics(name)
-        parser = tool_call_parser or detect(source)
+        parser = so.tool_call_parser or detect(source)
         if parser is not None:
             log.info("tool calls (tool_choice auto) are read with the %r parser%s", parser,
-                     "" if tool_call_parser else " (from the chat template)")
-        svc = Service(AsyncEngine(engine, max_queue=max_queue, metrics=metrics), metrics,
+                     "" if so.tool_call_parser else " (from the chat template)")
+        svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics), metrics,
                       name, engine.max_model_len, tokenizer, template,
+                      trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser)
-        hosts = hosts_to_answer(host, allowed_hosts)
+        hosts = hosts_to_answer(host, so.allowed_hosts)
         if hosts is None and not is_loopback(host):
             log.info("answering requests for any Host name (pass --allowed-hosts to restrict)")
-        app = create_app(svc, read_timeout=read_timeout, allowed_hosts=hosts, bind_host=host)
+        if so.api_keys:
+            log.info("requests need an API key (%d accepted)", len(so.api_keys))
+        elif not is_loopback(host):
+            log.warning("no API key: anyone who reaches %s can use the model (pass --api-key "
+                        "or set BRAZE_API_KEY)", host)
+        app = create_app(svc, read_timeout=so.read_timeout, allowed_hosts=hosts, bind_host=host,
+                         options=so)
+        extensions.install(app, hooks)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=5, limit_concurrency=limit_concurrency,
-                                http=header_timeout_protocol(AutoHTTPProtocol, read_timeout))
-        server = DrainingServer(config, svc, drain_timeout, _url(sock))
+                                timeout_graceful_shutdown=5,
+                                limit_concurrency=so.limit_concurrency,
+                                http=header_timeout_protocol(AutoHTTPProtocol, so.read_timeout))
+        server = DrainingServer(config, svc, so.drain_timeout, _url(sock))
         server.run(sockets=[sock])
-        log.info("stopped")
+        log.info("stopped" if not server.forced_by else
+                 f"stopped by a second signal ({server.forced_by}): exit status "
+                 f"{server.exit_status}")
     finally:
         sock.close()
-    return 0
+    return server.exit_status
 
 
 class DrainingServer(uvicorn.Server):
@@ -124,13 +146,21 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.svc, self.drain_timeout, self.url = svc, drain_timeout, url
         self.drain_requested = False
+        self.forced_by: str | None = None      # the signal that cut the drain short
+        self.exit_status = 0
         self._drainer = None
 
     def handle_exit(self, sig, frame):
         # runs in the signal handler: set flags only (the loop polls them); not recording
         # the signal keeps uvicorn from re-raising it at exit, so a drained server exits 0
-        if self.drain_requested:
+        if self.forced_by is not None:          # a third signal: out now, answering nothing
             self.should_exit = self.force_exit = True
+        elif self.drain_requested:
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            self.forced_by, self.exit_status = name, 128 + int(sig)
         else:
             self.drain_requested = True
 
@@ -151,8 +181,12 @@ class DrainingServer(uvicorn.Server):
         aeng.begin_drain()
         log.info("draining: %d request(s) in flight, waiting up to %.0f s",
                  aeng.num_inflight, self.drain_timeout)
-        if not await aeng.wait_idle(self.drain_timeout):
-            log.warning("drain timeout: aborting %d request(s)", aeng.num_inflight)
-            aeng.abort_all("the server is shutting down (drain timeout)")
-            await asyncio.sleep(0.2)     # let the aborted streams say so
+        if not await aeng.wait_idle(self.drain_timeout, lambda: self.forced_by is not None):
+            why = (f"a second signal ({self.forced_by})" if self.forced_by
+                   else "drain timeout")
+            log.warning("%s: aborting %d request(s)", why, aeng.num_inflight)
+            aeng.abort_all(f"the server is shutting down ({why})")
+            await asyncio.sleep(0.2)     # let the aborted requests say so
+        # not force_exit even after a second signal: that would skip the lifespan shutdown
+        # (the engine thread's stop); the aborted requests have been answered already
         self.should_exit = True

@@ -18,13 +18,15 @@ START_TIMEOUT = 120.0
 
 
 class Server:
-    def __init__(self, artifact, workdir: Path, *extra: str):
+    def __init__(self, artifact, workdir: Path, *extra: str, env: dict | None = None,
+                 api_key: str = "x"):
         self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "braze", "serve", str(artifact), "--port", "0",
                  "--backend", "reference", "--served-model-name", MODEL, *extra],
-                stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                stdout=out, stderr=err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             m = re.search(r"http://127\.0\.0\.1:\d+", self.out.read_text())
@@ -35,8 +37,9 @@ class Server:
                 self.stop()
                 raise AssertionError(f"the server did not start:\n{self.stderr()[-3000:]}")
             time.sleep(0.1)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0,
+        self.http = httpx.Client(base_url=self.url, timeout=60,
+                                 headers={"Authorization": f"Bearer {api_key}"})
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0,
                                     timeout=60)
 
     def stderr(self) -> str:

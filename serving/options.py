@@ -1,0 +1,102 @@
+"""How `braze serve` runs its HTTP side: one options object, like runtime/options.EngineOptions
+for the engine, built once from the command line (braze/cli.py) or by a Python caller of
+`serving.server.serve`, checked once, and read by the server, the app and its middleware.
+
+Secrets: `api_keys` never leave this object (not in /server_info, not in logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from braze.ir.errors import BrazeError
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024   # ~1M tokens of text; raise for longer
+API_KEY_ENV = ("BRAZE_API_KEY", "VLLM_API_KEY")   # read in this order when no --api-key
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 256                  # requests waiting for the running batch
+    served_model_name: str | None = None  # None: the artifact directory's name
+    drain_timeout: float = 30.0           # seconds in-flight requests get on SIGTERM
+    log_level: str = "info"
+    read_timeout: float = 30.0            # seconds for a request's headers, and its body
+    limit_concurrency: int = 1024         # open connections and requests
+    allowed_hosts: str | None = None      # comma-separated Host names (serving/hosts.py)
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    api_keys: list[str] = field(default_factory=list)     # empty: no authentication
+    allowed_origins: list[str] = field(default_factory=list)   # CORS; empty: no CORS headers
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    trust_request_chat_template: bool = False   # may a request bring its own chat_template
+    extensions: list[str] = field(default_factory=list)   # module:function or entry-point names
+    tool_call_parser: str | None = None   # None: the one the chat template points to, if any
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "limit_concurrency", "max_request_body_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BrazeError(f"{name} must be a positive integer, got {v!r}")
+        if not self.drain_timeout >= 0:
+            raise BrazeError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if not 0 < self.read_timeout < float("inf"):
+            raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
+                             f"{self.read_timeout}")
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise BrazeError("an API key must be a non-empty string")
+        if self.allow_credentials and "*" in self.allowed_origins:
+            # browsers refuse credentialed responses with `Access-Control-Allow-Origin: *`;
+            # starlette would then echo any origin, which is worse: say so instead
+            raise BrazeError("--allow-credentials needs the origins listed in "
+                             "--allowed-origins, not '*'")
+
+    @classmethod
+    def of(cls, options: "ServerOptions | None" = None, **overrides) -> "ServerOptions":
+        """`options` (or the defaults) with keyword overrides, checked; an unknown keyword is
+        an error that names it."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise BrazeError(f"unknown server option {bad[0]!r}; the options are "
+                             f"{', '.join(sorted(known))}")
+        return cls(**{**asdict(options or cls()), **overrides})
+
+    def public(self) -> dict:
+        """What /server_info may show: everything but the keys (only whether there are any)."""
+        d = asdict(self)
+        d.pop("api_keys")
+        d["api_key_required"] = bool(self.api_keys)
+        return d
+
+
+def api_keys_from(flag_values: list[str] | None, environ=os.environ) -> tuple[list[str], str]:
+    """The API keys to require and where they came from: `--api-key` (repeatable), else
+    $BRAZE_API_KEY, else $VLLM_API_KEY (so a vLLM deployment's environment works as is)."""
+    if flag_values:
+        return list(flag_values), "--api-key"
+    for name in API_KEY_ENV:
+        if environ.get(name):
+            return [environ[name]], f"${name}"
+    return [], ""
+
+
+def name_list(text: str | None) -> list[str]:
+    """A list option: a JSON list (vLLM's form, '["a", "b"]') or comma-separated names."""
+    if text is None:
+        return []
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BrazeError(f"{text!r} is not a JSON list ({e})") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BrazeError(f"{text!r} must be a JSON list of strings")
+        return value
+    return [v.strip() for v in text.split(",") if v.strip()]
