@@ -109,7 +109,7 @@ class Service:
             backend = await loop.run_in_executor(None, lambda: engine.structured)
             await asyncio.wrap_future(backend.cache.compile_async(constraint))
         except BrazeError as e:
-            raise bad_request(str(e)) from None
+            raise bad_request(str(e), getattr(e, "param", None)) from None
 
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      group: str | None = None, kv_transfer_params: dict | None = None,
@@ -291,7 +291,7 @@ class _Job:
         try:
             self.params.validate()
         except BrazeError as e:
-            raise bad_request(str(e)) from None
+            raise bad_request(str(e), getattr(e, "param", None)) from None
         children = self.params.children()
         if self.params.prompt_logprobs is not None:    # every choice reports its prompt's
             children = [dataclasses.replace(c, prompt_logprobs=self.params.prompt_logprobs)

@@ -257,15 +257,12 @@ def test_a_long_prompt_with_a_surrogate_is_400_from_the_thread(guarded):
 # ---- options accepted but not supported: one table, a 400 naming the field -------------------
 
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "logit_bias", {"5": 10}),
-    ("/v1/completions", "min_tokens", 3),
-    ("/v1/completions", "repetition_penalty", 1.2),
-    ("/v1/chat/completions", "top_logprobs", 2),
-    ("/v1/completions", "presence_penalty", 0.5),
-    ("/v1/completions", "n", 2),
+    ("/v1/completions", "suffix", "tail"),
+    ("/v1/completions", "min_p", 0.1),
+    ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "auto"),
+    ("/v1/chat/completions", "continue_final_message", True),
+    ("/v1/completions", "use_beam_search", True),
 ])
 def test_unsupported_options_are_400_naming_them(plain, path, field, value):
     body = {"model": MODEL, "max_tokens": 2, field: value}
@@ -277,10 +274,9 @@ def test_unsupported_options_are_400_naming_them(plain, path, field, value):
 def test_neutral_values_of_unsupported_options_are_accepted(plain):
     r = plain.client.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=2, n=1, presence_penalty=0,
-        frequency_penalty=0.0, logprobs=False, tool_choice="none",
-        response_format={"type": "text"},
-        extra_body={"repetition_penalty": 1.0, "min_tokens": 0, "logit_bias": {},
-                    "tools": [], "some_unknown_field": 7})
+        frequency_penalty=0.0, logprobs=False,
+        extra_body={"min_p": 0, "function_call": "none", "functions": [],
+                    "use_beam_search": False, "some_unknown_field": 7})
     assert r.usage.completion_tokens <= 2
 
 
@@ -291,13 +287,15 @@ def test_not_yet_supported_table_unit():
         ChatCompletionRequest,
         check_supported,
     )
-    for name in ("tools", "tool_choice", "response_format", "logit_bias", "min_tokens",
-                 "repetition_penalty", "top_logprobs"):
+    for name in ("suffix", "min_p", "functions", "function_call", "use_beam_search"):
         assert name in NOT_YET_SUPPORTED
-    check_supported(ChatCompletionRequest(messages=CHAT, logprobs=False, top_logprobs=0))
+    # what other branches implemented left the table
+    for name in ("tools", "response_format", "logit_bias", "min_tokens", "n", "logprobs"):
+        assert name not in NOT_YET_SUPPORTED
+    check_supported(ChatCompletionRequest(messages=CHAT, min_p=0, use_beam_search=False))
     with pytest.raises(APIError) as e:
-        check_supported(ChatCompletionRequest(messages=CHAT, min_tokens=True))
-    assert e.value.param == "min_tokens"
+        check_supported(ChatCompletionRequest(messages=CHAT, use_beam_search=True))
+    assert e.value.param == "use_beam_search"
 
 
 # ---- the request's own chat template -------------------------------------------------------
@@ -593,14 +591,16 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--max-request-body-bytes", "1000", "--api-key", "k1", "--api-key", "k2",
              "--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST",
              "--allowed-headers", "authorization", "--allow-credentials",
-             "--trust-request-chat-template", "--extension", "m:f", "--extension", "name"]
+             "--trust-request-chat-template", "--extension", "m:f", "--extension", "name",
+             "--tool-call-parser", "hermes"]
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
                          limit_concurrency=7, allowed_hosts="a.example",
                          max_request_body_bytes=1000, api_keys=["k1", "k2"],
                          allowed_origins=["https://a.example"], allowed_methods=["GET", "POST"],
                          allowed_headers=["authorization"], allow_credentials=True,
-                         trust_request_chat_template=True, extensions=["m:f", "name"])
+                         trust_request_chat_template=True, extensions=["m:f", "name"],
+                         tool_call_parser="hermes")
     default = ServerOptions()
     assert {f.name for f in fields(ServerOptions)
             if getattr(want, f.name) != getattr(default, f.name)} \
