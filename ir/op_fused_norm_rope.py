@@ -17,6 +17,8 @@ where x' = x * cos + rotate(x) * sin, with x first replaced by rms_norm(x, w)
     "neox"  rotate-half:  cat(-x[..., h:], x[..., :h])            h = head_dim / 2
     "gptj"  interleaved:  stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2)
 q/k/x are [T, heads, head_dim]; cos/sin [T, 1, head_dim]; norm weights [head_dim].
+With `rotary_dim` R (0: the whole head) only x[..., :R] rotates, by cos/sin [T, 1, R], and
+x[..., R:] passes through (partial rotary: Phi-3, Phi-4); no QK-norm weights then.
 The two QK-norm weights come together or not at all (optional operands are positional).
 """
 
@@ -56,9 +58,13 @@ def rotate(x, style):
     return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
 
 
-def rope_ref(x, cos, sin, w, style, eps):
+def rope_ref(x, cos, sin, w, style, eps, rotary_dim=0):
     if w is not None:
         x = rms_norm_ref(x, w, eps)
+    if rotary_dim and rotary_dim < x.shape[-1]:
+        x_rot = x[..., :rotary_dim]
+        out = (x_rot * cos) + (rotate(x_rot, style) * sin)
+        return torch.cat((out, x[..., rotary_dim:]), dim=-1)
     return (x * cos) + (rotate(x, style) * sin)
 
 
@@ -102,6 +108,13 @@ def _rope_type(op, x: TensorType, cos: TensorType, sin: TensorType, w, attrs) ->
     d = x.shape[2]
     if not isinstance(d, int) or d % 2:
         raise BrazeError(f"{op}: head_dim of {x} must be a concrete even number")
+    rd = attrs.get("rotary_dim") or 0
+    if rd:
+        if not isinstance(rd, int) or rd % 2 or not 0 < rd <= d:
+            raise BrazeError(f"{op}: rotary_dim={rd!r} must be an even number in (0, {d}]")
+        if w is not None:
+            raise BrazeError(f"{op}: QK-norm weights with a partial rotary_dim are not supported")
+        d = rd
     for t in (cos, sin):
         if t.rank != 3 or not is_float(t.dtype) or not (
                 dims_equal(t.shape[0], x.shape[0]) and t.shape[1] == 1 and t.shape[2] == d):
@@ -146,22 +159,23 @@ def _rope_cache_write_infer(types, attrs):
 
 # -- implementations -----------------------------------------------------------------------
 
-def _rope(q, k, cos, sin, q_w=None, k_w=None, *, style, eps):
-    return rope_ref(q, cos, sin, q_w, style, eps), rope_ref(k, cos, sin, k_w, style, eps)
+def _rope(q, k, cos, sin, q_w=None, k_w=None, *, style, eps, rotary_dim=0):
+    return (rope_ref(q, cos, sin, q_w, style, eps, rotary_dim),
+            rope_ref(k, cos, sin, k_w, style, eps, rotary_dim))
 
 
-def _rope1(x, cos, sin, w=None, *, style, eps):
-    return rope_ref(x, cos, sin, w, style, eps)
+def _rope1(x, cos, sin, w=None, *, style, eps, rotary_dim=0):
+    return rope_ref(x, cos, sin, w, style, eps, rotary_dim)
 
 
 def _rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_w=None, k_w=None, *,
-                      style, eps):
-    q_out, k_out = _rope(q, k, cos, sin, q_w, k_w, style=style, eps=eps)
+                      style, eps, rotary_dim=0):
+    q_out, k_out = _rope(q, k, cos, sin, q_w, k_w, style=style, eps=eps, rotary_dim=rotary_dim)
     _cache_write(k_out, v, k_cache, v_cache, slot_mapping)
     return (q_out,)
 
 
-_ROPE_ATTRS = {"style": REQUIRED, "eps": None}
+_ROPE_ATTRS = {"style": REQUIRED, "eps": None, "rotary_dim": 0}
 
 register(OpDef("rms_norm", ("x", "w"), _rms_norm_infer, rms_norm_ref, attrs={"eps": REQUIRED},
                doc="w * (x.float() * rsqrt(mean(x.float()^2, -1, keepdim) + eps)).to(x.dtype)"))
