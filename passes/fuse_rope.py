@@ -278,6 +278,10 @@ class _Fuser:
             self.ctx.refuse(rs[0].root, "QK-norm not folded into rope: only one of q, k is a "
                                         "single-use rms_norm (the norm weights come in pairs)")
             return False
+        if len({bool(n.attrs.get("scale_f32")) for n in norms}) > 1:
+            self.ctx.refuse(rs[0].root, "QK-norm not folded into rope: one of the q and k norms "
+                                        "scales in f32 (Gemma) and the other does not")
+            return False
         if len({repr(n.attrs["eps"]) for n in norms}) > 1:
             self.ctx.refuse(rs[0].root, "QK-norm not folded into rope: the q and k norms differ "
                                         f"in eps ({', '.join(repr(n.attrs['eps']) for n in norms)})")
@@ -303,6 +307,8 @@ class _Fuser:
         attrs = {"style": rs[0].style, "eps": rs[0].norm.attrs["eps"] if fold else None}
         if rs[0].rotary_dim:
             attrs["rotary_dim"] = rs[0].rotary_dim
+        if fold and rs[0].norm.attrs.get("scale_f32"):
+            attrs["scale_f32"] = True
         node = self.rw.rebuild(at, dead, op, operands, attrs, replacing=results)
         for old, new in zip(results, node.results):
             self.subst[id(old)] = new

@@ -25,7 +25,8 @@ atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
 # tied embeddings, head_dim != hidden/heads, a sliding window shorter than the prompt,
 # MoE models with dense layers mixed in, and Phi-3/Phi-4's fused qkv/gate_up tensors with
 # partial rotary and longrope (its short factors; the long ones from position 1 on, where
-# transformers also uses them, since it switches once a sequence passes the original length).
+# transformers also uses them, since it switches once a sequence passes the original length),
+# and Gemma 3 (see braze.tiny.tiny_config for what its tiny config keeps).
 CASES = {
     "llama": ("llama", {}),
     "llama-llama3rope-tied": ("llama", {"rope_scaling": tiny_llama3_rope(),
@@ -47,6 +48,7 @@ CASES = {
     "phi3-longfactors": ("phi3", {"original_max_position_embeddings": 1,
                                   "rope_scaling": {**tiny_longrope(12, original=1),
                                                    "attention_factor": 1.25}}),
+    "gemma3-sandwich-softcap": ("gemma3", {}),
 }
 
 

@@ -194,12 +194,16 @@ def _code(dtype: str) -> int:
     return codes[dtype]
 
 
-def _rounding(x, cos, sin, w):
-    """-> (R_N, R_W, R_C, R_S, R_O): the dtypes the reference rounds to (rope_ref)."""
+def _rounding(x, cos, sin, w, scale_f32=False):
+    """-> (R_N, R_W, R_C, R_S, R_O): the dtypes the reference rounds to (rope_ref).
+    scale_f32 (Gemma's QK-norm): the normalised value stays f32 until (n * w).to(x dtype)."""
     from braze.ir.op_fused_norm_rope import _promote
     p1 = _promote(w.type.dtype, x.type.dtype) if w is not None else x.type.dtype
+    r_n = _code(x.type.dtype)
+    if w is not None and scale_f32:
+        p1, r_n = x.type.dtype, 0
     pc, ps = _promote(p1, cos.type.dtype), _promote(p1, sin.type.dtype)
-    return (_code(x.type.dtype), _code(p1), _code(pc), _code(ps), _code(_promote(pc, ps)))
+    return (r_n, _code(p1), _code(pc), _code(ps), _code(_promote(pc, ps)))
 
 
 def _block_heads(heads: int, block_half: int, L) -> int:
@@ -230,8 +234,9 @@ def lower(node, L):
     block_half = L.pow2(half, 1)
     hk = k.type.shape[1] if k is not None else 0
     hv, dv = (v.type.shape[1], v.type.shape[2]) if cache else (0, 1)
-    rq = _rounding(q, cos, sin, qw)
-    rk = _rounding(k, cos, sin, kw) if k is not None else (0,) * 5
+    f32 = bool(node.attrs.get("scale_f32"))
+    rq = _rounding(q, cos, sin, qw, f32)
+    rk = _rounding(k, cos, sin, kw, f32) if k is not None else (0,) * 5
     block_hq = _block_heads(hq, block_half, L)
     block_hk = _block_heads(max(hk, 1), block_half, L)
     block_dv = L.pow2(dv, 1)
