@@ -147,5 +147,8 @@ def _gemma3(cfg, spec: ModelSpec, rope_local: dict | None) -> None:
     spec.rope_local = rope_local
     spec.qk_norm = True
     spec.attn_scale = float(_require(cfg, "query_pre_attn_scalar")) ** -0.5
-    spec.attn_softcap = float(_get(cfg, "attn_logit_softcapping", 0.0) or 0.0)
+    # transformers' Gemma3Attention keeps attn_logit_softcapping but never passes it to the
+    # attention (unlike Gemma 2): Gemma 3 checkpoints are trained and served without it, so
+    # braze follows the reference model and leaves it off (the kernel supports a cap).
+    spec.attn_softcap = 0.0
     spec.final_softcap = float(_get(cfg, "final_logit_softcapping", 0.0) or 0.0)
