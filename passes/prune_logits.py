@@ -107,12 +107,13 @@ def _row_tail(g: Graph, last: Node) -> tuple[list[Node], Node]:
     first op first, e.g. Gemma's soft-cap div, tanh, mul; the head). ([], last) when there
     is no such chain ending at a linear read only by it."""
     tail: list[Node] = []
+    outputs = set(g.outputs.values())
     node = last
     while node is not None and node.op != "linear" and _rowwise(node) and len(node.results) == 1:
         rows = [v for v in node.operands if _aligned(node, v)]
         if len(rows) != 1 or rows[0].producer is None:
             return [], last
-        if tail and g.num_users(node.results[0]) != 1:
+        if tail and (g.num_users(node.results[0]) != 1 or node.results[0] in outputs):
             return [], last
         tail.append(node)
         node = rows[0].producer
