@@ -84,9 +84,37 @@ def qwen3_30b_a3b_config():
         dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"])
 
 
+def phi4_mini_config():
+    """Phi-4-mini-instruct: fused qkv/gate_up, rope on 96 of 128 dims, longrope, tied."""
+    from transformers import Phi3Config
+    return Phi3Config(
+        hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=200064, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, sliding_window=262144,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0] * 48, "long_factor": [1.0 + i / 8 for i in range(48)]},
+        dtype="bfloat16", architectures=["Phi3ForCausalLM"])
+
+
+def gemma3_27b_config():
+    """Gemma 3 27B (text): 62 layers, 5 local (window 1024) to 1 global, two RoPE bases."""
+    from transformers import Gemma3TextConfig
+    return Gemma3TextConfig(
+        hidden_size=5376, num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16,
+        head_dim=128, intermediate_size=21504, vocab_size=262208, query_pre_attn_scalar=168,
+        sliding_window=1024, sliding_window_pattern=6, max_position_embeddings=131072,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        dtype="bfloat16", architectures=["Gemma3ForCausalLM"])
+
+
 MODELS = {
     "llama3-8b": llama3_8b_config,
     "qwen3-30b-a3b": qwen3_30b_a3b_config,
+    "phi4-mini": phi4_mini_config,
+    "gemma3-27b": gemma3_27b_config,
 }
 
 

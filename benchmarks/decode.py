@@ -98,6 +98,18 @@ MODELS = {
                vocab=128256, tie=True, rope={**LLAMA3_ROPE, "factor": 32.0}, max_pos=131072),
     "8b": dict(name="Llama-3-8B", hidden=4096, layers=32, heads=32, kv_heads=8, inter=14336,
                vocab=128256, tie=False, rope={**LLAMA3_ROPE, "factor": 8.0}, max_pos=131072),
+    # the Phi-3 and Gemma 3 families (their own configs: see hf_config)
+    "phi4-mini": dict(name="Phi-4-mini", arch="phi3", hidden=3072, layers=32, heads=24,
+                      kv_heads=8, inter=8192, vocab=200064, tie=True, partial_rotary=0.75,
+                      original_max_pos=4096, rope={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "short_factor": [1.0] * 48,
+                                                   "long_factor": [1.0 + i / 8 for i in range(48)]},
+                      max_pos=131072),
+    "gemma3-1b": dict(name="Gemma-3-1B", arch="gemma3", hidden=1152, layers=26, heads=4,
+                      kv_heads=1, head_dim=256, inter=6912, vocab=262144, tie=True,
+                      window=512, pattern=6, qpas=256, rope={"rope_type": "default",
+                                                             "rope_theta": 1000000.0},
+                      local_theta=10000.0, max_pos=32768),
     # --cpu: what a laptop without a GPU serves (SmolLM-135M's shape)
     "135m": dict(name="SmolLM-135M", hidden=576, layers=30, heads=9, kv_heads=3, inter=1536,
                  vocab=49152, tie=True, rope={"rope_type": "default", "rope_theta": 10000.0},
@@ -110,6 +122,15 @@ TINY_MODELS = {     # --dry-run: the same structure (GQA, tied / untied) at inte
                vocab=512, tie=True, rope=_TINY_ROPE, max_pos=4096),
     "8b": dict(name="tiny Llama-3-8B", hidden=64, layers=3, heads=4, kv_heads=1, inter=96,
                vocab=512, tie=False, rope=_TINY_ROPE, max_pos=4096),
+    "phi4-mini": dict(name="tiny Phi-4-mini", arch="phi3", hidden=64, layers=2, heads=4,
+                      kv_heads=2, inter=96, vocab=512, tie=True, partial_rotary=0.75,
+                      original_max_pos=64, rope={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                 "short_factor": [1.0] * 6,
+                                                 "long_factor": [2.0] * 6}, max_pos=4096),
+    "gemma3-1b": dict(name="tiny Gemma-3-1B", arch="gemma3", hidden=64, layers=3, heads=4,
+                      kv_heads=1, head_dim=32, inter=96, vocab=512, tie=True, window=8,
+                      pattern=3, qpas=32, rope={"rope_type": "default", "rope_theta": 1000000.0},
+                      local_theta=10000.0, max_pos=4096),
 }
 BATCHES = (1, 16, 64)
 TINY_BATCHES = (1, 4)
@@ -127,6 +148,8 @@ BLOCK_SIZE = 16
 # -- model and checkpoint ---------------------------------------------------------------------
 
 def hf_config(spec: dict, dtype: str):
+    if spec.get("arch") in ("phi3", "gemma3"):
+        return _family_config(spec, dtype)
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -139,8 +162,31 @@ def hf_config(spec: dict, dtype: str):
         architectures=["LlamaForCausalLM"])
 
 
+def _family_config(spec: dict, dtype: str):
+    """Phi3Config or Gemma3TextConfig for a shape of MODELS with an `arch`."""
+    import transformers as tf
+
+    common = dict(hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
+                  num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+                  intermediate_size=spec["inter"], vocab_size=spec["vocab"],
+                  max_position_embeddings=spec["max_pos"], tie_word_embeddings=spec["tie"],
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
+    if spec["arch"] == "phi3":
+        return tf.Phi3Config(**common, partial_rotary_factor=spec["partial_rotary"],
+                             original_max_position_embeddings=spec["original_max_pos"],
+                             rope_parameters=dict(spec["rope"]), architectures=["Phi3ForCausalLM"])
+    return tf.Gemma3TextConfig(
+        **common, head_dim=spec["head_dim"], query_pre_attn_scalar=spec["qpas"],
+        sliding_window=spec["window"], sliding_window_pattern=spec["pattern"],
+        rope_parameters={"full_attention": dict(spec["rope"]),
+                         "sliding_attention": {"rope_type": "default",
+                                               "rope_theta": spec["local_theta"]}},
+        architectures=["Gemma3ForCausalLM"])
+
+
 def build_hf_model(spec: dict, device, dtype):
-    """LlamaForCausalLM built on `device` in `dtype`, every weight re-drawn there."""
+    """The shape's *ForCausalLM built on `device` in `dtype`, every weight re-drawn there
+    (Gemma's (1 + w) norm weights then sit near 1 + 1 = 2, still never zero)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -192,7 +238,7 @@ def bytes_per_decode_step(model, batch: int, context: int, spec: dict) -> dict:
     if not tied:
         weights -= emb.numel() * emb.element_size()
         weights += batch * emb.shape[1] * emb.element_size()
-    head_dim = spec["hidden"] // spec["heads"]
+    head_dim = spec.get("head_dim") or spec["hidden"] // spec["heads"]
     kv = 2 * spec["layers"] * spec["kv_heads"] * head_dim * emb.element_size() * context * batch
     return {"weights": weights, "kv": kv, "total": weights + kv}
 
@@ -866,8 +912,8 @@ def parse_args(argv):
         epilog="DESIGN targets: batch-1 decode >= 80 % of the HBM roofline; faster than "
                "torch.compile and HF eager at batch 1, 16, 64; cold start < 10 s (8B, weights "
                "excluded).")
-    ap.add_argument("--models", default="1b,8b", help="comma list of 1b, 8b (default both; "
-                    "one per GPU command keeps within 10 minutes)")
+    ap.add_argument("--models", default="1b,8b", help="comma list of 1b, 8b, phi4-mini, "
+                    "gemma3-1b (default 1b,8b; one per GPU command keeps within 10 minutes)")
     ap.add_argument("--batches", default=None, help=f"comma list (default "
                     f"{','.join(map(str, BATCHES))}; dry run {','.join(map(str, TINY_BATCHES))})")
     ap.add_argument("--steps", type=int, default=None,

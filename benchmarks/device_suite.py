@@ -27,6 +27,10 @@ Part 2:
   decode-1b    batches 1, 16, 64 vs HF eager and torch.compile, cold start  decode-1b-full.json
   decode-8b    batches 16, 64 vs HF eager, cold start                       decode-8b-full.json
   kernels      every kernel template at model shapes: us, GB/s, % of HBM    kernels.json
+Part 3:
+  decode-families  Phi-4-mini and Gemma-3-1B shapes (partial rotary + longrope;
+               (1 + w) sandwich norms, sliding/global layers, head_dim 256), batches 1
+               and 16 vs HF eager, with the teacher-forced correctness check  decode-families.json
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -217,7 +221,9 @@ class Suite:
         if self.dry_run:
             cmd += ["--dry-run", "--steps", "2", "--warmup", "1"]
         else:
-            cmd += ["--work-dir", work_dir(40 << 30 if model == "8b" else 8 << 30)]
+            # checkpoint + artifact, each the bf16 weights: Phi-4-mini's are 7.7 GB
+            cmd += ["--work-dir", work_dir(40 << 30 if model == "8b" else
+                                           20 << 30 if "phi4" in model else 8 << 30)]
 
         def after():
             doc = json.loads(json_path.read_text())
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
-    ap.add_argument("--part", type=int, choices=(1, 2), default=1)
+    ap.add_argument("--part", type=int, choices=(1, 2, 3), default=1)
     ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
                     help="stop starting work after this many seconds (default 530: a "
                          "9-minute device call with room to bring the files back)")
@@ -323,6 +329,10 @@ def main(argv=None) -> int:
                                           "1,64" if not args.dry_run else "1,4",
                                           "--profile-dir", str(out)])
         s.decode_stage("decode-8b", 220, "8b", "1", "eager", "decode-8b.json", ["--no-cold-start"])
+    elif args.part == 3:
+        s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b",
+                       "1,16" if not args.dry_run else "1,4", "eager", "decode-families.json",
+                       ["--no-cold-start"])
     else:
         s.decode_stage("decode-1b", 200, "1b", "1,16,64" if not args.dry_run else "1,4",
                        "eager,compile", "decode-1b-full.json", [])

@@ -25,7 +25,7 @@ import pathlib
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3")
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in this order
@@ -134,6 +134,17 @@ def tiny_llama3_rope() -> dict:
     }
 
 
+def tiny_longrope(rotary_dim: int, original: int | None = None) -> dict:
+    """``rope_parameters`` for longrope (Phi-3/Phi-4) with distinct short and long factors."""
+    half = rotary_dim // 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [1.5 + 0.75 * i for i in range(half)]}
+    if original is not None:
+        rope["original_max_position_embeddings"] = original
+    return rope
+
+
 def tiny_config(family: str, **overrides):
     """Tiny ``PretrainedConfig`` for ``family``; ``overrides`` go to the constructor."""
     import transformers as tf
@@ -171,13 +182,32 @@ def tiny_config(family: str, **overrides):
             decoder_sparse_step=1,
             norm_topk_prob=True,
         )
+    elif family == "phi3":
+        # Phi-4-mini's features: fused qkv/gate_up tensors, rope on 3/4 of each head,
+        # longrope (short factors below 64 positions), tied embeddings
+        cls, extra = tf.Phi3Config, dict(partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                         original_max_position_embeddings=64,
+                                         rope_parameters=tiny_longrope(12))
+    elif family == "gemma3":
+        # Gemma 3's features: (1 + w) norms, sandwich norms, q/k norms, GeLU-tanh, scaled
+        # embeddings, query_pre_attn_scalar != head_dim, sliding layers (window 8 < the test
+        # prompt) with their own RoPE base, a linearly scaled global RoPE, tied embeddings,
+        # and a final logit soft-cap (Gemma 2's; Gemma 3 checkpoints leave it unset)
+        cls, extra = tf.Gemma3TextConfig, dict(
+            num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+            final_logit_softcapping=30.0, architectures=["Gemma3ForCausalLM"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     kwargs = {**common, **extra, **overrides}
     # transformers 5 spells it `rope_parameters`; accept the legacy name too.
     if "rope_scaling" in kwargs:
         rope = kwargs.pop("rope_scaling")
-        kwargs.setdefault("rope_parameters", None if rope is None else dict(rope))
+        kwargs["rope_parameters"] = None if rope is None else dict(rope)
     return cls(**kwargs)
 
 

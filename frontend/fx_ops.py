@@ -217,6 +217,8 @@ FUNCTIONS = {
     operator.mul: binary("mul"), torch.mul: binary("mul"),
     operator.truediv: binary("div"), torch.div: binary("div"),
     operator.pow: binary("pow"), torch.pow: binary("pow"),
+    operator.ge: binary("ge"), operator.gt: binary("gt"), operator.le: binary("le"),
+    operator.lt: binary("lt"),
     torch.maximum: binary("maximum"), torch.minimum: binary("minimum"),
     operator.neg: unary("neg"), torch.neg: unary("neg"),
     torch.exp: unary("exp"), torch.log: unary("log"), torch.sqrt: unary("sqrt"),

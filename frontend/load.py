@@ -74,8 +74,10 @@ def read_config(model_dir: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cfg = AutoConfig.from_pretrained(str(model_dir))
-    except (ValueError, KeyError, TypeError) as e:
-        raise BrazeError(f"{path}: transformers cannot read this config ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- also huggingface_hub's strict-dataclass
+        # validation errors (a field of the wrong type), which are none of the builtins
+        why = " ".join(str(e).split())
+        raise BrazeError(f"{path}: transformers cannot read this config ({why})") from None
     family_of(cfg)
     return raw, cfg
 

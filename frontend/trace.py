@@ -106,8 +106,9 @@ class _Mapper:
             ct = cache_type(self.block_size, m.num_kv_heads, m.head_dim, self.kv_dtype)
             kc, vc = g.add_input(kc_name, ct), g.add_input(vc_name, ct)
             g.add_node("cache_write", [k, v, kc, vc, slots])
+            extra = {"softcap": float(m.softcap)} if m.softcap else {}
             return g.op("paged_attention", q, kc, vc, qsl, seq_lens, tables,
-                        scale=float(m.scale), sliding_window=int(m.sliding_window))
+                        scale=float(m.scale), sliding_window=int(m.sliding_window), **extra)
         raise BrazeError(f"no IR mapping for module type {type(m).__name__}")
 
 

@@ -61,7 +61,7 @@ def _attention_infer(types, attrs):
 
 
 def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                     scale, sliding_window, causal):
+                     scale, sliding_window, causal, softcap=0.0):
     """Reference: gather each sequence's keys from its blocks and attend in float32.
 
     Sequences with one new token (decodes) are done together, padded to the longest;
@@ -78,15 +78,15 @@ def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
             decodes.append(s)
         elif n > 1:
             _attend(q, k_cache, v_cache, out, [s], starts, lengths, block_tables, scale,
-                    sliding_window, causal)
+                    sliding_window, causal, softcap)
     if decodes:
         _attend(q, k_cache, v_cache, out, decodes, starts, lengths, block_tables, scale,
-                sliding_window, causal)
+                sliding_window, causal, softcap)
     return out
 
 
 def _attend(q, k_cache, v_cache, out, seqs, starts, lengths, block_tables, scale,
-            sliding_window, causal):
+            sliding_window, causal, softcap=0.0):
     """Attention for sequences `seqs`, which all have the same number n of new tokens:
     their keys gathered to the longest one's length L, [B, L, kv heads, dim] (index_select
     on whole blocks: a third of the time of indexing with the block table), masked past
@@ -116,19 +116,34 @@ def _attend(q, k_cache, v_cache, out, seqs, starts, lengths, block_tables, scale
         mask = mask[:, None]
     # every query row keeps at least its own key (or, not causal, the first), so no row
     # is all -inf; GQA: query head h reads kv head h // group
-    o = torch.nn.functional.scaled_dot_product_attention(
-        qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-        enable_gqa=group > 1)                                            # [B, H, n, dv]
+    if softcap:
+        o = _soft_capped(qs, k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap, group)
+    else:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=group > 1)                                        # [B, H, n, dv]
     out[rows] = o.transpose(1, 2).reshape(len(seqs) * n, q.shape[1], v.shape[-1]).to(q.dtype)
+
+
+def _soft_capped(q, k, v, mask, scale, softcap, group):
+    """Attention with scores softcap * tanh(q k^T * scale / softcap) (Gemma 2; Gemma 3 when
+    attn_logit_softcapping is set), which scaled_dot_product_attention cannot express."""
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 register(OpDef("paged_attention",
                ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables"),
                _attention_infer, _paged_attention,
-               attrs={"scale": REQUIRED, "sliding_window": 0, "causal": True},
+               attrs={"scale": REQUIRED, "sliding_window": 0, "causal": True, "softcap": 0.0},
                graph_break=True,
                doc="softmax(q k^T * scale + mask) v over each sequence's cached keys; "
-                   "sliding_window=W keeps keys at positions > pos - W"))
+                   "sliding_window=W keeps keys at positions > pos - W; softcap=C > 0 "
+                   "replaces the scores s by C * tanh(s / C)"))
 
 
 def _kernel_attention_infer(types, attrs):
@@ -141,16 +156,16 @@ def _kernel_attention_infer(types, attrs):
 
 
 def _kernel_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                      sliding_window, causal, num_heads, num_kv_heads, head_dim):
+                      sliding_window, causal, num_heads, num_kv_heads, head_dim, softcap=0.0):
     out = _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                           scale, sliding_window, causal)
+                           scale, sliding_window, causal, softcap)
     return out.reshape(out.shape[0], num_heads * v_cache.shape[3])   # -1 fails when T == 0
 
 
 register(OpDef("attention",
                ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables"),
                _kernel_attention_infer, _kernel_attention,
-               attrs={"scale": REQUIRED, "sliding_window": 0, "causal": True,
+               attrs={"scale": REQUIRED, "sliding_window": 0, "causal": True, "softcap": 0.0,
                       "num_heads": REQUIRED, "num_kv_heads": REQUIRED, "head_dim": REQUIRED},
                graph_break=True,
                doc="the kernel form of paged_attention: one launch for a mixed prefill+decode "

@@ -6,6 +6,9 @@ unfused one on the reference interpreter in every dtype; kernels are checked
 against these.
 
     rms_norm(x, w) {eps}                  w * (x.f32 * rsqrt(mean(x.f32^2, -1) + eps)).to(x.dtype)
+    rms_norm(x, w) {eps, scale_f32=true}  (w * (x.f32 * rsqrt(mean(x.f32^2, -1) + eps))).to(x.dtype)
+                                          (Gemma: scaled in f32, then the one cast; w is the
+                                          compile-time 1 + w.f32)
     add_rms_norm(a, b, w) {eps}           -> (rms_norm(a + b, w), a + b)
     rope(q, k, cos, sin, q_w?, k_w?) {style, eps}     -> (q', k')
     rope1(x, cos, sin, w?) {style, eps}               -> x'       (one tensor rotated alone)
@@ -13,10 +16,12 @@ against these.
                                           -> q'; writes k' and v at each token's slot
 
 where x' = x * cos + rotate(x) * sin, with x first replaced by rms_norm(x, w)
-{eps} when the (per-head QK-norm) weight is given. `style` is
+{eps, scale_f32} when the (per-head QK-norm) weight is given. `style` is
     "neox"  rotate-half:  cat(-x[..., h:], x[..., :h])            h = head_dim / 2
     "gptj"  interleaved:  stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2)
 q/k/x are [T, heads, head_dim]; cos/sin [T, 1, head_dim]; norm weights [head_dim].
+With `rotary_dim` R (0: the whole head) only x[..., :R] rotates, by cos/sin [T, 1, R], and
+x[..., R:] passes through (partial rotary: Phi-3, Phi-4); no QK-norm weights then.
 The two QK-norm weights come together or not at all (optional operands are positional).
 """
 
@@ -41,11 +46,14 @@ def _promote(*dtypes: str) -> str:
 
 # -- reference math ------------------------------------------------------------------------
 
-def rms_norm_ref(x, w, eps):
-    """models/layers.py RMSNorm, op for op (the cast back is to x's own dtype)."""
+def rms_norm_ref(x, w, eps, scale_f32=False):
+    """models/layers.py RMSNorm (GemmaRMSNorm with scale_f32), op for op (the cast back is
+    to x's own dtype)."""
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
+    if scale_f32:
+        return (h * w).to(x.dtype)
     return w * h.to(x.dtype)
 
 
@@ -56,20 +64,24 @@ def rotate(x, style):
     return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
 
 
-def rope_ref(x, cos, sin, w, style, eps):
+def rope_ref(x, cos, sin, w, style, eps, rotary_dim=0, scale_f32=False):
     if w is not None:
-        x = rms_norm_ref(x, w, eps)
+        x = rms_norm_ref(x, w, eps, scale_f32)
+    if rotary_dim and rotary_dim < x.shape[-1]:
+        x_rot = x[..., :rotary_dim]
+        out = (x_rot * cos) + (rotate(x_rot, style) * sin)
+        return torch.cat((out, x[..., rotary_dim:]), dim=-1)
     return (x * cos) + (rotate(x, style) * sin)
 
 
 # -- inference -----------------------------------------------------------------------------
 
-def _norm_type(op, x: TensorType, w: TensorType) -> TensorType:
+def _norm_type(op, x: TensorType, w: TensorType, scale_f32=False) -> TensorType:
     if x.rank < 1 or not is_float(x.dtype) or not is_float(w.dtype):
         raise BrazeError(f"{op}: x {x} and weight {w} must be floating point, x of rank >= 1")
     if w.rank != 1 or not dims_equal(w.shape[0], x.shape[-1]):
         raise BrazeError(f"{op}: weight {w} must be 1-D of the last dim of x {x}")
-    return TensorType(x.shape, _promote(w.dtype, x.dtype))
+    return TensorType(x.shape, x.dtype if scale_f32 else _promote(w.dtype, x.dtype))
 
 
 def _check_eps(op, attrs, needed):
@@ -82,7 +94,7 @@ def _check_eps(op, attrs, needed):
 
 def _rms_norm_infer(types, attrs):
     _check_eps("rms_norm", attrs, True)
-    return [_norm_type("rms_norm", *types)]
+    return [_norm_type("rms_norm", *types, attrs["scale_f32"])]
 
 
 def _add_rms_norm_infer(types, attrs):
@@ -91,7 +103,7 @@ def _add_rms_norm_infer(types, attrs):
     if a.rank != b.rank or not all(dims_equal(x, y) for x, y in zip(a.shape, b.shape)):
         raise BrazeError(f"add_rms_norm: a {a} and b {b} must have one shape")
     s = TensorType(a.shape, _promote(a.dtype, b.dtype))
-    return [_norm_type("add_rms_norm", s, w), s]
+    return [_norm_type("add_rms_norm", s, w, attrs["scale_f32"]), s]
 
 
 def _rope_type(op, x: TensorType, cos: TensorType, sin: TensorType, w, attrs) -> TensorType:
@@ -102,12 +114,19 @@ def _rope_type(op, x: TensorType, cos: TensorType, sin: TensorType, w, attrs) ->
     d = x.shape[2]
     if not isinstance(d, int) or d % 2:
         raise BrazeError(f"{op}: head_dim of {x} must be a concrete even number")
+    rd = attrs.get("rotary_dim") or 0
+    if rd:
+        if not isinstance(rd, int) or rd % 2 or not 0 < rd <= d:
+            raise BrazeError(f"{op}: rotary_dim={rd!r} must be an even number in (0, {d}]")
+        if w is not None:
+            raise BrazeError(f"{op}: QK-norm weights with a partial rotary_dim are not supported")
+        d = rd
     for t in (cos, sin):
         if t.rank != 3 or not is_float(t.dtype) or not (
                 dims_equal(t.shape[0], x.shape[0]) and t.shape[1] == 1 and t.shape[2] == d):
             raise BrazeError(f"{op}: cos/sin {t} must be [{x.shape[0]}, 1, {d}] to rotate {x}")
     if w is not None:
-        x = _norm_type(op, x, w)
+        x = _norm_type(op, x, w, attrs.get("scale_f32", False))
     return TensorType(x.shape, _promote(_promote(x.dtype, cos.dtype), _promote(x.dtype, sin.dtype)))
 
 
@@ -146,34 +165,37 @@ def _rope_cache_write_infer(types, attrs):
 
 # -- implementations -----------------------------------------------------------------------
 
-def _rope(q, k, cos, sin, q_w=None, k_w=None, *, style, eps):
-    return rope_ref(q, cos, sin, q_w, style, eps), rope_ref(k, cos, sin, k_w, style, eps)
+def _rope(q, k, cos, sin, q_w=None, k_w=None, *, style, eps, rotary_dim=0, scale_f32=False):
+    return (rope_ref(q, cos, sin, q_w, style, eps, rotary_dim, scale_f32),
+            rope_ref(k, cos, sin, k_w, style, eps, rotary_dim, scale_f32))
 
 
-def _rope1(x, cos, sin, w=None, *, style, eps):
-    return rope_ref(x, cos, sin, w, style, eps)
+def _rope1(x, cos, sin, w=None, *, style, eps, rotary_dim=0, scale_f32=False):
+    return rope_ref(x, cos, sin, w, style, eps, rotary_dim, scale_f32)
 
 
 def _rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_w=None, k_w=None, *,
-                      style, eps):
-    q_out, k_out = _rope(q, k, cos, sin, q_w, k_w, style=style, eps=eps)
+                      style, eps, rotary_dim=0, scale_f32=False):
+    q_out, k_out = _rope(q, k, cos, sin, q_w, k_w, style=style, eps=eps, rotary_dim=rotary_dim,
+                         scale_f32=scale_f32)
     _cache_write(k_out, v, k_cache, v_cache, slot_mapping)
     return (q_out,)
 
 
-_ROPE_ATTRS = {"style": REQUIRED, "eps": None}
+_ROPE_ATTRS = {"style": REQUIRED, "eps": None, "rotary_dim": 0, "scale_f32": False}
 
-register(OpDef("rms_norm", ("x", "w"), _rms_norm_infer, rms_norm_ref, attrs={"eps": REQUIRED},
-               last_dim_rowwise=True,
-               doc="w * (x.float() * rsqrt(mean(x.float()^2, -1, keepdim) + eps)).to(x.dtype)"))
-def _add_rms_norm(a, b, w, eps):
+register(OpDef("rms_norm", ("x", "w"), _rms_norm_infer, rms_norm_ref,
+               attrs={"eps": REQUIRED, "scale_f32": False}, last_dim_rowwise=True,
+               doc="w * (x.float() * rsqrt(mean(x.float()^2, -1, keepdim) + eps)).to(x.dtype); "
+                   "scale_f32: (w * x.float() * rsqrt(..)).to(x.dtype), Gemma's order"))
+def _add_rms_norm(a, b, w, eps, scale_f32=False):
     s = a + b
-    return rms_norm_ref(s, w, eps), s
+    return rms_norm_ref(s, w, eps, scale_f32), s
 
 
 register(OpDef("add_rms_norm", ("a", "b", "w"), _add_rms_norm_infer, _add_rms_norm,
-               attrs={"eps": REQUIRED}, last_dim_rowwise=True,
-               doc="s = a + b (the residual stream); returns (rms_norm(s, w) {eps}, s)"))
+               attrs={"eps": REQUIRED, "scale_f32": False}, last_dim_rowwise=True,
+               doc="s = a + b (the residual stream); returns (rms_norm(s, w) {eps, scale_f32}, s)"))
 register(OpDef("rope", ("q", "k", "cos", "sin", "q_norm_w?", "k_norm_w?"), _rope_infer, _rope,
                attrs=dict(_ROPE_ATTRS),
                doc="(q * cos + rotate(q) * sin, k * cos + rotate(k) * sin); with the norm "

@@ -1,4 +1,4 @@
-"""The decoder-only transformer shared by Llama, Mistral, Qwen3, Mixtral and Qwen3-MoE.
+"""The decoder-only transformer shared by Llama, Mistral, Qwen3, Mixtral, Qwen3-MoE and Phi-3.
 
 Module names mirror Hugging Face's (`model.layers.0.self_attn.q_proj`, ...), so
 IR parameter names are checkpoint names wherever the layouts agree; the family
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rope
+from .layers import MLP, RMSNorm, RotaryEmbedding, apply_partial_rope, apply_rope
 from .moe import DenseMoE
 from .primitives import PagedAttention
 from .spec import ModelSpec
@@ -30,6 +30,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(spec.num_heads * d, h, bias=bias)
+        self.rotary_dim = spec.rotary_dim or d
         self.qk_norm = spec.qk_norm
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
@@ -44,9 +45,12 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        half = self.head_dim // 2
-        q = apply_rope(q, cos, sin, half)
-        k = apply_rope(k, cos, sin, half)
+        if self.rotary_dim < self.head_dim:
+            q = apply_partial_rope(q, cos, sin, self.rotary_dim)
+            k = apply_partial_rope(k, cos, sin, self.rotary_dim)
+        else:
+            q = apply_rope(q, cos, sin, self.head_dim // 2)
+            k = apply_rope(k, cos, sin, self.head_dim // 2)
         o = self.attn(q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables)
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
@@ -79,8 +83,7 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, inv_freq: torch.Tensor,
-                 attention_scaling: float):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, rotary_emb: RotaryEmbedding):
         super().__init__()
         self.tie_word_embeddings = spec.tie_word_embeddings
         self.model = DecoderModel(spec, dtype)
@@ -88,7 +91,7 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.to(dtype)
         # after .to(dtype): the frequencies stay float32, as HF keeps them
-        self.model.rotary_emb = RotaryEmbedding(inv_freq, attention_scaling, dtype)
+        self.model.rotary_emb = rotary_emb
 
     def forward(self, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
                 block_tables, logits_indices):

@@ -34,6 +34,28 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(self.out_dtype)
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as w - 1 and applied as (1 + w), in float32,
+    before the one cast back (Llama casts first, then scales)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+        self.out_dtype = dtype
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return (h * (1.0 + self.weight.float())).to(self.out_dtype)
+
+
+def soft_cap(x, cap: float):
+    """cap * tanh(x / cap): Gemma's logit soft-capping."""
+    return torch.tanh(x / cap) * cap
+
+
 def rotate_half(x, half: int):
     x1 = x[..., :half]
     x2 = x[..., half:]
@@ -45,19 +67,35 @@ def apply_rope(x, cos, sin, half: int):
     return (x * cos) + (rotate_half(x, half) * sin)
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin per position from inv_freq (computed at compile time, stored as a parameter)."""
+def apply_partial_rope(x, cos, sin, rotary_dim: int):
+    """RoPE on the first rotary_dim of each head, the rest passed through (Phi-3, Phi-4)."""
+    rotated = apply_rope(x[..., :rotary_dim], cos, sin, rotary_dim // 2)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype):
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin per position from inv_freq (computed at compile time, stored as a parameter).
+
+    With `long_inv_freq` (longrope), positions from `long_from` on use that set instead."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype,
+                 long_inv_freq: torch.Tensor | None = None, long_from: int = 0):
         super().__init__()
         # a (frozen) Parameter, not a buffer: fx proxies parameters, so the graph refers
         # to @model.rotary_emb.inv_freq by name instead of baking in a constant
         self.inv_freq = nn.Parameter(inv_freq, requires_grad=False)
+        self.long_inv_freq = (None if long_inv_freq is None
+                              else nn.Parameter(long_inv_freq, requires_grad=False))
+        self.long_from = long_from
         self.attention_scaling = attention_scaling
         self.out_dtype = dtype
 
     def forward(self, positions):
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        inv_freq = self.inv_freq[None, :]
+        if self.long_inv_freq is not None:
+            inv_freq = torch.where(positions[:, None] >= self.long_from,
+                                   self.long_inv_freq[None, :], inv_freq)
+        freqs = positions.float()[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos()
         sin = emb.sin()

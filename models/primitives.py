@@ -13,7 +13,7 @@ from torch import nn
 
 class PagedAttention(nn.Module):
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, sliding_window: int = 0):
+                 scale: float, sliding_window: int = 0, softcap: float = 0.0):
         super().__init__()
         self.layer = layer
         self.num_heads = num_heads
@@ -21,6 +21,7 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.softcap = softcap          # scores -> softcap * tanh(scores / softcap); 0: none
 
     def forward(self, q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables):
         raise RuntimeError("PagedAttention is a tracing primitive; run the traced braze graph")

@@ -19,7 +19,9 @@ from torch import nn
 from braze.ir.errors import BrazeError
 
 from .decoder import CausalLM
-from .rope import rope_frequencies
+from .gemma3 import Gemma3ForCausalLM
+from .layers import RotaryEmbedding
+from .rope import longrope_frequencies, rope_frequencies
 from .spec import ModelSpec, spec_from_config
 
 ARCHITECTURES = {
@@ -28,12 +30,15 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 
 # used only when config.json names no architectures (e.g. a config built in code)
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "mixtral": "mixtral",
-               "qwen3_moe": "qwen3_moe"}
+               "qwen3_moe": "qwen3_moe", "phi3": "phi3",
+               "gemma3_text": "gemma3"}
 
 
 def family_of(config) -> str:
@@ -55,16 +60,29 @@ def build_spec(config) -> ModelSpec:
     return spec
 
 
-def build_model(spec: ModelSpec, dtype: torch.dtype) -> CausalLM:
+def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
     """The traceable module, with weights on the meta device (the frontend never needs them).
 
     Only the RoPE frequencies are real: they are computed here, not read from the checkpoint.
     """
-    inv_freq, scaling = rope_frequencies(spec.rope, spec.head_dim, spec.max_position_embeddings)
+    rotary = rotary_embedding(spec.rope, spec, dtype)
+    if spec.family == "gemma3":
+        local = rotary_embedding(spec.rope_local or spec.rope, spec, dtype)
+        with torch.device("meta"), _no_init():
+            return Gemma3ForCausalLM(spec, dtype, rotary, local)
     with torch.device("meta"), _no_init():
-        model = CausalLM(spec, dtype, torch.empty(0), scaling)
-    model.model.rotary_emb.inv_freq = torch.nn.Parameter(inv_freq, requires_grad=False)
-    return model
+        return CausalLM(spec, dtype, rotary)
+
+
+def rotary_embedding(rope: dict, spec: ModelSpec, dtype: torch.dtype) -> RotaryEmbedding:
+    """cos/sin for `rope` (a rope_parameters dict), its frequencies real tensors."""
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind == "longrope":
+        short, long, scaling, original = longrope_frequencies(rope, spec.head_dim,
+                                                              spec.max_position_embeddings)
+        return RotaryEmbedding(short, scaling, dtype, long_inv_freq=long, long_from=original)
+    inv_freq, scaling = rope_frequencies(rope, spec.head_dim, spec.max_position_embeddings)
+    return RotaryEmbedding(inv_freq, scaling, dtype)
 
 
 @contextlib.contextmanager
@@ -90,12 +108,18 @@ class WeightSource:
     stop: int = 0
 
 
+_ATTN_PROJ = re.compile(r"^(model\.layers\.\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
+_MLP_PROJ = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate|up)_proj\.weight$")
 _EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
 _MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 def weight_sources(spec: ModelSpec, param: str, shape: tuple, available: set[str]) -> WeightSource:
     """Where the checkpoint keeps IR parameter `param` (its expected shape is `shape`)."""
+    if param not in available:
+        fused = _fused_projection(spec, param, shape, available)
+        if fused is not None:
+            return fused
     m = _EXPERT.match(param)
     if m:
         prefix, proj = m.groups()
@@ -116,3 +140,27 @@ def weight_sources(spec: ModelSpec, param: str, shape: tuple, available: set[str
     if spec.family == "mixtral" and ".mlp.gate." in param and param not in available:
         return WeightSource([param.replace(".mlp.gate.", ".block_sparse_moe.gate.")])
     return WeightSource([param])
+
+
+def _fused_projection(spec: ModelSpec, param: str, shape: tuple, available: set[str]):
+    """Phi-3's fused checkpoint tensors: `qkv_proj` rows are q, k, v; `gate_up_proj`
+    rows gate then up. Our model keeps the projections apart (merge-projections fuses
+    them again, so an -O2 artifact still ships one GEMM)."""
+    m = _ATTN_PROJ.match(param)
+    if m:
+        prefix, which, kind = m.groups()
+        fused = f"{prefix}.self_attn.qkv_proj.{kind}"
+        if fused not in available:
+            return None
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        start = {"q": 0, "k": q, "v": q + kv}[which]
+        return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0])
+    m = _MLP_PROJ.match(param)
+    if m:
+        prefix, which = m.groups()
+        fused = f"{prefix}.mlp.gate_up_proj.weight"
+        if fused not in available:
+            return None
+        start = 0 if which == "gate" else shape[0]
+        return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0])
+    return None

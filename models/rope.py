@@ -13,6 +13,10 @@ Supported `rope_type`s:
            `factor`, high ones (wavelength < orig/high_freq_factor) kept, the rest blended.
   yarn     YaRN: per-dimension blend of extrapolated and interpolated (/ factor) frequencies
            via a linear ramp set by beta_fast/beta_slow, plus an attention (cos/sin) scale.
+  longrope Phi-3 / Phi-4: inv_freq[i] = 1 / (ext[i] * theta ** (2i / d)) with ext the
+           `short_factor` list, or `long_factor` past original_max_position_embeddings
+           (`longrope_frequencies` returns both), plus an attention (cos/sin) scale
+           sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original.
 """
 
 import math
@@ -21,7 +25,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
-SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def rope_frequencies(
@@ -58,6 +62,10 @@ def rope_frequencies(
 
     if rope_type == "default":
         return inv_freq_for(base), 1.0
+
+    if rope_type == "longrope":
+        inv_freq, _, attention = _longrope(rope, need, base, dim, max_position_embeddings)
+        return inv_freq, attention
 
     if rope_type == "linear":
         return inv_freq_for(base) / need("factor"), 1.0
@@ -109,3 +117,42 @@ def rope_frequencies(
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention)
+
+
+def longrope_frequencies(rope: dict, head_dim: int, max_position_embeddings: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """longrope's (short inv_freq, long inv_freq, attention_scaling, original_max_position_embeddings).
+
+    transformers picks the long set for a whole forward call once its longest position
+    passes `original`; braze picks per token (position >= original), which is the same
+    whenever a sequence stays within `original`, and rotates each cached key only once.
+    """
+    rope = dict(rope or {})
+
+    def need(key):
+        if rope.get(key) is None:
+            raise BrazeError(f"RoPE type 'longrope' needs {key!r} in rope_parameters")
+        return rope[key]
+
+    dim = int(head_dim * (rope.get("partial_rotary_factor") or 1.0))
+    short, long, attention = _longrope(rope, need, need("rope_theta"), dim, max_position_embeddings)
+    return short, long, attention, int(need("original_max_position_embeddings"))
+
+
+def _longrope(rope, need, base, dim, max_position_embeddings):
+    original = need("original_max_position_embeddings")
+    factor = rope.get("factor")
+    if factor is None:   # Phi-3: implied by the context extension, as in HF
+        factor = max_position_embeddings / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    sets = []
+    for key in ("short_factor", "long_factor"):
+        ext = need(key)
+        if len(ext) != dim // 2:
+            raise BrazeError(f"rope_parameters {key!r} has {len(ext)} entries; the rotary "
+                             f"dimension {dim} needs {dim // 2}")
+        sets.append(1.0 / (torch.tensor(ext, dtype=torch.float32) * base ** shape))
+    return sets[0], sets[1], float(attention)

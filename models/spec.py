@@ -37,6 +37,7 @@ class ModelSpec:
     max_position_embeddings: int
     rope: dict
     hidden_act: str = "silu"
+    rotary_dim: int = 0                # RoPE on the first rotary_dim of each head (0: all)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -44,6 +45,12 @@ class ModelSpec:
     sliding_windows: list[int] = field(default_factory=list)   # per layer, 0 = full attention
     moe: MoESpec | None = None
     moe_layers: list[bool] = field(default_factory=list)       # per layer: sparse MoE block?
+    # Gemma 3: local (sliding) layers rotate with their own RoPE; query_pre_attn_scalar**-0.5
+    # as the attention scale; tanh soft-caps (0 = none) of attention scores and final logits
+    rope_local: dict | None = None
+    attn_scale: float | None = None
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -69,14 +76,22 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
     heads = _require(cfg, "num_attention_heads")
     layers = _require(cfg, "num_hidden_layers")
     head_dim = _get(cfg, "head_dim") or hidden // heads
-    act = _get(cfg, "hidden_act", "silu")
+    act = _get(cfg, "hidden_activation", None) or _get(cfg, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise BrazeError(f"config.json hidden_act={act!r} is not supported; "
                          f"supported: {', '.join(ACTIVATIONS)}")
     rope = dict(_get(cfg, "rope_parameters", None) or {})
+    rope_local = None
+    if "full_attention" in rope or "sliding_attention" in rope:   # one RoPE per layer type
+        rope_local = dict(rope.get("sliding_attention") or {}) or None
+        rope = dict(rope.get("full_attention") or {})
     if not rope:
         rope = dict(_get(cfg, "rope_scaling", None) or {})
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    partial = rope.get("partial_rotary_factor") or _get(cfg, "partial_rotary_factor", 1.0)
+    if not 0 < partial <= 1:
+        raise BrazeError(f"config.json partial_rotary_factor={partial} is not in (0, 1]")
+    rope["partial_rotary_factor"] = partial
     window = _get(cfg, "sliding_window", 0) or 0
     layer_types = _get(cfg, "layer_types", None)
     if layer_types:
@@ -89,7 +104,7 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
         architecture=(_get(cfg, "architectures", None) or ["?"])[0], family=family,
         vocab_size=_require(cfg, "vocab_size"), hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=_get(cfg, "num_key_value_heads", heads),
-        head_dim=head_dim, intermediate_size=_require(cfg, "intermediate_size"),
+        head_dim=head_dim, rotary_dim=int(head_dim * partial), intermediate_size=_require(cfg, "intermediate_size"),
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
         max_position_embeddings=_get(cfg, "max_position_embeddings", 2048), rope=rope,
         hidden_act=act, tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
@@ -97,6 +112,8 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
         mlp_bias=bool(_get(cfg, "mlp_bias", False)), qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_windows=windows, bos_token_id=_get(cfg, "bos_token_id", None), eos_token_ids=eos,
     )
+    if family == "gemma3":
+        _gemma3(cfg, spec, rope_local)
     if family == "mixtral":
         spec.moe = MoESpec(_require(cfg, "num_local_experts"), _require(cfg, "num_experts_per_tok"),
                            spec.intermediate_size, True)
@@ -119,3 +136,19 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
         raise BrazeError(f"config.json num_attention_heads={heads} is not a multiple of "
                          f"num_key_value_heads={spec.num_kv_heads}")
     return spec
+
+
+def _gemma3(cfg, spec: ModelSpec, rope_local: dict | None) -> None:
+    if _get(cfg, "use_bidirectional_attention", False):
+        raise BrazeError("config.json use_bidirectional_attention=true (an encoder-style Gemma 3) "
+                         "is not supported; braze serves causal decoders")
+    if rope_local is not None:
+        rope_local["partial_rotary_factor"] = spec.rope["partial_rotary_factor"]
+    spec.rope_local = rope_local
+    spec.qk_norm = True
+    spec.attn_scale = float(_require(cfg, "query_pre_attn_scalar")) ** -0.5
+    # transformers' Gemma3Attention keeps attn_logit_softcapping but never passes it to the
+    # attention (unlike Gemma 2): Gemma 3 checkpoints are trained and served without it, so
+    # braze follows the reference model and leaves it off (the kernel supports a cap).
+    spec.attn_softcap = 0.0
+    spec.final_softcap = float(_get(cfg, "final_logit_softcapping", 0.0) or 0.0)

@@ -30,7 +30,14 @@ the op computes; w must be 1-D over the last dim. Step 2 folds a two-tensor,
 same-shape `add` that feeds an `rms_norm` into `add_rms_norm(a, b, w)`, whose
 second result is the sum (the residual stream, read again by the next
 residual add); it sits where the add was. The first layer's input norm has no
-add in front and stays `rms_norm`. The count returned is norms fused plus adds
+add in front and stays `rms_norm`.
+
+GemmaRMSNorm, `(x.f32 * rsqrt(..) * w').to(x.dtype)` with w' = 1 + w.float() (which
+canonicalize computes once at compile time, a derived param), becomes
+`rms_norm(x, w') {eps, scale_f32=true}`; in an f32 model there are no casts and it is
+the plain pattern (the same math). Gemma's sandwich norms need nothing more: the
+post-norm's output is what the residual add adds, so the next pre-norm folds that add
+in as usual (`rms_norm` of the attention output, then `add_rms_norm`). The count returned is norms fused plus adds
 folded.
 """
 
@@ -64,6 +71,16 @@ def _norm_pattern(cast_in: bool):
 WITH_CAST, NO_CAST, RSQRT = _norm_pattern(True), _norm_pattern(False), _rsqrt_pattern(_hf(True))
 
 
+def _scaled_f32_pattern():
+    """GemmaRMSNorm: (n.f32 * w).to(x dtype), w the compile-time 1 + w.float()."""
+    hf = _hf(True)
+    return Op("cast", Op("mul", Var("w"), Op("mul", hf, _rsqrt_pattern(hf))),
+              dtype=Var("out_dtype"))
+
+
+SCALED_F32 = _scaled_f32_pattern()
+
+
 def match_rms_norm(g: Graph, root: Value):
     """The RMSNorm rooted at `root`, or the failed Match (with its reason)."""
     m = match(WITH_CAST, root, g)
@@ -89,6 +106,9 @@ def norm_problem(m) -> str:
     out = m.get("out_dtype", x.type.dtype)
     if out != x.type.dtype:
         return f"the normalised value is cast to {out}, not back to x's dtype {x.type.dtype}"
+    if m.get("out_dtype") is None and x.type.dtype != "f32":
+        return (f"the f32 normalised value is scaled without a cast back to x's dtype "
+                f"{x.type.dtype} (before or after the weight)")
     if w.type.shape != (x.type.shape[-1],):
         return f"weight {w.ref} is {w.type}, not [{x.type.shape[-1]}] over the last dim of x"
     return ""
@@ -139,6 +159,22 @@ def _fuse_norm(node: Node, rw: Rewriter):
     return 1
 
 
+def _fuse_scaled_f32(node: Node, rw: Rewriter):
+    """A GemmaRMSNorm whose outermost op is `node` (the cast back) -> rms_norm {scale_f32}."""
+    if node.results[0].type.dtype == "f32":
+        return None          # f32 models: no cast, the plain pattern matches (same math)
+    m = match(SCALED_F32, node.results[0], rw.g)
+    if not m:
+        return None
+    rw.claim(m.nodes)
+    problem = norm_problem(m)
+    if problem:
+        return problem
+    rw.rebuild(node, m.nodes, "rms_norm", [m["x"], m["w"]], {"eps": m["eps"], "scale_f32": True},
+               replacing=[node.results[0]])
+    return 1
+
+
 def _explain_norm(node: Node, rw: Rewriter):
     """An rsqrt of a mean of squares that no RMSNorm match took: why not."""
     return diagnose(rw.g, node) if _looks_like_norm(node) else None
@@ -158,7 +194,7 @@ def _fold_residual_add(node: Node, rw: Rewriter):
         return f"residual add {s.ref} broadcasts {a.type} with {b.type}"
     if w.producer is not None and g.index(w.producer) > g.index(add):
         return f"weight {w.ref} is computed after the residual add {s.ref}"
-    rw.rebuild(add, [add, node], "add_rms_norm", [a, b, w], {"eps": node.attrs["eps"]},
+    rw.rebuild(add, [add, node], "add_rms_norm", [a, b, w], dict(node.attrs),
                replacing=[node.results[0], s])
     return 1
 
@@ -168,7 +204,8 @@ def fuse_norm(g: Graph, ctx: PassContext) -> int:
     """RMSNorm -> rms_norm; residual add + rms_norm -> add_rms_norm."""
     rw = Rewriter(g, ctx)
     # outermost mul first: a norm's inner muls are then gone, or claimed by its refusal
-    rw.run([Rule("mul", _fuse_norm, explain="RMSNorm not fused: ")], reverse=True)
+    rw.run([Rule("cast", _fuse_scaled_f32, explain="RMSNorm (scaled in f32) not fused: "),
+            Rule("mul", _fuse_norm, explain="RMSNorm not fused: ")], reverse=True)
     rw.run([Rule("rsqrt", _explain_norm, explain="RMSNorm not fused: ")])
     rw.run([Rule("rms_norm", _fold_residual_add)])
     return rw.count

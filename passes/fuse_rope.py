@@ -27,7 +27,9 @@ Rotations pair up as (q, k) when they share cos, sin and style: first the pairs 
 attention op states (k' written by a cache_write, q' read by the attention over that
 cache), then the rest in schedule order (k being the one whose only reader is a
 cache_write, if either is). A pair becomes `rope(q, k, cos, sin)`, a
-rotation left alone `rope1(x, cos, sin)`. A pair's inputs that are single-use
+rotation left alone `rope1(x, cos, sin)`. Partial rotary (Phi-3/Phi-4),
+`cat(rotation of x[..., :R], x[..., R:], -1)`, is the same with the whole head as x and
+{rotary_dim=R}; its QK-norm (no family has one) is not folded. A pair's inputs that are single-use
 `rms_norm`s with one eps (Qwen3's per-head QK-norm) fold in as trailing weights
 (both or neither: the operands are positional). When k' has exactly one user, a
 `cache_write(k', v, ...)`, the pair and the write become `rope_cache_write`, placed
@@ -75,6 +77,7 @@ class Rotation:
     style: str
     nodes: list
     norm: Node | None = None     # the single-use rms_norm that produced x, if any
+    rotary_dim: int = 0          # partial rotary: only x[..., :rotary_dim] rotates
 
 
 def _last(d, rank) -> bool:
@@ -158,9 +161,12 @@ def find_rotations(rw: Rewriter) -> list[Rotation]:
         if problem:
             return f"RoPE ({style}) not fused: {problem}"
         r = Rotation(node, m["x"], m["cos"], m["sin"], style, m.nodes)
+        partial = _widen_partial(g, r)
+        if partial:
+            return f"partial RoPE ({style}) not fused: {partial}"
         p = r.x.producer
         inside = set(map(id, r.nodes))
-        if p is not None and p.op == "rms_norm" and r.x not in g.outputs.values() \
+        if p is not None and p.op == "rms_norm" and not r.rotary_dim and r.x not in g.outputs.values() \
                 and all(id(u) in inside for u in g.users(r.x)):
             r.norm = p
         out.append(r)
@@ -170,9 +176,45 @@ def find_rotations(rw: Rewriter) -> list[Rotation]:
     return out
 
 
+def _widen_partial(g: Graph, r: Rotation) -> str:
+    """Partial rotary, `cat(rotate(x[..., :R]), x[..., R:], -1)`: widen `r` to the whole head
+    (x, the cat as root, rotary_dim R). '' when done or when this is not that pattern;
+    else why the near miss is refused."""
+    sl = r.x.producer
+    out = r.root.results[0]
+    readers = g.users(out)
+    if sl is None or sl.op != "slice" or len(readers) != 1 or readers[0].op != "cat":
+        return ""
+    cat, src = readers[0], sl.operands[0]
+    rank = src.type.rank
+    if rank != 3 or not _last(sl.attrs["dim"], 3) or sl.attrs.get("start") not in (None, 0) \
+            or sl.attrs.get("step", 1) != 1:
+        return ""
+    rd, d = r.x.type.shape[2], src.type.shape[2]
+    if len(cat.operands) != 2 or cat.operands[0] is not out or not _last(cat.attrs["dim"], 3):
+        return f"{cat.results[0].ref} is not cat(rotated, x[..., {rd}:], -1)"
+    rest = cat.operands[1].producer
+    if rest is None or rest.op != "slice" or rest.operands[0] is not src \
+            or not _last(rest.attrs["dim"], 3) or rest.attrs.get("start") != rd \
+            or rest.attrs.get("step", 1) != 1 or not (rest.attrs.get("end") is None
+                                                     or rest.attrs["end"] >= d):
+        return (f"the pass-through half {cat.operands[1].ref} is not x[..., {rd}:] of the "
+                f"rotated {src.ref}")
+    if out in g.outputs.values():
+        return f"the rotated part {out.ref} is a graph output"
+    inside = set(map(id, r.nodes))
+    extra = [sl] if all(id(u) in inside for u in g.users(r.x)) else []
+    if g.num_users(rest.results[0]) == 1:
+        extra.append(rest)
+    r.nodes = r.nodes + extra + [cat]
+    r.root, r.x, r.rotary_dim = cat, src, rd
+    return ""
+
+
 def _pairable(a: Rotation, b: Rotation) -> bool:
     ta, tb = a.x.type, b.x.type
     return (a.cos is b.cos and a.sin is b.sin and a.style == b.style
+            and a.rotary_dim == b.rotary_dim
             and dims_equal(ta.shape[0], tb.shape[0]) and ta.shape[2] == tb.shape[2])
 
 
@@ -236,6 +278,10 @@ class _Fuser:
             self.ctx.refuse(rs[0].root, "QK-norm not folded into rope: only one of q, k is a "
                                         "single-use rms_norm (the norm weights come in pairs)")
             return False
+        if len({bool(n.attrs.get("scale_f32")) for n in norms}) > 1:
+            self.ctx.refuse(rs[0].root, "QK-norm not folded into rope: one of the q and k norms "
+                                        "scales in f32 (Gemma) and the other does not")
+            return False
         if len({repr(n.attrs["eps"]) for n in norms}) > 1:
             self.ctx.refuse(rs[0].root, "QK-norm not folded into rope: the q and k norms differ "
                                         f"in eps ({', '.join(repr(n.attrs['eps']) for n in norms)})")
@@ -259,6 +305,10 @@ class _Fuser:
         if any(id(u) not in gone and g.index(u) <= here for r in results for u in g.users(r)):
             return False
         attrs = {"style": rs[0].style, "eps": rs[0].norm.attrs["eps"] if fold else None}
+        if rs[0].rotary_dim:
+            attrs["rotary_dim"] = rs[0].rotary_dim
+        if fold and rs[0].norm.attrs.get("scale_f32"):
+            attrs["scale_f32"] = True
         node = self.rw.rebuild(at, dead, op, operands, attrs, replacing=results)
         for old, new in zip(results, node.results):
             self.subst[id(old)] = new

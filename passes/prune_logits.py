@@ -45,6 +45,9 @@ After:
     meta {logits="pruned"}
     return logits=%124
 
+Row-wise ops between the head and the `logits` output (Gemma's final soft-cap,
+`mul(tanh(div(linear(..), 30)), 30)`) run after the pruned head, on its S rows.
+
 The graph records `meta {logits="pruned"}`: its `logits` output holds one row
 per sequence, not per token. Refused (graph unchanged): no `logits` output, no
 `logits_indices` input, `logits` not a linear over [T, H] rows, or the logits
@@ -94,6 +97,27 @@ def _rowwise(node: Node) -> bool:
     return any(_aligned(node, v) for v in node.operands)
 
 
+def _row_tail(g: Graph, last: Node) -> tuple[list[Node], Node]:
+    """(the chain of single-input row-wise ops between the LM head and the logits output,
+    first op first, e.g. Gemma's soft-cap div, tanh, mul; the head). ([], last) when there
+    is no such chain ending at a linear read only by it."""
+    tail: list[Node] = []
+    outputs = set(g.outputs.values())
+    node = last
+    while node is not None and node.op != "linear" and _rowwise(node) and len(node.results) == 1:
+        rows = [v for v in node.operands if _aligned(node, v)]
+        if len(rows) != 1 or rows[0].producer is None:
+            return [], last
+        if tail and (g.num_users(node.results[0]) != 1 or node.results[0] in outputs):
+            return [], last
+        tail.append(node)
+        node = rows[0].producer
+    if node is None or node.op != "linear" or g.num_users(node.results[0]) != 1 \
+            or node.results[0] in g.outputs.values():
+        return [], last
+    return tail[::-1], node
+
+
 def _hoistable(g: Graph, head: Node) -> list[Node]:
     """The row-wise nodes feeding the head's input that nothing else reads, in schedule order."""
     outputs = set(g.outputs.values())
@@ -132,6 +156,8 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
     if head is None:
         ctx.refuse(where, f"logits are {logits.ref}, a graph {logits.kind}, not a linear's result")
         return 0
+    tail, head = _row_tail(g, head)
+    where = head
     if head.op != "linear":
         ctx.refuse(where, f"logits come from {head.op}, not a linear")
         return 0
@@ -160,7 +186,14 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
             clone = g.add_node(node.op, operands, dict(node.attrs))
             new.update(zip(node.results, clone.results))
         pruned = g.op("linear", rows(h), *head.operands[1:])
+        new[head.results[0]] = pruned
+        for node in tail:              # soft-capping etc. after the head, on S rows too
+            operands = [new.get(v, v) for v in node.operands]
+            pruned = g.add_node(node.op, operands, dict(node.attrs)).results[0]
+            new[node.results[0]] = pruned
     g.replace_all_uses(logits, pruned)
+    for node in reversed(tail):
+        g.erase_node(node)
     g.erase_node(head)
     for node in reversed(region):
         g.erase_node(node)

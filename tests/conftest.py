@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-from braze.tiny import make_checkpoint, tiny_llama3_rope
+from braze.tiny import make_checkpoint, tiny_llama3_rope, tiny_longrope
 
 # braze keeps its per-user signing key and trusted keys in $XDG_CONFIG_HOME/braze: the tests
 # (and the braze subprocesses they start, which inherit this) get their own, not the user's
@@ -23,7 +23,10 @@ atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
 # Each case is a family plus config overrides; together they cover every RoPE type the
 # models support (default, llama3, linear, dynamic, yarn with its cos/sin scale of 1.139),
 # tied embeddings, head_dim != hidden/heads, a sliding window shorter than the prompt,
-# and MoE models with dense layers mixed in.
+# MoE models with dense layers mixed in, and Phi-3/Phi-4's fused qkv/gate_up tensors with
+# partial rotary and longrope (its short factors; the long ones from position 1 on, where
+# transformers also uses them, since it switches once a sequence passes the original length),
+# and Gemma 3 (see braze.tiny.tiny_config for what its tiny config keeps).
 CASES = {
     "llama": ("llama", {}),
     "llama-llama3rope-tied": ("llama", {"rope_scaling": tiny_llama3_rope(),
@@ -41,6 +44,11 @@ CASES = {
     "qwen3_moe-dense-middle": ("qwen3_moe", {}),
     "qwen3_moe-step2-nonorm": ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": [],
                                              "norm_topk_prob": False}),
+    "phi3-longrope-partial-tied": ("phi3", {}),
+    "phi3-longfactors": ("phi3", {"original_max_position_embeddings": 1,
+                                  "rope_scaling": {**tiny_longrope(12, original=1),
+                                                   "attention_factor": 1.25}}),
+    "gemma3-sandwich-softcap": ("gemma3", {}),
 }
 
 

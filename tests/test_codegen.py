@@ -13,7 +13,8 @@ from braze.ir import all_ops
 from braze.launch import compile_expr
 
 
-FAMILY_CASES = ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral", "qwen3_moe-dense-middle"]
+FAMILY_CASES = ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral", "qwen3_moe-dense-middle",
+                "phi3-longrope-partial-tied", "gemma3-sandwich-softcap"]
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)

@@ -27,6 +27,7 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
            "decode-8b.json", "profile-1b-b1.md", "profile-1b-b4.md"}),
     ("2", {"summary.md", "env.txt", "decode.log", "decode-1b-full.json", "decode-8b-full.json",
            "kernels.json", "kernels.log"}),
+    ("3", {"summary.md", "env.txt", "decode.log", "decode-families.json"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -44,6 +45,10 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         prof = (tmp_path / "profile-1b-b1.md").read_text()
         assert "% of the step" in prof and "| `aten::" in prof
         assert "check tiny Llama-3.2-1B:" in summary and "MISMATCH" not in summary
+    if part == "3":
+        for name in ("tiny Phi-4-mini", "tiny Gemma-3-1B"):
+            assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
+        assert "MISMATCH" not in summary
 
 
 def test_a_deadline_skips_stages_and_still_writes_the_summary(tmp_path):

@@ -32,10 +32,13 @@ MEAN_ERROR_RATIO = 0.8          # measured 0.53-0.70 correct, 0.94-1.49 without 
 # position (its bf16 logits move by 1.5 from its float32 ones; braze's by 0.05), and the
 # later positions inherit that through attention: a near-tie, not an error of either side.
 RUNS = [(c, d, opt, "reference")
-        for c in ("llama", "qwen3-headdim24-tied", "qwen3_moe-dense-middle", "mixtral")
+        for c in ("llama", "qwen3-headdim24-tied", "qwen3_moe-dense-middle", "mixtral",
+                  "phi3-longrope-partial-tied", "gemma3-sandwich-softcap")
         for d in HALF if (c, d) != ("mixtral", "bfloat16") for opt in (0, 2)]
 # the kernels too (interpreted, so f16 only: the interpreter computes bf16 wrongly)
-RUNS += [(c, "float16", 2, "interpret") for c in ("llama", "qwen3_moe-dense-middle")]
+RUNS += [(c, "float16", 2, "interpret") for c in ("llama", "qwen3_moe-dense-middle",
+                                                   "phi3-longrope-partial-tied",
+                                                   "gemma3-sandwich-softcap")]
 
 
 def transformers_logits(store, case, dtype):

@@ -182,3 +182,25 @@ def test_compile_without_the_cryptography_package_says_what_to_install(store, tm
                         "-o", str(tmp_path / "a.braze"), "-q", "--targets", ""],
                        capture_output=True, text=True, timeout=300)
     assert_one_line_error(r.returncode, r.stderr, "cryptography", "pip install")
+
+
+def test_misshaped_fused_qkv_of_phi3(store, tmp_path):
+    """Phi-3 keeps q, k, v in one tensor: a short one is named, with what the slice needs."""
+    d = _copy(store.checkpoint("phi3-longrope-partial-tied"), tmp_path / "m")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    _rewrite_weights(d, lambda t: t.__setitem__(name, t[name][:100]))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, name, "[100, 64]", "v_proj")
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"use_bidirectional_attention": True}, ["use_bidirectional_attention"]),
+    ({"query_pre_attn_scalar": None}, ["query_pre_attn_scalar"]),
+])
+def test_gemma3_config_errors_name_the_key(store, tmp_path, edit, words):
+    d = _copy(store.checkpoint("gemma3-sandwich-softcap"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, *words)

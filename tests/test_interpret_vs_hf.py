@@ -27,7 +27,8 @@ def test_interpret_logits_match_transformers(store, case):
                                                           backend="interpret", num_blocks=8))
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle"])
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle", "phi3-longrope-partial-tied",
+                                  "gemma3-sandwich-softcap"])
 def test_interpret_mixed_step_matches_reference(store, case):
     """A mixed prefill/decode step through the kernels equals the reference interpreter's."""
     art = open_artifact(store.artifact(case, opt_level=2))

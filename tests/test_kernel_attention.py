@@ -19,7 +19,7 @@ from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 TOL = {"f32": dict(atol=1e-5, rtol=1e-5), "f16": dict(atol=2e-3, rtol=2e-3)}
 
 
-def _graph(op, hq, hkv, d, block_size, dtype, window=0, causal=True, strided=False):
+def _graph(op, hq, hkv, d, block_size, dtype, window=0, causal=True, strided=False, softcap=0.0):
     """One attention node over a paged cache; `strided` takes q as a column view of a wide
     [T, (hq + 2 hkv) * d + 3] matrix, as the merged QKV GEMM output produces it."""
     g = Graph(op)
@@ -35,6 +35,8 @@ def _graph(op, hq, hkv, d, block_size, dtype, window=0, causal=True, strided=Fal
     lens = g.add_input("seq_lens", TensorType((S,), "i32"))
     tables = g.add_input("block_tables", TensorType((S, MB), "i32"))
     attrs = dict(scale=d ** -0.5, sliding_window=window, causal=causal)
+    if softcap:
+        attrs["softcap"] = softcap
     if op == "attention":
         attrs.update(num_heads=hq, num_kv_heads=hkv, head_dim=d)
     g.set_output("o", g.op(op, q, kc, vc, qsl, lens, tables, **attrs))
@@ -112,6 +114,17 @@ def test_non_causal_and_mha(window):
     _check(g, [(0, 18), (12, 5), (30, 1)], 2, seed=5, dtype="f32")
 
 
+@pytest.mark.parametrize("batch", ["decode", "mixed", "long"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("window", [0, 6])
+def test_soft_capped_attention_matches_reference(batch, dtype, window):
+    """Scores C * tanh(s / C) (Gemma's attn_logit_softcapping), with a cap small enough
+    (scores of these random q, k reach ~3) that it changes the result."""
+    seqs, pad = BATCHES[batch]
+    g = _graph("attention", 4, 2, 16, 4, dtype, window, softcap=1.5)
+    _check(g, seqs, pad, seed=7 + len(batch), dtype=dtype)
+
+
 def test_launch_plan_depends_only_on_step_sizes():
     """Three launches whose grids are expressions of T, S, MB only; constant workspaces."""
     import ast
@@ -153,3 +166,12 @@ def test_attention_compiles_for_sm80_and_sm90(hq, hkv, window):
     kernels = aot_compile_node(_graph("attention", hq, hkv, 128, 16, "bf16", window), 0)
     assert len(kernels) == 6 and all(k.asm.get("cubin") for k in kernels)
     assert all(k.metadata.shared <= 100 * 1024 for k in kernels)
+
+
+@pytest.mark.parametrize("hq,hkv,d,window,softcap", [(8, 4, 256, 1024, 0.0), (32, 16, 128, 4096, 50.0)],
+                         ids=["gemma3-4b", "gemma3-27b-softcapped"])
+def test_gemma3_attention_compiles_for_sm80_and_sm90(hq, hkv, d, window, softcap):
+    kernels = aot_compile_node(_graph("attention", hq, hkv, d, 16, "bf16", window,
+                                      softcap=softcap), 0)
+    assert len(kernels) == 6 and all(k.asm.get("cubin") for k in kernels)
+    assert all(k.metadata.shared <= 163 * 1024 for k in kernels)

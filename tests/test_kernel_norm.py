@@ -19,15 +19,16 @@ def _randn(shape, dtype, gen, scale=1.0):
     return (scale * torch.randn(shape, generator=gen)).to(torch_dtype(dtype))
 
 
-def _norm_graph(op, shape, dtype, w_dtype=None, b_dtype=None, eps=1e-6):
+def _norm_graph(op, shape, dtype, w_dtype=None, b_dtype=None, eps=1e-6, scale_f32=False):
     g = Graph(op)
     x = g.add_input("x", TensorType(shape, dtype))
     w = g.add_param("w", TensorType((shape[-1],), w_dtype or dtype))
+    attrs = {"eps": eps, "scale_f32": True} if scale_f32 else {"eps": eps}
     if op == "rms_norm":
-        g.set_output("y", g.op("rms_norm", x, w, eps=eps))
+        g.set_output("y", g.op("rms_norm", x, w, **attrs))
     else:
         b = g.add_input("b", TensorType(shape, b_dtype or dtype))
-        normed, s = g.add_node("add_rms_norm", [x, b, w], {"eps": eps}).results
+        normed, s = g.add_node("add_rms_norm", [x, b, w], attrs).results
         g.set_output("y", normed)
         g.set_output("s", s)
     return g
@@ -49,6 +50,15 @@ def _check(g, tokens, seed=0, scale=1.0, tol=None):
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 def test_norm_matches_reference(op, dtype, d, tokens):
     _check(_norm_graph(op, (T, d), dtype), tokens, seed=d + tokens, scale=3.0)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("d,lead", [(64, ()), (5000, ()), (16, (3,))])
+def test_gemma_scale_f32(op, dtype, d, lead):
+    """Gemma's order: the f32 weight (1 + w) scales the unrounded normalised row, one cast
+    to x's dtype; single-pass, two-pass and per-head rows."""
+    _check(_norm_graph(op, (T, *lead, d), dtype, w_dtype="f32", scale_f32=True), 5, seed=d)
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
@@ -145,6 +155,14 @@ def test_compiles_bf16_for_sm80_and_sm90(op, hidden):
     for k in kernels:       # the row stays in registers; with 16-byte aligned (vectorised)
         # loads Triton stages one layout conversion of the row through shared memory
         assert k.metadata.shared <= 16 * 1024
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
+def test_gemma3_scale_f32_compiles_bf16_for_sm80_and_sm90(op):
+    for shape in ((T, 5376), (T, 32, 128)):          # Gemma-3-27B hidden, and its q norm
+        kernels = aot_compile_node(_norm_graph(op, shape, "bf16", w_dtype="f32",
+                                               scale_f32=True), 0)
+        assert kernels and all(k.asm.get("cubin") for k in kernels)
 
 
 def test_compiles_bf16_per_head_and_two_pass():

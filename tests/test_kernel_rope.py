@@ -20,7 +20,8 @@ BLOCK = 4
 
 
 def _graph(op, hq, hk, d, dtype, style="neox", norm=False, strided=False, w_dtype=None,
-           cos_dtype=None, cache_dtype=None, pad_cols=5, block_size=BLOCK):
+           cos_dtype=None, cache_dtype=None, pad_cols=5, block_size=BLOCK, rotary_dim=0,
+           scale_f32=False):
     """One `op` node fed by q/k/v inputs, or (strided) by column views of one wide
     [T, (hq + 2 hk) * d + pad_cols] matrix, as a merged QKV GEMM output produces them."""
     g = Graph(op)
@@ -34,13 +35,17 @@ def _graph(op, hq, hk, d, dtype, style="neox", norm=False, strided=False, w_dtyp
         q = g.add_input("q", TensorType((T, hq, d), dtype))
         k = g.add_input("k", TensorType((T, hk, d), dtype))
         v = g.add_input("v", TensorType((T, hk, d), dtype))
-    cos = g.add_input("cos", TensorType((T, 1, d), cos_dtype or dtype))
-    sin = g.add_input("sin", TensorType((T, 1, d), cos_dtype or dtype))
+    cos = g.add_input("cos", TensorType((T, 1, rotary_dim or d), cos_dtype or dtype))
+    sin = g.add_input("sin", TensorType((T, 1, rotary_dim or d), cos_dtype or dtype))
     ws = []
     if norm:
         ws = [g.add_param("q_norm", TensorType((d,), w_dtype or dtype)),
               g.add_param("k_norm", TensorType((d,), w_dtype or dtype))]
     attrs = {"style": style, "eps": 1e-6 if norm else None}
+    if rotary_dim:
+        attrs["rotary_dim"] = rotary_dim
+    if scale_f32:
+        attrs["scale_f32"] = True
     if op == "rope1":
         g.set_output("q", g.op("rope1", q, cos, sin, *ws[:1], **attrs))
     elif op == "rope":
@@ -160,6 +165,27 @@ def test_f16_norm_rounding_points_are_exact(style):
         check_kernels(g, feeds, params, OPS, {"T": 5}, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("op", ["rope_cache_write", "rope", "rope1"])
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_partial_rotary(op, style, dtype, strided):
+    """Phi-4's rope on the first 3/4 of each head (12 of 16; 6 pairs, a non power of two)
+    and the last quarter copied through, into outputs or the cache."""
+    g = _graph(op, 3, 2, 16, dtype, style, strided=strided and op != "rope_cache_write",
+               rotary_dim=12)
+    _check(g, 7, seed=11, pad=1 if op == "rope_cache_write" else 0)
+
+
+@pytest.mark.parametrize("op", ["rope_cache_write", "rope1"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gemma_qk_norm_scaled_in_f32(op, dtype):
+    """Gemma's QK-norm folded in: (n.f32 * (1 + w)).to(dtype), the f32 weight derived at
+    compile time, then the rotation."""
+    g = _graph(op, 4, 2, 16, dtype, norm=True, w_dtype="f32", scale_f32=True)
+    _check(g, 5, seed=13)
+
+
 @pytest.mark.parametrize("dtype,cache_dtype", [("f32", "f16"), ("f16", "f32")])
 def test_cache_dtype_differs_from_model(dtype, cache_dtype):
     """k' is rounded to its own dtype first, then converted to the cache's (as .to() does)."""
@@ -264,3 +290,17 @@ def test_compiles_bf16_for_sm80_and_sm90(op, model):
 def test_gptj_and_odd_shapes_compile(shape):
     _check_cubins(_graph("rope_cache_write", *shape, "bf16", style="gptj", norm=True,
                          strided=True))
+
+
+@pytest.mark.parametrize("model", ["phi4-mini", "gemma3-27b", "gemma3-1b"])
+def test_new_families_compile_bf16_for_sm80_and_sm90(model):
+    """Phi-4-mini: 24 / 8 heads of 128, rope on 96; Gemma 3: the (1 + w) QK-norm folded in
+    (head_dim 128 at 27B, 256 at 1B with one kv head)."""
+    if model == "phi4-mini":
+        g = _graph("rope_cache_write", 24, 8, 128, "bf16", strided=True, pad_cols=0,
+                   block_size=16, rotary_dim=96)
+    else:
+        hq, hk, d = (32, 16, 128) if model == "gemma3-27b" else (4, 1, 256)
+        g = _graph("rope_cache_write", hq, hk, d, "bf16", norm=True, w_dtype="f32",
+                   scale_f32=True, strided=True, pad_cols=0, block_size=16)
+    _check_cubins(g)

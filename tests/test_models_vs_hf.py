@@ -48,7 +48,8 @@ def test_greedy_generation_matches_transformers(store, case):
     assert_greedy_matches_transformers(store, case, _executor(store, case), PROMPT[:11], 16)
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral-window8", "qwen3_moe-dense-middle"])
+@pytest.mark.parametrize("case", ["llama", "mistral-window8", "qwen3_moe-dense-middle",
+                                  "phi3-longrope-partial-tied", "gemma3-sandwich-softcap"])
 def test_mixed_batch_equals_one_by_one(store, case):
     """Prefill, prefill-after-prefix and decode sequences in one step == each run alone."""
     a, b, c = PROMPT[:11], PROMPT[3:13], PROMPT[5:20]
@@ -84,3 +85,18 @@ def test_padding_tokens_do_not_touch_the_cache(store):
     torch.testing.assert_close(out[:5], plain, atol=1e-6, rtol=1e-6)
     for k, v in ex.cache.tensors.items():
         torch.testing.assert_close(v, before[k])
+
+
+def test_gemma3_attention_softcap_is_what_transformers_does(tmp_path):
+    """transformers' Gemma 3 ignores attn_logit_softcapping (only Gemma 2 applies it); with
+    a cap small enough to matter, braze's logits still equal transformers'."""
+    import braze
+    from braze.runtime import Executor, open_artifact
+    from braze.tiny import make_checkpoint
+    ckpt = make_checkpoint("gemma3", tmp_path / "m", seed=1, attn_logit_softcapping=2.0)
+    braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="")
+    ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
+    logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT, 0, take_blocks(ex, 2))]))
+    with torch.no_grad():
+        expected = hf_model(ckpt)(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from braze.ir import Graph, T, TensorType, parse_graph, print_graph, verify
 from pass_helpers import (assert_model_pass_preserves, assert_pass_preserves, model_graph,
-                          opt_text, run_passes, same_text)
+                          opt_text, refusal_reasons, run_passes, same_text)
 
 NORM = """
 graph @g(%x: f32[T, 8]) {
@@ -234,3 +234,61 @@ def test_real_graph_in_half(tmp_path):
         params = {n: loaded.load_param(n) for n in loaded.graph.params}
         g = assert_model_pass_preserves(loaded.graph, params, ["fuse-norm"], atol=0, rtol=0)
         assert g.op_counts().get("add_rms_norm") == 4 and g.op_counts().get("rms_norm") == 5
+
+
+# -- Gemma: (1 + w) scaled in f32, one cast back ------------------------------------------
+
+GEMMA_F16 = """
+graph @g(%x: f16[T, 8]) {
+  param @w: f32[8]
+  %0: f32[T, 8] = cast(%x) {dtype="f32"}
+  %1: f32[T, 8] = pow(%0) {scalar=2}
+  %2: f32[T, 1] = mean(%1) {dims=[-1], keepdim=true}
+  %3: f32[T, 1] = add(%2) {scalar=1e-06}
+  %4: f32[T, 1] = rsqrt(%3)
+  %5: f32[T, 8] = mul(%0, %4)
+  %6: f32[T, 8] = mul(%5, @w)
+  %7: f16[T, 8] = cast(%6) {dtype="f16"}
+  return y=%7
+}
+"""
+
+
+def test_gemma_norm_scaled_in_f32_fuses_with_its_rounding():
+    """GemmaRMSNorm after canonicalize (@w is the derived 1 + w.float()): the weight scales
+    the f32 normalised value and the product is cast once; `scale_f32` says so."""
+    out = opt_text(GEMMA_F16, "fuse-norm")
+    assert same_text(out, """
+    graph @g(%x: f16[T, 8]) {
+      param @w: f32[8]
+      %7: f16[T, 8] = rms_norm(%x, @w) {eps=1e-06, scale_f32=true}
+      return y=%7
+    }
+    """), out
+    assert_pass_preserves(GEMMA_F16, ["fuse-norm"], {"T": 5}, atol=0, rtol=0)
+
+
+def test_half_norm_scaled_in_f32_without_a_cast_back_is_refused():
+    """The plain op would round the normalised value to f16 before the weight; this graph
+    never rounds it, so it must not become that op."""
+    text = GEMMA_F16.replace('  %7: f16[T, 8] = cast(%6) {dtype="f16"}\n', "").replace(
+        "return y=%7", "return y=%6")
+    reasons = refusal_reasons(text, "fuse-norm")
+    assert any("without a cast back" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float16"])
+def test_gemma3_sandwich_norms(dtype, tmp_path_factory):
+    """Per layer: input, post-attention, pre- and post-feedforward norms and q/k norms.
+    The pre-feedforward norm and the next layer's input norm take the residual add in
+    (across the post-norm that feeds it); bit-identical in every dtype."""
+    g, params = model_graph("gemma3", tmp_path_factory.mktemp("g"), dtype=dtype)
+    run_passes(g, ["canonicalize"])          # folds 1 + w.float() into derived weights
+    g = assert_model_pass_preserves(g, params, ["fuse-norm"], atol=0, rtol=0)
+    counts, layers = g.op_counts(), 3
+    assert counts.get("add_rms_norm") == 2 * layers
+    assert counts.get("rms_norm") == 1 + 2 * layers + 2 * layers      # + post norms, q/k norms
+    assert "rsqrt" not in counts
+    half = dtype is not None
+    assert all(bool(n.attrs.get("scale_f32")) == half for n in g.nodes
+               if n.op in ("rms_norm", "add_rms_norm"))

@@ -368,3 +368,57 @@ def test_real_graph_in_half(tmp_path):
         params = {n: loaded.load_param(n) for n in loaded.graph.params}
         g = assert_model_pass_preserves(loaded.graph, params, ["fuse-norm", "fuse-rope"], atol=0, rtol=0)
         assert g.op_counts().get("rope_cache_write") == 2
+
+
+# -- partial rotary (Phi-3 / Phi-4): cat(rotation of x[..., :R], x[..., R:]) ---------------
+
+PARTIAL_HEAD = ("graph @g(%qh: f32[T, 4, 12], %kh: f32[T, 2, 12], %cos: f32[T, 1, 8], "
+                "%sin: f32[T, 1, 8]) {")
+PARTIAL = PARTIAL_HEAD + """
+  %q: f32[T, 4, 8] = slice(%qh) {dim=-1, end=8}
+  %qp: f32[T, 4, 4] = slice(%qh) {dim=-1, start=8}""" + Q_ROPE + """
+  %7: f32[T, 4, 12] = cat(%6, %qp) {dim=-1}
+  %k: f32[T, 2, 8] = slice(%kh) {dim=-1, end=8}
+  %kp: f32[T, 2, 4] = slice(%kh) {dim=-1, start=8}""" + K_ROPE + """
+  %17: f32[T, 2, 12] = cat(%16, %kp) {dim=-1}
+  return q=%7, k=%17
+}
+"""
+
+
+def test_partial_rotary_pair_covers_the_whole_head():
+    assert same_text(opt_text(PARTIAL, "fuse-rope"), PARTIAL_HEAD + """
+      %7: f32[T, 4, 12], %17: f32[T, 2, 12] = rope(%qh, %kh, %cos, %sin) {style="neox", rotary_dim=8}
+      return q=%7, k=%17
+    }
+    """)
+    assert_pass_preserves(PARTIAL, ["fuse-rope"], {"T": 3}, atol=0, rtol=0)
+
+
+def test_partial_rotary_with_another_tail_is_refused_but_rotation_fused():
+    """The pass-through half is not x[..., R:] of the same head: the rotation alone fuses
+    (rope of the slices) and --explain says why the whole head did not."""
+    text = PARTIAL.replace("%qp: f32[T, 4, 4] = slice(%qh) {dim=-1, start=8}",
+                           "%qp: f32[T, 4, 4] = slice(%qh) {dim=-1, start=4, end=8}")
+    g, ctx = run_passes(parse_graph(text), ["fuse-rope"])
+    reasons = [r.reason for r in ctx.refusals]
+    assert any("pass-through half" in r for r in reasons), reasons
+    assert_pass_preserves(text, ["fuse-rope"], {"T": 3}, atol=0, rtol=0)
+
+
+def test_phi3_graph_fuses_partial_rotary_with_the_cache_write(tmp_path):
+    g, params = model_graph("phi3", tmp_path)
+    assert_model_pass_preserves(g, params, ["fuse-norm", "fuse-rope"], atol=0, rtol=0)
+    writes = [n for n in g.nodes if n.op == "rope_cache_write"]
+    assert len(writes) == 2 and all(n.attrs["rotary_dim"] == 12 for n in writes)
+    assert "cache_write" not in g.op_counts() and "neg" not in g.op_counts()
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_gemma3_qk_norm_scaled_in_f32_folds_into_the_rope(dtype, tmp_path_factory):
+    g, params = model_graph("gemma3", tmp_path_factory.mktemp("g"), dtype=dtype)
+    run_passes(g, ["canonicalize"])
+    assert_model_pass_preserves(g, params, ["fuse-norm", "fuse-rope"], atol=0, rtol=0)
+    writes = [n for n in g.nodes if n.op == "rope_cache_write"]
+    assert len(writes) == 3 and all(len(n.operands) == 10 for n in writes)
+    assert all(bool(n.attrs.get("scale_f32")) == (dtype is not None) for n in writes)

@@ -188,6 +188,40 @@ def test_refusals_leave_the_graph_alone(text, reason):
     assert reason in r, r
 
 
+SOFT_CAP = HEADER + """
+  param @w: f32[16, 8]
+  %0: f32[T, 16] = linear(%h, @w)
+  %1: f32[T, 16] = div(%0) {scalar=30.0}
+  %2: f32[T, 16] = tanh(%1)
+  %3: f32[T, 16] = mul(%2) {scalar=30.0}
+  return logits=%3
+}
+"""
+
+
+def test_final_soft_cap_runs_after_the_pruned_head():
+    """Gemma's cap * tanh(logits / cap) follows the head onto the S sampled rows."""
+    out = opt_text(SOFT_CAP, "prune-logits")
+    assert same_text(out, HEADER + """
+  param @w: f32[16, 8]
+  %4: f32[S, 8] = index_select(%h, %logits_indices) {dim=0}
+  %5: f32[S, 16] = linear(%4, @w)
+  %6: f32[S, 16] = div(%5) {scalar=30.0}
+  %7: f32[S, 16] = tanh(%6)
+  %8: f32[S, 16] = mul(%7) {scalar=30.0}
+  meta {logits="pruned"}
+  return logits=%8
+}
+"""), out
+    check_pruned(SOFT_CAP, t=5, s=2)
+
+
+def test_a_tail_value_read_elsewhere_is_refused():
+    text = SOFT_CAP.replace("return logits=%3", "return logits=%3, capped=%2")
+    (r,) = refusal_reasons(text, "prune-logits")
+    assert "logits come from mul, not a linear" in r, r
+
+
 def test_rerun_is_a_no_op():
     once = opt_text(NORM, "prune-logits")
     g, ctx = run_passes(parse_graph(once), ["prune-logits"])
@@ -302,7 +336,7 @@ def test_equivalent_on_random_values(kinds, extra, t, s, bias, seed):
 
 
 FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}),
-            ("qwen3", {}), ("mixtral", {}), ("qwen3_moe", {})]
+            ("qwen3", {}), ("mixtral", {}), ("qwen3_moe", {}), ("phi3", {}), ("gemma3", {})]
 
 
 @pytest.mark.parametrize("family,overrides", FAMILIES)
@@ -313,11 +347,15 @@ def test_real_graphs(family, overrides, tmp_path_factory):
     assert str(g.outputs["logits"].type) == f"f32[S, {vocab}]" and g.meta["logits"] == "pruned"
     # the final norm now runs on the sampled rows: one rsqrt over S rows, the others over T
     rsqrt = [str(n.results[0].type.shape[0]) for n in g.nodes if n.op == "rsqrt"]
-    assert rsqrt.count("S") == 1 and rsqrt[-1] == "S"
+    # (Gemma: the last post-feedforward norm feeds that add, so it moves too)
+    assert rsqrt.count("S") == (2 if family == "gemma3" else 1) and rsqrt[-1] == "S"
     # gathered: the residual stream and the last layer's MLP output
     assert g.op_counts()["index_select"] == 2
     head = g.outputs["logits"].producer
-    tied = family == "qwen3" or overrides.get("tie_word_embeddings")
+    while head.op != "linear":            # Gemma's final soft-cap, after the pruned head
+        assert str(head.results[0].type.shape[0]) == "S"
+        head = head.operands[0].producer
+    tied = family in ("qwen3", "phi3", "gemma3") or overrides.get("tie_word_embeddings")
     assert head.operands[1].name == ("model.embed_tokens.weight" if tied else "lm_head.weight")
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import GPTNeoXConfig, LlamaConfig
+from transformers import GPTNeoXConfig, LlamaConfig, Phi3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from braze.ir.errors import BrazeError
-from braze.models.rope import rope_frequencies
+from braze.models.rope import longrope_frequencies, rope_frequencies
 
 LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 8192}
@@ -102,6 +102,43 @@ def test_default_partial_rotary_factor():
     torch.testing.assert_close(got, hf_reference(config)[0], rtol=0, atol=0)
 
 
+def phi(rope, original=4096, max_pos=131072, head_dim=96, partial=0.75):
+    n = int(head_dim * partial) // 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, **rope,
+            "short_factor": [1.0 + 0.05 * i for i in range(n)],
+            "long_factor": [1.0 + 1.5 * i for i in range(n)]}
+    return Phi3Config(hidden_size=head_dim * 4, num_attention_heads=4, partial_rotary_factor=partial,
+                      max_position_embeddings=max_pos, original_max_position_embeddings=original,
+                      rope_parameters=rope)
+
+
+@pytest.mark.parametrize("config", [
+    phi({}),                                                         # Phi-4-mini: factor implied
+    phi({"factor": 8.0}, partial=1.0, head_dim=64),                  # Phi-3-mini-128k shape
+    phi({"attention_factor": 1.3}, original=8192),
+    phi({}, original=131072),                                        # no extension: scale 1
+])
+def test_longrope_matches_transformers(config):
+    """Both frequency sets and the cos/sin scale equal HF's: short at initialisation, long
+    for a sequence past original_max_position_embeddings."""
+    rope, head_dim = config.rope_parameters, config.hidden_size // 4
+    original = rope["original_max_position_embeddings"]
+    short, long, scale, got_original = longrope_frequencies(rope, head_dim, config.max_position_embeddings)
+    want_short, want_scale = ROPE_INIT_FUNCTIONS["longrope"](config)
+    want_long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, seq_len=original + 1)
+    torch.testing.assert_close(short, want_short, rtol=0, atol=0)
+    torch.testing.assert_close(long, want_long, rtol=0, atol=0)
+    assert scale == pytest.approx(want_scale, rel=1e-12) and got_original == original
+    check(config, head_dim)
+
+
+def test_longrope_factor_list_of_wrong_length_names_it():
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 64,
+            "short_factor": [1.0] * 3, "long_factor": [1.0] * 4}
+    with pytest.raises(BrazeError, match="short_factor.*3 entries.*needs 4"):
+        longrope_frequencies(rope, 8, 256)
+
+
 def test_legacy_rope_scaling_dict():
     config = llama(LLAMA31, theta=500000.0, max_pos=131072)
     legacy = {**{k: v for k, v in LLAMA31.items() if k != "rope_type"}, "type": "llama3", "rope_theta": 500000.0}
@@ -110,7 +147,7 @@ def test_legacy_rope_scaling_dict():
     assert scale == 1.0
 
 
-@pytest.mark.parametrize("rope_type", ["longrope", "mrope", "proportional"])
+@pytest.mark.parametrize("rope_type", ["mrope", "proportional"])
 def test_unsupported_type_names_it(rope_type):
     with pytest.raises(BrazeError, match=rope_type) as info:
         rope_frequencies({"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}, 64, 4096)

@@ -7,6 +7,8 @@ cast to q's dtype once at the end. Sequence s owns the new tokens
 [qsl[s], qsl[s+1]) (n of them); its token i sits at position L - n + i
 (L = seq_lens[s]) and sees keys k <= pos (if causal) and k > pos - window (if the
 layer has a sliding window). Tokens past qsl[S] are padding and get zeros.
+With softcap C > 0 (Gemma 2; Gemma 3 when attn_logit_softcapping is set) each score s
+becomes C * tanh(s / C) before the mask, in fp32, inside the same online softmax.
 
 Rows and GQA packing
     Every attention program owns one kv head and a tile of BLOCK_M "rows"; row r is
@@ -120,6 +122,12 @@ def _split_plan(seq_len, n, S, MB, KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.conste
 
 
 @triton.jit
+def _tanh(x):
+    # exp-based: +-1 where exp over/underflows; tl has no tanh on every Triton version
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
 def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
                     ws_o_ptr, ws_m_ptr, ws_l_ptr,
                     T, S, MB, qk_scale,
@@ -129,7 +137,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, SHORT: tl.constexpr, SHORT_Q: tl.constexpr,
                     NUM_SPLITS: tl.constexpr, TARGET: tl.constexpr,
-                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -211,6 +220,9 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
         kt = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)          # [D, N]
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP > 0:
+            # qk_scale is scale / SOFTCAP here: C * tanh(s / C), then into the exp2 domain
+            qk = _tanh(qk) * (SOFTCAP * 1.4426950408889634)
         allowed = k_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
@@ -325,6 +337,7 @@ def lower(node, L):
         raise BrazeError(f"{node.op}: v cache {v_cache.type} must match k cache {k_cache.type}")
     window = int(node.attrs.get("sliding_window") or 0)
     causal = bool(node.attrs.get("causal", True))
+    softcap = float(node.attrs.get("softcap") or 0.0)
     p = plan(heads, kv_heads, head_dim, q.type.dtype)
     g = p["G"]
 
@@ -339,12 +352,14 @@ def lower(node, L):
     S, T, MB = L.expr(sym_S), L.expr(sym_T), L.expr(sym_MB)
     common = [L.buf(q), L.buf(k_cache), L.buf(v_cache), L.buf(qsl), L.buf(seq_lens),
               L.buf(block_tables), L.buf(out), ws_o, ws_m, ws_l, T, S, MB,
-              L.float(float(node.attrs["scale"]) * LOG2E),
+              L.float(float(node.attrs["scale"]) / softcap if softcap
+                      else float(node.attrs["scale"]) * LOG2E),
               L.stride(q, 0), L.stride(q, 1), L.stride(block_tables, 0), so0, so1]
     const = {"G": g, "NUM_HEADS": heads, "KV_HEADS": kv_heads, "HEAD_DIM": head_dim,
              "BLOCK_SIZE": block_size, "BLOCK_N": p["BLOCK_N"], "BLOCK_D": p["BLOCK_D"],
              "SHORT_Q": qs, "NUM_SPLITS": p["NUM_SPLITS"], "TARGET": TARGET_PROGRAMS,
-             "CAUSAL": causal, "WINDOW": window, "DOT_PRECISION": p["DOT_PRECISION"]}
+             "CAUSAL": causal, "WINDOW": window, "DOT_PRECISION": p["DOT_PRECISION"],
+             "SOFTCAP": softcap}
     splits_grid = (f"max(1, min({p['NUM_SPLITS']}, cdiv({TARGET_PROGRAMS}, max(S * {kv_heads}, 1)), "
                    f"cdiv(MB * {block_size}, {p['BLOCK_N']})))")
     L.launch(attn_fwd_kernel, grid=["S", str(kv_heads), splits_grid], args=common,

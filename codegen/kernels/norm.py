@@ -8,6 +8,9 @@ Semantics (ir/op_fused_norm_rope.py, the oracle), per row of the last dim D:
     y    = (h * rstd).to(x dtype)                        rounded to x's dtype, as the reference
     out  = (w.f32 * y.f32).to(out dtype)                 torch's `w * y` (promoted dtype)
 
+With {scale_f32} (Gemma: (1 + w) folded into an f32 weight at compile time) y is not
+rounded: out = (w.f32 * h * rstd).to(x dtype), the one cast the model makes.
+
 All math is fp32; the two rounding points (the residual sum to its dtype before it
 is normalised, and the normalised row to x's dtype before the weight) are where the
 reference rounds, so f32 agrees to ~1e-6 and f16/bf16 to an ulp of the output.
@@ -64,7 +67,8 @@ def _split_rows(rows, n_inner):
 @triton.jit
 def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
                     x_s0, x_s1, o_s0, o_s1,
-                    D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                    D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                    F32_SCALE: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     outer, inner = _split_rows(rows, n_inner)
@@ -75,7 +79,9 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
         m = rmask[:, None] & (cols < D)
         h = tl.load(x_ptr + x_row + cols, mask=m, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.reduce(h * h, 1, _sum_combine) / D + eps)
-        y = (h * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = h * rstd[:, None]
+        if not F32_SCALE:
+            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         tl.store(out_ptr + o_row + cols, (w * y).to(out_ptr.dtype.element_ty), mask=m)
     else:
@@ -90,7 +96,9 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
             c = start + cols
             m = rmask[:, None] & (c < D)
             h = tl.load(x_ptr + x_row + c, mask=m, other=0.0).to(tl.float32)
-            y = (h * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = h * rstd
+            if not F32_SCALE:
+                y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
             w = tl.load(w_ptr + c, mask=c < D, other=0.0).to(tl.float32)
             tl.store(out_ptr + o_row + c, (w * y).to(out_ptr.dtype.element_ty), mask=m)
 
@@ -98,7 +106,8 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
 @triton.jit
 def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_inner, eps,
                         a_s0, a_s1, b_s0, b_s1, o_s0, o_s1, s_s0, s_s1,
-                        D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                        D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                    F32_SCALE: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     outer, inner = _split_rows(rows, n_inner)
@@ -115,7 +124,9 @@ def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_inner, 
         tl.store(sum_ptr + s_row + cols, s, mask=m)
         h = s.to(tl.float32)
         rstd = tl.rsqrt(tl.reduce(h * h, 1, _sum_combine) / D + eps)
-        y = (h * rstd[:, None]).to(sum_ptr.dtype.element_ty).to(tl.float32)
+        y = h * rstd[:, None]
+        if not F32_SCALE:
+            y = y.to(sum_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         tl.store(out_ptr + o_row + cols, (w * y).to(out_ptr.dtype.element_ty), mask=m)
     else:
@@ -135,7 +146,9 @@ def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_inner, 
             c = start + cols
             m = rmask[:, None] & (c < D)
             h = tl.load(sum_ptr + s_row + c, mask=m, other=0.0).to(tl.float32)
-            y = (h * rstd).to(sum_ptr.dtype.element_ty).to(tl.float32)
+            y = h * rstd
+            if not F32_SCALE:
+                y = y.to(sum_ptr.dtype.element_ty).to(tl.float32)
             w = tl.load(w_ptr + c, mask=c < D, other=0.0).to(tl.float32)
             tl.store(out_ptr + o_row + c, (w * y).to(out_ptr.dtype.element_ty), mask=m)
 
@@ -191,5 +204,6 @@ def lower(node, L):
         strides += st
     L.launch(kernel, grid=grid,
              args=head + [n_rows, n_inner, L.float(node.attrs["eps"])] + strides,
-             constexprs={"D": d, "BLOCK": cfg["BLOCK"], "ROWS": cfg["ROWS"]},
+             constexprs={"D": d, "BLOCK": cfg["BLOCK"], "ROWS": cfg["ROWS"],
+                         "F32_SCALE": bool(node.attrs.get("scale_f32"))},
              num_warps=cfg["num_warps"], num_stages=1)

@@ -2,6 +2,9 @@
 
     x' = x * cos + rotate(x) * sin     (x first replaced by rms_norm(x, w) {eps} with QK-norm)
 
+With `rotary_dim` R < head_dim (partial rotary) the rotation covers x[..., :R] and a
+masked copy moves x[..., R:] (PASS elements per head) to the output or cache row.
+
 Design
 ------
 Grid [T]: one program per token (T = padded token count, the only dynamic size, so a
@@ -107,7 +110,7 @@ def _rope_heads(x_row, x_hs, o_row, o_hs, w_ptr, eps, c1, c2, s1, s2, lim,
                 H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_HALF: tl.constexpr, NEOX: tl.constexpr, HAS_NORM: tl.constexpr,
                 R_N: tl.constexpr, R_W: tl.constexpr, R_C: tl.constexpr, R_S: tl.constexpr,
-                R_O: tl.constexpr):
+                R_O: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr):
     """Rotate the H heads of one token: x_row/o_row point at the token's first head,
     x_hs/o_hs are head strides; heads >= `lim` (H, or 0 to skip the token) are masked."""
     if HAS_NORM:
@@ -127,6 +130,12 @@ def _rope_heads(x_row, x_hs, o_row, o_hs, w_ptr, eps, c1, c2, s1, s2, lim,
         o1 = _rnd(_rnd(x1 * c1, R_C) - _rnd(x2 * s1, R_S), R_O)
         o2 = _rnd(_rnd(x2 * c2, R_C) + _rnd(x1 * s2, R_S), R_O)
         _store_pairs(o_row + h * o_hs, o1, o2, hm, BLOCK_H, HALF, BLOCK_HALF, NEOX)
+        if PASS > 0:
+            # partial rotary: the head's last PASS elements are copied as they are
+            c = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
+            pm = hm & (c < 2 * HALF + PASS)
+            vals = tl.load(x_row + h * x_hs + c, mask=pm, other=0.0)
+            tl.store(o_row + h * o_hs + c, vals.to(o_row.dtype.element_ty), mask=pm)
 
 
 @triton.jit
@@ -140,7 +149,7 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, k
                 BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_DV: tl.constexpr,
                 RQ_N: tl.constexpr, RQ_W: tl.constexpr, RQ_C: tl.constexpr, RQ_S: tl.constexpr,
                 RK_N: tl.constexpr, RK_W: tl.constexpr, RK_C: tl.constexpr, RK_S: tl.constexpr,
-                RK_O: tl.constexpr):
+                RK_O: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     one = tl.full([1, 1], 0, tl.int32)          # [1, 1] row of pointers for cos/sin
     true = one == 0
@@ -148,7 +157,8 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, k
     s1, s2 = _load_pairs(sin_ptr + t * sin_rs + one, true, 1, HALF, BLOCK_HALF, NEOX)
     # q' for every row, padding included (as the reference); store casts to q'.dtype
     _rope_heads(q_ptr + t * q_rs, q_hs, qo_ptr + t * qo_rs, qo_hs, qw_ptr, eps, c1, c2, s1, s2,
-                HQ, HQ, HALF, BLOCK_HQ, BLOCK_HALF, NEOX, HAS_NORM, RQ_N, RQ_W, RQ_C, RQ_S, 0)
+                HQ, HQ, HALF, BLOCK_HQ, BLOCK_HALF, NEOX, HAS_NORM, RQ_N, RQ_W, RQ_C, RQ_S, 0,
+                PASS, BLOCK_PASS)
     if HAS_K:
         if CACHE:
             slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -156,7 +166,7 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, k
             slot = tl.maximum(slot, 0)
             _rope_heads(k_ptr + t * k_rs, k_hs, kc_ptr + slot * kc_ss, kc_hs, kw_ptr, eps,
                         c1, c2, s1, s2, tl.where(ok, HK, 0), HK, HALF, BLOCK_HK, BLOCK_HALF,
-                        NEOX, HAS_NORM, RK_N, RK_W, RK_C, RK_S, RK_O)
+                        NEOX, HAS_NORM, RK_N, RK_W, RK_C, RK_S, RK_O, PASS, BLOCK_PASS)
             d = tl.arange(0, BLOCK_DV)[None, :]
             hv_lim = tl.where(ok, HV, 0)
             for h0 in range(0, HV, BLOCK_HV):
@@ -168,7 +178,7 @@ def rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, k
         else:
             _rope_heads(k_ptr + t * k_rs, k_hs, ko_ptr + t * ko_rs, ko_hs, kw_ptr, eps,
                         c1, c2, s1, s2, HK, HK, HALF, BLOCK_HK, BLOCK_HALF, NEOX, HAS_NORM,
-                        RK_N, RK_W, RK_C, RK_S, 0)
+                        RK_N, RK_W, RK_C, RK_S, 0, PASS, BLOCK_PASS)
 
 
 # -- lowering (codegen only) -----------------------------------------------------------------
@@ -184,12 +194,16 @@ def _code(dtype: str) -> int:
     return codes[dtype]
 
 
-def _rounding(x, cos, sin, w):
-    """-> (R_N, R_W, R_C, R_S, R_O): the dtypes the reference rounds to (rope_ref)."""
+def _rounding(x, cos, sin, w, scale_f32=False):
+    """-> (R_N, R_W, R_C, R_S, R_O): the dtypes the reference rounds to (rope_ref).
+    scale_f32 (Gemma's QK-norm): the normalised value stays f32 until (n * w).to(x dtype)."""
     from braze.ir.op_fused_norm_rope import _promote
     p1 = _promote(w.type.dtype, x.type.dtype) if w is not None else x.type.dtype
+    r_n = _code(x.type.dtype)
+    if w is not None and scale_f32:
+        p1, r_n = x.type.dtype, 0
     pc, ps = _promote(p1, cos.type.dtype), _promote(p1, sin.type.dtype)
-    return (_code(x.type.dtype), _code(p1), _code(pc), _code(ps), _code(_promote(pc, ps)))
+    return (r_n, _code(p1), _code(pc), _code(ps), _code(_promote(pc, ps)))
 
 
 def _block_heads(heads: int, block_half: int, L) -> int:
@@ -215,12 +229,14 @@ def lower(node, L):
     cache = op == "rope_cache_write"
 
     hq, d = q.type.shape[1], q.type.shape[2]
-    half = d // 2
+    rotary = node.attrs.get("rotary_dim") or d
+    half, passed = rotary // 2, d - rotary
     block_half = L.pow2(half, 1)
     hk = k.type.shape[1] if k is not None else 0
     hv, dv = (v.type.shape[1], v.type.shape[2]) if cache else (0, 1)
-    rq = _rounding(q, cos, sin, qw)
-    rk = _rounding(k, cos, sin, kw) if k is not None else (0,) * 5
+    f32 = bool(node.attrs.get("scale_f32"))
+    rq = _rounding(q, cos, sin, qw, f32)
+    rk = _rounding(k, cos, sin, kw, f32) if k is not None else (0,) * 5
     block_hq = _block_heads(hq, block_half, L)
     block_hk = _block_heads(max(hk, 1), block_half, L)
     block_dv = L.pow2(dv, 1)
@@ -241,6 +257,7 @@ def lower(node, L):
         "HAS_K": k is not None, "CACHE": cache, "HAS_NORM": qw is not None,
         "BLOCK_HQ": block_hq, "BLOCK_HK": block_hk, "BLOCK_HV": block_hv,
         "BLOCK_HALF": block_half, "BLOCK_DV": block_dv,
+        "PASS": passed, "BLOCK_PASS": L.pow2(max(passed, 1), 1),
         "RQ_N": rq[0], "RQ_W": rq[1], "RQ_C": rq[2], "RQ_S": rq[3],
         "RK_N": rk[0], "RK_W": rk[1], "RK_C": rk[2], "RK_S": rk[3], "RK_O": rk[4],
     }
