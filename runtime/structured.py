@@ -309,7 +309,7 @@ def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
 
 def apply_bitmask_fast(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """In place: xgrammar's kernel for the logits' device (its CPU kernel, or its Triton
-    kernel on CUDA; never its torch.compile backend), falling back to the plain torch
+    kernel on CUDA; never its compiled-torch backend), falling back to the plain torch
     version in runtime/sampler.py."""
     from .sampler import apply_token_bitmask
     if logits.dtype != torch.float32 or not logits.is_contiguous():
