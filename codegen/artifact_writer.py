@@ -1,8 +1,8 @@
 """Write an artifact directory (schema in braze/artifact.py).
 
-Weights stream into shards of at most `shard_bytes`, so a model larger than
-memory is never held whole; each shard is hashed from the bytes written, so an 8B
-model's 16 GB are not read back to hash them. The directory is built under a temporary name
+Weights stream into safetensors shards of at most `shard_bytes`, one tensor at a time,
+so compiling holds one weight in memory, never a model or a shard; each shard is hashed
+from the bytes written, so an 8B model's 16 GB are not read back to hash them. The directory is built under a temporary name
 and renamed into place at the end: a failed compile never leaves a
 half-written artifact where a good one was expected.
 """
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
 from braze import __version__
 from braze.artifact import (FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, TOKENIZER_DIR,
@@ -78,39 +77,26 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
            extra: dict, shard_bytes: int, log) -> dict:
     (root / GRAPH_FILE).write_text(print_graph(graph))
     (root / "config.json").write_text(json.dumps(model["config"], indent=1) + "\n")
-    params_index, shard, shard_size, files = {}, {}, 0, []
-    total_bytes = 0
     names = list(graph.params)
     t0 = time.perf_counter()
     digests: dict[str, str] = {}
-
-    def flush():
-        nonlocal shard, shard_size
-        if shard:
-            fname = f"weights-{len(files) + 1:05d}.safetensors"
-            data = save(shard, metadata={"format": "pt"})
-            (root / fname).write_bytes(data)
-            digests[fname] = hashlib.sha256(data).hexdigest()
-            files.append(fname)
-            shard, shard_size = {}, 0
-
-    for i, name in enumerate(names):
-        p = graph.params[name]
-        t = load_param(name)
-        if t.dtype != torch_dtype(p.type.dtype) or tuple(t.shape) != tuple(p.type.shape):
-            raise BrazeError(f"parameter {name}: got {t.dtype} {list(t.shape)}, "
-                             f"graph expects {p.type}")
-        nbytes = t.numel() * t.element_size()
-        if shard and shard_size + nbytes > shard_bytes:
-            flush()
-        shard[name] = t.contiguous()
-        shard_size += nbytes
-        total_bytes += nbytes
-        params_index[name] = len(files)
-        if log and (i + 1) % 64 == 0:
-            log(f"  weights: {i + 1}/{len(names)} tensors, {total_bytes / 2**20:.1f} MiB")
-    flush()
-    params = {n: files[k] for n, k in params_index.items()}
+    files: list[str] = []
+    params: dict[str, str] = {}
+    total_bytes, done = 0, 0
+    for group in _plan_shards(graph, names, shard_bytes):
+        fname = f"weights-{len(files) + 1:05d}.safetensors"
+        with open(root / fname, "wb") as f:
+            writer = _ShardWriter(f, [(n, graph.params[n].type) for n in group])
+            for name in group:
+                writer.write(name, _checked(graph, name, load_param(name)))
+                params[name] = fname
+                done += 1
+                if log and done % 64 == 0:
+                    log(f"  weights: {done}/{len(names)} tensors, "
+                        f"{(total_bytes + writer.written) / 2**20:.1f} MiB")
+            digests[fname] = writer.finish()
+            total_bytes += writer.written
+        files.append(fname)
     if log:
         log(f"wrote {len(names)} weight tensors ({total_bytes / 2**20:.1f} MiB) in "
             f"{len(files)} file(s) in {time.perf_counter() - t0:.2f}s")
@@ -138,3 +124,82 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
         **extra,
         "files": hashes,
     }
+
+
+# safetensors' dtype names (its format spec); the header is JSON padded to 8 bytes.
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+              torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _nbytes(ptype) -> int:
+    dt = torch_dtype(ptype.dtype)
+    n = 1
+    for d in ptype.shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dt).element_size()
+
+
+def _plan_shards(graph: Graph, names: list[str], shard_bytes: int) -> list[list[str]]:
+    """Group params into files of at most `shard_bytes` (a larger param gets its own file),
+    from the graph's types alone: no weight is read to plan."""
+    groups, size = [], 0
+    for name in names:
+        n = _nbytes(graph.params[name].type)
+        if not groups or (groups[-1] and size + n > shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+def _checked(graph: Graph, name: str, t: torch.Tensor) -> torch.Tensor:
+    p = graph.params[name]
+    if t.dtype != torch_dtype(p.type.dtype) or tuple(t.shape) != tuple(p.type.shape):
+        raise BrazeError(f"parameter {name}: got {t.dtype} {list(t.shape)}, "
+                         f"graph expects {p.type}")
+    return t
+
+
+class _ShardWriter:
+    """Streams one safetensors file: the header is known from the graph's types, so each
+    tensor is written (and hashed) as soon as it is loaded and then dropped. The writer
+    never holds more than the tensor in hand; a whole shard used to be held twice (the
+    tensors, then their serialized bytes)."""
+
+    def __init__(self, f, entries):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        self._order = []
+        for name, ptype in entries:
+            n = _nbytes(ptype)
+            header[name] = {"dtype": _ST_DTYPES[torch_dtype(ptype.dtype)],
+                            "shape": [int(d) for d in ptype.shape],
+                            "data_offsets": [offset, offset + n]}
+            self._order.append((name, n))
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._f, self._hash, self.written, self._next = f, hashlib.sha256(), 0, 0
+        self._emit(len(text).to_bytes(8, "little") + text)
+        self.written = 0
+
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want, n = self._order[self._next]
+        if name != want:
+            raise AssertionError(f"shard writer expected {want}, got {name}")
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != n:
+            raise AssertionError(f"{name}: {data.nbytes} bytes, header says {n}")
+        self._emit(memoryview(data))
+        self.written += n
+        self._next += 1
+
+    def finish(self) -> str:
+        if self._next != len(self._order):
+            raise AssertionError("shard writer closed before every tensor was written")
+        return self._hash.hexdigest()

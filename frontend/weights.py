@@ -40,10 +40,18 @@ class Checkpoint:
                     self.files[name] = f
         self._handles: dict[Path, object] = {}
 
+    # open files are memory-mapped, and the pages read stay resident while the map lives:
+    # keeping only the latest open bounds that to one shard, not the checkpoint
+    MAX_OPEN = 1
+
     def _open(self, path: Path):
         if not hasattr(self, "_handles"):
             self._handles = {}
-        if path not in self._handles:
+        if path in self._handles:
+            self._handles[path] = self._handles.pop(path)     # most recent last
+        else:
+            while len(self._handles) >= self.MAX_OPEN:
+                del self._handles[next(iter(self._handles))]
             if not path.exists():
                 raise BrazeError(f"{path}: weight file listed in the index is missing")
             try:
