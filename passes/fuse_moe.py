@@ -35,6 +35,9 @@ stay as they are. If `merge-projections` ever merged the router into a bigger
 linear on the same input, the router weight is recovered from the merged
 weight's `cat` recipe.
 
+DeepSeek-V3's router (sigmoid scores, e_score_correction_bias, group-limited top-k,
+routed_scaling_factor) is refused by name: fused_moe's routing is the softmax above.
+
 Refused, with the reason (`--explain`): every 2-operand einsum of a [T, E] and
 a [T, E, H] operand that is not exactly this form, e.g. a different einsum
 equation, a routing matrix that is not a scatter of top-k weights into zeros,
@@ -93,6 +96,24 @@ def _pattern_for(root: Node) -> Op:
     return PATTERNS[(cast, renorm)]
 
 
+def _sigmoid_routing(root: Node) -> str | None:
+    """The refusal for DeepSeek-V3's router, named as such rather than as the first op
+    the softmax pattern did not expect."""
+    seen, todo = set(), [root.operands[0]]
+    while todo and len(seen) < 64:
+        v = todo.pop()
+        n = v.producer
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.op == "sigmoid":
+            return ("the routing matrix comes from sigmoid scores (DeepSeek-V3's grouped "
+                    "routing: correction bias, group-limited top-k, scaled weights); fused_moe "
+                    "routes with a softmax, so this MoE stays in its dense form")
+        todo.extend(n.operands)
+    return None
+
+
 def _is_candidate(node: Node) -> bool:
     """Any einsum that combines per-expert outputs [T, E, H] with [T, E] weights, in either order."""
     return (node.op == "einsum" and len(node.operands) == 2 and node.results[0].type.rank == 2
@@ -112,7 +133,7 @@ def _fuse(root: Node, rw: Rewriter) -> str | int | None:
     g = rw.g
     m = match(_pattern_for(root), root.results[0], g)
     if not m:
-        return m.reason
+        return _sigmoid_routing(root) or m.reason
     if m["topk_w"] is not m["topk_i"]:
         return "the routing weights and the expert ids come from two different topk nodes"
     xv, probs = m["x"], m["softmax"].results[0]
