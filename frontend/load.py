@@ -16,6 +16,7 @@ from braze.ir.types import torch_dtype
 from braze.models.registry import ARCHITECTURES, build_model, build_spec, family_of, weight_sources
 from braze.models.spec import ModelSpec
 
+from .mtp import mtp_tensors
 from .trace import trace_to_ir
 from .weights import Checkpoint, check_sources, load_source
 
@@ -43,6 +44,7 @@ class LoadedModel:
     # each traced param's dtype: the compile dtype, except what the model keeps wider
     # (DeepSeek-V3's float32 router), recorded before passes derive params from them
     param_dtypes: dict[str, str] = field(default_factory=dict)
+    mtp: dict[int, list[str]] = field(default_factory=dict)   # MTP layer -> its tensors
 
     def load_param(self, name: str) -> torch.Tensor:
         if name in self.computed:
@@ -52,6 +54,7 @@ class LoadedModel:
 
     def unused_checkpoint_tensors(self) -> list[str]:
         used = {n for s in self.sources.values() for n in s.names}
+        used.update(n for names in self.mtp.values() for n in names)
         return sorted(self.checkpoint.names() - used) if self.checkpoint else []
 
 
@@ -120,6 +123,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
             src = weight_sources(spec, name, p.type.shape, available)
             check_sources(ckpt, name, src, p.type.shape)
             loaded.sources[name] = src
+        loaded.mtp = mtp_tensors(spec, available, log=log)
         unused = loaded.unused_checkpoint_tensors()
         if unused and log:
             log(f"note: {len(unused)} checkpoint tensor(s) not used by the model, e.g. {unused[0]}")
