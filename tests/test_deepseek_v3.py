@@ -193,3 +193,32 @@ def test_undeclared_extra_layer_is_a_clear_error(ds, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BrazeError, match="num_nextn_predict_layers"):
         braze.compile(tmp_path / "m", tmp_path / "a", opt_level=0, targets="")
+
+
+def test_o2_decodes_in_the_absorbed_form(ds):
+    """absorb-mla replaced every mla_attention: the latent_attention kernel reads the
+    latent cache, W_UK and W_UV are shipped per head."""
+    from braze.inspect import summarize
+    from braze.runtime import open_artifact
+    root = ds.artifact("dsv3", opt_level=2)
+    s = summarize(root)
+    assert s["ops"].get("latent_attention") == 2 and "mla_attention" not in s["ops"]
+    assert any(k["fn"] == "mla_attn_kernel" for k in s["kernels"].values())
+    params = open_artifact(root).graph.params
+    assert params["model.layers.0.self_attn.kv_b_proj.w_uk"].type.shape == (4, 16, 32)
+    assert params["model.layers.0.self_attn.kv_b_proj.w_uv"].type.shape == (4, 12, 32)
+
+
+def test_bf16_artifact_has_a_cubin_per_kernel_per_target(ds):
+    from braze.artifact import sha256_file
+    root = ds.artifact("dsv3", opt_level=2, dtype="bfloat16", targets="sm_80,sm_90")
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["targets"] == ["sm_80", "sm_90"] and m["kernels"]
+    assert {k["fn"] for k in m["kernels"].values()} >= {"mla_attn_kernel",
+                                                        "latent_cache_write_kernel"}
+    for vid, k in m["kernels"].items():
+        assert k["specs"] and set(k["cubins"]) == {"sm_80", "sm_90"}, vid
+        for t, by_key in k["cubins"].items():
+            for entry in by_key.values():
+                assert m["files"][entry["cubin"]] == sha256_file(root / entry["cubin"])
+                assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
