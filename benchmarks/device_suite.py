@@ -16,7 +16,8 @@ Part 1:
   install      pip install --no-deps --no-index (the GPU image has no network), and the
                wheels benchmarks/device_wheels.sh put in .whl/ (carry it: cryptography,
                which signing needs; only signed artifacts' cubins are launched)
-  correctness  pytest -m gpu: bf16 logits at every position vs transformers,  gpu-tests.log
+  correctness  pytest -m gpu: bf16 logits at every position vs transformers   gpu-tests.log
+               (DeepSeek-V3's MLA kernel too),
                graph modes none/piecewise/full agree, every bucket's replay
                equals eager, bf16 cubins launched with zero JIT
   decode-1b    Llama-3.2-1B shape, batch 1 and 64 vs HF eager, profiled     decode-1b.json,
@@ -198,7 +199,7 @@ class Suite:
 
     def correctness_stage(self, limit_s: float) -> None:
         cmd = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider",
-               "tests/test_gpu.py", "tests/test_gpu_graphs.py"]
+               "tests/test_gpu.py", "tests/test_gpu_graphs.py", "tests/test_deepseek_v3.py"]
         if importlib.util.find_spec("pytest_timeout"):
             cmd += ["--timeout", "150"]
 

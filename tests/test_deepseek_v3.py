@@ -222,3 +222,26 @@ def test_bf16_artifact_has_a_cubin_per_kernel_per_target(ds):
             for entry in by_key.values():
                 assert m["files"][entry["cubin"]] == sha256_file(root / entry["cubin"])
                 assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_bf16_close_to_transformers(ds, case):
+    """The cuda backend in bf16 (absorbed MLA kernel, CUDA graphs) against transformers in
+    bf16 on the same GPU, with tests/test_gpu.py's measured tolerance: at most a few times
+    transformers' own bf16-vs-f32 difference."""
+    from braze.runtime import Executor, open_artifact
+    from conftest import run_step
+    prompt = PROMPT[:11]
+    art = open_artifact(ds.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90"))
+    ex = Executor(art, backend="cuda", num_blocks=16)
+    ours = torch.cat([run_step(ex, [SeqChunk(prompt[:p], 0, take_blocks(ex, 1))])
+                      for p in range(1, len(prompt) + 1)]).float()
+    ref = hf_model(ds.checkpoint(case)).to("cuda")
+    with torch.no_grad():
+        f32 = ref(torch.tensor([prompt], device="cuda")).logits[0].float()
+        b16 = ref.to(torch.bfloat16)(torch.tensor([prompt], device="cuda")).logits[0].float()
+    noise, err = (b16 - f32).abs(), (ours - b16).abs()
+    for stat in (torch.max, torch.median):
+        assert stat(err) <= 4 * stat(noise) + 2 ** -8 * f32.abs().max(), (stat.__name__, err, noise)
