@@ -918,11 +918,27 @@ def test_mla_ops_infer_and_reject():
         g.add_node("latent_cache_write", [qa, cache, sl])
 
 
+def test_fused_moe_routed_infer_and_reject():
+    g = Graph()
+    x = g.add_input("x", TensorType((T, 16), "f32"))
+    w = g.add_input("w", TensorType((T, 2), "f32"))
+    ids = g.add_input("ids", TensorType((T, 2), "i64"))
+    gu = g.add_param("gu", TensorType((4, 8, 16), "f32"))
+    d = g.add_param("d", TensorType((4, 16, 4), "f32"))
+    assert g.op("fused_moe_routed", x, w, ids, gu, d).type == TensorType((T, 16), "f32")
+    with pytest.raises(BrazeError, match="want weights"):
+        g.op("fused_moe_routed", x, ids, ids, gu, d)
+    many = g.add_input("many", TensorType((T, 5), "i64"))
+    wide = g.add_input("wide", TensorType((T, 5), "f32"))
+    with pytest.raises(BrazeError, match="5 experts per token"):
+        g.op("fused_moe_routed", x, wide, many, gu, d)
+
+
 # -- coverage -----------------------------------------------------------------------------------
 
 # all three in test_paged_attention_matches_dense; the MLA ops in test_mla_ops_infer_and_reject
 COVERED_ELSEWHERE = {"paged_attention", "cache_write", "attention", "mla_attention",
-                     "latent_attention", "latent_cache_write"}
+                     "latent_attention", "latent_cache_write", "fused_moe_routed"}
 
 
 def test_every_registered_op_is_covered():
