@@ -247,3 +247,19 @@ def test_cuda_bf16_close_to_transformers(ds, case):
     noise, err = (b16 - f32).abs(), (ours - b16).abs()
     for stat in (torch.max, torch.median):
         assert stat(err) <= 4 * stat(noise) + 2 ** -8 * f32.abs().max(), (stat.__name__, err, noise)
+
+
+def test_float16_kernels_equal_the_reference_interpreter(ds):
+    """A float16 -O2 artifact: the MLA, routed-MoE, norm and pointwise kernels (interpreted)
+    against the reference interpreter on the same artifact, over a mixed step."""
+    from braze.runtime import Executor, open_artifact
+    from conftest import run_step
+    art = open_artifact(ds.artifact("dsv3", opt_level=2, dtype="float16"))
+    outs = []
+    for backend in ("reference", "interpret"):
+        ex = Executor(art, backend=backend, num_blocks=8)
+        a, b = take_blocks(ex, 1), take_blocks(ex, 1)
+        run_step(ex, [SeqChunk(PROMPT[:5], 0, b)])
+        outs.append(run_step(ex, [SeqChunk(PROMPT[:11], 0, a), SeqChunk(PROMPT[5:6], 5, b)]))
+    assert outs[0].dtype == torch.float16
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
