@@ -29,8 +29,9 @@ Part 2:
   decode-8b    batches 16, 64 vs HF eager, cold start                       decode-8b-full.json
   kernels      every kernel template at model shapes: us, GB/s, % of HBM    kernels.json
 Part 3:
-  decode-families  Phi-4-mini and Gemma-3-1B shapes (partial rotary + longrope;
-               (1 + w) sandwich norms, sliding/global layers, head_dim 256), batches 1
+  decode-families  Phi-4-mini, Gemma-3-1B and DeepSeek-V3-mini shapes (partial rotary +
+               longrope; (1 + w) sandwich norms, sliding/global layers, head_dim 256; MLA
+               latent cache + absorbed decode kernel, grouped sigmoid MoE), batches 1
                and 16 vs HF eager, with the teacher-forced correctness check  decode-families.json
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
                                           "--profile-dir", str(out)])
         s.decode_stage("decode-8b", 220, "8b", "1", "eager", "decode-8b.json", ["--no-cold-start"])
     elif args.part == 3:
-        s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b",
+        s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b,dsv3-mini",
                        "1,16" if not args.dry_run else "1,4", "eager", "decode-families.json",
                        ["--no-cold-start"])
     else:
