@@ -110,11 +110,29 @@ def gemma3_27b_config():
         dtype="bfloat16", architectures=["Gemma3ForCausalLM"])
 
 
+def deepseek_v3_config():
+    """DeepSeek-V3 (671B): MLA (q_lora 1536, kv_lora 512, rope 64), 256 experts in 8 groups,
+    3 dense first layers, YaRN x40, one MTP layer declared (no weights here)."""
+    from transformers import DeepseekV3Config
+    return DeepseekV3Config(
+        hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        intermediate_size=18432, moe_intermediate_size=2048, vocab_size=129280,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+        topk_group=4, first_k_dense_replace=3, routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, max_position_embeddings=163840, num_nextn_predict_layers=1,
+        rope_parameters={"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        dtype="bfloat16", architectures=["DeepseekV3ForCausalLM"])
+
+
 MODELS = {
     "llama3-8b": llama3_8b_config,
     "qwen3-30b-a3b": qwen3_30b_a3b_config,
     "phi4-mini": phi4_mini_config,
     "gemma3-27b": gemma3_27b_config,
+    "deepseek-v3": deepseek_v3_config,
 }
 
 

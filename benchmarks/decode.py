@@ -110,6 +110,13 @@ MODELS = {
                       window=512, pattern=6, qpas=256, rope={"rope_type": "default",
                                                              "rope_theta": 1000000.0},
                       local_theta=10000.0, max_pos=32768),
+    # DeepSeek-V3's structure (MLA with the latent cache, grouped sigmoid MoE, shared
+    # experts, a dense first layer) at DeepSeek-V2-Lite's attention sizes, 0.9B parameters
+    "dsv3-mini": dict(name="DeepSeek-V3-mini", arch="deepseek_v3", hidden=1024, layers=8,
+                      heads=16, kv_heads=16, inter=5632, vocab=102400, tie=False,
+                      kv_lora=512, q_lora=None, nope=128, rope_dim=64, v_dim=128, experts=32,
+                      top_k=6, groups=4, topk_groups=2, moe_inter=704, shared=2, dense=1,
+                      rope={"rope_type": "default", "rope_theta": 10000.0}, max_pos=4096),
     # --cpu: what a laptop without a GPU serves (SmolLM-135M's shape)
     "135m": dict(name="SmolLM-135M", hidden=576, layers=30, heads=9, kv_heads=3, inter=1536,
                  vocab=49152, tie=True, rope={"rope_type": "default", "rope_theta": 10000.0},
@@ -131,6 +138,11 @@ TINY_MODELS = {     # --dry-run: the same structure (GQA, tied / untied) at inte
                       kv_heads=1, head_dim=32, inter=96, vocab=512, tie=True, window=8,
                       pattern=3, qpas=32, rope={"rope_type": "default", "rope_theta": 1000000.0},
                       local_theta=10000.0, max_pos=4096),
+    "dsv3-mini": dict(name="tiny DeepSeek-V3-mini", arch="deepseek_v3", hidden=64, layers=2,
+                      heads=4, kv_heads=4, inter=96, vocab=512, tie=False, kv_lora=32,
+                      q_lora=24, nope=16, rope_dim=16, v_dim=16, experts=8, top_k=2, groups=4,
+                      topk_groups=2, moe_inter=32, shared=1, dense=1,
+                      rope={"rope_type": "default", "rope_theta": 10000.0}, max_pos=4096),
 }
 BATCHES = (1, 16, 64)
 TINY_BATCHES = (1, 4)
@@ -148,7 +160,7 @@ BLOCK_SIZE = 16
 # -- model and checkpoint ---------------------------------------------------------------------
 
 def hf_config(spec: dict, dtype: str):
-    if spec.get("arch") in ("phi3", "gemma3"):
+    if spec.get("arch") in ("phi3", "gemma3", "deepseek_v3"):
         return _family_config(spec, dtype)
     from transformers import LlamaConfig
 
@@ -163,7 +175,7 @@ def hf_config(spec: dict, dtype: str):
 
 
 def _family_config(spec: dict, dtype: str):
-    """Phi3Config or Gemma3TextConfig for a shape of MODELS with an `arch`."""
+    """Phi3Config, Gemma3TextConfig or DeepseekV3Config for a shape of MODELS with an `arch`."""
     import transformers as tf
 
     common = dict(hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
@@ -171,6 +183,16 @@ def _family_config(spec: dict, dtype: str):
                   intermediate_size=spec["inter"], vocab_size=spec["vocab"],
                   max_position_embeddings=spec["max_pos"], tie_word_embeddings=spec["tie"],
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
+    if spec["arch"] == "deepseek_v3":
+        return tf.DeepseekV3Config(
+            **common, q_lora_rank=spec["q_lora"], kv_lora_rank=spec["kv_lora"],
+            qk_nope_head_dim=spec["nope"], qk_rope_head_dim=spec["rope_dim"],
+            v_head_dim=spec["v_dim"], n_routed_experts=spec["experts"],
+            num_experts_per_tok=spec["top_k"], n_group=spec["groups"],
+            topk_group=spec["topk_groups"], moe_intermediate_size=spec["moe_inter"],
+            n_shared_experts=spec["shared"], first_k_dense_replace=spec["dense"],
+            routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=0,
+            rope_parameters=dict(spec["rope"]), architectures=["DeepseekV3ForCausalLM"])
     if spec["arch"] == "phi3":
         return tf.Phi3Config(**common, partial_rotary_factor=spec["partial_rotary"],
                              original_max_position_embeddings=spec["original_max_pos"],
@@ -238,6 +260,14 @@ def bytes_per_decode_step(model, batch: int, context: int, spec: dict) -> dict:
     if not tied:
         weights -= emb.numel() * emb.element_size()
         weights += batch * emb.shape[1] * emb.element_size()
+    if spec.get("experts"):     # an MoE step reads only the experts its tokens picked
+        untouched = spec["experts"] - min(spec["experts"], batch * spec["top_k"])
+        moe_layers = spec["layers"] - spec.get("dense", 0)
+        weights -= moe_layers * untouched * 3 * spec["hidden"] * spec["moe_inter"] * emb.element_size()
+    if spec.get("kv_lora"):     # MLA: one latent + rope row per token and layer
+        kv = spec["layers"] * (spec["kv_lora"] + spec["rope_dim"]) * emb.element_size() \
+            * context * batch
+        return {"weights": weights, "kv": kv, "total": weights + kv}
     head_dim = spec.get("head_dim") or spec["hidden"] // spec["heads"]
     kv = 2 * spec["layers"] * spec["kv_heads"] * head_dim * emb.element_size() * context * batch
     return {"weights": weights, "kv": kv, "total": weights + kv}
@@ -913,7 +943,7 @@ def parse_args(argv):
                "torch.compile and HF eager at batch 1, 16, 64; cold start < 10 s (8B, weights "
                "excluded).")
     ap.add_argument("--models", default="1b,8b", help="comma list of 1b, 8b, phi4-mini, "
-                    "gemma3-1b (default 1b,8b; one per GPU command keeps within 10 minutes)")
+                    "gemma3-1b, dsv3-mini (default 1b,8b; one per GPU command keeps within 10 minutes)")
     ap.add_argument("--batches", default=None, help=f"comma list (default "
                     f"{','.join(map(str, BATCHES))}; dry run {','.join(map(str, TINY_BATCHES))})")
     ap.add_argument("--steps", type=int, default=None,

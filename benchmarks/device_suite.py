@@ -16,7 +16,8 @@ Part 1:
   install      pip install --no-deps --no-index (the GPU image has no network), and the
                wheels benchmarks/device_wheels.sh put in .whl/ (carry it: cryptography,
                which signing needs; only signed artifacts' cubins are launched)
-  correctness  pytest -m gpu: bf16 logits at every position vs transformers,  gpu-tests.log
+  correctness  pytest -m gpu: bf16 logits at every position vs transformers   gpu-tests.log
+               (DeepSeek-V3's MLA kernel too),
                graph modes none/piecewise/full agree, every bucket's replay
                equals eager, bf16 cubins launched with zero JIT
   decode-1b    Llama-3.2-1B shape, batch 1 and 64 vs HF eager, profiled     decode-1b.json,
@@ -28,8 +29,9 @@ Part 2:
   decode-8b    batches 16, 64 vs HF eager, cold start                       decode-8b-full.json
   kernels      every kernel template at model shapes: us, GB/s, % of HBM    kernels.json
 Part 3:
-  decode-families  Phi-4-mini and Gemma-3-1B shapes (partial rotary + longrope;
-               (1 + w) sandwich norms, sliding/global layers, head_dim 256), batches 1
+  decode-families  Phi-4-mini, Gemma-3-1B and DeepSeek-V3-mini shapes (partial rotary +
+               longrope; (1 + w) sandwich norms, sliding/global layers, head_dim 256; MLA
+               latent cache + absorbed decode kernel, grouped sigmoid MoE), batches 1
                and 16 vs HF eager, with the teacher-forced correctness check  decode-families.json
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
@@ -198,7 +200,7 @@ class Suite:
 
     def correctness_stage(self, limit_s: float) -> None:
         cmd = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider",
-               "tests/test_gpu.py", "tests/test_gpu_graphs.py"]
+               "tests/test_gpu.py", "tests/test_gpu_graphs.py", "tests/test_deepseek_v3.py"]
         if importlib.util.find_spec("pytest_timeout"):
             cmd += ["--timeout", "150"]
 
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
                                           "--profile-dir", str(out)])
         s.decode_stage("decode-8b", 220, "8b", "1", "eager", "decode-8b.json", ["--no-cold-start"])
     elif args.part == 3:
-        s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b",
+        s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b,dsv3-mini",
                        "1,16" if not args.dry_run else "1,4", "eager", "decode-families.json",
                        ["--no-cold-start"])
     else:

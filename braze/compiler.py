@@ -16,6 +16,7 @@ import torch
 
 from braze.codegen.artifact_writer import write_artifact
 from braze.codegen.emit import emit_kernels
+from braze.codegen.mtp_writer import write_mtp
 from braze.codegen.plan import build_plan
 from braze.frontend import load_model
 from braze.frontend.gguf import GGUFSource, is_gguf
@@ -113,7 +114,9 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         f"{', '.join(f'{k} x{n}' for k, n in plan['extern_ops'].items()) or 'none'}")
 
     def emit(root: Path) -> dict:
-        return emit_kernels(plan, root, opts.target_list(), log)
+        entries = emit_kernels(plan, root, opts.target_list(), log)
+        entries.update(write_mtp(root, loaded.checkpoint, loaded.mtp, loaded.dtype, log=log))
+        return entries
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
                    extra={"compile": compile_info, "limits": opts.limits().to_json()},

@@ -43,6 +43,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "parameter_bytes": m["weights"]["bytes"],
         "weight_files": m["weights"]["files"],
         "tokenizer": m.get("tokenizer") is not None,
+        "mtp_layers": (m.get("mtp") or {}).get("num_layers", 0),
         "hashes_verified": check_hashes,
         "trust": {"how": art.trust.how, "detail": art.trust.detail},
     }
@@ -101,6 +102,9 @@ def format_summary(s: dict) -> str:
     width = max(len(k) for k in s["ops"]) if s["ops"] else 0
     for name, n in sorted(s["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {name:<{width}}  {n}")
+    if s.get("mtp_layers"):
+        lines.append(f"mtp        {s['mtp_layers']} multi-token-prediction layer(s) shipped "
+                     f"(mtp-*.safetensors), not run yet")
     lines.append("inputs     " + ", ".join(f"%{k}: {v}" for k, v in list(s["inputs"].items())[:7])
                  + (f", + {len(s['inputs']) - 7} KV-cache tensors" if len(s["inputs"]) > 7 else ""))
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")

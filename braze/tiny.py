@@ -25,7 +25,7 @@ import pathlib
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3", "deepseek_v3")
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in this order
@@ -201,6 +201,22 @@ def tiny_config(family: str, **overrides):
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
                                                 "rope_theta": 1000000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    elif family == "deepseek_v3":
+        # DeepSeek-V3's features: MLA with a q low-rank bottleneck, distinct nope/rope/v
+        # head dims, interleaved rope, YaRN with mscale_all_dim (a softmax scale of 1.30),
+        # one dense first layer then MoE with 4 groups of 2 experts (2 groups kept),
+        # sigmoid routing with a correction bias, scaled and renormalised weights, and a
+        # shared expert
+        cls, extra = tf.DeepseekV3Config, dict(
+            num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_group=4, topk_group=2,
+            num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+            first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            rope_interleave=True, num_nextn_predict_layers=0,
+            architectures=["DeepseekV3ForCausalLM"],
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                             "original_max_position_embeddings": 64, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     kwargs = {**common, **extra, **overrides}
@@ -231,6 +247,9 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(noise / math.sqrt(p.shape[-1]))
         else:  # biases (none in the tiny configs, but keep them small)
             p.copy_(0.02 * noise)
+    for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        if name.endswith("e_score_correction_bias"):   # DeepSeek-V3: make routing depend on it
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
 
 
 def make_checkpoint(

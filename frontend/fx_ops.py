@@ -233,6 +233,7 @@ FUNCTIONS = {
     operator.matmul: lambda g, a, b: g.op("matmul", a, b),
     F.embedding: lambda g, ids, w: g.op("embedding", ids, w),
     torch.zeros_like: _zeros_like, torch.where: _where,
+    torch.full_like: lambda g, x, value, **kw: g.op("full_like", x, value=_scalar(value)),
     torch.gather: lambda g, x, dim, index: g.op("gather", x, index, dim=dim),
     torch.unsqueeze: _unsqueeze, torch.reshape: _reshape, torch.transpose: _transpose,
     operator.getitem: _getitem,

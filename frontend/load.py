@@ -16,6 +16,7 @@ from braze.ir.types import torch_dtype
 from braze.models.registry import ARCHITECTURES, build_model, build_spec, family_of, weight_sources
 from braze.models.spec import ModelSpec
 
+from .mtp import mtp_tensors
 from .trace import trace_to_ir
 from .weights import Checkpoint, check_sources, load_source
 
@@ -40,14 +41,20 @@ class LoadedModel:
     checkpoint: Checkpoint | None = None
     computed: dict[str, torch.Tensor] = field(default_factory=dict)   # e.g. RoPE inv_freq
     sources: dict = field(default_factory=dict)                        # param -> WeightSource
+    # each traced param's dtype: the compile dtype, except what the model keeps wider
+    # (DeepSeek-V3's float32 router), recorded before passes derive params from them
+    param_dtypes: dict[str, str] = field(default_factory=dict)
+    mtp: dict[int, list[str]] = field(default_factory=dict)   # MTP layer -> its tensors
 
     def load_param(self, name: str) -> torch.Tensor:
         if name in self.computed:
             return self.computed[name]
-        return load_source(self.checkpoint, self.sources[name], torch_dtype(self.dtype))
+        dtype = self.param_dtypes.get(name, self.dtype)
+        return load_source(self.checkpoint, self.sources[name], torch_dtype(dtype))
 
     def unused_checkpoint_tensors(self) -> list[str]:
         used = {n for s in self.sources.values() for n in s.names}
+        used.update(n for names in self.mtp.values() for n in names)
         return sorted(self.checkpoint.names() - used) if self.checkpoint else []
 
 
@@ -101,6 +108,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
     module = build_model(spec, torch_dtype(dt))
     graph = trace_to_ir(module, spec.architecture, block_size, dt, log=log)
     loaded = LoadedModel(graph, spec, raw, dt)
+    loaded.param_dtypes = {name: p.type.dtype for name, p in graph.params.items()}
     for name, p in graph.params.items():
         t = _real_tensor(module, name)
         if t is not None:
@@ -115,6 +123,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
             src = weight_sources(spec, name, p.type.shape, available)
             check_sources(ckpt, name, src, p.type.shape)
             loaded.sources[name] = src
+        loaded.mtp = mtp_tensors(spec, available, log=log)
         unused = loaded.unused_checkpoint_tensors()
         if unused and log:
             log(f"note: {len(unused)} checkpoint tensor(s) not used by the model, e.g. {unused[0]}")

@@ -17,10 +17,11 @@ import torch.fx as fx
 from torch import nn
 
 from braze.ir import Graph, Value
-from braze.ir.contract import STEP_INPUTS, cache_names, cache_type
+from braze.ir.contract import (STEP_INPUTS, cache_names, cache_type, latent_cache_name,
+                               latent_cache_type)
 from braze.ir.errors import BrazeError
 from braze.ir.types import TensorType, dtype_name
-from braze.models.primitives import PagedAttention
+from braze.models.primitives import PagedAttention, PagedLatentAttention
 
 from .fx_ops import FUNCTIONS, METHODS
 
@@ -32,7 +33,7 @@ class _Tracer(fx.Tracer):
         self._param_names: dict[int, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Linear, nn.Embedding, PagedAttention))
+        return isinstance(m, (nn.Linear, nn.Embedding, PagedAttention, PagedLatentAttention))
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         # fx finds a parameter's name by scanning every parameter of the model on each
@@ -109,6 +110,13 @@ class _Mapper:
             extra = {"softcap": float(m.softcap)} if m.softcap else {}
             return g.op("paged_attention", q, kc, vc, qsl, seq_lens, tables,
                         scale=float(m.scale), sliding_window=int(m.sliding_window), **extra)
+        if isinstance(m, PagedLatentAttention):
+            q, latent, w_kv_b, slots, qsl, seq_lens, tables = args
+            cache = g.add_input(latent_cache_name(m.layer), latent_cache_type(
+                self.block_size, m.kv_lora_rank + m.qk_rope_head_dim, self.kv_dtype))
+            g.add_node("latent_cache_write", [latent, cache, slots])
+            return g.op("mla_attention", q, cache, w_kv_b, qsl, seq_lens, tables,
+                        scale=float(m.scale), kv_lora_rank=int(m.kv_lora_rank))
         raise BrazeError(f"no IR mapping for module type {type(m).__name__}")
 
 

@@ -11,7 +11,9 @@ One step of any batch (prefill and decode sequences mixed) is described by:
     logits_indices   i64[S]      the token rows whose logits are sampled (last of each sequence)
 
 plus one cache pair per layer, `k_cache.L` and `v_cache.L`, each
-`[NB, block_size, num_kv_heads, head_dim]` in the model dtype.
+`[NB, block_size, num_kv_heads, head_dim]` in the model dtype; or, for a layer with
+multi-head latent attention (DeepSeek-V3), one `kv_latent.L`
+`[NB, block_size, 1, kv_lora_rank + qk_rope_head_dim]` (ir/op_mla.py).
 The compiled kernels and the runtime use this same contract.
 """
 
@@ -41,6 +43,17 @@ def cache_names(layer: int) -> tuple[str, str]:
 
 def cache_type(block_size: int, num_kv_heads: int, head_dim: int, dtype: str) -> TensorType:
     return TensorType((NB, block_size, num_kv_heads, head_dim), dtype)
+
+
+def latent_cache_name(layer: int) -> str:
+    return f"kv_latent.{layer}"
+
+
+def latent_cache_type(block_size: int, row: int, dtype: str) -> TensorType:
+    return TensorType((NB, block_size, 1, row), dtype)
+
+
+CACHE_PREFIXES = ("k_cache.", "v_cache.", "kv_latent.")    # the graph inputs that are KV caches
 
 
 def default_buckets(max_num_tokens: int) -> list[int]:

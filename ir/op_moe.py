@@ -1,5 +1,9 @@
 """Mixture of experts as one op: route each token to its top-k experts and run only those.
 
+`fused_moe_routed(x, weights [T, k], ids [T, k], w_gate_up, w_down) {act}` is the same
+dispatch for a routing the graph computed itself (DeepSeek-V3's grouped sigmoid router
+stays ordinary IR ops on [T, E]; only the experts are fused).
+
     %y: bf16[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down) {top_k=2, renormalize=true, act="silu"}
 
     x          [T, H]      the tokens
@@ -77,14 +81,20 @@ def route(x, router, top_k: int, renormalize: bool):
 
 
 def _fused_moe(x, router, w_gate_up, w_down, top_k, renormalize, act):
-    global EXPERT_GEMM_ROWS
     weights, ids = route(x, router, top_k, renormalize)
+    return _dispatch(x, weights, ids, w_gate_up, w_down, act)
+
+
+def _dispatch(x, weights, ids, w_gate_up, w_down, act):
+    """Each token through its routed experts only, weighted (weights already in x's dtype)."""
+    global EXPERT_GEMM_ROWS
+    top_k = ids.shape[1]
     # align: the (token, slot) pairs sorted by expert, so each expert reads one contiguous run
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     tokens = order // top_k
     pair_weights = weights.reshape(-1)[order]
-    counts = torch.bincount(flat, minlength=router.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
     inter = w_gate_up.shape[1] // 2
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     start = 0
@@ -106,3 +116,29 @@ register(OpDef(
     attrs={"top_k": REQUIRED, "renormalize": REQUIRED, "act": "silu"},
     doc="top-k routed mixture of experts: softmax(f32) router, top_k, optional renormalisation, "
         "per-expert act(x Wg^T) * (x Wu^T) Wd^T weighted by the routing weight in x's dtype"))
+
+
+def _routed_infer(types, attrs):
+    x, weights, ids, gate_up, down = types
+    if weights.rank != 2 or ids.shape != weights.shape or ids.dtype not in ("i64", "i32") \
+            or weights.shape[0] != x.shape[0] or not is_float(weights.dtype):
+        raise BrazeError(f"fused_moe_routed: want weights [T, k] (float) and ids [T, k] "
+                         f"(integer) for x {x}; got {weights}, {ids}")
+    e = gate_up.shape[0]
+    k = weights.shape[1]
+    if isinstance(e, int) and not (isinstance(k, int) and 1 <= k <= e):
+        raise BrazeError(f"fused_moe_routed: {k} experts per token, but {e} experts")
+    router = TensorType((e, x.shape[1]), x.dtype)
+    return _fused_moe_infer([x, router, gate_up, down], dict(attrs, top_k=k))
+
+
+def _fused_moe_routed(x, weights, ids, w_gate_up, w_down, act):
+    return _dispatch(x, weights.to(x.dtype), ids.long(), w_gate_up, w_down, act)
+
+
+register(OpDef(
+    "fused_moe_routed", ("x", "weights", "ids", "w_gate_up", "w_down"), _routed_infer,
+    _fused_moe_routed, attrs={"act": "silu"},
+    doc="mixture of experts whose routing the graph computed (any router: DeepSeek-V3's "
+        "grouped sigmoid one): token t runs experts ids[t, j] weighted by weights[t, j] "
+        "rounded to x's dtype, as fused_moe does after its own routing"))

@@ -25,3 +25,28 @@ class PagedAttention(nn.Module):
 
     def forward(self, q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables):
         raise RuntimeError("PagedAttention is a tracing primitive; run the traced braze graph")
+
+
+class PagedLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek's MLA) over a latent KV cache.
+
+    forward(q [T, H, nope + rope], latent [T, 1, kv_lora_rank + rope], w_kv_b
+    [H * (nope + v), kv_lora_rank], ...) -> [T, H, v]. The frontend maps it to
+    `latent_cache_write` (each token's latent and rope key into `%kv_latent.L`, one
+    `kv_lora_rank + rope` row per token, instead of full per-head K and V) and
+    `mla_attention`, which expands the cached latents with `w_kv_b` into keys and values
+    (ir/op_mla.py); the `absorb-mla` pass turns that into the absorbed form."""
+
+    def __init__(self, layer: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
+                 qk_rope_head_dim: int, v_head_dim: int, scale: float):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = num_heads
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.scale = scale
+
+    def forward(self, q, latent, w_kv_b, slot_mapping, query_start_loc, seq_lens, block_tables):
+        raise RuntimeError("PagedLatentAttention is a tracing primitive; run the traced braze graph")

@@ -19,6 +19,7 @@ from torch import nn
 from braze.ir.errors import BrazeError
 
 from .decoder import CausalLM
+from .deepseek_v3 import DeepseekV3ForCausalLM
 from .gemma3 import Gemma3ForCausalLM
 from .layers import RotaryEmbedding
 from .rope import longrope_frequencies, rope_frequencies
@@ -32,13 +33,14 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Phi3ForCausalLM": "phi3",
     "Gemma3ForCausalLM": "gemma3",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 
 
 # used only when config.json names no architectures (e.g. a config built in code)
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen3_moe": "qwen3_moe", "phi3": "phi3",
-               "gemma3_text": "gemma3"}
+               "gemma3_text": "gemma3", "deepseek_v3": "deepseek_v3"}
 
 
 def family_of(config) -> str:
@@ -71,6 +73,8 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
         with torch.device("meta"), _no_init():
             return Gemma3ForCausalLM(spec, dtype, rotary, local)
     with torch.device("meta"), _no_init():
+        if spec.family == "deepseek_v3":
+            return DeepseekV3ForCausalLM(spec, dtype, rotary)
         return CausalLM(spec, dtype, rotary)
 
 

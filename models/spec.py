@@ -20,6 +20,12 @@ class MoESpec:
     top_k: int
     intermediate_size: int
     norm_topk_prob: bool
+    # DeepSeek-V3 routing (models/mla_spec.py); the defaults are Mixtral's and Qwen3-MoE's
+    scoring: str = "softmax"           # softmax | sigmoid
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_experts: int = 0            # always-on experts beside the routed ones
 
 
 @dataclass
@@ -51,6 +57,8 @@ class ModelSpec:
     attn_scale: float | None = None
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    mla: object | None = None          # DeepSeek-V3's latent attention: mla_spec.MLASpec
+    mtp_layers: int = 0                # multi-token-prediction layers the config declares
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -114,7 +122,10 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
     )
     if family == "gemma3":
         _gemma3(cfg, spec, rope_local)
-    if family == "mixtral":
+    if family == "deepseek_v3":
+        from .mla_spec import read_deepseek_v3
+        read_deepseek_v3(cfg, spec)
+    elif family == "mixtral":
         spec.moe = MoESpec(_require(cfg, "num_local_experts"), _require(cfg, "num_experts_per_tok"),
                            spec.intermediate_size, True)
         spec.moe_layers = [True] * layers
@@ -127,7 +138,7 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
         step = _get(cfg, "decoder_sparse_step", 1) or 1
         spec.moe_layers = [i not in only and experts > 0 and (i + 1) % step == 0
                            for i in range(layers)]
-    else:
+    elif family != "deepseek_v3":
         spec.moe_layers = [False] * layers
     if spec.moe and spec.moe.top_k > spec.moe.num_experts:
         raise BrazeError(f"config.json num_experts_per_tok={spec.moe.top_k} exceeds the "

@@ -35,6 +35,11 @@ stay as they are. If `merge-projections` ever merged the router into a bigger
 linear on the same input, the router weight is recovered from the merged
 weight's `cat` recipe.
 
+Any other router whose routing matrix is a scatter of [T, k] weights at top-k expert ids
+(DeepSeek-V3's: sigmoid scores, e_score_correction_bias, group-limited top-k, scaled
+weights) becomes `fused_moe_routed(x, weights, ids, w_gate_up, w_down)`: the router stays
+in the graph as ordinary ops on [T, E], the experts run O(top_k).
+
 Refused, with the reason (`--explain`): every 2-operand einsum of a [T, E] and
 a [T, E, H] operand that is not exactly this form, e.g. a different einsum
 equation, a routing matrix that is not a scatter of top-k weights into zeros,
@@ -81,6 +86,25 @@ def _dense_moe(cast: bool, renorm: bool) -> Op:
 PATTERNS = {(c, r): _dense_moe(c, r) for c in (False, True) for r in (False, True)}
 
 
+def _routed_moe(cast: bool) -> Op:
+    """The dense form over a routing matrix that is a scatter of any [T, k] weights at
+    top-k expert ids (the router itself stays in the graph: DeepSeek-V3's)."""
+    x = Var("x")
+    routing = Op("scatter", Op("full_like", Var("zeros_of"), value=0.0), Var("ids"),
+                 Var("weights"), dim=Var("scatter_dim", where=lambda d: d in _LAST),
+                 name="scatter")
+    if cast:
+        routing = Op("cast", routing, dtype=Var("routing_dtype"))
+    gate = Op("einsum", x, Var("w_gate", kind="param"), equation="th,eih->tei")
+    up = Op("einsum", x, Var("w_up", kind="param"), equation="th,eih->tei")
+    act = Op(("silu", "relu", "gelu"), gate, name="act")
+    down = Op("einsum", Op("mul", act, up), Var("w_down", kind="param"), equation="tei,ehi->teh")
+    return Op("einsum", routing, down, equation="te,teh->th")
+
+
+ROUTED = {c: _routed_moe(c) for c in (False, True)}
+
+
 def _pattern_for(root: Node) -> Op:
     """Pick the variant by peeking at the routing operand's producers."""
     def made_by(v: Value, op: str) -> bool:
@@ -91,6 +115,48 @@ def _pattern_for(root: Node) -> Op:
     renorm = made_by(scatter, "scatter") and len(scatter.producer.operands) == 3 \
         and made_by(scatter.producer.operands[2], "div")
     return PATTERNS[(cast, renorm)]
+
+
+def _fuse_routed(root: Node, rw: Rewriter) -> int | str | None:
+    """The routed form (a scatter of top-k ids and weights the graph computed) ->
+    fused_moe_routed; None where the routing matrix is not such a scatter at all."""
+    g = rw.g
+    cast = root.operands[0].producer is not None and root.operands[0].producer.op == "cast"
+    m = match(ROUTED[cast], root.results[0], g)
+    if not m:
+        return None
+    ids, weights, xv = m["ids"], m["weights"], m["x"]
+    topk = ids.producer
+    if topk is None or topk.op != "topk" or topk.results[1] is not ids:
+        return (f"the expert ids {ids.ref} do not come from a topk (the fused dispatch needs "
+                f"distinct experts per token)")
+    table = m["scatter"].results[0].type
+    if table.dtype not in ("f32", xv.type.dtype):
+        return (f"the routing matrix is built in {table.dtype}, which would round the "
+                f"weights differently from a cast to {xv.type.dtype}")
+    wg, wu, wd = m["w_gate"], m["w_up"], m["w_down"]
+    if wg.type != wu.type:
+        return f"gate {wg.ref} {wg.type} and up {wu.ref} {wu.type} expert weights differ in shape"
+    if ids.type.rank != 2 or table.shape[1] != wg.type.shape[0]:
+        return f"the routing matrix {table} does not have one column per expert of {wg.ref}"
+    act_node = m["act"]
+    act_name = act_node.op
+    if act_node.op == "gelu":
+        act_name = {"none": "gelu", "tanh": "gelu_tanh"}.get(act_node.attrs["approximate"])
+        if act_name is None:
+            return f"gelu approximate={act_node.attrs['approximate']!r} has no fused form"
+    e, i, h = wg.type.shape
+    gate_up_type = wg.type.with_shape((e, 2 * i, h)) if isinstance(i, int) else wg.type
+    try:
+        get_op("fused_moe_routed").infer([xv.type, weights.type, ids.type, gate_up_type,
+                                          wd.type], {"act": act_name})
+    except Exception as err:
+        return str(err)
+    w_gate_up = _gate_up_param(g, wg, wu)
+    with g.inserting_before(root):
+        out = g.op("fused_moe_routed", xv, weights, ids, w_gate_up, wd, act=act_name)
+    rw.replace(root.results[0], out, dead=m.nodes)
+    return 1
 
 
 def _is_candidate(node: Node) -> bool:
@@ -112,9 +178,12 @@ def _fuse(root: Node, rw: Rewriter) -> str | int | None:
     g = rw.g
     m = match(_pattern_for(root), root.results[0], g)
     if not m:
-        return m.reason
-    if m["topk_w"] is not m["topk_i"]:
-        return "the routing weights and the expert ids come from two different topk nodes"
+        routed = _fuse_routed(root, rw)
+        return routed if isinstance(routed, int) else (routed or m.reason)
+    if m["topk_w"] is not m["topk_i"]:     # not fused_moe's routing, but a routed MoE
+        routed = _fuse_routed(root, rw)
+        return routed if isinstance(routed, int) else (
+            routed or "the routing weights and the expert ids come from two different topk nodes")
     xv, probs = m["x"], m["softmax"].results[0]
     if probs.type.dtype != "f32":
         return f"the router softmax is in {probs.type.dtype}; fused_moe routes in f32"

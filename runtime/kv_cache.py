@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from braze.ir import Graph
+from braze.ir.contract import CACHE_PREFIXES
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
 
@@ -22,7 +23,7 @@ class KVCache:
         self.block_size = None
         self._layout = {}
         for v in graph.inputs:
-            if v.name.startswith(("k_cache.", "v_cache.")):
+            if v.name.startswith(CACHE_PREFIXES):
                 _, bs, heads, dim = v.type.shape
                 self.block_size = bs
                 self._layout[v.name] = ((bs, heads, dim), torch_dtype(v.type.dtype))

@@ -136,7 +136,8 @@ def model_step_feeds(g: Graph, prompts=((1, 17, 93, 4, 250, 66, 7), (5, 9, 33)),
     """Inputs for one mixed step: sequence i runs prompts[i][cached[i]:] after cached[i] tokens
     already in the cache (the cache holds random values there, standing in for earlier steps)."""
     from braze.ir.contract import SeqChunk, build_step
-    block_size = g.input("k_cache.0").type.shape[1]
+    from braze.ir.contract import CACHE_PREFIXES
+    block_size = next(v for v in g.inputs if v.name.startswith(CACHE_PREFIXES)).type.shape[1]
     chunks, next_block = [], 0
     for p, c in zip(prompts, cached):
         n = -(-len(p) // block_size)
@@ -145,7 +146,7 @@ def model_step_feeds(g: Graph, prompts=((1, 17, 93, 4, 250, 66, 7), (5, 9, 33)),
     feeds = build_step(chunks, block_size, max_blocks=4)
     gen = torch.Generator().manual_seed(0)
     for v in g.inputs:
-        if v.name.startswith(("k_cache.", "v_cache.")):
+        if v.name.startswith(CACHE_PREFIXES):
             shape = (num_blocks,) + tuple(v.type.shape[1:])
             feeds[v.name] = torch.randn(shape, generator=gen).to(torch_dtype(v.type.dtype))
     return feeds
@@ -167,7 +168,7 @@ def assert_model_pass_preserves(g: Graph, params, names: list[str], atol=1e-5, r
             w = w.index_select(0, feeds["logits_indices"])
         torch.testing.assert_close(o, w, atol=atol, rtol=rtol)
     for k in feeds:
-        if k.startswith(("k_cache.", "v_cache.")):
+        if k.startswith(("k_cache.", "v_cache.", "kv_latent.")):
             torch.testing.assert_close(got_feeds[k], want_feeds[k], atol=atol, rtol=rtol)
     return g
 

@@ -46,7 +46,7 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         assert "% of the step" in prof and "| `aten::" in prof
         assert "check tiny Llama-3.2-1B:" in summary and "MISMATCH" not in summary
     if part == "3":
-        for name in ("tiny Phi-4-mini", "tiny Gemma-3-1B"):
+        for name in ("tiny Phi-4-mini", "tiny Gemma-3-1B", "tiny DeepSeek-V3-mini"):
             assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
         assert "MISMATCH" not in summary
 

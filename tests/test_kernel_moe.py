@@ -197,3 +197,67 @@ def test_compiles_bf16_for_sm80_and_sm90(shape):
             for target, limit in (("sm_80", A100_SHARED), ("sm_90", H100_SHARED)):
                 c = _specialised(launch, target)
                 assert "cp.async" in c.asm["ptx"] and c.metadata.shared <= limit
+
+
+# -- fused_moe_routed: the graph's own routing (DeepSeek-V3) ------------------------------
+
+def _routed_graph(e, h, i, k, dtype, weight_dtype="f32"):
+    """A sigmoid top-k router written as graph ops, then fused_moe_routed over its ids."""
+    g = Graph("moe_routed")
+    x = g.add_input("x", TensorType((T, h), dtype))
+    r = g.add_param("router", TensorType((e, h), weight_dtype))
+    scores = g.op("sigmoid", g.op("linear", g.op("cast", x, dtype=weight_dtype), r))
+    n = g.add_node("topk", [scores], {"k": k, "dim": -1, "largest": True, "sorted": True})
+    ids = n.results[1]
+    w = g.op("mul", g.op("gather", scores, ids, dim=1), scalar=2.5)
+    gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), dtype))
+    d = g.add_param("w_down", TensorType((e, h, i), dtype))
+    g.set_output("y", g.op("fused_moe_routed", x, w, ids, gu, d, act="silu"))
+    return g
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("tokens, e, k, h, i", [(1, 8, 2, 64, 16), (17, 6, 3, 40, 24),
+                                                (5, 4, 4, 64, 32)])
+def test_routed_matches_reference(tokens, e, k, h, i, dtype):
+    g = _routed_graph(e, h, i, k, dtype)
+    gen = torch.Generator().manual_seed(tokens + e)
+    feeds = {"x": torch.randn(tokens, h, generator=gen).to(DT[dtype])}
+    params = {"router": torch.randn(e, h, generator=gen),
+              "w_gate_up": (torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5).to(DT[dtype]),
+              "w_down": (torch.randn(e, h, i, generator=gen) / i ** 0.5).to(DT[dtype])}
+    check_kernels(g, feeds, params, {"fused_moe_routed"}, {"T": tokens}, **TOL[dtype])
+
+
+def test_routed_equals_the_dense_routing_matrix_form():
+    """fused_moe_routed's reference == the dense form it replaces: every expert on every
+    token, weighted by scatter(zeros, ids, weights)."""
+    e, h, i, k, tokens = 6, 32, 16, 2, 9
+    g = _routed_graph(e, h, i, k, "f32")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, h, generator=gen)
+    router = torch.randn(e, h, generator=gen)
+    wg, wu, wd = (torch.randn(e, i, h, generator=gen), torch.randn(e, i, h, generator=gen),
+                  torch.randn(e, h, i, generator=gen))
+    got = run_graph(g, {"x": x}, {"router": router, "w_gate_up": torch.cat([wg, wu], 1),
+                                  "w_down": wd})["y"]
+    scores = torch.sigmoid(x @ router.T)
+    ids = scores.topk(k, dim=-1)[1]
+    routing = torch.zeros_like(scores).scatter(1, ids, scores.gather(1, ids) * 2.5)
+    h_all = torch.nn.functional.silu(torch.einsum("th,eih->tei", x, wg)) \
+        * torch.einsum("th,eih->tei", x, wu)
+    want = torch.einsum("te,teh->th", routing, torch.einsum("tei,ehi->teh", h_all, wd))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(256, 7168, 2048, 8), (8, 64, 16, 2)],
+                         ids=["deepseek-v3", "tiny"])
+def test_routed_compiles_bf16_for_sm80_and_sm90(shape):
+    e, h, i, k = shape
+    g = _routed_graph(e, h, i, k, "bf16")
+    index = next(n for n, node in enumerate(g.nodes) if node.op == "fused_moe_routed")
+    launches, _, _ = lower_node(g, index)
+    assert {la["fn"] for la in launches} >= {"moe_zero_counts_kernel", "moe_given_route_kernel"}
+    kernels = aot_compile_node(g, index)
+    assert len(kernels) == 2 * len(launches) and all(c.asm.get("cubin") for c in kernels)
+    assert all(c.metadata.shared <= A100_SHARED for c in kernels)

@@ -891,10 +891,54 @@ def test_paged_attention_infer_rejects_bad_heads():
              head_dim=8)
 
 
+def test_mla_ops_infer_and_reject():
+    """Shapes of the MLA ops (their numbers: tests/test_kernel_mla.py against torch math)."""
+    g = Graph()
+    cache = g.add_input("c", TensorType((NB, 4, 1, 40), "f32"))
+    qsl = g.add_input("qsl", TensorType((S + 1,), "i32"))
+    lens = g.add_input("lens", TensorType((S,), "i32"))
+    bt = g.add_input("bt", TensorType((S, MB), "i32"))
+    q = g.add_input("q", TensorType((T, 4, 24), "f32"))
+    w = g.add_param("w", TensorType((4 * 28, 32), "f32"))
+    assert g.op("mla_attention", q, cache, w, qsl, lens, bt, scale=1.0,
+                kv_lora_rank=32).type == TensorType((T, 4, 12), "f32")
+    with pytest.raises(BrazeError, match="w_kv_b"):
+        g.op("mla_attention", q, cache, w, qsl, lens, bt, scale=1.0, kv_lora_rank=30)
+    qa = g.add_input("qa", TensorType((T, 4, 40), "f32"))
+    assert g.op("latent_attention", qa, cache, qsl, lens, bt, scale=1.0,
+                kv_lora_rank=32).type == TensorType((T, 4, 32), "f32")
+    with pytest.raises(BrazeError, match="must be"):
+        g.op("latent_attention", q, cache, qsl, lens, bt, scale=1.0, kv_lora_rank=32)
+    with pytest.raises(BrazeError, match="rope part"):
+        g.op("latent_attention", qa, cache, qsl, lens, bt, scale=1.0, kv_lora_rank=40)
+    sl = g.add_input("sl", TensorType((T,), "i64"))
+    kv = g.add_input("kv", TensorType((T, 1, 40), "f32"))
+    assert g.add_node("latent_cache_write", [kv, cache, sl]).results == []
+    with pytest.raises(BrazeError, match="does not fit"):
+        g.add_node("latent_cache_write", [qa, cache, sl])
+
+
+def test_fused_moe_routed_infer_and_reject():
+    g = Graph()
+    x = g.add_input("x", TensorType((T, 16), "f32"))
+    w = g.add_input("w", TensorType((T, 2), "f32"))
+    ids = g.add_input("ids", TensorType((T, 2), "i64"))
+    gu = g.add_param("gu", TensorType((4, 8, 16), "f32"))
+    d = g.add_param("d", TensorType((4, 16, 4), "f32"))
+    assert g.op("fused_moe_routed", x, w, ids, gu, d).type == TensorType((T, 16), "f32")
+    with pytest.raises(BrazeError, match="want weights"):
+        g.op("fused_moe_routed", x, ids, ids, gu, d)
+    many = g.add_input("many", TensorType((T, 5), "i64"))
+    wide = g.add_input("wide", TensorType((T, 5), "f32"))
+    with pytest.raises(BrazeError, match="5 experts per token"):
+        g.op("fused_moe_routed", x, wide, many, gu, d)
+
+
 # -- coverage -----------------------------------------------------------------------------------
 
-# all three in test_paged_attention_matches_dense
-COVERED_ELSEWHERE = {"paged_attention", "cache_write", "attention"}
+# all three in test_paged_attention_matches_dense; the MLA ops in test_mla_ops_infer_and_reject
+COVERED_ELSEWHERE = {"paged_attention", "cache_write", "attention", "mla_attention",
+                     "latent_attention", "latent_cache_write", "fused_moe_routed"}
 
 
 def test_every_registered_op_is_covered():

@@ -2,7 +2,10 @@
 
 Lowers `fused_moe(x [T, H], router [E, H], w_gate_up [E, 2I, H], w_down [E, H, I])
 {top_k, renormalize, act}` (reference: ir/op_moe.py) to six launches, all with grids that
-are static functions of T (no host reads, so a step can be captured in a CUDA graph):
+are static functions of T (no host reads, so a step can be captured in a CUDA graph).
+`fused_moe_routed(x, weights [T, k], ids [T, k], w_gate_up, w_down)` (DeepSeek-V3: the
+graph routes) replaces launches 1 and 2 by `moe_zero_counts_kernel` and
+`moe_given_route_kernel`, which turns the given ids and weights into the same slots:
 
 1. `moe_router_kernel`, grid (cdiv(T, BT), cdiv(E, BE)): logits = x @ router.T, one
    [BT, BE] tile per program (tl.dot, fp32 accumulate), stored in x's dtype exactly as
@@ -79,7 +82,7 @@ import triton.language as tl
 # same code (triton 3.6 and 3.9).
 from triton.language.standard import _elementwise_max, _elementwise_min, _sum_combine
 
-OPS = ("fused_moe",)
+OPS = ("fused_moe", "fused_moe_routed")
 
 # avg rows per expert (T * top_k / E) up to which the small-tile regime runs
 SMALL_ROWS_PER_EXPERT = 32
@@ -220,6 +223,15 @@ def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, n_tokens,
         chosen = tl.where(hit, 1, chosen)
         avail = tl.where(hit, -2.0, avail)
         wsum += m
+    _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr, w_ptr,
+                  rank_ptr, E_PAD, TOP_K, RENORM)
+
+
+@triton.jit
+def _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr, w_ptr,
+                  rank_ptr, E_PAD: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
+    """From each token's chosen experts (one-hot [BLOCK_T, E_PAD]) and weights p: ranks
+    inside each expert and the (id, weight, rank) slots in ascending expert order."""
     chosen = tl.where(tmask[:, None], chosen, 0)
     # ranks inside each expert: one atomic per expert this program saw
     local = tl.reduce(chosen, 0, _sum_combine)
@@ -240,6 +252,34 @@ def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, n_tokens,
         tl.store(ids_ptr + slot, e, mask=tmask)
         tl.store(w_ptr + slot, wj.to(w_ptr.dtype.element_ty), mask=tmask)
         tl.store(rank_ptr + slot, rj, mask=tmask)
+
+
+@triton.jit
+def moe_zero_counts_kernel(counts_ptr, NUM_E: tl.constexpr, E_PAD: tl.constexpr):
+    es = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + es, tl.full([E_PAD], 0, tl.int32), mask=es < NUM_E)
+
+
+@triton.jit
+def moe_given_route_kernel(w_in_ptr, ids_in_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, n_tokens,
+                           stride_w, stride_i, NUM_E: tl.constexpr, E_PAD: tl.constexpr,
+                           TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """fused_moe_routed: the graph's own top-k ids and weights instead of the softmax routing."""
+    pid = tl.program_id(0)
+    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < n_tokens
+    cols = tl.arange(0, E_PAD)
+    cmask = cols < NUM_E
+    chosen = tl.full([BLOCK_T, E_PAD], 0, tl.int32)
+    p = tl.full([BLOCK_T, E_PAD], 0.0, tl.float32)
+    for j in range(TOP_K):
+        e = tl.load(ids_in_ptr + toks.to(tl.int64) * stride_i + j, mask=tmask, other=0).to(tl.int32)
+        wj = tl.load(w_in_ptr + toks.to(tl.int64) * stride_w + j, mask=tmask, other=0.0)
+        hit = cols[None, :] == e[:, None]
+        chosen = tl.where(hit, 1, chosen)
+        p = tl.where(hit, wj.to(tl.float32)[:, None], p)
+    _assign_slots(chosen, p, tl.full([BLOCK_T], 1.0, tl.float32), toks, tmask, cols, cmask,
+                  counts_ptr, ids_ptr, w_ptr, rank_ptr, E_PAD, TOP_K, False)
 
 
 @triton.jit
@@ -352,14 +392,20 @@ def lower(node, L):
     from braze.ir.errors import BrazeError
     from braze.codegen.lowering import expr_text
 
-    x, router, w_gate_up, w_down = node.operands
+    routed = node.op == "fused_moe_routed"
+    if routed:
+        x, given_w, given_ids, w_gate_up, w_down = node.operands
+        top_k = given_ids.type.shape[1]
+    else:
+        x, router, w_gate_up, w_down = node.operands
+        top_k = node.attrs["top_k"]
     out = node.results[0]
-    num_e, hidden = router.type.shape
+    num_e, hidden = w_gate_up.type.shape[0], w_gate_up.type.shape[2]
     inter = w_down.type.shape[2]
-    top_k = node.attrs["top_k"]
     if not all(isinstance(d, int) for d in (num_e, hidden, inter, top_k)):
-        raise BrazeError(f"fused_moe: experts, hidden, intermediate and top_k must be concrete, "
-                         f"got router {router.type}, w_down {w_down.type}, top_k={top_k!r}")
+        raise BrazeError(f"{node.op}: experts, hidden, intermediate and top_k must be "
+                         f"concrete, got w_gate_up {w_gate_up.type}, w_down {w_down.type}, "
+                         f"top_k={top_k!r}")
     dtype = x.type.dtype
     act = node.attrs.get("act", "silu")
     e_pad = _pow2(num_e)
@@ -369,7 +415,7 @@ def lower(node, L):
     max_bm = max(r["BLOCK_M"] for r in REGIMES.values())
     padded_rows = tokens * top_k + num_e * (max_bm - 1)
 
-    logits = L.ws("logits", [tokens, num_e], dtype)
+    logits = None if routed else L.ws("logits", [tokens, num_e], dtype)
     counts = L.ws("counts", [num_e], "i32")
     ids = L.ws("topk_ids", [tokens * top_k], "i32")
     weights = L.ws("topk_w", [tokens * top_k], dtype)
@@ -381,25 +427,37 @@ def lower(node, L):
     # small regime while T * top_k <= SMALL_ROWS_PER_EXPERT * E, i.e. T <= limit
     limit = SMALL_ROWS_PER_EXPERT * num_e // top_k
     on = {"small": f"(1 - min(1, {t} // {limit + 1}))", "large": f"min(1, {t} // {limit + 1})"}
+    if routed:      # the route kernels count into zeroed counters (the router kernel's job)
+        L.launch(moe_zero_counts_kernel, grid=["1"], args=[counts],
+                 constexprs={"NUM_E": num_e, "E_PAD": e_pad}, num_warps=1, num_stages=1)
     for name, cfg in REGIMES.items():
         gate = on[name]
         bm = cfg["BLOCK_M"]
         max_tiles = f"min({tk}, {tk} // {bm} + {num_e})"
-        be = min(cfg["ROUTER_E"], e_pad)
-        L.launch(moe_router_kernel,
-                 grid=[f"{gate} * cdiv({t}, {cfg['ROUTER_T']})", str(-(-num_e // be))],
-                 args=[L.buf(x), L.buf(router), logits, counts, L.expr(tokens),
-                       L.stride(x, 0), L.stride(router, 0)],
-                 constexprs={"HIDDEN": hidden, "NUM_E": num_e, "E_PAD": e_pad,
-                             "BLOCK_T": cfg["ROUTER_T"], "BLOCK_E": be,
-                             "BLOCK_K": min(cfg["ROUTER_K"], _pow2(hidden))},
-                 num_warps=4, num_stages=3)
         route_t = cfg["ROUTE_T"]
-        L.launch(moe_route_kernel, grid=[f"{gate} * cdiv({t}, {route_t})"],
-                 args=[logits, counts, ids, weights, rank, L.expr(tokens)],
-                 constexprs={"NUM_E": num_e, "E_PAD": e_pad, "TOP_K": top_k,
-                             "RENORM": bool(node.attrs["renormalize"]), "BLOCK_T": route_t},
-                 num_warps=4 if route_t * e_pad >= 2048 else 2, num_stages=1)
+        if routed:
+            L.launch(moe_given_route_kernel, grid=[f"{gate} * cdiv({t}, {route_t})"],
+                     args=[L.buf(given_w), L.buf(given_ids), counts, ids, weights, rank,
+                           L.expr(tokens), L.stride(given_w, 0), L.stride(given_ids, 0)],
+                     constexprs={"NUM_E": num_e, "E_PAD": e_pad, "TOP_K": top_k,
+                                 "BLOCK_T": route_t},
+                     num_warps=4 if route_t * e_pad >= 2048 else 2, num_stages=1)
+        be = min(cfg["ROUTER_E"], e_pad)
+        if not routed:
+            L.launch(moe_router_kernel,
+                     grid=[f"{gate} * cdiv({t}, {cfg['ROUTER_T']})", str(-(-num_e // be))],
+                     args=[L.buf(x), L.buf(router), logits, counts, L.expr(tokens),
+                           L.stride(x, 0), L.stride(router, 0)],
+                     constexprs={"HIDDEN": hidden, "NUM_E": num_e, "E_PAD": e_pad,
+                                 "BLOCK_T": cfg["ROUTER_T"], "BLOCK_E": be,
+                                 "BLOCK_K": min(cfg["ROUTER_K"], _pow2(hidden))},
+                     num_warps=4, num_stages=3)
+            L.launch(moe_route_kernel, grid=[f"{gate} * cdiv({t}, {route_t})"],
+                     args=[logits, counts, ids, weights, rank, L.expr(tokens)],
+                     constexprs={"NUM_E": num_e, "E_PAD": e_pad, "TOP_K": top_k,
+                                 "RENORM": bool(node.attrs["renormalize"]),
+                                 "BLOCK_T": route_t},
+                     num_warps=4 if route_t * e_pad >= 2048 else 2, num_stages=1)
         L.launch(moe_scatter_kernel, grid=[f"{gate} * cdiv({tk}, {SCATTER_BLOCK})"],
                  args=[ids, rank, counts, sorted_ids, L.expr(tokens * top_k)],
                  constexprs={"NUM_E": num_e, "E_PAD": e_pad, "BLOCK_M": bm,

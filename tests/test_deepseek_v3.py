@@ -1,0 +1,265 @@
+"""DeepSeek-V3 (MLA + grouped sigmoid MoE) against transformers' own DeepseekV3ForCausalLM.
+
+Two tiny configs keep the real checkpoint's features (braze.tiny.tiny_config):
+  - "dsv3": q_lora_rank (q_a_proj/q_a_layernorm/q_b_proj), interleaved rope, YaRN with
+    mscale_all_dim (softmax scale x1.30), 4 expert groups of which 2 are kept,
+    renormalised and scaled weights, a shared expert, one dense first layer;
+  - "dsv3-plain": q_proj instead, rotate-half rope with default frequencies, 2 groups of
+    which 1 is kept, no renormalisation.
+float32 logits within 1e-4, greedy tokens identical, chunked prefill and mixed steps equal
+to running alone, at -O0 and -O2 (reference interpreter) and through the kernels
+(--backend interpret).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from braze.ir.contract import SeqChunk
+
+from conftest import (PROMPT, _Store, assert_greedy_matches_transformers,
+                      assert_steps_match_transformers, executor, hf_model, step_inputs,
+                      take_blocks)
+
+CASES = {
+    "dsv3": {},
+    "dsv3-plain": {"q_lora_rank": None, "rope_interleave": False, "norm_topk_prob": False,
+                   "n_group": 2, "topk_group": 1, "rope_parameters": {"rope_type": "default",
+                                                                      "rope_theta": 10000.0}},
+}
+
+
+class _DSStore(_Store):
+    def checkpoint(self, case: str):
+        if case not in self.checkpoints:
+            from braze.tiny import make_checkpoint
+            d = self.factory.mktemp(case)
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.checkpoints[case] = make_checkpoint("deepseek_v3", d / "model", seed=1,
+                                                         **CASES[case])
+        return self.checkpoints[case]
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    torch.manual_seed(0)
+    return _DSStore(tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_o0_prefill_logits_match_transformers(ds, case):
+    ex = executor(ds, case, opt_level=0)
+    logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT, 0, take_blocks(ex, 2))]))
+    with torch.no_grad():
+        expected = hf_model(ds.checkpoint(case))(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunked_and_mixed_steps_match_transformers(ds, case, opt_level):
+    assert_steps_match_transformers(ds, case, executor(ds, case, opt_level=opt_level))
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_generation_matches_transformers(ds, case, opt_level):
+    assert_greedy_matches_transformers(ds, case, executor(ds, case, opt_level=opt_level),
+                                       PROMPT[:11], 12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpret_backend_matches_transformers(ds, case):
+    ex = executor(ds, case, opt_level=2, backend="interpret", num_blocks=8)
+    assert_steps_match_transformers(ds, case, ex)
+    ex = executor(ds, case, opt_level=2, backend="interpret", num_blocks=8)
+    assert_greedy_matches_transformers(ds, case, ex, PROMPT[:11], 5)
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+def test_mixed_batch_equals_one_by_one(ds, opt_level):
+    """Prefill, prefill-after-prefix and decode sequences in one step == each run alone."""
+    a, b, c = PROMPT[:11], PROMPT[3:13], PROMPT[5:20]
+    alone = []
+    for seq_chunks in ([(a, 0)], [(b[:9], 0), (b[9:], 9)], [(c[:5], 0), (c[5:], 5)]):
+        ex = executor(ds, "dsv3", opt_level=0)
+        blocks = take_blocks(ex, 2)
+        for toks, done in seq_chunks:
+            out = ex.run(step_inputs(ex, [SeqChunk(toks, done, blocks)]))
+        alone.append(out)
+    ex = executor(ds, "dsv3", opt_level=0)
+    ba, bb, bc = (take_blocks(ex, 2) for _ in range(3))
+    ex.run(step_inputs(ex, [SeqChunk(b[:9], 0, bb), SeqChunk(c[:5], 0, bc)]))
+    inputs = step_inputs(ex, [SeqChunk(a, 0, ba), SeqChunk(b[9:], 9, bb), SeqChunk(c[5:], 5, bc)])
+    logits = ex.run(inputs)
+    q = inputs["query_start_loc"].tolist()
+    for i, expected in enumerate(alone):
+        torch.testing.assert_close(logits[q[i]:q[i + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_holds_the_latent_not_full_kv(ds):
+    """One [NB, block, 1, kv_lora_rank + rope] tensor per layer: for the tiny config 40
+    values per token per layer, against 4 heads x (24 + 12) = 144 for expanded K/V."""
+    from braze.runtime import Executor, open_artifact
+    ex = Executor(open_artifact(ds.artifact("dsv3")), num_blocks=4)
+    cfg = json.loads((ex.artifact.root / "config.json").read_text())
+    row = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    layers = cfg["num_hidden_layers"]
+    assert sorted(ex.cache.tensors) == [f"kv_latent.{i}" for i in range(layers)]
+    for t in ex.cache.tensors.values():
+        assert tuple(t.shape) == (4, ex.block_size, 1, row)
+    per_token = ex.cache.bytes_per_block // ex.block_size
+    heads = cfg["num_attention_heads"]
+    mha = layers * heads * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+                            + cfg["v_head_dim"]) * 4
+    assert per_token == layers * row * 4 and per_token * 3 < mha
+
+
+def test_o2_moe_runs_only_the_selected_experts(ds):
+    """fuse-moe keeps the grouped sigmoid router as graph ops and fuses the experts
+    (fused_moe_routed): one real step pushes T * top_k rows through expert GEMMs, not
+    T * E; the cache write is the latent one."""
+    import braze.ir.op_moe as op_moe
+    from braze.inspect import summarize
+    s = summarize(ds.artifact("dsv3", opt_level=2))
+    assert s["ops"].get("latent_cache_write") == 2 and "cache_write" not in s["ops"]
+    assert s["ops"].get("fused_moe_routed") == 1 and "scatter" not in s["ops"]
+    ex = executor(ds, "dsv3", opt_level=2)
+    op_moe.EXPERT_GEMM_ROWS = 0
+    ex.run(step_inputs(ex, [SeqChunk(PROMPT[:13], 0, take_blocks(ex, 1))]))
+    assert op_moe.EXPERT_GEMM_ROWS == 13 * 2
+
+
+def _with_mtp_layer(src, dst):
+    """A copy of checkpoint `src` with one MTP layer (index num_hidden_layers) appended, as
+    DeepSeek-V3 checkpoints hold it: its own norms, eh_proj, shared head and a decoder layer."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (dst / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(dst / "model.safetensors")
+    n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    g = torch.Generator().manual_seed(7)
+    extra = {f"model.layers.{n}.{k}": torch.randn(*shape, generator=g) for k, shape in {
+        "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+        "shared_head.norm.weight": (h,), "mlp.gate.weight": (8, h),
+        "mlp.gate.e_score_correction_bias": (8,)}.items()}
+    for k, v in weights.items():          # its decoder layer: a copy of the last one's shapes
+        if k.startswith(f"model.layers.{n - 1}.self_attn."):
+            extra[k.replace(f".{n - 1}.", f".{n}.")] = torch.randn(v.shape, generator=g)
+    save_file({**weights, **extra}, dst / "model.safetensors", metadata={"format": "pt"})
+    return extra
+
+
+def test_mtp_weights_are_recognised_and_shipped(ds, tmp_path):
+    """The MTP layer's tensors land in the artifact (mtp-*.safetensors, listed in the
+    manifest, hashed), in the compile dtype with the router kept float32; the main model
+    still matches transformers, which ignores them."""
+    import braze
+    from safetensors.torch import load_file
+    from braze.runtime import Executor, open_artifact
+    src = ds.checkpoint("dsv3")
+    extra = _with_mtp_layer(src, tmp_path / "m")
+    logs = []
+    braze.compile(tmp_path / "m", tmp_path / "a", opt_level=0, targets="", dtype="float16",
+                  log=logs.append)
+    assert any("MTP: kept" in ln for ln in logs) and not any("not used" in ln for ln in logs)
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["mtp"]["num_layers"] == 1 and set(m["mtp"]["layers"]["2"]) == set(extra)
+    shipped = {}
+    for f in m["mtp"]["files"]:
+        assert f in m["files"]
+        shipped.update(load_file(tmp_path / "a" / f))
+    for k, v in extra.items():
+        want = torch.float32 if ".mlp.gate." in k else torch.float16
+        assert shipped[k].dtype == want
+        torch.testing.assert_close(shipped[k], v.to(want))
+    ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
+    logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT[:6], 0, take_blocks(ex, 1))]))
+    assert logits.shape[-1] == 256 and torch.isfinite(logits).all()
+
+
+def test_undeclared_extra_layer_is_a_clear_error(ds, tmp_path):
+    import braze
+    from braze.ir.errors import BrazeError
+    _with_mtp_layer(ds.checkpoint("dsv3"), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 0
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BrazeError, match="num_nextn_predict_layers"):
+        braze.compile(tmp_path / "m", tmp_path / "a", opt_level=0, targets="")
+
+
+def test_o2_decodes_in_the_absorbed_form(ds):
+    """absorb-mla replaced every mla_attention: the latent_attention kernel reads the
+    latent cache, W_UK and W_UV are shipped per head."""
+    from braze.inspect import summarize
+    from braze.runtime import open_artifact
+    root = ds.artifact("dsv3", opt_level=2)
+    s = summarize(root)
+    assert s["ops"].get("latent_attention") == 2 and "mla_attention" not in s["ops"]
+    assert any(k["fn"] == "mla_attn_kernel" for k in s["kernels"].values())
+    params = open_artifact(root).graph.params
+    assert params["model.layers.0.self_attn.kv_b_proj.w_uk"].type.shape == (4, 16, 32)
+    assert params["model.layers.0.self_attn.kv_b_proj.w_uv"].type.shape == (4, 12, 32)
+
+
+def test_bf16_artifact_has_a_cubin_per_kernel_per_target(ds):
+    from braze.artifact import sha256_file
+    root = ds.artifact("dsv3", opt_level=2, dtype="bfloat16", targets="sm_80,sm_90")
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["targets"] == ["sm_80", "sm_90"] and m["kernels"]
+    assert {k["fn"] for k in m["kernels"].values()} >= {"mla_attn_kernel",
+                                                        "latent_cache_write_kernel"}
+    for vid, k in m["kernels"].items():
+        assert k["specs"] and set(k["cubins"]) == {"sm_80", "sm_90"}, vid
+        for t, by_key in k["cubins"].items():
+            for entry in by_key.values():
+                assert m["files"][entry["cubin"]] == sha256_file(root / entry["cubin"])
+                assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_bf16_close_to_transformers(ds, case):
+    """The cuda backend in bf16 (absorbed MLA kernel, CUDA graphs) against transformers in
+    bf16 on the same GPU, with tests/test_gpu.py's measured tolerance: at most a few times
+    transformers' own bf16-vs-f32 difference."""
+    from braze.runtime import Executor, open_artifact
+    from conftest import run_step
+    prompt = PROMPT[:11]
+    art = open_artifact(ds.artifact(case, opt_level=2, dtype="bfloat16", targets="sm_80,sm_90"))
+    ex = Executor(art, backend="cuda", num_blocks=16)
+    ours = torch.cat([run_step(ex, [SeqChunk(prompt[:p], 0, take_blocks(ex, 1))])
+                      for p in range(1, len(prompt) + 1)]).float()
+    ref = hf_model(ds.checkpoint(case)).to("cuda")
+    with torch.no_grad():
+        f32 = ref(torch.tensor([prompt], device="cuda")).logits[0].float()
+        b16 = ref.to(torch.bfloat16)(torch.tensor([prompt], device="cuda")).logits[0].float()
+    noise, err = (b16 - f32).abs(), (ours - b16).abs()
+    for stat in (torch.max, torch.median):
+        assert stat(err) <= 4 * stat(noise) + 2 ** -8 * f32.abs().max(), (stat.__name__, err, noise)
+
+
+def test_float16_kernels_equal_the_reference_interpreter(ds):
+    """A float16 -O2 artifact: the MLA, routed-MoE, norm and pointwise kernels (interpreted)
+    against the reference interpreter on the same artifact, over a mixed step."""
+    from braze.runtime import Executor, open_artifact
+    from conftest import run_step
+    art = open_artifact(ds.artifact("dsv3", opt_level=2, dtype="float16"))
+    outs = []
+    for backend in ("reference", "interpret"):
+        ex = Executor(art, backend=backend, num_blocks=8)
+        a, b = take_blocks(ex, 1), take_blocks(ex, 1)
+        run_step(ex, [SeqChunk(PROMPT[:5], 0, b)])
+        outs.append(run_step(ex, [SeqChunk(PROMPT[:11], 0, a), SeqChunk(PROMPT[5:6], 5, b)]))
+    assert outs[0].dtype == torch.float16
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
