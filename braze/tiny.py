@@ -25,7 +25,8 @@ import pathlib
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3", "gemma4")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3",
+            "gemma4")
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in this order
@@ -168,6 +169,8 @@ def tiny_config(family: str, **overrides):
         cls, extra = tf.LlamaConfig, {}
     elif family == "mistral":
         cls, extra = tf.MistralConfig, dict(sliding_window=8)
+    elif family == "qwen2":       # q/k/v biases, none on o_proj
+        cls, extra = tf.Qwen2Config, dict(tie_word_embeddings=True)
     elif family == "qwen3":
         cls, extra = tf.Qwen3Config, dict(head_dim=24, tie_word_embeddings=True)
     elif family == "mixtral":
@@ -248,7 +251,7 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(noise / math.sqrt(p.shape[-1]))
         elif name.endswith(("router.scale", "router.per_expert_scale")):
             p.copy_(1.0 + 0.1 * noise)      # Gemma 4's router scales, ones in transformers
-        else:  # biases (none in the tiny configs, but keep them small)
+        else:  # biases (Qwen2's q/k/v ones): small
             p.copy_(0.02 * noise)
     for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
         if name.endswith("layer_scalar"):   # Gemma 4: a saved buffer, ones in transformers

@@ -28,6 +28,7 @@ from .spec import ModelSpec, spec_from_config
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -38,7 +39,7 @@ ARCHITECTURES = {
 
 
 # used only when config.json names no architectures (e.g. a config built in code)
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "mixtral": "mixtral",
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen3_moe": "qwen3_moe", "phi3": "phi3",
                "gemma3_text": "gemma3", "gemma4_text": "gemma4"}
 

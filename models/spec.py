@@ -139,6 +139,8 @@ def _spec_from_config(cfg, family: str) -> ModelSpec:
         mlp_bias=bool(_get(cfg, "mlp_bias", False)), qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_windows=windows, bos_token_id=_get(cfg, "bos_token_id", None), eos_token_ids=eos,
     )
+    if family == "qwen2":             # q/k/v biases, none on o_proj (not a config key)
+        spec.attention_bias, spec.o_proj_bias = True, False
     if family == "gemma3":
         _gemma3(cfg, spec, rope_local)
     if family == "gemma4":

@@ -40,6 +40,7 @@ CASES = {
                                                   "rope_theta": 10000.0}}),
     "mistral-window8": ("mistral", {}),
     "qwen3-headdim24-tied": ("qwen3", {}),
+    "qwen2-qkv-bias-tied": ("qwen2", {}),
     "mixtral": ("mixtral", {}),
     "qwen3_moe-dense-middle": ("qwen3_moe", {}),
     "qwen3_moe-step2-nonorm": ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": [],
