@@ -121,3 +121,13 @@ def test_proportional_rope_rotates_only_the_first_pairs(store):
         assert (cos[:, :, half + rotated:half + d // 2] == 1).all()
         assert (sin[:, :, half + rotated:half + d // 2] == 0).all()
     assert (sin[1:, :, :rotated] != 0).all()
+
+
+def test_kv_shared_queries_of_one_layer_type_are_not_paired(tmp_path_factory):
+    """Three shared layers, two of them sliding: their q rotations share cos/sin, yet none
+    is the k of another; each is a rope1, and fuse-rope refuses nothing."""
+    from braze.passes import PIPELINES
+    g, _ = model_graph("gemma4", tmp_path_factory.mktemp("g"), num_kv_shared_layers=3)
+    g, ctx = run_passes(g, PIPELINES[2], max_num_tokens=64, max_num_seqs=4, max_model_len=64)
+    assert g.op_counts()["rope1"] == 3 and g.op_counts()["rope_cache_write"] == 2
+    assert not [r for r in ctx.refusals if r.pass_name == "fuse-rope"], ctx.refusals
