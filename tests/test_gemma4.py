@@ -131,3 +131,25 @@ def test_kv_shared_queries_of_one_layer_type_are_not_paired(tmp_path_factory):
     g, ctx = run_passes(g, PIPELINES[2], max_num_tokens=64, max_num_seqs=4, max_model_len=64)
     assert g.op_counts()["rope1"] == 3 and g.op_counts()["rope_cache_write"] == 2
     assert not [r for r in ctx.refusals if r.pass_name == "fuse-rope"], ctx.refusals
+
+
+def test_dense_variant_matches_transformers(tmp_path):
+    """The 31B-like dense form: no per-layer inputs, no MoE, no KV sharing, v from its own
+    projection on global layers (the conftest case has every feature on)."""
+    import braze
+    from braze.ir.contract import SeqChunk
+    from braze.runtime import Executor, open_artifact
+    from braze.tiny import make_checkpoint
+    from conftest import PROMPT, hf_model, step_inputs, take_blocks
+    ckpt = make_checkpoint("gemma4", tmp_path / "m", seed=3, hidden_size_per_layer_input=0,
+                           enable_moe_block=False, num_kv_shared_layers=0,
+                           attention_k_eq_v=False, use_double_wide_mlp=False)
+    braze.compile(ckpt, tmp_path / "a", opt_level=2, targets="")
+    ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
+    assert len(ex.cache.tensors) == 2 * 5
+    blocks = take_blocks(ex, 2)
+    ex.run(step_inputs(ex, [SeqChunk(PROMPT[:7], 0, blocks)]))
+    logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT[7:], 7, blocks)]))
+    with torch.no_grad():
+        expected = hf_model(ckpt)(torch.tensor([PROMPT])).logits[0, -1:]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
