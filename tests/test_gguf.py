@@ -254,7 +254,7 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F32",
                       tokenizer="spm", arch="phi3")
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
-    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen3")
+    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen2, qwen3")
 
 
 def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
