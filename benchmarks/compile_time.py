@@ -126,6 +126,33 @@ def deepseek_v3_config():
                          "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
         dtype="bfloat16", architectures=["DeepseekV3ForCausalLM"])
 
+def gemma4_26b_a4b_config():
+    """A Gemma 4 26B-A4B-like text shape (published figures; the exact config.json was not
+    at hand): 30 layers, 5 local (window 1024) to 1 global, global head_dim 512 with 2 kv
+    heads and v = k, proportional RoPE, 128 experts top-8 beside a dense MLP."""
+    from transformers import Gemma4TextConfig
+    return Gemma4TextConfig(
+        hidden_size=2816, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True,
+        intermediate_size=2112, vocab_size=262144, sliding_window=1024,
+        max_position_embeddings=262144, hidden_size_per_layer_input=0, enable_moe_block=True,
+        num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+        final_logit_softcapping=30.0, dtype="bfloat16", architectures=["Gemma4ForCausalLM"])
+
+
+def gemma4_e2b_config():
+    """A Gemma 4 E2B-like text shape (published figures): 35 layers, per-layer inputs of
+    256, the last 20 layers sharing the KV cache of earlier ones, double-wide MLPs there."""
+    from transformers import Gemma4TextConfig
+    return Gemma4TextConfig(
+        hidden_size=1536, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=1,
+        head_dim=256, global_head_dim=512, intermediate_size=6144, vocab_size=262144,
+        layer_types=["full_attention" if (i + 1) % 5 == 0 else "sliding_attention"
+                     for i in range(35)],
+        sliding_window=512, max_position_embeddings=131072, hidden_size_per_layer_input=256,
+        vocab_size_per_layer_input=262144, num_kv_shared_layers=20, use_double_wide_mlp=True,
+        final_logit_softcapping=30.0, dtype="bfloat16", architectures=["Gemma4ForCausalLM"])
+
 
 MODELS = {
     "llama3-8b": llama3_8b_config,
@@ -133,6 +160,9 @@ MODELS = {
     "phi4-mini": phi4_mini_config,
     "gemma3-27b": gemma3_27b_config,
     "deepseek-v3": deepseek_v3_config,
+
+    "gemma4-26b-a4b": gemma4_26b_a4b_config,
+    "gemma4-e2b": gemma4_e2b_config,
 }
 
 

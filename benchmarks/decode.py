@@ -117,6 +117,11 @@ MODELS = {
                       kv_lora=512, q_lora=None, nope=128, rope_dim=64, v_dim=128, experts=32,
                       top_k=6, groups=4, topk_groups=2, moe_inter=704, shared=2, dense=1,
                       rope={"rope_type": "default", "rope_theta": 10000.0}, max_pos=4096),
+
+    # Gemma 4 E2B-like (published figures): per-layer inputs, the last 20 layers share KV
+    "gemma4-e2b": dict(name="Gemma-4-E2B-like", arch="gemma4", hidden=1536, layers=35, heads=8,
+                       kv_heads=1, head_dim=256, global_head_dim=512, inter=6144, vocab=262144,
+                       tie=True, window=512, pattern=5, ple=256, kv_shared=20, max_pos=131072),
     # --cpu: what a laptop without a GPU serves (SmolLM-135M's shape)
     "135m": dict(name="SmolLM-135M", hidden=576, layers=30, heads=9, kv_heads=3, inter=1536,
                  vocab=49152, tie=True, rope={"rope_type": "default", "rope_theta": 10000.0},
@@ -143,6 +148,10 @@ TINY_MODELS = {     # --dry-run: the same structure (GQA, tied / untied) at inte
                       q_lora=24, nope=16, rope_dim=16, v_dim=16, experts=8, top_k=2, groups=4,
                       topk_groups=2, moe_inter=32, shared=1, dense=1,
                       rope={"rope_type": "default", "rope_theta": 10000.0}, max_pos=4096),
+
+    "gemma4-e2b": dict(name="tiny Gemma-4-E2B-like", arch="gemma4", hidden=64, layers=6, heads=4,
+                       kv_heads=1, head_dim=16, global_head_dim=32, inter=96, vocab=512,
+                       tie=True, window=8, pattern=3, ple=8, kv_shared=2, max_pos=4096),
 }
 BATCHES = (1, 16, 64)
 TINY_BATCHES = (1, 4)
@@ -160,7 +169,7 @@ BLOCK_SIZE = 16
 # -- model and checkpoint ---------------------------------------------------------------------
 
 def hf_config(spec: dict, dtype: str):
-    if spec.get("arch") in ("phi3", "gemma3", "deepseek_v3"):
+    if spec.get("arch") in ("phi3", "gemma3", "gemma4", "deepseek_v3"):
         return _family_config(spec, dtype)
     from transformers import LlamaConfig
 
@@ -175,7 +184,8 @@ def hf_config(spec: dict, dtype: str):
 
 
 def _family_config(spec: dict, dtype: str):
-    """Phi3Config, Gemma3TextConfig or DeepseekV3Config for a shape of MODELS with an `arch`."""
+    """Phi3Config, Gemma3TextConfig, Gemma4TextConfig or DeepseekV3Config for a shape of
+    MODELS with an `arch`."""
     import transformers as tf
 
     common = dict(hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
@@ -197,6 +207,16 @@ def _family_config(spec: dict, dtype: str):
         return tf.Phi3Config(**common, partial_rotary_factor=spec["partial_rotary"],
                              original_max_position_embeddings=spec["original_max_pos"],
                              rope_parameters=dict(spec["rope"]), architectures=["Phi3ForCausalLM"])
+    if spec["arch"] == "gemma4":
+        n = spec["layers"]
+        return tf.Gemma4TextConfig(
+            **common, head_dim=spec["head_dim"], global_head_dim=spec["global_head_dim"],
+            sliding_window=spec["window"],
+            layer_types=["full_attention" if (i + 1) % spec["pattern"] == 0 else
+                         "sliding_attention" for i in range(n)],
+            hidden_size_per_layer_input=spec["ple"], vocab_size_per_layer_input=spec["vocab"],
+            num_kv_shared_layers=spec["kv_shared"], use_double_wide_mlp=True,
+            final_logit_softcapping=30.0, architectures=["Gemma4ForCausalLM"])
     return tf.Gemma3TextConfig(
         **common, head_dim=spec["head_dim"], query_pre_attn_scalar=spec["qpas"],
         sliding_window=spec["window"], sliding_window_pattern=spec["pattern"],
@@ -943,7 +963,8 @@ def parse_args(argv):
                "torch.compile and HF eager at batch 1, 16, 64; cold start < 10 s (8B, weights "
                "excluded).")
     ap.add_argument("--models", default="1b,8b", help="comma list of 1b, 8b, phi4-mini, "
-                    "gemma3-1b, dsv3-mini (default 1b,8b; one per GPU command keeps within 10 minutes)")
+                    "gemma3-1b, gemma4-e2b, dsv3-mini (default 1b,8b; one per GPU command keeps "
+                    "within 10 minutes)")
     ap.add_argument("--batches", default=None, help=f"comma list (default "
                     f"{','.join(map(str, BATCHES))}; dry run {','.join(map(str, TINY_BATCHES))})")
     ap.add_argument("--steps", type=int, default=None,

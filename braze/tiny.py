@@ -25,7 +25,8 @@ import pathlib
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3", "deepseek_v3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma3",
+            "gemma4", "deepseek_v3")
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in this order
@@ -168,6 +169,8 @@ def tiny_config(family: str, **overrides):
         cls, extra = tf.LlamaConfig, {}
     elif family == "mistral":
         cls, extra = tf.MistralConfig, dict(sliding_window=8)
+    elif family == "qwen2":       # q/k/v biases, none on o_proj
+        cls, extra = tf.Qwen2Config, dict(tie_word_embeddings=True)
     elif family == "qwen3":
         cls, extra = tf.Qwen3Config, dict(head_dim=24, tie_word_embeddings=True)
     elif family == "mixtral":
@@ -217,6 +220,24 @@ def tiny_config(family: str, **overrides):
             rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                              "original_max_position_embeddings": 64, "beta_fast": 32,
                              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+    elif family == "gemma4":
+        # Gemma 4's text features in one model: sliding (window 8) and global layers, the
+        # global ones with their own head_dim (32 vs 16), one kv head and v = k (26B/31B's
+        # attention_k_eq_v), proportional partial RoPE; per-layer inputs (E2B/E4B's PLE);
+        # the last 2 layers share the KV cache of layers 2 and 1 (E2B's
+        # num_kv_shared_layers), with double-wide MLPs; the MoE block beside the dense
+        # MLP (26B-A4B); tied embeddings and a final logit soft-cap
+        cls, extra = tf.Gemma4TextConfig, dict(
+            num_hidden_layers=5, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+            attention_k_eq_v=True, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                         "sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=256,
+            num_kv_shared_layers=2, use_double_wide_mlp=True, enable_moe_block=True,
+            num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+            final_logit_softcapping=30.0, architectures=["Gemma4ForCausalLM"])
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     kwargs = {**common, **extra, **overrides}
@@ -239,17 +260,22 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
     norm_params = {
         id(m.weight) for m in model.modules() if "RMSNorm" in type(m).__name__ and getattr(m, "weight", None) is not None
     }
-    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         if id(p) in norm_params:
             p.copy_(1.0 + 0.1 * noise)
         elif p.dim() >= 2:
             p.copy_(noise / math.sqrt(p.shape[-1]))
-        else:  # biases (none in the tiny configs, but keep them small)
+        elif name.endswith(("router.scale", "router.per_expert_scale")):
+            p.copy_(1.0 + 0.1 * noise)      # Gemma 4's router scales, ones in transformers
+        else:  # biases (Qwen2's q/k/v ones): small
             p.copy_(0.02 * noise)
     for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
         if name.endswith("e_score_correction_bias"):   # DeepSeek-V3: make routing depend on it
             b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
+
+        if name.endswith("layer_scalar"):   # Gemma 4: a saved buffer, ones in transformers
+            b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
 def make_checkpoint(

@@ -40,6 +40,7 @@ from braze.ir.errors import BrazeError
 # general.architecture -> (transformers architecture, whether llama.cpp permuted Q/K rows)
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
 }
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral

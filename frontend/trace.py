@@ -103,10 +103,13 @@ class _Mapper:
             return g.op("embedding", args[0], self.param(f"{target}.weight"))
         if isinstance(m, PagedAttention):
             q, k, v, slots, qsl, seq_lens, tables = args
-            kc_name, vc_name = cache_names(m.layer)
+            kc_name, vc_name = cache_names(m.cache_layer)
             ct = cache_type(self.block_size, m.num_kv_heads, m.head_dim, self.kv_dtype)
-            kc, vc = g.add_input(kc_name, ct), g.add_input(vc_name, ct)
-            g.add_node("cache_write", [k, v, kc, vc, slots])
+            if m.cache_layer == m.layer:
+                kc, vc = g.add_input(kc_name, ct), g.add_input(vc_name, ct)
+                g.add_node("cache_write", [k, v, kc, vc, slots])
+            else:       # KV sharing: read an earlier layer's cache, write none
+                kc, vc = self._shared_cache(m, kc_name, vc_name, ct)
             extra = {"softcap": float(m.softcap)} if m.softcap else {}
             return g.op("paged_attention", q, kc, vc, qsl, seq_lens, tables,
                         scale=float(m.scale), sliding_window=int(m.sliding_window), **extra)
@@ -118,6 +121,17 @@ class _Mapper:
             return g.op("mla_attention", q, cache, w_kv_b, qsl, seq_lens, tables,
                         scale=float(m.scale), kv_lora_rank=int(m.kv_lora_rank))
         raise BrazeError(f"no IR mapping for module type {type(m).__name__}")
+
+    def _shared_cache(self, m: PagedAttention, kc_name: str, vc_name: str, ct: TensorType):
+        names = {v.name: v for v in self.g.inputs}
+        if kc_name not in names:
+            raise BrazeError(f"layer {m.layer} shares the KV cache of layer {m.cache_layer}, "
+                             f"which has not written one before it")
+        kc, vc = names[kc_name], names[vc_name]
+        if kc.type != ct:
+            raise BrazeError(f"layer {m.layer} reads layer {m.cache_layer}'s cache {kc.type} "
+                             f"as {ct}: the shared layers' head counts and head_dim differ")
+        return kc, vc
 
 
 def trace_to_ir(model: nn.Module, name: str, block_size: int, kv_dtype: str,

@@ -5,17 +5,23 @@ dispatch for a routing the graph computed itself (DeepSeek-V3's grouped sigmoid 
 stays ordinary IR ops on [T, E]; only the experts are fused).
 
     %y: bf16[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down) {top_k=2, renormalize=true, act="silu"}
+    %y: bf16[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down, %rx, @scale) {...}    (Gemma 4)
 
     x          [T, H]      the tokens
     router     [E, H]      router (gate) weight: logits = x @ router.T
     w_gate_up  [E, 2I, H]  per expert, the gate rows then the up rows
     w_down     [E, H, I]   per expert, the down projection
+    router_x   [T, H]      optional: what the router reads instead of x (Gemma 4 routes on
+                           a differently normed residual than its experts see)
+    expert_scale [E]       optional (needs router_x): each chosen expert's weight is
+                           multiplied by its scale after the renormalisation (Gemma 4)
 
 Semantics, exactly those of the dense reference form in models/moe.py:
 
-    probs      = softmax(x @ router.T, dtype=f32)
+    probs      = softmax(router_x @ router.T, dtype=f32)     # router_x: x when not given
     w, idx     = topk(probs, top_k)                   # f32 weights, expert ids
     w          = w / w.sum(-1) if renormalize         # in f32
+    w          = w * expert_scale[idx]                # f32, when given
     y[t]       = sum_j  w[t, j].to(x.dtype) * expert(idx[t, j], x[t])
     expert(e, v) = act(v @ gate[e].T) * (v @ up[e].T) @ down[e].T     # in x.dtype
 
@@ -49,7 +55,16 @@ EXPERT_GEMM_ROWS = 0
 
 
 def _fused_moe_infer(types, attrs):
-    x, router, gate_up, down = types
+    x, router, gate_up, down, *extra = types
+    if extra:
+        rx = extra[0]
+        if rx.shape != x.shape or rx.dtype != x.dtype:
+            raise BrazeError(f"fused_moe: router_x {rx} must match x {x}")
+        if len(extra) > 1 and (extra[1].rank != 1 or extra[1].shape[0] != router.shape[0]
+                               or extra[1].dtype != x.dtype):
+            raise BrazeError(f"fused_moe: expert_scale {extra[1]} must be [{router.shape[0]}] "
+                             f"in {x.dtype}")
+        types = types[:4]
     if x.rank != 2 or router.rank != 2 or gate_up.rank != 3 or down.rank != 3:
         raise BrazeError(f"fused_moe: want x [T, H], router [E, H], w_gate_up [E, 2I, H], "
                          f"w_down [E, H, I]; got {x}, {router}, {gate_up}, {down}")
@@ -71,18 +86,22 @@ def _fused_moe_infer(types, attrs):
     return [TensorType(x.shape, x.dtype)]
 
 
-def route(x, router, top_k: int, renormalize: bool):
+def route(x, router, top_k: int, renormalize: bool, expert_scale=None):
     """Per token its top_k expert ids and their weights in x's dtype, as the dense form rounds them."""
     probs = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if expert_scale is not None:
+        weights = weights * expert_scale[ids]
     return weights.to(x.dtype), ids
 
 
-def _fused_moe(x, router, w_gate_up, w_down, top_k, renormalize, act):
-    weights, ids = route(x, router, top_k, renormalize)
-    return _dispatch(x, weights, ids, w_gate_up, w_down, act)
+def _fused_moe(x, router, w_gate_up, w_down, router_x=None, expert_scale=None, *, top_k,
+               renormalize, act):
+    weights, ids = route(x if router_x is None else router_x, router, top_k, renormalize,
+                         expert_scale)
+    return _dispatch(x, weights.to(x.dtype), ids, w_gate_up, w_down, act)
 
 
 def _dispatch(x, weights, ids, w_gate_up, w_down, act):
@@ -112,7 +131,8 @@ def _dispatch(x, weights, ids, w_gate_up, w_down, act):
 
 
 register(OpDef(
-    "fused_moe", ("x", "router", "w_gate_up", "w_down"), _fused_moe_infer, _fused_moe,
+    "fused_moe", ("x", "router", "w_gate_up", "w_down", "router_x?", "expert_scale?"),
+    _fused_moe_infer, _fused_moe,
     attrs={"top_k": REQUIRED, "renormalize": REQUIRED, "act": "silu"},
     doc="top-k routed mixture of experts: softmax(f32) router, top_k, optional renormalisation, "
         "per-expert act(x Wg^T) * (x Wu^T) Wd^T weighted by the routing weight in x's dtype"))

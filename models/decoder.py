@@ -21,22 +21,38 @@ from .spec import ModelSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype):
+    """q/k/v/o projections, optional per-head q/k norms, RoPE, paged attention.
+
+    Shared by every family; the Gemmas pass what differs: the norm style, and for Gemma 4
+    a per-layer head_dim and kv head count, no v projection (v from k's: `v_proj=False`)
+    or no k/v at all (`kv_from`: the layer reads that earlier layer's cache)."""
+
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype, norm_style: str = "plain",
+                 head_dim: int = 0, num_kv_heads: int = 0, v_proj: bool = True,
+                 kv_from: int | None = None):
         super().__init__()
-        h, d = spec.hidden_size, spec.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        h, d = spec.hidden_size, head_dim or spec.head_dim
+        kv = num_kv_heads or spec.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, kv, d
         bias = spec.attention_bias
         self.q_proj = nn.Linear(h, spec.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=bias)
+        if kv_from is None:
+            self.k_proj = nn.Linear(h, kv * d, bias=bias)
+            if v_proj:
+                self.v_proj = nn.Linear(h, kv * d, bias=bias)
+        # Qwen2 has q/k/v biases but none on o_proj
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=bias and spec.o_proj_bias)
         self.rotary_dim = spec.rotary_dim or d
         self.qk_norm = spec.qk_norm
         if spec.qk_norm:
-            self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
-        self.attn = PagedAttention(layer, spec.num_heads, spec.num_kv_heads, d,
-                                   scale=d ** -0.5, sliding_window=spec.sliding_windows[layer])
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype, norm_style)
+            if kv_from is None:
+                self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype, norm_style)
+        self.local = bool(spec.sliding_windows[layer])
+        self.attn = PagedAttention(layer, spec.num_heads, kv, d,
+                                   scale=spec.attn_scale or d ** -0.5,
+                                   sliding_window=spec.sliding_windows[layer],
+                                   softcap=spec.attn_softcap, cache_layer=kv_from)
 
     def forward(self, x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables):
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)

@@ -1,8 +1,8 @@
 """Gemma 3 text decoder (`Gemma3ForCausalLM`), written like decoder.py.
 
 What differs from Llama, each as plain torch the passes see:
-  - RMSNorm scales by (1 + w) in float32 before casting back (GemmaRMSNorm), also as
-    the per-head q/k norm;
+  - RMSNorm scales by (1 + w) in float32 before casting back (RMSNorm style "gemma"),
+    also as the per-head q/k norm (decoder.py's Attention with that norm style);
   - sandwich norms: the attention and MLP outputs are normed again before their
     residual add (post_attention_layernorm, post_feedforward_layernorm), and the MLP
     input has its own pre_feedforward_layernorm;
@@ -19,48 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, GemmaRMSNorm, RotaryEmbedding, apply_rope, soft_cap
-from .primitives import PagedAttention
+from .decoder import Attention
+from .layers import MLP, RMSNorm, RotaryEmbedding, soft_cap
 from .spec import ModelSpec
-
-
-class Gemma3Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype):
-        super().__init__()
-        h, d = spec.hidden_size, spec.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
-        bias = spec.attention_bias
-        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=bias)
-        self.q_norm = GemmaRMSNorm(d, spec.rms_norm_eps, dtype)
-        self.k_norm = GemmaRMSNorm(d, spec.rms_norm_eps, dtype)
-        self.local = bool(spec.sliding_windows[layer])
-        self.attn = PagedAttention(layer, spec.num_heads, spec.num_kv_heads, d,
-                                   scale=spec.attn_scale, sliding_window=spec.sliding_windows[layer],
-                                   softcap=spec.attn_softcap)
-
-    def forward(self, x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables):
-        q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, cos, sin, self.head_dim // 2)
-        k = apply_rope(k, cos, sin, self.head_dim // 2)
-        o = self.attn(q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables)
-        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype):
         super().__init__()
         h, eps = spec.hidden_size, spec.rms_norm_eps
-        self.self_attn = Gemma3Attention(spec, layer, dtype)
+        self.self_attn = Attention(spec, layer, dtype, norm_style="gemma")
         self.mlp = MLP(h, spec.intermediate_size, spec.hidden_act, spec.mlp_bias)
-        self.input_layernorm = GemmaRMSNorm(h, eps, dtype)
-        self.post_attention_layernorm = GemmaRMSNorm(h, eps, dtype)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps, dtype)
-        self.post_feedforward_layernorm = GemmaRMSNorm(h, eps, dtype)
+        self.input_layernorm = RMSNorm(h, eps, dtype, "gemma")
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, "gemma")
+        self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, "gemma")
+        self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, "gemma")
 
     def forward(self, x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables):
         a = self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, query_start_loc,
@@ -75,7 +48,7 @@ class Gemma3Model(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Gemma3DecoderLayer(spec, i, dtype)
                                     for i in range(spec.num_layers))
-        self.norm = GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, "gemma")
 
 
 class Gemma3ForCausalLM(nn.Module):

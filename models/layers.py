@@ -21,9 +21,24 @@ ACT_FNS = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+    """RMSNorm, normalised in float32, in the forms the checkpoints use (`style`):
+
+      "plain"   w * n.to(dtype)                    Llama, Qwen, Mixtral, Phi-3 (cast, then scale)
+      "gemma"   (n * (1 + w.float())).to(dtype)    Gemma 3: stored as w - 1, scaled in f32
+      "f32"     (n * w.float()).to(dtype)          Gemma 4: scaled in f32, then the one cast
+
+    with n = x.f32 * rsqrt(mean(x.f32^2) + eps). `with_scale=False` has no weight at all
+    (Gemma 4's value norm and router norm): n.to(dtype)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, style: str = "plain",
+                 with_scale: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        if style not in ("plain", "gemma", "f32"):
+            raise ValueError(f"RMSNorm style {style!r}")
+        if with_scale:
+            self.weight = nn.Parameter(torch.zeros(size) if style == "gemma" else torch.ones(size))
+        self.with_scale = with_scale
+        self.style = style
         self.eps = eps
         self.out_dtype = dtype
 
@@ -31,24 +46,13 @@ class RMSNorm(nn.Module):
         h = x.to(torch.float32)
         variance = h.pow(2).mean(-1, keepdim=True)
         h = h * torch.rsqrt(variance + self.eps)
-        return self.weight * h.to(self.out_dtype)
-
-
-class GemmaRMSNorm(nn.Module):
-    """Gemma's RMSNorm: the weight is stored as w - 1 and applied as (1 + w), in float32,
-    before the one cast back (Llama casts first, then scales)."""
-
-    def __init__(self, size: int, eps: float, dtype: torch.dtype):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(size))
-        self.eps = eps
-        self.out_dtype = dtype
-
-    def forward(self, x):
-        h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + self.eps)
-        return (h * (1.0 + self.weight.float())).to(self.out_dtype)
+        if not self.with_scale:
+            return h.to(self.out_dtype)
+        if self.style == "plain":
+            return self.weight * h.to(self.out_dtype)
+        if self.style == "gemma":
+            return (h * (1.0 + self.weight.float())).to(self.out_dtype)
+        return (h * self.weight.float()).to(self.out_dtype)
 
 
 def soft_cap(x, cap: float):

@@ -26,6 +26,14 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
+    def dense(self, x, routing, act):
+        """Every expert on every token, summed with the [T, E] `routing` weights (zero for
+        experts a token did not pick): the form fuse-moe recognises."""
+        gate = torch.einsum("th,eih->tei", x, self.gate_proj)
+        up = torch.einsum("th,eih->tei", x, self.up_proj)
+        out = torch.einsum("tei,ehi->teh", act(gate) * up, self.down_proj)
+        return torch.einsum("te,teh->th", routing, out)
+
 
 class DenseMoE(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int,
@@ -45,7 +53,4 @@ class DenseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         routing = torch.zeros_like(probs).scatter(1, chosen, weights).to(self.out_dtype)
-        gate = torch.einsum("th,eih->tei", x, self.experts.gate_proj)
-        up = torch.einsum("th,eih->tei", x, self.experts.up_proj)
-        out = torch.einsum("tei,ehi->teh", self.act(gate) * up, self.experts.down_proj)
-        return torch.einsum("te,teh->th", routing, out)
+        return self.experts.dense(x, routing, self.act)

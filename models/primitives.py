@@ -4,6 +4,9 @@ A leaf module for tracing: the frontend maps each call to the IR ops
 `cache_write` (store this step's k and v at their slots) and `paged_attention`
 (attend over everything cached for each sequence), adding the layer's cache
 tensors `%k_cache.L` and `%v_cache.L` as graph inputs.
+
+With `cache_layer` set (Gemma 4's KV sharing) the layer writes nothing and attends over
+that earlier layer's cache: no cache of its own exists, and k and v are None.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from torch import nn
 
 class PagedAttention(nn.Module):
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, sliding_window: int = 0, softcap: float = 0.0):
+                 scale: float, sliding_window: int = 0, softcap: float = 0.0,
+                 cache_layer: int | None = None):
         super().__init__()
         self.layer = layer
         self.num_heads = num_heads
@@ -22,6 +26,7 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.softcap = softcap          # scores -> softcap * tanh(scores / softcap); 0: none
+        self.cache_layer = layer if cache_layer is None else cache_layer   # whose cache it reads
 
     def forward(self, q, k, v, slot_mapping, query_start_loc, seq_lens, block_tables):
         raise RuntimeError("PagedAttention is a tracing primitive; run the traced braze graph")

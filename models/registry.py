@@ -21,6 +21,7 @@ from braze.ir.errors import BrazeError
 from .decoder import CausalLM
 from .deepseek_v3 import DeepseekV3ForCausalLM
 from .gemma3 import Gemma3ForCausalLM
+from .gemma4 import Gemma4ForCausalLM
 from .layers import RotaryEmbedding
 from .rope import longrope_frequencies, rope_frequencies
 from .spec import ModelSpec, spec_from_config
@@ -28,19 +29,22 @@ from .spec import ModelSpec, spec_from_config
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Phi3ForCausalLM": "phi3",
     "Gemma3ForCausalLM": "gemma3",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+
+    "Gemma4ForCausalLM": "gemma4",
 }
 
 
 # used only when config.json names no architectures (e.g. a config built in code)
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "mixtral": "mixtral",
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen3_moe": "qwen3_moe", "phi3": "phi3",
-               "gemma3_text": "gemma3", "deepseek_v3": "deepseek_v3"}
+               "gemma3_text": "gemma3", "gemma4_text": "gemma4", "deepseek_v3": "deepseek_v3"}
 
 
 def family_of(config) -> str:
@@ -67,6 +71,13 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
 
     Only the RoPE frequencies are real: they are computed here, not read from the checkpoint.
     """
+    if spec.family == "gemma4":      # per layer type, each with its own head_dim
+        dims = {bool(w): d for w, d in zip(spec.sliding_windows, spec.gemma4.head_dims)}
+        rotary = rotary_embedding(spec.rope, spec, dtype, dims.get(False, spec.head_dim))
+        local = rotary_embedding(spec.rope_local or spec.rope, spec, dtype,
+                                 dims.get(True, spec.head_dim))
+        with torch.device("meta"), _no_init():
+            return Gemma4ForCausalLM(spec, dtype, rotary, local)
     rotary = rotary_embedding(spec.rope, spec, dtype)
     if spec.family == "gemma3":
         local = rotary_embedding(spec.rope_local or spec.rope, spec, dtype)
@@ -78,14 +89,16 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
         return CausalLM(spec, dtype, rotary)
 
 
-def rotary_embedding(rope: dict, spec: ModelSpec, dtype: torch.dtype) -> RotaryEmbedding:
+def rotary_embedding(rope: dict, spec: ModelSpec, dtype: torch.dtype,
+                     head_dim: int = 0) -> RotaryEmbedding:
     """cos/sin for `rope` (a rope_parameters dict), its frequencies real tensors."""
     kind = rope.get("rope_type") or rope.get("type")
+    head_dim = head_dim or spec.head_dim
     if kind == "longrope":
-        short, long, scaling, original = longrope_frequencies(rope, spec.head_dim,
+        short, long, scaling, original = longrope_frequencies(rope, head_dim,
                                                               spec.max_position_embeddings)
         return RotaryEmbedding(short, scaling, dtype, long_inv_freq=long, long_from=original)
-    inv_freq, scaling = rope_frequencies(rope, spec.head_dim, spec.max_position_embeddings)
+    inv_freq, scaling = rope_frequencies(rope, head_dim, spec.max_position_embeddings)
     return RotaryEmbedding(inv_freq, scaling, dtype)
 
 
@@ -114,7 +127,8 @@ class WeightSource:
 
 _ATTN_PROJ = re.compile(r"^(model\.layers\.\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
 _MLP_PROJ = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate|up)_proj\.weight$")
-_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+# the experts sit in the MLP (`.mlp.experts`), or beside it in the layer (Gemma 4)
+_EXPERT = re.compile(r"^(model\.layers\.\d+(?:\.mlp)?)\.experts\.(gate_proj|up_proj|down_proj)$")
 _MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
@@ -127,19 +141,20 @@ def weight_sources(spec: ModelSpec, param: str, shape: tuple, available: set[str
     m = _EXPERT.match(param)
     if m:
         prefix, proj = m.groups()
-        n = spec.moe.num_experts
-        fused = f"{prefix}.mlp.experts.gate_up_proj"
+        n = spec.moe.num_experts if spec.moe else spec.gemma4.num_experts
+        fused = f"{prefix}.experts.gate_up_proj"
         if proj != "down_proj" and fused in available:
             inter = shape[1]
             lo = 0 if proj == "gate_proj" else inter
             return WeightSource([fused], "slice", dim=1, start=lo, stop=lo + inter)
-        if f"{prefix}.mlp.experts.{proj}" in available:
-            return WeightSource([f"{prefix}.mlp.experts.{proj}"])
+        if f"{prefix}.experts.{proj}" in available:
+            return WeightSource([f"{prefix}.experts.{proj}"])
         if spec.family == "mixtral":
-            names = [f"{prefix}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[proj]}.weight"
+            layer = prefix.removesuffix(".mlp")
+            names = [f"{layer}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[proj]}.weight"
                      for e in range(n)]
         else:
-            names = [f"{prefix}.mlp.experts.{e}.{proj}.weight" for e in range(n)]
+            names = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(n)]
         return WeightSource(names, "stack")
     if spec.family == "mixtral" and ".mlp.gate." in param and param not in available:
         return WeightSource([param.replace(".mlp.gate.", ".block_sparse_moe.gate.")])

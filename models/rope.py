@@ -17,6 +17,10 @@ Supported `rope_type`s:
            `short_factor` list, or `long_factor` past original_max_position_embeddings
            (`longrope_frequencies` returns both), plus an attention (cos/sin) scale
            sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original.
+  proportional  Gemma 4's global layers: the whole head rotates (rotate-half over head_dim),
+           the first a = int(partial_rotary_factor * head_dim // 2) frequency pairs are
+           1 / theta ** (2i / head_dim) (exponents over the WHOLE head, hence "proportional")
+           and the other head_dim / 2 - a are 0 (cos 1, sin 0: passed through); / factor.
 """
 
 import math
@@ -25,7 +29,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
-SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 
 
 def rope_frequencies(
@@ -53,7 +57,13 @@ def rope_frequencies(
         raise BrazeError(
             f"partial_rotary_factor {partial_rotary_factor} disagrees with rope_parameters' {in_dict}"
         )
-    dim = int(head_dim * (in_dict if in_dict is not None else partial_rotary_factor))
+    partial = in_dict if in_dict is not None else partial_rotary_factor
+    if rope_type == "proportional":
+        angles = int(partial * head_dim // 2)
+        exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = torch.cat((1.0 / (base ** exps), torch.zeros(head_dim // 2 - angles)))
+        return inv_freq / rope.get("factor", 1.0), 1.0
+    dim = int(head_dim * partial)
     # HF's standardisation fills this in with max_position_embeddings for llama3/yarn.
     original = rope.get("original_max_position_embeddings") or max_position_embeddings
 

@@ -7,9 +7,13 @@ defaults and normalises legacy keys (`rope_scaling` + `rope_theta` become
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 
 from braze.ir.errors import BrazeError
+
+from .spec_gemma4 import Gemma4Spec, gemma4_spec
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
@@ -46,6 +50,7 @@ class ModelSpec:
     rotary_dim: int = 0                # RoPE on the first rotary_dim of each head (0: all)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    o_proj_bias: bool = True           # with attention_bias: does o_proj have one? (Qwen2: no)
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_windows: list[int] = field(default_factory=list)   # per layer, 0 = full attention
@@ -59,6 +64,8 @@ class ModelSpec:
     final_softcap: float = 0.0
     mla: object | None = None          # DeepSeek-V3's latent attention: mla_spec.MLASpec
     mtp_layers: int = 0                # multi-token-prediction layers the config declares
+
+    gemma4: Gemma4Spec | None = None   # Gemma 4's per-layer facts (spec_gemma4.py)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -80,6 +87,27 @@ def _require(cfg, name):
 
 
 def spec_from_config(cfg, family: str) -> ModelSpec:
+    if getattr(cfg, "is_heterogeneous", False):
+        # Gemma 4: head_dim and num_key_value_heads vary per layer; the global values are
+        # the common (sliding) layers', and spec_gemma4.py reads per_layer_config for the rest
+        cfg.allow_global_per_layer_attribute_access = True
+        with _quiet("transformers.integrations.heterogeneity.configuration_utils"):
+            return _spec_from_config(cfg, family)
+    return _spec_from_config(cfg, family)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence a logger (transformers warns on each global read of a per-layer value)."""
+    log = logging.getLogger(logger)
+    saved, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = saved
+
+
+def _spec_from_config(cfg, family: str) -> ModelSpec:
     hidden = _require(cfg, "hidden_size")
     heads = _require(cfg, "num_attention_heads")
     layers = _require(cfg, "num_hidden_layers")
@@ -120,8 +148,14 @@ def spec_from_config(cfg, family: str) -> ModelSpec:
         mlp_bias=bool(_get(cfg, "mlp_bias", False)), qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_windows=windows, bos_token_id=_get(cfg, "bos_token_id", None), eos_token_ids=eos,
     )
+    if family == "qwen2":             # q/k/v biases, none on o_proj (not a config key)
+        spec.attention_bias, spec.o_proj_bias = True, False
     if family == "gemma3":
         _gemma3(cfg, spec, rope_local)
+    if family == "gemma4":
+        spec.rope_local = rope_local
+        spec.gemma4 = gemma4_spec(cfg, spec)
+        return spec
     if family == "deepseek_v3":
         from .mla_spec import read_deepseek_v3
         read_deepseek_v3(cfg, spec)

@@ -40,6 +40,14 @@ Any other router whose routing matrix is a scatter of [T, k] weights at top-k ex
 weights) becomes `fused_moe_routed(x, weights, ids, w_gate_up, w_down)`: the router stays
 in the graph as ordinary ops on [T, E], the experts run O(top_k).
 
+Gemma 4's MoE block (beside its dense MLP) routes on another input than its experts
+read (the residual normed without a weight and scaled, vs. normed with a weight) and
+multiplies the scattered routing weights by a per-expert scale parameter:
+    %r: f32[T, E] = scatter(%zeros, %ids, %w) {dim=1}
+    %s: f32[T, E] = mul(%r, @model.layers.0.router.per_expert_scale)
+    ... einsum(cast(%s), %expert_out) ...
+becomes `fused_moe(%x, @router, @gate_up, @down, %router_x, @per_expert_scale)`.
+
 Refused, with the reason (`--explain`): every 2-operand einsum of a [T, E] and
 a [T, E, H] operand that is not exactly this form, e.g. a different einsum
 equation, a routing matrix that is not a scatter of top-k weights into zeros,
@@ -58,9 +66,10 @@ from .rewrite import Rewriter, Rule, rewrite
 _LAST = (-1, 1)          # the last dim of a rank-2 value, spelt either way
 
 
-def _dense_moe(cast: bool, renorm: bool) -> Op:
-    """The dense form, with or without the routing cast and the renormalisation. (Four
-    patterns rather than `Opt`s, so that a refusal names the deepest mismatch.)"""
+def _dense_moe(cast: bool, renorm: bool, scaled: bool = False) -> Op:
+    """The dense form, with or without the routing cast, the renormalisation and Gemma 4's
+    per-expert scale. (Separate patterns rather than `Opt`s, so that a refusal names the
+    deepest mismatch.)"""
     x = Var("x")
     softmax = Op("softmax", Var("logits"), dim=Var("softmax_dim", where=lambda d: d in _LAST),
                  name="softmax")
@@ -74,6 +83,8 @@ def _dense_moe(cast: bool, renorm: bool) -> Op:
         weights = Op("div", topk_w, total, name="renorm")
     routing = Op("scatter", Op("full_like", Var("zeros_of"), value=0.0), topk_i, weights,
                  dim=Var("scatter_dim", where=lambda d: d in _LAST), name="scatter")
+    if scaled:
+        routing = Op("mul", routing, Var("expert_scale", kind="param"))
     if cast:
         routing = Op("cast", routing, dtype=Var("routing_dtype"))
     gate = Op("einsum", x, Var("w_gate", kind="param"), equation="th,eih->tei")
@@ -83,7 +94,8 @@ def _dense_moe(cast: bool, renorm: bool) -> Op:
     return Op("einsum", routing, down, equation="te,teh->th")
 
 
-PATTERNS = {(c, r): _dense_moe(c, r) for c in (False, True) for r in (False, True)}
+PATTERNS = {(c, r, sc): _dense_moe(c, r, sc) for c in (False, True) for r in (False, True)
+            for sc in (False, True)}
 
 
 def _routed_moe(cast: bool) -> Op:
@@ -112,9 +124,12 @@ def _pattern_for(root: Node) -> Op:
     routing = root.operands[0]
     cast = made_by(routing, "cast")
     scatter = routing.producer.operands[0] if cast else routing
+    scaled = made_by(scatter, "mul")
+    if scaled:
+        scatter = next((o for o in scatter.producer.operands if made_by(o, "scatter")), scatter)
     renorm = made_by(scatter, "scatter") and len(scatter.producer.operands) == 3 \
         and made_by(scatter.producer.operands[2], "div")
-    return PATTERNS[(cast, renorm)]
+    return PATTERNS[(cast, renorm, scaled)]
 
 
 def _fuse_routed(root: Node, rw: Rewriter) -> int | str | None:
@@ -196,7 +211,14 @@ def _fuse(root: Node, rw: Rewriter) -> str | int | None:
     router = _router_weight(g, m["logits"], m["softmax"], xv)
     if isinstance(router, str):
         return router
-    router_w, router_nodes = router
+    router_w, router_nodes, router_x = router
+    scale = m.get("expert_scale")
+    if scale is not None and (scale.type.shape != (probs.type.shape[1],)
+                              or scale.type.dtype != xv.type.dtype):
+        return (f"the per-expert scale {scale.ref} is {scale.type}, not [{probs.type.shape[1]}] "
+                f"in {xv.type.dtype}")
+    extra = [router_x] if router_x is not xv or scale is not None else []
+    extra += [scale] if scale is not None else []
     wg, wu, wd = m["w_gate"], m["w_up"], m["w_down"]
     if wg.type != wu.type:
         return f"gate {wg.ref} {wg.type} and up {wu.ref} {wu.type} expert weights differ in shape"
@@ -210,19 +232,22 @@ def _fuse(root: Node, rw: Rewriter) -> str | int | None:
     e, i, h = wg.type.shape
     gate_up_type = wg.type.with_shape((e, 2 * i, h)) if isinstance(i, int) else wg.type
     try:   # the op's own shape rules decide, before the graph is touched
-        get_op("fused_moe").infer([xv.type, router_w.type, gate_up_type, wd.type], attrs)
+        get_op("fused_moe").infer([xv.type, router_w.type, gate_up_type, wd.type]
+                                  + [v.type for v in extra], attrs)
     except Exception as err:
         return str(err)
 
     w_gate_up = _gate_up_param(g, wg, wu)
     with g.inserting_before(root):
-        out = g.op("fused_moe", xv, router_w, w_gate_up, wd, **attrs)
+        out = g.op("fused_moe", xv, router_w, w_gate_up, wd, *extra, **attrs)
     rw.replace(root.results[0], out, dead=m.nodes + router_nodes)
     return 1
 
 
 def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value):
-    """(router weight, nodes that only computed the logits) or why the logits are not x @ W.T."""
+    """(router weight, nodes that only computed the logits, the router's input) or why the
+    logits are not r @ W.T. The router's input r is x, or (Gemma 4) another [T, H] value
+    computed before the MoE's first expert GEMM."""
     if g.users(logits) != [softmax] or logits in g.outputs.values():
         return f"the router logits {logits.ref} are also used outside the MoE"
     node, rows = logits.producer, None
@@ -238,19 +263,22 @@ def _router_weight(g: Graph, logits: Value, softmax: Node, xv: Value):
         node = node.operands[0].producer if rows else None
     if node is None or node.op != "linear" or len(node.operands) != 2:
         return f"the router logits {logits.ref} are not linear(x, @weight) without a bias"
-    if node.operands[0] is not xv:
-        return f"the router reads {node.operands[0].ref}, the experts read {xv.ref}"
+    rx = node.operands[0]
+    if rx is not xv and (rx.type.shape != xv.type.shape or rx.type.dtype != xv.type.dtype):
+        return f"the router reads {rx.ref} {rx.type}, the experts read {xv.ref} {xv.type}"
+    if rx is not xv and rows is not None:
+        return f"the router reads {rx.ref}, not the experts' {xv.ref}, through a merged linear"
     w = node.operands[1]
     if w.kind != "param":
         return f"the router weight {w.ref} is not a parameter"
     if rows is None:
-        return w, [node]
+        return w, [node], rx
     recipe = w.recipe
     if recipe is not None and recipe.op == "cat" and recipe.attrs["dim"] in (0, -2):
         offset = 0
         for part in recipe.operands:
             if (offset, offset + part.type.shape[0]) == rows:
-                return part, [logits.producer] if logits.producer.op == "slice" else []
+                return part, [logits.producer] if logits.producer.op == "slice" else [], xv
             offset += part.type.shape[0]
     return f"the router logits are rows {rows} of {w.ref}, which is not a concatenation holding them"
 

@@ -69,6 +69,7 @@ def _norm_pattern(cast_in: bool):
 
 
 WITH_CAST, NO_CAST, RSQRT = _norm_pattern(True), _norm_pattern(False), _rsqrt_pattern(_hf(True))
+RSQRT_OF_F32 = _rsqrt_pattern(_hf(False))     # x.float() also read by the mul: from the f32 value
 
 
 def _scaled_f32_pattern():
@@ -136,13 +137,52 @@ def diagnose(g: Graph, rsqrt: Node) -> str:
     """Why the RMSNorm around this rsqrt did not match (pattern reasons name the first
     difference only when the pattern has no alternatives, so look piece by piece)."""
     m = match(RSQRT, rsqrt.results[0], g)
+    if not m and "also used by" in m.reason:
+        m = match(RSQRT_OF_F32, rsqrt.results[0], g)
     if not m:
         return f"rsqrt is not of mean(x^2) + eps: {m.reason}"
     for root in _roots_after(g, rsqrt):
         reason = match_rms_norm(g, root).reason
         if "also used by" in reason:
             return reason
-    return "the normalised x * rsqrt(mean(x^2) + eps) is not scaled by a 1-D weight (w * n)"
+    return ("the normalised x * rsqrt(mean(x^2) + eps) is not scaled by a 1-D weight (w * n): "
+            "a weightless norm (Gemma 4's value and router norms) is left to fuse-pointwise")
+
+
+def unshare_normalisations(g: Graph) -> int:
+    """Give each reader of a shared x * rsqrt(mean(x^2) + eps) its own copy of that chain.
+
+    Norms of the same x with the same eps normalise identically, so canonicalize's CSE
+    merges them (Gemma 4 norms its residual three times: dense MLP, experts, router; and
+    its k_eq_v layers norm the one projection as k with a weight and as v without).
+    Each norm then matches on its own; recomputing the reduction costs less than leaving
+    them unfused. Returns the number of copies made."""
+    copies = 0
+    for rsqrt in [n for n in g.nodes if n.op == "rsqrt" and _looks_like_norm(n)]:
+        add = rsqrt.operands[0].producer                 # _looks_like_norm: add? <- mean <- pow
+        mean = add.operands[0].producer if add.op == "add" else add
+        pow_ = mean.operands[0].producer
+        chain = [pow_, mean] + ([add] if add is not mean else []) + [rsqrt]
+        hf = pow_.operands[0]            # x.float(), or x
+        if hf.producer is not None and hf.producer.op == "cast":
+            chain.insert(0, hf.producer)      # each copy casts x itself, as one norm does
+        for n in list(g.users(rsqrt.results[0])):
+            if n.op != "mul" or hf not in n.operands:
+                continue
+            readers = g.users(n.results[0])
+            for reader in readers[1:]:
+                _clone_chain(g, chain + [n], reader, n.results[0])
+                copies += 1
+    return copies
+
+
+def _clone_chain(g: Graph, chain: list, reader: Node, old: Value) -> None:
+    new: dict[int, Value] = {}
+    with g.inserting_before(reader):
+        for nd in chain:
+            c = g.add_node(nd.op, [new.get(id(o), o) for o in nd.operands], dict(nd.attrs))
+            new[id(nd.results[0])] = c.results[0]
+    reader.operands = [new[id(old)] if o is old else o for o in reader.operands]
 
 
 def _fuse_norm(node: Node, rw: Rewriter):
@@ -202,6 +242,7 @@ def _fold_residual_add(node: Node, rw: Rewriter):
 @register_pass("fuse-norm")
 def fuse_norm(g: Graph, ctx: PassContext) -> int:
     """RMSNorm -> rms_norm; residual add + rms_norm -> add_rms_norm."""
+    unshare_normalisations(g)
     rw = Rewriter(g, ctx)
     # outermost mul first: a norm's inner muls are then gone, or claimed by its refusal
     rw.run([Rule("cast", _fuse_scaled_f32, explain="RMSNorm (scaled in f32) not fused: "),

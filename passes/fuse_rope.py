@@ -26,7 +26,8 @@ rotate-every-two `reshape(cat(unsqueeze(-x[..., 1::2], -1), unsqueeze(x[..., ::2
 Rotations pair up as (q, k) when they share cos, sin and style: first the pairs an
 attention op states (k' written by a cache_write, q' read by the attention over that
 cache), then the rest in schedule order (k being the one whose only reader is a
-cache_write, if either is). A pair becomes `rope(q, k, cos, sin)`, a
+cache_write, if either is), never two that attention ops read as queries (Gemma 4's
+KV-shared layers rotate q alone: each is a `rope1`). A pair becomes `rope(q, k, cos, sin)`, a
 rotation left alone `rope1(x, cos, sin)`. Partial rotary (Phi-3/Phi-4),
 `cat(rotation of x[..., :R], x[..., R:], -1)`, is the same with the whole head as x and
 {rotary_dim=R}; its QK-norm (no family has one) is not folded. A pair's inputs that are single-use
@@ -238,7 +239,9 @@ def pair_rotations(g: Graph, rots: list[Rotation]):
     singles = []
     while rest:
         a = rest.pop(0)
-        b = next((b for b in rest if _pairable(a, b)), None)
+        # two queries are never a (q, k) pair (Gemma 4's KV-shared layers rotate only q)
+        b = next((b for b in rest if _pairable(a, b)
+                  and not (_is_query(g, a) and _is_query(g, b))), None)
         if b is None:
             singles.append(a)
             continue
@@ -248,6 +251,12 @@ def pair_rotations(g: Graph, rots: list[Rotation]):
         pairs.append((b, a, cw) if cw is not None and cw.operands[0] is a.root.results[0]
                      else (a, b, cw))
     return pairs, singles
+
+
+def _is_query(g: Graph, r: Rotation) -> bool:
+    out = r.root.results[0]
+    return any(u.op in ("paged_attention", "attention") and u.operands[0] is out
+               for u in g.users(out))
 
 
 def _sole_cache_write(g: Graph, r: Rotation) -> Node | None:

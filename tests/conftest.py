@@ -26,7 +26,7 @@ atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
 # MoE models with dense layers mixed in, and Phi-3/Phi-4's fused qkv/gate_up tensors with
 # partial rotary and longrope (its short factors; the long ones from position 1 on, where
 # transformers also uses them, since it switches once a sequence passes the original length),
-# and Gemma 3 (see braze.tiny.tiny_config for what its tiny config keeps).
+# Gemma 3 and Gemma 4 (see braze.tiny.tiny_config for what their tiny configs keep).
 CASES = {
     "llama": ("llama", {}),
     "llama-llama3rope-tied": ("llama", {"rope_scaling": tiny_llama3_rope(),
@@ -40,6 +40,7 @@ CASES = {
                                                   "rope_theta": 10000.0}}),
     "mistral-window8": ("mistral", {}),
     "qwen3-headdim24-tied": ("qwen3", {}),
+    "qwen2-qkv-bias-tied": ("qwen2", {}),
     "mixtral": ("mixtral", {}),
     "qwen3_moe-dense-middle": ("qwen3_moe", {}),
     "qwen3_moe-step2-nonorm": ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": [],
@@ -49,6 +50,7 @@ CASES = {
                                   "rope_scaling": {**tiny_longrope(12, original=1),
                                                    "attention_factor": 1.25}}),
     "gemma3-sandwich-softcap": ("gemma3", {}),
+    "gemma4-ple-kvshare-moe": ("gemma4", {}),
 }
 
 

@@ -70,7 +70,7 @@ def bpe_vocab(size: int):
 
 
 def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
-    """A tiny transformers Llama or Qwen3 with random weights (fp32, eval)."""
+    """A tiny transformers Llama, Qwen2 or Qwen3 with random weights (fp32, eval)."""
     import transformers as tf
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -79,6 +79,8 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     common.update(overrides)
     if arch == "llama":
         cfg = tf.LlamaConfig(**common)
+    elif arch == "qwen2":                    # q/k/v biases, none on o_proj
+        cfg = tf.Qwen2Config(**common)
     elif arch == "qwen3":
         common.setdefault("head_dim", 128)     # transformers reads no head_dim from a qwen3 GGUF
         cfg = tf.Qwen3Config(**common)

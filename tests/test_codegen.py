@@ -14,7 +14,7 @@ from braze.launch import compile_expr
 
 
 FAMILY_CASES = ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral", "qwen3_moe-dense-middle",
-                "phi3-longrope-partial-tied", "gemma3-sandwich-softcap"]
+                "phi3-longrope-partial-tied", "gemma3-sandwich-softcap", "gemma4-ple-kvshare-moe"]
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)

@@ -33,12 +33,13 @@ MEAN_ERROR_RATIO = 0.8          # measured 0.53-0.70 correct, 0.94-1.49 without 
 # later positions inherit that through attention: a near-tie, not an error of either side.
 RUNS = [(c, d, opt, "reference")
         for c in ("llama", "qwen3-headdim24-tied", "qwen3_moe-dense-middle", "mixtral",
-                  "phi3-longrope-partial-tied", "gemma3-sandwich-softcap")
+                  "phi3-longrope-partial-tied", "gemma3-sandwich-softcap", "gemma4-ple-kvshare-moe")
         for d in HALF if (c, d) != ("mixtral", "bfloat16") for opt in (0, 2)]
 # the kernels too (interpreted, so f16 only: the interpreter computes bf16 wrongly)
 RUNS += [(c, "float16", 2, "interpret") for c in ("llama", "qwen3_moe-dense-middle",
                                                    "phi3-longrope-partial-tied",
-                                                   "gemma3-sandwich-softcap")]
+                                                   "gemma3-sandwich-softcap",
+                                                   "gemma4-ple-kvshare-moe")]
 
 
 def transformers_logits(store, case, dtype):

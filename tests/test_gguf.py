@@ -1,6 +1,6 @@
 """GGUF checkpoints: `braze compile model.gguf` against transformers reading the same file.
 
-Each case is a tiny random Llama or Qwen3 written as llama.cpp writes it (tests/
+Each case is a tiny random Llama, Qwen2 or Qwen3 written as llama.cpp writes it (tests/
 gguf_helpers.py) in some quant types; braze and transformers both dequantize it with
 gguf's own code, so in float32 their logits agree to 1e-4 and greedy tokens are equal.
 Q4_K and Q6_K have no Python quantizer: those tensors are random valid blocks.
@@ -34,6 +34,7 @@ CASES = {
     "llama-Q4_K-Q6_K": ("llama", "Q4_K,Q6_K", "spm", dict(hidden_size=256, intermediate_size=256)),
     "qwen3-Q8_0-F16-tied": ("qwen3", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
     "qwen3-Q6_K-Q4_0": ("qwen3", "Q6_K,Q4_0", "bpe", dict(hidden_size=256, intermediate_size=256)),
+    "qwen2-Q8_0-F16-tied": ("qwen2", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
 }
 VOCAB = {"spm": 320, "bpe": 256}
 
@@ -97,7 +98,7 @@ def test_f32_gguf_gives_the_logits_of_the_model_it_was_written_from(files):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["llama-Q4_0-Q4_1", "qwen3-Q8_0-F16-tied"])
+@pytest.mark.parametrize("case", ["llama-Q4_0-Q4_1", "qwen3-Q8_0-F16-tied", "qwen2-Q8_0-F16-tied"])
 def test_greedy_tokens_match_transformers(files, case):
     from braze.runtime.engine import Engine
     from braze.runtime import open_artifact
@@ -253,7 +254,7 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F32",
                       tokenizer="spm", arch="phi3")
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
-    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen3")
+    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen2, qwen3")
 
 
 def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):

@@ -13,7 +13,8 @@ PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45]
 
 @pytest.mark.parametrize("case", ["llama", "mistral-window8", "qwen3-headdim24-tied", "mixtral",
                                   "qwen3_moe-dense-middle", "phi3-longrope-partial-tied",
-                                  "gemma3-sandwich-softcap"])
+                                  "gemma3-sandwich-softcap", "gemma4-ple-kvshare-moe",
+                                  "qwen2-qkv-bias-tied"])
 def test_cuda_bf16_close_to_transformers(store, case):
     """Every position's logits of the cuda backend in bf16 against transformers in bf16 on
     the same GPU. The tolerance is measured, not guessed: transformers' own bf16 run differs

@@ -28,7 +28,7 @@ def test_interpret_logits_match_transformers(store, case):
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle", "phi3-longrope-partial-tied",
-                                  "gemma3-sandwich-softcap"])
+                                  "gemma3-sandwich-softcap", "gemma4-ple-kvshare-moe"])
 def test_interpret_mixed_step_matches_reference(store, case):
     """A mixed prefill/decode step through the kernels equals the reference interpreter's."""
     art = open_artifact(store.artifact(case, opt_level=2))

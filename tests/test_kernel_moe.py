@@ -23,7 +23,7 @@ DT = {"f32": torch.float32, "f16": torch.float16}
 TOL = {"f32": {"atol": 1e-5, "rtol": 1e-5}, "f16": {"atol": 2e-3, "rtol": 2e-3}}
 
 
-def _graph(e, h, i, k, renorm, act, dtype, strided=False):
+def _graph(e, h, i, k, renorm, act, dtype, strided=False, gemma=False):
     g = Graph("moe")
     if strided:      # x is a column slice of a wider activation (row stride h + 24)
         xx = g.add_input("x", TensorType((T, h + 24), dtype))
@@ -33,7 +33,12 @@ def _graph(e, h, i, k, renorm, act, dtype, strided=False):
     r = g.add_param("router", TensorType((e, h), dtype))
     gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), dtype))
     d = g.add_param("w_down", TensorType((e, h, i), dtype))
-    g.set_output("y", g.op("fused_moe", x, r, gu, d, top_k=k, renormalize=renorm, act=act))
+    extra = []
+    if gemma:        # Gemma 4: the router reads its own input and scales each expert's weight
+        extra = [g.add_input("rx", TensorType((T, h), dtype)),
+                 g.add_param("expert_scale", TensorType((e,), dtype))]
+    g.set_output("y", g.op("fused_moe", x, r, gu, d, *extra, top_k=k, renormalize=renorm,
+                           act=act))
     return g
 
 
@@ -46,6 +51,9 @@ def _values(g, tokens, seed):
     scaled = lambda shape: (torch.randn(shape, generator=gen) / shape[2] ** 0.5).to(dt)
     params = {"router": torch.randn(p["router"], generator=gen).to(dt),
               "w_gate_up": scaled(p["w_gate_up"]), "w_down": scaled(p["w_down"])}
+    if "expert_scale" in p:
+        feeds["rx"] = torch.randn(tokens, x.type.shape[1], generator=gen).to(dt)
+        params["expert_scale"] = (0.5 + torch.rand(p["expert_scale"], generator=gen)).to(dt)
     return feeds, params
 
 
@@ -65,6 +73,20 @@ def test_matches_reference(tokens, e, k, h, i, renorm, act, dtype):
     g = _graph(e, h, i, k, renorm, act, dtype)
     feeds, params = _values(g, tokens, seed=tokens * 31 + e * 7 + k)
     check_kernels(g, feeds, params, {"fused_moe"}, {"T": tokens}, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("tokens, e, k", [(5, 4, 2), (17, 6, 3)])
+def test_gemma4_router_input_and_expert_scale(tokens, e, k, dtype):
+    """Routing on router_x, not x, and each weight times its expert's scale: the kernels
+    agree with the reference, and the reference differs from routing on x unscaled."""
+    g = _graph(e, 40, 24, k, True, "gelu_tanh", dtype, gemma=True)
+    feeds, params = _values(g, tokens, seed=tokens + e)
+    check_kernels(g, feeds, params, {"fused_moe"}, {"T": tokens}, **TOL[dtype])
+    plain = _graph(e, 40, 24, k, True, "gelu_tanh", dtype)
+    without = {n: v for n, v in feeds.items() if n != "rx"}
+    assert not torch.allclose(run_graph(g, feeds, params)["y"],
+                              run_graph(plain, without, params)["y"])
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -177,11 +199,12 @@ def _specialised(launch, target):
     return compile_launch(KERNEL_DIR, launch, target, key=key)
 
 
-@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (8, 4096, 14336, 2)],
-                         ids=["qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (8, 4096, 14336, 2),
+                                   (128, 2816, 704, 8, "gemma")],
+                         ids=["qwen3-30b-a3b", "mixtral-8x7b", "gemma4-26b-a4b"])
 def test_compiles_bf16_for_sm80_and_sm90(shape):
-    e, h, i, k = shape
-    g = _graph(e, h, i, k, True, "silu", "bf16")
+    e, h, i, k, *gemma = shape
+    g = _graph(e, h, i, k, True, "gelu_tanh" if gemma else "silu", "bf16", gemma=bool(gemma))
     launches, _, _ = lower_node(g, 0)
     kernels = aot_compile_node(g, 0)
     assert len(kernels) == 2 * len(launches) == 2 * 11

@@ -49,7 +49,8 @@ def test_greedy_generation_matches_transformers(store, case):
 
 
 @pytest.mark.parametrize("case", ["llama", "mistral-window8", "qwen3_moe-dense-middle",
-                                  "phi3-longrope-partial-tied", "gemma3-sandwich-softcap"])
+                                  "phi3-longrope-partial-tied", "gemma3-sandwich-softcap",
+                                  "gemma4-ple-kvshare-moe"])
 def test_mixed_batch_equals_one_by_one(store, case):
     """Prefill, prefill-after-prefix and decode sequences in one step == each run alone."""
     a, b, c = PROMPT[:11], PROMPT[3:13], PROMPT[5:20]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -150,6 +152,16 @@ def test_router_rows_not_a_whole_weight_are_refused():
 
 # -- near misses: left alone, with a reason ------------------------------------------------
 
+def _scaled(text, shape="[{e}]"):
+    """Gemma 4's per-expert scale of the routing matrix, a param of `shape`."""
+    e = re.search(r"%routing: f32\[T, (\d+)\]", text).group(1)
+    text = text.replace("param @moe.gate.weight",
+                        f"param @moe.scale: f32{shape.format(e=e)}\n  param @moe.gate.weight")
+    return re.sub(r"%rcast: (\w+)\[T, (\d+)\] = cast\(%routing\)",
+                  r"%rs: f32[T, \2] = mul(%routing, @moe.scale)\n  %rcast: \1[T, \2] = cast(%rs)",
+                  text)
+
+
 NEAR_MISSES = {
     "combine equation": (lambda t: t.replace('"te,teh->th"', '"tf,teh->th"'), "equation"),
     "expert equation": (lambda t: t.replace('"tei,ehi->teh"', '"tei,eih->teh"'),
@@ -161,9 +173,8 @@ NEAR_MISSES = {
                                      "also used"),
     "expert outputs also read": (lambda t: t.replace("return y=%y", "return y=%y, experts=%out"),
                                  "outside the pattern"),
-    "router reads another input": (
-        lambda t: t.replace("(%x: f32[T, 8])", "(%x: f32[T, 8], %x2: f32[T, 8])").replace(
-            "linear(%x, @moe.gate.weight)", "linear(%x2, @moe.gate.weight)"), "router reads"),
+
+    "per-expert scale of the wrong shape": (lambda t: _scaled(t, "[1, {e}]"), "not ["),
 }
 
 # not fused_moe's softmax routing, but still a scatter of [T, k] weights at top-k expert ids:
@@ -183,6 +194,17 @@ def test_other_routers_fuse_the_experts_only(name):
     out = print_graph(g)
     assert "fused_moe_routed(%x, " in out and "scatter" not in out and "einsum" not in out, out
     assert "softmax" in out, "the router stays in the graph"
+
+
+def test_gemma4_router_input_and_expert_scale_fuse():
+    """Gemma 4: the router reads its own input and the routing matrix is scaled per expert
+    before the combine: one fused_moe with both as trailing operands, same results."""
+    text = _scaled(moe_text().replace("(%x: f32[T, 8])", "(%x: f32[T, 8], %rx: f32[T, 8])")
+                   .replace("linear(%x, @moe.gate.weight)", "linear(%rx, @moe.gate.weight)"))
+    g = assert_pass_preserves(text, ["fuse-moe"], {"T": 5})
+    (node,) = [n for n in g.nodes if n.op == "fused_moe"]
+    assert [v.name for v in node.operands[4:]] == ["rx", "moe.scale"]
+    assert "einsum" not in g.op_counts()
 
 
 @pytest.mark.parametrize("name", sorted(NEAR_MISSES))

@@ -147,7 +147,28 @@ def test_legacy_rope_scaling_dict():
     assert scale == 1.0
 
 
-@pytest.mark.parametrize("rope_type", ["mrope", "proportional"])
+@pytest.mark.parametrize("factor, partial, head_dim", [(1.0, 0.25, 512), (1.0, 0.25, 32),
+                                                      (2.0, 0.5, 64), (1.0, 1.0, 16)])
+def test_proportional_matches_transformers(factor, partial, head_dim):
+    """Gemma 4's global-layer RoPE: exponents over the whole head, zero frequencies past the
+    rotated fraction, bit for bit what transformers computes."""
+    from transformers import Gemma4TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": partial,
+            "factor": factor}
+    cfg = Gemma4TextConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                           global_head_dim=head_dim,
+                           rope_parameters={"full_attention": rope,
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": 1e4}})
+    want, want_scale = ROPE_INIT_FUNCTIONS["proportional"](cfg, None, layer_type="full_attention")
+    got, scale = rope_frequencies(rope, head_dim, 4096)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.shape == (head_dim // 2,) and (got[int(partial * head_dim // 2):] == 0).all()
+    assert scale == want_scale == 1.0
+
+
+@pytest.mark.parametrize("rope_type", ["mrope", "axial"])
 def test_unsupported_type_names_it(rope_type):
     with pytest.raises(BrazeError, match=rope_type) as info:
         rope_frequencies({"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}, 64, 4096)

@@ -15,7 +15,8 @@ graph routes) replaces launches 1 and 2 by `moe_zero_counts_kernel` and
    to hold anything between calls).
 2. `moe_route_kernel`, grid cdiv(T, BT): per token softmax in fp32 over the E logits,
    top_k by repeated max with masking (lowest expert id wins a tie), optional
-   renormalisation in fp32, weights rounded to x's dtype. Each program counts its tokens
+   renormalisation in fp32, optional per-expert scale (Gemma 4; its router reads
+   `router_x`, launch 1), weights rounded to x's dtype. Each program counts its tokens
    per expert, takes a base offset per expert with ONE vector `atomic_add` on the global
    counters (distinct addresses, one per expert it saw) and gives each (token, slot) pair
    its rank inside its expert: base + exclusive cumsum over the program's tokens.
@@ -195,9 +196,9 @@ def moe_router_kernel(x_ptr, r_ptr, logits_ptr, counts_ptr, n_tokens, stride_x, 
 
 
 @triton.jit
-def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, n_tokens,
+def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, scale_ptr, n_tokens,
                      NUM_E: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
-                     RENORM: tl.constexpr, BLOCK_T: tl.constexpr):
+                     RENORM: tl.constexpr, SCALE: tl.constexpr, BLOCK_T: tl.constexpr):
     pid = tl.program_id(0)
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < n_tokens
@@ -224,12 +225,13 @@ def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, n_tokens,
         avail = tl.where(hit, -2.0, avail)
         wsum += m
     _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr, w_ptr,
-                  rank_ptr, E_PAD, TOP_K, RENORM)
+                  rank_ptr, scale_ptr, E_PAD, TOP_K, RENORM, SCALE)
 
 
 @triton.jit
 def _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr, w_ptr,
-                  rank_ptr, E_PAD: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
+                  rank_ptr, scale_ptr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
+                  RENORM: tl.constexpr, SCALE: tl.constexpr):
     """From each token's chosen experts (one-hot [BLOCK_T, E_PAD]) and weights p: ranks
     inside each expert and the (id, weight, rank) slots in ascending expert order."""
     chosen = tl.where(tmask[:, None], chosen, 0)
@@ -248,6 +250,8 @@ def _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr
         done = done | hit
         if RENORM:
             wj = wj / wsum
+        if SCALE:     # Gemma 4's per-expert scale, on the f32 weight (e < NUM_E always)
+            wj = wj * tl.load(scale_ptr + e).to(tl.float32)
         slot = toks.to(tl.int64) * TOP_K + j
         tl.store(ids_ptr + slot, e, mask=tmask)
         tl.store(w_ptr + slot, wj.to(w_ptr.dtype.element_ty), mask=tmask)
@@ -279,7 +283,7 @@ def moe_given_route_kernel(w_in_ptr, ids_in_ptr, counts_ptr, ids_ptr, w_ptr, ran
         chosen = tl.where(hit, 1, chosen)
         p = tl.where(hit, wj.to(tl.float32)[:, None], p)
     _assign_slots(chosen, p, tl.full([BLOCK_T], 1.0, tl.float32), toks, tmask, cols, cmask,
-                  counts_ptr, ids_ptr, w_ptr, rank_ptr, E_PAD, TOP_K, False)
+                  counts_ptr, ids_ptr, w_ptr, rank_ptr, w_in_ptr, E_PAD, TOP_K, False, False)
 
 
 @triton.jit
@@ -393,11 +397,14 @@ def lower(node, L):
     from braze.codegen.lowering import expr_text
 
     routed = node.op == "fused_moe_routed"
+    router_x = scale = None
     if routed:
         x, given_w, given_ids, w_gate_up, w_down = node.operands
         top_k = given_ids.type.shape[1]
     else:
-        x, router, w_gate_up, w_down = node.operands
+        x, router, w_gate_up, w_down, *extra = node.operands
+        router_x = extra[0] if extra else x            # Gemma 4: the router reads another input
+        scale = extra[1] if len(extra) > 1 else None   # and scales each expert's weight
         top_k = node.attrs["top_k"]
     out = node.results[0]
     num_e, hidden = w_gate_up.type.shape[0], w_gate_up.type.shape[2]
@@ -446,17 +453,18 @@ def lower(node, L):
         if not routed:
             L.launch(moe_router_kernel,
                      grid=[f"{gate} * cdiv({t}, {cfg['ROUTER_T']})", str(-(-num_e // be))],
-                     args=[L.buf(x), L.buf(router), logits, counts, L.expr(tokens),
-                           L.stride(x, 0), L.stride(router, 0)],
+                     args=[L.buf(router_x), L.buf(router), logits, counts, L.expr(tokens),
+                           L.stride(router_x, 0), L.stride(router, 0)],
                      constexprs={"HIDDEN": hidden, "NUM_E": num_e, "E_PAD": e_pad,
                                  "BLOCK_T": cfg["ROUTER_T"], "BLOCK_E": be,
                                  "BLOCK_K": min(cfg["ROUTER_K"], _pow2(hidden))},
                      num_warps=4, num_stages=3)
             L.launch(moe_route_kernel, grid=[f"{gate} * cdiv({t}, {route_t})"],
-                     args=[logits, counts, ids, weights, rank, L.expr(tokens)],
+                     args=[logits, counts, ids, weights, rank,
+                           L.buf(scale if scale is not None else router), L.expr(tokens)],
                      constexprs={"NUM_E": num_e, "E_PAD": e_pad, "TOP_K": top_k,
                                  "RENORM": bool(node.attrs["renormalize"]),
-                                 "BLOCK_T": route_t},
+                                 "SCALE": scale is not None, "BLOCK_T": route_t},
                      num_warps=4 if route_t * e_pad >= 2048 else 2, num_stages=1)
         L.launch(moe_scatter_kernel, grid=[f"{gate} * cdiv({tk}, {SCATTER_BLOCK})"],
                  args=[ids, rank, counts, sorted_ids, L.expr(tokens * top_k)],
