@@ -71,7 +71,9 @@ def cmd_compile(a) -> int:
             log=None if a.quiet else _log,
             opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
-            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign)
+            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
+            lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
+            lora_targets=a.lora_targets)
     return 0
 
 
@@ -287,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "eagerly), piecewise (one graph per segment between graph breaks such as "
                         "attention; default), full (piecewise, plus one graph for the whole "
                         "step of decode-only batches)")
+    c.add_argument("--lora-slots", type=int, default=0, metavar="K",
+                   help="make the artifact LoRA-capable: K adapters can be on the device at once "
+                        "and mixed in one batch (adapter weights are run-time pools, not baked "
+                        "in; default 0: no LoRA, the graph is unchanged)")
+    c.add_argument("--max-lora-rank", type=_positive_int, default=16, metavar="R",
+                   help="the largest adapter rank the artifact serves (default 16; with "
+                        "--lora-slots)")
+    c.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", metavar="q,k,...",
+                   help="which linears get a LoRA delta, comma-separated from q,k,v,o,gate,up,"
+                        "down (default: all seven; with --lora-slots). An adapter may target "
+                        "only these")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")
