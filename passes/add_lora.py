@@ -23,8 +23,9 @@ named `<module>.weight` whose last module name is a target (`q_proj`, ...), or a
 merged weight (a `cat` recipe, merge-projections) one of whose parts is; a merged
 linear's untargeted parts get zero rows. What the pass did is recorded in
 `graph.meta["lora"]`, which the compiler moves into the manifest (the contract the
-runtime loads adapters by): slots, max rank, targets, and per pool its parts
-(module name, output rows) and input width.
+runtime loads adapters by): slots, max rank, targets, per pool its parts (module
+name, output rows) and input width, and the linears --lora-targets left out (so an
+adapter for one of those is told to recompile, not that the model lacks it).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def add_lora(g: Graph, ctx: PassContext) -> int:
         raise BrazeError("add-lora needs the lora_slots option (braze compile --lora-slots K)")
     R = int(ctx.option("max_lora_rank", 16))
     targets = target_modules(ctx.option("lora_targets", DEFAULT_TARGETS))
-    plan = []
+    plan, untargeted = [], []
     for node in g.nodes:
         if node.op != "linear":
             continue
@@ -103,6 +104,8 @@ def add_lora(g: Graph, ctx: PassContext) -> int:
         if parts is None:
             continue
         hit = [m for m, _ in parts if m.rsplit(".", 1)[-1] in targets]
+        untargeted += [m for m, _ in parts if m not in hit
+                       and m.rsplit(".", 1)[-1] in TARGET_NAMES.values()]
         if not hit:
             continue
         x = node.operands[0]
@@ -137,7 +140,7 @@ def add_lora(g: Graph, ctx: PassContext) -> int:
         modules[pool] = {"parts": [[m, o] for m, o in parts], "targeted": hit,
                          "in": int(x.type.shape[1])}
     g.meta["lora"] = {"slots": int(K), "max_rank": R, "targets": targets, "dtype": dtype,
-                      "modules": modules}
+                      "modules": modules, "untargeted": untargeted}
     return len(plan)
 
 

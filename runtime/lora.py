@@ -68,6 +68,7 @@ class Contract:
     targets: list[str]
     dtype: str
     modules: dict           # pool -> {"parts": [[module, rows]], "targeted": [...], "in": H}
+    untargeted: list        # LoRA-capable modules --lora-targets left out
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Contract | None":
@@ -76,7 +77,7 @@ class Contract:
             return None
         try:
             return cls(int(got["slots"]), int(got["max_rank"]), list(got["targets"]),
-                       str(got["dtype"]), dict(got["modules"]))
+                       str(got["dtype"]), dict(got["modules"]), list(got.get("untargeted", [])))
         except (KeyError, TypeError, ValueError) as e:
             raise BrazeError(f"the artifact's manifest has a malformed \"lora\" entry ({e}); "
                              f"recompile it") from None
@@ -177,17 +178,17 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
         if set(ab) != {"A", "B"}:
             raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_{''.join(ab)} "
                             f"but not both lora_A and lora_B")
-        if mod not in where:
-            short = mod.rsplit(".", 1)[-1]
-            known = sorted({m.rsplit(".", 1)[-1] for m in where})
-            raise LoRAError(f"LoRA adapter {name!r} targets module {mod}, which this model "
-                            f"has no LoRA-capable linear for ({short!r} is not among "
-                            f"{', '.join(known)})")
-        pool, j, off, rows, targeted = where[mod]
-        if not targeted:
+        if mod in contract.untargeted or (mod in where and not where[mod][4]):
             raise LoRAError(f"LoRA adapter {name!r} targets {mod}, but the artifact was "
                             f"compiled with --lora-targets {','.join(contract.targets)}; "
                             f"recompile with its module included")
+        if mod not in where:
+            short = mod.rsplit(".", 1)[-1]
+            known = sorted({m.rsplit(".", 1)[-1] for m in list(where) + contract.untargeted})
+            raise LoRAError(f"LoRA adapter {name!r} targets module {mod}, which this model "
+                            f"has no LoRA-capable linear for ({short!r} is not among "
+                            f"{', '.join(known)})")
+        pool, j, off, rows, _ = where[mod]
         a, b = ab["A"], ab["B"]
         H = contract.modules[pool]["in"]
         if a.shape != (r, H) or b.shape != (rows, r):

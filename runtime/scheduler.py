@@ -159,8 +159,9 @@ class Scheduler:
                 break
             if req.lora is not None:
                 req.lora_slot = self.lora.acquire(req.lora)
-                if req.lora_slot is None:
-                    break               # every adapter slot is pinned by running requests
+                if req.lora_slot is None:   # every adapter slot is pinned by running
+                    w += 1                  # requests: admit others (vLLM does the same)
+                    continue
             cached = self.bm.allocate(req.request_id, tokens, use_cache, salt)
             del self.waiting[w]
             if use_cache and loader is not None:
