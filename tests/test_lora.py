@@ -94,6 +94,7 @@ def test_compile_records_the_lora_contract(store, opt_level):
     layers = m["model"]["num_layers"]
     per_layer = 7 if opt_level == 0 else 4       # -O2: merged qkv and gate_up, one delta each
     assert m["compile"]["ops_after"]["lora"] == layers * per_layer
+    assert "lora" not in m["compile"]["extern_ops"]          # shrink/expand kernels
     if opt_level == 2:
         qkv = lora["modules"]["model.layers.0.self_attn.qkv_proj"]
         assert [p[0] for p in qkv["parts"]] == [f"model.layers.0.self_attn.{n}_proj"
@@ -135,6 +136,7 @@ def test_interpreted_kernels_match_peft(store, adapters, expected):
     outs = llm.generate([PROMPT, PROMPT], SamplingParams(max_tokens=3, ignore_eos=True),
                         lora_request=[req("a", adapters), None])
     assert [o.token_ids for o in outs] == [expected["a"][:3], expected[None][:3]]
+    assert not any("lora" in f for f in llm.engine.runner.graphs.stats["extern_fallbacks"])
 
 
 # -- the slot pool and the prefix cache ---------------------------------------------------
