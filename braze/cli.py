@@ -201,6 +201,9 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="a third KV tier in an S3-compatible object store, through boto3 "
                         "(credentials, region and AWS_ENDPOINT_URL from the usual AWS "
                         "environment variables)")
+    p.add_argument("--max-cpu-loras", type=_positive_int, metavar="N",
+                   help="LoRA adapters kept parsed in host memory (default and minimum: the "
+                        "artifact's --lora-slots); more are read from disk again when used")
     _trust_flags(p)
 
 
@@ -213,7 +216,7 @@ def _engine_options(a):
                          async_scheduling=a.async_scheduling, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
-                         kv_offload_s3=a.kv_offload_s3)
+                         kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras)
 
 
 def _server_options(a):
@@ -230,7 +233,8 @@ def _server_options(a):
         allowed_headers=name_list(a.allowed_headers) or ["*"],
         allow_credentials=a.allow_credentials, tool_call_parser=a.tool_call_parser,
         trust_request_chat_template=a.trust_request_chat_template,
-        extensions=list(a.extension or []))
+        extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
+        allow_runtime_lora_updating=a.allow_runtime_lora_updating)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -371,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to load at start; a request picks one "
+                        "with \"model\": NAME (the artifact needs --lora-slots)")
+    s.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they "
+                        "read any adapter path the server can; off by default)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                    help="most requests waiting for the running batch; more get 503 (default 256)")

@@ -231,9 +231,14 @@ class LoRAManager:
 
     # -- registry -------------------------------------------------------------------
 
-    def add(self, req: LoRARequest) -> tuple:
-        """Register an adapter (reading and checking it now, so a bad one fails here);
-        returns its key. The same request again is a no-op."""
+    def read(self, req: LoRARequest) -> HostAdapter:
+        """Read and check an adapter without registering it (any thread: the server reads
+        off the engine thread, then registers with `add(req, host)`)."""
+        return read_adapter(req.lora_name, req.lora_path, self.contract)
+
+    def add(self, req: LoRARequest, host: HostAdapter | None = None) -> tuple:
+        """Register an adapter (reading and checking it now unless `host` is its `read`, so
+        a bad one fails here); returns its key. The same request again is a no-op."""
         old = self.registered.get(req.lora_name)
         if old is not None:
             if old[0] == req:
@@ -242,6 +247,9 @@ class LoRAManager:
                             f"{old[0].lora_path!r}; unload it first or pick another name")
         self._loads += 1
         key = ("lora", req.lora_name, self._loads)
+        if host is not None:
+            self._host[key] = host
+            self.stats["lora_reads_from_disk"] += 1
         self._host_copy(key, req)
         self.registered[req.lora_name] = (req, key)
         self._known[key] = req
