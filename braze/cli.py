@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--lora-slots)")
     c.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", metavar="q,k,...",
                    help="which linears get a LoRA delta, comma-separated from q,k,v,o,gate,up,"
-                        "down (default: all seven; with --lora-slots). An adapter may target "
-                        "only these")
+                        "down (default: all seven; with --lora-slots); qkv and gate_up stand "
+                        "for their parts (Phi-3's fused projections, whose adapters braze "
+                        "splits). An adapter may target only these")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")

@@ -39,23 +39,27 @@ from .manager import PassContext, register_pass
 # --lora-targets short names -> the module names Hugging Face models use
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# a checkpoint's own fused projections (Phi-3), which braze's models split at load: as a
+# target they stand for their parts (runtime/lora.py splits such adapters the same way)
+FUSED_TARGETS = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                 "gate_up": ("gate_proj", "up_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 DEFAULT_TARGETS = "q,k,v,o,gate,up,down"
 SLOTS_INPUT = "lora_slots"
 
 
 def target_modules(spec: str) -> list[str]:
-    """`q,k,v` (or `q_proj,k_proj`) -> ["q_proj", "k_proj", "v_proj"]; unknown names fail."""
+    """`q,k,v` (or `q_proj,k_proj`, or `qkv`) -> ["q_proj", "k_proj", "v_proj"]; unknown
+    names fail."""
     out = []
     for t in (s.strip() for s in str(spec).split(",")):
         if not t:
             continue
-        name = TARGET_NAMES.get(t, t)
-        if name not in TARGET_NAMES.values():
+        names = FUSED_TARGETS.get(t) or (TARGET_NAMES.get(t, t),)
+        if names[0] not in TARGET_NAMES.values():
             raise BrazeError(f"--lora-targets entry {t!r} is not one of "
-                             f"{', '.join(TARGET_NAMES)} (or their module names "
+                             f"{', '.join(TARGET_NAMES)}, qkv, gate_up (or their module names "
                              f"{', '.join(TARGET_NAMES.values())})")
-        if name not in out:
-            out.append(name)
+        out += [n for n in names if n not in out]
     if not out:
         raise BrazeError("--lora-targets names no module; give e.g. q,k,v,o")
     return out

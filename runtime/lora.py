@@ -116,6 +116,38 @@ def _peft_module(key: str) -> tuple[str, str] | None:
     return None
 
 
+# a checkpoint's fused projection (Phi-3's) -> the projections braze's models split it into
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> None:
+    """An adapter for a fused projection (`qkv_proj`) on a model whose graph has the parts
+    (`q_proj`, `k_proj`, `v_proj`, split from the fused weight at load): each part gets
+    the adapter's A and its rows of B, which is the same delta."""
+    for mod in [m for m in found if m not in where and m not in contract.untargeted]:
+        prefix, _, short = mod.rpartition(".")
+        parts = [f"{prefix}.{p}" for p in FUSED.get(short, ())]
+        if not parts or not all(p in where or p in contract.untargeted for p in parts):
+            continue
+        missing = [p for p in parts if p not in where or not where[p][4]]
+        if missing:
+            raise LoRAError(f"LoRA adapter {name!r} targets {mod}, whose parts "
+                            f"{', '.join(missing)} the artifact did not target (compiled with "
+                            f"--lora-targets {','.join(contract.targets)}); recompile with "
+                            f"them included")
+        ab = found.pop(mod)
+        rows = [where[p][3] for p in parts]
+        b = ab.get("B")
+        if b is None or "A" not in ab or b.shape[0] != sum(rows):
+            raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_B "
+                            f"{None if b is None else tuple(b.shape)}; this model's parts want "
+                            f"{sum(rows)} rows ({' + '.join(map(str, rows))})")
+        off = 0
+        for p, n in zip(parts, rows):
+            found[p] = {"A": ab["A"], "B": b[off:off + n]}
+            off += n
+
+
 def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
     """Read a PEFT adapter directory and lay it out as the artifact's pools want it."""
     d = Path(path)
@@ -170,6 +202,7 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
     if not found:
         raise LoRAError(f"LoRA adapter {name!r}: {weights} holds no LoRA weights")
     where = contract.part_of()
+    _split_fused(name, found, where, contract)
     R = contract.max_rank
     dtype = torch_dtype(contract.dtype)
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -242,3 +242,69 @@ def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     plain = Engine(store.artifact("llama", opt_level=0), backend="reference", num_kv_blocks=8)
     with pytest.raises(BrazeError, match="serves no LoRA adapters; compile it with --lora-slots"):
         plain.add_request("x", PROMPT, GREEDY, lora_request=req("a", adapters))
+
+
+# -- other families and target sets ------------------------------------------------------
+
+@pytest.mark.parametrize("case,targets", [
+    ("qwen3-headdim24-tied", None),                        # QK-norm + RoPE fused with the delta
+    ("phi3-longrope-partial-tied", ["qkv_proj", "gate_up_proj", "o_proj", "down_proj"]),
+])
+def test_families_match_peft_at_O2(store, tmp_path, case, targets):
+    """Qwen3 (its -O2 rope_cache_write fusion intact with deltas on q and k) and Phi-3,
+    whose adapters target the checkpoint's fused qkv_proj / gate_up_proj that braze splits
+    at load (the adapter is split the same way)."""
+    ck = store.checkpoint(case)
+    ad = make_adapter(ck, tmp_path / "ad", seed=5, r=4, scale=3.0,
+                      **({"targets": targets} if targets else {}))
+    art = store.artifact(case, opt_level=2, **LORA)
+    plain = json.loads((store.artifact(case, opt_level=2) / "manifest.json").read_text())
+    fused = json.loads((art / "manifest.json").read_text())["compile"]["ops_after"]
+    for op in ("rope_cache_write", "paged_attention", "add_rms_norm"):
+        assert fused.get(op) == plain["compile"]["ops_after"].get(op), op
+    llm = LLM(art, backend="reference", num_kv_blocks=32, max_num_seqs=4)
+    outs = llm.generate([PROMPT, PROMPT], GREEDY, lora_request=[LoRARequest("x", 1, str(ad)), None])
+    want = peft_greedy(ck, ad, PROMPT, GREEDY.max_tokens)
+    assert [o.token_ids for o in outs] == [want, peft_greedy(ck, None, PROMPT, GREEDY.max_tokens)]
+
+
+def test_merged_qkv_with_untargeted_part(store, adapters, expected):
+    """--lora-targets q,v at -O2: the merged QKV delta keeps k's rows zero."""
+    art = store.artifact("llama", opt_level=2, lora_targets="q,v", **LORA)
+    m = json.loads((art / "manifest.json").read_text())["lora"]
+    assert m["modules"]["model.layers.0.self_attn.qkv_proj"]["targeted"] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    llm = LLM(art, backend="reference", num_kv_blocks=32, max_num_seqs=4)
+    assert llm.generate(PROMPT, GREEDY, lora_request=req("b", adapters))[0].token_ids == expected["b"]
+
+
+def test_add_lora_pass_on_a_hand_graph():
+    """The pass alone: y = linear(x, W) becomes y + lora(x, ...), and runs as the math says."""
+    from braze.ir import Graph, T, TensorType, run_graph
+    from braze.passes import PassContext, PassManager
+    from braze.passes.add_lora import target_modules
+    g = Graph("g")
+    x = g.add_input("x", TensorType((T, 8), "f32"))
+    w = g.add_param("layer.q_proj.weight", TensorType((6, 8), "f32"))
+    u = g.add_param("layer.other.weight", TensorType((6, 8), "f32"))
+    g.set_output("y", g.op("add", g.op("linear", x, w), g.op("linear", x, u)))
+    ctx = PassContext(options={"lora_slots": 2, "max_lora_rank": 3, "lora_targets": "q"})
+    PassManager(["add-lora"], ctx=ctx, verify_each=True).run(g)
+    assert g.op_counts()["lora"] == 1
+    assert g.meta["lora"]["modules"] == {"layer.q_proj": {"parts": [["layer.q_proj", 6]],
+                                                          "targeted": ["layer.q_proj"], "in": 8}}
+    gen = torch.Generator().manual_seed(0)
+    feeds = {"x": torch.randn(4, 8, generator=gen),
+             "lora_slots": torch.tensor([1, -1, 0, 1], dtype=torch.int32),
+             "lora_a.layer.q_proj": torch.randn(2, 3, 8, generator=gen),
+             "lora_b.layer.q_proj": torch.randn(2, 6, 3, generator=gen)}
+    params = {"layer.q_proj.weight": torch.randn(6, 8, generator=gen),
+              "layer.other.weight": torch.randn(6, 8, generator=gen)}
+    got = run_graph(g, feeds, params)["y"]
+    x, A, B = feeds["x"], feeds["lora_a.layer.q_proj"], feeds["lora_b.layer.q_proj"]
+    want = x @ params["layer.q_proj.weight"].T + x @ params["layer.other.weight"].T
+    for t, s in enumerate([1, -1, 0, 1]):
+        if s >= 0:
+            want[t] += B[s] @ (A[s] @ x[t])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert target_modules("qkv,o") == ["q_proj", "k_proj", "v_proj", "o_proj"]
