@@ -450,6 +450,7 @@ class Engine(EngineLoRA):
             **self._counters,
             **({f"kv_offload_{k}": v for k, v in self.offload.stats().items()}
                if self.offload is not None else {}),
+            **(self.lora.stats if self.lora is not None else {}),
         }
 
     def run_to_completion(self, request_ids=None) -> dict[str, RequestOutput]:

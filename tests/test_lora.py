@@ -95,6 +95,11 @@ def test_compile_records_the_lora_contract(store, opt_level):
     per_layer = 7 if opt_level == 0 else 4       # -O2: merged qkv and gate_up, one delta each
     assert m["compile"]["ops_after"]["lora"] == layers * per_layer
     assert "lora" not in m["compile"]["extern_ops"]          # shrink/expand kernels
+    from braze.inspect import format_summary, summarize
+    text = format_summary(summarize(art))
+    assert f"lora       2 adapter slots, max rank 8, targets q_proj,k_proj,v_proj,o_proj," \
+           f"gate_proj,up_proj,down_proj, {per_layer * layers} linears with a delta" in text
+    assert f"+ {2 * per_layer * layers} LoRA adapter pools" in text
     if opt_level == 2:
         qkv = lora["modules"]["model.layers.0.self_attn.qkv_proj"]
         assert [p[0] for p in qkv["parts"]] == [f"model.layers.0.self_attn.{n}_proj"
