@@ -47,8 +47,9 @@ def _feeds(g, tokens, K, seed):
     (24, [5, 7, 9], 2, 3),             # odd everything, three parts
     (200, [48, 48], 4, 16),            # gate/up: H wider than one K block
     (40, [300], 1, 5),                 # one part, O wider than one output block
+    (24, [20, 12], 2, 70),             # a rank wider than one R block
 ])
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [1, 7, 45])
 def test_lora_kernels_match_reference(dtype, tol, H, sizes, K, R, tokens):
     g = _graph(H, sizes, K, R, dtype)
     check_kernels(g, _feeds(g, tokens, K, H + tokens), {}, OPS, {"T": tokens}, tol, tol)
@@ -62,8 +63,9 @@ def test_lora_kernels_read_a_strided_input_and_skip_base_tokens():
 
 
 @pytest.mark.parametrize("H,sizes,R", [(4096, [4096, 1024, 1024], 16), (4096, [14336, 14336], 64),
-                                       (14336, [4096], 8)])
+                                       (14336, [4096], 8), (4096, [4096], 128)])
 def test_lora_kernels_compile_to_cubins(H, sizes, R):
-    """bf16 at Llama-3-8B sizes (QKV, gate/up at rank 64, down) for sm_80 and sm_90."""
+    """bf16 at Llama-3-8B sizes (QKV, gate/up at rank 64, down, o at rank 128) for sm_80
+    and sm_90."""
     kernels = aot_compile_node(_graph(H, sizes, 4, R, "bf16"), 0)
-    assert len(kernels) == 4 and all(k for k in kernels)
+    assert len(kernels) == 2 * (1 + len(sizes)) and all(k for k in kernels)   # shrink + expands
