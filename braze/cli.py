@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from braze import __version__
 from braze.ir.errors import BrazeError
@@ -94,7 +95,12 @@ def cmd_generate(a) -> int:
     params = _sampling(a)
     params.validate()
     llm = LLM(a.artifact, _engine_options(a))
-    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
+    lora = None
+    if a.lora is not None:
+        from braze.runtime.lora import LoRARequest
+        lora = LoRARequest(Path(a.lora).name or "lora", 1, a.lora)
+    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params,
+                       lora_request=lora)[0]
     for o in out.outputs or [out]:
         if a.json:
             d = {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
@@ -323,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("artifact", metavar="ARTIFACT")
     g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the artifact's tokenizer)")
     g.add_argument("--prompt-ids", type=_token_ids, metavar="1,2,3", help="prompt token ids")
+    g.add_argument("--lora", metavar="DIR",
+                   help="generate with this LoRA adapter (a PEFT directory; the artifact needs "
+                        "--lora-slots)")
     g.add_argument("--max-tokens", type=_positive_int, default=16, help="tokens to generate (default 16)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -283,7 +283,10 @@ class LoRAManager:
         if host is not None:
             self._host[key] = host
             self.stats["lora_reads_from_disk"] += 1
-        self._host_copy(key, req)
+            while len(self._host) > self.max_cpu_loras:
+                self._host.popitem(last=False)
+        else:
+            self._host_copy(key, req)
         self.registered[req.lora_name] = (req, key)
         self._known[key] = req
         return key

@@ -313,3 +313,45 @@ def test_add_lora_pass_on_a_hand_graph():
             want[t] += B[s] @ (A[s] @ x[t])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert target_modules("qkv,o") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_preemption_releases_and_reacquires_slots(store, adapters):
+    """A KV cache too small for every request: preempted requests give up their adapter
+    slot and take one again on readmission, and still get peft's tokens."""
+    ck = store.checkpoint("llama")
+    n = 30
+    want = {k: peft_greedy(ck, adapters[k] if k else None, PROMPT, n) for k in ("a", "b", None)}
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=6, max_num_seqs=4)
+    names = ["a", "b", None, "a"]
+    sp = SamplingParams(max_tokens=n, ignore_eos=True)
+    for i, name in enumerate(names):
+        eng.add_request(f"r{i}", PROMPT, sp, lora_request=req(name, adapters))
+    final = eng.run_to_completion()
+    assert eng.stats()["preemptions"] > 0
+    assert [final[f"r{i}"].token_ids for i in range(4)] == [want[k] for k in names]
+    assert eng.lora.in_use() == {}
+
+
+def test_host_copies_are_an_lru_of_max_cpu_loras(store, adapters, expected):
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=1, max_cpu_loras=2)
+    for n in "abc":
+        eng.add_lora(req(n, adapters))
+    assert eng.lora.stats["lora_reads_from_disk"] == 3          # a's copy made room for c
+    eng.add_request("x", PROMPT, GREEDY, lora_request="a")
+    assert eng.run_to_completion()["x"].token_ids == expected["a"]
+    assert eng.lora.stats["lora_reads_from_disk"] == 4          # read again for its slot
+
+
+def test_generate_command_takes_an_adapter(store, adapters, expected):
+    from cli_helpers import run as braze
+    art = store.artifact("llama", opt_level=0, **LORA)
+    code, out, err = braze("generate", art, "--prompt-ids", ",".join(map(str, PROMPT)),
+                           "--max-tokens", "6", "--ignore-eos", "--backend", "reference",
+                           "--lora", adapters["a"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == expected["a"]
+    code, out, err = braze("generate", store.artifact("llama"), "--prompt-ids", "1,2",
+                           "--backend", "reference", "--lora", adapters["a"])
+    assert code != 0 and "serves no LoRA adapters" in err
