@@ -99,7 +99,9 @@ class Engine(EngineLoRA):
         `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
         lower KV tiers), "store": false (keep its blocks out of them)}. `group`: parallel
         samples of one prompt (SamplingParams.children) name the same group, so they share
-        the prompt's KV blocks (runtime/scheduler.py)."""
+        the prompt's KV blocks (runtime/scheduler.py). `lora_request`: a LoRARequest or the
+        name of an adapter added with `add_lora` (runtime/lora.py; the artifact needs
+        --lora-slots)."""
         params = params or SamplingParams()
         params.validate()
         policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \
