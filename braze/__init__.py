@@ -11,7 +11,7 @@ the compiler (frontend, passes, models).
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "LLM", "SamplingParams", "BrazeError", "__version__"]
+__all__ = ["compile", "LLM", "SamplingParams", "LoRARequest", "BrazeError", "__version__"]
 
 
 def __getattr__(name):
@@ -24,6 +24,9 @@ def __getattr__(name):
     if name == "SamplingParams":
         from braze.runtime.sampler import SamplingParams
         return SamplingParams
+    if name == "LoRARequest":
+        from braze.runtime.lora import LoRARequest
+        return LoRARequest
     if name == "BrazeError":
         from braze.ir.errors import BrazeError
         return BrazeError

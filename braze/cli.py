@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from braze import __version__
 from braze.ir.errors import BrazeError
@@ -71,7 +72,9 @@ def cmd_compile(a) -> int:
             log=None if a.quiet else _log,
             opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
-            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign)
+            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
+            lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
+            lora_targets=a.lora_targets)
     return 0
 
 
@@ -92,7 +95,12 @@ def cmd_generate(a) -> int:
     params = _sampling(a)
     params.validate()
     llm = LLM(a.artifact, _engine_options(a))
-    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params)[0]
+    lora = None
+    if a.lora is not None:
+        from braze.runtime.lora import LoRARequest
+        lora = LoRARequest(Path(a.lora).name or "lora", 1, a.lora)
+    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params,
+                       lora_request=lora)[0]
     for o in out.outputs or [out]:
         if a.json:
             d = {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
@@ -199,6 +207,9 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="a third KV tier in an S3-compatible object store, through boto3 "
                         "(credentials, region and AWS_ENDPOINT_URL from the usual AWS "
                         "environment variables)")
+    p.add_argument("--max-cpu-loras", type=_positive_int, metavar="N",
+                   help="LoRA adapters kept parsed in host memory (default and minimum: the "
+                        "artifact's --lora-slots); more are read from disk again when used")
     _trust_flags(p)
 
 
@@ -211,7 +222,7 @@ def _engine_options(a):
                          async_scheduling=a.async_scheduling, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
-                         kv_offload_s3=a.kv_offload_s3)
+                         kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras)
 
 
 def _server_options(a):
@@ -228,7 +239,8 @@ def _server_options(a):
         allowed_headers=name_list(a.allowed_headers) or ["*"],
         allow_credentials=a.allow_credentials, tool_call_parser=a.tool_call_parser,
         trust_request_chat_template=a.trust_request_chat_template,
-        extensions=list(a.extension or []))
+        extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
+        allow_runtime_lora_updating=a.allow_runtime_lora_updating)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -287,6 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "eagerly), piecewise (one graph per segment between graph breaks such as "
                         "attention; default), full (piecewise, plus one graph for the whole "
                         "step of decode-only batches)")
+    c.add_argument("--lora-slots", type=int, default=0, metavar="K",
+                   help="make the artifact LoRA-capable: K adapters can be on the device at once "
+                        "and mixed in one batch (adapter weights are run-time pools, not baked "
+                        "in; default 0: no LoRA, the graph is unchanged)")
+    c.add_argument("--max-lora-rank", type=_positive_int, default=16, metavar="R",
+                   help="the largest adapter rank the artifact serves (default 16; with "
+                        "--lora-slots)")
+    c.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", metavar="q,k,...",
+                   help="which linears get a LoRA delta, comma-separated from q,k,v,o,gate,up,"
+                        "down (default: all seven; with --lora-slots); qkv and gate_up stand "
+                        "for their parts (Phi-3's fused projections, whose adapters braze "
+                        "splits). An adapter may target only these")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")
@@ -305,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("artifact", metavar="ARTIFACT")
     g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the artifact's tokenizer)")
     g.add_argument("--prompt-ids", type=_token_ids, metavar="1,2,3", help="prompt token ids")
+    g.add_argument("--lora", metavar="DIR",
+                   help="generate with this LoRA adapter (a PEFT directory; the artifact needs "
+                        "--lora-slots)")
     g.add_argument("--max-tokens", type=_positive_int, default=16, help="tokens to generate (default 16)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -358,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to load at start; a request picks one "
+                        "with \"model\": NAME (the artifact needs --lora-slots)")
+    s.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they "
+                        "read any adapter path the server can; off by default)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                    help="most requests waiting for the running batch; more get 503 (default 256)")

@@ -23,6 +23,7 @@ from braze.frontend.gguf import GGUFSource, is_gguf
 from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
 from braze.passes import PassContext, PassManager, dump_after_each
+from braze.passes.manager import pipeline
 from braze.signing import default_private_key, load_private_key
 
 from .config import CompileOptions
@@ -81,12 +82,17 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         log(f"dumping IR after each stage into {d}")
     log(f"[2/3] optimising at -O{opts.opt_level}")
     ctx = PassContext(options=opts.to_json())
-    records = PassManager.for_level(opts.opt_level, ctx=ctx, after_each=after_each, log=log,
+    names = pipeline(opts.opt_level)
+    if opts.lora_slots:
+        from braze.passes.add_lora import with_lora
+        names = with_lora(names)
+    records = PassManager(names, ctx=ctx, after_each=after_each, log=log,
                                     verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
     verify(graph)
     if explain:
         for r in ctx.refusals:
             log(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
+    lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's
     load_param = materialize(graph, loaded.load_param)
     log(f"[3/3] writing artifact {out}")
     model = {
@@ -119,7 +125,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         return entries
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
-                   extra={"compile": compile_info, "limits": opts.limits().to_json()},
+                   extra={"compile": compile_info, "limits": opts.limits().to_json(),
+                          **({"lora": lora} if lora else {})},
                    overwrite=force, log=log, emit=emit, signing_key=key)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact

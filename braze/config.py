@@ -20,6 +20,9 @@ class CompileOptions:
     block_size: int = StepLimits.block_size
     targets: str = "sm_80,sm_90"
     cudagraph_mode: str = "piecewise"
+    lora_slots: int = 0                   # 0: no LoRA (passes/add_lora.py)
+    max_lora_rank: int = 16
+    lora_targets: str = "q,k,v,o,gate,up,down"
 
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
@@ -35,6 +38,12 @@ class CompileOptions:
         if self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"--cudagraph-mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")
+        if self.lora_slots < 0 or self.max_lora_rank < 1:
+            raise BrazeError(f"--lora-slots must be >= 0 and --max-lora-rank positive, got "
+                             f"{self.lora_slots} and {self.max_lora_rank}")
+        if self.lora_slots:
+            from braze.passes.add_lora import target_modules
+            target_modules(self.lora_targets)
         for t in self.target_list():
             if not (t.startswith("sm_") and t[3:].isdigit()):
                 raise BrazeError(f"--targets entry {t!r} is not like sm_80 or sm_90")

@@ -44,6 +44,8 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "weight_files": m["weights"]["files"],
         "tokenizer": m.get("tokenizer") is not None,
         "mtp_layers": (m.get("mtp") or {}).get("num_layers", 0),
+        "lora": {k: v for k, v in m["lora"].items() if k in ("slots", "max_rank", "targets")}
+        | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
         "trust": {"how": art.trust.how, "detail": art.trust.detail},
     }
@@ -105,8 +107,18 @@ def format_summary(s: dict) -> str:
     if s.get("mtp_layers"):
         lines.append(f"mtp        {s['mtp_layers']} multi-token-prediction layer(s) shipped "
                      f"(mtp-*.safetensors), not run yet")
-    lines.append("inputs     " + ", ".join(f"%{k}: {v}" for k, v in list(s["inputs"].items())[:7])
-                 + (f", + {len(s['inputs']) - 7} KV-cache tensors" if len(s["inputs"]) > 7 else ""))
+    cache_prefixes = ("k_cache.", "v_cache.", "kv_latent.")
+    caches = sum(k.startswith(cache_prefixes) for k in s["inputs"])
+    pools = sum(k.startswith(("lora_a.", "lora_b.")) for k in s["inputs"])
+    step = [(k, v) for k, v in s["inputs"].items()
+            if not k.startswith(cache_prefixes + ("lora_a.", "lora_b."))]
+    lines.append("inputs     " + ", ".join(f"%{k}: {v}" for k, v in step)
+                 + (f", + {caches} KV-cache tensors" if caches else "")
+                 + (f", + {pools} LoRA adapter pools" if pools else ""))
+    if s.get("lora"):
+        lo = s["lora"]
+        lines.append(f"lora       {lo['slots']} adapter slots, max rank {lo['max_rank']}, targets "
+                     f"{','.join(lo['targets'])}, {lo['pools']} linears with a delta")
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
     lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
                  + ("" if s["trust"]["how"] != "none" else

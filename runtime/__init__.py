@@ -5,7 +5,7 @@ piece (say the block manager) does not pull in the engine."""
 
 _WHERE = {"Executor": "executor", "LLM": "llm", "Completion": "llm", "Engine": "engine",
           "Artifact": "loader", "open_artifact": "loader", "SamplingParams": "sampler",
-          "RequestOutput": "request"}
+          "RequestOutput": "request", "LoRARequest": "lora"}
 
 __all__ = sorted(_WHERE)
 

@@ -27,9 +27,10 @@ from braze.ir.errors import BrazeError
 
 
 class _Seq:
-    __slots__ = ("table", "num_tokens", "hashes", "registered")
+    __slots__ = ("table", "num_tokens", "hashes", "registered", "salt")
 
-    def __init__(self):
+    def __init__(self, salt=None):
+        self.salt = salt                 # the first block's hash chains from it (LoRA adapter)
         self.table: list[int] = []
         self.num_tokens = 0
         self.hashes: list[int] = []      # chained hashes of the sequence's full blocks
@@ -113,20 +114,23 @@ class BlockManager:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _chain(self, token_ids, start_hashes: list[int], upto_blocks: int) -> list[int]:
-        """Extend `start_hashes` to the hashes of the first `upto_blocks` full blocks."""
+    def _chain(self, token_ids, start_hashes: list[int], upto_blocks: int,
+               salt=None) -> list[int]:
+        """Extend `start_hashes` to the hashes of the first `upto_blocks` full blocks. A
+        `salt` (a LoRA adapter's identity) starts the chain, so the same tokens under
+        different adapters never share a block."""
         hashes = list(start_hashes)
         bs = self.block_size
         for i in range(len(hashes), upto_blocks):
-            prev = hashes[-1] if hashes else None
+            prev = hashes[-1] if hashes else salt
             hashes.append(hash((prev, tuple(token_ids[i * bs:(i + 1) * bs]))))
         return hashes
 
-    def _hits(self, token_ids, use_cache: bool = True) -> tuple[list[int], list[int]]:
+    def _hits(self, token_ids, use_cache: bool = True, salt=None) -> tuple[list[int], list[int]]:
         """(hashes of the prompt's full blocks, the cached blocks of its longest cached
         prefix, capped so at least one token is left to compute; none if not use_cache)."""
         n = len(token_ids)
-        hashes = self._chain(token_ids, [], n // self.block_size)
+        hashes = self._chain(token_ids, [], n // self.block_size, salt)
         hits: list[int] = []
         if self.enable_prefix_caching and use_cache:
             for h in hashes[: (n - 1) // self.block_size]:
@@ -143,10 +147,10 @@ class BlockManager:
             return True
         return False
 
-    def cached_prefix_blocks(self, token_ids) -> int:
+    def cached_prefix_blocks(self, token_ids, salt=None) -> int:
         """How many leading blocks of this prompt the prefix cache holds (what `allocate`
         would reuse)."""
-        return len(self._hits(token_ids)[1])
+        return len(self._hits(token_ids, salt=salt)[1])
 
     def adopt(self, seq_id, num_blocks: int) -> list[int]:
         """The sequence's next `num_blocks` blocks after those already in the prefix cache
@@ -184,16 +188,17 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self._ref[b] == 0)   # hits leave the free pool
         return need <= self.num_free_blocks - reclaimed - watermark
 
-    def can_allocate(self, token_ids, watermark: int = 0, use_cache: bool = True) -> bool:
+    def can_allocate(self, token_ids, watermark: int = 0, use_cache: bool = True,
+                     salt=None) -> bool:
         """Whether `allocate` would succeed for this prompt now, keeping `watermark`
         free blocks in reserve (for running sequences' decode steps)."""
         if len(token_ids) == 0:
             return False
-        _, hits = self._hits(token_ids, use_cache)
+        _, hits = self._hits(token_ids, use_cache, salt)
         need = self._blocks_for(len(token_ids)) - len(hits)
         return self._fits(need, hits, watermark)
 
-    def allocate(self, seq_id, token_ids, use_cache: bool = True) -> int:
+    def allocate(self, seq_id, token_ids, use_cache: bool = True, salt=None) -> int:
         """Give a new sequence blocks for its prompt, reusing cached prefix blocks (unless
         not `use_cache`: a request that needs every prompt position computed).
         Returns the number of cached tokens (a multiple of block_size, < len(token_ids))."""
@@ -202,7 +207,7 @@ class BlockManager:
         n = len(token_ids)
         if n == 0:
             raise BrazeError(f"sequence {seq_id!r} has an empty prompt")
-        hashes, hits = self._hits(token_ids, use_cache)
+        hashes, hits = self._hits(token_ids, use_cache, salt)
         need = self._blocks_for(n) - len(hits)
         if not self._fits(need, hits, 0):
             raise BrazeError(
@@ -213,7 +218,7 @@ class BlockManager:
             if self._ref[b] == 0:
                 del self._cached_free[b]
             self._ref[b] += 1
-        seq = _Seq()
+        seq = _Seq(salt)
         seq.table = hits + self._take(need)
         seq.num_tokens = n
         seq.hashes = hashes
@@ -266,7 +271,7 @@ class BlockManager:
             if token_ids is None or len(token_ids) < upto * self.block_size:
                 raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
                                  f"needs their ids to hash its blocks")
-            seq.hashes = self._chain(token_ids, seq.hashes, upto)
+            seq.hashes = self._chain(token_ids, seq.hashes, upto, seq.salt)
         log = self.registrations
         for i in range(seq.registered, upto):
             if self._register(seq.table[i], seq.hashes[i]) and log is not None:

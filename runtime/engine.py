@@ -26,6 +26,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .kv_offload import KVTransferPolicy, make_offload
 from .loader import Artifact, open_artifact
+from .lora import EngineLoRA
 from .options import EngineOptions
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
@@ -43,7 +44,7 @@ PROMPT_LOGPROBS_PRUNED = (
     "(or 0) to serve prompt_logprobs")
 
 
-class Engine:
+class Engine(EngineLoRA):
     def __init__(self, artifact, options: EngineOptions | None = None, *, progress=None,
                  **overrides):
         """`artifact`: a path or an opened Artifact; `options` (runtime/options.py) and/or
@@ -63,6 +64,7 @@ class Engine:
         if self.offload is not None:
             self.block_manager.registrations = []
             self.scheduler.kv_loader = self.offload
+        self._init_lora(opts.max_cpu_loras)
         tok_dir = self.artifact.tokenizer_dir
         has_tok = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
         self.tokenizer = Tokenizer(tok_dir) if has_tok else None
@@ -92,12 +94,14 @@ class Engine:
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
-                    group: str | None = None) -> None:
+                    group: str | None = None, lora_request=None) -> None:
         """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
         `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
         lower KV tiers), "store": false (keep its blocks out of them)}. `group`: parallel
         samples of one prompt (SamplingParams.children) name the same group, so they share
-        the prompt's KV blocks (runtime/scheduler.py)."""
+        the prompt's KV blocks (runtime/scheduler.py). `lora_request`: a LoRARequest or the
+        name of an adapter added with `add_lora` (runtime/lora.py; the artifact needs
+        --lora-slots)."""
         params = params or SamplingParams()
         params.validate()
         policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \
@@ -128,6 +132,8 @@ class Engine:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
                              "use stop_token_ids", param="stop")
         req.kv_policy = policy
+        if lora_request is not None:     # a LoRARequest or a registered adapter's name
+            self._bind_lora(req, lora_request)
         if params.structured_outputs is not None:
             # compiled in a worker thread; the request waits outside the scheduler till then
             req.grammar = self.structured.cache.compile_async(params.structured_outputs)
@@ -163,6 +169,7 @@ class Engine:
         failed to compile aborts the request (stop_reason: the error)."""
         err = req.grammar.exception()
         if err is not None:
+            self._unbind_lora(req)
             self.requests.pop(req.request_id, None)
             req.status = Status.FINISHED
             req.finish_reason, req.stop_reason = "abort", str(err)
@@ -241,6 +248,7 @@ class Engine:
         if req in self._grammar_wait:
             self._grammar_wait.remove(req)
             req.status = Status.FINISHED      # never reached the scheduler
+            self._unbind_lora(req)
             req.finish_reason = "abort"
             req.metrics.finished_time = now()
             self.requests.pop(request_id, None)
@@ -389,6 +397,7 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         self.runner.remove(req)          # its persistent-batch row
         self.scheduler.remove(req)       # its KV blocks
+        self._unbind_lora(req)
         if self.offload is not None:
             self.offload.forget(req)
         req.finish_reason = reason
@@ -443,6 +452,7 @@ class Engine:
             **self._counters,
             **({f"kv_offload_{k}": v for k, v in self.offload.stats().items()}
                if self.offload is not None else {}),
+            **(self.lora.stats if self.lora is not None else {}),
         }
 
     def run_to_completion(self, request_ids=None) -> dict[str, RequestOutput]:

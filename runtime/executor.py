@@ -55,6 +55,9 @@ class Executor:
             # small: the engine sizes the cache (kv_cache.default_num_blocks) and resizes it
             num_blocks = min(self.max_blocks, 64)
         self.cache = KVCache(self.graph, num_blocks, self.device)
+        # LoRA adapter pools (runtime/lora.py), graph inputs that never move; {} without LoRA
+        from .lora import allocate_pools
+        self.lora_pools = allocate_pools(self.graph, self.device)
         if self.cache.block_size != limits.block_size:
             raise BrazeError(f"artifact {artifact.root}: its KV-cache inputs hold "
                              f"{self.cache.block_size}-token blocks, its manifest says "
@@ -83,6 +86,7 @@ class Executor:
         sampled row if the graph was compiled with prune-logits."""
         feeds = dict(inputs)
         feeds.update(self.cache.tensors)
+        feeds.update(self.lora_pools)
         if self.plan is not None:
             return self.plan.run(feeds)["logits"]
         return self.interpreter.run(feeds, self.params)["logits"]

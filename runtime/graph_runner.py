@@ -51,7 +51,9 @@ from braze.ir.segments import segments_for as cut_segments
 log = logging.getLogger("braze.runtime")
 
 STEP_INPUTS = tuple(CONTRACT)          # the batch contract's step inputs, by name
-PADDING = {"slot_mapping": -1}         # a padding token writes no cache slot; others pad 0
+# a padding token writes no cache slot and uses no LoRA adapter; others pad 0
+PADDING = {"slot_mapping": -1, "lora_slots": -1}
+LORA_SLOTS = "lora_slots"              # the LoRA step input (passes/add_lora.py), when present
 _TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
 _SEQ_ROWS = ("seq_lens", "block_tables", "logits_indices")
 
@@ -83,6 +85,8 @@ def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int) ->
     if T > n:
         for name in ("input_ids", "positions", "slot_mapping"):
             static[name][n:T] = PADDING.get(name, 0)
+        if LORA_SLOTS in static:
+            static[LORA_SLOTS][n:T] = -1
     if S > s:
         static["query_start_loc"][s + 1:S + 1] = n
         static["seq_lens"][s:S] = 0
@@ -216,6 +220,8 @@ class GraphRunner:
         v = {n: st[n][:T] for n in _TOKEN_ROWS}
         v.update({n: st[n][:S] for n in _SEQ_ROWS})
         v["query_start_loc"] = st["query_start_loc"][:S + 1]
+        if LORA_SLOTS in st:
+            v[LORA_SLOTS] = st[LORA_SLOTS][:T]
         return v
 
     # -- writing a step -----------------------------------------------------------------
@@ -234,13 +240,19 @@ class GraphRunner:
         st["block_tables"][:s, :w].copy_(bt[:, :w])
         st["block_tables"][:s, w:].fill_(0)
         st["block_tables"][s:S].fill_(0)
+        if LORA_SLOTS in st:        # a step that names no adapters uses none
+            lora = inputs.get(LORA_SLOTS)
+            if lora is None:
+                st[LORA_SLOTS][:n].fill_(-1)
+            else:
+                st[LORA_SLOTS][:n].copy_(lora)
         pad_step(st, n, s, T, S)
         return n, s
 
     def _write_dummy_step(self) -> None:
         """An all-padding step (no cache writes, no keys read) for warm-up and capture."""
         st = self.static
-        for name in STEP_INPUTS:
+        for name in STEP_INPUTS + ((LORA_SLOTS,) if LORA_SLOTS in st else ()):
             st[name].fill_(PADDING.get(name, 0))
 
     # -- capture ------------------------------------------------------------------------
@@ -300,6 +312,7 @@ class GraphRunner:
         views = self._views(T, S)
         feeds = dict(views)
         feeds.update(ex.cache.tensors)
+        feeds.update(ex.lora_pools)
         plan = ex.plan.bind(feeds, sizes)
         if "logits" not in plan.outputs:
             raise BrazeError("the artifact's graph has no 'logits' output")
@@ -389,6 +402,7 @@ class GraphRunner:
         if ex.backend == "reference":
             feeds = self._views(T, S)
             feeds.update(ex.cache.tensors)
+            feeds.update(ex.lora_pools)
             return ex.interpreter.run(feeds, ex.params)["logits"]
         if not self._captured:
             self.capture()

@@ -62,6 +62,10 @@ class PersistentBatch:
         self._pending_tokens: list[tuple[int, list[int]]] = []
         # (row, (prompt len, params, seed, bias entries, multi-token bad words))
         self._pending_params: list[tuple[int, tuple]] = []
+        # LoRA: each row's adapter slot (-1 none), when the artifact has the lora_slots input
+        self.lora = "lora_slots" in static
+        self.lora_slot = torch.full((max_num_seqs,), -1, dtype=I32, **z) if self.lora else None
+        self._pending_lora: list[tuple[int, int]] = []
 
     # ---------------------------------------------------------------- rows
 
@@ -81,6 +85,8 @@ class PersistentBatch:
         req.row = row
         self._blocks_sent[row] = 0
         self._pending_tokens.append((row, req.all_token_ids))
+        if self.lora:
+            self._pending_lora.append((row, -1 if req.lora_slot is None else req.lora_slot))
         self._pending_params.append((row, (len(req.prompt_token_ids), req.params, seed,
                                            bias if bias is not None else [],
                                            bad_sequences if bad_sequences is not None else [])))
@@ -91,6 +97,7 @@ class PersistentBatch:
             self.sampling.release(req.row)
             self._pending_tokens = [(r, t) for r, t in self._pending_tokens if r != req.row]
             self._pending_params = [(r, v) for r, v in self._pending_params if r != req.row]
+            self._pending_lora = [(r, v) for r, v in self._pending_lora if r != req.row]
             req.row = None
 
     # ---------------------------------------------------------------- deltas
@@ -112,6 +119,10 @@ class PersistentBatch:
             self.prompt_len[idx] = torch.tensor(prompt_lens, dtype=I64).to(self.device)
             self.sampling.set_rows(rows, params, seeds, bias, seqs)
             self._pending_params.clear()
+        if self._pending_lora:
+            rows, vals = zip(*self._pending_lora)
+            self._put(self.lora_slot[None], [0] * len(rows), list(rows), list(vals))
+            self._pending_lora.clear()
         rows, cols, vals = [], [], []
         bs, sent_of = self.block_size, self._blocks_sent
         for c in chunks:
@@ -167,6 +178,8 @@ class PersistentBatch:
         st["seq_lens"][:S] = seq_lens
         st["block_tables"][:S] = self.block_table[rows]
         st["logits_indices"][:S] = ends - 1
+        if self.lora:
+            st["lora_slots"][:T] = self.lora_slot[r]
         pad_step(st, T, S, num_tokens_padded, num_seqs_padded)   # query_start_loc[0] stays 0
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
 

@@ -31,10 +31,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request=None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a list of token ids, or a list of those.
-        params: one SamplingParams for all prompts, or one per prompt."""
+        params: one SamplingParams for all prompts, or one per prompt.
+        lora_request: a LoRARequest (runtime/lora.py) for all prompts, or one per prompt
+        (None where a prompt uses the base model); the artifact needs --lora-slots."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -47,6 +49,13 @@ class LLM:
             plist = [params or SamplingParams()] * len(prompts)
         for sp in plist:
             sp.validate()
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != len(prompts):
+                raise BrazeError(f"{len(lora_request)} lora_requests for {len(prompts)} prompts; "
+                                 f"give one, or one per prompt")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompts)
         # only final results are wanted: the engine skips the per-step reports
         plist = [dataclasses.replace(sp, output_kind="final") for sp in plist]
         for sp in plist:
@@ -57,13 +66,14 @@ class LLM:
                 self.engine.structured.cache.compile(sp.structured_outputs)
         groups, ids = [], []
         try:
-            for p, sp in zip(prompts, plist):
+            for p, sp, lora in zip(prompts, plist, loras):
                 base = f"llm-{next(self._ids)}"
                 children = sp.children()       # n > 1 / best_of: one request per sample
                 group = [base] if len(children) == 1 else [f"{base}-{i}" for i in range(len(children))]
                 for rid, child in zip(group, children):
                     self.engine.add_request(rid, p, child,
-                                            group=base if len(children) > 1 else None)
+                                            group=base if len(children) > 1 else None,
+                                            lora_request=lora)
                     ids.append(rid)
                 groups.append((sp, group))
             final = self.engine.run_to_completion(ids)

@@ -35,6 +35,9 @@ class ModelRunner:
         self.max_blocks = ex.max_blocks
         self.static = static_buffers(self.max_num_tokens, self.max_num_seqs, self.max_blocks,
                                      self.device)
+        if ex.lora_pools:       # a LoRA artifact's extra step input: each token's adapter slot
+            self.static["lora_slots"] = torch.full((self.max_num_tokens,), -1,
+                                                   dtype=torch.int32, device=self.device)
         arena = int((artifact.graph.meta.get("memory") or {}).get("arena_bytes", 0))
         num_kv_blocks = options.num_kv_blocks
         if num_kv_blocks is None:

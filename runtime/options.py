@@ -36,12 +36,14 @@ class EngineOptions:
     kv_offload_cpu_gb: float | None = None
     kv_offload_dir: str | None = None
     kv_offload_s3: str | None = None
+    # LoRA (runtime/lora.py): adapters kept parsed in host memory (None: the artifact's slots)
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise BrazeError(f"unknown backend {self.backend!r}; choose one of "
                              f"{', '.join(BACKENDS)}")
-        for name in ("num_kv_blocks", "max_num_seqs", "max_num_tokens"):
+        for name in ("num_kv_blocks", "max_num_seqs", "max_num_tokens", "max_cpu_loras"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")

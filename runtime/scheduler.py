@@ -87,6 +87,9 @@ class Scheduler:
         # runtime/kv_offload.py's KVOffload when KV blocks have lower tiers: asked whether a
         # waiting request's blocks are staged (`ready`), and to fill them on admission (`load`)
         self.kv_loader = None
+        # runtime/lora.py's LoRAManager when the artifact serves adapters: a request's
+        # adapter is pinned in a device slot while it runs
+        self.lora = None
 
     # ------------------------------------------------------------------ queue
 
@@ -99,6 +102,7 @@ class Scheduler:
         if req.status is Status.RUNNING:
             self.running.remove(req)
             self.bm.free(req.request_id)
+            self._release_lora(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status = Status.FINISHED
@@ -149,9 +153,16 @@ class Scheduler:
             if req.group is not None and self._sibling_prefilling(req):
                 break                   # share the sibling's prompt blocks once they are cached
             tokens = req.all_token_ids
-            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0, use_cache):
+            salt = req.kv_salt
+            if not self.bm.can_allocate(tokens, self.watermark if self.running else 0, use_cache,
+                                        salt):
                 break
-            cached = self.bm.allocate(req.request_id, tokens, use_cache)
+            if req.lora is not None:
+                req.lora_slot = self.lora.acquire(req.lora)
+                if req.lora_slot is None:   # every adapter slot is pinned by running
+                    w += 1                  # requests: admit others (vLLM does the same)
+                    continue
+            cached = self.bm.allocate(req.request_id, tokens, use_cache, salt)
             del self.waiting[w]
             if use_cache and loader is not None:
                 cached += loader.load(req, self.bm, cached)
@@ -193,12 +204,18 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self.bm.free(req.request_id)
+        self._release_lora(req)
         req.status = Status.WAITING
         req.num_computed = 0
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted.append(req)
+
+    def _release_lora(self, req: Request) -> None:
+        if req.lora_slot is not None:
+            self.lora.release(req.lora_slot)
+            req.lora_slot = None
 
     # ------------------------------------------------------------------ after
 

@@ -53,6 +53,7 @@ from .protocol import (
     send_error,
     validation_message,
 )
+from .lora_routes import lora_for, model_cards
 from .read_timeouts import BodyTimeout
 from .structured import request_constraint
 from .tool_parsers import final_message
@@ -86,9 +87,9 @@ class Service:
             self.adds_bos = bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model != self.model_name and lora_for(self, model) is None:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
-                                f"{self.model_name!r} (see /v1/models)",
+                                f"{self.model_name!r} and the LoRA adapters /v1/models lists",
                            "invalid_request_error", "model", "model_not_found")
 
     def encode(self, prompt) -> list[int]:
@@ -113,14 +114,17 @@ class Service:
 
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      group: str | None = None, kv_transfer_params: dict | None = None,
-                     prompt_param: str = "prompt") -> RequestStream:
+                     prompt_param: str = "prompt", lora: str | None = None) -> RequestStream:
         if params.structured_outputs is not None:
             await self.compile_grammar(params.structured_outputs)
         try:
             params.validate()
             return await self.aengine.add(request_id, ids, params, len(ids), group=group,
-                                          kv_transfer_params=kv_transfer_params)
+                                          kv_transfer_params=kv_transfer_params, lora=lora)
         except BrazeError as e:
+            if getattr(e, "status", None) == 404:      # its LoRA adapter was just unloaded
+                raise APIError(404, str(e), "invalid_request_error", "model",
+                               "model_not_found") from None
             param = getattr(e, "param", None)
             raise bad_request(str(e), prompt_param if param == "prompt" else param) from None
         except QueueFull as e:
@@ -172,6 +176,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
     _install_errors(app)
     from .utility_routes import install as install_utility_routes
     install_utility_routes(app, svc)
+    from .lora_routes import install as install_lora_routes
+    install_lora_routes(app, svc, options.allow_runtime_lora_updating)
 
     @app.get("/health")
     async def health():
@@ -186,7 +192,9 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return R.model_list(svc.model_name, svc.created, svc.max_model_len)
+        out = R.model_list(svc.model_name, svc.created, svc.max_model_len)
+        out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
+        return out
 
     @app.get("/metrics")
     async def metrics():
@@ -305,7 +313,8 @@ class _Job:
                     crid = self.rid if single else f"{self.rid}-{pi}-{j}"
                     stream = await self.svc.submit(
                         crid, ids, child, group, getattr(self.body, "kv_transfer_params", None),
-                        "messages" if self.chat else "prompt")
+                        "messages" if self.chat else "prompt",
+                        lora=lora_for(self.svc, getattr(self.body, "model", None)))
                     self.choices.append(_Choice(pi * self.params.n + j, pi, stream, text, ids))
         except BaseException:
             self._abort_all()

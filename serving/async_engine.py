@@ -142,8 +142,8 @@ class AsyncEngine:
         return None
 
     async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
-                  group: str | None = None, kv_transfer_params: dict | None = None
-                  ) -> RequestStream:
+                  group: str | None = None, kv_transfer_params: dict | None = None,
+                  lora: str | None = None) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here)."""
         reason = self.unavailable_reason()
         if reason is not None:
@@ -154,7 +154,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = self._loop.create_future()
         self._streams[request_id] = stream
-        self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params))
+        self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params, lora))
         try:
             await ack
         except asyncio.CancelledError:
@@ -166,6 +166,15 @@ class AsyncEngine:
         if self.metrics is not None:
             self.metrics.on_admitted(num_prompt_tokens)
         return stream
+
+    async def call(self, fn):
+        """Run `fn(engine)` on the engine thread (between steps); its result or error."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise Unavailable(reason)
+        fut = self._loop.create_future()
+        self._send(("call", fn, fut))
+        return await fut
 
     def abort(self, request_id: str) -> None:
         s = self._streams.pop(request_id, None)
@@ -217,6 +226,8 @@ class AsyncEngine:
         for cmd in cmds:
             if cmd[0] == "add" and not cmd[4].done():
                 cmd[4].set_exception(Unavailable(message))
+            elif cmd[0] == "call" and not cmd[2].done():
+                cmd[2].set_exception(Unavailable(message))
 
     def _fail_all(self, err: BaseException) -> None:
         self.error = err
@@ -264,13 +275,19 @@ class AsyncEngine:
                 acks, must_step = [], False
                 for cmd in cmds:
                     if cmd[0] == "add":
-                        _, rid, prompt, params, fut, group, kv_params = cmd
+                        _, rid, prompt, params, fut, group, kv_params, lora = cmd
                         try:
                             eng.add_request(rid, prompt, params, group=group,
-                                            kv_transfer_params=kv_params)
+                                            kv_transfer_params=kv_params, lora_request=lora)
                             acks.append((fut, None))
                         except Exception as e:      # BrazeError: the client's fault → 400
                             acks.append((fut, e))
+                    elif cmd[0] == "call":
+                        _, fn, fut = cmd
+                        try:
+                            self._post(_settle, fut, fn(eng), None)
+                        except Exception as e:      # handed to the caller
+                            self._post(_settle, fut, None, e)
                     else:
                         eng.abort_request(cmd[1])
                         must_step = True            # the step reports (and frees) aborted ones
@@ -285,3 +302,12 @@ class AsyncEngine:
         except BaseException as e:
             log.exception("the engine thread failed; /health now reports 503")
             self._post(self._fail_all, e)
+
+
+def _settle(fut, result, err) -> None:
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(result)

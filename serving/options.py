@@ -37,6 +37,8 @@ class ServerOptions:
     trust_request_chat_template: bool = False   # may a request bring its own chat_template
     extensions: list[str] = field(default_factory=list)   # module:function or entry-point names
     tool_call_parser: str | None = None   # None: the one the chat template points to, if any
+    lora_modules: list[str] = field(default_factory=list)   # name=path adapters loaded at start
+    allow_runtime_lora_updating: bool = False   # /v1/load_lora_adapter and /v1/unload_...
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "limit_concurrency", "max_request_body_bytes"):

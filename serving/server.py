@@ -92,6 +92,9 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         art = open_artifact(artifact, trusted_keys=opts.trusted_keys,
                             trust_artifact=opts.trust_artifact)
         engine = Engine(art, opts)
+        if so.lora_modules:
+            from .lora_routes import load_at_start
+            load_at_start(engine, so.lora_modules)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)

@@ -592,7 +592,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST",
              "--allowed-headers", "authorization", "--allow-credentials",
              "--trust-request-chat-template", "--extension", "m:f", "--extension", "name",
-             "--tool-call-parser", "hermes"]
+             "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y",
+             "--allow-runtime-lora-updating"]
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
                          limit_concurrency=7, allowed_hosts="a.example",
@@ -600,7 +601,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
                          allowed_origins=["https://a.example"], allowed_methods=["GET", "POST"],
                          allowed_headers=["authorization"], allow_credentials=True,
                          trust_request_chat_template=True, extensions=["m:f", "name"],
-                         tool_call_parser="hermes")
+                         tool_call_parser="hermes", lora_modules=["a=/x", "b=/y"],
+                         allow_runtime_lora_updating=True)
     default = ServerOptions()
     assert {f.name for f in fields(ServerOptions)
             if getattr(want, f.name) != getattr(default, f.name)} \

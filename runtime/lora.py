@@ -1,0 +1,467 @@
+"""LoRA adapters at run time: PEFT directories read, checked against the artifact's LoRA
+contract, and swapped in and out of a fixed pool of device slots.
+
+The artifact (compiled with `--lora-slots K --max-lora-rank R`, passes/add_lora.py)
+declares, per targeted linear, two graph inputs: `lora_a.<pool>` [K, n*R, H] and
+`lora_b.<pool>` [K, O, R], and the manifest's "lora" entry names each pool's parts
+(the modules of a merged QKV / gate-up linear, with their output rows). Those pool
+tensors are allocated once here and never move (CUDA graphs read them); loading an
+adapter into slot s writes its matrices into row s of each pool.
+
+Three levels, like vLLM's:
+  registered  name -> (path, id): every adapter a request may name
+  host        parsed adapters (pool-shaped CPU tensors, scale folded into B), an LRU of
+              at most `max_cpu_loras`; one evicted from here is read from disk again
+  device      K slots; an adapter in use by a running request is pinned, the rest are
+              evicted least recently used first when a new one needs a slot
+
+A request's adapter is acquired (loaded into a slot and pinned) when the scheduler
+admits it and released when it leaves the running set (finished or preempted). An
+admission finding every slot pinned waits, like one finding no KV blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from braze.ir.errors import BrazeError
+from braze.ir.types import torch_dtype
+
+SLOTS_INPUT = "lora_slots"
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's shape: a name requests use, a positive integer id, and the PEFT directory."""
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    def __post_init__(self):
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise BrazeError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \
+                or self.lora_int_id < 1:
+            raise BrazeError(f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
+
+
+class LoRAError(BrazeError):
+    """An adapter that cannot be served; `status` is the HTTP status a server answers with
+    (400: the adapter is wrong for this artifact, 404: no such adapter or path)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Contract:
+    """What the artifact's manifest says about LoRA."""
+    slots: int
+    max_rank: int
+    targets: list[str]
+    dtype: str
+    modules: dict           # pool -> {"parts": [[module, rows]], "targeted": [...], "in": H}
+    untargeted: list        # LoRA-capable modules --lora-targets left out
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Contract | None":
+        got = manifest.get("lora")
+        if not got:
+            return None
+        try:
+            return cls(int(got["slots"]), int(got["max_rank"]), list(got["targets"]),
+                       str(got["dtype"]), dict(got["modules"]), list(got.get("untargeted", [])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BrazeError(f"the artifact's manifest has a malformed \"lora\" entry ({e}); "
+                             f"recompile it") from None
+
+    def part_of(self) -> dict[str, tuple[str, int, int, int, bool]]:
+        """module -> (pool, part index, first output row, rows, targeted)."""
+        out = {}
+        for pool, m in self.modules.items():
+            off = 0
+            for j, (mod, rows) in enumerate(m["parts"]):
+                out[mod] = (pool, j, off, rows, mod in m["targeted"])
+                off += rows
+        return out
+
+
+@dataclass
+class HostAdapter:
+    """An adapter parsed into pool-shaped host tensors: per pool (a [n*R, H], b [O, R])."""
+    name: str
+    rank: int
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    modules: list[str]
+
+
+def _peft_module(key: str) -> tuple[str, str] | None:
+    """`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` ->
+    ("model.layers.0.self_attn.q_proj", "A")."""
+    for which in ("A", "B"):
+        for tail in (f".lora_{which}.weight", f".lora_{which}.default.weight"):
+            if key.endswith(tail):
+                mod = key[:-len(tail)]
+                for prefix in ("base_model.model.",):
+                    if mod.startswith(prefix):
+                        mod = mod[len(prefix):]
+                return mod, which
+    return None
+
+
+# a checkpoint's fused projection (Phi-3's) -> the projections braze's models split it into
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> None:
+    """An adapter for a fused projection (`qkv_proj`) on a model whose graph has the parts
+    (`q_proj`, `k_proj`, `v_proj`, split from the fused weight at load): each part gets
+    the adapter's A and its rows of B, which is the same delta."""
+    for mod in [m for m in found if m not in where and m not in contract.untargeted]:
+        prefix, _, short = mod.rpartition(".")
+        parts = [f"{prefix}.{p}" for p in FUSED.get(short, ())]
+        if not parts or not all(p in where or p in contract.untargeted for p in parts):
+            continue
+        missing = [p for p in parts if p not in where or not where[p][4]]
+        if missing:
+            raise LoRAError(f"LoRA adapter {name!r} targets {mod}, whose parts "
+                            f"{', '.join(missing)} the artifact did not target (compiled with "
+                            f"--lora-targets {','.join(contract.targets)}); recompile with "
+                            f"them included")
+        ab = found.pop(mod)
+        rows = [where[p][3] for p in parts]
+        b = ab.get("B")
+        if b is None or "A" not in ab or b.shape[0] != sum(rows):
+            raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_B "
+                            f"{None if b is None else tuple(b.shape)}; this model's parts want "
+                            f"{sum(rows)} rows ({' + '.join(map(str, rows))})")
+        off = 0
+        for p, n in zip(parts, rows):
+            found[p] = {"A": ab["A"], "B": b[off:off + n]}
+            off += n
+
+
+def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
+    """Read a PEFT adapter directory and lay it out as the artifact's pools want it."""
+    d = Path(path)
+    cfg_path = d / "adapter_config.json"
+    if not d.is_dir() or not cfg_path.is_file():
+        raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {str(path)!r} (a "
+                        f"PEFT adapter directory holds adapter_config.json and "
+                        f"adapter_model.safetensors)", 404)
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise LoRAError(f"LoRA adapter {name!r}: {cfg_path} is not valid JSON ({e})") from None
+    weights = d / "adapter_model.safetensors"
+    if not weights.is_file():
+        extra = " (adapter_model.bin is a pickle, which braze does not load; save the adapter " \
+                "with safe_serialization)" if (d / "adapter_model.bin").exists() else ""
+        raise LoRAError(f"LoRA adapter {name!r}: no adapter_model.safetensors in {str(path)!r}"
+                        f"{extra}", 404)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"LoRA adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+        if cfg.get(key, ok) not in (ok, None):
+            raise LoRAError(f"LoRA adapter {name!r}: {key}={cfg.get(key)!r} is not supported "
+                            f"(braze serves plain LoRA: {key}={ok!r})")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise LoRAError(f"LoRA adapter {name!r}: {key} is not supported yet "
+                            f"(got {cfg.get(key)!r})")
+    r = cfg.get("r")
+    alpha = cfg.get("lora_alpha", r)
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise LoRAError(f"LoRA adapter {name!r}: adapter_config.json needs a positive integer "
+                        f"r and a number lora_alpha, got r={r!r}, lora_alpha={alpha!r}")
+    if r > contract.max_rank:
+        raise LoRAError(f"LoRA adapter {name!r} has rank {r}, more than the artifact's "
+                        f"--max-lora-rank {contract.max_rank}; recompile with --max-lora-rank "
+                        f"{r} or more")
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    from safetensors import SafetensorError, safe_open
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                got = _peft_module(key)
+                if got is None:
+                    raise LoRAError(f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B "
+                                    f"weight (only lora_A/lora_B weights are supported)")
+                found.setdefault(got[0], {})[got[1]] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise LoRAError(f"LoRA adapter {name!r}: {weights} is not a readable safetensors file "
+                        f"({e})") from None
+    if not found:
+        raise LoRAError(f"LoRA adapter {name!r}: {weights} holds no LoRA weights")
+    where = contract.part_of()
+    _split_fused(name, found, where, contract)
+    R = contract.max_rank
+    dtype = torch_dtype(contract.dtype)
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for mod in sorted(found):
+        ab = found[mod]
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_{''.join(ab)} "
+                            f"but not both lora_A and lora_B")
+        if mod in contract.untargeted or (mod in where and not where[mod][4]):
+            raise LoRAError(f"LoRA adapter {name!r} targets {mod}, but the artifact was "
+                            f"compiled with --lora-targets {','.join(contract.targets)}; "
+                            f"recompile with its module included")
+        if mod not in where:
+            short = mod.rsplit(".", 1)[-1]
+            known = sorted({m.rsplit(".", 1)[-1] for m in list(where) + contract.untargeted})
+            raise LoRAError(f"LoRA adapter {name!r} targets module {mod}, which this model "
+                            f"has no LoRA-capable linear for ({short!r} is not among "
+                            f"{', '.join(known)})")
+        pool, j, off, rows, _ = where[mod]
+        a, b = ab["A"], ab["B"]
+        H = contract.modules[pool]["in"]
+        if a.shape != (r, H) or b.shape != (rows, r):
+            raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_A {tuple(a.shape)} "
+                            f"and lora_B {tuple(b.shape)}; this model wants ({r}, {H}) and "
+                            f"({rows}, {r}) (an adapter for another model?)")
+        if pool not in tensors:
+            n = len(contract.modules[pool]["parts"])
+            O = sum(p[1] for p in contract.modules[pool]["parts"])
+            tensors[pool] = (torch.zeros(n * R, H, dtype=dtype), torch.zeros(O, R, dtype=dtype))
+        pa, pb = tensors[pool]
+        pa[j * R:j * R + r] = a.to(dtype)
+        pb[off:off + rows, :r] = (b.float() * scale).to(dtype)
+    return HostAdapter(name, r, tensors, sorted(found))
+
+
+class LoRAManager:
+    """The registered adapters, their host copies and the K device slots.
+
+    Each registration gets a key, ("lora", name, n): requests hold the key, the slots and
+    host copies are keyed by it, and the KV prefix cache chains from it, so an adapter
+    unloaded and loaded again under its old name never meets the old one's slot or KV."""
+
+    def __init__(self, contract: Contract, pools: dict[str, torch.Tensor],
+                 max_cpu_loras: int | None = None):
+        self.contract = contract
+        self.pools = pools                 # graph input name -> device tensor (never replaced)
+        self.max_cpu_loras = max(max_cpu_loras or contract.slots, contract.slots)
+        self.registered: dict[str, tuple[LoRARequest, tuple]] = {}
+        self._known: dict[tuple, LoRARequest] = {}       # every key a request may hold
+        self._host: OrderedDict[tuple, HostAdapter] = OrderedDict()
+        self._slot_of: dict[tuple, int] = {}
+        self._holder: list[tuple | None] = [None] * contract.slots
+        self._pins: list[int] = [0] * contract.slots
+        self._lru: OrderedDict[tuple, None] = OrderedDict()   # resident, unpinned, oldest first
+        self._loads = 0
+        self._refs: dict[tuple, int] = {}              # key -> requests holding it
+        self.stats = {"lora_loads_to_device": 0, "lora_reads_from_disk": 0,
+                      "lora_evictions": 0}
+
+    # -- registry -------------------------------------------------------------------
+
+    def read(self, req: LoRARequest) -> HostAdapter:
+        """Read and check an adapter without registering it (any thread: the server reads
+        off the engine thread, then registers with `add(req, host)`)."""
+        return read_adapter(req.lora_name, req.lora_path, self.contract)
+
+    def add(self, req: LoRARequest, host: HostAdapter | None = None) -> tuple:
+        """Register an adapter (reading and checking it now unless `host` is its `read`, so
+        a bad one fails here); returns its key. The same request again is a no-op."""
+        old = self.registered.get(req.lora_name)
+        if old is not None:
+            if old[0] == req:
+                return old[1]
+            raise LoRAError(f"LoRA adapter {req.lora_name!r} is already loaded from "
+                            f"{old[0].lora_path!r}; unload it first or pick another name")
+        self._loads += 1
+        key = ("lora", req.lora_name, self._loads)
+        if host is not None:
+            self._host[key] = host
+            self.stats["lora_reads_from_disk"] += 1
+            while len(self._host) > self.max_cpu_loras:
+                self._host.popitem(last=False)
+        else:
+            self._host_copy(key, req)
+        self.registered[req.lora_name] = (req, key)
+        self._known[key] = req
+        return key
+
+    def key(self, name: str) -> tuple:
+        got = self.registered.get(name)
+        if got is None:
+            raise LoRAError(f"LoRA adapter {name!r} is not loaded", 404)
+        return got[1]
+
+    def remove(self, name: str) -> None:
+        """Unregister: requests already holding it finish with it; new ones cannot name it."""
+        _, key = self.registered.pop(name, (None, None))
+        if key is None:
+            raise LoRAError(f"LoRA adapter {name!r} is not loaded", 404)
+        slot = self._slot_of.get(key)
+        if slot is not None and self._pins[slot] == 0:
+            self._lru.pop(key, None)
+            self._free(key)
+        if not self._refs.get(key):
+            self._known.pop(key, None)
+            self._host.pop(key, None)
+
+    def hold(self, name: str) -> tuple:
+        """A new request names adapter `name`: its key, held until `unhold`."""
+        key = self.key(name)
+        self._refs[key] = self._refs.get(key, 0) + 1
+        return key
+
+    def unhold(self, key: tuple) -> None:
+        """A request holding `key` finished: an unloaded adapter no request holds is gone."""
+        n = self._refs.get(key, 0) - 1
+        if n > 0:
+            self._refs[key] = n
+            return
+        self._refs.pop(key, None)
+        if self.registered.get(key[1], (None, None))[1] != key:
+            self._known.pop(key, None)
+            self._host.pop(key, None)
+
+    def _host_copy(self, key: tuple, req: LoRARequest) -> HostAdapter:
+        host = self._host.get(key)
+        if host is not None:
+            self._host.move_to_end(key)
+            return host
+        host = read_adapter(req.lora_name, req.lora_path, self.contract)
+        self.stats["lora_reads_from_disk"] += 1
+        self._host[key] = host
+        while len(self._host) > self.max_cpu_loras:
+            self._host.popitem(last=False)
+        return host
+
+    # -- slots ----------------------------------------------------------------------
+
+    def slot_of(self, key: tuple) -> int | None:
+        return self._slot_of.get(key)
+
+    def acquire(self, key: tuple) -> int | None:
+        """Pin the adapter in a slot (loading it if it is not resident) and return the
+        slot; None when every slot is pinned by running requests (the caller waits)."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            req = self._known.get(key)
+            if req is None:
+                raise LoRAError(f"LoRA adapter {key[1]!r} is not loaded", 404)
+            if None in self._holder:
+                slot = self._holder.index(None)
+            elif self._lru:
+                victim, _ = self._lru.popitem(last=False)
+                slot = self._free(victim)
+                self.stats["lora_evictions"] += 1
+            else:
+                return None
+            self._write(slot, self._host_copy(key, req))
+            self._slot_of[key] = slot
+            self._holder[slot] = key
+        self._lru.pop(key, None)
+        self._pins[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """A request that held `slot` left the running set."""
+        self._pins[slot] -= 1
+        if self._pins[slot]:
+            return
+        key = self._holder[slot]
+        if self.registered.get(key[1], (None, None))[1] == key:
+            self._lru[key] = None            # resident, evictable
+        else:
+            self._free(key)                  # unloaded while it ran
+
+    def in_use(self) -> dict[str, int]:
+        """Adapter name -> running requests using it."""
+        out: dict[str, int] = {}
+        for s, n in enumerate(self._pins):
+            if n:
+                out[self._holder[s][1]] = out.get(self._holder[s][1], 0) + n
+        return out
+
+    def _free(self, key: tuple) -> int:
+        slot = self._slot_of.pop(key)
+        self._holder[slot] = None
+        return slot
+
+    def _write(self, slot: int, host: HostAdapter) -> None:
+        """The adapter's matrices into row `slot` of every pool (zeros where it has none)."""
+        for pool in self.contract.modules:
+            a = self.pools[f"lora_a.{pool}"]
+            b = self.pools[f"lora_b.{pool}"]
+            got = host.tensors.get(pool)
+            if got is None:
+                a[slot].zero_()
+                b[slot].zero_()
+            else:
+                a[slot].copy_(got[0], non_blocking=True)
+                b[slot].copy_(got[1], non_blocking=True)
+        self.stats["lora_loads_to_device"] += 1
+
+
+def allocate_pools(graph, device) -> dict[str, torch.Tensor]:
+    """Zeroed device tensors for the graph's `lora_a.*` / `lora_b.*` inputs."""
+    return {v.name: torch.zeros(tuple(int(d) for d in v.type.shape),
+                                dtype=torch_dtype(v.type.dtype), device=device)
+            for v in graph.inputs if v.name.startswith(("lora_a.", "lora_b."))}
+
+
+class EngineLoRA:
+    """The Engine's LoRA face (runtime/engine.py mixes it in): adapters registered and
+    removed at run time, and requests tied to one."""
+
+    lora: LoRAManager | None = None
+
+    def _init_lora(self, max_cpu_loras: int | None) -> None:
+        contract = Contract.from_manifest(self.artifact.manifest)
+        if contract is None:
+            if max_cpu_loras is not None:
+                raise BrazeError("max_cpu_loras is set but the artifact serves no LoRA "
+                                 "adapters; compile it with --lora-slots K")
+            return
+        self.lora = LoRAManager(contract, self.runner.executor.lora_pools, max_cpu_loras)
+        self.scheduler.lora = self.lora
+
+    def _need_lora(self) -> LoRAManager:
+        if self.lora is None:
+            raise LoRAError(f"artifact {self.artifact.root} serves no LoRA adapters; compile "
+                            f"it with --lora-slots K (and --max-lora-rank R)")
+        return self.lora
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Register an adapter: read, checked and kept in host memory; it goes to a device
+        slot when a request uses it."""
+        self._need_lora().add(lora_request)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter: requests already using it finish; new ones fail."""
+        self._need_lora().remove(name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [r for r, _ in self.lora.registered.values()] if self.lora is not None else []
+
+    def _bind_lora(self, req, lora_request) -> None:
+        """Tie a new request to its adapter (a LoRARequest, registered here if new, or the
+        name of one registered)."""
+        mgr = self._need_lora()
+        if isinstance(lora_request, LoRARequest):
+            mgr.add(lora_request)
+            lora_request = lora_request.lora_name
+        if not isinstance(lora_request, str):
+            raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "
+                             f"{type(lora_request).__name__}")
+        req.lora = req.kv_salt = mgr.hold(lora_request)
+        if self.offload is not None:          # lower KV tiers key blocks by tokens alone
+            from .kv_offload import KVTransferPolicy
+            req.kv_policy = KVTransferPolicy.of({"max_load_tokens": 0, "store": False})
+
+    def _unbind_lora(self, req) -> None:
+        if req.lora is not None and self.lora is not None:
+            self.lora.unhold(req.lora)

@@ -1,0 +1,128 @@
+"""LoRA adapters over HTTP, with vLLM's shapes (runtime/lora.py does the work):
+
+    POST /v1/load_lora_adapter    {"lora_name", "lora_path"}  -> 200 "Success: LoRA adapter 'x' added successfully."
+    POST /v1/unload_lora_adapter  {"lora_name"}               -> 200 "Success: LoRA adapter 'x' removed successfully."
+    GET  /v1/models               the base model, then one card per adapter with its "parent"
+    "model": "<lora_name>"        in a completion or chat request runs it with that adapter
+
+Errors are OpenAI-shaped: a missing field, a duplicate name, an adapter the artifact
+cannot serve (rank above --max-lora-rank, a module the model lacks or the artifact did
+not target) are 400; an unknown name or a path with no adapter is 404. The load and
+unload routes exist only with `braze serve --allow-runtime-lora-updating` (they read
+any path the server can), as vLLM asks for VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+
+Unloading lets requests already admitted with the adapter finish; a request naming it
+afterwards gets the 404 of an unknown model. The adapter is read from disk in a worker
+thread and registered on the engine thread between steps, so decoding goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from braze.runtime.lora import LoRAError, LoRARequest
+
+from .protocol import APIError
+
+_IDS = itertools.count(1)
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str | None = None
+    lora_path: str | None = None
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str | None = None
+    lora_int_id: int | None = None
+
+
+def manager(svc):
+    return getattr(svc.aengine.engine, "lora", None)
+
+
+def lora_for(svc, model: str | None) -> str | None:
+    """The adapter a request's "model" names, or None for the base model."""
+    m = manager(svc)
+    if model is None or model == svc.model_name or m is None:
+        return None
+    return model if model in m.registered else None
+
+
+def model_cards(svc) -> list[dict]:
+    m = manager(svc)
+    if m is None:
+        return []
+    return [{"id": name, "object": "model", "created": svc.created, "owned_by": "braze",
+             "root": req.lora_path, "parent": svc.model_name, "max_model_len": svc.max_model_len}
+            for name, (req, _) in list(m.registered.items())]
+
+
+def as_api_error(e: LoRAError) -> APIError:
+    if e.status == 404:
+        return APIError(404, str(e), "NotFoundError", "lora_path", "not_found")
+    return APIError(400, str(e), "BadRequestError", None, "bad_request")
+
+
+def load_at_start(engine, modules: list[str]) -> None:
+    """`--lora-modules name=path ...`: registered before the server answers."""
+    for spec in modules:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LoRAError(f"--lora-modules entry {spec!r} is not name=path")
+        engine.add_lora(LoRARequest(name, next(_IDS), path))
+
+
+def install(app: FastAPI, svc, allow_updates: bool) -> None:
+    if not allow_updates:
+        return
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        m = manager(svc)
+        if m is None:
+            raise APIError(400, "this artifact serves no LoRA adapters; compile it with "
+                                "--lora-slots K", "BadRequestError", None, "bad_request")
+        if not body.lora_name or not body.lora_path:
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                           "InvalidUserInput", None, "bad_request")
+        name = body.lora_name
+        if name == svc.model_name:
+            raise APIError(400, f"The lora adapter name {name!r} is the base model's name; "
+                                f"pick another", "InvalidUserInput", "lora_name", "bad_request")
+        if name in m.registered:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
+                           "InvalidUserInput", "lora_name", "bad_request")
+        req = LoRARequest(name, next(_IDS), body.lora_path)
+        loop = asyncio.get_running_loop()
+        try:
+            host = await loop.run_in_executor(None, m.read, req)
+            await svc.aengine.call(lambda eng: eng.lora.add(req, host))
+        except LoRAError as e:
+            raise as_api_error(e) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        m = manager(svc)
+        if not body.lora_name:
+            raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.",
+                           "InvalidUserInput", None, "bad_request")
+        name = body.lora_name
+        if m is None or name not in m.registered:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError",
+                           "lora_name", "not_found")
+        try:
+            await svc.aengine.call(lambda eng: eng.remove_lora(name))
+        except LoRAError as e:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError",
+                           "lora_name", "not_found") from e
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -1,0 +1,357 @@
+"""Multi-LoRA: the add-lora pass and lora op, PEFT adapters against transformers + peft,
+adapters mixed in one batch, the slot pool, the prefix cache keyed by adapter, and the
+errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from braze.ir import get_op
+from braze.ir.errors import BrazeError
+from braze.runtime.engine import Engine
+from braze.runtime.llm import LLM
+from braze.runtime.lora import LoRAError, LoRARequest
+from braze.runtime.sampler import SamplingParams
+
+from conftest import prompts_of
+from lora_helpers import make_adapter, peft_greedy, write_adapter
+
+PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9]
+LORA = dict(lora_slots=2, max_lora_rank=8)
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(store, tmp_path_factory):
+    """Two peft adapters on the tiny llama: every target at rank 4, and q/v only at rank 2
+    with rsLoRA; a third (rank 8, gate/up/down) for the pool tests."""
+    ck = store.checkpoint("llama")
+    d = tmp_path_factory.mktemp("adapters")
+    return {"a": make_adapter(ck, d / "a", seed=11, r=4, alpha=8, scale=3.0),
+            "b": make_adapter(ck, d / "b", seed=12, r=2, alpha=4, targets=["q_proj", "v_proj"],
+                              rslora=True, scale=3.0),
+            "c": make_adapter(ck, d / "c", seed=13, r=8, alpha=8,
+                              targets=["gate_proj", "up_proj", "down_proj"], scale=3.0)}
+
+
+@pytest.fixture(scope="module")
+def expected(store, adapters):
+    ck = store.checkpoint("llama")
+    out = {name: peft_greedy(ck, path, PROMPT, GREEDY.max_tokens) for name, path in adapters.items()}
+    out[None] = peft_greedy(ck, None, PROMPT, GREEDY.max_tokens)
+    return out
+
+
+def req(name, adapters, i=1):
+    return None if name is None else LoRARequest(name, i, str(adapters[name]))
+
+
+# -- the op -----------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       st.lists(st.integers(-1, 2), min_size=1, max_size=6), st.integers(1, 3))
+def test_lora_op_is_shrink_then_expand_per_token(K, sizes, slots, R):
+    """The reference against the definition written per token and per part."""
+    g = torch.Generator().manual_seed(0)
+    H, n, T = 6, len(sizes), len(slots)
+    slots = torch.tensor([s if s < K else -1 for s in slots], dtype=torch.int32)
+    x = torch.randn(T, H, generator=g)
+    a = torch.randn(K, n * R, H, generator=g)
+    b = torch.randn(K, sum(sizes), R, generator=g)
+    got = get_op("lora").impl(x, a, b, slots, sizes=sizes)
+    want = torch.zeros(T, sum(sizes))
+    for t in range(T):
+        s = int(slots[t])
+        if s < 0:
+            continue
+        off = 0
+        for j, o in enumerate(sizes):
+            want[t, off:off + o] = b[s, off:off + o] @ (a[s, j * R:(j + 1) * R] @ x[t])
+            off += o
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# -- compile ----------------------------------------------------------------------------
+
+def test_no_lora_slots_changes_nothing(store):
+    plain = json.loads((store.artifact("llama", opt_level=2) / "manifest.json").read_text())
+    assert "lora" not in plain
+    assert "lora" not in plain["compile"]["ops_after"]
+    assert "add-lora" not in [p["name"] for p in plain["compile"]["passes"]]
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+def test_compile_records_the_lora_contract(store, opt_level):
+    art = store.artifact("llama", opt_level=opt_level, **LORA)
+    m = json.loads((art / "manifest.json").read_text())
+    lora = m["lora"]
+    assert lora["slots"] == 2 and lora["max_rank"] == 8
+    layers = m["model"]["num_layers"]
+    per_layer = 7 if opt_level == 0 else 4       # -O2: merged qkv and gate_up, one delta each
+    assert m["compile"]["ops_after"]["lora"] == layers * per_layer
+    assert "lora" not in m["compile"]["extern_ops"]          # shrink/expand kernels
+    from braze.inspect import format_summary, summarize
+    text = format_summary(summarize(art))
+    assert f"lora       2 adapter slots, max rank 8, targets q_proj,k_proj,v_proj,o_proj," \
+           f"gate_proj,up_proj,down_proj, {per_layer * layers} linears with a delta" in text
+    assert f"+ {2 * per_layer * layers} LoRA adapter pools" in text
+    if opt_level == 2:
+        qkv = lora["modules"]["model.layers.0.self_attn.qkv_proj"]
+        assert [p[0] for p in qkv["parts"]] == [f"model.layers.0.self_attn.{n}_proj"
+                                                for n in "qkv"]
+        text = (art / "graph.bir").read_text()
+        assert "%lora_slots: i32[T]" in text
+        assert "%lora_a.model.layers.0.self_attn.qkv_proj: f32[2, 24, 64]" in text
+        assert "%lora_b.model.layers.0.self_attn.qkv_proj: f32[2, 128, 8]" in text
+
+
+def test_lora_targets_are_checked(store, tmp_path):
+    import braze
+    with pytest.raises(BrazeError, match="--lora-targets entry 'qq'"):
+        braze.compile(store.checkpoint("llama"), tmp_path / "x", lora_slots=2, lora_targets="q,qq")
+
+
+# -- against transformers + peft --------------------------------------------------------
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+def test_mixed_batch_matches_peft(store, adapters, expected, opt_level):
+    """Base, adapter a and adapter b in one batch: each gets peft's greedy tokens (and so
+    its solo output), and the adapters do move the tokens."""
+    llm = LLM(store.artifact("llama", opt_level=opt_level, **LORA), backend="reference",
+              num_kv_blocks=32, max_num_seqs=4)
+    names = [None, "a", "b", "a"]
+    outs = llm.generate([PROMPT] * 4, GREEDY, lora_request=[req(n, adapters) for n in names])
+    assert [o.token_ids for o in outs] == [expected[n] for n in names]
+    assert expected["a"] != expected[None] and expected["b"] != expected[None]
+    for n in ("a", "b"):       # solo, in a fresh engine
+        solo = LLM(store.artifact("llama", opt_level=opt_level, **LORA), backend="reference",
+                   num_kv_blocks=32, max_num_seqs=4)
+        assert solo.generate(PROMPT, GREEDY, lora_request=req(n, adapters))[0].token_ids == expected[n]
+
+
+def test_interpreted_kernels_match_peft(store, adapters, expected):
+    """-O2 through the launch plans under the Triton interpreter, static buffers bound."""
+    art = store.artifact("llama", opt_level=2, max_num_tokens=16, max_num_seqs=2, **LORA)
+    llm = LLM(art, backend="interpret", num_kv_blocks=8, max_num_seqs=2, buckets=[2, 16])
+    outs = llm.generate([PROMPT, PROMPT], SamplingParams(max_tokens=3, ignore_eos=True),
+                        lora_request=[req("a", adapters), None])
+    assert [o.token_ids for o in outs] == [expected["a"][:3], expected[None][:3]]
+    assert not any("lora" in f for f in llm.engine.runner.graphs.stats["extern_fallbacks"])
+
+
+# -- the slot pool and the prefix cache ---------------------------------------------------
+
+def test_more_adapters_than_slots_wait_and_evict(store, adapters, expected):
+    """Three adapters, two slots: the third waits for a slot, the least recently used
+    unpinned adapter is evicted, and every request still gets its own output."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    names = ["a", "b", "c", None]
+    for i, n in enumerate(names):
+        eng.add_request(f"r{i}", PROMPT, GREEDY, lora_request=req(n, adapters))
+    eng.step()
+    assert len(eng.lora.in_use()) == 2 and eng.num_waiting() == 1     # c waits for a slot
+    final = eng.run_to_completion()
+    assert [final[f"r{i}"].token_ids for i in range(4)] == [expected[n] for n in names]
+    assert eng.lora.stats["lora_evictions"] >= 1 and eng.lora.in_use() == {}
+
+
+def test_pool_never_evicts_an_adapter_in_use(store, adapters):
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    m = eng.lora
+    keys = {n: m.add(req(n, adapters)) for n in "abc"}
+    sa, sb = m.acquire(keys["a"]), m.acquire(keys["b"])
+    assert m.acquire(keys["c"]) is None                 # both slots pinned
+    m.release(sb)
+    assert m.acquire(keys["c"]) == sb                   # b (unpinned) made room, a stayed
+    assert m.slot_of(keys["a"]) == sa and m.slot_of(keys["b"]) is None
+    pools = eng.runner.executor.lora_pools
+    assert pools["lora_a.model.layers.0.mlp.gate_proj"][sb].abs().sum() > 0     # c's
+    assert pools["lora_a.model.layers.0.self_attn.q_proj"][sb].abs().sum() == 0  # not b's any more
+
+
+def test_prefix_cache_is_keyed_by_adapter(store, adapters, expected):
+    """The same 40-token prompt under a, then b, then a again: b never reuses a's blocks
+    (and still gets its own output); a's second run does."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    prompt = prompts_of([40], seed=3)[0]
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    outs = []
+    for i, n in enumerate(["a", "b", "a", None]):
+        before = eng.stats()["prefix_cache_hit_tokens"]
+        eng.add_request(f"p{i}", prompt, sp, lora_request=req(n, adapters))
+        outs.append((eng.run_to_completion([f"p{i}"])[f"p{i}"].token_ids,
+                     eng.stats()["prefix_cache_hit_tokens"] - before))
+    assert [hits for _, hits in outs] == [0, 0, 32, 0]
+    ck = store.checkpoint("llama")
+    assert outs[1][0] == peft_greedy(ck, adapters["b"], prompt, 3)
+    assert outs[3][0] == peft_greedy(ck, None, prompt, 3)
+
+
+def test_unload_while_running_lets_it_finish(store, adapters, expected):
+    """Load, use, unload mid-request (it finishes with its tokens; new requests naming the
+    adapter fail with 404), then reload under the same name and use it again."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    eng.add_lora(req("a", adapters))
+    eng.add_request("r0", PROMPT, GREEDY, lora_request="a")
+    eng.step()
+    eng.remove_lora("a")
+    with pytest.raises(LoRAError, match="'a' is not loaded") as e:
+        eng.add_request("r1", PROMPT, GREEDY, lora_request="a")
+    assert e.value.status == 404
+    assert eng.run_to_completion()["r0"].token_ids == expected["a"]
+    assert eng.lora.in_use() == {} and None in eng.lora._holder     # its slot is free again
+    eng.add_lora(LoRARequest("a", 2, str(adapters["b"])))           # the name, another adapter
+    eng.add_request("r2", PROMPT, GREEDY, lora_request="a")
+    assert eng.run_to_completion()["r2"].token_ids == expected["b"]
+
+
+# -- errors -----------------------------------------------------------------------------
+
+def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    ck = store.checkpoint("llama")
+    big = make_adapter(ck, tmp_path / "big", seed=1, r=16, targets=["q_proj"])
+    with pytest.raises(LoRAError, match="rank 16, more than the artifact's --max-lora-rank 8"):
+        eng.add_lora(LoRARequest("big", 1, str(big)))
+    H = 64
+    odd = write_adapter(tmp_path / "odd", {
+        "base_model.model.model.layers.0.self_attn.c_attn.lora_A.weight": torch.ones(4, H),
+        "base_model.model.model.layers.0.self_attn.c_attn.lora_B.weight": torch.ones(H, 4)})
+    with pytest.raises(LoRAError, match="targets module model.layers.0.self_attn.c_attn, which "
+                                        "this model has no LoRA-capable linear for") as e:
+        eng.add_lora(LoRARequest("odd", 2, str(odd)))
+    assert e.value.status == 400
+    with pytest.raises(LoRAError, match="no adapter_config.json") as e:
+        eng.add_lora(LoRARequest("gone", 3, str(tmp_path / "nowhere")))
+    assert e.value.status == 404
+    eng.add_lora(req("a", adapters))
+    with pytest.raises(LoRAError, match="already loaded"):
+        eng.add_lora(LoRARequest("a", 4, str(adapters["b"])))
+    assert [r.lora_name for r in eng.list_loras()] == ["a"]
+    # an artifact compiled for q,v only refuses an adapter with o_proj
+    qv = Engine(store.artifact("llama", opt_level=0, lora_targets="q,v", **LORA),
+                backend="reference", num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="compiled with --lora-targets q_proj,v_proj"):
+        qv.add_lora(req("a", adapters))
+    qv.add_lora(req("b", adapters))                      # q and v only: fine
+    plain = Engine(store.artifact("llama", opt_level=0), backend="reference", num_kv_blocks=8)
+    with pytest.raises(BrazeError, match="serves no LoRA adapters; compile it with --lora-slots"):
+        plain.add_request("x", PROMPT, GREEDY, lora_request=req("a", adapters))
+
+
+# -- other families and target sets ------------------------------------------------------
+
+@pytest.mark.parametrize("case,targets", [
+    ("qwen3-headdim24-tied", None),                        # QK-norm + RoPE fused with the delta
+    ("phi3-longrope-partial-tied", ["qkv_proj", "gate_up_proj", "o_proj", "down_proj"]),
+])
+def test_families_match_peft_at_O2(store, tmp_path, case, targets):
+    """Qwen3 (its -O2 rope_cache_write fusion intact with deltas on q and k) and Phi-3,
+    whose adapters target the checkpoint's fused qkv_proj / gate_up_proj that braze splits
+    at load (the adapter is split the same way)."""
+    ck = store.checkpoint(case)
+    ad = make_adapter(ck, tmp_path / "ad", seed=5, r=4, scale=3.0,
+                      **({"targets": targets} if targets else {}))
+    art = store.artifact(case, opt_level=2, **LORA)
+    plain = json.loads((store.artifact(case, opt_level=2) / "manifest.json").read_text())
+    fused = json.loads((art / "manifest.json").read_text())["compile"]["ops_after"]
+    for op in ("rope_cache_write", "paged_attention", "add_rms_norm"):
+        assert fused.get(op) == plain["compile"]["ops_after"].get(op), op
+    llm = LLM(art, backend="reference", num_kv_blocks=32, max_num_seqs=4)
+    outs = llm.generate([PROMPT, PROMPT], GREEDY, lora_request=[LoRARequest("x", 1, str(ad)), None])
+    want = peft_greedy(ck, ad, PROMPT, GREEDY.max_tokens)
+    assert [o.token_ids for o in outs] == [want, peft_greedy(ck, None, PROMPT, GREEDY.max_tokens)]
+
+
+def test_merged_qkv_with_untargeted_part(store, adapters, expected):
+    """--lora-targets q,v at -O2: the merged QKV delta keeps k's rows zero."""
+    art = store.artifact("llama", opt_level=2, lora_targets="q,v", **LORA)
+    m = json.loads((art / "manifest.json").read_text())["lora"]
+    assert m["modules"]["model.layers.0.self_attn.qkv_proj"]["targeted"] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    llm = LLM(art, backend="reference", num_kv_blocks=32, max_num_seqs=4)
+    assert llm.generate(PROMPT, GREEDY, lora_request=req("b", adapters))[0].token_ids == expected["b"]
+
+
+def test_add_lora_pass_on_a_hand_graph():
+    """The pass alone: y = linear(x, W) becomes y + lora(x, ...), and runs as the math says."""
+    from braze.ir import Graph, T, TensorType, run_graph
+    from braze.passes import PassContext, PassManager
+    from braze.passes.add_lora import target_modules
+    g = Graph("g")
+    x = g.add_input("x", TensorType((T, 8), "f32"))
+    w = g.add_param("layer.q_proj.weight", TensorType((6, 8), "f32"))
+    u = g.add_param("layer.other.weight", TensorType((6, 8), "f32"))
+    g.set_output("y", g.op("add", g.op("linear", x, w), g.op("linear", x, u)))
+    ctx = PassContext(options={"lora_slots": 2, "max_lora_rank": 3, "lora_targets": "q"})
+    PassManager(["add-lora"], ctx=ctx, verify_each=True).run(g)
+    assert g.op_counts()["lora"] == 1
+    assert g.meta["lora"]["modules"] == {"layer.q_proj": {"parts": [["layer.q_proj", 6]],
+                                                          "targeted": ["layer.q_proj"], "in": 8}}
+    gen = torch.Generator().manual_seed(0)
+    feeds = {"x": torch.randn(4, 8, generator=gen),
+             "lora_slots": torch.tensor([1, -1, 0, 1], dtype=torch.int32),
+             "lora_a.layer.q_proj": torch.randn(2, 3, 8, generator=gen),
+             "lora_b.layer.q_proj": torch.randn(2, 6, 3, generator=gen)}
+    params = {"layer.q_proj.weight": torch.randn(6, 8, generator=gen),
+              "layer.other.weight": torch.randn(6, 8, generator=gen)}
+    got = run_graph(g, feeds, params)["y"]
+    x, A, B = feeds["x"], feeds["lora_a.layer.q_proj"], feeds["lora_b.layer.q_proj"]
+    want = x @ params["layer.q_proj.weight"].T + x @ params["layer.other.weight"].T
+    for t, s in enumerate([1, -1, 0, 1]):
+        if s >= 0:
+            want[t] += B[s] @ (A[s] @ x[t])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert target_modules("qkv,o") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_preemption_releases_and_reacquires_slots(store, adapters):
+    """A KV cache too small for every request: preempted requests give up their adapter
+    slot and take one again on readmission, and still get peft's tokens."""
+    ck = store.checkpoint("llama")
+    n = 30
+    want = {k: peft_greedy(ck, adapters[k] if k else None, PROMPT, n) for k in ("a", "b", None)}
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=6, max_num_seqs=4)
+    names = ["a", "b", None, "a"]
+    sp = SamplingParams(max_tokens=n, ignore_eos=True)
+    for i, name in enumerate(names):
+        eng.add_request(f"r{i}", PROMPT, sp, lora_request=req(name, adapters))
+    final = eng.run_to_completion()
+    assert eng.stats()["preemptions"] > 0
+    assert [final[f"r{i}"].token_ids for i in range(4)] == [want[k] for k in names]
+    assert eng.lora.in_use() == {}
+
+
+def test_host_copies_are_an_lru_of_max_cpu_loras(store, adapters, expected):
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=1, max_cpu_loras=2)
+    for n in "abc":
+        eng.add_lora(req(n, adapters))
+    assert eng.lora.stats["lora_reads_from_disk"] == 3          # a's copy made room for c
+    eng.add_request("x", PROMPT, GREEDY, lora_request="a")
+    assert eng.run_to_completion()["x"].token_ids == expected["a"]
+    assert eng.lora.stats["lora_reads_from_disk"] == 4          # read again for its slot
+
+
+def test_generate_command_takes_an_adapter(store, adapters, expected):
+    from cli_helpers import run as braze
+    art = store.artifact("llama", opt_level=0, **LORA)
+    code, out, err = braze("generate", art, "--prompt-ids", ",".join(map(str, PROMPT)),
+                           "--max-tokens", "6", "--ignore-eos", "--backend", "reference",
+                           "--lora", adapters["a"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == expected["a"]
+    code, out, err = braze("generate", store.artifact("llama"), "--prompt-ids", "1,2",
+                           "--backend", "reference", "--lora", adapters["a"])
+    assert code != 0 and "serves no LoRA adapters" in err

@@ -1,0 +1,132 @@
+"""`braze serve` with LoRA adapters: --lora-modules at start, /v1/load_lora_adapter and
+/v1/unload_lora_adapter with vLLM's shapes and errors, "model": <adapter> against
+transformers + peft, /v1/models with parents, and unloading while a request streams."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("openai")
+
+from lora_helpers import make_adapter, peft_greedy, write_adapter  # noqa: E402
+from serve_helpers import MODEL, Server  # noqa: E402
+
+PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9]
+
+
+@pytest.fixture(scope="module")
+def adapters(store, tmp_path_factory):
+    ck = store.checkpoint("llama")
+    d = tmp_path_factory.mktemp("serve-adapters")
+    return {"a": make_adapter(ck, d / "a", seed=21, r=4, scale=3.0),
+            "b": make_adapter(ck, d / "b", seed=22, r=2, targets=["q_proj", "v_proj"], scale=3.0),
+            "big": make_adapter(ck, d / "big", seed=23, r=16, targets=["q_proj"]),
+            "odd": write_adapter(d / "odd", {
+                "base_model.model.model.layers.0.mlp.c_fc.lora_A.weight": torch.ones(4, 64),
+                "base_model.model.model.layers.0.mlp.c_fc.lora_B.weight": torch.ones(128, 4)})}
+
+
+@pytest.fixture(scope="module")
+def server(store, adapters, tmp_path_factory):
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    s = Server(art, tmp_path_factory.mktemp("serve-lora"), "--lora-modules",
+               f"a={adapters['a']}", "--allow-runtime-lora-updating")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _complete(server, model, max_tokens=6, stream=False):
+    return server.http.post("/v1/completions", json={
+        "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True, "stream": stream})
+
+
+def test_models_list_adapters_with_their_parent(server, adapters):
+    data = server.http.get("/v1/models").json()["data"]
+    assert data[0]["id"] == MODEL
+    cards = {d["id"]: d for d in data[1:]}
+    assert cards["a"]["parent"] == MODEL and cards["a"]["root"] == str(adapters["a"])
+
+
+def test_requests_pick_an_adapter_by_model(server, store, adapters):
+    ck = store.checkpoint("llama")
+    got = _complete(server, "a").json()["choices"][0]["token_ids"]
+    assert got == peft_greedy(ck, adapters["a"], PROMPT, 6)
+    base = _complete(server, MODEL).json()["choices"][0]["token_ids"]
+    assert base == peft_greedy(ck, None, PROMPT, 6) != got
+
+
+def test_load_use_unload_reload(server, store, adapters):
+    ck = store.checkpoint("llama")
+    r = server.http.post("/v1/load_lora_adapter", json={"lora_name": "b",
+                                                         "lora_path": str(adapters["b"])})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'b' added successfully."
+    want = peft_greedy(ck, adapters["b"], PROMPT, 6)
+    assert _complete(server, "b").json()["choices"][0]["token_ids"] == want
+    r = server.http.post("/v1/unload_lora_adapter", json={"lora_name": "b"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'b' removed successfully."
+    r = _complete(server, "b")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "b" not in [d["id"] for d in server.http.get("/v1/models").json()["data"]]
+    r = server.http.post("/v1/load_lora_adapter", json={"lora_name": "b",
+                                                         "lora_path": str(adapters["b"])})
+    assert r.status_code == 200
+    assert _complete(server, "b").json()["choices"][0]["token_ids"] == want
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"lora_name": "a", "lora_path": "/x"}, 400, "The lora adapter 'a' has already been loaded."),
+    ({"lora_name": "n"}, 400, "Both 'lora_name' and 'lora_path' must be provided."),
+    ({"lora_name": "n", "lora_path": "/no/such/dir"}, 404, "no adapter_config.json"),
+    ({"lora_name": "n", "lora_path": "{big}"}, 400, "rank 16, more than the artifact's --max-lora-rank 8"),
+    ({"lora_name": "n", "lora_path": "{odd}"}, 400, "targets module model.layers.0.mlp.c_fc, which "
+                                                    "this model has no LoRA-capable linear for"),
+])
+def test_load_errors(server, adapters, body, status, message):
+    body = {k: v.format(**{k: str(p) for k, p in adapters.items()}) for k, v in body.items()}
+    r = server.http.post("/v1/load_lora_adapter", json=body)
+    assert r.status_code == status
+    assert message in r.json()["error"]["message"]
+
+
+def test_unload_unknown_is_404(server):
+    r = server.http.post("/v1/unload_lora_adapter", json={"lora_name": "nope"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "The lora adapter 'nope' cannot be found."
+
+
+def test_unload_while_streaming_lets_it_finish(server, store, adapters):
+    r = server.http.post("/v1/load_lora_adapter", json={"lora_name": "c",
+                                                         "lora_path": str(adapters["a"])})
+    assert r.status_code == 200
+    first = threading.Event()
+    tokens: list[int] = []
+    finish = []
+
+    def stream():
+        with server.http.stream("POST", "/v1/completions", json={
+                "model": "c", "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    ch = json.loads(line[6:])["choices"][0]
+                    tokens.extend(ch.get("token_ids") or [])
+                    if ch.get("finish_reason"):
+                        finish.append(ch["finish_reason"])
+                    first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(60)
+    assert server.http.post("/v1/unload_lora_adapter", json={"lora_name": "c"}).status_code == 200
+    unloaded_at = len(tokens)
+    assert _complete(server, "c").status_code == 404
+    t.join(120)
+    assert finish == ["length"] and unloaded_at < 200        # it was running when unloaded
+    assert tokens == peft_greedy(store.checkpoint("llama"), adapters["a"], PROMPT, 200)
