@@ -71,7 +71,8 @@ def cmd_compile(a) -> int:
             log=None if a.quiet else _log,
             opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
-            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign)
+            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
+            max_logits_rows=a.max_logits_rows)
     return 0
 
 
@@ -277,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-model-len", type=_positive_int,
                    help="longest sequence, prompt + output (default: max_position_embeddings)")
     c.add_argument("--block-size", type=_positive_int, default=16, help="KV-cache block size in tokens (default 16)")
+    c.add_argument("--max-logits-rows", type=_positive_int, metavar="N",
+                   help="most rows the LM head computes in one step at -O2 (default: "
+                        "--max-num-seqs, one per sequence). Speculative decoding with k "
+                        "proposed tokens scores k + 1 rows per sequence: give "
+                        "max-num-seqs * (k + 1) to verify every sequence in every step")
     c.add_argument("--targets", default="sm_80,sm_90", metavar="sm_XY,...",
                    help="GPU architectures to compile the kernels' cubins for, comma-separated "
                         "(default sm_80,sm_90: A100 and H100/H200; '' for none, and the kernels "

@@ -36,6 +36,9 @@ class EngineOptions:
     kv_offload_cpu_gb: float | None = None
     kv_offload_dir: str | None = None
     kv_offload_s3: str | None = None
+    # speculative decoding (runtime/speculative.py): {"method": "ngram" | "draft",
+    # "num_speculative_tokens": k, ...}, its JSON text, or a SpeculativeConfig
+    speculative: object = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -51,6 +54,9 @@ class EngineOptions:
         if self.kv_offload_dir and self.kv_offload_s3:
             raise BrazeError("choose one lower KV tier: kv_offload_dir or kv_offload_s3, "
                              "not both")
+        if self.speculative is not None:
+            from .speculative import SpeculativeConfig
+            self.speculative = SpeculativeConfig.of(self.speculative)
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")

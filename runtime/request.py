@@ -159,7 +159,7 @@ class Request:
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending",
                  "kv_policy", "grammar", "matcher", "bias", "logprobs", "cumulative_logprob",
-                 "group", "prompt_logprobs", "bad_sequences")
+                 "group", "prompt_logprobs", "bad_sequences", "draft_token_ids")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -192,6 +192,9 @@ class Request:
         self.logprobs: list[TokenLogprobs] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
         self.group = None                     # parallel samples of one prompt share a group
+        # speculative proposals to verify after its last token in the next step
+        # (runtime/speculative.py); empty when not speculating
+        self.draft_token_ids: list[int] = []
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids))
 
