@@ -189,6 +189,13 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="schedule step N+1 while step N runs (default: on for cuda)")
     p.add_argument("--debug", action="store_true",
                    help="check on every step that captured graphs still see their buffers")
+    p.add_argument("--speculative", metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3}\' (prompt lookup; also '
+                        '"prompt_lookup_max", "prompt_lookup_min") or \'{"method": "draft", '
+                        '"model": DRAFT_ARTIFACT, "num_speculative_tokens": 3}\'; output is '
+                        'exactly what decoding without it gives. An -O2 artifact needs '
+                        '--max-logits-rows at compile time (default: off)')
     p.add_argument("--kv-offload-cpu-gb", type=_positive_float, metavar="GB",
                    help="keep KV blocks of computed prefixes in this much host memory too, and "
                         "load them back on a prefix hit the device no longer holds (default: "
@@ -212,7 +219,7 @@ def _engine_options(a):
                          async_scheduling=a.async_scheduling, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
-                         kv_offload_s3=a.kv_offload_s3)
+                         kv_offload_s3=a.kv_offload_s3, speculative=a.speculative)
 
 
 def _server_options(a):

@@ -171,7 +171,6 @@ def test_acceptance_is_counted_per_position(store, wrong):
     got = run_all(eng, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
     s = eng.stats()
-    k = 3
     accepted = s["spec_decode_accepted_per_position"]
     proposed = s["spec_decode_proposed_per_position"]
     # the first token comes from the prefill; then each verification yields accepted + 1
@@ -305,3 +304,38 @@ def test_mixed_requests_aborts_and_preemption(store, data):
     s = eng.stats()
     assert s["kv_blocks_used"] == 0
     assert np.sum(s["spec_decode_accepted_per_position"]) == s["spec_decode_num_accepted_tokens"]
+
+
+# ------------------------------------------------------------------ faces
+
+def test_cli_generate_speculative_equals_plain(store):
+    import json
+
+    from cli_helpers import assert_one_line_error, run
+    art = store.artifact("llama")
+    ids = ",".join(map(str, repetitive(9, 4, 5)))
+    common = ["generate", art, "--prompt-ids", ids, "--max-tokens", "12", "--backend",
+              "reference", "--json", "--ignore-eos", "--num-kv-blocks", "32"]
+    code, plain, err = run(*common)
+    assert code == 0, err
+    code, spec, err = run(*common, "--speculative",
+                          '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert code == 0, err
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    code, _, err = run(*common, "--speculative", '{"method": "mtp", "num_speculative_tokens": 1}')
+    assert_one_line_error(code, err, "mtp", "not supported yet")
+
+
+def test_prometheus_has_the_acceptance_metrics(store):
+    from braze.serving.metrics import Metrics
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
+                 speculative=NGRAM)
+    run_all(eng, mixed_prompts(), GREEDY)
+    s = eng.stats()
+    text = Metrics("m").render(s)
+    assert f"braze_spec_decode_num_accepted_tokens_total {s['spec_decode_num_accepted_tokens']}\n" in text
+    assert f"braze_spec_decode_num_draft_tokens_total {s['spec_decode_num_draft_tokens']}\n" in text
+    for j, n in enumerate(s["spec_decode_accepted_per_position"]):
+        assert f'braze_spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}} {n}\n' in text
+    assert "braze_spec_decode_acceptance_rate" in text
+    assert "braze_spec_decode" not in Metrics("m").render({"running": 0})
