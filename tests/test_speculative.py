@@ -339,3 +339,57 @@ def test_prometheus_has_the_acceptance_metrics(store):
         assert f'braze_spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}} {n}\n' in text
     assert "braze_spec_decode_acceptance_rate" in text
     assert "braze_spec_decode" not in Metrics("m").render({"running": 0})
+
+
+# ------------------------------------------------------------------ the draft method
+
+@pytest.mark.parametrize("target,draft,opt", [
+    ("llama", "llama", 0),                        # the target as its own draft: all accepted
+    ("qwen3-headdim24-tied", "llama", 2),         # another model, same tokenizer
+    ("qwen3_moe-dense-middle", "llama", 0),
+])
+def test_draft_greedy_identical_to_plain_decoding(store, target, draft, opt):
+    extra = {"max_num_seqs": 16, "max_logits_rows": 64} if opt == 2 else {}
+    art = store.artifact(target, opt_level=opt, **extra)
+    prompts = mixed_prompts()
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    spec = {"method": "draft", "model": str(store.artifact(draft, max_num_tokens=16)),
+            "num_speculative_tokens": 3}
+    # the draft's 16-token budget prefills the prompts in chunks
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=24, max_num_seqs=8,
+                 speculative=spec)
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0
+    if target == draft:
+        assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"]
+    assert_clean(eng)
+    assert not eng.spec.proposer.shadows
+    assert eng.spec.proposer.bm.num_free_blocks == eng.spec.proposer.bm.num_blocks
+
+
+def test_draft_seeded_sampling_identical(store):
+    art = store.artifact("llama")
+    params = [SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.8, seed=7 + i)
+              for i in range(5)]
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), mixed_prompts(), params)
+    spec = {"method": "draft", "model": str(art), "num_speculative_tokens": 2}
+    eng = Engine(art, backend="reference", num_kv_blocks=64, speculative=spec)
+    got = run_all(eng, mixed_prompts(), params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert 0 < eng.stats()["spec_decode_num_accepted_tokens"]
+
+
+def test_draft_with_another_tokenizer_is_refused(store, tmp_path):
+    import braze
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):
+        ck = make_checkpoint("llama", tmp_path / "m", seed=3, vocab_size=128)
+    other = braze.compile(ck, tmp_path / "a", opt_level=0, targets="").root
+    spec = {"method": "draft", "model": str(other), "num_speculative_tokens": 2}
+    with pytest.raises(BrazeError, match="tokenizer differs from the target's"):
+        Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
+    spec["model"] = str(tmp_path / "missing")
+    with pytest.raises(BrazeError, match="speculative draft model"):
+        Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
