@@ -129,6 +129,9 @@ class Scheduler:
                 i += 1                  # waiting for its last token to come back
                 continue
             end = start + num_new
+            if end > real and not reserve(req.request_id, end):
+                end = real                  # no room for its guesses: drop them, preempt no one
+                num_new = end - start
             if not reserve(req.request_id, end) and not self._grow(req, num_new, out):
                 continue                # req itself was preempted; running[i] is the next one
             c = ScheduledChunk(req, num_new, start, end >= real)
