@@ -393,3 +393,44 @@ def test_draft_with_another_tokenizer_is_refused(store, tmp_path):
     spec["model"] = str(tmp_path / "missing")
     with pytest.raises(BrazeError, match="speculative draft model"):
         Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
+
+
+# ------------------------------------------------------------------ the logits rows R
+
+def test_bucket_logits_rows():
+    from braze.ir.contract import StepLimits, bucket_sizes
+    assert bucket_sizes(16, 4, 8)["R"] == 4                       # one per sequence: R = S
+    assert bucket_sizes(16, 4, 8, 12)["R"] == 12
+    assert bucket_sizes(8, 4, 8, 12)["R"] == 8                    # at most one per token
+    lim = StepLimits(max_num_seqs=4)
+    assert lim.max_logits_rows == 4 and lim.bindings()["R"] == 4
+    old = {"max_num_tokens": 64, "max_num_seqs": 4, "max_model_len": 128, "block_size": 16}
+    assert StepLimits.from_manifest({"limits": old}, "x").max_logits_rows == 4
+
+
+def test_without_speculation_the_head_keeps_one_row_per_sequence(store):
+    """An artifact with room for more logits rows costs nothing extra when not speculating:
+    each bucket's R is its S; speculating, k + 1 rows per sequence."""
+    art = store.artifact("llama", opt_level=2, max_num_seqs=16, max_logits_rows=64)
+    plain = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=8)
+    g = plain.runner.graphs
+    assert all(g.rows_for(T) == min(T, 8) for T in g.buckets)
+    assert plain.runner.static["logits_indices"].shape[0] == 8
+    spec = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=8, speculative=NGRAM)
+    assert all(spec.runner.graphs.rows_for(T) == min(T, 32) for T in g.buckets)
+    assert spec.spec.row_budget == 24
+
+
+def test_interpret_backend_launch_plans_verify(store):
+    """The compiled launch plans (Triton kernels under the interpreter), with the pruned LM
+    head sized by R: the speculating engine gives the reference engine's tokens."""
+    art = store.artifact("llama", opt_level=2, max_num_seqs=8, max_logits_rows=32,
+                         max_num_tokens=64)
+    prompts = [[1] + [5, 6, 7, 8] * 5, [1, 9, 30, 31, 9, 30, 31, 9]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = run_all(Engine(art, backend="reference", num_kv_blocks=16), prompts, params)
+    eng = Engine(art, backend="interpret", num_kv_blocks=16, buckets=[8, 64],
+                 speculative=NGRAM)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
