@@ -74,7 +74,7 @@ def cmd_compile(a) -> int:
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
             targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
             lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
-            lora_targets=a.lora_targets)
+            lora_targets=a.lora_targets, max_logits_rows=a.max_logits_rows)
     return 0
 
 
@@ -196,6 +196,13 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="schedule step N+1 while step N runs (default: on for cuda)")
     p.add_argument("--debug", action="store_true",
                    help="check on every step that captured graphs still see their buffers")
+    p.add_argument("--speculative", metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3}\' (prompt lookup; also '
+                        '"prompt_lookup_max", "prompt_lookup_min") or \'{"method": "draft", '
+                        '"model": DRAFT_ARTIFACT, "num_speculative_tokens": 3}\'; output is '
+                        'exactly what decoding without it gives. An -O2 artifact needs '
+                        '--max-logits-rows at compile time (default: off)')
     p.add_argument("--kv-offload-cpu-gb", type=_positive_float, metavar="GB",
                    help="keep KV blocks of computed prefixes in this much host memory too, and "
                         "load them back on a prefix hit the device no longer holds (default: "
@@ -222,7 +229,8 @@ def _engine_options(a):
                          async_scheduling=a.async_scheduling, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
-                         kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras)
+                         kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras,
+                         speculative=a.speculative)
 
 
 def _server_options(a):
@@ -289,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-model-len", type=_positive_int,
                    help="longest sequence, prompt + output (default: max_position_embeddings)")
     c.add_argument("--block-size", type=_positive_int, default=16, help="KV-cache block size in tokens (default 16)")
+    c.add_argument("--max-logits-rows", type=_positive_int, metavar="N",
+                   help="most rows the LM head computes in one step at -O2 (default: "
+                        "--max-num-seqs, one per sequence). Speculative decoding with k "
+                        "proposed tokens scores k + 1 rows per sequence: give "
+                        "max-num-seqs * (k + 1) to verify every sequence in every step")
     c.add_argument("--targets", default="sm_80,sm_90", metavar="sm_XY,...",
                    help="GPU architectures to compile the kernels' cubins for, comma-separated "
                         "(default sm_80,sm_90: A100 and H100/H200; '' for none, and the kernels "

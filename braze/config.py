@@ -23,6 +23,7 @@ class CompileOptions:
     lora_slots: int = 0                   # 0: no LoRA (passes/add_lora.py)
     max_lora_rank: int = 16
     lora_targets: str = "q,k,v,o,gate,up,down"
+    max_logits_rows: int | None = None    # None: max_num_seqs (ir/contract.py StepLimits)
 
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
@@ -31,6 +32,10 @@ class CompileOptions:
             if getattr(self, name) < 1:
                 raise BrazeError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
+        rows = self.max_logits_rows
+        if rows is not None and not min(self.max_num_seqs, self.max_num_tokens) <= rows:
+            raise BrazeError(f"--max-logits-rows {rows} is below --max-num-seqs "
+                             f"{self.max_num_seqs}: every sequence of a step needs its row")
         if self.block_size & (self.block_size - 1):
             raise BrazeError(f"--block-size must be a power of two, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -17,7 +17,7 @@ import operator
 from braze.ir.errors import BrazeError
 from braze.ir.token_reader import TokenReader
 
-SIZES = ("T", "S", "MB", "NB")
+SIZES = ("T", "S", "MB", "NB", "R")
 MAX_TEXT = 1024         # codegen writes expressions of a few dozen characters
 MAX_DEPTH = 32
 MAX_DIGITS = 20
@@ -49,7 +49,7 @@ def compile_expr(text):
             raise BrazeError(f"launch expression {text[:80]!r} needs size {e} and is "
                              f"evaluated at {_show_sizes(sizes)}") from None
 
-    evaluate({"T": 1, "S": 1, "MB": 1, "NB": 1})   # reject bad expressions at load, not at run
+    evaluate({"T": 1, "S": 1, "MB": 1, "NB": 1, "R": 1})   # reject bad expressions at load, not at run
     return evaluate
 
 

@@ -9,7 +9,7 @@ arguments are evaluated at each bucket's step sizes, as the runtime will resolve
 
     buf, ws       pointers into the arena, parameters, static inputs: aligned ("D")
     int           the literal
-    expr          the expression at the bucket's T, S, MB
+    expr          the expression at the bucket's T, S, MB, R
     stride        the value's stride along the dim (ir/layout.py), where it is known
                   before run time; "-" otherwise
     float         never specialised
@@ -34,7 +34,7 @@ from braze.launch import compile_expr, spec_char
 def step_sizes(options: dict) -> list[dict[str, int]]:
     """The step symbols of every default bucket the compile options give."""
     lim = StepLimits.from_options(options)
-    return [bucket_sizes(t, lim.max_num_seqs, lim.max_blocks)
+    return [bucket_sizes(t, lim.max_num_seqs, lim.max_blocks, lim.max_logits_rows)
             for t in default_buckets(lim.max_num_tokens)]
 
 
@@ -59,7 +59,7 @@ def _arg_spec(a: dict, values: dict, layouts: Layouts):
     if isinstance(stride, int):
         return spec_char(stride)
     expr = sympy.sympify(stride)
-    if not expr.free_symbols <= {SYMBOLS[k] for k in ("T", "S", "MB")}:
+    if not expr.free_symbols <= {SYMBOLS[k] for k in ("T", "S", "MB", "R")}:
         return "-"
     return ("sym", expr)
 

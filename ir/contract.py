@@ -8,7 +8,8 @@ One step of any batch (prefill and decode sequences mixed) is described by:
     query_start_loc  i32[S + 1]  offsets of each sequence's new tokens in the step
     seq_lens         i32[S]      each sequence's length after this step (cached + new)
     block_tables     i32[S, MB]  each sequence's cache blocks, in order
-    logits_indices   i64[S]      the token rows whose logits are sampled (last of each sequence)
+    logits_indices   i64[R]      the token rows whose logits are computed (the last token of
+                                 each sequence; all k + 1 rows of a speculative verification)
 
 plus one cache pair per layer, `k_cache.L` and `v_cache.L`, each
 `[NB, block_size, num_kv_heads, head_dim]` in the model dtype; or, for a layer with
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import BrazeError
-from .types import MB, NB, S, T, TensorType
+from .types import MB, NB, R, S, T, TensorType
 
 STEP_INPUTS: dict[str, TensorType] = {
     "input_ids": TensorType((T,), "i64"),
@@ -33,7 +34,7 @@ STEP_INPUTS: dict[str, TensorType] = {
     "query_start_loc": TensorType((S + 1,), "i32"),
     "seq_lens": TensorType((S,), "i32"),
     "block_tables": TensorType((S, MB), "i32"),
-    "logits_indices": TensorType((S,), "i64"),
+    "logits_indices": TensorType((R,), "i64"),
 }
 
 
@@ -76,9 +77,13 @@ def default_buckets(max_num_tokens: int) -> list[int]:
     return out + [max_num_tokens]
 
 
-def bucket_sizes(tokens: int, max_num_seqs: int, max_blocks: int) -> dict[str, int]:
-    """The step symbols of a bucket of `tokens` padded tokens: at most one sequence per token."""
-    return {"T": tokens, "S": min(tokens, max_num_seqs), "MB": max_blocks}
+def bucket_sizes(tokens: int, max_num_seqs: int, max_blocks: int,
+                 max_logits_rows: int | None = None) -> dict[str, int]:
+    """The step symbols of a bucket of `tokens` padded tokens: at most one sequence per token,
+    at most one logits row per token (R = S unless the artifact has more logits rows)."""
+    rows = max_num_seqs if max_logits_rows is None else max(max_logits_rows, max_num_seqs)
+    return {"T": tokens, "S": min(tokens, max_num_seqs), "MB": max_blocks,
+            "R": min(tokens, rows)}
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,14 @@ class StepLimits:
     max_num_seqs: int = 256             # S: sequences in one step
     max_model_len: int = 2048           # the longest sequence, prompt + output
     block_size: int = 16                # tokens per KV-cache block
+    # R: logits rows in one step (the LM head's rows after prune-logits). None: one per
+    # sequence (max_num_seqs). Speculative decoding with k proposed tokens verifies k + 1
+    # rows per sequence: max_num_seqs * (k + 1) serves every sequence at once.
+    max_logits_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_logits_rows is None:
+            object.__setattr__(self, "max_logits_rows", self.max_num_seqs)
 
     @property
     def max_blocks(self) -> int:
@@ -100,7 +113,8 @@ class StepLimits:
 
     def bindings(self) -> dict[str, int]:
         """The step symbols at their largest."""
-        return {"T": self.max_num_tokens, "S": self.max_num_seqs, "MB": self.max_blocks}
+        return {"T": self.max_num_tokens, "S": self.max_num_seqs, "MB": self.max_blocks,
+                "R": max(self.max_logits_rows, self.max_num_seqs)}
 
     @classmethod
     def from_options(cls, options: dict) -> "StepLimits":
@@ -115,6 +129,8 @@ class StepLimits:
     def from_manifest(cls, manifest: dict, where: str) -> "StepLimits":
         """The limits an artifact was compiled for, exactly as recorded: no defaults."""
         got = manifest.get("limits")
+        if isinstance(got, dict) and "max_logits_rows" not in got:
+            got = {**got, "max_logits_rows": got.get("max_num_seqs")}   # compiled before R
         if not isinstance(got, dict) or set(got) != set(cls.__dataclass_fields__) or not all(
                 isinstance(v, int) and v > 0 for v in got.values()):
             raise BrazeError(f"{where} records no valid step limits ({got!r}); recompile it "
@@ -171,5 +187,5 @@ def build_step(chunks: list[SeqChunk], block_size: int, max_blocks: int | None =
         "query_start_loc": torch.tensor(qsl, **i32),
         "seq_lens": torch.tensor(seq_lens, **i32),
         "block_tables": tables.to(device),
-        "logits_indices": torch.tensor([q - 1 for q in qsl[1:]], **i64),
+        "logits_indices": torch.tensor([q - 1 for q in qsl[1:]], **i64),   # R = S here
     }

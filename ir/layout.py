@@ -28,7 +28,8 @@ from .types import eval_dim, torch_dtype
 # reshape torch cannot express as a view of the operand's strides is the exception: it copies)
 VIEW_OPS = frozenset(name for name, opdef in all_ops().items() if opdef.view)
 
-PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41}, {"T": 4093, "S": 131, "MB": 61, "NB": 53})
+PROBES = ({"T": 1021, "S": 67, "MB": 37, "NB": 41, "R": 89},
+          {"T": 4093, "S": 131, "MB": 61, "NB": 53, "R": 211})
 
 
 def dense_strides(shape) -> list:

@@ -5,6 +5,9 @@ host; everything else is a concrete int fixed at compile time:
 
     T   tokens in the step (padded)
     S   sequences in the step
+    R   logits rows in the step (the rows the LM head computes after prune-logits: one
+        per sequence, or up to k + 1 per sequence when speculative decoding verifies k
+        proposed tokens; docs/batch-contract.md)
     NB  blocks in the paged KV cache (chosen by the runtime from free memory)
     MB  blocks per sequence in the block table (max_model_len / block_size)
 
@@ -30,7 +33,8 @@ T = sympy.Symbol("T", integer=True, positive=True)
 S = sympy.Symbol("S", integer=True, positive=True)
 NB = sympy.Symbol("NB", integer=True, positive=True)
 MB = sympy.Symbol("MB", integer=True, positive=True)
-SYMBOLS = {"T": T, "S": S, "NB": NB, "MB": MB}
+R = sympy.Symbol("R", integer=True, positive=True)
+SYMBOLS = {"T": T, "S": S, "NB": NB, "MB": MB, "R": R}
 
 Dim = Union[int, sympy.Expr]
 

@@ -35,7 +35,7 @@ Before:
     %5: f32[64*T] = reshape(%2) {shape=[-1]}
     %6: f32[64*T] = add(%4, %5)
 After (max_num_tokens=4): the same nodes, and
-    meta {memory={"arena_bytes": 3072, "alignment": 256, "bindings": {"T": 4, "S": 256, "MB": 128},
+    meta {memory={"arena_bytes": 3072, "alignment": 256, "bindings": {"T": 4, "S": 256, "MB": 128, "R": 256},
           "buffers": {"0": [0, 1024], "1": [1024, 1024], "2": [0, 1024], "4": [2048, 1024]},
           "aliases": {"3": "%1", "5": "%2"}, "returned": ["6"]}}
 (on one line; %2 reuses %0's bytes, %1 stays live through its view %3.)

@@ -1,13 +1,14 @@
 """prune-logits: the LM head runs only on the rows that are sampled.
 
-A step computes hidden states for every token [T, H], but only each sequence's
-last new token is sampled (`logits_indices: i64[S]`, see docs/batch-contract.md).
-Gathering those rows before the LM head turns a [T, H] x [H, V] GEMM into an
-[S, H] one; in a long prefill that is most of the head's work and memory.
+A step computes hidden states for every token [T, H], but only the rows of
+`logits_indices: i64[R]` are sampled (each sequence's last new token; k + 1 rows of a
+sequence verifying k speculative tokens; see docs/batch-contract.md). Gathering those
+rows before the LM head turns a [T, H] x [H, V] GEMM into an [R, H] one; in a long
+prefill that is most of the head's work and memory.
 
 The gather also moves above the row-wise ops that feed the head (the final
 RMSNorm, and the last residual add when nothing else reads it), so they too
-run on S rows instead of T. An op is row-wise when output row i depends only
+run on R rows instead of T. An op is row-wise when output row i depends only
 on input row i: pointwise ops whose operands are row-aligned ([T, ...]) or
 broadcast along rows (params, [1, ...], lower rank), reductions over dims
 other than 0, and fuse-norm's `rms_norm` and `add_rms_norm` (over a last dim
@@ -15,7 +16,7 @@ that is not the token dim). Only ops whose results nothing else reads move
 (else they would be computed twice), and only when their readers take them
 row by row; each row-aligned value feeding them from outside gets its own gather.
 After fuse-norm the tail is `add_rms_norm(%res, %mlp_out, @model.norm.weight)`,
-which moves the same way (two gathers, then the fused op on S rows).
+which moves the same way (two gathers, then the fused op on R rows).
 
 Before:
     %103: f32[T, 64] = add(%89, %102)
@@ -30,26 +31,26 @@ Before:
     %112: f32[T, 256] = linear(%111, @lm_head.weight)
     return logits=%112
 After:
-    %113: f32[S, 64] = index_select(%89, %logits_indices) {dim=0}
-    %114: f32[S, 64] = index_select(%102, %logits_indices) {dim=0}
-    %115: f32[S, 64] = add(%113, %114)
-    %116: f32[S, 64] = cast(%115) {dtype="f32"}
-    %117: f32[S, 64] = pow(%116) {scalar=2}
-    %118: f32[S, 1] = mean(%117) {dims=[-1], keepdim=true}
-    %119: f32[S, 1] = add(%118) {scalar=1e-06}
-    %120: f32[S, 1] = rsqrt(%119)
-    %121: f32[S, 64] = mul(%116, %120)
-    %122: f32[S, 64] = cast(%121) {dtype="f32"}
-    %123: f32[S, 64] = mul(@model.norm.weight, %122)
-    %124: f32[S, 256] = linear(%123, @lm_head.weight)
+    %113: f32[R, 64] = index_select(%89, %logits_indices) {dim=0}
+    %114: f32[R, 64] = index_select(%102, %logits_indices) {dim=0}
+    %115: f32[R, 64] = add(%113, %114)
+    %116: f32[R, 64] = cast(%115) {dtype="f32"}
+    %117: f32[R, 64] = pow(%116) {scalar=2}
+    %118: f32[R, 1] = mean(%117) {dims=[-1], keepdim=true}
+    %119: f32[R, 1] = add(%118) {scalar=1e-06}
+    %120: f32[R, 1] = rsqrt(%119)
+    %121: f32[R, 64] = mul(%116, %120)
+    %122: f32[R, 64] = cast(%121) {dtype="f32"}
+    %123: f32[R, 64] = mul(@model.norm.weight, %122)
+    %124: f32[R, 256] = linear(%123, @lm_head.weight)
     meta {logits="pruned"}
     return logits=%124
 
 Row-wise ops between the head and the `logits` output (Gemma's final soft-cap,
-`mul(tanh(div(linear(..), 30)), 30)`) run after the pruned head, on its S rows.
+`mul(tanh(div(linear(..), 30)), 30)`) run after the pruned head, on its R rows.
 
 The graph records `meta {logits="pruned"}`: its `logits` output holds one row
-per sequence, not per token. Refused (graph unchanged): no `logits` output, no
+per logits index (R), not per token. Refused (graph unchanged): no `logits` output, no
 `logits_indices` input, `logits` not a linear over [T, H] rows, or the logits
 read by something else in the graph.
 """
@@ -173,7 +174,7 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
         return 0
 
     region = _hoistable(g, head)
-    new: dict[Value, Value] = {}        # old [T, ...] value -> its [S, ...] rows
+    new: dict[Value, Value] = {}        # old [T, ...] value -> its [R, ...] rows
 
     def rows(v: Value) -> Value:
         if v not in new:                # from outside the moved ops: gather it
@@ -187,7 +188,7 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
             new.update(zip(node.results, clone.results))
         pruned = g.op("linear", rows(h), *head.operands[1:])
         new[head.results[0]] = pruned
-        for node in tail:              # soft-capping etc. after the head, on S rows too
+        for node in tail:              # soft-capping etc. after the head, on R rows too
             operands = [new.get(v, v) for v in node.operands]
             pruned = g.add_node(node.op, operands, dict(node.attrs)).results[0]
             new[node.results[0]] = pruned

@@ -292,6 +292,26 @@ class BlockManager:
                 else:
                     self._plain_free.append(b)
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Shrink a running sequence to its first `num_tokens` tokens, freeing the blocks
+        past them: the slots of speculative tokens the verification rejected. Blocks
+        already in the prefix cache are never cut (they hold computed tokens)."""
+        seq = self._seq(seq_id)
+        if not seq.registered * self.block_size <= num_tokens <= seq.num_tokens:
+            raise BrazeError(f"sequence {seq_id!r}: cannot truncate to {num_tokens} tokens "
+                             f"(it holds {seq.num_tokens}, {seq.registered} blocks cached)")
+        keep = self._blocks_for(num_tokens)
+        for b in reversed(seq.table[keep:]):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._block_hash:
+                    self._cached_free[b] = None
+                else:
+                    self._plain_free.append(b)
+        del seq.table[keep:]
+        del seq.hashes[keep:]
+        seq.num_tokens = num_tokens
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash: cached free blocks become plain free blocks, and
         blocks in use will not be cached when freed."""

@@ -32,6 +32,7 @@ from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
 from .sampler import SamplingParams, bias_entries
 from .scheduler import Scheduler
+from .speculative import make_speculator
 from .tokenizer import Tokenizer
 
 
@@ -83,6 +84,7 @@ class Engine(EngineLoRA):
                                  else bool(opts.async_scheduling))
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "requests_finished": 0, "steps": 0}
+        self.spec = make_speculator(opts, self)     # None unless opts.speculative
         if opts.freeze_gc:
             freeze_gc_now()
 
@@ -285,6 +287,8 @@ class Engine(EngineLoRA):
             # a grammar's next mask needs the token still in flight: no overlap this step
             while self._in_flight:
                 outputs.extend(self._apply(*self._in_flight.pop(0)))
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.remove(req)
@@ -322,6 +326,10 @@ class Engine(EngineLoRA):
         their requests (dropped for requests that finished meanwhile), stops are checked."""
         tokens = result.tokens()
         logprobs = result.logprobs()
+        chunks = sched.chunks
+        if sched.num_draft:     # a row per scored position: accept the guesses that held
+            chunks, tokens, logprobs = self.spec.accept(sched, tokens, logprobs,
+                                                        self.block_manager, self.runner.batch)
         for ci, first, entries in result.prompt_logprobs():
             req = sched.chunks[ci].request
             want = req.params.prompt_logprobs
@@ -336,7 +344,7 @@ class Engine(EngineLoRA):
         outputs = []
         n = 0
         finished = Status.FINISHED
-        for i, (c, token) in enumerate(zip(sched.chunks, tokens)):   # per request: keep it lean
+        for i, (c, token) in enumerate(zip(chunks, tokens)):   # per request: keep it lean
             if not c.samples:
                 continue
             req = c.request
@@ -396,6 +404,8 @@ class Engine(EngineLoRA):
 
     def _finish(self, req: Request, reason: str) -> None:
         self.runner.remove(req)          # its persistent-batch row
+        if self.spec is not None:
+            self.spec.forget(req)
         self.scheduler.remove(req)       # its KV blocks
         self._unbind_lora(req)
         if self.offload is not None:
@@ -450,6 +460,7 @@ class Engine(EngineLoRA):
             "max_num_tokens": self.runner.max_num_tokens,
             "max_model_len": self.max_model_len,
             **self._counters,
+            **(self.spec.stats() if self.spec is not None else {}),
             **({f"kv_offload_{k}": v for k, v in self.offload.stats().items()}
                if self.offload is not None else {}),
             **(self.lora.stats if self.lora is not None else {}),

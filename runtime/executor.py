@@ -62,8 +62,9 @@ class Executor:
             raise BrazeError(f"artifact {artifact.root}: its KV-cache inputs hold "
                              f"{self.cache.block_size}-token blocks, its manifest says "
                              f"{limits.block_size}; recompile it")
-        # after prune-logits the graph computes logits only for the sampled rows ([S, vocab])
-        self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "S"
+        # after prune-logits the graph computes logits only for the sampled rows ([R, vocab];
+        # [S, vocab] in artifacts compiled before the contract had R)
+        self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) in ("R", "S")
 
     def kernel_stats(self) -> dict:
         """How this executor's kernels run: `kernels_cubin`, `kernels_cubin_less_specialised`

@@ -29,7 +29,8 @@ piecewise -> "graph" runs cut at every break op; full -> one "graph" run.
 
 The caller writes the step into the static buffers and pads it (input_ids 0,
 positions 0, slot_mapping -1 up to T_pad; query_start_loc[S+1 : S_pad+1] = T,
-seq_lens 0 and logits_indices 0 for the padded sequences): `write_step` does
+seq_lens 0 for the padded sequences, logits_indices 0 for the padded logits rows up to
+R_pad = min(T_pad, max logits rows)): `write_step` does
 that from an unpadded batch-contract dict (ir/contract.py build_step).
 """
 
@@ -55,7 +56,7 @@ STEP_INPUTS = tuple(CONTRACT)          # the batch contract's step inputs, by na
 PADDING = {"slot_mapping": -1, "lora_slots": -1}
 LORA_SLOTS = "lora_slots"              # the LoRA step input (passes/add_lora.py), when present
 _TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
-_SEQ_ROWS = ("seq_lens", "block_tables", "logits_indices")
+_SEQ_ROWS = ("seq_lens", "block_tables")
 
 
 def validate_buckets(buckets, max_num_tokens: int) -> list[int]:
@@ -79,9 +80,11 @@ def validate_buckets(buckets, max_num_tokens: int) -> list[int]:
     return sorted(out)
 
 
-def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int) -> None:
-    """Pad a step written into the static rows [0, n) (tokens) and [0, s) (sequences) out
-    to its bucket (T, S): padding tokens write no cache slot, padded sequences are empty."""
+def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int,
+             r: int | None = None, R: int | None = None) -> None:
+    """Pad a step written into the static rows [0, n) (tokens), [0, s) (sequences) and
+    [0, r) (logits rows, default s) out to its bucket (T, S, R): padding tokens write no
+    cache slot, padded sequences are empty, padded logits rows read token 0."""
     if T > n:
         for name in ("input_ids", "positions", "slot_mapping"):
             static[name][n:T] = PADDING.get(name, 0)
@@ -90,7 +93,9 @@ def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int) ->
     if S > s:
         static["query_start_loc"][s + 1:S + 1] = n
         static["seq_lens"][s:S] = 0
-        static["logits_indices"][s:S] = 0
+    r, R = (s, S) if r is None else (r, R)
+    if R > r:
+        static["logits_indices"][r:R] = 0
 
 
 def segments_for(graph, mode: str) -> list[tuple[str, int, int]]:
@@ -143,12 +148,15 @@ class GraphRunner:
         if self.max_num_seqs < 1:
             raise BrazeError(f"max_num_seqs must be positive, got {max_num_seqs}")
         self.max_blocks = int(static["block_tables"].shape[1])
+        # R: logits rows per step (one per sequence unless the buffers hold more)
+        self.max_logits_rows = max(int(static["logits_indices"].shape[0]), self.max_num_seqs)
         self._check_static()
         plan = getattr(executor, "plan", None)
         if plan is not None:
             lim = plan.max_sizes
             for what, have, cap, flag in (("max_num_tokens", self.max_num_tokens, lim["T"], "--max-num-tokens"),
                                           ("max_num_seqs", self.max_num_seqs, lim["S"], "--max-num-seqs"),
+                                          ("logits rows", self.rows_for(self.max_num_tokens), lim.get("R", lim["S"]), "--max-logits-rows"),
                                           ("block table width", self.max_blocks, lim["MB"], "--max-model-len")):
                 if have > cap:
                     raise BrazeError(f"{what} {have} exceeds the {cap} the artifact's buffers were "
@@ -180,7 +188,7 @@ class GraphRunner:
     def _check_static(self) -> None:
         st, T, S = self.static, self.max_num_tokens, self.max_num_seqs
         want = {"input_ids": T, "positions": T, "slot_mapping": T, "query_start_loc": S + 1,
-                "seq_lens": S, "block_tables": S, "logits_indices": S}
+                "seq_lens": S, "block_tables": S, "logits_indices": min(S, T)}
         for name, n in want.items():
             if st[name].shape[0] < n:
                 raise BrazeError(f"static buffer {name} has {st[name].shape[0]} rows, needs {n} "
@@ -208,8 +216,12 @@ class GraphRunner:
         T = self.buckets[i]
         return T, min(T, self.max_num_seqs)
 
+    def rows_for(self, T: int) -> int:
+        """R_pad: the logits rows of the bucket of T padded tokens."""
+        return min(T, self.max_logits_rows)
+
     def _sizes(self, T: int) -> dict:
-        sizes = bucket_sizes(T, self.max_num_seqs, self.max_blocks)
+        sizes = bucket_sizes(T, self.max_num_seqs, self.max_blocks, self.max_logits_rows)
         cache = self.executor.cache.tensors
         if cache:
             sizes["NB"] = int(next(iter(cache.values())).shape[0])
@@ -222,6 +234,7 @@ class GraphRunner:
         v["query_start_loc"] = st["query_start_loc"][:S + 1]
         if LORA_SLOTS in st:
             v[LORA_SLOTS] = st[LORA_SLOTS][:T]
+        v["logits_indices"] = st["logits_indices"][:self.rows_for(T)]
         return v
 
     # -- writing a step -----------------------------------------------------------------
@@ -246,7 +259,11 @@ class GraphRunner:
                 st[LORA_SLOTS][:n].fill_(-1)
             else:
                 st[LORA_SLOTS][:n].copy_(lora)
-        pad_step(st, n, s, T, S)
+        r = int(inputs["logits_indices"].shape[0])
+        if r > self.rows_for(T):
+            raise BrazeError(f"step has {r} logits rows; its bucket of {T} tokens holds "
+                             f"{self.rows_for(T)} (max logits rows {self.max_logits_rows})")
+        pad_step(st, n, s, T, S, r, self.rows_for(T))
         return n, s
 
     def _write_dummy_step(self) -> None:

@@ -27,10 +27,14 @@ from .scheduler import ScheduledChunk
 
 I64, I32 = torch.int64, torch.int32
 
-def static_buffers(max_num_tokens: int, max_num_seqs: int, max_blocks: int, device) -> dict:
+def static_buffers(max_num_tokens: int, max_num_seqs: int, max_blocks: int, device,
+                   max_logits_rows: int | None = None) -> dict:
     """The persistent step-input buffers of the batch contract, sized for the largest step
-    and filled with padding; never reallocated."""
-    sizes = {"T": max_num_tokens, "S": max_num_seqs, "MB": max_blocks}
+    and filled with padding; never reallocated. `max_logits_rows` (R, default one per
+    sequence) sizes `logits_indices`."""
+    rows = max_num_seqs if max_logits_rows is None else max(max_logits_rows, max_num_seqs)
+    sizes = {"T": max_num_tokens, "S": max_num_seqs, "MB": max_blocks,
+             "R": min(rows, max_num_tokens)}
     return {name: torch.full(t.concrete_shape(sizes), PADDING.get(name, 0),
                              dtype=torch_dtype(t.dtype), device=device)
             for name, t in STEP_INPUTS.items()}
@@ -100,6 +104,11 @@ class PersistentBatch:
             self._pending_lora = [(r, v) for r, v in self._pending_lora if r != req.row]
             req.row = None
 
+    def rollback_blocks(self, row: int, table_len: int) -> None:
+        """The row's sequence now holds `table_len` blocks (speculative slots given back):
+        entries past them are sent again once the sequence has new blocks there."""
+        self._blocks_sent[row] = min(self._blocks_sent[row], table_len)
+
     # ---------------------------------------------------------------- deltas
 
     def _send_deltas(self, chunks: list[ScheduledChunk], block_manager) -> None:
@@ -150,10 +159,15 @@ class PersistentBatch:
     # ---------------------------------------------------------------- a step
 
     def prepare(self, chunks: list[ScheduledChunk], block_manager, num_tokens_padded: int,
-                num_seqs_padded: int) -> dict[str, torch.Tensor]:
+                num_seqs_padded: int, rows_padded: int | None = None,
+                drafted: bool = False) -> dict[str, torch.Tensor]:
         """Write this step's inputs into the static buffers (padded to the bucket); returns
-        the per-sequence vectors the sampler needs (rows, seq_lens, samples)."""
+        the per-logits-row vectors the sampler needs (rows, seq_lens, samples). A step
+        with speculative tokens (`drafted`) has 1 + num_draft logits rows per chunk."""
         self._send_deltas(chunks, block_manager)
+        if drafted:
+            return self._prepare_drafted(chunks, num_tokens_padded, num_seqs_padded,
+                                         rows_padded)
         num_new = [c.num_new for c in chunks]
         samples = [c.samples for c in chunks]
         S, T = len(chunks), sum(num_new)
@@ -180,8 +194,52 @@ class PersistentBatch:
         st["logits_indices"][:S] = ends - 1
         if self.lora:
             st["lora_slots"][:T] = self.lora_slot[r]
-        pad_step(st, T, S, num_tokens_padded, num_seqs_padded)   # query_start_loc[0] stays 0
+        pad_step(st, T, S, num_tokens_padded, num_seqs_padded, S,
+                 rows_padded or num_seqs_padded)   # query_start_loc[0] stays 0
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
+
+    def _prepare_drafted(self, chunks: list[ScheduledChunk], Tp: int, Sp: int,
+                         Rp: int) -> dict[str, torch.Tensor]:
+        """A verification step: each chunk's proposals go into its row of `token_ids` after
+        its last token, and every position from that token on gets a logits row (the
+        target's choice after each prefix of the proposals)."""
+        rows, cols, vals = [], [], []
+        for c in chunks:
+            if c.num_draft:
+                real = c.start + c.num_new - c.num_draft
+                rows.extend([c.request.row] * c.num_draft)
+                cols.extend(range(real, real + c.num_draft))
+                vals.extend(c.request.draft_token_ids[:c.num_draft])
+        self._put(self.token_ids, rows, cols, vals)
+        num_new = [c.num_new for c in chunks]
+        nrows = [1 + c.num_draft for c in chunks]
+        S, T, R = len(chunks), sum(num_new), sum(nrows)
+        meta = self._upload(_host_i64([[c.request.row for c in chunks], num_new,
+                                       [c.start for c in chunks], [c.samples for c in chunks],
+                                       nrows]))
+        rows, num_new, start, samples, nrows = meta[0], meta[1], meta[2], meta[3], meta[4]
+        ends = torch.cumsum(num_new, 0)
+        seq_of = torch.repeat_interleave(self._arange[:S], num_new, output_size=T)
+        pos = start[seq_of] + self._arange[:T] - (ends - num_new)[seq_of]
+        r = rows[seq_of]
+        st = self.static
+        st["input_ids"][:T] = self.token_ids[r, pos]
+        st["positions"][:T] = pos
+        bs = self.block_size
+        st["slot_mapping"][:T] = self.block_table[r, pos // bs].to(I64) * bs + pos % bs
+        st["query_start_loc"][1:S + 1] = ends
+        st["seq_lens"][:S] = start + num_new
+        st["block_tables"][:S] = self.block_table[rows]
+        row_ends = torch.cumsum(nrows, 0)
+        chunk_of = torch.repeat_interleave(self._arange[:S], nrows, output_size=R)
+        index = (ends - nrows)[chunk_of] + self._arange[:R] - (row_ends - nrows)[chunk_of]
+        st["logits_indices"][:R] = index
+        if self.lora:
+            st["lora_slots"][:T] = self.lora_slot[r]
+        pad_step(st, T, S, Tp, Sp, R, Rp)
+        # each logits row draws the token after its position: the sequence then holds pos + 1
+        return {"rows": rows[chunk_of], "seq_lens": pos[index] + 1,
+                "samples": samples[chunk_of], "num_rows": R}
 
     def write_sampled(self, rows: torch.Tensor, seq_lens: torch.Tensor,
                       samples: torch.Tensor | None, tokens: torch.Tensor) -> None:

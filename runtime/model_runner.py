@@ -33,8 +33,10 @@ class ModelRunner:
         self.device = ex.device
         self.block_size = ex.block_size
         self.max_blocks = ex.max_blocks
+        self.max_logits_rows = logits_rows(options, ex.logits_pruned, limits,
+                                           self.max_num_seqs, self.max_num_tokens)
         self.static = static_buffers(self.max_num_tokens, self.max_num_seqs, self.max_blocks,
-                                     self.device)
+                                     self.device, self.max_logits_rows)
         if ex.lora_pools:       # a LoRA artifact's extra step input: each token's adapter slot
             self.static["lora_slots"] = torch.full((self.max_num_tokens,), -1,
                                                    dtype=torch.int32, device=self.device)
@@ -76,17 +78,23 @@ class ModelRunner:
         self.batch.remove(req)
 
     def execute(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool) -> "StepResult":
-        """Launch one step; its result holds one token per chunk (meaningful where
-        `chunk.samples`). On a GPU this returns before the step has run."""
+        """Launch one step; its result holds one token per logits row: one per chunk
+        (meaningful where `chunk.samples`), 1 + num_draft for a chunk verifying speculative
+        tokens. On a GPU this returns before the step has run."""
         T = sum(c.num_new for c in chunks)
         S = len(chunks)
         Tp, Sp = self.graphs.bucket_for(T, S)
-        meta = self.batch.prepare(chunks, block_manager, Tp, Sp)
+        drafted = not decode_only and any(c.num_draft for c in chunks)
+        meta = self.batch.prepare(chunks, block_manager, Tp, Sp, self.graphs.rows_for(Tp),
+                                  drafted)
         logits = self.graphs.run(T, S, decode_only)
         prompt_lp = None
         if not self.executor.logits_pruned and any(
                 c.request.params.prompt_logprobs is not None for c in chunks):
             prompt_lp = prompt_logprobs(logits, chunks)
+        if drafted:       # one logits row per scored position: the chunks as the rows see them
+            S = meta["num_rows"]
+            chunks = [c for c in chunks for _ in range(1 + c.num_draft)]
         if self.executor.logits_pruned:
             logits = logits[:S]
         else:
@@ -173,6 +181,27 @@ def prompt_logprobs(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> tuple
     dev = logits.device
     sel = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(dev))
     return where, compute_logprobs(sel, torch.tensor(targets, dtype=torch.int64).to(dev), k)
+
+
+def logits_rows(options: EngineOptions, pruned: bool, limits, max_num_seqs: int,
+                max_num_tokens: int) -> int:
+    """R: the most logits rows a step computes. One per sequence, as without speculation;
+    speculating with k tokens wants k + 1 per sequence, as many as the artifact's LM head
+    holds when it is pruned to `logits_indices` (-O2, --max-logits-rows)."""
+    spec = options.speculative
+    if spec is None:
+        return max_num_seqs
+    want = min(max_num_tokens, max_num_seqs * (1 + spec.num_speculative_tokens))
+    if not pruned:
+        return want          # every token has its logits row; logits_indices picks them
+    have = min(want, limits.max_logits_rows, max_num_tokens)
+    if have <= max_num_seqs:
+        raise BrazeError(
+            f"speculative decoding scores up to {1 + spec.num_speculative_tokens} logits rows "
+            f"per sequence, and this -O2 artifact's LM head computes {limits.max_logits_rows} "
+            f"rows per step for {max_num_seqs} sequences: recompile with --max-logits-rows "
+            f"{want}, or run with fewer --max-num-seqs")
+    return have
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ class EngineOptions:
     kv_offload_s3: str | None = None
     # LoRA (runtime/lora.py): adapters kept parsed in host memory (None: the artifact's slots)
     max_cpu_loras: int | None = None
+    # speculative decoding (runtime/speculative.py): {"method": "ngram" | "draft",
+    # "num_speculative_tokens": k, ...}, its JSON text, or a SpeculativeConfig
+    speculative: object = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -53,6 +56,9 @@ class EngineOptions:
         if self.kv_offload_dir and self.kv_offload_s3:
             raise BrazeError("choose one lower KV tier: kv_offload_dir or kv_offload_s3, "
                              "not both")
+        if self.speculative is not None:
+            from .speculative import SpeculativeConfig
+            self.speculative = SpeculativeConfig.of(self.speculative)
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")

@@ -87,6 +87,7 @@ class PlanExecutor:
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0],
+                 "R": feeds["logits_indices"].shape[0],
                  "MB": feeds["block_tables"].shape[1]}
         env = dict(self.params)
         for k, v in feeds.items():

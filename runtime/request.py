@@ -159,7 +159,8 @@ class Request:
                  "status", "num_computed", "row", "metrics", "detok", "finish_reason",
                  "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending",
                  "kv_policy", "grammar", "matcher", "bias", "logprobs", "cumulative_logprob",
-                 "group", "prompt_logprobs", "bad_sequences", "lora", "lora_slot", "kv_salt")
+                 "group", "prompt_logprobs", "bad_sequences", "lora", "lora_slot", "kv_salt",
+                 "draft_token_ids")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -195,6 +196,9 @@ class Request:
         self.lora = None                      # its LoRA adapter's name (runtime/lora.py)
         self.lora_slot = None                 # the device slot it holds while running
         self.kv_salt = None                   # keys its KV blocks apart (the adapter's)
+        # speculative proposals to verify after its last token in the next step
+        # (runtime/speculative.py); empty when not speculating
+        self.draft_token_ids: list[int] = []
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids))
 

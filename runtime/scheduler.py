@@ -40,9 +40,11 @@ from .request import Request, Status
 class ScheduledChunk:
     """`num_new` tokens of `request` run this step, from position `start` (its tokens
     already in the cache). `samples`: the chunk reaches the request's last token, so the
-    step samples for it. `epoch`: the request's preemption count when scheduled."""
+    step samples for it. `epoch`: the request's preemption count when scheduled.
+    `num_draft`: how many of the new tokens are speculative proposals after the request's
+    last token (runtime/speculative.py); the step scores each of them too."""
 
-    __slots__ = ("request", "num_new", "start", "samples", "epoch")
+    __slots__ = ("request", "num_new", "start", "samples", "epoch", "num_draft")
 
     def __init__(self, request: Request, num_new: int, start: int, samples: bool | None = None):
         self.request = request
@@ -50,6 +52,7 @@ class ScheduledChunk:
         self.start = start
         self.samples = start + num_new == request.num_tokens if samples is None else samples
         self.epoch = request.metrics.num_preemptions
+        self.num_draft = 0
 
 
 @dataclass
@@ -61,6 +64,8 @@ class SchedulerOutput:
     fills: list[ScheduledChunk] = field(default_factory=list)
     # waiting requests passed over because their KV is being staged from a lower tier
     staging: int = 0
+    # speculative tokens scheduled for verification (ScheduledChunk.num_draft, summed)
+    num_draft: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -121,15 +126,22 @@ class Scheduler:
         while i < len(running) and budget > 0:      # the decode hot path: keep it lean
             req = running[i]
             start = req.num_computed
-            total = len(req.all_token_ids) + req.num_pending     # req.num_tokens, inlined
+            real = len(req.all_token_ids) + req.num_pending      # req.num_tokens, inlined
+            total = real + len(req.draft_token_ids)      # speculative proposals after it
             num_new = total - start if total - start < budget else budget
             if num_new <= 0 or (req.num_pending and req.reaches_limit):
                 i += 1                  # waiting for its last token to come back
                 continue
             end = start + num_new
+            if end > real and not reserve(req.request_id, end):
+                end = real                  # no room for its guesses: drop them, preempt no one
+                num_new = end - start
             if not reserve(req.request_id, end) and not self._grow(req, num_new, out):
                 continue                # req itself was preempted; running[i] is the next one
-            c = ScheduledChunk(req, num_new, start, end == total)
+            c = ScheduledChunk(req, num_new, start, end >= real)
+            if end > real:
+                c.num_draft = end - real
+                out.num_draft += end - real
             chunks.append(c)
             if end // bs != start // bs:
                 fills.append(c)

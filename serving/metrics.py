@@ -119,6 +119,8 @@ class Metrics:
                 for k in ("cubin", "cubin_less_specialised", "jit")]
         if snap.get("kv_offload_lower_tier", "absent") != "absent":
             out += _offload_metrics(snap)
+        if "spec_decode_method" in snap:
+            out += _spec_decode_metrics(snap)
         one("braze_requests_rejected_total", "counter",
             "Requests refused with 503 (queue full, draining or engine down).", self.rejected)
         out += ["# HELP braze_requests_total Finished requests by finish reason.",
@@ -127,6 +129,32 @@ class Metrics:
         for h in (self.ttft, self.tpot, self.latency, self.queue_time):
             out += h.render()
         return "\n".join(out) + "\n"
+
+
+def _spec_decode_metrics(snap: dict) -> list[str]:
+    """Speculative decoding (runtime/speculative.py): proposals verified, accepted, and the
+    acceptance of each guess position."""
+    g = lambda k: _num(snap.get("spec_decode_" + k, 0))      # noqa: E731
+    out = []
+    for name, kind, key, help in (
+            ("num_drafts_total", "counter", "num_drafts",
+             "Verifications of speculative proposals (one per request and step that proposed)."),
+            ("num_draft_tokens_total", "counter", "num_draft_tokens",
+             "Speculative tokens proposed and scored by the target model."),
+            ("num_accepted_tokens_total", "counter", "num_accepted_tokens",
+             "Speculative tokens the target model accepted."),
+            ("acceptance_rate", "gauge", "acceptance_rate",
+             "Accepted over proposed speculative tokens (0 to 1)."),
+            ("mean_acceptance_length", "gauge", "mean_acceptance_length",
+             "Tokens per verification: accepted proposals plus the target's own token.")):
+        out += [f"# HELP braze_spec_decode_{name} {help}",
+                f"# TYPE braze_spec_decode_{name} {kind}", f"braze_spec_decode_{name} {g(key)}"]
+    out += ["# HELP braze_spec_decode_num_accepted_tokens_per_pos_total Accepted speculative "
+            "tokens by position in the proposal (0: the first guess).",
+            "# TYPE braze_spec_decode_num_accepted_tokens_per_pos_total counter"]
+    out += [f'braze_spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}} {_num(n)}'
+            for j, n in enumerate(snap.get("spec_decode_accepted_per_position") or [])]
+    return out
 
 
 def _offload_metrics(snap: dict) -> list[str]:

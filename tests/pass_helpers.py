@@ -127,8 +127,11 @@ def o2_model_graph(family: str, tmp_dir, seed: int = 1, dtype: str | None = None
 
 
 def step_sizes(feeds: dict) -> dict[str, int]:
-    """The T and S a step's feeds bind."""
-    return {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
+    """The T, S and R (logits rows, when the feeds have them) a step's feeds bind."""
+    sizes = {"T": feeds["input_ids"].shape[0], "S": feeds["seq_lens"].shape[0]}
+    if "logits_indices" in feeds:
+        sizes["R"] = feeds["logits_indices"].shape[0]
+    return sizes
 
 
 def model_step_feeds(g: Graph, prompts=((1, 17, 93, 4, 250, 66, 7), (5, 9, 33)), num_blocks: int = 8,

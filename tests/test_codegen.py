@@ -41,8 +41,9 @@ def test_step_limits_are_recorded_once_and_planned_for(store):
     art = open_artifact(store.artifact("llama", opt_level=2, max_num_tokens=40, max_num_seqs=6,
                                        max_model_len=72, block_size=8))
     assert art.manifest["limits"] == {"max_num_tokens": 40, "max_num_seqs": 6,
-                                      "max_model_len": 72, "block_size": 8}
-    assert art.graph.meta["memory"]["bindings"] == {"T": 40, "S": 6, "MB": 9}
+                                      "max_model_len": 72, "block_size": 8,
+                                      "max_logits_rows": 6}     # R: one row per sequence
+    assert art.graph.meta["memory"]["bindings"] == {"T": 40, "S": 6, "MB": 9, "R": 6}
     assert art.limits.bindings() == art.graph.meta["memory"]["bindings"]
 
 
@@ -58,7 +59,7 @@ def test_plan_is_complete_and_well_formed(store, case):
             if "kernel" in launch:
                 assert launch["kernel"] in m["kernels"]
                 for g in launch["grid"]:
-                    compile_expr(g)({"T": 5, "S": 2, "MB": 4})
+                    compile_expr(g)({"T": 5, "S": 2, "MB": 4, "R": 2})
     extern_by_design = {name for name, opdef in all_ops().items() if opdef.extern}
     assert set(plan["extern_ops"]) - extern_by_design <= {"cat", "index_select"}, plan["extern_ops"]
 

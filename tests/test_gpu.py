@@ -127,3 +127,24 @@ def test_kv_offload_on_cuda_equals_everything_on_the_device(store, tmp_path):
             print(name, {k: v for k, v in s.items() if k.startswith("kv_offload_")})
             assert s["kv_offload_load_blocks_host"] + s["kv_offload_load_blocks_lower"] >= 4
     assert runs["host"] == runs["device"] and runs["disk"] == runs["device"]
+
+
+def test_cuda_speculative_ngram_equals_plain_decoding(store):
+    """Verification steps replay the piecewise CUDA graphs of their bucket (R logits rows),
+    decode-only steps the full ones: the speculating engine's greedy tokens are the plain
+    engine's (float32, so that a verification's attention order cannot flip a near tie)."""
+    from braze.runtime.engine import Engine
+    from braze.runtime.sampler import SamplingParams
+    from conftest import run_all
+    art = store.artifact("llama", opt_level=2, targets="sm_80,sm_90", max_num_seqs=16,
+                         max_logits_rows=64, cudagraph_mode="full")
+    prompts = [[1] + [5, 6, 7, 8, 9] * 6, [1, 40, 41, 42] * 4, PROMPT]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    plain = run_all(Engine(art, backend="cuda", num_kv_blocks=64), prompts, params)
+    eng = Engine(art, backend="cuda", num_kv_blocks=64,
+                 speculative={"method": "ngram", "num_speculative_tokens": 3})
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0 and s["cuda_graphs_captured"] > 0
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]

@@ -138,7 +138,7 @@ def test_text_reuse_and_aliases():
     """
     out = opt_text(src, "plan-memory", max_num_tokens=4)
     meta = ('meta {memory={"arena_bytes": 3072, "alignment": 256, "bindings": {"T": 4, "S": 256, '
-            '"MB": 128}, "buffers": {"0": [0, 1024], "1": [1024, 1024], "2": [0, 1024], '
+            '"MB": 128, "R": 256}, "buffers": {"0": [0, 1024], "1": [1024, 1024], "2": [0, 1024], '
             '"4": [2048, 1024]}, "aliases": {"3": "%1", "5": "%2"}, "returned": ["6"]}}')
     lines = src.strip().splitlines()
     assert same_text(out, "\n".join(lines[:-2] + [meta] + lines[-2:]))
@@ -164,7 +164,7 @@ def test_text_copies_views_of_params_outputs_and_bindings():
     """
     g = parse_graph(src.replace("    ", ""))
     mem = plan_of(g, max_num_tokens=8, max_num_seqs=2)
-    assert mem["bindings"] == {"T": 8, "S": 2, "MB": 128}
+    assert mem["bindings"] == {"T": 8, "S": 2, "MB": 128, "R": 2}
     # the unsqueeze of a param and the permute are views; a reshape of a permuted value is a copy
     assert mem["aliases"] == {"0": "@w", "2": "%1", "8": "%7"}
     assert mem["buffers"] == {"1": [0, 128], "3": [256, 128], "5": [512, 32]}
@@ -244,7 +244,7 @@ def test_defaults_and_meta_round_trip():
     g = parse_graph("graph @g(%x: f32[T, 2]) {\n  %0: f32[T, 2] = neg(%x)\n  %1: f32[T, 2] = neg(%0)\n"
                     "  return out=%1\n}\n")
     mem = plan_of(g)
-    assert mem["bindings"] == {"T": 8192, "S": 256, "MB": 128}
+    assert mem["bindings"] == {"T": 8192, "S": 256, "MB": 128, "R": 256}
     assert mem["buffers"] == {"0": [0, 8192 * 2 * 4]}
     assert parse_graph(print_graph(g)).meta == g.meta
 
@@ -350,7 +350,7 @@ def test_real_graphs_run_in_the_arena(family, pipeline, tmp_models):
     g, params = model_graph(family, tmp_models)
     run_passes(g, pipeline, **SMALL)
     mem = g.meta["memory"]
-    assert mem["bindings"] == {"T": 16, "S": 4, "MB": 4}
+    assert mem["bindings"] == {"T": 16, "S": 4, "MB": 4, "R": 4}
     check_plan(g, mem)
     assert len(mem["buffers"]) > 10 and mem["returned"] == [g.outputs["logits"].name]
     assert mem["arena_bytes"] < sum(n for _, n in mem["buffers"].values()) / 3   # real reuse

@@ -263,7 +263,7 @@ def test_after_fuse_norm_on_a_real_graph(tmp_path_factory):
     g, params = model_graph("llama", tmp_path_factory.mktemp("m"))
     g = assert_model_pass_preserves(g, params, ["fuse-norm", "prune-logits"])
     norm = [n for n in g.nodes if n.op in ("rms_norm", "add_rms_norm")][-1]
-    assert str(norm.results[0].type) == "f32[S, 64]"
+    assert str(norm.results[0].type) == "f32[R, 64]"   # the logits rows (batch contract)
     assert g.outputs["logits"].producer.operands[0] is norm.results[0]
 
 
@@ -344,16 +344,17 @@ def test_real_graphs(family, overrides, tmp_path_factory):
     g, params = model_graph(family, tmp_path_factory.mktemp("m"), **overrides)
     vocab = g.outputs["logits"].type.shape[1]
     g = assert_model_pass_preserves(g, params, ["prune-logits"])
-    assert str(g.outputs["logits"].type) == f"f32[S, {vocab}]" and g.meta["logits"] == "pruned"
-    # the final norm now runs on the sampled rows: one rsqrt over S rows, the others over T
+    # R: the batch contract's logits rows (one per sequence, or k + 1 when speculating)
+    assert str(g.outputs["logits"].type) == f"f32[R, {vocab}]" and g.meta["logits"] == "pruned"
+    # the final norm now runs on the sampled rows: one rsqrt over R rows, the others over T
     rsqrt = [str(n.results[0].type.shape[0]) for n in g.nodes if n.op == "rsqrt"]
     # (Gemma: the last post-feedforward norm feeds that add, so it moves too)
-    assert rsqrt.count("S") == (2 if family == "gemma3" else 1) and rsqrt[-1] == "S"
+    assert rsqrt.count("R") == (2 if family == "gemma3" else 1) and rsqrt[-1] == "R"
     # gathered: the residual stream and the last layer's MLP output
     assert g.op_counts()["index_select"] == 2
     head = g.outputs["logits"].producer
     while head.op != "linear":            # Gemma's final soft-cap, after the pruned head
-        assert str(head.results[0].type.shape[0]) == "S"
+        assert str(head.results[0].type.shape[0]) == "R"
         head = head.operands[0].producer
     tied = family in ("qwen3", "phi3", "gemma3") or overrides.get("tie_word_embeddings")
     assert head.operands[1].name == ("model.embed_tokens.weight" if tied else "lm_head.weight")

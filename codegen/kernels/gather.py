@@ -1,7 +1,7 @@
 """Data movement kernels: `index_select(x, index) {dim}` and `cat(xs...) {dim}`.
 
 Where they occur: prune-logits gathers the sampled rows of the final hidden states,
-`index_select(h: [T, H], logits_indices: i64[S]) {dim=0}`, and the RoPE preamble
+`index_select(h: [T, H], logits_indices: i64[R]) {dim=0}`, and the RoPE preamble
 builds `cat(freqs, freqs) {dim=-1}` ([T, D/2] twice into [T, D]). Unfused graphs
 also hold other dims and ranks (the GPT-J rotation cats [T, H, D/2, 1] pieces on
 the last dim; `x[idx]` indexing gathers on any dim), so both kernels take any dim

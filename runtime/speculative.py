@@ -1,0 +1,288 @@
+"""Speculative decoding: cheap proposals, verified by the target model in one step.
+
+For a decoding request, a proposer guesses its next k tokens d_1..d_k. The next step
+runs the request's last token and the k guesses (k + 1 query tokens of one sequence;
+the varlen attention already takes several per sequence) and computes a logits row at
+each of those k + 1 positions (`logits_indices` holds them: the contract's R rows).
+Row j is the target's distribution after the prefix ... d_j, so the sampler draws the
+token x_j the target itself would draw there, with the same counter (output index) as
+a step without speculation would use. The guesses are accepted while d_{j+1} == x_j;
+the output is x_0 .. x_a (a accepted guesses plus the target's own next token).
+
+Why that is exact: a proposer that guesses deterministically (prompt lookup; a draft
+model decoding greedily) is a point-mass proposal q = delta(d). Leviathan et al.'s
+rule accepts d with probability min(1, p(d) / q(d)) = p(d) and otherwise draws from
+the residual norm(max(0, p - q)) = p without d, renormalised. The sampler's draw x_j
+is a Gumbel-max over p (runtime/sampler.py) keyed by (seed, output index): P(x_j = d)
+= p(d), and given x_j != d, x_j is distributed as p without d, renormalised -- the
+same rule, with the acceptance coin and the residual draw coupled to the noise the
+non-speculative step would use. So the output distribution is the target's, greedy
+output is identical token for token, and a seeded request gives the same tokens with
+or without speculation.
+
+Bookkeeping (`Speculator.accept`): the KV of the rejected guesses was written into
+slots the sequence no longer owns: its `num_computed` goes back to the accepted
+prefix and its blocks past that are freed (`BlockManager.truncate`); the next step
+overwrites those slots. Only blocks of accepted tokens reach the prefix cache.
+
+Which requests speculate: decoding ones (their prompt is computed, one token to go)
+whose sampling needs nothing but temperature / top-k / top-p / seed (not penalties,
+logit bias, bad words, min_tokens, logprobs or a grammar, whose per-position state the
+verification step does not rebuild). Speculation runs the engine synchronously.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from braze.ir.errors import BrazeError
+
+from .request import Status
+
+METHODS = ("ngram", "draft", "mtp")
+MAX_SPECULATIVE_TOKENS = 16
+
+MTP_MISSING = (
+    "speculative method 'mtp' is not supported yet: it needs the model's multi-token "
+    "prediction weights (DeepSeek-V3's num_nextn_predict_layers, Gemma 4's assistant model) "
+    "compiled as a second graph of the artifact, which braze's compiler does not emit yet; "
+    "use method 'ngram' (prompt lookup) or 'draft' (a second braze artifact)")
+
+
+@dataclass
+class SpeculativeConfig:
+    """`--speculative '{"method": ..., "num_speculative_tokens": k, ...}'` (vLLM's names).
+
+    ngram: `prompt_lookup_max` / `prompt_lookup_min`, the longest and shortest n-gram
+    of the request's tail looked up in its own tokens. draft: `model`, the path of a
+    second braze artifact with the same tokenizer."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BrazeError(f"speculative method {self.method!r} is unknown; choose one of "
+                             f"{', '.join(METHODS)}", param="speculative")
+        if self.method == "mtp":
+            raise BrazeError(MTP_MISSING, param="speculative")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise BrazeError(f"speculative num_speculative_tokens must be an integer from 1 to "
+                             f"{MAX_SPECULATIVE_TOKENS}, got {k!r}", param="speculative")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BrazeError(f"speculative {name} must be a positive integer, got {v!r}",
+                                 param="speculative")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise BrazeError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) is above "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})", param="speculative")
+        if self.method == "draft" and not self.model:
+            raise BrazeError("speculative method 'draft' needs \"model\": the path of a braze "
+                             "artifact compiled from a smaller model with the same tokenizer",
+                             param="speculative")
+        if self.method != "draft" and self.model is not None:
+            raise BrazeError(f"speculative \"model\" is for method 'draft', not {self.method!r}",
+                             param="speculative")
+
+    @classmethod
+    def of(cls, value) -> "SpeculativeConfig | None":
+        """From a SpeculativeConfig, a dict or its JSON text (None: no speculation)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise BrazeError(f"--speculative is not valid JSON ({e.msg} at character "
+                                 f"{e.pos}); give e.g. '{{\"method\": \"ngram\", "
+                                 f"\"num_speculative_tokens\": 3}}'", param="speculative") from None
+        if not isinstance(value, dict):
+            raise BrazeError(f"speculative must be a dict like {{\"method\": \"ngram\", "
+                             f"\"num_speculative_tokens\": 3}}, got {type(value).__name__}",
+                             param="speculative")
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(value) - known)
+        if bad:
+            raise BrazeError(f"speculative has unknown key {bad[0]!r}; the keys are "
+                             f"{', '.join(sorted(known))}", param="speculative")
+        for need in ("method", "num_speculative_tokens"):
+            if need not in value:
+                raise BrazeError(f"speculative needs {need!r}", param="speculative")
+        return cls(**value)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------ proposers
+
+def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the
+    sequence's last n tokens (the longest n from n_max down to n_min that occurs);
+    [] when none does."""
+    L = len(tokens)
+    if L < 2 or k < 1:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(n_max, L - 1), n_min - 1, -1):
+        tail = arr[L - n:]
+        # windows starting at 0 .. L-n-1 (not the tail itself), each followed by a token
+        win = np.lib.stride_tricks.sliding_window_view(arr[:L - 1], n)
+        hits = np.flatnonzero((win == tail).all(axis=1))
+        if hits.size:
+            j = int(hits[-1]) + n
+            return arr[j:j + k].tolist()
+    return []
+
+
+class NgramProposer:
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+
+    def propose(self, reqs: list, budgets: list[int]) -> list[list[int]]:
+        c = self.config
+        return [ngram_propose(r.all_token_ids, b, c.prompt_lookup_max, c.prompt_lookup_min)
+                for r, b in zip(reqs, budgets)]
+
+    def forget(self, req) -> None:
+        pass
+
+
+def eligible(req) -> bool:
+    """Whether a running request may speculate in the next step: decoding (only its last
+    token to compute, nothing in flight) and sampling without per-position state."""
+    p = req.params
+    return (req.num_pending == 0 and req.num_computed == len(req.all_token_ids) - 1
+            and req.matcher is None and req.grammar is None and p.logprobs is None
+            and p.prompt_logprobs is None and not p.penalties and not p.logit_bias
+            and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids)
+
+
+# ------------------------------------------------------------------------ the engine side
+
+class Speculator:
+    """Proposes before each step, accepts after it, and counts."""
+
+    def __init__(self, config: SpeculativeConfig, engine):
+        self.config = config
+        self.k = config.num_speculative_tokens
+        runner = engine.runner
+        # logits rows beyond one per sequence: what the step's proposals may use in all
+        self.row_budget = runner.max_logits_rows - runner.max_num_seqs
+        if config.method == "ngram":
+            self.proposer = NgramProposer(config)
+        else:
+            from .draft_proposer import DraftProposer
+            self.proposer = DraftProposer(config, engine)
+        self.num_drafts = 0               # verifications (requests x steps that proposed)
+        self.num_draft_tokens = 0         # tokens proposed and scored
+        self.num_accepted_tokens = 0
+        self.accepted_per_position = [0] * self.k   # guess j accepted (j = 0 .. k-1)
+        self.proposed_per_position = [0] * self.k
+
+    def propose(self, running: list) -> None:
+        """Set each running request's `draft_token_ids` for the next step."""
+        budget = self.row_budget
+        reqs, budgets = [], []
+        for req in running:
+            req.draft_token_ids = []
+            if budget <= 0 or not eligible(req):
+                continue
+            # never propose past the request's length limit (max_tokens included)
+            b = min(self.k, req.max_len - len(req.all_token_ids) - 1, budget)
+            if b > 0:
+                reqs.append(req)
+                budgets.append(b)
+                budget -= b
+        if reqs:
+            for req, d in zip(reqs, self.proposer.propose(reqs, budgets)):
+                req.draft_token_ids = d
+
+    def accept(self, sched, tokens: list[int], logprobs, block_manager, batch):
+        """The step's tokens are one per logits row. Returns (chunks, tokens, logprobs)
+        with one entry per output token, a drafted chunk repeated once per token it
+        produced; rolls rejected guesses back."""
+        chunks, out_tokens, out_lps = [], [], None if logprobs is None else []
+        i = 0
+        for c in sched.chunks:
+            n = 1 + c.num_draft
+            got = tokens[i:i + n]
+            if c.num_draft == 0:
+                chunks.append(c)
+                out_tokens.append(got[0])
+                if out_lps is not None:
+                    out_lps.append(logprobs[i])
+                i += n
+                continue
+            req = c.request
+            draft = req.draft_token_ids[:c.num_draft]
+            a = 0
+            while a < len(draft) and draft[a] == got[a]:
+                a += 1
+            self._count(len(draft), a)
+            produced = got[:a + 1]
+            chunks.extend([c] * len(produced))
+            out_tokens.extend(produced)
+            if out_lps is not None:
+                out_lps.extend(logprobs[i:i + a + 1])
+            i += n
+            req.draft_token_ids = []
+            req.num_pending += len(produced) - 1    # the engine counts one per token
+            live = req.status is Status.RUNNING and c.epoch == req.metrics.num_preemptions
+            computed = c.start + c.num_new - c.num_draft + a     # the last token + a guesses
+            # prefix-cache commit covers only what is surely computed and known on the host
+            c.num_new = c.num_new - c.num_draft
+            c.num_draft = 0
+            if live:
+                req.num_computed = computed
+                block_manager.truncate(req.request_id, computed)
+                batch.rollback_blocks(req.row, block_manager.table_len(req.request_id))
+        return chunks, out_tokens, out_lps
+
+    def _count(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        for j in range(proposed):
+            self.proposed_per_position[j] += 1
+            if j < accepted:
+                self.accepted_per_position[j] += 1
+
+    def forget(self, req) -> None:
+        self.proposer.forget(req)
+
+    def stats(self) -> dict:
+        drafts, proposed = self.num_drafts, self.num_draft_tokens
+        return {
+            "spec_decode_method": self.config.method,
+            "spec_decode_num_speculative_tokens": self.k,
+            "spec_decode_num_drafts": drafts,
+            "spec_decode_num_draft_tokens": proposed,
+            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
+            # accepted / proposed; tokens per verification (accepted + the target's own)
+            "spec_decode_acceptance_rate": self.num_accepted_tokens / proposed if proposed else 0.0,
+            "spec_decode_mean_acceptance_length": (1 + self.num_accepted_tokens / drafts
+                                                   if drafts else 0.0),
+            "spec_decode_accepted_per_position": list(self.accepted_per_position),
+            "spec_decode_proposed_per_position": list(self.proposed_per_position),
+        }
+
+
+def make_speculator(options, engine) -> Speculator | None:
+    config = options.speculative
+    if config is None:
+        return None
+    if options.async_scheduling:
+        raise BrazeError("speculative decoding runs the engine synchronously: the proposals "
+                         "need the last token on the host; drop --async-scheduling",
+                         param="speculative")
+    engine.async_scheduling = False
+    return Speculator(config, engine)

@@ -1,0 +1,436 @@
+"""Speculative decoding (runtime/speculative.py) on the reference backend: the output of
+a speculating engine equals the plain engine's, token for token (greedy and seeded
+sampling), for llama, qwen3 and an MoE at -O0 and -O2 (the LM head pruned to R logits
+rows); acceptance is counted per position; rejected slots are given back (no KV block or
+row leaks, through preemption and aborts); the sampled distribution is the target's
+(chi-square against the model's exact distribution); configuration errors are clear."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from braze.ir.errors import BrazeError
+from braze.runtime.engine import Engine
+from braze.runtime.sampler import SamplingParams
+from braze.runtime.speculative import SpeculativeConfig, ngram_propose
+
+from conftest import hf_model, prompts_of, run_all
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+def repetitive(seed: int, period: int, times: int, tail: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    unit = torch.randint(3, 200, (period,), generator=g).tolist()
+    return [1] + unit * times + torch.randint(3, 200, (tail,), generator=g).tolist()
+
+
+def mixed_prompts() -> list[list[int]]:
+    return [repetitive(1, 5, 5), prompts_of([13], seed=2)[0], repetitive(3, 3, 6, tail=2),
+            prompts_of([30], seed=4)[0], repetitive(5, 7, 3)]
+
+
+def assert_clean(eng: Engine) -> None:
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+
+
+# ------------------------------------------------------------------ configuration
+
+@pytest.mark.parametrize("value,message", [
+    ({"method": "mtp", "num_speculative_tokens": 1}, "num_nextn_predict_layers"),
+    ({"method": "eagle", "num_speculative_tokens": 1}, "choose one of ngram, draft, mtp"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "from 1 to 16"),
+    ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown key 'lookahead'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "above"),
+    ({"method": "draft", "num_speculative_tokens": 2}, "needs \"model\""),
+    ('{"method": "ngram",', "not valid JSON"),
+    ([1, 2], "must be a dict"),
+])
+def test_config_errors_name_the_fault(value, message):
+    with pytest.raises(BrazeError, match=message) as e:
+        SpeculativeConfig.of(value)
+    assert e.value.param == "speculative"
+
+
+def test_json_and_dict_give_the_same_config():
+    a = SpeculativeConfig.of('{"method": "ngram", "num_speculative_tokens": 2}')
+    assert a == SpeculativeConfig.of({"method": "ngram", "num_speculative_tokens": 2})
+    assert a.prompt_lookup_max == 4 and a.prompt_lookup_min == 1
+
+
+def test_pruned_artifact_without_logits_rows_is_refused(store):
+    art = store.artifact("llama", opt_level=2)       # LM head: one row per sequence
+    with pytest.raises(BrazeError, match="--max-logits-rows 1024"):
+        Engine(art, backend="reference", num_kv_blocks=32, speculative=NGRAM)
+
+
+def test_async_scheduling_with_speculation_is_refused(store):
+    with pytest.raises(BrazeError, match="synchronously"):
+        Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32,
+               async_scheduling=True, speculative=NGRAM)
+
+
+# ------------------------------------------------------------------ the proposer
+
+def _brute_ngram(tokens, k, n_max, n_min):
+    L = len(tokens)
+    for n in range(min(n_max, L - 1), n_min - 1, -1):
+        tail = tokens[L - n:]
+        for j in range(L - n - 1, -1, -1):          # latest earlier occurrence first
+            if tokens[j:j + n] == tail:
+                return tokens[j + n:j + n + k]
+    return []
+
+
+def test_ngram_examples():
+    assert ngram_propose([5, 6, 7, 8, 5, 6], 3, 4, 1) == [7, 8, 5]
+    assert ngram_propose([5, 6, 7, 5, 6, 9, 5, 6], 2, 2, 1) == [9, 5]      # the latest match
+    assert ngram_propose([1, 2, 3], 2, 3, 1) == []
+    assert ngram_propose([4, 4, 4], 5, 2, 1) == [4]                        # what follows
+    assert ngram_propose([9], 2, 3, 1) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(0, 4), min_size=1, max_size=40), k=st.integers(1, 5),
+       n_min=st.integers(1, 3), extra=st.integers(0, 3))
+def test_ngram_matches_brute_force(tokens, k, n_min, extra):
+    n_max = n_min + extra
+    assert ngram_propose(tokens, k, n_max, n_min) == _brute_ngram(tokens, k, n_max, n_min)
+
+
+# ------------------------------------------------------------------ exactness
+
+@pytest.mark.parametrize("case,opt", [("llama", 0), ("llama", 2), ("qwen3-headdim24-tied", 2),
+                                      ("qwen3_moe-dense-middle", 2)])
+def test_greedy_identical_to_plain_decoding(store, case, opt):
+    extra = {"max_num_seqs": 16, "max_logits_rows": 64} if opt == 2 else {}
+    art = store.artifact(case, opt_level=opt, **extra)
+    prompts = mixed_prompts()
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    # a small token budget: verification steps mix with chunked prefills and partial drafts
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=24,
+                 max_num_seqs=8, speculative=NGRAM)
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0
+    assert s["spec_decode_num_accepted_tokens"] <= s["spec_decode_num_draft_tokens"]
+    assert_clean(eng)
+
+
+def test_greedy_matches_transformers(store):
+    art = store.artifact("llama", opt_level=2, max_num_seqs=16, max_logits_rows=64)
+    prompt = repetitive(7, 4, 6)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, speculative=NGRAM)
+    out = run_all(eng, [prompt], GREEDY)[0]
+    with torch.no_grad():
+        want = hf_model(store.checkpoint("llama")).generate(
+            torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    assert out.token_ids == want[0, len(prompt):].tolist()
+
+
+class _Oracle:
+    """Proposes the known continuation, with guess `wrong` (0-based) made wrong."""
+
+    def __init__(self, futures: dict, wrong: int | None):
+        self.futures, self.wrong = futures, wrong
+
+    def propose(self, reqs, budgets):
+        out = []
+        for r, b in zip(reqs, budgets):
+            full = self.futures[tuple(r.prompt_token_ids)]
+            d = list(full[len(r.output_token_ids):len(r.output_token_ids) + b])
+            if self.wrong is not None and self.wrong < len(d):
+                d[self.wrong] = (d[self.wrong] + 1) % 200
+            out.append(d)
+        return out
+
+    def forget(self, req):
+        pass
+
+
+@pytest.mark.parametrize("wrong", [None, 0, 2])
+def test_acceptance_is_counted_per_position(store, wrong):
+    art = store.artifact("llama")
+    prompts = prompts_of([9, 14], seed=8)
+    params = SamplingParams(max_tokens=17, ignore_eos=True)
+    plain_eng = Engine(art, backend="reference", num_kv_blocks=64)
+    plain = run_all(plain_eng, prompts, params)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, speculative=NGRAM)
+    eng.spec.proposer = _Oracle({tuple(p): o.token_ids for p, o in zip(prompts, plain)}, wrong)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    accepted = s["spec_decode_accepted_per_position"]
+    proposed = s["spec_decode_proposed_per_position"]
+    # the first token comes from the prefill; then each verification yields accepted + 1
+    # tokens while a full k guesses fit in the 16 left
+    if wrong is None:      # all accepted: 16 tokens in 4 verifications of 3 + 1
+        assert s["spec_decode_num_drafts"] == 2 * 4 and accepted == proposed == [8, 8, 8]
+        assert s["spec_decode_acceptance_rate"] == 1.0
+        assert s["spec_decode_mean_acceptance_length"] == 4.0
+    else:                  # guesses before `wrong` accepted, none after
+        assert all(a == (p if j < wrong else 0) for j, (a, p) in enumerate(zip(accepted, proposed)))
+        assert s["spec_decode_num_accepted_tokens"] == sum(accepted)
+    assert s["steps"] < plain_eng.stats()["steps"] or wrong == 0
+    assert_clean(eng)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle"])
+def test_seeded_sampling_identical_to_plain_decoding(store, case):
+    """The verification draws each position's token with the noise the plain step would
+    use (runtime/speculative.py): a seeded request gives the same tokens."""
+    art = store.artifact(case)
+    prompts = mixed_prompts()
+    params = [SamplingParams(max_tokens=20, ignore_eos=True, temperature=t, top_k=k, top_p=p,
+                             seed=100 + i)
+              for i, (t, k, p) in enumerate([(0.3, 0, 1.0), (1.0, 20, 1.0), (0.7, 0, 0.9),
+                                             (0.0, 0, 1.0), (0.5, 5, 0.8)])]
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, speculative=NGRAM)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert_clean(eng)
+
+
+CHI2_LIMIT = 45.0   # df <= 15: P(chi2 > 45) < 1e-4 for a correct sampler
+
+
+def test_sampled_distribution_is_the_targets(tmp_path):
+    """Rejection sampling keeps the target's distribution: with a 16-token vocabulary the
+    third generated token's frequencies over 1200 seeds match its exact marginal under
+    the model, sum over (x0, x1) of p(x0) p(x1 | x0) p(x2 | x0, x1) (chi-square), while
+    proposals were both accepted and rejected on the way."""
+    import braze
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):
+        ck = make_checkpoint("llama", tmp_path / "m", seed=3, vocab_size=16, with_tokenizer=False)
+    art = braze.compile(ck, tmp_path / "a", opt_level=0, targets="").root
+    prompt = [1, 5, 6, 7, 5, 6, 7, 5, 6]
+    eng = Engine(art, backend="reference", num_kv_blocks=256, max_num_seqs=128,
+                 speculative={"method": "ngram", "num_speculative_tokens": 2})
+    n = 1200
+    params = [SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0, seed=s)
+              for s in range(n)]
+    got = run_all(eng, [prompt] * n, params)
+    s = eng.stats()
+    assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
+    counts = torch.bincount(torch.tensor([o.token_ids[2] for o in got]), minlength=16).double()
+    model = hf_model(ck)
+    with torch.no_grad():
+        p0 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        x0 = torch.arange(16)[:, None]
+        seq1 = torch.cat([torch.tensor([prompt] * 16), x0], 1)
+        p1 = torch.softmax(model(seq1).logits[:, -1].double(), -1)            # [x0, x1]
+        seq2 = torch.cat([seq1.repeat_interleave(16, 0), torch.arange(16).repeat(16)[:, None]], 1)
+        p2 = torch.softmax(model(seq2).logits[:, -1].double(), -1).view(16, 16, 16)
+    marginal = torch.einsum("a,ab,abc->c", p0, p1, p2)
+    exp = marginal * n
+    chi2 = float(((counts - exp) ** 2 / exp).sum())
+    assert chi2 < CHI2_LIMIT
+    uniform = torch.full((16,), n / 16.0, dtype=torch.float64)
+    assert float(((counts - uniform) ** 2 / uniform).sum()) > CHI2_LIMIT   # it can tell
+
+
+# ------------------------------------------------------------------ bookkeeping
+
+def test_truncate_gives_back_blocks():
+    from braze.runtime.block_manager import BlockManager
+    bm = BlockManager(8, block_size=4)
+    bm.allocate("a", list(range(6)))
+    assert bm.reserve("a", 14) and bm.table_len("a") == 4 and bm.num_free_blocks == 4
+    bm.commit("a", 6, list(range(6)))                 # one full block in the prefix cache
+    bm.truncate("a", 9)
+    assert bm.table_len("a") == 3 and bm.num_free_blocks == 5 and bm.num_tokens("a") == 9
+    with pytest.raises(BrazeError, match="cannot truncate"):
+        bm.truncate("a", 3)                           # into the cached block
+    bm.free("a")
+    assert bm.num_free_blocks == 8
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_mixed_requests_aborts_and_preemption(store, data):
+    """Speculating and plain requests (logprobs make a request plain), random aborts and
+    a cache small enough to preempt: every request that is not aborted gets the plain
+    engine's tokens, and nothing leaks."""
+    art = store.artifact("llama")
+    n = data.draw(st.integers(3, 6), label="requests")
+    prompts = [repetitive(s, data.draw(st.integers(2, 6), label="period"), 4)
+               if data.draw(st.booleans(), label="repetitive") else prompts_of([17], seed=s)[0]
+               for s in range(n)]
+    params = [SamplingParams(max_tokens=data.draw(st.integers(4, 30), label="max_tokens"),
+                             ignore_eos=True,
+                             logprobs=2 if data.draw(st.booleans(), label="plain") else None)
+              for _ in range(n)]
+    aborts = {i: data.draw(st.integers(1, 6), label="abort after") for i in range(n)
+              if data.draw(st.integers(0, 3), label="abort?") == 0}
+    blocks = data.draw(st.sampled_from([7, 10, 64]), label="num_kv_blocks")
+    k = data.draw(st.integers(1, 4), label="k")
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(art, backend="reference", num_kv_blocks=blocks, max_num_tokens=32,
+                 speculative={"method": "ngram", "num_speculative_tokens": k})
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", p, sp)
+    final, step = {}, 0
+    while eng.has_unfinished():
+        step += 1
+        for i, after in aborts.items():
+            if after == step:
+                eng.abort_request(f"r{i}")
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    for i, want in enumerate(plain):
+        got = final[f"r{i}"]
+        if got.finish_reason == "abort":
+            assert got.token_ids == want.token_ids[:len(got.token_ids)]
+        else:
+            assert got.token_ids == want.token_ids
+            if params[i].logprobs is not None:
+                assert [lp.token_id for lp in got.logprobs] == got.token_ids
+    assert_clean(eng)
+    s = eng.stats()
+    assert s["kv_blocks_used"] == 0
+    assert np.sum(s["spec_decode_accepted_per_position"]) == s["spec_decode_num_accepted_tokens"]
+
+
+# ------------------------------------------------------------------ faces
+
+def test_cli_generate_speculative_equals_plain(store):
+    import json
+
+    from cli_helpers import assert_one_line_error, run
+    art = store.artifact("llama")
+    ids = ",".join(map(str, repetitive(9, 4, 5)))
+    common = ["generate", art, "--prompt-ids", ids, "--max-tokens", "12", "--backend",
+              "reference", "--json", "--ignore-eos", "--num-kv-blocks", "32"]
+    code, plain, err = run(*common)
+    assert code == 0, err
+    code, spec, err = run(*common, "--speculative",
+                          '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert code == 0, err
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    code, _, err = run(*common, "--speculative", '{"method": "mtp", "num_speculative_tokens": 1}')
+    assert_one_line_error(code, err, "mtp", "not supported yet")
+
+
+def test_prometheus_has_the_acceptance_metrics(store):
+    from braze.serving.metrics import Metrics
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
+                 speculative=NGRAM)
+    run_all(eng, mixed_prompts(), GREEDY)
+    s = eng.stats()
+    text = Metrics("m").render(s)
+    assert f"braze_spec_decode_num_accepted_tokens_total {s['spec_decode_num_accepted_tokens']}\n" in text
+    assert f"braze_spec_decode_num_draft_tokens_total {s['spec_decode_num_draft_tokens']}\n" in text
+    for j, n in enumerate(s["spec_decode_accepted_per_position"]):
+        assert f'braze_spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}} {n}\n' in text
+    assert "braze_spec_decode_acceptance_rate" in text
+    assert "braze_spec_decode" not in Metrics("m").render({"running": 0})
+
+
+# ------------------------------------------------------------------ the draft method
+
+@pytest.mark.parametrize("target,draft,opt", [
+    ("llama", "llama", 0),                        # the target as its own draft: all accepted
+    ("qwen3-headdim24-tied", "llama", 2),         # another model, same tokenizer
+    ("qwen3_moe-dense-middle", "llama", 0),
+])
+def test_draft_greedy_identical_to_plain_decoding(store, target, draft, opt):
+    extra = {"max_num_seqs": 16, "max_logits_rows": 64} if opt == 2 else {}
+    art = store.artifact(target, opt_level=opt, **extra)
+    prompts = mixed_prompts()
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    spec = {"method": "draft", "model": str(store.artifact(draft, max_num_tokens=16)),
+            "num_speculative_tokens": 3}
+    # the draft's 16-token budget prefills the prompts in chunks
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=24, max_num_seqs=8,
+                 speculative=spec)
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0
+    if target == draft:
+        assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"]
+    assert_clean(eng)
+    assert not eng.spec.proposer.shadows
+    assert eng.spec.proposer.bm.num_free_blocks == eng.spec.proposer.bm.num_blocks
+
+
+def test_draft_seeded_sampling_identical(store):
+    art = store.artifact("llama")
+    params = [SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.8, seed=7 + i)
+              for i in range(5)]
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), mixed_prompts(), params)
+    spec = {"method": "draft", "model": str(art), "num_speculative_tokens": 2}
+    eng = Engine(art, backend="reference", num_kv_blocks=64, speculative=spec)
+    got = run_all(eng, mixed_prompts(), params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert 0 < eng.stats()["spec_decode_num_accepted_tokens"]
+
+
+def test_draft_with_another_tokenizer_is_refused(store, tmp_path):
+    import braze
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):
+        ck = make_checkpoint("llama", tmp_path / "m", seed=3, vocab_size=128)
+    other = braze.compile(ck, tmp_path / "a", opt_level=0, targets="").root
+    spec = {"method": "draft", "model": str(other), "num_speculative_tokens": 2}
+    with pytest.raises(BrazeError, match="tokenizer differs from the target's"):
+        Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
+    spec["model"] = str(tmp_path / "missing")
+    with pytest.raises(BrazeError, match="speculative draft model"):
+        Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
+
+
+# ------------------------------------------------------------------ the logits rows R
+
+def test_bucket_logits_rows():
+    from braze.ir.contract import StepLimits, bucket_sizes
+    assert bucket_sizes(16, 4, 8)["R"] == 4                       # one per sequence: R = S
+    assert bucket_sizes(16, 4, 8, 12)["R"] == 12
+    assert bucket_sizes(8, 4, 8, 12)["R"] == 8                    # at most one per token
+    lim = StepLimits(max_num_seqs=4)
+    assert lim.max_logits_rows == 4 and lim.bindings()["R"] == 4
+    old = {"max_num_tokens": 64, "max_num_seqs": 4, "max_model_len": 128, "block_size": 16}
+    assert StepLimits.from_manifest({"limits": old}, "x").max_logits_rows == 4
+
+
+def test_without_speculation_the_head_keeps_one_row_per_sequence(store):
+    """An artifact with room for more logits rows costs nothing extra when not speculating:
+    each bucket's R is its S; speculating, k + 1 rows per sequence."""
+    art = store.artifact("llama", opt_level=2, max_num_seqs=16, max_logits_rows=64)
+    plain = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=8)
+    g = plain.runner.graphs
+    assert all(g.rows_for(T) == min(T, 8) for T in g.buckets)
+    assert plain.runner.static["logits_indices"].shape[0] == 8
+    spec = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=8, speculative=NGRAM)
+    assert all(spec.runner.graphs.rows_for(T) == min(T, 32) for T in g.buckets)
+    assert spec.spec.row_budget == 24
+
+
+def test_interpret_backend_launch_plans_verify(store):
+    """The compiled launch plans (Triton kernels under the interpreter), with the pruned LM
+    head sized by R: the speculating engine gives the reference engine's tokens."""
+    art = store.artifact("llama", opt_level=2, max_num_seqs=8, max_logits_rows=32,
+                         max_num_tokens=64)
+    prompts = [[1] + [5, 6, 7, 8] * 5, [1, 9, 30, 31, 9, 30, 31, 9]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = run_all(Engine(art, backend="reference", num_kv_blocks=16), prompts, params)
+    eng = Engine(art, backend="interpret", num_kv_blocks=16, buckets=[8, 64],
+                 speculative=NGRAM)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
