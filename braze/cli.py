@@ -71,7 +71,8 @@ def cmd_compile(a) -> int:
             log=None if a.quiet else _log,
             opt_level=a.opt_level, dtype=a.dtype, max_num_tokens=a.max_num_tokens,
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
-            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign)
+            targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
+            tensor_parallel_size=a.tensor_parallel_size)
     return 0
 
 
@@ -287,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "eagerly), piecewise (one graph per segment between graph breaks such as "
                         "attention; default), full (piecewise, plus one graph for the whole "
                         "step of decode-only batches)")
+    c.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                   help="shard the model over N GPUs (default 1): attention heads, MLP and "
+                        "expert intermediate sizes and the vocabulary split across ranks, with "
+                        "all-reduce/all-gather ops in the graph; the artifact holds each rank's "
+                        "weight shards, and `braze generate`/`serve` start N worker processes "
+                        "(or run under torchrun). See docs/parallelism.md")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")

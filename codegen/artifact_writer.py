@@ -78,16 +78,62 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
            extra: dict, shard_bytes: int, log) -> dict:
     (root / GRAPH_FILE).write_text(print_graph(graph))
     (root / "config.json").write_text(json.dumps(model["config"], indent=1) + "\n")
+    t0 = time.perf_counter()
+    digests: dict[str, str] = {}
+    # one loader per tensor-parallel rank: each rank's shards go to their own files, so a
+    # rank reads only its own weights
+    loaders = load_param if isinstance(load_param, list) else [load_param]
+    ranks, files, total_bytes = [], [], 0
+    for r, load in enumerate(loaders):
+        prefix = "weights" if len(loaders) == 1 else f"weights-rank{r}"
+        rf, params, nbytes = _write_weights(root, graph, load, prefix, shard_bytes, digests, log)
+        files += rf
+        total_bytes += nbytes
+        ranks.append({"files": rf, "params": params})
+    if log:
+        per = f" x {len(loaders)} ranks" if len(loaders) > 1 else ""
+        log(f"wrote {len(graph.params)} weight tensors{per} "
+            f"({total_bytes / 2**20:.1f} MiB) in {len(files)} file(s) in "
+            f"{time.perf_counter() - t0:.2f}s")
+    weights = {"files": files, "params": ranks[0]["params"], "bytes": total_bytes}
+    if len(loaders) > 1:
+        weights["ranks"] = ranks
+    tok_files = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    if tok_files:
+        (root / TOKENIZER_DIR).mkdir()
+        for f in tok_files:
+            shutil.copyfile(model_dir / f, root / TOKENIZER_DIR / f)
+    hashes = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(root))
+            hashes[rel] = digests.get(rel) or sha256_file(p)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "model": {k: v for k, v in model.items() if k != "config"},
+        "options": options,
+        "graph": {"file": GRAPH_FILE, "ops": graph.op_counts(), "nodes": len(graph.nodes),
+                  "inputs": [v.name for v in graph.inputs], "outputs": list(graph.outputs)},
+        "weights": weights,
+        "tokenizer": TOKENIZER_DIR if tok_files else None,
+        **extra,
+        "files": hashes,
+    }
+
+
+def _write_weights(root: Path, graph: Graph, load_param, prefix: str, shard_bytes: int,
+                   digests: dict, log) -> tuple[list[str], dict, int]:
     params_index, shard, shard_size, files = {}, {}, 0, []
     total_bytes = 0
     names = list(graph.params)
-    t0 = time.perf_counter()
-    digests: dict[str, str] = {}
 
     def flush():
         nonlocal shard, shard_size
         if shard:
-            fname = f"weights-{len(files) + 1:05d}.safetensors"
+            fname = f"{prefix}-{len(files) + 1:05d}.safetensors"
             data = save(shard, metadata={"format": "pt"})
             (root / fname).write_bytes(data)
             digests[fname] = hashlib.sha256(data).hexdigest()
@@ -108,33 +154,7 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
         total_bytes += nbytes
         params_index[name] = len(files)
         if log and (i + 1) % 64 == 0:
-            log(f"  weights: {i + 1}/{len(names)} tensors, {total_bytes / 2**20:.1f} MiB")
+            log(f"  weights ({prefix}): {i + 1}/{len(names)} tensors, "
+                f"{total_bytes / 2**20:.1f} MiB")
     flush()
-    params = {n: files[k] for n, k in params_index.items()}
-    if log:
-        log(f"wrote {len(names)} weight tensors ({total_bytes / 2**20:.1f} MiB) in "
-            f"{len(files)} file(s) in {time.perf_counter() - t0:.2f}s")
-    tok_files = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
-    if tok_files:
-        (root / TOKENIZER_DIR).mkdir()
-        for f in tok_files:
-            shutil.copyfile(model_dir / f, root / TOKENIZER_DIR / f)
-    hashes = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            rel = str(p.relative_to(root))
-            hashes[rel] = digests.get(rel) or sha256_file(p)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
-        "model": {k: v for k, v in model.items() if k != "config"},
-        "options": options,
-        "graph": {"file": GRAPH_FILE, "ops": graph.op_counts(), "nodes": len(graph.nodes),
-                  "inputs": [v.name for v in graph.inputs], "outputs": list(graph.outputs)},
-        "weights": {"files": files, "params": params, "bytes": total_bytes},
-        "tokenizer": TOKENIZER_DIR if tok_files else None,
-        **extra,
-        "files": hashes,
-    }
+    return files, {n: files[k] for n, k in params_index.items()}, total_bytes
