@@ -200,6 +200,11 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="a third KV tier in an S3-compatible object store, through boto3 "
                         "(credentials, region and AWS_ENDPOINT_URL from the usual AWS "
                         "environment variables)")
+    p.add_argument("--collective-timeout", type=_positive_float, default=300.0,
+                   metavar="SECONDS", dest="collective_timeout_s",
+                   help="tensor-parallel artifacts: how long a collective waits for the other "
+                        "ranks before the run ends with an error naming what failed (a rank that "
+                        "died or hangs; default 300)")
     _trust_flags(p)
 
 
@@ -212,7 +217,8 @@ def _engine_options(a):
                          async_scheduling=a.async_scheduling, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
-                         kv_offload_s3=a.kv_offload_s3)
+                         kv_offload_s3=a.kv_offload_s3,
+                         collective_timeout_s=a.collective_timeout_s)
 
 
 def _server_options(a):
