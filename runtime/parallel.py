@@ -141,6 +141,14 @@ def ensure_group(artifact, options) -> Group | None:
     return _GROUP
 
 
+def shutdown() -> None:
+    """Rank 0: stop the group this process started or joined (a no-op without one)."""
+    global _GROUP
+    g, _GROUP = _GROUP, None
+    if g is not None and g.rank == 0:
+        g.close()
+
+
 def _start_local(artifact, options, n: int, device_type: str, timeout) -> Group:
     import torch.multiprocessing as mp
     if device_type == "cuda" and torch.cuda.device_count() < n:
