@@ -100,16 +100,19 @@ def _greedy(llm, max_tokens=6):
     return [o.token_ids for o in outs]
 
 
-@pytest.mark.parametrize("case,n,backend", [("llama", 2, "reference"),
-                                            ("qwen3_moe-dense-middle", 2, "interpret")])
-def test_engine_greedy_tokens_equal_one_rank(store, case, n, backend):
+# the interpret backend replays the launch plans (Triton kernels, the collectives as extern
+# calls on static buffers) as the cuda backend does; it is slow, so it gets fewer tokens
+@pytest.mark.parametrize("case,n,backend,tokens", [("llama", 2, "reference", 6),
+                                                   ("qwen3_moe-dense-middle", 2, "reference", 6),
+                                                   ("llama", 2, "interpret", 2)])
+def test_engine_greedy_tokens_equal_one_rank(store, case, n, backend, tokens):
     """The engine's rank 0 starts the other rank, batches three prompts (one split over
     steps by the token budget), and samples what one rank would."""
     from braze.runtime import LLM
-    opts = dict(backend=backend, max_num_tokens=16, num_kv_blocks=16, buckets=[1, 2, 4, 8, 16])
-    want = _greedy(LLM(store.artifact(case, opt_level=2), **opts))
+    opts = dict(backend=backend, max_num_tokens=16, num_kv_blocks=16, buckets=[4, 8, 16])
+    want = _greedy(LLM(store.artifact(case, opt_level=2), **opts), tokens)
     with LLM(store.artifact(case, opt_level=2, tensor_parallel_size=n), **opts) as llm:
-        assert _greedy(llm) == want
+        assert _greedy(llm, tokens) == want
 
 
 def test_a_killed_rank_ends_the_run_with_an_error(store):
