@@ -46,6 +46,12 @@ def tensor_parallel_size(manifest: dict) -> int:
     return int((manifest.get("parallel") or {}).get("tensor_parallel_size", 1))
 
 
+def torchrun_follower() -> bool:
+    """Whether this process is a rank > 0 started by torchrun (it serves nothing itself)."""
+    return all(v in os.environ for v in _TORCHRUN_VARS) and os.environ["RANK"] != "0" \
+        and int(os.environ["WORLD_SIZE"]) > 1
+
+
 def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

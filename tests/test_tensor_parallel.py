@@ -186,3 +186,25 @@ def test_artifact_holds_per_rank_shards_and_inspect_shows_them(store):
     ops = art.graph.op_counts()
     collectives = [ln for ln in text.splitlines() if ln.startswith("  collective ")]
     assert len(collectives) == ops["all_reduce"] + ops["all_gather"] > 0
+
+
+def test_torchrun_starts_the_same_artifact(store):
+    """Under torchrun every process runs `braze generate`: rank 0 prints, rank 1 follows."""
+    import json
+    import subprocess
+    import sys
+
+    from braze.runtime import LLM
+    from braze.runtime.parallel import _free_port
+    want = _greedy(LLM(store.artifact("llama", opt_level=2), backend="reference"), 4)[0]
+    art = store.artifact("llama", opt_level=2, tensor_parallel_size=2)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "braze", "generate", str(art),
+                        "--prompt-ids", ",".join(map(str, PROMPT[:7])), "--max-tokens", "4",
+                        "--json", "--backend", "reference"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]   # rank 0 only
+    assert json.loads(line)["token_ids"] == want
