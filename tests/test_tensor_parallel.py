@@ -208,3 +208,27 @@ def test_torchrun_starts_the_same_artifact(store):
     assert r.returncode == 0, r.stderr[-2000:]
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]   # rank 0 only
     assert json.loads(line)["token_ids"] == want
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_engine_preemption_and_prefix_cache_at_two_ranks(store, lag):
+    """Too few KV blocks (preemption, recompute) and a shared prompt prefix (prefix-cache
+    hits) at two ranks, with and without async scheduling: the tokens of one roomy rank."""
+    import random
+
+    from braze.runtime import LLM, SamplingParams
+    rng = random.Random(5)
+    shared = [rng.randrange(3, 256) for _ in range(40)]
+    prompts = [shared + [rng.randrange(3, 256) for _ in range(k)] for k in (4, 9, 1, 20)]
+    prompts += [[rng.randrange(3, 256) for _ in range(k)] for k in (25, 30)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    one = LLM(store.artifact("llama", opt_level=2), backend="reference", num_kv_blocks=64)
+    want = [o.token_ids for o in one.generate(prompts, params)]
+    with LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference",
+             num_kv_blocks=8, async_scheduling=lag) as llm:
+        first = llm.generate(prompts[:1], params)
+        got = llm.generate(prompts, params)
+        s = llm.stats()
+    assert first[0].token_ids == want[0]
+    assert [o.token_ids for o in got] == want
+    assert s["preemptions"] > 0 and s["prefix_cache_hit_tokens"] >= 32
