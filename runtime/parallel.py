@@ -99,6 +99,7 @@ class Group:
             dist.destroy_process_group()
 
     device = torch.device("cpu")
+    timeout_s = 0.0
 
 
 _GROUP: Group | None = None
@@ -141,10 +142,26 @@ def ensure_group(artifact, options) -> Group | None:
     else:
         _GROUP = _start_local(artifact, options, n, device_type, timeout)
     _GROUP.device = torch.device(device_type)
+    _GROUP.timeout_s = options.collective_timeout_s
     if _GROUP.rank == 0:
         atexit.register(_GROUP.close)
     log.info("tensor-parallel rank %d of %d (%s)", _GROUP.rank, n, _backend(device_type))
     return _GROUP
+
+
+def health() -> tuple[dict | None, str | None]:
+    """For rank 0's health endpoint: (the group's size and collective timeout, or None
+    without a group; why it cannot serve, or None). A rank that exited shows here before
+    the next step fails on it."""
+    g = _GROUP
+    if g is None or g.rank != 0 or g.closed:
+        return None, None
+    info = {"size": g.size, "collective_timeout_s": g.timeout_s}
+    try:
+        g.check_alive()
+    except BrazeError as e:
+        return info, str(e)
+    return info, None
 
 
 def shutdown() -> None:

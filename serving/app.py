@@ -173,12 +173,17 @@ def create_app(svc: Service, read_timeout: float | None = None,
     from .utility_routes import install as install_utility_routes
     install_utility_routes(app, svc)
 
+    from braze.runtime.parallel import health as parallel_health
+
     @app.get("/health")
     async def health():
         reason = svc.aengine.unavailable_reason()
         if reason is not None:
             return _error(503, reason, "service_unavailable")
-        return JSONResponse({"status": "ok"})
+        tp, dead = parallel_health()          # a tensor-parallel artifact's ranks
+        if dead is not None:
+            return _error(503, dead, "service_unavailable")
+        return JSONResponse({"status": "ok", **({"tensor_parallel": tp} if tp else {})})
 
     @app.get("/version")
     async def version():

@@ -123,6 +123,8 @@ def test_a_killed_rank_ends_the_run_with_an_error(store):
         (proc,) = parallel._GROUP.procs
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=30)
+        info, dead = parallel.health()          # what braze serve's /health answers 503 with
+        assert info == {"size": 2, "collective_timeout_s": 30} and "rank 1" in dead
         with pytest.raises(BrazeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited"):
             _greedy(llm, 2)
 
