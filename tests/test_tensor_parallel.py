@@ -23,7 +23,10 @@ from conftest import PROMPT
 # norms, head_dim 24, tied embeddings), Qwen3-MoE (experts' intermediate split, a dense
 # layer in the middle)
 LOGIT_CASES = [("llama", 2), ("llama", 4), ("qwen3-headdim24-tied", 2),
-               ("qwen3_moe-dense-middle", 2), ("qwen3_moe-dense-middle", 4)]
+               ("qwen3_moe-dense-middle", 2), ("qwen3_moe-dense-middle", 4),
+               # the other families: Mixtral's experts, Phi-3's fused checkpoint tensors
+               # (split into q/k/v and gate/up sources by the frontend), Gemma 3's soft-caps
+               ("mixtral", 2), ("phi3-longrope-partial-tied", 2), ("gemma3-sandwich-softcap", 2)]
 
 
 def _steps():
