@@ -56,6 +56,7 @@ def _rank_main(rank, n, port, root, queue, config_home):
         out = _logits(ex)
         if rank == 0:
             queue.put([t.numpy().copy() for t in out])
+        dist.barrier()              # no rank leaves the group while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -78,7 +79,7 @@ def _run_ranks(root, n) -> list[torch.Tensor]:
             p.join(timeout=60)
             if p.exitcode is None:
                 p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
     return [torch.from_numpy(x) for x in out]
 
 
