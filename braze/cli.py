@@ -74,7 +74,8 @@ def cmd_compile(a) -> int:
             max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, block_size=a.block_size,
             targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
             lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
-            lora_targets=a.lora_targets, max_logits_rows=a.max_logits_rows)
+            lora_targets=a.lora_targets, max_logits_rows=a.max_logits_rows,
+            tensor_parallel_size=a.tensor_parallel_size)
     return 0
 
 
@@ -217,6 +218,11 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--max-cpu-loras", type=_positive_int, metavar="N",
                    help="LoRA adapters kept parsed in host memory (default and minimum: the "
                         "artifact's --lora-slots); more are read from disk again when used")
+    p.add_argument("--collective-timeout", type=_positive_float, default=300.0,
+                   metavar="SECONDS", dest="collective_timeout_s",
+                   help="tensor-parallel artifacts: how long a collective waits for the other "
+                        "ranks before the run ends with an error naming what failed (a rank that "
+                        "died or hangs; default 300)")
     _trust_flags(p)
 
 
@@ -230,7 +236,7 @@ def _engine_options(a):
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
                          kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras,
-                         speculative=a.speculative)
+                         speculative=a.speculative, collective_timeout_s=a.collective_timeout_s)
 
 
 def _server_options(a):
@@ -324,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "down (default: all seven; with --lora-slots); qkv and gate_up stand "
                         "for their parts (Phi-3's fused projections, whose adapters braze "
                         "splits). An adapter may target only these")
+    c.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                   help="shard the model over N GPUs (default 1): attention heads, MLP and "
+                        "expert intermediate sizes and the vocabulary split across ranks, with "
+                        "all-reduce/all-gather ops in the graph; the artifact holds each rank's "
+                        "weight shards, and `braze generate`/`serve` start N worker processes "
+                        "(or run under torchrun). See docs/parallelism.md")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")

@@ -24,6 +24,7 @@ from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
 from braze.passes import PassContext, PassManager, dump_after_each
 from braze.passes.manager import pipeline
+from braze.passes.shard import parallel_manifest, rank_loader
 from braze.signing import default_private_key, load_private_key
 
 from .config import CompileOptions
@@ -82,18 +83,31 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         log(f"dumping IR after each stage into {d}")
     log(f"[2/3] optimising at -O{opts.opt_level}")
     ctx = PassContext(options=opts.to_json())
-    names = pipeline(opts.opt_level)
+    tp = opts.tensor_parallel_size
+    if tp > 1 and opts.lora_slots:
+        raise BrazeError("--lora-slots with --tensor-parallel-size > 1 is not supported yet "
+                         "(the adapter pools would need sharding like their linears); compile "
+                         "the LoRA artifact for one GPU")
+    # sharding first, at every -O level: the fusions then see the rank's sizes
+    names = (["shard"] if tp > 1 else []) + pipeline(opts.opt_level)
     if opts.lora_slots:
         from braze.passes.add_lora import with_lora
         names = with_lora(names)
+    if tp > 1:
+        log(f"sharding for {tp} tensor-parallel ranks")
     records = PassManager(names, ctx=ctx, after_each=after_each, log=log,
-                                    verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
+                          verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
     verify(graph)
     if explain:
         for r in ctx.refusals:
             log(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
     lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's
-    load_param = materialize(graph, loaded.load_param)
+    shards = ctx.records.get("shards", {})
+    if tp > 1:
+        load_param = materialize(graph, None, [rank_loader(loaded.load_param, shards, r)
+                                               for r in range(tp)])
+    else:
+        load_param = materialize(graph, loaded.load_param)
     log(f"[3/3] writing artifact {out}")
     model = {
         "architecture": spec.architecture, "family": spec.family, "dtype": loaded.dtype,
@@ -112,6 +126,10 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         "ops_after": graph.op_counts(),
         "refusals": len(ctx.refusals),
     }
+    extra = {"compile": compile_info, "limits": opts.limits().to_json(),
+             **({"lora": lora} if lora else {})}
+    if tp > 1:
+        extra["parallel"] = parallel_manifest(graph, shards, tp)
     plan = build_plan(graph, opts.to_json())
     kernel_count = len(plan["kernels"])
     compile_info["extern_ops"] = plan["extern_ops"]
@@ -125,32 +143,36 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         return entries
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),
-                   extra={"compile": compile_info, "limits": opts.limits().to_json(),
-                          **({"lora": lora} if lora else {})},
+                   extra=extra,
                    overwrite=force, log=log, emit=emit, signing_key=key)
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written
 
 
-def materialize(graph: Graph, load_source):
+def materialize(graph: Graph, load_source, rank_sources=None):
     """Turn derived params into plain ones the artifact ships, and drop params only they used.
 
     Returns a loader that computes each derived weight from its sources (recipes are
-    plain IR ops, evaluated with their reference implementation at compile time)."""
+    plain IR ops, evaluated with their reference implementation at compile time); with
+    `rank_sources` (one source loader per tensor-parallel rank), a list of such loaders."""
     recipes = {name: p.recipe for name, p in graph.params.items() if p.recipe is not None}
 
-    def load(name: str) -> torch.Tensor:
-        r = recipes.get(name)
-        if r is None:
-            return load_source(name)
-        out = r.opdef.impl(*[load(s.name) for s in r.operands], **r.attrs)
-        return (out[0] if isinstance(out, (tuple, list)) else out).contiguous()
+    def loader(source):
+        def load(name: str) -> torch.Tensor:
+            r = recipes.get(name)
+            if r is None:
+                return source(name)
+            out = r.opdef.impl(*[load(s.name) for s in r.operands], **r.attrs)
+            return (out[0] if isinstance(out, (tuple, list)) else out).contiguous()
+        return load
 
     for p in graph.params.values():
         p.recipe = None
     graph.remove_unused_params()
-    return load
+    if rank_sources is not None:
+        return [loader(s) for s in rank_sources]
+    return loader(load_source)
 
 
 def _eos_ids(model_dir, spec) -> list[int]:

@@ -24,11 +24,12 @@ class CompileOptions:
     max_lora_rank: int = 16
     lora_targets: str = "q,k,v,o,gate,up,down"
     max_logits_rows: int | None = None    # None: max_num_seqs (ir/contract.py StepLimits)
+    tensor_parallel_size: int = 1         # ranks the graph is sharded for (passes/shard.py)
 
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
             raise BrazeError(f"--opt-level must be 0, 1 or 2, got {self.opt_level}")
-        for name in ("max_num_tokens", "max_num_seqs", "block_size"):
+        for name in ("max_num_tokens", "max_num_seqs", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise BrazeError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")

@@ -48,6 +48,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
         "trust": {"how": art.trust.how, "detail": art.trust.detail},
+        "parallel": m.get("parallel"),
     }
 
 
@@ -119,8 +120,27 @@ def format_summary(s: dict) -> str:
         lo = s["lora"]
         lines.append(f"lora       {lo['slots']} adapter slots, max rank {lo['max_rank']}, targets "
                      f"{','.join(lo['targets'])}, {lo['pools']} linears with a delta")
+    if s.get("parallel"):
+        lines += _parallel_lines(s["parallel"])
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
     lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
                  + ("" if s["trust"]["how"] != "none" else
                     " (generate and serve refuse it; see --trusted-keys and --trust-artifact)"))
     return "\n".join(lines)
+
+
+def _parallel_lines(p: dict) -> list[str]:
+    """How a tensor-parallel artifact is split (passes/shard.py): each weight, each collective."""
+    n = p["tensor_parallel_size"]
+    lines = [f"parallel   tensor-parallel over {n} ranks: one graph (SPMD), weight shards per "
+             f"rank; {len(p['collectives'])} collectives per step"]
+    for name, spec in sorted(p["shards"].items()):
+        if "values" in spec:
+            lines.append(f"  shard @{name}: per rank " + ", ".join(
+                f"r{r}={v[0]}" for r, v in enumerate(spec["values"])))
+        else:
+            lines.append(f"  shard @{name} dim {spec['dim']}: " + ", ".join(
+                f"r{r}[{a}:{b}]" for r, (a, b) in enumerate(spec["ranges"])))
+    for c in p["collectives"]:
+        lines.append(f"  collective {c['result']}: {c['type']} = {c['op']} (node {c['node']})")
+    return lines

@@ -77,29 +77,26 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
            extra: dict, shard_bytes: int, log) -> dict:
     (root / GRAPH_FILE).write_text(print_graph(graph))
     (root / "config.json").write_text(json.dumps(model["config"], indent=1) + "\n")
-    names = list(graph.params)
     t0 = time.perf_counter()
     digests: dict[str, str] = {}
-    files: list[str] = []
-    params: dict[str, str] = {}
-    total_bytes, done = 0, 0
-    for group in _plan_shards(graph, names, shard_bytes):
-        fname = f"weights-{len(files) + 1:05d}.safetensors"
-        with open(root / fname, "wb") as f:
-            writer = _ShardWriter(f, [(n, graph.params[n].type) for n in group])
-            for name in group:
-                writer.write(name, _checked(graph, name, load_param(name)))
-                params[name] = fname
-                done += 1
-                if log and done % 64 == 0:
-                    log(f"  weights: {done}/{len(names)} tensors, "
-                        f"{(total_bytes + writer.written) / 2**20:.1f} MiB")
-            digests[fname] = writer.finish()
-            total_bytes += writer.written
-        files.append(fname)
+    # one loader per tensor-parallel rank: each rank's shards go to their own files, so a
+    # rank reads only its own weights
+    loaders = load_param if isinstance(load_param, list) else [load_param]
+    ranks, files, total_bytes = [], [], 0
+    for r, load in enumerate(loaders):
+        prefix = "weights" if len(loaders) == 1 else f"weights-rank{r}"
+        rf, params, nbytes = _write_weights(root, graph, load, prefix, shard_bytes, digests, log)
+        files += rf
+        total_bytes += nbytes
+        ranks.append({"files": rf, "params": params})
     if log:
-        log(f"wrote {len(names)} weight tensors ({total_bytes / 2**20:.1f} MiB) in "
-            f"{len(files)} file(s) in {time.perf_counter() - t0:.2f}s")
+        per = f" x {len(loaders)} ranks" if len(loaders) > 1 else ""
+        log(f"wrote {len(graph.params)} weight tensors{per} "
+            f"({total_bytes / 2**20:.1f} MiB) in {len(files)} file(s) in "
+            f"{time.perf_counter() - t0:.2f}s")
+    weights = {"files": files, "params": ranks[0]["params"], "bytes": total_bytes}
+    if len(loaders) > 1:
+        weights["ranks"] = ranks
     tok_files = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
     if tok_files:
         (root / TOKENIZER_DIR).mkdir()
@@ -119,11 +116,35 @@ def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, mod
         "options": options,
         "graph": {"file": GRAPH_FILE, "ops": graph.op_counts(), "nodes": len(graph.nodes),
                   "inputs": [v.name for v in graph.inputs], "outputs": list(graph.outputs)},
-        "weights": {"files": files, "params": params, "bytes": total_bytes},
+        "weights": weights,
         "tokenizer": TOKENIZER_DIR if tok_files else None,
         **extra,
         "files": hashes,
     }
+
+
+def _write_weights(root: Path, graph: Graph, load_param, prefix: str, shard_bytes: int,
+                   digests: dict, log) -> tuple[list[str], dict, int]:
+    """One rank's weights, streamed into `prefix`-NNNNN.safetensors files."""
+    names = list(graph.params)
+    files: list[str] = []
+    params: dict[str, str] = {}
+    total_bytes, done = 0, 0
+    for group in _plan_shards(graph, names, shard_bytes):
+        fname = f"{prefix}-{len(files) + 1:05d}.safetensors"
+        with open(root / fname, "wb") as f:
+            writer = _ShardWriter(f, [(n, graph.params[n].type) for n in group])
+            for name in group:
+                writer.write(name, _checked(graph, name, load_param(name)))
+                params[name] = fname
+                done += 1
+                if log and done % 64 == 0:
+                    log(f"  weights ({prefix}): {done}/{len(names)} tensors, "
+                        f"{(total_bytes + writer.written) / 2**20:.1f} MiB")
+            digests[fname] = writer.finish()
+            total_bytes += writer.written
+        files.append(fname)
+    return files, params, total_bytes
 
 
 # safetensors' dtype names (its format spec); the header is JSON padded to 8 bytes.

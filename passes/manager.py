@@ -189,6 +189,8 @@ class PassContext:
     options: dict = field(default_factory=dict)
     refusals: list[Refusal] = field(default_factory=list)
     current: str = ""
+    # facts a pass hands to the compiler beside the graph (the shard pass's weight slices)
+    records: dict = field(default_factory=dict)
 
     def refuse(self, node: Node | str, reason: str) -> None:
         where = node if isinstance(node, str) else _describe(node)
@@ -224,6 +226,9 @@ class PassManager:
     @classmethod
     def for_level(cls, level: int, **kw) -> "PassManager":
         return cls(pipeline(level), **kw)
+
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos]
 
     def run(self, g: Graph) -> list[PassRecord]:
         # the passes allocate many small objects and free few: the cyclic collector's full

@@ -256,6 +256,8 @@ def bind_extern(runner: PlanRunner, launch: dict, env: dict, sizes: dict, out_fo
         a, b = args
         out = bufs[0]
         call = lambda: torch.matmul(a, b, out=out)
+    elif op == "all_reduce" and len(bufs) == 1 and attrs["group_size"] > 1:
+        call = _all_reduce_out(args[0], bufs[0], attrs["group_size"])
     if call is None:
         call = _generic_all(opdef, args, attrs, bufs)
         name += "(fallback)"
@@ -277,6 +279,22 @@ def _linear_out(args, out: torch.Tensor):
     if b is None:
         return lambda: torch.mm(x2, wt, out=o2)
     return lambda: torch.addmm(b, x2, wt, out=o2)
+
+
+def _all_reduce_out(x: torch.Tensor, out: torch.Tensor, group_size: int):
+    """Copy x into its static buffer and sum it there across the ranks: no temporary, so
+    on a GPU the NCCL call stays inside the captured segment (ir/op_collective.py)."""
+    import torch.distributed as dist
+
+    from braze.ir.op_collective import group_world
+    group_world(group_size, "all_reduce")
+    dst = out.view(x.shape)
+
+    def run():
+        if dst.data_ptr() != x.data_ptr():
+            dst.copy_(x)
+        dist.all_reduce(dst)
+    return run
 
 
 def _copy_call(dst: torch.Tensor, src: torch.Tensor):

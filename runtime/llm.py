@@ -86,6 +86,18 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel artifact (runtime/parallel.py; also
+        done when the process exits). The LLM cannot generate after this."""
+        from .parallel import shutdown
+        shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> RequestOutput:
     """The report of a prompt from its samples: with best_of, the n of highest cumulative

@@ -49,9 +49,21 @@ class Artifact:
         t = self.manifest.get("tokenizer")
         return self.root / t if t else None
 
-    def load_weights(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def load_weights(self, device: torch.device | str = "cpu",
+                     rank: int | None = None) -> dict[str, torch.Tensor]:
+        """The weights of tensor-parallel rank `rank` (default: this process's rank in its
+        torch.distributed group, else 0): only that rank's files are read."""
         out: dict[str, torch.Tensor] = {}
-        for f in self.manifest["weights"]["files"]:
+        weights = self.manifest["weights"]
+        files = weights["files"]
+        if "ranks" in weights:
+            from .parallel import current_rank
+            rank = current_rank() if rank is None else rank
+            if not 0 <= rank < len(weights["ranks"]):
+                raise BrazeError(f"artifact {self.root} has weights for ranks "
+                                 f"0..{len(weights['ranks']) - 1}, not rank {rank}")
+            files = weights["ranks"][rank]["files"]
+        for f in files:
             try:
                 out.update(load_file(str(self.root / f), device=str(device)))
             except Exception as e:  # safetensors raises its own error types

@@ -11,6 +11,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
+from . import parallel
 from .executor import Executor
 from .graph_runner import GraphRunner
 from .input_batch import PersistentBatch, static_buffers
@@ -24,6 +25,11 @@ from .scheduler import ScheduledChunk
 class ModelRunner:
     def __init__(self, artifact: Artifact, options: EngineOptions, progress=None):
         limits = artifact.limits
+        # a tensor-parallel artifact: join or start its ranks (runtime/parallel.py)
+        group = parallel.ensure_group(artifact, options)
+        if group is not None and group.rank != 0:       # torchrun: ranks > 0 follow rank 0
+            parallel.follow(artifact, options)
+            raise SystemExit(0)
         self.max_num_seqs = _limit("max_num_seqs", options.max_num_seqs, limits.max_num_seqs)
         self.max_num_tokens = _limit("max_num_tokens", options.max_num_tokens,
                                      limits.max_num_tokens)
@@ -53,6 +59,7 @@ class ModelRunner:
                                      self.block_size, self.device, self.static)
         self.graphs = GraphRunner(ex, self.static, options.buckets, self.max_num_seqs,
                                   mode=options.cudagraph_mode, debug=options.debug)
+        self.graphs = parallel.distribute(self.graphs, artifact, options, num_kv_blocks)
         self.graphs.capture(progress=progress)
 
     structured = None      # runtime.structured.StructuredBackend, set by the engine on first use

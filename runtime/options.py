@@ -41,6 +41,9 @@ class EngineOptions:
     # speculative decoding (runtime/speculative.py): {"method": "ngram" | "draft",
     # "num_speculative_tokens": k, ...}, its JSON text, or a SpeculativeConfig
     speculative: object = None
+    # tensor-parallel artifacts: how long a collective waits for the other ranks before
+    # the run ends with an error (a rank that died or hangs)
+    collective_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -53,6 +56,10 @@ class EngineOptions:
         v = self.kv_offload_cpu_gb
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
             raise BrazeError(f"kv_offload_cpu_gb must be a positive number of GiB, got {v!r}")
+        v = self.collective_timeout_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise BrazeError(f"collective_timeout_s must be a positive number of seconds, "
+                             f"got {v!r}")
         if self.kv_offload_dir and self.kv_offload_s3:
             raise BrazeError("choose one lower KV tier: kv_offload_dir or kv_offload_s3, "
                              "not both")

@@ -179,12 +179,17 @@ def create_app(svc: Service, read_timeout: float | None = None,
     from .lora_routes import install as install_lora_routes
     install_lora_routes(app, svc, options.allow_runtime_lora_updating)
 
+    from braze.runtime.parallel import health as parallel_health
+
     @app.get("/health")
     async def health():
         reason = svc.aengine.unavailable_reason()
         if reason is not None:
             return _error(503, reason, "service_unavailable")
-        return JSONResponse({"status": "ok"})
+        tp, dead = parallel_health()          # a tensor-parallel artifact's ranks
+        if dead is not None:
+            return _error(503, dead, "service_unavailable")
+        return JSONResponse({"status": "ok", **({"tensor_parallel": tp} if tp else {})})
 
     @app.get("/version")
     async def version():

@@ -85,6 +85,12 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
     if tool_call_parser is not None and ALIASES.get(tool_call_parser, tool_call_parser) not in PARSERS:
         raise BrazeError(f"--tool-call-parser {tool_call_parser!r} is not a parser braze has; "
                          f"choose one of {', '.join(sorted(PARSERS))}")
+    from braze.runtime.parallel import torchrun_follower
+    if torchrun_follower():          # torchrun ranks > 0: no socket; follow rank 0, then exit
+        fo = EngineOptions.of(options)
+        Engine(open_artifact(artifact, trusted_keys=fo.trusted_keys,
+                             trust_artifact=fo.trust_artifact), fo)
+        return 0
     sock = bind_socket(host, port)
     try:
         hooks = extensions.load_all(so.extensions)     # a bad name fails before the engine loads

@@ -401,6 +401,23 @@ def _embedding(c: Case, op):
     c.g.op("embedding", ids, w)
 
 
+@case("embedding_shard")
+def _embedding_shard(c: Case, op):
+    v, d = c.int(1, 6), c.int(1, 4)
+    start = c.int(0, 6)
+    ids = c.input(c.pick([(T,), (2, T)]), c.pick(["i64", "i32"]), low=0, high=start + v + 2)
+    w = c.param((v, d), c.pick(["f32", "f16"]))
+    s = c.input((1,), "i64", tensor=torch.tensor([start]))
+    c.g.op("embedding_shard", ids, w, s)
+
+
+@case("all_reduce", "all_gather")
+def _collective(c: Case, op):
+    # one rank (no process group): the identity and a copy; tests/test_tensor_parallel.py
+    # runs them over gloo process groups of 2 and 4 ranks
+    c.g.op(op, c.input(tshape(c, c.int(1, 3)), c.pick(["f32", "f16"])), group_size=1)
+
+
 @case("fused_moe")
 def _fused_moe(c: Case, op):
     e, h, i = c.int(1, 4), c.int(1, 4), c.int(1, 3)
@@ -561,14 +578,17 @@ def test_views_are_extern_and_extern_ops_have_no_kernel():
 @pytest.mark.parametrize("op", sorted(n for n, d in all_ops().items() if d.last_dim_rowwise))
 def test_last_dim_rowwise_ops_compute_each_row_alone(op):
     """prune-logits drops rows before these ops: every result row must be the op's result
-    on that row alone (operands [T, H], the last one a [H] weight)."""
+    on that row alone (operands [T, H], then a [H] weight `w` where the op takes one)."""
     d = all_ops()[op]
-    attrs = d.resolve_attrs({"eps": 1e-6} if "eps" in d.attrs else {})
+    attrs = d.resolve_attrs({"eps": 1e-6} if "eps" in d.attrs else
+                            {"group_size": 1} if "group_size" in d.attrs else {})
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(7, 16, generator=g) for _ in d.operands[:-1]] + [torch.randn(16, generator=g)]
+    n_rows = len(d.operands) - (d.operands[-1] == "w")
+    args = [torch.randn(7, 16, generator=g) for _ in range(n_rows)] + \
+        [torch.randn(16, generator=g)] * (len(d.operands) - n_rows)
     full = d.impl(*args, **attrs)
     rows = [5, 1, 2]
-    part = d.impl(*[a[rows] for a in args[:-1]], args[-1], **attrs)
+    part = d.impl(*[a[rows] for a in args[:n_rows]], *args[n_rows:], **attrs)
     full, part = (x if isinstance(x, tuple) else (x,) for x in (full, part))
     for f, p_ in zip(full, part):
         torch.testing.assert_close(p_, f[rows], rtol=0, atol=0)

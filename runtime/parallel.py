@@ -1,0 +1,303 @@
+"""Run a tensor-parallel artifact on torch.distributed: one process per rank.
+
+The artifact's graph is the same on every rank (passes/shard.py); each rank loads its
+own weight files and keeps its own KV cache. Rank 0 owns the engine (scheduler, block
+manager, sampler). Every step it broadcasts a small header and the step's static input
+buffers; every rank then replays the same graph segments, whose `all_reduce` and
+`all_gather` ops meet across ranks (gloo on CPUs, NCCL on GPUs). The logits come back
+whole on every rank and only rank 0 samples.
+
+How the ranks start:
+
+- one host, no launcher: the engine's process becomes rank 0 and starts ranks 1..N-1
+  with torch.multiprocessing (spawn) on a free local port;
+- torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT): every process runs the same command; rank 0 serves, the other ranks
+  follow its steps and exit when it stops. WORLD_SIZE must equal the artifact's
+  tensor_parallel_size.
+
+Failures end the run with a message, never a hang: before each step rank 0 checks that
+the ranks it started are alive, and every collective has the group's timeout
+(`EngineOptions.collective_timeout_s`), after which it raises in every surviving rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from braze.ir.errors import BrazeError
+
+log = logging.getLogger("braze.runtime")
+
+_RUN, _STOP = 1, 0
+_STEP_BUFFERS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
+                 "block_tables", "logits_indices")
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def tensor_parallel_size(manifest: dict) -> int:
+    return int((manifest.get("parallel") or {}).get("tensor_parallel_size", 1))
+
+
+def torchrun_follower() -> bool:
+    """Whether this process is a rank > 0 started by torchrun (it serves nothing itself)."""
+    return all(v in os.environ for v in _TORCHRUN_VARS) and os.environ["RANK"] != "0" \
+        and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def current_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _backend(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    # only to choose a port for torch.distributed's own rendezvous (TCPStore)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Group:
+    """This process's place in the tensor-parallel group (and the ranks it started)."""
+
+    def __init__(self, rank: int, size: int, procs=(), torchrun: bool = False):
+        self.rank, self.size, self.procs, self.torchrun = rank, size, list(procs), torchrun
+        self.closed = False
+
+    def check_alive(self) -> None:
+        for r, p in enumerate(self.procs, start=1):
+            if p.exitcode is not None:
+                raise BrazeError(f"tensor-parallel rank {r} (pid {p.pid}) exited with code "
+                                 f"{p.exitcode}; the run cannot continue without it")
+
+    def close(self) -> None:
+        """Tell the other ranks to stop, then leave the group (rank 0)."""
+        if self.closed:
+            return
+        self.closed = True
+        if dist.is_initialized():
+            try:
+                if all(p.exitcode is None for p in self.procs):
+                    dist.broadcast(_header(_STOP, 0, 0, 0, self.device), 0)
+            except Exception:        # a rank already gone: nothing left to tell
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.exitcode is None:
+                p.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    device = torch.device("cpu")
+    timeout_s = 0.0
+
+
+_GROUP: Group | None = None
+
+
+def ensure_group(artifact, options) -> Group | None:
+    """For a tensor-parallel artifact: join (torchrun) or start (one host) its group, once
+    per process. None for an artifact of one rank."""
+    global _GROUP
+    n = tensor_parallel_size(artifact.manifest)
+    if n == 1:
+        return None
+    if _GROUP is not None and not _GROUP.closed:
+        if _GROUP.size != n:
+            raise BrazeError(f"this process already runs a tensor-parallel group of "
+                             f"{_GROUP.size} ranks; artifact {artifact.root} needs {n}")
+        return _GROUP
+    if options.kv_offload_cpu_gb:
+        raise BrazeError("KV offload (--kv-offload-cpu-gb) is not supported with a "
+                         "tensor-parallel artifact yet")
+    timeout = datetime.timedelta(seconds=options.collective_timeout_s)
+    device_type = "cuda" if options.backend in ("cuda", "auto") and torch.cuda.is_available() \
+        else "cpu"
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world != n:
+            raise BrazeError(f"the torch.distributed group has {world} ranks; artifact "
+                             f"{artifact.root} was compiled for --tensor-parallel-size {n}")
+        _GROUP = Group(rank, n, torchrun=True)
+    elif all(v in os.environ for v in _TORCHRUN_VARS):
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        if world != n:
+            raise BrazeError(f"WORLD_SIZE={world} but artifact {artifact.root} was compiled for "
+                             f"--tensor-parallel-size {n}; start {n} processes (torchrun "
+                             f"--nproc-per-node ... so that nodes x processes = {n})")
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        dist.init_process_group(_backend(device_type), rank=rank, world_size=n, timeout=timeout)
+        _GROUP = Group(rank, n, torchrun=True)
+    else:
+        _GROUP = _start_local(artifact, options, n, device_type, timeout)
+    _GROUP.device = torch.device(device_type)
+    _GROUP.timeout_s = options.collective_timeout_s
+    if _GROUP.rank == 0:
+        atexit.register(_GROUP.close)
+    log.info("tensor-parallel rank %d of %d (%s)", _GROUP.rank, n, _backend(device_type))
+    return _GROUP
+
+
+def health() -> tuple[dict | None, str | None]:
+    """For rank 0's health endpoint: (the group's size and collective timeout, or None
+    without a group; why it cannot serve, or None). A rank that exited shows here before
+    the next step fails on it."""
+    g = _GROUP
+    if g is None or g.rank != 0 or g.closed:
+        return None, None
+    info = {"size": g.size, "collective_timeout_s": g.timeout_s}
+    try:
+        g.check_alive()
+    except BrazeError as e:
+        return info, str(e)
+    return info, None
+
+
+def shutdown() -> None:
+    """Rank 0: stop the group this process started or joined (a no-op without one)."""
+    global _GROUP
+    g, _GROUP = _GROUP, None
+    if g is not None and g.rank == 0:
+        g.close()
+
+
+def _start_local(artifact, options, n: int, device_type: str, timeout) -> Group:
+    import torch.multiprocessing as mp
+    if device_type == "cuda" and torch.cuda.device_count() < n:
+        raise BrazeError(f"artifact {artifact.root} needs {n} GPUs (--tensor-parallel-size {n}); "
+                         f"{torch.cuda.device_count()} are visible")
+    addr, port = "127.0.0.1", _free_port()
+    ctx = mp.get_context("spawn")
+    procs = []
+    from dataclasses import asdict
+    for r in range(1, n):
+        p = ctx.Process(target=_worker_entry, daemon=True, name=f"braze-tp-rank{r}",
+                        args=(r, n, addr, port, str(artifact.root), asdict(options),
+                              device_type))
+        p.start()
+        procs.append(p)
+    if device_type == "cuda":
+        torch.cuda.set_device(0)
+    try:
+        dist.init_process_group(_backend(device_type), init_method=f"tcp://{addr}:{port}",
+                                rank=0, world_size=n, timeout=timeout)
+    except Exception as e:
+        for p in procs:
+            p.kill()
+        raise BrazeError(f"could not start the {n}-rank tensor-parallel group: {e}") from None
+    return Group(0, n, procs)
+
+
+def _worker_entry(rank, n, addr, port, root, options, device_type) -> None:
+    """A rank started by rank 0 on this host."""
+    from .options import EngineOptions
+    opts = EngineOptions(**options)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(_backend(device_type), init_method=f"tcp://{addr}:{port}",
+                            rank=rank, world_size=n,
+                            timeout=datetime.timedelta(seconds=opts.collective_timeout_s))
+    global _GROUP
+    _GROUP = Group(rank, n)
+    _GROUP.device = torch.device(device_type)
+    from .loader import open_artifact
+    art = open_artifact(root, check_hashes=False, trusted_keys=opts.trusted_keys,
+                        trust_artifact=opts.trust_artifact)
+    follow(art, opts)
+
+
+def _header(cmd: int, a: int, b: int, c: int, device) -> torch.Tensor:
+    return torch.tensor([cmd, a, b, c], dtype=torch.int64, device=device)
+
+
+def follow(artifact, options) -> None:
+    """Ranks > 0: build the same runner as rank 0 and replay every step it broadcasts,
+    until it says stop. A rank 0 that dies or hangs ends this with the collective timeout."""
+    from .executor import Executor
+    from .graph_runner import GraphRunner
+    from .input_batch import static_buffers
+    init = [None]
+    dist.broadcast_object_list(init, 0)
+    cfg = init[0]
+    ex = Executor(artifact, backend=cfg["backend"], device=options.device, num_blocks=1)
+    static = static_buffers(cfg["max_num_tokens"], cfg["max_num_seqs"], ex.max_blocks, ex.device)
+    ex.cache.resize(cfg["num_kv_blocks"])
+    graphs = GraphRunner(ex, static, cfg["buckets"], cfg["max_num_seqs"], mode=cfg["mode"],
+                         debug=cfg["debug"])
+    graphs.capture()
+    head = _header(0, 0, 0, 0, ex.device)
+    while True:
+        dist.broadcast(head, 0)
+        cmd, n_tok, n_seq, decode_only = (int(x) for x in head.tolist())
+        if cmd == _STOP:
+            break
+        _exchange(graphs, static, n_tok, n_seq)
+        graphs.run(n_tok, n_seq, bool(decode_only))
+    dist.destroy_process_group()
+
+
+def _exchange(graphs, static, n_tok: int, n_seq: int) -> None:
+    T, S = graphs.bucket_for(n_tok, n_seq)
+    for name in _STEP_BUFFERS:
+        rows = T if name in ("input_ids", "positions", "slot_mapping") else \
+            S + 1 if name == "query_start_loc" else S
+        dist.broadcast(static[name][:rows], 0)
+
+
+class LeaderGraphs:
+    """Rank 0's GraphRunner: each run first hands the step to the other ranks."""
+
+    def __init__(self, inner, group: Group, num_kv_blocks: int):
+        self.inner, self.group = inner, group
+        self.static = inner.static
+        dist.broadcast_object_list([{
+            "backend": inner.executor.backend, "max_num_tokens": inner.max_num_tokens,
+            "max_num_seqs": inner.max_num_seqs, "num_kv_blocks": num_kv_blocks,
+            "buckets": list(inner.buckets), "mode": inner.mode, "debug": inner.debug}], 0)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, num_tokens: int, num_seqs: int, decode_only: bool):
+        g = self.group
+        g.check_alive()
+        try:
+            dist.broadcast(_header(_RUN, num_tokens, num_seqs, int(decode_only),
+                                   self.static["input_ids"].device), 0)
+            _exchange(self.inner, self.static, num_tokens, num_seqs)
+            return self.inner.run(num_tokens, num_seqs, decode_only)
+        except BrazeError:
+            raise
+        except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
+            raise BrazeError(_failure(g, e)) from None
+
+
+def _failure(g: Group, e: Exception) -> str:
+    try:
+        g.check_alive()
+    except BrazeError as dead:
+        return str(dead)
+    return (f"a tensor-parallel collective failed ({type(e).__name__}: {str(e)[:300]}); "
+            f"a rank died or hung past the collective timeout")
+
+
+def distribute(graphs, artifact, options, num_kv_blocks: int):
+    """Rank 0: wrap the model runner's GraphRunner so every step reaches the other ranks.
+    Ranks > 0 under torchrun: follow rank 0 until it stops, then leave the process."""
+    g = _GROUP
+    if g is None or tensor_parallel_size(artifact.manifest) == 1:
+        return graphs
+    if g.rank != 0:
+        raise BrazeError("only rank 0 runs the engine")
+    return LeaderGraphs(graphs, g, num_kv_blocks)

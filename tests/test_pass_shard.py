@@ -1,0 +1,62 @@
+"""The shard pass on IR text: which weights split how, where the collectives go.
+
+Its meaning (ranks' logits equal one rank's) is tested over gloo process groups in
+tests/test_tensor_parallel.py."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from braze.ir import parse_graph, print_graph, verify
+from braze.ir.errors import BrazeError
+from pass_helpers import run_passes
+
+MLP = """
+graph @g(%x: f32[T, 8]) {{
+  param @gate: f32[{i}, 8]
+  param @up: f32[{i}, 8]
+  param @down: f32[8, {i}]
+  %0: f32[T, {i}] = linear(%x, @gate)
+  %1: f32[T, {i}] = silu(%0)
+  %2: f32[T, {i}] = linear(%x, @up)
+  %3: f32[T, {i}] = mul(%1, %2)
+  %4: f32[T, 8] = linear(%3, @down)
+  %5: f32[T, 8] = add(%x, %4)
+  return out=%5
+}}
+"""
+
+
+def _shard(text, n):
+    g = parse_graph(textwrap.dedent(text))
+    verify(g)
+    g, ctx = run_passes(g, ["shard"], tensor_parallel_size=n)
+    return g, ctx.records.get("shards", {})
+
+
+def test_gate_up_column_down_row_then_one_all_reduce():
+    g, shards = _shard(MLP.format(i=16), 2)
+    assert shards == {"gate": {"dim": 0, "ranges": [[0, 8], [8, 16]]},
+                      "up": {"dim": 0, "ranges": [[0, 8], [8, 16]]},
+                      "down": {"dim": 1, "ranges": [[0, 8], [8, 16]]}}
+    text = print_graph(g)
+    assert "param @gate: f32[8, 8]" in text and "param @down: f32[8, 8]" in text
+    assert "%3: f32[T, 8] = mul(%1, %2)" in text
+    (red,) = [n for n in g.nodes if n.op == "all_reduce"]
+    assert red.operands[0].name == "4" and red.attrs["group_size"] == 2
+    add = g.nodes[-1]
+    assert add.op == "add" and add.operands[1] is red.results[0]
+    assert g.meta["tensor_parallel_size"] == 2
+
+
+def test_one_rank_changes_nothing():
+    g, shards = _shard(MLP.format(i=16), 1)
+    assert shards == {} and print_graph(g) == print_graph(parse_graph(textwrap.dedent(MLP.format(i=16))))
+
+
+def test_uneven_intermediate_is_refused_naming_it():
+    with pytest.raises(BrazeError, match=r"intermediate_size \(15, dim 0 of @(gate|up)\) is not "
+                                         r"divisible by --tensor-parallel-size 2"):
+        _shard(MLP.format(i=15), 2)

@@ -1,0 +1,240 @@
+"""Tensor parallelism on CPUs: gloo process groups, tiny float32 models.
+
+The reference is the same checkpoint compiled for one rank: an N-rank artifact must give
+the same logits (1e-4) from its ranks' weight shards and collectives, and the same greedy
+tokens through the engine, whose rank 0 starts the other ranks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+
+import pytest
+import torch
+
+from braze.ir.errors import BrazeError
+
+from conftest import PROMPT
+
+# (conftest case, ranks): Llama with 2 KV heads (split at 2, replicated at 4), Qwen3 (QK
+# norms, head_dim 24, tied embeddings), Qwen3-MoE (experts' intermediate split, a dense
+# layer in the middle)
+LOGIT_CASES = [("llama", 2), ("llama", 4), ("qwen3-headdim24-tied", 2),
+               ("qwen3_moe-dense-middle", 2), ("qwen3_moe-dense-middle", 4),
+               # the other families: Mixtral's experts, Phi-3's fused checkpoint tensors
+               # (split into q/k/v and gate/up sources by the frontend), Gemma 3's soft-caps
+               ("mixtral", 2), ("phi3-longrope-partial-tied", 2), ("gemma3-sandwich-softcap", 2)]
+
+
+def _steps():
+    """A fresh prefill of two sequences, then a chunked prefill mixed with a decode."""
+    from braze.ir.contract import SeqChunk
+    a, b = PROMPT[:12], PROMPT[3:9]
+    return [[SeqChunk(a[:8], 0, [0]), SeqChunk(b, 0, [2])],
+            [SeqChunk(a[8:], 8, [0]), SeqChunk([PROMPT[15]], 6, [2])]]
+
+
+def _logits(ex) -> list[torch.Tensor]:
+    from conftest import run_step
+    return [run_step(ex, chunks) for chunks in _steps()]
+
+
+def _rank_main(rank, n, port, root, queue, config_home):
+    import datetime
+    os.environ["XDG_CONFIG_HOME"] = config_home     # importing conftest here replaced it
+
+    import torch.distributed as dist
+
+    from braze.runtime import Executor, open_artifact
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=n, timeout=datetime.timedelta(seconds=120))
+    try:
+        ex = Executor(open_artifact(root), backend="reference", num_blocks=8)
+        out = _logits(ex)
+        if rank == 0:
+            queue.put([t.numpy().copy() for t in out])
+        dist.barrier()              # no rank leaves the group while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(root, n) -> list[torch.Tensor]:
+    import torch.multiprocessing as mp
+
+    from braze.runtime.parallel import _free_port
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, n, port, str(root), q,
+                                                              os.environ["XDG_CONFIG_HOME"])) for r in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = q.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.exitcode is None:
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
+    return [torch.from_numpy(x) for x in out]
+
+
+@pytest.mark.parametrize("case,n", LOGIT_CASES)
+def test_logits_equal_one_rank(store, case, n):
+    from braze.runtime import Executor, open_artifact
+    one = Executor(open_artifact(store.artifact(case, opt_level=2)), backend="reference",
+                   num_blocks=8)
+    want = _logits(one)
+    art = store.artifact(case, opt_level=2, tensor_parallel_size=n)
+    got = _run_ranks(art, n)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+def _greedy(llm, max_tokens=6):
+    from braze.runtime import SamplingParams
+    prompts = [PROMPT[:7], PROMPT[5:19], PROMPT[2:4]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+# the interpret backend replays the launch plans (Triton kernels, the collectives as extern
+# calls on static buffers) as the cuda backend does; it is slow, so it gets fewer tokens
+@pytest.mark.parametrize("case,n,backend,tokens", [("llama", 2, "reference", 6),
+                                                   ("qwen3_moe-dense-middle", 2, "reference", 6),
+                                                   ("llama", 2, "interpret", 2)])
+def test_engine_greedy_tokens_equal_one_rank(store, case, n, backend, tokens):
+    """The engine's rank 0 starts the other rank, batches three prompts (one split over
+    steps by the token budget), and samples what one rank would."""
+    from braze.runtime import LLM
+    opts = dict(backend=backend, max_num_tokens=16, num_kv_blocks=16, buckets=[4, 8, 16])
+    want = _greedy(LLM(store.artifact(case, opt_level=2), **opts), tokens)
+    with LLM(store.artifact(case, opt_level=2, tensor_parallel_size=n), **opts) as llm:
+        assert _greedy(llm, tokens) == want
+
+
+def test_a_killed_rank_ends_the_run_with_an_error(store):
+    from braze.runtime import LLM, parallel
+    with LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference",
+             collective_timeout_s=30) as llm:
+        _greedy(llm, 2)
+        (proc,) = parallel._GROUP.procs
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=30)
+        info, dead = parallel.health()          # what braze serve's /health answers 503 with
+        assert info == {"size": 2, "collective_timeout_s": 30} and "rank 1" in dead
+        with pytest.raises(BrazeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited"):
+            _greedy(llm, 2)
+
+
+def test_a_hung_rank_ends_the_run_at_the_collective_timeout(store):
+    from braze.runtime import LLM, parallel
+    with LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference",
+             collective_timeout_s=3) as llm:
+        (proc,) = parallel._GROUP.procs
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BrazeError, match="collective failed.*timeout"):
+                _greedy(llm, 2)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=30)
+
+
+def test_a_tensor_parallel_artifact_refuses_a_group_of_another_size(store, monkeypatch):
+    from braze.runtime import LLM
+    for k, v in dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(BrazeError, match="WORLD_SIZE=3 but .* --tensor-parallel-size 2"):
+        LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference")
+
+
+def test_uneven_split_is_refused_naming_the_dimension(tmp_path):
+    import braze
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):
+        ckpt = make_checkpoint("llama", tmp_path / "m", seed=1, num_hidden_layers=1,
+                               intermediate_size=130)
+    with pytest.raises(BrazeError, match=r"intermediate_size \(130.*--tensor-parallel-size 4"):
+        braze.compile(ckpt, tmp_path / "a", targets="", tensor_parallel_size=4)
+    with pytest.raises(BrazeError, match=r"num_key_value_heads \(2\) is fewer than "
+                                         r"--tensor-parallel-size 3"):
+        braze.compile(ckpt, tmp_path / "a", targets="", tensor_parallel_size=3)
+    assert not (tmp_path / "a").exists()
+
+
+def test_artifact_holds_per_rank_shards_and_inspect_shows_them(store):
+    from braze.inspect import format_summary, summarize
+    from braze.runtime import open_artifact
+    from safetensors import safe_open
+    art = open_artifact(store.artifact("llama", opt_level=2, tensor_parallel_size=2))
+    w = art.manifest["weights"]
+    assert [len(r["files"]) for r in w["ranks"]] == [1, 1]
+    one = open_artifact(store.artifact("llama", opt_level=2))
+    full = one.load_weights()
+    for r in range(2):
+        (f,) = w["ranks"][r]["files"]
+        with safe_open(str(art.root / f), "pt") as sf:
+            o = sf.get_tensor("model.layers.0.self_attn.o_proj.weight")
+            up = sf.get_tensor("lm_head.weight")
+        whole = full["model.layers.0.self_attn.o_proj.weight"]
+        assert torch.equal(o, whole[:, r * 32:(r + 1) * 32])           # row-parallel
+        assert torch.equal(up, full["lm_head.weight"][r * 128:(r + 1) * 128])   # vocab
+    text = format_summary(summarize(art.root))
+    assert "tensor-parallel over 2 ranks" in text
+    assert "shard @model.layers.0.self_attn.o_proj.weight dim 1: r0[0:32], r1[32:64]" in text
+    ops = art.graph.op_counts()
+    collectives = [ln for ln in text.splitlines() if ln.startswith("  collective ")]
+    assert len(collectives) == ops["all_reduce"] + ops["all_gather"] > 0
+
+
+def test_torchrun_starts_the_same_artifact(store):
+    """Under torchrun every process runs `braze generate`: rank 0 prints, rank 1 follows."""
+    import json
+    import subprocess
+    import sys
+
+    from braze.runtime import LLM
+    from braze.runtime.parallel import _free_port
+    want = _greedy(LLM(store.artifact("llama", opt_level=2), backend="reference"), 4)[0]
+    art = store.artifact("llama", opt_level=2, tensor_parallel_size=2)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(_free_port()), "-m", "braze", "generate", str(art),
+                        "--prompt-ids", ",".join(map(str, PROMPT[:7])), "--max-tokens", "4",
+                        "--json", "--backend", "reference"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]   # rank 0 only
+    assert json.loads(line)["token_ids"] == want
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_engine_preemption_and_prefix_cache_at_two_ranks(store, lag):
+    """Too few KV blocks (preemption, recompute) and a shared prompt prefix (prefix-cache
+    hits) at two ranks, with and without async scheduling: the tokens of one roomy rank."""
+    import random
+
+    from braze.runtime import LLM, SamplingParams
+    rng = random.Random(5)
+    shared = [rng.randrange(3, 256) for _ in range(40)]
+    prompts = [shared + [rng.randrange(3, 256) for _ in range(k)] for k in (4, 9, 1, 20)]
+    prompts += [[rng.randrange(3, 256) for _ in range(k)] for k in (25, 30)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    one = LLM(store.artifact("llama", opt_level=2), backend="reference", num_kv_blocks=64)
+    want = [o.token_ids for o in one.generate(prompts, params)]
+    with LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference",
+             num_kv_blocks=8, async_scheduling=lag) as llm:
+        first = llm.generate(prompts[:1], params)
+        got = llm.generate(prompts, params)
+        s = llm.stats()
+    assert first[0].token_ids == want[0]
+    assert [o.token_ids for o in got] == want
+    assert s["preemptions"] > 0 and s["prefix_cache_hit_tokens"] >= 32
