@@ -429,6 +429,17 @@ def _fused_moe(c: Case, op):
            act=c.pick(["silu", "relu", "gelu", "gelu_tanh"]))
 
 
+@case("lora")
+def _lora(c: Case, op):
+    k, h, r = c.int(1, 3), c.int(1, 4), c.int(1, 3)
+    sizes = [c.int(1, 3) for _ in range(c.int(1, 3))]
+    dtype = c.pick(["f32", "f16"])
+    x = c.input((T, h), dtype)
+    a, b = c.param((k, len(sizes) * r, h), dtype), c.param((k, sum(sizes), r), dtype)
+    slots = c.input((T,), c.pick(["i32", "i64"]), low=-1, high=k)   # -1: no adapter
+    c.g.op("lora", x, a, b, slots, sizes=sizes)
+
+
 # -- fused norm / rope ---------------------------------------------------------------------------
 
 FLOATS = ["f32", "f16", "bf16"]

@@ -568,7 +568,7 @@ def test_real_bf16_graph_keeps_its_rounding_casts():
     from braze.tiny import tiny_config
     spec = build_spec(tiny_config("qwen3"))
     g = trace_to_ir(build_model(spec, torch.bfloat16), "m", 16, "bf16")
-    _, params = random_feeds(g, {"T": 1, "S": 1, "NB": 1, "MB": 1})
+    _, params = random_feeds(g, {"T": 1, "S": 1, "NB": 1, "MB": 1, "R": 1})
     casts = sum(1 for n in g.nodes if n.op == "cast")
     assert _identity_casts(g) == 0 and casts > 0
     n_before = len(g.nodes)

@@ -370,7 +370,7 @@ def test_real_graph_in_half_precision(dtype):
     from braze.ir.types import torch_dtype
     spec = build_spec(tiny_config("llama"))
     g = trace_to_ir(build_model(spec, torch_dtype(dtype)), "m", 16, dtype)
-    _, params = random_feeds(g, {"T": 1, "S": 1, "NB": 1, "MB": 1})
+    _, params = random_feeds(g, {"T": 1, "S": 1, "NB": 1, "MB": 1, "R": 1})
     params = {k: v * 0.1 for k, v in params.items()}
     layers = sum(1 for n in g.nodes if n.op == "paged_attention")
     g = assert_model_pass_preserves(g, params, ["fuse-pointwise"], atol=0, rtol=0)
