@@ -82,7 +82,7 @@ def test_each_rank_file_holds_only_its_experts_and_inspect_shows_them(store):
 def _tiny(tmp_path, family, **cfg):
     from braze.tiny import make_checkpoint
     with contextlib.redirect_stderr(io.StringIO()):
-        return make_checkpoint(family, tmp_path / "m", seed=1, num_hidden_layers=1, **cfg)
+        return make_checkpoint(family, tmp_path / "m", seed=1, **{"num_hidden_layers": 1, **cfg})
 
 
 def test_errors_name_the_dimension_and_the_flag(tmp_path):
@@ -115,3 +115,21 @@ def test_cli_help_and_flag(tmp_path, capsys):
     assert open_artifact(tmp_path / "a").manifest["parallel"]["expert_parallel"] is True
     assert main(["inspect", str(tmp_path / "a")]) == 0
     assert "expert-parallel: 4 experts" in capsys.readouterr().out
+
+
+def test_deepseek_v3_routed_moe_logits_equal_one_rank(tmp_path):
+    """DeepSeek-V3's graph-computed routing (grouped sigmoid top-k, scaled weights) with
+    its 8 experts 4 per rank, and its shared expert tensor-parallel."""
+    import braze
+    from braze.runtime import Executor, open_artifact
+    ckpt = _tiny(tmp_path, "deepseek_v3", num_hidden_layers=2)
+    one = braze.compile(ckpt, tmp_path / "one", targets="")
+    want = _logits(Executor(open_artifact(one.root), backend="reference", num_blocks=8))
+    art = braze.compile(ckpt, tmp_path / "ep", targets="", **EP)
+    ops = art.graph.op_counts()
+    assert ops["fused_moe_routed"] == 1 and art.manifest["parallel"]["experts"]["ranges"] == \
+        [[0, 4], [4, 8]]
+    got = _run_ranks(art.root, 2)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
