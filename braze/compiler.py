@@ -105,7 +105,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's
     shards = ctx.records.get("shards", {})
     if tp > 1:
-        load_param = materialize(graph, None, [rank_loader(loaded.load_param, shards, r)
+        load_param = materialize(graph, None, [rank_loader(loaded.load_param, shards, r,
+                                                           loaded.load_part)
                                                for r in range(tp)])
     else:
         load_param = materialize(graph, loaded.load_param)

@@ -576,8 +576,10 @@ def shard(g: Graph, ctx: PassContext) -> int:
     return sh.collectives + len(sh.shards)
 
 
-def rank_loader(load, shards: dict, rank: int):
-    """`load(name)` of the whole weight -> the same for rank `rank`'s shard of it."""
+def rank_loader(load, shards: dict, rank: int, load_part=None):
+    """`load(name)` of the whole weight -> the same for rank `rank`'s shard of it.
+    `load_part(name, dim, start, stop)`, where given, reads only the shard (a rank's
+    experts of per-expert checkpoint tensors), rather than the whole weight."""
     import torch
 
     def get(name: str):
@@ -587,6 +589,8 @@ def rank_loader(load, shards: dict, rank: int):
         if "values" in spec:
             return torch.tensor(spec["values"][rank], dtype=torch.int64)
         a, b = spec["ranges"][rank]
+        if load_part is not None:
+            return load_part(name, spec["dim"], a, b)
         return load(name).narrow(spec["dim"], a, b - a).contiguous()
     return get
 
