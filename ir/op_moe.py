@@ -23,7 +23,7 @@ stays ordinary IR ops on [T, E]; only the experts are fused).
                            not local contribute 0, so the sum of the ranks' results (the
                            `all_reduce` after it) is the whole MoE.
 
-    %y: f32[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down, @ep.experts.0) {top_k=2, renormalize=true, local_experts=2}
+    %y: f32[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down, @ep.experts) {top_k=2, renormalize=true, local_experts=2}
 
 Semantics, exactly those of the dense reference form in models/moe.py:
 

@@ -48,6 +48,11 @@ multiplies the scattered routing weights by a per-expert scale parameter:
     ... einsum(cast(%s), %expert_out) ...
 becomes `fused_moe(%x, @router, @gate_up, @down, %router_x, @per_expert_scale)`.
 
+Expert parallelism (passes/shard.py, `--expert-parallel`): the combine reads the routing
+matrix narrowed to the rank's experts, `index_select(routing, @ep.experts) {dim=1}`, and the
+expert weights hold only those experts; the fused op gets `@ep.experts` as its last operand
+and `local_experts` (ir/op_moe.py), and still routes over all E experts.
+
 Refused, with the reason (`--explain`): every 2-operand einsum of a [T, E] and
 a [T, E, H] operand that is not exactly this form, e.g. a different einsum
 equation, a routing matrix that is not a scatter of top-k weights into zeros,

@@ -15,6 +15,13 @@ begins. Megatron's layout, found from the graph's structure, not from names:
   slice (zero elsewhere) and an `all_reduce` sums the slices;
 - the logits come back whole through an `all_gather` of the vocabulary slices.
 
+With `expert_parallel` (`--expert-parallel`) a mixture of experts is split by whole experts
+instead of by their intermediate size: the expert weights along their expert dim (found
+from the MoE combine, `einsum(routing [T, E], [T, E, H])`, which contracts it), the routing
+weights narrowed to the rank's columns by `index_select(routing, @ep.experts)` (the rank's
+expert ids: per-rank data, as `@tp.vocab_start` is), and the combine's partial sum reduced
+by the one `all_reduce` TP has there too. The router stays replicated.
+
 KV heads are split when there are at least as many as ranks; with fewer, each rank keeps
 the one KV head its query heads read (replicated over tensor-parallel-size / kv_heads
 ranks). A size that does not split evenly is refused, naming it. The fusion passes run
