@@ -75,7 +75,7 @@ def cmd_compile(a) -> int:
             targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
             lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
             lora_targets=a.lora_targets, max_logits_rows=a.max_logits_rows,
-            tensor_parallel_size=a.tensor_parallel_size)
+            tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel)
     return 0
 
 
@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "all-reduce/all-gather ops in the graph; the artifact holds each rank's "
                         "weight shards, and `braze generate`/`serve` start N worker processes "
                         "(or run under torchrun). See docs/parallelism.md")
+    c.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size N > 1, for mixture-of-experts models: "
+                        "place whole experts on ranks (rank r holds experts [r*E/N, "
+                        "(r+1)*E/N), E divisible by N) instead of splitting every expert's "
+                        "intermediate size; every rank routes all tokens and runs only its "
+                        "experts, one all-reduce per MoE layer sums them. Attention stays "
+                        "tensor-parallel. See docs/parallelism.md")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")

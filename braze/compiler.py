@@ -94,7 +94,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         from braze.passes.add_lora import with_lora
         names = with_lora(names)
     if tp > 1:
-        log(f"sharding for {tp} tensor-parallel ranks")
+        log(f"sharding for {tp} tensor-parallel ranks"
+            + (", whole experts per rank (expert parallelism)" if opts.expert_parallel else ""))
     records = PassManager(names, ctx=ctx, after_each=after_each, log=log,
                           verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
     verify(graph)
@@ -104,7 +105,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's
     shards = ctx.records.get("shards", {})
     if tp > 1:
-        load_param = materialize(graph, None, [rank_loader(loaded.load_param, shards, r)
+        load_param = materialize(graph, None, [rank_loader(loaded.load_param, shards, r,
+                                                           loaded.load_part)
                                                for r in range(tp)])
     else:
         load_param = materialize(graph, loaded.load_param)
@@ -129,7 +131,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     extra = {"compile": compile_info, "limits": opts.limits().to_json(),
              **({"lora": lora} if lora else {})}
     if tp > 1:
-        extra["parallel"] = parallel_manifest(graph, shards, tp)
+        extra["parallel"] = parallel_manifest(graph, shards, tp, opts.expert_parallel)
     plan = build_plan(graph, opts.to_json())
     kernel_count = len(plan["kernels"])
     compile_info["extern_ops"] = plan["extern_ops"]

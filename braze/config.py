@@ -25,6 +25,7 @@ class CompileOptions:
     lora_targets: str = "q,k,v,o,gate,up,down"
     max_logits_rows: int | None = None    # None: max_num_seqs (ir/contract.py StepLimits)
     tensor_parallel_size: int = 1         # ranks the graph is sharded for (passes/shard.py)
+    expert_parallel: bool = False         # MoE: whole experts per rank instead of split ones
 
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
@@ -33,6 +34,9 @@ class CompileOptions:
             if getattr(self, name) < 1:
                 raise BrazeError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
+        if self.expert_parallel and self.tensor_parallel_size == 1:
+            raise BrazeError("--expert-parallel needs --tensor-parallel-size > 1: the experts "
+                             "are placed on the ranks of the tensor-parallel group")
         rows = self.max_logits_rows
         if rows is not None and not min(self.max_num_seqs, self.max_num_tokens) <= rows:
             raise BrazeError(f"--max-logits-rows {rows} is below --max-num-seqs "

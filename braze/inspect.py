@@ -129,18 +129,27 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _values(v: list) -> str:
+    return str(v[0]) if len(v) == 1 else f"[{v[0]}..{v[-1]}]"
+
+
 def _parallel_lines(p: dict) -> list[str]:
     """How a tensor-parallel artifact is split (passes/shard.py): each weight, each collective."""
     n = p["tensor_parallel_size"]
     lines = [f"parallel   tensor-parallel over {n} ranks: one graph (SPMD), weight shards per "
              f"rank; {len(p['collectives'])} collectives per step"]
+    ex = p.get("experts")
+    if p.get("expert_parallel") and ex:
+        lines.append(f"  expert-parallel: {ex['num_experts']} experts, whole experts per rank: "
+                     + ", ".join(f"r{r}[{a}:{b}]" for r, (a, b) in enumerate(ex["ranges"])))
     for name, spec in sorted(p["shards"].items()):
         if "values" in spec:
             lines.append(f"  shard @{name}: per rank " + ", ".join(
-                f"r{r}={v[0]}" for r, v in enumerate(spec["values"])))
+                f"r{r}={_values(v)}" for r, v in enumerate(spec["values"])))
         else:
             lines.append(f"  shard @{name} dim {spec['dim']}: " + ", ".join(
-                f"r{r}[{a}:{b}]" for r, (a, b) in enumerate(spec["ranges"])))
+                f"r{r}[{a}:{b}]" for r, (a, b) in enumerate(spec["ranges"]))
+                + (" (experts)" if spec.get("experts") else ""))
     for c in p["collectives"]:
         lines.append(f"  collective {c['result']}: {c['type']} = {c['op']} (node {c['node']})")
     return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,16 @@ class LoadedModel:
             return self.computed[name]
         dtype = self.param_dtypes.get(name, self.dtype)
         return load_source(self.checkpoint, self.sources[name], torch_dtype(dtype))
+
+    def load_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim `dim` of param `name`, reading only those of a stacked
+        source (a rank's experts of a MoE checkpoint's per-expert tensors)."""
+        src = self.sources.get(name)
+        if name in self.computed or src is None or src.kind != "stack" or dim != 0:
+            return self.load_param(name).narrow(dim, start, stop - start).contiguous()
+        part = replace(src, names=list(src.names[start:stop]))
+        dtype = self.param_dtypes.get(name, self.dtype)
+        return load_source(self.checkpoint, part, torch_dtype(dtype))
 
     def unused_checkpoint_tensors(self) -> list[str]:
         used = {n for s in self.sources.values() for n in s.names}

@@ -15,6 +15,15 @@ stays ordinary IR ops on [T, E]; only the experts are fused).
                            a differently normed residual than its experts see)
     expert_scale [E]       optional (needs router_x): each chosen expert's weight is
                            multiplied by its scale after the renormalisation (Gemma 4)
+    expert_ids [L]         with `local_experts=L` (expert parallelism, passes/shard.py):
+                           always the LAST operand; this rank holds only L of the E experts,
+                           w_gate_up[j] and w_down[j] being expert expert_ids[j], and the ids
+                           are consecutive (expert_ids[j] = expert_ids[0] + j). Routing still
+                           runs over all E experts (router [E, H]); a token's experts that are
+                           not local contribute 0, so the sum of the ranks' results (the
+                           `all_reduce` after it) is the whole MoE.
+
+    %y: f32[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down, @ep.experts) {top_k=2, renormalize=true, local_experts=2}
 
 Semantics, exactly those of the dense reference form in models/moe.py:
 
@@ -54,7 +63,24 @@ ACTS = {
 EXPERT_GEMM_ROWS = 0
 
 
+def _split_experts(types, attrs, op):
+    """(the operands without expert_ids, expert_ids' type or None), checked against
+    `local_experts`: with it set the last operand is the rank's [L] integer expert ids."""
+    local = attrs.get("local_experts", 0)
+    if not isinstance(local, int) or local < 0:
+        raise BrazeError(f"{op}: local_experts must be a non-negative int, got {local!r}")
+    if not local:
+        return types, None
+    ids = types[-1]
+    if ids.rank != 1 or ids.dtype not in ("i64", "i32") or ids.shape[0] != local:
+        raise BrazeError(f"{op}: with local_experts={local} the last operand must be the "
+                         f"rank's expert ids, integer [{local}]; got {ids}")
+    return types[:-1], ids
+
+
 def _fused_moe_infer(types, attrs):
+    types, ids = _split_experts(types, attrs, "fused_moe")
+    local = attrs.get("local_experts", 0)
     x, router, gate_up, down, *extra = types
     if extra:
         rx = extra[0]
@@ -72,7 +98,11 @@ def _fused_moe_infer(types, attrs):
     two_i = gate_up.shape[1]
     if not isinstance(two_i, int) or two_i % 2:
         raise BrazeError(f"fused_moe: w_gate_up {gate_up} must have an even number of rows per expert")
-    if x.shape[1] != h or gate_up.shape != (e, two_i, h) or down.shape != (e, h, two_i // 2):
+    held = local or e                      # experts whose weights this op holds
+    if local and isinstance(e, int) and (e % local):
+        raise BrazeError(f"fused_moe: local_experts={local} does not divide the router's "
+                         f"{e} experts")
+    if x.shape[1] != h or gate_up.shape != (held, two_i, h) or down.shape != (held, h, two_i // 2):
         raise BrazeError(f"fused_moe: shapes disagree: x {x}, router {router}, "
                          f"w_gate_up {gate_up}, w_down {down}")
     dtypes = {t.dtype for t in types}
@@ -97,23 +127,33 @@ def route(x, router, top_k: int, renormalize: bool, expert_scale=None):
     return weights.to(x.dtype), ids
 
 
-def _fused_moe(x, router, w_gate_up, w_down, router_x=None, expert_scale=None, *, top_k,
-               renormalize, act):
+def _fused_moe(x, router, w_gate_up, w_down, *extra, top_k, renormalize, act,
+               local_experts=0):
+    expert_ids = extra[-1] if local_experts else None
+    extra = extra[:-1] if local_experts else extra
+    router_x = extra[0] if extra else None
+    expert_scale = extra[1] if len(extra) > 1 else None
     weights, ids = route(x if router_x is None else router_x, router, top_k, renormalize,
                          expert_scale)
-    return _dispatch(x, weights.to(x.dtype), ids, w_gate_up, w_down, act)
+    return _dispatch(x, weights.to(x.dtype), ids, w_gate_up, w_down, act, expert_ids)
 
 
-def _dispatch(x, weights, ids, w_gate_up, w_down, act):
-    """Each token through its routed experts only, weighted (weights already in x's dtype)."""
+def _dispatch(x, weights, ids, w_gate_up, w_down, act, expert_ids=None):
+    """Each token through its routed experts only, weighted (weights already in x's dtype).
+    With `expert_ids` (expert parallelism) the weights hold experts expert_ids[0] + j only;
+    the pairs routed to other experts are left out (they contribute 0)."""
     global EXPERT_GEMM_ROWS
     top_k = ids.shape[1]
+    held = w_gate_up.shape[0]
     # align: the (token, slot) pairs sorted by expert, so each expert reads one contiguous run
     flat = ids.reshape(-1)
+    if expert_ids is not None:       # local ids; every other expert goes to bucket `held`
+        flat = flat - expert_ids.reshape(-1)[:1].to(flat.dtype)
+        flat = torch.where((flat >= 0) & (flat < held), flat, held)
     order = torch.argsort(flat, stable=True)
     tokens = order // top_k
     pair_weights = weights.reshape(-1)[order]
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=held + 1).tolist()[:held]
     inter = w_gate_up.shape[1] // 2
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     start = 0
@@ -131,14 +171,19 @@ def _dispatch(x, weights, ids, w_gate_up, w_down, act):
 
 
 register(OpDef(
-    "fused_moe", ("x", "router", "w_gate_up", "w_down", "router_x?", "expert_scale?"),
+    "fused_moe", ("x", "router", "w_gate_up", "w_down", "router_x?", "expert_scale?",
+                  "expert_ids?"),
     _fused_moe_infer, _fused_moe,
-    attrs={"top_k": REQUIRED, "renormalize": REQUIRED, "act": "silu"},
+    attrs={"top_k": REQUIRED, "renormalize": REQUIRED, "act": "silu", "local_experts": 0},
     doc="top-k routed mixture of experts: softmax(f32) router, top_k, optional renormalisation, "
         "per-expert act(x Wg^T) * (x Wu^T) Wd^T weighted by the routing weight in x's dtype"))
 
 
 def _routed_infer(types, attrs):
+    types, expert_ids = _split_experts(types, attrs, "fused_moe_routed")
+    if len(types) != 5:
+        raise BrazeError(f"fused_moe_routed: takes x, weights, ids, w_gate_up, w_down (and, "
+                         f"with local_experts, expert_ids); got {len(types)} operands")
     x, weights, ids, gate_up, down = types
     if weights.rank != 2 or ids.shape != weights.shape or ids.dtype not in ("i64", "i32") \
             or weights.shape[0] != x.shape[0] or not is_float(weights.dtype):
@@ -146,19 +191,25 @@ def _routed_infer(types, attrs):
                          f"(integer) for x {x}; got {weights}, {ids}")
     e = gate_up.shape[0]
     k = weights.shape[1]
-    if isinstance(e, int) and not (isinstance(k, int) and 1 <= k <= e):
+    if expert_ids is None and isinstance(e, int) and not (isinstance(k, int) and 1 <= k <= e):
         raise BrazeError(f"fused_moe_routed: {k} experts per token, but {e} experts")
+    if expert_ids is not None and not (isinstance(k, int) and k >= 1):
+        raise BrazeError(f"fused_moe_routed: {k} experts per token")
     router = TensorType((e, x.shape[1]), x.dtype)
-    return _fused_moe_infer([x, router, gate_up, down], dict(attrs, top_k=k))
+    return _fused_moe_infer([x, router, gate_up, down],
+                            dict(attrs, top_k=min(k, e) if expert_ids is not None else k,
+                                 local_experts=0))
 
 
-def _fused_moe_routed(x, weights, ids, w_gate_up, w_down, act):
-    return _dispatch(x, weights.to(x.dtype), ids.long(), w_gate_up, w_down, act)
+def _fused_moe_routed(x, weights, ids, w_gate_up, w_down, expert_ids=None, *, act,
+                      local_experts=0):
+    return _dispatch(x, weights.to(x.dtype), ids.long(), w_gate_up, w_down, act,
+                     expert_ids if local_experts else None)
 
 
 register(OpDef(
-    "fused_moe_routed", ("x", "weights", "ids", "w_gate_up", "w_down"), _routed_infer,
-    _fused_moe_routed, attrs={"act": "silu"},
+    "fused_moe_routed", ("x", "weights", "ids", "w_gate_up", "w_down", "expert_ids?"),
+    _routed_infer, _fused_moe_routed, attrs={"act": "silu", "local_experts": 0},
     doc="mixture of experts whose routing the graph computed (any router: DeepSeek-V3's "
         "grouped sigmoid one): token t runs experts ids[t, j] weighted by weights[t, j] "
         "rounded to x's dtype, as fused_moe does after its own routing"))

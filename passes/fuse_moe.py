@@ -48,6 +48,11 @@ multiplies the scattered routing weights by a per-expert scale parameter:
     ... einsum(cast(%s), %expert_out) ...
 becomes `fused_moe(%x, @router, @gate_up, @down, %router_x, @per_expert_scale)`.
 
+Expert parallelism (passes/shard.py, `--expert-parallel`): the combine reads the routing
+matrix narrowed to the rank's experts, `index_select(routing, @ep.experts) {dim=1}`, and the
+expert weights hold only those experts; the fused op gets `@ep.experts` as its last operand
+and `local_experts` (ir/op_moe.py), and still routes over all E experts.
+
 Refused, with the reason (`--explain`): every 2-operand einsum of a [T, E] and
 a [T, E, H] operand that is not exactly this form, e.g. a different einsum
 equation, a routing matrix that is not a scatter of top-k weights into zeros,
@@ -66,7 +71,15 @@ from .rewrite import Rewriter, Rule, rewrite
 _LAST = (-1, 1)          # the last dim of a rank-2 value, spelt either way
 
 
-def _dense_moe(cast: bool, renorm: bool, scaled: bool = False) -> Op:
+def _local(routing: Op, local: bool) -> Op:
+    """Expert parallelism (passes/shard.py): the routing narrowed to this rank's experts."""
+    if not local:
+        return routing
+    return Op("index_select", routing, Var("expert_ids", kind="param"),
+              dim=Var("local_dim", where=lambda d: d in _LAST), name="local")
+
+
+def _dense_moe(cast: bool, renorm: bool, scaled: bool = False, local: bool = False) -> Op:
     """The dense form, with or without the routing cast, the renormalisation and Gemma 4's
     per-expert scale. (Separate patterns rather than `Opt`s, so that a refusal names the
     deepest mismatch.)"""
@@ -87,6 +100,7 @@ def _dense_moe(cast: bool, renorm: bool, scaled: bool = False) -> Op:
         routing = Op("mul", routing, Var("expert_scale", kind="param"))
     if cast:
         routing = Op("cast", routing, dtype=Var("routing_dtype"))
+    routing = _local(routing, local)
     gate = Op("einsum", x, Var("w_gate", kind="param"), equation="th,eih->tei")
     up = Op("einsum", x, Var("w_up", kind="param"), equation="th,eih->tei")
     act = Op(("silu", "relu", "gelu"), gate, name="act")
@@ -94,11 +108,11 @@ def _dense_moe(cast: bool, renorm: bool, scaled: bool = False) -> Op:
     return Op("einsum", routing, down, equation="te,teh->th")
 
 
-PATTERNS = {(c, r, sc): _dense_moe(c, r, sc) for c in (False, True) for r in (False, True)
-            for sc in (False, True)}
+PATTERNS = {(c, r, sc, lo): _dense_moe(c, r, sc, lo) for c in (False, True)
+            for r in (False, True) for sc in (False, True) for lo in (False, True)}
 
 
-def _routed_moe(cast: bool) -> Op:
+def _routed_moe(cast: bool, local: bool = False) -> Op:
     """The dense form over a routing matrix that is a scatter of any [T, k] weights at
     top-k expert ids (the router itself stays in the graph: DeepSeek-V3's)."""
     x = Var("x")
@@ -107,6 +121,7 @@ def _routed_moe(cast: bool) -> Op:
                  name="scatter")
     if cast:
         routing = Op("cast", routing, dtype=Var("routing_dtype"))
+    routing = _local(routing, local)
     gate = Op("einsum", x, Var("w_gate", kind="param"), equation="th,eih->tei")
     up = Op("einsum", x, Var("w_up", kind="param"), equation="th,eih->tei")
     act = Op(("silu", "relu", "gelu"), gate, name="act")
@@ -114,14 +129,39 @@ def _routed_moe(cast: bool) -> Op:
     return Op("einsum", routing, down, equation="te,teh->th")
 
 
-ROUTED = {c: _routed_moe(c) for c in (False, True)}
+ROUTED = {(c, lo): _routed_moe(c, lo) for c in (False, True) for lo in (False, True)}
+
+
+def _routing_of(root: Node) -> tuple[Value, bool]:
+    """The combine's routing operand under an expert-parallel index_select, and whether
+    there was one."""
+    routing = root.operands[0]
+    node = routing.producer
+    if node is not None and node.op == "index_select" and node.operands[1].kind == "param":
+        return node.operands[0], True
+    return routing, False
+
+
+def _expert_operands(m, table_cols: int, wg: Value) -> tuple[list, dict] | str:
+    """With expert parallelism: the trailing expert_ids operand and local_experts, after
+    checking the rank's expert weights against them."""
+    ids = m.get("expert_ids")
+    if ids is None:
+        return [], {}
+    local = ids.type.shape[0]
+    if ids.type.rank != 1 or ids.type.dtype not in ("i64", "i32") or wg.type.shape[0] != local:
+        return (f"the routing is narrowed by {ids.ref} {ids.type}, not to the "
+                f"{wg.type.shape[0]} experts of {wg.ref}")
+    if not isinstance(table_cols, int) or table_cols % local:
+        return f"{local} local experts do not divide the routing's {table_cols} columns"
+    return [ids], {"local_experts": local}
 
 
 def _pattern_for(root: Node) -> Op:
     """Pick the variant by peeking at the routing operand's producers."""
     def made_by(v: Value, op: str) -> bool:
         return v.producer is not None and v.producer.op == op
-    routing = root.operands[0]
+    routing, local = _routing_of(root)
     cast = made_by(routing, "cast")
     scatter = routing.producer.operands[0] if cast else routing
     scaled = made_by(scatter, "mul")
@@ -129,15 +169,16 @@ def _pattern_for(root: Node) -> Op:
         scatter = next((o for o in scatter.producer.operands if made_by(o, "scatter")), scatter)
     renorm = made_by(scatter, "scatter") and len(scatter.producer.operands) == 3 \
         and made_by(scatter.producer.operands[2], "div")
-    return PATTERNS[(cast, renorm, scaled)]
+    return PATTERNS[(cast, renorm, scaled, local)]
 
 
 def _fuse_routed(root: Node, rw: Rewriter) -> int | str | None:
     """The routed form (a scatter of top-k ids and weights the graph computed) ->
     fused_moe_routed; None where the routing matrix is not such a scatter at all."""
     g = rw.g
-    cast = root.operands[0].producer is not None and root.operands[0].producer.op == "cast"
-    m = match(ROUTED[cast], root.results[0], g)
+    routing, local = _routing_of(root)
+    cast = routing.producer is not None and routing.producer.op == "cast"
+    m = match(ROUTED[cast, local], root.results[0], g)
     if not m:
         return None
     ids, weights, xv = m["ids"], m["weights"], m["x"]
@@ -152,7 +193,11 @@ def _fuse_routed(root: Node, rw: Rewriter) -> int | str | None:
     wg, wu, wd = m["w_gate"], m["w_up"], m["w_down"]
     if wg.type != wu.type:
         return f"gate {wg.ref} {wg.type} and up {wu.ref} {wu.type} expert weights differ in shape"
-    if ids.type.rank != 2 or table.shape[1] != wg.type.shape[0]:
+    ep = _expert_operands(m, table.shape[1], wg)
+    if isinstance(ep, str):
+        return ep
+    ep_ids, ep_attrs = ep
+    if ids.type.rank != 2 or (not ep_ids and table.shape[1] != wg.type.shape[0]):
         return f"the routing matrix {table} does not have one column per expert of {wg.ref}"
     act_node = m["act"]
     act_name = act_node.op
@@ -164,12 +209,14 @@ def _fuse_routed(root: Node, rw: Rewriter) -> int | str | None:
     gate_up_type = wg.type.with_shape((e, 2 * i, h)) if isinstance(i, int) else wg.type
     try:
         get_op("fused_moe_routed").infer([xv.type, weights.type, ids.type, gate_up_type,
-                                          wd.type], {"act": act_name})
+                                          wd.type] + [v.type for v in ep_ids],
+                                         {"act": act_name, **ep_attrs})
     except Exception as err:
         return str(err)
     w_gate_up = _gate_up_param(g, wg, wu)
     with g.inserting_before(root):
-        out = g.op("fused_moe_routed", xv, weights, ids, w_gate_up, wd, act=act_name)
+        out = g.op("fused_moe_routed", xv, weights, ids, w_gate_up, wd, *ep_ids, act=act_name,
+                   **ep_attrs)
     rw.replace(root.results[0], out, dead=m.nodes)
     return 1
 
@@ -220,6 +267,10 @@ def _fuse(root: Node, rw: Rewriter) -> str | int | None:
     extra = [router_x] if router_x is not xv or scale is not None else []
     extra += [scale] if scale is not None else []
     wg, wu, wd = m["w_gate"], m["w_up"], m["w_down"]
+    ep = _expert_operands(m, table.shape[1], wg)
+    if isinstance(ep, str):
+        return ep
+    extra += ep[0]
     if wg.type != wu.type:
         return f"gate {wg.ref} {wg.type} and up {wu.ref} {wu.type} expert weights differ in shape"
     act_node = m["act"]
@@ -228,7 +279,8 @@ def _fuse(root: Node, rw: Rewriter) -> str | int | None:
         act_name = {"none": "gelu", "tanh": "gelu_tanh"}.get(act_node.attrs["approximate"])
         if act_name is None:
             return f"gelu approximate={act_node.attrs['approximate']!r} has no fused form"
-    attrs = {"top_k": m["k"], "renormalize": m.get("renorm") is not None, "act": act_name}
+    attrs = {"top_k": m["k"], "renormalize": m.get("renorm") is not None, "act": act_name,
+             **ep[1]}
     e, i, h = wg.type.shape
     gate_up_type = wg.type.with_shape((e, 2 * i, h)) if isinstance(i, int) else wg.type
     try:   # the op's own shape rules decide, before the graph is touched

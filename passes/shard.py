@@ -15,6 +15,13 @@ begins. Megatron's layout, found from the graph's structure, not from names:
   slice (zero elsewhere) and an `all_reduce` sums the slices;
 - the logits come back whole through an `all_gather` of the vocabulary slices.
 
+With `expert_parallel` (`--expert-parallel`) a mixture of experts is split by whole experts
+instead of by their intermediate size: the expert weights along their expert dim (found
+from the MoE combine, `einsum(routing [T, E], [T, E, H])`, which contracts it), the routing
+weights narrowed to the rank's columns by `index_select(routing, @ep.experts)` (the rank's
+expert ids: per-rank data, as `@tp.vocab_start` is), and the combine's partial sum reduced
+by the one `all_reduce` TP has there too. The router stays replicated.
+
 KV heads are split when there are at least as many as ranks; with fewer, each rank keeps
 the one KV head its query heads read (replicated over tensor-parallel-size / kv_heads
 ranks). A size that does not split evenly is refused, naming it. The fusion passes run
@@ -59,9 +66,10 @@ class Split:
     local: int
     full: int
     even: bool = True
+    experts: bool = False        # the split axis is the MoE's experts (expert parallelism)
 
     def at(self, axis: int) -> "Split":
-        return Split(axis, self.local, self.full, self.even)
+        return Split(axis, self.local, self.full, self.even, self.experts)
 
 
 PARTIAL = "partial"          # each rank holds a summand; all_reduce gives the value
@@ -73,8 +81,10 @@ def _ranges(full: int, n: int) -> list[list[int]]:
 
 
 class _Sharder:
-    def __init__(self, g: Graph, n: int):
+    def __init__(self, g: Graph, n: int, expert_parallel: bool = False):
         self.g, self.n = g, n
+        self.expert_parallel = expert_parallel
+        self.expert_ids: dict[int, Value] = {}   # number of experts -> @ep.experts param
         self.state: dict[Value, object] = {}
         self.shards: dict[str, dict] = {}        # param -> {"dim", "ranges"} (per rank)
         self.reduced: dict[Value, Value] = {}    # a partial value -> its all_reduce
@@ -83,26 +93,89 @@ class _Sharder:
         self.vocab_ranges: list | None = None      # the embedding's slices of the vocabulary
 
     # -- weights ------------------------------------------------------------------------
-    def split_param(self, p: Value, dim: int, ranges: list[list[int]], what: str) -> Split:
+    def split_param(self, p: Value, dim: int, ranges: list[list[int]], what: str,
+                    experts: bool = False) -> Split:
         full = p.type.shape[dim]
         local = ranges[0][1] - ranges[0][0]
         spec = {"dim": dim, "ranges": ranges}
+        if experts:
+            spec["experts"] = True
         old = self.shards.get(p.name)
         if old is not None and old != spec:
             raise BrazeError(f"@{p.name} would be split two ways ({old} and {spec}); "
                              f"tensor parallelism cannot shard this model")
         self.shards[p.name] = spec
         even = ranges == _ranges(full, self.n)
-        s = Split(dim, local, full, even)
+        s = Split(dim, local, full, even, experts)
         self.state[p] = s
         return s
 
-    def split_even(self, p: Value, dim: int, what: str) -> Split:
+    def split_even(self, p: Value, dim: int, what: str, experts: bool = False) -> Split:
         full = p.type.shape[dim]
         if not isinstance(full, int) or full % self.n:
             raise BrazeError(f"{what} ({full}, dim {dim} of @{p.name}) is not divisible by "
                              f"--tensor-parallel-size {self.n}; choose a size that divides it")
-        return self.split_param(p, dim, _ranges(full, self.n), what)
+        return self.split_param(p, dim, _ranges(full, self.n), what, experts)
+
+    # -- expert parallelism -----------------------------------------------------------------
+    def seed_experts(self) -> None:
+        """Whole experts per rank: every expert weight of a MoE is split along its experts.
+        The MoE's combine `einsum(routing [T, E], per-expert [T, E, H]) -> [T, H]` names the
+        expert index (the one it contracts); walking back from its per-expert operand through
+        pointwise ops and the expert GEMMs (einsums with a weight) finds each weight's
+        expert dim."""
+        for node in self.g.nodes:
+            if not (node.op == "einsum" and len(node.operands) == 2
+                    and node.results[0].type.rank == 2
+                    and sorted(v.type.rank for v in node.operands) == [2, 3]):
+                continue
+            subs, out = _einsum_subs(node)
+            k = 0 if node.operands[0].type.rank == 3 else 1
+            letters = [c for c in subs[k] if c in subs[1 - k] and c not in out]
+            if len(letters) != 1:
+                continue
+            todo = [(node.operands[k], subs[k].index(letters[0]))]
+            seen = set()
+            while todo:
+                v, axis = todo.pop()
+                if v in seen or v.producer is None:
+                    continue
+                seen.add(v)
+                prod = v.producer
+                if prod.op == "einsum" and _gemm_weight(prod) is not None:
+                    psubs, pout = _einsum_subs(prod)
+                    letter = pout[axis]
+                    for opnd, sub in zip(prod.operands, psubs):
+                        if letter not in sub:
+                            continue
+                        if opnd.kind == "param":
+                            self.split_even(opnd, sub.index(letter), "num_experts",
+                                            experts=True)
+                        else:
+                            todo.append((opnd, sub.index(letter)))
+                elif prod.opdef.pointwise:
+                    rank = v.type.rank
+                    for opnd in prod.operands:
+                        a = axis - (rank - opnd.type.rank)
+                        if opnd.kind != "param" and a >= 0 and opnd.type.shape[a] != 1:
+                            todo.append((opnd, a))
+
+    def local_experts(self, v: Value, axis: int, before: Node, s: Split) -> Value:
+        """`v` (whole along the experts, e.g. the routing weights [T, E]) narrowed to this
+        rank's experts: index_select by `@ep.experts`, the rank's expert ids (per-rank data,
+        so the graph stays the same on every rank)."""
+        g = self.g
+        ids = self.expert_ids.get(s.full)
+        if ids is None:
+            name = g.unique_param_name("ep.experts")
+            ids = g.add_param(name, TensorType((s.local,), "i64"))
+            self.shards[name] = {"values": [list(range(a, b))
+                                            for a, b in _ranges(s.full, self.n)]}
+            self.expert_ids[s.full] = ids
+        with g.inserting_before(before):
+            out = g.op("index_select", v, ids, dim=axis)
+        self.state[out] = s.at(axis)
+        return out
 
     # -- finding the column-parallel GEMMs ------------------------------------------------
     def producers_back(self, v: Value, through) -> tuple[list[Node], bool]:
@@ -299,6 +372,8 @@ class _Sharder:
                 self.collectives += 1
         # sizes: params and caches now, then every result again in schedule order
         for name, spec in self.shards.items():
+            if "ranges" not in spec:          # per-rank values (@ep.experts), not a split
+                continue
             p = g.params[name]
             r0 = spec["ranges"][0]
             p.type = p.type.with_shape(tuple(r0[1] - r0[0] if i == spec["dim"] else d
@@ -366,8 +441,12 @@ def _einsum(sh: _Sharder, node: Node, states):
     if len(letters) != 1:
         raise BrazeError(f"einsum {_where(node)}: operands split along several indices {letters}")
     (letter, s), = letters.items()
-    for v, sub, st in zip(node.operands, subs, states):
+    for i, (v, sub, st) in enumerate(zip(node.operands, subs, states)):
         if st is None and letter in sub and v.type.shape[sub.index(letter)] != 1:
+            if v.kind != "param" and s.experts:     # the routing weights: this rank's columns
+                local = sh.local_experts(v, sub.index(letter), node, s)
+                node.operands = node.operands[:i] + (local,) + node.operands[i + 1:]
+                continue
             if v.kind != "param":
                 raise BrazeError(f"einsum {_where(node)}: {v.ref} is whole along the split "
                                  f"index {letter!r}")
@@ -476,9 +555,18 @@ _RULES = {"linear": _linear, "einsum": _einsum, "reshape": _reshape, "unsqueeze"
 def shard(g: Graph, ctx: PassContext) -> int:
     """The graph of one tensor-parallel rank: weights split, collectives inserted."""
     n = int(ctx.option("tensor_parallel_size", 1))
+    ep = bool(ctx.option("expert_parallel", False))
+    if ep and n == 1:
+        raise BrazeError("--expert-parallel needs --tensor-parallel-size > 1: the experts are "
+                         "placed on the ranks of the tensor-parallel group")
     if n == 1 or g.meta.get("tensor_parallel_size"):
         return 0
-    sh = _Sharder(g, n)
+    sh = _Sharder(g, n, ep)
+    if ep:
+        sh.seed_experts()
+        if not any(spec.get("experts") for spec in sh.shards.values()):
+            raise BrazeError("--expert-parallel: the model has no mixture-of-experts layer "
+                             "(no experts to place on ranks); drop the flag")
     sh.seed_attention()
     sh.seed_mlps()
     sh.seed_vocab()
@@ -489,12 +577,16 @@ def shard(g: Graph, ctx: PassContext) -> int:
     if sh.vocab_ranges is not None:
         sh.shards[VOCAB_START] = {"values": [[r[0]] for r in sh.vocab_ranges]}
     g.meta["tensor_parallel_size"] = n
+    if ep:
+        g.meta["expert_parallel"] = True
     ctx.records["shards"] = sh.shards
     return sh.collectives + len(sh.shards)
 
 
-def rank_loader(load, shards: dict, rank: int):
-    """`load(name)` of the whole weight -> the same for rank `rank`'s shard of it."""
+def rank_loader(load, shards: dict, rank: int, load_part=None):
+    """`load(name)` of the whole weight -> the same for rank `rank`'s shard of it.
+    `load_part(name, dim, start, stop)`, where given, reads only the shard (a rank's
+    experts of per-expert checkpoint tensors), rather than the whole weight."""
     import torch
 
     def get(name: str):
@@ -504,15 +596,23 @@ def rank_loader(load, shards: dict, rank: int):
         if "values" in spec:
             return torch.tensor(spec["values"][rank], dtype=torch.int64)
         a, b = spec["ranges"][rank]
+        if load_part is not None:
+            return load_part(name, spec["dim"], a, b)
         return load(name).narrow(spec["dim"], a, b - a).contiguous()
     return get
 
 
-def parallel_manifest(g: Graph, shards: dict, n: int) -> dict:
+def parallel_manifest(g: Graph, shards: dict, n: int, expert_parallel: bool = False) -> dict:
     """The manifest's `parallel` entry: the group size, how each shipped weight is split
     (params the fusions derived from split ones, e.g. merged QKV, say which), and every
-    collective in the final graph."""
+    collective in the final graph; with expert parallelism, which experts each rank holds."""
     collectives = [{"node": i, "op": node.op, "result": node.results[0].ref,
                     "type": str(node.results[0].type)}
                    for i, node in enumerate(g.nodes) if node.op in ("all_reduce", "all_gather")]
-    return {"tensor_parallel_size": n, "shards": shards, "collectives": collectives}
+    out = {"tensor_parallel_size": n, "expert_parallel": bool(expert_parallel),
+           "shards": shards, "collectives": collectives}
+    if expert_parallel:
+        ranges = next((spec["ranges"] for spec in shards.values() if spec.get("experts")), None)
+        if ranges is not None:
+            out["experts"] = {"num_experts": ranges[-1][1], "ranges": ranges}
+    return out

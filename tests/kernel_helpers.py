@@ -40,7 +40,8 @@ def run_with_kernels(g: Graph, feeds: dict, params: dict, ops: set[str], binding
             runner = PlanRunner(modules, workspaces, device=next(iter(env.values())).device)
             for r in node.results:
                 env[r.ref] = torch.empty(r.type.concrete_shape(sizes),
-                                         dtype=torch_dtype(r.type.dtype))
+                                         dtype=torch_dtype(r.type.dtype),
+                                         device=next(iter(env.values())).device)
             # the tests feed log(0), x/0, sqrt(-1) on purpose: the kernels must give inf and
             # nan as torch does, and numpy inside the interpreter need not warn about it
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

@@ -19,7 +19,7 @@ from pass_helpers import model_step_feeds, o2_model_graph, step_sizes
 
 import braze.codegen.kernels.moe as moe
 
-DT = {"f32": torch.float32, "f16": torch.float16}
+DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"f32": {"atol": 1e-5, "rtol": 1e-5}, "f16": {"atol": 2e-3, "rtol": 2e-3}}
 
 
@@ -284,3 +284,113 @@ def test_routed_compiles_bf16_for_sm80_and_sm90(shape):
     kernels = aot_compile_node(g, index)
     assert len(kernels) == 2 * len(launches) and all(c.asm.get("cubin") for c in kernels)
     assert all(c.metadata.shared <= A100_SHARED for c in kernels)
+
+
+# -- expert parallelism: local_experts, the rank's expert ids as the last operand -------------
+
+def _ep_graph(e, n, rank, h, i, k, dtype, routed=False, gemma=False):
+    """One rank's fused MoE of an n-rank expert-parallel artifact: its e // n experts'
+    weights, the ids of those experts, routing over all e."""
+    local = e // n
+    whole = _routed_graph(e, h, i, k, dtype) if routed else _graph(e, h, i, k, True, "silu",
+                                                                   dtype, gemma=gemma)
+    g = Graph("moe_ep")
+    env = {v: g.add_input(v.name, v.type) for v in whole.inputs}
+    for name, p in whole.params.items():
+        t = p.type
+        if name in ("w_gate_up", "w_down"):
+            t = t.with_shape((local,) + t.shape[1:])
+        env[p] = g.add_param(name, t)
+    ids = g.add_param("ep.experts", TensorType((local,), "i64"))
+    for node in whole.nodes:
+        attrs = dict(node.attrs)
+        operands = [env[v] for v in node.operands]
+        if node.op.startswith("fused_moe"):
+            operands.append(ids)
+            attrs["local_experts"] = local
+        new = g.add_node(node.op, operands, attrs)
+        env.update(zip(node.results, new.results))
+    g.set_output("y", env[whole.outputs["y"]])
+    return g, whole
+
+
+def _ep_values(whole, g, tokens, rank, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    feeds = {v.name: torch.randn((tokens,) + v.type.shape[1:], generator=gen).to(DT[v.type.dtype])
+             for v in whole.inputs}
+    params = {}
+    for name, p in whole.params.items():
+        dt = torch.float32 if name == "router" else DT[p.type.dtype]
+        w = torch.randn(p.type.shape, generator=gen)
+        params[name] = (w / p.type.shape[-1] ** 0.5 if p.type.rank == 3 else
+                        0.5 + w.abs() if p.type.rank == 1 else w).to(dt)
+    if whole.params["router"].type.dtype != "f32" or not any(nd.op == "fused_moe_routed"
+                                                              for nd in whole.nodes):
+        params["router"] = params["router"].to(DT[whole.params["router"].type.dtype])
+    local = params["w_gate_up"].shape[0] // n
+    mine = {k: (v[rank * local:(rank + 1) * local] if k in ("w_gate_up", "w_down") else v)
+            for k, v in params.items()}
+    mine["ep.experts"] = torch.arange(rank * local, (rank + 1) * local)
+    return feeds, params, mine
+
+
+@pytest.mark.parametrize("routed,gemma", [(False, False), (True, False), (False, True)],
+                         ids=["softmax", "routed", "gemma4"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_expert_parallel_ranks_match_reference_and_sum_to_the_whole(routed, gemma, dtype):
+    """Each rank's kernels (only its experts counted, tiled and computed; other experts'
+    slots add 0) agree with the reference of `local_experts`, and the ranks' outputs sum
+    to the unsharded MoE."""
+    e, n, k, tokens = 8, 4, 3, 17
+    total = None
+    for rank in range(n):
+        g, whole = _ep_graph(e, n, rank, 40, 24, k, dtype, routed=routed, gemma=gemma)
+        feeds, params, mine = _ep_values(whole, g, tokens, rank, n, seed=11)
+        op = "fused_moe_routed" if routed else "fused_moe"
+        check_kernels(g, feeds, mine, {op}, {"T": tokens}, **TOL[dtype])
+        part = run_with_kernels(g, {k2: v.clone() for k2, v in feeds.items()}, mine, {op},
+                                {"T": tokens})["y"].float()
+        total = part if total is None else total + part
+    want = run_graph(whole, feeds, params)["y"].float()
+    torch.testing.assert_close(total, want, **({"atol": 1e-5, "rtol": 1e-5} if dtype == "f32"
+                                               else {"atol": 1e-2, "rtol": 1e-2}))
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["softmax", "routed"])
+def test_expert_parallel_compiles_bf16_for_sm80_and_sm90(routed):
+    """Qwen3-30B-A3B's MoE (128 experts, top 8) at 4 ranks, and DeepSeek-V3's routed one
+    (256 experts) at 8: every launch builds a cubin for both targets."""
+    e, n, h, i, k = (256, 8, 7168, 2048, 8) if routed else (128, 4, 2048, 768, 8)
+    g, _ = _ep_graph(e, n, 0, h, i, k, "bf16", routed=routed)
+    index = next(j for j, node in enumerate(g.nodes) if node.op.startswith("fused_moe"))
+    launches, workspaces, _ = lower_node(g, index)
+    assert all(la["constexprs"].get("EP", True) for la in launches
+               if la["fn"] in ("moe_route_kernel", "moe_given_route_kernel", "moe_combine_kernel"))
+    counts = next(w for name, w in workspaces.items() if name.endswith(".counts"))
+    assert counts["shape"] == [str(e // n)]       # one counter per expert this rank holds
+    kernels = aot_compile_node(g, index)
+    assert len(kernels) == 2 * len(launches) and all(c.asm.get("cubin") for c in kernels)
+    assert all(c.metadata.shared <= A100_SHARED for c in kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("routed", [False, True], ids=["softmax", "routed"])
+def test_expert_parallel_on_cuda_bf16(routed):
+    """The expert-parallel launches JIT-compiled on a GPU, in bfloat16: each of 4 ranks'
+    output (computed one after another on this GPU) agrees with the reference, and the four
+    sum to the whole MoE."""
+    e, n, k, tokens = 16, 4, 4, 50
+    total = None
+    for rank in range(n):
+        g, whole = _ep_graph(e, n, rank, 256, 128, k, "bf16", routed=routed)
+        feeds, params, mine = _ep_values(whole, g, tokens, rank, n, seed=7)
+        cuda = lambda d: {name: v.to("cuda") for name, v in d.items()}
+        op = "fused_moe_routed" if routed else "fused_moe"
+        got = run_with_kernels(g, cuda(feeds), cuda(mine), {op}, {"T": tokens},
+                               interpret=False)["y"].float()
+        want = run_graph(g, cuda(feeds), cuda(mine))["y"].float()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        total = got if total is None else total + got
+    want = run_graph(whole, cuda(feeds), cuda(params))["y"].float()
+    torch.testing.assert_close(total, want, atol=5e-2, rtol=5e-2)

@@ -47,6 +47,14 @@ graph routes) replaces launches 1 and 2 by `moe_zero_counts_kernel` and
 Every one of the T rows is routed and computed, padding rows included, as the reference
 does; a non-finite row still selects top_k distinct real experts and only spoils itself.
 
+Expert parallelism (`local_experts=L`, the last operand the rank's expert ids, consecutive
+from `start` = expert_ids[0]; passes/shard.py): the routing is the same over all E
+experts, but only the rank's L experts are counted, sorted and computed. The counters,
+the tile bounds and the workspaces are sized by L; a slot routed elsewhere stores id -1
+(the route kernels; the ids stored are local, e - start), the scatter skips it, and the
+combine adds 0 for it (its expert output row is never written). The grids are those of an
+L-expert MoE, so a rank does 1/N of the expert GEMM tiles.
+
 GEMM programs find their tile's expert from the E counters (cumsum of cdiv(count,
 BLOCK_M)); a program whose tile lies past the real tile count exits at once. Worst-case
 tile count, used for the grid: min(T*k, T*k // BLOCK_M + E) (each tile holds at least
@@ -176,12 +184,13 @@ def _tile_ids(pid, max_tiles, NUM_N: tl.constexpr, GROUP_M: tl.constexpr):
 @triton.jit
 def moe_router_kernel(x_ptr, r_ptr, logits_ptr, counts_ptr, n_tokens, stride_x, stride_r,
                       HIDDEN: tl.constexpr, NUM_E: tl.constexpr, E_PAD: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NUM_COUNTS: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_e = tl.program_id(1)
-    if (pid_t == 0) & (pid_e == 0):
+    if (pid_t == 0) & (pid_e == 0):      # one counter per expert this rank holds
         es = tl.arange(0, E_PAD)
-        tl.store(counts_ptr + es, tl.full([E_PAD], 0, tl.int32), mask=es < NUM_E)
+        tl.store(counts_ptr + es, tl.full([E_PAD], 0, tl.int32), mask=es < NUM_COUNTS)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < n_tokens
     cols = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -196,10 +205,15 @@ def moe_router_kernel(x_ptr, r_ptr, logits_ptr, counts_ptr, n_tokens, stride_x, 
 
 
 @triton.jit
-def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, scale_ptr, n_tokens,
-                     NUM_E: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
-                     RENORM: tl.constexpr, SCALE: tl.constexpr, BLOCK_T: tl.constexpr):
+def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, scale_ptr, eids_ptr,
+                     n_tokens, NUM_E: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
+                     RENORM: tl.constexpr, SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
+                     EP: tl.constexpr, LOCAL_E: tl.constexpr):
     pid = tl.program_id(0)
+    if EP:
+        start = tl.load(eids_ptr).to(tl.int32)
+    else:
+        start = 0
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < n_tokens
     cols = tl.arange(0, E_PAD)
@@ -225,35 +239,40 @@ def moe_route_kernel(logits_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, scale_ptr
         avail = tl.where(hit, -2.0, avail)
         wsum += m
     _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr, w_ptr,
-                  rank_ptr, scale_ptr, E_PAD, TOP_K, RENORM, SCALE)
+                  rank_ptr, scale_ptr, start, LOCAL_E, TOP_K, RENORM, SCALE)
 
 
 @triton.jit
 def _assign_slots(chosen, p, wsum, toks, tmask, cols, cmask, counts_ptr, ids_ptr, w_ptr,
-                  rank_ptr, scale_ptr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
+                  rank_ptr, scale_ptr, start, LOCAL_E: tl.constexpr, TOP_K: tl.constexpr,
                   RENORM: tl.constexpr, SCALE: tl.constexpr):
-    """From each token's chosen experts (one-hot [BLOCK_T, E_PAD]) and weights p: ranks
-    inside each expert and the (id, weight, rank) slots in ascending expert order."""
-    chosen = tl.where(tmask[:, None], chosen, 0)
+    """From each token's chosen experts (one-hot [BLOCK_T, columns]; `cols` the global
+    expert id of each column) and weights p: ranks inside each of this rank's experts
+    [start, start + LOCAL_E) and the (local id, weight, rank) slots in ascending expert
+    order; slots of experts held elsewhere get id -1 and weight 0."""
+    mine = cmask & (cols >= start) & (cols < start + LOCAL_E)
+    chosen = tl.where(tmask[:, None] & mine[None, :], chosen, 0)
     # ranks inside each expert: one atomic per expert this program saw
     local = tl.reduce(chosen, 0, _sum_combine)
-    base = tl.atomic_add(counts_ptr + cols, local, mask=cmask & (local > 0))
+    base = tl.atomic_add(counts_ptr + (cols - start), local, mask=mine & (local > 0))
     base = tl.where(local > 0, base, 0)
     pos = base[None, :] + tl.associative_scan(chosen, 0, _sum_combine) - chosen
     # slots in ascending expert order (the reference's summation order)
     done = chosen == 0
+    none = 1 << 30            # past every column: no (more) local expert for the token
     for j in range(TOP_K):
-        e = tl.reduce(tl.where(done, E_PAD, cols[None, :]), 1, _elementwise_min)
+        e = tl.reduce(tl.where(done, none, cols[None, :]), 1, _elementwise_min)
+        found = e < none
         hit = cols[None, :] == e[:, None]
         wj = tl.reduce(tl.where(hit, p, 0.0), 1, _sum_combine)
         rj = tl.reduce(tl.where(hit, pos, 0), 1, _sum_combine)
         done = done | hit
         if RENORM:
             wj = wj / wsum
-        if SCALE:     # Gemma 4's per-expert scale, on the f32 weight (e < NUM_E always)
-            wj = wj * tl.load(scale_ptr + e).to(tl.float32)
+        if SCALE:     # Gemma 4's per-expert scale, on the f32 weight
+            wj = wj * tl.load(scale_ptr + e, mask=found & tmask, other=0.0).to(tl.float32)
         slot = toks.to(tl.int64) * TOP_K + j
-        tl.store(ids_ptr + slot, e, mask=tmask)
+        tl.store(ids_ptr + slot, tl.where(found, e - start, -1), mask=tmask)
         tl.store(w_ptr + slot, wj.to(w_ptr.dtype.element_ty), mask=tmask)
         tl.store(rank_ptr + slot, rj, mask=tmask)
 
@@ -265,15 +284,22 @@ def moe_zero_counts_kernel(counts_ptr, NUM_E: tl.constexpr, E_PAD: tl.constexpr)
 
 
 @triton.jit
-def moe_given_route_kernel(w_in_ptr, ids_in_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, n_tokens,
-                           stride_w, stride_i, NUM_E: tl.constexpr, E_PAD: tl.constexpr,
-                           TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """fused_moe_routed: the graph's own top-k ids and weights instead of the softmax routing."""
+def moe_given_route_kernel(w_in_ptr, ids_in_ptr, counts_ptr, ids_ptr, w_ptr, rank_ptr, eids_ptr,
+                           n_tokens, stride_w, stride_i, NUM_E: tl.constexpr,
+                           E_PAD: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                           EP: tl.constexpr):
+    """fused_moe_routed: the graph's own top-k ids and weights instead of the softmax routing.
+    The columns are the NUM_E experts this op holds: with EP, experts start.. (the ids are
+    global, so a token's experts held elsewhere match no column)."""
     pid = tl.program_id(0)
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < n_tokens
-    cols = tl.arange(0, E_PAD)
-    cmask = cols < NUM_E
+    if EP:
+        start = tl.load(eids_ptr).to(tl.int32)
+    else:
+        start = 0
+    cols = start + tl.arange(0, E_PAD)
+    cmask = tl.arange(0, E_PAD) < NUM_E
     chosen = tl.full([BLOCK_T, E_PAD], 0, tl.int32)
     p = tl.full([BLOCK_T, E_PAD], 0.0, tl.float32)
     for j in range(TOP_K):
@@ -283,7 +309,8 @@ def moe_given_route_kernel(w_in_ptr, ids_in_ptr, counts_ptr, ids_ptr, w_ptr, ran
         chosen = tl.where(hit, 1, chosen)
         p = tl.where(hit, wj.to(tl.float32)[:, None], p)
     _assign_slots(chosen, p, tl.full([BLOCK_T], 1.0, tl.float32), toks, tmask, cols, cmask,
-                  counts_ptr, ids_ptr, w_ptr, rank_ptr, w_in_ptr, E_PAD, TOP_K, False, False)
+                  counts_ptr, ids_ptr, w_ptr, rank_ptr, w_in_ptr, start, NUM_E, TOP_K, False,
+                  False)
 
 
 @triton.jit
@@ -296,7 +323,8 @@ def moe_scatter_kernel(ids_ptr, rank_ptr, counts_ptr, sorted_ptr, n_pairs,
     start = (tl.associative_scan(ntiles, 0, _sum_combine) - ntiles) * BLOCK_M
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_pairs
-    e = tl.load(ids_ptr + offs, mask=m, other=0)
+    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    m = m & (e >= 0)                   # -1: an expert another rank holds
     r = tl.load(rank_ptr + offs, mask=m, other=0)
     s = tl.reduce(tl.where(es[None, :] == e[:, None], start[None, :], 0), 1, _sum_combine)
     tl.store(sorted_ptr + s + r, offs, mask=m)
@@ -375,15 +403,19 @@ def moe_down_kernel(h_ptr, w_ptr, sorted_ptr, counts_ptr, y_ptr, max_tiles,
 
 
 @triton.jit
-def moe_combine_kernel(y_ptr, w_ptr, out_ptr, stride_out,
-                       HIDDEN: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def moe_combine_kernel(y_ptr, w_ptr, ids_ptr, out_ptr, stride_out,
+                       HIDDEN: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                       EP: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = cols < HIDDEN
     acc = tl.full([BLOCK_H], 0, tl.float32)
     for j in range(TOP_K):   # slots are in ascending expert order: the reference's sum order
         wj = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
-        yj = tl.load(y_ptr + (t * TOP_K + j) * HIDDEN + cols, mask=m, other=0.0)
+        mj = m
+        if EP:               # a slot of an expert held elsewhere: its row was never written
+            mj = m & (tl.load(ids_ptr + t * TOP_K + j + cols * 0) >= 0)
+        yj = tl.load(y_ptr + (t * TOP_K + j) * HIDDEN + cols, mask=mj, other=0.0)
         acc += yj.to(tl.float32) * wj
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -398,16 +430,22 @@ def lower(node, L):
 
     routed = node.op == "fused_moe_routed"
     router_x = scale = None
+    operands = node.operands
+    ep = bool(node.attrs.get("local_experts", 0))
+    expert_ids = operands[-1] if ep else None         # expert parallelism: the rank's ids
+    operands = operands[:-1] if ep else operands
     if routed:
-        x, given_w, given_ids, w_gate_up, w_down = node.operands
+        x, given_w, given_ids, w_gate_up, w_down = operands
         top_k = given_ids.type.shape[1]
     else:
-        x, router, w_gate_up, w_down, *extra = node.operands
+        x, router, w_gate_up, w_down, *extra = operands
         router_x = extra[0] if extra else x            # Gemma 4: the router reads another input
         scale = extra[1] if len(extra) > 1 else None   # and scales each expert's weight
         top_k = node.attrs["top_k"]
     out = node.results[0]
+    # num_e: the experts this op holds (counters, tiles); all_e: the routing's columns
     num_e, hidden = w_gate_up.type.shape[0], w_gate_up.type.shape[2]
+    all_e = num_e if routed else router.type.shape[0]
     inter = w_down.type.shape[2]
     if not all(isinstance(d, int) for d in (num_e, hidden, inter, top_k)):
         raise BrazeError(f"{node.op}: experts, hidden, intermediate and top_k must be "
@@ -415,14 +453,14 @@ def lower(node, L):
                          f"top_k={top_k!r}")
     dtype = x.type.dtype
     act = node.attrs.get("act", "silu")
-    e_pad = _pow2(num_e)
+    e_pad, all_pad = _pow2(num_e), _pow2(all_e)
     tokens = L.rows(x)
     tk = expr_text(tokens * top_k)
     t = expr_text(tokens)
     max_bm = max(r["BLOCK_M"] for r in REGIMES.values())
     padded_rows = tokens * top_k + num_e * (max_bm - 1)
 
-    logits = None if routed else L.ws("logits", [tokens, num_e], dtype)
+    logits = None if routed else L.ws("logits", [tokens, all_e], dtype)
     counts = L.ws("counts", [num_e], "i32")
     ids = L.ws("topk_ids", [tokens * top_k], "i32")
     weights = L.ws("topk_w", [tokens * top_k], dtype)
@@ -432,7 +470,7 @@ def lower(node, L):
     y = L.ws("expert_out", [tokens * top_k, hidden], dtype)
 
     # small regime while T * top_k <= SMALL_ROWS_PER_EXPERT * E, i.e. T <= limit
-    limit = SMALL_ROWS_PER_EXPERT * num_e // top_k
+    limit = SMALL_ROWS_PER_EXPERT * all_e // top_k
     on = {"small": f"(1 - min(1, {t} // {limit + 1}))", "large": f"min(1, {t} // {limit + 1})"}
     if routed:      # the route kernels count into zeroed counters (the router kernel's job)
         L.launch(moe_zero_counts_kernel, grid=["1"], args=[counts],
@@ -445,27 +483,31 @@ def lower(node, L):
         if routed:
             L.launch(moe_given_route_kernel, grid=[f"{gate} * cdiv({t}, {route_t})"],
                      args=[L.buf(given_w), L.buf(given_ids), counts, ids, weights, rank,
+                           L.buf(expert_ids if ep else given_ids),
                            L.expr(tokens), L.stride(given_w, 0), L.stride(given_ids, 0)],
                      constexprs={"NUM_E": num_e, "E_PAD": e_pad, "TOP_K": top_k,
-                                 "BLOCK_T": route_t},
+                                 "BLOCK_T": route_t, "EP": ep},
                      num_warps=4 if route_t * e_pad >= 2048 else 2, num_stages=1)
-        be = min(cfg["ROUTER_E"], e_pad)
+        be = min(cfg["ROUTER_E"], all_pad)
         if not routed:
             L.launch(moe_router_kernel,
-                     grid=[f"{gate} * cdiv({t}, {cfg['ROUTER_T']})", str(-(-num_e // be))],
+                     grid=[f"{gate} * cdiv({t}, {cfg['ROUTER_T']})", str(-(-all_e // be))],
                      args=[L.buf(router_x), L.buf(router), logits, counts, L.expr(tokens),
                            L.stride(router_x, 0), L.stride(router, 0)],
-                     constexprs={"HIDDEN": hidden, "NUM_E": num_e, "E_PAD": e_pad,
+                     constexprs={"HIDDEN": hidden, "NUM_E": all_e, "E_PAD": all_pad,
                                  "BLOCK_T": cfg["ROUTER_T"], "BLOCK_E": be,
-                                 "BLOCK_K": min(cfg["ROUTER_K"], _pow2(hidden))},
+                                 "BLOCK_K": min(cfg["ROUTER_K"], _pow2(hidden)),
+                                 "NUM_COUNTS": num_e},
                      num_warps=4, num_stages=3)
             L.launch(moe_route_kernel, grid=[f"{gate} * cdiv({t}, {route_t})"],
                      args=[logits, counts, ids, weights, rank,
-                           L.buf(scale if scale is not None else router), L.expr(tokens)],
-                     constexprs={"NUM_E": num_e, "E_PAD": e_pad, "TOP_K": top_k,
+                           L.buf(scale if scale is not None else router),
+                           L.buf(expert_ids if ep else router), L.expr(tokens)],
+                     constexprs={"NUM_E": all_e, "E_PAD": all_pad, "TOP_K": top_k,
                                  "RENORM": bool(node.attrs["renormalize"]),
-                                 "SCALE": scale is not None, "BLOCK_T": route_t},
-                     num_warps=4 if route_t * e_pad >= 2048 else 2, num_stages=1)
+                                 "SCALE": scale is not None, "BLOCK_T": route_t,
+                                 "EP": ep, "LOCAL_E": num_e},
+                     num_warps=4 if route_t * all_pad >= 2048 else 2, num_stages=1)
         L.launch(moe_scatter_kernel, grid=[f"{gate} * cdiv({tk}, {SCATTER_BLOCK})"],
                  args=[ids, rank, counts, sorted_ids, L.expr(tokens * top_k)],
                  constexprs={"NUM_E": num_e, "E_PAD": e_pad, "BLOCK_M": bm,
@@ -493,6 +535,6 @@ def lower(node, L):
     # the combine does not depend on the regime
     bh = min(_pow2(hidden), 512)
     L.launch(moe_combine_kernel, grid=[t, str(-(-hidden // bh))],
-             args=[y, weights, L.buf(out), L.stride(out, 0)],
-             constexprs={"HIDDEN": hidden, "TOP_K": top_k, "BLOCK_H": bh},
+             args=[y, weights, ids, L.buf(out), L.stride(out, 0)],
+             constexprs={"HIDDEN": hidden, "TOP_K": top_k, "BLOCK_H": bh, "EP": ep},
              num_warps=4 if bh >= 512 else 2, num_stages=1)
