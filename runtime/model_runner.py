@@ -59,8 +59,11 @@ class ModelRunner:
         self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size)
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
+        # a pruned LM head computes up to the artifact's R rows in the wide variants of the
+        # buckets, which only steps with prompt logprobs run (runtime/prompt_logprobs.py)
         self.graphs = GraphRunner(ex, self.static, options.buckets, self.max_num_seqs,
-                                  mode=options.cudagraph_mode, debug=options.debug)
+                                  mode=options.cudagraph_mode, debug=options.debug,
+                                  wide_rows=limits.max_logits_rows if ex.logits_pruned else None)
         self.graphs = parallel.distribute(self.graphs, artifact, options, num_kv_blocks)
         self.graphs.capture(progress=progress)
 
@@ -72,7 +75,7 @@ class ModelRunner:
         None where every token has its logits row (not pruned)."""
         if not self.executor.logits_pruned:
             return None
-        return self.graphs.rows_for(self.max_num_tokens)
+        return self.graphs.rows_for(self.max_num_tokens, isinstance(self.graphs, GraphRunner))
 
     @property
     def prompt_logprobs_error(self) -> str | None:
@@ -118,10 +121,13 @@ class ModelRunner:
                                   drafted)
         plan = self._prompt_rows(chunks, prompt_chunks, drafted, meta, Tp) \
             if prompt_chunks else None
-        logits = self.graphs.run(T, S, decode_only)
+        if plan is not None and plan[4]:
+            logits = self.graphs.run(T, S, decode_only, wide=True)
+        else:
+            logits = self.graphs.run(T, S, decode_only)
         prompt_lp = None
         if plan is not None:
-            where, rows, targets, k = plan
+            where, rows, targets, k, _ = plan
             prompt_lp = where, prompt_compute(logits, rows, targets, k)
         if drafted:       # one logits row per scored position: the chunks as the rows see them
             S = meta["num_rows"]
@@ -141,7 +147,8 @@ class ModelRunner:
     def _prompt_rows(self, chunks, prompt_chunks, drafted: bool, meta: dict, Tp: int):
         """Where this step's prompt logprobs are read (runtime/prompt_logprobs.py); on a
         pruned artifact their extra rows go into `logits_indices` after the sampling rows.
-        Returns (where, rows, targets, top k) or None when no chunk scores a token."""
+        Returns (where, rows, targets, top k, wide) or None when no chunk scores a token;
+        `wide`: the rows exceed the bucket's, so the step runs its wide variant."""
         pruned = self.executor.logits_pruned
         own = None
         if drafted:
@@ -153,16 +160,24 @@ class ModelRunner:
         where, rows, targets, extra = plan_rows(chunks, prompt_chunks, pruned, base, own)
         if not where:
             return None
+        wide = False
         if extra:
-            cap = self.graphs.rows_for(Tp)
-            if base + len(extra) > cap:
-                raise BrazeError(f"prompt logprobs need {base + len(extra)} logits rows in a "
-                                 f"step whose bucket computes {cap}; the scheduler keeps them "
-                                 f"within its logits_row_cap")
+            g, n = self.graphs, base + len(extra)
+            index = self.static["logits_indices"]
+            if n > g.rows_for(Tp):          # more than the bucket computes: its wide variant
+                wide = True
+                cap = g.rows_for(Tp, True) if isinstance(g, GraphRunner) else g.rows_for(Tp)
+                if n > cap:
+                    raise BrazeError(f"prompt logprobs need {n} logits rows in a step whose "
+                                     f"bucket computes {cap}; the scheduler keeps them within "
+                                     f"its logits_row_cap")
+                g.wide_indices[:base] = index[:base]
+                g.wide_indices[n:cap] = 0
+                index = g.wide_indices
             idx = torch.tensor(extra, dtype=torch.int64)
-            self.static["logits_indices"][base:base + len(extra)] = idx.to(self.device)
+            index[base:n] = idx.to(self.device)
         k = max(chunks[ci].request.params.prompt_logprobs for ci, _, _ in where)
-        return where, rows, targets, k
+        return where, rows, targets, k, wide
 
 
 class StepResult:

@@ -186,17 +186,57 @@ def test_o2_prompt_logprobs_with_speculative_decoding(store, o1):
         same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
 
 
+def test_wide_rows_serve_a_whole_prompt_in_one_chunk_and_cost_plain_steps_nothing(store, o1,
+                                                                                 model):
+    """An artifact compiled with --max-logits-rows = --max-num-tokens: a prompt-logprobs
+    step runs its bucket's wide variant (all 37 rows in one chunk); plain steps keep one
+    row per sequence and never touch a wide variant."""
+    art = store.artifact("llama", opt_level=2, max_logits_rows=64, **LIMITS)
+    eng = Engine(art, backend="reference", num_kv_blocks=64)
+    g = eng.runner.graphs
+    assert all(g.rows_for(T) == min(T, 4) for T in g.buckets)
+    assert eng.scheduler.logits_row_cap == 64
+    prompts = prompts_of([30, 7], seed=9)
+    plain = SamplingParams(max_tokens=4, ignore_eos=True)
+    run_all(eng, prompts, plain)
+    assert "wide_steps" not in g.stats
+    prompts = prompts_of([37, 6], seed=8)
+    params = [SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=4), plain]
+    seen = watch_rows(eng)
+    got = run_all(eng, prompts, params)
+    assert seen[0][0] == 2 + 36 and g.stats["wide_steps"] == 1      # one prefill step
+    want = run_all(Engine(o1, backend="reference", num_kv_blocks=64), prompts, params)
+    for x, y in zip(got, want):
+        assert x.token_ids == y.token_ids
+        same_prompt_logprobs(x.prompt_logprobs, y.prompt_logprobs)
+    p = prompts[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p])).logits[0].double(), dim=-1)
+    assert max(abs(got[0].prompt_logprobs[i].logprob - ref[i - 1, p[i]].item())
+               for i in range(1, len(p))) < 1e-4
+
+
 def test_o2_prompt_logprobs_under_the_interpreted_kernels(store):
-    """The launch plans (Triton kernels under the interpreter, pruned LM head) give the
-    reference interpreter's prompt logprobs."""
-    art = store.artifact("llama", opt_level=2, max_num_seqs=4, max_num_tokens=32)
+    """The launch plans (Triton kernels under the interpreter, pruned LM head, the wide
+    variant of a bucket bound on first use) give the reference interpreter's prompt
+    logprobs."""
+    art = store.artifact("llama", opt_level=2, max_num_seqs=4, max_num_tokens=32,
+                         max_logits_rows=32)
     prompts = prompts_of([13, 5], seed=4)
     params = [SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=2),
               SamplingParams(max_tokens=2, ignore_eos=True)]
-    want = run_all(Engine(art, backend="reference", num_kv_blocks=16, max_num_tokens=8),
-                   prompts, params)
+    want = run_all(Engine(art, backend="reference", num_kv_blocks=16), prompts, params)
+    eng = Engine(art, backend="interpret", num_kv_blocks=16, buckets=[8, 32])
+    run_all(eng, prompts[1:], params[1:])
+    assert eng.runner.graphs.stats["wide_plans_bound"] == 0
+    got = run_all(eng, prompts, params)
+    assert eng.runner.graphs.stats["wide_plans_bound"] == 1
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs, tol=1e-4)
+    # a small budget: the prompt in chunks of 8 tokens, 2 rows a normal step, 8 a wide one
     got = run_all(Engine(art, backend="interpret", num_kv_blocks=16, max_num_tokens=8,
-                         buckets=[8]), prompts, params)
+                         buckets=[8], max_num_seqs=2), prompts, params)
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids
         same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs, tol=1e-4)
