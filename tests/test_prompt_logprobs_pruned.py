@@ -120,6 +120,47 @@ def test_o2_equals_o1_over_chunk_sizes(o2, o1, lengths, mask, budget, seqs, seed
         same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
 
 
+@pytest.mark.parametrize("lag", [False, True])
+def test_o2_prompt_logprobs_survive_preemption(o2, o1, lag):
+    """A cache too small for every request: requests are preempted while decoding and
+    recomputed, prompt and output (the prompt-logprobs rows cover only the prompt), with
+    async scheduling too; the reports are the roomy -O1 engine's."""
+    prompts = prompts_of([20, 25, 18, 30], seed=31)
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, prompt_logprobs=1),
+              SamplingParams(max_tokens=24, ignore_eos=True),
+              SamplingParams(max_tokens=24, ignore_eos=True, prompt_logprobs=2),
+              SamplingParams(max_tokens=24, ignore_eos=True, prompt_logprobs=0)]
+    eng = Engine(o2, backend="reference", num_kv_blocks=6, max_num_tokens=24,
+                 async_scheduling=lag)
+    got = run_all(eng, prompts, params)
+    assert eng.stats()["preemptions"] > 0
+    assert eng.scheduler.num_prompt_logprobs == 0
+    want = run_all(Engine(o1, backend="reference", num_kv_blocks=64), prompts, params)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
+
+
+def test_tensor_parallel_o2_refuses_prompt_logprobs_by_name(o2):
+    """A tensor-parallel runner's other ranks get only one logits row per sequence: the
+    request is refused, naming prompt_logprobs and what to do."""
+    from braze.ir.errors import BrazeError
+    eng = Engine(o2, backend="reference", num_kv_blocks=16)
+
+    class Leader:          # what runtime/parallel.py wraps rank 0's GraphRunner in
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    eng.runner.graphs = Leader(eng.runner.graphs)
+    with pytest.raises(BrazeError, match="prompt_logprobs.*tensor-parallel.*--opt-level 1") as e:
+        eng.add_request("x", [1, 2, 3], SamplingParams(prompt_logprobs=1))
+    assert e.value.param == "prompt_logprobs"
+    eng.add_request("y", [1, 2, 3], SamplingParams(max_tokens=2))     # plain ones still run
+    assert eng.run_to_completion(["y"])["y"].token_ids
+
+
 def _chunk(prompt_len: int, start: int, n: int, plp=0) -> ScheduledChunk:
     class R:
         pass
@@ -240,3 +281,34 @@ def test_o2_prompt_logprobs_under_the_interpreted_kernels(store):
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids
         same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs, tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["piecewise", "full"])
+def test_cuda_prompt_logprobs_on_o2_equal_the_reference(store, mode):
+    """On the GPU: plain steps replay the captured graphs of their buckets, a prompt-
+    logprobs step the wide variant of its bucket (bound on first use, uncaptured); the
+    prompt logprobs and tokens are the reference backend's (float32)."""
+    art = store.artifact("llama", opt_level=2, targets="sm_80,sm_90", max_num_seqs=8,
+                         max_num_tokens=64, max_logits_rows=64)
+    prompts = prompts_of([37, 6, 20], seed=5)
+    params = [SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=3),
+              SamplingParams(max_tokens=6, ignore_eos=True),
+              SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=0, logprobs=2)]
+    want = run_all(Engine(art, backend="reference", num_kv_blocks=32), prompts, params)
+    eng = Engine(art, backend="cuda", num_kv_blocks=32, cudagraph_mode=mode, debug=True)
+    run_all(eng, prompts[1:2], params[1:2])
+    g = eng.runner.graphs
+    assert g.stats["wide_plans_bound"] == 0 and eng.stats()["cuda_graphs_captured"] > 0
+    got = run_all(eng, prompts, params)
+    assert g.stats["wide_plans_bound"] >= 1
+    for x, y in zip(got, want):
+        assert x.token_ids == y.token_ids
+        same_prompt_logprobs(x.prompt_logprobs, y.prompt_logprobs, tol=1e-3)
+    # a budget of 16 tokens: the prompts in chunks, wide variants of the smaller buckets
+    got = run_all(Engine(art, backend="cuda", num_kv_blocks=32, max_num_tokens=16),
+                  prompts, params)
+    for x, y in zip(got, want):
+        assert x.token_ids == y.token_ids
+        same_prompt_logprobs(x.prompt_logprobs, y.prompt_logprobs, tol=1e-3)
