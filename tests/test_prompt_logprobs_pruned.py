@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from braze.ir.errors import BrazeError
 from braze.runtime.engine import Engine
 from braze.runtime.prompt_logprobs import extra_rows, limit_rows
 from braze.runtime.sampler import SamplingParams
@@ -144,7 +145,6 @@ def test_o2_prompt_logprobs_survive_preemption(o2, o1, lag):
 def test_tensor_parallel_o2_refuses_prompt_logprobs_by_name(o2):
     """A tensor-parallel runner's other ranks get only one logits row per sequence: the
     request is refused, naming prompt_logprobs and what to do."""
-    from braze.ir.errors import BrazeError
     eng = Engine(o2, backend="reference", num_kv_blocks=16)
 
     class Leader:          # what runtime/parallel.py wraps rank 0's GraphRunner in
@@ -255,6 +255,32 @@ def test_wide_rows_serve_a_whole_prompt_in_one_chunk_and_cost_plain_steps_nothin
         ref = torch.log_softmax(model(torch.tensor([p])).logits[0].double(), dim=-1)
     assert max(abs(got[0].prompt_logprobs[i].logprob - ref[i - 1, p[i]].item())
                for i in range(1, len(p))) < 1e-4
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plp_len=st.integers(2, 40), budget=st.integers(4, 32), k=st.integers(1, 4),
+       rows=st.sampled_from([4, 8, 16]))
+def test_o2_speculation_beside_prompt_logprobs_over_sizes(store, o1, plp_len, budget, k, rows):
+    """Speculating requests and a prompt-logprobs prefill in one engine, over the prompt
+    length, the token budget, k and the artifact's logits rows: -O1's tokens and prompt
+    logprobs, and no step over its rows."""
+    art = store.artifact("llama", opt_level=2, max_logits_rows=rows, **LIMITS)
+    prompts = [[1] + [5, 6, 7, 8] * 3, [1, 9, 30, 31, 9, 30, 31, 9]] + prompts_of([plp_len], 7)
+    params = [SamplingParams(max_tokens=10, ignore_eos=True)] * 2 + \
+        [SamplingParams(max_tokens=3, ignore_eos=True, prompt_logprobs=1)]
+    kw = dict(backend="reference", num_kv_blocks=64, max_num_tokens=budget)
+    try:
+        eng = Engine(art, speculative={"method": "ngram", "num_speculative_tokens": k}, **kw)
+    except BrazeError as e:         # too few rows to speculate at all: said so, by name
+        assert rows <= 4 and "--max-logits-rows" in str(e)
+        return
+    seen = watch_rows(eng)
+    got = run_all(eng, prompts, params)
+    want = run_all(Engine(o1, **kw), prompts, params)
+    assert all(r <= cap for r, cap, _ in seen)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
 
 
 def test_o2_prompt_logprobs_under_the_interpreted_kernels(store):
