@@ -143,7 +143,6 @@ class ModelRunner:
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
         return StepResult(tokens, logprobs, prompt_lp)
 
-
     def _prompt_rows(self, chunks, prompt_chunks, drafted: bool, meta: dict, Tp: int):
         """Where this step's prompt logprobs are read (runtime/prompt_logprobs.py); on a
         pruned artifact their extra rows go into `logits_indices` after the sampling rows.

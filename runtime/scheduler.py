@@ -68,7 +68,7 @@ class SchedulerOutput:
     # speculative tokens scheduled for verification (ScheduledChunk.num_draft, summed)
     num_draft: int = 0
     # indices of the chunks that score prompt tokens (prompt_logprobs; runtime/prompt_logprobs.py)
-    prompt_chunks: list[int] = field(default_factory=list)
+    prompt_chunks: list[int] | tuple = ()      # (no list made for steps without them)
 
     @property
     def num_tokens(self) -> int:
