@@ -307,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most rows the LM head computes in one step at -O2 (default: "
                         "--max-num-seqs, one per sequence). Speculative decoding with k "
                         "proposed tokens scores k + 1 rows per sequence: give "
-                        "max-num-seqs * (k + 1) to verify every sequence in every step")
+                        "max-num-seqs * (k + 1) to verify every sequence in every step. "
+                        "prompt_logprobs (and echo with logprobs) need a row per prompt "
+                        "position: a step computes at most N, so with fewer rows a long prompt "
+                        "takes more prefill steps; --max-num-tokens serves any chunk whole")
     c.add_argument("--targets", default="sm_80,sm_90", metavar="sm_XY,...",
                    help="GPU architectures to compile the kernels' cubins for, comma-separated "
                         "(default sm_80,sm_90: A100 and H100/H200; '' for none, and the kernels "

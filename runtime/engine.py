@@ -39,12 +39,6 @@ from .tokenizer import Tokenizer
 _STRUCTURED_LOCK = threading.Lock()
 MAX_BAD_WORD_TOKENS = 16
 
-PROMPT_LOGPROBS_PRUNED = (
-    "prompt_logprobs needs the logits of every prompt position, and this artifact computes "
-    "them only where it samples (its -O2 prune-logits pass); compile it with --opt-level 1 "
-    "(or 0) to serve prompt_logprobs")
-
-
 class Engine(EngineLoRA):
     def __init__(self, artifact, options: EngineOptions | None = None, *, progress=None,
                  **overrides):
@@ -60,6 +54,7 @@ class Engine(EngineLoRA):
         self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
                                    watermark_blocks=max(0, r.num_kv_blocks // 100))
+        self.scheduler.logits_row_cap = r.prompt_logprobs_rows   # None: logits at every token
         # lower KV tiers (host memory, a directory, an object store), when the options ask
         self.offload = make_offload(opts, r.executor.cache, self.artifact.manifest, r.device)
         if self.offload is not None:
@@ -116,8 +111,8 @@ class Engine(EngineLoRA):
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
                              f"all (max_model_len), so at most {limit - 1} leave room to generate",
                              param="prompt")
-        if params.prompt_logprobs is not None and self.runner.executor.logits_pruned:
-            raise BrazeError(PROMPT_LOGPROBS_PRUNED, param="prompt_logprobs")
+        if params.prompt_logprobs is not None and self.runner.prompt_logprobs_error:
+            raise BrazeError(self.runner.prompt_logprobs_error, param="prompt_logprobs")
         if params.num_samples > 1:
             raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
                              "sample per request; add params.children() as requests "
@@ -299,7 +294,8 @@ class Engine(EngineLoRA):
                     self.runner.add(c.request)
                 if c.request.metrics.first_scheduled_time is None:
                     c.request.metrics.first_scheduled_time = t
-            result = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only)
+            result = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only,
+                                         sched.prompt_chunks)
             for c in sched.chunks:
                 if c.samples:
                     c.request.num_pending += 1

@@ -23,6 +23,14 @@ That frozen call list is exactly what a CUDA graph bakes in, so:
              checked without a GPU.
   reference  nothing to bind: the IR interpreter runs on views of the buffers.
 
+Wide buckets (`wide_rows`, -O2 artifacts compiled with more logits rows than a step
+needs for sampling): a step that asks for prompt logprobs may need up to the artifact's
+R logits rows. Rather than make every step's LM head compute that many, such a step
+runs a second, "wide" variant of its bucket (R_pad = min(T_pad, wide_rows)) that reads
+`logits_indices` from its own buffer (`wide_indices`). Wide variants are bound on first
+use and replayed eagerly, never captured: they serve prefill steps only, where a CUDA
+graph saves little, and a server that never sees prompt logprobs never binds one.
+
 Segments per mode (recomputed from the ops' `graph_break` property, so a mode
 other than the artifact's compiled one works too): none -> one "eager" run;
 piecewise -> "graph" runs cut at every break op; full -> one "graph" run.
@@ -136,7 +144,8 @@ class _Bucket:
 
 class GraphRunner:
     def __init__(self, executor, static: dict[str, torch.Tensor], buckets: list[int] | None,
-                 max_num_seqs: int, mode: str | None = None, debug: bool = False):
+                 max_num_seqs: int, mode: str | None = None, debug: bool = False,
+                 wide_rows: int | None = None):
         self.executor = executor
         self.static = static
         self.debug = bool(debug)
@@ -150,13 +159,19 @@ class GraphRunner:
         self.max_blocks = int(static["block_tables"].shape[1])
         # R: logits rows per step (one per sequence unless the buffers hold more)
         self.max_logits_rows = max(int(static["logits_indices"].shape[0]), self.max_num_seqs)
+        # R of the wide bucket variants (prompt logprobs on a pruned LM head), when larger
+        self.wide_rows = min(max(wide_rows or 0, self.max_logits_rows), self.max_num_tokens)
+        self.wide_indices = None
+        if self.wide_rows > self.max_logits_rows:
+            self.wide_indices = torch.zeros(self.wide_rows, dtype=torch.int64,
+                                            device=static["logits_indices"].device)
         self._check_static()
         plan = getattr(executor, "plan", None)
         if plan is not None:
             lim = plan.max_sizes
             for what, have, cap, flag in (("max_num_tokens", self.max_num_tokens, lim["T"], "--max-num-tokens"),
                                           ("max_num_seqs", self.max_num_seqs, lim["S"], "--max-num-seqs"),
-                                          ("logits rows", self.rows_for(self.max_num_tokens), lim.get("R", lim["S"]), "--max-logits-rows"),
+                                          ("logits rows", self.wide_rows, lim.get("R", lim["S"]), "--max-logits-rows"),
                                           ("block table width", self.max_blocks, lim["MB"], "--max-model-len")):
                 if have > cap:
                     raise BrazeError(f"{what} {have} exceeds the {cap} the artifact's buffers were "
@@ -174,6 +189,7 @@ class GraphRunner:
         i = bisect.bisect_left(self.buckets, min(self.max_num_seqs, self.max_num_tokens))
         self._decode_limit = self.buckets[min(i, len(self.buckets) - 1)]
         self._buckets: dict[int, _Bucket] = {}
+        self._wide: dict[int, _Bucket] = {}       # wide variants, bound on first use
         self._graphs: list = []
         self._cache = None
         self._static_ptrs: dict[str, int] = {}
@@ -181,7 +197,7 @@ class GraphRunner:
         self.last_variant = None      # which plan the last run replayed: full / piecewise / eager
         self.stats = {"cuda_graphs_captured": 0, "capture_seconds": 0.0, "capture_bytes": 0,
                       "buckets": list(self.buckets), "mode": self.mode, "plans_bound": 0,
-                      "full_capture": self.full_capture}
+                      "full_capture": self.full_capture, "wide_plans_bound": 0}
 
     # -- shapes -------------------------------------------------------------------------
 
@@ -216,25 +232,27 @@ class GraphRunner:
         T = self.buckets[i]
         return T, min(T, self.max_num_seqs)
 
-    def rows_for(self, T: int) -> int:
-        """R_pad: the logits rows of the bucket of T padded tokens."""
-        return min(T, self.max_logits_rows)
+    def rows_for(self, T: int, wide: bool = False) -> int:
+        """R_pad: the logits rows of the bucket of T padded tokens (of its wide variant)."""
+        return min(T, self.wide_rows if wide else self.max_logits_rows)
 
-    def _sizes(self, T: int) -> dict:
-        sizes = bucket_sizes(T, self.max_num_seqs, self.max_blocks, self.max_logits_rows)
+    def _sizes(self, T: int, wide: bool = False) -> dict:
+        sizes = bucket_sizes(T, self.max_num_seqs, self.max_blocks,
+                             self.wide_rows if wide else self.max_logits_rows)
         cache = self.executor.cache.tensors
         if cache:
             sizes["NB"] = int(next(iter(cache.values())).shape[0])
         return sizes
 
-    def _views(self, T: int, S: int) -> dict[str, torch.Tensor]:
+    def _views(self, T: int, S: int, wide: bool = False) -> dict[str, torch.Tensor]:
         st = self.static
         v = {n: st[n][:T] for n in _TOKEN_ROWS}
         v.update({n: st[n][:S] for n in _SEQ_ROWS})
         v["query_start_loc"] = st["query_start_loc"][:S + 1]
         if LORA_SLOTS in st:
             v[LORA_SLOTS] = st[LORA_SLOTS][:T]
-        v["logits_indices"] = st["logits_indices"][:self.rows_for(T)]
+        v["logits_indices"] = (self.wide_indices if wide else st["logits_indices"])[
+            :self.rows_for(T, wide)]
         return v
 
     # -- writing a step -----------------------------------------------------------------
@@ -276,6 +294,7 @@ class GraphRunner:
 
     def _release(self) -> None:
         self._buckets.clear()
+        self._wide.clear()
         self._graphs.clear()
         self._captured = False
 
@@ -299,7 +318,10 @@ class GraphRunner:
         saved = {n: self.static[n].clone() for n in STEP_INPUTS}
         self._write_dummy_step()
         try:
-            plan.runner.reserve_workspaces([self._sizes(T) for T in self.buckets])
+            sizes = [self._sizes(T) for T in self.buckets]
+            if self.wide_indices is not None:     # so a wide variant bound later fits too
+                sizes += [self._sizes(T, True) for T in self.buckets]
+            plan.runner.reserve_workspaces(sizes)
             for T in reversed(self.buckets):
                 self._bind_bucket(T)
                 if progress is not None and ex.backend != "cuda":
@@ -321,6 +343,22 @@ class GraphRunner:
         if st.get("extern_fallbacks"):
             log.info("extern ops without an in-place form (allocate at replay): %s",
                      ", ".join(st["extern_fallbacks"]))
+
+    def _bind_wide(self, T: int) -> _Bucket:
+        """The wide variant of bucket T: bound now, replayed eagerly (a flat call list)."""
+        ex = self.executor
+        sizes = self._sizes(T, True)
+        views = self._views(T, sizes["S"], True)
+        feeds = dict(views)
+        feeds.update(ex.cache.tensors)
+        feeds.update(ex.lora_pools)
+        plan = ex.plan.bind(feeds, sizes)
+        b = _Bucket(T, sizes["S"], plan, views)
+        b.pieces = list(plan.calls)
+        b.checks = [(name, t, t.data_ptr()) for name, t in plan.tensors()]
+        self._wide[T] = b
+        self.stats["wide_plans_bound"] += 1
+        return b
 
     def _bind_bucket(self, T: int) -> None:
         ex = self.executor
@@ -408,16 +446,23 @@ class GraphRunner:
 
     # -- replay -------------------------------------------------------------------------
 
-    def run(self, num_tokens: int, num_seqs: int, decode_only: bool) -> torch.Tensor:
+    def run(self, num_tokens: int, num_seqs: int, decode_only: bool,
+            wide: bool = False) -> torch.Tensor:
         """The forward of the step already in the static buffers; returns the logits
-        (a static tensor, overwritten by the next run)."""
+        (a static tensor, overwritten by the next run). `wide`: run the bucket's wide
+        variant, whose logits rows are `wide_indices` (prompt logprobs)."""
         T, S = self.bucket_for(num_tokens, num_seqs)
         if decode_only and num_tokens != num_seqs:
             raise BrazeError(f"a decode-only step has one token per sequence, got {num_tokens} "
                              f"tokens for {num_seqs} sequences")
+        if wide and self.wide_indices is None:
+            raise BrazeError(f"no wide logits rows: this runner computes at most "
+                             f"{self.max_logits_rows} rows a step")
         ex = self.executor
+        if wide:
+            self.stats["wide_steps"] = self.stats.get("wide_steps", 0) + 1
         if ex.backend == "reference":
-            feeds = self._views(T, S)
+            feeds = self._views(T, S, wide)
             feeds.update(ex.cache.tensors)
             feeds.update(ex.lora_pools)
             return ex.interpreter.run(feeds, ex.params)["logits"]
@@ -426,6 +471,14 @@ class GraphRunner:
         if ex.cache.tensors is not self._cache:
             raise BrazeError("the KV cache was reallocated after the step plans were bound "
                              "(KVCache.resize); call GraphRunner.capture() again")
+        if wide:
+            b = self._wide.get(T) or self._bind_wide(T)
+            if self.debug:
+                self._check_bound(b)
+            self.last_variant = "wide"
+            for f in b.pieces:
+                f()
+            return b.logits
         b = self._buckets[T]
         if self.debug:
             self._check_bound(b)

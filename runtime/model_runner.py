@@ -18,7 +18,9 @@ from .input_batch import PersistentBatch, static_buffers
 from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .options import EngineOptions
-from .sampler import Logprobs, compute_logprobs, resolve_seed
+from .prompt_logprobs import compute as prompt_compute
+from .prompt_logprobs import plan_rows
+from .sampler import Logprobs, resolve_seed
 from .scheduler import ScheduledChunk
 
 
@@ -57,12 +59,32 @@ class ModelRunner:
         self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size)
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
+        # a pruned LM head computes up to the artifact's R rows in the wide variants of the
+        # buckets, which only steps with prompt logprobs run (runtime/prompt_logprobs.py)
         self.graphs = GraphRunner(ex, self.static, options.buckets, self.max_num_seqs,
-                                  mode=options.cudagraph_mode, debug=options.debug)
+                                  mode=options.cudagraph_mode, debug=options.debug,
+                                  wide_rows=limits.max_logits_rows if ex.logits_pruned else None)
         self.graphs = parallel.distribute(self.graphs, artifact, options, num_kv_blocks)
         self.graphs.capture(progress=progress)
 
     structured = None      # runtime.structured.StructuredBackend, set by the engine on first use
+
+    @property
+    def prompt_logprobs_rows(self) -> int | None:
+        """The most logits rows a step with prompt logprobs computes on this artifact;
+        None where every token has its logits row (not pruned)."""
+        if not self.executor.logits_pruned:
+            return None
+        return self.graphs.rows_for(self.max_num_tokens, isinstance(self.graphs, GraphRunner))
+
+    @property
+    def prompt_logprobs_error(self) -> str | None:
+        """Why this runner cannot compute prompt logprobs, or None."""
+        if self.executor.logits_pruned and not isinstance(self.graphs, GraphRunner):
+            return ("prompt_logprobs on a tensor-parallel -O2 artifact is not supported yet: "
+                    "their extra logits rows are not sent to the other ranks; compile it with "
+                    "--opt-level 1 (logits at every token) to serve prompt_logprobs")
+        return None
 
     def _constrain(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Mask the logits of rows whose request follows a grammar (one packed bitmask for
@@ -84,21 +106,29 @@ class ModelRunner:
     def remove(self, req) -> None:
         self.batch.remove(req)
 
-    def execute(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool) -> "StepResult":
+    def execute(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool,
+                prompt_chunks: list[int] | None = None) -> "StepResult":
         """Launch one step; its result holds one token per logits row: one per chunk
         (meaningful where `chunk.samples`), 1 + num_draft for a chunk verifying speculative
-        tokens. On a GPU this returns before the step has run."""
+        tokens. `prompt_chunks`: the indices of chunks whose prompt logprobs this step
+        computes (SchedulerOutput.prompt_chunks). On a GPU this returns before the step
+        has run."""
         T = sum(c.num_new for c in chunks)
         S = len(chunks)
         Tp, Sp = self.graphs.bucket_for(T, S)
         drafted = not decode_only and any(c.num_draft for c in chunks)
         meta = self.batch.prepare(chunks, block_manager, Tp, Sp, self.graphs.rows_for(Tp),
                                   drafted)
-        logits = self.graphs.run(T, S, decode_only)
+        plan = self._prompt_rows(chunks, prompt_chunks, drafted, meta, Tp) \
+            if prompt_chunks else None
+        if plan is not None and plan[4]:
+            logits = self.graphs.run(T, S, decode_only, wide=True)
+        else:
+            logits = self.graphs.run(T, S, decode_only)
         prompt_lp = None
-        if not self.executor.logits_pruned and any(
-                c.request.params.prompt_logprobs is not None for c in chunks):
-            prompt_lp = prompt_logprobs(logits, chunks)
+        if plan is not None:
+            where, rows, targets, k, _ = plan
+            prompt_lp = where, prompt_compute(logits, rows, targets, k)
         if drafted:       # one logits row per scored position: the chunks as the rows see them
             S = meta["num_rows"]
             chunks = [c for c in chunks for _ in range(1 + c.num_draft)]
@@ -112,6 +142,41 @@ class ModelRunner:
         tokens, logprobs = self.batch.sample(logits, chunks, rows, seq_lens)
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
         return StepResult(tokens, logprobs, prompt_lp)
+
+    def _prompt_rows(self, chunks, prompt_chunks, drafted: bool, meta: dict, Tp: int):
+        """Where this step's prompt logprobs are read (runtime/prompt_logprobs.py); on a
+        pruned artifact their extra rows go into `logits_indices` after the sampling rows.
+        Returns (where, rows, targets, top k, wide) or None when no chunk scores a token;
+        `wide`: the rows exceed the bucket's, so the step runs its wide variant."""
+        pruned = self.executor.logits_pruned
+        own = None
+        if drafted:
+            own, acc = [], 0
+            for c in chunks:
+                acc += 1 + c.num_draft
+                own.append(acc - 1)
+        base = meta["num_rows"] if drafted else len(chunks)
+        where, rows, targets, extra = plan_rows(chunks, prompt_chunks, pruned, base, own)
+        if not where:
+            return None
+        wide = False
+        if extra:
+            g, n = self.graphs, base + len(extra)
+            index = self.static["logits_indices"]
+            if n > g.rows_for(Tp):          # more than the bucket computes: its wide variant
+                wide = True
+                cap = g.rows_for(Tp, True) if isinstance(g, GraphRunner) else g.rows_for(Tp)
+                if n > cap:
+                    raise BrazeError(f"prompt logprobs need {n} logits rows in a step whose "
+                                     f"bucket computes {cap}; the scheduler keeps them within "
+                                     f"its logits_row_cap")
+                g.wide_indices[:base] = index[:base]
+                g.wide_indices[n:cap] = 0
+                index = g.wide_indices
+            idx = torch.tensor(extra, dtype=torch.int64)
+            index[base:n] = idx.to(self.device)
+        k = max(chunks[ci].request.params.prompt_logprobs for ci, _, _ in where)
+        return where, rows, targets, k, wide
 
 
 class StepResult:
@@ -161,33 +226,6 @@ class StepResult:
             out.append((ci, first, rows[k:k + n]))
             k += n
         return out
-
-
-def prompt_logprobs(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> tuple | None:
-    """Raw logprobs of the prompt tokens this step's chunks compute: the logits row of
-    position p (every position has one: the artifact is not logits-pruned) scores prompt
-    token p + 1. Returns ([(chunk index, first prompt position scored, count)], Logprobs)
-    or None when no chunk reaches a prompt token it can score."""
-    rows, targets, where, k, off = [], [], [], 0, 0
-    for ci, c in enumerate(chunks):
-        req = c.request
-        want = req.params.prompt_logprobs
-        n_prompt = len(req.prompt_token_ids)
-        if want is not None:
-            # positions start .. start+num_new-1 score tokens start+1 .. (prompt only)
-            last = min(c.start + c.num_new, n_prompt - 1)
-            n = last - c.start
-            if n > 0:
-                rows.extend(range(off, off + n))
-                targets.extend(req.prompt_token_ids[c.start + 1:last + 1])
-                where.append((ci, c.start + 1, n))
-                k = max(k, want)
-        off += c.num_new
-    if not rows:
-        return None
-    dev = logits.device
-    sel = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(dev))
-    return where, compute_logprobs(sel, torch.tensor(targets, dtype=torch.int64).to(dev), k)
 
 
 def logits_rows(options: EngineOptions, pruned: bool, limits, max_num_seqs: int,

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from braze.ir.errors import BrazeError
 
 from .block_manager import BlockManager
+from .prompt_logprobs import limit_rows
 from .request import Request, Status
 
 
@@ -66,6 +67,8 @@ class SchedulerOutput:
     staging: int = 0
     # speculative tokens scheduled for verification (ScheduledChunk.num_draft, summed)
     num_draft: int = 0
+    # indices of the chunks that score prompt tokens (prompt_logprobs; runtime/prompt_logprobs.py)
+    prompt_chunks: list[int] | tuple = ()      # (no list made for steps without them)
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +98,10 @@ class Scheduler:
         # runtime/lora.py's LoRAManager when the artifact serves adapters: a request's
         # adapter is pinned in a device slot while it runs
         self.lora = None
+        # prompt_logprobs (runtime/prompt_logprobs.py): running requests that asked for them,
+        # and, for an artifact whose logits are pruned, the most logits rows a step computes
+        self.num_prompt_logprobs = 0
+        self.logits_row_cap: int | None = None
 
     # ------------------------------------------------------------------ queue
 
@@ -108,6 +115,7 @@ class Scheduler:
             self.running.remove(req)
             self.bm.free(req.request_id)
             self._release_lora(req)
+            self.num_prompt_logprobs -= req.params.prompt_logprobs is not None
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status = Status.FINISHED
@@ -118,6 +126,12 @@ class Scheduler:
     # --------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule()
+        if self.num_prompt_logprobs:    # fit prompt-logprobs chunks into the logits rows
+            limit_rows(out, self.logits_row_cap, self.bm.block_size)
+        return out
+
+    def _schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_tokens
         i = 0
@@ -180,6 +194,7 @@ class Scheduler:
                 cached += loader.load(req, self.bm, cached)
             req.num_computed = cached
             req.status = Status.RUNNING
+            self.num_prompt_logprobs += not use_cache
             if req.metrics.first_scheduled_time is None:
                 req.metrics.num_cached_tokens = cached
             self.running.append(req)
@@ -217,6 +232,7 @@ class Scheduler:
         self.running.remove(req)
         self.bm.free(req.request_id)
         self._release_lora(req)
+        self.num_prompt_logprobs -= req.params.prompt_logprobs is not None
         req.status = Status.WAITING
         req.num_computed = 0
         req.metrics.num_preemptions += 1

@@ -226,12 +226,6 @@ def test_prompt_logprobs_are_transformers_log_softmax(store, model):
     assert [e.token_id for e in n.prompt_logprobs[1:]] == p[1:]
 
 
-def test_prompt_logprobs_refused_where_logits_are_pruned(store):
-    eng = Engine(store.artifact("llama", opt_level=2), backend="reference", num_kv_blocks=16)
-    with pytest.raises(BrazeError, match="prompt_logprobs.*opt-level"):
-        eng.add_request("x", [1, 2, 3], SamplingParams(prompt_logprobs=1))
-
-
 @pytest.mark.parametrize("lag", [False, True])
 def test_options_survive_preemption(art, lag):
     """Penalties read the token history from the rows, min_tokens the output count: both
