@@ -57,6 +57,25 @@ def latent_cache_type(block_size: int, row: int, dtype: str) -> TensorType:
 CACHE_PREFIXES = ("k_cache.", "v_cache.", "kv_latent.")    # the graph inputs that are KV caches
 
 
+def group_step_inputs(group: int) -> dict[str, TensorType]:
+    """The slot mapping and block table of KV cache group `group` > 0 (a sliding-window
+    group of a hybrid cache, runtime/hybrid_cache.py): group 0 reads `slot_mapping` and
+    `block_tables`, group g these. Each group's block ids index its own layers' caches."""
+    if group < 1:
+        raise BrazeError(f"KV cache group {group} reads the contract's own slot_mapping and "
+                         f"block_tables")
+    return {f"slot_mapping.g{group}": STEP_INPUTS["slot_mapping"],
+            f"block_tables.g{group}": STEP_INPUTS["block_tables"]}
+
+
+def group_of_step_input(name: str) -> tuple[str, int] | None:
+    """("slot_mapping" or "block_tables", g) for a group's step input name, else None."""
+    base, _, g = name.partition(".g")
+    if base in ("slot_mapping", "block_tables") and g.isdigit() and int(g) > 0:
+        return base, int(g)
+    return None
+
+
 def default_buckets(max_num_tokens: int) -> list[int]:
     """The padded token counts steps run at: 1, 2, 4, then every 8 up to 256, every 16 up
     to 512, every 32 up to 1024, then 8 per doubling (at most 12.5% padding); capped at and

@@ -167,6 +167,7 @@ class HybridBlockManager:
 
     def stats(self) -> dict:
         out = {"kv_blocks_total": self.num_blocks, "kv_blocks_free": self.num_free_blocks,
+               "kv_blocks_used": self.group_used_blocks(0),
                "prefix_cache_hit_tokens": self._hit_tokens,
                "prefix_cache_queries": self._query_tokens,
                "evictions": sum(p._evictions for p in self.pools)}
@@ -253,8 +254,10 @@ class HybridBlockManager:
     # -------------------------------------------------------------- allocation
 
     def _plan(self, token_ids, use_cache, salt):
-        """(hashes, hit blocks h, per group: (hit blocks taken from its cache, new blocks
-        needed)) for admitting this prompt."""
+        """(hashes, hit blocks h, per group: (first window block, hit blocks taken from its
+        cache, new blocks to check for, new blocks taken now)) for admitting this prompt. A
+        window group takes one block now (the scheduler's `reserve` grows it to the first
+        chunk) but admits only with room for a whole chunk (`max_chunk` tokens)."""
         n = len(token_ids)
         hashes = self._chain(token_ids, [], n // self.block_size, salt)
         h = self._hit_blocks(hashes, n, use_cache)
@@ -263,12 +266,13 @@ class HybridBlockManager:
             cached = self.pools[g]._cached
             lo = self._first_needed(g, h * self.block_size)
             hits = [cached[hashes[i]] for i in range(lo, h)]
-            if w:       # window groups: blocks only up to the first chunk's end
+            if w:
                 upto = min(n, h * self.block_size + self.max_chunk)
                 need = -(-upto // self.block_size) - h
+                now = -(-min(n, h * self.block_size + 1) // self.block_size) - h
             else:
-                need = -(-n // self.block_size) - h
-            plans.append((lo, hits, need))
+                need = now = -(-n // self.block_size) - h
+            plans.append((lo, hits, need, now))
         return hashes, h, plans
 
     def can_allocate(self, token_ids, watermark: int = 0, use_cache: bool = True,
@@ -277,7 +281,7 @@ class HybridBlockManager:
             return False
         _, _, plans = self._plan(token_ids, use_cache, salt)
         return all(self.pools[g]._fits(need, hits, watermark if not self.windows[g] else 0)
-                   for g, (_, hits, need) in enumerate(plans))
+                   for g, (_, hits, need, _) in enumerate(plans))
 
     def allocate(self, seq_id, token_ids, use_cache: bool = True, salt=None) -> int:
         if seq_id in self._seqs:
@@ -286,7 +290,7 @@ class HybridBlockManager:
         if n == 0:
             raise BrazeError(f"sequence {seq_id!r} has an empty prompt")
         hashes, h, plans = self._plan(token_ids, use_cache, salt)
-        for g, (_, hits, need) in enumerate(plans):
+        for g, (_, hits, need, _) in enumerate(plans):
             if not self.pools[g]._fits(need, hits, 0):
                 w = self.windows[g]
                 raise BrazeError(
@@ -294,13 +298,13 @@ class HybridBlockManager:
                     f"the {'window-%d' % w if w else 'full-attention'} group for {n} tokens, "
                     f"{self.pools[g].num_free_blocks} free; check can_allocate() first")
         seq = _Seq(len(self.groups), salt)
-        for g, (lo, hits, need) in enumerate(plans):
+        for g, (lo, hits, _, now) in enumerate(plans):
             pool = self.pools[g]
             for b in hits:
                 if pool._ref[b] == 0:
                     del pool._cached_free[b]
                 pool._ref[b] += 1
-            seq.tables[g] = [NULL_BLOCK] * lo + hits + pool._take(need)
+            seq.tables[g] = [NULL_BLOCK] * lo + hits + pool._take(now)
             seq.slid[g] = lo
         seq.num_tokens = n
         seq.hashes = hashes
@@ -387,3 +391,49 @@ class HybridBlockManager:
         if seq is None:
             raise BrazeError(f"unknown sequence {seq_id!r}")
         return seq
+
+
+# ------------------------------------------------------------ the runner's side
+
+def kv_groups_of(manifest: dict, cache, where: str) -> list[KVGroup]:
+    """The artifact's KV cache groups; an artifact compiled before they were recorded has
+    one full-attention group of every cache."""
+    entries = manifest.get("kv_groups")
+    if entries is None:
+        layers = sorted({int(n.rsplit(".", 1)[1]) for n in cache.tensors})
+        return [KVGroup(0, tuple(layers))]
+    return KVGroup.from_manifest(entries, where)
+
+
+def window_freeing_refusal(manifest: dict, options) -> str | None:
+    """Why window freeing is off for an engine with these options, or None when it can be
+    on. Off, and each sliding-window group keeps every block like a full one (correct,
+    only not smaller), with KV offload (its tiers copy one block id across every layer),
+    speculative decoding (its draft and rollback are not written for per-group tables
+    yet) and tensor parallelism (its ranks get one table)."""
+    if getattr(options, "kv_offload_cpu_gb", None) is not None:
+        return "KV offload (kv_offload_cpu_gb) keeps one block table for every layer"
+    if getattr(options, "speculative", None) is not None:
+        return "speculative decoding keeps one block table for every layer"
+    if manifest.get("parallel"):
+        return "tensor-parallel artifacts keep one block table for every layer"
+    return None
+
+
+def group_pool_blocks(groups: list[KVGroup], num_kv_blocks: int, block_size: int,
+                      max_num_seqs: int, max_num_tokens: int, freeing: bool) -> list[int]:
+    """Each group's pool: `num_kv_blocks` for a full-attention group (and for every group
+    when window freeing is off); a window group's window arithmetic otherwise."""
+    if not freeing:
+        return [num_kv_blocks] * len(groups)
+    return [window_pool_blocks(g.window, block_size, max_num_seqs, max_num_tokens,
+                               num_kv_blocks) if g.window else num_kv_blocks for g in groups]
+
+
+def make_block_manager(runner, enable_prefix_caching: bool = True):
+    """The block manager for a runner's cache: a `HybridBlockManager` when its window
+    groups free their blocks, else the plain `BlockManager` over one table."""
+    if not runner.window_freeing:
+        return BlockManager(runner.num_kv_blocks, runner.block_size, enable_prefix_caching)
+    return HybridBlockManager(runner.kv_groups, runner.group_blocks, runner.block_size,
+                              enable_prefix_caching, max_chunk=runner.max_num_tokens)

@@ -90,7 +90,7 @@ def test_window_only_model_and_refusals():
     bm = HybridBlockManager(groups(5), [12], BS, max_chunk=8)
     t = list(range(30))
     bm.allocate("a", t)
-    assert bm.table_len("a") == 2          # lazily: the first chunk's blocks only
+    assert bm.table_len("a") == 1          # lazily: reserve grows it chunk by chunk
     start = 0
     while start < 30:
         run(bm, "a", t, start, min(30, start + 8))
@@ -106,8 +106,11 @@ def test_window_only_model_and_refusals():
 
 def test_reserve_fails_when_a_window_pool_is_empty_and_changes_nothing():
     bm = HybridBlockManager(groups(0, 5), [40, 4], BS, max_chunk=8)
-    bm.allocate("a", list(range(8)))            # 2 window blocks of the 3 allocatable
-    assert bm.group_free_blocks(1) == 1
+    small = HybridBlockManager(groups(0, 5), [40, 2], BS, max_chunk=8)
+    assert not small.can_allocate(list(range(20)))  # no room for a whole 8-token chunk
+    assert small.can_allocate(list(range(4)))
+    bm.allocate("a", list(range(8)))            # 1 window block of the 3 allocatable
+    assert bm.reserve("a", 8) and bm.group_free_blocks(1) == 1
     before = (bm.table_len("a", 0), bm.table_len("a", 1))
     assert not bm.reserve("a", 16)              # window needs 2 more (no slide yet)
     assert (bm.table_len("a", 0), bm.table_len("a", 1)) == before

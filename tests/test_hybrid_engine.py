@@ -1,0 +1,140 @@
+"""The hybrid KV cache end to end: artifacts record their KV cache groups, the engine
+frees the blocks sliding-window layers no longer see, and outputs still equal
+transformers' (Mistral with every layer windowed; Gemma 3 with local and global layers),
+at -O0 and -O2, on the reference backend and with the Triton kernels interpreted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from braze.runtime.engine import Engine
+from braze.runtime.hybrid_cache import NULL_BLOCK, HybridBlockManager
+from braze.runtime.sampler import SamplingParams
+
+from conftest import hf_model, prompts_of
+
+BS = 4          # small blocks, so that a window of 8 tokens spans few of them
+W = 8           # the tiny Mistral and Gemma 3 configs' sliding window (braze/tiny.py)
+OPTS = dict(block_size=BS, max_model_len=128, max_num_tokens=16, max_num_seqs=4)
+
+
+def _artifact(store, case, opt_level):
+    return store.artifact(case, opt_level=opt_level, **OPTS)
+
+
+def _greedy_hf(store, case, prompt, n):
+    with torch.no_grad():
+        out = hf_model(store.checkpoint(case)).generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_manifest_records_groups_and_graph_reads_group_tables(store):
+    art = _artifact(store, "gemma3-sandwich-softcap", 0)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["kv_groups"] == [{"window": 0, "layers": [1]}, {"window": W, "layers": [0, 2]}]
+    text = (art / "graph.bir").read_text()
+    assert "cache_write(" in text and "%slot_mapping.g1)" in text
+    assert text.count("%block_tables.g1)") == 2       # the two local layers' attention
+    m = json.loads((_artifact(store, "mistral-window8", 0) / "manifest.json").read_text())
+    assert m["kv_groups"] == [{"window": W, "layers": [0, 1]}]     # one group: no new inputs
+    m = json.loads((store.artifact("llama") / "manifest.json").read_text())
+    assert m["kv_groups"] == [{"window": 0, "layers": [0, 1]}]
+
+
+def poison_free_blocks(eng):
+    """After every step, fill each pool's plain free blocks (no computed KV a prefix hit
+    could use) with 100.0 in every cache of the group: a step that still reads a block its
+    window group released gets a wrong answer instead of a lucky stale one."""
+    step, cache, bm = eng.step, eng.runner.executor.cache, eng.block_manager
+
+    def poisoned():
+        out = step()
+        for group, pool in zip(bm.groups, bm.pools):
+            free = torch.tensor(list(pool._plain_free), dtype=torch.int64)
+            for name in cache.group_names(group.layers):
+                cache.tensors[name][free] = 100.0
+        return out
+
+    eng.step = poisoned
+
+
+CASES = [("mistral-window8", 0, "reference"), ("mistral-window8", 2, "reference"),
+         ("gemma3-sandwich-softcap", 0, "reference"), ("gemma3-sandwich-softcap", 2, "reference"),
+         ("mistral-window8", 2, "interpret"), ("gemma3-sandwich-softcap", 2, "interpret")]
+
+
+@pytest.mark.parametrize("case,opt,backend", CASES)
+def test_greedy_equals_transformers_with_window_freeing(store, case, opt, backend):
+    """Prompts several windows long, prefilled in chunks of 16 with a prefix shared through
+    the cache, then decoding: every token equals transformers' greedy run."""
+    eng = Engine(_artifact(store, case, opt), backend=backend, num_kv_blocks=96,
+                 buckets=[1, 2, 4, 8, 16] if backend == "interpret" else None)
+    poison_free_blocks(eng)
+    assert eng.stats()["kv_window_freeing"] is True
+    assert isinstance(eng.block_manager, HybridBlockManager)
+    a, b = prompts_of([37, 29], seed=3)
+    prompts = [a, a[:30] + b[:9]]       # the second shares 7 blocks of the first's prefix
+    n = 10 if backend == "reference" else 6
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+        out = eng.run_to_completion([f"r{i}"])[f"r{i}"]
+        assert out.token_ids == _greedy_hf(store, case, p, n), f"prompt {i}"
+    s = eng.stats()
+    assert s["prefix_cache_hit_tokens"] > 0
+    for g in s["kv_groups"]:
+        assert g["blocks_used"] == 0        # everything freed when the requests finished
+
+
+@pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
+def test_blocks_in_use_follow_the_window_arithmetic(store, case):
+    """One request decoding far past its window: after every step its window group holds
+    exactly the blocks from its window's start (of the last chunk's first token) to its
+    end, and a full-attention group every block."""
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96,
+                 enable_prefix_caching=False)
+    poison_free_blocks(eng)
+    bm = eng.block_manager
+    windows = bm.windows
+    (prompt,) = prompts_of([23], seed=5)
+    eng.add_request("r", prompt, SamplingParams(max_tokens=60, ignore_eos=True))
+    req = eng.requests["r"]
+    seen = 0
+    while eng.has_unfinished():
+        start = req.num_computed
+        eng.step()
+        if "r" not in bm:
+            break
+        end = req.num_computed
+        for g, w in enumerate(windows):
+            used = bm.group_used_blocks(g)
+            if w:
+                lo = max(0, start - w + 1) // BS
+                assert used == -(-end // BS) - lo, (g, start, end)
+                assert bm.block_table("r", g)[:lo] == [NULL_BLOCK] * lo
+                assert used <= -(-(w - 1) // BS) + -(-16 // BS) + 1
+                seen = max(seen, lo)
+            else:
+                assert used == -(-max(end, len(prompt)) // BS)     # the prompt from admission
+    assert seen > 10            # the window slid well past the start
+    # and with its blocks released (and poisoned) behind it, the tokens are transformers'
+    assert req.output_token_ids == _greedy_hf(store, case, prompt, 60)
+
+
+@pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
+def test_concurrent_requests_without_prefix_caching_equal_transformers(store, case):
+    """Three requests at once, no prefix cache: released window blocks go straight back to
+    the pool (and are poisoned) while the others still run."""
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96,
+                 enable_prefix_caching=False)
+    poison_free_blocks(eng)
+    prompts = prompts_of([33, 21, 40], seed=7)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"c{i}", p, SamplingParams(max_tokens=12, ignore_eos=True))
+    outs = eng.run_to_completion()
+    for i, p in enumerate(prompts):
+        assert outs[f"c{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
