@@ -138,3 +138,19 @@ def test_concurrent_requests_without_prefix_caching_equal_transformers(store, ca
     outs = eng.run_to_completion()
     for i, p in enumerate(prompts):
         assert outs[f"c{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
+
+
+@pytest.mark.parametrize("options", [{"speculative": {"method": "ngram",
+                                                      "num_speculative_tokens": 2}},
+                                     {"kv_offload_cpu_gb": 0.01}])
+def test_speculation_and_offload_run_with_window_freeing_off(store, options):
+    """Speculative decoding and KV offload keep one block table for every layer: with them
+    the engine turns window freeing off (said in stats), and the answer stays transformers'."""
+    case = "gemma3-sandwich-softcap"
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96, **options)
+    assert eng.stats()["kv_window_freeing"] is False
+    assert "kv_groups" not in eng.stats()
+    assert eng.runner.window_freeing_off       # the reason
+    (p,) = prompts_of([30], seed=9)
+    eng.add_request("s", p, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert eng.run_to_completion()["s"].token_ids == _greedy_hf(store, case, p, 8)
