@@ -41,6 +41,9 @@ def test_manifest_records_groups_and_graph_reads_group_tables(store):
     assert text.count("%block_tables.g1)") == 2       # the two local layers' attention
     m = json.loads((_artifact(store, "mistral-window8", 0) / "manifest.json").read_text())
     assert m["kv_groups"] == [{"window": W, "layers": [0, 1]}]     # one group: no new inputs
+    # Gemma 4: its KV-shared layers (3 and 4) own no cache and sit in no group
+    m = json.loads((_artifact(store, "gemma4-ple-kvshare-moe", 0) / "manifest.json").read_text())
+    assert m["kv_groups"] == [{"window": 0, "layers": [1]}, {"window": W, "layers": [0, 2]}]
     m = json.loads((store.artifact("llama") / "manifest.json").read_text())
     assert m["kv_groups"] == [{"window": 0, "layers": [0, 1]}]
 
@@ -64,7 +67,8 @@ def poison_free_blocks(eng):
 
 CASES = [("mistral-window8", 0, "reference"), ("mistral-window8", 2, "reference"),
          ("gemma3-sandwich-softcap", 0, "reference"), ("gemma3-sandwich-softcap", 2, "reference"),
-         ("mistral-window8", 2, "interpret"), ("gemma3-sandwich-softcap", 2, "interpret")]
+         ("mistral-window8", 2, "interpret"), ("gemma3-sandwich-softcap", 2, "interpret"),
+         ("gemma4-ple-kvshare-moe", 0, "reference")]
 
 
 @pytest.mark.parametrize("case,opt,backend", CASES)
@@ -125,12 +129,16 @@ def test_blocks_in_use_follow_the_window_arithmetic(store, case):
     assert req.output_token_ids == _greedy_hf(store, case, prompt, 60)
 
 
-@pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
-def test_concurrent_requests_without_prefix_caching_equal_transformers(store, case):
+@pytest.mark.parametrize("case,async_scheduling", [("mistral-window8", False),
+                                                   ("gemma3-sandwich-softcap", False),
+                                                   ("gemma3-sandwich-softcap", True)])
+def test_concurrent_requests_without_prefix_caching_equal_transformers(store, case,
+                                                                      async_scheduling):
     """Three requests at once, no prefix cache: released window blocks go straight back to
-    the pool (and are poisoned) while the others still run."""
+    the pool (and are poisoned) while the others still run; with async scheduling too
+    (blocks released while the step before still runs)."""
     eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96,
-                 enable_prefix_caching=False)
+                 enable_prefix_caching=False, async_scheduling=async_scheduling)
     poison_free_blocks(eng)
     prompts = prompts_of([33, 21, 40], seed=7)
     for i, p in enumerate(prompts):
