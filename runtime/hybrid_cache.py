@@ -79,7 +79,7 @@ def window_pool_blocks(window: int, block_size: int, max_num_seqs: int, max_num_
 
 
 class _Seq:
-    __slots__ = ("tables", "slid", "num_tokens", "hashes", "registered", "salt")
+    __slots__ = ("tables", "slid", "num_tokens", "hashes", "registered", "salt", "start")
 
     def __init__(self, ngroups: int, salt=None):
         self.tables: list[list[int]] = [[] for _ in range(ngroups)]
@@ -88,6 +88,7 @@ class _Seq:
         self.hashes: list[int] = []
         self.registered = 0
         self.salt = salt
+        self.start = 0                     # the last `slide` position: computed before it
 
 
 class HybridBlockManager:
@@ -197,6 +198,7 @@ class HybridBlockManager:
         tokens at or after it): release each window group's blocks wholly outside the
         window of that token."""
         seq = self._seq(seq_id)
+        seq.start = max(seq.start, start)
         for g, w in enumerate(self.windows):
             if not w:
                 continue
@@ -368,6 +370,10 @@ class HybridBlockManager:
         if not seq.registered * self.block_size <= num_tokens <= seq.num_tokens:
             raise BrazeError(f"sequence {seq_id!r}: cannot truncate to {num_tokens} tokens "
                              f"(it holds {seq.num_tokens}, {seq.registered} blocks cached)")
+        if num_tokens < seq.start and any(self.windows):
+            raise BrazeError(f"sequence {seq_id!r}: cannot truncate to {num_tokens} tokens: "
+                             f"its window blocks before position {seq.start} are released, "
+                             f"and recomputing from {num_tokens} would need them")
         keep = -(-num_tokens // self.block_size)
         for g, pool in enumerate(self.pools):
             table = seq.tables[g]
@@ -376,7 +382,7 @@ class HybridBlockManager:
                     self._release(pool, b)
             del table[keep:]
             seq.slid[g] = min(seq.slid[g], len(table))
-        del seq.hashes[keep:]
+        del seq.hashes[num_tokens // self.block_size:]     # a cut block's tokens change
         seq.num_tokens = num_tokens
 
     def adopt(self, seq_id, num_blocks: int) -> list[int]:

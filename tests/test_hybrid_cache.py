@@ -189,6 +189,23 @@ class HybridMachine(RuleBasedStateMachine):
         s["computed"] = end
         self.bm.commit(sid, end, s["tokens"])
 
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Speculative rollback: tokens past k are dropped (and may come back different);
+        never below the cached blocks nor the last chunk's start."""
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        s = self.seqs[sid]
+        bm = self.bm
+        lo = max(bm.num_registered(sid) * BS, bm._seqs[sid].start)
+        hi = bm.num_tokens(sid)
+        if lo > hi:
+            return
+        k = data.draw(st.integers(lo, hi))
+        bm.truncate(sid, k)
+        s["tokens"] = s["tokens"][:k]
+        s["computed"] = min(s["computed"], k)
+
     def _free(self, sid):
         self.bm.free(sid)
         del self.seqs[sid]
