@@ -201,7 +201,7 @@ class PersistentBatch:
         self._send_deltas(chunks, block_manager)
         if drafted:
             return self._prepare_drafted(chunks, num_tokens_padded, num_seqs_padded,
-                                         rows_padded)
+                                         rows_padded, block_manager)
         num_new = [c.num_new for c in chunks]
         samples = [c.samples for c in chunks]
         S, T = len(chunks), sum(num_new)
@@ -235,7 +235,7 @@ class PersistentBatch:
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
 
     def _prepare_drafted(self, chunks: list[ScheduledChunk], Tp: int, Sp: int,
-                         Rp: int) -> dict[str, torch.Tensor]:
+                         Rp: int, block_manager=None) -> dict[str, torch.Tensor]:
         """A verification step: each chunk's proposals go into its row of `token_ids` after
         its last token, and every position from that token on gets a logits row (the
         target's choice after each prefix of the proposals)."""
@@ -266,8 +266,8 @@ class PersistentBatch:
         st["query_start_loc"][1:S + 1] = ends
         st["seq_lens"][:S] = start + num_new
         st["block_tables"][:S] = self.block_table[rows]
-        if self.num_groups > 1:        # speculative steps run with window freeing off
-            self._group_inputs(None, r, pos, rows, T, S)
+        if self.num_groups > 1:
+            self._group_inputs(block_manager, r, pos, rows, T, S)
         row_ends = torch.cumsum(nrows, 0)
         chunk_of = torch.repeat_interleave(self._arange[:S], nrows, output_size=R)
         index = (ends - nrows)[chunk_of] + self._arange[:R] - (row_ends - nrows)[chunk_of]

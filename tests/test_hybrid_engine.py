@@ -148,17 +148,35 @@ def test_concurrent_requests_without_prefix_caching_equal_transformers(store, ca
         assert outs[f"c{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
 
 
-@pytest.mark.parametrize("options", [{"speculative": {"method": "ngram",
-                                                      "num_speculative_tokens": 2}},
-                                     {"kv_offload_cpu_gb": 0.01}])
-def test_speculation_and_offload_run_with_window_freeing_off(store, options):
-    """Speculative decoding and KV offload keep one block table for every layer: with them
-    the engine turns window freeing off (said in stats), and the answer stays transformers'."""
+def test_offload_runs_with_window_freeing_off(store):
+    """KV offload keeps one block table for every layer: with it the engine turns window
+    freeing off (said in stats), and the answer stays transformers'."""
     case = "gemma3-sandwich-softcap"
-    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96, **options)
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96,
+                 kv_offload_cpu_gb=0.01)
     assert eng.stats()["kv_window_freeing"] is False
     assert "kv_groups" not in eng.stats()
-    assert eng.runner.window_freeing_off       # the reason
+    assert "KV offload" in eng.runner.window_freeing_off       # the reason
     (p,) = prompts_of([30], seed=9)
     eng.add_request("s", p, SamplingParams(max_tokens=8, ignore_eos=True))
     assert eng.run_to_completion()["s"].token_ids == _greedy_hf(store, case, p, 8)
+
+
+@pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
+def test_speculative_decoding_with_window_freeing_equals_transformers(store, case):
+    """ngram speculation over repetitive prompts (guesses accepted and rejected, rolled
+    back with `truncate`) while window groups release their blocks: transformers' tokens."""
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96,
+                 speculative={"method": "ngram", "num_speculative_tokens": 3})
+    poison_free_blocks(eng)
+    assert eng.stats()["kv_window_freeing"] is True
+    base = prompts_of([12, 9], seed=11)
+    prompts = [base[0] * 3, base[1] * 2 + base[0][:5]]
+    for i, p in enumerate(prompts):
+        eng.add_request(f"s{i}", p, SamplingParams(max_tokens=24, ignore_eos=True))
+    outs = eng.run_to_completion()
+    for i, p in enumerate(prompts):
+        assert outs[f"s{i}"].token_ids == _greedy_hf(store, case, p, 24), f"request {i}"
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0
+    assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
