@@ -180,3 +180,11 @@ def test_speculative_decoding_with_window_freeing_equals_transformers(store, cas
     s = eng.stats()
     assert s["spec_decode_num_draft_tokens"] > 0
     assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
+
+
+def test_tensor_parallel_compile_of_a_mixed_model_is_refused(store, tmp_path):
+    import braze
+    from braze.ir.errors import BrazeError
+    with pytest.raises(BrazeError, match="sliding-window and full-attention"):
+        braze.compile(store.checkpoint("gemma3-sandwich-softcap"), tmp_path / "a.braze",
+                      tensor_parallel_size=2, targets="")
