@@ -188,3 +188,20 @@ def test_tensor_parallel_compile_of_a_mixed_model_is_refused(store, tmp_path):
     with pytest.raises(BrazeError, match="sliding-window and full-attention"):
         braze.compile(store.checkpoint("gemma3-sandwich-softcap"), tmp_path / "a.braze",
                       tensor_parallel_size=2, targets="")
+
+
+def test_prometheus_exports_each_kv_group(store):
+    from braze.serving.metrics import Metrics
+    eng = Engine(_artifact(store, "gemma3-sandwich-softcap", 0), backend="reference",
+                 num_kv_blocks=96)
+    (p,) = prompts_of([30], seed=2)
+    eng.add_request("m", p, SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    snap = eng.stats()
+    text = Metrics("m").render(snap)
+    used = snap["kv_groups"][1]["blocks_used"]
+    assert used > 0
+    assert f'braze_kv_group_blocks_used{{group="1",window="{W}"}} {used}' in text
+    total = eng.block_manager.pools[1].num_blocks
+    assert f'braze_kv_group_blocks_total{{group="1",window="{W}"}} {total}' in text
+    assert 'braze_kv_group_blocks_total{group="0",window="0"} 96' in text
