@@ -86,10 +86,6 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     log(f"[2/3] optimising at -O{opts.opt_level}")
     ctx = PassContext(options=opts.to_json())
     tp = opts.tensor_parallel_size
-    if tp > 1 and len(kv_groups) > 1:
-        raise BrazeError("--tensor-parallel-size > 1 for a model with both sliding-window and "
-                         "full-attention layers is not supported yet (its ranks would need the "
-                         "per-group block tables); compile it for one GPU")
     if tp > 1 and opts.lora_slots:
         raise BrazeError("--lora-slots with --tensor-parallel-size > 1 is not supported yet "
                          "(the adapter pools would need sharding like their linears); compile "

@@ -248,9 +248,12 @@ def follow(artifact, options) -> None:
 
 
 def _exchange(graphs, static, n_tok: int, n_seq: int) -> None:
+    from .graph_runner import group_inputs
     T, S = graphs.bucket_for(n_tok, n_seq)
-    for name in _STEP_BUFFERS:
-        rows = T if name in ("input_ids", "positions", "slot_mapping") else \
+    # with a hybrid cache's group inputs (window freeing is off: every group's table is
+    # the main one's, runtime/hybrid_cache.py)
+    for name in _STEP_BUFFERS + tuple(group_inputs(static)):
+        rows = T if name.startswith(("input_ids", "positions", "slot_mapping")) else \
             S + 1 if name == "query_start_loc" else S
         dist.broadcast(static[name][:rows], 0)
 

@@ -182,14 +182,6 @@ def test_speculative_decoding_with_window_freeing_equals_transformers(store, cas
     assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
 
 
-def test_tensor_parallel_compile_of_a_mixed_model_is_refused(store, tmp_path):
-    import braze
-    from braze.ir.errors import BrazeError
-    with pytest.raises(BrazeError, match="sliding-window and full-attention"):
-        braze.compile(store.checkpoint("gemma3-sandwich-softcap"), tmp_path / "a.braze",
-                      tensor_parallel_size=2, targets="")
-
-
 def test_prometheus_exports_each_kv_group(store):
     from braze.serving.metrics import Metrics
     eng = Engine(_artifact(store, "gemma3-sandwich-softcap", 0), backend="reference",
