@@ -197,3 +197,9 @@ def test_prometheus_exports_each_kv_group(store):
     total = eng.block_manager.pools[1].num_blocks
     assert f'braze_kv_group_blocks_total{{group="1",window="{W}"}} {total}' in text
     assert 'braze_kv_group_blocks_total{group="0",window="0"} 96' in text
+
+
+def test_inspect_shows_the_kv_groups(store):
+    from braze.inspect import format_summary, summarize
+    text = format_summary(summarize(_artifact(store, "gemma3-sandwich-softcap", 0)))
+    assert f"kv groups  full attention: layers 1; window {W}: layers 0,2" in text
