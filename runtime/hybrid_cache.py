@@ -414,13 +414,12 @@ def kv_groups_of(manifest: dict, cache, where: str) -> list[KVGroup]:
 def window_freeing_refusal(manifest: dict, options) -> str | None:
     """Why window freeing is off for an engine with these options, or None when it can be
     on. Off, and each sliding-window group keeps every block like a full one (correct,
-    only not smaller), with KV offload (its tiers copy one block id across every layer)
-    and tensor parallelism (its ranks get one table). Speculative decoding keeps it on:
-    a rollback never cuts below the verified chunk's start (`truncate`)."""
+    only not smaller), with KV offload (its tiers copy one block id across every layer).
+    Speculative decoding keeps it on (a rollback never cuts below the verified chunk's
+    start, `truncate`), and so does tensor parallelism (rank 0 broadcasts every group's
+    inputs, and the other ranks size each cache as rank 0 does)."""
     if getattr(options, "kv_offload_cpu_gb", None) is not None:
         return "KV offload (kv_offload_cpu_gb) keeps one block table for every layer"
-    if manifest.get("parallel"):
-        return "tensor-parallel artifacts keep one block table for every layer"
     return None
 
 

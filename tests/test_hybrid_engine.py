@@ -203,3 +203,21 @@ def test_inspect_shows_the_kv_groups(store):
     from braze.inspect import format_summary, summarize
     text = format_summary(summarize(_artifact(store, "gemma3-sandwich-softcap", 0)))
     assert f"kv groups  full attention: layers 1; window {W}: layers 0,2" in text
+
+
+@pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
+def test_tensor_parallel_keeps_window_freeing_and_equals_transformers(store, case):
+    """Two ranks (gloo, CPU): rank 0 frees window blocks and broadcasts every group's
+    inputs; rank 1's caches are sized as rank 0's. Greedy tokens are transformers'."""
+    from braze.runtime import LLM
+    art = store.artifact(case, opt_level=0, tensor_parallel_size=2, **OPTS)
+    prompts = prompts_of([31, 22], seed=13)
+    with LLM(art, backend="reference", num_kv_blocks=64, enable_prefix_caching=False) as llm:
+        eng = llm.engine
+        assert eng.stats()["kv_window_freeing"] is True
+        poison_free_blocks(eng)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0,
+                                                    ignore_eos=True))
+        assert eng.stats()["kv_groups"][-1]["blocks_total"] < 64
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _greedy_hf(store, case, p, 10)
