@@ -119,7 +119,7 @@ class HybridBlockManager:
         self._seqs: dict[object, _Seq] = {}
         self._hit_tokens = 0
         self._query_tokens = 0
-        self.registrations = None       # KV offload is refused with window groups
+        self.registrations = None       # KV offload turns window freeing off (no hybrid)
 
     # ----------------------------------------------------------------- queries
 

@@ -274,3 +274,19 @@ def test_random_long_runs_match_window_arithmetic():
     for sid in seqs:
         lo = max(0, (done[sid] - 1) - W + 1) // BS
         assert all(b != NULL_BLOCK for b in bm.block_table(sid, 1)[lo:])
+
+
+def test_manifest_groups_old_artifacts_and_malformed_entries():
+    from types import SimpleNamespace
+
+    from braze.runtime.hybrid_cache import kv_groups_of
+    cache = SimpleNamespace(tensors={"k_cache.0": None, "v_cache.0": None, "k_cache.1": None,
+                                     "v_cache.1": None})
+    # an artifact compiled before the groups were recorded: one full-attention group
+    assert kv_groups_of({}, cache, "old") == [KVGroup(0, (0, 1))]
+    got = kv_groups_of({"kv_groups": [{"window": 0, "layers": [1]},
+                                      {"window": 8, "layers": [0]}]}, cache, "new")
+    assert got == [KVGroup(0, (1,)), KVGroup(8, (0,))]
+    for bad in ([], [{"window": -1, "layers": [0]}], [{"layers": [0]}], "x"):
+        with pytest.raises(BrazeError, match="kv_groups entry is malformed"):
+            kv_groups_of({"kv_groups": bad}, cache, "bad.braze")
