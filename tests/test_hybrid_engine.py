@@ -221,3 +221,22 @@ def test_tensor_parallel_keeps_window_freeing_and_equals_transformers(store, cas
         assert eng.stats()["kv_groups"][-1]["blocks_total"] < 64
     for p, o in zip(prompts, outs):
         assert o.token_ids == _greedy_hf(store, case, p, 10)
+
+
+@pytest.mark.parametrize("case,blocks", [("mistral-window8", 12),
+                                         ("gemma3-sandwich-softcap", 24)])
+def test_preemption_under_a_small_cache_equals_transformers(store, case, blocks):
+    """More long requests than the pools hold at once: requests are preempted (their
+    blocks in every group freed) and readmitted from the prefix cache, and every output is
+    still transformers'."""
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=blocks)
+    poison_free_blocks(eng)
+    prompts = prompts_of([41, 27, 36, 45, 22, 33], seed=17)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"p{i}", p, SamplingParams(max_tokens=14, ignore_eos=True))
+    outs = eng.run_to_completion()
+    assert eng.stats()["preemptions"] > 0
+    for i, p in enumerate(prompts):
+        assert outs[f"p{i}"].token_ids == _greedy_hf(store, case, p, 14), f"request {i}"
+    for g in eng.stats()["kv_groups"]:
+        assert g["blocks_used"] == 0
