@@ -418,8 +418,9 @@ def window_freeing_refusal(manifest: dict, options) -> str | None:
     Speculative decoding keeps it on (a rollback never cuts below the verified chunk's
     start, `truncate`), and so does tensor parallelism (rank 0 broadcasts every group's
     inputs, and the other ranks size each cache as rank 0 does)."""
-    if getattr(options, "kv_offload_cpu_gb", None) is not None:
-        return "KV offload (kv_offload_cpu_gb) keeps one block table for every layer"
+    if any(getattr(options, k, None) for k in ("kv_offload_cpu_gb", "kv_offload_dir",
+                                                "kv_offload_s3")):
+        return "KV offload (kv_offload_*) keeps one block table for every layer"
     return None
 
 

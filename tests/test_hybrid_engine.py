@@ -148,12 +148,14 @@ def test_concurrent_requests_without_prefix_caching_equal_transformers(store, ca
         assert outs[f"c{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
 
 
-def test_offload_runs_with_window_freeing_off(store):
-    """KV offload keeps one block table for every layer: with it the engine turns window
-    freeing off (said in stats), and the answer stays transformers'."""
+@pytest.mark.parametrize("tier", ["cpu", "dir"])
+def test_offload_runs_with_window_freeing_off(store, tier, tmp_path):
+    """KV offload keeps one block table for every layer: with it (a host tier, or a
+    directory alone) the engine turns window freeing off (said in stats), and the answer
+    stays transformers'."""
     case = "gemma3-sandwich-softcap"
-    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96,
-                 kv_offload_cpu_gb=0.01)
+    kw = {"kv_offload_cpu_gb": 0.01} if tier == "cpu" else {"kv_offload_dir": str(tmp_path)}
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96, **kw)
     assert eng.stats()["kv_window_freeing"] is False
     assert "kv_groups" not in eng.stats()
     assert "KV offload" in eng.runner.window_freeing_off       # the reason
