@@ -65,6 +65,8 @@ class Engine(EngineLoRA):
         self.offload = make_offload(opts, r.executor.cache, self.artifact.manifest, r.device)
         if self.offload is not None:
             self.block_manager.registrations = []
+            # a hybrid cache's blocks are one id per KV cache group (runtime/hybrid_cache.py)
+            self.offload.group_of.update(getattr(self.block_manager, "tensor_group", {}))
             self.scheduler.kv_loader = self.offload
         self._init_lora(opts.max_cpu_loras)
         tok_dir = self.artifact.tokenizer_dir

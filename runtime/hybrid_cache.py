@@ -119,7 +119,9 @@ class HybridBlockManager:
         self._seqs: dict[object, _Seq] = {}
         self._hit_tokens = 0
         self._query_tokens = 0
-        self.registrations = None       # KV offload turns window freeing off (no hybrid)
+        # when a list: (seq_id, block index, its id per group) of each block `commit` newly
+        # caches that every group still holds, for the engine to offload (runtime/kv_offload.py)
+        self.registrations = None
 
     # ----------------------------------------------------------------- queries
 
@@ -350,11 +352,27 @@ class HybridBlockManager:
                 raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
                                  f"needs their ids to hash its blocks")
             seq.hashes = self._chain(token_ids, seq.hashes, upto, seq.salt)
+        new = set()
         for g, pool in enumerate(self.pools):
             table = seq.tables[g]
             for i in range(max(seq.registered, seq.slid[g]), min(upto, len(table))):
-                pool._register(table[i], seq.hashes[i])
+                if pool._register(table[i], seq.hashes[i]) and g == 0:
+                    new.add(i)
+        log = self.registrations
+        if log is not None:     # KV offload: blocks every group still holds, newly cached
+            for i in sorted(new):
+                ids = self._ids(seq, i)
+                if None not in ids:
+                    log.append((seq_id, i, ids))
         seq.registered = max(seq.registered, upto)
+
+    def _ids(self, seq: _Seq, i: int) -> tuple:
+        """Block i of the sequence in each group (None where a window group released it)."""
+        out = []
+        for g, table in enumerate(seq.tables):
+            b = table[i] if i < len(table) else NULL_BLOCK
+            out.append(None if self.windows[g] and b == NULL_BLOCK else b)
+        return tuple(out)
 
     def free(self, seq_id) -> None:
         seq = self._seqs.pop(seq_id, None)
@@ -385,8 +403,61 @@ class HybridBlockManager:
         del seq.hashes[num_tokens // self.block_size:]     # a cut block's tokens change
         seq.num_tokens = num_tokens
 
-    def adopt(self, seq_id, num_blocks: int) -> list[int]:
-        raise BrazeError("KV offload with sliding-window KV cache groups is not supported yet")
+    def adopt(self, seq_id, num_blocks: int) -> list[tuple]:
+        """The sequence's next blocks after its prefix hits were filled from a lower KV
+        tier: they enter each group's prefix cache as computed. A window group gets blocks
+        only for those inside the window of the first token left to compute (the rest are
+        None: nothing to fill), and keeps room for a first chunk after them, so fewer than
+        `num_blocks` may be adopted. Returns, per block adopted, its id in each group."""
+        seq = self._seq(seq_id)
+        first = seq.registered
+        if num_blocks < 0 or first + num_blocks > (seq.num_tokens - 1) // self.block_size:
+            raise BrazeError(f"sequence {seq_id!r}: cannot adopt {num_blocks} block(s) after "
+                             f"{first}: at least one token of its {seq.num_tokens} must be left "
+                             f"to compute")
+        n = num_blocks
+        while n > 0 and not self._adoption_fits(seq, first + n):
+            n -= 1
+        end = first + n
+        for g, w in enumerate(self.windows):
+            if not w or n == 0:
+                continue
+            pool, table = self.pools[g], seq.tables[g]
+            lo = self._first_needed(g, end * self.block_size)
+            for i in range(seq.slid[g], min(lo, len(table))):
+                if table[i] != NULL_BLOCK:
+                    self._release(pool, table[i])
+                    table[i] = NULL_BLOCK
+            grow = end - len(table)
+            if grow > 0:
+                fresh = max(0, end - max(len(table), lo))
+                table.extend([NULL_BLOCK] * (grow - fresh) + pool._take(fresh))
+            seq.slid[g] = max(seq.slid[g], min(lo, len(table)))
+        for g, pool in enumerate(self.pools):
+            table = seq.tables[g]
+            for i in range(first, end):
+                if table[i] != NULL_BLOCK or not self.windows[g]:
+                    pool._register(table[i], seq.hashes[i])
+        seq.registered = end
+        seq.start = max(seq.start, end * self.block_size)
+        return [self._ids(seq, i) for i in range(first, end)]
+
+    def _adoption_fits(self, seq: _Seq, end: int) -> bool:
+        """Whether each window group can hold blocks up to `end` (those inside the window
+        of position end * bs) and then a first chunk after them."""
+        bs = self.block_size
+        for g, w in enumerate(self.windows):
+            if not w:
+                continue
+            table, pool = seq.tables[g], self.pools[g]
+            lo = self._first_needed(g, end * bs)
+            freed = sum(1 for i in range(seq.slid[g], min(lo, len(table)))
+                        if table[i] != NULL_BLOCK and pool._ref[table[i]] == 1)
+            fresh = max(0, end - max(len(table), lo))
+            chunk = -(-min(seq.num_tokens, end * bs + self.max_chunk) // bs) - max(end, len(table))
+            if fresh + max(chunk, 0) > pool.num_free_blocks + freed:
+                return False
+        return True
 
     def reset_prefix_cache(self) -> None:
         for p in self.pools:
@@ -411,19 +482,6 @@ def kv_groups_of(manifest: dict, cache, where: str) -> list[KVGroup]:
     return KVGroup.from_manifest(entries, where)
 
 
-def window_freeing_refusal(manifest: dict, options) -> str | None:
-    """Why window freeing is off for an engine with these options, or None when it can be
-    on. Off, and each sliding-window group keeps every block like a full one (correct,
-    only not smaller), with KV offload (its tiers copy one block id across every layer).
-    Speculative decoding keeps it on (a rollback never cuts below the verified chunk's
-    start, `truncate`), and so does tensor parallelism (rank 0 broadcasts every group's
-    inputs, and the other ranks size each cache as rank 0 does)."""
-    if any(getattr(options, k, None) for k in ("kv_offload_cpu_gb", "kv_offload_dir",
-                                                "kv_offload_s3")):
-        return "KV offload (kv_offload_*) keeps one block table for every layer"
-    return None
-
-
 def group_pool_blocks(groups: list[KVGroup], num_kv_blocks: int, block_size: int,
                       max_num_seqs: int, max_num_tokens: int, freeing: bool) -> list[int]:
     """Each group's pool: `num_kv_blocks` for a full-attention group (and for every group
@@ -439,5 +497,9 @@ def make_block_manager(runner, enable_prefix_caching: bool = True):
     groups free their blocks, else the plain `BlockManager` over one table."""
     if not runner.window_freeing:
         return BlockManager(runner.num_kv_blocks, runner.block_size, enable_prefix_caching)
-    return HybridBlockManager(runner.kv_groups, runner.group_blocks, runner.block_size,
-                              enable_prefix_caching, max_chunk=runner.max_num_tokens)
+    bm = HybridBlockManager(runner.kv_groups, runner.group_blocks, runner.block_size,
+                            enable_prefix_caching, max_chunk=runner.max_num_tokens)
+    cache = runner.executor.cache       # each cache tensor's group, for KV offload's copies
+    bm.tensor_group = {n: g for g, grp in enumerate(runner.kv_groups)
+                       for n in cache.group_names(grp.layers)}
+    return bm

@@ -15,8 +15,7 @@ from . import parallel
 from .executor import Executor
 from .graph_runner import GraphRunner, add_group_buffers
 from .input_batch import PersistentBatch, static_buffers
-from .hybrid_cache import (group_pool_blocks, kv_groups_of, window_freeing_refusal,
-                           window_pool_blocks)
+from .hybrid_cache import group_pool_blocks, kv_groups_of, window_pool_blocks
 from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .options import EngineOptions
@@ -54,9 +53,7 @@ class ModelRunner:
         num_kv_blocks = options.num_kv_blocks
         # KV cache groups (runtime/hybrid_cache.py): window groups' pools hold their windows
         self.kv_groups = kv_groups_of(artifact.manifest, ex.cache, str(artifact.root))
-        self.window_freeing_off = window_freeing_refusal(artifact.manifest, options)
-        self.window_freeing = (window_freeing and self.window_freeing_off is None
-                               and any(g.window for g in self.kv_groups))
+        self.window_freeing = window_freeing and any(g.window for g in self.kv_groups)
         if num_kv_blocks is None:
             num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
                                                self.max_blocks, reserve_bytes=2 * arena + (1 << 29)

@@ -96,8 +96,6 @@ def test_window_only_model_and_refusals():
         run(bm, "a", t, start, min(30, start + 8))
         start += 8
     assert bm.group_used_blocks(0) <= window_blocks(5, BS, 8)
-    with pytest.raises(BrazeError, match="KV offload"):
-        bm.adopt("a", 1)
     with pytest.raises(BrazeError, match="null block"):
         HybridBlockManager(groups(0, 5), [8, 1], BS)
     with pytest.raises(BrazeError, match="pool sizes"):
@@ -290,3 +288,36 @@ def test_manifest_groups_old_artifacts_and_malformed_entries():
     for bad in ([], [{"window": -1, "layers": [0]}], [{"layers": [0]}], "x"):
         with pytest.raises(BrazeError, match="kv_groups entry is malformed"):
             kv_groups_of({"kv_groups": bad}, cache, "bad.braze")
+
+
+def test_adopt_fills_window_groups_only_inside_the_window():
+    """Blocks loaded from a lower KV tier: a full group takes each, a window group only
+    those the first token left to compute sees; all enter the prefix caches."""
+    bm = HybridBlockManager(groups(0, 5), [64, 20], BS, max_chunk=8)
+    t = list(range(30))
+    assert bm.allocate("a", t) == 0
+    ids = bm.adopt("a", 6)                  # positions 0..23 loaded; next token 24
+    lo = (24 - 5 + 1) // BS                 # = 5: the window group needs block 5 only
+    assert [i[1] for i in ids] == [None] * lo + [bm.block_table("a", 1)[5]]
+    assert all(i[0] is not None for i in ids)
+    assert bm.block_table("a", 1)[:lo] == [NULL_BLOCK] * lo
+    assert bm.group_used_blocks(1) == 1
+    assert bm.reserve("a", 30)
+    bm.free("a")
+    assert bm.cached_prefix_blocks(t) == 6     # block 5 of the window group serves the hit
+    with pytest.raises(BrazeError, match="at least one token"):
+        bm.allocate("b", t[:8])
+        bm.adopt("b", 2)
+
+
+def test_adopt_takes_fewer_blocks_when_a_window_pool_is_short():
+    bm = HybridBlockManager(groups(0, 9), [64, 4], BS, max_chunk=8)
+    t = list(range(100))
+    assert bm.can_allocate(t)           # room for a first chunk (2 blocks) from the start
+    bm.allocate("a", t)
+    ids = bm.adopt("a", 14)
+    # 3 window blocks allocatable: after 14 loaded blocks the window of the next token
+    # (3 blocks) and a chunk (2) do not fit, so fewer are adopted, leaving room for a chunk
+    assert 0 < len(ids) < 14
+    end = len(ids)
+    assert bm.reserve("a", end * BS + 8)

@@ -148,20 +148,30 @@ def test_concurrent_requests_without_prefix_caching_equal_transformers(store, ca
         assert outs[f"c{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
 
 
-@pytest.mark.parametrize("tier", ["cpu", "dir"])
-def test_offload_runs_with_window_freeing_off(store, tier, tmp_path):
-    """KV offload keeps one block table for every layer: with it (a host tier, or a
-    directory alone) the engine turns window freeing off (said in stats), and the answer
-    stays transformers'."""
-    case = "gemma3-sandwich-softcap"
-    kw = {"kv_offload_cpu_gb": 0.01} if tier == "cpu" else {"kv_offload_dir": str(tmp_path)}
-    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=96, **kw)
-    assert eng.stats()["kv_window_freeing"] is False
-    assert "kv_groups" not in eng.stats()
-    assert "KV offload" in eng.runner.window_freeing_off       # the reason
-    (p,) = prompts_of([30], seed=9)
-    eng.add_request("s", p, SamplingParams(max_tokens=8, ignore_eos=True))
-    assert eng.run_to_completion()["s"].token_ids == _greedy_hf(store, case, p, 8)
+@pytest.mark.parametrize("case,tier", [("gemma3-sandwich-softcap", "cpu"),
+                                       ("gemma3-sandwich-softcap", "dir"),
+                                       ("mistral-window8", "cpu")])
+def test_kv_offload_with_window_freeing_equals_transformers(store, case, tier, tmp_path):
+    """A prompt's blocks go to the host tier (or through a 15-block host tier to a
+    directory), other traffic evicts them from the small device pools, and the prompt
+    again (with a new tail) loads them back: each group gets its own blocks, a window
+    group only those inside its window, and every output is transformers'."""
+    kw = {"kv_offload_cpu_gb": 0.01} if tier == "cpu" else \
+        {"kv_offload_cpu_gb": 4.5e-5, "kv_offload_dir": str(tmp_path)}   # ~15 blocks
+    eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=16, **kw)
+    assert eng.stats()["kv_window_freeing"] is True
+    poison_free_blocks(eng)
+    a, b, c, d = prompts_of([42, 40, 40, 9], seed=21)
+    prompts = [a, b, c, a[:37] + d]
+    for i, p in enumerate(prompts):
+        eng.add_request(f"o{i}", p, SamplingParams(max_tokens=8, ignore_eos=True))
+        out = eng.run_to_completion([f"o{i}"])[f"o{i}"]
+        assert out.token_ids == _greedy_hf(store, case, p, 8), f"prompt {i}"
+    s = eng.stats()
+    loaded = s["kv_offload_load_blocks_host"] + s["kv_offload_load_blocks_lower"]
+    assert loaded >= 5
+    if tier == "dir":
+        assert s["kv_offload_load_blocks_lower"] > 0
 
 
 @pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
