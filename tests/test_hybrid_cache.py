@@ -149,6 +149,32 @@ class HybridMachine(RuleBasedStateMachine):
         self.seqs[sid] = {"tokens": list(tokens), "computed": cached}
         self._check_visible(sid, cached)
 
+    @rule(data=st.data())
+    def admit_loading(self, data):
+        """Admission with blocks after the prefix hits loaded from a lower KV tier (which
+        holds every prefix: its copies carry the right KV by construction)."""
+        tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5] + data.draw(
+            st.lists(st.integers(0, 3), min_size=1, max_size=20))
+        sid = f"s{self.n}"
+        self.n += 1
+        if not self.bm.can_allocate(tokens):
+            return
+        cached = self.bm.allocate(sid, tokens)
+        first = cached // BS
+        k = data.draw(st.integers(0, (len(tokens) - 1) // BS - first))
+        ids = self.bm.adopt(sid, k)
+        assert len(ids) <= k
+        for j, per_group in enumerate(ids):
+            i = first + j
+            for g, b in enumerate(per_group):
+                if b is None:
+                    assert self.windows[g]          # only a window group skips a block
+                    continue
+                for p in range(i * BS, (i + 1) * BS):
+                    self.slots[g][b * BS + p % BS] = tuple(tokens[:p + 1])
+        self.seqs[sid] = {"tokens": list(tokens), "computed": cached + len(ids) * BS}
+        self._check_visible(sid, cached + len(ids) * BS)
+
     def _check_visible(self, sid, start):
         """Every key a token at position >= start sees is the sequence's own KV."""
         s = self.seqs[sid]
