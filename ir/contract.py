@@ -15,6 +15,9 @@ plus one cache pair per layer, `k_cache.L` and `v_cache.L`, each
 `[NB, block_size, num_kv_heads, head_dim]` in the model dtype; or, for a layer with
 multi-head latent attention (DeepSeek-V3), one `kv_latent.L`
 `[NB, block_size, 1, kv_lora_rank + qk_rope_head_dim]` (ir/op_mla.py).
+A model with sliding-window and full-attention layers has one KV cache group per kind
+(the manifest's `kv_groups`); group g > 0 reads its own `slot_mapping.g<g>` and
+`block_tables.g<g>` (`group_step_inputs`, docs/batch-contract.md).
 The compiled kernels and the runtime use this same contract.
 """
 

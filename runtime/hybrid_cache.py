@@ -26,6 +26,12 @@ the first token computed after the hit sees). The longest h every group can serv
 the hit; when a window group has lost some of those blocks the hit shrinks, down to 0,
 never to a wrong answer (vLLM's hybrid allocator does the same).
 
+With KV offload (runtime/kv_offload.py) a block is a tuple of ids, one per group:
+`commit` logs the blocks every group still holds for the host tier, and `adopt` takes
+loaded blocks into a full group whole and into a window group only inside the window of
+the first token left to compute. Speculative decoding's rollback (`truncate`) never
+cuts below the last `slide` position.
+
 Each pool is a `BlockManager` used for its free queues, reference counts and prefix
 cache; the sequences' tables live here. Pure Python; no torch.
 """
