@@ -12,6 +12,10 @@ prefill of `--context` tokens in `--chunk`-token steps, then `--decode` decode s
 the peak and at the end. Without window freeing every layer holds every block (the plain
 `BlockManager`, one table): that is the `off` row.
 
+Then the serving view: for a KV budget (`--kv-gib`), how many tokens the full-attention
+pool holds once the window pools are sized as the runtime sizes them
+(`window_pool_blocks` for `--max-num-seqs` and `--max-num-tokens`), against one table.
+
     python benchmarks/hybrid_cache.py
     python benchmarks/hybrid_cache.py --context 32768 --chunk 2048 --decode 256
 """
@@ -72,6 +76,21 @@ def measure(context: int, chunk: int, decode: int, block_size: int, dtype: str) 
             "tokens": total, "full_blocks": full_blocks, "dtype": loaded.dtype}
 
 
+def capacity(r: dict, kv_bytes: int, block_size: int, max_num_seqs: int,
+             max_num_tokens: int) -> dict:
+    """Tokens a KV budget holds with one table, and with window pools sized by the runtime's
+    formula and the rest for the full-attention groups' blocks."""
+    from braze.runtime.hybrid_cache import window_pool_blocks
+    off_blocks = kv_bytes // sum(r["per_block"])
+    window = sum(per * window_pool_blocks(g.window, block_size, max_num_seqs, max_num_tokens,
+                                          1 << 40)
+                 for g, per in zip(r["groups"], r["per_block"]) if g.window)
+    full_per = sum(per for g, per in zip(r["groups"], r["per_block"]) if not g.window)
+    on_blocks = (kv_bytes - window) // full_per
+    return {"off_tokens": off_blocks * block_size, "on_tokens": on_blocks * block_size,
+            "window_bytes": window}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=32768, help="prompt tokens (default 32768)")
@@ -80,6 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=256, help="decode steps after (default 256)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
     ap.add_argument("--dtype", default="bfloat16", help="cache dtype (default bfloat16)")
+    ap.add_argument("--kv-gib", type=float, default=40.0,
+                    help="KV budget for the serving view, GiB (default 40)")
+    ap.add_argument("--max-num-seqs", type=int, default=64,
+                    help="running sequences the window pools are sized for (default 64)")
+    ap.add_argument("--max-num-tokens", type=int, default=8192,
+                    help="tokens per step the window pools are sized for (default 8192)")
     a = ap.parse_args(argv)
     r = measure(a.context, a.chunk, a.decode, a.block_size, a.dtype)
     n, bs = r["tokens"], a.block_size
@@ -99,6 +124,14 @@ def main(argv=None) -> int:
     print(f"| off | {off:,} | {off // n:,} | 1.00 |")
     print(f"| on, peak | {peak:,} | {peak // n:,} | {peak / off:.3f} |")
     print(f"| on, end | {end:,} | {end // n:,} | {end / off:.3f} |")
+    c = capacity(r, int(a.kv_gib * (1 << 30)), bs, a.max_num_seqs, a.max_num_tokens)
+    print()
+    print(f"Serving view: {a.kv_gib:g} GiB of KV, window pools for {a.max_num_seqs} sequences "
+          f"and {a.max_num_tokens}-token steps ({c['window_bytes'] / (1 << 30):.2f} GiB)")
+    print("| window freeing | tokens the full-attention layers hold | vs off |")
+    print("|---|--:|--:|")
+    print(f"| off | {c['off_tokens']:,} | 1.00 |")
+    print(f"| on | {c['on_tokens']:,} | {c['on_tokens'] / c['off_tokens']:.2f} |")
     return 0
 
 
