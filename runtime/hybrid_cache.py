@@ -77,10 +77,11 @@ def window_blocks(window: int, block_size: int, chunk: int) -> int:
 def window_pool_blocks(window: int, block_size: int, max_num_seqs: int, max_num_tokens: int,
                        full_blocks: int) -> int:
     """A window group's pool: every running sequence at its window plus a decode block,
-    the step's tokens once more as chunks, and the null block; never more than a full
-    group would hold (`full_blocks`), plus the null block."""
-    per_seq = -(-(window - 1) // block_size) + 2
-    want = max_num_seqs * per_seq + -(-max_num_tokens // block_size) + 1
+    and two steps' tokens as chunks (a step's blocks are released only once committed,
+    which with async scheduling is a step later), plus the null block; never more than a
+    full group would hold (`full_blocks`), plus the null block."""
+    per_seq = -(-(window - 1) // block_size) + 3
+    want = max_num_seqs * per_seq + 2 * -(-max_num_tokens // block_size) + 1
     return min(want, full_blocks) + 1
 
 
@@ -204,14 +205,16 @@ class HybridBlockManager:
     def slide(self, seq_id, start: int) -> None:
         """The sequence's next token to compute is at `start` (every later step computes
         tokens at or after it): release each window group's blocks wholly outside the
-        window of that token."""
+        window of that token, once committed (`commit`: with async scheduling the step
+        before may still be running, and its blocks should reach the prefix cache)."""
         seq = self._seq(seq_id)
         seq.start = max(seq.start, start)
         for g, w in enumerate(self.windows):
             if not w:
                 continue
             table = seq.tables[g]
-            upto = min(self._first_needed(g, start), len(table))
+            # only committed blocks: they enter the prefix cache (and KV offload) first
+            upto = min(self._first_needed(g, start), len(table), seq.registered)
             if upto <= seq.slid[g]:
                 continue
             pool = self.pools[g]

@@ -55,8 +55,9 @@ def test_window_group_holds_only_its_window_at_long_context():
 
 
 def test_window_pool_size_formula():
-    # every running sequence at its window + a decode block, the step's chunk, the null block
-    assert window_pool_blocks(10, 4, 3, 16, 10_000) == 3 * (3 + 2) + 4 + 1 + 1
+    # every running sequence at its window + a decode block + a block of its uncommitted
+    # chunk, two steps' chunks, the null block
+    assert window_pool_blocks(10, 4, 3, 16, 10_000) == 3 * (3 + 3) + 2 * 4 + 1 + 1
     assert window_pool_blocks(4096, 16, 256, 8192, 100) == 101     # never above a full pool
 
 
@@ -347,3 +348,26 @@ def test_adopt_takes_fewer_blocks_when_a_window_pool_is_short():
     assert 0 < len(ids) < 14
     end = len(ids)
     assert bm.reserve("a", end * BS + 8)
+
+
+def test_async_order_releases_window_blocks_only_once_committed():
+    """With async scheduling the next chunk is scheduled (slide) before the step before it
+    is committed: its blocks are released only after the commit, so they reach the prefix
+    cache (and KV offload) first."""
+    bm = HybridBlockManager(groups(0, 5), [64, 30], BS, max_chunk=8)
+    t = list(range(40))
+    bm.allocate("a", t)
+    assert bm.reserve("a", 8)               # step 1: tokens 0..7
+    bm.slide("a", 8)                        # step 2 scheduled before step 1 is committed
+    assert bm.reserve("a", 16)
+    assert bm.block_table("a", 1)[0] != NULL_BLOCK      # not committed: kept
+    bm.commit("a", 8, t)                    # step 1 done
+    bm.slide("a", 16)                       # step 3 scheduled; step 2 not committed yet
+    lo = (16 - 5 + 1) // BS                 # 3, but only blocks 0, 1 are committed
+    assert bm.block_table("a", 1)[:2] == [NULL_BLOCK] * 2
+    assert bm.block_table("a", 1)[2] != NULL_BLOCK and lo == 3
+    pool = bm.pools[1]
+    assert len(pool._cached_free) == 2      # released blocks are in the prefix cache
+    bm.commit("a", 16, t)
+    bm.slide("a", 16)
+    assert bm.block_table("a", 1)[:3] == [NULL_BLOCK] * 3
