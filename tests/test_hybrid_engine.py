@@ -252,3 +252,24 @@ def test_preemption_under_a_small_cache_equals_transformers(store, case, blocks)
         assert outs[f"p{i}"].token_ids == _greedy_hf(store, case, p, 14), f"request {i}"
     for g in eng.stats()["kv_groups"]:
         assert g["blocks_used"] == 0
+
+
+def test_a_hybrid_artifact_as_draft_model(store):
+    """Gemma 3 as its own draft: the target frees window blocks, the draft keeps one table
+    over equal pools (its group inputs mirror it); every guess is accepted and the tokens
+    are transformers'."""
+    case = "gemma3-sandwich-softcap"
+    art = _artifact(store, case, 0)
+    spec = {"method": "draft", "model": str(art), "num_speculative_tokens": 3}
+    eng = Engine(art, backend="reference", num_kv_blocks=64, speculative=spec)
+    assert eng.stats()["kv_window_freeing"] is True
+    assert eng.spec.proposer.runner.window_freeing is False
+    poison_free_blocks(eng)
+    prompts = prompts_of([26, 19], seed=23)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"d{i}", p, SamplingParams(max_tokens=12, ignore_eos=True))
+    outs = eng.run_to_completion()
+    for i, p in enumerate(prompts):
+        assert outs[f"d{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
+    s = eng.stats()
+    assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"] > 0
