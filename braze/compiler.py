@@ -19,6 +19,7 @@ from braze.codegen.emit import emit_kernels
 from braze.codegen.mtp_writer import write_mtp
 from braze.codegen.plan import build_plan
 from braze.frontend import load_model
+from braze.frontend.kv_groups import assign_kv_groups
 from braze.frontend.gguf import GGUFSource, is_gguf
 from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
@@ -72,6 +73,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         raise BrazeError(f"--max-model-len {opts.max_model_len} exceeds the model's "
                          f"max_position_embeddings ({spec.max_position_embeddings})")
     opts.dtype = loaded.dtype
+    kv_groups = assign_kv_groups(graph)     # one block table per kind of attention
     verify(graph)
     ops_before = graph.op_counts()
     after_each = None
@@ -129,7 +131,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         "refusals": len(ctx.refusals),
     }
     extra = {"compile": compile_info, "limits": opts.limits().to_json(),
-             **({"lora": lora} if lora else {})}
+             "kv_groups": kv_groups, **({"lora": lora} if lora else {})}
     if tp > 1:
         extra["parallel"] = parallel_manifest(graph, shards, tp, opts.expert_parallel)
     plan = build_plan(graph, opts.to_json())

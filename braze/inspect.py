@@ -49,6 +49,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "hashes_verified": check_hashes,
         "trust": {"how": art.trust.how, "detail": art.trust.detail},
         "parallel": m.get("parallel"),
+        "kv_groups": m.get("kv_groups"),
     }
 
 
@@ -116,6 +117,11 @@ def format_summary(s: dict) -> str:
     lines.append("inputs     " + ", ".join(f"%{k}: {v}" for k, v in step)
                  + (f", + {caches} KV-cache tensors" if caches else "")
                  + (f", + {pools} LoRA adapter pools" if pools else ""))
+    if s.get("kv_groups") and any(g["window"] for g in s["kv_groups"]):
+        lines.append("kv groups  " + "; ".join(
+            f"{'window ' + str(g['window']) if g['window'] else 'full attention'}: layers "
+            f"{','.join(map(str, g['layers']))}" for g in s["kv_groups"])
+            + " (window blocks are freed as they slide out)")
     if s.get("lora"):
         lo = s["lora"]
         lines.append(f"lora       {lo['slots']} adapter slots, max rank {lo['max_rank']}, targets "

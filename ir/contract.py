@@ -15,6 +15,9 @@ plus one cache pair per layer, `k_cache.L` and `v_cache.L`, each
 `[NB, block_size, num_kv_heads, head_dim]` in the model dtype; or, for a layer with
 multi-head latent attention (DeepSeek-V3), one `kv_latent.L`
 `[NB, block_size, 1, kv_lora_rank + qk_rope_head_dim]` (ir/op_mla.py).
+A model with sliding-window and full-attention layers has one KV cache group per kind
+(the manifest's `kv_groups`); group g > 0 reads its own `slot_mapping.g<g>` and
+`block_tables.g<g>` (`group_step_inputs`, docs/batch-contract.md).
 The compiled kernels and the runtime use this same contract.
 """
 
@@ -55,6 +58,25 @@ def latent_cache_type(block_size: int, row: int, dtype: str) -> TensorType:
 
 
 CACHE_PREFIXES = ("k_cache.", "v_cache.", "kv_latent.")    # the graph inputs that are KV caches
+
+
+def group_step_inputs(group: int) -> dict[str, TensorType]:
+    """The slot mapping and block table of KV cache group `group` > 0 (a sliding-window
+    group of a hybrid cache, runtime/hybrid_cache.py): group 0 reads `slot_mapping` and
+    `block_tables`, group g these. Each group's block ids index its own layers' caches."""
+    if group < 1:
+        raise BrazeError(f"KV cache group {group} reads the contract's own slot_mapping and "
+                         f"block_tables")
+    return {f"slot_mapping.g{group}": STEP_INPUTS["slot_mapping"],
+            f"block_tables.g{group}": STEP_INPUTS["block_tables"]}
+
+
+def group_of_step_input(name: str) -> tuple[str, int] | None:
+    """("slot_mapping" or "block_tables", g) for a group's step input name, else None."""
+    base, _, g = name.partition(".g")
+    if base in ("slot_mapping", "block_tables") and g.isdigit() and int(g) > 0:
+        return base, int(g)
+    return None
 
 
 def default_buckets(max_num_tokens: int) -> list[int]:

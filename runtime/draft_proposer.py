@@ -73,7 +73,8 @@ class DraftProposer:
                               max_num_seqs=min(engine.runner.max_num_seqs, lim.max_num_seqs),
                               cudagraph_mode=opts.cudagraph_mode, debug=opts.debug,
                               trusted_keys=opts.trusted_keys, trust_artifact=opts.trust_artifact)
-        self.runner = ModelRunner(self.artifact, dopts)
+        # the draft keeps one block table (its own blocks never slide: no window freeing)
+        self.runner = ModelRunner(self.artifact, dopts, window_freeing=False)
         r = self.runner
         self.bm = BlockManager(r.num_kv_blocks, r.block_size, enable_prefix_caching=False)
         self.vocab = engine.vocab_size

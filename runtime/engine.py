@@ -22,7 +22,7 @@ import threading
 
 from braze.ir.errors import BrazeError
 
-from .block_manager import BlockManager
+from .hybrid_cache import make_block_manager
 from .detokenizer import IncrementalDetokenizer
 from .kv_offload import KVTransferPolicy, make_offload
 from .loader import Artifact, open_artifact
@@ -51,7 +51,8 @@ class Engine(EngineLoRA):
             artifact, trusted_keys=opts.trusted_keys, trust_artifact=opts.trust_artifact)
         self.runner = ModelRunner(self.artifact, opts, progress=progress)
         r = self.runner
-        self.block_manager = BlockManager(r.num_kv_blocks, r.block_size, opts.enable_prefix_caching)
+        # one table, or one per KV cache group with window freeing (runtime/hybrid_cache.py)
+        self.block_manager = make_block_manager(r, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
                                    watermark_blocks=max(0, r.num_kv_blocks // 100))
         self.scheduler.logits_row_cap = r.prompt_logprobs_rows   # None: logits at every token
@@ -59,6 +60,8 @@ class Engine(EngineLoRA):
         self.offload = make_offload(opts, r.executor.cache, self.artifact.manifest, r.device)
         if self.offload is not None:
             self.block_manager.registrations = []
+            # a hybrid cache's blocks are one id per KV cache group (runtime/hybrid_cache.py)
+            self.offload.group_of.update(getattr(self.block_manager, "tensor_group", {}))
             self.scheduler.kv_loader = self.offload
         self._init_lora(opts.max_cpu_loras)
         tok_dir = self.artifact.tokenizer_dir
@@ -441,7 +444,10 @@ class Engine(EngineLoRA):
         return {
             "kv_blocks_total": bm["kv_blocks_total"],
             "kv_blocks_free": bm["kv_blocks_free"],
-            "kv_blocks_used": self.block_manager.num_blocks - bm["kv_blocks_free"],
+            "kv_blocks_used": bm.get("kv_blocks_used",
+                                     self.block_manager.num_blocks - bm["kv_blocks_free"]),
+            **({"kv_groups": bm["kv_groups"]} if "kv_groups" in bm else {}),
+            "kv_window_freeing": self.runner.window_freeing,
             "prefix_cache_hit_tokens": bm["prefix_cache_hit_tokens"],
             "prefix_cache_queries": bm["prefix_cache_queries"],
             "preemptions": self.scheduler.num_preemptions,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from braze.ir.interpreter import Interpreter
+from braze.ir.contract import group_of_step_input
 from braze.ir.errors import BrazeError
 
 from .kv_cache import KVCache
@@ -55,6 +56,8 @@ class Executor:
             # small: the engine sizes the cache (kv_cache.default_num_blocks) and resizes it
             num_blocks = min(self.max_blocks, 64)
         self.cache = KVCache(self.graph, num_blocks, self.device)
+        # a hybrid-cache artifact's per-group slot mappings and block tables (ir/contract.py)
+        self.group_inputs = [v.name for v in self.graph.inputs if group_of_step_input(v.name)]
         # LoRA adapter pools (runtime/lora.py), graph inputs that never move; {} without LoRA
         from .lora import allocate_pools
         self.lora_pools = allocate_pools(self.graph, self.device)
@@ -86,6 +89,8 @@ class Executor:
         """Run one step; returns the graph's logits: every token's, or each sequence's
         sampled row if the graph was compiled with prune-logits."""
         feeds = dict(inputs)
+        for name in self.group_inputs:     # one table given: every KV cache group uses it
+            feeds.setdefault(name, feeds[name.split(".")[0]])
         feeds.update(self.cache.tensors)
         feeds.update(self.lora_pools)
         if self.plan is not None:

@@ -52,7 +52,7 @@ import time
 import torch
 
 from braze.ir.contract import STEP_INPUTS as CONTRACT
-from braze.ir.contract import bucket_sizes, default_buckets
+from braze.ir.contract import bucket_sizes, default_buckets, group_of_step_input
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES, full_capture
 from braze.ir.segments import segments_for as cut_segments
@@ -65,6 +65,21 @@ PADDING = {"slot_mapping": -1, "lora_slots": -1}
 LORA_SLOTS = "lora_slots"              # the LoRA step input (passes/add_lora.py), when present
 _TOKEN_ROWS = ("input_ids", "positions", "slot_mapping")
 _SEQ_ROWS = ("seq_lens", "block_tables")
+
+
+def group_inputs(static: dict) -> list[str]:
+    """The KV cache groups' own slot mappings and block tables among the static buffers
+    (a hybrid-cache artifact, runtime/hybrid_cache.py), in name order."""
+    return sorted(n for n in static if group_of_step_input(n))
+
+
+def add_group_buffers(static: dict, names) -> None:
+    """Static buffers for a hybrid cache's group inputs `names` (the executor's
+    `group_inputs`), shaped like the main slot mapping and block tables, padded."""
+    for name in names:
+        if name not in static:
+            base = name.split(".")[0]
+            static[name] = torch.full_like(static[base], PADDING.get(base, 0))
 
 
 def validate_buckets(buckets, max_num_tokens: int) -> list[int]:
@@ -98,6 +113,9 @@ def pad_step(static: dict[str, torch.Tensor], n: int, s: int, T: int, S: int,
             static[name][n:T] = PADDING.get(name, 0)
         if LORA_SLOTS in static:
             static[LORA_SLOTS][n:T] = -1
+        for name in group_inputs(static):
+            if name.startswith("slot_mapping."):
+                static[name][n:T] = -1
     if S > s:
         static["query_start_loc"][s + 1:S + 1] = n
         static["seq_lens"][s:S] = 0
@@ -149,6 +167,7 @@ class GraphRunner:
         self.executor = executor
         self.static = static
         self.debug = bool(debug)
+        add_group_buffers(static, getattr(executor, "group_inputs", ()))
         missing = [n for n in STEP_INPUTS if n not in static]
         if missing:
             raise BrazeError(f"static input buffers lack {', '.join(missing)}")
@@ -251,6 +270,8 @@ class GraphRunner:
         v["query_start_loc"] = st["query_start_loc"][:S + 1]
         if LORA_SLOTS in st:
             v[LORA_SLOTS] = st[LORA_SLOTS][:T]
+        for name in group_inputs(st):
+            v[name] = st[name][:T] if name.startswith("slot_mapping.") else st[name][:S]
         v["logits_indices"] = (self.wide_indices if wide else st["logits_indices"])[
             :self.rows_for(T, wide)]
         return v
@@ -271,6 +292,15 @@ class GraphRunner:
         st["block_tables"][:s, :w].copy_(bt[:, :w])
         st["block_tables"][:s, w:].fill_(0)
         st["block_tables"][s:S].fill_(0)
+        for name in group_inputs(st):      # a step with one table uses it for every group
+            base = name.split(".")[0]
+            src = inputs.get(name, inputs[base])
+            if base == "slot_mapping":
+                st[name][:n].copy_(src)
+            else:
+                st[name][:s, :w].copy_(src[:, :w])
+                st[name][:s, w:].fill_(0)
+                st[name][s:S].fill_(0)
         if LORA_SLOTS in st:        # a step that names no adapters uses none
             lora = inputs.get(LORA_SLOTS)
             if lora is None:
@@ -287,7 +317,8 @@ class GraphRunner:
     def _write_dummy_step(self) -> None:
         """An all-padding step (no cache writes, no keys read) for warm-up and capture."""
         st = self.static
-        for name in STEP_INPUTS + ((LORA_SLOTS,) if LORA_SLOTS in st else ()):
+        for name in STEP_INPUTS + ((LORA_SLOTS,) if LORA_SLOTS in st else ()) + \
+                tuple(group_inputs(st)):
             st[name].fill_(PADDING.get(name, 0))
 
     # -- capture ------------------------------------------------------------------------
@@ -305,7 +336,8 @@ class GraphRunner:
         self._release()
         ex = self.executor
         self._cache = ex.cache.tensors
-        self._static_ptrs = {n: self.static[n].data_ptr() for n in STEP_INPUTS}
+        names = STEP_INPUTS + tuple(group_inputs(self.static))
+        self._static_ptrs = {n: self.static[n].data_ptr() for n in names}
         self.stats.update(cuda_graphs_captured=0, capture_bytes=0, plans_bound=0)
         self.stats.pop("extern_fallbacks", None)
         if ex.backend == "reference":
@@ -315,7 +347,7 @@ class GraphRunner:
         plan = ex.plan
         if plan is None:
             raise BrazeError(f"backend {ex.backend!r} has no launch plans to bind")
-        saved = {n: self.static[n].clone() for n in STEP_INPUTS}
+        saved = {n: self.static[n].clone() for n in names}
         self._write_dummy_step()
         try:
             sizes = [self._sizes(T) for T in self.buckets]

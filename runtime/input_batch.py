@@ -20,7 +20,7 @@ from braze.ir.contract import STEP_INPUTS
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
 
-from .graph_runner import PADDING, pad_step
+from .graph_runner import PADDING, group_inputs, pad_step
 from .request import Request
 from .sampler import Logprobs, SamplingTensors, compute_logprobs
 from .scheduler import ScheduledChunk
@@ -70,6 +70,13 @@ class PersistentBatch:
         self.lora = "lora_slots" in static
         self.lora_slot = torch.full((max_num_seqs,), -1, dtype=I32, **z) if self.lora else None
         self._pending_lora: list[tuple[int, int]] = []
+        # a hybrid cache's KV cache groups g >= 1 (runtime/hybrid_cache.py): their block
+        # tables, each sent like the main one; with a plain block manager (window freeing
+        # off) every group reads the main table
+        self.num_groups = 1 + sum(n.startswith("block_tables.") for n in group_inputs(static))
+        self.group_tables = [torch.zeros(max_num_seqs, max_blocks, dtype=I32, **z)
+                             for _ in range(self.num_groups - 1)]
+        self._group_sent = [[0] * max_num_seqs for _ in range(self.num_groups - 1)]
 
     # ---------------------------------------------------------------- rows
 
@@ -88,6 +95,8 @@ class PersistentBatch:
         row = self._free_rows.pop()
         req.row = row
         self._blocks_sent[row] = 0
+        for sent in self._group_sent:
+            sent[row] = 0
         self._pending_tokens.append((row, req.all_token_ids))
         if self.lora:
             self._pending_lora.append((row, -1 if req.lora_slot is None else req.lora_slot))
@@ -108,6 +117,8 @@ class PersistentBatch:
         """The row's sequence now holds `table_len` blocks (speculative slots given back):
         entries past them are sent again once the sequence has new blocks there."""
         self._blocks_sent[row] = min(self._blocks_sent[row], table_len)
+        for sent in self._group_sent:
+            sent[row] = min(sent[row], table_len)
 
     # ---------------------------------------------------------------- deltas
 
@@ -145,6 +156,29 @@ class PersistentBatch:
                 self._blocks_sent[r] = sent + len(new)
         if rows:
             self._put(self.block_table, rows, cols, vals)
+        if self.group_tables and getattr(block_manager, "num_groups", 1) > 1:
+            for g, (table, sent_of) in enumerate(zip(self.group_tables, self._group_sent), 1):
+                rows, cols, vals = [], [], []
+                for c in chunks:
+                    r = c.request.row
+                    sent = sent_of[r]
+                    if (c.start + c.num_new + bs - 1) // bs > sent:
+                        new = block_manager.table_since(c.request.request_id, sent, g)
+                        rows.extend([r] * len(new))
+                        cols.extend(range(sent, sent + len(new)))
+                        vals.extend(new)
+                        sent_of[r] = sent + len(new)
+                if rows:
+                    self._put(table, rows, cols, vals)
+
+    def _group_inputs(self, block_manager, r, pos, rows, T: int, S: int) -> None:
+        """Each KV cache group's slot mapping and block tables (group g >= 1)."""
+        hybrid = getattr(block_manager, "num_groups", 1) > 1
+        bs, st = self.block_size, self.static
+        for g in range(1, self.num_groups):
+            table = self.group_tables[g - 1] if hybrid else self.block_table
+            st[f"slot_mapping.g{g}"][:T] = table[r, pos // bs].to(I64) * bs + pos % bs
+            st[f"block_tables.g{g}"][:S] = table[rows]
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A small host tensor on the device, copied without blocking the host."""
@@ -167,7 +201,7 @@ class PersistentBatch:
         self._send_deltas(chunks, block_manager)
         if drafted:
             return self._prepare_drafted(chunks, num_tokens_padded, num_seqs_padded,
-                                         rows_padded)
+                                         rows_padded, block_manager)
         num_new = [c.num_new for c in chunks]
         samples = [c.samples for c in chunks]
         S, T = len(chunks), sum(num_new)
@@ -192,6 +226,8 @@ class PersistentBatch:
         st["seq_lens"][:S] = seq_lens
         st["block_tables"][:S] = self.block_table[rows]
         st["logits_indices"][:S] = ends - 1
+        if self.num_groups > 1:
+            self._group_inputs(block_manager, r, pos, rows, T, S)
         if self.lora:
             st["lora_slots"][:T] = self.lora_slot[r]
         pad_step(st, T, S, num_tokens_padded, num_seqs_padded, S,
@@ -199,7 +235,7 @@ class PersistentBatch:
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
 
     def _prepare_drafted(self, chunks: list[ScheduledChunk], Tp: int, Sp: int,
-                         Rp: int) -> dict[str, torch.Tensor]:
+                         Rp: int, block_manager=None) -> dict[str, torch.Tensor]:
         """A verification step: each chunk's proposals go into its row of `token_ids` after
         its last token, and every position from that token on gets a logits row (the
         target's choice after each prefix of the proposals)."""
@@ -230,6 +266,8 @@ class PersistentBatch:
         st["query_start_loc"][1:S + 1] = ends
         st["seq_lens"][:S] = start + num_new
         st["block_tables"][:S] = self.block_table[rows]
+        if self.num_groups > 1:
+            self._group_inputs(block_manager, r, pos, rows, T, S)
         row_ends = torch.cumsum(nrows, 0)
         chunk_of = torch.repeat_interleave(self._arange[:S], nrows, output_size=R)
         index = (ends - nrows)[chunk_of] + self._arange[:R] - (row_ends - nrows)[chunk_of]

@@ -32,38 +32,53 @@ class KVCache:
         self.device = device
         self._allocate(num_blocks)
 
-    def _allocate(self, num_blocks: int) -> None:
-        self.tensors = {name: torch.zeros((num_blocks,) + shape, dtype=dtype, device=self.device)
+    def _allocate(self, num_blocks: int, per_tensor: dict[str, int] | None = None) -> None:
+        per_tensor = per_tensor or {}
+        self.tensors = {name: torch.zeros((per_tensor.get(name, num_blocks),) + shape,
+                                          dtype=dtype, device=self.device)
                         for name, (shape, dtype) in self._layout.items()}
         self.num_blocks = num_blocks
 
     @property
     def bytes_per_block(self) -> int:
+        return self.bytes_per_block_of(self._layout)
+
+    def bytes_per_block_of(self, names) -> int:
+        """The bytes of one block of the caches `names` (a KV cache group's layers)."""
         total = 0
-        for shape, dtype in self._layout.values():
+        for name in names:
+            shape, dtype = self._layout[name]
             n = dtype.itemsize
             for d in shape:
                 n *= d
             total += n
         return total
 
-    def resize(self, num_blocks: int) -> None:
-        """Reallocate for `num_blocks`, dropping the contents: before the first step (which
-        blocks hold what is the engine's block manager's business, not the cache's)."""
+    def resize(self, num_blocks: int, per_tensor: dict[str, int] | None = None) -> None:
+        """Reallocate for `num_blocks` (or, per cache tensor, `per_tensor`'s count: a hybrid
+        cache's window groups have pools of their own size), dropping the contents: before
+        the first step (which blocks hold what is the engine's block manager's business)."""
         self.tensors = {}
-        self._allocate(num_blocks)
+        self._allocate(num_blocks, per_tensor)
+
+    def group_names(self, layers) -> list[str]:
+        """The cache tensors of `layers` (a KV cache group's)."""
+        want = {str(x) for x in layers}
+        return [n for n in self._layout if n.rsplit(".", 1)[1] in want]
 
 
 def default_num_blocks(cache: KVCache, device, max_num_seqs: int, max_blocks: int,
                        reserve_bytes: int = 0, gpu_memory_utilization: float = 0.9,
-                       cpu_bytes: int = 1 << 30) -> int:
+                       cpu_bytes: int = 1 << 30, bytes_per_block: int | None = None) -> int:
     """How many KV blocks to allocate when the user does not say.
 
     On a GPU: what is left of `gpu_memory_utilization` of the device after the weights
     (already loaded) and `reserve_bytes` (activations, CUDA graph pool). On the CPU: enough
     for every sequence at full length, capped at `cpu_bytes`, but always one full sequence.
+    `bytes_per_block`: a block's bytes when not every cache tensor has one per block (the
+    full-attention group of a hybrid cache, runtime/hybrid_cache.py).
     """
-    per = cache.bytes_per_block
+    per = bytes_per_block or cache.bytes_per_block
     want = max_num_seqs * max_blocks
     dev = torch.device(device)
     if dev.type == "cuda":

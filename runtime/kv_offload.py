@@ -96,6 +96,9 @@ class KVOffload:
         self.cache = cache
         self.block_size = cache.block_size
         self.names = sorted(cache.tensors)
+        # a hybrid cache (runtime/hybrid_cache.py): each cache tensor's KV cache group, whose
+        # block ids are the group's own; a block is then a tuple of ids, one per group
+        self.group_of = {n: 0 for n in self.names}
         self.block_bytes = cache.bytes_per_block
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -231,6 +234,9 @@ class KVOffload:
             return 0
         t = time.perf_counter()
         ids = bm.adopt(req.request_id, len(blocks))
+        if not ids:
+            return 0
+        blocks = blocks[:len(ids)]      # a hybrid cache may take fewer (its window pools)
         self._copy_in(torch.stack(blocks), ids)
         with self._lock:
             for k in keys[:len(blocks)]:
@@ -246,14 +252,21 @@ class KVOffload:
         """Host blocks [n, block_bytes] into device blocks `ids`, ordered before the next
         step on the compute stream."""
         dev = host.to(self.device, non_blocking=True)
-        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
         off = 0
         for name in self.names:
             t = self.cache.tensors[name]
             per = t[0].numel() * t.element_size()
             part = dev[:, off:off + per].contiguous().view(t.dtype).view((len(ids),) + t.shape[1:])
-            t.index_copy_(0, idx, part)
             off += per
+            g = self.group_of[name]
+            rows = [j for j, e in enumerate(ids) if _block_id(e, g) is not None]
+            if not rows:
+                continue
+            idx = torch.tensor([_block_id(ids[j], g) for j in rows], dtype=torch.int64,
+                               device=self.device)
+            if len(rows) < len(ids):        # a window group fills only its window's blocks
+                part = part[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+            t.index_copy_(0, idx, part)
         if self.cuda:                   # keep the pinned source alive until the copy ran
             ev = torch.cuda.Event()
             ev.record()
@@ -268,9 +281,10 @@ class KVOffload:
         if not todo:
             return
         t = time.perf_counter()
-        idx = torch.tensor([b for b, _ in todo], dtype=torch.int64, device=self.device)
-        parts = [self.cache.tensors[n].index_select(0, idx).view(len(todo), -1).view(torch.uint8)
-                 for n in self.names]
+        idx = {g: torch.tensor([_block_id(b, g) for b, _ in todo], dtype=torch.int64,
+                               device=self.device) for g in set(self.group_of.values())}
+        parts = [self.cache.tensors[n].index_select(0, idx[self.group_of[n]])
+                 .view(len(todo), -1).view(torch.uint8) for n in self.names]
         gathered = torch.cat(parts, dim=1)
         keys = [k for _, k in todo]
         if self.cuda:
@@ -339,6 +353,12 @@ class KVOffload:
         c["host_evictions"] = self.host.evictions
         c["lower_tier"] = self.lower.name if self.lower is not None else None
         return c
+
+
+def _block_id(block, group: int):
+    """A block's id in a KV cache group: a plain id is every group's; a hybrid cache's
+    block is a tuple of ids per group (None: that group holds no copy)."""
+    return block if isinstance(block, int) else block[group]
 
 
 def make_offload(options, cache, manifest: dict, device) -> KVOffload | None:

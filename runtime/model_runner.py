@@ -13,8 +13,9 @@ from braze.ir.errors import BrazeError
 
 from . import parallel
 from .executor import Executor
-from .graph_runner import GraphRunner
+from .graph_runner import GraphRunner, add_group_buffers
 from .input_batch import PersistentBatch, static_buffers
+from .hybrid_cache import group_pool_blocks, kv_groups_of, window_pool_blocks
 from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .options import EngineOptions
@@ -25,7 +26,8 @@ from .scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, artifact: Artifact, options: EngineOptions, progress=None):
+    def __init__(self, artifact: Artifact, options: EngineOptions, progress=None,
+                 window_freeing: bool = True):
         limits = artifact.limits
         # a tensor-parallel artifact: join or start its ranks (runtime/parallel.py)
         group = parallel.ensure_group(artifact, options)
@@ -48,15 +50,28 @@ class ModelRunner:
         if ex.lora_pools:       # a LoRA artifact's extra step input: each token's adapter slot
             self.static["lora_slots"] = torch.full((self.max_num_tokens,), -1,
                                                    dtype=torch.int32, device=self.device)
+        add_group_buffers(self.static, ex.group_inputs)     # a hybrid cache's groups' inputs
         arena = int((artifact.graph.meta.get("memory") or {}).get("arena_bytes", 0))
         num_kv_blocks = options.num_kv_blocks
+        # KV cache groups (runtime/hybrid_cache.py): window groups' pools hold their windows
+        self.kv_groups = kv_groups_of(artifact.manifest, ex.cache, str(artifact.root))
+        self.window_freeing = window_freeing and any(g.window for g in self.kv_groups)
         if num_kv_blocks is None:
             num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
-                                               self.max_blocks, reserve_bytes=2 * arena + (1 << 29))
-        ex.cache.resize(num_kv_blocks)
+                                               self.max_blocks, reserve_bytes=2 * arena + (1 << 29)
+                                               + self._window_bytes(),
+                                               bytes_per_block=self._full_bytes_per_block())
+        self.group_blocks = group_pool_blocks(self.kv_groups, num_kv_blocks, self.block_size,
+                                              self.max_num_seqs, self.max_num_tokens,
+                                              self.window_freeing)
+        ex.cache.resize(num_kv_blocks, {name: n for g, n in zip(self.kv_groups, self.group_blocks)
+                                        for name in ex.cache.group_names(g.layers)})
         self.num_kv_blocks = num_kv_blocks
-        # a sequence can never hold more tokens than the cache or the artifact allows
-        self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size)
+        # a sequence can never hold more tokens than the cache or the artifact allows (a
+        # window group alone holds any length: its blocks slide)
+        full = not self.window_freeing or any(not g.window for g in self.kv_groups)
+        self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size) if full \
+            else ex.max_model_len
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
         # a pruned LM head computes up to the artifact's R rows in the wide variants of the
@@ -85,6 +100,24 @@ class ModelRunner:
                     "their extra logits rows are not sent to the other ranks; compile it with "
                     "--opt-level 1 (logits at every token) to serve prompt_logprobs")
         return None
+
+    def _full_bytes_per_block(self) -> int | None:
+        """With window freeing, one block's bytes over the full-attention groups' caches."""
+        if not self.window_freeing:
+            return None
+        cache = self.executor.cache
+        names = [n for g in self.kv_groups if not g.window for n in cache.group_names(g.layers)]
+        return cache.bytes_per_block_of(names) or None
+
+    def _window_bytes(self) -> int:
+        """With window freeing, the window groups' pools' bytes (their size does not depend
+        on the cache's, up to one full sequence per running sequence)."""
+        if not self.window_freeing:
+            return 0
+        cache = self.executor.cache
+        return sum(cache.bytes_per_block_of(cache.group_names(g.layers)) * window_pool_blocks(
+            g.window, self.block_size, self.max_num_seqs, self.max_num_tokens,
+            self.max_num_seqs * self.max_blocks) for g in self.kv_groups if g.window)
 
     def _constrain(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Mask the logits of rows whose request follows a grammar (one packed bitmask for

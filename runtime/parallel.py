@@ -232,7 +232,8 @@ def follow(artifact, options) -> None:
     cfg = init[0]
     ex = Executor(artifact, backend=cfg["backend"], device=options.device, num_blocks=1)
     static = static_buffers(cfg["max_num_tokens"], cfg["max_num_seqs"], ex.max_blocks, ex.device)
-    ex.cache.resize(cfg["num_kv_blocks"])
+    # each cache tensor's blocks as rank 0 has them (a hybrid cache's window pools differ)
+    ex.cache.resize(cfg["num_kv_blocks"], cfg.get("cache_blocks"))
     graphs = GraphRunner(ex, static, cfg["buckets"], cfg["max_num_seqs"], mode=cfg["mode"],
                          debug=cfg["debug"])
     graphs.capture()
@@ -248,9 +249,11 @@ def follow(artifact, options) -> None:
 
 
 def _exchange(graphs, static, n_tok: int, n_seq: int) -> None:
+    from .graph_runner import group_inputs
     T, S = graphs.bucket_for(n_tok, n_seq)
-    for name in _STEP_BUFFERS:
-        rows = T if name in ("input_ids", "positions", "slot_mapping") else \
+    # and a hybrid cache's KV cache groups' slot mappings and tables (runtime/hybrid_cache.py)
+    for name in _STEP_BUFFERS + tuple(group_inputs(static)):
+        rows = T if name.startswith(("input_ids", "positions", "slot_mapping")) else \
             S + 1 if name == "query_start_loc" else S
         dist.broadcast(static[name][:rows], 0)
 
@@ -264,6 +267,7 @@ class LeaderGraphs:
         dist.broadcast_object_list([{
             "backend": inner.executor.backend, "max_num_tokens": inner.max_num_tokens,
             "max_num_seqs": inner.max_num_seqs, "num_kv_blocks": num_kv_blocks,
+            "cache_blocks": {n: int(t.shape[0]) for n, t in inner.executor.cache.tensors.items()},
             "buckets": list(inner.buckets), "mode": inner.mode, "debug": inner.debug}], 0)
 
     def __getattr__(self, name):

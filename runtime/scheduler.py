@@ -137,6 +137,8 @@ class Scheduler:
         i = 0
         running, reserve, chunks, fills = self.running, self.bm.reserve, out.chunks, out.fills
         bs = self.bm.block_size
+        # a hybrid cache (runtime/hybrid_cache.py) releases window blocks behind each chunk
+        slide = getattr(self.bm, "slide", None)
         while i < len(running) and budget > 0:      # the decode hot path: keep it lean
             req = running[i]
             start = req.num_computed
@@ -147,6 +149,8 @@ class Scheduler:
                 i += 1                  # waiting for its last token to come back
                 continue
             end = start + num_new
+            if slide is not None:
+                slide(req.request_id, start)
             if end > real and not reserve(req.request_id, end):
                 end = real                  # no room for its guesses: drop them, preempt no one
                 num_new = end - start
@@ -199,6 +203,9 @@ class Scheduler:
                 req.metrics.num_cached_tokens = cached
             self.running.append(req)
             num_new = min(req.num_tokens - cached, budget)
+            if slide is not None and not self.bm.reserve(req.request_id, cached + num_new):
+                raise BrazeError(f"request {req.request_id!r}: no KV blocks for its first "
+                                 f"chunk although can_allocate said so (a bug)")
             c = ScheduledChunk(req, num_new, cached)
             out.chunks.append(c)
             if (cached + num_new) // bs != cached // bs:

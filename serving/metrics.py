@@ -121,6 +121,8 @@ class Metrics:
             out += _offload_metrics(snap)
         if "spec_decode_method" in snap:
             out += _spec_decode_metrics(snap)
+        if snap.get("kv_groups"):
+            out += _kv_group_metrics(snap["kv_groups"])
         one("braze_requests_rejected_total", "counter",
             "Requests refused with 503 (queue full, draining or engine down).", self.rejected)
         out += ["# HELP braze_requests_total Finished requests by finish reason.",
@@ -129,6 +131,20 @@ class Metrics:
         for h in (self.ttft, self.tpot, self.latency, self.queue_time):
             out += h.render()
         return "\n".join(out) + "\n"
+
+
+def _kv_group_metrics(groups: list[dict]) -> list[str]:
+    """A hybrid cache's KV cache groups (runtime/hybrid_cache.py): each pool's blocks, held
+    and total, labelled by group index and window (0 = full attention)."""
+    out = []
+    for name, key, help in (("braze_kv_group_blocks_used", "blocks_used",
+                             "KV blocks of a KV cache group held by live requests."),
+                            ("braze_kv_group_blocks_total", "blocks_total",
+                             "KV blocks in a KV cache group's pool.")):
+        out += [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
+        out += [f'{name}{{group="{i}",window="{g["window"]}"}} {_num(g[key])}'
+                for i, g in enumerate(groups)]
+    return out
 
 
 def _spec_decode_metrics(snap: dict) -> list[str]:

@@ -108,7 +108,10 @@ def _greedy(llm, max_tokens=6):
 # calls on static buffers) as the cuda backend does; it is slow, so it gets fewer tokens
 @pytest.mark.parametrize("case,n,backend,tokens", [("llama", 2, "reference", 6),
                                                    ("qwen3_moe-dense-middle", 2, "reference", 6),
-                                                   ("llama", 2, "interpret", 2)])
+                                                   ("llama", 2, "interpret", 2),
+                                                   # local and global layers: two KV cache
+                                                   # groups' step inputs reach rank 1
+                                                   ("gemma3-sandwich-softcap", 2, "reference", 6)])
 def test_engine_greedy_tokens_equal_one_rank(store, case, n, backend, tokens):
     """The engine's rank 0 starts the other rank, batches three prompts (one split over
     steps by the token budget), and samples what one rank would."""

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""KV-cache bytes per token with and without window freeing, for a Gemma-3-like 5:1 mix
+of sliding-window (local) and full-attention (global) layers at a long context.
+
+The shape's config.json alone is written (no weights); the model is traced
+(`load_model(..., with_weights=False)`), its KV cache groups assigned as `braze compile`
+does (frontend/kv_groups.py) and the runtime's `KVCache` built from the graph, so each
+group's bytes per block are what `braze serve` allocates. One request is then driven
+through the runtime's `HybridBlockManager` the way the scheduler drives it (chunked
+prefill of `--context` tokens in `--chunk`-token steps, then `--decode` decode steps:
+`slide`, `reserve`, `commit` per step), and the blocks each group holds are counted at
+the peak and at the end. Without window freeing every layer holds every block (the plain
+`BlockManager`, one table): that is the `off` row.
+
+Then the serving view: for a KV budget (`--kv-gib`), how many tokens the full-attention
+pool holds once the window pools are sized as the runtime sizes them
+(`window_pool_blocks` for `--max-num-seqs` and `--max-num-tokens`), against one table.
+
+    python benchmarks/hybrid_cache.py
+    python benchmarks/hybrid_cache.py --context 32768 --chunk 2048 --decode 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+
+
+def gemma3_4b_like():
+    """Gemma 3 4B's text shape: 34 layers, every 6th global (5:1), window 1024, 4 KV heads
+    of 256, bf16."""
+    from braze.tiny import tiny_config
+    layers = 34
+    return tiny_config(
+        "gemma3", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        query_pre_attn_scalar=256, sliding_window=1024, max_position_embeddings=131072,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                     for i in range(layers)])
+
+
+def measure(context: int, chunk: int, decode: int, block_size: int, dtype: str) -> dict:
+    from braze.frontend import load_model
+    from braze.frontend.kv_groups import assign_kv_groups
+    from braze.runtime.hybrid_cache import HybridBlockManager, KVGroup
+    from braze.runtime.kv_cache import KVCache
+    cfg = gemma3_4b_like()
+    with tempfile.TemporaryDirectory() as d:
+        cfg.save_pretrained(d)
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = load_model(d, dtype=dtype, block_size=block_size, with_weights=False)
+    groups = [KVGroup(e["window"], tuple(e["layers"])) for e in assign_kv_groups(loaded.graph)]
+    cache = KVCache(loaded.graph, num_blocks=1)
+    per_block = [cache.bytes_per_block_of(cache.group_names(g.layers)) for g in groups]
+    total = context + decode
+    full_blocks = -(-total // block_size)
+    bm = HybridBlockManager(groups, [full_blocks + 1] * len(groups), block_size,
+                            enable_prefix_caching=True, max_chunk=chunk)
+    tokens = list(range(total))
+    bm.allocate("r", tokens[:context])
+    peak = [0] * len(groups)
+    start = 0
+    while start < total:
+        end = min(context, start + chunk) if start < context else start + 1
+        bm.slide("r", start)
+        assert bm.reserve("r", end)
+        bm.commit("r", end, tokens)
+        for g in range(len(groups)):
+            peak[g] = max(peak[g], bm.group_used_blocks(g))
+        start = end
+    final = [bm.group_used_blocks(g) for g in range(len(groups))]
+    return {"groups": groups, "per_block": per_block, "peak": peak, "final": final,
+            "tokens": total, "full_blocks": full_blocks, "dtype": loaded.dtype}
+
+
+def capacity(r: dict, kv_bytes: int, block_size: int, max_num_seqs: int,
+             max_num_tokens: int) -> dict:
+    """Tokens a KV budget holds with one table, and with window pools sized by the runtime's
+    formula and the rest for the full-attention groups' blocks."""
+    from braze.runtime.hybrid_cache import window_pool_blocks
+    off_blocks = kv_bytes // sum(r["per_block"])
+    window = sum(per * window_pool_blocks(g.window, block_size, max_num_seqs, max_num_tokens,
+                                          1 << 40)
+                 for g, per in zip(r["groups"], r["per_block"]) if g.window)
+    full_per = sum(per for g, per in zip(r["groups"], r["per_block"]) if not g.window)
+    on_blocks = (kv_bytes - window) // full_per
+    return {"off_tokens": off_blocks * block_size, "on_tokens": on_blocks * block_size,
+            "window_bytes": window}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=32768, help="prompt tokens (default 32768)")
+    ap.add_argument("--chunk", type=int, default=2048,
+                    help="prefill tokens per step (default 2048)")
+    ap.add_argument("--decode", type=int, default=256, help="decode steps after (default 256)")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    ap.add_argument("--dtype", default="bfloat16", help="cache dtype (default bfloat16)")
+    ap.add_argument("--kv-gib", type=float, default=40.0,
+                    help="KV budget for the serving view, GiB (default 40)")
+    ap.add_argument("--max-num-seqs", type=int, default=64,
+                    help="running sequences the window pools are sized for (default 64)")
+    ap.add_argument("--max-num-tokens", type=int, default=8192,
+                    help="tokens per step the window pools are sized for (default 8192)")
+    a = ap.parse_args(argv)
+    r = measure(a.context, a.chunk, a.decode, a.block_size, a.dtype)
+    n, bs = r["tokens"], a.block_size
+    print(f"Gemma-3-4B-like, {r['dtype']}, {n} tokens ({a.context} prompt in {a.chunk}-token "
+          f"chunks + {a.decode} decode), block {bs}")
+    print("| group | layers | bytes/block | blocks held: off | peak | end |")
+    print("|---|--:|--:|--:|--:|--:|")
+    for g, per, pk, fin in zip(r["groups"], r["per_block"], r["peak"], r["final"]):
+        kind = f"window {g.window}" if g.window else "full"
+        print(f"| {kind} | {len(g.layers)} | {per:,} | {r['full_blocks']:,} | {pk:,} | {fin:,} |")
+    off = sum(r["per_block"]) * r["full_blocks"]
+    peak = sum(p * k for p, k in zip(r["per_block"], r["peak"]))
+    end = sum(p * k for p, k in zip(r["per_block"], r["final"]))
+    print()
+    print("| window freeing | KV bytes held | bytes per token | vs off |")
+    print("|---|--:|--:|--:|")
+    print(f"| off | {off:,} | {off // n:,} | 1.00 |")
+    print(f"| on, peak | {peak:,} | {peak // n:,} | {peak / off:.3f} |")
+    print(f"| on, end | {end:,} | {end // n:,} | {end / off:.3f} |")
+    c = capacity(r, int(a.kv_gib * (1 << 30)), bs, a.max_num_seqs, a.max_num_tokens)
+    print()
+    print(f"Serving view: {a.kv_gib:g} GiB of KV, window pools for {a.max_num_seqs} sequences "
+          f"and {a.max_num_tokens}-token steps ({c['window_bytes'] / (1 << 30):.2f} GiB)")
+    print("| window freeing | tokens the full-attention layers hold | vs off |")
+    print("|---|--:|--:|")
+    print(f"| off | {c['off_tokens']:,} | 1.00 |")
+    print(f"| on | {c['on_tokens']:,} | {c['on_tokens'] / c['off_tokens']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""A hybrid KV cache: one block pool and one block table per KV cache group, and
+sliding-window groups that hold only the blocks inside their window.
+
+An artifact records its KV cache groups in the manifest (`"kv_groups"`, written by
+frontend/kv_groups.py): the layers with full attention form one group (window 0), the
+layers of each distinct sliding window another. Group 0 reads the batch contract's
+`slot_mapping` and `block_tables`; group g > 0 its own `slot_mapping.g<g>` and
+`block_tables.g<g>` (ir/contract.py `group_step_inputs`). Each group's layers have
+their own cache tensors of their own pool size, so a block id means a block of that
+group's pool only.
+
+A sliding-window layer with window W lets the token at position p see keys at
+positions > p - W. Once a sequence's next token to compute is at `start`, no token it
+will ever compute sees a key below `start - W + 1`, so the blocks wholly below that
+position are released (`slide`) and their table entries become the null block (block
+0 of a window pool, never handed out; the attention masks it, and it stays all zeros).
+Its blocks are allocated lazily too, only up to the end of the tokens scheduled
+(`reserve`), so a 32k prompt prefilled in chunks never holds more than its window and
+one chunk. A full-attention group keeps every block, as `BlockManager` does.
+
+Prefix caching works per group over the same chained block hashes: a block enters its
+group's prefix cache once its KV is computed (`commit`), and a released one stays there
+(LRU) until evicted. A hit of h leading blocks needs, in each full group, blocks 0..h-1
+cached, and in a window group only the blocks from `(h*bs - W + 1) // bs` to h-1 (what
+the first token computed after the hit sees). The longest h every group can serve is
+the hit; when a window group has lost some of those blocks the hit shrinks, down to 0,
+never to a wrong answer (vLLM's hybrid allocator does the same).
+
+With KV offload (runtime/kv_offload.py) a block is a tuple of ids, one per group:
+`commit` logs the blocks every group still holds for the host tier, and `adopt` takes
+loaded blocks into a full group whole and into a window group only inside the window of
+the first token left to compute. Speculative decoding's rollback (`truncate`) never
+cuts below the last `slide` position.
+
+Each pool is a `BlockManager` used for its free queues, reference counts and prefix
+cache; the sequences' tables live here. Pure Python; no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from braze.ir.errors import BrazeError
+
+from .block_manager import BlockManager
+
+NULL_BLOCK = 0          # a window pool's placeholder for blocks that slid out
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """One KV cache group: its sliding window (0 = full attention) and its layers."""
+    window: int
+    layers: tuple[int, ...]
+
+    @classmethod
+    def from_manifest(cls, entries, where: str) -> list["KVGroup"]:
+        ok = isinstance(entries, list) and entries and all(
+            isinstance(e, dict) and isinstance(e.get("window"), int) and e["window"] >= 0
+            and isinstance(e.get("layers"), list) for e in entries)
+        if not ok:
+            raise BrazeError(f"{where}: its manifest's kv_groups entry is malformed "
+                             f"({entries!r}); recompile it with this braze")
+        return [cls(e["window"], tuple(int(x) for x in e["layers"])) for e in entries]
+
+    def to_json(self) -> dict:
+        return {"window": self.window, "layers": list(self.layers)}
+
+
+def window_blocks(window: int, block_size: int, chunk: int) -> int:
+    """The most blocks one sequence of a window group holds while computing `chunk` new
+    tokens: the W - 1 keys before its first new token and the chunk, each possibly
+    straddling a block edge."""
+    return -(-(window - 1) // block_size) + -(-chunk // block_size) + 1
+
+
+def window_pool_blocks(window: int, block_size: int, max_num_seqs: int, max_num_tokens: int,
+                       full_blocks: int) -> int:
+    """A window group's pool: every running sequence at its window plus a decode block,
+    and two steps' tokens as chunks (a step's blocks are released only once committed,
+    which with async scheduling is a step later), plus the null block; never more than a
+    full group would hold (`full_blocks`), plus the null block."""
+    per_seq = -(-(window - 1) // block_size) + 3
+    want = max_num_seqs * per_seq + 2 * -(-max_num_tokens // block_size) + 1
+    return min(want, full_blocks) + 1
+
+
+class _Seq:
+    __slots__ = ("tables", "slid", "num_tokens", "hashes", "registered", "salt", "start")
+
+    def __init__(self, ngroups: int, salt=None):
+        self.tables: list[list[int]] = [[] for _ in range(ngroups)]
+        self.slid = [0] * ngroups          # leading table entries released (now NULL_BLOCK)
+        self.num_tokens = 0
+        self.hashes: list[int] = []
+        self.registered = 0
+        self.salt = salt
+        self.start = 0                     # the last `slide` position: computed before it
+
+
+class HybridBlockManager:
+    """The `BlockManager` interface the scheduler, persistent batch and engine use, over
+    one pool per KV cache group. `blocks[g]` is group g's pool size (a window pool's
+    includes its null block); `max_chunk` the most tokens one step schedules for a
+    sequence (admission keeps that many window slots free)."""
+
+    def __init__(self, groups: list[KVGroup], blocks: list[int], block_size: int = 16,
+                 enable_prefix_caching: bool = True, max_chunk: int = 8192):
+        if len(groups) != len(blocks) or not groups:
+            raise BrazeError(f"{len(groups)} KV cache groups but {len(blocks)} pool sizes")
+        self.groups = list(groups)
+        self.windows = [g.window for g in groups]
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_chunk = max_chunk
+        self.pools: list[BlockManager] = []
+        for g, n in zip(groups, blocks):
+            if g.window and n < 2:
+                raise BrazeError(f"the KV pool of the window-{g.window} group needs at least "
+                                 f"2 blocks (one is the null block), got {n}")
+            pool = BlockManager(n, block_size, enable_prefix_caching)
+            if g.window:            # pin the null block: never free, never handed out
+                pool._plain_free.remove(NULL_BLOCK)
+                pool._ref[NULL_BLOCK] = 1
+            self.pools.append(pool)
+        self._seqs: dict[object, _Seq] = {}
+        self._hit_tokens = 0
+        self._query_tokens = 0
+        # when a list: (seq_id, block index, its id per group) of each block `commit` newly
+        # caches that every group still holds, for the engine to offload (runtime/kv_offload.py)
+        self.registrations = None
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pools[0].num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks of group 0's pool (what the engine's block stats report)."""
+        return self.pools[0].num_free_blocks
+
+    def group_free_blocks(self, g: int) -> int:
+        return self.pools[g].num_free_blocks
+
+    def group_used_blocks(self, g: int) -> int:
+        """Blocks of group g held by sequences (a window pool's null block not counted)."""
+        pool = self.pools[g]
+        return pool.num_blocks - pool.num_free_blocks - (1 if self.windows[g] else 0)
+
+    def block_table(self, seq_id, group: int = 0) -> list[int]:
+        return list(self._seq(seq_id).tables[group])
+
+    def table_len(self, seq_id, group: int = 0) -> int:
+        return len(self._seqs[seq_id].tables[group])
+
+    def table_since(self, seq_id, start: int, group: int = 0) -> list[int]:
+        return self._seq(seq_id).tables[group][start:]
+
+    def num_tokens(self, seq_id) -> int:
+        return self._seq(seq_id).num_tokens
+
+    def num_registered(self, seq_id) -> int:
+        seq = self._seqs.get(seq_id)
+        return 0 if seq is None else seq.registered
+
+    def seq_ids(self) -> list:
+        return list(self._seqs)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def stats(self) -> dict:
+        out = {"kv_blocks_total": self.num_blocks, "kv_blocks_free": self.num_free_blocks,
+               "kv_blocks_used": self.group_used_blocks(0),
+               "prefix_cache_hit_tokens": self._hit_tokens,
+               "prefix_cache_queries": self._query_tokens,
+               "evictions": sum(p._evictions for p in self.pools)}
+        out["kv_groups"] = [{"window": w, "blocks_total": p.num_blocks,
+                             "blocks_used": self.group_used_blocks(g),
+                             "blocks_free": p.num_free_blocks}
+                            for g, (w, p) in enumerate(zip(self.windows, self.pools))]
+        return out
+
+    # ----------------------------------------------------------------- windows
+
+    def _first_needed(self, g: int, start: int) -> int:
+        """Group g's first block that a token at position >= `start` can still see."""
+        w = self.windows[g]
+        return 0 if not w else max(0, start - w + 1) // self.block_size
+
+    def _release(self, pool: BlockManager, b: int) -> None:
+        pool._ref[b] -= 1
+        if pool._ref[b] == 0:
+            if b in pool._block_hash:
+                pool._cached_free[b] = None
+            else:
+                pool._plain_free.append(b)
+
+    def slide(self, seq_id, start: int) -> None:
+        """The sequence's next token to compute is at `start` (every later step computes
+        tokens at or after it): release each window group's blocks wholly outside the
+        window of that token, once committed (`commit`: with async scheduling the step
+        before may still be running, and its blocks should reach the prefix cache)."""
+        seq = self._seq(seq_id)
+        seq.start = max(seq.start, start)
+        for g, w in enumerate(self.windows):
+            if not w:
+                continue
+            table = seq.tables[g]
+            # only committed blocks: they enter the prefix cache (and KV offload) first
+            upto = min(self._first_needed(g, start), len(table), seq.registered)
+            if upto <= seq.slid[g]:
+                continue
+            pool = self.pools[g]
+            for i in range(seq.slid[g], upto):
+                if table[i] != NULL_BLOCK:
+                    self._release(pool, table[i])
+                    table[i] = NULL_BLOCK
+            seq.slid[g] = upto
+
+    # ----------------------------------------------------------------- hits
+
+    def _chain(self, token_ids, start_hashes, upto, salt):
+        return self.pools[0]._chain(token_ids, start_hashes, upto, salt)
+
+    def _hit_blocks(self, hashes: list[int], n: int, use_cache: bool) -> int:
+        """The longest prefix (in blocks) every group can serve from its prefix cache,
+        leaving at least one token to compute."""
+        if not (self.enable_prefix_caching and use_cache):
+            return 0
+        h = (n - 1) // self.block_size
+        for g, w in enumerate(self.windows):
+            if w:
+                continue
+            cached = self.pools[g]._cached
+            k = 0
+            while k < h and hashes[k] in cached:
+                k += 1
+            h = k
+        changed = True
+        while changed and h > 0:      # shrinking for one window group may fail another
+            changed = False
+            for g, w in enumerate(self.windows):
+                if not w:
+                    continue
+                cached = self.pools[g]._cached
+                # the largest h' <= h whose window blocks [first_needed(h'), h') are cached
+                while h > 0:
+                    lo = self._first_needed(g, h * self.block_size)
+                    missing = next((i for i in range(h - 1, lo - 1, -1)
+                                    if hashes[i] not in cached), None)
+                    if missing is None:
+                        break
+                    h, changed = missing, True    # a hit past a missing block needs it
+        return h
+
+    def cached_prefix_blocks(self, token_ids, salt=None) -> int:
+        hashes = self._chain(token_ids, [], len(token_ids) // self.block_size, salt)
+        return self._hit_blocks(hashes, len(token_ids), True)
+
+    # -------------------------------------------------------------- allocation
+
+    def _plan(self, token_ids, use_cache, salt):
+        """(hashes, hit blocks h, per group: (first window block, hit blocks taken from its
+        cache, new blocks to check for, new blocks taken now)) for admitting this prompt. A
+        window group takes one block now (the scheduler's `reserve` grows it to the first
+        chunk) but admits only with room for a whole chunk (`max_chunk` tokens)."""
+        n = len(token_ids)
+        hashes = self._chain(token_ids, [], n // self.block_size, salt)
+        h = self._hit_blocks(hashes, n, use_cache)
+        plans = []
+        for g, w in enumerate(self.windows):
+            cached = self.pools[g]._cached
+            lo = self._first_needed(g, h * self.block_size)
+            hits = [cached[hashes[i]] for i in range(lo, h)]
+            if w:
+                upto = min(n, h * self.block_size + self.max_chunk)
+                need = -(-upto // self.block_size) - h
+                now = -(-min(n, h * self.block_size + 1) // self.block_size) - h
+            else:
+                need = now = -(-n // self.block_size) - h
+            plans.append((lo, hits, need, now))
+        return hashes, h, plans
+
+    def can_allocate(self, token_ids, watermark: int = 0, use_cache: bool = True,
+                     salt=None) -> bool:
+        if len(token_ids) == 0:
+            return False
+        _, _, plans = self._plan(token_ids, use_cache, salt)
+        return all(self.pools[g]._fits(need, hits, watermark if not self.windows[g] else 0)
+                   for g, (_, hits, need, _) in enumerate(plans))
+
+    def allocate(self, seq_id, token_ids, use_cache: bool = True, salt=None) -> int:
+        if seq_id in self._seqs:
+            raise BrazeError(f"sequence {seq_id!r} already has blocks; free it first")
+        n = len(token_ids)
+        if n == 0:
+            raise BrazeError(f"sequence {seq_id!r} has an empty prompt")
+        hashes, h, plans = self._plan(token_ids, use_cache, salt)
+        for g, (_, hits, need, _) in enumerate(plans):
+            if not self.pools[g]._fits(need, hits, 0):
+                w = self.windows[g]
+                raise BrazeError(
+                    f"KV cache exhausted: sequence {seq_id!r} needs {need} more block(s) of "
+                    f"the {'window-%d' % w if w else 'full-attention'} group for {n} tokens, "
+                    f"{self.pools[g].num_free_blocks} free; check can_allocate() first")
+        seq = _Seq(len(self.groups), salt)
+        for g, (lo, hits, _, now) in enumerate(plans):
+            pool = self.pools[g]
+            for b in hits:
+                if pool._ref[b] == 0:
+                    del pool._cached_free[b]
+                pool._ref[b] += 1
+            seq.tables[g] = [NULL_BLOCK] * lo + hits + pool._take(now)
+            seq.slid[g] = lo
+        seq.num_tokens = n
+        seq.hashes = hashes
+        seq.registered = h
+        self._seqs[seq_id] = seq
+        if self.enable_prefix_caching:
+            self._query_tokens += n
+            self._hit_tokens += h * self.block_size
+        return h * self.block_size
+
+    def reserve(self, seq_id, total: int) -> bool:
+        """Hold slots for the sequence's first `total` tokens in every group (window groups
+        allocate lazily, so this is where they grow). False, changing no table's length
+        past what fits, when a pool runs out: the caller preempts and retries."""
+        seq = self._seqs[seq_id]
+        want = -(-total // self.block_size)
+        needs = [want - len(t) for t in seq.tables]
+        if any(k > self.pools[g].num_free_blocks for g, k in enumerate(needs) if k > 0):
+            return False
+        for g, k in enumerate(needs):
+            if k > 0:
+                seq.tables[g].extend(self.pools[g]._take(k))
+        seq.num_tokens = max(seq.num_tokens, total)
+        return True
+
+    def append_slots(self, seq_id, num_new_tokens: int) -> bool:
+        if num_new_tokens < 0:
+            raise BrazeError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        return self.reserve(seq_id, self._seq(seq_id).num_tokens + num_new_tokens)
+
+    def commit(self, seq_id, num_computed: int, token_ids=None) -> None:
+        """Put the sequence's computed full blocks into each group's prefix cache (a
+        window group's blocks that already slid out are gone and skipped)."""
+        seq = self._seq(seq_id)
+        if not 0 <= num_computed <= seq.num_tokens:
+            raise BrazeError(f"sequence {seq_id!r}: {num_computed} computed tokens, but it "
+                             f"holds {seq.num_tokens}")
+        upto = num_computed // self.block_size
+        if upto > len(seq.hashes):
+            if token_ids is None or len(token_ids) < upto * self.block_size:
+                raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
+                                 f"needs their ids to hash its blocks")
+            seq.hashes = self._chain(token_ids, seq.hashes, upto, seq.salt)
+        new = set()
+        for g, pool in enumerate(self.pools):
+            table = seq.tables[g]
+            for i in range(max(seq.registered, seq.slid[g]), min(upto, len(table))):
+                if pool._register(table[i], seq.hashes[i]) and g == 0:
+                    new.add(i)
+        log = self.registrations
+        if log is not None:     # KV offload: blocks every group still holds, newly cached
+            for i in sorted(new):
+                ids = self._ids(seq, i)
+                if None not in ids:
+                    log.append((seq_id, i, ids))
+        seq.registered = max(seq.registered, upto)
+
+    def _ids(self, seq: _Seq, i: int) -> tuple:
+        """Block i of the sequence in each group (None where a window group released it)."""
+        out = []
+        for g, table in enumerate(seq.tables):
+            b = table[i] if i < len(table) else NULL_BLOCK
+            out.append(None if self.windows[g] and b == NULL_BLOCK else b)
+        return tuple(out)
+
+    def free(self, seq_id) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            raise BrazeError(f"sequence {seq_id!r} has no blocks to free")
+        for g, (pool, table) in enumerate(zip(self.pools, seq.tables)):
+            for b in reversed(table):
+                if b != NULL_BLOCK or not self.windows[g]:
+                    self._release(pool, b)
+
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        seq = self._seq(seq_id)
+        if not seq.registered * self.block_size <= num_tokens <= seq.num_tokens:
+            raise BrazeError(f"sequence {seq_id!r}: cannot truncate to {num_tokens} tokens "
+                             f"(it holds {seq.num_tokens}, {seq.registered} blocks cached)")
+        if num_tokens < seq.start and any(self.windows):
+            raise BrazeError(f"sequence {seq_id!r}: cannot truncate to {num_tokens} tokens: "
+                             f"its window blocks before position {seq.start} are released, "
+                             f"and recomputing from {num_tokens} would need them")
+        keep = -(-num_tokens // self.block_size)
+        for g, pool in enumerate(self.pools):
+            table = seq.tables[g]
+            for b in reversed(table[keep:]):
+                if b != NULL_BLOCK or not self.windows[g]:
+                    self._release(pool, b)
+            del table[keep:]
+            seq.slid[g] = min(seq.slid[g], len(table))
+        del seq.hashes[num_tokens // self.block_size:]     # a cut block's tokens change
+        seq.num_tokens = num_tokens
+
+    def adopt(self, seq_id, num_blocks: int) -> list[tuple]:
+        """The sequence's next blocks after its prefix hits were filled from a lower KV
+        tier: they enter each group's prefix cache as computed. A window group gets blocks
+        only for those inside the window of the first token left to compute (the rest are
+        None: nothing to fill), and keeps room for a first chunk after them, so fewer than
+        `num_blocks` may be adopted. Returns, per block adopted, its id in each group."""
+        seq = self._seq(seq_id)
+        first = seq.registered
+        if num_blocks < 0 or first + num_blocks > (seq.num_tokens - 1) // self.block_size:
+            raise BrazeError(f"sequence {seq_id!r}: cannot adopt {num_blocks} block(s) after "
+                             f"{first}: at least one token of its {seq.num_tokens} must be left "
+                             f"to compute")
+        n = num_blocks
+        while n > 0 and not self._adoption_fits(seq, first + n):
+            n -= 1
+        end = first + n
+        for g, w in enumerate(self.windows):
+            if not w or n == 0:
+                continue
+            pool, table = self.pools[g], seq.tables[g]
+            lo = self._first_needed(g, end * self.block_size)
+            for i in range(seq.slid[g], min(lo, len(table))):
+                if table[i] != NULL_BLOCK:
+                    self._release(pool, table[i])
+                    table[i] = NULL_BLOCK
+            grow = end - len(table)
+            if grow > 0:
+                fresh = max(0, end - max(len(table), lo))
+                table.extend([NULL_BLOCK] * (grow - fresh) + pool._take(fresh))
+            seq.slid[g] = max(seq.slid[g], min(lo, len(table)))
+        for g, pool in enumerate(self.pools):
+            table = seq.tables[g]
+            for i in range(first, end):
+                if table[i] != NULL_BLOCK or not self.windows[g]:
+                    pool._register(table[i], seq.hashes[i])
+        seq.registered = end
+        seq.start = max(seq.start, end * self.block_size)
+        return [self._ids(seq, i) for i in range(first, end)]
+
+    def _adoption_fits(self, seq: _Seq, end: int) -> bool:
+        """Whether each window group can hold blocks up to `end` (those inside the window
+        of position end * bs) and then a first chunk after them."""
+        bs = self.block_size
+        for g, w in enumerate(self.windows):
+            if not w:
+                continue
+            table, pool = seq.tables[g], self.pools[g]
+            lo = self._first_needed(g, end * bs)
+            freed = sum(1 for i in range(seq.slid[g], min(lo, len(table)))
+                        if table[i] != NULL_BLOCK and pool._ref[table[i]] == 1)
+            fresh = max(0, end - max(len(table), lo))
+            chunk = -(-min(seq.num_tokens, end * bs + self.max_chunk) // bs) - max(end, len(table))
+            if fresh + max(chunk, 0) > pool.num_free_blocks + freed:
+                return False
+        return True
+
+    def reset_prefix_cache(self) -> None:
+        for p in self.pools:
+            p.reset_prefix_cache()
+
+    def _seq(self, seq_id) -> _Seq:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise BrazeError(f"unknown sequence {seq_id!r}")
+        return seq
+
+
+# ------------------------------------------------------------ the runner's side
+
+def kv_groups_of(manifest: dict, cache, where: str) -> list[KVGroup]:
+    """The artifact's KV cache groups; an artifact compiled before they were recorded has
+    one full-attention group of every cache."""
+    entries = manifest.get("kv_groups")
+    if entries is None:
+        layers = sorted({int(n.rsplit(".", 1)[1]) for n in cache.tensors})
+        return [KVGroup(0, tuple(layers))]
+    return KVGroup.from_manifest(entries, where)
+
+
+def group_pool_blocks(groups: list[KVGroup], num_kv_blocks: int, block_size: int,
+                      max_num_seqs: int, max_num_tokens: int, freeing: bool) -> list[int]:
+    """Each group's pool: `num_kv_blocks` for a full-attention group (and for every group
+    when window freeing is off); a window group's window arithmetic otherwise."""
+    if not freeing:
+        return [num_kv_blocks] * len(groups)
+    return [window_pool_blocks(g.window, block_size, max_num_seqs, max_num_tokens,
+                               num_kv_blocks) if g.window else num_kv_blocks for g in groups]
+
+
+def make_block_manager(runner, enable_prefix_caching: bool = True):
+    """The block manager for a runner's cache: a `HybridBlockManager` when its window
+    groups free their blocks, else the plain `BlockManager` over one table."""
+    if not runner.window_freeing:
+        return BlockManager(runner.num_kv_blocks, runner.block_size, enable_prefix_caching)
+    bm = HybridBlockManager(runner.kv_groups, runner.group_blocks, runner.block_size,
+                            enable_prefix_caching, max_chunk=runner.max_num_tokens)
+    cache = runner.executor.cache       # each cache tensor's group, for KV offload's copies
+    bm.tensor_group = {n: g for g, grp in enumerate(runner.kv_groups)
+                       for n in cache.group_names(grp.layers)}
+    return bm

@@ -1,0 +1,373 @@
+"""The hybrid KV cache's block manager (runtime/hybrid_cache.py): window groups hold only
+their window, prefix hits shrink rather than serve freed blocks, and a random-operation
+state machine that simulates every cache write checks that each position a step reads
+holds that sequence's own KV, with no leak and no block handed out twice."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from braze.ir.errors import BrazeError
+from braze.runtime.hybrid_cache import (NULL_BLOCK, HybridBlockManager, KVGroup,
+                                        window_blocks, window_pool_blocks)
+
+BS = 4
+
+
+def groups(*windows):
+    return [KVGroup(w, (i,)) for i, w in enumerate(windows)]
+
+
+def run(bm, sid, tokens, start, end):
+    """One scheduled chunk [start, end) of a sequence, then its commit."""
+    bm.slide(sid, start)
+    assert bm.reserve(sid, end)
+    bm.commit(sid, end, tokens)
+
+
+def test_window_group_holds_only_its_window_at_long_context():
+    W, n, chunk = 10, 400, 16
+    bm = HybridBlockManager(groups(0, W), [200, 40], BS, max_chunk=chunk)
+    tokens = list(range(n))
+    cached = bm.allocate("a", tokens)
+    assert cached == 0
+    start = 0
+    while start < n:                    # chunked prefill, then the window of the last token
+        end = min(n, start + chunk)
+        run(bm, "a", tokens, start, end)
+        lo = max(0, start - W + 1) // BS
+        assert bm.group_used_blocks(1) == -(-end // BS) - lo
+        assert bm.group_used_blocks(0) == -(-n // BS)
+        assert bm.block_table("a", 1)[:lo] == [NULL_BLOCK] * lo
+        start = end
+    for _ in range(50):                 # decode: one block in, one block out
+        tokens.append(7)
+        run(bm, "a", tokens, len(tokens) - 1, len(tokens))
+        last = len(tokens) - 1
+        assert bm.group_used_blocks(1) == -(-len(tokens) // BS) - max(0, last - W + 1) // BS
+        assert bm.group_used_blocks(1) <= window_blocks(W, BS, 1)
+    bm.free("a")
+    assert bm.group_used_blocks(0) == bm.group_used_blocks(1) == 0
+
+
+def test_window_pool_size_formula():
+    # every running sequence at its window + a decode block + a block of its uncommitted
+    # chunk, two steps' chunks, the null block
+    assert window_pool_blocks(10, 4, 3, 16, 10_000) == 3 * (3 + 3) + 2 * 4 + 1 + 1
+    assert window_pool_blocks(4096, 16, 256, 8192, 100) == 101     # never above a full pool
+
+
+def test_prefix_hit_shrinks_to_what_the_window_group_still_holds():
+    W = 6
+    bm = HybridBlockManager(groups(0, W), [64, 64], BS, max_chunk=64)
+    a = list(range(40))
+    bm.allocate("a", a)
+    run(bm, "a", a, 0, 40)
+    # the window group released blocks 0..7 while computing (slid before it ran): the whole
+    # prompt's hit (9 blocks) needs window blocks 7..8, still held
+    bm.slide("a", 40)
+    assert bm.cached_prefix_blocks(a + [1]) == 10
+    bm.free("a")
+    # after free every computed block is in both caches; evict the window group's block 8
+    pool = bm.pools[1]
+    h8 = bm._chain(a, [], 10, None)[8]
+    b8 = pool._cached[h8]
+    del pool._cached[h8], pool._block_hash[b8]
+    pool._cached_free.pop(b8)
+    pool._plain_free.append(b8)
+    # a hit reaching block 9 or past needs block 8 in the window group: the hit is the
+    # longest one whose window is whole, blocks 0..7 (window of position 32: blocks 6, 7)
+    assert bm.cached_prefix_blocks(a + [1]) == 8
+    assert bm.allocate("b", a + [1]) == 32
+    assert bm.block_table("b", 1)[:6] == [NULL_BLOCK] * 6
+    bm.free("b")
+
+
+def test_window_only_model_and_refusals():
+    bm = HybridBlockManager(groups(5), [12], BS, max_chunk=8)
+    t = list(range(30))
+    bm.allocate("a", t)
+    assert bm.table_len("a") == 1          # lazily: reserve grows it chunk by chunk
+    start = 0
+    while start < 30:
+        run(bm, "a", t, start, min(30, start + 8))
+        start += 8
+    assert bm.group_used_blocks(0) <= window_blocks(5, BS, 8)
+    with pytest.raises(BrazeError, match="null block"):
+        HybridBlockManager(groups(0, 5), [8, 1], BS)
+    with pytest.raises(BrazeError, match="pool sizes"):
+        HybridBlockManager(groups(0, 5), [8], BS)
+
+
+def test_reserve_fails_when_a_window_pool_is_empty_and_changes_nothing():
+    bm = HybridBlockManager(groups(0, 5), [40, 4], BS, max_chunk=8)
+    small = HybridBlockManager(groups(0, 5), [40, 2], BS, max_chunk=8)
+    assert not small.can_allocate(list(range(20)))  # no room for a whole 8-token chunk
+    assert small.can_allocate(list(range(4)))
+    bm.allocate("a", list(range(8)))            # 1 window block of the 3 allocatable
+    assert bm.reserve("a", 8) and bm.group_free_blocks(1) == 1
+    before = (bm.table_len("a", 0), bm.table_len("a", 1))
+    assert not bm.reserve("a", 16)              # window needs 2 more (no slide yet)
+    assert (bm.table_len("a", 0), bm.table_len("a", 1)) == before
+    bm.commit("a", 8, list(range(8)))
+    bm.slide("a", 8)                            # start 8: blocks < (8-5+1)//4 = 1 go
+    assert bm.reserve("a", 16)
+
+
+# ---------------------------------------------------------------- the state machine
+
+class HybridMachine(RuleBasedStateMachine):
+    """Sequences over a small alphabet (so prefixes repeat and hit) are admitted, run in
+    chunks and decodes, and freed, over a full group and two window groups. A simulated
+    cache records which token prefix each slot's KV belongs to; every step checks that
+    each position its tokens can see holds the sequence's own KV."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows = (0, 5, 9)
+        self.bm = HybridBlockManager(groups(*self.windows), [48, 14, 20], BS, max_chunk=8)
+        self.seqs: dict[str, dict] = {}
+        self.slots = [dict() for _ in self.windows]     # group -> slot -> prefix written
+        self.n = 0
+
+    @rule(data=st.data())
+    def admit(self, data):
+        base = data.draw(st.sampled_from([[1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5],
+                                          [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5]]))
+        cut = data.draw(st.integers(1, len(base)))
+        extra = data.draw(st.lists(st.integers(0, 3), max_size=12))
+        tokens = base[:cut] + extra
+        sid = f"s{self.n}"
+        self.n += 1
+        if not self.bm.can_allocate(tokens):
+            return
+        cached = self.bm.allocate(sid, tokens)
+        assert cached % BS == 0 and cached < len(tokens)
+        self.seqs[sid] = {"tokens": list(tokens), "computed": cached}
+        self._check_visible(sid, cached)
+
+    @rule(data=st.data())
+    def admit_loading(self, data):
+        """Admission with blocks after the prefix hits loaded from a lower KV tier (which
+        holds every prefix: its copies carry the right KV by construction)."""
+        tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5] + data.draw(
+            st.lists(st.integers(0, 3), min_size=1, max_size=20))
+        sid = f"s{self.n}"
+        self.n += 1
+        if not self.bm.can_allocate(tokens):
+            return
+        cached = self.bm.allocate(sid, tokens)
+        first = cached // BS
+        k = data.draw(st.integers(0, (len(tokens) - 1) // BS - first))
+        ids = self.bm.adopt(sid, k)
+        assert len(ids) <= k
+        for j, per_group in enumerate(ids):
+            i = first + j
+            for g, b in enumerate(per_group):
+                if b is None:
+                    assert self.windows[g]          # only a window group skips a block
+                    continue
+                for p in range(i * BS, (i + 1) * BS):
+                    self.slots[g][b * BS + p % BS] = tuple(tokens[:p + 1])
+        self.seqs[sid] = {"tokens": list(tokens), "computed": cached + len(ids) * BS}
+        self._check_visible(sid, cached + len(ids) * BS)
+
+    def _check_visible(self, sid, start):
+        """Every key a token at position >= start sees is the sequence's own KV."""
+        s = self.seqs[sid]
+        for g, w in enumerate(self.windows):
+            table = self.bm.block_table(sid, g)
+            for p in range(0 if not w else max(0, start - w + 1), start):
+                slot = table[p // BS] * BS + p % BS
+                assert table[p // BS] != NULL_BLOCK or not w, (g, p, "null block read")
+                assert self.slots[g].get(slot) == tuple(s["tokens"][:p + 1]), (g, p)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def step(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        s = self.seqs[sid]
+        if s["computed"] == len(s["tokens"]):           # decode: a new token first
+            s["tokens"].append(data.draw(st.integers(0, 3)))
+        start = s["computed"]
+        end = start + data.draw(st.integers(1, min(8, len(s["tokens"]) - start)))
+        self.bm.slide(sid, start)
+        if not self.bm.reserve(sid, end):
+            if start == s["computed"] and len(s["tokens"]) > end:
+                pass
+            self._free(sid)           # preempted
+            return
+        self._check_visible(sid, start)
+        for g, w in enumerate(self.windows):          # the step writes its tokens' KV
+            table = self.bm.block_table(sid, g)
+            for p in range(start, end):
+                b = table[p // BS]
+                assert b != NULL_BLOCK or not w
+                assert self.bm.pools[g].ref_count(b) == 1 or not self.bm.pools[g].is_cached(b) \
+                    or self.slots[g].get(b * BS + p % BS) == tuple(s["tokens"][:p + 1]), \
+                    "a step wrote into a shared cached block"
+                self.slots[g][b * BS + p % BS] = tuple(s["tokens"][:p + 1])
+        s["computed"] = end
+        self.bm.commit(sid, end, s["tokens"])
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Speculative rollback: tokens past k are dropped (and may come back different);
+        never below the cached blocks nor the last chunk's start."""
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        s = self.seqs[sid]
+        bm = self.bm
+        lo = max(bm.num_registered(sid) * BS, bm._seqs[sid].start)
+        hi = bm.num_tokens(sid)
+        if lo > hi:
+            return
+        k = data.draw(st.integers(lo, hi))
+        bm.truncate(sid, k)
+        s["tokens"] = s["tokens"][:k]
+        s["computed"] = min(s["computed"], k)
+
+    def _free(self, sid):
+        self.bm.free(sid)
+        del self.seqs[sid]
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def finish(self, data):
+        self._free(data.draw(st.sampled_from(sorted(self.seqs))))
+
+    @invariant()
+    def blocks_balance(self):
+        bm = self.bm
+        for g, (w, pool) in enumerate(zip(self.windows, bm.pools)):
+            owners = [0] * pool.num_blocks
+            for sid in self.seqs:
+                table = bm.block_table(sid, g)
+                real = [b for b in table if b != NULL_BLOCK or not w]
+                assert len(set(real)) == len(real), "a block twice in one table"
+                for b in real:
+                    owners[b] += 1
+            if w:
+                owners[NULL_BLOCK] = 1
+                assert pool.ref_count(NULL_BLOCK) == 1
+            free = pool.free_blocks()
+            assert len(set(free)) == len(free)
+            for b in range(pool.num_blocks):
+                assert pool.ref_count(b) == owners[b], (g, b)
+                assert (b in free) == (owners[b] == 0)
+                if owners[b] > 1:       # only prefix-cached (full, computed) blocks are shared
+                    assert pool.is_cached(b)
+            assert len(pool._cached) == len(pool._block_hash)
+
+    def teardown(self):
+        for sid in list(self.seqs):
+            self._free(sid)
+        for g, w in enumerate(self.windows):
+            assert self.bm.group_used_blocks(g) == 0, "leak"
+
+
+TestHybridMachine = HybridMachine.TestCase
+TestHybridMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_random_long_runs_match_window_arithmetic():
+    """Several sequences decoding far past their windows at once: each window group holds
+    exactly the blocks from each sequence's window start to its end."""
+    rng = random.Random(0)
+    W = 7
+    bm = HybridBlockManager(groups(0, W), [400, 60], BS, max_chunk=4)
+    seqs = {f"s{i}": [rng.randrange(50) for _ in range(rng.randrange(1, 20))] for i in range(4)}
+    done = {}
+    for sid, t in seqs.items():
+        done[sid] = bm.allocate(sid, t)
+    for _ in range(120):
+        for sid, t in seqs.items():
+            start = done[sid]
+            if start == len(t):
+                t.append(rng.randrange(50))
+            end = min(len(t), start + 4)
+            run(bm, sid, t, start, end)
+            done[sid] = end
+    want = sum(-(-done[s] // BS) - max(0, done[s] - 4 - W + 1) // BS for s in seqs)
+    # each sequence's last chunk started at most 4 tokens before its end
+    got = bm.group_used_blocks(1)
+    assert got <= want + len(seqs) and got <= len(seqs) * window_blocks(W, BS, 4)
+    for sid in seqs:
+        lo = max(0, (done[sid] - 1) - W + 1) // BS
+        assert all(b != NULL_BLOCK for b in bm.block_table(sid, 1)[lo:])
+
+
+def test_manifest_groups_old_artifacts_and_malformed_entries():
+    from types import SimpleNamespace
+
+    from braze.runtime.hybrid_cache import kv_groups_of
+    cache = SimpleNamespace(tensors={"k_cache.0": None, "v_cache.0": None, "k_cache.1": None,
+                                     "v_cache.1": None})
+    # an artifact compiled before the groups were recorded: one full-attention group
+    assert kv_groups_of({}, cache, "old") == [KVGroup(0, (0, 1))]
+    got = kv_groups_of({"kv_groups": [{"window": 0, "layers": [1]},
+                                      {"window": 8, "layers": [0]}]}, cache, "new")
+    assert got == [KVGroup(0, (1,)), KVGroup(8, (0,))]
+    for bad in ([], [{"window": -1, "layers": [0]}], [{"layers": [0]}], "x"):
+        with pytest.raises(BrazeError, match="kv_groups entry is malformed"):
+            kv_groups_of({"kv_groups": bad}, cache, "bad.braze")
+
+
+def test_adopt_fills_window_groups_only_inside_the_window():
+    """Blocks loaded from a lower KV tier: a full group takes each, a window group only
+    those the first token left to compute sees; all enter the prefix caches."""
+    bm = HybridBlockManager(groups(0, 5), [64, 20], BS, max_chunk=8)
+    t = list(range(30))
+    assert bm.allocate("a", t) == 0
+    ids = bm.adopt("a", 6)                  # positions 0..23 loaded; next token 24
+    lo = (24 - 5 + 1) // BS                 # = 5: the window group needs block 5 only
+    assert [i[1] for i in ids] == [None] * lo + [bm.block_table("a", 1)[5]]
+    assert all(i[0] is not None for i in ids)
+    assert bm.block_table("a", 1)[:lo] == [NULL_BLOCK] * lo
+    assert bm.group_used_blocks(1) == 1
+    assert bm.reserve("a", 30)
+    bm.free("a")
+    assert bm.cached_prefix_blocks(t) == 6     # block 5 of the window group serves the hit
+    with pytest.raises(BrazeError, match="at least one token"):
+        bm.allocate("b", t[:8])
+        bm.adopt("b", 2)
+
+
+def test_adopt_takes_fewer_blocks_when_a_window_pool_is_short():
+    bm = HybridBlockManager(groups(0, 9), [64, 4], BS, max_chunk=8)
+    t = list(range(100))
+    assert bm.can_allocate(t)           # room for a first chunk (2 blocks) from the start
+    bm.allocate("a", t)
+    ids = bm.adopt("a", 14)
+    # 3 window blocks allocatable: after 14 loaded blocks the window of the next token
+    # (3 blocks) and a chunk (2) do not fit, so fewer are adopted, leaving room for a chunk
+    assert 0 < len(ids) < 14
+    end = len(ids)
+    assert bm.reserve("a", end * BS + 8)
+
+
+def test_async_order_releases_window_blocks_only_once_committed():
+    """With async scheduling the next chunk is scheduled (slide) before the step before it
+    is committed: its blocks are released only after the commit, so they reach the prefix
+    cache (and KV offload) first."""
+    bm = HybridBlockManager(groups(0, 5), [64, 30], BS, max_chunk=8)
+    t = list(range(40))
+    bm.allocate("a", t)
+    assert bm.reserve("a", 8)               # step 1: tokens 0..7
+    bm.slide("a", 8)                        # step 2 scheduled before step 1 is committed
+    assert bm.reserve("a", 16)
+    assert bm.block_table("a", 1)[0] != NULL_BLOCK      # not committed: kept
+    bm.commit("a", 8, t)                    # step 1 done
+    bm.slide("a", 16)                       # step 3 scheduled; step 2 not committed yet
+    lo = (16 - 5 + 1) // BS                 # 3, but only blocks 0, 1 are committed
+    assert bm.block_table("a", 1)[:2] == [NULL_BLOCK] * 2
+    assert bm.block_table("a", 1)[2] != NULL_BLOCK and lo == 3
+    pool = bm.pools[1]
+    assert len(pool._cached_free) == 2      # released blocks are in the prefix cache
+    bm.commit("a", 16, t)
+    bm.slide("a", 16)
+    assert bm.block_table("a", 1)[:3] == [NULL_BLOCK] * 3
