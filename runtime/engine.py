@@ -300,6 +300,8 @@ class Engine(EngineLoRA):
                 if c.request.metrics.first_scheduled_time is None:
                     c.request.metrics.first_scheduled_time = t
             result = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only)
+            if self.spec is not None:
+                self.spec.observe(sched.chunks)
             for c in sched.chunks:
                 if c.samples:
                     c.request.num_pending += 1

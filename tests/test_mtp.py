@@ -1,0 +1,280 @@
+"""Speculative method `mtp`: DeepSeek-V3's next-n layer compiled as the artifact's second
+graph (braze/compile_mtp.py) and run as the proposer (runtime/mtp_proposer.py).
+
+- the MTP graph's logits and hidden states equal a reference built from the published
+  formula (DeepSeek-V3 report, section 2.2: concat(enorm(emb), hnorm(h)) -> eh_proj ->
+  decoder layer -> shared_head norm -> LM head) with transformers' own DeepSeek-V3
+  decoder layer for the layer itself, same random weights, float32, 1e-4; over a prompt
+  computed in two chunks (the MTP's own latent cache);
+- greedy output with mtp equals greedy output without, token for token, k = 1 and 3, at
+  -O0 and -O2; seeded sampling too;
+- with an MTP layer that guesses well (built below), guesses are accepted and counted per
+  position, and rejections are rolled back: the MTP's proposal after each step equals
+  the one computed from scratch on a fresh cache (stale KV of rejected tokens or of the
+  layer's own chained hidden states would change it);
+- the errors: an artifact without an MTP graph, Gemma 4's assistant model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from braze.ir.contract import SeqChunk, build_step
+from braze.ir.errors import BrazeError
+from braze.runtime.engine import Engine
+from braze.runtime.sampler import SamplingParams
+
+from conftest import prompts_of, run_all
+from mtp_helpers import with_mtp_layer
+
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def dsm(tmp_path_factory):
+    """(checkpoint with an MTP layer, {opt_level: artifact}, checkpoint without)."""
+    import braze
+    from braze.tiny import make_checkpoint
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("dsv3mtp")
+    with contextlib.redirect_stderr(io.StringIO()):
+        base = make_checkpoint("deepseek_v3", d / "base", seed=1)
+    with_mtp_layer(base, d / "m")
+    arts = {}
+    for opt in (0, 2):
+        arts[opt] = d / f"a{opt}"
+        extra = {"max_num_seqs": 16, "max_logits_rows": 64} if opt == 2 else {}
+        braze.compile(d / "m", arts[opt], opt_level=opt, targets="", dtype="float32", **extra)
+    braze.compile(base, d / "plain", opt_level=0, targets="", dtype="float32")
+    return d / "m", arts, d / "plain"
+
+
+# ------------------------------------------------------------------ the graph vs torch
+
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def reference_mtp(ckpt, tokens_next, positions, hidden):
+    """The MTP layer from the formula, for one sequence from position 0 with no cache:
+    transformers' DeepseekV3DecoderLayer (index num_hidden_layers, built with a config of
+    one more layer so the checkpoint's layer-N tensors load into it) for the layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(ckpt)
+    n, eps = cfg.num_hidden_layers, cfg.rms_norm_eps
+    cfg.num_hidden_layers = n + 1
+    cfg._attn_implementation = "eager"
+    with contextlib.redirect_stderr(io.StringIO()):
+        hf = AutoModelForCausalLM.from_pretrained(ckpt, config=cfg, dtype=torch.float32).eval()
+    w = load_file(ckpt / "model.safetensors")
+    p = f"model.layers.{n}."
+    ids = torch.tensor(tokens_next)[None]
+    with torch.no_grad():
+        e = _rms(hf.model.embed_tokens(ids), w[p + "enorm.weight"], eps)
+        h = _rms(hidden[None], w[p + "hnorm.weight"], eps)
+        x = torch.cat((e, h), -1) @ w[p + "eh_proj.weight"].T
+        pos = torch.tensor(positions)[None]
+        cos_sin = hf.model.rotary_emb(x, pos)
+        T = x.shape[1]
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        y = hf.model.layers[n](x, attention_mask=mask, position_ids=pos,
+                               position_embeddings=cos_sin)
+        y = y[0] if isinstance(y, tuple) else y
+        logits = hf.lm_head(_rms(y, w[p + "shared_head.norm.weight"], eps))
+    return logits[0], y[0]
+
+
+@pytest.mark.parametrize("opt", [0, 2])
+def test_mtp_graph_matches_the_published_formula(dsm, opt):
+    from braze.ir.interpreter import Interpreter
+    from braze.runtime import Executor, open_artifact
+    from braze.runtime.kv_cache import KVCache
+    from braze.runtime.mtp_proposer import load_mtp
+    ckpt, arts, _ = dsm
+    art = open_artifact(arts[opt])
+    ex = Executor(art, num_blocks=4)
+    graph, params, hidden_name = load_mtp(art, ex.params, "cpu")
+    # shared, not copied: the very tensors of the main graph
+    assert params["model.embed_tokens.weight"] is ex.params["model.embed_tokens.weight"]
+    assert params["lm_head.weight"] is ex.params["lm_head.weight"]
+    cache = KVCache(graph, 4)
+    g = torch.Generator().manual_seed(3)
+    n = 21
+    tokens = torch.randint(0, 256, (n,), generator=g).tolist()
+    hidden = torch.randn(n, 64, generator=g)
+    interp = Interpreter(graph)
+    logits, ys = [], []
+    for lo, hi in ((0, 13), (13, n)):          # two chunks: the second reads the first's KV
+        feeds = build_step([SeqChunk(tokens[lo:hi], lo, [2, 0])], ex.block_size)
+        feeds[hidden_name] = hidden[lo:hi]
+        feeds.update(cache.tensors)
+        out = interp.run(feeds, params)
+        logits.append(out["logits"])
+        ys.append(out["hidden_states"])
+    want_logits, want_y = reference_mtp(ckpt, tokens, list(range(n)), hidden)
+    torch.testing.assert_close(torch.cat(logits), want_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(ys), want_y, atol=1e-4, rtol=1e-4)
+
+
+def test_artifact_ships_the_mtp_graph_without_duplicate_weights(dsm):
+    _, arts, _ = dsm
+    m = json.loads((arts[0] / "manifest.json").read_text())["mtp"]
+    assert m["graph"] == "mtp.bir" and m["shared"] == ["lm_head.weight",
+                                                        "model.embed_tokens.weight"]
+    own = {}
+    for f in m["files"]:
+        own.update(load_file(arts[0] / f))
+    assert not any(k.endswith(("embed_tokens.weight", "shared_head.head.weight", "lm_head.weight"))
+                   for k in own)
+    assert own["model.layers.2.mlp.gate.weight"].dtype == torch.float32
+    graph = (arts[0] / "graph.bir").read_text()
+    assert "hidden_states=" in graph.splitlines()[-2] or "hidden_states=" in graph
+
+
+# ------------------------------------------------------------------ exactness
+
+@pytest.mark.parametrize("opt,k", [(0, 1), (0, 3), (2, 2)])
+def test_greedy_output_identical_with_mtp(dsm, opt, k):
+    _, arts, _ = dsm
+    prompts = prompts_of([5, 13, 30, 9], seed=3)
+    base = run_all(Engine(arts[opt], backend="reference"), prompts, GREEDY)
+    eng = Engine(arts[opt], backend="reference",
+                 speculative={"method": "mtp", "num_speculative_tokens": k})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+    s = eng.stats()
+    assert s["spec_decode_method"] == "mtp" and s["spec_decode_num_drafts"] > 0
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+    assert not eng.spec.proposer.states           # finished requests leave no MTP state
+
+
+def test_seeded_sampling_identical_with_mtp(dsm):
+    _, arts, _ = dsm
+    prompts = prompts_of([7, 12], seed=5)
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=s, ignore_eos=True)
+              for s in (1, 2)]
+    base = run_all(Engine(arts[0], backend="reference"), prompts, params)
+    got = run_all(Engine(arts[0], backend="reference",
+                         speculative={"method": "mtp", "num_speculative_tokens": 2}),
+                  prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+
+
+# ------------------------------------------------------------------ acceptance, rollback
+
+def _guessing_checkpoint(src, dst, mix: float):
+    """An MTP layer that guesses the target well: the target's layers are scaled down
+    (their outputs by `mix`), so its next token depends mostly on the current one; the
+    MTP layer passes enorm(embed(t+1)) through (eh_proj = [I, 0], its decoder layer's
+    output projections zero) to the LM head with the target's final norm weight: it
+    predicts what the target would from token t+1 alone. Right most of the time, not
+    always: accepted and rejected guesses both happen."""
+    import shutil
+    shutil.copytree(src, dst)
+    w = load_file(dst / "model.safetensors")
+    cfg = json.loads((dst / "config.json").read_text())
+    n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    p = f"model.layers.{n}."
+    for k in list(w):
+        if k.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) or \
+                ".down_proj." in k:
+            w[k] = w[k] * (0.0 if k.startswith(p) else mix)
+    w[p + "eh_proj.weight"] = torch.cat((torch.eye(h), torch.zeros(h, h)), 1)
+    w[p + "enorm.weight"] = w["model.norm.weight"].clone()
+    w[p + "shared_head.norm.weight"] = torch.ones(h)
+    save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def guessing(dsm, tmp_path_factory):
+    import braze
+    d = tmp_path_factory.mktemp("guess")
+    ckpt = _guessing_checkpoint(dsm[0], d / "m", mix=0.03)
+    braze.compile(ckpt, d / "a", opt_level=0, targets="", dtype="float32")
+    return d / "a"
+
+
+def test_acceptance_counted_per_position(guessing):
+    prompts = prompts_of([6, 11, 17], seed=8)
+    base = run_all(Engine(guessing, backend="reference"), prompts, GREEDY)
+    eng = Engine(guessing, backend="reference",
+                 speculative={"method": "mtp", "num_speculative_tokens": 3})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+    s = eng.stats()
+    acc, prop = s["spec_decode_accepted_per_position"], s["spec_decode_proposed_per_position"]
+    assert sum(acc) == s["spec_decode_num_accepted_tokens"] > 0
+    assert sum(prop) == s["spec_decode_num_draft_tokens"]
+    assert s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]  # rejections
+    assert all(a <= p for a, p in zip(acc, prop)) and acc[0] >= acc[-1]
+    # fewer steps than tokens: accepted guesses came out several per step
+    assert s["steps"] < sum(len(o.token_ids) for o in got)
+    assert s["kv_blocks_free"] == s["kv_blocks_total"]
+
+
+def test_rejected_guesses_are_rolled_back_in_the_mtp_cache(guessing):
+    """Before every step, the MTP's first guess (its logits) equals the one computed from
+    scratch: the main graph's hidden states of the whole sequence, then the MTP layer
+    over it on a fresh cache. KV left from rejected tokens, or from the chained guesses
+    (written from the layer's own hidden state), would make them differ."""
+    from braze.ir.interpreter import Interpreter
+    from braze.runtime import Executor, open_artifact
+    from braze.runtime.kv_cache import KVCache
+    from braze.runtime.mtp_proposer import load_mtp
+    eng = Engine(guessing, backend="reference",
+                 speculative={"method": "mtp", "num_speculative_tokens": 3})
+    prop = eng.spec.proposer
+    eng.add_request("r", prompts_of([9], seed=11)[0],
+                    SamplingParams(max_tokens=20, ignore_eos=True))
+    req = eng.requests["r"]
+    seen, run = [], prop._run
+
+    def spy(tokens, positions, hidden, seqs):
+        logits, h = run(tokens, positions, hidden, seqs)
+        if positions[-1] == len(req.all_token_ids) - 2:      # the catch-up call
+            seen.append((list(req.all_token_ids), logits[0].clone()))
+        return logits, h
+    prop._run = spy
+    eng.run_to_completion(["r"])
+    art = open_artifact(guessing)
+    ex = Executor(art, num_blocks=8)
+    graph, params, hidden_name = load_mtp(art, ex.params, "cpu")
+    interp = Interpreter(graph)
+    blocks = [0, 1, 2, 3]
+    for toks, logits in seen:
+        L = len(toks)
+        feeds = build_step([SeqChunk(toks[:L - 1], 0, blocks)], ex.block_size)
+        h = ex.interpreter.run({**feeds, **ex.cache.tensors}, ex.params)["hidden_states"]
+        mf = build_step([SeqChunk(toks[1:L], 0, blocks)], ex.block_size)
+        mf[hidden_name] = h
+        mf.update(KVCache(graph, 8).tensors)
+        want = interp.run(mf, params)["logits"][-1]
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    assert len(seen) >= 4
+    s = eng.stats()
+    assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
+
+
+# ------------------------------------------------------------------ errors
+
+def test_artifact_without_mtp_graph_is_a_clear_error(dsm):
+    _, _, plain = dsm
+    with pytest.raises(BrazeError, match="multi-token-prediction graph.*num_nextn_predict_layers"):
+        Engine(plain, backend="reference",
+               speculative={"method": "mtp", "num_speculative_tokens": 1})
+
+
+def test_gemma4_assistant_is_refused_clearly():
+    from types import SimpleNamespace
+    from braze.runtime.mtp_proposer import load_mtp
+    art = SimpleNamespace(manifest={"model": {"family": "gemma4"}}, root="g4",
+                          model={"family": "gemma4"})
+    with pytest.raises(BrazeError, match="Gemma4AssistantForCausalLM.*not supported yet"):
+        load_mtp(art, {}, "cpu")
