@@ -278,3 +278,25 @@ def test_gemma4_assistant_is_refused_clearly():
                           model={"family": "gemma4"})
     with pytest.raises(BrazeError, match="Gemma4AssistantForCausalLM.*not supported yet"):
         load_mtp(art, {}, "cpu")
+
+
+def test_kernel_plan_gives_the_mtp_the_same_hidden_states(dsm, tmp_path):
+    """-O2 through the Triton kernels (interpret backend): the main graph's hidden-state
+    output the MTP reads comes from the launch plan's static buffers; the guesses, their
+    acceptance and the output equal the reference backend's."""
+    import braze
+    ckpt = _guessing_checkpoint(dsm[0], tmp_path / "m", mix=0.03)
+    art = tmp_path / "a"
+    braze.compile(ckpt, art, opt_level=2, targets="", dtype="float32", max_num_seqs=4,
+                  max_logits_rows=16, max_num_tokens=64)
+    spec = {"method": "mtp", "num_speculative_tokens": 2}
+    prompts = prompts_of([6, 11], seed=8)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    runs = []
+    for backend in ("reference", "interpret"):
+        eng = Engine(art, backend=backend, cudagraph_mode="none", speculative=spec)
+        out = run_all(eng, prompts, params)
+        s = eng.stats()
+        runs.append(([o.token_ids for o in out], s["spec_decode_accepted_per_position"],
+                     s["spec_decode_proposed_per_position"]))
+    assert runs[0] == runs[1] and sum(runs[0][1]) > 0
