@@ -13,10 +13,11 @@ Flow per request (state `_MTPState`):
     computed are kept (rows of the main graph's `hidden_states` output); a drafted
     step's rows past the accepted guesses are dropped at the next observe, which starts
     at the first position not accepted;
-  - before a step (`propose`), the MTP layer computes its KV for every position t whose
-    h_t and token t+1 are known and that it has not computed yet (`done` .. L-2, L the
-    request's token count): one varlen call for all requests; the last row's greedy
-    token is the first guess d_1;
+  - the MTP layer computes its KV for every position t whose h_t and token t+1 are
+    known and that it has not computed yet: right after a prompt chunk (all but its last
+    position know their next token; so a long prompt's rows are never all held), and
+    before a step (`propose`) up to L-2 (L the request's token count): one varlen call
+    for all requests; the last row's greedy token is the first guess d_1;
   - guesses 2..k chain the layer on itself: position L-1 with token d_1 and, in place
     of the main model's h (not known yet), the MTP layer's own output hidden state.
     Those positions' MTP KV is written where the rows' blocks will be (or a scratch
@@ -152,7 +153,7 @@ class MTPProposer:
         hidden = None if outs is None else outs.get("hidden_states")
         if hidden is None:
             return
-        off = 0
+        off, ready = 0, []
         for c in chunks:
             n, req = c.num_new, c.request
             if could_speculate(req):
@@ -168,7 +169,14 @@ class MTPProposer:
                     st.hid = torch.cat((st.hid[:start - st.hid_start], rows))
                     st.done = min(st.done, start)
                 st.last = None
+                # a prompt chunk: its positions but the last already know their next
+                # token; compute their MTP KV now rather than keep their rows
+                upto = min(st.hid_start + len(st.hid), len(req.all_token_ids) - 1)
+                if upto > st.done >= st.hid_start:
+                    ready.append((req, st, upto))
             off += n
+        if ready:
+            self._catch_up(ready)
 
     def forget(self, req) -> None:
         self.states.pop(req.request_id, None)
@@ -207,6 +215,23 @@ class MTPProposer:
         last = last.to(dev)
         return out["logits"].index_select(0, last), out["hidden_states"].index_select(0, last)
 
+    def _catch_up(self, items):
+        """items: (request, state, upto): compute the MTP KV of positions state.done ..
+        upto - 1 (their h and next token known), in one call. Returns the logits and
+        hidden states of each item's last position."""
+        bm = self.engine.block_manager
+        tokens, positions, hidden, seqs = [], [], [], []
+        for r, st, upto in items:
+            tokens += r.all_token_ids[st.done + 1:upto + 1]
+            positions += range(st.done, upto)
+            hidden.append(st.hid[st.done - st.hid_start:upto - st.hid_start])
+            seqs.append((len(tokens), upto - st.done, upto, bm.block_table(r.request_id)))
+        logits, h = self._run(tokens, positions, torch.cat(hidden), seqs)
+        for r, st, upto in items:
+            st.hid = st.hid[upto - st.hid_start:]          # the rows still to consume
+            st.hid_start = st.done = upto
+        return logits, h
+
     def propose(self, reqs: list, budgets: list[int]) -> list[list[int]]:
         bm = self.engine.block_manager
         out = {id(r): [] for r in reqs}
@@ -225,18 +250,8 @@ class MTPProposer:
         if not live:
             return [out[id(r)] for r in reqs]
         # catch up: the MTP KV of every position with h and the next token known
-        tokens, positions, hidden, seqs = [], [], [], []
-        for r, b, st, L in live:
-            ids = r.all_token_ids
-            tokens += ids[st.done + 1:L]
-            positions += range(st.done, L - 1)
-            hidden.append(st.hid[st.done - st.hid_start:L - 1 - st.hid_start])
-            seqs.append((len(tokens), L - 1 - st.done, L - 1, bm.block_table(r.request_id)))
-        logits, h = self._run(tokens, positions, torch.cat(hidden), seqs)
-        guess = logits.argmax(dim=-1).tolist()
-        for (r, b, st, L), g in zip(live, guess):
-            st.hid = st.hid[L - 1 - st.hid_start:]          # the rows still to consume
-            st.hid_start = st.done = L - 1
+        logits, h = self._catch_up([(r, st, L - 1) for r, b, st, L in live])
+        for (r, b, st, L), g in zip(live, logits.argmax(dim=-1).tolist()):
             if self.vocab and g >= self.vocab:          # a padded vocabulary's id: no guess
                 continue
             out[id(r)].append(g)

@@ -23,6 +23,7 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 from braze.ir.contract import SeqChunk, build_step
@@ -300,3 +301,51 @@ def test_kernel_plan_gives_the_mtp_the_same_hidden_states(dsm, tmp_path):
         runs.append(([o.token_ids for o in out], s["spec_decode_accepted_per_position"],
                      s["spec_decode_proposed_per_position"]))
     assert runs[0] == runs[1] and sum(runs[0][1]) > 0
+
+
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_mixed_requests_chunks_prefix_cache_aborts_and_preemption(guessing, data):
+    """MTP-speculating and plain requests (logprobs make one plain), prompts sharing a
+    prefix (prefix-cache hits), chunked prefill, random aborts and a cache small enough
+    to preempt: every request not aborted gets the plain engine's tokens; no KV block,
+    batch row or MTP state leaks."""
+    n = data.draw(st.integers(2, 5), label="requests")
+    shared = prompts_of([16], seed=21)[0]
+    prompts = [(shared if data.draw(st.booleans(), label="shared prefix") else [])
+               + prompts_of([data.draw(st.integers(3, 20), label="len")], seed=s)[0]
+               for s in range(n)]
+    params = [SamplingParams(max_tokens=data.draw(st.integers(3, 20), label="max_tokens"),
+                             ignore_eos=True,
+                             logprobs=1 if data.draw(st.integers(0, 3), label="plain") == 0
+                             else None)
+              for _ in range(n)]
+    aborts = {i: data.draw(st.integers(1, 6), label="abort after") for i in range(n)
+              if data.draw(st.integers(0, 3), label="abort?") == 0}
+    blocks = data.draw(st.sampled_from([6, 9, 64]), label="num_kv_blocks")
+    k = data.draw(st.integers(1, 3), label="k")
+    plain = run_all(Engine(guessing, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(guessing, backend="reference", num_kv_blocks=blocks, max_num_tokens=24,
+                 max_num_seqs=4,
+                 speculative={"method": "mtp", "num_speculative_tokens": k})
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", p, sp)
+    final, step = {}, 0
+    while eng.has_unfinished():
+        step += 1
+        for i, after in aborts.items():
+            if after == step:
+                eng.abort_request(f"r{i}")
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    for i, want in enumerate(plain):
+        got = final[f"r{i}"]
+        if got.finish_reason == "abort":
+            assert got.token_ids == want.token_ids[:len(got.token_ids)]
+        else:
+            assert got.token_ids == want.token_ids
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+    assert not eng.spec.proposer.states
