@@ -143,7 +143,7 @@ def test_mtp_weights_are_recognised_and_shipped(ds, tmp_path):
     import braze
     from safetensors.torch import load_file
     from braze.runtime import Executor, open_artifact
-    from mtp_helpers import with_mtp_layer
+    from braze.tiny_mtp import with_mtp_layer
     src = ds.checkpoint("dsv3")
     extra = with_mtp_layer(src, tmp_path / "m")
     logs = []
@@ -173,7 +173,7 @@ def test_mtp_weights_are_recognised_and_shipped(ds, tmp_path):
 def test_undeclared_extra_layer_is_a_clear_error(ds, tmp_path):
     import braze
     from braze.ir.errors import BrazeError
-    from mtp_helpers import with_mtp_layer
+    from braze.tiny_mtp import with_mtp_layer
     with_mtp_layer(ds.checkpoint("dsv3"), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 0

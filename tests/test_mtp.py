@@ -24,7 +24,7 @@ import json
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from braze.ir.contract import SeqChunk, build_step
 from braze.ir.errors import BrazeError
@@ -32,7 +32,7 @@ from braze.runtime.engine import Engine
 from braze.runtime.sampler import SamplingParams
 
 from conftest import prompts_of, run_all
-from mtp_helpers import with_mtp_layer
+from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
 
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
@@ -169,35 +169,11 @@ def test_seeded_sampling_identical_with_mtp(dsm):
 
 # ------------------------------------------------------------------ acceptance, rollback
 
-def _guessing_checkpoint(src, dst, mix: float):
-    """An MTP layer that guesses the target well: the target's layers are scaled down
-    (their outputs by `mix`), so its next token depends mostly on the current one; the
-    MTP layer passes enorm(embed(t+1)) through (eh_proj = [I, 0], its decoder layer's
-    output projections zero) to the LM head with the target's final norm weight: it
-    predicts what the target would from token t+1 alone. Right most of the time, not
-    always: accepted and rejected guesses both happen."""
-    import shutil
-    shutil.copytree(src, dst)
-    w = load_file(dst / "model.safetensors")
-    cfg = json.loads((dst / "config.json").read_text())
-    n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
-    p = f"model.layers.{n}."
-    for k in list(w):
-        if k.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) or \
-                ".down_proj." in k:
-            w[k] = w[k] * (0.0 if k.startswith(p) else mix)
-    w[p + "eh_proj.weight"] = torch.cat((torch.eye(h), torch.zeros(h, h)), 1)
-    w[p + "enorm.weight"] = w["model.norm.weight"].clone()
-    w[p + "shared_head.norm.weight"] = torch.ones(h)
-    save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def guessing(dsm, tmp_path_factory):
     import braze
     d = tmp_path_factory.mktemp("guess")
-    ckpt = _guessing_checkpoint(dsm[0], d / "m", mix=0.03)
+    ckpt = guessing_mtp_checkpoint(dsm[0], d / "m", mix=0.03)
     braze.compile(ckpt, d / "a", opt_level=0, targets="", dtype="float32")
     return d / "a"
 
@@ -286,7 +262,7 @@ def test_kernel_plan_gives_the_mtp_the_same_hidden_states(dsm, tmp_path):
     output the MTP reads comes from the launch plan's static buffers; the guesses, their
     acceptance and the output equal the reference backend's."""
     import braze
-    ckpt = _guessing_checkpoint(dsm[0], tmp_path / "m", mix=0.03)
+    ckpt = guessing_mtp_checkpoint(dsm[0], tmp_path / "m", mix=0.03)
     art = tmp_path / "a"
     braze.compile(ckpt, art, opt_level=2, targets="", dtype="float32", max_num_seqs=4,
                   max_logits_rows=16, max_num_tokens=64)

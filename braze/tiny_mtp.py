@@ -1,7 +1,7 @@
-"""A tiny DeepSeek-V3 checkpoint with one complete MTP layer, named as DeepSeek's
-checkpoints name it (`model.layers.{num_hidden_layers}.*`), and the MTP layer's math in
-plain torch from the published formula (DeepSeek-V3 report, section 2.2), independent
-of braze's models/ and IR."""
+"""Tiny DeepSeek-V3 checkpoints with one complete multi-token-prediction layer, named as
+DeepSeek's checkpoints name it (`model.layers.{num_hidden_layers}.*`): a random one, and
+one built to guess its target well (for acceptance and rollback tests and benchmarks).
+Used by tests/test_mtp.py and benchmarks/speculative.py."""
 
 from __future__ import annotations
 
@@ -44,3 +44,26 @@ def with_mtp_layer(src, dst, seed: int = 7, scale: float = 1.0) -> dict:
                 extra[name] = scale * v.std() * torch.randn(v.shape, generator=g)
     save_file({**weights, **extra}, dst / "model.safetensors", metadata={"format": "pt"})
     return extra
+
+
+def guessing_mtp_checkpoint(src, dst, mix: float = 0.03):
+    """An MTP layer that guesses the target well: the target's layers are scaled down
+    (their outputs by `mix`), so its next token depends mostly on the current one; the
+    MTP layer passes enorm(embed(t+1)) through (eh_proj = [I, 0], its decoder layer's
+    output projections zero) to the LM head with the target's final norm weight: it
+    predicts what the target would from token t+1 alone. Right most of the time, not
+    always: accepted and rejected guesses both happen."""
+    shutil.copytree(src, dst)
+    w = load_file(dst / "model.safetensors")
+    cfg = json.loads((dst / "config.json").read_text())
+    n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
+    p = f"model.layers.{n}."
+    for k in list(w):
+        if k.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) or \
+                ".down_proj." in k:
+            w[k] = w[k] * (0.0 if k.startswith(p) else mix)
+    w[p + "eh_proj.weight"] = torch.cat((torch.eye(h), torch.zeros(h, h)), 1)
+    w[p + "enorm.weight"] = w["model.norm.weight"].clone()
+    w[p + "shared_head.norm.weight"] = torch.ones(h)
+    save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
