@@ -1,11 +1,12 @@
-"""Multi-token-prediction (MTP) weights of a checkpoint: recognised and kept, not dropped.
+"""Multi-token-prediction (MTP) layers of a checkpoint: recognised, traced, not dropped.
 
 DeepSeek-V3 checkpoints carry `num_nextn_predict_layers` extra layers after the
 `num_hidden_layers` decoder layers, under the next layer indices
 (`model.layers.61.*` for the 61-layer model): an embedding, `enorm`, `hnorm`, `eh_proj`,
-a full decoder layer and a `shared_head`. The main model does not run them; a speculative
-decoder's draft does. braze compiles the main model and ships these tensors beside it
-(codegen/mtp_writer.py), named as in the checkpoint, for a later MTP proposer.
+a full decoder layer and a `shared_head`. The main model does not run them; the `mtp`
+speculative method does: `trace_mtp` traces the first one (models/deepseek_mtp.py) into
+a second graph with one more input, the main model's hidden states; braze/compile_mtp.py
+optimises it and codegen/mtp_writer.py writes it beside the main graph.
 """
 
 from __future__ import annotations
