@@ -325,3 +325,24 @@ def test_mixed_requests_chunks_prefix_cache_aborts_and_preemption(guessing, data
     assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
     assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
     assert not eng.spec.proposer.states
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["none", "piecewise"])
+def test_cuda_backend_mtp_equals_plain(dsm, tmp_path, mode):
+    """On a GPU, -O2 float16 through the kernels and (piecewise) CUDA graphs: the main
+    graph's hidden-state output the MTP reads is a captured static buffer; greedy output
+    with mtp equals plain greedy, and the aligned MTP layer's guesses are accepted."""
+    import braze
+    ckpt = guessing_mtp_checkpoint(dsm[0], tmp_path / "m", mix=0.03)
+    art = tmp_path / "a"
+    braze.compile(ckpt, art, opt_level=2, dtype="float16", max_num_seqs=8,
+                  max_logits_rows=32, max_num_tokens=128)
+    prompts = prompts_of([6, 11, 17], seed=8)
+    base = run_all(Engine(art, backend="cuda", cudagraph_mode=mode), prompts, GREEDY)
+    eng = Engine(art, backend="cuda", cudagraph_mode=mode,
+                 speculative={"method": "mtp", "num_speculative_tokens": 3})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
