@@ -20,16 +20,23 @@ MTP_PASSES = {0: [], 1: ["canonicalize"],
 
 def prepare_mtp(loaded, opts, main_graph, log):
     """-> (MTPGraph, its weight loader), or (None, None) when there is no MTP layer to
-    compile (none in the checkpoint, or a tensor-parallel artifact: then its tensors
-    ship as they are and the runtime refuses method 'mtp')."""
+    compile (none in the checkpoint; an incomplete one, or a tensor-parallel artifact:
+    then its tensors ship as they are and the runtime refuses method 'mtp')."""
     if not loaded.mtp:
         return None, None
     if opts.tensor_parallel_size > 1:
         log("MTP: not compiled into a graph for a tensor-parallel artifact (its shared LM "
             "head is sharded); the layer's tensors ship as they are")
         return None, None
+    from braze.ir.errors import BrazeError
     from .compiler import materialize
-    mtp = trace_mtp(loaded, opts.block_size, log=log)
+    try:
+        mtp = trace_mtp(loaded, opts.block_size, log=log)
+    except BrazeError as e:
+        # the main model is fine: compile it, and say why method 'mtp' will be refused
+        log(f"note: {e}; the MTP layer is not compiled (speculative method 'mtp' will be "
+            f"refused), its tensors ship as they are")
+        return None, None
     graph = mtp.graph
     verify(graph)
     names = MTP_PASSES[min(opts.opt_level, 2)]

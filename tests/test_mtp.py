@@ -346,3 +346,24 @@ def test_cuda_backend_mtp_equals_plain(dsm, tmp_path, mode):
     got = run_all(eng, prompts, GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in base]
     assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_incomplete_mtp_layer_compiles_the_model_and_says_why_mtp_is_refused(dsm, tmp_path):
+    import shutil
+    import braze
+    ckpt = tmp_path / "m"
+    shutil.copytree(dsm[0], ckpt)
+    w = load_file(ckpt / "model.safetensors")
+    del w["model.layers.2.eh_proj.weight"]
+    from safetensors.torch import save_file
+    save_file(w, ckpt / "model.safetensors", metadata={"format": "pt"})
+    logs = []
+    braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", dtype="float32",
+                  log=logs.append)
+    assert any("MTP layer 2" in ln and "eh_proj" in ln and "not compiled" in ln for ln in logs)
+    assert "graph" not in json.loads((tmp_path / "a" / "manifest.json").read_text())["mtp"]
+    out = run_all(Engine(tmp_path / "a", backend="reference"), prompts_of([5]), GREEDY)
+    assert len(out[0].token_ids) == GREEDY.max_tokens
+    with pytest.raises(BrazeError, match="has none"):
+        Engine(tmp_path / "a", backend="reference",
+               speculative={"method": "mtp", "num_speculative_tokens": 1})
