@@ -367,3 +367,16 @@ def test_incomplete_mtp_layer_compiles_the_model_and_says_why_mtp_is_refused(dsm
     with pytest.raises(BrazeError, match="has none"):
         Engine(tmp_path / "a", backend="reference",
                speculative={"method": "mtp", "num_speculative_tokens": 1})
+
+
+def test_cli_generate_with_mtp_equals_plain(dsm):
+    from cli_helpers import run
+    _, arts, _ = dsm
+    common = ["generate", arts[0], "--prompt-ids", "1,5,9,33,7,2", "--max-tokens", "10",
+              "--backend", "reference", "--json", "--ignore-eos", "--num-kv-blocks", "16"]
+    code, plain, err = run(*common)
+    assert code == 0, err
+    code, spec, err = run(*common, "--speculative",
+                          '{"method": "mtp", "num_speculative_tokens": 2}')
+    assert code == 0, err
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
