@@ -10,11 +10,20 @@ with a random target), not a forecast for trained ones; what the figures show is
 verified token costs against a plain decode step, and that outputs stay identical (each
 run is checked against plain decoding, token for token).
 
+With --family deepseek_v3 the target is braze.tiny's DeepSeek-V3 (MLA, grouped MoE,
+hidden 64, 2 layers, vocab 256) with one multi-token-prediction layer in its checkpoint
+(braze/tiny_mtp.py), and the methods are none, ngram and mtp: "mtp" with a random MTP
+layer (it guesses as well as chance), "mtp-aligned" on a second target whose MTP layer
+is built to guess it well (its layers scaled down by --aligned-mix so its next token
+depends mostly on the current one; the MTP layer predicts from that token alone). The
+aligned pair shows what accepted MTP guesses do to steps; neither is a trained model.
+
 Prompts: "repetitive" repeats a 6-token unit to --prompt-len tokens; "random" is
 uniform random ids. --batch requests per run, greedy, --max-tokens each, ignore_eos.
 
     python benchmarks/speculative.py                           # reference backend, CPU
     python benchmarks/speculative.py --backend cuda --batch 1 16 --hidden 2048 --layers 16
+    python benchmarks/speculative.py --family deepseek_v3 --k 1 3   # the mtp method
 """
 
 from __future__ import annotations
@@ -90,14 +99,42 @@ def run(art, spec, ps, a) -> tuple[list, float, dict]:
     return best
 
 
+def deepseek_targets(tmp: Path, a) -> dict:
+    """{name: (artifact, {method: speculative config})} for --family deepseek_v3."""
+    from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
+    with contextlib.redirect_stderr(io.StringIO()):
+        base = make_checkpoint("deepseek_v3", tmp / "ds", seed=1)
+    with_mtp_layer(base, tmp / "ds-mtp")
+    guessing_mtp_checkpoint(tmp / "ds-mtp", tmp / "ds-aligned", mix=a.aligned_mix)
+    seqs, k = max(a.batch), max(a.k)
+    out = {}
+    for name, ck in (("dsv3", tmp / "ds-mtp"), ("dsv3-aligned", tmp / "ds-aligned")):
+        art = braze.compile(ck, tmp / f"{name}.braze", opt_level=2, targets="",
+                            max_num_seqs=seqs, max_logits_rows=seqs * (k + 1),
+                            max_num_tokens=512).root
+        methods = {"none": None}
+        for kk in a.k:
+            methods[f"ngram k={kk}"] = {"method": "ngram", "num_speculative_tokens": kk}
+            methods[f"mtp k={kk}"] = {"method": "mtp", "num_speculative_tokens": kk}
+        out[name] = (art, methods)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", default="llama", choices=["llama", "deepseek_v3"],
+                    help="llama: none/ngram/draft/self on a random llama; deepseek_v3: "
+                         "none/ngram/mtp on tiny DeepSeek-V3 targets with an MTP layer")
+    ap.add_argument("--aligned-mix", type=float, default=0.03,
+                    help="deepseek_v3: the aligned target's layer scale (0: the MTP layer "
+                         "guesses every token)")
     ap.add_argument("--backend", default="reference")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    ap.add_argument("--k", type=int, nargs="+", default=[3],
+                    help="num_speculative_tokens (deepseek_v3: several values, one row each)")
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-blocks", type=int, default=256)
@@ -105,6 +142,25 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here as JSON")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="braze-spec-bench-"))
+    out = ResultsFile(a.json, {"benchmark": "speculative", "config": vars(a),
+                               "torch": torch.__version__})
+    if a.family == "deepseek_v3":
+        a.vocab = 256
+        targets = deepseek_targets(tmp, a)
+    else:
+        targets = {"llama": llama_target(tmp, a)}
+    print(f"{'target':<13}{'prompts':<11}{'batch':>6}{'method':>13}{'tok/s':>9}{'speedup':>9}"
+          f"{'accept':>8}{'mean len':>9}{'steps':>7}  per position")
+    for tname, (target, methods) in targets.items():
+        for kind in ("repetitive", "random"):
+            for batch in a.batch:
+                measure(out, a, tname, target, methods, kind, batch)
+    out.finish()
+    return 0
+
+
+def llama_target(tmp: Path, a):
+    a.k = a.k[0]
     with contextlib.redirect_stderr(io.StringIO()):
         tck = make_checkpoint("llama", tmp / "target", seed=1, vocab_size=a.vocab,
                               hidden_size=a.hidden, num_hidden_layers=a.layers,
@@ -123,39 +179,35 @@ def main() -> int:
                # the target as its own draft: every guess accepted, at the cost of k
                # extra target steps: the verification machinery's upper bound
                "self": {"method": "draft", "model": str(target), "num_speculative_tokens": a.k}}
-    out = ResultsFile(a.json, {"benchmark": "speculative", "config": vars(a),
-                               "torch": torch.__version__})
-    print(f"{'prompts':<11}{'batch':>6}{'method':>7}{'tok/s':>9}{'speedup':>9}{'accept':>8}"
-          f"{'mean len':>9}{'steps':>7}  per position")
-    for kind in ("repetitive", "random"):
-        for batch in a.batch:
-            ps = prompts(kind, batch, a.prompt_len, a.vocab)
-            base = None
-            for name, spec in methods.items():
-                tokens, dt, s = run(target, spec, ps, a)
-                n = sum(len(t) for t in tokens)
-                if base is None:
-                    base = (tokens, n / dt)
-                elif tokens != base[0]:
-                    raise SystemExit(f"{name} changed the output on {kind} prompts")
-                row = {"prompts": kind, "batch": batch, "method": name, "tokens": n,
-                       "seconds": dt, "tokens_per_s": n / dt, "speedup": n / dt / base[1],
-                       "steps": s["steps"],
-                       "acceptance_rate": s.get("spec_decode_acceptance_rate"),
-                       "mean_acceptance_length": s.get("spec_decode_mean_acceptance_length"),
-                       "accepted_per_position": s.get("spec_decode_accepted_per_position"),
-                       "proposed_per_position": s.get("spec_decode_proposed_per_position")}
-                out.add(row)
-                per = ""
-                if spec is not None:
-                    per = " ".join(f"{x / max(y, 1):.2f}" for x, y in
-                                   zip(row["accepted_per_position"], row["proposed_per_position"]))
-                acc = "-" if spec is None else f"{row['acceptance_rate']:.2f}"
-                ml = "-" if spec is None else f"{row['mean_acceptance_length']:.2f}"
-                print(f"{kind:<11}{batch:>6}{name:>7}{row['tokens_per_s']:>9.1f}"
-                      f"{row['speedup']:>9.2f}{acc:>8}{ml:>9}{row['steps']:>7}  {per}")
-    out.finish()
-    return 0
+    return target, methods
+
+
+def measure(out, a, tname, target, methods, kind, batch) -> None:
+    ps = prompts(kind, batch, a.prompt_len, a.vocab)
+    base = None
+    for name, spec in methods.items():
+        tokens, dt, s = run(target, spec, ps, a)
+        n = sum(len(t) for t in tokens)
+        if base is None:
+            base = (tokens, n / dt)
+        elif tokens != base[0]:
+            raise SystemExit(f"{name} changed the output on {kind} prompts")
+        row = {"target": tname, "prompts": kind, "batch": batch, "method": name, "tokens": n,
+               "seconds": dt, "tokens_per_s": n / dt, "speedup": n / dt / base[1],
+               "steps": s["steps"],
+               "acceptance_rate": s.get("spec_decode_acceptance_rate"),
+               "mean_acceptance_length": s.get("spec_decode_mean_acceptance_length"),
+               "accepted_per_position": s.get("spec_decode_accepted_per_position"),
+               "proposed_per_position": s.get("spec_decode_proposed_per_position")}
+        out.add(row)
+        per = ""
+        if spec is not None:
+            per = " ".join(f"{x / max(y, 1):.2f}" for x, y in
+                           zip(row["accepted_per_position"], row["proposed_per_position"]))
+        acc = "-" if spec is None else f"{row['acceptance_rate']:.2f}"
+        ml = "-" if spec is None else f"{row['mean_acceptance_length']:.2f}"
+        print(f"{tname:<13}{kind:<11}{batch:>6}{name:>13}{row['tokens_per_s']:>9.1f}"
+              f"{row['speedup']:>9.2f}{acc:>8}{ml:>9}{row['steps']:>7}  {per}", flush=True)
 
 
 if __name__ == "__main__":

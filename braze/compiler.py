@@ -141,9 +141,13 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         f"{kernel_count} kernel variants, extern: "
         f"{', '.join(f'{k} x{n}' for k, n in plan['extern_ops'].items()) or 'none'}")
 
+    from .compile_mtp import prepare_mtp
+    mtp, mtp_load = prepare_mtp(loaded, opts, graph, log)
+
     def emit(root: Path) -> dict:
         entries = emit_kernels(plan, root, opts.target_list(), log)
-        entries.update(write_mtp(root, loaded.checkpoint, loaded.mtp, loaded.dtype, log=log))
+        entries.update(write_mtp(root, loaded.checkpoint, loaded.mtp, loaded.dtype, log=log,
+                                 mtp=mtp, load_param=mtp_load))
         return entries
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),

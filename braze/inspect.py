@@ -44,6 +44,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "weight_files": m["weights"]["files"],
         "tokenizer": m.get("tokenizer") is not None,
         "mtp_layers": (m.get("mtp") or {}).get("num_layers", 0),
+        "mtp_graph": (m.get("mtp") or {}).get("graph"),
         "lora": {k: v for k, v in m["lora"].items() if k in ("slots", "max_rank", "targets")}
         | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
@@ -107,8 +108,10 @@ def format_summary(s: dict) -> str:
     for name, n in sorted(s["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {name:<{width}}  {n}")
     if s.get("mtp_layers"):
-        lines.append(f"mtp        {s['mtp_layers']} multi-token-prediction layer(s) shipped "
-                     f"(mtp-*.safetensors), not run yet")
+        lines.append(f"mtp        {s['mtp_layers']} multi-token-prediction layer(s): "
+                     + ("a second graph (mtp.bir) for --speculative method 'mtp'"
+                        if s.get("mtp_graph") else
+                        "tensors shipped (mtp-*.safetensors), no graph: method 'mtp' refused"))
     cache_prefixes = ("k_cache.", "v_cache.", "kv_latent.")
     caches = sum(k.startswith(cache_prefixes) for k in s["inputs"])
     pools = sum(k.startswith(("lora_a.", "lora_b.")) for k in s["inputs"])

@@ -1,10 +1,13 @@
-"""Write a checkpoint's multi-token-prediction weights into the artifact (frontend/mtp.py).
+"""Write a checkpoint's multi-token-prediction layer into the artifact (frontend/mtp.py).
 
-Files `mtp-00001.safetensors`, ... (streamed in shards like the main weights, so a large
-MTP layer is never held whole), tensors named as in the checkpoint and converted to the
+With the layer traced (`graph`): `mtp.bir`, its second graph, and the weights only it
+has in `mtp-00001.safetensors`, ... (streamed in shards like the main weights); the
+embedding and LM head it shares with the main graph are read from the main weights at
+run time (the manifest's `mtp.shared`). Without one (a tensor-parallel artifact): the
+checkpoint's MTP tensors as they are, named as in the checkpoint, kept for a later
+compile; the runtime then refuses method 'mtp'. Floating-point tensors are in the
 compile dtype, except the float32 router of MoE layers (`mlp.gate.weight`,
-`e_score_correction_bias`), which stays float32 as the main model's does. The manifest's
-`mtp` entry lists them by layer; the runtime does not run them yet.
+`e_score_correction_bias`), which stays float32 as the main model's does.
 """
 
 from __future__ import annotations
@@ -14,19 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from braze.ir import print_graph
 from braze.ir.types import torch_dtype
 
 SHARD_BYTES = 2 << 30
+GRAPH_FILE = "mtp.bir"
 _FLOAT32_KEPT = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
 
-def write_mtp(root: Path, checkpoint, layers: dict[int, list[str]], dtype: str,
-              shard_bytes: int = SHARD_BYTES, log=None) -> dict:
-    """-> the manifest entries ({"mtp": ...}, or {} without MTP layers)."""
-    if not layers:
-        return {}
-    want = torch_dtype(dtype)
-    files, where, shard, size = [], {}, {}, 0
+def _write_shards(root: Path, names: list[str], get, shard_bytes: int):
+    files, where, shard, size, total = [], {}, {}, 0, 0
 
     def flush():
         nonlocal shard, size
@@ -36,22 +36,49 @@ def write_mtp(root: Path, checkpoint, layers: dict[int, list[str]], dtype: str,
             files.append(name)
             shard, size = {}, 0
 
-    total = 0
-    for layer in sorted(layers):
-        for name in layers[layer]:
-            t = checkpoint.get(name)
-            if t.is_floating_point():
-                t = t.to(torch.float32 if name.endswith(_FLOAT32_KEPT) else want)
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > shard_bytes:
-                flush()
-            shard[name] = t.contiguous()
-            where[name] = len(files)
-            size += nbytes
-            total += nbytes
+    for name in names:
+        t = get(name)
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > shard_bytes:
+            flush()
+        shard[name] = t.contiguous()
+        where[name] = len(files)
+        size += nbytes
+        total += nbytes
     flush()
+    return files, {n: files[i] for n, i in where.items()}, total
+
+
+def write_mtp(root: Path, checkpoint, layers: dict[int, list[str]], dtype: str,
+              shard_bytes: int = SHARD_BYTES, log=None, mtp=None, load_param=None) -> dict:
+    """-> the manifest entries ({"mtp": ...}, or {} without MTP layers). `mtp`: the traced
+    layer (frontend.mtp.MTPGraph) and `load_param` its weights, or None to ship raw tensors."""
+    if not layers:
+        return {}
+    if mtp is not None:
+        graph = mtp.graph
+        (Path(root) / GRAPH_FILE).write_text(print_graph(graph))
+        own = [n for n in graph.params if n not in mtp.shared]
+        files, where, total = _write_shards(root, own, load_param, shard_bytes)
+        if log:
+            log(f"wrote the MTP graph ({GRAPH_FILE}, {len(graph.nodes)} ops) and its {len(own)} "
+                f"own weights ({total / 2**20:.1f} MiB) in {len(files)} file(s)")
+        return {"mtp": {"num_layers": len(layers), "files": files, "bytes": total,
+                        "graph": GRAPH_FILE, "layer": mtp.layer,
+                        "hidden_input": "hidden_states", "shared": sorted(mtp.shared),
+                        "layers": {str(mtp.layer): where}}}
+    want = torch_dtype(dtype)
+
+    def get(name):
+        t = checkpoint.get(name)
+        if t.is_floating_point():
+            t = t.to(torch.float32 if name.endswith(_FLOAT32_KEPT) else want)
+        return t
+
+    names = [n for layer in sorted(layers) for n in layers[layer]]
+    files, where, total = _write_shards(root, names, get, shard_bytes)
     if log:
         log(f"wrote {len(where)} MTP tensors ({total / 2**20:.1f} MiB) in {len(files)} file(s)")
     return {"mtp": {"num_layers": len(layers), "files": files, "bytes": total,
-                    "layers": {str(i): {n: files[where[n]] for n in names}
+                    "layers": {str(i): {n: where[n] for n in names}
                                for i, names in sorted(layers.items())}}}

@@ -135,13 +135,16 @@ class _Mapper:
 
 
 def trace_to_ir(model: nn.Module, name: str, block_size: int, kv_dtype: str,
-                log=None) -> Graph:
-    """Trace `model.forward` (the batch contract) into a verified-shape IR graph."""
+                log=None, extra_inputs: dict[str, TensorType] | None = None) -> Graph:
+    """Trace `model.forward` (the batch contract) into a verified-shape IR graph.
+    `extra_inputs`: forward() arguments beyond the contract (the MTP layer's hidden states)."""
     t0 = time.perf_counter()
     fx_graph = _Tracer().trace(model)
     t1 = time.perf_counter()
     g = Graph(name)
     for input_name, ty in STEP_INPUTS.items():
+        g.add_input(input_name, ty)
+    for input_name, ty in (extra_inputs or {}).items():
         g.add_input(input_name, ty)
     mapper = _Mapper(model, g, block_size, kv_dtype)
     env: dict[fx.Node, object] = {}
@@ -150,7 +153,7 @@ def trace_to_ir(model: nn.Module, name: str, block_size: int, kv_dtype: str,
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             if node.op == "placeholder":
-                if node.target not in STEP_INPUTS:
+                if node.target not in STEP_INPUTS and node.target not in (extra_inputs or {}):
                     raise BrazeError(f"forward() argument {node.target!r} is not part of the "
                                      f"batch contract ({', '.join(STEP_INPUTS)})")
                 env[node] = g.input(node.target)

@@ -163,6 +163,9 @@ class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, rotary_emb: RotaryEmbedding):
         super().__init__()
         self.tie_word_embeddings = spec.tie_word_embeddings
+        # with an MTP layer (models/deepseek_mtp.py) the graph also returns what it reads:
+        # the last layer's hidden states before the final norm
+        self.hidden_output = bool(spec.mtp_layers)
         self.model = DeepseekV3Model(spec, dtype)
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
@@ -178,7 +181,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions)
         for layer in self.model.layers:
             x = layer(x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
+        h = x
         x = self.model.norm(x)
         if self.tie_word_embeddings:
-            return F.linear(x, self.model.embed_tokens.weight)
-        return self.lm_head(x)
+            logits = F.linear(x, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(x)
+        if self.hidden_output:
+            return {"logits": logits, "hidden_states": h}
+        return logits

@@ -299,6 +299,8 @@ class Engine(EngineLoRA):
                     c.request.metrics.first_scheduled_time = t
             result = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only,
                                          sched.prompt_chunks)
+            if self.spec is not None:
+                self.spec.observe(sched.chunks)
             for c in sched.chunks:
                 if c.samples:
                     c.request.num_pending += 1

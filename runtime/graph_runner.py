@@ -497,7 +497,8 @@ class GraphRunner:
             feeds = self._views(T, S, wide)
             feeds.update(ex.cache.tensors)
             feeds.update(ex.lora_pools)
-            return ex.interpreter.run(feeds, ex.params)["logits"]
+            self.last_outputs = ex.interpreter.run(feeds, ex.params)
+            return self.last_outputs["logits"]
         if not self._captured:
             self.capture()
         if ex.cache.tensors is not self._cache:
@@ -520,6 +521,7 @@ class GraphRunner:
             steps, self.last_variant = b.pieces, ("eager" if self.mode == "none" else "piecewise")
         for f in steps:
             f()
+        self.last_outputs = b.plan.outputs     # every graph output (static tensors)
         return b.logits
 
     def _check_bound(self, b: _Bucket) -> None:

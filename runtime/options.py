@@ -38,7 +38,7 @@ class EngineOptions:
     kv_offload_s3: str | None = None
     # LoRA (runtime/lora.py): adapters kept parsed in host memory (None: the artifact's slots)
     max_cpu_loras: int | None = None
-    # speculative decoding (runtime/speculative.py): {"method": "ngram" | "draft",
+    # speculative decoding (runtime/speculative.py): {"method": "ngram" | "draft" | "mtp",
     # "num_speculative_tokens": k, ...}, its JSON text, or a SpeculativeConfig
     speculative: object = None
     # tensor-parallel artifacts: how long a collective waits for the other ranks before

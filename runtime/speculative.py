@@ -45,18 +45,13 @@ from .request import Status
 METHODS = ("ngram", "draft", "mtp")
 MAX_SPECULATIVE_TOKENS = 16
 
-MTP_MISSING = (
-    "speculative method 'mtp' is not supported yet: it needs the model's multi-token "
-    "prediction weights (DeepSeek-V3's num_nextn_predict_layers, Gemma 4's assistant model) "
-    "compiled as a second graph of the artifact, which braze's compiler does not emit yet; "
-    "use method 'ngram' (prompt lookup) or 'draft' (a second braze artifact)")
-
 
 @dataclass
 class SpeculativeConfig:
     """`--speculative '{"method": ..., "num_speculative_tokens": k, ...}'` (vLLM's names).
 
-    ngram: `prompt_lookup_max` / `prompt_lookup_min`, the longest and shortest n-gram
+    mtp: the artifact's multi-token-prediction graph (DeepSeek-V3's next-n layer),
+    chained k times. ngram: `prompt_lookup_max` / `prompt_lookup_min`, the longest and shortest n-gram
     of the request's tail looked up in its own tokens. draft: `model`, the path of a
     second braze artifact with the same tokenizer."""
 
@@ -70,8 +65,6 @@ class SpeculativeConfig:
         if self.method not in METHODS:
             raise BrazeError(f"speculative method {self.method!r} is unknown; choose one of "
                              f"{', '.join(METHODS)}", param="speculative")
-        if self.method == "mtp":
-            raise BrazeError(MTP_MISSING, param="speculative")
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise BrazeError(f"speculative num_speculative_tokens must be an integer from 1 to "
@@ -179,6 +172,9 @@ class Speculator:
         self.row_budget = runner.max_logits_rows - runner.max_num_seqs
         if config.method == "ngram":
             self.proposer = NgramProposer(config)
+        elif config.method == "mtp":       # the artifact's MTP graph (runtime/mtp_proposer.py)
+            from .mtp_proposer import MTPProposer
+            self.proposer = MTPProposer(config, engine)
         else:
             from .draft_proposer import DraftProposer
             self.proposer = DraftProposer(config, engine)
@@ -255,6 +251,11 @@ class Speculator:
             self.proposed_per_position[j] += 1
             if j < accepted:
                 self.accepted_per_position[j] += 1
+
+    def observe(self, chunks) -> None:
+        """A step was launched: proposers that read the target's state keep what they need."""
+        if hasattr(self.proposer, "observe"):
+            self.proposer.observe(chunks)
 
     def forget(self, req) -> None:
         self.proposer.forget(req)

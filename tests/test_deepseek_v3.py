@@ -135,52 +135,36 @@ def test_o2_moe_runs_only_the_selected_experts(ds):
     assert op_moe.EXPERT_GEMM_ROWS == 13 * 2
 
 
-def _with_mtp_layer(src, dst):
-    """A copy of checkpoint `src` with one MTP layer (index num_hidden_layers) appended, as
-    DeepSeek-V3 checkpoints hold it: its own norms, eh_proj, shared head and a decoder layer."""
-    import shutil
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["num_nextn_predict_layers"] = 1
-    (dst / "config.json").write_text(json.dumps(cfg))
-    weights = load_file(dst / "model.safetensors")
-    n, h = cfg["num_hidden_layers"], cfg["hidden_size"]
-    g = torch.Generator().manual_seed(7)
-    extra = {f"model.layers.{n}.{k}": torch.randn(*shape, generator=g) for k, shape in {
-        "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
-        "shared_head.norm.weight": (h,), "mlp.gate.weight": (8, h),
-        "mlp.gate.e_score_correction_bias": (8,)}.items()}
-    for k, v in weights.items():          # its decoder layer: a copy of the last one's shapes
-        if k.startswith(f"model.layers.{n - 1}.self_attn."):
-            extra[k.replace(f".{n - 1}.", f".{n}.")] = torch.randn(v.shape, generator=g)
-    save_file({**weights, **extra}, dst / "model.safetensors", metadata={"format": "pt"})
-    return extra
-
-
 def test_mtp_weights_are_recognised_and_shipped(ds, tmp_path):
-    """The MTP layer's tensors land in the artifact (mtp-*.safetensors, listed in the
-    manifest, hashed), in the compile dtype with the router kept float32; the main model
-    still matches transformers, which ignores them."""
+    """The MTP layer's own tensors land in the artifact (mtp-*.safetensors, listed in the
+    manifest, hashed) with its graph, in the compile dtype with the router kept float32;
+    its copies of the embedding and LM head are not shipped twice; the main model still
+    matches transformers, which ignores the layer (tests/test_mtp.py runs it)."""
     import braze
     from safetensors.torch import load_file
     from braze.runtime import Executor, open_artifact
+    from braze.tiny_mtp import with_mtp_layer
     src = ds.checkpoint("dsv3")
-    extra = _with_mtp_layer(src, tmp_path / "m")
+    extra = with_mtp_layer(src, tmp_path / "m")
     logs = []
     braze.compile(tmp_path / "m", tmp_path / "a", opt_level=0, targets="", dtype="float16",
                   log=logs.append)
     assert any("MTP: kept" in ln for ln in logs) and not any("not used" in ln for ln in logs)
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["mtp"]["num_layers"] == 1 and set(m["mtp"]["layers"]["2"]) == set(extra)
+    assert m["mtp"]["num_layers"] == 1 and m["mtp"]["graph"] in m["files"]
     shipped = {}
     for f in m["mtp"]["files"]:
         assert f in m["files"]
         shipped.update(load_file(tmp_path / "a" / f))
     for k, v in extra.items():
-        want = torch.float32 if ".mlp.gate." in k else torch.float16
-        assert shipped[k].dtype == want
-        torch.testing.assert_close(shipped[k], v.to(want))
+        if k.endswith(("embed_tokens.weight", "shared_head.head.weight")):
+            assert k not in shipped
+            continue
+        if k in shipped:           # per-expert tensors ship stacked, as the main graph's
+            want = torch.float32 if ".mlp.gate." in k else torch.float16
+            assert shipped[k].dtype == want
+            torch.testing.assert_close(shipped[k], v.to(want))
+    assert "model.layers.2.eh_proj.weight" in shipped
     ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
     logits = ex.run(step_inputs(ex, [SeqChunk(PROMPT[:6], 0, take_blocks(ex, 1))]))
     assert logits.shape[-1] == 256 and torch.isfinite(logits).all()
@@ -189,7 +173,8 @@ def test_mtp_weights_are_recognised_and_shipped(ds, tmp_path):
 def test_undeclared_extra_layer_is_a_clear_error(ds, tmp_path):
     import braze
     from braze.ir.errors import BrazeError
-    _with_mtp_layer(ds.checkpoint("dsv3"), tmp_path / "m")
+    from braze.tiny_mtp import with_mtp_layer
+    with_mtp_layer(ds.checkpoint("dsv3"), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 0
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))

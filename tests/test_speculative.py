@@ -46,7 +46,6 @@ def assert_clean(eng: Engine) -> None:
 # ------------------------------------------------------------------ configuration
 
 @pytest.mark.parametrize("value,message", [
-    ({"method": "mtp", "num_speculative_tokens": 1}, "num_nextn_predict_layers"),
     ({"method": "eagle", "num_speculative_tokens": 1}, "choose one of ngram, draft, mtp"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "from 1 to 16"),
     ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
@@ -323,7 +322,7 @@ def test_cli_generate_speculative_equals_plain(store):
     assert code == 0, err
     assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
     code, _, err = run(*common, "--speculative", '{"method": "mtp", "num_speculative_tokens": 1}')
-    assert_one_line_error(code, err, "mtp", "not supported yet")
+    assert_one_line_error(code, err, "mtp", "multi-token-prediction graph")
 
 
 def test_prometheus_has_the_acceptance_metrics(store):
