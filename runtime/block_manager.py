@@ -263,15 +263,7 @@ class BlockManager:
         full blocks among them into the prefix cache. `token_ids` (at least
         `num_computed` of them) is needed once decoding has filled blocks past the prompt."""
         seq = self._seq(seq_id)
-        if not 0 <= num_computed <= seq.num_tokens:
-            raise BrazeError(f"sequence {seq_id!r}: {num_computed} computed tokens, but it "
-                             f"holds {seq.num_tokens}")
-        upto = num_computed // self.block_size
-        if upto > len(seq.hashes):
-            if token_ids is None or len(token_ids) < upto * self.block_size:
-                raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
-                                 f"needs their ids to hash its blocks")
-            seq.hashes = self._chain(token_ids, seq.hashes, upto, seq.salt)
+        upto = hash_computed(self._chain, self.block_size, seq_id, seq, num_computed, token_ids)
         log = self.registrations
         for i in range(seq.registered, upto):
             if self._register(seq.table[i], seq.hashes[i]) and log is not None:
@@ -326,3 +318,18 @@ class BlockManager:
         if seq is None:
             raise BrazeError(f"unknown sequence {seq_id!r}")
         return seq
+
+
+def hash_computed(chain, block_size: int, seq_id, seq, num_computed: int, token_ids) -> int:
+    """Check a commit of `num_computed` tokens against what `seq` holds, extend its block
+    hashes through the full blocks among them with `chain`, and return how many there are."""
+    if not 0 <= num_computed <= seq.num_tokens:
+        raise BrazeError(f"sequence {seq_id!r}: {num_computed} computed tokens, but it "
+                         f"holds {seq.num_tokens}")
+    upto = num_computed // block_size
+    if upto > len(seq.hashes):
+        if token_ids is None or len(token_ids) < upto * block_size:
+            raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
+                             f"needs their ids to hash its blocks")
+        seq.hashes = chain(token_ids, seq.hashes, upto, seq.salt)
+    return upto

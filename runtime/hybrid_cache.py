@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from braze.ir.errors import BrazeError
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, hash_computed
 
 NULL_BLOCK = 0          # a window pool's placeholder for blocks that slid out
 
@@ -352,15 +352,7 @@ class HybridBlockManager:
         """Put the sequence's computed full blocks into each group's prefix cache (a
         window group's blocks that already slid out are gone and skipped)."""
         seq = self._seq(seq_id)
-        if not 0 <= num_computed <= seq.num_tokens:
-            raise BrazeError(f"sequence {seq_id!r}: {num_computed} computed tokens, but it "
-                             f"holds {seq.num_tokens}")
-        upto = num_computed // self.block_size
-        if upto > len(seq.hashes):
-            if token_ids is None or len(token_ids) < upto * self.block_size:
-                raise BrazeError(f"sequence {seq_id!r}: committing {num_computed} tokens "
-                                 f"needs their ids to hash its blocks")
-            seq.hashes = self._chain(token_ids, seq.hashes, upto, seq.salt)
+        upto = hash_computed(self._chain, self.block_size, seq_id, seq, num_computed, token_ids)
         new = set()
         for g, pool in enumerate(self.pools):
             table = seq.tables[g]
