@@ -204,6 +204,30 @@ def run_all(engine, prompts, params):
     return [final[r] for r in ids]
 
 
+def run_with_aborts(engine, prompts, params, aborts, plain):
+    """Run `prompts` (one SamplingParams each) on `engine`, aborting request i after step
+    `aborts[i]`; check every output against `plain` (the same requests run without
+    aborts): an aborted one is a prefix of it, the others equal it. The final outputs."""
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", p, sp)
+    final, step = {}, 0
+    while engine.has_unfinished():
+        step += 1
+        for i, after in aborts.items():
+            if after == step:
+                engine.abort_request(f"r{i}")
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    outs = [final[f"r{i}"] for i in range(len(prompts))]
+    for got, want in zip(outs, plain):
+        if got.finish_reason == "abort":
+            assert got.token_ids == want.token_ids[:len(got.token_ids)]
+        else:
+            assert got.token_ids == want.token_ids
+    return outs
+
+
 def last_token_stops(tokenizer, token_ids):
     """Stops that first complete at the last of `token_ids[:k]`, for the largest k that
     has them: (k, a stop token id, a stop string). For tests of a stop on the last allowed

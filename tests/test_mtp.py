@@ -31,7 +31,7 @@ from braze.ir.errors import BrazeError
 from braze.runtime.engine import Engine
 from braze.runtime.sampler import SamplingParams
 
-from conftest import prompts_of, run_all
+from conftest import prompts_of, run_all, run_with_aborts
 from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
 
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -304,23 +304,7 @@ def test_mixed_requests_chunks_prefix_cache_aborts_and_preemption(guessing, data
     eng = Engine(guessing, backend="reference", num_kv_blocks=blocks, max_num_tokens=24,
                  max_num_seqs=4,
                  speculative={"method": "mtp", "num_speculative_tokens": k})
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(f"r{i}", p, sp)
-    final, step = {}, 0
-    while eng.has_unfinished():
-        step += 1
-        for i, after in aborts.items():
-            if after == step:
-                eng.abort_request(f"r{i}")
-        for out in eng.step():
-            if out.finished:
-                final[out.request_id] = out
-    for i, want in enumerate(plain):
-        got = final[f"r{i}"]
-        if got.finish_reason == "abort":
-            assert got.token_ids == want.token_ids[:len(got.token_ids)]
-        else:
-            assert got.token_ids == want.token_ids
+    run_with_aborts(eng, prompts, params, aborts, plain)
     s = eng.stats()
     assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
     assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs

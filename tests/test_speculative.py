@@ -20,7 +20,7 @@ from braze.runtime.engine import Engine
 from braze.runtime.sampler import SamplingParams
 from braze.runtime.speculative import SpeculativeConfig, ngram_propose
 
-from conftest import hf_model, prompts_of, run_all
+from conftest import hf_model, prompts_of, run_all, run_with_aborts
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -280,25 +280,9 @@ def test_mixed_requests_aborts_and_preemption(store, data):
     plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
     eng = Engine(art, backend="reference", num_kv_blocks=blocks, max_num_tokens=32,
                  speculative={"method": "ngram", "num_speculative_tokens": k})
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(f"r{i}", p, sp)
-    final, step = {}, 0
-    while eng.has_unfinished():
-        step += 1
-        for i, after in aborts.items():
-            if after == step:
-                eng.abort_request(f"r{i}")
-        for out in eng.step():
-            if out.finished:
-                final[out.request_id] = out
-    for i, want in enumerate(plain):
-        got = final[f"r{i}"]
-        if got.finish_reason == "abort":
-            assert got.token_ids == want.token_ids[:len(got.token_ids)]
-        else:
-            assert got.token_ids == want.token_ids
-            if params[i].logprobs is not None:
-                assert [lp.token_id for lp in got.logprobs] == got.token_ids
+    for got, sp in zip(run_with_aborts(eng, prompts, params, aborts, plain), params):
+        if got.finish_reason != "abort" and sp.logprobs is not None:
+            assert [lp.token_id for lp in got.logprobs] == got.token_ids
     assert_clean(eng)
     s = eng.stats()
     assert s["kv_blocks_used"] == 0
