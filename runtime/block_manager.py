@@ -277,12 +277,17 @@ class BlockManager:
         if seq is None:
             raise BrazeError(f"sequence {seq_id!r} has no blocks to free")
         for b in reversed(seq.table):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                if b in self._block_hash:
-                    self._cached_free[b] = None
-                else:
-                    self._plain_free.append(b)
+            self._release(b)
+
+    def _release(self, b: int) -> None:
+        """Drop one reference to block b; unreferenced, it becomes free (a hashed one
+        stays in the prefix cache until evicted)."""
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            if b in self._block_hash:
+                self._cached_free[b] = None
+            else:
+                self._plain_free.append(b)
 
     def truncate(self, seq_id, num_tokens: int) -> None:
         """Shrink a running sequence to its first `num_tokens` tokens, freeing the blocks
@@ -294,12 +299,7 @@ class BlockManager:
                              f"(it holds {seq.num_tokens}, {seq.registered} blocks cached)")
         keep = self._blocks_for(num_tokens)
         for b in reversed(seq.table[keep:]):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                if b in self._block_hash:
-                    self._cached_free[b] = None
-                else:
-                    self._plain_free.append(b)
+            self._release(b)
         del seq.table[keep:]
         del seq.hashes[keep:]
         seq.num_tokens = num_tokens

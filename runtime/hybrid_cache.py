@@ -194,14 +194,6 @@ class HybridBlockManager:
         w = self.windows[g]
         return 0 if not w else max(0, start - w + 1) // self.block_size
 
-    def _release(self, pool: BlockManager, b: int) -> None:
-        pool._ref[b] -= 1
-        if pool._ref[b] == 0:
-            if b in pool._block_hash:
-                pool._cached_free[b] = None
-            else:
-                pool._plain_free.append(b)
-
     def slide(self, seq_id, start: int) -> None:
         """The sequence's next token to compute is at `start` (every later step computes
         tokens at or after it): release each window group's blocks wholly outside the
@@ -220,7 +212,7 @@ class HybridBlockManager:
             pool = self.pools[g]
             for i in range(seq.slid[g], upto):
                 if table[i] != NULL_BLOCK:
-                    self._release(pool, table[i])
+                    pool._release(table[i])
                     table[i] = NULL_BLOCK
             seq.slid[g] = upto
 
@@ -382,7 +374,7 @@ class HybridBlockManager:
         for g, (pool, table) in enumerate(zip(self.pools, seq.tables)):
             for b in reversed(table):
                 if b != NULL_BLOCK or not self.windows[g]:
-                    self._release(pool, b)
+                    pool._release(b)
 
     def truncate(self, seq_id, num_tokens: int) -> None:
         seq = self._seq(seq_id)
@@ -398,7 +390,7 @@ class HybridBlockManager:
             table = seq.tables[g]
             for b in reversed(table[keep:]):
                 if b != NULL_BLOCK or not self.windows[g]:
-                    self._release(pool, b)
+                    pool._release(b)
             del table[keep:]
             seq.slid[g] = min(seq.slid[g], len(table))
         del seq.hashes[num_tokens // self.block_size:]     # a cut block's tokens change
@@ -427,7 +419,7 @@ class HybridBlockManager:
             lo = self._first_needed(g, end * self.block_size)
             for i in range(seq.slid[g], min(lo, len(table))):
                 if table[i] != NULL_BLOCK:
-                    self._release(pool, table[i])
+                    pool._release(table[i])
                     table[i] = NULL_BLOCK
             grow = end - len(table)
             if grow > 0:
