@@ -11,10 +11,9 @@ for every token of the step.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, RMSNorm, RotaryEmbedding, apply_partial_rope, apply_rope
+from .layers import MLP, RMSNorm, lm_head, RotaryEmbedding, apply_partial_rope, apply_rope
 from .moe import DenseMoE
 from .primitives import PagedAttention
 from .spec import ModelSpec
@@ -116,6 +115,4 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
         x = self.model.norm(x)
-        if self.tie_word_embeddings:
-            return F.linear(x, self.model.embed_tokens.weight)
-        return self.lm_head(x)
+        return lm_head(self, x)

@@ -18,11 +18,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .deepseek_v3 import DeepseekV3DecoderLayer, GroupedSigmoidMoE
-from .layers import RMSNorm, RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding, lm_head
 from .spec import ModelSpec
 
 
@@ -87,8 +86,5 @@ class DeepseekV3MTP(nn.Module):
         cos, sin = self.model.rotary_emb(positions)
         y = layer(x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
         z = layer.shared_head.norm(y)
-        if self.tie_word_embeddings:
-            logits = F.linear(z, self.model.embed_tokens.weight)
-        else:
-            logits = self.lm_head(z)
+        logits = lm_head(self, z)
         return {"logits": logits, "hidden_states": y}

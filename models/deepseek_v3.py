@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import DecoderModel
-from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rope
+from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rope, lm_head
 from .moe import Experts
 from .primitives import PagedLatentAttention
 from .spec import ModelSpec
@@ -183,10 +183,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             x = layer(x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
         h = x
         x = self.model.norm(x)
-        if self.tie_word_embeddings:
-            logits = F.linear(x, self.model.embed_tokens.weight)
-        else:
-            logits = self.lm_head(x)
+        logits = lm_head(self, x)
         if self.hidden_output:
             return {"logits": logits, "hidden_states": h}
         return logits

@@ -16,11 +16,10 @@ What differs from Llama, each as plain torch the passes see:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .decoder import Attention
-from .layers import MLP, RMSNorm, RotaryEmbedding, soft_cap
+from .layers import MLP, RMSNorm, RotaryEmbedding, lm_head, soft_cap
 from .spec import ModelSpec
 
 
@@ -76,10 +75,7 @@ class Gemma3ForCausalLM(nn.Module):
             cos, sin = rope_local if layer.self_attn.local else rope
             x = layer(x, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
         x = self.model.norm(x)
-        if self.tie_word_embeddings:
-            logits = F.linear(x, self.model.embed_tokens.weight)
-        else:
-            logits = self.lm_head(x)
+        logits = lm_head(self, x)
         if self.final_softcap:
             logits = soft_cap(logits, self.final_softcap)
         return logits

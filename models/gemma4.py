@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import Attention
-from .layers import ACT_FNS, MLP, RMSNorm, RotaryEmbedding, apply_rope, soft_cap
+from .layers import ACT_FNS, MLP, RMSNorm, RotaryEmbedding, apply_rope, lm_head, soft_cap
 from .moe import Experts
 from .spec import ModelSpec
 
@@ -180,10 +180,7 @@ class Gemma4ForCausalLM(nn.Module):
             x = layer(x, ple[:, i, :] if ple is not None else None, cos, sin, slot_mapping,
                       query_start_loc, seq_lens, block_tables)
         x = self.model.norm(x)
-        if self.tie_word_embeddings:
-            logits = F.linear(x, self.model.embed_tokens.weight)
-        else:
-            logits = self.lm_head(x)
+        logits = lm_head(self, x)
         if self.final_softcap:
             logits = soft_cap(logits, self.final_softcap)
         return logits

@@ -55,6 +55,14 @@ class RMSNorm(nn.Module):
         return (h * self.weight.float()).to(self.out_dtype)
 
 
+def lm_head(model, x):
+    """The LM head of a causal-LM module: the input embedding's weight when the model ties
+    them (`model.tie_word_embeddings`), else `model.lm_head`."""
+    if model.tie_word_embeddings:
+        return F.linear(x, model.model.embed_tokens.weight)
+    return model.lm_head(x)
+
+
 def soft_cap(x, cap: float):
     """cap * tanh(x / cap): Gemma's logit soft-capping."""
     return torch.tanh(x / cap) * cap
