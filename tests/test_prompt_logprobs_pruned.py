@@ -66,6 +66,14 @@ def same_prompt_logprobs(a, b, tol=1e-5) -> None:
         assert all(abs(v - w) < tol for (_, v), (_, w) in zip(x.top, y.top))
 
 
+def same_outputs(got, want) -> None:
+    """Each pair of final outputs has the same tokens and the same prompt logprobs."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
+
+
 def test_o2_prompt_logprobs_are_transformers_log_softmax_and_equal_o1(o2, o1, model):
     """A mixed batch, chunked (16 tokens a step, 4 logits rows on this artifact): the
     37-token prompt takes ten chunks, the plain requests share its steps."""
@@ -116,9 +124,7 @@ def test_o2_equals_o1_over_chunk_sizes(o2, o1, lengths, mask, budget, seqs, seed
     got = run_all(eng, prompts, params)
     want = run_all(Engine(o1, **opts), prompts, params)
     assert all(rows <= cap for rows, cap, _ in seen)
-    for g, w in zip(got, want):
-        assert g.token_ids == w.token_ids
-        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
+    same_outputs(got, want)
 
 
 @pytest.mark.parametrize("lag", [False, True])
@@ -137,9 +143,7 @@ def test_o2_prompt_logprobs_survive_preemption(o2, o1, lag):
     assert eng.stats()["preemptions"] > 0
     assert eng.scheduler.num_prompt_logprobs == 0
     want = run_all(Engine(o1, backend="reference", num_kv_blocks=64), prompts, params)
-    for g, w in zip(got, want):
-        assert g.token_ids == w.token_ids
-        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
+    same_outputs(got, want)
 
 
 def test_tensor_parallel_o2_refuses_prompt_logprobs_by_name(o2):
@@ -222,9 +226,7 @@ def test_o2_prompt_logprobs_with_speculative_decoding(store, o1):
     assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
     assert any(both for _, _, both in seen)        # guesses and prompt rows in one step
     assert all(rows <= cap for rows, cap, _ in seen) and seen[0][1] == 16
-    for g, w in zip(got, want):
-        assert g.token_ids == w.token_ids
-        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
+    same_outputs(got, want)
 
 
 def test_wide_rows_serve_a_whole_prompt_in_one_chunk_and_cost_plain_steps_nothing(store, o1,
@@ -247,9 +249,7 @@ def test_wide_rows_serve_a_whole_prompt_in_one_chunk_and_cost_plain_steps_nothin
     got = run_all(eng, prompts, params)
     assert seen[0][0] == 2 + 36 and g.stats["wide_steps"] == 1      # one prefill step
     want = run_all(Engine(o1, backend="reference", num_kv_blocks=64), prompts, params)
-    for x, y in zip(got, want):
-        assert x.token_ids == y.token_ids
-        same_prompt_logprobs(x.prompt_logprobs, y.prompt_logprobs)
+    same_outputs(got, want)
     p = prompts[0]
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([p])).logits[0].double(), dim=-1)
@@ -278,9 +278,7 @@ def test_o2_speculation_beside_prompt_logprobs_over_sizes(store, o1, plp_len, bu
     got = run_all(eng, prompts, params)
     want = run_all(Engine(o1, **kw), prompts, params)
     assert all(r <= cap for r, cap, _ in seen)
-    for g, w in zip(got, want):
-        assert g.token_ids == w.token_ids
-        same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
+    same_outputs(got, want)
 
 
 def test_o2_prompt_logprobs_under_the_interpreted_kernels(store):
