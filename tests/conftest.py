@@ -241,3 +241,23 @@ def last_token_stops(tokenizer, token_ids):
         if stop.strip() and text.find(stop) == len(text) - len(stop):
             return k, tok, stop
     raise AssertionError(f"no token of {token_ids} both stops first and adds text")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with bucket `braze-kv`,
+    and the AWS environment variables that point boto3 at it."""
+    boto3 = pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{server._server.server_port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket="braze-kv")
+    yield server
+    try:
+        server.stop()
+    except Exception:       # a test stopped it already
+        pass

@@ -150,14 +150,21 @@ def test_concurrent_requests_without_prefix_caching_equal_transformers(store, ca
 
 @pytest.mark.parametrize("case,tier", [("gemma3-sandwich-softcap", "cpu"),
                                        ("gemma3-sandwich-softcap", "dir"),
+                                       ("gemma3-sandwich-softcap", "s3"),
                                        ("mistral-window8", "cpu")])
-def test_kv_offload_with_window_freeing_equals_transformers(store, case, tier, tmp_path):
+def test_kv_offload_with_window_freeing_equals_transformers(store, case, tier, tmp_path,
+                                                            request):
     """A prompt's blocks go to the host tier (or through a 15-block host tier to a
-    directory), other traffic evicts them from the small device pools, and the prompt
-    again (with a new tail) loads them back: each group gets its own blocks, a window
-    group only those inside its window, and every output is transformers'."""
+    directory, or to S3 on a real S3-compatible server), other traffic evicts them from
+    the small device pools, and the prompt again (with a new tail) loads them back: each
+    group gets its own blocks, a window group only those inside its window, and every
+    output is transformers'."""
+    lower = {"cpu": {}, "dir": {"kv_offload_dir": str(tmp_path)},
+             "s3": {"kv_offload_s3": "s3://braze-kv/hybrid"}}[tier]
+    if tier == "s3":
+        request.getfixturevalue("s3")
     kw = {"kv_offload_cpu_gb": 0.01} if tier == "cpu" else \
-        {"kv_offload_cpu_gb": 4.5e-5, "kv_offload_dir": str(tmp_path)}   # ~15 blocks
+        {"kv_offload_cpu_gb": 4.5e-5, **lower}                          # ~15 host blocks
     eng = Engine(_artifact(store, case, 0), backend="reference", num_kv_blocks=16, **kw)
     assert eng.stats()["kv_window_freeing"] is True
     poison_free_blocks(eng)
@@ -170,7 +177,7 @@ def test_kv_offload_with_window_freeing_equals_transformers(store, case, tier, t
     s = eng.stats()
     loaded = s["kv_offload_load_blocks_host"] + s["kv_offload_load_blocks_lower"]
     assert loaded >= 5
-    if tier == "dir":
+    if tier != "cpu":
         assert s["kv_offload_load_blocks_lower"] > 0
 
 

@@ -222,24 +222,6 @@ def test_adopt_registers_blocks_after_the_hits_and_leaves_a_token_to_compute():
 
 # -- S3 ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{server._server.server_port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3").create_bucket(Bucket="braze-kv")
-    yield server
-    try:
-        server.stop()
-    except Exception:       # a test stopped it already
-        pass
-
-
 def test_an_s3_tier_on_a_real_s3_server(art, want, s3):
     eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
                  kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_s3="s3://braze-kv/models/a")
