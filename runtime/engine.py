@@ -76,12 +76,15 @@ class Engine(EngineLoRA):
         self._structured = None             # runtime.structured.StructuredBackend, on first use
         self._grammar_wait: list[Request] = []   # requests whose grammar is compiling
         self._in_flight: list = []          # launched steps whose tokens are not applied yet
+        self._held_rows: list | None = None   # finished while a launched step waits to sample
         # overlap: schedule and launch step N+1 before reading step N's tokens back; only
         # worth it where the device runs asynchronously to the host
         self.async_scheduling = (self.backend == "cuda" if opts.async_scheduling is None
                                  else bool(opts.async_scheduling))
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
-                          "requests_finished": 0, "steps": 0}
+                          "requests_finished": 0, "steps": 0,
+                          # steps launched before the tokens of the step before were read
+                          "overlapped_steps": 0}
         self.spec = make_speculator(opts, self)     # None unless opts.speculative
         if opts.freeze_gc:
             freeze_gc_now()
@@ -281,10 +284,10 @@ class Engine(EngineLoRA):
         self._aborted.clear()
         if self.offload is not None:
             self.offload.poll()
-        if self._in_flight and any(r.matcher is not None for r in self.scheduler.running):
-            # a grammar's next mask needs the token still in flight: no overlap this step
-            while self._in_flight:
-                outputs.extend(self._apply(*self._in_flight.pop(0)))
+        # a grammar's next mask needs the token still in flight: this step's forward pass
+        # is launched first and its sampling waits for the tokens before it
+        masked = bool(self._in_flight) and any(r.matcher is not None
+                                               for r in self.scheduler.running)
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
@@ -297,8 +300,17 @@ class Engine(EngineLoRA):
                     self.runner.add(c.request)
                 if c.request.metrics.first_scheduled_time is None:
                     c.request.metrics.first_scheduled_time = t
-            result = self.runner.execute(sched.chunks, self.block_manager, sched.decode_only,
-                                         sched.prompt_chunks)
+            if self._in_flight:
+                self._counters["overlapped_steps"] += 1
+            if masked:
+                launched = self.runner.forward(sched.chunks, self.block_manager,
+                                               sched.decode_only, sched.prompt_chunks)
+                outputs.extend(self._apply_holding_rows())
+                result = self.runner.sample(launched)
+                self._release_held_rows()
+            else:
+                result = self.runner.execute(sched.chunks, self.block_manager,
+                                             sched.decode_only, sched.prompt_chunks)
             if self.spec is not None:
                 self.spec.observe(sched.chunks)
             for c in sched.chunks:
@@ -321,6 +333,21 @@ class Engine(EngineLoRA):
         while len(self._in_flight) > lag:
             outputs.extend(self._apply(*self._in_flight.pop(0)))
         return outputs
+
+    def _apply_holding_rows(self) -> list[RequestOutput]:
+        """Apply every step in flight while a launched step waits to sample: a request
+        that finishes keeps its persistent-batch row until that sampling is done (its
+        token there is dropped), so the rows the step was built on stay valid."""
+        self._held_rows = []
+        outputs = []
+        while self._in_flight:
+            outputs.extend(self._apply(*self._in_flight.pop(0)))
+        return outputs
+
+    def _release_held_rows(self) -> None:
+        held, self._held_rows = self._held_rows, None
+        for req in held:
+            self.runner.remove(req)
 
     def _apply(self, sched, result) -> list[RequestOutput]:
         """A step's tokens are back: its blocks enter the prefix cache, its tokens join
@@ -404,7 +431,10 @@ class Engine(EngineLoRA):
         self.offload.store(blocks, keys)
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.runner.remove(req)          # its persistent-batch row
+        if self._held_rows is not None:  # a launched step still samples from its row
+            self._held_rows.append(req)
+        else:
+            self.runner.remove(req)      # its persistent-batch row
         if self.spec is not None:
             self.spec.forget(req)
         self.scheduler.remove(req)       # its KV blocks

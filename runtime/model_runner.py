@@ -146,6 +146,13 @@ class ModelRunner:
         tokens. `prompt_chunks`: the indices of chunks whose prompt logprobs this step
         computes (SchedulerOutput.prompt_chunks). On a GPU this returns before the step
         has run."""
+        return self.sample(self.forward(chunks, block_manager, decode_only, prompt_chunks))
+
+    def forward(self, chunks: list[ScheduledChunk], block_manager, decode_only: bool,
+                prompt_chunks: list[int] | None = None) -> "LaunchedStep":
+        """The first half of `execute`: build the step's inputs and launch the forward
+        pass, up to the logits rows. `sample` finishes it; in between the host may advance
+        the grammars whose masks this step's sampling needs (the engine's overlap)."""
         T = sum(c.num_new for c in chunks)
         S = len(chunks)
         Tp, Sp = self.graphs.bucket_for(T, S)
@@ -169,12 +176,18 @@ class ModelRunner:
             logits = logits[:S]
         else:
             logits = logits.index_select(0, self.static["logits_indices"][:S])
-        rows, seq_lens = meta["rows"], meta["seq_lens"]
+        return LaunchedStep(logits, chunks, meta, prompt_lp)
+
+    def sample(self, step: "LaunchedStep") -> "StepResult":
+        """The second half of `execute`: mask the rows that follow a grammar (their
+        matchers as they stand now), sample, and write the tokens into the batch."""
+        logits, chunks, meta = step.logits, step.chunks, step.meta
         if self.structured is not None:
             logits = self._constrain(logits, chunks)
+        rows, seq_lens = meta["rows"], meta["seq_lens"]
         tokens, logprobs = self.batch.sample(logits, chunks, rows, seq_lens)
         self.batch.write_sampled(rows, seq_lens, meta["samples"], tokens)
-        return StepResult(tokens, logprobs, prompt_lp)
+        return StepResult(tokens, logprobs, step.prompt_lp)
 
     def _prompt_rows(self, chunks, prompt_chunks, drafted: bool, meta: dict, Tp: int):
         """Where this step's prompt logprobs are read (runtime/prompt_logprobs.py); on a
@@ -210,6 +223,16 @@ class ModelRunner:
             index[base:n] = idx.to(self.device)
         k = max(chunks[ci].request.params.prompt_logprobs for ci, _, _ in where)
         return where, rows, targets, k, wide
+
+
+class LaunchedStep:
+    """A step whose forward pass is launched and whose tokens are not sampled yet: its
+    logits rows, the chunk of each row, the batch's step metadata and the prompt-logprobs
+    plan (ModelRunner.forward → ModelRunner.sample)."""
+    __slots__ = ("logits", "chunks", "meta", "prompt_lp")
+
+    def __init__(self, logits: torch.Tensor, chunks: list, meta: dict, prompt_lp):
+        self.logits, self.chunks, self.meta, self.prompt_lp = logits, chunks, meta, prompt_lp
 
 
 class StepResult:

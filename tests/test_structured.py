@@ -8,6 +8,8 @@ import json
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from braze.ir.errors import BrazeError
@@ -237,21 +239,67 @@ def test_engine_keeps_running_while_a_grammar_compiles(store):
     assert eng.run_to_completion(["gone"])["gone"].finish_reason == "abort"
 
 
-def test_async_scheduling_gives_the_same_outputs(store):
+def _mixed_requests(n_grammar: int, n_plain: int, max_tokens: list[int]):
+    """Prompts and params: grammar requests (a JSON schema, and a short regex that ends
+    its request early) and plain sampled ones reporting logprobs, in one batch."""
+    prompts = ["Hello", "Fox", "Once upon a time", "A compiler", "Large language", "Hi"]
+    grammars = [{"json": SCHEMA}, {"regex": r"(alpha|beta) [a-z]{1,3}\."}]
+    params = []
+    for i in range(n_grammar + n_plain):
+        so = grammars[i % 2] if i < n_grammar else None
+        params.append(SamplingParams(max_tokens=max_tokens[i % len(max_tokens)],
+                                     temperature=1.0, seed=7 + i, ignore_eos=so is None,
+                                     structured_outputs=so,
+                                     # sampler options read each row's settings by its row
+                                     logprobs=2 if so is None else None,
+                                     repetition_penalty=1.2 if i == 1 else 1.0))
+    return [prompts[i % len(prompts)] for i in range(len(params))], params
+
+
+def test_async_scheduling_overlaps_grammar_steps_with_the_same_outputs(store):
+    """With overlap on, grammar requests running beside plain ones still get every step
+    launched before the tokens of the step before are read (the grammar's mask waits
+    only for the sampling), and the outputs equal the synchronous engine's."""
     from braze.runtime.engine import Engine
 
     from conftest import run_all
-    params = [SamplingParams(max_tokens=80, temperature=1.0, seed=7,
-                             structured_outputs={"json": SCHEMA}),
-              SamplingParams(max_tokens=9, temperature=1.0, seed=8, ignore_eos=True)]
-    got = []
+    prompts, params = _mixed_requests(3, 2, [80, 9, 5])
+    got, stats = [], []
     for overlap in (False, True):
         eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
                      async_scheduling=overlap)
-        outs = [run_all(eng, [p], sp)[0] for p, sp in zip(["Hello", "Fox"], params)]
+        outs = run_all(eng, prompts, params)
         got.append([list(o.token_ids) for o in outs])
+        stats.append(eng.stats())
         check_schema(outs[0].text)
+        assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
     assert got[0] == got[1]
+    assert stats[0]["overlapped_steps"] == 0
+    # every step but the first of each run of work overlaps its predecessor
+    assert stats[1]["overlapped_steps"] >= stats[1]["steps"] - 2
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_grammar=st.integers(1, 3), n_plain=st.integers(0, 2),
+       max_tokens=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+       aborts=st.dictionaries(st.integers(0, 4), st.integers(1, 12), max_size=2))
+def test_overlapped_grammar_steps_with_aborts_and_early_ends(store, n_grammar, n_plain,
+                                                             max_tokens, aborts):
+    """Grammar and plain requests, some ending by length, by their grammar or by abort
+    while a later step is already launched: with overlap every output equals (or, when
+    aborted, is a prefix of) the synchronous run, and no row or block is left behind."""
+    from braze.runtime.engine import Engine
+
+    from conftest import run_all, run_with_aborts
+    art = store.artifact("llama")
+    prompts, params = _mixed_requests(n_grammar, n_plain, max_tokens)
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=True)
+    aborts = {i: a for i, a in aborts.items() if i < len(prompts)}
+    run_with_aborts(eng, prompts, params, aborts, plain)
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
 
 
 def test_padded_vocab_masks_ids_past_the_tokenizer(store):
