@@ -499,15 +499,21 @@ def _reshape(sh: _Sharder, node: Node, states):
     tail = 1
     for d in ins[s.axis:]:
         tail *= d
-    acc = 1
+    # the output dims whose trailing product is the split dim's: the split lands on the
+    # outermost of them that takes it whole-number (so [T, 32] -> [T, 1, 32] keeps one
+    # replicated KV head split by head, not inside it)
+    acc, fits = 1, []
     for b in range(len(outs) - 1, -1, -1):
-        acc *= outs[b]
-        if acc == tail:
+        if not isinstance(outs[b], int):
             break
-    else:
-        b = -1
-    if b < 0 or not isinstance(outs[b], int) or (outs[b] * s.local) % s.full:
+        acc *= outs[b]
+        if acc == tail and (outs[b] * s.local) % s.full == 0:
+            fits.append(b)
+        elif acc > tail:
+            break
+    if not fits:
         raise BrazeError(f"reshape {_where(node)} mixes the dim split across ranks with others")
+    b = fits[-1]
     shape = list(node.attrs["shape"])
     if shape[b] != -1:
         shape[b] = outs[b] * s.local // s.full

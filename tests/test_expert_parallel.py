@@ -22,7 +22,9 @@ from test_tensor_parallel import _greedy, _logits, _run_ranks
 EP = dict(opt_level=2, tensor_parallel_size=2, expert_parallel=True)
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-dense-middle", "mixtral"])
+@pytest.mark.parametrize("case", ["qwen3_moe-dense-middle", "mixtral",
+                                  # the MoE beside the MLP, its per-expert scale
+                                  "gemma4-ple-kvshare-moe"])
 def test_logits_equal_one_rank(store, case):
     from braze.runtime import Executor, open_artifact
     one = Executor(open_artifact(store.artifact(case, opt_level=2)), backend="reference",

@@ -26,7 +26,10 @@ LOGIT_CASES = [("llama", 2), ("llama", 4), ("qwen3-headdim24-tied", 2),
                ("qwen3_moe-dense-middle", 2), ("qwen3_moe-dense-middle", 4),
                # the other families: Mixtral's experts, Phi-3's fused checkpoint tensors
                # (split into q/k/v and gate/up sources by the frontend), Gemma 3's soft-caps
-               ("mixtral", 2), ("phi3-longrope-partial-tied", 2), ("gemma3-sandwich-softcap", 2)]
+               ("mixtral", 2), ("phi3-longrope-partial-tied", 2), ("gemma3-sandwich-softcap", 2),
+               # Gemma 4: PLE, shared KV, MoE beside the MLP, one replicated KV head of
+               # a global layer normed per head (q/k norms)
+               ("gemma4-ple-kvshare-moe", 2)]
 
 
 def _steps():
@@ -111,7 +114,9 @@ def _greedy(llm, max_tokens=6):
                                                    ("llama", 2, "interpret", 2),
                                                    # local and global layers: two KV cache
                                                    # groups' step inputs reach rank 1
-                                                   ("gemma3-sandwich-softcap", 2, "reference", 6)])
+                                                   ("gemma3-sandwich-softcap", 2, "reference", 6),
+                                                   # shared-KV layers own no cache on any rank
+                                                   ("gemma4-ple-kvshare-moe", 2, "reference", 6)])
 def test_engine_greedy_tokens_equal_one_rank(store, case, n, backend, tokens):
     """The engine's rank 0 starts the other rank, batches three prompts (one split over
     steps by the token budget), and samples what one rank would."""
