@@ -37,6 +37,7 @@ from .auth import APIKeyCheck
 from .body_limit import BodyLimit
 from .chat import ChatTemplate
 from .hosts import HostCheck
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .options import ServerOptions
 from .prompts import Prompts
@@ -128,10 +129,10 @@ class Service:
             param = getattr(e, "param", None)
             raise bad_request(str(e), prompt_param if param == "prompt" else param) from None
         except QueueFull as e:
-            self.metrics.rejected += 1
+            self.metrics.on_rejected()
             raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
         except Unavailable as e:
-            self.metrics.rejected += 1
+            self.metrics.on_rejected()
             raise APIError(503, str(e), "service_unavailable", None, "unavailable") from None
 
 
@@ -204,7 +205,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(svc.metrics.render(svc.aengine.snapshot()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+                                 media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -56,12 +56,7 @@ class Server:
         return self.proc.returncode
 
     def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in self.http.get("/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return parse_metrics(self.http.get("/metrics").text)
 
     def wait_metrics(self, pred, timeout=20.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -70,3 +65,15 @@ class Server:
             if pred(m) or time.monotonic() > deadline:
                 return m
             time.sleep(0.05)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus exposition text read by prometheus_client's own parser: each sample's
+    value by its name and labels as written (`name{a="x",b="y"}`, labels in order)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out

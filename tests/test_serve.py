@@ -244,15 +244,18 @@ def test_non_streamed_client_gone_aborts(server):
 
 
 def test_metrics_text(server):
-    text = server.http.get("/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+    r = server.http.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    kinds = {f.name: f.type for f in text_string_to_metric_families(r.text)}
     for name, kind in [("braze_requests_running", "gauge"), ("braze_requests_waiting", "gauge"),
-                       ("braze_kv_cache_usage", "gauge"), ("braze_prompt_tokens_total", "counter"),
-                       ("braze_generation_tokens_total", "counter"),
-                       ("braze_preemptions_total", "counter"),
-                       ("braze_requests_total", "counter"),
+                       ("braze_kv_cache_usage", "gauge"), ("braze_prompt_tokens", "counter"),
+                       ("braze_generation_tokens", "counter"),
+                       ("braze_preemptions", "counter"),
+                       ("braze_requests", "counter"),
                        ("braze_time_to_first_token_seconds", "histogram"),
                        ("braze_time_per_output_token_seconds", "histogram")]:
-        assert f"# TYPE {name} {kind}\n" in text
+        assert kinds[name] == kind
     m = server.metrics()
     assert m["braze_generation_tokens_total"] >= 12 and m["braze_prompt_tokens_total"] > 0
     n = m['braze_time_to_first_token_seconds_bucket{le="+Inf"}']
@@ -480,24 +483,31 @@ def test_chat_template_matches_transformers_and_is_sandboxed(store):
                                                   {"name": "default", "template": "d"}]}) == "d"
 
 
-def test_metrics_histogram_text():
-    from braze.serving.metrics import Histogram, Metrics
-    h = Histogram("x_seconds", "help", (0.1, 1.0))
-    for v in (0.05, 0.1, 0.5, 3.0, None):
-        h.observe(v)
-    assert h.render()[2:] == ['x_seconds_bucket{le="0.1"} 2', 'x_seconds_bucket{le="1.0"} 3',
-                              'x_seconds_bucket{le="+Inf"} 4', "x_seconds_sum 3.65",
-                              "x_seconds_count 4"]
+def test_metrics_render_the_snapshot_and_the_observations():
+    from braze.serving.metrics import Metrics
+
+    from serve_helpers import parse_metrics
     m = Metrics("m")
     m.on_finished("length", {"ttft": 0.02, "tpot": 0.01, "queue_time": 0.0}, 0.5)
     m.on_finished("abort", {}, 0.1)
-    text = m.render({"running": 1, "waiting": 2, "kv_blocks_used": 3, "kv_blocks_total": 12,
-                     "kernels_cubin": 40, "kernels_jit": 2})
-    assert "braze_kv_cache_usage 0.25\n" in text and "braze_requests_waiting 2\n" in text
-    assert 'braze_kernels{source="cubin"} 40\n' in text and 'braze_kernels{source="jit"} 2\n' in text
-    assert 'braze_requests_total{finish_reason="abort"} 1\n' in text
-    assert "braze_time_to_first_token_seconds_count 1\n" in text
-    assert "braze_kv_cache_usage 0.0\n" in Metrics("m").render({})
+    m.on_finished("length", {"ttft": 3.0, "tpot": float("nan")}, 4.0)
+    m.on_finished("weird", {}, None)
+    got = parse_metrics(m.render({"running": 1, "waiting": 2, "kv_blocks_used": 3,
+                                  "kv_blocks_total": 12, "kernels_cubin": 40,
+                                  "kernels_jit": 2}))
+    assert got["braze_kv_cache_usage"] == 0.25 and got["braze_requests_waiting"] == 2
+    assert got['braze_kernels{source="cubin"}'] == 40 and got['braze_kernels{source="jit"}'] == 2
+    assert got['braze_requests_total{finish_reason="abort"}'] == 1
+    assert got['braze_requests_total{finish_reason="length"}'] == 2
+    assert got['braze_requests_total{finish_reason="error"}'] == 1      # unknown reasons
+    assert got['braze_requests_total{finish_reason="stop"}'] == 0
+    ttft = "braze_time_to_first_token_seconds"
+    assert got[ttft + "_count"] == 2 and got[ttft + "_sum"] == pytest.approx(3.02)
+    assert got[ttft + '_bucket{le="0.02"}'] == 1 and got[ttft + '_bucket{le="2.5"}'] == 1
+    assert got[ttft + '_bucket{le="+Inf"}'] == 2
+    assert got["braze_time_per_output_token_seconds_count"] == 1       # NaN is skipped
+    assert got["braze_e2e_request_latency_seconds_count"] == 3
+    assert parse_metrics(Metrics("m").render({}))["braze_kv_cache_usage"] == 0
 
 
 def test_protocol_checks():
