@@ -1,8 +1,9 @@
 """FP8 checkpoints with block scales (DeepSeek-V3's format; frontend/fp8.py).
 
-- a tiny DeepSeek-V3 in float8_e4m3fn with 8x8 block scales (every block whole), in 3
-  shards, compiled at -O0 and -O2, gives the logits of transformers loading the same
-  checkpoint with its own fp8 dequantization (FineGrainedFP8Config(dequantize=True));
+- a tiny DeepSeek-V3 with an MTP layer, in float8_e4m3fn with 8x8 block scales (every
+  block whole), in 3 shards, compiled at -O0 and -O2, gives the logits of transformers
+  loading the same checkpoint with its own fp8 dequantization
+  (FineGrainedFP8Config(dequantize=True)); the MTP layer's weights are dequantized too;
 - a tiny Llama with 48x48 blocks (partial blocks at the right and bottom edges, which
   transformers refuses) gives the logits of transformers on weights dequantized by a
   torch-math reference; that reference equals `dequantize_blocks` for any shapes;
@@ -34,6 +35,7 @@ from braze.frontend.fp8 import FP8Checkpoint, FP8Scheme, dequantize_blocks
 from braze.ir.errors import BrazeError
 from braze.runtime import Executor, open_artifact
 from braze.tiny import make_checkpoint
+from braze.tiny_mtp import with_mtp_layer
 from braze.tiny_fp8 import fp8_checkpoint, quantize_fp8
 
 from conftest import assert_steps_match
@@ -81,11 +83,13 @@ def _hf(path, **kw):
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    """A tiny DeepSeek-V3 in fp8 (8x8 blocks, 3 shards), its -O0 and -O2 artifacts
-    (the -O0 compile under the file-open spy) and the -O0 compile log."""
+    """A tiny DeepSeek-V3 with an MTP layer in fp8 (8x8 blocks, 3 shards), its -O0 and -O2
+    artifacts (the -O0 compile under the file-open spy) and the -O0 compile log."""
     d = tmp_path_factory.mktemp("fp8ds")
     with contextlib.redirect_stderr(io.StringIO()):
-        base = make_checkpoint("deepseek_v3", d / "base", seed=1)
+        make_checkpoint("deepseek_v3", d / "main", seed=1)
+    base = d / "base"
+    with_mtp_layer(d / "main", base)
     ckpt = fp8_checkpoint(base, d / "fp8", block=(8, 8), shards=3)
     spy = _OpenSpy()
     with pytest.MonkeyPatch.context() as mp:
@@ -156,6 +160,29 @@ def test_dequantize_blocks_equals_the_reference(rows, cols, br, bc, seed):
     # subnormals 2**-9 apart (in units of the block's scale)
     scale = s.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
     assert ((got - w).abs() <= w.abs() / 16 + scale * 2**-10 + 1e-7).all()
+
+
+def test_mtp_layer_weights_are_dequantized(ds):
+    """The MTP layer DeepSeek-V3 ships in fp8 too: its artifact weights (mtp-*.safetensors)
+    are the torch reference's dequantization of the checkpoint's."""
+    stored = {}
+    for f in ds["ckpt"].glob("*.safetensors"):
+        stored.update(load_file(f))
+    art = ds["arts"][0]
+    shipped = {}
+    for f in json.loads((art / "manifest.json").read_text())["mtp"]["files"]:
+        shipped.update(load_file(art / f))
+    def reference(n):
+        return _reference_dequantize(stored[n], stored[n + "_scale_inv"], (8, 8))
+
+    quantized = [n for n in shipped if n + "_scale_inv" in stored]
+    assert "model.layers.2.eh_proj.weight" in quantized and len(quantized) >= 5
+    for n in quantized:
+        torch.testing.assert_close(shipped[n], reference(n), rtol=0, atol=0)
+    experts = "model.layers.2.mlp.experts.gate_proj"       # stacked from the 8 experts
+    torch.testing.assert_close(shipped[experts], torch.stack(
+        [reference(f"model.layers.2.mlp.experts.{e}.gate_proj.weight") for e in range(8)]),
+        rtol=0, atol=0)
 
 
 def test_shards_are_read_one_file_at_a_time(ds):
