@@ -7,7 +7,9 @@ An artifact is a plain directory, never pickle:
     graph.bir                the IR text
     weights-NNNNN.safetensors
     config.json              the model's config, as given (for a GGUF source: read from
-                             its metadata; manifest model.source names the file and sha256)
+                             its metadata; manifest model.source names the file and sha256;
+                             for an fp8 checkpoint: without quantization_config, since the
+                             weights are dequantized, and model.source says from what)
     tokenizer/               tokenizer files, when the model directory had them (for a GGUF:
                              converted from its metadata by transformers)
     kernels/, cubin/         kernel sources and their ahead-of-time binaries (codegen)

@@ -55,7 +55,11 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
 
 
 def _source_line(src: dict) -> str:
-    """Where the weights came from, when not a Hugging Face directory (a GGUF file)."""
+    """Where the weights came from, when not plain float tensors: a GGUF file, or an fp8
+    checkpoint dequantized at compile time."""
+    if src.get("format") == "fp8-e4m3":
+        return (f"source     {src.get('summary', 'fp8-e4m3')} at compile time "
+                f"({src.get('quantized_tensors', '?')} fp8 weights with block scales)")
     types = ", ".join(f"{k} x{n}" for k, n in (src.get("tensor_types") or {}).items())
     return (f"source     {src.get('format', '?')} {src.get('file', '?')} "
             f"({src.get('gguf_architecture', '?')}; {types}), sha256 "

@@ -37,6 +37,8 @@ import torch
 
 from braze.ir.errors import BrazeError
 
+from .progress import Progress
+
 # general.architecture -> (transformers architecture, whether llama.cpp permuted Q/K rows)
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", True),
@@ -243,7 +245,7 @@ class GGUFCheckpoint:
             if gname == ROPE_FREQS:
                 continue
             self.files[hf_names.get(gname, gname)] = gname
-        self._done, self._bytes, self._t0, self._last_log = 0, 0, None, 0.0
+        self.progress = Progress(self.log, len(self.files), "GGUF tensors")
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -255,14 +257,13 @@ class GGUFCheckpoint:
         import gguf
         gname = self.files[name]
         t = self.tensors[gname]
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+        self.progress.start()
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         if self._permute and (".attn_q." in gname or ".attn_k." in gname):
             w = _unpermute(w, self._heads if ".attn_q." in gname else self._kv_heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         out = torch.from_numpy(w if w.flags.writeable else w.copy())   # F32: a view of the map
-        self._progress(t)
+        self.progress.step(t.n_bytes)
         return out
 
     def rope_freq_factors(self) -> torch.Tensor | None:
@@ -272,16 +273,6 @@ class GGUFCheckpoint:
         import gguf
         return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                          dtype=np.float32).reshape(-1))
-
-    def _progress(self, t) -> None:
-        self._done += 1
-        self._bytes += int(t.n_bytes)
-        now = time.perf_counter()
-        total = len(self.files)
-        if now - self._last_log >= 2.0 or self._done == total:
-            self._last_log = now
-            self.log(f"  dequantized {self._done}/{total} GGUF tensors "
-                     f"({self._bytes / 2**20:.1f} MiB read) in {now - self._t0:.1f}s")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from braze.ir.types import torch_dtype
 from braze.models.registry import ARCHITECTURES, build_model, build_spec, family_of, weight_sources
 from braze.models.spec import ModelSpec
 
+from .fp8 import FP8Checkpoint, fp8_scheme, without_quantization
 from .mtp import mtp_tensors
 from .trace import trace_to_ir
 from .weights import Checkpoint, check_sources, load_source
@@ -45,6 +46,7 @@ class LoadedModel:
     # (DeepSeek-V3's float32 router), recorded before passes derive params from them
     param_dtypes: dict[str, str] = field(default_factory=dict)
     mtp: dict[int, list[str]] = field(default_factory=dict)   # MTP layer -> its tensors
+    source: dict | None = None        # what the weights were, when not plain (fp8: fp8.py)
 
     def load_param(self, name: str) -> torch.Tensor:
         if name in self.computed:
@@ -108,8 +110,11 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
                with_weights: bool = True, log=None, checkpoint=None) -> LoadedModel:
     """Trace the model of `model_dir` to IR; with weights, check every weight's name and shape.
 
-    `checkpoint` replaces the directory's safetensors (a GGUF file's tensors: frontend/gguf.py)."""
+    `checkpoint` replaces the directory's safetensors (a GGUF file's tensors: frontend/gguf.py);
+    a block-scaled fp8 checkpoint (config.json's quantization_config) is dequantized on read
+    (frontend/fp8.py)."""
     raw, cfg = read_config(model_dir)
+    fp8 = fp8_scheme(raw, Path(model_dir) / "config.json") if checkpoint is None else None
     spec = build_spec(cfg)
     dt = parse_dtype(dtype) if dtype else default_dtype(raw)
     if log:
@@ -117,14 +122,21 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
     t0 = time.perf_counter()
     module = build_model(spec, torch_dtype(dt))
     graph = trace_to_ir(module, spec.architecture, block_size, dt, log=log)
-    loaded = LoadedModel(graph, spec, raw, dt)
+    # the artifact holds dequantized weights: its config.json declares no quantization
+    loaded = LoadedModel(graph, spec, without_quantization(raw) if fp8 else raw, dt)
     loaded.param_dtypes = {name: p.type.dtype for name, p in graph.params.items()}
     for name, p in graph.params.items():
         t = _real_tensor(module, name)
         if t is not None:
             loaded.computed[name] = t
     if with_weights:
-        ckpt = checkpoint if checkpoint is not None else Checkpoint(Path(model_dir))
+        if checkpoint is not None:
+            ckpt = checkpoint
+        elif fp8:
+            ckpt = FP8Checkpoint(Path(model_dir), fp8, log=log)
+            loaded.source = fp8.source(dt, len(ckpt.scales))
+        else:
+            ckpt = Checkpoint(Path(model_dir))
         loaded.checkpoint = ckpt
         available = ckpt.names()
         for name, p in graph.params.items():

@@ -136,9 +136,15 @@ def executor(store, case, opt_level=0, backend="reference", num_blocks=32):
 def assert_steps_match_transformers(store, case, ex, atol=1e-4, rtol=1e-4):
     """Three steps on `ex` (a fresh prefill; a chunked prefill over a cached prefix mixed
     with a decode) give transformers' logits for the same positions of PROMPT."""
+    assert_steps_match(ex, hf_model(store.checkpoint(case)), atol, rtol)
+
+
+def assert_steps_match(ex, model, atol=1e-4, rtol=1e-4):
+    """assert_steps_match_transformers with the transformers `model` given (loaded some
+    other way than from a case's checkpoint)."""
     from braze.ir.contract import SeqChunk
     with torch.no_grad():
-        expected = hf_model(store.checkpoint(case))(torch.tensor([PROMPT])).logits[0]
+        expected = model(torch.tensor([PROMPT])).logits[0]
     a, b = take_blocks(ex, 2), take_blocks(ex, 2)
     got = run_step(ex, [SeqChunk(PROMPT[:9], 0, a)])
     torch.testing.assert_close(got[0], expected[8], atol=atol, rtol=rtol)

@@ -115,6 +115,19 @@ MUTATIONS = [
              "factors = self.checkpoint.rope_freq_factors()",
              "factors = None",
              ["tests/test_gguf.py"], k="rope_freqs"),
+    Mutation("fp8-edge-blocks-unscaled",
+             "an fp8 checkpoint whose dims are not multiples of the block compiles, but the "
+             "last partial column block keeps its raw fp8 values: wrong logits",
+             "frontend/fp8.py",
+             "for j in range(math.ceil(cols / bc)):",
+             "for j in range(cols // bc):",
+             ["tests/test_fp8.py"], k="partial or dequantize_blocks"),
+    Mutation("fp8-block-dims-swapped",
+             "fp8 scales with non-square blocks spread over the wrong rows",
+             "frontend/fp8.py",
+             "repeat_interleave(br, dim=-2)",
+             "repeat_interleave(bc, dim=-2)",
+             ["tests/test_fp8.py"], k="dequantize_blocks"),
 ]
 
 
