@@ -33,6 +33,10 @@ Part 3:
                longrope; (1 + w) sandwich norms, sliding/global layers, head_dim 256; MLA
                latent cache + absorbed decode kernel, grouped sigmoid MoE), batches 1
                and 16 vs HF eager, with the teacher-forced correctness check  decode-families.json
+Part 4:
+  decode-gemma4  Gemma-4-E2B-like shape (per-layer inputs over a 262k vocabulary, 20 of
+               35 layers sharing KV, sliding/global layers with head_dim 256/512), batches
+               1 and 16 vs HF eager, with the correctness check        decode-gemma4.json
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -227,7 +231,8 @@ class Suite:
         else:
             # checkpoint + artifact, each the bf16 weights: Phi-4-mini's are 7.7 GB
             cmd += ["--work-dir", work_dir(40 << 30 if model == "8b" else
-                                           20 << 30 if "phi4" in model else 8 << 30)]
+                                           20 << 30 if "phi4" in model or "gemma4" in model
+                                           else 8 << 30)]
 
         def after():
             doc = json.loads(json_path.read_text())
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
-    ap.add_argument("--part", type=int, choices=(1, 2, 3), default=1)
+    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4), default=1)
     ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
                     help="stop starting work after this many seconds (default 530: a "
                          "9-minute device call with room to bring the files back)")
@@ -337,6 +342,9 @@ def main(argv=None) -> int:
         s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b,dsv3-mini",
                        "1,16" if not args.dry_run else "1,4", "eager", "decode-families.json",
                        ["--no-cold-start"])
+    elif args.part == 4:
+        s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",
+                       "eager", "decode-gemma4.json", ["--no-cold-start"])
     else:
         s.decode_stage("decode-1b", 200, "1b", "1,16,64" if not args.dry_run else "1,4",
                        "eager,compile", "decode-1b-full.json", [])

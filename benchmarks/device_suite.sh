@@ -2,6 +2,8 @@
 # The device suite (see benchmarks/device_suite.py): on the GPU machine, from the checkout,
 #   bash benchmarks/device_suite.sh "$OUT"            # part 1, at most 9 minutes
 #   bash benchmarks/device_suite.sh "$OUT" --part 2   # what part 1 had no time for
+#   bash benchmarks/device_suite.sh "$OUT" --part 3   # Phi-4-mini, Gemma 3, DeepSeek-V3 decode
+#   bash benchmarks/device_suite.sh "$OUT" --part 4   # Gemma 4 E2B-like decode
 set -u
 cd "$(dirname "$0")/.." || exit 2
 exec python3 benchmarks/device_suite.py "$@"

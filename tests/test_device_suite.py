@@ -28,6 +28,7 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
     ("2", {"summary.md", "env.txt", "decode.log", "decode-1b-full.json", "decode-8b-full.json",
            "kernels.json", "kernels.log"}),
     ("3", {"summary.md", "env.txt", "decode.log", "decode-families.json"}),
+    ("4", {"summary.md", "env.txt", "decode.log", "decode-gemma4.json"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -48,6 +49,10 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
     if part == "3":
         for name in ("tiny Phi-4-mini", "tiny Gemma-3-1B", "tiny DeepSeek-V3-mini"):
             assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
+        assert "MISMATCH" not in summary
+    if part == "4":
+        name = "tiny Gemma-4-E2B-like"
+        assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
         assert "MISMATCH" not in summary
 
 
