@@ -124,6 +124,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     }
     if gguf:
         model["source"] = gguf.identity()
+    if loaded.multimodal:
+        model["multimodal"] = loaded.multimodal
     compile_info = {
         "passes": [{"name": r.name, "matches": r.matches, "ms": r.ms} for r in records],
         "ops_before": ops_before,
