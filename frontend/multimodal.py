@@ -44,8 +44,10 @@ def text_config(cfg, architecture: str):
     text.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", text.tie_word_embeddings))
     if not entry.final_softcap:
         text.final_logit_softcapping = None
-    for key in ("bos_token_id", "eos_token_id"):    # published configs keep them at the top
-        if getattr(text, key, None) is None and getattr(cfg, key, None) is not None:
+    # published configs keep bos/eos at the top (gemma-3-4b-it: eos [1, 106]); the text
+    # config then holds only its class defaults
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(cfg, key, None) is not None:
             setattr(text, key, getattr(cfg, key))
     return text
 

@@ -179,3 +179,19 @@ def test_checkpoint_with_its_own_lm_head(mm, tmp_path):
     with torch.no_grad():
         expected = hf_model(ckpt)(torch.tensor([PROMPT])).logits[0, -1]
     torch.testing.assert_close(got[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_top_level_token_ids_and_tie_are_the_wrappers(mm, tmp_path):
+    """Published multimodal configs keep bos/eos at the top (gemma-3-4b-it: eos [1, 106])
+    and tie the head by the top-level flag: the text model's spec takes those."""
+    from braze.frontend.load import read_config
+    from braze.models.registry import build_spec
+    raw = json.loads((mm.checkpoint("gemma3") / "config.json").read_text())
+    raw.update(eos_token_id=[2, 106], bos_token_id=2, tie_word_embeddings=False)
+    raw["text_config"]["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _, cfg, origin = read_config(tmp_path)
+    spec = build_spec(cfg)
+    assert origin == ORIGINS["gemma3"] and spec.architecture == "Gemma3ForCausalLM"
+    assert (spec.eos_token_ids, spec.bos_token_id) == ([2, 106], 2)
+    assert spec.tie_word_embeddings is False and spec.final_softcap == 0.0
