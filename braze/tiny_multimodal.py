@@ -52,6 +52,7 @@ def multimodal_config(family: str, **text_overrides):
 
 
 def make_multimodal_checkpoint(family: str, out_dir, seed: int = 0, with_tokenizer: bool = True,
+                               max_shard_size: str | None = None,
                                **text_overrides) -> pathlib.Path:
     """Build, randomly initialise and save a tiny ``family`` ConditionalGeneration checkpoint."""
     from transformers import AutoModelForImageTextToText
@@ -62,7 +63,8 @@ def make_multimodal_checkpoint(family: str, out_dir, seed: int = 0, with_tokeniz
     _init_weights(model, seed)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({} if max_shard_size is None else
+                                  {"max_shard_size": max_shard_size}))
     if with_tokenizer:
         make_tokenizer(out, vocab_size=config.text_config.vocab_size)
         cfg_path = out / "tokenizer_config.json"

@@ -25,20 +25,11 @@ from conftest import (
 ORIGINS = {"gemma3": "Gemma3ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}
 
 
-class _MultimodalStore(_Store):
-    """conftest's store, with the tiny multimodal checkpoints as its cases."""
-
-    def checkpoint(self, case: str):
-        if case not in self.checkpoints:
-            with contextlib.redirect_stderr(io.StringIO()):
-                self.checkpoints[case] = make_multimodal_checkpoint(
-                    case, self.factory.mktemp(case) / "model", seed=1)
-        return self.checkpoints[case]
-
-
 @pytest.fixture(scope="module")
 def mm(tmp_path_factory):
-    return _MultimodalStore(tmp_path_factory)
+    """conftest's store, with the tiny multimodal checkpoints as its cases."""
+    return _Store(tmp_path_factory, {case: (case, {}) for case in ORIGINS},
+                  make_multimodal_checkpoint)
 
 
 def test_the_reference_is_the_conditional_generation_model(mm):
