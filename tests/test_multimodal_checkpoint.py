@@ -186,3 +186,15 @@ def test_top_level_token_ids_and_tie_are_the_wrappers(mm, tmp_path):
     assert origin == ORIGINS["gemma3"] and spec.architecture == "Gemma3ForCausalLM"
     assert (spec.eos_token_ids, spec.bos_token_id) == ([2, 106], 2)
     assert spec.tie_word_embeddings is False and spec.final_softcap == 0.0
+
+
+def test_other_multimodal_architectures_are_refused_naming_the_accepted_ones(tmp_path):
+    from braze.frontend.load import read_config
+    from braze.ir.errors import BrazeError
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"}))
+    with pytest.raises(BrazeError) as e:
+        read_config(tmp_path)
+    msg = str(e.value)
+    assert "LlavaForConditionalGeneration" in msg and "\n" not in msg
+    assert all(origin in msg for origin in ORIGINS.values())
