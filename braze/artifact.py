@@ -41,7 +41,18 @@ GRAPH_FILE = "graph.bir"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "chat_template.json")
+# chat_template.json: where multimodal checkpoints (their processor) keep the chat template
+
+
+def text_only_origin(manifest: dict) -> str | None:
+    """The multimodal architecture (Gemma3ForConditionalGeneration, ...) whose language model
+    the artifact is, compiled text-only (manifest model.multimodal, frontend/multimodal.py);
+    None for an artifact of a text model."""
+    mm = (manifest.get("model") or {}).get("multimodal")
+    if isinstance(mm, dict) and mm.get("text_only"):
+        return str(mm.get("architecture") or "a multimodal model")
+    return None
 
 
 def sha256_file(path: Path) -> str:

@@ -126,6 +126,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         model["source"] = gguf.identity()
     elif loaded.source:
         model["source"] = loaded.source
+    if loaded.multimodal:
+        model["multimodal"] = loaded.multimodal
     compile_info = {
         "passes": [{"name": r.name, "matches": r.matches, "ms": r.ms} for r in records],
         "ops_before": ops_before,

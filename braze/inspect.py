@@ -51,6 +51,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "trust": {"how": art.trust.how, "detail": art.trust.detail},
         "parallel": m.get("parallel"),
         "kv_groups": m.get("kv_groups"),
+        "text_only_origin": art.text_only_origin,
     }
 
 
@@ -64,6 +65,14 @@ def _source_line(src: dict) -> str:
     return (f"source     {src.get('format', '?')} {src.get('file', '?')} "
             f"({src.get('gguf_architecture', '?')}; {types}), sha256 "
             f"{str(src.get('sha256', '?'))[:16]}...")
+
+
+def _text_only_line(origin: str, mm: dict) -> str:
+    """An artifact of a multimodal checkpoint's language model (frontend/multimodal.py)."""
+    skipped = ", ".join(mm.get("skipped_modules") or []) or "its towers"
+    return (f"text-only  the language model of {origin}; {skipped} "
+            f"({mm.get('skipped_tensors', '?')} tensors) not compiled: chat requests with "
+            f"image or audio parts get a 400")
 
 
 def _cubins_here(m: dict) -> dict:
@@ -85,6 +94,8 @@ def format_summary(s: dict) -> str:
         f"hidden {model['hidden_size']}, heads {model['num_heads']}/{model['num_kv_heads']} kv, "
         f"head_dim {model['head_dim']}, vocab {model['vocab_size']}, dtype {model['dtype']}",
         *([_source_line(model["source"])] if model.get("source") else []),
+        *([_text_only_line(s["text_only_origin"], model.get("multimodal") or {})]
+          if s.get("text_only_origin") else []),
         f"options    -O{opts['opt_level']}, max_model_len {opts['max_model_len']}, block_size "
         f"{opts['block_size']}, max_num_tokens {opts['max_num_tokens']}, max_num_seqs "
         f"{opts['max_num_seqs']}, targets {opts['targets']}, cudagraph {opts['cudagraph_mode']}",

@@ -13,11 +13,13 @@ import torch
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
-from braze.models.registry import ARCHITECTURES, build_model, build_spec, family_of, weight_sources
+from braze.models.registry import (build_model, build_spec, family_of, supported_architectures,
+                                   weight_sources)
 from braze.models.spec import ModelSpec
 
 from .fp8 import FP8Checkpoint, fp8_scheme, without_quantization
 from .mtp import mtp_tensors
+from .multimodal import TextCheckpoint, multimodal_architecture, origin_record, text_config
 from .trace import trace_to_ir
 from .weights import Checkpoint, check_sources, load_source
 
@@ -47,6 +49,7 @@ class LoadedModel:
     param_dtypes: dict[str, str] = field(default_factory=dict)
     mtp: dict[int, list[str]] = field(default_factory=dict)   # MTP layer -> its tensors
     source: dict | None = None        # what the weights were, when not plain (fp8: fp8.py)
+    multimodal: dict | None = None    # the manifest's model.multimodal (frontend/multimodal.py)
 
     def load_param(self, name: str) -> torch.Tensor:
         if name in self.computed:
@@ -85,9 +88,9 @@ def read_config(model_dir: Path):
     except ValueError as e:
         raise BrazeError(f"{path}: not valid JSON ({e})") from None
     archs = raw.get("architectures") or []
-    if archs and not any(a in ARCHITECTURES for a in archs):
+    if archs and not any(a in supported_architectures() for a in archs):
         raise BrazeError(f"unsupported architecture {', '.join(archs)} in {path}; braze "
-                         f"supports: {', '.join(ARCHITECTURES)}")
+                         f"supports: {', '.join(supported_architectures())}")
     from transformers import AutoConfig
     try:
         with warnings.catch_warnings():
@@ -97,8 +100,11 @@ def read_config(model_dir: Path):
         # validation errors (a field of the wrong type), which are none of the builtins
         why = " ".join(str(e).split())
         raise BrazeError(f"{path}: transformers cannot read this config ({why})") from None
+    multimodal = multimodal_architecture(cfg)
+    if multimodal:              # its language model, compiled text-only
+        cfg = text_config(cfg, multimodal)
     family_of(cfg)
-    return raw, cfg
+    return raw, cfg, multimodal
 
 
 def default_dtype(raw: dict) -> str:
@@ -113,7 +119,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
     `checkpoint` replaces the directory's safetensors (a GGUF file's tensors: frontend/gguf.py);
     a block-scaled fp8 checkpoint (config.json's quantization_config) is dequantized on read
     (frontend/fp8.py)."""
-    raw, cfg = read_config(model_dir)
+    raw, cfg, multimodal = read_config(model_dir)
     fp8 = fp8_scheme(raw, Path(model_dir) / "config.json") if checkpoint is None else None
     spec = build_spec(cfg)
     dt = parse_dtype(dtype) if dtype else default_dtype(raw)
@@ -137,6 +143,8 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
             loaded.source = fp8.source(dt, len(ckpt.scales))
         else:
             ckpt = Checkpoint(Path(model_dir))
+        if multimodal:
+            ckpt = TextCheckpoint(ckpt)
         loaded.checkpoint = ckpt
         available = ckpt.names()
         for name, p in graph.params.items():
@@ -149,6 +157,13 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
         unused = loaded.unused_checkpoint_tensors()
         if unused and log:
             log(f"note: {len(unused)} checkpoint tensor(s) not used by the model, e.g. {unused[0]}")
+    if multimodal:
+        loaded.multimodal = origin_record(multimodal, loaded.checkpoint)
+        if log:
+            log(f"{multimodal}: compiling its language model text-only"
+                + (f"; {loaded.checkpoint.skipped_tensors} tensors of "
+                   f"{', '.join(loaded.checkpoint.skipped_modules)} not read"
+                   if loaded.checkpoint else ""))
     if log:
         log(f"frontend done in {time.perf_counter() - t0:.2f}s: {len(graph.nodes)} ops, "
             f"{len(graph.params)} parameters")

@@ -41,6 +41,21 @@ ARCHITECTURES = {
 }
 
 
+@dataclass(frozen=True)
+class TextOf:
+    """A multimodal architecture whose language model braze compiles alone (text-only)."""
+    text_architecture: str       # the CausalLM class its language model is
+    final_softcap: bool          # does the multimodal model soft-cap its logits?
+
+
+# frontend/multimodal.py maps their configs and weight names. transformers'
+# Gemma3ForConditionalGeneration applies no final logit soft-cap (its Gemma3ForCausalLM does)
+MULTIMODAL = {
+    "Gemma3ForConditionalGeneration": TextOf("Gemma3ForCausalLM", final_softcap=False),
+    "Gemma4ForConditionalGeneration": TextOf("Gemma4ForCausalLM", final_softcap=True),
+}
+
+
 # used only when config.json names no architectures (e.g. a config built in code)
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen3_moe": "qwen3_moe", "phi3": "phi3",
@@ -56,7 +71,12 @@ def family_of(config) -> str:
         return MODEL_TYPES[config.model_type]
     named = ", ".join(archs) or f"(none; model_type {getattr(config, 'model_type', '?')!r})"
     raise BrazeError(f"unsupported architecture {named}; braze supports: "
-                     f"{', '.join(ARCHITECTURES)}")
+                     f"{', '.join(supported_architectures())}")
+
+
+def supported_architectures() -> list[str]:
+    """What config.json's `architectures` may name (the multimodal ones compile text-only)."""
+    return [*ARCHITECTURES, *MULTIMODAL]
 
 
 def build_spec(config) -> ModelSpec:

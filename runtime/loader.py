@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from braze.artifact import GRAPH_FILE, TOKENIZER_DIR, read_manifest_bytes, verify_files
+from braze.artifact import (GRAPH_FILE, TOKENIZER_DIR, read_manifest_bytes, text_only_origin,
+                            verify_files)
 from braze.ir import Graph, parse_graph, verify
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
@@ -43,6 +44,11 @@ class Artifact:
     def limits(self) -> StepLimits:
         """The step limits it was compiled for (ir/contract.py), as the manifest records them."""
         return StepLimits.from_manifest(self.manifest, f"artifact {self.root}")
+
+    @property
+    def text_only_origin(self) -> str | None:
+        """The multimodal architecture it was compiled from, text-only (braze/artifact.py)."""
+        return text_only_origin(self.manifest)
 
     @property
     def tokenizer_dir(self) -> Path | None:

@@ -76,6 +76,7 @@ class Service:
     created: int = 0
     tool_call_parser: str | None = None   # for tool_choice "auto" (serving/tool_parsers)
     trust_request_chat_template: bool = False
+    text_only_origin: str | None = None   # compiled text-only from this multimodal architecture
 
     def __post_init__(self):
         self.created = int(time.time())

@@ -1,30 +1,42 @@
 """Chat messages rendered to a prompt with the tokenizer's chat template.
 
 The template comes from the artifact's tokenizer directory: `chat_template.jinja` when
-present, else `chat_template` in tokenizer_config.json (a string, or a list of named
-templates where "default" wins). It is rendered in jinja2's immutable sandbox: templates
+present, else chat_template.json's `chat_template` (the processor's file, where multimodal
+checkpoints keep it), else `chat_template` in tokenizer_config.json (a string, or a list of
+named templates where "default" wins). It is rendered in jinja2's immutable sandbox: templates
 ship with models, and a template must not reach Python internals.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from datetime import datetime
 from pathlib import Path
 
 from .protocol import ChatMessage, bad_request, check_text
 
-NO_TEMPLATE = ("model has no chat template (no chat_template in its tokenizer_config.json); "
-               "use /v1/completions with a prompt instead")
+log = logging.getLogger("braze.serving")
+
+NO_TEMPLATE = ("model has no chat template (no chat_template.jinja, chat_template.json or "
+               "chat_template in its tokenizer_config.json); use /v1/completions with a "
+               "prompt instead")
 
 
 def load_template(tokenizer_dir: Path | None, config: dict | None) -> str | None:
+    t = (config or {}).get("chat_template")
     if tokenizer_dir is not None:
         f = Path(tokenizer_dir) / "chat_template.jinja"
         if f.is_file():
             return f.read_text()
-    t = (config or {}).get("chat_template")
+        f = Path(tokenizer_dir) / "chat_template.json"
+        if f.is_file():
+            try:
+                t = json.loads(f.read_text()).get("chat_template", t)
+            except (ValueError, AttributeError):
+                log.warning("%s is not a JSON object with a chat_template; using "
+                            "tokenizer_config.json's", f)
     if isinstance(t, list):
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
         t = named.get("default") or next(iter(named.values()), None)
@@ -85,9 +97,17 @@ class ChatTemplate:
                               "messages") from None
 
 
-def check_messages(messages: list[ChatMessage]) -> None:
-    """400 for message text the tokenizer cannot take (lone surrogates), naming where."""
+def check_messages(messages: list[ChatMessage], text_only_origin: str | None = None) -> None:
+    """400 for message text the tokenizer cannot take (lone surrogates), naming where, and
+    for content parts other than text; `text_only_origin`: the multimodal architecture the
+    artifact was compiled from text-only, which the 400 names."""
     for i, m in enumerate(messages):
+        for j, p in enumerate(m.content if isinstance(m.content, list) else []):
+            if p.type != "text" and text_only_origin:
+                raise bad_request(f"messages[{i}].content[{j}] is of type {p.type!r}, but this "
+                                  f"artifact was compiled text-only from {text_only_origin} "
+                                  "(its vision and audio towers are not in it); send text "
+                                  "content parts only", "messages")
         check_text(_content_text(m), "messages", f"messages[{i}].content")
         if m.name:
             check_text(m.name, "messages", f"messages[{i}].name")

@@ -131,7 +131,7 @@ class Prompts:
         if tok is None:
             raise bad_request("this model has no tokenizer, so it cannot chat; use "
                               "/v1/completions with token ids", "messages")
-        check_messages(body.messages)
+        check_messages(body.messages, self.svc.text_only_origin)
         text = template.render(body.messages, body.add_generation_prompt,
                                body.chat_template_kwargs, tools=tools)
         check_text(text, "chat_template_kwargs", "the prompt the chat template made")

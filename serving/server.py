@@ -122,7 +122,7 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics), metrics,
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
-                      tool_call_parser=parser)
+                      tool_call_parser=parser, text_only_origin=art.text_only_origin)
         hosts = hosts_to_answer(host, so.allowed_hosts)
         if hosts is None and not is_loopback(host):
             log.info("answering requests for any Host name (pass --allowed-hosts to restrict)")

@@ -59,19 +59,23 @@ PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9, 45, 200, 3, 77, 12, 190, 55, 8, 
 
 
 class _Store:
-    def __init__(self, factory):
+    """Checkpoints of `cases` (name -> (family, overrides)), made by `make` (a function like
+    braze.tiny.make_checkpoint), and their artifacts, each built once."""
+
+    def __init__(self, factory, cases=None, make=make_checkpoint):
         self.factory = factory
+        self.cases, self.make = CASES if cases is None else cases, make
         self.checkpoints = {}
         self.artifacts = {}
 
     def checkpoint(self, case: str):
         if case not in self.checkpoints:
-            family, overrides = CASES[case]
+            family, overrides = self.cases[case]
             d = self.factory.mktemp(case)
             shard = "40KB" if case == "mixtral" else None   # one case loads a sharded index
             with contextlib.redirect_stderr(io.StringIO()):
-                self.checkpoints[case] = make_checkpoint(family, d / "model", seed=1,
-                                                         max_shard_size=shard, **overrides)
+                self.checkpoints[case] = self.make(family, d / "model", seed=1,
+                                                   max_shard_size=shard, **overrides)
         return self.checkpoints[case]
 
     def artifact(self, case: str, **options):
