@@ -8,8 +8,14 @@ imports and does nothing else, so "extra" is the memory the compile itself neede
 
 Issue 12's bound: compiling must not need twice the checkpoint's size.
 
+With `--fp8` the checkpoint is then rewritten as DeepSeek-V3 ships its weights (the linear
+weights in float8_e4m3fn with 128x128 `weight_scale_inv` block scales, braze/tiny_fp8.py)
+and compiled to bfloat16, so each weight is dequantized as it is read (frontend/fp8.py);
+the ratio is then against the fp8 files, which are half the size of the bf16 artifact.
+
     python benchmarks/compile_memory.py                  # ~600 MiB, 100 MiB shards
     python benchmarks/compile_memory.py --mb 1500 --shard-mb 400
+    python benchmarks/compile_memory.py --fp8            # the same model, fp8 on disk
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ if sys.argv[1] == "make":
     make_checkpoint("llama", sys.argv[2], hidden_size=h, intermediate_size=i,
                     num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
                     head_dim=64, vocab_size=v, max_shard_size=f"{shard}MB")
+if sys.argv[1] == "fp8":
+    from braze.tiny_fp8 import fp8_checkpoint
+    fp8_checkpoint(sys.argv[2], sys.argv[3], block=(128, 128), shards=int(sys.argv[4]))
 if sys.argv[1] == "compile":
-    braze.compile(sys.argv[2], sys.argv[3], opt_level=2, targets="", dtype="float32")
+    braze.compile(sys.argv[2], sys.argv[3], opt_level=2, targets="", dtype=sys.argv[4])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -47,6 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=int, default=600, help="checkpoint size to aim for, MiB")
     ap.add_argument("--shard-mb", type=int, default=100, help="transformers' max_shard_size")
+    ap.add_argument("--fp8", action="store_true",
+                    help="store the linear weights in fp8 with 128x128 block scales and "
+                         "compile to bfloat16")
     args = ap.parse_args()
     hidden, inter, vocab = 1024, 2816, 32000
     per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 4
@@ -54,10 +66,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / "model"
         peak_mib("make", ckpt, hidden, inter, vocab, layers, args.shard_mb)
+        dtype, kind = "float32", "float32"
+        if args.fp8:
+            shards = len(list(ckpt.glob("*.safetensors")))
+            fp8 = Path(d) / "model-fp8"
+            peak_mib("fp8", ckpt, fp8, shards)
+            ckpt, dtype, kind = fp8, "bfloat16", "fp8 (128x128 block scales) -> bfloat16"
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
+        nfiles = len(list(ckpt.glob("*.safetensors")))
         base = peak_mib("baseline")
-        peak = peak_mib("compile", str(ckpt), str(Path(d) / "out.braze"))
-    print(f"checkpoint {size:.0f} MiB in {args.shard_mb} MiB shards ({layers} layers)")
+        peak = peak_mib("compile", str(ckpt), str(Path(d) / "out.braze"), dtype)
+    print(f"checkpoint {size:.0f} MiB, {kind}, in {nfiles} shards ({layers} layers)")
     print(f"peak RSS: compile {peak:.0f} MiB, imports alone {base:.0f} MiB, "
           f"extra {peak - base:.0f} MiB = {(peak - base) / size:.2f}x the checkpoint")
 
