@@ -48,7 +48,7 @@ from braze.ir import Graph, Node, Value, get_op
 from braze.ir.op_router import RENORM_EPS
 
 from .manager import PassContext, register_pass
-from .pattern import Op, Var, match
+from .pattern import Op, Opt, Var, match
 from .rewrite import Rewriter, Rule, rewrite
 
 _LAST2 = (-1, 1)          # the last dim of a rank-2 value, spelt either way
@@ -66,8 +66,9 @@ def _router(grouped: bool, renorm: bool, scaled: bool) -> Op:
                           keepdim=False, name="group_scores")
         best_groups = Op("topk", group_scores, k=Var("topk_group"),
                          dim=Var("gt_dim", where=lambda d: d in _LAST2), largest=True)
-        kth = Op("slice", best_groups, dim=Var("kth_dim", where=lambda d: d in _LAST2),
-                 start=Var("kth_start"), end=Var("kth_end"), step=1)
+        # the topk_group-th best (with topk_group 1 canonicalize drops the whole-range slice)
+        kth = Opt(Op("slice", best_groups, dim=Var("kth_dim", where=lambda d: d in _LAST2),
+                     start=Var("kth_start"), end=Var("kth_end"), step=1), best_groups)
         keep = Op("unsqueeze", Op("ge", group_scores, kth),
                   dim=Var("keep_dim", where=lambda d: d in _LAST3))
         masked = Op("where", keep, per_group, Op("full_like", per_group, value=float("-inf")))
@@ -143,7 +144,11 @@ def _fuse(node: Node, rw: Rewriter) -> int | str | None:
         if m["flat"].results[0].type != lt:
             return f"the masked choice is reshaped to {m['flat'].results[0].type}, not {lt}"
         tg = m["topk_group"]
-        if m["kth_start"] != tg - 1 or m["kth_end"] not in (None, tg):
+        sliced = "kth_start" in m.bindings
+        if not sliced and tg != 1:
+            return (f"the kept groups are those >= all {tg} best; grouped_topk keeps the "
+                    f"{tg} best (>= the {tg}-th best)")
+        if sliced and (m["kth_start"] != tg - 1 or m["kth_end"] not in (None, tg)):
             return (f"the kept groups are those >= slice [{m['kth_start']}:{m['kth_end']}] of "
                     f"the {tg} best; grouped_topk keeps the {tg} best (slice [{tg - 1}:])")
         attrs.update(n_group=gt.shape[1], topk_group=tg)

@@ -177,6 +177,28 @@ graph @router(%logits: f32[T, 8]) {
 }
 """
 
+# dsv3-plain: 2 groups, 1 kept (canonicalize dropped the whole-range slice), no renormalisation
+ONE_GROUP_KEPT = """
+graph @router(%logits: f32[T, 8]) {
+  param @bias: f32[8]
+  %126: f32[T, 8] = sigmoid(%logits)
+  %127: f32[T, 8] = add(%126, @bias)
+  %128: f32[T, 2, 4] = reshape(%127) {shape=[-1, 2, 4]}
+  %129: f32[T, 2, 2], %130: i64[T, 2, 2] = topk(%128) {k=2}
+  %131: f32[T, 2] = sum(%129) {dims=[-1]}
+  %132: f32[T, 1], %133: i64[T, 1] = topk(%131) {k=1}
+  %135: bool[T, 2] = ge(%131, %132)
+  %136: bool[T, 2, 1] = unsqueeze(%135) {dim=2}
+  %137: f32[T, 2, 4] = full_like(%128) {value=-inf}
+  %138: f32[T, 2, 4] = where(%136, %128, %137)
+  %139: f32[T, 8] = reshape(%138) {shape=[-1, 8]}
+  %140: f32[T, 2], %141: i64[T, 2] = topk(%139) {k=2}
+  %142: f32[T, 2] = gather(%126, %141) {dim=1}
+  %143: f32[T, 2] = mul(%142) {scalar=2.5}
+  return w=%143, ids=%141
+}
+"""
+
 # no groups, no renormalisation (dsv3-plain-like with n_group 1)
 UNGROUPED = """
 graph @router(%logits: f32[T, 8]) {
@@ -194,7 +216,7 @@ graph @router(%logits: f32[T, 8]) {
 def test_pass_fuses_the_traced_router_into_one_op():
     assert print_graph(parse_graph(opt_text(TRACED, "fuse-grouped-topk"))) == \
         print_graph(parse_graph(FUSED))
-    for text in (TRACED, UNGROUPED):
+    for text in (TRACED, ONE_GROUP_KEPT, UNGROUPED):
         g = assert_pass_preserves(text, ["fuse-grouped-topk"], {"T": 5}, atol=1e-6, rtol=1e-6)
         assert g.op_counts() == {"grouped_topk": 1}
 
