@@ -121,14 +121,15 @@ def test_kv_cache_holds_the_latent_not_full_kv(ds):
 
 
 def test_o2_moe_runs_only_the_selected_experts(ds):
-    """fuse-moe keeps the grouped sigmoid router as graph ops and fuses the experts
-    (fused_moe_routed): one real step pushes T * top_k rows through expert GEMMs, not
-    T * E; the cache write is the latent one."""
+    """fuse-moe fuses the experts (fused_moe_routed), fuse-grouped-topk the grouped
+    sigmoid router (grouped_topk): one real step pushes T * top_k rows through expert
+    GEMMs, not T * E; the cache write is the latent one."""
     import braze.ir.op_moe as op_moe
     from braze.inspect import summarize
     s = summarize(ds.artifact("dsv3", opt_level=2))
     assert s["ops"].get("latent_cache_write") == 2 and "cache_write" not in s["ops"]
     assert s["ops"].get("fused_moe_routed") == 1 and "scatter" not in s["ops"]
+    assert s["ops"].get("grouped_topk") == 1 and "topk" not in s["ops"]
     ex = executor(ds, "dsv3", opt_level=2)
     op_moe.EXPERT_GEMM_ROWS = 0
     ex.run(step_inputs(ex, [SeqChunk(PROMPT[:13], 0, take_blocks(ex, 1))]))
