@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from braze.ir import Graph, T, TensorType, parse_graph, print_graph, run_graph
 
-from kernel_helpers import aot_compile_node, check_kernels
+from kernel_helpers import aot_compile_node, check_kernels, run_with_kernels
 from pass_helpers import assert_pass_preserves, opt_text, refusal_reasons
 
 SETTINGS = dict(deadline=None, database=None,
@@ -70,6 +70,22 @@ def _by_id(w, ids):
     return w.gather(1, order), ids.gather(1, order)
 
 
+def _hf_route(e, attrs, logits, bias):
+    """transformers' (weights, ids) for these logits, each token's experts in id order."""
+    with torch.no_grad():
+        hf = _hf_router(e, attrs, bias)(logits)
+    # transformers 5.x returns (logits, weights, ids); the ids are its one integer tensor
+    ids = next(t for t in hf if not t.is_floating_point())
+    w = next(t for t in hf if t.is_floating_point() and t.shape == ids.shape and t is not hf[0])
+    return _by_id(w, ids)
+
+
+def _assert_same_routing(out, want):
+    w, ids = _by_id(out["w"], out["ids"])
+    assert torch.equal(ids, want[1])
+    torch.testing.assert_close(w, want[0], atol=1e-6, rtol=1e-6)
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(groupings(), st.integers(1, 6), st.integers(0, 2 ** 16))
 def test_reference_equals_transformers_router(grouping, tokens, seed):
@@ -78,16 +94,7 @@ def test_reference_equals_transformers_router(grouping, tokens, seed):
     logits = torch.randn(tokens, e, generator=gen) * 2
     bias = torch.randn(e, generator=gen) * 0.5
     out = run_graph(_graph(e, attrs), {"logits": logits}, {"bias": bias})
-    with torch.no_grad():
-        hf = _hf_router(e, attrs, bias)(logits)
-    # transformers 5.x returns (logits, weights, ids); the ids are its one integer tensor
-    hf_ids = next(t for t in hf if not t.is_floating_point())
-    hf_w = next(t for t in hf if t.is_floating_point() and t.shape == hf_ids.shape
-                and t is not hf[0])
-    w, ids = _by_id(out["w"], out["ids"])
-    want_w, want_ids = _by_id(hf_w, hf_ids)
-    assert torch.equal(ids, want_ids)
-    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-6)
+    _assert_same_routing(out, _hf_route(e, attrs, logits, bias))
     # slot order: descending biased score
     choice = (logits.sigmoid() + bias).gather(1, out["ids"])
     assert (choice[:, :-1] >= choice[:, 1:]).all()
@@ -111,6 +118,10 @@ def test_kernel_equals_reference(grouping, tokens, seed, ties):
     else:
         logits, bias = torch.randn(tokens, e, generator=gen), torch.randn(e, generator=gen)
     _check_kernel(e, attrs, logits, bias)
+    if not ties:     # and transformers' own router, directly
+        out = run_with_kernels(_graph(e, attrs), {"logits": logits}, {"bias": bias},
+                               {"grouped_topk"}, {"T": tokens})
+        _assert_same_routing(out, _hf_route(e, attrs, logits, bias))
 
 
 def test_kernel_reads_a_strided_logits_row_and_survives_nan():
@@ -127,7 +138,6 @@ def test_kernel_reads_a_strided_logits_row_and_survives_nan():
     x = torch.randn(3, 24, generator=torch.Generator().manual_seed(3))
     check_kernels(g, {"wide": x}, {"bias": torch.randn(16)}, {"grouped_topk"}, {"T": 3},
                   atol=1e-6, rtol=1e-6)
-    from kernel_helpers import run_with_kernels
     x[1] = float("nan")
     got = run_with_kernels(g, {"wide": x}, {"bias": torch.zeros(16)}, {"grouped_topk"}, {"T": 3})
     for row in got["ids"]:
