@@ -103,23 +103,19 @@ def grouped_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, stride_w
     tl.store(ids_ptr + t * stride_i + kk, ids.to(ids_ptr.dtype.element_ty), mask=kmask)
 
 
-def _pow2(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
-
-
 def lower(node, L):
     logits, bias = node.operands
     w, ids = node.results
     a = node.attrs
     e = logits.type.shape[1]
     per = e // a["n_group"]
-    e_pad = _pow2(e, 16)
+    e_pad = L.pow2(e, 16)
     L.launch(grouped_topk_kernel, grid=[L.rows(logits)],
              args=[L.buf(logits), L.buf(bias), L.buf(w), L.buf(ids), L.stride(logits, 0),
                    L.stride(w, 0), L.stride(ids, 0), L.float(a["scale"])],
              constexprs={"NUM_E": e, "E_PAD": e_pad, "N_GROUP": a["n_group"],
-                         "G_PAD": _pow2(a["n_group"], 2), "PER": per,
-                         "PER_PAD": _pow2(per, 2), "TOPK_GROUP": a["topk_group"],
-                         "TOP_K": a["top_k"], "K_PAD": _pow2(a["top_k"], 2),
+                         "G_PAD": L.pow2(a["n_group"], 2), "PER": per,
+                         "PER_PAD": L.pow2(per, 2), "TOPK_GROUP": a["topk_group"],
+                         "TOP_K": a["top_k"], "K_PAD": L.pow2(a["top_k"], 2),
                          "RENORM": bool(a["renormalize"])},
              num_warps=4 if e_pad >= 512 else (2 if e_pad >= 128 else 1), num_stages=1)
