@@ -1,8 +1,9 @@
 """Mixture of experts as one op: route each token to its top-k experts and run only those.
 
 `fused_moe_routed(x, weights [T, k], ids [T, k], w_gate_up, w_down) {act}` is the same
-dispatch for a routing the graph computed itself (DeepSeek-V3's grouped sigmoid router
-stays ordinary IR ops on [T, E]; only the experts are fused).
+dispatch for a routing the graph computed itself (DeepSeek-V3's grouped sigmoid router:
+fuse-moe fuses only the experts, and fuse-grouped-topk makes the router one `grouped_topk`,
+ir/op_router.py).
 
     %y: bf16[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down) {top_k=2, renormalize=true, act="silu"}
     %y: bf16[T, H] = fused_moe(%x, @router, @w_gate_up, @w_down, %rx, @scale) {...}    (Gemma 4)

@@ -38,7 +38,8 @@ weight's `cat` recipe.
 Any other router whose routing matrix is a scatter of [T, k] weights at top-k expert ids
 (DeepSeek-V3's: sigmoid scores, e_score_correction_bias, group-limited top-k, scaled
 weights) becomes `fused_moe_routed(x, weights, ids, w_gate_up, w_down)`: the router stays
-in the graph as ordinary ops on [T, E], the experts run O(top_k).
+in the graph as ordinary ops on [T, E] (fuse-grouped-topk, next, makes DeepSeek-V3's one
+`grouped_topk` op), the experts run O(top_k).
 
 Gemma 4's MoE block (beside its dense MLP) routes on another input than its experts
 read (the residual normed without a weight and scaled, vs. normed with a weight) and

@@ -163,8 +163,10 @@ class _Matcher:
         raise last
 
 
-def match(pat: Pat, value: Value, graph: Graph) -> Match:
-    """Match `pat` rooted at `value`; the root node may have any users, inner ones only matched ones."""
+def match(pat: Pat, value: Value, graph: Graph, escapes: tuple[Value, ...] = ()) -> Match:
+    """Match `pat` rooted at `value`; the root node may have any users, inner ones only matched
+    ones, except the values in `escapes` (a pattern with a second result: fuse-grouped-topk's
+    expert ids), which the replacement takes over as well."""
     m = _Matcher(graph)
     b, nodes = {}, []
     try:
@@ -178,6 +180,8 @@ def match(pat: Pat, value: Value, graph: Graph) -> Match:
         if n is root:
             continue
         for r in n.results:
+            if r in escapes:
+                continue
             outside = [u for u in graph.users(r) if id(u) not in inside]
             if outside or r in outputs:
                 where = f"{outside[0].op}" if outside else "a graph output"

@@ -95,6 +95,21 @@ MUTATIONS = [
              '"renormalize": m.get("renorm") is not None',
              '"renormalize": True',
              ["tests/test_pass_fuse_moe.py", "tests/test_o2_vs_hf.py"], k="moe or nonorm"),
+    Mutation("router-kernel-group-second-best",
+             "DeepSeek-V3's router kernel scores a group by its best expert twice, not its "
+             "two best: the wrong groups are kept, tokens go to the wrong experts",
+             "codegen/kernels/router.py",
+             "tl.where(m2 & (j[None, :] != at[:, None]), c2",
+             "tl.where(m2, c2",
+             ["tests/test_grouped_topk.py"], k="kernel"),
+    Mutation("fuse-grouped-topk-drops-scale",
+             "DeepSeek-V3's fused router forgets routed_scaling_factor: the routed experts' "
+             "sum is off by that factor",
+             "passes/fuse_grouped_topk.py",
+             '"scale": float(m["scale"]) if scaled else 1.0',
+             '"scale": 1.0',
+             ["tests/test_grouped_topk.py", "tests/test_deepseek_v3.py"],
+             k="pass or (greedy and 2)"),
     Mutation("stop-string-tail-short",
              "a stop string split across tokens is missed (the search keeps one character "
              "too few of the text before the new piece)",

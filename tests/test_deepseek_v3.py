@@ -121,18 +121,61 @@ def test_kv_cache_holds_the_latent_not_full_kv(ds):
 
 
 def test_o2_moe_runs_only_the_selected_experts(ds):
-    """fuse-moe keeps the grouped sigmoid router as graph ops and fuses the experts
-    (fused_moe_routed): one real step pushes T * top_k rows through expert GEMMs, not
-    T * E; the cache write is the latent one."""
+    """fuse-moe fuses the experts (fused_moe_routed), fuse-grouped-topk the grouped
+    sigmoid router (grouped_topk): one real step pushes T * top_k rows through expert
+    GEMMs, not T * E; the cache write is the latent one."""
     import braze.ir.op_moe as op_moe
     from braze.inspect import summarize
     s = summarize(ds.artifact("dsv3", opt_level=2))
     assert s["ops"].get("latent_cache_write") == 2 and "cache_write" not in s["ops"]
     assert s["ops"].get("fused_moe_routed") == 1 and "scatter" not in s["ops"]
+    assert s["ops"].get("grouped_topk") == 1 and "topk" not in s["ops"]
     ex = executor(ds, "dsv3", opt_level=2)
     op_moe.EXPERT_GEMM_ROWS = 0
     ex.run(step_inputs(ex, [SeqChunk(PROMPT[:13], 0, take_blocks(ex, 1))]))
     assert op_moe.EXPERT_GEMM_ROWS == 13 * 2
+
+
+def _router_launches(ds, case: str, skip: str | None = None) -> list[int]:
+    """Per MoE layer, the launches of the -O2 plan that compute its routing: every node in
+    the backward slice of fused_moe_routed's weights and ids, down to the router GEMM
+    (linear, or the split of a merged one) and the parameters; a kernel counts once per
+    launch, an extern call once unless it is a view (a view costs no kernel). `skip`: a
+    pass left out of the pipeline."""
+    from braze.codegen.plan import build_plan
+    from braze.config import CompileOptions
+    from braze.frontend import load_model
+    from braze.frontend.kv_groups import assign_kv_groups
+    from braze.ir import get_op
+    from braze.passes import PassContext, PassManager, pipeline
+    opts = CompileOptions(opt_level=2, targets="")
+    g = load_model(ds.checkpoint(case), dtype="float32").graph
+    assign_kv_groups(g)
+    names = [n for n in pipeline(2) if n != skip]
+    PassManager(names, ctx=PassContext(options=opts.to_json())).run(g)
+    plan = build_plan(g, opts.to_json())
+    launches = [ln for seg in plan["segments"] for ln in seg["launches"]
+                if "extern" not in ln or not get_op(ln["extern"]).view]
+    per_layer = []
+    for moe in (n for n in g.nodes if n.op == "fused_moe_routed"):
+        todo, seen = list(moe.operands[1:3]), set()
+        while todo:
+            node = todo.pop().producer
+            if node is None or node.op in ("linear", "split") or g.index(node) in seen:
+                continue
+            seen.add(g.index(node))
+            todo.extend(node.operands)
+        per_layer.append(sum(ln["node"] in seen for ln in launches))
+    return per_layer
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_o2_routes_each_moe_layer_in_one_launch(ds, case):
+    """fuse-grouped-topk: the grouped sigmoid router is one launch per MoE layer at -O2
+    (the grouped_topk kernel); the same pipeline without the pass plans 10."""
+    fused = _router_launches(ds, case)
+    assert fused and fused == [1] * len(fused)
+    assert _router_launches(ds, case, skip="fuse-grouped-topk") == [10] * len(fused)
 
 
 def test_mtp_weights_are_recognised_and_shipped(ds, tmp_path):

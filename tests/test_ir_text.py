@@ -158,6 +158,22 @@ def _b_topk(draw, g, pool):
     return g.add_node("topk", [x], attrs).results
 
 
+def _b_grouped_topk(draw, g, pool):
+    """DeepSeek-V3's router op: a new f32 [lead, E] logits input and bias parameter, the
+    grouping attributes drawn (scale may be any float the printer must keep exactly)."""
+    n_group, per = draw(st.integers(1, 4)), draw(st.integers(2, 4))
+    e = n_group * per
+    i = len(g.nodes)
+    logits = g.add_input(f"router_logits{i}", TensorType((pool[0].type.shape[0], e), "f32"))
+    bias = g.add_param(f"p{i}.bias", TensorType((e,), "f32"))
+    topk_group = draw(st.integers(1, n_group))
+    attrs = {"n_group": n_group, "topk_group": topk_group,
+             "top_k": draw(st.integers(1, topk_group * per)), "renormalize": draw(st.booleans())}
+    if draw(st.booleans()):
+        attrs["scale"] = draw(st.floats(allow_nan=False, allow_infinity=False))
+    return g.add_node("grouped_topk", [logits, bias], attrs).results
+
+
 def _b_reshape(draw, g, pool):
     x = _pick(draw, pool)
     ints = [d for d in x.type.shape if isinstance(d, int)]
@@ -286,7 +302,7 @@ def _b_derived_param(draw, g, pool):
 
 BUILDERS = [_b_derived_param, _b_unary, _b_binary, _b_cast, _b_reduce, _b_argmax, _b_softmax, _b_topk,
             _b_reshape, _b_permute, _b_unsqueeze, _b_slice, _b_cat, _b_split, _b_einsum,
-            _b_linear, _b_where, _b_embedding]
+            _b_linear, _b_where, _b_embedding, _b_grouped_topk]
 
 NAMES = st.from_regex(r"[a-z_][a-z0-9_.\-]{0,7}", fullmatch=True)
 

@@ -394,3 +394,39 @@ def test_expert_parallel_on_cuda_bf16(routed):
         total = got if total is None else total + got
     want = run_graph(whole, cuda(feeds), cuda(params))["y"].float()
     torch.testing.assert_close(total, want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_router_and_routed_experts_on_cuda_bf16():
+    """DeepSeek-V3's MoE on a GPU in bfloat16: the f32 router GEMM, the grouped_topk
+    kernel (64 experts in 8 groups, 4 kept, 8 per token) and the routed expert kernels,
+    JIT-compiled, against the reference interpreter's torch on the same GPU: the same
+    experts, weights and output."""
+    e, h, i, k, tokens = 64, 256, 128, 8, 50
+    g = Graph("ds_moe")
+    x = g.add_input("x", TensorType((T, h), "bf16"))
+    r = g.add_param("router", TensorType((e, h), "f32"))
+    bias = g.add_param("bias", TensorType((e,), "f32"))
+    logits = g.op("linear", g.op("cast", x, dtype="f32"), r)
+    w, ids = g.add_node("grouped_topk", [logits, bias],
+                        dict(n_group=8, topk_group=4, top_k=k, renormalize=True,
+                             scale=2.5)).results
+    gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), "bf16"))
+    d = g.add_param("w_down", TensorType((e, h, i), "bf16"))
+    g.set_output("y", g.op("fused_moe_routed", x, w, ids, gu, d, act="silu"))
+    g.set_output("w", w)
+    g.set_output("ids", ids)
+    gen = torch.Generator().manual_seed(11)
+    feeds = {"x": torch.randn(tokens, h, generator=gen).to(torch.bfloat16).cuda()}
+    params = {"router": (torch.randn(e, h, generator=gen) / h ** 0.5).cuda(),
+              "bias": (torch.randn(e, generator=gen) * 0.1).cuda(),
+              "w_gate_up": (torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5)
+              .to(torch.bfloat16).cuda(),
+              "w_down": (torch.randn(e, h, i, generator=gen) / i ** 0.5).to(torch.bfloat16).cuda()}
+    got = run_with_kernels(g, feeds, params, {"grouped_topk", "fused_moe_routed"},
+                           {"T": tokens}, interpret=False)
+    want = run_graph(g, feeds, params)
+    assert torch.equal(got["ids"], want["ids"])
+    torch.testing.assert_close(got["w"], want["w"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["y"].float(), want["y"].float(), atol=2e-2, rtol=2e-2)

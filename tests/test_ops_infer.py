@@ -429,6 +429,34 @@ def _fused_moe(c: Case, op):
            act=c.pick(["silu", "relu", "gelu", "gelu_tanh"]))
 
 
+@case("grouped_topk")
+def _grouped_topk(c: Case, op):
+    n_group, per = c.int(1, 4), c.int(2, 4)
+    topk_group = c.int(1, n_group)
+    logits = c.input((T, n_group * per), "f32")
+    bias = c.param((n_group * per,), "f32")
+    c.g.add_node("grouped_topk", [logits, bias], dict(
+        n_group=n_group, topk_group=topk_group, top_k=c.int(1, topk_group * per),
+        renormalize=c.flag(), scale=c.pick([1.0, 2.5])))
+
+
+def test_grouped_topk_rejects_impossible_groupings():
+    g = Graph()
+    logits = g.add_input("logits", TensorType((T, 8), "f32"))
+    bias = g.add_param("bias", TensorType((8,), "f32"))
+    ok = dict(n_group=4, topk_group=2, top_k=2, renormalize=True, scale=1.0)
+    w, ids = g.add_node("grouped_topk", [logits, bias], ok).results
+    assert (w.type, ids.type) == (TensorType((T, 2), "f32"), TensorType((T, 2), "i64"))
+    for bad, msg in [(dict(n_group=3), "does not divide"), (dict(n_group=8), "needs 2 or more"),
+                     (dict(topk_group=5), "more than n_group"),
+                     (dict(top_k=5), "top_k=5 is more than the 4 experts")]:
+        with pytest.raises(BrazeError, match=msg):
+            g.add_node("grouped_topk", [logits, bias], {**ok, **bad})
+    half = g.add_input("half", TensorType((T, 8), "f16"))
+    with pytest.raises(BrazeError, match="logits must be f32"):
+        g.add_node("grouped_topk", [half, bias], ok)
+
+
 @case("lora")
 def _lora(c: Case, op):
     k, h, r = c.int(1, 3), c.int(1, 4), c.int(1, 3)
