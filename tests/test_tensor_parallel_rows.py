@@ -7,6 +7,7 @@ of another shape. Checked on CPUs (gloo, two ranks) against one rank and transfo
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from braze.runtime import LLM, SamplingParams
@@ -82,3 +83,28 @@ def test_prompt_logprobs_at_two_ranks(store):
             e = g.prompt_logprobs[pos]
             assert e.token_id == p[pos]
             assert abs(e.logprob - ref[pos - 1, p[pos]].item()) < 1e-4
+
+
+def test_draft_speculation_at_two_ranks(store):
+    """A one-rank draft artifact proposes on rank 0 for a two-rank target: the plain
+    tokens. A tensor-parallel draft is refused, naming it."""
+    from braze.ir.errors import BrazeError
+    from braze.runtime import parallel
+    prompts = mixed_prompts()[:2]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    target = store.artifact("llama", tensor_parallel_size=2, **LIMITS)
+    plain = LLM(store.artifact("llama", **LIMITS), **OPTS).generate(prompts, params)
+    spec = {"method": "draft", "model": str(store.artifact("llama", max_num_tokens=16)),
+            "num_speculative_tokens": 3}
+    with LLM(target, speculative=spec, **OPTS) as llm:
+        got = llm.generate(prompts, params)
+        s = llm.stats()
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"] > 0
+    spec["model"] = str(target)
+    try:
+        with pytest.raises(BrazeError, match="draft model .* tensor-parallel") as e:
+            LLM(target, speculative=spec, **OPTS)
+    finally:
+        parallel.shutdown()         # the target's ranks, started before the draft is read
+    assert e.value.param == "speculative"
