@@ -24,6 +24,7 @@ from .block_manager import BlockManager
 from .loader import open_artifact
 from .model_runner import ModelRunner
 from .options import EngineOptions
+from .parallel import tensor_parallel_size
 from .request import Request
 from .sampler import SamplingParams
 from .scheduler import ScheduledChunk
@@ -68,6 +69,11 @@ class DraftProposer:
         except BrazeError as e:
             raise BrazeError(f"speculative draft model: {e}", param="speculative") from None
         check_tokenizers(engine.artifact, self.artifact, config.model)
+        n = tensor_parallel_size(self.artifact.manifest)
+        if n > 1:       # rank 0 runs the draft alone; the other ranks follow the target only
+            raise BrazeError(f"speculative draft model {config.model} is tensor-parallel ({n} "
+                             f"ranks); a draft runs on rank 0 alone: compile it without "
+                             f"--tensor-parallel-size", param="speculative")
         lim = self.artifact.limits
         dopts = EngineOptions(backend=opts.backend, device=opts.device,
                               max_num_seqs=min(engine.runner.max_num_seqs, lim.max_num_seqs),

@@ -117,8 +117,6 @@ class Engine(EngineLoRA):
             raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
                              f"all (max_model_len), so at most {limit - 1} leave room to generate",
                              param="prompt")
-        if params.prompt_logprobs is not None and self.runner.prompt_logprobs_error:
-            raise BrazeError(self.runner.prompt_logprobs_error, param="prompt_logprobs")
         if params.num_samples > 1:
             raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
                              "sample per request; add params.children() as requests "

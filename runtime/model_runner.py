@@ -90,16 +90,7 @@ class ModelRunner:
         None where every token has its logits row (not pruned)."""
         if not self.executor.logits_pruned:
             return None
-        return self.graphs.rows_for(self.max_num_tokens, isinstance(self.graphs, GraphRunner))
-
-    @property
-    def prompt_logprobs_error(self) -> str | None:
-        """Why this runner cannot compute prompt logprobs, or None."""
-        if self.executor.logits_pruned and not isinstance(self.graphs, GraphRunner):
-            return ("prompt_logprobs on a tensor-parallel -O2 artifact is not supported yet: "
-                    "their extra logits rows are not sent to the other ranks; compile it with "
-                    "--opt-level 1 (logits at every token) to serve prompt_logprobs")
-        return None
+        return self.graphs.rows_for(self.max_num_tokens, True)
 
     def _full_bytes_per_block(self) -> int | None:
         """With window freeing, one block's bytes over the full-attention groups' caches."""
@@ -211,7 +202,7 @@ class ModelRunner:
             index = self.static["logits_indices"]
             if n > g.rows_for(Tp):          # more than the bucket computes: its wide variant
                 wide = True
-                cap = g.rows_for(Tp, True) if isinstance(g, GraphRunner) else g.rows_for(Tp)
+                cap = g.rows_for(Tp, True)
                 if n > cap:
                     raise BrazeError(f"prompt logprobs need {n} logits rows in a step whose "
                                      f"bucket computes {cap}; the scheduler keeps them within "

@@ -88,7 +88,7 @@ class Group:
         if dist.is_initialized():
             try:
                 if all(p.exitcode is None for p in self.procs):
-                    dist.broadcast(_header(_STOP, 0, 0, 0, self.device), 0)
+                    dist.broadcast(_header(_STOP, 0, 0, 0, 0, self.device), 0)
             except Exception:        # a rank already gone: nothing left to tell
                 pass
         for p in self.procs:
@@ -217,8 +217,12 @@ def _worker_entry(rank, n, addr, port, root, options, device_type) -> None:
     follow(art, opts)
 
 
-def _header(cmd: int, a: int, b: int, c: int, device) -> torch.Tensor:
-    return torch.tensor([cmd, a, b, c], dtype=torch.int64, device=device)
+def _header(cmd: int, n_tok: int, n_seq: int, decode_only: int, wide: int,
+            device) -> torch.Tensor:
+    """A step's header: run or stop, its tokens and sequences, decode-only, and whether
+    it runs its bucket's wide variant (prompt logprobs on a pruned LM head)."""
+    return torch.tensor([cmd, n_tok, n_seq, decode_only, wide], dtype=torch.int64,
+                        device=device)
 
 
 def follow(artifact, options) -> None:
@@ -231,28 +235,37 @@ def follow(artifact, options) -> None:
     dist.broadcast_object_list(init, 0)
     cfg = init[0]
     ex = Executor(artifact, backend=cfg["backend"], device=options.device, num_blocks=1)
-    static = static_buffers(cfg["max_num_tokens"], cfg["max_num_seqs"], ex.max_blocks, ex.device)
+    # as many logits rows as rank 0 (k + 1 per sequence when it speculates), so the LM
+    # head's all_gather meets tensors of the same shape on every rank
+    static = static_buffers(cfg["max_num_tokens"], cfg["max_num_seqs"], ex.max_blocks, ex.device,
+                            cfg["max_logits_rows"])
     # each cache tensor's blocks as rank 0 has them (a hybrid cache's window pools differ)
     ex.cache.resize(cfg["num_kv_blocks"], cfg.get("cache_blocks"))
     graphs = GraphRunner(ex, static, cfg["buckets"], cfg["max_num_seqs"], mode=cfg["mode"],
-                         debug=cfg["debug"])
+                         debug=cfg["debug"], wide_rows=cfg["wide_rows"])
     graphs.capture()
-    head = _header(0, 0, 0, 0, ex.device)
+    head = _header(0, 0, 0, 0, 0, ex.device)
     while True:
         dist.broadcast(head, 0)
-        cmd, n_tok, n_seq, decode_only = (int(x) for x in head.tolist())
+        cmd, n_tok, n_seq, decode_only, wide = (int(x) for x in head.tolist())
         if cmd == _STOP:
             break
-        _exchange(graphs, static, n_tok, n_seq)
-        graphs.run(n_tok, n_seq, bool(decode_only))
+        _exchange(graphs, static, n_tok, n_seq, bool(wide))
+        graphs.run(n_tok, n_seq, bool(decode_only), wide=bool(wide))
     dist.destroy_process_group()
 
 
-def _exchange(graphs, static, n_tok: int, n_seq: int) -> None:
+def _exchange(graphs, static, n_tok: int, n_seq: int, wide: bool = False) -> None:
+    """Broadcast the step's padded inputs from rank 0: its bucket's rows of each buffer,
+    and all R_pad logits rows (from `wide_indices` in a wide step), not one per sequence."""
     from .graph_runner import group_inputs
     T, S = graphs.bucket_for(n_tok, n_seq)
     # and a hybrid cache's KV cache groups' slot mappings and tables (runtime/hybrid_cache.py)
     for name in _STEP_BUFFERS + tuple(group_inputs(static)):
+        if name == "logits_indices":
+            src = graphs.wide_indices if wide else static[name]
+            dist.broadcast(src[:graphs.rows_for(T, wide)], 0)
+            continue
         rows = T if name.startswith(("input_ids", "positions", "slot_mapping")) else \
             S + 1 if name == "query_start_loc" else S
         dist.broadcast(static[name][:rows], 0)
@@ -267,20 +280,21 @@ class LeaderGraphs:
         dist.broadcast_object_list([{
             "backend": inner.executor.backend, "max_num_tokens": inner.max_num_tokens,
             "max_num_seqs": inner.max_num_seqs, "num_kv_blocks": num_kv_blocks,
+            "max_logits_rows": inner.max_logits_rows, "wide_rows": inner.wide_rows,
             "cache_blocks": {n: int(t.shape[0]) for n, t in inner.executor.cache.tensors.items()},
             "buckets": list(inner.buckets), "mode": inner.mode, "debug": inner.debug}], 0)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def run(self, num_tokens: int, num_seqs: int, decode_only: bool):
+    def run(self, num_tokens: int, num_seqs: int, decode_only: bool, wide: bool = False):
         g = self.group
         g.check_alive()
         try:
-            dist.broadcast(_header(_RUN, num_tokens, num_seqs, int(decode_only),
+            dist.broadcast(_header(_RUN, num_tokens, num_seqs, int(decode_only), int(wide),
                                    self.static["input_ids"].device), 0)
-            _exchange(self.inner, self.static, num_tokens, num_seqs)
-            return self.inner.run(num_tokens, num_seqs, decode_only)
+            _exchange(self.inner, self.static, num_tokens, num_seqs, wide)
+            return self.inner.run(num_tokens, num_seqs, decode_only, wide=wide)
         except BrazeError:
             raise
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout

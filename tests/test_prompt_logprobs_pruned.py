@@ -146,25 +146,6 @@ def test_o2_prompt_logprobs_survive_preemption(o2, o1, lag):
     same_outputs(got, want)
 
 
-def test_tensor_parallel_o2_refuses_prompt_logprobs_by_name(o2):
-    """A tensor-parallel runner's other ranks get only one logits row per sequence: the
-    request is refused, naming prompt_logprobs and what to do."""
-    eng = Engine(o2, backend="reference", num_kv_blocks=16)
-
-    class Leader:          # what runtime/parallel.py wraps rank 0's GraphRunner in
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-    eng.runner.graphs = Leader(eng.runner.graphs)
-    with pytest.raises(BrazeError, match="prompt_logprobs.*tensor-parallel.*--opt-level 1") as e:
-        eng.add_request("x", [1, 2, 3], SamplingParams(prompt_logprobs=1))
-    assert e.value.param == "prompt_logprobs"
-    eng.add_request("y", [1, 2, 3], SamplingParams(max_tokens=2))     # plain ones still run
-    assert eng.run_to_completion(["y"])["y"].token_ids
-
-
 def _chunk(prompt_len: int, start: int, n: int, plp=0) -> ScheduledChunk:
     class R:
         pass
