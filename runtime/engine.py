@@ -23,6 +23,7 @@ import threading
 from braze.ir.errors import BrazeError
 
 from .hybrid_cache import make_block_manager
+from . import parallel
 from .detokenizer import IncrementalDetokenizer
 from .kv_offload import KVTransferPolicy, make_offload
 from .loader import Artifact, open_artifact
@@ -49,6 +50,15 @@ class Engine(EngineLoRA):
         # this braze cannot regenerate (runtime/trust.py)
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(
             artifact, trusted_keys=opts.trusted_keys, trust_artifact=opts.trust_artifact)
+        had_group = parallel.current_group() is not None
+        try:
+            self._build(opts, progress)
+        except BaseException:
+            if not had_group:       # the tensor-parallel ranks this engine started: stop them
+                parallel.shutdown()
+            raise
+
+    def _build(self, opts: EngineOptions, progress) -> None:
         self.runner = ModelRunner(self.artifact, opts, progress=progress)
         r = self.runner
         # one table, or one per KV cache group with window freeing (runtime/hybrid_cache.py)

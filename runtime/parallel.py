@@ -164,6 +164,11 @@ def health() -> tuple[dict | None, str | None]:
     return info, None
 
 
+def current_group() -> Group | None:
+    """The tensor-parallel group this process runs (None without one, or once closed)."""
+    return _GROUP if _GROUP is not None and not _GROUP.closed else None
+
+
 def shutdown() -> None:
     """Rank 0: stop the group this process started or joined (a no-op without one)."""
     global _GROUP

@@ -91,7 +91,9 @@ def test_prompt_logprobs_at_two_ranks(store, backend):
 
 def test_draft_speculation_at_two_ranks(store):
     """A one-rank draft artifact proposes on rank 0 for a two-rank target: the plain
-    tokens. A tensor-parallel draft is refused, naming it."""
+    tokens. A tensor-parallel draft is refused, naming it, and the ranks the refused
+    engine had started are stopped."""
+    import multiprocessing
     from braze.ir.errors import BrazeError
     from braze.runtime import parallel
     prompts = mixed_prompts()[:2]
@@ -106,9 +108,9 @@ def test_draft_speculation_at_two_ranks(store):
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
     assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"] > 0
     spec["model"] = str(target)
-    try:
-        with pytest.raises(BrazeError, match="draft model .* tensor-parallel") as e:
-            LLM(target, speculative=spec, **OPTS)
-    finally:
-        parallel.shutdown()         # the target's ranks, started before the draft is read
+    with pytest.raises(BrazeError, match="draft model .* tensor-parallel") as e:
+        LLM(target, speculative=spec, **OPTS)
     assert e.value.param == "speculative"
+    # the target's ranks, started before the draft was read, are stopped with the refusal
+    assert parallel.current_group() is None
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
