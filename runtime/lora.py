@@ -141,7 +141,11 @@ def _text_modules(name: str, found: dict, contract: Contract) -> tuple[dict, lis
         elif contract.prefixes[prefix] is None:
             ignored.append(mod)
         else:
-            out[contract.prefixes[prefix] + mod[len(prefix):]] = ab
+            ours = contract.prefixes[prefix] + mod[len(prefix):]
+            if ours in out or ours in found:
+                raise LoRAError(f"LoRA adapter {name!r} holds module {ours} twice (as {mod} "
+                                f"and under another name); save it again with peft")
+            out[ours] = ab
     ignored.sort()
     if ignored and not out:
         towers = sorted({p for p, v in contract.prefixes.items() if v is None

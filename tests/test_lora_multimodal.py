@@ -89,22 +89,28 @@ def test_gemma4_adapter_matches_peft(mm, tmp_path):
 
 
 def test_old_layout_names_map_too(mm, tmp_path):
-    """transformers 4 named the language model `language_model.model.` (peft's keys then
-    read `base_model.model.language_model.model.layers...`): the same adapter under those
-    names gives the same tokens."""
+    """Older transformers named the language model `language_model.model.` and the tower
+    `vision_tower.` (peft's keys then read `base_model.model.language_model.model.layers...`):
+    the same adapter under those names gives the same outputs, its tower still ignored."""
     from safetensors.torch import load_file, save_file
     ck = mm.checkpoint("gemma3")
-    ad = make_adapter(ck, tmp_path / "ad", seed=5, r=4, scale=3.0, targets=rf".*language_model.*{LM}")
+    ad = make_adapter(ck, tmp_path / "ad", seed=5, r=4, scale=3.0)
     old = tmp_path / "old"
     old.mkdir()
     (old / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
     tensors = load_file(str(ad / "adapter_model.safetensors"))
     renamed = {k.replace("base_model.model.model.language_model.",
-                         "base_model.model.language_model.model."): v for k, v in tensors.items()}
-    assert renamed.keys() != tensors.keys()
+                         "base_model.model.language_model.model.")
+                .replace("base_model.model.model.vision_tower.",
+                         "base_model.model.vision_tower."): v
+               for k, v in tensors.items()}
+    assert any(k.startswith("base_model.model.vision_tower.") for k in renamed)
+    assert any(k.startswith("base_model.model.language_model.model.") for k in renamed)
     save_file(renamed, str(old / "adapter_model.safetensors"))
     art = mm.artifact("gemma3", opt_level=0, **LORA)
-    got, want = _generate(art, old)[1], _generate(art, ad)[1]
+    (llm, got), want = _generate(art, old), _generate(art, ad)[1]
+    host = llm.engine.lora.read(LoRARequest("again", 2, str(old)))
+    assert host.ignored and all(m.startswith("vision_tower.") for m in host.ignored)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert want[0].token_ids != want[1].token_ids
     assert [e.logprob for e in got[1].prompt_logprobs[1:]] == \
@@ -113,7 +119,8 @@ def test_old_layout_names_map_too(mm, tmp_path):
 
 def test_adapters_the_text_only_artifact_cannot_serve(mm, tmp_path):
     """Refused, one line each: an adapter for the vision tower alone (it would change
-    nothing the artifact can run), and a module under no prefix the artifact knows."""
+    nothing the artifact can run), a module under no prefix the artifact knows, and one
+    module under both layouts' names."""
     ck = mm.checkpoint("gemma3")
     llm = LLM(mm.artifact("gemma3", opt_level=0, **LORA), backend="reference",
               num_kv_blocks=8, max_num_seqs=1)
@@ -128,6 +135,12 @@ def test_adapters_the_text_only_artifact_cannot_serve(mm, tmp_path):
         "base_model.model.model.speech_tower.layers.0.q_proj.lora_B.weight": torch.ones(64, 4)})
     with pytest.raises(LoRAError, match=r"model\.speech_tower\.layers\.0\.q_proj"):
         llm.engine.add_lora(LoRARequest("stray", 2, str(stray)))
+    q = "layers.0.self_attn.q_proj.lora_{}.weight"
+    twice = write_adapter(tmp_path / "twice", {
+        **{f"base_model.model.model.language_model.{q.format(w)}": torch.ones(4, 4) for w in "AB"},
+        **{f"base_model.model.language_model.model.{q.format(w)}": torch.ones(4, 4) for w in "AB"}})
+    with pytest.raises(LoRAError, match=r"holds module model\.layers\.0\.self_attn\.q_proj twice"):
+        llm.engine.add_lora(LoRARequest("twice", 3, str(twice)))
     assert llm.engine.list_loras() == []
 
 
@@ -163,7 +176,8 @@ def test_load_lora_adapter_route(mm, tmp_path):
     server = Server(mm.artifact("gemma3", opt_level=0, **LORA), tmp_path,
                     "--allow-runtime-lora-updating")
     try:
-        r = server.http.post("/v1/load_lora_adapter", json={"lora_name": "ad", "lora_path": str(ad)})
+        r = server.http.post("/v1/load_lora_adapter",
+                             json={"lora_name": "ad", "lora_path": str(ad)})
         assert r.status_code == 200, r.text
         got = server.http.post("/v1/completions", json={
             "model": "ad", "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
