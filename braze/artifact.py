@@ -55,6 +55,17 @@ def text_only_origin(manifest: dict) -> str | None:
     return None
 
 
+def adapter_prefixes(manifest: dict) -> dict[str, str | None]:
+    """For an artifact compiled text-only from a multimodal checkpoint: the module-name
+    prefixes of an adapter trained on the multimodal model -> the text model's prefix, or
+    None for a tower's or projector's (manifest model.multimodal, frontend/multimodal.py);
+    {} otherwise, or for an artifact compiled before braze recorded them."""
+    if text_only_origin(manifest) is None:
+        return {}
+    got = manifest["model"]["multimodal"].get("adapter_prefixes")
+    return dict(got) if isinstance(got, dict) else {}
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     # O_NOFOLLOW: a file swapped for a link after the artifact was walked is not followed

@@ -28,6 +28,9 @@ from braze.models.registry import MULTIMODAL
 # checkpoint prefix -> the text CausalLM's prefix
 TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
                  "lm_head.": "lm_head.", "language_model.lm_head.": "lm_head."}
+# where the towers and projectors sit: under `model.` (transformers 5) or at the top (the
+# older layout); a peft adapter names them as the transformers that trained it did
+TOWER_CONTAINERS = ("model.", "")
 
 
 def multimodal_architecture(cfg) -> str | None:
@@ -95,13 +98,21 @@ def _module(name: str) -> str:
 
 
 def origin_record(architecture: str, ckpt: TextCheckpoint | None) -> dict:
-    """The manifest's `model.multimodal`: the artifact is the text model of `architecture`."""
+    """The manifest's `model.multimodal`: the artifact is the text model of `architecture`.
+
+    Its `adapter_prefixes` map the module names of a LoRA adapter trained on the multimodal
+    model (runtime/lora.py) to the text model's: a language-model prefix to the text model's,
+    a skipped tower's or projector's to null (nothing of it is in the artifact)."""
     rec = {"architecture": architecture, "text_only": True}
+    towers = []
     if ckpt is not None:
         rec["skipped_modules"] = ckpt.skipped_modules
         rec["skipped_tensors"] = ckpt.skipped_tensors
+        towers = ckpt.skipped_modules
+    rec["adapter_prefixes"] = {**TEXT_PREFIXES, **{f"{c}{m}.": None for m in towers
+                                                   for c in TOWER_CONTAINERS}}
     return rec
 
 
 __all__ = ["multimodal_architecture", "text_config", "text_name", "TextCheckpoint",
-           "origin_record", "TEXT_PREFIXES"]
+           "origin_record", "TEXT_PREFIXES", "TOWER_CONTAINERS"]

@@ -23,17 +23,20 @@ admission finding every slot pinned waits, like one finding no KV blocks.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from braze.artifact import adapter_prefixes, text_only_origin
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
 
 SLOTS_INPUT = "lora_slots"
+log = logging.getLogger("braze.runtime")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class Contract:
     dtype: str
     modules: dict           # pool -> {"parts": [[module, rows]], "targeted": [...], "in": H}
     untargeted: list        # LoRA-capable modules --lora-targets left out
+    # compiled text-only from a multimodal checkpoint: that architecture, and the adapter
+    # module prefixes of its language model (-> the text model's) and towers (-> None)
+    origin: str | None = None
+    prefixes: dict = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Contract | None":
@@ -77,7 +84,8 @@ class Contract:
             return None
         try:
             return cls(int(got["slots"]), int(got["max_rank"]), list(got["targets"]),
-                       str(got["dtype"]), dict(got["modules"]), list(got.get("untargeted", [])))
+                       str(got["dtype"]), dict(got["modules"]), list(got.get("untargeted", [])),
+                       text_only_origin(manifest), adapter_prefixes(manifest))
         except (KeyError, TypeError, ValueError) as e:
             raise BrazeError(f"the artifact's manifest has a malformed \"lora\" entry ({e}); "
                              f"recompile it") from None
@@ -100,6 +108,7 @@ class HostAdapter:
     rank: int
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     modules: list[str]
+    ignored: list[str] = field(default_factory=list)    # tower modules (see _text_modules)
 
 
 def _peft_module(key: str) -> tuple[str, str] | None:
@@ -114,6 +123,42 @@ def _peft_module(key: str) -> tuple[str, str] | None:
                         mod = mod[len(prefix):]
                 return mod, which
     return None
+
+
+def _text_modules(name: str, found: dict, contract: Contract) -> tuple[dict, list[str]]:
+    """An adapter trained on the multimodal model whose language model the artifact is:
+    its language model's modules under the text model's names, and its tower and projector
+    modules set aside. Those act on image and audio input only, which a text-only artifact
+    never takes, so on text the adapter computes the same without them; an adapter with
+    nothing but those would change nothing here, and is refused."""
+    if not contract.prefixes:
+        return found, []
+    out, ignored = {}, []
+    for mod, ab in found.items():
+        prefix = max((p for p in contract.prefixes if mod.startswith(p)), key=len, default=None)
+        if prefix is None:
+            out[mod] = ab                  # the text model's own name, or refused by name below
+        elif contract.prefixes[prefix] is None:
+            ignored.append(mod)
+        else:
+            ours = contract.prefixes[prefix] + mod[len(prefix):]
+            if ours in out or ours in found:
+                raise LoRAError(f"LoRA adapter {name!r} holds module {ours} twice (as {mod} "
+                                f"and under another name); save it again with peft")
+            out[ours] = ab
+    ignored.sort()
+    if ignored and not out:
+        towers = sorted({p for p, v in contract.prefixes.items() if v is None
+                         and any(m.startswith(p) for m in ignored)})
+        raise LoRAError(f"LoRA adapter {name!r} targets only modules under {', '.join(towers)} "
+                        f"(e.g. {ignored[0]}) of {contract.origin}, and this artifact is its "
+                        f"language model compiled text-only, which the adapter would not change; "
+                        f"serve an adapter that targets the language model's modules")
+    if ignored:
+        log.warning("LoRA adapter %r: %d module(s) of %s's towers ignored (e.g. %s): the "
+                    "artifact is text-only and never runs them", name, len(ignored),
+                    contract.origin, ignored[0])
+    return out, ignored
 
 
 # a checkpoint's fused projection (Phi-3's) -> the projections braze's models split it into
@@ -201,6 +246,7 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
                         f"({e})") from None
     if not found:
         raise LoRAError(f"LoRA adapter {name!r}: {weights} holds no LoRA weights")
+    found, ignored = _text_modules(name, found, contract)
     where = contract.part_of()
     _split_fused(name, found, where, contract)
     R = contract.max_rank
@@ -216,11 +262,7 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
                             f"compiled with --lora-targets {','.join(contract.targets)}; "
                             f"recompile with its module included")
         if mod not in where:
-            short = mod.rsplit(".", 1)[-1]
-            known = sorted({m.rsplit(".", 1)[-1] for m in list(where) + contract.untargeted})
-            raise LoRAError(f"LoRA adapter {name!r} targets module {mod}, which this model "
-                            f"has no LoRA-capable linear for ({short!r} is not among "
-                            f"{', '.join(known)})")
+            raise LoRAError(_unknown_module(name, mod, where, contract))
         pool, j, off, rows, _ = where[mod]
         a, b = ab["A"], ab["B"]
         H = contract.modules[pool]["in"]
@@ -235,7 +277,28 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
         pa, pb = tensors[pool]
         pa[j * R:j * R + r] = a.to(dtype)
         pb[off:off + rows, :r] = (b.float() * scale).to(dtype)
-    return HostAdapter(name, r, tensors, sorted(found))
+    return HostAdapter(name, r, tensors, sorted(found), ignored)
+
+
+def _unknown_module(name: str, mod: str, where: dict, contract: Contract) -> str:
+    """The error for an adapter module the artifact has no LoRA slot for."""
+    short = mod.rsplit(".", 1)[-1]
+    known = sorted({m.rsplit(".", 1)[-1] for m in list(where) + contract.untargeted})
+    if short not in known:
+        return (f"LoRA adapter {name!r} targets module {mod}, which this model has no "
+                f"LoRA-capable linear for ({short!r} is not among {', '.join(known)})")
+    if contract.origin and not contract.prefixes:
+        return (f"LoRA adapter {name!r} targets module {mod}; this artifact is the language "
+                f"model of {contract.origin}, compiled before braze mapped such adapters' "
+                f"names; recompile it")
+    if contract.origin:
+        lm = sorted(p for p, v in contract.prefixes.items() if v == "model.")
+        return (f"LoRA adapter {name!r} targets module {mod}, which is neither in this "
+                f"artifact (the language model of {contract.origin}, compiled text-only: "
+                f"{' or '.join(lm)}...) nor in one of that model's towers (an adapter for "
+                f"another model?)")
+    return (f"LoRA adapter {name!r} targets module {mod}, which this model does not have "
+            f"(an adapter for another model?)")
 
 
 class LoRAManager:
