@@ -1,0 +1,254 @@
+"""Speculative method `mtp` for Gemma 4: its assistant model (`Gemma4AssistantForCausalLM`)
+compiled beside the target (`--mtp-assistant`) and run as the proposer
+(runtime/assistant_proposer.py).
+
+- the assistant graph's logits and projected state equal transformers'
+  Gemma4AssistantForCausalLM fed the target's own hidden state and shared KV states
+  (transformers' Gemma4ForCausalLM, same random weights, float32, 1e-4), before and past
+  the sliding window, chained three guesses deep; the target's hidden-state output
+  equals transformers' last hidden state;
+- greedy output with mtp k=1 and k=2 equals greedy output without, token for token; with
+  an assistant that guesses well, guesses are accepted and rejected, counted per position;
+- seeded sampling gives the same tokens with and without mtp; the sampled distribution
+  is the target's (chi-square, slow);
+- aborts and preemption leak no KV block, batch row or proposer state;
+- the refusals: a Gemma 4 artifact without an assistant, use_ordered_embeddings, a
+  target that is not Gemma 4, an assistant for another hidden size, tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from braze.ir.contract import SeqChunk, build_step
+from braze.ir.errors import BrazeError
+from braze.runtime.engine import Engine
+from braze.runtime.sampler import SamplingParams
+from braze.tiny_gemma4_assistant import has_gemma4_assistant
+
+from conftest import prompts_of, run_all, run_with_aborts
+
+if not has_gemma4_assistant():
+    pytest.skip("transformers has no Gemma4AssistantForCausalLM", allow_module_level=True)
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+MTP = {"method": "mtp", "num_speculative_tokens": 2}
+
+
+def _compile(target, out, assistant=None, **kw):
+    import braze
+    kw = {"opt_level": 0, "targets": "", "dtype": "float32", **kw}
+    return braze.compile(target, out, mtp_assistant=assistant, **kw).root
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(target, random assistant, artifact with it)."""
+    from braze.tiny_gemma4_assistant import make_pair
+    d = tmp_path_factory.mktemp("g4a")
+    target, assistant = make_pair(d)
+    return target, assistant, _compile(target, d / "art", assistant)
+
+
+@pytest.fixture(scope="module")
+def guessing(tmp_path_factory):
+    """An artifact whose assistant guesses well (braze/tiny_gemma4_assistant.py)."""
+    from braze.tiny_gemma4_assistant import make_guessing_pair
+    d = tmp_path_factory.mktemp("g4g")
+    target, assistant = make_guessing_pair(d)
+    return _compile(target, d / "art", assistant)
+
+
+# ------------------------------------------------------------------ the graph vs transformers
+
+def _group_feeds(feeds, graph):
+    """One block table for every KV cache group (the test's cache has one pool per layer)."""
+    for v in graph.inputs:
+        base, _, g = v.name.partition(".g")
+        if g.isdigit():
+            feeds[v.name] = feeds[base]
+    return feeds
+
+
+@pytest.mark.parametrize("q", [5, 20])        # inside and past the sliding window (8)
+def test_assistant_equals_transformers(pair, q):
+    from transformers import AutoModelForCausalLM, Gemma4AssistantForCausalLM
+    from braze.ir.interpreter import Interpreter
+    from braze.runtime import Executor, open_artifact
+    from braze.runtime.mtp_proposer import load_mtp
+    target_dir, assistant_dir, art_dir = pair
+    with contextlib.redirect_stderr(io.StringIO()):
+        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+        assistant = Gemma4AssistantForCausalLM.from_pretrained(
+            assistant_dir, dtype=torch.float32).eval()
+    ids = prompts_of([q + 1], seed=q)[0]
+    with torch.no_grad():
+        ref = target(torch.tensor([ids[:q]]), return_shared_kv_states=True,
+                     output_hidden_states=True, use_cache=False)
+    art = open_artifact(art_dir)
+    ex = Executor(art, num_blocks=4)
+    blocks = [1, 2]
+    feeds = _group_feeds(build_step([SeqChunk(ids[:q], 0, blocks)], ex.block_size), ex.graph)
+    out = ex.interpreter.run({**feeds, **ex.cache.tensors}, ex.params)
+    torch.testing.assert_close(out["hidden_states"], ref.hidden_states[-1][0],
+                               atol=1e-4, rtol=1e-4)
+    graph, params, hidden_name = load_mtp(art, ex.params, "cpu")
+    assert params["model.embed_tokens.weight"] is ex.params["model.embed_tokens.weight"]
+    interp = Interpreter(graph)
+    tok, h = ids[q], ref.hidden_states[-1][:, q - 1:q]          # the given hidden state
+    for _ in range(3):                                           # three chained guesses
+        with torch.no_grad():
+            e = target.model.embed_tokens(torch.tensor([[tok]]))
+            want = assistant(inputs_embeds=torch.cat((e, h), -1), position_ids=torch.tensor([[q]]),
+                             attention_mask=torch.ones(1, q, dtype=torch.long),
+                             shared_kv_states=ref.shared_kv_states, use_cache=False)
+        f = {"input_ids": torch.tensor([tok]), "positions": torch.tensor([q]),
+             "slot_mapping": torch.tensor([-1]), "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
+             "seq_lens": torch.tensor([q], dtype=torch.int32),
+             "block_tables": torch.tensor([blocks], dtype=torch.int32),
+             "logits_indices": torch.tensor([0]), hidden_name: h[0]}
+        got = interp.run({**_group_feeds(f, graph), **ex.cache.tensors}, params)
+        torch.testing.assert_close(got["logits"], want.logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got["hidden_states"], want.last_hidden_state[0],
+                                   atol=1e-4, rtol=1e-4)
+        tok, h = int(want.logits[0, -1].argmax()), want.last_hidden_state
+
+
+def test_manifest_widens_the_window_group_for_the_assistant(pair):
+    m = json.loads((pair[2] / "manifest.json").read_text())
+    assert m["mtp"]["kind"] == "gemma4_assistant" and m["mtp"]["shared"] == [
+        "model.embed_tokens.weight"]
+    windows = sorted(g["window"] for g in m["kv_groups"])
+    assert windows == [0, 9]             # the target's window 8, plus the key the assistant sees
+
+
+# ------------------------------------------------------------------ exactness
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_greedy_output_identical_with_mtp(pair, guessing, k):
+    prompts = prompts_of([5, 13, 30], seed=3)
+    for art in (pair[2], guessing):
+        base = run_all(Engine(art, backend="reference"), prompts, GREEDY)
+        eng = Engine(art, backend="reference",
+                     speculative={"method": "mtp", "num_speculative_tokens": k})
+        got = run_all(eng, prompts, GREEDY)
+        assert [o.token_ids for o in got] == [o.token_ids for o in base]
+        s = eng.stats()
+        assert s["spec_decode_method"] == "mtp" and s["spec_decode_num_drafts"] > 0
+        assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+        assert not eng.spec.proposer.rows
+    acc, prop = s["spec_decode_accepted_per_position"], s["spec_decode_proposed_per_position"]
+    assert 0 < sum(acc) == s["spec_decode_num_accepted_tokens"] < sum(prop)   # both happen
+    assert s["steps"] < sum(len(o.token_ids) for o in got)
+
+
+def test_seeded_sampling_identical_with_mtp(guessing):
+    prompts = prompts_of([7, 12], seed=5)
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=s, ignore_eos=True)
+              for s in (1, 2)]
+    base = run_all(Engine(guessing, backend="reference"), prompts, params)
+    eng = Engine(guessing, backend="reference", speculative=MTP)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
+# ------------------------------------------------------------------ bookkeeping
+
+@pytest.mark.parametrize("blocks,aborts", [(64, {1: 3}), (9, {}), (9, {0: 2, 2: 5})])
+def test_aborts_and_preemption_leak_nothing(guessing, blocks, aborts):
+    """A cache small enough to preempt, chunked prefill, prefix-shared prompts, aborts:
+    requests not aborted get the plain engine's tokens; nothing leaks."""
+    shared = prompts_of([16], seed=21)[0]
+    prompts = [shared + p for p in prompts_of([4, 9, 3], seed=2)] + prompts_of([11], seed=4)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 9, 16, 12)]
+    plain = run_all(Engine(guessing, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(guessing, backend="reference", num_kv_blocks=blocks, max_num_tokens=24,
+                 max_num_seqs=4, speculative={"method": "mtp", "num_speculative_tokens": 3})
+    run_with_aborts(eng, prompts, params, aborts, plain)
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+    assert not eng.spec.proposer.rows
+    assert s["spec_decode_num_accepted_tokens"] > 0
+
+
+# ------------------------------------------------------------------ refusals
+
+def test_gemma4_without_assistant_is_refused(pair, tmp_path):
+    art = _compile(pair[0], tmp_path / "plain")
+    with pytest.raises(BrazeError, match="Gemma4AssistantForCausalLM.*--mtp-assistant"):
+        Engine(art, backend="reference", speculative=MTP)
+
+
+def _edited_assistant(src, dst, **changes):
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_unsupported_assistants_are_refused_in_one_line(pair, tmp_path):
+    from braze.tiny import make_checkpoint
+    target, assistant, _ = pair
+    cases = [
+        (_edited_assistant(assistant, tmp_path / "ordered", use_ordered_embeddings=True),
+         target, {}, "use_ordered_embeddings=true .* not supported"),
+        (_edited_assistant(assistant, tmp_path / "wide", backbone_hidden_size=96),
+         target, {}, "backbone_hidden_size=96 but the target's hidden_size is 64"),
+        (assistant, target, {"tensor_parallel_size": 2}, "--tensor-parallel-size > 1"),
+        (target, target, {}, "model_type is 'gemma4_text', not 'gemma4_assistant'"),
+    ]
+    with contextlib.redirect_stderr(io.StringIO()):
+        llama = make_checkpoint("llama", tmp_path / "llama", with_tokenizer=False)
+    cases.append((assistant, llama, {}, "--mtp-assistant is for Gemma 4 targets"))
+    for i, (a, t, kw, msg) in enumerate(cases):
+        with pytest.raises(BrazeError, match=msg) as e:
+            _compile(t, tmp_path / f"a{i}", a, **kw)
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ distribution
+
+CHI2_LIMIT = 45.0   # df <= 15: P(chi2 > 45) < 1e-4 for a correct sampler
+
+
+@pytest.mark.slow
+def test_sampled_distribution_is_the_targets(tmp_path):
+    """With a 16-token vocabulary, the second generated token's frequencies over 800
+    seeds match its exact marginal under transformers' target, sum over x0 of p(x0)
+    p(x1 | x0) (chi-square), while guesses were both accepted and rejected."""
+    from transformers import AutoModelForCausalLM
+    from braze.tiny_gemma4_assistant import make_guessing_pair
+    target, assistant = make_guessing_pair(tmp_path, vocab_size=16, vocab_size_per_layer_input=16,
+                                           with_tokenizer=False)
+    art = _compile(target, tmp_path / "art", assistant)
+    prompt = [1, 5, 6, 7, 5, 6]
+    n = 800
+    eng = Engine(art, backend="reference", num_kv_blocks=256, max_num_seqs=128, speculative=MTP)
+    params = [SamplingParams(max_tokens=2, ignore_eos=True, temperature=1.0, seed=s)
+              for s in range(n)]
+    got = run_all(eng, [prompt] * n, params)
+    s = eng.stats()
+    assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in got]), minlength=16).double()
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    with torch.no_grad():
+        p0 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        seq1 = torch.cat([torch.tensor([prompt] * 16), torch.arange(16)[:, None]], 1)
+        p1 = torch.softmax(model(seq1).logits[:, -1].double(), -1)
+    exp = torch.einsum("a,ab->b", p0, p1) * n
+    keep = exp > 0
+    assert counts[~keep].sum() == 0
+    chi2 = float(((counts[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    assert chi2 < CHI2_LIMIT
+    uniform = torch.full((16,), n / 16.0, dtype=torch.float64)
+    assert float(((counts - uniform) ** 2 / uniform).sum()) > CHI2_LIMIT   # it can tell
