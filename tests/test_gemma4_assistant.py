@@ -222,9 +222,10 @@ CHI2_LIMIT = 45.0   # df <= 15: P(chi2 > 45) < 1e-4 for a correct sampler
 
 @pytest.mark.slow
 def test_sampled_distribution_is_the_targets(tmp_path):
-    """With a 16-token vocabulary, the second generated token's frequencies over 800
-    seeds match its exact marginal under transformers' target, sum over x0 of p(x0)
-    p(x1 | x0) (chi-square), while guesses were both accepted and rejected."""
+    """With a 16-token vocabulary, the second and third generated tokens' frequencies over
+    800 seeds match their exact marginals under transformers' target (sum over x0 of
+    p(x0) p(x1 | x0), and over (x0, x1) of p(x0) p(x1 | x0) p(x2 | x0, x1): chi-square),
+    while guesses were both accepted and rejected."""
     from transformers import AutoModelForCausalLM
     from braze.tiny_gemma4_assistant import make_guessing_pair
     target, assistant = make_guessing_pair(tmp_path, vocab_size=16, vocab_size_per_layer_input=16,
@@ -233,22 +234,24 @@ def test_sampled_distribution_is_the_targets(tmp_path):
     prompt = [1, 5, 6, 7, 5, 6]
     n = 800
     eng = Engine(art, backend="reference", num_kv_blocks=256, max_num_seqs=128, speculative=MTP)
-    params = [SamplingParams(max_tokens=2, ignore_eos=True, temperature=1.0, seed=s)
+    params = [SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.0, seed=s)
               for s in range(n)]
     got = run_all(eng, [prompt] * n, params)
     s = eng.stats()
     assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
-    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in got]), minlength=16).double()
     with contextlib.redirect_stderr(io.StringIO()):
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     with torch.no_grad():
         p0 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
         seq1 = torch.cat([torch.tensor([prompt] * 16), torch.arange(16)[:, None]], 1)
-        p1 = torch.softmax(model(seq1).logits[:, -1].double(), -1)
-    exp = torch.einsum("a,ab->b", p0, p1) * n
-    keep = exp > 0
-    assert counts[~keep].sum() == 0
-    chi2 = float(((counts[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    assert chi2 < CHI2_LIMIT
-    uniform = torch.full((16,), n / 16.0, dtype=torch.float64)
-    assert float(((counts - uniform) ** 2 / uniform).sum()) > CHI2_LIMIT   # it can tell
+        p1 = torch.softmax(model(seq1).logits[:, -1].double(), -1)            # [x0, x1]
+        seq2 = torch.cat([seq1.repeat_interleave(16, 0), torch.arange(16).repeat(16)[:, None]], 1)
+        p2 = torch.softmax(model(seq2).logits[:, -1].double(), -1).view(16, 16, 16)
+    for i, marginal in ((1, torch.einsum("a,ab->b", p0, p1)),
+                        (2, torch.einsum("a,ab,abc->c", p0, p1, p2))):
+        counts = torch.bincount(torch.tensor([o.token_ids[i] for o in got]), minlength=16)
+        exp = marginal * n
+        chi2 = float(((counts.double() - exp) ** 2 / exp).sum())
+        assert chi2 < CHI2_LIMIT, f"token {i}: chi2 {chi2:.1f}"
+        uniform = torch.full((16,), n / 16.0, dtype=torch.float64)
+        assert float(((counts - uniform) ** 2 / uniform).sum()) > CHI2_LIMIT   # it can tell
