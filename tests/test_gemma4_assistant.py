@@ -56,12 +56,16 @@ def pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def guessing(tmp_path_factory):
-    """An artifact whose assistant guesses well (braze/tiny_gemma4_assistant.py)."""
+def guessing_pair(tmp_path_factory):
+    """(target, assistant) where the assistant guesses well (braze/tiny_gemma4_assistant.py)."""
     from braze.tiny_gemma4_assistant import make_guessing_pair
-    d = tmp_path_factory.mktemp("g4g")
-    target, assistant = make_guessing_pair(d)
-    return _compile(target, d / "art", assistant)
+    return make_guessing_pair(tmp_path_factory.mktemp("g4g"))
+
+
+@pytest.fixture(scope="module")
+def guessing(guessing_pair):
+    target, assistant = guessing_pair
+    return _compile(target, target.parent / "art", assistant)
 
 
 # ------------------------------------------------------------------ the graph vs transformers
@@ -145,6 +149,48 @@ def test_greedy_output_identical_with_mtp(pair, guessing, k):
     acc, prop = s["spec_decode_accepted_per_position"], s["spec_decode_proposed_per_position"]
     assert 0 < sum(acc) == s["spec_decode_num_accepted_tokens"] < sum(prop)   # both happen
     assert s["steps"] < sum(len(o.token_ids) for o in got)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("interpret", marks=pytest.mark.slow)])
+def test_optimised_target_gives_the_assistant_the_same_hidden_states(guessing_pair, guessing,
+                                                                     tmp_path, backend):
+    """-O2 (at `interpret`, through the Triton kernels' launch plan, whose static buffers
+    hold the hidden-state output the assistant reads): output equal to plain greedy, and
+    the same guesses accepted as at -O0 with the reference backend."""
+    target, assistant = guessing_pair
+    art = _compile(target, tmp_path / "a", assistant, opt_level=2, max_num_seqs=8,
+                   max_logits_rows=32, max_num_tokens=64)
+    prompts = prompts_of([5, 13, 30], seed=3)
+    runs = []
+    for a, be in ((guessing, "reference"), (art, backend)):
+        eng = Engine(a, backend=be, cudagraph_mode="none", speculative=MTP)
+        out = run_all(eng, prompts, GREEDY)
+        s = eng.stats()
+        runs.append(([o.token_ids for o in out], s["spec_decode_accepted_per_position"],
+                     s["spec_decode_proposed_per_position"]))
+    base = run_all(Engine(art, backend=backend, cudagraph_mode="none"), prompts, GREEDY)
+    assert runs[0] == runs[1] and runs[1][0] == [o.token_ids for o in base]
+    assert sum(runs[1][1]) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["none", "piecewise"])
+def test_cuda_backend_with_the_assistant_equals_plain(guessing_pair, tmp_path, mode):
+    """On a GPU, -O2 float16 through the kernels and (piecewise) CUDA graphs: the target's
+    hidden-state output is a captured static buffer; greedy output with mtp equals plain
+    greedy and the well-guessing assistant's guesses are accepted."""
+    target, assistant = guessing_pair
+    art = _compile(target, tmp_path / "a", assistant, opt_level=2, dtype="float16",
+                   targets="sm_80,sm_90", max_num_seqs=8, max_logits_rows=32,
+                   max_num_tokens=128)
+    prompts = prompts_of([6, 11, 17], seed=8)
+    base = run_all(Engine(art, backend="cuda", cudagraph_mode=mode), prompts, GREEDY)
+    eng = Engine(art, backend="cuda", cudagraph_mode=mode,
+                 speculative={"method": "mtp", "num_speculative_tokens": 3})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
 
 
 def test_seeded_sampling_identical_with_mtp(guessing):
