@@ -74,9 +74,9 @@ def make_guessing_pair(out_dir, seed: int = 0, mix: float = 1.0,
                        **target_overrides) -> tuple[pathlib.Path, pathlib.Path]:
     """(target, assistant) where the assistant guesses well, for acceptance and rollback
     tests: the assistant (hidden size the target's) passes the token's embedding through
-    (pre_projection = [I, 0], its layers' o_proj and down_proj zero) to the target's
-    final norm and embedding as LM head: it predicts what the target would from the
-    token alone. The tiny target's residual is mostly that embedding, so the guess is
+    (pre_projection = [I, R/10]: the target's hidden state counts a little; its MLPs'
+    down_proj zero, its attention outputs normed to a tenth: they still count) to the target's final norm and embedding as LM head: it
+    predicts what the target would from the token alone. The tiny target's residual is mostly that embedding, so the guess is
     right often, not always (about 3 in 4 at k=1): accepted and rejected guesses both
     happen. `mix` < 1 scales the target's layer output norms down: more acceptance."""
     from safetensors.torch import load_file, save_file
@@ -97,11 +97,15 @@ def make_guessing_pair(out_dir, seed: int = 0, mix: float = 1.0,
     apath = assistant / "model.safetensors"
     a = load_file(apath)
     for k in a:
-        if k.endswith(("o_proj.weight", "down_proj.weight")):
+        if k.endswith("down_proj.weight"):
             a[k] = torch.zeros_like(a[k])
+        elif k.endswith("post_attention_layernorm.weight"):     # attention: a little
+            a[k] = a[k] * 0.1
         elif k.endswith("layer_scalar"):
             a[k] = torch.ones_like(a[k])
-    a["pre_projection.weight"] = torch.cat((torch.eye(h), torch.zeros(h, h)), 1)
+    g = torch.Generator().manual_seed(seed)          # the target's h: a little too
+    a["pre_projection.weight"] = torch.cat((torch.eye(h), 0.1 * torch.randn(h, h, generator=g)
+                                            / h ** 0.5), 1)
     a["model.norm.weight"] = w["model.norm.weight"].clone()
     a["model.embed_tokens.weight"] = w["model.embed_tokens.weight"].clone()
     save_file(a, apath, metadata={"format": "pt"})

@@ -65,7 +65,7 @@ def guessing_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def guessing(guessing_pair):
     target, assistant = guessing_pair
-    return _compile(target, target.parent / "art", assistant)
+    return _compile(target, target.parent / "art", assistant, block_size=4)
 
 
 # ------------------------------------------------------------------ the graph vs transformers
@@ -205,6 +205,62 @@ def test_seeded_sampling_identical_with_mtp(guessing):
 
 
 # ------------------------------------------------------------------ bookkeeping
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_every_guess_equals_one_computed_from_scratch(guessing, k):
+    """Each proposal's first guess (its logits) equals the one computed from scratch: the
+    target over the whole sequence on a fresh cache, then the assistant at its last
+    position. A wrong hidden-state row after a partly accepted step, keys of rejected
+    guesses, or window blocks released one position too early (the assistant sees W + 1
+    keys; window freeing is on, the prompt longer than the window, blocks of 4 tokens)
+    would change it."""
+    from braze.ir.interpreter import Interpreter
+    from braze.runtime import Executor, open_artifact
+    from braze.runtime.mtp_proposer import load_mtp
+    eng = Engine(guessing, backend="reference", num_kv_blocks=32,
+                 speculative={"method": "mtp", "num_speculative_tokens": k})
+    assert eng.runner.window_freeing
+    prop = eng.spec.proposer
+    eng.add_request("r", prompts_of([21], seed=11)[0],
+                    SamplingParams(max_tokens=24, ignore_eos=True))
+    req = eng.requests["r"]
+    seen, run, propose = [], prop._run, prop.propose
+
+    def spy(tokens, positions, hidden, tables):
+        logits, h = run(tokens, positions, hidden, tables)
+        if first:                                   # not a chained guess
+            seen.append((list(req.all_token_ids), logits[0].clone()))
+            first.clear()
+        return logits, h
+
+    def proposing(reqs, budgets):
+        first.append(True)
+        return propose(reqs, budgets)
+    first = []
+    prop._run, prop.propose = spy, proposing
+    eng.run_to_completion(["r"])
+    s = eng.stats()
+    assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
+    art = open_artifact(guessing)
+    ex = Executor(art, num_blocks=16)
+    graph, params, hidden_name = load_mtp(art, ex.params, "cpu")
+    interp = Interpreter(graph)
+    blocks = list(range(1, 13))         # block size 4: 48 positions
+    for toks, logits in seen:
+        q = len(toks) - 1
+        feeds = _group_feeds(build_step([SeqChunk(toks[:q], 0, blocks)], ex.block_size),
+                             ex.graph)
+        h = ex.interpreter.run({**feeds, **ex.cache.tensors}, ex.params)["hidden_states"]
+        f = {"input_ids": torch.tensor([toks[q]]), "positions": torch.tensor([q]),
+             "slot_mapping": torch.tensor([-1]),
+             "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
+             "seq_lens": torch.tensor([q], dtype=torch.int32),
+             "block_tables": torch.tensor([blocks], dtype=torch.int32),
+             "logits_indices": torch.tensor([0]), hidden_name: h[q - 1:q]}
+        want = interp.run({**_group_feeds(f, graph), **ex.cache.tensors}, params)["logits"][0]
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    assert len(seen) >= 6
+
 
 @pytest.mark.parametrize("blocks,aborts", [(64, {1: 3}), (9, {}), (9, {0: 2, 2: 5})])
 def test_aborts_and_preemption_leak_nothing(guessing, blocks, aborts):
