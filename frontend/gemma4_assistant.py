@@ -22,6 +22,7 @@ from braze.ir.contract import cache_names, group_step_inputs
 from braze.ir.errors import BrazeError
 from braze.ir.types import T, TensorType, torch_dtype
 
+from .kv_groups import _layer
 from .mtp import HIDDEN_INPUT, MTPGraph
 
 KIND = "gemma4_assistant"
@@ -150,14 +151,17 @@ def trace_assistant(loaded, assistant_dir, block_size: int, kv_groups: list[dict
     return out
 
 
+def _attention_groups(graph, kv_groups: list[dict]):
+    """(attention op, the target's KV cache group of the cache it reads), each op."""
+    group_of = {layer: g for g, grp in enumerate(kv_groups) for layer in grp["layers"]}
+    return [(node, group_of[_layer(node.operands[1].name)]) for node in graph.nodes
+            if node.op == "paged_attention"]
+
+
 def _use_group_tables(graph, kv_groups: list[dict]) -> None:
     """Each attention op reads the block table of its cache's group (the target's)."""
-    group_of = {layer: g for g, grp in enumerate(kv_groups) for layer in grp["layers"]}
     inputs = {v.name: v for v in graph.inputs}
-    for node in graph.nodes:
-        if node.op != "paged_attention":
-            continue
-        g = group_of[int(node.operands[1].name.rsplit(".", 1)[1])]
+    for node, g in _attention_groups(graph, kv_groups):
         if g == 0:
             continue
         name = f"block_tables.g{g}"
@@ -171,9 +175,7 @@ def _use_group_tables(graph, kv_groups: list[dict]) -> None:
 def assistant_windows(graph, kv_groups: list[dict]) -> None:
     """Widen each window group of the target (in place) to what the assistant's attention
     over it needs: its window W + 1 when that is wider."""
-    group_of = {layer: g for g, grp in enumerate(kv_groups) for layer in grp["layers"]}
-    for node in graph.nodes:
-        if node.op == "paged_attention" and node.attrs.get("sliding_window"):
-            grp = kv_groups[group_of[int(node.operands[1].name.rsplit(".", 1)[1])]]
-            if grp["window"]:
-                grp["window"] = max(grp["window"], int(node.attrs["sliding_window"]))
+    for node, g in _attention_groups(graph, kv_groups):
+        w = int(node.attrs.get("sliding_window") or 0)
+        if w and kv_groups[g]["window"]:
+            kv_groups[g]["window"] = max(kv_groups[g]["window"], w)

@@ -79,6 +79,17 @@ def _group_feeds(feeds, graph):
     return feeds
 
 
+def _assistant_feeds(graph, hidden_name, tok, q, h, blocks):
+    """One query row: token `tok` at position q, hidden state h [1, H], keys 0 .. q-1."""
+    f = {"input_ids": torch.tensor([tok]), "positions": torch.tensor([q]),
+         "slot_mapping": torch.tensor([-1]),
+         "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
+         "seq_lens": torch.tensor([q], dtype=torch.int32),
+         "block_tables": torch.tensor([blocks], dtype=torch.int32),
+         "logits_indices": torch.tensor([0]), hidden_name: h}
+    return _group_feeds(f, graph)
+
+
 @pytest.mark.parametrize("q", [5, 20])        # inside and past the sliding window (8)
 def test_assistant_equals_transformers(pair, q):
     from transformers import AutoModelForCausalLM, Gemma4AssistantForCausalLM
@@ -111,12 +122,8 @@ def test_assistant_equals_transformers(pair, q):
             want = assistant(inputs_embeds=torch.cat((e, h), -1), position_ids=torch.tensor([[q]]),
                              attention_mask=torch.ones(1, q, dtype=torch.long),
                              shared_kv_states=ref.shared_kv_states, use_cache=False)
-        f = {"input_ids": torch.tensor([tok]), "positions": torch.tensor([q]),
-             "slot_mapping": torch.tensor([-1]), "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
-             "seq_lens": torch.tensor([q], dtype=torch.int32),
-             "block_tables": torch.tensor([blocks], dtype=torch.int32),
-             "logits_indices": torch.tensor([0]), hidden_name: h[0]}
-        got = interp.run({**_group_feeds(f, graph), **ex.cache.tensors}, params)
+        f = _assistant_feeds(graph, hidden_name, tok, q, h[0], blocks)
+        got = interp.run({**f, **ex.cache.tensors}, params)
         torch.testing.assert_close(got["logits"], want.logits[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got["hidden_states"], want.last_hidden_state[0],
                                    atol=1e-4, rtol=1e-4)
@@ -251,13 +258,8 @@ def test_every_guess_equals_one_computed_from_scratch(guessing, k):
         feeds = _group_feeds(build_step([SeqChunk(toks[:q], 0, blocks)], ex.block_size),
                              ex.graph)
         h = ex.interpreter.run({**feeds, **ex.cache.tensors}, ex.params)["hidden_states"]
-        f = {"input_ids": torch.tensor([toks[q]]), "positions": torch.tensor([q]),
-             "slot_mapping": torch.tensor([-1]),
-             "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
-             "seq_lens": torch.tensor([q], dtype=torch.int32),
-             "block_tables": torch.tensor([blocks], dtype=torch.int32),
-             "logits_indices": torch.tensor([0]), hidden_name: h[q - 1:q]}
-        want = interp.run({**_group_feeds(f, graph), **ex.cache.tensors}, params)["logits"][0]
+        f = _assistant_feeds(graph, hidden_name, toks[q], q, h[q - 1:q], blocks)
+        want = interp.run({**f, **ex.cache.tensors}, params)["logits"][0]
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
     assert len(seen) >= 6
 
@@ -315,6 +317,26 @@ def test_unsupported_assistants_are_refused_in_one_line(pair, tmp_path):
         with pytest.raises(BrazeError, match=msg) as e:
             _compile(t, tmp_path / f"a{i}", a, **kw)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_cli_compile_with_assistant_and_generate_with_mtp(pair, tmp_path):
+    from cli_helpers import assert_one_line_error, run
+    target, assistant, _ = pair
+    art = tmp_path / "a"
+    code, _, err = run("compile", target, "-o", art, "--opt-level", "0", "--targets", "",
+                       "--dtype", "float32", "-q", "--mtp-assistant", assistant)
+    assert code == 0, err
+    common = ["generate", art, "--prompt-ids", "1,5,9,33,7,2", "--max-tokens", "8",
+              "--backend", "reference", "--json", "--ignore-eos", "--num-kv-blocks", "16"]
+    code, plain, err = run(*common)
+    assert code == 0, err
+    code, spec, err = run(*common, "--speculative", json.dumps(MTP))
+    assert code == 0, err
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    code, _, err = run("compile", target, "-o", tmp_path / "b", "--targets", "", "-q",
+                       "--mtp-assistant", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "nowhere has no config.json")
 
 
 # ------------------------------------------------------------------ distribution
