@@ -280,6 +280,7 @@ def test_aborts_and_preemption_leak_nothing(guessing, blocks, aborts):
     assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
     assert not eng.spec.proposer.rows
     assert s["spec_decode_num_accepted_tokens"] > 0
+    assert (s["preemptions"] > 0) == (blocks == 9)       # the small cache did preempt
 
 
 # ------------------------------------------------------------------ refusals
