@@ -204,7 +204,8 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                         '"prompt_lookup_max", "prompt_lookup_min") or \'{"method": "draft", '
                         '"model": DRAFT_ARTIFACT, "num_speculative_tokens": 3}\' or '
                         '\'{"method": "mtp", "num_speculative_tokens": 1}\' (the artifact\'s '
-                        'DeepSeek-V3 multi-token-prediction layer); output is '
+                        'DeepSeek-V3 multi-token-prediction layer, or the Gemma 4 assistant '
+                        'compiled with --mtp-assistant); output is '
                         'exactly what decoding without it gives. An -O2 artifact needs '
                         '--max-logits-rows at compile time (default: off)')
     p.add_argument("--kv-offload-cpu-gb", type=_positive_float, metavar="GB",

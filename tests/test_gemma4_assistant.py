@@ -335,6 +335,8 @@ def test_cli_compile_with_assistant_and_generate_with_mtp(pair, tmp_path):
     code, spec, err = run(*common, "--speculative", json.dumps(MTP))
     assert code == 0, err
     assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    code, out, err = run("inspect", art)
+    assert code == 0 and "Gemma 4 assistant model" in out and "window 9" in out, err
     code, _, err = run("compile", target, "-o", tmp_path / "b", "--targets", "", "-q",
                        "--mtp-assistant", tmp_path / "nowhere")
     assert_one_line_error(code, err, "nowhere has no config.json")
