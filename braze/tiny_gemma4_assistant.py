@@ -55,6 +55,10 @@ def make_assistant(target_dir, out_dir, seed: int = 5, **overrides) -> pathlib.P
     with contextlib.redirect_stderr(io.StringIO()):
         model = Gemma4AssistantForCausalLM(cfg).to(torch.float32).eval()
     _init_weights(model, seed)
+    if cfg.use_ordered_embeddings:          # a random order of the vocabulary's tokens
+        g = torch.Generator().manual_seed(seed)
+        model.masked_embedding.token_ordering.copy_(
+            torch.randperm(cfg.get_text_config().vocab_size, generator=g))
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

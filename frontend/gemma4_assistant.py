@@ -48,11 +48,27 @@ def read_assistant_config(assistant_dir: Path):
         raise BrazeError(f"--mtp-assistant {assistant_dir}: config.json model_type is "
                          f"{getattr(cfg, 'model_type', None)!r}, not 'gemma4_assistant' (a "
                          f"Gemma4AssistantForCausalLM checkpoint)")
-    if getattr(cfg, "use_ordered_embeddings", False):
-        raise BrazeError(f"--mtp-assistant {assistant_dir}: use_ordered_embeddings=true (the "
-                         f"centroid-masked LM head) is not supported yet; use an assistant "
-                         f"with use_ordered_embeddings=false")
     return cfg
+
+
+def _cluster_of(ckpt, cfg, vocab: int) -> torch.Tensor:
+    """use_ordered_embeddings: each token's cluster, from the checkpoint's token_ordering
+    (cluster c holds tokens token_ordering[c * V/C : (c + 1) * V/C])."""
+    c, k = int(cfg.num_centroids), int(cfg.centroid_intermediate_top_k)
+    name = "masked_embedding.token_ordering"
+    if vocab % c or not 0 < k <= c:
+        raise BrazeError(f"assistant config.json: num_centroids={c} must divide vocab_size="
+                         f"{vocab} and centroid_intermediate_top_k={k} be 1 .. {c}")
+    if name not in ckpt.names():
+        raise BrazeError(f"assistant checkpoint {ckpt.dir} has no {name}, which "
+                         f"use_ordered_embeddings=true needs")
+    order = ckpt.get(name).long().flatten()
+    if order.numel() != vocab or not torch.equal(order.sort().values, torch.arange(vocab)):
+        raise BrazeError(f"assistant checkpoint {ckpt.dir}: {name} is not a permutation of "
+                         f"the {vocab} token ids")
+    out = torch.empty(vocab, dtype=torch.int64)
+    out[order] = torch.arange(vocab) // (vocab // c)
+    return out
 
 
 def _producers(target) -> dict[bool, int]:
@@ -113,8 +129,14 @@ def trace_assistant(loaded, assistant_dir, block_size: int, kv_groups: list[dict
                          f"the target's is {target.vocab_size}")
     dt = torch_dtype(loaded.dtype)
     rotary, local = gemma4_rotaries(spec, dt)
+    ckpt = Checkpoint(Path(assistant_dir))
+    ordered = ((int(cfg.num_centroids), int(cfg.centroid_intermediate_top_k))
+               if cfg.use_ordered_embeddings else None)
     with torch.device("meta"), _no_init():
-        module = Gemma4Assistant(spec, target, dt, rotary, local)
+        module = Gemma4Assistant(spec, target, dt, rotary, local, ordered)
+    if ordered:                        # real: computed here, shipped with its own weights
+        module.assistant.masked_embedding.cluster_of = torch.nn.Parameter(
+            _cluster_of(ckpt, cfg, spec.vocab_size), requires_grad=False)
     inputs = {v.name: v.type for v in loaded.graph.inputs}
     extra = {HIDDEN_INPUT: TensorType((T, target.hidden_size), loaded.dtype)}
     for j in sorted(set(spec.gemma4.kv_from)):
@@ -126,7 +148,6 @@ def trace_assistant(loaded, assistant_dir, block_size: int, kv_groups: list[dict
     except BrazeError as e:
         raise BrazeError(f"--mtp-assistant {assistant_dir} does not fit the target: {e}") from None
     _use_group_tables(graph, kv_groups)
-    ckpt = Checkpoint(Path(assistant_dir))
     out = MTPGraph(graph, checkpoint=ckpt)
     main = set(loaded.graph.params)
     available = ckpt.names()

@@ -16,6 +16,12 @@ token t_q, whose target KV is not computed yet) it reads
 where h is the target's last hidden state (after its final norm) at position q - 1. The
 next guess chains: token = argmax(logits), h = h', same position q, same keys.
 
+With use_ordered_embeddings the head is masked: the vocabulary is cut into C clusters
+(token_ordering lists each cluster's tokens), the top-k clusters by centroids(y) are
+kept and every other token's logit is the row's lowest kept logit minus 1 (transformers
+takes the lowest over its whole batch, of one row when it drafts). Here the kept logits
+come from the dense head (the same dot products) and the clusters as a mask over it.
+
 transformers masks the shared keys bidirectionally; a sliding layer with window W sees
 the last W + 1 of them (|q_idx - kv_idx| <= W, flipped). Here the query sits at
 attention position q - 1 (seq_lens = q: keys 0 .. q - 1) with a sliding window of W + 1,
@@ -35,10 +41,32 @@ from .spec import ModelSpec
 PREFIX = "assistant."
 
 
+class _MaskedEmbedding(nn.Module):
+    """use_ordered_embeddings: the centroids, and each token's cluster (`cluster_of`, i64
+    [V], computed from the checkpoint's token_ordering)."""
+
+    def __init__(self, hidden: int, vocab: int, num_centroids: int, top_k: int):
+        super().__init__()
+        self.centroids = nn.Linear(hidden, num_centroids, bias=False)
+        self.cluster_of = nn.Parameter(torch.zeros(vocab, dtype=torch.int64),
+                                       requires_grad=False)
+        self.top_k = top_k
+
+    def forward(self, y, logits):
+        c = self.centroids(y)                                     # [T, C]
+        top, chosen = torch.topk(c, self.top_k, dim=-1)
+        kept = torch.zeros_like(c).scatter(1, chosen, top * 0.0 + 1.0)
+        allowed = kept.index_select(1, self.cluster_of) > 0.5     # [T, V]
+        far = torch.full_like(logits, -3.0e38)
+        low = -torch.amax(torch.where(allowed, -logits, far), dim=-1, keepdim=True) - 1.0
+        return torch.where(allowed, logits, logits * 0.0 + low)
+
+
 class _Assistant(nn.Module):
     """The assistant's own modules, named as in its checkpoint."""
 
-    def __init__(self, spec: ModelSpec, backbone_hidden: int, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, backbone_hidden: int, dtype: torch.dtype,
+                 ordered: tuple[int, int] | None = None):
         super().__init__()
         h = spec.hidden_size
         self.tie_word_embeddings = spec.tie_word_embeddings
@@ -47,6 +75,8 @@ class _Assistant(nn.Module):
         self.post_projection = nn.Linear(h, backbone_hidden, bias=False)
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(h, spec.vocab_size, bias=False)
+        self.masked_embedding = (_MaskedEmbedding(h, spec.vocab_size, *ordered)
+                                 if ordered else None)
 
 
 class _TargetEmbedding(nn.Module):
@@ -60,11 +90,14 @@ class Gemma4Assistant(nn.Module):
     hidden state at the position before each token). Returns logits and h'."""
 
     def __init__(self, spec: ModelSpec, target: ModelSpec, dtype: torch.dtype,
-                 rotary_emb: RotaryEmbedding, rotary_emb_local: RotaryEmbedding):
+                 rotary_emb: RotaryEmbedding, rotary_emb_local: RotaryEmbedding,
+                 ordered: tuple[int, int] | None = None):
+        """`ordered`: (num_centroids, centroid_intermediate_top_k) with
+        use_ordered_embeddings, else None."""
         super().__init__()
         self.embed_scale = _scale(target.hidden_size ** 0.5, dtype)
         self.model = _TargetEmbedding(target)
-        self.assistant = _Assistant(spec, target.hidden_size, dtype)
+        self.assistant = _Assistant(spec, target.hidden_size, dtype, ordered)
         self.to(dtype)
         self.assistant.model.rotary_emb = rotary_emb
         self.assistant.model.rotary_emb_local = rotary_emb_local
@@ -80,4 +113,7 @@ class Gemma4Assistant(nn.Module):
             cos, sin = rope_local if layer.self_attn.local else rope
             x = layer(x, None, cos, sin, slot_mapping, query_start_loc, seq_lens, block_tables)
         y = a.model.norm(x)
-        return {"logits": lm_head(a, y), "hidden_states": a.post_projection(y)}
+        logits = lm_head(a, y)
+        if a.masked_embedding is not None:
+            logits = a.masked_embedding(y, logits)
+        return {"logits": logits, "hidden_states": a.post_projection(y)}

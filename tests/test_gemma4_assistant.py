@@ -12,8 +12,11 @@ compiled beside the target (`--mtp-assistant`) and run as the proposer
 - seeded sampling gives the same tokens with and without mtp; the sampled distribution
   is the target's (chi-square, slow);
 - aborts and preemption leak no KV block, batch row or proposer state;
-- the refusals: a Gemma 4 artifact without an assistant, use_ordered_embeddings, a
-  target that is not Gemma 4, an assistant for another hidden size, tensor parallelism.
+- use_ordered_embeddings (the centroid-masked head) too: logits as transformers', greedy
+  output kept;
+- the refusals: a Gemma 4 artifact without an assistant, use_ordered_embeddings without
+  its token_ordering, a target that is not Gemma 4, an assistant for another hidden
+  size, tensor parallelism.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ def pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ordered(pair, tmp_path_factory):
+    """(target, assistant with use_ordered_embeddings: 16 clusters, top 4, artifact)."""
+    from braze.tiny_gemma4_assistant import make_assistant
+    d = tmp_path_factory.mktemp("g4o")
+    assistant = make_assistant(pair[0], d / "assistant", use_ordered_embeddings=True,
+                               num_centroids=16, centroid_intermediate_top_k=4)
+    return pair[0], assistant, _compile(pair[0], d / "art", assistant)
+
+
+@pytest.fixture(scope="module")
 def guessing_pair(tmp_path_factory):
     """(target, assistant) where the assistant guesses well (braze/tiny_gemma4_assistant.py)."""
     from braze.tiny_gemma4_assistant import make_guessing_pair
@@ -91,12 +104,13 @@ def _assistant_feeds(graph, hidden_name, tok, q, h, blocks):
 
 
 @pytest.mark.parametrize("q", [5, 20])        # inside and past the sliding window (8)
-def test_assistant_equals_transformers(pair, q):
+@pytest.mark.parametrize("which", ["pair", "ordered"])
+def test_assistant_equals_transformers(request, which, q):
     from transformers import AutoModelForCausalLM, Gemma4AssistantForCausalLM
     from braze.ir.interpreter import Interpreter
     from braze.runtime import Executor, open_artifact
     from braze.runtime.mtp_proposer import load_mtp
-    target_dir, assistant_dir, art_dir = pair
+    target_dir, assistant_dir, art_dir = request.getfixturevalue(which)
     with contextlib.redirect_stderr(io.StringIO()):
         target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
         assistant = Gemma4AssistantForCausalLM.from_pretrained(
@@ -140,25 +154,29 @@ def test_manifest_widens_the_window_group_for_the_assistant(pair):
 
 # ------------------------------------------------------------------ exactness
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_greedy_output_identical_with_mtp(pair, guessing, k):
+@pytest.mark.parametrize("which,k", [("pair", 1), ("pair", 2), ("guessing", 1),
+                                     ("guessing", 2)])
+def test_greedy_output_identical_with_mtp(request, which, k):
+    art = request.getfixturevalue(which)
+    art = art[2] if which == "pair" else art
     prompts = prompts_of([5, 13, 30], seed=3)
-    for art in (pair[2], guessing):
-        base = run_all(Engine(art, backend="reference"), prompts, GREEDY)
-        eng = Engine(art, backend="reference",
-                     speculative={"method": "mtp", "num_speculative_tokens": k})
-        got = run_all(eng, prompts, GREEDY)
-        assert [o.token_ids for o in got] == [o.token_ids for o in base]
-        s = eng.stats()
-        assert s["spec_decode_method"] == "mtp" and s["spec_decode_num_drafts"] > 0
-        assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
-        assert not eng.spec.proposer.rows
-    acc, prop = s["spec_decode_accepted_per_position"], s["spec_decode_proposed_per_position"]
-    assert 0 < sum(acc) == s["spec_decode_num_accepted_tokens"] < sum(prop)   # both happen
-    assert s["steps"] < sum(len(o.token_ids) for o in got)
+    base = run_all(Engine(art, backend="reference"), prompts, GREEDY)
+    eng = Engine(art, backend="reference",
+                 speculative={"method": "mtp", "num_speculative_tokens": k})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in base]
+    s = eng.stats()
+    assert s["spec_decode_method"] == "mtp" and s["spec_decode_num_drafts"] > 0
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+    assert not eng.spec.proposer.rows
+    if which == "guessing":
+        acc, prop = s["spec_decode_accepted_per_position"], s["spec_decode_proposed_per_position"]
+        assert 0 < sum(acc) == s["spec_decode_num_accepted_tokens"] < sum(prop)   # both
+        assert s["steps"] < sum(len(o.token_ids) for o in got)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("interpret", marks=pytest.mark.slow)])
+@pytest.mark.slow      # an -O2 compile; at interpret about 90 s
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_optimised_target_gives_the_assistant_the_same_hidden_states(guessing_pair, guessing,
                                                                      tmp_path, backend):
     """-O2 (at `interpret`, through the Triton kernels' launch plan, whose static buffers
@@ -198,6 +216,16 @@ def test_cuda_backend_with_the_assistant_equals_plain(guessing_pair, tmp_path, m
     got = run_all(eng, prompts, GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in base]
     assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_ordered_embeddings_assistant_keeps_greedy_output(ordered):
+    """use_ordered_embeddings (the centroid-masked head): guesses come only from the top
+    clusters, and the output stays plain greedy's."""
+    prompts = prompts_of([5, 13], seed=3)
+    base = run_all(Engine(ordered[2], backend="reference"), prompts, GREEDY)
+    eng = Engine(ordered[2], backend="reference", speculative=MTP)
+    assert [o.token_ids for o in run_all(eng, prompts, GREEDY)] == [o.token_ids for o in base]
+    assert eng.stats()["spec_decode_num_drafts"] > 0
 
 
 def test_seeded_sampling_identical_with_mtp(guessing):
@@ -264,7 +292,7 @@ def test_every_guess_equals_one_computed_from_scratch(guessing, k):
     assert len(seen) >= 6
 
 
-@pytest.mark.parametrize("blocks,aborts", [(64, {1: 3}), (9, {}), (9, {0: 2, 2: 5})])
+@pytest.mark.parametrize("blocks,aborts", [(64, {1: 3}), (9, {0: 2, 2: 5})])
 def test_aborts_and_preemption_leak_nothing(guessing, blocks, aborts):
     """A cache small enough to preempt, chunked prefill, prefix-shared prompts, aborts:
     requests not aborted get the plain engine's tokens; nothing leaks."""
@@ -304,8 +332,12 @@ def test_unsupported_assistants_are_refused_in_one_line(pair, tmp_path):
     from braze.tiny import make_checkpoint
     target, assistant, _ = pair
     cases = [
-        (_edited_assistant(assistant, tmp_path / "ordered", use_ordered_embeddings=True),
-         target, {}, "use_ordered_embeddings=true .* not supported"),
+        (_edited_assistant(assistant, tmp_path / "ordered", use_ordered_embeddings=True,
+                           num_centroids=16, centroid_intermediate_top_k=4),
+         target, {}, "has no masked_embedding.token_ordering"),
+        (_edited_assistant(assistant, tmp_path / "uneven", use_ordered_embeddings=True,
+                           num_centroids=24, centroid_intermediate_top_k=4),
+         target, {}, "num_centroids=24 must divide vocab_size=256"),
         (_edited_assistant(assistant, tmp_path / "wide", backbone_hidden_size=96),
          target, {}, "backbone_hidden_size=96 but the target's hidden_size is 64"),
         (assistant, target, {"tensor_parallel_size": 2}, "--tensor-parallel-size > 1"),
