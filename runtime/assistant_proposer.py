@@ -54,8 +54,9 @@ class AssistantProposer:
         self.device = ex.device
         self.k = config.num_speculative_tokens
         self.vocab = engine.vocab_size
-        self.caches = {n: t for n, t in ex.cache.tensors.items()
-                       if n in {v.name for v in self.graph.inputs}}
+        self.cache = ex.cache               # the target's: read, never written
+        self.cache_names = [n for n in ex.cache.tensors
+                            if n in {v.name for v in self.graph.inputs}]
         self.groups = sorted(g for _, g in filter(None, (group_of_step_input(v.name)
                                                           for v in self.graph.inputs)))
         self.rows: dict[str, tuple[int, torch.Tensor]] = {}   # id -> (first position, h rows)
@@ -106,7 +107,7 @@ class AssistantProposer:
             width = max(len(t[name]) for t in tables)
             feeds[name] = torch.tensor([t[name] + [0] * (width - len(t[name])) for t in tables],
                                        dtype=torch.int32, device=dev)
-        feeds.update(self.caches)
+        feeds.update((n, self.cache.tensors[n]) for n in self.cache_names)
         out = self.interpreter.run(feeds, self.params)
         self.num_mtp_calls += 1
         return out["logits"], out["hidden_states"]
