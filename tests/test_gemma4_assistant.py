@@ -294,11 +294,13 @@ def test_every_guess_equals_one_computed_from_scratch(guessing, k):
 
 @pytest.mark.parametrize("blocks,aborts", [(64, {1: 3}), (9, {0: 2, 2: 5})])
 def test_aborts_and_preemption_leak_nothing(guessing, blocks, aborts):
-    """A cache small enough to preempt, chunked prefill, prefix-shared prompts, aborts:
-    requests not aborted get the plain engine's tokens; nothing leaks."""
+    """A cache small enough to preempt, chunked prefill, prefix-shared prompts, aborts, a
+    request that does not speculate (logprobs) among those that do: requests not aborted
+    get the plain engine's tokens; nothing leaks."""
     shared = prompts_of([16], seed=21)[0]
     prompts = [shared + p for p in prompts_of([4, 9, 3], seed=2)] + prompts_of([11], seed=4)
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 9, 16, 12)]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, logprobs=1 if n == 12 else None)
+              for n in (14, 9, 16, 12)]
     plain = run_all(Engine(guessing, backend="reference", num_kv_blocks=64), prompts, params)
     eng = Engine(guessing, backend="reference", num_kv_blocks=blocks, max_num_tokens=24,
                  max_num_seqs=4, speculative={"method": "mtp", "num_speculative_tokens": 3})
