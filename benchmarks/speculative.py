@@ -18,12 +18,17 @@ is built to guess it well (its layers scaled down by --aligned-mix so its next t
 depends mostly on the current one; the MTP layer predicts from that token alone). The
 aligned pair shows what accepted MTP guesses do to steps; neither is a trained model.
 
+With --family gemma4 the target is braze.tiny's Gemma 4 (hidden 64, 5 layers, vocab 256)
+compiled with an assistant model (braze/tiny_gemma4_assistant.py, `--mtp-assistant`):
+"g4" with a random assistant, "g4-aligned" with one built to guess from the last token.
+
 Prompts: "repetitive" repeats a 6-token unit to --prompt-len tokens; "random" is
 uniform random ids. --batch requests per run, greedy, --max-tokens each, ignore_eos.
 
     python benchmarks/speculative.py                           # reference backend, CPU
     python benchmarks/speculative.py --backend cuda --batch 1 16 --hidden 2048 --layers 16
     python benchmarks/speculative.py --family deepseek_v3 --k 1 3   # the mtp method
+    python benchmarks/speculative.py --family gemma4 --k 1 3        # Gemma 4's assistant
 """
 
 from __future__ import annotations
@@ -106,12 +111,27 @@ def deepseek_targets(tmp: Path, a) -> dict:
         base = make_checkpoint("deepseek_v3", tmp / "ds", seed=1)
     with_mtp_layer(base, tmp / "ds-mtp")
     guessing_mtp_checkpoint(tmp / "ds-mtp", tmp / "ds-aligned", mix=a.aligned_mix)
+    return mtp_targets(tmp, a, {"dsv3": (tmp / "ds-mtp", None),
+                                "dsv3-aligned": (tmp / "ds-aligned", None)})
+
+
+def gemma4_targets(tmp: Path, a) -> dict:
+    """{name: (artifact, {method: speculative config})} for --family gemma4."""
+    from braze.tiny_gemma4_assistant import make_guessing_pair, make_pair
+    with contextlib.redirect_stderr(io.StringIO()):
+        pairs = {"g4": make_pair(tmp / "g4"), "g4-aligned": make_guessing_pair(tmp / "g4a")}
+    return mtp_targets(tmp, a, pairs)
+
+
+def mtp_targets(tmp: Path, a, checkpoints: dict) -> dict:
+    """{name: (artifact, methods)}: each (checkpoint, assistant or None) compiled at -O2;
+    methods none, ngram and mtp for each --k."""
     seqs, k = max(a.batch), max(a.k)
     out = {}
-    for name, ck in (("dsv3", tmp / "ds-mtp"), ("dsv3-aligned", tmp / "ds-aligned")):
+    for name, (ck, assistant) in checkpoints.items():
         art = braze.compile(ck, tmp / f"{name}.braze", opt_level=2, targets="",
                             max_num_seqs=seqs, max_logits_rows=seqs * (k + 1),
-                            max_num_tokens=512).root
+                            max_num_tokens=512, mtp_assistant=assistant).root
         methods = {"none": None}
         for kk in a.k:
             methods[f"ngram k={kk}"] = {"method": "ngram", "num_speculative_tokens": kk}
@@ -122,9 +142,10 @@ def deepseek_targets(tmp: Path, a) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--family", default="llama", choices=["llama", "deepseek_v3"],
+    ap.add_argument("--family", default="llama", choices=["llama", "deepseek_v3", "gemma4"],
                     help="llama: none/ngram/draft/self on a random llama; deepseek_v3: "
-                         "none/ngram/mtp on tiny DeepSeek-V3 targets with an MTP layer")
+                         "none/ngram/mtp on tiny DeepSeek-V3 targets with an MTP layer; "
+                         "gemma4: none/ngram/mtp on tiny Gemma 4 targets with an assistant")
     ap.add_argument("--aligned-mix", type=float, default=0.03,
                     help="deepseek_v3: the aligned target's layer scale (0: the MTP layer "
                          "guesses every token)")
@@ -144,9 +165,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="braze-spec-bench-"))
     out = ResultsFile(a.json, {"benchmark": "speculative", "config": vars(a),
                                "torch": torch.__version__})
-    if a.family == "deepseek_v3":
+    if a.family in ("deepseek_v3", "gemma4"):
         a.vocab = 256
-        targets = deepseek_targets(tmp, a)
+        targets = (deepseek_targets if a.family == "deepseek_v3" else gemma4_targets)(tmp, a)
     else:
         targets = {"llama": llama_target(tmp, a)}
     print(f"{'target':<13}{'prompts':<11}{'batch':>6}{'method':>13}{'tok/s':>9}{'speedup':>9}"

@@ -75,7 +75,8 @@ def cmd_compile(a) -> int:
             targets=a.targets, cudagraph_mode=a.cudagraph_mode, sign=a.sign,
             lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
             lora_targets=a.lora_targets, max_logits_rows=a.max_logits_rows,
-            tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel)
+            tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel,
+            mtp_assistant=a.mtp_assistant)
     return 0
 
 
@@ -203,7 +204,8 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                         '"prompt_lookup_max", "prompt_lookup_min") or \'{"method": "draft", '
                         '"model": DRAFT_ARTIFACT, "num_speculative_tokens": 3}\' or '
                         '\'{"method": "mtp", "num_speculative_tokens": 1}\' (the artifact\'s '
-                        'DeepSeek-V3 multi-token-prediction layer); output is '
+                        'DeepSeek-V3 multi-token-prediction layer, or the Gemma 4 assistant '
+                        'compiled with --mtp-assistant); output is '
                         'exactly what decoding without it gives. An -O2 artifact needs '
                         '--max-logits-rows at compile time (default: off)')
     p.add_argument("--kv-offload-cpu-gb", type=_positive_float, metavar="GB",
@@ -349,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "intermediate size; every rank routes all tokens and runs only its "
                         "experts, one all-reduce per MoE layer sums them. Attention stays "
                         "tensor-parallel. See docs/parallelism.md")
+    c.add_argument("--mtp-assistant", metavar="DIR",
+                   help="a Gemma 4 target's assistant model (a Gemma4AssistantForCausalLM "
+                        "checkpoint directory): compiled beside the target, it reads the "
+                        "target's last hidden state and KV cache and proposes tokens for "
+                        "--speculative '{\"method\": \"mtp\", \"num_speculative_tokens\": k}'")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")

@@ -6,6 +6,9 @@ It is traced (frontend/mtp.py), optimised with the passes that need no step plan
 weights are computed, and it is written beside the main graph (codegen/mtp_writer.py)
 sharing the main graph's embedding and LM head. The runtime runs it with the reference
 interpreter (runtime/mtp_proposer.py); it has no Triton launch plan of its own yet.
+
+`prepare_assistant` does the same for Gemma 4's assistant model (`--mtp-assistant DIR`,
+frontend/gemma4_assistant.py), run by runtime/assistant_proposer.py.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from braze.frontend.mtp import trace_mtp, mtp_loader
 from braze.ir import verify
 from braze.passes import PassContext, PassManager
+
+from .compiler import materialize
 
 MTP_PASSES = {0: [], 1: ["canonicalize"],
               2: ["canonicalize", "merge-projections", "fuse-moe", "canonicalize"]}
@@ -29,7 +34,6 @@ def prepare_mtp(loaded, opts, main_graph, log):
             "head is sharded); the layer's tensors ship as they are")
         return None, None
     from braze.ir.errors import BrazeError
-    from .compiler import materialize
     try:
         mtp = trace_mtp(loaded, opts.block_size, log=log)
     except BrazeError as e:
@@ -37,6 +41,17 @@ def prepare_mtp(loaded, opts, main_graph, log):
         log(f"note: {e}; the MTP layer is not compiled (speculative method 'mtp' will be "
             f"refused), its tensors ship as they are")
         return None, None
+    load, bad = _optimise(loaded, opts, mtp, main_graph)
+    if bad:
+        log(f"MTP: the main graph's {bad} is not the one the MTP layer reads after "
+            f"optimisation; the layer's tensors ship as they are")
+        return None, None
+    return mtp, load
+
+
+def _optimise(loaded, opts, mtp, main_graph):
+    """Run the MTP passes on the second graph and derive its weights: -> (its loader, the
+    first shared param or cache the main graph no longer has as the graph reads it)."""
     graph = mtp.graph
     verify(graph)
     names = MTP_PASSES[min(opts.opt_level, 2)]
@@ -47,7 +62,27 @@ def prepare_mtp(loaded, opts, main_graph, log):
     for name in mtp.shared:
         main = main_graph.params.get(name)
         if main is None or main.type != graph.params[name].type:
-            log(f"MTP: the main graph's {name} is not the one the MTP layer reads after "
-                f"optimisation; the layer's tensors ship as they are")
-            return None, None
+            return load, name
+    main_inputs = {v.name: v.type for v in main_graph.inputs}
+    for v in graph.inputs:
+        if v.name.startswith("k_cache.") or v.name.startswith("v_cache."):
+            if main_inputs.get(v.name) != v.type:
+                return load, v.name
+    return load, None
+
+
+def prepare_assistant(loaded, opts, main_graph, kv_groups, assistant_dir, log):
+    """-> (MTPGraph, its weight loader) for Gemma 4's assistant in `assistant_dir`; widens
+    the target's window groups in `kv_groups` (the manifest's) to what it reads."""
+    from braze.frontend.gemma4_assistant import assistant_windows, trace_assistant
+    from braze.ir.errors import BrazeError
+    if opts.tensor_parallel_size > 1:
+        raise BrazeError("--mtp-assistant with --tensor-parallel-size > 1 is not supported "
+                         "yet; compile the target and its assistant for one GPU")
+    mtp = trace_assistant(loaded, assistant_dir, opts.block_size, kv_groups, log=log)
+    load, bad = _optimise(loaded, opts, mtp, main_graph)
+    if bad:
+        raise BrazeError(f"--mtp-assistant: the optimised target's {bad} is not the one the "
+                         f"assistant reads; compile with --opt-level 0 and report this")
+    assistant_windows(mtp.graph, kv_groups)
     return mtp, load

@@ -16,7 +16,7 @@ import torch
 
 from braze.codegen.artifact_writer import write_artifact
 from braze.codegen.emit import emit_kernels
-from braze.codegen.mtp_writer import write_mtp
+from braze.codegen.mtp_writer import write_assistant, write_mtp
 from braze.codegen.plan import build_plan
 from braze.frontend import load_model
 from braze.frontend.kv_groups import assign_kv_groups
@@ -36,9 +36,10 @@ def _quiet(msg: str) -> None:
 
 
 def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool = False,
-            log=None, sign=None, **options):
+            log=None, sign=None, mtp_assistant=None, **options):
     """Compile a Hugging Face model directory, or a GGUF file, into an artifact at `out`;
-    returns the Artifact.
+    returns the Artifact. `mtp_assistant`: a Gemma 4 target's assistant model directory
+    (Gemma4AssistantForCausalLM), compiled beside it for speculative method 'mtp'.
 
     The artifact is signed with the Ed25519 private key file `sign`, or by default with
     the per-user key (braze/signing.py), so that hosts trusting the key run it as it is."""
@@ -54,16 +55,21 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
     gguf = GGUFSource(model_dir, log=log) if is_gguf(model_dir) else None
     try:
         return _compile(gguf.dir if gguf else Path(model_dir), out, opts, key, t0, force,
-                        dump_ir, explain, log, gguf)
+                        dump_ir, explain, log, gguf, mtp_assistant)
     finally:
         if gguf:
             gguf.close()
 
 
-def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain, log, gguf):
+def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain, log, gguf,
+             mtp_assistant=None):
     """`model_dir`: the HF directory, or the staging directory of a GGUF file (`gguf`)."""
+    if mtp_assistant is not None and opts.tensor_parallel_size > 1:
+        raise BrazeError("--mtp-assistant with --tensor-parallel-size > 1 is not supported "
+                         "yet; compile the target and its assistant for one GPU")
     loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log,
-                        checkpoint=gguf.checkpoint if gguf else None)
+                        checkpoint=gguf.checkpoint if gguf else None,
+                        hidden_output=mtp_assistant is not None)
     if gguf:
         gguf.adjust(loaded)
     spec, graph = loaded.spec, loaded.graph
@@ -145,13 +151,18 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         f"{kernel_count} kernel variants, extern: "
         f"{', '.join(f'{k} x{n}' for k, n in plan['extern_ops'].items()) or 'none'}")
 
-    from .compile_mtp import prepare_mtp
+    from .compile_mtp import prepare_assistant, prepare_mtp
+    if mtp_assistant is not None:        # widens kv_groups' windows before they are written
+        assistant, assistant_load = prepare_assistant(loaded, opts, graph, kv_groups,
+                                                      mtp_assistant, log)
     mtp, mtp_load = prepare_mtp(loaded, opts, graph, log)
 
     def emit(root: Path) -> dict:
         entries = emit_kernels(plan, root, opts.target_list(), log)
         entries.update(write_mtp(root, loaded.checkpoint, loaded.mtp, loaded.dtype, log=log,
                                  mtp=mtp, load_param=mtp_load))
+        if mtp_assistant is not None:
+            entries.update(write_assistant(root, assistant, assistant_load, log=log))
         return entries
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),

@@ -45,6 +45,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "tokenizer": m.get("tokenizer") is not None,
         "mtp_layers": (m.get("mtp") or {}).get("num_layers", 0),
         "mtp_graph": (m.get("mtp") or {}).get("graph"),
+        "mtp_kind": (m.get("mtp") or {}).get("kind"),
         "lora": {k: v for k, v in m["lora"].items() if k in ("slots", "max_rank", "targets")}
         | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
@@ -122,6 +123,9 @@ def format_summary(s: dict) -> str:
     width = max(len(k) for k in s["ops"]) if s["ops"] else 0
     for name, n in sorted(s["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {name:<{width}}  {n}")
+    if s.get("mtp_kind") == "gemma4_assistant":
+        lines.append("mtp        Gemma 4 assistant model: a second graph (mtp.bir) for "
+                     "--speculative method 'mtp'")
     if s.get("mtp_layers"):
         lines.append(f"mtp        {s['mtp_layers']} multi-token-prediction layer(s): "
                      + ("a second graph (mtp.bir) for --speculative method 'mtp'"

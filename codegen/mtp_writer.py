@@ -8,6 +8,10 @@ checkpoint's MTP tensors as they are, named as in the checkpoint, kept for a lat
 compile; the runtime then refuses method 'mtp'. Floating-point tensors are in the
 compile dtype, except the float32 router of MoE layers (`mlp.gate.weight`,
 `e_score_correction_bias`), which stays float32 as the main model's does.
+
+`write_assistant` writes Gemma 4's assistant model the same way (its graph and own
+weights; the target's embedding shared), as manifest entry "mtp" of kind
+"gemma4_assistant".
 """
 
 from __future__ import annotations
@@ -49,6 +53,26 @@ def _write_shards(root: Path, names: list[str], get, shard_bytes: int):
     return files, {n: files[i] for n, i in where.items()}, total
 
 
+def _write_graph(root: Path, mtp, load_param, shard_bytes: int, log):
+    """The second graph and the weights only it has: -> (manifest entry, file of each)."""
+    graph = mtp.graph
+    (Path(root) / GRAPH_FILE).write_text(print_graph(graph))
+    own = [n for n in graph.params if n not in mtp.shared]
+    files, where, total = _write_shards(root, own, load_param, shard_bytes)
+    if log:
+        log(f"wrote the MTP graph ({GRAPH_FILE}, {len(graph.nodes)} ops) and its {len(own)} "
+            f"own weights ({total / 2**20:.1f} MiB) in {len(files)} file(s)")
+    return {"files": files, "bytes": total, "graph": GRAPH_FILE,
+            "hidden_input": "hidden_states", "shared": sorted(mtp.shared)}, where
+
+
+def write_assistant(root: Path, mtp, load_param, shard_bytes: int = SHARD_BYTES,
+                    log=None) -> dict:
+    """-> the manifest entry of Gemma 4's assistant model (frontend/gemma4_assistant.py)."""
+    entry, _ = _write_graph(root, mtp, load_param, shard_bytes, log)
+    return {"mtp": {"kind": "gemma4_assistant", **entry}}
+
+
 def write_mtp(root: Path, checkpoint, layers: dict[int, list[str]], dtype: str,
               shard_bytes: int = SHARD_BYTES, log=None, mtp=None, load_param=None) -> dict:
     """-> the manifest entries ({"mtp": ...}, or {} without MTP layers). `mtp`: the traced
@@ -56,17 +80,9 @@ def write_mtp(root: Path, checkpoint, layers: dict[int, list[str]], dtype: str,
     if not layers:
         return {}
     if mtp is not None:
-        graph = mtp.graph
-        (Path(root) / GRAPH_FILE).write_text(print_graph(graph))
-        own = [n for n in graph.params if n not in mtp.shared]
-        files, where, total = _write_shards(root, own, load_param, shard_bytes)
-        if log:
-            log(f"wrote the MTP graph ({GRAPH_FILE}, {len(graph.nodes)} ops) and its {len(own)} "
-                f"own weights ({total / 2**20:.1f} MiB) in {len(files)} file(s)")
-        return {"mtp": {"num_layers": len(layers), "files": files, "bytes": total,
-                        "graph": GRAPH_FILE, "layer": mtp.layer,
-                        "hidden_input": "hidden_states", "shared": sorted(mtp.shared),
-                        "layers": {str(mtp.layer): where}}}
+        entry, where = _write_graph(root, mtp, load_param, shard_bytes, log)
+        entry.update(num_layers=len(layers), layer=mtp.layer, layers={str(mtp.layer): where})
+        return {"mtp": entry}
     want = torch_dtype(dtype)
 
     def get(name):

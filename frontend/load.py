@@ -113,15 +113,22 @@ def default_dtype(raw: dict) -> str:
 
 
 def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
-               with_weights: bool = True, log=None, checkpoint=None) -> LoadedModel:
+               with_weights: bool = True, log=None, checkpoint=None,
+               hidden_output: bool = False) -> LoadedModel:
     """Trace the model of `model_dir` to IR; with weights, check every weight's name and shape.
 
     `checkpoint` replaces the directory's safetensors (a GGUF file's tensors: frontend/gguf.py);
     a block-scaled fp8 checkpoint (config.json's quantization_config) is dequantized on read
-    (frontend/fp8.py)."""
+    (frontend/fp8.py). `hidden_output`: Gemma 4 also outputs its final hidden state,
+    "hidden_states" (for an assistant model, frontend/gemma4_assistant.py)."""
     raw, cfg, multimodal = read_config(model_dir)
     fp8 = fp8_scheme(raw, Path(model_dir) / "config.json") if checkpoint is None else None
     spec = build_spec(cfg)
+    if hidden_output:
+        if spec.family != "gemma4":
+            raise BrazeError(f"--mtp-assistant is for Gemma 4 targets (Gemma4ForCausalLM); "
+                             f"{model_dir} is {spec.architecture}")
+        spec.gemma4.hidden_output = True
     dt = parse_dtype(dtype) if dtype else default_dtype(raw)
     if log:
         log(f"model: {spec.architecture} ({spec.num_params_hint}), dtype {dt}")

@@ -68,6 +68,7 @@ class MTPGraph:
     computed: dict = field(default_factory=dict)      # e.g. RoPE frequencies
     dtypes: dict = field(default_factory=dict)        # as traced, before passes derive
     layer: int = 0
+    checkpoint: object = None      # where its own weights are (None: the target's)
 
 
 def trace_mtp(loaded, block_size: int, log=None) -> MTPGraph | None:
@@ -121,12 +122,13 @@ def mtp_loader(loaded, mtp: MTPGraph):
     """Load an MTP graph parameter: its own from the checkpoint, in the dtype the graph
     traced it with (the router stays float32); computed ones (RoPE) as computed."""
     from .weights import load_source
+    ckpt = mtp.checkpoint or loaded.checkpoint
 
     def load(name: str) -> torch.Tensor:
         if name in mtp.computed:
             return mtp.computed[name]
         if name in mtp.sources:
-            return load_source(loaded.checkpoint, mtp.sources[name],
+            return load_source(ckpt, mtp.sources[name],
                                torch_dtype(mtp.dtypes[name]))
         raise BrazeError(f"MTP parameter {name} is the main model's, not the MTP layer's")
     return load

@@ -150,6 +150,7 @@ class Gemma4ForCausalLM(nn.Module):
         self.final_softcap = spec.final_softcap
         self.embed_scale = _scale(spec.hidden_size ** 0.5, dtype)
         self.num_layers, self.ple_dim = spec.num_layers, g.ple_dim
+        self.hidden_output = g.hidden_output
         if g.ple_dim:
             self.ple_embed_scale = _scale(g.ple_dim ** 0.5, dtype)
             self.ple_projection_scale = spec.hidden_size ** -0.5
@@ -183,4 +184,6 @@ class Gemma4ForCausalLM(nn.Module):
         logits = lm_head(self, x)
         if self.final_softcap:
             logits = soft_cap(logits, self.final_softcap)
+        if self.hidden_output:
+            return {"logits": logits, "hidden_states": x}
         return logits

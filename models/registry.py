@@ -91,11 +91,8 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
 
     Only the RoPE frequencies are real: they are computed here, not read from the checkpoint.
     """
-    if spec.family == "gemma4":      # per layer type, each with its own head_dim
-        dims = {bool(w): d for w, d in zip(spec.sliding_windows, spec.gemma4.head_dims)}
-        rotary = rotary_embedding(spec.rope, spec, dtype, dims.get(False, spec.head_dim))
-        local = rotary_embedding(spec.rope_local or spec.rope, spec, dtype,
-                                 dims.get(True, spec.head_dim))
+    if spec.family == "gemma4":
+        rotary, local = gemma4_rotaries(spec, dtype)
         with torch.device("meta"), _no_init():
             return Gemma4ForCausalLM(spec, dtype, rotary, local)
     rotary = rotary_embedding(spec.rope, spec, dtype)
@@ -107,6 +104,15 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
         if spec.family == "deepseek_v3":
             return DeepseekV3ForCausalLM(spec, dtype, rotary)
         return CausalLM(spec, dtype, rotary)
+
+
+def gemma4_rotaries(spec: ModelSpec, dtype: torch.dtype):
+    """Gemma 4's (global, local) RoPE: per layer type, each with its own head_dim."""
+    dims = {bool(w): d for w, d in zip(spec.sliding_windows, spec.gemma4.head_dims)}
+    rotary = rotary_embedding(spec.rope, spec, dtype, dims.get(False, spec.head_dim))
+    local = rotary_embedding(spec.rope_local or spec.rope, spec, dtype,
+                             dims.get(True, spec.head_dim))
+    return rotary, local
 
 
 def rotary_embedding(rope: dict, spec: ModelSpec, dtype: torch.dtype,

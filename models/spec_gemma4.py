@@ -28,6 +28,9 @@ class Gemma4Spec:
     num_experts: int = 0              # enable_moe_block: the MoE beside the dense MLP
     top_k: int = 0
     moe_intermediate: int = 0
+    # the final hidden state (after the norm) as a second output, "hidden_states": what
+    # the assistant model of speculative method 'mtp' reads (models/gemma4_assistant.py)
+    hidden_output: bool = False
 
 
 def _get(cfg, name, default=None):

@@ -58,8 +58,9 @@ NO_MTP_GRAPH = (
     "with this braze, on one GPU (tensor-parallel artifacts ship the layer uncompiled); or "
     "use method 'ngram' (prompt lookup) or 'draft' (a second braze artifact)")
 GEMMA4_ASSISTANT = (
-    "speculative method 'mtp' for Gemma 4 (its assistant model, Gemma4AssistantForCausalLM) "
-    "is not supported yet; use method 'draft' with a smaller Gemma 4 artifact, or 'ngram'")
+    "speculative method 'mtp' for Gemma 4 needs its assistant model "
+    "(Gemma4AssistantForCausalLM) compiled into the artifact, and {root} has none: compile "
+    "with `braze compile TARGET -o OUT --mtp-assistant ASSISTANT_DIR`; or use 'ngram' or 'draft'")
 
 
 def load_mtp(artifact, main_params: dict, device):
@@ -67,7 +68,7 @@ def load_mtp(artifact, main_params: dict, device):
     m = artifact.manifest.get("mtp") or {}
     if "graph" not in m:
         if artifact.model.get("family") == "gemma4":
-            raise BrazeError(GEMMA4_ASSISTANT, param="speculative")
+            raise BrazeError(GEMMA4_ASSISTANT.format(root=artifact.root), param="speculative")
         raise BrazeError(NO_MTP_GRAPH.format(root=artifact.root), param="speculative")
     root = artifact.root
     data = (root / m["graph"]).read_bytes()
@@ -121,6 +122,8 @@ class MTPProposer:
     def __init__(self, config, engine):
         runner = engine.runner
         ex = runner.executor
+        if engine.artifact.model.get("family") == "gemma4":     # load_mtp says what to do
+            load_mtp(engine.artifact, ex.params, ex.device)
         if ex.graph.outputs.get("hidden_states") is None:
             raise BrazeError(NO_MTP_GRAPH.format(root=engine.artifact.root),
                              param="speculative")

@@ -50,8 +50,8 @@ MAX_SPECULATIVE_TOKENS = 16
 class SpeculativeConfig:
     """`--speculative '{"method": ..., "num_speculative_tokens": k, ...}'` (vLLM's names).
 
-    mtp: the artifact's multi-token-prediction graph (DeepSeek-V3's next-n layer),
-    chained k times. ngram: `prompt_lookup_max` / `prompt_lookup_min`, the longest and shortest n-gram
+    mtp: the artifact's multi-token-prediction graph (DeepSeek-V3's next-n layer, or
+    Gemma 4's assistant model), chained k times. ngram: `prompt_lookup_max` / `prompt_lookup_min`, the longest and shortest n-gram
     of the request's tail looked up in its own tokens. draft: `model`, the path of a
     second braze artifact with the same tokenizer."""
 
@@ -173,8 +173,11 @@ class Speculator:
         if config.method == "ngram":
             self.proposer = NgramProposer(config)
         elif config.method == "mtp":       # the artifact's MTP graph (runtime/mtp_proposer.py)
+            from .assistant_proposer import KIND, AssistantProposer
             from .mtp_proposer import MTPProposer
-            self.proposer = MTPProposer(config, engine)
+            mtp = engine.artifact.manifest.get("mtp") or {}
+            cls = AssistantProposer if mtp.get("kind") == KIND else MTPProposer
+            self.proposer = cls(config, engine)
         else:
             from .draft_proposer import DraftProposer
             self.proposer = DraftProposer(config, engine)

@@ -12,7 +12,7 @@ graph (braze/compile_mtp.py) and run as the proposer (runtime/mtp_proposer.py).
   position, and rejections are rolled back: the MTP's proposal after each step equals
   the one computed from scratch on a fresh cache (stale KV of rejected tokens or of the
   layer's own chained hidden states would change it);
-- the errors: an artifact without an MTP graph, Gemma 4's assistant model.
+- the errors: an artifact without an MTP graph, a Gemma 4 artifact without its assistant.
 """
 
 from __future__ import annotations
@@ -248,12 +248,15 @@ def test_artifact_without_mtp_graph_is_a_clear_error(dsm):
                speculative={"method": "mtp", "num_speculative_tokens": 1})
 
 
-def test_gemma4_assistant_is_refused_clearly():
+def test_gemma4_without_its_assistant_is_refused_clearly():
+    """A Gemma 4 artifact compiled without --mtp-assistant: the error says how to compile
+    one with it (tests/test_gemma4_assistant.py covers the assistant itself)."""
     from types import SimpleNamespace
     from braze.runtime.mtp_proposer import load_mtp
     art = SimpleNamespace(manifest={"model": {"family": "gemma4"}}, root="g4",
                           model={"family": "gemma4"})
-    with pytest.raises(BrazeError, match="Gemma4AssistantForCausalLM.*not supported yet"):
+    with pytest.raises(BrazeError, match="Gemma4AssistantForCausalLM.*g4 has none.*"
+                                         "--mtp-assistant ASSISTANT_DIR"):
         load_mtp(art, {}, "cpu")
 
 

@@ -1,0 +1,141 @@
+"""The `mtp` proposer for Gemma 4: its assistant model (`Gemma4AssistantForCausalLM`)
+guesses the next tokens from the target's last hidden state and KV cache.
+
+The artifact's second graph (`mtp.bir`, kind "gemma4_assistant", compiled by
+braze/compile_mtp.py `prepare_assistant` from `--mtp-assistant DIR`) runs the assistant
+(models/gemma4_assistant.py): at position q = L - 1 (L the request's token count; the
+last token's KV is not computed yet) it reads the token t_q, the target's final hidden
+state at q - 1 and the target's KV cache of positions < q, and gives logits for the token
+at q + 1 plus h', its own projection of the state. Guess j + 1 chains on guess j: the
+same position and keys, token d_j and h'. The assistant writes no KV, so it needs no
+cache, rollback or preemption bookkeeping of its own: the target's cache after a
+verified step (rejected guesses rolled back: runtime/speculative.py) is what it reads,
+masked to positions < q by seq_lens.
+
+Per request it keeps the target's hidden states of the latest step's positions
+(`observe`): the row of position L - 2 is the last accepted one after a drafted step
+(earlier rows are dropped), or the prompt's last. transformers passes its assistant
+those same rows (the last prompt position, then the last accepted).
+
+The guesses are greedy (a point-mass proposal), so the verification keeps greedy output
+identical and sampled output distributed as the target's. The assistant runs on the
+reference interpreter (torch ops on the engine's device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from braze.ir.contract import group_of_step_input
+from braze.ir.errors import BrazeError
+from braze.ir.interpreter import Interpreter
+
+from .mtp_proposer import could_speculate, load_mtp
+
+KIND = "gemma4_assistant"
+
+
+class AssistantProposer:
+    def __init__(self, config, engine):
+        runner = engine.runner
+        ex = runner.executor
+        if engine.artifact.manifest.get("parallel"):
+            raise BrazeError("speculative method 'mtp' does not run on tensor-parallel "
+                             "artifacts yet; use 'ngram'", param="speculative")
+        self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
+                                                              ex.device)
+        if ex.graph.outputs.get("hidden_states") is None:
+            raise BrazeError(f"artifact {engine.artifact.root}: the target graph has no "
+                             f"hidden_states output for its assistant; recompile with "
+                             f"--mtp-assistant", param="speculative")
+        self.interpreter = Interpreter(self.graph)
+        self.engine = engine
+        self.runner = runner
+        self.device = ex.device
+        self.k = config.num_speculative_tokens
+        self.vocab = engine.vocab_size
+        self.cache = ex.cache               # the target's: read, never written
+        self.cache_names = [n for n in ex.cache.tensors
+                            if n in {v.name for v in self.graph.inputs}]
+        self.groups = sorted(g for _, g in filter(None, (group_of_step_input(v.name)
+                                                          for v in self.graph.inputs)))
+        self.rows: dict[str, tuple[int, torch.Tensor]] = {}   # id -> (first position, h rows)
+        self.num_mtp_calls = 0
+
+    def observe(self, chunks) -> None:
+        """Keep each speculating request's hidden states of the step just launched (the
+        last k + 1 rows of its chunk: all a drafted step has, a prompt chunk's last)."""
+        outs = getattr(self.runner.graphs, "last_outputs", None)
+        hidden = None if outs is None else outs.get("hidden_states")
+        if hidden is None:
+            return
+        off = 0
+        for c in chunks:
+            n, req = c.num_new, c.request
+            if could_speculate(req):
+                keep = min(n, self.k + 1)
+                self.rows[req.request_id] = (c.start + n - keep,
+                                             hidden[off + n - keep:off + n].clone())
+            off += n
+
+    def forget(self, req) -> None:
+        self.rows.pop(req.request_id, None)
+
+    def _tables(self, rid) -> dict[str, list[int]]:
+        bm = self.engine.block_manager
+        hybrid = getattr(bm, "num_groups", 1) > 1
+        out = {"block_tables": list(bm.block_table(rid, 0) if hybrid else bm.block_table(rid))}
+        for g in self.groups:
+            out[f"block_tables.g{g}"] = (list(bm.block_table(rid, g)) if hybrid
+                                         else out["block_tables"])
+        return out
+
+    def _run(self, tokens, positions, hidden, tables):
+        """One assistant call, one query row per sequence: -> (logits, h')."""
+        dev, S = self.device, len(tokens)
+        feeds = {
+            "input_ids": torch.tensor(tokens, dtype=torch.int64, device=dev),
+            "positions": torch.tensor(positions, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((S,), -1, dtype=torch.int64, device=dev),
+            "query_start_loc": torch.arange(S + 1, dtype=torch.int32, device=dev),
+            # the query attends at position q - 1: the target's keys 0 .. q - 1
+            "seq_lens": torch.tensor(positions, dtype=torch.int32, device=dev),
+            "logits_indices": torch.arange(S, dtype=torch.int64, device=dev),
+            self.hidden_input: hidden,
+        }
+        for name in tables[0]:
+            width = max(len(t[name]) for t in tables)
+            feeds[name] = torch.tensor([t[name] + [0] * (width - len(t[name])) for t in tables],
+                                       dtype=torch.int32, device=dev)
+        feeds.update((n, self.cache.tensors[n]) for n in self.cache_names)
+        out = self.interpreter.run(feeds, self.params)
+        self.num_mtp_calls += 1
+        return out["logits"], out["hidden_states"]
+
+    def propose(self, reqs: list, budgets: list[int]) -> list[list[int]]:
+        bm = self.engine.block_manager
+        out = [[] for _ in reqs]
+        live = []                      # (index, budget, token, position, h row, tables)
+        for i, (r, b) in enumerate(zip(reqs, budgets)):
+            kept = self.rows.get(r.request_id)
+            L = len(r.all_token_ids)
+            if kept is None or r.request_id not in bm or L < 2:
+                continue
+            first, rows = kept
+            if not first <= L - 2 < first + len(rows):
+                continue
+            live.append((i, b, r.all_token_ids[-1], L - 1, rows[L - 2 - first:L - 1 - first],
+                         self._tables(r.request_id)))
+        while live:
+            logits, h = self._run([x[2] for x in live], [x[3] for x in live],
+                                  torch.cat([x[4] for x in live]), [x[5] for x in live])
+            nxt = []
+            for j, (x, g) in enumerate(zip(live, logits.argmax(dim=-1).tolist())):
+                i, b, _, q, _, tables = x
+                if self.vocab and g >= self.vocab:      # a padded vocabulary's id: stop
+                    continue
+                out[i].append(g)
+                if len(out[i]) < b:
+                    nxt.append((i, b, g, q, h[j:j + 1], tables))
+            live = nxt
+        return out
