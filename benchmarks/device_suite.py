@@ -206,7 +206,8 @@ class Suite:
         cmd = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider",
                "tests/test_gpu.py", "tests/test_gpu_graphs.py", "tests/test_deepseek_v3.py",
                "tests/test_gpu_lora.py", "tests/test_kernel_moe.py",
-               "tests/test_prompt_logprobs_pruned.py", "tests/test_mtp.py"]
+               "tests/test_prompt_logprobs_pruned.py", "tests/test_mtp.py",
+               "tests/test_gemma4_assistant.py"]
         if importlib.util.find_spec("pytest_timeout"):
             cmd += ["--timeout", "150"]
 
