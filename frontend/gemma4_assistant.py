@@ -23,6 +23,7 @@ from braze.ir.errors import BrazeError
 from braze.ir.types import T, TensorType, torch_dtype
 
 from .kv_groups import _layer
+from .load import auto_config
 from .mtp import HIDDEN_INPUT, MTPGraph
 
 KIND = "gemma4_assistant"
@@ -30,20 +31,12 @@ KIND = "gemma4_assistant"
 
 def read_assistant_config(assistant_dir: Path):
     """The assistant's Gemma4AssistantConfig, refused with one line unless braze serves it."""
-    import warnings
     assistant_dir = Path(assistant_dir)
     path = assistant_dir / "config.json"
     if not path.exists():
         raise BrazeError(f"--mtp-assistant {assistant_dir} has no config.json: expected a "
                          f"Gemma4AssistantForCausalLM checkpoint directory")
-    from transformers import AutoConfig
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cfg = AutoConfig.from_pretrained(str(assistant_dir))
-    except Exception as e:  # noqa: BLE001 -- transformers' own and hub validation errors
-        why = " ".join(str(e).split())
-        raise BrazeError(f"{path}: transformers cannot read this config ({why})") from None
+    cfg = auto_config(assistant_dir)
     if getattr(cfg, "model_type", None) != KIND:
         raise BrazeError(f"--mtp-assistant {assistant_dir}: config.json model_type is "
                          f"{getattr(cfg, 'model_type', None)!r}, not 'gemma4_assistant' (a "

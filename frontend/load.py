@@ -73,6 +73,20 @@ class LoadedModel:
         return sorted(self.checkpoint.names() - used) if self.checkpoint else []
 
 
+def auto_config(model_dir: Path):
+    """transformers' config of `model_dir`; what it cannot read is one line naming the file."""
+    from transformers import AutoConfig
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001 -- also huggingface_hub's strict-dataclass
+        # validation errors (a field of the wrong type), which are none of the builtins
+        why = " ".join(str(e).split())
+        raise BrazeError(f"{Path(model_dir) / 'config.json'}: transformers cannot read this "
+                         f"config ({why})") from None
+
+
 def read_config(model_dir: Path):
     model_dir = Path(model_dir)
     if model_dir.is_file():
@@ -91,15 +105,7 @@ def read_config(model_dir: Path):
     if archs and not any(a in supported_architectures() for a in archs):
         raise BrazeError(f"unsupported architecture {', '.join(archs)} in {path}; braze "
                          f"supports: {', '.join(supported_architectures())}")
-    from transformers import AutoConfig
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cfg = AutoConfig.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001 -- also huggingface_hub's strict-dataclass
-        # validation errors (a field of the wrong type), which are none of the builtins
-        why = " ".join(str(e).split())
-        raise BrazeError(f"{path}: transformers cannot read this config ({why})") from None
+    cfg = auto_config(model_dir)
     multimodal = multimodal_architecture(cfg)
     if multimodal:              # its language model, compiled text-only
         cfg = text_config(cfg, multimodal)
