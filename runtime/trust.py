@@ -117,11 +117,26 @@ def _regenerate(root: Path, manifest: dict, graph: Graph) -> tuple[str | None, d
     """-> (None, module -> sha256) when the plans and kernel files are what this braze
     generates from the graph, else (what differs, naming the file, {})."""
     from braze.codegen.plan import regenerate
+    options = manifest.get("options") or {}
     try:
-        entries, files = regenerate(graph, manifest.get("options") or {})
+        entries, files = regenerate(graph, options)
     except Exception as e:     # a hostile graph can upset any lowering: none of it runs
         return f"its {GRAPH_FILE} does not lower to launch plans ({type(e).__name__}: " \
                f"{str(e)[:200]})", {}
+    # the MTP graph's own plan (codegen/emit.py emit_mtp_kernels): its kernels share kernels/
+    mtp = manifest.get("mtp") if isinstance(manifest.get("mtp"), dict) else {}
+    second = None
+    if "plan" in mtp or "kernels" in mtp:
+        name = mtp.get("graph")
+        try:
+            from braze.ir import parse_graph, verify
+            g = parse_graph((root / name).read_text(encoding="utf-8"), source=name)
+            verify(g)
+            second, more = regenerate(g, options)
+        except Exception as e:     # as above: a hostile second graph runs nothing
+            return f"its MTP graph {name} does not lower to launch plans " \
+                   f"({type(e).__name__}: {str(e)[:200]})", {}
+        files = {**files, **more}
     listed = {rel for rel in manifest["files"] if rel.startswith("kernels/")}
     for rel in sorted(listed | set(files)):
         if rel not in files:
@@ -130,21 +145,31 @@ def _regenerate(root: Path, manifest: dict, graph: Graph) -> tuple[str | None, d
             return f"kernels/ lacks {rel}, which this braze generates for its {GRAPH_FILE}", {}
         if (root / rel).read_bytes() != files[rel]:
             return f"{rel} differs from the kernel source this braze generates", {}
-    plan = manifest.get("plan") if isinstance(manifest.get("plan"), dict) else {}
-    for key, want in entries["plan"].items():
-        if _canon(plan.get(key)) != _canon(want):
-            return f"manifest.json's launch plan{_first_difference(plan.get(key), want, key)} " \
-                   f"differs from what this braze generates from its {GRAPH_FILE}", {}
-    # each variant as far as codegen describes it; what compiling cubins adds is not
-    # compared: a verified artifact's cubins are never loaded
-    kernels = manifest.get("kernels") if isinstance(manifest.get("kernels"), dict) else {}
-    stripped = {vid: ({k: entry.get(k) for k in entries["kernels"].get(vid, entry)}
-                      if isinstance(entry, dict) else entry) for vid, entry in kernels.items()}
-    if _canon(stripped) != _canon(entries["kernels"]):
-        return f"manifest.json's kernel table{_first_difference(stripped, entries['kernels'], 'kernels')} " \
-               f"differs from what this braze generates from its {GRAPH_FILE}", {}
+    for where, got, want, source in [("", manifest, entries, GRAPH_FILE)] + \
+            ([("MTP ", mtp, second, mtp.get("graph"))] if second is not None else []):
+        failed = _plan_differs(got, want)
+        if failed:
+            return f"manifest.json's {where}{failed} differs from what this braze generates " \
+                   f"from its {source}", {}
     return None, {rel[len("kernels/"):-len(".py")]: hashlib.sha256(data).hexdigest()
                   for rel, data in files.items()}
+
+
+def _plan_differs(got: dict, want: dict) -> str | None:
+    """Where a manifest entry's "plan" and "kernels" (`got`) differ from the regenerated
+    `want`, as "launch plan at ..." / "kernel table at ...", or None."""
+    plan = got.get("plan") if isinstance(got.get("plan"), dict) else {}
+    for key, w in want["plan"].items():
+        if _canon(plan.get(key)) != _canon(w):
+            return f"launch plan{_first_difference(plan.get(key), w, key)}"
+    # each variant as far as codegen describes it; what compiling cubins adds is not
+    # compared: a verified artifact's cubins are never loaded
+    kernels = got.get("kernels") if isinstance(got.get("kernels"), dict) else {}
+    stripped = {vid: ({k: entry.get(k) for k in want["kernels"].get(vid, entry)}
+                      if isinstance(entry, dict) else entry) for vid, entry in kernels.items()}
+    if _canon(stripped) != _canon(want["kernels"]):
+        return f"kernel table{_first_difference(stripped, want['kernels'], 'kernels')}"
+    return None
 
 
 def _first_difference(got, want, path: str = "") -> str:
