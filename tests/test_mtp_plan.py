@@ -162,3 +162,20 @@ def test_cuda_mtp_plan_equals_plain(tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in base_out]
     assert eng.spec.proposer.num_mtp_calls > 0
     assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_gemma4_assistant_plan_equals_the_reference_interpreter(tmp_path):
+    import braze
+    from braze.tiny_gemma4_assistant import has_gemma4_assistant, make_guessing_pair
+    if not has_gemma4_assistant():
+        pytest.skip("transformers has no Gemma4AssistantForCausalLM")
+    target, assistant = make_guessing_pair(tmp_path / "g4")
+    art = braze.compile(target, tmp_path / "a", mtp_assistant=assistant, opt_level=0,
+                        targets="", dtype="float32", block_size=4, max_num_seqs=4,
+                        max_logits_rows=16, max_num_tokens=64).root
+    assert json.loads((art / "manifest.json").read_text())["mtp"]["plan"]["segments"]
+    plain, got, diffs, eng = _spec_run(art, prompts_of([5, 9], seed=3))
+    assert eng.spec.proposer.num_mtp_calls > 0 and diffs
+    assert max(diffs) < 1e-4
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
