@@ -4,8 +4,10 @@ num_nextn_predict_layers): the layer becomes a second, small graph of the artifa
 It is traced (frontend/mtp.py), optimised with the passes that need no step plan
 (canonicalisation; at -O2 also merged projections and the fused MoE), its derived
 weights are computed, and it is written beside the main graph (codegen/mtp_writer.py)
-sharing the main graph's embedding and LM head. The runtime runs it with the reference
-interpreter (runtime/mtp_proposer.py); it has no Triton launch plan of its own yet.
+sharing the main graph's embedding and LM head. braze/compiler.py lowers it into a
+launch plan of its own (codegen/plan.py, written by codegen/emit.py emit_mtp_kernels),
+which runtime/mtp_proposer.py runs with backend interpret or cuda (the reference
+interpreter with backend reference).
 
 `prepare_assistant` does the same for Gemma 4's assistant model (`--mtp-assistant DIR`,
 frontend/gemma4_assistant.py), run by runtime/assistant_proposer.py.
