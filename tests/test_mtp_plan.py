@@ -117,7 +117,6 @@ def test_mtp_plan_is_in_the_manifest_and_verified(dsv3, tmp_path):
         open_artifact(copy, check_hashes=False)
 
 
-@pytest.mark.slow        # compiles every kernel of main and MTP graph twice (~1-2 min here)
 def test_mtp_kernels_compile_to_cubins(tmp_path):
     import braze
     from braze.artifact import sha256_file
