@@ -152,6 +152,7 @@ class MTPProposer:
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
         self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
+        self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "R"
         self.engine = engine
         self.runner = runner
         self.device = ex.device
@@ -235,7 +236,10 @@ class MTPProposer:
         out = self.run_graph(feeds)
         self.num_mtp_calls += 1
         last = last.to(dev)
-        return out["logits"].index_select(0, last), out["hidden_states"].index_select(0, last)
+        logits = out["logits"]
+        if not self.logits_pruned:          # -O2 prunes them to the rows of logits_indices
+            logits = logits.index_select(0, last)
+        return logits, out["hidden_states"].index_select(0, last)
 
     def _catch_up(self, items):
         """items: (request, state, upto): compute the MTP KV of positions state.done ..
