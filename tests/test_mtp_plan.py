@@ -192,3 +192,20 @@ def test_inspect_counts_the_mtp_plan(dsv3):
     assert s["mtp_plan"]["launches"] == sum(len(x["launches"]) for x in m["plan"]["segments"])
     line = next(x for x in format_summary(s).splitlines() if x.startswith("mtp plan"))
     assert f"{len(m['kernels'])} Triton kernel variants" in line and "linear x" in line
+
+
+def test_artifact_without_an_mtp_plan_runs_it_on_the_interpreter(dsv3, tmp_path):
+    """An artifact compiled before MTP plans (its manifest's mtp entry has no plan): at
+    `interpret` the proposer falls back to the reference interpreter, output unchanged."""
+    copy = tmp_path / "old"
+    shutil.copytree(dsv3, copy)
+    (copy / "signature.json").unlink(missing_ok=True)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["mtp"]["plan"], m["mtp"]["kernels"]
+    (copy / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    prompts = prompts_of([7], seed=2)
+    eng = Engine(copy, backend="interpret", cudagraph_mode="none", speculative=MTP)
+    assert eng.spec.proposer.runs_on == "reference"
+    got = run_all(eng, prompts, GREEDY)
+    plain = run_all(Engine(dsv3, backend="interpret", cudagraph_mode="none"), prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
