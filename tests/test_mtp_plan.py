@@ -112,7 +112,8 @@ def test_mtp_plan_is_in_the_manifest_and_verified(dsv3, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(dsv3, copy)
     (copy / "signature.json").unlink(missing_ok=True)
-    assert open_artifact(copy).trust.how == "verified"
+    trust = open_artifact(copy).trust
+    assert trust.how == "verified" and "from graph.bir and mtp.bir" in trust.detail
     seg = mtp["plan"]["segments"][0]
     launch = next(i for i, x in enumerate(seg["launches"]) if "grid" in x)
     seg["launches"][launch]["grid"] = ["1"]
