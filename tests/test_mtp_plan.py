@@ -168,6 +168,7 @@ def test_cuda_mtp_plan_equals_plain(tmp_path):
     assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
 
 
+@pytest.mark.slow      # an -O2 Gemma 4 compile, then the target interpreted: 30-40 s here
 def test_gemma4_assistant_plan_equals_the_reference_interpreter(tmp_path):
     import braze
     from braze.tiny_gemma4_assistant import has_gemma4_assistant, make_guessing_pair
