@@ -2,10 +2,13 @@
 num_nextn_predict_layers): the layer becomes a second, small graph of the artifact.
 
 It is traced (frontend/mtp.py), optimised with the passes that need no step plan
-(canonicalisation; at -O2 also merged projections and the fused MoE), its derived
+(canonicalisation; at -O2 the main pipeline's fusions, logits pruned to the sampled
+rows, no segments or memory plan), its derived
 weights are computed, and it is written beside the main graph (codegen/mtp_writer.py)
-sharing the main graph's embedding and LM head. The runtime runs it with the reference
-interpreter (runtime/mtp_proposer.py); it has no Triton launch plan of its own yet.
+sharing the main graph's embedding and LM head. braze/compiler.py lowers it into a
+launch plan of its own (codegen/plan.py, written by codegen/emit.py emit_mtp_kernels),
+which runtime/mtp_proposer.py runs with backend interpret or cuda (the reference
+interpreter with backend reference).
 
 `prepare_assistant` does the same for Gemma 4's assistant model (`--mtp-assistant DIR`,
 frontend/gemma4_assistant.py), run by runtime/assistant_proposer.py.
@@ -16,11 +19,20 @@ from __future__ import annotations
 from braze.frontend.mtp import trace_mtp, mtp_loader
 from braze.ir import verify
 from braze.passes import PassContext, PassManager
+from braze.passes.manager import pipeline
 
 from .compiler import materialize
 
-MTP_PASSES = {0: [], 1: ["canonicalize"],
-              2: ["canonicalize", "merge-projections", "fuse-moe", "canonicalize"]}
+# -O2: the main pipeline's fusions (prune-logits too: the proposer samples one row per
+# sequence), but no segments or memory plan: the MTP calls run eagerly, in shapes the
+# main graph's buckets do not bound (a catch-up covers every new position)
+_EAGER = ("split-segments", "plan-memory")
+
+
+def mtp_passes(opt_level: int) -> list[str]:
+    if opt_level < 2:
+        return [] if opt_level == 0 else ["canonicalize"]
+    return [p for p in pipeline(2) if p not in _EAGER]
 
 
 def prepare_mtp(loaded, opts, main_graph, log):
@@ -54,7 +66,7 @@ def _optimise(loaded, opts, mtp, main_graph):
     first shared param or cache the main graph no longer has as the graph reads it)."""
     graph = mtp.graph
     verify(graph)
-    names = MTP_PASSES[min(opts.opt_level, 2)]
+    names = mtp_passes(opts.opt_level)
     if names:
         PassManager(names, ctx=PassContext(options=opts.to_json())).run(graph)
         verify(graph)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from braze.codegen.artifact_writer import write_artifact
-from braze.codegen.emit import emit_kernels
+from braze.codegen.emit import emit_kernels, emit_mtp_kernels
 from braze.codegen.mtp_writer import write_assistant, write_mtp
 from braze.codegen.plan import build_plan
 from braze.frontend import load_model
@@ -156,6 +156,9 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         assistant, assistant_load = prepare_assistant(loaded, opts, graph, kv_groups,
                                                       mtp_assistant, log)
     mtp, mtp_load = prepare_mtp(loaded, opts, graph, log)
+    second = assistant if mtp_assistant is not None else mtp
+    # the MTP graph's own launch plan: its proposer runs Triton kernels like the main graph
+    mtp_plan = build_plan(second.graph, opts.to_json()) if second is not None else None
 
     def emit(root: Path) -> dict:
         entries = emit_kernels(plan, root, opts.target_list(), log)
@@ -163,6 +166,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
                                  mtp=mtp, load_param=mtp_load))
         if mtp_assistant is not None:
             entries.update(write_assistant(root, assistant, assistant_load, log=log))
+        if mtp_plan is not None:
+            entries["mtp"].update(emit_mtp_kernels(mtp_plan, root, opts.target_list(), log))
         return entries
 
     write_artifact(out, graph, load_param, model, opts.to_json(), Path(model_dir),

@@ -46,6 +46,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "mtp_layers": (m.get("mtp") or {}).get("num_layers", 0),
         "mtp_graph": (m.get("mtp") or {}).get("graph"),
         "mtp_kind": (m.get("mtp") or {}).get("kind"),
+        "mtp_plan": _mtp_plan(m.get("mtp") or {}),
         "lora": {k: v for k, v in m["lora"].items() if k in ("slots", "max_rank", "targets")}
         | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
@@ -54,6 +55,16 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "kv_groups": m.get("kv_groups"),
         "text_only_origin": art.text_only_origin,
     }
+
+
+def _mtp_plan(mtp: dict) -> dict | None:
+    """The MTP graph's own launch plan, counted like the main one's (None: it has none,
+    and the proposer runs it on the reference interpreter)."""
+    plan = mtp.get("plan")
+    if not plan:
+        return None
+    return {"launches": sum(len(s["launches"]) for s in plan.get("segments", [])),
+            "kernels": len(mtp.get("kernels") or {}), "extern_ops": plan.get("extern_ops", {})}
 
 
 def _source_line(src: dict) -> str:
@@ -131,6 +142,14 @@ def format_summary(s: dict) -> str:
                      + ("a second graph (mtp.bir) for --speculative method 'mtp'"
                         if s.get("mtp_graph") else
                         "tensors shipped (mtp-*.safetensors), no graph: method 'mtp' refused"))
+    mp = s.get("mtp_plan")
+    if mp:
+        lines.append(f"mtp plan   {mp['launches']} launches; {mp['kernels']} Triton kernel "
+                     f"variants (cubins in mtp-cubin/); extern: "
+                     + (", ".join(f"{k} x{n}" for k, n in mp["extern_ops"].items()) or "none"))
+    elif s.get("mtp_graph"):
+        lines.append("mtp plan   none: the proposer runs mtp.bir on the reference interpreter "
+                     "(recompile with this braze for its Triton kernels)")
     cache_prefixes = ("k_cache.", "v_cache.", "kv_latent.")
     caches = sum(k.startswith(cache_prefixes) for k in s["inputs"])
     pools = sum(k.startswith(("lora_a.", "lora_b.")) for k in s["inputs"])

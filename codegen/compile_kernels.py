@@ -34,9 +34,10 @@ def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict, key:
 
 
 def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str], log=None,
-                workers: int | None = None) -> dict:
+                workers: int | None = None, cubin_dir: str = "cubin") -> dict:
     """-> {variant_id: {target: {key: {"cubin": rel path, "meta": rel path, "name": kernel,
-    "shared": bytes, "hash": Triton's}}}}"""
+    "shared": bytes, "hash": Triton's}}}}; the files go under `out_dir`/`cubin_dir` (a
+    second graph's plan uses its own directory: its variant ids repeat the main plan's)."""
     jobs = []
     for vid, v in plan["kernels"].items():
         launch = dict(v, args=[{"ty": t} for t in v["signature"]])
@@ -51,13 +52,13 @@ def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str],
     done = 0
 
     def record(vid, t, key, cubin, meta):
-        d = out_dir / "cubin" / t
+        d = out_dir / cubin_dir / t
         d.mkdir(parents=True, exist_ok=True)
         stem = _file_stem(vid, key)
         (d / f"{stem}.cubin").write_bytes(cubin)
         (d / f"{stem}.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
         table.setdefault(vid, {}).setdefault(t, {})[key] = {
-            "cubin": f"cubin/{t}/{stem}.cubin", "meta": f"cubin/{t}/{stem}.json",
+            "cubin": f"{cubin_dir}/{t}/{stem}.cubin", "meta": f"{cubin_dir}/{t}/{stem}.json",
             "name": meta.get("name"), "shared": meta.get("shared", 0), "hash": meta.get("hash")}
 
     if workers == 1:

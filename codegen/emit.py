@@ -5,20 +5,41 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from braze.ir.errors import BrazeError
+
 from .compile_kernels import compile_all
 from .plan import TEMPLATE_DIR, artifact_parts
 
+MTP_CUBIN_DIR = "mtp-cubin"
 
-def emit_kernels(plan: dict, root: Path, targets: list[str], log=None) -> dict:
+
+def emit_kernels(plan: dict, root: Path, targets: list[str], log=None,
+                 cubin_dir: str = "cubin") -> dict:
+    """Writes the plan's kernel files into kernels/ (beside those of a plan emitted before:
+    a module of the same name is the same text, templates and content-named generated
+    ones alike) and its cubins under `cubin_dir`; -> its manifest entries."""
     entries, files = artifact_parts(plan)
-    (root / "kernels").mkdir()
+    (root / "kernels").mkdir(exist_ok=True)
     for rel, data in files.items():
-        (root / rel).write_bytes(data)
+        path = root / rel
+        if path.exists():
+            if path.read_bytes() != data:
+                raise BrazeError(f"two plans of one artifact write different {rel}; report this")
+            continue
+        path.write_bytes(data)
     t0 = time.perf_counter()
-    table = compile_all(plan, TEMPLATE_DIR, root, targets, log=log) if targets else {}
+    table = (compile_all(plan, TEMPLATE_DIR, root, targets, log=log, cubin_dir=cubin_dir)
+             if targets else {})
     if log and targets and plan["kernels"]:
         n = sum(len(v["specs"]) for v in plan["kernels"].values())
         log(f"compiled {len(plan['kernels'])} kernels ({n} specialisations) for "
             f"{', '.join(targets)} in {time.perf_counter() - t0:.1f}s")
     kernels = {vid: dict(v, cubins=table.get(vid, {})) for vid, v in entries["kernels"].items()}
     return {"plan": entries["plan"], "kernels": kernels, "targets": targets}
+
+
+def emit_mtp_kernels(plan: dict, root: Path, targets: list[str], log=None) -> dict:
+    """The MTP graph's launch plan (codegen/mtp_writer.py): its kernel files in kernels/,
+    its cubins in mtp-cubin/; -> the "plan" and "kernels" of its manifest entry."""
+    out = emit_kernels(plan, root, targets, log=log, cubin_dir=MTP_CUBIN_DIR)
+    return {"plan": out["plan"], "kernels": out["kernels"]}

@@ -18,8 +18,9 @@ Per request it keeps the target's hidden states of the latest step's positions
 those same rows (the last prompt position, then the last accepted).
 
 The guesses are greedy (a point-mass proposal), so the verification keeps greedy output
-identical and sampled output distributed as the target's. The assistant runs on the
-reference interpreter (torch ops on the engine's device).
+identical and sampled output distributed as the target's. The assistant runs its own
+launch plan's Triton kernels with backend `interpret` or `cuda` (mtp_proposer.mtp_runner),
+else the reference interpreter; it is not captured into CUDA graphs yet.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ import torch
 
 from braze.ir.contract import group_of_step_input
 from braze.ir.errors import BrazeError
-from braze.ir.interpreter import Interpreter
 
-from .mtp_proposer import could_speculate, load_mtp
+from .mtp_proposer import could_speculate, load_mtp, mtp_runner
 
 KIND = "gemma4_assistant"
 
@@ -48,7 +48,7 @@ class AssistantProposer:
             raise BrazeError(f"artifact {engine.artifact.root}: the target graph has no "
                              f"hidden_states output for its assistant; recompile with "
                              f"--mtp-assistant", param="speculative")
-        self.interpreter = Interpreter(self.graph)
+        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
         self.engine = engine
         self.runner = runner
         self.device = ex.device
@@ -108,7 +108,7 @@ class AssistantProposer:
             feeds[name] = torch.tensor([t[name] + [0] * (width - len(t[name])) for t in tables],
                                        dtype=torch.int32, device=dev)
         feeds.update((n, self.cache.tensors[n]) for n in self.cache_names)
-        out = self.interpreter.run(feeds, self.params)
+        out = self.run_graph(feeds)
         self.num_mtp_calls += 1
         return out["logits"], out["hidden_states"]
 

@@ -34,8 +34,12 @@ were never computed by this request's main steps, so it has no h for them: the M
 reads what the request that filled those blocks wrote there (only the guesses depend
 on it, never the output).
 
-The MTP graph runs on the reference interpreter (torch ops on the engine's device);
-it has no Triton launch plan or CUDA graph of its own yet.
+The MTP graph has a launch plan of its own (built at compile time like the main
+graph's, from the same kernel templates; its cubins in mtp-cubin/): with backend
+`interpret` or `cuda` it runs those Triton kernels eagerly (`runs_on` "plan"), with
+`reference`, or an artifact compiled before it had one, the reference interpreter.
+It is not captured into CUDA graphs yet: its calls vary in shape (catch-up chunks,
+chained single rows) and run between the main graph's captured steps.
 """
 
 from __future__ import annotations
@@ -99,6 +103,21 @@ def load_mtp(artifact, main_params: dict, device):
     return graph, params, m.get("hidden_input", "hidden_states")
 
 
+def mtp_runner(engine, graph, params: dict):
+    """-> (run(feeds) -> the MTP graph's outputs, how it runs): its own launch plan's
+    Triton kernels ("plan") when the engine's backend runs plans (interpret, cuda) and the
+    artifact has one for it, else the reference interpreter ("reference")."""
+    ex = engine.runner.executor
+    m = engine.artifact.manifest.get("mtp") or {}
+    if ex.plan is None or "plan" not in m:
+        interp = Interpreter(graph)
+        return (lambda feeds: interp.run(feeds, params)), "reference"
+    from .plan_executor import PlanExecutor
+    plan = PlanExecutor(engine.artifact, params, ex.device, interpret=ex.backend == "interpret",
+                        second=m, graph=graph)
+    return plan.run, "plan"
+
+
 class _MTPState:
     __slots__ = ("done", "hid", "hid_start", "last")
 
@@ -132,7 +151,8 @@ class MTPProposer:
                              "artifacts yet; use 'ngram'", param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
-        self.interpreter = Interpreter(self.graph)
+        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
+        self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "R"
         self.engine = engine
         self.runner = runner
         self.device = ex.device
@@ -213,10 +233,13 @@ class MTPProposer:
             self.hidden_input: hidden,
         }
         feeds.update(self.cache.tensors)
-        out = self.interpreter.run(feeds, self.params)
+        out = self.run_graph(feeds)
         self.num_mtp_calls += 1
         last = last.to(dev)
-        return out["logits"].index_select(0, last), out["hidden_states"].index_select(0, last)
+        logits = out["logits"]
+        if not self.logits_pruned:          # -O2 prunes them to the rows of logits_indices
+            logits = logits.index_select(0, last)
+        return logits, out["hidden_states"].index_select(0, last)
 
     def _catch_up(self, items):
         """items: (request, state, upto): compute the MTP KV of positions state.done ..

@@ -29,12 +29,15 @@ log = logging.getLogger("braze.runtime")
 
 class PlanExecutor:
     def __init__(self, artifact: Artifact, params: dict[str, torch.Tensor], device,
-                 interpret: bool):
-        plan = artifact.manifest.get("plan")
+                 interpret: bool, second: dict | None = None, graph=None):
+        """`second` and `graph`: a second graph's manifest entry (the MTP graph's, whose
+        "plan" and "kernels" sit beside its "graph") and that graph, to run instead of the
+        main one; its kernels are in the same kernels/ directory."""
+        plan = (second or artifact.manifest).get("plan")
         if not plan:
             raise BrazeError(f"artifact {artifact.root} has no launch plans (compiled by an older "
                              f"braze?); recompile it, or use --backend reference")
-        self.graph = artifact.graph
+        self.graph = artifact.graph if graph is None else graph
         self.device = torch.device(device)
         self.launches = [launch for seg in plan["segments"] for launch in seg["launches"]]
         # only kernel text whose hash the artifact's trust admits is executed
@@ -44,7 +47,10 @@ class PlanExecutor:
         if not interpret and self.device.type == "cuda":
             if artifact.trust.cubins:
                 from .cubins import CubinCache
-                cubins = CubinCache(artifact.root, artifact.manifest, self.modules)
+                manifest = artifact.manifest
+                if second is not None:
+                    manifest = dict(manifest, kernels=second.get("kernels", {}))
+                cubins = CubinCache(artifact.root, manifest, self.modules)
             else:
                 log.info("artifact %s is %s, not signed: its cubins are not used; kernels "
                          "compile from their verified source at first use", artifact.root,
