@@ -124,6 +124,19 @@ def test_kernel_equals_reference(grouping, tokens, seed, ties):
         _assert_same_routing(out, _hf_route(e, attrs, logits, bias))
 
 
+def test_kernel_scores_a_group_by_its_two_best_not_its_best_twice():
+    """Group 0 has the single best expert but a poor second (0.9 + -4.5); group 1 two fair
+    ones (0.5 + 0.5): with one group kept, its experts are group 1's, in the kernel as in
+    the reference. Scoring a group by its best twice keeps group 0."""
+    attrs = dict(n_group=4, topk_group=1, top_k=2, renormalize=True, scale=1.0)
+    logits = torch.zeros(2, 8)
+    bias = torch.tensor([0.4, -5.0, 0.0, 0.0, -1.0, -1.0, -1.0, -1.0])
+    _check_kernel(8, attrs, logits, bias)
+    out = run_with_kernels(_graph(8, attrs), {"logits": logits}, {"bias": bias},
+                           {"grouped_topk"}, {"T": 2})
+    assert [sorted(r.tolist()) for r in out["ids"]] == [[2, 3], [2, 3]]
+
+
 def test_kernel_reads_a_strided_logits_row_and_survives_nan():
     """The logits are a split of a wider linear (a row stride > E), and a NaN row still
     picks top_k distinct experts."""
