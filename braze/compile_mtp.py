@@ -85,12 +85,10 @@ def _optimise(loaded, opts, mtp, main_graph):
 
 def prepare_assistant(loaded, opts, main_graph, kv_groups, assistant_dir, log):
     """-> (MTPGraph, its weight loader) for Gemma 4's assistant in `assistant_dir`; widens
-    the target's window groups in `kv_groups` (the manifest's) to what it reads."""
+    the target's window groups in `kv_groups` (the manifest's) to what it reads. One GPU
+    only: braze/compiler.py refuses --tensor-parallel-size with it before loading."""
     from braze.frontend.gemma4_assistant import assistant_windows, trace_assistant
     from braze.ir.errors import BrazeError
-    if opts.tensor_parallel_size > 1:
-        raise BrazeError("--mtp-assistant with --tensor-parallel-size > 1 is not supported "
-                         "yet; compile the target and its assistant for one GPU")
     mtp = trace_assistant(loaded, assistant_dir, opts.block_size, kv_groups, log=log)
     load, bad = _optimise(loaded, opts, mtp, main_graph)
     if bad:

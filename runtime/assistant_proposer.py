@@ -30,7 +30,7 @@ import torch
 from braze.ir.contract import group_of_step_input
 from braze.ir.errors import BrazeError
 
-from .mtp_proposer import could_speculate, load_mtp, mtp_runner
+from .mtp_proposer import NOT_PARALLEL, could_speculate, load_mtp, mtp_runner
 
 KIND = "gemma4_assistant"
 
@@ -40,8 +40,7 @@ class AssistantProposer:
         runner = engine.runner
         ex = runner.executor
         if engine.artifact.manifest.get("parallel"):
-            raise BrazeError("speculative method 'mtp' does not run on tensor-parallel "
-                             "artifacts yet; use 'ngram'", param="speculative")
+            raise BrazeError(NOT_PARALLEL, param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
         if ex.graph.outputs.get("hidden_states") is None:

@@ -61,6 +61,8 @@ NO_MTP_GRAPH = (
     "(config.json num_nextn_predict_layers >= 1, tensors model.layers.<num_hidden_layers>.*) "
     "with this braze, on one GPU (tensor-parallel artifacts ship the layer uncompiled); or "
     "use method 'ngram' (prompt lookup) or 'draft' (a second braze artifact)")
+NOT_PARALLEL = ("speculative method 'mtp' does not run on tensor-parallel artifacts yet; "
+                "use 'ngram'")
 GEMMA4_ASSISTANT = (
     "speculative method 'mtp' for Gemma 4 needs its assistant model "
     "(Gemma4AssistantForCausalLM) compiled into the artifact, and {root} has none: compile "
@@ -147,8 +149,7 @@ class MTPProposer:
             raise BrazeError(NO_MTP_GRAPH.format(root=engine.artifact.root),
                              param="speculative")
         if engine.artifact.manifest.get("parallel"):
-            raise BrazeError("speculative method 'mtp' does not run on tensor-parallel "
-                             "artifacts yet; use 'ngram'", param="speculative")
+            raise BrazeError(NOT_PARALLEL, param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
         self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
