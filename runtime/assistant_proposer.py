@@ -89,8 +89,19 @@ class AssistantProposer:
                                          else out["block_tables"])
         return out
 
-    def _run(self, tokens, positions, hidden, tables):
-        """One assistant call, one query row per sequence: -> (logits, h')."""
+    def _table_tensors(self, tables: list[dict]) -> dict[str, torch.Tensor]:
+        """The block tables of the sequences a proposal starts with, one padded row each
+        (built once: the chained calls select the rows still guessing)."""
+        out = {}
+        for name in tables[0]:
+            width = max(len(t[name]) for t in tables)
+            out[name] = torch.tensor([t[name] + [0] * (width - len(t[name])) for t in tables],
+                                     dtype=torch.int32, device=self.device)
+        return out
+
+    def _run(self, tokens, positions, hidden, tables: dict[str, torch.Tensor]):
+        """One assistant call, one query row per sequence (`tables`: their block-table
+        rows): -> (logits, h')."""
         dev, S = self.device, len(tokens)
         feeds = {
             "input_ids": torch.tensor(tokens, dtype=torch.int64, device=dev),
@@ -102,10 +113,7 @@ class AssistantProposer:
             "logits_indices": torch.arange(S, dtype=torch.int64, device=dev),
             self.hidden_input: hidden,
         }
-        for name in tables[0]:
-            width = max(len(t[name]) for t in tables)
-            feeds[name] = torch.tensor([t[name] + [0] * (width - len(t[name])) for t in tables],
-                                       dtype=torch.int32, device=dev)
+        feeds.update(tables)
         feeds.update((n, self.cache.tensors[n]) for n in self.cache_names)
         out = self.run_graph(feeds)
         self.num_mtp_calls += 1
@@ -114,7 +122,8 @@ class AssistantProposer:
     def propose(self, reqs: list, budgets: list[int]) -> list[list[int]]:
         bm = self.engine.block_manager
         out = [[] for _ in reqs]
-        live = []                      # (index, budget, token, position, h row, tables)
+        live = []                      # (index, budget, token, position, h row, table row)
+        tables = []
         for i, (r, b) in enumerate(zip(reqs, budgets)):
             kept = self.rows.get(r.request_id)
             L = len(r.all_token_ids)
@@ -124,17 +133,21 @@ class AssistantProposer:
             if not first <= L - 2 < first + len(rows):
                 continue
             live.append((i, b, r.all_token_ids[-1], L - 1, rows[L - 2 - first:L - 1 - first],
-                         self._tables(r.request_id)))
+                         len(tables)))
+            tables.append(self._tables(r.request_id))
+        all_tables = self._table_tensors(tables) if live else {}
         while live:
+            at = torch.tensor([x[5] for x in live], dtype=torch.int64, device=self.device)
             logits, h = self._run([x[2] for x in live], [x[3] for x in live],
-                                  torch.cat([x[4] for x in live]), [x[5] for x in live])
+                                  torch.cat([x[4] for x in live]),
+                                  {n: t.index_select(0, at) for n, t in all_tables.items()})
             nxt = []
             for j, (x, g) in enumerate(zip(live, logits.argmax(dim=-1).tolist())):
-                i, b, _, q, _, tables = x
+                i, b, _, q, _, row = x
                 if self.vocab and g >= self.vocab:      # a padded vocabulary's id: stop
                     continue
                 out[i].append(g)
                 if len(out[i]) < b:
-                    nxt.append((i, b, g, q, h[j:j + 1], tables))
+                    nxt.append((i, b, g, q, h[j:j + 1], row))
             live = nxt
         return out
