@@ -27,12 +27,15 @@ Part 1:
 Part 2:
   decode-1b    batches 1, 16, 64 vs HF eager and torch.compile, cold start  decode-1b-full.json
   decode-8b    batches 16, 64 vs HF eager, cold start                       decode-8b-full.json
-  kernels      every kernel template at model shapes: us, GB/s, % of HBM    kernels.json
+  kernels      every kernel template at the Llama-3-8B and Qwen3-30B-A3B    kernels.json,
+               shapes: us, GB/s, % of HBM, against torch                   kernels.log
 Part 3:
   decode-families  Phi-4-mini, Gemma-3-1B and DeepSeek-V3-mini shapes (partial rotary +
                longrope; (1 + w) sandwich norms, sliding/global layers, head_dim 256; MLA
                latent cache + absorbed decode kernel, grouped sigmoid MoE), batches 1
                and 16 vs HF eager, with the teacher-forced correctness check  decode-families.json
+  kernels-dsv3 DeepSeek-V3's kernels at the 671B shape (latent attention,     kernels-dsv3.json,
+               grouped router, routed experts, norms), T = 1, 16, 64, 2048 kernels-dsv3.log
 Part 4:
   decode-gemma4  Gemma-4-E2B-like shape (per-layer inputs over a 262k vocabulary, 20 of
                35 layers sharing KV, sliding/global layers with head_dim 256/512), batches
@@ -243,18 +246,22 @@ class Suite:
                 self.facts.append(f"{name}: results incomplete (the stage was cut short)")
         self.stage(name, limit_s, [cmd], "decode.log", after=after)
 
-    def kernels_stage(self, limit_s: float) -> None:
-        json_path = self.out / "kernels.json"
-        cmd = [self.python, str(BENCH / "kernel_bench.py"), "--json", str(json_path)]
+    def kernels_stage(self, name: str, limit_s: float, models: list[str], json_name: str,
+                      sizes: list[int] | None = None) -> None:
+        json_path = self.out / json_name
+        cmd = [self.python, str(BENCH / "kernel_bench.py"), "--json", str(json_path),
+               "--models", *models]
         if self.dry_run:
-            cmd += ["--dry-run", "--kernels", "norm"]
+            cmd += ["--dry-run", "--kernels", "norm", "router"]
+        elif sizes:
+            cmd += ["--sizes", *map(str, sizes)]
 
         def after():
             doc = json.loads(json_path.read_text())
             ok = sum(1 for r in doc["results"] if r.get("ok"))
-            self.facts.append(f"kernels: {ok}/{len(doc['results'])} cases match the reference"
+            self.facts.append(f"{name}: {ok}/{len(doc['results'])} cases match the reference"
                               + ("" if doc.get("complete") else " (cut short)"))
-        self.stage("kernels", limit_s, [cmd], "kernels.log", after=after)
+        self.stage(name, limit_s, [cmd], f"{name}.log", after=after)
 
 
 def work_dir(need_bytes: int) -> str:
@@ -343,6 +350,8 @@ def main(argv=None) -> int:
         s.decode_stage("decode-families", 420, "phi4-mini,gemma3-1b,dsv3-mini",
                        "1,16" if not args.dry_run else "1,4", "eager", "decode-families.json",
                        ["--no-cold-start"])
+        s.kernels_stage("kernels-dsv3", 100, ["deepseek-v3"], "kernels-dsv3.json",
+                        sizes=[1, 16, 64, 2048])
     elif args.part == 4:
         s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",
                        "eager", "decode-gemma4.json", ["--no-cold-start"])
@@ -351,7 +360,7 @@ def main(argv=None) -> int:
                        "eager,compile", "decode-1b-full.json", [])
         s.decode_stage("decode-8b", 200, "8b", "16,64" if not args.dry_run else "4", "eager",
                        "decode-8b-full.json", [])
-        s.kernels_stage(120)
+        s.kernels_stage("kernels", 120, ["llama3-8b", "qwen3-30b-a3b"], "kernels.json")
     s.write_summary()
     print((out / "summary.md").read_text())
     return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped (dry run")

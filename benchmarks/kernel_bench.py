@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Kernel benchmark: every Triton kernel template of codegen/kernels/ against its torch reference.
 
-For each model shape (Llama-3-8B, Qwen3-30B-A3B; bf16) and each kernel the model runs, a
+For each model shape (Llama-3-8B, Qwen3-30B-A3B, DeepSeek-V3; bf16) and each kernel the model runs, a
 one-node IR graph of the op is built at the benchmark size, lowered exactly as the compiler
 lowers it (`braze.codegen.kernels.lower_node` -> launches, workspaces, generated sources)
 and run through the runtime's launch-plan runner (`KernelModules` + `PlanRunner`) on CUDA
@@ -20,6 +20,13 @@ tensors. The reference is the op's own implementation from the IR registry
                                           T = 2048 as 4 x 512, T = 8192 as 4 x 2048; shuffled
                                           block tables
     fused_moe         fused_moe           Qwen3: 128 experts, top-8, moe intermediate 768
+    grouped_topk      grouped_topk        DeepSeek-V3's router: f32 logits [T, 256] + bias, 8
+                                          groups, the 4 best kept, top-8, scale 2.5
+    fused_moe_routed  fused_moe_routed    DeepSeek-V3: 256 experts, top-8 from grouped_topk,
+                                          moe intermediate 2048
+    latent_attention  latent_attention    DeepSeek-V3's absorbed MLA: 128 heads over one
+                                          [kv_lora_rank 512 + rope 64] latent row per token;
+                                          decode and prefill as for attention
     swiglu            fused_pointwise     silu(g) * u over the halves of [T, 2 I] (the generated
                                           kernel of `fuse-pointwise`; Llama: I = 14336)
     index_select      index_select        prune-logits gather [T, hidden] -> [S, hidden]
@@ -87,6 +94,13 @@ MODELS = {
     "qwen3-30b-a3b": dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, inter=None,
                           vocab=151936, eps=1e-6, qk_norm=True,
                           moe=dict(experts=128, top_k=8, inter=768)),
+    # MLA: heads/kv_heads/head_dim describe the latent attention (one shared latent row of
+    # kv_lora_rank + rope per token); inter is the dense first layers' MLP
+    "deepseek-v3": dict(hidden=7168, heads=128, kv_heads=1, head_dim=576, inter=18432,
+                        vocab=129280, eps=1e-6, qk_norm=False, moe=None,
+                        mla=dict(rank=512, rope=64),
+                        routed=dict(experts=256, n_group=8, topk_group=4, top_k=8, inter=2048,
+                                    scale=2.5)),
 }
 # --dry-run: the same structure at interpreter-friendly sizes (GQA 2 and 4, split-KV decode,
 # prefill tiles, both MoE regimes: T * top_k / E above and below moe.SMALL_ROWS_PER_EXPERT)
@@ -95,6 +109,10 @@ TINY_MODELS = {
                       eps=1e-5, qk_norm=False, moe=None),
     "qwen3-30b-a3b": dict(hidden=48, heads=4, kv_heads=1, head_dim=16, inter=None, vocab=300,
                           eps=1e-6, qk_norm=True, moe=dict(experts=8, top_k=2, inter=24)),
+    "deepseek-v3": dict(hidden=48, heads=4, kv_heads=1, head_dim=48, inter=40, vocab=300,
+                        eps=1e-6, qk_norm=False, moe=None, mla=dict(rank=32, rope=16),
+                        routed=dict(experts=16, n_group=4, topk_group=2, top_k=4, inter=24,
+                                    scale=2.5)),
 }
 DECODE_SIZES = (1, 16, 64)
 PREFILL_SIZES = (2048, 8192)
@@ -107,11 +125,14 @@ BLOCK_SIZE = 16
 GPU_DEVICE = "cuda"
 
 KERNELS = ("embedding", "rms_norm", "add_rms_norm", "rope_cache_write", "attention",
-           "fused_moe", "swiglu", "index_select", "cat")
+           "latent_attention", "fused_moe", "grouped_topk", "fused_moe_routed", "swiglu",
+           "index_select", "cat")
 # the template modules of codegen/kernels/ and the kernels benchmarked for each (--kernels
 # takes either name)
 TEMPLATES = {"embedding": ("embedding",), "norm": ("rms_norm", "add_rms_norm"),
-             "rope": ("rope_cache_write",), "attention": ("attention",), "moe": ("fused_moe",),
+             "rope": ("rope_cache_write",), "attention": ("attention",),
+             "mla": ("latent_attention",), "router": ("grouped_topk",),
+             "moe": ("fused_moe", "fused_moe_routed"),
              "pointwise": ("swiglu",), "gather": ("index_select", "cat")}
 # kernels held to >= 80 % of HBM peak at prefill sizes
 BANDWIDTH_TARGET = {"rms_norm", "add_rms_norm", "rope_cache_write", "swiglu"}
@@ -322,6 +343,93 @@ class Builder:
             size = f"T={tokens} ({len(seqs)}x{seqs[0][1]})"
         return self.case("attention", tokens, g, 0, sizes, feeds, nbytes, flops, size=size)
 
+    def latent_attention(self, tokens):
+        """The absorbed MLA kernel: every head attends over one shared latent row per token
+        (key = the whole kv_lora_rank + rope row, value = its latent part)."""
+        from braze.ir import MB, NB, Graph, S, T, TensorType
+        m = self.m
+        hq, rank, rope = m["heads"], m["mla"]["rank"], m["mla"]["rope"]
+        d = rank + rope
+        regime = self.regime(tokens)
+        seqs = _step_seqs(tokens, regime, self.context)
+        step, num_blocks = self.step(seqs)
+        g = Graph("latent_attention")
+        q = g.add_input("q", TensorType((T, hq, d), self.dtype))
+        cache = g.add_input("cache", TensorType((NB, BLOCK_SIZE, 1, d), self.dtype))
+        qsl = g.add_input("query_start_loc", TensorType((S + 1,), "i32"))
+        lens = g.add_input("seq_lens", TensorType((S,), "i32"))
+        tables = g.add_input("block_tables", TensorType((S, MB), "i32"))
+        g.set_output("o", g.op("latent_attention", q, cache, qsl, lens, tables,
+                               scale=(128 + rope) ** -0.5, kv_lora_rank=rank))
+        feeds = {q.ref: self.randn((tokens, hq, d)),
+                 cache.ref: self.randn((num_blocks, BLOCK_SIZE, 1, d)),
+                 qsl.ref: step["query_start_loc"], lens.ref: step["seq_lens"],
+                 tables.ref: step["block_tables"]}
+        sizes = {"T": tokens, "S": len(seqs), "MB": step["block_tables"].shape[1],
+                 "NB": num_blocks}
+        e = self.esize
+        kv_tokens = sum(c + n for c, n in seqs)
+        visible = sum(sum(c + i + 1 for i in range(n)) for c, n in seqs)
+        nbytes = (kv_tokens * d * e + tokens * hq * (d + rank) * e
+                  + sizes["S"] * (sizes["MB"] + 2) * 4)
+        flops = 2 * hq * (d + rank) * visible
+        if regime == "decode":
+            size = f"S={len(seqs)} ctx={seqs[0][0] + 1}"
+        else:
+            size = f"T={tokens} ({len(seqs)}x{seqs[0][1]})"
+        return self.case("latent_attention", tokens, g, 0, sizes, feeds, nbytes, flops,
+                         size=size, note=f"{hq} heads, latent {rank}+{rope}")
+
+    def _router_logits(self, tokens):
+        r = self.m["routed"]
+        return self.randn((tokens, r["experts"]), 2.0, dtype=self.torch.float32)
+
+    def grouped_topk(self, tokens):
+        """DeepSeek-V3's grouped sigmoid router (codegen/kernels/router.py)."""
+        from braze.ir import Graph, T, TensorType
+        r = self.m["routed"]
+        e, k = r["experts"], r["top_k"]
+        g = Graph("grouped_topk")
+        logits = g.add_input("logits", TensorType((T, e), "f32"))
+        bias = g.add_param("bias", TensorType((e,), "f32"))
+        w, ids = g.add_node("grouped_topk", [logits, bias],
+                            {"n_group": r["n_group"], "topk_group": r["topk_group"],
+                             "top_k": k, "renormalize": True, "scale": r["scale"]}).results
+        g.set_output("w", w)
+        g.set_output("ids", ids)
+        feeds = {logits.ref: self._router_logits(tokens),
+                 bias.ref: self.randn((e,), 0.1, dtype=self.torch.float32)}
+        nbytes = tokens * e * 4 + e * 4 + tokens * k * (4 + 8)
+        return self.case("grouped_topk", tokens, g, 0, {"T": tokens}, feeds, nbytes,
+                         note=f"{r['n_group']} groups, {r['topk_group']} kept, top-{k}")
+
+    def fused_moe_routed(self, tokens):
+        """The experts of DeepSeek-V3's MoE, routed by grouped_topk's reference."""
+        from braze.ir import Graph, T, TensorType
+        from braze.ir.ops import get_op
+        r = self.m["routed"]
+        e, k, i, h = r["experts"], r["top_k"], r["inter"], self.m["hidden"]
+        g = Graph("fused_moe_routed")
+        x = g.add_input("x", TensorType((T, h), self.dtype))
+        wts = g.add_input("weights", TensorType((T, k), "f32"))
+        ids = g.add_input("ids", TensorType((T, k), "i64"))
+        gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), self.dtype))
+        dn = g.add_param("w_down", TensorType((e, h, i), self.dtype))
+        g.set_output("y", g.op("fused_moe_routed", x, wts, ids, gu, dn, act="silu"))
+        bias = self.randn((e,), 0.1, dtype=self.torch.float32)
+        w, chosen = get_op("grouped_topk").impl(
+            self._router_logits(tokens), bias, n_group=r["n_group"],
+            topk_group=r["topk_group"], top_k=k, renormalize=True, scale=r["scale"])
+        feeds = {x.ref: self.randn((tokens, h)), wts.ref: w, ids.ref: chosen,
+                 gu.ref: self.randn((e, 2 * i, h), h ** -0.5),
+                 dn.ref: self.randn((e, h, i), i ** -0.5)}
+        used = int(self.torch.unique(chosen).numel())
+        es = self.esize
+        nbytes = (used * 3 * i * h + 2 * tokens * h) * es + tokens * k * (4 + 8)
+        flops = tokens * k * (2 * h * 2 * i + 2 * i * h)
+        return self.case("fused_moe_routed", tokens, g, 0, {"T": tokens}, feeds, nbytes, flops,
+                         note=f"{used}/{e} experts")
+
     def fused_moe(self, tokens):
         from braze.ir import Graph, T, TensorType
         from braze.ir.op_moe import route
@@ -389,6 +497,12 @@ class Builder:
     def applies(self, kernel) -> bool:
         if kernel == "fused_moe":
             return self.m["moe"] is not None
+        if kernel in ("grouped_topk", "fused_moe_routed"):
+            return self.m.get("routed") is not None
+        if kernel == "latent_attention":
+            return self.m.get("mla") is not None
+        if kernel in ("attention", "rope_cache_write"):     # MLA has its own attention
+            return self.m.get("mla") is None
         if kernel == "swiglu":
             return self.m["inter"] is not None
         return True
@@ -563,7 +677,7 @@ def _targets(r: dict) -> tuple[str, bool | None]:
             return f">={BANDWIDTH_TARGET_PCT:.0f}% n/a", None
         met = r["pct_hbm"] >= BANDWIDTH_TARGET_PCT
         return (f">={BANDWIDTH_TARGET_PCT:.0f}% " + ("ok" if met else "MISS")), met
-    if r["kernel"] == "fused_moe":
+    if r["kernel"] in ("fused_moe", "fused_moe_routed"):
         if r.get("speedup") is None:
             return ">torch n/a", None
         met = r["speedup"] > 1.0
@@ -581,6 +695,11 @@ def print_table(model: str, rows: list[dict], shape: dict, peak) -> None:
           + (f", intermediate {shape['inter']}" if shape["inter"] else "")
           + (f", {shape['moe']['experts']} experts top-{shape['moe']['top_k']}, moe intermediate "
              f"{shape['moe']['inter']}" if shape["moe"] else "")
+          + (f", MLA latent {shape['mla']['rank']}+{shape['mla']['rope']}" if shape.get("mla")
+             else "")
+          + (f", {shape['routed']['experts']} experts in {shape['routed']['n_group']} groups "
+             f"top-{shape['routed']['top_k']}, moe intermediate {shape['routed']['inter']}"
+             if shape.get("routed") else "")
           + (", QK-norm" if shape["qk_norm"] else "") + f", vocab {shape['vocab']})")
     head = ["kernel", "size", "us", "GB/s", "%HBM", "TFLOP/s", "torch us", "speedup",
             "rel err", "check", "target", "note"]
@@ -626,18 +745,20 @@ def machine_info(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Benchmark braze's Triton kernel templates (codegen/kernels/) against the "
-                    "IR registry's torch reference implementations on Llama-3-8B and "
-                    "Qwen3-30B-A3B shapes (bf16): kernel time (CUDA events, median), achieved "
+                    "IR registry's torch reference implementations on Llama-3-8B, "
+                    "Qwen3-30B-A3B and DeepSeek-V3 shapes (bf16): kernel time (CUDA events, median), achieved "
                     "HBM bandwidth and % of peak, TFLOP/s for attention/MoE, speedup over torch.",
         epilog="Targets flagged: norm/RoPE/activation kernels >= 80% of HBM peak at T >= 2048; "
-               "fused MoE faster than torch at every size. --dry-run checks every case at tiny "
+               "fused MoE (softmax-routed and DeepSeek-V3's routed) faster than torch at every size. --dry-run checks every case at tiny "
                "sizes on the CPU under the Triton interpreter (no GPU).")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
                    help="model shapes (default: all)")
     p.add_argument("--kernels", nargs="+", choices=sorted(set(KERNELS) | set(TEMPLATES)),
                    default=list(KERNELS), metavar="NAME",
                    help="kernels to run, or template modules (norm = rms_norm add_rms_norm, "
-                        "rope, moe, pointwise = swiglu, gather = index_select cat); default: "
+                        "rope, attention, mla = latent_attention, router = grouped_topk, "
+                        "moe = fused_moe fused_moe_routed, pointwise = swiglu, "
+                        "gather = index_select cat); default: "
                         f"all that the model uses. Kernels: {' '.join(KERNELS)}")
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help=f"token counts T (default: {' '.join(map(str, DECODE_SIZES + PREFILL_SIZES))}; "

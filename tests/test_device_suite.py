@@ -27,7 +27,8 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
            "decode-8b.json", "profile-1b-b1.md", "profile-1b-b4.md"}),
     ("2", {"summary.md", "env.txt", "decode.log", "decode-1b-full.json", "decode-8b-full.json",
            "kernels.json", "kernels.log"}),
-    ("3", {"summary.md", "env.txt", "decode.log", "decode-families.json"}),
+    ("3", {"summary.md", "env.txt", "decode.log", "decode-families.json", "kernels-dsv3.json",
+           "kernels-dsv3.log"}),
     ("4", {"summary.md", "env.txt", "decode.log", "decode-gemma4.json"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
@@ -50,6 +51,9 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         for name in ("tiny Phi-4-mini", "tiny Gemma-3-1B", "tiny DeepSeek-V3-mini"):
             assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
         assert "MISMATCH" not in summary
+        kernels = {r["kernel"] for r in json.loads((tmp_path / "kernels-dsv3.json").read_text())
+                   ["results"] if r["ok"]}
+        assert {"grouped_topk", "rms_norm"} <= kernels
     if part == "4":
         name = "tiny Gemma-4-E2B-like"
         assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
