@@ -123,6 +123,7 @@ TINY_PREFILL_FROM = 32
 TINY_CONTEXT = 40
 BLOCK_SIZE = 16
 GPU_DEVICE = "cuda"
+RANDN_CHUNK = 1 << 28          # elements drawn in float32 at once
 
 KERNELS = ("embedding", "rms_norm", "add_rms_norm", "rope_cache_write", "attention",
            "latent_attention", "fused_moe", "grouped_topk", "fused_moe_routed", "swiglu",
@@ -194,7 +195,19 @@ class Builder:
 
     # -- tensors ---------------------------------------------------------------------------
     def randn(self, shape, scale=1.0, dtype=None):
-        t = self.torch.randn(tuple(shape), generator=self.gen, device=self.device,
+        shape = tuple(shape)
+        if math.prod(shape) > RANDN_CHUNK and len(shape) > 1 and shape[0] > 1:
+            # DeepSeek-V3's experts are 22.5 GB in bf16: drawn a slice at a time, so the
+            # float32 draw never doubles them
+            out = self.torch.empty(shape, dtype=dtype or self.tdt, device=self.device)
+            rows = max(1, RANDN_CHUNK // math.prod(shape[1:]))
+            for i in range(0, shape[0], rows):
+                out[i:i + rows] = self._draw(out[i:i + rows].shape, scale, dtype)
+            return out
+        return self._draw(shape, scale, dtype)
+
+    def _draw(self, shape, scale, dtype):
+        t = self.torch.randn(shape, generator=self.gen, device=self.device,
                              dtype=self.torch.float32)
         if scale != 1.0:
             t.mul_(scale)
