@@ -23,7 +23,8 @@ def parse(text: str, final: bool) -> Parsed:
 
 
 def parse_array_after(text: str, final: bool, marker: str) -> Parsed:
-    """Content, then `marker`, then a JSON array of call objects."""
+    """Content, then `marker`, then a JSON array of call objects; text after the array's
+    closing bracket is content too (Mistral 7B and Phi-4-mini sometimes go on talking)."""
     k = text.find(marker)
     if k < 0:
         return plain(text) if final else Parsed(text[:len(text) - held_back(text, (marker,))])
@@ -37,9 +38,7 @@ def parse_array_after(text: str, final: bool, marker: str) -> Parsed:
     j = skip_ws(text, j + 1)
     while j < len(text):
         if text[j] == "]" and (calls or final):
-            if final and skip_ws(text, j + 1) != len(text):
-                return plain(text)
-            return Parsed(content, calls)
+            return Parsed(content + text[j + 1:], calls)
         if text[j] != "{":
             return plain(text) if final else Parsed(content, calls)
         s = scan_call_object(text, j)
