@@ -7,24 +7,13 @@ any tokenizer) must send the same content and calls in deltas."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from tool_helpers import every_split, stream
+from tool_helpers import every_split, parser_text, recorded_outputs, stream
 
 from braze.serving.tool_parsers import ToolParser, final_message
 
-RECORDED = json.loads((Path(__file__).parent / "data" / "tool_outputs.json").read_text())
-
-
-def parser_text(rec) -> str:
-    """The text the parser sees: the recorded output less the stop token that ended it (the
-    engine stops on it and leaves it out of the text)."""
-    raw, stop = rec["raw"], rec["stop"]
-    if stop is None:
-        return raw
-    assert raw.endswith(stop), rec["source"]
-    return raw[:-len(stop)]
+RECORDED = recorded_outputs()
 
 
 def ids():

@@ -31,3 +31,20 @@ def every_split(text: str):
     yield range(1, len(text))
     for k in range(len(text) + 1):
         yield [k]
+
+
+def recorded_outputs() -> list[dict]:
+    """Real model outputs with their sources and hand-read parses (tests/data/tool_outputs.json)."""
+    import json
+    from pathlib import Path
+    return json.loads((Path(__file__).parent / "data" / "tool_outputs.json").read_text())
+
+
+def parser_text(rec: dict) -> str:
+    """The text a parser sees of a recorded output: the output less the stop token that ended
+    it (the engine stops on it and leaves it out of the text)."""
+    raw, stop = rec["raw"], rec["stop"]
+    if stop is None:
+        return raw
+    assert raw.endswith(stop), rec["source"]
+    return raw[:-len(stop)]
