@@ -36,6 +36,13 @@ CASES = [
     ("mistral", 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
      '[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" {braces}"}',
      "Sure.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    # v11 form with prose after the call (Devstral, ml-explore/mlx-lm#1448) and with the
+    # [CALL_ID] of newer Mistral templates between the name and [ARGS]
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}\n\nLet me '
+     'check [that].', "Let me check [that].", [("get_weather", WEATHER)]),
+    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris", "unit": '
+     '"celsius"} then [TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" '
+     '{braces}"}', "then", [("get_weather", WEATHER), ("get_time", TIME)]),
     ("deepseek_v3", "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
      'get_weather\n```json\n{"city": "Paris", "unit": "celsius"}\n```<｜tool▁call▁end｜>\n'
      "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
