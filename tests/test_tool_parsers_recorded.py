@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tool_helpers import every_split, parser_text, recorded_outputs, stream
 
 from braze.serving.tool_parsers import ToolParser, final_message
@@ -54,3 +56,19 @@ def test_recorded_output_streams_like_it_parses(rec):
     for cuts in every_split(text):
         s_content, s_calls = stream(parser, text, cuts)
         assert (s_content, s_calls) == (content or "", want), cuts
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.data())
+def test_recorded_outputs_stream_alike_in_any_chunks(data):
+    """Beyond one and two pieces: any chunking of any recorded output (several cuts at once,
+    so a marker, an escape or a multi-byte character can be split more than once)."""
+    rec = data.draw(st.sampled_from(RECORDED), label="recorded output")
+    parser = ToolParser(rec["parser"])
+    text = parser_text(rec)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=12),
+                            label="cuts"))
+    content, calls = final_message(parser.parse(text, final=True))
+    want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in calls]
+    assert stream(parser, text, cuts) == (content or "", want)
