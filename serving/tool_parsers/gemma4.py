@@ -5,8 +5,8 @@ converted to JSON, so a call's arguments are sent in one delta once the call is 
 Gemma 4 follows its calls with `<|tool_response>` (its turn to wait for the results); that
 token right after a call is not content.
 
-The format is the one Gemma 4's chat template writes for assistant tool calls (as read
-from third-party parsers of it); neither transformers nor vLLM documents it here."""
+The format is the one Gemma 4's chat template writes for assistant tool calls, and the one
+of a Gemma 4 reply recorded in transformers' chat-parsing tests (tests/data/tool_outputs.json)."""
 
 from __future__ import annotations
 
