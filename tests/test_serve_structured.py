@@ -258,3 +258,24 @@ def test_unknown_parser_is_a_startup_error(store):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "--tool-call-parser 'nope'" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_auto_parses_a_recorded_reply(server):
+    """A real model's reply (SmolLM3's, from tests/data/tool_outputs.json) forced through the
+    server by a regex: the non-streamed and the streamed response carry the call read off it."""
+    import re
+
+    from tool_helpers import parser_text, recorded_outputs
+    rec = next(r for r in recorded_outputs()      # short enough for the tiny model's context
+               if r["model"].startswith("SmolLM3") and r["content"] is None and len(r["raw"]) < 100)
+    text = parser_text(rec)
+    kw = dict(max_tokens=150, temperature=1.0, seed=5, tools=TOOLS, tool_choice="auto",
+              extra_body={"structured_outputs": {"regex": re.escape(text)}})
+    choice = server.client.chat.completions.create(model=MODEL, messages=MSGS, **kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    want = [(c["name"], c["arguments"]) for c in rec["calls"]]
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == want
+    content, calls, reason = streamed_chat(server, **kw)
+    assert (content, reason) == ("", "tool_calls")
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from braze.serving.tool_parsers import ToolParser, detect, final_message
+from tool_helpers import every_split, stream
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 TIME = {"tz": "Europe/Paris", "fmt": "24h \"quoted\" {braces}"}
@@ -35,6 +36,13 @@ CASES = [
     ("mistral", 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
      '[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" {braces}"}',
      "Sure.", [("get_weather", WEATHER), ("get_time", TIME)]),
+    # v11 form with prose after the call (Devstral, ml-explore/mlx-lm#1448) and with the
+    # [CALL_ID] of newer Mistral templates between the name and [ARGS]
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}\n\nLet me '
+     'check [that].', "Let me check [that].", [("get_weather", WEATHER)]),
+    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris", "unit": '
+     '"celsius"} then [TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris", "fmt": "24h \\"quoted\\" '
+     '{braces}"}', "then", [("get_weather", WEATHER), ("get_time", TIME)]),
     ("deepseek_v3", "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
      'get_weather\n```json\n{"city": "Paris", "unit": "celsius"}\n```<｜tool▁call▁end｜>\n'
      "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
@@ -58,29 +66,6 @@ CASES = [
 ]
 
 
-def stream(parser: ToolParser, text: str, cuts) -> tuple[str, list[dict]]:
-    """Feed the output in pieces ending at `cuts`; the concatenated content and calls."""
-    s = parser.streamer()
-    content, calls = "", []
-    prev = 0
-    for end in list(cuts) + [len(text)]:
-        if end <= prev and end != len(text):
-            continue
-        prev = end
-        for d in s.feed(text[:end], end == len(text)):
-            content += d.get("content", "")
-            for tc in d.get("tool_calls", []):
-                i = tc["index"]
-                if i == len(calls):
-                    assert tc["id"].startswith("call_") and tc["type"] == "function"
-                    assert tc["function"]["name"]
-                    calls.append({"name": tc["function"]["name"], "arguments": ""})
-                else:
-                    assert "name" not in tc.get("function", {}) and "id" not in tc
-                calls[i]["arguments"] += tc["function"].get("arguments", "")
-    return content, calls
-
-
 @pytest.mark.parametrize("name,text,content,calls", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_parse_whole_and_streamed(name, text, content, calls):
@@ -92,7 +77,7 @@ def test_parse_whole_and_streamed(name, text, content, calls):
     whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
              for c in got_calls]
     # one character at a time, then every split into two pieces
-    for cuts in [range(1, len(text))] + [[k] for k in range(len(text) + 1)]:
+    for cuts in every_split(text):
         s_content, s_calls = stream(parser, text, cuts)
         assert s_content == (content or ""), cuts
         assert s_calls == whole, cuts
@@ -141,7 +126,7 @@ def test_required_and_named_plans_stream_like_they_parse():
         whole = final_message(p.parse(text, True))[1]
         want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                 for c in whole]
-        for cuts in [range(1, len(text))] + [[k] for k in range(len(text) + 1)]:
+        for cuts in every_split(text):
             s_content, s_calls = stream(SimpleNamespace(streamer=p.streamer), text, cuts)
             assert (s_content, s_calls) == ("", want)
 

@@ -238,8 +238,9 @@ class ToolStreamer:
 
 
 def final_message(parsed: Parsed) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) for a non-streamed response."""
+    """(content, tool_calls) for a non-streamed response. The content is trimmed at both ends
+    with or without calls, as `ToolStreamer` sends it, so both responses carry the same text."""
     calls = [{"id": new_call_id(), "type": "function",
               "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls]
     content = parsed.content.strip()
-    return (content or None) if calls else parsed.content, calls
+    return (content or None) if calls else content, calls

@@ -2,9 +2,11 @@
 JSON: keys are bare words and strings are quoted with the `<|"|>` token, e.g.
 `<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>`; they are
 converted to JSON, so a call's arguments are sent in one delta once the call is complete.
+Gemma 4 follows its calls with `<|tool_response>` (its turn to wait for the results); that
+token right after a call is not content.
 
-The format is the one Gemma 4's chat template writes for assistant tool calls (as read
-from third-party parsers of it); neither transformers nor vLLM documents it here."""
+The format is the one Gemma 4's chat template writes for assistant tool calls, and the one
+of a Gemma 4 reply recorded in transformers' chat-parsing tests (tests/data/tool_outputs.json)."""
 
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ import re
 from .base import Call, Parsed, held_back, plain
 
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+RESPONSE = "<|tool_response>"
 SKIP_SPECIAL_TOKENS = False
 _NAME = re.compile(r"call:([A-Za-z0-9_.\-]+)\{")
 
 
 def parse(text: str, final: bool) -> Parsed:
-    content, calls, i = [], [], 0
+    content, calls, i, after_call = [], [], 0, -1
     while True:
         k = text.find(START, i)
         if k < 0:
             rest = text[i:]
-            content.append(rest if final else rest[:len(rest) - held_back(rest, (START,))])
+            held = (START, RESPONSE) if calls and i == after_call else (START,)
+            content.append(rest if final else rest[:len(rest) - held_back(rest, held)])
             break
         content.append(text[i:k])
         m = _NAME.match(text, k + len(START))
@@ -45,7 +49,9 @@ def parse(text: str, final: bool) -> Parsed:
                 return plain(text)
             break
         calls.append(Call(m.group(1), args))
-        i = e + len(END)
+        i = after_call = e + len(END)
+        if text.startswith(RESPONSE, i):
+            i = after_call = i + len(RESPONSE)
     return Parsed("".join(content), calls)
 
 

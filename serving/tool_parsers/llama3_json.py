@@ -1,6 +1,7 @@
-"""Llama 3.1 / 3.2 / 3.3 JSON tool calls: the whole reply is `{"name": ..., "parameters":
-{...}}` (optionally after `<|python_tag|>`), several separated by `;`. A reply that does
-not start that way is plain content."""
+"""Llama 3.1 / 3.2 / 3.3 JSON tool calls: the reply starts with `{"name": ..., "parameters":
+{...}}` (optionally after `<|python_tag|>`), several separated by `;`. Text after the last
+call is content (Llama 3 goes on to explain the call now and then). A reply that does not
+start that way is plain content."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def parse(text: str, final: bool) -> Parsed:
         if j >= len(text):
             break
         if text[j] != ";":
-            return plain(text) if final else Parsed("", calls)
+            return Parsed(text[s.end:], calls)        # prose after the calls
         j = skip_ws(text, j + 1)
         if j >= len(text):
             break

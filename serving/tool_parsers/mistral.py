@@ -1,6 +1,7 @@
 """Mistral: `[TOOL_CALLS]` (a special token: the request keeps it in the text), then either a
 JSON array `[{"name": ..., "arguments": {...}}, ...]` (tokenizer v3..v7) or, from tokenizer
-v11, `name[ARGS]{...}` per call, each call after its own `[TOOL_CALLS]`."""
+v11, `name[ARGS]{...}` per call, each call after its own `[TOOL_CALLS]` (newer templates put
+`[CALL_ID]id` before `[ARGS]`). Text after the calls is content."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from .base import (Call, Parsed, call_from_scan, held_back, plain, scan_call_object, skip_ws,
                    value_end)
 
-MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+MARKER, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 SKIP_SPECIAL_TOKENS = False
 
 
@@ -23,7 +24,8 @@ def parse(text: str, final: bool) -> Parsed:
 
 
 def parse_array_after(text: str, final: bool, marker: str) -> Parsed:
-    """Content, then `marker`, then a JSON array of call objects."""
+    """Content, then `marker`, then a JSON array of call objects; text after the array's
+    closing bracket is content too (Mistral 7B and Phi-4-mini sometimes go on talking)."""
     k = text.find(marker)
     if k < 0:
         return plain(text) if final else Parsed(text[:len(text) - held_back(text, (marker,))])
@@ -37,9 +39,7 @@ def parse_array_after(text: str, final: bool, marker: str) -> Parsed:
     j = skip_ws(text, j + 1)
     while j < len(text):
         if text[j] == "]" and (calls or final):
-            if final and skip_ws(text, j + 1) != len(text):
-                return plain(text)
-            return Parsed(content, calls)
+            return Parsed(content + text[j + 1:], calls)
         if text[j] != "{":
             return plain(text) if final else Parsed(content, calls)
         s = scan_call_object(text, j)
@@ -59,15 +59,20 @@ def _parse_v11(text: str, final: bool, k: int) -> Parsed:
     content, calls = text[:k], []
     i = k
     while i < len(text):
-        if not text.startswith(MARKER, i):
-            return plain(text) if final else Parsed(content, calls)
+        if not text.startswith(MARKER, i):            # prose after a call
+            m = text.find(MARKER, i)
+            if m < 0:
+                rest = text[i:]
+                content += rest if final else rest[:len(rest) - held_back(rest, (MARKER,))]
+                break
+            content, i = content + text[i:m], m
         i += len(MARKER)
         a = text.find(ARGS, i)
         if a < 0:
             if final:
                 return plain(text)
             break
-        name = text[i:a].strip()
+        name = text[i:a].split(CALL_ID)[0].strip()      # NAME[CALL_ID]ID[ARGS]: the id is ours
         j = skip_ws(text, a + len(ARGS))
         if j >= len(text):
             calls.append(Call(name, ""))
@@ -79,7 +84,7 @@ def _parse_v11(text: str, final: bool, k: int) -> Parsed:
             if final:
                 return plain(text)
             break
-        i = skip_ws(text, end)
+        i = end
     if final:
         try:
             if not all(isinstance(json.loads(c.arguments), dict) for c in calls):
