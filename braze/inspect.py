@@ -196,7 +196,8 @@ def _parallel_lines(p: dict) -> list[str]:
         else:
             lines.append(f"  shard @{name} dim {spec['dim']}: " + ", ".join(
                 f"r{r}[{a}:{b}]" for r, (a, b) in enumerate(spec["ranges"]))
-                + (" (experts)" if spec.get("experts") else ""))
+                + (" (experts)" if spec.get("experts") else "")
+                + (f" (zero rows past {spec['size']})" if "size" in spec else ""))
     for c in p["collectives"]:
         lines.append(f"  collective {c['result']}: {c['type']} = {c['op']} (node {c['node']})")
     return lines

@@ -9,6 +9,9 @@ naming what is missing, rather than compute one rank's partial result.
 
     %5: f32[T, 64] = all_reduce(%4) {group_size=2}          sum over the ranks
     %9: f32[T, 256] = all_gather(%8) {group_size=2}         %8: f32[T, 128]; rank order
+    %9: f32[T, 301] = all_gather(%8) {group_size=2, size=301}
+                                                              %8: f32[T, 160]; the first 301
+                                                              of the 320 (a padded vocabulary)
     %0: f32[T, 64] = embedding_shard(%input_ids, @w, @tp.vocab_start)
                                                               rows of ids outside this rank's
                                                               vocab slice are zero
@@ -71,25 +74,33 @@ def _all_gather_infer(types, attrs):
     (x,) = types
     if x.rank < 1:
         raise BrazeError(f"all_gather: needs at least 1-D input, got {x}")
-    return [TensorType(x.shape[:-1] + (x.shape[-1] * n,), x.dtype)]
+    whole = x.shape[-1] * n
+    size = attrs.get("size")
+    if size is not None and not (isinstance(size, int) and 0 < size <= whole):
+        raise BrazeError(f"all_gather: size must be an int in [1, {whole}] (the gathered "
+                         f"last dim), got {size!r}")
+    return [TensorType(x.shape[:-1] + (whole if size is None else size,), x.dtype)]
 
 
-def all_gather(x: torch.Tensor, group_size: int) -> torch.Tensor:
+def all_gather(x: torch.Tensor, group_size: int, size: int | None = None) -> torch.Tensor:
     if group_size == 1:
-        return x.clone()
-    group_world(group_size, "all_gather")
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(group_size)]
-    torch.distributed.all_gather(parts, x)
-    return torch.cat(parts, dim=-1)
+        out = x.clone()
+    else:
+        group_world(group_size, "all_gather")
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(group_size)]
+        torch.distributed.all_gather(parts, x)
+        out = torch.cat(parts, dim=-1)
+    return out if size is None or size == out.shape[-1] else out[..., :size].contiguous()
 
 
 # row i of the result depends only on row i of each rank's x: prune-logits may gather the
 # sampled rows before it (every rank gathers the same rows)
 register(OpDef("all_gather", ("x",), _all_gather_infer, all_gather,
-               attrs={"group_size": REQUIRED}, extern=True, returns_dense=True,
+               attrs={"group_size": REQUIRED, "size": None}, extern=True, returns_dense=True,
                last_dim_rowwise=True,
-               doc="the last dim of x concatenated over the ranks, in rank order"))
+               doc="the last dim of x concatenated over the ranks, in rank order; with "
+                   "`size`, only its first `size` entries (a padded vocabulary's real ones)"))
 
 
 def _embedding_shard_infer(types, attrs):

@@ -15,6 +15,14 @@ begins. Megatron's layout, found from the graph's structure, not from names:
   slice (zero elsewhere) and an `all_reduce` sums the slices;
 - the logits come back whole through an `all_gather` of the vocabulary slices.
 
+A vocabulary that the ranks do not divide (a fine-tune's one added pad token: 32001) is
+padded, as vLLM does: each rank holds ceil(vocab / N) rows rounded up to VOCAB_ALIGN, the
+last ranks' shards running past the vocabulary into zero rows (the shard spec's `size`
+says where the real rows end). Ids are below the vocabulary, so `embedding_shard` never
+looks a padding row up; the LM head's padding logits are dropped by the `all_gather`
+itself (`size=vocab`), so the graph's `logits` output, and everything that reads it (the
+sampler, logprobs, bitmasks, logit_bias, speculative verification), is the true vocab.
+
 With `expert_parallel` (`--expert-parallel`) a mixture of experts is split by whole experts
 instead of by their intermediate size: the expert weights along their expert dim (found
 from the MoE combine, `einsum(routing [T, E], [T, E, H])`, which contracts it), the routing
@@ -24,7 +32,7 @@ by the one `all_reduce` TP has there too. The router stays replicated.
 
 KV heads are split when there are at least as many as ranks; with fewer, each rank keeps
 the one KV head its query heads read (replicated over tensor-parallel-size / kv_heads
-ranks). A size that does not split evenly is refused, naming it. The fusion passes run
+ranks). Any other size that does not split evenly is refused, naming it. The fusion passes run
 after this one and see the same patterns at the smaller sizes.
 
 Before (one rank of one, heads 4, kv heads 2, head_dim 16):
@@ -56,6 +64,12 @@ from braze.ir.types import TensorType
 from .manager import PassContext, register_pass
 
 VOCAB_START = "tp.vocab_start"
+# a padded vocabulary shard is a multiple of this many rows. The LM head is a GEMM
+# (torch.mm: cuBLAS on GPUs) with the shard as its N: tensor-core paths want N a multiple
+# of 8 (fp16/bf16) or 16 (fp8), and each rank's slice of a gathered logits row then starts
+# 32-byte aligned; the Triton kernels mask their tiles, so more (vLLM's 64) buys nothing
+# here and costs up to N x 63 dead rows.
+VOCAB_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,14 @@ PARTIAL = "partial"          # each rank holds a summand; all_reduce gives the v
 
 
 def _ranges(full: int, n: int) -> list[list[int]]:
-    k = full // n
+    """Each rank's [start, stop) of a dim of `full` entries: equal shares. Where n does not
+    divide `full` (only the vocabulary gets here: every other split is checked first) the
+    shares are padded to a multiple of VOCAB_ALIGN, the last ones running past `full`."""
+    if full % n == 0:
+        k = full // n
+    else:
+        k = -(-full // n)
+        k = -(-k // VOCAB_ALIGN) * VOCAB_ALIGN
     return [[r * k, (r + 1) * k] for r in range(n)]
 
 
@@ -90,7 +111,7 @@ class _Sharder:
         self.reduced: dict[Value, Value] = {}    # a partial value -> its all_reduce
         self.collectives = 0
         self.cache_heads: dict[str, int] = {}    # cache input -> local kv heads
-        self.vocab_ranges: list | None = None      # the embedding's slices of the vocabulary
+        self.vocab_starts: dict[str, Value] = {}  # str(vocab ranges) -> its start param
 
     # -- weights ------------------------------------------------------------------------
     def split_param(self, p: Value, dim: int, ranges: list[list[int]], what: str,
@@ -98,6 +119,8 @@ class _Sharder:
         full = p.type.shape[dim]
         local = ranges[0][1] - ranges[0][0]
         spec = {"dim": dim, "ranges": ranges}
+        if ranges[-1][1] > full:
+            spec["size"] = full            # rows past it are zero padding
         if experts:
             spec["experts"] = True
         old = self.shards.get(p.name)
@@ -109,6 +132,14 @@ class _Sharder:
         s = Split(dim, local, full, even, experts)
         self.state[p] = s
         return s
+
+    def split_vocab(self, p: Value) -> Split:
+        """The rows of an embedding table or LM head, padded where N does not divide them."""
+        full = p.type.shape[0]
+        if not isinstance(full, int):
+            raise BrazeError(f"vocab_size ({full}, dim 0 of @{p.name}) is not a fixed size; "
+                             f"tensor parallelism cannot split it")
+        return self.split_param(p, 0, _ranges(full, self.n), "vocab_size")
 
     def split_even(self, p: Value, dim: int, what: str, experts: bool = False) -> Split:
         full = p.type.shape[dim]
@@ -291,16 +322,16 @@ class _Sharder:
         g = self.g
         for node in g.nodes:
             if node.op == "embedding" and node.operands[1].kind == "param":
-                self.split_even(node.operands[1], 0, "vocab_size")
+                self.split_vocab(node.operands[1])
         out = g.outputs.get("logits")
         node = out.producer if out is not None else None
         while node is not None and node.op != "linear" and node.opdef.pointwise:
             data = [v for v in node.operands if v.kind != "param" and v.type.rank == out.type.rank]
             node = data[0].producer if len(data) == 1 else None
         if node is not None and node.op == "linear" and node.operands[1].kind == "param":
-            self.split_even(node.operands[1], 0, "vocab_size")
+            self.split_vocab(node.operands[1])
             if len(node.operands) == 3:
-                self.split_even(node.operands[2], 0, "vocab_size")
+                self.split_vocab(node.operands[2])
 
     # -- propagating ----------------------------------------------------------------------
     def reduce(self, v: Value) -> Value:
@@ -320,13 +351,18 @@ class _Sharder:
         states = [self.state.get(v) for v in node.operands]
         if node.op == "embedding" and node.operands[1].name in self.shards:
             ids, w = node.operands
-            start = g.params.get(VOCAB_START) or g.add_param(VOCAB_START, TensorType((1,), "i64"))
+            ranges = self.shards[w.name]["ranges"]
+            start = self.vocab_starts.get(str(ranges))
+            if start is None:       # one per vocabulary size (Gemma 4's PLE table has its own)
+                name = VOCAB_START if not self.vocab_starts else g.unique_param_name(VOCAB_START)
+                start = g.add_param(name, TensorType((1,), "i64"))
+                self.shards[name] = {"values": [[r[0]] for r in ranges]}
+                self.vocab_starts[str(ranges)] = start
             with g.inserting_before(node):
                 new = g.op("embedding_shard", ids, w, start)
             g.replace_all_uses(node.results[0], new)
             g.erase_node(node)
             self.state[new] = PARTIAL
-            self.vocab_ranges = self.shards[w.name]["ranges"]
             return
         if all(s is None for s in states):
             return
@@ -367,8 +403,10 @@ class _Sharder:
                 if s.axis != v.type.rank - 1 or not s.even:
                     raise BrazeError(f"output {name} is split across ranks along dim {s.axis}; "
                                      f"only a last-dim split can be gathered")
+                # a padded vocabulary: the gather keeps the real entries only
+                size = {"size": s.full} if s.local * self.n != s.full else {}
                 with g.inserting_before(None):
-                    g.outputs[name] = g.op("all_gather", v, group_size=self.n)
+                    g.outputs[name] = g.op("all_gather", v, group_size=self.n, **size)
                 self.collectives += 1
         # sizes: params and caches now, then every result again in schedule order
         for name, spec in self.shards.items():
@@ -580,8 +618,6 @@ def shard(g: Graph, ctx: PassContext) -> int:
         if g.contains(node):
             sh.visit(node)
     sh.finish()
-    if sh.vocab_ranges is not None:
-        sh.shards[VOCAB_START] = {"values": [[r[0]] for r in sh.vocab_ranges]}
     g.meta["tensor_parallel_size"] = n
     if ep:
         g.meta["expert_parallel"] = True
@@ -592,7 +628,8 @@ def shard(g: Graph, ctx: PassContext) -> int:
 def rank_loader(load, shards: dict, rank: int, load_part=None):
     """`load(name)` of the whole weight -> the same for rank `rank`'s shard of it.
     `load_part(name, dim, start, stop)`, where given, reads only the shard (a rank's
-    experts of per-expert checkpoint tensors), rather than the whole weight."""
+    experts of per-expert checkpoint tensors), rather than the whole weight. A padded
+    shard (spec `size`: a vocabulary N does not divide) is its real rows then zeros."""
     import torch
 
     def get(name: str):
@@ -602,9 +639,19 @@ def rank_loader(load, shards: dict, rank: int, load_part=None):
         if "values" in spec:
             return torch.tensor(spec["values"][rank], dtype=torch.int64)
         a, b = spec["ranges"][rank]
-        if load_part is not None:
-            return load_part(name, spec["dim"], a, b)
-        return load(name).narrow(spec["dim"], a, b - a).contiguous()
+        dim = spec["dim"]
+        stop = min(b, spec.get("size", b))
+        if load_part is not None and stop > a:
+            part = load_part(name, dim, a, stop)
+        else:
+            part = load(name).narrow(dim, min(a, stop), max(stop - a, 0))
+        if stop >= b:
+            return part.contiguous()
+        shape = list(part.shape)
+        shape[dim] = b - a
+        out = part.new_zeros(shape)          # the shard's size only, padding rows zero
+        out.narrow(dim, 0, part.shape[dim]).copy_(part)
+        return out
     return get
 
 

@@ -60,3 +60,42 @@ def test_uneven_intermediate_is_refused_naming_it():
     with pytest.raises(BrazeError, match=r"intermediate_size \(15, dim 0 of @(gate|up)\) is not "
                                          r"divisible by --tensor-parallel-size 2"):
         _shard(MLP.format(i=15), 2)
+
+
+# tied: one table is the embedding and the LM head; a soft-cap after the head
+VOCAB = """
+graph @g(%ids: i64[T]) {{
+  param @emb: f32[{v}, 8]
+  %0: f32[T, 8] = embedding(%ids, @emb)
+  %1: f32[T, 8] = silu(%0)
+  %2: f32[T, {v}] = linear(%1, @emb)
+  %3: f32[T, {v}] = tanh(%2)
+  return logits=%3
+}}
+"""
+
+
+@pytest.mark.parametrize("v,n,local", [(301, 2, 160), (301, 4, 80), (17, 4, 16)])
+def test_a_vocab_the_ranks_do_not_divide_is_padded_and_gathered_back_to_its_size(v, n, local):
+    import torch
+
+    from braze.ir.types import T
+    from braze.passes.shard import rank_loader
+    g, shards = _shard(VOCAB.format(v=v), n)
+    verify(g)
+    ranges = [[r * local, (r + 1) * local] for r in range(n)]
+    assert shards["emb"] == {"dim": 0, "ranges": ranges, "size": v}
+    assert shards["tp.vocab_start"] == {"values": [[a] for a, _ in ranges]}
+    assert g.params["emb"].type.shape == (local, 8)
+    out = g.outputs["logits"]
+    assert out.type.shape == (T, v)          # the true vocabulary, not n * local
+    assert out.producer.op == "all_gather" and out.producer.attrs == {"group_size": n, "size": v}
+    assert out.producer.operands[0].producer.op == "tanh"
+    # each rank's shard: its real rows, then zeros (17 rows at 4 ranks: ranks 2 and 3 hold
+    # only padding); read whole and narrowed, or by the part-reader
+    whole = torch.randn(v, 8)
+    parts = lambda name, dim, a, b: whole.narrow(dim, a, b - a)   # noqa: E731
+    for part in (None, parts):
+        got = [rank_loader(lambda name: whole, shards, r, part)("emb") for r in range(n)]
+        assert all(t.shape == (local, 8) for t in got)
+        assert torch.equal(torch.cat(got)[:v], whole) and not torch.cat(got)[v:].any()

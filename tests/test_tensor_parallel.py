@@ -163,6 +163,96 @@ def test_a_tensor_parallel_artifact_refuses_a_group_of_another_size(store, monke
         LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference")
 
 
+# a vocabulary two ranks do not divide (a fine-tune's added pad token): Llama, and Qwen3,
+# whose LM head is its embedding table (tied)
+ODD_VOCAB = {"llama-vocab301": ("llama", {"vocab_size": 301}),
+             "qwen3-tied-vocab301": ("qwen3", {"vocab_size": 301})}
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    from conftest import _Store
+    return _Store(tmp_path_factory, cases=ODD_VOCAB)
+
+
+@pytest.mark.parametrize("case", list(ODD_VOCAB))
+def test_a_vocab_the_ranks_do_not_divide_is_padded_per_rank(odd, case):
+    """Each rank holds 160 rows of the 301 (a multiple of 16: passes/shard.py says why),
+    rank 1's last 19 zero; the gathered logits are cut back to the 301 in the graph."""
+    from braze.inspect import format_summary, summarize
+    from braze.ir.types import R
+    from braze.runtime import open_artifact
+    from safetensors import safe_open
+    art = open_artifact(odd.artifact(case, opt_level=2, tensor_parallel_size=2))
+    logits = art.graph.outputs["logits"]
+    assert logits.type.shape == (R, 301)
+    gather = logits.producer
+    assert gather.op == "all_gather" and gather.attrs["size"] == 301
+    assert gather.operands[0].type.shape == (R, 160)
+    full = open_artifact(odd.artifact(case, opt_level=2)).load_weights()
+    tables = ["model.embed_tokens.weight"] + ([] if "tied" in case else ["lm_head.weight"])
+    assert ("lm_head.weight" in full) == ("tied" not in case)
+    shards = art.manifest["parallel"]["shards"]
+    for name in tables:
+        assert shards[name] == {"dim": 0, "ranges": [[0, 160], [160, 320]], "size": 301}
+        parts = []
+        for r in range(2):
+            (f,) = art.manifest["weights"]["ranks"][r]["files"]
+            with safe_open(str(art.root / f), "pt") as sf:
+                parts.append(sf.get_tensor(name))
+        assert [p.shape[0] for p in parts] == [160, 160]
+        assert torch.equal(torch.cat(parts)[:301], full[name])
+        assert not parts[1][141:].any()                     # the padding rows
+    assert "dim 0: r0[0:160], r1[160:320] (zero rows past 301)" in format_summary(
+        summarize(art.root))
+
+
+@pytest.mark.parametrize("case", list(ODD_VOCAB))
+def test_a_padded_vocab_gives_the_logits_of_one_rank_and_transformers(odd, case):
+    from braze.runtime import Executor, open_artifact
+
+    from conftest import assert_steps_match_transformers
+    one = open_artifact(odd.artifact(case, opt_level=2))
+    assert_steps_match_transformers(odd, case, Executor(one, backend="reference", num_blocks=8))
+    want = _logits(Executor(one, backend="reference", num_blocks=8))
+    got = _run_ranks(odd.artifact(case, opt_level=2, tensor_parallel_size=2), 2)
+    for w, g in zip(want, got):
+        assert g.shape[-1] == w.shape[-1] == 301
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+def test_a_padded_vocab_samples_and_reports_logprobs_as_one_rank(odd):
+    """Greedy tokens, logprobs and prompt logprobs over the 301 real entries (padding rows
+    in the softmax would lower every logprob), and a logit_bias forcing the last real id."""
+    from braze.runtime import LLM, SamplingParams
+    prompts = [PROMPT[:7], PROMPT[5:19]]
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3,
+                             prompt_logprobs=2),
+              SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1,
+                             logit_bias={300: 100.0})]
+    opts = dict(backend="reference", max_num_tokens=16, num_kv_blocks=16, buckets=[4, 8, 16])
+
+    def run(llm):
+        outs = llm.generate(prompts, params)
+        return [(o.token_ids, [(t.token_id, t.logprob, t.rank, t.top) for t in o.logprobs],
+                 [None if t is None else (t.token_id, t.logprob, t.top)
+                  for t in (o.prompt_logprobs or [])]) for o in outs]
+    want = run(LLM(odd.artifact("llama-vocab301", opt_level=2), **opts))
+    with LLM(odd.artifact("llama-vocab301", opt_level=2, tensor_parallel_size=2), **opts) as llm:
+        got = run(llm)
+    assert want[1][0] == [300] * 3
+    assert len(want[0][2]) == len(PROMPT[:7])
+    for (wt, wl, wp), (gt, gl, gp) in zip(want, got):
+        assert gt == wt
+        assert len(gl) == len(wl) and len(gp) == len(wp)
+        for a, b in zip(wl + [p for p in wp if p], gl + [p for p in gp if p]):
+            assert a[0] == b[0] and [i for i, _ in a[-1]] == [i for i, _ in b[-1]]
+            torch.testing.assert_close(torch.tensor([a[1]] + [v for _, v in a[-1]]),
+                                       torch.tensor([b[1]] + [v for _, v in b[-1]]),
+                                       atol=1e-4, rtol=1e-4)
+
+
 def test_uneven_split_is_refused_naming_the_dimension(tmp_path):
     import braze
     from braze.tiny import make_checkpoint
