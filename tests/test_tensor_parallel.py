@@ -224,24 +224,32 @@ def test_a_padded_vocab_gives_the_logits_of_one_rank_and_transformers(odd, case)
 
 def test_a_padded_vocab_samples_and_reports_logprobs_as_one_rank(odd):
     """Greedy tokens, logprobs and prompt logprobs over the 301 real entries (padding rows
-    in the softmax would lower every logprob), and a logit_bias forcing the last real id."""
+    in the softmax would lower every logprob), a logit_bias forcing the last real id; at
+    two ranks the request without logprobs (speculation skips those) verifies ngram drafts
+    (k + 1 rows a sequence), at one it decodes plainly."""
     from braze.runtime import LLM, SamplingParams
-    prompts = [PROMPT[:7], PROMPT[5:19]]
-    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3,
-                             prompt_logprobs=2),
-              SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1,
-                             logit_bias={300: 100.0})]
-    opts = dict(backend="reference", max_num_tokens=16, num_kv_blocks=16, buckets=[4, 8, 16])
+
+    from test_speculative import NGRAM, repetitive
+    prompts = [PROMPT[:7], repetitive(1, 5, 5), PROMPT[5:19]]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=5, logprobs=3, prompt_logprobs=2, **greedy),
+              SamplingParams(max_tokens=10, **greedy),
+              SamplingParams(max_tokens=3, logprobs=1, logit_bias={300: 100.0}, **greedy)]
+    limits = dict(opt_level=2, max_num_seqs=4, max_num_tokens=64, max_logits_rows=16)
+    opts = dict(backend="reference", max_num_tokens=16, num_kv_blocks=32, buckets=[4, 8, 16])
 
     def run(llm):
         outs = llm.generate(prompts, params)
-        return [(o.token_ids, [(t.token_id, t.logprob, t.rank, t.top) for t in o.logprobs],
+        return [(o.token_ids,
+                 [(t.token_id, t.logprob, t.rank, t.top) for t in o.logprobs or []],
                  [None if t is None else (t.token_id, t.logprob, t.top)
                   for t in (o.prompt_logprobs or [])]) for o in outs]
-    want = run(LLM(odd.artifact("llama-vocab301", opt_level=2), **opts))
-    with LLM(odd.artifact("llama-vocab301", opt_level=2, tensor_parallel_size=2), **opts) as llm:
+    want = run(LLM(odd.artifact("llama-vocab301", **limits), **opts))
+    with LLM(odd.artifact("llama-vocab301", tensor_parallel_size=2, **limits),
+             speculative=NGRAM, **opts) as llm:
         got = run(llm)
-    assert want[1][0] == [300] * 3
+        assert llm.stats()["spec_decode_num_draft_tokens"] > 0
+    assert want[2][0] == [300] * 3
     assert len(want[0][2]) == len(PROMPT[:7])
     for (wt, wl, wp), (gt, gl, gp) in zip(want, got):
         assert gt == wt
