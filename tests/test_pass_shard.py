@@ -99,3 +99,24 @@ def test_a_vocab_the_ranks_do_not_divide_is_padded_and_gathered_back_to_its_size
         got = [rank_loader(lambda name: whole, shards, r, part)("emb") for r in range(n)]
         assert all(t.shape == (local, 8) for t in got)
         assert torch.equal(torch.cat(got)[:v], whole) and not torch.cat(got)[v:].any()
+
+
+# two tables of different vocabularies (Gemma 3n: 262400 tokens, its per-layer table 262144)
+TWO_TABLES = """
+graph @g(%ids: i64[T]) {
+  param @emb: f32[301, 8]
+  param @ple: f32[256, 8]
+  %0: f32[T, 8] = embedding(%ids, @emb)
+  %1: f32[T, 8] = embedding(%ids, @ple)
+  %2: f32[T, 8] = add(%0, %1)
+  %3: f32[T, 301] = linear(%2, @emb)
+  return logits=%3
+}
+"""
+
+
+def test_each_vocabulary_gets_its_own_start():
+    g, shards = _shard(TWO_TABLES, 2)
+    starts = {n.operands[1].name: n.operands[2].name for n in g.nodes if n.op == "embedding_shard"}
+    assert shards[starts["emb"]] == {"values": [[0], [160]]}
+    assert shards[starts["ple"]] == {"values": [[0], [128]]}
