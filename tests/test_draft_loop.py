@@ -27,10 +27,10 @@ from conftest import prompts_of, run_all
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
-def draft_artifact(store):
+def draft_artifact(store, case: str = "llama"):
     """-O2, with logits rows to spare for serving as a speculating target too; a short
     max_model_len keeps the split-KV attention's grid small under the interpreter."""
-    return store.artifact("llama", opt_level=2, max_num_seqs=8, max_num_tokens=32,
+    return store.artifact(case, opt_level=2, max_num_seqs=8, max_num_tokens=32,
                           max_logits_rows=32, max_model_len=64)
 
 
@@ -81,14 +81,18 @@ class Counts:
         monkeypatch.setattr(runner, "replay_decode", count_replay)
 
 
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
-def test_device_loop_gives_the_drafts_greedy_tokens(store, monkeypatch, backend):
+@pytest.mark.parametrize("backend,case", [("interpret", "llama"), ("reference", "llama"),
+                                          ("reference", "gemma3-sandwich-softcap")])
+def test_device_loop_gives_the_drafts_greedy_tokens(store, monkeypatch, backend, case):
     """Two proposals. Budgets differ per row (a row with budget 1 takes no decode step);
     one context crosses a KV block during the steps; the second proposal follows rejected
-    and accepted guesses, so the shadows keep part of their KV."""
-    art = draft_artifact(store)
-    p = proposer(art, backend, buckets=[4, 8, 32])
+    and accepted guesses, so the shadows keep part of their KV. Gemma 3's sliding-window
+    layers form a second KV cache group, whose slot mapping the loop advances too."""
+    art = draft_artifact(store, case)
+    p = proposer(art, backend)
     assert p.runner.executor.backend == backend
+    if case != "llama":
+        assert p.runner.batch.num_groups == 2
     contexts = prompts_of([3, 6, 4, 14], seed=11)
     budgets = [3, 1, 2, 4]
     want = greedy(art, contexts, 4)
@@ -167,7 +171,7 @@ def test_speculating_engine_with_an_interpreted_draft_accepts_every_guess(store)
     plain = run_all(Engine(art, backend="reference", num_kv_blocks=32), prompts, params)
     spec = {"method": "draft", "model": str(art), "num_speculative_tokens": 3}
     eng = Engine(art, backend="reference", num_kv_blocks=32, speculative=spec)
-    eng.spec.proposer = draft = proposer(art, "interpret", buckets=[4, 8, 32])
+    eng.spec.proposer = draft = proposer(art, "interpret")
     got = run_all(eng, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
     s = eng.stats()
@@ -211,9 +215,9 @@ def test_cuda_device_loop_gives_the_drafts_greedy_tokens(store, monkeypatch):
     import braze.runtime.draft_proposer as dp
     art = store.artifact("llama", opt_level=2, max_num_seqs=8, max_num_tokens=32,
                          dtype="float32", targets="sm_80,sm_90")
-    p = proposer(art, "cuda", buckets=[4, 32], cudagraph_mode="full")
+    p = proposer(art, "cuda", cudagraph_mode="full")
     assert p.runner.graphs.stats["cuda_graphs_captured"] > 0
-    contexts = prompts_of([6, 14, 9, 15], seed=11)
+    contexts = prompts_of([3, 6, 4, 14], seed=11)
     budgets = [3, 1, 2, 4]
     eng = Engine(art, backend="cuda", num_kv_blocks=64, async_scheduling=False)
     want = [o.token_ids for o in run_all(eng, contexts, SamplingParams(max_tokens=4,
@@ -234,4 +238,4 @@ def test_cuda_device_loop_gives_the_drafts_greedy_tokens(store, monkeypatch):
     got = p.propose(reqs, budgets)
     assert got == [w[:b] for w, b in zip(want, budgets)]
     assert p.runner.graphs.last_variant == "full" and p.num_host_reads == 1
-    assert len(replays) == 1 + 3      # the catch-up, then 3 decode steps (budget 4)
+    assert len(replays) == 1 + 3      # the catch-up (27 tokens), then 3 decode steps (budget 4)
