@@ -182,9 +182,10 @@ def test_speculating_engine_with_an_interpreted_draft_accepts_every_guess(store)
 
 
 def test_preempted_targets_keep_their_shadows_right(store):
-    """A target with 7 KV blocks preempts requests (sometimes between a proposal and its
-    verification, so a shadow is asked again for the tokens it already guessed after):
-    the output is still the plain engine's and no block of either cache leaks."""
+    """A target with 7 KV blocks preempts requests while their shadows keep the draft's
+    KV: the output is still the plain engine's and no block of either cache leaks. (A
+    shadow asked again for the same tokens is test_a_full_draft_cache_gives_fewer_guesses's
+    second proposal.)"""
     target = store.artifact("qwen3-headdim24-tied", opt_level=2, max_num_seqs=8,
                             max_logits_rows=32, max_num_tokens=32, max_model_len=64)
     prompts = prompts_of([9, 17, 6, 30, 12], seed=3)
