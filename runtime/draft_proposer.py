@@ -6,9 +6,14 @@ speculates has a shadow sequence in the draft: the draft's KV holds its tokens u
 prefix where the shadow's tokens (the target's as of last time, then the draft's own
 guesses) still agree with the target's keeps its KV, the rest is recomputed (one
 catch-up chunk, within the draft's token budget; the first time that is the prompt).
-Then the draft decodes greedily, one token per step for all shadows at once, k times:
-a deterministic (point-mass) proposal, which the target's verification accepts
-exactly (runtime/speculative.py).
+Then the draft decodes greedily, one token per step for all shadows at once: a
+deterministic (point-mass) proposal, which the target's verification accepts exactly
+(runtime/speculative.py). Those steps are chained on the device (runtime/decode_loop.py:
+the KV slots of every guess reserved first, the static buffers advanced between replays
+of the bucket's plan or CUDA graph), and every shadow's guesses, the catch-up's first
+among them, come back to the host in one read at the end. A shadow whose budget is
+smaller rides along without writing KV; one whose guess falls outside the target's
+vocabulary has its guesses cut there on the host.
 
 Both artifacts must share a tokenizer: their tokenizer.json vocabularies are compared
 when the engine starts.
@@ -18,9 +23,12 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from braze.ir.errors import BrazeError
 
 from .block_manager import BlockManager
+from .decode_loop import greedy_steps
 from .loader import open_artifact
 from .model_runner import ModelRunner
 from .options import EngineOptions
@@ -86,6 +94,7 @@ class DraftProposer:
         self.vocab = engine.vocab_size
         self.shadows: dict[str, _Shadow] = {}
         self._params = SamplingParams(temperature=0.0, max_tokens=1 << 30)
+        self.num_host_reads = 0
 
     # ------------------------------------------------------------------ shadows
 
@@ -120,7 +129,10 @@ class DraftProposer:
             if a != b:
                 break
             same += 1
-        sh.computed = min(sh.computed, same)
+        # the last token is computed again even where its KV is held: its logits draw the
+        # first guess (a target preempted between a proposal and its verification comes
+        # back with the tokens it had)
+        sh.computed = min(sh.computed, same, len(target) - 1)
         if sh.tokens[same:] != target[same:] or len(sh.tokens) != len(target):
             batch = self.runner.batch
             if target[same:]:
@@ -145,11 +157,9 @@ class DraftProposer:
                 continue
             self._sync(sh, r.all_token_ids)
             live.append((sh, r, b))
-        if not live:
-            return [out[id(r)] for r in reqs]
         # catch up: every shadow computes its tokens past `computed`; the chunk that reaches
-        # the last one draws the first guess
-        pending, dropped = list(live), set()
+        # the last one draws the first guess (into the draft's token row, on the device)
+        pending, dropped, caught = list(live), set(), []
         while pending:
             budget, chunks, owners = self.runner.max_num_tokens, [], []
             for sh, r, b in pending:
@@ -165,34 +175,50 @@ class DraftProposer:
                 budget -= n
             if not chunks:
                 break
-            tokens = self.runner.execute(chunks, self.bm, decode_only=False).tokens()
-            for c, tok, (sh, r, b) in zip(chunks, tokens, owners):
+            self.runner.execute(chunks, self.bm, decode_only=False)   # tokens stay on the device
+            for c, (sh, r, b) in zip(chunks, owners):
                 sh.computed = c.start + c.num_new
                 if c.samples:
-                    self._take(sh, r, tok, out)
+                    caught.append((sh, r, b))
                     dropped.add(id(sh))            # caught up
             pending = [x for x in pending if id(x[0]) not in dropped]
-        # then greedy decode, one guess per step for every shadow that wants more
-        while True:
-            chunks, owners = [], []
-            for sh, r, b in live:
-                if len(out[id(r)]) >= b or len(out[id(r)]) == 0 or out[id(r)][-1] is None:
-                    continue
-                if not self.bm.reserve(sh.req.request_id, len(sh.tokens)):
-                    continue
-                chunks.append(ScheduledChunk(sh.req, 1, len(sh.tokens) - 1, True))
-                owners.append((sh, r))
-            if not chunks:
-                break
-            tokens = self.runner.execute(chunks, self.bm, decode_only=True).tokens()
-            for c, tok, (sh, r) in zip(chunks, tokens, owners):
-                sh.computed = len(sh.tokens)
-                self._take(sh, r, tok, out)
-        return [[t for t in out[id(r)] if t is not None] for r in reqs]
+        if caught:
+            self._guess(caught, out)
+        return [out[id(r)] for r in reqs]
 
-    def _take(self, sh: _Shadow, r, tok: int, out: dict) -> None:
-        if self.vocab and tok >= self.vocab:   # an id only the draft's padded vocabulary has
-            out[id(r)].append(None)            # ends the guesses
-            return
-        out[id(r)].append(tok)
-        sh.tokens.append(tok)
+    def _guess(self, caught: list, out: dict) -> None:
+        """The rest of each caught-up shadow's guesses: greedy decode steps chained on the
+        device (runtime/decode_loop.py), then every guess read back to the host at once.
+        A guess outside the target's vocabulary (an id only the draft's padded vocabulary
+        has) ends its shadow's guesses."""
+        chunks, steps, counts = [], [], []
+        for sh, r, b in caught:
+            L = len(sh.tokens)         # the first guess sits at position L of the draft's row
+            n = b - 1                  # decode steps: positions L .. L + n - 1 get their KV
+            while n and not self.bm.reserve(sh.req.request_id, L + n):
+                n -= 1                 # the draft's cache is full: fewer guesses
+            if n:
+                chunks.append(ScheduledChunk(sh.req, 1, L, True))
+                steps.append(n)
+            counts.append(1 + n)
+        if chunks:
+            greedy_steps(self.runner, chunks, self.bm, steps)
+        batch = self.runner.batch
+        width = max(counts)
+        where = torch.tensor([[sh.req.row for sh, _, _ in caught],
+                              [len(sh.tokens) for sh, _, _ in caught]]).to(batch.device)
+        cols = where[1][:, None] + torch.arange(width, device=batch.device)[None, :]
+        guesses = self._read(batch.token_ids[where[0][:, None], cols.clamp(max=batch.max_len)])
+        for (sh, r, _), n, row in zip(caught, counts, guesses):
+            L, kept = len(sh.tokens), out[id(r)]
+            for tok in row[:n]:
+                if self.vocab and tok >= self.vocab:
+                    break
+                kept.append(tok)
+            sh.tokens.extend(kept)
+            sh.computed = L + min(n - 1, len(kept))    # the KV of the guesses kept, but the last
+
+    def _read(self, t) -> list:
+        """The one device->host read of a proposal (counted: tests check there is one)."""
+        self.num_host_reads += 1
+        return t.tolist()

@@ -171,6 +171,12 @@ class PersistentBatch:
                 if rows:
                     self._put(table, rows, cols, vals)
 
+    def send_tables(self, chunks: list[ScheduledChunk], block_manager) -> None:
+        """Send what the device lacks for these chunks now (new rows' tokens and settings,
+        the block-table entries they reach): for several steps prepared once on the device
+        (runtime/decode_loop.py), the chunks as far as the last step goes."""
+        self._send_deltas(chunks, block_manager)
+
     def _group_inputs(self, block_manager, r, pos, rows, T: int, S: int) -> None:
         """Each KV cache group's slot mapping and block tables (group g >= 1)."""
         hybrid = getattr(block_manager, "num_groups", 1) > 1

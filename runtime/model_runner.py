@@ -163,11 +163,19 @@ class ModelRunner:
         if drafted:       # one logits row per scored position: the chunks as the rows see them
             S = meta["num_rows"]
             chunks = [c for c in chunks for _ in range(1 + c.num_draft)]
+        return LaunchedStep(self._logits_rows(logits, S), chunks, meta, prompt_lp)
+
+    def _logits_rows(self, logits: torch.Tensor, n: int) -> torch.Tensor:
+        """The step's first n logits rows (the LM head's rows when it is pruned to them)."""
         if self.executor.logits_pruned:
-            logits = logits[:S]
-        else:
-            logits = logits.index_select(0, self.static["logits_indices"][:S])
-        return LaunchedStep(logits, chunks, meta, prompt_lp)
+            return logits[:n]
+        return logits.index_select(0, self.static["logits_indices"][:n])
+
+    def replay_decode(self, num_seqs: int) -> torch.Tensor:
+        """Run the decode step (one token for each of num_seqs sequences) that is already in
+        the static buffers again, as runtime/decode_loop.py moved them on the device:
+        its logits rows. Nothing is written into the batch or read on the host."""
+        return self._logits_rows(self.graphs.run(num_seqs, num_seqs, True), num_seqs)
 
     def sample(self, step: "LaunchedStep") -> "StepResult":
         """The second half of `execute`: mask the rows that follow a grammar (their

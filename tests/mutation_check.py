@@ -143,6 +143,13 @@ MUTATIONS = [
              "repeat_interleave(br, dim=-2)",
              "repeat_interleave(bc, dim=-2)",
              ["tests/test_fp8.py"], k="dequantize_blocks"),
+    Mutation("draft-loop-finished-row-writes-kv",
+             "a draft sequence whose guesses are done keeps writing KV in the device loop "
+             "(slot not -1): the KV of its last guess is overwritten, later guesses go wrong",
+             "runtime/decode_loop.py",
+             'torch.where(live, slot, -1)',
+             'slot',
+             ["tests/test_draft_loop.py"], k="reference"),
     Mutation("grammar-row-released-before-sampling",
              "a grammar request that finishes while the next step waits to sample gives up "
              "its batch row first: that sampling reads a released row's settings",
