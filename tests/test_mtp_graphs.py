@@ -223,7 +223,7 @@ def test_cuda_captures_the_mtp_graphs_and_agrees_with_eager(tmp_path):
     diffs, sizes = [], []
     eng.spec.proposer.run_graph = _versus_unbucketed(graphs, diffs, sizes)
     got = run_all(eng, prompts, GREEDY)
-    assert diffs and max(diffs) < 2e-2, max(diffs)
+    assert diffs and max(diffs) < 3e-2, max(diffs)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
     assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
     mtp = graphs.plan.runner.cubins.counts()
