@@ -210,7 +210,8 @@ class Suite:
                "tests/test_gpu.py", "tests/test_gpu_graphs.py", "tests/test_deepseek_v3.py",
                "tests/test_gpu_lora.py", "tests/test_kernel_moe.py",
                "tests/test_prompt_logprobs_pruned.py", "tests/test_mtp.py",
-               "tests/test_gemma4_assistant.py", "tests/test_draft_loop.py"]
+               "tests/test_gemma4_assistant.py", "tests/test_draft_loop.py",
+               "tests/test_mtp_graphs.py"]
         if importlib.util.find_spec("pytest_timeout"):
             cmd += ["--timeout", "150"]
 

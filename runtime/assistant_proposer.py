@@ -19,8 +19,9 @@ those same rows (the last prompt position, then the last accepted).
 
 The guesses are greedy (a point-mass proposal), so the verification keeps greedy output
 identical and sampled output distributed as the target's. The assistant runs its own
-launch plan's Triton kernels with backend `interpret` or `cuda` (mtp_proposer.mtp_runner),
-else the reference interpreter; it is not captured into CUDA graphs yet.
+launch plan's Triton kernels with backend `interpret` or `cuda`, bound per bucket to static
+buffers and captured into CUDA graphs on `cuda` (mtp_proposer.mtp_runner,
+runtime/mtp_graphs.py), else the reference interpreter.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ class AssistantProposer:
             raise BrazeError(f"artifact {engine.artifact.root}: the target graph has no "
                              f"hidden_states output for its assistant; recompile with "
                              f"--mtp-assistant", param="speculative")
-        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
         self.engine = engine
         self.runner = runner
         self.device = ex.device
         self.k = config.num_speculative_tokens
         self.vocab = engine.vocab_size
         self.cache = ex.cache               # the target's: read, never written
+        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params, self.cache,
+                                                  self.hidden_input)
         self.cache_names = [n for n in ex.cache.tensors
                             if n in {v.name for v in self.graph.inputs}]
         self.groups = sorted(g for _, g in filter(None, (group_of_step_input(v.name)

@@ -494,7 +494,7 @@ class Engine(EngineLoRA):
             "cuda_graphs_captured": g.get("cuda_graphs_captured", 0),
             "capture_seconds": g.get("capture_seconds", 0.0),
             "capture_bytes": g.get("capture_bytes", 0),
-            **self.runner.executor.kernel_stats(),
+            **self.runner.executor.kernel_stats(self.spec.plans() if self.spec else ()),
             "num_running": self.num_running(),
             "num_waiting": self.num_waiting(),
             "backend": self.backend,

@@ -69,13 +69,18 @@ class Executor:
         # [S, vocab] in artifacts compiled before the contract had R)
         self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) in ("R", "S")
 
-    def kernel_stats(self) -> dict:
+    def kernel_stats(self, others=()) -> dict:
         """How this executor's kernels run: `kernels_cubin`, `kernels_cubin_less_specialised`
         and `kernels_jit` count the kernel specialisations launched so far by where their
         code came from (cuda backend; all 0 elsewhere), and `cubins_unusable` says why the
-        artifact's cubins cannot run here (None when they can, or off cuda)."""
+        artifact's cubins cannot run here (None when they can, or off cuda). `others`: more
+        launch plans of the same artifact whose kernels count too (the MTP graph's)."""
         cubins = self.plan.runner.cubins if self.plan is not None else None
-        counts = cubins.counts() if cubins is not None else {}
+        counts: dict[str, int] = {}
+        for plan in (self.plan, *others):
+            c = plan.runner.cubins if plan is not None else None
+            for how, n in (c.counts() if c is not None else {}).items():
+                counts[how] = counts.get(how, 0) + n
         return {"kernels_cubin": counts.get("cubin", 0),
                 "kernels_cubin_less_specialised": counts.get("cubin_less_specialised", 0),
                 "kernels_jit": counts.get("jit", 0),

@@ -40,6 +40,11 @@ positions 0, slot_mapping -1 up to T_pad; query_start_loc[S+1 : S_pad+1] = T,
 seq_lens 0 for the padded sequences, logits_indices 0 for the padded logits rows up to
 R_pad = min(T_pad, max logits rows)): `write_step` does
 that from an unpadded batch-contract dict (ir/contract.py build_step).
+
+Extra per-token inputs (`token_inputs`): a graph that reads more than the batch contract
+one row per token (the MTP graph's `hidden_states`, runtime/mtp_graphs.py) names them;
+each is a static buffer of max_num_tokens rows, bound as `[:T_pad]`, written by
+`write_step` from the step dict and padded with zeros.
 """
 
 from __future__ import annotations
@@ -163,12 +168,13 @@ class _Bucket:
 class GraphRunner:
     def __init__(self, executor, static: dict[str, torch.Tensor], buckets: list[int] | None,
                  max_num_seqs: int, mode: str | None = None, debug: bool = False,
-                 wide_rows: int | None = None):
+                 wide_rows: int | None = None, token_inputs: tuple[str, ...] = ()):
         self.executor = executor
         self.static = static
         self.debug = bool(debug)
+        self.token_inputs = tuple(token_inputs)
         add_group_buffers(static, getattr(executor, "group_inputs", ()))
-        missing = [n for n in STEP_INPUTS if n not in static]
+        missing = [n for n in STEP_INPUTS + self.token_inputs if n not in static]
         if missing:
             raise BrazeError(f"static input buffers lack {', '.join(missing)}")
         self.max_num_tokens = int(static["input_ids"].shape[0])
@@ -224,6 +230,7 @@ class GraphRunner:
         st, T, S = self.static, self.max_num_tokens, self.max_num_seqs
         want = {"input_ids": T, "positions": T, "slot_mapping": T, "query_start_loc": S + 1,
                 "seq_lens": S, "block_tables": S, "logits_indices": min(S, T)}
+        want.update((name, T) for name in self.token_inputs)
         for name, n in want.items():
             if st[name].shape[0] < n:
                 raise BrazeError(f"static buffer {name} has {st[name].shape[0]} rows, needs {n} "
@@ -265,7 +272,7 @@ class GraphRunner:
 
     def _views(self, T: int, S: int, wide: bool = False) -> dict[str, torch.Tensor]:
         st = self.static
-        v = {n: st[n][:T] for n in _TOKEN_ROWS}
+        v = {n: st[n][:T] for n in _TOKEN_ROWS + self.token_inputs}
         v.update({n: st[n][:S] for n in _SEQ_ROWS})
         v["query_start_loc"] = st["query_start_loc"][:S + 1]
         if LORA_SLOTS in st:
@@ -307,6 +314,9 @@ class GraphRunner:
                 st[LORA_SLOTS][:n].fill_(-1)
             else:
                 st[LORA_SLOTS][:n].copy_(lora)
+        for name in self.token_inputs:
+            st[name][:n].copy_(inputs[name])
+            st[name][n:T].zero_()
         r = int(inputs["logits_indices"].shape[0])
         if r > self.rows_for(T):
             raise BrazeError(f"step has {r} logits rows; its bucket of {T} tokens holds "
@@ -318,7 +328,7 @@ class GraphRunner:
         """An all-padding step (no cache writes, no keys read) for warm-up and capture."""
         st = self.static
         for name in STEP_INPUTS + ((LORA_SLOTS,) if LORA_SLOTS in st else ()) + \
-                tuple(group_inputs(st)):
+                tuple(group_inputs(st)) + self.token_inputs:
             st[name].fill_(PADDING.get(name, 0))
 
     # -- capture ------------------------------------------------------------------------
@@ -336,7 +346,7 @@ class GraphRunner:
         self._release()
         ex = self.executor
         self._cache = ex.cache.tensors
-        names = STEP_INPUTS + tuple(group_inputs(self.static))
+        names = STEP_INPUTS + tuple(group_inputs(self.static)) + self.token_inputs
         self._static_ptrs = {n: self.static[n].data_ptr() for n in names}
         self.stats.update(cuda_graphs_captured=0, capture_bytes=0, plans_bound=0)
         self.stats.pop("extern_fallbacks", None)

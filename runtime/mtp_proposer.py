@@ -36,10 +36,10 @@ on it, never the output).
 
 The MTP graph has a launch plan of its own (built at compile time like the main
 graph's, from the same kernel templates; its cubins in mtp-cubin/): with backend
-`interpret` or `cuda` it runs those Triton kernels eagerly (`runs_on` "plan"), with
-`reference`, or an artifact compiled before it had one, the reference interpreter.
-It is not captured into CUDA graphs yet: its calls vary in shape (catch-up chunks,
-chained single rows) and run between the main graph's captured steps.
+`interpret` or `cuda` it runs those Triton kernels (`runs_on` "plan") through bucketed
+static buffers, bound once per bucket and on `cuda` captured into CUDA graphs like the
+main model's steps (runtime/mtp_graphs.py); with `reference`, or an artifact compiled
+before it had one, the reference interpreter.
 """
 
 from __future__ import annotations
@@ -105,19 +105,21 @@ def load_mtp(artifact, main_params: dict, device):
     return graph, params, m.get("hidden_input", "hidden_states")
 
 
-def mtp_runner(engine, graph, params: dict):
+def mtp_runner(engine, graph, params: dict, cache, hidden_input: str):
     """-> (run(feeds) -> the MTP graph's outputs, how it runs): its own launch plan's
-    Triton kernels ("plan") when the engine's backend runs plans (interpret, cuda) and the
+    Triton kernels ("plan", bound per bucket to static buffers and `cache`:
+    runtime/mtp_graphs.py) when the engine's backend runs plans (interpret, cuda) and the
     artifact has one for it, else the reference interpreter ("reference")."""
     ex = engine.runner.executor
     m = engine.artifact.manifest.get("mtp") or {}
     if ex.plan is None or "plan" not in m:
         interp = Interpreter(graph)
         return (lambda feeds: interp.run(feeds, params)), "reference"
+    from .mtp_graphs import MTPGraphs
     from .plan_executor import PlanExecutor
     plan = PlanExecutor(engine.artifact, params, ex.device, interpret=ex.backend == "interpret",
                         second=m, graph=graph)
-    return plan.run, "plan"
+    return MTPGraphs(engine, graph, plan, cache, hidden_input), "plan"
 
 
 class _MTPState:
@@ -152,7 +154,6 @@ class MTPProposer:
             raise BrazeError(NOT_PARALLEL, param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
-        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
         self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "R"
         self.engine = engine
         self.runner = runner
@@ -164,6 +165,8 @@ class MTPProposer:
         self.scratch_base = runner.num_kv_blocks
         blocks = runner.num_kv_blocks + self.scratch_per_seq * runner.max_num_seqs
         self.cache = KVCache(self.graph, blocks, self.device)
+        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params, self.cache,
+                                                  self.hidden_input)
         self.vocab = engine.vocab_size
         self.states: dict[str, _MTPState] = {}
         self.num_mtp_calls = 0

@@ -263,6 +263,12 @@ class Speculator:
     def forget(self, req) -> None:
         self.proposer.forget(req)
 
+    def plans(self) -> list:
+        """The launch plans the proposer runs besides the target's (the MTP graph's: its
+        `run_graph` is runtime/mtp_graphs.MTPGraphs), so kernel_stats counts them too."""
+        plan = getattr(getattr(self.proposer, "run_graph", None), "plan", None)
+        return [] if plan is None else [plan]
+
     def stats(self) -> dict:
         drafts, proposed = self.num_drafts, self.num_draft_tokens
         return {

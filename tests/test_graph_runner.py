@@ -10,13 +10,11 @@ a buffer that moved; and the modes none / piecewise / full agree.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from braze.ir import run_graph
 from braze.ir.errors import BrazeError
@@ -24,6 +22,8 @@ from braze.runtime import Executor, open_artifact
 from braze.ir.contract import SeqChunk, build_step
 from braze.ir.contract import default_buckets
 from braze.runtime.graph_runner import GraphRunner, validate_buckets
+
+from discipline_helpers import Discipline, static_storages
 
 BUCKETS = [1, 2, 4, 8]
 MAX_T, MAX_S, NUM_BLOCKS = 8, 4, 16
@@ -132,68 +132,25 @@ def test_replay_sees_the_step_only_through_the_static_buffers(ex):
     assert not torch.allclose(first[:2], other[:2])
 
 
-def _static_storages(ex, runner):
-    """Every storage a replay may touch: the caller's buffers, cache, weights, arena,
-    workspaces and output buffers -- nothing else."""
-    ts = list(runner.static.values()) + list(ex.cache.tensors.values()) + list(ex.params.values())
-    ts += [ex.plan.arena] + list(ex.plan.runner._ws_flat.values()) + list(ex.plan._static_out.values())
-    return {t.untyped_storage().data_ptr() for t in ts}
-
-
-class _Discipline(TorchDispatchMode):
-    """Flags any torch op that allocates bytes, touches storage outside `allowed`, or reads a
-    device value on the host. (The Triton interpreter's own bookkeeping makes 0-byte
-    tensors and re-points them at the kernel arguments' storage with set_: allowed.)"""
-
-    HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal",
-                  "aten.masked_select", "aten.unique")
-
-    def __init__(self, allowed):
-        super().__init__()
-        self.allowed = allowed
-        self.bad = collections.Counter()
-        self.ops = collections.Counter()
-
-    def _check(self, func, t, what):
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            if st.nbytes() > 0 and st.data_ptr() not in self.allowed:
-                self.bad[f"{func} {what} {tuple(t.shape)}"] += 1
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func)
-        self.ops[name] += 1
-        if name.startswith(self.HOST_READS):
-            self.bad[f"{name} (host read)"] += 1
-        for a in list(args) + list(kwargs.values()):
-            for t in (a if isinstance(a, (list, tuple)) else [a]):
-                self._check(name, t, "reads")
-        out = func(*args, **kwargs)
-        for t in (out if isinstance(out, (list, tuple)) else [out]):
-            self._check(name, t, "makes")
-        return out
-
-
 def test_replay_allocates_nothing_and_touches_only_static_storage(ex):
     r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
     r.capture()
     random_cache(ex, seed=3)
     chunks = [C([5, 6, 7], 0, [0]), C([8], 4, [1])]
     n, s = r.write_step(build_step(chunks, ex.block_size, ex.max_blocks))
-    allowed = _static_storages(ex, r)
+    allowed = static_storages(r)
     # every tensor bound into the plans lives in that static storage
     for b in r._buckets.values():
         for name, t in b.plan.tensors():
             assert t.untyped_storage().data_ptr() in allowed, name
-    with _Discipline(allowed) as spy:
+    with Discipline(allowed) as spy:
         out = r.run(n, s, decode_only=False)
     assert not spy.bad, dict(spy.bad)
     assert spy.ops["aten.mm.out"] == 9                       # the GEMMs write in place
     assert out.untyped_storage().data_ptr() in allowed
     # the check has teeth: the eager plan runner allocates its GEMM results
     eager = build_step(chunks, ex.block_size, ex.max_blocks)
-    with _Discipline(allowed | {t.untyped_storage().data_ptr() for t in eager.values()}) as spy:
+    with Discipline(allowed | {t.untyped_storage().data_ptr() for t in eager.values()}) as spy:
         ex.run(eager)
     assert any("makes" in k for k in spy.bad)
 
