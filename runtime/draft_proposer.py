@@ -98,6 +98,10 @@ class DraftProposer:
 
     # ------------------------------------------------------------------ shadows
 
+    def graph_stats(self) -> list[dict]:
+        """The draft runner's CUDA-graph stats (the engine's count includes them)."""
+        return [self.runner.graphs.stats]
+
     def _shadow(self, req) -> _Shadow | None:
         sh = self.shadows.get(req.request_id)
         if sh is not None:

@@ -480,7 +480,9 @@ class Engine(EngineLoRA):
 
     def stats(self) -> dict:
         bm = self.block_manager.stats()
-        g = self.runner.graphs.stats
+        runners = [self.runner.graphs.stats] + (self.spec.graph_stats() if self.spec else [])
+        g = {k: sum(r.get(k, 0) for r in runners)
+             for k in ("cuda_graphs_captured", "capture_seconds", "capture_bytes")}
         return {
             "kv_blocks_total": bm["kv_blocks_total"],
             "kv_blocks_free": bm["kv_blocks_free"],
@@ -491,9 +493,7 @@ class Engine(EngineLoRA):
             "prefix_cache_hit_tokens": bm["prefix_cache_hit_tokens"],
             "prefix_cache_queries": bm["prefix_cache_queries"],
             "preemptions": self.scheduler.num_preemptions,
-            "cuda_graphs_captured": g.get("cuda_graphs_captured", 0),
-            "capture_seconds": g.get("capture_seconds", 0.0),
-            "capture_bytes": g.get("capture_bytes", 0),
+            **g,                            # the target's graphs and the MTP graph's
             **self.runner.executor.kernel_stats(self.spec.plans() if self.spec else ()),
             "num_running": self.num_running(),
             "num_waiting": self.num_waiting(),

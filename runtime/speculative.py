@@ -269,6 +269,16 @@ class Speculator:
         plan = getattr(getattr(self.proposer, "run_graph", None), "plan", None)
         return [] if plan is None else [plan]
 
+    def graph_stats(self) -> list[dict]:
+        """The graph runners' stats of what the proposer runs besides the target (the MTP
+        graph's buckets, the draft artifact's runner), so the engine's CUDA-graph counts
+        include them."""
+        run_graph = getattr(self.proposer, "run_graph", None)
+        if hasattr(run_graph, "stats"):
+            return [run_graph.stats]
+        own = getattr(self.proposer, "graph_stats", None)       # the draft's own runner
+        return own() if own is not None else []
+
     def stats(self) -> dict:
         drafts, proposed = self.num_drafts, self.num_draft_tokens
         return {

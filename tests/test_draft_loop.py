@@ -179,6 +179,11 @@ def test_speculating_engine_with_an_interpreted_draft_accepts_every_guess(store)
     assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"]
     assert draft.num_host_reads == s["steps"] - 1      # one a proposal: after each prefill
     assert not draft.shadows and draft.bm.num_free_blocks == draft.bm.num_blocks
+    # the engine's CUDA-graph count includes the draft runner's (none captured on a CPU:
+    # give it some, as a GPU would)
+    draft.runner.graphs.stats["cuda_graphs_captured"] = 3
+    assert eng.stats()["cuda_graphs_captured"] == (eng.runner.graphs.stats["cuda_graphs_captured"]
+                                                   + 3)
 
 
 def test_preempted_targets_keep_their_shadows_right(store):

@@ -232,3 +232,5 @@ def test_cuda_captures_the_mtp_graphs_and_agrees_with_eager(tmp_path):
     assert mtp["cubin"] > 0
     main = eng.runner.executor.kernel_stats()
     assert eng.stats()["kernels_cubin"] == main["kernels_cubin"] + mtp["cubin"]
+    assert eng.stats()["cuda_graphs_captured"] == (eng.runner.graphs.stats["cuda_graphs_captured"]
+                                                   + graphs.stats["cuda_graphs_captured"])
