@@ -155,7 +155,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     if mtp_assistant is not None:        # widens kv_groups' windows before they are written
         assistant, assistant_load = prepare_assistant(loaded, opts, graph, kv_groups,
                                                       mtp_assistant, log)
-    mtp, mtp_load = prepare_mtp(loaded, opts, graph, log)
+    mtp, mtp_load = prepare_mtp(loaded, opts, graph, log, shards)
     second = assistant if mtp_assistant is not None else mtp
     # the MTP graph's own launch plan: its proposer runs Triton kernels like the main graph
     mtp_plan = build_plan(second.graph, opts.to_json()) if second is not None else None

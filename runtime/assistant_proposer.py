@@ -47,7 +47,8 @@ class AssistantProposer:
             raise BrazeError(f"artifact {engine.artifact.root}: the target graph has no "
                              f"hidden_states output for its assistant; recompile with "
                              f"--mtp-assistant", param="speculative")
-        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params)
+        self.run_graph, self.runs_on = mtp_runner(engine.artifact, ex, self.graph,
+                                                  self.params)
         self.engine = engine
         self.runner = runner
         self.device = ex.device
