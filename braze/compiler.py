@@ -66,7 +66,9 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     """`model_dir`: the HF directory, or the staging directory of a GGUF file (`gguf`)."""
     if mtp_assistant is not None and opts.tensor_parallel_size > 1:
         raise BrazeError("--mtp-assistant with --tensor-parallel-size > 1 is not supported "
-                         "yet; compile the target and its assistant for one GPU")
+                         "yet (the assistant reads the target's KV heads, which the ranks "
+                         "split); compile the target and its assistant for one GPU, or the "
+                         "target alone and speculate with method 'ngram'")
     loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log,
                         checkpoint=gguf.checkpoint if gguf else None,
                         hidden_output=mtp_assistant is not None)

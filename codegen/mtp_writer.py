@@ -80,7 +80,8 @@ def _write_graph(root: Path, mtp, load_param, shard_bytes: int, log):
              "hidden_input": "hidden_states", "shared": sorted(mtp.shared)}
     if len(loaders) > 1:
         entry["ranks"] = ranks
-        entry["parallel"] = parallel_manifest(graph, mtp.shards, len(loaders))
+        entry["parallel"] = parallel_manifest(graph, mtp.shards, len(loaders),
+                                              bool(graph.meta.get("expert_parallel")))
     return entry, where
 
 

@@ -40,6 +40,10 @@ graph's, from the same kernel templates; its cubins in mtp-cubin/): with backend
 `reference`, or an artifact compiled before it had one, the reference interpreter.
 It is not captured into CUDA graphs yet: its calls vary in shape (catch-up chunks,
 chained single rows) and run between the main graph's captured steps.
+
+Tensor parallelism: the MTP graph is sharded like the main graph (each rank its own MTP
+weight files); this proposer runs on rank 0 only, and each call of the graph first hands
+its inputs to the other ranks, which run it too (runtime/parallel.py `distribute_mtp`).
 """
 
 from __future__ import annotations

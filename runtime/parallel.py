@@ -5,7 +5,9 @@ own weight files and keeps its own KV cache. Rank 0 owns the engine (scheduler, 
 manager, sampler). Every step it broadcasts a small header and the step's static input
 buffers; every rank then replays the same graph segments, whose `all_reduce` and
 `all_gather` ops meet across ranks (gloo on CPUs, NCCL on GPUs). The logits come back
-whole on every rank and only rank 0 samples.
+whole on every rank and only rank 0 samples. The `mtp` proposer's calls of the MTP graph
+(runtime/mtp_proposer.py) reach the other ranks the same way (`distribute_mtp`): a header
+of their own, the call's inputs, then every rank runs the sharded MTP graph.
 
 How the ranks start:
 

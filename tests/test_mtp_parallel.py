@@ -44,12 +44,12 @@ def guessing(tmp_path_factory):
     ckpt = guessing_mtp_checkpoint(d / "m", d / "g", mix=0.03)
     made = {}
 
-    def artifact(opt: int, tp: int):
-        if (opt, tp) not in made:
-            made[opt, tp] = d / f"a{opt}-tp{tp}"
-            braze.compile(ckpt, made[opt, tp], opt_level=opt, tensor_parallel_size=tp,
-                          **LIMITS)
-        return made[opt, tp]
+    def artifact(opt: int, tp: int, ep: bool = False):
+        if (opt, tp, ep) not in made:
+            made[opt, tp, ep] = d / f"a{opt}-tp{tp}{'-ep' if ep else ''}"
+            braze.compile(ckpt, made[opt, tp, ep], opt_level=opt, tensor_parallel_size=tp,
+                          expert_parallel=ep, **LIMITS)
+        return made[opt, tp, ep]
     return artifact
 
 
@@ -57,16 +57,22 @@ def _spec(k: int) -> dict:
     return {"method": "mtp", "num_speculative_tokens": k}
 
 
-# -O0 with the chain of one guess, -O2 (fused, pruned LM head) with two chained guesses
-@pytest.mark.parametrize("opt,k", [(0, 1), (2, 2)])
-def test_greedy_tokens_and_acceptance_equal_one_rank(guessing, opt, k):
+# -O0 with the chain of one guess, -O2 (fused, pruned LM head) with two chained guesses;
+# and whole experts per rank (--expert-parallel), the MTP layer's MoE placed like the main's
+@pytest.mark.parametrize("opt,k,ep", [(0, 1, False), (2, 2, False),
+                                      pytest.param(0, 2, True, marks=pytest.mark.slow)])
+def test_greedy_tokens_and_acceptance_equal_one_rank(guessing, opt, k, ep):
     prompts = prompts_of([5, 13, 9], seed=3)
     one = guessing(opt, 1)
     plain = [o.token_ids for o in LLM(one, backend="reference").generate(prompts, PARAMS)]
     ref = LLM(one, backend="reference", speculative=_spec(k))
     assert [o.token_ids for o in ref.generate(prompts, PARAMS)] == plain
     want = ref.stats()
-    with LLM(guessing(opt, 2), backend="reference", speculative=_spec(k)) as llm:
+    two = guessing(opt, 2, ep)
+    if ep:
+        m = json.loads((two / "manifest.json").read_text())["mtp"]["parallel"]
+        assert m["expert_parallel"] and any(s.get("experts") for s in m["shards"].values())
+    with LLM(two, backend="reference", speculative=_spec(k)) as llm:
         got = [o.token_ids for o in llm.generate(prompts, PARAMS)]
         s = llm.stats()
         calls = llm.engine.spec.proposer.num_mtp_calls
