@@ -94,14 +94,17 @@ def _optimise(loaded, opts, mtp, main_graph, main_shards=None):
     return load, None
 
 
-def prepare_assistant(loaded, opts, main_graph, kv_groups, assistant_dir, log):
-    """-> (MTPGraph, its weight loader) for Gemma 4's assistant in `assistant_dir`; widens
-    the target's window groups in `kv_groups` (the manifest's) to what it reads. One GPU
-    only: braze/compiler.py refuses --tensor-parallel-size with it before loading."""
+def prepare_assistant(loaded, opts, main_graph, kv_groups, assistant_dir, log,
+                      traced_inputs=None, main_shards=None):
+    """-> (MTPGraph, its weight loader, or one per rank) for Gemma 4's assistant in
+    `assistant_dir`; widens the target's window groups in `kv_groups` (the manifest's) to
+    what it reads. `traced_inputs`: the target's inputs before sharding (the assistant is
+    traced whole, then sharded like the target)."""
     from braze.frontend.gemma4_assistant import assistant_windows, trace_assistant
     from braze.ir.errors import BrazeError
-    mtp = trace_assistant(loaded, assistant_dir, opts.block_size, kv_groups, log=log)
-    load, bad = _optimise(loaded, opts, mtp, main_graph)
+    mtp = trace_assistant(loaded, assistant_dir, opts.block_size, kv_groups, log=log,
+                          cache_types=traced_inputs)
+    load, bad = _optimise(loaded, opts, mtp, main_graph, main_shards)
     if bad:
         raise BrazeError(f"--mtp-assistant: the optimised target's {bad} is not the one the "
                          f"assistant reads; compile with --opt-level 0 and report this")

@@ -30,7 +30,8 @@ import torch
 from braze.ir.contract import group_of_step_input
 from braze.ir.errors import BrazeError
 
-from .mtp_proposer import NOT_PARALLEL, could_speculate, load_mtp, mtp_runner
+from . import parallel
+from .mtp_proposer import could_speculate, load_mtp, mtp_runner
 
 KIND = "gemma4_assistant"
 
@@ -39,8 +40,6 @@ class AssistantProposer:
     def __init__(self, config, engine):
         runner = engine.runner
         ex = runner.executor
-        if engine.artifact.manifest.get("parallel"):
-            raise BrazeError(NOT_PARALLEL, param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
         if ex.graph.outputs.get("hidden_states") is None:
@@ -57,6 +56,10 @@ class AssistantProposer:
         self.cache = ex.cache               # the target's: read, never written
         self.cache_names = [n for n in ex.cache.tensors
                             if n in {v.name for v in self.graph.inputs}]
+        # a tensor-parallel artifact: every call first reaches the other ranks, which run
+        # it on their shards and their part of the target's cache (runtime/parallel.py)
+        self.run_graph = parallel.distribute_mtp(
+            self.run_graph, self.graph, {n: ex.cache.tensors[n] for n in self.cache_names})
         self.groups = sorted(g for _, g in filter(None, (group_of_step_input(v.name)
                                                           for v in self.graph.inputs)))
         self.rows: dict[str, tuple[int, torch.Tensor]] = {}   # id -> (first position, h rows)

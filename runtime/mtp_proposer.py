@@ -66,9 +66,6 @@ NO_MTP_GRAPH = (
     "(config.json num_nextn_predict_layers >= 1, tensors model.layers.<num_hidden_layers>.*) "
     "with this braze; or use method 'ngram' (prompt lookup) or 'draft' (a second braze "
     "artifact)")
-NOT_PARALLEL = ("speculative method 'mtp' with a Gemma 4 assistant does not run on "
-                "tensor-parallel artifacts yet; use 'ngram', or compile the target and its "
-                "assistant for one GPU")
 GEMMA4_ASSISTANT = (
     "speculative method 'mtp' for Gemma 4 needs its assistant model "
     "(Gemma4AssistantForCausalLM) compiled into the artifact, and {root} has none: compile "
@@ -206,7 +203,8 @@ class MTPProposer:
         self.cache = KVCache(self.graph, blocks, self.device)
         # a tensor-parallel artifact: every call first reaches the other ranks, which run
         # it on their shards (runtime/parallel.py)
-        self.run_graph = parallel.distribute_mtp(self.run_graph, self.graph, self.cache)
+        self.run_graph = parallel.distribute_mtp(self.run_graph, self.graph, self.cache.tensors,
+                                                 blocks)
         self.vocab = engine.vocab_size
         self.states: dict[str, _MTPState] = {}
         self.num_mtp_calls = 0

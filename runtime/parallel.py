@@ -258,7 +258,7 @@ def follow(artifact, options) -> None:
         cmd, n_tok, n_seq, decode_only, wide = (int(x) for x in head.tolist())
         if cmd == _STOP:
             break
-        if cmd == _MTP:                 # n_tok: the blocks of rank 0's MTP cache
+        if cmd == _MTP:         # n_tok: the blocks of rank 0's MTP cache (0: the target's)
             if mtp is None or mtp.blocks != n_tok:
                 mtp = _FollowerMTP(artifact, ex, n_tok)
             mtp.call()
@@ -284,10 +284,10 @@ def _exchange(graphs, static, n_tok: int, n_seq: int, wide: bool = False) -> Non
         dist.broadcast(static[name][:rows], 0)
 
 
-def _mtp_inputs(graph, cache) -> list:
+def _mtp_inputs(graph, caches: dict) -> list:
     """The MTP graph's inputs rank 0 sends for each call: all but the caches, which every
     rank keeps for itself."""
-    return [v for v in graph.inputs if v.name not in cache.tensors]
+    return [v for v in graph.inputs if v.name not in caches]
 
 
 def _exchange_feeds(inputs, feeds: dict | None, device) -> dict:
@@ -311,33 +311,39 @@ def _exchange_feeds(inputs, feeds: dict | None, device) -> dict:
 
 
 class _FollowerMTP:
-    """Ranks > 0: the artifact's MTP graph on this rank's shards, with its own MTP cache
-    of as many blocks as rank 0's (built at rank 0's first MTP call)."""
+    """Ranks > 0: the artifact's MTP graph on this rank's shards, built at rank 0's first
+    MTP call, with the caches it reads: DeepSeek's next-n layer its own, of as many blocks
+    as rank 0's (`blocks`); Gemma 4's assistant this rank's part of the target's cache."""
 
     def __init__(self, artifact, ex, blocks: int):
         from .kv_cache import KVCache
         from .mtp_proposer import load_mtp, mtp_runner
         graph, params, _ = load_mtp(artifact, ex.params, ex.device)
         self.run, _ = mtp_runner(artifact, ex, graph, params)
-        self.cache = KVCache(graph, blocks, ex.device)
-        self.inputs = _mtp_inputs(graph, self.cache)
+        if blocks:
+            self.caches = KVCache(graph, blocks, ex.device).tensors
+        else:
+            self.caches = {v.name: ex.cache.tensors[v.name] for v in graph.inputs
+                           if v.name in ex.cache.tensors}
+        self.inputs = _mtp_inputs(graph, self.caches)
         self.blocks, self.device = blocks, ex.device
 
     def call(self) -> None:
         feeds = _exchange_feeds(self.inputs, None, self.device)
-        feeds.update(self.cache.tensors)
+        feeds.update(self.caches)
         self.run(feeds)
 
 
-def distribute_mtp(run, graph, cache):
-    """Rank 0 of a tensor-parallel group: wrap the MTP proposer's graph call `run(feeds)`
+def distribute_mtp(run, graph, caches: dict, blocks: int = 0):
+    """Rank 0 of a tensor-parallel group: wrap an MTP proposer's graph call `run(feeds)`
     so that each call first hands its inputs to the other ranks, which run the same call
-    (its all_reduce and all_gather meet theirs). `run` itself without a group."""
+    (its all_reduce and all_gather meet theirs). `caches`: the cache inputs every rank
+    keeps for itself, an MTP cache of `blocks` blocks (0: the target's own cache, which
+    Gemma 4's assistant reads). `run` itself without a group."""
     g = current_group()
     if g is None:
         return run
-    inputs = _mtp_inputs(graph, cache)
-    blocks = cache.num_blocks
+    inputs = _mtp_inputs(graph, caches)
 
     def call(feeds: dict) -> dict:
         g.check_alive()

@@ -1,7 +1,8 @@
 """Speculative method `mtp` on tensor-parallel artifacts: DeepSeek-V3's next-n layer
-(`mtp.bir`) sharded per rank by the same shard pass as the main graph, its calls run on
-every rank (rank 0 broadcasts each call's inputs; runtime/parallel.py), only rank 0
-samples. Checked on CPUs (gloo, two ranks, float32) against one rank: greedy tokens equal
+(`mtp.bir`) and Gemma 4's assistant sharded per rank by the same shard pass as the main
+graph (the assistant's queries split like the target's KV heads it reads), their calls
+run on every rank (rank 0 broadcasts each call's inputs; runtime/parallel.py), only
+rank 0 samples. Checked on CPUs (gloo, two ranks, float32) against one rank: greedy tokens equal
 plain decoding, and the acceptance counts equal one speculating rank's (the guesses are
 the same tokens); a broken per-rank MTP shard is refused before any rank runs.
 """
@@ -81,6 +82,34 @@ def test_greedy_tokens_and_acceptance_equal_one_rank(guessing, opt, k, ep):
     assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
     assert calls == ref.engine.spec.proposer.num_mtp_calls > 0
     assert s["kv_blocks_free"] == s["kv_blocks_total"]
+
+
+def test_gemma4_assistant_at_two_ranks(tmp_path_factory):
+    """The assistant reads each rank's part of the target's KV cache: the plain tokens,
+    and the same guesses (acceptance per position) as one rank."""
+    import braze
+    from braze.tiny_gemma4_assistant import has_gemma4_assistant, make_guessing_pair
+    if not has_gemma4_assistant():
+        pytest.skip("transformers has no Gemma4AssistantForCausalLM")
+    d = tmp_path_factory.mktemp("g4tp")
+    target, assistant = make_guessing_pair(d)
+    arts = [d / "tp1", d / "tp2"]
+    for tp, art in zip((1, 2), arts):
+        braze.compile(target, art, mtp_assistant=assistant, opt_level=0, block_size=4,
+                      tensor_parallel_size=tp, **LIMITS)
+    m = json.loads((arts[1] / "manifest.json").read_text())["mtp"]
+    assert m["kind"] == "gemma4_assistant" and len(m["ranks"]) == 2
+    prompts = prompts_of([5, 13, 9], seed=3)
+    plain = [o.token_ids for o in LLM(arts[0], backend="reference").generate(prompts, PARAMS)]
+    ref = LLM(arts[0], backend="reference", speculative=_spec(2))
+    ref.generate(prompts, PARAMS)
+    want = ref.stats()
+    with LLM(arts[1], backend="reference", speculative=_spec(2)) as llm:
+        got = [o.token_ids for o in llm.generate(prompts, PARAMS)]
+        s = llm.stats()
+    assert got == plain
+    assert {key: s[key] for key in SPEC_KEYS} == {key: want[key] for key in SPEC_KEYS}
+    assert s["spec_decode_num_accepted_tokens"] > 0
 
 
 # the interpret backend runs the MTP graph's own launch plan (Triton kernels, the
