@@ -20,7 +20,10 @@ those same rows (the last prompt position, then the last accepted).
 The guesses are greedy (a point-mass proposal), so the verification keeps greedy output
 identical and sampled output distributed as the target's. The assistant runs its own
 launch plan's Triton kernels with backend `interpret` or `cuda` (mtp_proposer.mtp_runner),
-else the reference interpreter; it is not captured into CUDA graphs yet.
+else the reference interpreter; it is not captured into CUDA graphs yet. On a
+tensor-parallel artifact it is sharded like the target (its query heads as the target's
+KV heads), runs on rank 0, and each call reaches the other ranks, which run it on their
+part of the target's cache (runtime/parallel.py `distribute_mtp`).
 """
 
 from __future__ import annotations
