@@ -58,6 +58,19 @@ def _spec(k: int) -> dict:
     return {"method": "mtp", "num_speculative_tokens": k}
 
 
+def _proposals(llm) -> list:
+    """Every proposal rank 0's proposer makes (the guesses of each request, per step)."""
+    seen, proposer = [], llm.engine.spec.proposer
+    inner = proposer.propose
+
+    def propose(reqs, budgets):
+        out = inner(reqs, budgets)
+        seen.append([list(g) for g in out])
+        return out
+    proposer.propose = propose
+    return seen
+
+
 # -O0 with the chain of one guess, -O2 (fused, pruned LM head) with two chained guesses;
 # and whole experts per rank (--expert-parallel), the MTP layer's MoE placed like the main's
 @pytest.mark.parametrize("opt,k,ep", [(0, 1, False), (2, 2, False),
@@ -67,6 +80,7 @@ def test_greedy_tokens_and_acceptance_equal_one_rank(guessing, opt, k, ep):
     one = guessing(opt, 1)
     plain = [o.token_ids for o in LLM(one, backend="reference").generate(prompts, PARAMS)]
     ref = LLM(one, backend="reference", speculative=_spec(k))
+    want_guesses = _proposals(ref)
     assert [o.token_ids for o in ref.generate(prompts, PARAMS)] == plain
     want = ref.stats()
     two = guessing(opt, 2, ep)
@@ -74,10 +88,12 @@ def test_greedy_tokens_and_acceptance_equal_one_rank(guessing, opt, k, ep):
         m = json.loads((two / "manifest.json").read_text())["mtp"]["parallel"]
         assert m["expert_parallel"] and any(s.get("experts") for s in m["shards"].values())
     with LLM(two, backend="reference", speculative=_spec(k)) as llm:
+        guesses = _proposals(llm)
         got = [o.token_ids for o in llm.generate(prompts, PARAMS)]
         s = llm.stats()
         calls = llm.engine.spec.proposer.num_mtp_calls
     assert got == plain
+    assert guesses == want_guesses              # the same guesses, step by step
     assert {key: s[key] for key in SPEC_KEYS} == {key: want[key] for key in SPEC_KEYS}
     assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
     assert calls == ref.engine.spec.proposer.num_mtp_calls > 0
@@ -102,12 +118,15 @@ def test_gemma4_assistant_at_two_ranks(tmp_path_factory):
     prompts = prompts_of([5, 13, 9], seed=3)
     plain = [o.token_ids for o in LLM(arts[0], backend="reference").generate(prompts, PARAMS)]
     ref = LLM(arts[0], backend="reference", speculative=_spec(2))
+    want_guesses = _proposals(ref)
     ref.generate(prompts, PARAMS)
     want = ref.stats()
     with LLM(arts[1], backend="reference", speculative=_spec(2)) as llm:
+        guesses = _proposals(llm)
         got = [o.token_ids for o in llm.generate(prompts, PARAMS)]
         s = llm.stats()
     assert got == plain
+    assert guesses == want_guesses
     assert {key: s[key] for key in SPEC_KEYS} == {key: want[key] for key in SPEC_KEYS}
     assert s["spec_decode_num_accepted_tokens"] > 0
 
