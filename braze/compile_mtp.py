@@ -20,6 +20,7 @@ from braze.frontend.mtp import trace_mtp, mtp_loader
 from braze.ir import verify
 from braze.passes import PassContext, PassManager
 from braze.passes.manager import pipeline
+from braze.passes.shard import rank_loader
 
 from .compiler import materialize
 
@@ -35,15 +36,13 @@ def mtp_passes(opt_level: int) -> list[str]:
     return [p for p in pipeline(2) if p not in _EAGER]
 
 
-def prepare_mtp(loaded, opts, main_graph, log):
-    """-> (MTPGraph, its weight loader), or (None, None) when there is no MTP layer to
-    compile (none in the checkpoint; an incomplete one, or a tensor-parallel artifact:
-    then its tensors ship as they are and the runtime refuses method 'mtp')."""
+def prepare_mtp(loaded, opts, main_graph, log, main_shards=None):
+    """-> (MTPGraph, its weight loader: one per rank of a tensor-parallel artifact, its
+    shards in `MTPGraph.shards`), or (None, None) when there is no MTP layer to compile
+    (none in the checkpoint, or an incomplete one: then its tensors ship as they are and
+    the runtime refuses method 'mtp'). `main_shards`: the main graph's weight slices (the
+    shard pass's records), which the shared embedding and LM head must match."""
     if not loaded.mtp:
-        return None, None
-    if opts.tensor_parallel_size > 1:
-        log("MTP: not compiled into a graph for a tensor-parallel artifact (its shared LM "
-            "head is sharded); the layer's tensors ship as they are")
         return None, None
     from braze.ir.errors import BrazeError
     try:
@@ -53,7 +52,7 @@ def prepare_mtp(loaded, opts, main_graph, log):
         log(f"note: {e}; the MTP layer is not compiled (speculative method 'mtp' will be "
             f"refused), its tensors ship as they are")
         return None, None
-    load, bad = _optimise(loaded, opts, mtp, main_graph)
+    load, bad = _optimise(loaded, opts, mtp, main_graph, main_shards or {})
     if bad:
         log(f"MTP: the main graph's {bad} is not the one the MTP layer reads after "
             f"optimisation; the layer's tensors ship as they are")
@@ -61,20 +60,32 @@ def prepare_mtp(loaded, opts, main_graph, log):
     return mtp, load
 
 
-def _optimise(loaded, opts, mtp, main_graph):
-    """Run the MTP passes on the second graph and derive its weights: -> (its loader, the
-    first shared param or cache the main graph no longer has as the graph reads it)."""
+def _optimise(loaded, opts, mtp, main_graph, main_shards=None):
+    """Run the MTP passes on the second graph (the shard pass first for a tensor-parallel
+    artifact, as for the main graph) and derive its weights: -> (its loader, or one per
+    rank; the first shared param or cache the main graph no longer has as the graph reads
+    it, or whose slices per rank differ from the main graph's)."""
     graph = mtp.graph
     verify(graph)
-    names = mtp_passes(opts.opt_level)
+    tp = opts.tensor_parallel_size
+    names = (["shard"] if tp > 1 else []) + mtp_passes(opts.opt_level)
+    ctx = PassContext(options=opts.to_json())
     if names:
-        PassManager(names, ctx=PassContext(options=opts.to_json())).run(graph)
+        PassManager(names, ctx=ctx).run(graph)
         verify(graph)
-    load = materialize(graph, mtp_loader(loaded, mtp))
+    shards = ctx.records.get("shards", {})
+    mtp.shards = {n: s for n, s in shards.items() if n not in mtp.shared}
+    if tp > 1:
+        load = materialize(graph, None, [rank_loader(mtp_loader(loaded, mtp), shards, r)
+                                         for r in range(tp)])
+    else:
+        load = materialize(graph, mtp_loader(loaded, mtp))
     for name in mtp.shared:
         main = main_graph.params.get(name)
         if main is None or main.type != graph.params[name].type:
             return load, name
+        if tp > 1 and (main_shards or {}).get(name) != shards.get(name):
+            return load, f"{name} (split across ranks differently)"
     main_inputs = {v.name: v.type for v in main_graph.inputs}
     for v in graph.inputs:
         if v.name.startswith("k_cache.") or v.name.startswith("v_cache."):
@@ -83,14 +94,17 @@ def _optimise(loaded, opts, mtp, main_graph):
     return load, None
 
 
-def prepare_assistant(loaded, opts, main_graph, kv_groups, assistant_dir, log):
-    """-> (MTPGraph, its weight loader) for Gemma 4's assistant in `assistant_dir`; widens
-    the target's window groups in `kv_groups` (the manifest's) to what it reads. One GPU
-    only: braze/compiler.py refuses --tensor-parallel-size with it before loading."""
+def prepare_assistant(loaded, opts, main_graph, kv_groups, assistant_dir, log,
+                      traced_inputs=None, main_shards=None):
+    """-> (MTPGraph, its weight loader, or one per rank) for Gemma 4's assistant in
+    `assistant_dir`; widens the target's window groups in `kv_groups` (the manifest's) to
+    what it reads. `traced_inputs`: the target's inputs before sharding (the assistant is
+    traced whole, then sharded like the target)."""
     from braze.frontend.gemma4_assistant import assistant_windows, trace_assistant
     from braze.ir.errors import BrazeError
-    mtp = trace_assistant(loaded, assistant_dir, opts.block_size, kv_groups, log=log)
-    load, bad = _optimise(loaded, opts, mtp, main_graph)
+    mtp = trace_assistant(loaded, assistant_dir, opts.block_size, kv_groups, log=log,
+                          cache_types=traced_inputs)
+    load, bad = _optimise(loaded, opts, mtp, main_graph, main_shards)
     if bad:
         raise BrazeError(f"--mtp-assistant: the optimised target's {bad} is not the one the "
                          f"assistant reads; compile with --opt-level 0 and report this")

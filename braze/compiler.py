@@ -64,9 +64,6 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
 def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain, log, gguf,
              mtp_assistant=None):
     """`model_dir`: the HF directory, or the staging directory of a GGUF file (`gguf`)."""
-    if mtp_assistant is not None and opts.tensor_parallel_size > 1:
-        raise BrazeError("--mtp-assistant with --tensor-parallel-size > 1 is not supported "
-                         "yet; compile the target and its assistant for one GPU")
     loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log,
                         checkpoint=gguf.checkpoint if gguf else None,
                         hidden_output=mtp_assistant is not None)
@@ -82,6 +79,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     kv_groups = assign_kv_groups(graph)     # one block table per kind of attention
     verify(graph)
     ops_before = graph.op_counts()
+    traced_inputs = {v.name: v.type for v in graph.inputs}    # KV heads before sharding
     after_each = None
     if dump_ir:
         d = Path(dump_ir)
@@ -154,8 +152,9 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     from .compile_mtp import prepare_assistant, prepare_mtp
     if mtp_assistant is not None:        # widens kv_groups' windows before they are written
         assistant, assistant_load = prepare_assistant(loaded, opts, graph, kv_groups,
-                                                      mtp_assistant, log)
-    mtp, mtp_load = prepare_mtp(loaded, opts, graph, log)
+                                                      mtp_assistant, log, traced_inputs,
+                                                      shards)
+    mtp, mtp_load = prepare_mtp(loaded, opts, graph, log, shards)
     second = assistant if mtp_assistant is not None else mtp
     # the MTP graph's own launch plan: its proposer runs Triton kernels like the main graph
     mtp_plan = build_plan(second.graph, opts.to_json()) if second is not None else None

@@ -52,6 +52,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "hashes_verified": check_hashes,
         "trust": {"how": art.trust.how, "detail": art.trust.detail},
         "parallel": m.get("parallel"),
+        "mtp_parallel": (m.get("mtp") or {}).get("parallel"),
         "kv_groups": m.get("kv_groups"),
         "text_only_origin": art.text_only_origin,
     }
@@ -169,6 +170,9 @@ def format_summary(s: dict) -> str:
                      f"{','.join(lo['targets'])}, {lo['pools']} linears with a delta")
     if s.get("parallel"):
         lines += _parallel_lines(s["parallel"])
+    if s.get("mtp_parallel"):           # the MTP graph, sharded by the same pass
+        lines += _parallel_lines(s["mtp_parallel"], "mtp par   ", "the MTP graph (mtp.bir)",
+                                 "MTP call")
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
     lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
                  + ("" if s["trust"]["how"] != "none" else
@@ -180,11 +184,12 @@ def _values(v: list) -> str:
     return str(v[0]) if len(v) == 1 else f"[{v[0]}..{v[-1]}]"
 
 
-def _parallel_lines(p: dict) -> list[str]:
+def _parallel_lines(p: dict, title: str = "parallel  ", graph: str = "one graph (SPMD)",
+                    call: str = "step") -> list[str]:
     """How a tensor-parallel artifact is split (passes/shard.py): each weight, each collective."""
     n = p["tensor_parallel_size"]
-    lines = [f"parallel   tensor-parallel over {n} ranks: one graph (SPMD), weight shards per "
-             f"rank; {len(p['collectives'])} collectives per step"]
+    lines = [f"{title} tensor-parallel over {n} ranks: {graph}, weight shards per "
+             f"rank; {len(p['collectives'])} collectives per {call}"]
     ex = p.get("experts")
     if p.get("expert_parallel") and ex:
         lines.append(f"  expert-parallel: {ex['num_experts']} experts, whole experts per rank: "

@@ -99,10 +99,12 @@ def assistant_spec(cfg, target):
 
 
 def trace_assistant(loaded, assistant_dir, block_size: int, kv_groups: list[dict],
-                    log=None) -> MTPGraph:
+                    log=None, cache_types: dict | None = None) -> MTPGraph:
     """Trace the assistant in `assistant_dir` for the target `loaded` (traced with its
     hidden-state output) into a second graph; its own weights from its checkpoint, the
-    target's embedding shared. `kv_groups`: the target's (manifest) groups."""
+    target's embedding shared. `kv_groups`: the target's (manifest) groups. `cache_types`:
+    the target's inputs as traced (before the shard pass split their KV heads), else
+    `loaded.graph`'s."""
     from braze.models.gemma4_assistant import PREFIX, Gemma4Assistant
     from braze.models.registry import _no_init, gemma4_rotaries, weight_sources
     from .trace import trace_to_ir
@@ -130,7 +132,7 @@ def trace_assistant(loaded, assistant_dir, block_size: int, kv_groups: list[dict
     if ordered:                        # real: computed here, shipped with its own weights
         module.assistant.masked_embedding.cluster_of = torch.nn.Parameter(
             _cluster_of(ckpt, cfg, spec.vocab_size), requires_grad=False)
-    inputs = {v.name: v.type for v in loaded.graph.inputs}
+    inputs = cache_types or {v.name: v.type for v in loaded.graph.inputs}
     extra = {HIDDEN_INPUT: TensorType((T, target.hidden_size), loaded.dtype)}
     for j in sorted(set(spec.gemma4.kv_from)):
         for name in cache_names(j):

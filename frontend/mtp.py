@@ -69,6 +69,8 @@ class MTPGraph:
     dtypes: dict = field(default_factory=dict)        # as traced, before passes derive
     layer: int = 0
     checkpoint: object = None      # where its own weights are (None: the target's)
+    # tensor parallelism: how its own weights are split per rank (the shard pass's records)
+    shards: dict = field(default_factory=dict)
 
 
 def trace_mtp(loaded, block_size: int, log=None) -> MTPGraph | None:

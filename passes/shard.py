@@ -264,6 +264,12 @@ class _Sharder:
                 if heads % n:
                     raise BrazeError(f"num_attention_heads ({heads}) is not divisible by "
                                      f"--tensor-parallel-size {n}")
+                for cache in node.operands[1:3]:
+                    # a cache this graph only reads (another graph's: Gemma 4's assistant
+                    # reads its target's) holds the heads the target's rank keeps
+                    if cache.kind == "input" and cache.name not in self.cache_heads:
+                        kvh = cache.type.shape[2]
+                        self.cache_heads[cache.name] = kvh // n if kvh >= n else 1
                 lin = self._one_gemm(q, "queries")
                 self._seed_column(lin, 0, _ranges(lin.operands[1].type.shape[0], n),
                                   "num_attention_heads")

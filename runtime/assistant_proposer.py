@@ -21,7 +21,10 @@ The guesses are greedy (a point-mass proposal), so the verification keeps greedy
 identical and sampled output distributed as the target's. The assistant runs its own
 launch plan's Triton kernels with backend `interpret` or `cuda`, bound per bucket to static
 buffers and captured into CUDA graphs on `cuda` (mtp_proposer.mtp_runner,
-runtime/mtp_graphs.py), else the reference interpreter.
+runtime/mtp_graphs.py), else the reference interpreter. On a tensor-parallel artifact it
+is sharded like the target (its query heads as the target's KV heads), runs on rank 0,
+and each call reaches the other ranks, which run it on their part of the target's cache
+(runtime/parallel.py `distribute_mtp`); there its launches run eagerly, not captured.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch
 from braze.ir.contract import group_of_step_input
 from braze.ir.errors import BrazeError
 
-from .mtp_proposer import NOT_PARALLEL, could_speculate, load_mtp, mtp_runner
+from . import parallel
+from .mtp_proposer import could_speculate, load_mtp, mtp_runner
 
 KIND = "gemma4_assistant"
 
@@ -40,8 +44,6 @@ class AssistantProposer:
     def __init__(self, config, engine):
         runner = engine.runner
         ex = runner.executor
-        if engine.artifact.manifest.get("parallel"):
-            raise BrazeError(NOT_PARALLEL, param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
         if ex.graph.outputs.get("hidden_states") is None:
@@ -54,10 +56,15 @@ class AssistantProposer:
         self.k = config.num_speculative_tokens
         self.vocab = engine.vocab_size
         self.cache = ex.cache               # the target's: read, never written
-        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params, self.cache,
-                                                  self.hidden_input)
+        self.run_graph, self.runs_on = mtp_runner(
+            engine.artifact, ex, self.graph, self.params,
+            None if parallel.current_group() else (runner, self.cache, self.hidden_input))
         self.cache_names = [n for n in ex.cache.tensors
                             if n in {v.name for v in self.graph.inputs}]
+        # a tensor-parallel artifact: every call first reaches the other ranks, which run
+        # it on their shards and their part of the target's cache (runtime/parallel.py)
+        self.run_graph = parallel.distribute_mtp(
+            self.run_graph, self.graph, {n: ex.cache.tensors[n] for n in self.cache_names})
         self.groups = sorted(g for _, g in filter(None, (group_of_step_input(v.name)
                                                           for v in self.graph.inputs)))
         self.rows: dict[str, tuple[int, torch.Tensor]] = {}   # id -> (first position, h rows)

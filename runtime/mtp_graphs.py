@@ -46,8 +46,7 @@ class MTPGraphs:
     unpruned graph), "hidden_states": every token's}, copies the next call cannot touch.
     The cache tensors in `feeds` are ignored: the bucket plans are bound to `cache`."""
 
-    def __init__(self, engine, graph, plan, cache, hidden_input: str):
-        main = engine.runner
+    def __init__(self, main, root, graph, plan, cache, hidden_input: str):
         ex = main.executor
         self.hidden_input = hidden_input
         self.plan = plan
@@ -55,7 +54,7 @@ class MTPGraphs:
         static = static_buffers(T, S, ex.max_blocks, ex.device)
         hv = next((v for v in graph.inputs if v.name == hidden_input), None)
         if hv is None:
-            raise BrazeError(f"artifact {engine.artifact.root}: the MTP graph has no input "
+            raise BrazeError(f"artifact {root}: the MTP graph has no input "
                              f"{hidden_input!r} for the target's hidden states; recompile it")
         static[hidden_input] = torch.zeros(hv.type.concrete_shape({"T": T}),
                                            dtype=torch_dtype(hv.type.dtype), device=ex.device)

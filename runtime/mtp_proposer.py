@@ -40,6 +40,12 @@ graph's, from the same kernel templates; its cubins in mtp-cubin/): with backend
 static buffers, bound once per bucket and on `cuda` captured into CUDA graphs like the
 main model's steps (runtime/mtp_graphs.py); with `reference`, or an artifact compiled
 before it had one, the reference interpreter.
+
+Tensor parallelism: the MTP graph is sharded like the main graph (each rank its own MTP
+weight files); this proposer runs on rank 0 only, and each call of the graph first hands
+its inputs to the other ranks, which run it too (runtime/parallel.py `distribute_mtp`).
+Then the calls run the plan eagerly on every rank, not through captured buckets: a
+capture on rank 0 would run collectives the other ranks never meet.
 """
 
 from __future__ import annotations
@@ -53,16 +59,15 @@ from braze.ir import parse_graph, verify
 from braze.ir.interpreter import Interpreter
 from braze.ir.errors import BrazeError
 
+from . import parallel
 from .kv_cache import KVCache
 
 NO_MTP_GRAPH = (
     "speculative method 'mtp' needs the artifact's multi-token-prediction graph, and "
     "{root} has none: compile a checkpoint with DeepSeek-V3's next-n layer weights "
     "(config.json num_nextn_predict_layers >= 1, tensors model.layers.<num_hidden_layers>.*) "
-    "with this braze, on one GPU (tensor-parallel artifacts ship the layer uncompiled); or "
-    "use method 'ngram' (prompt lookup) or 'draft' (a second braze artifact)")
-NOT_PARALLEL = ("speculative method 'mtp' does not run on tensor-parallel artifacts yet; "
-                "use 'ngram'")
+    "with this braze; or use method 'ngram' (prompt lookup) or 'draft' (a second braze "
+    "artifact)")
 GEMMA4_ASSISTANT = (
     "speculative method 'mtp' for Gemma 4 needs its assistant model "
     "(Gemma4AssistantForCausalLM) compiled into the artifact, and {root} has none: compile "
@@ -87,7 +92,7 @@ def load_mtp(artifact, main_params: dict, device):
     except (BrazeError, UnicodeDecodeError) as e:
         raise BrazeError(f"artifact {root}: {m['graph']} is invalid: {e}") from None
     params = {}
-    for f in m["files"]:
+    for f in _rank_files(artifact, m, graph):
         try:
             params.update(load_file(str(root / f), device=str(device)))
         except Exception as e:  # safetensors raises its own error types
@@ -105,21 +110,62 @@ def load_mtp(artifact, main_params: dict, device):
     return graph, params, m.get("hidden_input", "hidden_states")
 
 
-def mtp_runner(engine, graph, params: dict, cache, hidden_input: str):
+def _rank_files(artifact, m: dict, graph) -> list[str]:
+    """The MTP weight files of this process's tensor-parallel rank (all of them for one
+    rank). Rank 0 first checks every other rank's files hold the MTP graph's weights in
+    their shapes (headers only), so that a broken shard is refused before any rank runs."""
+    if "ranks" not in m:
+        return m["files"]
+    from .parallel import current_rank, tensor_parallel_size
+    ranks, n = m["ranks"], tensor_parallel_size(artifact.manifest)
+    if len(ranks) != n:
+        raise BrazeError(f"artifact {artifact.root}: its MTP weights are split for {len(ranks)} "
+                         f"ranks, its main weights for {n}; recompile the artifact")
+    rank = current_rank()
+    if rank == 0:
+        for r in range(1, n):
+            _check_rank_files(artifact, graph, r, ranks[r]["files"])
+    return ranks[rank]["files"]
+
+
+def _check_rank_files(artifact, graph, rank: int, files: list[str]) -> None:
+    from safetensors import safe_open
+    root = artifact.root
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(root / f), "pt") as sf:
+                shapes.update((k, tuple(sf.get_slice(k).get_shape())) for k in sf.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise BrazeError(f"artifact MTP weights {root / f} (tensor-parallel rank {rank}) "
+                             f"cannot be read ({e}); recompile the artifact") from None
+    shared = set((artifact.manifest.get("mtp") or {}).get("shared", []))
+    for name, p in graph.params.items():
+        if name not in shared and shapes.get(name) != tuple(p.type.shape):
+            raise BrazeError(f"artifact {root}: MTP weight {name} of tensor-parallel rank "
+                             f"{rank} is missing from {', '.join(files)} or not shaped "
+                             f"{p.type}; recompile the artifact")
+
+
+def mtp_runner(artifact, ex, graph, params: dict, bucketed=None):
     """-> (run(feeds) -> the MTP graph's outputs, how it runs): its own launch plan's
-    Triton kernels ("plan", bound per bucket to static buffers and `cache`:
-    runtime/mtp_graphs.py) when the engine's backend runs plans (interpret, cuda) and the
-    artifact has one for it, else the reference interpreter ("reference")."""
-    ex = engine.runner.executor
-    m = engine.artifact.manifest.get("mtp") or {}
+    Triton kernels ("plan") when the executor `ex`'s backend runs plans (interpret, cuda)
+    and the artifact has one for it, else the reference interpreter ("reference").
+    `bucketed` = (the main ModelRunner, the cache the plan binds, the hidden input): the
+    plan runs through bucketed static buffers, captured on cuda (runtime/mtp_graphs.py);
+    None: eagerly (tensor-parallel ranks, whose every call is exchanged first)."""
+    m = artifact.manifest.get("mtp") or {}
     if ex.plan is None or "plan" not in m:
         interp = Interpreter(graph)
         return (lambda feeds: interp.run(feeds, params)), "reference"
     from .mtp_graphs import MTPGraphs
     from .plan_executor import PlanExecutor
-    plan = PlanExecutor(engine.artifact, params, ex.device, interpret=ex.backend == "interpret",
+    plan = PlanExecutor(artifact, params, ex.device, interpret=ex.backend == "interpret",
                         second=m, graph=graph)
-    return MTPGraphs(engine, graph, plan, cache, hidden_input), "plan"
+    if bucketed is None:
+        return plan.run, "plan"
+    main, cache, hidden_input = bucketed
+    return MTPGraphs(main, artifact.root, graph, plan, cache, hidden_input), "plan"
 
 
 class _MTPState:
@@ -150,8 +196,6 @@ class MTPProposer:
         if ex.graph.outputs.get("hidden_states") is None:
             raise BrazeError(NO_MTP_GRAPH.format(root=engine.artifact.root),
                              param="speculative")
-        if engine.artifact.manifest.get("parallel"):
-            raise BrazeError(NOT_PARALLEL, param="speculative")
         self.graph, self.params, self.hidden_input = load_mtp(engine.artifact, ex.params,
                                                               ex.device)
         self.logits_pruned = str(self.graph.outputs["logits"].type.shape[0]) == "R"
@@ -165,8 +209,13 @@ class MTPProposer:
         self.scratch_base = runner.num_kv_blocks
         blocks = runner.num_kv_blocks + self.scratch_per_seq * runner.max_num_seqs
         self.cache = KVCache(self.graph, blocks, self.device)
-        self.run_graph, self.runs_on = mtp_runner(engine, self.graph, self.params, self.cache,
-                                                  self.hidden_input)
+        self.run_graph, self.runs_on = mtp_runner(
+            engine.artifact, ex, self.graph, self.params,
+            None if parallel.current_group() else (runner, self.cache, self.hidden_input))
+        # a tensor-parallel artifact: every call first reaches the other ranks, which run
+        # it on their shards (runtime/parallel.py)
+        self.run_graph = parallel.distribute_mtp(self.run_graph, self.graph, self.cache.tensors,
+                                                 blocks)
         self.vocab = engine.vocab_size
         self.states: dict[str, _MTPState] = {}
         self.num_mtp_calls = 0

@@ -5,7 +5,9 @@ own weight files and keeps its own KV cache. Rank 0 owns the engine (scheduler, 
 manager, sampler). Every step it broadcasts a small header and the step's static input
 buffers; every rank then replays the same graph segments, whose `all_reduce` and
 `all_gather` ops meet across ranks (gloo on CPUs, NCCL on GPUs). The logits come back
-whole on every rank and only rank 0 samples.
+whole on every rank and only rank 0 samples. The `mtp` proposer's calls of the MTP graph
+(runtime/mtp_proposer.py) reach the other ranks the same way (`distribute_mtp`): a header
+of their own, the call's inputs, then every rank runs the sharded MTP graph.
 
 How the ranks start:
 
@@ -36,7 +38,7 @@ from braze.ir.errors import BrazeError
 
 log = logging.getLogger("braze.runtime")
 
-_RUN, _STOP = 1, 0
+_RUN, _STOP, _MTP = 1, 0, 2
 _STEP_BUFFERS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
                  "block_tables", "logits_indices")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -250,11 +252,17 @@ def follow(artifact, options) -> None:
                          debug=cfg["debug"], wide_rows=cfg["wide_rows"])
     graphs.capture()
     head = _header(0, 0, 0, 0, 0, ex.device)
+    mtp = None
     while True:
         dist.broadcast(head, 0)
         cmd, n_tok, n_seq, decode_only, wide = (int(x) for x in head.tolist())
         if cmd == _STOP:
             break
+        if cmd == _MTP:         # n_tok: the blocks of rank 0's MTP cache (0: the target's)
+            if mtp is None or mtp.blocks != n_tok:
+                mtp = _FollowerMTP(artifact, ex, n_tok)
+            mtp.call()
+            continue
         _exchange(graphs, static, n_tok, n_seq, bool(wide))
         graphs.run(n_tok, n_seq, bool(decode_only), wide=bool(wide))
     dist.destroy_process_group()
@@ -274,6 +282,81 @@ def _exchange(graphs, static, n_tok: int, n_seq: int, wide: bool = False) -> Non
         rows = T if name.startswith(("input_ids", "positions", "slot_mapping")) else \
             S + 1 if name == "query_start_loc" else S
         dist.broadcast(static[name][:rows], 0)
+
+
+def _mtp_inputs(graph, caches: dict) -> list:
+    """The MTP graph's inputs rank 0 sends for each call: all but the caches, which every
+    rank keeps for itself."""
+    return [v for v in graph.inputs if v.name not in caches]
+
+
+def _exchange_feeds(inputs, feeds: dict | None, device) -> dict:
+    """Broadcast one MTP call's inputs from rank 0 (`feeds`; None on the other ranks):
+    first their shapes, in one tensor, then each input. -> the inputs on this rank."""
+    from braze.ir.types import torch_dtype
+    dims = torch.zeros(sum(v.type.rank for v in inputs), dtype=torch.int64, device=device)
+    if feeds is not None:
+        dims.copy_(torch.tensor([d for v in inputs for d in feeds[v.name].shape],
+                                dtype=torch.int64))
+    dist.broadcast(dims, 0)
+    shape, at, out = dims.tolist(), 0, {}
+    for v in inputs:
+        sh, at = shape[at:at + v.type.rank], at + v.type.rank
+        dtype = torch_dtype(v.type.dtype)
+        t = feeds[v.name].to(dtype).contiguous() if feeds is not None else \
+            torch.empty(sh, dtype=dtype, device=device)
+        dist.broadcast(t, 0)
+        out[v.name] = t
+    return out
+
+
+class _FollowerMTP:
+    """Ranks > 0: the artifact's MTP graph on this rank's shards, built at rank 0's first
+    MTP call, with the caches it reads: DeepSeek's next-n layer its own, of as many blocks
+    as rank 0's (`blocks`); Gemma 4's assistant this rank's part of the target's cache."""
+
+    def __init__(self, artifact, ex, blocks: int):
+        from .kv_cache import KVCache
+        from .mtp_proposer import load_mtp, mtp_runner
+        graph, params, _ = load_mtp(artifact, ex.params, ex.device)
+        self.run, _ = mtp_runner(artifact, ex, graph, params)
+        if blocks:
+            self.caches = KVCache(graph, blocks, ex.device).tensors
+        else:
+            self.caches = {v.name: ex.cache.tensors[v.name] for v in graph.inputs
+                           if v.name in ex.cache.tensors}
+        self.inputs = _mtp_inputs(graph, self.caches)
+        self.blocks, self.device = blocks, ex.device
+
+    def call(self) -> None:
+        feeds = _exchange_feeds(self.inputs, None, self.device)
+        feeds.update(self.caches)
+        self.run(feeds)
+
+
+def distribute_mtp(run, graph, caches: dict, blocks: int = 0):
+    """Rank 0 of a tensor-parallel group: wrap an MTP proposer's graph call `run(feeds)`
+    so that each call first hands its inputs to the other ranks, which run the same call
+    (its all_reduce and all_gather meet theirs). `caches`: the cache inputs every rank
+    keeps for itself, an MTP cache of `blocks` blocks (0: the target's own cache, which
+    Gemma 4's assistant reads). `run` itself without a group."""
+    g = current_group()
+    if g is None:
+        return run
+    inputs = _mtp_inputs(graph, caches)
+
+    def call(feeds: dict) -> dict:
+        g.check_alive()
+        try:
+            dev = feeds["input_ids"].device
+            dist.broadcast(_header(_MTP, blocks, 0, 0, 0, dev), 0)
+            _exchange_feeds(inputs, feeds, dev)
+            return run(feeds)
+        except BrazeError:
+            raise
+        except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
+            raise BrazeError(_failure(g, e)) from None
+    return call
 
 
 class LeaderGraphs:

@@ -342,7 +342,6 @@ def test_unsupported_assistants_are_refused_in_one_line(pair, tmp_path):
          target, {}, "num_centroids=24 must divide vocab_size=256"),
         (_edited_assistant(assistant, tmp_path / "wide", backbone_hidden_size=96),
          target, {}, "backbone_hidden_size=96 but the target's hidden_size is 64"),
-        (assistant, target, {"tensor_parallel_size": 2}, "--tensor-parallel-size > 1"),
         (target, target, {}, "model_type is 'gemma4_text', not 'gemma4_assistant'"),
     ]
     with contextlib.redirect_stderr(io.StringIO()):
