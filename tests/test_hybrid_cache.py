@@ -126,13 +126,26 @@ class HybridMachine(RuleBasedStateMachine):
     cache records which token prefix each slot's KV belongs to; every step checks that
     each position its tokens can see holds the sequence's own KV."""
 
+    POOLS = [48, 14, 20]        # one per group; an int: one pool the groups share
+
     def __init__(self):
         super().__init__()
         self.windows = (0, 5, 9)
-        self.bm = HybridBlockManager(groups(*self.windows), [48, 14, 20], BS, max_chunk=8)
+        self.bm = HybridBlockManager(groups(*self.windows), self.POOLS, BS, max_chunk=8)
         self.seqs: dict[str, dict] = {}
-        self.slots = [dict() for _ in self.windows]     # group -> slot -> prefix written
+        # (memory, slot) -> (group, prefix written): with a shared pool a block id is the
+        # same memory in every group, so one group's write there clobbers another's KV
+        self.slots: dict[tuple, tuple] = {}
         self.n = 0
+
+    def _mem(self, g):
+        return 0 if self.bm.shared else g
+
+    def _write(self, g, slot, prefix):
+        self.slots[self._mem(g), slot] = (g, prefix)
+
+    def _read(self, g, slot):
+        return self.slots.get((self._mem(g), slot))
 
     @rule(data=st.data())
     def admit(self, data):
@@ -172,7 +185,7 @@ class HybridMachine(RuleBasedStateMachine):
                     assert self.windows[g]          # only a window group skips a block
                     continue
                 for p in range(i * BS, (i + 1) * BS):
-                    self.slots[g][b * BS + p % BS] = tuple(tokens[:p + 1])
+                    self._write(g, b * BS + p % BS, tuple(tokens[:p + 1]))
         self.seqs[sid] = {"tokens": list(tokens), "computed": cached + len(ids) * BS}
         self._check_visible(sid, cached + len(ids) * BS)
 
@@ -184,7 +197,7 @@ class HybridMachine(RuleBasedStateMachine):
             for p in range(0 if not w else max(0, start - w + 1), start):
                 slot = table[p // BS] * BS + p % BS
                 assert table[p // BS] != NULL_BLOCK or not w, (g, p, "null block read")
-                assert self.slots[g].get(slot) == tuple(s["tokens"][:p + 1]), (g, p)
+                assert self._read(g, slot) == (g, tuple(s["tokens"][:p + 1])), (g, p)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -208,9 +221,9 @@ class HybridMachine(RuleBasedStateMachine):
                 b = table[p // BS]
                 assert b != NULL_BLOCK or not w
                 assert self.bm.pools[g].ref_count(b) == 1 or not self.bm.pools[g].is_cached(b) \
-                    or self.slots[g].get(b * BS + p % BS) == tuple(s["tokens"][:p + 1]), \
+                    or self._read(g, b * BS + p % BS) == (g, tuple(s["tokens"][:p + 1])), \
                     "a step wrote into a shared cached block"
-                self.slots[g][b * BS + p % BS] = tuple(s["tokens"][:p + 1])
+                self._write(g, b * BS + p % BS, tuple(s["tokens"][:p + 1]))
         s["computed"] = end
         self.bm.commit(sid, end, s["tokens"])
 
@@ -243,25 +256,39 @@ class HybridMachine(RuleBasedStateMachine):
     @invariant()
     def blocks_balance(self):
         bm = self.bm
-        for g, (w, pool) in enumerate(zip(self.windows, bm.pools)):
-            owners = [0] * pool.num_blocks
+        pools = bm.pools[:1] if bm.shared else bm.pools
+        owners = [[0] * pool.num_blocks for pool in pools]
+        used = [0] * len(self.windows)
+        for g, w in enumerate(self.windows):
+            own = owners[0 if bm.shared else g]
             for sid in self.seqs:
                 table = bm.block_table(sid, g)
                 real = [b for b in table if b != NULL_BLOCK or not w]
                 assert len(set(real)) == len(real), "a block twice in one table"
                 for b in real:
-                    owners[b] += 1
+                    own[b] += 1
+            used[g] = len({b for sid in self.seqs for b in bm.block_table(sid, g)
+                           if b != NULL_BLOCK or not w})
+            assert bm.group_used_blocks(g) == used[g], (g, "blocks in use miscounted")
             if w:
-                owners[NULL_BLOCK] = 1
-                assert pool.ref_count(NULL_BLOCK) == 1
+                own[NULL_BLOCK] = 1
+        for own, pool in zip(owners, pools):
             free = pool.free_blocks()
             assert len(set(free)) == len(free)
             for b in range(pool.num_blocks):
-                assert pool.ref_count(b) == owners[b], (g, b)
-                assert (b in free) == (owners[b] == 0)
-                if owners[b] > 1:       # only prefix-cached (full, computed) blocks are shared
+                assert pool.ref_count(b) == own[b], b       # no block handed out twice
+                assert (b in free) == (own[b] == 0)
+                if own[b] > 1:          # only prefix-cached (full, computed) blocks are shared
                     assert pool.is_cached(b)
             assert len(pool._cached) == len(pool._block_hash)
+        if bm.shared:       # no block in two groups' tables at once
+            for g in range(len(self.windows)):
+                for h in range(g):
+                    a = {b for sid in self.seqs for b in bm.block_table(sid, g)} - {NULL_BLOCK}
+                    c = {b for sid in self.seqs for b in bm.block_table(sid, h)} - {NULL_BLOCK}
+                    assert not a & c, (g, h, "a block in two groups")
+            s = bm.stats()
+            assert s["kv_blocks_total"] == s["kv_blocks_free"] + s["kv_blocks_used"]
 
     def teardown(self):
         for sid in list(self.seqs):
@@ -272,6 +299,17 @@ class HybridMachine(RuleBasedStateMachine):
 
 TestHybridMachine = HybridMachine.TestCase
 TestHybridMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class SharedHybridMachine(HybridMachine):
+    """The same operations over one pool all three groups share (one free queue, one LRU
+    of cached blocks): small enough that groups evict each other's cached blocks."""
+    POOLS = 24
+
+
+TestSharedHybridMachine = SharedHybridMachine.TestCase
+TestSharedHybridMachine.settings = settings(max_examples=150, stateful_step_count=40,
+                                            deadline=None)
 
 
 def test_random_long_runs_match_window_arithmetic():
