@@ -544,6 +544,48 @@ def group_pool_blocks(groups: list[KVGroup], num_kv_blocks: int, block_size: int
                                num_kv_blocks) if g.window else num_kv_blocks for g in groups]
 
 
+# A shared pool's page holds one block of any group; a group with fewer or smaller cache
+# tensors than the largest leaves part of each of its pages unused. Separate pools, sized
+# exactly, win once that waste is large (a 1:2 layer split wastes a quarter of the memory
+# at an even mix; the 5:1 Gemma 3 layout a 29/34 of a full-attention block), so the
+# groups share only where, at an even mix, at most this fraction of the memory goes unused
+# (vLLM pads its last layer group the same way; benchmarks/hybrid_cache.py --traffic).
+MAX_SHARED_WASTE = 0.125
+
+
+def share_pool(cache, names: list[list[str]]) -> bool:
+    """Whether the KV cache groups whose cache tensors are `names` share one pool."""
+    if len(names) < 2 or not all(names):
+        return False
+    page = cache.page_bytes(names)
+    used = sum(cache.bytes_per_block_of(n) for n in names)
+    return 1 - used / (len(names) * page) <= MAX_SHARED_WASTE
+
+
+def shared_pool_blocks(cache, names: list[list[str]], group_blocks: list[int]) -> int:
+    """The shared pool's pages: the bytes the separate pools `group_blocks` would take."""
+    total = sum(n * cache.bytes_per_block_of(grp) for grp, n in zip(names, group_blocks))
+    return total // cache.page_bytes(names)
+
+
+def shared_max_tokens(groups: list[KVGroup], pages: int, block_size: int,
+                      max_chunk: int) -> int:
+    """The longest sequence a shared pool holds alone: each full-attention group's blocks
+    for all its tokens, each window group's window and a chunk (never more than all its
+    tokens), and the null block."""
+    per_window = [window_blocks(g.window, block_size, max_chunk) for g in groups if g.window]
+    full = sum(1 for g in groups if not g.window)
+
+    def need(n: int) -> int:
+        return full * n + sum(min(n, w) for w in per_window)
+
+    lo, hi = 0, pages          # the most blocks n with need(n) <= pages - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= pages - 1 else (lo, mid - 1)
+    return lo * block_size
+
+
 def make_block_manager(runner, enable_prefix_caching: bool = True):
     """The block manager for a runner's cache: a `HybridBlockManager` when its window
     groups free their blocks, else the plain `BlockManager` over one table."""

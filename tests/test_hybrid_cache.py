@@ -409,3 +409,104 @@ def test_async_order_releases_window_blocks_only_once_committed():
     bm.commit("a", 16, t)
     bm.slide("a", 16)
     assert bm.block_table("a", 1)[:3] == [NULL_BLOCK] * 3
+
+
+def _serve(groups_, blocks, prompt_len, chunk=16):
+    """(requests of `prompt_len` distinct tokens running at once, each prefilled in chunks;
+    after a stream of them served one by one, how many of the latest still hit whole)."""
+    prompt = lambda i: [i * 1000 + j for j in range(prompt_len)]      # noqa: E731
+
+    def prefill(bm, sid, t):
+        start = 0
+        while start < len(t):
+            end = min(len(t), start + chunk)
+            bm.slide(sid, start)
+            if not bm.reserve(sid, end):
+                return False
+            bm.commit(sid, end, t)
+            start = end
+        bm.slide(sid, start)
+        return True
+
+    bm = HybridBlockManager(groups_, blocks, BS, max_chunk=chunk)
+    running = 0
+    while bm.can_allocate(prompt(running)):
+        bm.allocate(running, prompt(running))
+        if not prefill(bm, running, prompt(running)):
+            break
+        running += 1
+    bm = HybridBlockManager(groups_, blocks, BS, max_chunk=chunk)
+    served = 2 * running + 8
+    for i in range(served):
+        bm.allocate(i, prompt(i))
+        assert prefill(bm, i, prompt(i))
+        bm.free(i)
+    cached = 0
+    while cached < served and bm.cached_prefix_blocks(prompt(served - 1 - cached) + [0]) \
+            == prompt_len // BS:
+        cached += 1
+    return running, cached
+
+
+def test_shared_pool_admits_more_and_caches_more_on_the_same_memory():
+    """Gemma 3's layout cut to equal groups (one layer each: every block the same bytes).
+    On the bytes of the separate pools the runtime sizes (a full pool of 64, window pools
+    for 4 sequences), one shared pool runs more short requests at once and keeps more
+    prefixes hitting (the separate window pools run out first), and no fewer long ones."""
+    from braze.runtime.hybrid_cache import group_pool_blocks
+    gs = [KVGroup(0, (1,)), KVGroup(8, (0,)), KVGroup(8, (2,))]
+    separate = group_pool_blocks(gs, 64, BS, 4, 16, True)
+    assert separate[1] == separate[2] < separate[0]
+    pages = sum(separate)           # each group's block is one page: the same bytes
+    sep_short, shared_short = _serve(gs, separate, 8), _serve(gs, pages, 8)
+    assert shared_short[0] > sep_short[0] and shared_short[1] > sep_short[1]
+    sep_long, shared_long = _serve(gs, separate, 60), _serve(gs, pages, 60)
+    assert shared_long[0] >= sep_long[0] and shared_long[1] >= sep_long[1]
+    print("short", sep_short, shared_short, "long", sep_long, shared_long)
+
+
+def test_shared_pool_hit_shrinks_when_another_group_evicted_its_window_block():
+    """One LRU across groups: when taking blocks evicts a window group's cached block, the
+    hit shrinks to the longest prefix every group still holds, as with separate pools."""
+    gs = [KVGroup(0, (0,)), KVGroup(5, (1,))]
+    bm = HybridBlockManager(gs, 40, BS, max_chunk=8)
+    a = list(range(24))
+    bm.allocate("a", a)
+    start = 0
+    while start < 24:
+        end = min(24, start + 8)
+        run(bm, "a", a, start, end)
+        start = end
+    bm.free("a")
+    assert bm.cached_prefix_blocks(a + [1]) == 6
+    # evict the window group's copy of block 5 (the LRU order is the pool's; drop it directly)
+    pool = bm.pools[1]
+    b5 = pool._cached[bm._key(1, bm._chain(a, [], 6, None)[5])]
+    pool._cached_free.move_to_end(b5, last=False)
+    plain = bm._take(0, len(pool._plain_free))
+    taken = bm._take(0, 1)          # a full-group block: the shared LRU's head, evicted
+    assert taken == [b5] and bm.cached_prefix_blocks(a + [1]) == 5
+    for b in plain + taken:
+        bm._release(0, b)
+    # the hit of 6 blocks needs window block 5; 5 blocks need window block 4 only (the
+    # window of position 20), still cached
+    assert bm.cached_prefix_blocks(a + [1]) == 5
+    assert bm.allocate("b", a + [1]) == 20
+    assert bm.block_table("b", 1)[:4] == [NULL_BLOCK] * 4
+
+
+def test_shared_max_tokens_is_a_length_one_sequence_can_hold():
+    from braze.runtime.hybrid_cache import shared_max_tokens
+    gs = [KVGroup(0, (1,)), KVGroup(8, (0,)), KVGroup(8, (2,))]
+    for pages in (12, 40, 200):
+        n = shared_max_tokens(gs, pages, BS, 8)
+        per_window = window_blocks(8, BS, 8)
+        assert n == (pages - 1 - 2 * per_window) * BS or n < 2 * per_window * BS
+        t = list(range(n))
+        bm = HybridBlockManager(gs, pages, BS, max_chunk=8)
+        assert bm.can_allocate(t)
+        bm.allocate("a", t)
+        for start in range(0, n, 8):
+            run(bm, "a", t, start, min(n, start + 8))
+    assert shared_max_tokens(gs, 4, BS, 8) == BS     # the null block and one per group
+    assert shared_max_tokens(gs, 3, BS, 8) == 0
