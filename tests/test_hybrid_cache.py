@@ -510,3 +510,34 @@ def test_shared_max_tokens_is_a_length_one_sequence_can_hold():
             run(bm, "a", t, start, min(n, start + 8))
     assert shared_max_tokens(gs, 4, BS, 8) == BS     # the null block and one per group
     assert shared_max_tokens(gs, 3, BS, 8) == 0
+
+
+def test_shared_pool_holds_every_groups_hits_before_taking_new_blocks():
+    """A new block for one group may evict the least recently used cached block, which can
+    be another group's prefix hit for the same admission: every group's hits are held
+    first, so that block is never evicted and handed out while it is being reused."""
+    gs = [KVGroup(0, (0,)), KVGroup(5, (1,))]
+    bm = HybridBlockManager(gs, 24, BS, max_chunk=8)
+    a = list(range(12))
+    bm.allocate("a", a)
+    run(bm, "a", a, 0, 8)
+    run(bm, "a", a, 8, 12)
+    bm.free("a")
+    c = list(range(100, 120))           # more cached blocks, to evict instead
+    bm.allocate("c", c)
+    for start in range(0, 20, 8):
+        run(bm, "c", c, start, min(20, start + 8))
+    bm.free("c")
+    pool = bm.pools[0]
+    # a sequence holding every plain block (its window group takes one now)
+    bm.allocate("filler", [99] * (4 * (len(pool._plain_free) - 1)))
+    assert not pool._plain_free
+    h2 = bm._chain(a, [], 3, None)[2]
+    w2 = pool._cached[bm._key(1, h2)]          # the window group's block 2: a hit for b
+    pool._cached_free.move_to_end(w2, last=False)   # and the first an eviction takes
+    b = a + [7] * 5
+    assert bm.can_allocate(b)
+    assert bm.allocate("b", b) == 12
+    full, window = bm.block_table("b", 0), bm.block_table("b", 1)
+    assert window[2] == w2 and w2 not in full
+    assert pool.ref_count(w2) == 1
