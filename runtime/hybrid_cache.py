@@ -1,13 +1,14 @@
-"""A hybrid KV cache: one block pool and one block table per KV cache group, and
-sliding-window groups that hold only the blocks inside their window.
+"""A hybrid KV cache: one block table per KV cache group, over one pool the groups share
+(or a pool each), and sliding-window groups that hold only the blocks inside their window.
 
 An artifact records its KV cache groups in the manifest (`"kv_groups"`, written by
 frontend/kv_groups.py): the layers with full attention form one group (window 0), the
 layers of each distinct sliding window another. Group 0 reads the batch contract's
 `slot_mapping` and `block_tables`; group g > 0 its own `slot_mapping.g<g>` and
-`block_tables.g<g>` (ir/contract.py `group_step_inputs`). Each group's layers have
-their own cache tensors of their own pool size, so a block id means a block of that
-group's pool only.
+`block_tables.g<g>` (ir/contract.py `group_step_inputs`). With separate pools each
+group's layers have cache tensors of their own pool size, so a block id means a block of
+that group's pool only; with a shared pool (below) block b is one page of memory, held
+by one group at a time.
 
 A sliding-window layer with window W lets the token at position p see keys at
 positions > p - W. Once a sequence's next token to compute is at `start`, no token it
