@@ -572,9 +572,11 @@ def shared_pool_blocks(cache, names: list[list[str]], group_blocks: list[int]) -
 def shared_max_tokens(groups: list[KVGroup], pages: int, block_size: int,
                       max_chunk: int) -> int:
     """The longest sequence a shared pool holds alone: each full-attention group's blocks
-    for all its tokens, each window group's window and a chunk (never more than all its
+    for all its tokens, each window group's window and two chunks (a step's blocks are
+    released once committed, with async scheduling a step later; never more than all its
     tokens), and the null block."""
-    per_window = [window_blocks(g.window, block_size, max_chunk) for g in groups if g.window]
+    per_window = [window_blocks(g.window, block_size, 2 * max_chunk)
+                  for g in groups if g.window]
     full = sum(1 for g in groups if not g.window)
 
     def need(n: int) -> int:

@@ -500,7 +500,7 @@ def test_shared_max_tokens_is_a_length_one_sequence_can_hold():
     gs = [KVGroup(0, (1,)), KVGroup(8, (0,)), KVGroup(8, (2,))]
     for pages in (12, 40, 200):
         n = shared_max_tokens(gs, pages, BS, 8)
-        per_window = window_blocks(8, BS, 8)
+        per_window = window_blocks(8, BS, 16)
         assert n == (pages - 1 - 2 * per_window) * BS or n < 2 * per_window * BS
         t = list(range(n))
         bm = HybridBlockManager(gs, pages, BS, max_chunk=8)
@@ -510,6 +510,16 @@ def test_shared_max_tokens_is_a_length_one_sequence_can_hold():
             run(bm, "a", t, start, min(n, start + 8))
     assert shared_max_tokens(gs, 4, BS, 8) == BS     # the null block and one per group
     assert shared_max_tokens(gs, 3, BS, 8) == 0
+    # async order: the next chunk slid before the last one committed
+    n = shared_max_tokens(gs, 40, BS, 8)
+    t = list(range(n))
+    bm = HybridBlockManager(gs, 40, BS, max_chunk=8)
+    bm.allocate("a", t)
+    assert bm.reserve("a", 8)
+    for start in range(8, n, 8):
+        bm.slide("a", start)
+        assert bm.reserve("a", min(n, start + 8))
+        bm.commit("a", start, t)
 
 
 def test_shared_pool_holds_every_groups_hits_before_taking_new_blocks():
