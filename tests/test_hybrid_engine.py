@@ -321,3 +321,40 @@ def test_shared_pool_is_one_memory_of_the_separate_pools_bytes(store):
     k1[5].fill_(3.0)
     assert (k2[5] == 3.0).all() and (k2[4] == 0).all()
     assert (cache.tensors[names[0][1]] == 0).all()      # v slot untouched
+
+
+def _storage_bytes(cache) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in cache.tensors.values()}.values())
+
+
+def test_shared_pool_keeps_more_prefixes_than_separate_pools_on_the_same_memory(store,
+                                                                              monkeypatch):
+    """The engine with Gemma 3's groups in one pool and (forced) in separate pools of the
+    same bytes: after a stream of short prompts, the shared pool still holds more of them
+    whole (the separate window pools ran out while the full pool had room), and the
+    outputs are transformers' either way."""
+    from braze.runtime import hybrid_cache
+    art = _artifact(store, "gemma3-sandwich-softcap", 0)
+    prompts = prompts_of([9] * 26, seed=31)
+    kept, sizes = {}, {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(hybrid_cache, "MAX_SHARED_WASTE", -1.0)
+        # separate: a full pool of 64 blocks and window pools of 30 (for 4 sequences)
+        eng = Engine(art, backend="reference", num_kv_blocks=64)
+        assert eng.stats()["kv_shared_pool"] is shared
+        poison_free_blocks(eng)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"q{i}", p, SamplingParams(max_tokens=1, ignore_eos=True))
+            out = eng.run_to_completion([f"q{i}"])[f"q{i}"]
+            if i % 8 == 0:
+                assert out.token_ids == _greedy_hf(store, "gemma3-sandwich-softcap", p, 1)
+        bm = eng.block_manager
+        kept[shared] = sum(bm.cached_prefix_blocks(p + [0]) == 2 for p in prompts)
+        sizes[shared] = _storage_bytes(eng.runner.executor.cache)
+    page = eng.runner.executor.cache.bytes_per_block_of(
+        eng.runner.executor.cache.group_names(eng.runner.kv_groups[0].layers))
+    assert sizes[False] - page < sizes[True] <= sizes[False]
+    assert kept[True] > kept[False] > 0
+    print("prefixes kept: shared", kept[True], "separate", kept[False])
