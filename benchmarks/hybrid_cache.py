@@ -16,8 +16,22 @@ Then the serving view: for a KV budget (`--kv-gib`), how many tokens the full-at
 pool holds once the window pools are sized as the runtime sizes them
 (`window_pool_blocks` for `--max-num-seqs` and `--max-num-tokens`), against one table.
 
+Then, with `--traffic`, what a KV budget holds under traffic (the runtime's
+`HybridBlockManager` driven as the scheduler drives it): how many requests of a short
+and of a long prompt run at once (each prefilled in chunks, window blocks released
+behind it), and after a stream of distinct prompts, how many of them a later request
+still hits the whole prefix of (the prefix cache). Three layouts of the same bytes:
+separate pools with one group per window, as before (each window pool sized by
+`window_pool_blocks`, the rest for the full-attention group); one pool those groups
+share (pages as `KVCache.share` lays them out: a page holds one block of the largest
+group, so a full-attention block leaves most of its page unused; the runtime refuses
+it); and one shared pool over the groups `braze compile` now makes, cut to equal layer
+counts (vLLM's layout: the 29 local layers become 6 groups with a table each, a page
+is 5 layers).
+
     python benchmarks/hybrid_cache.py
     python benchmarks/hybrid_cache.py --context 32768 --chunk 2048 --decode 256
+    python benchmarks/hybrid_cache.py --traffic --kv-gib 40 --short 512 --long 16384
 """
 
 from __future__ import annotations
@@ -73,7 +87,8 @@ def measure(context: int, chunk: int, decode: int, block_size: int, dtype: str) 
         start = end
     final = [bm.group_used_blocks(g) for g in range(len(groups))]
     return {"groups": groups, "per_block": per_block, "peak": peak, "final": final,
-            "tokens": total, "full_blocks": full_blocks, "dtype": loaded.dtype}
+            "tokens": total, "full_blocks": full_blocks, "dtype": loaded.dtype,
+            "cache": cache}
 
 
 def capacity(r: dict, kv_bytes: int, block_size: int, max_num_seqs: int,
@@ -91,6 +106,101 @@ def capacity(r: dict, kv_bytes: int, block_size: int, max_num_seqs: int,
             "window_bytes": window}
 
 
+def by_window(groups):
+    """One group per window (the layout before groups were cut to equal layer counts)."""
+    from braze.runtime.hybrid_cache import KVGroup
+    windows = sorted({g.window for g in groups})
+    return [KVGroup(w, tuple(sorted(x for g in groups if g.window == w for x in g.layers)))
+            for w in windows]
+
+
+def layouts(r: dict, kv_bytes: int, block_size: int, max_num_seqs: int,
+            max_num_tokens: int) -> list[tuple]:
+    """(name, groups, blocks: per-group pool sizes or one shared pool's, page bytes) of
+    each layout of `kv_bytes`."""
+    from braze.runtime.hybrid_cache import share_pool, window_pool_blocks
+    cache = r["cache"]
+    names = lambda gs: [cache.group_names(g.layers) for g in gs]     # noqa: E731
+    merged = by_window(r["groups"])
+    per = [cache.bytes_per_block_of(n) for n in names(merged)]
+    window = [window_pool_blocks(g.window, block_size, max_num_seqs, max_num_tokens, 1 << 40)
+              if g.window else 0 for g in merged]
+    rest = kv_bytes - sum(n * p for n, p in zip(window, per))
+    full_per = sum(p for g, p in zip(merged, per) if not g.window)
+    separate = [n or rest // full_per for n in window]
+    out = [("separate pools, a group per window (before)", merged, separate, None)]
+    for name, gs in (("one shared pool, a group per window", merged),
+                     ("one shared pool, groups cut to equal layers (now)", r["groups"])):
+        page = cache.page_bytes(names(gs))
+        name += "" if share_pool(cache, names(gs)) else " [refused: wastes pages]"
+        out.append((name, gs, kv_bytes // page, page))
+    return out
+
+
+def _prefill(bm, sid, tokens, chunk: int) -> bool:
+    start = 0
+    while start < len(tokens):
+        end = min(len(tokens), start + chunk)
+        bm.slide(sid, start)
+        if not bm.reserve(sid, end):
+            return False
+        bm.commit(sid, end, tokens)
+        start = end
+    bm.slide(sid, start)        # as its first decode step is scheduled
+    return True
+
+
+def traffic(groups, blocks, block_size: int, chunk: int, prompt_len: int,
+            limit: int = 100_000) -> dict:
+    """Requests of `prompt_len` distinct tokens: how many run at once (admitted and
+    prefilled, until the next does not fit), and after a stream of them served one after
+    another, how many of the most recent a request still hits the whole prefix of."""
+    from braze.runtime.hybrid_cache import HybridBlockManager
+    prompt = lambda i: list(range(i * prompt_len, (i + 1) * prompt_len))     # noqa: E731
+    bm = HybridBlockManager(groups, blocks, block_size, max_chunk=chunk)
+    running = 0
+    while running < limit:
+        t = prompt(running)
+        if not bm.can_allocate(t):
+            break
+        bm.allocate(running, t)
+        if not _prefill(bm, running, t, chunk):
+            bm.free(running)
+            break
+        running += 1
+    bm = HybridBlockManager(groups, blocks, block_size, max_chunk=chunk)
+    served = 2 * running + 8          # more than the pool holds at once
+    for i in range(served):
+        t = prompt(i)
+        bm.allocate(i, t)
+        assert _prefill(bm, i, t, chunk)
+        bm.free(i)
+    hits = 0
+    for i in reversed(range(served)):       # the most recent first
+        if bm.cached_prefix_blocks(prompt(i) + [0]) < prompt_len // block_size:
+            break
+        hits += 1
+    return {"running": running, "cached_prompts": hits}
+
+
+def print_traffic(r: dict, a) -> None:
+    bs = a.block_size
+    kv = int(a.kv_gib * (1 << 30))
+    print()
+    print(f"Traffic: {a.kv_gib:g} GiB of KV, window pools (separate) for {a.max_num_seqs} "
+          f"sequences and {a.max_num_tokens}-token steps; prompts prefilled in {a.chunk}-token "
+          f"chunks")
+    print("| layout | groups | page bytes | blocks | prompt | running at once | "
+          "prompts whose prefix still hits |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for name, groups, blocks, page in layouts(r, kv, bs, a.max_num_seqs, a.max_num_tokens):
+        shown = f"{blocks:,}" if isinstance(blocks, int) else " + ".join(f"{b:,}" for b in blocks)
+        for n in (a.short, a.long):
+            t = traffic(groups, blocks, bs, a.chunk, n)
+            print(f"| {name} | {len(groups)} | {f'{page:,}' if page else '-'} | {shown} | {n:,} | "
+                  f"{t['running']:,} | {t['cached_prompts']:,} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=32768, help="prompt tokens (default 32768)")
@@ -105,6 +215,10 @@ def main(argv=None) -> int:
                     help="running sequences the window pools are sized for (default 64)")
     ap.add_argument("--max-num-tokens", type=int, default=8192,
                     help="tokens per step the window pools are sized for (default 8192)")
+    ap.add_argument("--traffic", action="store_true",
+                    help="also: requests at once and prefixes cached, per pool layout")
+    ap.add_argument("--short", type=int, default=512, help="short prompt (default 512)")
+    ap.add_argument("--long", type=int, default=16384, help="long prompt (default 16384)")
     a = ap.parse_args(argv)
     r = measure(a.context, a.chunk, a.decode, a.block_size, a.dtype)
     n, bs = r["tokens"], a.block_size
@@ -132,6 +246,8 @@ def main(argv=None) -> int:
     print("|---|--:|--:|")
     print(f"| off | {c['off_tokens']:,} | 1.00 |")
     print(f"| on | {c['on_tokens']:,} | {c['on_tokens'] / c['off_tokens']:.2f} |")
+    if a.traffic:
+        print_traffic(r, a)
     return 0
 
 

@@ -14,7 +14,9 @@ attention (Llama, or Mistral with every layer windowed) has the same graph as be
 A layer that shares an earlier layer's cache (Gemma 4) has no cache of its own and
 belongs to the group of the cache it reads, which must have the same window. The
 groups go into the manifest (`"kv_groups"`): `[{"window": W, "layers": [...]}, ...]`,
-window 0 meaning full attention.
+window 0 meaning full attention. Where every layer's caches have one shape, each kind's
+layers are cut into groups of at most the smallest kind's layer count (`_split_equal`), so
+several groups may have one window: their blocks then share one pool of equal pages.
 
 Before:
 
@@ -32,7 +34,7 @@ after, when layer 0 is in group 1 (a full-attention group exists):
 from __future__ import annotations
 
 from braze.ir import Graph
-from braze.ir.contract import group_step_inputs
+from braze.ir.contract import CACHE_PREFIXES, group_step_inputs
 from braze.ir.errors import BrazeError
 
 _WRITES = {"cache_write": (2, 4), "latent_cache_write": (1, 2)}     # op: (cache, slots)
@@ -58,11 +60,13 @@ def assign_kv_groups(graph: Graph) -> list[dict]:
                                  f"share one cache")
     if not window_of:
         raise BrazeError(f"graph @{graph.name} has no attention over a KV cache")
-    windows = sorted(set(window_of.values()))
-    group_of = {w: g for g, w in enumerate(windows)}
+    kinds = [(w, sorted(layer for layer, lw in window_of.items() if lw == w))
+             for w in sorted(set(window_of.values()))]
+    groups = _split_equal(graph, kinds)
+    group_of = {layer: g for g, (_, layers) in enumerate(groups) for layer in layers}
     inputs = {v.name: v for v in graph.inputs}
     extra = {}
-    for g in range(1, len(windows)):
+    for g in range(1, len(groups)):
         for name, t in group_step_inputs(g).items():
             extra[name] = inputs.get(name) or graph.add_input(name, t)
     for node in graph.nodes:
@@ -70,12 +74,30 @@ def assign_kv_groups(graph: Graph) -> list[dict]:
         if where is None:
             continue
         ci, ti = where
-        g = group_of[window_of[_layer(node.operands[ci].name)]]
+        g = group_of[_layer(node.operands[ci].name)]
         if g == 0:
             continue
         ops = list(node.operands)
         which = "slot_mapping" if node.op in _WRITES else "block_tables"
         ops[ti] = extra[f"{which}.g{g}"]
         node.operands = ops
-    return [{"window": w, "layers": sorted(layer for layer, lw in window_of.items() if lw == w)}
-            for w in windows]
+    return [{"window": w, "layers": layers} for w, layers in groups]
+
+
+def _split_equal(graph: Graph, kinds: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
+    """vLLM's layout for a hybrid cache's shared pool: with more than one kind of attention
+    and every layer's caches of one shape, each kind's layers cut into groups of at most
+    the smallest kind's layer count (a table each), so that one block of any group is
+    (nearly) the same bytes, and one pool of such pages serves them all without waste
+    (runtime/hybrid_cache.py). Gemma 3's 5 global and 29 local layers: 1 + 6 groups."""
+    if len(kinds) < 2:
+        return kinds
+    shapes: dict[int, list] = {}
+    for v in graph.inputs:
+        if v.name.startswith(CACHE_PREFIXES):
+            shapes.setdefault(_layer(v.name), []).append(
+                (v.name.rsplit(".", 1)[0], tuple(v.type.shape[1:]), str(v.type.dtype)))
+    if len({tuple(sorted(x)) for x in shapes.values()}) != 1:
+        return kinds            # layers of different sizes: no page fits them all
+    k = min(len(layers) for _, layers in kinds)
+    return [(w, layers[i:i + k]) for w, layers in kinds for i in range(0, len(layers), k)]

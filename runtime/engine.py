@@ -490,6 +490,7 @@ class Engine(EngineLoRA):
                                      self.block_manager.num_blocks - bm["kv_blocks_free"]),
             **({"kv_groups": bm["kv_groups"]} if "kv_groups" in bm else {}),
             "kv_window_freeing": self.runner.window_freeing,
+            "kv_shared_pool": getattr(self.runner, "kv_shared", False),
             "prefix_cache_hit_tokens": bm["prefix_cache_hit_tokens"],
             "prefix_cache_queries": bm["prefix_cache_queries"],
             "preemptions": self.scheduler.num_preemptions,

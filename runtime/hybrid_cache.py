@@ -1,13 +1,14 @@
-"""A hybrid KV cache: one block pool and one block table per KV cache group, and
-sliding-window groups that hold only the blocks inside their window.
+"""A hybrid KV cache: one block table per KV cache group, over one pool the groups share
+(or a pool each), and sliding-window groups that hold only the blocks inside their window.
 
 An artifact records its KV cache groups in the manifest (`"kv_groups"`, written by
 frontend/kv_groups.py): the layers with full attention form one group (window 0), the
 layers of each distinct sliding window another. Group 0 reads the batch contract's
 `slot_mapping` and `block_tables`; group g > 0 its own `slot_mapping.g<g>` and
-`block_tables.g<g>` (ir/contract.py `group_step_inputs`). Each group's layers have
-their own cache tensors of their own pool size, so a block id means a block of that
-group's pool only.
+`block_tables.g<g>` (ir/contract.py `group_step_inputs`). With separate pools each
+group's layers have cache tensors of their own pool size, so a block id means a block of
+that group's pool only; with a shared pool (below) block b is one page of memory, held
+by one group at a time.
 
 A sliding-window layer with window W lets the token at position p see keys at
 positions > p - W. Once a sequence's next token to compute is at `start`, no token it
@@ -34,6 +35,16 @@ cuts below the last `slide` position.
 
 Each pool is a `BlockManager` used for its free queues, reference counts and prefix
 cache; the sequences' tables live here. Pure Python; no torch.
+
+Shared pool (vLLM's hybrid allocator). Separate pools split the memory between groups
+once, for one traffic mix: short prompts need as many window blocks as full ones, long
+ones far fewer, and a window pool sized for sequences at their window holds few cached
+prefixes, so a prefix whose full blocks are still cached stops hitting once its window
+blocks are evicted. Given one pool size (`blocks` an int) every group takes its blocks
+from ONE pool of pages: one free queue, one LRU of cached blocks (keyed by group and
+hash), so the prefix cache keeps whatever the traffic needs. The cache tensors are laid
+out so a page id is the same bytes region in every group's layers (runtime/kv_cache.py
+`KVCache.share`); block 0 is then the null block of every window group.
 """
 
 from __future__ import annotations
@@ -100,29 +111,37 @@ class _Seq:
 
 class HybridBlockManager:
     """The `BlockManager` interface the scheduler, persistent batch and engine use, over
-    one pool per KV cache group. `blocks[g]` is group g's pool size (a window pool's
-    includes its null block); `max_chunk` the most tokens one step schedules for a
-    sequence (admission keeps that many window slots free)."""
+    one pool per KV cache group, or one pool they all share. `blocks[g]` is group g's
+    pool size (a window pool's includes its null block); an int `blocks` is the size of
+    the one shared pool (its null block included when a group has a window). `max_chunk`
+    is the most tokens one step schedules for a sequence (admission keeps that many
+    window slots free)."""
 
-    def __init__(self, groups: list[KVGroup], blocks: list[int], block_size: int = 16,
+    def __init__(self, groups: list[KVGroup], blocks: list[int] | int, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_chunk: int = 8192):
-        if len(groups) != len(blocks) or not groups:
-            raise BrazeError(f"{len(groups)} KV cache groups but {len(blocks)} pool sizes")
+        self.shared = isinstance(blocks, int)
+        if not groups or (not self.shared and len(groups) != len(blocks)):
+            raise BrazeError(f"{len(groups)} KV cache groups but {blocks!r} pool sizes")
         self.groups = list(groups)
         self.windows = [g.window for g in groups]
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.max_chunk = max_chunk
         self.pools: list[BlockManager] = []
-        for g, n in zip(groups, blocks):
+        for g, n in zip(groups, [blocks] * len(groups) if self.shared else blocks):
             if g.window and n < 2:
                 raise BrazeError(f"the KV pool of the window-{g.window} group needs at least "
                                  f"2 blocks (one is the null block), got {n}")
+            if self.shared and self.pools:
+                self.pools.append(self.pools[0])
+                continue
             pool = BlockManager(n, block_size, enable_prefix_caching)
-            if g.window:            # pin the null block: never free, never handed out
+            if g.window or (self.shared and any(self.windows)):
+                # pin the null block: never free, never handed out
                 pool._plain_free.remove(NULL_BLOCK)
                 pool._ref[NULL_BLOCK] = 1
             self.pools.append(pool)
+        self._used = [0] * len(groups)     # blocks each group holds (ref > 0)
         self._seqs: dict[object, _Seq] = {}
         self._hit_tokens = 0
         self._query_tokens = 0
@@ -138,11 +157,16 @@ class HybridBlockManager:
 
     @property
     def num_blocks(self) -> int:
-        return self.pools[0].num_blocks
+        """Group 0's pool size; a shared pool's blocks that can be handed out (its null
+        block not counted)."""
+        pool = self.pools[0]
+        return pool.num_blocks - (1 if self.shared and pool._ref[NULL_BLOCK] == 1
+                                  and any(self.windows) else 0)
 
     @property
     def num_free_blocks(self) -> int:
-        """Free blocks of group 0's pool (what the engine's block stats report)."""
+        """Free blocks of group 0's pool (of the shared pool: what the engine's block
+        stats report)."""
         return self.pools[0].num_free_blocks
 
     def group_free_blocks(self, g: int) -> int:
@@ -150,8 +174,33 @@ class HybridBlockManager:
 
     def group_used_blocks(self, g: int) -> int:
         """Blocks of group g held by sequences (a window pool's null block not counted)."""
+        return self._used[g]
+
+    def _distinct_pools(self) -> list[BlockManager]:
+        return self.pools[:1] if self.shared else self.pools
+
+    def _key(self, g: int, h: int):
+        """Group g's prefix-cache key of a block hash: a shared pool caches each group's
+        copy of a block apart."""
+        return (g, h) if self.shared and g else h
+
+    def _take(self, g: int, n: int) -> list[int]:
+        self._used[g] += n
+        return self.pools[g]._take(n)
+
+    def _hold(self, g: int, b: int) -> None:
+        """One more reference to group g's cached block b (a prefix hit)."""
         pool = self.pools[g]
-        return pool.num_blocks - pool.num_free_blocks - (1 if self.windows[g] else 0)
+        if pool._ref[b] == 0:
+            del pool._cached_free[b]
+            self._used[g] += 1
+        pool._ref[b] += 1
+
+    def _release(self, g: int, b: int) -> None:
+        pool = self.pools[g]
+        pool._release(b)
+        if pool._ref[b] == 0:
+            self._used[g] -= 1
 
     def block_table(self, seq_id, group: int = 0) -> list[int]:
         return list(self._seq(seq_id).tables[group])
@@ -177,11 +226,13 @@ class HybridBlockManager:
 
     def stats(self) -> dict:
         out = {"kv_blocks_total": self.num_blocks, "kv_blocks_free": self.num_free_blocks,
-               "kv_blocks_used": self.group_used_blocks(0),
+               "kv_blocks_used": sum(self._used) if self.shared else self._used[0],
+               "kv_shared_pool": self.shared,
                "prefix_cache_hit_tokens": self._hit_tokens,
                "prefix_cache_queries": self._query_tokens,
-               "evictions": sum(p._evictions for p in self.pools)}
-        out["kv_groups"] = [{"window": w, "blocks_total": p.num_blocks,
+               "evictions": sum(p._evictions for p in self._distinct_pools())}
+        out["kv_groups"] = [{"window": w, "blocks_total": self.num_blocks if self.shared
+                             else p.num_blocks,
                              "blocks_used": self.group_used_blocks(g),
                              "blocks_free": p.num_free_blocks}
                             for g, (w, p) in enumerate(zip(self.windows, self.pools))]
@@ -209,10 +260,9 @@ class HybridBlockManager:
             upto = min(self._first_needed(g, start), len(table), seq.registered)
             if upto <= seq.slid[g]:
                 continue
-            pool = self.pools[g]
             for i in range(seq.slid[g], upto):
                 if table[i] != NULL_BLOCK:
-                    pool._release(table[i])
+                    self._release(g, table[i])
                     table[i] = NULL_BLOCK
             seq.slid[g] = upto
 
@@ -230,9 +280,9 @@ class HybridBlockManager:
         for g, w in enumerate(self.windows):
             if w:
                 continue
-            cached = self.pools[g]._cached
+            cached, key = self.pools[g]._cached, self._key
             k = 0
-            while k < h and hashes[k] in cached:
+            while k < h and key(g, hashes[k]) in cached:
                 k += 1
             h = k
         changed = True
@@ -241,12 +291,12 @@ class HybridBlockManager:
             for g, w in enumerate(self.windows):
                 if not w:
                     continue
-                cached = self.pools[g]._cached
+                cached, key = self.pools[g]._cached, self._key
                 # the largest h' <= h whose window blocks [first_needed(h'), h') are cached
                 while h > 0:
                     lo = self._first_needed(g, h * self.block_size)
                     missing = next((i for i in range(h - 1, lo - 1, -1)
-                                    if hashes[i] not in cached), None)
+                                    if key(g, hashes[i]) not in cached), None)
                     if missing is None:
                         break
                     h, changed = missing, True    # a hit past a missing block needs it
@@ -270,7 +320,7 @@ class HybridBlockManager:
         for g, w in enumerate(self.windows):
             cached = self.pools[g]._cached
             lo = self._first_needed(g, h * self.block_size)
-            hits = [cached[hashes[i]] for i in range(lo, h)]
+            hits = [cached[self._key(g, hashes[i])] for i in range(lo, h)]
             if w:
                 upto = min(n, h * self.block_size + self.max_chunk)
                 need = -(-upto // self.block_size) - h
@@ -285,6 +335,12 @@ class HybridBlockManager:
         if len(token_ids) == 0:
             return False
         _, _, plans = self._plan(token_ids, use_cache, salt)
+        return self._plans_fit(plans, watermark)
+
+    def _plans_fit(self, plans, watermark: int) -> bool:
+        if self.shared:         # one pool: every group's new blocks from its free blocks
+            return self.pools[0]._fits(sum(p[2] for p in plans),
+                                       [b for p in plans for b in p[1]], watermark)
         return all(self.pools[g]._fits(need, hits, watermark if not self.windows[g] else 0)
                    for g, (_, hits, need, _) in enumerate(plans))
 
@@ -295,22 +351,20 @@ class HybridBlockManager:
         if n == 0:
             raise BrazeError(f"sequence {seq_id!r} has an empty prompt")
         hashes, h, plans = self._plan(token_ids, use_cache, salt)
-        for g, (_, hits, need, _) in enumerate(plans):
-            if not self.pools[g]._fits(need, hits, 0):
-                w = self.windows[g]
-                raise BrazeError(
-                    f"KV cache exhausted: sequence {seq_id!r} needs {need} more block(s) of "
-                    f"the {'window-%d' % w if w else 'full-attention'} group for {n} tokens, "
-                    f"{self.pools[g].num_free_blocks} free; check can_allocate() first")
+        if not self._plans_fit(plans, 0):
+            need = sum(p[2] for p in plans)
+            raise BrazeError(
+                f"KV cache exhausted: sequence {seq_id!r} needs {need} more block(s) over "
+                f"its {len(plans)} KV cache group(s) for {n} tokens; check can_allocate() "
+                f"first")
         seq = _Seq(len(self.groups), salt)
-        for g, (lo, hits, _, now) in enumerate(plans):
-            pool = self.pools[g]
-            for b in hits:
-                if pool._ref[b] == 0:
-                    del pool._cached_free[b]
-                pool._ref[b] += 1
-            seq.tables[g] = [NULL_BLOCK] * lo + hits + pool._take(now)
+        for g, (lo, hits, _, _) in enumerate(plans):
+            for b in hits:          # every group's hits first: taking may evict cached blocks
+                self._hold(g, b)
+            seq.tables[g] = [NULL_BLOCK] * lo + hits
             seq.slid[g] = lo
+        for g, (_, _, _, now) in enumerate(plans):
+            seq.tables[g] += self._take(g, now)
         seq.num_tokens = n
         seq.hashes = hashes
         seq.registered = h
@@ -327,11 +381,14 @@ class HybridBlockManager:
         seq = self._seqs[seq_id]
         want = -(-total // self.block_size)
         needs = [want - len(t) for t in seq.tables]
-        if any(k > self.pools[g].num_free_blocks for g, k in enumerate(needs) if k > 0):
+        if self.shared:
+            if sum(k for k in needs if k > 0) > self.pools[0].num_free_blocks:
+                return False
+        elif any(k > self.pools[g].num_free_blocks for g, k in enumerate(needs) if k > 0):
             return False
         for g, k in enumerate(needs):
             if k > 0:
-                seq.tables[g].extend(self.pools[g]._take(k))
+                seq.tables[g].extend(self._take(g, k))
         seq.num_tokens = max(seq.num_tokens, total)
         return True
 
@@ -349,7 +406,7 @@ class HybridBlockManager:
         for g, pool in enumerate(self.pools):
             table = seq.tables[g]
             for i in range(max(seq.registered, seq.slid[g]), min(upto, len(table))):
-                if pool._register(table[i], seq.hashes[i]) and g == 0:
+                if pool._register(table[i], self._key(g, seq.hashes[i])) and g == 0:
                     new.add(i)
         log = self.registrations
         if log is not None:     # KV offload: blocks every group still holds, newly cached
@@ -371,10 +428,10 @@ class HybridBlockManager:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise BrazeError(f"sequence {seq_id!r} has no blocks to free")
-        for g, (pool, table) in enumerate(zip(self.pools, seq.tables)):
+        for g, table in enumerate(seq.tables):
             for b in reversed(table):
                 if b != NULL_BLOCK or not self.windows[g]:
-                    pool._release(b)
+                    self._release(g, b)
 
     def truncate(self, seq_id, num_tokens: int) -> None:
         seq = self._seq(seq_id)
@@ -386,11 +443,10 @@ class HybridBlockManager:
                              f"its window blocks before position {seq.start} are released, "
                              f"and recomputing from {num_tokens} would need them")
         keep = -(-num_tokens // self.block_size)
-        for g, pool in enumerate(self.pools):
-            table = seq.tables[g]
+        for g, table in enumerate(seq.tables):
             for b in reversed(table[keep:]):
                 if b != NULL_BLOCK or not self.windows[g]:
-                    pool._release(b)
+                    self._release(g, b)
             del table[keep:]
             seq.slid[g] = min(seq.slid[g], len(table))
         del seq.hashes[num_tokens // self.block_size:]     # a cut block's tokens change
@@ -415,22 +471,22 @@ class HybridBlockManager:
         for g, w in enumerate(self.windows):
             if not w or n == 0:
                 continue
-            pool, table = self.pools[g], seq.tables[g]
+            table = seq.tables[g]
             lo = self._first_needed(g, end * self.block_size)
             for i in range(seq.slid[g], min(lo, len(table))):
                 if table[i] != NULL_BLOCK:
-                    pool._release(table[i])
+                    self._release(g, table[i])
                     table[i] = NULL_BLOCK
             grow = end - len(table)
             if grow > 0:
                 fresh = max(0, end - max(len(table), lo))
-                table.extend([NULL_BLOCK] * (grow - fresh) + pool._take(fresh))
+                table.extend([NULL_BLOCK] * (grow - fresh) + self._take(g, fresh))
             seq.slid[g] = max(seq.slid[g], min(lo, len(table)))
         for g, pool in enumerate(self.pools):
             table = seq.tables[g]
             for i in range(first, end):
                 if table[i] != NULL_BLOCK or not self.windows[g]:
-                    pool._register(table[i], seq.hashes[i])
+                    pool._register(table[i], self._key(g, seq.hashes[i]))
         seq.registered = end
         seq.start = max(seq.start, end * self.block_size)
         return [self._ids(seq, i) for i in range(first, end)]
@@ -439,6 +495,7 @@ class HybridBlockManager:
         """Whether each window group can hold blocks up to `end` (those inside the window
         of position end * bs) and then a first chunk after them."""
         bs = self.block_size
+        want = room = 0         # a shared pool: the window groups' sums against its free blocks
         for g, w in enumerate(self.windows):
             if not w:
                 continue
@@ -448,12 +505,15 @@ class HybridBlockManager:
                         if table[i] != NULL_BLOCK and pool._ref[table[i]] == 1)
             fresh = max(0, end - max(len(table), lo))
             chunk = -(-min(seq.num_tokens, end * bs + self.max_chunk) // bs) - max(end, len(table))
-            if fresh + max(chunk, 0) > pool.num_free_blocks + freed:
+            want, room = want + fresh + max(chunk, 0), room + freed
+            if not self.shared and want > pool.num_free_blocks + room:
                 return False
-        return True
+            if not self.shared:
+                want = room = 0
+        return want <= self.pools[0].num_free_blocks + room
 
     def reset_prefix_cache(self) -> None:
-        for p in self.pools:
+        for p in self._distinct_pools():
             p.reset_prefix_cache()
 
     def _seq(self, seq_id) -> _Seq:
@@ -483,6 +543,50 @@ def group_pool_blocks(groups: list[KVGroup], num_kv_blocks: int, block_size: int
         return [num_kv_blocks] * len(groups)
     return [window_pool_blocks(g.window, block_size, max_num_seqs, max_num_tokens,
                                num_kv_blocks) if g.window else num_kv_blocks for g in groups]
+
+
+# A shared pool's page holds one block of any group; a group with fewer or smaller cache
+# tensors than the largest leaves part of each of its pages unused. Separate pools, sized
+# exactly, win once that waste is large (a 1:2 layer split wastes a quarter of the memory
+# at an even mix; the 5:1 Gemma 3 layout a 29/34 of a full-attention block), so the
+# groups share only where, at an even mix, at most this fraction of the memory goes unused
+# (vLLM pads its last layer group the same way; benchmarks/hybrid_cache.py --traffic).
+MAX_SHARED_WASTE = 0.125
+
+
+def share_pool(cache, names: list[list[str]]) -> bool:
+    """Whether the KV cache groups whose cache tensors are `names` share one pool."""
+    if len(names) < 2 or not all(names):
+        return False
+    page = cache.page_bytes(names)
+    used = sum(cache.bytes_per_block_of(n) for n in names)
+    return 1 - used / (len(names) * page) <= MAX_SHARED_WASTE
+
+
+def shared_pool_blocks(cache, names: list[list[str]], group_blocks: list[int]) -> int:
+    """The shared pool's pages: the bytes the separate pools `group_blocks` would take."""
+    total = sum(n * cache.bytes_per_block_of(grp) for grp, n in zip(names, group_blocks))
+    return total // cache.page_bytes(names)
+
+
+def shared_max_tokens(groups: list[KVGroup], pages: int, block_size: int,
+                      max_chunk: int) -> int:
+    """The longest sequence a shared pool holds alone: each full-attention group's blocks
+    for all its tokens, each window group's window and two chunks (a step's blocks are
+    released once committed, with async scheduling a step later; never more than all its
+    tokens), and the null block."""
+    per_window = [window_blocks(g.window, block_size, 2 * max_chunk)
+                  for g in groups if g.window]
+    full = sum(1 for g in groups if not g.window)
+
+    def need(n: int) -> int:
+        return full * n + sum(min(n, w) for w in per_window)
+
+    lo, hi = 0, pages          # the most blocks n with need(n) <= pages - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= pages - 1 else (lo, mid - 1)
+    return lo * block_size
 
 
 def make_block_manager(runner, enable_prefix_caching: bool = True):

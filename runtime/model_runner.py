@@ -15,7 +15,8 @@ from . import parallel
 from .executor import Executor
 from .graph_runner import GraphRunner, add_group_buffers
 from .input_batch import PersistentBatch, static_buffers
-from .hybrid_cache import group_pool_blocks, kv_groups_of, window_pool_blocks
+from .hybrid_cache import (group_pool_blocks, kv_groups_of, share_pool, shared_max_tokens,
+                           shared_pool_blocks, window_pool_blocks)
 from .kv_cache import default_num_blocks
 from .loader import Artifact
 from .options import EngineOptions
@@ -64,14 +65,26 @@ class ModelRunner:
         self.group_blocks = group_pool_blocks(self.kv_groups, num_kv_blocks, self.block_size,
                                               self.max_num_seqs, self.max_num_tokens,
                                               self.window_freeing)
-        ex.cache.resize(num_kv_blocks, {name: n for g, n in zip(self.kv_groups, self.group_blocks)
-                                        for name in ex.cache.group_names(g.layers)})
+        names = [ex.cache.group_names(g.layers) for g in self.kv_groups]
+        # one pool the groups share (runtime/hybrid_cache.py), of the bytes the separate
+        # pools would take, where a page wastes little (groups of equal layers)
+        self.kv_shared = self.window_freeing and share_pool(ex.cache, names)
+        if self.kv_shared:
+            pages = shared_pool_blocks(ex.cache, names, self.group_blocks)
+            self.group_blocks = pages
+            ex.cache.share(pages, names)
+        else:
+            ex.cache.resize(num_kv_blocks, {name: n for grp, n in zip(names, self.group_blocks)
+                                            for name in grp})
         self.num_kv_blocks = num_kv_blocks
         # a sequence can never hold more tokens than the cache or the artifact allows (a
         # window group alone holds any length: its blocks slide)
         full = not self.window_freeing or any(not g.window for g in self.kv_groups)
         self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size) if full \
             else ex.max_model_len
+        if self.kv_shared and full:
+            self.max_len = min(ex.max_model_len, shared_max_tokens(
+                self.kv_groups, self.group_blocks, self.block_size, self.max_num_tokens))
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
         # a pruned LM head computes up to the artifact's R rows in the wide variants of the
@@ -79,7 +92,8 @@ class ModelRunner:
         self.graphs = GraphRunner(ex, self.static, options.buckets, self.max_num_seqs,
                                   mode=options.cudagraph_mode, debug=options.debug,
                                   wide_rows=limits.max_logits_rows if ex.logits_pruned else None)
-        self.graphs = parallel.distribute(self.graphs, artifact, options, num_kv_blocks)
+        self.graphs = parallel.distribute(self.graphs, artifact, options,
+                                          ex.cache.num_blocks)
         self.graphs.capture(progress=progress)
 
     structured = None      # runtime.structured.StructuredBackend, set by the engine on first use

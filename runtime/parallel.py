@@ -247,7 +247,7 @@ def follow(artifact, options) -> None:
     static = static_buffers(cfg["max_num_tokens"], cfg["max_num_seqs"], ex.max_blocks, ex.device,
                             cfg["max_logits_rows"])
     # each cache tensor's blocks as rank 0 has them (a hybrid cache's window pools differ)
-    ex.cache.resize(cfg["num_kv_blocks"], cfg.get("cache_blocks"))
+    ex.cache.resize(cfg["num_kv_blocks"], cfg.get("cache_blocks"), cfg.get("cache_shared"))
     graphs = GraphRunner(ex, static, cfg["buckets"], cfg["max_num_seqs"], mode=cfg["mode"],
                          debug=cfg["debug"], wide_rows=cfg["wide_rows"])
     graphs.capture()
@@ -370,6 +370,7 @@ class LeaderGraphs:
             "max_num_seqs": inner.max_num_seqs, "num_kv_blocks": num_kv_blocks,
             "max_logits_rows": inner.max_logits_rows, "wide_rows": inner.wide_rows,
             "cache_blocks": {n: int(t.shape[0]) for n, t in inner.executor.cache.tensors.items()},
+            "cache_shared": inner.executor.cache.shared,
             "buckets": list(inner.buckets), "mode": inner.mode, "debug": inner.debug}], 0)
 
     def __getattr__(self, name):

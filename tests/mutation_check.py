@@ -157,6 +157,23 @@ MUTATIONS = [
              "        if self._held_rows is not None:  # a launched step still samples from its row",
              "        if False:  # a launched step still samples from its row",
              ["tests/test_structured.py"], k="overlap"),
+    Mutation("shared-pool-hits-held-late",
+             "a KV block evicted for one cache group while another group reuses it as a "
+             "prefix hit: two groups write one block, wrong KV read",
+             "runtime/hybrid_cache.py",
+             "            for b in hits:          # every group's hits first: taking may evict "
+             "cached blocks\n                self._hold(g, b)\n            seq.tables[g] = "
+             "[NULL_BLOCK] * lo + hits\n",
+             "            for b in hits:\n                self._hold(g, b)\n            "
+             "seq.tables[g] = [NULL_BLOCK] * lo + hits + self._take(g, plans[g][3])\n"
+             "            plans[g] = plans[g][:3] + (0,)\n",
+             ["tests/test_hybrid_cache.py"], k="shared_pool_holds_every"),
+    Mutation("shared-pool-one-key-for-all-groups",
+             "a shared pool serves one group's cached block as another group's prefix hit",
+             "runtime/hybrid_cache.py",
+             "return (g, h) if self.shared and g else h",
+             "return h",
+             ["tests/test_hybrid_cache.py"], k="Shared"),
 ]
 
 

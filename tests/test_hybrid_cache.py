@@ -126,13 +126,26 @@ class HybridMachine(RuleBasedStateMachine):
     cache records which token prefix each slot's KV belongs to; every step checks that
     each position its tokens can see holds the sequence's own KV."""
 
+    POOLS = [48, 14, 20]        # one per group; an int: one pool the groups share
+
     def __init__(self):
         super().__init__()
         self.windows = (0, 5, 9)
-        self.bm = HybridBlockManager(groups(*self.windows), [48, 14, 20], BS, max_chunk=8)
+        self.bm = HybridBlockManager(groups(*self.windows), self.POOLS, BS, max_chunk=8)
         self.seqs: dict[str, dict] = {}
-        self.slots = [dict() for _ in self.windows]     # group -> slot -> prefix written
+        # (memory, slot) -> (group, prefix written): with a shared pool a block id is the
+        # same memory in every group, so one group's write there clobbers another's KV
+        self.slots: dict[tuple, tuple] = {}
         self.n = 0
+
+    def _mem(self, g):
+        return 0 if self.bm.shared else g
+
+    def _write(self, g, slot, prefix):
+        self.slots[self._mem(g), slot] = (g, prefix)
+
+    def _read(self, g, slot):
+        return self.slots.get((self._mem(g), slot))
 
     @rule(data=st.data())
     def admit(self, data):
@@ -172,7 +185,7 @@ class HybridMachine(RuleBasedStateMachine):
                     assert self.windows[g]          # only a window group skips a block
                     continue
                 for p in range(i * BS, (i + 1) * BS):
-                    self.slots[g][b * BS + p % BS] = tuple(tokens[:p + 1])
+                    self._write(g, b * BS + p % BS, tuple(tokens[:p + 1]))
         self.seqs[sid] = {"tokens": list(tokens), "computed": cached + len(ids) * BS}
         self._check_visible(sid, cached + len(ids) * BS)
 
@@ -184,7 +197,7 @@ class HybridMachine(RuleBasedStateMachine):
             for p in range(0 if not w else max(0, start - w + 1), start):
                 slot = table[p // BS] * BS + p % BS
                 assert table[p // BS] != NULL_BLOCK or not w, (g, p, "null block read")
-                assert self.slots[g].get(slot) == tuple(s["tokens"][:p + 1]), (g, p)
+                assert self._read(g, slot) == (g, tuple(s["tokens"][:p + 1])), (g, p)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -208,9 +221,9 @@ class HybridMachine(RuleBasedStateMachine):
                 b = table[p // BS]
                 assert b != NULL_BLOCK or not w
                 assert self.bm.pools[g].ref_count(b) == 1 or not self.bm.pools[g].is_cached(b) \
-                    or self.slots[g].get(b * BS + p % BS) == tuple(s["tokens"][:p + 1]), \
+                    or self._read(g, b * BS + p % BS) == (g, tuple(s["tokens"][:p + 1])), \
                     "a step wrote into a shared cached block"
-                self.slots[g][b * BS + p % BS] = tuple(s["tokens"][:p + 1])
+                self._write(g, b * BS + p % BS, tuple(s["tokens"][:p + 1]))
         s["computed"] = end
         self.bm.commit(sid, end, s["tokens"])
 
@@ -243,25 +256,39 @@ class HybridMachine(RuleBasedStateMachine):
     @invariant()
     def blocks_balance(self):
         bm = self.bm
-        for g, (w, pool) in enumerate(zip(self.windows, bm.pools)):
-            owners = [0] * pool.num_blocks
+        pools = bm.pools[:1] if bm.shared else bm.pools
+        owners = [[0] * pool.num_blocks for pool in pools]
+        used = [0] * len(self.windows)
+        for g, w in enumerate(self.windows):
+            own = owners[0 if bm.shared else g]
             for sid in self.seqs:
                 table = bm.block_table(sid, g)
                 real = [b for b in table if b != NULL_BLOCK or not w]
                 assert len(set(real)) == len(real), "a block twice in one table"
                 for b in real:
-                    owners[b] += 1
+                    own[b] += 1
+            used[g] = len({b for sid in self.seqs for b in bm.block_table(sid, g)
+                           if b != NULL_BLOCK or not w})
+            assert bm.group_used_blocks(g) == used[g], (g, "blocks in use miscounted")
             if w:
-                owners[NULL_BLOCK] = 1
-                assert pool.ref_count(NULL_BLOCK) == 1
+                own[NULL_BLOCK] = 1
+        for own, pool in zip(owners, pools):
             free = pool.free_blocks()
             assert len(set(free)) == len(free)
             for b in range(pool.num_blocks):
-                assert pool.ref_count(b) == owners[b], (g, b)
-                assert (b in free) == (owners[b] == 0)
-                if owners[b] > 1:       # only prefix-cached (full, computed) blocks are shared
+                assert pool.ref_count(b) == own[b], b       # no block handed out twice
+                assert (b in free) == (own[b] == 0)
+                if own[b] > 1:          # only prefix-cached (full, computed) blocks are shared
                     assert pool.is_cached(b)
             assert len(pool._cached) == len(pool._block_hash)
+        if bm.shared:       # no block in two groups' tables at once
+            for g in range(len(self.windows)):
+                for h in range(g):
+                    a = {b for sid in self.seqs for b in bm.block_table(sid, g)} - {NULL_BLOCK}
+                    c = {b for sid in self.seqs for b in bm.block_table(sid, h)} - {NULL_BLOCK}
+                    assert not a & c, (g, h, "a block in two groups")
+            s = bm.stats()
+            assert s["kv_blocks_total"] == s["kv_blocks_free"] + s["kv_blocks_used"]
 
     def teardown(self):
         for sid in list(self.seqs):
@@ -272,6 +299,17 @@ class HybridMachine(RuleBasedStateMachine):
 
 TestHybridMachine = HybridMachine.TestCase
 TestHybridMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class SharedHybridMachine(HybridMachine):
+    """The same operations over one pool all three groups share (one free queue, one LRU
+    of cached blocks): small enough that groups evict each other's cached blocks."""
+    POOLS = 24
+
+
+TestSharedHybridMachine = SharedHybridMachine.TestCase
+TestSharedHybridMachine.settings = settings(max_examples=150, stateful_step_count=40,
+                                            deadline=None)
 
 
 def test_random_long_runs_match_window_arithmetic():
@@ -371,3 +409,145 @@ def test_async_order_releases_window_blocks_only_once_committed():
     bm.commit("a", 16, t)
     bm.slide("a", 16)
     assert bm.block_table("a", 1)[:3] == [NULL_BLOCK] * 3
+
+
+def _serve(groups_, blocks, prompt_len, chunk=16):
+    """(requests of `prompt_len` distinct tokens running at once, each prefilled in chunks;
+    after a stream of them served one by one, how many of the latest still hit whole)."""
+    prompt = lambda i: [i * 1000 + j for j in range(prompt_len)]      # noqa: E731
+
+    def prefill(bm, sid, t):
+        start = 0
+        while start < len(t):
+            end = min(len(t), start + chunk)
+            bm.slide(sid, start)
+            if not bm.reserve(sid, end):
+                return False
+            bm.commit(sid, end, t)
+            start = end
+        bm.slide(sid, start)
+        return True
+
+    bm = HybridBlockManager(groups_, blocks, BS, max_chunk=chunk)
+    running = 0
+    while bm.can_allocate(prompt(running)):
+        bm.allocate(running, prompt(running))
+        if not prefill(bm, running, prompt(running)):
+            break
+        running += 1
+    bm = HybridBlockManager(groups_, blocks, BS, max_chunk=chunk)
+    served = 2 * running + 8
+    for i in range(served):
+        bm.allocate(i, prompt(i))
+        assert prefill(bm, i, prompt(i))
+        bm.free(i)
+    cached = 0
+    while cached < served and bm.cached_prefix_blocks(prompt(served - 1 - cached) + [0]) \
+            == prompt_len // BS:
+        cached += 1
+    return running, cached
+
+
+def test_shared_pool_admits_more_and_caches_more_on_the_same_memory():
+    """Gemma 3's layout cut to equal groups (one layer each: every block the same bytes).
+    On the bytes of the separate pools the runtime sizes (a full pool of 64, window pools
+    for 4 sequences), one shared pool runs more short requests at once and keeps more
+    prefixes hitting (the separate window pools run out first), and no fewer long ones."""
+    from braze.runtime.hybrid_cache import group_pool_blocks
+    gs = [KVGroup(0, (1,)), KVGroup(8, (0,)), KVGroup(8, (2,))]
+    separate = group_pool_blocks(gs, 64, BS, 4, 16, True)
+    assert separate[1] == separate[2] < separate[0]
+    pages = sum(separate)           # each group's block is one page: the same bytes
+    sep_short, shared_short = _serve(gs, separate, 8), _serve(gs, pages, 8)
+    assert shared_short[0] > sep_short[0] and shared_short[1] > sep_short[1]
+    sep_long, shared_long = _serve(gs, separate, 60), _serve(gs, pages, 60)
+    assert shared_long[0] >= sep_long[0] and shared_long[1] >= sep_long[1]
+    print("short", sep_short, shared_short, "long", sep_long, shared_long)
+
+
+def test_shared_pool_hit_shrinks_when_another_group_evicted_its_window_block():
+    """One LRU across groups: when taking blocks evicts a window group's cached block, the
+    hit shrinks to the longest prefix every group still holds, as with separate pools."""
+    gs = [KVGroup(0, (0,)), KVGroup(5, (1,))]
+    bm = HybridBlockManager(gs, 40, BS, max_chunk=8)
+    a = list(range(24))
+    bm.allocate("a", a)
+    start = 0
+    while start < 24:
+        end = min(24, start + 8)
+        run(bm, "a", a, start, end)
+        start = end
+    bm.free("a")
+    assert bm.cached_prefix_blocks(a + [1]) == 6
+    # evict the window group's copy of block 5 (the LRU order is the pool's; drop it directly)
+    pool = bm.pools[1]
+    b5 = pool._cached[bm._key(1, bm._chain(a, [], 6, None)[5])]
+    pool._cached_free.move_to_end(b5, last=False)
+    plain = bm._take(0, len(pool._plain_free))
+    taken = bm._take(0, 1)          # a full-group block: the shared LRU's head, evicted
+    assert taken == [b5] and bm.cached_prefix_blocks(a + [1]) == 5
+    for b in plain + taken:
+        bm._release(0, b)
+    # the hit of 6 blocks needs window block 5; 5 blocks need window block 4 only (the
+    # window of position 20), still cached
+    assert bm.cached_prefix_blocks(a + [1]) == 5
+    assert bm.allocate("b", a + [1]) == 20
+    assert bm.block_table("b", 1)[:4] == [NULL_BLOCK] * 4
+
+
+def test_shared_max_tokens_is_a_length_one_sequence_can_hold():
+    from braze.runtime.hybrid_cache import shared_max_tokens
+    gs = [KVGroup(0, (1,)), KVGroup(8, (0,)), KVGroup(8, (2,))]
+    for pages in (12, 40, 200):
+        n = shared_max_tokens(gs, pages, BS, 8)
+        per_window = window_blocks(8, BS, 16)
+        assert n == (pages - 1 - 2 * per_window) * BS or n < 2 * per_window * BS
+        t = list(range(n))
+        bm = HybridBlockManager(gs, pages, BS, max_chunk=8)
+        assert bm.can_allocate(t)
+        bm.allocate("a", t)
+        for start in range(0, n, 8):
+            run(bm, "a", t, start, min(n, start + 8))
+    assert shared_max_tokens(gs, 4, BS, 8) == BS     # the null block and one per group
+    assert shared_max_tokens(gs, 3, BS, 8) == 0
+    # async order: the next chunk slid before the last one committed
+    n = shared_max_tokens(gs, 40, BS, 8)
+    t = list(range(n))
+    bm = HybridBlockManager(gs, 40, BS, max_chunk=8)
+    bm.allocate("a", t)
+    assert bm.reserve("a", 8)
+    for start in range(8, n, 8):
+        bm.slide("a", start)
+        assert bm.reserve("a", min(n, start + 8))
+        bm.commit("a", start, t)
+
+
+def test_shared_pool_holds_every_groups_hits_before_taking_new_blocks():
+    """A new block for one group may evict the least recently used cached block, which can
+    be another group's prefix hit for the same admission: every group's hits are held
+    first, so that block is never evicted and handed out while it is being reused."""
+    gs = [KVGroup(0, (0,)), KVGroup(5, (1,))]
+    bm = HybridBlockManager(gs, 24, BS, max_chunk=8)
+    a = list(range(12))
+    bm.allocate("a", a)
+    run(bm, "a", a, 0, 8)
+    run(bm, "a", a, 8, 12)
+    bm.free("a")
+    c = list(range(100, 120))           # more cached blocks, to evict instead
+    bm.allocate("c", c)
+    for start in range(0, 20, 8):
+        run(bm, "c", c, start, min(20, start + 8))
+    bm.free("c")
+    pool = bm.pools[0]
+    # a sequence holding every plain block (its window group takes one now)
+    bm.allocate("filler", [99] * (4 * (len(pool._plain_free) - 1)))
+    assert not pool._plain_free
+    h2 = bm._chain(a, [], 3, None)[2]
+    w2 = pool._cached[bm._key(1, h2)]          # the window group's block 2: a hit for b
+    pool._cached_free.move_to_end(w2, last=False)   # and the first an eviction takes
+    b = a + [7] * 5
+    assert bm.can_allocate(b)
+    assert bm.allocate("b", b) == 12
+    full, window = bm.block_table("b", 0), bm.block_table("b", 1)
+    assert window[2] == w2 and w2 not in full
+    assert pool.ref_count(w2) == 1

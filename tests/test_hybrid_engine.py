@@ -35,13 +35,17 @@ def _greedy_hf(store, case, prompt, n):
 def test_manifest_records_groups_and_graph_reads_group_tables(store):
     art = _artifact(store, "gemma3-sandwich-softcap", 0)
     m = json.loads((art / "manifest.json").read_text())
-    assert m["kv_groups"] == [{"window": 0, "layers": [1]}, {"window": W, "layers": [0, 2]}]
+    # every layer's cache has one shape: the local layers are cut into groups of the global
+    # layers' count (one), so one block of any group is the same bytes (a shared pool)
+    assert m["kv_groups"] == [{"window": 0, "layers": [1]}, {"window": W, "layers": [0]},
+                              {"window": W, "layers": [2]}]
     text = (art / "graph.bir").read_text()
-    assert "cache_write(" in text and "%slot_mapping.g1)" in text
-    assert text.count("%block_tables.g1)") == 2       # the two local layers' attention
+    assert "cache_write(" in text and "%slot_mapping.g1)" in text and "%slot_mapping.g2)" in text
+    assert text.count("%block_tables.g1)") == text.count("%block_tables.g2)") == 1
     m = json.loads((_artifact(store, "mistral-window8", 0) / "manifest.json").read_text())
     assert m["kv_groups"] == [{"window": W, "layers": [0, 1]}]     # one group: no new inputs
-    # Gemma 4: its KV-shared layers (3 and 4) own no cache and sit in no group
+    # Gemma 4: its KV-shared layers (3 and 4) own no cache and sit in no group; its global
+    # layers' caches differ from the local ones' (head_dim 32 vs 16): no cut
     m = json.loads((_artifact(store, "gemma4-ple-kvshare-moe", 0) / "manifest.json").read_text())
     assert m["kv_groups"] == [{"window": 0, "layers": [1]}, {"window": W, "layers": [0, 2]}]
     m = json.loads((store.artifact("llama") / "manifest.json").read_text())
@@ -80,6 +84,8 @@ def test_greedy_equals_transformers_with_window_freeing(store, case, opt, backen
     poison_free_blocks(eng)
     assert eng.stats()["kv_window_freeing"] is True
     assert isinstance(eng.block_manager, HybridBlockManager)
+    # Gemma 3's groups are cut to equal pages and share one pool; Gemma 4's differ in size
+    assert eng.stats()["kv_shared_pool"] is (case == "gemma3-sandwich-softcap")
     a, b = prompts_of([37, 29], seed=3)
     prompts = [a, a[:30] + b[:9]]       # the second shares 7 blocks of the first's prefix
     n = 10 if backend == "reference" else 6
@@ -215,15 +221,19 @@ def test_prometheus_exports_each_kv_group(store):
     used = snap["kv_groups"][1]["blocks_used"]
     assert used > 0
     assert got[f'braze_kv_group_blocks_used{{group="1",window="{W}"}}'] == used
-    total = eng.block_manager.pools[1].num_blocks
-    assert got[f'braze_kv_group_blocks_total{{group="1",window="{W}"}}'] == total
-    assert got['braze_kv_group_blocks_total{group="0",window="0"}'] == 96
+    # one pool the groups share: each group may take any of its pages (the null one aside)
+    total = eng.runner.executor.cache.num_blocks - 1
+    assert snap["kv_shared_pool"] and snap["kv_blocks_total"] == total
+    for g in range(3):
+        assert got[f'braze_kv_group_blocks_total{{group="{g}",window="{W if g else 0}"}}'] \
+            == total
 
 
 def test_inspect_shows_the_kv_groups(store):
     from braze.inspect import format_summary, summarize
     text = format_summary(summarize(_artifact(store, "gemma3-sandwich-softcap", 0)))
-    assert f"kv groups  full attention: layers 1; window {W}: layers 0,2" in text
+    assert f"kv groups  full attention: layers 1; window {W}: layers 0; window {W}: layers 2" \
+        in text
 
 
 @pytest.mark.parametrize("case", ["mistral-window8", "gemma3-sandwich-softcap"])
@@ -239,7 +249,11 @@ def test_tensor_parallel_keeps_window_freeing_and_equals_transformers(store, cas
         poison_free_blocks(eng)
         outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0,
                                                     ignore_eos=True))
-        assert eng.stats()["kv_groups"][-1]["blocks_total"] < 64
+        s = eng.stats()
+        if case == "mistral-window8":       # one group: a window pool of its own size
+            assert s["kv_groups"][-1]["blocks_total"] < 64
+        else:                               # one pool the groups share, on both ranks
+            assert s["kv_shared_pool"] and s["kv_blocks_total"] > 64
     for p, o in zip(prompts, outs):
         assert o.token_ids == _greedy_hf(store, case, p, 10)
 
@@ -282,3 +296,65 @@ def test_a_hybrid_artifact_as_draft_model(store):
         assert outs[f"d{i}"].token_ids == _greedy_hf(store, case, p, 12), f"request {i}"
     s = eng.stats()
     assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"] > 0
+
+
+def test_shared_pool_is_one_memory_of_the_separate_pools_bytes(store):
+    """Gemma 3's groups (cut to one layer each) share one pool: the bytes the separate
+    pools would take (so `num_kv_blocks` still sizes the memory), as pages every group's
+    layers view: block b of one group is the same memory as block b of another."""
+    from braze.runtime.hybrid_cache import group_pool_blocks
+    eng = Engine(_artifact(store, "gemma3-sandwich-softcap", 0), backend="reference",
+                 num_kv_blocks=96)
+    r, cache = eng.runner, eng.runner.executor.cache
+    names = [cache.group_names(g.layers) for g in r.kv_groups]
+    assert len(names) == 3 and r.kv_shared
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in cache.tensors.values()}
+    assert len(storages) == 2           # k and v slots; each group's layer views both
+    separate = group_pool_blocks(r.kv_groups, 96, BS, r.max_num_seqs, r.max_num_tokens, True)
+    want = sum(n * cache.bytes_per_block_of(grp) for grp, n in zip(names, separate))
+    page = cache.page_bytes(names)
+    assert want - page < sum(storages.values()) <= want
+    assert eng.stats()["kv_blocks_total"] == sum(storages.values()) // page - 1  # null block
+    k1, k2 = cache.tensors[names[1][0]], cache.tensors[names[2][0]]
+    assert k1.is_contiguous() and k1.shape == k2.shape
+    k1[5].fill_(3.0)
+    assert (k2[5] == 3.0).all() and (k2[4] == 0).all()
+    assert (cache.tensors[names[0][1]] == 0).all()      # v slot untouched
+
+
+def _storage_bytes(cache) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in cache.tensors.values()}.values())
+
+
+def test_shared_pool_keeps_more_prefixes_than_separate_pools_on_the_same_memory(store,
+                                                                              monkeypatch):
+    """The engine with Gemma 3's groups in one pool and (forced) in separate pools of the
+    same bytes: after a stream of short prompts, the shared pool still holds more of them
+    whole (the separate window pools ran out while the full pool had room), and the
+    outputs are transformers' either way."""
+    from braze.runtime import hybrid_cache
+    art = _artifact(store, "gemma3-sandwich-softcap", 0)
+    prompts = prompts_of([9] * 26, seed=31)
+    kept, sizes = {}, {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(hybrid_cache, "MAX_SHARED_WASTE", -1.0)
+        # separate: a full pool of 64 blocks and window pools of 30 (for 4 sequences)
+        eng = Engine(art, backend="reference", num_kv_blocks=64)
+        assert eng.stats()["kv_shared_pool"] is shared
+        poison_free_blocks(eng)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"q{i}", p, SamplingParams(max_tokens=1, ignore_eos=True))
+            out = eng.run_to_completion([f"q{i}"])[f"q{i}"]
+            if i % 8 == 0:
+                assert out.token_ids == _greedy_hf(store, "gemma3-sandwich-softcap", p, 1)
+        bm = eng.block_manager
+        kept[shared] = sum(bm.cached_prefix_blocks(p + [0]) == 2 for p in prompts)
+        sizes[shared] = _storage_bytes(eng.runner.executor.cache)
+    page = eng.runner.executor.cache.bytes_per_block_of(
+        eng.runner.executor.cache.group_names(eng.runner.kv_groups[0].layers))
+    assert sizes[False] - page < sizes[True] <= sizes[False]
+    assert kept[True] > kept[False] > 0
+    print("prefixes kept: shared", kept[True], "separate", kept[False])
