@@ -268,7 +268,13 @@ def follow(artifact, options) -> None:
             got = [None]
             dist.broadcast_object_list(got, 0)
             name, path = got[0]
-            write_slot(ex.lora_pools, contract, n_tok, read_adapter(name, path, contract))
+            try:
+                host = read_adapter(name, path, contract)
+            except BrazeError as e:
+                raise BrazeError(f"tensor-parallel rank {contract.rank}: {e} (rank 0 read it; "
+                                 f"every rank reads each adapter itself, so its directory must "
+                                 f"be at the same path on every host)") from None
+            write_slot(ex.lora_pools, contract, n_tok, host)
             continue
         _exchange(graphs, static, n_tok, n_seq, bool(wide))
         graphs.run(n_tok, n_seq, bool(decode_only), wide=bool(wide))
@@ -330,12 +336,16 @@ class LeaderGraphs:
         g.check_alive()
         try:
             dist.broadcast(_header(_LORA, slot, 0, 0, 0, self.static["input_ids"].device), 0)
-            dist.broadcast_object_list([(req.lora_name, str(req.lora_path))], 0)
+            dist.broadcast_object_list([(req.lora_name, os.path.abspath(req.lora_path))], 0)
         except Exception as e:
             raise BrazeError(_failure(g, e)) from None
 
 
 def _failure(g: Group, e: Exception) -> str:
+    import time
+    end = time.monotonic() + 5      # a peer that closed its connection is likely exiting:
+    for p in g.procs:               # give it a moment, so the message names it
+        p.join(timeout=max(0.0, end - time.monotonic()))
     try:
         g.check_alive()
     except BrazeError as dead:

@@ -138,6 +138,8 @@ def test_four_ranks_cut_adapters_by_the_heads_they_hold(store, adapters):  # noq
         a, b = host.tensors[L + "self_attn.o_proj"]
         torch.testing.assert_close(a[:4], oa[:, r * hd:(r + 1) * hd])
         torch.testing.assert_close(b[:, :4], ob)
+    from braze.inspect import format_summary, summarize
+    assert "each rank's pools hold its share of every adapter" in format_summary(summarize(art))
 
 
 # -- end to end over gloo ------------------------------------------------------------------
@@ -249,3 +251,24 @@ def test_engine_at_two_ranks_mixes_loads_evicts_and_unloads(store, adapters, exp
         eng.add_lora(LoRARequest("a", 9, str(adapters["b"])))
         eng.add_request("r9", PROMPT[:10], GREEDY, lora_request="a")
         assert eng.run_to_completion()["r9"].token_ids == expected["b"]
+
+
+def test_an_adapter_rank_1_cannot_read_ends_the_run_naming_it(store, adapters, tmp_path, capfd):  # noqa: F811
+    """Every rank reads each adapter itself: one whose directory is gone by the time it
+    goes to a slot (rank 0 kept its host copy) stops rank 1 with a line naming the rank,
+    the adapter and the rule, and rank 0's run ends with an error, not a hang."""
+    import shutil
+
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM
+    gone = shutil.copytree(adapters["a"], tmp_path / "gone")
+    with LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2, **LORA),
+             backend="reference", num_kv_blocks=32, max_num_seqs=4,
+             collective_timeout_s=30) as llm:
+        llm.engine.add_lora(LoRARequest("g", 1, str(gone)))
+        shutil.rmtree(gone)
+        with pytest.raises(BrazeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited"):
+            llm.generate(PROMPT[:10], GREEDY, lora_request="g")
+    err = capfd.readouterr().err
+    assert "tensor-parallel rank 1: LoRA adapter 'g': no adapter_config.json" in err
+    assert "must be at the same path on every host" in err
