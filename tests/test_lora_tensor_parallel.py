@@ -287,3 +287,16 @@ def test_an_adapter_rank_1_cannot_read_ends_the_run_naming_it(store, adapters, t
     err = capfd.readouterr().err
     assert "tensor-parallel rank 1: LoRA adapter 'g': no adapter_config.json" in err
     assert "must be at the same path on every host" in err
+
+
+def test_interpreted_kernels_at_two_ranks_match_peft(store, adapters, expected):  # noqa: F811
+    """The launch plans (the shrink/expand Triton kernels on the rank's pool sizes, the
+    collectives as extern calls) under the Triton interpreter on both ranks."""
+    from braze.runtime import LLM
+    art = store.artifact("llama", opt_level=2, max_num_tokens=16, max_num_seqs=2,
+                         tensor_parallel_size=2, **LORA)
+    with LLM(art, backend="interpret", num_kv_blocks=8, max_num_seqs=2, buckets=[2, 16]) as llm:
+        outs = llm.generate([PROMPT[:10]] * 2, SamplingParams(max_tokens=3, ignore_eos=True),
+                            lora_request=[req("a", adapters), None])
+        assert [o.token_ids for o in outs] == [expected["a"][:3], expected[None][:3]]
+        assert not any("lora" in f for f in llm.engine.runner.graphs.stats["extern_fallbacks"])
