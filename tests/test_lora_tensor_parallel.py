@@ -300,3 +300,19 @@ def test_interpreted_kernels_at_two_ranks_match_peft(store, adapters, expected):
                             lora_request=[req("a", adapters), None])
         assert [o.token_ids for o in outs] == [expected["a"][:3], expected[None][:3]]
         assert not any("lora" in f for f in llm.engine.runner.graphs.stats["extern_fallbacks"])
+
+
+def test_add_lora_before_shard_is_refused_naming_the_order():
+    from braze.ir.errors import BrazeError
+    g = parse_graph(textwrap.dedent(MLP))
+    run_passes(g, ["add-lora"], lora_slots=2, max_lora_rank=4)
+    with pytest.raises(BrazeError, match="run add-lora after shard"):
+        run_passes(g, ["shard"], tensor_parallel_size=2)
+
+
+def test_compile_puts_add_lora_after_shard_at_every_level():
+    from braze.passes import pipeline
+    from braze.passes.add_lora import with_lora
+    for level in (0, 1, 2):
+        names = with_lora(["shard"] + pipeline(level))
+        assert names.index("add-lora") > names.index("shard")
