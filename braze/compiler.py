@@ -90,11 +90,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     log(f"[2/3] optimising at -O{opts.opt_level}")
     ctx = PassContext(options=opts.to_json())
     tp = opts.tensor_parallel_size
-    if tp > 1 and opts.lora_slots:
-        raise BrazeError("--lora-slots with --tensor-parallel-size > 1 is not supported yet "
-                         "(the adapter pools would need sharding like their linears); compile "
-                         "the LoRA artifact for one GPU")
-    # sharding first, at every -O level: the fusions then see the rank's sizes
+    # sharding first, at every -O level: the fusions (and add-lora) then see the rank's sizes
     names = (["shard"] if tp > 1 else []) + pipeline(opts.opt_level)
     if opts.lora_slots:
         from braze.passes.add_lora import with_lora

@@ -167,7 +167,9 @@ def format_summary(s: dict) -> str:
     if s.get("lora"):
         lo = s["lora"]
         lines.append(f"lora       {lo['slots']} adapter slots, max rank {lo['max_rank']}, targets "
-                     f"{','.join(lo['targets'])}, {lo['pools']} linears with a delta")
+                     f"{','.join(lo['targets'])}, {lo['pools']} linears with a delta"
+                     + ("; each rank's pools hold its share of every adapter, cut like "
+                        "the weights below" if s.get("parallel") else ""))
     if s.get("parallel"):
         lines += _parallel_lines(s["parallel"])
     if s.get("mtp_parallel"):           # the MTP graph, sharded by the same pass

@@ -26,6 +26,17 @@ linear's untargeted parts get zero rows. What the pass did is recorded in
 runtime loads adapters by): slots, max rank, targets, per pool its parts (module
 name, output rows) and input width, and the linears --lora-targets left out (so an
 adapter for one of those is told to recompile, not that the model lacks it).
+
+Tensor parallelism: the pass runs after `shard`, on one rank's graph, so the pools take
+the rank's sizes and nothing here knows about ranks. A column-parallel linear (q, k, v,
+gate, up: output rows split) gets pools over its local rows: A whole, B the rows the
+rank's weight holds, part by part for a merged one (a replicated KV head's rows too). A
+row-parallel linear (o, down: input split, an `all_reduce` after it) gets pools over its
+local input: A the columns the rank's weight holds, B whole; its delta is added before
+the `all_reduce` (the `add` goes right after the linear), which then sums the ranks'
+partial deltas with the partial products, as the delta is linear in its input. Which
+rows or columns are the rank's is the parts' weights' shard records (the manifest's
+`parallel.shards`, `<module>.weight`); runtime/lora.py cuts each adapter by them.
 """
 
 from __future__ import annotations
@@ -150,8 +161,10 @@ def add_lora(g: Graph, ctx: PassContext) -> int:
 
 def with_lora(names: list[str]) -> list[str]:
     """A pipeline with add-lora in its place: right after merge-projections, or first
-    (before any fusion) when the level has no merge-projections."""
-    if "merge-projections" in names:
-        i = names.index("merge-projections") + 1
-        return names[:i] + ["add-lora"] + names[i:]
+    (before any fusion) when the level has no merge-projections; always after `shard`,
+    which then never meets a `lora` op (see the module docstring: tensor parallelism)."""
+    for anchor in ("merge-projections", "shard"):
+        if anchor in names:
+            i = names.index(anchor) + 1
+            return names[:i] + ["add-lora"] + names[i:]
     return ["add-lora"] + names

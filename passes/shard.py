@@ -611,6 +611,10 @@ def shard(g: Graph, ctx: PassContext) -> int:
                          "placed on the ranks of the tensor-parallel group")
     if n == 1 or g.meta.get("tensor_parallel_size"):
         return 0
+    if any(node.op == "lora" for node in g.nodes):
+        raise BrazeError("shard: the graph already has LoRA deltas (add-lora ran before it); "
+                         "run add-lora after shard, as braze compile does, so the adapter "
+                         "pools take each rank's sizes")
     sh = _Sharder(g, n, ep)
     if ep:
         sh.seed_experts()

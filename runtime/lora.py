@@ -18,6 +18,14 @@ Three levels, like vLLM's:
 A request's adapter is acquired (loaded into a slot and pinned) when the scheduler
 admits it and released when it leaves the running set (finished or preempted). An
 admission finding every slot pinned waits, like one finding no KV blocks.
+
+A tensor-parallel artifact's pools hold each rank's share (passes/add_lora.py): a
+column-parallel module's B rows and a row-parallel one's A columns that the rank's
+weight holds (the manifest's `parallel.shards` of `<module>.weight`). Adapters are read
+and checked whole, then cut to the rank (`Contract.cut`). Rank 0's one LoRAManager
+decides what goes in which slot and when; each slot write is sent to the other ranks
+(runtime/parallel.py, between steps), which read the same adapter directory themselves,
+cut their own share and write the same slot.
 """
 
 from __future__ import annotations
@@ -76,19 +84,47 @@ class Contract:
     # module prefixes of its language model (-> the text model's) and towers (-> None)
     origin: str | None = None
     prefixes: dict = field(default_factory=dict)
+    # tensor parallelism: the weights' shard records (param -> {"dim", "ranges"}) and
+    # this process's rank, whose share of each adapter the pools hold
+    shards: dict = field(default_factory=dict)
+    rank: int = 0
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "Contract | None":
+    def from_manifest(cls, manifest: dict, rank: int = 0) -> "Contract | None":
         got = manifest.get("lora")
         if not got:
             return None
         try:
             return cls(int(got["slots"]), int(got["max_rank"]), list(got["targets"]),
                        str(got["dtype"]), dict(got["modules"]), list(got.get("untargeted", [])),
-                       text_only_origin(manifest), adapter_prefixes(manifest))
+                       text_only_origin(manifest), adapter_prefixes(manifest),
+                       dict((manifest.get("parallel") or {}).get("shards") or {}), int(rank))
         except (KeyError, TypeError, ValueError) as e:
             raise BrazeError(f"the artifact's manifest has a malformed \"lora\" entry ({e}); "
                              f"recompile it") from None
+
+    def _split(self, module: str, dim: int) -> dict | None:
+        """The shard record of `module`'s weight when it is split along `dim`."""
+        spec = self.shards.get(f"{module}.weight")
+        return spec if spec and "ranges" in spec and spec["dim"] == dim else None
+
+    def whole(self, module: str, dim: int, local: int) -> int:
+        """The size of dim `dim` (0: output rows, 1: input) of `module`'s whole weight, whose
+        rank's share is `local`: what an adapter (trained on the whole model) has."""
+        spec = self._split(module, dim)
+        return local if spec is None else max(b for _, b in spec["ranges"])
+
+    def cut(self, module: str, a: torch.Tensor, b: torch.Tensor):
+        """An adapter's whole (A [r, in], B [out, r]) of `module` -> this rank's share: B's
+        rows of a column-parallel weight, A's columns of a row-parallel one."""
+        rows, cols = self._split(module, 0), self._split(module, 1)
+        if rows is not None:
+            lo, hi = rows["ranges"][self.rank]
+            b = b[lo:hi]
+        if cols is not None:
+            lo, hi = cols["ranges"][self.rank]
+            a = a[:, lo:hi]
+        return a, b
 
     def part_of(self) -> dict[str, tuple[str, int, int, int, bool]]:
         """module -> (pool, part index, first output row, rows, targeted)."""
@@ -181,7 +217,7 @@ def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> Non
                             f"--lora-targets {','.join(contract.targets)}); recompile with "
                             f"them included")
         ab = found.pop(mod)
-        rows = [where[p][3] for p in parts]
+        rows = [contract.whole(p, 0, where[p][3]) for p in parts]
         b = ab.get("B")
         if b is None or "A" not in ab or b.shape[0] != sum(rows):
             raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_B "
@@ -266,10 +302,12 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
         pool, j, off, rows, _ = where[mod]
         a, b = ab["A"], ab["B"]
         H = contract.modules[pool]["in"]
-        if a.shape != (r, H) or b.shape != (rows, r):
+        want_a, want_b = (r, contract.whole(mod, 1, H)), (contract.whole(mod, 0, rows), r)
+        if a.shape != want_a or b.shape != want_b:
             raise LoRAError(f"LoRA adapter {name!r}: module {mod} has lora_A {tuple(a.shape)} "
-                            f"and lora_B {tuple(b.shape)}; this model wants ({r}, {H}) and "
-                            f"({rows}, {r}) (an adapter for another model?)")
+                            f"and lora_B {tuple(b.shape)}; this model wants {want_a} and "
+                            f"{want_b} (an adapter for another model?)")
+        a, b = contract.cut(mod, a, b)          # this rank's share (tensor parallelism)
         if pool not in tensors:
             n = len(contract.modules[pool]["parts"])
             O = sum(p[1] for p in contract.modules[pool]["parts"])
@@ -322,6 +360,8 @@ class LoRAManager:
         self._lru: OrderedDict[tuple, None] = OrderedDict()   # resident, unpinned, oldest first
         self._loads = 0
         self._refs: dict[tuple, int] = {}              # key -> requests holding it
+        # tensor parallelism: rank 0 sends each slot write to the other ranks (parallel.py)
+        self.on_write = None                # (slot, LoRARequest) -> None
         self.stats = {"lora_loads_to_device": 0, "lora_reads_from_disk": 0,
                       "lora_evictions": 0}
 
@@ -423,7 +463,7 @@ class LoRAManager:
                 self.stats["lora_evictions"] += 1
             else:
                 return None
-            self._write(slot, self._host_copy(key, req))
+            self._write(slot, self._host_copy(key, req), req)
             self._slot_of[key] = slot
             self._holder[slot] = key
         self._lru.pop(key, None)
@@ -454,19 +494,26 @@ class LoRAManager:
         self._holder[slot] = None
         return slot
 
-    def _write(self, slot: int, host: HostAdapter) -> None:
-        """The adapter's matrices into row `slot` of every pool (zeros where it has none)."""
-        for pool in self.contract.modules:
-            a = self.pools[f"lora_a.{pool}"]
-            b = self.pools[f"lora_b.{pool}"]
-            got = host.tensors.get(pool)
-            if got is None:
-                a[slot].zero_()
-                b[slot].zero_()
-            else:
-                a[slot].copy_(got[0], non_blocking=True)
-                b[slot].copy_(got[1], non_blocking=True)
+    def _write(self, slot: int, host: HostAdapter, req: LoRARequest) -> None:
+        if self.on_write is not None:       # the other ranks first: they read from disk
+            self.on_write(slot, req)
+        write_slot(self.pools, self.contract, slot, host)
         self.stats["lora_loads_to_device"] += 1
+
+
+def write_slot(pools: dict[str, torch.Tensor], contract: Contract, slot: int,
+               host: HostAdapter) -> None:
+    """The adapter's matrices into row `slot` of every pool (zeros where it has none)."""
+    for pool in contract.modules:
+        a = pools[f"lora_a.{pool}"]
+        b = pools[f"lora_b.{pool}"]
+        got = host.tensors.get(pool)
+        if got is None:
+            a[slot].zero_()
+            b[slot].zero_()
+        else:
+            a[slot].copy_(got[0], non_blocking=True)
+            b[slot].copy_(got[1], non_blocking=True)
 
 
 def allocate_pools(graph, device) -> dict[str, torch.Tensor]:
@@ -474,6 +521,14 @@ def allocate_pools(graph, device) -> dict[str, torch.Tensor]:
     return {v.name: torch.zeros(tuple(int(d) for d in v.type.shape),
                                 dtype=torch_dtype(v.type.dtype), device=device)
             for v in graph.inputs if v.name.startswith(("lora_a.", "lora_b."))}
+
+
+def add_slots_buffer(static: dict, executor) -> None:
+    """A LoRA artifact's extra step input among the static buffers: each token's adapter
+    slot (-1: none)."""
+    if executor.lora_pools:
+        static[SLOTS_INPUT] = torch.full((int(static["input_ids"].shape[0]),), -1,
+                                         dtype=torch.int32, device=executor.device)
 
 
 class EngineLoRA:
@@ -491,6 +546,9 @@ class EngineLoRA:
             return
         self.lora = LoRAManager(contract, self.runner.executor.lora_pools, max_cpu_loras)
         self.scheduler.lora = self.lora
+        from .parallel import LeaderGraphs
+        if isinstance(self.runner.graphs, LeaderGraphs):     # tensor-parallel rank 0
+            self.lora.on_write = self.runner.graphs.write_lora
 
     def _need_lora(self) -> LoRAManager:
         if self.lora is None:

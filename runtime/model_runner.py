@@ -19,6 +19,7 @@ from .hybrid_cache import (group_pool_blocks, kv_groups_of, share_pool, shared_m
                            shared_pool_blocks, window_pool_blocks)
 from .kv_cache import default_num_blocks
 from .loader import Artifact
+from .lora import add_slots_buffer
 from .options import EngineOptions
 from .prompt_logprobs import compute as prompt_compute
 from .prompt_logprobs import plan_rows
@@ -48,9 +49,7 @@ class ModelRunner:
                                            self.max_num_seqs, self.max_num_tokens)
         self.static = static_buffers(self.max_num_tokens, self.max_num_seqs, self.max_blocks,
                                      self.device, self.max_logits_rows)
-        if ex.lora_pools:       # a LoRA artifact's extra step input: each token's adapter slot
-            self.static["lora_slots"] = torch.full((self.max_num_tokens,), -1,
-                                                   dtype=torch.int32, device=self.device)
+        add_slots_buffer(self.static, ex)     # a LoRA artifact's: each token's adapter slot
         add_group_buffers(self.static, ex.group_inputs)     # a hybrid cache's groups' inputs
         arena = int((artifact.graph.meta.get("memory") or {}).get("arena_bytes", 0))
         num_kv_blocks = options.num_kv_blocks

@@ -18,6 +18,12 @@ How the ranks start:
   follow its steps and exit when it stops. WORLD_SIZE must equal the artifact's
   tensor_parallel_size.
 
+LoRA (runtime/lora.py): rank 0's LoRAManager decides which adapter goes into which slot;
+each slot write is sent to the other ranks between steps (a header with cmd _LORA, then
+the adapter's name and directory), and each rank reads the directory and writes its own
+share of the adapter into the same slot. The per-token `lora_slots` step input is
+broadcast with the step's other buffers.
+
 Failures end the run with a message, never a hang: before each step rank 0 checks that
 the ranks it started are alive, and every collective has the group's timeout
 (`EngineOptions.collective_timeout_s`), after which it raises in every surviving rank.
@@ -38,7 +44,7 @@ from braze.ir.errors import BrazeError
 
 log = logging.getLogger("braze.runtime")
 
-_RUN, _STOP, _MTP = 1, 0, 2
+_RUN, _STOP, _MTP, _LORA = 1, 0, 2, 3
 _STEP_BUFFERS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
                  "block_tables", "logits_indices")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -238,6 +244,7 @@ def follow(artifact, options) -> None:
     from .executor import Executor
     from .graph_runner import GraphRunner
     from .input_batch import static_buffers
+    from .lora import Contract, add_slots_buffer, read_adapter, write_slot
     init = [None]
     dist.broadcast_object_list(init, 0)
     cfg = init[0]
@@ -246,6 +253,8 @@ def follow(artifact, options) -> None:
     # head's all_gather meets tensors of the same shape on every rank
     static = static_buffers(cfg["max_num_tokens"], cfg["max_num_seqs"], ex.max_blocks, ex.device,
                             cfg["max_logits_rows"])
+    add_slots_buffer(static, ex)
+    contract = Contract.from_manifest(artifact.manifest, rank=dist.get_rank())
     # each cache tensor's blocks as rank 0 has them (a hybrid cache's window pools differ)
     ex.cache.resize(cfg["num_kv_blocks"], cfg.get("cache_blocks"), cfg.get("cache_shared"))
     graphs = GraphRunner(ex, static, cfg["buckets"], cfg["max_num_seqs"], mode=cfg["mode"],
@@ -263,6 +272,18 @@ def follow(artifact, options) -> None:
                 mtp = _FollowerMTP(artifact, ex, n_tok)
             mtp.call()
             continue
+        if cmd == _LORA:        # n_tok: the slot; the adapter's name and directory follow
+            got = [None]
+            dist.broadcast_object_list(got, 0)
+            name, path = got[0]
+            try:
+                host = read_adapter(name, path, contract)
+            except BrazeError as e:
+                raise BrazeError(f"tensor-parallel rank {contract.rank}: {e} (rank 0 read it; "
+                                 f"every rank reads each adapter itself, so its directory must "
+                                 f"be at the same path on every host)") from None
+            write_slot(ex.lora_pools, contract, n_tok, host)
+            continue
         _exchange(graphs, static, n_tok, n_seq, bool(wide))
         graphs.run(n_tok, n_seq, bool(decode_only), wide=bool(wide))
     dist.destroy_process_group()
@@ -272,14 +293,17 @@ def _exchange(graphs, static, n_tok: int, n_seq: int, wide: bool = False) -> Non
     """Broadcast the step's padded inputs from rank 0: its bucket's rows of each buffer,
     and all R_pad logits rows (from `wide_indices` in a wide step), not one per sequence."""
     from .graph_runner import group_inputs
+    from .lora import SLOTS_INPUT
     T, S = graphs.bucket_for(n_tok, n_seq)
-    # and a hybrid cache's KV cache groups' slot mappings and tables (runtime/hybrid_cache.py)
-    for name in _STEP_BUFFERS + tuple(group_inputs(static)):
+    # and a hybrid cache's KV cache groups' slot mappings and tables (runtime/hybrid_cache.py),
+    # and a LoRA artifact's per-token adapter slots
+    lora = (SLOTS_INPUT,) if SLOTS_INPUT in static else ()
+    for name in _STEP_BUFFERS + tuple(group_inputs(static)) + lora:
         if name == "logits_indices":
             src = graphs.wide_indices if wide else static[name]
             dist.broadcast(src[:graphs.rows_for(T, wide)], 0)
             continue
-        rows = T if name.startswith(("input_ids", "positions", "slot_mapping")) else \
+        rows = T if name.startswith(("input_ids", "positions", "slot_mapping", SLOTS_INPUT)) else \
             S + 1 if name == "query_start_loc" else S
         dist.broadcast(static[name][:rows], 0)
 
@@ -389,8 +413,23 @@ class LeaderGraphs:
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
             raise BrazeError(_failure(g, e)) from None
 
+    def write_lora(self, slot: int, req) -> None:
+        """The LoRAManager is writing adapter `req` (a LoRARequest) into `slot`: every other
+        rank reads it from the same directory and writes its own share there too."""
+        g = self.group
+        g.check_alive()
+        try:
+            dist.broadcast(_header(_LORA, slot, 0, 0, 0, self.static["input_ids"].device), 0)
+            dist.broadcast_object_list([(req.lora_name, os.path.abspath(req.lora_path))], 0)
+        except Exception as e:
+            raise BrazeError(_failure(g, e)) from None
+
 
 def _failure(g: Group, e: Exception) -> str:
+    import time
+    end = time.monotonic() + 5      # a peer that closed its connection is likely exiting:
+    for p in g.procs:               # give it a moment, so the message names it
+        p.join(timeout=max(0.0, end - time.monotonic()))
     try:
         g.check_alive()
     except BrazeError as dead:
