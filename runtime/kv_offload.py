@@ -53,6 +53,9 @@ TRANSFER_KEYS = {"max_load_tokens", "store"}
 SUMMED = ("store_bytes_host", "store_bytes_lower", "store_failures", "load_bytes_host",
           "load_bytes_lower", "load_failures")
 REPLY_LEN = 1 + len(SUMMED)        # a rank's answer to rank 0: a value, then its SUMMED
+# how long a rank > 0 waits for its own staging of a request that rank 0 has staged, before
+# answering how many of its blocks it holds (a rank 0 waiting on it waits inside a step)
+HOLD_WAIT_S = 10.0
 
 
 @dataclass
@@ -432,8 +435,8 @@ class KVOffload:
         elif op == "hold":
             rid, keys = args
             st = self._staging.pop(rid, None)
-            if st is not None:          # rank 0 saw its own staging done: wait for ours
-                wait([st.future])
+            if st is not None:          # rank 0 saw its own staging done: wait for ours,
+                wait([st.future], timeout=HOLD_WAIT_S)  # within bounds (late ones: computed)
             self._held[rid] = self._leading(keys)
             return float(len(self._held[rid]))
         elif op == "copy":

@@ -299,13 +299,15 @@ def tp_want(store):
     return [o.token_ids for o in _traffic(eng)]
 
 
-def _tp_engine(store, host_blocks: int, kv):
+def _tp_engine(store, host_blocks: int, kv=None, **tier):
     from braze.runtime import LLM
     one = store.artifact("llama", opt_level=2)
     per_rank = _block_bytes(one) // 2           # each rank holds one of the two KV heads
+    if kv is not None:
+        tier["kv_offload_dir"] = str(kv)
     llm = LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2),
               backend="reference", num_kv_blocks=DEVICE_BLOCKS,
-              kv_offload_cpu_gb=host_blocks * per_rank / GIB, kv_offload_dir=str(kv))
+              kv_offload_cpu_gb=host_blocks * per_rank / GIB, **tier)
     assert llm.engine.offload.block_bytes == per_rank
     return llm, per_rank
 
@@ -332,6 +334,19 @@ def test_two_ranks_store_and_load_their_own_slices(store, tp_want, tmp_path):
     assert len(list(kv.rglob("*.kv"))) == 2 * s["store_blocks"]     # nothing unranked
     key = next(iter(r0))
     assert r0[key].read_bytes() != r1[key].read_bytes()           # two different slices
+    # one rank over the same directory finds none of them (another identity, no rank names)
+    one = Engine(store.artifact("llama", opt_level=2), backend="reference",
+                 num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=str(kv))
+    assert run_all(one, [SECOND], GREEDY)[0].token_ids == tp_want[-1]
+    assert _offload_stats(one)["load_blocks_lower"] == 0
+
+
+def test_the_number_of_ranks_is_part_of_a_blocks_identity():
+    from braze.runtime.kv_offload import model_identity
+    manifest = {"files": {"graph.bir": "ab", "weights.safetensors": "cd"}}
+    layout = {"k0": ((8, 16, 2, 4), "float32")}
+    ids = {model_identity(manifest, 16, layout, n) for n in (1, 2, 4)}
+    assert len(ids) == 3 and model_identity(manifest, 16, layout) in ids
 
 
 def test_a_block_corrupt_on_rank_1_only_is_computed_by_both_ranks(store, tp_want, tmp_path):
@@ -352,3 +367,18 @@ def test_a_block_corrupt_on_rank_1_only_is_computed_by_both_ranks(store, tp_want
     # rank 0 staged all 4 blocks, rank 1 the 2 before its bad one: both load 2
     assert _second_loads(eng) == (0, 2)
     assert s["load_failures"] - eng.before_second["load_failures"] == 1
+
+
+def test_two_ranks_on_an_s3_tier_name_their_objects_by_rank(store, tp_want, s3):
+    llm, _ = _tp_engine(store, 8, kv_offload_s3="s3://braze-kv/tp")
+    with llm:
+        eng = llm.engine
+        got = _traffic(eng)
+        s = _offload_stats(eng)
+    assert [o.token_ids for o in got] == tp_want
+    assert _second_loads(eng) == (0, 4) and s["store_failures"] == s["load_failures"] == 0
+    import boto3
+    names = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket="braze-kv", Prefix="tp/")["Contents"]]
+    for r in (0, 1):
+        assert len([n for n in names if n.endswith(f".rank{r}.kv")]) == s["store_blocks"]
