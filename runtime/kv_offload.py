@@ -416,7 +416,8 @@ class KVOffload:
         """Rank 0: send `cmd` (after the queued ones) and take every other rank's answer:
         its value for `cmd` (one per rank), and its counters summed into ours."""
         rows = self.peers.ask(cmd, REPLY_LEN)
-        self._peer_counters = {k: sum(r[1 + i] for r in rows) for i, k in enumerate(SUMMED)}
+        self._peer_counters = {k: int(sum(r[1 + i] for r in rows))
+                               for i, k in enumerate(SUMMED)}
         return [r[0] for r in rows]
 
     def _agree(self, request_id: str, keys: list[str]) -> int:

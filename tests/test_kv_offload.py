@@ -293,19 +293,31 @@ def test_serve_takes_the_tier_flags_and_kv_transfer_params(art, want, tmp_path):
 # own host tier and its own objects in the disk tier; rank 0 decides, rank 1 repeats.
 
 @pytest.fixture(scope="module")
-def tp_want(store):
-    """One rank, no offload, a device cache large enough for all of it."""
-    eng = Engine(store.artifact("llama", opt_level=2), backend="reference", num_kv_blocks=256)
-    return [o.token_ids for o in _traffic(eng)]
+def tp_wants(store):
+    """Per case: one rank, no offload, a device cache large enough for all of it."""
+    wants = {}
+
+    def want(case):
+        if case not in wants:
+            eng = Engine(store.artifact(case, opt_level=2), backend="reference",
+                         num_kv_blocks=256)
+            wants[case] = [o.token_ids for o in _traffic(eng)]
+        return wants[case]
+    return want
 
 
-def _tp_engine(store, host_blocks: int, kv=None, **tier):
+@pytest.fixture(scope="module")
+def tp_want(tp_wants):
+    return tp_wants("llama")
+
+
+def _tp_engine(store, host_blocks: int, kv=None, case="llama", **tier):
     from braze.runtime import LLM
-    one = store.artifact("llama", opt_level=2)
-    per_rank = _block_bytes(one) // 2           # each rank holds one of the two KV heads
+    one = store.artifact(case, opt_level=2)
+    per_rank = _block_bytes(one) // 2           # each rank holds half of the KV heads
     if kv is not None:
         tier["kv_offload_dir"] = str(kv)
-    llm = LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2),
+    llm = LLM(store.artifact(case, opt_level=2, tensor_parallel_size=2),
               backend="reference", num_kv_blocks=DEVICE_BLOCKS,
               kv_offload_cpu_gb=host_blocks * per_rank / GIB, **tier)
     assert llm.engine.offload.block_bytes == per_rank
@@ -382,3 +394,18 @@ def test_two_ranks_on_an_s3_tier_name_their_objects_by_rank(store, tp_want, s3):
         Bucket="braze-kv", Prefix="tp/")["Contents"]]
     for r in (0, 1):
         assert len([n for n in names if n.endswith(f".rank{r}.kv")]) == s["store_blocks"]
+
+
+def test_two_ranks_offload_a_hybrid_cache(store, tp_wants, tmp_path):
+    """Gemma 3's local and global layers: two KV cache groups, a block one id per group,
+    on both ranks; the prefix comes back from disk."""
+    case = "gemma3-sandwich-softcap"
+    llm, _ = _tp_engine(store, 8, tmp_path / "kv", case=case)
+    with llm:
+        eng = llm.engine
+        assert len(set(eng.offload.group_of.values())) == 2
+        got = _traffic(eng)
+        s = _offload_stats(eng)
+    assert [o.token_ids for o in got] == tp_wants(case)
+    assert _second_loads(eng) == (0, 4) and s["load_failures"] == 0
+    assert len(_rank_files(tmp_path / "kv", 1)) == s["store_blocks"]
