@@ -384,8 +384,8 @@ class KVOffload:
         self.poll()
         if self._io is not None:
             self._io.submit(lambda: None).result()
-        if self.peers is not None:
-            self._ask("drain")
+        if self.peers is not None and not self.peers.closed:
+            self._ask("drain")      # and every other rank's
 
     def close(self) -> None:
         if self._io is not None:
