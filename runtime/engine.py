@@ -67,11 +67,11 @@ class Engine(EngineLoRA):
                                    watermark_blocks=max(0, r.num_kv_blocks // 100))
         self.scheduler.logits_row_cap = r.prompt_logprobs_rows   # None: logits at every token
         # lower KV tiers (host memory, a directory, an object store), when the options ask
-        self.offload = make_offload(opts, r.executor.cache, self.artifact.manifest, r.device)
+        # (a hybrid cache's blocks are one id per KV cache group: runtime/hybrid_cache.py)
+        self.offload = make_offload(opts, r.executor.cache, self.artifact.manifest, r.device,
+                                    getattr(self.block_manager, "tensor_group", {}))
         if self.offload is not None:
             self.block_manager.registrations = []
-            # a hybrid cache's blocks are one id per KV cache group (runtime/hybrid_cache.py)
-            self.offload.group_of.update(getattr(self.block_manager, "tensor_group", {}))
             self.scheduler.kv_loader = self.offload
         self._init_lora(opts.max_cpu_loras)
         tok_dir = self.artifact.tokenizer_dir

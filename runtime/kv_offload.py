@@ -19,6 +19,15 @@ that fails (a corrupt or missing block, a tier that errors) stops at that block:
 rest is computed as if it had never been offloaded. Per request, `kv_transfer_params`
 (vLLM's name) caps the tokens loaded (`max_load_tokens`, 0 = none) and says whether its
 blocks are stored (`store`).
+
+Tensor parallelism: each rank holds its own slice of every block (its KV heads) and its own
+tiers (host memory, and its own objects in the lower tier, named with its rank). Rank 0's
+engine decides what is stored, staged, loaded and dropped; its KVOffload sends each decision
+to the other ranks (`peers`, runtime/parallel.py's Group), whose KVOffload performs it on
+their slices (`run_commands`), in the same order relative to the steps. Before a load, every
+rank says how many of the blocks it holds (`hold`, one small all-gather); the load takes the
+fewest, so a block that failed on any rank is computed by all of them. Counters: blocks,
+operations and seconds are rank 0's; bytes and failures are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -36,9 +45,17 @@ import torch
 from braze.ir.errors import BrazeError
 
 from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
+from .parallel import current_group
 
 GIB = 1 << 30
 TRANSFER_KEYS = {"max_load_tokens", "store"}
+# the counters summed over tensor-parallel ranks (each rank moves its own slice's bytes)
+SUMMED = ("store_bytes_host", "store_bytes_lower", "store_failures", "load_bytes_host",
+          "load_bytes_lower", "load_failures")
+REPLY_LEN = 1 + len(SUMMED)        # a rank's answer to rank 0: a value, then its SUMMED
+# how long a rank > 0 waits for its own staging of a request that rank 0 has staged, before
+# answering how many of its blocks it holds (a rank 0 waiting on it waits inside a step)
+HOLD_WAIT_S = 10.0
 
 
 @dataclass
@@ -72,14 +89,17 @@ class KVTransferPolicy:
 DEFAULT_POLICY = KVTransferPolicy()
 
 
-def model_identity(manifest: dict, block_size: int, layout: dict) -> bytes:
-    """What makes KV blocks of two artifacts interchangeable: the same graph and weights
-    and the same cache layout."""
+def model_identity(manifest: dict, block_size: int, layout: dict, ranks: int = 1) -> bytes:
+    """What makes KV blocks of two artifacts interchangeable: the same graph and weights,
+    the same cache layout, and the same number of tensor-parallel ranks (each of which
+    holds a slice of every block)."""
     files = manifest.get("files", {})
     ident = {"files": {k: v for k, v in sorted(files.items())
                        if k == "graph.bir" or k.startswith("weights")},
              "block_size": block_size,
              "layout": {k: [list(s), str(d)] for k, (s, d) in sorted(layout.items())}}
+    if ranks > 1:
+        ident["tensor_parallel_size"] = ranks
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()
 
 
@@ -110,6 +130,11 @@ class KVOffload:
         self._staging: dict[str, _Staging] = {}
         self._pending: list = []       # (event, host buffer, keys) of copies still running
         self._in_host_from_lower: set[str] = set()
+        # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
+        # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
+        self.peers = None
+        self._held: dict[str, list] = {}
+        self._peer_counters = dict.fromkeys(SUMMED, 0)
         self._lock = threading.Lock()
         self.counters = {"store_blocks": 0, "store_bytes_host": 0, "store_bytes_lower": 0,
                          "store_failures": 0, "load_blocks_host": 0, "load_blocks_lower": 0,
@@ -132,9 +157,15 @@ class KVOffload:
 
     def forget(self, req) -> None:
         self._keys.pop(req.request_id, None)
-        st = self._staging.pop(req.request_id, None)
+        self._drop(req.request_id)
+        if self.peers is not None:
+            self.peers.send("drop", req.request_id)
+
+    def _drop(self, request_id: str) -> None:
+        st = self._staging.pop(request_id, None)
         if st is not None:
             st.future.cancel()
+        self._held.pop(request_id, None)
 
     # ------------------------------------------------------------------ load
 
@@ -173,6 +204,9 @@ class KVOffload:
         if not need:
             return True
         self._staging[req.request_id] = _Staging(self._io.submit(self._stage, need), need)
+        if self.peers is not None:      # the other ranks stage their slices meanwhile
+            self.peers.send("stage", req.request_id, need)
+            self.peers.flush()
         return False
 
     def wait_staging(self, timeout: float) -> None:
@@ -221,19 +255,19 @@ class KVOffload:
         bs = self.block_size
         first, end = self._loadable(req, bm)
         first = cached_tokens // bs
-        if end <= first:
-            return 0
-        keys = self.keys(req, end)[first:]
-        blocks = []
-        for k in keys:
-            b = self.host.get(k)
-            if b is None:
-                break
-            blocks.append(b)
+        keys = self.keys(req, end)[first:] if end > first else []
+        blocks = self._leading(keys)
+        if self.peers is not None:
+            if blocks:      # every rank must hold a block for any rank to load it
+                blocks = blocks[:self._agree(req.request_id, keys[:len(blocks)])]
+            if not blocks:
+                self.peers.send("drop", req.request_id)
         if not blocks:
             return 0
         t = time.perf_counter()
         ids = bm.adopt(req.request_id, len(blocks))
+        if self.peers is not None:
+            self.peers.send("copy", req.request_id, ids)
         if not ids:
             return 0
         blocks = blocks[:len(ids)]      # a hybrid cache may take fewer (its window pools)
@@ -247,6 +281,16 @@ class KVOffload:
             self.counters["load_seconds"] += time.perf_counter() - t
             self.counters["loads"] += 1
         return len(blocks) * bs
+
+    def _leading(self, keys: list[str]) -> list[torch.Tensor]:
+        """The host tier's blocks for `keys`, up to the first it lacks."""
+        blocks = []
+        for k in keys:
+            b = self.host.get(k)
+            if b is None:
+                break
+            blocks.append(b)
+        return blocks
 
     def _copy_in(self, host: torch.Tensor, ids: list[int]) -> None:
         """Host blocks [n, block_bytes] into device blocks `ids`, ordered before the next
@@ -277,6 +321,8 @@ class KVOffload:
     def store(self, blocks: list[int], keys: list[str]) -> None:
         """Device blocks (just entered the prefix cache) to the host tier, and on to the
         lower tier."""
+        if self.peers is not None and blocks:   # every other rank stores its slice of them
+            self.peers.send("store", list(blocks), list(keys))
         todo = [(b, k) for b, k in zip(blocks, keys) if k not in self.host]
         if not todo:
             return
@@ -338,6 +384,8 @@ class KVOffload:
         self.poll()
         if self._io is not None:
             self._io.submit(lambda: None).result()
+        if self.peers is not None and not self.peers.closed:
+            self._ask("drain")      # and every other rank's
 
     def close(self) -> None:
         if self._io is not None:
@@ -346,13 +394,91 @@ class KVOffload:
     # ----------------------------------------------------------------- stats
 
     def stats(self) -> dict:
+        if self.peers is not None and not self.peers.closed:
+            try:
+                self._ask("report")     # the other ranks' bytes and failures
+            except BrazeError:          # a rank gone: the counts it last gave
+                pass
         with self._lock:
             c = dict(self.counters)
+        for k in SUMMED:
+            c[k] += self._peer_counters[k]
         c["host_blocks"] = len(self.host)
         c["host_capacity_blocks"] = self.host.capacity_blocks
         c["host_evictions"] = self.host.evictions
         c["lower_tier"] = self.lower.name if self.lower is not None else None
         return c
+
+
+    # ---------------------------------------------------- tensor parallelism
+
+    def _ask(self, *cmd) -> list[float]:
+        """Rank 0: send `cmd` (after the queued ones) and take every other rank's answer:
+        its value for `cmd` (one per rank), and its counters summed into ours."""
+        rows = self.peers.ask(cmd, REPLY_LEN)
+        self._peer_counters = {k: int(sum(r[1 + i] for r in rows))
+                               for i, k in enumerate(SUMMED)}
+        return [r[0] for r in rows]
+
+    def _agree(self, request_id: str, keys: list[str]) -> int:
+        """Rank 0: how many of `keys` (whose blocks it holds) every rank holds too."""
+        return int(min([len(keys)] + self._ask("hold", request_id, keys)))
+
+    def apply(self, op: str, *args) -> float:
+        """A rank > 0: perform one of rank 0's decisions on this rank's slices; the value
+        rank 0 asked for (`hold`: how many of the blocks this rank holds)."""
+        if op == "store":
+            self.store(*args)
+        elif op == "stage":
+            rid, keys = args
+            if self._io is not None:
+                self._staging[rid] = _Staging(self._io.submit(self._stage, keys), keys)
+        elif op == "hold":
+            rid, keys = args
+            st = self._staging.pop(rid, None)
+            if st is not None:          # rank 0 saw its own staging done: wait for ours,
+                wait([st.future], timeout=HOLD_WAIT_S)  # within bounds (late ones: computed)
+            self._held[rid] = self._leading(keys)
+            return float(len(self._held[rid]))
+        elif op == "copy":
+            rid, ids = args
+            blocks = self._held.pop(rid, [])[:len(ids)]
+            if blocks:
+                self._copy_in(torch.stack(blocks), ids)
+                with self._lock:
+                    self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
+        elif op == "drop":
+            self._drop(*args)
+        elif op == "drain":
+            self.drain()
+        elif op != "report":
+            raise BrazeError(f"unknown KV offload command {op!r} from rank 0")
+        return 0.0
+
+    def reply(self, value: float) -> list[float]:
+        with self._lock:
+            return [value] + [float(self.counters[k]) for k in SUMMED]
+
+
+def run_commands(offload, cmds: list, cache, device, rank: int, ranks: int):
+    """A rank > 0: perform rank 0's KV offload commands in order (the first, `setup`,
+    opens this rank's tiers). Returns the offload and its answer to the last command."""
+    value = 0.0
+    for op, *args in cmds:
+        if op == "setup":
+            try:
+                offload = _open(args[0], cache, b"", device, rank, ranks)
+                value = 1.0
+            except BrazeError as e:
+                import logging
+                logging.getLogger("braze.runtime").error("rank %d: %s", rank, e)
+                offload, value = None, -1.0
+            continue
+        if offload is None:
+            return None, [-1.0] + [0.0] * len(SUMMED)
+        value = offload.apply(op, *args)
+    return offload, (offload.reply(value) if offload is not None
+                     else [value] + [0.0] * len(SUMMED))
 
 
 def _block_id(block, group: int):
@@ -361,8 +487,9 @@ def _block_id(block, group: int):
     return block if isinstance(block, int) else block[group]
 
 
-def make_offload(options, cache, manifest: dict, device) -> KVOffload | None:
-    """The offload tiers the engine options ask for, or None."""
+def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOffload | None:
+    """The offload tiers the engine options ask for, or None. `group_of`: a hybrid cache's
+    KV cache group of each cache tensor (runtime/hybrid_cache.py)."""
     if not (options.kv_offload_cpu_gb or options.kv_offload_dir or options.kv_offload_s3):
         return None
     if not options.enable_prefix_caching:
@@ -371,14 +498,34 @@ def make_offload(options, cache, manifest: dict, device) -> KVOffload | None:
     if options.kv_offload_dir and options.kv_offload_s3:
         raise BrazeError("choose one lower KV tier: --kv-offload-dir or --kv-offload-s3, "
                          "not both")
+    group = current_group()
+    rank, ranks = (group.rank, group.size) if group is not None else (0, 1)
+    tiers = {"cpu_gb": options.kv_offload_cpu_gb, "dir": options.kv_offload_dir,
+             "s3": options.kv_offload_s3, "group_of": dict(group_of or {})}
+    identity = model_identity(manifest, cache.block_size, cache._layout, ranks)
+    off = _open(tiers, cache, identity, device, rank, ranks)
+    if group is not None:       # the other ranks open theirs, each under its rank's names
+        off.peers = group
+        bad = [r for r, ok in enumerate(off._ask("setup", tiers), start=1) if ok < 0]
+        if bad:
+            raise BrazeError(f"tensor-parallel rank {bad[0]} could not open its KV offload "
+                             f"tiers (its log says why); check --kv-offload-dir/-s3 there")
+    return off
+
+
+def _open(tiers: dict, cache, identity: bytes, device, rank: int, ranks: int) -> KVOffload:
+    """One rank's tiers: its host memory, and its objects in the lower tier (named with its
+    rank at tensor parallelism)."""
+    suffix = f".rank{rank}" if ranks > 1 else ""
     lower = None
-    if options.kv_offload_dir:
-        lower = DirectoryStore(options.kv_offload_dir)
-    elif options.kv_offload_s3:
-        lower = S3Store(options.kv_offload_s3)
-    gb = options.kv_offload_cpu_gb if options.kv_offload_cpu_gb else DEFAULT_HOST_GB
-    identity = model_identity(manifest, cache.block_size, cache._layout)
-    return KVOffload(cache, identity, int(gb * GIB), lower, device)
+    if tiers["dir"]:
+        lower = DirectoryStore(tiers["dir"], suffix=suffix)
+    elif tiers["s3"]:
+        lower = S3Store(tiers["s3"], suffix=suffix)
+    gb = tiers["cpu_gb"] if tiers["cpu_gb"] else DEFAULT_HOST_GB
+    off = KVOffload(cache, identity, int(gb * GIB), lower, device)
+    off.group_of.update(tiers["group_of"])
+    return off
 
 
 DEFAULT_HOST_GB = 4.0      # the host tier when only a lower tier is named

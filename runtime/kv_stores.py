@@ -3,7 +3,9 @@ directory or an S3-compatible object store.
 
 A key names one block of one model: the model's identity and the chained hash of every
 token up to the block's end (runtime/kv_offload.py makes them), so two artifacts never
-share a block and equal keys mean equal KV.
+share a block and equal keys mean equal KV. At tensor parallelism each rank stores its own
+slice of a block (its KV heads) under the same key with its rank appended to the object's
+name (`KEY.rank1.kv`), so no rank ever reads another's slice.
 
     HostStore       pinned host memory (on a GPU host), LRU within a byte budget
     DirectoryStore  one file per block under a directory
@@ -103,8 +105,9 @@ class DirectoryStore:
 
     name = "disk"
 
-    def __init__(self, path):
+    def __init__(self, path, suffix: str = ""):
         self.root = Path(path).expanduser()
+        self.suffix = suffix            # ".rankR" at tensor parallelism
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -112,7 +115,7 @@ class DirectoryStore:
                              f"pass a writable --kv-offload-dir") from None
 
     def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.kv"
+        return self.root / key[:2] / f"{key}{self.suffix}.kv"
 
     def contains(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -158,8 +161,9 @@ class S3Store:
 
     name = "s3"
 
-    def __init__(self, url: str, client=None):
+    def __init__(self, url: str, client=None, suffix: str = ""):
         u = urlparse(url)
+        self.suffix = suffix            # ".rankR" at tensor parallelism
         if u.scheme != "s3" or not u.netloc:
             raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}")
         self.bucket, self.prefix = u.netloc, u.path.strip("/")
@@ -178,7 +182,8 @@ class S3Store:
         self.url = url
 
     def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}.kv" if self.prefix else f"{key}.kv"
+        name = f"{key}{self.suffix}.kv"
+        return f"{self.prefix}/{name}" if self.prefix else name
 
     def contains(self, key: str) -> bool:
         try:

@@ -24,6 +24,12 @@ the adapter's name and directory), and each rank reads the directory and writes 
 share of the adapter into the same slot. The per-token `lora_slots` step input is
 broadcast with the step's other buffers.
 
+KV offload (runtime/kv_offload.py) at tensor parallelism: rank 0's engine decides what is
+stored, staged, loaded and dropped, and queues each decision as a command (`Group.send`);
+the queue goes out with the next step's header (or at once: `flush`, `ask`), so every rank
+performs the commands on its own KV slice at the same point between steps. `ask` also
+collects one small answer from each rank (an all-gather), e.g. how many blocks it holds.
+
 Failures end the run with a message, never a hang: before each step rank 0 checks that
 the ranks it started are alive, and every collective has the group's timeout
 (`EngineOptions.collective_timeout_s`), after which it raises in every surviving rank.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import logging
 import os
 import socket
@@ -45,6 +52,7 @@ from braze.ir.errors import BrazeError
 log = logging.getLogger("braze.runtime")
 
 _RUN, _STOP, _MTP, _LORA = 1, 0, 2, 3
+_ASK, _CMDS = 4, 5      # commands that every rank answers; commands alone (no step)
 _STEP_BUFFERS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
                  "block_tables", "logits_indices")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -81,6 +89,44 @@ class Group:
     def __init__(self, rank: int, size: int, procs=(), torchrun: bool = False):
         self.rank, self.size, self.procs, self.torchrun = rank, size, list(procs), torchrun
         self.closed = False
+        self.commands: list = []        # rank 0: KV offload commands not yet sent
+
+    def send(self, *cmd) -> None:
+        """Rank 0: queue a command (JSON-able) for the other ranks' KV offload."""
+        self.commands.append(cmd)
+
+    def take(self) -> torch.Tensor | None:
+        """Rank 0: the queued commands as bytes to broadcast (None when there are none)."""
+        if not self.commands:
+            return None
+        data = json.dumps(self.commands).encode()
+        self.commands = []
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+
+    def flush(self, kind: int = _CMDS) -> None:
+        """Rank 0: send the queued commands now, between steps."""
+        self.check_alive()
+        payload = self.take()
+        if payload is None:
+            return
+        try:
+            dist.broadcast(_header(kind, 0, 0, 0, 0, self.device, payload.numel()), 0)
+            dist.broadcast(payload, 0)
+        except Exception as e:
+            raise BrazeError(_failure(self, e)) from None
+
+    def ask(self, cmd: tuple, reply_len: int) -> list[list[float]]:
+        """Rank 0: send the queued commands and `cmd`, then every other rank's answer to
+        `cmd` (`reply_len` numbers each), in rank order."""
+        self.send(*cmd)
+        self.flush(_ASK)
+        mine = torch.zeros(reply_len, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.size)]
+        try:
+            dist.all_gather(out, mine)
+        except Exception as e:
+            raise BrazeError(_failure(self, e)) from None
+        return [t.tolist() for t in out[1:]]
 
     def check_alive(self) -> None:
         for r, p in enumerate(self.procs, start=1):
@@ -125,9 +171,6 @@ def ensure_group(artifact, options) -> Group | None:
             raise BrazeError(f"this process already runs a tensor-parallel group of "
                              f"{_GROUP.size} ranks; artifact {artifact.root} needs {n}")
         return _GROUP
-    if options.kv_offload_cpu_gb:
-        raise BrazeError("KV offload (--kv-offload-cpu-gb) is not supported with a "
-                         "tensor-parallel artifact yet")
     timeout = datetime.timedelta(seconds=options.collective_timeout_s)
     device_type = "cuda" if options.backend in ("cuda", "auto") and torch.cuda.is_available() \
         else "cpu"
@@ -231,10 +274,11 @@ def _worker_entry(rank, n, addr, port, root, options, device_type) -> None:
 
 
 def _header(cmd: int, n_tok: int, n_seq: int, decode_only: int, wide: int,
-            device) -> torch.Tensor:
-    """A step's header: run or stop, its tokens and sequences, decode-only, and whether
-    it runs its bucket's wide variant (prompt logprobs on a pruned LM head)."""
-    return torch.tensor([cmd, n_tok, n_seq, decode_only, wide], dtype=torch.int64,
+            device, n_bytes: int = 0) -> torch.Tensor:
+    """A step's header: run, stop or KV offload commands alone, its tokens and sequences,
+    decode-only, whether it runs its bucket's wide variant (prompt logprobs on a pruned LM
+    head), and the bytes of KV offload commands that follow it (0: none)."""
+    return torch.tensor([cmd, n_tok, n_seq, decode_only, wide, n_bytes], dtype=torch.int64,
                         device=device)
 
 
@@ -262,17 +306,19 @@ def follow(artifact, options) -> None:
     graphs.capture()
     head = _header(0, 0, 0, 0, 0, ex.device)
     mtp = None
+    offload = None          # this rank's KV offload tiers, once rank 0 opens its own
     while True:
         dist.broadcast(head, 0)
-        cmd, n_tok, n_seq, decode_only, wide = (int(x) for x in head.tolist())
+        cmd, n_tok, n_seq, decode_only, wide, n_bytes = (int(x) for x in head.tolist())
         if cmd == _STOP:
             break
+        if n_bytes:
+            offload = _offload_commands(offload, ex, n_bytes, cmd == _ASK)
         if cmd == _MTP:         # n_tok: the blocks of rank 0's MTP cache (0: the target's)
             if mtp is None or mtp.blocks != n_tok:
                 mtp = _FollowerMTP(artifact, ex, n_tok)
             mtp.call()
-            continue
-        if cmd == _LORA:        # n_tok: the slot; the adapter's name and directory follow
+        elif cmd == _LORA:      # n_tok: the slot; the adapter's name and directory follow
             got = [None]
             dist.broadcast_object_list(got, 0)
             name, path = got[0]
@@ -283,10 +329,29 @@ def follow(artifact, options) -> None:
                                  f"every rank reads each adapter itself, so its directory must "
                                  f"be at the same path on every host)") from None
             write_slot(ex.lora_pools, contract, n_tok, host)
-            continue
-        _exchange(graphs, static, n_tok, n_seq, bool(wide))
-        graphs.run(n_tok, n_seq, bool(decode_only), wide=bool(wide))
+        elif cmd == _RUN:
+            _exchange(graphs, static, n_tok, n_seq, bool(wide))
+            graphs.run(n_tok, n_seq, bool(decode_only), wide=bool(wide))
+        if offload is not None:
+            offload.poll()
+    if offload is not None:
+        offload.close()
     dist.destroy_process_group()
+
+
+def _offload_commands(offload, ex, n_bytes: int, answer: bool):
+    """Ranks > 0: perform rank 0's KV offload commands on this rank's KV slices, and
+    answer the last one when rank 0 asks."""
+    from .kv_offload import run_commands
+    buf = torch.empty(n_bytes, dtype=torch.uint8, device=ex.device)
+    dist.broadcast(buf, 0)
+    cmds = json.loads(bytes(buf.cpu().numpy()).decode())
+    offload, reply = run_commands(offload, cmds, ex.cache, ex.device, dist.get_rank(),
+                                  dist.get_world_size())
+    if answer:
+        mine = torch.tensor(reply, dtype=torch.float64, device=ex.device)
+        dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size())], mine)
+    return offload
 
 
 def _exchange(graphs, static, n_tok: int, n_seq: int, wide: bool = False) -> None:
@@ -404,8 +469,12 @@ class LeaderGraphs:
         g = self.group
         g.check_alive()
         try:
+            cmds = g.take()         # KV offload commands queued since the last step
             dist.broadcast(_header(_RUN, num_tokens, num_seqs, int(decode_only), int(wide),
-                                   self.static["input_ids"].device), 0)
+                                   self.static["input_ids"].device,
+                                   0 if cmds is None else cmds.numel()), 0)
+            if cmds is not None:
+                dist.broadcast(cmds, 0)
             _exchange(self.inner, self.static, num_tokens, num_seqs, wide)
             return self.inner.run(num_tokens, num_seqs, decode_only, wide=wide)
         except BrazeError:

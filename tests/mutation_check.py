@@ -174,6 +174,20 @@ MUTATIONS = [
              "return (g, h) if self.shared and g else h",
              "return h",
              ["tests/test_hybrid_cache.py"], k="Shared"),
+    Mutation("tp-offload-rank-1-skips-its-load",
+             "at tensor parallelism a block loaded from a lower KV tier is filled on rank 0 "
+             "only: rank 1 attends over another request's KV",
+             "runtime/kv_offload.py",
+             "            if blocks:\n                self._copy_in(torch.stack(blocks), ids)",
+             "            if False:\n                self._copy_in(torch.stack(blocks), ids)",
+             ["tests/test_kv_offload.py"], k="two_ranks_store"),
+    Mutation("tp-offload-objects-not-named-by-rank",
+             "two tensor-parallel ranks write their KV slices to the same object: a load "
+             "reads another rank's heads",
+             "runtime/kv_offload.py",
+             'suffix = f".rank{rank}" if ranks > 1 else ""',
+             'suffix = ""',
+             ["tests/test_kv_offload.py"], k="rank"),
 ]
 
 

@@ -51,14 +51,17 @@ def want(art):
     return [o.token_ids for o in _traffic(eng)]
 
 
-def _traffic(eng, second_params=None):
+def _traffic(eng, second_params=None, meanwhile=None):
     """FIRST, the fillers, then SECOND; the outputs. `eng.before_second` keeps the offload
     stats from before SECOND, so a test can tell SECOND's loads from the fillers' (a
-    preempted filler's computed blocks come back from the host tier too)."""
+    preempted filler's computed blocks come back from the host tier too). `meanwhile()`
+    runs before SECOND, once the lower tier has every block."""
     out = run_all(eng, [FIRST], GREEDY)
     out += run_all(eng, FILLERS, GREEDY)
     if eng.offload is not None:
         eng.offload.drain()
+        if meanwhile is not None:
+            meanwhile()
         eng.before_second = _offload_stats(eng)
     if second_params is None:
         out += run_all(eng, [SECOND], GREEDY)
@@ -283,3 +286,126 @@ def test_serve_takes_the_tier_flags_and_kv_transfer_params(art, want, tmp_path):
         assert bad.json()["error"]["param"] == "kv_transfer_params"
     finally:
         s.stop()
+
+
+# -- tensor parallelism ----------------------------------------------------------------------
+# Two ranks (gloo), each with its own slice of every block (one of the two KV heads), its
+# own host tier and its own objects in the disk tier; rank 0 decides, rank 1 repeats.
+
+@pytest.fixture(scope="module")
+def tp_wants(store):
+    """Per case: one rank, no offload, a device cache large enough for all of it."""
+    wants = {}
+
+    def want(case):
+        if case not in wants:
+            eng = Engine(store.artifact(case, opt_level=2), backend="reference",
+                         num_kv_blocks=256)
+            wants[case] = [o.token_ids for o in _traffic(eng)]
+        return wants[case]
+    return want
+
+
+@pytest.fixture(scope="module")
+def tp_want(tp_wants):
+    return tp_wants("llama")
+
+
+def _tp_engine(store, host_blocks: int, kv=None, case="llama", **tier):
+    from braze.runtime import LLM
+    one = store.artifact(case, opt_level=2)
+    per_rank = _block_bytes(one) // 2           # each rank holds half of the KV heads
+    if kv is not None:
+        tier["kv_offload_dir"] = str(kv)
+    llm = LLM(store.artifact(case, opt_level=2, tensor_parallel_size=2),
+              backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+              kv_offload_cpu_gb=host_blocks * per_rank / GIB, **tier)
+    assert llm.engine.offload.block_bytes == per_rank
+    return llm, per_rank
+
+
+def _rank_files(kv, rank) -> dict:
+    return {p.name.split(".")[0]: p for p in kv.rglob(f"*.rank{rank}.kv")}
+
+
+def test_two_ranks_store_and_load_their_own_slices(store, tp_want, tmp_path):
+    kv = tmp_path / "kv"
+    llm, per_rank = _tp_engine(store, 64, kv)
+    with llm:
+        eng = llm.engine
+        got = _traffic(eng)
+        s = _offload_stats(eng)
+        assert s["host_capacity_blocks"] == 64
+    assert [o.token_ids for o in got] == tp_want
+    assert _second_loads(eng) == (4, 0) and s["load_failures"] == s["store_failures"] == 0
+    # bytes are summed over the ranks: both slices of every block went to disk
+    assert s["store_bytes_lower"] == 2 * s["store_blocks"] * per_rank
+    assert s["load_bytes_host"] - eng.before_second["load_bytes_host"] == 2 * 4 * per_rank
+    r0, r1 = _rank_files(kv, 0), _rank_files(kv, 1)
+    assert len(r0) == s["store_blocks"] and r0.keys() == r1.keys()
+    assert len(list(kv.rglob("*.kv"))) == 2 * s["store_blocks"]     # nothing unranked
+    key = next(iter(r0))
+    assert r0[key].read_bytes() != r1[key].read_bytes()           # two different slices
+    # one rank over the same directory finds none of them (another identity, no rank names)
+    one = Engine(store.artifact("llama", opt_level=2), backend="reference",
+                 num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=str(kv))
+    assert run_all(one, [SECOND], GREEDY)[0].token_ids == tp_want[-1]
+    assert _offload_stats(one)["load_blocks_lower"] == 0
+
+
+def test_the_number_of_ranks_is_part_of_a_blocks_identity():
+    from braze.runtime.kv_offload import model_identity
+    manifest = {"files": {"graph.bir": "ab", "weights.safetensors": "cd"}}
+    layout = {"k0": ((8, 16, 2, 4), "float32")}
+    ids = {model_identity(manifest, 16, layout, n) for n in (1, 2, 4)}
+    assert len(ids) == 3 and model_identity(manifest, 16, layout) in ids
+
+
+def test_a_block_corrupt_on_rank_1_only_is_computed_by_both_ranks(store, tp_want, tmp_path):
+    kv = tmp_path / "kv"
+    llm, _ = _tp_engine(store, 8, kv)
+
+    def corrupt_rank_1():
+        key = llm.engine.offload.keys(_probe(FIRST), 4)[2]
+        victim = _rank_files(kv, 1)[key]
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    with llm:
+        eng = llm.engine
+        got = _traffic(eng, meanwhile=corrupt_rank_1)
+        s = _offload_stats(eng)
+    assert [o.token_ids for o in got] == tp_want
+    # rank 0 staged all 4 blocks, rank 1 the 2 before its bad one: both load 2
+    assert _second_loads(eng) == (0, 2)
+    assert s["load_failures"] - eng.before_second["load_failures"] == 1
+
+
+def test_two_ranks_on_an_s3_tier_name_their_objects_by_rank(store, tp_want, s3):
+    llm, _ = _tp_engine(store, 8, kv_offload_s3="s3://braze-kv/tp")
+    with llm:
+        eng = llm.engine
+        got = _traffic(eng)
+        s = _offload_stats(eng)
+    assert [o.token_ids for o in got] == tp_want
+    assert _second_loads(eng) == (0, 4) and s["store_failures"] == s["load_failures"] == 0
+    import boto3
+    names = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket="braze-kv", Prefix="tp/")["Contents"]]
+    for r in (0, 1):
+        assert len([n for n in names if n.endswith(f".rank{r}.kv")]) == s["store_blocks"]
+
+
+def test_two_ranks_offload_a_hybrid_cache(store, tp_wants, tmp_path):
+    """Gemma 3's local and global layers: two KV cache groups, a block one id per group,
+    on both ranks; the prefix comes back from disk."""
+    case = "gemma3-sandwich-softcap"
+    llm, _ = _tp_engine(store, 8, tmp_path / "kv", case=case)
+    with llm:
+        eng = llm.engine
+        assert len(set(eng.offload.group_of.values())) == 2
+        got = _traffic(eng)
+        s = _offload_stats(eng)
+    assert [o.token_ids for o in got] == tp_wants(case)
+    assert _second_loads(eng) == (0, 4) and s["load_failures"] == 0
+    assert len(_rank_files(tmp_path / "kv", 1)) == s["store_blocks"]
