@@ -21,19 +21,25 @@ def _hf_config(store):
 
 
 def test_shared_layers_get_no_cache_and_the_cache_shrinks(store):
-    """transformers' kv_sharing_modes says which layers reuse another's K/V: braze allocates
-    cache only for the others, each [block, kv_heads, head_dim] of its own layer type."""
+    """transformers' attention layers say which reuse another's K/V (`is_kv_shared_layer`):
+    braze allocates cache only for the others, each [block, kv_heads, head_dim] of its own
+    layer type. (Read from transformers' modules, not its config: `kv_sharing_modes` and
+    `per_layer_config` are newer than the GPU image's transformers 5.17.)"""
+    from transformers import AutoModelForCausalLM
+
     from braze.runtime import Executor, open_artifact
     cfg = _hf_config(store)
-    modes = cfg.kv_sharing_modes
-    assert modes.count("reuse") == 2
+    attn = [layer.self_attn for layer in
+            AutoModelForCausalLM.from_config(cfg).model.layers]
+    shared = [a.is_kv_shared_layer for a in attn]
+    assert shared.count(True) == 2
     ex = Executor(open_artifact(store.artifact(CASE)), num_blocks=4)
-    owners = {i for i, mode in enumerate(modes) if mode != "reuse"}
+    owners = {i for i, s in enumerate(shared) if not s}
     assert set(ex.cache.tensors) == {f"{kv}_cache.{i}" for i in owners for kv in "kv"}
 
     def block_bytes(layers):
-        return sum(2 * 16 * cfg.per_layer_config[i].num_key_value_heads
-                   * cfg.per_layer_config[i].head_dim * 4 for i in layers)
+        return sum(2 * 16 * cfg.num_attention_heads // attn[i].num_key_value_groups
+                   * attn[i].head_dim * 4 for i in layers)
 
     assert ex.cache.bytes_per_block == block_bytes(owners)
     assert ex.cache.bytes_per_block < block_bytes(range(cfg.num_hidden_layers))
@@ -41,7 +47,7 @@ def test_shared_layers_get_no_cache_and_the_cache_shrinks(store):
     reads = [n.operands[1].name for n in ex.graph.nodes if n.op == "paged_attention"]
     types = cfg.layer_types
     for i, name in enumerate(reads):
-        src = i if modes[i] != "reuse" else max(j for j in owners if types[j] == types[i])
+        src = i if not shared[i] else max(j for j in owners if types[j] == types[i])
         assert name == f"k_cache.{src}"
     assert [n.op for n in ex.graph.nodes].count("cache_write") == len(owners)
 

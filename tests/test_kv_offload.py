@@ -397,13 +397,14 @@ def test_two_ranks_on_an_s3_tier_name_their_objects_by_rank(store, tp_want, s3):
 
 
 def test_two_ranks_offload_a_hybrid_cache(store, tp_wants, tmp_path):
-    """Gemma 3's local and global layers: two KV cache groups, a block one id per group,
-    on both ranks; the prefix comes back from disk."""
+    """Gemma 3's local and global layers: several KV cache groups (the full layers, and the
+    window layers cut into groups of as many layers), a block one id per group, on both
+    ranks; the prefix comes back from disk."""
     case = "gemma3-sandwich-softcap"
     llm, _ = _tp_engine(store, 8, tmp_path / "kv", case=case)
     with llm:
         eng = llm.engine
-        assert len(set(eng.offload.group_of.values())) == 2
+        assert len(set(eng.offload.group_of.values())) >= 2
         got = _traffic(eng)
         s = _offload_stats(eng)
     assert [o.token_ids for o in got] == tp_wants(case)
