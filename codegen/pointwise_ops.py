@@ -253,12 +253,15 @@ class OpEmitter:
         n = self.row_len
         combine = node.opdef.combine
         if combine == "max":
-            ident = lit(float("-inf"), dx) if dx in FLOATS else str(_INT_MIN[dx])
-            red = f"tl.reduce(tl.where(cm, {x}, {ident}), 1, _elementwise_max)[:, None]"
+            # 16-bit floats are compared in f32 (exact both ways): Triton 3.6 refuses a bf16
+            # reduce whose combine comes back f32 ("tt.reduce op type mismatch")
+            M = opmath(dx)
+            ident = lit(float("-inf"), M) if M in FLOATS else str(_INT_MIN[M])
+            red = f"tl.reduce(tl.where(cm, {conv(x, dx, M)}, {ident}), 1, _elementwise_max)[:, None]"
             if dx in FLOATS:       # torch's amax propagates NaN; max.f32 on the GPU does not
                 nan = f"tl.reduce(tl.where(cm, {x} != {x}, 0).to(tl.int32), 1, _sum_combine)"
                 red = f"tl.where(({nan})[:, None] > 0, float(\"nan\"), {red})"
-            return conv(red, dx, R)
+            return conv(red, M, R)
         A = opmath(R)
         zero = "0.0" if A in FLOATS else "0"
         red = f"tl.reduce(tl.where(cm, {conv(x, dx, A)}, {zero}), 1, _sum_combine)[:, None]"
