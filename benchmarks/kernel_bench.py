@@ -416,52 +416,52 @@ class Builder:
         return self.case("grouped_topk", tokens, g, 0, {"T": tokens}, feeds, nbytes,
                          note=f"{r['n_group']} groups, {r['topk_group']} kept, top-{k}")
 
+    def _experts(self, g, ids, tokens, e, k, i, h):
+        """The experts' x, gate_up and down weights (feeds), and what the kernel moves
+        (the selected experts' weights, x and out) and computes for the routing `ids`."""
+        from braze.ir import T, TensorType
+        x = g.add_input("x", TensorType((T, h), self.dtype))
+        gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), self.dtype))
+        dn = g.add_param("w_down", TensorType((e, h, i), self.dtype))
+        feeds = {x.ref: self.randn((tokens, h)), gu.ref: self.randn((e, 2 * i, h), h ** -0.5),
+                 dn.ref: self.randn((e, h, i), i ** -0.5)}
+        used = None if ids is None else int(self.torch.unique(ids).numel())
+        return x, gu, dn, feeds, used, tokens * k * (2 * h * 2 * i + 2 * i * h)
+
     def fused_moe_routed(self, tokens):
         """The experts of DeepSeek-V3's MoE, routed by grouped_topk's reference."""
         from braze.ir import Graph, T, TensorType
         from braze.ir.ops import get_op
         r = self.m["routed"]
         e, k, i, h = r["experts"], r["top_k"], r["inter"], self.m["hidden"]
+        w, chosen = get_op("grouped_topk").impl(
+            self._router_logits(tokens), self.randn((e,), 0.1, dtype=self.torch.float32),
+            n_group=r["n_group"], topk_group=r["topk_group"], top_k=k, renormalize=True,
+            scale=r["scale"])
         g = Graph("fused_moe_routed")
-        x = g.add_input("x", TensorType((T, h), self.dtype))
+        x, gu, dn, feeds, used, flops = self._experts(g, chosen, tokens, e, k, i, h)
         wts = g.add_input("weights", TensorType((T, k), "f32"))
         ids = g.add_input("ids", TensorType((T, k), "i64"))
-        gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), self.dtype))
-        dn = g.add_param("w_down", TensorType((e, h, i), self.dtype))
         g.set_output("y", g.op("fused_moe_routed", x, wts, ids, gu, dn, act="silu"))
-        bias = self.randn((e,), 0.1, dtype=self.torch.float32)
-        w, chosen = get_op("grouped_topk").impl(
-            self._router_logits(tokens), bias, n_group=r["n_group"],
-            topk_group=r["topk_group"], top_k=k, renormalize=True, scale=r["scale"])
-        feeds = {x.ref: self.randn((tokens, h)), wts.ref: w, ids.ref: chosen,
-                 gu.ref: self.randn((e, 2 * i, h), h ** -0.5),
-                 dn.ref: self.randn((e, h, i), i ** -0.5)}
-        used = int(self.torch.unique(chosen).numel())
-        es = self.esize
-        nbytes = (used * 3 * i * h + 2 * tokens * h) * es + tokens * k * (4 + 8)
-        flops = tokens * k * (2 * h * 2 * i + 2 * i * h)
+        feeds.update({wts.ref: w, ids.ref: chosen})
+        nbytes = (used * 3 * i * h + 2 * tokens * h) * self.esize + tokens * k * (4 + 8)
         return self.case("fused_moe_routed", tokens, g, 0, {"T": tokens}, feeds, nbytes, flops,
                          note=f"{used}/{e} experts")
 
     def fused_moe(self, tokens):
-        from braze.ir import Graph, T, TensorType
+        from braze.ir import Graph, TensorType
         from braze.ir.op_moe import route
         moe = self.m["moe"]
         e, k, i, h = moe["experts"], moe["top_k"], moe["inter"], self.m["hidden"]
         g = Graph("fused_moe")
-        x = g.add_input("x", TensorType((T, h), self.dtype))
+        x, gu, dn, feeds, _, flops = self._experts(g, None, tokens, e, k, i, h)
         r = g.add_param("router", TensorType((e, h), self.dtype))
-        gu = g.add_param("w_gate_up", TensorType((e, 2 * i, h), self.dtype))
-        dn = g.add_param("w_down", TensorType((e, h, i), self.dtype))
         g.set_output("y", g.op("fused_moe", x, r, gu, dn, top_k=k, renormalize=True, act="silu"))
-        feeds = {x.ref: self.randn((tokens, h)), r.ref: self.randn((e, h)),
-                 gu.ref: self.randn((e, 2 * i, h), h ** -0.5),
-                 dn.ref: self.randn((e, h, i), i ** -0.5)}
+        feeds[r.ref] = self.randn((e, h))
         _, ids = route(feeds[x.ref], feeds[r.ref], k, True)
         used = int(self.torch.unique(ids).numel())
-        es = self.esize
-        nbytes = (used * 3 * i * h + e * h + 2 * tokens * h) * es
-        flops = 2 * tokens * e * h + tokens * k * (2 * h * 2 * i + 2 * i * h)
+        nbytes = (used * 3 * i * h + e * h + 2 * tokens * h) * self.esize
+        flops += 2 * tokens * e * h
         return self.case("fused_moe", tokens, g, 0, {"T": tokens}, feeds, nbytes, flops,
                          note=f"{used}/{e} experts")
 

@@ -1,7 +1,7 @@
 """Tiny DeepSeek-V3 checkpoints with one complete multi-token-prediction layer, named as
 DeepSeek's checkpoints name it (`model.layers.{num_hidden_layers}.*`): a random one, and
 one built to guess its target well (for acceptance and rollback tests and benchmarks).
-Used by tests/test_mtp.py and benchmarks/speculative.py."""
+Used by the MTP tests and benchmarks/speculative.py."""
 
 from __future__ import annotations
 
@@ -67,3 +67,16 @@ def guessing_mtp_checkpoint(src, dst, mix: float = 0.03):
     w[p + "shared_head.norm.weight"] = torch.ones(h)
     save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+def guessing_deepseek(d, mix: float = 0.03):
+    """The tiny DeepSeek-V3 checkpoint (seed 1) with a next-n layer built to guess it well
+    (`guessing_mtp_checkpoint`), in directory `d` (base/, m0/, m/): -> the checkpoint."""
+    import contextlib
+    import io
+
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):      # the checkpoint writer's progress
+        base = make_checkpoint("deepseek_v3", d / "base", seed=1)
+    with_mtp_layer(base, d / "m0")
+    return guessing_mtp_checkpoint(d / "m0", d / "m", mix=mix)

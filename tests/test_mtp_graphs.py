@@ -205,11 +205,8 @@ def test_cuda_captures_the_mtp_graphs_and_agrees_with_eager(tmp_path):
     MTP graph's break ops); every call equals the eager plan on the same inputs; greedy
     output equals plain greedy; kernel_stats counts the MTP kernels' cubins."""
     import braze
-    from braze.tiny import make_checkpoint
-    from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
-    base = make_checkpoint("deepseek_v3", tmp_path / "base", seed=1)
-    with_mtp_layer(base, tmp_path / "m0")
-    ckpt = guessing_mtp_checkpoint(tmp_path / "m0", tmp_path / "m", mix=0.03)
+    from braze.tiny_mtp import guessing_deepseek
+    ckpt = guessing_deepseek(tmp_path)
     art = braze.compile(ckpt, tmp_path / "a", opt_level=2, dtype="float16", max_num_seqs=8,
                         max_logits_rows=32, max_num_tokens=128, targets="sm_80,sm_90").root
     prompts = prompts_of([6, 11, 17, 40], seed=8)

@@ -9,8 +9,6 @@ the same tokens); a broken per-rank MTP shard is refused before any rank runs.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -35,14 +33,10 @@ def guessing(tmp_path_factory):
     guesses both happen): -> compile(opt_level, tensor_parallel_size) -> artifact."""
     import braze
     import torch
-    from braze.tiny import make_checkpoint
-    from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
+    from braze.tiny_mtp import guessing_deepseek
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("mtp_tp")
-    with contextlib.redirect_stderr(io.StringIO()):
-        base = make_checkpoint("deepseek_v3", d / "base", seed=1)
-    with_mtp_layer(base, d / "m")
-    ckpt = guessing_mtp_checkpoint(d / "m", d / "g", mix=0.03)
+    ckpt = guessing_deepseek(d)
     made = {}
 
     def artifact(opt: int, tp: int, ep: bool = False):

@@ -35,17 +35,11 @@ MTP = {"method": "mtp", "num_speculative_tokens": 2}
 @pytest.fixture(scope="module")
 def dsv3(tmp_path_factory):
     """An -O2 float32 DeepSeek-V3 artifact whose next-n layer guesses well."""
-    import contextlib
-    import io
     import braze
-    from braze.tiny import make_checkpoint
-    from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
+    from braze.tiny_mtp import guessing_deepseek
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("mtpplan")
-    with contextlib.redirect_stderr(io.StringIO()):
-        base = make_checkpoint("deepseek_v3", d / "base", seed=1)
-    with_mtp_layer(base, d / "m0")
-    ckpt = guessing_mtp_checkpoint(d / "m0", d / "m", mix=0.03)
+    ckpt = guessing_deepseek(d)
     braze.compile(ckpt, d / "a", opt_level=2, targets="", dtype="float32", max_num_seqs=4,
                   max_logits_rows=16, max_num_tokens=64)
     return d / "a"
@@ -151,11 +145,8 @@ def test_cuda_mtp_plan_equals_plain(tmp_path):
     """On a GPU, float16 -O2 with cubins: the proposer runs its plan's kernels; greedy
     output with mtp equals plain greedy, and its guesses are accepted."""
     import braze
-    from braze.tiny import make_checkpoint
-    from braze.tiny_mtp import guessing_mtp_checkpoint, with_mtp_layer
-    base = make_checkpoint("deepseek_v3", tmp_path / "base", seed=1)
-    with_mtp_layer(base, tmp_path / "m0")
-    ckpt = guessing_mtp_checkpoint(tmp_path / "m0", tmp_path / "m", mix=0.03)
+    from braze.tiny_mtp import guessing_deepseek
+    ckpt = guessing_deepseek(tmp_path)
     art = braze.compile(ckpt, tmp_path / "a", opt_level=2, dtype="float16", max_num_seqs=8,
                         max_logits_rows=32, max_num_tokens=128, targets="sm_80,sm_90").root
     prompts = prompts_of([6, 11, 17], seed=8)
