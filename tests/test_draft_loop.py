@@ -87,12 +87,13 @@ def test_device_loop_gives_the_drafts_greedy_tokens(store, monkeypatch, backend,
     """Two proposals. Budgets differ per row (a row with budget 1 takes no decode step);
     one context crosses a KV block during the steps; the second proposal follows rejected
     and accepted guesses, so the shadows keep part of their KV. Gemma 3's sliding-window
-    layers form a second KV cache group, whose slot mapping the loop advances too."""
+    layers form more KV cache groups (cut to the full layers' count, sharing one pool),
+    whose slot mappings the loop advances too."""
     art = draft_artifact(store, case)
     p = proposer(art, backend)
     assert p.runner.executor.backend == backend
     if case != "llama":
-        assert p.runner.batch.num_groups == 2
+        assert p.runner.batch.num_groups >= 2
     contexts = prompts_of([3, 6, 4, 14], seed=11)
     budgets = [3, 1, 2, 4]
     want = greedy(art, contexts, 4)
