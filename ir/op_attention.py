@@ -37,10 +37,22 @@ def _cache_write_infer(types, attrs):
 
 
 def _cache_write(k, v, k_cache, v_cache, slot_mapping):
+    # No shape here depends on device data: -O0/-O1 artifacts run this op as an extern
+    # inside captured CUDA graphs, where a boolean-mask index (a hidden nonzero, a host
+    # sync) fails the capture. A padding token (slot -1) writes, instead, what some valid
+    # token of the step writes at that token's slot (duplicate indices carrying equal
+    # values); in a step of padding only, every token rewrites slot 0 with its own value.
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return ()
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[: slot_mapping.shape[0]][valid].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[: slot_mapping.shape[0]][valid].to(v_cache.dtype)
+    rep = torch.argmax(valid.to(torch.int32))              # a valid token, if there is one
+    src = torch.where(valid, torch.arange(n, device=slot_mapping.device), rep)
+    any_valid = valid.any()
+    slots = torch.where(any_valid, slot_mapping[src].long(), 0)
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[slots] = torch.where(any_valid, x[:n][src].to(cache.dtype), flat[slots])
     return ()
 
 

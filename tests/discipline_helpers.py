@@ -55,3 +55,32 @@ class Discipline(TorchDispatchMode):
         for t in (out if isinstance(out, (list, tuple)) else [out]):
             self._check(name, t, "makes")
         return out
+
+
+class HostReads(TorchDispatchMode):
+    """Flags the torch ops that make the host wait for the device: a value read back, or an
+    output whose shape depends on device data (a boolean mask index hides a nonzero, which
+    this mode does not see by itself). Inside a CUDA-graph capture each of them fails the
+    capture (cudaErrorStreamCaptureUnsupported); on the CPU they pass silently, so this is
+    what shows them without a GPU."""
+
+    HOST_READS = Discipline.HOST_READS + ("aten.bincount", "aten.item", "aten.argwhere",
+                                          "aten._unique", "aten.unique_consecutive")
+
+    def __init__(self):
+        super().__init__()
+        self.bad = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name.startswith(self.HOST_READS):
+            self.bad[name] += 1
+        elif name.startswith(("aten.index.Tensor", "aten.index_put")) and len(args) > 1:
+            idx = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in idx):
+                self.bad[f"{name} with a boolean mask (a hidden nonzero)"] += 1
+        elif name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None:
+            self.bad[f"{name} without output_size"] += 1
+        return func(*args, **kwargs)

@@ -21,9 +21,9 @@ from braze.ir.errors import BrazeError
 from braze.runtime import Executor, open_artifact
 from braze.ir.contract import SeqChunk, build_step
 from braze.ir.contract import default_buckets
-from braze.runtime.graph_runner import GraphRunner, validate_buckets
+from braze.runtime.graph_runner import GraphRunner, _group, segments_for, validate_buckets
 
-from discipline_helpers import Discipline, static_storages
+from discipline_helpers import Discipline, HostReads, static_storages
 
 BUCKETS = [1, 2, 4, 8]
 MAX_T, MAX_S, NUM_BLOCKS = 8, 4, 16
@@ -204,6 +204,34 @@ def test_modes_agree(ex):
     assert bound == {"none": (4, None), "piecewise": (4, None), "full": (3 + 4, "decode-only")}
 
 
+@pytest.mark.parametrize("opt_level", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["piecewise", "full"])
+def test_what_a_cuda_graph_captures_reads_nothing_on_the_host(store, opt_level, mode):
+    """Every extern torch call a CUDA graph would capture (the "graph" segments; in mode full
+    the whole decode forward, break ops included) runs without a host read or an output
+    shaped by device data: on a GPU either one fails the capture, on the CPU nothing shows.
+    -O0/-O1 keep cache_write (no template) as an extern inside the captured segments."""
+    art = open_artifact(store.artifact("llama", **dict(OPTIONS, opt_level=opt_level)))
+    ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), [1, 2, 4], MAX_S, mode=mode)
+    r.capture()
+    random_cache(ex, seed=2)
+    chunks = [C([5], 3, [0]), C([8], 4, [1])]
+    n, s = r.write_step(build_step(chunks, ex.block_size, ex.max_blocks))
+    b = r._buckets[r.bucket_for(n, s)[0]]
+    externs = 0
+    for kind, first, last, calls in _group(b.plan.calls, segments_for(ex.graph, mode)):
+        for c in calls:
+            if kind != "graph" or not c.name.startswith("extern."):
+                c()
+                continue
+            externs += 1
+            with HostReads() as spy:
+                c()
+            assert not spy.bad, (c, dict(spy.bad))
+    assert externs
+
+
 def test_artifact_mode_is_the_default(store):
     art = open_artifact(store.artifact("llama", cudagraph_mode="full", **OPTIONS))
     ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
@@ -281,3 +309,25 @@ def test_bad_setup_is_refused(ex):
         GraphRunner(ex, st, BUCKETS, MAX_S)
     with pytest.raises(BrazeError, match="decode-only"):
         GraphRunner(ex, static_for(ex), BUCKETS, MAX_S).run(3, 2, decode_only=True)
+
+
+@pytest.mark.parametrize("slots", [[-1, -1, -1], [0, -1, 5], [-1, 0, -1, 7], [3, 9, 0],
+                                   [-1, -1, 12]])
+def test_cache_write_skips_padding_tokens(slots):
+    """The op's torch form (an extern in -O0/-O1 plans, captured in CUDA graphs) writes each
+    valid token's k and v at its slot and nothing else, slot 0 included, with no boolean-mask
+    indexing (test_what_a_cuda_graph_captures_reads_nothing_on_the_host)."""
+    from braze.ir import get_op
+    g = torch.Generator().manual_seed(len(slots))
+    k = torch.randn(len(slots) + 1, 2, 4, generator=g)    # one row more: k may be longer
+    v = torch.randn(len(slots) + 1, 2, 4, generator=g)
+    kc, vc = torch.randn(4, 4, 2, 4, generator=g), torch.randn(4, 4, 2, 4, generator=g)
+    want_k, want_v = kc.clone(), vc.clone()
+    for i, s in enumerate(slots):
+        if s >= 0:
+            want_k.view(-1, 2, 4)[s] = k[i]
+            want_v.view(-1, 2, 4)[s] = v[i]
+    with HostReads() as spy:
+        get_op("cache_write").impl(k, v, kc, vc, torch.tensor(slots))
+    assert not spy.bad, dict(spy.bad)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
