@@ -154,6 +154,14 @@ def _group(calls: list, segments) -> list[tuple[str, int, int, list]]:
     return out
 
 
+def _host_breaks(pieces) -> list[str]:
+    """The break ops of a bucket bound as extern torch calls (a reference form without a
+    kernel, e.g. -O0's mla_attention): they read the step on the host, which no captured
+    graph may do (the capture fails on the GPU), so no whole-forward graph holds them."""
+    return sorted({c.name for kind, _, _, calls in pieces if kind == "break" for c in calls
+                   if c.name.startswith("extern.")})
+
+
 class _Bucket:
     """One padded batch size: its bound plan and the step lists that replay it."""
 
@@ -350,6 +358,7 @@ class GraphRunner:
         self._static_ptrs = {n: self.static[n].data_ptr() for n in names}
         self.stats.update(cuda_graphs_captured=0, capture_bytes=0, plans_bound=0)
         self.stats.pop("extern_fallbacks", None)
+        self.stats.pop("full_refused", None)
         if ex.backend == "reference":
             self._captured = True
             self.stats["capture_seconds"] = time.perf_counter() - t0
@@ -418,9 +427,15 @@ class GraphRunner:
         if self.mode == "full":
             b.full = _group(plan.calls, segments_for(graph, "full"))
             if self.full_capture == "decode-only":
-                if T > self._decode_limit:
-                    b.full = None
                 b.pieces = _group(plan.calls, segments_for(graph, "piecewise"))
+                host = _host_breaks(b.pieces)
+                if host and "full_refused" not in self.stats:
+                    self.stats["full_refused"] = host
+                    log.info("cudagraph mode full: break ops %s run as torch calls that read "
+                             "the step on the host; decode steps replay the piecewise graphs",
+                             ", ".join(host))
+                if T > self._decode_limit or host:
+                    b.full = None
         else:
             b.pieces = _group(plan.calls, segments_for(graph, self.mode))
         self.stats["plans_bound"] += (b.full is not None) + (b.pieces is not None)

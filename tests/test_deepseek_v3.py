@@ -291,3 +291,35 @@ def test_float16_kernels_equal_the_reference_interpreter(ds):
         outs.append(run_step(ex, [SeqChunk(PROMPT[:11], 0, a), SeqChunk(PROMPT[5:6], 5, b)]))
     assert outs[0].dtype == torch.float16
     torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+def test_full_mode_captures_no_break_op_that_reads_the_host(ds, opt_level):
+    """-O0 keeps MLA's reference form (mla_attention, no kernel), which reads the step's
+    lengths on the host: a whole-forward graph holding it would fail its capture on a GPU,
+    so mode full replays the piecewise graphs there (the break op eager between them).
+    Whatever the runner would capture reads nothing on the host, at either level."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from discipline_helpers import HostReads
+    from braze.ir.contract import build_step
+    from braze.runtime.graph_runner import GraphRunner
+    from braze.runtime.input_batch import static_buffers
+    ex = executor(ds, "dsv3", opt_level=opt_level, backend="interpret", num_blocks=8)
+    r = GraphRunner(ex, static_buffers(16, 4, ex.max_blocks, ex.device), [1, 2, 4, 16], 4,
+                    mode="full")
+    r.capture()
+    assert ("full_refused" in r.stats) == (opt_level == 0)
+    step = [SeqChunk([5], 3, [0]), SeqChunk([8], 4, [1])]
+    n, s = r.write_step(build_step(step, ex.block_size, ex.max_blocks))
+    r.run(n, s, decode_only=True)
+    assert r.last_variant == ("piecewise" if opt_level == 0 else "full")
+    for b in r._buckets.values():
+        # interpret flattens the lists; piecewise graphs hold the non-break calls
+        captured = b.full if b.full is not None else [
+            c for c in b.pieces if ex.graph.nodes[c.node].opdef.graph_break is False]
+        for c in captured:
+            if c.name.startswith("extern."):
+                with HostReads() as spy:
+                    c()
+                assert not spy.bad, (b.T, c, dict(spy.bad))
