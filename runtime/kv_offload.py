@@ -271,7 +271,7 @@ class KVOffload:
         if not ids:
             return 0
         blocks = blocks[:len(ids)]      # a hybrid cache may take fewer (its window pools)
-        self._copy_in(torch.stack(blocks), ids)
+        self._copy_in(blocks, ids)
         with self._lock:
             for k in keys[:len(blocks)]:
                 tier = "lower" if k in self._in_host_from_lower else "host"
@@ -292,9 +292,12 @@ class KVOffload:
             blocks.append(b)
         return blocks
 
-    def _copy_in(self, host: torch.Tensor, ids: list[int]) -> None:
-        """Host blocks [n, block_bytes] into device blocks `ids`, ordered before the next
-        step on the compute stream."""
+    def _copy_in(self, blocks: list[torch.Tensor], ids: list[int]) -> None:
+        """Host blocks (each [block_bytes]) into device blocks `ids`, ordered before the
+        next step on the compute stream. They are stacked into the host tier's pinned
+        memory: torch.stack's own result is pageable, and a non-blocking copy from pageable
+        memory is a synchronous one."""
+        host = torch.stack(blocks, out=self.host.new_buffer(len(blocks)))
         dev = host.to(self.device, non_blocking=True)
         off = 0
         for name in self.names:
@@ -444,7 +447,7 @@ class KVOffload:
             rid, ids = args
             blocks = self._held.pop(rid, [])[:len(ids)]
             if blocks:
-                self._copy_in(torch.stack(blocks), ids)
+                self._copy_in(blocks, ids)
                 with self._lock:
                     self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
         elif op == "drop":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+import torch
 from braze.ir.errors import BrazeError
 from braze.runtime import kv_stores
 from braze.runtime.block_manager import BlockManager
@@ -95,6 +96,21 @@ def test_a_prefix_evicted_from_the_device_comes_back_from_host_memory(art, want)
     assert s["store_blocks"] >= 4 + len(FILLERS) * 3 and s["load_failures"] == 0
     # all 4 loadable blocks came from host: the device cache had lost the whole prefix
     assert got[-1].metrics["num_cached_tokens"] == 4 * 16
+
+
+def test_loads_copy_from_the_host_tiers_own_buffers(art, want):
+    """A load stacks its blocks into memory from HostStore.new_buffer (pinned on a GPU host)
+    before the non-blocking copy to the device: torch.stack alone makes pageable memory,
+    from which a non-blocking copy is silently synchronous (seen only on a GPU)."""
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 64))
+    made, new_buffer = [], eng.offload.host.new_buffer
+    eng.offload.host.new_buffer = lambda n: made.append(new_buffer(n)) or made[-1]
+    assert [o.token_ids for o in _traffic(eng)] == want
+    loaded = _offload_stats(eng)["load_blocks_host"]
+    assert loaded and sum(b.shape[0] for b in made) == loaded
+    assert all(any(torch.equal(row, blk) for blk in eng.offload.host._blocks.values())
+               for b in made for row in b[-1:])
 
 
 def test_evicted_from_host_too_it_comes_back_from_disk(art, want, tmp_path):
