@@ -206,7 +206,8 @@ class Suite:
             [str(target)] + [p for p in [self.env.get("PYTHONPATH")] if p])
 
     def correctness_stage(self, limit_s: float) -> None:
-        cmd = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "-p", "no:cacheprovider",
+        # -v: a line per test as it ends, so a stage cut short still says which ran and how
+        cmd = [self.python, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-s", "-p", "no:cacheprovider",
                "tests/test_gpu.py", "tests/test_gpu_graphs.py", "tests/test_deepseek_v3.py",
                "tests/test_gpu_lora.py", "tests/test_kernel_moe.py",
                "tests/test_prompt_logprobs_pruned.py", "tests/test_mtp.py",
@@ -218,6 +219,9 @@ class Suite:
         def after():
             log = (self.out / "gpu-tests.log").read_text().splitlines()
             tail = [line for line in log if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+            if not tail:        # cut short before pytest's summary: the -v lines so far
+                tail = [f"{w} {line.split()[0]}" for line in log if line.startswith("tests/")
+                        for w in ("PASSED", "FAILED", "ERROR", "SKIPPED") if f" {w}" in line]
             final = next((line for line in reversed(log) if " in " in line and
                           any(w in line for w in ("passed", "failed", "skipped", "error"))), "?")
             bad = [line for line in tail if not line.startswith(("PASSED", "SKIPPED"))]
@@ -228,9 +232,12 @@ class Suite:
     def decode_stage(self, name: str, limit_s: float, model: str, batches: str,
                      baselines: str, json_name: str, extra: list[str]) -> None:
         json_path = self.out / json_name
+        # decode.py starts no HF baseline past --budget: give it the time this stage really
+        # has (earlier stages may have eaten into limit_s), less a minute for the baselines
+        budget = min(limit_s, self.left())
         cmd = [self.python, str(BENCH / "decode.py"), "--models", model, "--batches", batches,
                "--baselines", baselines, "--json", str(json_path),
-               "--budget", str(max(30, limit_s - 60))] + extra
+               "--budget", str(round(max(30, budget - 60)))] + extra
         if self.dry_run:
             cmd += ["--dry-run", "--steps", "2", "--warmup", "1"]
         else:

@@ -74,3 +74,15 @@ def test_a_stage_over_its_limit_is_stopped(tmp_path):
                  "sleepy.log", min_s=0)
     assert not ok and s.rows[-1]["status"].startswith("timed out") and s.rows[-1]["seconds"] < 10
     assert "| sleepy | timed out" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_decode_stage_budgets_the_time_left_not_its_limit(tmp_path):
+    """decode.py's --budget (when it stops starting HF baselines) comes from the time the
+    stage really has: earlier stages that ran long leave the last decode stage less than its
+    limit, and a baseline started past that would be killed with the stage."""
+    s = Suite(tmp_path, deadline_s=150, dry_run=True, part=1)
+    seen = []
+    s.stage = lambda name, limit_s, cmds, log, **kw: seen.append(cmds[0]) or True
+    s.decode_stage("decode-8b", 220, "8b", "1", "eager", "decode-8b.json", [])
+    budget = float(seen[0][seen[0].index("--budget") + 1])
+    assert budget <= s.left() - 60 + 1, budget
