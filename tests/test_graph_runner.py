@@ -331,3 +331,32 @@ def test_cache_write_skips_padding_tokens(slots):
         get_op("cache_write").impl(k, v, kc, vc, torch.tensor(slots))
     assert not spy.bad, dict(spy.bad)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe-dense-middle", "gemma4-ple-kvshare-moe",
+                                  "mistral-window8", "gemma3-sandwich-softcap"])
+def test_stale_device_memory_never_reaches_a_result(store, case):
+    """On a GPU the arena, the workspaces and the output buffers hold whatever the caching
+    allocator last put there; on the CPU they tend to start as zeros, which hides a kernel
+    that reads bytes no launch of the step wrote (an expert count not reset, a split-KV
+    partial never stored). Poisoned with NaN before every step, the bound plans still give
+    the reference's logits, on decodes long enough to split their keys."""
+    art = open_artifact(store.artifact(case, **OPTIONS))
+    ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
+    r.capture()
+    steps = [[C([5, 6, 7, 8, 9], 0, [0]), C([11, 12], 0, [1])],
+             [C([10], 40, [2, 3, 4]), C([13], 63, [5, 6, 7, 8]), C([14, 15], 2, [1])]]
+    stale = [ex.plan.arena] + list(ex.plan._static_out.values()) + \
+        list(ex.plan.runner._ws_flat.values())
+    for seed, chunks in enumerate(steps):
+        ref_cache = random_cache(ex, seed=20 + seed)
+        for t in stale:
+            t.fill_(float("nan") if t.is_floating_point() else -1)
+        got = replay(r, ex, chunks)
+        feeds = build_step(chunks, ex.block_size, ex.max_blocks)
+        for name in ex.group_inputs:        # one table given: every KV cache group uses it
+            feeds.setdefault(name, feeds[name.split(".")[0]])
+        feeds.update(ref_cache)
+        want = run_graph(ex.graph, feeds, ex.params)["logits"]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
