@@ -536,6 +536,7 @@ class GraphRunner:
             self.last_variant = "wide"
             for f in b.pieces:
                 f()
+            self.last_outputs = b.plan.outputs     # what the MTP proposers read after a step
             return b.logits
         b = self._buckets[T]
         if self.debug:

@@ -360,3 +360,21 @@ def test_stale_device_memory_never_reaches_a_result(store, case):
         feeds.update(ref_cache)
         want = run_graph(ex.graph, feeds, ex.params)["logits"]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_wide_step_leaves_its_own_outputs_for_the_proposers(store):
+    """The MTP proposers read `last_outputs` (hidden states) after every step; a wide step
+    (prompt logprobs on a pruned LM head) must leave its own there, not the step before's."""
+    art = open_artifact(store.artifact("llama", max_logits_rows=MAX_T, **OPTIONS))
+    ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S, wide_rows=MAX_T)
+    r.capture()
+    random_cache(ex, seed=4)
+    r.write_step(build_step([C([9], 1, [0])], ex.block_size, ex.max_blocks))
+    r.run(1, 1, decode_only=True)
+    r.wide_indices[:MAX_T] = torch.arange(MAX_T)
+    n, s = r.write_step(build_step([C(range(5, 5 + MAX_T), 0, [1])], ex.block_size,
+                                   ex.max_blocks))
+    logits = r.run(n, s, decode_only=False, wide=True)
+    assert r.last_variant == "wide" and r.last_outputs["logits"] is logits
+    assert r.last_outputs["logits"].shape[0] == MAX_T
