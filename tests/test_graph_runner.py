@@ -204,14 +204,16 @@ def test_modes_agree(ex):
     assert bound == {"none": (4, None), "piecewise": (4, None), "full": (3 + 4, "decode-only")}
 
 
-@pytest.mark.parametrize("opt_level", [0, 1, 2])
+@pytest.mark.parametrize("case, opt_level", [("llama", 0), ("llama", 1), ("llama", 2),
+                                             ("qwen3_moe-dense-middle", 0),
+                                             ("gemma4-ple-kvshare-moe", 0)])
 @pytest.mark.parametrize("mode", ["piecewise", "full"])
-def test_what_a_cuda_graph_captures_reads_nothing_on_the_host(store, opt_level, mode):
+def test_what_a_cuda_graph_captures_reads_nothing_on_the_host(store, case, opt_level, mode):
     """Every extern torch call a CUDA graph would capture (the "graph" segments; in mode full
     the whole decode forward, break ops included) runs without a host read or an output
     shaped by device data: on a GPU either one fails the capture, on the CPU nothing shows.
     -O0/-O1 keep cache_write (no template) as an extern inside the captured segments."""
-    art = open_artifact(store.artifact("llama", **dict(OPTIONS, opt_level=opt_level)))
+    art = open_artifact(store.artifact(case, **dict(OPTIONS, opt_level=opt_level)))
     ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
     r = GraphRunner(ex, static_for(ex), [1, 2, 4], MAX_S, mode=mode)
     r.capture()
