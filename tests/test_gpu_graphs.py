@@ -182,3 +182,14 @@ def test_bf16_cubins_in_graphs_equal_eager(store, case):
     print(f"\n{case}: {st}")
     assert st["kernels_jit"] == 0 and st["kernels_cubin"] > 0, st
     assert jit == [], f"Triton JIT-compiled {len(jit)} kernels: {jit[:5]}"
+
+
+@pytest.mark.parametrize("opt_level", [0, 1])
+def test_o0_o1_plans_capture_and_replay_like_eager(store, opt_level):
+    """-O0/-O1 keep cache_write as an extern torch call inside the captured segments: its
+    torch form must capture (no host sync, ir/op_attention.py) and replay like the eager plan
+    in every mode."""
+    ex = Executor(open_artifact(store.artifact("llama", **dict(OPTIONS, opt_level=opt_level))),
+                  backend="cuda", num_blocks=NUM_BLOCKS)
+    check_every_bucket(ex, [1, 2, 4, 8], atol=1e-4, rtol=1e-4)
+    check_modes_agree(ex, [1, 2, 4, 8], atol=1e-5, rtol=1e-5)
