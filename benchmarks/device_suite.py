@@ -233,11 +233,13 @@ class Suite:
                      baselines: str, json_name: str, extra: list[str]) -> None:
         json_path = self.out / json_name
         # decode.py starts no HF baseline past --budget: give it the time this stage really
-        # has (earlier stages may have eaten into limit_s), less a minute for the baselines
+        # has (earlier stages may have eaten into limit_s), less what a baseline run takes
+        # (HF eager: seconds; torch.compile: its compilation, about a minute)
         budget = min(limit_s, self.left())
+        margin = 60 if "compile" in baselines else 20
         cmd = [self.python, str(BENCH / "decode.py"), "--models", model, "--batches", batches,
                "--baselines", baselines, "--json", str(json_path),
-               "--budget", str(round(max(30, budget - 60)))] + extra
+               "--budget", str(round(max(30, budget - margin)))] + extra
         if self.dry_run:
             cmd += ["--dry-run", "--steps", "2", "--warmup", "1"]
         else:
