@@ -9,7 +9,11 @@
 #   overlap on the device); without them that test skips
 set -eu
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# where git keeps this checkout's excludes: .git/info/exclude, or the main repository's
+# in a worktree (there .git is a file, and writing under it would stop this script)
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 mkdir -p .whl
 for pkg in "cryptography==48.0.0" "cffi==2.0.0" "pycparser==3.0" \
            "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2" "pydantic==2.14.4" \

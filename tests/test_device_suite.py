@@ -87,3 +87,33 @@ def test_a_decode_stage_budgets_the_time_left_not_its_limit(tmp_path):
     s.decode_stage("decode-1b", 200, "1b", "1", "eager,compile", "decode-1b.json", [])
     eager, both = (float(cmd[cmd.index("--budget") + 1]) for cmd in seen)
     assert 100 <= eager <= s.left() - 20 + 1 and both <= s.left() - 60 + 1, (eager, both)
+
+
+def test_device_wheels_runs_in_a_git_worktree(tmp_path):
+    """benchmarks/device_wheels.sh marks .whl/ ignored where git keeps the checkout's
+    excludes: in a worktree .git is a file, and `>> .git/info/exclude` stopped the script
+    (set -e) before any wheel was fetched. pip is a stub here: nothing is downloaded."""
+    import os
+    import shutil
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("needs git")
+    main, wt, stub = tmp_path / "main", tmp_path / "wt", tmp_path / "bin"
+    for d in (main / "benchmarks", stub):
+        d.mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "device_wheels.sh", main / "benchmarks")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", PATH=f"{stub}{os.pathsep}{os.environ['PATH']}")
+    run = lambda *a, cwd=main: subprocess.run(a, cwd=cwd, env=env, check=True,
+                                              capture_output=True, text=True)
+    run(git, "init", "-q")
+    run(git, "add", ".")
+    run(git, "commit", "-qm", "x")
+    run(git, "worktree", "add", "-q", str(wt))
+    (stub / "python3").write_text("#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\n")
+    (stub / "python3").chmod(0o755)
+    r = subprocess.run(["bash", str(wt / "benchmarks" / "device_wheels.sh")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "/.whl/" in (main / ".git" / "info" / "exclude").read_text().splitlines()
+    assert "cryptography==" in (stub / "calls").read_text() and (wt / ".whl").is_dir()
