@@ -106,6 +106,7 @@ class PlanRunner:
             grid += (1,)
         if 0 in grid:
             return None
+        check_pointer_dtypes(launch, args)
         name = launch.get("kernel") or f"{launch['module']}.{launch['fn']}"
         spec = spec_key(args)
         compiled = self._cubin(launch, spec)
@@ -133,6 +134,7 @@ class PlanRunner:
             return
         compiled = self._cubin(launch, spec_key(args)) if self.cubins is not None else None
         if compiled is not None:
+            check_pointer_dtypes(launch, args)
             compiled[grid](*self._with_constexprs(launch, args))
             return
         fn = self.modules.get(launch["module"], launch["fn"])
@@ -153,6 +155,25 @@ class PlanRunner:
         it = iter(args)
         return [launch["constexprs"][n] if n in launch["constexprs"] else next(it)
                 for n in fn.arg_names]
+
+
+_POINTER_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16,
+                   "*fp64": torch.float64, "*i64": torch.int64, "*i32": torch.int32,
+                   "*i16": torch.int16, "*i8": torch.int8, "*u8": torch.uint8, "*i1": torch.bool}
+
+
+def check_pointer_dtypes(launch: dict, args: list) -> None:
+    """Each tensor argument has the element type the launch declares. A stored cubin reads
+    its pointers as the types it was compiled for whatever tensor it is given (Triton's JIT
+    would specialise anew): a mismatch there gives wrong numbers on a GPU only."""
+    for a, v in zip(launch["args"], args):
+        if isinstance(v, torch.Tensor):
+            want = _POINTER_DTYPES.get(a.get("ty"))
+            if want is not None and v.dtype != want:
+                what = a.get("buf") or a.get("ws")
+                raise BrazeError(f"kernel {launch.get('kernel') or launch['fn']} (node "
+                                 f"{launch['node']}) takes {what} as {a['ty'][1:]}, and is given "
+                                 f"a {str(v.dtype).removeprefix('torch.')} tensor")
 
 
 def _numel(shape) -> int:

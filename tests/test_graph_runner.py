@@ -380,3 +380,14 @@ def test_a_wide_step_leaves_its_own_outputs_for_the_proposers(store):
     logits = r.run(n, s, decode_only=False, wide=True)
     assert r.last_variant == "wide" and r.last_outputs["logits"] is logits
     assert r.last_outputs["logits"].shape[0] == MAX_T
+
+
+def test_a_step_buffer_of_another_dtype_is_refused_at_bind(ex):
+    """A stored cubin reads its pointers as the types it was compiled for: given a tensor
+    of another dtype it misreads it on the GPU, silently (the JIT would recompile). Binding
+    refuses it, naming the kernel and the buffer."""
+    static = static_for(ex)
+    static["query_start_loc"] = static["query_start_loc"].long()
+    r = GraphRunner(ex, static, BUCKETS, MAX_S)
+    with pytest.raises(BrazeError, match=r"takes %query_start_loc as i32, and is given a int64"):
+        r.capture()
