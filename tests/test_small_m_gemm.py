@@ -148,3 +148,31 @@ def test_refusals_name_the_option(store, tmp_path):
         _check_small_m(plan["small_m_gemm"], print)
     with pytest.raises(BrazeError, match="the graph has no linear op"):
         _check_small_m({"max_tokens": 16, "linears": []}, print)
+
+
+def test_an_unsigned_triton_artifact_is_verified_by_regeneration(store, tmp_path):
+    """The guarded plans are a function of graph.bir and the recorded options: a host that
+    trusts no key regenerates them exactly."""
+    import shutil
+    a = tmp_path / "a"
+    shutil.copytree(store.artifact("llama", small_m_gemm="triton", **OPTS), a)
+    (a / "signature.json").unlink()
+    trust = open_artifact(a).trust
+    assert trust.how == "verified", trust.detail
+    assert "skinny_gemm" in trust.kernel_hashes
+
+
+@pytest.mark.parametrize("bad", ["T<=16", {}, {"Q": [1, 2]}, {"T": [1]}, {"T": [None, 3]},
+                                 {"T": ["1", 16]}, {"T": [True, 16]}])
+def test_a_malformed_guard_is_refused_naming_it(bad):
+    from braze.launch import compile_guard
+    with pytest.raises(BrazeError, match="launch guard"):
+        compile_guard(bad)
+
+
+def test_guards_admit_exactly_their_range():
+    from braze.launch import compile_guard
+    small, large = compile_guard({"T": [1, 16]}), compile_guard({"T": [17, None]})
+    assert [small({"T": t}) for t in (1, 16, 17)] == [True, True, False]
+    assert [large({"T": t}) for t in (16, 17, 8192)] == [False, True, True]
+    assert compile_guard(None)({"T": 5})
