@@ -74,6 +74,8 @@ def _small_m(m: dict) -> dict | None:
         # @model.layers.3.self_attn.qkv_proj.weight -> qkv_proj; @lm_head.weight -> lm_head
         parts = e["weight"].lstrip("@").split(".")
         name = parts[-2] if len(parts) > 1 else parts[-1]
+        if "embed" in name:                 # tied embeddings: the LM head reads that table
+            name = f"lm_head (tied {name})"
         if "when" in e:
             kinds[name] = kinds.get(name, 0) + 1
         else:

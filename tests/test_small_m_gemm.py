@@ -53,12 +53,14 @@ def test_every_linear_gets_a_guarded_kernel_and_a_guarded_extern_call(store):
     assert not any("when" in ln for seg in plain["plan"]["segments"] for ln in seg["launches"])
 
 
-def test_interpret_logits_equal_the_extern_artifact(store):
+@pytest.mark.parametrize("case", ["llama", "qwen2-qkv-bias-tied"])
+def test_interpret_logits_equal_the_extern_artifact(store, case):
     """Eager steps through the plans: a prefill and a decode (T <= 16: the kernel) and a
-    21-token chunk (T > 16: cuBLAS), in float32 within 1e-4 of the extern artifact."""
+    21-token chunk (T > 16: cuBLAS), in float32 within 1e-4 of the extern artifact (Qwen2:
+    q/k/v biases, and the LM head over the tied embedding)."""
     outs = []
     for small in ("triton", "extern"):
-        ex = Executor(open_artifact(store.artifact("llama", small_m_gemm=small, **OPTS)),
+        ex = Executor(open_artifact(store.artifact(case, small_m_gemm=small, **OPTS)),
                       backend="interpret", num_blocks=8)
         a, b = take_blocks(ex, 2), take_blocks(ex, 2)
         got = [run_step(ex, [SeqChunk(PROMPT[:9], 0, a)])]
@@ -176,3 +178,13 @@ def test_guards_admit_exactly_their_range():
     assert [small({"T": t}) for t in (1, 16, 17)] == [True, True, False]
     assert [large({"T": t}) for t in (16, 17, 8192)] == [False, True, True]
     assert compile_guard(None)({"T": 5})
+
+
+def test_lora_artifacts_run_the_base_linear_on_the_kernel(store):
+    """add-lora keeps each base linear a plain `linear` (its delta is a separate `lora` op),
+    so every linear still gets the kernel at the small buckets."""
+    m = open_artifact(store.artifact("llama", small_m_gemm="triton", lora_slots=2,
+                                     **OPTS)).manifest
+    small = m["plan"]["small_m_gemm"]["linears"]
+    assert len(small) == 9 and all("when" in e for e in small)
+    assert m["compile"]["ops_after"].get("lora", 0) > 0
