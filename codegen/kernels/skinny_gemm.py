@@ -18,10 +18,14 @@ Launches (grids depend only on the rows M, an expression of T / S / R):
        Program (n, s, m) owns output columns [n * BLOCK_N, +BLOCK_N) of rows
        [m * BLOCK_M, +BLOCK_M) over the K range [s * K_PER_SPLIT, +K_PER_SPLIT), in
        BLOCK_K steps: x[BLOCK_M, BLOCK_K] @ W[BLOCK_N, BLOCK_K]^T with `tl.dot`, fp32
-       accumulation. BLOCK_M = 16 (the smallest tile a 16-bit mma takes): at M = 1
-       the 15 padded rows cost tensor-core work and no bandwidth (their loads are
-       masked off). With SPLIT_K = 1 it adds the bias and stores y in x's dtype; else
-       it stores its fp32 partial sums to the workspace ws[SPLIT_K, M, N].
+       accumulation. BLOCK_M = 16 (the smallest tile a 16-bit mma takes; padded rows
+       cost tensor-core work, not bandwidth: their loads are masked off). At M = 1
+       (bucket 1, the commonest decode step) a GEMV branch runs instead: W tiles times
+       the broadcast x row on the CUDA cores into fp32 partials, one reduction over K
+       at the end; Triton compiles an int argument equal to 1 in as a constant, so the
+       bucket-1 cubin holds only that branch and larger buckets' only the mma one.
+       With SPLIT_K = 1 it adds the bias and stores y in x's dtype; else it stores its
+       fp32 partial sums to the workspace ws[SPLIT_K, M, N].
     2. skinny_gemm_reduce_kernel (SPLIT_K > 1 only), grid (cdiv(N, REDUCE_BLOCK), M):
        sums the SPLIT_K partials of one row in a fixed order (deterministic: no
        atomics), adds the bias in fp32, stores y once, rounded once.
@@ -50,6 +54,9 @@ f32 models use input_precision="ieee" (tf32 would miss the reference by ~1e-3).
 
 import triton
 import triton.language as tl
+# tl.sum is a @jit function the interpreter does not patch when triton was imported first
+# (codegen/kernels/norm.py): reduce with the builtin tl.reduce and tl.sum's combine function
+from triton.language.standard import _sum_combine
 
 OPS = ()                     # `linear` is extern; codegen/plan.py calls lower_linear
 
@@ -72,28 +79,49 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, strid
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
     n_ok = rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     k_first = pid_k * K_PER_SPLIT
-    for step in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_first + step + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if M == 1:
+        # bucket 1: Triton compiles an int argument equal to 1 in as a constant, so its cubin
+        # holds only this branch, a GEMV on the CUDA cores: each thread multiplies its W
+        # elements by the broadcast x row into fp32 partial sums, reduced across K once at
+        # the end; no padded rows, no shared-memory round trip of W into an mma layout
+        part1 = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            kv = k_first + step + tl.arange(0, BLOCK_K)
+            kv_ok = kv < K
+            xv = tl.load(x_ptr + kv * stride_xk, mask=kv_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + kv[None, :], mask=n_ok[:, None] & kv_ok[None, :], other=0.0)
+            part1 += wv.to(tl.float32) * xv[None, :]
+        y = tl.reduce(part1, 1, _sum_combine)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(ws_ptr + pid_k.to(tl.int64) * N + rn, y, mask=n_ok)
     else:
-        part = ws_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            k = k_first + step + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            part = ws_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
