@@ -118,13 +118,24 @@ def test_inspect_names_the_triton_gemms_and_their_buckets(store):
     assert "small-M" not in plain and "GEMMs extern (torch/cuBLAS)" in plain
 
 
-def test_cli_passes_the_option_through():
-    from braze.cli import build_parser
-    a = build_parser().parse_args(["compile", "m", "-o", "o", "--small-m-gemm", "triton"])
-    assert a.small_m_gemm == "triton"
-    assert build_parser().parse_args(["compile", "m", "-o", "o"]).small_m_gemm == "extern"
+def test_cli_compiles_with_the_option_and_refuses_a_bad_one(store, tmp_path, capsys):
+    """`braze compile --small-m-gemm triton` records it; `braze inspect` shows it; an unknown
+    value and tensor parallelism are one-line errors naming the option."""
+    from braze.cli import main
+    from cli_helpers import assert_one_line_error
+    out = tmp_path / "sm.braze"
+    assert main(["compile", str(store.checkpoint("llama")), "-o", str(out), "--small-m-gemm",
+                 "triton", "--targets", "", "--max-num-tokens", "24", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "small-M    linear at buckets 1, 2, 4, 8, 16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["compile", "m", "-o", "o", "--small-m-gemm", "cutlass"])
+        main(["compile", "m", "-o", str(tmp_path / "x"), "--small-m-gemm", "cutlass"])
+    assert "--small-m-gemm: invalid choice: 'cutlass'" in capsys.readouterr().err
+    code = main(["compile", str(store.checkpoint("llama")), "-o", str(tmp_path / "tp"),
+                 "--small-m-gemm", "triton", "--tensor-parallel-size", "2", "-q"])
+    assert_one_line_error(code, capsys.readouterr().err, "--small-m-gemm triton is not "
+                          "supported with --tensor-parallel-size > 1")
 
 
 def test_refusals_name_the_option(store, tmp_path):
