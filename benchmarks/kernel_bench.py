@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Kernel benchmark: every Triton kernel template of codegen/kernels/ against its torch reference.
 
-For each model shape (Llama-3-8B, Qwen3-30B-A3B, DeepSeek-V3; bf16) and each kernel the model runs, a
+For each model shape (Llama-3-8B, Qwen3-30B-A3B, DeepSeek-V3, and Llama-3.2-1B for the GEMMs
+only; bf16) and each kernel the model runs, a
 one-node IR graph of the op is built at the benchmark size, lowered exactly as the compiler
 lowers it (`braze.codegen.kernels.lower_node` -> launches, workspaces, generated sources)
 and run through the runtime's launch-plan runner (`KernelModules` + `PlanRunner`) on CUDA
@@ -31,6 +32,15 @@ tensors. The reference is the op's own implementation from the IR registry
                                           kernel of `fuse-pointwise`; Llama: I = 14336)
     index_select      index_select        prune-logits gather [T, hidden] -> [S, hidden]
     cat               cat                 the RoPE preamble cat(f, f): f32 [T, D/2] -> [T, D]
+    gemm_qkv          linear              skinny_gemm (--small-m-gemm triton) against the extern
+    gemm_o                                call it replaces, torch's F.linear (cuBLAS): x [T, K]
+    gemm_gate_up                          @ W[N, K]^T per projection (qkv and gate_up merged as
+    gemm_down                             -O2 ships them; lm_head over the vocabulary), only at
+    gemm_lm_head                          T <= 16 (the buckets the option applies to). Both are
+                                          timed replayed from a CUDA graph, as the runtime runs
+                                          them; GB/s is weight + x + y bytes over each one's
+                                          time; "speedup" = cuBLAS us / Triton us, > 1 means
+                                          the kernel wins (a table per model sums it up)
 
 Sizes: decode-like T = 1, 16, 64 and prefill-like T = 2048, 8192 (--sizes to change).
 
@@ -101,6 +111,10 @@ MODELS = {
                         mla=dict(rank=512, rope=64),
                         routed=dict(experts=256, n_group=8, topk_group=4, top_k=8, inter=2048,
                                     scale=2.5)),
+    # the GEMMs only (gemm_only): its 2048-wide projections are where a decode GEMM has the
+    # fewest output tiles for the SMs; its other kernels are the 8B's at half width
+    "llama3.2-1b": dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, inter=8192,
+                        vocab=128256, eps=1e-5, qk_norm=False, moe=None, gemm_only=True),
 }
 # --dry-run: the same structure at interpreter-friendly sizes (GQA 2 and 4, split-KV decode,
 # prefill tiles, both MoE regimes: T * top_k / E above and below moe.SMALL_ROWS_PER_EXPERT)
@@ -113,6 +127,8 @@ TINY_MODELS = {
                         eps=1e-6, qk_norm=False, moe=None, mla=dict(rank=32, rope=16),
                         routed=dict(experts=16, n_group=4, topk_group=2, top_k=4, inter=24,
                                     scale=2.5)),
+    "llama3.2-1b": dict(hidden=32, heads=4, kv_heads=2, head_dim=8, inter=160, vocab=300,
+                        eps=1e-5, qk_norm=False, moe=None, gemm_only=True),
 }
 DECODE_SIZES = (1, 16, 64)
 PREFILL_SIZES = (2048, 8192)
@@ -125,16 +141,19 @@ BLOCK_SIZE = 16
 GPU_DEVICE = "cuda"
 RANDN_CHUNK = 1 << 28          # elements drawn in float32 at once
 
+GEMMS = ("gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_down", "gemm_lm_head")
 KERNELS = ("embedding", "rms_norm", "add_rms_norm", "rope_cache_write", "attention",
            "latent_attention", "fused_moe", "grouped_topk", "fused_moe_routed", "swiglu",
-           "index_select", "cat")
+           "index_select", "cat") + GEMMS
+GEMM_MAX_TOKENS = 16           # codegen/kernels/skinny_gemm.py MAX_TOKENS: its buckets
 # the template modules of codegen/kernels/ and the kernels benchmarked for each (--kernels
 # takes either name)
 TEMPLATES = {"embedding": ("embedding",), "norm": ("rms_norm", "add_rms_norm"),
              "rope": ("rope_cache_write",), "attention": ("attention",),
              "mla": ("latent_attention",), "router": ("grouped_topk",),
              "moe": ("fused_moe", "fused_moe_routed"),
-             "pointwise": ("swiglu",), "gather": ("index_select", "cat")}
+             "pointwise": ("swiglu",), "gather": ("index_select", "cat"),
+             "skinny_gemm": GEMMS}
 # kernels held to >= 80 % of HBM peak at prefill sizes
 BANDWIDTH_TARGET = {"rms_norm", "add_rms_norm", "rope_cache_write", "swiglu"}
 BANDWIDTH_TARGET_PCT = 80.0
@@ -507,7 +526,47 @@ class Builder:
         nbytes = 3 * tokens * half * 4
         return self.case("cat", tokens, g, 0, {"T": tokens}, feeds, nbytes, note="f32")
 
+    def gemm(self, tokens, proj: str):
+        """One projection's linear as -O2 runs it: x [T, K] @ W[N, K]^T, W ~ N(0, 1/K)."""
+        from braze.ir import Graph, T, TensorType
+        m = self.m
+        h, q = m["hidden"], m["heads"] * m["head_dim"]
+        n, k = {"qkv": ((m["heads"] + 2 * m["kv_heads"]) * m["head_dim"], h), "o": (h, q),
+                "gate_up": (2 * (m["inter"] or 0), h), "down": (h, m["inter"] or 0),
+                "lm_head": (m["vocab"], h)}[proj]
+        g = Graph(f"gemm_{proj}")
+        x = g.add_input("x", TensorType((T, k), self.dtype))
+        w = g.add_param("w", TensorType((n, k), self.dtype))
+        g.set_output("y", g.op("linear", x, w))
+        feeds = {x.ref: self.randn((tokens, k)), w.ref: self.randn((n, k), 1.0 / math.sqrt(k))}
+        nbytes = (n * k + tokens * k + tokens * n) * self.esize
+        return self.case(f"gemm_{proj}", tokens, g, 0, {"T": tokens}, feeds, nbytes,
+                         flops=2 * tokens * n * k, note=f"N {n} K {k}")
+
+    def gemm_qkv(self, tokens):
+        return self.gemm(tokens, "qkv")
+
+    def gemm_o(self, tokens):
+        return self.gemm(tokens, "o")
+
+    def gemm_gate_up(self, tokens):
+        return self.gemm(tokens, "gate_up")
+
+    def gemm_down(self, tokens):
+        return self.gemm(tokens, "down")
+
+    def gemm_lm_head(self, tokens):
+        return self.gemm(tokens, "lm_head")
+
     def applies(self, kernel) -> bool:
+        if self.m.get("gemm_only") and kernel not in GEMMS:
+            return False
+        if kernel in GEMMS and self.m.get("mla") is not None:
+            # DeepSeek-V3 projects through its latent and decodes bound by its routed
+            # experts; its 2 GB lm_head would not fit the suite's kernels-dsv3 stage
+            return False
+        if kernel in ("gemm_gate_up", "gemm_down"):
+            return self.m["inter"] is not None
         if kernel == "fused_moe":
             return self.m["moe"] is not None
         if kernel in ("grouped_topk", "fused_moe_routed"):
@@ -534,7 +593,14 @@ class Prepared:
         from braze.runtime.launcher import PlanRunner
         g = case.graph
         self.case, self.node = case, g.nodes[case.index]
-        self.launches, workspaces, sources = lower_node(self.node, case.index)
+        if case.kernel in GEMMS:          # linear is extern: the kernel --small-m-gemm adds
+            from braze.codegen.small_m_gemm import lower_guarded
+            self.launches, workspaces, why = lower_guarded(self.node, case.index)
+            if why is not None:
+                raise RuntimeError(f"skinny_gemm cannot run this linear: {why}")
+            sources = {}
+        else:
+            self.launches, workspaces, sources = lower_node(self.node, case.index)
         modules = KernelModules(KERNEL_DIR, interpret=interpret, sources=dict(sources))
         self.runner = PlanRunner(modules, workspaces, device=device)
         if aot is not None:          # PlanRunner launches a cubin where the launch names one
@@ -738,6 +804,29 @@ def print_table(model: str, rows: list[dict], shape: dict, peak) -> None:
         print(line(row))
 
 
+def print_gemm_table(rows: list[dict]) -> None:
+    """The skinny GEMM against cuBLAS, one line per projection and size: what decides
+    --small-m-gemm's default (cuBLAS/Triton > 1: the kernel wins)."""
+    rows = [r for r in rows if r["kernel"] in GEMMS and "error" not in r]
+    if not rows:
+        return
+    print("\n### skinny_gemm (--small-m-gemm triton) vs cuBLAS (extern linear)")
+    head = ["proj", "T", "N x K", "triton ms", "GB/s", "cuBLAS ms", "GB/s", "cuBLAS/triton",
+            "check"]
+    ms = lambda us: None if us is None else us / 1000.0
+    table = [[r["kernel"][len("gemm_"):], str(r["tokens"]), r["note"].replace("N ", "").replace(" K ", " x "),
+              _fmt(ms(r.get("us")), ".4f"), _fmt(r.get("gbps"), ".0f"),
+              _fmt(ms(r.get("torch_us")), ".4f"), _fmt(r.get("torch_gbps"), ".0f"),
+              _fmt(r.get("speedup"), ".2f"), "ok" if r["ok"] else "MISMATCH"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if 1 <= i <= 7 else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    print(line(head))
+    print(line(["-" * w for w in widths]))
+    for row in table:
+        print(line(row))
+
+
 def machine_info(args) -> dict:
     import torch
     info = {"python": platform.python_version(), "torch": torch.__version__,
@@ -832,6 +921,10 @@ def main(argv=None) -> int:
 
     if args.dry_run:
         device, shapes = torch.device("cpu"), TINY_MODELS
+        # 512-byte W tiles: the tiny 1B down projection (K = 160) splits K in two, so the
+        # dry run takes the split-K path (two launches, a workspace) the 1B shape takes
+        from braze.codegen.kernels import skinny_gemm
+        skinny_gemm.TILE_BYTES = 512
         sizes = args.sizes or list(TINY_SIZES)
         context = args.context or TINY_CONTEXT
         prefill_from = TINY_PREFILL_FROM
@@ -870,6 +963,8 @@ def main(argv=None) -> int:
             if not b.applies(kernel):
                 continue
             for tokens in sizes:
+                if kernel in GEMMS and tokens > GEMM_MAX_TOKENS:
+                    continue            # the option never runs the kernel at such buckets
                 t0 = time.perf_counter()
                 r = {"model": model, "kernel": kernel, "tokens": tokens, "size": f"T={tokens}",
                      "flops": 0, "note": ""}
@@ -890,8 +985,12 @@ def main(argv=None) -> int:
                         r["pct_hbm"] = 100.0 * r["gbps"] / peak if peak else None
                         r["tflops"] = case.flops / (us * 1e-6) / 1e12 if case.flops else None
                         if not args.no_torch:
-                            tus, _, tn = timer.time(prep.run_reference, graph=False)
-                            r.update(torch_us=tus, torch_iters=tn, speedup=tus / us)
+                            # cuBLAS as the runtime runs it: inside the captured graph
+                            tus, tmode, tn = timer.time(prep.run_reference,
+                                                        graph=kernel in GEMMS and not args.no_graphs)
+                            r.update(torch_us=tus, torch_iters=tn, speedup=tus / us,
+                                     torch_timer=tmode,
+                                     torch_gbps=case.bytes / (tus * 1e-6) / 1e9)
                     del prep, case
                 except Exception as e:      # noqa: BLE001 - report and go on with the others
                     r["error"] = f"{type(e).__name__}: {e}"
@@ -917,6 +1016,7 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         print_table(model, rows, shapes[model], peak)
+        print_gemm_table(rows)
 
     missed = [r for r in results if r.get("target_met") is False]
     print()

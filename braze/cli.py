@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from braze import __version__
+from braze.config import SMALL_M_GEMM
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
 from braze.runtime.options import BACKENDS
@@ -76,7 +77,7 @@ def cmd_compile(a) -> int:
             lora_slots=a.lora_slots, max_lora_rank=a.max_lora_rank,
             lora_targets=a.lora_targets, max_logits_rows=a.max_logits_rows,
             tensor_parallel_size=a.tensor_parallel_size, expert_parallel=a.expert_parallel,
-            mtp_assistant=a.mtp_assistant)
+            small_m_gemm=a.small_m_gemm, mtp_assistant=a.mtp_assistant)
     return 0
 
 
@@ -351,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "intermediate size; every rank routes all tokens and runs only its "
                         "experts, one all-reduce per MoE layer sums them. Attention stays "
                         "tensor-parallel. See docs/parallelism.md")
+    c.add_argument("--small-m-gemm", choices=SMALL_M_GEMM, default="extern",
+                   help="how linear layers run at batch buckets of T <= 16 tokens (decode): "
+                        "extern (default) calls torch/cuBLAS at every bucket; triton launches "
+                        "braze's split-K skinny GEMM kernel there and cuBLAS above. Opt-in "
+                        "until measured on a GPU (benchmarks/kernel_bench.py --kernels "
+                        "skinny_gemm); `braze inspect` lists the linears it applies to. Not "
+                        "with --tensor-parallel-size > 1")
     c.add_argument("--mtp-assistant", metavar="DIR",
                    help="a Gemma 4 target's assistant model (a Gemma4AssistantForCausalLM "
                         "checkpoint directory): compiled beside the target, it reads the "

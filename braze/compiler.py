@@ -139,6 +139,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     if tp > 1:
         extra["parallel"] = parallel_manifest(graph, shards, tp, opts.expert_parallel)
     plan = build_plan(graph, opts.to_json())
+    if "small_m_gemm" in plan:
+        _check_small_m(plan["small_m_gemm"], log)
     kernel_count = len(plan["kernels"])
     compile_info["extern_ops"] = plan["extern_ops"]
     log(f"codegen: {sum(len(s['launches']) for s in plan['segments'])} launches, "
@@ -171,6 +173,19 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written
+
+
+def _check_small_m(small: dict, log) -> None:
+    """`--small-m-gemm triton` must apply to some linear of the graph: say so, or refuse."""
+    used = [e for e in small["linears"] if "when" in e]
+    if not used:
+        why = (f"none of its {len(small['linears'])} linears can run it (e.g. "
+               f"{small['linears'][0]['weight']}: {small['linears'][0]['extern_because']})"
+               if small["linears"] else "the graph has no linear op")
+        raise BrazeError(f"--small-m-gemm triton has nothing to apply to: {why}; compile "
+                         f"with --small-m-gemm extern")
+    log(f"small-M GEMMs: the Triton kernel at T <= {small['max_tokens']} for {len(used)} of "
+        f"{len(small['linears'])} linears, cuBLAS above")
 
 
 def materialize(graph: Graph, load_source, rank_sources=None):

@@ -8,6 +8,9 @@ from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
 
+# how `linear` runs at decode buckets (T <= 16): "extern" cuBLAS (default) or "triton"
+# (codegen/small_m_gemm.py); spelt here so that validating options needs no codegen import
+SMALL_M_GEMM = ("extern", "triton")
 
 
 @dataclass
@@ -26,6 +29,7 @@ class CompileOptions:
     max_logits_rows: int | None = None    # None: max_num_seqs (ir/contract.py StepLimits)
     tensor_parallel_size: int = 1         # ranks the graph is sharded for (passes/shard.py)
     expert_parallel: bool = False         # MoE: whole experts per rank instead of split ones
+    small_m_gemm: str = "extern"          # "triton": skinny-GEMM kernel at T <= 16 (codegen/small_m_gemm.py)
 
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
@@ -48,6 +52,13 @@ class CompileOptions:
         if self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"--cudagraph-mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")
+        if self.small_m_gemm not in SMALL_M_GEMM:
+            raise BrazeError(f"--small-m-gemm must be one of {', '.join(SMALL_M_GEMM)}, "
+                             f"got {self.small_m_gemm!r}")
+        if self.small_m_gemm == "triton" and self.tensor_parallel_size > 1:
+            raise BrazeError("--small-m-gemm triton is not supported with "
+                             "--tensor-parallel-size > 1 yet (unverified on sharded graphs); "
+                             "drop one of the two")
         if self.lora_slots < 0 or self.max_lora_rank < 1:
             raise BrazeError(f"--lora-slots must be >= 0 and --max-lora-rank positive, got "
                              f"{self.lora_slots} and {self.max_lora_rank}")

@@ -27,7 +27,8 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "segments": len(segments),
         "graph_breaks": int(g.meta.get("graph_breaks", 0)),
         "arena_bytes": int(memory.get("arena_bytes", 0)),
-        "gemms": "extern (torch/cuBLAS)",
+        "gemms": _gemms(m),
+        "small_m_gemm": _small_m(m),
         "kernels": {vid: {"module": k["module"], "fn": k["fn"], "specs": k.get("specs", []),
                           "shared": {t: max((e.get("shared", 0) for e in by_key.values()),
                                             default=0)
@@ -56,6 +57,40 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
         "kv_groups": m.get("kv_groups"),
         "text_only_origin": art.text_only_origin,
     }
+
+
+def _small_m(m: dict) -> dict | None:
+    """Which linears launch the Triton skinny GEMM (--small-m-gemm triton), at which of
+    the default buckets; None when every GEMM is an extern call."""
+    small = (m.get("plan") or {}).get("small_m_gemm")
+    if not small:
+        return None
+    from braze.ir.contract import default_buckets
+    limit = small["max_tokens"]
+    tokens = (m.get("limits") or {}).get("max_num_tokens") or m["options"]["max_num_tokens"]
+    kinds: dict[str, int] = {}
+    refused: dict[str, str] = {}
+    for e in small["linears"]:
+        # @model.layers.3.self_attn.qkv_proj.weight -> qkv_proj; @lm_head.weight -> lm_head
+        parts = e["weight"].lstrip("@").split(".")
+        name = parts[-2] if len(parts) > 1 else parts[-1]
+        if "embed" in name:                 # tied embeddings: the LM head reads that table
+            name = f"lm_head (tied {name})"
+        if "when" in e:
+            kinds[name] = kinds.get(name, 0) + 1
+        else:
+            refused[name] = e["extern_because"]
+    return {"max_tokens": limit, "buckets": [b for b in default_buckets(tokens) if b <= limit],
+            "triton": kinds, "extern": refused,
+            "count": sum(kinds.values()), "linears": len(small["linears"])}
+
+
+def _gemms(m: dict) -> str:
+    small = (m.get("plan") or {}).get("small_m_gemm")
+    if small:
+        return (f"Triton skinny GEMM at T <= {small['max_tokens']} (--small-m-gemm triton), "
+                f"extern (torch/cuBLAS) above")
+    return "extern (torch/cuBLAS)"
 
 
 def _mtp_plan(mtp: dict) -> dict | None:
@@ -122,6 +157,14 @@ def format_summary(s: dict) -> str:
         f"GEMMs {s['gemms']}; extern: "
         + (", ".join(f"{k} x{n}" for k, n in s["extern_ops"].items()) or "none"),
     ]
+    sm = s.get("small_m_gemm")
+    if sm:
+        lines.append(f"small-M    linear at buckets {', '.join(map(str, sm['buckets']))} "
+                     f"(T <= {sm['max_tokens']}): Triton skinny_gemm for {sm['count']} of "
+                     f"{sm['linears']} linears ("
+                     + ", ".join(f"{k} x{n}" for k, n in sm["triton"].items())
+                     + "); cuBLAS at larger buckets"
+                     + "".join(f"; {k} stays cuBLAS: {why}" for k, why in sm["extern"].items()))
     here = s["cubins_here"]
     n_specs = sum(len(k["specs"]) for k in s["kernels"].values())
     lines.append(f"cubins     {n_specs} specialisations of {len(s['kernels'])} variants, built with "

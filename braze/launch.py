@@ -12,6 +12,15 @@ or an extern call that runs the IR op's torch implementation (GEMMs through cuBL
     {"node": 13, "extern": "linear", "args": [{"buf": "%12"}, {"buf": "@w"}],
      "attrs": {}, "results": ["%13"]}
 
+A launch may carry a guard, `"when": {"T": [1, 16]}`: it runs only at step sizes with
+1 <= T <= 16 (`[17, null]`: T >= 17; any size of SIZES may be named). Two launch sets
+for one node with complementary guards choose per batch bucket (`--small-m-gemm
+triton`: a Triton GEMM at T <= 16, the cuBLAS call above). The runtime resolves guards
+when it binds a plan for a bucket, so a bound plan (and its CUDA graph) holds only the
+launches of its bucket and replay never tests one; the eager path tests each launch's
+compiled guard per step. A workspace spec may carry the same guard: it is sized only
+for the step sizes its launches run at.
+
 Argument kinds: `buf` a graph value, param or input by reference; `ws` a
 workspace buffer (declared by name with shape expressions and dtype, allocated
 once for the largest batch); `expr` an integer expression over the step sizes
@@ -25,7 +34,38 @@ that shares them.
 from __future__ import annotations
 
 from braze.ir.errors import BrazeError
+from braze.launch_expr import SIZES
 from braze.launch_expr import compile_expr  # noqa: F401  (the expression grammar's home)
+
+
+def compile_guard(when):
+    """A launch's or workspace's `when` (None, or {size: [lo, hi or None]}) -> a predicate on
+    step sizes; an ill-formed guard (a plan is data from an artifact) is a BrazeError."""
+    if when is None:
+        return _always
+    if not isinstance(when, dict) or not when:
+        raise BrazeError(f"launch guard {when!r} is not a mapping of step sizes to [lo, hi]")
+    bounds = []
+    for name, rng in when.items():
+        ok = (name in SIZES and isinstance(rng, list) and len(rng) == 2
+              and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in rng)
+              and rng[0] is not None)
+        if not ok:
+            raise BrazeError(f"launch guard {when!r}: {name!r} must be a step size "
+                             f"({', '.join(SIZES)}) bound to [lo, hi] (hi null: no bound)")
+        bounds.append((name, rng[0], rng[1]))
+
+    def holds(sizes) -> bool:
+        for name, lo, hi in bounds:
+            v = sizes[name]
+            if v < lo or (hi is not None and v > hi):
+                return False
+        return True
+    return holds
+
+
+def _always(sizes) -> bool:
+    return True
 
 
 # How Triton's JIT specialises a kernel's runtime arguments, one character each, so that

@@ -16,6 +16,7 @@ from braze.ir import Graph
 from braze.ir.errors import BrazeError
 
 from .kernels import kernel_module_for, lower_node
+from .small_m_gemm import MAX_TOKENS, extern_guard, lower_guarded, record, wants_triton
 from .specialize import step_sizes, variant_keys
 
 TEMPLATE_DIR = Path(__file__).parent / "kernels"
@@ -29,7 +30,8 @@ def variant_key(launch: dict) -> str:
 
 def build_plan(g: Graph, options: dict) -> dict:
     """-> {"segments": [...], "workspaces": {...}, "kernels": {id: variant}, "sources": {...},
-    "extern_ops": {op: count}}; each variant lists the spec keys to compile it for
+    "extern_ops": {op: count}}, and "small_m_gemm" (codegen/small_m_gemm.py) under
+    `--small-m-gemm triton`; each variant lists the spec keys to compile it for
     (codegen/specialize.py), given the compile `options`."""
     segments = g.meta.get("segments") or [["eager", 0, len(g.nodes) - 1]]
     kernels: dict[str, dict] = {}
@@ -38,6 +40,19 @@ def build_plan(g: Graph, options: dict) -> dict:
     sources: dict[str, str] = {}
     extern: dict[str, int] = {}
     per_node: list[list[dict]] = []
+    small_m = wants_triton(options)
+    chosen: list[dict] = []
+
+    def add_kernels(launches: list[dict]) -> None:
+        for launch in launches:
+            key = variant_key(launch)
+            if key not in ids:
+                ids[key] = f"{launch['module']}.{launch['fn']}#{len(ids)}"
+                kernels[ids[key]] = {k: launch[k] for k in ("module", "fn", "constexprs",
+                                                            "num_warps", "num_stages")}
+                kernels[ids[key]]["signature"] = [a["ty"] for a in launch["args"]]
+            launch["kernel"] = ids[key]
+
     for i, node in enumerate(g.nodes):
         if not node.opdef.extern and kernel_module_for(node.op) is not None:
             try:
@@ -46,20 +61,26 @@ def build_plan(g: Graph, options: dict) -> dict:
                 raise BrazeError(f"lowering node {i} ({node.op}): {e}") from None
             workspaces.update(ws)
             sources.update(srcs)
-            for launch in launches:
-                key = variant_key(launch)
-                if key not in ids:
-                    ids[key] = f"{launch['module']}.{launch['fn']}#{len(ids)}"
-                    kernels[ids[key]] = {k: launch[k] for k in ("module", "fn", "constexprs",
-                                                                "num_warps", "num_stages")}
-                    kernels[ids[key]]["signature"] = [a["ty"] for a in launch["args"]]
-                launch["kernel"] = ids[key]
+            add_kernels(launches)
             per_node.append(launches)
-        else:
-            extern[node.op] = extern.get(node.op, 0) + 1
-            per_node.append([{"node": i, "extern": node.op,
-                              "args": [{"buf": v.ref} for v in node.operands],
-                              "attrs": node.attrs, "results": [r.ref for r in node.results]}])
+            continue
+        extern[node.op] = extern.get(node.op, 0) + 1
+        call = {"node": i, "extern": node.op, "args": [{"buf": v.ref} for v in node.operands],
+                "attrs": node.attrs, "results": [r.ref for r in node.results]}
+        if small_m and node.op == "linear":
+            try:
+                launches, ws, why = lower_guarded(node, i)
+            except BrazeError as e:
+                raise BrazeError(f"lowering node {i} ({node.op}) for --small-m-gemm triton: "
+                                 f"{e}") from None
+            chosen.append(record(node, i, why))
+            if why is None:
+                workspaces.update(ws)
+                add_kernels(launches)
+                call["when"] = extern_guard()
+                per_node.append(launches + [call])
+                continue
+        per_node.append([call])
     out_segments = []
     for kind, first, last in segments:
         launches = [launch for i in range(first, last + 1) for launch in per_node[i]]
@@ -67,15 +88,18 @@ def build_plan(g: Graph, options: dict) -> dict:
     every = [launch for launches in per_node for launch in launches]
     for vid, keys in variant_keys(g, kernels, every, step_sizes(options)).items():
         kernels[vid]["specs"] = keys
-    return {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
+    plan = {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
             "sources": sources, "extern_ops": dict(sorted(extern.items()))}
+    if small_m:
+        plan["small_m_gemm"] = {"max_tokens": MAX_TOKENS, "linears": chosen}
+    return plan
 
 
 def regenerate(graph: Graph, options: dict) -> tuple[dict, dict[str, bytes]]:
     """What `braze compile` with `options` writes for `graph`, cubins apart: the manifest
     entries and kernel files of `artifact_parts`. Loading an artifact that no trusted key
     signed compares its own against these (runtime/trust.py); the plan is a function of
-    the graph alone today, `options` is what a plan may come to depend on."""
+    the graph and `options` (`small_m_gemm`, the step limits its spec keys are worked out for)."""
     return artifact_parts(build_plan(graph, options))
 
 
@@ -87,6 +111,8 @@ def artifact_parts(plan: dict) -> tuple[dict, dict[str, bytes]]:
     entries = {"plan": {"segments": plan["segments"], "workspaces": plan["workspaces"],
                         "extern_ops": plan["extern_ops"]},
                "kernels": plan["kernels"]}
+    if "small_m_gemm" in plan:
+        entries["plan"]["small_m_gemm"] = plan["small_m_gemm"]
     files = {}
     for m in sorted({v["module"] for v in plan["kernels"].values()}):
         files[f"kernels/{m}.py"] = (plan["sources"][m].encode() if m in plan["sources"]

@@ -17,10 +17,13 @@ arguments are evaluated at each bucket's step sizes, as the runtime will resolve
 Each variant gets the keys of all its launch sites at all buckets, plus a generic key
 in which every argument that varies between buckets assumes nothing: a launch the
 compiler did not foresee (other buckets, another --max-num-seqs) runs the most
-specialised stored cubin its own key admits, never the JIT.
+specialised stored cubin its own key admits, never the JIT. A guarded launch
+(braze/launch.py `when`) is evaluated only at the buckets its guard admits.
 """
 
 from __future__ import annotations
+
+import json
 
 import sympy
 
@@ -28,7 +31,7 @@ from braze.ir import Graph
 from braze.ir.contract import StepLimits, bucket_sizes, default_buckets
 from braze.ir.layout import Layouts
 from braze.ir.types import SYMBOLS
-from braze.launch import compile_expr, spec_char
+from braze.launch import compile_expr, compile_guard, spec_char
 
 
 def step_sizes(options: dict) -> list[dict[str, int]]:
@@ -91,7 +94,10 @@ def variant_keys(g: Graph, kernels: dict, launches: list[dict], sizes_list: list
         if "kernel" not in launch:
             continue
         specs = tuple(_arg_spec(a, values, layouts) for a in launch["args"])
-        if specs not in seen:
-            seen[specs] = _keys(specs, sizes_list)
-        keys[launch["kernel"]] |= seen[specs]
+        when = launch.get("when")
+        seen_key = (specs, json.dumps(when, sort_keys=True))
+        if seen_key not in seen:
+            holds = compile_guard(when)
+            seen[seen_key] = _keys(specs, [sz for sz in sizes_list if holds(sz)])
+        keys[launch["kernel"]] |= seen[seen_key]
     return {vid: sorted(k) for vid, k in keys.items()}

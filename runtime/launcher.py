@@ -21,7 +21,7 @@ from braze.ir.errors import BrazeError
 from braze.ir.layout import VIEW_OPS
 from braze.ir.types import torch_dtype
 from braze.kernel_modules import KernelModules
-from braze.launch import compile_expr, spec_key
+from braze.launch import compile_expr, compile_guard, spec_key
 
 
 class PlanRunner:
@@ -71,7 +71,11 @@ class PlanRunner:
         then gets a view of its first bytes (bound plans of every bucket share them)."""
         for name, spec in self.ws_specs.items():
             dtype = torch_dtype(spec["dtype"])
-            need = max(_numel(tuple(self._expr(d, sz) for d in spec["shape"])) for sz in sizes_list)
+            holds = compile_guard(spec.get("when"))    # sized only where its launches run
+            used = [sz for sz in sizes_list if holds(sz)]
+            if not used:
+                continue
+            need = max(_numel(tuple(self._expr(d, sz) for d in spec["shape"])) for sz in used)
             have = self._ws_flat.get(name)
             if have is None or have.numel() < need:
                 self._ws_flat[name] = torch.empty(need, dtype=dtype, device=self.device)

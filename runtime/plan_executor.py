@@ -19,7 +19,7 @@ from braze.ir.layout import PROBES, VIEW_OPS
 from braze.ir.types import eval_dim, torch_dtype
 
 from braze.kernel_modules import KernelModules
-from braze.launch import compile_expr
+from braze.launch import compile_expr, compile_guard
 
 from .launcher import BoundLaunch, PlanRunner
 from .loader import Artifact
@@ -40,6 +40,9 @@ class PlanExecutor:
         self.graph = artifact.graph if graph is None else graph
         self.device = torch.device(device)
         self.launches = [launch for seg in plan["segments"] for launch in seg["launches"]]
+        # each launch's guard (braze/launch.py `when`: --small-m-gemm's per-bucket choice),
+        # tested once per bucket by `bind`, per step only by the eager `run`
+        self.guards = [compile_guard(launch.get("when")) for launch in self.launches]
         # only kernel text whose hash the artifact's trust admits is executed
         self.modules = KernelModules(artifact.root / "kernels", interpret=interpret,
                                      hashes=artifact.trust.kernel_hashes)
@@ -99,7 +102,9 @@ class PlanExecutor:
         for k, v in feeds.items():
             env[f"%{k}"] = v
         allocated = set()
-        for launch in self.launches:
+        for launch, holds in zip(self.launches, self.guards):
+            if not holds(sizes):
+                continue
             i = launch["node"]
             if i in self.allocs and i not in allocated:
                 for r in self.allocs[i]:
@@ -156,7 +161,9 @@ class PlanExecutor:
 
         calls: list[BoundLaunch] = []
         bound_nodes = set()
-        for launch in self.launches:
+        for launch, holds in zip(self.launches, self.guards):
+            if not holds(sizes):          # another bucket's launch: not in this plan
+                continue
             i = launch["node"]
             if i in self.allocs and i not in bound_nodes:
                 for r in self.allocs[i]:

@@ -188,6 +188,36 @@ MUTATIONS = [
              'suffix = f".rank{rank}" if ranks > 1 else ""',
              'suffix = ""',
              ["tests/test_kv_offload.py"], k="rank"),
+    Mutation("skinny-gemm-drops-bias",
+             "--small-m-gemm triton: a linear with a bias (Qwen2's q/k/v) loses it at the "
+             "decode buckets of 2-16 tokens: logits off",
+             "codegen/kernels/skinny_gemm.py",
+             "            if HAS_BIAS:\n                acc += tl.load(b_ptr + rn, mask=n_ok, "
+             "other=0.0).to(tl.float32)[None, :]",
+             "            if False:\n                acc += tl.load(b_ptr + rn, mask=n_ok, "
+             "other=0.0).to(tl.float32)[None, :]",
+             ["tests/test_kernel_skinny_gemm.py"]),
+    Mutation("skinny-gemm-k-tail",
+             "--small-m-gemm triton: the last K tile reads past the end of each weight row "
+             "(the next row's values) when K is not a multiple of BLOCK_K",
+             "codegen/kernels/skinny_gemm.py",
+             "            k_ok = k < K\n",
+             "            k_ok = k < K_PER_SPLIT * SPLIT_K\n",
+             ["tests/test_kernel_skinny_gemm.py"]),
+    Mutation("skinny-gemv-k-tail",
+             "--small-m-gemm triton: at bucket 1 (the GEMV path) the last K tile reads past "
+             "each weight row's end",
+             "codegen/kernels/skinny_gemm.py",
+             "            kv_ok = kv < K\n",
+             "            kv_ok = kv < K_PER_SPLIT * SPLIT_K\n",
+             ["tests/test_kernel_skinny_gemm.py"]),
+    Mutation("small-m-guard-ignored-at-bind",
+             "--small-m-gemm triton: a bucket's bound plan runs both the Triton GEMM and the "
+             "cuBLAS call of every linear (twice the weight traffic), at every bucket",
+             "runtime/plan_executor.py",
+             "            if not holds(sizes):          # another bucket's launch: not in this plan",
+             "            if False:",
+             ["tests/test_small_m_gemm.py"], k="split_k"),
 ]
 
 

@@ -54,6 +54,14 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         kernels = {r["kernel"] for r in json.loads((tmp_path / "kernels-dsv3.json").read_text())
                    ["results"] if r["ok"]}
         assert {"grouped_topk", "rms_norm"} <= kernels
+    if part == "2":          # the skinny GEMM against cuBLAS (--small-m-gemm), 1B shape first
+        rows = json.loads((tmp_path / "kernels.json").read_text())["results"]
+        gemms = {(r["model"], r["kernel"], r["tokens"]) for r in rows if r["ok"]}
+        assert rows[0]["model"] == "llama3.2-1b" and rows[0]["kernel"] == "gemm_qkv"
+        for proj in ("qkv", "o", "gate_up", "down", "lm_head"):
+            assert {("llama3.2-1b", f"gemm_{proj}", t) for t in (1, 5)} <= gemms
+            assert ("llama3-8b", f"gemm_{proj}", 1) in gemms
+        assert not any(r["kernel"].startswith("gemm_") and r["tokens"] > 16 for r in rows)
     if part == "4":
         name = "tiny Gemma-4-E2B-like"
         assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary

@@ -1,0 +1,218 @@
+"""Skinny GEMMs: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for decode-sized M (a few tokens).
+
+The `linear` op stays an extern cuBLAS call by default (ir/op_linalg.py registers it
+`extern`, so this module lowers no op by itself: OPS is empty). `braze compile
+--small-m-gemm triton` asks codegen/plan.py to lower each eligible `linear` here as
+well, guarded to the batch buckets with T <= MAX_TOKENS (braze/launch.py `when`);
+larger buckets keep the cuBLAS call. Which one is faster is for a GPU to measure
+(benchmarks/kernel_bench.py, the `skinny_gemm` kernels); this is the candidate.
+
+Why a kernel can win at small M: a decode step's GEMM reads all of W (N x K) to make
+M x N outputs, so it is bound by streaming W from HBM; cuBLAS picks tiles for large
+M and at M <= 16 may launch too few CTAs to keep every SM's loads in flight (a
+2048 x 2048 projection is 32 tiles of 64 x 64 on a 132-SM GPU), or split K with a
+separate reduction of its own. Here the grid is sized to the GPU instead.
+
+Launches (grids depend only on the rows M, an expression of T / S / R):
+    1. skinny_gemm_kernel, grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)).
+       Program (n, s, m) owns output columns [n * BLOCK_N, +BLOCK_N) of rows
+       [m * BLOCK_M, +BLOCK_M) over the K range [s * K_PER_SPLIT, +K_PER_SPLIT), in
+       BLOCK_K steps: x[BLOCK_M, BLOCK_K] @ W[BLOCK_N, BLOCK_K]^T with `tl.dot`, fp32
+       accumulation. BLOCK_M = 16 (the smallest tile a 16-bit mma takes; padded rows
+       cost tensor-core work, not bandwidth: their loads are masked off). At M = 1
+       (bucket 1, the commonest decode step) a GEMV branch runs instead: W tiles times
+       the broadcast x row on the CUDA cores into fp32 partials, one reduction over K
+       at the end; Triton compiles an int argument equal to 1 in as a constant, so the
+       bucket-1 cubin holds only that branch and larger buckets' only the mma one.
+       With SPLIT_K = 1 it adds the bias and stores y in x's dtype; else it stores its
+       fp32 partial sums to the workspace ws[SPLIT_K, M, N].
+    2. skinny_gemm_reduce_kernel (SPLIT_K > 1 only), grid (cdiv(N, REDUCE_BLOCK), M):
+       sums the SPLIT_K partials of one row in a fixed order (deterministic: no
+       atomics), adds the bias in fp32, stores y once, rounded once.
+
+Block choice (`plan`, static per (N, K, dtype)): the widest BLOCK_N of 64, 32, 16 that
+still gives TARGET_PROGRAMS column blocks (two CTAs per SM of an H100/H200); when even
+16 gives fewer than half of that (under one CTA per SM), SPLIT_K multiplies the programs
+up to the target, keeping at least MIN_K_STEPS BLOCK_K steps per split. BLOCK_K makes each W tile TILE_BYTES (16 KB):
+BLOCK_K = TILE_BYTES / (BLOCK_N * itemsize), at most K rounded up to a power of two, at
+least 16 (a 16-bit mma's K). num_stages = 3 keeps ~48 KB of W loads in flight per CTA.
+Llama-3-8B, bf16: qkv (N 6144) BLOCK_N 16 -> 384 programs; o (4096 x 4096) 256;
+gate_up (28672) BLOCK_N 64 -> 448; down (4096 x 14336) 256; lm_head 2004; no split.
+Llama-3.2-1B: down (2048 x 8192) splits K in 3 (128 -> 384 programs); qkv (3072: 192
+programs) does not, nor o (2048 x 2048: K too short for 4 steps per split), gate_up, lm_head.
+These are first guesses for a GPU session to tune (TARGET_PROGRAMS, TILE_BYTES).
+
+Addressing: W is a parameter, a contiguous row-major [N, K] tensor (torch's linear
+weight), so its row stride is the constexpr K and K-contiguous tiles load as 16-byte
+vectors. x may be any strided [M, K] view (both strides are arguments; a stride of 1
+is specialised to a constant by Triton). Offsets of W rows are int64 (an lm_head
+passes 2^31 elements). Correct for any M (the grid's third axis tiles M); efficient
+for M <= 16, where one program covers every row.
+
+f32 models use input_precision="ieee" (tf32 would miss the reference by ~1e-3).
+"""
+
+import triton
+import triton.language as tl
+# tl.sum is a @jit function the interpreter does not patch when triton was imported first
+# (codegen/kernels/norm.py): reduce with the builtin tl.reduce and tl.sum's combine function
+from triton.language.standard import _sum_combine
+
+OPS = ()                     # `linear` is extern; codegen/plan.py calls lower_linear
+
+MAX_TOKENS = 16              # the buckets (T <= this) that run the kernel under --small-m-gemm triton
+BLOCK_M = 16
+TARGET_PROGRAMS = 264        # two CTAs per SM of a 132-SM H100 / H200
+TILE_BYTES = 16 * 1024       # one W tile per pipeline stage
+MIN_K_STEPS = 4              # a K split keeps at least this many BLOCK_K steps
+MAX_SPLIT_K = 8
+REDUCE_BLOCK = 1024
+_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+@triton.jit
+def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, stride_xk, stride_om,
+                       N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    k_first = pid_k * K_PER_SPLIT
+    if M == 1:
+        # bucket 1: Triton compiles an int argument equal to 1 in as a constant, so its cubin
+        # holds only this branch, a GEMV on the CUDA cores: each thread multiplies its W
+        # elements by the broadcast x row into fp32 partial sums, reduced across K once at
+        # the end; no padded rows, no shared-memory round trip of W into an mma layout
+        part1 = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            kv = k_first + step + tl.arange(0, BLOCK_K)
+            kv_ok = kv < K
+            xv = tl.load(x_ptr + kv * stride_xk, mask=kv_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + kv[None, :], mask=n_ok[:, None] & kv_ok[None, :], other=0.0)
+            part1 += wv.to(tl.float32) * xv[None, :]
+        y = tl.reduce(part1, 1, _sum_combine)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(ws_ptr + pid_k.to(tl.int64) * N + rn, y, mask=n_ok)
+    else:
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            k = k_first + step + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            part = ws_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def skinny_gemm_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, stride_om, N: tl.constexpr,
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(1)
+    n_ok = rn < N
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    for s in tl.static_range(SPLIT_K):                 # a fixed order: the same sum every run
+        acc += tl.load(ws_ptr + (s * M + row).to(tl.int64) * N + rn, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * stride_om + rn, acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def plan(n: int, k: int, dtype: str, target: int | None = None,
+         tile_bytes: int | None = None) -> dict:
+    """Static tile sizes for one (N, K, dtype) (also used by tests and benchmarks); `target`
+    programs and `tile_bytes` default to the module's TARGET_PROGRAMS and TILE_BYTES, read
+    at the call (tests shrink them to reach the split-K path at tiny shapes)."""
+    target = target or TARGET_PROGRAMS
+    tile_bytes = tile_bytes or TILE_BYTES
+    block_n = 16
+    for bn in (64, 32, 16):
+        if -(-n // bn) >= target:
+            block_n = bn
+            break
+    block_k = max(16, min(tile_bytes // (block_n * _ITEMSIZE[dtype]), _pow2(k)))
+    programs = -(-n // block_n)
+    split = 1
+    if 2 * programs < target:          # under one CTA per SM: split K up to the target
+        split = max(1, min(MAX_SPLIT_K, -(-target // programs), k // (block_k * MIN_K_STEPS)))
+    k_per_split = -(-(-(-k // split)) // block_k) * block_k
+    split = -(-k // k_per_split)                       # no split left without K to sum
+    return {"BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+            "K_PER_SPLIT": k_per_split,
+            "DOT_PRECISION": "ieee" if dtype == "f32" else "tf32",
+            "num_warps": 4, "num_stages": 3}
+
+
+def eligible(node) -> str | None:
+    """Why this `linear` node cannot run here (None: it can). The kernel reads a 2-D x and a
+    contiguous [N, K] weight parameter of a float dtype, with static N and K."""
+    x, w = node.operands[0], node.operands[1]
+    if x.type.rank != 2:
+        return f"input {x.ref} is {x.type.rank}-D (the kernel takes [M, K] rows)"
+    if not w.ref.startswith("@"):
+        return f"weight {w.ref} is computed, not a parameter (its layout is unknown)"
+    if x.type.dtype not in _ITEMSIZE:
+        return f"dtype {x.type.dtype} (the kernel takes f32, f16, bf16)"
+    if not all(isinstance(d, int) for d in w.type.shape):
+        return f"weight {w.ref} has symbolic shape {w.type}"
+    return None
+
+
+def lower_linear(node, L) -> None:
+    """Launches for one `linear` node (x[M, K], W[N, K], optional bias[N]) -> y[M, N]."""
+    from braze.ir.errors import BrazeError
+
+    why = eligible(node)
+    if why is not None:
+        raise BrazeError(f"linear: cannot use the skinny GEMM kernel: {why}")
+    x, w = node.operands[0], node.operands[1]
+    bias = node.operands[2] if len(node.operands) > 2 else None
+    out = node.results[0]
+    n, k = w.type.shape
+    p = plan(n, k, x.type.dtype)
+    rows = x.type.shape[0]
+    M = L.expr(rows)
+    m_text = M["expr"]
+    split = p["SPLIT_K"]
+    ws = L.ws("partials", [split, rows, n], "f32") if split > 1 else L.buf(out)
+    b = L.buf(bias) if bias is not None else L.buf(w)          # not read without HAS_BIAS
+    L.launch(skinny_gemm_kernel, grid=[f"cdiv({n}, {p['BLOCK_N']})", str(split),
+                                       f"cdiv({m_text}, {p['BLOCK_M']})"],
+             args=[L.buf(x), L.buf(w), b, L.buf(out), ws, M, L.stride(x, 0), L.stride(x, 1),
+                   L.stride(out, 0)],
+             constexprs={"N": n, "K": k, "BLOCK_M": p["BLOCK_M"], "BLOCK_N": p["BLOCK_N"],
+                         "BLOCK_K": p["BLOCK_K"], "SPLIT_K": split,
+                         "K_PER_SPLIT": p["K_PER_SPLIT"], "HAS_BIAS": bias is not None,
+                         "DOT_PRECISION": p["DOT_PRECISION"]},
+             num_warps=p["num_warps"], num_stages=p["num_stages"])
+    if split > 1:
+        L.launch(skinny_gemm_reduce_kernel, grid=[f"cdiv({n}, {REDUCE_BLOCK})", m_text],
+                 args=[ws, b, L.buf(out), M, L.stride(out, 0)],
+                 constexprs={"N": n, "SPLIT_K": split, "BLOCK": REDUCE_BLOCK,
+                             "HAS_BIAS": bias is not None},
+                 num_warps=4, num_stages=1)
