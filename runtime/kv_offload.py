@@ -235,9 +235,8 @@ class KVOffload:
                     with self._lock:
                         self.counters["load_failures"] += 1
                 break
+            # pageable: a load stacks its blocks into pinned memory before copying
             block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-            if self.host.pin:
-                block = block.pin_memory()
             self.host.put(k, block)
             got += 1
             with self._lock:
@@ -349,7 +348,7 @@ class KVOffload:
 
     def _stored(self, host: torch.Tensor, keys: list[str]) -> None:
         for row, k in zip(host, keys):
-            self.host.put(k, row.clone() if not self.cuda else row)
+            self.host.put(k, row)       # HostStore.put copies it out of the buffer
         self.counters["store_blocks"] += len(keys)
         self.counters["store_bytes_host"] += len(keys) * self.block_bytes
         if self._io is not None:

@@ -7,7 +7,7 @@ share a block and equal keys mean equal KV. At tensor parallelism each rank stor
 slice of a block (its KV heads) under the same key with its rank appended to the object's
 name (`KEY.rank1.kv`), so no rank ever reads another's slice.
 
-    HostStore       pinned host memory (on a GPU host), LRU within a byte budget
+    HostStore       host memory, LRU within a byte budget (its copy buffers pinned on a GPU host)
     DirectoryStore  one file per block under a directory
     S3Store         one object per block under s3://bucket/prefix, through boto3
 
@@ -91,6 +91,10 @@ class HostStore:
             while len(self._blocks) >= self.capacity_blocks:
                 self._blocks.popitem(last=False)
                 self.evictions += 1
+            if block.untyped_storage().nbytes() > self.block_bytes:
+                # a row of a many-block copy buffer: kept as a view, it would keep the
+                # whole buffer alive and the tier past its budget
+                block = block.clone()
             self._blocks[key] = block
 
     def new_buffer(self, num_blocks: int) -> torch.Tensor:

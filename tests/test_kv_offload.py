@@ -224,6 +224,22 @@ def test_the_host_tier_evicts_least_recently_used_first():
         HostStore(4, 8)
 
 
+def test_the_host_tier_holds_no_more_memory_than_its_budget():
+    """A GPU store copies several blocks into one pinned buffer and puts its rows: kept
+    as views, one surviving row would hold the whole buffer alive, so the tier's memory
+    could grow to (blocks per store) times its budget. Each kept block owns its bytes."""
+    import torch
+    h = HostStore(3 * 8, 8)
+    for i in range(4):
+        buf = torch.full((5, 8), i, dtype=torch.uint8)
+        for j, row in enumerate(buf):
+            h.put(f"{i}.{j}", row)
+    kept = list(h._blocks.values())
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    assert len(kept) == 3 and sum(held.values()) <= 3 * 8
+    assert [int(t[0]) for t in kept] == [3, 3, 3]
+
+
 def test_adopt_registers_blocks_after_the_hits_and_leaves_a_token_to_compute():
     bm = BlockManager(8, block_size=4)
     tokens = list(range(1, 15))              # 14 tokens: 3 full blocks, 3 loadable at most
