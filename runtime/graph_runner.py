@@ -342,6 +342,9 @@ class GraphRunner:
     # -- capture ------------------------------------------------------------------------
 
     def _release(self) -> None:
+        if self._graphs and torch.cuda.is_initialized():
+            # a replay may still be running: its graph's pool must not be reused under it
+            torch.cuda.synchronize(self.executor.device)
         self._buckets.clear()
         self._wide.clear()
         self._graphs.clear()

@@ -185,6 +185,30 @@ def test_reallocated_cache_is_refused(art):
     r.run(1, 1, decode_only=True)
 
 
+def test_a_recapture_waits_for_replays_in_flight_before_dropping_graphs(art, monkeypatch):
+    """Captured graphs own their pool's memory; dropping them while a replay still runs
+    on the GPU hands that memory to the next capture under the running kernels. So the
+    device is synchronised before the old graphs go (and not at all when there are none)."""
+    import weakref
+    ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
+    r = GraphRunner(ex, static_for(ex), [1], MAX_S)
+    events = []
+
+    class Graph:
+        pass
+    g = Graph()
+    weakref.finalize(g, events.append, "graph dropped")
+    r._graphs.append(g)
+    del g
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("synchronize"))
+    r.capture()
+    assert events == ["synchronize", "graph dropped"]
+    events.clear()
+    r.capture()                                   # nothing captured on the interpreter
+    assert events == []
+
+
 def test_modes_agree(ex):
     mixed = [C([5, 6, 7, 8, 9], 0, [0]), C([11], 0, [1])]
     decode = [C([10], 5, [0]), C([12], 1, [1])]
