@@ -76,6 +76,8 @@ def _small_m(m: dict) -> dict | None:
         name = parts[-2] if len(parts) > 1 else parts[-1]
         if "embed" in name:                 # tied embeddings: the LM head reads that table
             name = f"lm_head (tied {name})"
+        if "epilogue" in e:                 # linear_glu: the activation in the GEMM's epilogue
+            name = f"{name} + {e['epilogue']}"
         if "when" in e:
             kinds[name] = kinds.get(name, 0) + 1
         else:

@@ -16,7 +16,8 @@ from braze.ir import Graph
 from braze.ir.errors import BrazeError
 
 from .kernels import kernel_module_for, lower_node
-from .small_m_gemm import MAX_TOKENS, extern_guard, lower_guarded, record, wants_triton
+from .small_m_gemm import (MAX_TOKENS, extern_guard, lower_glu, lower_guarded, record,
+                           wants_triton)
 from .specialize import step_sizes, variant_keys
 
 TEMPLATE_DIR = Path(__file__).parent / "kernels"
@@ -54,6 +55,17 @@ def build_plan(g: Graph, options: dict) -> dict:
             launch["kernel"] = ids[key]
 
     for i, node in enumerate(g.nodes):
+        if node.op == "linear_glu":     # kernels and an extern call, by bucket
+            try:
+                launches, ws, why = lower_glu(node, i)
+            except BrazeError as e:
+                raise BrazeError(f"lowering node {i} ({node.op}): {e}") from None
+            chosen.append(record(node, i, why))
+            workspaces.update(ws)
+            add_kernels([ln for ln in launches if "extern" not in ln])
+            extern["linear"] = extern.get("linear", 0) + 1
+            per_node.append(launches)
+            continue
         if not node.opdef.extern and kernel_module_for(node.op) is not None:
             try:
                 launches, ws, srcs = lower_node(node, i)
@@ -90,7 +102,7 @@ def build_plan(g: Graph, options: dict) -> dict:
         kernels[vid]["specs"] = keys
     plan = {"segments": out_segments, "workspaces": workspaces, "kernels": kernels,
             "sources": sources, "extern_ops": dict(sorted(extern.items()))}
-    if small_m:
+    if small_m or chosen:
         plan["small_m_gemm"] = {"max_tokens": MAX_TOKENS, "linears": chosen}
     return plan
 

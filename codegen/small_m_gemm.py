@@ -39,8 +39,9 @@ def wants_triton(options: dict) -> bool:
 
 
 def lower_guarded(node: Node, index: int) -> tuple[list[dict], dict, str | None]:
-    """-> (the kernel launches, their workspaces, None) for an eligible `linear` node, both
-    guarded to T <= MAX_TOKENS; or ([], {}, why not) for one the kernel cannot run."""
+    """-> (the kernel launches, their workspaces, None) for an eligible `linear` (or
+    `linear_glu`) node, both guarded to T <= MAX_TOKENS; or ([], {}, why not) for one the
+    kernel cannot run."""
     why = skinny_gemm.eligible(node)
     if why is not None:
         return [], {}, why
@@ -54,6 +55,27 @@ def lower_guarded(node: Node, index: int) -> tuple[list[dict], dict, str | None]
     return L.launches, L.workspaces, None
 
 
+def lower_glu(node: Node, index: int) -> tuple[list[dict], dict, str | None]:
+    """-> (launches, workspaces, why the kernel cannot run or None) for a `linear_glu` node
+    (passes/fuse_linear_glu.py): the skinny GEMM with its gated epilogue at T <= MAX_TOKENS
+    (one launch set writes y; h is never written), and at larger T the extern cuBLAS call
+    writing h followed by the pointwise epilogue making y from it. A node the kernel cannot
+    take gets the latter at every T."""
+    x, w = node.operands[0], node.operands[1]
+    y, h = node.results
+    call = {"node": index, "extern": "linear", "args": [{"buf": v.ref} for v in node.operands],
+            "attrs": {}, "results": [h.ref]}
+    epilogue = Lowering(node, "skinny_gemm", index)
+    skinny_gemm.lower_glu_epilogue(node, epilogue)
+    small, ws, why = lower_guarded(node, index)
+    if why is not None:
+        return [call] + epilogue.launches, {}, why
+    large = [call] + epilogue.launches
+    for launch in large:
+        launch["when"] = extern_guard()
+    return small + large, ws, None
+
+
 def extern_guard() -> dict:
     """The guard of a chosen linear's extern call: the buckets the kernel does not serve."""
     return {"T": [MAX_TOKENS + 1, None]}
@@ -62,6 +84,8 @@ def extern_guard() -> dict:
 def record(node: Node, index: int, why: str | None) -> dict:
     """One linear's entry in the plan's "small_m_gemm" list."""
     entry = {"node": index, "weight": node.operands[1].ref}
+    if node.op == "linear_glu":
+        entry["epilogue"] = f"{node.attrs['act']}(gate) * up"
     if why is None:
         entry["when"] = {"T": [1, MAX_TOKENS]}
     else:

@@ -36,6 +36,41 @@ register(OpDef("linear", ("x", "weight", "bias?"), _linear_infer,
                doc="F.linear(x, weight, bias): x @ weight.T"))
 
 
+# The gated activations a linear_glu applies to the first half of its product, in torch's
+# CPU form (the forms fused_pointwise bodies use, ir/op_pointwise.py)
+GLU_ACTS = {"silu": F.silu,
+            "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+            "gelu": F.gelu}
+
+
+def _linear_glu_infer(types, attrs):
+    (h,) = _linear_infer(types, attrs)
+    if attrs["act"] not in GLU_ACTS:
+        raise BrazeError(f"linear_glu: act must be one of {', '.join(GLU_ACTS)}, got "
+                         f"{attrs['act']!r}")
+    n = h.shape[-1]
+    if not isinstance(n, int) or n % 2:
+        raise BrazeError(f"linear_glu: the product's last dim must be even, got {h}")
+    return [TensorType(h.shape[:-1] + (n // 2,), h.dtype), h]
+
+
+def _linear_glu(x, w, b=None, *, act):
+    h = F.linear(x, w, b)
+    gate, up = h.chunk(2, dim=-1)
+    return GLU_ACTS[act](gate) * up, h
+
+
+# A gated MLP's up projection and its activation (passes/fuse_linear_glu.py): y is the
+# model's act(gate) * up, h the product both halves come from. Which of the two a step
+# computes is the lowering's choice (codegen/small_m_gemm.py): at decode sizes one kernel
+# writes y straight from its accumulators and h is never written; at larger sizes cuBLAS
+# writes h and a pointwise kernel makes y from it.
+register(OpDef("linear_glu", ("x", "weight", "bias?"), _linear_glu_infer, _linear_glu,
+               attrs={"act": REQUIRED},
+               doc="h = F.linear(x, weight, bias); gate, up = h.chunk(2, -1); "
+                   "-> (act(gate) * up, h)"))
+
+
 def _matmul_infer(types, attrs):
     a, b = types
     if a.rank < 2 or b.rank < 2:

@@ -362,6 +362,16 @@ def _linear(c: Case, op):
     c.g.op("linear", *operands)
 
 
+@case("linear_glu")
+def _linear_glu(c: Case, op):
+    i, half = c.int(1, 5), c.int(1, 4)
+    dtype = c.pick(["f32", "f16"])
+    x = c.input(c.pick([(T, i), (2, T, i), (T, 1, i)]), dtype)
+    w = c.param((2 * half, i), dtype)
+    operands = [x, w] + ([c.param((2 * half,), dtype)] if c.flag() else [])
+    c.g.add_node("linear_glu", operands, {"act": c.pick(["silu", "gelu_tanh", "gelu"])})
+
+
 @case("matmul")
 def _matmul(c: Case, op):
     k, m = c.int(1, 4), c.int(1, 4)

@@ -12,7 +12,8 @@ from braze.passes import manager
 def test_the_pipelines_are_the_ones_braze_has_always_run():
     assert PIPELINES[0] == []
     assert PIPELINES[1] == ["canonicalize"]
-    assert PIPELINES[2] == ["canonicalize", "merge-projections", "fuse-moe", "fuse-grouped-topk", "fuse-norm",
+    assert PIPELINES[2] == ["canonicalize", "merge-projections", "fuse-moe", "fuse-grouped-topk",
+                            "fuse-linear-glu", "fuse-norm",
                             "fuse-rope", "fuse-attention", "absorb-mla", "prune-logits",
                             "canonicalize",
                             "fuse-pointwise", "split-segments", "plan-memory"]

@@ -22,7 +22,7 @@ LONG = PROMPT + [200, 3, 77, 12, 190, 55, 8, 101, 42, 5]          # 21 tokens: b
 def _linear_launches(manifest: dict) -> dict[int, list[dict]]:
     from braze.ir import parse_graph
     g = parse_graph((manifest["_root"] / "graph.bir").read_text())
-    linears = {i for i, n in enumerate(g.nodes) if n.op == "linear"}
+    linears = {i for i, n in enumerate(g.nodes) if n.op in ("linear", "linear_glu")}
     out: dict[int, list[dict]] = {i: [] for i in linears}
     for seg in manifest["plan"]["segments"]:
         for launch in seg["launches"]:
@@ -36,11 +36,17 @@ def test_every_linear_gets_a_guarded_kernel_and_a_guarded_extern_call(store):
     m = dict(art.manifest, _root=art.root)
     by_node = _linear_launches(m)
     assert len(by_node) == 9                  # 2 layers x (qkv, o, gate_up, down) + lm_head
+    glu = {i for i, ls in by_node.items() if any(ln.get("fn") == "glu_kernel" for ln in ls)}
+    assert len(glu) == 2                      # gate_up + silu * mul: linear_glu
     for node, launches in by_node.items():
-        kernels = [ln for ln in launches if "kernel" in ln]
+        kernels = [ln for ln in launches if "kernel" in ln and ln["fn"] != "glu_kernel"]
         externs = [ln for ln in launches if "extern" in ln]
         assert kernels and all(ln["when"] == {"T": [1, 16]} for ln in kernels), node
         assert [ln["when"] for ln in externs] == [{"T": [17, None]}], node
+        # a gated linear: above the kernel's buckets cuBLAS writes h, then the epilogue
+        assert [ln["when"] for ln in launches if ln.get("fn") == "glu_kernel"] == \
+            ([{"T": [17, None]}] if node in glu else []), node
+        assert all(ln["constexprs"]["ACT"] == (1 if node in glu else 0) for ln in kernels)
         for ln in kernels:       # spec keys only for the buckets the guard admits: M in 1..16
             specs = m["kernels"][ln["kernel"]]["specs"]
             m_at = next(i for i, a in enumerate(ln["args"]) if "expr" in a)
@@ -84,7 +90,7 @@ def test_split_k_plan_binds_the_kernel_exactly_at_small_buckets(tmp_path, store,
     braze.compile(store.checkpoint("llama"), out, small_m_gemm="triton", targets="", **OPTS)
     art = open_artifact(out)
     fns = {v["fn"] for v in art.manifest["kernels"].values() if v["module"] == "skinny_gemm"}
-    assert fns == {"skinny_gemm_kernel", "skinny_gemm_reduce_kernel"}
+    assert fns == {"skinny_gemm_kernel", "skinny_gemm_reduce_kernel", "glu_kernel"}
     eng = Engine(art, backend="interpret", num_kv_blocks=16, max_num_seqs=4,
                  buckets=[1, 2, 4, 8, 16])
     eng.add_request("r", list(PROMPT), SamplingParams(max_tokens=5, ignore_eos=True))
@@ -99,7 +105,8 @@ def test_split_k_plan_binds_the_kernel_exactly_at_small_buckets(tmp_path, store,
         names = [c.name for c in graphs._buckets[T].plan.calls]
         gemms = sum("skinny_gemm_kernel" in n for n in names)
         cublas = sum(n == "extern.linear" for n in names)
-        assert (gemms, cublas) == ((9, 0) if T <= 16 else (0, 9)), (T, gemms, cublas)
+        glu = sum("glu_kernel" in n for n in names)       # gated MLPs' epilogue on its own
+        assert (gemms, cublas, glu) == ((9, 0, 0) if T <= 16 else (0, 9, 2)), (T, names)
     runner = eng.runner.executor.plan.runner
     partials = {k: v for k, v in runner._ws_flat.items() if k.endswith(".partials")}
     assert len(partials) == 2                                 # one per down_proj
@@ -111,7 +118,8 @@ def test_inspect_names_the_triton_gemms_and_their_buckets(store):
     text = format_summary(summarize(store.artifact("llama", small_m_gemm="triton", **OPTS)))
     line = next(x for x in text.splitlines() if x.startswith("small-M"))
     assert "buckets 1, 2, 4, 8, 16 (T <= 16)" in line and "9 of 9 linears" in line
-    for name in ("qkv_proj x2", "o_proj x2", "gate_up_proj x2", "down_proj x2", "lm_head x1"):
+    for name in ("qkv_proj x2", "o_proj x2", "gate_up_proj + silu(gate) * up x2",
+                 "down_proj x2", "lm_head x1"):
         assert name in line
     assert "GEMMs Triton skinny GEMM at T <= 16" in text
     plain = format_summary(summarize(store.artifact("llama", **OPTS)))

@@ -71,17 +71,38 @@ _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 @triton.jit
+def _glu(gate, up, ACT: tl.constexpr):
+    """act(gate) * up in fp32, in the forms the pointwise kernels use (ACT 1 silu, 2 GeLU
+    tanh, 3 GeLU erf); ACT 0: gate alone (no epilogue)."""
+    if ACT == 1:
+        return tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
+    elif ACT == 2:
+        z = 0.7978845608028654 * (gate + 0.044715 * (gate * gate * gate))
+        tanh = 1.0 - tl.div_rn(2.0, tl.exp(2.0 * z) + 1.0)
+        return 0.5 * gate * (1.0 + tanh) * up
+    elif ACT == 3:
+        return gate * 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    else:
+        return gate
+
+
+@triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, stride_xk, stride_om,
                        N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, ACT: tl.constexpr = 0):
+    # ACT > 0: a gated epilogue (linear_glu): W's rows [0, N/2) are the gate, [N/2, N) the
+    # up projection; program n computes both halves' columns n*BLOCK_N.. and stores
+    # act(gate) * up into out[M, N/2] (or both halves' partials into ws[SPLIT_K, M, N])
+    N_OUT = N // 2 if ACT > 0 else N
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    n_ok = rn < N_OUT
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    w_up = w_rows + N_OUT * K                     # read only with ACT > 0
     k_first = pid_k * K_PER_SPLIT
     if M == 1:
         # bucket 1: Triton compiles an int argument equal to 1 in as a constant, so its cubin
@@ -89,54 +110,102 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, strid
         # elements by the broadcast x row into fp32 partial sums, reduced across K once at
         # the end; no padded rows, no shared-memory round trip of W into an mma layout
         part1 = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
+        part2 = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
         for step in range(0, K_PER_SPLIT, BLOCK_K):
             kv = k_first + step + tl.arange(0, BLOCK_K)
             kv_ok = kv < K
+            w_ok = n_ok[:, None] & kv_ok[None, :]
             xv = tl.load(x_ptr + kv * stride_xk, mask=kv_ok, other=0.0).to(tl.float32)
-            wv = tl.load(w_rows + kv[None, :], mask=n_ok[:, None] & kv_ok[None, :], other=0.0)
+            wv = tl.load(w_rows + kv[None, :], mask=w_ok, other=0.0)
             part1 += wv.to(tl.float32) * xv[None, :]
+            if ACT > 0:
+                wu = tl.load(w_up + kv[None, :], mask=w_ok, other=0.0)
+                part2 += wu.to(tl.float32) * xv[None, :]
         y = tl.reduce(part1, 1, _sum_combine)
+        y2 = tl.reduce(part2, 1, _sum_combine)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                if ACT > 0:
+                    y2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
+            y = _glu(y, y2, ACT)
             tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
         else:
             tl.store(ws_ptr + pid_k.to(tl.int64) * N + rn, y, mask=n_ok)
+            if ACT > 0:
+                tl.store(ws_ptr + pid_k.to(tl.int64) * N + N_OUT + rn, y2, mask=n_ok)
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
         acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        acc2 = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
         for step in range(0, K_PER_SPLIT, BLOCK_K):
             k = k_first + step + tl.arange(0, BLOCK_K)
             k_ok = k < K
+            w_ok = n_ok[:, None] & k_ok[None, :]
             x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=w_ok, other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            if ACT > 0:
+                wu = tl.load(w_up + k[None, :], mask=w_ok, other=0.0)
+                acc2 += tl.dot(x, tl.trans(wu), input_precision=DOT_PRECISION)
+        mn_ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                if ACT > 0:
+                    acc2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+            acc = _glu(acc, acc2, ACT)
             out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn_ok)
         else:
             part = ws_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
-            tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
+            tl.store(part, acc, mask=mn_ok)
+            if ACT > 0:
+                tl.store(part + N_OUT, acc2, mask=mn_ok)
 
 
 @triton.jit
 def skinny_gemm_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, stride_om, N: tl.constexpr,
-                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              ACT: tl.constexpr = 0):
+    N_OUT = N // 2 if ACT > 0 else N
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row = tl.program_id(1)
-    n_ok = rn < N
+    n_ok = rn < N_OUT
     acc = tl.full([BLOCK], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK], 0.0, tl.float32)
     for s in tl.static_range(SPLIT_K):                 # a fixed order: the same sum every run
-        acc += tl.load(ws_ptr + (s * M + row).to(tl.int64) * N + rn, mask=n_ok, other=0.0)
+        part = ws_ptr + (s * M + row).to(tl.int64) * N + rn
+        acc += tl.load(part, mask=n_ok, other=0.0)
+        if ACT > 0:
+            acc2 += tl.load(part + N_OUT, mask=n_ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if ACT > 0:
+            acc2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
+    acc = _glu(acc, acc2, ACT)
     tl.store(out_ptr + row.to(tl.int64) * stride_om + rn, acc.to(out_ptr.dtype.element_ty),
              mask=n_ok)
+
+
+@triton.jit
+def glu_kernel(h_ptr, out_ptr, M, stride_hm, stride_om, N_OUT: tl.constexpr,
+               BLOCK: tl.constexpr, ACT: tl.constexpr):
+    """out[m, j] = act(h[m, j]) * h[m, N_OUT + j]: a linear_glu's epilogue on its own, after
+    cuBLAS wrote h (the buckets the skinny kernel does not serve). Rounded like the model:
+    each half is h's dtype already; act(gate) is rounded to it before the product."""
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(1).to(tl.int64)
+    ok = rn < N_OUT
+    gate = tl.load(h_ptr + row * stride_hm + rn, mask=ok, other=0.0)
+    up = tl.load(h_ptr + row * stride_hm + N_OUT + rn, mask=ok, other=0.0)
+    act = _glu(gate.to(tl.float32), 1.0, ACT).to(gate.dtype)
+    y = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _pow2(n: int) -> int:
@@ -183,36 +252,56 @@ def eligible(node) -> str | None:
     return None
 
 
+# linear_glu's `act` -> the kernels' ACT (0: a plain linear)
+ACTS = {"silu": 1, "gelu_tanh": 2, "gelu": 3}
+GLU_BLOCK = 1024
+
+
 def lower_linear(node, L) -> None:
-    """Launches for one `linear` node (x[M, K], W[N, K], optional bias[N]) -> y[M, N]."""
+    """Launches for one `linear` node (x[M, K], W[N, K], optional bias[N]) -> y[M, N], or a
+    `linear_glu` node's y[M, N/2] (its h is not written)."""
     from braze.ir.errors import BrazeError
 
     why = eligible(node)
     if why is not None:
-        raise BrazeError(f"linear: cannot use the skinny GEMM kernel: {why}")
+        raise BrazeError(f"{node.op}: cannot use the skinny GEMM kernel: {why}")
     x, w = node.operands[0], node.operands[1]
     bias = node.operands[2] if len(node.operands) > 2 else None
     out = node.results[0]
+    act = ACTS[node.attrs["act"]] if node.op == "linear_glu" else 0
     n, k = w.type.shape
-    p = plan(n, k, x.type.dtype)
+    n_out = n // 2 if act else n
+    # a gated linear reads two W tiles (gate and up) per K step: half the tile each
+    p = plan(n_out, k, x.type.dtype, tile_bytes=TILE_BYTES // 2 if act else None)
     rows = x.type.shape[0]
     M = L.expr(rows)
     m_text = M["expr"]
     split = p["SPLIT_K"]
     ws = L.ws("partials", [split, rows, n], "f32") if split > 1 else L.buf(out)
     b = L.buf(bias) if bias is not None else L.buf(w)          # not read without HAS_BIAS
-    L.launch(skinny_gemm_kernel, grid=[f"cdiv({n}, {p['BLOCK_N']})", str(split),
+    L.launch(skinny_gemm_kernel, grid=[f"cdiv({n_out}, {p['BLOCK_N']})", str(split),
                                        f"cdiv({m_text}, {p['BLOCK_M']})"],
              args=[L.buf(x), L.buf(w), b, L.buf(out), ws, M, L.stride(x, 0), L.stride(x, 1),
                    L.stride(out, 0)],
              constexprs={"N": n, "K": k, "BLOCK_M": p["BLOCK_M"], "BLOCK_N": p["BLOCK_N"],
                          "BLOCK_K": p["BLOCK_K"], "SPLIT_K": split,
                          "K_PER_SPLIT": p["K_PER_SPLIT"], "HAS_BIAS": bias is not None,
-                         "DOT_PRECISION": p["DOT_PRECISION"]},
+                         "DOT_PRECISION": p["DOT_PRECISION"], "ACT": act},
              num_warps=p["num_warps"], num_stages=p["num_stages"])
     if split > 1:
-        L.launch(skinny_gemm_reduce_kernel, grid=[f"cdiv({n}, {REDUCE_BLOCK})", m_text],
+        L.launch(skinny_gemm_reduce_kernel, grid=[f"cdiv({n_out}, {REDUCE_BLOCK})", m_text],
                  args=[ws, b, L.buf(out), M, L.stride(out, 0)],
                  constexprs={"N": n, "SPLIT_K": split, "BLOCK": REDUCE_BLOCK,
-                             "HAS_BIAS": bias is not None},
+                             "HAS_BIAS": bias is not None, "ACT": act},
                  num_warps=4, num_stages=1)
+
+
+def lower_glu_epilogue(node, L) -> None:
+    """A `linear_glu` node's y from its h (which an extern cuBLAS call wrote): one launch."""
+    y, h = node.results
+    n_out = y.type.shape[-1]
+    rows = L.rows(y)
+    L.launch(glu_kernel, grid=[f"cdiv({n_out}, {GLU_BLOCK})", rows],
+             args=[L.buf(h), L.buf(y), L.expr(rows), L.stride(h, -2), L.stride(y, -2)],
+             constexprs={"N_OUT": n_out, "BLOCK": GLU_BLOCK, "ACT": ACTS[node.attrs["act"]]},
+             num_warps=4, num_stages=1)
