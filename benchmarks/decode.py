@@ -311,7 +311,7 @@ def compile_artifact(ckpt: Path, out: Path, args, max_batch: int):
     return braze.compile(ckpt, out, opt_level=args.opt_level, targets=args.targets,
                   max_num_seqs=max_batch, max_num_tokens=args.max_num_tokens,
                   max_model_len=args.max_model_len, dtype=args.dtype,
-                  cudagraph_mode=args.cudagraph_mode)
+                  cudagraph_mode=args.cudagraph_mode, small_m_gemm=args.small_m_gemm)
 
 
 def engine_options(args, max_batch: int) -> dict:
@@ -989,6 +989,10 @@ def parse_args(argv):
     ap.add_argument("--cudagraph-mode", choices=("none", "piecewise", "full"), default="full",
                     help="compile and engine CUDA-graph mode (default full: one graph per "
                          "decode step)")
+    ap.add_argument("--small-m-gemm", choices=("extern", "triton"), default="extern",
+                    help="braze compile --small-m-gemm: the linears at buckets of <= 16 tokens "
+                         "through cuBLAS (extern, the default) or braze's skinny GEMM with the "
+                         "gated MLP's activation in its epilogue (triton)")
     ap.add_argument("--buckets", default="auto",
                     help="engine batch buckets: 'auto' (the batches and max_num_tokens: fewer "
                          "graphs to capture), 'default' (the engine's own list) or a comma list")
@@ -1113,7 +1117,8 @@ def main(argv=None) -> int:
         f"models {','.join(args.model_list)}, batches {','.join(map(str, args.batch_list))}, "
         f"{args.steps} steps after {args.warmup} warm-up, prompt {args.prompt_len}, "
         f"{args.dtype}, engines {','.join(args.engines)}; braze -O{args.opt_level} targets "
-        f"{args.targets or 'none'} backend {args.backend} cudagraph {args.cudagraph_mode}, "
+        f"{args.targets or 'none'} backend {args.backend} cudagraph {args.cudagraph_mode} "
+        f"small-M GEMMs {args.small_m_gemm}, "
         f"max_model_len {args.max_model_len}, max_num_tokens {args.max_num_tokens}, buckets "
         f"{args.bucket_list or 'engine default'}; torch.compile backend "
         f"{args.compile_backend}")

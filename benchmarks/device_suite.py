@@ -42,6 +42,12 @@ Part 4:
   decode-gemma4  Gemma-4-E2B-like shape (per-layer inputs over a 262k vocabulary, 20 of
                35 layers sharing KV, sliding/global layers with head_dim 256/512), batches
                1 and 16 vs HF eager, with the correctness check        decode-gemma4.json
+Part 5:
+  small-m      --small-m-gemm extern vs triton (the skinny GEMM, gate_up with its silu in
+               the epilogue) in one run: Llama-3.2-1B shape, batches 1 and 16, braze
+               only                                   decode-1b-extern.json, decode-1b-triton.json
+  kernels-gemm the skinny GEMMs vs cuBLAS per projection (gate_up fused too), 1B and 8B
+               shapes, T = 1 and 16                   kernels-gemm.json, kernels-gemm.log
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -214,7 +220,8 @@ class Suite:
                "tests/test_gpu_lora.py", "tests/test_kernel_moe.py",
                "tests/test_prompt_logprobs_pruned.py", "tests/test_mtp.py",
                "tests/test_gemma4_assistant.py", "tests/test_draft_loop.py",
-               "tests/test_mtp_graphs.py", "tests/test_kernel_skinny_gemm.py"]
+               "tests/test_mtp_graphs.py", "tests/test_kernel_skinny_gemm.py",
+               "tests/test_linear_glu.py"]
         if importlib.util.find_spec("pytest_timeout"):
             cmd += ["--timeout", "150"]
 
@@ -232,7 +239,7 @@ class Suite:
         self.stage("correctness", limit_s, [cmd], "gpu-tests.log", after=after)
 
     def decode_stage(self, name: str, limit_s: float, model: str, batches: str,
-                     baselines: str, json_name: str, extra: list[str]) -> None:
+                     baselines: str, json_name: str, extra: list[str], label: str = "") -> None:
         json_path = self.out / json_name
         # decode.py starts no HF baseline past --budget: give it the time this stage really
         # has (earlier stages may have eaten into limit_s), less what a baseline run takes
@@ -253,20 +260,21 @@ class Suite:
         def after():
             doc = json.loads(json_path.read_text())
             for r in doc["results"]:
-                self.facts += decode_facts(r, doc)
+                self.facts += [label + f for f in decode_facts(r, doc)]
             if not doc.get("complete"):
                 self.facts.append(f"{name}: results incomplete (the stage was cut short)")
         self.stage(name, limit_s, [cmd], "decode.log", after=after)
 
     def kernels_stage(self, name: str, limit_s: float, models: list[str], json_name: str,
-                      sizes: list[int] | None = None) -> None:
+                      sizes: list[int] | None = None, kernels: list[str] | None = None) -> None:
         json_path = self.out / json_name
         cmd = [self.python, str(BENCH / "kernel_bench.py"), "--json", str(json_path),
                "--models", *models]
         if self.dry_run:
-            cmd += ["--dry-run", "--kernels", "norm", "router", "skinny_gemm"]
-        elif sizes:
-            cmd += ["--sizes", *map(str, sizes)]
+            cmd += ["--dry-run", "--kernels", *(kernels or ["norm", "router", "skinny_gemm"])]
+        else:
+            cmd += ["--sizes", *map(str, sizes)] if sizes else []
+            cmd += ["--kernels", *kernels] if kernels else []
 
         def after():
             doc = json.loads(json_path.read_text())
@@ -338,7 +346,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
-    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4), default=1)
+    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5), default=1)
     ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
                     help="stop starting work after this many seconds (default 530: a "
                          "9-minute device call with room to bring the files back)")
@@ -364,6 +372,15 @@ def main(argv=None) -> int:
                        ["--no-cold-start"])
         s.kernels_stage("kernels-dsv3", 100, ["deepseek-v3"], "kernels-dsv3.json",
                         sizes=[1, 16, 64, 2048])
+    elif args.part == 5:
+        # the same shape, batches and machine with either choice of --small-m-gemm: the
+        # A/B its default waits for (braze only: part 1 has the HF baselines)
+        for choice in ("extern", "triton"):
+            s.decode_stage(f"decode-1b-{choice}", 170, "1b", "1,16" if not args.dry_run else "1,4",
+                           "", f"decode-1b-{choice}.json",
+                           ["--no-cold-start", "--small-m-gemm", choice], label=f"[{choice}] ")
+        s.kernels_stage("kernels-gemm", 150, ["llama3.2-1b", "llama3-8b"], "kernels-gemm.json",
+                        sizes=[1, 16], kernels=["skinny_gemm"])
     elif args.part == 4:
         s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",
                        "eager", "decode-gemma4.json", ["--no-cold-start"])

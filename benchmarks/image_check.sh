@@ -39,7 +39,7 @@ else
     tests=(tests/test_kernel_*.py tests/test_codegen.py tests/test_grouped_topk.py
            tests/test_specialize.py tests/test_trust.py tests/test_models_vs_hf.py
            tests/test_interpret_vs_hf.py tests/test_gemma4.py tests/test_deepseek_v3.py
-           tests/test_gguf.py)
+           tests/test_gguf.py tests/test_linear_glu.py tests/test_small_m_gemm.py)
 fi
 # Triton 3.6's interpreter warns on numpy's scalar conversion at every kernel call
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \

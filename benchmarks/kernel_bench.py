@@ -36,7 +36,9 @@ tensors. The reference is the op's own implementation from the IR registry
     gemm_o                                call it replaces, torch's F.linear (cuBLAS): x [T, K]
     gemm_gate_up                          @ W[N, K]^T per projection (qkv and gate_up merged as
     gemm_down                             -O2 ships them; lm_head over the vocabulary), only at
-    gemm_lm_head                          T <= 16 (the buckets the option applies to). Both are
+    gemm_gate_up_glu  linear_glu          T <= 16 (the buckets the option applies to); the
+    gemm_lm_head                          _glu row fuses silu(gate) * up into gate_up's epilogue
+                                          (fuse-linear-glu) against cuBLAS + torch's silu, mul. Both are
                                           timed replayed from a CUDA graph, as the runtime runs
                                           them; GB/s is weight + x + y bytes over each one's
                                           time; "speedup" = cuBLAS us / Triton us, > 1 means
@@ -141,7 +143,7 @@ BLOCK_SIZE = 16
 GPU_DEVICE = "cuda"
 RANDN_CHUNK = 1 << 28          # elements drawn in float32 at once
 
-GEMMS = ("gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_down", "gemm_lm_head")
+GEMMS = ("gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_gate_up_glu", "gemm_down", "gemm_lm_head")
 KERNELS = ("embedding", "rms_norm", "add_rms_norm", "rope_cache_write", "attention",
            "latent_attention", "fused_moe", "grouped_topk", "fused_moe_routed", "swiglu",
            "index_select", "cat") + GEMMS
@@ -552,6 +554,21 @@ class Builder:
     def gemm_gate_up(self, tokens):
         return self.gemm(tokens, "gate_up")
 
+    def gemm_gate_up_glu(self, tokens):
+        """gate_up with silu(gate) * up in the kernel's epilogue (fuse-linear-glu) against
+        what it replaces: cuBLAS, then torch's silu and mul. The bytes: W, x and y [T, I]."""
+        from braze.ir import Graph, T, TensorType
+        m = self.m
+        n, k = 2 * (m["inter"] or 0), m["hidden"]
+        g = Graph("gemm_gate_up_glu")
+        x = g.add_input("x", TensorType((T, k), self.dtype))
+        w = g.add_param("w", TensorType((n, k), self.dtype))
+        g.set_output("y", g.add_node("linear_glu", [x, w], {"act": "silu"}).results[0])
+        feeds = {x.ref: self.randn((tokens, k)), w.ref: self.randn((n, k), 1.0 / math.sqrt(k))}
+        nbytes = (n * k + tokens * k + tokens * n // 2) * self.esize
+        return self.case("gemm_gate_up_glu", tokens, g, 0, {"T": tokens}, feeds, nbytes,
+                         flops=2 * tokens * n * k, note=f"N {n} K {k} +silu*up")
+
     def gemm_down(self, tokens):
         return self.gemm(tokens, "down")
 
@@ -565,7 +582,7 @@ class Builder:
             # DeepSeek-V3 projects through its latent and decodes bound by its routed
             # experts; its 2 GB lm_head would not fit the suite's kernels-dsv3 stage
             return False
-        if kernel in ("gemm_gate_up", "gemm_down"):
+        if kernel in ("gemm_gate_up", "gemm_gate_up_glu", "gemm_down"):
             return self.m["inter"] is not None
         if kernel == "fused_moe":
             return self.m["moe"] is not None
@@ -638,7 +655,10 @@ class Prepared:
         self.run_kernel()
         want = self.run_reference()
         want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
-        pairs = [(r.ref, self.env[r.ref], w) for r, w in zip(self.node.results, want)]
+        results = self.node.results
+        if self.node.op == "linear_glu":      # the fused kernel writes y; h only cuBLAS does
+            results = results[:1]
+        pairs = [(r.ref, self.env[r.ref], w) for r, w in zip(results, want)]
         pairs += [(ref, self.env[ref], self.ref_env[ref]) for ref in self.writes]
         max_abs = max_rel = 0.0
         for name, got, ref in pairs:

@@ -30,6 +30,8 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
     ("3", {"summary.md", "env.txt", "decode.log", "decode-families.json", "kernels-dsv3.json",
            "kernels-dsv3.log"}),
     ("4", {"summary.md", "env.txt", "decode.log", "decode-gemma4.json"}),
+    ("5", {"summary.md", "env.txt", "decode.log", "decode-1b-extern.json",
+           "decode-1b-triton.json", "kernels-gemm.json", "kernels-gemm.log"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -62,6 +64,15 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
             assert {("llama3.2-1b", f"gemm_{proj}", t) for t in (1, 5)} <= gemms
             assert ("llama3-8b", f"gemm_{proj}", 1) in gemms
         assert not any(r["kernel"].startswith("gemm_") and r["tokens"] > 16 for r in rows)
+    if part == "5":          # --small-m-gemm extern vs triton, labelled, in one run
+        for choice in ("extern", "triton"):
+            doc = json.loads((tmp_path / f"decode-1b-{choice}.json").read_text())
+            assert doc["config"]["small_m_gemm"] == choice and doc["config"]["engines"] == ["braze"]
+            assert f"[{choice}] decode tiny Llama-3.2-1B batch 4:" in summary
+        assert "MISMATCH" not in summary
+        rows = json.loads((tmp_path / "kernels-gemm.json").read_text())["results"]
+        assert {r["kernel"] for r in rows if r["ok"]} >= {"gemm_gate_up", "gemm_gate_up_glu"}
+        assert all(r["kernel"].startswith("gemm_") for r in rows)
     if part == "4":
         name = "tiny Gemma-4-E2B-like"
         assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
