@@ -36,6 +36,7 @@ from braze.ir.errors import BrazeError
 
 from . import parallel
 from .mtp_proposer import could_speculate, load_mtp, mtp_runner
+from .uploads import upload_values
 
 KIND = "gemma4_assistant"
 
@@ -104,8 +105,8 @@ class AssistantProposer:
         out = {}
         for name in tables[0]:
             width = max(len(t[name]) for t in tables)
-            out[name] = torch.tensor([t[name] + [0] * (width - len(t[name])) for t in tables],
-                                     dtype=torch.int32, device=self.device)
+            out[name] = upload_values([t[name] + [0] * (width - len(t[name])) for t in tables],
+                                      torch.int32, self.device)
         return out
 
     def _run(self, tokens, positions, hidden, tables: dict[str, torch.Tensor]):
@@ -113,12 +114,12 @@ class AssistantProposer:
         rows): -> (logits, h')."""
         dev, S = self.device, len(tokens)
         feeds = {
-            "input_ids": torch.tensor(tokens, dtype=torch.int64, device=dev),
-            "positions": torch.tensor(positions, dtype=torch.int64, device=dev),
+            "input_ids": upload_values(tokens, torch.int64, dev),
+            "positions": upload_values(positions, torch.int64, dev),
             "slot_mapping": torch.full((S,), -1, dtype=torch.int64, device=dev),
             "query_start_loc": torch.arange(S + 1, dtype=torch.int32, device=dev),
             # the query attends at position q - 1: the target's keys 0 .. q - 1
-            "seq_lens": torch.tensor(positions, dtype=torch.int32, device=dev),
+            "seq_lens": upload_values(positions, torch.int32, dev),
             "logits_indices": torch.arange(S, dtype=torch.int64, device=dev),
             self.hidden_input: hidden,
         }
@@ -146,7 +147,7 @@ class AssistantProposer:
             tables.append(self._tables(r.request_id))
         all_tables = self._table_tensors(tables) if live else {}
         while live:
-            at = torch.tensor([x[5] for x in live], dtype=torch.int64, device=self.device)
+            at = upload_values([x[5] for x in live], torch.int64, self.device)
             logits, h = self._run([x[2] for x in live], [x[3] for x in live],
                                   torch.cat([x[4] for x in live]),
                                   {n: t.index_select(0, at) for n, t in all_tables.items()})

@@ -36,6 +36,7 @@ from .parallel import tensor_parallel_size
 from .request import Request
 from .sampler import SamplingParams
 from .scheduler import ScheduledChunk
+from .uploads import upload_values
 
 
 def check_tokenizers(target, draft, draft_path) -> None:
@@ -209,8 +210,8 @@ class DraftProposer:
             greedy_steps(self.runner, chunks, self.bm, steps)
         batch = self.runner.batch
         width = max(counts)
-        where = torch.tensor([[sh.req.row for sh, _, _ in caught],
-                              [len(sh.tokens) for sh, _, _ in caught]]).to(batch.device)
+        where = upload_values([[sh.req.row for sh, _, _ in caught],
+                               [len(sh.tokens) for sh, _, _ in caught]], torch.int64, batch.device)
         cols = where[1][:, None] + torch.arange(width, device=batch.device)[None, :]
         guesses = self._read(batch.token_ids[where[0][:, None], cols.clamp(max=batch.max_len)])
         for (sh, r, _), n, row in zip(caught, counts, guesses):

@@ -24,6 +24,7 @@ from .graph_runner import PADDING, group_inputs, pad_step
 from .request import Request
 from .sampler import Logprobs, SamplingTensors, compute_logprobs
 from .scheduler import ScheduledChunk
+from .uploads import upload, upload_values
 
 I64, I32 = torch.int64, torch.int32
 
@@ -135,8 +136,8 @@ class PersistentBatch:
         if self._pending_params:
             rows = [r for r, _ in self._pending_params]
             prompt_lens, params, seeds, bias, seqs = zip(*[v for _, v in self._pending_params])
-            idx = torch.tensor(rows, dtype=I64).to(self.device)
-            self.prompt_len[idx] = torch.tensor(prompt_lens, dtype=I64).to(self.device)
+            idx = upload_values(rows, I64, self.device)
+            self.prompt_len[idx] = upload_values(prompt_lens, I64, self.device)
             self.sampling.set_rows(rows, params, seeds, bias, seqs)
             self._pending_params.clear()
         if self._pending_lora:
@@ -188,9 +189,7 @@ class PersistentBatch:
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A small host tensor on the device, copied without blocking the host."""
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return upload(host, self.device)
 
     def _put(self, target: torch.Tensor, rows, cols, vals) -> None:
         d = self._upload(_host_i64([rows, cols, vals]))

@@ -3,8 +3,9 @@ tier), and promotion back on a prefix hit the device no longer holds.
 
     store    a full block enters the device's prefix cache (its KV is computed): it is
              copied to the host tier, asynchronously on a GPU (a gather on the compute
-             stream, then a copy to pinned memory that the host picks up at a later step),
-             and written through to the lower tier by a background thread
+             stream, then a copy to pinned memory on the offload's own stream, overlapping
+             the next steps, that the host picks up once it has run), and written through
+             to the lower tier by a background thread
     ready    the scheduler asks before admitting a request: the blocks after its device
              prefix hits that a lower tier holds are staged into host memory in the
              background; until that is done the request waits in the scheduler (others
@@ -46,6 +47,7 @@ from braze.ir.errors import BrazeError
 
 from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
 from .parallel import current_group
+from .uploads import upload_values
 
 GIB = 1 << 30
 TRANSFER_KEYS = {"max_load_tokens", "store"}
@@ -129,6 +131,7 @@ class KVOffload:
         self._keys: dict[str, list[str]] = {}          # request id -> its block keys so far
         self._staging: dict[str, _Staging] = {}
         self._pending: list = []       # (event, host buffer, keys) of copies still running
+        self._stream = None            # the device-to-host copies' own CUDA stream
         self._in_host_from_lower: set[str] = set()
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
         # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
@@ -308,10 +311,9 @@ class KVOffload:
             rows = [j for j, e in enumerate(ids) if _block_id(e, g) is not None]
             if not rows:
                 continue
-            idx = torch.tensor([_block_id(ids[j], g) for j in rows], dtype=torch.int64,
-                               device=self.device)
+            idx = upload_values([_block_id(ids[j], g) for j in rows], torch.int64, self.device)
             if len(rows) < len(ids):        # a window group fills only its window's blocks
-                part = part[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+                part = part[upload_values(rows, torch.int64, self.device)]
             t.index_copy_(0, idx, part)
         if self.cuda:                   # keep the pinned source alive until the copy ran
             ev = torch.cuda.Event()
@@ -329,22 +331,37 @@ class KVOffload:
         if not todo:
             return
         t = time.perf_counter()
-        idx = {g: torch.tensor([_block_id(b, g) for b, _ in todo], dtype=torch.int64,
-                               device=self.device) for g in set(self.group_of.values())}
+        idx = {g: upload_values([_block_id(b, g) for b, _ in todo], torch.int64, self.device)
+               for g in set(self.group_of.values())}
+        # the gather runs on the compute stream, ordered after the step that computed the
+        # blocks and before any that could reuse them: a snapshot of their KV
         parts = [self.cache.tensors[n].index_select(0, idx[self.group_of[n]])
                  .view(len(todo), -1).view(torch.uint8) for n in self.names]
         gathered = torch.cat(parts, dim=1)
         keys = [k for _, k in todo]
         if self.cuda:
-            buf = self.host.new_buffer(len(todo))
-            buf.copy_(gathered, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._pending.append((ev, buf, keys))
+            self._pending.append(self._copy_out(gathered, keys))
         else:
             self._stored(gathered, keys)
         self.counters["store_seconds"] += time.perf_counter() - t
         self.counters["stores"] += 1
+
+    def _copy_out(self, gathered: torch.Tensor, keys: list[str]):
+        """The device-to-host copy of gathered blocks on the offload's own stream: on the
+        compute stream it would hold the next step's kernels back until it ended; here it
+        overlaps them (the copy engine, not the SMs). -> (its end event, the host buffer,
+        keys), which `poll` takes into the host tier once the event has passed."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        buf = self.host.new_buffer(len(keys))
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))   # after the gather
+        with torch.cuda.stream(self._stream):
+            buf.copy_(gathered, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        # allocated on the compute stream: not to be reused before this stream has read it
+        gathered.record_stream(self._stream)
+        return ev, buf, keys
 
     def _stored(self, host: torch.Tensor, keys: list[str]) -> None:
         for row, k in zip(host, keys):

@@ -25,6 +25,7 @@ from .prompt_logprobs import compute as prompt_compute
 from .prompt_logprobs import plan_rows
 from .sampler import Logprobs, resolve_seed
 from .scheduler import ScheduledChunk
+from .uploads import upload_values
 
 
 class ModelRunner:
@@ -231,8 +232,7 @@ class ModelRunner:
                 g.wide_indices[:base] = index[:base]
                 g.wide_indices[n:cap] = 0
                 index = g.wide_indices
-            idx = torch.tensor(extra, dtype=torch.int64)
-            index[base:n] = idx.to(self.device)
+            index[base:n] = upload_values(extra, torch.int64, self.device)
         k = max(chunks[ci].request.params.prompt_logprobs for ci, _, _ in where)
         return where, rows, targets, k, wide
 

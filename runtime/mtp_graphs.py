@@ -26,6 +26,7 @@ from braze.ir.types import torch_dtype
 
 from .graph_runner import GraphRunner
 from .input_batch import static_buffers
+from .uploads import upload_values
 
 
 class _MTPExecutor:
@@ -117,23 +118,22 @@ class MTPGraphs:
                     k.startswith(("seq_lens", "block_tables"))]
         hidden, logits = [], [None] * len(rows)
         for piece in self._pieces(qsl):
-            tok = torch.tensor([t for _, a, b in piece for t in range(a, b)], dtype=torch.int64)
-            seq = torch.tensor([i for i, _, _ in piece], dtype=torch.int64)
-            sub = {k: feeds[k].index_select(0, tok.to(feeds[k].device)) for k in token_rows}
-            sub.update((k, feeds[k].index_select(0, seq.to(feeds[k].device))) for k in seq_rows)
+            tok = upload_values([t for _, a, b in piece for t in range(a, b)], torch.int64, dev)
+            seq = upload_values([i for i, _, _ in piece], torch.int64, dev)
+            sub = {k: feeds[k].index_select(0, tok) for k in token_rows}
+            sub.update((k, feeds[k].index_select(0, seq)) for k in seq_rows)
             # a sequence cut short here sees as context only the tokens up to its cut
-            sub["seq_lens"] = torch.tensor([seq_lens[i] - (qsl[i + 1] - b) for i, _, b in piece],
-                                           dtype=feeds["seq_lens"].dtype, device=dev)
+            sub["seq_lens"] = upload_values([seq_lens[i] - (qsl[i + 1] - b) for i, _, b in piece],
+                                            feeds["seq_lens"].dtype, dev)
             starts, local = [0], {}
             for i, a, b in piece:
                 for t in range(a, b):
                     local[t] = starts[-1] + t - a
                 starts.append(starts[-1] + b - a)
-            sub["query_start_loc"] = torch.tensor(starts, dtype=feeds["query_start_loc"].dtype,
-                                                  device=dev)
+            sub["query_start_loc"] = upload_values(starts, feeds["query_start_loc"].dtype, dev)
             mine = [j for j, t in enumerate(rows) if t in local]
-            sub["logits_indices"] = torch.tensor([local[rows[j]] for j in mine],
-                                                 dtype=torch.int64, device=dev)
+            sub["logits_indices"] = upload_values([local[rows[j]] for j in mine], torch.int64,
+                                                  dev)
             out = self._one(sub)
             hidden.append(out["hidden_states"])
             if self.pruned:

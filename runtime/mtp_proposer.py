@@ -61,6 +61,7 @@ from braze.ir.errors import BrazeError
 
 from . import parallel
 from .kv_cache import KVCache
+from .uploads import upload_values
 
 NO_MTP_GRAPH = (
     "speculative method 'mtp' needs the artifact's multi-token-prediction graph, and "
@@ -265,8 +266,7 @@ class MTPProposer:
         states of each sequence's last token)."""
         dev, bs = self.device, self.block_size
         width = max(len(s[3]) for s in seqs)
-        tables = torch.tensor([s[3] + [0] * (width - len(s[3])) for s in seqs],
-                              dtype=torch.int32)
+        tables = [s[3] + [0] * (width - len(s[3])) for s in seqs]
         slots = []
         for first, n, ctx, table in seqs:
             for p in range(ctx - n, ctx):
@@ -274,21 +274,20 @@ class MTPProposer:
         qsl = [0]
         for s in seqs:
             qsl.append(qsl[-1] + s[1])
-        last = torch.tensor([q - 1 for q in qsl[1:]], dtype=torch.int64)
+        last = upload_values([q - 1 for q in qsl[1:]], torch.int64, dev)
         feeds = {
-            "input_ids": torch.tensor(tokens, dtype=torch.int64).to(dev),
-            "positions": torch.tensor(positions, dtype=torch.int64).to(dev),
-            "slot_mapping": torch.tensor(slots, dtype=torch.int64).to(dev),
-            "query_start_loc": torch.tensor(qsl, dtype=torch.int32).to(dev),
-            "seq_lens": torch.tensor([s[2] for s in seqs], dtype=torch.int32).to(dev),
-            "block_tables": tables.to(dev),
-            "logits_indices": last.to(dev),
+            "input_ids": upload_values(tokens, torch.int64, dev),
+            "positions": upload_values(positions, torch.int64, dev),
+            "slot_mapping": upload_values(slots, torch.int64, dev),
+            "query_start_loc": upload_values(qsl, torch.int32, dev),
+            "seq_lens": upload_values([s[2] for s in seqs], torch.int32, dev),
+            "block_tables": upload_values(tables, torch.int32, dev),
+            "logits_indices": last,
             self.hidden_input: hidden,
         }
         feeds.update(self.cache.tensors)
         out = self.run_graph(feeds)
         self.num_mtp_calls += 1
-        last = last.to(dev)
         logits = out["logits"]
         if not self.logits_pruned:          # -O2 prunes them to the rows of logits_indices
             logits = logits.index_select(0, last)

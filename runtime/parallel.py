@@ -49,6 +49,8 @@ import torch.distributed as dist
 
 from braze.ir.errors import BrazeError
 
+from .uploads import upload, upload_values
+
 log = logging.getLogger("braze.runtime")
 
 _RUN, _STOP, _MTP, _LORA = 1, 0, 2, 3
@@ -101,7 +103,7 @@ class Group:
             return None
         data = json.dumps(self.commands).encode()
         self.commands = []
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        return upload(torch.frombuffer(bytearray(data), dtype=torch.uint8), self.device)
 
     def flush(self, kind: int = _CMDS) -> None:
         """Rank 0: send the queued commands now, between steps."""
@@ -278,8 +280,7 @@ def _header(cmd: int, n_tok: int, n_seq: int, decode_only: int, wide: int,
     """A step's header: run, stop or KV offload commands alone, its tokens and sequences,
     decode-only, whether it runs its bucket's wide variant (prompt logprobs on a pruned LM
     head), and the bytes of KV offload commands that follow it (0: none)."""
-    return torch.tensor([cmd, n_tok, n_seq, decode_only, wide, n_bytes], dtype=torch.int64,
-                        device=device)
+    return upload_values([cmd, n_tok, n_seq, decode_only, wide, n_bytes], torch.int64, device)
 
 
 def follow(artifact, options) -> None:
@@ -349,7 +350,7 @@ def _offload_commands(offload, ex, n_bytes: int, answer: bool):
     offload, reply = run_commands(offload, cmds, ex.cache, ex.device, dist.get_rank(),
                                   dist.get_world_size())
     if answer:
-        mine = torch.tensor(reply, dtype=torch.float64, device=ex.device)
+        mine = upload_values(reply, torch.float64, ex.device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size())], mine)
     return offload
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .sampler import Logprobs, compute_logprobs
+from .uploads import upload_values
 
 
 def scored(c) -> tuple[int, int]:
@@ -112,5 +113,5 @@ def plan_rows(chunks, prompt_chunks: list[int], pruned: bool, base: int,
 def compute(logits: torch.Tensor, rows: list[int], targets: list[int], k: int) -> Logprobs:
     """Raw logprobs of `targets` under the `rows` of the step's logits, top `k`."""
     dev = logits.device
-    sel = logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(dev))
-    return compute_logprobs(sel, torch.tensor(targets, dtype=torch.int64).to(dev), k)
+    sel = logits.index_select(0, upload_values(rows, torch.int64, dev))
+    return compute_logprobs(sel, upload_values(targets, torch.int64, dev), k)

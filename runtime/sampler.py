@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from braze.ir.errors import BrazeError
 
+from .uploads import upload_values
+
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024          # OpenAI allows 300; vLLM any. Entries per request.
 MAX_LOGPROBS = 20              # OpenAI's top_logprobs limit
@@ -541,10 +543,10 @@ class SamplingTensors:
             raise ValueError("rows, params and seeds must have the same length")
         if entries is None:
             entries = [bias_entries(p) for p in params]
-        idx = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+        idx = upload_values(list(rows), torch.int64, self.device)
 
         def put(dst: torch.Tensor, values) -> None:
-            dst.index_copy_(0, idx, torch.tensor(values, dtype=dst.dtype, device=self.device))
+            dst.index_copy_(0, idx, upload_values(values, dst.dtype, self.device))
 
         put(self.temperature, [float(p.temperature) for p in params])
         put(self.top_k, [int(p.top_k) if p.top_k > 0 else 0 for p in params])
@@ -602,9 +604,9 @@ class SamplingTensors:
                 last[i][j] = w[-1]
                 live[i][j] = True
         dev = self.device
-        self.bw_prefix.index_copy_(0, idx, torch.tensor(pre, dtype=torch.int64, device=dev))
-        self.bw_last.index_copy_(0, idx, torch.tensor(last, dtype=torch.int64, device=dev))
-        self.bw_live.index_copy_(0, idx, torch.tensor(live, dtype=torch.bool, device=dev))
+        self.bw_prefix.index_copy_(0, idx, upload_values(pre, torch.int64, dev))
+        self.bw_last.index_copy_(0, idx, upload_values(last, torch.int64, dev))
+        self.bw_live.index_copy_(0, idx, upload_values(live, torch.bool, dev))
         for r, seqs in zip(rows, sequences):
             self._bad_words[r] = bool(seqs)
 

@@ -177,3 +177,39 @@ def test_cuda_grammar_requests_overlap_and_equal_the_synchronous_engine(store):
         assert s["kv_blocks_free"] == s["kv_blocks_total"]
         assert (s["overlapped_steps"] > 0) == (backend == "cuda")
     assert got["cuda"] == got["reference"]
+
+
+def test_serving_steps_make_no_hidden_host_synchronisation(store):
+    """Past the warm-up, the engine's steps with requests arriving (each one's sampling
+    settings written to the device), sampling and penalties, and KV blocks stored to the
+    host tier call no torch op that makes the host wait for the GPU (torch's sync debug
+    mode): the one wait per step is the designed read of the sampled tokens, which is an
+    event's, not an op's. Any such op is a bubble in the step pipeline; the failure lists
+    where each one is (tests/test_uploads.py checks the uploads on the CPU)."""
+    import warnings
+    from braze.runtime.engine import Engine
+    from braze.runtime.sampler import SamplingParams
+    art = store.artifact("llama", opt_level=2, targets="sm_80,sm_90", max_num_tokens=64,
+                         max_num_seqs=8)
+    eng = Engine(art, backend="cuda", num_kv_blocks=64, kv_offload_cpu_gb=0.01)
+    params = [SamplingParams(max_tokens=24, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, top_k=20, seed=7,
+                             presence_penalty=0.5, repetition_penalty=1.1, ignore_eos=True)]
+    eng.add_request("warm", PROMPT, params[1])
+    eng.run_to_completion()                       # captures the graphs, compiles, allocates
+    seen = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(4):                    # arrivals between steps, mid-run
+                eng.add_request(str(i), PROMPT * (i + 1) + [i + 2], params[i % 2])
+                for _ in range(3):
+                    eng.step()
+            eng.run_to_completion()
+        seen = sorted({f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
+                       if "synchroniz" in str(w.message)})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("\nhost synchronisations:\n" + "\n".join(seen))
+    assert not seen
