@@ -59,11 +59,15 @@ def test_every_linear_gets_a_guarded_kernel_and_a_guarded_extern_call(store):
     assert not any("when" in ln for seg in plain["plan"]["segments"] for ln in seg["launches"])
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2-qkv-bias-tied"])
+@pytest.mark.parametrize("case", ["llama", "qwen2-qkv-bias-tied", "phi3-longrope-partial-tied",
+                                  "gemma3-sandwich-softcap", "qwen3_moe-dense-middle"])
 def test_interpret_logits_equal_the_extern_artifact(store, case):
     """Eager steps through the plans: a prefill and a decode (T <= 16: the kernel) and a
     21-token chunk (T > 16: cuBLAS), in float32 within 1e-4 of the extern artifact (Qwen2:
-    q/k/v biases, and the LM head over the tied embedding)."""
+    q/k/v biases, and the LM head over the tied embedding). The gated MLPs are linear_glu
+    (tests/test_linear_glu.py): the act in the kernel's epilogue at T <= 16, cuBLAS and
+    glu_kernel above; Phi-3 with its fused gate_up checkpoint, Gemma 3 with GeLU tanh, the
+    dense layer of a Qwen3-MoE."""
     outs = []
     for small in ("triton", "extern"):
         ex = Executor(open_artifact(store.artifact(case, small_m_gemm=small, **OPTS)),

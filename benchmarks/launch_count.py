@@ -1,0 +1,53 @@
+"""Launches per step of an artifact's bound plans, per batch bucket: what a CUDA graph of
+that bucket replays. Needs no GPU: the plans are bound (not run) on the CPU.
+
+    python benchmarks/launch_count.py ARTIFACT                  # buckets 1, 16, 64
+    python benchmarks/launch_count.py ARTIFACT --buckets 1,8 --by-kernel
+
+At decode sizes a step's time is weight streaming plus about 1-2 us per launch, even
+inside a graph; this counts the second part, so that a fusion's saving is known before a
+GPU measures it. Extern calls (cuBLAS GEMMs and torch fallbacks) are launches too; views
+bind to nothing and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def count(artifact: str, buckets: list[int]) -> dict[int, Counter]:
+    from braze.runtime import open_artifact
+    from braze.runtime.engine import Engine
+    art = open_artifact(artifact)
+    eng = Engine(art, backend="interpret", num_kv_blocks=max(16, max(buckets)),
+                 max_num_seqs=min(max(buckets), art.limits.max_num_seqs),
+                 max_num_tokens=max(buckets), buckets=buckets)
+    g = eng.runner.graphs
+    return {T: Counter(c.name.split("#")[0] for c in g._buckets[T].plan.calls) for T in g.buckets}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--buckets", default="1,16,64", help="comma list (default 1,16,64)")
+    ap.add_argument("--by-kernel", action="store_true", help="a line per kernel and bucket")
+    args = ap.parse_args(argv)
+    buckets = sorted({int(b) for b in args.buckets.split(",") if b.strip()})
+    got = count(args.artifact, buckets)
+    print(f"{args.artifact}: launches per step of each bucket's bound plan")
+    print("| bucket | launches | Triton kernels | extern calls |")
+    print("|---:|---:|---:|---:|")
+    for T, c in got.items():
+        ext = sum(n for k, n in c.items() if k.startswith("extern."))
+        print(f"| {T} | {sum(c.values())} | {sum(c.values()) - ext} | {ext} |")
+    if args.by_kernel:
+        for T, c in got.items():
+            print(f"\nbucket {T}:")
+            for k, n in c.most_common():
+                print(f"  {n:4d}  {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
