@@ -61,8 +61,7 @@ def lower_glu(node: Node, index: int) -> tuple[list[dict], dict, str | None]:
     (one launch set writes y; h is never written), and at larger T the extern cuBLAS call
     writing h followed by the pointwise epilogue making y from it. A node the kernel cannot
     take gets the latter at every T."""
-    x, w = node.operands[0], node.operands[1]
-    y, h = node.results
+    h = node.results[1]
     call = {"node": index, "extern": "linear", "args": [{"buf": v.ref} for v in node.operands],
             "attrs": {}, "results": [h.ref]}
     epilogue = Lowering(node, "skinny_gemm", index)

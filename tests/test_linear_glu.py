@@ -257,8 +257,8 @@ def test_the_fused_epilogue_saves_a_launch_per_layer_at_decode_buckets(store):
     fused = count(store.artifact("llama", small_m_gemm="triton", **OPTS), [1, 16, 24])
     plain = count(store.artifact("llama", **OPTS), [1, 16, 24])
     layers = 2
-    for T in (1, 16):
-        assert sum(plain[T].values()) - sum(fused[T].values()) == layers
-        assert fused[T]["skinny_gemm.skinny_gemm_kernel"] == plain[T]["extern.linear"]
+    for bucket in (1, 16):
+        assert sum(plain[bucket].values()) - sum(fused[bucket].values()) == layers
+        assert fused[bucket]["skinny_gemm.skinny_gemm_kernel"] == plain[bucket]["extern.linear"]
     assert sum(plain[24].values()) == sum(fused[24].values())
     assert fused[24]["skinny_gemm.glu_kernel"] == layers
