@@ -178,8 +178,8 @@ MUTATIONS = [
              "at tensor parallelism a block loaded from a lower KV tier is filled on rank 0 "
              "only: rank 1 attends over another request's KV",
              "runtime/kv_offload.py",
-             "            if blocks:\n                self._copy_in(torch.stack(blocks), ids)",
-             "            if False:\n                self._copy_in(torch.stack(blocks), ids)",
+             "            if blocks:\n                self._copy_in(blocks, ids)",
+             "            if False:\n                self._copy_in(blocks, ids)",
              ["tests/test_kv_offload.py"], k="two_ranks_store"),
     Mutation("tp-offload-objects-not-named-by-rank",
              "two tensor-parallel ranks write their KV slices to the same object: a load "
