@@ -43,6 +43,8 @@ from braze.artifact import adapter_prefixes, text_only_origin
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
 
+from .uploads import upload
+
 SLOTS_INPUT = "lora_slots"
 log = logging.getLogger("braze.runtime")
 
@@ -511,9 +513,9 @@ def write_slot(pools: dict[str, torch.Tensor], contract: Contract, slot: int,
         if got is None:
             a[slot].zero_()
             b[slot].zero_()
-        else:
-            a[slot].copy_(got[0], non_blocking=True)
-            b[slot].copy_(got[1], non_blocking=True)
+        else:       # pinned first: from pageable memory the copy waits for the stream
+            a[slot].copy_(upload(got[0], a.device))
+            b[slot].copy_(upload(got[1], b.device))
 
 
 def allocate_pools(graph, device) -> dict[str, torch.Tensor]:
