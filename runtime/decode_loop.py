@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .scheduler import ScheduledChunk
+from .uploads import upload_values
 
 
 def advance(static: dict, tables: list[torch.Tensor], block_size: int, rows: torch.Tensor,
@@ -59,7 +60,7 @@ def greedy_steps(runner, chunks: list[ScheduledChunk], block_manager, steps: lis
     step = runner.forward(chunks, block_manager, decode_only=True)
     rows = step.meta["rows"]
     pos = step.meta["seq_lens"].to(torch.int64) - 1
-    left = batch._upload(torch.tensor(steps, dtype=torch.int64))
+    left = upload_values(steps, torch.int64, batch.device)
     logits = step.logits
     for i in range(K):
         if i:

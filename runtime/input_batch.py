@@ -187,12 +187,8 @@ class PersistentBatch:
             st[f"slot_mapping.g{g}"][:T] = table[r, pos // bs].to(I64) * bs + pos % bs
             st[f"block_tables.g{g}"][:S] = table[rows]
 
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A small host tensor on the device, copied without blocking the host."""
-        return upload(host, self.device)
-
     def _put(self, target: torch.Tensor, rows, cols, vals) -> None:
-        d = self._upload(_host_i64([rows, cols, vals]))
+        d = upload(_host_i64([rows, cols, vals]), self.device)
         target.index_put_((d[0], d[1]), d[2].to(target.dtype))
 
     # ---------------------------------------------------------------- a step
@@ -211,8 +207,8 @@ class PersistentBatch:
         samples = [c.samples for c in chunks]
         S, T = len(chunks), sum(num_new)
         every = all(samples)
-        meta = self._upload(_host_i64([[c.request.row for c in chunks], num_new,
-                                       [c.start for c in chunks], samples]))
+        meta = upload(_host_i64([[c.request.row for c in chunks], num_new,
+                                 [c.start for c in chunks], samples]), self.device)
         rows, num_new, start, samples = meta[0], meta[1], meta[2], meta[3]
         if T == S:          # one token per sequence (decode): token i is sequence i's
             ends, r, pos = self._arange[1:S + 1], rows, start
@@ -255,9 +251,9 @@ class PersistentBatch:
         num_new = [c.num_new for c in chunks]
         nrows = [1 + c.num_draft for c in chunks]
         S, T, R = len(chunks), sum(num_new), sum(nrows)
-        meta = self._upload(_host_i64([[c.request.row for c in chunks], num_new,
-                                       [c.start for c in chunks], [c.samples for c in chunks],
-                                       nrows]))
+        meta = upload(_host_i64([[c.request.row for c in chunks], num_new,
+                                 [c.start for c in chunks], [c.samples for c in chunks],
+                                 nrows]), self.device)
         rows, num_new, start, samples, nrows = meta[0], meta[1], meta[2], meta[3], meta[4]
         ends = torch.cumsum(num_new, 0)
         seq_of = torch.repeat_interleave(self._arange[:S], num_new, output_size=T)
