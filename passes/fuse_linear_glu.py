@@ -56,8 +56,6 @@ def _fuse(mul: Node, rw: Rewriter):
         lin = h.producer
         if lin is None or lin.op != "linear":
             return None
-        if rw.claimed(lin):
-            return None
         sizes, dim = split.attrs.get("sizes"), split.attrs.get("dim")
         if len(split.results) != 2 or sizes[0] != sizes[1] or dim not in (-1, h.type.rank - 1):
             return f"{split.results[0].ref}: the product is not cut into two equal halves " \
@@ -74,7 +72,6 @@ def _fuse(mul: Node, rw: Rewriter):
                 where = others[0].op if others else "a graph output"
                 return f"{v.ref} is also read by {where}, outside the gated MLP"
         dead = [mul, act_v.producer, split, lin]
-        rw.claim(dead)
         # y takes the mul's place (and name), h the linear's, so readers and text stay put
         rw.rebuild(mul, dead, "linear_glu", list(lin.operands), {"act": act},
                    replacing=[mul.results[0], h])
