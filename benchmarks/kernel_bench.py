@@ -528,22 +528,29 @@ class Builder:
         nbytes = 3 * tokens * half * 4
         return self.case("cat", tokens, g, 0, {"T": tokens}, feeds, nbytes, note="f32")
 
-    def gemm(self, tokens, proj: str):
-        """One projection's linear as -O2 runs it: x [T, K] @ W[N, K]^T, W ~ N(0, 1/K)."""
+    def gemm(self, tokens, proj: str, glu: bool = False):
+        """One projection's linear as -O2 runs it: x [T, K] @ W[N, K]^T, W ~ N(0, 1/K). With
+        `glu` (gate_up only): linear_glu, silu(gate) * up in the kernel's epilogue
+        (fuse-linear-glu), against what it replaces: cuBLAS, then torch's silu and mul; its
+        bytes count y [T, N/2], not the product."""
         from braze.ir import Graph, T, TensorType
         m = self.m
         h, q = m["hidden"], m["heads"] * m["head_dim"]
         n, k = {"qkv": ((m["heads"] + 2 * m["kv_heads"]) * m["head_dim"], h), "o": (h, q),
                 "gate_up": (2 * (m["inter"] or 0), h), "down": (h, m["inter"] or 0),
                 "lm_head": (m["vocab"], h)}[proj]
-        g = Graph(f"gemm_{proj}")
+        name = f"gemm_{proj}" + ("_glu" if glu else "")
+        g = Graph(name)
         x = g.add_input("x", TensorType((T, k), self.dtype))
         w = g.add_param("w", TensorType((n, k), self.dtype))
-        g.set_output("y", g.op("linear", x, w))
+        if glu:
+            g.set_output("y", g.add_node("linear_glu", [x, w], {"act": "silu"}).results[0])
+        else:
+            g.set_output("y", g.op("linear", x, w))
         feeds = {x.ref: self.randn((tokens, k)), w.ref: self.randn((n, k), 1.0 / math.sqrt(k))}
-        nbytes = (n * k + tokens * k + tokens * n) * self.esize
-        return self.case(f"gemm_{proj}", tokens, g, 0, {"T": tokens}, feeds, nbytes,
-                         flops=2 * tokens * n * k, note=f"N {n} K {k}")
+        nbytes = (n * k + tokens * k + tokens * (n // 2 if glu else n)) * self.esize
+        return self.case(name, tokens, g, 0, {"T": tokens}, feeds, nbytes,
+                         flops=2 * tokens * n * k, note=f"N {n} K {k}" + (" +silu*up" if glu else ""))
 
     def gemm_qkv(self, tokens):
         return self.gemm(tokens, "qkv")
@@ -555,19 +562,7 @@ class Builder:
         return self.gemm(tokens, "gate_up")
 
     def gemm_gate_up_glu(self, tokens):
-        """gate_up with silu(gate) * up in the kernel's epilogue (fuse-linear-glu) against
-        what it replaces: cuBLAS, then torch's silu and mul. The bytes: W, x and y [T, I]."""
-        from braze.ir import Graph, T, TensorType
-        m = self.m
-        n, k = 2 * (m["inter"] or 0), m["hidden"]
-        g = Graph("gemm_gate_up_glu")
-        x = g.add_input("x", TensorType((T, k), self.dtype))
-        w = g.add_param("w", TensorType((n, k), self.dtype))
-        g.set_output("y", g.add_node("linear_glu", [x, w], {"act": "silu"}).results[0])
-        feeds = {x.ref: self.randn((tokens, k)), w.ref: self.randn((n, k), 1.0 / math.sqrt(k))}
-        nbytes = (n * k + tokens * k + tokens * n // 2) * self.esize
-        return self.case("gemm_gate_up_glu", tokens, g, 0, {"T": tokens}, feeds, nbytes,
-                         flops=2 * tokens * n * k, note=f"N {n} K {k} +silu*up")
+        return self.gemm(tokens, "gate_up", glu=True)
 
     def gemm_down(self, tokens):
         return self.gemm(tokens, "down")
