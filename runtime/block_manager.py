@@ -152,19 +152,22 @@ class BlockManager:
         would reuse)."""
         return len(self._hits(token_ids, salt=salt)[1])
 
-    def adopt(self, seq_id, num_blocks: int) -> list[int]:
+    def adopt(self, seq_id, num_blocks: int, register: bool = True) -> list[int]:
         """The sequence's next `num_blocks` blocks after those already in the prefix cache
-        were filled from elsewhere (a lower KV tier): they enter the prefix cache as
-        computed. Returns their block ids, for the caller to fill before the next step."""
+        are filled from elsewhere (a lower KV tier). Returns their block ids, for the caller
+        to fill before a step reads them. With `register` they enter the prefix cache as
+        computed now; without, they stay the sequence's own until `commit` (once their copy
+        has landed: another prompt must not hit blocks still being written)."""
         seq = self._seq(seq_id)
         first = seq.registered
         if num_blocks < 0 or first + num_blocks > (seq.num_tokens - 1) // self.block_size:
             raise BrazeError(f"sequence {seq_id!r}: cannot adopt {num_blocks} block(s) after "
                              f"{first}: at least one token of its {seq.num_tokens} must be left "
                              f"to compute")
-        for i in range(first, first + num_blocks):
-            self._register(seq.table[i], seq.hashes[i])
-        seq.registered = first + num_blocks
+        if register:
+            for i in range(first, first + num_blocks):
+                self._register(seq.table[i], seq.hashes[i])
+            seq.registered = first + num_blocks
         return seq.table[first:first + num_blocks]
 
     # -------------------------------------------------------------- allocation

@@ -326,7 +326,7 @@ class Engine(EngineLoRA):
                     c.request.num_pending += 1
             self._in_flight.append((sched, result))
             self._counters["steps"] += 1
-        elif sched.staging and not self._in_flight:
+        elif (sched.staging or sched.loading) and not self._in_flight:
             self.offload.wait_staging(timeout=0.05)    # nothing else to do meanwhile
         elif self._grammar_wait and not self._in_flight and not self.scheduler.has_work():
             # nothing to run but grammars compiling: wait for one rather than spin

@@ -452,12 +452,13 @@ class HybridBlockManager:
         del seq.hashes[num_tokens // self.block_size:]     # a cut block's tokens change
         seq.num_tokens = num_tokens
 
-    def adopt(self, seq_id, num_blocks: int) -> list[tuple]:
+    def adopt(self, seq_id, num_blocks: int, register: bool = True) -> list[tuple]:
         """The sequence's next blocks after its prefix hits were filled from a lower KV
         tier: they enter each group's prefix cache as computed. A window group gets blocks
         only for those inside the window of the first token left to compute (the rest are
         None: nothing to fill), and keeps room for a first chunk after them, so fewer than
-        `num_blocks` may be adopted. Returns, per block adopted, its id in each group."""
+        `num_blocks` may be adopted. Returns, per block adopted, its id in each group.
+        `register`: as BlockManager.adopt's (without, `commit` registers them later)."""
         seq = self._seq(seq_id)
         first = seq.registered
         if num_blocks < 0 or first + num_blocks > (seq.num_tokens - 1) // self.block_size:
@@ -482,12 +483,13 @@ class HybridBlockManager:
                 fresh = max(0, end - max(len(table), lo))
                 table.extend([NULL_BLOCK] * (grow - fresh) + self._take(g, fresh))
             seq.slid[g] = max(seq.slid[g], min(lo, len(table)))
-        for g, pool in enumerate(self.pools):
-            table = seq.tables[g]
-            for i in range(first, end):
-                if table[i] != NULL_BLOCK or not self.windows[g]:
-                    pool._register(table[i], self._key(g, seq.hashes[i]))
-        seq.registered = end
+        if register:
+            for g, pool in enumerate(self.pools):
+                table = seq.tables[g]
+                for i in range(first, end):
+                    if table[i] != NULL_BLOCK or not self.windows[g]:
+                        pool._register(table[i], self._key(g, seq.hashes[i]))
+            seq.registered = end
         seq.start = max(seq.start, end * self.block_size)
         return [self._ids(seq, i) for i in range(first, end)]
 

@@ -11,8 +11,13 @@ tier), and promotion back on a prefix hit the device no longer holds.
              background; until that is done the request waits in the scheduler (others
              are admitted meanwhile), never inside a step
     load     on admission, the leading blocks the host tier holds are copied into the
-             request's fresh device blocks, before the step that reads them, and enter the
-             device's prefix cache as computed
+             request's fresh device blocks (on a GPU: on the offload's own load stream,
+             overlapping the steps of other requests). The request holds its blocks but
+             waits in the scheduler until the copy has ended (`settled`); only then do the
+             blocks enter the device's prefix cache, so no other prompt reads them early.
+             A request freed while its copy runs (preempted, aborted) first orders the
+             compute stream after the copy (`abandon`), so nothing later writes its blocks
+             before the copy has ended
 
 A block's key is the model's identity plus a chained hash of every token up to the
 block's end, so equal keys mean equal KV and two artifacts never share blocks. A load
@@ -25,7 +30,9 @@ Tensor parallelism: each rank holds its own slice of every block (its KV heads) 
 tiers (host memory, and its own objects in the lower tier, named with its rank). Rank 0's
 engine decides what is stored, staged, loaded and dropped; its KVOffload sends each decision
 to the other ranks (`peers`, runtime/parallel.py's Group), whose KVOffload performs it on
-their slices (`run_commands`), in the same order relative to the steps. Before a load, every
+their slices (`run_commands`), in the same order relative to the steps. A load's copy runs
+on every rank's load stream; when rank 0 settles or abandons it, each other rank orders its
+compute stream after its own copy (`settle`) before the next step. Before a load, every
 rank says how many of the blocks it holds (`hold`, one small all-gather); the load takes the
 fewest, so a block that failed on any rank is computed by all of them. Counters: blocks,
 operations and seconds are rank 0's; bytes and failures are summed over the ranks.
@@ -113,6 +120,26 @@ class _Staging:
         self.future, self.keys = future, keys
 
 
+class _DeviceCopy:
+    """A load's host-to-device copy on the offload's load stream: its end event, and the
+    pinned source that must live until then."""
+    __slots__ = ("event", "source", "device")
+
+    def __init__(self, event, source, device):
+        self.event, self.source, self.device = event, source, device
+
+    def query(self) -> bool:
+        return self.event.query()
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+    def order(self) -> None:
+        """Make the compute stream wait for the copy (no host wait): every kernel launched
+        after this runs after it."""
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
 class KVOffload:
     def __init__(self, cache, identity: bytes, host_bytes: int, lower=None, device="cpu"):
         self.cache = cache
@@ -132,6 +159,10 @@ class KVOffload:
         self._staging: dict[str, _Staging] = {}
         self._pending: list = []       # (event, host buffer, keys) of copies still running
         self._stream = None            # the device-to-host copies' own CUDA stream
+        self._load_stream = None       # the host-to-device copies' own CUDA stream
+        # request id -> (its load's copy in flight, the keys of the blocks it fills, when
+        # the load began)
+        self._loading: dict[str, tuple] = {}
         self._in_host_from_lower: set[str] = set()
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
         # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
@@ -192,12 +223,16 @@ class KVOffload:
             if not st.future.done():
                 return False
             return True
-        if self.lower is None:
+        if self.lower is None and not self._loading:
             return True
         first, end = self._loadable(req, bm)
         if end <= first:
             return True
         keys = self.keys(req, end)[first:]
+        if self._in_flight(keys[0]):    # another request's load brings these blocks to the
+            return False                # device: wait for it and hit them there
+        if self.lower is None:
+            return True
         need = []
         for k in keys:
             if k in self.host:
@@ -212,9 +247,15 @@ class KVOffload:
             self.peers.flush()
         return False
 
+    def _in_flight(self, key: str) -> bool:
+        return any(key in keys for _, keys, _ in self._loading.values())
+
     def wait_staging(self, timeout: float) -> None:
-        """Block until some staging finishes or `timeout` seconds pass (the engine has
-        nothing else to run)."""
+        """Block until some staging or load finishes or `timeout` seconds pass (the engine
+        has nothing else to run)."""
+        if self._loading:               # a host-to-device copy: short, and bounded by its size
+            next(iter(self._loading.values()))[0].synchronize()
+            return
         pending = [s.future for s in self._staging.values() if not s.future.done()]
         if pending:
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -251,8 +292,10 @@ class KVOffload:
 
     def load(self, req, bm, cached_tokens: int) -> int:
         """After `bm.allocate` gave `req` its blocks with `cached_tokens` from the device's
-        prefix cache: fill the following blocks the host tier holds. Returns the tokens
-        loaded (a multiple of the block size)."""
+        prefix cache: start filling the following blocks the host tier holds. Returns the
+        tokens loaded (a multiple of the block size). The blocks are not in the prefix
+        cache yet, and no step may read them before `settled(req)` says their copy has
+        ended (at once where the copy is synchronous); the caller then commits them."""
         self._staging.pop(req.request_id, None)
         bs = self.block_size
         first, end = self._loadable(req, bm)
@@ -267,22 +310,56 @@ class KVOffload:
         if not blocks:
             return 0
         t = time.perf_counter()
-        ids = bm.adopt(req.request_id, len(blocks))
+        ids = bm.adopt(req.request_id, len(blocks), register=False)
         if self.peers is not None:
             self.peers.send("copy", req.request_id, ids)
         if not ids:
             return 0
         blocks = blocks[:len(ids)]      # a hybrid cache may take fewer (its window pools)
-        self._copy_in(blocks, ids)
+        copy = self._copy_in(blocks, ids)
+        if copy is not None:        # its time is counted when it has landed
+            self._loading[req.request_id] = (copy, set(keys[:len(blocks)]), t)
         with self._lock:
             for k in keys[:len(blocks)]:
                 tier = "lower" if k in self._in_host_from_lower else "host"
                 self._in_host_from_lower.discard(k)
                 self.counters[f"load_blocks_{tier}"] += 1
             self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
-            self.counters["load_seconds"] += time.perf_counter() - t
+            if copy is None:
+                self.counters["load_seconds"] += time.perf_counter() - t
             self.counters["loads"] += 1
         return len(blocks) * bs
+
+    def settled(self, req) -> bool:
+        """Whether `req`'s load has landed (True for a request with no load in flight).
+        The first True forgets the copy; the other ranks then order their next step after
+        theirs."""
+        entry = self._loading.get(req.request_id)
+        if entry is None:
+            return True
+        if not entry[0].query():
+            return False
+        del self._loading[req.request_id]
+        with self._lock:            # from the load's start to the scheduler seeing it landed
+            self.counters["load_seconds"] += time.perf_counter() - entry[2]
+        if self.peers is not None:
+            self.peers.send("settle", req.request_id)
+        return True
+
+    def abandon(self, req) -> None:
+        """`req`'s blocks are about to be freed while its load may still be copying into
+        them (it was preempted or ended): every later kernel on the compute stream, which
+        is what may reuse them, is ordered after the copy."""
+        entry = self._loading.pop(req.request_id, None)
+        if entry is None:
+            return
+        self._settle(entry[0])
+        if self.peers is not None:
+            self.peers.send("settle", req.request_id)
+
+    def _settle(self, copy) -> None:
+        copy.order()
+        self._pending.append((copy, None, None))    # its source lives until it has ended
 
     def _leading(self, keys: list[str]) -> list[torch.Tensor]:
         """The host tier's blocks for `keys`, up to the first it lacks."""
@@ -294,12 +371,29 @@ class KVOffload:
             blocks.append(b)
         return blocks
 
-    def _copy_in(self, blocks: list[torch.Tensor], ids: list[int]) -> None:
-        """Host blocks (each [block_bytes]) into device blocks `ids`, ordered before the
-        next step on the compute stream. They are stacked into the host tier's pinned
-        memory: torch.stack's own result is pageable, and a non-blocking copy from pageable
-        memory is a synchronous one."""
+    def _copy_in(self, blocks: list[torch.Tensor], ids: list[int]):
+        """Host blocks (each [block_bytes]) into device blocks `ids`. On a GPU on the load
+        stream, after the work already on the compute stream (the blocks may have been
+        freed by a request whose last step still runs) and overlapping the steps after it;
+        returns the copy (None: done already). The blocks are stacked into the host tier's
+        pinned memory: torch.stack's own result is pageable, and a non-blocking copy from
+        pageable memory is a synchronous one."""
         host = torch.stack(blocks, out=self.host.new_buffer(len(blocks)))
+        if not self.cuda:
+            self._scatter(host, ids)
+            return None
+        if self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(self.device)
+        self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._load_stream):
+            self._scatter(host, ids)
+            ev = torch.cuda.Event()
+            ev.record(self._load_stream)
+        return _DeviceCopy(ev, host, self.device)
+
+    def _scatter(self, host: torch.Tensor, ids: list) -> None:
+        """The stacked host blocks into the cache tensors' blocks `ids`, on the current
+        stream (temporaries are allocated on it, so they are not reused before it ran)."""
         dev = host.to(self.device, non_blocking=True)
         off = 0
         for name in self.names:
@@ -315,10 +409,6 @@ class KVOffload:
             if len(rows) < len(ids):        # a window group fills only its window's blocks
                 part = part[upload_values(rows, torch.int64, self.device)]
             t.index_copy_(0, idx, part)
-        if self.cuda:                   # keep the pinned source alive until the copy ran
-            ev = torch.cuda.Event()
-            ev.record()
-            self._pending.append((ev, host, None))
 
     # ----------------------------------------------------------------- store
 
@@ -391,7 +481,7 @@ class KVOffload:
         for ev, buf, keys in self._pending:
             if ev.query():
                 if keys is not None:
-                    self._stored(buf, keys)
+                    self._stored(buf, keys)     # (None: an abandoned load that has ended)
             else:
                 keep.append((ev, buf, keys))
         self._pending = keep
@@ -400,6 +490,8 @@ class KVOffload:
         """Wait for every copy and lower-tier write in flight (tests, shutdown)."""
         for ev, _, _ in self._pending:
             ev.synchronize()
+        for copy, _, _ in self._loading.values():
+            copy.synchronize()
         self.poll()
         if self._io is not None:
             self._io.submit(lambda: None).result()
@@ -463,9 +555,15 @@ class KVOffload:
             rid, ids = args
             blocks = self._held.pop(rid, [])[:len(ids)]
             if blocks:
-                self._copy_in(blocks, ids)
+                copy = self._copy_in(blocks, ids)
+                if copy is not None:
+                    self._loading[rid] = (copy, set(), time.perf_counter())
                 with self._lock:
                     self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
+        elif op == "settle":        # before the step that reads or reuses the blocks
+            entry = self._loading.pop(args[0], None)
+            if entry is not None:
+                self._settle(entry[0])
         elif op == "drop":
             self._drop(*args)
         elif op == "drain":

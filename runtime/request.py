@@ -160,7 +160,7 @@ class Request:
                  "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending",
                  "kv_policy", "grammar", "matcher", "bias", "logprobs", "cumulative_logprob",
                  "group", "prompt_logprobs", "bad_sequences", "lora", "lora_slot", "kv_salt",
-                 "draft_token_ids")
+                 "draft_token_ids", "kv_loading")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -199,6 +199,9 @@ class Request:
         # speculative proposals to verify after its last token in the next step
         # (runtime/speculative.py); empty when not speculating
         self.draft_token_ids: list[int] = []
+        # its blocks are being copied in from a lower KV tier (runtime/kv_offload.py): it
+        # holds them but is not scheduled until the copy has landed
+        self.kv_loading = False
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids))
 

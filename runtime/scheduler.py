@@ -18,6 +18,10 @@ the prompt and that output are prefilled again (often from the prefix cache).
 Nothing is lost: the tokens it already produced stay in the request. A step that
 preempts admits no new requests.
 
+A request admitted with blocks loaded from a lower KV tier (runtime/kv_offload.py) holds
+its blocks but is not scheduled while their copy runs (`Request.kv_loading`; other requests
+run meanwhile); once it has landed the blocks enter the prefix cache and the request runs.
+
 Scheduling a chunk advances the request's `num_computed` at once: the device runs
 steps in order, so the next step may be scheduled while this one still runs
 (tokens being sampled count through `Request.num_pending`). `commit` later puts
@@ -65,6 +69,8 @@ class SchedulerOutput:
     fills: list[ScheduledChunk] = field(default_factory=list)
     # waiting requests passed over because their KV is being staged from a lower tier
     staging: int = 0
+    # running requests not scheduled because their loaded KV blocks are still being copied in
+    loading: int = 0
     # speculative tokens scheduled for verification (ScheduledChunk.num_draft, summed)
     num_draft: int = 0
     # indices of the chunks that score prompt tokens (prompt_logprobs; runtime/prompt_logprobs.py)
@@ -113,6 +119,7 @@ class Scheduler:
         """Take a request out (finished or aborted), freeing its blocks."""
         if req.status is Status.RUNNING:
             self.running.remove(req)
+            self._abandon_load(req)
             self.bm.free(req.request_id)
             self._release_lora(req)
             self.num_prompt_logprobs -= req.params.prompt_logprobs is not None
@@ -141,6 +148,10 @@ class Scheduler:
         slide = getattr(self.bm, "slide", None)
         while i < len(running) and budget > 0:      # the decode hot path: keep it lean
             req = running[i]
+            if req.kv_loading and not self._landed(req):
+                i += 1
+                out.loading += 1
+                continue
             start = req.num_computed
             real = len(req.all_token_ids) + req.num_pending      # req.num_tokens, inlined
             total = real + len(req.draft_token_ids)      # speculative proposals after it
@@ -195,13 +206,18 @@ class Scheduler:
             cached = self.bm.allocate(req.request_id, tokens, use_cache, salt)
             del self.waiting[w]
             if use_cache and loader is not None:
-                cached += loader.load(req, self.bm, cached)
+                loaded = loader.load(req, self.bm, cached)
+                cached += loaded
+                req.kv_loading = loaded > 0
             req.num_computed = cached
             req.status = Status.RUNNING
             self.num_prompt_logprobs += not use_cache
             if req.metrics.first_scheduled_time is None:
                 req.metrics.num_cached_tokens = cached
             self.running.append(req)
+            if req.kv_loading and not self._landed(req):
+                out.loading += 1        # holds its blocks; runs once they have landed
+                continue
             num_new = min(req.num_tokens - cached, budget)
             if slide is not None and not self.bm.reserve(req.request_id, cached + num_new):
                 raise BrazeError(f"request {req.request_id!r}: no KV blocks for its first "
@@ -213,6 +229,21 @@ class Scheduler:
             req.num_computed = cached + num_new
             budget -= num_new
         return out
+
+    def _landed(self, req: Request) -> bool:
+        """Whether the blocks `req` loaded from a lower KV tier have been copied in; then
+        they enter the prefix cache as computed, and the request may run."""
+        if not self.kv_loader.settled(req):
+            return False
+        req.kv_loading = False
+        self.bm.commit(req.request_id, req.num_computed, req.all_token_ids)
+        return True
+
+    def _abandon_load(self, req: Request) -> None:
+        """Before freeing the blocks of a request whose load may still be copying in."""
+        if req.kv_loading:
+            self.kv_loader.abandon(req)
+            req.kv_loading = False
 
     def _sibling_prefilling(self, req: Request) -> bool:
         """A parallel sample (same `group`, same prompt) is running but its prompt's full
@@ -237,6 +268,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
+        self._abandon_load(req)
         self.bm.free(req.request_id)
         self._release_lora(req)
         self.num_prompt_logprobs -= req.params.prompt_logprobs is not None

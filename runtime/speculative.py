@@ -151,9 +151,11 @@ class NgramProposer:
 
 def eligible(req) -> bool:
     """Whether a running request may speculate in the next step: decoding (only its last
-    token to compute, nothing in flight) and sampling without per-position state."""
+    token to compute, nothing in flight, no KV still being loaded) and sampling without
+    per-position state."""
     p = req.params
     return (req.num_pending == 0 and req.num_computed == len(req.all_token_ids) - 1
+            and not req.kv_loading
             and req.matcher is None and req.grammar is None and p.logprobs is None
             and p.prompt_logprobs is None and not p.penalties and not p.logit_bias
             and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids)

@@ -178,9 +178,30 @@ MUTATIONS = [
              "at tensor parallelism a block loaded from a lower KV tier is filled on rank 0 "
              "only: rank 1 attends over another request's KV",
              "runtime/kv_offload.py",
-             "            if blocks:\n                self._copy_in(blocks, ids)",
-             "            if False:\n                self._copy_in(blocks, ids)",
+             "            if blocks:\n                copy = self._copy_in(blocks, ids)",
+             "            if False:\n                copy = self._copy_in(blocks, ids)",
              ["tests/test_kv_offload.py"], k="two_ranks_store"),
+    Mutation("load-runs-before-it-lands",
+             "a request whose KV blocks are loaded from the host tier runs before their copy "
+             "(on the load stream) has landed: it attends over whatever the blocks held",
+             "runtime/scheduler.py",
+             "req.kv_loading = loaded > 0",
+             "req.kv_loading = False",
+             ["tests/test_kv_load_landing.py"], k="waits_in_the_scheduler"),
+    Mutation("loaded-blocks-cached-before-they-land",
+             "blocks still being copied in from the host tier are prefix hits at once: a "
+             "second prompt with the same prefix reads them before they are written",
+             "runtime/kv_offload.py",
+             "ids = bm.adopt(req.request_id, len(blocks), register=False)",
+             "ids = bm.adopt(req.request_id, len(blocks), register=True)",
+             ["tests/test_kv_load_landing.py"], k="waits_in_the_scheduler"),
+    Mutation("abandoned-load-not-awaited",
+             "a request preempted or aborted while its KV load is copying in frees the "
+             "blocks at once: the late copy overwrites the next owner's KV",
+             "runtime/kv_offload.py",
+             "            return\n        self._settle(entry[0])",
+             "            return\n        self._pending.append((entry[0], None, None))",
+             ["tests/test_kv_load_landing.py"], k="abandoned"),
     Mutation("tp-offload-objects-not-named-by-rank",
              "two tensor-parallel ranks write their KV slices to the same object: a load "
              "reads another rank's heads",

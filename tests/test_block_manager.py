@@ -295,6 +295,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         # a lower KV tier (runtime/kv_offload.py): each computed full block's contents, by
         # the whole prefix up to its end (the key), as the offload stores them
         self.offloaded: dict[tuple, list] = {}
+        # loads whose copy has not landed yet (a GPU's load stream): per sequence, the
+        # (block, contents) still to be written; the sequence is not computed meanwhile
+        self.landing: dict[int, list] = {}
 
     @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), max_size=9),
           use_check=st.booleans(), promote=st.booleans(), data=st.data())
@@ -316,15 +319,24 @@ class BlockManagerMachine(RuleBasedStateMachine):
         table = self.bm.block_table(sid)
         for p in range(cached):                # the hit blocks hold exactly this prefix
             assert self.mem[table[p // BS]][p % BS] == (p, tuple(prompt[:p + 1]))
+        late = promote and data.draw(st.booleans())
         if promote:       # the blocks after the hits that the lower tier holds come back
             n, first = 0, cached // BS
             while first + n < (len(prompt) - 1) // BS and \
                     tuple(prompt[:(first + n + 1) * BS]) in self.offloaded:
                 n += 1
-            for i, b in enumerate(self.bm.adopt(sid, n), start=first):
+            copies = []
+            for i, b in enumerate(self.bm.adopt(sid, n, register=not late), start=first):
                 assert self.bm.ref_count(b) == 1, "loading into a shared block"
-                self.mem[b] = list(self.offloaded[tuple(prompt[:(i + 1) * BS])])
+                copies.append((b, list(self.offloaded[tuple(prompt[:(i + 1) * BS])])))
             cached += n * BS
+            if late and copies:     # in flight: other prompts must not hit these blocks yet
+                for b, _ in copies:     # (whatever they hold until the copy lands)
+                    self.mem[b] = [("being copied", b)] * BS
+                self.seqs[sid], self.computed[sid], self.landing[sid] = list(prompt), cached, copies
+                return
+            for b, kv in copies:
+                self.mem[b] = kv
             table = self.bm.block_table(sid)
             for p in range(cached):            # what was loaded is exactly this prefix's KV
                 assert self.mem[table[p // BS]][p % BS] == (p, tuple(prompt[:p + 1]))
@@ -344,11 +356,24 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for i in range(upto // BS):            # offload: every computed full block
             self.offloaded[tuple(seq[:(i + 1) * BS])] = list(self.mem[table[i]])
 
-    @precondition(lambda self: any(self.computed[s] < len(q) for s, q in self.seqs.items()))
+    @precondition(lambda self: self.landing)
+    @rule(data=st.data())
+    def land(self, data):
+        """A load's copy has landed: its blocks enter the prefix cache (the scheduler's
+        commit of the loaded tokens)."""
+        self._land(data.draw(st.sampled_from(sorted(self.landing))))
+
+    def _land(self, sid):
+        for b, kv in self.landing.pop(sid):
+            self.mem[b] = kv
+        self.bm.commit(sid, self.computed[sid], self.seqs[sid])
+
+    @precondition(lambda self: any(self.computed[s] < len(q) and s not in self.landing
+                                   for s, q in self.seqs.items()))
     @rule(data=st.data())
     def compute_chunk(self, data):
         sid = data.draw(st.sampled_from(sorted(s for s, q in self.seqs.items()
-                                               if self.computed[s] < len(q))))
+                                               if self.computed[s] < len(q) and s not in self.landing)))
         self._compute(sid, data.draw(st.integers(self.computed[sid] + 1, len(self.seqs[sid]))))
 
     @precondition(lambda self: any(self.computed[s] == len(q) for s, q in self.seqs.items()))
@@ -373,6 +398,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def free(self, data):
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self._free(sid)
+
+    def _free(self, sid):
+        if sid in self.landing:     # abandoned mid-copy: the copy ends before any reuse
+            for b, kv in self.landing.pop(sid):
+                self.mem[b] = kv
         self.bm.free(sid)
         del self.seqs[sid]
 
@@ -383,8 +414,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule()
     def free_all(self):
         for sid in list(self.seqs):
-            self.bm.free(sid)
-        self.seqs.clear()
+            self._free(sid)
         assert self.bm.stats()["kv_blocks_free"] == self.bm.stats()["kv_blocks_total"]
 
     @invariant()
@@ -395,7 +425,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def teardown(self):
         for sid in list(self.seqs):
-            self.bm.free(sid)
+            self._free(sid)
         assert self.bm.stats()["kv_blocks_free"] == self.bm.stats()["kv_blocks_total"]
         check_invariants(self.bm, {})
 

@@ -96,8 +96,10 @@ def test_engine_on_cuda_equals_reference(store, mode):
 
 def test_kv_offload_on_cuda_equals_everything_on_the_device(store, tmp_path):
     """The host tier's GPU path (gather on the compute stream, non-blocking copy into pinned
-    memory picked up at a later step, copy back before the step that reads it) and a disk
-    tier give the tokens of an engine whose cache holds everything."""
+    memory picked up at a later step; loads copied back on the load stream while another
+    request's steps run, the loading request and a second one with its prefix waiting in
+    the scheduler until the copy has landed) and a disk tier give the tokens of an engine
+    whose cache holds everything."""
     from braze.runtime.engine import Engine
     from braze.runtime.sampler import SamplingParams
     art = store.artifact("llama", opt_level=2, targets="sm_80,sm_90", max_num_tokens=64,
@@ -105,7 +107,8 @@ def test_kv_offload_on_cuda_equals_everything_on_the_device(store, tmp_path):
     g = torch.Generator().manual_seed(3)
     shared = [1] + torch.randint(3, 200, (69,), generator=g).tolist()
     fillers = [[1] + torch.randint(3, 200, (60 + i,), generator=g).tolist() for i in range(6)]
-    traffic = [[shared + [5, 6]], fillers, [shared + [7, 8, 9]]]
+    fresh = [1] + torch.randint(3, 200, (24,), generator=g).tolist()
+    traffic = [[shared + [5, 6]], fillers, [fresh, shared + [7, 8, 9], shared + [4]]]
     sp = SamplingParams(max_tokens=6, ignore_eos=True)
     runs = {}
     for name, kw in (("device", dict(num_kv_blocks=256)),

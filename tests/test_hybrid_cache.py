@@ -137,6 +137,9 @@ class HybridMachine(RuleBasedStateMachine):
         # same memory in every group, so one group's write there clobbers another's KV
         self.slots: dict[tuple, tuple] = {}
         self.n = 0
+        # loads whose copy has not landed (a GPU's load stream): per sequence, the slot
+        # writes still to come; such a sequence takes no step until they have
+        self.landing: dict[str, list] = {}
 
     def _mem(self, g):
         return 0 if self.bm.shared else g
@@ -176,8 +179,10 @@ class HybridMachine(RuleBasedStateMachine):
         cached = self.bm.allocate(sid, tokens)
         first = cached // BS
         k = data.draw(st.integers(0, (len(tokens) - 1) // BS - first))
-        ids = self.bm.adopt(sid, k)
+        late = data.draw(st.booleans())
+        ids = self.bm.adopt(sid, k, register=not late)
         assert len(ids) <= k
+        writes = []
         for j, per_group in enumerate(ids):
             i = first + j
             for g, b in enumerate(per_group):
@@ -185,9 +190,31 @@ class HybridMachine(RuleBasedStateMachine):
                     assert self.windows[g]          # only a window group skips a block
                     continue
                 for p in range(i * BS, (i + 1) * BS):
-                    self._write(g, b * BS + p % BS, tuple(tokens[:p + 1]))
+                    writes.append((g, b * BS + p % BS, tuple(tokens[:p + 1])))
         self.seqs[sid] = {"tokens": list(tokens), "computed": cached + len(ids) * BS}
+        if late and writes:     # in flight: the slots hold no one's KV until it lands
+            for g, slot, _ in writes:
+                self._write(g, slot, "being copied")
+            self.landing[sid] = writes
+            return
+        for w in writes:
+            self._write(*w)
         self._check_visible(sid, cached + len(ids) * BS)
+
+    @precondition(lambda self: self.landing)
+    @rule(data=st.data())
+    def land(self, data):
+        """A load's copy has landed: its blocks enter the prefix caches (the scheduler's
+        commit of the loaded tokens)."""
+        sid = data.draw(st.sampled_from(sorted(self.landing)))
+        self._land(sid)
+        s = self.seqs[sid]
+        self.bm.commit(sid, s["computed"], s["tokens"])
+        self._check_visible(sid, s["computed"])
+
+    def _land(self, sid):
+        for w in self.landing.pop(sid):
+            self._write(*w)
 
     def _check_visible(self, sid, start):
         """Every key a token at position >= start sees is the sequence's own KV."""
@@ -203,6 +230,8 @@ class HybridMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def step(self, data):
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        if sid in self.landing:         # the scheduler passes it over
+            return
         s = self.seqs[sid]
         if s["computed"] == len(s["tokens"]):           # decode: a new token first
             s["tokens"].append(data.draw(st.integers(0, 3)))
@@ -233,6 +262,8 @@ class HybridMachine(RuleBasedStateMachine):
         """Speculative rollback: tokens past k are dropped (and may come back different);
         never below the cached blocks nor the last chunk's start."""
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        if sid in self.landing:
+            return
         s = self.seqs[sid]
         bm = self.bm
         lo = max(bm.num_registered(sid) * BS, bm._seqs[sid].start)
@@ -245,6 +276,8 @@ class HybridMachine(RuleBasedStateMachine):
         s["computed"] = min(s["computed"], k)
 
     def _free(self, sid):
+        if sid in self.landing:     # abandoned mid-copy: the copy ends before any reuse
+            self._land(sid)
         self.bm.free(sid)
         del self.seqs[sid]
 
