@@ -48,6 +48,12 @@ Part 5:
                only                                   decode-1b-extern.json, decode-1b-triton.json
   kernels-gemm the skinny GEMMs vs cuBLAS per projection (gate_up fused too), 1B and 8B
                shapes, T = 1 and 16                   kernels-gemm.json, kernels-gemm.log
+Part 6:
+  kv-tiers     time to first token of a repeated 32k-token prefix with Llama-3-8B's KV
+               per token (4 GiB): computed, loaded from pinned host memory, staged from
+               disk; and a decoding neighbour's inter-token latency while the load's copy
+               runs on its own stream (benchmarks/kv_offload.py)       kv-tiers.json,
+                                                                       kv-tiers.log
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -270,6 +276,30 @@ class Suite:
                 self.facts.append(f"{name}: results incomplete (the stage was cut short)")
         self.stage(name, limit_s, [cmd], "decode.log", after=after)
 
+    def kv_tiers_stage(self, limit_s: float) -> None:
+        json_path = self.out / "kv-tiers.json"
+        cmd = [self.python, str(BENCH / "kv_offload.py"), "--json", str(json_path)]
+        if self.dry_run:
+            cmd += ["--prefix-tokens", "256", "--max-num-tokens", "128"]
+        else:
+            cmd += ["--backend", "cuda", "--kv-shape", "8b", "--dtype", "bfloat16",
+                    "--prefix-tokens", "32768", "--max-num-tokens", "2048"]
+
+        def after():
+            doc = json.loads(json_path.read_text())
+            rows = {r["case"]: r for r in doc["results"]}
+            base = rows.get("computed", {}).get("ttft_s")
+            self.facts += [f"kv-tiers TTFT {case}: {r['ttft_s'] * 1000:.0f} ms"
+                           + (f" ({base / r['ttft_s']:.1f}x computed)" if base else "")
+                           for case, r in rows.items()]
+            n = rows.get("host beside a decoder")
+            if n:
+                self.facts.append(
+                    f"kv-tiers neighbour inter-token latency: median "
+                    f"{n['neighbour_itl_median_before_s'] * 1000:.1f} ms before, max "
+                    f"{n['neighbour_itl_max_during_s'] * 1000:.1f} ms during the load")
+        self.stage("kv-tiers", limit_s, [cmd], "kv-tiers.log", after=after)
+
     def kernels_stage(self, name: str, limit_s: float, models: list[str], json_name: str,
                       sizes: list[int] | None = None, kernels: list[str] | None = None) -> None:
         json_path = self.out / json_name
@@ -351,7 +381,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
-    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5), default=1)
+    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5, 6), default=1)
     ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
                     help="stop starting work after this many seconds (default 530: a "
                          "9-minute device call with room to bring the files back)")
@@ -386,6 +416,8 @@ def main(argv=None) -> int:
                            ["--no-cold-start", "--small-m-gemm", choice], label=f"[{choice}] ")
         s.kernels_stage("kernels-gemm", 150, ["llama3.2-1b", "llama3-8b"], "kernels-gemm.json",
                         sizes=[1, 16], kernels=["skinny_gemm"])
+    elif args.part == 6:
+        s.kv_tiers_stage(480)
     elif args.part == 4:
         s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",
                        "eager", "decode-gemma4.json", ["--no-cold-start"])

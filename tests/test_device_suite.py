@@ -32,6 +32,7 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
     ("4", {"summary.md", "env.txt", "decode.log", "decode-gemma4.json"}),
     ("5", {"summary.md", "env.txt", "decode.log", "decode-1b-extern.json",
            "decode-1b-triton.json", "kernels-gemm.json", "kernels-gemm.log"}),
+    ("6", {"summary.md", "env.txt", "kv-tiers.json", "kv-tiers.log"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -73,6 +74,10 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         rows = json.loads((tmp_path / "kernels-gemm.json").read_text())["results"]
         assert {r["kernel"] for r in rows if r["ok"]} >= {"gemm_gate_up", "gemm_gate_up_glu"}
         assert all(r["kernel"].startswith("gemm_") for r in rows)
+    if part == "6":
+        for case in ("computed", "host", "disk", "host beside a decoder"):
+            assert f"kv-tiers TTFT {case}:" in summary
+        assert "kv-tiers neighbour inter-token latency: median" in summary
     if part == "4":
         name = "tiny Gemma-4-E2B-like"
         assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
