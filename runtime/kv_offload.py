@@ -12,7 +12,7 @@ tier), and promotion back on a prefix hit the device no longer holds.
              are admitted meanwhile), never inside a step
     load     on admission, the leading blocks the host tier holds are copied into the
              request's fresh device blocks (on a GPU: on the offload's own load stream,
-             overlapping the steps of other requests). The request holds its blocks but
+             overlapping the steps of other requests, a few chunks queued at a time). The request holds its blocks but
              waits in the scheduler until the copy has ended (`settled`); only then do the
              blocks enter the device's prefix cache, so no other prompt reads them early.
              A request freed while its copy runs (preempted, aborted) first orders the
@@ -45,6 +45,7 @@ import json
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,11 @@ REPLY_LEN = 1 + len(SUMMED)        # a rank's answer to rank 0: a value, then it
 # how long a rank > 0 waits for its own staging of a request that rank 0 has staged, before
 # answering how many of its blocks it holds (a rank 0 waiting on it waits inside a step)
 HOLD_WAIT_S = 10.0
+# a load is copied in chunks of about this many bytes, at most LOAD_INFLIGHT_CHUNKS queued
+# at once: its pinned staging and device temporaries stay bounded (a 32k-token prefix of an
+# 8B model is 4 GiB) while the copy engine stays busy
+LOAD_CHUNK_BYTES = 64 << 20
+LOAD_INFLIGHT_CHUNKS = 4
 
 
 @dataclass
@@ -140,6 +146,16 @@ class _DeviceCopy:
         torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
+class _Load:
+    """A request's loaded blocks on their way to the device: chunks still to copy (host
+    blocks, device block ids), the copies queued and not yet seen to end, the keys of its
+    blocks, and when it began."""
+    __slots__ = ("todo", "copies", "keys", "start")
+
+    def __init__(self, todo: list, keys: set, start: float):
+        self.todo, self.copies, self.keys, self.start = deque(todo), deque(), keys, start
+
+
 class KVOffload:
     def __init__(self, cache, identity: bytes, host_bytes: int, lower=None, device="cpu"):
         self.cache = cache
@@ -160,9 +176,7 @@ class KVOffload:
         self._pending: list = []       # (event, host buffer, keys) of copies still running
         self._stream = None            # the device-to-host copies' own CUDA stream
         self._load_stream = None       # the host-to-device copies' own CUDA stream
-        # request id -> (its load's copy in flight, the keys of the blocks it fills, when
-        # the load began)
-        self._loading: dict[str, tuple] = {}
+        self._loading: dict[str, _Load] = {}   # request id -> its load still copying in
         self._in_host_from_lower: set[str] = set()
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
         # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
@@ -248,13 +262,16 @@ class KVOffload:
         return False
 
     def _in_flight(self, key: str) -> bool:
-        return any(key in keys for _, keys, _ in self._loading.values())
+        return any(key in load.keys for load in self._loading.values())
 
     def wait_staging(self, timeout: float) -> None:
         """Block until some staging or load finishes or `timeout` seconds pass (the engine
         has nothing else to run)."""
         if self._loading:               # a host-to-device copy: short, and bounded by its size
-            next(iter(self._loading.values()))[0].synchronize()
+            load = next(iter(self._loading.values()))
+            if load.copies:
+                load.copies[0].synchronize()
+            self._pump(load)
             return
         pending = [s.future for s in self._staging.values() if not s.future.done()]
         if pending:
@@ -316,16 +333,16 @@ class KVOffload:
         if not ids:
             return 0
         blocks = blocks[:len(ids)]      # a hybrid cache may take fewer (its window pools)
-        copy = self._copy_in(blocks, ids)
-        if copy is not None:        # its time is counted when it has landed
-            self._loading[req.request_id] = (copy, set(keys[:len(blocks)]), t)
+        load = self._start(blocks, ids, set(keys[:len(blocks)]))
+        if load is not None:        # its time is counted when it has landed
+            self._loading[req.request_id] = load
         with self._lock:
             for k in keys[:len(blocks)]:
                 tier = "lower" if k in self._in_host_from_lower else "host"
                 self._in_host_from_lower.discard(k)
                 self.counters[f"load_blocks_{tier}"] += 1
             self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
-            if copy is None:
+            if load is None:
                 self.counters["load_seconds"] += time.perf_counter() - t
             self.counters["loads"] += 1
         return len(blocks) * bs
@@ -334,14 +351,14 @@ class KVOffload:
         """Whether `req`'s load has landed (True for a request with no load in flight).
         The first True forgets the copy; the other ranks then order their next step after
         theirs."""
-        entry = self._loading.get(req.request_id)
-        if entry is None:
+        load = self._loading.get(req.request_id)
+        if load is None:
             return True
-        if not entry[0].query():
+        if not self._pump(load):
             return False
         del self._loading[req.request_id]
         with self._lock:            # from the load's start to the scheduler seeing it landed
-            self.counters["load_seconds"] += time.perf_counter() - entry[2]
+            self.counters["load_seconds"] += time.perf_counter() - load.start
         if self.peers is not None:
             self.peers.send("settle", req.request_id)
         return True
@@ -349,17 +366,39 @@ class KVOffload:
     def abandon(self, req) -> None:
         """`req`'s blocks are about to be freed while its load may still be copying into
         them (it was preempted or ended): every later kernel on the compute stream, which
-        is what may reuse them, is ordered after the copy."""
-        entry = self._loading.pop(req.request_id, None)
-        if entry is None:
+        is what may reuse them, is ordered after the copies queued (the chunks not queued
+        yet are never copied)."""
+        load = self._loading.pop(req.request_id, None)
+        if load is None:
             return
-        self._settle(entry[0])
+        self._settle(load)
         if self.peers is not None:
             self.peers.send("settle", req.request_id)
 
-    def _settle(self, copy) -> None:
-        copy.order()
-        self._pending.append((copy, None, None))    # its source lives until it has ended
+    def _settle(self, load: _Load) -> None:
+        for copy in load.copies:
+            copy.order()
+            self._pending.append((copy, None, None))    # its source lives until it has ended
+        load.copies.clear()
+
+    def _start(self, blocks: list[torch.Tensor], ids: list, keys: set) -> "_Load | None":
+        """Begin copying host `blocks` into device blocks `ids`, a chunk at a time; the
+        load, or None if it has landed already (on the CPU the copies are synchronous)."""
+        n = max(1, LOAD_CHUNK_BYTES // self.block_bytes)
+        load = _Load([(blocks[i:i + n], ids[i:i + n]) for i in range(0, len(ids), n)], keys,
+                     time.perf_counter())
+        return None if self._pump(load) else load
+
+    def _pump(self, load: _Load, everything: bool = False) -> bool:
+        """Forget the copies of `load` that have ended and queue more chunks (all of them
+        with `everything`); whether the whole load has landed."""
+        while load.copies and load.copies[0].query():
+            load.copies.popleft()
+        while load.todo and (everything or len(load.copies) < LOAD_INFLIGHT_CHUNKS):
+            copy = self._copy_in(*load.todo.popleft())
+            if copy is not None:
+                load.copies.append(copy)
+        return not load.todo and not load.copies
 
     def _leading(self, keys: list[str]) -> list[torch.Tensor]:
         """The host tier's blocks for `keys`, up to the first it lacks."""
@@ -474,7 +513,10 @@ class KVOffload:
                 self.counters["store_bytes_lower"] += len(data)
 
     def poll(self) -> None:
-        """Pick up the copies that finished (GPU): stored blocks enter the host tier."""
+        """Pick up the copies that finished (GPU): stored blocks enter the host tier; loads
+        queue their next chunks."""
+        for load in self._loading.values():
+            self._pump(load)
         if not self._pending:
             return
         keep = []
@@ -490,8 +532,9 @@ class KVOffload:
         """Wait for every copy and lower-tier write in flight (tests, shutdown)."""
         for ev, _, _ in self._pending:
             ev.synchronize()
-        for copy, _, _ in self._loading.values():
-            copy.synchronize()
+        for load in self._loading.values():
+            while not self._pump(load, everything=True):
+                load.copies[0].synchronize()
         self.poll()
         if self._io is not None:
             self._io.submit(lambda: None).result()
@@ -555,15 +598,16 @@ class KVOffload:
             rid, ids = args
             blocks = self._held.pop(rid, [])[:len(ids)]
             if blocks:
-                copy = self._copy_in(blocks, ids)
-                if copy is not None:
-                    self._loading[rid] = (copy, set(), time.perf_counter())
+                load = self._start(blocks, ids, set())
+                if load is not None:
+                    self._loading[rid] = load
                 with self._lock:
                     self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
         elif op == "settle":        # before the step that reads or reuses the blocks
-            entry = self._loading.pop(args[0], None)
-            if entry is not None:
-                self._settle(entry[0])
+            load = self._loading.pop(args[0], None)
+            if load is not None:        # rank 0's has landed: queue what is left of ours
+                self._pump(load, everything=True)
+                self._settle(load)
         elif op == "drop":
             self._drop(*args)
         elif op == "drain":

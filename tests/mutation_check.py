@@ -178,8 +178,8 @@ MUTATIONS = [
              "at tensor parallelism a block loaded from a lower KV tier is filled on rank 0 "
              "only: rank 1 attends over another request's KV",
              "runtime/kv_offload.py",
-             "            if blocks:\n                copy = self._copy_in(blocks, ids)",
-             "            if False:\n                copy = self._copy_in(blocks, ids)",
+             "            if blocks:\n                load = self._start(blocks, ids, set())",
+             "            if False:\n                load = self._start(blocks, ids, set())",
              ["tests/test_kv_offload.py"], k="two_ranks_store"),
     Mutation("load-runs-before-it-lands",
              "a request whose KV blocks are loaded from the host tier runs before their copy "
@@ -195,12 +195,19 @@ MUTATIONS = [
              "ids = bm.adopt(req.request_id, len(blocks), register=False)",
              "ids = bm.adopt(req.request_id, len(blocks), register=True)",
              ["tests/test_kv_load_landing.py"], k="waits_in_the_scheduler"),
+    Mutation("load-lands-when-its-last-chunk-is-queued",
+             "a load counts as landed once its last chunk is queued, not copied: the "
+             "request attends over blocks still being written",
+             "runtime/kv_offload.py",
+             "        return not load.todo and not load.copies",
+             "        return not load.todo",
+             ["tests/test_kv_load_landing.py"], k="waits_in_the_scheduler or chunks"),
     Mutation("abandoned-load-not-awaited",
              "a request preempted or aborted while its KV load is copying in frees the "
              "blocks at once: the late copy overwrites the next owner's KV",
              "runtime/kv_offload.py",
-             "            return\n        self._settle(entry[0])",
-             "            return\n        self._pending.append((entry[0], None, None))",
+             "            return\n        self._settle(load)",
+             "            return\n        self._loading.pop(req.request_id, None)",
              ["tests/test_kv_load_landing.py"], k="abandoned"),
     Mutation("tp-offload-objects-not-named-by-rank",
              "two tensor-parallel ranks write their KV slices to the same object: a load "

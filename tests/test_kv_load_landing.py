@@ -159,3 +159,29 @@ def test_other_ranks_order_their_next_step_after_their_own_copy(art):
     assert len(copies) == 1 and not copies[0].query()
     off.apply("settle", "r")
     assert copies[0].query()
+
+
+def test_a_long_load_is_copied_a_few_chunks_at_a_time(art, solo, monkeypatch):
+    """A load is queued in chunks, a bounded number at once (its pinned staging and device
+    temporaries stay small whatever the prefix length); the request runs once every chunk
+    has landed."""
+    from braze.runtime import kv_offload
+    eng, copies = _warm(art, steps=2)
+    monkeypatch.setattr(kv_offload, "LOAD_CHUNK_BYTES", eng.offload.block_bytes)
+    monkeypatch.setattr(kv_offload, "LOAD_INFLIGHT_CHUNKS", 2)
+    most, schedule = [], eng.scheduler.schedule
+
+    def watch():
+        out = schedule()
+        most.append(sum(not c.query() for c in copies))
+        if any(c.request.request_id == "second" for c in out.chunks):
+            assert len(copies) == 4 and all(c.query() for c in copies)
+        return out
+
+    eng.scheduler.schedule = watch
+    eng.add_request("other", OTHER, GREEDY)
+    eng.add_request("second", SECOND, GREEDY)
+    got = eng.run_to_completion(["other", "second"])
+    assert [got[r].token_ids for r in ("other", "second")] == [solo[tuple(OTHER)],
+                                                               solo[tuple(SECOND)]]
+    assert len(copies) == 4 and max(most) == 2      # one block each, two queued at a time
