@@ -463,10 +463,17 @@ class KVOffload:
         idx = {g: upload_values([_block_id(b, g) for b, _ in todo], torch.int64, self.device)
                for g in set(self.group_of.values())}
         # the gather runs on the compute stream, ordered after the step that computed the
-        # blocks and before any that could reuse them: a snapshot of their KV
-        parts = [self.cache.tensors[n].index_select(0, idx[self.group_of[n]])
-                 .view(len(todo), -1).view(torch.uint8) for n in self.names]
-        gathered = torch.cat(parts, dim=1)
+        # blocks and before any that could reuse them: a snapshot of their KV, written
+        # tensor by tensor into one buffer (one tensor's part at a time beside it, not a
+        # second copy of the whole: a prefill step's blocks can be a GiB)
+        gathered = torch.empty((len(todo), self.block_bytes), dtype=torch.uint8,
+                               device=self.device)
+        off = 0
+        for n in self.names:
+            part = self.cache.tensors[n].index_select(0, idx[self.group_of[n]]) \
+                .view(len(todo), -1).view(torch.uint8)
+            gathered[:, off:off + part.shape[1]].copy_(part)
+            off += part.shape[1]
         keys = [k for _, k in todo]
         if self.cuda:
             self._pending.append(self._copy_out(gathered, keys))
