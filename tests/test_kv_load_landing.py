@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 from braze.runtime.engine import Engine
+from hypothesis import given, settings, strategies as st
 from braze.runtime.scheduler import SchedulerOutput
 
 from conftest import prompts_of, run_all
@@ -21,13 +22,16 @@ THIRD = SHARED + prompts_of([7], seed=8)[0]
 SECOND = SHARED + prompts_of([9], seed=4)[0]
 OTHER = prompts_of([20], seed=9)[0]
 FRESH = prompts_of([60, 61], seed=11)       # no tier holds their blocks: they compute them
+# prompts for the random traffic: four sharing SHARED's 4 loadable blocks, two fresh, one short
+POOL = [SECOND, THIRD, SHARED + prompts_of([12], seed=12)[0], SHARED[:40] + [7, 7, 7]] \
+    + FRESH + [OTHER]
 
 
 class _LateCopy:
     """A host-to-device copy that lands `steps` engine steps after it was started (or when
     the compute stream is made to wait for it: `order`, `synchronize`)."""
 
-    def __init__(self, work, steps: int):
+    def __init__(self, work, steps):
         self.work, self.steps = work, steps
 
     def tick(self) -> None:
@@ -49,13 +53,15 @@ class _LateCopy:
     order = synchronize
 
 
-def _late_loads(eng, steps: int) -> list:
-    """Make `eng`'s loads land `steps` engine steps late; the copies made."""
+def _late_loads(eng, steps) -> list:
+    """Make `eng`'s loads land `steps` engine steps late (an int, or a function giving
+    each copy's); the copies made."""
     off, copies = eng.offload, []
     copy_in, poll = off._copy_in, off.poll
 
     def late(blocks, ids):
-        copies.append(_LateCopy(lambda: copy_in(blocks, ids), steps))
+        copies.append(_LateCopy(lambda: copy_in(blocks, ids),
+                                steps() if callable(steps) else steps))
         return copies[-1]
 
     def ticking():      # the engine polls the offload once per step
@@ -77,10 +83,10 @@ def solo(art):
     """Each prompt's output alone, with everything on the device."""
     eng = Engine(art, backend="reference", num_kv_blocks=256)
     return {tuple(p): run_all(eng, [p], GREEDY)[0].token_ids
-            for p in [SECOND, THIRD, OTHER] + FRESH}
+            for p in POOL}
 
 
-def _warm(art, steps: int):
+def _warm(art, steps):
     """An engine whose device cache has lost SHARED's blocks and whose host tier holds
     them, with loads landing `steps` steps late."""
     eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
@@ -185,3 +191,41 @@ def test_a_long_load_is_copied_a_few_chunks_at_a_time(art, solo, monkeypatch):
     assert [got[r].token_ids for r in ("other", "second")] == [solo[tuple(OTHER)],
                                                                solo[tuple(SECOND)]]
     assert len(copies) == 4 and max(most) == 2      # one block each, two queued at a time
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_random_traffic_with_late_loads_aborts_and_preemption(art, solo, data):
+    """Requests from POOL arrive at random steps (several at once load SHARED's blocks,
+    the tiny cache preempts), copies land 0-5 steps late, some requests are aborted at a
+    random step: every finished output equals its prompt's alone, an aborted one is a
+    prefix of it, and at the end no block, load or pinned copy is left."""
+    eng, copies = _warm(art, steps=lambda: data.draw(st.integers(0, 5), label="late"))
+    arrivals = data.draw(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(range(len(POOL))),
+                                            st.none() | st.integers(1, 8)),
+                                  min_size=1, max_size=6), label="arrivals")
+    pending = sorted((at, i, p, abort) for i, (at, p, abort) in enumerate(arrivals))
+    final, aborts, step = {}, {}, 0
+    while pending or eng.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, i, p, abort = pending.pop(0)
+            eng.add_request(f"r{i}", POOL[p], GREEDY)
+            if abort is not None:
+                aborts[f"r{i}"] = step + abort
+        for rid, at in aborts.items():
+            if at == step:
+                eng.abort_request(rid)
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+        step += 1
+        assert step < 500, "the engine stopped making progress"
+    for i, (_, p, _) in enumerate(arrivals):
+        got, want = final[f"r{i}"], solo[tuple(POOL[p])]
+        if got.finish_reason == "abort":
+            assert got.token_ids == want[:len(got.token_ids)]
+        else:
+            assert got.token_ids == want
+    eng.offload.drain()
+    assert eng.block_manager.num_free_blocks == DEVICE_BLOCKS
+    assert not eng.offload._loading and all(c.query() for c in copies)
