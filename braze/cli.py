@@ -357,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "extern (default) calls torch/cuBLAS at every bucket; triton launches "
                         "braze's split-K skinny GEMM kernel there and cuBLAS above. Opt-in "
                         "until measured on a GPU (benchmarks/kernel_bench.py --kernels "
-                        "skinny_gemm); `braze inspect` lists the linears it applies to. Not "
-                        "with --tensor-parallel-size > 1")
+                        "skinny_gemm); `braze inspect` lists the linears it applies to. At "
+                        "--tensor-parallel-size N each rank runs it on its weight shards")
     c.add_argument("--mtp-assistant", metavar="DIR",
                    help="a Gemma 4 target's assistant model (a Gemma4AssistantForCausalLM "
                         "checkpoint directory): compiled beside the target, it reads the "

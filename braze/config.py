@@ -55,10 +55,6 @@ class CompileOptions:
         if self.small_m_gemm not in SMALL_M_GEMM:
             raise BrazeError(f"--small-m-gemm must be one of {', '.join(SMALL_M_GEMM)}, "
                              f"got {self.small_m_gemm!r}")
-        if self.small_m_gemm == "triton" and self.tensor_parallel_size > 1:
-            raise BrazeError("--small-m-gemm triton is not supported with "
-                             "--tensor-parallel-size > 1 yet (unverified on sharded graphs); "
-                             "drop one of the two")
         if self.lora_slots < 0 or self.max_lora_rank < 1:
             raise BrazeError(f"--lora-slots must be >= 0 and --max-lora-rank positive, got "
                              f"{self.lora_slots} and {self.max_lora_rank}")

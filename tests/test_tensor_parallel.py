@@ -45,7 +45,7 @@ def _logits(ex) -> list[torch.Tensor]:
     return [run_step(ex, chunks) for chunks in _steps()]
 
 
-def _rank_main(rank, n, port, root, queue, config_home):
+def _rank_main(rank, n, port, root, queue, config_home, backend="reference"):
     import datetime
     os.environ["XDG_CONFIG_HOME"] = config_home     # importing conftest here replaced it
 
@@ -55,7 +55,7 @@ def _rank_main(rank, n, port, root, queue, config_home):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=n, timeout=datetime.timedelta(seconds=120))
     try:
-        ex = Executor(open_artifact(root), backend="reference", num_blocks=8)
+        ex = Executor(open_artifact(root), backend=backend, num_blocks=8)
         out = _logits(ex)
         if rank == 0:
             queue.put([t.numpy().copy() for t in out])
@@ -64,7 +64,7 @@ def _rank_main(rank, n, port, root, queue, config_home):
         dist.destroy_process_group()
 
 
-def _run_ranks(root, n) -> list[torch.Tensor]:
+def _run_ranks(root, n, backend="reference") -> list[torch.Tensor]:
     import torch.multiprocessing as mp
 
     from braze.runtime.parallel import _free_port
@@ -72,7 +72,8 @@ def _run_ranks(root, n) -> list[torch.Tensor]:
     q = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, n, port, str(root), q,
-                                                              os.environ["XDG_CONFIG_HOME"])) for r in range(n)]
+                                                  os.environ["XDG_CONFIG_HOME"], backend))
+             for r in range(n)]
     for p in procs:
         p.start()
     try:
@@ -95,6 +96,26 @@ def test_logits_equal_one_rank(store, case, n):
     art = store.artifact(case, opt_level=2, tensor_parallel_size=n)
     got = _run_ranks(art, n)
     for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe-dense-middle"])
+def test_skinny_gemms_on_shards_equal_one_rank(store, case):
+    """--small-m-gemm triton at 2 ranks (interpret backend: the launch plans a GPU runs, at
+    steps of 14 and 5 tokens): each rank's skinny GEMMs over its shards, column-parallel
+    q/k/v and gate/up (the gated epilogue on the rank's [gate, up] halves), row-parallel
+    o/down before their all-reduce and the vocabulary-parallel LM head, give one rank's
+    logits."""
+    import json
+    from braze.runtime import Executor, open_artifact
+    one = Executor(open_artifact(store.artifact(case, opt_level=2)), backend="reference",
+                   num_blocks=8)
+    want = _logits(one)
+    art = store.artifact(case, opt_level=2, tensor_parallel_size=2, small_m_gemm="triton")
+    linears = json.loads((art / "manifest.json").read_text())["plan"]["small_m_gemm"]["linears"]
+    assert any(ln.get("epilogue") for ln in linears) and all("when" in ln for ln in linears)
+    for w, g in zip(want, _run_ranks(art, 2, backend="interpret")):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
         assert torch.equal(g.argmax(-1), w.argmax(-1))
 
