@@ -463,15 +463,29 @@ def _linear(sh: _Sharder, node: Node, states):
     if isinstance(sx, Split) and sx.axis == x.type.rank - 1 and sw is None and w.kind == "param":
         if not sx.even:
             raise BrazeError(f"{_where(node)}: a row-parallel projection needs an even split")
-        if len(node.operands) == 3:
-            raise BrazeError(f"@{w.name}: a row-parallel projection with a bias is not "
-                             f"supported by tensor parallelism yet")
         if w.type.shape[1] != sx.full:
             raise BrazeError(f"@{w.name} does not match its split input {x.ref}")
         sh.split_param(w, 1, _ranges(sx.full, sh.n), "row-parallel input")
+        if len(node.operands) == 3:
+            _bias_after_sum(sh, node)
         return PARTIAL
     raise BrazeError(f"tensor parallelism cannot shard linear {_where(node)} "
                      f"(input {sx}, weight {sw})")
+
+
+def _bias_after_sum(sh: _Sharder, node: Node) -> None:
+    """A row-parallel linear's bias is added once, to the sum of the ranks' partial
+    products: the linear loses it, and its readers get all_reduce(partial) + bias."""
+    g = sh.g
+    x, w, b = node.operands
+    node.operands = (x, w)
+    out = node.results[0]
+    red = sh.reduce(out)
+    i = g.index(red.producer) + 1
+    with g.inserting_before(g.nodes[i] if i < len(g.nodes) else None):
+        added = g.op("add", red, b)
+    g.replace_all_uses(out, added)
+    red.producer.operands = (out,)
 
 
 def _einsum(sh: _Sharder, node: Node, states):

@@ -33,6 +33,7 @@ CASES = {
                                         "tie_word_embeddings": True}),
     "llama-linearrope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0,
                                                     "rope_theta": 10000.0}}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "llama-dynamicrope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0,
                                                      "rope_theta": 10000.0}}),
     "qwen3-yarnrope": ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,

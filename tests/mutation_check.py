@@ -209,6 +209,13 @@ MUTATIONS = [
              "            return\n        self._settle(load)",
              "            return\n        self._loading.pop(req.request_id, None)",
              ["tests/test_kv_load_landing.py"], k="abandoned"),
+    Mutation("tp-row-parallel-bias-on-every-rank",
+             "at tensor parallelism a row-parallel projection's bias (o_proj, down_proj) is "
+             "added by every rank before the all-reduce: N times over",
+             "passes/shard.py",
+             "    node.operands = (x, w)\n",
+             "    node.operands = (x, w, b)\n",
+             ["tests/test_tensor_parallel.py"], k="logits_equal and biases"),
     Mutation("tp-offload-objects-not-named-by-rank",
              "two tensor-parallel ranks write their KV slices to the same object: a load "
              "reads another rank's heads",

@@ -29,7 +29,10 @@ LOGIT_CASES = [("llama", 2), ("llama", 4), ("qwen3-headdim24-tied", 2),
                ("mixtral", 2), ("phi3-longrope-partial-tied", 2), ("gemma3-sandwich-softcap", 2),
                # Gemma 4: PLE, shared KV, MoE beside the MLP, one replicated KV head of
                # a global layer normed per head (q/k norms)
-               ("gemma4-ple-kvshare-moe", 2)]
+               ("gemma4-ple-kvshare-moe", 2),
+               # biases on every projection: o_proj's and down_proj's (row-parallel) are
+               # added once, after their all-reduce
+               ("llama-biases", 2)]
 
 
 def _steps():
