@@ -1,7 +1,9 @@
 """Structured output: grammars that constrain what a request may generate.
 
 A request asks for one constraint (`StructuredOutputsParams`: a JSON schema, any JSON
-object, a regex, a choice among strings, or an EBNF grammar). xgrammar compiles it
+object, a regex, a choice among strings, an EBNF grammar, or a structural tag: free text
+in which what follows a trigger is held to a format, e.g. a tool call's JSON between
+`<function=...>` and `</function>`). xgrammar compiles it
 against the artifact's tokenizer into a `CompiledGrammar`; each request gets its own
 `GrammarMatcher` over it. Before sampling, the matcher fills its row of a packed token
 bitmask (int32[rows, ceil(vocab/32)], bit v of a row set = token v allowed); rows
@@ -34,7 +36,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
-KINDS = ("json", "regex", "choice", "grammar", "json_object")
+KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 DEFAULT_CACHE_SIZE = 128
 
 
@@ -53,12 +55,14 @@ def xgrammar():
 class StructuredOutputsParams:
     """Exactly one constraint, in vLLM's `structured_outputs` shape: `json` (a JSON
     schema as dict or text), `regex`, `choice` (a list of strings), `grammar` (EBNF in
-    xgrammar/GBNF syntax), or `json_object=True` (any JSON object)."""
+    xgrammar/GBNF syntax), `json_object=True` (any JSON object), or `structural_tag` (an
+    object or its JSON text, in either of vLLM's shapes: `structural_tag_format`)."""
     json: Any = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    structural_tag: Any = None
 
     @classmethod
     def of(cls, value) -> "StructuredOutputsParams | None":
@@ -66,13 +70,10 @@ class StructuredOutputsParams:
             return value
         if isinstance(value, dict):
             unknown = set(value) - set(KINDS) - {"disable_any_whitespace", "whitespace_pattern",
-                                                 "disable_fallback", "disable_additional_properties",
-                                                 "structural_tag"}
+                                                 "disable_fallback", "disable_additional_properties"}
             if unknown:
                 raise BrazeError(f"structured_outputs has unknown field(s) {sorted(unknown)}; "
                                  f"it takes one of {', '.join(KINDS)}")
-            if value.get("structural_tag") is not None:
-                raise BrazeError("structured_outputs.structural_tag is not supported")
             return cls(**{k: value[k] for k in KINDS if k in value})
         raise BrazeError(f"structured_outputs must be an object with one of "
                          f"{', '.join(KINDS)}, got {value!r}")
@@ -98,6 +99,8 @@ class StructuredOutputsParams:
                     or not all(isinstance(s, str) and s for s in c)):
                 raise BrazeError("structured_outputs.choice must be a non-empty list of "
                                  "non-empty strings")
+        elif k == "structural_tag":
+            structural_tag_format(self.structural_tag)
         elif k in ("regex", "grammar"):
             v = getattr(self, k)
             if not isinstance(v, str) or not v:
@@ -117,8 +120,67 @@ class StructuredOutputsParams:
                 return k, json.dumps(v, separators=(",", ":"))
             if k == "choice":
                 return k, json.dumps(v)
+            if k == "structural_tag":
+                return k, json.dumps(structural_tag_format(v), separators=(",", ":"))
             return k, v if isinstance(v, str) else "true"
         raise AssertionError("validate() let an empty constraint through")
+
+
+def structural_tag_format(value) -> dict:
+    """A structural tag, as xgrammar's StructuralTag JSON object, from either of vLLM's
+    shapes (an object or its JSON text):
+
+    - `{"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]}` (vLLM's first
+      `response_format` shape): free text, until a trigger starts one of the begins; then
+      a JSON value of that structure's schema (any JSON without one) and its end; then
+      free text again. Each begin starts with one of the triggers.
+    - `{"format": {...}}`: xgrammar's structural tag format, passed on as it is
+      (xgrammar checks it when it compiles).
+
+    BrazeError, naming the field, for anything else."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise BrazeError(f"structural_tag is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BrazeError(f"structural_tag must be an object, got {type(value).__name__}")
+    extra = set(value) - {"type", "structures", "triggers", "format"}
+    if value.get("type", "structural_tag") != "structural_tag" or extra:
+        raise BrazeError(f"structural_tag has unknown field(s) {sorted(extra) or ['type']}; "
+                         f"it takes structures and triggers, or format")
+    if "format" in value and "structures" not in value:
+        if not isinstance(value["format"], dict):
+            raise BrazeError("structural_tag.format must be an object (xgrammar's structural "
+                             "tag format)")
+        return {"type": "structural_tag", "format": value["format"]}
+    structures, triggers = value.get("structures"), value.get("triggers")
+    if not isinstance(structures, list) or not structures or "format" in value:
+        raise BrazeError("structural_tag takes either structures (a non-empty list of "
+                         "{begin, schema, end}) with triggers, or format")
+    if (not isinstance(triggers, list) or not triggers
+            or not all(isinstance(t, str) and t for t in triggers)):
+        raise BrazeError("structural_tag.triggers must be a non-empty list of non-empty "
+                         "strings")
+    tags = []
+    for i, st in enumerate(structures):
+        if (not isinstance(st, dict) or set(st) - {"begin", "schema", "end"}
+                or not all(isinstance(st.get(k), str) and st.get(k) for k in ("begin", "end"))):
+            raise BrazeError(f"structural_tag.structures[{i}] must be an object with "
+                             f"non-empty strings begin and end, and a schema")
+        schema = st.get("schema")
+        if schema is None:
+            schema = True
+        if not isinstance(schema, (dict, bool)):
+            raise BrazeError(f"structural_tag.structures[{i}].schema must be a JSON schema "
+                             f"object")
+        if not any(st["begin"].startswith(t) for t in triggers):
+            raise BrazeError(f"structural_tag.structures[{i}].begin {st['begin']!r} starts "
+                             f"with none of the triggers {triggers}")
+        tags.append({"type": "tag", "begin": st["begin"], "end": st["end"],
+                     "content": {"type": "json_schema", "json_schema": schema}})
+    return {"type": "structural_tag",
+            "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}}
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -215,10 +277,18 @@ class GrammarCache:
                 return c.compile_regex(text)
             if kind == "choice":
                 return c.compile_grammar(choice_grammar(json.loads(text)))
+            if kind == "structural_tag":
+                if not hasattr(xgrammar(), "StructuralTag"):
+                    raise BrazeError("structural_tag needs a newer xgrammar (one with "
+                                     "xgrammar.StructuralTag): pip install -U xgrammar")
+                return c.compile_structural_tag(text)
             return c.compile_grammar(text)
+        except BrazeError:
+            raise
         except Exception as e:         # xgrammar raises RuntimeError/ValueError with its reason
             what = {"json": "JSON schema", "json_object": "JSON grammar", "regex": "regex",
-                    "choice": "choice", "grammar": "grammar"}[kind]
+                    "choice": "choice", "grammar": "grammar",
+                    "structural_tag": "structural tag"}[kind]
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", why)     # xgrammar's log prefix
             raise BrazeError(f"the {what} could not be compiled: {why}") from None

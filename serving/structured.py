@@ -29,8 +29,8 @@ def from_response_format(rf: Any) -> StructuredOutputsParams | None:
     if rf is None:
         return None
     if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-        raise bad_request("response_format must be an object with a type: text, json_object "
-                          "or json_schema", "response_format")
+        raise bad_request("response_format must be an object with a type: text, json_object, "
+                          "json_schema or structural_tag", "response_format")
     kind = rf["type"]
     if kind == "text":
         return None
@@ -45,8 +45,11 @@ def from_response_format(rf: Any) -> StructuredOutputsParams | None:
         if schema is None:           # OpenAI allows a missing schema: any JSON object
             return StructuredOutputsParams(json_object=True)
         return StructuredOutputsParams(json=schema)
+    if kind == "structural_tag":     # vLLM's: structures + triggers, or xgrammar's format
+        return StructuredOutputsParams(structural_tag={k: v for k, v in rf.items()
+                                                       if k != "type"})
     raise bad_request(f"response_format type {kind!r} is not supported; use text, "
-                      "json_object or json_schema", "response_format")
+                      "json_object, json_schema or structural_tag", "response_format")
 
 
 def request_constraint(req) -> StructuredOutputsParams | None:

@@ -89,6 +89,42 @@ def test_response_format_json_schema(server):
     assert r.choices[0].text.isdigit() and len(r.choices[0].text) == 4
 
 
+def test_response_format_structural_tag(server):
+    """vLLM's two structural_tag shapes in response_format: structures + triggers (free
+    text here: a random model never writes the trigger), and xgrammar's format, which can
+    demand the tag."""
+    import re
+    legacy = {"type": "structural_tag", "triggers": ["<function="],
+              "structures": [{"begin": "<function=get_weather>", "schema": SCHEMA,
+                              "end": "</function>"}]}
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=8,
+                                              temperature=1.0, seed=0, response_format=legacy)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    fmt = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<function="], "at_least_one": True,
+        "stop_after_first": True,
+        "tags": [{"type": "tag", "begin": "<function=get_weather>", "end": "</function>",
+                  "content": {"type": "json_schema", "json_schema": SCHEMA,
+                              "max_whitespace_cnt": 1}}]}}
+    done = 0
+    for seed in (0, 1, 2):
+        r = server.client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=160,
+                                                  temperature=1.0, seed=seed,
+                                                  response_format=fmt)
+        text = r.choices[0].message.content
+        assert text.startswith("<function=get_weather>"), text
+        if r.choices[0].finish_reason == "stop":
+            m = re.fullmatch(r"<function=get_weather>(.*)</function>", text, re.S)
+            # (raw control characters may sit in its strings: docs/serving.md)
+            validate(json.loads(m.group(1), strict=False), SCHEMA)
+            done += 1
+    assert done
+    r = server.client.completions.create(model=MODEL, prompt="Call", max_tokens=8,
+                                         extra_body={"structured_outputs": {
+                                             "structural_tag": json.dumps(legacy)}})
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_tool_choice_required(server):
     for parallel, seed in ((False, 0), (False, 1), (True, 2)):
         kw = dict(max_tokens=120, temperature=1.0, seed=seed, tools=TOOLS,
@@ -148,6 +184,9 @@ def test_bad_structured_requests(server):
         {"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
         {"response_format": {"type": "xml"}},
         {"structured_outputs": {"regex": "(("}},
+        {"response_format": {"type": "structural_tag", "structures": [], "triggers": ["<"]}},
+        {"structured_outputs": {"structural_tag": "{oops"}},
+        {"response_format": {"type": "structural_tag", "format": {"type": "no_such_format"}}},
         {"structured_outputs": {"regex": "a", "choice": ["a"]}},
         {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

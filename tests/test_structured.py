@@ -115,6 +115,63 @@ def test_params_validation():
         SamplingParams(skip_special_tokens="no").validate()
 
 
+TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                    "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+LEGACY_TAG = {"structures": [{"begin": "<f=a>", "schema": TAG_SCHEMA, "end": "</f>"},
+                             {"begin": "<f=b>", "end": "</f>"}],
+              "triggers": ["<f="]}
+
+
+def test_structural_tag_shapes():
+    """vLLM's first shape (structures + triggers) becomes xgrammar's triggered tags, as an
+    object or as JSON text alike; its format shape passes on; bad shapes name the field."""
+    from braze.runtime.structured import structural_tag_format
+    want = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<f="], "tags": [
+            {"type": "tag", "begin": "<f=a>", "end": "</f>",
+             "content": {"type": "json_schema", "json_schema": TAG_SCHEMA}},
+            {"type": "tag", "begin": "<f=b>", "end": "</f>",
+             "content": {"type": "json_schema", "json_schema": True}}]}}
+    assert structural_tag_format(LEGACY_TAG) == want
+    assert structural_tag_format(json.dumps({"type": "structural_tag", **LEGACY_TAG})) == want
+    fmt = {"type": "const_string", "value": "ok"}
+    assert structural_tag_format({"format": fmt}) == {"type": "structural_tag", "format": fmt}
+    a = StructuredOutputsParams(structural_tag=LEGACY_TAG)
+    assert a.key() == StructuredOutputsParams(structural_tag=json.dumps(LEGACY_TAG)).key()
+    for bad, fragment in [("{oops", "not valid JSON"), (3, "must be an object"),
+                          ({"structures": []}, "non-empty list"),
+                          ({"structures": LEGACY_TAG["structures"]}, "triggers"),
+                          ({**LEGACY_TAG, "triggers": ["<g"]}, "starts with none"),
+                          ({"structures": [{"begin": "<f=a>"}], "triggers": ["<f"]},
+                           r"structures\[0\]"),
+                          ({**LEGACY_TAG, "extra": 1}, "unknown field"),
+                          ({"format": "text"}, "format must be an object")]:
+        with pytest.raises(BrazeError, match=fragment):
+            SamplingParams(structured_outputs={"structural_tag": bad}).validate()
+
+
+def test_a_legacy_structural_tag_accepts_what_xgrammars_legacy_api_accepts(llm):
+    """The same text against our translation and against xgrammar's own (deprecated)
+    tags-and-triggers compile of the same structures."""
+    import warnings
+    compiler = llm.engine.structured.cache.compiler
+    ours = llm.engine.structured.cache.compile(StructuredOutputsParams(structural_tag=LEGACY_TAG))
+    items = [xgr.StructuralTagItem(begin=st["begin"], end=st["end"],
+                                   schema=json.dumps(st.get("schema", {})))
+             for st in LEGACY_TAG["structures"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = compiler.compile_structural_tag(items, LEGACY_TAG["triggers"])
+    texts = ["free text", 'a <f=a>{"n": 3}</f> b', '<f=a>{"n": 12}</f>', '<f=a>{"n": "x"}',
+             '<f=b>[1, "two"]</f><f=a>{"n":0}</f>', '<f=c>', "x <f=b>{}</f", '<f=a>{"m": 1}']
+    for text in texts:
+        got = [xgr.GrammarMatcher(g).accept_string(text) for g in (ours, theirs)]
+        assert got[0] == got[1], (text, got)
+    assert xgr.GrammarMatcher(ours).accept_string('a <f=a>{"n": 3}</f> b')
+    assert not xgr.GrammarMatcher(ours).accept_string('<f=a>{"n": "x"}')
+
+
 def test_missing_xgrammar_is_named(monkeypatch):
     import builtins
     real = builtins.__import__
@@ -176,6 +233,29 @@ def test_json_schema_choice_regex_grammar(llm):
         max_tokens=20, temperature=1.0, seed=5,
         structured_outputs={"grammar": 'root ::= ("yes" | "no") " " [0-9]'}))
     assert re.fullmatch(r"(yes|no) [0-9]", o.text)
+
+
+def test_a_structural_tag_holds_the_tagged_part_to_its_schema(llm):
+    """xgrammar's format shape with at_least_one and stop_after_first: every finished
+    output is the tag with a JSON object of the schema inside; a legacy shape runs too."""
+    import re
+    fmt = {"format": {"type": "triggered_tags", "triggers": ["<f"], "at_least_one": True,
+                      "stop_after_first": True,
+                      "tags": [{"type": "tag", "begin": "<f>", "end": "</f>",
+                                "content": {"type": "json_schema", "json_schema": TAG_SCHEMA,
+                                            "max_whitespace_cnt": 1}}]}}
+    outs = llm.generate(["Hello", "Go", "A"], [SamplingParams(
+        max_tokens=40, temperature=1.0, seed=s, structured_outputs={"structural_tag": fmt})
+        for s in (1, 2, 3)])
+    assert any(o.finish_reason == "stop" for o in outs)
+    for o in outs:
+        if o.finish_reason == "stop":
+            m = re.fullmatch(r"<f>(.*)</f>", o.text, re.S)
+            assert m, o.text
+            check_schema(m.group(1), TAG_SCHEMA)    # (no strings here to hold control chars)
+    (o,) = llm.generate(["Hello"], SamplingParams(
+        max_tokens=12, temperature=1.0, seed=3, structured_outputs={"structural_tag": LEGACY_TAG}))
+    assert o.finish_reason in ("stop", "length")
 
 
 def test_json_object_is_an_object_or_a_valid_prefix(llm):
