@@ -84,7 +84,7 @@ def cmd_compile(a) -> int:
 def _sampling(a):
     from braze.runtime.sampler import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                          top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos,
+                          top_k=a.top_k, min_p=a.min_p, seed=a.seed, ignore_eos=a.ignore_eos,
                           stop=a.stop or [], presence_penalty=a.presence_penalty,
                           frequency_penalty=a.frequency_penalty,
                           repetition_penalty=a.repetition_penalty, min_tokens=a.min_tokens,
@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the likeliest one "
+                        "(0 = off, the default)")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--stop", action="append", metavar="TEXT", type=_escaped,

@@ -54,6 +54,8 @@ class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 (or -1) = no limit
+    # vLLM's min_p: drop tokens less likely than min_p times the likeliest (0 = off)
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -119,6 +121,10 @@ class SamplingParams:
         v = self.top_p
         if not _is_real(v) or not math.isfinite(v) or not 0 < v <= 1:
             raise BrazeError(f"top_p must be a number in (0, 1], got {v!r}", param="top_p")
+        v = self.min_p
+        if not _is_real(v) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise BrazeError(f"min_p must be a number in [0, 1] (0 = off), got {v!r}",
+                             param="min_p")
         v = self.top_k
         if not _is_int(v) or v < -1:
             raise BrazeError(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {v!r}",
@@ -211,8 +217,9 @@ class SamplingParams:
 
     @property
     def filters(self) -> bool:
-        """True when top-k or top-p restricts the sampled set (matters only when not greedy)."""
-        return not self.greedy and (self.top_k > 0 or self.top_p < 1)
+        """True when top-k, top-p or min-p restricts the sampled set (matters only when not
+        greedy)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
 
     @property
     def penalties(self) -> bool:
@@ -298,15 +305,21 @@ def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -
     return u.add_(0.5).mul_(2.0 ** -23).log_().neg_().log_().neg_()
 
 
-def _restrict(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf the entries of each row outside its top-k / top-p set.
+def _restrict(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Set to -inf the entries of each row outside its min-p, then top-k / top-p, set.
 
-    Sorted descending, a row keeps its first min(k, n_p) entries, where n_p is the
+    min-p first, as vLLM orders them: an entry whose probability is below min_p times the
+    row's largest is dropped, i.e. scaled < max + log(min_p) (min_p 0: log 0 = -inf keeps
+    all). Then, sorted descending, a row keeps its first min(k, n_p) entries, where n_p is the
     smallest count whose probability mass (softmax over the top-k entries) reaches top_p;
     every entry equal to the last kept value is kept too, so ties never depend on the
     sort order.
     """
     vocab = scaled.shape[-1]
+    if min_p is not None:
+        floor = scaled.max(dim=-1).values + torch.log(min_p)
+        scaled = scaled.masked_fill(scaled < floor[:, None], float("-inf"))
     ordered = torch.sort(scaled, dim=-1, descending=True).values
     rank = torch.arange(vocab, device=scaled.device)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
@@ -425,12 +438,13 @@ def process_logits(logits: torch.Tensor, counters: torch.Tensor | None,
 
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,
-                 filter: bool = True, proc: Processing | None = None) -> torch.Tensor:
+                 filter: bool = True, proc: Processing | None = None,
+                 min_p: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row: logits [S, V] -> i64[S], on the logits' device.
 
     temperature f32[S] (0 = greedy argmax), top_k i64[S] (0 = no limit), top_p f32[S],
-    seeds i64[S], counters i64[S]. `filter=False` skips top-k/top-p (and their sort);
-    pass it only when no sampled row restricts its set. `proc`: penalties, logit bias,
+    seeds i64[S], counters i64[S], min_p f32[S] (None or 0 = off). `filter=False` skips
+    min-p/top-k/top-p (and their sort); pass it only when no sampled row restricts its set. `proc`: penalties, logit bias,
     bad words, min_tokens (process_logits), applied first, to greedy rows too.
     """
     logits = process_logits(logits, counters, proc)
@@ -438,7 +452,8 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     scaled = logits / t[:, None]
     if filter:
-        scaled = _restrict(scaled, top_k, top_p.float())
+        scaled = _restrict(scaled, top_k, top_p.float(),
+                           None if min_p is None else min_p.float())
     scores = scaled + gumbel_noise(seeds, counters, logits.shape[-1])
     return torch.where(greedy, row_argmax(logits), row_argmax(scores))
 
@@ -508,6 +523,7 @@ class SamplingTensors:
         self.temperature = torch.zeros(max_rows, dtype=f32, device=self.device)
         self.top_k = torch.zeros(max_rows, dtype=i64, device=self.device)
         self.top_p = torch.ones(max_rows, dtype=f32, device=self.device)
+        self.min_p = torch.zeros(max_rows, dtype=f32, device=self.device)
         self.seeds = torch.zeros(max_rows, dtype=i64, device=self.device)
         self.presence = torch.zeros(max_rows, dtype=f32, device=self.device)
         self.frequency = torch.zeros(max_rows, dtype=f32, device=self.device)
@@ -551,6 +567,7 @@ class SamplingTensors:
         put(self.temperature, [float(p.temperature) for p in params])
         put(self.top_k, [int(p.top_k) if p.top_k > 0 else 0 for p in params])
         put(self.top_p, [float(p.top_p) for p in params])
+        put(self.min_p, [float(p.min_p) for p in params])
         put(self.seeds, [int(s) for s in seeds])
         put(self.presence, [float(p.presence_penalty) for p in params])
         put(self.frequency, [float(p.frequency_penalty) for p in params])
@@ -703,4 +720,5 @@ class SamplingTensors:
                 return row_argmax(logits)
             return row_argmax(process_logits(logits, counters, proc))
         return sample_batch(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                            self.seeds[rows], counters, filter=filter, proc=proc)
+                            self.seeds[rows], counters, filter=filter, proc=proc,
+                            min_p=self.min_p[rows])

@@ -26,7 +26,7 @@ prefix and its blocks past that are freed (`BlockManager.truncate`); the next st
 overwrites those slots. Only blocks of accepted tokens reach the prefix cache.
 
 Which requests speculate: decoding ones (their prompt is computed, one token to go)
-whose sampling needs nothing but temperature / top-k / top-p / seed (not penalties,
+whose sampling needs nothing but temperature / top-k / top-p / min-p / seed (not penalties,
 logit bias, bad words, min_tokens, logprobs or a grammar, whose per-position state the
 verification step does not rebuild). Speculation runs the engine synchronously.
 """

@@ -75,6 +75,7 @@ class _GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)          # -1 or 0: no limit
+    min_p: float | None = Field(None, ge=0, le=1)   # vLLM's: 0 = off
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -123,7 +124,6 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 _OFF = (None, False, 0, "", [], {})
 NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
-    "min_p": _OFF,
     "functions": _OFF,
     "function_call": (None, "none"),
     "continue_final_message": _OFF,
@@ -265,6 +265,7 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "top_k": 0 if req.top_k in (None, -1) else req.top_k,
+        "min_p": 0.0 if req.min_p is None else req.min_p,
         "seed": req.seed,
         "ignore_eos": req.ignore_eos,
         # a non-streamed response needs only the final report: less work per engine step

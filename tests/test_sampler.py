@@ -157,6 +157,49 @@ def test_frequencies_match_the_renormalised_restricted_softmax(top_k, top_p):
     assert _chi2(counts, _restricted_probs(row, 1.0, strict)) > 2 * CHI2_LIMIT
 
 
+def _min_p_set(row: torch.Tensor, temp: float, min_p: float) -> torch.Tensor:
+    """The tokens min_p keeps, in float64: probability (softmax at temp) at least min_p
+    times the likeliest's."""
+    p = torch.softmax(row.double() / temp, dim=0)
+    return p >= min_p * p.max()
+
+
+@pytest.mark.parametrize("min_p,top_k,top_p", [(0.1, 0, 1.0), (0.3, 0, 1.0), (0.05, 0, 0.6),
+                                               (0.2, 3, 1.0)])
+def test_min_p_keeps_tokens_near_the_likeliest_then_top_k_top_p(min_p, top_k, top_p):
+    """vLLM's order: min_p over the temperature-scaled probabilities, then top-k / top-p
+    over what it kept (renormalised); frequencies against that distribution."""
+    row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 0.8, 0.3, -0.2, 1.2])
+    temp, n = 1.3, 20_000
+    kept = _min_p_set(row, temp, min_p)
+    after = row.masked_fill(~kept, float("-inf"))
+    strict, loose = (m & kept for m in _reference_sets(after, temp, top_k, top_p))
+    assert torch.equal(strict, loose) and strict.sum() < row.numel()
+    logits = row.expand(n, row.numel()).contiguous()
+    out = sample_batch(logits, torch.full((n,), temp), torch.full((n,), top_k),
+                       torch.full((n,), top_p), torch.full((n,), 42, dtype=torch.int64),
+                       torch.arange(n), min_p=torch.full((n,), min_p))
+    counts = torch.bincount(out, minlength=row.numel())
+    assert _chi2(counts, _restricted_probs(row, temp, strict)) < CHI2_LIMIT
+    if top_k or top_p < 1:          # and min_p first is not the same as min_p last
+        last = _reference_sets(row, temp, top_k, top_p)[0] & kept
+        if not torch.equal(last, strict):
+            assert _chi2(counts, _restricted_probs(row, temp, last)) > 2 * CHI2_LIMIT
+
+
+def test_min_p_zero_or_absent_changes_nothing_and_is_checked():
+    logits = _logits(3, 8, 50)
+    args = (torch.full((8,), 0.9), torch.zeros(8, dtype=torch.int64), torch.full((8,), 0.8),
+            torch.arange(8), torch.arange(8))
+    assert torch.equal(sample_batch(logits, *args), sample_batch(logits, *args,
+                                                                 min_p=torch.zeros(8)))
+    for bad in (-0.1, 1.5, float("nan"), "0.1"):
+        with pytest.raises(BrazeError, match="min_p"):
+            SamplingParams(temperature=1.0, min_p=bad).validate()
+    assert SamplingParams(temperature=1.0, min_p=0.1).filters
+    assert not SamplingParams(temperature=0.0, min_p=0.1).filters
+
+
 def test_gumbel_noise_is_finite_for_extreme_seeds_and_counters():
     seeds = torch.tensor([0, 1, 2**63 - 1, 2**62, 2**32, 2**32 - 1])
     counters = torch.tensor([0, 2**40, 2**62, 1, 2**63 - 1, 123])
@@ -292,6 +335,15 @@ def test_sampling_tensors_fill_rows_and_sample_with_given_counters():
     assert torch.equal(got, _run(logits, [0.8, 1.0, 0.0], [0, 0, 0], [0.9, 1.0, 1.0],
                                  [6, 5, 0], [3, 11, 1]))
     assert torch.equal(st_.sample(logits, rows, None, greedy_only=True), logits.argmax(dim=-1))
+    # min_p reaches the draw through the slot (and alone asks for the filtering path)
+    st_.set_rows([6], [SamplingParams(temperature=1.0, min_p=0.3, seed=5)], [5])
+    assert st_.needs_filter([6])
+    many = logits[1:2].expand(400, vocab).contiguous()
+    got = st_.sample(many, torch.full((400,), 6), torch.arange(400))
+    assert _min_p_set(logits[1], 1.0, 0.3)[got].all()
+    assert torch.equal(got, sample_batch(many, torch.ones(400), torch.zeros(400, dtype=torch.int64),
+                                         torch.ones(400), torch.full((400,), 5), torch.arange(400),
+                                         min_p=torch.full((400,), 0.3)))
 
 
 _flag_ops = st.lists(st.tuples(st.sampled_from(["set", "release"]), st.integers(0, 5),

@@ -1,6 +1,6 @@
 """Sampling options through `braze serve` with the real `openai` client: logprobs (chat
 and completions, streamed too), n and best_of, several prompts and token-id prompts,
-echo, return_token_ids, penalties, logit_bias, min_tokens, bad_words, and the 400s of
+echo, return_token_ids, penalties, logit_bias, min_tokens, bad_words, min_p, and the 400s of
 what braze cannot do (prompt_logprobs). Results are checked against the engine run
 in-process one request at a time."""
 
@@ -179,6 +179,20 @@ def test_penalties_bias_min_tokens_and_bad_words(server, run):
                                                          "return_token_ids": True})
         want = run(IDS, max_tokens=8, bad_words=[word])
         assert r.choices[0].text == want.text != plain.text
+
+
+def test_min_p(server, run):
+    """min_p through the server equals the engine's draw; min_p = 1 keeps only the likeliest
+    token, so a hot temperature still decodes greedily."""
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=8, temperature=1.5,
+                                         seed=3, extra_body={"ignore_eos": True, "min_p": 0.2})
+    assert r.choices[0].text == run(IDS, max_tokens=8, temperature=1.5, seed=3, min_p=0.2).text
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=8, temperature=1.5,
+                                         seed=3, extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert r.choices[0].text == run(IDS, max_tokens=8).text
+    bad = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
+                                                    "max_tokens": 2, "min_p": 1.5})
+    assert bad.status_code == 400
 
 
 def test_prompt_logprobs_and_echo_with_logprobs(server, run):
