@@ -74,10 +74,19 @@ class ChatTemplate:
         self.eos_token = _token_text(config, "eos_token")
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               extra: dict | None = None, tools: list[dict] | None = None) -> str:
+               extra: dict | None = None, tools: list[dict] | None = None,
+               continue_final: bool = False) -> str:
         """`tools`: the request's tools, passed to the template as `tools` (as
         transformers' apply_chat_template does); assistant `tool_calls` and tool messages'
-        `tool_call_id` reach the template too."""
+        `tool_call_id` reach the template too. `continue_final` (vLLM's
+        continue_final_message): the text ends right after the final message's content,
+        with no end-of-turn, so the model continues that message. As transformers does it,
+        the content is rendered with a marker after it and the text is cut at the marker
+        (less the trailing space a template may have trimmed)."""
+        if continue_final and add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both "
+                              "be true: send add_generation_prompt: false to continue the "
+                              "final message", "continue_final_message")
         from .tools import template_messages
         msgs = [{"role": m.role, "content": _content_text(m)}
                 | ({"name": m.name} if m.name else {}) | more
@@ -86,8 +95,10 @@ class ChatTemplate:
         kw = dict(extra or {})
         if tools is not None:
             kw["tools"] = tools
+        if continue_final:
+            msgs[-1]["content"] += _CONTINUE
         try:
-            return self.template.render(
+            text = self.template.render(
                 messages=msgs, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token, eos_token=self.eos_token, **kw)
         except _TemplateError as e:
@@ -95,6 +106,24 @@ class ChatTemplate:
         except TemplateError as e:
             raise bad_request(f"the chat template failed on these messages: {e}",
                               "messages") from None
+        return _open_final(text) if continue_final else text
+
+
+_CONTINUE = "BRAZE_CONTINUE_FINAL_MESSAGE "     # after the final content (continue_final)
+
+
+def _open_final(text: str) -> str:
+    """`text` cut where the marker after the final message's content is: at it when the
+    template kept the marker's space, else before it with trailing spaces dropped (the
+    template trimmed the content)."""
+    i = text.rfind(_CONTINUE.strip())
+    if i < 0:
+        raise bad_request("continue_final_message: the chat template dropped the final "
+                          "message's content, so there is no place to continue it from",
+                          "continue_final_message")
+    if text.startswith(_CONTINUE, i):
+        return text[:i]
+    return text[:i].rstrip()
 
 
 def check_messages(messages: list[ChatMessage], text_only_origin: str | None = None) -> None:

@@ -126,7 +126,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
     "functions": _OFF,
     "function_call": (None, "none"),
-    "continue_final_message": _OFF,
     "use_beam_search": _OFF,
 }
 
@@ -145,12 +144,15 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    # vLLM's: the prompt ends inside the final message, which the model continues
+    continue_final_message: bool = False
     chat_template: str | None = None     # a Jinja template instead of the tokenizer's
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 # what braze passes to a chat template itself: chat_template_kwargs cannot replace them
-RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token",
+                            "continue_final_message")
 
 
 def check_supported(req: BaseModel) -> None:
@@ -232,8 +234,9 @@ def check_chat(req: ChatCompletionRequest) -> None:
     if bad:
         raise bad_request(f"chat_template_kwargs must not set {bad[0]!r}: braze passes "
                           f"{', '.join(RESERVED_TEMPLATE_KWARGS)} to the template itself"
-                          + (" (send add_generation_prompt as a request field)"
-                             if bad[0] == "add_generation_prompt" else ""),
+                          + (f" (send {bad[0]} as a request field)"
+                             if bad[0] in ("add_generation_prompt", "continue_final_message")
+                             else ""),
                           "chat_template_kwargs")
 
 

@@ -167,6 +167,38 @@ def test_chat_plain_and_streamed(server, reference, store):
     assert chunks[-1].usage.prompt_tokens == n_prompt and chunks[-1].usage.completion_tokens == 10
 
 
+def test_chat_continues_the_final_message(server, reference, store):
+    """continue_final_message (add_generation_prompt false): the prompt ends inside the
+    final assistant message, exactly as transformers' apply_chat_template renders it, and
+    the reply continues it; asking for both is a 400 naming the field."""
+    from transformers import AutoTokenizer
+    messages = [{"role": "user", "content": "Count with me."},
+                {"role": "assistant", "content": "One, two,"}]
+    hf = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    prompt_ids = hf.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                        continue_final_message=True)
+    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+        prompt_ids = prompt_ids["input_ids"]
+    want, _, _, n_prompt = reference(list(prompt_ids), 6, ignore_eos=True)
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True, "continue_final_message": True,
+                    "add_generation_prompt": False})
+    assert (r.choices[0].message.content, r.usage.prompt_tokens) == (want, n_prompt)
+    r = server.http.post("/tokenize", json={"model": MODEL, "messages": messages,
+                                            "continue_final_message": True,
+                                            "add_generation_prompt": False,
+                                            "add_special_tokens": False})
+    text = hf.apply_chat_template(messages, add_generation_prompt=False, tokenize=False,
+                                  continue_final_message=True)
+    assert text.endswith("One, two,")
+    assert r.json()["tokens"] == hf(text, add_special_tokens=False)["input_ids"]
+    bad = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": messages, "max_tokens": 2, "continue_final_message": True})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "continue_final_message"
+
+
 def test_raw_sse_framing(server):
     with server.http.stream("POST", "/v1/completions", json={
             "model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
@@ -468,6 +500,11 @@ def test_chat_template_matches_transformers_and_is_sandboxed(store):
     for gen in (True, False):
         assert t.render([ChatMessage(**m) for m in msgs], gen) == \
             hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    for last in ("Well,", "  Well, ", ""):      # continue_final_message, as transformers cuts
+        open_ = msgs[:3] + [{"role": "assistant", "content": last}]
+        assert t.render([ChatMessage(**m) for m in open_], False, continue_final=True) == \
+            hf.apply_chat_template(open_, add_generation_prompt=False, tokenize=False,
+                                   continue_final_message=True)
     parts = ChatMessage(role="user", content=[{"type": "text", "text": "a"},
                                               {"type": "text", "text": "b"}])
     assert t.render([parts]) == "<s>user: ab\nassistant:"

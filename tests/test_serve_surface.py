@@ -260,7 +260,6 @@ def test_a_long_prompt_with_a_surrogate_is_400_from_the_thread(guarded):
     ("/v1/completions", "suffix", "tail"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "function_call", "auto"),
-    ("/v1/chat/completions", "continue_final_message", True),
     ("/v1/completions", "use_beam_search", True),
 ])
 def test_unsupported_options_are_400_naming_them(plain, path, field, value):
