@@ -11,7 +11,8 @@ the compiler (frontend, passes, models).
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "LLM", "SamplingParams", "LoRARequest", "BrazeError", "__version__"]
+__all__ = ["compile", "LLM", "SamplingParams", "BeamSearchParams", "LoRARequest", "BrazeError",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -24,6 +25,9 @@ def __getattr__(name):
     if name == "SamplingParams":
         from braze.runtime.sampler import SamplingParams
         return SamplingParams
+    if name == "BeamSearchParams":
+        from braze.runtime.beam_search import BeamSearchParams
+        return BeamSearchParams
     if name == "LoRARequest":
         from braze.runtime.lora import LoRARequest
         return LoRARequest

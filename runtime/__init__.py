@@ -5,7 +5,8 @@ piece (say the block manager) does not pull in the engine."""
 
 _WHERE = {"Executor": "executor", "LLM": "llm", "Completion": "llm", "Engine": "engine",
           "Artifact": "loader", "open_artifact": "loader", "SamplingParams": "sampler",
-          "RequestOutput": "request", "LoRARequest": "lora"}
+          "RequestOutput": "request", "LoRARequest": "lora",
+          "BeamSearchParams": "beam_search"}
 
 __all__ = sorted(_WHERE)
 

@@ -4,7 +4,9 @@
 this user trusts signed nor this braze can regenerate (docs/trust.md).
 
 `generate` queues every prompt on the engine at once (continuous batching) and
-returns one `RequestOutput` per prompt, in the prompts' order.
+returns one `RequestOutput` per prompt, in the prompts' order. `beam_search` runs vLLM's
+beam search (runtime/beam_search.py) for each prompt, all prompts' beams in one batch a
+step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 from braze.ir.errors import BrazeError
 
 from .engine import Engine
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_step
 from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
@@ -82,6 +85,31 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return [pick_samples(sp, [final[rid] for rid in group]) for sp, group in groups]
+
+    def beam_search(self, prompts, params: BeamSearchParams,
+                    lora_request=None) -> list[BeamSearchOutput]:
+        """vLLM's beam search: for each prompt (as `generate` takes them) its `beam_width`
+        best sequences, best first (runtime/beam_search.py). Each step runs every live
+        beam of every prompt as a one-token request, in one batch."""
+        params.validate()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids)
+                    for p in prompts]
+        step = params.step_params()
+
+        def score(token_lists):
+            outs = self.generate(token_lists, step, lora_request=lora_request)
+            return [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs]
+
+        while not all(s.done for s in searches):
+            run_step(searches, score)
+        results = [s.result() for s in searches]
+        if self.tokenizer is not None:
+            for r in results:
+                for seq in r.sequences:
+                    seq.text = self.tokenizer.decode(seq.token_ids)
+        return results
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -24,6 +24,7 @@ from braze import __version__
 from braze.ir.errors import BrazeError
 from braze.runtime.sampler import SamplingParams
 
+from . import beam
 from . import responses as R
 from .async_engine import (
     Aborted,
@@ -221,6 +222,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                 check_context(longest, max_tokens, svc.max_model_len, "max_tokens")
         else:                     # the OpenAI default, 16, as far as the context allows
             max_tokens = max(1, min(16, svc.max_model_len - longest))
+        if body.use_beam_search:
+            return JSONResponse(await beam.respond(svc, body, prompts, max_tokens, chat=False))
         params = SamplingParams(**sampling_kwargs(body, max_tokens),
                                 structured_outputs=request_constraint(body))
         return await _generate(svc, request, body, prompts, params, chat=False)
@@ -236,6 +239,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                 raise bad_request("tool_choice required or a named function cannot be combined "
                                   "with response_format or structured_outputs", "tool_choice")
             constraint = tool_plan.constraint
+        if body.use_beam_search:
+            beam.check(body)        # (tools and response_format before the template sees them)
         ids = await svc.prompts.chat(body, for_model=True,
                                      tools=tool_plan.tools if tool_plan else None)
         if max_tokens is None:     # chat default: up to the end of the context
@@ -244,6 +249,9 @@ def create_app(svc: Service, read_timeout: float | None = None,
             check_context(len(ids), max_tokens, svc.max_model_len,
                           "max_completion_tokens" if body.max_completion_tokens is not None
                           else "max_tokens")
+        if body.use_beam_search:
+            return JSONResponse(await beam.respond(svc, body, [(None, ids)], max_tokens,
+                                                   chat=True))
         params = SamplingParams(**sampling_kwargs(body, max_tokens), structured_outputs=constraint,
                                 skip_special_tokens=tool_plan.skip_special_tokens
                                 if tool_plan else True)

@@ -94,6 +94,9 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
     # vLLM's: {"max_load_tokens": N, "store": bool} for the lower KV tiers (docs/serving.md)
     kv_transfer_params: dict | None = None
+    # vLLM's beam search (serving/beam.py): n beams, returned best first
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @property
     def include_usage(self) -> bool:
@@ -126,7 +129,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
     "functions": _OFF,
     "function_call": (None, "none"),
-    "use_beam_search": _OFF,
 }
 
 

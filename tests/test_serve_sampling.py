@@ -1,6 +1,7 @@
 """Sampling options through `braze serve` with the real `openai` client: logprobs (chat
 and completions, streamed too), n and best_of, several prompts and token-id prompts,
-echo, return_token_ids, penalties, logit_bias, min_tokens, bad_words, min_p, and the 400s of
+echo, return_token_ids, penalties, logit_bias, min_tokens, bad_words, min_p, beam search,
+and the 400s of
 what braze cannot do (prompt_logprobs). Results are checked against the engine run
 in-process one request at a time."""
 
@@ -193,6 +194,30 @@ def test_min_p(server, run):
     bad = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
                                                     "max_tokens": 2, "min_p": 1.5})
     assert bad.status_code == 400
+
+
+def test_beam_search(server, run, store):
+    """use_beam_search (vLLM's): n beams, best first, the same as transformers' beam search;
+    chat too; streaming, logprobs and more than 10 beams are 400s naming the field."""
+    from test_beam_search import _hf_beams
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=4, n=3,
+                                         extra_body={"use_beam_search": True,
+                                                     "ignore_eos": True})
+    want = _hf_beams(store, IDS, 3, 4)
+    tok = run.engine.tokenizer
+    assert [c.text for c in r.choices] == [tok.decode(w[0]) for w in want]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert {c.finish_reason for c in r.choices} == {"length"}
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(IDS), 12)
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, n=2,
+        extra_body={"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5})
+    assert len(r.choices) == 2 and all(c.message.content is not None for c in r.choices)
+    for extra, field in [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"),
+                         ({"n": 11}, "n")]:
+        bad = server.http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "Hi", "max_tokens": 2, "use_beam_search": True, **extra})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field, bad.text
 
 
 def test_prompt_logprobs_and_echo_with_logprobs(server, run):

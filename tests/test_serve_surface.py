@@ -260,7 +260,6 @@ def test_a_long_prompt_with_a_surrogate_is_400_from_the_thread(guarded):
     ("/v1/completions", "suffix", "tail"),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "function_call", "auto"),
-    ("/v1/completions", "use_beam_search", True),
 ])
 def test_unsupported_options_are_400_naming_them(plain, path, field, value):
     body = {"model": MODEL, "max_tokens": 2, field: value}
@@ -285,16 +284,16 @@ def test_not_yet_supported_table_unit():
         ChatCompletionRequest,
         check_supported,
     )
-    for name in ("suffix", "functions", "function_call", "use_beam_search"):
+    for name in ("suffix", "functions", "function_call"):
         assert name in NOT_YET_SUPPORTED
     # what other branches implemented left the table
     for name in ("tools", "response_format", "logit_bias", "min_tokens", "n", "logprobs",
-                 "min_p"):
+                 "min_p", "continue_final_message", "use_beam_search"):
         assert name not in NOT_YET_SUPPORTED
-    check_supported(ChatCompletionRequest(messages=CHAT, min_p=0, use_beam_search=False))
+    check_supported(ChatCompletionRequest(messages=CHAT, min_p=0, suffix=""))
     with pytest.raises(APIError) as e:
-        check_supported(ChatCompletionRequest(messages=CHAT, use_beam_search=True))
-    assert e.value.param == "use_beam_search"
+        check_supported(ChatCompletionRequest(messages=CHAT, function_call="auto"))
+    assert e.value.param == "function_call"
 
 
 # ---- the request's own chat template -------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Beam search over the engine: vLLM's `LLM.beam_search` and the OpenAI server's
+`use_beam_search`.
+
+A search keeps `beam_width` beams (generated token lists and their cumulative logprob,
+the model's raw logprobs). Each step every live beam is one engine request of one token
+asking for the `2 * beam_width` likeliest next tokens; the extensions that end in an end
+of sequence (EOS, unless `ignore_eos`) are set aside as finished, and the `beam_width`
+best of the others by score live on. After `max_tokens` steps (or when no beam is left)
+the finished and live beams together are ranked by score and the `beam_width` best
+returned, best first:
+
+    score = cumulative logprob / L ** length_penalty
+
+L being the tokens of the prompt and the beam (an EOS not counted), as vLLM scores.
+Ties keep the earlier candidate (beam order, then likelihood rank), so a search is
+deterministic. The engine's prefix cache holds each beam's full blocks, so a step
+re-reads them and computes only the last partial block and the new token.
+
+`BeamSearch` is one prompt's search, stepped by its caller, whoever runs the requests:
+`pending()` gives the token lists to score this step, `advance()` takes each one's top
+candidates. `braze.LLM.beam_search` steps all its prompts' searches together, each step
+one batch on the engine; the server does the same over its async engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from braze.ir.errors import BrazeError
+
+from .sampler import MAX_LOGPROBS, SamplingParams
+
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2      # a step asks for 2 * beam_width logprobs
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's names: `beam_width` beams, `max_tokens` steps at most, EOS ignored or not,
+    and the length penalty of the score."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+
+    def validate(self) -> None:
+        v = self.beam_width
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_BEAM_WIDTH:
+            raise BrazeError(f"beam_width must be an integer in [1, {MAX_BEAM_WIDTH}] (a step "
+                             f"asks for 2 * beam_width logprobs, at most {MAX_LOGPROBS}), "
+                             f"got {v!r}", param="beam_width")
+        v = self.max_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
+        v = self.length_penalty
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise BrazeError(f"length_penalty must be a finite number, got {v!r}",
+                             param="length_penalty")
+
+    def step_params(self) -> SamplingParams:
+        """What each beam's one-token request asks the engine for."""
+        return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                              logprobs=2 * self.beam_width, output_kind="final")
+
+
+@dataclass
+class BeamSequence:
+    """One result: the generated `token_ids` (the prompt not included, an EOS neither),
+    their `cumulative_logprob`, its `score`, and `finish_reason` ("stop" at an EOS, else
+    "length"); `text` where the caller decodes it."""
+    token_ids: list[int]
+    cumulative_logprob: float
+    score: float
+    finish_reason: str
+    text: str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """A prompt's results, best first (at most beam_width of them)."""
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence] = field(default_factory=list)
+
+
+class BeamSearch:
+    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids=()):
+        self.prompt = list(prompt)
+        self.params = params
+        self.eos = frozenset() if params.ignore_eos else frozenset(eos_ids)
+        self.beams: list[tuple[list[int], float]] = [([], 0.0)]
+        self.finished: list[tuple[list[int], float]] = []     # ended at an EOS
+        self.steps = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.beams or self.steps >= self.params.max_tokens
+
+    def pending(self) -> list[list[int]]:
+        """The prompts to score this step: the prompt and each live beam."""
+        return [self.prompt + tokens for tokens, _ in self.beams]
+
+    def advance(self, tops: list[list[tuple[int, float]]]) -> None:
+        """`tops[i]`: the likeliest next tokens of beam i, [(token id, logprob), ...]."""
+        if len(tops) != len(self.beams):
+            raise BrazeError(f"beam search: {len(tops)} candidate lists for "
+                             f"{len(self.beams)} beams")
+        grown = []
+        for (tokens, cum), top in zip(self.beams, tops):
+            for tid, lp in top:
+                if tid in self.eos:
+                    self.finished.append((tokens, cum + lp))
+                else:
+                    grown.append((tokens + [tid], cum + lp))
+        grown.sort(key=self._score, reverse=True)       # stable: ties keep their order
+        self.beams = grown[:self.params.beam_width]
+        self.steps += 1
+
+    def _score(self, beam: tuple[list[int], float]) -> float:
+        tokens, cum = beam
+        return cum / (len(self.prompt) + len(tokens)) ** self.params.length_penalty
+
+    def result(self) -> BeamSearchOutput:
+        ranked = [(b, "stop") for b in self.finished] + [(b, "length") for b in self.beams]
+        ranked.sort(key=lambda r: self._score(r[0]), reverse=True)
+        return BeamSearchOutput(self.prompt, [
+            BeamSequence(list(tokens), cum, self._score((tokens, cum)), reason)
+            for (tokens, cum), reason in ranked[:self.params.beam_width]])
+
+
+def run_step(searches: list[BeamSearch], score) -> None:
+    """One step of every unfinished search: `score(prompts)` runs the token lists as
+    one-token requests and returns each one's top candidates, in order."""
+    live = [s for s in searches if not s.done]
+    prompts = [p for s in live for p in s.pending()]
+    tops = score(prompts) if prompts else []
+    k = 0
+    for s in live:
+        n = len(s.beams)
+        s.advance(tops[k:k + n])
+        k += n

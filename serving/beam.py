@@ -1,0 +1,99 @@
+"""`use_beam_search` on /v1/completions and /v1/chat/completions (vLLM's extension).
+
+`n` is the beam width and the number of choices returned, best first; `length_penalty`
+weighs the score (runtime/beam_search.py). Each step every live beam of every prompt is
+one engine request of one token with the 2n likeliest next tokens, submitted together
+through the async engine; the client's other requests share the steps. The answer is
+one JSON body: beam search cannot stream (its best sequences are known only at the end).
+Options that a deterministic search has no use for or cannot honour are refused by
+name rather than ignored; temperature, top_p, top_k, min_p and seed do not apply and are
+not read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from braze.ir.errors import BrazeError
+from braze.runtime.beam_search import BeamSearch, BeamSearchParams, run_step
+
+from . import responses as R
+from .lora_routes import lora_for
+from .protocol import bad_request
+
+# (field, its neutral value): a beam search request may send these only so
+_REFUSED = (("stream", False), ("logprobs", None), ("top_logprobs", None), ("echo", False),
+            ("best_of", None), ("prompt_logprobs", None), ("response_format", None),
+            ("structured_outputs", None), ("tools", None), ("stop", None),
+            ("logit_bias", None), ("bad_words", None), ("min_tokens", 0))
+
+
+def check(body) -> None:
+    values = {**body.__dict__, **(body.model_extra or {})}
+    for name, neutral in _REFUSED:
+        v = values.get(name, neutral)
+        if v not in (neutral, None, False) or (name == "logprobs" and v is True):
+            raise bad_request(f"use_beam_search cannot be combined with {name}: leave it out "
+                              f"(beam search returns its n best sequences whole)", name)
+
+
+async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict:
+    """The response body of a beam search request over `prompts` ([(text, ids)])."""
+    check(body)
+    params = BeamSearchParams(beam_width=body.n, max_tokens=max_tokens,
+                              ignore_eos=body.ignore_eos,
+                              length_penalty=getattr(body, "length_penalty", 1.0))
+    try:
+        params.validate()
+    except BrazeError as e:
+        param = {"beam_width": "n"}.get(e.param, e.param)
+        raise bad_request(str(e), param) from None
+    eos = svc.aengine.engine.eos_token_ids
+    searches = [BeamSearch(ids, params, eos) for _, ids in prompts]
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    step = params.step_params()
+    lora = lora_for(svc, getattr(body, "model", None))
+    where = "messages" if chat else "prompt"
+    counter = iter(range(1 << 62))
+
+    async def score_async(token_lists):
+        streams = []
+        try:
+            for toks in token_lists:
+                streams.append(await svc.submit(f"{rid}-{next(counter)}", toks, step,
+                                                prompt_param=where, lora=lora))
+            outs = await asyncio.gather(*(_final(s) for s in streams))
+        except BaseException:
+            for s in streams:
+                s.abort("the beam search ended")
+            raise
+        return [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs]
+
+    while not all(s.done for s in searches):
+        pending = [p for s in searches if not s.done for p in s.pending()]
+        tops = await score_async(pending)
+        run_step(searches, lambda _: tops)
+    tok = svc.tokenizer
+    choices, n_out = [], 0
+    for pi, s in enumerate(searches):
+        for j, seq in enumerate(s.result().sequences):
+            text = tok.decode(seq.token_ids) if tok is not None else ""
+            index = pi * params.beam_width + j
+            n_out += len(seq.token_ids)
+            choices.append(R.chat_choice(index, text, seq.finish_reason) if chat
+                           else R.completion_choice(index, text, seq.finish_reason))
+    use = R.usage(sum(len(ids) for _, ids in prompts), n_out)
+    body_fn = R.chat_body if chat else R.completion_body
+    return body_fn(rid, int(time.time()), svc.model_name, choices, use)
+
+
+async def _final(stream):
+    last = None
+    async for out in stream:
+        last = out
+    if last is None or last.finish_reason not in ("stop", "length"):
+        raise BrazeError(f"a beam search step ended with finish_reason "
+                         f"{getattr(last, 'finish_reason', None)!r}")
+    return last

@@ -1,0 +1,103 @@
+"""Beam search (runtime/beam_search.py, braze.LLM.beam_search): against transformers'
+`generate(num_beams=...)` with the same random weights, and the search's own rules (EOS,
+length penalty, ties) on made-up candidates."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from braze.ir.errors import BrazeError
+from braze.runtime.beam_search import BeamSearch, BeamSearchParams, run_step
+
+from conftest import PROMPT
+
+
+@pytest.fixture(scope="module")
+def llm(store):
+    import braze
+    return braze.LLM(store.artifact("llama"), backend="reference", num_kv_blocks=128)
+
+
+def _hf_beams(store, prompt, width, steps):
+    from transformers import AutoModelForCausalLM
+    with contextlib.redirect_stderr(io.StringIO()):
+        m = AutoModelForCausalLM.from_pretrained(store.checkpoint("llama"),
+                                                 dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = None      # no EOS: every beam runs `steps` tokens
+    m.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        g = m.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width,
+                       do_sample=False, max_new_tokens=steps, early_stopping=False,
+                       output_scores=True, return_dict_in_generate=True)
+    # transformers' score: the sum of logprobs over the generated length (length_penalty 1)
+    return [(s[len(prompt):].tolist(), float(sc) * steps)
+            for s, sc in zip(g.sequences, g.sequences_scores)]
+
+
+@pytest.mark.parametrize("width", [2, 4])      # (1 is greedy: the test below)
+def test_beams_equal_transformers_beam_search(llm, store, width):
+    prompts = [PROMPT[:7], PROMPT[4:15]]
+    steps = 5
+    got = llm.beam_search(prompts, BeamSearchParams(beam_width=width, max_tokens=steps,
+                                                    ignore_eos=True))
+    for prompt, out in zip(prompts, got):
+        want = _hf_beams(store, prompt, width, steps)
+        assert [s.token_ids for s in out.sequences] == [w[0] for w in want]
+        for s, (_, cum) in zip(out.sequences, want):
+            assert s.cumulative_logprob == pytest.approx(cum, abs=1e-3)
+            assert s.finish_reason == "length" and s.text is not None
+        assert out.prompt_token_ids == prompt
+
+
+def test_width_one_is_greedy_decoding(llm):
+    from braze.runtime import SamplingParams
+    greedy = llm.generate([PROMPT[:9]], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    (out,) = llm.beam_search(PROMPT[:9], BeamSearchParams(beam_width=1, max_tokens=6,
+                                                          ignore_eos=True))
+    assert out.sequences[0].token_ids == list(greedy.token_ids)
+
+
+def _step(search: BeamSearch, tops):
+    run_step([search], lambda prompts: [tops[tuple(p)] for p in prompts])
+
+
+def test_an_eos_finishes_a_beam_and_the_length_penalty_ranks_the_results():
+    """Made-up candidates: EOS (9) ends a beam (not in its tokens); the live beams are the
+    best non-EOS extensions; results rank finished and live beams by cum / L ** penalty."""
+    p = BeamSearchParams(beam_width=2, max_tokens=2, length_penalty=1.0)
+    s = BeamSearch([1, 2], p, eos_ids=[9])
+    _step(s, {(1, 2): [(9, -0.1), (5, -0.5), (6, -0.7), (7, -0.9)]})
+    assert s.beams == [([5], -0.5), ([6], -0.7)] and s.finished == [([], -0.1)]
+    _step(s, {(1, 2, 5): [(3, -1.0), (9, -2.0)], (1, 2, 6): [(4, -0.2), (3, -3.0)]})
+    assert s.done and [b[0] for b in s.beams] == [[6, 4], [5, 3]]
+    assert [b[1] for b in s.beams] == pytest.approx([-0.9, -1.5])
+    out = s.result()
+    # scores: [] -0.1 / 2 = -0.05; [6, 4] -0.9 / 4; [5, 3] -1.5 / 4; [5] (EOS) -2.5 / 3
+    assert [(q.token_ids, q.finish_reason) for q in out.sequences] == [([], "stop"),
+                                                                      ([6, 4], "length")]
+    # a strong length penalty favours the longer beams
+    s = BeamSearch([1, 2], BeamSearchParams(beam_width=2, max_tokens=2, length_penalty=4.0),
+                   eos_ids=[9])
+    _step(s, {(1, 2): [(9, -0.1), (5, -0.5), (6, -0.7)]})
+    _step(s, {(1, 2, 5): [(3, -1.0)], (1, 2, 6): [(4, -0.2)]})
+    assert [q.token_ids for q in s.result().sequences] == [[6, 4], [5, 3]]
+
+
+def test_ties_keep_beam_order_and_ignore_eos_keeps_eos_tokens():
+    s = BeamSearch([1], BeamSearchParams(beam_width=2, max_tokens=1, ignore_eos=True),
+                   eos_ids=[9])
+    _step(s, {(1,): [(9, -1.0), (4, -1.0), (5, -1.0)]})
+    assert [b[0] for b in s.beams] == [[9], [4]]
+
+
+def test_bad_params_name_the_field(llm):
+    for kw, field in [(dict(beam_width=0, max_tokens=4), "beam_width"),
+                      (dict(beam_width=11, max_tokens=4), "beam_width"),
+                      (dict(beam_width=2, max_tokens=0), "max_tokens"),
+                      (dict(beam_width=2, max_tokens=2, length_penalty=float("inf")),
+                       "length_penalty")]:
+        with pytest.raises(BrazeError, match=field):
+            llm.beam_search(PROMPT[:5], BeamSearchParams(**kw))
