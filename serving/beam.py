@@ -20,8 +20,9 @@ from braze.ir.errors import BrazeError
 from braze.runtime.beam_search import BeamSearch, BeamSearchParams, run_step
 
 from . import responses as R
+from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for
-from .protocol import bad_request
+from .protocol import APIError, bad_request
 
 # (field, its neutral value): a beam search request may send these only so
 _REFUSED = (("stream", False), ("logprobs", None), ("top_logprobs", None), ("echo", False),
@@ -71,10 +72,15 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
             raise
         return [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs]
 
-    while not all(s.done for s in searches):
-        pending = [p for s in searches if not s.done for p in s.pending()]
-        tops = await score_async(pending)
-        run_step(searches, lambda _: tops)
+    try:
+        while not all(s.done for s in searches):
+            pending = [p for s in searches if not s.done for p in s.pending()]
+            tops = await score_async(pending)
+            run_step(searches, lambda _: tops)
+    except Rejected as e:               # as a plain request's are answered
+        raise bad_request(str(e)) from None
+    except (Aborted, Unavailable, BrazeError) as e:
+        raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
     tok = svc.tokenizer
     choices, n_out = [], 0
     for pi, s in enumerate(searches):
