@@ -40,9 +40,10 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], stop: Iterable[str] = (),
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, include_stop: bool = False):
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._include_stop = include_stop     # cut after the stop string, not before it
         self.stop = [s for s in dict.fromkeys(stop) if s]     # unique, in order
         self._max_stop = max((len(s) for s in self.stop), default=0)
         back = CONTEXT_TOKENS + 2 * _CHAR_TOKENS
@@ -178,7 +179,7 @@ class IncrementalDetokenizer:
         if best is None:
             self._tail = searched[-(self._max_stop - 1):] if self._max_stop > 1 else ""
             return None
-        cut, s = start + best[2], best[3]
+        cut, s = start + best[2] + (len(best[3]) if self._include_stop else 0), best[3]
         self._chunks = [self.text[:cut]]
         self._len = cut
         self._sent = min(self._sent, cut)

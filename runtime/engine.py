@@ -137,8 +137,10 @@ class Engine(EngineLoRA):
         single, req.bad_sequences = self._bad_words(params)
         req.bias = bias_entries(params, list(req.stop_ids), single)
         if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop,
-                                               skip_special_tokens=params.skip_special_tokens)
+            req.detok = IncrementalDetokenizer(
+                self.tokenizer, ids, stop=params.stop,
+                skip_special_tokens=params.skip_special_tokens,
+                include_stop=params.include_stop_str_in_output)
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
                              "use stop_token_ids", param="stop")

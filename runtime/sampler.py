@@ -67,6 +67,7 @@ class SamplingParams:
     # or its dict form {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
     structured_outputs: object = None
     skip_special_tokens: bool = True      # drop special tokens from the text
+    include_stop_str_in_output: bool = False   # vLLM's: keep the stop string that ended it
     # logits processing (vLLM semantics), applied on the device, batched (sample_batch)
     presence_penalty: float = 0.0     # OpenAI: minus this for every token already generated
     frequency_penalty: float = 0.0    # OpenAI: minus this times the token's count in the output
@@ -155,6 +156,10 @@ class SamplingParams:
             raise BrazeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", param="ignore_eos")
         if self.structured_outputs is not None:
             self.structured_outputs.validate()
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise BrazeError(f"include_stop_str_in_output must be true or false, got "
+                             f"{self.include_stop_str_in_output!r}",
+                             param="include_stop_str_in_output")
         if not isinstance(self.skip_special_tokens, bool):
             raise BrazeError(f"skip_special_tokens must be true or false, "
                              f"got {self.skip_special_tokens!r}", param="skip_special_tokens")

@@ -252,9 +252,10 @@ def create_app(svc: Service, read_timeout: float | None = None,
         if body.use_beam_search:
             return JSONResponse(await beam.respond(svc, body, [(None, ids)], max_tokens,
                                                    chat=True))
-        params = SamplingParams(**sampling_kwargs(body, max_tokens), structured_outputs=constraint,
-                                skip_special_tokens=tool_plan.skip_special_tokens
-                                if tool_plan else True)
+        kw = sampling_kwargs(body, max_tokens)
+        if tool_plan is not None:       # a tool parser that reads special tokens keeps them
+            kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
+        params = SamplingParams(**kw, structured_outputs=constraint)
         return await _generate(svc, request, body, [(None, ids)], params, chat=True,
                                tool_plan=tool_plan)
 
@@ -345,7 +346,9 @@ class _Job:
 
     def _token_text(self, tid: int) -> str:
         tok = self.svc.tokenizer
-        return f"token_id:{tid}" if tok is None else tok.decode([tid], skip_special_tokens=False)
+        if tok is None or self.body.return_tokens_as_token_ids:
+            return f"token_id:{tid}"
+        return tok.decode([tid], skip_special_tokens=False)
 
     def _prompt_text(self, c: _Choice) -> str:
         if c.prompt_text is not None:

@@ -94,6 +94,9 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
     # vLLM's: {"max_load_tokens": N, "store": bool} for the lower KV tiers (docs/serving.md)
     kv_transfer_params: dict | None = None
+    skip_special_tokens: bool = True                                 # vLLM extension
+    include_stop_str_in_output: bool = False                         # vLLM extension
+    return_tokens_as_token_ids: bool = False     # vLLM's: logprobs name tokens "token_id:N"
     # vLLM's beam search (serving/beam.py): n beams, returned best first
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -127,6 +130,14 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 _OFF = (None, False, 0, "", [], {})
 NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
+    # vLLM's extra request fields braze does not implement yet
+    "spaces_between_special_tokens": (None, True),
+    "allowed_token_ids": _OFF,
+    "truncate_prompt_tokens": (None,),
+    "priority": (None, 0),
+    "logits_processors": _OFF,
+    "cache_salt": _OFF,
+    "vllm_xargs": _OFF,
     "functions": _OFF,
     "function_call": (None, "none"),
 }
@@ -273,6 +284,8 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
         "min_p": 0.0 if req.min_p is None else req.min_p,
         "seed": req.seed,
         "ignore_eos": req.ignore_eos,
+        "skip_special_tokens": req.skip_special_tokens,
+        "include_stop_str_in_output": req.include_stop_str_in_output,
         # a non-streamed response needs only the final report: less work per engine step
         "output_kind": "delta" if req.stream else "final",
     }

@@ -78,11 +78,12 @@ def spm(tmp_path_factory) -> Tokenizer:
     return _sentencepiece_style(tmp_path_factory.mktemp("spm-tok"))
 
 
-def _stream(tok, prompt, out, stop=(), sizes=(1,), skip_special_tokens=True):
+def _stream(tok, prompt, out, stop=(), sizes=(1,), skip_special_tokens=True, include=False):
     """Feed `out` in chunks of the given sizes (cycled). Returns (detok, deltas, hits, texts):
     the output_delta of every step plus the final one, update()'s return values, and
     .text after every step."""
-    dt = IncrementalDetokenizer(tok, prompt, stop=stop, skip_special_tokens=skip_special_tokens)
+    dt = IncrementalDetokenizer(tok, prompt, stop=stop, skip_special_tokens=skip_special_tokens,
+                                include_stop=include)
     deltas, hits, texts = [], [], []
     i = k = 0
     while i < len(out):
@@ -264,26 +265,28 @@ def test_partial_stop_string_is_withheld_then_released(tiny):
     assert dt.output_delta(False) == "fox ran"
 
 
-def _reference_stop(text: str, stops: list[str]):
+def _reference_stop(text: str, stops: list[str], include: bool = False):
     """The stop string that completes first as the text grows (longest on a tie), and the
-    text before it."""
+    text before it (through it, with `include`: include_stop_str_in_output)."""
     best = None
     for s in stops:
         i = text.find(s)
         if i >= 0:
             key = (i + len(s), -len(s), i, s)
             best = key if best is None or key < best else best
-    return (text, None) if best is None else (text[:best[2]], best[3])
+    if best is None:
+        return text, None
+    return text[:best[2] + (len(best[3]) if include else 0)], best[3]
 
 
 @HYP
 @given(out=st.text(alphabet="abc ", max_size=60),
        stops=st.lists(st.text(alphabet="abc ", min_size=1, max_size=5), max_size=4),
-       sizes=_sizes)
-def test_stop_strings_match_a_reference(tiny, out, stops, sizes):
+       sizes=_sizes, include=st.booleans())
+def test_stop_strings_match_a_reference(tiny, out, stops, sizes, include):
     ids = tiny.encode(out)[1:]
-    dt, deltas, hits, texts = _stream(tiny, [1], ids, stop=stops, sizes=sizes)
-    text, reason = _reference_stop(out, stops)
+    dt, deltas, hits, texts = _stream(tiny, [1], ids, stop=stops, sizes=sizes, include=include)
+    text, reason = _reference_stop(out, stops, include)
     assert (dt.text, dt.stop_reason) == (text, reason)
     assert "".join(deltas) == text
     assert [h for h in hits if h is not None] == ([reason] if reason else [])

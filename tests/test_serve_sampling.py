@@ -196,6 +196,33 @@ def test_min_p(server, run):
     assert bad.status_code == 400
 
 
+def test_stop_string_kept_special_tokens_and_token_id_names(server, run):
+    """include_stop_str_in_output keeps the stop string; skip_special_tokens false keeps
+    special tokens in the text; return_tokens_as_token_ids names logprob tokens by id."""
+    plain = run(IDS, max_tokens=8).text
+    stop = plain[2:4] if len(plain) >= 4 else None
+    if stop and stop.strip():
+        kw = dict(model=MODEL, prompt=IDS, max_tokens=8, temperature=0, stop=[stop])
+        cut = server.client.completions.create(**kw, extra_body={"ignore_eos": True})
+        kept = server.client.completions.create(**kw, extra_body={
+            "ignore_eos": True, "include_stop_str_in_output": True})
+        assert kept.choices[0].text == cut.choices[0].text + stop
+        assert kept.choices[0].text == run(IDS, max_tokens=8, stop=[stop],
+                                           include_stop_str_in_output=True).text
+    bos = dict(model=MODEL, prompt=IDS, max_tokens=2, temperature=0, logit_bias={"1": 100})
+    r = server.client.completions.create(**bos, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == ""                              # <s> skipped, by default
+    r = server.client.completions.create(**bos, extra_body={"ignore_eos": True,
+                                                            "skip_special_tokens": False})
+    assert r.choices[0].text == run.engine.tokenizer.decode([1, 1], skip_special_tokens=False)
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=2, temperature=0,
+                                         logprobs=2, extra_body={
+                                             "ignore_eos": True,
+                                             "return_tokens_as_token_ids": True})
+    want = run(IDS, max_tokens=2, logprobs=2)
+    assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in want.token_ids]
+
+
 def test_beam_search(server, run, store):
     """use_beam_search (vLLM's): n beams, best first, the same as transformers' beam search;
     chat too; streaming, logprobs and more than 10 beams are 400s naming the field."""

@@ -258,6 +258,13 @@ def test_a_long_prompt_with_a_surrogate_is_400_from_the_thread(guarded):
 
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/completions", "suffix", "tail"),
+    ("/v1/completions", "priority", 1),
+    ("/v1/chat/completions", "cache_salt", "tenant-1"),
+    ("/v1/completions", "allowed_token_ids", [5, 6]),
+    ("/v1/completions", "spaces_between_special_tokens", False),
+    ("/v1/completions", "truncate_prompt_tokens", 4),
+    ("/v1/chat/completions", "logits_processors", ["my.module.Proc"]),
+    ("/v1/completions", "vllm_xargs", {"k": 1}),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "function_call", "auto"),
 ])
@@ -273,7 +280,8 @@ def test_neutral_values_of_unsupported_options_are_accepted(plain):
         model=MODEL, messages=CHAT, max_tokens=2, n=1, presence_penalty=0,
         frequency_penalty=0.0, logprobs=False,
         extra_body={"min_p": 0, "function_call": "none", "functions": [],
-                    "use_beam_search": False, "some_unknown_field": 7})
+                    "use_beam_search": False, "some_unknown_field": 7, "priority": 0,
+                    "spaces_between_special_tokens": True, "truncate_prompt_tokens": None})
     assert r.usage.completion_tokens <= 2
 
 
