@@ -213,7 +213,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
         texts = completion_prompts(body)
-        prompts = [(p if isinstance(p, str) else None, await svc.prompts.for_model(p))
+        prompts = [(p if isinstance(p, str) else None,
+                    await svc.prompts.for_model(p, add_special_tokens=body.add_special_tokens))
                    for p in texts]
         longest = max(len(ids) for _, ids in prompts)
         if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
@@ -241,7 +242,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
             constraint = tool_plan.constraint
         if body.use_beam_search:
             beam.check(body)        # (tools and response_format before the template sees them)
-        ids = await svc.prompts.chat(body, for_model=True,
+        ids = await svc.prompts.chat(body, body.add_special_tokens, for_model=True,
                                      tools=tool_plan.tools if tool_plan else None)
         if max_tokens is None:     # chat default: up to the end of the context
             max_tokens = max(1, svc.max_model_len - len(ids))

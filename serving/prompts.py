@@ -64,12 +64,13 @@ class Prompts:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- completions and /tokenize ---------------------------------------------------
-    async def for_model(self, prompt, param: str = "prompt") -> list[int]:
+    async def for_model(self, prompt, param: str = "prompt",
+                        add_special_tokens: bool = True) -> list[int]:
         """The ids of a completion's prompt (text or ids); a text prompt longer than the
         model allows is refused without building the list of all its ids."""
         if isinstance(prompt, list):
             return prompt
-        return await self.off_loop(len(prompt), self._capped, prompt, param)
+        return await self.off_loop(len(prompt), self._capped, prompt, param, add_special_tokens)
 
     async def ids(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """All the ids of a text (for /tokenize)."""
@@ -86,12 +87,12 @@ class Prompts:
         check_text(text, "prompt")
         return tok.encode(text, add_special_tokens)
 
-    def _capped(self, text: str, param: str) -> list[int]:
+    def _capped(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         tok = self._tokenizer(param)
         check_text(text, param)
         if not hasattr(tok, "encode_capped"):
-            return tok.encode(text)
-        ids, n = tok.encode_capped(text, self.svc.max_model_len)
+            return tok.encode(text, add_special_tokens)
+        ids, n = tok.encode_capped(text, self.svc.max_model_len, add_special_tokens)
         self.check_length(n, param)
         return ids
 

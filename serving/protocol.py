@@ -113,6 +113,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=128)
+    add_special_tokens: bool = True     # vLLM's: the tokenizer's BOS/EOS around a text prompt
 
 
 class TextPart(BaseModel):
@@ -159,6 +160,9 @@ class ChatCompletionRequest(_GenerationRequest):
     add_generation_prompt: bool = True
     # vLLM's: the prompt ends inside the final message, which the model continues
     continue_final_message: bool = False
+    # vLLM's: the tokenizer's special tokens around the rendered chat too (None: exactly
+    # one BOS, whether the template or the tokenizer writes it)
+    add_special_tokens: bool | None = None
     chat_template: str | None = None     # a Jinja template instead of the tokenizer's
     chat_template_kwargs: dict[str, Any] | None = None
 

@@ -223,6 +223,26 @@ def test_stop_string_kept_special_tokens_and_token_id_names(server, run):
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in want.token_ids]
 
 
+def test_add_special_tokens(server, run):
+    """vLLM's add_special_tokens: a completion's text prompt without the tokenizer's BOS, a
+    chat's rendered prompt with it on top of the template's; prompt_tokens counts what the
+    model got, as /tokenize counts it."""
+    def count(**kw):
+        return server.http.post("/tokenize", json={"model": MODEL, **kw}).json()["count"]
+    for flag in (True, False):
+        r = server.client.completions.create(model=MODEL, prompt="Hello there", max_tokens=1,
+                                             extra_body={"add_special_tokens": flag})
+        assert r.usage.prompt_tokens == count(prompt="Hello there", add_special_tokens=flag)
+    assert count(prompt="Hello there", add_special_tokens=True) == \
+        count(prompt="Hello there", add_special_tokens=False) + 1
+    msgs = [{"role": "user", "content": "Hi"}]
+    plain = server.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
+    both = server.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1,
+                                                 extra_body={"add_special_tokens": True})
+    assert plain.usage.prompt_tokens == count(messages=msgs)
+    assert both.usage.prompt_tokens == count(messages=msgs, add_special_tokens=True)
+
+
 def test_beam_search(server, run, store):
     """use_beam_search (vLLM's): n beams, best first, the same as transformers' beam search;
     chat too; streaming, logprobs and more than 10 beams are 400s naming the field."""
