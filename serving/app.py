@@ -309,6 +309,9 @@ class _Job:
         self.echo = bool(getattr(body, "echo", False))
         self.want_logprobs = params.logprobs is not None
         self.token_ids = bool(getattr(body, "return_token_ids", False))
+        so = getattr(body, "stream_options", None)
+        self.continuous_usage = bool(body.include_usage and so is not None
+                                     and so.continuous_usage_stats)
 
     async def submit(self, prompts: list) -> None:
         """Admit every (prompt, sample) as an engine request; if one is refused, the ones
@@ -435,6 +438,13 @@ class _Job:
             for t in tasks:
                 t.cancel()
 
+    def _chunk(self, d: dict) -> bytes:
+        """A stream chunk; with stream_options.continuous_usage_stats (and include_usage),
+        carrying the usage so far, as vLLM's do."""
+        if self.continuous_usage:
+            d["usage"] = self._usage()
+        return R.sse(d)
+
     async def sse(self, include_usage: bool):
         name, rid, created = self.svc.model_name, self.rid, self.created
         done = False
@@ -445,7 +455,7 @@ class _Job:
                     first = R.chat_choice(c.index, "", None, delta={"role": "assistant", "content": ""})
                     extra = {"prompt_token_ids": c.prompt_ids} if self.token_ids \
                         and c is self.choices[0] else {}
-                    yield R.sse(body(rid, created, name, [first], None, True, include_usage, **extra))
+                    yield self._chunk(body(rid, created, name, [first], None, True, include_usage, **extra))
             async for c, out in self._outputs():
                 c.last = out
                 if not self.chat and self.echo and not c.echoed:
@@ -458,7 +468,7 @@ class _Job:
                     plp = self._prompt_logprobs(out)
                     if plp is not None:
                         first["prompt_logprobs"] = plp
-                    yield R.sse(body(rid, created, name, [first], None, True, include_usage))
+                    yield self._chunk(body(rid, created, name, [first], None, True, include_usage))
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise Aborted(f"the request ended with finish_reason {out.finish_reason!r}")
                 reason = out.finish_reason if out.finished else None
@@ -468,11 +478,11 @@ class _Job:
                     c.text += out.new_text
                     for delta in c.streamer.feed(c.text, out.finished):
                         choice = R.chat_choice(c.index, "", None, delta=delta)
-                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
+                        yield self._chunk(body(rid, created, name, [choice], None, True, include_usage))
                     if reason:
                         reason = self.tools.finish_reason(c.streamer.calls, reason)
                         choice = R.chat_choice(c.index, "", reason, delta={})
-                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
+                        yield self._chunk(body(rid, created, name, [choice], None, True, include_usage))
                     continue
                 new_ids = out.new_token_ids
                 if not (out.new_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):
@@ -488,7 +498,7 @@ class _Job:
                     if plp is not None:      # with the choice's first tokens, on the chunk
                         if stop_reason is None:
                             choice.pop("stop_reason", None)
-                        yield R.sse(body(rid, created, name, [choice], None, True, include_usage,
+                        yield self._chunk(body(rid, created, name, [choice], None, True, include_usage,
                                          prompt_logprobs=plp))
                         continue
                 else:
@@ -501,7 +511,7 @@ class _Job:
                         choice["prompt_logprobs"] = plp
                 if stop_reason is None:
                     choice.pop("stop_reason", None)
-                yield R.sse(body(rid, created, name, [choice], None, True, include_usage))
+                yield self._chunk(body(rid, created, name, [choice], None, True, include_usage))
             self.outcome = self.last.finish_reason if self.last else "abort"
             if include_usage:
                 obj = "chat.completion.chunk" if self.chat else "text_completion"

@@ -75,7 +75,7 @@ class ChatTemplate:
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                extra: dict | None = None, tools: list[dict] | None = None,
-               continue_final: bool = False) -> str:
+               continue_final: bool = False, documents: list[dict] | None = None) -> str:
         """`tools`: the request's tools, passed to the template as `tools` (as
         transformers' apply_chat_template does); assistant `tool_calls` and tool messages'
         `tool_call_id` reach the template too. `continue_final` (vLLM's
@@ -95,6 +95,8 @@ class ChatTemplate:
         kw = dict(extra or {})
         if tools is not None:
             kw["tools"] = tools
+        if documents is not None:        # RAG templates read them, as in transformers
+            kw["documents"] = documents
         if continue_final:
             msgs[-1]["content"] += _CONTINUE
         try:

@@ -135,7 +135,8 @@ class Prompts:
         check_messages(body.messages, self.svc.text_only_origin)
         text = template.render(body.messages, body.add_generation_prompt,
                                body.chat_template_kwargs, tools=tools,
-                               continue_final=getattr(body, "continue_final_message", False))
+                               continue_final=getattr(body, "continue_final_message", False),
+                               documents=getattr(body, "documents", None))
         check_text(text, "chat_template_kwargs", "the prompt the chat template made")
         if add_special_tokens is not None:
             return tok.encode(text, add_special_tokens)

@@ -65,6 +65,7 @@ class ErrorResponse(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False    # vLLM's: the usage so far on every chunk
 
 
 class _GenerationRequest(BaseModel):
@@ -163,6 +164,8 @@ class ChatCompletionRequest(_GenerationRequest):
     # vLLM's: the tokenizer's special tokens around the rendered chat too (None: exactly
     # one BOS, whether the template or the tokenizer writes it)
     add_special_tokens: bool | None = None
+    # for RAG chat templates, as transformers' apply_chat_template(documents=...)
+    documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None     # a Jinja template instead of the tokenizer's
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -243,6 +246,9 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
 
 
 def check_chat(req: ChatCompletionRequest) -> None:
+    if (req.model_extra or {}).get("echo") not in (None, False):
+        raise bad_request("echo is not supported by this server's chat completions yet (got "
+                          "echo=true); leave it out", "echo")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise bad_request(f"messages[{i}].role is {_short(m.role)}; a role is one of "

@@ -32,6 +32,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    documents: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
     chat_template: str | None = None

@@ -199,6 +199,44 @@ def test_chat_continues_the_final_message(server, reference, store):
     assert bad.json()["error"]["param"] == "continue_final_message"
 
 
+def test_continuous_usage_stats_count_tokens_as_they_come(server):
+    """stream_options.continuous_usage_stats (vLLM's, with include_usage): every chunk
+    carries the usage so far; the last ones reach the final counts."""
+    chunks = list(server.client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "stream_options": {"include_usage": True,
+                                                           "continuous_usage_stats": True}}))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts and all(c.usage is not None for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 5 and chunks[-1].usage.completion_tokens == 5
+    plain = list(server.client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert all(c.usage is None for c in plain if c.choices)
+
+
+def test_chat_documents_reach_the_template_and_chat_echo_is_refused(server, store):
+    """`documents` go to the chat template as transformers' apply_chat_template passes
+    them (compared on a RAG template); chat `echo` is a 400 naming it, not ignored."""
+    from transformers import AutoTokenizer
+
+    from braze.serving.chat import ChatTemplate
+    from braze.serving.protocol import ChatMessage
+    rag = ("{% for d in documents %}[{{ d.title }}: {{ d.text }}]\n{% endfor %}"
+           "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    docs = [{"title": "a", "text": "Paris is in France."}, {"title": "b", "text": "x"}]
+    msgs = [{"role": "user", "content": "Where is Paris?"}]
+    hf = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    want = hf.apply_chat_template(msgs, documents=docs, chat_template=rag, tokenize=False,
+                                  add_generation_prompt=False)
+    assert ChatTemplate(rag).render([ChatMessage(**m) for m in msgs], False,
+                                    documents=docs) == want
+    r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                                       "max_tokens": 2, "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 def test_raw_sse_framing(server):
     with server.http.stream("POST", "/v1/completions", json={
             "model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
