@@ -261,7 +261,8 @@ def test_beam_search(server, run, store):
         extra_body={"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5})
     assert len(r.choices) == 2 and all(c.message.content is not None for c in r.choices)
     for extra, field in [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"),
-                         ({"n": 11}, "n")]:
+                         ({"logprobs": 0}, "logprobs"), ({"n": 11}, "n"),
+                         ({"stop": ["x"]}, "stop")]:
         bad = server.http.post("/v1/completions", json={
             "model": MODEL, "prompt": "Hi", "max_tokens": 2, "use_beam_search": True, **extra})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == field, bad.text
