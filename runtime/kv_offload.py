@@ -12,8 +12,9 @@ tier), and promotion back on a prefix hit the device no longer holds.
              are admitted meanwhile), never inside a step
     load     on admission, the leading blocks the host tier holds are copied into the
              request's fresh device blocks (on a GPU: on the offload's own load stream,
-             overlapping the steps of other requests, a few chunks queued at a time). The request holds its blocks but
-             waits in the scheduler until the copy has ended (`settled`); only then do the
+             overlapping the steps of other requests, a few chunks queued at a time). The
+             request holds its blocks but waits in the scheduler until the copy has ended
+             (`settled`); only then do the
              blocks enter the device's prefix cache, so no other prompt reads them early.
              A request freed while its copy runs (preempted, aborted) first orders the
              compute stream after the copy (`abandon`), so nothing later writes its blocks
@@ -174,8 +175,7 @@ class KVOffload:
         self._keys: dict[str, list[str]] = {}          # request id -> its block keys so far
         self._staging: dict[str, _Staging] = {}
         self._pending: list = []       # (event, host buffer, keys) of copies still running
-        self._stream = None            # the device-to-host copies' own CUDA stream
-        self._load_stream = None       # the host-to-device copies' own CUDA stream
+        self._streams: dict[str, torch.cuda.Stream] = {}   # "store", "load": the copies' own
         self._loading: dict[str, _Load] = {}   # request id -> its load still copying in
         self._in_host_from_lower: set[str] = set()
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
@@ -421,14 +421,21 @@ class KVOffload:
         if not self.cuda:
             self._scatter(host, ids)
             return None
-        if self._load_stream is None:
-            self._load_stream = torch.cuda.Stream(self.device)
-        self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._load_stream):
+        stream = self._side_stream("load")
+        with torch.cuda.stream(stream):
             self._scatter(host, ids)
             ev = torch.cuda.Event()
-            ev.record(self._load_stream)
+            ev.record(stream)
         return _DeviceCopy(ev, host, self.device)
+
+    def _side_stream(self, kind: str) -> "torch.cuda.Stream":
+        """The offload's own CUDA stream for `kind` ("store", "load"; made on first use),
+        ordered after the work already queued on the compute stream."""
+        stream = self._streams.get(kind)
+        if stream is None:
+            stream = self._streams[kind] = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        return stream
 
     def _scatter(self, host: torch.Tensor, ids: list) -> None:
         """The stacked host blocks into the cache tensors' blocks `ids`, on the current
@@ -487,16 +494,14 @@ class KVOffload:
         compute stream it would hold the next step's kernels back until it ended; here it
         overlaps them (the copy engine, not the SMs). -> (its end event, the host buffer,
         keys), which `poll` takes into the host tier once the event has passed."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
         buf = self.host.new_buffer(len(keys))
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))   # after the gather
-        with torch.cuda.stream(self._stream):
+        stream = self._side_stream("store")     # after the gather
+        with torch.cuda.stream(stream):
             buf.copy_(gathered, non_blocking=True)
             ev = torch.cuda.Event()
-            ev.record(self._stream)
+            ev.record(stream)
         # allocated on the compute stream: not to be reused before this stream has read it
-        gathered.record_stream(self._stream)
+        gathered.record_stream(stream)
         return ev, buf, keys
 
     def _stored(self, host: torch.Tensor, keys: list[str]) -> None:
