@@ -22,24 +22,21 @@ from braze.runtime.beam_search import BeamSearch, BeamSearchParams, run_step
 from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for
-from .protocol import APIError, bad_request
+from .protocol import APIError, bad_request, first_set
 
-# (field, the values a beam search request may send it with: its neutral ones)
-_REFUSED = (("stream", (False,)), ("logprobs", (None, False)), ("top_logprobs", (None,)),
-            ("echo", (False,)), ("best_of", (None,)), ("prompt_logprobs", (None,)),
-            ("response_format", (None,)), ("structured_outputs", (None,)),
-            ("tools", (None, [])), ("stop", (None, [], "")), ("logit_bias", (None, {})),
-            ("bad_words", (None, [])), ("min_tokens", (0,)))
+# field -> the values a beam search request may send it with (its neutral ones)
+_REFUSED = {"stream": (None, False), "logprobs": (None, False), "top_logprobs": (None,),
+            "echo": (None, False), "best_of": (None,), "prompt_logprobs": (None,),
+            "response_format": (None,), "structured_outputs": (None,),
+            "tools": (None, []), "stop": (None, [], ""), "logit_bias": (None, {}),
+            "bad_words": (None, []), "min_tokens": (None, 0)}
 
 
 def check(body) -> None:
-    values = {**body.__dict__, **(body.model_extra or {})}
-    for name, neutral in _REFUSED:
-        v = values.get(name)
-        # 0 == False in Python: a neutral value matches only with its own type
-        if v is not None and not any(v == n and type(v) is type(n) for n in neutral):
-            raise bad_request(f"use_beam_search cannot be combined with {name}: leave it out "
-                              f"(beam search returns its n best sequences whole)", name)
+    found = first_set(body, _REFUSED)
+    if found is not None:
+        raise bad_request(f"use_beam_search cannot be combined with {found[0]}: leave it out "
+                          f"(beam search returns its n best sequences whole)", found[0])
 
 
 async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict:

@@ -175,17 +175,28 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "e
                             "continue_final_message")
 
 
-def check_supported(req: BaseModel) -> None:
-    """400 for a field of NOT_YET_SUPPORTED set to a value other than its neutral ones."""
+def first_set(req: BaseModel, table: dict[str, tuple]):
+    """(name, value) of the first field of `table` (name -> its neutral values) that `req`
+    sends with another value (an absent field reads as None), or None."""
     values = {**req.__dict__, **(req.model_extra or {})}
-    for name, off in NOT_YET_SUPPORTED.items():
+    for name, off in table.items():
         v = values.get(name)
         # 0 == False in Python: a bool is neutral only where a bool is listed
         if not any(v is o or (v == o and isinstance(v, bool) == isinstance(o, bool))
                    for o in off):
-            hint = "" if off is _OFF else f" or send {name}={_short(off[-1])}"
-            raise bad_request(f"{name} is not supported by this server yet (got "
-                              f"{name}={_short(v)}); leave it out{hint}", name)
+            return name, v
+    return None
+
+
+def check_supported(req: BaseModel) -> None:
+    """400 for a field of NOT_YET_SUPPORTED set to a value other than its neutral ones."""
+    found = first_set(req, NOT_YET_SUPPORTED)
+    if found is not None:
+        name, v = found
+        off = NOT_YET_SUPPORTED[name]
+        hint = "" if off is _OFF else f" or send {name}={_short(off[-1])}"
+        raise bad_request(f"{name} is not supported by this server yet (got "
+                          f"{name}={_short(v)}); leave it out{hint}", name)
 
 
 def _short(v) -> str:
