@@ -40,9 +40,7 @@ class LLM:
         params: one SamplingParams for all prompts, or one per prompt.
         lora_request: a LoRARequest (runtime/lora.py) for all prompts, or one per prompt
         (None where a prompt uses the base model); the artifact needs --lora-slots."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise BrazeError(f"{len(params)} SamplingParams for {len(prompts)} prompts; "
@@ -92,10 +90,8 @@ class LLM:
         best sequences, best first (runtime/beam_search.py). Each step runs every live
         beam of every prompt as a one-token request, in one batch."""
         params.validate()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
         searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids)
-                    for p in prompts]
+                    for p in _prompt_list(prompts)]
         step = params.step_params()
 
         def score(token_lists):
@@ -125,6 +121,13 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string or a list of token ids) or a list of them, as a list."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> RequestOutput:

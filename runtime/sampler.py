@@ -316,10 +316,10 @@ def _restrict(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
 
     min-p first, as vLLM orders them: an entry whose probability is below min_p times the
     row's largest is dropped, i.e. scaled < max + log(min_p) (min_p 0: log 0 = -inf keeps
-    all). Then, sorted descending, a row keeps its first min(k, n_p) entries, where n_p is the
-    smallest count whose probability mass (softmax over the top-k entries) reaches top_p;
-    every entry equal to the last kept value is kept too, so ties never depend on the
-    sort order.
+    all). Then, sorted descending, a row keeps its first min(k, n_p) entries, where n_p is
+    the smallest count whose probability mass (softmax over the top-k entries) reaches
+    top_p; every entry equal to the last kept value is kept too, so ties never depend on
+    the sort order.
     """
     vocab = scaled.shape[-1]
     if min_p is not None:
@@ -449,8 +449,9 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 
     temperature f32[S] (0 = greedy argmax), top_k i64[S] (0 = no limit), top_p f32[S],
     seeds i64[S], counters i64[S], min_p f32[S] (None or 0 = off). `filter=False` skips
-    min-p/top-k/top-p (and their sort); pass it only when no sampled row restricts its set. `proc`: penalties, logit bias,
-    bad words, min_tokens (process_logits), applied first, to greedy rows too.
+    min-p/top-k/top-p (and their sort); pass it only when no sampled row restricts its set.
+    `proc`: penalties, logit bias, bad words, min_tokens (process_logits), applied first,
+    to greedy rows too.
     """
     logits = process_logits(logits, counters, proc)
     greedy = temperature <= 0

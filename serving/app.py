@@ -438,24 +438,25 @@ class _Job:
             for t in tasks:
                 t.cancel()
 
-    def _chunk(self, d: dict) -> bytes:
-        """A stream chunk; with stream_options.continuous_usage_stats (and include_usage),
-        carrying the usage so far, as vLLM's do."""
-        if self.continuous_usage:
-            d["usage"] = self._usage()
-        return R.sse(d)
-
     async def sse(self, include_usage: bool):
         name, rid, created = self.svc.model_name, self.rid, self.created
         done = False
         body = R.chat_body if self.chat else R.completion_body
+
+        def chunk(choices: list, **extra) -> bytes:
+            """A stream chunk; with stream_options.continuous_usage_stats (and
+            include_usage) carrying the usage so far, as vLLM's do."""
+            d = body(rid, created, name, choices, None, True, include_usage, **extra)
+            if self.continuous_usage:
+                d["usage"] = self._usage()
+            return R.sse(d)
         try:
             if self.chat:
                 for c in self.choices:
                     first = R.chat_choice(c.index, "", None, delta={"role": "assistant", "content": ""})
                     extra = {"prompt_token_ids": c.prompt_ids} if self.token_ids \
                         and c is self.choices[0] else {}
-                    yield self._chunk(body(rid, created, name, [first], None, True, include_usage, **extra))
+                    yield chunk([first], **extra)
             async for c, out in self._outputs():
                 c.last = out
                 if not self.chat and self.echo and not c.echoed:
@@ -468,7 +469,7 @@ class _Job:
                     plp = self._prompt_logprobs(out)
                     if plp is not None:
                         first["prompt_logprobs"] = plp
-                    yield self._chunk(body(rid, created, name, [first], None, True, include_usage))
+                    yield chunk([first])
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise Aborted(f"the request ended with finish_reason {out.finish_reason!r}")
                 reason = out.finish_reason if out.finished else None
@@ -478,11 +479,11 @@ class _Job:
                     c.text += out.new_text
                     for delta in c.streamer.feed(c.text, out.finished):
                         choice = R.chat_choice(c.index, "", None, delta=delta)
-                        yield self._chunk(body(rid, created, name, [choice], None, True, include_usage))
+                        yield chunk([choice])
                     if reason:
                         reason = self.tools.finish_reason(c.streamer.calls, reason)
                         choice = R.chat_choice(c.index, "", reason, delta={})
-                        yield self._chunk(body(rid, created, name, [choice], None, True, include_usage))
+                        yield chunk([choice])
                     continue
                 new_ids = out.new_token_ids
                 if not (out.new_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):
@@ -498,8 +499,7 @@ class _Job:
                     if plp is not None:      # with the choice's first tokens, on the chunk
                         if stop_reason is None:
                             choice.pop("stop_reason", None)
-                        yield self._chunk(body(rid, created, name, [choice], None, True, include_usage,
-                                         prompt_logprobs=plp))
+                        yield chunk([choice], prompt_logprobs=plp)
                         continue
                 else:
                     prompt_ids = c.prompt_ids if self.token_ids and not c.started else None
@@ -511,7 +511,7 @@ class _Job:
                         choice["prompt_logprobs"] = plp
                 if stop_reason is None:
                     choice.pop("stop_reason", None)
-                yield self._chunk(body(rid, created, name, [choice], None, True, include_usage))
+                yield chunk([choice])
             self.outcome = self.last.finish_reason if self.last else "abort"
             if include_usage:
                 obj = "chat.completion.chunk" if self.chat else "text_completion"
