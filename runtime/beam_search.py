@@ -127,14 +127,16 @@ class BeamSearch:
             for (tokens, cum), reason in ranked[:self.params.beam_width]])
 
 
-def run_step(searches: list[BeamSearch], score) -> None:
-    """One step of every unfinished search: `score(prompts)` runs the token lists as
-    one-token requests and returns each one's top candidates, in order."""
-    live = [s for s in searches if not s.done]
-    prompts = [p for s in live for p in s.pending()]
-    tops = score(prompts) if prompts else []
+def step_prompts(searches: list[BeamSearch]) -> list[list[int]]:
+    """The token lists this step scores: every live beam of every unfinished search."""
+    return [p for s in searches if not s.done for p in s.pending()]
+
+
+def advance_all(searches: list[BeamSearch], tops: list) -> None:
+    """Each unfinished search takes its beams' top candidates from `tops` (one list per
+    token list of `step_prompts`, in that order)."""
     k = 0
-    for s in live:
+    for s in [s for s in searches if not s.done]:
         n = len(s.beams)
         s.advance(tops[k:k + n])
         k += n

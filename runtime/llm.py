@@ -17,7 +17,8 @@ import itertools
 from braze.ir.errors import BrazeError
 
 from .engine import Engine
-from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_step
+from .beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams, advance_all,
+                          step_prompts)
 from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
@@ -94,12 +95,9 @@ class LLM:
                     for p in _prompt_list(prompts)]
         step = params.step_params()
 
-        def score(token_lists):
-            outs = self.generate(token_lists, step, lora_request=lora_request)
-            return [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs]
-
         while not all(s.done for s in searches):
-            run_step(searches, score)
+            outs = self.generate(step_prompts(searches), step, lora_request=lora_request)
+            advance_all(searches, [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs])
         results = [s.result() for s in searches]
         if self.tokenizer is not None:
             for r in results:

@@ -17,7 +17,7 @@ import time
 import uuid
 
 from braze.ir.errors import BrazeError
-from braze.runtime.beam_search import BeamSearch, BeamSearchParams, run_step
+from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all, step_prompts
 
 from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
@@ -73,9 +73,7 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
 
     try:
         while not all(s.done for s in searches):
-            pending = [p for s in searches if not s.done for p in s.pending()]
-            tops = await score_async(pending)
-            run_step(searches, lambda _: tops)
+            advance_all(searches, await score_async(step_prompts(searches)))
     except Rejected as e:               # as a plain request's are answered
         raise bad_request(str(e)) from None
     except (Aborted, Unavailable, BrazeError) as e:

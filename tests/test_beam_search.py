@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 from braze.ir.errors import BrazeError
-from braze.runtime.beam_search import BeamSearch, BeamSearchParams, run_step
+from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all, step_prompts
 
 from conftest import PROMPT
 
@@ -61,7 +61,7 @@ def test_width_one_is_greedy_decoding(llm):
 
 
 def _step(search: BeamSearch, tops):
-    run_step([search], lambda prompts: [tops[tuple(p)] for p in prompts])
+    advance_all([search], [tops[tuple(p)] for p in step_prompts([search])])
 
 
 def test_an_eos_finishes_a_beam_and_the_length_penalty_ranks_the_results():
