@@ -93,6 +93,7 @@ def build_plan(g: Graph, options: dict) -> dict:
                 per_node.append(launches + [call])
                 continue
         per_node.append([call])
+    workspaces = _share_workspaces(per_node, workspaces)
     out_segments = []
     for kind, first, last in segments:
         launches = [launch for i in range(first, last + 1) for launch in per_node[i]]
@@ -105,6 +106,24 @@ def build_plan(g: Graph, options: dict) -> dict:
     if small_m or chosen:
         plan["small_m_gemm"] = {"max_tokens": MAX_TOKENS, "linears": chosen}
     return plan
+
+
+def _share_workspaces(per_node: list[list[dict]], workspaces: dict) -> dict:
+    """One workspace per (role, spec) instead of one per node: the launches of a step run
+    in order on one stream and no workspace outlives its node's launches (a `zero` one is
+    zeroed again by them), so every layer's attention can use the same split-KV buffers.
+    A node's `ws.<node>.<role>` becomes the first such node's name; returns the specs kept."""
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for name, spec in workspaces.items():
+        key = (name.split(".", 2)[2], json.dumps(spec, sort_keys=True))
+        rename[name] = first.setdefault(key, name)
+    for launches in per_node:
+        for launch in launches:
+            for a in launch.get("args", ()):
+                if "ws" in a:
+                    a["ws"] = rename[a["ws"]]
+    return {name: spec for name, spec in workspaces.items() if rename[name] == name}
 
 
 def regenerate(graph: Graph, options: dict) -> tuple[dict, dict[str, bytes]]:

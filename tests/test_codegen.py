@@ -64,6 +64,24 @@ def test_plan_is_complete_and_well_formed(store, case):
     assert set(plan["extern_ops"]) - extern_by_design <= {"cat", "index_select"}, plan["extern_ops"]
 
 
+@pytest.mark.parametrize("case", ["llama", "gemma3-sandwich-softcap"])
+def test_layers_share_one_set_of_workspaces(store, case):
+    """A step runs its nodes' launches in order on one stream, so the layers' attentions use
+    one set of split-KV workspaces (one per distinct shape: Gemma 3's local and global
+    layers may differ), not a set each; the plan names only workspaces it declares."""
+    m = json.loads((store.artifact(case, opt_level=2) / "manifest.json").read_text())
+    plan = m["plan"]
+    launches = [launch for seg in plan["segments"] for launch in seg["launches"]]
+    used = {a["ws"] for launch in launches for a in launch.get("args", ()) if "ws" in a}
+    assert used == set(plan["workspaces"])
+    attention = [launch for launch in launches if launch.get("fn") == "attn_fwd_kernel"]
+    layers = {launch["node"] for launch in attention}
+    assert len(layers) >= 2
+    sets = {tuple(a["ws"] for a in launch["args"] if "ws" in a) for launch in attention}
+    shapes = {tuple(json.dumps(plan["workspaces"][w], sort_keys=True) for w in ws) for ws in sets}
+    assert len(sets) == len(shapes) < len(layers)
+
+
 def test_interpret_backend_imports_no_compiler(store):
     art = store.artifact("llama", opt_level=2)
     code = f"""
