@@ -1,5 +1,6 @@
-"""Launches per step of an artifact's bound plans, per batch bucket: what a CUDA graph of
-that bucket replays. Needs no GPU: the plans are bound (not run) on the CPU.
+"""Launches per decode step of an artifact's bound plans, per batch bucket: what the
+decode-only CUDA graph of that bucket replays (a bucket with T == S leaves out the
+launches a decode step has nothing for: attention's prefill path). Needs no GPU: the plans are bound (not run) on the CPU.
 
     python benchmarks/launch_count.py ARTIFACT                  # buckets 1, 16, 64
     python benchmarks/launch_count.py ARTIFACT --buckets 1,8 --by-kernel
@@ -17,6 +18,8 @@ from collections import Counter
 
 
 def count(artifact: str, buckets: list[int]) -> dict[int, Counter]:
+    """Per bucket, the launches of a decode-only step (one token per sequence): the bound
+    plan less its decode-idle launches where the bucket has T == S (braze/launch.py)."""
     from braze.runtime import open_artifact
     from braze.runtime.engine import Engine
     art = open_artifact(artifact)
@@ -24,7 +27,12 @@ def count(artifact: str, buckets: list[int]) -> dict[int, Counter]:
                  max_num_seqs=min(max(buckets), art.limits.max_num_seqs),
                  max_num_tokens=max(buckets), buckets=buckets)
     g = eng.runner.graphs
-    return {T: Counter(c.name.split("#")[0] for c in g._buckets[T].plan.calls) for T in g.buckets}
+    out = {}
+    for T in g.buckets:
+        b = g._buckets[T]
+        out[T] = Counter(c.name.split("#")[0] for c in b.plan.calls
+                         if not (c.decode_idle and b.T == b.S))
+    return out
 
 
 def main(argv=None) -> int:
@@ -35,7 +43,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     buckets = sorted({int(b) for b in args.buckets.split(",") if b.strip()})
     got = count(args.artifact, buckets)
-    print(f"{args.artifact}: launches per step of each bucket's bound plan")
+    print(f"{args.artifact}: launches per decode step of each bucket's bound plan")
     print("| bucket | launches | Triton kernels | extern calls |")
     print("|---:|---:|---:|---:|")
     for T, c in got.items():

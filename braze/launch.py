@@ -21,9 +21,16 @@ launches of its bucket and replay never tests one; the eager path tests each lau
 compiled guard per step. A workspace spec may carry the same guard: it is sized only
 for the step sizes its launches run at.
 
+A kernel launch may say `"decode_idle": true`: a decode-only step (one new token per
+sequence) padded to T == S gives it nothing to do, because another launch of its node
+covers that step whole (attention's prefill path, whose decode path then zeroes the
+padding tokens). The runtime leaves such launches out of what a decode-only step runs:
+the whole-step graph of mode full, and the eager break segments of the other modes.
+
 Argument kinds: `buf` a graph value, param or input by reference; `ws` a
 workspace buffer (declared by name with shape expressions and dtype, allocated
-once for the largest batch); `expr` an integer expression over the step sizes
+once for the largest batch; `"zero": true` allocates it zeroed, for a count that the
+launches using it reset themselves, such as attention's split arrivals); `expr` an integer expression over the step sizes
 T, S, MB (evaluated when a batch size is bound, never on the device); `int`,
 `float` literals; `stride` a buffer's stride along a dim. Grid entries are
 expressions too. Kernel ids name a variant (module, function, signature,

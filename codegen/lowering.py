@@ -44,9 +44,13 @@ class Lowering:
     def buf(self, v: Value) -> dict:
         return {"buf": v.ref, "ty": "*" + _TRITON_TYPES[v.type.dtype]}
 
-    def ws(self, name: str, shape: list, dtype: str) -> dict:
+    def ws(self, name: str, shape: list, dtype: str, zero: bool = False) -> dict:
+        """A workspace; `zero`: allocated zeroed, and every launch that uses it leaves it
+        zeroed again (a count the kernel resets), so it never needs a clearing launch."""
         full = f"ws.{self.index}.{name}"
         self.workspaces[full] = {"shape": [expr_text(d) for d in shape], "dtype": dtype}
+        if zero:
+            self.workspaces[full]["zero"] = True
         return {"ws": full, "ty": "*" + _TRITON_TYPES[dtype]}
 
     def expr(self, d) -> dict:
@@ -78,7 +82,9 @@ class Lowering:
 
     # -- launches -------------------------------------------------------------------
     def launch(self, fn, grid: list, args: list, constexprs: dict | None = None,
-               num_warps: int = 4, num_stages: int = 2) -> None:
+               num_warps: int = 4, num_stages: int = 2, decode_idle: bool = False) -> None:
+        """`decode_idle`: a decode-only step at T == S has nothing for this launch to do
+        (another launch of the node covers it); braze/launch.py."""
         name = fn if isinstance(fn, str) else (getattr(fn, "__name__", None) or fn.fn.__name__)
         module = self.module
         if isinstance(fn, str) and "." in fn:          # "generated_module.kernel_name"
@@ -87,3 +93,5 @@ class Lowering:
         self.launches.append({"node": self.index, "module": module, "fn": name,
                               "grid": grid, "args": args, "constexprs": dict(constexprs or {}),
                               "num_warps": num_warps, "num_stages": num_stages})
+        if decode_idle:
+            self.launches[-1]["decode_idle"] = True

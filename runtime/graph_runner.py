@@ -162,6 +162,15 @@ def _host_breaks(pieces) -> list[str]:
                    if c.name.startswith("extern.")})
 
 
+def _decode_steps(b) -> None:
+    """A decode-only step at T == S skips the launches that have nothing to do for it
+    (`decode_idle`, braze/launch.py) among the steps that run eagerly; what a graph
+    captured holds them still."""
+    if b.T == b.S and b.pieces is not None:
+        steps = [f for f in b.pieces if not getattr(f, "decode_idle", False)]
+        b.decode = steps if len(steps) < len(b.pieces) else None
+
+
 class _Bucket:
     """One padded batch size: its bound plan and the step lists that replay it."""
 
@@ -170,6 +179,7 @@ class _Bucket:
         self.logits = plan.outputs["logits"]
         self.pieces = None        # steps for any batch (piecewise or eager); None if full="any"
         self.full = None          # steps of the whole-forward graph (mode full)
+        self.decode = None        # `pieces` less their eager decode-idle launches (T == S)
         self.checks: list[tuple[str, torch.Tensor, int]] = []
 
 
@@ -428,7 +438,10 @@ class GraphRunner:
         b = _Bucket(T, S, plan, views)
         graph = ex.graph
         if self.mode == "full":
-            b.full = _group(plan.calls, segments_for(graph, "full"))
+            calls = plan.calls
+            if self.full_capture == "decode-only" and T == S:
+                calls = [c for c in calls if not c.decode_idle]
+            b.full = _group(calls, segments_for(graph, "full"))
             if self.full_capture == "decode-only":
                 b.pieces = _group(plan.calls, segments_for(graph, "piecewise"))
                 host = _host_breaks(b.pieces)
@@ -451,6 +464,7 @@ class GraphRunner:
         if ex.backend != "cuda":     # replayed directly: the flat call lists
             b.full = None if b.full is None else [c for seg in b.full for c in seg[3]]
             b.pieces = None if b.pieces is None else [c for seg in b.pieces for c in seg[3]]
+            _decode_steps(b)
         self._buckets[T] = b
 
     def _capture_graphs(self, progress) -> None:
@@ -475,6 +489,7 @@ class GraphRunner:
                     b.full = self._capture_segments(b, b.full, pool, stream)
                 if b.pieces is not None:
                     b.pieces = self._capture_segments(b, b.pieces, pool, stream)
+                    _decode_steps(b)
                 if progress is not None:
                     progress(f"captured bucket {b.T} tokens ({k + 1}/{len(order)}, "
                              f"{len(self._graphs)} graphs)")
@@ -546,6 +561,8 @@ class GraphRunner:
             self._check_bound(b)
         if b.full is not None and (decode_only or self.full_capture == "any"):
             steps, self.last_variant = b.full, "full"
+        elif decode_only and b.decode is not None:
+            steps, self.last_variant = b.decode, ("eager" if self.mode == "none" else "piecewise")
         else:
             steps, self.last_variant = b.pieces, ("eager" if self.mode == "none" else "piecewise")
         for f in steps:

@@ -47,7 +47,8 @@ class PlanRunner:
         shape = tuple(self._expr(d, sizes) for d in spec["shape"])
         key = (name, shape)
         if key not in self._ws:
-            self._ws[key] = torch.empty(shape, dtype=torch_dtype(spec["dtype"]), device=self.device)
+            alloc = torch.zeros if spec.get("zero") else torch.empty
+            self._ws[key] = alloc(shape, dtype=torch_dtype(spec["dtype"]), device=self.device)
         return self._ws[key]
 
     def arg(self, a: dict, env: dict, sizes: dict):
@@ -78,7 +79,9 @@ class PlanRunner:
             need = max(_numel(tuple(self._expr(d, sz) for d in spec["shape"])) for sz in used)
             have = self._ws_flat.get(name)
             if have is None or have.numel() < need:
-                self._ws_flat[name] = torch.empty(need, dtype=dtype, device=self.device)
+                # a `zero` workspace (braze/launch.py) is kept zeroed by its own launches
+                alloc = torch.zeros if spec.get("zero") else torch.empty
+                self._ws_flat[name] = alloc(need, dtype=dtype, device=self.device)
 
     def shared_workspace(self, name: str, sizes: dict) -> torch.Tensor:
         """A view of the reserved workspace `name` shaped for `sizes`."""
@@ -121,7 +124,8 @@ class PlanRunner:
             kwargs = dict(launch.get("constexprs", {}), num_warps=launch.get("num_warps", 4),
                           num_stages=launch.get("num_stages", 2))
             call = _jit_call(fn[grid], args, kwargs)
-        return BoundLaunch(name, launch["node"], call, tensors, spec)
+        return BoundLaunch(name, launch["node"], call, tensors, spec,
+                           decode_idle=bool(launch.get("decode_idle")))
 
     def run(self, launch: dict, env: dict, sizes: dict) -> None:
         args = [self.arg(a, env, sizes) for a in launch["args"]]
@@ -193,12 +197,14 @@ class BoundLaunch:
     `tensors` lists (name, tensor) of every tensor it reads or writes, for the checks
     that bound buffers never move; `node` is the graph node it belongs to; `spec` is a
     kernel launch's spec key (braze/launch.py: how Triton specialises its argument values),
-    None for an extern call."""
+    None for an extern call; `decode_idle` copies the launch's flag (braze/launch.py)."""
 
-    __slots__ = ("call", "name", "node", "tensors", "spec")
+    __slots__ = ("call", "name", "node", "tensors", "spec", "decode_idle")
 
-    def __init__(self, name: str, node: int, call, tensors: list, spec: str | None = None):
+    def __init__(self, name: str, node: int, call, tensors: list, spec: str | None = None,
+                 decode_idle: bool = False):
         self.name, self.node, self.call, self.tensors, self.spec = name, node, call, tensors, spec
+        self.decode_idle = decode_idle
 
     def __call__(self) -> None:
         self.call()

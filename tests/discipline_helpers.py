@@ -22,6 +22,16 @@ def static_storages(runner) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in ts}
 
 
+def stale_workspaces(runner) -> list:
+    """The flat workspaces of a PlanRunner whose bytes a GPU leaves as the last launch wrote
+    them: all but the `zero` ones (braze/launch.py), which their own launches keep zeroed."""
+    return [t for name, t in runner._ws_flat.items() if not runner.ws_specs[name].get("zero")]
+
+
+def zeroed_workspaces(runner) -> dict:
+    return {name: t for name, t in runner._ws_flat.items() if runner.ws_specs[name].get("zero")}
+
+
 class Discipline(TorchDispatchMode):
     """Flags any torch op that allocates bytes, touches storage outside `allowed`, or reads a
     device value on the host. (The Triton interpreter's own bookkeeping makes 0-byte

@@ -23,7 +23,8 @@ from braze.ir.contract import SeqChunk, build_step
 from braze.ir.contract import default_buckets
 from braze.runtime.graph_runner import GraphRunner, _group, segments_for, validate_buckets
 
-from discipline_helpers import Discipline, HostReads, static_storages
+from discipline_helpers import (Discipline, HostReads, stale_workspaces, static_storages,
+                                zeroed_workspaces)
 
 BUCKETS = [1, 2, 4, 8]
 MAX_T, MAX_S, NUM_BLOCKS = 8, 4, 16
@@ -114,8 +115,8 @@ def _clobber(ex, r):
     ex.plan.arena.fill_(255)                        # NaN in every float slot
     for flat in ex.plan._static_out.values():
         flat.fill_(float("nan"))
-    for flat in ex.plan.runner._ws_flat.values():
-        flat.fill_(float("nan"))
+    for flat in stale_workspaces(ex.plan.runner):
+        flat.fill_(float("nan") if flat.is_floating_point() else -1)
 
 
 def test_replay_sees_the_step_only_through_the_static_buffers(ex):
@@ -226,6 +227,46 @@ def test_modes_agree(ex):
     # full with attention breaks: a whole-forward plan only where a decode-only batch fits
     # (buckets up to max_num_seqs), piecewise plans for every bucket
     assert bound == {"none": (4, None), "piecewise": (4, None), "full": (3 + 4, "decode-only")}
+
+
+@pytest.mark.parametrize("mode", ["none", "piecewise", "full"])
+def test_a_decode_step_runs_no_prefill_path_launch(ex, mode):
+    """At a bucket with T == S a decode-only step leaves out attention's prefill-path launch
+    (decode_idle) from what runs: the whole-step graph of mode full, the eager steps of the
+    others. With stale NaN everywhere it still gives the reference's logits, padding
+    sequences included, and a mixed step of the same bucket still runs the launch."""
+    r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S, mode=mode)
+    r.capture()
+    layers = sum(node.op == "attention" for node in ex.graph.nodes)
+    assert layers
+    for T in BUCKETS:
+        b = r._buckets[T]
+        idle = [c for c in b.plan.calls if c.decode_idle]
+        assert len(idle) == layers and all("attn_fwd_kernel" in c.name for c in idle)
+        steps = b.full if mode == "full" else b.decode
+        if T > MAX_S:                   # S < T: a decode step cannot fill the bucket
+            assert steps is None and b.decode is None
+            continue
+        assert len(steps) == len(b.plan.calls) - layers
+        assert not any(getattr(c, "decode_idle", False) for c in steps)
+    idle_ran = []                       # the decode-idle launches of bucket 4 that ran
+    for c in r._buckets[4].plan.calls:
+        if c.decode_idle:
+            c.call = (lambda call: lambda: (idle_ran.append(1), call()))(c.call)
+    ref_cache = random_cache(ex, seed=31)
+    decode = [C([10], 40, [2, 3, 4]), C([13], 63, [5, 6, 7, 8]), C([14], 2, [1])]   # bucket 4
+    mixed = [C([20, 21], 0, [9]), C([22], 7, [10])]                                 # bucket 4
+    for chunks in (decode, mixed):
+        _clobber(ex, r)
+        idle_ran.clear()
+        got = replay(r, ex, chunks)
+        assert len(idle_ran) == (0 if chunks is decode else layers)
+        want = reference_logits(ex, chunks, ref_cache)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        ran = {"none": "eager", "piecewise": "piecewise", "full": "piecewise"}[mode]
+        if chunks is decode and mode == "full":
+            ran = "full"
+        assert r.last_variant == ran
 
 
 @pytest.mark.parametrize("case, opt_level", [("llama", 0), ("llama", 1), ("llama", 2),
@@ -372,9 +413,11 @@ def test_stale_device_memory_never_reaches_a_result(store, case):
     r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
     r.capture()
     steps = [[C([5, 6, 7, 8, 9], 0, [0]), C([11, 12], 0, [1])],
-             [C([10], 40, [2, 3, 4]), C([13], 63, [5, 6, 7, 8]), C([14, 15], 2, [1])]]
+             [C([10], 40, [2, 3, 4]), C([13], 63, [5, 6, 7, 8]), C([14, 15], 2, [1])],
+             # decode-only, padded to T == S: no prefill-path launch zeroes the padding rows
+             [C([16], 39, [2, 3, 4]), C([17], 62, [5, 6, 7, 8]), C([18], 4, [1])]]
     stale = [ex.plan.arena] + list(ex.plan._static_out.values()) + \
-        list(ex.plan.runner._ws_flat.values())
+        stale_workspaces(ex.plan.runner)
     for seed, chunks in enumerate(steps):
         ref_cache = random_cache(ex, seed=20 + seed)
         for t in stale:
@@ -386,6 +429,11 @@ def test_stale_device_memory_never_reaches_a_result(store, case):
         feeds.update(ref_cache)
         want = run_graph(ex.graph, feeds, ex.params)["logits"]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # attention's split arrivals are counted in zeroed workspaces that every launch
+        # leaves zeroed again (no clearing launch): a miscount would survive into the next
+        # step, where the last split of a sequence would never combine the partials
+        zeroed = zeroed_workspaces(ex.plan.runner)
+        assert zeroed and all(not t.any() for t in zeroed.values()), case
 
 
 def test_a_wide_step_leaves_its_own_outputs_for_the_proposers(store):

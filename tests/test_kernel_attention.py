@@ -126,14 +126,15 @@ def test_soft_capped_attention_matches_reference(batch, dtype, window):
 
 
 def test_launch_plan_depends_only_on_step_sizes():
-    """Three launches whose grids are expressions of T, S, MB only; constant workspaces."""
+    """Two launches (the decode path combines its own splits) whose grids are expressions
+    of T, S, MB only; constant workspaces, the split arrival counts kept zeroed."""
     import ast
 
     from braze.launch import compile_expr
     g = _graph("attention", 32, 8, 128, 16, "bf16")
     launches, workspaces, _ = lower_node(g, 0)
-    assert [ln["fn"] for ln in launches] == ["attn_fwd_kernel", "attn_fwd_kernel",
-                                             "attn_reduce_kernel"]
+    assert [ln["fn"] for ln in launches] == ["attn_fwd_kernel", "attn_fwd_kernel"]
+    assert [name for name, w in workspaces.items() if w.get("zero")] == ["ws.0.arrived"]
     for ln in launches:
         for e in ln["grid"]:
             names = {n.id for n in ast.walk(ast.parse(str(e))) if isinstance(n, ast.Name)}
@@ -146,6 +147,40 @@ def test_launch_plan_depends_only_on_step_sizes():
     assert splits({"S": 1, "T": 1, "MB": 2}) == 1          # 32 keys: one key tile
     prefill_tiles = compile_expr(launches[1]["grid"][0])
     assert prefill_tiles({"T": 8192, "S": 4, "MB": 512}) == 8192 // 16 + 4
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("hq,hkv,d,block_size,window", [(4, 2, 16, 4, 0), (6, 2, 24, 16, 6)])
+def test_a_decode_step_padded_to_t_equals_s_needs_no_prefill_path(dtype, hq, hkv, d,
+                                                                  block_size, window):
+    """A decode-only step padded to T == S (token s of sequence s) runs without the launches
+    marked decode_idle (the prefill path): the decode path alone gives the reference's
+    output, splits and all, and zeroes the padding tokens' rows, which start as NaN here as
+    stale memory would on a GPU."""
+    from braze.ir import run_graph
+    from braze.kernel_modules import KernelModules
+    from braze.runtime.launcher import PlanRunner
+    from kernel_helpers import KERNEL_DIR
+    g = _graph("attention", hq, hkv, d, block_size, dtype, window)
+    # two decodes (one long enough to split its keys), two padding sequences and tokens
+    feeds, sizes = _step(g, [(29, 1), (5, 1), (0, 0), (0, 0)], pad=2, seed=hq)
+    assert sizes["T"] == sizes["S"] == 4
+    want = run_graph(g, {k: v.clone() for k, v in feeds.items()}, {})["o"]
+    launches, workspaces, sources = lower_node(g, 0)
+    idle = [ln for ln in launches if ln.get("decode_idle")]
+    assert [ln["constexprs"]["SHORT"] for ln in idle] == [False]      # the prefill path only
+    modules = KernelModules(KERNEL_DIR, interpret=True)
+    modules.sources.update(sources)
+    runner = PlanRunner(modules, workspaces, device="cpu")
+    env = {v.ref: feeds[v.name] for v in g.inputs}
+    out = g.nodes[0].results[0]
+    env[out.ref] = torch.full(want.shape, float("nan"), dtype=want.dtype)
+    for launch in launches:
+        if not launch.get("decode_idle"):
+            runner.run(launch, env, sizes)
+    got = env[out.ref]
+    assert torch.equal(got[2:], torch.zeros_like(got[2:]))
+    torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
@@ -164,7 +199,7 @@ def test_attention_on_o2_model_graph(tmp_path, family):
                          ids=["llama3-8b", "qwen3-30b-a3b"])
 def test_attention_compiles_for_sm80_and_sm90(hq, hkv, window):
     kernels = aot_compile_node(_graph("attention", hq, hkv, 128, 16, "bf16", window), 0)
-    assert len(kernels) == 6 and all(k.asm.get("cubin") for k in kernels)
+    assert len(kernels) == 4 and all(k.asm.get("cubin") for k in kernels)
     assert all(k.metadata.shared <= 100 * 1024 for k in kernels)
 
 
@@ -173,5 +208,5 @@ def test_attention_compiles_for_sm80_and_sm90(hq, hkv, window):
 def test_gemma3_attention_compiles_for_sm80_and_sm90(hq, hkv, d, window, softcap):
     kernels = aot_compile_node(_graph("attention", hq, hkv, d, 16, "bf16", window,
                                       softcap=softcap), 0)
-    assert len(kernels) == 6 and all(k.asm.get("cubin") for k in kernels)
+    assert len(kernels) == 4 and all(k.asm.get("cubin") for k in kernels)
     assert all(k.metadata.shared <= 163 * 1024 for k in kernels)

@@ -44,7 +44,15 @@ Launches (grids depend only on T, S, MB and static sizes; no host reads of metad
        On the device each sequence uses at most one split per BLOCK_N-key tile
        (`_split_plan`); a sequence that ends up with one split writes the output
        directly, otherwise each split writes its un-normalised fp32 accumulator
-       and its row max m / row sum l to workspaces.
+       and its row max m / row sum l to workspaces and counts itself in
+       `arrived[s, kvh]` (an atomic); the split that arrives last combines all of
+       them (log-sum-exp weights, in split order, so the result does not depend on
+       which one is last), writes the output in q's dtype and sets the count back
+       to 0. No reduce launch follows, and `arrived` stays zeroed between launches.
+       Program (s, kvh, 0) of a sequence with no new tokens zeroes token s if it
+       is a padding token: in a decode-only step padded to T == S that covers
+       every padding token, so such a step needs no prefill-path launch (it is
+       `decode_idle`, braze/launch.py).
     2. attn_fwd_kernel, SHORT=False ("prefill path"), grid (cdiv(T, BLOCK_Q) + S,
        kv_heads): sequences with n > SHORT_Q, in tiles of BLOCK_Q = BLOCK_M // G
        consecutive query tokens (BLOCK_M = 64 rows). Tile p finds its sequence on
@@ -54,13 +62,12 @@ Launches (grids depend only on T, S, MB and static sizes; no host reads of metad
        in one pass; no split-KV (a tile already brings BLOCK_Q tokens of
        parallelism). The same program also zeroes the padding tokens of the fixed
        token range [p * BLOCK_Q, (p + 1) * BLOCK_Q).
-    3. attn_reduce_kernel, grid (S, heads): for the decode-path sequences that
-       used more than one split, combines the splits (log-sum-exp weights) and
-       writes the output in q's dtype; every other program returns at once.
     Workspaces: o [R, SHORT_Q, heads, head_dim] f32, m and l [R, SHORT_Q, heads] f32,
     with R = 2 * cdiv(TARGET, kv_heads) rows of (sequence, split): splits > 1 only
     when S * kv_heads < TARGET, and then S * SPLITS < 2 * TARGET / kv_heads, so the
-    workspaces are a small constant (Llama-3-8B: 8.4 MB), independent of T and S.
+    workspaces are a small constant (Llama-3-8B: 8.4 MB), independent of T and S,
+    and one set serves every layer (codegen/plan.py shares them); arrived
+    [R / 2, kv_heads] i32 is allocated zeroed.
 
 Online softmax keeps m, l and acc in fp32 in the exp2 domain (scale * log2 e is
 folded into one multiply); m starts at a finite -1e30 so rows whose keys are all
@@ -129,7 +136,7 @@ def _tanh(x):
 
 @triton.jit
 def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
-                    ws_o_ptr, ws_m_ptr, ws_l_ptr,
+                    ws_o_ptr, ws_m_ptr, ws_l_ptr, arrived_ptr,
                     T, S, MB, qk_scale,
                     sq0, sq1, sbt0, so0, so1,
                     G: tl.constexpr, NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -152,8 +159,19 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
         split = tl.program_id(2)
         q_start = tl.load(qsl_ptr + s)
         n = tl.load(qsl_ptr + s + 1) - q_start
-        if (n == 0) | (n > BLOCK_Q):
-            return                           # no new tokens, or a prefill-path sequence
+        if n == 0:
+            # a padding sequence: token s gets zeros if it is a padding token, so that a
+            # decode-only step (T == S, token s of sequence s) needs no prefill-path launch
+            if split == 0:
+                total = tl.load(qsl_ptr + S)
+                tok = rows * 0 + s
+                pad = (rows < G) & (tok >= total) & (tok < T)
+                tl.store(out_ptr + s * so0 + r_head[:, None] * so1 + offs_d[None, :],
+                         tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=out_ptr.dtype.element_ty),
+                         mask=pad[:, None] & d_ok[None, :])
+            return
+        if n > BLOCK_Q:
+            return                           # a prefill-path sequence
         seq_len = tl.load(seq_lens_ptr + s)
         kv_lo, kv_hi, tps, used, splits = _split_plan(
             seq_len, n, S, MB, KV_HEADS, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, TARGET, CAUSAL, WINDOW)
@@ -245,46 +263,37 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
         tl.store(ws_o_ptr + w_idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=io_mask)
         tl.store(ws_m_ptr + w_idx, m_i, mask=row_ok)
         tl.store(ws_l_ptr + w_idx, l_i, mask=row_ok)
+        # The split that finishes last combines them all, so no reduce launch follows.
+        # Every thread's stores precede the barrier; the atomic (one thread, acq_rel at gpu
+        # scope) publishes them and, in the last split, acquires the others'; its result
+        # reaches the other threads through shared memory and a barrier. The partials are
+        # read past L1 (.cg). The count goes back to 0 for the next launch.
+        tl.debug_barrier()
+        count = arrived_ptr + s * KV_HEADS + kvh
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == used - 1:
+            m_t = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l_t = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+            o_t = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+            for j in range(0, used):
+                j_idx = ((s * splits + j) * BLOCK_Q + i_loc) * NUM_HEADS + r_head
+                m_j = tl.load(ws_m_ptr + j_idx, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
+                l_j = tl.load(ws_l_ptr + j_idx, mask=row_ok, other=0.0, cache_modifier=".cg")
+                o_j = tl.load(ws_o_ptr + j_idx[:, None] * HEAD_DIM + offs_d[None, :],
+                              mask=io_mask, other=0.0, cache_modifier=".cg")
+                m_n = tl.maximum(m_t, m_j)
+                a = tl.math.exp2(m_t - m_n)
+                b = tl.math.exp2(m_j - m_n)
+                l_t = l_t * a + l_j * b
+                o_t = o_t * a[:, None] + o_j * b[:, None]
+                m_t = m_n
+            o = o_t / tl.where(l_t > 0, l_t, 1.0)[:, None]
+            tl.store(out_ptr + t_row[:, None] * so0 + r_head[:, None] * so1 + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=io_mask)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + t_row[:, None] * so0 + r_head[:, None] * so1 + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
-def attn_reduce_kernel(qsl_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_m_ptr, ws_l_ptr,
-                       S, MB, so0, so1,
-                       NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                       TARGET: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    s = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(qsl_ptr + s)
-    n = tl.load(qsl_ptr + s + 1) - q_start
-    if (n == 0) | (n > BLOCK_Q):
-        return
-    seq_len = tl.load(seq_lens_ptr + s)
-    kv_lo, kv_hi, tps, used, splits = _split_plan(
-        seq_len, n, S, MB, KV_HEADS, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, TARGET, CAUSAL, WINDOW)
-    if used <= 1:
-        return
-    j = tl.arange(0, SPLITS_P2)
-    j_ok = j < used
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    for i in range(0, n):
-        idx = ((s * splits + j) * BLOCK_Q + i) * NUM_HEADS + head
-        m = tl.load(ws_m_ptr + idx, mask=j_ok, other=float("-inf"))
-        l = tl.load(ws_l_ptr + idx, mask=j_ok, other=0.0)
-        m_max = tl.reduce(m, 0, _elementwise_max)
-        w = tl.math.exp2(m - m_max)
-        denom = tl.reduce(w * l, 0, _sum_combine)
-        o = tl.load(ws_o_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        res = tl.reduce(o * w[:, None], 0, _sum_combine) / denom
-        tl.store(out_ptr + (q_start + i) * so0 + head * so1 + offs_d,
-                 res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # -- codegen --------------------------------------------------------------------------
@@ -349,9 +358,10 @@ def lower(node, L):
     ws_o = L.ws("o", [R, qs, heads, head_dim], "f32")
     ws_m = L.ws("m", [R, qs, heads], "f32")
     ws_l = L.ws("l", [R, qs, heads], "f32")
+    arrived = L.ws("arrived", [R // 2, kv_heads], "i32", zero=True)
     S, T, MB = L.expr(sym_S), L.expr(sym_T), L.expr(sym_MB)
     common = [L.buf(q), L.buf(k_cache), L.buf(v_cache), L.buf(qsl), L.buf(seq_lens),
-              L.buf(block_tables), L.buf(out), ws_o, ws_m, ws_l, T, S, MB,
+              L.buf(block_tables), L.buf(out), ws_o, ws_m, ws_l, arrived, T, S, MB,
               L.float(float(node.attrs["scale"]) / softcap if softcap
                       else float(node.attrs["scale"]) * LOG2E),
               L.stride(q, 0), L.stride(q, 1), L.stride(block_tables, 0), so0, so1]
@@ -367,13 +377,4 @@ def lower(node, L):
              num_warps=4, num_stages=2)
     L.launch(attn_fwd_kernel, grid=[f"cdiv(T, {p['PREFILL_Q']}) + S", str(kv_heads)], args=common,
              constexprs=dict(const, BLOCK_M=p["PREFILL_M"], BLOCK_Q=p["PREFILL_Q"], SHORT=False),
-             num_warps=p["PREFILL_WARPS"], num_stages=2)
-    L.launch(attn_reduce_kernel, grid=["S", str(heads)],
-             args=[L.buf(qsl), L.buf(seq_lens), L.buf(out), ws_o, ws_m, ws_l, S, MB, so0, so1],
-             constexprs={"NUM_HEADS": heads, "KV_HEADS": kv_heads, "HEAD_DIM": head_dim,
-                         "BLOCK_SIZE": block_size, "BLOCK_Q": qs, "BLOCK_N": p["BLOCK_N"],
-                         "BLOCK_D": p["BLOCK_D"], "NUM_SPLITS": p["NUM_SPLITS"],
-                         "SPLITS_P2": p["SPLITS_P2"], "TARGET": TARGET_PROGRAMS,
-                         "CAUSAL": causal, "WINDOW": window},
-             num_warps=4 if p["SPLITS_P2"] * p["BLOCK_D"] >= 2048 else 2, num_stages=1)
-
+             num_warps=p["PREFILL_WARPS"], num_stages=2, decode_idle=True)
