@@ -31,6 +31,11 @@ runs a second, "wide" variant of its bucket (R_pad = min(T_pad, wide_rows)) that
 use and replayed eagerly, never captured: they serve prefill steps only, where a CUDA
 graph saves little, and a server that never sees prompt logprobs never binds one.
 
+Decode-only steps: at a bucket with T == S, a decode-only step (one token per sequence)
+leaves out the launches the plan marks `decode_idle` (braze/launch.py: attention's
+prefill path), from the whole-step graph of mode full and from the eager steps of the
+other modes; what a piecewise graph captured keeps them.
+
 Segments per mode (recomputed from the ops' `graph_break` property, so a mode
 other than the artifact's compiled one works too): none -> one "eager" run;
 piecewise -> "graph" runs cut at every break op; full -> one "graph" run.
