@@ -9,11 +9,10 @@ A plan for `triton`, node 13 (x: bf16[T, 2048], W: bf16[3072, 2048]):
 
     {"node": 13, "kernel": "skinny_gemm.skinny_gemm_kernel#4", "when": {"T": [1, 16]},
      "grid": ["cdiv(3072, 16)", "2", "cdiv(T, 16)"], ...}
-    {"node": 13, "kernel": "skinny_gemm.skinny_gemm_reduce_kernel#5", "when": {"T": [1, 16]}, ...}
     {"node": 13, "extern": "linear", "when": {"T": [17, null]}, ...}
 
 The runtime binds each bucket's plan once (runtime/plan_executor.py): bucket 8 binds the
-two kernels, bucket 64 the cuBLAS call; nothing is decided per step on the bound path.
+kernel, bucket 64 the cuBLAS call; nothing is decided per step on the bound path.
 Whether the kernel beats cuBLAS is measured on a GPU (benchmarks/kernel_bench.py,
 `--kernels skinny_gemm`); until then `extern` is the default. The plan records what was
 chosen per linear under "small_m_gemm" for `braze inspect`.

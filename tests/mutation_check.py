@@ -279,6 +279,14 @@ MUTATIONS = [
              "                tl.store(part + N_OUT, acc2, mask=mn_ok)",
              "                tl.store(part + N_OUT, acc, mask=mn_ok)",
              ["tests/test_linear_glu.py"], k="split_k"),
+    Mutation("skinny-gemm-split-count-not-reset",
+             "--small-m-gemm triton: a split-K tile's arrival count is not reset, so in the "
+             "next step no split is the last and its output is never written",
+             "codegen/kernels/skinny_gemm.py",
+             "                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn_ok)\n"
+             "                tl.atomic_xchg(count, 0, sem=\"relaxed\", scope=\"gpu\")",
+             "                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn_ok)",
+             ["tests/test_kernel_skinny_gemm.py"], k="split_k"),
     Mutation("glu-fuses-a-shared-half",
              "fuse-linear-glu fuses an MLP whose product is also read elsewhere: that reader "
              "gets a value nothing computes any more",

@@ -42,9 +42,9 @@ def _launches(g: Graph):
     return L
 
 
-def run_kernel(g: Graph, feeds: dict, params: dict, m: int) -> torch.Tensor:
-    """The graph's linear through the kernel's launches (PlanRunner, interpreted), the
-    views in front of it through torch."""
+def run_kernel(g: Graph, feeds: dict, params: dict, m: int, runner=None) -> torch.Tensor:
+    """The graph's linear through the kernel's launches (PlanRunner, interpreted; `runner`
+    to reuse one and its workspaces), the views in front of it through torch."""
     from braze.kernel_modules import KernelModules
     from braze.runtime.launcher import PlanRunner
     env = {f"%{k}": v for k, v in feeds.items()} | {f"@{k}": v for k, v in params.items()}
@@ -56,7 +56,9 @@ def run_kernel(g: Graph, feeds: dict, params: dict, m: int) -> torch.Tensor:
     out = g.nodes[-1].results[0]
     env[out.ref] = torch.full((m, out.type.shape[1]), float("nan"),
                               dtype=torch_dtype(out.type.dtype))
-    runner = PlanRunner(KernelModules(KERNEL_DIR, interpret=True), L.workspaces, device="cpu")
+    if runner is None:
+        runner = PlanRunner(KernelModules(KERNEL_DIR, interpret=True), L.workspaces,
+                            device="cpu")
     sizes = {"T": m, "S": m, "R": m, "MB": 1}
     for launch in L.launches:
         runner.run(launch, env, sizes)
@@ -99,23 +101,39 @@ def test_strided_rows(m):
 @pytest.mark.parametrize("m,dtype,bias", [(1, "f32", True), (5, "f16", False), (17, "f32", False)])
 def test_split_k_matches_f_linear(monkeypatch, m, dtype, bias):
     """Small W tiles force the split-K path at a tiny shape: K = 200 in 3 splits of 80 (the
-    last one ends past K), fp32 partials summed by the reduce kernel, bias added there."""
+    last one ends past K), fp32 partials summed by the split that finishes last, bias
+    added there: one launch, and a zeroed workspace of arrival counts per output tile."""
     monkeypatch.setattr(skinny_gemm, "TILE_BYTES", 1024 if dtype == "f32" else 512)
     L = check(m, 40, 200, dtype, bias)
-    first, reduce = L.launches
-    assert reduce["fn"] == "skinny_gemm_reduce_kernel"
+    (first,) = L.launches
     assert first["constexprs"]["SPLIT_K"] == 3 and first["constexprs"]["K_PER_SPLIT"] == 80
-    assert list(L.workspaces.values())[0]["shape"] == ["3", "T", "40"]
+    partials, arrived = L.workspaces.values()
+    assert partials["shape"] == ["3", "T", "40"] and not partials.get("zero")
+    assert arrived["dtype"] == "i32" and arrived["zero"]
 
 
-def test_split_k_is_deterministic(monkeypatch):
+def test_split_k_is_deterministic_and_leaves_its_counts_zeroed(monkeypatch):
+    """Run twice through one runner (its workspaces kept, as a bound plan's are): the same
+    result each time, and every tile's arrival count back at 0 after each run (a count left
+    over would make no split of that tile the last in the next run: its output unwritten)."""
+    from braze.kernel_modules import KernelModules
+    from braze.runtime.launcher import PlanRunner
     monkeypatch.setattr(skinny_gemm, "TILE_BYTES", 1024)
-    g = _graph(40, 200, "f32", True)
-    gen = torch.Generator().manual_seed(3)
-    params = {"w": torch.randn(40, 200, generator=gen), "b": torch.randn(40, generator=gen)}
-    x = torch.randn(4, 200, generator=gen)
-    a, b = (run_kernel(g, {"x": x}, params, 4) for _ in range(2))
-    assert torch.equal(a, b)
+    for m in (1, 4):
+        g = _graph(40, 200, "f32", True)
+        gen = torch.Generator().manual_seed(3)
+        params = {"w": torch.randn(40, 200, generator=gen), "b": torch.randn(40, generator=gen)}
+        x = torch.randn(m, 200, generator=gen)
+        runner = PlanRunner(KernelModules(KERNEL_DIR, interpret=True), _launches(g).workspaces,
+                            device="cpu")
+        results = []
+        for _ in range(2):
+            results.append(run_kernel(g, {"x": x}, params, m, runner))
+            counts = [t for key, t in runner._ws.items() if key[0].endswith(".arrived")]
+            assert counts and all(not t.any() for t in counts)
+        assert torch.equal(*results)
+        torch.testing.assert_close(results[0], F.linear(x, params["w"], params["b"]),
+                                   **TOL["f32"])
 
 
 @settings(max_examples=12, deadline=None)
@@ -159,7 +177,8 @@ def test_compiles_for_sm80_and_sm90(shape):
     g = _graph(n, k, "bf16", False)
     plan = build_plan(g, {"small_m_gemm": "triton", "max_num_tokens": 64})
     launches = [ln for seg in plan["segments"] for ln in seg["launches"] if "kernel" in ln]
-    assert len(launches) == (2 if shape == "1b-down" else 1)
+    assert len(launches) == 1                 # 1b-down splits K, and still one launch
+    assert (launches[0]["constexprs"]["SPLIT_K"] > 1) == (shape == "1b-down")
     compiled = []
     for launch in launches:
         keys = plan["kernels"][launch["kernel"]]["specs"]

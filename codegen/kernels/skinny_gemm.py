@@ -13,8 +13,8 @@ M and at M <= 16 may launch too few CTAs to keep every SM's loads in flight (a
 2048 x 2048 projection is 32 tiles of 64 x 64 on a 132-SM GPU), or split K with a
 separate reduction of its own. Here the grid is sized to the GPU instead.
 
-Launches (grids depend only on the rows M, an expression of T / S / R):
-    1. skinny_gemm_kernel, grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)).
+Launch (the grid depends only on the rows M, an expression of T / S / R):
+    skinny_gemm_kernel, grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)).
        Program (n, s, m) owns output columns [n * BLOCK_N, +BLOCK_N) of rows
        [m * BLOCK_M, +BLOCK_M) over the K range [s * K_PER_SPLIT, +K_PER_SPLIT), in
        BLOCK_K steps: x[BLOCK_M, BLOCK_K] @ W[BLOCK_N, BLOCK_K]^T with `tl.dot`, fp32
@@ -25,10 +25,13 @@ Launches (grids depend only on the rows M, an expression of T / S / R):
        at the end; Triton compiles an int argument equal to 1 in as a constant, so the
        bucket-1 cubin holds only that branch and larger buckets' only the mma one.
        With SPLIT_K = 1 it adds the bias and stores y in x's dtype; else it stores its
-       fp32 partial sums to the workspace ws[SPLIT_K, M, N].
-    2. skinny_gemm_reduce_kernel (SPLIT_K > 1 only), grid (cdiv(N, REDUCE_BLOCK), M):
-       sums the SPLIT_K partials of one row in a fixed order (deterministic: no
-       atomics), adds the bias in fp32, stores y once, rounded once.
+       fp32 partial sums to the workspace ws[SPLIT_K, M, N] and counts itself in
+       `arrived[m, n]` (one acq_rel atomic after a barrier, as attention's decode path
+       does); the split that arrives last sums the SPLIT_K partials of its tile in a
+       fixed order (deterministic whichever split is last; read past L1), adds the bias
+       in fp32, applies the gated epilogue, stores y once, rounded once, and sets the
+       count back to 0 (`arrived` is a zeroed workspace, braze/launch.py). One launch
+       either way: no reduce kernel follows.
 
 Block choice (`plan`, static per (N, K, dtype)): the widest BLOCK_N of 64, 32, 16 that
 still gives TARGET_PROGRAMS column blocks (two CTAs per SM of an H100/H200); when even
@@ -66,7 +69,6 @@ TARGET_PROGRAMS = 264        # two CTAs per SM of a 132-SM H100 / H200
 TILE_BYTES = 16 * 1024       # one W tile per pipeline stage
 MIN_K_STEPS = 4              # a K split keeps at least this many BLOCK_K steps
 MAX_SPLIT_K = 8
-REDUCE_BLOCK = 1024
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 
@@ -87,7 +89,8 @@ def _glu(gate, up, ACT: tl.constexpr):
 
 
 @triton.jit
-def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, stride_xk, stride_om,
+def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, stride_xm, stride_xk,
+                       stride_om,
                        N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -134,6 +137,25 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, strid
             tl.store(ws_ptr + pid_k.to(tl.int64) * N + rn, y, mask=n_ok)
             if ACT > 0:
                 tl.store(ws_ptr + pid_k.to(tl.int64) * N + N_OUT + rn, y2, mask=n_ok)
+            # the split that finishes last sums them (attention.py's decode path does the
+            # same: barrier, one acq_rel atomic, partials read past L1, count reset)
+            tl.debug_barrier()
+            count = arrived_ptr + pid_n
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                y = tl.full([BLOCK_N], 0.0, tl.float32)
+                y2 = tl.full([BLOCK_N], 0.0, tl.float32)
+                for s in tl.static_range(SPLIT_K):     # a fixed order: the same sum every run
+                    y += tl.load(ws_ptr + s * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+                    if ACT > 0:
+                        y2 += tl.load(ws_ptr + s * N + N_OUT + rn, mask=n_ok, other=0.0,
+                                      cache_modifier=".cg")
+                if HAS_BIAS:
+                    y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                    if ACT > 0:
+                        y2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
+                y = _glu(y, y2, ACT)
+                tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
@@ -166,30 +188,25 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, stride_xm, strid
             tl.store(part, acc, mask=mn_ok)
             if ACT > 0:
                 tl.store(part + N_OUT, acc2, mask=mn_ok)
-
-
-@triton.jit
-def skinny_gemm_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, stride_om, N: tl.constexpr,
-                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              ACT: tl.constexpr = 0):
-    N_OUT = N // 2 if ACT > 0 else N
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.program_id(1)
-    n_ok = rn < N_OUT
-    acc = tl.full([BLOCK], 0.0, tl.float32)
-    acc2 = tl.full([BLOCK], 0.0, tl.float32)
-    for s in tl.static_range(SPLIT_K):                 # a fixed order: the same sum every run
-        part = ws_ptr + (s * M + row).to(tl.int64) * N + rn
-        acc += tl.load(part, mask=n_ok, other=0.0)
-        if ACT > 0:
-            acc2 += tl.load(part + N_OUT, mask=n_ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if ACT > 0:
-            acc2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
-    acc = _glu(acc, acc2, ACT)
-    tl.store(out_ptr + row.to(tl.int64) * stride_om + rn, acc.to(out_ptr.dtype.element_ty),
-             mask=n_ok)
+            tl.debug_barrier()
+            count = arrived_ptr + pid_m * tl.num_programs(0) + pid_n
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                acc2 = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    part = ws_ptr + (s * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
+                    acc += tl.load(part, mask=mn_ok, other=0.0, cache_modifier=".cg")
+                    if ACT > 0:
+                        acc2 += tl.load(part + N_OUT, mask=mn_ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    if ACT > 0:
+                        acc2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok,
+                                        other=0.0).to(tl.float32)[None, :]
+                acc = _glu(acc, acc2, ACT)
+                out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn_ok)
+                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -278,22 +295,19 @@ def lower_linear(node, L) -> None:
     m_text = M["expr"]
     split = p["SPLIT_K"]
     ws = L.ws("partials", [split, rows, n], "f32") if split > 1 else L.buf(out)
+    # arrivals per output tile: [row tiles (at most rows), column tiles]
+    arrived = (L.ws("arrived", [rows, -(-n_out // p["BLOCK_N"])], "i32", zero=True)
+               if split > 1 else L.buf(out))
     b = L.buf(bias) if bias is not None else L.buf(w)          # not read without HAS_BIAS
     L.launch(skinny_gemm_kernel, grid=[f"cdiv({n_out}, {p['BLOCK_N']})", str(split),
                                        f"cdiv({m_text}, {p['BLOCK_M']})"],
-             args=[L.buf(x), L.buf(w), b, L.buf(out), ws, M, L.stride(x, 0), L.stride(x, 1),
+             args=[L.buf(x), L.buf(w), b, L.buf(out), ws, arrived, M, L.stride(x, 0), L.stride(x, 1),
                    L.stride(out, 0)],
              constexprs={"N": n, "K": k, "BLOCK_M": p["BLOCK_M"], "BLOCK_N": p["BLOCK_N"],
                          "BLOCK_K": p["BLOCK_K"], "SPLIT_K": split,
                          "K_PER_SPLIT": p["K_PER_SPLIT"], "HAS_BIAS": bias is not None,
                          "DOT_PRECISION": p["DOT_PRECISION"], "ACT": act},
              num_warps=p["num_warps"], num_stages=p["num_stages"])
-    if split > 1:
-        L.launch(skinny_gemm_reduce_kernel, grid=[f"cdiv({n_out}, {REDUCE_BLOCK})", m_text],
-                 args=[ws, b, L.buf(out), M, L.stride(out, 0)],
-                 constexprs={"N": n, "SPLIT_K": split, "BLOCK": REDUCE_BLOCK,
-                             "HAS_BIAS": bias is not None, "ACT": act},
-                 num_warps=4, num_stages=1)
 
 
 def lower_glu_epilogue(node, L) -> None:
