@@ -48,6 +48,19 @@ def _interpret(on: bool):
                 os.environ["TRITON_INTERPRET"] = old
 
 
+def _settle_lazy_imports() -> None:
+    """Import what Triton imports lazily at a kernel's first argument check, before any
+    interpreted kernel runs. The interpreter swaps triton.language's functions for its
+    own while a kernel runs, and Triton 3.9's first `mangle_type` then imports
+    triton.experimental.gluon, whose import asserts those functions are JIT functions:
+    in a process that imported triton without TRITON_INTERPRET (a tensor-parallel rank,
+    a server), whichever interpreted kernel ran first failed. Triton 3.6 has no gluon."""
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+
+
 def load_source(module: str, text: str, filename: str, interpret: bool) -> types.ModuleType:
     """Execute kernel source `text` as a fresh module named after `module` and its content."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -59,6 +72,8 @@ def load_source(module: str, text: str, filename: str, interpret: bool) -> types
     sys.modules[name] = mod      # triton's jit resolves a kernel's globals through its module
     try:
         code = compile(text, filename, "exec", dont_inherit=True)
+        if interpret:
+            _settle_lazy_imports()
         with _interpret(interpret):
             exec(code, mod.__dict__)
     except Exception as e:   # a syntax or import error in a kernel module: name it
