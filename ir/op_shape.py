@@ -8,7 +8,7 @@ import torch
 from .errors import BrazeError
 from .op_reduce import norm_dim
 from .ops import REQUIRED, OpDef, register
-from .types import canon_dim
+from .types import TensorType, canon_dim
 
 
 def _reshape_infer(types, attrs):
@@ -183,6 +183,20 @@ def _index_select_infer(types, attrs):
 register(OpDef("index_select", ("x", "index"), _index_select_infer,
                lambda x, index, dim: torch.index_select(x, dim, index),
                attrs={"dim": REQUIRED}, doc="torch.index_select(x, dim, index)"))
+
+
+def _arange_infer(types, attrs):
+    n = attrs["n"]
+    if types or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BrazeError(f"arange: takes no operands and a positive int n, got {len(types)} "
+                         f"operands and n={n!r}")
+    return [TensorType((n,), "i64")]
+
+
+register(OpDef("arange", (), _arange_infer, lambda n: torch.arange(n, dtype=torch.int64),
+               attrs={"n": REQUIRED},
+               doc="0, 1, ..., n - 1 (i64): the positions a derived parameter tabulates a "
+                   "function of the step's positions over (passes/tabulate_positions.py)"))
 
 
 def _gather_infer(types, attrs):
