@@ -216,3 +216,70 @@ def test_serving_steps_make_no_hidden_host_synchronisation(store):
         torch.cuda.set_sync_debug_mode("default")
     print("\nhost synchronisations:\n" + "\n".join(seen))
     assert not seen
+
+
+def _repeat(launches, workspaces, env, sizes, out, times, skip_idle=False):
+    """Run a node's launches `times` times through one PlanRunner (its workspaces kept, as a
+    bound plan's are) on the GPU: every result, and the zeroed workspaces after each run."""
+    from braze.kernel_modules import KernelModules
+    from braze.runtime.launcher import PlanRunner
+    from kernel_helpers import KERNEL_DIR
+    runner = PlanRunner(KernelModules(KERNEL_DIR, interpret=False), workspaces, device="cuda")
+    results = []
+    for _ in range(times):
+        env[out].fill_(float("nan"))
+        for launch in launches:
+            if not (skip_idle and launch.get("decode_idle")):
+                runner.run(launch, env, sizes)
+        results.append(env[out].clone())
+    torch.cuda.synchronize()
+    zeroed = [t for (name, _), t in runner._ws.items() if workspaces[name].get("zero")]
+    return results, zeroed
+
+
+@pytest.mark.parametrize("skip_idle", [False, True])
+def test_split_kv_attention_is_race_free(skip_idle):
+    """The decode path's splits combine themselves: the last to arrive (an acq_rel atomic)
+    sums the partials the others wrote. At the Llama-3-8B shape in bf16, long decodes split
+    into many programs racing each other; 200 launches must give the same bits (the sum is
+    in split order whoever is last), the reference's values, zeros on the padding rows of a
+    decode step padded to T == S without the prefill path, and counts back at 0."""
+    from braze.ir import run_graph
+    from kernel_helpers import lower_node
+    from test_kernel_attention import _graph, _step
+    g = _graph("attention", 32, 8, 128, 16, "bf16")
+    feeds, sizes = _step(g, [(4000, 1), (1500, 1), (0, 0), (0, 0)], pad=2, seed=1)
+    feeds = {k: v.cuda() for k, v in feeds.items()}
+    want = run_graph(g, {k: v.clone() for k, v in feeds.items()}, {})["o"]
+    launches, workspaces, _ = lower_node(g, 0)
+    out = g.nodes[0].results[0]
+    env = {v.ref: feeds[v.name] for v in g.inputs}
+    env[out.ref] = torch.empty_like(want)
+    results, zeroed = _repeat(launches, workspaces, env, sizes, out.ref, 200, skip_idle)
+    assert all(torch.equal(r, results[0]) for r in results)
+    torch.testing.assert_close(results[0].float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert not results[0][2:].any()
+    assert zeroed and all(not t.any() for t in zeroed)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_split_k_skinny_gemm_is_race_free(m):
+    """The skinny GEMM's last split of a tile sums the partials (Llama-3.2-1B down_proj: K =
+    8192 in 3 splits): 200 launches give the same bits, F.linear's values, counts at 0."""
+    import torch.nn.functional as F
+    from braze.codegen.kernels import skinny_gemm
+    from test_kernel_skinny_gemm import _graph, _launches
+    g = _graph(2048, 8192, "bf16", False)
+    L = _launches(g)
+    assert L.launches[0]["constexprs"]["SPLIT_K"] > 1, skinny_gemm.plan(2048, 8192, "bf16")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, 8192, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randn(2048, 8192, generator=gen) / 64).to(torch.bfloat16).cuda()
+    out = g.nodes[-1].results[0].ref
+    env = {"%x": x, "@w": w, out: torch.empty(m, 2048, dtype=torch.bfloat16, device="cuda")}
+    results, zeroed = _repeat(L.launches, L.workspaces, env, {"T": m, "S": m, "R": m, "MB": 1},
+                              out, 200)
+    assert all(torch.equal(r, results[0]) for r in results)
+    torch.testing.assert_close(results[0].float(), F.linear(x.float(), w.float()),
+                               atol=2e-2, rtol=2e-2)
+    assert zeroed and all(not t.any() for t in zeroed)
