@@ -13,8 +13,8 @@ def test_the_pipelines_are_the_ones_braze_has_always_run():
     assert PIPELINES[0] == []
     assert PIPELINES[1] == ["canonicalize"]
     assert PIPELINES[2] == ["canonicalize", "merge-projections", "fuse-moe", "fuse-grouped-topk",
-                            "fuse-linear-glu", "fuse-norm",
-                            "fuse-rope", "fuse-attention", "absorb-mla", "prune-logits",
+                            "fuse-linear-glu", "fuse-norm", "prune-logits",
+                            "tabulate-positions", "fuse-rope", "fuse-attention", "absorb-mla",
                             "canonicalize",
                             "fuse-pointwise", "split-segments", "plan-memory"]
     with pytest.raises(BrazeError, match="no pipeline for -O3"):
