@@ -92,17 +92,31 @@ def _check_eps(op, attrs, needed):
         raise BrazeError(f"{op}: eps={eps!r} given without norm weights")
 
 
+def _gathered(op, x: TensorType, rows) -> TensorType:
+    """x's type, or with `rows` (an index of x's rows: the norm reads only those, in that
+    order) its type with that many rows; x must then be [N, D]."""
+    if rows is None:
+        return x
+    if x.rank != 2 or rows.rank != 1 or rows.dtype not in ("i64", "i32"):
+        raise BrazeError(f"{op}: rows {rows} must be a 1-D integer index of a 2-D input, "
+                         f"got {x}")
+    return x.with_shape((rows.shape[0], x.shape[1]))
+
+
 def _rms_norm_infer(types, attrs):
+    x, w, *rows = types
     _check_eps("rms_norm", attrs, True)
-    return [_norm_type("rms_norm", *types, attrs["scale_f32"])]
+    return [_norm_type("rms_norm", _gathered("rms_norm", x, rows[0] if rows else None), w,
+                       attrs["scale_f32"])]
 
 
 def _add_rms_norm_infer(types, attrs):
-    a, b, w = types
+    a, b, w, *rows = types
     _check_eps("add_rms_norm", attrs, True)
     if a.rank != b.rank or not all(dims_equal(x, y) for x, y in zip(a.shape, b.shape)):
         raise BrazeError(f"add_rms_norm: a {a} and b {b} must have one shape")
-    s = TensorType(a.shape, _promote(a.dtype, b.dtype))
+    s = TensorType(_gathered("add_rms_norm", a, rows[0] if rows else None).shape,
+                   _promote(a.dtype, b.dtype))
     return [_norm_type("add_rms_norm", s, w, attrs["scale_f32"]), s]
 
 
@@ -184,18 +198,26 @@ def _rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_w=Non
 
 _ROPE_ATTRS = {"style": REQUIRED, "eps": None, "rotary_dim": 0, "scale_f32": False}
 
-register(OpDef("rms_norm", ("x", "w"), _rms_norm_infer, rms_norm_ref,
+def _rms_norm(x, w, rows=None, *, eps, scale_f32=False):
+    return rms_norm_ref(x if rows is None else x.index_select(0, rows), w, eps, scale_f32)
+
+
+register(OpDef("rms_norm", ("x", "w", "rows?"), _rms_norm_infer, _rms_norm,
                attrs={"eps": REQUIRED, "scale_f32": False}, last_dim_rowwise=True,
                doc="w * (x.float() * rsqrt(mean(x.float()^2, -1, keepdim) + eps)).to(x.dtype); "
-                   "scale_f32: (w * x.float() * rsqrt(..)).to(x.dtype), Gemma's order"))
-def _add_rms_norm(a, b, w, eps, scale_f32=False):
+                   "scale_f32: (w * x.float() * rsqrt(..)).to(x.dtype), Gemma's order; with "
+                   "rows, of x's rows at those indices only (prune-logits)"))
+def _add_rms_norm(a, b, w, rows=None, *, eps, scale_f32=False):
+    if rows is not None:
+        a, b = a.index_select(0, rows), b.index_select(0, rows)
     s = a + b
     return rms_norm_ref(s, w, eps, scale_f32), s
 
 
-register(OpDef("add_rms_norm", ("a", "b", "w"), _add_rms_norm_infer, _add_rms_norm,
+register(OpDef("add_rms_norm", ("a", "b", "w", "rows?"), _add_rms_norm_infer, _add_rms_norm,
                attrs={"eps": REQUIRED, "scale_f32": False}, last_dim_rowwise=True,
-               doc="s = a + b (the residual stream); returns (rms_norm(s, w) {eps, scale_f32}, s)"))
+               doc="s = a + b (the residual stream); returns (rms_norm(s, w) {eps, scale_f32}, s); "
+                   "with rows, of a's and b's rows at those indices only (prune-logits)"))
 register(OpDef("rope", ("q", "k", "cos", "sin", "q_norm_w?", "k_norm_w?"), _rope_infer, _rope,
                attrs=dict(_ROPE_ATTRS),
                doc="(q * cos + rotate(q) * sin, k * cos + rotate(k) * sin); with the norm "

@@ -223,6 +223,8 @@ def _explain_norm(node: Node, rw: Rewriter):
 def _fold_residual_add(node: Node, rw: Rewriter):
     """rms_norm(add(a, b), w) -> add_rms_norm(a, b, w), which also returns a + b."""
     g = rw.g
+    if len(node.operands) != 2:
+        return None                     # a norm of gathered rows (prune-logits): left as is
     s, w = node.operands
     add = s.producer
     if add is None or add.op != "add":

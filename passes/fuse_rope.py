@@ -167,7 +167,8 @@ def find_rotations(rw: Rewriter) -> list[Rotation]:
             return f"partial RoPE ({style}) not fused: {partial}"
         p = r.x.producer
         inside = set(map(id, r.nodes))
-        if p is not None and p.op == "rms_norm" and not r.rotary_dim and r.x not in g.outputs.values() \
+        if p is not None and p.op == "rms_norm" and len(p.operands) == 2 and not r.rotary_dim \
+                and r.x not in g.outputs.values() \
                 and all(id(u) in inside for u in g.users(r.x)):
             r.norm = p
         out.append(r)

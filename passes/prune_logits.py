@@ -16,7 +16,10 @@ that is not the token dim). Only ops whose results nothing else reads move
 (else they would be computed twice), and only when their readers take them
 row by row; each row-aligned value feeding them from outside gets its own gather.
 After fuse-norm the tail is `add_rms_norm(%res, %mlp_out, @model.norm.weight)`,
-which moves the same way (two gathers, then the fused op on R rows).
+which moves the same way, except that it gathers its rows itself: an `rms_norm` or
+`add_rms_norm` whose row-aligned inputs come from outside the moved ops gets
+%logits_indices as its `rows` operand, so no index_select launch precedes it:
+    %113: f32[R, 64], %114: f32[R, 64] = add_rms_norm(%89, %102, @model.norm.weight, %logits_indices) {eps=1e-06}
 
 Before:
     %103: f32[T, 64] = add(%89, %102)
@@ -135,6 +138,11 @@ def _hoistable(g: Graph, head: Node) -> list[Node]:
     return [n for n in g.nodes if id(n) in region and n is not head]
 
 
+# norms that take a `rows` index (ir/op_fused_norm_rope.py): at the top of the moved ops,
+# over inputs from outside, they gather the rows themselves
+_GATHERING_NORMS = ("rms_norm", "add_rms_norm")
+
+
 # after fuse-norm: the final norm it moves above the gather is an add_rms_norm by then
 @register_pass("prune-logits", after=("fuse-norm",))
 def prune_logits(g: Graph, ctx: PassContext) -> int:
@@ -183,8 +191,14 @@ def prune_logits(g: Graph, ctx: PassContext) -> int:
 
     with g.inserting_before(head):
         for node in region:
-            operands = [rows(v) if _aligned(node, v) else v for v in node.operands]
-            clone = g.add_node(node.op, operands, dict(node.attrs))
+            aligned = [v for v in node.operands if _aligned(node, v)]
+            if node.op in _GATHERING_NORMS and node.results[0].type.rank == 2 and \
+                    not any(v in new for v in aligned):
+                # the norm reads the sampled rows itself: no index_select launches
+                clone = g.add_node(node.op, list(node.operands) + [index], dict(node.attrs))
+            else:
+                operands = [rows(v) if _aligned(node, v) else v for v in node.operands]
+                clone = g.add_node(node.op, operands, dict(node.attrs))
             new.update(zip(node.results, clone.results))
         pruned = g.op("linear", rows(h), *head.operands[1:])
         new[head.results[0]] = pruned

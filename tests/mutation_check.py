@@ -97,6 +97,13 @@ MUTATIONS = [
              "        elif decode_only and b.decode is not None:",
              "        elif b.decode is not None:",
              ["tests/test_graph_runner.py"], k="no_prefill_path"),
+    Mutation("gathered-norm-reads-row-r",
+             "the final norm over the sampled rows normalises row r instead of row idx[r]: "
+             "every sequence but the first samples another token's logits",
+             "codegen/kernels/norm.py",
+             "        a_row = (src * a_s0)[:, None]",
+             "        a_row = (rows.to(tl.int64) * a_s0)[:, None]",
+             ["tests/test_kernel_norm.py"], k="gathered"),
     Mutation("reference-attention-window",
              "the reference attention's sliding window sees one key too many",
              "ir/op_attention.py",

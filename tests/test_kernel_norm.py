@@ -54,6 +54,34 @@ def test_norm_matches_reference(op, dtype, d, tokens):
 
 @pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("d", [64, 5000, 9000])          # many rows a program; one; two passes
+def test_gathered_rows(op, dtype, d):
+    """With a `rows` index (prune-logits' sampled rows) output row r normalises input row
+    idx[r]: rows out of order, repeated, fewer than the input's; from strided inputs."""
+    from braze.ir import S
+    g = Graph(op)
+    wide = g.add_input("x", TensorType((T, d + 3), dtype))
+    x = g.add_node("split", [wide], {"sizes": [d, 3], "dim": -1}).results[0]
+    w = g.add_param("w", TensorType((d,), dtype))
+    rows = g.add_input("rows", TensorType((S,), "i64"))
+    if op == "rms_norm":
+        g.set_output("y", g.op("rms_norm", x, w, rows, eps=1e-6))
+    else:
+        b = g.add_input("b", TensorType((T, d), dtype))
+        normed, s = g.add_node("add_rms_norm", [x, b, w, rows], {"eps": 1e-6}).results
+        g.set_output("y", normed)
+        g.set_output("s", s)
+    assert g.outputs["y"].type.shape[0] == S
+    gen = torch.Generator().manual_seed(d)
+    feeds = {v.name: _randn(v.type.concrete_shape({"T": 7}), v.type.dtype, gen, 3.0)
+             for v in g.inputs if v.name != "rows"}
+    feeds["rows"] = torch.tensor([6, 0, 3, 3, 5], dtype=torch.int64)
+    params = {"w": (1 + 0.3 * torch.randn(d, generator=gen)).to(torch_dtype(dtype))}
+    check_kernels(g, feeds, params, OPS, {"T": 7, "S": 5}, **TOL[dtype])
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
 @pytest.mark.parametrize("d,lead", [(64, ()), (5000, ()), (16, (3,))])
 def test_gemma_scale_f32(op, dtype, d, lead):
     """Gemma's order: the f32 weight (1 + w) scales the unrounded normalised row, one cast
@@ -170,3 +198,16 @@ def test_compiles_bf16_per_head_and_two_pass():
     assert len(aot_compile_node(g, 0)) == 2
     g = _norm_graph("add_rms_norm", (T, 16384), "bf16")        # D > 8192: two passes
     assert len(aot_compile_node(g, 0)) == 2
+
+
+def test_gathered_final_norm_compiles_bf16_for_sm80_and_sm90():
+    """The final add + RMSNorm over the sampled rows (prune-logits), at the 8B hidden size."""
+    from braze.ir import S
+    g = Graph("final")
+    a = g.add_input("a", TensorType((T, 4096), "bf16"))
+    b = g.add_input("b", TensorType((T, 4096), "bf16"))
+    rows = g.add_input("rows", TensorType((S,), "i64"))
+    w = g.add_param("w", TensorType((4096,), "bf16"))
+    g.set_output("y", g.add_node("add_rms_norm", [a, b, w, rows], {"eps": 1e-5}).results[0])
+    kernels = aot_compile_node(g, 0)
+    assert len(kernels) == 2 and all(k.asm.get("cubin") for k in kernels)

@@ -36,6 +36,9 @@ Design
   row stride; rank-3 inputs [T, H, D] (per-head norms of q/k column slices of a
   merged QKV output) use two strides: row r -> (r // H, r % H). Every operand and
   result gets its own strides. Rank 1 is a single row; rank > 3 is rejected.
+- Gathered rows (prune-logits): with a `rows` index operand (2-D inputs only) output row
+  r reads input row idx[r], so the final norm of a step reads the sampled rows itself
+  instead of after two index_select launches.
 - In-place safe: a program reads every element of its rows (pass 1) before it writes
   the element (single pass) or writes only elementwise where it read, so the memory
   planner may alias `s` with `a`, or `out` with `x`/`b`.
@@ -65,14 +68,18 @@ def _split_rows(rows, n_inner):
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
+def rms_norm_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, n_rows, n_inner, eps,
                     x_s0, x_s1, o_s0, o_s1,
                     D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                    F32_SCALE: tl.constexpr):
+                    F32_SCALE: tl.constexpr, GATHER: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     outer, inner = _split_rows(rows, n_inner)
-    x_row = (outer * x_s0 + inner * x_s1)[:, None]
+    if GATHER:      # output row r normalises input row idx[r] (2-D input)
+        src = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        x_row = (src * x_s0)[:, None]
+    else:
+        x_row = (outer * x_s0 + inner * x_s1)[:, None]
     o_row = (outer * o_s0 + inner * o_s1)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     if BLOCK >= D:
@@ -104,15 +111,20 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_inner, eps,
 
 
 @triton.jit
-def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_inner, eps,
+def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, out_ptr, sum_ptr, idx_ptr, n_rows, n_inner, eps,
                         a_s0, a_s1, b_s0, b_s1, o_s0, o_s1, s_s0, s_s1,
                         D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                    F32_SCALE: tl.constexpr):
+                        F32_SCALE: tl.constexpr, GATHER: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     outer, inner = _split_rows(rows, n_inner)
-    a_row = (outer * a_s0 + inner * a_s1)[:, None]
-    b_row = (outer * b_s0 + inner * b_s1)[:, None]
+    if GATHER:      # output row r adds and normalises input rows idx[r] (2-D inputs)
+        src = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        a_row = (src * a_s0)[:, None]
+        b_row = (src * b_s0)[:, None]
+    else:
+        a_row = (outer * a_s0 + inner * a_s1)[:, None]
+        b_row = (outer * b_s0 + inner * b_s1)[:, None]
     o_row = (outer * o_s0 + inner * o_s1)[:, None]
     s_row = (outer * s_s0 + inner * s_s1)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
@@ -185,19 +197,20 @@ def lower(node, L):
     if not isinstance(d, int):
         raise BrazeError(f"{node.op}: the normalised dim must be concrete, got {node.operands[0].type}")
     cfg = config(d)
-    rows = L.rows(node.operands[0])
+    rows = L.rows(node.results[0])         # with a rows index: its length, not the input's
     n_rows = L.expr(rows)
     grid = [f"cdiv({expr_text(rows)}, {cfg['ROWS']})"]
     if node.op == "rms_norm":
-        x, w = node.operands
+        x, w, *index = node.operands
         (out,) = node.results
         vals, kernel = [x, out], rms_norm_kernel
         head = [L.buf(x), L.buf(w), L.buf(out)]
     else:
-        a, b, w = node.operands
+        a, b, w, *index = node.operands
         out, s = node.results
         vals, kernel = [a, b, out, s], add_rms_norm_kernel
         head = [L.buf(a), L.buf(b), L.buf(w), L.buf(out), L.buf(s)]
+    head.append(L.buf(index[0]) if index else L.buf(w))     # not read without GATHER
     n_inner, strides = None, []
     for v in vals:
         n_inner, st = _rows_and_strides(L, v, node.op)
@@ -205,5 +218,5 @@ def lower(node, L):
     L.launch(kernel, grid=grid,
              args=head + [n_rows, n_inner, L.float(node.attrs["eps"])] + strides,
              constexprs={"D": d, "BLOCK": cfg["BLOCK"], "ROWS": cfg["ROWS"],
-                         "F32_SCALE": bool(node.attrs.get("scale_f32"))},
+                         "F32_SCALE": bool(node.attrs.get("scale_f32")), "GATHER": bool(index)},
              num_warps=cfg["num_warps"], num_stages=1)
