@@ -31,7 +31,8 @@ the same chain of ops with `arange` in place of %positions (ir/op_shape.py), com
 with the reference implementations when the artifact is written (braze/compiler.py
 `materialize`), so a step's values equal the traced graph's exactly. Frontier values of
 one shape (but the last dim) and dtype share one table, concatenated on the last dim,
-and one gather; `split` (a view) gives each its columns.
+and one gather; `split` (a view) gives each its columns, each part padded to a multiple
+of 16 bytes so that its view starts aligned (Llama: cos and sin [T, 1, 64] side by side).
 
 Refused, with a reason for --explain: no max_model_len in the options (braze opt without
 one), or tables over MAX_TABLE_BYTES (a 10M-token context: the step keeps computing them).
@@ -75,6 +76,34 @@ def _rows(t: TensorType) -> int:
     for d in t.shape[1:]:
         n *= d
     return n
+
+
+def _concat(g: Graph, parts: list[Value]) -> tuple[Value, list[int], list[int]]:
+    """One table of `parts` side by side on the last dim, the split sizes that cut it, and
+    which split results are the parts. With several, each part's columns are padded to a
+    16-byte multiple (unused columns after it), so that every part's view starts 16-byte
+    aligned, as codegen/specialize.py assumes of a kernel's pointers."""
+    if len(parts) == 1:
+        return parts[0], [parts[0].type.shape[-1]], [0]
+    per = 16 // _ITEMSIZE.get(parts[0].type.dtype, 4)
+    cols, sizes, picks = [], [], []
+    for p in parts:
+        d = p.type.shape[-1]
+        pad = -d % per
+        picks.append(len(sizes))
+        cols.append(p)
+        sizes.append(d)
+        if pad:
+            sizes.append(pad)
+            one = g.add_derived_param(g.unique_param_name("positions.table.pad"), "slice", [p],
+                                      {"dim": -1, "start": 0, "end": 1})
+            zero = g.add_derived_param(g.unique_param_name("positions.table.pad"), "full_like",
+                                       [one], {"value": 0})
+            cols.append(g.add_derived_param(g.unique_param_name("positions.table.pad"), "expand",
+                                            [zero], {"shape": list(p.type.shape[:-1]) + [pad]}))
+    whole = g.add_derived_param(g.unique_param_name("positions.table.cat"), "cat", cols,
+                                {"dim": -1})
+    return whole, sizes, picks
 
 
 @register_pass("tabulate-positions", stage="fuse", before=("fuse-rope",))
@@ -130,16 +159,12 @@ def tabulate_positions(g: Graph, ctx: PassContext) -> int:
     first_user = min((g.index(u) for v in frontier for u in g.users(v)), default=None)
     anchor = None if first_user is None else g.nodes[first_user]
     for vs in groups.values():
-        parts = [table[v] for v in vs]
-        whole = parts[0]
-        if len(parts) > 1:
-            whole = g.add_derived_param(g.unique_param_name("positions.table.cat"), "cat",
-                                        parts, {"dim": -1})
+        whole, sizes, picks = _concat(g, [table[v] for v in vs])
         with g.inserting_before(anchor):
             rows = g.op("index_select", whole, pos, dim=0)
-            outs = [rows] if len(vs) == 1 else g.add_node(
-                "split", [rows], {"sizes": [v.type.shape[-1] for v in vs], "dim": -1}).results
-        for v, new in zip(vs, outs):
-            g.replace_all_uses(v, new)
+            outs = [rows] if len(sizes) == 1 else g.add_node(
+                "split", [rows], {"sizes": sizes, "dim": -1}).results
+        for v, k in zip(vs, picks):
+            g.replace_all_uses(v, outs[k])
     g.remove_dead()
     return len(members)

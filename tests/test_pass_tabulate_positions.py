@@ -97,3 +97,28 @@ def test_refusals_say_why():
     (reason,) = refusal_reasons(TEXT, "tabulate-positions", max_model_len=1 << 26,
                                 block_size=16)
     assert "MiB" in reason and "computed every step instead" in reason
+
+
+def test_tables_side_by_side_start_16_byte_aligned():
+    """Parts of one table are padded to 16-byte multiples: each part's view starts aligned
+    (codegen/specialize.py compiles the kernels' cubins assuming aligned pointers)."""
+    text = """
+graph @g(%positions: i64[T]) {
+  param @f: f32[1, 6]
+  %0: f32[T] = cast(%positions) {dtype="f32"}
+  %1: f32[T, 1] = unsqueeze(%0) {dim=1}
+  %2: f32[T, 6] = mul(%1, @f)
+  %3: f16[T, 6] = cos(%2)
+  %4: f16[T, 6] = sin(%2)
+  %5: f16[T, 6] = cast(%3) {dtype="f16"}
+  %6: f16[T, 6] = cast(%4) {dtype="f16"}
+  return c=%5, s=%6
+}
+"""
+    from pass_helpers import assert_pass_preserves
+    g = assert_pass_preserves(text.replace("f16[T, 6] = cos", "f32[T, 6] = cos")
+                              .replace("f16[T, 6] = sin", "f32[T, 6] = sin"),
+                              ["tabulate-positions"], {"T": 5}, **OPTIONS)
+    (split,) = [n for n in g.nodes if n.op == "split"]
+    assert split.attrs["sizes"] == [6, 2, 6, 2]
+    assert [g.outputs["c"], g.outputs["s"]] == [split.results[0], split.results[2]]
