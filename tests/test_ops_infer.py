@@ -488,11 +488,20 @@ def _lora(c: Case, op):
 FLOATS = ["f32", "f16", "bf16"]
 
 
+def _norm_rows(c: Case, shape):
+    """[] or, for a 2-D input, maybe a `rows` index of its rows (prune-logits' gather)."""
+    if len(shape) == 2 and c.flag():
+        return [c.input((c.int(1, 6),), c.pick(["i64", "i32"]), low=0, high=1)]
+    return []
+
+
 @case("rms_norm")
 def _rms_norm(c: Case, op):
     n = c.int(1, 5)
-    x = c.input(c.pick([(T, n), (T, 2, n)]), c.pick(FLOATS))
-    c.g.op("rms_norm", x, c.param((n,), c.pick(FLOATS)), eps=c.pick([1e-06, 1e-5, 0]))
+    shape = c.pick([(T, n), (T, 2, n)])
+    x = c.input(shape, c.pick(FLOATS))
+    c.g.op("rms_norm", x, c.param((n,), c.pick(FLOATS)), *_norm_rows(c, shape),
+           eps=c.pick([1e-06, 1e-5, 0]))
 
 
 @case("add_rms_norm")
@@ -500,7 +509,13 @@ def _add_rms_norm(c: Case, op):
     n = c.int(1, 5)
     shape = c.pick([(T, n), (T, 2, n)])
     a, b = c.input(shape, c.pick(FLOATS)), c.input(shape, c.pick(FLOATS))
-    c.g.add_node("add_rms_norm", [a, b, c.param((n,), c.pick(FLOATS))], {"eps": 1e-06})
+    c.g.add_node("add_rms_norm", [a, b, c.param((n,), c.pick(FLOATS))] + _norm_rows(c, shape),
+                 {"eps": 1e-06})
+
+
+@case("arange")
+def _arange(c: Case, op):
+    c.g.op("arange", n=c.int(1, 9))
 
 
 def _rope_operands(c: Case, heads: int, with_weights: int):
@@ -637,9 +652,10 @@ def test_last_dim_rowwise_ops_compute_each_row_alone(op):
     attrs = d.resolve_attrs({"eps": 1e-6} if "eps" in d.attrs else
                             {"group_size": 1} if "group_size" in d.attrs else {})
     g = torch.Generator().manual_seed(0)
-    n_rows = len(d.operands) - (d.operands[-1] == "w")
+    operands = [o for o in d.operands if not o.endswith("?")]    # the norms' rows: unused
+    n_rows = len(operands) - (operands[-1] == "w")
     args = [torch.randn(7, 16, generator=g) for _ in range(n_rows)] + \
-        [torch.randn(16, generator=g)] * (len(d.operands) - n_rows)
+        [torch.randn(16, generator=g)] * (len(operands) - n_rows)
     full = d.impl(*args, **attrs)
     rows = [5, 1, 2]
     part = d.impl(*[a[rows] for a in args[:n_rows]], *args[n_rows:], **attrs)
