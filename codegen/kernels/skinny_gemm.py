@@ -89,6 +89,19 @@ def _glu(gate, up, ACT: tl.constexpr):
 
 
 @triton.jit
+def _finish(y, y2, b_ptr, out, mask, rn, n_ok, N_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            ACT: tl.constexpr):
+    """The fp32 sums of a tile ([BLOCK_N], or [BLOCK_M, BLOCK_N]) -> + bias, the gated
+    epilogue, one rounding to the output's dtype, stored at the pointers `out`."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if ACT > 0:
+            y2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = _glu(y, y2, ACT)
+    tl.store(out, y.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, stride_xm, stride_xk,
                        stride_om,
                        N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -127,12 +140,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, str
         y = tl.reduce(part1, 1, _sum_combine)
         y2 = tl.reduce(part2, 1, _sum_combine)
         if SPLIT_K == 1:
-            if HAS_BIAS:
-                y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-                if ACT > 0:
-                    y2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
-            y = _glu(y, y2, ACT)
-            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+            _finish(y, y2, b_ptr, out_ptr + rn, n_ok, rn, n_ok, N_OUT, HAS_BIAS, ACT)
         else:
             tl.store(ws_ptr + pid_k.to(tl.int64) * N + rn, y, mask=n_ok)
             if ACT > 0:
@@ -149,12 +157,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, str
                     if ACT > 0:
                         y2 += tl.load(ws_ptr + s * N + N_OUT + rn, mask=n_ok, other=0.0,
                                       cache_modifier=".cg")
-                if HAS_BIAS:
-                    y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-                    if ACT > 0:
-                        y2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok, other=0.0).to(tl.float32)
-                y = _glu(y, y2, ACT)
-                tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+                _finish(y, y2, b_ptr, out_ptr + rn, n_ok, rn, n_ok, N_OUT, HAS_BIAS, ACT)
                 tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,15 +177,9 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, str
                 wu = tl.load(w_up + k[None, :], mask=w_ok, other=0.0)
                 acc2 += tl.dot(x, tl.trans(wu), input_precision=DOT_PRECISION)
         mn_ok = m_ok[:, None] & n_ok[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                if ACT > 0:
-                    acc2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok,
-                                    other=0.0).to(tl.float32)[None, :]
-            acc = _glu(acc, acc2, ACT)
-            out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn_ok)
+            _finish(acc, acc2, b_ptr, out, mn_ok, rn, n_ok, N_OUT, HAS_BIAS, ACT)
         else:
             part = ws_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
             tl.store(part, acc, mask=mn_ok)
@@ -198,14 +195,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, str
                     acc += tl.load(part, mask=mn_ok, other=0.0, cache_modifier=".cg")
                     if ACT > 0:
                         acc2 += tl.load(part + N_OUT, mask=mn_ok, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    if ACT > 0:
-                        acc2 += tl.load(b_ptr + N_OUT + rn, mask=n_ok,
-                                        other=0.0).to(tl.float32)[None, :]
-                acc = _glu(acc, acc2, ACT)
-                out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn_ok)
+                _finish(acc, acc2, b_ptr, out, mn_ok, rn, n_ok, N_OUT, HAS_BIAS, ACT)
                 tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 
