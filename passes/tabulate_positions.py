@@ -42,13 +42,12 @@ from __future__ import annotations
 
 from braze.ir import Graph, Node, Value
 from braze.ir.op_reduce import norm_dim
-from braze.ir.types import T, TensorType
+from braze.ir.types import T, TensorType, torch_dtype
 
 from .manager import PassContext, register_pass
 
 MAX_TABLE_BYTES = 256 << 20
 _DIM_OPS = ("unsqueeze", "cat", "slice", "split")      # row-wise unless along dim 0
-_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "bool": 1}
 
 
 def _rowwise(node: Node, derived: set) -> bool:
@@ -72,7 +71,7 @@ def _rowwise(node: Node, derived: set) -> bool:
 
 
 def _rows(t: TensorType) -> int:
-    n = _ITEMSIZE.get(t.dtype, 4)
+    n = torch_dtype(t.dtype).itemsize
     for d in t.shape[1:]:
         n *= d
     return n
@@ -85,7 +84,7 @@ def _concat(g: Graph, parts: list[Value]) -> tuple[Value, list[int], list[int]]:
     aligned, as codegen/specialize.py assumes of a kernel's pointers."""
     if len(parts) == 1:
         return parts[0], [parts[0].type.shape[-1]], [0]
-    per = 16 // _ITEMSIZE.get(parts[0].type.dtype, 4)
+    per = 16 // torch_dtype(parts[0].type.dtype).itemsize
     cols, sizes, picks = [], [], []
     for p in parts:
         d = p.type.shape[-1]

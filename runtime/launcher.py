@@ -47,8 +47,7 @@ class PlanRunner:
         shape = tuple(self._expr(d, sizes) for d in spec["shape"])
         key = (name, shape)
         if key not in self._ws:
-            alloc = torch.zeros if spec.get("zero") else torch.empty
-            self._ws[key] = alloc(shape, dtype=torch_dtype(spec["dtype"]), device=self.device)
+            self._ws[key] = _allocate(spec, shape, self.device)
         return self._ws[key]
 
     def arg(self, a: dict, env: dict, sizes: dict):
@@ -71,7 +70,6 @@ class PlanRunner:
         """Allocate each workspace once, for the largest of `sizes_list`; a smaller batch
         then gets a view of its first bytes (bound plans of every bucket share them)."""
         for name, spec in self.ws_specs.items():
-            dtype = torch_dtype(spec["dtype"])
             holds = compile_guard(spec.get("when"))    # sized only where its launches run
             used = [sz for sz in sizes_list if holds(sz)]
             if not used:
@@ -79,9 +77,7 @@ class PlanRunner:
             need = max(_numel(tuple(self._expr(d, sz) for d in spec["shape"])) for sz in used)
             have = self._ws_flat.get(name)
             if have is None or have.numel() < need:
-                # a `zero` workspace (braze/launch.py) is kept zeroed by its own launches
-                alloc = torch.zeros if spec.get("zero") else torch.empty
-                self._ws_flat[name] = alloc(need, dtype=dtype, device=self.device)
+                self._ws_flat[name] = _allocate(spec, (need,), self.device)
 
     def shared_workspace(self, name: str, sizes: dict) -> torch.Tensor:
         """A view of the reserved workspace `name` shaped for `sizes`."""
@@ -189,6 +185,13 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _allocate(spec: dict, shape, device) -> torch.Tensor:
+    """A workspace's memory: zeroed for a `zero` one (braze/launch.py), which its own
+    launches keep zeroed; otherwise left as it comes."""
+    alloc = torch.zeros if spec.get("zero") else torch.empty
+    return alloc(shape, dtype=torch_dtype(spec["dtype"]), device=device)
 
 
 class BoundLaunch:
