@@ -9,7 +9,9 @@ plain torch, and its properties:
     reduction    reduces over `dims`; may end a pointwise group
     combine      for a reduction a generated kernel computes: how it combines a row
                  ("sum", "mean" = sum / count, "max" = NaN-propagating maximum)
-    graph_break  cannot sit inside a captured CUDA graph segment
+    graph_break  piecewise CUDA graphs cut here and run it eagerly (attention: a lowering
+                 may read the step on the host); mode full captures it when it is bound
+                 as kernels whose launches the bucket fixes
     writes       indices of operands the op mutates in place (persistent state)
     view         the result only re-describes the operand's storage (reshape, slice,
                  ...: torch may copy where it cannot, see ir/layout.py)

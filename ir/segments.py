@@ -7,10 +7,11 @@ An op whose registry entry says `graph_break=True` runs eagerly between captured
     none       one "eager" segment: nothing is captured
     piecewise  each break op is its own eager "break" segment; the runs of ops between
                them are "graph" segments, captured once per batch bucket
-    full       one "graph" segment for the whole forward. With break ops in the graph,
-               that capture is valid only for decode-only batches (one new token per
-               sequence: the break ops' launches are then fixed by the static step
-               buffers), so `full_capture` says "decode-only"; without them, "any"
+    full       one "graph" segment for the whole forward, break ops included: it serves
+               any batch when every break op lowers to launches fixed by the bucket's
+               sizes (our attention kernels), which only the runtime knows once it has
+               bound the plans (runtime/graph_runner.py falls back to piecewise when a
+               break op is bound as a torch call that reads the step on the host)
 
 Segments are `[kind, first, last]` node indices (inclusive), covering every node once,
 in order; an empty graph segment (adjacent breaks, a break first or last) is left out.
@@ -40,8 +41,3 @@ def segments_for(g, mode: str) -> list[list]:
         out.append(["graph", start, n - 1])
     return out
 
-
-def full_capture(g) -> str:
-    """Which batches one whole-forward graph serves: "any", or "decode-only" when the
-    graph has break ops."""
-    return "decode-only" if any(node.opdef.graph_break for node in g.nodes) else "any"

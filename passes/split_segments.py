@@ -2,19 +2,17 @@
 (the rule itself is ir/segments.py's, which the runtime shares).
 
 An op whose registry entry says `graph_break=True` runs eagerly between captured
-graphs. Attention is one: our kernel's grid depends only on T, S and MB, but
-running it eagerly keeps the door open for attention backends whose launch does
-depend on per-step metadata, and lets one captured graph per bucket serve any
-mix of prefill and decode. With `cudagraph_mode` (a compile option):
+graphs in piecewise mode. Attention is one: our kernels' grids depend only on T, S
+and MB, so mode full captures them too, but the cut keeps piecewise mode open to
+attention lowerings whose launch depends on per-step metadata (a torch call that
+reads the step on the host). With `cudagraph_mode` (a compile option):
 
     piecewise  every break op is its own eager "break" segment; the runs of ops
                between them are "graph" segments, captured once per batch bucket
-    full       one "graph" segment for the whole forward. If the graph has break
-               ops, that capture is only valid for decode-only batches (one new
-               token per sequence), whose attention launch is fixed by the static
-               metadata buffers: recorded as full_capture="decode-only" (else
-               "any"); the runtime decides which batches replay it and runs the
-               others eagerly
+    full       one "graph" segment for the whole forward, break ops included, which
+               the runtime captures once per bucket for every batch (and once more
+               for decode-only steps at buckets with T == S); if a break op is bound
+               as a host-reading torch call it replays the piecewise cut instead
     none       one "eager" segment: nothing is captured
 
 Segments are `[kind, first_node_index, last_node_index]` (inclusive), cover every
@@ -38,7 +36,7 @@ from __future__ import annotations
 
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
-from braze.ir.segments import CUDAGRAPH_MODES, full_capture, segments_for
+from braze.ir.segments import CUDAGRAPH_MODES, segments_for
 
 from .manager import PassContext, register_pass
 
@@ -52,7 +50,5 @@ def split_segments(g: Graph, ctx: PassContext) -> int:
     g.meta["segments"] = segments
     g.meta["graph_breaks"] = sum(1 for s in segments if s[0] == "break")
     g.meta["cudagraph_mode"] = mode
-    g.meta.pop("full_capture", None)
-    if mode == "full":
-        g.meta["full_capture"] = full_capture(g)
+    g.meta.pop("full_capture", None)      # written by earlier versions; the runtime decides
     return len(segments)

@@ -12,10 +12,14 @@ That frozen call list is exactly what a CUDA graph bakes in, so:
              torch.cuda.CUDAGraph, largest bucket first, all in one memory pool,
              gc paused, after a warm-up run; "break" segments (attention) run
              eagerly between replays. mode "full": one graph for the whole
-             forward; when the graph has break ops it is only valid for
-             decode-only batches (full_capture="decode-only") and only captured
-             for buckets a decode-only batch can use; other batches replay the
-             piecewise segments.
+             forward of every bucket, which serves any batch: the break ops'
+             kernels take their grids from the bucket's sizes and read the step
+             only on the device, so a mixed prefill + decode step is captured as
+             well as a decode-only one. A bucket with T == S also gets a second
+             whole-step graph for decode-only steps, without their `decode_idle`
+             launches. If a break op is bound as a torch call that reads the step
+             on the host (`_host_breaks`), no whole-step graph can hold it and
+             mode full falls back to the piecewise segments (`full_refused`).
   interpret  the same bound calls replayed directly on the CPU (Triton kernels
              under the interpreter, extern GEMMs with out= into static buffers):
              replay allocates nothing, reads no device data on the host and sees
@@ -33,8 +37,8 @@ graph saves little, and a server that never sees prompt logprobs never binds one
 
 Decode-only steps: at a bucket with T == S, a decode-only step (one token per sequence)
 leaves out the launches the plan marks `decode_idle` (braze/launch.py: attention's
-prefill path), from the whole-step graph of mode full and from the eager steps of the
-other modes; what a piecewise graph captured keeps them.
+prefill path): mode full replays the bucket's decode graph, the other modes leave them
+out of their eager steps; what a piecewise graph captured keeps them.
 
 Segments per mode (recomputed from the ops' `graph_break` property, so a mode
 other than the artifact's compiled one works too): none -> one "eager" run;
@@ -64,7 +68,7 @@ import torch
 from braze.ir.contract import STEP_INPUTS as CONTRACT
 from braze.ir.contract import bucket_sizes, default_buckets, group_of_step_input
 from braze.ir.errors import BrazeError
-from braze.ir.segments import CUDAGRAPH_MODES, full_capture
+from braze.ir.segments import CUDAGRAPH_MODES
 from braze.ir.segments import segments_for as cut_segments
 
 log = logging.getLogger("braze.runtime")
@@ -167,6 +171,18 @@ def _host_breaks(pieces) -> list[str]:
                    if c.name.startswith("extern.")})
 
 
+def step_runs(graph, calls: list, mode: str) -> tuple[str, list]:
+    """What a step of any batch replays in `mode`: (variant, runs as `_group` gives them).
+    Mode full is one whole-step run unless a break op is bound as a torch call that reads
+    the step on the host (`_host_breaks`); then it falls back to the piecewise cut."""
+    if mode == "full":
+        pieces = _group(calls, segments_for(graph, "piecewise"))
+        if not _host_breaks(pieces):
+            return "full", _group(calls, segments_for(graph, "full"))
+        return "piecewise", pieces
+    return ("eager" if mode == "none" else "piecewise"), _group(calls, segments_for(graph, mode))
+
+
 def _decode_steps(b) -> None:
     """A decode-only step at T == S skips the launches that have nothing to do for it
     (`decode_idle`, braze/launch.py) among the steps that run eagerly; what a graph
@@ -182,8 +198,10 @@ class _Bucket:
     def __init__(self, T: int, S: int, plan, views: dict):
         self.T, self.S, self.plan, self.views = T, S, plan, views
         self.logits = plan.outputs["logits"]
-        self.pieces = None        # steps for any batch (piecewise or eager); None if full="any"
-        self.full = None          # steps of the whole-forward graph (mode full)
+        self.pieces = None        # steps for any batch (piecewise or eager); None in mode full
+        self.full = None          # the whole-step graph for any batch (mode full)
+        self.full_decode = None   # mode full, T == S: the whole-step graph of a decode-only
+                                  # step (`full` less its decode-idle launches)
         self.decode = None        # `pieces` less their eager decode-idle launches (T == S)
         self.checks: list[tuple[str, torch.Tensor, int]] = []
 
@@ -232,10 +250,9 @@ class GraphRunner:
             raise BrazeError(f"cudagraph mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {mode!r}")
         self.mode = mode
-        self.full_capture = full_capture(graph) if mode == "full" else None
-        # a decode-only batch has T == S <= max_num_seqs tokens: these buckets serve it
-        i = bisect.bisect_left(self.buckets, min(self.max_num_seqs, self.max_num_tokens))
-        self._decode_limit = self.buckets[min(i, len(self.buckets) - 1)]
+        # mode full: "any" (one whole-step graph serves every batch) until a bucket binds a
+        # break op that reads the step on the host; then None, and piecewise segments
+        self.full_capture = "any" if mode == "full" else None
         self._buckets: dict[int, _Bucket] = {}
         self._wide: dict[int, _Bucket] = {}       # wide variants, bound on first use
         self._graphs: list = []
@@ -377,6 +394,7 @@ class GraphRunner:
         self.stats.update(cuda_graphs_captured=0, capture_bytes=0, plans_bound=0)
         self.stats.pop("extern_fallbacks", None)
         self.stats.pop("full_refused", None)
+        self.full_capture = self.stats["full_capture"] = "any" if self.mode == "full" else None
         if ex.backend == "reference":
             self._captured = True
             self.stats["capture_seconds"] = time.perf_counter() - t0
@@ -442,24 +460,22 @@ class GraphRunner:
             raise BrazeError("the artifact's graph has no 'logits' output")
         b = _Bucket(T, S, plan, views)
         graph = ex.graph
-        if self.mode == "full":
-            calls = plan.calls
-            if self.full_capture == "decode-only" and T == S:
-                calls = [c for c in calls if not c.decode_idle]
-            b.full = _group(calls, segments_for(graph, "full"))
-            if self.full_capture == "decode-only":
-                b.pieces = _group(plan.calls, segments_for(graph, "piecewise"))
-                host = _host_breaks(b.pieces)
-                if host and "full_refused" not in self.stats:
-                    self.stats["full_refused"] = host
-                    log.info("cudagraph mode full: break ops %s run as torch calls that read "
-                             "the step on the host; decode steps replay the piecewise graphs",
-                             ", ".join(host))
-                if T > self._decode_limit or host:
-                    b.full = None
+        variant, runs = step_runs(graph, plan.calls, self.mode)
+        if variant == "full":
+            b.full = runs
+            busy = [c for c in plan.calls if not c.decode_idle]
+            if T == S and len(busy) < len(plan.calls):
+                b.full_decode = _group(busy, segments_for(graph, "full"))
         else:
-            b.pieces = _group(plan.calls, segments_for(graph, self.mode))
-        self.stats["plans_bound"] += (b.full is not None) + (b.pieces is not None)
+            b.pieces = runs
+            if self.mode == "full" and "full_refused" not in self.stats:
+                host = _host_breaks(runs)
+                self.stats["full_refused"] = host
+                self.full_capture = self.stats["full_capture"] = None
+                log.info("cudagraph mode full: break ops %s run as torch calls that read the "
+                         "step on the host, which no CUDA graph may hold; every step replays "
+                         "the piecewise graphs", ", ".join(host))
+        self.stats["plans_bound"] += sum(x is not None for x in (b.full, b.full_decode, b.pieces))
         if "extern_fallbacks" not in self.stats:   # externs that allocate at replay
             self.stats["extern_fallbacks"] = sorted({c.name for c in plan.calls
                                                      if c.name.endswith("(fallback)")})
@@ -467,8 +483,8 @@ class GraphRunner:
         b.checks = [(name, t, t.data_ptr()) for name, t in plan.tensors()]
         b.checks += [(f"static {n}[:{t.shape[0]}]", t, t.data_ptr()) for n, t in views.items()]
         if ex.backend != "cuda":     # replayed directly: the flat call lists
-            b.full = None if b.full is None else [c for seg in b.full for c in seg[3]]
-            b.pieces = None if b.pieces is None else [c for seg in b.pieces for c in seg[3]]
+            b.full, b.full_decode, b.pieces = (None if x is None else [c for seg in x for c in seg[3]]
+                                               for x in (b.full, b.full_decode, b.pieces))
             _decode_steps(b)
         self._buckets[T] = b
 
@@ -492,6 +508,8 @@ class GraphRunner:
             for k, b in enumerate(order):
                 if b.full is not None:
                     b.full = self._capture_segments(b, b.full, pool, stream)
+                if b.full_decode is not None:
+                    b.full_decode = self._capture_segments(b, b.full_decode, pool, stream)
                 if b.pieces is not None:
                     b.pieces = self._capture_segments(b, b.pieces, pool, stream)
                     _decode_steps(b)
@@ -564,8 +582,9 @@ class GraphRunner:
         b = self._buckets[T]
         if self.debug:
             self._check_bound(b)
-        if b.full is not None and (decode_only or self.full_capture == "any"):
-            steps, self.last_variant = b.full, "full"
+        if b.full is not None:
+            steps = b.full_decode if decode_only and b.full_decode is not None else b.full
+            self.last_variant = "full"
         elif decode_only and b.decode is not None:
             steps, self.last_variant = b.decode, ("eager" if self.mode == "none" else "piecewise")
         else:

@@ -97,6 +97,13 @@ MUTATIONS = [
              "        elif decode_only and b.decode is not None:",
              "        elif b.decode is not None:",
              ["tests/test_graph_runner.py"], k="no_prefill_path"),
+    Mutation("full-decode-graph-for-mixed-steps",
+             "mode full replays a bucket's decode-only graph for a mixed step: its prompts "
+             "get no attention",
+             "runtime/graph_runner.py",
+             "            steps = b.full_decode if decode_only and b.full_decode is not None else b.full",
+             "            steps = b.full_decode if b.full_decode is not None else b.full",
+             ["tests/test_graph_runner.py"], k="no_prefill_path"),
     Mutation("gathered-norm-reads-row-r",
              "the final norm over the sampled rows normalises row r instead of row idx[r]: "
              "every sequence but the first samples another token's logits",

@@ -310,9 +310,14 @@ def test_full_mode_captures_no_break_op_that_reads_the_host(ds, opt_level):
                     mode="full")
     r.capture()
     assert ("full_refused" in r.stats) == (opt_level == 0)
+    assert r.full_capture == (None if opt_level == 0 else "any")
     step = [SeqChunk([5], 3, [0]), SeqChunk([8], 4, [1])]
     n, s = r.write_step(build_step(step, ex.block_size, ex.max_blocks))
     r.run(n, s, decode_only=True)
+    assert r.last_variant == ("piecewise" if opt_level == 0 else "full")
+    mixed = [SeqChunk([5, 6, 7], 0, [0]), SeqChunk([8], 4, [1])]
+    n, s = r.write_step(build_step(mixed, ex.block_size, ex.max_blocks))
+    r.run(n, s, decode_only=False)
     assert r.last_variant == ("piecewise" if opt_level == 0 else "full")
     for b in r._buckets.values():
         # interpret flattens the lists; piecewise graphs hold the non-break calls

@@ -133,8 +133,8 @@ def test_kv_offload_on_cuda_equals_everything_on_the_device(store, tmp_path):
 
 
 def test_cuda_speculative_ngram_equals_plain_decoding(store):
-    """Verification steps replay the piecewise CUDA graphs of their bucket (R logits rows),
-    decode-only steps the full ones: the speculating engine's greedy tokens are the plain
+    """Verification steps replay the whole-step CUDA graph of their bucket (R logits rows),
+    decode-only steps its decode variant: the speculating engine's greedy tokens are the plain
     engine's (float32, so that a verification's attention order cannot flip a near tie)."""
     from braze.runtime.engine import Engine
     from braze.runtime.sampler import SamplingParams

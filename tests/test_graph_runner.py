@@ -224,9 +224,9 @@ def test_modes_agree(ex):
     for mode in ("none", "full"):
         for got, want in zip(results[mode], results["piecewise"]):
             assert torch.equal(got, want), mode
-    # full with attention breaks: a whole-forward plan only where a decode-only batch fits
-    # (buckets up to max_num_seqs), piecewise plans for every bucket
-    assert bound == {"none": (4, None), "piecewise": (4, None), "full": (3 + 4, "decode-only")}
+    # full: a whole-step plan for every bucket, attention included, and a decode-only one
+    # (no decode-idle launches) for each bucket with T == S; no piecewise plans
+    assert bound == {"none": (4, None), "piecewise": (4, None), "full": (4 + 3, "any")}
 
 
 @pytest.mark.parametrize("mode", ["none", "piecewise", "full"])
@@ -243,11 +243,13 @@ def test_a_decode_step_runs_no_prefill_path_launch(ex, mode):
         b = r._buckets[T]
         idle = [c for c in b.plan.calls if c.decode_idle]
         assert len(idle) == layers and all("attn_fwd_kernel" in c.name for c in idle)
-        steps = b.full if mode == "full" else b.decode
+        steps = b.full_decode if mode == "full" else b.decode
         if T > MAX_S:                   # S < T: a decode step cannot fill the bucket
             assert steps is None and b.decode is None
             continue
         assert len(steps) == len(b.plan.calls) - layers
+        if mode == "full":              # and the bucket's whole-step graph for any batch
+            assert b.pieces is None and b.full == b.plan.calls
         assert not any(getattr(c, "decode_idle", False) for c in steps)
     idle_ran = []                       # the decode-idle launches of bucket 4 that ran
     for c in r._buckets[4].plan.calls:
@@ -263,10 +265,7 @@ def test_a_decode_step_runs_no_prefill_path_launch(ex, mode):
         assert len(idle_ran) == (0 if chunks is decode else layers)
         want = reference_logits(ex, chunks, ref_cache)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        ran = {"none": "eager", "piecewise": "piecewise", "full": "piecewise"}[mode]
-        if chunks is decode and mode == "full":
-            ran = "full"
-        assert r.last_variant == ran
+        assert r.last_variant == {"none": "eager", "piecewise": "piecewise", "full": "full"}[mode]
 
 
 @pytest.mark.parametrize("case, opt_level", [("llama", 0), ("llama", 1), ("llama", 2),
@@ -275,27 +274,29 @@ def test_a_decode_step_runs_no_prefill_path_launch(ex, mode):
 @pytest.mark.parametrize("mode", ["piecewise", "full"])
 def test_what_a_cuda_graph_captures_reads_nothing_on_the_host(store, case, opt_level, mode):
     """Every extern torch call a CUDA graph would capture (the "graph" segments; in mode full
-    the whole decode forward, break ops included) runs without a host read or an output
-    shaped by device data: on a GPU either one fails the capture, on the CPU nothing shows.
-    -O0/-O1 keep cache_write (no template) as an extern inside the captured segments."""
+    the whole forward of a decode or a mixed step, break ops included) runs without a host
+    read or an output shaped by device data: on a GPU either one fails the capture, on the
+    CPU nothing shows. -O0/-O1 keep cache_write (no template) as an extern inside the
+    captured segments."""
     art = open_artifact(store.artifact(case, **dict(OPTIONS, opt_level=opt_level)))
     ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
     r = GraphRunner(ex, static_for(ex), [1, 2, 4], MAX_S, mode=mode)
     r.capture()
+    assert r.full_capture == ("any" if mode == "full" else None)
     random_cache(ex, seed=2)
-    chunks = [C([5], 3, [0]), C([8], 4, [1])]
-    n, s = r.write_step(build_step(chunks, ex.block_size, ex.max_blocks))
-    b = r._buckets[r.bucket_for(n, s)[0]]
     externs = 0
-    for kind, first, last, calls in _group(b.plan.calls, segments_for(ex.graph, mode)):
-        for c in calls:
-            if kind != "graph" or not c.name.startswith("extern."):
-                c()
-                continue
-            externs += 1
-            with HostReads() as spy:
-                c()
-            assert not spy.bad, (c, dict(spy.bad))
+    for chunks in ([C([5], 3, [0]), C([8], 4, [1])], [C([5, 6, 7], 0, [0]), C([8], 4, [1])]):
+        n, s = r.write_step(build_step(chunks, ex.block_size, ex.max_blocks))
+        b = r._buckets[r.bucket_for(n, s)[0]]
+        for kind, first, last, calls in _group(b.plan.calls, segments_for(ex.graph, mode)):
+            for c in calls:
+                if kind != "graph" or not c.name.startswith("extern."):
+                    c()
+                    continue
+                externs += 1
+                with HostReads() as spy:
+                    c()
+                assert not spy.bad, (c, dict(spy.bad))
     assert externs
 
 
@@ -303,7 +304,7 @@ def test_artifact_mode_is_the_default(store):
     art = open_artifact(store.artifact("llama", cudagraph_mode="full", **OPTIONS))
     ex = Executor(art, backend="interpret", num_blocks=NUM_BLOCKS)
     r = GraphRunner(ex, static_for(ex), [1, 2], MAX_S)
-    assert r.mode == "full" and r.full_capture == "decode-only"
+    assert r.mode == "full" and r.full_capture == "any"
     r.capture()
     ref_cache = random_cache(ex, seed=9)
     chunks = [C([9], 3, [0])]

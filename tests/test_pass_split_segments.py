@@ -41,15 +41,10 @@ def test_piecewise_text():
 
 def test_full_text():
     out = opt_text(SRC, "split-segments", cudagraph_mode="full")
+    # one segment, attention included: which batches it serves is the runtime's call, once
+    # it has bound the plans (a break op bound as a host-reading torch call refuses it)
     assert same_text(out, expect('segments=[["graph", 0, 4]], graph_breaks=0, '
-                                 'cudagraph_mode="full", full_capture="decode-only"'))
-
-
-def test_full_without_breaks_captures_any_batch():
-    src = HEADER + "\n  %0: f32[T, 2, 4] = neg(%q)\n  return out=%0\n}\n"
-    out = opt_text(src, "split-segments", cudagraph_mode="full")
-    assert 'meta {segments=[["graph", 0, 0]], graph_breaks=0, cudagraph_mode="full", ' \
-           'full_capture="any"}' in out
+                                 'cudagraph_mode="full"'))
 
 
 def test_none_text():
@@ -73,9 +68,11 @@ def test_adjacent_and_edge_breaks_emit_no_empty_graph_segments():
 
 def test_meta_round_trips_and_rerun_replaces_it():
     g = parse_graph(SRC)
+    g.meta["full_capture"] = "decode-only"          # what earlier versions recorded
     run_passes(g, ["split-segments"], cudagraph_mode="full")
+    assert g.meta["cudagraph_mode"] == "full" and "full_capture" not in g.meta
     run_passes(g, ["split-segments"], cudagraph_mode="piecewise")
-    assert "full_capture" not in g.meta
+    assert g.meta["cudagraph_mode"] == "piecewise"
     assert print_graph(parse_graph(print_graph(g))) == print_graph(g)
 
 
