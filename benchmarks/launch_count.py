@@ -9,6 +9,13 @@ At decode sizes a step's time is weight streaming plus about 1-2 us per launch, 
 inside a graph; this counts the second part, so that a fusion's saving is known before a
 GPU measures it. Extern calls (cuBLAS GEMMs and torch fallbacks) are launches too; views
 bind to nothing and are not counted.
+
+A second table counts what the host issues for one step of each bucket in each
+cudagraph mode: graph replays plus the launches that run eagerly between them (mode none
+launches everything; piecewise replays a graph per run of ops between attention layers
+and launches attention eagerly; full replays one graph, for a mixed step as for a decode
+one). Each costs the host several microseconds, which a step only hides if the GPU work
+queued before it takes longer.
 """
 
 from __future__ import annotations
@@ -17,21 +24,45 @@ import argparse
 from collections import Counter
 
 
-def count(artifact: str, buckets: list[int]) -> dict[int, Counter]:
-    """Per bucket, the launches of a decode-only step (one token per sequence): the bound
-    plan less its decode-idle launches where the bucket has T == S (braze/launch.py)."""
+def _engine(artifact: str, buckets: list[int]):
+    """An interpret-backend engine whose runner has bound every bucket's plan (not run)."""
     from braze.runtime import open_artifact
     from braze.runtime.engine import Engine
     art = open_artifact(artifact)
-    eng = Engine(art, backend="interpret", num_kv_blocks=max(16, max(buckets)),
-                 max_num_seqs=min(max(buckets), art.limits.max_num_seqs),
-                 max_num_tokens=max(buckets), buckets=buckets)
+    return Engine(art, backend="interpret", num_kv_blocks=max(16, max(buckets)),
+                  max_num_seqs=min(max(buckets), art.limits.max_num_seqs),
+                  max_num_tokens=max(buckets), buckets=buckets)
+
+
+def count(artifact: str, buckets: list[int], eng=None) -> dict[int, Counter]:
+    """Per bucket, the launches of a decode-only step (one token per sequence): the bound
+    plan less its decode-idle launches where the bucket has T == S (braze/launch.py)."""
+    eng = eng or _engine(artifact, buckets)
     g = eng.runner.graphs
     out = {}
     for T in g.buckets:
         b = g._buckets[T]
         out[T] = Counter(c.name.split("#")[0] for c in b.plan.calls
                          if not (c.decode_idle and b.T == b.S))
+    return out
+
+
+def host_ops(artifact: str, buckets: list[int], eng=None) -> dict[int, dict[str, int]]:
+    """Per bucket and cudagraph mode, the graph replays plus eager launches the host issues
+    for one mixed step (a decode-only step at T == S issues the same or fewer)."""
+    from braze.ir.segments import CUDAGRAPH_MODES
+    from braze.runtime.graph_runner import step_runs
+    eng = eng or _engine(artifact, buckets)
+    g = eng.runner.graphs
+    graph = eng.runner.executor.graph
+    out = {}
+    for T in g.buckets:
+        calls = g._buckets[T].plan.calls
+        row = {}
+        for mode in CUDAGRAPH_MODES:
+            _, runs = step_runs(graph, calls, mode)
+            row[mode] = sum(1 if kind == "graph" else len(run) for kind, _, _, run in runs if run)
+        out[T] = row
     return out
 
 
@@ -42,13 +73,20 @@ def main(argv=None) -> int:
     ap.add_argument("--by-kernel", action="store_true", help="a line per kernel and bucket")
     args = ap.parse_args(argv)
     buckets = sorted({int(b) for b in args.buckets.split(",") if b.strip()})
-    got = count(args.artifact, buckets)
+    eng = _engine(args.artifact, buckets)
+    got = count(args.artifact, buckets, eng)
     print(f"{args.artifact}: launches per decode step of each bucket's bound plan")
     print("| bucket | launches | Triton kernels | extern calls |")
     print("|---:|---:|---:|---:|")
     for T, c in got.items():
         ext = sum(n for k, n in c.items() if k.startswith("extern."))
         print(f"| {T} | {sum(c.values())} | {sum(c.values()) - ext} | {ext} |")
+    ops = host_ops(args.artifact, buckets, eng)
+    print("\nhost operations per mixed step (graph replays + eager launches), per cudagraph mode")
+    print("| bucket | none | piecewise | full |")
+    print("|---:|---:|---:|---:|")
+    for T, row in ops.items():
+        print(f"| {T} | {row['none']} | {row['piecewise']} | {row['full']} |")
     if args.by_kernel:
         for T, c in got.items():
             print(f"\nbucket {T}:")

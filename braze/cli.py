@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from braze import __version__
-from braze.config import SMALL_M_GEMM
+from braze.config import SMALL_M_GEMM, CompileOptions
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
 from braze.runtime.options import BACKENDS
@@ -187,7 +187,7 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                         "bound: the artifact's --max-num-tokens)")
     p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs (default: the artifact's): "
-                        "none, piecewise, or full (one graph per decode-only step)")
+                        "none, piecewise, or full (one graph per whole step)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the KV blocks of prompt prefixes seen before")
     p.add_argument("--device", help="torch device to run on, e.g. cuda:1 (default: cuda for the "
@@ -322,11 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default sm_80,sm_90: A100 and H100/H200; '' for none, and the kernels "
                         "JIT-compile on the GPU at first use). Cubins run only under the Triton "
                         "version that built them: compile with your GPU fleet's Triton")
-    c.add_argument("--cudagraph-mode", default="piecewise", choices=CUDAGRAPH_MODES,
+    c.add_argument("--cudagraph-mode", default=CompileOptions.cudagraph_mode,
+                   choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs: none (launch the plans "
-                        "eagerly), piecewise (one graph per segment between graph breaks such as "
-                        "attention; default), full (piecewise, plus one graph for the whole "
-                        "step of decode-only batches)")
+                        "eagerly), piecewise (one graph per run of ops between graph breaks "
+                        "such as attention, which launches eagerly between them), full (one "
+                        "graph for each whole step, prefill and decode alike, attention "
+                        "included; piecewise where an op reads the step on the host). "
+                        "Default: %(default)s")
     c.add_argument("--lora-slots", type=int, default=0, metavar="K",
                    help="make the artifact LoRA-capable: K adapters can be on the device at once "
                         "and mixed in one batch (adapter weights are run-time pools, not baked "

@@ -22,7 +22,7 @@ class CompileOptions:
     max_model_len: int | None = None      # None: the model's max_position_embeddings
     block_size: int = StepLimits.block_size
     targets: str = "sm_80,sm_90"
-    cudagraph_mode: str = "piecewise"
+    cudagraph_mode: str = "full"          # one graph per step (runtime/graph_runner.py)
     lora_slots: int = 0                   # 0: no LoRA (passes/add_lora.py)
     max_lora_rank: int = 16
     lora_targets: str = "q,k,v,o,gate,up,down"

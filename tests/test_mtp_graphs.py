@@ -201,9 +201,10 @@ def test_kernel_stats_count_the_mtp_plan(dsv3):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_captures_the_mtp_graphs_and_agrees_with_eager(tmp_path):
-    """float16 -O2 with cubins: the MTP graphs are captured per bucket (piecewise at the
-    MTP graph's break ops); every call equals the eager plan on the same inputs; greedy
-    output equals plain greedy; kernel_stats counts the MTP kernels' cubins."""
+    """float16 -O2 with cubins: the MTP graphs are captured per bucket (the artifact's
+    default mode full: one whole-step graph, its MLA attention included); every call equals
+    the eager plan on the same inputs; greedy output equals plain greedy; kernel_stats
+    counts the MTP kernels' cubins."""
     import braze
     from braze.tiny_mtp import guessing_deepseek
     ckpt = guessing_deepseek(tmp_path)
@@ -215,7 +216,7 @@ def test_cuda_captures_the_mtp_graphs_and_agrees_with_eager(tmp_path):
     eng = Engine(art, backend="cuda", speculative=MTP)
     graphs = eng.spec.proposer.run_graph
     assert isinstance(graphs, MTPGraphs)
-    assert graphs.runner.mode == "piecewise"
+    assert graphs.runner.mode == "full" and graphs.runner.full_capture == "any"
     assert graphs.stats["cuda_graphs_captured"] >= len(graphs.runner.buckets)
     diffs, sizes = [], []
     eng.spec.proposer.run_graph = _versus_unbucketed(graphs, diffs, sizes)
