@@ -100,7 +100,11 @@ def test_steps_cover_each_bucket_and_padding(ex):
 def test_replay_equals_reference_for_every_bucket(ex):
     r = GraphRunner(ex, static_for(ex), BUCKETS, MAX_S)
     r.capture()
-    assert r.stats["plans_bound"] == len(BUCKETS) and r.stats["cuda_graphs_captured"] == 0
+    # the artifact's mode, full: a whole-step plan per bucket, and a decode-only one per
+    # bucket with T == S
+    decode_variants = sum(1 for T in BUCKETS if T <= MAX_S)
+    assert r.mode == "full" and r.stats["cuda_graphs_captured"] == 0
+    assert r.stats["plans_bound"] == len(BUCKETS) + decode_variants
     for T, steps in STEPS.items():
         ref_cache = random_cache(ex, seed=T)
         for chunks in steps:          # different contents through the same bound plan

@@ -57,7 +57,7 @@ def _watch(graphs: MTPGraphs, log: list, bad: list, fallbacks: list):
     allowed = static_storages(runner)
     exempt = []
     for b in runner._buckets.values():
-        for c in b.pieces:
+        for c in b.plan.calls:          # the same call objects every step list replays
             if c.name.endswith("(fallback)"):
                 def call(orig=c.call, name=c.name):
                     exempt.append(name)
