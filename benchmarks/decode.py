@@ -19,8 +19,9 @@ the script
   3. cold start, in a fresh process: imports, CUDA init, `open_artifact` (sha256 of every
      file, timed apart), `Engine(backend="cuda")` (weights load timed apart; kernel load,
      plan binding, CUDA-graph capture) and the first token of one --prompt-len prompt;
-  4. braze decode: B requests (B in --batches) of --prompt-len random token ids, greedy,
-     ignore_eos, are prefilled together, then --warmup decode steps, then --steps timed
+  4. braze decode: B requests (B in --batches) of --prompt-len random token ids, greedy
+     (or sampled at --temperature / --top-p, a seed per request: what the sampler adds to
+     a step), ignore_eos, are prefilled together, then --warmup decode steps, then --steps timed
      `Engine.step()` calls (every one checked to return one new token for each of the B
      requests); the device is synchronised before and after the timed region (and by
      the engine's own token read-back each step). Also the forward alone: the captured
@@ -29,7 +30,7 @@ the script
      `StaticCache`: eager, then `torch.compile(model.forward, mode="reduce-overhead")`
      (CUDA graphs; prefill runs eagerly, only the decode step is compiled). Same prompts,
      same warm-up and step counts, same synchronisation;
-  6. a correctness check: braze's batch-1 greedy tokens fed back through the HF model
+  6. a correctness check (greedy runs only): braze's batch-1 greedy tokens fed back through the HF model
      (teacher forcing): how many are HF's argmax, and the largest shortfall of braze's
      chosen logit below the maximum, in units of the logits' standard deviation
      (MISMATCH above 0.25: a wrong kernel gives several units; bf16 rounding ~0.01).
@@ -72,6 +73,7 @@ _T0 = time.perf_counter()          # the cold-start worker counts from here
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -378,15 +380,24 @@ def decode_figures(batch: int, steps: int, total_s: float, step_ms: list[float])
             "p50_ms": _pct(ms, 50), "p99_ms": _pct(ms, 99)}
 
 
+def sampling_label(args) -> str:
+    """', temperature T[, top_p P]' when braze's requests sample, else ''."""
+    if args.temperature <= 0:
+        return ""
+    return f", temperature {args.temperature:g}" + ("" if args.top_p >= 1 else
+                                                     f", top_p {args.top_p:g}")
+
+
 def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) -> dict:
     """Prefill `batch` prompts together, warm up, then time --steps engine steps."""
     from braze.runtime.sampler import SamplingParams
 
     extra = args.profile_steps if batch in args.profile_batches else 0
-    sp = SamplingParams(max_tokens=args.warmup + args.steps + extra + 4, ignore_eos=True)
+    sp = SamplingParams(max_tokens=args.warmup + args.steps + extra + 4, ignore_eos=True,
+                        temperature=args.temperature, top_p=args.top_p)
     ids = [f"b{batch}-{i}" for i in range(batch)]
-    for rid, p in zip(ids, prompts):
-        eng.add_request(rid, p, sp)
+    for i, (rid, p) in enumerate(zip(ids, prompts)):
+        eng.add_request(rid, p, sp if sp.greedy else dataclasses.replace(sp, seed=i))
     tokens = {rid: [] for rid in ids}
     for _ in range(64):                       # prefill (one step when the budget allows)
         for o in eng.step():
@@ -412,9 +423,9 @@ def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) ->
     res["graph_variant"] = variant
     if batch in args.profile_batches:
         prof = res["profile"] = profile_steps(one_step, args.profile_steps, sync)
-        path = Path(args.profile_dir) / f"profile-{args.model_key}-b{batch}.md"
+        path = Path(args.profile_dir) / f"profile-{args.model_key}-b{batch}{args.profile_tag}.md"
         path.write_text(profile_markdown(prof, f"braze decode step, {args.model_key} shape, "
-                                               f"batch {batch}"))
+                                               f"batch {batch}{sampling_label(args)}"))
     res["tokens_request0"] = tokens[ids[0]]
     res["context_tokens"] = len(prompts[0]) + len(tokens[ids[0]])
     # the forward alone: replay the last decode step already in the static buffers (it
@@ -764,7 +775,7 @@ def run_model(key: str, args, t_start: float, log, out: ResultsFile) -> dict:
                                                            "compile", t_start, part, row),
                     log, out)
     braze_runs = (res.get("braze") or {}).get("runs") or {}
-    if 1 in braze_runs:
+    if 1 in braze_runs and args.temperature <= 0:     # sampled tokens are not HF's argmax
         section(res, "check", lambda _: teacher_forced_check(
             model, prompts[0], braze_runs[1]["tokens_request0"]), log, out)
         hf1 = ((res.get("hf_eager") or {}).get(1) or {}).get("tokens_request0")
@@ -1020,6 +1031,14 @@ def parse_args(argv):
                     help="profile braze's decode step at these batches with torch.profiler "
                          "(kernels per step, GPU busy share, idle gaps), e.g. 1,64")
     ap.add_argument("--profile-steps", type=int, default=5, help="steps per profile (default 5)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="braze's requests sample at this temperature, each with its own seed "
+                         "(default 0: greedy, one argmax per step; the HF baselines stay "
+                         "greedy): what sampling costs a step, and the teacher-forced check "
+                         "is skipped")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="braze's requests' top_p (default 1.0: no filter; below 1 the "
+                         "sampler sorts each row)")
     ap.add_argument("--profile-dir", default=".", help="where profile-<model>-b<B>.md tables "
                     "go (default: the current directory)")
     ap.add_argument("--cold-start-worker", metavar="ARTIFACT", help=argparse.SUPPRESS)
@@ -1040,6 +1059,8 @@ def parse_args(argv):
     if not args.batch_list or min(args.batch_list) < 1:
         ap.error("--batches needs positive integers")
     args.profile_batches = {int(b) for b in args.profile_batches.split(",") if b.strip()}
+    args.profile_tag = "" if args.temperature <= 0 else \
+        f"-t{args.temperature:g}" + ("" if args.top_p >= 1 else f"-p{args.top_p:g}")
     args.steps = args.steps if args.steps is not None else (3 if dry else 128)
     args.warmup = args.warmup if args.warmup is not None else (2 if dry else 8)
     args.forward_warmup = 1 if dry else 3

@@ -54,6 +54,13 @@ Part 6:
                disk; and a decoding neighbour's inter-token latency while the load's copy
                runs on its own stream (benchmarks/kv_offload.py)       kv-tiers.json,
                                                                        kv-tiers.log
+Part 7:
+  sampled      what sampling adds to a decode step (the engine samples with torch ops on
+               the device: ~116 launches a step at temperature > 0, ~139 with top-p):
+               Llama-3.2-1B shape, batches 1 and 16, braze only, greedy / temperature 1 /
+               temperature 1 + top_p 0.9, batch 1 profiled    decode-1b-greedy.json,
+                                          decode-1b-t1.json, decode-1b-t1-p09.json,
+                                          profile-1b-b1-t1.md, profile-1b-b1-t1-p0.9.md
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -381,7 +388,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
-    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5, 6), default=1)
+    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5, 6, 7), default=1)
     ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
                     help="stop starting work after this many seconds (default 530: a "
                          "9-minute device call with room to bring the files back)")
@@ -418,6 +425,17 @@ def main(argv=None) -> int:
                         sizes=[1, 16], kernels=["skinny_gemm"])
     elif args.part == 6:
         s.kv_tiers_stage(480)
+    elif args.part == 7:
+        # the same shape and batches greedy, then sampled: the difference is the sampler's
+        # (braze only: HF's baselines are greedy); batch 1 profiled where it samples
+        batches = "1,16" if not args.dry_run else "1,4"
+        for name, extra, label in (("greedy", [], "[greedy] "),
+                                   ("t1", ["--temperature", "1", "--profile-batches", "1"],
+                                    "[t=1] "),
+                                   ("t1-p09", ["--temperature", "1", "--top-p", "0.9",
+                                               "--profile-batches", "1"], "[t=1 p=0.9] ")):
+            s.decode_stage(f"decode-1b-{name}", 150, "1b", batches, "", f"decode-1b-{name}.json",
+                           ["--no-cold-start", "--profile-dir", str(out)] + extra, label=label)
     elif args.part == 4:
         s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",
                        "eager", "decode-gemma4.json", ["--no-cold-start"])

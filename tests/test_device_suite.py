@@ -33,6 +33,8 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
     ("5", {"summary.md", "env.txt", "decode.log", "decode-1b-extern.json",
            "decode-1b-triton.json", "kernels-gemm.json", "kernels-gemm.log"}),
     ("6", {"summary.md", "env.txt", "kv-tiers.json", "kv-tiers.log"}),
+    ("7", {"summary.md", "env.txt", "decode.log", "decode-1b-greedy.json", "decode-1b-t1.json",
+           "decode-1b-t1-p09.json", "profile-1b-b1-t1.md", "profile-1b-b1-t1-p0.9.md"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -74,6 +76,14 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         rows = json.loads((tmp_path / "kernels-gemm.json").read_text())["results"]
         assert {r["kernel"] for r in rows if r["ok"]} >= {"gemm_gate_up", "gemm_gate_up_glu"}
         assert all(r["kernel"].startswith("gemm_") for r in rows)
+    if part == "7":          # greedy, then sampled: the same engine, the sampler's cost
+        for name, t, p in (("greedy", 0.0, 1.0), ("t1", 1.0, 1.0), ("t1-p09", 1.0, 0.9)):
+            doc = json.loads((tmp_path / f"decode-1b-{name}.json").read_text())
+            assert (doc["config"]["temperature"], doc["config"]["top_p"]) == (t, p), name
+        assert "temperature 1, top_p 0.9" in (tmp_path / "profile-1b-b1-t1-p0.9.md").read_text()
+        assert "[t=1 p=0.9] decode tiny Llama-3.2-1B batch 4:" in summary
+        assert "[greedy] check tiny" in summary and "[t=1] check" not in summary \
+            and "[t=1 p=0.9] check" not in summary     # sampled tokens are not HF's argmax
     if part == "6":
         for case in ("computed", "host", "disk", "host beside a decoder"):
             assert f"kv-tiers TTFT {case}:" in summary
