@@ -20,8 +20,8 @@ the script
      file, timed apart), `Engine(backend="cuda")` (weights load timed apart; kernel load,
      plan binding, CUDA-graph capture) and the first token of one --prompt-len prompt;
   4. braze decode: B requests (B in --batches) of --prompt-len random token ids, greedy
-     (or sampled at --temperature / --top-p, a seed per request: what the sampler adds to
-     a step), ignore_eos, are prefilled together, then --warmup decode steps, then --steps timed
+     (or sampled at --temperature / --top-p with --sampler, a seed per request: what the
+     sampler adds to a step), ignore_eos, are prefilled together, then --warmup decode steps, then --steps timed
      `Engine.step()` calls (every one checked to return one new token for each of the B
      requests); the device is synchronised before and after the timed region (and by
      the engine's own token read-back each step). Also the forward alone: the captured
@@ -325,6 +325,8 @@ def engine_options(args, max_batch: int) -> dict:
     opts = dict(backend=args.backend, num_kv_blocks=max_batch * per_seq + 8,
                 max_num_seqs=max_batch, max_num_tokens=args.max_num_tokens,
                 buckets=args.bucket_list, cudagraph_mode=args.cudagraph_mode)
+    if args.sampler != "torch":
+        opts["sampler"] = args.sampler
     if args.dry_run and "async_scheduling" in inspect.signature(Engine).parameters:
         opts["async_scheduling"] = True     # what the engine does by default on "cuda"
     return opts
@@ -385,7 +387,8 @@ def sampling_label(args) -> str:
     if args.temperature <= 0:
         return ""
     return f", temperature {args.temperature:g}" + ("" if args.top_p >= 1 else
-                                                     f", top_p {args.top_p:g}")
+                                                     f", top_p {args.top_p:g}") + \
+        ("" if args.sampler == "torch" else f", {args.sampler} sampler")
 
 
 def braze_decode(eng, batch: int, prompts: list[list[int]], args, sync: Sync) -> dict:
@@ -1036,6 +1039,9 @@ def parse_args(argv):
                          "(default 0: greedy, one argmax per step; the HF baselines stay "
                          "greedy): what sampling costs a step, and the teacher-forced check "
                          "is skipped")
+    ap.add_argument("--sampler", choices=("torch", "triton"), default="torch",
+                    help="braze's sampler for steps no request restricts (EngineOptions."
+                         "sampler): torch ops, or one fused Triton kernel")
     ap.add_argument("--top-p", type=float, default=1.0,
                     help="braze's requests' top_p (default 1.0: no filter; below 1 the "
                          "sampler sorts each row)")
@@ -1059,8 +1065,10 @@ def parse_args(argv):
     if not args.batch_list or min(args.batch_list) < 1:
         ap.error("--batches needs positive integers")
     args.profile_batches = {int(b) for b in args.profile_batches.split(",") if b.strip()}
-    args.profile_tag = "" if args.temperature <= 0 else \
-        f"-t{args.temperature:g}" + ("" if args.top_p >= 1 else f"-p{args.top_p:g}")
+    args.profile_tag = ("" if args.temperature <= 0 else
+                        f"-t{args.temperature:g}" + ("" if args.top_p >= 1 else
+                                                     f"-p{args.top_p:g}")) + \
+        ("" if args.sampler == "torch" else f"-{args.sampler}")
     args.steps = args.steps if args.steps is not None else (3 if dry else 128)
     args.warmup = args.warmup if args.warmup is not None else (2 if dry else 8)
     args.forward_warmup = 1 if dry else 3

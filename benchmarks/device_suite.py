@@ -55,12 +55,12 @@ Part 6:
                runs on its own stream (benchmarks/kv_offload.py)       kv-tiers.json,
                                                                        kv-tiers.log
 Part 7:
-  sampled      what sampling adds to a decode step (the engine samples with torch ops on
-               the device: ~116 launches a step at temperature > 0, ~139 with top-p):
-               Llama-3.2-1B shape, batches 1 and 16, braze only, greedy / temperature 1 /
-               temperature 1 + top_p 0.9, batch 1 profiled    decode-1b-greedy.json,
-                                          decode-1b-t1.json, decode-1b-t1-p09.json,
-                                          profile-1b-b1-t1.md, profile-1b-b1-t1-p0.9.md
+  sampled      what sampling adds to a decode step (the engine's torch sampler: ~116 ops on
+               the device a step at temperature > 0, ~139 with top-p) and the fused
+               kernel (--sampler triton): Llama-3.2-1B shape, batches 1 and 16, braze
+               only: greedy, t=1 (batch 1 profiled), t=1 triton, t=1 top_p 0.9
+                               decode-1b-greedy.json, decode-1b-t1.json, profile-1b-b1-t1.md,
+                               decode-1b-t1-triton.json, decode-1b-t1-p09.json
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -429,12 +429,12 @@ def main(argv=None) -> int:
         # the same shape and batches greedy, then sampled: the difference is the sampler's
         # (braze only: HF's baselines are greedy); batch 1 profiled where it samples
         batches = "1,16" if not args.dry_run else "1,4"
-        for name, extra, label in (("greedy", [], "[greedy] "),
-                                   ("t1", ["--temperature", "1", "--profile-batches", "1"],
-                                    "[t=1] "),
-                                   ("t1-p09", ["--temperature", "1", "--top-p", "0.9",
-                                               "--profile-batches", "1"], "[t=1 p=0.9] ")):
-            s.decode_stage(f"decode-1b-{name}", 150, "1b", batches, "", f"decode-1b-{name}.json",
+        for name, extra, label in (
+                ("greedy", [], "[greedy] "),
+                ("t1", ["--temperature", "1", "--profile-batches", "1"], "[t=1] "),
+                ("t1-triton", ["--temperature", "1", "--sampler", "triton"], "[t=1 triton] "),
+                ("t1-p09", ["--temperature", "1", "--top-p", "0.9"], "[t=1 p=0.9] ")):
+            s.decode_stage(f"decode-1b-{name}", 120, "1b", batches, "", f"decode-1b-{name}.json",
                            ["--no-cold-start", "--profile-dir", str(out)] + extra, label=label)
     elif args.part == 4:
         s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",

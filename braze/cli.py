@@ -14,7 +14,7 @@ from braze import __version__
 from braze.config import SMALL_M_GEMM, CompileOptions
 from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
-from braze.runtime.options import BACKENDS
+from braze.runtime.options import BACKENDS, SAMPLERS
 from braze.serving.options import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 EXIT_ERROR = 1
@@ -223,6 +223,12 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--max-cpu-loras", type=_positive_int, metavar="N",
                    help="LoRA adapters kept parsed in host memory (default and minimum: the "
                         "artifact's --lora-slots); more are read from disk again when used")
+    p.add_argument("--sampler", choices=SAMPLERS, default="torch",
+                   help="how a step samples when no request in it restricts top-k, top-p or "
+                        "min-p: torch (about 116 torch ops on the device; default) or triton "
+                        "(one fused kernel, JIT-compiled on the GPU at first use; the same "
+                        "counter-based noise, so the same tokens). Greedy steps take one "
+                        "argmax either way")
     p.add_argument("--collective-timeout", type=_positive_float, default=300.0,
                    metavar="SECONDS", dest="collective_timeout_s",
                    help="tensor-parallel artifacts: how long a collective waits for the other "
@@ -241,7 +247,8 @@ def _engine_options(a):
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
                          kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras,
-                         speculative=a.speculative, collective_timeout_s=a.collective_timeout_s)
+                         speculative=a.speculative, collective_timeout_s=a.collective_timeout_s,
+                         sampler=a.sampler)
 
 
 def _server_options(a):

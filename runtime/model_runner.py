@@ -87,6 +87,10 @@ class ModelRunner:
                 self.kv_groups, self.group_blocks, self.block_size, self.max_num_tokens))
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
+        if options.sampler == "triton":
+            from .sampler import KernelSampler
+            self.batch.sampling.kernel = KernelSampler(
+                interpret=torch.device(self.device).type != "cuda")
         # a pruned LM head computes up to the artifact's R rows in the wide variants of the
         # buckets, which only steps with prompt logprobs run (runtime/prompt_logprobs.py)
         self.graphs = GraphRunner(ex, self.static, options.buckets, self.max_num_seqs,

@@ -14,6 +14,7 @@ from braze.ir.errors import BrazeError
 from braze.ir.segments import CUDAGRAPH_MODES
 
 BACKENDS = ("auto", "cuda", "reference", "interpret")
+SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
 
 
 @dataclass
@@ -44,6 +45,9 @@ class EngineOptions:
     # tensor-parallel artifacts: how long a collective waits for the other ranks before
     # the run ends with an error (a rank that died or hangs)
     collective_timeout_s: float = 300.0
+    # how a step samples when no row restricts top-k / top-p / min-p: "torch" ops
+    # (runtime/sampler.py sample_batch), or one fused "triton" launch (KernelSampler)
+    sampler: str = "torch"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -66,6 +70,9 @@ class EngineOptions:
         if self.speculative is not None:
             from .speculative import SpeculativeConfig
             self.speculative = SpeculativeConfig.of(self.speculative)
+        if self.sampler not in SAMPLERS:
+            raise BrazeError(f"sampler must be one of {', '.join(SAMPLERS)}, got "
+                             f"{self.sampler!r}")
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")

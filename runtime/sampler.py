@@ -464,6 +464,40 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return torch.where(greedy, row_argmax(logits), row_argmax(scores))
 
 
+class KernelSampler:
+    """`sample_batch(..., filter=False)` as one Triton launch (runtime/sampling_kernel.py)
+    rather than ~116 torch ops; rows that top-k / top-p / min-p restrict still take the
+    torch path. JIT-compiled on the GPU at first use; under the interpreter on the CPU."""
+
+    def __init__(self, interpret: bool):
+        from pathlib import Path
+
+        from braze.kernel_modules import load_source
+        path = Path(__file__).with_name("sampling_kernel.py")
+        mod = load_source("sampling_kernel", path.read_text(), str(path), interpret)
+        self.kernel = mod.sample_rows_kernel
+        self.block = 1024 if interpret else 4096
+        self.launches = 0
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+                 seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+        """Tokens i64[S] for logits [S, V] (row i samples with slot rows[i]'s temperature
+        and seed, output counter counters[i])."""
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        s, v = logits.shape
+        out = torch.empty(s, dtype=torch.int64, device=logits.device)
+        if s:
+            self.kernel[(s,)](logits, rows, temperature, seeds, counters, out, v,
+                              logits.stride(0), BLOCK_V=min(self.block, _pow2(v)))
+            self.launches += 1
+        return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def row_argmax(x: torch.Tensor) -> torch.Tensor:
     """The index of each row's maximum (the first one on ties, as argmax). `max(dim)` gives
     the same indices and runs 2-3x faster than `argmax` on CPUs (measured with torch 2.13 on
@@ -552,6 +586,8 @@ class SamplingTensors:
         # slots whose last request used any of those (a step with none of them among its
         # rows skips the per-row checks; a freed slot stays here until it is reused)
         self._optioned: set[int] = set()
+        # the fused kernel for steps no row restricts (EngineOptions.sampler "triton")
+        self.kernel: KernelSampler | None = None
 
     def set_rows(self, rows: Sequence[int], params: Sequence[SamplingParams],
                  seeds: Sequence[int], entries: Sequence[list] | None = None,
@@ -725,6 +761,10 @@ class SamplingTensors:
             if proc is None:
                 return row_argmax(logits)
             return row_argmax(process_logits(logits, counters, proc))
+        if self.kernel is not None and not filter:
+            if proc is not None:
+                logits = process_logits(logits, counters, proc)
+            return self.kernel(logits, rows, self.temperature, self.seeds, counters)
         return sample_batch(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
                             self.seeds[rows], counters, filter=filter, proc=proc,
                             min_p=self.min_p[rows])

@@ -131,14 +131,14 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
              "--debug", "--trusted-keys", "keys", "--trust-artifact",
              "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv", "--max-cpu-loras", "6",
              "--speculative", '{"method": "ngram", "num_speculative_tokens": 2}',
-             "--collective-timeout", "7.5"]
+             "--collective-timeout", "7.5", "--sampler", "triton"]
     want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9, max_num_seqs=3,
                          max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
                          enable_prefix_caching=False, async_scheduling=False, debug=True,
                          trusted_keys="keys", trust_artifact=True, kv_offload_cpu_gb=0.5,
                          kv_offload_dir="kv", max_cpu_loras=6,
                          speculative={"method": "ngram", "num_speculative_tokens": 2},
-                         collective_timeout_s=7.5)
+                         collective_timeout_s=7.5, sampler="triton")
     set_by_server = {"freeze_gc"}
     # the lower KV tier is a directory or an object store, not both: checked on its own
     exclusive = {"kv_offload_s3"}

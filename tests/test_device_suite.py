@@ -34,7 +34,7 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
            "decode-1b-triton.json", "kernels-gemm.json", "kernels-gemm.log"}),
     ("6", {"summary.md", "env.txt", "kv-tiers.json", "kv-tiers.log"}),
     ("7", {"summary.md", "env.txt", "decode.log", "decode-1b-greedy.json", "decode-1b-t1.json",
-           "decode-1b-t1-p09.json", "profile-1b-b1-t1.md", "profile-1b-b1-t1-p0.9.md"}),
+           "profile-1b-b1-t1.md", "decode-1b-t1-triton.json", "decode-1b-t1-p09.json"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -77,11 +77,13 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         assert {r["kernel"] for r in rows if r["ok"]} >= {"gemm_gate_up", "gemm_gate_up_glu"}
         assert all(r["kernel"].startswith("gemm_") for r in rows)
     if part == "7":          # greedy, then sampled: the same engine, the sampler's cost
-        for name, t, p in (("greedy", 0.0, 1.0), ("t1", 1.0, 1.0), ("t1-p09", 1.0, 0.9)):
-            doc = json.loads((tmp_path / f"decode-1b-{name}.json").read_text())
-            assert (doc["config"]["temperature"], doc["config"]["top_p"]) == (t, p), name
-        assert "temperature 1, top_p 0.9" in (tmp_path / "profile-1b-b1-t1-p0.9.md").read_text()
-        assert "[t=1 p=0.9] decode tiny Llama-3.2-1B batch 4:" in summary
+        for name, t, p, sampler in (("greedy", 0.0, 1.0, "torch"), ("t1", 1.0, 1.0, "torch"),
+                                    ("t1-triton", 1.0, 1.0, "triton"),
+                                    ("t1-p09", 1.0, 0.9, "torch")):
+            cfg = json.loads((tmp_path / f"decode-1b-{name}.json").read_text())["config"]
+            assert (cfg["temperature"], cfg["top_p"], cfg["sampler"]) == (t, p, sampler), name
+        assert "temperature 1" in (tmp_path / "profile-1b-b1-t1.md").read_text()
+        assert "[t=1 triton] decode tiny Llama-3.2-1B batch 4:" in summary
         assert "[greedy] check tiny" in summary and "[t=1] check" not in summary \
             and "[t=1 p=0.9] check" not in summary     # sampled tokens are not HF's argmax
     if part == "6":
