@@ -97,6 +97,20 @@ MUTATIONS = [
              "        elif decode_only and b.decode is not None:",
              "        elif b.decode is not None:",
              ["tests/test_graph_runner.py"], k="no_prefill_path"),
+    Mutation("sampling-kernel-later-tie-wins",
+             "the fused sampler takes a later vocab block's equal maximum: greedy rows give "
+             "another token than argmax (and than the torch sampler)",
+             "runtime/sampling_kernel.py",
+             "        take = m > best ",
+             "        take = m >= best ",
+             ["tests/test_sampling_kernel.py"]),
+    Mutation("sampling-kernel-counter-high-word-dropped",
+             "the fused sampler drops the output counter's high 32 bits from the row key: its "
+             "noise is not the torch sampler's, so seeded requests draw other tokens",
+             "runtime/sampling_kernel.py",
+             "    k = _mix32(k ^ ((counter >> 32) & m32).to(tl.uint32))",
+             "    k = _mix32(k)",
+             ["tests/test_sampling_kernel.py"]),
     Mutation("full-decode-graph-for-mixed-steps",
              "mode full replays a bucket's decode-only graph for a mixed step: its prompts "
              "get no attention",
