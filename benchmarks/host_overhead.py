@@ -106,7 +106,8 @@ def make_engine(artifact: Path, args):
     per_req = math.ceil(args.max_model_len / BLOCK_SIZE)
     eng = Engine(artifact, backend="reference", freeze_gc=True,
                  num_kv_blocks=args.requests * per_req + 16,
-                 max_num_seqs=args.requests, max_num_tokens=args.max_num_tokens)
+                 max_num_seqs=args.requests, max_num_tokens=args.max_num_tokens,
+                 sampler=args.sampler)
     return eng
 
 
@@ -304,18 +305,44 @@ def count_torch_calls(eng, clock: Clock, R: int, steps: int = 3) -> dict[str, di
 
     counts: dict[str, dict[str, int]] = {}
     cur = clock.current
+    in_kernel = [False]
+
+    def note(name: str) -> None:
+        d = counts.setdefault(cur[-1], {})
+        d[name] = d.get(name, 0) + 1
 
     class Count(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))
-            if not name.endswith("__get__"):
-                d = counts.setdefault(cur[-1], {})
-                d[name] = d.get(name, 0) + 1
+            if not in_kernel[0] and not name.endswith("__get__"):
+                note(name)
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        for _ in range(steps):
-            check_step(eng, eng.step(), R)
+    # A Triton kernel launched by the engine (--sampler triton) is one launch on a GPU; under
+    # the interpreter its body runs torch ops of its own, which a GPU never pays on the host.
+    ks = eng.runner.batch.sampling.kernel
+    if ks is not None:
+        class OneLaunch:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*a, **kw):
+                    note("triton launch")
+                    in_kernel[0] = True
+                    try:
+                        return self.kernel[grid](*a, **kw)
+                    finally:
+                        in_kernel[0] = False
+                return launch
+        ks.kernel = OneLaunch(ks.kernel)
+    try:
+        with Count():
+            for _ in range(steps):
+                check_step(eng, eng.step(), R)
+    finally:
+        if ks is not None:
+            ks.kernel = ks.kernel.kernel
     return {k: {n: c / steps for n, c in v.items()} for k, v in counts.items()}
 
 
@@ -513,6 +540,10 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
     ap.add_argument("--top-p", type=float, default=1.0, help="default 1.0 (no filter)")
     ap.add_argument("--top-k", type=int, default=0, help="default 0 (no filter)")
+    ap.add_argument("--sampler", choices=("torch", "triton"), default="torch",
+                    help="EngineOptions.sampler: torch ops (default) or the fused Triton "
+                         "kernel for steps no row restricts (here under the interpreter: "
+                         "its CPU time means nothing, its torch-call count does)")
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="a stop string for every request (repeatable; default none)")
     ap.add_argument("--output-kind", choices=("delta", "final"), default="delta",
@@ -556,7 +587,8 @@ def main(argv=None) -> int:
     print(f"braze host-overhead benchmark: {args.requests} requests decoding, "
           f"{args.steps} steps per pass, vocab {args.vocab}, prompt {args.prompt_len}, "
           f"max_num_tokens {args.max_num_tokens}, -O{args.opt_level}, temperature "
-          f"{args.temperature:g}, top_p {args.top_p:g}, top_k {args.top_k}; {os.cpu_count()} "
+          f"{args.temperature:g}, top_p {args.top_p:g}, top_k {args.top_k}, sampler "
+          f"{args.sampler}; {os.cpu_count()} "
           f"CPUs, Python {platform.python_version()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} thread), load average {_fmt_load(load)}", flush=True)
 
