@@ -119,7 +119,8 @@ def cmd_generate(a) -> int:
 
 def cmd_inspect(a) -> int:
     from braze.inspect import format_summary, summarize
-    summary = summarize(a.artifact, check_hashes=not a.no_verify, trusted_keys=a.trusted_keys)
+    summary = summarize(a.artifact, check_hashes=not a.no_verify, trusted_keys=a.trusted_keys,
+                        kernels=a.kernels)
     print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
     return 0
 
@@ -421,9 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(g, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     g.set_defaults(fn=cmd_generate)
 
-    i = sub.add_parser("inspect", help="summarise an artifact")
+    i = sub.add_parser("inspect", help="summarise an artifact",
+                       description="Summarise an artifact: the model, the compile options, "
+                       "the graph after the passes, the launch plan, the stored cubins and "
+                       "whether this host would launch them, and who signed it. Nothing in "
+                       "the artifact runs.")
     i.add_argument("artifact", metavar="ARTIFACT")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--kernels", action="store_true",
+                   help="also read every stored cubin (with the cuobjdump Triton ships; no "
+                        "GPU needed): registers per thread, spilled bytes, shared memory, "
+                        "resident warps per SM and what limits them, and the widths of its "
+                        "global loads and stores")
     i.add_argument("--no-verify", action="store_true", help="skip checking file hashes")
     _trust_flags(i, run=False)
     i.set_defaults(fn=cmd_inspect)

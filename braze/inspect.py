@@ -5,10 +5,37 @@ from __future__ import annotations
 from braze.runtime.loader import open_artifact
 
 
-def summarize(path, check_hashes: bool = True, trusted_keys=None) -> dict:
+def summarize(path, check_hashes: bool = True, trusted_keys=None, kernels: bool = False) -> dict:
+    """The artifact at `path` as a dict (`braze inspect --json`); `kernels`: also every
+    stored cubin's resources (braze/cubin_report.py)."""
     # inspecting runs nothing from the artifact, so an untrusted one is shown, not refused
     art = open_artifact(path, check_hashes=check_hashes, trusted_keys=trusted_keys,
                         require_trust=False)
+    out = _summary(art, check_hashes)
+    if kernels:
+        out["cubin_resources"] = _cubin_resources(art)
+    return out
+
+
+def _cubin_resources(art) -> list[dict]:
+    from braze.cubin_report import cuobjdump, kernel_rows
+    from braze.ir.errors import BrazeError
+    m = art.manifest
+    if not m.get("targets"):
+        return []
+    tool = cuobjdump()
+    if tool is None:
+        raise BrazeError("inspect --kernels needs the cuobjdump that Triton's NVIDIA backend "
+                         "ships: install triton (pip install triton), or leave out --kernels")
+    rows = kernel_rows(art.root, m, tool)
+    mtp = m.get("mtp") or {}
+    if mtp.get("kernels"):
+        rows += [dict(r, variant="mtp:" + r["variant"])
+                 for r in kernel_rows(art.root, mtp, tool)]
+    return rows
+
+
+def _summary(art, check_hashes: bool) -> dict:
     m = art.manifest
     g = art.graph
     compile_info = m.get("compile", {})
@@ -224,6 +251,14 @@ def format_summary(s: dict) -> str:
     lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
                  + ("" if s["trust"]["how"] != "none" else
                     " (generate and serve refuse it; see --trusted-keys and --trust-artifact)"))
+    if "cubin_resources" in s:
+        from braze.cubin_report import format_rows
+        lines.append("")
+        lines.append("kernels    what each stored cubin asks of an SM (cuobjdump; warps/SM: "
+                     "resident warps and what limits them)" if s["cubin_resources"] else
+                     "kernels    no cubins stored (compiled with --targets \"\")")
+        if s["cubin_resources"]:
+            lines.append(format_rows(s["cubin_resources"]))
     return "\n".join(lines)
 
 
