@@ -61,6 +61,13 @@ Part 7:
                only: greedy, t=1 (batch 1 profiled), t=1 triton, t=1 top_p 0.9
                                decode-1b-greedy.json, decode-1b-t1.json, profile-1b-b1-t1.md,
                                decode-1b-t1-triton.json, decode-1b-t1-p09.json
+Part 8:
+  gemm-tune-t1 the skinny GEMM's settings (TARGET_PROGRAMS/TILE_KiB/NUM_WARPS, kernel_bench
+               --gemm-configs sweep) per projection of the 1B and 8B shapes at T = 1 (the
+               GEMV branch of batch-1 decode), against cuBLAS      gemm-tune-t1.json,
+                                                                   gemm-tune-t1.log
+  gemm-tune-t16 the same at T = 16 (the mma branch)                gemm-tune-t16.json,
+                                                                   gemm-tune-t16.log
 
 Every part also writes summary.md (the stage table and the headline figures, rewritten
 after each stage) and logs each stage's output (decode.log, kernels.log). At most 8
@@ -72,6 +79,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -308,10 +316,11 @@ class Suite:
         self.stage("kv-tiers", limit_s, [cmd], "kv-tiers.log", after=after)
 
     def kernels_stage(self, name: str, limit_s: float, models: list[str], json_name: str,
-                      sizes: list[int] | None = None, kernels: list[str] | None = None) -> None:
+                      sizes: list[int] | None = None, kernels: list[str] | None = None,
+                      extra: list[str] | None = None) -> None:
         json_path = self.out / json_name
         cmd = [self.python, str(BENCH / "kernel_bench.py"), "--json", str(json_path),
-               "--models", *models]
+               "--models", *models] + (extra or [])
         if self.dry_run:
             cmd += ["--dry-run", "--kernels", *(kernels or ["norm", "router", "skinny_gemm"])]
         else:
@@ -323,7 +332,29 @@ class Suite:
             ok = sum(1 for r in doc["results"] if r.get("ok"))
             self.facts.append(f"{name}: {ok}/{len(doc['results'])} cases match the reference"
                               + ("" if doc.get("complete") else " (cut short)"))
+            self.facts += gemm_setting_facts(name, doc["results"])
         self.stage(name, limit_s, [cmd], f"{name}.log", after=after)
+
+
+def gemm_setting_facts(name: str, rows: list[dict]) -> list[str]:
+    """kernel_bench --gemm-configs rows -> each setting's geometric-mean time over the cases
+    that every setting finished, relative to each case's fastest (1.00: fastest everywhere),
+    best first; the first setting tried is the module's current default."""
+    cases: dict[tuple, dict[str, float]] = {}
+    order: list[str] = []
+    for r in rows:
+        if r.get("config") and r.get("us") and r.get("ok"):
+            cases.setdefault((r["model"], r["kernel"], r["tokens"]), {})[r["config"]] = r["us"]
+            order += [r["config"]] if r["config"] not in order else []
+    full = [by for by in cases.values() if len(by) == len(order)]
+    if not full:
+        return []
+    score = {c: math.exp(sum(math.log(by[c] / min(by.values())) for by in full) / len(full))
+             for c in order}
+    ranked = sorted(order, key=score.get)
+    return [f"{name}: skinny GEMM settings over {len(full)} cases, time / case's best "
+            "(geomean): " + ", ".join(f"{c} {score[c]:.3f}" + (" (default)" if c == order[0]
+                                                                else "") for c in ranked)]
 
 
 def work_dir(need_bytes: int) -> str:
@@ -388,7 +419,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("outdir", help="where the files go (created; at most 8 files)")
-    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5, 6, 7), default=1)
+    ap.add_argument("--part", type=int, choices=(1, 2, 3, 4, 5, 6, 7, 8), default=1)
     ap.add_argument("--deadline", type=float, default=530.0, metavar="SECONDS",
                     help="stop starting work after this many seconds (default 530: a "
                          "9-minute device call with room to bring the files back)")
@@ -436,6 +467,16 @@ def main(argv=None) -> int:
                 ("t1-p09", ["--temperature", "1", "--top-p", "0.9"], "[t=1 p=0.9] ")):
             s.decode_stage(f"decode-1b-{name}", 120, "1b", batches, "", f"decode-1b-{name}.json",
                            ["--no-cold-start", "--profile-dir", str(out)] + extra, label=label)
+    elif args.part == 8:
+        # the skinny GEMM's module constants (TARGET_PROGRAMS/TILE_KiB/NUM_WARPS) swept per
+        # projection of the 1B and 8B shapes: T = 1 (the GEMV branch, batch-1 decode) for
+        # both shapes first, then T = 16 (the mma branch)
+        gemms = ["gemm_qkv", "gemm_o", "gemm_gate_up_glu", "gemm_down", "gemm_lm_head"]
+        sweep = ["--gemm-configs", "sweep", "--iters", "50", "--budget", "0.5"]
+        for t, limit in ((1, 260), (16, 220)):
+            s.kernels_stage(f"gemm-tune-t{t}", limit, ["llama3.2-1b", "llama3-8b"],
+                            f"gemm-tune-t{t}.json", sizes=[t], kernels=gemms,
+                            extra=sweep + (["--sizes", str(t)] if s.dry_run else []))
     elif args.part == 4:
         s.decode_stage("decode-gemma4", 440, "gemma4-e2b", "1,16" if not args.dry_run else "1,4",
                        "eager", "decode-gemma4.json", ["--no-cold-start"])

@@ -84,6 +84,8 @@ reference; the timing columns print "n/a". Use it to check the script before a G
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
 import platform
@@ -148,6 +150,11 @@ KERNELS = ("embedding", "rms_norm", "add_rms_norm", "rope_cache_write", "attenti
            "latent_attention", "fused_moe", "grouped_topk", "fused_moe_routed", "swiglu",
            "index_select", "cat") + GEMMS
 GEMM_MAX_TOKENS = 16           # codegen/kernels/skinny_gemm.py MAX_TOKENS: its buckets
+# --gemm-configs sweep: the skinny GEMM's module constants, as TARGET_PROGRAMS/TILE_KiB/
+# NUM_WARPS; the default (264/16/4) first, then more CTAs per SM (the GEMV branch hides
+# HBM latency only with enough W in flight), bigger and smaller tiles, 8 warps
+GEMM_SWEEP = ("264/16/4", "528/16/4", "1056/16/4", "264/32/4", "528/32/4", "264/8/4",
+              "528/8/4", "264/16/8", "528/32/8")
 # the template modules of codegen/kernels/ and the kernels benchmarked for each (--kernels
 # takes either name)
 TEMPLATES = {"embedding": ("embedding",), "norm": ("rms_norm", "add_rms_norm"),
@@ -827,12 +834,13 @@ def print_gemm_table(rows: list[dict]) -> None:
         return
     print("\n### skinny_gemm (--small-m-gemm triton) vs cuBLAS (extern linear)")
     head = ["proj", "T", "N x K", "triton ms", "GB/s", "cuBLAS ms", "GB/s", "cuBLAS/triton",
-            "check"]
+            "check", "config"]
     ms = lambda us: None if us is None else us / 1000.0
     table = [[r["kernel"][len("gemm_"):], str(r["tokens"]), r["note"].replace("N ", "").replace(" K ", " x "),
               _fmt(ms(r.get("us")), ".4f"), _fmt(r.get("gbps"), ".0f"),
               _fmt(ms(r.get("torch_us")), ".4f"), _fmt(r.get("torch_gbps"), ".0f"),
-              _fmt(r.get("speedup"), ".2f"), "ok" if r["ok"] else "MISMATCH"] for r in rows]
+              _fmt(r.get("speedup"), ".2f"), "ok" if r["ok"] else "MISMATCH",
+              r.get("config", "")] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     line = lambda cells: "  ".join(str(c).rjust(w) if 1 <= i <= 7 else str(c).ljust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -840,6 +848,30 @@ def print_gemm_table(rows: list[dict]) -> None:
     print(line(["-" * w for w in widths]))
     for row in table:
         print(line(row))
+
+
+def print_gemm_sweep(results: list[dict]) -> None:
+    """--gemm-configs: per case (model, projection, T) the fastest setting and the default's
+    time against it; then each setting's geometric-mean time relative to each case's best
+    (1.00: fastest everywhere), which is what a single module-wide choice should minimise."""
+    timed = [r for r in results if r.get("config") and r.get("us") and r.get("ok")]
+    if not timed:
+        return
+    cases: dict[tuple, dict[str, float]] = {}
+    for r in timed:
+        cases.setdefault((r["model"], r["kernel"][len("gemm_"):], r["tokens"]), {})[r["config"]] = r["us"]
+    configs = list(dict.fromkeys(r["config"] for r in timed))
+    print("\n### skinny GEMM settings (--gemm-configs): fastest per case")
+    for (model, proj, t), by in cases.items():
+        best = min(by, key=by.get)
+        first = configs[0]
+        vs = f"; {first} takes {by[first] / by[best]:.2f}x as long" if first in by else ""
+        print(f"  {model:14s} {proj:12s} T={t:<3d} best {best:10s} {by[best]:8.1f} us{vs}")
+    print("  setting      geomean of time / case's best   (cases timed)")
+    for c in configs:
+        ratios = [by[c] / min(by.values()) for by in cases.values() if c in by]
+        g = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        print(f"  {c:12s} {g:6.3f}   ({len(ratios)})")
 
 
 def machine_info(args) -> dict:
@@ -903,6 +935,12 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip timing the torch reference")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="HBM peak in GB/s (default: from the GPU's name; H100 SXM 3350, H200 4800)")
+    p.add_argument("--gemm-configs", nargs="+", default=None, metavar="P/TILE/W",
+                   help="run each skinny GEMM case under each of these settings of "
+                        "codegen/kernels/skinny_gemm.py: TARGET_PROGRAMS/TILE_BYTES in KiB/"
+                        "NUM_WARPS, e.g. 264/16/4 (the default) 528/32/8; 'sweep': "
+                        + " ".join(GEMM_SWEEP) + ". cuBLAS is timed once per case. Prints "
+                        "which setting is fastest per projection and overall")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--strict", action="store_true",
@@ -913,6 +951,115 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_gemm_config(text: str) -> dict:
+    """'264/16/4' -> the skinny GEMM's TARGET_PROGRAMS, TILE_BYTES, NUM_WARPS."""
+    try:
+        programs, tile_kib, warps = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --gemm-configs {text!r}: give TARGET_PROGRAMS/TILE_KiB/"
+                         "NUM_WARPS, e.g. 264/16/4") from None
+    if programs < 1 or tile_kib < 1 or warps not in (1, 2, 4, 8, 16):
+        raise SystemExit(f"error: --gemm-configs {text!r}: programs and tile must be >= 1, "
+                         "warps a power of two up to 16")
+    return {"TARGET_PROGRAMS": programs, "TILE_BYTES": tile_kib * 1024, "NUM_WARPS": warps}
+
+
+@contextlib.contextmanager
+def gemm_config(text: str | None):
+    """The skinny GEMM's module constants set to `text` (None: left alone) while lowering."""
+    if text is None:
+        yield
+        return
+    from braze.codegen.kernels import skinny_gemm
+    new = parse_gemm_config(text)
+    if skinny_gemm.TILE_BYTES < 1024:        # the dry run's tiny tiles stay tiny
+        new["TILE_BYTES"] = skinny_gemm.TILE_BYTES * new["TILE_BYTES"] // (16 * 1024)
+    old = {k: getattr(skinny_gemm, k) for k in new}
+    try:
+        for k, v in new.items():
+            setattr(skinny_gemm, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(skinny_gemm, k, v)
+
+
+def run_case(args, b, model, kernel, tokens, cfg, device, timer, peak, aot_cubins,
+             base: dict | None, plans: dict | None = None) -> dict:
+    """One case (under skinny GEMM setting `cfg`, or None): checked against the reference,
+    timed on a GPU; the torch reference is timed unless `base` (this case's row under an
+    earlier setting) already has it. `plans` (launch plan -> row) lets a setting that lowers
+    to the same launches as an earlier one reuse its row instead of running it again."""
+    t0 = time.perf_counter()
+    r = {"model": model, "kernel": kernel, "tokens": tokens, "size": f"T={tokens}",
+         "flops": 0, "note": ""}
+    if cfg is not None:
+        r["config"] = cfg
+    try:
+        with gemm_config(cfg):
+            case = getattr(b, kernel)(tokens)
+            r.update(size=case.size, regime=case.regime, op=case.graph.nodes[case.index].op,
+                     bytes=case.bytes, flops=case.flops, note=case.note, sizes=case.sizes)
+            prep = Prepared(case, interpret=device.type == "cpu", device=device, aot=aot_cubins)
+        r["launches"] = len(prep.launches)
+        r["modules"] = sorted({ln["module"] for ln in prep.launches})
+        r["grid"] = [ln.get("grid") for ln in prep.launches if "extern" not in ln]
+        key = json.dumps([[ln.get(k) for k in ("fn", "grid", "constexprs", "num_warps",
+                                               "num_stages")] for ln in prep.launches],
+                         sort_keys=True, default=str)
+        if cfg is not None and plans is not None and key in plans:
+            same = plans[key]
+            r.update({k: v for k, v in same.items() if k not in ("config", "wall_s")},
+                     same_plan_as=same["config"])
+            del prep, case
+            print(f"  {model:14s} {kernel:17s} {r['size']:20s} [{cfg}] the same launches as "
+                  f"[{same['config']}]", flush=True)
+            r["wall_s"] = time.perf_counter() - t0
+            return r
+        r.update(prep.check(args.dtype))
+        if timer is not None:
+            us, mode, n = timer.time(prep.run_kernel, graph=not args.no_graphs)
+            r.update(us=us, timer=mode, iters=n)
+            r["gbps"] = case.bytes / (us * 1e-6) / 1e9
+            r["pct_hbm"] = 100.0 * r["gbps"] / peak if peak else None
+            r["tflops"] = case.flops / (us * 1e-6) / 1e12 if case.flops else None
+            if base is not None and "torch_us" in base:
+                tus, tmode, tn = base["torch_us"], base["torch_timer"], base["torch_iters"]
+            elif not args.no_torch:
+                # cuBLAS as the runtime runs it: inside the captured graph
+                tus, tmode, tn = timer.time(prep.run_reference,
+                                            graph=kernel in GEMMS and not args.no_graphs)
+            else:
+                tus = None
+            if tus is not None:
+                r.update(torch_us=tus, torch_iters=tn, speedup=tus / us, torch_timer=tmode,
+                         torch_gbps=case.bytes / (tus * 1e-6) / 1e9)
+        del prep, case
+    except Exception as e:      # noqa: BLE001 - report and go on with the others
+        r["error"] = f"{type(e).__name__}: {e}"
+        r["ok"] = False
+        print(f"  {model} {kernel} T={tokens}{' ' + cfg if cfg else ''}: {r['error']}",
+              file=sys.stderr)
+        if os.environ.get("BRAZE_BENCH_RAISE"):
+            raise
+    if "error" not in r:
+        r["target"], r["target_met"] = _targets(r)
+        if cfg is not None and plans is not None:
+            plans[key] = r
+    r["wall_s"] = time.perf_counter() - t0
+    if "error" not in r:       # progress, one line per case
+        timing = ""
+        if r.get("us") is not None:
+            timing = (f"{r['us']:9.1f} us {r['gbps']:7.0f} GB/s"
+                      + (f"  torch {r['torch_us']:9.1f} us" if "torch_us" in r else "")
+                      + f"  [{r['timer']}]  ")
+        print(f"  {model:14s} {kernel:17s} {r['size']:20s}{' [' + cfg + ']' if cfg else ''} "
+              f"launches {r['launches']:2d}  {timing}max abs err {r['max_abs_err']:.2e}  "
+              f"rel {r['max_rel_err']:.2e}  {'ok' if r['ok'] else 'MISMATCH'}  "
+              f"({r['wall_s']:.1f} s)", flush=True)
+    return r
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     kernels = []
@@ -921,6 +1068,15 @@ def main(argv=None) -> int:
             if k not in kernels:
                 kernels.append(k)
     args.kernels = kernels
+    if args.gemm_configs:
+        if args.gemm_configs == ["sweep"]:
+            args.gemm_configs = list(GEMM_SWEEP)
+        for c in args.gemm_configs:
+            parse_gemm_config(c)
+        if not any(k in GEMMS for k in args.kernels):
+            print("error: --gemm-configs applies to the skinny GEMM: add --kernels skinny_gemm",
+                  file=sys.stderr)
+            return 2
     if args.sizes and min(args.sizes) < 1:
         print("error: --sizes must be token counts >= 1", file=sys.stderr)
         return 2
@@ -980,58 +1136,22 @@ def main(argv=None) -> int:
             for tokens in sizes:
                 if kernel in GEMMS and tokens > GEMM_MAX_TOKENS:
                     continue            # the option never runs the kernel at such buckets
-                t0 = time.perf_counter()
-                r = {"model": model, "kernel": kernel, "tokens": tokens, "size": f"T={tokens}",
-                     "flops": 0, "note": ""}
-                try:
-                    case = getattr(b, kernel)(tokens)
-                    r.update(size=case.size, regime=case.regime, op=case.graph.nodes[case.index].op,
-                             bytes=case.bytes, flops=case.flops, note=case.note,
-                             sizes=case.sizes)
-                    prep = Prepared(case, interpret=device.type == "cpu", device=device,
-                                    aot=aot_cubins)
-                    r["launches"] = len(prep.launches)
-                    r["modules"] = sorted({ln["module"] for ln in prep.launches})
-                    r.update(prep.check(args.dtype))
-                    if timer is not None:
-                        us, mode, n = timer.time(prep.run_kernel, graph=not args.no_graphs)
-                        r.update(us=us, timer=mode, iters=n)
-                        r["gbps"] = case.bytes / (us * 1e-6) / 1e9
-                        r["pct_hbm"] = 100.0 * r["gbps"] / peak if peak else None
-                        r["tflops"] = case.flops / (us * 1e-6) / 1e12 if case.flops else None
-                        if not args.no_torch:
-                            # cuBLAS as the runtime runs it: inside the captured graph
-                            tus, tmode, tn = timer.time(prep.run_reference,
-                                                        graph=kernel in GEMMS and not args.no_graphs)
-                            r.update(torch_us=tus, torch_iters=tn, speedup=tus / us,
-                                     torch_timer=tmode,
-                                     torch_gbps=case.bytes / (tus * 1e-6) / 1e9)
-                    del prep, case
-                except Exception as e:      # noqa: BLE001 - report and go on with the others
-                    r["error"] = f"{type(e).__name__}: {e}"
-                    r["ok"] = False
-                    print(f"  {model} {kernel} T={tokens}: {r['error']}", file=sys.stderr)
-                    if os.environ.get("BRAZE_BENCH_RAISE"):
-                        raise
-                if "error" not in r:
-                    r["target"], r["target_met"] = _targets(r)
-                failures += not r["ok"]
-                r["wall_s"] = time.perf_counter() - t0
-                rows.append(r)
-                out.add(r)
-                if "error" not in r:       # progress, one line per case
-                    timing = ""
-                    if r.get("us") is not None:
-                        timing = (f"{r['us']:9.1f} us {r['gbps']:7.0f} GB/s"
-                                  + (f"  torch {r['torch_us']:9.1f} us" if "torch_us" in r else "")
-                                  + f"  [{r['timer']}]  ")
-                    print(f"  {model:14s} {kernel:17s} {r['size']:20s} launches {r['launches']:2d}  "
-                          f"{timing}max abs err {r['max_abs_err']:.2e}  rel {r['max_rel_err']:.2e}  "
-                          f"{'ok' if r['ok'] else 'MISMATCH'}  ({r['wall_s']:.1f} s)", flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                base = None             # the case's first row: cuBLAS is timed there only
+                plans: dict[str, dict] = {}  # a setting that lowers to a plan already run
+                for cfg in (args.gemm_configs if kernel in GEMMS and args.gemm_configs
+                            else [None]):
+                    r = run_case(args, b, model, kernel, tokens, cfg, device, timer, peak,
+                                 aot_cubins, base, plans)
+                    base = base or r
+                    failures += not r["ok"]
+                    rows.append(r)
+                    out.add(r)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         print_table(model, rows, shapes[model], peak)
         print_gemm_table(rows)
+    if args.gemm_configs:
+        print_gemm_sweep(results)
 
     missed = [r for r in results if r.get("target_met") is False]
     print()

@@ -35,6 +35,8 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
     ("6", {"summary.md", "env.txt", "kv-tiers.json", "kv-tiers.log"}),
     ("7", {"summary.md", "env.txt", "decode.log", "decode-1b-greedy.json", "decode-1b-t1.json",
            "profile-1b-b1-t1.md", "decode-1b-t1-triton.json", "decode-1b-t1-p09.json"}),
+    ("8", {"summary.md", "env.txt", "gemm-tune-t1.json", "gemm-tune-t1.log",
+           "gemm-tune-t16.json", "gemm-tune-t16.log"}),
 ])
 def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files):
     r = run_suite(tmp_path, "--part", part)
@@ -86,6 +88,15 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         assert "[t=1 triton] decode tiny Llama-3.2-1B batch 4:" in summary
         assert "[greedy] check tiny" in summary and "[t=1] check" not in summary \
             and "[t=1 p=0.9] check" not in summary     # sampled tokens are not HF's argmax
+    if part == "8":          # every projection of both shapes under every setting, checked
+        from kernel_bench import GEMM_SWEEP
+        for t in (1, 16):
+            rows = json.loads((tmp_path / f"gemm-tune-t{t}.json").read_text())["results"]
+            got = {(r["model"], r["kernel"], r["config"]) for r in rows if r["ok"]}
+            assert all(r["tokens"] == t for r in rows)
+            assert got == {(m, f"gemm_{p}", c) for m in ("llama3.2-1b", "llama3-8b")
+                           for p in ("qkv", "o", "gate_up_glu", "down", "lm_head")
+                           for c in GEMM_SWEEP}
     if part == "6":
         for case in ("computed", "host", "disk", "host beside a decoder"):
             assert f"kv-tiers TTFT {case}:" in summary
@@ -94,6 +105,23 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
         name = "tiny Gemma-4-E2B-like"
         assert f"check {name}:" in summary and f"decode {name} batch 4:" in summary
         assert "MISMATCH" not in summary
+
+
+def test_gemm_settings_rank_by_their_geomean_over_the_cases_every_setting_finished():
+    from device_suite import gemm_setting_facts
+
+    def row(model, t, cfg, us):
+        return {"model": model, "kernel": "gemm_o", "tokens": t, "config": cfg, "us": us,
+                "ok": True}
+    rows = [row("a", 1, "264/16/4", 10.0), row("a", 1, "528/16/4", 5.0),
+            row("b", 1, "264/16/4", 8.0), row("b", 1, "528/16/4", 8.0),
+            row("c", 1, "264/16/4", 1.0)]          # cut short: one setting only, left out
+    rows.append(dict(row("c", 1, "528/16/4", 0.5), ok=False))   # a mismatch never wins
+    [fact] = gemm_setting_facts("tune", rows)
+    # 528: best in both full cases (1.000); 264: 2x then 1x -> sqrt(2)
+    assert fact == ("tune: skinny GEMM settings over 2 cases, time / case's best (geomean): "
+                    "528/16/4 1.000, 264/16/4 1.414 (default)")
+    assert gemm_setting_facts("tune", [dict(r, us=None) for r in rows]) == []
 
 
 def test_a_deadline_skips_stages_and_still_writes_the_summary(tmp_path):

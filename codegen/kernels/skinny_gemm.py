@@ -43,7 +43,9 @@ Llama-3-8B, bf16: qkv (N 6144) BLOCK_N 16 -> 384 programs; o (4096 x 4096) 256;
 gate_up (28672) BLOCK_N 64 -> 448; down (4096 x 14336) 256; lm_head 2004; no split.
 Llama-3.2-1B: down (2048 x 8192) splits K in 3 (128 -> 384 programs); qkv (3072: 192
 programs) does not, nor o (2048 x 2048: K too short for 4 steps per split), gate_up, lm_head.
-These are first guesses for a GPU session to tune (TARGET_PROGRAMS, TILE_BYTES).
+These are first guesses for a GPU session to tune (TARGET_PROGRAMS, TILE_BYTES,
+NUM_WARPS): `benchmarks/kernel_bench.py --kernels skinny_gemm --gemm-configs sweep`
+times each projection under a grid of them (device suite part 8).
 
 Addressing: W is a parameter, a contiguous row-major [N, K] tensor (torch's linear
 weight), so its row stride is the constexpr K and K-contiguous tiles load as 16-byte
@@ -69,6 +71,8 @@ TARGET_PROGRAMS = 264        # two CTAs per SM of a 132-SM H100 / H200
 TILE_BYTES = 16 * 1024       # one W tile per pipeline stage
 MIN_K_STEPS = 4              # a K split keeps at least this many BLOCK_K steps
 MAX_SPLIT_K = 8
+NUM_WARPS = 4
+NUM_STAGES = 3               # mma branch: W tiles in flight per CTA (the GEMV branch has none)
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 
@@ -241,7 +245,7 @@ def plan(n: int, k: int, dtype: str, target: int | None = None,
     return {"BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
             "K_PER_SPLIT": k_per_split,
             "DOT_PRECISION": "ieee" if dtype == "f32" else "tf32",
-            "num_warps": 4, "num_stages": 3}
+            "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 def eligible(node) -> str | None:
