@@ -151,10 +151,12 @@ KERNELS = ("embedding", "rms_norm", "add_rms_norm", "rope_cache_write", "attenti
            "index_select", "cat") + GEMMS
 GEMM_MAX_TOKENS = 16           # codegen/kernels/skinny_gemm.py MAX_TOKENS: its buckets
 # --gemm-configs sweep: the skinny GEMM's module constants, as TARGET_PROGRAMS/TILE_KiB/
-# NUM_WARPS; the default (264/16/4) first, then more CTAs per SM (the GEMV branch hides
-# HBM latency only with enough W in flight), bigger and smaller tiles, 8 warps
-GEMM_SWEEP = ("264/16/4", "528/16/4", "1056/16/4", "264/32/4", "528/32/4", "264/8/4",
-              "528/8/4", "264/16/8", "528/32/8")
+# NUM_WARPS[/GEMV_STAGES]; the default (264/16/4/1) first, then what puts more W in flight
+# per SM, which the GEMV branch needs to hide HBM latency: more CTAs, a cp.async pipeline
+# in the GEMV loop (stages 2-4, bucket 1 only), bigger tiles; then smaller tiles, 8 warps
+GEMM_SWEEP = ("264/16/4/1", "264/16/4/2", "264/16/4/3", "528/16/4/1", "528/16/4/3",
+              "1056/16/4/1", "264/32/4/1", "264/32/4/3", "528/32/4/1", "264/8/4/1",
+              "264/8/4/4", "264/16/8/1", "528/32/8/3")
 # the template modules of codegen/kernels/ and the kernels benchmarked for each (--kernels
 # takes either name)
 TEMPLATES = {"embedding": ("embedding",), "norm": ("rms_norm", "add_rms_norm"),
@@ -935,10 +937,11 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip timing the torch reference")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="HBM peak in GB/s (default: from the GPU's name; H100 SXM 3350, H200 4800)")
-    p.add_argument("--gemm-configs", nargs="+", default=None, metavar="P/TILE/W",
+    p.add_argument("--gemm-configs", nargs="+", default=None, metavar="P/TILE/W[/S]",
                    help="run each skinny GEMM case under each of these settings of "
                         "codegen/kernels/skinny_gemm.py: TARGET_PROGRAMS/TILE_BYTES in KiB/"
-                        "NUM_WARPS, e.g. 264/16/4 (the default) 528/32/8; 'sweep': "
+                        "NUM_WARPS[/GEMV_STAGES], e.g. 264/16/4 (the default) 528/32/8/3; "
+                        "'sweep': "
                         + " ".join(GEMM_SWEEP) + ". cuBLAS is timed once per case. Prints "
                         "which setting is fastest per projection and overall")
     p.add_argument("--seed", type=int, default=0)
@@ -952,16 +955,21 @@ def parse_args(argv=None):
 
 
 def parse_gemm_config(text: str) -> dict:
-    """'264/16/4' -> the skinny GEMM's TARGET_PROGRAMS, TILE_BYTES, NUM_WARPS."""
+    """'264/16/4[/3]' -> the skinny GEMM's TARGET_PROGRAMS, TILE_BYTES, NUM_WARPS and
+    GEMV_STAGES (default 1)."""
     try:
-        programs, tile_kib, warps = (int(x) for x in text.split("/"))
+        values = [int(x) for x in text.split("/")]
+        if len(values) not in (3, 4):
+            raise ValueError
     except ValueError:
         raise SystemExit(f"error: --gemm-configs {text!r}: give TARGET_PROGRAMS/TILE_KiB/"
-                         "NUM_WARPS, e.g. 264/16/4") from None
-    if programs < 1 or tile_kib < 1 or warps not in (1, 2, 4, 8, 16):
+                         "NUM_WARPS[/GEMV_STAGES], e.g. 264/16/4 or 528/16/4/3") from None
+    programs, tile_kib, warps, stages = values + [1] * (4 - len(values))
+    if programs < 1 or tile_kib < 1 or warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 8:
         raise SystemExit(f"error: --gemm-configs {text!r}: programs and tile must be >= 1, "
-                         "warps a power of two up to 16")
-    return {"TARGET_PROGRAMS": programs, "TILE_BYTES": tile_kib * 1024, "NUM_WARPS": warps}
+                         "warps a power of two up to 16, GEMV stages 1 to 8")
+    return {"TARGET_PROGRAMS": programs, "TILE_BYTES": tile_kib * 1024, "NUM_WARPS": warps,
+            "GEMV_STAGES": stages}
 
 
 @contextlib.contextmanager
@@ -1004,8 +1012,11 @@ def run_case(args, b, model, kernel, tokens, cfg, device, timer, peak, aot_cubin
         r["launches"] = len(prep.launches)
         r["modules"] = sorted({ln["module"] for ln in prep.launches})
         r["grid"] = [ln.get("grid") for ln in prep.launches if "extern" not in ln]
-        key = json.dumps([[ln.get(k) for k in ("fn", "grid", "constexprs", "num_warps",
-                                               "num_stages")] for ln in prep.launches],
+        # GEMV_STAGES shapes only the bucket-1 (M == 1) code: above it, the same launches
+        key = json.dumps([[ln.get("fn"), ln.get("grid"), ln.get("num_warps"),
+                           ln.get("num_stages"),
+                           {k: v for k, v in (ln.get("constexprs") or {}).items()
+                            if tokens == 1 or k != "GEMV_STAGES"}] for ln in prep.launches],
                          sort_keys=True, default=str)
         if cfg is not None and plans is not None and key in plans:
             same = plans[key]

@@ -191,6 +191,40 @@ def test_compiles_for_sm80_and_sm90(shape):
     assert all(c.metadata.shared <= 163 * 1024 for c in compiled)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_gemv_stages_pipeline_the_bucket_1_loop_through_cp_async(monkeypatch, stages):
+    """GEMV_STAGES > 1 makes the bucket-1 cubin stream W through shared memory with cp.async
+    (`stages` tiles in flight per CTA) where the plain loop loads into registers; the
+    buckets above keep their mma pipeline; and it still computes the same linear."""
+    from pathlib import Path
+    import tempfile
+
+    from braze.codegen.aot import compile_launch
+    from braze.cubin_report import cuobjdump, read_cubin
+    if cuobjdump() is None:
+        pytest.skip("triton ships no cuobjdump here")
+
+    def bucket1(stages: int):
+        monkeypatch.setattr(skinny_gemm, "GEMV_STAGES", stages)
+        (launch,) = _launches(_graph(*SHAPES["8b-qkv"], "bf16", False)).launches
+        base = "".join("D" if a["ty"].startswith("*") else "-" for a in launch["args"])
+        m_at = next(i for i, a in enumerate(launch["args"]) if "expr" in a)
+        k = compile_launch(KERNEL_DIR, launch, "sm_90", key=base[:m_at] + "1" + base[m_at + 1:])
+        path = Path(tempfile.mkdtemp()) / "k.cubin"
+        path.write_bytes(k.asm["cubin"])
+        return read_cubin(path), k.metadata.shared, launch
+
+    plain, plain_shared, _ = bucket1(1)
+    piped, piped_shared, launch = bucket1(stages)
+    assert launch["constexprs"]["GEMV_STAGES"] == stages
+    tile = skinny_gemm.TILE_BYTES
+    assert not plain.async_copies and plain.loads.get(128, 0) * 16 * 128 == tile
+    assert sum(piped.async_copies.values()) * 16 * 128 == stages * tile   # 16 B per copy
+    assert piped_shared >= (stages - 1) * tile > plain_shared
+    check(1, 40, 300, "f16", True)      # the interpreter runs the same loop either way
+    check(5, 40, 300, "f16", True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("shape", ["8b-qkv", "1b-down"])

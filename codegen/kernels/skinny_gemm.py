@@ -44,7 +44,7 @@ gate_up (28672) BLOCK_N 64 -> 448; down (4096 x 14336) 256; lm_head 2004; no spl
 Llama-3.2-1B: down (2048 x 8192) splits K in 3 (128 -> 384 programs); qkv (3072: 192
 programs) does not, nor o (2048 x 2048: K too short for 4 steps per split), gate_up, lm_head.
 These are first guesses for a GPU session to tune (TARGET_PROGRAMS, TILE_BYTES,
-NUM_WARPS): `benchmarks/kernel_bench.py --kernels skinny_gemm --gemm-configs sweep`
+NUM_WARPS, GEMV_STAGES): `benchmarks/kernel_bench.py --kernels skinny_gemm --gemm-configs sweep`
 times each projection under a grid of them (device suite part 8).
 
 Addressing: W is a parameter, a contiguous row-major [N, K] tensor (torch's linear
@@ -72,7 +72,12 @@ TILE_BYTES = 16 * 1024       # one W tile per pipeline stage
 MIN_K_STEPS = 4              # a K split keeps at least this many BLOCK_K steps
 MAX_SPLIT_K = 8
 NUM_WARPS = 4
-NUM_STAGES = 3               # mma branch: W tiles in flight per CTA (the GEMV branch has none)
+NUM_STAGES = 3               # mma branch: W tiles in flight per CTA (cp.async pipeline)
+# GEMV branch (bucket 1): W tiles in flight per CTA. 1: none, a plain loop (each CTA loads a
+# tile, multiplies, loads the next; 163 registers at 16 KiB tiles); 2+: Triton pipelines the
+# loop through shared memory with cp.async (`tl.range(num_stages=)`; 118 registers, 17 KiB
+# of shared memory per extra stage). Which is faster is device suite part 8's to measure.
+GEMV_STAGES = 1
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 
@@ -111,7 +116,8 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, str
                        N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        K_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, ACT: tl.constexpr = 0):
+                       DOT_PRECISION: tl.constexpr, ACT: tl.constexpr = 0,
+                       GEMV_STAGES: tl.constexpr = 1):
     # ACT > 0: a gated epilogue (linear_glu): W's rows [0, N/2) are the gate, [N/2, N) the
     # up projection; program n computes both halves' columns n*BLOCK_N.. and stores
     # act(gate) * up into out[M, N/2] (or both halves' partials into ws[SPLIT_K, M, N])
@@ -131,7 +137,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, arrived_ptr, M, str
         # the end; no padded rows, no shared-memory round trip of W into an mma layout
         part1 = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
         part2 = tl.full([BLOCK_N, BLOCK_K], 0.0, tl.float32)
-        for step in range(0, K_PER_SPLIT, BLOCK_K):
+        for step in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=GEMV_STAGES):
             kv = k_first + step + tl.arange(0, BLOCK_K)
             kv_ok = kv < K
             w_ok = n_ok[:, None] & kv_ok[None, :]
@@ -245,7 +251,7 @@ def plan(n: int, k: int, dtype: str, target: int | None = None,
     return {"BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
             "K_PER_SPLIT": k_per_split,
             "DOT_PRECISION": "ieee" if dtype == "f32" else "tf32",
-            "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+            "num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "GEMV_STAGES": GEMV_STAGES}
 
 
 def eligible(node) -> str | None:
@@ -300,7 +306,8 @@ def lower_linear(node, L) -> None:
              constexprs={"N": n, "K": k, "BLOCK_M": p["BLOCK_M"], "BLOCK_N": p["BLOCK_N"],
                          "BLOCK_K": p["BLOCK_K"], "SPLIT_K": split,
                          "K_PER_SPLIT": p["K_PER_SPLIT"], "HAS_BIAS": bias is not None,
-                         "DOT_PRECISION": p["DOT_PRECISION"], "ACT": act},
+                         "DOT_PRECISION": p["DOT_PRECISION"], "ACT": act,
+                         "GEMV_STAGES": p["GEMV_STAGES"]},
              num_warps=p["num_warps"], num_stages=p["num_stages"])
 
 
