@@ -111,6 +111,20 @@ MUTATIONS = [
              "    k = _mix32(k ^ ((counter >> 32) & m32).to(tl.uint32))",
              "    k = _mix32(k)",
              ["tests/test_sampling_kernel.py"]),
+    Mutation("cubin-report-registers-not-rounded",
+             "inspect --kernels counts registers per warp exactly instead of in CUDA's units "
+             "of 256: occupancy over-reported for kernels whose count is not a multiple of 8",
+             "braze/cubin_report.py",
+             "    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256",
+             "    regs_per_warp = max(regs, 1) * 32",
+             ["tests/test_cubin_report.py"]),
+    Mutation("gemv-stages-ignored",
+             "the skinny GEMM's bucket-1 loop ignores GEMV_STAGES: part 8's sweep would time "
+             "the same cubin under every stage setting",
+             "codegen/kernels/skinny_gemm.py",
+             "        for step in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=GEMV_STAGES):",
+             "        for step in range(0, K_PER_SPLIT, BLOCK_K):",
+             ["tests/test_kernel_skinny_gemm.py"], k="gemv_stages"),
     Mutation("full-decode-graph-for-mixed-steps",
              "mode full replays a bucket's decode-only graph for a mixed step: its prompts "
              "get no attention",

@@ -137,6 +137,16 @@ def test_mtp_kernels_compile_to_cubins(tmp_path):
                 assert entry["cubin"].startswith(f"mtp-cubin/{t}/")
                 assert m["files"][entry["cubin"]] == sha256_file(root / entry["cubin"])
                 assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
+    # inspect --kernels reads the MTP graph's cubins too, named as such
+    from braze.cubin_report import cuobjdump
+    from braze.inspect import summarize
+    if cuobjdump() is not None:
+        rows = summarize(root, kernels=True)["cubin_resources"]
+        mtp = {(r["variant"], r["target"], r["spec"]) for r in rows
+               if r["variant"].startswith("mtp:")}
+        assert mtp == {("mtp:" + vid, t, key) for vid, k in kernels.items()
+                       for t, by_key in k["cubins"].items() for key in by_key}
+        assert all(r["regs"] > 0 for r in rows)
 
 
 @pytest.mark.gpu
