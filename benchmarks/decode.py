@@ -327,6 +327,10 @@ def engine_options(args, max_batch: int) -> dict:
                 buckets=args.bucket_list, cudagraph_mode=args.cudagraph_mode)
     if args.sampler != "torch":
         opts["sampler"] = args.sampler
+    if args.fused_prepare != "auto":
+        opts["fused_prepare"] = args.fused_prepare == "on"
+    elif args.dry_run:
+        opts["fused_prepare"] = True        # what the engine does by default on "cuda"
     if args.dry_run and "async_scheduling" in inspect.signature(Engine).parameters:
         opts["async_scheduling"] = True     # what the engine does by default on "cuda"
     return opts
@@ -1042,6 +1046,10 @@ def parse_args(argv):
     ap.add_argument("--sampler", choices=("torch", "triton"), default="torch",
                     help="braze's sampler for steps no request restricts (EngineOptions."
                          "sampler): torch ops, or one fused Triton kernel")
+    ap.add_argument("--fused-prepare", choices=("auto", "on", "off"), default="auto",
+                    help="EngineOptions.fused_prepare: a step's inputs by one Triton kernel "
+                         "(on), or by ~20 torch ops (off); auto: the engine's default (on "
+                         "for cuda)")
     ap.add_argument("--top-p", type=float, default=1.0,
                     help="braze's requests' top_p (default 1.0: no filter; below 1 the "
                          "sampler sorts each row)")
@@ -1068,7 +1076,8 @@ def parse_args(argv):
     args.profile_tag = ("" if args.temperature <= 0 else
                         f"-t{args.temperature:g}" + ("" if args.top_p >= 1 else
                                                      f"-p{args.top_p:g}")) + \
-        ("" if args.sampler == "torch" else f"-{args.sampler}")
+        ("" if args.sampler == "torch" else f"-{args.sampler}") + \
+        ("" if args.fused_prepare == "auto" else f"-prepare-{args.fused_prepare}")
     args.steps = args.steps if args.steps is not None else (3 if dry else 128)
     args.warmup = args.warmup if args.warmup is not None else (2 if dry else 8)
     args.forward_warmup = 1 if dry else 3
@@ -1147,7 +1156,7 @@ def main(argv=None) -> int:
         f"{args.steps} steps after {args.warmup} warm-up, prompt {args.prompt_len}, "
         f"{args.dtype}, engines {','.join(args.engines)}; braze -O{args.opt_level} targets "
         f"{args.targets or 'none'} backend {args.backend} cudagraph {args.cudagraph_mode} "
-        f"small-M GEMMs {args.small_m_gemm}, "
+        f"small-M GEMMs {args.small_m_gemm}, fused prepare {args.fused_prepare}, "
         f"max_model_len {args.max_model_len}, max_num_tokens {args.max_num_tokens}, buckets "
         f"{args.bucket_list or 'engine default'}; torch.compile backend "
         f"{args.compile_backend}")

@@ -107,7 +107,7 @@ def make_engine(artifact: Path, args):
     eng = Engine(artifact, backend="reference", freeze_gc=True,
                  num_kv_blocks=args.requests * per_req + 16,
                  max_num_seqs=args.requests, max_num_tokens=args.max_num_tokens,
-                 sampler=args.sampler)
+                 sampler=args.sampler, fused_prepare=args.fused_prepare)
     return eng
 
 
@@ -318,31 +318,33 @@ def count_torch_calls(eng, clock: Clock, R: int, steps: int = 3) -> dict[str, di
                 note(name)
             return func(*args, **(kwargs or {}))
 
-    # A Triton kernel launched by the engine (--sampler triton) is one launch on a GPU; under
-    # the interpreter its body runs torch ops of its own, which a GPU never pays on the host.
-    ks = eng.runner.batch.sampling.kernel
-    if ks is not None:
-        class OneLaunch:
-            def __init__(self, kernel):
-                self.kernel = kernel
+    # A Triton kernel launched by the engine (--sampler triton, --fused-prepare) is one
+    # launch on a GPU; under the interpreter its body runs torch ops of its own, which a GPU
+    # never pays on the host.
+    class OneLaunch:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-            def __getitem__(self, grid):
-                def launch(*a, **kw):
-                    note("triton launch")
-                    in_kernel[0] = True
-                    try:
-                        return self.kernel[grid](*a, **kw)
-                    finally:
-                        in_kernel[0] = False
-                return launch
-        ks.kernel = OneLaunch(ks.kernel)
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                note("triton launch")
+                in_kernel[0] = True
+                try:
+                    return self.kernel[grid](*a, **kw)
+                finally:
+                    in_kernel[0] = False
+            return launch
+    wrapped = [k for k in (eng.runner.batch.sampling.kernel, eng.runner.batch.prepare_kernel)
+               if k is not None]
+    for k in wrapped:
+        k.kernel = OneLaunch(k.kernel)
     try:
         with Count():
             for _ in range(steps):
                 check_step(eng, eng.step(), R)
     finally:
-        if ks is not None:
-            ks.kernel = ks.kernel.kernel
+        for k in wrapped:
+            k.kernel = k.kernel.kernel
     return {k: {n: c / steps for n, c in v.items()} for k, v in counts.items()}
 
 
@@ -544,6 +546,9 @@ def main(argv=None) -> int:
                     help="EngineOptions.sampler: torch ops (default) or the fused Triton "
                          "kernel for steps no row restricts (here under the interpreter: "
                          "its CPU time means nothing, its torch-call count does)")
+    ap.add_argument("--fused-prepare", action="store_true",
+                    help="EngineOptions.fused_prepare: the step's inputs by one Triton kernel "
+                         "(here under the interpreter: its torch-call count is what matters)")
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="a stop string for every request (repeatable; default none)")
     ap.add_argument("--output-kind", choices=("delta", "final"), default="delta",
@@ -588,7 +593,7 @@ def main(argv=None) -> int:
           f"{args.steps} steps per pass, vocab {args.vocab}, prompt {args.prompt_len}, "
           f"max_num_tokens {args.max_num_tokens}, -O{args.opt_level}, temperature "
           f"{args.temperature:g}, top_p {args.top_p:g}, top_k {args.top_k}, sampler "
-          f"{args.sampler}; {os.cpu_count()} "
+          f"{args.sampler}{', fused prepare' if args.fused_prepare else ''}; {os.cpu_count()} "
           f"CPUs, Python {platform.python_version()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} thread), load average {_fmt_load(load)}", flush=True)
 

@@ -198,6 +198,11 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                         "then every 8 up to 256, ...; the kernels are specialised for those)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                    help="schedule step N+1 while step N runs (default: on for cuda)")
+    p.add_argument("--fused-prepare", action=argparse.BooleanOptionalAction,
+                   help="write each step's inputs (token ids, positions, KV slots, sequence "
+                        "lengths, block tables, padding) with one Triton kernel instead of "
+                        "about 20 small torch ops on the device (default: on for cuda; "
+                        "JIT-compiled at start-up)")
     p.add_argument("--debug", action="store_true",
                    help="check on every step that captured graphs still see their buffers")
     p.add_argument("--speculative", metavar="JSON",
@@ -244,7 +249,8 @@ def _engine_options(a):
                          max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
                          buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
                          enable_prefix_caching=a.enable_prefix_caching,
-                         async_scheduling=a.async_scheduling, debug=a.debug,
+                         async_scheduling=a.async_scheduling,
+                         fused_prepare=a.fused_prepare, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
                          kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras,

@@ -78,6 +78,8 @@ class PersistentBatch:
         self.group_tables = [torch.zeros(max_num_seqs, max_blocks, dtype=I32, **z)
                              for _ in range(self.num_groups - 1)]
         self._group_sent = [[0] * max_num_seqs for _ in range(self.num_groups - 1)]
+        # a KernelPrepare (one launch instead of ~20 ops a step), set by the model runner
+        self.prepare_kernel: KernelPrepare | None = None
 
     # ---------------------------------------------------------------- rows
 
@@ -207,6 +209,9 @@ class PersistentBatch:
         samples = [c.samples for c in chunks]
         S, T = len(chunks), sum(num_new)
         every = all(samples)
+        if self.prepare_kernel is not None and self.num_groups == 1:
+            return self._prepare_fused(chunks, num_new, samples, every, num_tokens_padded,
+                                       num_seqs_padded, rows_padded)
         meta = upload(_host_i64([[c.request.row for c in chunks], num_new,
                                  [c.start for c in chunks], samples]), self.device)
         rows, num_new, start, samples = meta[0], meta[1], meta[2], meta[3]
@@ -234,6 +239,21 @@ class PersistentBatch:
         pad_step(st, T, S, num_tokens_padded, num_seqs_padded, S,
                  rows_padded or num_seqs_padded)   # query_start_loc[0] stays 0
         return {"rows": rows, "seq_lens": seq_lens, "samples": None if every else samples}
+
+    def _prepare_fused(self, chunks: list[ScheduledChunk], num_new: list[int],
+                       samples: list[bool], every: bool, Tp: int, Sp: int,
+                       Rp: int | None) -> dict[str, torch.Tensor]:
+        """`prepare` as one upload and one kernel launch (runtime/prepare_kernel.py): the
+        host already holds each chunk's token count, so the running sums and the sequence
+        lengths travel with the rows instead of being computed on the device."""
+        starts = [c.start for c in chunks]
+        ends = np.cumsum(num_new).tolist()
+        meta = upload(_host_i64([[c.request.row for c in chunks], num_new, starts, ends,
+                                 [a + b for a, b in zip(starts, num_new)], samples]),
+                      self.device)
+        self.prepare_kernel(self, meta, len(chunks), Sp, ends[-1] if ends else 0, Tp,
+                            Rp or Sp)
+        return {"rows": meta[0], "seq_lens": meta[4], "samples": None if every else meta[5]}
 
     def _prepare_drafted(self, chunks: list[ScheduledChunk], Tp: int, Sp: int,
                          Rp: int, block_manager=None) -> dict[str, torch.Tensor]:
@@ -328,3 +348,37 @@ class PersistentBatch:
                            proc=proc)
         k = s.num_logprobs(host_rows) if options else -1
         return out, (compute_logprobs(logits, out, k) if k >= 0 else None)
+
+
+class KernelPrepare:
+    """`PersistentBatch.prepare` for a step without speculative tokens or extra KV cache
+    groups as one Triton launch (runtime/prepare_kernel.py): JIT-compiled on the GPU (at
+    construction, on an empty step), under the interpreter on the CPU."""
+
+    BLOCK = 128
+
+    def __init__(self, batch: PersistentBatch, interpret: bool):
+        from pathlib import Path
+
+        from braze.kernel_modules import load_source
+        path = Path(__file__).with_name("prepare_kernel.py")
+        mod = load_source("prepare_kernel", path.read_text(), str(path), interpret)
+        self.kernel = mod.prepare_step_kernel
+        self.launches = 0
+        st = batch.static
+        self.lora_out = st["lora_slots"] if batch.lora else st["input_ids"]
+        self.lora_in = batch.lora_slot if batch.lora else batch.block_table
+        self(batch, torch.zeros(5, 1, dtype=I64, device=batch.device), 0, 0, 0, 0, 0)
+        self.launches = 0
+
+    def __call__(self, batch: PersistentBatch, meta: torch.Tensor, S: int, Sp: int, T: int,
+                 Tp: int, Rp: int) -> None:
+        st = batch.static
+        self.kernel[(Sp + 1,)](
+            meta, S, Sp, T, Tp, Rp, batch.token_ids, batch.token_ids.stride(0),
+            batch.block_table, batch.block_table.stride(0), self.lora_in,
+            st["input_ids"], st["positions"], st["slot_mapping"], st["query_start_loc"],
+            st["seq_lens"], st["block_tables"], st["block_tables"].stride(0),
+            st["logits_indices"], self.lora_out, st["block_tables"].shape[1],
+            BS=batch.block_size, BLOCK=self.BLOCK, HAS_LORA=batch.lora)
+        self.launches += 1

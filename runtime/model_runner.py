@@ -87,6 +87,10 @@ class ModelRunner:
                 self.kv_groups, self.group_blocks, self.block_size, self.max_num_tokens))
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)
+        on_gpu = torch.device(self.device).type == "cuda"
+        if options.fused_prepare if options.fused_prepare is not None else on_gpu:
+            from .input_batch import KernelPrepare
+            self.batch.prepare_kernel = KernelPrepare(self.batch, interpret=not on_gpu)
         if options.sampler == "triton":
             from .sampler import KernelSampler
             self.batch.sampling.kernel = KernelSampler(

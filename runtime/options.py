@@ -28,6 +28,9 @@ class EngineOptions:
     cudagraph_mode: str | None = None     # None: the artifact's
     enable_prefix_caching: bool = True
     async_scheduling: bool | None = None  # None: on for cuda (the device runs ahead)
+    # a step's inputs written by one Triton launch (runtime/prepare_kernel.py) instead of
+    # ~20 torch ops on the device; None: on for cuda
+    fused_prepare: bool | None = None
     freeze_gc: bool = False               # gc.freeze after start-up (servers)
     debug: bool = False                   # check bound buffers on every replay
     trusted_keys: str | None = None       # a directory of public keys to trust

@@ -125,6 +125,20 @@ MUTATIONS = [
              "        for step in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=GEMV_STAGES):",
              "        for step in range(0, K_PER_SPLIT, BLOCK_K):",
              ["tests/test_kernel_skinny_gemm.py"], k="gemv_stages"),
+    Mutation("fused-prepare-slot-ignores-offset",
+             "the fused prepare kernel maps a token to its block's first KV slot: every "
+             "token of a block overwrites the others' keys and values",
+             "runtime/prepare_kernel.py",
+             "            tl.store(slot_mapping_ptr + t, blk * BS + pos % BS, mask=ok)",
+             "            tl.store(slot_mapping_ptr + t, blk * BS, mask=ok)",
+             ["tests/test_prepare_kernel.py"]),
+    Mutation("fused-prepare-padding-left-stale",
+             "the fused prepare kernel leaves the padded sequences' lengths as the last step "
+             "wrote them: attention reads KV blocks for sequences that are not there",
+             "runtime/prepare_kernel.py",
+             "        tl.store(seq_lens_ptr + s, 0)",
+             "        pass",
+             ["tests/test_prepare_kernel.py"]),
     Mutation("full-decode-graph-for-mixed-steps",
              "mode full replays a bucket's decode-only graph for a mixed step: its prompts "
              "get no attention",
