@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -629,7 +630,12 @@ class Prepared:
             self.runner.cubins = aot
             for n, launch in enumerate(self.launches):
                 if "extern" not in launch:
-                    launch["kernel"] = f"{case.model}.{case.kernel}.{case.tokens}.{n}"
+                    # the cubin cache's key: a --gemm-configs setting lowers the same case
+                    # to other constexprs and warps, which need a cubin of their own
+                    what = json.dumps([launch.get("constexprs"), launch.get("num_warps"),
+                                       launch.get("num_stages")], sort_keys=True, default=str)
+                    launch["kernel"] = (f"{case.model}.{case.kernel}.{case.tokens}.{n}."
+                                        + hashlib.sha256(what.encode()).hexdigest()[:12])
         env = dict(case.feeds)
         for node in g.nodes[:case.index]:          # the views in front of the node (split, ...)
             out = node.opdef.impl(*[env[v.ref] for v in node.operands], **node.attrs)

@@ -181,3 +181,25 @@ def test_device_wheels_runs_in_a_git_worktree(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "/.whl/" in (main / ".git" / "info" / "exclude").read_text().splitlines()
     assert "cryptography==" in (stub / "calls").read_text() and (wt / ".whl").is_dir()
+
+
+def test_each_gemm_setting_launches_a_cubin_of_its_own():
+    """kernel_bench --aot names each launch for the cubin cache: two --gemm-configs
+    settings that lower the same case differently must not share a cubin (the first one's,
+    with its constexprs and warps, would run for both)."""
+    import torch
+    from kernel_bench import TINY_MODELS, Builder, Prepared, gemm_config
+
+    class FakeAot:          # what Prepared asks of AotCubins before anything launches
+        sources: dict = {}
+
+    names = {}
+    for cfg in ("264/16/4/1", "264/16/8/1", "264/16/4/1"):
+        b = Builder("llama3.2-1b", TINY_MODELS["llama3.2-1b"], "f32", torch.device("cpu"),
+                    40, 32, 0)
+        with gemm_config(cfg):
+            prep = Prepared(b.gemm_qkv(1), interpret=True, device=torch.device("cpu"),
+                            aot=FakeAot())
+        names.setdefault(cfg, set()).update(ln["kernel"] for ln in prep.launches
+                                            if "extern" not in ln)
+    assert names["264/16/4/1"] and names["264/16/4/1"].isdisjoint(names["264/16/8/1"])
