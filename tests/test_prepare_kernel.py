@@ -23,14 +23,14 @@ class _Req:
         self.row, self.request_id = row, f"r{row}"
 
 
-def _batch(seed: int, lora: bool) -> PersistentBatch:
+def _batch(seed: int, lora: bool, device: str = "cpu") -> PersistentBatch:
     gen = torch.Generator().manual_seed(seed)
-    static = static_buffers(T_MAX, S_MAX, MB, "cpu")
+    static = static_buffers(T_MAX, S_MAX, MB, device)
     if lora:
-        static["lora_slots"] = torch.full((T_MAX,), -1, dtype=torch.int32)
+        static["lora_slots"] = torch.full((T_MAX,), -1, dtype=torch.int32, device=device)
     for t in static.values():        # garbage: whatever a step leaves unwritten shows
         t.copy_(torch.randint(-9, 99, t.shape, generator=gen).to(t.dtype))
-    b = PersistentBatch(S_MAX, MAX_LEN, MB, BS, "cpu", static)
+    b = PersistentBatch(S_MAX, MAX_LEN, MB, BS, device, static)
     b.token_ids.copy_(torch.randint(0, 1000, b.token_ids.shape, generator=gen))
     b.block_table.copy_(torch.randint(0, 500, b.block_table.shape, generator=gen,
                                       dtype=torch.int32))
@@ -58,12 +58,10 @@ def steps(draw):
     return chunks, Tp, Sp, Rp
 
 
-@settings(max_examples=25, deadline=None)
-@given(step=steps(), lora=st.booleans(), seed=st.integers(0, 3))
-def test_one_launch_writes_what_the_torch_ops_write(step, lora, seed):
+def _same_step(step, lora: bool, seed: int, device: str) -> None:
     chunks, Tp, Sp, Rp = step
-    want_batch, got_batch = _batch(seed, lora), _batch(seed, lora)
-    got_batch.prepare_kernel = KernelPrepare(got_batch, interpret=True)
+    want_batch, got_batch = _batch(seed, lora, device), _batch(seed, lora, device)
+    got_batch.prepare_kernel = KernelPrepare(got_batch, interpret=device == "cpu")
     want = want_batch.prepare(chunks, None, Tp, Sp, Rp)
     got = got_batch.prepare(chunks, None, Tp, Sp, Rp)
     assert got_batch.prepare_kernel.launches == 1
@@ -74,6 +72,22 @@ def test_one_launch_writes_what_the_torch_ops_write(step, lora, seed):
             assert got[key] is None
         else:
             assert torch.equal(got[key], want[key]) and got[key].dtype == want[key].dtype, key
+
+
+@settings(max_examples=25, deadline=None)
+@given(step=steps(), lora=st.booleans(), seed=st.integers(0, 3))
+def test_one_launch_writes_what_the_torch_ops_write(step, lora, seed):
+    _same_step(step, lora, seed, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@settings(max_examples=40, deadline=None)
+@given(step=steps(), lora=st.booleans(), seed=st.integers(0, 3))
+def test_on_the_gpu_one_launch_writes_what_the_torch_ops_write(step, lora, seed):
+    """The JIT-compiled kernel (Triton specialises the counts that equal 1 or divide by 16
+    differently from the interpreter's one path) against the torch ops, on the GPU."""
+    _same_step(step, lora, seed, "cuda")
 
 
 def test_an_engine_decodes_the_same_tokens_with_the_fused_prepare(store):
