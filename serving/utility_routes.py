@@ -131,6 +131,8 @@ def describe(svc, options) -> dict:
             "block_size": runner.block_size,
             "num_kv_blocks": runner.num_kv_blocks,
             "async_scheduling": engine.async_scheduling,
+            # what the engine resolved its None defaults to on this device
+            "fused_prepare": runner.batch.prepare_kernel is not None,
         },
         "server": options.public(),
     }

@@ -412,6 +412,8 @@ def test_server_info_and_ping(guarded, artifact):
     assert set(info["artifact"]["kernels"]) == set(manifest["kernels"])
     assert info["artifact"]["targets"] == manifest["targets"]
     assert info["engine"]["backend"] == "reference" and info["engine"]["max_model_len"] == 256
+    # on the CPU the step inputs are prepared by torch ops (the kernel is a GPU default)
+    assert info["engine"]["fused_prepare"] is False
     assert info["server"]["max_request_body_bytes"] == BODY_LIMIT
     assert info["server"]["api_key_required"] is True
     assert KEY not in r.text
