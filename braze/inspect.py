@@ -7,7 +7,7 @@ from braze.runtime.loader import open_artifact
 
 def summarize(path, check_hashes: bool = True, trusted_keys=None, kernels: bool = False) -> dict:
     """The artifact at `path` as a dict (`braze inspect --json`); `kernels`: also every
-    stored cubin's resources (braze/cubin_report.py)."""
+    stored cubin's resources (codegen/cubin_report.py)."""
     # inspecting runs nothing from the artifact, so an untrusted one is shown, not refused
     art = open_artifact(path, check_hashes=check_hashes, trusted_keys=trusted_keys,
                         require_trust=False)
@@ -18,7 +18,7 @@ def summarize(path, check_hashes: bool = True, trusted_keys=None, kernels: bool 
 
 
 def _cubin_resources(art) -> list[dict]:
-    from braze.cubin_report import cuobjdump, kernel_rows
+    from braze.codegen.cubin_report import cuobjdump, kernel_rows
     from braze.ir.errors import BrazeError
     m = art.manifest
     if not m.get("targets"):
@@ -252,7 +252,7 @@ def format_summary(s: dict) -> str:
                  + ("" if s["trust"]["how"] != "none" else
                     " (generate and serve refuse it; see --trusted-keys and --trust-artifact)"))
     if "cubin_resources" in s:
-        from braze.cubin_report import format_rows
+        from braze.codegen.cubin_report import format_rows
         lines.append("")
         lines.append("kernels    what each stored cubin asks of an SM (cuobjdump; warps/SM: "
                      "resident warps and what limits them)" if s["cubin_resources"] else

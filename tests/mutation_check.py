@@ -114,7 +114,7 @@ MUTATIONS = [
     Mutation("cubin-report-registers-not-rounded",
              "inspect --kernels counts registers per warp exactly instead of in CUDA's units "
              "of 256: occupancy over-reported for kernels whose count is not a multiple of 8",
-             "braze/cubin_report.py",
+             "codegen/cubin_report.py",
              "    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256",
              "    regs_per_warp = max(regs, 1) * 32",
              ["tests/test_cubin_report.py"]),

@@ -1,4 +1,4 @@
-"""braze/cubin_report.py and `braze inspect --kernels`: what each stored cubin asks of an SM,
+"""codegen/cubin_report.py and `braze inspect --kernels`: what each stored cubin asks of an SM,
 read from real cubins compiled here for sm_80/sm_90 (no GPU)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from braze.cubin_report import SM_LIMITS, cuobjdump, occupancy, read_cubin
+from braze.codegen.cubin_report import SM_LIMITS, cuobjdump, occupancy, read_cubin
 
 needs_tool = pytest.mark.skipif(cuobjdump() is None, reason="triton ships no cuobjdump here")
 
@@ -130,9 +130,9 @@ def test_inspect_kernels_reads_every_stored_cubin(sm90_artifact, capsys):
 
 def test_inspect_kernels_without_cuobjdump_says_what_to_install(sm90_artifact, monkeypatch,
                                                                  capsys):
-    import braze.cubin_report
+    import braze.codegen.cubin_report
     from braze.cli import main
-    monkeypatch.setattr(braze.cubin_report, "cuobjdump", lambda: None)
+    monkeypatch.setattr(braze.codegen.cubin_report, "cuobjdump", lambda: None)
     assert main(["inspect", str(sm90_artifact), "--kernels"]) != 0
     err = capsys.readouterr().err
     assert "cuobjdump" in err and "pip install triton" in err
@@ -142,3 +142,21 @@ def test_inspect_kernels_of_an_artifact_without_cubins_says_so(store, capsys):
     from braze.cli import main
     assert main(["inspect", str(store.artifact("llama")), "--kernels"]) == 0
     assert "no cubins stored" in capsys.readouterr().out
+
+
+@needs_tool
+def test_compile_logs_what_its_cubins_ask_and_names_any_that_spill(store, tmp_path):
+    import braze
+    from braze.codegen.cubin_report import kernel_rows, summary_line
+    lines = []
+    art = braze.compile(store.checkpoint("llama"), tmp_path / "a.braze", opt_level=2,
+                        targets="sm_90", log=lines.append)
+    [line] = [x for x in lines if x.startswith("cubin resources:")]
+    rows = kernel_rows(art.root, json.loads((art.root / "manifest.json").read_text()))
+    heaviest = max(r["regs"] for r in rows)
+    assert line == summary_line(rows) and f"up to {heaviest} registers a thread" in line
+    assert line.endswith("none spills registers")
+    spilled = [dict(rows[0], spill_bytes=96)] + rows[1:]
+    warned = summary_line(spilled)
+    assert "WARNING: 1 spill registers" in warned
+    assert f"{rows[0]['variant']}@{rows[0]['spec']} (sm_90, 96 B)" in warned

@@ -200,7 +200,7 @@ def test_gemv_stages_pipeline_the_bucket_1_loop_through_cp_async(monkeypatch, st
     import tempfile
 
     from braze.codegen.aot import compile_launch
-    from braze.cubin_report import cuobjdump, read_cubin
+    from braze.codegen.cubin_report import cuobjdump, read_cubin
     if cuobjdump() is None:
         pytest.skip("triton ships no cuobjdump here")
 

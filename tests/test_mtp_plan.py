@@ -138,7 +138,7 @@ def test_mtp_kernels_compile_to_cubins(tmp_path):
                 assert m["files"][entry["cubin"]] == sha256_file(root / entry["cubin"])
                 assert entry["shared"] <= (227 if t == "sm_90" else 163) * 1024
     # inspect --kernels reads the MTP graph's cubins too, named as such
-    from braze.cubin_report import cuobjdump
+    from braze.codegen.cubin_report import cuobjdump
     from braze.inspect import summarize
     if cuobjdump() is not None:
         rows = summarize(root, kernels=True)["cubin_resources"]

@@ -127,6 +127,23 @@ def kernel_rows(root: Path, manifest: dict, tool: str | None = None) -> list[dic
     return rows
 
 
+def summary_line(rows: list[dict]) -> str:
+    """One line for `braze compile`'s log: the heaviest cubin's registers and shared memory,
+    and every cubin that spills (a kernel developer's first warning, no GPU needed)."""
+    if not rows:
+        return "cubin resources: no cubins"
+    regs = max(rows, key=lambda r: r["regs"])
+    shared = max(rows, key=lambda r: r["shared"])
+    spills = [r for r in rows if r["spill_bytes"]]
+    line = (f"cubin resources: up to {regs['regs']} registers a thread ({regs['variant']}, "
+            f"{regs['target']}), up to {shared['shared'] / 1024:.0f} KiB shared memory "
+            f"({shared['variant']}); ")
+    if not spills:
+        return line + "none spills registers"
+    return line + f"WARNING: {len(spills)} spill registers to local memory: " + ", ".join(
+        f"{r['variant']}@{r['spec']} ({r['target']}, {r['spill_bytes']} B)" for r in spills)
+
+
 def _widths(d: dict[int, int]) -> str:
     return " ".join(f"{n}x{b}" for b, n in sorted(d.items(), reverse=True)) or "-"
 
