@@ -9,7 +9,8 @@ A GPU is lent for about 15 minutes at a time and one command may run 10, so the 
 puts the facts that matter most first, gives every stage a time limit against one
 overall deadline (--deadline, default 530 s from the start), and writes its files into
 OUTDIR as it goes: whatever stops it, what it had measured is there. It imports no
-braze and nothing outside the standard library itself; every stage is a subprocess.
+braze and nothing outside the standard library itself (and gemm_settings.py beside it,
+which imports only that); every stage is a subprocess.
 
 Part 1:
   env          GPU, driver, versions, device-to-device copy bandwidth      env.txt
@@ -80,7 +81,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -341,17 +341,12 @@ def gemm_setting_facts(name: str, rows: list[dict]) -> list[str]:
     """kernel_bench --gemm-configs rows -> each setting's geometric-mean time over the cases
     that every setting finished, relative to each case's fastest (1.00: fastest everywhere),
     best first; the first setting tried is the module's current default."""
-    cases: dict[tuple, dict[str, float]] = {}
-    order: list[str] = []
-    for r in rows:
-        if r.get("config") and r.get("us") and r.get("ok"):
-            cases.setdefault((r["model"], r["kernel"], r["tokens"]), {})[r["config"]] = r["us"]
-            order += [r["config"]] if r["config"] not in order else []
+    from gemm_settings import relative_geomean, timed_cases
+    cases, order = timed_cases(rows)
     full = [by for by in cases.values() if len(by) == len(order)]
     if not full:
         return []
-    score = {c: math.exp(sum(math.log(by[c] / min(by.values())) for by in full) / len(full))
-             for c in order}
+    score = {c: relative_geomean(full, c) for c in order}
     ranked = sorted(order, key=score.get)
     return [f"{name}: skinny GEMM settings over {len(full)} cases, time / case's best "
             "(geomean): " + ", ".join(f"{c} {score[c]:.3f}" + (" (default)" if c == order[0]

@@ -862,24 +862,21 @@ def print_gemm_sweep(results: list[dict]) -> None:
     """--gemm-configs: per case (model, projection, T) the fastest setting and the default's
     time against it; then each setting's geometric-mean time relative to each case's best
     (1.00: fastest everywhere), which is what a single module-wide choice should minimise."""
-    timed = [r for r in results if r.get("config") and r.get("us") and r.get("ok")]
-    if not timed:
+    from gemm_settings import relative_geomean, timed_cases
+    cases, configs = timed_cases(results)
+    if not cases:
         return
-    cases: dict[tuple, dict[str, float]] = {}
-    for r in timed:
-        cases.setdefault((r["model"], r["kernel"][len("gemm_"):], r["tokens"]), {})[r["config"]] = r["us"]
-    configs = list(dict.fromkeys(r["config"] for r in timed))
     print("\n### skinny GEMM settings (--gemm-configs): fastest per case")
-    for (model, proj, t), by in cases.items():
+    for (model, kernel, t), by in cases.items():
         best = min(by, key=by.get)
         first = configs[0]
         vs = f"; {first} takes {by[first] / by[best]:.2f}x as long" if first in by else ""
-        print(f"  {model:14s} {proj:12s} T={t:<3d} best {best:10s} {by[best]:8.1f} us{vs}")
+        print(f"  {model:14s} {kernel[len('gemm_'):]:12s} T={t:<3d} best {best:10s} "
+              f"{by[best]:8.1f} us{vs}")
     print("  setting      geomean of time / case's best   (cases timed)")
     for c in configs:
-        ratios = [by[c] / min(by.values()) for by in cases.values() if c in by]
-        g = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        print(f"  {c:12s} {g:6.3f}   ({len(ratios)})")
+        having = [by for by in cases.values() if c in by]
+        print(f"  {c:12s} {relative_geomean(having, c):6.3f}   ({len(having)})")
 
 
 def machine_info(args) -> dict:

@@ -134,13 +134,19 @@ def summary_line(rows: list[dict]) -> str:
         return "cubin resources: no cubins"
     regs = max(rows, key=lambda r: r["regs"])
     shared = max(rows, key=lambda r: r["shared"])
-    spills = [r for r in rows if r["spill_bytes"]]
     line = (f"cubin resources: up to {regs['regs']} registers a thread ({regs['variant']}, "
             f"{regs['target']}), up to {shared['shared'] / 1024:.0f} KiB shared memory "
             f"({shared['variant']}); ")
+    spills = _spills(rows)
+    return line + ("WARNING: " + spills if spills else "none spills registers")
+
+
+def _spills(rows: list[dict]) -> str:
+    """'N spill registers to local memory: variant@spec (target, B), ...', or '' if none."""
+    spills = [r for r in rows if r["spill_bytes"]]
     if not spills:
-        return line + "none spills registers"
-    return line + f"WARNING: {len(spills)} spill registers to local memory: " + ", ".join(
+        return ""
+    return f"{len(spills)} spill registers to local memory: " + ", ".join(
         f"{r['variant']}@{r['spec']} ({r['target']}, {r['spill_bytes']} B)" for r in spills)
 
 
@@ -161,10 +167,6 @@ def format_rows(rows: list[dict]) -> str:
                      f"| {r['regs']} | {r['spill_bytes']} | {r['shared']} | {occ_s} "
                      f"| {_widths(r['loads'])} | {_widths(r['async_copies'])} "
                      f"| {_widths(r['stores'])} |")
-    spills = [r for r in rows if r["spill_bytes"]]
     lines.append("")
-    lines.append(f"{len(rows)} cubins; " + (
-        f"{len(spills)} spill registers to local memory: "
-        + ", ".join(f"{r['variant']}@{r['spec']} ({r['target']}, {r['spill_bytes']} B)"
-                    for r in spills) if spills else "none spills registers"))
+    lines.append(f"{len(rows)} cubins; " + (_spills(rows) or "none spills registers"))
     return "\n".join(lines)

@@ -5,10 +5,10 @@ arithmetic, copies, the padding fills), which on a GPU run between two graph rep
 Loaded as source text (braze/kernel_modules.py `load_source`), never imported: the runtime
 JIT-compiles it on the GPU, or runs it under the interpreter on the CPU.
 
-The host uploads one int64 [5, S] tensor per step, the columns of its chunks: the row of the
+The host uploads one int64 [6, S] tensor per step, the columns of its chunks: the row of the
 persistent batch, the new tokens, the first new position, the token count through this
-chunk (the running sum the torch path computes with cumsum) and the sequence length after
-the step. Program s < S writes sequence s; programs S .. S_pad - 1 write the padded
+chunk (the running sum the torch path computes with cumsum), the sequence length after
+the step, and whether it samples (read by the sampler, not here). Program s < S writes sequence s; programs S .. S_pad - 1 write the padded
 sequences; program S_pad pads the tokens [T, T_pad) and the logits rows [S, R_pad):
     input_ids[t]      token_ids[row, pos]                   (t: the chunk's tokens, in order)
     positions[t]      pos = start + i
