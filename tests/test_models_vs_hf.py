@@ -83,7 +83,9 @@ def test_padding_tokens_do_not_touch_the_cache(store):
     before = {k: v.clone() for k, v in ex.cache.tensors.items()}
     padded = build_step([SeqChunk(PROMPT[:5], 0, blocks)], ex.block_size, ex.max_blocks, pad_to=8)
     out = ex.run(padded)
-    torch.testing.assert_close(out[:5], plain, atol=1e-6, rtol=1e-6)
+    # 8 rows instead of 5 may take another CPU GEMM kernel (seen: 1.3e-6 apart under numpy
+    # 2.3 / 1 process); a padding row that leaked into a real one would be O(1) off
+    torch.testing.assert_close(out[:5], plain, atol=1e-5, rtol=1e-5)
     for k, v in ex.cache.tensors.items():
         torch.testing.assert_close(v, before[k])
 
