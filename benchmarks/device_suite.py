@@ -60,9 +60,11 @@ Part 7:
   sampled      what sampling adds to a decode step (the engine's torch sampler: ~116 ops on
                the device a step at temperature > 0, ~139 with top-p) and the fused
                kernel (--sampler triton): Llama-3.2-1B shape, batches 1 and 16, braze
-               only: greedy, t=1 (batch 1 profiled), t=1 triton, t=1 top_p 0.9
-                               decode-1b-greedy.json, decode-1b-t1.json, profile-1b-b1-t1.md,
-                               decode-1b-t1-triton.json, decode-1b-t1-p09.json
+               only: greedy, t=1 (batch 1 profiled), t=1 triton, t=1 top_p 0.9, and
+               t=1 top_p 0.9 triton (the kernel's top-p without a sort)
+                               decode-1b-greedy.json, decode-1b-t1.json (its "profile":
+                               the batch-1 table), decode-1b-t1-triton.json,
+                               decode-1b-t1-p09.json, decode-1b-t1-p09-triton.json
 Part 8:
   gemm-tune-t1 the skinny GEMM's settings (TARGET_PROGRAMS/TILE_KiB/NUM_WARPS, kernel_bench
                --gemm-configs sweep) per projection of the 1B and 8B shapes at T = 1 (the
@@ -85,6 +87,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -459,15 +462,20 @@ def main(argv=None) -> int:
         s.kv_tiers_stage(480)
     elif args.part == 7:
         # the same shape and batches greedy, then sampled: the difference is the sampler's
-        # (braze only: HF's baselines are greedy); batch 1 profiled where it samples
+        # (braze only: HF's baselines are greedy); batch 1 profiled where it samples, its
+        # table kept in decode-1b-t1.json ("profile"), not a file of its own: five stages'
+        # JSON, the log, env.txt and summary.md are the 8 files that come back
         batches = "1,16" if not args.dry_run else "1,4"
+        tables = Path(tempfile.mkdtemp(prefix="braze-profile-"))
         for name, extra, label in (
                 ("greedy", [], "[greedy] "),
                 ("t1", ["--temperature", "1", "--profile-batches", "1"], "[t=1] "),
                 ("t1-triton", ["--temperature", "1", "--sampler", "triton"], "[t=1 triton] "),
-                ("t1-p09", ["--temperature", "1", "--top-p", "0.9"], "[t=1 p=0.9] ")):
+                ("t1-p09", ["--temperature", "1", "--top-p", "0.9"], "[t=1 p=0.9] "),
+                ("t1-p09-triton", ["--temperature", "1", "--top-p", "0.9", "--sampler",
+                                   "triton"], "[t=1 p=0.9 triton] ")):
             s.decode_stage(f"decode-1b-{name}", 120, "1b", batches, "", f"decode-1b-{name}.json",
-                           ["--no-cold-start", "--profile-dir", str(out)] + extra, label=label)
+                           ["--no-cold-start", "--profile-dir", str(tables)] + extra, label=label)
     elif args.part == 8:
         # the skinny GEMM's module constants (TARGET_PROGRAMS/TILE_KiB/NUM_WARPS) swept per
         # projection of the 1B and 8B shapes: T = 1 (the GEMV branch, batch-1 decode) for

@@ -230,9 +230,10 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                    help="LoRA adapters kept parsed in host memory (default and minimum: the "
                         "artifact's --lora-slots); more are read from disk again when used")
     p.add_argument("--sampler", choices=SAMPLERS, default="torch",
-                   help="how a step samples when no request in it restricts top-k, top-p or "
-                        "min-p: torch (about 116 torch ops on the device; default) or triton "
-                        "(one fused kernel, JIT-compiled on the GPU at first use; the same "
+                   help="how a step samples at temperature > 0: torch (about 116 torch "
+                        "ops on the device, 139 and a sort of every row with top-k/top-p/"
+                        "min-p; default) or triton (one fused kernel, JIT-compiled on the GPU "
+                        "at first use, top-k/top-p/min-p included without a sort; the same "
                         "counter-based noise, so the same tokens). Greedy steps take one "
                         "argmax either way")
     p.add_argument("--collective-timeout", type=_positive_float, default=300.0,

@@ -48,8 +48,8 @@ class EngineOptions:
     # tensor-parallel artifacts: how long a collective waits for the other ranks before
     # the run ends with an error (a rank that died or hangs)
     collective_timeout_s: float = 300.0
-    # how a step samples when no row restricts top-k / top-p / min-p: "torch" ops
-    # (runtime/sampler.py sample_batch), or one fused "triton" launch (KernelSampler)
+    # how a step samples at temperature > 0: "torch" ops (runtime/sampler.py
+    # sample_batch), or one fused "triton" launch (KernelSampler), top-k/top-p/min-p included
     sampler: str = "torch"
 
     def __post_init__(self) -> None:

@@ -465,9 +465,9 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 
 
 class KernelSampler:
-    """`sample_batch(..., filter=False)` as one Triton launch (runtime/sampling_kernel.py)
-    rather than ~116 torch ops; rows that top-k / top-p / min-p restrict still take the
-    torch path. JIT-compiled on the GPU at first use; under the interpreter on the CPU."""
+    """`sample_batch` as one Triton launch (runtime/sampling_kernel.py) rather than ~116
+    torch ops (~139 and a sort of every row with top-k / top-p / min-p). JIT-compiled on the
+    GPU at first use; under the interpreter on the CPU."""
 
     def __init__(self, interpret: bool):
         from pathlib import Path
@@ -480,16 +480,23 @@ class KernelSampler:
         self.launches = 0
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
-                 seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+                 seeds: torch.Tensor, counters: torch.Tensor,
+                 filters: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
         """Tokens i64[S] for logits [S, V] (row i samples with slot rows[i]'s temperature
-        and seed, output counter counters[i])."""
+        and seed, output counter counters[i]). `filters`: the slot tables top_k i64, top_p
+        f32 and min_p f32 (indexed like temperature), or None when no row restricts its set
+        (the launch then skips that work)."""
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
         s, v = logits.shape
         out = torch.empty(s, dtype=torch.int64, device=logits.device)
         if s:
-            self.kernel[(s,)](logits, rows, temperature, seeds, counters, out, v,
-                              logits.stride(0), BLOCK_V=min(self.block, _pow2(v)))
+            top_k, top_p, min_p = filters if filters is not None else (seeds, temperature,
+                                                                        temperature)
+            self.kernel[(s,)](logits, rows, temperature, seeds, counters, out, top_k, top_p,
+                              min_p, v, logits.stride(0), BLOCK_V=min(self.block, _pow2(v)),
+                              FILTER=filters is not None)
             self.launches += 1
         return out
 
@@ -761,10 +768,11 @@ class SamplingTensors:
             if proc is None:
                 return row_argmax(logits)
             return row_argmax(process_logits(logits, counters, proc))
-        if self.kernel is not None and not filter:
+        if self.kernel is not None:
             if proc is not None:
                 logits = process_logits(logits, counters, proc)
-            return self.kernel(logits, rows, self.temperature, self.seeds, counters)
+            return self.kernel(logits, rows, self.temperature, self.seeds, counters,
+                               (self.top_k, self.top_p, self.min_p) if filter else None)
         return sample_batch(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
                             self.seeds[rows], counters, filter=filter, proc=proc,
                             min_p=self.min_p[rows])

@@ -34,7 +34,7 @@ def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess:
            "decode-1b-triton.json", "decode-1b-unfused.json"}),
     ("6", {"summary.md", "env.txt", "kv-tiers.json", "kv-tiers.log"}),
     ("7", {"summary.md", "env.txt", "decode.log", "decode-1b-greedy.json", "decode-1b-t1.json",
-           "profile-1b-b1-t1.md", "decode-1b-t1-triton.json", "decode-1b-t1-p09.json"}),
+           "decode-1b-t1-triton.json", "decode-1b-t1-p09.json", "decode-1b-t1-p09-triton.json"}),
     ("8", {"summary.md", "env.txt", "gemm-tune-t1.json", "gemm-tune-t1.log",
            "gemm-tune-t16.json", "gemm-tune-t16.log"}),
 ])
@@ -81,11 +81,14 @@ def test_dry_run_runs_every_stage_into_at_most_eight_files(tmp_path, part, files
     if part == "7":          # greedy, then sampled: the same engine, the sampler's cost
         for name, t, p, sampler in (("greedy", 0.0, 1.0, "torch"), ("t1", 1.0, 1.0, "torch"),
                                     ("t1-triton", 1.0, 1.0, "triton"),
-                                    ("t1-p09", 1.0, 0.9, "torch")):
+                                    ("t1-p09", 1.0, 0.9, "torch"),
+                                    ("t1-p09-triton", 1.0, 0.9, "triton")):
             cfg = json.loads((tmp_path / f"decode-1b-{name}.json").read_text())["config"]
             assert (cfg["temperature"], cfg["top_p"], cfg["sampler"]) == (t, p, sampler), name
-        assert "temperature 1" in (tmp_path / "profile-1b-b1-t1.md").read_text()
+        t1 = json.loads((tmp_path / "decode-1b-t1.json").read_text())["results"][0]
+        assert t1["braze"]["runs"]["1"]["profile"]["rows"]   # batch 1's table, in the JSON
         assert "[t=1 triton] decode tiny Llama-3.2-1B batch 4:" in summary
+        assert "[t=1 p=0.9 triton] decode tiny Llama-3.2-1B batch 4:" in summary
         assert "[greedy] check tiny" in summary and "[t=1] check" not in summary \
             and "[t=1 p=0.9] check" not in summary     # sampled tokens are not HF's argmax
     if part == "8":          # every projection of both shapes under every setting, checked

@@ -1,7 +1,9 @@
 """The fused sampling kernel (runtime/sampling_kernel.py, EngineOptions.sampler="triton")
-against the torch sampler it replaces (runtime/sampler.py sample_batch, filter=False): the
-same counter-based noise, so the same tokens, greedy and sampled rows mixed, across vocab
-blocks; and through an engine, seeded requests give the torch sampler's tokens."""
+against the torch sampler it replaces (runtime/sampler.py sample_batch): the same
+counter-based noise, so the same tokens, greedy and sampled rows mixed, across vocab
+blocks, with and without top-k / top-p / min-p (which the kernel finds without the
+reference's sort), ties included; and through an engine, seeded requests give the torch
+sampler's tokens."""
 
 from __future__ import annotations
 
@@ -50,6 +52,89 @@ def test_kernel_draws_the_torch_samplers_tokens(kernel, s, vocab):
         assert torch.equal(got, want)                      # and with these seeds, none does
 
 
+def _filters(slots: int, vocab: int, g: torch.Generator):
+    """Per-slot top_k / top_p / min_p, each feature alone and together: top_k 0 (off), small
+    (1-3), anywhere, or past the vocabulary; top_p 1 (off) or (0.05, 0.95); min_p 0 or up to
+    0.3."""
+    top_k = torch.randint(1, vocab // 2 + 2, (slots,), generator=g)
+    top_k[::4] = 0
+    top_k[1::9] = vocab + 3
+    top_k[2::5] = torch.randint(1, 4, (len(top_k[2::5]),), generator=g)
+    top_p = torch.rand(slots, generator=g) * 0.9 + 0.05
+    top_p[1::3] = 1.0
+    min_p = torch.rand(slots, generator=g) * 0.3
+    min_p[::2] = 0.0
+    return top_k, top_p, min_p
+
+
+@pytest.mark.parametrize("s, vocab, ties", [(8, 700, False), (8, 700, True), (4, 2500, False),
+                                            (3, 3, False)])
+def test_kernel_restricts_rows_as_the_torch_sampler_does(kernel, s, vocab, ties):
+    """top-k, top-p and min-p per row, flat and peaked rows, and (ties) logits on a grid of
+    0.25 so thresholds fall inside runs of equal values, which the reference keeps whole."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(100 + seed)
+        scale = torch.tensor([0.3, 1.0, 3.0])[torch.randint(0, 3, (s, 1), generator=g)]
+        logits = torch.randn(s, vocab, generator=g) * scale
+        if ties:
+            logits = (logits * 4).round() / 4
+        slots = 2 * s + 1
+        temperature = torch.rand(slots, generator=g) * 1.5 + 0.2
+        temperature[::7] = 0.0
+        seeds = torch.randint(0, 2**62, (slots,), generator=g)
+        rows = torch.randperm(slots, generator=g)[:s]
+        counters = torch.randint(0, 2**40, (s,), generator=g)
+        top_k, top_p, min_p = _filters(slots, vocab, g)
+        got = kernel(logits, rows, temperature, seeds, counters, (top_k, top_p, min_p))
+        want = sample_batch(logits, temperature[rows], top_k[rows], top_p[rows], seeds[rows],
+                            counters, filter=True, min_p=min_p[rows])
+        assert torch.equal(got, want), (seed, got.tolist(), want.tolist())
+
+
+def test_top_k_alone_on_flat_rows(kernel):
+    """Flat rows, where every entry the top-k keeps is about as likely as the next: a k-th
+    largest found wrongly (the radix select) shows in the draws."""
+    g = torch.Generator().manual_seed(7)
+    s, vocab = 6, 700
+    logits = torch.randn(s, vocab, generator=g) * 0.3
+    logits[5, 300:] = float("-inf")                # k beyond the finite entries: all kept
+    top_k = torch.tensor([5, 50, 200, 1, 2, 650])
+    ones, rows = torch.ones(s), torch.arange(s)
+    kept = torch.zeros(s, vocab, dtype=torch.bool)
+    for c in range(8):
+        counters = torch.full((s,), c)
+        got = kernel(logits, rows, ones, rows, counters, (top_k, ones, torch.zeros(s)))
+        want = sample_batch(logits, ones, top_k, ones, rows, counters, min_p=torch.zeros(s))
+        assert torch.equal(got, want)
+        kept[rows, got] = True
+    ranks = [int((logits[i] > logits[i][kept[i]].min()).sum()) for i in range(s)]
+    assert all(r < min(k, 300) for r, k in zip(ranks, top_k.tolist()))
+    assert ranks[1] > 5 and ranks[2] > 50                  # the draws did reach deep
+
+
+def test_top_k_cuts_a_run_of_ties_keeping_all_of_it(kernel):
+    """top_k = 3 where the 2nd-5th largest are equal: the reference keeps every entry equal
+    to the last kept one, so all five; and top-p's mass counts the tie only as often as the
+    sort keeps it (k = 3 entries in all): the largest holds e^1.5 / (e^1.5 + 2e) = 0.452 of
+    it, so top_p 0.46 keeps the ties and 0.3 does not (counting all four tied entries, or
+    none, would turn one of those around)."""
+    logits = torch.full((1, 64), -4.0)
+    logits[0, [9, 20, 33, 41]] = 1.0
+    logits[0, 50] = 1.5
+    one, row, seed = torch.ones(1), torch.zeros(1, dtype=torch.int64), torch.tensor([11])
+    for p, expect in ((1.0, {9, 20, 33, 41, 50}), (0.46, {9, 20, 33, 41, 50}), (0.3, {50})):
+        filters = (torch.tensor([3]), torch.tensor([p]), torch.zeros(1))
+        seen = set()
+        for c in range(40):
+            counters = torch.tensor([c])
+            got = kernel(logits, row, one, seed, counters, filters)
+            want = sample_batch(logits, one, filters[0], filters[1], seed, counters,
+                                min_p=filters[2])
+            assert torch.equal(got, want), (p, c)
+            seen.add(int(got))
+        assert seen == expect, p
+
+
 def test_greedy_rows_take_the_first_maximum_across_blocks(kernel):
     logits = torch.full((2, 3000), -5.0)
     logits[0, [1500, 2100, 2999]] = 7.0                    # ties in two later blocks
@@ -70,7 +155,8 @@ def test_masked_entries_are_never_drawn(kernel):
 
 def test_engine_with_the_kernel_samples_the_torch_samplers_tokens(store):
     """Seeded sampled requests (and a greedy one) through an engine on each sampler: the
-    same tokens; a top-p request in the same step takes the torch path, and the kernel ran."""
+    same tokens; then top-p, top-k and min-p requests in one step: the kernel samples them
+    too, with the torch sampler's tokens."""
     from braze.runtime.engine import Engine
     from conftest import run_all
     art = store.artifact("llama")
@@ -78,20 +164,24 @@ def test_engine_with_the_kernel_samples_the_torch_samplers_tokens(store):
     params = [SamplingParams(max_tokens=8, temperature=0.9, seed=11, ignore_eos=True),
               SamplingParams(max_tokens=8, ignore_eos=True),
               SamplingParams(max_tokens=8, temperature=1.3, seed=5, ignore_eos=True)]
-    runs = {}
+    restricted = [SamplingParams(max_tokens=8, temperature=1.0, top_p=0.5, seed=2,
+                                 ignore_eos=True),
+                  SamplingParams(max_tokens=8, temperature=1.5, top_k=7, min_p=0.05, seed=3,
+                                 ignore_eos=True),
+                  SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=4,
+                                 ignore_eos=True)]
+    runs, filtered = {}, {}
     for sampler in ("torch", "triton"):
         eng = Engine(art, backend="reference", num_kv_blocks=32, sampler=sampler)
         runs[sampler] = [o.token_ids for o in run_all(eng, prompts, params)]
         k = eng.runner.batch.sampling.kernel
         assert (k is None) == (sampler == "torch")
+        before = k.launches if k is not None else 0
+        filtered[sampler] = [o.token_ids for o in run_all(eng, prompts, restricted)]
         if k is not None:
-            assert k.launches > 0
-            before = k.launches         # a step with a top-p row samples on the torch path
-            topp = params[:1] + [SamplingParams(max_tokens=8, temperature=1.0, top_p=0.5,
-                                                seed=2, ignore_eos=True)]
-            run_all(eng, prompts[:2], topp)
-            assert k.launches == before
+            assert before > 0 and k.launches > before
     assert runs["triton"] == runs["torch"]
+    assert filtered["triton"] == filtered["torch"]
 
 
 def test_unknown_sampler_is_refused():
@@ -112,10 +202,12 @@ def test_kernel_compiles_to_cubin(target):
     from braze.kernel_modules import load_source
     path = Path(sampler.__file__).with_name("sampling_kernel.py")
     fn = load_source("sampling_kernel", path.read_text(), str(path), False).sample_rows_kernel
-    for logits_ty in ("*fp32", "*bf16"):
+    for logits_ty, filter in (("*fp32", False), ("*bf16", False), ("*bf16", True)):
         sig = {"logits_ptr": logits_ty, "rows_ptr": "*i64", "temperature_ptr": "*fp32",
-               "seeds_ptr": "*i64", "counters_ptr": "*i64", "out_ptr": "*i64", "V": "i32",
-               "stride_l": "i32", "BLOCK_V": "constexpr"}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_V": 4096}, attrs={})
+               "seeds_ptr": "*i64", "counters_ptr": "*i64", "out_ptr": "*i64",
+               "top_k_ptr": "*i64", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "V": "i32",
+               "stride_l": "i32", "BLOCK_V": "constexpr", "FILTER": "constexpr"}
+        src = ASTSource(fn=fn, signature=sig, attrs={},
+                        constexprs={"BLOCK_V": 4096, "FILTER": filter})
         k = triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32))
         assert k.asm["cubin"]
