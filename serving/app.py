@@ -288,6 +288,7 @@ class _Choice:
         self.text = ""                  # with tools: the text so far, for the streamer
         self.streamer = None            # with tools: its ToolStreamer (serving/tools.py)
         self.last = None
+        self.num_sent = 0               # output tokens its stream chunks carried so far
         self.offset = 0                 # text_offset of the next token (completions logprobs)
         self.started = False            # its first stream chunk is out
         self.echoed = False             # its echo chunk is out
@@ -447,8 +448,9 @@ class _Job:
             """A stream chunk; with stream_options.continuous_usage_stats (and
             include_usage) carrying the usage so far, as vLLM's do."""
             d = body(rid, created, name, choices, None, True, include_usage, **extra)
-            if self.continuous_usage:
-                d["usage"] = self._usage()
+            if self.continuous_usage:     # the tokens sent so far: not the engine's live
+                d["usage"] = R.usage(self.num_prompt_tokens,   # list, which runs ahead
+                                     sum(c.num_sent for c in self.choices))
             return R.sse(d)
         try:
             if self.chat:
@@ -459,6 +461,7 @@ class _Job:
                     yield chunk([first], **extra)
             async for c, out in self._outputs():
                 c.last = out
+                c.num_sent += len(out.new_token_ids)
                 if not self.chat and self.echo and not c.echoed:
                     # the prompt first (once its logprobs, if asked for, are known)
                     c.echoed = c.started = True

@@ -216,6 +216,27 @@ def test_continuous_usage_stats_count_tokens_as_they_come(server):
     assert all(c.usage is None for c in plain if c.choices)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_continuous_usage_counts_only_the_tokens_sent_so_far(server, n):
+    """Each chunk's usage.completion_tokens is the number of tokens the chunks so far
+    carried (their `token_ids`), never tokens the engine has generated but the stream
+    has not yet sent (the engine's output holds a live, still-growing list)."""
+    for path, body in (
+            ("/v1/completions", {"prompt": "Hello"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        with server.http.stream("POST", path, json={
+                "model": MODEL, **body, "max_tokens": 24, "temperature": 0, "n": n,
+                "stream": True, "ignore_eos": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True,
+                                   "continuous_usage_stats": True}}) as r:
+            events = sse_events(r.iter_lines())
+        sent = 0
+        for e in events[:-1]:
+            sent += sum(len(c.get("token_ids") or []) for c in e["choices"])
+            assert e["usage"]["completion_tokens"] == sent, (path, e)
+        assert sent == 24 * n and events[-2]["usage"]["completion_tokens"] == sent
+
+
 def test_chat_documents_reach_the_template_and_chat_echo_is_refused(server, store):
     """`documents` go to the chat template as transformers' apply_chat_template passes
     them (compared on a RAG template); chat `echo` is a 400 naming it, not ignored."""
