@@ -566,7 +566,10 @@ def test_chat_template_matches_transformers_and_is_sandboxed(store):
                                    continue_final_message=True)
     parts = ChatMessage(role="user", content=[{"type": "text", "text": "a"},
                                               {"type": "text", "text": "b"}])
-    assert t.render([parts]) == "<s>user: ab\nassistant:"
+    # text parts are one text, a newline between parts (as vLLM joins them)
+    assert t.render([parts]) == t.render([ChatMessage(role="user", content="a\nb")]) == \
+        hf.apply_chat_template([{"role": "user", "content": "a\nb"}], tokenize=False,
+                               add_generation_prompt=True)
     evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(APIError) as e:
         evil.render([ChatMessage(role="user", content="x")])
