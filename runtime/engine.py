@@ -405,7 +405,9 @@ class Engine(EngineLoRA):
             reason = None
             if token in req.stop_ids:
                 reason, req.stop_reason = "stop", token
-            if p.stop and req.detok is not None:
+                if req.detok is not None and not p.include_stop_str_in_output:
+                    req.detok.leave_out_stop(len(req.output_token_ids))   # vLLM's text
+            if p.stop and req.detok is not None:   # (a stop token left out adds no text)
                 hit = req.detok.update((token,))
                 if hit is not None:
                     reason, req.stop_reason = "stop", hit

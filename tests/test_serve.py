@@ -117,7 +117,8 @@ def test_completion_token_ids_and_stop_string(server, reference):
 
 def test_stop_on_the_last_allowed_token(server, ref_engine):
     """A stop token or stop string landing on the max_tokens-th token: finish_reason
-    "stop" (not "length"), and the stop string cut from the text, streamed or not."""
+    "stop" (not "length"), and the stop string or the stop token's text cut from the text
+    (vLLM's; kept with include_stop_str_in_output), streamed or not."""
     from braze.runtime.sampler import SamplingParams
 
     from conftest import last_token_stops, run_all
@@ -125,7 +126,11 @@ def test_stop_on_the_last_allowed_token(server, ref_engine):
     (free,) = run_all(ref_engine, [prompt], SamplingParams(max_tokens=12, ignore_eos=True))
     k, tok, stop = last_token_stops(ref_engine.tokenizer, free.token_ids)
     text = ref_engine.tokenizer.decode(free.token_ids[:k])
-    for extra, want in (({"stop_token_ids": [tok]}, text), ({"stop": [stop]}, text[:-len(stop)])):
+    before = ref_engine.tokenizer.decode(free.token_ids[:k - 1])
+    assert text != before
+    for extra, want in (({"stop_token_ids": [tok]}, before),
+                        ({"stop_token_ids": [tok], "include_stop_str_in_output": True}, text),
+                        ({"stop": [stop]}, text[:-len(stop)])):
         for stream in (False, True):
             res = server.client.completions.create(
                 model=MODEL, prompt=prompt, max_tokens=k, temperature=0, stream=stream,
