@@ -90,7 +90,9 @@ class Service:
             self.adds_bos = bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name and lora_for(self, model) is None:
+        """404 for a model this server does not serve; none or "" is the served model, as
+        in vLLM."""
+        if model and model != self.model_name and lora_for(self, model) is None:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r} and the LoRA adapters /v1/models lists",
                            "invalid_request_error", "model", "model_not_found")

@@ -404,6 +404,25 @@ def test_bad_requests_get_openai_errors(server):
     assert server.http.get("/health").status_code == 200
 
 
+def test_an_empty_model_name_is_the_served_model(server):
+    """vLLM takes a missing or empty "model" as the served model (some clients send ""):
+    the same answer as with the model's name, not a 404."""
+    for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 4}),
+                       ("/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+                       ("/tokenize", {"prompt": "Hello"})):
+        body = {**body, "temperature": 0, "ignore_eos": True} if path != "/tokenize" else body
+        named = server.http.post(path, json={**body, "model": MODEL})
+        assert named.status_code == 200, named.text
+        for model in ("", None):
+            r = server.http.post(path, json={**body, "model": model})
+            assert r.status_code == 200, (path, model, r.text)
+            want, got = named.json(), r.json()
+            for d in (want, got):
+                d.pop("id", None), d.pop("created", None)
+            assert got == want, (path, model)
+
+
 def test_request_id_echoed_or_generated(server):
     r = server.http.get("/health", headers={"X-Request-Id": "my-id-42"})
     assert r.headers["x-request-id"] == "my-id-42"
