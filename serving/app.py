@@ -651,6 +651,12 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         message, param = validation_message(list(exc.errors()))
+        ctype = request.headers.get("content-type", "")
+        if param is None and ctype and "json" not in ctype.split(";")[0].lower():
+            # FastAPI reads the body as JSON only when it is sent as JSON (`curl -d`
+            # sends application/x-www-form-urlencoded): say that, not "not an object"
+            message = (f"the request body must be sent as JSON, with Content-Type: "
+                       f"application/json (got Content-Type: {ctype[:100]})")
         return _error(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)

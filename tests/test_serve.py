@@ -386,6 +386,10 @@ def test_bad_requests_get_openai_errors(server):
                   "max_tokens")
     _assert_error(post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")
     _assert_error(post("/v1/completions", json=[1, 2]), 400)
+    # a JSON body sent with another content type (curl -d's default) is told what to send
+    _assert_error(post("/v1/completions", content=json.dumps({"prompt": "x"}),
+                       headers={"content-type": "application/x-www-form-urlencoded"}),
+                  400, "Content-Type: application/json")
     _assert_error(post("/v1/chat/completions", json={"messages": []}), 400, "messages")
     _assert_error(post("/v1/completions", json={"prompt": [1, 99999]}), 400, "99999")
     # a prompt longer than the model allows names both lengths
