@@ -226,7 +226,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
         else:                     # the OpenAI default, 16, as far as the context allows
             max_tokens = max(1, min(16, svc.max_model_len - longest))
         if body.use_beam_search:
-            return JSONResponse(await beam.respond(svc, body, prompts, max_tokens, chat=False))
+            return JSONResponse(await _while_connected(
+                request, beam.respond(svc, body, prompts, max_tokens, chat=False)))
         params = SamplingParams(**sampling_kwargs(body, max_tokens),
                                 structured_outputs=request_constraint(body))
         return await _generate(svc, request, body, prompts, params, chat=False)
@@ -253,8 +254,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                           "max_completion_tokens" if body.max_completion_tokens is not None
                           else "max_tokens")
         if body.use_beam_search:
-            return JSONResponse(await beam.respond(svc, body, [(None, ids)], max_tokens,
-                                                   chat=True))
+            return JSONResponse(await _while_connected(
+                request, beam.respond(svc, body, [(None, ids)], max_tokens, chat=True)))
         kw = sampling_kwargs(body, max_tokens)
         if tool_plan is not None:       # a tool parser that reads special tokens keeps them
             kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
@@ -266,6 +267,30 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
 
 # ---- generation --------------------------------------------------------------------------
+
+async def _while_connected(request: Request, work):
+    """Await `work` (a coroutine answering a non-streamed request, e.g. a beam search of
+    many engine steps) unless the client disconnects first: then it is cancelled, which
+    aborts its engine requests, and the (unread) answer is a 503."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while True:         # the body has been read: the next message is the disconnect
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(503, "the client disconnected", "service_unavailable", None, "aborted")
+    return task.result()
+
 
 async def _generate(svc: Service, request: Request, body, prompts: list, params: SamplingParams,
                     chat: bool, tool_plan=None):

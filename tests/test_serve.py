@@ -339,6 +339,31 @@ def test_non_streamed_client_gone_aborts(server):
     assert m[aborted] == before + 1 and m["braze_kv_cache_usage"] == 0
 
 
+def test_beam_search_client_gone_stops_the_search(server):
+    """A beam search runs one engine request per beam per step; when its client goes away
+    the search stops (its step's requests are aborted) rather than running every step to
+    the end. Run whole, this one finishes beam width x max_tokens step requests."""
+    total = ('braze_requests_total{finish_reason="stop"}',
+             'braze_requests_total{finish_reason="length"}')
+    aborted = 'braze_requests_total{finish_reason="abort"}'
+    before = server.metrics()
+    width, max_tokens = 4, 200
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", timeout=0.3, json={
+            "model": MODEL, "prompt": "Search", "max_tokens": max_tokens, "n": width,
+            "use_beam_search": True, "ignore_eos": True})
+    m = server.wait_metrics(lambda m: m[aborted] > before[aborted]
+                            and m["braze_requests_running"] == 0
+                            and m["braze_requests_waiting"] == 0, timeout=60)
+    assert m[aborted] > before[aborted], "the search was not aborted"
+    done = sum(m[k] - before[k] for k in total)
+    assert done < width * max_tokens
+    # and the server goes on serving
+    r = server.client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert r.usage.completion_tokens <= 2
+    assert server.metrics()[aborted] == m[aborted]
+
+
 def test_metrics_text(server):
     from prometheus_client.parser import text_string_to_metric_families
     r = server.http.get("/metrics")
