@@ -13,6 +13,8 @@ decode of all tokens at once would not.
 
 Stop strings (OpenAI semantics): the first stop string to complete in the text ends
 it, the text is cut right before that stop string, and no further tokens are taken.
+A stop token (EOS, stop_token_ids) that ends the output adds no text either
+(`leave_out_stop`), unless the request asks for include_stop_str_in_output.
 Only the new text plus the last (longest stop - 1) characters before it are searched.
 `output_delta` hands out text in order, holding back a tail that might still become
 the start of a stop string until more text or the end shows it is not one.
@@ -69,6 +71,7 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None   # the stop string that ended the text
         self.finished = False                 # finish() ran, or a stop string matched
         self.num_tokens = 0                   # output tokens taken
+        self._text_tokens: int | None = None  # output tokens that make text (leave_out_stop)
 
     # ------------------------------------------------------------------------ input
 
@@ -79,6 +82,13 @@ class IncrementalDetokenizer:
         """
         if self.finished or len(new_token_ids) == 0:
             return None
+        if self._text_tokens is not None:     # a stop token and what follows: no text
+            keep = max(0, self._text_tokens - self.num_tokens)
+            if keep < len(new_token_ids):
+                self.num_tokens += len(new_token_ids) - keep
+                new_token_ids = new_token_ids[:keep]
+                if not new_token_ids:
+                    return None
         self._ids.extend(int(t) for t in new_token_ids)
         self.num_tokens += len(new_token_ids)
         n = len(self._ids)
@@ -96,6 +106,12 @@ class IncrementalDetokenizer:
             return None
         self._settled += len(settled) - done
         return self._append(settled[done:])
+
+    def leave_out_stop(self, num_tokens: int) -> None:
+        """The output's `num_tokens`-th token is a stop token (EOS or a stop_token_ids one)
+        that ended it: its text stays out of the text (as vLLM leaves it out unless
+        include_stop_str_in_output). Call it before that token is taken."""
+        self._text_tokens = num_tokens - 1
 
     def finish(self) -> str | None:
         """The output is over: emit text still waiting for a character to complete.

@@ -209,13 +209,14 @@ class Engine(EngineLoRA):
         checks += [("bad_words_token_ids", t) for t in params.bad_words_token_ids]
         for name, t in checks:
             if vocab and t >= vocab:
-                raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})")
+                raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})",
+                                 param=name)
         single, multi = list(params.bad_words_token_ids), []
         if not params.bad_words:
             return single, multi
         if self.tokenizer is None:
             raise BrazeError("bad_words need a tokenizer and this artifact has none; use "
-                             "bad_words_token_ids")
+                             "bad_words_token_ids", param="bad_words")
         lead = self.tokenizer.encode("")            # a BOS the tokenizer adds by itself
         for word in params.bad_words:
             for text in dict.fromkeys((word, " " + word.lstrip(" "))):
@@ -223,7 +224,7 @@ class Engine(EngineLoRA):
                 enc = enc[len(lead):] if enc[:len(lead)] == lead else enc
                 if len(enc) > MAX_BAD_WORD_TOKENS:
                     raise BrazeError(f"bad_words: {word!r} is {len(enc)} tokens; at most "
-                                     f"{MAX_BAD_WORD_TOKENS} are supported")
+                                     f"{MAX_BAD_WORD_TOKENS} are supported", param="bad_words")
                 if len(enc) == 1:
                     single.append(enc[0])
                 elif enc and enc not in multi:
@@ -404,7 +405,9 @@ class Engine(EngineLoRA):
             reason = None
             if token in req.stop_ids:
                 reason, req.stop_reason = "stop", token
-            if p.stop and req.detok is not None:
+                if req.detok is not None and not p.include_stop_str_in_output:
+                    req.detok.leave_out_stop(len(req.output_token_ids))   # vLLM's text
+            if p.stop and req.detok is not None:   # (a stop token left out adds no text)
                 hit = req.detok.update((token,))
                 if hit is not None:
                     reason, req.stop_reason = "stop", hit

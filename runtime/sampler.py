@@ -67,7 +67,7 @@ class SamplingParams:
     # or its dict form {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
     structured_outputs: object = None
     skip_special_tokens: bool = True      # drop special tokens from the text
-    include_stop_str_in_output: bool = False   # vLLM's: keep the stop string that ended it
+    include_stop_str_in_output: bool = False   # vLLM's: keep the stop string/token that ended it
     # logits processing (vLLM semantics), applied on the device, batched (sample_batch)
     presence_penalty: float = 0.0     # OpenAI: minus this for every token already generated
     frequency_penalty: float = 0.0    # OpenAI: minus this times the token's count in the output

@@ -90,7 +90,9 @@ class Service:
             self.adds_bos = bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name and lora_for(self, model) is None:
+        """404 for a model this server does not serve; none or "" is the served model, as
+        in vLLM."""
+        if model and model != self.model_name and lora_for(self, model) is None:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r} and the LoRA adapters /v1/models lists",
                            "invalid_request_error", "model", "model_not_found")
@@ -224,7 +226,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
         else:                     # the OpenAI default, 16, as far as the context allows
             max_tokens = max(1, min(16, svc.max_model_len - longest))
         if body.use_beam_search:
-            return JSONResponse(await beam.respond(svc, body, prompts, max_tokens, chat=False))
+            return JSONResponse(await _while_connected(
+                request, beam.respond(svc, body, prompts, max_tokens, chat=False)))
         params = SamplingParams(**sampling_kwargs(body, max_tokens),
                                 structured_outputs=request_constraint(body))
         return await _generate(svc, request, body, prompts, params, chat=False)
@@ -251,8 +254,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                           "max_completion_tokens" if body.max_completion_tokens is not None
                           else "max_tokens")
         if body.use_beam_search:
-            return JSONResponse(await beam.respond(svc, body, [(None, ids)], max_tokens,
-                                                   chat=True))
+            return JSONResponse(await _while_connected(
+                request, beam.respond(svc, body, [(None, ids)], max_tokens, chat=True)))
         kw = sampling_kwargs(body, max_tokens)
         if tool_plan is not None:       # a tool parser that reads special tokens keeps them
             kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
@@ -264,6 +267,30 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
 
 # ---- generation --------------------------------------------------------------------------
+
+async def _while_connected(request: Request, work):
+    """Await `work` (a coroutine answering a non-streamed request, e.g. a beam search of
+    many engine steps) unless the client disconnects first: then it is cancelled, which
+    aborts its engine requests, and the (unread) answer is a 503."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while True:         # the body has been read: the next message is the disconnect
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(503, "the client disconnected", "service_unavailable", None, "aborted")
+    return task.result()
+
 
 async def _generate(svc: Service, request: Request, body, prompts: list, params: SamplingParams,
                     chat: bool, tool_plan=None):
@@ -288,6 +315,7 @@ class _Choice:
         self.text = ""                  # with tools: the text so far, for the streamer
         self.streamer = None            # with tools: its ToolStreamer (serving/tools.py)
         self.last = None
+        self.num_sent = 0               # output tokens its stream chunks carried so far
         self.offset = 0                 # text_offset of the next token (completions logprobs)
         self.started = False            # its first stream chunk is out
         self.echoed = False             # its echo chunk is out
@@ -447,8 +475,9 @@ class _Job:
             """A stream chunk; with stream_options.continuous_usage_stats (and
             include_usage) carrying the usage so far, as vLLM's do."""
             d = body(rid, created, name, choices, None, True, include_usage, **extra)
-            if self.continuous_usage:
-                d["usage"] = self._usage()
+            if self.continuous_usage:     # the tokens sent so far: not the engine's live
+                d["usage"] = R.usage(self.num_prompt_tokens,   # list, which runs ahead
+                                     sum(c.num_sent for c in self.choices))
             return R.sse(d)
         try:
             if self.chat:
@@ -459,6 +488,7 @@ class _Job:
                     yield chunk([first], **extra)
             async for c, out in self._outputs():
                 c.last = out
+                c.num_sent += len(out.new_token_ids)
                 if not self.chat and self.echo and not c.echoed:
                     # the prompt first (once its logprobs, if asked for, are known)
                     c.echoed = c.started = True
@@ -646,6 +676,12 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         message, param = validation_message(list(exc.errors()))
+        ctype = request.headers.get("content-type", "")
+        if param is None and ctype and "json" not in ctype.split(";")[0].lower():
+            # FastAPI reads the body as JSON only when it is sent as JSON (`curl -d`
+            # sends application/x-www-form-urlencoded): say that, not "not an object"
+            message = (f"the request body must be sent as JSON, with Content-Type: "
+                       f"application/json (got Content-Type: {ctype[:100]})")
         return _error(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -192,7 +192,9 @@ def _content_text(m: ChatMessage) -> str:
             raise bad_request(f"message content of type {p.type!r} is not supported; "
                               "send text", "messages")
         parts.append(p.text or "")
-    return "".join(parts)
+    # one newline between parts, as vLLM joins them for a template that takes text: joined
+    # with nothing, ["Summarise:", "The report..."] would run the words together
+    return "\n".join(parts)
 
 
 def strip_leading_bos(text: str, bos_token: str, tokenizer_adds_bos: bool) -> str:

@@ -52,7 +52,7 @@ def manager(svc):
 def lora_for(svc, model: str | None) -> str | None:
     """The adapter a request's "model" names, or None for the base model."""
     m = manager(svc)
-    if model is None or model == svc.model_name or m is None:
+    if not model or model == svc.model_name or m is None:
         return None
     return model if model in m.registered else None
 

@@ -117,7 +117,8 @@ def test_completion_token_ids_and_stop_string(server, reference):
 
 def test_stop_on_the_last_allowed_token(server, ref_engine):
     """A stop token or stop string landing on the max_tokens-th token: finish_reason
-    "stop" (not "length"), and the stop string cut from the text, streamed or not."""
+    "stop" (not "length"), and the stop string or the stop token's text cut from the text
+    (vLLM's; kept with include_stop_str_in_output), streamed or not."""
     from braze.runtime.sampler import SamplingParams
 
     from conftest import last_token_stops, run_all
@@ -125,7 +126,11 @@ def test_stop_on_the_last_allowed_token(server, ref_engine):
     (free,) = run_all(ref_engine, [prompt], SamplingParams(max_tokens=12, ignore_eos=True))
     k, tok, stop = last_token_stops(ref_engine.tokenizer, free.token_ids)
     text = ref_engine.tokenizer.decode(free.token_ids[:k])
-    for extra, want in (({"stop_token_ids": [tok]}, text), ({"stop": [stop]}, text[:-len(stop)])):
+    before = ref_engine.tokenizer.decode(free.token_ids[:k - 1])
+    assert text != before
+    for extra, want in (({"stop_token_ids": [tok]}, before),
+                        ({"stop_token_ids": [tok], "include_stop_str_in_output": True}, text),
+                        ({"stop": [stop]}, text[:-len(stop)])):
         for stream in (False, True):
             res = server.client.completions.create(
                 model=MODEL, prompt=prompt, max_tokens=k, temperature=0, stream=stream,
@@ -214,6 +219,27 @@ def test_continuous_usage_stats_count_tokens_as_they_come(server):
         model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert all(c.usage is None for c in plain if c.choices)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_continuous_usage_counts_only_the_tokens_sent_so_far(server, n):
+    """Each chunk's usage.completion_tokens is the number of tokens the chunks so far
+    carried (their `token_ids`), never tokens the engine has generated but the stream
+    has not yet sent (the engine's output holds a live, still-growing list)."""
+    for path, body in (
+            ("/v1/completions", {"prompt": "Hello"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        with server.http.stream("POST", path, json={
+                "model": MODEL, **body, "max_tokens": 24, "temperature": 0, "n": n,
+                "stream": True, "ignore_eos": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True,
+                                   "continuous_usage_stats": True}}) as r:
+            events = sse_events(r.iter_lines())
+        sent = 0
+        for e in events[:-1]:
+            sent += sum(len(c.get("token_ids") or []) for c in e["choices"])
+            assert e["usage"]["completion_tokens"] == sent, (path, e)
+        assert sent == 24 * n and events[-2]["usage"]["completion_tokens"] == sent
 
 
 def test_chat_documents_reach_the_template_and_chat_echo_is_refused(server, store):
@@ -313,6 +339,31 @@ def test_non_streamed_client_gone_aborts(server):
     assert m[aborted] == before + 1 and m["braze_kv_cache_usage"] == 0
 
 
+def test_beam_search_client_gone_stops_the_search(server):
+    """A beam search runs one engine request per beam per step; when its client goes away
+    the search stops (its step's requests are aborted) rather than running every step to
+    the end. Run whole, this one finishes beam width x max_tokens step requests."""
+    total = ('braze_requests_total{finish_reason="stop"}',
+             'braze_requests_total{finish_reason="length"}')
+    aborted = 'braze_requests_total{finish_reason="abort"}'
+    before = server.metrics()
+    width, max_tokens = 4, 200
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", timeout=0.3, json={
+            "model": MODEL, "prompt": "Search", "max_tokens": max_tokens, "n": width,
+            "use_beam_search": True, "ignore_eos": True})
+    m = server.wait_metrics(lambda m: m[aborted] > before[aborted]
+                            and m["braze_requests_running"] == 0
+                            and m["braze_requests_waiting"] == 0, timeout=60)
+    assert m[aborted] > before[aborted], "the search was not aborted"
+    done = sum(m[k] - before[k] for k in total)
+    assert done < width * max_tokens
+    # and the server goes on serving
+    r = server.client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert r.usage.completion_tokens <= 2
+    assert server.metrics()[aborted] == m[aborted]
+
+
 def test_metrics_text(server):
     from prometheus_client.parser import text_string_to_metric_families
     r = server.http.get("/metrics")
@@ -360,6 +411,10 @@ def test_bad_requests_get_openai_errors(server):
                   "max_tokens")
     _assert_error(post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")
     _assert_error(post("/v1/completions", json=[1, 2]), 400)
+    # a JSON body sent with another content type (curl -d's default) is told what to send
+    _assert_error(post("/v1/completions", content=json.dumps({"prompt": "x"}),
+                       headers={"content-type": "application/x-www-form-urlencoded"}),
+                  400, "Content-Type: application/json")
     _assert_error(post("/v1/chat/completions", json={"messages": []}), 400, "messages")
     _assert_error(post("/v1/completions", json={"prompt": [1, 99999]}), 400, "99999")
     # a prompt longer than the model allows names both lengths
@@ -376,6 +431,25 @@ def test_bad_requests_get_openai_errors(server):
     with pytest.raises(openai.BadRequestError):
         server.client.completions.create(model=MODEL, prompt="x", temperature=-0.5, stream=True)
     assert server.http.get("/health").status_code == 200
+
+
+def test_an_empty_model_name_is_the_served_model(server):
+    """vLLM takes a missing or empty "model" as the served model (some clients send ""):
+    the same answer as with the model's name, not a 404."""
+    for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 4}),
+                       ("/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+                       ("/tokenize", {"prompt": "Hello"})):
+        body = {**body, "temperature": 0, "ignore_eos": True} if path != "/tokenize" else body
+        named = server.http.post(path, json={**body, "model": MODEL})
+        assert named.status_code == 200, named.text
+        for model in ("", None):
+            r = server.http.post(path, json={**body, "model": model})
+            assert r.status_code == 200, (path, model, r.text)
+            want, got = named.json(), r.json()
+            for d in (want, got):
+                d.pop("id", None), d.pop("created", None)
+            assert got == want, (path, model)
 
 
 def test_request_id_echoed_or_generated(server):
@@ -545,7 +619,10 @@ def test_chat_template_matches_transformers_and_is_sandboxed(store):
                                    continue_final_message=True)
     parts = ChatMessage(role="user", content=[{"type": "text", "text": "a"},
                                               {"type": "text", "text": "b"}])
-    assert t.render([parts]) == "<s>user: ab\nassistant:"
+    # text parts are one text, a newline between parts (as vLLM joins them)
+    assert t.render([parts]) == t.render([ChatMessage(role="user", content="a\nb")]) == \
+        hf.apply_chat_template([{"role": "user", "content": "a\nb"}], tokenize=False,
+                               add_generation_prompt=True)
     evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(APIError) as e:
         evil.render([ChatMessage(role="user", content="x")])

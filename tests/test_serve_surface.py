@@ -373,6 +373,10 @@ def test_engine_errors_name_the_parameter(plain):
     _error(post("/v1/completions", json={"prompt": "x", "stop_token_ids": [-1]}), 400,
            "stop_token_ids")
     _error(post("/v1/completions", json={"prompt": [1, 99999]}), 400, "prompt", "99999")
+    _error(post("/v1/completions", json={"prompt": "x", "logit_bias": {"99999": 1}}), 400,
+           "logit_bias", "99999")
+    _error(post("/v1/completions", json={"prompt": "x", "bad_words": ["word " * 20]}), 400,
+           "bad_words")
     _error(post("/v1/completions", json={"prompt": [1] * 300}), 400, "prompt", "300")
     _error(post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "word " * 400}]}), 400, "messages")

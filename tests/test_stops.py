@@ -44,6 +44,12 @@ def test_stops_mid_output(store, lag):
     by_id = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok]))[0]
     assert by_id.finish_reason == "stop" and by_id.stop_reason == stop_tok
     assert by_id.token_ids == free.token_ids[:first + 1]
+    # the stop token's text is left out (vLLM's), unless include_stop_str_in_output
+    tok = eng.tokenizer
+    assert by_id.text == tok.decode(free.token_ids[:first])
+    kept = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12, stop_token_ids=[stop_tok],
+                                                      include_stop_str_in_output=True))[0]
+    assert kept.text == tok.decode(free.token_ids[:first + 1]) != by_id.text
     # a stop string: the text is cut before it
     text = free.text
     stop = text[len(text) // 2: len(text) // 2 + 2]
@@ -56,25 +62,26 @@ def test_stops_mid_output(store, lag):
     eng.eos_token_ids = [stop_tok]
     ended = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12))[0]
     assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:first + 1]
+    assert ended.text == by_id.text
 
 
 @pytest.mark.parametrize("lag", [False, True])
 @pytest.mark.parametrize("kind", ["token", "string", "eos"])
 def test_stop_on_the_last_allowed_token(store, kind, lag):
     """A stop landing on the max_tokens-th token is a stop, not a length finish; a stop
-    string is cut from the text, streamed or not."""
+    string, or a stop token's text, is cut from the text, streamed or not."""
     art = store.artifact("llama")
     eng = Engine(art, backend="reference", num_kv_blocks=64, async_scheduling=lag)
     free = free_run(eng)
     k, tok, stop = last_token_stops(eng.tokenizer, free.token_ids)
-    text = eng.tokenizer.decode(free.token_ids[:k])
+    text = eng.tokenizer.decode(free.token_ids[:k - 1])     # the stop token's text left out
     if kind == "token":
         params, reason = SamplingParams(max_tokens=k, stop_token_ids=[tok], ignore_eos=True), tok
     elif kind == "eos":
         params, reason = SamplingParams(max_tokens=k), tok
     else:
         params, reason = SamplingParams(max_tokens=k, stop=[stop], ignore_eos=True), stop
-        text = text[:-len(stop)]
+        text = eng.tokenizer.decode(free.token_ids[:k])[:-len(stop)]
     llm = LLM(art, backend="reference", num_kv_blocks=64)
     if kind == "eos":
         eng.eos_token_ids = llm.engine.eos_token_ids = [tok]
