@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import operator
 import threading
 
 from braze.ir.errors import BrazeError
@@ -241,7 +242,7 @@ class Engine(EngineLoRA):
             ids = self.tokenizer.encode(prompt)
         else:
             try:
-                ids = [int(t) for t in prompt]
+                ids = [_token_id(t) for t in prompt]
             except (TypeError, ValueError):
                 raise BrazeError("a prompt is a string or a list of integer token ids",
                                  param="prompt") from None
@@ -550,3 +551,11 @@ def _unfreeze() -> None:
 
 
 _unfreeze.registered = False
+
+
+def _token_id(t) -> int:
+    """An integer of any kind (numpy's, a 0-d integer tensor) as an int; a float such as
+    1.5 or a bool is an error, not token 1."""
+    if isinstance(t, bool):
+        raise TypeError("a bool is not a token id")
+    return operator.index(t)
