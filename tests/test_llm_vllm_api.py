@@ -75,3 +75,49 @@ def test_the_engine_reads_no_float_as_a_token_id(llm):
     with pytest.raises(BrazeError, match="token ids"):
         llm.engine.encode([True, 2])
     assert llm.engine.encode(np.array([3, 4])) == [3, 4]
+
+
+def _hf_chat_ids(tok, conversation, **kw) -> list[int]:
+    r = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, **kw)
+    return list(r["input_ids"] if hasattr(r, "keys") else r)
+
+
+def test_chat_renders_as_transformers_does_and_generates_from_it(store, llm):
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    convs = [[{"role": "user", "content": "Hi there"}],
+             [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": [{"type": "text", "text": "What is "},
+                                           {"type": "text", "text": "2+2?"}]}]]
+    want = [_hf_chat_ids(hf_tok, [{"role": m["role"], "content": m["content"] if
+                                   isinstance(m["content"], str) else
+                                   "".join(p["text"] for p in m["content"])} for m in c])
+            for c in convs]
+    outs = llm.chat(convs, GREEDY)
+    assert [o.prompt_token_ids for o in outs] == want
+    plain = llm.generate([{"prompt_token_ids": ids} for ids in want], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in plain]
+    model = hf_model(store.checkpoint("llama"))
+    for ids, o in zip(want, outs):
+        assert_valid_greedy(model, ids, o.outputs[0].token_ids)
+    assert outs[0].prompt == hf_tok.decode(want[0])
+    # one conversation, not a list of them
+    assert llm.chat(convs[0], GREEDY)[0].token_ids == outs[0].token_ids
+    # a template of the caller's, and its keyword arguments
+    mine = "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}|{{ tag }}]{% endfor %}"
+    got = llm.chat(convs[0], GREEDY, chat_template=mine, chat_template_kwargs={"tag": "x"})
+    assert got[0].prompt_token_ids == _hf_chat_ids(hf_tok, convs[0], chat_template=mine,
+                                                   tag="x")
+
+
+def test_chat_errors_name_the_message(llm):
+    with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    with pytest.raises(BrazeError, match="rejected the messages: no system"):
+        llm.chat([{"role": "system", "content": "x"}], GREEDY,
+                 chat_template="{% if messages[0]['role'] == 'system' %}"
+                               "{{ raise_exception('no system') }}{% endif %}")
+    with pytest.raises(BrazeError, match="does not compile"):
+        llm.chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
+    with pytest.raises(BrazeError, match="messages"):
+        llm.chat("hello")
