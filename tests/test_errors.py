@@ -243,3 +243,27 @@ def test_unwritable_output_is_refused_before_compiling(store, tmp_path):
                        "--targets", "")
     assert_one_line_error(code, err, "cannot write the artifact", str(blocker))
     assert "tracing" not in err
+
+
+@pytest.mark.parametrize("device,words", [
+    ("gpu", ["'gpu'", "not a device name"]), ("meta", ["'meta'", "cpu or cuda"]),
+    ("cuda:7", ["'cuda:7'"])])
+def test_a_bad_device_is_named_not_the_weights(store, device, words):
+    """--device names a device braze cannot run on: the error is about the device (it was
+    an internal error, or 'artifact weights ... cannot be read')."""
+    import torch
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = run("generate", store.artifact("llama"), "--prompt-ids", "1,2",
+                       "--max-tokens", "1", "--device", device)
+    assert_one_line_error(code, err, *words)
+    assert "weights" not in err
+
+
+def test_cpu_with_an_index_runs(store):
+    from braze.runtime import LLM, SamplingParams
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    art = store.artifact("llama")
+    a = LLM(art, backend="reference", device="cpu:0", num_kv_blocks=8).generate([1, 2], p)
+    b = LLM(art, backend="reference", num_kv_blocks=8).generate([1, 2], p)
+    assert a[0].token_ids == b[0].token_ids
