@@ -121,3 +121,16 @@ def test_chat_errors_name_the_message(llm):
         llm.chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
     with pytest.raises(BrazeError, match="messages"):
         llm.chat("hello")
+
+
+def test_max_tokens_none_generates_up_to_max_model_len(llm):
+    """vLLM's max_tokens=None: no count of its own, the model's length limit ends it."""
+    limit = llm.engine.max_model_len
+    prompt = [1, 5, 6, 7]
+    out = llm.generate(prompt, SamplingParams(max_tokens=None, ignore_eos=True))[0]
+    assert len(prompt) + len(out.token_ids) == limit and out.finish_reason == "length"
+    counted = llm.generate(prompt, SamplingParams(max_tokens=limit - len(prompt),
+                                                  ignore_eos=True))[0]
+    assert out.token_ids == counted.token_ids
+    with pytest.raises(BrazeError, match="max_tokens"):
+        llm.generate(prompt, SamplingParams(max_tokens=0))
