@@ -93,8 +93,13 @@ def _sampling(a):
 
 def cmd_generate(a) -> int:
     from braze.runtime.llm import LLM
-    if (a.prompt is None) == (a.prompt_ids is None):
-        raise BrazeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if (a.prompt is not None) + (a.prompt_ids is not None) + (a.prompt_file is not None) != 1:
+        raise BrazeError("give exactly one of --prompt TEXT, --prompt-file FILE (- for "
+                         "standard input) or --prompt-ids 1,2,3")
+    if a.logprobs is not None and not a.json:
+        raise BrazeError("--logprobs is printed only in --json output; add --json")
+    if a.prompt_file is not None:
+        a.prompt = _read_prompt(a.prompt_file)
     params = _sampling(a)
     params.validate()
     llm = LLM(a.artifact, _engine_options(a))
@@ -115,6 +120,19 @@ def cmd_generate(a) -> int:
         else:
             print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
     return 0
+
+
+def _read_prompt(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise BrazeError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise BrazeError(f"the prompt file {path} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
 
 
 def cmd_inspect(a) -> int:
@@ -397,34 +415,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate tokens from an artifact",
                        description="Generate a completion for one prompt. Greedy by default.")
-    g.add_argument("artifact", metavar="ARTIFACT")
+    g.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
     g.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the artifact's tokenizer)")
+    g.add_argument("--prompt-file", metavar="FILE",
+                   help="read the prompt text from FILE, or from standard input for - (taken "
+                        "as it is, trailing newline included)")
     g.add_argument("--prompt-ids", type=_token_ids, metavar="1,2,3", help="prompt token ids")
     g.add_argument("--lora", metavar="DIR",
                    help="generate with this LoRA adapter (a PEFT directory; the artifact needs "
                         "--lora-slots)")
-    g.add_argument("--max-tokens", type=_positive_int, default=16, help="tokens to generate (default 16)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    g.add_argument("--max-tokens", type=_positive_int, default=16, metavar="N",
+                   help="tokens to generate (default 16)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the smallest set of likeliest tokens whose probabilities "
+                        "add up to P (default 1 = all)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample from the K likeliest tokens (default 0 = no limit)")
     g.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens less likely than this fraction of the likeliest one "
                         "(0 = off, the default)")
-    g.add_argument("--seed", type=int, help="seed for sampling")
+    g.add_argument("--seed", type=int, help="seed for sampling: the same seed, prompt and "
+                   "options give the same output (default: a different sample each run)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--stop", action="append", metavar="TEXT", type=_escaped,
                    help="stop when this text appears (not included in the output); repeatable; "
                         "\\n, \\t, \\r and \\\\ are read as newline, tab, return and backslash")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="vLLM/HF repetition penalty over prompt and output (1 = none)")
-    g.add_argument("--min-tokens", type=int, default=0,
-                   help="generate at least this many tokens before EOS or a stop token")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="OpenAI presence penalty, -2..2 (default 0 = none)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="OpenAI frequency penalty, -2..2 (default 0 = none)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="vLLM/HF repetition penalty over prompt and output (default 1 = none)")
+    g.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="generate at least this many tokens before EOS or a stop token "
+                        "(default 0)")
     g.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's logprob, rank and the N most likely")
     g.add_argument("-n", "--n", type=_positive_int, default=1,
-                   help="samples to generate (one line or JSON object each)")
+                   help="samples to generate (one line or JSON object each; default 1)")
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     _engine_flags(g, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
     g.set_defaults(fn=cmd_generate)
@@ -434,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the graph after the passes, the launch plan, the stored cubins and "
                        "whether this host would launch them, and who signed it. Nothing in "
                        "the artifact runs.")
-    i.add_argument("artifact", metavar="ARTIFACT")
+    i.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--kernels", action="store_true",
                    help="also read every stored cubin (with the cuobjdump Triton ships; no "
@@ -451,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "unchanged. Passes: canonicalize, merge-projections, fuse-moe, fuse-norm, "
                        "fuse-rope, fuse-attention, prune-logits, fuse-pointwise, split-segments, "
                        "plan-memory.")
-    o.add_argument("file", metavar="FILE.bir")
-    o.add_argument("--passes", default="", help="comma-separated pass names")
+    o.add_argument("file", metavar="FILE.bir", help="IR text to read, or - for standard input")
+    o.add_argument("--passes", default="",
+                   help="comma-separated pass names (default: none, the graph printed as read)")
     o.add_argument("--print-after-all", action="store_true", help="print the IR after each pass")
     o.add_argument("--explain", action="store_true", help="say why near-miss fusions were refused")
     o.add_argument("--stats", action="store_true", help="matches and time per pass (on stderr)")
@@ -466,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /server_info, /health, "
                        "/ping, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
-    s.add_argument("artifact", metavar="ARTIFACT")
+    s.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to load at start; a request picks one "
@@ -481,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name clients use (default: the artifact directory's name)")
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
-    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="the server's log level (default info)")
     s.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a client may take to send a request's headers, and again its "
                    "body; slower clients are disconnected (default 30)")
@@ -528,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")
-    d.add_argument("--max-tokens", type=_positive_int, default=16)
+    d.add_argument("--max-tokens", type=_positive_int, default=16, metavar="N",
+                   help="tokens to generate (default 16)")
     d.add_argument("--keep", metavar="DIR", help="keep the model and artifact in DIR")
     d.set_defaults(fn=cmd_demo)
     return p

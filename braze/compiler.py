@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from braze.codegen.artifact_writer import write_artifact
+from braze.codegen.artifact_writer import check_destination, write_artifact
 from braze.codegen.emit import emit_kernels, emit_mtp_kernels
 from braze.codegen.mtp_writer import write_assistant, write_mtp
 from braze.codegen.plan import build_plan
@@ -49,8 +49,7 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
     key = load_private_key(sign) if sign else default_private_key(log=log)   # fail early
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:
-        raise BrazeError(f"{out} already exists; pass --force to replace it")
+    check_destination(out, force)        # before minutes of work, not after
     log(f"[1/3] tracing {model_dir}")
     gguf = GGUFSource(model_dir, log=log) if is_gguf(model_dir) else None
     try:

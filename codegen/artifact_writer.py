@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,12 +49,14 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
     """`emit(root) -> dict` writes more files (kernels, cubins) before hashing and returns
     manifest entries for them; `signing_key` (Ed25519) signs the manifest."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BrazeError(f"{out} already exists; pass --force to replace it")
+    check_destination(out, overwrite)
     tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
     try:
         extra = dict(extra or {})
         if emit is not None:
@@ -67,10 +71,52 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:        # disk full, a directory made read-only meanwhile, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BrazeError(f"writing the artifact {out} failed: {_why(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work is done, an artifact path that compiling could not write or
+    must not delete. `overwrite` (--force) replaces an earlier artifact or an empty
+    directory, never a file or any other directory: `-o` pointing at the model's own
+    directory, or at a home directory, must not delete it."""
+    out = Path(out)
+    if out.is_symlink() or out.exists():
+        if not overwrite:
+            raise BrazeError(f"{out} already exists; pass --force to replace it")
+        if out.is_symlink() or not out.is_dir():
+            raise BrazeError(f"{out} exists and is not an artifact directory (a file or a "
+                             "link); --force replaces only an earlier artifact: give -o a new "
+                             "path")
+        if not _is_artifact(out) and any(out.iterdir()):
+            raise BrazeError(f"{out} is a directory but not a braze artifact (it has no braze "
+                             f"{MANIFEST}); --force replaces only an earlier artifact: give -o "
+                             "a new path, or remove the directory yourself")
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BrazeError(f"cannot write the artifact {out}: {parent} is not a directory")
+    try:                          # what the user may do there, checked by doing it
+        os.rmdir(tempfile.mkdtemp(prefix=".braze-probe-", dir=parent))
+    except OSError as e:
+        raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
+
+
+def _is_artifact(d: Path) -> bool:
+    try:
+        return json.loads((d / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _why(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
 
 
 def _write(root: Path, graph: Graph, load_param, model: dict, options: dict, model_dir: Path,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
+import operator
 import threading
 
 from braze.ir.errors import BrazeError
@@ -35,6 +37,8 @@ from .sampler import SamplingParams, bias_entries
 from .scheduler import Scheduler
 from .speculative import make_speculator
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("braze.runtime")
 
 
 _STRUCTURED_LOCK = threading.Lock()
@@ -80,6 +84,15 @@ class Engine(EngineLoRA):
         self.eos_token_ids = list(self.artifact.model.get("eos_token_ids") or [])
         self.vocab_size = self.artifact.model.get("vocab_size")
         self.max_model_len = r.max_len
+        # a KV cache smaller than one sequence of the artifact's max_model_len caps every
+        # sequence below it: said once here and in each refusal, not found by surprise
+        self.kv_limit = r.max_len if r.max_len < r.executor.max_model_len else None
+        if self.kv_limit is not None:
+            log.warning("the KV cache (%d blocks of %d tokens) holds %d tokens of a sequence, "
+                        "fewer than the artifact's max_model_len %d: longer sequences end "
+                        "there (finish reason 'length'); raise num_kv_blocks (--num-kv-blocks) "
+                        "to allow them",
+                        r.num_kv_blocks, r.block_size, r.max_len, r.executor.max_model_len)
         self.model_name = self.artifact.root.name
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
@@ -124,9 +137,11 @@ class Engine(EngineLoRA):
         ids = self.encode(prompt)
         limit = self.max_model_len
         if len(ids) >= limit:
-            raise BrazeError(f"the prompt has {len(ids)} tokens; this model allows {limit} in "
-                             f"all (max_model_len), so at most {limit - 1} leave room to generate",
-                             param="prompt")
+            held = (f"this engine's KV cache holds {limit} tokens of a sequence (raise "
+                    f"num_kv_blocks for more)" if self.kv_limit is not None else
+                    f"this model allows {limit} in all (max_model_len)")
+            raise BrazeError(f"the prompt has {len(ids)} tokens; {held}, so at most "
+                             f"{limit - 1} leave room to generate", param="prompt")
         if params.num_samples > 1:
             raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
                              "sample per request; add params.children() as requests "
@@ -242,7 +257,7 @@ class Engine(EngineLoRA):
             ids = self.tokenizer.encode(prompt)
         else:
             try:
-                ids = [int(t) for t in prompt]
+                ids = [_token_id(t) for t in prompt]
             except (TypeError, ValueError):
                 raise BrazeError("a prompt is a string or a list of integer token ids",
                                  param="prompt") from None
@@ -553,3 +568,11 @@ def _unfreeze() -> None:
 
 
 _unfreeze.registered = False
+
+
+def _token_id(t) -> int:
+    """An integer of any kind (numpy's, a 0-d integer tensor) as an int; a float such as
+    1.5 or a bool is an error, not token 1."""
+    if isinstance(t, bool):
+        raise TypeError("a bool is not a token id")
+    return operator.index(t)

@@ -33,6 +33,33 @@ def resolve_backend(backend: str, has_plan: bool = True) -> str:
     return backend
 
 
+def resolve_device(device: str | None, backend: str) -> torch.device:
+    """The torch device to run on: `device` checked (a name torch reads, a type braze runs
+    on, a GPU that exists), or the backend's default."""
+    if device is None:
+        return torch.device("cuda" if backend == "cuda" else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BrazeError(f"device {device!r} is not a device name; give cpu, cuda or cuda:N") \
+            from None
+    if d.type == "cpu":
+        if backend == "cuda":
+            raise BrazeError(f"backend 'cuda' runs on a cuda device, not {device!r}; use "
+                             "--backend reference or interpret on the CPU")
+        return torch.device("cpu")
+    if d.type != "cuda":
+        raise BrazeError(f"device {device!r}: braze runs on cpu or cuda devices")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise BrazeError(f"device {device!r} needs a CUDA GPU and none is visible; use "
+                         "--device cpu (or leave it out)")
+    if d.index is not None and d.index >= count:
+        raise BrazeError(f"device {device!r}: only {count} CUDA GPU(s) are visible "
+                         f"(cuda:0..cuda:{count - 1})")
+    return d
+
+
 class Executor:
     def __init__(self, artifact: Artifact, backend: str = "auto", device: str | None = None,
                  num_blocks: int | None = None):
@@ -41,7 +68,7 @@ class Executor:
         self.backend = resolve_backend(backend, has_plan="plan" in artifact.manifest)
         self.artifact = artifact
         self.graph = artifact.graph
-        self.device = torch.device(device or ("cuda" if self.backend == "cuda" else "cpu"))
+        self.device = resolve_device(device, self.backend)
         self.params = artifact.load_weights(self.device)
         self.plan = None
         self.interpreter = Interpreter(self.graph)      # the reference backend's

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 
 from braze.ir.errors import BrazeError
 
@@ -27,20 +28,42 @@ Completion = RequestOutput      # the name braze used before the engine
 
 
 class LLM:
-    def __init__(self, artifact, options: EngineOptions | None = None, **overrides):
-        """`options` (runtime/options.py) and/or its fields as keywords: backend,
+    def __init__(self, artifact=None, options: EngineOptions | None = None, *, model=None,
+                 **overrides):
+        """`artifact` (or `model=`, vLLM's name): the compiled artifact's directory.
+        `options` (runtime/options.py) and/or its fields as keywords: backend,
         num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ..."""
-        self.engine = Engine(artifact, EngineOptions.of(options, **overrides))
+        if (artifact is None) == (model is None):
+            raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
+                             "LLM(model=ARTIFACT)")
+        self.engine = Engine(artifact if model is None else model,
+                             EngineOptions.of(options, **overrides))
         self.artifact = self.engine.artifact
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        self._prompter = None      # the model's chat template, compiled at the first chat
+
+    def get_tokenizer(self):
+        """The artifact's tokenizer (runtime/tokenizer.py), or None if it has none."""
+        return self.tokenizer
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 lora_request=None) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, a list of token ids, or a list of those.
-        params: one SamplingParams for all prompts, or one per prompt.
+                 lora_request=None, *, sampling_params=None) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, a dict {"prompt": text} or
+        {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
+        params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
+        one per prompt.
         lora_request: a LoRARequest (runtime/lora.py) for all prompts, or one per prompt
-        (None where a prompt uses the base model); the artifact needs --lora-slots."""
+        (None where a prompt uses the base model); the artifact needs --lora-slots.
+
+        Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
+        (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
+        the prompt's text (None for token ids)."""
+        if sampling_params is not None:
+            if params is not None:
+                raise BrazeError("give the sampling parameters once: as the second argument "
+                                 "or as sampling_params=")
+            params = sampling_params
         prompts = _prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
@@ -49,6 +72,10 @@ class LLM:
             plist = list(params)
         else:
             plist = [params or SamplingParams()] * len(prompts)
+        for sp in plist:
+            if not isinstance(sp, SamplingParams):
+                raise BrazeError(f"sampling parameters must be braze.SamplingParams, got "
+                                 f"{type(sp).__name__}: write SamplingParams(**{{...}})")
         for sp in plist:
             sp.validate()
         if isinstance(lora_request, (list, tuple)):
@@ -83,7 +110,50 @@ class LLM:
             for rid in ids:             # an interrupted call leaves nothing running
                 self.engine.abort_request(rid)
             raise
-        return [pick_samples(sp, [final[rid] for rid in group]) for sp, group in groups]
+        outs = [pick_samples(sp, [final[rid] for rid in group]) for sp, group in groups]
+        for out, p in zip(outs, prompts):
+            for o in out.outputs:
+                o.prompt = p if isinstance(p, str) else None
+        return outs
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             lora_request=None, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Generate replies to conversations, rendered with the model's chat template (or
+        `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
+        messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
+        of conversations. `chat_template_kwargs` and `tools` are passed to the template.
+        Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
+        from .chat_template import ChatPrompter, template_source
+        if self.tokenizer is None:
+            raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "
+                             "with token ids")
+        if chat_template is not None:
+            prompter = ChatPrompter(chat_template, self.tokenizer)
+        else:
+            if self._prompter is None:
+                source = template_source(self.artifact.tokenizer_dir, self.tokenizer.config)
+                if source is None:
+                    raise BrazeError("this model has no chat template (no chat_template.jinja, "
+                                     "chat_template.json or chat_template in its "
+                                     "tokenizer_config.json); pass chat_template=, or use "
+                                     "generate with a prompt")
+                self._prompter = ChatPrompter(source, self.tokenizer)
+            prompter = self._prompter
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise BrazeError("messages must be a non-empty list of {\"role\", \"content\"} dicts, "
+                             "or a list of such lists", param="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        texts = [prompter.text(c if isinstance(c, (list, tuple)) else [c],
+                               add_generation_prompt, tools, chat_template_kwargs)
+                 for c in conversations]
+        outs = self.generate([{"prompt_token_ids": prompter.ids(t)} for t in texts],
+                             sampling_params, lora_request)
+        for out, text in zip(outs, texts):
+            for o in out.outputs:
+                o.prompt = text
+        return outs
 
     def beam_search(self, prompts, params: BeamSearchParams,
                     lora_request=None) -> list[BeamSearchOutput]:
@@ -121,18 +191,58 @@ class LLM:
         self.close()
 
 
+PROMPT_FORMS = ("a prompt is a string, a list of token ids, {\"prompt\": text} or "
+                "{\"prompt_token_ids\": ids}")
+
+
 def _prompt_list(prompts) -> list:
-    """One prompt (a string or a list of token ids) or a list of them, as a list."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        return [prompts]
-    return list(prompts)
+    """One prompt or a list of them, as a list of strings and lists of token ids."""
+    prompts = _listed(prompts)
+    if isinstance(prompts, (str, dict)) or _is_ids(prompts):
+        prompts = [prompts]
+    elif not isinstance(prompts, (list, tuple)):
+        raise BrazeError(f"{PROMPT_FORMS}, or a list of those; got {type(prompts).__name__}",
+                         param="prompt")
+    return [_one_prompt(p) for p in prompts]
+
+
+def _listed(p):
+    """A 1-D numpy array or tensor of ids as a list of ints."""
+    return p.tolist() if hasattr(p, "tolist") and getattr(p, "ndim", None) == 1 else p
+
+
+def _is_ids(p) -> bool:
+    return (isinstance(p, (list, tuple)) and len(p) > 0
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p))
+
+
+def _one_prompt(p):
+    if isinstance(p, dict):
+        keys = set(p)
+        if keys == {"prompt"} and isinstance(p["prompt"], str):
+            return p["prompt"]
+        if keys == {"prompt_token_ids"} and _is_ids(_listed(p["prompt_token_ids"])):
+            return [int(t) for t in _listed(p["prompt_token_ids"])]
+        media = " (braze takes text only: no multi_modal_data)" \
+            if "multi_modal_data" in keys else ""
+        raise BrazeError(f"{PROMPT_FORMS}; got a dict with keys {sorted(keys)}{media}",
+                         param="prompt")
+    p = _listed(p)
+    if isinstance(p, str):
+        return p
+    if _is_ids(p):
+        return [int(t) for t in p]
+    if isinstance(p, (list, tuple)) and not p:
+        return []                     # the engine's error: the prompt is empty
+    raise BrazeError(f"{PROMPT_FORMS}; got {p!r:.60}", param="prompt")
 
 
 def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> RequestOutput:
     """The report of a prompt from its samples: with best_of, the n of highest cumulative
     logprob (best first; ties keep sample order), else all n in order. The first is the
-    report itself and all are in its `outputs` (set only when there are several samples)."""
+    report itself and all are in its `outputs` (itself alone for one sample)."""
     if len(samples) == 1:
+        samples[0].outputs = [samples[0]]
         return samples[0]
     chosen = samples
     if params.best_of is not None and params.best_of > params.n:

@@ -90,7 +90,8 @@ class RequestOutput:
 
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "new_token_ids", "finished",
                  "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy",
-                 "logprobs", "new_logprobs", "cumulative_logprob", "outputs", "prompt_logprobs")
+                 "logprobs", "new_logprobs", "cumulative_logprob", "outputs", "prompt_logprobs",
+                 "prompt")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], token_ids: list[int],
                  text: str | None, new_token_ids: list[int] | None = None, new_text: str = "",
@@ -111,9 +112,10 @@ class RequestOutput:
         self.logprobs: list[TokenLogprobs] | None = None
         self.new_logprobs: list[TokenLogprobs] | None = None
         self.cumulative_logprob: float | None = None
-        # LLM.generate with n > 1 or best_of: the chosen samples, best first for best_of
-        # (this report's own fields are those of outputs[0])
+        # LLM.generate: the chosen samples, best first for best_of (this report's own fields
+        # are those of outputs[0], which is itself); None in the engine's step reports
         self.outputs: list[RequestOutput] | None = None
+        self.prompt: str | None = None       # LLM.generate: the prompt, when it was text
         # with SamplingParams.prompt_logprobs: None for the first prompt token, then a
         # TokenLogprobs per prompt token (its logprob given the tokens before it)
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -50,7 +50,7 @@ def _is_real(v) -> bool:
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16       # None: up to max_model_len, as in vLLM
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 (or -1) = no limit
@@ -113,8 +113,9 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise BrazeError naming the first bad parameter and its value."""
         v = self.max_tokens
-        if not _is_int(v) or v < 1:
-            raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
+        if v is not None and (not _is_int(v) or v < 1):    # None: up to max_model_len (vLLM)
+            raise BrazeError(f"max_tokens must be null (up to the model's length limit) or an "
+                             f"integer >= 1, got {v!r}", param="max_tokens")
         v = self.temperature
         if not _is_real(v) or not math.isfinite(v) or v < 0:
             raise BrazeError(f"temperature must be a finite number >= 0 (0 = greedy), got {v!r}",

@@ -160,3 +160,52 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
         LLM(store.artifact("llama"), max_num_tokens=0)
     with pytest.raises(BrazeError, match="max_num_seqs=9 exceeds the 8"):
         LLM(store.artifact("llama", max_num_tokens=64, max_num_seqs=8), max_num_seqs=9)
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    """`--help` explains each argument of each command, and names the default of every
+    option that has one (a flag that is off needs none)."""
+    import argparse
+
+    from braze.cli import build_parser
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, parser in sub.choices.items():
+        for a in parser._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._StoreFalseAction)):
+                continue
+            text = a.help or ""
+            has_default = not (a.default is None or a.default is False)
+            if not text or (has_default and "default" not in text.lower()):
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+    assert not missing, missing
+
+
+def test_prompt_from_a_file_or_stdin(store, tmp_path):
+    from transformers import AutoTokenizer
+    art = store.artifact("llama")
+    text = "The quick brown fox\njumps over"
+    ids = AutoTokenizer.from_pretrained(store.checkpoint("llama"))(text)["input_ids"]
+    want = json.loads(braze("generate", art, "--prompt-ids", ",".join(map(str, ids)),
+                            "--max-tokens", "5", "--json").stdout)["token_ids"]
+    f = tmp_path / "prompt.txt"
+    f.write_text(text)
+    r = braze("generate", art, "--prompt-file", f, "--max-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want
+    r = subprocess.run([sys.executable, "-m", "braze", "generate", str(art), "--prompt-file",
+                        "-", "--max-tokens", "5", "--json"], input=text, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--prompt-file", "/nonexistent/p.txt"], ["/nonexistent/p.txt"]),
+    (["--prompt", "hi", "--prompt-file", "-"], ["exactly one", "--prompt-file"]),
+    (["--prompt", "hi", "--logprobs", "2"], ["--logprobs", "--json"])])
+def test_generate_input_errors(store, args, words):
+    from cli_helpers import assert_one_line_error
+    r = braze("generate", store.artifact("llama"), *args)
+    assert_one_line_error(r.returncode, r.stderr, *words)

@@ -303,3 +303,28 @@ def test_random_arrivals_and_aborts_keep_results_and_free_everything(
     s = eng.stats()
     assert s["kv_blocks_free"] == num_blocks and s["num_running"] == s["num_waiting"] == 0
     assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+
+
+def test_a_kv_cache_below_max_model_len_is_said_not_silent(store, caplog):
+    """num_kv_blocks too small for one sequence of the artifact's max_model_len: the engine
+    warns once at start, naming the option, and a prompt it cannot hold is refused naming
+    the KV cache, not the model; generation ends at the cache's capacity."""
+    from braze.runtime import open_artifact
+    art = store.artifact("llama")
+    m = open_artifact(art).manifest
+    block = m["options"]["block_size"]
+    assert m["limits"]["max_model_len"] > 2 * block
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        llm = LLM(art, backend="reference", num_kv_blocks=2)
+    said = [r.getMessage() for r in caplog.records if "--num-kv-blocks" in r.getMessage()]
+    assert len(said) == 1 and str(2 * block) in said[0]
+    with pytest.raises(BrazeError, match="KV cache holds") as e:
+        llm.generate([[5] * (2 * block)], GREEDY)
+    assert "max_model_len" not in str(e.value)
+    out = llm.generate([[5] * (2 * block - 4)], SamplingParams(max_tokens=10,
+                                                               ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        LLM(art, backend="reference", num_kv_blocks=64)
+    assert not [r for r in caplog.records if "--num-kv-blocks" in r.getMessage()]

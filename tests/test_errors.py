@@ -204,3 +204,66 @@ def test_gemma3_config_errors_name_the_key(store, tmp_path, edit, words):
     (d / "config.json").write_text(json.dumps(cfg))
     code, _, err = run("compile", d, "-o", tmp_path / "a")
     assert_one_line_error(code, err, *words)
+
+
+def test_force_replaces_only_an_artifact(store, tmp_path):
+    """--force must not delete what is not an earlier artifact: the model's own directory,
+    a directory of the user's files, or a file; each is refused before compiling and left
+    as it was. An earlier artifact is still replaced."""
+    model = _copy(store.checkpoint("llama"), tmp_path / "model")
+    before = sorted(p.name for p in model.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me too")
+    for out in (model, mine, a_file):
+        code, _, err = run("compile", model, "-o", out, "--force", "--opt-level", "0",
+                           "--targets", "")
+        assert_one_line_error(code, err, str(out), "--force")
+        assert "tracing" not in err          # refused before any work
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert a_file.read_text() == "keep me too"
+
+    art = tmp_path / "a.braze"
+    for _ in range(2):
+        code, _, err = run("compile", model, "-o", art, "--force", "--opt-level", "0",
+                           "--targets", "", "-q")
+        assert code == 0, err
+    assert json.loads((art / "manifest.json").read_text())["format"] == "braze-artifact"
+    assert not (tmp_path / "a.braze.partial").exists()
+
+
+def test_unwritable_output_is_refused_before_compiling(store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "sub" / "a.braze"          # under a file: no directory can be made
+    code, _, err = run("compile", store.checkpoint("llama"), "-o", out, "--opt-level", "0",
+                       "--targets", "")
+    assert_one_line_error(code, err, "cannot write the artifact", str(blocker))
+    assert "tracing" not in err
+
+
+@pytest.mark.parametrize("device,words", [
+    ("gpu", ["'gpu'", "not a device name"]), ("meta", ["'meta'", "cpu or cuda"]),
+    ("cuda:7", ["'cuda:7'"])])
+def test_a_bad_device_is_named_not_the_weights(store, device, words):
+    """--device names a device braze cannot run on: the error is about the device (it was
+    an internal error, or 'artifact weights ... cannot be read')."""
+    import torch
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = run("generate", store.artifact("llama"), "--prompt-ids", "1,2",
+                       "--max-tokens", "1", "--device", device)
+    assert_one_line_error(code, err, *words)
+    assert "weights" not in err
+
+
+def test_cpu_with_an_index_runs(store):
+    from braze.runtime import LLM, SamplingParams
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    art = store.artifact("llama")
+    a = LLM(art, backend="reference", device="cpu:0", num_kv_blocks=8).generate([1, 2], p)
+    b = LLM(art, backend="reference", num_kv_blocks=8).generate([1, 2], p)
+    assert a[0].token_ids == b[0].token_ids

@@ -1,0 +1,118 @@
+"""Chat messages to prompt token ids with the model's chat template, for `LLM.chat`.
+
+The template is looked up in the artifact's tokenizer directory as transformers does:
+`chat_template.jinja`, else chat_template.json's `chat_template`, else tokenizer_config.json's
+(a string, or a list of named templates where "default" wins). It renders in jinja2's
+immutable sandbox, since a template ships with a model and must not reach Python's
+internals. Messages are passed to it as given (dicts with "role" and "content"), as
+transformers' apply_chat_template passes them; content may be a string or a list of
+{"type": "text", "text": ...} parts.
+
+The rendered text is tokenised without the tokenizer's own special tokens, as
+transformers' apply_chat_template(tokenize=True) and vLLM's chat do: the template writes
+the BOS where the model wants one.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from braze.ir.errors import BrazeError
+
+
+def template_source(tokenizer_dir: Path | None, config: dict | None) -> str | None:
+    """The model's chat template text, or None."""
+    t = (config or {}).get("chat_template")
+    if tokenizer_dir is not None:
+        f = Path(tokenizer_dir) / "chat_template.jinja"
+        if f.is_file():
+            return f.read_text()
+        f = Path(tokenizer_dir) / "chat_template.json"
+        if f.is_file():
+            try:
+                t = json.loads(f.read_text()).get("chat_template", t)
+            except (ValueError, AttributeError):
+                pass                   # not an object with a template: tokenizer_config's
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) and t.strip() else None
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _raise(message):
+    raise _Rejected(message)
+
+
+def _token_text(config: dict, key: str) -> str:
+    v = config.get(key)
+    if isinstance(v, dict):          # {"content": "<s>", "lstrip": false, ...}
+        v = v.get("content")
+    return v if isinstance(v, str) else ""
+
+
+class ChatPrompter:
+    """Renders conversations with one template and tokenises them for `tokenizer`."""
+
+    def __init__(self, source: str, tokenizer):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise BrazeError(f"the chat template does not compile: {e}") from None
+        config = getattr(tokenizer, "config", None) or {}
+        self.bos_token = _token_text(config, "bos_token")
+        self.eos_token = _token_text(config, "eos_token")
+        self.tokenizer = tokenizer
+
+    def text(self, messages: list[dict], add_generation_prompt: bool = True,
+             tools: list[dict] | None = None, extra: dict | None = None) -> str:
+        from jinja2 import TemplateError
+        msgs = [_message(m, i) for i, m in enumerate(messages)]
+        kw = dict(extra or {})
+        if tools is not None:
+            kw["tools"] = tools
+        try:
+            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token, **kw)
+        except _Rejected as e:
+            raise BrazeError(f"the chat template rejected the messages: {e}") from None
+        except TemplateError as e:
+            raise BrazeError(f"the chat template failed on these messages: {e}") from None
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _message(m, i: int) -> dict:
+    """A message as the template sees it: content parts joined into one string."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise BrazeError(f"messages[{i}] must be a dict with a \"role\" and a \"content\", "
+                         f"got {m!r:.80}", param="messages")
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") != "text" or \
+                    not isinstance(p.get("text"), str):
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise BrazeError(f"messages[{i}].content[{j}] is of type {kind!r}; braze "
+                                 "chats in text: give {\"type\": \"text\", \"text\": ...} parts",
+                                 param="messages")
+            texts.append(p["text"])
+        m = {**m, "content": "".join(texts)}
+    elif content is not None and not isinstance(content, str):
+        raise BrazeError(f"messages[{i}].content must be a string or a list of text parts, "
+                         f"got {type(content).__name__}", param="messages")
+    return m

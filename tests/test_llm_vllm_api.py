@@ -1,0 +1,136 @@
+"""`braze.LLM` as a vLLM user writes it: `LLM(model=...)`, `generate(prompts,
+sampling_params=...)`, TextPrompt/TokensPrompt dicts, `out.prompt` and
+`out.outputs[0].text` (the first lines of vLLM's quickstart), each checked against
+transformers' greedy tokens or the engine's own plain path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from braze import LLM, SamplingParams
+from braze.ir.errors import BrazeError
+
+from conftest import hf_model
+from test_engine import assert_valid_greedy
+
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(store):
+    return LLM(model=store.artifact("llama"), backend="reference", num_kv_blocks=32)
+
+
+def test_the_vllm_quickstart_reads_outputs_and_prompt(store, llm):
+    prompts = ["Hello, my name is", "The capital of France is"]
+    outs = llm.generate(prompts, sampling_params=GREEDY)
+    model = hf_model(store.checkpoint("llama"))
+    tok = llm.get_tokenizer()
+    for text, out in zip(prompts, outs):
+        assert out.prompt == text
+        assert len(out.outputs) == 1
+        first = out.outputs[0]
+        assert first.text == tok.decode(first.token_ids)
+        assert len(first.token_ids) == 6 and first.finish_reason == "length"
+        assert_valid_greedy(model, tok.encode(text), first.token_ids)
+    # n > 1 keeps its list of samples; a token-id prompt has no prompt text
+    many = llm.generate([[1, 5, 6]], SamplingParams(max_tokens=3, n=2, temperature=1.0,
+                                                    seed=1))[0]
+    assert len(many.outputs) == 2 and many.prompt is None
+
+
+def test_text_and_tokens_prompt_dicts_are_the_plain_prompts(llm):
+    ids = llm.get_tokenizer().encode("hello world")
+    plain = llm.generate(["hello world", ids], GREEDY)
+    dicts = llm.generate([{"prompt": "hello world"}, {"prompt_token_ids": ids}], GREEDY)
+    assert [o.token_ids for o in dicts] == [o.token_ids for o in plain]
+    assert [o.prompt_token_ids for o in dicts] == [ids, ids]
+    single = llm.generate({"prompt_token_ids": np.array(ids)}, GREEDY)
+    assert [o.token_ids for o in single] == [plain[1].token_ids]
+    assert llm.generate(list(np.array(ids)), GREEDY)[0].token_ids == plain[1].token_ids
+
+
+@pytest.mark.parametrize("prompts,words", [
+    (None, "got NoneType"), (5, "got int"), ([[1.5, 2]], "token ids"),
+    ({"prompt": "hi", "multi_modal_data": {}}, "multi_modal_data"),
+    ([{"prompt_token_ids": "1,2"}], "prompt_token_ids")])
+def test_a_prompt_of_another_shape_is_named(llm, prompts, words):
+    with pytest.raises(BrazeError, match=words):
+        llm.generate(prompts, GREEDY)
+
+
+def test_sampling_params_given_twice_or_as_a_dict_is_an_error(llm):
+    with pytest.raises(BrazeError, match="once"):
+        llm.generate("hi", GREEDY, sampling_params=GREEDY)
+    with pytest.raises(BrazeError, match="SamplingParams"):
+        llm.generate("hi", {"max_tokens": 3})
+    with pytest.raises(BrazeError, match="once"):
+        LLM()
+
+
+def test_the_engine_reads_no_float_as_a_token_id(llm):
+    with pytest.raises(BrazeError, match="token ids"):
+        llm.engine.encode([1.5, 2])
+    with pytest.raises(BrazeError, match="token ids"):
+        llm.engine.encode([True, 2])
+    assert llm.engine.encode(np.array([3, 4])) == [3, 4]
+
+
+def _hf_chat_ids(tok, conversation, **kw) -> list[int]:
+    r = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, **kw)
+    return list(r["input_ids"] if hasattr(r, "keys") else r)
+
+
+def test_chat_renders_as_transformers_does_and_generates_from_it(store, llm):
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    convs = [[{"role": "user", "content": "Hi there"}],
+             [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": [{"type": "text", "text": "What is "},
+                                           {"type": "text", "text": "2+2?"}]}]]
+    want = [_hf_chat_ids(hf_tok, [{"role": m["role"], "content": m["content"] if
+                                   isinstance(m["content"], str) else
+                                   "".join(p["text"] for p in m["content"])} for m in c])
+            for c in convs]
+    outs = llm.chat(convs, GREEDY)
+    assert [o.prompt_token_ids for o in outs] == want
+    plain = llm.generate([{"prompt_token_ids": ids} for ids in want], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in plain]
+    model = hf_model(store.checkpoint("llama"))
+    for ids, o in zip(want, outs):
+        assert_valid_greedy(model, ids, o.outputs[0].token_ids)
+    assert outs[0].prompt == hf_tok.decode(want[0])
+    # one conversation, not a list of them
+    assert llm.chat(convs[0], GREEDY)[0].token_ids == outs[0].token_ids
+    # a template of the caller's, and its keyword arguments
+    mine = "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}|{{ tag }}]{% endfor %}"
+    got = llm.chat(convs[0], GREEDY, chat_template=mine, chat_template_kwargs={"tag": "x"})
+    assert got[0].prompt_token_ids == _hf_chat_ids(hf_tok, convs[0], chat_template=mine,
+                                                   tag="x")
+
+
+def test_chat_errors_name_the_message(llm):
+    with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    with pytest.raises(BrazeError, match="rejected the messages: no system"):
+        llm.chat([{"role": "system", "content": "x"}], GREEDY,
+                 chat_template="{% if messages[0]['role'] == 'system' %}"
+                               "{{ raise_exception('no system') }}{% endif %}")
+    with pytest.raises(BrazeError, match="does not compile"):
+        llm.chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
+    with pytest.raises(BrazeError, match="messages"):
+        llm.chat("hello")
+
+
+def test_max_tokens_none_generates_up_to_max_model_len(llm):
+    """vLLM's max_tokens=None: no count of its own, the model's length limit ends it."""
+    limit = llm.engine.max_model_len
+    prompt = [1, 5, 6, 7]
+    out = llm.generate(prompt, SamplingParams(max_tokens=None, ignore_eos=True))[0]
+    assert len(prompt) + len(out.token_ids) == limit and out.finish_reason == "length"
+    counted = llm.generate(prompt, SamplingParams(max_tokens=limit - len(prompt),
+                                                  ignore_eos=True))[0]
+    assert out.token_ids == counted.token_ids
+    with pytest.raises(BrazeError, match="max_tokens"):
+        llm.generate(prompt, SamplingParams(max_tokens=0))
