@@ -1,4 +1,6 @@
-"""Chat messages to prompt token ids with the model's chat template, for `LLM.chat`.
+"""Chat messages to prompt token ids with the model's chat template, for `LLM.chat`; and
+the pieces the server's chat (serving/chat.py) renders with too: where the template is
+found, the sandbox it renders in, the BOS/EOS text it is given, how text parts are joined.
 
 The template is looked up in the artifact's tokenizer directory as transformers does:
 `chat_template.jinja`, else chat_template.json's `chat_template`, else tokenizer_config.json's
@@ -16,10 +18,13 @@ the BOS where the model wants one.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 
 from braze.ir.errors import BrazeError
+
+log = logging.getLogger("braze.runtime")
 
 
 def template_source(tokenizer_dir: Path | None, config: dict | None) -> str | None:
@@ -34,26 +39,48 @@ def template_source(tokenizer_dir: Path | None, config: dict | None) -> str | No
             try:
                 t = json.loads(f.read_text()).get("chat_template", t)
             except (ValueError, AttributeError):
-                pass                   # not an object with a template: tokenizer_config's
+                log.warning("%s is not a JSON object with a chat_template; using "
+                            "tokenizer_config.json's", f)
     if isinstance(t, list):
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
         t = named.get("default") or next(iter(named.values()), None)
     return t if isinstance(t, str) and t.strip() else None
 
 
-class _Rejected(Exception):
-    pass
+class TemplateRejected(Exception):
+    """A template's raise_exception(message): the messages are not what it accepts."""
 
 
 def _raise(message):
-    raise _Rejected(message)
+    raise TemplateRejected(message)
 
 
-def _token_text(config: dict, key: str) -> str:
+def sandboxed(source: str):
+    """`source` compiled in jinja2's immutable sandbox with what chat templates use beyond
+    Jinja (raise_exception, strftime_now, tojson as transformers defines it); jinja2's
+    TemplateError when it does not compile."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def token_text(config: dict, key: str) -> str:
+    """tokenizer_config.json's bos_token / eos_token as text ("" when absent)."""
     v = config.get(key)
     if isinstance(v, dict):          # {"content": "<s>", "lstrip": false, ...}
         v = v.get("content")
     return v if isinstance(v, str) else ""
+
+
+def join_text_parts(texts: list[str]) -> str:
+    """A message's text content parts as the one string a template gets: a newline between
+    parts, as vLLM joins them (joined with nothing, ["Summarise:", "The report"] would run
+    the words together)."""
+    return "\n".join(texts)
 
 
 class ChatPrompter:
@@ -61,19 +88,13 @@ class ChatPrompter:
 
     def __init__(self, source: str, tokenizer):
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-            x, indent=indent, ensure_ascii=ensure_ascii)
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            self.template = env.from_string(source)
+            self.template = sandboxed(source)
         except TemplateError as e:
             raise BrazeError(f"the chat template does not compile: {e}") from None
         config = getattr(tokenizer, "config", None) or {}
-        self.bos_token = _token_text(config, "bos_token")
-        self.eos_token = _token_text(config, "eos_token")
+        self.bos_token = token_text(config, "bos_token")
+        self.eos_token = token_text(config, "eos_token")
         self.tokenizer = tokenizer
 
     def text(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -86,7 +107,7 @@ class ChatPrompter:
         try:
             return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token, **kw)
-        except _Rejected as e:
+        except TemplateRejected as e:
             raise BrazeError(f"the chat template rejected the messages: {e}") from None
         except TemplateError as e:
             raise BrazeError(f"the chat template failed on these messages: {e}") from None
@@ -111,7 +132,7 @@ def _message(m, i: int) -> dict:
                                  "chats in text: give {\"type\": \"text\", \"text\": ...} parts",
                                  param="messages")
             texts.append(p["text"])
-        m = {**m, "content": "".join(texts)}
+        m = {**m, "content": join_text_parts(texts)}
     elif content is not None and not isinstance(content, str):
         raise BrazeError(f"messages[{i}].content must be a string or a list of text parts, "
                          f"got {type(content).__name__}", param="messages")

@@ -4,74 +4,31 @@ The template comes from the artifact's tokenizer directory: `chat_template.jinja
 present, else chat_template.json's `chat_template` (the processor's file, where multimodal
 checkpoints keep it), else `chat_template` in tokenizer_config.json (a string, or a list of
 named templates where "default" wins). It is rendered in jinja2's immutable sandbox: templates
-ship with models, and a template must not reach Python internals.
+ship with models, and a template must not reach Python internals. Finding, sandboxing and
+the text-part rule are runtime/chat_template.py's, which `LLM.chat` uses too.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
-from datetime import datetime
-from pathlib import Path
+
+from braze.runtime.chat_template import TemplateRejected, join_text_parts, sandboxed, token_text
 
 from .protocol import ChatMessage, bad_request, check_text
-
-log = logging.getLogger("braze.serving")
 
 NO_TEMPLATE = ("model has no chat template (no chat_template.jinja, chat_template.json or "
                "chat_template in its tokenizer_config.json); use /v1/completions with a "
                "prompt instead")
 
 
-def load_template(tokenizer_dir: Path | None, config: dict | None) -> str | None:
-    t = (config or {}).get("chat_template")
-    if tokenizer_dir is not None:
-        f = Path(tokenizer_dir) / "chat_template.jinja"
-        if f.is_file():
-            return f.read_text()
-        f = Path(tokenizer_dir) / "chat_template.json"
-        if f.is_file():
-            try:
-                t = json.loads(f.read_text()).get("chat_template", t)
-            except (ValueError, AttributeError):
-                log.warning("%s is not a JSON object with a chat_template; using "
-                            "tokenizer_config.json's", f)
-    if isinstance(t, list):
-        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
-        t = named.get("default") or next(iter(named.values()), None)
-    return t if isinstance(t, str) and t.strip() else None
-
-
-def _token_text(config: dict, key: str) -> str:
-    v = config.get(key)
-    if isinstance(v, dict):          # {"content": "<s>", "lstrip": false, ...}
-        v = v.get("content")
-    return v if isinstance(v, str) else ""
-
-
-class _TemplateError(Exception):
-    pass
-
-
-def _raise(message):
-    raise _TemplateError(message)
-
-
 class ChatTemplate:
     """A compiled chat template; `render(messages)` returns the prompt text."""
 
     def __init__(self, source: str, config: dict | None = None):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-            x, indent=indent, ensure_ascii=ensure_ascii)
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self.template = env.from_string(source)
+        self.template = sandboxed(source)
         config = config or {}
-        self.bos_token = _token_text(config, "bos_token")
-        self.eos_token = _token_text(config, "eos_token")
+        self.bos_token = token_text(config, "bos_token")
+        self.eos_token = token_text(config, "eos_token")
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                extra: dict | None = None, tools: list[dict] | None = None,
@@ -103,7 +60,7 @@ class ChatTemplate:
             text = self.template.render(
                 messages=msgs, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token, eos_token=self.eos_token, **kw)
-        except _TemplateError as e:
+        except TemplateRejected as e:
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
         except TemplateError as e:
             raise bad_request(f"the chat template failed on these messages: {e}",
@@ -192,9 +149,7 @@ def _content_text(m: ChatMessage) -> str:
             raise bad_request(f"message content of type {p.type!r} is not supported; "
                               "send text", "messages")
         parts.append(p.text or "")
-    # one newline between parts, as vLLM joins them for a template that takes text: joined
-    # with nothing, ["Summarise:", "The report..."] would run the words together
-    return "\n".join(parts)
+    return join_text_parts(parts)
 
 
 def strip_leading_bos(text: str, bos_token: str, tokenizer_adds_bos: bool) -> str:

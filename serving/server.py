@@ -73,11 +73,12 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
     from braze.runtime.engine import Engine
     from braze.runtime.loader import open_artifact
     from braze.runtime.options import EngineOptions
+    from braze.runtime.chat_template import template_source
     from braze.runtime.tokenizer import Tokenizer
 
     from . import extensions
     from .async_engine import AsyncEngine
-    from .chat import ChatTemplate, load_template
+    from .chat import ChatTemplate
     from .metrics import Metrics
 
     from .tool_parsers import PARSERS, ALIASES, detect
@@ -105,7 +106,7 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
         config = getattr(tokenizer, "config", None) or {}
-        source = load_template(art.tokenizer_dir, config)
+        source = template_source(art.tokenizer_dir, config)
         template = None
         if source:
             try:

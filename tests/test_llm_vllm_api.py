@@ -91,7 +91,7 @@ def test_chat_renders_as_transformers_does_and_generates_from_it(store, llm):
                                            {"type": "text", "text": "2+2?"}]}]]
     want = [_hf_chat_ids(hf_tok, [{"role": m["role"], "content": m["content"] if
                                    isinstance(m["content"], str) else
-                                   "".join(p["text"] for p in m["content"])} for m in c])
+                                   "\n".join(p["text"] for p in m["content"])} for m in c])
             for c in convs]
     outs = llm.chat(convs, GREEDY)
     assert [o.prompt_token_ids for o in outs] == want

@@ -108,15 +108,15 @@ def test_chat_template_json_ships_and_wins_over_tokenizer_config(mm, tmp_path):
     """chat_template.json (the processor's file) is copied into the artifact and read;
     chat_template.jinja still comes first, tokenizer_config.json's chat_template last."""
     from braze.runtime import open_artifact
-    from braze.serving.chat import load_template
+    from braze.runtime.chat_template import template_source
     tok_dir = open_artifact(mm.artifact("gemma3")).tokenizer_dir
     assert (tok_dir / "chat_template.json").is_file()
-    assert load_template(tok_dir, {"chat_template": "other"}) == MULTIMODAL_CHAT_TEMPLATE
+    assert template_source(tok_dir, {"chat_template": "other"}) == MULTIMODAL_CHAT_TEMPLATE
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "from json"}))
-    assert load_template(tmp_path, {"chat_template": "from config"}) == "from json"
+    assert template_source(tmp_path, {"chat_template": "from config"}) == "from json"
     (tmp_path / "chat_template.jinja").write_text("from jinja")
-    assert load_template(tmp_path, {"chat_template": "from config"}) == "from jinja"
-    assert load_template(tmp_path / "none", {"chat_template": "from config"}) == "from config"
+    assert template_source(tmp_path, {"chat_template": "from config"}) == "from jinja"
+    assert template_source(tmp_path / "none", {"chat_template": "from config"}) == "from config"
 
 
 def test_server_refuses_image_parts_and_renders_the_json_template(mm, tmp_path):

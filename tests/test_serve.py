@@ -601,11 +601,12 @@ def test_serve_errors_are_one_line(artifact, tmp_path, server):
 def test_chat_template_matches_transformers_and_is_sandboxed(store):
     from transformers import AutoTokenizer
 
-    from braze.serving.chat import ChatTemplate, load_template
+    from braze.runtime.chat_template import template_source
+    from braze.serving.chat import ChatTemplate
     from braze.serving.protocol import APIError, ChatMessage
     d = store.checkpoint("llama")
     config = json.loads((d / "tokenizer_config.json").read_text())
-    t = ChatTemplate(load_template(d, config), config)
+    t = ChatTemplate(template_source(d, config), config)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
     hf = AutoTokenizer.from_pretrained(d)
@@ -630,8 +631,8 @@ def test_chat_template_matches_transformers_and_is_sandboxed(store):
     raising = ChatTemplate("{{ raise_exception('only user turns') }}")
     with pytest.raises(APIError, match="only user turns"):
         raising.render([ChatMessage(role="user", content="x")])
-    assert load_template(None, {}) is None
-    assert load_template(None, {"chat_template": [{"name": "tool", "template": "t"},
+    assert template_source(None, {}) is None
+    assert template_source(None, {"chat_template": [{"name": "tool", "template": "t"},
                                                   {"name": "default", "template": "d"}]}) == "d"
 
 
