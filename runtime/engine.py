@@ -118,6 +118,15 @@ class Engine(EngineLoRA):
 
     # ------------------------------------------------------------ requests
 
+    def too_long(self, n: int) -> str:
+        """The refusal of an n-token prompt (n >= max_model_len), naming what limits it: the
+        artifact's max_model_len, or a KV cache smaller than one such sequence."""
+        limit = self.max_model_len
+        held = (f"this engine's KV cache holds {limit} tokens of a sequence (raise "
+                f"num_kv_blocks / --num-kv-blocks for more)" if self.kv_limit is not None else
+                f"this model allows {limit} in all (max_model_len)")
+        return f"the prompt has {n} tokens; {held}, so at most {limit - 1} leave room to generate"
+
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
                     group: str | None = None, lora_request=None) -> None:
@@ -137,11 +146,7 @@ class Engine(EngineLoRA):
         ids = self.encode(prompt)
         limit = self.max_model_len
         if len(ids) >= limit:
-            held = (f"this engine's KV cache holds {limit} tokens of a sequence (raise "
-                    f"num_kv_blocks for more)" if self.kv_limit is not None else
-                    f"this model allows {limit} in all (max_model_len)")
-            raise BrazeError(f"the prompt has {len(ids)} tokens; {held}, so at most "
-                             f"{limit - 1} leave room to generate", param="prompt")
+            raise BrazeError(self.too_long(len(ids)), param="prompt")
         if params.num_samples > 1:
             raise BrazeError(f"n={params.n}, best_of={params.best_of}: the engine runs one "
                              "sample per request; add params.children() as requests "

@@ -98,11 +98,8 @@ class Prompts:
 
     def check_length(self, n: int, param: str) -> None:
         """The engine's own check (Engine.add_request), made before the ids travel."""
-        limit = self.svc.max_model_len
-        if n >= limit:
-            raise bad_request(f"the prompt has {n} tokens; this model allows {limit} in all "
-                              f"(max_model_len), so at most {limit - 1} leave room to "
-                              "generate", param)
+        if n >= self.svc.max_model_len:
+            raise bad_request(self.svc.aengine.engine.too_long(n), param)
 
     # ---- chat ------------------------------------------------------------------------
     def template_for(self, body) -> ChatTemplate:

@@ -254,6 +254,24 @@ def test_a_long_prompt_with_a_surrogate_is_400_from_the_thread(guarded):
     _error(_raw_post(guarded, "/v1/completions", body), 400, "prompt", "surrogate")
 
 
+def test_a_small_kv_cache_is_named_in_the_length_refusal(artifact, tokenizer, tmp_path):
+    """--num-kv-blocks below one sequence of max_model_len: the server's own length check
+    (made before the ids reach the engine) names the KV cache and the option, as the
+    engine's does, not the model's max_model_len."""
+    from braze.runtime import open_artifact
+    block = open_artifact(artifact).manifest["options"]["block_size"]
+    s = Server(artifact, tmp_path, "--num-kv-blocks", "2")
+    try:
+        text = " ".join(["hello"] * (3 * block))
+        assert len(tokenizer.encode(text)) >= 2 * block
+        r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": text,
+                                                 "max_tokens": 2})
+        err = _error(r, 400, "prompt", "KV cache", "--num-kv-blocks")
+        assert "max_model_len" not in err["message"]
+    finally:
+        s.stop()
+
+
 # ---- options accepted but not supported: one table, a 400 naming the field -------------------
 
 @pytest.mark.parametrize("path, field, value", [
