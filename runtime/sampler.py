@@ -470,7 +470,9 @@ class KernelSampler:
     torch ops (~139 and a sort of every row with top-k / top-p / min-p). JIT-compiled on the
     GPU at first use; under the interpreter on the CPU."""
 
-    def __init__(self, interpret: bool):
+    def __init__(self, interpret: bool, rounds: int = 4):
+        """`rounds`: redraws after a draw top-p rejects before the kernel bisects the kept
+        set's boundary instead (runtime/sampling_kernel.py step 5)."""
         from pathlib import Path
 
         from braze.kernel_modules import load_source
@@ -478,6 +480,7 @@ class KernelSampler:
         mod = load_source("sampling_kernel", path.read_text(), str(path), interpret)
         self.kernel = mod.sample_rows_kernel
         self.block = 1024 if interpret else 4096
+        self.rounds = rounds
         self.launches = 0
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
@@ -497,7 +500,7 @@ class KernelSampler:
                                                                         temperature)
             self.kernel[(s,)](logits, rows, temperature, seeds, counters, out, top_k, top_p,
                               min_p, v, logits.stride(0), BLOCK_V=min(self.block, _pow2(v)),
-                              FILTER=filters is not None)
+                              FILTER=filters is not None, ROUNDS=self.rounds)
             self.launches += 1
         return out
 

@@ -27,9 +27,13 @@ ranked strictly above it (softmax over the top-k) below top_p. Per row:
      With top-p < 1 the candidate c is checked in one pass: it is kept when nothing ranks
      above it or the mass above it, S(s_c) / Z, is below top_p. A rejected c raises a strict
      lower bound to s_c (the kept set is a prefix by value, so nothing at or below s_c is
-     kept) and the draw is repeated over what is left; the row's maximum is always kept, so
-     this ends. The first accepted candidate is the maximum over the kept set, because the
-     kept set lies inside each set drawn from.
+     kept) and the draw is repeated over what is left. The first accepted candidate is the
+     maximum over the kept set, because the kept set lies inside each set drawn from.
+  5. a draw still rejected after ROUNDS rounds (a small top_p over a flat row) ends the
+     loop: "kept" is monotone in the value, so the boundary is bisected over the ordered
+     bit patterns between the last rejected value and the max (32 passes at most), and one
+     draw over what is at or above it follows. No row loops without bound, whatever its
+     numbers (a kernel that never ends would hang the GPU).
 The masses are summed in another order than the reference's cumulative sum, so a token may
 differ only where a candidate's mass above it equals top_p to within float32 rounding.
 """
@@ -72,6 +76,29 @@ def _ordered(s):
 
 
 @triton.jit
+def _from_ordered(key):
+    """_ordered's inverse: the float32 whose ordered bit pattern is `key`."""
+    top = tl.full(key.shape, 0x80000000, tl.uint32)
+    bits = tl.where((key & top) != 0, key & 0x7FFFFFFF,
+                    key ^ tl.full(key.shape, 0xFFFFFFFF, tl.uint32))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mass_above(base, V, t, floor, c, m, BLOCK_V: tl.constexpr):
+    """How many s are above c, and their exp(s - m) summed: one pass."""
+    n_gt = tl.full((), 0, tl.int32)
+    mass = tl.full((), 0.0, tl.float32)
+    for start in range(0, V, BLOCK_V):
+        v = start + tl.arange(0, BLOCK_V)
+        s = _scaled(base, v, V, t, floor)
+        over = s > c
+        n_gt += tl.reduce(over.to(tl.int32), 0, _sum_combine)
+        mass += tl.reduce(tl.where(over, tl.exp(s - m), 0.0), 0, _sum_combine)
+    return n_gt, mass
+
+
+@triton.jit
 def _kth_largest(base, V, t, floor, k, BLOCK_V: tl.constexpr):
     """The k-th largest s (0 < k < V, -inf entries included): a radix select, 8 bits at a
     time from the top, each a pass that counts the entries matching the bits found so far."""
@@ -94,10 +121,7 @@ def _kth_largest(base, V, t, floor, k, BLOCK_V: tl.constexpr):
         b = tl.reduce(tl.where(at_or_above >= rem, bins, 0), 0, _elementwise_max)
         rem -= tl.reduce(tl.where(bins > b, hist, 0), 0, _sum_combine)
         prefix = prefix | (b.to(tl.uint32) << (24 - 8 * d))
-    top = tl.full((), 0x80000000, tl.uint32)
-    bits = tl.where((prefix & top) != 0, prefix & 0x7FFFFFFF,
-                    prefix ^ tl.full((), 0xFFFFFFFF, tl.uint32))
-    return bits.to(tl.float32, bitcast=True)
+    return _from_ordered(prefix)
 
 
 @triton.jit
@@ -139,7 +163,7 @@ def _draw(base, V, t, floor, tau, above, key, greedy, m, k, BLOCK_V: tl.constexp
 @triton.jit
 def sample_rows_kernel(logits_ptr, rows_ptr, temperature_ptr, seeds_ptr, counters_ptr, out_ptr,
                        top_k_ptr, top_p_ptr, min_p_ptr, V, stride_l,
-                       BLOCK_V: tl.constexpr, FILTER: tl.constexpr):
+                       BLOCK_V: tl.constexpr, FILTER: tl.constexpr, ROUNDS: tl.constexpr):
     r = tl.program_id(0)
     row = tl.load(rows_ptr + r)
     t = tl.load(temperature_ptr + row).to(tl.float32)
@@ -177,19 +201,29 @@ def sample_rows_kernel(logits_ptr, rows_ptr, temperature_ptr, seeds_ptr, counter
     if FILTER:
         busy = p < 1.0
         above = neg
+        rounds = 0
         while busy:
             c = tl.math.div_rn(tl.load(base + best_i).to(tl.float32), t)
-            n_gt = tl.full((), 0, tl.int32)
-            mass = tl.full((), 0.0, tl.float32)
-            for start in range(0, V, BLOCK_V):
-                v = start + tl.arange(0, BLOCK_V)
-                s = _scaled(base, v, V, t, floor)
-                over = s > c
-                n_gt += tl.reduce(over.to(tl.int32), 0, _sum_combine)
-                mass += tl.reduce(tl.where(over, tl.exp(s - m), 0.0), 0, _sum_combine)
-            busy = (n_gt > 0) & (mass / z >= p)
-            if busy:                 # c is not kept, nor anything at or below it
+            n_gt, mass = _mass_above(base, V, t, floor, c, m, BLOCK_V)
+            rejected = (n_gt > 0) & (mass / z >= p)
+            if rejected:             # c is not kept, nor anything at or below it
                 above = c
+            rounds += 1
+            busy = rejected & (rounds <= ROUNDS)
+            if busy:                 # draw again, above c
                 best_i, _ = _draw(base, V, t, floor, tau, above, key, greedy, m, k, BLOCK_V,
                                   False)
+            if rejected & (rounds > ROUNDS):
+                # bisect the boundary: `above` is not kept and the max is, and kept is
+                # monotone in the value; then draw over what is at or above it
+                lo = _ordered(above)
+                hi = _ordered(m)
+                for _ in range(32):
+                    mid = lo + (hi - lo) // 2
+                    n_gt, mass = _mass_above(base, V, t, floor, _from_ordered(mid), m, BLOCK_V)
+                    step = hi - lo > 1
+                    hi = tl.where(step & ((n_gt == 0) | (mass / z < p)), mid, hi)
+                    lo = tl.where(step & (n_gt > 0) & (mass / z >= p), mid, lo)
+                best_i, _ = _draw(base, V, t, floor, tl.maximum(tau, _from_ordered(hi)), neg,
+                                  key, greedy, m, k, BLOCK_V, False)
     tl.store(out_ptr + r, best_i.to(tl.int64))

@@ -118,6 +118,13 @@ MUTATIONS = [
              "            busy = (n_gt > 0) & (mass / z >= p)",
              "            busy = n_gt < 0",
              ["tests/test_sampling_kernel.py"]),
+    Mutation("sampling-kernel-bisection-stuck-at-the-max",
+             "the fused sampler's fallback bisection never lowers its upper bound: after "
+             "the redraws a small top_p keeps only the likeliest token",
+             "runtime/sampling_kernel.py",
+             "                    hi = tl.where(step & ((n_gt == 0) | (mass / z < p)), mid, hi)",
+             "                    hi = tl.where(step & ((n_gt == 0) | (mass / z < p)), hi, hi)",
+             ["tests/test_sampling_kernel.py"]),
     Mutation("sampling-kernel-radix-rank-not-carried",
              "the fused sampler's k-th-largest select forgets the entries in higher bins: "
              "top_k keeps more entries than k",

@@ -135,6 +135,31 @@ def test_top_k_cuts_a_run_of_ties_keeping_all_of_it(kernel):
         assert seen == expect, p
 
 
+@pytest.mark.parametrize("rounds", [0, 4])
+def test_small_top_p_on_flat_rows_bisects_to_the_same_tokens(rounds):
+    """A small top_p over a flat row rejects draw after draw: after `rounds` redraws the
+    kernel bisects the kept set's boundary instead of drawing on (rounds 0: at the first
+    rejection), so no row loops without bound; either way the tokens are the reference's."""
+    kernel = KernelSampler(interpret=True, rounds=rounds)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        s, vocab = 6, 700
+        scale = torch.tensor([0.1, 0.3, 1.0, 3.0, 0.05, 0.5])[:, None]
+        logits = torch.randn(s, vocab, generator=g) * scale
+        if seed == 1:
+            logits = (logits * 8).round() / 8                # runs of equal values
+        rows, ones = torch.arange(s), torch.ones(s)
+        seeds = torch.randint(0, 2**62, (s,), generator=g)
+        top_k = torch.tensor([0, 0, 50, 0, 300, 0])
+        top_p = torch.tensor([0.02, 0.05, 0.3, 0.5, 0.01, 0.9])
+        for c in range(3):
+            counters = torch.full((s,), c + 10 * seed)
+            got = kernel(logits, rows, ones, seeds, counters, (top_k, top_p, torch.zeros(s)))
+            want = sample_batch(logits, ones, top_k, top_p, seeds, counters,
+                                min_p=torch.zeros(s))
+            assert torch.equal(got, want), (seed, c)
+
+
 def test_greedy_rows_take_the_first_maximum_across_blocks(kernel):
     logits = torch.full((2, 3000), -5.0)
     logits[0, [1500, 2100, 2999]] = 7.0                    # ties in two later blocks
@@ -206,8 +231,9 @@ def test_kernel_compiles_to_cubin(target):
         sig = {"logits_ptr": logits_ty, "rows_ptr": "*i64", "temperature_ptr": "*fp32",
                "seeds_ptr": "*i64", "counters_ptr": "*i64", "out_ptr": "*i64",
                "top_k_ptr": "*i64", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "V": "i32",
-               "stride_l": "i32", "BLOCK_V": "constexpr", "FILTER": "constexpr"}
+               "stride_l": "i32", "BLOCK_V": "constexpr", "FILTER": "constexpr",
+               "ROUNDS": "constexpr"}
         src = ASTSource(fn=fn, signature=sig, attrs={},
-                        constexprs={"BLOCK_V": 4096, "FILTER": filter})
+                        constexprs={"BLOCK_V": 4096, "FILTER": filter, "ROUNDS": 4})
         k = triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32))
         assert k.asm["cubin"]
