@@ -45,6 +45,10 @@ class ServerOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")
+        p = self.port
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 65535:
+            raise BrazeError(f"--port must be a TCP port from 0 to 65535 (0 picks a free "
+                             f"one), got {p!r}")
         if not self.drain_timeout >= 0:
             raise BrazeError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.read_timeout < float("inf"):
