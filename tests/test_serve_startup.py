@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from cli_helpers import assert_one_line_error, run  # noqa: E402
+from lora_helpers import make_adapter  # noqa: E402
 
 START = 120     # seconds: a refused start exits long before; a started server is killed
 
@@ -25,3 +26,18 @@ def test_a_port_out_of_range_is_one_line(store, port):
     code, _, err = _serve(store.artifact("llama"), "--port", port)
     assert code == 1
     assert_one_line_error(code, err, "--port", port)
+
+
+def test_runtime_lora_updating_needs_a_lora_artifact(store):
+    """The load/unload routes could only ever answer 400 on an artifact without LoRA slots."""
+    code, _, err = _serve(store.artifact("llama"), "--allow-runtime-lora-updating")
+    assert_one_line_error(code, err, "--allow-runtime-lora-updating", "--lora-slots")
+
+
+def test_an_adapter_named_like_the_served_model_is_refused(store, tmp_path):
+    """A request naming the served model runs the base model, so such an adapter could never
+    be reached; /v1/load_lora_adapter refuses that name too."""
+    ad = make_adapter(store.checkpoint("llama"), tmp_path / "ad", seed=3, r=2)
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = _serve(art, "--served-model-name", "mine", "--lora-modules", f"mine={ad}")
+    assert_one_line_error(code, err, "--lora-modules", "'mine'", "served model")
