@@ -121,6 +121,10 @@ class DirectoryStore:
             raise BrazeError(f"KV offload directory {self.root} cannot be created ({e}); "
                              f"pass a writable --kv-offload-dir") from None
 
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{self.suffix}.kv"
 
@@ -178,6 +182,10 @@ class S3Store:
         if client is None:
             client = self._connect()
         self.client = client
+
+    @property
+    def where(self) -> str:
+        return self.url
 
     def _connect(self):
         """boto3's client, checked once: without credentials every store and load would
