@@ -85,11 +85,20 @@ def api_keys_from(flag_values: list[str] | None, environ=os.environ) -> tuple[li
     """The API keys to require and where they came from: `--api-key` (repeatable), else
     $BRAZE_API_KEY, else $VLLM_API_KEY (so a vLLM deployment's environment works as is)."""
     if flag_values:
-        return list(flag_values), "--api-key"
+        return _not_blank(list(flag_values), "--api-key"), "--api-key"
     for name in API_KEY_ENV:
         if environ.get(name):
-            return [environ[name]], f"${name}"
+            return _not_blank([environ[name]], f"${name}"), f"${name}"
     return [], ""
+
+
+def _not_blank(keys: list[str], source: str) -> list[str]:
+    """A key of only whitespace (an empty secret in a deployment template) is a mistake:
+    say where it came from, since a variable does not show on the command line."""
+    if any(not k.strip() for k in keys):
+        raise BrazeError(f"{source} is blank: give a non-empty API key, or unset it to "
+                         f"serve without one")
+    return keys
 
 
 def name_list(text: str | None) -> list[str]:

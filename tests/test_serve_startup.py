@@ -41,3 +41,15 @@ def test_an_adapter_named_like_the_served_model_is_refused(store, tmp_path):
     art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
     code, _, err = _serve(art, "--served-model-name", "mine", "--lora-modules", f"mine={ad}")
     assert_one_line_error(code, err, "--lora-modules", "'mine'", "served model")
+
+
+@pytest.mark.parametrize("flags, env, source", [
+    (("--api-key", " "), {}, "--api-key"),
+    ((), {"BRAZE_API_KEY": " "}, "$BRAZE_API_KEY"),
+    ((), {"BRAZE_API_KEY": "", "VLLM_API_KEY": "\t"}, "$VLLM_API_KEY")])
+def test_a_blank_api_key_names_where_it_came_from(store, flags, env, source):
+    """A key set to spaces (a templated deployment with an empty secret) is refused, naming
+    the flag or variable to fix, since with a variable nothing on the command line shows it."""
+    code, _, err = _serve(store.artifact("llama"), *flags,
+                          env={"BRAZE_API_KEY": "", "VLLM_API_KEY": "", **env})
+    assert_one_line_error(code, err, source, "blank")
