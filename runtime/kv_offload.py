@@ -169,6 +169,7 @@ class KVOffload:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.identity = identity
+        self.host_bytes = host_bytes
         self.host = HostStore(host_bytes, self.block_bytes, pin=self.cuda)
         self.lower = lower
         self._io = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-io") if lower else None
@@ -575,6 +576,13 @@ class KVOffload:
         c["lower_tier"] = self.lower.name if self.lower is not None else None
         return c
 
+
+    def summary(self) -> dict:
+        """The tiers in effect (for /server_info): the host tier's size, the lower tier."""
+        return {"host_gb": self.host_bytes / GIB,
+                "host_capacity_blocks": self.host.capacity_blocks,
+                "lower_tier": self.lower.name if self.lower is not None else None,
+                "lower": self.lower.where if self.lower is not None else None}
 
     # ---------------------------------------------------- tensor parallelism
 

@@ -20,6 +20,7 @@ them and carries on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -30,6 +31,8 @@ from urllib.parse import urlparse
 import torch
 
 from braze.ir.errors import BrazeError
+
+log = logging.getLogger("braze.runtime")
 
 MAGIC = b"BRAZEKV1"
 _HEADER = len(MAGIC) + 32          # magic, then the payload's sha256
@@ -118,6 +121,10 @@ class DirectoryStore:
             raise BrazeError(f"KV offload directory {self.root} cannot be created ({e}); "
                              f"pass a writable --kv-offload-dir") from None
 
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{self.suffix}.kv"
 
@@ -171,19 +178,46 @@ class S3Store:
         if u.scheme != "s3" or not u.netloc:
             raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}")
         self.bucket, self.prefix = u.netloc, u.path.strip("/")
-        if client is None:
-            try:
-                import boto3
-            except ImportError:
-                raise BrazeError("--kv-offload-s3 needs the boto3 package: "
-                                 "pip install boto3") from None
-            from botocore.config import Config
-            # a tier that is down must cost a step little: two tries, short timeouts
-            client = boto3.client("s3", config=Config(
-                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=2,
-                read_timeout=10))
-        self.client = client
         self.url = url
+        if client is None:
+            client = self._connect()
+        self.client = client
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+    def _connect(self):
+        """boto3's client, checked once: without credentials every store and load would
+        fail (counted, never said), and a bucket that does not exist is a wrong flag, so
+        both are refused here; a store that cannot be reached now may be down for a while
+        (its failures are counted and the blocks computed), so that is a warning."""
+        try:
+            import boto3
+        except ImportError:
+            raise BrazeError("--kv-offload-s3 needs the boto3 package: "
+                             "pip install boto3") from None
+        from botocore.config import Config
+        session = boto3.Session()
+        if session.get_credentials() is None:
+            raise BrazeError(f"--kv-offload-s3 {self.url}: no AWS credentials found; set "
+                             f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+                             f"~/.aws/credentials, an instance role) for the bucket")
+        # a tier that is down must cost a step little: two tries, short timeouts
+        client = session.client("s3", config=Config(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=2,
+            read_timeout=10))
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            if _not_found(e):
+                raise BrazeError(f"--kv-offload-s3 {self.url}: bucket {self.bucket!r} does "
+                                 f"not exist at {client.meta.endpoint_url}; create it or fix "
+                                 f"the URL (or AWS_ENDPOINT_URL)") from None
+            log.warning("KV tier %s cannot be reached now (%s): its blocks are computed "
+                        "instead until it can, and braze_kv_offload_failures_total counts "
+                        "the misses", self.url, e)
+        return client
 
     def _key(self, key: str) -> str:
         name = f"{key}{self.suffix}.kv"
@@ -216,4 +250,4 @@ class S3Store:
 
 def _not_found(e: Exception) -> bool:
     code = getattr(e, "response", {}).get("Error", {}).get("Code")
-    return code in ("404", "NoSuchKey", "NotFound")
+    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")

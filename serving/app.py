@@ -117,27 +117,41 @@ class Service:
         except BrazeError as e:
             raise bad_request(str(e), getattr(e, "param", None)) from None
 
+    def admit(self) -> None:
+        """503 unless a new client request can be taken now. Decided once per client
+        request: its prompts, samples (n) and beams then join without the --max-queue
+        check (`submit(bounded=False)`), so a request larger than the queue is served
+        rather than refused forever, and none is refused halfway through."""
+        try:
+            self.aengine.check_admission()
+        except (QueueFull, Unavailable) as e:
+            raise self._refused(e) from None
+
+    def _refused(self, e: Exception) -> APIError:
+        self.metrics.on_rejected()
+        if isinstance(e, QueueFull):
+            return APIError(503, str(e), "server_overloaded", None, "queue_full")
+        return APIError(503, str(e), "service_unavailable", None, "unavailable")
+
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      group: str | None = None, kv_transfer_params: dict | None = None,
-                     prompt_param: str = "prompt", lora: str | None = None) -> RequestStream:
+                     prompt_param: str = "prompt", lora: str | None = None,
+                     bounded: bool = True) -> RequestStream:
         if params.structured_outputs is not None:
             await self.compile_grammar(params.structured_outputs)
         try:
             params.validate()
             return await self.aengine.add(request_id, ids, params, len(ids), group=group,
-                                          kv_transfer_params=kv_transfer_params, lora=lora)
+                                          kv_transfer_params=kv_transfer_params, lora=lora,
+                                          bounded=bounded)
         except BrazeError as e:
             if getattr(e, "status", None) == 404:      # its LoRA adapter was just unloaded
                 raise APIError(404, str(e), "invalid_request_error", "model",
                                "model_not_found") from None
             param = getattr(e, "param", None)
             raise bad_request(str(e), prompt_param if param == "prompt" else param) from None
-        except QueueFull as e:
-            self.metrics.on_rejected()
-            raise APIError(503, str(e), "server_overloaded", None, "queue_full") from None
-        except Unavailable as e:
-            self.metrics.on_rejected()
-            raise APIError(503, str(e), "service_unavailable", None, "unavailable") from None
+        except (QueueFull, Unavailable) as e:
+            raise self._refused(e) from None
 
 
 def create_app(svc: Service, read_timeout: float | None = None,
@@ -353,6 +367,7 @@ class _Job:
             children = [dataclasses.replace(c, prompt_logprobs=self.params.prompt_logprobs)
                         for c in children]
         single = len(prompts) == 1 and len(children) == 1
+        self.svc.admit()
         try:
             for pi, (text, ids) in enumerate(prompts):
                 self.num_prompt_tokens += len(ids)
@@ -362,7 +377,8 @@ class _Job:
                     stream = await self.svc.submit(
                         crid, ids, child, group, getattr(self.body, "kv_transfer_params", None),
                         "messages" if self.chat else "prompt",
-                        lora=lora_for(self.svc, getattr(self.body, "model", None)))
+                        lora=lora_for(self.svc, getattr(self.body, "model", None)),
+                        bounded=False)
                     self.choices.append(_Choice(pi * self.params.n + j, pi, stream, text, ids))
         except BaseException:
             self._abort_all()

@@ -141,16 +141,29 @@ class AsyncEngine:
             return "the engine is not running (see the server log)"
         return None
 
-    async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
-                  group: str | None = None, kv_transfer_params: dict | None = None,
-                  lora: str | None = None) -> RequestStream:
-        """Admit a request; returns once the engine accepted it (its errors raise here)."""
+    def check_admission(self) -> None:
+        """Raise Unavailable (draining, engine gone) or QueueFull (`max_queue` requests
+        already waiting) when a new client request cannot be taken now."""
         reason = self.unavailable_reason()
         if reason is not None:
             raise Unavailable(reason)
         if self.snapshot()["waiting"] >= self.max_queue:
             raise QueueFull(f"the server is overloaded: {self.max_queue} requests are already "
                             "waiting (--max-queue); retry later")
+
+    async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
+                  group: str | None = None, kv_transfer_params: dict | None = None,
+                  lora: str | None = None, bounded: bool = True) -> RequestStream:
+        """Admit a request; returns once the engine accepted it (its errors raise here).
+        `bounded=False`: a part (a prompt, sample or beam) of a client request admitted
+        already, which the queue bound does not refuse (it still may not join a server that
+        is draining or whose engine is gone)."""
+        if bounded:
+            self.check_admission()
+        else:
+            reason = self.unavailable_reason()
+            if reason is not None:
+                raise Unavailable(reason)
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = self._loop.create_future()
         self._streams[request_id] = stream

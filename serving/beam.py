@@ -57,13 +57,14 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
     lora = lora_for(svc, getattr(body, "model", None))
     where = "messages" if chat else "prompt"
     counter = iter(range(1 << 62))
+    svc.admit()         # once: the search's steps are parts of an admitted request
 
     async def score_async(token_lists):
         streams = []
         try:
             for toks in token_lists:
                 streams.append(await svc.submit(f"{rid}-{next(counter)}", toks, step,
-                                                prompt_param=where, lora=lora))
+                                                prompt_param=where, lora=lora, bounded=False))
             outs = await asyncio.gather(*(_final(s) for s in streams))
         except BaseException:
             for s in streams:

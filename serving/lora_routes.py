@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
-from braze.runtime.lora import LoRAError, LoRARequest
+from braze.runtime.lora import Contract, LoRAError, LoRARequest
 
 from .protocol import APIError
 
@@ -72,12 +72,25 @@ def as_api_error(e: LoRAError) -> APIError:
     return APIError(400, str(e), "BadRequestError", None, "bad_request")
 
 
-def load_at_start(engine, modules: list[str]) -> None:
-    """`--lora-modules name=path ...`: registered before the server answers."""
+def check_options(manifest: dict, allow_updates: bool) -> None:
+    """Before the engine loads: the runtime load/unload routes need an artifact that serves
+    adapters (on any other they could only ever answer 400)."""
+    if allow_updates and Contract.from_manifest(manifest) is None:
+        raise LoRAError("--allow-runtime-lora-updating: this artifact serves no LoRA adapters; "
+                        "compile it with --lora-slots K (and --max-lora-rank R), or drop the "
+                        "flag")
+
+
+def load_at_start(engine, modules: list[str], model_name: str) -> None:
+    """`--lora-modules name=path ...`: registered before the server answers. A request
+    naming `model_name` (the served model) runs the base model, so no adapter may take it."""
     for spec in modules:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise LoRAError(f"--lora-modules entry {spec!r} is not name=path")
+        if name == model_name:
+            raise LoRAError(f"--lora-modules: the adapter name {name!r} is the served model's "
+                            f"name (requests naming it get the base model); pick another")
         engine.add_lora(LoRARequest(name, next(_IDS), path))
 
 

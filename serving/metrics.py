@@ -174,19 +174,18 @@ def _spec_decode_metrics(snap: dict):
 def _offload_metrics(snap: dict):
     """The lower KV tiers (runtime/kv_offload.py): blocks loaded per tier, bytes moved, time
     spent, failures."""
-    lower = snap.get("kv_offload_lower_tier") or "lower"
+    lower = snap.get("kv_offload_lower_tier")      # None: a host tier only
+    tiers = [("host", "host")] + ([(lower, "lower")] if lower else [])
 
     def g(k):
         return snap.get("kv_offload_" + k, 0)
     yield _labelled(CounterMetricFamily, "braze_kv_offload_loaded_blocks",
                     "KV blocks loaded back to the device, by the tier that held them.", ["tier"],
-                    [(("host",), g("load_blocks_host")), ((lower,), g("load_blocks_lower"))])
+                    [((tier,), g("load_blocks_" + key)) for tier, key in tiers])
     yield _labelled(CounterMetricFamily, "braze_kv_offload_bytes",
                     "KV bytes moved between tiers.", ["direction", "tier"],
-                    [(("store", "host"), g("store_bytes_host")),
-                     (("store", lower), g("store_bytes_lower")),
-                     (("load", "host"), g("load_bytes_host")),
-                     (("load", lower), g("load_bytes_lower"))])
+                    [((d, tier), g(f"{d}_bytes_{key}")) for d in ("store", "load")
+                     for tier, key in tiers])
     yield _labelled(CounterMetricFamily, "braze_kv_offload_seconds",
                     "Time spent storing and loading KV blocks.", ["direction"],
                     [(("store",), g("store_seconds")), (("load",), g("load_seconds"))])
@@ -199,3 +198,6 @@ def _offload_metrics(snap: dict):
                     [(("store",), g("store_failures")), (("load",), g("load_failures"))])
     yield _gauge("braze_kv_offload_host_blocks", "KV blocks held in the host tier.",
                  g("host_blocks"))
+    yield _gauge("braze_kv_offload_host_capacity_blocks",
+                 "KV blocks the host tier holds at most (--kv-offload-cpu-gb).",
+                 g("host_capacity_blocks"))

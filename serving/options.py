@@ -45,6 +45,10 @@ class ServerOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")
+        p = self.port
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 65535:
+            raise BrazeError(f"--port must be a TCP port from 0 to 65535 (0 picks a free "
+                             f"one), got {p!r}")
         if not self.drain_timeout >= 0:
             raise BrazeError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.read_timeout < float("inf"):
@@ -81,11 +85,20 @@ def api_keys_from(flag_values: list[str] | None, environ=os.environ) -> tuple[li
     """The API keys to require and where they came from: `--api-key` (repeatable), else
     $BRAZE_API_KEY, else $VLLM_API_KEY (so a vLLM deployment's environment works as is)."""
     if flag_values:
-        return list(flag_values), "--api-key"
+        return _not_blank(list(flag_values), "--api-key"), "--api-key"
     for name in API_KEY_ENV:
         if environ.get(name):
-            return [environ[name]], f"${name}"
+            return _not_blank([environ[name]], f"${name}"), f"${name}"
     return [], ""
+
+
+def _not_blank(keys: list[str], source: str) -> list[str]:
+    """A key of only whitespace (an empty secret in a deployment template) is a mistake:
+    say where it came from, since a variable does not show on the command line."""
+    if any(not k.strip() for k in keys):
+        raise BrazeError(f"{source} is blank: give a non-empty API key, or unset it to "
+                         f"serve without one")
+    return keys
 
 
 def name_list(text: str | None) -> list[str]:

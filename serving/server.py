@@ -98,10 +98,12 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         opts = EngineOptions.of(options, freeze_gc=True)
         art = open_artifact(artifact, trusted_keys=opts.trusted_keys,
                             trust_artifact=opts.trust_artifact)
+        from .lora_routes import check_options, load_at_start
+        check_options(art.manifest, so.allow_runtime_lora_updating)
         engine = Engine(art, opts)
+        name = so.served_model_name or engine.model_name
         if so.lora_modules:
-            from .lora_routes import load_at_start
-            load_at_start(engine, so.lora_modules)
+            load_at_start(engine, so.lora_modules, name)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
@@ -114,7 +116,6 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
             except Exception as e:   # jinja2.TemplateSyntaxError: serve completions anyway
                 log.warning("the model's chat template does not compile (%s); "
                             "/v1/chat/completions will answer 400", e)
-        name = so.served_model_name or engine.model_name
         metrics = Metrics(name)
         parser = so.tool_call_parser or detect(source)
         if parser is not None:

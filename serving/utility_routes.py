@@ -133,6 +133,21 @@ def describe(svc, options) -> dict:
             "async_scheduling": engine.async_scheduling,
             # what the engine resolved its None defaults to on this device
             "fused_prepare": runner.batch.prepare_kernel is not None,
+            # CUDA graphs are captured on the cuda backend only, whatever the option says
+            "cudagraph_mode": (getattr(runner.graphs, "mode", None)
+                               if engine.backend == "cuda" else "none"),
+            # the KV tiers and the LoRA cache as they run (a lower tier alone brings a
+            # default host tier; max_cpu_loras is at least the artifact's slots)
+            "kv_offload": engine.offload.summary() if engine.offload is not None else None,
+            "lora": _lora(engine),
         },
         "server": options.public(),
     }
+
+
+def _lora(engine) -> dict | None:
+    m = getattr(engine, "lora", None)
+    if m is None:
+        return None
+    return {"slots": m.contract.slots, "max_rank": m.contract.max_rank,
+            "max_cpu_loras": m.max_cpu_loras}

@@ -278,6 +278,40 @@ def test_an_s3_tier_that_errors_is_counted_and_changes_no_output(art, want, s3):
     assert s["store_failures"] > 0 and s["load_failures"] >= 1 and _second_loads(eng)[1] == 0
 
 
+def _no_aws_credentials(monkeypatch, tmp_path):
+    """An environment where boto3 finds no credentials anywhere (no variables, no files, no
+    instance metadata service)."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_an_s3_tier_without_credentials_is_refused_at_start(art, tmp_path, monkeypatch):
+    """Every store and load would fail, counted but never said: refused when it is made."""
+    pytest.importorskip("boto3")
+    _no_aws_credentials(monkeypatch, tmp_path)
+    with pytest.raises(BrazeError, match=r"--kv-offload-s3.*credentials.*AWS_ACCESS_KEY_ID"):
+        Engine(art, backend="reference", kv_offload_s3="s3://braze-kv/x")
+
+
+def test_an_s3_bucket_that_does_not_exist_is_refused_at_start(art, s3):
+    with pytest.raises(BrazeError, match=r"--kv-offload-s3.*bucket 'no-such-bucket'"):
+        Engine(art, backend="reference", kv_offload_s3="s3://no-such-bucket/x")
+
+
+def test_an_s3_tier_down_at_start_is_said_and_the_engine_starts(art, s3, caplog):
+    s3.stop()
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        eng = Engine(art, backend="reference", kv_offload_s3="s3://braze-kv/x")
+    assert eng.offload.lower.name == "s3"
+    assert any("s3://braze-kv/x" in r.getMessage() and "cannot be reached" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
 def test_offload_options_are_checked(art, tmp_path):
     with pytest.raises(BrazeError, match="kv_offload_cpu_gb must be a positive number"):
         Engine(art, backend="reference", kv_offload_cpu_gb=0)

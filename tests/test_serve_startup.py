@@ -1,0 +1,55 @@
+"""`braze serve` options an operator gets wrong are refused at start-up, in one line that
+names the option, instead of a traceback, an internal error, or a server that starts and
+ignores them (docs/serving.md: "Startup errors ... are one line on stderr and exit status 1").
+
+A server that wrongly starts is killed by `run`'s timeout, which fails the test."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from cli_helpers import assert_one_line_error, run  # noqa: E402
+from lora_helpers import make_adapter  # noqa: E402
+
+START = 120     # seconds: a refused start exits long before; a started server is killed
+
+
+def _serve(artifact, *flags, env=None):
+    return run("serve", artifact, "--port", "0", "--backend", "reference", *flags,
+               env=env, timeout=START)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_one_line(store, port):
+    code, _, err = _serve(store.artifact("llama"), "--port", port)
+    assert code == 1
+    assert_one_line_error(code, err, "--port", port)
+
+
+def test_runtime_lora_updating_needs_a_lora_artifact(store):
+    """The load/unload routes could only ever answer 400 on an artifact without LoRA slots."""
+    code, _, err = _serve(store.artifact("llama"), "--allow-runtime-lora-updating")
+    assert_one_line_error(code, err, "--allow-runtime-lora-updating", "--lora-slots")
+
+
+def test_an_adapter_named_like_the_served_model_is_refused(store, tmp_path):
+    """A request naming the served model runs the base model, so such an adapter could never
+    be reached; /v1/load_lora_adapter refuses that name too."""
+    ad = make_adapter(store.checkpoint("llama"), tmp_path / "ad", seed=3, r=2)
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = _serve(art, "--served-model-name", "mine", "--lora-modules", f"mine={ad}")
+    assert_one_line_error(code, err, "--lora-modules", "'mine'", "served model")
+
+
+@pytest.mark.parametrize("flags, env, source", [
+    (("--api-key", " "), {}, "--api-key"),
+    ((), {"BRAZE_API_KEY": " "}, "$BRAZE_API_KEY"),
+    ((), {"BRAZE_API_KEY": "", "VLLM_API_KEY": "\t"}, "$VLLM_API_KEY")])
+def test_a_blank_api_key_names_where_it_came_from(store, flags, env, source):
+    """A key set to spaces (a templated deployment with an empty secret) is refused, naming
+    the flag or variable to fix, since with a variable nothing on the command line shows it."""
+    code, _, err = _serve(store.artifact("llama"), *flags,
+                          env={"BRAZE_API_KEY": "", "VLLM_API_KEY": "", **env})
+    assert_one_line_error(code, err, source, "blank")
