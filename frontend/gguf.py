@@ -17,7 +17,7 @@ checkpoint of tensors with transformers' names. `GGUFSource` gives it exactly th
 What transformers does not read and llama.cpp does is read here too: RoPE scaling keys
 (`{arch}.rope.scaling.*`, linear and yarn), Llama 3's `rope_freqs` tensor (per-frequency
 divisors, applied to the RoPE inverse frequencies), `attention.key_length` as head_dim,
-and the eot/eom ids as stop tokens.
+and the tokens llama.cpp stops on (frontend/gguf_stops.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
+from .gguf_stops import stop_token_ids
 from .progress import Progress
 
 # general.architecture -> (transformers architecture, whether llama.cpp permuted Q/K rows)
@@ -169,11 +170,8 @@ class GGUFSource:
         cfg.save_pretrained(str(self.dir))
         raw = json.loads((self.dir / "config.json").read_text())
         eos = cfg.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-            t = self.field(key)
-            if isinstance(t, int) and t not in eos:
-                eos.append(t)
+        eos = stop_token_ids([eos] if isinstance(eos, int) else list(eos or []), self.field,
+                             self.field("tokenizer.ggml.tokens"))
         gen = {"eos_token_id": eos}
         if cfg.bos_token_id is not None:
             gen["bos_token_id"] = cfg.bos_token_id

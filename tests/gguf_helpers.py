@@ -128,14 +128,16 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
 
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
                vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None,
-               name: str | None = None) -> Path:
+               name: str | None = None, eos: str = "<|im_end|>",
+               bos: str = "<|endoftext|>") -> Path:
     """Write `model` (a transformers Llama/Qwen3) to `path` as llama.cpp would.
 
     `qtype`: GGMLQuantizationType names, comma-separated: the 2-D weights take them in
     turn (a mixed file, like llama.cpp's Q4_K_M); a weight whose rows do not fit the
     block size, and every 1-D tensor (norms), stays F32. `tensor_types` names the type of single
     tensors; `arch` overrides general.architecture (for the error tests); `rope_freqs`
-    adds Llama 3's frequency-divisor tensor."""
+    adds Llama 3's frequency-divisor tensor; `eos` and `bos` name a BPE vocabulary's
+    end and begin tokens (Qwen's by default)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     cfg = model.config
@@ -181,9 +183,9 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_eos_token_id(tokens.index("<|im_end|>"))
-        w.add_pad_token_id(tokens.index("<|endoftext|>"))
-        w.add_bos_token_id(tokens.index("<|endoftext|>"))
+        w.add_eos_token_id(tokens.index(eos))
+        w.add_pad_token_id(tokens.index(bos))
+        w.add_bos_token_id(tokens.index(bos))
         w.add_add_bos_token(False)
         w.add_chat_template(QWEN_CHAT_TEMPLATE)
     for k, v in (extra_kv or {}).items():

@@ -140,6 +140,35 @@ def test_chat_template_and_stop_ids_come_from_the_gguf(files):
     assert tokens.index("<|im_end|>") in manifest["model"]["eos_token_ids"]
 
 
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@pytest.mark.parametrize("arch, specials, eos, bos, stops", [
+    # Qwen2.5-Instruct: eos <|im_end|>; its generation_config.json also stops on <|endoftext|>
+    ("qwen2", QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", {"<|im_end|>", "<|endoftext|>"}),
+    # Llama 3 Instruct as early converters wrote it: eos <|end_of_text|> and no eot id, yet
+    # every chat turn ends with <|eot_id|> (its generation_config.json lists both)
+    ("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"), "<|end_of_text|>",
+     "<|begin_of_text|>", {"<|end_of_text|>", "<|eot_id|>"}),
+])
+def test_stop_ids_are_the_end_of_turn_tokens_llama_cpp_stops_on(tmp_path, arch, specials, eos,
+                                                                 bos, stops):
+    """llama.cpp ends generation on every token spelled as an end of turn, not only on
+    tokenizer.ggml.eos_token_id: an artifact that stopped only there would run a chat reply
+    on past its end."""
+    tokens, merges, types = bpe_vocab(256)
+    rename = dict(zip(QWEN_SPECIALS, specials))
+    tokens = [rename.get(t, t) for t in tokens]
+    path = write_gguf(tiny_hf_model(arch, 256), tmp_path / "m.gguf", "Q8_0",
+                      vocab=(tokens, merges, types), eos=eos, bos=bos)
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = manifest["model"]["eos_token_ids"]
+    assert ids[0] == tokens.index(eos)
+    assert sorted(ids) == sorted(tokens.index(t) for t in stops)
+
+
 def test_manifest_records_the_gguf_source(files):
     path = files.gguf("llama-Q4_0-Q4_1")
     manifest = json.loads((files.artifact("llama-Q4_0-Q4_1") / "manifest.json").read_text())
