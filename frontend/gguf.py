@@ -49,9 +49,12 @@ ARCHITECTURES = {
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
 
-# the quant types braze dequantizes (through gguf.quants.dequantize)
+# the quant types braze dequantizes (through gguf.quants.dequantize): the legacy and
+# K-quants, and the I-quants of llama.cpp's imatrix files
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+               "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+               "IQ4_NL", "IQ4_XS")
 
 ROPE_FREQS = "rope_freqs.weight"
 INV_FREQ = "model.rotary_emb.inv_freq"

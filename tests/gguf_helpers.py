@@ -97,12 +97,15 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     return model
 
 
-RANDOM_BLOCK_TYPES = ("Q4_K", "Q6_K", "IQ4_NL")    # no Python quantizer in gguf
+# no Python quantizer in gguf; all but the K-quants (and Q8_1, for the error test) hold
+# their f16 scale d in the first two bytes of a block
+RANDOM_BLOCK_TYPES = ("Q4_K", "Q6_K", "IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                      "IQ3_S", "IQ4_NL", "IQ4_XS", "Q8_1")
 
 
 def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
-    """(data, raw_dtype) for GGUFWriter.add_tensor; K-quants (and IQ4_NL, for the error
-    test) as random blocks whose f16 scales are small and finite."""
+    """(data, raw_dtype) for GGUFWriter.add_tensor; K- and I-quants as random blocks whose
+    f16 scales are small and finite."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     if qtype == Q.F32:
@@ -120,7 +123,7 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
             raw[..., 2:4] = scale
         elif qtype == Q.Q6_K:                # d: the last two bytes
             raw[..., type_size - 2:] = scale
-        else:                                # IQ4_NL: d first
+        else:                                # the I-quants (and Q8_1): d first
             raw[..., 0:2] = scale
         return raw.reshape(rows, -1), qtype
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype

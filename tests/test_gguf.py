@@ -3,7 +3,7 @@
 Each case is a tiny random Llama, Qwen2 or Qwen3 written as llama.cpp writes it (tests/
 gguf_helpers.py) in some quant types; braze and transformers both dequantize it with
 gguf's own code, so in float32 their logits agree to 1e-4 and greedy tokens are equal.
-Q4_K and Q6_K have no Python quantizer: those tensors are random valid blocks.
+The K- and I-quants have no Python quantizer: those tensors are random valid blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ CASES = {
     "qwen3-Q8_0-F16-tied": ("qwen3", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
     "qwen3-Q6_K-Q4_0": ("qwen3", "Q6_K,Q4_0", "bpe", dict(hidden_size=256, intermediate_size=256)),
     "qwen2-Q8_0-F16-tied": ("qwen2", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
+    # llama.cpp's I-quants (imatrix files: IQ4_XS, IQ3_M, IQ2_M, ... as Ollama pulls them)
+    "llama-IQ4_XS-IQ3_S-IQ2_XXS": ("llama", "IQ4_XS,IQ3_S,IQ2_XXS", "spm",
+                                   dict(hidden_size=256, intermediate_size=256)),
+    "qwen2-IQ4_NL-IQ3_XXS-IQ2_XS": ("qwen2", "IQ4_NL,IQ3_XXS,IQ2_XS", "bpe",
+                                    dict(hidden_size=256, intermediate_size=256)),
+    "qwen3-IQ2_S-IQ1_S-tied": ("qwen3", "IQ2_S,IQ1_S", "bpe",
+                               dict(hidden_size=256, intermediate_size=256,
+                                    tie_word_embeddings=True)),
 }
 VOCAB = {"spm": 320, "bpe": 256}
 
@@ -275,8 +283,13 @@ def test_cli_compiles_a_gguf_and_generates(tmp_path):
 
 
 def test_compile_help_says_model_may_be_a_gguf_file():
+    """...and names every GGUF architecture braze reads."""
+    from braze.frontend.gguf import ARCHITECTURES
     code, stdout, _ = run("compile", "--help")
     assert code == 0 and ".gguf file" in stdout
+    help_text = " ".join(stdout.split())
+    for arch in ARCHITECTURES:
+        assert f"{arch}," in help_text or f"{arch};" in help_text, arch
 
 
 def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
@@ -288,9 +301,9 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
 
 def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0",
-                      tokenizer="spm", tensor_types={"blk.1.ffn_up.weight": "IQ4_NL"})
+                      tokenizer="spm", tensor_types={"blk.1.ffn_up.weight": "Q8_1"})
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
-    assert_one_line_error(code, err, "blk.1.ffn_up.weight", "IQ4_NL", "Q4_K")
+    assert_one_line_error(code, err, "blk.1.ffn_up.weight", "Q8_1", "Q4_K", "IQ4_XS")
 
 
 @pytest.mark.parametrize("kv, needle", [
