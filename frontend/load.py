@@ -96,7 +96,11 @@ def read_config(model_dir: Path):
         raise BrazeError(f"model directory {model_dir} does not exist")
     path = model_dir / "config.json"
     if not path.exists():
-        raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model directory")
+        ggufs = sorted(f.name for f in model_dir.glob("*.gguf"))
+        hint = (f"; it holds GGUF files: compile one of them ({', '.join(ggufs[:8])}"
+                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs else "")
+        raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "
+                         f"directory{hint}")
     try:
         raw = json.loads(path.read_text())
     except ValueError as e:

@@ -318,6 +318,18 @@ def test_split_files_and_unknown_rope_scaling_are_refused(tmp_path, kv, needle):
     assert not (tmp_path / "a.braze").exists()
 
 
+def test_a_directory_of_gguf_files_names_them(tmp_path):
+    """A downloaded GGUF repository is a directory of quantizations with no config.json:
+    the error says which files it could compile."""
+    model = tiny_hf_model("llama", 320)
+    repo = tmp_path / "tiny-GGUF"
+    repo.mkdir()
+    for q in ("Q8_0", "Q4_0"):
+        write_gguf(model, repo / f"tiny-{q}.gguf", q, tokenizer="spm")
+    code, _, err = run("compile", repo, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "no config.json", "tiny-Q4_0.gguf", "tiny-Q8_0.gguf")
+
+
 def test_not_a_gguf_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
