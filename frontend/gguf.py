@@ -210,6 +210,7 @@ class GGUFSource:
         return {"format": "gguf", "file": self.path.name, "bytes": self.path.stat().st_size,
                 "sha256": h.hexdigest(), "gguf_architecture": self.arch, "name": self.name,
                 "file_type": self.field("general.file_type"),
+                "file_type_name": _file_type_name(self.field("general.file_type")),
                 "tensor_types": dict(self.types.most_common())}
 
     def adjust(self, loaded) -> None:
@@ -274,6 +275,17 @@ class GGUFCheckpoint:
         import gguf
         return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                          dtype=np.float32).reshape(-1))
+
+
+def _file_type_name(file_type) -> str | None:
+    """llama.cpp's name of a file's quantization mix (`general.file_type` 15: "Q4_K_M"), the
+    name users know a GGUF by; None if the file states none or one gguf does not know."""
+    import gguf
+    try:
+        name = gguf.LlamaFileType(int(file_type)).name
+    except (TypeError, ValueError):
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

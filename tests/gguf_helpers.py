@@ -132,7 +132,7 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
                vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None,
                name: str | None = None, eos: str = "<|im_end|>",
-               bos: str = "<|endoftext|>") -> Path:
+               bos: str = "<|endoftext|>", file_type: str | None = None) -> Path:
     """Write `model` (a transformers Llama/Qwen3) to `path` as llama.cpp would.
 
     `qtype`: GGMLQuantizationType names, comma-separated: the 2-D weights take them in
@@ -140,7 +140,8 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     block size, and every 1-D tensor (norms), stays F32. `tensor_types` names the type of single
     tensors; `arch` overrides general.architecture (for the error tests); `rope_freqs`
     adds Llama 3's frequency-divisor tensor; `eos` and `bos` name a BPE vocabulary's
-    end and begin tokens (Qwen's by default)."""
+    end and begin tokens (Qwen's by default); `file_type` the llama.cpp name of the mix
+    (general.file_type: "MOSTLY_Q4_K_M"; by default the first of `qtype`)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     cfg = model.config
@@ -165,7 +166,10 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     if family == "llama":
         w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    first, known = qtype.split(",")[0], gguf.LlamaFileType.__members__
+    file_type = file_type or next((n for n in (f"MOSTLY_{first}", f"MOSTLY_{first}_M")
+                                   if n in known), "ALL_F32")
+    w.add_file_type(int(known[file_type]))
     if tokenizer is None:
         pass
     elif tokenizer == "spm":

@@ -282,6 +282,32 @@ def test_cli_compiles_a_gguf_and_generates(tmp_path):
     assert "source     gguf m.gguf (qwen3; Q8_0 x" in stdout
 
 
+def test_inspect_says_the_quant_mix_the_stop_tokens_and_the_chat_template(tmp_path):
+    """What a llama.cpp user checks first (`ollama show`): the file's quantization by the
+    name they know it (Q4_K_M), which tokens end generation, and whether a chat template
+    came along; checked against gguf's own reading of the file."""
+    import gguf
+    path = write_gguf(tiny_hf_model("qwen3", 256, hidden_size=256, intermediate_size=256),
+                      tmp_path / "m.gguf", "Q4_K,Q6_K", file_type="MOSTLY_Q4_K_M")
+    reader = gguf.GGUFReader(str(path))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    eos = reader.fields["tokenizer.ggml.eos_token_id"].contents()
+    mix = gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name
+    out = tmp_path / "a.braze"
+    code, _, err = run("compile", path, "-o", out, "--opt-level", "0", "--targets", "")
+    assert code == 0, err
+    code, stdout, err = run("inspect", out)
+    assert code == 0, err
+    lines = {ln.split(None, 1)[0]: ln for ln in stdout.splitlines() if ln.strip()}
+    assert f"; file type {mix.removeprefix('MOSTLY_')})" in lines["source"]
+    assert "chat template" in lines["weights"]
+    assert f"{eos} {tokens[eos]}" in lines["stops"]
+    code, stdout, _ = run("inspect", out, "--json")
+    summary = json.loads(stdout)
+    assert summary["chat_template"] is True
+    assert [eos, tokens[eos]] in summary["stop_tokens"]
+
+
 def test_compile_help_says_model_may_be_a_gguf_file():
     """...and names every GGUF architecture braze reads."""
     from braze.frontend.gguf import ARCHITECTURES
