@@ -117,9 +117,14 @@ def read_config(model_dir: Path):
     return raw, cfg, multimodal
 
 
-def default_dtype(raw: dict) -> str:
+def default_dtype(raw: dict, config_path: Path | None = None) -> str:
     d = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return parse_dtype(d)
+    try:
+        return parse_dtype(d)
+    except BrazeError:      # the user asked for nothing: say where the dtype came from
+        raise BrazeError(f"{config_path or 'config.json'} declares dtype {d!r}, which braze "
+                         f"does not compute in; pass --dtype float32, float16 or "
+                         f"bfloat16") from None
 
 
 def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
@@ -139,7 +144,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
             raise BrazeError(f"--mtp-assistant is for Gemma 4 targets (Gemma4ForCausalLM); "
                              f"{model_dir} is {spec.architecture}")
         spec.gemma4.hidden_output = True
-    dt = parse_dtype(dtype) if dtype else default_dtype(raw)
+    dt = parse_dtype(dtype) if dtype else default_dtype(raw, Path(model_dir) / "config.json")
     if log:
         log(f"model: {spec.architecture} ({spec.num_params_hint}), dtype {dt}")
     t0 = time.perf_counter()
