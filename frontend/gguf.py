@@ -154,6 +154,12 @@ class GGUFSource:
         arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
         cfg.architectures = [arch_name]
         a = self.arch
+        embd = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+        if (self.field(f"{a}.vocab_size") is None and "tokenizer.ggml.tokens" not in
+                self.reader.fields and embd is not None):
+            # nothing states the vocabulary's size: transformers falls back to its class
+            # default (32000 for llama); the embedding's rows are the size
+            cfg.vocab_size = int(embd.shape[-1])
         key_length = self.field(f"{a}.attention.key_length")
         if key_length:
             cfg.head_dim = int(key_length)

@@ -241,13 +241,21 @@ def test_linear_rope_scaling_keys_are_read(tmp_path):
     torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_gguf_without_a_tokenizer_compiles_for_token_ids(tmp_path):
-    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0", tokenizer=None)
+@pytest.mark.parametrize("vocab_key", [True, False])
+def test_a_gguf_without_a_tokenizer_compiles_for_token_ids(tmp_path, monkeypatch, vocab_key):
+    """Without `llama.vocab_size` too, the embedding's rows give the vocabulary size."""
+    import gguf
+    if not vocab_key:
+        monkeypatch.setattr(gguf.GGUFWriter, "add_vocab_size", lambda self, n: None)
+    model = tiny_hf_model("llama", 320)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer=None)
     out, lines = tmp_path / "a.braze", []
     braze.compile(path, out, opt_level=0, targets="", log=lines.append)
     assert any("the GGUF file has no tokenizer" in ln for ln in lines)
     assert not (out / "tokenizer" / "tokenizer.json").exists()
-    assert _prefill_logits(out, [1, 2, 3]).shape == (3, 320)
+    with torch.no_grad():
+        expected = model(torch.tensor([[1, 2, 3]])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, [1, 2, 3]), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_llama_gguf_named_mistral_is_read_as_transformers_reads_it(tmp_path):
