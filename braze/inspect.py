@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from braze.runtime.chat_template import template_source
 from braze.runtime.loader import open_artifact
 
 
@@ -71,6 +74,8 @@ def _summary(art, check_hashes: bool) -> dict:
         "parameter_bytes": m["weights"]["bytes"],
         "weight_files": m["weights"]["files"],
         "tokenizer": m.get("tokenizer") is not None,
+        "chat_template": template_source(art.tokenizer_dir, _tokenizer_config(art)) is not None,
+        "stop_tokens": _stop_tokens(art),
         "mtp_layers": (m.get("mtp") or {}).get("num_layers", 0),
         "mtp_graph": (m.get("mtp") or {}).get("graph"),
         "mtp_kind": (m.get("mtp") or {}).get("kind"),
@@ -84,6 +89,26 @@ def _summary(art, check_hashes: bool) -> dict:
         "kv_groups": m.get("kv_groups"),
         "text_only_origin": art.text_only_origin,
     }
+
+
+def _tokenizer_config(art) -> dict:
+    d = art.tokenizer_dir
+    f = d / "tokenizer_config.json" if d is not None else None
+    try:
+        return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _stop_tokens(art) -> list[list]:
+    """[id, text] of each token generation stops on (text None without a tokenizer): what
+    to check when a model runs on past the end of its turn."""
+    ids = [int(i) for i in art.manifest["model"].get("eos_token_ids") or []]
+    texts = [None] * len(ids)
+    if art.tokenizer_dir is not None and (art.tokenizer_dir / "tokenizer.json").is_file():
+        from braze.runtime.tokenizer import Tokenizer
+        texts = Tokenizer(art.tokenizer_dir).convert_ids_to_tokens(ids)
+    return [[i, t] for i, t in zip(ids, texts)]
 
 
 def _small_m(m: dict) -> dict | None:
@@ -139,9 +164,14 @@ def _source_line(src: dict) -> str:
         return (f"source     {src.get('summary', 'fp8-e4m3')} at compile time "
                 f"({src.get('quantized_tensors', '?')} fp8 weights with block scales)")
     types = ", ".join(f"{k} x{n}" for k, n in (src.get("tensor_types") or {}).items())
+    mix = f"; file type {src['file_type_name']}" if src.get("file_type_name") else ""
     return (f"source     {src.get('format', '?')} {src.get('file', '?')} "
-            f"({src.get('gguf_architecture', '?')}; {types}), sha256 "
+            f"({src.get('gguf_architecture', '?')}; {types}{mix}), sha256 "
             f"{str(src.get('sha256', '?'))[:16]}...")
+
+
+def _stops_line(stops: list) -> str:
+    return "stops on   " + ", ".join(f"{i} {t}" if t is not None else str(i) for i, t in stops)
 
 
 def _text_only_line(origin: str, mm: dict) -> str:
@@ -177,7 +207,9 @@ def format_summary(s: dict) -> str:
         f"{opts['block_size']}, max_num_tokens {opts['max_num_tokens']}, max_num_seqs "
         f"{opts['max_num_seqs']}, targets {opts['targets']}, cudagraph {opts['cudagraph_mode']}",
         f"weights    {s['parameters']} tensors, {s['parameter_bytes'] / 2**20:.1f} MiB in "
-        f"{len(s['weight_files'])} file(s); tokenizer: {'yes' if s['tokenizer'] else 'no'}",
+        f"{len(s['weight_files'])} file(s); tokenizer: {'yes' if s['tokenizer'] else 'no'}"
+        f"{', chat template' if s.get('chat_template') else ''}",
+        *([_stops_line(s["stop_tokens"])] if s.get("stop_tokens") else []),
         f"graph      {s['nodes']} ops (traced: {sum(s['ops_before_passes'].values()) or s['nodes']}); "
         f"{s['segments']} segments, {s['graph_breaks']} graph breaks; arena "
         f"{s['arena_bytes'] / 2**20:.1f} MiB",

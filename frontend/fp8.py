@@ -133,7 +133,7 @@ class FP8Checkpoint(Checkpoint):
             raise BrazeError(f"weight {name!r} has a {SCALE_SUFFIX} but is stored in "
                              f"{t.dtype}; braze dequantizes float8_e4m3fn weights")
         self.progress.start()
-        scale = self._open(self.scale_files[scale_name]).get_tensor(scale_name)
+        scale = self._holding(scale_name, self.scale_files[scale_name]).get_tensor(scale_name)
         br, bc = self.scheme.block
         want = tuple(t.shape[:-2]) + (math.ceil(t.shape[-2] / br), math.ceil(t.shape[-1] / bc))
         if tuple(scale.shape) != want:

@@ -17,7 +17,7 @@ checkpoint of tensors with transformers' names. `GGUFSource` gives it exactly th
 What transformers does not read and llama.cpp does is read here too: RoPE scaling keys
 (`{arch}.rope.scaling.*`, linear and yarn), Llama 3's `rope_freqs` tensor (per-frequency
 divisors, applied to the RoPE inverse frequencies), `attention.key_length` as head_dim,
-and the eot/eom ids as stop tokens.
+and the tokens llama.cpp stops on (frontend/gguf_stops.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
+from .gguf_stops import stop_token_ids
 from .progress import Progress
 
 # general.architecture -> (transformers architecture, whether llama.cpp permuted Q/K rows)
@@ -48,9 +49,12 @@ ARCHITECTURES = {
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
 
-# the quant types braze dequantizes (through gguf.quants.dequantize)
+# the quant types braze dequantizes (through gguf.quants.dequantize): the legacy and
+# K-quants, and the I-quants of llama.cpp's imatrix files
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+               "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+               "IQ4_NL", "IQ4_XS")
 
 ROPE_FREQS = "rope_freqs.weight"
 INV_FREQ = "model.rotary_emb.inv_freq"
@@ -150,6 +154,12 @@ class GGUFSource:
         arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
         cfg.architectures = [arch_name]
         a = self.arch
+        embd = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+        if (self.field(f"{a}.vocab_size") is None and "tokenizer.ggml.tokens" not in
+                self.reader.fields and embd is not None):
+            # nothing states the vocabulary's size: transformers falls back to its class
+            # default (32000 for llama); the embedding's rows are the size
+            cfg.vocab_size = int(embd.shape[-1])
         key_length = self.field(f"{a}.attention.key_length")
         if key_length:
             cfg.head_dim = int(key_length)
@@ -169,11 +179,8 @@ class GGUFSource:
         cfg.save_pretrained(str(self.dir))
         raw = json.loads((self.dir / "config.json").read_text())
         eos = cfg.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-            t = self.field(key)
-            if isinstance(t, int) and t not in eos:
-                eos.append(t)
+        eos = stop_token_ids([eos] if isinstance(eos, int) else list(eos or []), self.field,
+                             self.field("tokenizer.ggml.tokens"))
         gen = {"eos_token_id": eos}
         if cfg.bos_token_id is not None:
             gen["bos_token_id"] = cfg.bos_token_id
@@ -209,6 +216,7 @@ class GGUFSource:
         return {"format": "gguf", "file": self.path.name, "bytes": self.path.stat().st_size,
                 "sha256": h.hexdigest(), "gguf_architecture": self.arch, "name": self.name,
                 "file_type": self.field("general.file_type"),
+                "file_type_name": _file_type_name(self.field("general.file_type")),
                 "tensor_types": dict(self.types.most_common())}
 
     def adjust(self, loaded) -> None:
@@ -273,6 +281,17 @@ class GGUFCheckpoint:
         import gguf
         return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                          dtype=np.float32).reshape(-1))
+
+
+def _file_type_name(file_type) -> str | None:
+    """llama.cpp's name of a file's quantization mix (`general.file_type` 15: "Q4_K_M"), the
+    name users know a GGUF by; None if the file states none or one gguf does not know."""
+    import gguf
+    try:
+        name = gguf.LlamaFileType(int(file_type)).name
+    except (TypeError, ValueError):
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

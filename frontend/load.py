@@ -96,7 +96,11 @@ def read_config(model_dir: Path):
         raise BrazeError(f"model directory {model_dir} does not exist")
     path = model_dir / "config.json"
     if not path.exists():
-        raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model directory")
+        ggufs = sorted(f.name for f in model_dir.glob("*.gguf"))
+        hint = (f"; it holds GGUF files: compile one of them ({', '.join(ggufs[:8])}"
+                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs else "")
+        raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "
+                         f"directory{hint}")
     try:
         raw = json.loads(path.read_text())
     except ValueError as e:
@@ -113,9 +117,14 @@ def read_config(model_dir: Path):
     return raw, cfg, multimodal
 
 
-def default_dtype(raw: dict) -> str:
+def default_dtype(raw: dict, config_path: Path | None = None) -> str:
     d = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return parse_dtype(d)
+    try:
+        return parse_dtype(d)
+    except BrazeError:      # the user asked for nothing: say where the dtype came from
+        raise BrazeError(f"{config_path or 'config.json'} declares dtype {d!r}, which braze "
+                         f"does not compute in; pass --dtype float32, float16 or "
+                         f"bfloat16") from None
 
 
 def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
@@ -135,7 +144,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
             raise BrazeError(f"--mtp-assistant is for Gemma 4 targets (Gemma4ForCausalLM); "
                              f"{model_dir} is {spec.architecture}")
         spec.gemma4.hidden_output = True
-    dt = parse_dtype(dtype) if dtype else default_dtype(raw)
+    dt = parse_dtype(dtype) if dtype else default_dtype(raw, Path(model_dir) / "config.json")
     if log:
         log(f"model: {spec.architecture} ({spec.num_params_hint}), dtype {dt}")
     t0 = time.perf_counter()

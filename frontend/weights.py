@@ -22,6 +22,8 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
+        self._handles: dict[Path, object] = {}
+        self._keys: dict[Path, set[str]] = {}      # the names each file holds, once read
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
             try:
@@ -38,15 +40,12 @@ class Checkpoint:
             for f in shards:
                 for name in self._open(f).keys():
                     self.files[name] = f
-        self._handles: dict[Path, object] = {}
 
     # open files are memory-mapped, and the pages read stay resident while the map lives:
     # keeping only the latest open bounds that to one shard, not the checkpoint
     MAX_OPEN = 1
 
     def _open(self, path: Path):
-        if not hasattr(self, "_handles"):
-            self._handles = {}
         if path in self._handles:
             self._handles[path] = self._handles.pop(path)     # most recent last
         else:
@@ -64,10 +63,23 @@ class Checkpoint:
         return set(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.files[name]).get_slice(name).get_shape())
+        return tuple(self._holding(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open(self.files[name]).get_tensor(name)
+        return self._holding(name).get_tensor(name)
+
+    def _holding(self, name: str, path: Path | None = None):
+        """The open file (`path`, by default the one the index names) that holds `name`; a
+        stale index that names another shard is the checkpoint's fault, said as such."""
+        path = path or self.files[name]
+        handle = self._open(path)
+        if path not in self._keys:
+            self._keys[path] = set(handle.keys())
+        if name not in self._keys[path]:
+            raise BrazeError(f"{self.dir / 'model.safetensors.index.json'} puts weight {name!r} "
+                             f"in {path.name}, which does not hold it (a stale index, or shards "
+                             f"from another download?)")
+        return handle
 
 
 def check_sources(ckpt: Checkpoint, param: str, source: WeightSource, expected: tuple) -> None:

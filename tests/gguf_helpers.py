@@ -97,12 +97,15 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     return model
 
 
-RANDOM_BLOCK_TYPES = ("Q4_K", "Q6_K", "IQ4_NL")    # no Python quantizer in gguf
+# no Python quantizer in gguf; all but the K-quants (and Q8_1, for the error test) hold
+# their f16 scale d in the first two bytes of a block
+RANDOM_BLOCK_TYPES = ("Q4_K", "Q6_K", "IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                      "IQ3_S", "IQ4_NL", "IQ4_XS", "Q8_1")
 
 
 def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
-    """(data, raw_dtype) for GGUFWriter.add_tensor; K-quants (and IQ4_NL, for the error
-    test) as random blocks whose f16 scales are small and finite."""
+    """(data, raw_dtype) for GGUFWriter.add_tensor; K- and I-quants as random blocks whose
+    f16 scales are small and finite."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     if qtype == Q.F32:
@@ -120,7 +123,7 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
             raw[..., 2:4] = scale
         elif qtype == Q.Q6_K:                # d: the last two bytes
             raw[..., type_size - 2:] = scale
-        else:                                # IQ4_NL: d first
+        else:                                # the I-quants (and Q8_1): d first
             raw[..., 0:2] = scale
         return raw.reshape(rows, -1), qtype
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
@@ -128,14 +131,17 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
 
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
                vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None,
-               name: str | None = None) -> Path:
+               name: str | None = None, eos: str = "<|im_end|>",
+               bos: str = "<|endoftext|>", file_type: str | None = None) -> Path:
     """Write `model` (a transformers Llama/Qwen3) to `path` as llama.cpp would.
 
     `qtype`: GGMLQuantizationType names, comma-separated: the 2-D weights take them in
     turn (a mixed file, like llama.cpp's Q4_K_M); a weight whose rows do not fit the
     block size, and every 1-D tensor (norms), stays F32. `tensor_types` names the type of single
     tensors; `arch` overrides general.architecture (for the error tests); `rope_freqs`
-    adds Llama 3's frequency-divisor tensor."""
+    adds Llama 3's frequency-divisor tensor; `eos` and `bos` name a BPE vocabulary's
+    end and begin tokens (Qwen's by default); `file_type` the llama.cpp name of the mix
+    (general.file_type: "MOSTLY_Q4_K_M"; by default the first of `qtype`)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     cfg = model.config
@@ -160,7 +166,10 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     if family == "llama":
         w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    first, known = qtype.split(",")[0], gguf.LlamaFileType.__members__
+    file_type = file_type or next((n for n in (f"MOSTLY_{first}", f"MOSTLY_{first}_M")
+                                   if n in known), "ALL_F32")
+    w.add_file_type(int(known[file_type]))
     if tokenizer is None:
         pass
     elif tokenizer == "spm":
@@ -181,9 +190,9 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_eos_token_id(tokens.index("<|im_end|>"))
-        w.add_pad_token_id(tokens.index("<|endoftext|>"))
-        w.add_bos_token_id(tokens.index("<|endoftext|>"))
+        w.add_eos_token_id(tokens.index(eos))
+        w.add_pad_token_id(tokens.index(bos))
+        w.add_bos_token_id(tokens.index(bos))
         w.add_add_bos_token(False)
         w.add_chat_template(QWEN_CHAT_TEMPLATE)
     for k, v in (extra_kv or {}).items():

@@ -59,6 +59,37 @@ def test_missing_expert_in_sharded_checkpoint(store, tmp_path):
     assert_one_line_error(code, err, gone)
 
 
+def test_an_index_naming_the_wrong_shard_is_one_line(store, tmp_path):
+    """A stale index (the checkpoint re-sharded, or shards from two downloads) names a
+    shard that does not hold the weight: the user's files are at fault, not braze."""
+    d = _copy(store.checkpoint("mixtral"), tmp_path / "m")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    name = "model.layers.1.self_attn.k_proj.weight"
+    wrong = next(f for f in sorted(set(weight_map.values())) if f != weight_map[name]
+                 and name not in load_file(str(d / f)))
+    weight_map[name] = wrong
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run("compile", d, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, name, wrong, "model.safetensors.index.json")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_config_dtype_braze_cannot_compute_in_points_at_config_and_dtype(store, tmp_path):
+    """config.json's dtype is the default; one braze does not compute in is config.json's
+    problem, and --dtype is the way around it."""
+    d = _copy(store.checkpoint("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "float64"
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run("compile", d, "-o", tmp_path / "a", "--opt-level", "0", "--targets", "")
+    assert_one_line_error(code, err, "config.json", "float64", "--dtype")
+    code, _, err = run("compile", d, "-o", tmp_path / "a", "--opt-level", "0", "--targets", "",
+                       "--dtype", "float32")
+    assert code == 0, err
+
+
 def test_not_a_model_dir(tmp_path):
     code, _, err = run("compile", tmp_path / "nope", "-o", tmp_path / "a")
     assert_one_line_error(code, err, "nope", "does not exist")

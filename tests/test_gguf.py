@@ -3,7 +3,7 @@
 Each case is a tiny random Llama, Qwen2 or Qwen3 written as llama.cpp writes it (tests/
 gguf_helpers.py) in some quant types; braze and transformers both dequantize it with
 gguf's own code, so in float32 their logits agree to 1e-4 and greedy tokens are equal.
-Q4_K and Q6_K have no Python quantizer: those tensors are random valid blocks.
+The K- and I-quants have no Python quantizer: those tensors are random valid blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ CASES = {
     "qwen3-Q8_0-F16-tied": ("qwen3", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
     "qwen3-Q6_K-Q4_0": ("qwen3", "Q6_K,Q4_0", "bpe", dict(hidden_size=256, intermediate_size=256)),
     "qwen2-Q8_0-F16-tied": ("qwen2", "Q8_0,F16", "bpe", dict(tie_word_embeddings=True)),
+    # llama.cpp's I-quants (imatrix files: IQ4_XS, IQ3_M, IQ2_M, ... as Ollama pulls them)
+    "llama-IQ4_XS-IQ3_S-IQ2_XXS": ("llama", "IQ4_XS,IQ3_S,IQ2_XXS", "spm",
+                                   dict(hidden_size=256, intermediate_size=256)),
+    "qwen2-IQ4_NL-IQ3_XXS-IQ2_XS": ("qwen2", "IQ4_NL,IQ3_XXS,IQ2_XS", "bpe",
+                                    dict(hidden_size=256, intermediate_size=256)),
+    "qwen3-IQ2_S-IQ1_S-tied": ("qwen3", "IQ2_S,IQ1_S", "bpe",
+                               dict(hidden_size=256, intermediate_size=256,
+                                    tie_word_embeddings=True)),
 }
 VOCAB = {"spm": 320, "bpe": 256}
 
@@ -140,6 +148,35 @@ def test_chat_template_and_stop_ids_come_from_the_gguf(files):
     assert tokens.index("<|im_end|>") in manifest["model"]["eos_token_ids"]
 
 
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@pytest.mark.parametrize("arch, specials, eos, bos, stops", [
+    # Qwen2.5-Instruct: eos <|im_end|>; its generation_config.json also stops on <|endoftext|>
+    ("qwen2", QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", {"<|im_end|>", "<|endoftext|>"}),
+    # Llama 3 Instruct as early converters wrote it: eos <|end_of_text|> and no eot id, yet
+    # every chat turn ends with <|eot_id|> (its generation_config.json lists both)
+    ("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"), "<|end_of_text|>",
+     "<|begin_of_text|>", {"<|end_of_text|>", "<|eot_id|>"}),
+])
+def test_stop_ids_are_the_end_of_turn_tokens_llama_cpp_stops_on(tmp_path, arch, specials, eos,
+                                                                 bos, stops):
+    """llama.cpp ends generation on every token spelled as an end of turn, not only on
+    tokenizer.ggml.eos_token_id: an artifact that stopped only there would run a chat reply
+    on past its end."""
+    tokens, merges, types = bpe_vocab(256)
+    rename = dict(zip(QWEN_SPECIALS, specials))
+    tokens = [rename.get(t, t) for t in tokens]
+    path = write_gguf(tiny_hf_model(arch, 256), tmp_path / "m.gguf", "Q8_0",
+                      vocab=(tokens, merges, types), eos=eos, bos=bos)
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = manifest["model"]["eos_token_ids"]
+    assert ids[0] == tokens.index(eos)
+    assert sorted(ids) == sorted(tokens.index(t) for t in stops)
+
+
 def test_manifest_records_the_gguf_source(files):
     path = files.gguf("llama-Q4_0-Q4_1")
     manifest = json.loads((files.artifact("llama-Q4_0-Q4_1") / "manifest.json").read_text())
@@ -204,13 +241,21 @@ def test_linear_rope_scaling_keys_are_read(tmp_path):
     torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_gguf_without_a_tokenizer_compiles_for_token_ids(tmp_path):
-    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0", tokenizer=None)
+@pytest.mark.parametrize("vocab_key", [True, False])
+def test_a_gguf_without_a_tokenizer_compiles_for_token_ids(tmp_path, monkeypatch, vocab_key):
+    """Without `llama.vocab_size` too, the embedding's rows give the vocabulary size."""
+    import gguf
+    if not vocab_key:
+        monkeypatch.setattr(gguf.GGUFWriter, "add_vocab_size", lambda self, n: None)
+    model = tiny_hf_model("llama", 320)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer=None)
     out, lines = tmp_path / "a.braze", []
     braze.compile(path, out, opt_level=0, targets="", log=lines.append)
     assert any("the GGUF file has no tokenizer" in ln for ln in lines)
     assert not (out / "tokenizer" / "tokenizer.json").exists()
-    assert _prefill_logits(out, [1, 2, 3]).shape == (3, 320)
+    with torch.no_grad():
+        expected = model(torch.tensor([[1, 2, 3]])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, [1, 2, 3]), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_llama_gguf_named_mistral_is_read_as_transformers_reads_it(tmp_path):
@@ -245,9 +290,40 @@ def test_cli_compiles_a_gguf_and_generates(tmp_path):
     assert "source     gguf m.gguf (qwen3; Q8_0 x" in stdout
 
 
+def test_inspect_says_the_quant_mix_the_stop_tokens_and_the_chat_template(tmp_path):
+    """What a llama.cpp user checks first (`ollama show`): the file's quantization by the
+    name they know it (Q4_K_M), which tokens end generation, and whether a chat template
+    came along; checked against gguf's own reading of the file."""
+    import gguf
+    path = write_gguf(tiny_hf_model("qwen3", 256, hidden_size=256, intermediate_size=256),
+                      tmp_path / "m.gguf", "Q4_K,Q6_K", file_type="MOSTLY_Q4_K_M")
+    reader = gguf.GGUFReader(str(path))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    eos = reader.fields["tokenizer.ggml.eos_token_id"].contents()
+    mix = gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name
+    out = tmp_path / "a.braze"
+    code, _, err = run("compile", path, "-o", out, "--opt-level", "0", "--targets", "")
+    assert code == 0, err
+    code, stdout, err = run("inspect", out)
+    assert code == 0, err
+    lines = {ln.split(None, 1)[0]: ln for ln in stdout.splitlines() if ln.strip()}
+    assert f"; file type {mix.removeprefix('MOSTLY_')})" in lines["source"]
+    assert "chat template" in lines["weights"]
+    assert f"{eos} {tokens[eos]}" in lines["stops"]
+    code, stdout, _ = run("inspect", out, "--json")
+    summary = json.loads(stdout)
+    assert summary["chat_template"] is True
+    assert [eos, tokens[eos]] in summary["stop_tokens"]
+
+
 def test_compile_help_says_model_may_be_a_gguf_file():
+    """...and names every GGUF architecture braze reads."""
+    from braze.frontend.gguf import ARCHITECTURES
     code, stdout, _ = run("compile", "--help")
     assert code == 0 and ".gguf file" in stdout
+    help_text = " ".join(stdout.split())
+    for arch in ARCHITECTURES:
+        assert f"{arch}," in help_text or f"{arch};" in help_text, arch
 
 
 def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
@@ -259,9 +335,9 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
 
 def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0",
-                      tokenizer="spm", tensor_types={"blk.1.ffn_up.weight": "IQ4_NL"})
+                      tokenizer="spm", tensor_types={"blk.1.ffn_up.weight": "Q8_1"})
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
-    assert_one_line_error(code, err, "blk.1.ffn_up.weight", "IQ4_NL", "Q4_K")
+    assert_one_line_error(code, err, "blk.1.ffn_up.weight", "Q8_1", "Q4_K", "IQ4_XS")
 
 
 @pytest.mark.parametrize("kv, needle", [
@@ -274,6 +350,18 @@ def test_split_files_and_unknown_rope_scaling_are_refused(tmp_path, kv, needle):
     with pytest.raises(BrazeError, match=needle):
         braze.compile(path, tmp_path / "a.braze")
     assert not (tmp_path / "a.braze").exists()
+
+
+def test_a_directory_of_gguf_files_names_them(tmp_path):
+    """A downloaded GGUF repository is a directory of quantizations with no config.json:
+    the error says which files it could compile."""
+    model = tiny_hf_model("llama", 320)
+    repo = tmp_path / "tiny-GGUF"
+    repo.mkdir()
+    for q in ("Q8_0", "Q4_0"):
+        write_gguf(model, repo / f"tiny-{q}.gguf", q, tokenizer="spm")
+    code, _, err = run("compile", repo, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "no config.json", "tiny-Q4_0.gguf", "tiny-Q8_0.gguf")
 
 
 def test_not_a_gguf_file_is_a_clear_error(tmp_path):
