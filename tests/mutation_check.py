@@ -115,8 +115,8 @@ MUTATIONS = [
              "the fused sampler keeps its first draw without checking it against top-p: "
              "top_p requests draw from the whole (top-k, min-p) set",
              "runtime/sampling_kernel.py",
-             "            busy = (n_gt > 0) & (mass / z >= p)",
-             "            busy = n_gt < 0",
+             "            rejected = (n_gt > 0) & (mass / z >= p)",
+             "            rejected = n_gt < 0",
              ["tests/test_sampling_kernel.py"]),
     Mutation("sampling-kernel-bisection-stuck-at-the-max",
              "the fused sampler's fallback bisection never lowers its upper bound: after "
