@@ -207,11 +207,20 @@ class GGUFSource:
 
     def identity(self) -> dict:
         """What the artifact records about its source: the file, its sha256, the types."""
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
         h = hashlib.sha256()
+        size, done = self.path.stat().st_size, 0
+        # tens of seconds for a large file: said before it starts, and every few seconds
+        self.log(f"hashing {self.path.name} ({size / 2**30:.2f} GiB) for the manifest")
         with open(self.path, "rb") as f:
             for chunk in iter(lambda: f.read(8 << 20), b""):
                 h.update(chunk)
+                done += len(chunk)
+                now = time.perf_counter()
+                if now - last >= 5.0:
+                    last = now
+                    self.log(f"  hashed {done / 2**30:.2f} of {size / 2**30:.2f} GiB "
+                             f"in {now - t0:.0f}s")
         self.log(f"hashed {self.path.name} in {time.perf_counter() - t0:.1f}s")
         return {"format": "gguf", "file": self.path.name, "bytes": self.path.stat().st_size,
                 "sha256": h.hexdigest(), "gguf_architecture": self.arch, "name": self.name,

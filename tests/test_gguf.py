@@ -193,6 +193,10 @@ def test_dequantizing_reports_progress(files):
     log = "\n".join(files.logs["llama-Q4_K-Q6_K"])
     assert "Q4_K x" in log and "Q6_K x" in log
     assert "dequantized 21/21 GGUF tensors" in log
+    # hashing the whole file (tens of seconds for a large one) is said before it starts
+    lines = files.logs["llama-Q4_K-Q6_K"]
+    start = next(i for i, line in enumerate(lines) if line.startswith("hashing "))
+    assert "GiB" in lines[start] and any(line.startswith("hashed ") for line in lines[start:])
 
 
 def test_default_dtype_follows_the_file(tmp_path):
