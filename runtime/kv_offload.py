@@ -576,7 +576,6 @@ class KVOffload:
         c["lower_tier"] = self.lower.name if self.lower is not None else None
         return c
 
-
     def summary(self) -> dict:
         """The tiers in effect (for /server_info): the host tier's size, the lower tier."""
         return {"host_gb": self.host_bytes / GIB,

@@ -141,13 +141,13 @@ class AsyncEngine:
             return "the engine is not running (see the server log)"
         return None
 
-    def check_admission(self) -> None:
-        """Raise Unavailable (draining, engine gone) or QueueFull (`max_queue` requests
-        already waiting) when a new client request cannot be taken now."""
+    def check_admission(self, bounded: bool = True) -> None:
+        """Raise Unavailable (draining, engine gone) or, when `bounded`, QueueFull
+        (`max_queue` requests already waiting) when a new request cannot be taken now."""
         reason = self.unavailable_reason()
         if reason is not None:
             raise Unavailable(reason)
-        if self.snapshot()["waiting"] >= self.max_queue:
+        if bounded and self.snapshot()["waiting"] >= self.max_queue:
             raise QueueFull(f"the server is overloaded: {self.max_queue} requests are already "
                             "waiting (--max-queue); retry later")
 
@@ -158,12 +158,7 @@ class AsyncEngine:
         `bounded=False`: a part (a prompt, sample or beam) of a client request admitted
         already, which the queue bound does not refuse (it still may not join a server that
         is draining or whose engine is gone)."""
-        if bounded:
-            self.check_admission()
-        else:
-            reason = self.unavailable_reason()
-            if reason is not None:
-                raise Unavailable(reason)
+        self.check_admission(bounded)
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = self._loop.create_future()
         self._streams[request_id] = stream
