@@ -144,32 +144,8 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_opt(a) -> int:
-    from braze.ir import parse_graph, print_graph, verify
-    from braze.passes import PassContext, PassManager
-    try:
-        text = sys.stdin.read() if a.file == "-" else open(a.file).read()
-    except OSError as e:
-        raise BrazeError(f"cannot read {a.file}: {e.strerror}") from None
-    g = parse_graph(text, source="<stdin>" if a.file == "-" else a.file)
-    verify(g)
-    names = [p.strip() for p in (a.passes or "").split(",") if p.strip()]
-    ctx = PassContext(options={k: v for k, v in (("max_num_tokens", a.max_num_tokens),
-                                                  ("cudagraph_mode", a.cudagraph_mode)) if v})
-
-    def show(name, i, graph):
-        sys.stdout.write(f"// ----- after {name} -----\n{print_graph(graph)}")
-
-    records = PassManager(names, ctx, verify_each=True,
-                          after_each=show if a.print_after_all else None).run(g)
-    if not a.print_after_all:
-        sys.stdout.write(print_graph(g))
-    if a.explain:
-        for r in ctx.refusals:
-            print(f"refused [{r.pass_name}] {r.node}: {r.reason}", file=sys.stderr)
-    if a.stats:
-        for r in records:
-            print(f"{r.name}: {r.matches} matches, {r.ms:.1f} ms", file=sys.stderr)
-    return 0
+    from braze.opt import run_opt
+    return run_opt(a)
 
 
 def cmd_serve(a) -> int:
@@ -479,10 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("opt", help="run passes on IR text (like mlir-opt)",
                        description="Read IR text (FILE or - for stdin), verify it, run --passes "
                        "in order (verifying after each), print it. --passes '' prints the graph "
-                       "unchanged. Passes: canonicalize, merge-projections, fuse-moe, fuse-norm, "
-                       "fuse-rope, fuse-attention, prune-logits, fuse-pointwise, split-segments, "
-                       "plan-memory.")
-    o.add_argument("file", metavar="FILE.bir", help="IR text to read, or - for standard input")
+                       "unchanged. --list-passes names every pass, its stage and level, and the "
+                       "compile options it reads (give them with --set).")
+    o.add_argument("file", metavar="FILE.bir", nargs="?",
+                   help="IR text to read, or - for standard input")
+    o.add_argument("--list-passes", action="store_true",
+                   help="list the passes (in -O2 order, then those run only when named) and exit")
+    o.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a compile option for the passes that read it, as braze compile's flag "
+                        "would set it (e.g. tensor_parallel_size=2 for shard, max_model_len=4096 "
+                        "for tabulate-positions); repeat for several")
     o.add_argument("--passes", default="",
                    help="comma-separated pass names (default: none, the graph printed as read)")
     o.add_argument("--print-after-all", action="store_true", help="print the IR after each pass")

@@ -103,7 +103,8 @@ def _parts(g: Graph, node: Node) -> list[tuple[str, int]] | None:
     return parts
 
 
-@register_pass("add-lora", stage="merge", level=None, after=("merge-projections",))
+@register_pass("add-lora", stage="merge", level=None, after=("merge-projections",),
+               options=("lora_slots", "max_lora_rank", "lora_targets"))
 def add_lora(g: Graph, ctx: PassContext) -> int:
     """linear(x, @W) -> add(linear(x, @W), lora(x, %lora_a.M, %lora_b.M, %lora_slots))."""
     K = ctx.option("lora_slots", 0)

@@ -79,7 +79,7 @@ def _fuse(mul: Node, rw: Rewriter):
     return None
 
 
-@register_pass("fuse-linear-glu", after=("fuse-moe",))
+@register_pass("fuse-linear-glu", after=("fuse-moe",), options=("small_m_gemm",))
 def fuse_linear_glu(g: Graph, ctx: PassContext) -> int:
     """A gated MLP's up projection, activation and product (silu or GeLU of the first half
     times the second) -> linear_glu, under --small-m-gemm triton only."""

@@ -12,7 +12,10 @@ and each declares its own place in the pipelines, so a new pass is one new file:
 - `after` / `before`: passes of the same stage it must follow or precede (naming a
   pass of another stage is allowed when the stage order already agrees);
 - `level`: the lowest -O level that runs it (`-O0` nothing, `-O1` canonicalisation,
-  `-O2` everything); None: only when named (`braze opt --passes`).
+  `-O2` everything); None: only when named (`braze opt --passes`);
+- `options`: the compile options (braze/config.py CompileOptions fields) it reads with
+  `ctx.option(...)`. Reading an undeclared one is an error, so the list stays true:
+  `braze opt --list-passes` shows it, and `braze opt --set KEY=VALUE` accepts only these.
 
 Within a stage, passes with no order between them run by level, then in the order
 they were found (module name, then registration). `PIPELINES[level]` is the result.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import gc
 import importlib
 import pkgutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,21 +63,29 @@ class PassInfo:
     after: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
     found: int = 0                   # registration order: the tie-break within a stage
+    options: tuple[str, ...] = ()    # the compile options it reads
+
+    @property
+    def summary(self) -> str:
+        """The first paragraph of its docstring, on one line."""
+        return " ".join(self.doc.split("\n\n")[0].split())
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, *, stage: str = "fuse", level: int | None = 2,
-                  after: tuple[str, ...] = (), before: tuple[str, ...] = ()):
+                  after: tuple[str, ...] = (), before: tuple[str, ...] = (),
+                  options: tuple[str, ...] = ()):
     if stage not in {s for s, _ in STAGES}:
         raise ValueError(f"pass {name}: stage must be one of {sorted({s for s, _ in STAGES})}")
 
     def deco(fn: PassFn) -> PassFn:
         if name in PASSES:
             raise ValueError(f"pass {name} registered twice")
-        PASSES[name] = PassInfo(name, fn, (fn.__doc__ or fn.__module__).strip(), stage, level,
-                                tuple(after), tuple(before), len(PASSES))
+        doc = fn.__doc__ or sys.modules[fn.__module__].__doc__ or fn.__module__
+        PASSES[name] = PassInfo(name, fn, doc.strip(), stage, level,
+                                tuple(after), tuple(before), len(PASSES), tuple(options))
         return fn
     return deco
 
@@ -197,6 +209,11 @@ class PassContext:
         self.refusals.append(Refusal(self.current, where, reason))
 
     def option(self, name: str, default=None):
+        """Compile option `name`, which the running pass must declare in `register_pass`."""
+        info = PASSES.get(self.current)
+        if info is not None and name not in info.options:
+            raise ValueError(f"pass {info.name} reads option {name!r} without declaring it: "
+                             f"add it to register_pass(..., options=...)")
         v = self.options.get(name)
         return default if v is None else v
 
@@ -239,6 +256,7 @@ class PassManager:
         try:
             return self._run(g)
         finally:
+            self.ctx.current = ""
             if enabled:
                 gc.enable()
 

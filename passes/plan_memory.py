@@ -226,7 +226,8 @@ def plan(g: Graph, bindings: dict[str, int], placers=None) -> dict:
 
 
 # after split-segments: the arena it plans is the one the segments share
-@register_pass("plan-memory", stage="schedule", after=("split-segments",))
+@register_pass("plan-memory", stage="schedule", after=("split-segments",),
+               options=tuple(StepLimits.__dataclass_fields__))
 def plan_memory(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["memory"]: one static arena, each intermediate's offset, views as aliases."""
     g.meta["memory"] = plan(g, bindings_from(ctx))

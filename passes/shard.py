@@ -615,7 +615,8 @@ _RULES = {"linear": _linear, "einsum": _einsum, "reshape": _reshape, "unsqueeze"
           "paged_attention": _paged_attention, "cache_write": _cache_write}
 
 
-@register_pass("shard", stage="simplify", level=None)
+@register_pass("shard", stage="simplify", level=None,
+               options=("tensor_parallel_size", "expert_parallel"))
 def shard(g: Graph, ctx: PassContext) -> int:
     """The graph of one tensor-parallel rank: weights split, collectives inserted."""
     n = int(ctx.option("tensor_parallel_size", 1))

@@ -40,7 +40,7 @@ from braze.ir.segments import CUDAGRAPH_MODES, segments_for
 
 from .manager import PassContext, register_pass
 
-@register_pass("split-segments", stage="schedule")
+@register_pass("split-segments", stage="schedule", options=("cudagraph_mode",))
 def split_segments(g: Graph, ctx: PassContext) -> int:
     """Record g.meta["segments"] (graph / break / eager runs of nodes) for CUDA-graph capture."""
     mode = ctx.option("cudagraph_mode", "piecewise")

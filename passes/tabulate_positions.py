@@ -35,7 +35,7 @@ and one gather; `split` (a view) gives each its columns, each part padded to a m
 of 16 bytes so that its view starts aligned (Llama: cos and sin [T, 1, 64] side by side).
 
 Refused, with a reason for --explain: no max_model_len in the options (braze opt without
-one), or tables over MAX_TABLE_BYTES (a 10M-token context: the step keeps computing them).
+--set max_model_len=N), or tables over MAX_TABLE_BYTES (a 10M-token context: the step keeps computing them).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def _concat(g: Graph, parts: list[Value]) -> tuple[Value, list[int], list[int]]:
     return whole, sizes, picks
 
 
-@register_pass("tabulate-positions", stage="fuse", before=("fuse-rope",))
+@register_pass("tabulate-positions", stage="fuse", before=("fuse-rope",),
+               options=("max_model_len", "block_size"))
 def tabulate_positions(g: Graph, ctx: PassContext) -> int:
     pos = next((v for v in g.inputs if v.name == "positions"), None)
     if pos is None:
@@ -124,7 +125,8 @@ def tabulate_positions(g: Graph, ctx: PassContext) -> int:
     max_len, block = ctx.option("max_model_len"), ctx.option("block_size", 16)
     if not max_len:
         ctx.refuse("%positions", "tabulate-positions: no max_model_len in the options, so "
-                                 "the positions a table must cover are unknown")
+                                 "the positions a table must cover are unknown "
+                                 "(braze opt: --set max_model_len=N)")
         return 0
     n = -(-int(max_len) // int(block)) * int(block)       # every position a block table holds
     size = n * sum(_rows(v.type) for v in frontier)
