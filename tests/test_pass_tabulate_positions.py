@@ -93,7 +93,7 @@ def test_tables_of_two_shapes_take_two_gathers():
 def test_refusals_say_why():
     assert refusal_reasons(TEXT, "tabulate-positions") == [
         "tabulate-positions: no max_model_len in the options, so the positions a table must "
-        "cover are unknown"]
+        "cover are unknown (braze opt: --set max_model_len=N)"]
     (reason,) = refusal_reasons(TEXT, "tabulate-positions", max_model_len=1 << 26,
                                 block_size=16)
     assert "MiB" in reason and "computed every step instead" in reason
