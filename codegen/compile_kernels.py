@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -18,6 +19,13 @@ from braze.ir.errors import BrazeError
 
 def _file_stem(variant_id: str, key: str) -> str:
     return f"{variant_id.replace('#', '_')}@{key}"
+
+
+def _ignore_interrupts() -> None:
+    """A worker leaves Ctrl-C to the compiler's process, which cancels the queued jobs
+    (a terminal sends SIGINT to the whole process group: without this each worker would
+    also die printing a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _compile_one(kernel_dir: str, launch: dict, target: str, sources: dict, key: str) -> tuple:
@@ -68,7 +76,8 @@ def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str],
             if log:
                 log(f"  kernels: {done}/{len(jobs)} compiled ({vid} {key} for {t})")
         return table
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_interrupts)
+    try:
         futs = {pool.submit(_compile_one, str(kernel_dir), launch, t, plan["sources"], key):
                 (vid, t, key) for vid, t, key, launch in jobs}
         for fut in as_completed(futs):
@@ -84,4 +93,11 @@ def compile_all(plan: dict, kernel_dir: Path, out_dir: Path, targets: list[str],
             if log and (done % 8 == 0 or done == len(jobs)):
                 log(f"  kernels: {done}/{len(jobs)} compiled on {workers} processes "
                     f"({time.perf_counter() - t0:.1f}s)")
+    except BaseException:
+        # Ctrl-C or a kernel that does not compile: the queued jobs are dropped, not run
+        # to the end first (`with ProcessPoolExecutor` would wait for all of them: minutes
+        # on a large model)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return table

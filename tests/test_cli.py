@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -87,6 +89,38 @@ def test_opt_prints_a_fixed_point(store, tmp_path):
     (tmp_path / "g.bir").write_text(r1.stdout)
     r2 = braze("opt", tmp_path / "g.bir", "--passes", "")
     assert r2.stdout == r1.stdout == src.read_text()
+
+
+def test_ctrl_c_while_kernels_compile_stops_the_compile(store, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) during kernel compilation:
+    braze compile says "interrupted" and exits 130, the workers leave without tracebacks,
+    no artifact or .partial directory is left, and the queued kernel jobs are dropped
+    rather than all compiled first (counted in a fresh Triton cache: before the fix, every
+    job ran to the end after the interrupt)."""
+    art, cache = tmp_path / "a.braze", tmp_path / "triton-cache"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "braze", "compile", store.checkpoint("llama"), "-o", art,
+         "--targets", "sm_80,sm_90"], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TRITON_CACHE_DIR": str(cache)}, start_new_session=True,
+        # a shell's background job starts with SIGINT ignored, and Python keeps that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines, m = [], None
+    for line in p.stderr:
+        lines.append(line)
+        m = re.search(r"kernels: (\d+)/(\d+) compiled on (\d+) processes", line)
+        if m:
+            os.killpg(p.pid, signal.SIGINT)
+            break
+    err = "".join(lines) + p.stderr.read()
+    assert p.wait(timeout=300) == 130, err
+    assert m is not None, err
+    assert "braze: interrupted" in err and "Traceback" not in err, err
+    assert not art.exists() and not (tmp_path / "a.braze.partial").exists()
+    done, total, workers = map(int, m.groups())
+    # what may still finish: the jobs the workers hold, and the one the pool queues ahead
+    compiled = len(list(cache.rglob("*.cubin")))
+    assert compiled <= done + 2 * workers + 2 < total, \
+        f"{compiled} of {total} kernel jobs ran, {done} done when Ctrl-C came"
 
 
 def test_demo_runs(tmp_path):
