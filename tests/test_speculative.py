@@ -381,6 +381,34 @@ def test_draft_with_another_tokenizer_is_refused(store, tmp_path):
         Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
 
 
+def test_draft_with_a_smaller_vocabulary_skips_ids_it_lacks(store, tmp_path):
+    """A draft with the target's tokenizer but a smaller (less padded) vocabulary, like
+    Qwen2.5-0.5B (151936 ids) for Qwen2.5-7B (152064): a request holding an id only the
+    target has is verified without the draft's guesses (the draft's embedding has no row
+    for it) and gets the plain engine's tokens; the others still speculate."""
+    import shutil
+
+    import braze
+    from braze.tiny import make_checkpoint
+    target = store.artifact("llama")
+    tck = store.checkpoint("llama")
+    with contextlib.redirect_stderr(io.StringIO()):
+        ck = make_checkpoint("llama", tmp_path / "m", seed=3, vocab_size=200,
+                             with_tokenizer=False)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tck / f, ck / f)
+    draft = braze.compile(ck, tmp_path / "a", opt_level=0, targets="").root
+    prompts = [[1] + [210, 220, 230] * 4, repetitive(5, 4, 5)]
+    plain = run_all(Engine(target, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    eng = Engine(target, backend="reference", num_kv_blocks=64,
+                 speculative={"method": "draft", "model": str(draft), "num_speculative_tokens": 2})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_decode_num_draft_tokens"] > 0
+    assert_clean(eng)
+    assert not eng.spec.proposer.shadows
+
+
 # ------------------------------------------------------------------ the logits rows R
 
 def test_bucket_logits_rows():
