@@ -43,6 +43,8 @@ from braze.ir.errors import BrazeError
 from .request import Status
 
 METHODS = ("ngram", "draft", "mtp")
+# vLLM's names for the same methods
+METHOD_ALIASES = {"draft_model": "draft", "deepseek_mtp": "mtp", "[ngram]": "ngram"}
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -62,6 +64,8 @@ class SpeculativeConfig:
     model: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = METHOD_ALIASES.get(self.method, self.method)
         if self.method not in METHODS:
             raise BrazeError(f"speculative method {self.method!r} is unknown; choose one of "
                              f"{', '.join(METHODS)}", param="speculative")
@@ -87,7 +91,10 @@ class SpeculativeConfig:
 
     @classmethod
     def of(cls, value) -> "SpeculativeConfig | None":
-        """From a SpeculativeConfig, a dict or its JSON text (None: no speculation)."""
+        """From a SpeculativeConfig, a dict or its JSON text (None: no speculation), read
+        as vLLM reads its speculative_config: a key set to null is not given, a "model"
+        without a "method" is a draft model, and a prompt_lookup_min (max) given alone
+        moves the other bound's default to meet it."""
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -101,6 +108,14 @@ class SpeculativeConfig:
             raise BrazeError(f"speculative must be a dict like {{\"method\": \"ngram\", "
                              f"\"num_speculative_tokens\": 3}}, got {type(value).__name__}",
                              param="speculative")
+        value = {k: v for k, v in value.items() if v is not None}
+        if "method" not in value and "model" in value:
+            value["method"] = "draft"
+        lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        if hi is None and isinstance(lo, int) and lo > cls.prompt_lookup_max:
+            value["prompt_lookup_max"] = lo
+        if lo is None and isinstance(hi, int) and hi < cls.prompt_lookup_min:
+            value["prompt_lookup_min"] = hi
         known = set(cls.__dataclass_fields__)
         bad = sorted(set(value) - known)
         if bad:

@@ -50,7 +50,9 @@ def assert_clean(eng: Engine) -> None:
     ({"method": "ngram", "num_speculative_tokens": 0}, "from 1 to 16"),
     ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown key 'lookahead'"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "above"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5,
+      "prompt_lookup_max": 4}, "above"),
+    ({"num_speculative_tokens": 2}, "needs 'method'"),
     ({"method": "draft", "num_speculative_tokens": 2}, "needs \"model\""),
     ('{"method": "ngram",', "not valid JSON"),
     ([1, 2], "must be a dict"),
@@ -59,6 +61,37 @@ def test_config_errors_name_the_fault(value, message):
     with pytest.raises(BrazeError, match=message) as e:
         SpeculativeConfig.of(value)
     assert e.value.param == "speculative"
+
+
+@pytest.mark.parametrize("value,want", [
+    # vLLM's draft example names no method: a "model" means a draft model
+    ({"model": "/d", "num_speculative_tokens": 5}, ("draft", "/d", 4, 1)),
+    ({"method": "draft_model", "model": "/d", "num_speculative_tokens": 2}, ("draft", "/d", 4, 1)),
+    ({"method": "deepseek_mtp", "num_speculative_tokens": 1}, ("mtp", None, 4, 1)),
+    # a key set to null is a key not given
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": None, "prompt_lookup_max": None},
+     ("ngram", None, 4, 1)),
+    # one bound given: the other follows it where its default would be on the wrong side
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, ("ngram", None, 5, 5)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 4, 3)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 1)),
+])
+def test_vllm_spellings_are_understood(value, want):
+    c = SpeculativeConfig.of(value)
+    assert (c.method, c.model, c.prompt_lookup_max, c.prompt_lookup_min) == want
+
+
+def test_llm_takes_vllms_speculative_config(store):
+    """`LLM(model, speculative_config={...})` as in vLLM: the same tokens, speculating."""
+    from braze.runtime.llm import LLM
+    art = store.artifact("llama")
+    prompt = repetitive(7, 4, 6)
+    plain = LLM(art, backend="reference", num_kv_blocks=32).generate([prompt], GREEDY)
+    llm = LLM(art, backend="reference", num_kv_blocks=32, speculative_config=NGRAM)
+    assert llm.generate([prompt], GREEDY)[0].token_ids == plain[0].token_ids
+    assert llm.engine.stats()["spec_decode_num_draft_tokens"] > 0
+    with pytest.raises(BrazeError, match="speculative_config= or speculative="):
+        LLM(art, backend="reference", speculative=NGRAM, speculative_config=NGRAM)
 
 
 def test_json_and_dict_give_the_same_config():
@@ -303,6 +336,10 @@ def test_cli_generate_speculative_equals_plain(store):
     assert code == 0, err
     code, spec, err = run(*common, "--speculative",
                           '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert code == 0, err
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    code, spec, err = run(*common, "--speculative-config",       # vLLM's flag
+                          '{"method": "ngram", "num_speculative_tokens": 2}')
     assert code == 0, err
     assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
     code, _, err = run(*common, "--speculative", '{"method": "mtp", "num_speculative_tokens": 1}')
