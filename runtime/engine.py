@@ -320,7 +320,7 @@ class Engine(EngineLoRA):
         masked = bool(self._in_flight) and any(r.matcher is not None
                                                for r in self.scheduler.running)
         if self.spec is not None:
-            self.spec.propose(self.scheduler.running)
+            self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.remove(req)

@@ -185,8 +185,11 @@ class Speculator:
         self.config = config
         self.k = config.num_speculative_tokens
         runner = engine.runner
-        # logits rows beyond one per sequence: what the step's proposals may use in all
-        self.row_budget = runner.max_logits_rows - runner.max_num_seqs
+        # logits rows: one per sequence of the step, the rest for guesses
+        self.max_rows, self.max_num_seqs = runner.max_logits_rows, runner.max_num_seqs
+        # each logits row is a token of the step: rows as many as the token budget never
+        # run out, whatever the number of sequences
+        self.rows_bind = runner.max_logits_rows < runner.max_num_tokens
         if config.method == "ngram":
             self.proposer = NgramProposer(config)
         elif config.method == "mtp":       # the artifact's MTP graph (runtime/mtp_proposer.py)
@@ -204,9 +207,13 @@ class Speculator:
         self.accepted_per_position = [0] * self.k   # guess j accepted (j = 0 .. k-1)
         self.proposed_per_position = [0] * self.k
 
-    def propose(self, running: list) -> None:
-        """Set each running request's `draft_token_ids` for the next step."""
-        budget = self.row_budget
+    def propose(self, running: list, num_waiting: int = 0) -> None:
+        """Set each running request's `draft_token_ids` for the next step (in which
+        `num_waiting` requests may join them)."""
+        if self.rows_bind:      # a row for each sequence the step may run, the rest for guesses
+            budget = self.max_rows - min(self.max_num_seqs, len(running) + num_waiting)
+        else:
+            budget = self.max_rows
         reqs, budgets = [], []
         for req in running:
             req.draft_token_ids = []

@@ -469,7 +469,28 @@ def test_without_speculation_the_head_keeps_one_row_per_sequence(store):
     assert plain.runner.static["logits_indices"].shape[0] == 8
     spec = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=8, speculative=NGRAM)
     assert all(spec.runner.graphs.rows_for(T) == min(T, 32) for T in g.buckets)
-    assert spec.spec.row_budget == 24
+    assert spec.spec.max_rows == 32 and spec.spec.rows_bind    # 8 sequences, 24 guesses
+
+
+@pytest.mark.parametrize("opt,extra,seqs", [(0, {}, None), (2, {"max_logits_rows": 64}, 16),
+                                             (2, {"max_logits_rows": 20}, 16)])
+def test_a_small_token_budget_still_speculates(store, opt, extra, seqs):
+    """--max-num-tokens at or below --max-num-seqs (say 256 and 256): every logits row is a
+    token of the step, so the token budget alone bounds the rows and the requests still
+    speculate (at -O0 they silently did not; at -O2 the engine refused to start, asking
+    for logits rows the artifact had). With fewer rows than tokens, the rows the running
+    requests leave are theirs to verify guesses in."""
+    art = store.artifact("llama", opt_level=opt, max_num_seqs=16, **extra)
+    prompts = mixed_prompts()
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    tokens = 16 if extra.get("max_logits_rows", 0) != 20 else None
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=tokens,
+                 max_num_seqs=seqs, speculative=NGRAM)
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0 and s["spec_decode_num_accepted_tokens"] > 0
+    assert_clean(eng)
 
 
 def test_interpret_backend_launch_plans_verify(store):
