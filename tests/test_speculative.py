@@ -236,6 +236,27 @@ def test_seeded_sampling_identical_to_plain_decoding(store, case):
     assert_clean(eng)
 
 
+def test_grammar_requests_beside_speculating_ones(store):
+    """Requests with structured outputs do not speculate, but share steps with requests
+    that do: their grammar masks go to their own rows among the step's 1 + k rows per
+    verifying request (more rows than sequences), and every request gets the plain
+    engine's tokens, the grammar's text included."""
+    import re
+    art = store.artifact("llama")
+    prompts = mixed_prompts()
+    params = [SamplingParams(max_tokens=24, ignore_eos=True)] * 5
+    params[1] = SamplingParams(max_tokens=24, structured_outputs={"regex": "[a-z]{3,10}"})
+    params[3] = SamplingParams(max_tokens=24, temperature=0.8, seed=3,
+                               structured_outputs={"regex": "(ab|cd)+e"})
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_seqs=8, speculative=NGRAM)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert re.fullmatch("[a-z]{3,10}", got[1].text) and re.fullmatch("(ab|cd)+e", got[3].text)
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert_clean(eng)
+
+
 CHI2_LIMIT = 45.0   # df <= 15: P(chi2 > 45) < 1e-4 for a correct sampler
 
 
