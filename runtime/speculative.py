@@ -81,6 +81,9 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise BrazeError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) is above "
                              f"prompt_lookup_max ({self.prompt_lookup_max})", param="speculative")
+        if self.model is not None and not isinstance(self.model, str):
+            raise BrazeError(f"speculative \"model\" must be the path of a braze artifact, got "
+                             f"{self.model!r}", param="speculative")
         if self.method == "draft" and not self.model:
             raise BrazeError("speculative method 'draft' needs \"model\": the path of a braze "
                              "artifact compiled from a smaller model with the same tokenizer",

@@ -54,6 +54,7 @@ def assert_clean(eng: Engine) -> None:
       "prompt_lookup_max": 4}, "above"),
     ({"num_speculative_tokens": 2}, "needs 'method'"),
     ({"method": "draft", "num_speculative_tokens": 2}, "needs \"model\""),
+    ({"method": "draft", "model": 5, "num_speculative_tokens": 2}, "path of a braze artifact, got 5"),
     ('{"method": "ngram",', "not valid JSON"),
     ([1, 2], "must be a dict"),
 ])
