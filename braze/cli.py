@@ -199,8 +199,9 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                         "JIT-compiled at start-up)")
     p.add_argument("--debug", action="store_true",
                    help="check on every step that captured graphs still see their buffers")
-    p.add_argument("--speculative", metavar="JSON",
-                   help='speculative decoding, e.g. \'{"method": "ngram", '
+    p.add_argument("--speculative", "--speculative-config", metavar="JSON",
+                   help='speculative decoding (vLLM\'s --speculative-config, and its keys), '
+                        'e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3}\' (prompt lookup; also '
                         '"prompt_lookup_max", "prompt_lookup_min") or \'{"method": "draft", '
                         '"model": DRAFT_ARTIFACT, "num_speculative_tokens": 3}\' or '

@@ -93,6 +93,11 @@ class DraftProposer:
         r = self.runner
         self.bm = BlockManager(r.num_kv_blocks, r.block_size, enable_prefix_caching=False)
         self.vocab = engine.vocab_size
+        # a draft whose vocabulary is smaller than the target's (the same tokenizer, less
+        # padding) has no embedding row for the target's ids past it: requests that hold
+        # one (from their prompt ids, or sampled) get no guesses
+        self.draft_vocab = self.artifact.model.get("vocab_size")
+        self.foreign: set[str] = set()          # ids of those requests
         self.shadows: dict[str, _Shadow] = {}
         self._params = SamplingParams(temperature=0.0, max_tokens=1 << 30)
         self.num_host_reads = 0
@@ -107,7 +112,10 @@ class DraftProposer:
         sh = self.shadows.get(req.request_id)
         if sh is not None:
             return sh
-        if self.runner.batch.num_free_rows == 0:
+        if self.runner.batch.num_free_rows == 0 or req.request_id in self.foreign:
+            return None
+        if self._lacks(req.all_token_ids):
+            self.foreign.add(req.request_id)
             return None
         shadow = Request(req.request_id, req.all_token_ids, self._params)
         if len(shadow.all_token_ids) >= self.runner.max_len:
@@ -120,20 +128,30 @@ class DraftProposer:
         self.shadows[req.request_id] = sh
         return sh
 
+    def _lacks(self, tokens) -> bool:
+        """Whether `tokens` hold an id the draft's vocabulary lacks."""
+        return bool(self.draft_vocab) and len(tokens) > 0 and max(tokens) >= self.draft_vocab
+
     def forget(self, req) -> None:
+        self.foreign.discard(req.request_id)
         sh = self.shadows.pop(req.request_id, None)
         if sh is not None:
             self.runner.remove(sh.req)
             self.bm.free(req.request_id)
 
-    def _sync(self, sh: _Shadow, target: list[int]) -> None:
+    def _sync(self, sh: _Shadow, target: list[int]) -> bool:
         """Keep the KV of the prefix where the draft's tokens agree with the target's;
-        the target's tokens past it go to the draft's row."""
+        the target's tokens past it go to the draft's row. False (and the shadow dropped)
+        when one of those is an id the draft's vocabulary lacks."""
         same = 0
         for a, b in zip(sh.tokens, target):
             if a != b:
                 break
             same += 1
+        if self._lacks(target[same:]):
+            self.forget(sh.req)
+            self.foreign.add(sh.req.request_id)
+            return False
         # the last token is computed again even where its KV is held: its logits draw the
         # first guess (a target preempted between a proposal and its verification comes
         # back with the tokens it had)
@@ -147,6 +165,7 @@ class DraftProposer:
         self.bm.truncate(sh.req.request_id, min(self.bm.num_tokens(sh.req.request_id),
                                                 max(sh.computed, 0)))
         self.runner.batch.rollback_blocks(sh.req.row, self.bm.table_len(sh.req.request_id))
+        return True
 
     # ------------------------------------------------------------------ proposing
 
@@ -158,9 +177,8 @@ class DraftProposer:
             if sh is None:
                 continue
             b = min(b, self.runner.max_len - len(r.all_token_ids) - 1)
-            if b < 1:
+            if b < 1 or not self._sync(sh, r.all_token_ids):
                 continue
-            self._sync(sh, r.all_token_ids)
             live.append((sh, r, b))
         # catch up: every shadow computes its tokens past `computed`; the chunk that reaches
         # the last one draws the first guess (into the draft's token row, on the device)

@@ -191,9 +191,11 @@ class Engine(EngineLoRA):
             from .structured import StructuredBackend
             # the logits' width, which a padded LM head makes wider than the tokenizer
             vocab = self.runner.executor.graph.outputs["logits"].type.shape[-1]
+            # a mask row per logits row the step samples from: one per sequence, and with
+            # speculative decoding 1 + k per verifying one
+            rows = max(self.runner.max_num_seqs, self.runner.max_logits_rows)
             self._structured = StructuredBackend(self.artifact.tokenizer_dir, int(vocab),
-                                                 self.eos_token_ids, self.runner.max_num_seqs,
-                                                 self.runner.device)
+                                                 self.eos_token_ids, rows, self.runner.device)
             self.runner.structured = self._structured
         return self._structured
 
@@ -320,7 +322,7 @@ class Engine(EngineLoRA):
         masked = bool(self._in_flight) and any(r.matcher is not None
                                                for r in self.scheduler.running)
         if self.spec is not None:
-            self.spec.propose(self.scheduler.running)
+            self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.remove(req)

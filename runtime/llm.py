@@ -32,10 +32,16 @@ class LLM:
                  **overrides):
         """`artifact` (or `model=`, vLLM's name): the compiled artifact's directory.
         `options` (runtime/options.py) and/or its fields as keywords: backend,
-        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ..."""
+        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ...;
+        `speculative_config=` is vLLM's name for `speculative=`."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
+        if "speculative_config" in overrides:
+            if "speculative" in overrides:
+                raise BrazeError("give the speculative decoding config once: as "
+                                 "speculative_config= or speculative=", param="speculative")
+            overrides["speculative"] = overrides.pop("speculative_config")
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
         self.artifact = self.engine.artifact

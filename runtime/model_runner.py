@@ -316,7 +316,8 @@ def logits_rows(options: EngineOptions, pruned: bool, limits, max_num_seqs: int,
     if not pruned:
         return want          # every token has its logits row; logits_indices picks them
     have = min(want, limits.max_logits_rows, max_num_tokens)
-    if have <= max_num_seqs:
+    # a row per token of the step (have == max_num_tokens) leaves room for guesses too
+    if have <= max_num_seqs and have < max_num_tokens:
         raise BrazeError(
             f"speculative decoding scores up to {1 + spec.num_speculative_tokens} logits rows "
             f"per sequence, and this -O2 artifact's LM head computes {limits.max_logits_rows} "

@@ -43,6 +43,8 @@ from braze.ir.errors import BrazeError
 from .request import Status
 
 METHODS = ("ngram", "draft", "mtp")
+# vLLM's names for the same methods
+METHOD_ALIASES = {"draft_model": "draft", "deepseek_mtp": "mtp", "[ngram]": "ngram"}
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -62,6 +64,8 @@ class SpeculativeConfig:
     model: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = METHOD_ALIASES.get(self.method, self.method)
         if self.method not in METHODS:
             raise BrazeError(f"speculative method {self.method!r} is unknown; choose one of "
                              f"{', '.join(METHODS)}", param="speculative")
@@ -77,6 +81,9 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise BrazeError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) is above "
                              f"prompt_lookup_max ({self.prompt_lookup_max})", param="speculative")
+        if self.model is not None and not isinstance(self.model, str):
+            raise BrazeError(f"speculative \"model\" must be the path of a braze artifact, got "
+                             f"{self.model!r}", param="speculative")
         if self.method == "draft" and not self.model:
             raise BrazeError("speculative method 'draft' needs \"model\": the path of a braze "
                              "artifact compiled from a smaller model with the same tokenizer",
@@ -87,7 +94,10 @@ class SpeculativeConfig:
 
     @classmethod
     def of(cls, value) -> "SpeculativeConfig | None":
-        """From a SpeculativeConfig, a dict or its JSON text (None: no speculation)."""
+        """From a SpeculativeConfig, a dict or its JSON text (None: no speculation), read
+        as vLLM reads its speculative_config: a key set to null is not given, a "model"
+        without a "method" is a draft model, and a prompt_lookup_min (max) given alone
+        moves the other bound's default to meet it."""
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -101,6 +111,14 @@ class SpeculativeConfig:
             raise BrazeError(f"speculative must be a dict like {{\"method\": \"ngram\", "
                              f"\"num_speculative_tokens\": 3}}, got {type(value).__name__}",
                              param="speculative")
+        value = {k: v for k, v in value.items() if v is not None}
+        if "method" not in value and "model" in value:
+            value["method"] = "draft"
+        lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        if hi is None and isinstance(lo, int) and lo > cls.prompt_lookup_max:
+            value["prompt_lookup_max"] = lo
+        if lo is None and isinstance(hi, int) and hi < cls.prompt_lookup_min:
+            value["prompt_lookup_min"] = hi
         known = set(cls.__dataclass_fields__)
         bad = sorted(set(value) - known)
         if bad:
@@ -170,8 +188,11 @@ class Speculator:
         self.config = config
         self.k = config.num_speculative_tokens
         runner = engine.runner
-        # logits rows beyond one per sequence: what the step's proposals may use in all
-        self.row_budget = runner.max_logits_rows - runner.max_num_seqs
+        # logits rows: one per sequence of the step, the rest for guesses
+        self.max_rows, self.max_num_seqs = runner.max_logits_rows, runner.max_num_seqs
+        # each logits row is a token of the step: rows as many as the token budget never
+        # run out, whatever the number of sequences
+        self.rows_bind = runner.max_logits_rows < runner.max_num_tokens
         if config.method == "ngram":
             self.proposer = NgramProposer(config)
         elif config.method == "mtp":       # the artifact's MTP graph (runtime/mtp_proposer.py)
@@ -189,9 +210,13 @@ class Speculator:
         self.accepted_per_position = [0] * self.k   # guess j accepted (j = 0 .. k-1)
         self.proposed_per_position = [0] * self.k
 
-    def propose(self, running: list) -> None:
-        """Set each running request's `draft_token_ids` for the next step."""
-        budget = self.row_budget
+    def propose(self, running: list, num_waiting: int = 0) -> None:
+        """Set each running request's `draft_token_ids` for the next step (in which
+        `num_waiting` requests may join them)."""
+        if self.rows_bind:      # a row for each sequence the step may run, the rest for guesses
+            budget = self.max_rows - min(self.max_num_seqs, len(running) + num_waiting)
+        else:
+            budget = self.max_rows
         reqs, budgets = [], []
         for req in running:
             req.draft_token_ids = []

@@ -50,8 +50,11 @@ def assert_clean(eng: Engine) -> None:
     ({"method": "ngram", "num_speculative_tokens": 0}, "from 1 to 16"),
     ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown key 'lookahead'"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "above"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5,
+      "prompt_lookup_max": 4}, "above"),
+    ({"num_speculative_tokens": 2}, "needs 'method'"),
     ({"method": "draft", "num_speculative_tokens": 2}, "needs \"model\""),
+    ({"method": "draft", "model": 5, "num_speculative_tokens": 2}, "path of a braze artifact, got 5"),
     ('{"method": "ngram",', "not valid JSON"),
     ([1, 2], "must be a dict"),
 ])
@@ -59,6 +62,37 @@ def test_config_errors_name_the_fault(value, message):
     with pytest.raises(BrazeError, match=message) as e:
         SpeculativeConfig.of(value)
     assert e.value.param == "speculative"
+
+
+@pytest.mark.parametrize("value,want", [
+    # vLLM's draft example names no method: a "model" means a draft model
+    ({"model": "/d", "num_speculative_tokens": 5}, ("draft", "/d", 4, 1)),
+    ({"method": "draft_model", "model": "/d", "num_speculative_tokens": 2}, ("draft", "/d", 4, 1)),
+    ({"method": "deepseek_mtp", "num_speculative_tokens": 1}, ("mtp", None, 4, 1)),
+    # a key set to null is a key not given
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": None, "prompt_lookup_max": None},
+     ("ngram", None, 4, 1)),
+    # one bound given: the other follows it where its default would be on the wrong side
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, ("ngram", None, 5, 5)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 4, 3)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 1)),
+])
+def test_vllm_spellings_are_understood(value, want):
+    c = SpeculativeConfig.of(value)
+    assert (c.method, c.model, c.prompt_lookup_max, c.prompt_lookup_min) == want
+
+
+def test_llm_takes_vllms_speculative_config(store):
+    """`LLM(model, speculative_config={...})` as in vLLM: the same tokens, speculating."""
+    from braze.runtime.llm import LLM
+    art = store.artifact("llama")
+    prompt = repetitive(7, 4, 6)
+    plain = LLM(art, backend="reference", num_kv_blocks=32).generate([prompt], GREEDY)
+    llm = LLM(art, backend="reference", num_kv_blocks=32, speculative_config=NGRAM)
+    assert llm.generate([prompt], GREEDY)[0].token_ids == plain[0].token_ids
+    assert llm.engine.stats()["spec_decode_num_draft_tokens"] > 0
+    with pytest.raises(BrazeError, match="speculative_config= or speculative="):
+        LLM(art, backend="reference", speculative=NGRAM, speculative_config=NGRAM)
 
 
 def test_json_and_dict_give_the_same_config():
@@ -203,6 +237,27 @@ def test_seeded_sampling_identical_to_plain_decoding(store, case):
     assert_clean(eng)
 
 
+def test_grammar_requests_beside_speculating_ones(store):
+    """Requests with structured outputs do not speculate, but share steps with requests
+    that do: their grammar masks go to their own rows among the step's 1 + k rows per
+    verifying request (more rows than sequences), and every request gets the plain
+    engine's tokens, the grammar's text included."""
+    import re
+    art = store.artifact("llama")
+    prompts = mixed_prompts()
+    params = [SamplingParams(max_tokens=24, ignore_eos=True)] * 5
+    params[1] = SamplingParams(max_tokens=24, structured_outputs={"regex": "[a-z]{3,10}"})
+    params[3] = SamplingParams(max_tokens=24, temperature=0.8, seed=3,
+                               structured_outputs={"regex": "(ab|cd)+e"})
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, params)
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_seqs=8, speculative=NGRAM)
+    got = run_all(eng, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert re.fullmatch("[a-z]{3,10}", got[1].text) and re.fullmatch("(ab|cd)+e", got[3].text)
+    assert eng.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert_clean(eng)
+
+
 CHI2_LIMIT = 45.0   # df <= 15: P(chi2 > 45) < 1e-4 for a correct sampler
 
 
@@ -305,6 +360,10 @@ def test_cli_generate_speculative_equals_plain(store):
                           '{"method": "ngram", "num_speculative_tokens": 3}')
     assert code == 0, err
     assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    code, spec, err = run(*common, "--speculative-config",       # vLLM's flag
+                          '{"method": "ngram", "num_speculative_tokens": 2}')
+    assert code == 0, err
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
     code, _, err = run(*common, "--speculative", '{"method": "mtp", "num_speculative_tokens": 1}')
     assert_one_line_error(code, err, "mtp", "multi-token-prediction graph")
 
@@ -381,6 +440,34 @@ def test_draft_with_another_tokenizer_is_refused(store, tmp_path):
         Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32, speculative=spec)
 
 
+def test_draft_with_a_smaller_vocabulary_skips_ids_it_lacks(store, tmp_path):
+    """A draft with the target's tokenizer but a smaller (less padded) vocabulary, like
+    Qwen2.5-0.5B (151936 ids) for Qwen2.5-7B (152064): a request holding an id only the
+    target has is verified without the draft's guesses (the draft's embedding has no row
+    for it) and gets the plain engine's tokens; the others still speculate."""
+    import shutil
+
+    import braze
+    from braze.tiny import make_checkpoint
+    target = store.artifact("llama")
+    tck = store.checkpoint("llama")
+    with contextlib.redirect_stderr(io.StringIO()):
+        ck = make_checkpoint("llama", tmp_path / "m", seed=3, vocab_size=200,
+                             with_tokenizer=False)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tck / f, ck / f)
+    draft = braze.compile(ck, tmp_path / "a", opt_level=0, targets="").root
+    prompts = [[1] + [210, 220, 230] * 4, repetitive(5, 4, 5)]
+    plain = run_all(Engine(target, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    eng = Engine(target, backend="reference", num_kv_blocks=64,
+                 speculative={"method": "draft", "model": str(draft), "num_speculative_tokens": 2})
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_decode_num_draft_tokens"] > 0
+    assert_clean(eng)
+    assert not eng.spec.proposer.shadows
+
+
 # ------------------------------------------------------------------ the logits rows R
 
 def test_bucket_logits_rows():
@@ -404,7 +491,28 @@ def test_without_speculation_the_head_keeps_one_row_per_sequence(store):
     assert plain.runner.static["logits_indices"].shape[0] == 8
     spec = Engine(art, backend="reference", num_kv_blocks=32, max_num_seqs=8, speculative=NGRAM)
     assert all(spec.runner.graphs.rows_for(T) == min(T, 32) for T in g.buckets)
-    assert spec.spec.row_budget == 24
+    assert spec.spec.max_rows == 32 and spec.spec.rows_bind    # 8 sequences, 24 guesses
+
+
+@pytest.mark.parametrize("opt,extra,seqs", [(0, {}, None), (2, {"max_logits_rows": 64}, 16),
+                                             (2, {"max_logits_rows": 20}, 16)])
+def test_a_small_token_budget_still_speculates(store, opt, extra, seqs):
+    """--max-num-tokens at or below --max-num-seqs (say 256 and 256): every logits row is a
+    token of the step, so the token budget alone bounds the rows and the requests still
+    speculate (at -O0 they silently did not; at -O2 the engine refused to start, asking
+    for logits rows the artifact had). With fewer rows than tokens, the rows the running
+    requests leave are theirs to verify guesses in."""
+    art = store.artifact("llama", opt_level=opt, max_num_seqs=16, **extra)
+    prompts = mixed_prompts()
+    plain = run_all(Engine(art, backend="reference", num_kv_blocks=64), prompts, GREEDY)
+    tokens = 16 if extra.get("max_logits_rows", 0) != 20 else None
+    eng = Engine(art, backend="reference", num_kv_blocks=64, max_num_tokens=tokens,
+                 max_num_seqs=seqs, speculative=NGRAM)
+    got = run_all(eng, prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_decode_num_draft_tokens"] > 0 and s["spec_decode_num_accepted_tokens"] > 0
+    assert_clean(eng)
 
 
 def test_interpret_backend_launch_plans_verify(store):
