@@ -55,7 +55,7 @@ from .protocol import (
     send_error,
     validation_message,
 )
-from .lora_routes import lora_for, model_cards
+from .lora_routes import lora_for, model_cards, response_model
 from .read_timeouts import BodyTimeout
 from .structured import request_constraint
 from .tool_parsers import final_message
@@ -344,6 +344,7 @@ class _Job:
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
         self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
         self.chat, self.created, self.body, self.params = chat, created, body, params
+        self.model = response_model(svc, getattr(body, "model", None))   # the adapter's name
         self.choices: list[_Choice] = []
         self.num_prompt_tokens = 0
         self.arrival = time.monotonic()
@@ -483,7 +484,7 @@ class _Job:
                 t.cancel()
 
     async def sse(self, include_usage: bool):
-        name, rid, created = self.svc.model_name, self.rid, self.created
+        name, rid, created = self.model, self.rid, self.created
         done = False
         body = R.chat_body if self.chat else R.completion_body
 
@@ -644,7 +645,7 @@ class _Job:
             if stop_reason is None:
                 ch.pop("stop_reason", None)
             choices.append(ch)
-        name = self.svc.model_name
+        name = self.model
         if self.chat:
             extra = {"prompt_token_ids": self.choices[0].prompt_ids} if self.token_ids else {}
             plp = self._prompt_logprobs(chosen[0][1].last)

@@ -4,6 +4,7 @@
     POST /v1/unload_lora_adapter  {"lora_name"}               -> 200 "Success: LoRA adapter 'x' removed successfully."
     GET  /v1/models               the base model, then one card per adapter with its "parent"
     "model": "<lora_name>"        in a completion or chat request runs it with that adapter
+                                  (and its response names the adapter as its "model")
 
 Errors are OpenAI-shaped: a missing field, a duplicate name, an adapter the artifact
 cannot serve (rank above --max-lora-rank, a module the model lacks or the artifact did
@@ -55,6 +56,12 @@ def lora_for(svc, model: str | None) -> str | None:
     if not model or model == svc.model_name or m is None:
         return None
     return model if model in m.registered else None
+
+
+def response_model(svc, model: str | None) -> str:
+    """The "model" a response names, as vLLM's do: the adapter the request ran with, else
+    the served model."""
+    return lora_for(svc, model) or svc.model_name
 
 
 def model_cards(svc) -> list[dict]:

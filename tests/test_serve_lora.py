@@ -130,3 +130,23 @@ def test_unload_while_streaming_lets_it_finish(server, store, adapters):
     t.join(120)
     assert finish == ["length"] and unloaded_at < 200        # it was running when unloaded
     assert tokens == peft_greedy(store.checkpoint("llama"), adapters["a"], PROMPT, 200)
+
+
+def test_responses_name_the_adapter_they_ran(server):
+    """As vLLM answers: a response's "model" is the adapter the request named (plain,
+    streamed, chat and beam search alike), and the served model's name without one."""
+    assert _complete(server, "a").json()["model"] == "a"
+    assert _complete(server, MODEL).json()["model"] == MODEL
+    r = _complete(server, "a", stream=True)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert chunks and {c["model"] for c in chunks} == {"a"}
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = server.client.chat.completions.create(model="a", messages=msgs, max_tokens=3)
+    assert chat.model == "a"
+    streamed = server.client.chat.completions.create(model="a", messages=msgs, max_tokens=3,
+                                                     stream=True,
+                                                     stream_options={"include_usage": True})
+    assert {c.model for c in streamed} == {"a"}
+    beam = server.http.post("/v1/completions", json={
+        "model": "a", "prompt": PROMPT, "max_tokens": 2, "n": 2, "use_beam_search": True})
+    assert beam.status_code == 200 and beam.json()["model"] == "a"
