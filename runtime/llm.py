@@ -54,7 +54,9 @@ class LLM:
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
         one per prompt.
         lora_request: a LoRARequest (runtime/lora.py) for all prompts, or one per prompt
-        (None where a prompt uses the base model); the artifact needs --lora-slots.
+        (None where a prompt uses the base model); the artifact needs --lora-slots. As in
+        vLLM, a new lora_int_id under a name already used replaces that adapter (requests
+        running with the old one finish with it).
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is

@@ -374,15 +374,23 @@ class LoRAManager:
         off the engine thread, then registers with `add(req, host)`)."""
         return read_adapter(req.lora_name, req.lora_path, self.contract)
 
-    def add(self, req: LoRARequest, host: HostAdapter | None = None) -> tuple:
+    def add(self, req: LoRARequest, host: HostAdapter | None = None,
+            replace: bool = False) -> tuple:
         """Register an adapter (reading and checking it now unless `host` is its `read`, so
-        a bad one fails here); returns its key. The same request again is a no-op."""
+        a bad one fails here); returns its key. The same request again is a no-op.
+        `replace`: an adapter registered under the name is replaced (as `remove` then add,
+        once the new one has been read: requests holding the old one finish with it)."""
         old = self.registered.get(req.lora_name)
         if old is not None:
             if old[0] == req:
                 return old[1]
-            raise LoRAError(f"LoRA adapter {req.lora_name!r} is already loaded from "
-                            f"{old[0].lora_path!r}; unload it first or pick another name")
+            if not replace:
+                raise LoRAError(f"LoRA adapter {req.lora_name!r} is already loaded from "
+                                f"{old[0].lora_path!r} (lora_int_id {old[0].lora_int_id}); "
+                                f"unload it first or pick another name")
+            if host is None:
+                host = self.read(req)          # a bad adapter leaves the old one in place
+            self.remove(req.lora_name)
         self._loads += 1
         key = ("lora", req.lora_name, self._loads)
         if host is not None:
@@ -575,7 +583,11 @@ class EngineLoRA:
         name of one registered)."""
         mgr = self._need_lora()
         if isinstance(lora_request, LoRARequest):
-            mgr.add(lora_request)
+            # as in vLLM, the lora_int_id names the adapter's version: a new one under a
+            # registered name (an RL loop's next checkpoint) replaces it
+            old = mgr.registered.get(lora_request.lora_name)
+            mgr.add(lora_request, replace=old is not None
+                    and old[0].lora_int_id != lora_request.lora_int_id)
             lora_request = lora_request.lora_name
         if not isinstance(lora_request, str):
             raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "

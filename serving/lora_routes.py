@@ -1,6 +1,8 @@
 """LoRA adapters over HTTP, with vLLM's shapes (runtime/lora.py does the work):
 
     POST /v1/load_lora_adapter    {"lora_name", "lora_path"}  -> 200 "Success: LoRA adapter 'x' added successfully."
+                                  (with "load_inplace": true an adapter of that name is
+                                  replaced; requests running with the old one finish)
     POST /v1/unload_lora_adapter  {"lora_name"}               -> 200 "Success: LoRA adapter 'x' removed successfully."
     GET  /v1/models               the base model, then one card per adapter with its "parent"
     "model": "<lora_name>"        in a completion or chat request runs it with that adapter
@@ -118,14 +120,15 @@ def install(app: FastAPI, svc, allow_updates: bool) -> None:
         if name == svc.model_name:
             raise APIError(400, f"The lora adapter name {name!r} is the base model's name; "
                                 f"pick another", "InvalidUserInput", "lora_name", "bad_request")
-        if name in m.registered:
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
-                           "InvalidUserInput", "lora_name", "bad_request")
+        if name in m.registered and not body.load_inplace:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you "
+                                f"want to load the adapter in place, set 'load_inplace' to "
+                                f"True.", "InvalidUserInput", "lora_name", "bad_request")
         req = LoRARequest(name, next(_IDS), body.lora_path)
         loop = asyncio.get_running_loop()
         try:
             host = await loop.run_in_executor(None, m.read, req)
-            await svc.aengine.call(lambda eng: eng.lora.add(req, host))
+            await svc.aengine.call(lambda eng: eng.lora.add(req, host, replace=body.load_inplace))
         except LoRAError as e:
             raise as_api_error(e) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

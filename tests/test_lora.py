@@ -214,6 +214,24 @@ def test_unload_while_running_lets_it_finish(store, adapters, expected):
     assert eng.run_to_completion()["r2"].token_ids == expected["b"]
 
 
+def test_a_new_lora_int_id_under_a_name_replaces_the_adapter(store, adapters, expected):
+    """vLLM's identity of an adapter version is its lora_int_id: a LoRARequest with the
+    name of a registered adapter and a new id (an RL loop's next checkpoint) replaces it;
+    requests already running finish with the old weights. The same id with another path is
+    ambiguous and refused."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    eng.add_request("r0", PROMPT, GREEDY, lora_request=LoRARequest("p", 1, str(adapters["a"])))
+    eng.step()
+    eng.add_request("r1", PROMPT, GREEDY, lora_request=LoRARequest("p", 2, str(adapters["b"])))
+    with pytest.raises(LoRAError, match="already loaded"):
+        eng.add_request("r2", PROMPT, GREEDY, lora_request=LoRARequest("p", 2, str(adapters["c"])))
+    done = eng.run_to_completion()
+    assert done["r0"].token_ids == expected["a"] and done["r1"].token_ids == expected["b"]
+    assert eng.list_loras() == [LoRARequest("p", 2, str(adapters["b"]))]
+    assert eng.lora.in_use() == {} and eng.lora._holder.count(None) == 1   # a's slot freed
+
+
 # -- errors -----------------------------------------------------------------------------
 
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):

@@ -150,3 +150,25 @@ def test_responses_name_the_adapter_they_ran(server):
     beam = server.http.post("/v1/completions", json={
         "model": "a", "prompt": PROMPT, "max_tokens": 2, "n": 2, "use_beam_search": True})
     assert beam.status_code == 200 and beam.json()["model"] == "a"
+
+
+def test_load_inplace_replaces_the_adapter(server, store, adapters):
+    """vLLM's load_inplace: new weights under a loaded adapter's name (an RL trainer's next
+    checkpoint); without it the name is refused, with it new requests get the new weights."""
+    ck = store.checkpoint("llama")
+    load = {"lora_name": "d", "lora_path": str(adapters["a"])}
+    assert server.http.post("/v1/load_lora_adapter", json=load).status_code == 200
+    r = server.http.post("/v1/load_lora_adapter", json={**load, "lora_path": str(adapters["b"])})
+    assert r.status_code == 400 and "load_inplace" in r.json()["error"]["message"]
+    assert _complete(server, "d").json()["choices"][0]["token_ids"] == \
+        peft_greedy(ck, adapters["a"], PROMPT, 6)
+    bad = server.http.post("/v1/load_lora_adapter", json={
+        **load, "lora_path": str(adapters["big"]), "load_inplace": True})
+    assert bad.status_code == 400                      # refused: the old one stays
+    r = server.http.post("/v1/load_lora_adapter", json={
+        **load, "lora_path": str(adapters["b"]), "load_inplace": True})
+    assert r.status_code == 200
+    assert _complete(server, "d").json()["choices"][0]["token_ids"] == \
+        peft_greedy(ck, adapters["b"], PROMPT, 6)
+    cards = {c["id"]: c for c in server.http.get("/v1/models").json()["data"]}
+    assert cards["d"]["root"] == str(adapters["b"])
