@@ -415,9 +415,10 @@ class _Job:
             if e is None:
                 res.append(None)
                 continue
-            d = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self._token_text(i)}
+            d = {str(i): {"logprob": R.finite(v), "rank": r + 1,
+                          "decoded_token": self._token_text(i)}
                  for r, (i, v) in enumerate(e.top)}
-            d.setdefault(str(e.token_id), {"logprob": e.logprob, "rank": e.rank,
+            d.setdefault(str(e.token_id), {"logprob": R.finite(e.logprob), "rank": e.rank,
                                            "decoded_token": self._token_text(e.token_id)})
             res.append(d)
         return res
@@ -436,9 +437,9 @@ class _Job:
                 lps.append(None)
                 tops.append(None)
             else:
-                lps.append(e.logprob)
-                top = {self._token_text(i): v for i, v in e.top[:self.params.logprobs]}
-                top.setdefault(t, e.logprob)
+                lps.append(R.finite(e.logprob))
+                top = {self._token_text(i): R.finite(v) for i, v in e.top[:self.params.logprobs]}
+                top.setdefault(t, R.finite(e.logprob))
                 tops.append(top)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}

@@ -318,3 +318,40 @@ def test_auto_parses_a_recorded_reply(server):
     content, calls, reason = streamed_chat(server, **kw)
     assert (content, reason) == ("", "tool_calls")
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want
+
+
+def _strict_json(text: str):
+    """JSON as strict parsers (JavaScript's, Go's) read it: no NaN or Infinity."""
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logprobs_of_tokens_a_grammar_masks_are_json(server):
+    """A grammar masks most tokens to -inf; logprobs that list them (top_logprobs) give them
+    vLLM's floor, -9999.0, so the body is JSON (it was a 500, and streams sent -Infinity)."""
+    h = server.http
+    for stream in (False, True):
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "Pick", "max_tokens": 5,
+                                            "logprobs": 3, "guided_choice": ["left", "right"],
+                                            "stream": stream})
+        assert r.status_code == 200, r.text
+        bodies = [_strict_json(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")] if stream else [_strict_json(r.text)]
+        lps = [ch["logprobs"] for b in bodies for ch in b["choices"] if ch["logprobs"]]
+        text = "".join(ch["text"] for b in bodies for ch in b["choices"])
+        assert text in ("left", "right")
+        tops = [v for lp in lps for top in lp["top_logprobs"] for v in top.values()]
+        assert -9999.0 in tops and min(tops) == -9999.0
+        assert all(-9999.0 < v <= 0 for lp in lps for v in lp["token_logprobs"])
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "max_tokens": 5,
+                                                 "logprobs": True, "top_logprobs": 3,
+                                                 "guided_choice": ["left", "right"],
+                                                 "stream": stream})
+        assert r.status_code == 200, r.text
+        bodies = [_strict_json(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")] if stream else [_strict_json(r.text)]
+        items = [t for b in bodies for ch in b["choices"] for t in (ch["logprobs"] or {})
+                 .get("content", [])]
+        assert items and all(-9999.0 < t["logprob"] <= 0 for t in items)
+        assert min(a["logprob"] for t in items for a in t["top_logprobs"]) == -9999.0
