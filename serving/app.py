@@ -328,6 +328,8 @@ class _Choice:
         self.prompt_text, self.prompt_ids = prompt_text, ids
         self.text = ""                  # with tools: the text so far, for the streamer
         self.streamer = None            # with tools: its ToolStreamer (serving/tools.py)
+        self.held_ids: list[int] = []   # with tools: tokens not yet carried by a chunk,
+        self.held_logprobs: list = []   # and their logprobs
         self.last = None
         self.num_sent = 0               # output tokens its stream chunks carried so far
         self.offset = 0                 # text_offset of the next token (completions logprobs)
@@ -444,6 +446,14 @@ class _Job:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
+    def _tool_choice(self, c: _Choice, reason: str | None, delta: dict) -> dict:
+        """A streamed chat choice with tools: `delta`, and the logprobs and token ids of the
+        tokens held since the last chunk."""
+        lp = self._logprobs(c, c.held_logprobs) if c.held_logprobs else None
+        ids = c.held_ids if self.token_ids else None
+        c.held_ids, c.held_logprobs = [], []
+        return R.chat_choice(c.index, "", reason, lp, None, ids, delta=delta)
+
     def _logprobs(self, c: _Choice, entries) -> dict | None:
         if not self.want_logprobs or entries is None:
             return None
@@ -525,12 +535,18 @@ class _Job:
                     if c.streamer is None:
                         c.streamer = self.tools.streamer()
                     c.text += out.new_text
+                    # the step's logprobs and token ids ride on the next chunk sent (text
+                    # the parser holds back is sent later, or never as content)
+                    c.held_ids += out.new_token_ids
+                    if self.want_logprobs:
+                        c.held_logprobs += out.new_logprobs or []
                     for delta in c.streamer.feed(c.text, out.finished):
-                        choice = R.chat_choice(c.index, "", None, delta=delta)
-                        yield chunk([choice])
+                        yield chunk([self._tool_choice(c, None, delta)])
                     if reason:
                         reason = self.tools.finish_reason(c.streamer.calls, reason)
-                        choice = R.chat_choice(c.index, "", reason, delta={})
+                        choice = self._tool_choice(c, reason, {})
+                        if out.stop_reason is not None:
+                            choice["stop_reason"] = out.stop_reason
                         yield chunk([choice])
                     continue
                 new_ids = out.new_token_ids

@@ -320,6 +320,43 @@ def test_auto_parses_a_recorded_reply(server):
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want
 
 
+def _raw_stream(server, body):
+    chunks = []
+    with server.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "named"])
+def test_streamed_tool_calls_carry_logprobs_and_token_ids(server, choice):
+    """With tools, a stream's chunks carry the logprobs and token ids of the tokens they
+    hold, as without tools: together they are the whole response's (none were dropped
+    where the parser held text back)."""
+    regex = r'<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}\n</tool_call>'
+    body = {"model": MODEL, "messages": MSGS, "tools": TOOLS, "max_tokens": 80,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2, "return_token_ids": True}
+    if choice == "auto":
+        body["structured_outputs"] = {"regex": regex}
+    elif choice == "required":         # one call: the array a random model writes is endless
+        body.update(tool_choice="required", parallel_tool_calls=False)
+    else:
+        body["tool_choice"] = {"type": "function", "function": {"name": "get_time"}}
+    whole = server.http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert whole["message"]["tool_calls"]
+    chunks = _raw_stream(server, body)
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    streamed_lp = [t for ch in choices for t in (ch.get("logprobs") or {}).get("content", [])]
+    streamed_ids = [t for ch in choices for t in ch.get("token_ids") or []]
+    assert streamed_ids == whole["token_ids"]
+    assert streamed_lp == whole["logprobs"]["content"]
+    assert len(streamed_lp) == len(whole["token_ids"])
+    assert choices[-1]["finish_reason"] == whole["finish_reason"]
+    assert choices[-1].get("stop_reason") == whole.get("stop_reason")
+
+
 def _strict_json(text: str):
     """JSON as strict parsers (JavaScript's, Go's) read it: no NaN or Infinity."""
     def refuse(name):
