@@ -105,17 +105,26 @@ class Service:
                               "prompt")
         return self.tokenizer.encode(prompt)
 
-    async def compile_grammar(self, constraint) -> None:
+    async def compile_grammar(self, constraint, param: str | None = None,
+                              tools: list[dict] | None = None) -> None:
         """Compile a request's grammar before it reaches the engine, in a worker thread (the
         event loop and the engine thread go on meanwhile): a grammar that does not compile
-        is a 400, and the engine finds it in its cache."""
+        is a 400 naming `param`, the field it came in (and with `tools`, the tool whose
+        parameters it is), and the engine finds it in its cache."""
+        if constraint is None:
+            return
         loop = asyncio.get_running_loop()
         engine = self.aengine.engine
         try:
             backend = await loop.run_in_executor(None, lambda: engine.structured)
             await asyncio.wrap_future(backend.cache.compile_async(constraint))
         except BrazeError as e:
-            raise bad_request(str(e), getattr(e, "param", None)) from None
+            message = str(e)
+            if tools:
+                from .tools import tool_at_fault
+                message = await loop.run_in_executor(
+                    None, tool_at_fault, backend.cache.compile, tools) or message
+            raise bad_request(message, param or getattr(e, "param", None)) from None
 
     def admit(self) -> None:
         """503 unless a new client request can be taken now. Decided once per client
@@ -242,8 +251,10 @@ def create_app(svc: Service, read_timeout: float | None = None,
         if body.use_beam_search:
             return JSONResponse(await _while_connected(
                 request, beam.respond(svc, body, prompts, max_tokens, chat=False)))
+        constraint, field = request_constraint(body)
+        await svc.compile_grammar(constraint, field)
         params = SamplingParams(**sampling_kwargs(body, max_tokens),
-                                structured_outputs=request_constraint(body))
+                                structured_outputs=constraint)
         return await _generate(svc, request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -251,14 +262,15 @@ def create_app(svc: Service, read_timeout: float | None = None,
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
         tool_plan = tools_plan(body, svc.tool_call_parser)
-        constraint = request_constraint(body)
+        constraint, field = request_constraint(body)
         if tool_plan is not None and tool_plan.constraint is not None:
             if constraint is not None:
                 raise bad_request("tool_choice required or a named function cannot be combined "
                                   "with response_format or structured_outputs", "tool_choice")
-            constraint = tool_plan.constraint
+            constraint, field = tool_plan.constraint, "tools"
         if body.use_beam_search:
             beam.check(body)        # (tools and response_format before the template sees them)
+        await svc.compile_grammar(constraint, field, tool_plan.tools if field == "tools" else None)
         ids = await svc.prompts.chat(body, body.add_special_tokens, for_model=True,
                                      tools=tool_plan.tools if tool_plan else None)
         if max_tokens is None:     # chat default: up to the end of the context

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from braze.ir.errors import BrazeError
 from braze.runtime.structured import StructuredOutputsParams
 
 from .protocol import bad_request
@@ -129,6 +130,19 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
                           "tool_choice")
     raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", '
                       '"function": {"name": ...}}', "tool_choice")
+
+
+def tool_at_fault(compile_fn, tools: list[dict]) -> str | None:
+    """Which tool's parameters schema does not compile (`compile_fn` raising BrazeError),
+    as the message of a 400; None when each compiles alone."""
+    for i, t in enumerate(tools):
+        f = t["function"]
+        try:
+            compile_fn(StructuredOutputsParams(json=_schema(f)))
+        except BrazeError as e:
+            return (f"tools[{i}] ({f['name']!r}): its parameters are not a JSON schema the "
+                    f"reply can be held to (tool_choice required or named): {e}")
+    return None
 
 
 def template_messages(messages) -> list[dict]:

@@ -392,3 +392,31 @@ def test_logprobs_of_tokens_a_grammar_masks_are_json(server):
                  .get("content", [])]
         assert items and all(-9999.0 < t["logprob"] <= 0 for t in items)
         assert min(a["logprob"] for t in items for a in t["top_logprobs"]) == -9999.0
+
+
+def test_a_schema_that_does_not_compile_names_its_field(server):
+    """The 400 for a schema, regex or grammar xgrammar cannot compile names the field it
+    came in (param), and for tool_choice required or named, the tool whose parameters it is."""
+    h = server.http
+    bad = {"type": "object", "properties": {"x": {"type": "wat"}}}
+    for extra, param in [
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "n",
+                                                                         "schema": bad}}},
+             "response_format"),
+            ({"guided_json": bad}, "guided_json"),
+            ({"guided_regex": "(("}, "guided_regex"),
+            ({"structured_outputs": {"grammar": "root ::= nope"}}, "structured_outputs")]:
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                 "max_tokens": 4, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4,
+                                            **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    tools = TOOLS + [{"type": "function", "function": {"name": "broken", "parameters": bad}}]
+    for choice in ("required", {"type": "function", "function": {"name": "broken"}}):
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                 "max_tokens": 4, "tools": tools,
+                                                 "tool_choice": choice})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "tools", r.text
+        assert "tools[2] ('broken')" in err["message"] and '"wat"' in err["message"]
