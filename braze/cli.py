@@ -500,9 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
-                   help="LoRA adapters (PEFT directories) to load at start; a request picks one "
-                        "with \"model\": NAME (the artifact needs --lora-slots)")
+    s.add_argument("--lora-modules", nargs="+", action="extend", metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to load at start, as NAME=PATH or "
+                        "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": "
+                        "...}'; repeatable; a request picks one with \"model\": NAME (the "
+                        "artifact needs --lora-slots)")
     s.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they "
                         "read any adapter path the server can; off by default)")

@@ -78,6 +78,7 @@ class Service:
     tool_call_parser: str | None = None   # for tool_choice "auto" (serving/tool_parsers)
     trust_request_chat_template: bool = False
     text_only_origin: str | None = None   # compiled text-only from this multimodal architecture
+    lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
 
     def __post_init__(self):
         self.created = int(time.time())

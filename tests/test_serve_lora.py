@@ -172,3 +172,35 @@ def test_load_inplace_replaces_the_adapter(server, store, adapters):
         peft_greedy(ck, adapters["b"], PROMPT, 6)
     cards = {c["id"]: c for c in server.http.get("/v1/models").json()["data"]}
     assert cards["d"]["root"] == str(adapters["b"])
+
+
+def test_lora_modules_repeated_and_as_json(store, adapters, tmp_path):
+    """vLLM's --lora-modules forms: name=path, and a JSON object with name, path and
+    base_model_name (the card's parent); a repeated flag adds to the list rather than
+    replacing it."""
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    spec = json.dumps({"name": "j", "path": str(adapters["b"]), "base_model_name": "org/base"})
+    s = Server(art, tmp_path, "--lora-modules", f"a={adapters['a']}", "--lora-modules", spec)
+    try:
+        cards = {d["id"]: d for d in s.http.get("/v1/models").json()["data"]}
+        assert set(cards) == {MODEL, "a", "j"}
+        assert cards["a"]["parent"] == MODEL and cards["j"]["parent"] == "org/base"
+        assert cards["j"]["root"] == str(adapters["b"])
+        assert _complete(s, "j").json()["choices"][0]["token_ids"] == \
+            peft_greedy(store.checkpoint("llama"), adapters["b"], PROMPT, 6)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ('{"name": "j"}', "needs \"name\" and \"path\""),
+    ('{"name": "j", "path": 3}', "needs \"name\" and \"path\""),
+    ("{oops", "not valid JSON"),
+    ('{"name": "j", "path": "/p", "rank": 8}', "'rank'"),
+])
+def test_bad_lora_modules_json_is_one_line(store, spec, needle):
+    from cli_helpers import assert_one_line_error, run
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = run("serve", art, "--port", "0", "--backend", "reference",
+                       "--lora-modules", spec, timeout=120)
+    assert_one_line_error(code, err, "--lora-modules", needle)
