@@ -23,13 +23,15 @@ from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for, response_model
 from .protocol import APIError, bad_request, first_set
+from .structured import GUIDED
 
 # field -> the values a beam search request may send it with (its neutral ones)
 _REFUSED = {"stream": (None, False), "logprobs": (None, False), "top_logprobs": (None,),
             "echo": (None, False), "best_of": (None,), "prompt_logprobs": (None,),
             "response_format": (None,), "structured_outputs": (None,),
             "tools": (None, []), "stop": (None, [], ""), "logit_bias": (None, {}),
-            "bad_words": (None, []), "min_tokens": (None, 0)}
+            "bad_words": (None, []), "min_tokens": (None, 0),
+            **{field: (None,) for field in GUIDED}}
 
 
 def check(body) -> None:

@@ -420,3 +420,18 @@ def test_a_schema_that_does_not_compile_names_its_field(server):
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "tools", r.text
         assert "tools[2] ('broken')" in err["message"] and '"wat"' in err["message"]
+
+
+@pytest.mark.parametrize("field, value", [("guided_choice", ["left", "right"]),
+                                          ("guided_regex", "[0-9]+"),
+                                          ("guided_json", {"type": "object"}),
+                                          ("guided_grammar", 'root ::= "a"')])
+def test_beam_search_refuses_guided_fields(server, field, value):
+    """Beam search cannot hold its beams to a grammar: vLLM's guided_* fields are refused by
+    name, as response_format and structured_outputs are (they were silently ignored)."""
+    for path, extra in (("/v1/completions", {"prompt": "Pick"}),
+                        ("/v1/chat/completions", {"messages": MSGS})):
+        r = server.http.post(path, json={"model": MODEL, "max_tokens": 4, "n": 2,
+                                         "use_beam_search": True, field: value, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == field
