@@ -435,3 +435,43 @@ def test_beam_search_refuses_guided_fields(server, field, value):
                                          "use_beam_search": True, field: value, **extra})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == field
+
+
+def test_tool_choice_required_with_defs_and_refs(server):
+    """Tools whose parameters use $defs and $ref (as pydantic writes them): with
+    tool_choice required their definitions move to the root of the array schema, where
+    "#/$defs/..." points (they were a 400: "Cannot find field '$defs'")."""
+    loc = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+           "required": ["city"], "additionalProperties": False}
+    weather = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Loc"}},
+               "required": ["where"], "additionalProperties": False, "$defs": {"Loc": loc}}
+    trip = {"type": "object", "properties": {"to": {"$ref": "#/definitions/Loc"},
+                                             "days": {"type": "integer", "minimum": 1,
+                                                      "maximum": 9}},
+            "required": ["to", "days"], "additionalProperties": False,
+            "definitions": {"Loc": loc}}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "trip", "parameters": trip}}]
+    schemas = {"weather": weather, "trip": trip}
+    seen = set()
+    for seed in range(4):
+        r = server.client.chat.completions.create(
+            model=MODEL, messages=MSGS, tools=tools, tool_choice="required", max_tokens=80,
+            temperature=1.0, seed=seed, parallel_tool_calls=False)
+        choice = r.choices[0]
+        assert choice.finish_reason in ("tool_calls", "length")
+        for c in choice.message.tool_calls or []:
+            validate(json.loads(c.function.arguments), schemas[c.function.name])
+            seen.add(c.function.name)
+    assert seen
+    # two tools defining one name differently cannot share the root: a 400 naming both
+    other = json.loads(json.dumps(weather))
+    other["$defs"]["Loc"]["properties"]["city"] = {"enum": ["Oslo"]}
+    r = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": MSGS, "max_tokens": 4, "tool_choice": "required",
+        "tools": [tools[0], {"type": "function", "function": {"name": "trip",
+                                                              "parameters": other}}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "tools"
+    assert "'Loc'" in err["message"] and "'weather'" in err["message"] \
+        and "'trip'" in err["message"]
