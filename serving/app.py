@@ -230,6 +230,16 @@ def create_app(svc: Service, read_timeout: float | None = None,
         out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
         return out
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        """OpenAI's retrieve: one card of /v1/models."""
+        for card in (await models())["data"]:
+            if card["id"] == model_id:
+                return card
+        svc.check_model(model_id)              # the 404 a request naming it gets
+        raise APIError(404, f"the model {model_id!r} does not exist", "invalid_request_error",
+                       "model", "model_not_found")
+
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(svc.metrics.render(svc.aengine.snapshot()),

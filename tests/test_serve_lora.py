@@ -204,3 +204,15 @@ def test_bad_lora_modules_json_is_one_line(store, spec, needle):
     code, _, err = run("serve", art, "--port", "0", "--backend", "reference",
                        "--lora-modules", spec, timeout=120)
     assert_one_line_error(code, err, "--lora-modules", needle)
+
+
+def test_retrieve_a_model_or_an_adapter(server, adapters):
+    """The openai client's models.retrieve (GET /v1/models/{id}): the base model's card or
+    an adapter's, with its parent; 404 model_not_found for another name."""
+    base = server.client.models.retrieve(MODEL)
+    assert base.id == MODEL and base.object == "model"
+    card = server.http.get("/v1/models/a").json()
+    listed = {d["id"]: d for d in server.http.get("/v1/models").json()["data"]}
+    assert card == listed["a"] and card["parent"] == MODEL
+    r = server.http.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
