@@ -243,6 +243,9 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise LoRAError(f"LoRA adapter {name!r}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoRAError(f"LoRA adapter {name!r}: {cfg_path} holds a {type(cfg).__name__}, not "
+                        f"a JSON object (peft's LoraConfig: r, lora_alpha, target_modules, ...)")
     weights = d / "adapter_model.safetensors"
     if not weights.is_file():
         extra = " (adapter_model.bin is a pickle, which braze does not load; save the adapter " \
@@ -261,9 +264,11 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
                             f"(got {cfg.get(key)!r})")
     r = cfg.get("r")
     alpha = cfg.get("lora_alpha", r)
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+    if (not isinstance(r, int) or isinstance(r, bool) or r < 1
+            or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
+            or not math.isfinite(alpha)):
         raise LoRAError(f"LoRA adapter {name!r}: adapter_config.json needs a positive integer "
-                        f"r and a number lora_alpha, got r={r!r}, lora_alpha={alpha!r}")
+                        f"r and a finite number lora_alpha, got r={r!r}, lora_alpha={alpha!r}")
     if r > contract.max_rank:
         raise LoRAError(f"LoRA adapter {name!r} has rank {r}, more than the artifact's "
                         f"--max-lora-rank {contract.max_rank}; recompile with --max-lora-rank "

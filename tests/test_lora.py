@@ -234,6 +234,29 @@ def test_a_new_lora_int_id_under_a_name_replaces_the_adapter(store, adapters, ex
 
 # -- errors -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("config, needle", [
+    ([], "adapter_config.json holds a list, not a JSON object"),
+    ({"r": True}, "r=True"),
+    ({"lora_alpha": True}, "lora_alpha=True"),
+    ({"r": 4, "lora_alpha": "8"}, "lora_alpha='8'"),
+    ({"lora_alpha": float("nan")}, "lora_alpha=nan"),
+])
+def test_a_malformed_adapter_config_is_a_clear_error(store, tmp_path, config, needle):
+    """adapter_config.json that is not an object was a crash (a 500 over HTTP), and a
+    boolean r or lora_alpha was taken for 1 (a silently wrong scale)."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    d = write_adapter(tmp_path / "ad", {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4)},
+        **(config if isinstance(config, dict) else {}))
+    if not isinstance(config, dict):
+        (d / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoRAError, match=needle) as e:
+        eng.add_lora(LoRARequest("ad", 1, str(d)))
+    assert e.value.status == 400 and "adapter_config.json" in str(e.value)
+    assert eng.list_loras() == []
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
