@@ -30,6 +30,7 @@ cut their own share and write the same slot.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -232,8 +233,19 @@ def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> Non
 
 
 def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
-    """Read a PEFT adapter directory and lay it out as the artifact's pools want it."""
-    d = Path(path)
+    """Read a PEFT adapter directory ("~" is the user's home, as in vLLM) and lay it out as
+    the artifact's pools want it. A path the OS refuses is a LoRAError, as a missing one."""
+    try:
+        return _read_adapter(name, Path(path).expanduser(), contract)
+    except OSError as e:
+        where = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        gone = e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+        raise LoRAError(f"LoRA adapter {name!r}: cannot read {where!r} ({e.strerror or e})",
+                        404 if gone else 400) from None
+
+
+def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
+    path = d
     cfg_path = d / "adapter_config.json"
     if not d.is_dir() or not cfg_path.is_file():
         raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {str(path)!r} (a "

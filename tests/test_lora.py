@@ -234,6 +234,20 @@ def test_a_new_lora_int_id_under_a_name_replaces_the_adapter(store, adapters, ex
 
 # -- errors -----------------------------------------------------------------------------
 
+def test_adapter_paths_the_os_refuses_and_home_relative_ones(store, adapters, expected,
+                                                              tmp_path, monkeypatch):
+    """A path the OS refuses (too long) is the 404 of a missing adapter, not a crash (a 500
+    over HTTP); "~/..." is the user's home, as vLLM reads it."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="cannot read") as e:
+        eng.add_lora(LoRARequest("long", 1, str(tmp_path / ("x" * 5000))))
+    assert e.value.status == 404
+    monkeypatch.setenv("HOME", str(adapters["a"].parent))
+    eng.add_request("r", PROMPT, GREEDY, lora_request=LoRARequest("home", 2, "~/a"))
+    assert eng.run_to_completion()["r"].token_ids == expected["a"]
+
+
 @pytest.mark.parametrize("config, needle", [
     ([], "adapter_config.json holds a list, not a JSON object"),
     ({"r": True}, "r=True"),
