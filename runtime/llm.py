@@ -32,12 +32,23 @@ class LLM:
                  **overrides):
         """`artifact` (or `model=`, vLLM's name): the compiled artifact's directory.
         `options` (runtime/options.py) and/or its fields as keywords: backend,
-        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ..."""
+        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ...
+        vLLM's enable_lora, max_loras and max_lora_rank are checked against what the
+        artifact was compiled with (--lora-slots, --max-lora-rank)."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
+        from .lora import VLLM_OPTIONS, check_vllm_options
+        lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
+        if lora_asks:
+            try:
+                check_vllm_options(getattr(self.engine.lora, "contract", None),
+                                   self.engine.artifact.root, **lora_asks)
+            except BrazeError:
+                self.close()          # a tensor-parallel artifact's other ranks, too
+                raise
         self.artifact = self.engine.artifact
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

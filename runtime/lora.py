@@ -558,6 +558,39 @@ def add_slots_buffer(static: dict, executor) -> None:
                                          dtype=torch.int32, device=executor.device)
 
 
+# vLLM's LLM() LoRA options: in braze the artifact fixes them (`braze compile --lora-slots K
+# --max-lora-rank R`), so braze.LLM takes them as checks of what it was compiled with
+VLLM_OPTIONS = ("enable_lora", "max_loras", "max_lora_rank")
+
+
+def check_vllm_options(contract: Contract | None, root, enable_lora=None, max_loras=None,
+                       max_lora_rank=None) -> None:
+    """BrazeError, naming the compile flag, where the artifact at `root` cannot serve what
+    vLLM's enable_lora / max_loras / max_lora_rank ask for (less than it can do is fine)."""
+    if enable_lora not in (None, True, False):
+        raise BrazeError(f"enable_lora must be True or False, got {enable_lora!r}")
+    for key, v in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BrazeError(f"{key} must be a positive integer, got {v!r}")
+    if contract is None:
+        asked = [f"{k}={v!r}" for k, v in (("enable_lora", enable_lora), ("max_loras", max_loras),
+                                           ("max_lora_rank", max_lora_rank))
+                 if v not in (None, False)]
+        if asked:
+            raise BrazeError(f"{', '.join(asked)}: artifact {root} serves no LoRA adapters; "
+                             f"braze compiles LoRA in: braze compile MODEL -o ARTIFACT "
+                             f"--lora-slots K --max-lora-rank R")
+        return
+    if max_loras is not None and max_loras > contract.slots:
+        raise BrazeError(f"max_loras={max_loras}: artifact {root} was compiled with "
+                         f"--lora-slots {contract.slots}, the adapters it runs at once; "
+                         f"recompile with --lora-slots {max_loras}")
+    if max_lora_rank is not None and max_lora_rank > contract.max_rank:
+        raise BrazeError(f"max_lora_rank={max_lora_rank}: artifact {root} was compiled with "
+                         f"--max-lora-rank {contract.max_rank}; recompile with --max-lora-rank "
+                         f"{max_lora_rank}")
+
+
 class EngineLoRA:
     """The Engine's LoRA face (runtime/engine.py mixes it in): adapters registered and
     removed at run time, and requests tied to one."""

@@ -410,3 +410,21 @@ def test_generate_command_takes_an_adapter(store, adapters, expected):
     code, out, err = braze("generate", store.artifact("llama"), "--prompt-ids", "1,2",
                            "--backend", "reference", "--lora", adapters["a"])
     assert code != 0 and "serves no LoRA adapters" in err
+
+
+def test_llm_takes_vllms_lora_options_as_checks(store, adapters, expected):
+    """LLM(..., enable_lora=True, max_loras=K, max_lora_rank=R), as a vLLM script writes it:
+    the artifact fixed its slots and rank when it was compiled, so these run where the
+    artifact has them and name the compile flag where it does not."""
+    art = store.artifact("llama", opt_level=0, **LORA)
+    llm = LLM(art, backend="reference", num_kv_blocks=32, enable_lora=True, max_loras=2,
+              max_lora_rank=4)
+    out = llm.generate({"prompt_token_ids": PROMPT}, GREEDY,
+                       lora_request=LoRARequest("a", 1, str(adapters["a"])))
+    assert out[0].outputs[0].token_ids == expected["a"]
+    with pytest.raises(BrazeError, match="max_lora_rank=16.*--max-lora-rank 8"):
+        LLM(art, backend="reference", num_kv_blocks=8, enable_lora=True, max_lora_rank=16)
+    with pytest.raises(BrazeError, match="max_loras=3.*--lora-slots 2"):
+        LLM(art, backend="reference", num_kv_blocks=8, max_loras=3)
+    with pytest.raises(BrazeError, match="enable_lora=True.*--lora-slots"):
+        LLM(store.artifact("llama"), backend="reference", num_kv_blocks=8, enable_lora=True)
