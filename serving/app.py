@@ -563,14 +563,21 @@ class _Job:
                     c.held_ids += out.new_token_ids
                     if self.want_logprobs:
                         c.held_logprobs += out.new_logprobs or []
-                    for delta in c.streamer.feed(c.text, out.finished):
-                        yield chunk([self._tool_choice(c, None, delta)])
+                    deltas = c.streamer.feed(c.text, out.finished)
                     if reason:
-                        reason = self.tools.finish_reason(c.streamer.calls, reason)
-                        choice = self._tool_choice(c, reason, {})
-                        if out.stop_reason is not None:
-                            choice["stop_reason"] = out.stop_reason
-                        yield chunk([choice])
+                        deltas.append(None)          # the finishing chunk
+                    for delta in deltas:
+                        if delta is None:
+                            choice = self._tool_choice(c, self.tools.finish_reason(
+                                c.streamer.calls, reason), {})
+                            if out.stop_reason is not None:
+                                choice["stop_reason"] = out.stop_reason
+                        else:
+                            choice = self._tool_choice(c, None, delta)
+                        # vLLM's prompt_logprobs: on the choice's first chunk
+                        plp = self._prompt_logprobs(out) if not c.started else None
+                        c.started = True
+                        yield chunk([choice], **({} if plp is None else {"prompt_logprobs": plp}))
                     continue
                 new_ids = out.new_token_ids
                 if not (out.new_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):

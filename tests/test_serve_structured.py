@@ -337,7 +337,8 @@ def test_streamed_tool_calls_carry_logprobs_and_token_ids(server, choice):
     where the parser held text back)."""
     regex = r'<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}\n</tool_call>'
     body = {"model": MODEL, "messages": MSGS, "tools": TOOLS, "max_tokens": 80,
-            "temperature": 0, "logprobs": True, "top_logprobs": 2, "return_token_ids": True}
+            "temperature": 0, "logprobs": True, "top_logprobs": 2, "return_token_ids": True,
+            "prompt_logprobs": 1}
     if choice == "auto":
         body["structured_outputs"] = {"regex": regex}
     elif choice == "required":         # one call: the array a random model writes is endless
@@ -355,6 +356,10 @@ def test_streamed_tool_calls_carry_logprobs_and_token_ids(server, choice):
     assert len(streamed_lp) == len(whole["token_ids"])
     assert choices[-1]["finish_reason"] == whole["finish_reason"]
     assert choices[-1].get("stop_reason") == whole.get("stop_reason")
+    # vLLM's prompt_logprobs: on the first chunk of the choice, as without tools
+    whole_body = server.http.post("/v1/chat/completions", json=body).json()
+    plps = [c["prompt_logprobs"] for c in chunks if c.get("prompt_logprobs")]
+    assert plps == [whole_body["prompt_logprobs"]]
 
 
 def _strict_json(text: str):
