@@ -761,6 +761,12 @@ def _install_errors(app: FastAPI) -> None:
     async def braze_error(request, exc: BrazeError):
         return _error(400, str(exc), param=getattr(exc, "param", None))
 
+    @app.exception_handler(Unavailable)
+    async def unavailable(request, exc: Unavailable):
+        # work for the engine thread (e.g. loading a LoRA adapter) while draining or after
+        # the engine failed: the 503 a new request gets then
+        return _error(503, str(exc), "service_unavailable", None, "unavailable")
+
     app.add_middleware(RequestIdMiddleware)
 
 

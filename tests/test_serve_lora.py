@@ -216,3 +216,43 @@ def test_retrieve_a_model_or_an_adapter(server, adapters):
     assert card == listed["a"] and card["parent"] == MODEL
     r = server.http.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_load_and_unload_while_draining_get_503(store, adapters, tmp_path):
+    """After SIGTERM the engine takes no more work: /v1/load_lora_adapter and /unload answer
+    the 503 every new request gets while draining (they were a 500, 'a bug in braze')."""
+    import signal
+    import time
+
+    import httpx
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    s = Server(art, tmp_path, "--lora-modules", f"a={adapters['a']}",
+               "--allow-runtime-lora-updating", "--drain-timeout", "60")
+    try:
+        running = threading.Event()
+
+        def long_one():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=120, json={
+                    "model": MODEL, "prompt": PROMPT, "max_tokens": 240, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as r:
+                for _ in r.iter_lines():
+                    running.set()
+
+        t = threading.Thread(target=long_one, daemon=True)
+        t.start()
+        assert running.wait(60)
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "the drain never started"
+            time.sleep(0.02)
+        for path, body in (("/v1/load_lora_adapter", {"lora_name": "b",
+                                                       "lora_path": str(adapters["b"])}),
+                           ("/v1/unload_lora_adapter", {"lora_name": "a"})):
+            r = httpx.post(s.url + path, json=body, timeout=30)
+            assert r.status_code == 503, (path, r.text)
+            assert "shutting down" in r.json()["error"]["message"]
+        t.join(120)
+        assert "Traceback" not in s.stderr()
+    finally:
+        s.stop()
