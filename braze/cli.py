@@ -269,7 +269,8 @@ def _server_options(a):
         allow_credentials=a.allow_credentials, tool_call_parser=a.tool_call_parser,
         trust_request_chat_template=a.trust_request_chat_template,
         extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
-        allow_runtime_lora_updating=a.allow_runtime_lora_updating)
+        allow_runtime_lora_updating=a.allow_runtime_lora_updating, enable_lora=a.enable_lora,
+        max_loras=a.max_loras, max_lora_rank=a.max_lora_rank)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -483,12 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
-                   help="LoRA adapters (PEFT directories) to load at start; a request picks one "
-                        "with \"model\": NAME (the artifact needs --lora-slots)")
+    s.add_argument("--lora-modules", nargs="+", action="extend", metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to load at start, as NAME=PATH or "
+                        "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": "
+                        "...}'; repeatable; a request picks one with \"model\": NAME (the "
+                        "artifact needs --lora-slots)")
     s.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they "
                         "read any adapter path the server can; off by default)")
+    s.add_argument("--enable-lora", action="store_true",
+                   help="vLLM's flag, checked: the artifact must serve LoRA adapters (braze "
+                        "compiles them in: braze compile --lora-slots K --max-lora-rank R)")
+    s.add_argument("--max-loras", type=_positive_int, metavar="K",
+                   help="vLLM's flag, checked: at most the artifact's --lora-slots")
+    s.add_argument("--max-lora-rank", type=_positive_int, metavar="R",
+                   help="vLLM's flag, checked: at most the artifact's --max-lora-rank")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                    help="most requests waiting for the running batch; more get 503 (default 256)")

@@ -33,7 +33,9 @@ class LLM:
         """`artifact` (or `model=`, vLLM's name): the compiled artifact's directory.
         `options` (runtime/options.py) and/or its fields as keywords: backend,
         num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ...;
-        `speculative_config=` is vLLM's name for `speculative=`."""
+        `speculative_config=` is vLLM's name for `speculative=`. vLLM's enable_lora,
+        max_loras and max_lora_rank are checked against what the artifact was compiled
+        with (--lora-slots, --max-lora-rank)."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
@@ -42,8 +44,17 @@ class LLM:
                 raise BrazeError("give the speculative decoding config once: as "
                                  "speculative_config= or speculative=", param="speculative")
             overrides["speculative"] = overrides.pop("speculative_config")
+        from .lora import VLLM_OPTIONS, check_vllm_options
+        lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
+        if lora_asks:
+            try:
+                check_vllm_options(getattr(self.engine.lora, "contract", None),
+                                   self.engine.artifact.root, **lora_asks)
+            except BrazeError:
+                self.close()          # a tensor-parallel artifact's other ranks, too
+                raise
         self.artifact = self.engine.artifact
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -60,7 +71,9 @@ class LLM:
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
         one per prompt.
         lora_request: a LoRARequest (runtime/lora.py) for all prompts, or one per prompt
-        (None where a prompt uses the base model); the artifact needs --lora-slots.
+        (None where a prompt uses the base model); the artifact needs --lora-slots. As in
+        vLLM, a new lora_int_id under a name already used replaces that adapter (requests
+        running with the old one finish with it).
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is

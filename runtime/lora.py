@@ -30,6 +30,7 @@ cut their own share and write the same slot.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -232,8 +233,19 @@ def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> Non
 
 
 def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
-    """Read a PEFT adapter directory and lay it out as the artifact's pools want it."""
-    d = Path(path)
+    """Read a PEFT adapter directory ("~" is the user's home, as in vLLM) and lay it out as
+    the artifact's pools want it. A path the OS refuses is a LoRAError, as a missing one."""
+    try:
+        return _read_adapter(name, Path(path).expanduser(), contract)
+    except OSError as e:
+        where = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        gone = e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+        raise LoRAError(f"LoRA adapter {name!r}: cannot read {where!r} ({e.strerror or e})",
+                        404 if gone else 400) from None
+
+
+def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
+    path = d
     cfg_path = d / "adapter_config.json"
     if not d.is_dir() or not cfg_path.is_file():
         raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {str(path)!r} (a "
@@ -243,6 +255,9 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise LoRAError(f"LoRA adapter {name!r}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoRAError(f"LoRA adapter {name!r}: {cfg_path} holds a {type(cfg).__name__}, not "
+                        f"a JSON object (peft's LoraConfig: r, lora_alpha, target_modules, ...)")
     weights = d / "adapter_model.safetensors"
     if not weights.is_file():
         extra = " (adapter_model.bin is a pickle, which braze does not load; save the adapter " \
@@ -261,9 +276,11 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
                             f"(got {cfg.get(key)!r})")
     r = cfg.get("r")
     alpha = cfg.get("lora_alpha", r)
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+    if (not isinstance(r, int) or isinstance(r, bool) or r < 1
+            or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
+            or not math.isfinite(alpha)):
         raise LoRAError(f"LoRA adapter {name!r}: adapter_config.json needs a positive integer "
-                        f"r and a number lora_alpha, got r={r!r}, lora_alpha={alpha!r}")
+                        f"r and a finite number lora_alpha, got r={r!r}, lora_alpha={alpha!r}")
     if r > contract.max_rank:
         raise LoRAError(f"LoRA adapter {name!r} has rank {r}, more than the artifact's "
                         f"--max-lora-rank {contract.max_rank}; recompile with --max-lora-rank "
@@ -374,15 +391,23 @@ class LoRAManager:
         off the engine thread, then registers with `add(req, host)`)."""
         return read_adapter(req.lora_name, req.lora_path, self.contract)
 
-    def add(self, req: LoRARequest, host: HostAdapter | None = None) -> tuple:
+    def add(self, req: LoRARequest, host: HostAdapter | None = None,
+            replace: bool = False) -> tuple:
         """Register an adapter (reading and checking it now unless `host` is its `read`, so
-        a bad one fails here); returns its key. The same request again is a no-op."""
+        a bad one fails here); returns its key. The same request again is a no-op.
+        `replace`: an adapter registered under the name is replaced (as `remove` then add,
+        once the new one has been read: requests holding the old one finish with it)."""
         old = self.registered.get(req.lora_name)
         if old is not None:
             if old[0] == req:
                 return old[1]
-            raise LoRAError(f"LoRA adapter {req.lora_name!r} is already loaded from "
-                            f"{old[0].lora_path!r}; unload it first or pick another name")
+            if not replace:
+                raise LoRAError(f"LoRA adapter {req.lora_name!r} is already loaded from "
+                                f"{old[0].lora_path!r} (lora_int_id {old[0].lora_int_id}); "
+                                f"unload it first or pick another name")
+            if host is None:
+                host = self.read(req)          # a bad adapter leaves the old one in place
+            self.remove(req.lora_name)
         self._loads += 1
         key = ("lora", req.lora_name, self._loads)
         if host is not None:
@@ -533,6 +558,39 @@ def add_slots_buffer(static: dict, executor) -> None:
                                          dtype=torch.int32, device=executor.device)
 
 
+# vLLM's LLM() LoRA options: in braze the artifact fixes them (`braze compile --lora-slots K
+# --max-lora-rank R`), so braze.LLM takes them as checks of what it was compiled with
+VLLM_OPTIONS = ("enable_lora", "max_loras", "max_lora_rank")
+
+
+def check_vllm_options(contract: Contract | None, root, enable_lora=None, max_loras=None,
+                       max_lora_rank=None) -> None:
+    """BrazeError, naming the compile flag, where the artifact at `root` cannot serve what
+    vLLM's enable_lora / max_loras / max_lora_rank ask for (less than it can do is fine)."""
+    if enable_lora not in (None, True, False):
+        raise BrazeError(f"enable_lora must be True or False, got {enable_lora!r}")
+    for key, v in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BrazeError(f"{key} must be a positive integer, got {v!r}")
+    if contract is None:
+        asked = [f"{k}={v!r}" for k, v in (("enable_lora", enable_lora), ("max_loras", max_loras),
+                                           ("max_lora_rank", max_lora_rank))
+                 if v not in (None, False)]
+        if asked:
+            raise BrazeError(f"{', '.join(asked)}: artifact {root} serves no LoRA adapters; "
+                             f"braze compiles LoRA in: braze compile MODEL -o ARTIFACT "
+                             f"--lora-slots K --max-lora-rank R")
+        return
+    if max_loras is not None and max_loras > contract.slots:
+        raise BrazeError(f"max_loras={max_loras}: artifact {root} was compiled with "
+                         f"--lora-slots {contract.slots}, the adapters it runs at once; "
+                         f"recompile with --lora-slots {max_loras}")
+    if max_lora_rank is not None and max_lora_rank > contract.max_rank:
+        raise BrazeError(f"max_lora_rank={max_lora_rank}: artifact {root} was compiled with "
+                         f"--max-lora-rank {contract.max_rank}; recompile with --max-lora-rank "
+                         f"{max_lora_rank}")
+
+
 class EngineLoRA:
     """The Engine's LoRA face (runtime/engine.py mixes it in): adapters registered and
     removed at run time, and requests tied to one."""
@@ -575,7 +633,11 @@ class EngineLoRA:
         name of one registered)."""
         mgr = self._need_lora()
         if isinstance(lora_request, LoRARequest):
-            mgr.add(lora_request)
+            # as in vLLM, the lora_int_id names the adapter's version: a new one under a
+            # registered name (an RL loop's next checkpoint) replaces it
+            old = mgr.registered.get(lora_request.lora_name)
+            mgr.add(lora_request, replace=old is not None
+                    and old[0].lora_int_id != lora_request.lora_int_id)
             lora_request = lora_request.lora_name
         if not isinstance(lora_request, str):
             raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "

@@ -55,7 +55,7 @@ from .protocol import (
     send_error,
     validation_message,
 )
-from .lora_routes import lora_for, model_cards
+from .lora_routes import lora_for, model_cards, response_model
 from .read_timeouts import BodyTimeout
 from .structured import request_constraint
 from .tool_parsers import final_message
@@ -78,6 +78,7 @@ class Service:
     tool_call_parser: str | None = None   # for tool_choice "auto" (serving/tool_parsers)
     trust_request_chat_template: bool = False
     text_only_origin: str | None = None   # compiled text-only from this multimodal architecture
+    lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
 
     def __post_init__(self):
         self.created = int(time.time())
@@ -105,17 +106,26 @@ class Service:
                               "prompt")
         return self.tokenizer.encode(prompt)
 
-    async def compile_grammar(self, constraint) -> None:
+    async def compile_grammar(self, constraint, param: str | None = None,
+                              tools: list[dict] | None = None) -> None:
         """Compile a request's grammar before it reaches the engine, in a worker thread (the
         event loop and the engine thread go on meanwhile): a grammar that does not compile
-        is a 400, and the engine finds it in its cache."""
+        is a 400 naming `param`, the field it came in (and with `tools`, the tool whose
+        parameters it is), and the engine finds it in its cache."""
+        if constraint is None:
+            return
         loop = asyncio.get_running_loop()
         engine = self.aengine.engine
         try:
             backend = await loop.run_in_executor(None, lambda: engine.structured)
             await asyncio.wrap_future(backend.cache.compile_async(constraint))
         except BrazeError as e:
-            raise bad_request(str(e), getattr(e, "param", None)) from None
+            message = str(e)
+            if tools:
+                from .tools import tool_at_fault
+                message = await loop.run_in_executor(
+                    None, tool_at_fault, backend.cache.compile, tools) or message
+            raise bad_request(message, param or getattr(e, "param", None)) from None
 
     def admit(self) -> None:
         """503 unless a new client request can be taken now. Decided once per client
@@ -220,6 +230,16 @@ def create_app(svc: Service, read_timeout: float | None = None,
         out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
         return out
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        """OpenAI's retrieve: one card of /v1/models."""
+        for card in (await models())["data"]:
+            if card["id"] == model_id:
+                return card
+        svc.check_model(model_id)              # the 404 a request naming it gets
+        raise APIError(404, f"the model {model_id!r} does not exist", "invalid_request_error",
+                       "model", "model_not_found")
+
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(svc.metrics.render(svc.aengine.snapshot()),
@@ -242,8 +262,10 @@ def create_app(svc: Service, read_timeout: float | None = None,
         if body.use_beam_search:
             return JSONResponse(await _while_connected(
                 request, beam.respond(svc, body, prompts, max_tokens, chat=False)))
+        constraint, field = request_constraint(body)
+        await svc.compile_grammar(constraint, field)
         params = SamplingParams(**sampling_kwargs(body, max_tokens),
-                                structured_outputs=request_constraint(body))
+                                structured_outputs=constraint)
         return await _generate(svc, request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -251,14 +273,15 @@ def create_app(svc: Service, read_timeout: float | None = None,
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
         tool_plan = tools_plan(body, svc.tool_call_parser)
-        constraint = request_constraint(body)
+        constraint, field = request_constraint(body)
         if tool_plan is not None and tool_plan.constraint is not None:
             if constraint is not None:
                 raise bad_request("tool_choice required or a named function cannot be combined "
                                   "with response_format or structured_outputs", "tool_choice")
-            constraint = tool_plan.constraint
+            constraint, field = tool_plan.constraint, "tools"
         if body.use_beam_search:
             beam.check(body)        # (tools and response_format before the template sees them)
+        await svc.compile_grammar(constraint, field, tool_plan.tools if field == "tools" else None)
         ids = await svc.prompts.chat(body, body.add_special_tokens, for_model=True,
                                      tools=tool_plan.tools if tool_plan else None)
         if max_tokens is None:     # chat default: up to the end of the context
@@ -328,6 +351,8 @@ class _Choice:
         self.prompt_text, self.prompt_ids = prompt_text, ids
         self.text = ""                  # with tools: the text so far, for the streamer
         self.streamer = None            # with tools: its ToolStreamer (serving/tools.py)
+        self.held_ids: list[int] = []   # with tools: tokens not yet carried by a chunk,
+        self.held_logprobs: list = []   # and their logprobs
         self.last = None
         self.num_sent = 0               # output tokens its stream chunks carried so far
         self.offset = 0                 # text_offset of the next token (completions logprobs)
@@ -344,6 +369,7 @@ class _Job:
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
         self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
         self.chat, self.created, self.body, self.params = chat, created, body, params
+        self.model = response_model(svc, getattr(body, "model", None))   # the adapter's name
         self.choices: list[_Choice] = []
         self.num_prompt_tokens = 0
         self.arrival = time.monotonic()
@@ -414,9 +440,10 @@ class _Job:
             if e is None:
                 res.append(None)
                 continue
-            d = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self._token_text(i)}
+            d = {str(i): {"logprob": R.finite(v), "rank": r + 1,
+                          "decoded_token": self._token_text(i)}
                  for r, (i, v) in enumerate(e.top)}
-            d.setdefault(str(e.token_id), {"logprob": e.logprob, "rank": e.rank,
+            d.setdefault(str(e.token_id), {"logprob": R.finite(e.logprob), "rank": e.rank,
                                            "decoded_token": self._token_text(e.token_id)})
             res.append(d)
         return res
@@ -435,12 +462,20 @@ class _Job:
                 lps.append(None)
                 tops.append(None)
             else:
-                lps.append(e.logprob)
-                top = {self._token_text(i): v for i, v in e.top[:self.params.logprobs]}
-                top.setdefault(t, e.logprob)
+                lps.append(R.finite(e.logprob))
+                top = {self._token_text(i): R.finite(v) for i, v in e.top[:self.params.logprobs]}
+                top.setdefault(t, R.finite(e.logprob))
                 tops.append(top)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}
+
+    def _tool_choice(self, c: _Choice, reason: str | None, delta: dict) -> dict:
+        """A streamed chat choice with tools: `delta`, and the logprobs and token ids of the
+        tokens held since the last chunk."""
+        lp = self._logprobs(c, c.held_logprobs) if c.held_logprobs else None
+        ids = c.held_ids if self.token_ids else None
+        c.held_ids, c.held_logprobs = [], []
+        return R.chat_choice(c.index, "", reason, lp, None, ids, delta=delta)
 
     def _logprobs(self, c: _Choice, entries) -> dict | None:
         if not self.want_logprobs or entries is None:
@@ -483,7 +518,7 @@ class _Job:
                 t.cancel()
 
     async def sse(self, include_usage: bool):
-        name, rid, created = self.svc.model_name, self.rid, self.created
+        name, rid, created = self.model, self.rid, self.created
         done = False
         body = R.chat_body if self.chat else R.completion_body
 
@@ -523,13 +558,26 @@ class _Job:
                     if c.streamer is None:
                         c.streamer = self.tools.streamer()
                     c.text += out.new_text
-                    for delta in c.streamer.feed(c.text, out.finished):
-                        choice = R.chat_choice(c.index, "", None, delta=delta)
-                        yield chunk([choice])
+                    # the step's logprobs and token ids ride on the next chunk sent (text
+                    # the parser holds back is sent later, or never as content)
+                    c.held_ids += out.new_token_ids
+                    if self.want_logprobs:
+                        c.held_logprobs += out.new_logprobs or []
+                    deltas = c.streamer.feed(c.text, out.finished)
                     if reason:
-                        reason = self.tools.finish_reason(c.streamer.calls, reason)
-                        choice = R.chat_choice(c.index, "", reason, delta={})
-                        yield chunk([choice])
+                        deltas.append(None)          # the finishing chunk
+                    for delta in deltas:
+                        if delta is None:
+                            choice = self._tool_choice(c, self.tools.finish_reason(
+                                c.streamer.calls, reason), {})
+                            if out.stop_reason is not None:
+                                choice["stop_reason"] = out.stop_reason
+                        else:
+                            choice = self._tool_choice(c, None, delta)
+                        # vLLM's prompt_logprobs: on the choice's first chunk
+                        plp = self._prompt_logprobs(out) if not c.started else None
+                        c.started = True
+                        yield chunk([choice], **({} if plp is None else {"prompt_logprobs": plp}))
                     continue
                 new_ids = out.new_token_ids
                 if not (out.new_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):
@@ -644,7 +692,7 @@ class _Job:
             if stop_reason is None:
                 ch.pop("stop_reason", None)
             choices.append(ch)
-        name = self.svc.model_name
+        name = self.model
         if self.chat:
             extra = {"prompt_token_ids": self.choices[0].prompt_ids} if self.token_ids else {}
             plp = self._prompt_logprobs(chosen[0][1].last)
@@ -712,6 +760,12 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(BrazeError)
     async def braze_error(request, exc: BrazeError):
         return _error(400, str(exc), param=getattr(exc, "param", None))
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request, exc: Unavailable):
+        # work for the engine thread (e.g. loading a LoRA adapter) while draining or after
+        # the engine failed: the 503 a new request gets then
+        return _error(503, str(exc), "service_unavailable", None, "unavailable")
 
     app.add_middleware(RequestIdMiddleware)
 

@@ -21,15 +21,17 @@ from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all,
 
 from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
-from .lora_routes import lora_for
+from .lora_routes import lora_for, response_model
 from .protocol import APIError, bad_request, first_set
+from .structured import GUIDED
 
 # field -> the values a beam search request may send it with (its neutral ones)
 _REFUSED = {"stream": (None, False), "logprobs": (None, False), "top_logprobs": (None,),
             "echo": (None, False), "best_of": (None,), "prompt_logprobs": (None,),
             "response_format": (None,), "structured_outputs": (None,),
             "tools": (None, []), "stop": (None, [], ""), "logit_bias": (None, {}),
-            "bad_words": (None, []), "min_tokens": (None, 0)}
+            "bad_words": (None, []), "min_tokens": (None, 0),
+            **{field: (None,) for field in GUIDED}}
 
 
 def check(body) -> None:
@@ -90,7 +92,8 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
                            else R.completion_choice(index, text, seq.finish_reason))
     use = R.usage(sum(len(ids) for _, ids in prompts), n_out)
     body_fn = R.chat_body if chat else R.completion_body
-    return body_fn(rid, int(time.time()), svc.model_name, choices, use)
+    return body_fn(rid, int(time.time()), response_model(svc, getattr(body, "model", None)),
+                   choices, use)
 
 
 async def _final(stream):

@@ -1,9 +1,15 @@
 """LoRA adapters over HTTP, with vLLM's shapes (runtime/lora.py does the work):
 
     POST /v1/load_lora_adapter    {"lora_name", "lora_path"}  -> 200 "Success: LoRA adapter 'x' added successfully."
+                                  (with "load_inplace": true an adapter of that name is
+                                  replaced; requests running with the old one finish)
     POST /v1/unload_lora_adapter  {"lora_name"}               -> 200 "Success: LoRA adapter 'x' removed successfully."
     GET  /v1/models               the base model, then one card per adapter with its "parent"
     "model": "<lora_name>"        in a completion or chat request runs it with that adapter
+                                  (and its response names the adapter as its "model")
+
+`--lora-modules` takes vLLM's two forms, `name=path` and `{"name", "path",
+"base_model_name"}` (JSON; base_model_name is the adapter's "parent" in /v1/models).
 
 Errors are OpenAI-shaped: a missing field, a duplicate name, an adapter the artifact
 cannot serve (rank above --max-lora-rank, a module the model lacks or the artifact did
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -57,12 +64,19 @@ def lora_for(svc, model: str | None) -> str | None:
     return model if model in m.registered else None
 
 
+def response_model(svc, model: str | None) -> str:
+    """The "model" a response names, as vLLM's do: the adapter the request ran with, else
+    the served model."""
+    return lora_for(svc, model) or svc.model_name
+
+
 def model_cards(svc) -> list[dict]:
     m = manager(svc)
     if m is None:
         return []
     return [{"id": name, "object": "model", "created": svc.created, "owned_by": "braze",
-             "root": req.lora_path, "parent": svc.model_name, "max_model_len": svc.max_model_len}
+             "root": req.lora_path, "parent": svc.lora_parents.get(name, svc.model_name),
+             "max_model_len": svc.max_model_len}
             for name, (req, _) in list(m.registered.items())]
 
 
@@ -81,17 +95,47 @@ def check_options(manifest: dict, allow_updates: bool) -> None:
                         "flag")
 
 
-def load_at_start(engine, modules: list[str], model_name: str) -> None:
-    """`--lora-modules name=path ...`: registered before the server answers. A request
-    naming `model_name` (the served model) runs the base model, so no adapter may take it."""
-    for spec in modules:
+def module_spec(spec: str) -> tuple[str, str, str | None]:
+    """One `--lora-modules` entry in either of vLLM's forms, `name=path` or a JSON object
+    {"name", "path", "base_model_name"?} -> (name, path, base_model_name or None)."""
+    if not spec.lstrip().startswith("{"):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise LoRAError(f"--lora-modules entry {spec!r} is not name=path")
+            raise LoRAError(f"--lora-modules entry {spec!r} is not name=path (or a JSON "
+                            f"object with name and path)")
+        return name, path, None
+    try:
+        d = json.loads(spec)
+    except ValueError as e:
+        raise LoRAError(f"--lora-modules entry {spec!r} is not valid JSON ({e})") from None
+    extra = sorted(set(d) - {"name", "path", "base_model_name"}) if isinstance(d, dict) else []
+    if extra:
+        raise LoRAError(f"--lora-modules entry {spec!r} has unknown key(s) "
+                        f"{', '.join(map(repr, extra))}; it takes name, path and "
+                        f"base_model_name")
+    base = d.get("base_model_name") if isinstance(d, dict) else None
+    if (not isinstance(d, dict) or not all(isinstance(d.get(k), str) and d[k]
+                                           for k in ("name", "path"))
+            or not isinstance(base, (str, type(None)))):
+        raise LoRAError(f"--lora-modules entry {spec!r} needs \"name\" and \"path\" "
+                        f"strings (and optionally \"base_model_name\")")
+    return d["name"], d["path"], base
+
+
+def load_at_start(engine, modules: list[str], model_name: str) -> dict[str, str]:
+    """`--lora-modules name=path ...`: registered before the server answers. A request
+    naming `model_name` (the served model) runs the base model, so no adapter may take it.
+    Returns the parents /v1/models names where an entry gave base_model_name."""
+    parents = {}
+    for spec in modules:
+        name, path, base = module_spec(spec)
         if name == model_name:
             raise LoRAError(f"--lora-modules: the adapter name {name!r} is the served model's "
                             f"name (requests naming it get the base model); pick another")
         engine.add_lora(LoRARequest(name, next(_IDS), path))
+        if base:
+            parents[name] = base
+    return parents
 
 
 def install(app: FastAPI, svc, allow_updates: bool) -> None:
@@ -111,16 +155,18 @@ def install(app: FastAPI, svc, allow_updates: bool) -> None:
         if name == svc.model_name:
             raise APIError(400, f"The lora adapter name {name!r} is the base model's name; "
                                 f"pick another", "InvalidUserInput", "lora_name", "bad_request")
-        if name in m.registered:
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
-                           "InvalidUserInput", "lora_name", "bad_request")
+        if name in m.registered and not body.load_inplace:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you "
+                                f"want to load the adapter in place, set 'load_inplace' to "
+                                f"True.", "InvalidUserInput", "lora_name", "bad_request")
         req = LoRARequest(name, next(_IDS), body.lora_path)
         loop = asyncio.get_running_loop()
         try:
             host = await loop.run_in_executor(None, m.read, req)
-            await svc.aengine.call(lambda eng: eng.lora.add(req, host))
+            await svc.aengine.call(lambda eng: eng.lora.add(req, host, replace=body.load_inplace))
         except LoRAError as e:
             raise as_api_error(e) from None
+        svc.lora_parents.pop(name, None)        # a --lora-modules base_model_name no more
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -138,4 +184,5 @@ def install(app: FastAPI, svc, allow_updates: bool) -> None:
         except LoRAError as e:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError",
                            "lora_name", "not_found") from e
+        svc.lora_parents.pop(name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -39,6 +39,10 @@ class ServerOptions:
     tool_call_parser: str | None = None   # None: the one the chat template points to, if any
     lora_modules: list[str] = field(default_factory=list)   # name=path adapters loaded at start
     allow_runtime_lora_updating: bool = False   # /v1/load_lora_adapter and /v1/unload_...
+    # vLLM's LoRA flags, checked against the artifact's --lora-slots / --max-lora-rank
+    enable_lora: bool = False
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "limit_concurrency", "max_request_body_bytes"):

@@ -134,6 +134,15 @@ def chat_body(id: str, created: int, model: str, choices: list[dict], use: dict 
     return d
 
 
+# vLLM's floor for a logprob in a response: tokens a grammar (or bad words, min_tokens)
+# masks have -inf, which JSON cannot carry (Python writes -Infinity; strict parsers refuse it)
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 def completion_logprobs(entries, token_text, offset: int) -> tuple[dict, int]:
     """OpenAI's completions `logprobs` for TokenLogprobs `entries` (runtime/request.py):
     {tokens, token_logprobs, top_logprobs: [{token: logprob}] (the top N and the sampled
@@ -142,9 +151,9 @@ def completion_logprobs(entries, token_text, offset: int) -> tuple[dict, int]:
     for e in entries:
         t = token_text(e.token_id)
         tokens.append(t)
-        lps.append(e.logprob)
-        top = {token_text(i): v for i, v in e.top}
-        top.setdefault(t, e.logprob)
+        lps.append(finite(e.logprob))
+        top = {token_text(i): finite(v) for i, v in e.top}
+        top.setdefault(t, finite(e.logprob))
         tops.append(top)
         offsets.append(offset)
         offset += len(t)
@@ -156,6 +165,6 @@ def chat_logprobs(entries, token_text) -> dict:
     """OpenAI's chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [...]}]}."""
     def item(tid: int, lp: float) -> dict:
         t = token_text(tid)
-        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+        return {"token": t, "logprob": finite(lp), "bytes": list(t.encode("utf-8"))}
     return {"content": [item(e.token_id, e.logprob)
                         | {"top_logprobs": [item(i, v) for i, v in e.top]} for e in entries]}

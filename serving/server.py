@@ -101,9 +101,11 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         from .lora_routes import check_options, load_at_start
         check_options(art.manifest, so.allow_runtime_lora_updating)
         engine = Engine(art, opts)
+        from braze.runtime.lora import check_vllm_options
+        check_vllm_options(getattr(engine.lora, "contract", None), art.root,
+                           so.enable_lora or None, so.max_loras, so.max_lora_rank)
         name = so.served_model_name or engine.model_name
-        if so.lora_modules:
-            load_at_start(engine, so.lora_modules, name)
+        lora_parents = load_at_start(engine, so.lora_modules, name)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
@@ -124,7 +126,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics), metrics,
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
-                      tool_call_parser=parser, text_only_origin=art.text_only_origin)
+                      tool_call_parser=parser, text_only_origin=art.text_only_origin,
+                      lora_parents=lora_parents)
         hosts = hosts_to_answer(host, so.allowed_hosts)
         if hosts is None and not is_loopback(host):
             log.info("answering requests for any Host name (pass --allowed-hosts to restrict)")

@@ -52,9 +52,9 @@ def from_response_format(rf: Any) -> StructuredOutputsParams | None:
                       "json_object, json_schema or structural_tag", "response_format")
 
 
-def request_constraint(req) -> StructuredOutputsParams | None:
-    """The one constraint a completion or chat request asks for, or None (400 for several,
-    or for a malformed one)."""
+def request_constraint(req) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The one constraint a completion or chat request asks for and the field it came in,
+    or (None, None) (400 for several, or for a malformed one)."""
     found: list[tuple[str, StructuredOutputsParams]] = []
     rf = from_response_format(_extra(req, "response_format"))
     if rf is not None:
@@ -74,10 +74,10 @@ def request_constraint(req) -> StructuredOutputsParams | None:
         raise bad_request("give at most one of response_format, structured_outputs and "
                           f"guided_*; got {', '.join(f for f, _ in found)}", found[1][0])
     if not found:
-        return None
+        return None, None
     field, p = found[0]
     try:
         p.validate()
     except BrazeError as e:
         raise bad_request(str(e), field) from None
-    return p
+    return p, field

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from braze.ir.errors import BrazeError
 from braze.runtime.structured import StructuredOutputsParams
 
 from .protocol import bad_request
@@ -82,16 +83,37 @@ def _schema(f: dict) -> dict:
     return f.get("parameters") or EMPTY_PARAMETERS
 
 
+# where JSON schemas keep definitions that "$ref": "#/<key>/Name" points to
+DEFS_KEYS = ("$defs", "definitions")
+
+
 def required_schema(tools: list[dict], parallel: bool = True) -> dict:
-    """vLLM's schema for tool_choice "required": an array of {name, parameters}."""
-    items = [{"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
-                             "parameters": _schema(t["function"])},
-              "required": ["name", "parameters"]} for t in tools]
+    """vLLM's schema for tool_choice "required": an array of {name, parameters}. Each
+    tool's definitions ($defs, definitions) move to the array schema's root, where its
+    "#/$defs/..." references point once the parameters sit inside the array (as vLLM does);
+    one name defined differently by two tools is a 400."""
+    items, defs, owner = [], {}, {}
+    for t in tools:
+        f = t["function"]
+        params = dict(_schema(f))
+        for key in DEFS_KEYS:
+            for name, d in (params.pop(key, None) or {}).items():
+                got = defs.setdefault(key, {})
+                if name in got and got[name] != d:
+                    raise bad_request(f"tools {owner[key, name]!r} and {f['name']!r} both define "
+                                      f"{name!r} in {key}, differently; tool_choice required "
+                                      f"puts every tool's definitions in one schema, so give "
+                                      f"them different names", "tools")
+                got[name] = d
+                owner.setdefault((key, name), f["name"])
+        items.append({"properties": {"name": {"type": "string", "enum": [f["name"]]},
+                                     "parameters": params},
+                      "required": ["name", "parameters"]})
     schema = {"type": "array", "minItems": 1,
               "items": {"type": "object", "anyOf": items}}
     if not parallel:
         schema["maxItems"] = 1
-    return schema
+    return schema | defs
 
 
 def plan(body, parser_name: str | None) -> ToolPlan | None:
@@ -129,6 +151,19 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
                           "tool_choice")
     raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", '
                       '"function": {"name": ...}}', "tool_choice")
+
+
+def tool_at_fault(compile_fn, tools: list[dict]) -> str | None:
+    """Which tool's parameters schema does not compile (`compile_fn` raising BrazeError),
+    as the message of a 400; None when each compiles alone."""
+    for i, t in enumerate(tools):
+        f = t["function"]
+        try:
+            compile_fn(StructuredOutputsParams(json=_schema(f)))
+        except BrazeError as e:
+            return (f"tools[{i}] ({f['name']!r}): its parameters are not a JSON schema the "
+                    f"reply can be held to (tool_choice required or named): {e}")
+    return None
 
 
 def template_messages(messages) -> list[dict]:

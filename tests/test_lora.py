@@ -214,7 +214,62 @@ def test_unload_while_running_lets_it_finish(store, adapters, expected):
     assert eng.run_to_completion()["r2"].token_ids == expected["b"]
 
 
+def test_a_new_lora_int_id_under_a_name_replaces_the_adapter(store, adapters, expected):
+    """vLLM's identity of an adapter version is its lora_int_id: a LoRARequest with the
+    name of a registered adapter and a new id (an RL loop's next checkpoint) replaces it;
+    requests already running finish with the old weights. The same id with another path is
+    ambiguous and refused."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    eng.add_request("r0", PROMPT, GREEDY, lora_request=LoRARequest("p", 1, str(adapters["a"])))
+    eng.step()
+    eng.add_request("r1", PROMPT, GREEDY, lora_request=LoRARequest("p", 2, str(adapters["b"])))
+    with pytest.raises(LoRAError, match="already loaded"):
+        eng.add_request("r2", PROMPT, GREEDY, lora_request=LoRARequest("p", 2, str(adapters["c"])))
+    done = eng.run_to_completion()
+    assert done["r0"].token_ids == expected["a"] and done["r1"].token_ids == expected["b"]
+    assert eng.list_loras() == [LoRARequest("p", 2, str(adapters["b"]))]
+    assert eng.lora.in_use() == {} and eng.lora._holder.count(None) == 1   # a's slot freed
+
+
 # -- errors -----------------------------------------------------------------------------
+
+def test_adapter_paths_the_os_refuses_and_home_relative_ones(store, adapters, expected,
+                                                              tmp_path, monkeypatch):
+    """A path the OS refuses (too long) is the 404 of a missing adapter, not a crash (a 500
+    over HTTP); "~/..." is the user's home, as vLLM reads it."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="cannot read") as e:
+        eng.add_lora(LoRARequest("long", 1, str(tmp_path / ("x" * 5000))))
+    assert e.value.status == 404
+    monkeypatch.setenv("HOME", str(adapters["a"].parent))
+    eng.add_request("r", PROMPT, GREEDY, lora_request=LoRARequest("home", 2, "~/a"))
+    assert eng.run_to_completion()["r"].token_ids == expected["a"]
+
+
+@pytest.mark.parametrize("config, needle", [
+    ([], "adapter_config.json holds a list, not a JSON object"),
+    ({"r": True}, "r=True"),
+    ({"lora_alpha": True}, "lora_alpha=True"),
+    ({"r": 4, "lora_alpha": "8"}, "lora_alpha='8'"),
+    ({"lora_alpha": float("nan")}, "lora_alpha=nan"),
+])
+def test_a_malformed_adapter_config_is_a_clear_error(store, tmp_path, config, needle):
+    """adapter_config.json that is not an object was a crash (a 500 over HTTP), and a
+    boolean r or lora_alpha was taken for 1 (a silently wrong scale)."""
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    d = write_adapter(tmp_path / "ad", {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4)},
+        **(config if isinstance(config, dict) else {}))
+    if not isinstance(config, dict):
+        (d / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoRAError, match=needle) as e:
+        eng.add_lora(LoRARequest("ad", 1, str(d)))
+    assert e.value.status == 400 and "adapter_config.json" in str(e.value)
+    assert eng.list_loras() == []
 
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
@@ -355,3 +410,21 @@ def test_generate_command_takes_an_adapter(store, adapters, expected):
     code, out, err = braze("generate", store.artifact("llama"), "--prompt-ids", "1,2",
                            "--backend", "reference", "--lora", adapters["a"])
     assert code != 0 and "serves no LoRA adapters" in err
+
+
+def test_llm_takes_vllms_lora_options_as_checks(store, adapters, expected):
+    """LLM(..., enable_lora=True, max_loras=K, max_lora_rank=R), as a vLLM script writes it:
+    the artifact fixed its slots and rank when it was compiled, so these run where the
+    artifact has them and name the compile flag where it does not."""
+    art = store.artifact("llama", opt_level=0, **LORA)
+    llm = LLM(art, backend="reference", num_kv_blocks=32, enable_lora=True, max_loras=2,
+              max_lora_rank=4)
+    out = llm.generate({"prompt_token_ids": PROMPT}, GREEDY,
+                       lora_request=LoRARequest("a", 1, str(adapters["a"])))
+    assert out[0].outputs[0].token_ids == expected["a"]
+    with pytest.raises(BrazeError, match="max_lora_rank=16.*--max-lora-rank 8"):
+        LLM(art, backend="reference", num_kv_blocks=8, enable_lora=True, max_lora_rank=16)
+    with pytest.raises(BrazeError, match="max_loras=3.*--lora-slots 2"):
+        LLM(art, backend="reference", num_kv_blocks=8, max_loras=3)
+    with pytest.raises(BrazeError, match="enable_lora=True.*--lora-slots"):
+        LLM(store.artifact("llama"), backend="reference", num_kv_blocks=8, enable_lora=True)

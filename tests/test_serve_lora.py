@@ -130,3 +130,129 @@ def test_unload_while_streaming_lets_it_finish(server, store, adapters):
     t.join(120)
     assert finish == ["length"] and unloaded_at < 200        # it was running when unloaded
     assert tokens == peft_greedy(store.checkpoint("llama"), adapters["a"], PROMPT, 200)
+
+
+def test_responses_name_the_adapter_they_ran(server):
+    """As vLLM answers: a response's "model" is the adapter the request named (plain,
+    streamed, chat and beam search alike), and the served model's name without one."""
+    assert _complete(server, "a").json()["model"] == "a"
+    assert _complete(server, MODEL).json()["model"] == MODEL
+    r = _complete(server, "a", stream=True)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert chunks and {c["model"] for c in chunks} == {"a"}
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = server.client.chat.completions.create(model="a", messages=msgs, max_tokens=3)
+    assert chat.model == "a"
+    streamed = server.client.chat.completions.create(model="a", messages=msgs, max_tokens=3,
+                                                     stream=True,
+                                                     stream_options={"include_usage": True})
+    assert {c.model for c in streamed} == {"a"}
+    beam = server.http.post("/v1/completions", json={
+        "model": "a", "prompt": PROMPT, "max_tokens": 2, "n": 2, "use_beam_search": True})
+    assert beam.status_code == 200 and beam.json()["model"] == "a"
+
+
+def test_load_inplace_replaces_the_adapter(server, store, adapters):
+    """vLLM's load_inplace: new weights under a loaded adapter's name (an RL trainer's next
+    checkpoint); without it the name is refused, with it new requests get the new weights."""
+    ck = store.checkpoint("llama")
+    load = {"lora_name": "d", "lora_path": str(adapters["a"])}
+    assert server.http.post("/v1/load_lora_adapter", json=load).status_code == 200
+    r = server.http.post("/v1/load_lora_adapter", json={**load, "lora_path": str(adapters["b"])})
+    assert r.status_code == 400 and "load_inplace" in r.json()["error"]["message"]
+    assert _complete(server, "d").json()["choices"][0]["token_ids"] == \
+        peft_greedy(ck, adapters["a"], PROMPT, 6)
+    bad = server.http.post("/v1/load_lora_adapter", json={
+        **load, "lora_path": str(adapters["big"]), "load_inplace": True})
+    assert bad.status_code == 400                      # refused: the old one stays
+    r = server.http.post("/v1/load_lora_adapter", json={
+        **load, "lora_path": str(adapters["b"]), "load_inplace": True})
+    assert r.status_code == 200
+    assert _complete(server, "d").json()["choices"][0]["token_ids"] == \
+        peft_greedy(ck, adapters["b"], PROMPT, 6)
+    cards = {c["id"]: c for c in server.http.get("/v1/models").json()["data"]}
+    assert cards["d"]["root"] == str(adapters["b"])
+
+
+def test_lora_modules_repeated_and_as_json(store, adapters, tmp_path):
+    """vLLM's --lora-modules forms: name=path, and a JSON object with name, path and
+    base_model_name (the card's parent); a repeated flag adds to the list rather than
+    replacing it."""
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    spec = json.dumps({"name": "j", "path": str(adapters["b"]), "base_model_name": "org/base"})
+    s = Server(art, tmp_path, "--lora-modules", f"a={adapters['a']}", "--lora-modules", spec)
+    try:
+        cards = {d["id"]: d for d in s.http.get("/v1/models").json()["data"]}
+        assert set(cards) == {MODEL, "a", "j"}
+        assert cards["a"]["parent"] == MODEL and cards["j"]["parent"] == "org/base"
+        assert cards["j"]["root"] == str(adapters["b"])
+        assert _complete(s, "j").json()["choices"][0]["token_ids"] == \
+            peft_greedy(store.checkpoint("llama"), adapters["b"], PROMPT, 6)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ('{"name": "j"}', "needs \"name\" and \"path\""),
+    ('{"name": "j", "path": 3}', "needs \"name\" and \"path\""),
+    ("{oops", "not valid JSON"),
+    ('{"name": "j", "path": "/p", "rank": 8}', "'rank'"),
+])
+def test_bad_lora_modules_json_is_one_line(store, spec, needle):
+    from cli_helpers import assert_one_line_error, run
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = run("serve", art, "--port", "0", "--backend", "reference",
+                       "--lora-modules", spec, timeout=120)
+    assert_one_line_error(code, err, "--lora-modules", needle)
+
+
+def test_retrieve_a_model_or_an_adapter(server, adapters):
+    """The openai client's models.retrieve (GET /v1/models/{id}): the base model's card or
+    an adapter's, with its parent; 404 model_not_found for another name."""
+    base = server.client.models.retrieve(MODEL)
+    assert base.id == MODEL and base.object == "model"
+    card = server.http.get("/v1/models/a").json()
+    listed = {d["id"]: d for d in server.http.get("/v1/models").json()["data"]}
+    assert card == listed["a"] and card["parent"] == MODEL
+    r = server.http.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_load_and_unload_while_draining_get_503(store, adapters, tmp_path):
+    """After SIGTERM the engine takes no more work: /v1/load_lora_adapter and /unload answer
+    the 503 every new request gets while draining (they were a 500, 'a bug in braze')."""
+    import signal
+    import time
+
+    import httpx
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    s = Server(art, tmp_path, "--lora-modules", f"a={adapters['a']}",
+               "--allow-runtime-lora-updating", "--drain-timeout", "60")
+    try:
+        running = threading.Event()
+
+        def long_one():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=120, json={
+                    "model": MODEL, "prompt": PROMPT, "max_tokens": 240, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as r:
+                for _ in r.iter_lines():
+                    running.set()
+
+        t = threading.Thread(target=long_one, daemon=True)
+        t.start()
+        assert running.wait(60)
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "the drain never started"
+            time.sleep(0.02)
+        for path, body in (("/v1/load_lora_adapter", {"lora_name": "b",
+                                                       "lora_path": str(adapters["b"])}),
+                           ("/v1/unload_lora_adapter", {"lora_name": "a"})):
+            r = httpx.post(s.url + path, json=body, timeout=30)
+            assert r.status_code == 503, (path, r.text)
+            assert "shutting down" in r.json()["error"]["message"]
+        t.join(120)
+        assert "Traceback" not in s.stderr()
+    finally:
+        s.stop()

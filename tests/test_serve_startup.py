@@ -43,6 +43,16 @@ def test_an_adapter_named_like_the_served_model_is_refused(store, tmp_path):
     assert_one_line_error(code, err, "--lora-modules", "'mine'", "served model")
 
 
+def test_vllms_lora_flags_are_checked_against_the_artifact(store):
+    """`--enable-lora --max-loras K --max-lora-rank R`, pasted from a vLLM command line: the
+    artifact fixed its slots and rank, so the flags are checks naming the compile flag."""
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = _serve(art, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16")
+    assert_one_line_error(code, err, "max_lora_rank=16", "--max-lora-rank 8")
+    code, _, err = _serve(store.artifact("llama"), "--enable-lora")
+    assert_one_line_error(code, err, "enable_lora=True", "--lora-slots")
+
+
 @pytest.mark.parametrize("flags, env, source", [
     (("--api-key", " "), {}, "--api-key"),
     ((), {"BRAZE_API_KEY": " "}, "$BRAZE_API_KEY"),

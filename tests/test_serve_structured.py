@@ -318,3 +318,165 @@ def test_auto_parses_a_recorded_reply(server):
     content, calls, reason = streamed_chat(server, **kw)
     assert (content, reason) == ("", "tool_calls")
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want
+
+
+def _raw_stream(server, body):
+    chunks = []
+    with server.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "named"])
+def test_streamed_tool_calls_carry_logprobs_and_token_ids(server, choice):
+    """With tools, a stream's chunks carry the logprobs and token ids of the tokens they
+    hold, as without tools: together they are the whole response's (none were dropped
+    where the parser held text back)."""
+    regex = r'<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}\n</tool_call>'
+    body = {"model": MODEL, "messages": MSGS, "tools": TOOLS, "max_tokens": 80,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2, "return_token_ids": True,
+            "prompt_logprobs": 1}
+    if choice == "auto":
+        body["structured_outputs"] = {"regex": regex}
+    elif choice == "required":         # one call: the array a random model writes is endless
+        body.update(tool_choice="required", parallel_tool_calls=False)
+    else:
+        body["tool_choice"] = {"type": "function", "function": {"name": "get_time"}}
+    whole = server.http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert whole["message"]["tool_calls"]
+    chunks = _raw_stream(server, body)
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    streamed_lp = [t for ch in choices for t in (ch.get("logprobs") or {}).get("content", [])]
+    streamed_ids = [t for ch in choices for t in ch.get("token_ids") or []]
+    assert streamed_ids == whole["token_ids"]
+    assert streamed_lp == whole["logprobs"]["content"]
+    assert len(streamed_lp) == len(whole["token_ids"])
+    assert choices[-1]["finish_reason"] == whole["finish_reason"]
+    assert choices[-1].get("stop_reason") == whole.get("stop_reason")
+    # vLLM's prompt_logprobs: on the first chunk of the choice, as without tools
+    whole_body = server.http.post("/v1/chat/completions", json=body).json()
+    plps = [c["prompt_logprobs"] for c in chunks if c.get("prompt_logprobs")]
+    assert plps == [whole_body["prompt_logprobs"]]
+
+
+def _strict_json(text: str):
+    """JSON as strict parsers (JavaScript's, Go's) read it: no NaN or Infinity."""
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logprobs_of_tokens_a_grammar_masks_are_json(server):
+    """A grammar masks most tokens to -inf; logprobs that list them (top_logprobs) give them
+    vLLM's floor, -9999.0, so the body is JSON (it was a 500, and streams sent -Infinity)."""
+    h = server.http
+    for stream in (False, True):
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "Pick", "max_tokens": 5,
+                                            "logprobs": 3, "guided_choice": ["left", "right"],
+                                            "stream": stream})
+        assert r.status_code == 200, r.text
+        bodies = [_strict_json(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")] if stream else [_strict_json(r.text)]
+        lps = [ch["logprobs"] for b in bodies for ch in b["choices"] if ch["logprobs"]]
+        text = "".join(ch["text"] for b in bodies for ch in b["choices"])
+        assert text in ("left", "right")
+        tops = [v for lp in lps for top in lp["top_logprobs"] for v in top.values()]
+        assert -9999.0 in tops and min(tops) == -9999.0
+        assert all(-9999.0 < v <= 0 for lp in lps for v in lp["token_logprobs"])
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "max_tokens": 5,
+                                                 "logprobs": True, "top_logprobs": 3,
+                                                 "guided_choice": ["left", "right"],
+                                                 "stream": stream})
+        assert r.status_code == 200, r.text
+        bodies = [_strict_json(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")] if stream else [_strict_json(r.text)]
+        items = [t for b in bodies for ch in b["choices"] for t in (ch["logprobs"] or {})
+                 .get("content", [])]
+        assert items and all(-9999.0 < t["logprob"] <= 0 for t in items)
+        assert min(a["logprob"] for t in items for a in t["top_logprobs"]) == -9999.0
+
+
+def test_a_schema_that_does_not_compile_names_its_field(server):
+    """The 400 for a schema, regex or grammar xgrammar cannot compile names the field it
+    came in (param), and for tool_choice required or named, the tool whose parameters it is."""
+    h = server.http
+    bad = {"type": "object", "properties": {"x": {"type": "wat"}}}
+    for extra, param in [
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "n",
+                                                                         "schema": bad}}},
+             "response_format"),
+            ({"guided_json": bad}, "guided_json"),
+            ({"guided_regex": "(("}, "guided_regex"),
+            ({"structured_outputs": {"grammar": "root ::= nope"}}, "structured_outputs")]:
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                 "max_tokens": 4, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4,
+                                            **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    tools = TOOLS + [{"type": "function", "function": {"name": "broken", "parameters": bad}}]
+    for choice in ("required", {"type": "function", "function": {"name": "broken"}}):
+        r = h.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS,
+                                                 "max_tokens": 4, "tools": tools,
+                                                 "tool_choice": choice})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "tools", r.text
+        assert "tools[2] ('broken')" in err["message"] and '"wat"' in err["message"]
+
+
+@pytest.mark.parametrize("field, value", [("guided_choice", ["left", "right"]),
+                                          ("guided_regex", "[0-9]+"),
+                                          ("guided_json", {"type": "object"}),
+                                          ("guided_grammar", 'root ::= "a"')])
+def test_beam_search_refuses_guided_fields(server, field, value):
+    """Beam search cannot hold its beams to a grammar: vLLM's guided_* fields are refused by
+    name, as response_format and structured_outputs are (they were silently ignored)."""
+    for path, extra in (("/v1/completions", {"prompt": "Pick"}),
+                        ("/v1/chat/completions", {"messages": MSGS})):
+        r = server.http.post(path, json={"model": MODEL, "max_tokens": 4, "n": 2,
+                                         "use_beam_search": True, field: value, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == field
+
+
+def test_tool_choice_required_with_defs_and_refs(server):
+    """Tools whose parameters use $defs and $ref (as pydantic writes them): with
+    tool_choice required their definitions move to the root of the array schema, where
+    "#/$defs/..." points (they were a 400: "Cannot find field '$defs'")."""
+    loc = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+           "required": ["city"], "additionalProperties": False}
+    weather = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Loc"}},
+               "required": ["where"], "additionalProperties": False, "$defs": {"Loc": loc}}
+    trip = {"type": "object", "properties": {"to": {"$ref": "#/definitions/Loc"},
+                                             "days": {"type": "integer", "minimum": 1,
+                                                      "maximum": 9}},
+            "required": ["to", "days"], "additionalProperties": False,
+            "definitions": {"Loc": loc}}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "trip", "parameters": trip}}]
+    schemas = {"weather": weather, "trip": trip}
+    seen = set()
+    for seed in range(4):
+        r = server.client.chat.completions.create(
+            model=MODEL, messages=MSGS, tools=tools, tool_choice="required", max_tokens=80,
+            temperature=1.0, seed=seed, parallel_tool_calls=False)
+        choice = r.choices[0]
+        assert choice.finish_reason in ("tool_calls", "length")
+        for c in choice.message.tool_calls or []:
+            validate(json.loads(c.function.arguments), schemas[c.function.name])
+            seen.add(c.function.name)
+    assert seen
+    # two tools defining one name differently cannot share the root: a 400 naming both
+    other = json.loads(json.dumps(weather))
+    other["$defs"]["Loc"]["properties"]["city"] = {"enum": ["Oslo"]}
+    r = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": MSGS, "max_tokens": 4, "tool_choice": "required",
+        "tools": [tools[0], {"type": "function", "function": {"name": "trip",
+                                                              "parameters": other}}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "tools"
+    assert "'Loc'" in err["message"] and "'weather'" in err["message"] \
+        and "'trip'" in err["message"]

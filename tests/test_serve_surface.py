@@ -623,7 +623,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--allowed-headers", "authorization", "--allow-credentials",
              "--trust-request-chat-template", "--extension", "m:f", "--extension", "name",
              "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y",
-             "--allow-runtime-lora-updating"]
+             "--allow-runtime-lora-updating", "--enable-lora", "--max-loras", "3",
+             "--max-lora-rank", "32"]
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
                          limit_concurrency=7, allowed_hosts="a.example",
@@ -632,7 +633,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
                          allowed_headers=["authorization"], allow_credentials=True,
                          trust_request_chat_template=True, extensions=["m:f", "name"],
                          tool_call_parser="hermes", lora_modules=["a=/x", "b=/y"],
-                         allow_runtime_lora_updating=True)
+                         allow_runtime_lora_updating=True, enable_lora=True, max_loras=3,
+                         max_lora_rank=32)
     default = ServerOptions()
     assert {f.name for f in fields(ServerOptions)
             if getattr(want, f.name) != getattr(default, f.name)} \
