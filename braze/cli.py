@@ -207,8 +207,12 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs (default: the artifact's): "
                         "none, piecewise, or full (one graph per whole step)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="reuse the KV blocks of prompt prefixes seen before (default: on; "
+                        "vLLM's spelling: --no-enable-prefix-caching turns it off)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of prompt prefixes seen before")
+                   help="the same as --no-enable-prefix-caching")
     p.add_argument("--device", help="torch device to run on, e.g. cuda:1 (default: cuda for the "
                                     "cuda backend, else cpu)")
     p.add_argument("--buckets", type=_token_ids, metavar="1,2,4,...",

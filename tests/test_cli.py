@@ -209,3 +209,15 @@ def test_generate_input_errors(store, args, words):
     from cli_helpers import assert_one_line_error
     r = braze("generate", store.artifact("llama"), *args)
     assert_one_line_error(r.returncode, r.stderr, *words)
+
+
+@pytest.mark.parametrize("flags,want", [
+    ([], True), (["--enable-prefix-caching"], True), (["--no-enable-prefix-caching"], False),
+    (["--no-prefix-caching"], False)])
+def test_prefix_caching_takes_vllms_spelling(flags, want):
+    """vLLM's --enable-prefix-caching / --no-enable-prefix-caching, beside braze's own
+    --no-prefix-caching, on generate and serve."""
+    from braze.cli import _engine_options, build_parser
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        a = build_parser().parse_args(cmd + flags)
+        assert _engine_options(a).enable_prefix_caching is want
