@@ -34,6 +34,14 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _fraction(text: str) -> float:
+    """A share in (0, 1]."""
+    v = _positive_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -196,8 +204,13 @@ def cmd_demo(a) -> int:
 def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     """The engine's options (runtime/options.py), the same for generate and serve."""
     p.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
-    p.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
-                   help=f"KV-cache blocks to allocate (default: {kv_default})")
+    p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=_positive_int,
+                   metavar="N", help=f"KV-cache blocks to allocate (default: {kv_default}; "
+                                     f"--num-gpu-blocks-override is vLLM's name)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
+                   help="the share of the GPU's memory the engine may fill; the KV cache "
+                        "takes what is left of it after the weights, unless --num-kv-blocks "
+                        "says (default: 0.9)")
     p.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
                    help="most sequences in one step (default and upper bound: the artifact's "
                         "--max-num-seqs)")
@@ -269,6 +282,7 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
 def _engine_options(a):
     from braze.runtime.options import EngineOptions
     return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
+                         gpu_memory_utilization=a.gpu_memory_utilization,
                          max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
                          buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
                          enable_prefix_caching=a.enable_prefix_caching,

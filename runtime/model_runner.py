@@ -61,7 +61,9 @@ class ModelRunner:
             num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
                                                self.max_blocks, reserve_bytes=2 * arena + (1 << 29)
                                                + self._window_bytes(),
-                                               bytes_per_block=self._full_bytes_per_block())
+                                               bytes_per_block=self._full_bytes_per_block(),
+                                               gpu_memory_utilization=options
+                                               .gpu_memory_utilization)
         self.group_blocks = group_pool_blocks(self.kv_groups, num_kv_blocks, self.block_size,
                                               self.max_num_seqs, self.max_num_tokens,
                                               self.window_freeing)

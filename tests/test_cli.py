@@ -126,13 +126,15 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     from braze.runtime import LLM
     from braze.runtime.options import EngineOptions
     flags = ["--backend", "reference", "--device", "cpu", "--num-kv-blocks", "9",
+             "--gpu-memory-utilization", "0.7",
              "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
              "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
              "--fused-prepare", "--debug", "--trusted-keys", "keys", "--trust-artifact",
              "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv", "--max-cpu-loras", "6",
              "--speculative", '{"method": "ngram", "num_speculative_tokens": 2}',
              "--collective-timeout", "7.5", "--sampler", "triton"]
-    want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9, max_num_seqs=3,
+    want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9,
+                         gpu_memory_utilization=0.7, max_num_seqs=3,
                          max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
                          enable_prefix_caching=False, async_scheduling=False,
                          fused_prepare=True, debug=True,
@@ -221,3 +223,45 @@ def test_prefix_caching_takes_vllms_spelling(flags, want):
     for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
         a = build_parser().parse_args(cmd + flags)
         assert _engine_options(a).enable_prefix_caching is want
+
+
+def test_kv_cache_sizing_takes_vllms_flags(store, monkeypatch):
+    """vLLM's --gpu-memory-utilization sizes the KV cache from that share of the GPU, and
+    --num-gpu-blocks-override is --num-kv-blocks; braze.LLM takes the same names."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM, kv_cache, model_runner
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        o = _engine_options(build_parser().parse_args(
+            cmd + ["--gpu-memory-utilization", "0.5", "--num-gpu-blocks-override", "9"]))
+        assert (o.gpu_memory_utilization, o.num_kv_blocks) == (0.5, 9)
+        assert _engine_options(build_parser().parse_args(cmd)).gpu_memory_utilization == 0.9
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "a.braze", "--gpu-memory-utilization", "1.5"])
+    art = store.artifact("llama")
+    for bad in (0, 1.5, "0.5", True):
+        with pytest.raises(BrazeError, match="gpu_memory_utilization must be"):
+            LLM(art, gpu_memory_utilization=bad)
+    llm = LLM(art, backend="reference", num_gpu_blocks_override=7)
+    assert llm.engine.runner.num_kv_blocks == 7
+
+    # the engine's share reaches the sizing
+    seen = []
+    real = kv_cache.default_num_blocks
+
+    def sizing(*args, **kw):
+        seen.append(kw["gpu_memory_utilization"])
+        return real(*args, **kw)
+    monkeypatch.setattr(model_runner, "default_num_blocks", sizing)
+    LLM(art, backend="reference", gpu_memory_utilization=0.25)
+    assert seen == [0.25]
+
+    # on a GPU of T bytes, all free: the share of T, in blocks, less nothing else
+    cache = llm.engine.runner.executor.cache
+    per = cache.bytes_per_block
+    total = 1000 * per
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (total, total))
+    for share in (0.5, 0.25, 1.0):
+        assert real(cache, "cuda", 10 ** 4, 4, gpu_memory_utilization=share) == int(share * 1000)
+    with pytest.raises(BrazeError, match="--gpu-memory-utilization"):
+        real(cache, "cuda", 1, 600, gpu_memory_utilization=0.5)
