@@ -292,6 +292,14 @@ class Engine(EngineLoRA):
         self._finish(req, "abort")
         self._aborted.append(req)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every prompt prefix the device's cache holds (benchmarks, a cache
+        warmed by traffic that no longer matters). Running requests keep their blocks,
+        which are no longer shared with later prompts; the KV tiers below the device
+        (--kv-offload-*) keep theirs. Always succeeds (True)."""
+        self.block_manager.reset_prefix_cache()
+        return True
+
     def has_unfinished(self) -> bool:
         """Whether `step` has more to do or report (running, waiting, launched, or
         aborted requests whose final report is not out yet)."""

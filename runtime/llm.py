@@ -178,6 +178,11 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every prompt prefix the device's KV cache holds (the next prompts
+        compute theirs again). True."""
+        return self.engine.reset_prefix_cache()
+
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel artifact (runtime/parallel.py; also
         done when the process exits). The LLM cannot generate after this."""

@@ -75,6 +75,7 @@ class Metrics:
     def render(self, snap: dict) -> str:
         """The exposition text (`CONTENT_TYPE`), the gauges read from `snap`: running,
         waiting, kv_blocks_used, kv_blocks_total, preemptions, prefix_cache_hit_tokens,
+        prefix_cache_queries,
         kernels_*, kv_groups, spec_decode_*, kv_offload_* (missing keys read as 0)."""
         self._snapshot.snap = snap
         try:
@@ -108,6 +109,9 @@ class _Snapshot:
         yield CounterMetricFamily("braze_prefix_cache_hit_tokens", "Prompt tokens served from "
                                   "the prefix cache.",
                                   value=snap.get("prefix_cache_hit_tokens", 0))
+        yield CounterMetricFamily("braze_prefix_cache_query_tokens", "Prompt tokens looked up "
+                                  "in the prefix cache (hits over these: the hit rate).",
+                                  value=snap.get("prefix_cache_queries", 0))
         kernels = GaugeMetricFamily(
             "braze_kernels", "Kernel specialisations launched, by where their code came from "
             "(cubin: built ahead of time for them; cubin_less_specialised; jit: compiled from "
