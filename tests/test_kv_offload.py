@@ -148,6 +148,35 @@ def test_the_request_policy_caps_and_disables_loads_and_stores(art, want, tmp_pa
     assert _offload_stats(eng)["store_blocks"] == 0
 
 
+def test_llm_generate_takes_kv_transfer_params(art, want, tmp_path):
+    """braze.LLM passes the per-request policy as the server does: one for every prompt or
+    one per prompt; a bad one is refused by name before any prompt runs."""
+    from braze.runtime import LLM
+    llm = LLM(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+              kv_offload_cpu_gb=_host_gb(art, 64))
+    eng = llm.engine
+    llm.generate([FIRST], GREEDY)
+    llm.generate(FILLERS, GREEDY)
+    eng.offload.drain()
+    before = _offload_stats(eng)
+    with pytest.raises(BrazeError, match="kv_transfer_params.max_load_tokens"):
+        llm.generate([SECOND], GREEDY, kv_transfer_params={"max_load_tokens": -1})
+    with pytest.raises(BrazeError, match="2 kv_transfer_params for 1 prompts"):
+        llm.generate([SECOND], GREEDY, kv_transfer_params=[{}, {}])
+    out = llm.generate([SECOND], GREEDY, kv_transfer_params={"max_load_tokens": 0})
+    assert out[0].outputs[0].token_ids == want[-1]
+    assert _offload_stats(eng)["load_blocks_host"] == before["load_blocks_host"]
+    assert not eng.requests
+    private = LLM(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                  kv_offload_cpu_gb=_host_gb(art, 64))
+    private.generate([FIRST], GREEDY, kv_transfer_params=[{"store": False}])
+    private.engine.offload.drain()
+    assert _offload_stats(private.engine)["store_blocks"] == 0
+    private.generate(FILLERS[:1], GREEDY, kv_transfer_params=[None])
+    private.engine.offload.drain()
+    assert _offload_stats(private.engine)["store_blocks"] >= len(FILLERS[0]) // 16
+
+
 @pytest.mark.parametrize("params,fragment", [
     ({"max_load_tokens": -1}, "max_load_tokens must be an integer >= 0"),
     ({"store": "no"}, "store must be true or false"),
