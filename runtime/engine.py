@@ -292,6 +292,13 @@ class Engine(EngineLoRA):
         self._finish(req, "abort")
         self._aborted.append(req)
 
+    def close(self) -> None:
+        """Shutdown: the KV tiers' writes in flight land (within a bound: KVOffload.close),
+        so the next process serving this artifact finds them. The engine runs nothing
+        after this."""
+        if self.offload is not None:
+            self.offload.close()
+
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every prompt prefix the device's cache holds (benchmarks, a cache
         warmed by traffic that no longer matters). Running requests keep their blocks,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -58,6 +59,8 @@ from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
 from .parallel import current_group
 from .uploads import upload_values
 
+log = logging.getLogger("braze.runtime")
+
 GIB = 1 << 30
 TRANSFER_KEYS = {"max_load_tokens", "store"}
 # the counters summed over tensor-parallel ranks (each rank moves its own slice's bytes)
@@ -70,6 +73,9 @@ HOLD_WAIT_S = 10.0
 # a load is copied in chunks of about this many bytes, at most LOAD_INFLIGHT_CHUNKS queued
 # at once: its pinned staging and device temporaries stay bounded (a 32k-token prefix of an
 # 8B model is 4 GiB) while the copy engine stays busy
+# how long closing an engine waits for the lower tier's queued writes (a store that is
+# down must not hold a server's shutdown for the tries of every block)
+CLOSE_WAIT_S = 30.0
 LOAD_CHUNK_BYTES = 64 << 20
 LOAD_INFLIGHT_CHUNKS = 4
 
@@ -554,9 +560,26 @@ class KVOffload:
         if self.peers is not None and not self.peers.closed:
             self._ask("drain")      # and every other rank's
 
-    def close(self) -> None:
-        if self._io is not None:
-            self._io.shutdown(wait=True, cancel_futures=False)
+    def close(self, timeout: float | None = None) -> None:
+        """Shutdown: the copies in flight into the host tier, then the lower tier's writes
+        still queued, waited for up to `timeout` seconds (default CLOSE_WAIT_S), so that a
+        restarted server finds the blocks of its last requests there; the writes left
+        after that are dropped, and said (their blocks are computed again when needed)."""
+        for ev, _, _ in self._pending:
+            ev.synchronize()
+        self.poll()
+        if self._io is None:
+            return
+        io, self._io = self._io, None
+        done = io.submit(lambda: None)
+        finished = wait([done], timeout=CLOSE_WAIT_S if timeout is None else timeout)[0]
+        if not finished:
+            dropped = io._work_queue.qsize()
+            log.warning("KV tier %s: %d batch(es) of block writes still queued after %.0f s "
+                        "at shutdown are dropped; their blocks are computed again when "
+                        "needed", self.lower.where, dropped,
+                        CLOSE_WAIT_S if timeout is None else timeout)
+        io.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- stats
 

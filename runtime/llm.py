@@ -188,10 +188,14 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def close(self) -> None:
-        """Stop the other ranks of a tensor-parallel artifact (runtime/parallel.py; also
-        done when the process exits). The LLM cannot generate after this."""
+        """Finish the KV tiers' writes in flight (Engine.close) and stop the other ranks of
+        a tensor-parallel artifact (runtime/parallel.py; also done when the process exits).
+        The LLM cannot generate after this."""
         from .parallel import shutdown
-        shutdown()
+        try:
+            self.engine.close()
+        finally:
+            shutdown()
 
     def __enter__(self) -> "LLM":
         return self

@@ -230,6 +230,41 @@ def test_a_full_disk_is_counted_and_changes_no_output(art, want, tmp_path, monke
     assert not [f for f in (tmp_path / "kv").rglob("*") if f.is_file()]   # no block, no temp
 
 
+def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
+                                                                caplog):
+    """`braze serve` exits without the interpreter's teardown: the blocks still queued for
+    the disk tier were lost, and a restarted server computed them again. Closing the
+    engine (the server does on shutdown) writes them; a tier that hangs is given up on
+    after a bound, and said."""
+    import threading
+    import time
+    from braze.runtime import LLM
+    real_put = kv_stores.DirectoryStore.put
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put",
+                        lambda self, k, p: (time.sleep(0.02), real_put(self, k, p)))
+    kv = tmp_path / "kv"
+    llm = LLM(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+              kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(kv))
+    llm.generate([FIRST, *FILLERS], GREEDY)
+    stored = _offload_stats(llm.engine)["store_blocks"]
+    llm.close()
+    assert len(list(kv.rglob("*.kv"))) == stored > 0
+    assert not list(kv.rglob(".tmp-*"))
+
+    gate = threading.Event()
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put", lambda self, k, p: gate.wait(30))
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(tmp_path / "kv2"))
+    run_all(eng, [FIRST, *FILLERS], GREEDY)
+    try:
+        with caplog.at_level("WARNING", logger="braze.runtime"):
+            eng.offload.close(timeout=0.2)
+    finally:
+        gate.set()
+    assert any("dropped" in r.getMessage() and str(tmp_path / "kv2") in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
 def test_blocks_seal_with_a_checksum():
     payload = bytes(range(256)) * 4
     assert unseal(seal(payload), "k", "here") == payload
