@@ -11,6 +11,7 @@ output.
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import torch
@@ -365,6 +366,54 @@ def test_an_s3_tier_without_credentials_is_refused_at_start(art, tmp_path, monke
 def test_an_s3_bucket_that_does_not_exist_is_refused_at_start(art, s3):
     with pytest.raises(BrazeError, match=r"--kv-offload-s3.*bucket 'no-such-bucket'"):
         Engine(art, backend="reference", kv_offload_s3="s3://no-such-bucket/x")
+
+
+def _s3_user(monkeypatch, actions):
+    """An IAM user of the moto server allowed `actions` on braze-kv's objects, its keys in
+    the AWS variables, and moto checking every request's credentials from now on."""
+    import json
+    import uuid
+
+    import boto3
+    from moto import settings
+    monkeypatch.setenv("AWS_ENDPOINT_URL_IAM", os.environ["AWS_ENDPOINT_URL_S3"])
+    iam, user = boto3.client("iam"), f"kv-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="objects", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions,
+                                                "Resource": "arn:aws:s3:::braze-kv/*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+
+
+@pytest.mark.parametrize("bad,code", [("AWS_ACCESS_KEY_ID", "InvalidAccessKeyId"),
+                                      ("AWS_SECRET_ACCESS_KEY", "SignatureDoesNotMatch")])
+def test_s3_credentials_the_store_refuses_are_refused_at_start(art, s3, monkeypatch, bad,
+                                                                code):
+    """A key id the endpoint does not know, or a secret that does not match, fails every
+    store and load: refused when the tier is made, naming the variables to fix, not taken
+    for a store that is down for a while."""
+    _s3_user(monkeypatch, ["s3:GetObject", "s3:PutObject"])
+    monkeypatch.setenv(bad, "AKIAWRONGWRONGWRONG1")
+    with pytest.raises(BrazeError, match=rf"--kv-offload-s3 s3://braze-kv/x.*{code}"
+                                         r".*AWS_ACCESS_KEY_ID"):
+        Engine(art, backend="reference", kv_offload_s3="s3://braze-kv/x")
+
+
+def test_s3_credentials_for_the_objects_alone_serve_the_tier(art, want, s3, monkeypatch,
+                                                            caplog):
+    """A policy that grants the objects but not the bucket's listing (HeadBucket: 403) is
+    a working tier: said, and used."""
+    _s3_user(monkeypatch, ["s3:GetObject", "s3:PutObject"])
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                     kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_s3="s3://braze-kv/x")
+    assert any("s3:GetObject" in r.getMessage() for r in caplog.records), caplog.text
+    assert [o.token_ids for o in _traffic(eng)] == want
+    s = _offload_stats(eng)
+    assert _second_loads(eng) == (0, 4) and s["store_failures"] == 0
 
 
 def test_an_s3_tier_down_at_start_is_said_and_the_engine_starts(art, s3, caplog):
