@@ -120,6 +120,14 @@ class DirectoryStore:
         except OSError as e:
             raise BrazeError(f"KV offload directory {self.root} cannot be created ({e}); "
                              f"pass a writable --kv-offload-dir") from None
+        # every store would fail, counted but never said: one write now says it
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise BrazeError(f"KV offload directory {self.root} cannot be written ({e}); "
+                             f"pass a writable --kv-offload-dir") from None
 
     @property
     def where(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,6 +265,17 @@ def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, mo
         gate.set()
     assert any("dropped" in r.getMessage() and str(tmp_path / "kv2") in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_a_disk_tier_directory_that_cannot_be_written_is_refused_at_start(art, tmp_path):
+    """Every store would fail, counted but never said: refused when the tier opens, naming
+    the directory (a file in the way, or a directory nobody may write: /proc/self)."""
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("x")
+    dirs = [in_the_way / "kv"] + ([Path("/proc/self")] if Path("/proc/self").is_dir() else [])
+    for d in dirs:
+        with pytest.raises(BrazeError, match=rf"KV offload directory {d}.*--kv-offload-dir"):
+            Engine(art, backend="reference", kv_offload_dir=str(d))
 
 
 def test_blocks_seal_with_a_checksum():
