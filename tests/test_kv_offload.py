@@ -136,6 +136,25 @@ def test_a_second_engine_loads_what_the_first_stored_on_disk(art, want, tmp_path
     assert _offload_stats(fresh)["load_blocks_lower"] == 4
 
 
+def test_two_artifacts_sharing_a_directory_never_share_blocks(art, store, tmp_path):
+    """The same weights and cache layout with another RoPE: equal token prefixes, other
+    KV. The second artifact finds none of the first's blocks and its output is its own."""
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_dir=kv)
+    _traffic(first)
+    first.offload.close()
+    other = store.artifact("llama-linearrope")
+    own = [o.token_ids for o in run_all(Engine(other, backend="reference", num_kv_blocks=256),
+                                        [SECOND], GREEDY)]
+    eng = Engine(other, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(other, 8), kv_offload_dir=kv)
+    assert eng.offload.block_bytes == first.offload.block_bytes
+    assert [o.token_ids for o in run_all(eng, [SECOND], GREEDY)] == own
+    s = _offload_stats(eng)
+    assert s["load_blocks_lower"] == s["load_failures"] == 0
+
+
 def test_the_request_policy_caps_and_disables_loads_and_stores(art, want, tmp_path):
     host = _host_gb(art, 64)
     eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_cpu_gb=host)
