@@ -498,6 +498,30 @@ def test_serve_takes_the_tier_flags_and_kv_transfer_params(art, want, tmp_path):
         s.stop()
 
 
+def test_serve_beam_search_keeps_the_requests_kv_transfer_params(art, tmp_path):
+    """use_beam_search runs as many one-token requests: each carries the request's policy,
+    so `store: false` keeps a beam search's blocks out of the tiers as it does a sampled
+    request's, and a bad policy is a 400 naming the field."""
+    pytest.importorskip("fastapi")
+    from serve_helpers import MODEL, Server
+    s = Server(art, tmp_path, "--kv-offload-cpu-gb", repr(_host_gb(art, 64)))
+    stored = 'braze_kv_offload_bytes_total{direction="store",tier="host"}'
+    try:
+        def beam(prompt, kv):
+            return s.http.post("/v1/completions", json={
+                "model": MODEL, "prompt": prompt, "max_tokens": 3, "n": 2,
+                "use_beam_search": True, "ignore_eos": True, "kv_transfer_params": kv})
+        r = beam(FIRST, {"store": False})
+        assert r.status_code == 200, r.text
+        assert s.metrics()[stored] == 0
+        r = beam(FIRST, {"max_load_tokens": "all"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
+        assert beam(FILLERS[0], None).status_code == 200
+        assert s.metrics()[stored] > 0
+    finally:
+        s.stop()
+
+
 # -- tensor parallelism ----------------------------------------------------------------------
 # Two ranks (gloo), each with its own slice of every block (one of the two KV heads), its
 # own host tier and its own objects in the disk tier; rank 0 decides, rank 1 repeats.
