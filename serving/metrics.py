@@ -202,6 +202,10 @@ def _offload_metrics(snap: dict):
                     [(("store",), g("store_failures")), (("load",), g("load_failures"))])
     yield _gauge("braze_kv_offload_host_blocks", "KV blocks held in the host tier.",
                  g("host_blocks"))
+    yield CounterMetricFamily("braze_kv_offload_host_evictions",
+                              "KV blocks the host tier dropped for room, least recently used "
+                              "first (often: --kv-offload-cpu-gb is small for the traffic).",
+                              value=g("host_evictions"))
     yield _gauge("braze_kv_offload_host_capacity_blocks",
                  "KV blocks the host tier holds at most (--kv-offload-cpu-gb).",
                  g("host_capacity_blocks"))

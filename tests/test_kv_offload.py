@@ -211,6 +211,33 @@ def test_bad_transfer_params_are_refused_by_name(params, fragment):
 
 # -- faults -------------------------------------------------------------------------------
 
+def test_metrics_show_every_tiers_counters_as_the_engine_counts_them(art, want, tmp_path):
+    """/metrics renders each tier's counters from the engine's own: blocks and bytes per
+    tier and direction, and the host tier's evictions (what says --kv-offload-cpu-gb is
+    too small); a later scrape never shows less."""
+    pytest.importorskip("prometheus_client")
+    from braze.serving.metrics import Metrics
+    from serve_helpers import parse_metrics
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 4), kv_offload_dir=str(tmp_path / "kv"))
+    metrics = Metrics("m")
+    scrapes = []
+    _traffic(eng, meanwhile=lambda: scrapes.append(parse_metrics(metrics.render(eng.stats()))))
+    s = _offload_stats(eng)
+    m = parse_metrics(metrics.render(eng.stats()))
+    assert s["host_evictions"] > 0
+    want_rows = {
+        "braze_kv_offload_host_evictions_total": s["host_evictions"],
+        'braze_kv_offload_loaded_blocks_total{tier="host"}': s["load_blocks_host"],
+        'braze_kv_offload_loaded_blocks_total{tier="disk"}': s["load_blocks_lower"],
+        'braze_kv_offload_bytes_total{direction="store",tier="disk"}': s["store_bytes_lower"],
+        'braze_kv_offload_bytes_total{direction="load",tier="disk"}': s["load_bytes_lower"],
+        'braze_kv_offload_failures_total{direction="store"}': s["store_failures"],
+        "braze_kv_offload_host_capacity_blocks": 4}
+    assert {k: m[k] for k in want_rows} == want_rows
+    assert all(m[k] >= v for k, v in scrapes[0].items() if k.endswith("_total"))
+
+
 def test_a_corrupt_disk_block_is_a_counted_miss_and_is_computed(art, want, tmp_path):
     kv = tmp_path / "kv"
     first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
