@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -705,6 +706,7 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
     rank, ranks = (group.rank, group.size) if group is not None else (0, 1)
     tiers = {"cpu_gb": options.kv_offload_cpu_gb, "dir": options.kv_offload_dir,
              "s3": options.kv_offload_s3, "group_of": dict(group_of or {})}
+    check_host_memory(options.kv_offload_cpu_gb or DEFAULT_HOST_GB, ranks)
     identity = model_identity(manifest, cache.block_size, cache._layout, ranks)
     off = _open(tiers, cache, identity, device, rank, ranks)
     if group is not None:       # the other ranks open theirs, each under its rank's names
@@ -714,6 +716,25 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
             raise BrazeError(f"tensor-parallel rank {bad[0]} could not open its KV offload "
                              f"tiers (its log says why); check --kv-offload-dir/-s3 there")
     return off
+
+
+def check_host_memory(gb: float, ranks: int = 1) -> None:
+    """A host tier fills as traffic comes: one larger than the machine's memory ends, hours
+    later, in the OOM killer. Refused above the memory (every rank keeps its own tier);
+    more than half of it is said."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):      # not a POSIX host: not checked
+        return
+    need = gb * ranks
+    each = f" on each of {ranks} tensor-parallel ranks" if ranks > 1 else ""
+    if need > total:
+        raise BrazeError(f"--kv-offload-cpu-gb {gb:g}{each} asks for {need:g} GiB of host "
+                         f"memory; this host has {total:.1f} GiB in all: give less (the "
+                         f"tier fills as traffic comes)")
+    if need > total / 2:
+        log.warning("--kv-offload-cpu-gb %g%s takes %.0f%% of this host's %.1f GiB of memory "
+                    "once full", gb, each, 100 * need / total, total)
 
 
 def _open(tiers: dict, cache, identity: bytes, device, rank: int, ranks: int) -> KVOffload:

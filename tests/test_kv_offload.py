@@ -494,6 +494,19 @@ def test_offload_options_are_checked(art, tmp_path):
         Engine(art, backend="reference", kv_offload_cpu_gb=1, enable_prefix_caching=False)
 
 
+def test_a_host_tier_larger_than_the_hosts_memory_is_refused_at_start(art, caplog):
+    """The tier fills as traffic comes: one larger than the machine's memory ends hours
+    later in the OOM killer. Refused when the tier opens, naming the flag and the memory;
+    more than half of it is said."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    with pytest.raises(BrazeError, match=r"--kv-offload-cpu-gb.*this host has"):
+        Engine(art, backend="reference", kv_offload_cpu_gb=total * 1.5)
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        eng = Engine(art, backend="reference", kv_offload_cpu_gb=total * 0.6)
+    assert eng.offload.host_bytes == int(total * 0.6 * GIB)
+    assert any("--kv-offload-cpu-gb" in r.getMessage() for r in caplog.records), caplog.text
+
+
 # -- from braze serve ------------------------------------------------------------------------
 
 def test_serve_takes_the_tier_flags_and_kv_transfer_params(art, want, tmp_path):
