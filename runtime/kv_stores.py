@@ -184,7 +184,9 @@ class S3Store:
         u = urlparse(url)
         self.suffix = suffix            # ".rankR" at tensor parallelism
         if u.scheme != "s3" or not u.netloc:
-            raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}")
+            raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}; the "
+                             f"address of an S3-compatible server (MinIO, Ceph, ...) goes in "
+                             f"AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3)")
         self.bucket, self.prefix = u.netloc, u.path.strip("/")
         self.url = url
         if client is None:
