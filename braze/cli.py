@@ -207,6 +207,9 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=_positive_int,
                    metavar="N", help=f"KV-cache blocks to allocate (default: {kv_default}; "
                                      f"--num-gpu-blocks-override is vLLM's name)")
+    p.add_argument("--block-size", type=_positive_int, metavar="N",
+                   help="tokens per KV-cache block: fixed when the artifact was compiled, so "
+                        "only checked against it (vLLM's flag; default: the artifact's)")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
                    help="the share of the GPU's memory the engine may fill; the KV cache "
                         "takes what is left of it after the weights, unless --num-kv-blocks "
@@ -283,6 +286,7 @@ def _engine_options(a):
     from braze.runtime.options import EngineOptions
     return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
                          gpu_memory_utilization=a.gpu_memory_utilization,
+                         block_size=a.block_size,
                          max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
                          buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
                          enable_prefix_caching=a.enable_prefix_caching,

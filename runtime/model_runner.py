@@ -37,6 +37,11 @@ class ModelRunner:
         if group is not None and group.rank != 0:       # torchrun: ranks > 0 follow rank 0
             parallel.follow(artifact, options)
             raise SystemExit(0)
+        if options.block_size is not None and options.block_size != limits.block_size:
+            raise BrazeError(f"block_size={options.block_size}: this artifact's KV blocks are "
+                             f"{limits.block_size} tokens, fixed when it was compiled; leave "
+                             f"--block-size out, or recompile (braze compile ... --block-size "
+                             f"{options.block_size})")
         self.max_num_seqs = _limit("max_num_seqs", options.max_num_seqs, limits.max_num_seqs)
         self.max_num_tokens = _limit("max_num_tokens", options.max_num_tokens,
                                      limits.max_num_tokens)

@@ -27,6 +27,9 @@ class EngineOptions:
     # the share of the GPU's memory the engine may fill, the KV cache sized to what is left
     # of it after the weights (runtime/kv_cache.default_num_blocks); vLLM's name
     gpu_memory_utilization: float = 0.9
+    # tokens per KV block: fixed when the artifact was compiled, so only checked against it
+    # (vLLM's serve flag; None: the artifact's)
+    block_size: int | None = None
     max_num_seqs: int | None = None       # None: the artifact's
     max_num_tokens: int | None = None     # None: the artifact's
     buckets: list[int] | None = None      # padded step sizes; None: ir/contract.default_buckets
@@ -61,7 +64,8 @@ class EngineOptions:
         if self.backend not in BACKENDS:
             raise BrazeError(f"unknown backend {self.backend!r}; choose one of "
                              f"{', '.join(BACKENDS)}")
-        for name in ("num_kv_blocks", "max_num_seqs", "max_num_tokens", "max_cpu_loras"):
+        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_tokens",
+                     "max_cpu_loras"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")

@@ -126,7 +126,7 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     from braze.runtime import LLM
     from braze.runtime.options import EngineOptions
     flags = ["--backend", "reference", "--device", "cpu", "--num-kv-blocks", "9",
-             "--gpu-memory-utilization", "0.7",
+             "--gpu-memory-utilization", "0.7", "--block-size", "16",
              "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
              "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
              "--fused-prepare", "--debug", "--trusted-keys", "keys", "--trust-artifact",
@@ -134,7 +134,7 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
              "--speculative", '{"method": "ngram", "num_speculative_tokens": 2}',
              "--collective-timeout", "7.5", "--sampler", "triton"]
     want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9,
-                         gpu_memory_utilization=0.7, max_num_seqs=3,
+                         gpu_memory_utilization=0.7, block_size=16, max_num_seqs=3,
                          max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
                          enable_prefix_caching=False, async_scheduling=False,
                          fused_prepare=True, debug=True,
@@ -265,3 +265,21 @@ def test_kv_cache_sizing_takes_vllms_flags(store, monkeypatch):
         assert real(cache, "cuda", 10 ** 4, 4, gpu_memory_utilization=share) == int(share * 1000)
     with pytest.raises(BrazeError, match="--gpu-memory-utilization"):
         real(cache, "cuda", 1, 600, gpu_memory_utilization=0.5)
+
+
+def test_block_size_at_run_time_must_be_the_artifacts(store):
+    """vLLM's --block-size on serve/generate: the artifact fixed it when it was compiled, so
+    the same value is accepted and another is refused by name, saying how to get it."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        assert _engine_options(build_parser().parse_args(cmd + ["--block-size", "16"])) \
+            .block_size == 16
+    art = store.artifact("llama")
+    compiled = json.loads((art / "manifest.json").read_text())["options"]["block_size"]
+    llm = LLM(art, backend="reference", block_size=compiled)
+    assert llm.engine.runner.block_size == compiled
+    with pytest.raises(BrazeError, match=rf"block_size={2 * compiled}.*{compiled}.*"
+                                         rf"braze compile .*--block-size {2 * compiled}"):
+        LLM(art, backend="reference", block_size=2 * compiled)
