@@ -685,3 +685,27 @@ def test_two_ranks_offload_a_hybrid_cache(store, tp_wants, tmp_path):
     assert [o.token_ids for o in got] == tp_wants(case)
     assert _second_loads(eng) == (0, 4) and s["load_failures"] == 0
     assert len(_rank_files(tmp_path / "kv", 1)) == s["store_blocks"]
+
+
+def test_a_tensor_parallel_server_stops_its_ranks_and_their_tiers_cleanly(store, tmp_path):
+    """SIGTERM on `braze serve` of a two-rank artifact: rank 1 is told to stop (it closed
+    on a dropped connection, with a traceback in the log that read as a crash) and both
+    ranks' blocks are on disk."""
+    pytest.importorskip("fastapi")
+    from serve_helpers import MODEL, Server
+    art = store.artifact("llama", opt_level=2, tensor_parallel_size=2)
+    kv = tmp_path / "kv"
+    s = Server(art, tmp_path, "--kv-offload-dir", str(kv), "--num-kv-blocks",
+               str(DEVICE_BLOCKS))
+    try:
+        for p in [FIRST, *FILLERS[:2]]:
+            r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": p,
+                                                     "max_tokens": 2, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        stored = s.metrics()['braze_kv_offload_bytes_total{direction="store",tier="host"}']
+    finally:
+        assert s.stop() == 0
+    err = s.stderr()
+    assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
+    assert len(_rank_files(kv, 0)) == len(_rank_files(kv, 1)) > 0
+    assert stored > 0
