@@ -24,7 +24,10 @@ def _cached(out) -> int:
 @pytest.mark.parametrize("case,opts", [
     ("llama", {}),
     ("gemma3-sandwich-softcap", dict(block_size=4, max_model_len=128, max_num_tokens=16,
-                                     max_num_seqs=4))])
+                                     max_num_seqs=4)),
+    # KV-shared layers (they read another layer's cache) beside window and global ones
+    ("gemma4-ple-kvshare-moe", dict(block_size=4, max_model_len=128, max_num_tokens=16,
+                                    max_num_seqs=4))])
 def test_reset_prefix_cache_forgets_every_prefix(store, case, opts):
     art = store.artifact(case, **opts)
     cold = LLM(art, backend="reference").generate([B], GREEDY)[0].outputs[0].token_ids
