@@ -74,3 +74,26 @@ def test_serve_resets_the_prefix_cache_and_counts_its_queries(store, tmp_path):
         assert (hits2, queries2 - queries1) == (hits1, len(B))
     finally:
         s.stop()
+
+
+def test_reset_prefix_cache_on_a_server_that_is_stopping_is_a_503(store):
+    """A draining server (or one whose engine thread died) answers the routes that reach
+    the engine between steps with the 503 of /health, not a 500 and a traceback."""
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from braze.runtime.engine import Engine
+    from braze.serving import app as app_mod
+    from braze.serving import utility_routes
+    from braze.serving.async_engine import AsyncEngine
+
+    aengine = AsyncEngine(Engine(store.artifact("llama"), backend="reference"))
+    aengine.begin_drain()
+    svc = type("Svc", (), {"aengine": aengine})()
+    api = FastAPI()
+    app_mod._install_errors(api)
+    utility_routes.install(api, svc)
+    r = TestClient(api, raise_server_exceptions=False).post("/reset_prefix_cache")
+    assert r.status_code == 503, r.text
+    assert "shutting down" in r.json()["error"]["message"]
