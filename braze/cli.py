@@ -110,13 +110,21 @@ def cmd_generate(a) -> int:
         a.prompt = _read_prompt(a.prompt_file)
     params = _sampling(a)
     params.validate()
-    llm = LLM(a.artifact, _engine_options(a))
     lora = None
     if a.lora is not None:
         from braze.runtime.lora import LoRARequest
         lora = LoRARequest(Path(a.lora).name or "lora", 1, a.lora)
-    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params,
-                       lora_request=lora)[0]
+    llm = LLM(a.artifact, _engine_options(a))
+    try:
+        out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params,
+                           lora_request=lora)[0]
+        _print_outputs(a, out)
+    finally:
+        llm.close()         # the KV tiers' writes land, within a bound, before the exit
+    return 0
+
+
+def _print_outputs(a, out) -> None:
     for o in out.outputs or [out]:
         if a.json:
             d = {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
@@ -124,10 +132,10 @@ def cmd_generate(a) -> int:
                 d["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob, "rank": e.rank,
                                   "top": [[i, v] for i, v in e.top]} for e in o.logprobs]
                 d["cumulative_logprob"] = o.cumulative_logprob
-            print(json.dumps(d))
+            print(json.dumps(d), flush=True)
         else:
-            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
-    return 0
+            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)),
+                  flush=True)
 
 
 def _read_prompt(path: str) -> str:

@@ -283,3 +283,23 @@ def test_block_size_at_run_time_must_be_the_artifacts(store):
     with pytest.raises(BrazeError, match=rf"block_size={2 * compiled}.*{compiled}.*"
                                          rf"braze compile .*--block-size {2 * compiled}"):
         LLM(art, backend="reference", block_size=2 * compiled)
+
+
+def test_generate_closes_its_engine_so_kv_tier_writes_are_bounded(store, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`braze generate` with a lower KV tier: the blocks it stored are written before it
+    exits, within KVOffload.close's bound (left to the interpreter's exit, a tier that
+    hangs held the command for every block's retries)."""
+    from braze.cli import main
+    from braze.runtime import kv_offload
+    closed = []
+    real = kv_offload.KVOffload.close
+    monkeypatch.setattr(kv_offload.KVOffload, "close",
+                        lambda self, timeout=None: (closed.append(timeout), real(self, timeout)))
+    kv = tmp_path / "kv"
+    ids = ",".join(["1"] + [str(3 + i % 90) for i in range(40)])
+    assert main(["generate", str(store.artifact("llama")), "--prompt-ids", ids,
+                 "--max-tokens", "2", "--backend", "reference", "--kv-offload-dir",
+                 str(kv), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"]
+    assert closed == [None] and len(list(kv.rglob("*.kv"))) == 2
