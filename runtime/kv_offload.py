@@ -74,11 +74,11 @@ HOLD_WAIT_S = 10.0
 # a load is copied in chunks of about this many bytes, at most LOAD_INFLIGHT_CHUNKS queued
 # at once: its pinned staging and device temporaries stay bounded (a 32k-token prefix of an
 # 8B model is 4 GiB) while the copy engine stays busy
+LOAD_CHUNK_BYTES = 64 << 20
+LOAD_INFLIGHT_CHUNKS = 4
 # how long closing an engine waits for the lower tier's queued writes (a store that is
 # down must not hold a server's shutdown for the tries of every block)
 CLOSE_WAIT_S = 30.0
-LOAD_CHUNK_BYTES = 64 << 20
-LOAD_INFLIGHT_CHUNKS = 4
 
 
 @dataclass
