@@ -34,6 +34,14 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _fraction(text: str) -> float:
+    """A share in (0, 1]."""
+    v = _positive_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -102,13 +110,21 @@ def cmd_generate(a) -> int:
         a.prompt = _read_prompt(a.prompt_file)
     params = _sampling(a)
     params.validate()
-    llm = LLM(a.artifact, _engine_options(a))
     lora = None
     if a.lora is not None:
         from braze.runtime.lora import LoRARequest
         lora = LoRARequest(Path(a.lora).name or "lora", 1, a.lora)
-    out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params,
-                       lora_request=lora)[0]
+    llm = LLM(a.artifact, _engine_options(a))
+    try:
+        out = llm.generate([a.prompt if a.prompt is not None else a.prompt_ids], params,
+                           lora_request=lora)[0]
+        _print_outputs(a, out)
+    finally:
+        llm.close()         # the KV tiers' writes land, within a bound, before the exit
+    return 0
+
+
+def _print_outputs(a, out) -> None:
     for o in out.outputs or [out]:
         if a.json:
             d = {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
@@ -116,10 +132,10 @@ def cmd_generate(a) -> int:
                 d["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob, "rank": e.rank,
                                   "top": [[i, v] for i, v in e.top]} for e in o.logprobs]
                 d["cumulative_logprob"] = o.cumulative_logprob
-            print(json.dumps(d))
+            print(json.dumps(d), flush=True)
         else:
-            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
-    return 0
+            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)),
+                  flush=True)
 
 
 def _read_prompt(path: str) -> str:
@@ -172,8 +188,16 @@ def cmd_demo(a) -> int:
 def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     """The engine's options (runtime/options.py), the same for generate and serve."""
     p.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
-    p.add_argument("--num-kv-blocks", type=_positive_int, metavar="N",
-                   help=f"KV-cache blocks to allocate (default: {kv_default})")
+    p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=_positive_int,
+                   metavar="N", help=f"KV-cache blocks to allocate (default: {kv_default}; "
+                                     f"--num-gpu-blocks-override is vLLM's name)")
+    p.add_argument("--block-size", type=_positive_int, metavar="N",
+                   help="tokens per KV-cache block: fixed when the artifact was compiled, so "
+                        "only checked against it (vLLM's flag; default: the artifact's)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
+                   help="the share of the GPU's memory the engine may fill; the KV cache "
+                        "takes what is left of it after the weights, unless --num-kv-blocks "
+                        "says (default: 0.9)")
     p.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
                    help="most sequences in one step (default and upper bound: the artifact's "
                         "--max-num-seqs)")
@@ -183,8 +207,12 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs (default: the artifact's): "
                         "none, piecewise, or full (one graph per whole step)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="reuse the KV blocks of prompt prefixes seen before (default: on; "
+                        "vLLM's spelling: --no-enable-prefix-caching turns it off)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of prompt prefixes seen before")
+                   help="the same as --no-enable-prefix-caching")
     p.add_argument("--device", help="torch device to run on, e.g. cuda:1 (default: cuda for the "
                                     "cuda backend, else cpu)")
     p.add_argument("--buckets", type=_token_ids, metavar="1,2,4,...",
@@ -242,6 +270,8 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
 def _engine_options(a):
     from braze.runtime.options import EngineOptions
     return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
+                         gpu_memory_utilization=a.gpu_memory_utilization,
+                         block_size=a.block_size,
                          max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
                          buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
                          enable_prefix_caching=a.enable_prefix_caching,

@@ -87,6 +87,8 @@ class DraftProposer:
         dopts = EngineOptions(backend=opts.backend, device=opts.device,
                               max_num_seqs=min(engine.runner.max_num_seqs, lim.max_num_seqs),
                               cudagraph_mode=opts.cudagraph_mode, debug=opts.debug,
+                              # one share of the GPU for the engine, this cache included
+                              gpu_memory_utilization=opts.gpu_memory_utilization,
                               trusted_keys=opts.trusted_keys, trust_artifact=opts.trust_artifact)
         # the draft keeps one block table (its own blocks never slide: no window freeing)
         self.runner = ModelRunner(self.artifact, dopts, window_freeing=False)

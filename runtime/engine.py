@@ -61,6 +61,8 @@ class Engine(EngineLoRA):
             if not had_group:       # the tensor-parallel ranks this engine started: stop them
                 parallel.shutdown()
             raise
+        # the tensor-parallel ranks this engine started, which `close` stops
+        self._owns_group = not had_group and parallel.current_group() is not None
 
     def _build(self, opts: EngineOptions, progress) -> None:
         self.runner = ModelRunner(self.artifact, opts, progress=progress)
@@ -293,6 +295,27 @@ class Engine(EngineLoRA):
             return
         self._finish(req, "abort")
         self._aborted.append(req)
+
+    def close(self) -> None:
+        """Shutdown: the KV tiers' writes in flight land (within a bound: KVOffload.close),
+        so the next process serving this artifact finds them, and the tensor-parallel
+        ranks this engine started stop (each closing its own tiers). The engine runs
+        nothing after this."""
+        try:
+            if self.offload is not None:
+                self.offload.close()
+        finally:
+            if self._owns_group:
+                self._owns_group = False
+                parallel.shutdown()
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every prompt prefix the device's cache holds (benchmarks, a cache
+        warmed by traffic that no longer matters). Running requests keep their blocks,
+        which are no longer shared with later prompts; the KV tiers below the device
+        (--kv-offload-*) keep theirs. Always succeeds (True)."""
+        self.block_manager.reset_prefix_cache()
+        return True
 
     def has_unfinished(self) -> bool:
         """Whether `step` has more to do or report (running, waiting, launched, or

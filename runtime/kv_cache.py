@@ -143,6 +143,7 @@ def default_num_blocks(cache: KVCache, device, max_num_seqs: int, max_blocks: in
             raise BrazeError(
                 f"not enough GPU memory for the KV cache: {max(budget, 0) >> 20} MiB left after "
                 f"the weights holds {max(n, 0)} blocks, one full sequence needs {max_blocks}; "
-                f"compile with a smaller --max-model-len or pass num_kv_blocks")
+                f"raise --gpu-memory-utilization (now {gpu_memory_utilization}), compile "
+                f"with a smaller --max-model-len, or give --num-kv-blocks")
         return int(min(n, want))
     return int(max(min(want, cpu_bytes // per), min(max_blocks, want) or 1))

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -58,6 +60,8 @@ from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
 from .parallel import current_group
 from .uploads import upload_values
 
+log = logging.getLogger("braze.runtime")
+
 GIB = 1 << 30
 TRANSFER_KEYS = {"max_load_tokens", "store"}
 # the counters summed over tensor-parallel ranks (each rank moves its own slice's bytes)
@@ -72,6 +76,9 @@ HOLD_WAIT_S = 10.0
 # 8B model is 4 GiB) while the copy engine stays busy
 LOAD_CHUNK_BYTES = 64 << 20
 LOAD_INFLIGHT_CHUNKS = 4
+# how long closing an engine waits for the lower tier's queued writes (a store that is
+# down must not hold a server's shutdown for the tries of every block)
+CLOSE_WAIT_S = 30.0
 
 
 @dataclass
@@ -554,9 +561,26 @@ class KVOffload:
         if self.peers is not None and not self.peers.closed:
             self._ask("drain")      # and every other rank's
 
-    def close(self) -> None:
-        if self._io is not None:
-            self._io.shutdown(wait=True, cancel_futures=False)
+    def close(self, timeout: float | None = None) -> None:
+        """Shutdown: the copies in flight into the host tier, then the lower tier's writes
+        still queued, waited for up to `timeout` seconds (default CLOSE_WAIT_S), so that a
+        restarted server finds the blocks of its last requests there; the writes left
+        after that are dropped, and said (their blocks are computed again when needed)."""
+        for ev, _, _ in self._pending:
+            ev.synchronize()
+        self.poll()
+        if self._io is None:
+            return
+        io, self._io = self._io, None
+        done = io.submit(lambda: None)
+        finished = wait([done], timeout=CLOSE_WAIT_S if timeout is None else timeout)[0]
+        if not finished:
+            dropped = io._work_queue.qsize()
+            log.warning("KV tier %s: %d batch(es) of block writes still queued after %.0f s "
+                        "at shutdown are dropped; their blocks are computed again when "
+                        "needed", self.lower.where, dropped,
+                        CLOSE_WAIT_S if timeout is None else timeout)
+        io.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- stats
 
@@ -674,7 +698,8 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
         return None
     if not options.enable_prefix_caching:
         raise BrazeError("KV offload keeps the blocks of the prefix cache: it needs prefix "
-                         "caching on (drop --no-prefix-caching)")
+                         "caching on (drop --no-enable-prefix-caching / --no-prefix-caching, "
+                         "or enable_prefix_caching=False)")
     if options.kv_offload_dir and options.kv_offload_s3:
         raise BrazeError("choose one lower KV tier: --kv-offload-dir or --kv-offload-s3, "
                          "not both")
@@ -682,6 +707,7 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
     rank, ranks = (group.rank, group.size) if group is not None else (0, 1)
     tiers = {"cpu_gb": options.kv_offload_cpu_gb, "dir": options.kv_offload_dir,
              "s3": options.kv_offload_s3, "group_of": dict(group_of or {})}
+    check_host_memory(options.kv_offload_cpu_gb or DEFAULT_HOST_GB, ranks)
     identity = model_identity(manifest, cache.block_size, cache._layout, ranks)
     off = _open(tiers, cache, identity, device, rank, ranks)
     if group is not None:       # the other ranks open theirs, each under its rank's names
@@ -691,6 +717,25 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
             raise BrazeError(f"tensor-parallel rank {bad[0]} could not open its KV offload "
                              f"tiers (its log says why); check --kv-offload-dir/-s3 there")
     return off
+
+
+def check_host_memory(gb: float, ranks: int = 1) -> None:
+    """A host tier fills as traffic comes: one larger than the machine's memory ends, hours
+    later, in the OOM killer. Refused above the memory (every rank keeps its own tier);
+    more than half of it is said."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):      # not a POSIX host: not checked
+        return
+    need = gb * ranks
+    each = f" on each of {ranks} tensor-parallel ranks" if ranks > 1 else ""
+    if need > total:
+        raise BrazeError(f"--kv-offload-cpu-gb {gb:g}{each} asks for {need:g} GiB of host "
+                         f"memory; this host has {total:.1f} GiB in all: give less (the "
+                         f"tier fills as traffic comes)")
+    if need > total / 2:
+        log.warning("--kv-offload-cpu-gb %g%s takes %.0f%% of this host's %.1f GiB of memory "
+                    "once full", gb, each, 100 * need / total, total)
 
 
 def _open(tiers: dict, cache, identity: bytes, device, rank: int, ranks: int) -> KVOffload:

@@ -120,6 +120,14 @@ class DirectoryStore:
         except OSError as e:
             raise BrazeError(f"KV offload directory {self.root} cannot be created ({e}); "
                              f"pass a writable --kv-offload-dir") from None
+        # every store would fail, counted but never said: one write now says it
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise BrazeError(f"KV offload directory {self.root} cannot be written ({e}); "
+                             f"pass a writable --kv-offload-dir") from None
 
     @property
     def where(self) -> str:
@@ -176,7 +184,9 @@ class S3Store:
         u = urlparse(url)
         self.suffix = suffix            # ".rankR" at tensor parallelism
         if u.scheme != "s3" or not u.netloc:
-            raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}")
+            raise BrazeError(f"--kv-offload-s3 wants s3://BUCKET[/PREFIX], got {url!r}; the "
+                             f"address of an S3-compatible server (MinIO, Ceph, ...) goes in "
+                             f"AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3)")
         self.bucket, self.prefix = u.netloc, u.path.strip("/")
         self.url = url
         if client is None:
@@ -214,10 +224,32 @@ class S3Store:
                 raise BrazeError(f"--kv-offload-s3 {self.url}: bucket {self.bucket!r} does "
                                  f"not exist at {client.meta.endpoint_url}; create it or fix "
                                  f"the URL (or AWS_ENDPOINT_URL)") from None
+            if _error_code(e) == "403":
+                self._check_credentials(client)
+                log.warning("KV tier %s: the bucket cannot be listed with these credentials "
+                            "(403); braze needs s3:GetObject and s3:PutObject on its objects, "
+                            "and braze_kv_offload_failures_total counts the misses", self.url)
+                return client
             log.warning("KV tier %s cannot be reached now (%s): its blocks are computed "
                         "instead until it can, and braze_kv_offload_failures_total counts "
                         "the misses", self.url, e)
         return client
+
+    def _check_credentials(self, client) -> None:
+        """HeadBucket answered 403, which says no more (a HEAD has no body): a GET does. A
+        key id or secret the endpoint refuses fails every store and load, so it is refused
+        here; a missing permission may be only the listing's (a policy that grants the
+        objects alone), so it is not."""
+        try:
+            client.get_object(Bucket=self.bucket, Key=self._key("braze-credentials-check"))
+        except Exception as e:
+            code = _error_code(e)
+            if code in BAD_CREDENTIALS:
+                raise BrazeError(f"--kv-offload-s3 {self.url}: {client.meta.endpoint_url} "
+                                 f"refuses these AWS credentials ({code}); check "
+                                 f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                                 f"AWS_PROFILE, AWS_SESSION_TOKEN) for this "
+                                 f"endpoint") from None
 
     def _key(self, key: str) -> str:
         name = f"{key}{self.suffix}.kv"
@@ -248,6 +280,14 @@ class S3Store:
             raise StoreError(f"KV block {key} cannot be written to {self.url} ({e})") from None
 
 
+# S3 error codes that mean the credentials themselves are wrong (not a permission)
+BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                   "ExpiredToken", "InvalidClientTokenId")
+
+
+def _error_code(e: Exception):
+    return (getattr(e, "response", None) or {}).get("Error", {}).get("Code")
+
+
 def _not_found(e: Exception) -> bool:
-    code = getattr(e, "response", {}).get("Error", {}).get("Code")
-    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+    return _error_code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")

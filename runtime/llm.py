@@ -20,6 +20,7 @@ from braze.ir.errors import BrazeError
 from .engine import Engine
 from .beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams, advance_all,
                           step_prompts)
+from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
@@ -65,7 +66,8 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 lora_request=None, *, sampling_params=None) -> list[RequestOutput]:
+                 lora_request=None, *, sampling_params=None,
+                 kv_transfer_params: dict | list | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
         {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
@@ -74,6 +76,10 @@ class LLM:
         (None where a prompt uses the base model); the artifact needs --lora-slots. As in
         vLLM, a new lora_int_id under a name already used replaces that adapter (requests
         running with the old one finish with it).
+        kv_transfer_params: what each request may do with the KV tiers below the device
+        (--kv-offload-*), as the server's field of that name: {"max_load_tokens": N (0:
+        load nothing), "store": false (keep its blocks out of them)}, for all prompts or
+        one per prompt (None: no limits).
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
@@ -97,13 +103,11 @@ class LLM:
                                  f"{type(sp).__name__}: write SamplingParams(**{{...}})")
         for sp in plist:
             sp.validate()
-        if isinstance(lora_request, (list, tuple)):
-            if len(lora_request) != len(prompts):
-                raise BrazeError(f"{len(lora_request)} lora_requests for {len(prompts)} prompts; "
-                                 f"give one, or one per prompt")
-            loras = list(lora_request)
-        else:
-            loras = [lora_request] * len(prompts)
+        loras = _per_prompt(lora_request, len(prompts), "lora_requests")
+        transfers = _per_prompt(kv_transfer_params, len(prompts), "kv_transfer_params")
+        for t in transfers:
+            if t is not None:           # refused before any prompt is queued
+                KVTransferPolicy.of(t)
         # only final results are wanted: the engine skips the per-step reports
         plist = [dataclasses.replace(sp, output_kind="final") for sp in plist]
         for sp in plist:
@@ -114,14 +118,14 @@ class LLM:
                 self.engine.structured.cache.compile(sp.structured_outputs)
         groups, ids = [], []
         try:
-            for p, sp, lora in zip(prompts, plist, loras):
+            for p, sp, lora, transfer in zip(prompts, plist, loras, transfers):
                 base = f"llm-{next(self._ids)}"
                 children = sp.children()       # n > 1 / best_of: one request per sample
                 group = [base] if len(children) == 1 else [f"{base}-{i}" for i in range(len(children))]
                 for rid, child in zip(group, children):
                     self.engine.add_request(rid, p, child,
                                             group=base if len(children) > 1 else None,
-                                            lora_request=lora)
+                                            lora_request=lora, kv_transfer_params=transfer)
                     ids.append(rid)
                 groups.append((sp, group))
             final = self.engine.run_to_completion(ids)
@@ -197,17 +201,36 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every prompt prefix the device's KV cache holds (the next prompts
+        compute theirs again). True."""
+        return self.engine.reset_prefix_cache()
+
     def close(self) -> None:
-        """Stop the other ranks of a tensor-parallel artifact (runtime/parallel.py; also
-        done when the process exits). The LLM cannot generate after this."""
+        """Finish the KV tiers' writes in flight (Engine.close) and stop the other ranks of
+        a tensor-parallel artifact (runtime/parallel.py; also done when the process exits).
+        The LLM cannot generate after this."""
         from .parallel import shutdown
-        shutdown()
+        try:
+            self.engine.close()
+        finally:
+            shutdown()
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    """One value for all `n` prompts, or a list of one per prompt."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise BrazeError(f"{len(value)} {name} for {n} prompts; give one, or one per "
+                             f"prompt")
+        return list(value)
+    return [value] * n
 
 
 PROMPT_FORMS = ("a prompt is a string, a list of token ids, {\"prompt\": text} or "

@@ -37,6 +37,11 @@ class ModelRunner:
         if group is not None and group.rank != 0:       # torchrun: ranks > 0 follow rank 0
             parallel.follow(artifact, options)
             raise SystemExit(0)
+        if options.block_size is not None and options.block_size != limits.block_size:
+            raise BrazeError(f"block_size={options.block_size}: this artifact's KV blocks are "
+                             f"{limits.block_size} tokens, fixed when it was compiled; leave "
+                             f"--block-size out, or recompile (braze compile ... --block-size "
+                             f"{options.block_size})")
         self.max_num_seqs = _limit("max_num_seqs", options.max_num_seqs, limits.max_num_seqs)
         self.max_num_tokens = _limit("max_num_tokens", options.max_num_tokens,
                                      limits.max_num_tokens)
@@ -61,7 +66,9 @@ class ModelRunner:
             num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
                                                self.max_blocks, reserve_bytes=2 * arena + (1 << 29)
                                                + self._window_bytes(),
-                                               bytes_per_block=self._full_bytes_per_block())
+                                               bytes_per_block=self._full_bytes_per_block(),
+                                               gpu_memory_utilization=options
+                                               .gpu_memory_utilization)
         self.group_blocks = group_pool_blocks(self.kv_groups, num_kv_blocks, self.block_size,
                                               self.max_num_seqs, self.max_num_tokens,
                                               self.window_freeing)

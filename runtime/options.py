@@ -15,6 +15,8 @@ from braze.ir.segments import CUDAGRAPH_MODES
 
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
+# vLLM's names for engine options braze names otherwise (braze.LLM takes either)
+VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks"}
 
 
 @dataclass
@@ -22,6 +24,12 @@ class EngineOptions:
     backend: str = "auto"                 # auto: cuda on a GPU, else reference
     device: str | None = None             # default: cuda for the cuda backend, else cpu
     num_kv_blocks: int | None = None      # None: what the device's free memory holds
+    # the share of the GPU's memory the engine may fill, the KV cache sized to what is left
+    # of it after the weights (runtime/kv_cache.default_num_blocks); vLLM's name
+    gpu_memory_utilization: float = 0.9
+    # tokens per KV block: fixed when the artifact was compiled, so only checked against it
+    # (vLLM's serve flag; None: the artifact's)
+    block_size: int | None = None
     max_num_seqs: int | None = None       # None: the artifact's
     max_num_tokens: int | None = None     # None: the artifact's
     buckets: list[int] | None = None      # padded step sizes; None: ir/contract.default_buckets
@@ -56,13 +64,18 @@ class EngineOptions:
         if self.backend not in BACKENDS:
             raise BrazeError(f"unknown backend {self.backend!r}; choose one of "
                              f"{', '.join(BACKENDS)}")
-        for name in ("num_kv_blocks", "max_num_seqs", "max_num_tokens", "max_cpu_loras"):
+        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_tokens",
+                     "max_cpu_loras"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")
         v = self.kv_offload_cpu_gb
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
             raise BrazeError(f"kv_offload_cpu_gb must be a positive number of GiB, got {v!r}")
+        v = self.gpu_memory_utilization
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise BrazeError(f"gpu_memory_utilization must be a fraction of the GPU's memory "
+                             f"in (0, 1], got {v!r}")
         v = self.collective_timeout_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise BrazeError(f"collective_timeout_s must be a positive number of seconds, "
@@ -85,6 +98,11 @@ class EngineOptions:
         """`options` (or the defaults) with keyword overrides, checked; an unknown keyword
         is an error that names it."""
         known = {f.name for f in fields(cls)}
+        for theirs, ours in VLLM_NAMES.items():
+            if theirs in overrides:
+                if ours in overrides:
+                    raise BrazeError(f"give {ours} once: {theirs} is vLLM's name for it")
+                overrides[ours] = overrides.pop(theirs)
         bad = sorted(set(overrides) - known)
         if bad:
             raise BrazeError(f"unknown engine option {bad[0]!r}; the options are "

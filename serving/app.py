@@ -757,6 +757,12 @@ def _install_errors(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error(exc.status_code, message, kind)
 
+    @app.exception_handler(Unavailable)
+    async def unavailable(request, exc: Unavailable):
+        # a route that reaches the engine between steps (AsyncEngine.call) while the server
+        # drains or its engine thread is gone: the 503 of /health
+        return _error(503, str(exc), "service_unavailable", code="unavailable")
+
     @app.exception_handler(BrazeError)
     async def braze_error(request, exc: BrazeError):
         return _error(400, str(exc), param=getattr(exc, "param", None))

@@ -128,9 +128,17 @@ class AsyncEngine:
         with self._cond:
             self._stop = True
             self._cond.notify()
+        loop = asyncio.get_running_loop()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+            await loop.run_in_executor(None, self._thread.join, timeout)
         self._fail_pending("the server is shutting down")
+        if self._thread is None or not self._thread.is_alive():
+            # the KV tiers' writes in flight land before the process exits (it skips the
+            # interpreter's teardown), so a restarted server finds them
+            try:
+                await loop.run_in_executor(None, self.engine.close)
+            except Exception:
+                log.exception("closing the engine failed")
 
     # ---- requests (event-loop thread) -------------------------------------------------
     def unavailable_reason(self) -> str | None:

@@ -57,6 +57,7 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     step = params.step_params()
     lora = lora_for(svc, getattr(body, "model", None))
+    kv = getattr(body, "kv_transfer_params", None)      # every step's, as a sampled request's
     where = "messages" if chat else "prompt"
     counter = iter(range(1 << 62))
     svc.admit()         # once: the search's steps are parts of an admitted request
@@ -66,7 +67,8 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
         try:
             for toks in token_lists:
                 streams.append(await svc.submit(f"{rid}-{next(counter)}", toks, step,
-                                                prompt_param=where, lora=lora, bounded=False))
+                                                kv_transfer_params=kv, prompt_param=where,
+                                                lora=lora, bounded=False))
             outs = await asyncio.gather(*(_final(s) for s in streams))
         except BaseException:
             for s in streams:

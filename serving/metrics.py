@@ -75,6 +75,7 @@ class Metrics:
     def render(self, snap: dict) -> str:
         """The exposition text (`CONTENT_TYPE`), the gauges read from `snap`: running,
         waiting, kv_blocks_used, kv_blocks_total, preemptions, prefix_cache_hit_tokens,
+        prefix_cache_queries,
         kernels_*, kv_groups, spec_decode_*, kv_offload_* (missing keys read as 0)."""
         self._snapshot.snap = snap
         try:
@@ -108,6 +109,9 @@ class _Snapshot:
         yield CounterMetricFamily("braze_prefix_cache_hit_tokens", "Prompt tokens served from "
                                   "the prefix cache.",
                                   value=snap.get("prefix_cache_hit_tokens", 0))
+        yield CounterMetricFamily("braze_prefix_cache_query_tokens", "Prompt tokens looked up "
+                                  "in the prefix cache (hits over these: the hit rate).",
+                                  value=snap.get("prefix_cache_queries", 0))
         kernels = GaugeMetricFamily(
             "braze_kernels", "Kernel specialisations launched, by where their code came from "
             "(cubin: built ahead of time for them; cubin_less_specialised; jit: compiled from "
@@ -198,6 +202,10 @@ def _offload_metrics(snap: dict):
                     [(("store",), g("store_failures")), (("load",), g("load_failures"))])
     yield _gauge("braze_kv_offload_host_blocks", "KV blocks held in the host tier.",
                  g("host_blocks"))
+    yield CounterMetricFamily("braze_kv_offload_host_evictions",
+                              "KV blocks the host tier dropped for room, least recently used "
+                              "first (often: --kv-offload-cpu-gb is small for the traffic).",
+                              value=g("host_evictions"))
     yield _gauge("braze_kv_offload_host_capacity_blocks",
                  "KV blocks the host tier holds at most (--kv-offload-cpu-gb).",
                  g("host_capacity_blocks"))

@@ -3,6 +3,8 @@
     GET|POST /ping     200 {} while healthy, else the 503 of /health (load balancers)
     POST /tokenize     {prompt} or {messages, ...} -> {count, max_model_len, tokens, token_strs}
     POST /detokenize   {tokens} -> {prompt}
+    POST /reset_prefix_cache   200 {}: the device's prefix cache forgets every prefix
+                       (the KV tiers below it keep theirs)
     GET  /server_info  what this server runs: the artifact's compile options, kernels and
                        targets, the engine's and the server's configuration, as JSON
 
@@ -84,6 +86,12 @@ def install(app: FastAPI, svc) -> None:
         text = await svc.prompts.off_loop(len(body.tokens), svc.tokenizer.decode, body.tokens,
                                           False)
         return {"prompt": text}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        # between two steps, on the engine's thread
+        await svc.aengine.call(lambda engine: engine.reset_prefix_cache())
+        return JSONResponse({})
 
     info: dict = {}
 

@@ -160,13 +160,15 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     from braze.runtime import LLM
     from braze.runtime.options import EngineOptions
     flags = ["--backend", "reference", "--device", "cpu", "--num-kv-blocks", "9",
+             "--gpu-memory-utilization", "0.7", "--block-size", "16",
              "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
              "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
              "--fused-prepare", "--debug", "--trusted-keys", "keys", "--trust-artifact",
              "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv", "--max-cpu-loras", "6",
              "--speculative", '{"method": "ngram", "num_speculative_tokens": 2}',
              "--collective-timeout", "7.5", "--sampler", "triton"]
-    want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9, max_num_seqs=3,
+    want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9,
+                         gpu_memory_utilization=0.7, block_size=16, max_num_seqs=3,
                          max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
                          enable_prefix_caching=False, async_scheduling=False,
                          fused_prepare=True, debug=True,
@@ -243,3 +245,95 @@ def test_generate_input_errors(store, args, words):
     from cli_helpers import assert_one_line_error
     r = braze("generate", store.artifact("llama"), *args)
     assert_one_line_error(r.returncode, r.stderr, *words)
+
+
+@pytest.mark.parametrize("flags,want", [
+    ([], True), (["--enable-prefix-caching"], True), (["--no-enable-prefix-caching"], False),
+    (["--no-prefix-caching"], False)])
+def test_prefix_caching_takes_vllms_spelling(flags, want):
+    """vLLM's --enable-prefix-caching / --no-enable-prefix-caching, beside braze's own
+    --no-prefix-caching, on generate and serve."""
+    from braze.cli import _engine_options, build_parser
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        a = build_parser().parse_args(cmd + flags)
+        assert _engine_options(a).enable_prefix_caching is want
+
+
+def test_kv_cache_sizing_takes_vllms_flags(store, monkeypatch):
+    """vLLM's --gpu-memory-utilization sizes the KV cache from that share of the GPU, and
+    --num-gpu-blocks-override is --num-kv-blocks; braze.LLM takes the same names."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM, kv_cache, model_runner
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        o = _engine_options(build_parser().parse_args(
+            cmd + ["--gpu-memory-utilization", "0.5", "--num-gpu-blocks-override", "9"]))
+        assert (o.gpu_memory_utilization, o.num_kv_blocks) == (0.5, 9)
+        assert _engine_options(build_parser().parse_args(cmd)).gpu_memory_utilization == 0.9
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "a.braze", "--gpu-memory-utilization", "1.5"])
+    art = store.artifact("llama")
+    for bad in (0, 1.5, "0.5", True):
+        with pytest.raises(BrazeError, match="gpu_memory_utilization must be"):
+            LLM(art, gpu_memory_utilization=bad)
+    llm = LLM(art, backend="reference", num_gpu_blocks_override=7)
+    assert llm.engine.runner.num_kv_blocks == 7
+
+    # the engine's share reaches the sizing
+    seen = []
+    real = kv_cache.default_num_blocks
+
+    def sizing(*args, **kw):
+        seen.append(kw["gpu_memory_utilization"])
+        return real(*args, **kw)
+    monkeypatch.setattr(model_runner, "default_num_blocks", sizing)
+    LLM(art, backend="reference", gpu_memory_utilization=0.25)
+    assert seen == [0.25]
+
+    # on a GPU of T bytes, all free: the share of T, in blocks, less nothing else
+    cache = llm.engine.runner.executor.cache
+    per = cache.bytes_per_block
+    total = 1000 * per
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (total, total))
+    for share in (0.5, 0.25, 1.0):
+        assert real(cache, "cuda", 10 ** 4, 4, gpu_memory_utilization=share) == int(share * 1000)
+    with pytest.raises(BrazeError, match="--gpu-memory-utilization"):
+        real(cache, "cuda", 1, 600, gpu_memory_utilization=0.5)
+
+
+def test_block_size_at_run_time_must_be_the_artifacts(store):
+    """vLLM's --block-size on serve/generate: the artifact fixed it when it was compiled, so
+    the same value is accepted and another is refused by name, saying how to get it."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        assert _engine_options(build_parser().parse_args(cmd + ["--block-size", "16"])) \
+            .block_size == 16
+    art = store.artifact("llama")
+    compiled = json.loads((art / "manifest.json").read_text())["options"]["block_size"]
+    llm = LLM(art, backend="reference", block_size=compiled)
+    assert llm.engine.runner.block_size == compiled
+    with pytest.raises(BrazeError, match=rf"block_size={2 * compiled}.*{compiled}.*"
+                                         rf"braze compile .*--block-size {2 * compiled}"):
+        LLM(art, backend="reference", block_size=2 * compiled)
+
+
+def test_generate_closes_its_engine_so_kv_tier_writes_are_bounded(store, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`braze generate` with a lower KV tier: the blocks it stored are written before it
+    exits, within KVOffload.close's bound (left to the interpreter's exit, a tier that
+    hangs held the command for every block's retries)."""
+    from braze.cli import main
+    from braze.runtime import kv_offload
+    closed = []
+    real = kv_offload.KVOffload.close
+    monkeypatch.setattr(kv_offload.KVOffload, "close",
+                        lambda self, timeout=None: (closed.append(timeout), real(self, timeout)))
+    kv = tmp_path / "kv"
+    ids = ",".join(["1"] + [str(3 + i % 90) for i in range(40)])
+    assert main(["generate", str(store.artifact("llama")), "--prompt-ids", ids,
+                 "--max-tokens", "2", "--backend", "reference", "--kv-offload-dir",
+                 str(kv), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"]
+    assert closed == [None] and len(list(kv.rglob("*.kv"))) == 2

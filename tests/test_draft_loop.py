@@ -246,3 +246,20 @@ def test_cuda_device_loop_gives_the_drafts_greedy_tokens(store, monkeypatch):
     assert got == [w[:b] for w, b in zip(want, budgets)]
     assert p.runner.graphs.last_variant == "full" and p.num_host_reads == 1
     assert len(replays) == 1 + 3      # the catch-up (27 tokens), then 3 decode steps (budget 4)
+
+
+def test_a_draft_models_kv_cache_keeps_to_the_engines_gpu_share(store, monkeypatch):
+    """--gpu-memory-utilization is the engine's share of the GPU, the draft model's cache
+    included: the draft sizes its cache within the same share (with 0.9 of its own, a
+    draft next to a target at 0.5 would take the GPU to 0.9)."""
+    from braze.runtime import kv_cache, model_runner
+    seen = []
+
+    def sizing(*args, **kw):
+        seen.append(kw["gpu_memory_utilization"])
+        return kv_cache.default_num_blocks(*args, **kw)
+    monkeypatch.setattr(model_runner, "default_num_blocks", sizing)
+    art = draft_artifact(store)
+    spec = {"method": "draft", "model": str(art), "num_speculative_tokens": 3}
+    Engine(art, backend="reference", gpu_memory_utilization=0.3, speculative=spec)
+    assert seen == [0.3, 0.3]           # the target's cache, then the draft's

@@ -11,6 +11,8 @@ output.
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +136,25 @@ def test_a_second_engine_loads_what_the_first_stored_on_disk(art, want, tmp_path
     assert _offload_stats(fresh)["load_blocks_lower"] == 4
 
 
+def test_two_artifacts_sharing_a_directory_never_share_blocks(art, store, tmp_path):
+    """The same weights and cache layout with another RoPE: equal token prefixes, other
+    KV. The second artifact finds none of the first's blocks and its output is its own."""
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_dir=kv)
+    _traffic(first)
+    first.offload.close()
+    other = store.artifact("llama-linearrope")
+    own = [o.token_ids for o in run_all(Engine(other, backend="reference", num_kv_blocks=256),
+                                        [SECOND], GREEDY)]
+    eng = Engine(other, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(other, 8), kv_offload_dir=kv)
+    assert eng.offload.block_bytes == first.offload.block_bytes
+    assert [o.token_ids for o in run_all(eng, [SECOND], GREEDY)] == own
+    s = _offload_stats(eng)
+    assert s["load_blocks_lower"] == s["load_failures"] == 0
+
+
 def test_the_request_policy_caps_and_disables_loads_and_stores(art, want, tmp_path):
     host = _host_gb(art, 64)
     eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_cpu_gb=host)
@@ -148,6 +169,35 @@ def test_the_request_policy_caps_and_disables_loads_and_stores(art, want, tmp_pa
     assert _offload_stats(eng)["store_blocks"] == 0
 
 
+def test_llm_generate_takes_kv_transfer_params(art, want, tmp_path):
+    """braze.LLM passes the per-request policy as the server does: one for every prompt or
+    one per prompt; a bad one is refused by name before any prompt runs."""
+    from braze.runtime import LLM
+    llm = LLM(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+              kv_offload_cpu_gb=_host_gb(art, 64))
+    eng = llm.engine
+    llm.generate([FIRST], GREEDY)
+    llm.generate(FILLERS, GREEDY)
+    eng.offload.drain()
+    before = _offload_stats(eng)
+    with pytest.raises(BrazeError, match="kv_transfer_params.max_load_tokens"):
+        llm.generate([SECOND], GREEDY, kv_transfer_params={"max_load_tokens": -1})
+    with pytest.raises(BrazeError, match="2 kv_transfer_params for 1 prompts"):
+        llm.generate([SECOND], GREEDY, kv_transfer_params=[{}, {}])
+    out = llm.generate([SECOND], GREEDY, kv_transfer_params={"max_load_tokens": 0})
+    assert out[0].outputs[0].token_ids == want[-1]
+    assert _offload_stats(eng)["load_blocks_host"] == before["load_blocks_host"]
+    assert not eng.requests
+    private = LLM(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                  kv_offload_cpu_gb=_host_gb(art, 64))
+    private.generate([FIRST], GREEDY, kv_transfer_params=[{"store": False}])
+    private.engine.offload.drain()
+    assert _offload_stats(private.engine)["store_blocks"] == 0
+    private.generate(FILLERS[:1], GREEDY, kv_transfer_params=[None])
+    private.engine.offload.drain()
+    assert _offload_stats(private.engine)["store_blocks"] >= len(FILLERS[0]) // 16
+
+
 @pytest.mark.parametrize("params,fragment", [
     ({"max_load_tokens": -1}, "max_load_tokens must be an integer >= 0"),
     ({"store": "no"}, "store must be true or false"),
@@ -160,6 +210,33 @@ def test_bad_transfer_params_are_refused_by_name(params, fragment):
 
 
 # -- faults -------------------------------------------------------------------------------
+
+def test_metrics_show_every_tiers_counters_as_the_engine_counts_them(art, want, tmp_path):
+    """/metrics renders each tier's counters from the engine's own: blocks and bytes per
+    tier and direction, and the host tier's evictions (what says --kv-offload-cpu-gb is
+    too small); a later scrape never shows less."""
+    pytest.importorskip("prometheus_client")
+    from braze.serving.metrics import Metrics
+    from serve_helpers import parse_metrics
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 4), kv_offload_dir=str(tmp_path / "kv"))
+    metrics = Metrics("m")
+    scrapes = []
+    _traffic(eng, meanwhile=lambda: scrapes.append(parse_metrics(metrics.render(eng.stats()))))
+    s = _offload_stats(eng)
+    m = parse_metrics(metrics.render(eng.stats()))
+    assert s["host_evictions"] > 0
+    want_rows = {
+        "braze_kv_offload_host_evictions_total": s["host_evictions"],
+        'braze_kv_offload_loaded_blocks_total{tier="host"}': s["load_blocks_host"],
+        'braze_kv_offload_loaded_blocks_total{tier="disk"}': s["load_blocks_lower"],
+        'braze_kv_offload_bytes_total{direction="store",tier="disk"}': s["store_bytes_lower"],
+        'braze_kv_offload_bytes_total{direction="load",tier="disk"}': s["load_bytes_lower"],
+        'braze_kv_offload_failures_total{direction="store"}': s["store_failures"],
+        "braze_kv_offload_host_capacity_blocks": 4}
+    assert {k: m[k] for k in want_rows} == want_rows
+    assert all(m[k] >= v for k, v in scrapes[0].items() if k.endswith("_total"))
+
 
 def test_a_corrupt_disk_block_is_a_counted_miss_and_is_computed(art, want, tmp_path):
     kv = tmp_path / "kv"
@@ -199,6 +276,52 @@ def test_a_full_disk_is_counted_and_changes_no_output(art, want, tmp_path, monke
     s = _offload_stats(eng)
     assert s["store_failures"] == s["store_blocks"] > 0 and s["store_bytes_lower"] == 0
     assert not [f for f in (tmp_path / "kv").rglob("*") if f.is_file()]   # no block, no temp
+
+
+def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
+                                                                caplog):
+    """`braze serve` exits without the interpreter's teardown: the blocks still queued for
+    the disk tier were lost, and a restarted server computed them again. Closing the
+    engine (the server does on shutdown) writes them; a tier that hangs is given up on
+    after a bound, and said."""
+    import threading
+    import time
+    from braze.runtime import LLM
+    real_put = kv_stores.DirectoryStore.put
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put",
+                        lambda self, k, p: (time.sleep(0.02), real_put(self, k, p)))
+    kv = tmp_path / "kv"
+    llm = LLM(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+              kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(kv))
+    llm.generate([FIRST, *FILLERS], GREEDY)
+    stored = _offload_stats(llm.engine)["store_blocks"]
+    llm.close()
+    assert len(list(kv.rglob("*.kv"))) == stored > 0
+    assert not list(kv.rglob(".tmp-*"))
+
+    gate = threading.Event()
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put", lambda self, k, p: gate.wait(30))
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(tmp_path / "kv2"))
+    run_all(eng, [FIRST, *FILLERS], GREEDY)
+    try:
+        with caplog.at_level("WARNING", logger="braze.runtime"):
+            eng.offload.close(timeout=0.2)
+    finally:
+        gate.set()
+    assert any("dropped" in r.getMessage() and str(tmp_path / "kv2") in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_a_disk_tier_directory_that_cannot_be_written_is_refused_at_start(art, tmp_path):
+    """Every store would fail, counted but never said: refused when the tier opens, naming
+    the directory (a file in the way, or a directory nobody may write: /proc/self)."""
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("x")
+    dirs = [in_the_way / "kv"] + ([Path("/proc/self")] if Path("/proc/self").is_dir() else [])
+    for d in dirs:
+        with pytest.raises(BrazeError, match=rf"KV offload directory {d}.*--kv-offload-dir"):
+            Engine(art, backend="reference", kv_offload_dir=str(d))
 
 
 def test_blocks_seal_with_a_checksum():
@@ -303,6 +426,54 @@ def test_an_s3_bucket_that_does_not_exist_is_refused_at_start(art, s3):
         Engine(art, backend="reference", kv_offload_s3="s3://no-such-bucket/x")
 
 
+def _s3_user(monkeypatch, actions):
+    """An IAM user of the moto server allowed `actions` on braze-kv's objects, its keys in
+    the AWS variables, and moto checking every request's credentials from now on."""
+    import json
+    import uuid
+
+    import boto3
+    from moto import settings
+    monkeypatch.setenv("AWS_ENDPOINT_URL_IAM", os.environ["AWS_ENDPOINT_URL_S3"])
+    iam, user = boto3.client("iam"), f"kv-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="objects", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions,
+                                                "Resource": "arn:aws:s3:::braze-kv/*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+
+
+@pytest.mark.parametrize("bad,code", [("AWS_ACCESS_KEY_ID", "InvalidAccessKeyId"),
+                                      ("AWS_SECRET_ACCESS_KEY", "SignatureDoesNotMatch")])
+def test_s3_credentials_the_store_refuses_are_refused_at_start(art, s3, monkeypatch, bad,
+                                                                code):
+    """A key id the endpoint does not know, or a secret that does not match, fails every
+    store and load: refused when the tier is made, naming the variables to fix, not taken
+    for a store that is down for a while."""
+    _s3_user(monkeypatch, ["s3:GetObject", "s3:PutObject"])
+    monkeypatch.setenv(bad, "AKIAWRONGWRONGWRONG1")
+    with pytest.raises(BrazeError, match=rf"--kv-offload-s3 s3://braze-kv/x.*{code}"
+                                         r".*AWS_ACCESS_KEY_ID"):
+        Engine(art, backend="reference", kv_offload_s3="s3://braze-kv/x")
+
+
+def test_s3_credentials_for_the_objects_alone_serve_the_tier(art, want, s3, monkeypatch,
+                                                            caplog):
+    """A policy that grants the objects but not the bucket's listing (HeadBucket: 403) is
+    a working tier: said, and used."""
+    _s3_user(monkeypatch, ["s3:GetObject", "s3:PutObject"])
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                     kv_offload_cpu_gb=_host_gb(art, 8), kv_offload_s3="s3://braze-kv/x")
+    assert any("s3:GetObject" in r.getMessage() for r in caplog.records), caplog.text
+    assert [o.token_ids for o in _traffic(eng)] == want
+    s = _offload_stats(eng)
+    assert _second_loads(eng) == (0, 4) and s["store_failures"] == 0
+
+
 def test_an_s3_tier_down_at_start_is_said_and_the_engine_starts(art, s3, caplog):
     s3.stop()
     with caplog.at_level("WARNING", logger="braze.runtime"):
@@ -317,10 +488,24 @@ def test_offload_options_are_checked(art, tmp_path):
         Engine(art, backend="reference", kv_offload_cpu_gb=0)
     with pytest.raises(BrazeError, match="choose one lower KV tier"):
         Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_s3="s3://a/b")
-    with pytest.raises(BrazeError, match="wants s3://BUCKET"):
+    # an S3-compatible server's address is not the bucket's: the message says where it goes
+    with pytest.raises(BrazeError, match="wants s3://BUCKET.*AWS_ENDPOINT_URL"):
         Engine(art, backend="reference", kv_offload_s3="http://example.com/x")
-    with pytest.raises(BrazeError, match="prefix caching"):
+    with pytest.raises(BrazeError, match="prefix caching.*--no-enable-prefix-caching"):
         Engine(art, backend="reference", kv_offload_cpu_gb=1, enable_prefix_caching=False)
+
+
+def test_a_host_tier_larger_than_the_hosts_memory_is_refused_at_start(art, caplog):
+    """The tier fills as traffic comes: one larger than the machine's memory ends hours
+    later in the OOM killer. Refused when the tier opens, naming the flag and the memory;
+    more than half of it is said."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    with pytest.raises(BrazeError, match=r"--kv-offload-cpu-gb.*this host has"):
+        Engine(art, backend="reference", kv_offload_cpu_gb=total * 1.5)
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        eng = Engine(art, backend="reference", kv_offload_cpu_gb=total * 0.6)
+    assert eng.offload.host_bytes == int(total * 0.6 * GIB)
+    assert any("--kv-offload-cpu-gb" in r.getMessage() for r in caplog.records), caplog.text
 
 
 # -- from braze serve ------------------------------------------------------------------------
@@ -350,6 +535,30 @@ def test_serve_takes_the_tier_flags_and_kv_transfer_params(art, want, tmp_path):
         bad = complete(SECOND, kv_transfer_params={"max_load_tokens": "all"})
         assert bad.status_code == 400
         assert bad.json()["error"]["param"] == "kv_transfer_params"
+    finally:
+        s.stop()
+
+
+def test_serve_beam_search_keeps_the_requests_kv_transfer_params(art, tmp_path):
+    """use_beam_search runs as many one-token requests: each carries the request's policy,
+    so `store: false` keeps a beam search's blocks out of the tiers as it does a sampled
+    request's, and a bad policy is a 400 naming the field."""
+    pytest.importorskip("fastapi")
+    from serve_helpers import MODEL, Server
+    s = Server(art, tmp_path, "--kv-offload-cpu-gb", repr(_host_gb(art, 64)))
+    stored = 'braze_kv_offload_bytes_total{direction="store",tier="host"}'
+    try:
+        def beam(prompt, kv):
+            return s.http.post("/v1/completions", json={
+                "model": MODEL, "prompt": prompt, "max_tokens": 3, "n": 2,
+                "use_beam_search": True, "ignore_eos": True, "kv_transfer_params": kv})
+        r = beam(FIRST, {"store": False})
+        assert r.status_code == 200, r.text
+        assert s.metrics()[stored] == 0
+        r = beam(FIRST, {"max_load_tokens": "all"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params"
+        assert beam(FILLERS[0], None).status_code == 200
+        assert s.metrics()[stored] > 0
     finally:
         s.stop()
 
@@ -476,3 +685,27 @@ def test_two_ranks_offload_a_hybrid_cache(store, tp_wants, tmp_path):
     assert [o.token_ids for o in got] == tp_wants(case)
     assert _second_loads(eng) == (0, 4) and s["load_failures"] == 0
     assert len(_rank_files(tmp_path / "kv", 1)) == s["store_blocks"]
+
+
+def test_a_tensor_parallel_server_stops_its_ranks_and_their_tiers_cleanly(store, tmp_path):
+    """SIGTERM on `braze serve` of a two-rank artifact: rank 1 is told to stop (it closed
+    on a dropped connection, with a traceback in the log that read as a crash) and both
+    ranks' blocks are on disk."""
+    pytest.importorskip("fastapi")
+    from serve_helpers import MODEL, Server
+    art = store.artifact("llama", opt_level=2, tensor_parallel_size=2)
+    kv = tmp_path / "kv"
+    s = Server(art, tmp_path, "--kv-offload-dir", str(kv), "--num-kv-blocks",
+               str(DEVICE_BLOCKS))
+    try:
+        for p in [FIRST, *FILLERS[:2]]:
+            r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": p,
+                                                     "max_tokens": 2, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        stored = s.metrics()['braze_kv_offload_bytes_total{direction="store",tier="host"}']
+    finally:
+        assert s.stop() == 0
+    err = s.stderr()
+    assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
+    assert len(_rank_files(kv, 0)) == len(_rank_files(kv, 1)) > 0
+    assert stored > 0
