@@ -759,19 +759,14 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Unavailable)
     async def unavailable(request, exc: Unavailable):
-        # a route that reaches the engine between steps (AsyncEngine.call) while the server
-        # drains or its engine thread is gone: the 503 of /health
+        # a route that reaches the engine between steps (AsyncEngine.call: loading a LoRA
+        # adapter, resetting the prefix cache) while the server drains or its engine thread
+        # is gone: the 503 of /health
         return _error(503, str(exc), "service_unavailable", code="unavailable")
 
     @app.exception_handler(BrazeError)
     async def braze_error(request, exc: BrazeError):
         return _error(400, str(exc), param=getattr(exc, "param", None))
-
-    @app.exception_handler(Unavailable)
-    async def unavailable(request, exc: Unavailable):
-        # work for the engine thread (e.g. loading a LoRA adapter) while draining or after
-        # the engine failed: the 503 a new request gets then
-        return _error(503, str(exc), "service_unavailable", None, "unavailable")
 
     app.add_middleware(RequestIdMiddleware)
 
