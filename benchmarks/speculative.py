@@ -29,6 +29,12 @@ uniform random ids. --batch requests per run, greedy, --max-tokens each, ignore_
     python benchmarks/speculative.py --backend cuda --batch 1 16 --hidden 2048 --layers 16
     python benchmarks/speculative.py --family deepseek_v3 --k 1 3   # the mtp method
     python benchmarks/speculative.py --family gemma4 --k 1 3        # Gemma 4's assistant
+    python benchmarks/speculative.py --ngram-host 1024 8192 32768   # prompt lookup's host cost
+
+--ngram-host: what the ngram proposer costs the host per request per step, the model
+left out: a request of each context length (random ids over --vocab, and the repetitive
+prompt) grows by one token a step for --ngram-steps steps, and NgramProposer.propose is
+timed over them (prompt_lookup_max 4, min 1, k 3; the mean microseconds per call).
 """
 
 from __future__ import annotations
@@ -161,7 +167,12 @@ def main() -> int:
     ap.add_argument("--kv-blocks", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per case; the best counts")
     ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--ngram-host", type=int, nargs="+", metavar="LEN",
+                    help="only time the ngram proposer's host work at these context lengths")
+    ap.add_argument("--ngram-steps", type=int, default=200)
     a = ap.parse_args()
+    if a.ngram_host:
+        return ngram_host(a)
     tmp = Path(tempfile.mkdtemp(prefix="braze-spec-bench-"))
     out = ResultsFile(a.json, {"benchmark": "speculative", "config": vars(a),
                                "torch": torch.__version__})
@@ -176,6 +187,40 @@ def main() -> int:
         for kind in ("repetitive", "random"):
             for batch in a.batch:
                 measure(out, a, tname, target, methods, kind, batch)
+    out.finish()
+    return 0
+
+
+def ngram_host(a) -> int:
+    import time
+
+    import numpy as np
+
+    from braze.runtime.speculative import NgramProposer, SpeculativeConfig
+
+    class Req:
+        def __init__(self, rid, toks):
+            self.request_id, self.all_token_ids = rid, toks
+
+    out = ResultsFile(a.json, {"benchmark": "speculative-ngram-host", "config": vars(a)})
+    rng = np.random.default_rng(0)
+    cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_max=4,
+                            prompt_lookup_min=1)
+    print(f"{'context':>8} {'prompts':<11}{'us/call':>9}")
+    for length in a.ngram_host:
+        for kind in ("random", "repetitive"):
+            toks = (rng.integers(0, a.vocab, length) if kind == "random"
+                    else np.tile(np.arange(6), length // 6 + 1)[:length]).tolist()
+            prop, req = NgramProposer(cfg), Req("r", toks)
+            grow = rng.integers(0, a.vocab, a.ngram_steps).tolist()
+            prop.propose([req], [3])
+            t0 = time.perf_counter()
+            for t in grow:
+                req.all_token_ids.append(t)
+                prop.propose([req], [3])
+            us = (time.perf_counter() - t0) / a.ngram_steps * 1e6
+            print(f"{length:>8} {kind:<11}{us:>9.1f}")
+            out.add({"context": length, "prompts": kind, "us_per_call": round(us, 1)})
     out.finish()
     return 0
 

@@ -138,33 +138,69 @@ class SpeculativeConfig:
 def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
     """Prompt lookup: the k tokens that followed the latest earlier occurrence of the
     sequence's last n tokens (the longest n from n_max down to n_min that occurs);
-    [] when none does."""
-    L = len(tokens)
-    if L < 2 or k < 1:
-        return []
+    [] when none does. `tokens`: a list or a 1-D integer array.
+
+    O(L) per call, not O(L * n_max^2): the candidates are the earlier positions holding
+    the last token (one vectorised compare), each extended backwards while it keeps
+    matching the tail, all at once, at most n_max - 1 times."""
     arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(n_max, L - 1), n_min - 1, -1):
-        tail = arr[L - n:]
-        # windows starting at 0 .. L-n-1 (not the tail itself), each followed by a token
-        win = np.lib.stride_tricks.sliding_window_view(arr[:L - 1], n)
-        hits = np.flatnonzero((win == tail).all(axis=1))
-        if hits.size:
-            j = int(hits[-1]) + n
-            return arr[j:j + k].tolist()
-    return []
+    L = len(arr)
+    n_top = min(n_max, L - 1)              # a match must end before the tail's last token
+    if k < 1 or n_top < max(n_min, 1):
+        return []
+    ends = np.flatnonzero(arr[:L - 1] == arr[L - 1])     # where a match may end
+    if ends.size == 0:
+        return []
+    length = np.ones(ends.size, dtype=np.int64)           # how far back each one matches
+    alive = np.ones(ends.size, dtype=bool)
+    for d in range(1, n_top):
+        back = ends - d
+        alive &= back >= 0
+        alive[alive] = arr[back[alive]] == arr[L - 1 - d]
+        if not alive.any():
+            break
+        length += alive
+    n = int(length.max())
+    if n < n_min:
+        return []
+    j = int(ends[np.flatnonzero(length >= n)[-1]]) + 1   # the latest of the longest
+    return arr[j:j + k].tolist()
 
 
 class NgramProposer:
+    """Each request's tokens are kept as an int64 array that grows by what the request
+    appended since the last step (a 32k-token context is not converted again per step)."""
+
     def __init__(self, config: SpeculativeConfig):
         self.config = config
+        self._arrays: dict[str, list] = {}   # request id -> [array (capacity), length, req]
+
+    def _tokens(self, req) -> np.ndarray:
+        toks = req.all_token_ids
+        entry = self._arrays.get(req.request_id)
+        # a request's tokens are only ever appended; a new request under a finished one's
+        # id starts afresh
+        if entry is None or entry[2] is not req or entry[1] > len(toks):
+            buf = np.asarray(toks, dtype=np.int64)
+            buf = np.concatenate([buf, np.empty(len(buf) // 2 + 16, dtype=np.int64)])
+            entry = self._arrays[req.request_id] = [buf, len(toks), req]
+        buf, n, _ = entry
+        if len(toks) > n:
+            if len(toks) > len(buf):
+                grown = np.empty(2 * len(toks), dtype=np.int64)
+                grown[:n] = buf[:n]
+                buf = entry[0] = grown
+            buf[n:len(toks)] = toks[n:]
+            entry[1] = len(toks)
+        return buf[:len(toks)]
 
     def propose(self, reqs: list, budgets: list[int]) -> list[list[int]]:
         c = self.config
-        return [ngram_propose(r.all_token_ids, b, c.prompt_lookup_max, c.prompt_lookup_min)
+        return [ngram_propose(self._tokens(r), b, c.prompt_lookup_max, c.prompt_lookup_min)
                 for r, b in zip(reqs, budgets)]
 
     def forget(self, req) -> None:
-        pass
+        self._arrays.pop(req.request_id, None)
 
 
 def eligible(req) -> bool:

@@ -141,6 +141,38 @@ def test_ngram_matches_brute_force(tokens, k, n_min, extra):
     assert ngram_propose(tokens, k, n_max, n_min) == _brute_ngram(tokens, k, n_max, n_min)
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=6), min_size=1,
+                      max_size=12),
+       prompt=st.lists(st.integers(0, 3), min_size=1, max_size=10),
+       reuse=st.lists(st.integers(0, 3), min_size=1, max_size=10), k=st.integers(1, 4),
+       n_min=st.integers(1, 2), extra=st.integers(0, 3))
+def test_ngram_proposer_keeps_up_with_growing_requests(steps, prompt, reuse, k, n_min, extra):
+    """The proposer's per-request arrays grow with each step's appended tokens (several
+    at once after an accepted run): its guesses equal the brute force over the whole list
+    at every step, and a finished request's id reused by a new one starts afresh."""
+    from braze.runtime.speculative import NgramProposer
+
+    class Req:
+        def __init__(self, rid, toks):
+            self.request_id, self.all_token_ids = rid, list(toks)
+
+    n_max = n_min + extra
+    prop = NgramProposer(SpeculativeConfig(method="ngram", num_speculative_tokens=k,
+                                           prompt_lookup_max=n_max, prompt_lookup_min=n_min))
+    a, b = Req("a", prompt), Req("b", prompt[::-1])
+    for new in steps:
+        a.all_token_ids += new
+        b.all_token_ids += new[::-1]
+        got = prop.propose([a, b], [k, k])
+        assert got == [_brute_ngram(r.all_token_ids, k, n_max, n_min) for r in (a, b)]
+    prop.forget(a)
+    assert "a" not in prop._arrays
+    again = Req("b", reuse)          # b's id, other tokens: not b's array
+    assert prop.propose([again], [k]) == [_brute_ngram(reuse, k, n_max, n_min)]
+
+
 # ------------------------------------------------------------------ exactness
 
 @pytest.mark.parametrize("case,opt", [("llama", 0), ("llama", 2), ("qwen3-headdim24-tied", 2),
