@@ -191,6 +191,11 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=_positive_int,
                    metavar="N", help=f"KV-cache blocks to allocate (default: {kv_default}; "
                                      f"--num-gpu-blocks-override is vLLM's name)")
+    p.add_argument("--max-model-len", type=_positive_int, metavar="N",
+                   help="the longest sequence (prompt + output) to serve: at most the "
+                        "artifact's (its buffers are planned for that; braze compile "
+                        "--max-model-len sets it); less refuses longer prompts and sizes the "
+                        "GPU's KV cache for shorter sequences (default: the artifact's)")
     p.add_argument("--block-size", type=_positive_int, metavar="N",
                    help="tokens per KV-cache block: fixed when the artifact was compiled, so "
                         "only checked against it (vLLM's flag; default: the artifact's)")
@@ -271,7 +276,7 @@ def _engine_options(a):
     from braze.runtime.options import EngineOptions
     return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
                          gpu_memory_utilization=a.gpu_memory_utilization,
-                         block_size=a.block_size,
+                         block_size=a.block_size, max_model_len=a.max_model_len,
                          max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
                          buckets=a.buckets, cudagraph_mode=a.cudagraph_mode,
                          enable_prefix_caching=a.enable_prefix_caching,

@@ -86,15 +86,15 @@ class Engine(EngineLoRA):
         self.eos_token_ids = list(self.artifact.model.get("eos_token_ids") or [])
         self.vocab_size = self.artifact.model.get("vocab_size")
         self.max_model_len = r.max_len
-        # a KV cache smaller than one sequence of the artifact's max_model_len caps every
+        # a KV cache smaller than one sequence of max_model_len caps every
         # sequence below it: said once here and in each refusal, not found by surprise
-        self.kv_limit = r.max_len if r.max_len < r.executor.max_model_len else None
+        self.kv_limit = r.max_len if r.max_len < r.max_model_len else None
         if self.kv_limit is not None:
             log.warning("the KV cache (%d blocks of %d tokens) holds %d tokens of a sequence, "
-                        "fewer than the artifact's max_model_len %d: longer sequences end "
+                        "fewer than max_model_len %d: longer sequences end "
                         "there (finish reason 'length'); raise num_kv_blocks (--num-kv-blocks) "
                         "to allow them",
-                        r.num_kv_blocks, r.block_size, r.max_len, r.executor.max_model_len)
+                        r.num_kv_blocks, r.block_size, r.max_len, r.max_model_len)
         self.model_name = self.artifact.root.name
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []

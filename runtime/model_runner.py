@@ -42,6 +42,7 @@ class ModelRunner:
                              f"{limits.block_size} tokens, fixed when it was compiled; leave "
                              f"--block-size out, or recompile (braze compile ... --block-size "
                              f"{options.block_size})")
+        self.max_model_len = _limit("max_model_len", options.max_model_len, limits.max_model_len)
         self.max_num_seqs = _limit("max_num_seqs", options.max_num_seqs, limits.max_num_seqs)
         self.max_num_tokens = _limit("max_num_tokens", options.max_num_tokens,
                                      limits.max_num_tokens)
@@ -63,8 +64,9 @@ class ModelRunner:
         self.kv_groups = kv_groups_of(artifact.manifest, ex.cache, str(artifact.root))
         self.window_freeing = window_freeing and any(g.window for g in self.kv_groups)
         if num_kv_blocks is None:
+            seq_blocks = -(-self.max_model_len // self.block_size)   # one longest sequence
             num_kv_blocks = default_num_blocks(ex.cache, self.device, self.max_num_seqs,
-                                               self.max_blocks, reserve_bytes=2 * arena + (1 << 29)
+                                               seq_blocks, reserve_bytes=2 * arena + (1 << 29)
                                                + self._window_bytes(),
                                                bytes_per_block=self._full_bytes_per_block(),
                                                gpu_memory_utilization=options
@@ -87,10 +89,10 @@ class ModelRunner:
         # a sequence can never hold more tokens than the cache or the artifact allows (a
         # window group alone holds any length: its blocks slide)
         full = not self.window_freeing or any(not g.window for g in self.kv_groups)
-        self.max_len = min(ex.max_model_len, num_kv_blocks * self.block_size) if full \
-            else ex.max_model_len
+        self.max_len = min(self.max_model_len, num_kv_blocks * self.block_size) if full \
+            else self.max_model_len
         if self.kv_shared and full:
-            self.max_len = min(ex.max_model_len, shared_max_tokens(
+            self.max_len = min(self.max_model_len, shared_max_tokens(
                 self.kv_groups, self.group_blocks, self.block_size, self.max_num_tokens))
         self.batch = PersistentBatch(self.max_num_seqs, ex.max_model_len, self.max_blocks,
                                      self.block_size, self.device, self.static)

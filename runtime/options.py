@@ -30,6 +30,10 @@ class EngineOptions:
     # tokens per KV block: fixed when the artifact was compiled, so only checked against it
     # (vLLM's serve flag; None: the artifact's)
     block_size: int | None = None
+    # the longest sequence (prompt + output) this engine serves: at most the artifact's
+    # (its buffers are planned for that); less caps requests and sizes the GPU's KV cache
+    # for shorter sequences (vLLM's --max-model-len; None: the artifact's)
+    max_model_len: int | None = None
     max_num_seqs: int | None = None       # None: the artifact's
     max_num_tokens: int | None = None     # None: the artifact's
     buckets: list[int] | None = None      # padded step sizes; None: ir/contract.default_buckets
@@ -64,8 +68,8 @@ class EngineOptions:
         if self.backend not in BACKENDS:
             raise BrazeError(f"unknown backend {self.backend!r}; choose one of "
                              f"{', '.join(BACKENDS)}")
-        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_tokens",
-                     "max_cpu_loras"):
+        for name in ("num_kv_blocks", "block_size", "max_model_len", "max_num_seqs",
+                     "max_num_tokens", "max_cpu_loras"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")

@@ -161,14 +161,15 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     from braze.runtime.options import EngineOptions
     flags = ["--backend", "reference", "--device", "cpu", "--num-kv-blocks", "9",
              "--gpu-memory-utilization", "0.7", "--block-size", "16",
-             "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
+             "--max-model-len", "48", "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
              "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
              "--fused-prepare", "--debug", "--trusted-keys", "keys", "--trust-artifact",
              "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv", "--max-cpu-loras", "6",
              "--speculative", '{"method": "ngram", "num_speculative_tokens": 2}',
              "--collective-timeout", "7.5", "--sampler", "triton"]
     want = EngineOptions(backend="reference", device="cpu", num_kv_blocks=9,
-                         gpu_memory_utilization=0.7, block_size=16, max_num_seqs=3,
+                         gpu_memory_utilization=0.7, block_size=16, max_model_len=48,
+                         max_num_seqs=3,
                          max_num_tokens=40, buckets=[1, 8, 40], cudagraph_mode="none",
                          enable_prefix_caching=False, async_scheduling=False,
                          fused_prepare=True, debug=True,
@@ -317,6 +318,40 @@ def test_block_size_at_run_time_must_be_the_artifacts(store):
     with pytest.raises(BrazeError, match=rf"block_size={2 * compiled}.*{compiled}.*"
                                          rf"braze compile .*--block-size {2 * compiled}"):
         LLM(art, backend="reference", block_size=2 * compiled)
+
+
+def test_max_model_len_at_run_time_caps_sequences_below_the_artifacts(store):
+    """vLLM's --max-model-len on serve/generate (and LLM's max_model_len=): below the
+    artifact's, prompts at the cap are refused naming it and outputs stop there with
+    finish reason 'length', the same tokens as the artifact's own limit gives up to
+    there; above it, refused naming the compile flag."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM
+    from braze.runtime.sampler import SamplingParams
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        assert _engine_options(build_parser().parse_args(cmd + ["--max-model-len", "24"])) \
+            .max_model_len == 24
+    art = store.artifact("llama")
+    compiled = json.loads((art / "manifest.json").read_text())["limits"]["max_model_len"]
+    cap = 20
+    assert cap < compiled
+    llm = LLM(art, backend="reference", num_kv_blocks=32, max_model_len=cap)
+    assert llm.engine.max_model_len == cap
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    sp = SamplingParams(max_tokens=None, ignore_eos=True)
+    (capped,) = llm.generate([prompt], sp)
+    assert len(capped.outputs[0].token_ids) == cap - len(prompt)
+    assert capped.outputs[0].finish_reason == "length"
+    full = LLM(art, backend="reference", num_kv_blocks=32)
+    (ref,) = full.generate([prompt], SamplingParams(max_tokens=cap - len(prompt),
+                                                    ignore_eos=True))
+    assert capped.outputs[0].token_ids == ref.outputs[0].token_ids
+    with pytest.raises(BrazeError, match=rf"{cap}.*max_model_len"):
+        llm.generate([list(range(1, cap + 1))], sp)
+    with pytest.raises(BrazeError, match=rf"max_model_len={compiled + 1}.*{compiled}.*"
+                                         rf"--max-model-len {compiled + 1}"):
+        LLM(art, backend="reference", max_model_len=compiled + 1)
 
 
 def test_generate_closes_its_engine_so_kv_tier_writes_are_bounded(store, tmp_path,
