@@ -292,6 +292,12 @@ class Engine(EngineLoRA):
         self._finish(req, "abort")
         self._aborted.append(req)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks this engine runs on (runtime/parallel.py; also done
+        when the process exits); a no-op at one rank. It cannot step after this."""
+        if self.runner.group is not None:
+            parallel.shutdown(self.runner.group)
+
     def has_unfinished(self) -> bool:
         """Whether `step` has more to do or report (running, waiting, launched, or
         aborted requests whose final report is not out yet)."""

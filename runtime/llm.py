@@ -181,8 +181,7 @@ class LLM:
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel artifact (runtime/parallel.py; also
         done when the process exits). The LLM cannot generate after this."""
-        from .parallel import shutdown
-        shutdown()
+        self.engine.close()
 
     def __enter__(self) -> "LLM":
         return self

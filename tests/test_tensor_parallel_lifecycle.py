@@ -1,0 +1,165 @@
+"""A tensor-parallel group over its life (runtime/parallel.py, runtime/parallel_start.py):
+ranks that fail while it starts, engines opened and closed in one process, stopping the
+ranks from `braze serve` and on Ctrl-C. Two ranks of the tiny Llama, gloo, reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from braze.ir.errors import BrazeError
+
+from conftest import PROMPT
+
+OPTS = dict(backend="reference", num_kv_blocks=16)
+
+
+def _greedy(llm, n=3):
+    from braze.runtime import SamplingParams
+    outs = llm.generate([PROMPT[:7], PROMPT[4:9]], SamplingParams(max_tokens=n, temperature=0.0,
+                                                                   ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def arts(store):
+    return (store.artifact("llama", opt_level=2),
+            store.artifact("llama", opt_level=2, tensor_parallel_size=2))
+
+
+def _started_groups(monkeypatch):
+    """Every group rank 0 starts from here on (to look at its ranks after it is gone)."""
+    from braze.runtime import parallel_start
+    seen, start = [], parallel_start.start_local
+
+    def spy(*a, **k):
+        seen.append(start(*a, **k))
+        return seen[-1]
+    monkeypatch.setattr(parallel_start, "start_local", spy)
+    return seen
+
+
+def test_engines_opened_one_after_another_in_one_process(arts, monkeypatch, capfd):
+    """An engine that fails after its ranks started stops them cleanly (they wait for its
+    settings; a stop header there made gloo abort them); a second engine on the ranks of an
+    open one is refused, and the first keeps its ranks; closing a one-rank LLM leaves
+    another LLM's ranks alone; a closed LLM says so."""
+    from braze.runtime import LLM
+    one_rank, two_ranks = arts
+    one = LLM(one_rank, **OPTS)
+    want = _greedy(one)
+    groups = _started_groups(monkeypatch)
+    with pytest.raises(BrazeError, match="max_num_seqs=100000 exceeds"):
+        LLM(two_ranks, max_num_seqs=100000, **OPTS)
+    assert [p.exitcode for p in groups[0].procs] == [0]
+    with LLM(two_ranks, **OPTS) as llm:
+        with pytest.raises(BrazeError, match=r"already runs tensor-parallel artifact .* close "
+                                             r"that one first"):
+            LLM(two_ranks, **OPTS)
+        one.close()
+        assert _greedy(llm) == want
+    with pytest.raises(BrazeError, match="group was closed"):
+        _greedy(llm)
+    assert [p.exitcode for p in groups[1].procs] == [0]
+    err = capfd.readouterr().err            # the ranks write to this process's stderr
+    assert "Traceback" not in err and "terminate called" not in err, err[-2000:]
+
+
+def test_an_engine_dropped_without_close_gives_its_ranks_to_the_next(arts):
+    from braze.runtime import LLM, parallel
+    llm = LLM(arts[1], **OPTS)
+    want = _greedy(llm)
+    (first,) = parallel.current_group().procs
+    del llm
+    with LLM(arts[1], **OPTS) as again:
+        assert _greedy(again) == want
+    assert first.exitcode == 0
+
+
+def test_a_rank_that_dies_while_starting_is_named_at_once(arts, tmp_path):
+    """A script without a __main__ guard: spawn imports it again in rank 1, whose LLM
+    fails there. Rank 0 names the rank and why, not a rendezvous timeout (300 s here)."""
+    script = tmp_path / "noguard.py"
+    script.write_text(textwrap.dedent(f"""
+        import braze
+        llm = braze.LLM({str(arts[1])!r}, backend="reference", num_kv_blocks=16)
+        print("generated", llm.generate([[1, 2, 3]])[0].token_ids)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=200, cwd=tmp_path)
+    assert r.returncode != 0 and "generated" not in r.stdout
+    assert "tensor-parallel rank 1" in r.stderr and "exited with code 1 while starting" in \
+        r.stderr and "__main__" in r.stderr, r.stderr[-3000:]
+    assert "Timed out" not in r.stderr
+
+
+def test_a_rank_that_fails_loading_reports_its_error(arts, tmp_path):
+    """Rank 1's weight file is damaged after rank 0 checked the artifact: rank 0's LLM
+    fails naming the rank and its error, before any collective waits on it."""
+    import shutil
+
+    from braze.runtime import LLM, open_artifact
+    root = tmp_path / "a.braze"
+    shutil.copytree(arts[1], root)
+    art = open_artifact(root)
+    (f,) = art.manifest["weights"]["ranks"][1]["files"]
+    (root / f).write_bytes(b"not safetensors")
+    with pytest.raises(BrazeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with code "
+                                         r"1 while loading its weights: .*cannot be read"):
+        LLM(art, **OPTS)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_ctrl_c_stops_every_rank_without_tracebacks(arts):
+    """Ctrl-C (SIGINT to the terminal's process group) while `braze generate` runs: one
+    "interrupted" from rank 0, which stops rank 1; no rank prints a traceback."""
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "braze", "generate", str(arts[1]),
+                          "--prompt-ids", "1,2,3", "--max-tokens", "200", "-n", "64",
+                          "--ignore-eos", "--backend", "reference", "--num-kv-blocks", "900"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        ranks = []
+        deadline = time.monotonic() + 120
+        while not ranks and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ranks = [c for c in _children(p.pid) if "spawn_main" in
+                     open(f"/proc/{c}/cmdline").read()]
+        assert ranks, "rank 1 did not start"
+        time.sleep(4)                   # well into its start or its steps
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and "braze: interrupted" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert _gone(ranks[0])
+
