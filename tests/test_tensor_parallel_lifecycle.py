@@ -135,6 +135,25 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def test_serve_tells_its_ranks_to_stop(arts, tmp_path):
+    """SIGTERM drains and stops `braze serve`; rank 1 is told to stop, rather than finding
+    rank 0 gone (a gloo traceback, exit status 1: a failure under torchrun)."""
+    from serve_helpers import MODEL, Server
+    s = Server(arts[1], tmp_path, "--num-kv-blocks", "16")
+    try:
+        assert s.http.get("/health").json()["tensor_parallel"]["size"] == 2
+        ranks = [p for p in _children(s.proc.pid) if "spawn_main" in
+                 open(f"/proc/{p}/cmdline").read()]
+        assert len(ranks) == 1
+        s.client.completions.create(model=MODEL, prompt=PROMPT[:5], max_tokens=2)
+    finally:
+        rc = s.stop()
+    assert rc == 0
+    err = s.stderr()
+    assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
+    assert _gone(ranks[0])
+
+
 def test_ctrl_c_stops_every_rank_without_tracebacks(arts):
     """Ctrl-C (SIGINT to the terminal's process group) while `braze generate` runs: one
     "interrupted" from rank 0, which stops rank 1; no rank prints a traceback."""
