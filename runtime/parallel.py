@@ -238,7 +238,15 @@ def ensure_group(artifact, options) -> Group | None:
                              f"--nproc-per-node ... so that nodes x processes = {n})")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(_backend(device_type), rank=rank, world_size=n, timeout=timeout)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            dist.init_process_group(_backend(device_type), rank=rank, world_size=n,
+                                    timeout=timeout)
+        except Exception as e:      # the port taken on rank 0's host, or rank 0 not there
+            raise BrazeError(f"RANK={rank} could not join the {n}-rank tensor-parallel group at "
+                             f"MASTER_ADDR:MASTER_PORT {where} ({type(e).__name__}: "
+                             f"{str(e)[:300]}); rank 0 listens there: choose a port free on "
+                             f"its host, which every rank can reach") from None
         _GROUP = Group(rank, n, torchrun=True)
     else:
         from .parallel_start import start_local

@@ -182,3 +182,22 @@ def test_ctrl_c_stops_every_rank_without_tracebacks(arts):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert _gone(ranks[0])
 
+
+
+def test_a_launcher_port_in_use_is_named(arts, monkeypatch):
+    """torchrun-style variables whose MASTER_PORT another process holds: rank 0 cannot
+    listen there, and says so (it was an 'internal error')."""
+    import socket
+
+    from braze.runtime import LLM
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(BrazeError, match=rf"RANK=0 could not join the 2-rank "
+                                             rf"tensor-parallel group at MASTER_ADDR:MASTER_PORT "
+                                             rf"127.0.0.1:{port} .*address already in use"):
+            LLM(arts[1], **OPTS)
