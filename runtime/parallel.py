@@ -90,6 +90,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_group(device_type: str, **kw) -> None:
+    """dist.init_process_group for this device type. One that fails leaves torch's count of
+    group names raised (it names the group before the rendezvous), so the next group this
+    process joins would be named "1" while fresh ranks look for "0" and wait out the
+    timeout: put it back, as destroy_process_group does."""
+    try:
+        dist.init_process_group(_backend(device_type), **kw)
+    except BaseException:
+        if not dist.is_initialized():
+            from torch.distributed import distributed_c10d
+            distributed_c10d._world.group_count = 0
+        raise
+
+
 class Group:
     """This process's place in the tensor-parallel group (and the ranks it started)."""
 
@@ -196,6 +210,8 @@ class Group:
                 p.join(timeout=5)
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.store = None           # its listening socket, not kept for the process's life
+        atexit.unregister(self.close)
 
     device = torch.device("cpu")
     timeout_s = 0.0
@@ -240,8 +256,7 @@ def ensure_group(artifact, options) -> Group | None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
-            dist.init_process_group(_backend(device_type), rank=rank, world_size=n,
-                                    timeout=timeout)
+            init_group(device_type, rank=rank, world_size=n, timeout=timeout)
         except Exception as e:      # the port taken on rank 0's host, or rank 0 not there
             raise BrazeError(f"RANK={rank} could not join the {n}-rank tensor-parallel group at "
                              f"MASTER_ADDR:MASTER_PORT {where} ({type(e).__name__}: "

@@ -77,7 +77,7 @@ def start_local(artifact, options, n: int, device_type: str, timeout: datetime.t
     import torch.multiprocessing as mp
     from dataclasses import asdict
 
-    from .parallel import Group, _backend
+    from .parallel import Group, init_group
     if device_type == "cuda" and torch.cuda.device_count() < n:
         raise BrazeError(f"artifact {artifact.root} needs {n} GPUs (--tensor-parallel-size {n}); "
                          f"{torch.cuda.device_count()} are visible")
@@ -103,8 +103,7 @@ def start_local(artifact, options, n: int, device_type: str, timeout: datetime.t
         if device_type == "cuda":
             torch.cuda.set_device(0)
         await_ranks(group, "joined", "starting")
-        dist.init_process_group(_backend(device_type), store=store, rank=0, world_size=n,
-                                timeout=timeout)
+        init_group(device_type, store=store, rank=0, world_size=n, timeout=timeout)
     except BaseException as e:
         for p in procs:
             p.kill()
@@ -143,8 +142,8 @@ def worker_entry(rank, n, addr, port, root, options, device_type) -> None:
         mark(store, "joined", rank)
         if device_type == "cuda":
             torch.cuda.set_device(rank)
-        dist.init_process_group(parallel._backend(device_type), store=store, rank=rank,
-                                world_size=n, timeout=timeout)
+        parallel.init_group(device_type, store=store, rank=rank, world_size=n,
+                            timeout=timeout)
         parallel._GROUP = g = parallel.Group(rank, n)
         g.device = torch.device(device_type)
         from .loader import open_artifact

@@ -201,3 +201,7 @@ def test_a_launcher_port_in_use_is_named(arts, monkeypatch):
                                              rf"tensor-parallel group at MASTER_ADDR:MASTER_PORT "
                                              rf"127.0.0.1:{port} .*address already in use"):
             LLM(arts[1], **OPTS)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k)
+    with LLM(arts[1], **OPTS) as llm:      # the failed start left nothing behind
+        assert len(_greedy(llm)[0]) == 3
