@@ -90,6 +90,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_device_type(artifact, options) -> str:
+    """Where the ranks run ("cuda": rank r on its own GPU, NCCL; "cpu": gloo): where the
+    executor puts the tensors, from the backend and device it resolves (an `auto` backend
+    without a launch plan, or `--device cpu`, runs on the CPU even on a GPU host)."""
+    from .executor import resolve_backend, resolve_device
+    backend = resolve_backend(options.backend, has_plan="plan" in artifact.manifest)
+    device = resolve_device(options.device, backend)
+    if device.type == "cuda" and device.index is not None:
+        raise BrazeError(f"device {options.device!r}: a tensor-parallel artifact puts each "
+                         f"rank on its own GPU (rank r on cuda:r, or LOCAL_RANK's under "
+                         f"torchrun); give --device cuda, or leave it out (choose the GPUs "
+                         f"with CUDA_VISIBLE_DEVICES)")
+    return device.type
+
+
 def init_group(device_type: str, **kw) -> None:
     """dist.init_process_group for this device type. One that fails leaves torch's count of
     group names raised (it names the group before the rendezvous), so the next group this
@@ -238,8 +253,7 @@ def ensure_group(artifact, options) -> Group | None:
                                       if _GROUP.torchrun else ""))
         shutdown()              # the engine it ran for is gone: start afresh
     timeout = datetime.timedelta(seconds=options.collective_timeout_s)
-    device_type = "cuda" if options.backend in ("cuda", "auto") and torch.cuda.is_available() \
-        else "cpu"
+    device_type = group_device_type(artifact, options)
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != n:

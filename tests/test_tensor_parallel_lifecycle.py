@@ -205,3 +205,27 @@ def test_a_launcher_port_in_use_is_named(arts, monkeypatch):
         monkeypatch.delenv(k)
     with LLM(arts[1], **OPTS) as llm:      # the failed start left nothing behind
         assert len(_greedy(llm)[0]) == 3
+
+
+def test_the_ranks_run_where_the_executor_puts_the_tensors(arts, monkeypatch):
+    """On a (pretended) host of 2 GPUs: the reference backend, or --device cpu, runs the
+    ranks on the CPU (gloo), not NCCL over CPU tensors; a GPU index, which would put every
+    rank on that one GPU, is refused."""
+    import torch
+
+    from braze.runtime import open_artifact
+    from braze.runtime.options import EngineOptions
+    from braze.runtime.parallel import group_device_type
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    art = open_artifact(arts[1])
+    assert "plan" in art.manifest
+    where = {(b, d): group_device_type(art, EngineOptions(backend=b, device=d))
+             for b, d in [("auto", None), ("cuda", None), ("cuda", "cuda"), ("reference", None),
+                          ("reference", "cpu"), ("interpret", None), ("reference", "cuda")]}
+    assert where == {("auto", None): "cuda", ("cuda", None): "cuda", ("cuda", "cuda"): "cuda",
+                     ("reference", None): "cpu", ("reference", "cpu"): "cpu",
+                     ("interpret", None): "cpu", ("reference", "cuda"): "cuda"}
+    with pytest.raises(BrazeError, match=r"device 'cuda:1': a tensor-parallel artifact puts "
+                                         r"each rank on its own GPU"):
+        group_device_type(art, EngineOptions(backend="cuda", device="cuda:1"))
