@@ -229,3 +229,12 @@ def test_the_ranks_run_where_the_executor_puts_the_tensors(arts, monkeypatch):
     with pytest.raises(BrazeError, match=r"device 'cuda:1': a tensor-parallel artifact puts "
                                          r"each rank on its own GPU"):
         group_device_type(art, EngineOptions(backend="cuda", device="cuda:1"))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), 1e20, float("nan"), 0, -1, True])
+def test_a_collective_timeout_torch_cannot_take_is_refused_by_name(bad):
+    """inf ("no timeout") and 1e20 reached torch.distributed's timedelta as an
+    OverflowError from the group's start."""
+    from braze.runtime.options import EngineOptions
+    with pytest.raises(BrazeError, match="collective_timeout_s must be a positive number"):
+        EngineOptions(collective_timeout_s=bad)
