@@ -68,10 +68,14 @@ def tensor_parallel_size(manifest: dict) -> int:
     return int((manifest.get("parallel") or {}).get("tensor_parallel_size", 1))
 
 
+def launcher_world_size() -> int:
+    """WORLD_SIZE where a launcher (torchrun) set its variables, else 1."""
+    return int(os.environ["WORLD_SIZE"]) if all(v in os.environ for v in _TORCHRUN_VARS) else 1
+
+
 def torchrun_follower() -> bool:
     """Whether this process is a rank > 0 started by torchrun (it serves nothing itself)."""
-    return all(v in os.environ for v in _TORCHRUN_VARS) and os.environ["RANK"] != "0" \
-        and int(os.environ["WORLD_SIZE"]) > 1
+    return launcher_world_size() > 1 and os.environ["RANK"] != "0"
 
 
 def current_rank() -> int:

@@ -238,3 +238,18 @@ def test_a_collective_timeout_torch_cannot_take_is_refused_by_name(bad):
     from braze.runtime.options import EngineOptions
     with pytest.raises(BrazeError, match="collective_timeout_s must be a positive number"):
         EngineOptions(collective_timeout_s=bad)
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt-ids", "1,2,3"], ["serve"]])
+def test_torchrun_with_an_artifact_of_one_rank_is_refused(arts, command):
+    """Every torchrun process runs the command: with a one-rank artifact each ran the whole
+    model (generate printed its output once per process; serve's rank 1 loaded it, then
+    left), where the user meant it split."""
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    r = subprocess.run([sys.executable, "-m", "braze", command[0], str(arts[0]), *command[1:],
+                        "--backend", "reference"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode != 0 and not r.stdout
+    assert "WORLD_SIZE=2 (torchrun) but artifact" in r.stderr and \
+        "--tensor-parallel-size 2" in r.stderr, r.stderr[-2000:]
