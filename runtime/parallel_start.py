@@ -154,6 +154,7 @@ def worker_entry(rank, n, addr, port, root, options, device_type) -> None:
         sys.stderr.flush()
         # told to stop, group left: skip the interpreter's teardown, whose C++ destructors
         # (torch.distributed's threads) sometimes abort a rank that did nothing wrong
+        # ('terminate called without an active exception')
         os._exit(0)
     except Exception as e:
         msg = str(e) if isinstance(e, BrazeError) else f"{type(e).__name__}: {e}"
@@ -167,4 +168,5 @@ def worker_entry(rank, n, addr, port, root, options, device_type) -> None:
         if not msg.startswith(f"tensor-parallel rank {rank}"):
             msg = f"tensor-parallel rank {rank}: {msg}"
         print(f"braze: error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.stdout.flush()
+        os._exit(1)             # no teardown: it aborts a rank whose peer went away

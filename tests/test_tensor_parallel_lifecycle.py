@@ -253,3 +253,24 @@ def test_torchrun_with_an_artifact_of_one_rank_is_refused(arts, command):
     assert r.returncode != 0 and not r.stdout
     assert "WORLD_SIZE=2 (torchrun) but artifact" in r.stderr and \
         "--tensor-parallel-size 2" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_rank_that_loses_rank_0_says_so_in_one_line(arts, tmp_path):
+    """Rank 0 killed between steps: rank 1 finds its peer gone and says so, one line, no
+    gloo traceback and no abort from the interpreter's teardown."""
+    script = tmp_path / "die.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, braze
+        if __name__ == "__main__":
+            llm = braze.LLM({str(arts[1])!r}, backend="reference", num_kv_blocks=16)
+            print("generated", llm.generate([[1, 2, 3]])[0].token_ids, flush=True)
+            os.kill(os.getpid(), 9)
+    """))
+    # the pipes close once rank 1, which shares them, has exited too
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=200, cwd=tmp_path)
+    assert r.returncode == -9 and "generated" in r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if "tensor-parallel rank 1" in ln]
+    assert len(lines) == 1 and lines[0].startswith("braze: error: tensor-parallel rank 1 "
+                                                   "stops: ") and "rank 0 exited" in lines[0]
+    assert "Traceback" not in r.stderr and "terminate called" not in r.stderr, r.stderr[-2000:]
