@@ -134,6 +134,7 @@ class Group:
         # first, for step headers after), and whether a step or command is under way (a
         # failure inside one leaves them in a collective: close() then ends them instead)
         self.configured = self.busy = False
+        self.broken: str | None = None  # rank 0: why a step or command failed part way
         self.owner = None               # rank 0: weakref to the LeaderGraphs running on it
         self.root = None                # the artifact it was started for
         self.store = None               # the ranks it started: their rendezvous store
@@ -141,9 +142,19 @@ class Group:
     @contextlib.contextmanager
     def talking(self):
         """Rank 0: a step or command the other ranks follow to its end. An exception inside
-        (a peer gone, Ctrl-C) leaves `busy` set, so close() does not send them more."""
+        (a peer gone, the collective timeout, Ctrl-C) leaves `busy` set, so close() does not
+        send them more, and the group broken: the others may still be inside that step, so
+        no later one can be sent."""
+        if self.broken is not None:
+            raise BrazeError(f"an earlier step of this tensor-parallel group failed part way "
+                             f"({self.broken}); its ranks cannot follow another: close it "
+                             f"(LLM.close()) and open the artifact again")
         self.busy = True
-        yield
+        try:
+            yield
+        except BaseException as e:
+            self.broken = f"{type(e).__name__}: {str(e)[:200]}"
+            raise
         self.busy = False
 
     def send(self, *cmd) -> None:
@@ -533,8 +544,13 @@ class LeaderGraphs:
     def __init__(self, inner, group: Group, num_kv_blocks: int):
         self.inner, self.group = inner, group
         self.static = inner.static
-        with group.talking():
-            self._configure(inner, group, num_kv_blocks)
+        try:
+            with group.talking():
+                self._configure(inner, group, num_kv_blocks)
+        except BrazeError:
+            raise
+        except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
+            raise BrazeError(_failure(group, e)) from None
         group.owner = weakref.ref(self)
 
     @staticmethod
@@ -542,6 +558,10 @@ class LeaderGraphs:
         """Send the other ranks this runner's settings, then wait (watching the ranks it
         started) until each has loaded its weights: a rank that fails there ends this with
         its error, before the collectives of capture would wait on it."""
+        from .parallel_start import await_ranks
+        # the ranks it started open the artifact first (seconds, more than a short
+        # collective timeout allows a collective to wait)
+        await_ranks(group, "opened", "opening the artifact")
         group.configured = True
         dist.broadcast_object_list([{
             "backend": inner.executor.backend, "max_num_tokens": inner.max_num_tokens,
@@ -550,7 +570,6 @@ class LeaderGraphs:
             "cache_blocks": {n: int(t.shape[0]) for n, t in inner.executor.cache.tensors.items()},
             "cache_shared": inner.executor.cache.shared,
             "buckets": list(inner.buckets), "mode": inner.mode, "debug": inner.debug}], 0)
-        from .parallel_start import await_ranks
         await_ranks(group, "ready", "loading its weights")
 
     def __getattr__(self, name):

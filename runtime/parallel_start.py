@@ -2,7 +2,8 @@
 
 Rank 0 (the engine's process) opens the rendezvous store itself, on a port the system
 picks, and starts ranks 1..N-1 with torch.multiprocessing (spawn). Each rank marks the
-store as it gets further: `joined` (connected, about to join the process group), `ready`
+store as it gets further: `joined` (connected, about to join the process group),
+`opened` (the artifact opened and checked: it waits for rank 0's runner settings), `ready`
 (weights loaded, KV cache sized; rank 0 waits for it before the collectives of capture),
 and `failed` (its error, when it cannot go on). Rank 0 waits for each stage polling the
 store and watching the processes, so a rank that dies on the way (an exception at start,
@@ -47,14 +48,22 @@ def reported_error(store, rank: int) -> str | None:
         return None
 
 
+# how long rank 0 waits for a live rank to start or load its weights (a large model's
+# shards from a slow disk take minutes); a rank that exits ends the wait at once, and a
+# collective timeout set short to catch hung steps does not cut a long load short
+START_TIMEOUT_S = 1800.0
+
+
 def await_ranks(group, stage: str, doing: str) -> None:
     """Rank 0 of the ranks it started: wait until every other rank has reached `stage`
     (a no-op under torchrun, whose launcher watches its processes). A rank that exits
-    first ends this with its exit code and error; so does the collective timeout."""
+    first ends this with its exit code and error; so does START_TIMEOUT_S, or the
+    collective timeout where that is longer."""
     if group.store is None:
         return
     keys = [f"braze/{stage}/{r}" for r in range(1, group.size)]
-    deadline = time.monotonic() + group.timeout_s
+    limit = max(group.timeout_s, START_TIMEOUT_S)
+    deadline = time.monotonic() + limit
     while not group.store.check(keys):
         for r, p in enumerate(group.procs, start=1):
             if p.exitcode is not None:
@@ -67,8 +76,7 @@ def await_ranks(group, stage: str, doing: str) -> None:
             waiting = [r for r in range(1, group.size)
                        if not group.store.check([f"braze/{stage}/{r}"])]
             raise BrazeError(f"tensor-parallel rank(s) {waiting} did not finish {doing} within "
-                             f"the collective timeout ({group.timeout_s:g} s, "
-                             f"--collective-timeout)")
+                             f"{limit:g} s")
         time.sleep(0.02)
 
 
@@ -149,6 +157,7 @@ def worker_entry(rank, n, addr, port, root, options, device_type) -> None:
         from .loader import open_artifact
         art = open_artifact(root, check_hashes=False, trusted_keys=opts.trusted_keys,
                             trust_artifact=opts.trust_artifact)
+        mark(store, "opened", rank)
         parallel.follow(art, opts, store)
         sys.stdout.flush()
         sys.stderr.flush()

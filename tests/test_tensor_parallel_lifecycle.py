@@ -274,3 +274,24 @@ def test_a_rank_that_loses_rank_0_says_so_in_one_line(arts, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("braze: error: tensor-parallel rank 1 "
                                                    "stops: ") and "rank 0 exited" in lines[0]
     assert "Traceback" not in r.stderr and "terminate called" not in r.stderr, r.stderr[-2000:]
+
+
+def test_after_a_step_cut_short_the_next_is_refused(arts):
+    """Ctrl-C in a notebook while rank 0 runs its part of a step (rank 1 is inside it, at
+    its first all-reduce): the next generate would send its header into that step (a gloo
+    mismatch); it is refused, and closing ends the rank, which cannot be told."""
+    from braze.runtime import LLM, parallel
+    with LLM(arts[1], **OPTS) as llm:
+        (proc,) = parallel.current_group().procs
+        runner = llm.engine.runner.graphs.inner
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+        runner.run = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            _greedy(llm)
+        del runner.run
+        with pytest.raises(BrazeError, match="an earlier step of this tensor-parallel group "
+                                             "failed part way .*KeyboardInterrupt.* close it"):
+            _greedy(llm)
+    assert proc.exitcode is not None
