@@ -110,6 +110,7 @@ def cmd_generate(a) -> int:
         a.prompt = _read_prompt(a.prompt_file)
     params = _sampling(a)
     params.validate()
+    _check_launcher(a.artifact)
     lora = None
     if a.lora is not None:
         from braze.runtime.lora import LoRARequest
@@ -136,6 +137,25 @@ def _print_outputs(a, out) -> None:
         else:
             print(o.text if o.text is not None else " ".join(map(str, o.token_ids)),
                   flush=True)
+
+
+def _check_launcher(path) -> None:
+    """Under torchrun every process runs the command: WORLD_SIZE > 1 with an artifact of
+    one rank would run the whole model in each (generate printing it N times; serve's other
+    ranks loading it for nothing), where the user meant it split over them."""
+    from braze.artifact import read_manifest
+    from braze.runtime.parallel import launcher_world_size, tensor_parallel_size
+    world = launcher_world_size()
+    if world == 1:
+        return
+    try:
+        manifest = read_manifest(Path(path))
+    except Exception:       # opening the artifact says what is wrong with it
+        return
+    if tensor_parallel_size(manifest) == 1:
+        raise BrazeError(f"WORLD_SIZE={world} (torchrun) but artifact {path} was compiled for "
+                         f"one rank: compile it with --tensor-parallel-size {world} to split "
+                         f"it over the {world} processes, or run it without torchrun")
 
 
 def _read_prompt(path: str) -> str:
@@ -170,6 +190,7 @@ def cmd_serve(a) -> int:
     except ImportError as e:
         raise BrazeError(f"`braze serve` needs fastapi and uvicorn ({e}); "
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
+    _check_launcher(a.artifact)
     rc = serve(a.artifact, _engine_options(a), _server_options(a))
     # the server has drained and stopped: skip the interpreter's teardown of torch, triton
     # and the engine thread, which took a second or more after "stopped" (a supervisor

@@ -61,8 +61,6 @@ class Engine(EngineLoRA):
             if not had_group:       # the tensor-parallel ranks this engine started: stop them
                 parallel.shutdown()
             raise
-        # the tensor-parallel ranks this engine started, which `close` stops
-        self._owns_group = not had_group and parallel.current_group() is not None
 
     def _build(self, opts: EngineOptions, progress) -> None:
         self.runner = ModelRunner(self.artifact, opts, progress=progress)
@@ -299,15 +297,15 @@ class Engine(EngineLoRA):
     def close(self) -> None:
         """Shutdown: the KV tiers' writes in flight land (within a bound: KVOffload.close),
         so the next process serving this artifact finds them, and the tensor-parallel
-        ranks this engine started stop (each closing its own tiers). The engine runs
-        nothing after this."""
+        ranks this engine runs on stop (each closing its own tiers; runtime/parallel.py,
+        also done when the process exits; a no-op at one rank). The engine runs nothing
+        after this."""
         try:
             if self.offload is not None:
                 self.offload.close()
         finally:
-            if self._owns_group:
-                self._owns_group = False
-                parallel.shutdown()
+            if self.runner.group is not None:
+                parallel.shutdown(self.runner.group)
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every prompt prefix the device's cache holds (benchmarks, a cache

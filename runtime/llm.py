@@ -207,14 +207,10 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def close(self) -> None:
-        """Finish the KV tiers' writes in flight (Engine.close) and stop the other ranks of
-        a tensor-parallel artifact (runtime/parallel.py; also done when the process exits).
-        The LLM cannot generate after this."""
-        from .parallel import shutdown
-        try:
-            self.engine.close()
-        finally:
-            shutdown()
+        """Finish the KV tiers' writes in flight and stop the other ranks of a
+        tensor-parallel artifact (Engine.close; also done when the process exits). The LLM
+        cannot generate after this."""
+        self.engine.close()
 
     def __enter__(self) -> "LLM":
         return self

@@ -33,7 +33,7 @@ class ModelRunner:
                  window_freeing: bool = True):
         limits = artifact.limits
         # a tensor-parallel artifact: join or start its ranks (runtime/parallel.py)
-        group = parallel.ensure_group(artifact, options)
+        self.group = group = parallel.ensure_group(artifact, options)
         if group is not None and group.rank != 0:       # torchrun: ranks > 0 follow rank 0
             parallel.follow(artifact, options)
             raise SystemExit(0)

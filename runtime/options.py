@@ -81,9 +81,11 @@ class EngineOptions:
             raise BrazeError(f"gpu_memory_utilization must be a fraction of the GPU's memory "
                              f"in (0, 1], got {v!r}")
         v = self.collective_timeout_s
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise BrazeError(f"collective_timeout_s must be a positive number of seconds, "
-                             f"got {v!r}")
+        # finite: torch.distributed takes it as a timedelta (inf or 1e20 overflowed there)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1e9:
+            raise BrazeError(f"collective_timeout_s must be a positive number of seconds, at "
+                             f"most 1e9 (there is no 'no timeout': a rank that died would "
+                             f"hang the run), got {v!r}")
         if self.kv_offload_dir and self.kv_offload_s3:
             raise BrazeError("choose one lower KV tier: kv_offload_dir or kv_offload_s3, "
                              "not both")

@@ -12,7 +12,7 @@ of their own, the call's inputs, then every rank runs the sharded MTP graph.
 How the ranks start:
 
 - one host, no launcher: the engine's process becomes rank 0 and starts ranks 1..N-1
-  with torch.multiprocessing (spawn) on a free local port;
+  with torch.multiprocessing (spawn), watching them as they start (runtime/parallel_start.py);
 - torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
   MASTER_PORT): every process runs the same command; rank 0 serves, the other ranks
   follow its steps and exit when it stops. WORLD_SIZE must equal the artifact's
@@ -33,16 +33,20 @@ collects one small answer from each rank (an all-gather), e.g. how many blocks i
 Failures end the run with a message, never a hang: before each step rank 0 checks that
 the ranks it started are alive, and every collective has the group's timeout
 (`EngineOptions.collective_timeout_s`), after which it raises in every surviving rank.
+Stopping: rank 0 tells the others (Group.close) between steps; a step cut short (Ctrl-C,
+a failure) leaves them inside it, so those it started are terminated instead.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import json
 import logging
 import os
 import socket
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -64,10 +68,14 @@ def tensor_parallel_size(manifest: dict) -> int:
     return int((manifest.get("parallel") or {}).get("tensor_parallel_size", 1))
 
 
+def launcher_world_size() -> int:
+    """WORLD_SIZE where a launcher (torchrun) set its variables, else 1."""
+    return int(os.environ["WORLD_SIZE"]) if all(v in os.environ for v in _TORCHRUN_VARS) else 1
+
+
 def torchrun_follower() -> bool:
     """Whether this process is a rank > 0 started by torchrun (it serves nothing itself)."""
-    return all(v in os.environ for v in _TORCHRUN_VARS) and os.environ["RANK"] != "0" \
-        and int(os.environ["WORLD_SIZE"]) > 1
+    return launcher_world_size() > 1 and os.environ["RANK"] != "0"
 
 
 def current_rank() -> int:
@@ -79,10 +87,40 @@ def _backend(device_type: str) -> str:
 
 
 def _free_port() -> int:
-    # only to choose a port for torch.distributed's own rendezvous (TCPStore)
+    # a port free now (the tests' torchrun runs take one); the ranks braze starts itself
+    # let the system pick their rendezvous port (runtime/parallel_start.py)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_device_type(artifact, options) -> str:
+    """Where the ranks run ("cuda": rank r on its own GPU, NCCL; "cpu": gloo): where the
+    executor puts the tensors, from the backend and device it resolves (an `auto` backend
+    without a launch plan, or `--device cpu`, runs on the CPU even on a GPU host)."""
+    from .executor import resolve_backend, resolve_device
+    backend = resolve_backend(options.backend, has_plan="plan" in artifact.manifest)
+    device = resolve_device(options.device, backend)
+    if device.type == "cuda" and device.index is not None:
+        raise BrazeError(f"device {options.device!r}: a tensor-parallel artifact puts each "
+                         f"rank on its own GPU (rank r on cuda:r, or LOCAL_RANK's under "
+                         f"torchrun); give --device cuda, or leave it out (choose the GPUs "
+                         f"with CUDA_VISIBLE_DEVICES)")
+    return device.type
+
+
+def init_group(device_type: str, **kw) -> None:
+    """dist.init_process_group for this device type. One that fails leaves torch's count of
+    group names raised (it names the group before the rendezvous), so the next group this
+    process joins would be named "1" while fresh ranks look for "0" and wait out the
+    timeout: put it back, as destroy_process_group does."""
+    try:
+        dist.init_process_group(_backend(device_type), **kw)
+    except BaseException:
+        if not dist.is_initialized():
+            from torch.distributed import distributed_c10d
+            distributed_c10d._world.group_count = 0
+        raise
 
 
 class Group:
@@ -92,6 +130,32 @@ class Group:
         self.rank, self.size, self.procs, self.torchrun = rank, size, list(procs), torchrun
         self.closed = False
         self.commands: list = []        # rank 0: KV offload commands not yet sent
+        # rank 0: whether the other ranks have their runner settings (they wait for those
+        # first, for step headers after), and whether a step or command is under way (a
+        # failure inside one leaves them in a collective: close() then ends them instead)
+        self.configured = self.busy = False
+        self.broken: str | None = None  # rank 0: why a step or command failed part way
+        self.owner = None               # rank 0: weakref to the LeaderGraphs running on it
+        self.root = None                # the artifact it was started for
+        self.store = None               # the ranks it started: their rendezvous store
+
+    @contextlib.contextmanager
+    def talking(self):
+        """Rank 0: a step or command the other ranks follow to its end. An exception inside
+        (a peer gone, the collective timeout, Ctrl-C) leaves `busy` set, so close() does not
+        send them more, and the group broken: the others may still be inside that step, so
+        no later one can be sent."""
+        if self.broken is not None:
+            raise BrazeError(f"an earlier step of this tensor-parallel group failed part way "
+                             f"({self.broken}); its ranks cannot follow another: close it "
+                             f"(LLM.close()) and open the artifact again")
+        self.busy = True
+        try:
+            yield
+        except BaseException as e:
+            self.broken = f"{type(e).__name__}: {str(e)[:200]}"
+            raise
+        self.busy = False
 
     def send(self, *cmd) -> None:
         """Rank 0: queue a command (JSON-able) for the other ranks' KV offload."""
@@ -112,8 +176,9 @@ class Group:
         if payload is None:
             return
         try:
-            dist.broadcast(_header(kind, 0, 0, 0, 0, self.device, payload.numel()), 0)
-            dist.broadcast(payload, 0)
+            with self.talking():
+                dist.broadcast(_header(kind, 0, 0, 0, 0, self.device, payload.numel()), 0)
+                dist.broadcast(payload, 0)
         except Exception as e:
             raise BrazeError(_failure(self, e)) from None
 
@@ -125,34 +190,58 @@ class Group:
         mine = torch.zeros(reply_len, dtype=torch.float64, device=self.device)
         out = [torch.empty_like(mine) for _ in range(self.size)]
         try:
-            dist.all_gather(out, mine)
+            with self.talking():
+                dist.all_gather(out, mine)
         except Exception as e:
             raise BrazeError(_failure(self, e)) from None
         return [t.tolist() for t in out[1:]]
 
     def check_alive(self) -> None:
+        if self.closed:
+            raise BrazeError("this tensor-parallel group was closed (LLM.close(), or its engine "
+                             "stopped); open the artifact again to generate")
         for r, p in enumerate(self.procs, start=1):
             if p.exitcode is not None:
-                raise BrazeError(f"tensor-parallel rank {r} (pid {p.pid}) exited with code "
-                                 f"{p.exitcode}; the run cannot continue without it")
+                raise BrazeError(self.exited(r, p))
+
+    def exited(self, r: int, p, doing: str = "") -> str:
+        """Why rank `r` (process `p`, which exited) stopped the run, with the error it
+        reported, if it could."""
+        from .parallel_start import reported_error
+        err = reported_error(self.store, r)
+        return (f"tensor-parallel rank {r} (pid {p.pid}) exited with code {p.exitcode}"
+                + (f" while {doing}" if doing else "") + (f": {err}" if err else "")
+                + "; the run cannot continue without it")
 
     def close(self) -> None:
-        """Tell the other ranks to stop, then leave the group (rank 0)."""
+        """Tell the other ranks to stop, then leave the group (rank 0). Ranks it started
+        that cannot be told (a step cut short, a rank gone) are terminated."""
         if self.closed:
             return
         self.closed = True
-        if dist.is_initialized():
+        told = False
+        if dist.is_initialized() and not self.busy and all(p.exitcode is None
+                                                            for p in self.procs):
             try:
-                if all(p.exitcode is None for p in self.procs):
+                if self.configured:
                     dist.broadcast(_header(_STOP, 0, 0, 0, 0, self.device), 0)
+                else:           # they still wait for their runner settings (follow)
+                    dist.broadcast_object_list([None], 0)
+                told = True
             except Exception:        # a rank already gone: nothing left to tell
                 pass
         for p in self.procs:
-            p.join(timeout=10)
+            p.join(timeout=10 if told else 0)
+            if p.exitcode is None:
+                p.terminate()
+                p.join(timeout=5)
             if p.exitcode is None:
                 p.kill()
+                p.join(timeout=5)
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.store = None           # its listening socket, not kept for the process's life
+        atexit.unregister(self.close)
 
     device = torch.device("cpu")
     timeout_s = 0.0
@@ -169,13 +258,17 @@ def ensure_group(artifact, options) -> Group | None:
     if n == 1:
         return None
     if _GROUP is not None and not _GROUP.closed:
-        if _GROUP.size != n:
-            raise BrazeError(f"this process already runs a tensor-parallel group of "
-                             f"{_GROUP.size} ranks; artifact {artifact.root} needs {n}")
-        return _GROUP
+        if _engine_of(_GROUP) is not None or _GROUP.torchrun:
+            # its ranks follow that engine's steps: a second engine's would mix with them
+            raise BrazeError(
+                f"this process already runs tensor-parallel artifact {_GROUP.root} on its "
+                f"{_GROUP.size} ranks, for an LLM or engine still open; close that one first "
+                f"(LLM.close(), or open it with `with braze.LLM(...)`) before opening "
+                f"{artifact.root}" + (" (under torchrun, one engine per run)"
+                                      if _GROUP.torchrun else ""))
+        shutdown()              # the engine it ran for is gone: start afresh
     timeout = datetime.timedelta(seconds=options.collective_timeout_s)
-    device_type = "cuda" if options.backend in ("cuda", "auto") and torch.cuda.is_available() \
-        else "cpu"
+    device_type = group_device_type(artifact, options)
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != n:
@@ -190,10 +283,19 @@ def ensure_group(artifact, options) -> Group | None:
                              f"--nproc-per-node ... so that nodes x processes = {n})")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(_backend(device_type), rank=rank, world_size=n, timeout=timeout)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            init_group(device_type, rank=rank, world_size=n, timeout=timeout)
+        except Exception as e:      # the port taken on rank 0's host, or rank 0 not there
+            raise BrazeError(f"RANK={rank} could not join the {n}-rank tensor-parallel group at "
+                             f"MASTER_ADDR:MASTER_PORT {where} ({type(e).__name__}: "
+                             f"{str(e)[:300]}); rank 0 listens there: choose a port free on "
+                             f"its host, which every rank can reach") from None
         _GROUP = Group(rank, n, torchrun=True)
     else:
-        _GROUP = _start_local(artifact, options, n, device_type, timeout)
+        from .parallel_start import start_local
+        _GROUP = start_local(artifact, options, n, device_type, timeout)
+    _GROUP.root = artifact.root
     _GROUP.device = torch.device(device_type)
     _GROUP.timeout_s = options.collective_timeout_s
     if _GROUP.rank == 0:
@@ -222,57 +324,25 @@ def current_group() -> Group | None:
     return _GROUP if _GROUP is not None and not _GROUP.closed else None
 
 
-def shutdown() -> None:
-    """Rank 0: stop the group this process started or joined (a no-op without one)."""
+def shutdown(group: Group | None = None) -> None:
+    """Rank 0: stop `group`, by default the group this process started or joined (a no-op
+    without one, or for one already stopped)."""
     global _GROUP
-    g, _GROUP = _GROUP, None
+    g = _GROUP if group is None else group
+    if g is _GROUP:
+        _GROUP = None
     if g is not None and g.rank == 0:
         g.close()
 
 
-def _start_local(artifact, options, n: int, device_type: str, timeout) -> Group:
-    import torch.multiprocessing as mp
-    if device_type == "cuda" and torch.cuda.device_count() < n:
-        raise BrazeError(f"artifact {artifact.root} needs {n} GPUs (--tensor-parallel-size {n}); "
-                         f"{torch.cuda.device_count()} are visible")
-    addr, port = "127.0.0.1", _free_port()
-    ctx = mp.get_context("spawn")
-    procs = []
-    from dataclasses import asdict
-    for r in range(1, n):
-        p = ctx.Process(target=_worker_entry, daemon=True, name=f"braze-tp-rank{r}",
-                        args=(r, n, addr, port, str(artifact.root), asdict(options),
-                              device_type))
-        p.start()
-        procs.append(p)
-    if device_type == "cuda":
-        torch.cuda.set_device(0)
-    try:
-        dist.init_process_group(_backend(device_type), init_method=f"tcp://{addr}:{port}",
-                                rank=0, world_size=n, timeout=timeout)
-    except Exception as e:
-        for p in procs:
-            p.kill()
-        raise BrazeError(f"could not start the {n}-rank tensor-parallel group: {e}") from None
-    return Group(0, n, procs)
-
-
-def _worker_entry(rank, n, addr, port, root, options, device_type) -> None:
-    """A rank started by rank 0 on this host."""
-    from .options import EngineOptions
-    opts = EngineOptions(**options)
-    if device_type == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(_backend(device_type), init_method=f"tcp://{addr}:{port}",
-                            rank=rank, world_size=n,
-                            timeout=datetime.timedelta(seconds=opts.collective_timeout_s))
-    global _GROUP
-    _GROUP = Group(rank, n)
-    _GROUP.device = torch.device(device_type)
-    from .loader import open_artifact
-    art = open_artifact(root, check_hashes=False, trusted_keys=opts.trusted_keys,
-                        trust_artifact=opts.trust_artifact)
-    follow(art, opts)
+def _engine_of(g: Group):
+    """The LeaderGraphs `g` runs for, or None once its engine is gone (or not built yet)."""
+    if g.owner is None:
+        return None
+    if g.owner() is not None:
+        import gc
+        gc.collect()            # an LLM dropped without close() may sit in a cycle
+    return g.owner()
 
 
 def _header(cmd: int, n_tok: int, n_seq: int, decode_only: int, wide: int,
@@ -283,9 +353,23 @@ def _header(cmd: int, n_tok: int, n_seq: int, decode_only: int, wide: int,
     return upload_values([cmd, n_tok, n_seq, decode_only, wide, n_bytes], torch.int64, device)
 
 
-def follow(artifact, options) -> None:
+def follow(artifact, options, store=None) -> None:
     """Ranks > 0: build the same runner as rank 0 and replay every step it broadcasts,
-    until it says stop. A rank 0 that dies or hangs ends this with the collective timeout."""
+    until it says stop. A rank 0 that dies or hangs ends this with a BrazeError (at once,
+    or at the collective timeout). `store`: the rendezvous store of a rank that rank 0
+    started, told when this rank has loaded its weights."""
+    try:
+        _follow(artifact, options, store)
+    except BrazeError:
+        raise
+    except Exception as e:          # gloo/NCCL: rank 0 gone, or the collective timeout
+        raise BrazeError(f"tensor-parallel rank {dist.get_rank()} stops: {type(e).__name__}: "
+                         f"{str(e)[:300]} (rank 0 exited, or hung past the "
+                         f"{options.collective_timeout_s:g} s collective timeout)") from None
+    dist.destroy_process_group()
+
+
+def _follow(artifact, options, store) -> None:
     from .executor import Executor
     from .graph_runner import GraphRunner
     from .input_batch import static_buffers
@@ -293,6 +377,8 @@ def follow(artifact, options) -> None:
     init = [None]
     dist.broadcast_object_list(init, 0)
     cfg = init[0]
+    if cfg is None:             # rank 0's engine failed before it ran: stop
+        return
     ex = Executor(artifact, backend=cfg["backend"], device=options.device, num_blocks=1)
     # as many logits rows as rank 0 (k + 1 per sequence when it speculates), so the LM
     # head's all_gather meets tensors of the same shape on every rank
@@ -302,6 +388,9 @@ def follow(artifact, options) -> None:
     contract = Contract.from_manifest(artifact.manifest, rank=dist.get_rank())
     # each cache tensor's blocks as rank 0 has them (a hybrid cache's window pools differ)
     ex.cache.resize(cfg["num_kv_blocks"], cfg.get("cache_blocks"), cfg.get("cache_shared"))
+    if store is not None:       # rank 0 waits for this before the collectives of capture
+        from .parallel_start import mark
+        mark(store, "ready", dist.get_rank())
     graphs = GraphRunner(ex, static, cfg["buckets"], cfg["max_num_seqs"], mode=cfg["mode"],
                          debug=cfg["debug"], wide_rows=cfg["wide_rows"])
     graphs.capture()
@@ -337,7 +426,6 @@ def follow(artifact, options) -> None:
             offload.poll()
     if offload is not None:
         offload.close()
-    dist.destroy_process_group()
 
 
 def _offload_commands(offload, ex, n_bytes: int, answer: bool):
@@ -438,10 +526,11 @@ def distribute_mtp(run, graph, caches: dict, blocks: int = 0):
     def call(feeds: dict) -> dict:
         g.check_alive()
         try:
-            dev = feeds["input_ids"].device
-            dist.broadcast(_header(_MTP, blocks, 0, 0, 0, dev), 0)
-            _exchange_feeds(inputs, feeds, dev)
-            return run(feeds)
+            with g.talking():
+                dev = feeds["input_ids"].device
+                dist.broadcast(_header(_MTP, blocks, 0, 0, 0, dev), 0)
+                _exchange_feeds(inputs, feeds, dev)
+                return run(feeds)
         except BrazeError:
             raise
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
@@ -455,6 +544,25 @@ class LeaderGraphs:
     def __init__(self, inner, group: Group, num_kv_blocks: int):
         self.inner, self.group = inner, group
         self.static = inner.static
+        try:
+            with group.talking():
+                self._configure(inner, group, num_kv_blocks)
+        except BrazeError:
+            raise
+        except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
+            raise BrazeError(_failure(group, e)) from None
+        group.owner = weakref.ref(self)
+
+    @staticmethod
+    def _configure(inner, group: Group, num_kv_blocks: int) -> None:
+        """Send the other ranks this runner's settings, then wait (watching the ranks it
+        started) until each has loaded its weights: a rank that fails there ends this with
+        its error, before the collectives of capture would wait on it."""
+        from .parallel_start import await_ranks
+        # the ranks it started open the artifact first (seconds, more than a short
+        # collective timeout allows a collective to wait)
+        await_ranks(group, "opened", "opening the artifact")
+        group.configured = True
         dist.broadcast_object_list([{
             "backend": inner.executor.backend, "max_num_tokens": inner.max_num_tokens,
             "max_num_seqs": inner.max_num_seqs, "num_kv_blocks": num_kv_blocks,
@@ -462,6 +570,7 @@ class LeaderGraphs:
             "cache_blocks": {n: int(t.shape[0]) for n, t in inner.executor.cache.tensors.items()},
             "cache_shared": inner.executor.cache.shared,
             "buckets": list(inner.buckets), "mode": inner.mode, "debug": inner.debug}], 0)
+        await_ranks(group, "ready", "loading its weights")
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -470,14 +579,15 @@ class LeaderGraphs:
         g = self.group
         g.check_alive()
         try:
-            cmds = g.take()         # KV offload commands queued since the last step
-            dist.broadcast(_header(_RUN, num_tokens, num_seqs, int(decode_only), int(wide),
-                                   self.static["input_ids"].device,
-                                   0 if cmds is None else cmds.numel()), 0)
-            if cmds is not None:
-                dist.broadcast(cmds, 0)
-            _exchange(self.inner, self.static, num_tokens, num_seqs, wide)
-            return self.inner.run(num_tokens, num_seqs, decode_only, wide=wide)
+            with g.talking():
+                cmds = g.take()         # KV offload commands queued since the last step
+                dist.broadcast(_header(_RUN, num_tokens, num_seqs, int(decode_only),
+                                       int(wide), self.static["input_ids"].device,
+                                       0 if cmds is None else cmds.numel()), 0)
+                if cmds is not None:
+                    dist.broadcast(cmds, 0)
+                _exchange(self.inner, self.static, num_tokens, num_seqs, wide)
+                return self.inner.run(num_tokens, num_seqs, decode_only, wide=wide)
         except BrazeError:
             raise
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
@@ -489,8 +599,11 @@ class LeaderGraphs:
         g = self.group
         g.check_alive()
         try:
-            dist.broadcast(_header(_LORA, slot, 0, 0, 0, self.static["input_ids"].device), 0)
-            dist.broadcast_object_list([(req.lora_name, os.path.abspath(req.lora_path))], 0)
+            with g.talking():
+                dist.broadcast(_header(_LORA, slot, 0, 0, 0, self.static["input_ids"].device),
+                               0)
+                dist.broadcast_object_list([(req.lora_name, os.path.abspath(req.lora_path))],
+                                           0)
         except Exception as e:
             raise BrazeError(_failure(g, e)) from None
 

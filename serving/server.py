@@ -145,6 +145,7 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                                 http=header_timeout_protocol(AutoHTTPProtocol, so.read_timeout))
         server = DrainingServer(config, svc, so.drain_timeout, _url(sock))
         server.run(sockets=[sock])
+        engine.close()          # the tensor-parallel ranks: told to stop, not left to find out
         log.info("stopped" if not server.forced_by else
                  f"stopped by a second signal ({server.forced_by}): exit status "
                  f"{server.exit_status}")
