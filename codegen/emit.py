@@ -41,13 +41,15 @@ def emit_kernels(plan: dict, root: Path, targets: list[str], log=None,
 
 
 def _resources_line(root: Path, kernels: dict) -> str:
-    """What the new cubins ask of an SM, read with Triton's cuobjdump (~2 ms a cubin)."""
+    """What the new cubins ask of an SM, read with Triton's cuobjdump: resource usage
+    only (~2 ms a cubin; the disassembly that `braze inspect --kernels` reads for load
+    widths costs ~300 ms a cubin, minutes on a large model's hundreds of cubins)."""
     from .cubin_report import cuobjdump, kernel_rows, summary_line
     tool = cuobjdump()
     if tool is None:
         return "cubin resources not read: this Triton ships no cuobjdump"
     try:
-        return summary_line(kernel_rows(root, {"kernels": kernels}, tool))
+        return summary_line(kernel_rows(root, {"kernels": kernels}, tool, sass=False))
     except RuntimeError as e:      # an unreadable cubin is for inspect to report, not fatal
         return f"cubin resources not read: {e}"
 

@@ -145,12 +145,29 @@ def test_inspect_kernels_of_an_artifact_without_cubins_says_so(store, capsys):
 
 
 @needs_tool
-def test_compile_logs_what_its_cubins_ask_and_names_any_that_spill(store, tmp_path):
+def test_compile_logs_what_its_cubins_ask_and_names_any_that_spill(store, tmp_path,
+                                                                    monkeypatch):
+    """The line is what the full report gives, read without disassembling any cubin
+    (`cuobjdump -sass`, ~300 ms a cubin, had made a tiny model's compile 40 s)."""
+    import subprocess
+
     import braze
+    from braze.codegen import cubin_report
     from braze.codegen.cubin_report import kernel_rows, summary_line
+    calls = []
+    real_run = subprocess.run
+
+    def run(args, *a, **kw):
+        calls.append(list(args))
+        return real_run(args, *a, **kw)
+
+    monkeypatch.setattr(cubin_report.subprocess, "run", run)
     lines = []
     art = braze.compile(store.checkpoint("llama"), tmp_path / "a.braze", opt_level=2,
                         targets="sm_90", log=lines.append)
+    read = [c for c in calls if c and str(c[0]).endswith("cuobjdump")]
+    assert read and not any("-sass" in c for c in read)
+    monkeypatch.setattr(cubin_report.subprocess, "run", real_run)
     [line] = [x for x in lines if x.startswith("cubin resources:")]
     rows = kernel_rows(art.root, json.loads((art.root / "manifest.json").read_text()))
     heaviest = max(r["regs"] for r in rows)
