@@ -33,18 +33,13 @@ class LLM:
                  **overrides):
         """`artifact` (or `model=`, vLLM's name): the compiled artifact's directory.
         `options` (runtime/options.py) and/or its fields as keywords: backend,
-        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ...;
-        `speculative_config=` is vLLM's name for `speculative=`. vLLM's enable_lora,
+        num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ... (and vLLM's names
+        for some: runtime/options.VLLM_NAMES, e.g. speculative_config=). vLLM's enable_lora,
         max_loras and max_lora_rank are checked against what the artifact was compiled
         with (--lora-slots, --max-lora-rank)."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
-        if "speculative_config" in overrides:
-            if "speculative" in overrides:
-                raise BrazeError("give the speculative decoding config once: as "
-                                 "speculative_config= or speculative=", param="speculative")
-            overrides["speculative"] = overrides.pop("speculative_config")
         from .lora import VLLM_OPTIONS, check_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
         self.engine = Engine(artifact if model is None else model,

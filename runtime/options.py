@@ -16,7 +16,7 @@ from braze.ir.segments import CUDAGRAPH_MODES
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
 # vLLM's names for engine options braze names otherwise (braze.LLM takes either)
-VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks"}
+VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative"}
 
 
 @dataclass
@@ -107,7 +107,8 @@ class EngineOptions:
         for theirs, ours in VLLM_NAMES.items():
             if theirs in overrides:
                 if ours in overrides:
-                    raise BrazeError(f"give {ours} once: {theirs} is vLLM's name for it")
+                    raise BrazeError(f"give the option once: as {theirs}= or {ours}= "
+                                     f"({theirs} is vLLM's name for {ours})", param=ours)
                 overrides[ours] = overrides.pop(theirs)
         bad = sorted(set(overrides) - known)
         if bad:
