@@ -185,9 +185,7 @@ class AsyncEngine:
 
     async def call(self, fn):
         """Run `fn(engine)` on the engine thread (between steps); its result or error."""
-        reason = self.unavailable_reason()
-        if reason is not None:
-            raise Unavailable(reason)
+        self.check_admission(bounded=False)
         fut = self._loop.create_future()
         self._send(("call", fn, fut))
         return await fut
