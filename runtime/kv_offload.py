@@ -572,14 +572,13 @@ class KVOffload:
         if self._io is None:
             return
         io, self._io = self._io, None
-        done = io.submit(lambda: None)
-        finished = wait([done], timeout=CLOSE_WAIT_S if timeout is None else timeout)[0]
+        limit = CLOSE_WAIT_S if timeout is None else timeout
+        finished = wait([io.submit(lambda: None)], timeout=limit)[0]
         if not finished:
             dropped = io._work_queue.qsize()
             log.warning("KV tier %s: %d batch(es) of block writes still queued after %.0f s "
                         "at shutdown are dropped; their blocks are computed again when "
-                        "needed", self.lower.where, dropped,
-                        CLOSE_WAIT_S if timeout is None else timeout)
+                        "needed", self.lower.where, dropped, limit)
         io.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- stats
