@@ -21,7 +21,7 @@ from .fp8 import FP8Checkpoint, fp8_scheme, without_quantization
 from .mtp import mtp_tensors
 from .multimodal import TextCheckpoint, multimodal_architecture, origin_record, text_config
 from .trace import trace_to_ir
-from .weights import Checkpoint, check_sources, load_source
+from .weights import Checkpoint, check_sources, head_is_tied, load_source
 
 DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "fp32": "f32",
                  "fp16": "f16", "bf16": "bf16", "f32": "f32", "f16": "f16", "half": "f16",
@@ -148,6 +148,23 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
     if log:
         log(f"model: {spec.architecture} ({spec.num_params_hint}), dtype {dt}")
     t0 = time.perf_counter()
+    ckpt = fp8_source = None
+    if with_weights:
+        if checkpoint is not None:
+            ckpt = checkpoint
+        elif fp8:
+            ckpt = FP8Checkpoint(Path(model_dir), fp8, log=log)
+            fp8_source = fp8.source(dt, len(ckpt.scales))
+        else:
+            ckpt = Checkpoint(Path(model_dir))
+        if multimodal:
+            ckpt = TextCheckpoint(ckpt)
+        tied = head_is_tied(ckpt, spec.tie_word_embeddings)
+        if tied != spec.tie_word_embeddings:
+            spec.tie_word_embeddings = tied
+            if log:
+                log("note: config.json ties the LM head to the embeddings, but the checkpoint "
+                    "holds its own lm_head.weight: using it, as transformers does")
     module = build_model(spec, torch_dtype(dt))
     graph = trace_to_ir(module, spec.architecture, block_size, dt, log=log)
     # the artifact holds dequantized weights: its config.json declares no quantization
@@ -158,15 +175,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
         if t is not None:
             loaded.computed[name] = t
     if with_weights:
-        if checkpoint is not None:
-            ckpt = checkpoint
-        elif fp8:
-            ckpt = FP8Checkpoint(Path(model_dir), fp8, log=log)
-            loaded.source = fp8.source(dt, len(ckpt.scales))
-        else:
-            ckpt = Checkpoint(Path(model_dir))
-        if multimodal:
-            ckpt = TextCheckpoint(ckpt)
+        loaded.source = fp8_source
         loaded.checkpoint = ckpt
         available = ckpt.names()
         for name, p in graph.params.items():

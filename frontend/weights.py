@@ -82,12 +82,30 @@ class Checkpoint:
         return handle
 
 
+HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def head_is_tied(ckpt: Checkpoint, tied: bool) -> bool:
+    """Is the LM head the embedding table? config.json's tie_word_embeddings (`tied`), unless
+    the checkpoint also holds an lm_head.weight unlike the embeddings: transformers'
+    from_pretrained then leaves the two untied and uses the saved head, and so does braze."""
+    names = ckpt.names()
+    if not tied or HEAD not in names or EMBEDDING not in names:
+        return tied
+    if ckpt.shape(HEAD) != ckpt.shape(EMBEDDING):
+        return False
+    head = ckpt.get(HEAD)
+    return torch.equal(head, ckpt.get(EMBEDDING).to(head.dtype))
+
+
 def check_sources(ckpt: Checkpoint, param: str, source: WeightSource, expected: tuple) -> None:
     available = ckpt.names()
     missing = [n for n in source.names if n not in available]
     if missing:
+        hint = (f"; if the head shares the embeddings, set tie_word_embeddings to true in "
+                f"config.json" if missing[0] == HEAD and EMBEDDING in available else "")
         raise BrazeError(f"weight {missing[0]!r} (for parameter {param}, shape "
-                         f"{list(expected)}) is missing from the checkpoint in {ckpt.dir}")
+                         f"{list(expected)}) is missing from the checkpoint in {ckpt.dir}{hint}")
     shapes = [ckpt.shape(n) for n in source.names]
     if source.kind == "stack":
         got = (len(shapes),) + shapes[0]

@@ -1,0 +1,75 @@
+"""Checkpoints whose config.json and tensors disagree the way real downloads do, compiled at
+-O0 and run by the reference interpreter: logits equal to transformers' own loading of the
+same directory, or a one-line error naming what is wrong."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from braze.ir.contract import SeqChunk
+from braze.ir.errors import BrazeError
+
+from conftest import PROMPT, hf_model, step_inputs, take_blocks
+
+
+def _checkpoint(tmp_path, family="llama", **overrides):
+    from braze.tiny import make_checkpoint
+    with contextlib.redirect_stderr(io.StringIO()):
+        return make_checkpoint(family, tmp_path / "m", seed=1, with_tokenizer=False, **overrides)
+
+
+def _edit_config(ckpt, **keys):
+    path = ckpt / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(keys)
+    path.write_text(json.dumps(cfg))
+
+
+def _logits(ckpt, tmp_path, **options):
+    import braze
+    from braze.runtime import Executor, open_artifact
+    braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", **options)
+    ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
+    return ex.run(step_inputs(ex, [SeqChunk(PROMPT, 0, take_blocks(ex, 2))]))
+
+
+def _expected(ckpt):
+    with torch.no_grad():
+        return hf_model(ckpt)(torch.tensor([PROMPT])).logits[0]
+
+
+def test_tied_config_with_its_own_lm_head_uses_that_head(tmp_path):
+    """config.json says tie_word_embeddings, yet the checkpoint holds an lm_head.weight unlike
+    the embeddings (a fine-tune saved untied under a config that kept, or defaulted to, the
+    tie): transformers then does not tie and uses the saved head, and so must braze."""
+    ckpt = _checkpoint(tmp_path, tie_word_embeddings=False)
+    _edit_config(ckpt, tie_word_embeddings=True)
+    torch.testing.assert_close(_logits(ckpt, tmp_path), _expected(ckpt), atol=1e-4, rtol=1e-4)
+
+
+def test_tied_config_with_an_identical_lm_head_copy_still_ties(tmp_path):
+    """A tied checkpoint that also saved lm_head.weight as an exact copy of the embeddings
+    (as .bin conversions do) compiles tied: one [vocab, hidden] table, not two."""
+    from safetensors.torch import load_file, save_file
+    ckpt = _checkpoint(tmp_path, tie_word_embeddings=True)
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, f, metadata={"format": "pt"})
+    from braze.frontend.load import load_model
+    assert "lm_head.weight" not in load_model(ckpt).graph.params
+    torch.testing.assert_close(_logits(ckpt, tmp_path), _expected(ckpt), atol=1e-4, rtol=1e-4)
+
+
+def test_untied_config_without_an_lm_head_names_the_config_key(tmp_path):
+    ckpt = _checkpoint(tmp_path, tie_word_embeddings=True)       # saves no lm_head.weight
+    _edit_config(ckpt, tie_word_embeddings=False)
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert "lm_head.weight" in msg and "tie_word_embeddings" in msg and "\n" not in msg
