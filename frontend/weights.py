@@ -56,6 +56,11 @@ class Checkpoint:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types
+                if _is_lfs_pointer(path):
+                    raise BrazeError(f"{path}: a Git LFS pointer, not the weights (the "
+                                     f"repository was cloned without git-lfs); run `git lfs "
+                                     f"pull` in {path.parent}, or download it with "
+                                     f"`huggingface-cli download`") from None
                 raise BrazeError(f"{path}: cannot read safetensors file ({e})") from None
         return self._handles[path]
 
@@ -80,6 +85,14 @@ class Checkpoint:
                              f"in {path.name}, which does not hold it (a stale index, or shards "
                              f"from another download?)")
         return handle
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).startswith(b"version https://git-lfs.github.com/spec/")
+    except OSError:
+        return False
 
 
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"

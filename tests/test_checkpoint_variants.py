@@ -73,3 +73,17 @@ def test_untied_config_without_an_lm_head_names_the_config_key(tmp_path):
         _logits(ckpt, tmp_path)
     msg = str(e.value)
     assert "lm_head.weight" in msg and "tie_word_embeddings" in msg and "\n" not in msg
+
+
+def test_git_lfs_pointer_instead_of_weights_says_to_fetch_them(tmp_path):
+    """A `git clone` without git-lfs leaves ~130-byte pointer files where the shards should
+    be: the error says so and how to get the weights, not "header too large"."""
+    ckpt = _checkpoint(tmp_path, max_shard_size="40KB")
+    shard = sorted(ckpt.glob("*.safetensors"))[-1]
+    shard.write_text("version https://git-lfs.github.com/spec/v1\n"
+                     "oid sha256:4d7a2146b5b9b6b2c8f3c1f6d3b1d1f0e0c8a7b6a5f4e3d2c1b0a9f8e7d6c5b4\n"
+                     "size 3852\n")
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert shard.name in msg and "git lfs pull" in msg and "\n" not in msg
