@@ -93,12 +93,12 @@ def read_config(model_dir: Path):
         raise BrazeError(f"{model_dir} is a file; expected a Hugging Face model directory "
                          f"or a .gguf file")
     if not model_dir.is_dir():
-        raise BrazeError(f"model directory {model_dir} does not exist")
+        raise BrazeError(f"model directory {model_dir} does not exist{_repo_id_hint(model_dir)}")
     path = model_dir / "config.json"
     if not path.exists():
         ggufs = sorted(f.name for f in model_dir.glob("*.gguf"))
         hint = (f"; it holds GGUF files: compile one of them ({', '.join(ggufs[:8])}"
-                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs else "")
+                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs else _snapshot_hint(model_dir))
         raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "
                          f"directory{hint}")
     try:
@@ -115,6 +115,33 @@ def read_config(model_dir: Path):
         cfg = text_config(cfg, multimodal)
     family_of(cfg)
     return raw, cfg, multimodal
+
+
+def _repo_id_hint(path: Path) -> str:
+    """For a missing path spelled like a Hub repository id (`org/name`): how to get it."""
+    text = str(path)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        return ""
+    return (f"; braze compiles a local directory: to compile the Hugging Face repository "
+            f"{text}, download it first (huggingface-cli download {text} --local-dir DIR) "
+            f"and pass DIR")
+
+
+def _snapshot_hint(model_dir: Path) -> str:
+    """For a Hugging Face cache entry (models--org--name): the snapshot to pass instead,
+    the one refs/main names, else the newest."""
+    snapshots = model_dir / "snapshots"
+    if not snapshots.is_dir():
+        return ""
+    main = model_dir / "refs" / "main"
+    named = snapshots / main.read_text().strip() if main.is_file() else None
+    found = sorted((d for d in snapshots.iterdir() if (d / "config.json").is_file()),
+                   key=lambda d: d.stat().st_mtime)
+    pick = named if named in found else (found[-1] if found else None)
+    if pick is None:
+        return ""
+    return f"; it is a Hugging Face cache entry: pass its snapshot {pick}"
 
 
 def default_dtype(raw: dict, config_path: Path | None = None) -> str:

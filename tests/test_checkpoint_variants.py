@@ -87,3 +87,28 @@ def test_git_lfs_pointer_instead_of_weights_says_to_fetch_them(tmp_path):
         _logits(ckpt, tmp_path)
     msg = str(e.value)
     assert shard.name in msg and "git lfs pull" in msg and "\n" not in msg
+
+
+def test_a_hub_repository_id_says_to_download_it_first(tmp_path, monkeypatch):
+    """vLLM takes `org/name` and downloads it; braze compiles a local directory, and says
+    how to get one rather than only that the path does not exist."""
+    from braze.frontend.load import read_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BrazeError) as e:
+        read_config("Qwen/Qwen3-0.6B")
+    msg = str(e.value)
+    assert "Qwen/Qwen3-0.6B" in msg and "huggingface-cli download Qwen/Qwen3-0.6B" in msg
+
+
+def test_a_hugging_face_cache_entry_names_its_snapshot(tmp_path):
+    """~/.cache/huggingface/hub/models--org--name holds the files under snapshots/<commit>:
+    passing the entry itself names the snapshot to pass."""
+    from braze.frontend.load import read_config
+    entry = tmp_path / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _checkpoint(entry / "snapshots").rename(entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    with pytest.raises(BrazeError) as e:
+        read_config(entry)
+    assert str(entry / "snapshots" / commit) in str(e.value)
