@@ -132,6 +132,12 @@ def check_sources(ckpt: Checkpoint, param: str, source: WeightSource, expected: 
         if shapes[0][source.dim] < source.stop:
             got[source.dim] = -1
         got = tuple(got)
+        if source.total and shapes[0][source.dim] != source.total:
+            # a part of a larger fused tensor would read as the whole, shifted
+            raise BrazeError(f"weight {source.names[0]!r} has shape {list(shapes[0])}, but "
+                             f"config.json makes its fused parameters {source.total} along "
+                             f"dim {source.dim} (for {param} and the others it holds; does "
+                             f"config.json match the weights?)")
     else:
         got = shapes[0]
     if tuple(got) != tuple(expected):

@@ -149,6 +149,7 @@ class WeightSource:
     dim: int = 0                      # slice: dimension and range
     start: int = 0
     stop: int = 0
+    total: int = 0                    # slice: the fused tensor's size along dim
 
 
 _ATTN_PROJ = re.compile(r"^(model\.layers\.\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
@@ -172,7 +173,8 @@ def weight_sources(spec: ModelSpec, param: str, shape: tuple, available: set[str
         if proj != "down_proj" and fused in available:
             inter = shape[1]
             lo = 0 if proj == "gate_proj" else inter
-            return WeightSource([fused], "slice", dim=1, start=lo, stop=lo + inter)
+            return WeightSource([fused], "slice", dim=1, start=lo, stop=lo + inter,
+                                total=2 * inter)
         if f"{prefix}.experts.{proj}" in available:
             return WeightSource([f"{prefix}.experts.{proj}"])
         if spec.family == "mixtral":
@@ -199,7 +201,8 @@ def _fused_projection(spec: ModelSpec, param: str, shape: tuple, available: set[
             return None
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         start = {"q": 0, "k": q, "v": q + kv}[which]
-        return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0])
+        return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0],
+                            total=q + 2 * kv)
     m = _MLP_PROJ.match(param)
     if m:
         prefix, which = m.groups()
@@ -207,5 +210,6 @@ def _fused_projection(spec: ModelSpec, param: str, shape: tuple, available: set[
         if fused not in available:
             return None
         start = 0 if which == "gate" else shape[0]
-        return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0])
+        return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0],
+                            total=2 * shape[0])
     return None

@@ -112,3 +112,15 @@ def test_a_hugging_face_cache_entry_names_its_snapshot(tmp_path):
     with pytest.raises(BrazeError) as e:
         read_config(entry)
     assert str(entry / "snapshots" / commit) in str(e.value)
+
+
+def test_a_fused_qkv_larger_than_the_config_is_refused(tmp_path):
+    """Phi-3's q, k and v are row ranges of one fused qkv_proj: a config.json with fewer kv
+    heads than the checkpoint was saved with must not read a part of it as the whole (no
+    other tensor's shape depends on the kv heads; transformers refuses the mismatch too)."""
+    ckpt = _checkpoint(tmp_path, "phi3", num_key_value_heads=4)
+    _edit_config(ckpt, num_key_value_heads=2)
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert "qkv_proj" in msg and "config.json" in msg and "\n" not in msg
