@@ -98,7 +98,8 @@ def read_config(model_dir: Path):
     if not path.exists():
         ggufs = sorted(f.name for f in model_dir.glob("*.gguf"))
         hint = (f"; it holds GGUF files: compile one of them ({', '.join(ggufs[:8])}"
-                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs else _snapshot_hint(model_dir))
+                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs
+                else _adapter_hint(model_dir) or _snapshot_hint(model_dir))
         raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "
                          f"directory{hint}")
     try:
@@ -126,6 +127,20 @@ def _repo_id_hint(path: Path) -> str:
     return (f"; braze compiles a local directory: to compile the Hugging Face repository "
             f"{text}, download it first (huggingface-cli download {text} --local-dir DIR) "
             f"and pass DIR")
+
+
+def _adapter_hint(model_dir: Path) -> str:
+    """For a PEFT adapter directory: compile its base model, serve the adapter on it."""
+    path = model_dir / "adapter_config.json"
+    if not path.is_file():
+        return ""
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        base = None
+    return (f"; it is a LoRA adapter (adapter_config.json): compile its base model"
+            f"{f' {base}' if base else ''} with --lora-slots K (and --max-lora-rank R), then "
+            f"pass this directory to braze generate --lora or braze serve --lora-modules")
 
 
 def _snapshot_hint(model_dir: Path) -> str:

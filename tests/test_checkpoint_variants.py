@@ -124,3 +124,15 @@ def test_a_fused_qkv_larger_than_the_config_is_refused(tmp_path):
         _logits(ckpt, tmp_path)
     msg = str(e.value)
     assert "qkv_proj" in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_a_lora_adapter_directory_says_to_compile_its_base_model(tmp_path):
+    """A PEFT adapter (adapter_config.json, no config.json) is not a model: the error names
+    its base model and how braze serves adapters, not only "has no config.json"."""
+    from braze.frontend.load import read_config
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "org/base-model", "r": 8}))
+    with pytest.raises(BrazeError) as e:
+        read_config(tmp_path)
+    msg = str(e.value)
+    assert "org/base-model" in msg and "--lora-slots" in msg and "\n" not in msg
