@@ -115,8 +115,15 @@ def check_sources(ckpt: Checkpoint, param: str, source: WeightSource, expected: 
     available = ckpt.names()
     missing = [n for n in source.names if n not in available]
     if missing:
-        hint = (f"; if the head shares the embeddings, set tie_word_embeddings to true in "
-                f"config.json" if missing[0] == HEAD and EMBEDDING in available else "")
+        elsewhere = sorted(n for n in available if n.endswith("." + missing[0]))
+        if missing[0] == HEAD and EMBEDDING in available:
+            hint = "; if the head shares the embeddings, set tie_word_embeddings to true in config.json"
+        elif elsewhere:
+            hint = (f"; it holds {elsewhere[0]!r}: the weights were saved under a wrapper "
+                    f"model's names (a PEFT model not merged?); save the model itself "
+                    f"(for PEFT: merge_and_unload(), then save_pretrained)")
+        else:
+            hint = ""
         raise BrazeError(f"weight {missing[0]!r} (for parameter {param}, shape "
                          f"{list(expected)}) is missing from the checkpoint in {ckpt.dir}{hint}")
     shapes = [ckpt.shape(n) for n in source.names]

@@ -136,3 +136,17 @@ def test_a_lora_adapter_directory_says_to_compile_its_base_model(tmp_path):
         read_config(tmp_path)
     msg = str(e.value)
     assert "org/base-model" in msg and "--lora-slots" in msg and "\n" not in msg
+
+
+def test_tensors_under_another_prefix_are_named_in_the_error(tmp_path):
+    """A checkpoint saved from a wrapper (a PEFT model saved without merging: every name
+    under base_model.model.) holds the weights under other names: the missing-weight error
+    says which name it does hold, so the cause is visible."""
+    from safetensors.torch import load_file, save_file
+    ckpt = _checkpoint(tmp_path)
+    f = ckpt / "model.safetensors"
+    tensors = {f"base_model.model.{k}": v for k, v in load_file(f).items()}
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    assert "'base_model.model.model.embed_tokens.weight'" in str(e.value)
