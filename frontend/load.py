@@ -106,6 +106,9 @@ def read_config(model_dir: Path):
         raw = json.loads(path.read_text())
     except ValueError as e:
         raise BrazeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise BrazeError(f"{path}: a JSON {type(raw).__name__}, not the object of a model "
+                         f"config")
     archs = raw.get("architectures") or []
     if archs and not any(a in supported_architectures() for a in archs):
         raise BrazeError(f"unsupported architecture {', '.join(archs)} in {path}; braze "

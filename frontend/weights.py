@@ -28,8 +28,15 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise BrazeError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise BrazeError(f"{index}: its weight_map is a {type(weight_map).__name__}, "
+                                 f"not an object of tensor names to files")
+            bad = next((n for n, f in weight_map.items() if not isinstance(f, str)), None)
+            if bad is not None:
+                raise BrazeError(f"{index}: weight_map puts {bad!r} in {weight_map[bad]!r}, "
+                                 f"not a file name")
             self.files = {name: self.dir / f for name, f in weight_map.items()}
         else:
             shards = sorted(self.dir.glob("*.safetensors"))

@@ -45,6 +45,7 @@ def rope_frequencies(
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in SUPPORTED:
         raise BrazeError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED)}")
+    _check_numbers(rope)
 
     def need(key):
         if rope.get(key) is None:
@@ -129,6 +130,19 @@ def rope_frequencies(
     return inv_freq, float(attention)
 
 
+NUMBERS = ("rope_theta", "factor", "attention_factor", "mscale", "mscale_all_dim", "beta_fast",
+           "beta_slow", "low_freq_factor", "high_freq_factor",
+           "original_max_position_embeddings", "partial_rotary_factor")
+
+
+def _check_numbers(rope: dict) -> None:
+    """transformers validates which keys rope_parameters has, not their types."""
+    for key in NUMBERS:
+        v = rope.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise BrazeError(f"config.json rope_parameters {key!r} is {v!r}, not a number")
+
+
 def longrope_frequencies(rope: dict, head_dim: int, max_position_embeddings: int
                          ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """longrope's (short inv_freq, long inv_freq, attention_scaling, original_max_position_embeddings).
@@ -138,6 +152,7 @@ def longrope_frequencies(rope: dict, head_dim: int, max_position_embeddings: int
     whenever a sequence stays within `original`, and rotates each cached key only once.
     """
     rope = dict(rope or {})
+    _check_numbers(rope)
 
     def need(key):
         if rope.get(key) is None:

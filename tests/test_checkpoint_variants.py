@@ -150,3 +150,30 @@ def test_tensors_under_another_prefix_are_named_in_the_error(tmp_path):
     with pytest.raises(BrazeError) as e:
         _logits(ckpt, tmp_path)
     assert "'base_model.model.model.embed_tokens.weight'" in str(e.value)
+
+
+@pytest.mark.parametrize("file, text, named", [
+    ("config.json", "[1, 2]", "config.json"),
+    ("model.safetensors.index.json", '{"weight_map": ["model.safetensors"]}', "weight_map"),
+    ("model.safetensors.index.json", '{"weight_map": {"lm_head.weight": 3}}', "lm_head.weight"),
+])
+def test_malformed_json_files_are_one_line_errors(tmp_path, file, text, named):
+    """Valid JSON of the wrong shape (not an object; a weight_map that is not names to
+    files) is said to be so, not an AttributeError traceback."""
+    ckpt = _checkpoint(tmp_path)
+    (ckpt / file).write_text(text)
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    assert file in str(e.value) and named in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["rope_theta", "factor"])
+def test_a_rope_number_written_as_a_string_is_named(tmp_path, key):
+    """transformers checks rope_parameters' keys, not their types: "rope_theta": "10000"
+    reached braze's frequency math as a TypeError traceback."""
+    ckpt = _checkpoint(tmp_path)
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    _edit_config(ckpt, rope_parameters={**rope, key: str(rope[key])})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    assert key in str(e.value) and "number" in str(e.value)
