@@ -99,7 +99,8 @@ def read_config(model_dir: Path):
         ggufs = sorted(f.name for f in model_dir.glob("*.gguf"))
         hint = (f"; it holds GGUF files: compile one of them ({', '.join(ggufs[:8])}"
                 f"{', ...' if len(ggufs) > 8 else ''})" if ggufs
-                else _adapter_hint(model_dir) or _snapshot_hint(model_dir))
+                else _adapter_hint(model_dir) or _native_format_hint(model_dir)
+                or _snapshot_hint(model_dir))
         raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "
                          f"directory{hint}")
     try:
@@ -144,6 +145,15 @@ def _adapter_hint(model_dir: Path) -> str:
     return (f"; it is a LoRA adapter (adapter_config.json): compile its base model"
             f"{f' {base}' if base else ''} with --lora-slots K (and --max-lora-rank R), then "
             f"pass this directory to braze generate --lora or braze serve --lora-modules")
+
+
+def _native_format_hint(model_dir: Path) -> str:
+    """For Mistral's or Meta's own checkpoint format (params.json, consolidated.*)."""
+    if not (model_dir / "params.json").is_file():
+        return ""
+    return ("; its params.json and consolidated.* weights are Mistral's/Meta's own format: "
+            "braze reads the Hugging Face format (config.json and model*.safetensors, in the "
+            "same repository on the Hub, or converted with transformers' conversion script)")
 
 
 def _snapshot_hint(model_dir: Path) -> str:

@@ -177,3 +177,16 @@ def test_a_rope_number_written_as_a_string_is_named(tmp_path, key):
     with pytest.raises(BrazeError) as e:
         _logits(ckpt, tmp_path)
     assert key in str(e.value) and "number" in str(e.value)
+
+
+def test_a_mistral_or_meta_native_checkpoint_says_to_use_the_hugging_face_format(tmp_path):
+    """params.json + consolidated.safetensors (Mistral's format, which vLLM loads with
+    --load-format mistral) or consolidated.00.pth (Meta's): no config.json, and the error
+    says which format it is and what braze needs instead."""
+    from braze.frontend.load import read_config
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32}))
+    (tmp_path / "consolidated.safetensors").write_bytes(b"")
+    with pytest.raises(BrazeError) as e:
+        read_config(tmp_path)
+    msg = str(e.value)
+    assert "params.json" in msg and "Hugging Face format" in msg and "\n" not in msg
