@@ -17,6 +17,7 @@ from braze.models.registry import (build_model, build_spec, family_of, supported
                                    weight_sources)
 from braze.models.spec import ModelSpec
 
+from .dir_hints import missing_dir_hint, no_config_hint
 from .fp8 import FP8Checkpoint, fp8_scheme, without_quantization
 from .mtp import mtp_tensors
 from .multimodal import TextCheckpoint, multimodal_architecture, origin_record, text_config
@@ -93,16 +94,11 @@ def read_config(model_dir: Path):
         raise BrazeError(f"{model_dir} is a file; expected a Hugging Face model directory "
                          f"or a .gguf file")
     if not model_dir.is_dir():
-        raise BrazeError(f"model directory {model_dir} does not exist{_repo_id_hint(model_dir)}")
+        raise BrazeError(f"model directory {model_dir} does not exist{missing_dir_hint(model_dir)}")
     path = model_dir / "config.json"
     if not path.exists():
-        ggufs = sorted(f.name for f in model_dir.glob("*.gguf"))
-        hint = (f"; it holds GGUF files: compile one of them ({', '.join(ggufs[:8])}"
-                f"{', ...' if len(ggufs) > 8 else ''})" if ggufs
-                else _adapter_hint(model_dir) or _native_format_hint(model_dir)
-                or _snapshot_hint(model_dir))
         raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "
-                         f"directory{hint}")
+                         f"directory{no_config_hint(model_dir)}")
     try:
         raw = json.loads(path.read_text())
     except ValueError as e:
@@ -120,56 +116,6 @@ def read_config(model_dir: Path):
         cfg = text_config(cfg, multimodal)
     family_of(cfg)
     return raw, cfg, multimodal
-
-
-def _repo_id_hint(path: Path) -> str:
-    """For a missing path spelled like a Hub repository id (`org/name`): how to get it."""
-    text = str(path)
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
-        return ""
-    return (f"; braze compiles a local directory: to compile the Hugging Face repository "
-            f"{text}, download it first (huggingface-cli download {text} --local-dir DIR) "
-            f"and pass DIR")
-
-
-def _adapter_hint(model_dir: Path) -> str:
-    """For a PEFT adapter directory: compile its base model, serve the adapter on it."""
-    path = model_dir / "adapter_config.json"
-    if not path.is_file():
-        return ""
-    try:
-        base = json.loads(path.read_text()).get("base_model_name_or_path")
-    except (ValueError, AttributeError):
-        base = None
-    return (f"; it is a LoRA adapter (adapter_config.json): compile its base model"
-            f"{f' {base}' if base else ''} with --lora-slots K (and --max-lora-rank R), then "
-            f"pass this directory to braze generate --lora or braze serve --lora-modules")
-
-
-def _native_format_hint(model_dir: Path) -> str:
-    """For Mistral's or Meta's own checkpoint format (params.json, consolidated.*)."""
-    if not (model_dir / "params.json").is_file():
-        return ""
-    return ("; its params.json and consolidated.* weights are Mistral's/Meta's own format: "
-            "braze reads the Hugging Face format (config.json and model*.safetensors, in the "
-            "same repository on the Hub, or converted with transformers' conversion script)")
-
-
-def _snapshot_hint(model_dir: Path) -> str:
-    """For a Hugging Face cache entry (models--org--name): the snapshot to pass instead,
-    the one refs/main names, else the newest."""
-    snapshots = model_dir / "snapshots"
-    if not snapshots.is_dir():
-        return ""
-    main = model_dir / "refs" / "main"
-    named = snapshots / main.read_text().strip() if main.is_file() else None
-    found = sorted((d for d in snapshots.iterdir() if (d / "config.json").is_file()),
-                   key=lambda d: d.stat().st_mtime)
-    pick = named if named in found else (found[-1] if found else None)
-    if pick is None:
-        return ""
-    return f"; it is a Hugging Face cache entry: pass its snapshot {pick}"
 
 
 def default_dtype(raw: dict, config_path: Path | None = None) -> str:
