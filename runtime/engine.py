@@ -160,7 +160,8 @@ class Engine(EngineLoRA):
             req.detok = IncrementalDetokenizer(
                 self.tokenizer, ids, stop=params.stop,
                 skip_special_tokens=params.skip_special_tokens,
-                include_stop=params.include_stop_str_in_output)
+                include_stop=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens)
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
                              "use stop_token_ids", param="stop")

@@ -73,7 +73,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI: minus this times the token's count in the output
     repetition_penalty: float = 1.0   # HF/vLLM: prompt + output tokens: logit / p if > 0 else * p
     logit_bias: dict[int, float] | None = None   # token id -> bias, each in [-100, 100]
-    min_tokens: int = 0               # EOS and stop_token_ids banned until this many are out
+    min_tokens: int = 0               # EOS, stop_token_ids, stop strings held back until this many are out
     bad_words: list[str] = field(default_factory=list)   # words never generated
     bad_words_token_ids: list[int] = field(default_factory=list)   # ids never generated
     # what is reported: raw model logprobs (vLLM's default logprobs_mode "raw_logprobs")
