@@ -448,7 +448,9 @@ class Engine(EngineLoRA):
             p = req.params
             reason = None
             if token in req.stop_ids:
-                reason, req.stop_reason = "stop", token
+                # vLLM's stop_reason: the stop token id, None for EOS (not a stop_token_ids one)
+                reason = "stop"
+                req.stop_reason = token if token in p.stop_token_ids else None
                 if req.detok is not None and not p.include_stop_str_in_output:
                     req.detok.leave_out_stop(len(req.output_token_ids))   # vLLM's text
             if p.stop and req.detok is not None:   # (a stop token left out adds no text)

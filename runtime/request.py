@@ -103,7 +103,7 @@ class RequestOutput:
         self.new_token_ids = new_token_ids if new_token_ids is not None else []
         self.finished = finished
         self.finish_reason = finish_reason   # "stop", "length" or "abort" once finished
-        self.stop_reason = stop_reason       # the stop token id or stop string that ended it
+        self.stop_reason = stop_reason       # the stop token id or string that ended it; None: EOS
         self.metrics = metrics if metrics is not None else {}
         self._text, self._new_text = text, new_text
         self._lazy = lazy                    # (detokenizer, tokens upto) to decode on demand

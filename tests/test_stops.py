@@ -77,8 +77,8 @@ def test_stop_on_the_last_allowed_token(store, kind, lag):
     text = eng.tokenizer.decode(free.token_ids[:k - 1])     # the stop token's text left out
     if kind == "token":
         params, reason = SamplingParams(max_tokens=k, stop_token_ids=[tok], ignore_eos=True), tok
-    elif kind == "eos":
-        params, reason = SamplingParams(max_tokens=k), tok
+    elif kind == "eos":    # vLLM's stop_reason is None for EOS: only a stop token id or string
+        params, reason = SamplingParams(max_tokens=k), None
     else:
         params, reason = SamplingParams(max_tokens=k, stop=[stop], ignore_eos=True), stop
         text = eng.tokenizer.decode(free.token_ids[:k])[:-len(stop)]
