@@ -38,6 +38,9 @@ MAX_N = 128                    # samples per prompt (n, best_of): bounds the fan
 MAX_REPETITION_PENALTY = 100.0
 OUTPUT_KINDS = ("delta", "final")
 SEED_LIMIT = 1 << 63          # seeds are in [0, 2**63)
+# below this temperature a request samples greedily (vLLM's _SAMPLING_EPS): logits divided
+# by a tiny temperature overflow float32
+GREEDY_BELOW = 1e-5
 
 
 def _is_int(v) -> bool:
@@ -51,7 +54,7 @@ def _is_real(v) -> bool:
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16       # None: up to max_model_len, as in vLLM
-    temperature: float = 0.0          # 0 = greedy
+    temperature: float = 0.0          # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 (or -1) = no limit
     # vLLM's min_p: drop tokens less likely than min_p times the likeliest (0 = off)
@@ -219,7 +222,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def filters(self) -> bool:
@@ -617,7 +620,7 @@ class SamplingTensors:
         def put(dst: torch.Tensor, values) -> None:
             dst.index_copy_(0, idx, upload_values(values, dst.dtype, self.device))
 
-        put(self.temperature, [float(p.temperature) for p in params])
+        put(self.temperature, [0.0 if p.greedy else float(p.temperature) for p in params])
         put(self.top_k, [int(p.top_k) if p.top_k > 0 else 0 for p in params])
         put(self.top_p, [float(p.top_p) for p in params])
         put(self.min_p, [float(p.min_p) for p in params])
