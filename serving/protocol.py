@@ -339,6 +339,9 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
     return kw
 
 
+_UNION_BRANCHES = ("str", "int", "float", "bool")
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) for FastAPI's RequestValidationError errors, as one line."""
     if not errors:
@@ -353,9 +356,12 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return "the request body is missing: send a JSON object", None
     if kind in ("model_attributes_type", "dict_type") and not loc:
         return "the request body must be a JSON object", None
-    # a union (prompt: str | list...) reports one error per branch; the field is what matters
+    # a union (prompt: str | list...) reports one error per branch, named by its type
+    # ("str", "list[int]"): the field is what matters (not a field that starts like one:
+    # "stream", "structured_outputs")
     param = loc[0] if loc else None
-    where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-")))
+    where = ".".join(x for x in loc if x not in _UNION_BRANCHES
+                     and not x.startswith(("list[", "dict[", "function-")))
     msg = e.get("msg", "invalid value")
     return (f"{where}: {msg}" if where else msg), param
 
