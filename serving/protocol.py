@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class APIError(Exception):
@@ -101,6 +101,13 @@ class _GenerationRequest(BaseModel):
     # vLLM's beam search (serving/beam.py): n beams, returned best first
     use_beam_search: bool = False
     length_penalty: float = 1.0
+
+    @field_validator("stream", "n", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """The OpenAI spec lets these be null (clients generated from it send null for
+        what is unset): null reads as the field's default."""
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @property
     def include_usage(self) -> bool:

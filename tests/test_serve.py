@@ -720,6 +720,19 @@ def test_validation_messages_name_fields_that_start_like_a_union_branch():
         assert param == where.split(".")[0] and msg.startswith(where + ": "), msg
 
 
+def test_openai_nullable_fields_accept_null_as_their_default():
+    """The OpenAI spec lets stream, echo and n be null (clients generated from it send
+    null for what is unset); null reads as the default, as vLLM reads stream and echo."""
+    from braze.serving.protocol import ChatCompletionRequest, CompletionRequest
+    plain = CompletionRequest.model_validate({"prompt": "a"})
+    req = CompletionRequest.model_validate({"prompt": "a", "stream": None, "echo": None,
+                                            "n": None})
+    assert (req.stream, req.echo, req.n) == (plain.stream, plain.echo, plain.n) == (False, False, 1)
+    msgs = [{"role": "user", "content": "a"}]
+    req = ChatCompletionRequest.model_validate({"messages": msgs, "stream": None, "n": None})
+    assert (req.stream, req.n) == (False, 1)
+
+
 def test_sse_framing():
     from braze.serving import responses as R
     chunk = R.chat_chunk("id1", 5, "m", {"role": "assistant", "content": ""})
