@@ -419,7 +419,7 @@ class Engine(EngineLoRA):
             for j, (lp, rank, top) in enumerate(entries):
                 pos = first + j
                 req.prompt_logprobs[pos] = TokenLogprobs(req.prompt_token_ids[pos], lp, rank,
-                                                         top[:want])
+                                                         top[:want], self.tokenizer)
         self.scheduler.commit(sched)
         if self.offload is not None:
             self._offload_new_blocks()
@@ -439,7 +439,8 @@ class Engine(EngineLoRA):
             all_ids.append(token)
             if req.logprobs is not None:
                 lp, rank, top = logprobs[i]
-                req.logprobs.append(TokenLogprobs(token, lp, rank, top[:req.params.logprobs]))
+                req.logprobs.append(TokenLogprobs(token, lp, rank, top[:req.params.logprobs],
+                                                  self.tokenizer))
                 req.cumulative_logprob += lp
             m = req.metrics
             if m.first_token_time is None:
