@@ -230,6 +230,7 @@ class Engine(EngineLoRA):
         vocab = self.vocab_size
         checks = [("logit_bias", t) for t in (params.logit_bias or {})]
         checks += [("bad_words_token_ids", t) for t in params.bad_words_token_ids]
+        checks += [("allowed_token_ids", t) for t in params.allowed_token_ids or ()]
         for name, t in checks:
             if vocab and t >= vocab:
                 raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})",

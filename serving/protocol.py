@@ -2,7 +2,7 @@
 
 Requests allow extra fields (clients send many; braze reads `ignore_eos`, `top_k`,
 `stop_token_ids`, `add_generation_prompt`, `chat_template_kwargs`, `repetition_penalty`,
-`min_tokens`, `bad_words`, `return_token_ids` among them) and ignore the ones they do not
+`min_tokens`, `bad_words`, `allowed_token_ids`, `return_token_ids` among them) and ignore the ones they do not
 know, except the fields of NOT_YET_SUPPORTED: options of the OpenAI or vLLM API that change
 the output and that braze does not implement yet, which a request may send only at their
 neutral value. Checks pydantic cannot express as field bounds (unsupported options, the
@@ -90,6 +90,7 @@ class _GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_tokens: int = Field(0, ge=0)                                 # vLLM extension
     bad_words: list[str] | None = None                               # vLLM extension
+    allowed_token_ids: list[int] | None = None                       # vLLM extension
     return_token_ids: bool = False                                   # vLLM extension
     prompt_logprobs: int | None = Field(None, ge=0, le=20)           # vLLM extension
     user: str | None = None
@@ -141,7 +142,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
     # vLLM's extra request fields braze does not implement yet
     "spaces_between_special_tokens": (None, True),
-    "allowed_token_ids": _OFF,
     "truncate_prompt_tokens": (None,),
     "priority": (None, 0),
     "logits_processors": _OFF,
@@ -331,6 +331,8 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
         kw["min_tokens"] = req.min_tokens
     if req.bad_words:
         kw["bad_words"] = list(req.bad_words)
+    if req.allowed_token_ids:      # [] as null: clients send it for "unset"
+        kw["allowed_token_ids"] = list(req.allowed_token_ids)
     kw["n"] = req.n
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs:

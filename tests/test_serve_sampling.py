@@ -182,6 +182,26 @@ def test_penalties_bias_min_tokens_and_bad_words(server, run):
         assert r.choices[0].text == want.text != plain.text
 
 
+def test_allowed_token_ids(server, run):
+    """vLLM's allowed_token_ids: the same tokens as the engine, all from the set, in
+    completions and chat; an id outside the vocabulary is a 400 naming the field."""
+    allowed = [7, 30, 31, 99, 150]
+    want = run(IDS, max_tokens=6, allowed_token_ids=allowed)
+    r = server.client.completions.create(
+        model=MODEL, prompt=IDS, max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True, "allowed_token_ids": allowed, "return_token_ids": True})
+    assert r.model_dump()["choices"][0]["token_ids"] == want.token_ids
+    assert set(want.token_ids) <= set(allowed)
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=1,
+        extra_body={"allowed_token_ids": allowed, "return_token_ids": True, "ignore_eos": True})
+    assert set(r.model_dump()["choices"][0]["token_ids"]) <= set(allowed)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=2,
+                                         extra_body={"allowed_token_ids": [5, 10 ** 6]})
+    assert e.value.body["param"] == "allowed_token_ids"
+
+
 def test_min_p(server, run):
     """min_p through the server equals the engine's draw; min_p = 1 keeps only the likeliest
     token, so a hot temperature still decodes greedily."""
