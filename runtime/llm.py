@@ -285,5 +285,7 @@ def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> Reques
                 o.logprobs = o.new_logprobs = o.cumulative_logprob = None
     head = chosen[0]
     head.outputs = list(chosen)
+    for i, o in enumerate(chosen):
+        o.index = i
     head.prompt_logprobs = samples[0].prompt_logprobs     # the first sample computes them
     return head

@@ -166,3 +166,14 @@ def test_logprobs_read_as_vllms_dicts_of_logprob(store, llm):
         assert set(d) == {t, *torch.topk(row, 2).indices.tolist()}
         assert abs(d[t].logprob - row[t].item()) < 1e-4
         assert d[t].decoded_token == tok.decode([t], skip_special_tokens=False)
+
+
+def test_each_sample_carries_its_index(llm):
+    """vLLM's CompletionOutput.index: the sample's place among the prompt's n outputs."""
+    one = llm.generate([1, 5, 6], GREEDY)[0]
+    assert [o.index for o in one.outputs] == [0]
+    many = llm.generate([1, 5, 6], SamplingParams(max_tokens=3, n=3, temperature=1.0, seed=2))[0]
+    best = llm.generate([1, 5, 6], SamplingParams(max_tokens=3, n=2, best_of=4, temperature=1.0,
+                                                  seed=2))[0]
+    assert [o.index for o in many.outputs] == [0, 1, 2]
+    assert [o.index for o in best.outputs] == [0, 1]
