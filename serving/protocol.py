@@ -117,7 +117,7 @@ class _GenerationRequest(BaseModel):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)    # 0: with echo only (vLLM's prompt scoring)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
@@ -228,6 +228,10 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     check_common(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens must be at least 1; 0 only with echo: true, which "
+                          "returns the prompt (and its logprobs) and generates nothing",
+                          "max_tokens")
     best_of = req.best_of
     if best_of is not None and best_of < req.n:
         raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")

@@ -329,6 +329,32 @@ def test_prompt_logprobs_and_echo_with_logprobs(server, run):
     assert [d and sorted(d) for d in with_plp[0]] == [d and sorted(d) for d in r["prompt_logprobs"]]
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt(server, run):
+    """vLLM's prompt scoring: echo with max_tokens 0 returns the prompt's text and its
+    logprobs and generates nothing (plain and streamed); max_tokens 0 without echo is a
+    400 naming max_tokens."""
+    want = run(IDS, max_tokens=1, prompt_logprobs=2)
+    text = run.engine.tokenizer.decode(IDS)
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=0, echo=True,
+                                         logprobs=1)
+    c = r.choices[0]
+    assert c.text == text and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(IDS)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(IDS) and lp.token_logprobs[0] is None
+    for pos in range(1, len(IDS)):
+        assert abs(lp.token_logprobs[pos] - want.prompt_logprobs[pos].logprob) < 1e-4
+    chunks = list(server.client.completions.create(
+        model=MODEL, prompt=IDS, max_tokens=0, echo=True, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens" and "echo" in e.value.body["message"]
+
+
 def test_what_cannot_be_done_is_a_clear_400(server):
     post = server.http.post
     cases = [
