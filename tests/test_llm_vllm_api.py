@@ -177,3 +177,13 @@ def test_each_sample_carries_its_index(llm):
                                                   seed=2))[0]
     assert [o.index for o in many.outputs] == [0, 1, 2]
     assert [o.index for o in best.outputs] == [0, 1]
+
+
+def test_use_tqdm_is_accepted(llm):
+    """vLLM scripts pass use_tqdm= to generate and chat (a progress bar braze does not
+    draw): the outputs are those of a call without it."""
+    plain = llm.generate([[1, 5, 6]], GREEDY)
+    quiet = llm.generate([[1, 5, 6]], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in quiet] == [o.token_ids for o in plain]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert llm.chat(msgs, GREEDY, use_tqdm=False)[0].token_ids == llm.chat(msgs, GREEDY)[0].token_ids
