@@ -176,11 +176,12 @@ class LLM:
                 o.prompt = text
         return outs
 
-    def beam_search(self, prompts, params: BeamSearchParams,
-                    lora_request=None) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, *,
+                    use_tqdm=False) -> list[BeamSearchOutput]:
         """vLLM's beam search: for each prompt (as `generate` takes them) its `beam_width`
         best sequences, best first (runtime/beam_search.py). Each step runs every live
-        beam of every prompt as a one-token request, in one batch."""
+        beam of every prompt as a one-token request, in one batch. `use_tqdm` as in
+        `generate`."""
         params.validate()
         searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids)
                     for p in _prompt_list(prompts)]
