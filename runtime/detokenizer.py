@@ -11,7 +11,8 @@ and the window stays open until the character is complete; at `finish()` whateve
 left comes out as the decoder gives it. So the text never shows a U+FFFD that the
 decode of all tokens at once would not.
 
-Stop strings (OpenAI semantics): the first stop string to complete in the text ends
+Stop strings (OpenAI semantics): the first stop string to complete in the text (once
+more than min_tokens output tokens are out, as vLLM checks them) ends
 it, the text is cut right before that stop string, and no further tokens are taken.
 A stop token (EOS, stop_token_ids) that ends the output adds no text either
 (`leave_out_stop`), unless the request asks for include_stop_str_in_output.
@@ -42,8 +43,11 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], stop: Iterable[str] = (),
-                 skip_special_tokens: bool = True, include_stop: bool = False):
+                 skip_special_tokens: bool = True, include_stop: bool = False,
+                 min_tokens: int = 0):
         self._tok = tokenizer
+        # stop strings count only from the (min_tokens + 1)-th output token on (vLLM's)
+        self._min_tokens = min_tokens
         self._skip = skip_special_tokens
         self._include_stop = include_stop     # cut after the stop string, not before it
         self.stop = [s for s in dict.fromkeys(stop) if s]     # unique, in order
@@ -187,8 +191,10 @@ class IncrementalDetokenizer:
             return None
         searched = self._tail + delta
         best = None                                    # (end, -len, index, stop)
-        for s in self.stop:
-            i = searched.find(s)
+        for s in self.stop if self.num_tokens > self._min_tokens else ():
+            # only a match ending in the new text: one inside the tail came before
+            # min_tokens tokens were out (an earlier one would have ended the text)
+            i = searched.find(s, max(0, len(self._tail) - len(s) + 1))
             if i >= 0:
                 key = (i + len(s), -len(s), i, s)
                 best = key if best is None or key < best else best

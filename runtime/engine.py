@@ -160,7 +160,8 @@ class Engine(EngineLoRA):
             req.detok = IncrementalDetokenizer(
                 self.tokenizer, ids, stop=params.stop,
                 skip_special_tokens=params.skip_special_tokens,
-                include_stop=params.include_stop_str_in_output)
+                include_stop=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens)
         elif params.stop:
             raise BrazeError("stop strings need a tokenizer and this artifact has none; "
                              "use stop_token_ids", param="stop")
@@ -229,6 +230,7 @@ class Engine(EngineLoRA):
         vocab = self.vocab_size
         checks = [("logit_bias", t) for t in (params.logit_bias or {})]
         checks += [("bad_words_token_ids", t) for t in params.bad_words_token_ids]
+        checks += [("allowed_token_ids", t) for t in params.allowed_token_ids or ()]
         for name, t in checks:
             if vocab and t >= vocab:
                 raise BrazeError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})",
@@ -418,7 +420,7 @@ class Engine(EngineLoRA):
             for j, (lp, rank, top) in enumerate(entries):
                 pos = first + j
                 req.prompt_logprobs[pos] = TokenLogprobs(req.prompt_token_ids[pos], lp, rank,
-                                                         top[:want])
+                                                         top[:want], self.tokenizer)
         self.scheduler.commit(sched)
         if self.offload is not None:
             self._offload_new_blocks()
@@ -438,7 +440,8 @@ class Engine(EngineLoRA):
             all_ids.append(token)
             if req.logprobs is not None:
                 lp, rank, top = logprobs[i]
-                req.logprobs.append(TokenLogprobs(token, lp, rank, top[:req.params.logprobs]))
+                req.logprobs.append(TokenLogprobs(token, lp, rank, top[:req.params.logprobs],
+                                                  self.tokenizer))
                 req.cumulative_logprob += lp
             m = req.metrics
             if m.first_token_time is None:
@@ -447,7 +450,9 @@ class Engine(EngineLoRA):
             p = req.params
             reason = None
             if token in req.stop_ids:
-                reason, req.stop_reason = "stop", token
+                # vLLM's stop_reason: the stop token id, None for EOS (not a stop_token_ids one)
+                reason = "stop"
+                req.stop_reason = token if token in p.stop_token_ids else None
                 if req.detok is not None and not p.include_stop_str_in_output:
                     req.detok.leave_out_stop(len(req.output_token_ids))   # vLLM's text
             if p.stop and req.detok is not None:   # (a stop token left out adds no text)

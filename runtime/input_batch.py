@@ -338,7 +338,8 @@ class PersistentBatch:
             prompt_len = self.prompt_len[rows]
             tail = torch.where(pos >= prompt_len[:, None],
                                self.token_ids[rows[:, None], pos.clamp(min=0)], -2)
-        proc = s.processing(rows, bias=bias, penalties=penalties, tokens=tokens,
+        proc = s.processing(rows, bias=bias, penalties=penalties,
+                            allowed=bias and s.needs_allowed(host_rows), tokens=tokens,
                             prompt_len=self.prompt_len[rows] if penalties else None,
                             seq_len=seq_lens.to(I64) if penalties else None, tail=tail)
         if greedy:

@@ -62,7 +62,8 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request=None, *, sampling_params=None,
-                 kv_transfer_params: dict | list | None = None) -> list[RequestOutput]:
+                 kv_transfer_params: dict | list | None = None,
+                 use_tqdm=True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
         {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
@@ -75,6 +76,7 @@ class LLM:
         (--kv-offload-*), as the server's field of that name: {"max_load_tokens": N (0:
         load nothing), "store": false (keep its blocks out of them)}, for all prompts or
         one per prompt (None: no limits).
+        use_tqdm: vLLM's progress-bar switch, accepted for vLLM scripts; braze draws none.
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
@@ -137,11 +139,12 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              lora_request=None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, use_tqdm=True) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
-        of conversations. `chat_template_kwargs` and `tools` are passed to the template.
+        of conversations. `chat_template_kwargs` and `tools` are passed to the template;
+        `use_tqdm` as in `generate`.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
         from .chat_template import ChatPrompter, template_source
         if self.tokenizer is None:
@@ -173,11 +176,12 @@ class LLM:
                 o.prompt = text
         return outs
 
-    def beam_search(self, prompts, params: BeamSearchParams,
-                    lora_request=None) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, *,
+                    use_tqdm=False) -> list[BeamSearchOutput]:
         """vLLM's beam search: for each prompt (as `generate` takes them) its `beam_width`
         best sequences, best first (runtime/beam_search.py). Each step runs every live
-        beam of every prompt as a one-token request, in one batch."""
+        beam of every prompt as a one-token request, in one batch. `use_tqdm` as in
+        `generate`."""
         params.validate()
         searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids)
                     for p in _prompt_list(prompts)]
@@ -285,5 +289,7 @@ def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> Reques
                 o.logprobs = o.new_logprobs = o.cumulative_logprob = None
     head = chosen[0]
     head.outputs = list(chosen)
+    for i, o in enumerate(chosen):
+        o.index = i
     head.prompt_logprobs = samples[0].prompt_logprobs     # the first sample computes them
     return head

@@ -185,7 +185,8 @@ def could_speculate(req) -> bool:
     p = req.params
     return (req.matcher is None and req.grammar is None and p.logprobs is None
             and p.prompt_logprobs is None and not p.penalties and not p.logit_bias
-            and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids)
+            and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids
+            and p.allowed_token_ids is None)
 
 
 class MTPProposer:

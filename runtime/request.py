@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -60,15 +61,61 @@ class RequestMetrics:
                 "num_preemptions": self.num_preemptions}
 
 
-class TokenLogprobs:
+class Logprob:
+    """vLLM's Logprob: one token's entry in a TokenLogprobs read as a dict."""
+
+    __slots__ = ("logprob", "rank", "decoded_token")
+
+    def __init__(self, logprob: float, rank: int | None, decoded_token: str | None = None):
+        self.logprob, self.rank, self.decoded_token = logprob, rank, decoded_token
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Logprob) and (self.logprob, self.rank, self.decoded_token) == (
+            other.logprob, other.rank, other.decoded_token)
+
+    def __repr__(self) -> str:
+        return (f"Logprob(logprob={self.logprob}, rank={self.rank}, "
+                f"decoded_token={self.decoded_token!r})")
+
+
+class TokenLogprobs(Mapping):
     """The model's raw logprobs at one output position: the sampled `token_id`, its
     `logprob` and `rank` (1 = most likely), and `top`: [(token id, logprob), ...] of the
-    N most likely, best first (N = the request's `logprobs`)."""
+    N most likely, best first (N = the request's `logprobs`).
 
-    __slots__ = ("token_id", "logprob", "rank", "top")
+    It also reads as vLLM's dict {token id: Logprob}: the sampled token first, then the
+    top N (one entry per id), each with its text when the engine has a tokenizer."""
 
-    def __init__(self, token_id: int, logprob: float, rank: int, top: list):
+    __slots__ = ("token_id", "logprob", "rank", "top", "tokenizer")
+
+    def __init__(self, token_id: int, logprob: float, rank: int, top: list, tokenizer=None):
         self.token_id, self.logprob, self.rank, self.top = token_id, logprob, rank, top
+        self.tokenizer = tokenizer
+
+    def _entry(self, tid: int, logprob: float, rank: int) -> Logprob:
+        text = (None if self.tokenizer is None     # special tokens by name, as the server's
+                else self.tokenizer.decode([tid], skip_special_tokens=False))
+        return Logprob(logprob, rank, text)
+
+    def __getitem__(self, tid) -> Logprob:
+        for r, (t, v) in enumerate(self.top, 1):
+            if t == tid:
+                return self._entry(t, v, r)
+        if tid == self.token_id:
+            return self._entry(tid, self.logprob, self.rank)
+        raise KeyError(tid)
+
+    def __iter__(self):
+        yield self.token_id
+        yield from (t for t, _ in self.top if t != self.token_id)
+
+    def __len__(self) -> int:
+        return 1 + sum(t != self.token_id for t, _ in self.top)
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other) -> bool:
+        return self is other
 
     def __repr__(self) -> str:
         return f"TokenLogprobs({self.token_id}, {self.logprob:.4f}, rank={self.rank}, top={self.top})"
@@ -91,7 +138,7 @@ class RequestOutput:
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "new_token_ids", "finished",
                  "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy",
                  "logprobs", "new_logprobs", "cumulative_logprob", "outputs", "prompt_logprobs",
-                 "prompt")
+                 "prompt", "index")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], token_ids: list[int],
                  text: str | None, new_token_ids: list[int] | None = None, new_text: str = "",
@@ -103,7 +150,7 @@ class RequestOutput:
         self.new_token_ids = new_token_ids if new_token_ids is not None else []
         self.finished = finished
         self.finish_reason = finish_reason   # "stop", "length" or "abort" once finished
-        self.stop_reason = stop_reason       # the stop token id or stop string that ended it
+        self.stop_reason = stop_reason       # the stop token id or string that ended it; None: EOS
         self.metrics = metrics if metrics is not None else {}
         self._text, self._new_text = text, new_text
         self._lazy = lazy                    # (detokenizer, tokens upto) to decode on demand
@@ -116,6 +163,7 @@ class RequestOutput:
         # are those of outputs[0], which is itself); None in the engine's step reports
         self.outputs: list[RequestOutput] | None = None
         self.prompt: str | None = None       # LLM.generate: the prompt, when it was text
+        self.index = 0                       # vLLM's: its place in the prompt's `outputs`
         # with SamplingParams.prompt_logprobs: None for the first prompt token, then a
         # TokenLogprobs per prompt token (its logprob given the tokens before it)
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -33,11 +33,15 @@ from .uploads import upload_values
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024          # OpenAI allows 300; vLLM any. Entries per request.
+MAX_ALLOWED_TOKEN_IDS = 4096   # allowed_token_ids per request (they widen the bias table)
 MAX_LOGPROBS = 20              # OpenAI's top_logprobs limit
 MAX_N = 128                    # samples per prompt (n, best_of): bounds the fan-out
 MAX_REPETITION_PENALTY = 100.0
 OUTPUT_KINDS = ("delta", "final")
 SEED_LIMIT = 1 << 63          # seeds are in [0, 2**63)
+# below this temperature a request samples greedily (vLLM's _SAMPLING_EPS): logits divided
+# by a tiny temperature overflow float32
+GREEDY_BELOW = 1e-5
 
 
 def _is_int(v) -> bool:
@@ -51,7 +55,7 @@ def _is_real(v) -> bool:
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16       # None: up to max_model_len, as in vLLM
-    temperature: float = 0.0          # 0 = greedy
+    temperature: float = 0.0          # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 (or -1) = no limit
     # vLLM's min_p: drop tokens less likely than min_p times the likeliest (0 = off)
@@ -73,9 +77,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI: minus this times the token's count in the output
     repetition_penalty: float = 1.0   # HF/vLLM: prompt + output tokens: logit / p if > 0 else * p
     logit_bias: dict[int, float] | None = None   # token id -> bias, each in [-100, 100]
-    min_tokens: int = 0               # EOS and stop_token_ids banned until this many are out
+    min_tokens: int = 0               # EOS, stop_token_ids, stop strings held back until this many are out
     bad_words: list[str] = field(default_factory=list)   # words never generated
     bad_words_token_ids: list[int] = field(default_factory=list)   # ids never generated
+    allowed_token_ids: list[int] | None = None   # vLLM's: only these ids are generated
     # what is reported: raw model logprobs (vLLM's default logprobs_mode "raw_logprobs")
     logprobs: int | None = None       # None: none; N >= 0: the sampled token's and top N
     # each prompt token's logprob given the tokens before it, and the top N (vLLM); needs
@@ -109,6 +114,8 @@ class SamplingParams:
             self.bad_words_token_ids = []
         elif isinstance(self.bad_words_token_ids, tuple):
             self.bad_words_token_ids = list(self.bad_words_token_ids)
+        if isinstance(self.allowed_token_ids, (tuple, set, frozenset)):
+            self.allowed_token_ids = list(self.allowed_token_ids)
 
     def validate(self) -> None:
         """Raise BrazeError naming the first bad parameter and its value."""
@@ -202,6 +209,15 @@ class SamplingParams:
         v = self.bad_words_token_ids
         if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
             raise BrazeError(f"bad_words_token_ids must be a list of token ids >= 0, got {v!r}", param="bad_words_token_ids")
+        v = self.allowed_token_ids
+        if v is not None and (not isinstance(v, list) or not v
+                              or not all(_is_int(t) and t >= 0 for t in v)):
+            raise BrazeError(f"allowed_token_ids must be null or a non-empty list of token ids "
+                             f">= 0, got {v!r}", param="allowed_token_ids")
+        if v is not None and len(v) > MAX_ALLOWED_TOKEN_IDS:
+            raise BrazeError(f"allowed_token_ids has {len(v)} ids; at most "
+                             f"{MAX_ALLOWED_TOKEN_IDS} are allowed (ban the others with "
+                             "bad_words_token_ids instead)", param="allowed_token_ids")
         v = self.logprobs
         if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
             raise BrazeError(f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {v!r}", param="logprobs")
@@ -219,7 +235,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def filters(self) -> bool:
@@ -358,18 +374,29 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
 # say) is one more function called from `process_logits`.
 
 NEVER = 1 << 62        # an "until" counter no request reaches: the entry always applies
+ALLOWED = -1           # the "until" of an allowed_token_ids entry: it adds nothing itself,
+                       # and a row with any bans every token it does not list
 
 
 def apply_sparse_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
-                      until: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+                      until: torch.Tensor, counters: torch.Tensor,
+                      allowed: bool = False) -> torch.Tensor:
     """Add values[s, j] to logits[s, ids[s, j]] while counters[s] < until[s, j].
 
     One table holds logit_bias (finite values), bad words (-inf) and min_tokens (-inf for
     EOS and stop ids until the row's min_tokens); unused entries are (id 0, value 0).
     One scatter_add into a copy of the logits: O(S * W) work past the copy.
+    `allowed` (some row has allowed_token_ids, whose entries' until is ALLOWED): a row
+    with such entries keeps only their ids, the others become -inf (one more [S, V] pass).
     """
     live = counters[:, None] < until
-    return logits.scatter_add(1, ids, torch.where(live, values, 0.0))
+    out = logits.scatter_add(1, ids, torch.where(live, values, 0.0))
+    if allowed:
+        allow = until == ALLOWED
+        mask = torch.full_like(out, float("-inf")).scatter_reduce_(
+            1, ids, torch.zeros_like(values).masked_fill_(~allow, float("-inf")), "amax")
+        out = out + torch.where(allow.any(dim=1, keepdim=True), mask, 0.0)
+    return out
 
 
 def apply_bad_word_sequences(logits: torch.Tensor, prefix: torch.Tensor, last: torch.Tensor,
@@ -419,6 +446,7 @@ class Processing:
     """Per-row inputs of the logits-processing steps for one step's rows; a None group
     skips its step (the host knows from its mirrors which steps any row needs)."""
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # ids, values, until
+    allowed: bool = False     # a row of `bias` lists allowed_token_ids (apply_sparse_bias)
     bad_words: tuple[torch.Tensor, ...] | None = None   # prefix, last, live, tail
     penalties: tuple[torch.Tensor, ...] | None = None   # tokens, prompt_len, seq_len, pres, freq, rep
 
@@ -434,7 +462,7 @@ def process_logits(logits: torch.Tensor, counters: torch.Tensor | None,
     if proc is None:
         return logits
     if proc.bias is not None:
-        logits = apply_sparse_bias(logits, *proc.bias, counters)
+        logits = apply_sparse_bias(logits, *proc.bias, counters, allowed=proc.allowed)
     if proc.bad_words is not None:
         logits = apply_bad_word_sequences(logits, *proc.bad_words)
     if proc.penalties is not None:
@@ -544,10 +572,12 @@ def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> 
 def bias_entries(params: SamplingParams, stop_ids: Iterable[int] = (),
                  bad_ids: Iterable[int] = ()) -> list[tuple[int, float, int]]:
     """The (token id, value, until) rows of a request's sparse bias table: logit_bias,
-    single-token bad words (-inf always), and EOS/stop ids banned (-inf) while fewer than
-    min_tokens tokens are out. `stop_ids`: the ids that would end it (EOS unless
-    ignore_eos, and stop_token_ids); `bad_ids`: bad words' token ids."""
+    single-token bad words (-inf always), EOS/stop ids banned (-inf) while fewer than
+    min_tokens tokens are out, and allowed_token_ids (until ALLOWED). `stop_ids`: the ids
+    that would end it (EOS unless ignore_eos, and stop_token_ids); `bad_ids`: bad words'
+    token ids."""
     out = [(t, b, NEVER) for t, b in (params.logit_bias or {}).items()]
+    out += [(t, 0.0, ALLOWED) for t in dict.fromkeys(params.allowed_token_ids or ())]
     out += [(t, float("-inf"), NEVER) for t in dict.fromkeys(bad_ids)]
     if params.min_tokens > 0:
         out += [(t, float("-inf"), params.min_tokens) for t in dict.fromkeys(stop_ids)]
@@ -592,6 +622,7 @@ class SamplingTensors:
         self._num_filtering = 0               # the per-row checks are skipped
         self._penalties = [False] * max_rows
         self._bias = [False] * max_rows
+        self._allowed = [False] * max_rows    # its bias entries hold allowed_token_ids
         self._bad_words = [False] * max_rows
         self._logprobs = [-1] * max_rows      # top count reported, -1: no logprobs
         # slots whose last request used any of those (a step with none of them among its
@@ -617,7 +648,7 @@ class SamplingTensors:
         def put(dst: torch.Tensor, values) -> None:
             dst.index_copy_(0, idx, upload_values(values, dst.dtype, self.device))
 
-        put(self.temperature, [float(p.temperature) for p in params])
+        put(self.temperature, [0.0 if p.greedy else float(p.temperature) for p in params])
         put(self.top_k, [int(p.top_k) if p.top_k > 0 else 0 for p in params])
         put(self.top_p, [float(p.top_p) for p in params])
         put(self.min_p, [float(p.min_p) for p in params])
@@ -641,6 +672,7 @@ class SamplingTensors:
             self._set_flags(r, p.greedy, p.filters)
             self._penalties[r] = p.penalties
             self._bias[r] = bool(e)
+            self._allowed[r] = any(u == ALLOWED for _, _, u in e)
             self._logprobs[r] = -1 if p.logprobs is None else int(p.logprobs)
             if self._penalties[r] or self._bias[r] or self._bad_words[r] or self._logprobs[r] >= 0:
                 self._optioned.add(r)
@@ -726,6 +758,9 @@ class SamplingTensors:
     def needs_bias(self, rows: Iterable[int]) -> bool:
         return any(self._bias[r] for r in rows)
 
+    def needs_allowed(self, rows: Iterable[int]) -> bool:
+        return any(self._allowed[r] for r in rows)
+
     def num_logprobs(self, rows: Iterable[int]) -> int:
         """The largest top count the rows report; -1 when none reports logprobs."""
         return max((self._logprobs[r] for r in rows), default=-1)
@@ -739,6 +774,7 @@ class SamplingTensors:
         return self.bw_prefix.shape[2]
 
     def processing(self, rows: torch.Tensor, *, bias: bool, penalties: bool,
+                   allowed: bool = False,
                    tokens: torch.Tensor | None = None, prompt_len: torch.Tensor | None = None,
                    seq_len: torch.Tensor | None = None, tail: torch.Tensor | None = None
                    ) -> Processing | None:
@@ -753,6 +789,7 @@ class SamplingTensors:
             proc.bad_words = (self.bw_prefix[rows], self.bw_last[rows], self.bw_live[rows], tail)
         if bias:
             proc.bias = (self.bias_ids[rows], self.bias_values[rows], self.bias_until[rows])
+            proc.allowed = allowed
         if penalties:
             proc.penalties = (tokens, prompt_len, seq_len, self.presence[rows],
                               self.frequency[rows], self.repetition[rows])

@@ -212,7 +212,8 @@ def eligible(req) -> bool:
             and not req.kv_loading
             and req.matcher is None and req.grammar is None and p.logprobs is None
             and p.prompt_logprobs is None and not p.penalties and not p.logit_bias
-            and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids)
+            and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids
+            and p.allowed_token_ids is None)
 
 
 # ------------------------------------------------------------------------ the engine side

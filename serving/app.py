@@ -254,7 +254,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                    for p in texts]
         longest = max(len(ids) for _, ids in prompts)
         if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
-            max_tokens = body.max_tokens
+            # echo with max_tokens 0 (vLLM's prompt scoring): one token is run, not shown
+            max_tokens = max(1, body.max_tokens)
             if longest < svc.max_model_len:      # else the engine says the prompt is too long
                 check_context(longest, max_tokens, svc.max_model_len, "max_tokens")
         else:                     # the OpenAI default, 16, as far as the context allows
@@ -375,6 +376,8 @@ class _Job:
         self.arrival = time.monotonic()
         self.outcome = "abort"
         self.echo = bool(getattr(body, "echo", False))
+        # echo with max_tokens 0: the prompt alone is the answer (its one token is dropped)
+        self.prompt_only = not chat and self.echo and getattr(body, "max_tokens", None) == 0
         self.want_logprobs = params.logprobs is not None
         self.token_ids = bool(getattr(body, "return_token_ids", False))
         so = getattr(body, "stream_options", None)
@@ -539,7 +542,7 @@ class _Job:
                     yield chunk([first], **extra)
             async for c, out in self._outputs():
                 c.last = out
-                c.num_sent += len(out.new_token_ids)
+                c.num_sent += 0 if self.prompt_only else len(out.new_token_ids)
                 if not self.chat and self.echo and not c.echoed:
                     # the prompt first (once its logprobs, if asked for, are known)
                     c.echoed = c.started = True
@@ -553,6 +556,10 @@ class _Job:
                     yield chunk([first])
                 if out.finished and out.finish_reason not in ("stop", "length"):
                     raise Aborted(f"the request ended with finish_reason {out.finish_reason!r}")
+                if self.prompt_only:
+                    if out.finished:
+                        yield chunk([R.completion_choice(c.index, "", "length")])
+                    continue
                 reason = out.finish_reason if out.finished else None
                 if self.tools is not None:    # chat text through the tool-call parser
                     if c.streamer is None:
@@ -672,7 +679,10 @@ class _Job:
             if echo_lp is not None and lp is not None:
                 lp = {k: echo_lp[k] + lp[k] for k in lp}
             ids = list(out.token_ids) if self.token_ids else None
-            stop_reason = out.stop_reason
+            stop_reason, finish = out.stop_reason, out.finish_reason
+            if self.prompt_only:        # the prompt alone: its run's one token dropped
+                text, lp, stop_reason, finish = "", echo_lp, None, "length"
+                ids = [] if self.token_ids else None
             if self.chat and self.tools is not None:
                 content, calls = final_message(self.tools.parse(text, True))
                 reason = self.tools.finish_reason(len(calls), out.finish_reason)
@@ -684,7 +694,7 @@ class _Job:
             else:
                 if self.echo:
                     text = self._prompt_text(c) + text
-                ch = R.completion_choice(index, text, out.finish_reason, lp, stop_reason,
+                ch = R.completion_choice(index, text, finish, lp, stop_reason,
                                          c.prompt_ids if self.token_ids else None, ids)
                 plp = self._prompt_logprobs(out)
                 if plp is not None:
@@ -712,7 +722,8 @@ class _Job:
                 return
 
     def _usage(self) -> dict:
-        n_out = sum(len(c.last.token_ids) for c in self.choices if c.last is not None)
+        n_out = 0 if self.prompt_only else sum(len(c.last.token_ids) for c in self.choices
+                                               if c.last is not None)
         return R.usage(self.num_prompt_tokens, n_out)
 
     def _log(self) -> None:

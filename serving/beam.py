@@ -30,7 +30,7 @@ _REFUSED = {"stream": (None, False), "logprobs": (None, False), "top_logprobs": 
             "echo": (None, False), "best_of": (None,), "prompt_logprobs": (None,),
             "response_format": (None,), "structured_outputs": (None,),
             "tools": (None, []), "stop": (None, [], ""), "logit_bias": (None, {}),
-            "bad_words": (None, []), "min_tokens": (None, 0),
+            "bad_words": (None, []), "min_tokens": (None, 0), "allowed_token_ids": (None, []),
             **{field: (None,) for field in GUIDED}}
 
 

@@ -2,7 +2,7 @@
 
 Requests allow extra fields (clients send many; braze reads `ignore_eos`, `top_k`,
 `stop_token_ids`, `add_generation_prompt`, `chat_template_kwargs`, `repetition_penalty`,
-`min_tokens`, `bad_words`, `return_token_ids` among them) and ignore the ones they do not
+`min_tokens`, `bad_words`, `allowed_token_ids`, `return_token_ids` among them) and ignore the ones they do not
 know, except the fields of NOT_YET_SUPPORTED: options of the OpenAI or vLLM API that change
 the output and that braze does not implement yet, which a request may send only at their
 neutral value. Checks pydantic cannot express as field bounds (unsupported options, the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class APIError(Exception):
@@ -90,6 +90,7 @@ class _GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_tokens: int = Field(0, ge=0)                                 # vLLM extension
     bad_words: list[str] | None = None                               # vLLM extension
+    allowed_token_ids: list[int] | None = None                       # vLLM extension
     return_token_ids: bool = False                                   # vLLM extension
     prompt_logprobs: int | None = Field(None, ge=0, le=20)           # vLLM extension
     user: str | None = None
@@ -102,6 +103,13 @@ class _GenerationRequest(BaseModel):
     use_beam_search: bool = False
     length_penalty: float = 1.0
 
+    @field_validator("stream", "n", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """The OpenAI spec lets these be null (clients generated from it send null for
+        what is unset): null reads as the field's default."""
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -109,7 +117,7 @@ class _GenerationRequest(BaseModel):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)    # 0: with echo only (vLLM's prompt scoring)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
@@ -134,7 +142,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
     # vLLM's extra request fields braze does not implement yet
     "spaces_between_special_tokens": (None, True),
-    "allowed_token_ids": _OFF,
     "truncate_prompt_tokens": (None,),
     "priority": (None, 0),
     "logits_processors": _OFF,
@@ -221,6 +228,10 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     check_common(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens must be at least 1; 0 only with echo: true, which "
+                          "returns the prompt (and its logprobs) and generates nothing",
+                          "max_tokens")
     best_of = req.best_of
     if best_of is not None and best_of < req.n:
         raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
@@ -324,6 +335,8 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
         kw["min_tokens"] = req.min_tokens
     if req.bad_words:
         kw["bad_words"] = list(req.bad_words)
+    if req.allowed_token_ids:      # [] as null: clients send it for "unset"
+        kw["allowed_token_ids"] = list(req.allowed_token_ids)
     kw["n"] = req.n
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs:
@@ -337,6 +350,9 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
     if plp is not None:
         kw["prompt_logprobs"] = plp
     return kw
+
+
+_UNION_BRANCHES = ("str", "int", "float", "bool")
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -353,9 +369,12 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return "the request body is missing: send a JSON object", None
     if kind in ("model_attributes_type", "dict_type") and not loc:
         return "the request body must be a JSON object", None
-    # a union (prompt: str | list...) reports one error per branch; the field is what matters
+    # a union (prompt: str | list...) reports one error per branch, named by its type
+    # ("str", "list[int]"): the field is what matters (not a field that starts like one:
+    # "stream", "structured_outputs")
     param = loc[0] if loc else None
-    where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-")))
+    where = ".".join(x for x in loc if x not in _UNION_BRANCHES
+                     and not x.startswith(("list[", "dict[", "function-")))
     msg = e.get("msg", "invalid value")
     return (f"{where}: {msg}" if where else msg), param
 

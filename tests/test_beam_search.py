@@ -58,6 +58,10 @@ def test_width_one_is_greedy_decoding(llm):
     (out,) = llm.beam_search(PROMPT[:9], BeamSearchParams(beam_width=1, max_tokens=6,
                                                           ignore_eos=True))
     assert out.sequences[0].token_ids == list(greedy.token_ids)
+    # vLLM's LLM.beam_search takes use_tqdm= (a progress bar braze does not draw)
+    (quiet,) = llm.beam_search(PROMPT[:9], BeamSearchParams(beam_width=1, max_tokens=6,
+                                                            ignore_eos=True), use_tqdm=False)
+    assert quiet.sequences[0].token_ids == out.sequences[0].token_ids
 
 
 def _step(search: BeamSearch, tops):

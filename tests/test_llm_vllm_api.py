@@ -134,3 +134,56 @@ def test_max_tokens_none_generates_up_to_max_model_len(llm):
     assert out.token_ids == counted.token_ids
     with pytest.raises(BrazeError, match="max_tokens"):
         llm.generate(prompt, SamplingParams(max_tokens=0))
+
+
+def test_logprobs_read_as_vllms_dicts_of_logprob(store, llm):
+    """vLLM's `outputs[0].logprobs[i]` and `prompt_logprobs[i]` are dicts {token id:
+    Logprob(logprob, rank, decoded_token)}: the sampled (or prompt) token and the top N.
+    Checked against transformers' log_softmax."""
+    import torch
+    model = hf_model(store.checkpoint("llama"))
+    tok = llm.get_tokenizer()
+    prompt = [1, 40, 41, 42, 43]
+    out = llm.generate(prompt, SamplingParams(max_tokens=4, temperature=1.0, seed=3,
+                                              ignore_eos=True, logprobs=3,
+                                              prompt_logprobs=2))[0]
+    gen = out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt + gen])).logits[0].double(), -1)
+    for i, (t, d) in enumerate(zip(gen, out.outputs[0].logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        top = torch.topk(row, 3).indices.tolist()
+        assert list(d)[0] == t and set(d) == {t, *top} and len(d) == len({t, *top})
+        assert t in d and 10 ** 6 not in d and d.get(10 ** 6) is None
+        for tid, lp in d.items():
+            assert abs(lp.logprob - row[tid].item()) < 1e-4
+            assert lp.rank == int((row > row[tid] + 1e-6).sum()) + 1
+            assert lp.decoded_token == tok.decode([tid], skip_special_tokens=False)
+    assert out.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        d, row = out.prompt_logprobs[pos], ref[pos - 1]
+        t = prompt[pos]
+        assert set(d) == {t, *torch.topk(row, 2).indices.tolist()}
+        assert abs(d[t].logprob - row[t].item()) < 1e-4
+        assert d[t].decoded_token == tok.decode([t], skip_special_tokens=False)
+
+
+def test_each_sample_carries_its_index(llm):
+    """vLLM's CompletionOutput.index: the sample's place among the prompt's n outputs."""
+    one = llm.generate([1, 5, 6], GREEDY)[0]
+    assert [o.index for o in one.outputs] == [0]
+    many = llm.generate([1, 5, 6], SamplingParams(max_tokens=3, n=3, temperature=1.0, seed=2))[0]
+    best = llm.generate([1, 5, 6], SamplingParams(max_tokens=3, n=2, best_of=4, temperature=1.0,
+                                                  seed=2))[0]
+    assert [o.index for o in many.outputs] == [0, 1, 2]
+    assert [o.index for o in best.outputs] == [0, 1]
+
+
+def test_use_tqdm_is_accepted(llm):
+    """vLLM scripts pass use_tqdm= to generate and chat (a progress bar braze does not
+    draw): the outputs are those of a call without it."""
+    plain = llm.generate([[1, 5, 6]], GREEDY)
+    quiet = llm.generate([[1, 5, 6]], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in quiet] == [o.token_ids for o in plain]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert llm.chat(msgs, GREEDY, use_tqdm=False)[0].token_ids == llm.chat(msgs, GREEDY)[0].token_ids

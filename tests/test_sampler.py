@@ -346,6 +346,21 @@ def test_sampling_tensors_fill_rows_and_sample_with_given_counters():
                                          min_p=torch.full((400,), 0.3)))
 
 
+def test_temperatures_below_vllms_epsilon_are_greedy():
+    """vLLM samples greedily below temperature 1e-5; dividing by a tiny temperature
+    instead overflowed to inf (1e-39: tokens unrelated to the logits)."""
+    logits = _logits(7, 4, 300)
+    temps = [1e-39, 1e-20, 1e-6, 0.0]
+    st_ = SamplingTensors(4)
+    st_.set_rows([0, 1, 2, 3], [SamplingParams(temperature=t, top_k=5, seed=9) for t in temps],
+                 [9] * 4)
+    assert st_.all_greedy(range(4)) and not st_.needs_filter(range(4))
+    rows, counters = torch.arange(4), torch.arange(4)
+    assert torch.equal(st_.sample(logits, rows, counters), logits.argmax(dim=-1))
+    assert torch.equal(st_.sample(logits, rows, counters, filter=True, greedy_only=False),
+                       logits.argmax(dim=-1))
+
+
 _flag_ops = st.lists(st.tuples(st.sampled_from(["set", "release"]), st.integers(0, 5),
                                st.floats(0.0, 2.0), st.sampled_from([0, 3]),
                                st.sampled_from([1.0, 0.5])), max_size=30)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from braze.ir.errors import BrazeError
 from braze.runtime.sampler import (
+    ALLOWED,
     NEVER,
     Processing,
     SamplingParams,
@@ -340,3 +341,32 @@ def test_processed_sampling_replays_in_a_cuda_graph():
     counters.add_(1)
     graph.replay()
     assert torch.equal(captured[0], run()[0])
+
+
+def test_allowed_token_ids_entries_keep_only_their_ids():
+    """A row with allowed_token_ids entries keeps those ids (plus its bias) and nothing
+    else; a row without them is untouched (the reference: a loop over the vocabulary)."""
+    logits = _logits(4, 3, 12)
+    p = SamplingParams(allowed_token_ids=[3, 7, 7, 10], logit_bias={7: 2.0, 5: 1.0})
+    p.validate()
+    e = bias_entries(p)
+    assert sorted(x for x in e if x[2] == ALLOWED) == [(3, 0.0, ALLOWED), (7, 0.0, ALLOWED),
+                                                        (10, 0.0, ALLOWED)]
+    rows = [e, [(5, -1.0, NEVER)], []]
+    w = max(map(len, rows))
+    pad = [r + [(0, 0.0, 0)] * (w - len(r)) for r in rows]
+    ids = torch.tensor([[t for t, _, _ in r] for r in pad])
+    vals = torch.tensor([[v for _, v, _ in r] for r in pad])
+    until = torch.tensor([[u for _, _, u in r] for r in pad])
+    out = apply_sparse_bias(logits, ids, vals, until, torch.zeros(3, dtype=torch.int64),
+                            allowed=True)
+    want = logits.clone()
+    for v in range(12):
+        want[0, v] = logits[0, v] + {7: 2.0}.get(v, 0.0) if v in (3, 7, 10) else float("-inf")
+    want[1, 5] -= 1.0
+    assert torch.equal(out, want)
+    st_ = SamplingTensors(4)
+    st_.set_rows([1, 2], [p, SamplingParams()], [0, 0], [e, []])
+    assert st_.needs_allowed([1]) and not st_.needs_allowed([2])
+    st_.set_rows([1], [SamplingParams()], [0], [[]])        # the slot is reused
+    assert not st_.needs_allowed([1])

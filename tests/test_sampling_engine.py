@@ -287,3 +287,28 @@ def test_multi_token_bad_words_are_never_completed(art, lag):
 
 
 GREEDY_12 = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def test_allowed_token_ids_restrict_every_step_to_the_set(eng, model):
+    """vLLM's allowed_token_ids: greedy picks the likeliest allowed token of transformers'
+    logits at every step (in a batch with an unrestricted request, which is unchanged);
+    sampling never leaves the set; ids outside the vocabulary are refused."""
+    prompts = prompts_of([5, 9], seed=21)
+    allowed = [7, 30, 31, 99, 150]
+    free = run_all(eng, prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    outs = run_all(eng, prompts, [SamplingParams(max_tokens=6, ignore_eos=True,
+                                                 allowed_token_ids=allowed),
+                                  SamplingParams(max_tokens=6, ignore_eos=True)])
+    logits = _hf_logits(model, prompts[0], outs[0].token_ids)
+    mask = torch.full_like(logits[0], float("-inf"))
+    mask[allowed] = 0
+    assert outs[0].token_ids == (logits + mask).argmax(dim=-1).tolist()
+    assert outs[1].token_ids == free[1].token_ids
+    many = run_all(eng, prompts, SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.5,
+                                                seed=4, allowed_token_ids=allowed, n=1))
+    assert all(set(o.token_ids) <= set(allowed) for o in many)
+    with pytest.raises(BrazeError, match="allowed_token_ids.*99999"):
+        eng.add_request("at", prompts[0], SamplingParams(allowed_token_ids=[5, 99999]))
+    for bad in ([], [-1], "7"):
+        with pytest.raises(BrazeError, match="allowed_token_ids"):
+            SamplingParams(allowed_token_ids=bad).validate()

@@ -701,6 +701,38 @@ def test_protocol_checks():
     assert param == "top_k" and msg.startswith("top_k: ")
 
 
+def test_validation_messages_name_fields_that_start_like_a_union_branch():
+    """`stream`, `stream_options` and `structured_outputs` start with "str", the name
+    pydantic gives a union's string branch: the message still names them."""
+    from pydantic import ValidationError
+
+    from braze.serving.protocol import ChatCompletionRequest, CompletionRequest, validation_message
+    cases = [(CompletionRequest, {"prompt": "a", "stream": "maybe"}, "stream"),
+             (CompletionRequest, {"prompt": "a", "stream_options": {"include_usage": "maybe"}},
+              "stream_options.include_usage"),
+             (ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}],
+                                      "stream": [1]}, "stream"),
+             (CompletionRequest, {"prompt": 5}, "prompt")]
+    for model, body, where in cases:
+        with pytest.raises(ValidationError) as e:
+            model.model_validate(body)
+        msg, param = validation_message(e.value.errors())
+        assert param == where.split(".")[0] and msg.startswith(where + ": "), msg
+
+
+def test_openai_nullable_fields_accept_null_as_their_default():
+    """The OpenAI spec lets stream, echo and n be null (clients generated from it send
+    null for what is unset); null reads as the default, as vLLM reads stream and echo."""
+    from braze.serving.protocol import ChatCompletionRequest, CompletionRequest
+    plain = CompletionRequest.model_validate({"prompt": "a"})
+    req = CompletionRequest.model_validate({"prompt": "a", "stream": None, "echo": None,
+                                            "n": None})
+    assert (req.stream, req.echo, req.n) == (plain.stream, plain.echo, plain.n) == (False, False, 1)
+    msgs = [{"role": "user", "content": "a"}]
+    req = ChatCompletionRequest.model_validate({"messages": msgs, "stream": None, "n": None})
+    assert (req.stream, req.n) == (False, 1)
+
+
 def test_sse_framing():
     from braze.serving import responses as R
     chunk = R.chat_chunk("id1", 5, "m", {"role": "assistant", "content": ""})

@@ -182,6 +182,26 @@ def test_penalties_bias_min_tokens_and_bad_words(server, run):
         assert r.choices[0].text == want.text != plain.text
 
 
+def test_allowed_token_ids(server, run):
+    """vLLM's allowed_token_ids: the same tokens as the engine, all from the set, in
+    completions and chat; an id outside the vocabulary is a 400 naming the field."""
+    allowed = [7, 30, 31, 99, 150]
+    want = run(IDS, max_tokens=6, allowed_token_ids=allowed)
+    r = server.client.completions.create(
+        model=MODEL, prompt=IDS, max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True, "allowed_token_ids": allowed, "return_token_ids": True})
+    assert r.model_dump()["choices"][0]["token_ids"] == want.token_ids
+    assert set(want.token_ids) <= set(allowed)
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=1,
+        extra_body={"allowed_token_ids": allowed, "return_token_ids": True, "ignore_eos": True})
+    assert set(r.model_dump()["choices"][0]["token_ids"]) <= set(allowed)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=2,
+                                         extra_body={"allowed_token_ids": [5, 10 ** 6]})
+    assert e.value.body["param"] == "allowed_token_ids"
+
+
 def test_min_p(server, run):
     """min_p through the server equals the engine's draw; min_p = 1 keeps only the likeliest
     token, so a hot temperature still decodes greedily."""
@@ -307,6 +327,32 @@ def test_prompt_logprobs_and_echo_with_logprobs(server, run):
     with_plp = [x for x in with_plp if x is not None]
     assert len(with_plp) == 1                       # once, with the first tokens
     assert [d and sorted(d) for d in with_plp[0]] == [d and sorted(d) for d in r["prompt_logprobs"]]
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server, run):
+    """vLLM's prompt scoring: echo with max_tokens 0 returns the prompt's text and its
+    logprobs and generates nothing (plain and streamed); max_tokens 0 without echo is a
+    400 naming max_tokens."""
+    want = run(IDS, max_tokens=1, prompt_logprobs=2)
+    text = run.engine.tokenizer.decode(IDS)
+    r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=0, echo=True,
+                                         logprobs=1)
+    c = r.choices[0]
+    assert c.text == text and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(IDS)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(IDS) and lp.token_logprobs[0] is None
+    for pos in range(1, len(IDS)):
+        assert abs(lp.token_logprobs[pos] - want.prompt_logprobs[pos].logprob) < 1e-4
+    chunks = list(server.client.completions.create(
+        model=MODEL, prompt=IDS, max_tokens=0, echo=True, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens" and "echo" in e.value.body["message"]
 
 
 def test_what_cannot_be_done_is_a_clear_400(server):

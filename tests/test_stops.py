@@ -77,8 +77,8 @@ def test_stop_on_the_last_allowed_token(store, kind, lag):
     text = eng.tokenizer.decode(free.token_ids[:k - 1])     # the stop token's text left out
     if kind == "token":
         params, reason = SamplingParams(max_tokens=k, stop_token_ids=[tok], ignore_eos=True), tok
-    elif kind == "eos":
-        params, reason = SamplingParams(max_tokens=k), tok
+    elif kind == "eos":    # vLLM's stop_reason is None for EOS: only a stop token id or string
+        params, reason = SamplingParams(max_tokens=k), None
     else:
         params, reason = SamplingParams(max_tokens=k, stop=[stop], ignore_eos=True), stop
         text = eng.tokenizer.decode(free.token_ids[:k])[:-len(stop)]
@@ -92,3 +92,22 @@ def test_stop_on_the_last_allowed_token(store, kind, lag):
         assert final.token_ids == free.token_ids[:k] and final.text == text
     assert [r.finished for r in reports] == [False] * (len(reports) - 1) + [True]
     assert "".join(r.new_text for r in reports) == text
+
+
+def test_min_tokens_holds_back_stop_strings(store):
+    """vLLM checks stop strings only once more than min_tokens tokens are out: a stop
+    string the first min_tokens tokens complete does not end the request."""
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64)
+    free = free_run(eng)
+    tok = eng.tokenizer
+    early = tok.decode(free.token_ids[:2])
+    stop = next(early[i:i + 1] for i in range(len(early))
+                if early[i:i + 1].strip() and free.text.count(early[i:i + 1]) == 1)
+    cut = run_all(eng, [STOP_PROMPT], SamplingParams(max_tokens=12, stop=[stop],
+                                                     ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and len(cut.token_ids) <= 2      # the stop works
+    for kind in ("final", "delta"):
+        held = run_all(eng, [STOP_PROMPT], SamplingParams(
+            max_tokens=12, stop=[stop], ignore_eos=True, min_tokens=4, output_kind=kind))[0]
+        assert (held.finish_reason, held.stop_reason) == ("length", None)
+        assert held.token_ids == free.token_ids and held.text == free.text
