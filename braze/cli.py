@@ -307,7 +307,10 @@ def _engine_options(a):
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
                          kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras,
                          speculative=a.speculative, collective_timeout_s=a.collective_timeout_s,
-                         sampler=a.sampler)
+                         sampler=a.sampler,
+                         generation_config=getattr(a, "generation_config", "vllm"),  # serve's flag
+                         override_generation_config=getattr(a, "override_generation_config",
+                                                            None))
 
 
 def _server_options(a):
@@ -578,6 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read tool calls out of replies for tool_choice \"auto\": "
                    "hermes (Qwen), llama3_json, mistral, deepseek_v3, phi4_mini_json, internlm, "
                    "gemma4 (default: the one the chat template's markers point to, if any)")
+    s.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="the model's sampling defaults, for what a request leaves unset "
+                   "(temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens "
+                   "as the token limit): auto reads the artifact's generation_config.json (the "
+                   "checkpoint's, as vLLM does by default), vllm uses none (the API's: "
+                   "temperature 1, no top-k/top-p), DIR reads DIR/generation_config.json "
+                   "(default: auto)")
+    s.add_argument("--override-generation-config", metavar="JSON",
+                   help='sampling defaults over the generation config\'s, e.g. '
+                   '\'{"temperature": 0.5, "top_p": 0.9}\' (the keys above)')
     s.add_argument("--max-request-body-bytes", type=_positive_int, metavar="N",
                    default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                    help="largest request body accepted; bigger gets 413 (default "

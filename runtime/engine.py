@@ -34,6 +34,7 @@ from .options import EngineOptions
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
 from .sampler import SamplingParams, bias_entries
+from .sampling_defaults import sampling_defaults
 from .scheduler import Scheduler
 from .speculative import make_speculator
 from .tokenizer import Tokenizer
@@ -54,6 +55,12 @@ class Engine(EngineLoRA):
         # this braze cannot regenerate (runtime/trust.py)
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(
             artifact, trusted_keys=opts.trusted_keys, trust_artifact=opts.trust_artifact)
+        # what a request that leaves a sampling parameter unset gets (the server's, and
+        # LLM.generate's without SamplingParams): runtime/sampling_defaults.py; read before
+        # the weights, so that a bad generation_config.json fails at once
+        self.sampling_defaults = sampling_defaults(self.artifact.tokenizer_dir,
+                                                   opts.generation_config,
+                                                   opts.override_generation_config)
         had_group = parallel.current_group() is not None
         try:
             self._build(opts, progress)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import numbers
 
 from braze.ir.errors import BrazeError
@@ -24,6 +25,8 @@ from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
+
+log = logging.getLogger("braze.runtime")
 
 Completion = RequestOutput      # the name braze used before the engine
 
@@ -52,9 +55,20 @@ class LLM:
                 self.close()          # a tensor-parallel artifact's other ranks, too
                 raise
         self.artifact = self.engine.artifact
+        if self.engine.sampling_defaults:
+            log.info("generate and chat without SamplingParams use the model's sampling "
+                     "defaults %s (generation_config='vllm' turns them off)",
+                     self.engine.sampling_defaults)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
         self._prompter = None      # the model's chat template, compiled at the first chat
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what `generate` and `chat` sample with when given no SamplingParams: the
+        model's own defaults (its generation_config.json's temperature, top_p, top_k, min_p,
+        repetition_penalty and max_new_tokens; runtime/sampling_defaults.py) over
+        SamplingParams()'s. generation_config='vllm' leaves SamplingParams() as it is."""
+        return SamplingParams(**self.engine.sampling_defaults)
 
     def get_tokenizer(self):
         """The artifact's tokenizer (runtime/tokenizer.py), or None if it has none."""
@@ -93,7 +107,7 @@ class LLM:
                                  f"give one, or one per prompt")
             plist = list(params)
         else:
-            plist = [params or SamplingParams()] * len(prompts)
+            plist = [params or self.get_default_sampling_params()] * len(prompts)
         for sp in plist:
             if not isinstance(sp, SamplingParams):
                 raise BrazeError(f"sampling parameters must be braze.SamplingParams, got "

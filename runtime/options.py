@@ -63,6 +63,11 @@ class EngineOptions:
     # how a step samples at temperature > 0: "torch" ops (runtime/sampler.py
     # sample_batch), or one fused "triton" launch (KernelSampler), top-k/top-p/min-p included
     sampler: str = "torch"
+    # the model's sampling defaults for what a request leaves unset (runtime/
+    # sampling_defaults.py; vLLM's names): "auto" (the artifact's generation_config.json),
+    # "vllm" (none), or a directory holding a generation_config.json; and keys over it
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -95,6 +100,14 @@ class EngineOptions:
         if self.sampler not in SAMPLERS:
             raise BrazeError(f"sampler must be one of {', '.join(SAMPLERS)}, got "
                              f"{self.sampler!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise BrazeError(f"generation_config must be 'auto', 'vllm' or a directory, got "
+                             f"{self.generation_config!r}", param="generation_config")
+        if isinstance(self.override_generation_config, str):      # JSON text, as on the CLI
+            self.override_generation_config = _json_object(self.override_generation_config,
+                                                           "override_generation_config")
+        from .sampling_defaults import check_override
+        check_override(self.override_generation_config)
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")
@@ -115,3 +128,12 @@ class EngineOptions:
             raise BrazeError(f"unknown engine option {bad[0]!r}; the options are "
                              f"{', '.join(sorted(known))}")
         return cls(**{**asdict(options or cls()), **overrides})
+
+
+def _json_object(text: str, name: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise BrazeError(f"{name} is not valid JSON ({e}): write an object such as "
+                         f'{{"temperature": 0.6}}', param=name) from None

@@ -78,6 +78,8 @@ class Service:
     tool_call_parser: str | None = None   # for tool_choice "auto" (serving/tool_parsers)
     trust_request_chat_template: bool = False
     text_only_origin: str | None = None   # compiled text-only from this multimodal architecture
+    # the model's sampling defaults for unset request fields (runtime/sampling_defaults.py)
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
 
     def __post_init__(self):
@@ -258,14 +260,15 @@ def create_app(svc: Service, read_timeout: float | None = None,
             max_tokens = max(1, body.max_tokens)
             if longest < svc.max_model_len:      # else the engine says the prompt is too long
                 check_context(longest, max_tokens, svc.max_model_len, "max_tokens")
-        else:                     # the OpenAI default, 16, as far as the context allows
-            max_tokens = max(1, min(16, svc.max_model_len - longest))
+        else:       # the OpenAI default, 16 (or the model's if less), as the context allows
+            max_tokens = max(1, min(16, svc.sampling_defaults.get("max_tokens", 16),
+                                    svc.max_model_len - longest))
         if body.use_beam_search:
             return JSONResponse(await _while_connected(
                 request, beam.respond(svc, body, prompts, max_tokens, chat=False)))
         constraint, field = request_constraint(body)
         await svc.compile_grammar(constraint, field)
-        params = SamplingParams(**sampling_kwargs(body, max_tokens),
+        params = SamplingParams(**sampling_kwargs(body, max_tokens, svc.sampling_defaults),
                                 structured_outputs=constraint)
         return await _generate(svc, request, body, prompts, params, chat=False)
 
@@ -285,8 +288,9 @@ def create_app(svc: Service, read_timeout: float | None = None,
         await svc.compile_grammar(constraint, field, tool_plan.tools if field == "tools" else None)
         ids = await svc.prompts.chat(body, body.add_special_tokens, for_model=True,
                                      tools=tool_plan.tools if tool_plan else None)
-        if max_tokens is None:     # chat default: up to the end of the context
-            max_tokens = max(1, svc.max_model_len - len(ids))
+        if max_tokens is None:     # chat default: the model's, or up to the end of the context
+            max_tokens = max(1, min(svc.max_model_len - len(ids),
+                                    svc.sampling_defaults.get("max_tokens", svc.max_model_len)))
         elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long
             check_context(len(ids), max_tokens, svc.max_model_len,
                           "max_completion_tokens" if body.max_completion_tokens is not None
@@ -294,7 +298,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
         if body.use_beam_search:
             return JSONResponse(await _while_connected(
                 request, beam.respond(svc, body, [(None, ids)], max_tokens, chat=True)))
-        kw = sampling_kwargs(body, max_tokens)
+        kw = sampling_kwargs(body, max_tokens, svc.sampling_defaults)
         if tool_plan is not None:       # a tool parser that reads special tokens keeps them
             kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
         params = SamplingParams(**kw, structured_outputs=constraint)

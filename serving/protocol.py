@@ -306,14 +306,26 @@ def check_context(num_prompt: int, max_tokens: int, max_model_len: int, param: s
             f"{num_prompt} input tokens ({max_tokens} > {max_model_len} - {num_prompt})", param)
 
 
-def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
-    """Keyword arguments for runtime.sampler.SamplingParams."""
+# the API's default for what a request leaves unset, when the model gives none
+API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+def sampling_kwargs(req: _GenerationRequest, max_tokens: int,
+                    defaults: dict | None = None) -> dict:
+    """Keyword arguments for runtime.sampler.SamplingParams. `defaults`: the model's
+    sampling defaults (runtime/sampling_defaults.py) for the fields the request leaves
+    unset, before the API's."""
+    defaults = {**API_DEFAULTS, **(defaults or {})}
+
+    def pick(name):
+        v = getattr(req, name)
+        return defaults.get(name) if v is None else v
     kw: dict[str, Any] = {
         "max_tokens": max_tokens,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": 0 if req.top_k in (None, -1) else req.top_k,
-        "min_p": 0.0 if req.min_p is None else req.min_p,
+        "temperature": pick("temperature"),
+        "top_p": pick("top_p"),
+        "top_k": 0 if req.top_k == -1 else pick("top_k"),
+        "min_p": pick("min_p"),
         "seed": req.seed,
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
@@ -326,7 +338,7 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int) -> dict:
     if req.stop_token_ids:
         kw["stop_token_ids"] = list(req.stop_token_ids)
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-        v = getattr(req, name)
+        v = pick(name)
         if v is not None:
             kw[name] = v
     if req.logit_bias:

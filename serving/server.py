@@ -127,7 +127,11 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,
-                      lora_parents=lora_parents)
+                      lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults)
+        if engine.sampling_defaults:
+            log.info("requests that leave them unset get the model's sampling defaults %s "
+                     "(its generation_config.json, --override-generation-config; "
+                     "--generation-config vllm turns them off)", engine.sampling_defaults)
         hosts = hosts_to_answer(host, so.allowed_hosts)
         if hosts is None and not is_loopback(host):
             log.info("answering requests for any Host name (pass --allowed-hosts to restrict)")

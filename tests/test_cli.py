@@ -153,6 +153,7 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     """One options object (runtime/options.py) from the command line and from braze.LLM:
     each of its fields has a flag on generate and serve, and a bad value is refused once,
     by name, before any work."""
+    import dataclasses
     from dataclasses import fields
 
     from braze.cli import _engine_options, build_parser
@@ -180,10 +181,23 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     set_by_server = {"freeze_gc"}
     # the lower KV tier is a directory or an object store, not both: checked on its own
     exclusive = {"kv_offload_s3"}
+    # the model's sampling defaults are for requests that leave fields unset: serve's flags
+    # (generate's sampling flags have their own defaults, greedy; it reads no defaults)
+    serve_only = {"generation_config": ("--generation-config", "gen-dir"),
+                  "override_generation_config": ("--override-generation-config",
+                                                 '{"top_p": 0.5}')}
     assert {f.name for f in fields(EngineOptions) if getattr(want, f.name) != f.default} \
-        == {f.name for f in fields(EngineOptions)} - set_by_server - exclusive
+        == {f.name for f in fields(EngineOptions)} - set_by_server - exclusive - set(serve_only)
+    generate = _engine_options(build_parser().parse_args(
+        ["generate", "a.braze", "--prompt-ids", "1"] + flags))
+    assert generate == dataclasses.replace(want, generation_config="vllm")
+    serve_flags = [x for flag in serve_only.values() for x in flag]
+    assert _engine_options(build_parser().parse_args(["serve", "a.braze"] + flags + serve_flags)) \
+        == dataclasses.replace(want, generation_config="gen-dir",
+                               override_generation_config={"top_p": 0.5})
+    assert _engine_options(build_parser().parse_args(["serve", "a.braze"])) \
+        .generation_config == "auto"
     for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
-        assert _engine_options(build_parser().parse_args(cmd + flags)) == want
         s3 = build_parser().parse_args(cmd + ["--kv-offload-s3", "s3://b/p"])
         assert _engine_options(s3).kv_offload_s3 == "s3://b/p"
     llm = LLM(store.artifact("llama", max_num_tokens=64, max_num_seqs=8), backend="reference",
