@@ -148,6 +148,8 @@ def describe(svc, options) -> dict:
             # default host tier; max_cpu_loras is at least the artifact's slots)
             "kv_offload": engine.offload.summary() if engine.offload is not None else None,
             "lora": _lora(engine),
+            # what a request's unset sampling fields get (runtime/sampling_defaults.py)
+            "sampling_defaults": engine.sampling_defaults,
         },
         "server": options.public(),
     }

@@ -124,6 +124,8 @@ def test_the_server_fills_unset_fields_from_the_models_defaults(gen_artifact, tm
     s = Server(art, tmp_path, "--override-generation-config", '{"max_new_tokens": 2}')
     try:
         assert "sampling defaults" in s.stderr()
+        info = s.http.get("/server_info").json()["engine"]
+        assert info["sampling_defaults"] == {"temperature": 1.0, "top_k": 1, "max_tokens": 2}
         # no temperature, no top_k, no max_tokens: the file's top_k 1, the override's 2
         r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT})
         assert r.status_code == 200, r.text
