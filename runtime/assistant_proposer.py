@@ -35,7 +35,8 @@ from braze.ir.contract import group_of_step_input
 from braze.ir.errors import BrazeError
 
 from . import parallel
-from .mtp_proposer import could_speculate, load_mtp, mtp_runner
+from .mtp_proposer import load_mtp, mtp_runner
+from .speculative import could_speculate
 from .uploads import upload_values
 
 KIND = "gemma4_assistant"

@@ -61,6 +61,7 @@ from braze.ir.errors import BrazeError
 
 from . import parallel
 from .kv_cache import KVCache
+from .speculative import could_speculate
 from .uploads import upload_values
 
 NO_MTP_GRAPH = (
@@ -177,16 +178,6 @@ class _MTPState:
         self.hid = None            # main hidden states of positions hid_start ..
         self.hid_start = start
         self.last = None           # (token count, guesses) of the latest proposal
-
-
-def could_speculate(req) -> bool:
-    """The sampling half of speculative.eligible: requests that never speculate keep no
-    hidden states."""
-    p = req.params
-    return (req.matcher is None and req.grammar is None and p.logprobs is None
-            and p.prompt_logprobs is None and not p.penalties and not p.logit_bias
-            and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids
-            and p.allowed_token_ids is None)
 
 
 class MTPProposer:

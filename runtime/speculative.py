@@ -206,11 +206,17 @@ class NgramProposer:
 def eligible(req) -> bool:
     """Whether a running request may speculate in the next step: decoding (only its last
     token to compute, nothing in flight, no KV still being loaded) and sampling without
-    per-position state."""
-    p = req.params
+    per-position state (could_speculate)."""
     return (req.num_pending == 0 and req.num_computed == len(req.all_token_ids) - 1
-            and not req.kv_loading
-            and req.matcher is None and req.grammar is None and p.logprobs is None
+            and not req.kv_loading and could_speculate(req))
+
+
+def could_speculate(req) -> bool:
+    """Whether a request's sampling lets it speculate at all: no per-position state
+    (grammar, logprobs, penalties, bias, min_tokens, bad words, allowed ids). The MTP and
+    assistant proposers keep no hidden states for requests that never will."""
+    p = req.params
+    return (req.matcher is None and req.grammar is None and p.logprobs is None
             and p.prompt_logprobs is None and not p.penalties and not p.logit_bias
             and not p.min_tokens and not p.bad_words and not p.bad_words_token_ids
             and p.allowed_token_ids is None)
