@@ -416,3 +416,21 @@ def test_kernel_modules_admit_only_hashed_text(tmp_path):
     assert not marker.exists()
     (tmp_path / "m.py").write_text(good)
     assert mods.get("m", "k").fn.__name__ == "k"
+
+
+def test_a_new_per_user_key_is_trusted_after_the_old_one_is_replaced(monkeypatch, tmp_path):
+    """Key rotation: the user deletes (or loses) signing-key.pem and the next compile makes
+    a new one; its public half must be trusted too, though user@host.pub holds the old one
+    (which stays trusted: artifacts signed with it still load)."""
+    from braze.signing import _raw, default_private_key, trusted_keys
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    logged = []
+    old = default_private_key(log=logged.append)
+    (tmp_path / "config" / "braze" / "signing-key.pem").unlink()
+    new = default_private_key(log=logged.append)
+    trusted = trusted_keys()
+    assert _raw(new.public_key()) in trusted
+    assert _raw(old.public_key()) in trusted
+    # the message says which file to copy to another host: the one holding the new key
+    pub = trusted[_raw(new.public_key())].file
+    assert str(pub) in logged[-1]
