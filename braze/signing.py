@@ -242,8 +242,7 @@ def read_signature(root: Path, manifest_bytes: bytes) -> Signature | None:
             raise ValueError("not a braze ed25519 signature")
         public = _ed25519().Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise BrazeError(f"{path} is not a valid braze signature ({str(e)[:120]}); delete it "
-                         f"or re-sign the artifact") from None
+        raise BrazeError(f"{path} is not a valid braze signature ({str(e)[:120]})") from None
     InvalidSignature = _crypto("exceptions").InvalidSignature
     try:
         public.verify(sig, manifest_bytes)

@@ -134,7 +134,7 @@ def test_tampered_artifact_is_refused_on_every_backend(art, tmp_path, kind, sign
     for backend in ("reference", "interpret", "cuda", "auto"):
         if signature == "kept":
             _llm_refuses(art, backend, "signature.json does not match manifest.json",
-                         "--trust-artifact", "--trusted-keys")
+                         "refused even with --trust-artifact", "recompile")
         else:
             _llm_refuses(art, backend, named, "no signature.json", "--trust-artifact",
                          "--trusted-keys", "recompile")
@@ -434,3 +434,22 @@ def test_a_new_per_user_key_is_trusted_after_the_old_one_is_replaced(monkeypatch
     # the message says which file to copy to another host: the one holding the new key
     pub = trusted[_raw(new.public_key())].file
     assert str(pub) in logged[-1]
+
+
+@pytest.mark.parametrize("signature", ["mismatched", "garbage"])
+def test_a_broken_signature_refusal_gives_advice_that_works(art, signature):
+    """A signed artifact changed after signing is refused even with --trust-artifact, so the
+    refusal must not offer that flag as a way in; what it does offer must admit it."""
+    from braze.runtime import open_artifact
+    m = manifest(art)
+    m["options"]["max_num_seqs"] = 8          # an edit by hand, hashes still right
+    write_manifest(art, m)
+    if signature == "garbage":
+        (art / "signature.json").write_text("not json\n")
+    with pytest.raises(BrazeError) as e:
+        open_artifact(art, trust_artifact=True)
+    msg = str(e.value)
+    assert "signature.json" in msg and "pass --trust-artifact" not in msg, msg
+    assert "delete" in msg and "signature.json" in msg, msg
+    (art / "signature.json").unlink()         # the advice, followed
+    assert open_artifact(art, trust_artifact=True).trust.how == "operator"
