@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path, PurePosixPath
 
@@ -83,7 +84,7 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
     """The manifest and the exact bytes it was parsed from (what a signature covers)."""
     root = Path(root)
     if not root.is_dir():
-        raise BrazeError(f"artifact {root} does not exist (make one with `braze compile`)")
+        raise BrazeError(_not_a_directory(root))
     path = root / MANIFEST
     if not path.exists():
         raise BrazeError(f"{root} is not a braze artifact: it has no {MANIFEST}")
@@ -101,6 +102,21 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
                          f"{made_by}); this braze reads version {FORMAT_VERSION}: recompile "
                          f"it with `braze compile`")
     return manifest, data
+
+
+def _not_a_directory(root: Path) -> str:
+    """Why `root`, not a directory, is no artifact: a URL (s3://..., which Path has already
+    folded to s3:/...), a file (an archive of an artifact, say), or nothing."""
+    parts = root.parts
+    if not root.exists() and len(parts) > 1 and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+:",
+                                                              parts[0]):
+        url = f"{parts[0]}//{'/'.join(parts[1:])}"
+        return (f"artifact {url} is a URL; braze opens artifacts from a local directory "
+                f"only: download it first (for S3: `aws s3 sync {url} DIR`), then give DIR")
+    if root.exists():
+        return (f"artifact {root} is a file, not an artifact directory (`braze compile` "
+                f"writes a directory; unpack an archive of one first, and give the directory)")
+    return f"artifact {root} does not exist (make one with `braze compile`)"
 
 
 def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:

@@ -372,3 +372,22 @@ def test_generate_closes_its_engine_so_kv_tier_writes_are_bounded(store, tmp_pat
                  str(kv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"]
     assert closed == [None] and len(list(kv.rglob("*.kv"))) == 2
+
+
+@pytest.mark.parametrize("where", ["url", "file"])
+def test_an_artifact_that_is_a_url_or_a_file_is_named_as_it_is(tmp_path, where):
+    """A vLLM user gives an s3:// URL (vLLM can stream from one) or a tarball of the
+    artifact: the error says what was given and what braze takes, not that a path with
+    one slash of the URL dropped "does not exist"."""
+    from cli_helpers import assert_one_line_error
+    if where == "url":
+        given, words = "s3://bucket/models/a.braze", ["s3://bucket/models/a.braze",
+                                                      "local directory", "download"]
+    else:
+        given = tmp_path / "a.braze.tar.gz"
+        given.write_bytes(b"\x1f\x8b not really a tarball")
+        words = [str(given), "a file", "directory"]
+    for command in (["inspect", given], ["generate", given, "--prompt-ids", "1"]):
+        r = braze(*command)
+        assert_one_line_error(r.returncode, r.stderr, *words)
+        assert "does not exist" not in r.stderr, r.stderr
