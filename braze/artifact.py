@@ -101,7 +101,45 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
         raise BrazeError(f"artifact {root} has format version {version} (made by braze "
                          f"{made_by}); this braze reads version {FORMAT_VERSION}: recompile "
                          f"it with `braze compile`")
+    _check_sections(path, manifest)
     return manifest, data
+
+
+# what every manifest holds and every reader takes as given (codegen/artifact_writer.py)
+_SECTIONS = {"model": dict, "options": dict, "versions": dict, "weights": dict, "files": dict}
+_MODEL_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim")
+
+
+def _check_sections(path: Path, manifest: dict) -> None:
+    """The manifest's sections have the shapes compile writes, so that a hand-edited or
+    damaged one is refused here, naming what is wrong, not deep in a reader as a bug."""
+    def bad(where: str, what: str):
+        raise BrazeError(f"{path} is damaged: its {where} is not {what} (the manifest was "
+                         f"edited by hand or damaged); copy the artifact again or recompile it")
+
+    for key, kind in _SECTIONS.items():
+        if not isinstance(manifest.get(key), kind):
+            bad(f'"{key}"', "an object")
+    model, weights = manifest["model"], manifest["weights"]
+    for key in ("architecture", "family", "dtype"):
+        if not isinstance(model.get(key), str):
+            bad(f'model "{key}"', "a string")
+    for key in _MODEL_INTS:
+        if not _is_int(model.get(key)):
+            bad(f'model "{key}"', "an integer")
+    eos = model.get("eos_token_ids")
+    if eos is not None and not (isinstance(eos, list) and all(map(_is_int, eos))):
+        bad('model "eos_token_ids"', "a list of token ids")
+    if not isinstance(weights.get("files"), list) or not all(
+            isinstance(f, str) for f in weights["files"]):
+        bad('weights "files"', "a list of file names")
+    if not _is_int(weights.get("bytes")):
+        bad('weights "bytes"', "an integer")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _not_a_directory(root: Path) -> str:

@@ -298,3 +298,33 @@ def test_cpu_with_an_index_runs(store):
     a = LLM(art, backend="reference", device="cpu:0", num_kv_blocks=8).generate([1, 2], p)
     b = LLM(art, backend="reference", num_kv_blocks=8).generate([1, 2], p)
     assert a[0].token_ids == b[0].token_ids
+
+
+@pytest.mark.parametrize("edit", ["model", "versions", "weights.bytes", "options",
+                                  "model.eos_token_ids"])
+def test_a_manifest_with_a_section_damaged_is_named_not_an_internal_error(artifact_copy,
+                                                                           capsys, edit):
+    """A manifest edited by hand (or damaged) but still JSON: the section at fault is named
+    with what to do, by every command, instead of 'internal error: KeyError' (a bug report)."""
+    from braze.cli import main
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    if edit == "model":
+        del m["model"]
+    elif edit == "versions":
+        m["versions"] = None
+    elif edit == "weights.bytes":
+        m["weights"]["bytes"] = None
+    elif edit == "options":
+        m["options"] = [1]
+    else:
+        m["model"]["eos_token_ids"] = "x"
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    (artifact_copy / "signature.json").unlink(missing_ok=True)
+    for argv in (["inspect", str(artifact_copy)],
+                 ["generate", str(artifact_copy), "--prompt-ids", "1", "--max-tokens", "1",
+                  "--backend", "reference"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert_one_line_error(code, err, "manifest.json", edit.split(".")[-1], "recompile")
+        assert code == 1, err
+
