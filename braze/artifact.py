@@ -172,16 +172,27 @@ def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:
     present = _regular_files(root)
     for rel in sorted(files):
         if rel not in present:
-            raise BrazeError(f"artifact {root} is missing {rel} (listed in its manifest)")
+            raise BrazeError(f"artifact {root} is missing {rel} (listed in its manifest): "
+                             f"{AGAIN}")
     extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
     if extra:
-        raise BrazeError(f"artifact {root} holds {extra[0]}, which its manifest does not list")
+        raise BrazeError(f"artifact {root} holds {extra[0]}, which its manifest does not list: "
+                         f"remove it (braze reads only the files an artifact lists and hashes)")
     _check_references(root, manifest, files)
     if check_hashes:
         for rel, digest in sorted(files.items()):
             if sha256_file(root / rel) != digest:
-                raise BrazeError(f"artifact file {root / rel} does not match its sha256 in the "
-                                 f"manifest: it was modified or corrupted; recompile the artifact")
+                raise BrazeError(changed(root, rel))
+
+
+# a shipped artifact is most often damaged on the way (a copy or download cut short)
+AGAIN = "copy the artifact again, whole, or recompile it"
+
+
+def changed(root: Path, rel: str) -> str:
+    """The refusal of a file whose bytes are not the ones the manifest hashed."""
+    return (f"artifact file {root / rel} does not match its sha256 in the manifest: it was "
+            f"modified, corrupted or copied incompletely; {AGAIN}")
 
 
 def _inside(root: Path, rel) -> Path:

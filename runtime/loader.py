@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from braze.artifact import (GRAPH_FILE, TOKENIZER_DIR, read_manifest_bytes, text_only_origin,
-                            verify_files)
+from braze.artifact import (GRAPH_FILE, TOKENIZER_DIR, changed, read_manifest_bytes,
+                            text_only_origin, verify_files)
 from braze.ir import Graph, parse_graph, verify
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
@@ -111,8 +111,7 @@ def open_artifact(path, check_hashes: bool = True, trusted_keys=None,
 def _read_graph(root: Path, manifest: dict) -> Graph:
     data = (root / GRAPH_FILE).read_bytes()        # read once: parsed is what was hashed
     if hashlib.sha256(data).hexdigest() != manifest["files"][GRAPH_FILE]:
-        raise BrazeError(f"artifact file {root / GRAPH_FILE} does not match its sha256 in the "
-                         f"manifest: it was modified or corrupted; recompile the artifact")
+        raise BrazeError(changed(root, GRAPH_FILE))
     try:
         graph = parse_graph(data.decode("utf-8"), source=GRAPH_FILE)
     except UnicodeDecodeError:

@@ -328,3 +328,25 @@ def test_a_manifest_with_a_section_damaged_is_named_not_an_internal_error(artifa
         assert_one_line_error(code, err, "manifest.json", edit.split(".")[-1], "recompile")
         assert code == 1, err
 
+
+def test_an_incomplete_or_cluttered_copy_says_what_to_do(artifact_copy):
+    """An artifact shipped to a host can arrive short (a file missing, a file cut off: an
+    interrupted copy or download) or with a stray file; each refusal names the file and what
+    to do about it, not only what is wrong."""
+    from braze.ir.errors import BrazeError
+    from braze.runtime import open_artifact
+    weights = next(artifact_copy.glob("weights-*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])             # the copy stopped half-way
+    with pytest.raises(BrazeError, match=rf"{weights.name}.*copy the artifact again"):
+        open_artifact(artifact_copy)
+    weights.write_bytes(data)
+    (artifact_copy / "config.json").rename(artifact_copy.parent / "config.json")
+    with pytest.raises(BrazeError, match=r"missing config\.json.*copy the artifact again"):
+        open_artifact(artifact_copy)
+    (artifact_copy.parent / "config.json").rename(artifact_copy / "config.json")
+    (artifact_copy / "notes.txt").write_text("x")
+    with pytest.raises(BrazeError, match=r"notes\.txt.*remove it"):
+        open_artifact(artifact_copy)
+    (artifact_copy / "notes.txt").unlink()
+    assert open_artifact(artifact_copy).trust.admitted
