@@ -76,6 +76,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_artifact(d: Path) -> bool:
+    """Whether directory `d` holds a braze manifest (checked no further)."""
+    try:
+        return json.loads((Path(d) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_manifest(root: Path) -> dict:
     return read_manifest_bytes(root)[0]
 

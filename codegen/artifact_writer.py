@@ -22,7 +22,7 @@ import torch
 
 from braze import __version__
 from braze.artifact import (FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, TOKENIZER_DIR,
-                            TOKENIZER_FILES, sha256_file)
+                            TOKENIZER_FILES, is_artifact, sha256_file)
 from braze.ir import Graph, print_graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
@@ -93,7 +93,7 @@ def check_destination(out: Path, overwrite: bool) -> None:
             raise BrazeError(f"{out} exists and is not an artifact directory (a file or a "
                              "link); --force replaces only an earlier artifact: give -o a new "
                              "path")
-        if not _is_artifact(out) and any(out.iterdir()):
+        if not is_artifact(out) and any(out.iterdir()):
             raise BrazeError(f"{out} is a directory but not a braze artifact (it has no braze "
                              f"{MANIFEST}); --force replaces only an earlier artifact: give -o "
                              "a new path, or remove the directory yourself")
@@ -106,13 +106,6 @@ def check_destination(out: Path, overwrite: bool) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".braze-probe-", dir=parent))
     except OSError as e:
         raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
-
-
-def _is_artifact(d: Path) -> bool:
-    try:
-        return json.loads((d / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _why(e: OSError) -> str:

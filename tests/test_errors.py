@@ -350,3 +350,15 @@ def test_an_incomplete_or_cluttered_copy_says_what_to_do(artifact_copy):
         open_artifact(artifact_copy)
     (artifact_copy / "notes.txt").unlink()
     assert open_artifact(artifact_copy).trust.admitted
+
+
+def test_compiling_an_artifact_is_refused_not_a_model_without_its_tokenizer(store, tmp_path):
+    """`braze compile ARTIFACT` (a user told to "recompile" who has only the artifact) used
+    to trace the artifact's weights as a checkpoint and write an artifact without the
+    tokenizer (it lives in tokenizer/ there): text prompts and chat then fail on the
+    serving host. It is refused, saying what to compile instead."""
+    art = store.artifact("llama")
+    out = tmp_path / "again.braze"
+    code, _, err = run("compile", art, "-o", out, "--opt-level", "0", "--targets", "")
+    assert_one_line_error(code, err, str(art), "braze artifact", "model directory")
+    assert not out.exists()
