@@ -391,3 +391,23 @@ def test_an_artifact_that_is_a_url_or_a_file_is_named_as_it_is(tmp_path, where):
         r = braze(*command)
         assert_one_line_error(r.returncode, r.stderr, *words)
         assert "does not exist" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("targets", ["", "sm_80,sm_90"])
+def test_inspect_counts_the_cubins_the_artifact_holds(store, targets):
+    """`braze inspect` says how many cubins are stored per target, counted as the files
+    under cubin/ are; an artifact compiled with --targets '' holds none, and inspect said
+    '78 specialisations ... built with triton X' of it."""
+    from braze.inspect import format_summary, summarize
+    art = store.artifact("llama", opt_level=2, dtype="bfloat16", targets=targets)
+    s = summarize(art)
+    on_disk = {t.name: len(list(t.glob("*.cubin"))) for t in (art / "cubin").glob("*")} \
+        if (art / "cubin").is_dir() else {}
+    assert s["cubins_stored"] == on_disk
+    json.dumps(s)
+    line = next(ln for ln in format_summary(s).splitlines() if ln.startswith("cubins"))
+    if not on_disk:
+        assert "none stored" in line and "built with" not in line, line
+    else:
+        for t, n in on_disk.items():
+            assert f"{n} for {t}" in line, line
