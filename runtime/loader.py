@@ -19,6 +19,7 @@ from braze.artifact import (GRAPH_FILE, TOKENIZER_DIR, changed, read_manifest_by
 from braze.ir import Graph, parse_graph, verify
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
+from braze.ir.types import torch_dtype
 
 from .trust import Trust, establish, refusal
 
@@ -69,19 +70,26 @@ class Artifact:
                 raise BrazeError(f"artifact {self.root} has weights for ranks "
                                  f"0..{len(weights['ranks']) - 1}, not rank {rank}")
             files = weights["ranks"][rank]["files"]
+        source: dict[str, str] = {}
         for f in files:
             try:
-                out.update(load_file(str(self.root / f), device=str(device)))
+                got = load_file(str(self.root / f), device=str(device))
             except Exception as e:  # safetensors raises its own error types
                 raise BrazeError(f"artifact weights {self.root / f} cannot be read ({e})") from None
+            out.update(got)
+            source.update(dict.fromkeys(got, f))
         missing = [p for p in self.graph.params if p not in out]
         if missing:
             raise BrazeError(f"artifact {self.root}: parameter {missing[0]} is not in its weights")
         for name, p in self.graph.params.items():
             t = out[name]
-            if tuple(t.shape) != tuple(p.type.shape):
-                raise BrazeError(f"artifact {self.root}: weight {name} has shape "
-                                 f"{list(t.shape)}, the graph expects {p.type}")
+            # weights are data no signature-less check covers: one rewritten after compiling
+            # (cast to save space, say) is named here, not by the first op that meets it
+            if tuple(t.shape) != tuple(p.type.shape) or t.dtype != torch_dtype(p.type.dtype):
+                raise BrazeError(f"artifact {self.root / source[name]}: weight {name} is "
+                                 f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the "
+                                 f"graph expects {p.type}: the weights were changed after "
+                                 f"compiling; recompile the artifact")
         return out
 
 

@@ -362,3 +362,28 @@ def test_compiling_an_artifact_is_refused_not_a_model_without_its_tokenizer(stor
     code, _, err = run("compile", art, "-o", out, "--opt-level", "0", "--targets", "")
     assert_one_line_error(code, err, str(art), "braze artifact", "model directory")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape"])
+def test_weights_of_another_dtype_or_shape_are_refused_at_load(artifact_copy, change):
+    """Weights rewritten after compiling (here: cast to float16 to save space, or one cut
+    short, then rehashed, unsigned: weights are data that verification does not cover)
+    are refused when they are read, naming the weight and what the graph expects, not at
+    the first op that meets them with a raw torch or kernel error (or not at all)."""
+    from safetensors.torch import load_file, save_file
+    from braze.ir.errors import BrazeError
+    from braze.runtime import open_artifact
+    from trust_helpers import rehash
+    f = next(artifact_copy.glob("weights-*.safetensors"))
+    w = load_file(f)
+    name = "model.norm.weight"
+    if change == "dtype":
+        w = {k: v.half() if v.is_floating_point() else v for k, v in w.items()}
+    else:
+        w[name] = w[name][:-1].clone()
+    save_file(w, f, metadata={"format": "pt"})
+    rehash(artifact_copy)
+    art = open_artifact(artifact_copy)
+    with pytest.raises(BrazeError, match=rf"{f.name}.*weight .*expects f32"
+                       if change == "dtype" else rf"weight {name} is float32 \[63\].*f32\[64\]"):
+        art.load_weights()
