@@ -68,6 +68,9 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
             key_id = sign_artifact(tmp, signing_key)
             if log:
                 log(f"signed the artifact with {key_id}")
+        # again: what appeared at `out` while compiling is replaced only if --force would
+        # have replaced it at the start (an earlier artifact), never deleted unasked
+        check_destination(out, overwrite)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

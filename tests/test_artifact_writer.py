@@ -107,3 +107,22 @@ def test_checkpoint_reads_every_shard_with_one_file_mapped_at_a_time(tmp_path):
         for name, want in load_file(str(f)).items():
             assert torch.equal(ckpt.get(name), want)
             assert len(ckpt._handles) == 1     # the mapped pages of one shard, not all
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_directory_made_at_the_output_path_while_compiling_is_not_deleted(tmp_path, force):
+    """The output path is checked before compiling, and again when the finished artifact
+    replaces it: what appeared there meanwhile (a user's directory, not an artifact) is
+    kept and the compile fails, as it would have at the start, with or without --force."""
+    g = _graph([((4, 4), "f32")])
+    out = tmp_path / "a.braze"
+
+    def load(name):                    # minutes of compiling, during which someone writes
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("mine")
+        return torch.zeros(4, 4)
+
+    with pytest.raises(BrazeError, match=str(out)):
+        write_artifact(out, g, load, {"config": {}}, {}, tmp_path, overwrite=force)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "a.braze.partial").exists()
