@@ -84,7 +84,8 @@ def _summary(art, check_hashes: bool) -> dict:
         "lora": {k: v for k, v in m["lora"].items() if k in ("slots", "max_rank", "targets")}
         | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
-        "trust": {"how": art.trust.how, "detail": art.trust.detail},
+        "trust": {"how": art.trust.how, "detail": art.trust.detail,
+                  "remedy": None if art.trust.admitted else art.trust.remedy},
         "parallel": m.get("parallel"),
         "mtp_parallel": (m.get("mtp") or {}).get("parallel"),
         "kv_groups": m.get("kv_groups"),
@@ -299,7 +300,7 @@ def format_summary(s: dict) -> str:
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
     lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
                  + ("" if s["trust"]["how"] != "none" else
-                    " (generate and serve refuse it; see --trusted-keys and --trust-artifact)"))
+                    f" (generate and serve refuse it; {s['trust']['remedy']})"))
     if "cubin_resources" in s:
         from braze.codegen.cubin_report import format_rows
         lines.append("")

@@ -451,5 +451,9 @@ def test_a_broken_signature_refusal_gives_advice_that_works(art, signature):
     msg = str(e.value)
     assert "signature.json" in msg and "pass --trust-artifact" not in msg, msg
     assert "delete" in msg and "signature.json" in msg, msg
+    from braze.inspect import format_summary, summarize       # inspect says the same
+    line = next(ln for ln in format_summary(summarize(art)).splitlines()
+                if ln.startswith("trust"))
+    assert "refused even with --trust-artifact" in line and "see --trusted-keys" not in line
     (art / "signature.json").unlink()         # the advice, followed
     assert open_artifact(art, trust_artifact=True).trust.how == "operator"
