@@ -9,6 +9,7 @@ half-written artifact where a good one was expected.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -50,11 +51,12 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
     manifest entries for them; `signing_key` (Ed25519) signs the manifest."""
     out = Path(out)
     check_destination(out, overwrite)
-    tmp = out.with_name(out.name + ".partial")
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        # this compile's own: a second compile to the same path never deletes or fills it
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-{os.getpid()}-",
+                                    dir=out.parent))
     except OSError as e:
         raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
     try:
@@ -81,6 +83,29 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove what compiles to `out` killed before they could clean up left: a
+    `NAME.partial-PID-...` directory whose process is gone (or an older `NAME.partial`)."""
+    for p in out.parent.glob(f"{glob.escape(out.name)}.partial*"):
+        rest = p.name[len(out.name) + len(".partial"):]
+        pid = rest[1:].split("-")[0] if rest.startswith("-") else ""
+        if rest and not pid.isdigit():
+            continue
+        if pid and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:              # another user's process: alive
+        return True
+    return True
 
 
 def check_destination(out: Path, overwrite: bool) -> None:

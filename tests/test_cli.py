@@ -115,7 +115,7 @@ def test_ctrl_c_while_kernels_compile_stops_the_compile(store, tmp_path):
     assert p.wait(timeout=300) == 130, err
     assert m is not None, err
     assert "braze: interrupted" in err and "Traceback" not in err, err
-    assert not art.exists() and not (tmp_path / "a.braze.partial").exists()
+    assert not art.exists() and not list(tmp_path.glob("a.braze.partial*"))
     done, total, workers = map(int, m.groups())
     # what may still finish: the jobs the workers hold, and the one the pool queues ahead
     compiled = len(list(cache.rglob("*.cubin")))
