@@ -104,8 +104,15 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BrazeError(f"{path} is not a braze manifest (no \"format\": \"{FORMAT}\")")
     version = manifest.get("format_version")
+    versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+    made_by = versions.get("braze", "an unknown braze")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        from braze import __version__
+        raise BrazeError(f"artifact {root} has format version {version}, newer than this braze "
+                         f"{__version__} reads ({FORMAT_VERSION}): it was made by braze "
+                         f"{made_by}; upgrade braze on this host to that version, or recompile "
+                         f"the model with this braze")
     if version != FORMAT_VERSION:
-        made_by = manifest.get("versions", {}).get("braze", "an unknown braze")
         raise BrazeError(f"artifact {root} has format version {version} (made by braze "
                          f"{made_by}); this braze reads version {FORMAT_VERSION}: recompile "
                          f"it with `braze compile`")

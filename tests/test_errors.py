@@ -387,3 +387,17 @@ def test_weights_of_another_dtype_or_shape_are_refused_at_load(artifact_copy, ch
     with pytest.raises(BrazeError, match=rf"{f.name}.*weight .*expects f32"
                        if change == "dtype" else rf"weight {name} is float32 \[63\].*f32\[64\]"):
         art.load_weights()
+
+
+def test_an_artifact_from_a_newer_braze_says_to_upgrade(artifact_copy):
+    """An artifact compiled by a newer braze (a newer format) shipped to a host with an
+    older one: the fix on that host is to upgrade braze; recompiling needs the model
+    directory, which a serving host usually lacks."""
+    from braze.artifact import FORMAT_VERSION
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    m["format_version"] = FORMAT_VERSION + 1
+    m["versions"]["braze"] = "99.0"
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run("generate", artifact_copy, "--prompt-ids", "1,2")
+    assert_one_line_error(code, err, f"format version {FORMAT_VERSION + 1}", "braze 99.0",
+                          "newer", "upgrade braze")
