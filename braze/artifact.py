@@ -254,6 +254,22 @@ def _check_references(root: Path, manifest: dict, files: dict) -> None:
         raise BrazeError(f"{root / MANIFEST} has no list of weight files")
     for f in weights["files"]:
         listed(f, "weight file")
+    for r, rank in enumerate(_entries(root, weights.get("ranks"), "weights \"ranks\"")):
+        for f in _entries(root, rank.get("files"), f"weights of rank {r}"):
+            listed(f, f"weight file of rank {r}")
+    # the MTP graph and its weights (codegen/mtp_writer.py): read by verification and by the
+    # proposer, so listed and hashed like the rest (verification covers no weights)
+    mtp = manifest.get("mtp")
+    if mtp is not None:
+        if not isinstance(mtp, dict):
+            raise BrazeError(f"{root / MANIFEST}: its \"mtp\" entry is not an object")
+        if "graph" in mtp:
+            listed(mtp["graph"], "MTP graph")
+        for f in _entries(root, mtp.get("files"), "MTP weights"):
+            listed(f, "MTP weight file")
+        for r, rank in enumerate(_entries(root, mtp.get("ranks"), "MTP \"ranks\"")):
+            for f in _entries(root, rank.get("files"), f"MTP weights of rank {r}"):
+                listed(f, f"MTP weight file of rank {r}")
     if manifest.get("tokenizer") not in (None, TOKENIZER_DIR):
         raise BrazeError(f"artifact {root}: its tokenizer directory must be {TOKENIZER_DIR!r}, "
                          f"got {str(manifest.get('tokenizer'))[:200]!r}")
@@ -263,6 +279,17 @@ def _check_references(root: Path, manifest: dict, files: dict) -> None:
     for vid, k in kernels.items():
         for key, rel in _file_entries(k):
             listed(rel, f"{key} file of kernel {vid}")
+
+
+def _entries(root: Path, value, what: str) -> list:
+    """A list the manifest holds (of file names, or of objects for "ranks"); [] if absent."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or (what.endswith('"ranks"') and not all(
+            isinstance(v, dict) for v in value)):
+        raise BrazeError(f"{root / MANIFEST}: its {what} is not a list"
+                         + (" of objects" if what.endswith('"ranks"') else ""))
+    return value
 
 
 def _file_entries(value):

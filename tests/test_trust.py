@@ -457,3 +457,29 @@ def test_a_broken_signature_refusal_gives_advice_that_works(art, signature):
     assert "refused even with --trust-artifact" in line and "see --trusted-keys" not in line
     (art / "signature.json").unlink()         # the advice, followed
     assert open_artifact(art, trust_artifact=True).trust.how == "operator"
+
+
+@pytest.mark.parametrize("where", ["mtp-graph", "mtp-weights", "mtp-rank-weights",
+                                   "rank-weights"])
+def test_every_file_the_manifest_names_must_be_listed_mtp_and_ranks_too(art, tmp_path, where):
+    """An unsigned artifact (no signature to break) whose manifest names a file outside it
+    as its MTP graph or as weights of a rank: refused at open, before anything reads it.
+    Verification used to parse that MTP graph, quoting the outside file's first line in its
+    error (and reading /dev/zero until memory ran out); weights are not covered by
+    verification, so a verified artifact would have loaded another file's tensors."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for you\n")
+    (art / "signature.json").unlink()
+    m = manifest(art)
+    if where == "mtp-graph":
+        m["mtp"] = {"graph": str(secret), "plan": {}}
+    elif where == "mtp-weights":
+        m["mtp"] = {"num_layers": 1, "files": ["../secret.txt"], "bytes": 0}
+    elif where == "mtp-rank-weights":
+        m["mtp"] = {"num_layers": 1, "files": [], "ranks": [{"files": [str(secret)]}]}
+    else:
+        m["weights"]["ranks"] = [{"files": [str(secret)], "params": {}}]
+    write_manifest(art, m)
+    msg = _refusal(art)
+    assert "not for you" not in msg, msg
+    assert "secret.txt" in msg and "not one of the files its manifest lists" in msg, msg
