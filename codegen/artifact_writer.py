@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(out)
         # this compile's own: a second compile to the same path never deletes or fills it
-        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-{os.getpid()}-",
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-",
                                     dir=out.parent))
     except OSError as e:
         raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
@@ -85,17 +86,23 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
     return out
 
 
+def _partial_prefix(out: Path) -> str:
+    # the host too: on a shared filesystem another host's pid says nothing here
+    return f"{out.name}.partial-{socket.gethostname()}-"
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Remove what compiles to `out` killed before they could clean up left: a
-    `NAME.partial-PID-...` directory whose process is gone (or an older `NAME.partial`)."""
-    for p in out.parent.glob(f"{glob.escape(out.name)}.partial*"):
-        rest = p.name[len(out.name) + len(".partial"):]
-        pid = rest[1:].split("-")[0] if rest.startswith("-") else ""
-        if rest and not pid.isdigit():
-            continue
-        if pid and _alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
+    `NAME.partial-HOST-PID-...` directory of this host whose process is gone (or an older
+    `NAME.partial`)."""
+    legacy = out.with_name(f"{out.name}.partial")
+    if legacy.is_dir() and not legacy.is_symlink():
+        shutil.rmtree(legacy, ignore_errors=True)
+    prefix = _partial_prefix(out)
+    for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

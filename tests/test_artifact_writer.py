@@ -152,12 +152,16 @@ def test_two_compiles_to_one_path_do_not_write_into_each_other(tmp_path):
 
 def test_what_a_killed_compile_left_is_removed_by_the_next(tmp_path):
     import os
+    import socket
     g = _graph([((4, 4), "f32")])
-    dead = tmp_path / "a.braze.partial-999999999-x1"       # beyond any pid: its compile died
+    here = f"a.braze.partial-{socket.gethostname()}"
+    dead = tmp_path / f"{here}-999999999-x1"        # beyond any pid: its compile died
     legacy = tmp_path / "a.braze.partial"
-    running = tmp_path / f"a.braze.partial-{os.getpid()}-x2"   # a compile still running
-    for d in (dead, legacy, running):
+    running = tmp_path / f"{here}-{os.getpid()}-x2"     # a compile still running
+    elsewhere = tmp_path / "a.braze.partial-otherhost-999999999-x3"   # its pid means nothing here
+    for d in (dead, legacy, running, elsewhere):
         d.mkdir()
         (d / "graph.bir").write_text("half")
     _write(tmp_path, g, lambda n: torch.zeros(4, 4), shard_bytes=1 << 20)
-    assert not dead.exists() and not legacy.exists() and running.exists()
+    assert not dead.exists() and not legacy.exists()
+    assert running.exists() and elsewhere.exists()
