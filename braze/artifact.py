@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path, PurePosixPath
 
@@ -75,6 +76,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_artifact(d: Path) -> bool:
+    """Whether directory `d` holds a braze manifest (checked no further)."""
+    try:
+        return json.loads((Path(d) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_manifest(root: Path) -> dict:
     return read_manifest_bytes(root)[0]
 
@@ -83,7 +92,7 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
     """The manifest and the exact bytes it was parsed from (what a signature covers)."""
     root = Path(root)
     if not root.is_dir():
-        raise BrazeError(f"artifact {root} does not exist (make one with `braze compile`)")
+        raise BrazeError(_not_a_directory(root))
     path = root / MANIFEST
     if not path.exists():
         raise BrazeError(f"{root} is not a braze artifact: it has no {MANIFEST}")
@@ -95,12 +104,72 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BrazeError(f"{path} is not a braze manifest (no \"format\": \"{FORMAT}\")")
     version = manifest.get("format_version")
+    versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+    made_by = versions.get("braze", "an unknown braze")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        from braze import __version__
+        raise BrazeError(f"artifact {root} has format version {version}, newer than this braze "
+                         f"{__version__} reads ({FORMAT_VERSION}): it was made by braze "
+                         f"{made_by}; upgrade braze on this host to that version, or recompile "
+                         f"the model with this braze")
     if version != FORMAT_VERSION:
-        made_by = manifest.get("versions", {}).get("braze", "an unknown braze")
         raise BrazeError(f"artifact {root} has format version {version} (made by braze "
                          f"{made_by}); this braze reads version {FORMAT_VERSION}: recompile "
                          f"it with `braze compile`")
+    _check_sections(path, manifest)
     return manifest, data
+
+
+# what every manifest holds and every reader takes as given (codegen/artifact_writer.py)
+_SECTIONS = {"model": dict, "options": dict, "versions": dict, "weights": dict, "files": dict}
+_MODEL_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim")
+
+
+def _check_sections(path: Path, manifest: dict) -> None:
+    """The manifest's sections have the shapes compile writes, so that a hand-edited or
+    damaged one is refused here, naming what is wrong, not deep in a reader as a bug."""
+    def bad(where: str, what: str):
+        raise BrazeError(f"{path} is damaged: its {where} is not {what} (the manifest was "
+                         f"edited by hand or damaged); copy the artifact again or recompile it")
+
+    for key, kind in _SECTIONS.items():
+        if not isinstance(manifest.get(key), kind):
+            bad(f'"{key}"', "an object")
+    model, weights = manifest["model"], manifest["weights"]
+    for key in ("architecture", "family", "dtype"):
+        if not isinstance(model.get(key), str):
+            bad(f'model "{key}"', "a string")
+    for key in _MODEL_INTS:
+        if not _is_int(model.get(key)):
+            bad(f'model "{key}"', "an integer")
+    eos = model.get("eos_token_ids")
+    if eos is not None and not (isinstance(eos, list) and all(map(_is_int, eos))):
+        bad('model "eos_token_ids"', "a list of token ids")
+    if not isinstance(weights.get("files"), list) or not all(
+            isinstance(f, str) for f in weights["files"]):
+        bad('weights "files"', "a list of file names")
+    if not _is_int(weights.get("bytes")):
+        bad('weights "bytes"', "an integer")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _not_a_directory(root: Path) -> str:
+    """Why `root`, not a directory, is no artifact: a URL (s3://..., which Path has already
+    folded to s3:/...), a file (an archive of an artifact, say), or nothing."""
+    parts = root.parts
+    if not root.exists() and len(parts) > 1 and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+:",
+                                                              parts[0]):
+        url = f"{parts[0]}//{'/'.join(parts[1:])}"
+        return (f"artifact {url} is a URL; braze opens artifacts from a local directory "
+                f"only: download it first (for S3: `aws s3 sync {url} DIR`), then give DIR")
+    if root.exists():
+        return (f"artifact {root} is a file, not an artifact directory (`braze compile` "
+                f"writes a directory; unpack an archive of one first, and give the directory)")
+    return f"artifact {root} does not exist (make one with `braze compile`)"
 
 
 def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:
@@ -118,16 +187,27 @@ def verify_files(root: Path, manifest: dict, check_hashes: bool = True) -> None:
     present = _regular_files(root)
     for rel in sorted(files):
         if rel not in present:
-            raise BrazeError(f"artifact {root} is missing {rel} (listed in its manifest)")
+            raise BrazeError(f"artifact {root} is missing {rel} (listed in its manifest): "
+                             f"{AGAIN}")
     extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
     if extra:
-        raise BrazeError(f"artifact {root} holds {extra[0]}, which its manifest does not list")
+        raise BrazeError(f"artifact {root} holds {extra[0]}, which its manifest does not list: "
+                         f"remove it (braze reads only the files an artifact lists and hashes)")
     _check_references(root, manifest, files)
     if check_hashes:
         for rel, digest in sorted(files.items()):
             if sha256_file(root / rel) != digest:
-                raise BrazeError(f"artifact file {root / rel} does not match its sha256 in the "
-                                 f"manifest: it was modified or corrupted; recompile the artifact")
+                raise BrazeError(changed(root, rel))
+
+
+# a shipped artifact is most often damaged on the way (a copy or download cut short)
+AGAIN = "copy the artifact again, whole, or recompile it"
+
+
+def changed(root: Path, rel: str) -> str:
+    """The refusal of a file whose bytes are not the ones the manifest hashed."""
+    return (f"artifact file {root / rel} does not match its sha256 in the manifest: it was "
+            f"modified, corrupted or copied incompletely; {AGAIN}")
 
 
 def _inside(root: Path, rel) -> Path:
@@ -174,6 +254,22 @@ def _check_references(root: Path, manifest: dict, files: dict) -> None:
         raise BrazeError(f"{root / MANIFEST} has no list of weight files")
     for f in weights["files"]:
         listed(f, "weight file")
+    for r, rank in enumerate(_entries(root, weights.get("ranks"), "weights \"ranks\"")):
+        for f in _entries(root, rank.get("files"), f"weights of rank {r}"):
+            listed(f, f"weight file of rank {r}")
+    # the MTP graph and its weights (codegen/mtp_writer.py): read by verification and by the
+    # proposer, so listed and hashed like the rest (verification covers no weights)
+    mtp = manifest.get("mtp")
+    if mtp is not None:
+        if not isinstance(mtp, dict):
+            raise BrazeError(f"{root / MANIFEST}: its \"mtp\" entry is not an object")
+        if "graph" in mtp:
+            listed(mtp["graph"], "MTP graph")
+        for f in _entries(root, mtp.get("files"), "MTP weights"):
+            listed(f, "MTP weight file")
+        for r, rank in enumerate(_entries(root, mtp.get("ranks"), "MTP \"ranks\"")):
+            for f in _entries(root, rank.get("files"), f"MTP weights of rank {r}"):
+                listed(f, f"MTP weight file of rank {r}")
     if manifest.get("tokenizer") not in (None, TOKENIZER_DIR):
         raise BrazeError(f"artifact {root}: its tokenizer directory must be {TOKENIZER_DIR!r}, "
                          f"got {str(manifest.get('tokenizer'))[:200]!r}")
@@ -183,6 +279,17 @@ def _check_references(root: Path, manifest: dict, files: dict) -> None:
     for vid, k in kernels.items():
         for key, rel in _file_entries(k):
             listed(rel, f"{key} file of kernel {vid}")
+
+
+def _entries(root: Path, value, what: str) -> list:
+    """A list the manifest holds (of file names, or of objects for "ranks"); [] if absent."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or (what.endswith('"ranks"') and not all(
+            isinstance(v, dict) for v in value)):
+        raise BrazeError(f"{root / MANIFEST}: its {what} is not a list"
+                         + (" of objects" if what.endswith('"ranks"') else ""))
+    return value
 
 
 def _file_entries(value):

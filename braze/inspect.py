@@ -65,6 +65,7 @@ def _summary(art, check_hashes: bool) -> dict:
                                      for t, by_key in k.get("cubins", {}).items()}}
                     for vid, k in (m.get("kernels") or {}).items()},
         "targets": m.get("targets", []),
+        "cubins_stored": _cubins_stored(m.get("kernels") or {}),
         "cubins_here": _cubins_here(m),
         "extern_ops": (m.get("plan") or {}).get("extern_ops", {}),
         "launches": sum(len(s["launches"]) for s in (m.get("plan") or {}).get("segments", [])),
@@ -83,7 +84,8 @@ def _summary(art, check_hashes: bool) -> dict:
         "lora": {k: v for k, v in m["lora"].items() if k in ("slots", "max_rank", "targets")}
         | {"pools": len(m["lora"]["modules"])} if m.get("lora") else None,
         "hashes_verified": check_hashes,
-        "trust": {"how": art.trust.how, "detail": art.trust.detail},
+        "trust": {"how": art.trust.how, "detail": art.trust.detail,
+                  "remedy": None if art.trust.admitted else art.trust.remedy},
         "parallel": m.get("parallel"),
         "mtp_parallel": (m.get("mtp") or {}).get("parallel"),
         "kv_groups": m.get("kv_groups"),
@@ -182,6 +184,15 @@ def _text_only_line(origin: str, mm: dict) -> str:
             f"image or audio parts get a 400")
 
 
+def _cubins_stored(kernels: dict) -> dict[str, int]:
+    """target -> how many cubins the kernel table lists for it (one per variant and spec)."""
+    out: dict[str, int] = {}
+    for k in kernels.values():
+        for target, by_key in (k.get("cubins") or {}).items():
+            out[target] = out.get(target, 0) + len(by_key)
+    return out
+
+
 def _cubins_here(m: dict) -> dict:
     """Whether this host would launch the stored cubins, and why not."""
     import triton
@@ -228,11 +239,18 @@ def format_summary(s: dict) -> str:
                      + "".join(f"; {k} stays cuBLAS: {why}" for k, why in sm["extern"].items()))
     here = s["cubins_here"]
     n_specs = sum(len(k["specs"]) for k in s["kernels"].values())
-    lines.append(f"cubins     {n_specs} specialisations of {len(s['kernels'])} variants, built with "
-                 f"triton {here['triton_built']}; here (triton {here['triton_here']}, "
-                 f"{here['gpu_here'] or 'no GPU'}): "
-                 + ("launched from the cubins" if here["unusable"] is None
-                    else f"not used: {here['unusable']}"))
+    stored = s.get("cubins_stored") or {}
+    if not stored:
+        lines.append(f"cubins     none stored: the {n_specs} specialisations of "
+                     f"{len(s['kernels'])} variants are JIT-compiled from their source at "
+                     f"first use")
+    else:
+        lines.append(f"cubins     {', '.join(f'{n} for {t}' for t, n in stored.items())} "
+                     f"({n_specs} specialisations of {len(s['kernels'])} variants), built "
+                     f"with triton {here['triton_built']}; here (triton {here['triton_here']}, "
+                     f"{here['gpu_here'] or 'no GPU'}): "
+                     + ("launched from the cubins" if here["unusable"] is None
+                        else f"not used: {here['unusable']}"))
     if s["passes"]:
         lines.append("passes     " + ", ".join(f"{p['name']} {p['matches']} ({p['ms']:.0f} ms)"
                                               for p in s["passes"]))
@@ -282,7 +300,7 @@ def format_summary(s: dict) -> str:
     lines.append(f"hashes     {'verified' if s['hashes_verified'] else 'not checked'}")
     lines.append(f"trust      {s['trust']['how']}: {s['trust']['detail']}"
                  + ("" if s["trust"]["how"] != "none" else
-                    " (generate and serve refuse it; see --trusted-keys and --trust-artifact)"))
+                    f" (generate and serve refuse it; {s['trust']['remedy']})"))
     if "cubin_resources" in s:
         from braze.codegen.cubin_report import format_rows
         lines.append("")

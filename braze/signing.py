@@ -120,8 +120,12 @@ def default_private_key(log=None):
         (config_dir() / TRUSTED_DIR).mkdir(exist_ok=True, mode=0o700)
         if not _create_exclusive(path, pem, 0o600):
             return load_private_key(path)           # another process made it first
-        _create_exclusive(config_dir() / TRUSTED_DIR / f"{who}.pub",
-                          public + f" braze {who}\n".encode(), 0o644)
+        # user@host.pub may hold an earlier key of this user (signing-key.pem was deleted
+        # or lost): it stays trusted, for what it signed, and the new one goes beside it
+        pub = config_dir() / TRUSTED_DIR / f"{who}.pub"
+        if not _create_exclusive(pub, public + f" braze {who}\n".encode(), 0o644):
+            pub = pub.with_name(f"{who}-{key_id(_raw(key.public_key()))[len('ed25519:'):]}.pub")
+            _create_exclusive(pub, public + f" braze {who}\n".encode(), 0o644)
     except OSError as e:
         if log:
             log(f"warning: the artifact is not signed: cannot make the per-user key {path} "
@@ -130,7 +134,7 @@ def default_private_key(log=None):
     if log:
         log(f"made your braze signing key {path} ({key_id(_raw(key.public_key()))}); artifacts "
             f"you compile are signed with it. To run them on another host, copy "
-            f"{config_dir() / TRUSTED_DIR / (who + '.pub')} into that host's "
+            f"{pub} into that host's "
             f"~/.config/braze/{TRUSTED_DIR}/ or a --trusted-keys DIR")
     return key
 
@@ -238,8 +242,7 @@ def read_signature(root: Path, manifest_bytes: bytes) -> Signature | None:
             raise ValueError("not a braze ed25519 signature")
         public = _ed25519().Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise BrazeError(f"{path} is not a valid braze signature ({str(e)[:120]}); delete it "
-                         f"or re-sign the artifact") from None
+        raise BrazeError(f"{path} is not a valid braze signature ({str(e)[:120]})") from None
     InvalidSignature = _crypto("exceptions").InvalidSignature
     try:
         public.verify(sig, manifest_bytes)

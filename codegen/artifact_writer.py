@@ -9,11 +9,13 @@ half-written artifact where a good one was expected.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 
 from braze import __version__
 from braze.artifact import (FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, TOKENIZER_DIR,
-                            TOKENIZER_FILES, sha256_file)
+                            TOKENIZER_FILES, is_artifact, sha256_file)
 from braze.ir import Graph, print_graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
@@ -50,11 +52,12 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
     manifest entries for them; `signing_key` (Ed25519) signs the manifest."""
     out = Path(out)
     check_destination(out, overwrite)
-    tmp = out.with_name(out.name + ".partial")
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        # this compile's own: a second compile to the same path never deletes or fills it
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-",
+                                    dir=out.parent))
     except OSError as e:
         raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
     try:
@@ -68,6 +71,9 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
             key_id = sign_artifact(tmp, signing_key)
             if log:
                 log(f"signed the artifact with {key_id}")
+        # again: what appeared at `out` while compiling is replaced only if --force would
+        # have replaced it at the start (an earlier artifact), never deleted unasked
+        check_destination(out, overwrite)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -78,6 +84,35 @@ def write_artifact(out: Path, graph: Graph, load_param, model: dict, options: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _partial_prefix(out: Path) -> str:
+    # the host too: on a shared filesystem another host's pid says nothing here
+    return f"{out.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove what compiles to `out` killed before they could clean up left: a
+    `NAME.partial-HOST-PID-...` directory of this host whose process is gone (or an older
+    `NAME.partial`)."""
+    legacy = out.with_name(f"{out.name}.partial")
+    if legacy.is_dir() and not legacy.is_symlink():
+        shutil.rmtree(legacy, ignore_errors=True)
+    prefix = _partial_prefix(out)
+    for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:              # another user's process: alive
+        return True
+    return True
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
@@ -93,7 +128,7 @@ def check_destination(out: Path, overwrite: bool) -> None:
             raise BrazeError(f"{out} exists and is not an artifact directory (a file or a "
                              "link); --force replaces only an earlier artifact: give -o a new "
                              "path")
-        if not _is_artifact(out) and any(out.iterdir()):
+        if not is_artifact(out) and any(out.iterdir()):
             raise BrazeError(f"{out} is a directory but not a braze artifact (it has no braze "
                              f"{MANIFEST}); --force replaces only an earlier artifact: give -o "
                              "a new path, or remove the directory yourself")
@@ -106,13 +141,6 @@ def check_destination(out: Path, overwrite: bool) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".braze-probe-", dir=parent))
     except OSError as e:
         raise BrazeError(f"cannot write the artifact {out}: {_why(e)}") from None
-
-
-def _is_artifact(d: Path) -> bool:
-    try:
-        return json.loads((d / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _why(e: OSError) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from braze.artifact import is_artifact
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
@@ -95,6 +96,10 @@ def read_config(model_dir: Path):
                          f"or a .gguf file")
     if not model_dir.is_dir():
         raise BrazeError(f"model directory {model_dir} does not exist{missing_dir_hint(model_dir)}")
+    if is_artifact(model_dir):
+        raise BrazeError(f"{model_dir} is a braze artifact, not a model directory: compile the "
+                         f"Hugging Face model directory (or .gguf file) it was made from; an "
+                         f"artifact is served as it is (braze generate/serve)")
     path = model_dir / "config.json"
     if not path.exists():
         raise BrazeError(f"{model_dir} has no config.json: expected a Hugging Face model "

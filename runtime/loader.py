@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from braze.artifact import (GRAPH_FILE, TOKENIZER_DIR, read_manifest_bytes, text_only_origin,
-                            verify_files)
+from braze.artifact import (GRAPH_FILE, TOKENIZER_DIR, changed, read_manifest_bytes,
+                            text_only_origin, verify_files)
 from braze.ir import Graph, parse_graph, verify
 from braze.ir.contract import StepLimits
 from braze.ir.errors import BrazeError
+from braze.ir.types import torch_dtype
 
 from .trust import Trust, establish, refusal
 
@@ -69,19 +70,26 @@ class Artifact:
                 raise BrazeError(f"artifact {self.root} has weights for ranks "
                                  f"0..{len(weights['ranks']) - 1}, not rank {rank}")
             files = weights["ranks"][rank]["files"]
+        source: dict[str, str] = {}
         for f in files:
             try:
-                out.update(load_file(str(self.root / f), device=str(device)))
+                got = load_file(str(self.root / f), device=str(device))
             except Exception as e:  # safetensors raises its own error types
                 raise BrazeError(f"artifact weights {self.root / f} cannot be read ({e})") from None
+            out.update(got)
+            source.update(dict.fromkeys(got, f))
         missing = [p for p in self.graph.params if p not in out]
         if missing:
             raise BrazeError(f"artifact {self.root}: parameter {missing[0]} is not in its weights")
         for name, p in self.graph.params.items():
             t = out[name]
-            if tuple(t.shape) != tuple(p.type.shape):
-                raise BrazeError(f"artifact {self.root}: weight {name} has shape "
-                                 f"{list(t.shape)}, the graph expects {p.type}")
+            # weights are data no signature-less check covers: one rewritten after compiling
+            # (cast to save space, say) is named here, not by the first op that meets it
+            if tuple(t.shape) != tuple(p.type.shape) or t.dtype != torch_dtype(p.type.dtype):
+                raise BrazeError(f"artifact {self.root / source[name]}: weight {name} is "
+                                 f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the "
+                                 f"graph expects {p.type}: the weights were changed after "
+                                 f"compiling; recompile the artifact")
         return out
 
 
@@ -111,8 +119,7 @@ def open_artifact(path, check_hashes: bool = True, trusted_keys=None,
 def _read_graph(root: Path, manifest: dict) -> Graph:
     data = (root / GRAPH_FILE).read_bytes()        # read once: parsed is what was hashed
     if hashlib.sha256(data).hexdigest() != manifest["files"][GRAPH_FILE]:
-        raise BrazeError(f"artifact file {root / GRAPH_FILE} does not match its sha256 in the "
-                         f"manifest: it was modified or corrupted; recompile the artifact")
+        raise BrazeError(changed(root, GRAPH_FILE))
     try:
         graph = parse_graph(data.decode("utf-8"), source=GRAPH_FILE)
     except UnicodeDecodeError:

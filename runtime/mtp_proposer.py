@@ -55,6 +55,7 @@ import hashlib
 import torch
 from safetensors.torch import load_file
 
+from braze.artifact import changed
 from braze.ir import parse_graph, verify
 from braze.ir.interpreter import Interpreter
 from braze.ir.errors import BrazeError
@@ -86,8 +87,7 @@ def load_mtp(artifact, main_params: dict, device):
     root = artifact.root
     data = (root / m["graph"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != artifact.manifest["files"].get(m["graph"]):
-        raise BrazeError(f"artifact file {root / m['graph']} does not match its sha256 in the "
-                         f"manifest: it was modified or corrupted; recompile the artifact")
+        raise BrazeError(changed(root, m["graph"]))
     try:
         graph = parse_graph(data.decode("utf-8"), source=m["graph"])
         verify(graph)

@@ -43,6 +43,12 @@ HOW_TO_ADMIT = ("admit it one of three ways: sign it (`braze compile --sign KEY`
                 "this host its public key (--trusted-keys DIR); recompile it with this braze "
                 "so that it verifies; or, if you trust where it came from, pass "
                 "--trust-artifact (Python: trusted_keys=DIR, trust_artifact=True)")
+# a signed artifact whose signature does not hold was changed after signing: no flag admits
+# it as it is (docs/trust.md), so the refusal says what does
+HOW_TO_REPLACE = ("this is refused even with --trust-artifact: copy the artifact again from "
+                  "where it was signed, or recompile it; if you changed it on purpose, delete "
+                  f"its {SIGNATURE}, and it then loads if this braze regenerates it or with "
+                  "--trust-artifact")
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Trust:
     detail: str                     # who signed it, how long verifying took, or why not
     kernel_hashes: dict[str, str] = field(default_factory=dict)   # module -> sha256 to run
     cubins: bool = False            # stored cubins may be loaded
+    remedy: str = HOW_TO_ADMIT      # what a refusal tells the user to do
 
     @property
     def admitted(self) -> bool:
@@ -65,10 +72,10 @@ def establish(root: Path, manifest: dict, manifest_bytes: bytes, graph: Graph,
     try:
         sig = read_signature(root, manifest_bytes)
     except BrazeError as e:
-        return Trust("none", str(e))
+        return Trust("none", str(e), remedy=HOW_TO_REPLACE)
     if sig is not None and not sig.valid:
         return Trust("none", f"{SIGNATURE} does not match manifest.json: the artifact was "
-                             f"changed after {sig.key_id} signed it")
+                             f"changed after {sig.key_id} signed it", remedy=HOW_TO_REPLACE)
     if sig is not None:
         key = trusted_keys(trusted_keys_dir).get(sig.raw)
         if key is not None:
@@ -102,7 +109,7 @@ def establish(root: Path, manifest: dict, manifest_bytes: bytes, graph: Graph,
 
 
 def refusal(root: Path, trust: Trust) -> str:
-    return f"artifact {root} is not trusted: {trust.detail}; {HOW_TO_ADMIT}"
+    return f"artifact {root} is not trusted: {trust.detail}; {trust.remedy}"
 
 
 def _listed_kernel_hashes(manifest: dict) -> dict[str, str]:

@@ -91,7 +91,7 @@ def test_a_weight_of_the_wrong_shape_names_the_parameter(tmp_path):
     with pytest.raises(BrazeError, match="parameter p0: got torch.float32 \\[4, 5\\]"):
         _write(tmp_path, g, lambda n: torch.zeros(4, 5), shard_bytes=1 << 20)
     assert not (tmp_path / "a.braze").exists()
-    assert not (tmp_path / "a.braze.partial").exists()
+    assert not list(tmp_path.glob("a.braze.partial*"))
 
 
 def test_checkpoint_reads_every_shard_with_one_file_mapped_at_a_time(tmp_path):
@@ -107,3 +107,61 @@ def test_checkpoint_reads_every_shard_with_one_file_mapped_at_a_time(tmp_path):
         for name, want in load_file(str(f)).items():
             assert torch.equal(ckpt.get(name), want)
             assert len(ckpt._handles) == 1     # the mapped pages of one shard, not all
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_directory_made_at_the_output_path_while_compiling_is_not_deleted(tmp_path, force):
+    """The output path is checked before compiling, and again when the finished artifact
+    replaces it: what appeared there meanwhile (a user's directory, not an artifact) is
+    kept and the compile fails, as it would have at the start, with or without --force."""
+    g = _graph([((4, 4), "f32")])
+    out = tmp_path / "a.braze"
+
+    def load(name):                    # minutes of compiling, during which someone writes
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("mine")
+        return torch.zeros(4, 4)
+
+    with pytest.raises(BrazeError, match=str(out)):
+        write_artifact(out, g, load, {"config": {}}, {}, tmp_path, overwrite=force)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob("a.braze.partial*"))
+
+
+def test_two_compiles_to_one_path_do_not_write_into_each_other(tmp_path):
+    """A second compile to the same -o (another terminal, a CI retry) started while the
+    first runs: the first's half-written directory is its own, not deleted and refilled by
+    the second; one artifact is written, whole, and the other compile says the path is
+    taken (it was compile B's unfinished directory that A's start used to delete)."""
+    from braze.artifact import MANIFEST, verify_files
+    g = _graph([((4, 4), "f32"), ((8,), "f32")])
+    out = tmp_path / "a.braze"
+    inner = {}
+
+    def load(name):
+        if not inner:               # compile B runs start to end while A is mid-way
+            inner["b"] = write_artifact(out, g, lambda n: torch.ones(g.params[n].type.shape),
+                                        {"config": {}}, {}, tmp_path)
+        return torch.zeros(g.params[name].type.shape)
+
+    with pytest.raises(BrazeError, match=f"{out} already exists"):
+        write_artifact(out, g, load, {"config": {}}, {}, tmp_path)
+    verify_files(out, json.loads((out / MANIFEST).read_text()))   # B's artifact, whole
+    assert not list(tmp_path.glob("a.braze.partial*"))
+
+
+def test_what_a_killed_compile_left_is_removed_by_the_next(tmp_path):
+    import os
+    import socket
+    g = _graph([((4, 4), "f32")])
+    here = f"a.braze.partial-{socket.gethostname()}"
+    dead = tmp_path / f"{here}-999999999-x1"        # beyond any pid: its compile died
+    legacy = tmp_path / "a.braze.partial"
+    running = tmp_path / f"{here}-{os.getpid()}-x2"     # a compile still running
+    elsewhere = tmp_path / "a.braze.partial-otherhost-999999999-x3"   # its pid means nothing here
+    for d in (dead, legacy, running, elsewhere):
+        d.mkdir()
+        (d / "graph.bir").write_text("half")
+    _write(tmp_path, g, lambda n: torch.zeros(4, 4), shard_bytes=1 << 20)
+    assert not dead.exists() and not legacy.exists()
+    assert running.exists() and elsewhere.exists()

@@ -115,7 +115,7 @@ def test_ctrl_c_while_kernels_compile_stops_the_compile(store, tmp_path):
     assert p.wait(timeout=300) == 130, err
     assert m is not None, err
     assert "braze: interrupted" in err and "Traceback" not in err, err
-    assert not art.exists() and not (tmp_path / "a.braze.partial").exists()
+    assert not art.exists() and not list(tmp_path.glob("a.braze.partial*"))
     done, total, workers = map(int, m.groups())
     # what may still finish: the jobs the workers hold, and the one the pool queues ahead
     compiled = len(list(cache.rglob("*.cubin")))
@@ -386,3 +386,42 @@ def test_generate_closes_its_engine_so_kv_tier_writes_are_bounded(store, tmp_pat
                  str(kv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"]
     assert closed == [None] and len(list(kv.rglob("*.kv"))) == 2
+
+
+@pytest.mark.parametrize("where", ["url", "file"])
+def test_an_artifact_that_is_a_url_or_a_file_is_named_as_it_is(tmp_path, where):
+    """A vLLM user gives an s3:// URL (vLLM can stream from one) or a tarball of the
+    artifact: the error says what was given and what braze takes, not that a path with
+    one slash of the URL dropped "does not exist"."""
+    from cli_helpers import assert_one_line_error
+    if where == "url":
+        given, words = "s3://bucket/models/a.braze", ["s3://bucket/models/a.braze",
+                                                      "local directory", "download"]
+    else:
+        given = tmp_path / "a.braze.tar.gz"
+        given.write_bytes(b"\x1f\x8b not really a tarball")
+        words = [str(given), "a file", "directory"]
+    for command in (["inspect", given], ["generate", given, "--prompt-ids", "1"]):
+        r = braze(*command)
+        assert_one_line_error(r.returncode, r.stderr, *words)
+        assert "does not exist" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("targets", ["", "sm_80,sm_90"])
+def test_inspect_counts_the_cubins_the_artifact_holds(store, targets):
+    """`braze inspect` says how many cubins are stored per target, counted as the files
+    under cubin/ are; an artifact compiled with --targets '' holds none, and inspect said
+    '78 specialisations ... built with triton X' of it."""
+    from braze.inspect import format_summary, summarize
+    art = store.artifact("llama", opt_level=2, dtype="bfloat16", targets=targets)
+    s = summarize(art)
+    on_disk = {t.name: len(list(t.glob("*.cubin"))) for t in (art / "cubin").glob("*")} \
+        if (art / "cubin").is_dir() else {}
+    assert s["cubins_stored"] == on_disk
+    json.dumps(s)
+    line = next(ln for ln in format_summary(s).splitlines() if ln.startswith("cubins"))
+    if not on_disk:
+        assert "none stored" in line and "built with" not in line, line
+    else:
+        for t, n in on_disk.items():
+            assert f"{n} for {t}" in line, line

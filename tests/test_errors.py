@@ -263,7 +263,7 @@ def test_force_replaces_only_an_artifact(store, tmp_path):
                            "--targets", "", "-q")
         assert code == 0, err
     assert json.loads((art / "manifest.json").read_text())["format"] == "braze-artifact"
-    assert not (tmp_path / "a.braze.partial").exists()
+    assert not list(tmp_path.glob("a.braze.partial*"))
 
 
 def test_unwritable_output_is_refused_before_compiling(store, tmp_path):
@@ -298,3 +298,106 @@ def test_cpu_with_an_index_runs(store):
     a = LLM(art, backend="reference", device="cpu:0", num_kv_blocks=8).generate([1, 2], p)
     b = LLM(art, backend="reference", num_kv_blocks=8).generate([1, 2], p)
     assert a[0].token_ids == b[0].token_ids
+
+
+@pytest.mark.parametrize("edit", ["model", "versions", "weights.bytes", "options",
+                                  "model.eos_token_ids"])
+def test_a_manifest_with_a_section_damaged_is_named_not_an_internal_error(artifact_copy,
+                                                                           capsys, edit):
+    """A manifest edited by hand (or damaged) but still JSON: the section at fault is named
+    with what to do, by every command, instead of 'internal error: KeyError' (a bug report)."""
+    from braze.cli import main
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    if edit == "model":
+        del m["model"]
+    elif edit == "versions":
+        m["versions"] = None
+    elif edit == "weights.bytes":
+        m["weights"]["bytes"] = None
+    elif edit == "options":
+        m["options"] = [1]
+    else:
+        m["model"]["eos_token_ids"] = "x"
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    (artifact_copy / "signature.json").unlink(missing_ok=True)
+    for argv in (["inspect", str(artifact_copy)],
+                 ["generate", str(artifact_copy), "--prompt-ids", "1", "--max-tokens", "1",
+                  "--backend", "reference"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert_one_line_error(code, err, "manifest.json", edit.split(".")[-1], "recompile")
+        assert code == 1, err
+
+
+def test_an_incomplete_or_cluttered_copy_says_what_to_do(artifact_copy):
+    """An artifact shipped to a host can arrive short (a file missing, a file cut off: an
+    interrupted copy or download) or with a stray file; each refusal names the file and what
+    to do about it, not only what is wrong."""
+    from braze.ir.errors import BrazeError
+    from braze.runtime import open_artifact
+    weights = next(artifact_copy.glob("weights-*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])             # the copy stopped half-way
+    with pytest.raises(BrazeError, match=rf"{weights.name}.*copy the artifact again"):
+        open_artifact(artifact_copy)
+    weights.write_bytes(data)
+    (artifact_copy / "config.json").rename(artifact_copy.parent / "config.json")
+    with pytest.raises(BrazeError, match=r"missing config\.json.*copy the artifact again"):
+        open_artifact(artifact_copy)
+    (artifact_copy.parent / "config.json").rename(artifact_copy / "config.json")
+    (artifact_copy / "notes.txt").write_text("x")
+    with pytest.raises(BrazeError, match=r"notes\.txt.*remove it"):
+        open_artifact(artifact_copy)
+    (artifact_copy / "notes.txt").unlink()
+    assert open_artifact(artifact_copy).trust.admitted
+
+
+def test_compiling_an_artifact_is_refused_not_a_model_without_its_tokenizer(store, tmp_path):
+    """`braze compile ARTIFACT` (a user told to "recompile" who has only the artifact) used
+    to trace the artifact's weights as a checkpoint and write an artifact without the
+    tokenizer (it lives in tokenizer/ there): text prompts and chat then fail on the
+    serving host. It is refused, saying what to compile instead."""
+    art = store.artifact("llama")
+    out = tmp_path / "again.braze"
+    code, _, err = run("compile", art, "-o", out, "--opt-level", "0", "--targets", "")
+    assert_one_line_error(code, err, str(art), "braze artifact", "model directory")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape"])
+def test_weights_of_another_dtype_or_shape_are_refused_at_load(artifact_copy, change):
+    """Weights rewritten after compiling (here: cast to float16 to save space, or one cut
+    short, then rehashed, unsigned: weights are data that verification does not cover)
+    are refused when they are read, naming the weight and what the graph expects, not at
+    the first op that meets them with a raw torch or kernel error (or not at all)."""
+    from safetensors.torch import load_file, save_file
+    from braze.ir.errors import BrazeError
+    from braze.runtime import open_artifact
+    from trust_helpers import rehash
+    f = next(artifact_copy.glob("weights-*.safetensors"))
+    w = load_file(f)
+    name = "model.norm.weight"
+    if change == "dtype":
+        w = {k: v.half() if v.is_floating_point() else v for k, v in w.items()}
+    else:
+        w[name] = w[name][:-1].clone()
+    save_file(w, f, metadata={"format": "pt"})
+    rehash(artifact_copy)
+    art = open_artifact(artifact_copy)
+    with pytest.raises(BrazeError, match=rf"{f.name}.*weight .*expects f32"
+                       if change == "dtype" else rf"weight {name} is float32 \[63\].*f32\[64\]"):
+        art.load_weights()
+
+
+def test_an_artifact_from_a_newer_braze_says_to_upgrade(artifact_copy):
+    """An artifact compiled by a newer braze (a newer format) shipped to a host with an
+    older one: the fix on that host is to upgrade braze; recompiling needs the model
+    directory, which a serving host usually lacks."""
+    from braze.artifact import FORMAT_VERSION
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    m["format_version"] = FORMAT_VERSION + 1
+    m["versions"]["braze"] = "99.0"
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run("generate", artifact_copy, "--prompt-ids", "1,2")
+    assert_one_line_error(code, err, f"format version {FORMAT_VERSION + 1}", "braze 99.0",
+                          "newer", "upgrade braze")

@@ -134,7 +134,7 @@ def test_tampered_artifact_is_refused_on_every_backend(art, tmp_path, kind, sign
     for backend in ("reference", "interpret", "cuda", "auto"):
         if signature == "kept":
             _llm_refuses(art, backend, "signature.json does not match manifest.json",
-                         "--trust-artifact", "--trusted-keys")
+                         "refused even with --trust-artifact", "recompile")
         else:
             _llm_refuses(art, backend, named, "no signature.json", "--trust-artifact",
                          "--trusted-keys", "recompile")
@@ -416,3 +416,70 @@ def test_kernel_modules_admit_only_hashed_text(tmp_path):
     assert not marker.exists()
     (tmp_path / "m.py").write_text(good)
     assert mods.get("m", "k").fn.__name__ == "k"
+
+
+def test_a_new_per_user_key_is_trusted_after_the_old_one_is_replaced(monkeypatch, tmp_path):
+    """Key rotation: the user deletes (or loses) signing-key.pem and the next compile makes
+    a new one; its public half must be trusted too, though user@host.pub holds the old one
+    (which stays trusted: artifacts signed with it still load)."""
+    from braze.signing import _raw, default_private_key, trusted_keys
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    logged = []
+    old = default_private_key(log=logged.append)
+    (tmp_path / "config" / "braze" / "signing-key.pem").unlink()
+    new = default_private_key(log=logged.append)
+    trusted = trusted_keys()
+    assert _raw(new.public_key()) in trusted
+    assert _raw(old.public_key()) in trusted
+    # the message says which file to copy to another host: the one holding the new key
+    pub = trusted[_raw(new.public_key())].file
+    assert str(pub) in logged[-1]
+
+
+@pytest.mark.parametrize("signature", ["mismatched", "garbage"])
+def test_a_broken_signature_refusal_gives_advice_that_works(art, signature):
+    """A signed artifact changed after signing is refused even with --trust-artifact, so the
+    refusal must not offer that flag as a way in; what it does offer must admit it."""
+    from braze.runtime import open_artifact
+    m = manifest(art)
+    m["options"]["max_num_seqs"] = 8          # an edit by hand, hashes still right
+    write_manifest(art, m)
+    if signature == "garbage":
+        (art / "signature.json").write_text("not json\n")
+    with pytest.raises(BrazeError) as e:
+        open_artifact(art, trust_artifact=True)
+    msg = str(e.value)
+    assert "signature.json" in msg and "pass --trust-artifact" not in msg, msg
+    assert "delete" in msg and "signature.json" in msg, msg
+    from braze.inspect import format_summary, summarize       # inspect says the same
+    line = next(ln for ln in format_summary(summarize(art)).splitlines()
+                if ln.startswith("trust"))
+    assert "refused even with --trust-artifact" in line and "see --trusted-keys" not in line
+    (art / "signature.json").unlink()         # the advice, followed
+    assert open_artifact(art, trust_artifact=True).trust.how == "operator"
+
+
+@pytest.mark.parametrize("where", ["mtp-graph", "mtp-weights", "mtp-rank-weights",
+                                   "rank-weights"])
+def test_every_file_the_manifest_names_must_be_listed_mtp_and_ranks_too(art, tmp_path, where):
+    """An unsigned artifact (no signature to break) whose manifest names a file outside it
+    as its MTP graph or as weights of a rank: refused at open, before anything reads it.
+    Verification used to parse that MTP graph, quoting the outside file's first line in its
+    error (and reading /dev/zero until memory ran out); weights are not covered by
+    verification, so a verified artifact would have loaded another file's tensors."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for you\n")
+    (art / "signature.json").unlink()
+    m = manifest(art)
+    if where == "mtp-graph":
+        m["mtp"] = {"graph": str(secret), "plan": {}}
+    elif where == "mtp-weights":
+        m["mtp"] = {"num_layers": 1, "files": ["../secret.txt"], "bytes": 0}
+    elif where == "mtp-rank-weights":
+        m["mtp"] = {"num_layers": 1, "files": [], "ranks": [{"files": [str(secret)]}]}
+    else:
+        m["weights"]["ranks"] = [{"files": [str(secret)], "params": {}}]
+    write_manifest(art, m)
+    msg = _refusal(art)
+    assert "not for you" not in msg, msg
+    assert "secret.txt" in msg and "not one of the files its manifest lists" in msg, msg
