@@ -47,6 +47,29 @@ def template_source(tokenizer_dir: Path | None, config: dict | None) -> str | No
     return t if isinstance(t, str) and t.strip() else None
 
 
+def template_arg(value: str, flag: str = "--chat-template") -> str:
+    """A chat template given on the command line, as vLLM's --chat-template takes it: the
+    path of a file holding it, else the template itself (text with Jinja's braces or a
+    newline); checked to compile. BrazeError naming `flag` otherwise."""
+    from jinja2 import TemplateError
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            source = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BrazeError(f"{flag} {value}: cannot read the file ({e})") from None
+    elif any(c in value for c in "{}\n"):
+        source = value
+    else:
+        raise BrazeError(f"{flag} {value}: no such file; give the path of a Jinja chat "
+                         "template file, or the template text itself")
+    try:
+        sandboxed(source)
+    except TemplateError as e:
+        raise BrazeError(f"{flag}: the chat template does not compile: {e}") from None
+    return source
+
+
 class TemplateRejected(Exception):
     """A template's raise_exception(message): the messages are not what it accepts."""
 

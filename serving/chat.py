@@ -17,7 +17,8 @@ from braze.runtime.chat_template import TemplateRejected, join_text_parts, sandb
 from .protocol import ChatMessage, bad_request, check_text
 
 NO_TEMPLATE = ("model has no chat template (no chat_template.jinja, chat_template.json or "
-               "chat_template in its tokenizer_config.json); use /v1/completions with a "
+               "chat_template in its tokenizer_config.json, or one that does not compile): "
+               "start the server with --chat-template FILE, or use /v1/completions with a "
                "prompt instead")
 
 
