@@ -116,6 +116,13 @@ def required_schema(tools: list[dict], parallel: bool = True) -> dict:
     return schema | defs
 
 
+def template_tools(body) -> list[dict] | None:
+    """The request's `tools` as the chat template gets them (None without); 400 for bad
+    ones. For requests that only render the chat (/tokenize), where tool_choice is moot."""
+    tools = (body.model_extra or {}).get("tools")
+    return None if tools is None else _tool_list(tools)
+
+
 def plan(body, parser_name: str | None) -> ToolPlan | None:
     """The request's tool plan (None without tools and tool_choice); 400 for bad ones."""
     extra = body.model_extra or {}
@@ -124,7 +131,7 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
-    tools = _tool_list(tools)
+    tools = template_tools(body)
     if choice is None:
         choice = "auto"
     if choice == "none":

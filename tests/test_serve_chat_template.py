@@ -14,7 +14,9 @@ pytest.importorskip("fastapi")
 from cli_helpers import assert_one_line_error, run  # noqa: E402
 from serve_helpers import MODEL, Server  # noqa: E402
 
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+TEMPLATE = ("{% if tools %}[tools: {% for t in tools %}{{ t['function']['name'] }} "
+            "{% endfor %}]\n{% endif %}"
+            "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
@@ -41,20 +43,43 @@ def _hf_ids(checkpoint, template, **kw) -> list[int]:
     return hf(text, add_special_tokens=False)["input_ids"]
 
 
-def test_a_model_without_a_template_serves_chat_with_the_flags_template(untemplated, tmp_path):
-    checkpoint, art = untemplated
-    path = tmp_path / "t.jinja"
-    path.write_text(TEMPLATE)
-    s = Server(art, tmp_path, "--chat-template", str(path))
+@pytest.fixture(scope="module")
+def flagged(untemplated, tmp_path_factory):
+    d = tmp_path_factory.mktemp("flagged")
+    (d / "t.jinja").write_text(TEMPLATE)
+    s = Server(untemplated[1], d, "--chat-template", str(d / "t.jinja"))
     try:
-        r = s.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES,
-                                            "add_special_tokens": False})
-        assert r.status_code == 200, r.text
-        assert r.json()["tokens"] == _hf_ids(checkpoint, TEMPLATE)
-        c = s.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
-        assert c.choices[0].finish_reason in ("length", "stop")
+        yield s
     finally:
         s.stop()
+
+
+def test_a_model_without_a_template_serves_chat_with_the_flags_template(untemplated, flagged):
+    r = flagged.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES,
+                                              "add_special_tokens": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == _hf_ids(untemplated[0], TEMPLATE)
+    c = flagged.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert c.choices[0].finish_reason in ("length", "stop")
+
+
+def test_tokenize_renders_the_requests_tools_as_chat_does(untemplated, flagged):
+    """vLLM's /tokenize takes `tools` with `messages`: its count is the prompt_tokens of the
+    chat request with those tools, not of the chat without them."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    r = flagged.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES,
+                                              "tools": tools, "add_special_tokens": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == _hf_ids(untemplated[0], TEMPLATE, tools=tools)
+    c = flagged.client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1,
+                                               tools=tools, tool_choice="none")
+    counted = flagged.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES,
+                                                    "tools": tools}).json()["count"]
+    assert counted == c.usage.prompt_tokens
+    bad = flagged.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES,
+                                                "tools": [{"type": "function"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
 
 
 def test_without_a_template_chat_is_a_400_naming_the_flag(untemplated, tmp_path):
