@@ -106,6 +106,31 @@ def join_text_parts(texts: list[str]) -> str:
     return "\n".join(texts)
 
 
+CONTINUE_MARKER = "BRAZE_CONTINUE_FINAL_MESSAGE "   # after the final content (continue_final)
+
+
+def check_continue_final(continue_final: bool, add_generation_prompt: bool) -> None:
+    if continue_final and add_generation_prompt:
+        raise BrazeError("continue_final_message and add_generation_prompt cannot both be "
+                         "true: set add_generation_prompt to false to continue the final "
+                         "message", param="continue_final_message")
+
+
+def open_final(text: str) -> str:
+    """For continue_final_message (vLLM's, transformers' apply_chat_template's): `text`, a
+    chat rendered with CONTINUE_MARKER after the final message's content, cut where the
+    marker is: at it when the template kept the marker's space, else before it with
+    trailing spaces dropped (the template trimmed the content)."""
+    i = text.rfind(CONTINUE_MARKER.strip())
+    if i < 0:
+        raise BrazeError("continue_final_message: the chat template dropped the final "
+                         "message's content, so there is no place to continue it from",
+                         param="continue_final_message")
+    if text.startswith(CONTINUE_MARKER, i):
+        return text[:i]
+    return text[:i].rstrip()
+
+
 class ChatPrompter:
     """Renders conversations with one template and tokenises them for `tokenizer`."""
 
@@ -121,15 +146,21 @@ class ChatPrompter:
         self.tokenizer = tokenizer
 
     def text(self, messages: list[dict], add_generation_prompt: bool = True,
-             tools: list[dict] | None = None, extra: dict | None = None) -> str:
+             tools: list[dict] | None = None, extra: dict | None = None,
+             continue_final: bool = False) -> str:
+        """`continue_final`: the text ends inside the final message (open_final)."""
         from jinja2 import TemplateError
+        check_continue_final(continue_final, add_generation_prompt)
         msgs = [_message(m, i) for i, m in enumerate(messages)]
+        if continue_final and msgs:
+            msgs[-1] = {**msgs[-1], "content": (msgs[-1].get("content") or "") + CONTINUE_MARKER}
         kw = dict(extra or {})
         if tools is not None:
             kw["tools"] = tools
         try:
-            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
+            text = self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token, **kw)
+            return open_final(text) if continue_final else text
         except TemplateRejected as e:
             raise BrazeError(f"the chat template rejected the messages: {e}") from None
         except TemplateError as e:

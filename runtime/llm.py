@@ -137,11 +137,14 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              lora_request=None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
         of conversations. `chat_template_kwargs` and `tools` are passed to the template.
+        `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
+        ends inside each conversation's final message, which the model continues.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
         from .chat_template import ChatPrompter, template_source
         if self.tokenizer is None:
@@ -164,7 +167,8 @@ class LLM:
                              "or a list of such lists", param="messages")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         texts = [prompter.text(c if isinstance(c, (list, tuple)) else [c],
-                               add_generation_prompt, tools, chat_template_kwargs)
+                               add_generation_prompt, tools, chat_template_kwargs,
+                               continue_final_message)
                  for c in conversations]
         outs = self.generate([{"prompt_token_ids": prompter.ids(t)} for t in texts],
                              sampling_params, lora_request)

@@ -110,6 +110,23 @@ def test_chat_renders_as_transformers_does_and_generates_from_it(store, llm):
                                                    tag="x")
 
 
+def test_chat_continues_the_final_message_as_transformers_cuts_it(store, llm):
+    """vLLM's LLM.chat(continue_final_message=True, add_generation_prompt=False): the prompt
+    ends inside the final (assistant) message, as transformers' apply_chat_template cuts it."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    conv = [{"role": "user", "content": "Count with me."},
+            {"role": "assistant", "content": "One, two,"}]
+    r = hf_tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=False,
+                                   continue_final_message=True)
+    want = list(r["input_ids"] if hasattr(r, "keys") else r)
+    out = llm.chat(conv, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt_token_ids == want
+    assert out.prompt.endswith("One, two,")
+    with pytest.raises(BrazeError, match="continue_final_message"):
+        llm.chat(conv, GREEDY, continue_final_message=True)
+
+
 def test_chat_errors_name_the_message(llm):
     with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
