@@ -54,7 +54,6 @@ class LLM:
         self.artifact = self.engine.artifact
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
-        self._prompter = None      # the model's chat template, compiled at the first chat
 
     def get_tokenizer(self):
         """The artifact's tokenizer (runtime/tokenizer.py), or None if it has none."""
@@ -146,22 +145,10 @@ class LLM:
         `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
         ends inside each conversation's final message, which the model continues.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
-        from .chat_template import ChatPrompter, template_source
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "
                              "with token ids")
-        if chat_template is not None:
-            prompter = ChatPrompter(chat_template, self.tokenizer)
-        else:
-            if self._prompter is None:
-                source = template_source(self.artifact.tokenizer_dir, self.tokenizer.config)
-                if source is None:
-                    raise BrazeError("this model has no chat template (no chat_template.jinja, "
-                                     "chat_template.json or chat_template in its "
-                                     "tokenizer_config.json); pass chat_template=, or use "
-                                     "generate with a prompt")
-                self._prompter = ChatPrompter(source, self.tokenizer)
-            prompter = self._prompter
+        prompter = self.tokenizer.chat_prompter(chat_template)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise BrazeError("messages must be a non-empty list of {\"role\", \"content\"} dicts, "
                              "or a list of such lists", param="messages")

@@ -127,6 +127,30 @@ def test_chat_continues_the_final_message_as_transformers_cuts_it(store, llm):
         llm.chat(conv, GREEDY, continue_final_message=True)
 
 
+def test_get_tokenizer_answers_what_vllm_scripts_ask_a_tokenizer(store, llm):
+    """vLLM's get_tokenizer() is the transformers tokenizer, and scripts ask it for
+    apply_chat_template (text or ids, to pass to generate) and the special token ids;
+    each answer is transformers' own for the same tokenizer."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    tok = llm.get_tokenizer()
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for kw in ({}, {"add_generation_prompt": True}, {"tokenize": False},
+               {"tokenize": False, "add_generation_prompt": True},
+               {"tokenize": False, "chat_template": "{{ messages[-1]['content'] }}"}):
+        want = hf_tok.apply_chat_template(conv, **kw)
+        want = list(want["input_ids"]) if hasattr(want, "keys") else want
+        assert tok.apply_chat_template(conv, **kw) == want, kw
+    assert tok.apply_chat_template([conv, conv[1:]], tokenize=False) == \
+        hf_tok.apply_chat_template([conv, conv[1:]], tokenize=False)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.bos_token, tok.eos_token) == \
+        (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.bos_token, hf_tok.eos_token)
+    text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True)
+    assert llm.generate(text, GREEDY)[0].prompt_token_ids[1:] == ids  # generate adds a BOS
+    assert llm.chat(conv, GREEDY)[0].prompt_token_ids == ids
+
+
 def test_chat_errors_name_the_message(llm):
     with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
