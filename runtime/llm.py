@@ -61,7 +61,8 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request=None, *, sampling_params=None,
-                 kv_transfer_params: dict | list | None = None) -> list[RequestOutput]:
+                 kv_transfer_params: dict | list | None = None,
+                 use_tqdm=True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
         {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
@@ -74,6 +75,7 @@ class LLM:
         (--kv-offload-*), as the server's field of that name: {"max_load_tokens": N (0:
         load nothing), "store": false (keep its blocks out of them)}, for all prompts or
         one per prompt (None: no limits).
+        use_tqdm: vLLM's progress bar switch, taken so vLLM scripts run; braze draws none.
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
@@ -137,13 +139,14 @@ class LLM:
              lora_request=None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False, use_tqdm=True) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
         of conversations. `chat_template_kwargs` and `tools` are passed to the template.
         `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
         ends inside each conversation's final message, which the model continues.
+        `use_tqdm` as in generate.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "

@@ -151,6 +151,18 @@ def test_get_tokenizer_answers_what_vllm_scripts_ask_a_tokenizer(store, llm):
     assert llm.chat(conv, GREEDY)[0].prompt_token_ids == ids
 
 
+def test_use_tqdm_as_vllm_scripts_pass_it(llm):
+    """vLLM's generate/chat(..., use_tqdm=False): braze draws no progress bar, so the
+    keyword changes nothing, and a vLLM script runs as written."""
+    plain = llm.generate(["hello world"], GREEDY)[0].token_ids
+    assert llm.generate(["hello world"], GREEDY, use_tqdm=False)[0].token_ids == plain
+    assert llm.generate(["hello world"], sampling_params=GREEDY, use_tqdm=True)[0].token_ids \
+        == plain
+    conv = [{"role": "user", "content": "Hi"}]
+    assert llm.chat(conv, GREEDY, use_tqdm=False)[0].token_ids == \
+        llm.chat(conv, GREEDY)[0].token_ids
+
+
 def test_chat_errors_name_the_message(llm):
     with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
