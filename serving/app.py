@@ -207,6 +207,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
     install_utility_routes(app, svc)
     from .lora_routes import install as install_lora_routes
     install_lora_routes(app, svc, options.allow_runtime_lora_updating)
+    from .responses_route import install as install_responses
+    install_responses(app, svc, _while_connected)
 
     from braze.runtime.parallel import health as parallel_health
 
