@@ -228,7 +228,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
     @app.get("/v1/models")
     async def models():
-        out = R.model_list(svc.model_name, svc.created, svc.max_model_len)
+        out = R.model_list(svc.model_name, svc.created, svc.max_model_len,
+                           str(svc.aengine.engine.artifact.root))
         out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
         return out
 
