@@ -82,14 +82,40 @@ def test_tokenize_renders_the_requests_tools_as_chat_does(untemplated, flagged):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
 
 
-def test_without_a_template_chat_is_a_400_naming_the_flag(untemplated, tmp_path):
-    s = Server(untemplated[1], tmp_path)
+@pytest.fixture(scope="module")
+def bare(untemplated, tmp_path_factory):
+    """The model without a template, served without --chat-template."""
+    s = Server(untemplated[1], tmp_path_factory.mktemp("bare"), "--trust-request-chat-template")
     try:
-        r = s.http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
-        assert r.status_code == 400, r.text
-        assert "--chat-template" in r.json()["error"]["message"]
+        yield s
     finally:
         s.stop()
+
+
+def test_without_a_template_chat_is_a_400_naming_the_flag(bare):
+    r = bare.http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
+    assert r.status_code == 400, r.text
+    assert "--chat-template" in r.json()["error"]["message"]
+
+
+def test_a_requests_template_that_writes_the_bos_gets_one_bos(untemplated, bare):
+    """A request's chat_template writing {{ bos_token }} (as real templates do) on a model
+    without one: the prompt starts with one BOS, as chat completions promise, not with the
+    template's and the tokenizer's both."""
+    template = "{{ bos_token }}" + TEMPLATE
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(untemplated[0])
+    want = hf.apply_chat_template(MESSAGES, chat_template=template, tokenize=True,
+                                  add_generation_prompt=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert want[:2] == [hf.bos_token_id, want[1]] and want[1] != hf.bos_token_id
+    r = bare.http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES,
+                                           "chat_template": template})
+    assert r.json()["tokens"] == want
+    c = bare.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": MESSAGES, "chat_template": template, "max_tokens": 1,
+        "return_token_ids": True}).json()
+    assert c["prompt_token_ids"] == want
 
 
 def test_a_bad_chat_template_flag_is_one_line_at_start_up(untemplated, tmp_path):
