@@ -106,6 +106,10 @@ def join_text_parts(texts: list[str]) -> str:
     return "\n".join(texts)
 
 
+# what braze passes to a chat template itself: chat_template_kwargs cannot replace them
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token",
+                            "continue_final_message")
+
 CONTINUE_MARKER = "BRAZE_CONTINUE_FINAL_MESSAGE "   # after the final content (continue_final)
 
 
@@ -151,6 +155,13 @@ class ChatPrompter:
         """`continue_final`: the text ends inside the final message (open_final)."""
         from jinja2 import TemplateError
         check_continue_final(continue_final, add_generation_prompt)
+        bad = [k for k in (extra or {}) if k in RESERVED_TEMPLATE_KWARGS]
+        if bad:
+            raise BrazeError(f"chat_template_kwargs must not set {bad[0]!r}: braze passes "
+                             f"{', '.join(RESERVED_TEMPLATE_KWARGS)} to the template itself"
+                             + (f" (pass {bad[0]}= to the call instead)"
+                                if bad[0] in ("add_generation_prompt", "continue_final_message")
+                                else ""), param="chat_template_kwargs")
         msgs = [_message(m, i) for i, m in enumerate(messages)]
         if continue_final and msgs:
             msgs[-1] = {**msgs[-1], "content": (msgs[-1].get("content") or "") + CONTINUE_MARKER}

@@ -174,6 +174,11 @@ def test_chat_errors_name_the_message(llm):
         llm.chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
     with pytest.raises(BrazeError, match="messages"):
         llm.chat("hello")
+    # what braze passes to the template itself (a TypeError from deep inside before)
+    for key in ("add_generation_prompt", "messages", "bos_token"):
+        with pytest.raises(BrazeError, match=f"chat_template_kwargs.*{key}"):
+            llm.chat([{"role": "user", "content": "x"}], GREEDY,
+                     chat_template_kwargs={key: True})
 
 
 def test_max_tokens_none_generates_up_to_max_model_len(llm):
