@@ -181,11 +181,35 @@ class ChatPrompter:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
+def template_tool_calls(calls) -> list[dict]:
+    """An assistant message's tool_calls as templates expect them (as vLLM passes them):
+    each call's `arguments` a JSON object, not the JSON text OpenAI's messages carry."""
+    out = []
+    for c in calls if isinstance(calls, list) else [None]:
+        if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+            raise BrazeError("an assistant message's tool_calls must be a list of "
+                             "{\"id\", \"type\": \"function\", \"function\": {\"name\", "
+                             "\"arguments\"}}", param="messages")
+        f = dict(c["function"])
+        args = f.get("arguments")
+        if isinstance(args, str):
+            try:
+                f["arguments"] = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise BrazeError(f"tool call {f.get('name')!r} in messages has arguments "
+                                 "that are not JSON", param="messages") from None
+        out.append({"id": c.get("id"), "type": c.get("type", "function"), "function": f})
+    return out
+
+
 def _message(m, i: int) -> dict:
-    """A message as the template sees it: content parts joined into one string."""
+    """A message as the template sees it: content parts joined into one string, tool
+    calls' arguments as objects."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise BrazeError(f"messages[{i}] must be a dict with a \"role\" and a \"content\", "
                          f"got {m!r:.80}", param="messages")
+    if m.get("tool_calls"):
+        m = {**m, "tool_calls": template_tool_calls(m["tool_calls"])}
     content = m.get("content")
     if isinstance(content, list):
         texts = []

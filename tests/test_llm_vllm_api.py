@@ -163,6 +163,33 @@ def test_use_tqdm_as_vllm_scripts_pass_it(llm):
         llm.chat(conv, GREEDY)[0].token_ids
 
 
+def test_chat_passes_tool_call_arguments_as_objects_as_the_server_does(store, llm):
+    """An assistant's tool_calls in the history carry `arguments` as a JSON string (OpenAI's
+    shape); templates expect an object (`arguments | tojson`), which vLLM's LLM.chat and
+    braze's server pass. Reference: transformers rendering the object form."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    template = ("{% for m in messages %}{{ m['role'] }}:{% if m.tool_calls %}"
+                "{% for c in m.tool_calls %}{{ c.function.name }}{{ c.function.arguments | tojson }}"
+                "{% endfor %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    conv = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    as_object = [conv[0], {**conv[1], "tool_calls": [
+        {**call, "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}, conv[2]]
+    want = hf_tok.apply_chat_template(as_object, chat_template=template, tokenize=False,
+                                      add_generation_prompt=False)
+    assert '{"city": "Paris"}' in want
+    out = llm.chat(conv, GREEDY, chat_template=template, add_generation_prompt=False)[0]
+    assert out.prompt == want
+    with pytest.raises(BrazeError, match="not JSON"):
+        llm.chat([{"role": "assistant", "tool_calls": [
+            {**call, "function": {"name": "f", "arguments": "{oops"}}]}], GREEDY,
+            chat_template=template)
+
+
 def test_chat_errors_name_the_message(llm):
     with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
