@@ -34,6 +34,7 @@ from braze.runtime.sampler import SamplingParams
 from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for, response_model
 from .protocol import (
+    ROLES,
     APIError,
     ChatCompletionRequest,
     bad_request,
@@ -118,6 +119,9 @@ def _message(item: Any, i: int) -> dict:
         kind = item.get("type") if isinstance(item, dict) else type(item).__name__
         raise bad_request(f"{where} is of type {kind!r}; this server's /v1/responses takes "
                           "messages ({\"role\", \"content\"}) only", "input")
+    if item["role"] not in ROLES:
+        raise bad_request(f"{where}.role is {json.dumps(item['role'])[:40]}; a role is one "
+                          f"of {', '.join(ROLES)}", "input")
     content = item.get("content")
     if isinstance(content, list):
         texts = []
@@ -144,7 +148,12 @@ def install(app: FastAPI, svc, while_connected) -> None:
         svc.check_model(body.model)
         chat = chat_of(body)
         max_tokens = chat_max_tokens(chat)
-        ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True)
+        try:
+            ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True)
+        except APIError as e:        # the messages are this request's input
+            if e.param == "messages":
+                e.param = "input"
+            raise
         if max_tokens is None:
             max_tokens = max(1, svc.max_model_len - len(ids))
         elif len(ids) < svc.max_model_len:      # else the engine says the prompt is too long

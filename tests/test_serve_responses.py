@@ -97,6 +97,8 @@ def test_a_reply_that_ends_by_itself_is_completed(server):
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "max_output_tokens": 10_000}, "max_output_tokens"),
     ({"input": "x", "model": "nope"}, "model"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, "input"),
+    ({"input": "Hi " * 300}, "input"),
 ])
 def test_what_braze_does_not_do_is_refused_by_name(server, body, param):
     r = server.http.post("/v1/responses", json={"model": MODEL, **body})
