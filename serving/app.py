@@ -83,14 +83,16 @@ class Service:
     def __post_init__(self):
         self.created = int(time.time())
         self.prompts = Prompts(self, self.trust_request_chat_template)   # serving/prompts.py
-        # Does encoding prepend a BOS by itself? Then a template's own BOS is dropped (any
-        # template's: the model's, --chat-template's or a request's, so not read off one)
+        # The BOS id when encoding prepends one by itself: a chat prompt then starts with
+        # it whether the template writes it or not (any template's: the model's,
+        # --chat-template's or a request's, so not read off one)
         from braze.runtime.chat_template import token_text
-        self.adds_bos = False
+        self.bos_id: int | None = None
         bos = token_text(getattr(self.tokenizer, "config", None) or {}, "bos_token")
         if self.tokenizer is not None and bos:
             bos_id = self.tokenizer.token_id(bos)
-            self.adds_bos = bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]
+            if bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]:
+                self.bos_id = bos_id
 
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; none or "" is the served model, as

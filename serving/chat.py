@@ -139,11 +139,3 @@ def _content_text(m: ChatMessage) -> str:
                               "send text", "messages")
         parts.append(p.text or "")
     return join_text_parts(parts)
-
-
-def strip_leading_bos(text: str, bos_token: str, tokenizer_adds_bos: bool) -> str:
-    """Templates often write the BOS token themselves; when the tokenizer also prepends
-    one, drop the template's so the prompt starts with exactly one."""
-    if tokenizer_adds_bos and bos_token and text.startswith(bos_token):
-        return text[len(bos_token):]
-    return text

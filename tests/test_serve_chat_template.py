@@ -126,3 +126,57 @@ def test_a_bad_chat_template_flag_is_one_line_at_start_up(untemplated, tmp_path)
     code, _, err = run("serve", art, "--port", "0", "--chat-template", "{% for %}",
                        timeout=120)
     assert_one_line_error(code, err, "--chat-template", "does not compile")
+
+
+def _metaspace_tokenizer(directory, template: str):
+    """A Mistral-v0.3-style tokenizer: Metaspace with prepend_scheme "first" (only the
+    text's first piece gets the '▁'), a BOS prepended by encoding, the template writing
+    {{ bos_token }} itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in ["▁"] + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ[]/.,?"):
+        vocab[c] = len(vocab)
+    merges = [("▁", "["), ("[", "I"), ("▁", "h"), ("▁h", "i"), ("[", "/")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "chat_template": template}))
+
+
+@pytest.mark.parametrize("template", [
+    "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+    "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"])
+def test_chat_prompt_ids_are_the_templates_text_tokenised_as_transformers_does(tmp_path,
+                                                                              template):
+    """The rendered chat is tokenised as one text, as transformers' apply_chat_template
+    (tokenize=True) and vLLM do, with exactly one BOS: a template's own BOS is not cut off
+    and the rest re-encoded (a Metaspace 'first' tokenizer would then put a '▁' before
+    '[INST]' that the model never saw in training); a template writing none gets the
+    tokenizer's."""
+    from transformers import AutoTokenizer
+
+    from braze.runtime.tokenizer import Tokenizer
+    from braze.serving.app import Service
+    from braze.serving.chat import ChatTemplate
+    from braze.serving.protocol import ChatCompletionRequest
+    _metaspace_tokenizer(tmp_path, template)
+    tok = Tokenizer(tmp_path)
+    svc = Service(None, None, "m", 64, tok, ChatTemplate(template, tok.config))
+    msgs = [{"role": "user", "content": "hi there"}]
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    want = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    if want[0] != hf.bos_token_id:              # the template writes none: the tokenizer's
+        want = [hf.bos_token_id] + want
+    body = ChatCompletionRequest(messages=msgs)
+    assert svc.prompts._chat(body, None, False) == want
+    assert svc.prompts._chat(body, None, True) == want       # the capped path
