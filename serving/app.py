@@ -432,10 +432,12 @@ class _Job:
         return tok.decode([tid], skip_special_tokens=False)
 
     def _prompt_text(self, c: _Choice) -> str:
+        """The echo of a prompt: its text as sent, or token ids decoded with their special
+        tokens, as vLLM echoes them (and as the echoed logprobs' tokens and offsets read)."""
         if c.prompt_text is not None:
             return c.prompt_text
         tok = self.svc.tokenizer
-        return "" if tok is None else tok.decode(c.prompt_ids)
+        return "" if tok is None else tok.decode(c.prompt_ids, skip_special_tokens=False)
 
     def _prompt_logprobs(self, out) -> list | None:
         """vLLM's prompt_logprobs: None for the first token, then {id: {logprob, rank,
