@@ -9,6 +9,10 @@ from pathlib import Path
 from braze.ir.errors import BrazeError
 
 LONG_TEXT = 4096      # characters; longer texts are tokenised without holding the GIL
+# transformers' apply_chat_template options for padded tensors and dicts, which braze's
+# apply_chat_template (text or a list of ids) does not make
+_TENSOR_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_dict",
+                   "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class Tokenizer:
@@ -102,16 +106,11 @@ class Tokenizer:
         list of them) rendered with the model's chat template or `chat_template` (a Jinja
         text), as text, or with `tokenize` as token ids encoded without the tokenizer's own
         special tokens (the template writes them). Other keywords reach the template."""
-        unsupported = [k for k in ("padding", "truncation", "max_length", "return_tensors",
-                                   "return_dict", "return_assistant_tokens_mask")
-                       if kwargs.get(k)]
-        if unsupported:
-            raise BrazeError(f"apply_chat_template: {unsupported[0]} is not supported by "
-                             "braze's tokenizer; leave it out (it returns text or a list of "
-                             "token ids)")
-        for k in ("padding", "truncation", "max_length", "return_tensors", "return_dict",
-                  "return_assistant_tokens_mask", "tokenizer_kwargs"):
-            kwargs.pop(k, None)
+        for k in _TENSOR_OPTIONS:        # at their neutral values they change nothing
+            if kwargs.pop(k, None):
+                raise BrazeError(f"apply_chat_template: {k} is not supported by braze's "
+                                 "tokenizer; leave it out (it returns text or a list of "
+                                 "token ids)")
         prompter = self.chat_prompter(chat_template)
         if documents is not None:
             kwargs["documents"] = documents

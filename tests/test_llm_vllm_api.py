@@ -149,6 +149,10 @@ def test_get_tokenizer_answers_what_vllm_scripts_ask_a_tokenizer(store, llm):
     ids = tok.apply_chat_template(conv, add_generation_prompt=True)
     assert llm.generate(text, GREEDY)[0].prompt_token_ids[1:] == ids  # generate adds a BOS
     assert llm.chat(conv, GREEDY)[0].prompt_token_ids == ids
+    assert tok.apply_chat_template(conv, return_dict=False, padding=False) == \
+        tok.apply_chat_template(conv)
+    with pytest.raises(BrazeError, match="return_tensors"):
+        tok.apply_chat_template(conv, return_tensors="pt")
 
 
 def test_use_tqdm_as_vllm_scripts_pass_it(llm):
