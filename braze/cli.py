@@ -327,6 +327,7 @@ def _server_options(a):
         allowed_headers=name_list(a.allowed_headers) or ["*"],
         allow_credentials=a.allow_credentials, tool_call_parser=a.tool_call_parser,
         trust_request_chat_template=a.trust_request_chat_template,
+        chat_template=a.chat_template,
         extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
         allow_runtime_lora_updating=a.allow_runtime_lora_updating, enable_lora=a.enable_lora,
         max_loras=a.max_loras, max_lora_rank=a.max_lora_rank)
@@ -611,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-credentials", action="store_true",
                    help="CORS: let those origins send cookies and Authorization (needs "
                    "--allowed-origins to list origins, not '*')")
+    s.add_argument("--chat-template", metavar="FILE|TEXT",
+                   help="the chat template for /v1/chat/completions and /tokenize instead of "
+                   "the model's (or for a model without one): a Jinja file, or the template "
+                   "text itself, as vLLM's flag")
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="let chat requests bring their own Jinja chat_template (rendered in a "
                    "sandbox, but a template can burn CPU: only for trusted clients; without "

@@ -47,6 +47,29 @@ def template_source(tokenizer_dir: Path | None, config: dict | None) -> str | No
     return t if isinstance(t, str) and t.strip() else None
 
 
+def template_arg(value: str, flag: str = "--chat-template") -> str:
+    """A chat template given on the command line, as vLLM's --chat-template takes it: the
+    path of a file holding it, else the template itself (text with Jinja's braces or a
+    newline); checked to compile. BrazeError naming `flag` otherwise."""
+    from jinja2 import TemplateError
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            source = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BrazeError(f"{flag} {value}: cannot read the file ({e})") from None
+    elif any(c in value for c in "{}\n"):
+        source = value
+    else:
+        raise BrazeError(f"{flag} {value}: no such file; give the path of a Jinja chat "
+                         "template file, or the template text itself")
+    try:
+        sandboxed(source)
+    except TemplateError as e:
+        raise BrazeError(f"{flag}: the chat template does not compile: {e}") from None
+    return source
+
+
 class TemplateRejected(Exception):
     """A template's raise_exception(message): the messages are not what it accepts."""
 
@@ -83,6 +106,35 @@ def join_text_parts(texts: list[str]) -> str:
     return "\n".join(texts)
 
 
+# what braze passes to a chat template itself: chat_template_kwargs cannot replace them
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token",
+                            "continue_final_message")
+
+CONTINUE_MARKER = "BRAZE_CONTINUE_FINAL_MESSAGE "   # after the final content (continue_final)
+
+
+def check_continue_final(continue_final: bool, add_generation_prompt: bool) -> None:
+    if continue_final and add_generation_prompt:
+        raise BrazeError("continue_final_message and add_generation_prompt cannot both be "
+                         "true: set add_generation_prompt to false to continue the final "
+                         "message", param="continue_final_message")
+
+
+def open_final(text: str) -> str:
+    """For continue_final_message (vLLM's, transformers' apply_chat_template's): `text`, a
+    chat rendered with CONTINUE_MARKER after the final message's content, cut where the
+    marker is: at it when the template kept the marker's space, else before it with
+    trailing spaces dropped (the template trimmed the content)."""
+    i = text.rfind(CONTINUE_MARKER.strip())
+    if i < 0:
+        raise BrazeError("continue_final_message: the chat template dropped the final "
+                         "message's content, so there is no place to continue it from",
+                         param="continue_final_message")
+    if text.startswith(CONTINUE_MARKER, i):
+        return text[:i]
+    return text[:i].rstrip()
+
+
 class ChatPrompter:
     """Renders conversations with one template and tokenises them for `tokenizer`."""
 
@@ -98,15 +150,28 @@ class ChatPrompter:
         self.tokenizer = tokenizer
 
     def text(self, messages: list[dict], add_generation_prompt: bool = True,
-             tools: list[dict] | None = None, extra: dict | None = None) -> str:
+             tools: list[dict] | None = None, extra: dict | None = None,
+             continue_final: bool = False) -> str:
+        """`continue_final`: the text ends inside the final message (open_final)."""
         from jinja2 import TemplateError
+        check_continue_final(continue_final, add_generation_prompt)
+        bad = [k for k in (extra or {}) if k in RESERVED_TEMPLATE_KWARGS]
+        if bad:
+            raise BrazeError(f"chat_template_kwargs must not set {bad[0]!r}: braze passes "
+                             f"{', '.join(RESERVED_TEMPLATE_KWARGS)} to the template itself"
+                             + (f" (pass {bad[0]}= to the call instead)"
+                                if bad[0] in ("add_generation_prompt", "continue_final_message")
+                                else ""), param="chat_template_kwargs")
         msgs = [_message(m, i) for i, m in enumerate(messages)]
+        if continue_final and msgs:
+            msgs[-1] = {**msgs[-1], "content": (msgs[-1].get("content") or "") + CONTINUE_MARKER}
         kw = dict(extra or {})
         if tools is not None:
             kw["tools"] = tools
         try:
-            return self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
+            text = self.template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token, **kw)
+            return open_final(text) if continue_final else text
         except TemplateRejected as e:
             raise BrazeError(f"the chat template rejected the messages: {e}") from None
         except TemplateError as e:
@@ -116,11 +181,35 @@ class ChatPrompter:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
+def template_tool_calls(calls) -> list[dict]:
+    """An assistant message's tool_calls as templates expect them (as vLLM passes them):
+    each call's `arguments` a JSON object, not the JSON text OpenAI's messages carry."""
+    out = []
+    for c in calls if isinstance(calls, list) else [None]:
+        if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+            raise BrazeError("an assistant message's tool_calls must be a list of "
+                             "{\"id\", \"type\": \"function\", \"function\": {\"name\", "
+                             "\"arguments\"}}", param="messages")
+        f = dict(c["function"])
+        args = f.get("arguments")
+        if isinstance(args, str):
+            try:
+                f["arguments"] = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise BrazeError(f"tool call {f.get('name')!r} in messages has arguments "
+                                 "that are not JSON", param="messages") from None
+        out.append({"id": c.get("id"), "type": c.get("type", "function"), "function": f})
+    return out
+
+
 def _message(m, i: int) -> dict:
-    """A message as the template sees it: content parts joined into one string."""
+    """A message as the template sees it: content parts joined into one string, tool
+    calls' arguments as objects."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise BrazeError(f"messages[{i}] must be a dict with a \"role\" and a \"content\", "
                          f"got {m!r:.80}", param="messages")
+    if m.get("tool_calls"):
+        m = {**m, "tool_calls": template_tool_calls(m["tool_calls"])}
     content = m.get("content")
     if isinstance(content, list):
         texts = []

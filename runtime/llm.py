@@ -61,7 +61,6 @@ class LLM:
                      self.engine.sampling_defaults)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
-        self._prompter = None      # the model's chat template, compiled at the first chat
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: what `generate` and `chat` sample with when given no SamplingParams: the
@@ -153,35 +152,27 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              lora_request=None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None, use_tqdm=True) -> list[RequestOutput]:
+             tools: list[dict] | None = None,
+             continue_final_message: bool = False, use_tqdm=True) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
-        of conversations. `chat_template_kwargs` and `tools` are passed to the template;
-        `use_tqdm` as in `generate`.
+        of conversations. `chat_template_kwargs` and `tools` are passed to the template.
+        `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
+        ends inside each conversation's final message, which the model continues.
+        `use_tqdm` as in generate.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
-        from .chat_template import ChatPrompter, template_source
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "
                              "with token ids")
-        if chat_template is not None:
-            prompter = ChatPrompter(chat_template, self.tokenizer)
-        else:
-            if self._prompter is None:
-                source = template_source(self.artifact.tokenizer_dir, self.tokenizer.config)
-                if source is None:
-                    raise BrazeError("this model has no chat template (no chat_template.jinja, "
-                                     "chat_template.json or chat_template in its "
-                                     "tokenizer_config.json); pass chat_template=, or use "
-                                     "generate with a prompt")
-                self._prompter = ChatPrompter(source, self.tokenizer)
-            prompter = self._prompter
+        prompter = self.tokenizer.chat_prompter(chat_template)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise BrazeError("messages must be a non-empty list of {\"role\", \"content\"} dicts, "
                              "or a list of such lists", param="messages")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         texts = [prompter.text(c if isinstance(c, (list, tuple)) else [c],
-                               add_generation_prompt, tools, chat_template_kwargs)
+                               add_generation_prompt, tools, chat_template_kwargs,
+                               continue_final_message)
                  for c in conversations]
         outs = self.generate([{"prompt_token_ids": prompter.ids(t)} for t in texts],
                              sampling_params, lora_request)

@@ -9,6 +9,10 @@ from pathlib import Path
 from braze.ir.errors import BrazeError
 
 LONG_TEXT = 4096      # characters; longer texts are tokenised without holding the GIL
+# transformers' apply_chat_template options for padded tensors and dicts, which braze's
+# apply_chat_template (text or a list of ids) does not make
+_TENSOR_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_dict",
+                   "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
 class Tokenizer:
@@ -18,8 +22,10 @@ class Tokenizer:
         if not path.exists():
             raise BrazeError(f"{directory} has no tokenizer.json; pass token ids (--prompt-ids)")
         self._tok = HFTokenizer.from_file(str(path))
+        self.directory = Path(directory)
         cfg_path = Path(directory) / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self._prompter = None       # the model's chat template, compiled at first use
 
     @property
     def vocab_size(self) -> int:
@@ -55,6 +61,67 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    # ---- what vLLM scripts ask of get_tokenizer() (a transformers tokenizer there) ----
+    @property
+    def bos_token(self) -> str | None:
+        from .chat_template import token_text
+        return token_text(self.config, "bos_token") or None
+
+    @property
+    def eos_token(self) -> str | None:
+        from .chat_template import token_text
+        return token_text(self.config, "eos_token") or None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_id(self.eos_token)
+
+    def chat_prompter(self, chat_template: str | None = None):
+        """runtime.chat_template.ChatPrompter of `chat_template` (a Jinja text), else of the
+        model's template (compiled once); BrazeError when the model has none."""
+        from .chat_template import ChatPrompter, template_source
+        if chat_template is not None:
+            return ChatPrompter(chat_template, self)
+        if self._prompter is None:
+            source = template_source(self.directory, self.config)
+            if source is None:
+                raise BrazeError("this model has no chat template (no chat_template.jinja, "
+                                 "chat_template.json or chat_template in its "
+                                 "tokenizer_config.json); pass chat_template=, or use "
+                                 "generate with a prompt")
+            self._prompter = ChatPrompter(source, self)
+        return self._prompter
+
+    def apply_chat_template(self, conversation, tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = True,
+                            **kwargs):
+        """transformers' apply_chat_template, with its defaults: the conversation (or a
+        list of them) rendered with the model's chat template or `chat_template` (a Jinja
+        text), as text, or with `tokenize` as token ids encoded without the tokenizer's own
+        special tokens (the template writes them). Other keywords reach the template."""
+        for k in _TENSOR_OPTIONS:        # at their neutral values they change nothing
+            if kwargs.pop(k, None):
+                raise BrazeError(f"apply_chat_template: {k} is not supported by braze's "
+                                 "tokenizer; leave it out (it returns text or a list of "
+                                 "token ids)")
+        prompter = self.chat_prompter(chat_template)
+        if documents is not None:
+            kwargs["documents"] = documents
+        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 \
+            and isinstance(conversation[0], (list, tuple))
+        out = [prompter.text(list(c), add_generation_prompt, tools, kwargs,
+                             continue_final_message)
+               for c in (conversation if batched else [conversation])]
+        if tokenize:
+            out = [prompter.ids(t) for t in out]
+        return out if batched else out[0]
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         """The vocabulary entry of each id (None for an id outside the vocabulary)."""

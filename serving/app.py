@@ -85,12 +85,16 @@ class Service:
     def __post_init__(self):
         self.created = int(time.time())
         self.prompts = Prompts(self, self.trust_request_chat_template)   # serving/prompts.py
-        # Does encoding prepend a BOS by itself? Then a template's own BOS is dropped.
-        self.adds_bos = False
-        bos = self.chat_template.bos_token if self.chat_template else ""
+        # The BOS id when encoding prepends one by itself: a chat prompt then starts with
+        # it whether the template writes it or not (any template's: the model's,
+        # --chat-template's or a request's, so not read off one)
+        from braze.runtime.chat_template import token_text
+        self.bos_id: int | None = None
+        bos = token_text(getattr(self.tokenizer, "config", None) or {}, "bos_token")
         if self.tokenizer is not None and bos:
             bos_id = self.tokenizer.token_id(bos)
-            self.adds_bos = bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]
+            if bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]:
+                self.bos_id = bos_id
 
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; none or "" is the served model, as
@@ -209,6 +213,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
     install_utility_routes(app, svc)
     from .lora_routes import install as install_lora_routes
     install_lora_routes(app, svc, options.allow_runtime_lora_updating)
+    from .responses_route import install as install_responses
+    install_responses(app, svc, _while_connected)
 
     from braze.runtime.parallel import health as parallel_health
 
@@ -228,7 +234,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
     @app.get("/v1/models")
     async def models():
-        out = R.model_list(svc.model_name, svc.created, svc.max_model_len)
+        out = R.model_list(svc.model_name, svc.created, svc.max_model_len,
+                           str(svc.aengine.engine.artifact.root))
         out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
         return out
 
@@ -432,10 +439,12 @@ class _Job:
         return tok.decode([tid], skip_special_tokens=False)
 
     def _prompt_text(self, c: _Choice) -> str:
+        """The echo of a prompt: its text as sent, or token ids decoded with their special
+        tokens, as vLLM echoes them (and as the echoed logprobs' tokens and offsets read)."""
         if c.prompt_text is not None:
             return c.prompt_text
         tok = self.svc.tokenizer
-        return "" if tok is None else tok.decode(c.prompt_ids)
+        return "" if tok is None else tok.decode(c.prompt_ids, skip_special_tokens=False)
 
     def _prompt_logprobs(self, out) -> list | None:
         """vLLM's prompt_logprobs: None for the first token, then {id: {logprob, rank,

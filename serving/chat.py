@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import threading
 
-from braze.runtime.chat_template import TemplateRejected, join_text_parts, sandboxed, token_text
+from braze.runtime.chat_template import (
+    CONTINUE_MARKER,
+    TemplateRejected,
+    check_continue_final,
+    join_text_parts,
+    open_final,
+    sandboxed,
+    token_text,
+)
 
 from .protocol import ChatMessage, bad_request, check_text
 
 NO_TEMPLATE = ("model has no chat template (no chat_template.jinja, chat_template.json or "
-               "chat_template in its tokenizer_config.json); use /v1/completions with a "
+               "chat_template in its tokenizer_config.json, or one that does not compile): "
+               "start the server with --chat-template FILE, or use /v1/completions with a "
                "prompt instead")
 
 
@@ -39,11 +48,8 @@ class ChatTemplate:
         continue_final_message): the text ends right after the final message's content,
         with no end-of-turn, so the model continues that message. As transformers does it,
         the content is rendered with a marker after it and the text is cut at the marker
-        (less the trailing space a template may have trimmed)."""
-        if continue_final and add_generation_prompt:
-            raise bad_request("continue_final_message and add_generation_prompt cannot both "
-                              "be true: send add_generation_prompt: false to continue the "
-                              "final message", "continue_final_message")
+        (runtime/chat_template.open_final)."""
+        check_continue_final(continue_final, add_generation_prompt)
         from .tools import template_messages
         msgs = [{"role": m.role, "content": _content_text(m)}
                 | ({"name": m.name} if m.name else {}) | more
@@ -55,7 +61,7 @@ class ChatTemplate:
         if documents is not None:        # RAG templates read them, as in transformers
             kw["documents"] = documents
         if continue_final:
-            msgs[-1]["content"] += _CONTINUE
+            msgs[-1]["content"] += CONTINUE_MARKER
         try:
             text = self.template.render(
                 messages=msgs, add_generation_prompt=add_generation_prompt,
@@ -65,24 +71,7 @@ class ChatTemplate:
         except TemplateError as e:
             raise bad_request(f"the chat template failed on these messages: {e}",
                               "messages") from None
-        return _open_final(text) if continue_final else text
-
-
-_CONTINUE = "BRAZE_CONTINUE_FINAL_MESSAGE "     # after the final content (continue_final)
-
-
-def _open_final(text: str) -> str:
-    """`text` cut where the marker after the final message's content is: at it when the
-    template kept the marker's space, else before it with trailing spaces dropped (the
-    template trimmed the content)."""
-    i = text.rfind(_CONTINUE.strip())
-    if i < 0:
-        raise bad_request("continue_final_message: the chat template dropped the final "
-                          "message's content, so there is no place to continue it from",
-                          "continue_final_message")
-    if text.startswith(_CONTINUE, i):
-        return text[:i]
-    return text[:i].rstrip()
+        return open_final(text) if continue_final else text
 
 
 def check_messages(messages: list[ChatMessage], text_only_origin: str | None = None) -> None:
@@ -150,11 +139,3 @@ def _content_text(m: ChatMessage) -> str:
                               "send text", "messages")
         parts.append(p.text or "")
     return join_text_parts(parts)
-
-
-def strip_leading_bos(text: str, bos_token: str, tokenizer_adds_bos: bool) -> str:
-    """Templates often write the BOS token themselves; when the tokenizer also prepends
-    one, drop the template's so the prompt starts with exactly one."""
-    if tokenizer_adds_bos and bos_token and text.startswith(bos_token):
-        return text[len(bos_token):]
-    return text

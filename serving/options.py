@@ -35,6 +35,7 @@ class ServerOptions:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     trust_request_chat_template: bool = False   # may a request bring its own chat_template
+    chat_template: str | None = None      # a file or the template text; None: the model's
     extensions: list[str] = field(default_factory=list)   # module:function or entry-point names
     tool_call_parser: str | None = None   # None: the one the chat template points to, if any
     lora_modules: list[str] = field(default_factory=list)   # name=path adapters loaded at start

@@ -24,7 +24,6 @@ from .chat import (
     RequestTemplates,
     chat_size,
     check_messages,
-    strip_leading_bos,
 )
 from .protocol import bad_request, check_text
 
@@ -117,7 +116,8 @@ class Prompts:
     async def chat(self, body, add_special_tokens: bool | None = None,
                    for_model: bool = False, tools: list[dict] | None = None) -> list[int]:
         """The prompt of a chat request. `add_special_tokens` None: as chat completions
-        feed the model (exactly one BOS); True/False: the rendered text encoded so.
+        feed the model (exactly one BOS, the template's or else the tokenizer's);
+        True/False: the rendered text encoded so.
         `for_model`: refuse a prompt longer than the model allows. `tools`: the request's
         tools, for the template."""
         size = chat_size(body.messages) + len(getattr(body, "chat_template", None) or "")
@@ -137,9 +137,15 @@ class Prompts:
         check_text(text, "chat_template_kwargs", "the prompt the chat template made")
         if add_special_tokens is not None:
             return tok.encode(text, add_special_tokens)
-        text = strip_leading_bos(text, template.bos_token, self.svc.adds_bos)
+        # the text as one piece, as transformers' apply_chat_template and vLLM tokenise it
+        # (cutting off a template's BOS and encoding the rest anew would change how the
+        # rest begins for some tokenizers), and exactly one BOS where the tokenizer has one
+        bos = self.svc.bos_id
         if for_model and hasattr(tok, "encode_capped"):
-            ids, n = tok.encode_capped(text, self.svc.max_model_len)
+            ids, n = tok.encode_capped(text, self.svc.max_model_len, False)
+            if bos is not None and ids[:1] != [bos]:
+                ids, n = [bos] + ids, n + 1
             self.check_length(n, "messages")
             return ids
-        return tok.encode(text)
+        ids = tok.encode(text, False)
+        return [bos] + ids if bos is not None and ids[:1] != [bos] else ids

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from braze.runtime.chat_template import RESERVED_TEMPLATE_KWARGS
+
 
 class APIError(Exception):
     """An error the client caused (or overload); becomes an OpenAI-shaped JSON response."""
@@ -177,9 +179,6 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-# what braze passes to a chat template itself: chat_template_kwargs cannot replace them
-RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token",
-                            "continue_final_message")
 
 
 def first_set(req: BaseModel, table: dict[str, tuple]):

@@ -92,6 +92,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         Engine(open_artifact(artifact, trusted_keys=fo.trusted_keys,
                              trust_artifact=fo.trust_artifact), fo)
         return 0
+    from braze.runtime.chat_template import template_arg
+    flag_template = template_arg(so.chat_template) if so.chat_template is not None else None
     sock = bind_socket(host, port)
     try:
         hooks = extensions.load_all(so.extensions)     # a bad name fails before the engine loads
@@ -110,14 +112,17 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
         config = getattr(tokenizer, "config", None) or {}
-        source = template_source(art.tokenizer_dir, config)
+        source = flag_template or template_source(art.tokenizer_dir, config)
         template = None
-        if source:
+        if flag_template is not None:
+            template = ChatTemplate(source, config)
+        elif source:
             try:
                 template = ChatTemplate(source, config)
             except Exception as e:   # jinja2.TemplateSyntaxError: serve completions anyway
                 log.warning("the model's chat template does not compile (%s); "
-                            "/v1/chat/completions will answer 400", e)
+                            "/v1/chat/completions will answer 400 (pass --chat-template "
+                            "to serve chat with another)", e)
         metrics = Metrics(name)
         parser = so.tool_call_parser or detect(source)
         if parser is not None:

@@ -14,11 +14,11 @@ tool_choice (vLLM's rules): absent means "auto" when tools are given, else "none
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from braze.ir.errors import BrazeError
+from braze.runtime.chat_template import template_tool_calls
 from braze.runtime.structured import StructuredOutputsParams
 
 from .protocol import bad_request
@@ -116,6 +116,13 @@ def required_schema(tools: list[dict], parallel: bool = True) -> dict:
     return schema | defs
 
 
+def template_tools(body) -> list[dict] | None:
+    """The request's `tools` as the chat template gets them (None without); 400 for bad
+    ones. For requests that only render the chat (/tokenize), where tool_choice is moot."""
+    tools = (body.model_extra or {}).get("tools")
+    return None if tools is None else _tool_list(tools)
+
+
 def plan(body, parser_name: str | None) -> ToolPlan | None:
     """The request's tool plan (None without tools and tool_choice); 400 for bad ones."""
     extra = body.model_extra or {}
@@ -124,7 +131,7 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
-    tools = _tool_list(tools)
+    tools = template_tools(body)
     if choice is None:
         choice = "auto"
     if choice == "none":
@@ -174,25 +181,9 @@ def template_messages(messages) -> list[dict]:
         d = {}
         calls = (m.model_extra or {}).get("tool_calls")
         if calls:
-            d["tool_calls"] = [_template_call(c) for c in calls]
+            d["tool_calls"] = template_tool_calls(calls)
         tcid = (m.model_extra or {}).get("tool_call_id")
         if tcid is not None:
             d["tool_call_id"] = tcid
         out.append(d)
     return out
-
-
-def _template_call(c: Any) -> dict:
-    if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
-        raise bad_request("an assistant message's tool_calls must be a list of "
-                          "{\"id\", \"type\": \"function\", \"function\": {\"name\", "
-                          "\"arguments\"}}", "messages")
-    f = dict(c["function"])
-    args = f.get("arguments")
-    if isinstance(args, str):
-        try:
-            f["arguments"] = json.loads(args) if args.strip() else {}
-        except ValueError:
-            raise bad_request(f"tool call {f.get('name')!r} in messages has arguments that "
-                              "are not JSON", "messages") from None
-    return {"id": c.get("id"), "type": c.get("type", "function"), "function": f}

@@ -1,7 +1,8 @@
 """Routes beside the OpenAI API that vLLM users script against:
 
     GET|POST /ping     200 {} while healthy, else the 503 of /health (load balancers)
-    POST /tokenize     {prompt} or {messages, ...} -> {count, max_model_len, tokens, token_strs}
+    POST /tokenize     {prompt} or {messages, tools, ...} -> {count, max_model_len, tokens,
+                       token_strs}
     POST /detokenize   {tokens} -> {prompt}
     POST /reset_prefix_cache   200 {}: the device's prefix cache forgets every prefix
                        (the KV tiers below it keep theirs)
@@ -65,7 +66,9 @@ def install(app: FastAPI, svc) -> None:
             if not body.messages:
                 raise bad_request("messages is empty", "messages")
             check_chat(body)
-            ids = await svc.prompts.chat(body, body.add_special_tokens)
+            from .tools import template_tools
+            ids = await svc.prompts.chat(body, body.add_special_tokens,
+                                         tools=template_tools(body))
         else:
             add = True if body.add_special_tokens is None else body.add_special_tokens
             ids = await svc.prompts.ids(body.prompt, add)

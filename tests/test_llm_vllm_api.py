@@ -110,6 +110,90 @@ def test_chat_renders_as_transformers_does_and_generates_from_it(store, llm):
                                                    tag="x")
 
 
+def test_chat_continues_the_final_message_as_transformers_cuts_it(store, llm):
+    """vLLM's LLM.chat(continue_final_message=True, add_generation_prompt=False): the prompt
+    ends inside the final (assistant) message, as transformers' apply_chat_template cuts it."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    conv = [{"role": "user", "content": "Count with me."},
+            {"role": "assistant", "content": "One, two,"}]
+    r = hf_tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=False,
+                                   continue_final_message=True)
+    want = list(r["input_ids"] if hasattr(r, "keys") else r)
+    out = llm.chat(conv, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt_token_ids == want
+    assert out.prompt.endswith("One, two,")
+    with pytest.raises(BrazeError, match="continue_final_message"):
+        llm.chat(conv, GREEDY, continue_final_message=True)
+
+
+def test_get_tokenizer_answers_what_vllm_scripts_ask_a_tokenizer(store, llm):
+    """vLLM's get_tokenizer() is the transformers tokenizer, and scripts ask it for
+    apply_chat_template (text or ids, to pass to generate) and the special token ids;
+    each answer is transformers' own for the same tokenizer."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    tok = llm.get_tokenizer()
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for kw in ({}, {"add_generation_prompt": True}, {"tokenize": False},
+               {"tokenize": False, "add_generation_prompt": True},
+               {"tokenize": False, "chat_template": "{{ messages[-1]['content'] }}"}):
+        want = hf_tok.apply_chat_template(conv, **kw)
+        want = list(want["input_ids"]) if hasattr(want, "keys") else want
+        assert tok.apply_chat_template(conv, **kw) == want, kw
+    assert tok.apply_chat_template([conv, conv[1:]], tokenize=False) == \
+        hf_tok.apply_chat_template([conv, conv[1:]], tokenize=False)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.bos_token, tok.eos_token) == \
+        (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.bos_token, hf_tok.eos_token)
+    text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True)
+    assert llm.generate(text, GREEDY)[0].prompt_token_ids[1:] == ids  # generate adds a BOS
+    assert llm.chat(conv, GREEDY)[0].prompt_token_ids == ids
+    assert tok.apply_chat_template(conv, return_dict=False, padding=False) == \
+        tok.apply_chat_template(conv)
+    with pytest.raises(BrazeError, match="return_tensors"):
+        tok.apply_chat_template(conv, return_tensors="pt")
+
+
+def test_use_tqdm_as_vllm_scripts_pass_it(llm):
+    """vLLM's generate/chat(..., use_tqdm=False): braze draws no progress bar, so the
+    keyword changes nothing, and a vLLM script runs as written."""
+    plain = llm.generate(["hello world"], GREEDY)[0].token_ids
+    assert llm.generate(["hello world"], GREEDY, use_tqdm=False)[0].token_ids == plain
+    assert llm.generate(["hello world"], sampling_params=GREEDY, use_tqdm=True)[0].token_ids \
+        == plain
+    conv = [{"role": "user", "content": "Hi"}]
+    assert llm.chat(conv, GREEDY, use_tqdm=False)[0].token_ids == \
+        llm.chat(conv, GREEDY)[0].token_ids
+
+
+def test_chat_passes_tool_call_arguments_as_objects_as_the_server_does(store, llm):
+    """An assistant's tool_calls in the history carry `arguments` as a JSON string (OpenAI's
+    shape); templates expect an object (`arguments | tojson`), which vLLM's LLM.chat and
+    braze's server pass. Reference: transformers rendering the object form."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    template = ("{% for m in messages %}{{ m['role'] }}:{% if m.tool_calls %}"
+                "{% for c in m.tool_calls %}{{ c.function.name }}{{ c.function.arguments | tojson }}"
+                "{% endfor %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    conv = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    as_object = [conv[0], {**conv[1], "tool_calls": [
+        {**call, "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}, conv[2]]
+    want = hf_tok.apply_chat_template(as_object, chat_template=template, tokenize=False,
+                                      add_generation_prompt=False)
+    assert '{"city": "Paris"}' in want
+    out = llm.chat(conv, GREEDY, chat_template=template, add_generation_prompt=False)[0]
+    assert out.prompt == want
+    with pytest.raises(BrazeError, match="not JSON"):
+        llm.chat([{"role": "assistant", "tool_calls": [
+            {**call, "function": {"name": "f", "arguments": "{oops"}}]}], GREEDY,
+            chat_template=template)
+
+
 def test_chat_errors_name_the_message(llm):
     with pytest.raises(BrazeError, match=r"messages\[0\].content\[0\].*image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
@@ -121,6 +205,11 @@ def test_chat_errors_name_the_message(llm):
         llm.chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
     with pytest.raises(BrazeError, match="messages"):
         llm.chat("hello")
+    # what braze passes to the template itself (a TypeError from deep inside before)
+    for key in ("add_generation_prompt", "messages", "bos_token"):
+        with pytest.raises(BrazeError, match=f"chat_template_kwargs.*{key}"):
+            llm.chat([{"role": "user", "content": "x"}], GREEDY,
+                     chat_template_kwargs={key: True})
 
 
 def test_max_tokens_none_generates_up_to_max_model_len(llm):

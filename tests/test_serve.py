@@ -277,10 +277,17 @@ def test_raw_sse_framing(server):
     assert events[-2]["choices"][0]["finish_reason"] == "length" and "usage" not in events[0]
 
 
-def test_models_version_health(server):
+def test_models_version_health(server, artifact, ref_engine):
     import braze
+    from pathlib import Path
     models = server.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    # vLLM's card: `root` is what the model was loaded from (as LoRA cards' root is the
+    # adapter's path), `parent` null for the base model
+    (card,) = server.http.get("/v1/models").json()["data"]
+    assert Path(card["root"]).resolve() == Path(artifact).resolve()
+    assert card["parent"] is None and card["owned_by"] == "braze"
+    assert card["max_model_len"] == ref_engine.max_model_len
     assert server.http.get("/version").json() == {"version": braze.__version__}
     assert server.http.get("/health").status_code == 200
 

@@ -141,7 +141,11 @@ def test_token_prompts_echo_and_return_token_ids(server, run):
                                          temperature=0, echo=True,
                                          extra_body={"ignore_eos": True, "return_token_ids": True})
     c = r.model_dump()["choices"][0]
-    prompt_text = run.engine.tokenizer.decode(IDS)
+    # token ids echo as vLLM echoes them: decoded as transformers' decode(ids) does, the
+    # special tokens kept (so the logprobs' text_offset index the echoed text)
+    from transformers import AutoTokenizer
+    prompt_text = AutoTokenizer.from_pretrained(run.engine.artifact.tokenizer_dir).decode(IDS)
+    assert prompt_text.startswith("<s>")
     assert c["text"] == prompt_text + want.text
     assert c["prompt_token_ids"] == IDS and c["token_ids"] == want.token_ids
     assert r.model_dump()["choices"][1]["prompt_token_ids"] == IDS[:3]
@@ -301,6 +305,7 @@ def test_prompt_logprobs_and_echo_with_logprobs(server, run):
     for pos in range(1, len(IDS)):
         assert abs(lp["token_logprobs"][pos] - want.prompt_logprobs[pos].logprob) < 1e-4
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    assert all(c["text"][o:o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]))
     plp = c["prompt_logprobs"]
     assert plp[0] is None and len(plp) == len(IDS)
     for pos in range(1, len(IDS)):

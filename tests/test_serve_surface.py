@@ -620,7 +620,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--max-request-body-bytes", "1000", "--api-key", "k1", "--api-key", "k2",
              "--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST",
              "--allowed-headers", "authorization", "--allow-credentials",
-             "--trust-request-chat-template", "--extension", "m:f", "--extension", "name",
+             "--trust-request-chat-template", "--chat-template", "t.jinja",
+             "--extension", "m:f", "--extension", "name",
              "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y",
              "--allow-runtime-lora-updating", "--enable-lora", "--max-loras", "3",
              "--max-lora-rank", "32"]
@@ -630,7 +631,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
                          max_request_body_bytes=1000, api_keys=["k1", "k2"],
                          allowed_origins=["https://a.example"], allowed_methods=["GET", "POST"],
                          allowed_headers=["authorization"], allow_credentials=True,
-                         trust_request_chat_template=True, extensions=["m:f", "name"],
+                         trust_request_chat_template=True, chat_template="t.jinja",
+                         extensions=["m:f", "name"],
                          tool_call_parser="hermes", lora_modules=["a=/x", "b=/y"],
                          allow_runtime_lora_updating=True, enable_lora=True, max_loras=3,
                          max_lora_rank=32)

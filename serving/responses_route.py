@@ -1,0 +1,278 @@
+"""OpenAI's Responses API, `POST /v1/responses`, for text: what vLLM serves there without
+tools. The request is read as the chat it is (`input`: a string, one user message, or a
+list of messages whose content is a string or input_text/output_text parts;
+`instructions`: a system message before them) and runs as /v1/chat/completions runs it
+(the chat template, the same sampling fields, `max_output_tokens` as max_tokens). The
+reply is one assistant message of one output_text part:
+
+    {"id": "resp_...", "object": "response", "status": "completed" | "incomplete",
+     "incomplete_details": null | {"reason": "max_output_tokens"}, "output": [message],
+     "usage": {"input_tokens", "output_tokens", "total_tokens", ...}, ...}
+
+Streamed (`stream: true`), the events are OpenAI's, each `event: TYPE` + `data: {...}` with
+a `sequence_number`: response.created, response.in_progress, response.output_item.added,
+response.content_part.added, response.output_text.delta (as text comes),
+response.output_text.done, response.content_part.done, response.output_item.done, then
+response.completed or response.incomplete (the whole response). Fields that would need
+state or tools braze does not keep (previous_response_id, tools, a text.format other than
+text, ...) are a 400 naming them, never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from braze.runtime.sampler import SamplingParams
+
+from .async_engine import Aborted, Rejected, Unavailable
+from .lora_routes import lora_for, response_model
+from .protocol import (
+    ROLES,
+    APIError,
+    ChatCompletionRequest,
+    bad_request,
+    chat_max_tokens,
+    check_context,
+    first_set,
+    sampling_kwargs,
+    validation_message,
+)
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
+# Responses fields that need what braze does not have (stored responses, tools, other
+# output formats), with their neutral values: anything else is a 400 naming the field
+_NOT_SUPPORTED: dict[str, tuple] = {
+    "previous_response_id": (None,),
+    "conversation": (None,),
+    "prompt": (None,),
+    "tools": (None, []),
+    "tool_choice": (None, "auto", "none"),
+    "text": (None, {}, {"format": {"type": "text"}}),
+    "reasoning": (None, {}),
+    "background": (None, False),
+    "include": (None, []),
+    "truncation": (None, "disabled"),
+    "top_logprobs": (None, 0),
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+}
+# chat-only fields a Responses request has its own spelling of (or none)
+_NOT_PASSED = ("messages", "max_tokens", "max_completion_tokens", "logprobs", "echo",
+               "stream_options", "store", "parallel_tool_calls", "service_tier",
+               "prompt_cache_key", "safety_identifier", "max_tool_calls")
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion request that `body` asks for; 400 naming what it cannot be."""
+    found = first_set(body, _NOT_SUPPORTED)
+    if found is not None:
+        name, v = found
+        raise bad_request(f"{name} is not supported by this server's /v1/responses (got "
+                          f"{name}={json.dumps(v, default=str)[:60]}); leave it out", name)
+    messages = [{"role": "system", "content": body.instructions}] \
+        if body.instructions is not None else []
+    if isinstance(body.input, str):
+        messages.append({"role": "user", "content": body.input})
+    else:
+        messages += [_message(item, i) for i, item in enumerate(body.input)]
+    if not messages:
+        raise bad_request("input is empty: give a string or a list of messages", "input")
+    extra = {k: v for k, v in (body.model_extra or {}).items()
+             if k not in _NOT_PASSED and k not in _NOT_SUPPORTED}
+    fields = {**extra, "model": body.model, "messages": messages,
+              "max_tokens": body.max_output_tokens, "temperature": body.temperature,
+              "top_p": body.top_p, "stream": body.stream, "user": body.user}
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as e:
+        message, param = validation_message(list(e.errors()))
+        raise bad_request(message, param) from None
+
+
+def _message(item: Any, i: int) -> dict:
+    where = f"input[{i}]"
+    if not isinstance(item, dict) or item.get("type", "message") != "message" \
+            or not isinstance(item.get("role"), str):
+        kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+        raise bad_request(f"{where} is of type {kind!r}; this server's /v1/responses takes "
+                          "messages ({\"role\", \"content\"}) only", "input")
+    if item["role"] not in ROLES:
+        raise bad_request(f"{where}.role is {json.dumps(item['role'])[:40]}; a role is one "
+                          f"of {', '.join(ROLES)}", "input")
+    content = item.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") not in _TEXT_PARTS \
+                    or not isinstance(p.get("text"), str):
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise bad_request(f"{where}.content[{j}] is of type {kind!r}; send "
+                                  "input_text parts", "input")
+            texts.append(p["text"])
+        content = [{"type": "text", "text": t} for t in texts]
+    elif not isinstance(content, str):
+        raise bad_request(f"{where}.content must be a string or a list of input_text parts",
+                          "input")
+    return {"role": item["role"], "content": content}
+
+
+def install(app: FastAPI, svc, while_connected) -> None:
+    """`while_connected(request, coroutine)`: app._while_connected (a non-streamed request
+    is cancelled when its client goes away)."""
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        svc.check_model(body.model)
+        chat = chat_of(body)
+        max_tokens = chat_max_tokens(chat)
+        try:
+            ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True)
+        except APIError as e:        # the messages are this request's input
+            if e.param == "messages":
+                e.param = "input"
+            raise
+        if max_tokens is None:
+            max_tokens = max(1, svc.max_model_len - len(ids))
+        elif len(ids) < svc.max_model_len:      # else the engine says the prompt is too long
+            check_context(len(ids), max_tokens, svc.max_model_len, "max_output_tokens")
+        params = SamplingParams(**sampling_kwargs(chat, max_tokens))
+        reply = _Reply(svc, body, len(ids))
+        svc.admit()
+        stream = await svc.submit(reply.id, ids, params, prompt_param="input",
+                                  lora=lora_for(svc, body.model), bounded=False)
+        if body.stream:
+            return StreamingResponse(reply.events(stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await while_connected(request, reply.whole(stream)))
+
+
+class _Reply:
+    """One response: its object as it stands, and its stream of events."""
+
+    def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int):
+        self.body = body
+        self.id = "resp_" + uuid.uuid4().hex
+        self.item_id = "msg_" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = response_model(svc, body.model)
+        self.num_prompt_tokens = num_prompt_tokens
+        self.seq = 0
+
+    def response(self, status: str, text: str | None = None, out=None) -> dict:
+        """The response object; `text` and `out` (the final RequestOutput) once done."""
+        done = out is not None
+        incomplete = done and out.finish_reason == "length"
+        b = self.body
+        return {
+            "id": self.id, "object": "response", "created_at": self.created,
+            "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
+            "model": self.model, "output": [self.message(text, status)] if done else [],
+            "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
+            "store": False, "temperature": 1.0 if b.temperature is None else b.temperature,
+            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+            "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
+            "usage": self.usage(out) if done else None, "user": b.user,
+            "metadata": b.metadata or {},
+        }
+
+    def message(self, text: str | None, status: str) -> dict:
+        content = [] if text is None else [self.part(text)]
+        return {"id": self.item_id, "type": "message", "role": "assistant",
+                "status": status, "content": content}
+
+    @staticmethod
+    def part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def usage(self, out) -> dict:
+        n = len(out.token_ids)
+        return {"input_tokens": self.num_prompt_tokens, "output_tokens": n,
+                "total_tokens": self.num_prompt_tokens + n,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0}}
+
+    @staticmethod
+    def status(out) -> str:
+        return "incomplete" if out.finish_reason == "length" else "completed"
+
+    async def whole(self, stream) -> dict:
+        try:
+            out = None
+            async for out in stream:
+                pass
+        except Rejected as e:
+            raise bad_request(str(e)) from None
+        except (Aborted, Unavailable) as e:
+            raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
+        if out is None or out.finish_reason not in ("stop", "length"):
+            raise APIError(503, f"the request ended with finish_reason "
+                           f"{getattr(out, 'finish_reason', None)!r}", "service_unavailable",
+                           None, "aborted")
+        return self.response(self.status(out), out.text or "", out)
+
+    def event(self, kind: str, **fields) -> bytes:
+        d = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return f"event: {kind}\ndata: {json.dumps(d, separators=(',', ':'))}\n\n".encode()
+
+    async def events(self, stream):
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        done = False
+        try:
+            yield self.event("response.created", response=self.response("in_progress"))
+            yield self.event("response.in_progress", response=self.response("in_progress"))
+            yield self.event("response.output_item.added", output_index=0,
+                             item=self.message(None, "in_progress"))
+            yield self.event("response.content_part.added", **where, part=self.part(""))
+            text, out = [], None
+            async for out in stream:
+                if out.new_text:
+                    text.append(out.new_text)
+                    yield self.event("response.output_text.delta", **where,
+                                     delta=out.new_text, logprobs=[])
+            if out is None or out.finish_reason not in ("stop", "length"):
+                raise Aborted(f"the request ended with finish_reason "
+                              f"{getattr(out, 'finish_reason', None)!r}")
+            text = "".join(text)
+            status = self.status(out)
+            yield self.event("response.output_text.done", **where, text=text, logprobs=[])
+            yield self.event("response.content_part.done", **where, part=self.part(text))
+            yield self.event("response.output_item.done", output_index=0,
+                             item=self.message(text, status))
+            yield self.event(f"response.{status}", response=self.response(status, text, out))
+            done = True
+        except (Aborted, Unavailable, Rejected) as e:
+            kind = "invalid_request_error" if isinstance(e, Rejected) else "server_error"
+            yield self.event("error", code=kind, message=str(e), param=None)
+            done = True
+        finally:
+            if not done:           # the client went away
+                stream.abort()
+
+
+__all__ = ["ResponsesRequest", "chat_of", "install"]
