@@ -96,6 +96,13 @@ class Service:
             if bos_id is not None and self.tokenizer.encode("")[:1] == [bos_id]:
                 self.bos_id = bos_id
 
+    def unset_max_tokens(self, num_prompt: int) -> int:
+        """The token limit of a chat (or Responses) request that sets none: the model's
+        default (generation_config.json's max_new_tokens), else up to the end of the
+        context."""
+        return max(1, min(self.max_model_len - num_prompt,
+                          self.sampling_defaults.get("max_tokens", self.max_model_len)))
+
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; none or "" is the served model, as
         in vLLM."""
@@ -295,9 +302,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
         await svc.compile_grammar(constraint, field, tool_plan.tools if field == "tools" else None)
         ids = await svc.prompts.chat(body, body.add_special_tokens, for_model=True,
                                      tools=tool_plan.tools if tool_plan else None)
-        if max_tokens is None:     # chat default: the model's, or up to the end of the context
-            max_tokens = max(1, min(svc.max_model_len - len(ids),
-                                    svc.sampling_defaults.get("max_tokens", svc.max_model_len)))
+        if max_tokens is None:
+            max_tokens = svc.unset_max_tokens(len(ids))
         elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long
             check_context(len(ids), max_tokens, svc.max_model_len,
                           "max_completion_tokens" if body.max_completion_tokens is not None

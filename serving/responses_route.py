@@ -155,11 +155,11 @@ def install(app: FastAPI, svc, while_connected) -> None:
                 e.param = "input"
             raise
         if max_tokens is None:
-            max_tokens = max(1, svc.max_model_len - len(ids))
+            max_tokens = svc.unset_max_tokens(len(ids))
         elif len(ids) < svc.max_model_len:      # else the engine says the prompt is too long
             check_context(len(ids), max_tokens, svc.max_model_len, "max_output_tokens")
-        params = SamplingParams(**sampling_kwargs(chat, max_tokens))
-        reply = _Reply(svc, body, len(ids))
+        params = SamplingParams(**sampling_kwargs(chat, max_tokens, svc.sampling_defaults))
+        reply = _Reply(svc, body, len(ids), params)
         svc.admit()
         stream = await svc.submit(reply.id, ids, params, prompt_param="input",
                                   lora=lora_for(svc, body.model), bounded=False)
@@ -172,8 +172,9 @@ def install(app: FastAPI, svc, while_connected) -> None:
 class _Reply:
     """One response: its object as it stands, and its stream of events."""
 
-    def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int):
-        self.body = body
+    def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int,
+                 params: SamplingParams):
+        self.body, self.params = body, params
         self.id = "resp_" + uuid.uuid4().hex
         self.item_id = "msg_" + uuid.uuid4().hex
         self.created = int(time.time())
@@ -193,9 +194,9 @@ class _Reply:
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "model": self.model, "output": [self.message(text, status)] if done else [],
             "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
-            "store": False, "temperature": 1.0 if b.temperature is None else b.temperature,
+            "store": False, "temperature": self.params.temperature,
             "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
-            "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
+            "top_p": self.params.top_p, "truncation": "disabled",
             "usage": self.usage(out) if done else None, "user": b.user,
             "metadata": b.metadata or {},
         }

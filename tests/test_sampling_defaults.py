@@ -137,6 +137,9 @@ def test_the_server_fills_unset_fields_from_the_models_defaults(gen_artifact, tm
         chat = s.client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hello there"}])
         assert chat.usage.completion_tokens <= 2
+        resp = s.http.post("/v1/responses", json={"model": MODEL, "input": "hello there"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["output_tokens"] <= 2
         # a request's own values win: top_k 0 at temperature 0 is greedy for 4 tokens
         r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT,
                                                  "max_tokens": 4, "temperature": 0,
