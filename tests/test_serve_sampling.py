@@ -339,7 +339,7 @@ def test_echo_with_max_tokens_0_scores_the_prompt(server, run):
     logprobs and generates nothing (plain and streamed); max_tokens 0 without echo is a
     400 naming max_tokens."""
     want = run(IDS, max_tokens=1, prompt_logprobs=2)
-    text = run.engine.tokenizer.decode(IDS)
+    text = run.engine.tokenizer.decode(IDS, skip_special_tokens=False)   # echo keeps them
     r = server.client.completions.create(model=MODEL, prompt=IDS, max_tokens=0, echo=True,
                                          logprobs=1)
     c = r.choices[0]
