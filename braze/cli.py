@@ -227,9 +227,11 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
                    help="most sequences in one step (default and upper bound: the artifact's "
                         "--max-num-seqs)")
-    p.add_argument("--max-num-tokens", type=_positive_int, metavar="N",
+    p.add_argument("--max-num-tokens", "--max-num-batched-tokens", type=_positive_int,
+                   metavar="N", dest="max_num_tokens",
                    help="most tokens in one step, prefill chunks included (default and upper "
-                        "bound: the artifact's --max-num-tokens)")
+                        "bound: the artifact's --max-num-tokens; --max-num-batched-tokens is "
+                        "vLLM's name)")
     p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs (default: the artifact's): "
                         "none, piecewise, or full (one graph per whole step)")

@@ -16,7 +16,8 @@ from braze.ir.segments import CUDAGRAPH_MODES
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
 # vLLM's names for engine options braze names otherwise (braze.LLM takes either)
-VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative"}
+VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative",
+              "max_num_batched_tokens": "max_num_tokens"}
 
 
 @dataclass

@@ -372,3 +372,25 @@ def test_generate_closes_its_engine_so_kv_tier_writes_are_bounded(store, tmp_pat
                  str(kv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"]
     assert closed == [None] and len(list(kv.rglob("*.kv"))) == 2
+
+
+def test_max_num_batched_tokens_is_vllms_name_for_max_num_tokens(store):
+    """vLLM's --max-num-batched-tokens / max_num_batched_tokens= (the step's token budget)
+    is braze's --max-num-tokens, on generate, serve and braze.LLM; the budget it sets
+    chunks a long prompt and leaves the greedy output as the default budget gives."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM, SamplingParams
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        o = _engine_options(build_parser().parse_args(cmd + ["--max-num-batched-tokens", "24"]))
+        assert o.max_num_tokens == 24
+    art = store.artifact("llama")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompt = list(range(3, 60))
+    small = LLM(art, backend="reference", num_kv_blocks=16, max_num_batched_tokens=24)
+    assert small.engine.runner.max_num_tokens == 24
+    plain = LLM(art, backend="reference", num_kv_blocks=16)
+    assert small.generate([prompt], params)[0].token_ids == \
+        plain.generate([prompt], params)[0].token_ids
+    with pytest.raises(BrazeError, match="max_num_batched_tokens.*max_num_tokens"):
+        LLM(art, backend="reference", max_num_batched_tokens=24, max_num_tokens=24)
