@@ -511,6 +511,7 @@ class Engine(EngineLoRA):
         # runs and is final once it finishes
         out = RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, None,
                             new_ids, "", finished, req.finish_reason, req.stop_reason, metrics)
+        out.num_cached_tokens = req.metrics.num_cached_tokens
         if req.logprobs is not None:
             out.logprobs = req.logprobs
             out.new_logprobs = req.logprobs[len(req.logprobs) - len(new_ids):]

@@ -283,6 +283,8 @@ def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> Reques
         if params.logprobs is None:            # they were computed only to rank the samples
             for o in chosen:
                 o.logprobs = o.new_logprobs = o.cumulative_logprob = None
+    for i, o in enumerate(chosen):
+        o.index = i
     head = chosen[0]
     head.outputs = list(chosen)
     head.prompt_logprobs = samples[0].prompt_logprobs     # the first sample computes them

@@ -134,3 +134,32 @@ def test_max_tokens_none_generates_up_to_max_model_len(llm):
     assert out.token_ids == counted.token_ids
     with pytest.raises(BrazeError, match="max_tokens"):
         llm.generate(prompt, SamplingParams(max_tokens=0))
+
+
+def test_outputs_carry_vllms_num_cached_tokens_and_sample_index(llm):
+    """vLLM's RequestOutput.num_cached_tokens (prompt tokens served from the prefix cache:
+    the whole blocks of a prompt seen before, the last token always computed) and each
+    sample's CompletionOutput.index (0..n-1) are read by vLLM code; they were missing."""
+    bs = llm.engine.block_manager.block_size
+    prompt = [1] + [(7 * i) % 200 + 3 for i in range(2 * bs + 5)]
+    first = llm.generate([prompt], GREEDY)[0]
+    again = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == first.metrics["num_cached_tokens"] == 0
+    assert again.num_cached_tokens == again.metrics["num_cached_tokens"] == \
+        (len(prompt) - 1) // bs * bs
+    assert again.token_ids == first.token_ids
+    many = llm.generate([prompt], SamplingParams(max_tokens=3, n=3, temperature=1.0,
+                                                 seed=5))[0]
+    assert [o.index for o in many.outputs] == [0, 1, 2]
+    assert first.outputs[0].index == 0
+    ranked = llm.generate([prompt], SamplingParams(max_tokens=3, n=2, best_of=4,
+                                                   temperature=1.0, seed=5))[0]
+    assert [o.index for o in ranked.outputs] == [0, 1]
+    # the engine's own reports carry it too, from the first one on
+    eng = llm.engine
+    eng.add_request("cached-probe", prompt, GREEDY)
+    reports = []
+    while eng.has_unfinished():
+        reports += [o for o in eng.step() if o.request_id == "cached-probe"]
+    assert [o.num_cached_tokens for o in reports] == \
+        [again.num_cached_tokens] * len(reports)
