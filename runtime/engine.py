@@ -34,7 +34,7 @@ from .options import EngineOptions
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
 from .sampler import SamplingParams, bias_entries
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_priority
 from .speculative import make_speculator
 from .tokenizer import Tokenizer
 
@@ -129,14 +129,15 @@ class Engine(EngineLoRA):
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
-                    group: str | None = None, lora_request=None) -> None:
+                    group: str | None = None, lora_request=None, priority: int = 0) -> None:
         """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
         `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
         lower KV tiers), "store": false (keep its blocks out of them)}. `group`: parallel
         samples of one prompt (SamplingParams.children) name the same group, so they share
         the prompt's KV blocks (runtime/scheduler.py). `lora_request`: a LoRARequest or the
         name of an adapter added with `add_lora` (runtime/lora.py; the artifact needs
-        --lora-slots)."""
+        --lora-slots). `priority`: vLLM's; 0 only (first-come first-served)."""
+        check_priority(priority)
         params = params or SamplingParams()
         params.validate()
         policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \

@@ -24,6 +24,7 @@ from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
+from .scheduler import check_priority
 
 Completion = RequestOutput      # the name braze used before the engine
 
@@ -62,7 +63,8 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request=None, *, sampling_params=None,
-                 kv_transfer_params: dict | list | None = None) -> list[RequestOutput]:
+                 kv_transfer_params: dict | list | None = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
         {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
@@ -75,6 +77,8 @@ class LLM:
         (--kv-offload-*), as the server's field of that name: {"max_load_tokens": N (0:
         load nothing), "store": false (keep its blocks out of them)}, for all prompts or
         one per prompt (None: no limits).
+        priority: vLLM's, one per prompt; braze schedules first-come first-served, so only
+        zeros are taken (as vLLM's default "fcfs" policy does).
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
@@ -100,6 +104,8 @@ class LLM:
             sp.validate()
         loras = _per_prompt(lora_request, len(prompts), "lora_requests")
         transfers = _per_prompt(kv_transfer_params, len(prompts), "kv_transfer_params")
+        for pr in _per_prompt(priority, len(prompts), "priorities"):
+            check_priority(pr)          # refused before any prompt is queued
         for t in transfers:
             if t is not None:           # refused before any prompt is queued
                 KVTransferPolicy.of(t)

@@ -42,6 +42,18 @@ from .prompt_logprobs import limit_rows
 from .request import Request, Status
 
 
+def check_priority(priority) -> None:
+    """vLLM's request `priority`: this scheduler is first-come first-served (vLLM's default
+    scheduling_policy "fcfs"), which, as vLLM's, refuses any priority but 0 rather than
+    ignoring it."""
+    if priority is None or (isinstance(priority, int) and not isinstance(priority, bool)
+                            and priority == 0):
+        return
+    raise BrazeError(f"priority={priority!r}: braze schedules requests first-come "
+                     f"first-served (vLLM's scheduling_policy 'fcfs') and takes no "
+                     f"priorities; leave priority out or give 0", param="priority")
+
+
 class ScheduledChunk:
     """`num_new` tokens of `request` run this step, from position `start` (its tokens
     already in the cache). `samples`: the chunk reaches the request's last token, so the

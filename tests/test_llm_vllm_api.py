@@ -163,3 +163,21 @@ def test_outputs_carry_vllms_num_cached_tokens_and_sample_index(llm):
         reports += [o for o in eng.step() if o.request_id == "cached-probe"]
     assert [o.num_cached_tokens for o in reports] == \
         [again.num_cached_tokens] * len(reports)
+
+
+def test_priority_is_refused_unless_neutral_as_vllms_fcfs_scheduler_does(llm):
+    """vLLM's generate(..., priority=[...]): under its default first-come first-served
+    policy a non-zero priority is an error, zeros change nothing. braze schedules FCFS
+    only, so it does the same (it was a TypeError, even for the neutral zeros)."""
+    prompts = [[1, 5, 6, 7], [1, 9, 10]]
+    plain = llm.generate(prompts, GREEDY)
+    zeros = llm.generate(prompts, GREEDY, priority=[0, 0])
+    assert [o.token_ids for o in zeros] == [o.token_ids for o in plain]
+    with pytest.raises(BrazeError, match=r"priority=5.*first-come first-served.*leave"):
+        llm.generate(prompts, GREEDY, priority=[0, 5])
+    with pytest.raises(BrazeError, match="2 priorities for 1 prompts"):
+        llm.generate(prompts[:1], GREEDY, priority=[0, 0])
+    assert not llm.engine.has_unfinished()          # nothing was queued by the refusals
+    with pytest.raises(BrazeError, match=r"priority=1.*first-come"):
+        llm.engine.add_request("prio", prompts[0], GREEDY, priority=1)
+    assert "prio" not in llm.engine.requests
