@@ -278,7 +278,23 @@ class Engine(EngineLoRA):
                              param="prompt")
         return ids
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id) -> None:
+        """Abort a request, or a list of them (vLLM's LLMEngine takes a list), wherever it
+        is: its final report (finish_reason "abort") comes from the next step. Ids not
+        running (unknown, finished, aborted already) are ignored."""
+        ids = list(request_id) if isinstance(request_id, (list, tuple, set, frozenset)) \
+            else [request_id]
+        for rid in ids:
+            try:
+                hash(rid)
+            except TypeError:
+                raise BrazeError(f"abort_request takes a request id or a list of request "
+                                 f"ids, got {rid!r:.60} among them",
+                                 param="request_id") from None
+        for rid in ids:
+            self._abort_one(rid)
+
+    def _abort_one(self, request_id) -> None:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
