@@ -19,6 +19,24 @@ SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
 VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative",
               "max_num_batched_tokens": "max_num_tokens"}
 
+# vLLM's engine options for behaviour braze has one way only: taken at that value, refused
+# (saying why) at any other; name -> (the value braze does, what braze does)
+VLLM_FIXED = {
+    "enable_chunked_prefill": (True, "braze always prefills a prompt longer than "
+                                     "max_num_tokens in chunks"),
+    "scheduling_policy": ("fcfs", "braze schedules requests first-come first-served"),
+}
+
+
+def take_vllm_fixed(values: dict) -> None:
+    """Remove VLLM_FIXED's options from `values` (None: not given), refusing any at a value
+    braze does not do."""
+    for name, (value, what) in VLLM_FIXED.items():
+        v = values.pop(name, None)
+        if v is not None and not (v == value and type(v) is type(value)):
+            raise BrazeError(f"{name}={v!r}: {what}; leave {name} out or give {value!r}",
+                             param=name)
+
 
 @dataclass
 class EngineOptions:
@@ -111,6 +129,7 @@ class EngineOptions:
                     raise BrazeError(f"give the option once: as {theirs}= or {ours}= "
                                      f"({theirs} is vLLM's name for {ours})", param=ours)
                 overrides[ours] = overrides.pop(theirs)
+        take_vllm_fixed(overrides)
         bad = sorted(set(overrides) - known)
         if bad:
             raise BrazeError(f"unknown engine option {bad[0]!r}; the options are "
