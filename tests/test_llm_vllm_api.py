@@ -171,7 +171,7 @@ def test_priority_is_refused_unless_neutral_as_vllms_fcfs_scheduler_does(llm):
     only, so it does the same (it was a TypeError, even for the neutral zeros)."""
     prompts = [[1, 5, 6, 7], [1, 9, 10]]
     plain = llm.generate(prompts, GREEDY)
-    zeros = llm.generate(prompts, GREEDY, priority=[0, 0])
+    zeros = llm.generate(prompts, GREEDY, priority=[0, np.int64(0)])
     assert [o.token_ids for o in zeros] == [o.token_ids for o in plain]
     with pytest.raises(BrazeError, match=r"priority=5.*first-come first-served.*leave"):
         llm.generate(prompts, GREEDY, priority=[0, 5])
