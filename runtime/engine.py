@@ -144,6 +144,10 @@ class Engine(EngineLoRA):
             else None
         if request_id in self.requests:
             raise BrazeError(f"request id {request_id!r} is already in use")
+        if any(r.request_id == request_id for r in self._aborted):
+            raise BrazeError(f"request id {request_id!r} was just aborted and its final report "
+                             f"comes with the next step; step once before reusing the id, "
+                             f"or use another", param="request_id")
         ids = self.encode(prompt)
         limit = self.max_model_len
         if len(ids) >= limit:

@@ -366,3 +366,26 @@ def test_abort_takes_one_id_or_a_list_as_vllms_engine(store, lag):
     assert final["r3"].token_ids == solo[0].token_ids
     s = eng.stats()
     assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+
+
+def test_an_aborted_id_is_not_reused_before_its_abort_is_reported(store):
+    """abort_request's final report comes with the next step. Re-adding the id before
+    that step made the old request's abort report read as the new request's (its
+    run_to_completion returned the aborted tokens). The id is refused until then, saying
+    so; after a step it serves the new prompt, which gives its solo output."""
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=16)
+    first, second = prompts_of([9, 12], seed=23)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    eng.add_request("a", first, params)
+    eng.step()
+    eng.abort_request("a")
+    with pytest.raises(BrazeError, match=r"'a'.*aborted.*step"):
+        eng.add_request("a", second, params)
+    outs = eng.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "abort")]
+    eng.add_request("a", second, params)
+    got = eng.run_to_completion(["a"])["a"]
+    assert got.finish_reason == "length" and got.prompt_token_ids == second
+    solo = run_all(Engine(art, backend="reference", num_kv_blocks=16), [second], params)
+    assert got.token_ids == solo[0].token_ids
