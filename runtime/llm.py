@@ -64,7 +64,7 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request=None, *, sampling_params=None,
                  kv_transfer_params: dict | list | None = None,
-                 priority: list[int] | None = None) -> list[RequestOutput]:
+                 priority: list[int] | None = None, use_tqdm=True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
         {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
@@ -79,6 +79,7 @@ class LLM:
         one per prompt (None: no limits).
         priority: vLLM's, one per prompt; braze schedules first-come first-served, so only
         zeros are taken (as vLLM's default "fcfs" policy does).
+        use_tqdm: vLLM's progress-bar switch, taken for its scripts; braze draws none.
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
@@ -143,12 +144,13 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              lora_request=None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, use_tqdm=True) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
         of conversations. `chat_template_kwargs` and `tools` are passed to the template.
-        Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
+        Returns one RequestOutput per conversation; its `prompt` is the rendered text.
+        `use_tqdm` is taken as `generate` takes it."""
         from .chat_template import ChatPrompter, template_source
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "

@@ -181,3 +181,16 @@ def test_priority_is_refused_unless_neutral_as_vllms_fcfs_scheduler_does(llm):
     with pytest.raises(BrazeError, match=r"priority=1.*first-come"):
         llm.engine.add_request("prio", prompts[0], GREEDY, priority=1)
     assert "prio" not in llm.engine.requests
+
+
+def test_use_tqdm_is_taken_by_generate_and_chat(llm):
+    """vLLM scripts pass use_tqdm=False to generate and chat (to keep their output clean);
+    it was a TypeError. braze draws no progress bar, so either value gives the plain run."""
+    prompts = [[1, 5, 6, 7], [1, 9, 10]]
+    plain = llm.generate(prompts, GREEDY)
+    for flag in (False, True):
+        quiet = llm.generate(prompts, GREEDY, use_tqdm=flag)
+        assert [o.token_ids for o in quiet] == [o.token_ids for o in plain]
+    conv = [{"role": "user", "content": "Hi there"}]
+    assert llm.chat(conv, GREEDY, use_tqdm=False)[0].token_ids == \
+        llm.chat(conv, GREEDY)[0].token_ids
