@@ -123,15 +123,25 @@ class EngineOptions:
         """`options` (or the defaults) with keyword overrides, checked; an unknown keyword
         is an error that names it."""
         known = {f.name for f in fields(cls)}
+        given_as = {}                   # braze's name -> the vLLM name the caller wrote
         for theirs, ours in VLLM_NAMES.items():
             if theirs in overrides:
                 if ours in overrides:
                     raise BrazeError(f"give the option once: as {theirs}= or {ours}= "
                                      f"({theirs} is vLLM's name for {ours})", param=ours)
                 overrides[ours] = overrides.pop(theirs)
+                given_as[ours] = theirs
         take_vllm_fixed(overrides)
         bad = sorted(set(overrides) - known)
         if bad:
             raise BrazeError(f"unknown engine option {bad[0]!r}; the options are "
                              f"{', '.join(sorted(known))}")
-        return cls(**{**asdict(options or cls()), **overrides})
+        try:
+            return cls(**{**asdict(options or cls()), **overrides})
+        except BrazeError as e:         # say it with the name the caller wrote
+            msg = str(e)
+            for ours, theirs in given_as.items():
+                if msg.startswith(ours + " "):
+                    raise BrazeError(f"{theirs}{msg[len(ours):]} ({theirs} is vLLM's name "
+                                     f"for {ours})", param=theirs) from None
+            raise

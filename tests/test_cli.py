@@ -425,3 +425,19 @@ def test_vllms_chunked_prefill_and_scheduling_policy_are_taken_at_what_braze_doe
                              (["--scheduling-policy", "priority"], "scheduling_policy")):
             with pytest.raises(BrazeError, match=words):
                 _engine_options(build_parser().parse_args(cmd + flags))
+
+
+@pytest.mark.parametrize("theirs,ours,bad", [("num_gpu_blocks_override", "num_kv_blocks", 0),
+                                             ("max_num_batched_tokens", "max_num_tokens", -4),
+                                             ("max_num_batched_tokens", "max_num_tokens", 2.5)])
+def test_a_bad_value_under_vllms_name_is_refused_under_that_name(theirs, ours, bad):
+    """A vLLM user who wrote num_gpu_blocks_override=0 was told 'num_kv_blocks must be a
+    positive integer', an option they never gave; the error now names what they wrote,
+    and braze's name for it."""
+    from braze.ir.errors import BrazeError
+    from braze.runtime.options import EngineOptions
+    with pytest.raises(BrazeError, match=rf"^{theirs} must be a positive integer, got "
+                                         rf"{bad}.*{theirs} is vLLM's name for {ours}"):
+        EngineOptions.of(**{theirs: bad})
+    with pytest.raises(BrazeError, match=rf"^{ours} must be a positive integer"):
+        EngineOptions.of(**{ours: bad})
