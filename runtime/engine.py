@@ -380,9 +380,11 @@ class Engine(EngineLoRA):
             if masked:
                 launched = self.runner.forward(sched.chunks, self.block_manager,
                                                sched.decode_only, sched.prompt_chunks)
-                outputs.extend(self._apply_holding_rows())
-                result = self.runner.sample(launched)
-                self._release_held_rows()
+                try:
+                    outputs.extend(self._apply_holding_rows())
+                    result = self.runner.sample(launched)
+                finally:                # interrupted too: else every later finish holds its row
+                    self._release_held_rows()
             else:
                 result = self.runner.execute(sched.chunks, self.block_manager,
                                              sched.decode_only, sched.prompt_chunks)
