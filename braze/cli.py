@@ -227,9 +227,17 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
                    help="most sequences in one step (default and upper bound: the artifact's "
                         "--max-num-seqs)")
-    p.add_argument("--max-num-tokens", type=_positive_int, metavar="N",
+    p.add_argument("--max-num-tokens", "--max-num-batched-tokens", type=_positive_int,
+                   metavar="N", dest="max_num_tokens",
                    help="most tokens in one step, prefill chunks included (default and upper "
-                        "bound: the artifact's --max-num-tokens)")
+                        "bound: the artifact's --max-num-tokens; --max-num-batched-tokens is "
+                        "vLLM's name)")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   help="vLLM's flag: braze always prefills a prompt longer than "
+                        "--max-num-tokens in chunks, so only the default (on) is taken")
+    p.add_argument("--scheduling-policy", metavar="fcfs",
+                   help="vLLM's flag: braze schedules first-come first-served (fcfs), the "
+                        "only policy taken")
     p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs (default: the artifact's): "
                         "none, piecewise, or full (one graph per whole step)")
@@ -294,7 +302,9 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
 
 
 def _engine_options(a):
-    from braze.runtime.options import EngineOptions
+    from braze.runtime.options import EngineOptions, take_vllm_fixed
+    take_vllm_fixed({"enable_chunked_prefill": a.enable_chunked_prefill,
+                     "scheduling_policy": a.scheduling_policy})
     return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
                          gpu_memory_utilization=a.gpu_memory_utilization,
                          block_size=a.block_size, max_model_len=a.max_model_len,

@@ -35,7 +35,7 @@ from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
 from .sampler import SamplingParams, bias_entries
 from .sampling_defaults import sampling_defaults
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_priority
 from .speculative import make_speculator
 from .tokenizer import Tokenizer
 
@@ -136,20 +136,25 @@ class Engine(EngineLoRA):
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
-                    group: str | None = None, lora_request=None) -> None:
+                    group: str | None = None, lora_request=None, priority: int = 0) -> None:
         """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
         `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
         lower KV tiers), "store": false (keep its blocks out of them)}. `group`: parallel
         samples of one prompt (SamplingParams.children) name the same group, so they share
         the prompt's KV blocks (runtime/scheduler.py). `lora_request`: a LoRARequest or the
         name of an adapter added with `add_lora` (runtime/lora.py; the artifact needs
-        --lora-slots)."""
+        --lora-slots). `priority`: vLLM's; 0 only (first-come first-served)."""
+        check_priority(priority)
         params = params or SamplingParams()
         params.validate()
         policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \
             else None
         if request_id in self.requests:
             raise BrazeError(f"request id {request_id!r} is already in use")
+        if any(r.request_id == request_id for r in self._aborted):
+            raise BrazeError(f"request id {request_id!r} was just aborted and its final report "
+                             f"comes with the next step; step once before reusing the id, "
+                             f"or use another", param="request_id")
         ids = self.encode(prompt)
         limit = self.max_model_len
         if len(ids) >= limit:
@@ -286,7 +291,23 @@ class Engine(EngineLoRA):
                              param="prompt")
         return ids
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id) -> None:
+        """Abort a request, or a list of them (vLLM's LLMEngine takes a list), wherever it
+        is: its final report (finish_reason "abort") comes from the next step. Ids not
+        running (unknown, finished, aborted already) are ignored."""
+        ids = list(request_id) if isinstance(request_id, (list, tuple, set, frozenset)) \
+            else [request_id]
+        for rid in ids:
+            try:
+                hash(rid)
+            except TypeError:
+                raise BrazeError(f"abort_request takes a request id or a list of request "
+                                 f"ids, got {rid!r:.60} among them",
+                                 param="request_id") from None
+        for rid in ids:
+            self._abort_one(rid)
+
+    def _abort_one(self, request_id) -> None:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
@@ -368,9 +389,11 @@ class Engine(EngineLoRA):
             if masked:
                 launched = self.runner.forward(sched.chunks, self.block_manager,
                                                sched.decode_only, sched.prompt_chunks)
-                outputs.extend(self._apply_holding_rows())
-                result = self.runner.sample(launched)
-                self._release_held_rows()
+                try:
+                    outputs.extend(self._apply_holding_rows())
+                    result = self.runner.sample(launched)
+                finally:                # interrupted too: else every later finish holds its row
+                    self._release_held_rows()
             else:
                 result = self.runner.execute(sched.chunks, self.block_manager,
                                              sched.decode_only, sched.prompt_chunks)
@@ -523,6 +546,7 @@ class Engine(EngineLoRA):
         # runs and is final once it finishes
         out = RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, None,
                             new_ids, "", finished, req.finish_reason, req.stop_reason, metrics)
+        out.num_cached_tokens = req.metrics.num_cached_tokens
         if req.logprobs is not None:
             out.logprobs = req.logprobs
             out.new_logprobs = req.logprobs[len(req.logprobs) - len(new_ids):]

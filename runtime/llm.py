@@ -25,6 +25,7 @@ from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
 from .sampler import SamplingParams
+from .scheduler import check_priority
 
 log = logging.getLogger("braze.runtime")
 
@@ -76,7 +77,7 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request=None, *, sampling_params=None,
                  kv_transfer_params: dict | list | None = None,
-                 use_tqdm=True) -> list[RequestOutput]:
+                 priority: list[int] | None = None, use_tqdm=True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
         {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
@@ -89,7 +90,9 @@ class LLM:
         (--kv-offload-*), as the server's field of that name: {"max_load_tokens": N (0:
         load nothing), "store": false (keep its blocks out of them)}, for all prompts or
         one per prompt (None: no limits).
-        use_tqdm: vLLM's progress-bar switch, accepted for vLLM scripts; braze draws none.
+        priority: vLLM's, one per prompt; braze schedules first-come first-served, so only
+        zeros are taken (as vLLM's default "fcfs" policy does).
+        use_tqdm: vLLM's progress-bar switch, taken for its scripts; braze draws none.
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
@@ -115,6 +118,8 @@ class LLM:
             sp.validate()
         loras = _per_prompt(lora_request, len(prompts), "lora_requests")
         transfers = _per_prompt(kv_transfer_params, len(prompts), "kv_transfer_params")
+        for pr in _per_prompt(priority, len(prompts), "priorities"):
+            check_priority(pr)          # refused before any prompt is queued
         for t in transfers:
             if t is not None:           # refused before any prompt is queued
                 KVTransferPolicy.of(t)
@@ -292,9 +297,9 @@ def pick_samples(params: SamplingParams, samples: list[RequestOutput]) -> Reques
         if params.logprobs is None:            # they were computed only to rank the samples
             for o in chosen:
                 o.logprobs = o.new_logprobs = o.cumulative_logprob = None
-    head = chosen[0]
-    head.outputs = list(chosen)
     for i, o in enumerate(chosen):
         o.index = i
+    head = chosen[0]
+    head.outputs = list(chosen)
     head.prompt_logprobs = samples[0].prompt_logprobs     # the first sample computes them
     return head

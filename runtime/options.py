@@ -16,7 +16,26 @@ from braze.ir.segments import CUDAGRAPH_MODES
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
 # vLLM's names for engine options braze names otherwise (braze.LLM takes either)
-VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative"}
+VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative",
+              "max_num_batched_tokens": "max_num_tokens"}
+
+# vLLM's engine options for behaviour braze has one way only: taken at that value, refused
+# (saying why) at any other; name -> (the value braze does, what braze does)
+VLLM_FIXED = {
+    "enable_chunked_prefill": (True, "braze always prefills a prompt longer than "
+                                     "max_num_tokens in chunks"),
+    "scheduling_policy": ("fcfs", "braze schedules requests first-come first-served"),
+}
+
+
+def take_vllm_fixed(values: dict) -> None:
+    """Remove VLLM_FIXED's options from `values` (None: not given), refusing any at a value
+    braze does not do."""
+    for name, (value, what) in VLLM_FIXED.items():
+        v = values.pop(name, None)
+        if v is not None and not (v == value and type(v) is type(value)):
+            raise BrazeError(f"{name}={v!r}: {what}; leave {name} out or give {value!r}",
+                             param=name)
 
 
 @dataclass
@@ -117,17 +136,28 @@ class EngineOptions:
         """`options` (or the defaults) with keyword overrides, checked; an unknown keyword
         is an error that names it."""
         known = {f.name for f in fields(cls)}
+        given_as = {}                   # braze's name -> the vLLM name the caller wrote
         for theirs, ours in VLLM_NAMES.items():
             if theirs in overrides:
                 if ours in overrides:
                     raise BrazeError(f"give the option once: as {theirs}= or {ours}= "
                                      f"({theirs} is vLLM's name for {ours})", param=ours)
                 overrides[ours] = overrides.pop(theirs)
+                given_as[ours] = theirs
+        take_vllm_fixed(overrides)
         bad = sorted(set(overrides) - known)
         if bad:
             raise BrazeError(f"unknown engine option {bad[0]!r}; the options are "
                              f"{', '.join(sorted(known))}")
-        return cls(**{**asdict(options or cls()), **overrides})
+        try:
+            return cls(**{**asdict(options or cls()), **overrides})
+        except BrazeError as e:         # say it with the name the caller wrote
+            msg = str(e)
+            for ours, theirs in given_as.items():
+                if msg.startswith(ours + " "):
+                    raise BrazeError(f"{theirs}{msg[len(ours):]} ({theirs} is vLLM's name "
+                                     f"for {ours})", param=theirs) from None
+            raise
 
 
 def _json_object(text: str, name: str):

@@ -138,7 +138,7 @@ class RequestOutput:
     __slots__ = ("request_id", "prompt_token_ids", "token_ids", "new_token_ids", "finished",
                  "finish_reason", "stop_reason", "metrics", "_text", "_new_text", "_lazy",
                  "logprobs", "new_logprobs", "cumulative_logprob", "outputs", "prompt_logprobs",
-                 "prompt", "index")
+                 "prompt", "num_cached_tokens", "index")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], token_ids: list[int],
                  text: str | None, new_token_ids: list[int] | None = None, new_text: str = "",
@@ -163,7 +163,10 @@ class RequestOutput:
         # are those of outputs[0], which is itself); None in the engine's step reports
         self.outputs: list[RequestOutput] | None = None
         self.prompt: str | None = None       # LLM.generate: the prompt, when it was text
-        self.index = 0                       # vLLM's: its place in the prompt's `outputs`
+        # vLLM's: prompt tokens served from the prefix cache when the request was admitted
+        self.num_cached_tokens = 0
+        # vLLM's CompletionOutput.index: LLM.generate's sample number in `outputs` (0..n-1)
+        self.index = 0
         # with SamplingParams.prompt_logprobs: None for the first prompt token, then a
         # TokenLogprobs per prompt token (its logprob given the tokens before it)
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -32,6 +32,7 @@ Pure Python over runtime.block_manager; no torch.
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,6 +41,18 @@ from braze.ir.errors import BrazeError
 from .block_manager import BlockManager
 from .prompt_logprobs import limit_rows
 from .request import Request, Status
+
+
+def check_priority(priority) -> None:
+    """vLLM's request `priority`: this scheduler is first-come first-served (vLLM's default
+    scheduling_policy "fcfs"), which, as vLLM's, refuses any priority but 0 rather than
+    ignoring it."""
+    if priority is None or (isinstance(priority, numbers.Integral)
+                            and not isinstance(priority, bool) and priority == 0):
+        return                  # (numpy's integers included)
+    raise BrazeError(f"priority={priority!r}: braze schedules requests first-come "
+                     f"first-served (vLLM's scheduling_policy 'fcfs') and takes no "
+                     f"priorities; leave priority out or give 0", param="priority")
 
 
 class ScheduledChunk:

@@ -425,3 +425,72 @@ def test_inspect_counts_the_cubins_the_artifact_holds(store, targets):
     else:
         for t, n in on_disk.items():
             assert f"{n} for {t}" in line, line
+
+
+def test_max_num_batched_tokens_is_vllms_name_for_max_num_tokens(store):
+    """vLLM's --max-num-batched-tokens / max_num_batched_tokens= (the step's token budget)
+    is braze's --max-num-tokens, on generate, serve and braze.LLM; the budget it sets
+    chunks a long prompt and leaves the greedy output as the default budget gives."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM, SamplingParams
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        o = _engine_options(build_parser().parse_args(cmd + ["--max-num-batched-tokens", "24"]))
+        assert o.max_num_tokens == 24
+    art = store.artifact("llama")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompt = list(range(3, 60))
+    small = LLM(art, backend="reference", num_kv_blocks=16, max_num_batched_tokens=24)
+    assert small.engine.runner.max_num_tokens == 24
+    plain = LLM(art, backend="reference", num_kv_blocks=16)
+    assert small.generate([prompt], params)[0].token_ids == \
+        plain.generate([prompt], params)[0].token_ids
+    with pytest.raises(BrazeError, match="max_num_batched_tokens.*max_num_tokens"):
+        LLM(art, backend="reference", max_num_batched_tokens=24, max_num_tokens=24)
+
+
+def test_vllms_chunked_prefill_and_scheduling_policy_are_taken_at_what_braze_does(store):
+    """vLLM's enable_chunked_prefill / scheduling_policy (and their flags): braze always
+    chunks long prompts and schedules first-come first-served, so True and "fcfs" are
+    taken (the output is the plain one) and the other values are refused, saying so;
+    they were 'unknown engine option' / 'unrecognized arguments' even at braze's own
+    behaviour."""
+    from braze.cli import _engine_options, build_parser
+    from braze.ir.errors import BrazeError
+    from braze.runtime import LLM, SamplingParams
+    art = store.artifact("llama")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompt = list(range(3, 50))
+    vllm_style = LLM(art, backend="reference", num_kv_blocks=16, enable_chunked_prefill=True,
+                     scheduling_policy="fcfs", max_num_batched_tokens=16)
+    plain = LLM(art, backend="reference", num_kv_blocks=16)
+    assert vllm_style.generate([prompt], params)[0].token_ids == \
+        plain.generate([prompt], params)[0].token_ids
+    with pytest.raises(BrazeError, match=r"enable_chunked_prefill=False.*chunks.*leave"):
+        LLM(art, backend="reference", enable_chunked_prefill=False)
+    with pytest.raises(BrazeError, match=r"scheduling_policy='priority'.*first-come.*leave"):
+        LLM(art, backend="reference", scheduling_policy="priority")
+    for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
+        ok = build_parser().parse_args(cmd + ["--enable-chunked-prefill",
+                                              "--scheduling-policy", "fcfs"])
+        assert _engine_options(ok).max_num_tokens is None
+        for flags, words in ((["--no-enable-chunked-prefill"], "enable_chunked_prefill"),
+                             (["--scheduling-policy", "priority"], "scheduling_policy")):
+            with pytest.raises(BrazeError, match=words):
+                _engine_options(build_parser().parse_args(cmd + flags))
+
+
+@pytest.mark.parametrize("theirs,ours,bad", [("num_gpu_blocks_override", "num_kv_blocks", 0),
+                                             ("max_num_batched_tokens", "max_num_tokens", -4),
+                                             ("max_num_batched_tokens", "max_num_tokens", 2.5)])
+def test_a_bad_value_under_vllms_name_is_refused_under_that_name(theirs, ours, bad):
+    """A vLLM user who wrote num_gpu_blocks_override=0 was told 'num_kv_blocks must be a
+    positive integer', an option they never gave; the error now names what they wrote,
+    and braze's name for it."""
+    from braze.ir.errors import BrazeError
+    from braze.runtime.options import EngineOptions
+    with pytest.raises(BrazeError, match=rf"^{theirs} must be a positive integer, got "
+                                         rf"{bad}.*{theirs} is vLLM's name for {ours}"):
+        EngineOptions.of(**{theirs: bad})
+    with pytest.raises(BrazeError, match=rf"^{ours} must be a positive integer"):
+        EngineOptions.of(**{ours: bad})

@@ -328,3 +328,64 @@ def test_a_kv_cache_below_max_model_len_is_said_not_silent(store, caplog):
     with caplog.at_level("WARNING", logger="braze.runtime"):
         LLM(art, backend="reference", num_kv_blocks=64)
     assert not [r for r in caplog.records if "--num-kv-blocks" in r.getMessage()]
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_abort_takes_one_id_or_a_list_as_vllms_engine(store, lag):
+    """vLLM's LLMEngine.abort_request takes a list of ids; braze's took one and a list was
+    a TypeError from a dict lookup. Either form aborts: waiting, mid-prefill and decoding
+    requests, each reported once with finish_reason 'abort'; the one left alone gives its
+    solo output and every block comes back. Anything but ids is an error naming it."""
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=16, max_num_seqs=2,
+                 max_num_tokens=16, async_scheduling=lag)
+    prompts = prompts_of([6, 40, 9, 7], seed=21)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    seen = {}
+    for _ in range(2):
+        for o in eng.step():
+            seen.setdefault(o.request_id, []).append(o.finished)
+    # r0 decoding, r1 part-way through its 40-token prompt, r2 and r3 waiting
+    assert eng.requests["r1"].num_computed < 40 and eng.num_waiting() == 2
+    eng.abort_request(["r0", "r1", "r2", "nobody"])
+    eng.abort_request(("r0",))                      # twice: nothing more happens
+    with pytest.raises(BrazeError, match="request id"):
+        eng.abort_request([["r3"]])
+    final = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            seen.setdefault(o.request_id, []).append(o.finished)
+            if o.finished:
+                final[o.request_id] = o
+    assert {r: final[r].finish_reason for r in final} == {
+        "r0": "abort", "r1": "abort", "r2": "abort", "r3": "length"}
+    assert all(seen[r].count(True) == 1 for r in final)
+    solo = run_all(Engine(art, backend="reference", num_kv_blocks=16), [prompts[3]], params)
+    assert final["r3"].token_ids == solo[0].token_ids
+    s = eng.stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
+
+
+def test_an_aborted_id_is_not_reused_before_its_abort_is_reported(store):
+    """abort_request's final report comes with the next step. Re-adding the id before
+    that step made the old request's abort report read as the new request's (its
+    run_to_completion returned the aborted tokens). The id is refused until then, saying
+    so; after a step it serves the new prompt, which gives its solo output."""
+    art = store.artifact("llama")
+    eng = Engine(art, backend="reference", num_kv_blocks=16)
+    first, second = prompts_of([9, 12], seed=23)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    eng.add_request("a", first, params)
+    eng.step()
+    eng.abort_request("a")
+    with pytest.raises(BrazeError, match=r"'a'.*aborted.*step"):
+        eng.add_request("a", second, params)
+    outs = eng.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "abort")]
+    eng.add_request("a", second, params)
+    got = eng.run_to_completion(["a"])["a"]
+    assert got.finish_reason == "length" and got.prompt_token_ids == second
+    solo = run_all(Engine(art, backend="reference", num_kv_blocks=16), [second], params)
+    assert got.token_ids == solo[0].token_ids

@@ -257,22 +257,50 @@ def test_logprobs_read_as_vllms_dicts_of_logprob(store, llm):
         assert d[t].decoded_token == tok.decode([t], skip_special_tokens=False)
 
 
-def test_each_sample_carries_its_index(llm):
-    """vLLM's CompletionOutput.index: the sample's place among the prompt's n outputs."""
-    one = llm.generate([1, 5, 6], GREEDY)[0]
-    assert [o.index for o in one.outputs] == [0]
-    many = llm.generate([1, 5, 6], SamplingParams(max_tokens=3, n=3, temperature=1.0, seed=2))[0]
-    best = llm.generate([1, 5, 6], SamplingParams(max_tokens=3, n=2, best_of=4, temperature=1.0,
-                                                  seed=2))[0]
+
+def test_outputs_carry_vllms_num_cached_tokens_and_sample_index(llm):
+    """vLLM's RequestOutput.num_cached_tokens (prompt tokens served from the prefix cache:
+    the whole blocks of a prompt seen before, the last token always computed) and each
+    sample's CompletionOutput.index (0..n-1) are read by vLLM code; they were missing."""
+    bs = llm.engine.block_manager.block_size
+    prompt = [1] + [(7 * i) % 200 + 3 for i in range(2 * bs + 5)]
+    first = llm.generate([prompt], GREEDY)[0]
+    again = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == first.metrics["num_cached_tokens"] == 0
+    assert again.num_cached_tokens == again.metrics["num_cached_tokens"] == \
+        (len(prompt) - 1) // bs * bs
+    assert again.token_ids == first.token_ids
+    many = llm.generate([prompt], SamplingParams(max_tokens=3, n=3, temperature=1.0,
+                                                 seed=5))[0]
     assert [o.index for o in many.outputs] == [0, 1, 2]
-    assert [o.index for o in best.outputs] == [0, 1]
+    assert first.outputs[0].index == 0
+    ranked = llm.generate([prompt], SamplingParams(max_tokens=3, n=2, best_of=4,
+                                                   temperature=1.0, seed=5))[0]
+    assert [o.index for o in ranked.outputs] == [0, 1]
+    # the engine's own reports carry it too, from the first one on
+    eng = llm.engine
+    eng.add_request("cached-probe", prompt, GREEDY)
+    reports = []
+    while eng.has_unfinished():
+        reports += [o for o in eng.step() if o.request_id == "cached-probe"]
+    assert [o.num_cached_tokens for o in reports] == \
+        [again.num_cached_tokens] * len(reports)
 
 
-def test_use_tqdm_is_accepted(llm):
-    """vLLM scripts pass use_tqdm= to generate and chat (a progress bar braze does not
-    draw): the outputs are those of a call without it."""
-    plain = llm.generate([[1, 5, 6]], GREEDY)
-    quiet = llm.generate([[1, 5, 6]], sampling_params=GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in quiet] == [o.token_ids for o in plain]
-    msgs = [{"role": "user", "content": "hi"}]
-    assert llm.chat(msgs, GREEDY, use_tqdm=False)[0].token_ids == llm.chat(msgs, GREEDY)[0].token_ids
+def test_priority_is_refused_unless_neutral_as_vllms_fcfs_scheduler_does(llm):
+    """vLLM's generate(..., priority=[...]): under its default first-come first-served
+    policy a non-zero priority is an error, zeros change nothing. braze schedules FCFS
+    only, so it does the same (it was a TypeError, even for the neutral zeros)."""
+    prompts = [[1, 5, 6, 7], [1, 9, 10]]
+    plain = llm.generate(prompts, GREEDY)
+    zeros = llm.generate(prompts, GREEDY, priority=[0, np.int64(0)])
+    assert [o.token_ids for o in zeros] == [o.token_ids for o in plain]
+    with pytest.raises(BrazeError, match=r"priority=5.*first-come first-served.*leave"):
+        llm.generate(prompts, GREEDY, priority=[0, 5])
+    with pytest.raises(BrazeError, match="2 priorities for 1 prompts"):
+        llm.generate(prompts[:1], GREEDY, priority=[0, 0])
+    assert not llm.engine.has_unfinished()          # nothing was queued by the refusals
+    with pytest.raises(BrazeError, match=r"priority=1.*first-come"):
+        llm.engine.add_request("prio", prompts[0], GREEDY, priority=1)
+    assert "prio" not in llm.engine.requests
+

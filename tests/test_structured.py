@@ -457,3 +457,41 @@ def test_preemption_keeps_grammar_outputs_unchanged(store, lag):
     assert tight.stats()["preemptions"] > 0
     assert [list(got[f"r{i}"].token_ids) for i in range(len(prompts))] \
         == [list(o.token_ids) for o in roomy]
+
+
+def test_a_step_interrupted_while_it_samples_leaks_no_batch_row(store):
+    """With overlap on, a grammar step holds the rows of requests finishing meanwhile
+    until its sampling is done. A step interrupted there (Ctrl-C in a notebook, an
+    error) left the engine holding every later finished request's row for good, so
+    after an interrupted LLM.generate the batch filled up. Now the rows are given back
+    however the step ends: after the interruption and aborting what ran, every row is
+    free and the engine gives a fresh engine's outputs."""
+    from braze.runtime.engine import Engine
+
+    from conftest import run_all
+    prompts, params = _mixed_requests(2, 1, [30, 9, 5])
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
+                 async_scheduling=True)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", p, sp)
+    # every grammar compiled and every request running, a step in flight: the next step
+    # samples after applying that one (runner.sample)
+    while eng._grammar_wait or len(eng.scheduler.running) < len(prompts) or not eng._in_flight:
+        eng.step()
+    real = eng.runner.sample
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    eng.runner.sample = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        eng.step()
+    eng.runner.sample = real
+    eng.abort_request([f"r{i}" for i in range(len(prompts))])
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+    fresh = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
+                   async_scheduling=True)
+    want = [list(o.token_ids) for o in run_all(fresh, prompts, params)]
+    assert [list(o.token_ids) for o in run_all(eng, prompts, params)] == want
+    assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
