@@ -65,7 +65,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     """`model_dir`: the HF directory, or the staging directory of a GGUF file (`gguf`)."""
     loaded = load_model(model_dir, dtype=opts.dtype, block_size=opts.block_size, log=log,
                         checkpoint=gguf.checkpoint if gguf else None,
-                        hidden_output=mtp_assistant is not None)
+                        hidden_output=mtp_assistant is not None,
+                        max_model_len=opts.max_model_len)
     if gguf:
         gguf.adjust(loaded)
     spec, graph = loaded.spec, loaded.graph

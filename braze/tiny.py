@@ -187,9 +187,10 @@ def tiny_config(family: str, **overrides):
         )
     elif family == "phi3":
         # Phi-4-mini's features: fused qkv/gate_up tensors, rope on 3/4 of each head,
-        # longrope (short factors below 64 positions), tied embeddings
+        # longrope (its short factors: the original length is the whole context; the
+        # tests' "phi3-longfactors" case takes the long ones), tied embeddings
         cls, extra = tf.Phi3Config, dict(partial_rotary_factor=0.75, tie_word_embeddings=True,
-                                         original_max_position_embeddings=64,
+                                         original_max_position_embeddings=256,
                                          rope_parameters=tiny_longrope(12))
     elif family == "gemma3":
         # Gemma 3's features: (1 + w) norms, sandwich norms, q/k norms, GeLU-tanh, scaled

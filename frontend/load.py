@@ -135,16 +135,20 @@ def default_dtype(raw: dict, config_path: Path | None = None) -> str:
 
 def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
                with_weights: bool = True, log=None, checkpoint=None,
-               hidden_output: bool = False) -> LoadedModel:
+               hidden_output: bool = False, max_model_len: int | None = None) -> LoadedModel:
     """Trace the model of `model_dir` to IR; with weights, check every weight's name and shape.
 
     `checkpoint` replaces the directory's safetensors (a GGUF file's tensors: frontend/gguf.py);
     a block-scaled fp8 checkpoint (config.json's quantization_config) is dequantized on read
     (frontend/fp8.py). `hidden_output`: Gemma 4 also outputs its final hidden state,
-    "hidden_states" (for an assistant model, frontend/gemma4_assistant.py)."""
+    "hidden_states" (for an assistant model, frontend/gemma4_assistant.py). `max_model_len`:
+    the longest sequence compiled for (None: max_position_embeddings), which picks
+    longrope's factor set (models/registry.longrope_uses_long)."""
     raw, cfg, multimodal = read_config(model_dir)
     fp8 = fp8_scheme(raw, Path(model_dir) / "config.json") if checkpoint is None else None
     spec = build_spec(cfg)
+    spec.max_model_len = max_model_len
+    _say_longrope(spec, log)
     if hidden_output:
         if spec.family != "gemma4":
             raise BrazeError(f"--mtp-assistant is for Gemma 4 targets (Gemma4ForCausalLM); "
@@ -214,3 +218,18 @@ def _real_tensor(module, name: str):
 
 
 __all__ = ["load_model", "LoadedModel", "parse_dtype"]
+
+
+def _say_longrope(spec, log) -> None:
+    """A longrope model compiled for more than its original length rotates every position
+    with the long factors (vLLM's rule): said, with how to get the short ones."""
+    rope = spec.rope or {}
+    original = rope.get("original_max_position_embeddings")
+    if log is None or (rope.get("rope_type") or rope.get("type")) != "longrope" or not original:
+        return
+    from braze.models.registry import longrope_uses_long
+    if longrope_uses_long(spec, original):
+        log(f"note: longrope uses its long factors at every position, since the artifact "
+            f"serves up to {spec.max_model_len or spec.max_position_embeddings} tokens, more "
+            f"than original_max_position_embeddings {original} (as vLLM does); compile with "
+            f"--max-model-len {original} for the short factors if shorter sequences suffice")

@@ -86,28 +86,18 @@ def apply_partial_rope(x, cos, sin, rotary_dim: int):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin per position from inv_freq (computed at compile time, stored as a parameter).
+    """cos/sin per position from inv_freq (computed at compile time, stored as a parameter)."""
 
-    With `long_inv_freq` (longrope), positions from `long_from` on use that set instead."""
-
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype,
-                 long_inv_freq: torch.Tensor | None = None, long_from: int = 0):
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype):
         super().__init__()
         # a (frozen) Parameter, not a buffer: fx proxies parameters, so the graph refers
         # to @model.rotary_emb.inv_freq by name instead of baking in a constant
         self.inv_freq = nn.Parameter(inv_freq, requires_grad=False)
-        self.long_inv_freq = (None if long_inv_freq is None
-                              else nn.Parameter(long_inv_freq, requires_grad=False))
-        self.long_from = long_from
         self.attention_scaling = attention_scaling
         self.out_dtype = dtype
 
     def forward(self, positions):
-        inv_freq = self.inv_freq[None, :]
-        if self.long_inv_freq is not None:
-            inv_freq = torch.where(positions[:, None] >= self.long_from,
-                                   self.long_inv_freq[None, :], inv_freq)
-        freqs = positions.float()[:, None] * inv_freq
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos()
         sin = emb.sin()

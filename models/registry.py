@@ -123,7 +123,10 @@ def rotary_embedding(rope: dict, spec: ModelSpec, dtype: torch.dtype,
     if kind == "longrope":
         short, long, scaling, original = longrope_frequencies(rope, head_dim,
                                                               spec.max_position_embeddings)
-        return RotaryEmbedding(short, scaling, dtype, long_inv_freq=long, long_from=original)
+        # one factor set for every position, so that a query and the cached keys it reads
+        # always rotate alike (a per-position switch broke attention across `original`)
+        return RotaryEmbedding(long if longrope_uses_long(spec, original) else short,
+                               scaling, dtype)
     inv_freq, scaling = rope_frequencies(rope, head_dim, spec.max_position_embeddings)
     return RotaryEmbedding(inv_freq, scaling, dtype)
 
@@ -213,3 +216,11 @@ def _fused_projection(spec: ModelSpec, param: str, shape: tuple, available: set[
         return WeightSource([fused], "slice", dim=0, start=start, stop=start + shape[0],
                             total=2 * shape[0])
     return None
+
+
+def longrope_uses_long(spec: ModelSpec, original: int) -> bool:
+    """Does a longrope model rotate with its long factors? Yes when the artifact serves
+    sequences longer than original_max_position_embeddings, as vLLM decides by its
+    max_model_len: transformers picks per forward call by the sequence's length, which for
+    a KV cache would leave keys rotated one way and later queries another."""
+    return (spec.max_model_len or spec.max_position_embeddings) > original

@@ -14,8 +14,10 @@ Supported `rope_type`s:
   yarn     YaRN: per-dimension blend of extrapolated and interpolated (/ factor) frequencies
            via a linear ramp set by beta_fast/beta_slow, plus an attention (cos/sin) scale.
   longrope Phi-3 / Phi-4: inv_freq[i] = 1 / (ext[i] * theta ** (2i / d)) with ext the
-           `short_factor` list, or `long_factor` past original_max_position_embeddings
-           (`longrope_frequencies` returns both), plus an attention (cos/sin) scale
+           `short_factor` list, or `long_factor` (`longrope_frequencies` returns both; an
+           artifact compiled for sequences longer than original_max_position_embeddings
+           uses the long set at every position, as vLLM: models/registry.py
+           longrope_uses_long), plus an attention (cos/sin) scale
            sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original.
   proportional  Gemma 4's global layers: the whole head rotates (rotate-half over head_dim),
            the first a = int(partial_rotary_factor * head_dim // 2) frequency pairs are
@@ -148,8 +150,10 @@ def longrope_frequencies(rope: dict, head_dim: int, max_position_embeddings: int
     """longrope's (short inv_freq, long inv_freq, attention_scaling, original_max_position_embeddings).
 
     transformers picks the long set for a whole forward call once its longest position
-    passes `original`; braze picks per token (position >= original), which is the same
-    whenever a sequence stays within `original`, and rotates each cached key only once.
+    passes `original`. braze picks one set per artifact (models/registry.longrope_uses_long,
+    vLLM's rule), so a query and every cached key it reads rotate alike: the same as
+    transformers for any sequence within `original` (short set) or any forward call that
+    passes it (long set).
     """
     rope = dict(rope or {})
     _check_numbers(rope)

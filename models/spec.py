@@ -64,6 +64,10 @@ class ModelSpec:
     final_softcap: float = 0.0
     mla: object | None = None          # DeepSeek-V3's latent attention: mla_spec.MLASpec
     mtp_layers: int = 0                # multi-token-prediction layers the config declares
+    # the longest sequence the artifact is compiled for (braze compile --max-model-len; None:
+    # max_position_embeddings): longrope rotates every position with its long factors when
+    # this exceeds original_max_position_embeddings, else with the short ones (as vLLM)
+    max_model_len: int | None = None
 
     gemma4: Gemma4Spec | None = None   # Gemma 4's per-layer facts (spec_gemma4.py)
     bos_token_id: int | None = None

@@ -24,8 +24,8 @@ atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
 # models support (default, llama3, linear, dynamic, yarn with its cos/sin scale of 1.139),
 # tied embeddings, head_dim != hidden/heads, a sliding window shorter than the prompt,
 # MoE models with dense layers mixed in, and Phi-3/Phi-4's fused qkv/gate_up tensors with
-# partial rotary and longrope (its short factors; the long ones from position 1 on, where
-# transformers also uses them, since it switches once a sequence passes the original length),
+# partial rotary and longrope (its short factors, original length = the whole context; and
+# its long ones, original length 1, where transformers uses them for any call of 2+ tokens),
 # Gemma 3 and Gemma 4 (see braze.tiny.tiny_config for what their tiny configs keep).
 CASES = {
     "llama": ("llama", {}),
