@@ -1,7 +1,7 @@
 """tabulate-positions: what a step computes from its positions alone becomes a table lookup.
 
 RoPE's cos and sin are functions of each token's position and of constants (inv_freq,
-the attention scaling, longrope's switch at `long_from`). A step computed them every
+the attention scaling; any other op on positions alone, a comparison included). A step computed them every
 time: cast, mul by inv_freq, cat, cos, sin, casts -- four or five launches before the
 first layer. The pass evaluates that subgraph once, at compile time, for every position
 a sequence can reach (0 .. MB * block_size - 1), as derived parameters, and a step reads
