@@ -31,7 +31,6 @@ FILE = "generation_config.json"
 GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                    "min_p": "min_p", "repetition_penalty": "repetition_penalty",
                    "max_new_tokens": "max_tokens"}
-SOURCES = ("auto", "vllm")     # or a directory
 
 
 def check_override(override) -> None:
@@ -53,14 +52,12 @@ def sampling_defaults(tokenizer_dir: Path | None, source: str = "auto",
                       override: dict | None = None) -> dict:
     """SamplingParams keywords: what `source`'s generation_config.json says, `override` on
     top; checked, so that a bad file fails at start-up and not in every request."""
-    config, where = {}, "override_generation_config"
-    if source != "vllm":
-        path = _path(tokenizer_dir, source)
-        if path is not None:
-            config, where = _read(path), str(path)
-    config = {**config, **(override or {})}
+    config, where = {}, []
+    path = None if source == "vllm" else _path(tokenizer_dir, source)
+    if path is not None:
+        config, where = _read(path), [str(path)]
     if override:
-        where += " with override_generation_config"
+        config, where = {**config, **override}, where + ["override_generation_config"]
     out = {ours: config[theirs] for theirs, ours in GENERATION_KEYS.items()
            if config.get(theirs) is not None}
     if out.get("top_k") == -1:
@@ -68,7 +65,8 @@ def sampling_defaults(tokenizer_dir: Path | None, source: str = "auto",
     try:
         SamplingParams(**out).validate()
     except BrazeError as e:
-        raise BrazeError(f"the model's sampling defaults ({where}): {e}; fix them, or pass "
+        raise BrazeError(f"the model's sampling defaults ({' with '.join(where)}): {e}; fix "
+                         f"them, or pass "
                          f"--generation-config vllm (generation_config='vllm') to use the "
                          f"API's defaults instead", param="generation_config") from None
     return out
