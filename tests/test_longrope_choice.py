@@ -38,20 +38,22 @@ def _executor(checkpoint, tmp_path, logs, **options):
     return Executor(open_artifact(out), backend="reference", num_blocks=16)
 
 
-def _reference(checkpoint, ids):
+def assert_two_chunks_match_transformers(checkpoint, ex, ids, split):
+    """`ids` prefilled in two chunks (the second reading the first's cached keys): the last
+    token's logits are transformers' for the whole sequence in one call."""
     with torch.no_grad():
-        return hf_model(checkpoint)(torch.tensor([ids])).logits[0]
+        want = hf_model(checkpoint)(torch.tensor([ids])).logits[0]
+    blocks = take_blocks(ex, -(-len(ids) // ex.block_size))
+    run_step(ex, [SeqChunk(ids[:split], 0, blocks)])
+    got = run_step(ex, [SeqChunk(ids[split:], split, blocks)])
+    torch.testing.assert_close(got[0], want[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_an_artifact_within_the_original_length_uses_the_short_factors(checkpoint, tmp_path):
     logs = []
     ex = _executor(checkpoint, tmp_path, logs, max_model_len=ORIGINAL)
     ids = [1] + [(11 * i) % 200 + 3 for i in range(39)]
-    want = _reference(checkpoint, ids)
-    blocks = take_blocks(ex, 3)
-    run_step(ex, [SeqChunk(ids[:25], 0, blocks)])
-    got = run_step(ex, [SeqChunk(ids[25:], 25, blocks)])
-    torch.testing.assert_close(got[0], want[-1], atol=1e-4, rtol=1e-4)
+    assert_two_chunks_match_transformers(checkpoint, ex, ids, 25)
     assert not any("long factors" in m for m in logs)
 
 
@@ -63,10 +65,6 @@ def test_an_artifact_past_the_original_length_uses_the_long_factors_everywhere(c
     logs = []
     ex = _executor(checkpoint, tmp_path, logs)          # max_model_len 256 > 64
     ids = [1] + [(7 * i) % 200 + 3 for i in range(99)]
-    want = _reference(checkpoint, ids)
-    blocks = take_blocks(ex, 7)
-    run_step(ex, [SeqChunk(ids[:70], 0, blocks)])
-    got = run_step(ex, [SeqChunk(ids[70:], 70, blocks)])
-    torch.testing.assert_close(got[0], want[-1], atol=1e-4, rtol=1e-4)
+    assert_two_chunks_match_transformers(checkpoint, ex, ids, 70)
     assert any("long factors at every position" in m and "--max-model-len 64" in m
                for m in logs), logs
