@@ -320,7 +320,8 @@ def _engine_options(a):
                          sampler=a.sampler,
                          generation_config=getattr(a, "generation_config", "vllm"),  # serve's flag
                          override_generation_config=getattr(a, "override_generation_config",
-                                                            None))
+                                                            None),
+                         reasoning_parser=getattr(a, "reasoning_parser", None))   # serve's flag
 
 
 def _server_options(a):
@@ -592,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read tool calls out of replies for tool_choice \"auto\": "
                    "hermes (Qwen), llama3_json, mistral, deepseek_v3, phi4_mini_json, internlm, "
                    "gemma4 (default: the one the chat template's markers point to, if any)")
+    s.add_argument("--reasoning-parser", metavar="NAME",
+                   help="split chat replies of a reasoning model into `reasoning` and "
+                   "`content` (as vLLM's flag does), and hold response_format / tool_choice "
+                   "grammars back until the reasoning ends: qwen3, deepseek_r1, deepseek_v3 "
+                   "(<think>...</think>), gemma4 (<|channel>...<channel|>), mistral "
+                   "([THINK]...[/THINK]). Default: none, replies are all content")
     s.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                    help="the model's sampling defaults, for what a request leaves unset "
                    "(temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens "

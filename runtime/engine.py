@@ -31,6 +31,7 @@ from .kv_offload import KVTransferPolicy, make_offload
 from .loader import Artifact, open_artifact
 from .lora import EngineLoRA
 from .options import EngineOptions
+from .reasoning import ReasoningGate, ReasoningMarkers
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
 from .sampler import SamplingParams, bias_entries
@@ -61,6 +62,14 @@ class Engine(EngineLoRA):
         self.sampling_defaults = sampling_defaults(self.artifact.tokenizer_dir,
                                                    opts.generation_config,
                                                    opts.override_generation_config)
+        # a reasoning parser's markers (runtime/reasoning.py), checked against the
+        # tokenizer before the weights load
+        self.reasoning = None
+        if opts.reasoning_parser is not None:
+            tok_dir = self.artifact.tokenizer_dir
+            tok = Tokenizer(tok_dir) if tok_dir is not None and (
+                tok_dir / "tokenizer.json").exists() else None
+            self.reasoning = ReasoningMarkers.resolve(opts.reasoning_parser, tok)
         had_group = parallel.current_group() is not None
         try:
             self._build(opts, progress)
@@ -225,6 +234,9 @@ class Engine(EngineLoRA):
             self._aborted.append(req)
             return False
         req.matcher = self.structured.matcher(req.params.structured_outputs, req.grammar.result())
+        if self.reasoning is not None:       # the grammar holds the answer, not the reasoning
+            req.matcher = ReasoningGate(req.matcher, self.reasoning,
+                                        self.reasoning.prompt_state(req.prompt_token_ids))
         self.scheduler.add(req)
         return True
 

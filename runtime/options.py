@@ -87,6 +87,10 @@ class EngineOptions:
     # "vllm" (none), or a directory holding a generation_config.json; and keys over it
     generation_config: str = "auto"
     override_generation_config: dict | None = None
+    # how a reply's reasoning is marked (runtime/reasoning.py; vLLM's names: qwen3,
+    # deepseek_r1, ...): chat replies split into reasoning and content, and a structured
+    # output's grammar held back till the reasoning ends; None: replies are all answer
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -127,6 +131,8 @@ class EngineOptions:
                                                            "override_generation_config")
         from .sampling_defaults import check_override
         check_override(self.override_generation_config)
+        from .reasoning import check_name
+        check_name(self.reasoning_parser)
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")

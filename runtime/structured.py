@@ -334,10 +334,8 @@ class StructuredBackend:
         host = self._host[:n]
         host.copy_(self._full[:n])
         for i, m in enumerate(matchers):
-            if m is not None and not m.is_terminated():
-                m.matcher.fill_next_token_bitmask(host, i)
-                if m.json:
-                    host[i] &= self._no_control
+            if m is not None:
+                m.fill(host, i, self._no_control)
         if self.device.type == "cuda":
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.clone()
@@ -352,6 +350,14 @@ class _Matcher:
 
     def __init__(self, matcher, json: bool):
         self.matcher, self.json = matcher, json
+
+    def fill(self, host: torch.Tensor, row: int, no_control: torch.Tensor) -> None:
+        """Row `row` of the packed bitmask `host`: the tokens the grammar allows next
+        (JSON ones also without raw control characters); left as it is once complete."""
+        if not self.matcher.is_terminated():
+            self.matcher.fill_next_token_bitmask(host, row)
+            if self.json:
+                host[row] &= no_control
 
     def accept_token(self, token: int) -> bool:
         return self.matcher.accept_token(token)

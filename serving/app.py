@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from braze import __version__
 from braze.ir.errors import BrazeError
+from braze.runtime.reasoning import ReplySplitter, split_reply
 from braze.runtime.sampler import SamplingParams
 
 from . import beam
@@ -80,6 +81,9 @@ class Service:
     text_only_origin: str | None = None   # compiled text-only from this multimodal architecture
     # the model's sampling defaults for unset request fields (runtime/sampling_defaults.py)
     sampling_defaults: dict = dataclasses.field(default_factory=dict)
+    # --reasoning-parser's markers (runtime/reasoning.ReasoningMarkers): chat replies split
+    # into reasoning and content
+    reasoning: object | None = None
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
 
     def __post_init__(self):
@@ -314,9 +318,14 @@ def create_app(svc: Service, read_timeout: float | None = None,
         kw = sampling_kwargs(body, max_tokens, svc.sampling_defaults)
         if tool_plan is not None:       # a tool parser that reads special tokens keeps them
             kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
+        reasoning = None
+        if svc.reasoning is not None:   # where the reply starts: the template's prompt says
+            reasoning = (svc.reasoning.format, svc.reasoning.prompt_state(ids))
+            if svc.reasoning.needs_special_tokens:        # markers that are special tokens
+                kw["skip_special_tokens"] = False
         params = SamplingParams(**kw, structured_outputs=constraint)
         return await _generate(svc, request, body, [(None, ids)], params, chat=True,
-                               tool_plan=tool_plan)
+                               tool_plan=tool_plan, reasoning=reasoning)
 
     return app
 
@@ -348,12 +357,14 @@ async def _while_connected(request: Request, work):
 
 
 async def _generate(svc: Service, request: Request, body, prompts: list, params: SamplingParams,
-                    chat: bool, tool_plan=None):
+                    chat: bool, tool_plan=None, reasoning=None):
     """Run `prompts` ([(text or None, token ids)]) with `params`: one engine request per
-    prompt and sample (n, best_of), rendered as one response or one SSE stream."""
+    prompt and sample (n, best_of), rendered as one response or one SSE stream.
+    `reasoning`: (ReasoningFormat, the state the reply starts in) to split chat replies
+    into reasoning and content (runtime/reasoning.py)."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     job = _Job(svc, rid, request.scope.get("braze.request_id", rid), chat, int(time.time()),
-               body, params, tool_plan)
+               body, params, tool_plan, reasoning)
     await job.submit(prompts)
     if body.stream:
         return StreamingResponse(job.sse(body.include_usage), media_type="text/event-stream",
@@ -367,8 +378,9 @@ class _Choice:
     def __init__(self, index: int, prompt: int, stream: RequestStream, prompt_text, ids):
         self.index, self.prompt, self.stream = index, prompt, stream
         self.prompt_text, self.prompt_ids = prompt_text, ids
-        self.text = ""                  # with tools: the text so far, for the streamer
+        self.text = ""                  # with tools or reasoning: the text so far
         self.streamer = None            # with tools: its ToolStreamer (serving/tools.py)
+        self.splitter = None            # with reasoning: its ReplySplitter
         self.held_ids: list[int] = []   # with tools: tokens not yet carried by a chunk,
         self.held_logprobs: list = []   # and their logprobs
         self.last = None
@@ -382,8 +394,9 @@ class _Job:
     """One admitted request: its choices' output streams rendered as SSE or as one JSON body."""
 
     def __init__(self, svc: Service, rid: str, client_rid: str, chat: bool, created: int,
-                 body, params: SamplingParams, tool_plan=None):
+                 body, params: SamplingParams, tool_plan=None, reasoning=None):
         self.svc, self.rid, self.client_rid = svc, rid, client_rid
+        self.reasoning = reasoning if chat else None     # (format, start state)
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
         self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
         self.chat, self.created, self.body, self.params = chat, created, body, params
@@ -499,6 +512,16 @@ class _Job:
         c.held_ids, c.held_logprobs = [], []
         return R.chat_choice(c.index, "", reason, lp, None, ids, delta=delta)
 
+    def _split(self, c: _Choice, final: bool) -> tuple[str, str, str]:
+        """A streamed chat choice's new reasoning text, new answer text, and answer text so
+        far (without a reasoning parser: no reasoning, all of the text)."""
+        if self.reasoning is None:
+            return "", "", c.text
+        if c.splitter is None:
+            c.splitter = ReplySplitter(*self.reasoning)
+        think, said = c.splitter.feed(c.text, final)
+        return think, said, c.splitter.content or ""
+
     def _logprobs(self, c: _Choice, entries) -> dict | None:
         if not self.want_logprobs or entries is None:
             return None
@@ -589,7 +612,10 @@ class _Job:
                     c.held_ids += out.new_token_ids
                     if self.want_logprobs:
                         c.held_logprobs += out.new_logprobs or []
-                    deltas = c.streamer.feed(c.text, out.finished)
+                    think, _, answer = self._split(c, out.finished)
+                    # the reasoning as it comes; the tool-call parser reads the answer alone
+                    deltas = [{"reasoning": think}] if think else []
+                    deltas += c.streamer.feed(answer, out.finished)
                     if reason:
                         deltas.append(None)          # the finishing chunk
                     for delta in deltas:
@@ -606,13 +632,21 @@ class _Job:
                         yield chunk([choice], **({} if plp is None else {"prompt_logprobs": plp}))
                     continue
                 new_ids = out.new_token_ids
-                if not (out.new_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):
+                delta = None
+                if self.chat and self.reasoning is not None:
+                    c.text += out.new_text
+                    think, said, _ = self._split(c, out.finished)
+                    delta = ({"reasoning": think} if think else {}) | (
+                        {"content": said} if said else {})
+                elif self.chat:
+                    delta = {"content": out.new_text} if out.new_text else {}
+                has_text = bool(delta) if self.chat else bool(out.new_text)
+                if not (has_text or reason or (new_ids and (self.want_logprobs or self.token_ids))):
                     continue
                 lp = self._logprobs(c, out.new_logprobs) if new_ids else None
                 ids = list(new_ids) if self.token_ids else None
                 stop_reason = out.stop_reason if reason else None
                 if self.chat:
-                    delta = {"content": out.new_text} if out.new_text else {}
                     choice = R.chat_choice(c.index, "", reason, lp, stop_reason, ids, delta=delta)
                     plp = self._prompt_logprobs(out) if not c.started else None
                     c.started = True
@@ -702,8 +736,11 @@ class _Job:
             if self.prompt_only:        # the prompt alone: its run's one token dropped
                 text, lp, stop_reason, finish = "", echo_lp, None, "length"
                 ids = [] if self.token_ids else None
+            think = None
+            if self.chat and self.reasoning is not None:
+                think, text = split_reply(text, *self.reasoning)
             if self.chat and self.tools is not None:
-                content, calls = final_message(self.tools.parse(text, True))
+                content, calls = final_message(self.tools.parse(text or "", True))
                 reason = self.tools.finish_reason(len(calls), out.finish_reason)
                 ch = R.chat_choice(index, content, reason, lp, stop_reason, ids)
                 if calls:
@@ -718,6 +755,8 @@ class _Job:
                 plp = self._prompt_logprobs(out)
                 if plp is not None:
                     ch["prompt_logprobs"] = plp
+            if self.chat and self.reasoning is not None:    # vLLM's field, null for none
+                ch["message"]["reasoning"] = think
             if stop_reason is None:
                 ch.pop("stop_reason", None)
             choices.append(ch)

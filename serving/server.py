@@ -132,7 +132,12 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,
-                      lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults)
+                      lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults,
+                      reasoning=engine.reasoning)
+        if engine.reasoning is not None:
+            log.info("chat replies are split into reasoning and content at %s ... %s "
+                     "(--reasoning-parser %s)", engine.reasoning.format.start,
+                     engine.reasoning.format.end, engine.reasoning.name)
         if engine.sampling_defaults:
             log.info("requests that leave them unset get the model's sampling defaults %s "
                      "(its generation_config.json, --override-generation-config; "

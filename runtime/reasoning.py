@@ -1,0 +1,191 @@
+"""Reasoning ("thinking") output: where a reply's reasoning ends and its answer begins.
+
+Reasoning models write their chain of thought between two marker tokens, then the answer:
+Qwen3 and DeepSeek-R1 `<think>...</think>`, Gemma 4 `<|channel>thought\\n...<channel|>`,
+Magistral `[THINK]...[/THINK]`. With `--reasoning-parser NAME` (vLLM's flag; the engine
+option `reasoning_parser`) braze splits a chat reply into `reasoning` and `content`, as
+vLLM does (serving/app.py), and holds a structured-output grammar (response_format,
+tool_choice required or named) back until the reasoning has ended, so the model may think
+first and the answer alone is held to the format (`ReasoningGate`).
+
+Where the reply starts is read off the prompt, not guessed from the reply: the chat
+template decides. The last marker in the prompt's tokens sets it (`prompt_state`):
+
+  - a start marker (Qwen3.5's and DeepSeek-R1's templates open `<think>` themselves, and
+    DeepSeek-V3.1's does with thinking=True): the reply begins inside the reasoning;
+  - an end marker (`enable_thinking=False` renders `<think>\\n\\n</think>\\n\\n`): the
+    reply is all answer;
+  - neither (the first Qwen3 templates; Gemma 4): the reply is reasoning if it opens with
+    the start marker, else all answer.
+
+A reply cut off before its end marker is all reasoning (content null), as in vLLM. The
+markers are single tokens of the model's vocabulary; a parser whose markers the tokenizer
+lacks is refused when the engine starts. Markers that are special tokens (Gemma 4's,
+Magistral's) would vanish from decoded text, so requests of a reasoning server keep them
+(`needs_special_tokens`), as vLLM's parsers do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from braze.ir.errors import BrazeError
+
+REASONING, ANSWER, UNDECIDED = "reasoning", "answer", "undecided"   # where a reply is
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """A family's reasoning markers; `label`: text right after the start marker that names
+    the channel, not part of the reasoning (Gemma 4's "thought\\n")."""
+    start: str
+    end: str
+    label: str = ""
+
+
+THINK = ReasoningFormat("<think>", "</think>")
+# vLLM's parser names, for the families braze compiles (and their reasoning variants)
+FORMATS = {
+    "qwen3": THINK,
+    "deepseek_r1": THINK,          # DeepSeek-R1 and its distills, QwQ, Phi-4-mini-reasoning
+    "deepseek_v3": THINK,          # DeepSeek-V3.1: thinking=True in chat_template_kwargs
+    "gemma4": ReasoningFormat("<|channel>", "<channel|>", "thought\n"),
+    "mistral": ReasoningFormat("[THINK]", "[/THINK]"),       # Magistral
+}
+
+
+def check_name(name) -> str | None:
+    """`name` if braze has that parser (None stays None); else an error listing them."""
+    if name is None or name in FORMATS:
+        return name
+    raise BrazeError(f"reasoning parser {name!r} is not one braze has; choose one of "
+                     f"{', '.join(sorted(FORMATS))}", param="reasoning_parser")
+
+
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    """A parser resolved against the model's tokenizer: its format and marker token ids."""
+    name: str
+    format: ReasoningFormat
+    start_id: int
+    end_id: int
+    needs_special_tokens: bool      # the markers are special tokens: keep them in the text
+
+    @classmethod
+    def resolve(cls, name: str, tokenizer) -> "ReasoningMarkers":
+        """`tokenizer`: runtime.tokenizer.Tokenizer (or None: refused)."""
+        fmt = FORMATS[check_name(name)]
+        if tokenizer is None:
+            raise BrazeError(f"--reasoning-parser {name} reads the reply's text, and this "
+                             f"artifact has no tokenizer", param="reasoning_parser")
+        ids = {m: tokenizer.token_id(m) for m in (fmt.start, fmt.end)}
+        missing = [m for m, i in ids.items() if i is None]
+        if missing:
+            raise BrazeError(f"--reasoning-parser {name} marks reasoning with {fmt.start} ... "
+                             f"{fmt.end}, and this model's tokenizer has no token "
+                             f"{' or '.join(missing)}: the model does not reason in that "
+                             f"format; choose the parser of its family "
+                             f"({', '.join(sorted(FORMATS))}) or leave the flag out",
+                             param="reasoning_parser")
+        special = any(tokenizer.decode([i], skip_special_tokens=True) == ""
+                      for i in ids.values())
+        return cls(name, fmt, ids[fmt.start], ids[fmt.end], special)
+
+    def prompt_state(self, prompt_ids) -> str:
+        """Where a reply to `prompt_ids` starts: REASONING, ANSWER or UNDECIDED."""
+        for t in reversed(prompt_ids):
+            if t == self.start_id:
+                return REASONING
+            if t == self.end_id:
+                return ANSWER
+        return UNDECIDED
+
+
+def _held(text: str, marker: str) -> int:
+    """Characters at the end of `text` that could be the start of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def split_reply(text: str, fmt: ReasoningFormat, state: str,
+                final: bool = True) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a reply's `text` that starts in `state`; None for a part
+    the reply has not (yet) reached. Before the reply is `final`, text that may still turn
+    into a marker is held back, so each part only ever grows as text arrives."""
+    if state == ANSWER:
+        return None, text
+    pos = 0
+    if state == UNDECIDED:
+        if text.startswith(fmt.start):
+            pos = len(fmt.start)
+        elif fmt.start.startswith(text) and not final:
+            return None, None                 # "<thi": not known yet
+        else:
+            return None, text
+    end = text.find(fmt.end, pos)
+    label = fmt.label
+    if label:
+        rest = text[pos:] if end < 0 else text[pos:end]
+        if rest.startswith(label):
+            pos += len(label)
+        elif label.startswith(rest) and end < 0 and not final:
+            return "", None
+    if end >= 0:
+        return text[pos:end], text[end + len(fmt.end):]
+    stop = len(text) if final else len(text) - _held(text, fmt.end)
+    return text[pos:max(pos, stop)], None
+
+
+class ReplySplitter:
+    """A streamed reply's reasoning and content deltas: `feed(text, final)` takes the whole
+    text so far and returns (reasoning delta, content delta), "" where nothing is new."""
+
+    def __init__(self, fmt: ReasoningFormat, state: str):
+        self.fmt, self.state = fmt, state
+        self.reasoning_sent = self.content_sent = 0
+        self.reasoning: str | None = None
+        self.content: str | None = None
+
+    def feed(self, text: str, final: bool) -> tuple[str, str]:
+        self.reasoning, self.content = split_reply(text, self.fmt, self.state, final)
+        r, c = self.reasoning or "", self.content or ""
+        dr, dc = r[self.reasoning_sent:], c[self.content_sent:]
+        self.reasoning_sent, self.content_sent = len(r), len(c)
+        return dr, dc
+
+
+class ReasoningGate:
+    """A request's grammar matcher (runtime/structured.py `_Matcher`), held back while the
+    reply reasons: no mask and no grammar step until the end marker, then the grammar
+    from the next token on. Undecided (the prompt opens no reasoning), the first token may
+    be the start marker or what the grammar allows."""
+    __slots__ = ("inner", "markers", "state")
+
+    def __init__(self, inner, markers: ReasoningMarkers, state: str):
+        self.inner, self.markers, self.state = inner, markers, state
+
+    def fill(self, host, row: int, no_control) -> None:
+        if self.state == REASONING:
+            return                                      # the row stays all ones
+        self.inner.fill(host, row, no_control)
+        if self.state == UNDECIDED:
+            t = self.markers.start_id
+            word = int(host[row, t // 32]) | (1 << (t % 32))
+            host[row, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
+
+    def accept_token(self, token: int) -> bool:
+        if self.state == REASONING:
+            if token == self.markers.end_id:
+                self.state = ANSWER
+            return True
+        if self.state == UNDECIDED:
+            if token == self.markers.start_id:
+                self.state = REASONING
+                return True
+            self.state = ANSWER
+        return self.inner.accept_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.state == ANSWER and self.inner.is_terminated()

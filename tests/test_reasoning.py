@@ -1,0 +1,269 @@
+"""Reasoning output (runtime/reasoning.py, `--reasoning-parser`): chat replies split into
+`reasoning` and `content` at the model's markers, where the prompt says the reply starts,
+and a structured output's grammar held back until the reasoning has ended.
+
+The model: a tiny Qwen3 whose tokenizer has `<think>` and `</think>` (ids 256, 257), with
+two rows of its (tied) embedding swapped with theirs, so that its greedy reply to the test
+prompt opens with `<think>` and closes it a few tokens later: the vocabulary permuted, the
+model otherwise the random one. The references are transformers' greedy tokens on that
+checkpoint and the text split with str.partition.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from braze.ir.errors import BrazeError
+from braze.runtime.reasoning import (
+    ANSWER,
+    FORMATS,
+    REASONING,
+    UNDECIDED,
+    ReplySplitter,
+    split_reply,
+)
+
+from conftest import hf_model
+
+START, END = "<think>", "</think>"
+START_ID, END_ID = 256, 257
+USER = "What is a compiler?"
+# the tiny chat template, with Qwen3's enable_thinking: unset, the reply decides; true, the
+# prompt opens <think>; false, the prompt closes it (so the reply is all answer)
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}assistant:"
+    "{% if enable_thinking is defined %}{{ '<think>' if enable_thinking else "
+    "'<think></think>' }}{% endif %}{% endif %}")
+N = 12                       # reply tokens
+DIGITS = "[0-9]{3}"          # the structured-output test's answer format
+
+
+# ---- the split, against str.partition ---------------------------------------------------
+
+_TEXT = st.text(alphabet="ab<>/thinkTHINK[]|\n ", max_size=30)
+
+
+def _reference(text: str, state: str, fmt) -> tuple:
+    if state == ANSWER:
+        return None, text
+    if state == UNDECIDED:
+        if not text.startswith(fmt.start):
+            return None, text
+        text = text[len(fmt.start):]
+    think, found, answer = text.partition(fmt.end)
+    if fmt.label and think.startswith(fmt.label):
+        think = think[len(fmt.label):]
+    return think, (answer if found else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_TEXT, cuts=st.lists(st.integers(0, 30), max_size=6),
+       state=st.sampled_from([REASONING, ANSWER, UNDECIDED]),
+       name=st.sampled_from(sorted(FORMATS)))
+def test_streamed_split_adds_up_to_the_whole_split(text, cuts, state, name):
+    fmt = FORMATS[name]
+    # markers the strategy's alphabet can spell, in every family's format
+    text = text.replace("THINK", fmt.start).replace("think", fmt.end)
+    assert split_reply(text, fmt, state) == _reference(text, state, fmt)
+    s = ReplySplitter(fmt, state)
+    got_r = got_c = ""
+    for cut in sorted(c for c in cuts if c < len(text)):
+        r, c = s.feed(text[:cut], False)
+        got_r, got_c = got_r + r, got_c + c
+    r, c = s.feed(text, True)
+    want_r, want_c = _reference(text, state, fmt)
+    assert (got_r + r, got_c + c) == (want_r or "", want_c or "")
+
+
+def test_gemma4_label_is_not_reasoning():
+    fmt = FORMATS["gemma4"]
+    assert split_reply("<|channel>thought\nhmm<channel|>Paris", fmt, UNDECIDED) == ("hmm", "Paris")
+    assert split_reply("<|channel>thou", fmt, UNDECIDED, final=False) == ("", None)
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+def _prompt_ids(tok, enable_thinking=None) -> list[int]:
+    kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tok.apply_chat_template([{"role": "user", "content": USER}], tokenize=True,
+                                   add_generation_prompt=True, chat_template=TEMPLATE,
+                                   return_dict=False, **kw)
+
+
+def _greedy(model, ids, n=N) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """(checkpoint, artifact, reasoning token ids before </think>) of the thinking Qwen3."""
+    import braze
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+
+    from braze.tiny import make_checkpoint, make_tokenizer
+    d = tmp_path_factory.mktemp("thinker")
+    for seed in range(1, 20):       # a random model whose reply fits the plan below
+        ckpt = make_checkpoint("qwen3", d / f"model{seed}", seed=seed, with_tokenizer=False,
+                               vocab_size=258)
+        make_tokenizer(ckpt, vocab_size=256)
+        tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in (START, END)])
+        assert [tok.token_to_id(t) for t in (START, END)] == [START_ID, END_ID]
+        tok.save(str(ckpt / "tokenizer.json"))
+        cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+        (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE}))
+        prompt = _prompt_ids(AutoTokenizer.from_pretrained(ckpt))
+        model = hf_model(ckpt)
+        out = _greedy(model, prompt)
+        # the reply's first token becomes <think>, and one of the next few, new to the
+        # reply, </think>; neither may be in the prompt (their rows change)
+        b = out[0]
+        k = next((i for i in range(2, 7) if out[i] not in prompt + out[:i] + [b]), None)
+        if b not in prompt and k is not None:
+            break
+    a = out[k]
+    emb = model.get_input_embeddings().weight.data        # tied: the LM head too
+    for old, new in ((b, START_ID), (a, END_ID)):
+        emb[[old, new]] = emb[[new, old]]
+    model.save_pretrained(ckpt)
+    art = d / "a.braze"
+    braze.compile(ckpt, art, opt_level=0, targets="")
+    return ckpt, art, out[1:k]
+
+
+def _reference_reply(ckpt, enable_thinking=None) -> str:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = _greedy(hf_model(ckpt), _prompt_ids(tok, enable_thinking))
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_the_permuted_model_reasons_first(thinker):
+    ckpt, _, thought = thinker
+    text = _reference_reply(ckpt)
+    assert text.startswith(START) and END in text       # the fixture did what it says
+
+
+def test_a_parser_whose_markers_the_tokenizer_lacks_is_refused(store):
+    from braze import LLM
+    with pytest.raises(BrazeError, match=r"no token <\|channel> or <channel\|>"):
+        LLM(store.artifact("llama"), backend="reference", num_kv_blocks=16,
+            reasoning_parser="gemma4")
+    with pytest.raises(BrazeError, match="choose one of deepseek_r1"):
+        LLM(store.artifact("llama"), backend="reference", reasoning_parser="o1")
+
+
+# ---- structured output waits for the reasoning to end -------------------------------------
+
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
+def test_the_grammar_holds_the_answer_not_the_reasoning(thinker, enable_thinking):
+    from transformers import AutoTokenizer
+
+    from braze import LLM
+    from braze.runtime.sampler import SamplingParams
+    from braze.runtime.structured import StructuredOutputsParams
+    ckpt, art, thought = thinker
+    prompt = _prompt_ids(AutoTokenizer.from_pretrained(ckpt), enable_thinking)
+    sp = SamplingParams(max_tokens=N + 8, temperature=0, ignore_eos=True,
+                        structured_outputs=StructuredOutputsParams(regex=DIGITS))
+    with LLM(art, backend="reference", num_kv_blocks=32, reasoning_parser="qwen3") as llm:
+        out = llm.generate({"prompt_token_ids": prompt}, sp)[0].outputs[0]
+    if enable_thinking is False:             # the prompt closed the reasoning: all answer
+        assert re.fullmatch(DIGITS, out.text), out.text
+        return
+    lead = [START_ID] if enable_thinking is None else []
+    want = lead + thought + [END_ID]
+    assert out.token_ids[:len(want)] == want        # the model's own greedy reasoning
+    think, answer = split_reply(out.text, FORMATS["qwen3"],
+                                UNDECIDED if enable_thinking is None else REASONING)
+    assert re.fullmatch(DIGITS, answer), out.text
+    assert out.finish_reason == "stop"
+
+
+# ---- the server's chat replies -------------------------------------------------------------
+
+def _streamed(s, body) -> tuple[str, str, list]:
+    think, said, reasons = "", "", []
+    with s.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for ch in json.loads(line[6:])["choices"]:
+                d = ch["delta"]
+                think += d.get("reasoning") or ""
+                said += d.get("content") or ""
+                reasons.append(ch["finish_reason"])
+    return think, said, reasons
+
+
+def test_the_server_splits_chat_replies_into_reasoning_and_content(thinker, tmp_path):
+    from serve_helpers import MODEL, Server
+    ckpt, art, _ = thinker
+    s = Server(art, tmp_path, "--reasoning-parser", "qwen3")
+    try:
+        assert "reasoning and content" in s.stderr()
+        for enable_thinking in (None, True, False):
+            text = _reference_reply(ckpt, enable_thinking)
+            state = {None: UNDECIDED, True: REASONING, False: ANSWER}[enable_thinking]
+            want = _reference(text, state, FORMATS["qwen3"])
+            body = {"model": MODEL, "messages": [{"role": "user", "content": USER}],
+                    "max_tokens": N, "temperature": 0, "ignore_eos": True}
+            if enable_thinking is not None:
+                body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+            r = s.http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            msg = r.json()["choices"][0]["message"]
+            assert (msg["reasoning"], msg["content"]) == want
+            think, said, reasons = _streamed(s, body)
+            assert (think, said) == (want[0] or "", want[1] or "")
+            assert reasons[-1] == "length"
+        # tool_choice required: the model reasons freely, then calls a tool, and the
+        # tool-call reader reads the answer alone
+        tools = [{"type": "function", "function": {"name": "add", "parameters": {
+            "type": "object", "properties": {"x": {"enum": ["a", "b"]}}, "required": ["x"],
+            "additionalProperties": False}}}]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": USER}],
+                "max_tokens": 60, "temperature": 0, "tools": tools, "tool_choice": "required",
+                "parallel_tool_calls": False}
+        r = s.http.post("/v1/chat/completions", json=body)
+        ch = r.json()["choices"][0]
+        want = _reference(_reference_reply(ckpt), UNDECIDED, FORMATS["qwen3"])[0]
+        assert ch["message"]["reasoning"] == want
+        assert ch["finish_reason"] == "tool_calls"
+        assert [c["function"]["name"] for c in ch["message"]["tool_calls"]] == ["add"]
+        assert json.loads(ch["message"]["tool_calls"][0]["function"]["arguments"])["x"] in "ab"
+        think, said, reasons = _streamed(s, body)
+        assert think == want and reasons[-1] == "tool_calls"
+        # a reply cut inside its reasoning: all reasoning, no content
+        r = s.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": USER}],
+            "max_tokens": 2, "temperature": 0})
+        msg = r.json()["choices"][0]["message"]
+        assert msg["content"] is None and msg["reasoning"]
+        # completions are text, as in vLLM: the markers stay in it
+        r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert "reasoning" not in r.json()["choices"][0]
+    finally:
+        s.stop()
+
+
+def test_serve_refuses_an_unknown_parser(thinker, tmp_path):
+    import subprocess
+    import sys
+    _, art, _ = thinker
+    r = subprocess.run([sys.executable, "-m", "braze", "serve", str(art), "--port", "0",
+                        "--backend", "reference", "--reasoning-parser", "qwen4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "reasoning parser 'qwen4'" in r.stderr and "Traceback" not in r.stderr
