@@ -175,7 +175,8 @@ def tool_at_fault(compile_fn, tools: list[dict]) -> str | None:
 
 def template_messages(messages) -> list[dict]:
     """Chat messages as the template sees them: assistant tool_calls with their arguments
-    as objects (what templates expect, as vLLM passes them), tool results with their id."""
+    as objects (what templates expect, as vLLM passes them), tool results with their id,
+    and a reply's reasoning as reasoning_content."""
     out = []
     for m in messages:
         d = {}
@@ -185,5 +186,11 @@ def template_messages(messages) -> list[dict]:
         tcid = (m.model_extra or {}).get("tool_call_id")
         if tcid is not None:
             d["tool_call_id"] = tcid
+        # an earlier reply's reasoning, sent back under vLLM's name or the older one:
+        # templates read it as reasoning_content (Qwen3's drops it from old turns)
+        extra = m.model_extra or {}
+        think = extra.get("reasoning", extra.get("reasoning_content"))
+        if isinstance(think, str):
+            d["reasoning_content"] = think
         out.append(d)
     return out

@@ -267,3 +267,24 @@ def test_serve_refuses_an_unknown_parser(thinker, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "reasoning parser 'qwen4'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_reply_sent_back_with_its_reasoning_reaches_the_template():
+    """Clients send an earlier reply back with its `reasoning` (vLLM's name) or
+    `reasoning_content` (the older one); chat templates read `reasoning_content`."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from braze.serving.chat import ChatTemplate
+    from braze.serving.protocol import ChatMessage
+    source = ("{% for m in messages %}{{ m.role }}:{% if m.reasoning_content is defined %}"
+              "<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}|"
+              "{% endfor %}")
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "4", "reasoning": "2+2"},
+            {"role": "assistant", "content": "5", "reasoning_content": "2+3"}]
+    want = ImmutableSandboxedEnvironment().from_string(source).render(
+        messages=[{**m, "reasoning_content": m.get("reasoning", m.get("reasoning_content"))}
+                  if m["role"] == "assistant" else m for m in msgs])
+    got = ChatTemplate(source).render([ChatMessage(**m) for m in msgs],
+                                      add_generation_prompt=False)
+    assert got == want == "user:hi|assistant:<think>2+2</think>4|assistant:<think>2+3</think>5|"
