@@ -397,6 +397,7 @@ class _Job:
                  body, params: SamplingParams, tool_plan=None, reasoning=None):
         self.svc, self.rid, self.client_rid = svc, rid, client_rid
         self.reasoning = reasoning if chat else None     # (format, start state)
+        self.show_reasoning = getattr(body, "include_reasoning", True)
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
         self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
         self.chat, self.created, self.body, self.params = chat, created, body, params
@@ -614,7 +615,7 @@ class _Job:
                         c.held_logprobs += out.new_logprobs or []
                     think, _, answer = self._split(c, out.finished)
                     # the reasoning as it comes; the tool-call parser reads the answer alone
-                    deltas = [{"reasoning": think}] if think else []
+                    deltas = [{"reasoning": think}] if think and self.show_reasoning else []
                     deltas += c.streamer.feed(answer, out.finished)
                     if reason:
                         deltas.append(None)          # the finishing chunk
@@ -636,7 +637,7 @@ class _Job:
                 if self.chat and self.reasoning is not None:
                     c.text += out.new_text
                     think, said, _ = self._split(c, out.finished)
-                    delta = ({"reasoning": think} if think else {}) | (
+                    delta = ({"reasoning": think} if think and self.show_reasoning else {}) | (
                         {"content": said} if said else {})
                 elif self.chat:
                     delta = {"content": out.new_text} if out.new_text else {}
@@ -756,7 +757,7 @@ class _Job:
                 if plp is not None:
                     ch["prompt_logprobs"] = plp
             if self.chat and self.reasoning is not None:    # vLLM's field, null for none
-                ch["message"]["reasoning"] = think
+                ch["message"]["reasoning"] = think if self.show_reasoning else None
             if stop_reason is None:
                 ch.pop("stop_reason", None)
             choices.append(ch)

@@ -177,6 +177,9 @@ class ChatCompletionRequest(_GenerationRequest):
     documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None     # a Jinja template instead of the tokenizer's
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: with --reasoning-parser, whether the reply's reasoning is returned (the
+    # content is the answer either way)
+    include_reasoning: bool = True
 
 
 

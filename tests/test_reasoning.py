@@ -228,6 +228,14 @@ def test_the_server_splits_chat_replies_into_reasoning_and_content(thinker, tmp_
             think, said, reasons = _streamed(s, body)
             assert (think, said) == (want[0] or "", want[1] or "")
             assert reasons[-1] == "length"
+        # include_reasoning false (vLLM's): the answer alone
+        body = {"model": MODEL, "messages": [{"role": "user", "content": USER}],
+                "max_tokens": N, "temperature": 0, "ignore_eos": True,
+                "include_reasoning": False}
+        want = _reference(_reference_reply(ckpt), UNDECIDED, FORMATS["qwen3"])
+        msg = s.http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert (msg["reasoning"], msg["content"]) == (None, want[1])
+        assert _streamed(s, body)[:2] == ("", want[1])
         # tool_choice required: the model reasons freely, then calls a tool, and the
         # tool-call reader reads the answer alone
         tools = [{"type": "function", "function": {"name": "add", "parameters": {
