@@ -185,7 +185,9 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     # (generate's sampling flags have their own defaults, greedy; it reads no defaults)
     serve_only = {"generation_config": ("--generation-config", "gen-dir"),
                   "override_generation_config": ("--override-generation-config",
-                                                 '{"top_p": 0.5}')}
+                                                 '{"top_p": 0.5}'),
+                  # reasoning splits chat replies: the server's (LLM takes it too)
+                  "reasoning_parser": ("--reasoning-parser", "qwen3")}
     assert {f.name for f in fields(EngineOptions) if getattr(want, f.name) != f.default} \
         == {f.name for f in fields(EngineOptions)} - set_by_server - exclusive - set(serve_only)
     generate = _engine_options(build_parser().parse_args(
@@ -194,7 +196,8 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
     serve_flags = [x for flag in serve_only.values() for x in flag]
     assert _engine_options(build_parser().parse_args(["serve", "a.braze"] + flags + serve_flags)) \
         == dataclasses.replace(want, generation_config="gen-dir",
-                               override_generation_config={"top_p": 0.5})
+                               override_generation_config={"top_p": 0.5},
+                               reasoning_parser="qwen3")
     assert _engine_options(build_parser().parse_args(["serve", "a.braze"])) \
         .generation_config == "auto"
     for cmd in (["generate", "a.braze", "--prompt-ids", "1"], ["serve", "a.braze"]):
