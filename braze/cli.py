@@ -341,7 +341,8 @@ def _server_options(a):
         chat_template=a.chat_template,
         extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
         allow_runtime_lora_updating=a.allow_runtime_lora_updating, enable_lora=a.enable_lora,
-        max_loras=a.max_loras, max_lora_rank=a.max_lora_rank)
+        max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
+        enable_prompt_tokens_details=a.enable_prompt_tokens_details)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -593,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read tool calls out of replies for tool_choice \"auto\": "
                    "hermes (Qwen), llama3_json, mistral, deepseek_v3, phi4_mini_json, internlm, "
                    "gemma4 (default: the one the chat template's markers point to, if any)")
+    s.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage.prompt_tokens_details.cached_tokens in completions and chat "
+                   "responses: the prompt tokens the prefix cache (or a KV tier) served, as "
+                   "vLLM's flag adds it")
     s.add_argument("--reasoning-parser", metavar="NAME",
                    help="split chat replies of a reasoning model into `reasoning` and "
                    "`content` (as vLLM's flag does), and hold response_format / tool_choice "

@@ -84,6 +84,7 @@ class Service:
     # --reasoning-parser's markers (runtime/reasoning.ReasoningMarkers): chat replies split
     # into reasoning and content
     reasoning: object | None = None
+    prompt_tokens_details: bool = False   # --enable-prompt-tokens-details
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
 
     def __post_init__(self):
@@ -783,7 +784,12 @@ class _Job:
     def _usage(self) -> dict:
         n_out = 0 if self.prompt_only else sum(len(c.last.token_ids) for c in self.choices
                                                if c.last is not None)
-        return R.usage(self.num_prompt_tokens, n_out)
+        use = R.usage(self.num_prompt_tokens, n_out)
+        if self.svc.prompt_tokens_details:    # each prompt's once, as its tokens count once
+            firsts = {c.prompt: c for c in reversed(self.choices)}.values()
+            use["prompt_tokens_details"] = {"cached_tokens": sum(
+                c.last.num_cached_tokens for c in firsts if c.last is not None)}
+        return use
 
     def _log(self) -> None:
         out = self.last

@@ -44,6 +44,9 @@ class ServerOptions:
     enable_lora: bool = False
     max_loras: int | None = None
     max_lora_rank: int | None = None
+    # vLLM's: usage.prompt_tokens_details.cached_tokens, the prompt tokens the prefix cache
+    # (or a KV tier) served
+    enable_prompt_tokens_details: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "limit_concurrency", "max_request_body_bytes"):

@@ -133,7 +133,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,
                       lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults,
-                      reasoning=engine.reasoning)
+                      reasoning=engine.reasoning,
+                      prompt_tokens_details=so.enable_prompt_tokens_details)
         if engine.reasoning is not None:
             log.info("chat replies are split into reasoning and content at %s ... %s "
                      "(--reasoning-parser %s)", engine.reasoning.format.start,
