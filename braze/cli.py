@@ -342,7 +342,8 @@ def _server_options(a):
         extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
         allow_runtime_lora_updating=a.allow_runtime_lora_updating, enable_lora=a.enable_lora,
         max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
-        enable_prompt_tokens_details=a.enable_prompt_tokens_details)
+        enable_prompt_tokens_details=a.enable_prompt_tokens_details,
+        default_chat_template_kwargs=a.default_chat_template_kwargs)
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -598,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="usage.prompt_tokens_details.cached_tokens in completions and chat "
                    "responses: the prompt tokens the prefix cache (or a KV tier) served, as "
                    "vLLM's flag adds it")
+    s.add_argument("--default-chat-template-kwargs", metavar="JSON",
+                   help="chat template keywords every chat request gets, under its own "
+                   "chat_template_kwargs (vLLM's flag), e.g. '{\"enable_thinking\": false}' "
+                   "to serve a Qwen3 without reasoning unless a request asks for it")
     s.add_argument("--reasoning-parser", metavar="NAME",
                    help="split chat replies of a reasoning model into `reasoning` and "
                    "`content` (as vLLM's flag does), and hold response_format / tool_choice "

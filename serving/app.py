@@ -85,6 +85,8 @@ class Service:
     # into reasoning and content
     reasoning: object | None = None
     prompt_tokens_details: bool = False   # --enable-prompt-tokens-details
+    # --default-chat-template-kwargs: under each chat request's chat_template_kwargs
+    default_chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
 
     def __post_init__(self):

@@ -47,6 +47,9 @@ class ServerOptions:
     # vLLM's: usage.prompt_tokens_details.cached_tokens, the prompt tokens the prefix cache
     # (or a KV tier) served
     enable_prompt_tokens_details: bool = False
+    # vLLM's: chat template keywords every chat request gets (e.g. {"enable_thinking":
+    # false}), under the request's own chat_template_kwargs; a dict or its JSON text
+    default_chat_template_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "limit_concurrency", "max_request_body_bytes"):
@@ -64,6 +67,7 @@ class ServerOptions:
                              f"{self.read_timeout}")
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise BrazeError("an API key must be a non-empty string")
+        self.default_chat_template_kwargs = _template_kwargs(self.default_chat_template_kwargs)
         if self.allow_credentials and "*" in self.allowed_origins:
             # browsers refuse credentialed responses with `Access-Control-Allow-Origin: *`;
             # starlette would then echo any origin, which is worse: say so instead
@@ -107,6 +111,28 @@ def _not_blank(keys: list[str], source: str) -> list[str]:
         raise BrazeError(f"{source} is blank: give a non-empty API key, or unset it to "
                          f"serve without one")
     return keys
+
+
+def _template_kwargs(value) -> dict | None:
+    """--default-chat-template-kwargs: a JSON object (or a dict), not setting what braze
+    passes to the template itself."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BrazeError(f"--default-chat-template-kwargs is not valid JSON ({e}); give "
+                             f"an object, e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise BrazeError(f"--default-chat-template-kwargs must be a JSON object, got "
+                         f"{type(value).__name__}")
+    from braze.runtime.chat_template import RESERVED_TEMPLATE_KWARGS
+    bad = [k for k in value if k in RESERVED_TEMPLATE_KWARGS]
+    if bad:
+        raise BrazeError(f"--default-chat-template-kwargs must not set {bad[0]!r}: braze "
+                         f"passes {', '.join(RESERVED_TEMPLATE_KWARGS)} to the template itself")
+    return value
 
 
 def name_list(text: str | None) -> list[str]:

@@ -130,8 +130,9 @@ class Prompts:
             raise bad_request("this model has no tokenizer, so it cannot chat; use "
                               "/v1/completions with token ids", "messages")
         check_messages(body.messages, self.svc.text_only_origin)
-        text = template.render(body.messages, body.add_generation_prompt,
-                               body.chat_template_kwargs, tools=tools,
+        # the server's defaults (--default-chat-template-kwargs) under the request's own
+        kwargs = {**self.svc.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
+        text = template.render(body.messages, body.add_generation_prompt, kwargs, tools=tools,
                                continue_final=getattr(body, "continue_final_message", False),
                                documents=getattr(body, "documents", None))
         check_text(text, "chat_template_kwargs", "the prompt the chat template made")

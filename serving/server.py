@@ -134,7 +134,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,
                       lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults,
                       reasoning=engine.reasoning,
-                      prompt_tokens_details=so.enable_prompt_tokens_details)
+                      prompt_tokens_details=so.enable_prompt_tokens_details,
+                      default_chat_template_kwargs=so.default_chat_template_kwargs or {})
         if engine.reasoning is not None:
             log.info("chat replies are split into reasoning and content at %s ... %s "
                      "(--reasoning-parser %s)", engine.reasoning.format.start,

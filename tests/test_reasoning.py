@@ -296,3 +296,36 @@ def test_a_reply_sent_back_with_its_reasoning_reaches_the_template():
     got = ChatTemplate(source).render([ChatMessage(**m) for m in msgs],
                                       add_generation_prompt=False)
     assert got == want == "user:hi|assistant:<think>2+2</think>4|assistant:<think>2+3</think>5|"
+
+
+def test_default_chat_template_kwargs_turn_thinking_off_unless_asked(thinker, tmp_path):
+    """vLLM's --default-chat-template-kwargs: '{"enable_thinking": false}' serves the
+    thinking model without reasoning; a request's own chat_template_kwargs win."""
+    from serve_helpers import MODEL, Server
+    ckpt, art, _ = thinker
+    s = Server(art, tmp_path, "--reasoning-parser", "qwen3",
+               "--default-chat-template-kwargs", '{"enable_thinking": false}')
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": USER}],
+                "max_tokens": N, "temperature": 0, "ignore_eos": True}
+        for asked in (None, True):
+            if asked is not None:
+                body["chat_template_kwargs"] = {"enable_thinking": asked}
+            text = _reference_reply(ckpt, False if asked is None else asked)
+            want = _reference(text, ANSWER if asked is None else REASONING, FORMATS["qwen3"])
+            msg = s.http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+            assert (msg["reasoning"], msg["content"]) == want
+        # /tokenize renders the chat the same way
+        r = s.http.post("/tokenize", json={"model": MODEL, "messages": body["messages"]})
+        assert r.json()["tokens"][-2:] == [START_ID, END_ID]
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("{not json", "not valid JSON"), ("[1]", "must be a JSON object"),
+    ('{"messages": []}', "must not set 'messages'")])
+def test_bad_default_chat_template_kwargs_are_refused(value, words):
+    from braze.serving.options import ServerOptions
+    with pytest.raises(BrazeError, match=words):
+        ServerOptions(default_chat_template_kwargs=value)
