@@ -101,6 +101,22 @@ class ReasoningMarkers:
         return UNDECIDED
 
 
+    def reasoning_tokens(self, output_ids, state: str) -> int:
+        """How many of a reply's tokens are reasoning (the markers not counted): what
+        usage's reasoning_tokens reports."""
+        n, inside = 0, state == REASONING
+        for i, t in enumerate(output_ids):
+            if state == UNDECIDED and i == 0:
+                inside = t == self.start_id
+                if not inside:
+                    return 0
+            elif inside:
+                if t == self.end_id:
+                    return n
+                n += 1
+        return n
+
+
 def _held(text: str, marker: str) -> int:
     """Characters at the end of `text` that could be the start of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):

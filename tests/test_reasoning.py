@@ -329,3 +329,18 @@ def test_bad_default_chat_template_kwargs_are_refused(value, words):
     from braze.serving.options import ServerOptions
     with pytest.raises(BrazeError, match=words):
         ServerOptions(default_chat_template_kwargs=value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.sampled_from([5, 6, 7, START_ID, END_ID]), max_size=12),
+       state=st.sampled_from([REASONING, ANSWER, UNDECIDED]))
+def test_reasoning_tokens_are_the_tokens_of_the_reasoning_text(ids, state):
+    """Counted on token ids, the reasoning tokens are those whose text makes the split's
+    reasoning (each test token is one character, each marker one token)."""
+    from braze.runtime.reasoning import ReasoningMarkers
+    m = ReasoningMarkers("qwen3", FORMATS["qwen3"], START_ID, END_ID, False)
+    text = "".join({START_ID: START, END_ID: END}.get(t, "x") for t in ids)
+    think, _ = _reference(text, state, FORMATS["qwen3"])
+    # the reference reasoning text, markers inside it (a second <think>) counted as one token
+    want = len((think or "").replace(START, "x"))
+    assert m.reasoning_tokens(ids, state) == want

@@ -624,7 +624,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--extension", "m:f", "--extension", "name",
              "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y",
              "--allow-runtime-lora-updating", "--enable-lora", "--max-loras", "3",
-             "--max-lora-rank", "32"]
+             "--max-lora-rank", "32", "--enable-prompt-tokens-details",
+             "--default-chat-template-kwargs", '{"enable_thinking": false}']
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
                          limit_concurrency=7, allowed_hosts="a.example",
@@ -635,7 +636,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
                          extensions=["m:f", "name"],
                          tool_call_parser="hermes", lora_modules=["a=/x", "b=/y"],
                          allow_runtime_lora_updating=True, enable_lora=True, max_loras=3,
-                         max_lora_rank=32)
+                         max_lora_rank=32, enable_prompt_tokens_details=True,
+                         default_chat_template_kwargs={"enable_thinking": False})
     default = ServerOptions()
     assert {f.name for f in fields(ServerOptions)
             if getattr(want, f.name) != getattr(default, f.name)} \
