@@ -18,6 +18,10 @@ template decides. The last marker in the prompt's tokens sets it (`prompt_state`
   - neither (the first Qwen3 templates; Gemma 4): the reply is reasoning if it opens with
     the start marker, else all answer.
 
+A tool call's marker ends the reasoning too, where a format names one (Qwen3.5 and Gemma 4
+may call a tool without closing their reasoning, as vLLM reads them); the grammar gate
+waits for the end marker alone.
+
 A reply cut off before its end marker is all reasoning (content null), as in vLLM. The
 markers are single tokens of the model's vocabulary; a parser whose markers the tokenizer
 lacks is refused when the engine starts. Markers that are special tokens (Gemma 4's,
@@ -37,19 +41,23 @@ REASONING, ANSWER, UNDECIDED = "reasoning", "answer", "undecided"   # where a re
 @dataclass(frozen=True)
 class ReasoningFormat:
     """A family's reasoning markers; `label`: text right after the start marker that names
-    the channel, not part of the reasoning (Gemma 4's "thought\\n")."""
+    the channel, not part of the reasoning (Gemma 4's "thought\\n"); `calls`: the marker
+    of a tool call, which ends the reasoning too when the model calls a tool without
+    closing it (Qwen3.5's `<tool_call>`, Gemma 4's `<|tool_call>`, as vLLM reads them):
+    the answer starts with the call."""
     start: str
     end: str
     label: str = ""
+    calls: str = ""
 
 
 THINK = ReasoningFormat("<think>", "</think>")
 # vLLM's parser names, for the families braze compiles (and their reasoning variants)
 FORMATS = {
-    "qwen3": THINK,
+    "qwen3": ReasoningFormat("<think>", "</think>", calls="<tool_call>"),
     "deepseek_r1": THINK,          # DeepSeek-R1 and its distills, QwQ, Phi-4-mini-reasoning
     "deepseek_v3": THINK,          # DeepSeek-V3.1: thinking=True in chat_template_kwargs
-    "gemma4": ReasoningFormat("<|channel>", "<channel|>", "thought\n"),
+    "gemma4": ReasoningFormat("<|channel>", "<channel|>", "thought\n", "<|tool_call>"),
     "mistral": ReasoningFormat("[THINK]", "[/THINK]"),       # Magistral
 }
 
@@ -70,6 +78,7 @@ class ReasoningMarkers:
     start_id: int
     end_id: int
     needs_special_tokens: bool      # the markers are special tokens: keep them in the text
+    calls_id: int | None = None     # the tool-call marker's token, if the format has one
 
     @classmethod
     def resolve(cls, name: str, tokenizer) -> "ReasoningMarkers":
@@ -89,7 +98,8 @@ class ReasoningMarkers:
                              param="reasoning_parser")
         special = any(tokenizer.decode([i], skip_special_tokens=True) == ""
                       for i in ids.values())
-        return cls(name, fmt, ids[fmt.start], ids[fmt.end], special)
+        calls = tokenizer.token_id(fmt.calls) if fmt.calls else None
+        return cls(name, fmt, ids[fmt.start], ids[fmt.end], special, calls)
 
     def prompt_state(self, prompt_ids) -> str:
         """Where a reply to `prompt_ids` starts: REASONING, ANSWER or UNDECIDED."""
@@ -99,7 +109,6 @@ class ReasoningMarkers:
             if t == self.end_id:
                 return ANSWER
         return UNDECIDED
-
 
     def reasoning_tokens(self, output_ids, state: str) -> int:
         """How many of a reply's tokens are reasoning (the markers not counted): what
@@ -111,7 +120,7 @@ class ReasoningMarkers:
                 if not inside:
                     return 0
             elif inside:
-                if t == self.end_id:
+                if t == self.end_id or t == self.calls_id:
                     return n
                 n += 1
         return n
@@ -140,7 +149,7 @@ def split_reply(text: str, fmt: ReasoningFormat, state: str,
             return None, None                 # "<thi": not known yet
         else:
             return None, text
-    end = text.find(fmt.end, pos)
+    end, after = _end(text, fmt, pos)
     label = fmt.label
     if label:
         rest = text[pos:] if end < 0 else text[pos:end]
@@ -149,9 +158,21 @@ def split_reply(text: str, fmt: ReasoningFormat, state: str,
         elif label.startswith(rest) and end < 0 and not final:
             return "", None
     if end >= 0:
-        return text[pos:end], text[end + len(fmt.end):]
-    stop = len(text) if final else len(text) - _held(text, fmt.end)
+        return text[pos:end], text[after:]
+    held = max(_held(text, fmt.end), _held(text, fmt.calls) if fmt.calls else 0)
+    stop = len(text) if final else len(text) - held
     return text[pos:max(pos, stop)], None
+
+
+def _end(text: str, fmt: ReasoningFormat, pos: int) -> tuple[int, int]:
+    """(where the reasoning stops, where the answer starts) in `text` from `pos`: at the
+    end marker, or at a tool call's marker if that comes first; (-1, -1) for neither."""
+    end = text.find(fmt.end, pos)
+    found = (end, end + len(fmt.end)) if end >= 0 else (-1, -1)
+    call = text.find(fmt.calls, pos) if fmt.calls else -1
+    if call >= 0 and (end < 0 or call < end):
+        return call, call
+    return found
 
 
 class ReplySplitter:

@@ -47,7 +47,7 @@ DIGITS = "[0-9]{3}"          # the structured-output test's answer format
 
 # ---- the split, against str.partition ---------------------------------------------------
 
-_TEXT = st.text(alphabet="ab<>/thinkTHINK[]|\n ", max_size=30)
+_TEXT = st.text(alphabet="ab<>/thinkTHINKZ[]|\n ", max_size=30)
 
 
 def _reference(text: str, state: str, fmt) -> tuple:
@@ -58,6 +58,9 @@ def _reference(text: str, state: str, fmt) -> tuple:
             return None, text
         text = text[len(fmt.start):]
     think, found, answer = text.partition(fmt.end)
+    if fmt.calls and fmt.calls in think:    # a tool call first: it ends it, and is answer
+        think, call, rest = text.partition(fmt.calls)
+        found, answer = call, call + rest
     if fmt.label and think.startswith(fmt.label):
         think = think[len(fmt.label):]
     return think, (answer if found else None)
@@ -70,7 +73,8 @@ def _reference(text: str, state: str, fmt) -> tuple:
 def test_streamed_split_adds_up_to_the_whole_split(text, cuts, state, name):
     fmt = FORMATS[name]
     # markers the strategy's alphabet can spell, in every family's format
-    text = text.replace("THINK", fmt.start).replace("think", fmt.end)
+    text = text.replace("THINK", fmt.start).replace("think", fmt.end).replace(
+        "Z", fmt.calls or "Z")
     assert split_reply(text, fmt, state) == _reference(text, state, fmt)
     s = ReplySplitter(fmt, state)
     got_r = got_c = ""
@@ -332,14 +336,16 @@ def test_bad_default_chat_template_kwargs_are_refused(value, words):
 
 
 @settings(max_examples=200, deadline=None)
-@given(ids=st.lists(st.sampled_from([5, 6, 7, START_ID, END_ID]), max_size=12),
+@given(ids=st.lists(st.sampled_from([5, 6, 7, START_ID, END_ID, 258]), max_size=12),
        state=st.sampled_from([REASONING, ANSWER, UNDECIDED]))
 def test_reasoning_tokens_are_the_tokens_of_the_reasoning_text(ids, state):
     """Counted on token ids, the reasoning tokens are those whose text makes the split's
-    reasoning (each test token is one character, each marker one token)."""
+    reasoning (each test token is one character, each marker one token; 258 the tool-call
+    marker)."""
     from braze.runtime.reasoning import ReasoningMarkers
-    m = ReasoningMarkers("qwen3", FORMATS["qwen3"], START_ID, END_ID, False)
-    text = "".join({START_ID: START, END_ID: END}.get(t, "x") for t in ids)
+    fmt = FORMATS["qwen3"]
+    m = ReasoningMarkers("qwen3", fmt, START_ID, END_ID, False, 258)
+    text = "".join({START_ID: START, END_ID: END, 258: fmt.calls}.get(t, "x") for t in ids)
     think, _ = _reference(text, state, FORMATS["qwen3"])
     # the reference reasoning text, markers inside it (a second <think>) counted as one token
     want = len((think or "").replace(START, "x"))
