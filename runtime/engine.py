@@ -145,15 +145,22 @@ class Engine(EngineLoRA):
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
-                    group: str | None = None, lora_request=None, priority: int = 0) -> None:
+                    group: str | None = None, lora_request=None, priority: int = 0,
+                    cache_salt: str | None = None) -> None:
         """Queue a request. `prompt` is text (needs the artifact's tokenizer) or token ids.
         `kv_transfer_params` (vLLM's name): {"max_load_tokens": N (0: load nothing from the
         lower KV tiers), "store": false (keep its blocks out of them)}. `group`: parallel
         samples of one prompt (SamplingParams.children) name the same group, so they share
         the prompt's KV blocks (runtime/scheduler.py). `lora_request`: a LoRARequest or the
         name of an adapter added with `add_lora` (runtime/lora.py; the artifact needs
-        --lora-slots). `priority`: vLLM's; 0 only (first-come first-served)."""
+        --lora-slots). `priority`: vLLM's; 0 only (first-come first-served). `cache_salt`
+        (vLLM's): requests share prefix-cache blocks (on the device and in the lower KV
+        tiers) only with requests of the same salt, so one tenant cannot learn from cache
+        hits what another has sent."""
         check_priority(priority)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise BrazeError(f"cache_salt must be a non-empty string, got {cache_salt!r}",
+                             param="cache_salt")
         params = params or SamplingParams()
         params.validate()
         policy = KVTransferPolicy.of(kv_transfer_params) if kv_transfer_params is not None \
@@ -189,6 +196,9 @@ class Engine(EngineLoRA):
         req.kv_policy = policy
         if lora_request is not None:     # a LoRARequest or a registered adapter's name
             self._bind_lora(req, lora_request)
+        if cache_salt is not None:       # its blocks' hashes chain from the salt too
+            req.cache_salt = cache_salt
+            req.kv_salt = ("cache_salt", cache_salt, req.kv_salt)
         if params.structured_outputs is not None:
             # compiled in a worker thread; the request waits outside the scheduler till then
             req.grammar = self.structured.cache.compile_async(params.structured_outputs)

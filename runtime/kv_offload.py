@@ -205,6 +205,9 @@ class KVOffload:
         if len(ks) < num_blocks:
             bs, ids = self.block_size, req.all_token_ids
             prev = bytes.fromhex(ks[-1]) if ks else self.identity
+            if not ks and req.cache_salt is not None:     # a tenant's blocks apart
+                prev = hashlib.blake2b(prev + b"cache_salt:" + req.cache_salt.encode(),
+                                       digest_size=16).digest()
             for i in range(len(ks), num_blocks):
                 block = np.asarray(ids[i * bs:(i + 1) * bs], dtype=np.int64).tobytes()
                 prev = hashlib.blake2b(prev + block, digest_size=16).digest()
@@ -230,7 +233,7 @@ class KVOffload:
         within the request's cap, leaving at least one token to compute."""
         bs = self.block_size
         n = len(req.all_token_ids)
-        first = bm.cached_prefix_blocks(req.all_token_ids)
+        first = bm.cached_prefix_blocks(req.all_token_ids, req.kv_salt)
         end = (n - 1) // bs
         cap = (req.kv_policy or DEFAULT_POLICY).max_load_tokens
         if cap is not None:

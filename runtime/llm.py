@@ -79,7 +79,9 @@ class LLM:
                  kv_transfer_params: dict | list | None = None,
                  priority: list[int] | None = None, use_tqdm=True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict {"prompt": text} or
-        {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those.
+        {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), or a list of those; a
+        dict may carry vLLM's "cache_salt" (prefix-cache hits only among prompts of the same
+        salt).
         params (or `sampling_params=`, vLLM's name): one SamplingParams for all prompts, or
         one per prompt.
         lora_request: a LoRARequest (runtime/lora.py) for all prompts, or one per prompt
@@ -102,6 +104,7 @@ class LLM:
                 raise BrazeError("give the sampling parameters once: as the second argument "
                                  "or as sampling_params=")
             params = sampling_params
+        salts = _cache_salts(prompts)
         prompts = _prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
@@ -133,14 +136,15 @@ class LLM:
                 self.engine.structured.cache.compile(sp.structured_outputs)
         groups, ids = [], []
         try:
-            for p, sp, lora, transfer in zip(prompts, plist, loras, transfers):
+            for p, sp, lora, transfer, salt in zip(prompts, plist, loras, transfers, salts):
                 base = f"llm-{next(self._ids)}"
                 children = sp.children()       # n > 1 / best_of: one request per sample
                 group = [base] if len(children) == 1 else [f"{base}-{i}" for i in range(len(children))]
                 for rid, child in zip(group, children):
                     self.engine.add_request(rid, p, child,
                                             group=base if len(children) > 1 else None,
-                                            lora_request=lora, kv_transfer_params=transfer)
+                                            lora_request=lora, kv_transfer_params=transfer,
+                                            cache_salt=salt)
                     ids.append(rid)
                 groups.append((sp, group))
             final = self.engine.run_to_completion(ids)
@@ -253,6 +257,16 @@ def _prompt_list(prompts) -> list:
     return [_one_prompt(p) for p in prompts]
 
 
+def _cache_salts(prompts) -> list:
+    """Each prompt's "cache_salt" (vLLM's TextPrompt / TokensPrompt key), None without."""
+    prompts = _listed(prompts)
+    if isinstance(prompts, (str, dict)) or _is_ids(prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        return []
+    return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+
+
 def _listed(p):
     """A 1-D numpy array or tensor of ids as a list of ints."""
     return p.tolist() if hasattr(p, "tolist") and getattr(p, "ndim", None) == 1 else p
@@ -265,7 +279,7 @@ def _is_ids(p) -> bool:
 
 def _one_prompt(p):
     if isinstance(p, dict):
-        keys = set(p)
+        keys = set(p) - {"cache_salt"}
         if keys == {"prompt"} and isinstance(p["prompt"], str):
             return p["prompt"]
         if keys == {"prompt_token_ids"} and _is_ids(_listed(p["prompt_token_ids"])):

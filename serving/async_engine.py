@@ -161,7 +161,8 @@ class AsyncEngine:
 
     async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
                   group: str | None = None, kv_transfer_params: dict | None = None,
-                  lora: str | None = None, bounded: bool = True) -> RequestStream:
+                  lora: str | None = None, bounded: bool = True,
+                  cache_salt: str | None = None) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here).
         `bounded=False`: a part (a prompt, sample or beam) of a client request admitted
         already, which the queue bound does not refuse (it still may not join a server that
@@ -170,7 +171,8 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = self._loop.create_future()
         self._streams[request_id] = stream
-        self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params, lora))
+        self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params, lora,
+                    cache_salt))
         try:
             await ack
         except asyncio.CancelledError:
@@ -289,10 +291,11 @@ class AsyncEngine:
                 acks, must_step = [], False
                 for cmd in cmds:
                     if cmd[0] == "add":
-                        _, rid, prompt, params, fut, group, kv_params, lora = cmd
+                        _, rid, prompt, params, fut, group, kv_params, lora, salt = cmd
                         try:
                             eng.add_request(rid, prompt, params, group=group,
-                                            kv_transfer_params=kv_params, lora_request=lora)
+                                            kv_transfer_params=kv_params, lora_request=lora,
+                                            cache_salt=salt)
                             acks.append((fut, None))
                         except Exception as e:      # BrazeError: the client's fault → 400
                             acks.append((fut, e))

@@ -68,7 +68,8 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
             for toks in token_lists:
                 streams.append(await svc.submit(f"{rid}-{next(counter)}", toks, step,
                                                 kv_transfer_params=kv, prompt_param=where,
-                                                lora=lora, bounded=False))
+                                                lora=lora, bounded=False,
+                                                cache_salt=getattr(body, "cache_salt", None)))
             outs = await asyncio.gather(*(_final(s) for s in streams))
         except BaseException:
             for s in streams:

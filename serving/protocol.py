@@ -75,6 +75,8 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
+    # vLLM's: prefix-cache hits only among requests of the same salt (a tenant's)
+    cache_salt: str | None = Field(None, min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)          # -1 or 0: no limit
@@ -147,7 +149,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "truncate_prompt_tokens": (None,),
     "priority": (None, 0),
     "logits_processors": _OFF,
-    "cache_salt": _OFF,
     "vllm_xargs": _OFF,
     "functions": _OFF,
     "function_call": (None, "none"),

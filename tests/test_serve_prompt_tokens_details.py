@@ -34,6 +34,13 @@ def test_cached_prompt_tokens_are_reported(store, tmp_path):
         again = s.http.post("/v1/completions", json=body).json()["usage"]
         assert again["prompt_tokens_details"] == {"cached_tokens": want}
         assert _usage_of_stream(s, body)["prompt_tokens_details"] == {"cached_tokens": want}
+        # vLLM's cache_salt: hits only among requests of the same salt
+        salted = {**body, "cache_salt": "tenant-a"}
+        for req, hit in ((salted, 0), ({**body, "cache_salt": "tenant-b"}, 0), (salted, want)):
+            use = s.http.post("/v1/completions", json=req).json()["usage"]
+            assert use["prompt_tokens_details"] == {"cached_tokens": hit}
+        r = s.http.post("/v1/completions", json={**body, "cache_salt": ""})
+        assert r.status_code == 400 and "cache_salt" in r.text
         # n samples of one prompt: its cached tokens count once, as its prompt tokens do
         both = s.http.post("/v1/completions", json={**body, "n": 2}).json()["usage"]
         assert both["prompt_tokens"] == len(PROMPT)

@@ -277,7 +277,6 @@ def test_a_small_kv_cache_is_named_in_the_length_refusal(artifact, tokenizer, tm
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/completions", "suffix", "tail"),
     ("/v1/completions", "priority", 1),
-    ("/v1/chat/completions", "cache_salt", "tenant-1"),
     ("/v1/completions", "spaces_between_special_tokens", False),
     ("/v1/completions", "truncate_prompt_tokens", 4),
     ("/v1/chat/completions", "logits_processors", ["my.module.Proc"]),
