@@ -54,6 +54,7 @@ from .protocol import (
     error_body,
     sampling_kwargs,
     send_error,
+    truncation,
     validation_message,
 )
 from .lora_routes import lora_for, model_cards, response_model
@@ -272,9 +273,16 @@ def create_app(svc: Service, read_timeout: float | None = None,
     async def completions(body: CompletionRequest, request: Request):
         svc.check_model(body.model)
         texts = completion_prompts(body)
-        prompts = [(p if isinstance(p, str) else None,
-                    await svc.prompts.for_model(p, add_special_tokens=body.add_special_tokens))
-                   for p in texts]
+        keep = truncation(body, svc.max_model_len)
+        if keep is None:
+            prompts = [(p if isinstance(p, str) else None,
+                        await svc.prompts.for_model(p, add_special_tokens=body.add_special_tokens))
+                       for p in texts]
+        else:                   # a cut text prompt echoes as what the model read
+            prompts = []
+            for p in texts:
+                ids, cut = await svc.prompts.kept(p, keep, body.add_special_tokens)
+                prompts.append((p if isinstance(p, str) and not cut else None, ids))
         longest = max(len(ids) for _, ids in prompts)
         if body.max_tokens is not None and "max_tokens" in body.model_fields_set:
             # echo with max_tokens 0 (vLLM's prompt scoring): one token is run, not shown
@@ -308,7 +316,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
             beam.check(body)        # (tools and response_format before the template sees them)
         await svc.compile_grammar(constraint, field, tool_plan.tools if field == "tools" else None)
         ids = await svc.prompts.chat(body, body.add_special_tokens, for_model=True,
-                                     tools=tool_plan.tools if tool_plan else None)
+                                     tools=tool_plan.tools if tool_plan else None,
+                                     keep=truncation(body, svc.max_model_len))
         if max_tokens is None:
             max_tokens = svc.unset_max_tokens(len(ids))
         elif len(ids) < svc.max_model_len:         # else the engine says the prompt is too long

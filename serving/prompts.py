@@ -63,6 +63,15 @@ class Prompts:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- completions and /tokenize ---------------------------------------------------
+    async def kept(self, prompt, keep: int, add_special_tokens: bool = True,
+                   param: str = "prompt") -> tuple[list[int], bool]:
+        """(the last `keep` ids of a completion's prompt, whether it had more), checked:
+        vLLM's truncate_prompt_tokens."""
+        ids = prompt if isinstance(prompt, list) else await self.off_loop(
+            len(prompt), self._encode, prompt, add_special_tokens)
+        self.check_length(min(len(ids), keep), param)
+        return ids[-keep:], len(ids) > keep
+
     async def for_model(self, prompt, param: str = "prompt",
                         add_special_tokens: bool = True) -> list[int]:
         """The ids of a completion's prompt (text or ids); a text prompt longer than the
@@ -114,14 +123,22 @@ class Prompts:
         return self.svc.chat_template
 
     async def chat(self, body, add_special_tokens: bool | None = None,
-                   for_model: bool = False, tools: list[dict] | None = None) -> list[int]:
+                   for_model: bool = False, tools: list[dict] | None = None,
+                   keep: int | None = None) -> list[int]:
         """The prompt of a chat request. `add_special_tokens` None: as chat completions
         feed the model (exactly one BOS, the template's or else the tokenizer's);
         True/False: the rendered text encoded so.
         `for_model`: refuse a prompt longer than the model allows. `tools`: the request's
-        tools, for the template."""
+        tools, for the template. `keep`: only the last `keep` ids (truncate_prompt_tokens),
+        then checked."""
         size = chat_size(body.messages) + len(getattr(body, "chat_template", None) or "")
-        return await self.off_loop(size, self._chat, body, add_special_tokens, for_model, tools)
+        if keep is None:
+            return await self.off_loop(size, self._chat, body, add_special_tokens, for_model,
+                                       tools)
+        ids = (await self.off_loop(size, self._chat, body, add_special_tokens, False,
+                                   tools))[-keep:]
+        self.check_length(len(ids), "messages")
+        return ids
 
     def _chat(self, body, add_special_tokens, for_model, tools=None) -> list[int]:
         template = self.template_for(body)

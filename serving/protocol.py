@@ -77,6 +77,8 @@ class _GenerationRequest(BaseModel):
     model: str | None = None
     # vLLM's: prefix-cache hits only among requests of the same salt (a tenant's)
     cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's: keep only the prompt's last N tokens (-1: the model's max_model_len)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)          # -1 or 0: no limit
@@ -146,7 +148,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
     # vLLM's extra request fields braze does not implement yet
     "spaces_between_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,),
     "priority": (None, 0),
     "logits_processors": _OFF,
     "vllm_xargs": _OFF,
@@ -286,6 +287,19 @@ def check_chat(req: ChatCompletionRequest) -> None:
                              if bad[0] in ("add_generation_prompt", "continue_final_message")
                              else ""),
                           "chat_template_kwargs")
+
+
+def truncation(req, max_model_len: int) -> int | None:
+    """How many of the prompt's last tokens the request keeps (vLLM's
+    truncate_prompt_tokens; -1 is max_model_len); None: all of them."""
+    k = getattr(req, "truncate_prompt_tokens", None)
+    if k is None:
+        return None
+    if k == 0:
+        raise bad_request("truncate_prompt_tokens must be at least 1 (the prompt's last N "
+                          "tokens are kept), or -1 for the model's max_model_len",
+                          "truncate_prompt_tokens")
+    return max_model_len if k == -1 else k
 
 
 def check_text(text: str, param: str, where: str | None = None) -> None:
