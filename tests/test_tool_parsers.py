@@ -136,3 +136,34 @@ def test_stream_cut_by_max_tokens_keeps_what_was_sent():
     text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": [1, 2'
     content, calls = stream(p, text, range(1, len(text)))
     assert content == "Hi" and calls == [{"name": "f", "arguments": '{"a": [1, 2'}]
+
+
+@pytest.mark.parametrize("name", sorted({c[0] for c in CASES}))
+def test_malformed_output_is_content_not_an_error(name):
+    """A model's output with a stray bracket anywhere (a small model's slip) never makes a
+    parser raise (a 500, or a stream cut off), and streamed it reads as it does whole: the
+    same calls, or the same content. (Gemma 4's `call:f{a:1}}` raised IndexError; Llama 3's
+    stream garbled a JSON answer followed by text.)"""
+    parser = ToolParser(name)
+    for _, text, _, _ in (c for c in CASES if c[0] == name):
+        for i in range(len(text) + 1):
+            for stray in "}]":
+                bad = text[:i] + stray + text[i:]
+                content, calls = final_message(parser.parse(bad, final=True))
+                whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                         for c in calls]
+                s_content, s_calls = stream(parser, bad, range(1, len(bad), 5))
+                if calls:
+                    assert s_calls == whole, bad
+                elif not s_calls:
+                    assert s_content == content, bad
+
+
+def test_llama3_json_answer_is_content_streamed_too():
+    """A Llama 3 reply that is a JSON object but not a call, then prose: content, the same
+    streamed as whole (the stream sent the prose, then the whole text over it)."""
+    p = ToolParser("llama3_json")
+    for text in ('{"answer": 42} is the result.', '{"city": "Paris", "temp": 21}\n\nThat is all.'):
+        assert final_message(p.parse(text, final=True)) == (text, [])
+        for cuts in every_split(text):
+            assert stream(p, text, cuts) == (text, []), cuts
