@@ -29,8 +29,9 @@ MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
+    # vLLM's command line for tool calling (--enable-auto-tool-choice was refused)
     s = Server(store.artifact("llama"), tmp_path_factory.mktemp("serve-structured"),
-               "--tool-call-parser", "hermes")
+               "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     try:
         yield s
     finally:
@@ -296,6 +297,20 @@ def test_unknown_parser_is_a_startup_error(store):
                         "--port", "0", "--tool-call-parser", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "--tool-call-parser 'nope'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_enable_auto_tool_choice_without_a_parser_is_a_startup_error(store):
+    """vLLM's --enable-auto-tool-choice is accepted (it was 'unrecognized arguments'); with
+    no parser to read the calls (none given, none in this model's chat template) the server
+    says so at start rather than answering every tools request with a 400."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "braze", "serve", str(store.artifact("llama")),
+                        "--port", "0", "--backend", "reference", "--enable-auto-tool-choice"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "--enable-auto-tool-choice" in p.stderr and "--tool-call-parser" in p.stderr
     assert "Traceback" not in p.stderr
 
 
