@@ -115,6 +115,18 @@ def test_params_validation():
         SamplingParams(skip_special_tokens="no").validate()
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("json", False, "schema false allows no value"), ("json", 0, "got int"),
+    ("regex", False, "regex must be a non-empty string"),
+    ("choice", 0, "choice must be a non-empty list")])
+def test_a_falsy_constraint_is_named_not_missing(field, value, says):
+    """A constraint set to false or 0 is the caller's mistake in that field: the error says
+    what is wrong with it (it said "takes exactly one of ...; got none", as if it were
+    absent, because 0 == False)."""
+    with pytest.raises(BrazeError, match=says):
+        SamplingParams(structured_outputs={field: value}).validate()
+
+
 TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                     "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
