@@ -3,7 +3,8 @@
 tool_choice (vLLM's rules): absent means "auto" when tools are given, else "none".
   "none"      the reply is text; the tools still go into the chat template.
   "auto"      the model decides; its text is parsed for calls by the server's tool-call
-              parser (`--tool-call-parser`, or the one the chat template points to).
+              parser (`--tool-call-parser`, or the one the chat template points to); with
+              parallel_tool_calls false only the first call is returned (as vLLM does).
   "required"  the reply is constrained to a JSON array of {"name", "parameters"} objects,
               each naming one of the tools with arguments valid for its schema (one item
               when parallel_tool_calls is false); finish_reason "tool_calls".
@@ -37,6 +38,7 @@ class ToolPlan:
     constraint: StructuredOutputsParams | None = None
     parser: ToolParser | None = None            # auto
     name: str | None = None                     # named
+    parallel: bool = True                       # parallel_tool_calls
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -44,7 +46,8 @@ class ToolPlan:
 
     def parse(self, text: str, final: bool) -> Parsed:
         if self.mode == "auto":
-            return self.parser.parse(text, final)
+            p = self.parser.parse(text, final)
+            return p if self.parallel else Parsed(p.content, p.calls[:1])
         if self.mode == "required":
             return parse_array_after(text, final, "")
         if self.mode == "named":
@@ -132,21 +135,25 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
     tools = template_tools(body)
+    parallel = extra.get("parallel_tool_calls")
+    parallel = True if parallel is None else parallel      # OpenAI's default
+    if not isinstance(parallel, bool):
+        raise bad_request(f"parallel_tool_calls must be true or false, got {parallel!r}",
+                          "parallel_tool_calls")
     if choice is None:
         choice = "auto"
     if choice == "none":
-        return ToolPlan("none", tools)
+        return ToolPlan("none", tools, parallel=parallel)
     if choice == "auto":
         if parser_name is None:
             raise bad_request('tool_choice "auto" needs a tool-call parser: start the server '
                               "with --tool-call-parser NAME (this model's chat template does "
                               'not name one), or use tool_choice "required" or a named '
                               "function", "tool_choice")
-        return ToolPlan("auto", tools, parser=ToolParser(parser_name))
+        return ToolPlan("auto", tools, parser=ToolParser(parser_name), parallel=parallel)
     if choice == "required":
-        parallel = extra.get("parallel_tool_calls", True) is not False
         return ToolPlan("required", tools, StructuredOutputsParams(
-            json=required_schema(tools, parallel)))
+            json=required_schema(tools, parallel)), parallel=parallel)
     if isinstance(choice, dict) and choice.get("type") == "function" \
             and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
