@@ -58,7 +58,6 @@ from .protocol import (
 from .lora_routes import lora_for, model_cards, response_model
 from .read_timeouts import BodyTimeout
 from .structured import request_constraint
-from .tool_parsers import final_message
 from .tools import plan as tools_plan
 
 log = logging.getLogger("braze.serving")
@@ -703,7 +702,7 @@ class _Job:
                 text, lp, stop_reason, finish = "", echo_lp, None, "length"
                 ids = [] if self.token_ids else None
             if self.chat and self.tools is not None:
-                content, calls = final_message(self.tools.parse(text, True))
+                content, calls = self.tools.message(text)
                 reason = self.tools.finish_reason(len(calls), out.finish_reason)
                 ch = R.chat_choice(index, content, reason, lp, stop_reason, ids)
                 if calls:

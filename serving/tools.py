@@ -24,7 +24,7 @@ from braze.runtime.structured import StructuredOutputsParams
 
 from .protocol import bad_request
 from .tool_parsers import ToolParser
-from .tool_parsers.base import Call, Parsed, ToolStreamer
+from .tool_parsers.base import Call, Parsed, ToolStreamer, final_message, new_call_id
 from .tool_parsers.mistral import parse_array_after
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -39,6 +39,7 @@ class ToolPlan:
     parser: ToolParser | None = None            # auto
     name: str | None = None                     # named
     parallel: bool = True                       # parallel_tool_calls
+    new_call_id: Any = new_call_id              # the server's parser's ids, in every mode
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -55,7 +56,11 @@ class ToolPlan:
         return Parsed(text, [])
 
     def streamer(self) -> ToolStreamer:
-        return ToolStreamer(self.parse)
+        return ToolStreamer(self.parse, self.new_call_id)
+
+    def message(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content, tool_calls) of a whole reply (base.final_message)."""
+        return final_message(self.parse(text, True), self.new_call_id)
 
     def finish_reason(self, calls: int, reason: str) -> str:
         if calls and self.mode in ("auto", "required") and reason == "stop":
@@ -140,27 +145,29 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
     if not isinstance(parallel, bool):
         raise bad_request(f"parallel_tool_calls must be true or false, got {parallel!r}",
                           "parallel_tool_calls")
+    parser = ToolParser(parser_name) if parser_name is not None else None
+    ids = dict(parallel=parallel, new_call_id=parser.new_call_id if parser else new_call_id)
     if choice is None:
         choice = "auto"
     if choice == "none":
-        return ToolPlan("none", tools, parallel=parallel)
+        return ToolPlan("none", tools, **ids)
     if choice == "auto":
         if parser_name is None:
             raise bad_request('tool_choice "auto" needs a tool-call parser: start the server '
                               "with --tool-call-parser NAME (this model's chat template does "
                               'not name one), or use tool_choice "required" or a named '
                               "function", "tool_choice")
-        return ToolPlan("auto", tools, parser=ToolParser(parser_name), parallel=parallel)
+        return ToolPlan("auto", tools, parser=parser, **ids)
     if choice == "required":
         return ToolPlan("required", tools, StructuredOutputsParams(
-            json=required_schema(tools, parallel)), parallel=parallel)
+            json=required_schema(tools, parallel)), **ids)
     if isinstance(choice, dict) and choice.get("type") == "function" \
             and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         for t in tools:
             if t["function"]["name"] == name:
                 return ToolPlan("named", tools, StructuredOutputsParams(
-                    json=_schema(t["function"])), name=name)
+                    json=_schema(t["function"])), name=name, **ids)
         raise bad_request(f"tool_choice names the function {name!r}, which is not in tools",
                           "tool_choice")
     raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", '

@@ -167,3 +167,63 @@ def test_llama3_json_answer_is_content_streamed_too():
         assert final_message(p.parse(text, final=True)) == (text, [])
         for cuts in every_split(text):
             assert stream(p, text, cuts) == (text, []), cuts
+
+
+# the tool-call turns of Mistral-7B-Instruct-v0.3's published chat template: it refuses a
+# tool call id other than 9 characters, in assistant tool_calls and in tool messages
+MISTRAL_TOOL_TURNS = """{%- for message in messages %}
+    {%- if message["role"] == "user" %}
+        {{- "[INST] " + message["content"] + "[/INST]" }}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" + eos_token }}{%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "tool" %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- endif %}
+{%- endfor %}"""
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "named"])
+def test_mistral_call_ids_go_back_through_its_template(choice):
+    """With the mistral parser, the calls a reply carries have ids Mistral's own chat
+    template takes back in the next turn (9 letters and digits, as vLLM gives them): the
+    client's history with the calls and their results renders. (OpenAI-shaped ids made the
+    template refuse every second turn: a 400.)"""
+    import re
+    from types import SimpleNamespace
+
+    from braze.serving.chat import ChatTemplate
+    from braze.serving.protocol import ChatMessage
+    from braze.serving.tools import plan
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tool_choice = {"named": {"type": "function", "function": {"name": "get_weather"}}}.get(
+        choice, choice)
+    p = plan(SimpleNamespace(model_extra={"tools": tools, "tool_choice": tool_choice}),
+             "mistral")
+    text = {"auto": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+            "required": '[{"name": "get_weather", "parameters": {"city": "Paris"}}]',
+            "named": '{"city": "Paris"}'}[choice]
+    _, calls = p.message(text)
+    streamed = [tc for d in p.streamer().feed(text, True) for tc in d.get("tool_calls", [])
+                if "id" in tc]
+    ids = [c["id"] for c in calls] + [tc["id"] for tc in streamed]
+    assert len(ids) == 2 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids), ids
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": calls[0]["id"], "content": '{"temp": 21}'}]
+    out = ChatTemplate(MISTRAL_TOOL_TURNS, {"eos_token": "</s>"}).render(
+        [ChatMessage(**m) for m in history], add_generation_prompt=False)
+    assert f'"call_id": "{calls[0]["id"]}"' in out

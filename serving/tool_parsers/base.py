@@ -35,6 +35,8 @@ def plain(text: str) -> Parsed:
 
 
 def new_call_id() -> str:
+    """A tool call's id, as OpenAI writes them. A parser module whose model's chat template
+    wants another shape back in the history defines its own `new_call_id`."""
     return "call_" + uuid.uuid4().hex[:24]
 
 
@@ -200,8 +202,8 @@ class ToolStreamer:
     sent, so the caller knows to finish with "tool_calls".
     """
 
-    def __init__(self, parse):
-        self.parse = parse
+    def __init__(self, parse, new_id=new_call_id):
+        self.parse, self.new_id = parse, new_id
         self.content_sent = 0
         self.sent: list[tuple[str, int]] = []     # per call: (id, argument chars sent)
 
@@ -224,7 +226,7 @@ class ToolStreamer:
             if call.name is None:
                 break                            # calls go out in order, names first
             if i == len(self.sent):
-                cid = new_call_id()
+                cid = self.new_id()
                 self.sent.append((cid, 0))
                 deltas.append({"tool_calls": [{"index": i, "id": cid, "type": "function",
                                                "function": {"name": call.name,
@@ -237,10 +239,10 @@ class ToolStreamer:
         return deltas
 
 
-def final_message(parsed: Parsed) -> tuple[str | None, list[dict]]:
+def final_message(parsed: Parsed, new_id=new_call_id) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) for a non-streamed response. The content is trimmed at both ends
     with or without calls, as `ToolStreamer` sends it, so both responses carry the same text."""
-    calls = [{"id": new_call_id(), "type": "function",
+    calls = [{"id": new_id(), "type": "function",
               "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls]
     content = parsed.content.strip()
     return (content or None) if calls else content, calls
