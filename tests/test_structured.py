@@ -507,3 +507,18 @@ def test_a_step_interrupted_while_it_samples_leaks_no_batch_row(store):
     want = [list(o.token_ids) for o in run_all(fresh, prompts, params)]
     assert [list(o.token_ids) for o in run_all(eng, prompts, params)] == want
     assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+
+
+def test_close_stops_the_grammar_thread(store):
+    """LLM.close() (and so `with braze.LLM(...)`) stops the worker thread that compiles
+    grammars, as it stops the engine's other work: it outlived the LLM, one per LLM made."""
+    import braze
+    with braze.LLM(store.artifact("llama"), backend="reference", num_kv_blocks=16) as llm:
+        out = llm.generate(["Hi"], SamplingParams(max_tokens=4, structured_outputs={
+            "regex": "[a-z]{2}"}), use_tqdm=False)[0].outputs[0]
+        assert len(out.text) == 2 and out.text.isalpha()
+        threads = list(llm.engine.structured.cache._pool._threads)
+        assert threads and all(t.is_alive() for t in threads)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
