@@ -227,3 +227,34 @@ def test_mistral_call_ids_go_back_through_its_template(choice):
     out = ChatTemplate(MISTRAL_TOOL_TURNS, {"eos_token": "</s>"}).render(
         [ChatMessage(**m) for m in history], add_generation_prompt=False)
     assert f'"call_id": "{calls[0]["id"]}"' in out
+
+
+def test_hermes_reads_tags_the_tokenizer_marks_special(tmp_path):
+    """Hermes 2 Pro and Hermes 3 have <tool_call> and </tool_call> as special tokens: with
+    tool_choice auto and the hermes parser the reply keeps them (as vLLM's hermes parser
+    asks), so the parser sees the call. (They were skipped as special tokens: the call came
+    back as bare JSON content.)"""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HF
+
+    from braze.runtime.detokenizer import IncrementalDetokenizer
+    from braze.runtime.tokenizer import Tokenizer
+    from braze.serving.tools import plan
+    from braze.tiny import make_tokenizer
+    make_tokenizer(tmp_path)
+    hf = HF.from_file(str(tmp_path / "tokenizer.json"))
+    hf.add_special_tokens(["<tool_call>", "</tool_call>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert hf.token_to_id("<tool_call>") in ids and hf.token_to_id("</tool_call>") in ids
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    p = plan(SimpleNamespace(model_extra={"tools": tools, "tool_choice": "auto"}), "hermes")
+    dt = IncrementalDetokenizer(tok, [], skip_special_tokens=p.skip_special_tokens)
+    dt.update(ids)
+    content, calls = p.message(dt.text)
+    assert content == "Checking."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
