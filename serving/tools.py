@@ -95,15 +95,33 @@ def _schema(f: dict) -> dict:
 DEFS_KEYS = ("$defs", "definitions")
 
 
+def _rebase_refs(value, base: str):
+    """`value` with its "$ref"s to the parameters' own root ("#", "#/properties/...") made to
+    point at `base`, where the parameters now sit; "#/$defs/..." and "#/definitions/..."
+    stay (the definitions move to the root)."""
+    if isinstance(value, list):
+        return [_rebase_refs(v, base) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _rebase_refs(v, base) for k, v in value.items()}
+    ref = value.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) \
+            and not any(ref.startswith(f"#/{key}/") for key in DEFS_KEYS):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
 def required_schema(tools: list[dict], parallel: bool = True) -> dict:
     """vLLM's schema for tool_choice "required": an array of {name, parameters}. Each
     tool's definitions ($defs, definitions) move to the array schema's root, where its
     "#/$defs/..." references point once the parameters sit inside the array (as vLLM does);
-    one name defined differently by two tools is a 400."""
+    one name defined differently by two tools is a 400. References to the parameters' own
+    root ("#": a recursive schema) are made to point where the parameters now sit (they
+    pointed at the array of calls)."""
     items, defs, owner = [], {}, {}
-    for t in tools:
+    for i, t in enumerate(tools):
         f = t["function"]
-        params = dict(_schema(f))
+        params = _rebase_refs(dict(_schema(f)), f"#/items/anyOf/{i}/properties/parameters")
         for key in DEFS_KEYS:
             for name, d in (params.pop(key, None) or {}).items():
                 got = defs.setdefault(key, {})

@@ -258,3 +258,30 @@ def test_hermes_reads_tags_the_tokenizer_marks_special(tmp_path):
     assert content == "Checking."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
         [("get_weather", {"city": "Paris"})]
+
+
+def test_required_schema_keeps_recursive_parameters_recursive():
+    """A tool whose parameters refer to their own root ("$ref": "#", a tree) under
+    tool_choice required: the array schema holds the same arguments the tool's schema does
+    (checked with jsonschema). The "#" pointed at the array of calls, so a node's children
+    had to be arrays of tool calls."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from braze.serving.tools import required_schema
+    tree = {"type": "object", "properties": {
+        "v": {"type": "integer"},
+        "kids": {"type": "array", "items": {"$ref": "#"}},
+        "first": {"$ref": "#/properties/v"},
+        "label": {"$ref": "#/$defs/Label"}},
+        "required": ["v", "kids"], "additionalProperties": False,
+        "$defs": {"Label": {"type": "string", "maxLength": 3}}}
+    tools = [{"type": "function", "function": {"name": "other", "parameters": {
+                 "type": "object", "properties": {}}}},
+             {"type": "function", "function": {"name": "tree", "parameters": tree}}]
+    schema = required_schema(tools)
+    good = {"v": 1, "first": 2, "label": "ab", "kids": [{"v": 2, "kids": [{"v": 3, "kids": []}]}]}
+    calls_as_kids = {"v": 1, "kids": [[{"name": "tree", "parameters": {"v": 2, "kids": []}}]]}
+    for args in (good, calls_as_kids, {"v": 1, "kids": [], "first": "x"}, {"v": 1, "kids": [],
+                                                                          "label": "long"}):
+        ok = jsonschema.Draft202012Validator(tree).is_valid(args)
+        assert jsonschema.Draft202012Validator(schema).is_valid(
+            [{"name": "tree", "parameters": args}]) == ok, args
