@@ -144,7 +144,7 @@ def scan_call_object(text: str, i: int, name_keys=("name",),
                 name = json.loads(text[j:v_end])
             except ValueError:
                 name = None
-            if not isinstance(name, str):
+            if not isinstance(name, str) or not name:      # a call names its function
                 out.valid = False
                 return out
             out.name = name
@@ -156,7 +156,10 @@ def scan_call_object(text: str, i: int, name_keys=("name",),
 
 
 def call_from_scan(text: str, s: ObjectScan, final: bool) -> Call | None:
-    """The Call an object scan gives; None when a finished object is not a valid call."""
+    """The Call an object scan gives; None when a finished object is not a valid call. A
+    finished object is judged the same while the output streams (`final` False) as in the
+    whole output, so a stream never sends as a call, or leaves out of its content, what the
+    whole response shows as text."""
     if s.args_start is None:
         args = "{}" if s.end is not None else ""
     elif text[s.args_start] == '"':
@@ -169,7 +172,7 @@ def call_from_scan(text: str, s: ObjectScan, final: bool) -> Call | None:
                 return None
     else:
         args = text[s.args_start:s.args_end if s.args_end is not None else len(text)]
-    if final:
+    if final or s.end is not None:
         if s.end is None or s.name is None or not s.valid:
             return None
         try:

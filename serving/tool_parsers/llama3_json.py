@@ -24,9 +24,7 @@ def parse(text: str, final: bool) -> Parsed:
     calls = []
     while True:
         s = scan_call_object(text, j, arg_keys=("parameters", "arguments"))
-        # a finished object is judged as the whole output would be: one that is not a call
-        # (a JSON answer, say) makes the reply plain content while it streams too
-        call = call_from_scan(text, s, final or s.end is not None)
+        call = call_from_scan(text, s, final)
         if call is None or not s.valid:
             return plain(text) if final or not calls and not s.valid else Parsed("", calls)
         calls.append(call)

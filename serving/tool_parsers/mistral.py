@@ -84,6 +84,8 @@ def _parse_v11(text: str, final: bool, k: int) -> Parsed:
                 return plain(text)
             break
         name = text[i:a].split(CALL_ID)[0].strip()      # NAME[CALL_ID]ID[ARGS]: the id is ours
+        if not name:                                    # a call names its function
+            return plain(text) if final else Parsed(content, calls)
         j = skip_ws(text, a + len(ARGS))
         if j >= len(text):
             calls.append(Call(name, ""))
