@@ -299,6 +299,10 @@ class GrammarCache:
                     "structural_tag": "structural tag"}[kind]
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", why)     # xgrammar's log prefix
+            if kind == "grammar" and "::=" not in text:
+                why += ("; it has no '::=' rules, so it may be a Lark grammar (vLLM converts "
+                        "those): braze takes xgrammar's EBNF (GBNF), e.g. "
+                        "root ::= \"yes\" | \"no\"")
             raise BrazeError(f"the {what} could not be compiled: {why}") from None
 
 

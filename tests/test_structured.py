@@ -414,6 +414,14 @@ def test_padded_vocab_masks_ids_past_the_tokenizer(store):
 def test_llm_raises_for_a_grammar_that_does_not_compile(llm):
     with pytest.raises(BrazeError, match="regex could not be compiled"):
         llm.generate(["Hi"], SamplingParams(structured_outputs={"regex": "(("}))
+    # a Lark grammar (vLLM converts them): the error says what braze takes instead (it
+    # said only "EBNF lexer error ... Unexpected character: ':'")
+    with pytest.raises(BrazeError, match=r"Lark.*root ::="):
+        llm.generate(["Hi"], SamplingParams(structured_outputs={
+            "grammar": '?start: answer\nanswer: "yes" | "no"\n'}))
+    out = llm.generate(["Hi"], SamplingParams(max_tokens=5, structured_outputs={
+        "grammar": 'root ::= answer\nanswer ::= "yes" | "no"'}))[0].outputs[0]
+    assert out.text in ("yes", "no")
     # choices with quotes and backslashes are matched literally
     choices = ['say "hi"', "back\\slash", "tab\there"]
     outs = llm.generate(["Pick:"] * 3, [SamplingParams(
