@@ -337,6 +337,7 @@ def _server_options(a):
         allowed_methods=name_list(a.allowed_methods) or ["*"],
         allowed_headers=name_list(a.allowed_headers) or ["*"],
         allow_credentials=a.allow_credentials, tool_call_parser=a.tool_call_parser,
+        enable_auto_tool_choice=a.enable_auto_tool_choice,
         trust_request_chat_template=a.trust_request_chat_template,
         chat_template=a.chat_template,
         extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
@@ -609,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "grammars back until the reasoning ends: qwen3, deepseek_r1, deepseek_v3 "
                    "(<think>...</think>), gemma4 (<|channel>...<channel|>), mistral "
                    "([THINK]...[/THINK]). Default: none, replies are all content")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, checked: braze reads tool calls for tool_choice \"auto\" "
+                   "whenever it has a parser; with this flag the server does not start "
+                   "without one (--tool-call-parser, or the chat template's markers)")
     s.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                    help="the model's sampling defaults, for what a request leaves unset "
                    "(temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens "

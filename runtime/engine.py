@@ -350,14 +350,18 @@ class Engine(EngineLoRA):
         """Shutdown: the KV tiers' writes in flight land (within a bound: KVOffload.close),
         so the next process serving this artifact finds them, and the tensor-parallel
         ranks this engine runs on stop (each closing its own tiers; runtime/parallel.py,
-        also done when the process exits; a no-op at one rank). The engine runs nothing
-        after this."""
+        also done when the process exits; a no-op at one rank), and so does the thread
+        that compiles grammars. The engine runs nothing after this."""
         try:
             if self.offload is not None:
                 self.offload.close()
         finally:
-            if self.runner.group is not None:
-                parallel.shutdown(self.runner.group)
+            try:
+                if self._structured is not None:
+                    self._structured.close()
+            finally:
+                if self.runner.group is not None:
+                    parallel.shutdown(self.runner.group)
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every prompt prefix the device's cache holds (benchmarks, a cache

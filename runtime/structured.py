@@ -78,8 +78,15 @@ class StructuredOutputsParams:
         raise BrazeError(f"structured_outputs must be an object with one of "
                          f"{', '.join(KINDS)}, got {value!r}")
 
+    def given(self) -> list[str]:
+        """The kinds this asks for: each field that is set (json_object when true; a
+        schema of false or 0 is set, and wrong, not absent)."""
+        return [k for k in KINDS
+                if getattr(self, k) is not None and (k != "json_object" or self.json_object
+                                                     is not False)]
+
     def validate(self) -> None:
-        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        given = self.given()
         if len(given) != 1:
             raise BrazeError(f"structured_outputs takes exactly one of {', '.join(KINDS)}; "
                              f"got {', '.join(given) or 'none'}")
@@ -91,6 +98,9 @@ class StructuredOutputsParams:
                     schema = json.loads(schema)
                 except ValueError as e:
                     raise BrazeError(f"the JSON schema is not valid JSON: {e}") from None
+            if schema is False:
+                raise BrazeError("the JSON schema false allows no value at all; give a schema "
+                                 "object (true, or {}, for any JSON value)")
             if not isinstance(schema, (dict, bool)):
                 raise BrazeError(f"a JSON schema must be an object, got {type(schema).__name__}")
         elif k == "choice":
@@ -111,10 +121,8 @@ class StructuredOutputsParams:
     def key(self) -> tuple[str, str]:
         """The cache key: (kind, canonical text)."""
         self.validate()
-        for k in KINDS:
+        for k in self.given():
             v = getattr(self, k)
-            if v in (None, False):
-                continue
             if k == "json":       # property order kept: it is the order of generation
                 v = json.loads(v) if isinstance(v, str) else v
                 return k, json.dumps(v, separators=(",", ":"))
@@ -291,6 +299,10 @@ class GrammarCache:
                     "structural_tag": "structural tag"}[kind]
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", why)     # xgrammar's log prefix
+            if kind == "grammar" and "::=" not in text:
+                why += ("; it has no '::=' rules, so it may be a Lark grammar (vLLM converts "
+                        "those): braze takes xgrammar's EBNF (GBNF), e.g. "
+                        "root ::= \"yes\" | \"no\"")
             raise BrazeError(f"the {what} could not be compiled: {why}") from None
 
 

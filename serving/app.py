@@ -60,7 +60,6 @@ from .protocol import (
 from .lora_routes import lora_for, model_cards, response_model
 from .read_timeouts import BodyTimeout
 from .structured import request_constraint
-from .tool_parsers import final_message
 from .tools import plan as tools_plan
 
 log = logging.getLogger("braze.serving")
@@ -753,7 +752,7 @@ class _Job:
             if self.chat and self.reasoning is not None:
                 think, text = split_reply(text, *self.reasoning)
             if self.chat and self.tools is not None:
-                content, calls = final_message(self.tools.parse(text or "", True))
+                content, calls = self.tools.message(text or "")
                 reason = self.tools.finish_reason(len(calls), out.finish_reason)
                 ch = R.chat_choice(index, content, reason, lp, stop_reason, ids)
                 if calls:

@@ -38,6 +38,7 @@ class ServerOptions:
     chat_template: str | None = None      # a file or the template text; None: the model's
     extensions: list[str] = field(default_factory=list)   # module:function or entry-point names
     tool_call_parser: str | None = None   # None: the one the chat template points to, if any
+    enable_auto_tool_choice: bool = False   # vLLM's flag: then a parser must be found
     lora_modules: list[str] = field(default_factory=list)   # name=path adapters loaded at start
     allow_runtime_lora_updating: bool = False   # /v1/load_lora_adapter and /v1/unload_...
     # vLLM's LoRA flags, checked against the artifact's --lora-slots / --max-lora-rank

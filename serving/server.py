@@ -125,6 +125,11 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                             "to serve chat with another)", e)
         metrics = Metrics(name)
         parser = so.tool_call_parser or detect(source)
+        if so.enable_auto_tool_choice and parser is None:
+            engine.close()
+            raise BrazeError("--enable-auto-tool-choice needs a tool-call parser, and this "
+                             "model's chat template names none: add --tool-call-parser NAME "
+                             f"(one of {', '.join(sorted(PARSERS))})")
         if parser is not None:
             log.info("tool calls (tool_choice auto) are read with the %r parser%s", parser,
                      "" if so.tool_call_parser else " (from the chat template)")

@@ -3,7 +3,8 @@
 tool_choice (vLLM's rules): absent means "auto" when tools are given, else "none".
   "none"      the reply is text; the tools still go into the chat template.
   "auto"      the model decides; its text is parsed for calls by the server's tool-call
-              parser (`--tool-call-parser`, or the one the chat template points to).
+              parser (`--tool-call-parser`, or the one the chat template points to); with
+              parallel_tool_calls false only the first call is returned (as vLLM does).
   "required"  the reply is constrained to a JSON array of {"name", "parameters"} objects,
               each naming one of the tools with arguments valid for its schema (one item
               when parallel_tool_calls is false); finish_reason "tool_calls".
@@ -23,7 +24,7 @@ from braze.runtime.structured import StructuredOutputsParams
 
 from .protocol import bad_request
 from .tool_parsers import ToolParser
-from .tool_parsers.base import Call, Parsed, ToolStreamer
+from .tool_parsers.base import Call, Parsed, ToolStreamer, final_message, new_call_id
 from .tool_parsers.mistral import parse_array_after
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -37,6 +38,8 @@ class ToolPlan:
     constraint: StructuredOutputsParams | None = None
     parser: ToolParser | None = None            # auto
     name: str | None = None                     # named
+    parallel: bool = True                       # parallel_tool_calls
+    new_call_id: Any = new_call_id              # the server's parser's ids, in every mode
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -44,7 +47,8 @@ class ToolPlan:
 
     def parse(self, text: str, final: bool) -> Parsed:
         if self.mode == "auto":
-            return self.parser.parse(text, final)
+            p = self.parser.parse(text, final)
+            return p if self.parallel else Parsed(p.content, p.calls[:1])
         if self.mode == "required":
             return parse_array_after(text, final, "")
         if self.mode == "named":
@@ -52,7 +56,11 @@ class ToolPlan:
         return Parsed(text, [])
 
     def streamer(self) -> ToolStreamer:
-        return ToolStreamer(self.parse)
+        return ToolStreamer(self.parse, self.new_call_id)
+
+    def message(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content, tool_calls) of a whole reply (base.final_message)."""
+        return final_message(self.parse(text, True), self.new_call_id)
 
     def finish_reason(self, calls: int, reason: str) -> str:
         if calls and self.mode in ("auto", "required") and reason == "stop":
@@ -87,15 +95,33 @@ def _schema(f: dict) -> dict:
 DEFS_KEYS = ("$defs", "definitions")
 
 
+def _rebase_refs(value, base: str):
+    """`value` with its "$ref"s to the parameters' own root ("#", "#/properties/...") made to
+    point at `base`, where the parameters now sit; "#/$defs/..." and "#/definitions/..."
+    stay (the definitions move to the root)."""
+    if isinstance(value, list):
+        return [_rebase_refs(v, base) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _rebase_refs(v, base) for k, v in value.items()}
+    ref = value.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) \
+            and not any(ref.startswith(f"#/{key}/") for key in DEFS_KEYS):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
 def required_schema(tools: list[dict], parallel: bool = True) -> dict:
     """vLLM's schema for tool_choice "required": an array of {name, parameters}. Each
     tool's definitions ($defs, definitions) move to the array schema's root, where its
     "#/$defs/..." references point once the parameters sit inside the array (as vLLM does);
-    one name defined differently by two tools is a 400."""
+    one name defined differently by two tools is a 400. References to the parameters' own
+    root ("#": a recursive schema) are made to point where the parameters now sit (they
+    pointed at the array of calls)."""
     items, defs, owner = [], {}, {}
-    for t in tools:
+    for i, t in enumerate(tools):
         f = t["function"]
-        params = dict(_schema(f))
+        params = _rebase_refs(dict(_schema(f)), f"#/items/anyOf/{i}/properties/parameters")
         for key in DEFS_KEYS:
             for name, d in (params.pop(key, None) or {}).items():
                 got = defs.setdefault(key, {})
@@ -132,28 +158,34 @@ def plan(body, parser_name: str | None) -> ToolPlan | None:
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
     tools = template_tools(body)
+    parallel = extra.get("parallel_tool_calls")
+    parallel = True if parallel is None else parallel      # OpenAI's default
+    if not isinstance(parallel, bool):
+        raise bad_request(f"parallel_tool_calls must be true or false, got {parallel!r}",
+                          "parallel_tool_calls")
+    parser = ToolParser(parser_name) if parser_name is not None else None
+    ids = dict(parallel=parallel, new_call_id=parser.new_call_id if parser else new_call_id)
     if choice is None:
         choice = "auto"
     if choice == "none":
-        return ToolPlan("none", tools)
+        return ToolPlan("none", tools, **ids)
     if choice == "auto":
         if parser_name is None:
             raise bad_request('tool_choice "auto" needs a tool-call parser: start the server '
                               "with --tool-call-parser NAME (this model's chat template does "
                               'not name one), or use tool_choice "required" or a named '
                               "function", "tool_choice")
-        return ToolPlan("auto", tools, parser=ToolParser(parser_name))
+        return ToolPlan("auto", tools, parser=parser, **ids)
     if choice == "required":
-        parallel = extra.get("parallel_tool_calls", True) is not False
         return ToolPlan("required", tools, StructuredOutputsParams(
-            json=required_schema(tools, parallel)))
+            json=required_schema(tools, parallel)), **ids)
     if isinstance(choice, dict) and choice.get("type") == "function" \
             and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         for t in tools:
             if t["function"]["name"] == name:
                 return ToolPlan("named", tools, StructuredOutputsParams(
-                    json=_schema(t["function"])), name=name)
+                    json=_schema(t["function"])), name=name, **ids)
         raise bad_request(f"tool_choice names the function {name!r}, which is not in tools",
                           "tool_choice")
     raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", '

@@ -29,8 +29,9 @@ MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
+    # vLLM's command line for tool calling (--enable-auto-tool-choice was refused)
     s = Server(store.artifact("llama"), tmp_path_factory.mktemp("serve-structured"),
-               "--tool-call-parser", "hermes")
+               "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     try:
         yield s
     finally:
@@ -299,6 +300,20 @@ def test_unknown_parser_is_a_startup_error(store):
     assert "Traceback" not in p.stderr
 
 
+def test_enable_auto_tool_choice_without_a_parser_is_a_startup_error(store):
+    """vLLM's --enable-auto-tool-choice is accepted (it was 'unrecognized arguments'); with
+    no parser to read the calls (none given, none in this model's chat template) the server
+    says so at start rather than answering every tools request with a 400."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "braze", "serve", str(store.artifact("llama")),
+                        "--port", "0", "--backend", "reference", "--enable-auto-tool-choice"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "--enable-auto-tool-choice" in p.stderr and "--tool-call-parser" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_auto_parses_a_recorded_reply(server):
     """A real model's reply (SmolLM3's, from tests/data/tool_outputs.json) forced through the
     server by a regex: the non-streamed and the streamed response carry the call read off it."""
@@ -480,3 +495,38 @@ def test_tool_choice_required_with_defs_and_refs(server):
     assert r.status_code == 400 and err["param"] == "tools"
     assert "'Loc'" in err["message"] and "'weather'" in err["message"] \
         and "'trip'" in err["message"]
+
+
+def test_parallel_tool_calls_false_returns_the_first_call_with_auto(server):
+    """tool_choice auto with parallel_tool_calls false: only the reply's first call comes
+    back, whole and streamed (as vLLM does; both came back). A value that is not a bool is
+    a 400 naming the field (it read as true)."""
+    import re
+    regex = (r'<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}\n'
+             r'</tool_call>\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"'
+             r'\}\}\n</tool_call>')
+    base = dict(max_tokens=200, temperature=1.0, seed=3, tools=TOOLS, tool_choice="auto",
+                extra_body={"structured_outputs": {"regex": regex}})
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS, **base)
+    text_calls = [(c.function.name, json.loads(c.function.arguments))
+                  for c in r.choices[0].message.tool_calls]
+    raw = server.client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=200,
+                                                temperature=1.0, seed=3,
+                                                extra_body={"structured_outputs": {
+                                                    "regex": regex}}).choices[0].message.content
+    want = [(m["name"], m["arguments"]) for m in
+            (json.loads(b) for b in re.findall(r"<tool_call>\n(.*?)\n</tool_call>", raw))]
+    assert text_calls == want and len(want) == 2
+    r = server.client.chat.completions.create(model=MODEL, messages=MSGS,
+                                              parallel_tool_calls=False, **base)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == want[:1]
+    content, calls, reason = streamed_chat(server, parallel_tool_calls=False, **base)
+    assert (content, reason) == ("", "tool_calls")
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want[:1]
+    r = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": MSGS, "max_tokens": 4, "tools": TOOLS,
+        "tool_choice": "required", "parallel_tool_calls": "no"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"

@@ -620,7 +620,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--allowed-headers", "authorization", "--allow-credentials",
              "--trust-request-chat-template", "--chat-template", "t.jinja",
              "--extension", "m:f", "--extension", "name",
-             "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y",
+             "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+             "--lora-modules", "a=/x", "b=/y",
              "--allow-runtime-lora-updating", "--enable-lora", "--max-loras", "3",
              "--max-lora-rank", "32", "--enable-prompt-tokens-details",
              "--default-chat-template-kwargs", '{"enable_thinking": false}']
@@ -632,7 +633,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
                          allowed_headers=["authorization"], allow_credentials=True,
                          trust_request_chat_template=True, chat_template="t.jinja",
                          extensions=["m:f", "name"],
-                         tool_call_parser="hermes", lora_modules=["a=/x", "b=/y"],
+                         tool_call_parser="hermes", enable_auto_tool_choice=True,
+                         lora_modules=["a=/x", "b=/y"],
                          allow_runtime_lora_updating=True, enable_lora=True, max_loras=3,
                          max_lora_rank=32, enable_prompt_tokens_details=True,
                          default_chat_template_kwargs={"enable_thinking": False})

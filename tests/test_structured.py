@@ -115,6 +115,18 @@ def test_params_validation():
         SamplingParams(skip_special_tokens="no").validate()
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("json", False, "schema false allows no value"), ("json", 0, "got int"),
+    ("regex", False, "regex must be a non-empty string"),
+    ("choice", 0, "choice must be a non-empty list")])
+def test_a_falsy_constraint_is_named_not_missing(field, value, says):
+    """A constraint set to false or 0 is the caller's mistake in that field: the error says
+    what is wrong with it (it said "takes exactly one of ...; got none", as if it were
+    absent, because 0 == False)."""
+    with pytest.raises(BrazeError, match=says):
+        SamplingParams(structured_outputs={field: value}).validate()
+
+
 TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                     "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
@@ -402,6 +414,14 @@ def test_padded_vocab_masks_ids_past_the_tokenizer(store):
 def test_llm_raises_for_a_grammar_that_does_not_compile(llm):
     with pytest.raises(BrazeError, match="regex could not be compiled"):
         llm.generate(["Hi"], SamplingParams(structured_outputs={"regex": "(("}))
+    # a Lark grammar (vLLM converts them): the error says what braze takes instead (it
+    # said only "EBNF lexer error ... Unexpected character: ':'")
+    with pytest.raises(BrazeError, match=r"Lark.*root ::="):
+        llm.generate(["Hi"], SamplingParams(structured_outputs={
+            "grammar": '?start: answer\nanswer: "yes" | "no"\n'}))
+    out = llm.generate(["Hi"], SamplingParams(max_tokens=5, structured_outputs={
+        "grammar": 'root ::= answer\nanswer ::= "yes" | "no"'}))[0].outputs[0]
+    assert out.text in ("yes", "no")
     # choices with quotes and backslashes are matched literally
     choices = ['say "hi"', "back\\slash", "tab\there"]
     outs = llm.generate(["Pick:"] * 3, [SamplingParams(
@@ -495,3 +515,18 @@ def test_a_step_interrupted_while_it_samples_leaks_no_batch_row(store):
     want = [list(o.token_ids) for o in run_all(fresh, prompts, params)]
     assert [list(o.token_ids) for o in run_all(eng, prompts, params)] == want
     assert eng.runner.batch.num_free_rows == eng.runner.max_num_seqs
+
+
+def test_close_stops_the_grammar_thread(store):
+    """LLM.close() (and so `with braze.LLM(...)`) stops the worker thread that compiles
+    grammars, as it stops the engine's other work: it outlived the LLM, one per LLM made."""
+    import braze
+    with braze.LLM(store.artifact("llama"), backend="reference", num_kv_blocks=16) as llm:
+        out = llm.generate(["Hi"], SamplingParams(max_tokens=4, structured_outputs={
+            "regex": "[a-z]{2}"}), use_tqdm=False)[0].outputs[0]
+        assert len(out.text) == 2 and out.text.isalpha()
+        threads = list(llm.engine.structured.cache._pool._threads)
+        assert threads and all(t.is_alive() for t in threads)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)

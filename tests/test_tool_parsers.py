@@ -136,3 +136,181 @@ def test_stream_cut_by_max_tokens_keeps_what_was_sent():
     text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": [1, 2'
     content, calls = stream(p, text, range(1, len(text)))
     assert content == "Hi" and calls == [{"name": "f", "arguments": '{"a": [1, 2'}]
+
+
+@pytest.mark.parametrize("name", sorted({c[0] for c in CASES}))
+def test_malformed_output_is_content_not_an_error(name):
+    """A model's output with a stray bracket anywhere (a small model's slip) never makes a
+    parser raise (a 500, or a stream cut off), and streamed it reads as it does whole: the
+    same calls, or the same content. (Gemma 4's `call:f{a:1}}` raised IndexError; Llama 3's
+    stream garbled a JSON answer followed by text.)"""
+    parser = ToolParser(name)
+    for _, text, _, _ in (c for c in CASES if c[0] == name):
+        for i in range(len(text) + 1):
+            for stray in "}]":
+                bad = text[:i] + stray + text[i:]
+                content, calls = final_message(parser.parse(bad, final=True))
+                whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                         for c in calls]
+                s_content, s_calls = stream(parser, bad, range(1, len(bad), 5))
+                if calls:
+                    assert s_calls == whole, bad
+                elif not s_calls:
+                    assert s_content == content, bad
+
+
+def test_llama3_json_answer_is_content_streamed_too():
+    """A Llama 3 reply that is a JSON object but not a call, then prose: content, the same
+    streamed as whole (the stream sent the prose, then the whole text over it)."""
+    p = ToolParser("llama3_json")
+    for text in ('{"answer": 42} is the result.', '{"city": "Paris", "temp": 21}\n\nThat is all.'):
+        assert final_message(p.parse(text, final=True)) == (text, [])
+        for cuts in every_split(text):
+            assert stream(p, text, cuts) == (text, []), cuts
+
+
+# the tool-call turns of Mistral-7B-Instruct-v0.3's published chat template: it refuses a
+# tool call id other than 9 characters, in assistant tool_calls and in tool messages
+MISTRAL_TOOL_TURNS = """{%- for message in messages %}
+    {%- if message["role"] == "user" %}
+        {{- "[INST] " + message["content"] + "[/INST]" }}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" + eos_token }}{%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "tool" %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- endif %}
+{%- endfor %}"""
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "named"])
+def test_mistral_call_ids_go_back_through_its_template(choice):
+    """With the mistral parser, the calls a reply carries have ids Mistral's own chat
+    template takes back in the next turn (9 letters and digits, as vLLM gives them): the
+    client's history with the calls and their results renders. (OpenAI-shaped ids made the
+    template refuse every second turn: a 400.)"""
+    import re
+    from types import SimpleNamespace
+
+    from braze.serving.chat import ChatTemplate
+    from braze.serving.protocol import ChatMessage
+    from braze.serving.tools import plan
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tool_choice = {"named": {"type": "function", "function": {"name": "get_weather"}}}.get(
+        choice, choice)
+    p = plan(SimpleNamespace(model_extra={"tools": tools, "tool_choice": tool_choice}),
+             "mistral")
+    text = {"auto": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+            "required": '[{"name": "get_weather", "parameters": {"city": "Paris"}}]',
+            "named": '{"city": "Paris"}'}[choice]
+    _, calls = p.message(text)
+    streamed = [tc for d in p.streamer().feed(text, True) for tc in d.get("tool_calls", [])
+                if "id" in tc]
+    ids = [c["id"] for c in calls] + [tc["id"] for tc in streamed]
+    assert len(ids) == 2 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids), ids
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": calls[0]["id"], "content": '{"temp": 21}'}]
+    out = ChatTemplate(MISTRAL_TOOL_TURNS, {"eos_token": "</s>"}).render(
+        [ChatMessage(**m) for m in history], add_generation_prompt=False)
+    assert f'"call_id": "{calls[0]["id"]}"' in out
+
+
+def test_hermes_reads_tags_the_tokenizer_marks_special(tmp_path):
+    """Hermes 2 Pro and Hermes 3 have <tool_call> and </tool_call> as special tokens: with
+    tool_choice auto and the hermes parser the reply keeps them (as vLLM's hermes parser
+    asks), so the parser sees the call. (They were skipped as special tokens: the call came
+    back as bare JSON content.)"""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HF
+
+    from braze.runtime.detokenizer import IncrementalDetokenizer
+    from braze.runtime.tokenizer import Tokenizer
+    from braze.serving.tools import plan
+    from braze.tiny import make_tokenizer
+    make_tokenizer(tmp_path)
+    hf = HF.from_file(str(tmp_path / "tokenizer.json"))
+    hf.add_special_tokens(["<tool_call>", "</tool_call>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert hf.token_to_id("<tool_call>") in ids and hf.token_to_id("</tool_call>") in ids
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    p = plan(SimpleNamespace(model_extra={"tools": tools, "tool_choice": "auto"}), "hermes")
+    dt = IncrementalDetokenizer(tok, [], skip_special_tokens=p.skip_special_tokens)
+    dt.update(ids)
+    content, calls = p.message(dt.text)
+    assert content == "Checking."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+
+
+def test_required_schema_keeps_recursive_parameters_recursive():
+    """A tool whose parameters refer to their own root ("$ref": "#", a tree) under
+    tool_choice required: the array schema holds the same arguments the tool's schema does
+    (checked with jsonschema). The "#" pointed at the array of calls, so a node's children
+    had to be arrays of tool calls."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from braze.serving.tools import required_schema
+    tree = {"type": "object", "properties": {
+        "v": {"type": "integer"},
+        "kids": {"type": "array", "items": {"$ref": "#"}},
+        "first": {"$ref": "#/properties/v"},
+        "label": {"$ref": "#/$defs/Label"}},
+        "required": ["v", "kids"], "additionalProperties": False,
+        "$defs": {"Label": {"type": "string", "maxLength": 3}}}
+    tools = [{"type": "function", "function": {"name": "other", "parameters": {
+                 "type": "object", "properties": {}}}},
+             {"type": "function", "function": {"name": "tree", "parameters": tree}}]
+    schema = required_schema(tools)
+    good = {"v": 1, "first": 2, "label": "ab", "kids": [{"v": 2, "kids": [{"v": 3, "kids": []}]}]}
+    calls_as_kids = {"v": 1, "kids": [[{"name": "tree", "parameters": {"v": 2, "kids": []}}]]}
+    for args in (good, calls_as_kids, {"v": 1, "kids": [], "first": "x"}, {"v": 1, "kids": [],
+                                                                          "label": "long"}):
+        ok = jsonschema.Draft202012Validator(tree).is_valid(args)
+        assert jsonschema.Draft202012Validator(schema).is_valid(
+            [{"name": "tree", "parameters": args}]) == ok, args
+
+
+@pytest.mark.parametrize("name", sorted({c[0] for c in CASES}))
+def test_edited_output_streams_as_it_reads_whole(name):
+    """Replies edited at random (a character put in or taken out, as a small model slips):
+    no parser raises, and streamed they read as whole: the same calls, or the same content;
+    no call goes out without a name (the stream helper checks). A hermes block whose object
+    names no function, then text, streamed as content without the block (the whole reply
+    showed it), and `{"name": ""...` went out as a call with an empty name."""
+    import random
+    rng = random.Random(name)
+    parser = ToolParser(name)
+    for _, text, _, _ in (c for c in CASES if c[0] == name):
+        for _ in range(150):
+            t = text
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(t) + 1)
+                t = t[:i] + rng.choice('{}[]",: \nx<>|;\\') + t[i:] if rng.random() < 0.5 \
+                    else t[:i] + t[i + 1:]
+            content, calls = final_message(parser.parse(t, final=True))
+            whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in calls]
+            s_content, s_calls = stream(parser, t, range(1, len(t), 3))
+            if calls:
+                assert s_calls == whole, t
+            elif not s_calls:
+                assert s_content == content, t
+    text = ('I will check.\n<tool_call>\n{"function": "get_weather"}\n</tool_call>\nDone.')
+    assert stream(ToolParser("hermes"), text, range(1, len(text))) == (text, [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def stream(parser, text: str, cuts) -> tuple[str, list[dict]]:
     """Feed the output in pieces ending at `cuts`; the concatenated content and calls."""
@@ -17,7 +19,9 @@ def stream(parser, text: str, cuts) -> tuple[str, list[dict]]:
             for tc in d.get("tool_calls", []):
                 i = tc["index"]
                 if i == len(calls):
-                    assert tc["id"].startswith("call_") and tc["type"] == "function"
+                    # OpenAI's call_... ids; Mistral's 9 letters and digits (its template's)
+                    assert (tc["id"].startswith("call_") or re.fullmatch(
+                        "[A-Za-z0-9]{9}", tc["id"])) and tc["type"] == "function"
                     assert tc["function"]["name"]
                     calls.append({"name": tc["function"]["name"], "arguments": ""})
                 else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Parsed, ToolStreamer, final_message
+from .base import Parsed, ToolStreamer, final_message, new_call_id
 
 PARSERS = {
     "hermes": "hermes",            # Hermes 2/3, Qwen2.5, Qwen3
@@ -45,12 +45,14 @@ class ToolParser:
         self.name = name
         self.module = importlib.import_module(f"{__name__}.{PARSERS[name]}")
         self.skip_special_tokens = getattr(self.module, "SKIP_SPECIAL_TOKENS", True)
+        # the ids of the calls it reads: the shape the model's template takes back
+        self.new_call_id = getattr(self.module, "new_call_id", new_call_id)
 
     def parse(self, text: str, final: bool = True) -> Parsed:
         return self.module.parse(text, final)
 
     def streamer(self) -> ToolStreamer:
-        return ToolStreamer(self.module.parse)
+        return ToolStreamer(self.module.parse, self.new_call_id)
 
 
 def detect(template: str | None) -> str | None:

@@ -35,6 +35,8 @@ def plain(text: str) -> Parsed:
 
 
 def new_call_id() -> str:
+    """A tool call's id, as OpenAI writes them. A parser module whose model's chat template
+    wants another shape back in the history defines its own `new_call_id`."""
     return "call_" + uuid.uuid4().hex[:24]
 
 
@@ -142,7 +144,7 @@ def scan_call_object(text: str, i: int, name_keys=("name",),
                 name = json.loads(text[j:v_end])
             except ValueError:
                 name = None
-            if not isinstance(name, str):
+            if not isinstance(name, str) or not name:      # a call names its function
                 out.valid = False
                 return out
             out.name = name
@@ -154,7 +156,10 @@ def scan_call_object(text: str, i: int, name_keys=("name",),
 
 
 def call_from_scan(text: str, s: ObjectScan, final: bool) -> Call | None:
-    """The Call an object scan gives; None when a finished object is not a valid call."""
+    """The Call an object scan gives; None when a finished object is not a valid call. A
+    finished object is judged the same while the output streams (`final` False) as in the
+    whole output, so a stream never sends as a call, or leaves out of its content, what the
+    whole response shows as text."""
     if s.args_start is None:
         args = "{}" if s.end is not None else ""
     elif text[s.args_start] == '"':
@@ -167,7 +172,7 @@ def call_from_scan(text: str, s: ObjectScan, final: bool) -> Call | None:
                 return None
     else:
         args = text[s.args_start:s.args_end if s.args_end is not None else len(text)]
-    if final:
+    if final or s.end is not None:
         if s.end is None or s.name is None or not s.valid:
             return None
         try:
@@ -200,8 +205,8 @@ class ToolStreamer:
     sent, so the caller knows to finish with "tool_calls".
     """
 
-    def __init__(self, parse):
-        self.parse = parse
+    def __init__(self, parse, new_id=new_call_id):
+        self.parse, self.new_id = parse, new_id
         self.content_sent = 0
         self.sent: list[tuple[str, int]] = []     # per call: (id, argument chars sent)
 
@@ -224,7 +229,7 @@ class ToolStreamer:
             if call.name is None:
                 break                            # calls go out in order, names first
             if i == len(self.sent):
-                cid = new_call_id()
+                cid = self.new_id()
                 self.sent.append((cid, 0))
                 deltas.append({"tool_calls": [{"index": i, "id": cid, "type": "function",
                                                "function": {"name": call.name,
@@ -237,10 +242,10 @@ class ToolStreamer:
         return deltas
 
 
-def final_message(parsed: Parsed) -> tuple[str | None, list[dict]]:
+def final_message(parsed: Parsed, new_id=new_call_id) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) for a non-streamed response. The content is trimmed at both ends
     with or without calls, as `ToolStreamer` sends it, so both responses carry the same text."""
-    calls = [{"id": new_call_id(), "type": "function",
+    calls = [{"id": new_id(), "type": "function",
               "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls]
     content = parsed.content.strip()
     return (content or None) if calls else content, calls

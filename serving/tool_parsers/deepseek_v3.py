@@ -44,6 +44,8 @@ def parse(text: str, final: bool) -> Parsed:
             if nl < 0:
                 return plain(text) if final else Parsed(content, calls)
             name = text[j:nl].strip()
+            if not name:                         # a call names its function
+                return plain(text) if final else Parsed(content, calls)
             fence = skip_ws(text, nl)
             if not text.startswith("```json", fence):
                 if final or not "```json".startswith(text[fence:]):
@@ -53,6 +55,8 @@ def parse(text: str, final: bool) -> Parsed:
         else:                                    # V3.1: NAME<｜tool▁sep｜>{...}
             name = kind.strip()
             j = skip_ws(text, j)
+        if not name:                             # a call names its function
+            return plain(text) if final else Parsed(content, calls)
         end = value_end(text, j) if j < len(text) else None
         if end is None:
             if final:

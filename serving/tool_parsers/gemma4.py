@@ -74,6 +74,8 @@ def _to_json(src: str) -> str:
             out.append(tok)
             expect_key.append(tok == "{")
         elif tok in "}]":
+            if not expect_key:       # a closing bracket with none open: not Gemma's syntax
+                raise ValueError("unbalanced brackets")
             out.append(tok)
             expect_key.pop()
         elif tok in ",:":

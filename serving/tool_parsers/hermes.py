@@ -1,11 +1,14 @@
 """Hermes / Qwen2.5 / Qwen3: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
-one block per call, text allowed around them."""
+one block per call, text allowed around them. Hermes 2 Pro and Hermes 3 make the tags
+special tokens, so the request keeps special tokens in the text (as vLLM's hermes parser
+asks); Qwen's are plain added tokens."""
 
 from __future__ import annotations
 
 from .base import Parsed, call_from_scan, held_back, plain, scan_call_object, skip_ws
 
 START, END = "<tool_call>", "</tool_call>"
+SKIP_SPECIAL_TOKENS = False
 
 
 def parse(text: str, final: bool) -> Parsed:

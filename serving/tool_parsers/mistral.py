@@ -1,17 +1,28 @@
 """Mistral: `[TOOL_CALLS]` (a special token: the request keeps it in the text), then either a
 JSON array `[{"name": ..., "arguments": {...}}, ...]` (tokenizer v3..v7) or, from tokenizer
 v11, `name[ARGS]{...}` per call, each call after its own `[TOOL_CALLS]` (newer templates put
-`[CALL_ID]id` before `[ARGS]`). Text after the calls is content."""
+`[CALL_ID]id` before `[ARGS]`). Text after the calls is content.
+
+Call ids are 9 letters and digits, as vLLM gives Mistral's: Mistral's chat templates refuse
+any other id in the history ("Tool call IDs should be alphanumeric strings with length 9!"),
+so a client sending back the calls it got, with their results, gets the next turn."""
 
 from __future__ import annotations
 
 import json
+import secrets
+import string
 
 from .base import (Call, Parsed, call_from_scan, held_back, plain, scan_call_object, skip_ws,
                    value_end)
 
 MARKER, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 SKIP_SPECIAL_TOKENS = False
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def new_call_id() -> str:
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
 
 
 def parse(text: str, final: bool) -> Parsed:
@@ -73,6 +84,8 @@ def _parse_v11(text: str, final: bool, k: int) -> Parsed:
                 return plain(text)
             break
         name = text[i:a].split(CALL_ID)[0].strip()      # NAME[CALL_ID]ID[ARGS]: the id is ours
+        if not name:                                    # a call names its function
+            return plain(text) if final else Parsed(content, calls)
         j = skip_ws(text, a + len(ARGS))
         if j >= len(text):
             calls.append(Call(name, ""))
