@@ -43,3 +43,22 @@ def test_verify_time_meta_artifact_opens_and_verifies(tmp_path):
     r = vt.worker(str(art))
     assert r["launches"] == sum(len(s["launches"]) for s in manifest["plan"]["segments"])
     json.dumps(r)
+
+
+def test_sampler_options_small_vocab_and_case_names(tmp_path, capsys):
+    """sampler_options.py at a small --vocab measures every case (its logit_bias ids were
+    fixed at up to 1455: IndexError below that), and a misspelt --cases name is refused, not
+    measured as plain greedy under that name."""
+    so = script("sampler_options")
+    out = tmp_path / "so.json"
+    assert so.main(["--vocab", "64", "--requests", "2", "--history", "8", "--steps", "1",
+                    "--warmup", "0", "--cases", "greedy+bias,sampled+opts",
+                    "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and [r["case"] for r in doc["results"]] == ["greedy+bias",
+                                                                       "sampled+opts"]
+    for bad in (["--cases", "greedy+penalty"], ["--vocab", "8"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            so.main(bad)
+        assert e.value.code == 2
+        assert bad[0] in capsys.readouterr().err
