@@ -62,3 +62,16 @@ def test_sampler_options_small_vocab_and_case_names(tmp_path, capsys):
             so.main(bad)
         assert e.value.code == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_compile_memory_refuses_a_size_it_cannot_build(capsys):
+    """compile_memory.py --mb below its shape's smallest checkpoint (embedding, LM head and
+    one layer) is refused naming the least it builds; it built that larger one silently."""
+    cm = script("compile_memory")
+    least = cm.checkpoint_mib(1)
+    for args, needle in ((["--mb", str(int(least) - 1)], f"{least:.0f} MiB"),
+                         (["--shard-mb", "0"], "--shard-mb 0")):
+        with pytest.raises(SystemExit) as e:
+            cm.main(args)
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
