@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--backend", default="reference")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per mode; the best is kept")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per mode, interleaved; the median is kept")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--mask-vocab", type=int, metavar="V",
                     help="instead: the grammar work per step alone, at vocabulary size V "

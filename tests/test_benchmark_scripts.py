@@ -75,3 +75,16 @@ def test_compile_memory_refuses_a_size_it_cannot_build(capsys):
             cm.main(args)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+def test_readme_names_the_scripts_whose_json_is_rewritten_per_row():
+    """benchmarks/README.md's list of scripts whose --json PATH is rewritten after every
+    row is exactly the scripts that write it through results_file.py (it said every
+    script, and several have no --json file)."""
+    import re
+    text = (BENCH / "README.md").read_text()
+    para = text[text.index("The scripts that take `--json PATH`"):]
+    listed = set(re.findall(r"`(\w+)\.py`", para[:para.index(")")]))
+    users = {p.stem for p in BENCH.glob("*.py")
+             if re.search(r"^from results_file import", p.read_text(), re.M)}
+    assert listed == users
