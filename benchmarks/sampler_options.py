@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from braze.runtime.input_batch import PersistentBatch, static_buffers  # noqa: E402
 from braze.runtime.sampler import SamplingParams, bias_entries  # noqa: E402
+from arg_checks import at_least, cuda_needed  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
 
 
@@ -118,14 +119,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--cases: unknown {', '.join(map(repr, unknown))}; choose from "
                  f"{', '.join(CASES)}")
-    for flag, value, least in (("--requests", a.requests, 1), ("--vocab", a.vocab, MIN_VOCAB),
-                               ("--history", a.history, 2), ("--steps", a.steps, 1),
-                               ("--warmup", a.warmup, 0)):
-        if value < least:
-            ap.error(f"{flag} {value}: give {least} or more")
-    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {a.device}: no CUDA device here; leave --device out to run on "
-                 "the CPU")
+    at_least(ap, a, requests=1, vocab=MIN_VOCAB, history=2, steps=1, warmup=0)
+    if torch.device(a.device).type == "cuda":
+        cuda_needed(ap, f"--device {a.device}")
     out = ResultsFile(a.json, {"device": a.device, "torch": torch.__version__,
                                "threads": torch.get_num_threads()})
     rows = []

@@ -88,3 +88,30 @@ def test_readme_names_the_scripts_whose_json_is_rewritten_per_row():
     users = {p.stem for p in BENCH.glob("*.py")
              if re.search(r"^from results_file import", p.read_text(), re.M)}
     assert listed == users
+
+
+@pytest.mark.parametrize("name, args, needle", [
+    ("prompt_logprobs", ["--prompt-len", "0"], "--prompt-len 0"),
+    ("prompt_logprobs", ["--prompt-len", "1024"], "--prompt-len 1024"),
+    ("prompt_logprobs", ["--repeat", "0"], "--repeat 0"),
+    ("lora", ["--batch", "0"], "--batch 0"),
+    ("lora", ["--hidden", "100", "--heads", "8"], "--hidden 100"),
+    ("lora", ["--heads", "8", "--kv-heads", "3"], "--kv-heads 3"),
+])
+def test_bad_sizes_are_refused_before_any_work(name, args, needle, capsys):
+    """A size the run cannot use is an argparse error naming the flag, before the checkpoint
+    and artifacts are built (they were tracebacks from the engine or torch after that)."""
+    with pytest.raises(SystemExit) as e:
+        script(name).main(args)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a CPU-only host")
+def test_cuda_options_on_a_cpu_host_are_refused(capsys):
+    for name, args in (("lora", ["--backend", "cuda"]),
+                       ("sampler_options", ["--device", "cuda"])):
+        with pytest.raises(SystemExit) as e:
+            script(name).main(args)
+        assert e.value.code == 2
+        assert "CUDA" in capsys.readouterr().err
