@@ -115,3 +115,47 @@ def test_cuda_options_on_a_cpu_host_are_refused(capsys):
             script(name).main(args)
         assert e.value.code == 2
         assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a CPU-only host")
+@pytest.mark.parametrize("name, args", [
+    ("kv_offload", ["--backend", "cuda"]),
+    ("speculative", ["--backend", "cuda"]),
+    ("structured_throughput", ["--tiny", "--backend", "cuda"]),
+])
+def test_backend_cuda_on_a_cpu_host_is_refused_before_building(name, args, capsys):
+    """--backend cuda without a GPU: one argparse line, not the engine's traceback after
+    the checkpoint and artifacts were built."""
+    with pytest.raises(SystemExit) as e:
+        script(name).main(args)
+    assert e.value.code == 2
+    assert "--backend cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_serve_load_says_why_it_cannot_load_a_server():
+    """serve_load.py --url of no server, or of a server that wants an API key: one line
+    saying so (an httpx traceback, or a KeyError on the 401 body, before); the key is sent
+    when given."""
+    import asyncio
+    import socket
+
+    import httpx
+    sl = script("serve_load")
+    with socket.socket() as s:          # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SystemExit, match=f"cannot reach {url}"):
+        sl.main(["--url", url, "--requests", "1", "--warmup", "0"])
+
+    def server(request):
+        if request.headers.get("authorization") != "Bearer k":
+            return httpx.Response(401, json={"error": {"code": "invalid_api_key"}})
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "m"}]})
+
+    async def model(headers):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(server), headers=headers,
+                                     base_url="http://x") as client:
+            return await sl.served_model(client, "http://x")
+    with pytest.raises(SystemExit, match="wants an API key.*--api-key"):
+        asyncio.run(model({}))
+    assert asyncio.run(model({"Authorization": "Bearer k"})) == "m"
