@@ -159,3 +159,18 @@ def test_serve_load_says_why_it_cannot_load_a_server():
     with pytest.raises(SystemExit, match="wants an API key.*--api-key"):
         asyncio.run(model({}))
     assert asyncio.run(model({"Authorization": "Bearer k"})) == "m"
+
+
+@pytest.mark.parametrize("buckets, needle", [("abc", "comma list of integers"),
+                                             ("0,1", "1 token or more")])
+def test_launch_count_bad_buckets_are_refused(buckets, needle, tmp_path, capsys):
+    """launch_count.py's --buckets that are not step sizes: one argparse line (a ValueError
+    or the engine's BrazeError traceback before), as is an artifact path with nothing there."""
+    lc = script("launch_count")
+    with pytest.raises(SystemExit) as e:
+        lc.main([str(tmp_path), "--buckets", buckets])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        lc.main([str(tmp_path / "none.braze")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "none.braze does not exist" in err and "Traceback" not in err
