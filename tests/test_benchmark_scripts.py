@@ -174,3 +174,20 @@ def test_launch_count_bad_buckets_are_refused(buckets, needle, tmp_path, capsys)
         lc.main([str(tmp_path / "none.braze")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "none.braze does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, args, needle", [
+    ("tp_allreduce", ["--models", "llama3-8b", "--tp", "0"], "--tp 0"),
+    ("tp_allreduce", ["--models", "llama3-8b", "--batch", "0"], "--batch 0"),
+    ("hybrid_cache", ["--context", "0"], "--context 0"),
+    ("hybrid_cache", ["--block-size", "3"], "--block-size 3"),
+    ("hybrid_cache", ["--dtype", "fp8"], "--dtype"),
+    ("mla_cache", ["--dtype", "fp8"], "--dtype"),
+])
+def test_no_gpu_scripts_refuse_bad_arguments(name, args, needle, capsys):
+    """The CPU-only analyses refuse a size or dtype they cannot use in one argparse line (a
+    ZeroDivisionError, or a BrazeError traceback from tracing or the block manager, before)."""
+    with pytest.raises(SystemExit) as e:
+        script(name).main(args)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
