@@ -191,3 +191,16 @@ def test_no_gpu_scripts_refuse_bad_arguments(name, args, needle, capsys):
         script(name).main(args)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_compile_time_refuses_a_pass_it_would_never_profile(capsys):
+    """compile_time.py --profile-pass NAME for no pass of the pipeline measured its models
+    for minutes and then profiled nothing, silently; refused up front now, listing the
+    pipeline's passes (braze.passes.pipeline, the same list the runs use)."""
+    from braze.passes import pipeline
+    ct = script("compile_time")
+    with pytest.raises(SystemExit) as e:
+        ct.main(["--models", "llama3-8b", "--profile-pass", "fuse-nrom"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--profile-pass fuse-nrom" in err
+    assert all(name in err for name in pipeline(2))
