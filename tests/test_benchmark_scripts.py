@@ -213,3 +213,15 @@ def test_readme_table_lists_every_script():
     listed = {name for line in (BENCH / "README.md").read_text().splitlines()
               if line.startswith("| `") for name in re.findall(r"`([\w.]+)`", line.split("|")[1])}
     assert {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh")} - listed == set()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batches", "1", "--profile-batches", "4"], "--profile-batches 4: not among"),
+    (["--profile-batches", "one"], "--profile-batches 'one'"),
+])
+def test_decode_profile_batches_must_be_measured(args, needle, capsys):
+    """decode.py --profile-batches B for a batch it does not measure wrote no profile and
+    said nothing (profiles are taken at measured batches only); refused up front now."""
+    with pytest.raises(SystemExit) as e:
+        script("decode").main(["--dry-run", *args])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
