@@ -225,3 +225,15 @@ def test_decode_profile_batches_must_be_measured(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
         script("decode").main(["--dry-run", *args])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_kernel_bench_says_when_nothing_applies():
+    """kernel_bench.py with kernels none of its models has (attention on the GEMM-only 1B
+    shape) printed "checked 0/0 cases" and exited 0, as if it had passed; exit 2 naming the
+    selection now. A subprocess: the dry run sets TRITON_INTERPRET and a tile size."""
+    import subprocess
+    r = subprocess.run([sys.executable, str(BENCH / "kernel_bench.py"), "--dry-run",
+                        "--models", "llama3.2-1b", "--kernels", "attention"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no case to run: --kernels attention" in r.stderr and "Traceback" not in r.stderr
