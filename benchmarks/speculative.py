@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     for flag, values in (("--batch", a.batch), ("--k", a.k)):
         if min(values) < 1:
             ap.error(f"{flag} {min(values)}: give 1 or more")
+    if a.family == "llama" and a.hidden % 8:
+        ap.error(f"--hidden {a.hidden}: the llama target has 4 heads of an even size "
+                 "(RoPE rotates pairs): give a multiple of 8")
     if a.backend == "cuda":
         cuda_needed(ap, "--backend cuda")
     if a.ngram_host:

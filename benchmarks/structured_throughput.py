@@ -157,8 +157,12 @@ def main(argv=None) -> int:
         ap.error("give --artifact or --tiny")
     import braze
     from braze.runtime.structured import StructuredOutputsParams
+    from braze.ir.errors import BrazeError
     art = a.artifact or tiny_artifact()
-    llm = braze.LLM(art, backend=a.backend, max_num_seqs=a.batch)
+    try:
+        llm = braze.LLM(art, backend=a.backend, max_num_seqs=a.batch)
+    except BrazeError as e:      # no artifact there, one it cannot trust, --batch too big
+        ap.error(f"--artifact {art}: {e}")
     prompts = [f"Request {i}:" for i in range(a.batch)]
 
     schema = StructuredOutputsParams(json=SCHEMA)

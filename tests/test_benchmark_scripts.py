@@ -237,3 +237,16 @@ def test_kernel_bench_says_when_nothing_applies():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no case to run: --kernels attention" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name, args, needle", [
+    ("structured_throughput", ["--artifact", "{tmp}/none.braze"], "none.braze does not exist"),
+    ("speculative", ["--hidden", "60"], "--hidden 60"),
+])
+def test_artifact_and_shape_errors_are_one_line(name, args, needle, tmp_path, capsys):
+    """structured_throughput.py --artifact of nothing (a BrazeError traceback) and
+    speculative.py --hidden giving odd RoPE heads (transformers' ValueError after a while)."""
+    with pytest.raises(SystemExit) as e:
+        script(name).main([x.format(tmp=tmp_path) for x in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err
