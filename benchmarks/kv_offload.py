@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                          "wants float32)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    at_least(args=args, ap=ap, prefix_tokens=2, layers=1, max_num_tokens=1)
+    at_least(ap, args, prefix_tokens=2, layers=1, max_num_tokens=1)
     if args.backend == "cuda":
         cuda_needed(ap, "--backend cuda")
 
