@@ -52,17 +52,33 @@ def peak_mib(*args) -> float:
     return int(out) / 1024
 
 
-def main() -> None:
+HIDDEN, INTER, VOCAB = 1024, 2816, 32000
+PER_LAYER = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER) * 4     # float32 bytes
+
+
+def checkpoint_mib(layers: int) -> float:
+    """The checkpoint's size with `layers` layers: untied embedding and LM head, then layers."""
+    return (2 * VOCAB * HIDDEN * 4 + layers * PER_LAYER) / 2**20
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mb", type=int, default=600, help="checkpoint size to aim for, MiB")
+    ap.add_argument("--mb", type=int, default=600,
+                    help=f"checkpoint size to aim for, MiB (at least {checkpoint_mib(1):.0f}: "
+                         "the embedding, LM head and one layer)")
     ap.add_argument("--shard-mb", type=int, default=100, help="transformers' max_shard_size")
     ap.add_argument("--fp8", action="store_true",
                     help="store the linear weights in fp8 with 128x128 block scales and "
                          "compile to bfloat16")
-    args = ap.parse_args()
-    hidden, inter, vocab = 1024, 2816, 32000
-    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 4
-    layers = max(1, round((args.mb * 2**20 - 2 * vocab * hidden * 4) / per_layer))
+    args = ap.parse_args(argv)
+    if args.mb < round(checkpoint_mib(1)):
+        ap.error(f"--mb {args.mb}: the smallest checkpoint of this shape is "
+                 f"{checkpoint_mib(1):.0f} MiB (embedding, LM head and one layer); give "
+                 "--mb of at least that")
+    if args.shard_mb < 1:
+        ap.error(f"--shard-mb {args.shard_mb}: give a shard size of 1 MiB or more")
+    hidden, inter, vocab = HIDDEN, INTER, VOCAB
+    layers = max(1, round((args.mb * 2**20 - 2 * vocab * hidden * 4) / PER_LAYER))
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / "model"
         peak_mib("make", ckpt, hidden, inter, vocab, layers, args.shard_mb)

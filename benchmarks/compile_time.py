@@ -575,6 +575,12 @@ def main(argv=None) -> int:
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    from braze.passes import pipeline
+    passes = pipeline(args.opt_level)
+    for name in args.profile_pass:
+        if name not in passes:
+            ap.error(f"--profile-pass {name}: not a pass of the -O{args.opt_level} pipeline, "
+                     f"which runs {', '.join(dict.fromkeys(passes))}")
     level_args = ["--opt-level", str(args.opt_level), "--max-num-tokens", str(args.max_num_tokens)]
 
     mode = "in-process (warm)" if args.in_process else "fresh process per run (cold)"

@@ -1072,7 +1072,15 @@ def parse_args(argv):
         tuple(int(b) for b in args.batches.split(",") if b.strip())
     if not args.batch_list or min(args.batch_list) < 1:
         ap.error("--batches needs positive integers")
-    args.profile_batches = {int(b) for b in args.profile_batches.split(",") if b.strip()}
+    try:
+        args.profile_batches = {int(b) for b in args.profile_batches.split(",") if b.strip()}
+    except ValueError:
+        ap.error(f"--profile-batches {args.profile_batches!r}: give batch sizes, e.g. 1,64")
+    unmeasured = sorted(args.profile_batches - set(args.batch_list))
+    if unmeasured:
+        ap.error(f"--profile-batches {','.join(map(str, unmeasured))}: not among the batches "
+                 f"measured ({','.join(map(str, args.batch_list))}); a profile is taken at a "
+                 "measured batch: add it to --batches")
     args.profile_tag = ("" if args.temperature <= 0 else
                         f"-t{args.temperature:g}" + ("" if args.top_p >= 1 else
                                                      f"-p{args.top_p:g}")) + \

@@ -42,6 +42,8 @@ import io
 import sys
 import tempfile
 
+from arg_checks import at_least
+
 
 def gemma3_4b_like():
     """Gemma 3 4B's text shape: 34 layers, every 6th global (5:1), window 1024, 4 KV heads
@@ -208,7 +210,8 @@ def main(argv=None) -> int:
                     help="prefill tokens per step (default 2048)")
     ap.add_argument("--decode", type=int, default=256, help="decode steps after (default 256)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
-    ap.add_argument("--dtype", default="bfloat16", help="cache dtype (default bfloat16)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"), 
+                    help="cache dtype (default bfloat16)")
     ap.add_argument("--kv-gib", type=float, default=40.0,
                     help="KV budget for the serving view, GiB (default 40)")
     ap.add_argument("--max-num-seqs", type=int, default=64,
@@ -220,6 +223,12 @@ def main(argv=None) -> int:
     ap.add_argument("--short", type=int, default=512, help="short prompt (default 512)")
     ap.add_argument("--long", type=int, default=16384, help="long prompt (default 16384)")
     a = ap.parse_args(argv)
+    at_least(ap, a, context=1, chunk=1, decode=0, block_size=1, max_num_seqs=1,
+             max_num_tokens=1, short=1, long=1)
+    if a.block_size & (a.block_size - 1):
+        ap.error(f"--block-size {a.block_size}: give a power of two, as braze compile takes")
+    if a.kv_gib <= 0:
+        ap.error(f"--kv-gib {a.kv_gib}: give a positive budget")
     r = measure(a.context, a.chunk, a.decode, a.block_size, a.dtype)
     n, bs = r["tokens"], a.block_size
     print(f"Gemma-3-4B-like, {r['dtype']}, {n} tokens ({a.context} prompt in {a.chunk}-token "

@@ -1166,6 +1166,15 @@ def main(argv=None) -> int:
         print_gemm_table(rows)
     if args.gemm_configs:
         print_gemm_sweep(results)
+    if not results:
+        print(f"error: no case to run: --kernels {' '.join(args.kernels)} at --sizes "
+              f"{' '.join(map(str, sizes))} apply to none of --models {' '.join(args.models)} "
+              f"(a kernel runs on the shapes that have its op: llama3.2-1b has the skinny "
+              f"GEMM's only, MoE and MLA kernels need those models, and the skinny GEMM runs "
+              f"at T <= {GEMM_MAX_TOKENS}); pick another model, kernel or size",
+              file=sys.stderr)
+        out.finish(failures=0, targets_missed=0)
+        return 2
 
     missed = [r for r in results if r.get("target_met") is False]
     print()

@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arg_checks import at_least, cuda_needed
 from results_file import ResultsFile
 
 
@@ -101,12 +102,12 @@ def beside_a_decoder(eng, rid: str, prompt: list[int], before: int = 8) -> dict:
             "neighbour_tokens_during": len(during)}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefix-tokens", type=int, default=32768)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--max-num-tokens", type=int, default=2048)
-    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--backend", default="reference", choices=("auto", "reference", "interpret", "cuda"))
     ap.add_argument("--kv-shape", choices=("tiny", "8b"), default="tiny",
                     help="8b: Llama-3-8B's KV bytes per token (tiny: --layers of the tiny "
                          "model)")
@@ -114,7 +115,10 @@ def main() -> int:
                     help="the artifact's dtype (bfloat16 on a GPU; the CPU interpreter "
                          "wants float32)")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    at_least(ap, args, prefix_tokens=2, layers=1, max_num_tokens=1)
+    if args.backend == "cuda":
+        cuda_needed(ap, "--backend cuda")
 
     import torch
     from braze.runtime.engine import Engine

@@ -66,14 +66,29 @@ def host_ops(artifact: str, buckets: list[int], eng=None) -> dict[int, dict[str,
     return out
 
 
+def _bucket_list(text: str) -> list[int]:
+    try:
+        buckets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not buckets or buckets[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give step sizes of 1 token or more")
+    return buckets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
-    ap.add_argument("--buckets", default="1,16,64", help="comma list (default 1,16,64)")
+    ap.add_argument("--buckets", default="1,16,64", type=_bucket_list,
+                    help="comma list of step sizes in tokens (default 1,16,64)")
     ap.add_argument("--by-kernel", action="store_true", help="a line per kernel and bucket")
     args = ap.parse_args(argv)
-    buckets = sorted({int(b) for b in args.buckets.split(",") if b.strip()})
-    eng = _engine(args.artifact, buckets)
+    buckets = args.buckets
+    from braze.ir.errors import BrazeError
+    try:
+        eng = _engine(args.artifact, buckets)
+    except BrazeError as e:         # no artifact there, or buckets beyond its limits
+        ap.error(f"--buckets {','.join(map(str, buckets))} on {args.artifact}: {e}")
     got = count(args.artifact, buckets, eng)
     print(f"{args.artifact}: launches per decode step of each bucket's bound plan")
     print("| bucket | launches | Triton kernels | extern calls |")

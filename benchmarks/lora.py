@@ -44,6 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from arg_checks import at_least, cuda_needed  # noqa: E402
+
 
 def write_adapter(out: Path, spec: dict, rank: int, seed: int) -> Path:
     """A random adapter over every q/k/v/o/gate/up/down linear, by hand in PEFT's format."""
@@ -97,7 +99,7 @@ def decode_ms(art, backend: str, batch: int, steps: int, loras: list) -> tuple[f
     return statistics.median(times), statistics.median(cpu)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="reference", choices=("reference", "interpret", "cuda"))
     ap.add_argument("--hidden", type=int, default=256)
@@ -111,7 +113,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dtype", default=None, help="compile dtype (default float32 on the CPU, "
                                                   "bfloat16 on cuda)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    at_least(ap, a, hidden=1, intermediate=1, layers=1, heads=1, kv_heads=1, rank=1, batch=1,
+             steps=1, repeat=1)
+    if a.hidden % a.heads or a.heads % a.kv_heads:
+        ap.error(f"--hidden {a.hidden}, --heads {a.heads}, --kv-heads {a.kv_heads}: the heads "
+                 "must divide --hidden and the KV heads the heads")
+    if a.backend == "cuda":
+        cuda_needed(ap, "--backend cuda")
     if a.backend != "cuda":
         torch.set_num_threads(1)         # the step's CPU work all on the timed thread
     import braze

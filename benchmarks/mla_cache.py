@@ -56,7 +56,7 @@ def measure(name: str, dtype: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", default="bfloat16", help="cache dtype (default bfloat16)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"), help="cache dtype (default bfloat16)")
     args = ap.parse_args(argv)
     print("| model | dtype | layers | cached values per token and layer | latent cache B/token "
           "| MHA cache B/token | MHA / latent |")

@@ -24,17 +24,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from arg_checks import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
+MAX_MODEL_LEN = 1024
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompt-len", type=int, default=480)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-num-tokens", type=int, default=512)
     ap.add_argument("--plain", type=int, default=3, help="plain requests beside it")
     ap.add_argument("--repeat", type=int, default=3)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    at_least(ap, a, prompt_len=2, max_num_seqs=1, max_num_tokens=1, plain=0, repeat=1)
+    if a.prompt_len >= MAX_MODEL_LEN:
+        ap.error(f"--prompt-len {a.prompt_len}: the artifacts are compiled for "
+                 f"{MAX_MODEL_LEN} tokens, prompt and the one output token; give less")
 
     import torch
 
@@ -46,7 +53,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="braze-plp-"))
     ck = make_checkpoint("llama", tmp / "model", seed=1, max_position_embeddings=2048)
     lim = dict(max_num_seqs=a.max_num_seqs, max_num_tokens=a.max_num_tokens,
-               targets="", max_model_len=1024)
+               targets="", max_model_len=MAX_MODEL_LEN)
     arts = {"-O1": (1, None), "-O2, R = S": (2, None), "-O2, R = T": (2, a.max_num_tokens)}
     paths = {}
     for name, (opt, rows) in arts.items():

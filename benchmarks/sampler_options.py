@@ -37,10 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from braze.runtime.input_batch import PersistentBatch, static_buffers  # noqa: E402
 from braze.runtime.sampler import SamplingParams, bias_entries  # noqa: E402
+from arg_checks import at_least, cuda_needed  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
 
 
-def params_for(case: str) -> SamplingParams:
+CASES = ("greedy", "greedy+penalties", "greedy+bias", "greedy+logprobs", "greedy+opts",
+         "sampled", "sampled+opts", "sampled+penalties", "sampled+bias", "sampled+logprobs")
+MIN_VOCAB = 16          # the stop, bad-word and multi-token bad-word ids below are < 16
+
+
+def params_for(case: str, vocab: int) -> SamplingParams:
     kw = {}
     if case.startswith("sampled"):
         kw.update(temperature=0.8, top_k=50, top_p=0.9, seed=1)
@@ -48,7 +54,9 @@ def params_for(case: str) -> SamplingParams:
     if opts in ("opts", "penalties"):
         kw.update(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2)
     if opts in ("opts", "bias"):
-        kw.update(logit_bias={i * 97: 1.5 for i in range(16)}, min_tokens=4,
+        # 16 entries spread over the vocabulary (97 apart while it has room)
+        step = min(97, vocab // 16)
+        kw.update(logit_bias={i * step: 1.5 for i in range(16)}, min_tokens=4,
                   stop_token_ids=[2, 3], bad_words_token_ids=[11, 12, 13, 14], max_tokens=1000)
     if opts in ("opts", "logprobs"):
         kw.update(logprobs=5)
@@ -60,7 +68,7 @@ def params_for(case: str) -> SamplingParams:
 def measure(case: str, a, device) -> dict:
     S, V, L = a.requests, a.vocab, a.history
     batch = PersistentBatch(S, L + 8, 1, 16, device, static_buffers(S, S, 1, device))
-    p = params_for(case)
+    p = params_for(case, V)
     rows = list(range(S))
     entries = [bias_entries(p, stop_ids=p.stop_token_ids, bad_ids=p.bad_words_token_ids)] * S
     # "+bias"/"+opts": also 4 multi-token bad words (2 and 3 tokens) per row
@@ -103,9 +111,17 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default="greedy,greedy+penalties,greedy+bias,greedy+logprobs,"
-                    "greedy+opts,sampled,sampled+opts")
+                    "greedy+opts,sampled,sampled+opts",
+                    help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
+    unknown = [c for c in a.cases.split(",") if c not in CASES]
+    if unknown:
+        ap.error(f"--cases: unknown {', '.join(map(repr, unknown))}; choose from "
+                 f"{', '.join(CASES)}")
+    at_least(ap, a, requests=1, vocab=MIN_VOCAB, history=2, steps=1, warmup=0)
+    if torch.device(a.device).type == "cuda":
+        cuda_needed(ap, f"--device {a.device}")
     out = ResultsFile(a.json, {"device": a.device, "torch": torch.__version__,
                                "threads": torch.get_num_threads()})
     rows = []

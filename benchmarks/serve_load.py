@@ -115,12 +115,30 @@ async def big_request(client: httpx.AsyncClient, body: bytes, timeout: float) ->
             "seconds": time.perf_counter() - t0}
 
 
+async def served_model(client, url: str) -> str:
+    """The server's model name (GET /v1/models), or a one-line exit saying why not."""
+    try:
+        r = await client.get("/v1/models")
+    except httpx.TransportError as e:
+        raise SystemExit(f"serve_load: cannot reach {url} ({type(e).__name__}: {e}); start "
+                         "`braze serve ARTIFACT` there, or give --artifact to start one")
+    if r.status_code == 401:
+        raise SystemExit(f"serve_load: {url} wants an API key (HTTP 401); give it with "
+                         "--api-key or $BRAZE_API_KEY")
+    if r.status_code != 200:
+        raise SystemExit(f"serve_load: {url}/v1/models answered HTTP {r.status_code}: "
+                         f"{r.text[:300]}")
+    return r.json()["data"][0]["id"]
+
+
 async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: int,
                    max_tokens: int, timeout: float, warmup: int, seed: int,
-                   big_bytes: int = 0) -> dict:
+                   big_bytes: int = 0, api_key: str | None = None) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout,
+                                 headers=headers) as client:
+        model = await served_model(client, url)
         rng = random.Random(seed)
         # ids 3..99 exist in every vocabulary (0-2 are pad/bos/eos in the tiny models)
         prompts = [[1] + [rng.randrange(3, 100) for _ in range(prompt_len - 1)]
@@ -220,6 +238,8 @@ def main(argv=None) -> int:
                    help="with --artifact: start the server with a body limit above the big "
                    "request, so it is tokenised (raise, default), or keep the server's (413)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--api-key", metavar="KEY", help="the server's API key (default: "
+                   "$BRAZE_API_KEY, else $VLLM_API_KEY, as `braze serve` reads them)")
     a = p.parse_args(argv)
     for name in ("concurrency", "requests", "prompt_len", "max_tokens"):
         if getattr(a, name) < 1:
@@ -227,6 +247,7 @@ def main(argv=None) -> int:
 
     proc = None
     url = a.url
+    key = a.api_key or os.environ.get("BRAZE_API_KEY") or os.environ.get("VLLM_API_KEY")
     big_bytes = int(a.big_request_mb * 1e6)
     extra = list(a.server_arg)
     if big_bytes and a.big_request_limit == "raise":
@@ -235,11 +256,11 @@ def main(argv=None) -> int:
         proc, url, _ = start_server(a.artifact, a.backend, extra)
     try:
         res = asyncio.run(run_load(url.rstrip("/"), a.concurrency, a.requests, a.prompt_len,
-                                   a.max_tokens, a.timeout, a.warmup, a.seed))
+                                   a.max_tokens, a.timeout, a.warmup, a.seed, api_key=key))
         if big_bytes:
             with_big = asyncio.run(run_load(url.rstrip("/"), a.concurrency, a.requests,
                                             a.prompt_len, a.max_tokens, a.timeout, a.warmup,
-                                            a.seed + 1, big_bytes))
+                                            a.seed + 1, big_bytes, api_key=key))
             base, moved = res["ttft_s"]["p99"], with_big["ttft_s"]["p99"]
             res = {**res, "with_big_request": with_big,
                    "ttft_p99_ratio": moved / base if base and moved else None}

@@ -55,6 +55,7 @@ import braze  # noqa: E402
 from braze.runtime.engine import Engine  # noqa: E402
 from braze.runtime.sampler import SamplingParams  # noqa: E402
 from braze.tiny import make_checkpoint  # noqa: E402
+from arg_checks import at_least, cuda_needed  # noqa: E402
 from results_file import ResultsFile  # noqa: E402
 
 
@@ -146,7 +147,7 @@ def mtp_targets(tmp: Path, a, checkpoints: dict) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", default="llama", choices=["llama", "deepseek_v3", "gemma4"],
                     help="llama: none/ngram/draft/self on a random llama; deepseek_v3: "
@@ -155,10 +156,11 @@ def main() -> int:
     ap.add_argument("--aligned-mix", type=float, default=0.03,
                     help="deepseek_v3: the aligned target's layer scale (0: the MTP layer "
                          "guesses every token)")
-    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--backend", default="reference", choices=("auto", "reference", "interpret", "cuda"))
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=512,
+                    help="llama only: the deepseek_v3 and gemma4 targets have 256")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--k", type=int, nargs="+", default=[3],
                     help="num_speculative_tokens (deepseek_v3: several values, one row each)")
@@ -170,7 +172,17 @@ def main() -> int:
     ap.add_argument("--ngram-host", type=int, nargs="+", metavar="LEN",
                     help="only time the ngram proposer's host work at these context lengths")
     ap.add_argument("--ngram-steps", type=int, default=200)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    at_least(ap, a, hidden=1, layers=1, vocab=16, prompt_len=2, max_tokens=1, kv_blocks=1,
+             repeat=1, ngram_steps=1)
+    for flag, values in (("--batch", a.batch), ("--k", a.k)):
+        if min(values) < 1:
+            ap.error(f"{flag} {min(values)}: give 1 or more")
+    if a.family == "llama" and a.hidden % 8:
+        ap.error(f"--hidden {a.hidden}: the llama target has 4 heads of an even size "
+                 "(RoPE rotates pairs): give a multiple of 8")
+    if a.backend == "cuda":
+        cuda_needed(ap, "--backend cuda")
     if a.ngram_host:
         return ngram_host(a)
     tmp = Path(tempfile.mkdtemp(prefix="braze-spec-bench-"))

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from arg_checks import at_least, cuda_needed
+
 SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"},
                                            "text": {"type": "string", "minLength": 2000}},
           "required": ["id", "text"], "additionalProperties": False}
@@ -125,19 +127,24 @@ def mask_cost(vocab: int, rows: int, repeats: int = 31) -> dict:
             "apply_torch_ms": median_ms(plain)}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifact")
     ap.add_argument("--tiny", action="store_true", help="build and use the tiny random llama")
-    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--backend", default="reference", choices=("auto", "reference", "interpret", "cuda"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per mode; the best is kept")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per mode, interleaved; the median is kept")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--mask-vocab", type=int, metavar="V",
                     help="instead: the grammar work per step alone, at vocabulary size V "
                     "(synthetic vocabulary, no model) for --batch rows")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    at_least(ap, a, batch=1, max_tokens=1, repeats=1)
+    if a.mask_vocab is not None:
+        at_least(ap, a, mask_vocab=256)      # its synthetic vocabulary starts with 256 bytes
+    elif a.backend == "cuda":
+        cuda_needed(ap, "--backend cuda")
     if a.mask_vocab:
         r = mask_cost(a.mask_vocab, a.batch)
         print(json.dumps(r, indent=2) if a.json else
@@ -150,8 +157,12 @@ def main() -> int:
         ap.error("give --artifact or --tiny")
     import braze
     from braze.runtime.structured import StructuredOutputsParams
+    from braze.ir.errors import BrazeError
     art = a.artifact or tiny_artifact()
-    llm = braze.LLM(art, backend=a.backend, max_num_seqs=a.batch)
+    try:
+        llm = braze.LLM(art, backend=a.backend, max_num_seqs=a.batch)
+    except BrazeError as e:      # no artifact there, one it cannot trust, --batch too big
+        ap.error(f"--artifact {art}: {e}")
     prompts = [f"Request {i}:" for i in range(a.batch)]
 
     schema = StructuredOutputsParams(json=SCHEMA)

@@ -62,7 +62,7 @@ def collectives(model: str, n: int, expert_parallel: bool = False):
             if node.op in ("all_reduce", "all_gather")], moe
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from compile_time import MODELS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama3-8b", "qwen3-30b-a3b"],
@@ -71,17 +71,24 @@ def main() -> None:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--expert-parallel", action="store_true",
                     help="also compile MoE models with --expert-parallel and compare")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for flag, values, least in (("--tp", a.tp, 2), ("--batch", a.batch, 1)):
+        if min(values) < least:
+            ap.error(f"{flag} {min(values)}: give {least} or more")
+    from braze.ir.errors import BrazeError
     print("| model | TP | mode | experts x inter /rank | batch | all_reduce | all_gather "
           "| payload MiB | wire MiB/rank | NVLink roofline us |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for model in a.models:
         for n in a.tp:
-            cs, moe = collectives(model, n)
-            _rows(model, n, "TP", moe, cs, a.batch)
-            if a.expert_parallel and moe:      # a dense model has no experts to place
-                cs, moe = collectives(model, n, expert_parallel=True)
-                _rows(model, n, "EP", moe, cs, a.batch)
+            try:
+                cs, moe = collectives(model, n)
+                _rows(model, n, "TP", moe, cs, a.batch)
+                if a.expert_parallel and moe:      # a dense model has no experts to place
+                    cs, moe = collectives(model, n, expert_parallel=True)
+                    _rows(model, n, "EP", moe, cs, a.batch)
+            except BrazeError as e:     # a size the model's heads or experts do not divide
+                ap.error(f"--models {model} --tp {n}: {e}")
 
 
 def _rows(model, n, mode, moe, cs, batches):

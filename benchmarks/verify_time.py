@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-MODELS = ("tiny-llama", "llama3-8b")
+from results_file import ResultsFile  # noqa: E402
 
 
 def build_tiny(root: Path) -> Path:
@@ -50,32 +51,47 @@ def build_tiny(root: Path) -> Path:
     return out
 
 
-def build_8b(root: Path) -> Path:
-    """The 8B-shape -O2 graph, and an artifact around it with no weight files."""
+def _compile_time():
     spec = importlib.util.spec_from_file_location("compile_time", HERE / "compile_time.py")
     ct = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ct)
+    return ct
+
+
+def build_8b(root: Path) -> Path:
+    """The 8B-shape -O2 graph, and an artifact around it with no weight files."""
+    ct = _compile_time()
     model_dir = root / "llama3-8b"
     ct.write_config("llama3-8b", str(model_dir))
+    return build_meta(model_dir, root / "llama3-8b.braze", ct.compile_options)
+
+
+def build_meta(model_dir: Path, out: Path, compile_options=None) -> Path:
+    """An artifact of the checkpoint config in `model_dir`, traced with meta weights and
+    compiled at -O2 with `compile_options(loaded)` (compile_time.py's by default): graph.bir,
+    kernels/ and the manifest as `braze compile` writes them, without weight files
+    (verification reads none)."""
     from braze.artifact import FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, sha256_file
+    from braze.codegen.artifact_writer import versions
     from braze.codegen.emit import emit_kernels
     from braze.codegen.plan import build_plan
-    from braze.compiler import materialize
+    from braze.compiler import manifest_model, materialize
     from braze.frontend import load_model
     from braze.ir import print_graph
     from braze.passes import PassContext, PassManager
     loaded = load_model(str(model_dir), with_weights=False)
     graph = loaded.graph
-    options = ct.compile_options(loaded).to_json()
+    options = (compile_options or _compile_time().compile_options)(loaded).to_json()
     PassManager.for_level(2, ctx=PassContext(options=options)).run(graph)
     materialize(graph, lambda name: None)
-    out = root / "llama3-8b.braze"
     out.mkdir()
     (out / GRAPH_FILE).write_text(print_graph(graph))
     entries = emit_kernels(build_plan(graph, options), out, targets=[])
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
              if p.is_file()}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": {"files": []},
+    model = {k: v for k, v in manifest_model(loaded, model_dir).items() if k != "config"}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
+                "model": model, "weights": {"files": [], "params": {}, "bytes": 0},
                 "options": options, **entries, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
@@ -114,27 +130,28 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker)))
         return 0
-    results = {}
+    if args.repeat < 1:
+        ap.error(f"--repeat {args.repeat}: give 1 or more runs")
+    out = ResultsFile(args.json, {"repeat": args.repeat}, results={})
+    print(f"{'model':<12} {'nodes':>6} {'launches':>9} {'kernels':>8} {'parse':>8} "
+          f"{'first':>8} {'again':>8}   (best of {args.repeat}, seconds)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("XDG_CONFIG_HOME", str(Path(tmp) / "config"))   # no key made for you
-        built = {"tiny-llama": build_tiny(Path(tmp)), "llama3-8b": build_8b(Path(tmp))}
-        for name in MODELS:
+        for name, build in (("tiny-llama", build_tiny), ("llama3-8b", build_8b)):
+            artifact = build(Path(tmp))
             runs = []
             for _ in range(args.repeat):
                 r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
-                                    str(built[name])], capture_output=True, text=True)
+                                    str(artifact)], capture_output=True, text=True)
                 if r.returncode:
                     raise SystemExit(r.stderr[-3000:])
                 runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
             best = {k: min(r[k] for r in runs) for k in ("parse_s", "first_s", "again_s")}
-            results[name] = {**runs[0], **best}
-    print(f"{'model':<12} {'nodes':>6} {'launches':>9} {'kernels':>8} {'parse':>8} "
-          f"{'first':>8} {'again':>8}   (best of {args.repeat}, seconds)")
-    for name, r in results.items():
-        print(f"{name:<12} {r['nodes']:>6} {r['launches']:>9} {r['kernel_files']:>8} "
-              f"{r['parse_s']:>8.3f} {r['first_s']:>8.3f} {r['again_s']:>8.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+            r = {**runs[0], **best}
+            out.put(name, r)
+            print(f"{name:<12} {r['nodes']:>6} {r['launches']:>9} {r['kernel_files']:>8} "
+                  f"{r['parse_s']:>8.3f} {r['first_s']:>8.3f} {r['again_s']:>8.3f}", flush=True)
+    out.finish()
     return 0
 
 

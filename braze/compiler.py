@@ -113,21 +113,9 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     else:
         load_param = materialize(graph, loaded.load_param)
     log(f"[3/3] writing artifact {out}")
-    model = {
-        "architecture": spec.architecture, "family": spec.family, "dtype": loaded.dtype,
-        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-        "num_layers": spec.num_layers, "num_heads": spec.num_heads,
-        "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "bos_token_id": spec.bos_token_id, "eos_token_ids": _eos_ids(model_dir, spec),
-        "config": loaded.config,
-    }
+    model = manifest_model(loaded, model_dir)
     if gguf:
         model["source"] = gguf.identity()
-    elif loaded.source:
-        model["source"] = loaded.source
-    if loaded.multimodal:
-        model["multimodal"] = loaded.multimodal
     compile_info = {
         "passes": [{"name": r.name, "matches": r.matches, "ms": r.ms} for r in records],
         "ops_before": ops_before,
@@ -173,6 +161,26 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written
+
+
+def manifest_model(loaded, model_dir) -> dict:
+    """The manifest's "model" section for a traced model (`config`: written beside it as
+    config.json, not into the manifest)."""
+    spec = loaded.spec
+    model = {
+        "architecture": spec.architecture, "family": spec.family, "dtype": loaded.dtype,
+        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "num_layers": spec.num_layers, "num_heads": spec.num_heads,
+        "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "bos_token_id": spec.bos_token_id, "eos_token_ids": _eos_ids(model_dir, spec),
+        "config": loaded.config,
+    }
+    if loaded.source:
+        model["source"] = loaded.source
+    if loaded.multimodal:
+        model["multimodal"] = loaded.multimodal
+    return model
 
 
 def _check_small_m(small: dict, log) -> None:

@@ -123,7 +123,8 @@ def check_destination(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.is_symlink() or out.exists():
         if not overwrite:
-            raise BrazeError(f"{out} already exists; pass --force to replace it")
+            raise BrazeError(f"{out} already exists; pass --force (force=True in braze.compile) "
+                             "to replace it")
         if out.is_symlink() or not out.is_dir():
             raise BrazeError(f"{out} exists and is not an artifact directory (a file or a "
                              "link); --force replaces only an earlier artifact: give -o a new "

@@ -165,3 +165,15 @@ def test_what_a_killed_compile_left_is_removed_by_the_next(tmp_path):
     _write(tmp_path, g, lambda n: torch.zeros(4, 4), shard_bytes=1 << 20)
     assert not dead.exists() and not legacy.exists()
     assert running.exists() and elsewhere.exists()
+
+
+def test_existing_destination_names_the_python_spelling_too(tmp_path):
+    """braze.compile to an existing artifact says how to replace it from Python as well
+    (force=True): it named only the command line's --force, which Python has no way to pass.
+    (The destination is checked before the model is read.)"""
+    import braze
+    out = tmp_path / "a.braze"
+    out.mkdir()
+    with pytest.raises(BrazeError, match=r"already exists; pass --force \(force=True in "
+                                         r"braze\.compile\) to replace it"):
+        braze.compile(tmp_path / "model", out, targets="")
