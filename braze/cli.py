@@ -235,9 +235,10 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    help="vLLM's flag: braze always prefills a prompt longer than "
                         "--max-num-tokens in chunks, so only the default (on) is taken")
-    p.add_argument("--scheduling-policy", metavar="fcfs",
-                   help="vLLM's flag: braze schedules first-come first-served (fcfs), the "
-                        "only policy taken")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="vLLM's: fcfs (first come, first served; the default) or priority "
+                        "(requests' priority field: lower runs first, and a preemption takes "
+                        "the lowest-priority running request)")
     p.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES,
                    help="how the cuda backend captures CUDA graphs (default: the artifact's): "
                         "none, piecewise, or full (one graph per whole step)")
@@ -303,8 +304,7 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
 
 def _engine_options(a):
     from braze.runtime.options import EngineOptions, take_vllm_fixed
-    take_vllm_fixed({"enable_chunked_prefill": a.enable_chunked_prefill,
-                     "scheduling_policy": a.scheduling_policy})
+    take_vllm_fixed({"enable_chunked_prefill": a.enable_chunked_prefill})
     return EngineOptions(backend=a.backend, device=a.device, num_kv_blocks=a.num_kv_blocks,
                          gpu_memory_utilization=a.gpu_memory_utilization,
                          block_size=a.block_size, max_model_len=a.max_model_len,
@@ -321,7 +321,8 @@ def _engine_options(a):
                          generation_config=getattr(a, "generation_config", "vllm"),  # serve's flag
                          override_generation_config=getattr(a, "override_generation_config",
                                                             None),
-                         reasoning_parser=getattr(a, "reasoning_parser", None))   # serve's flag
+                         reasoning_parser=getattr(a, "reasoning_parser", None),   # serve's flag
+                         scheduling_policy=a.scheduling_policy)
 
 
 def _server_options(a):

@@ -84,7 +84,8 @@ class Engine(EngineLoRA):
         # one table, or one per KV cache group with window freeing (runtime/hybrid_cache.py)
         self.block_manager = make_block_manager(r, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, r.max_num_seqs, r.max_num_tokens,
-                                   watermark_blocks=max(0, r.num_kv_blocks // 100))
+                                   watermark_blocks=max(0, r.num_kv_blocks // 100),
+                                   policy=opts.scheduling_policy)
         self.scheduler.logits_row_cap = r.prompt_logprobs_rows   # None: logits at every token
         # lower KV tiers (host memory, a directory, an object store), when the options ask
         # (a hybrid cache's blocks are one id per KV cache group: runtime/hybrid_cache.py)
@@ -153,11 +154,12 @@ class Engine(EngineLoRA):
         samples of one prompt (SamplingParams.children) name the same group, so they share
         the prompt's KV blocks (runtime/scheduler.py). `lora_request`: a LoRARequest or the
         name of an adapter added with `add_lora` (runtime/lora.py; the artifact needs
-        --lora-slots). `priority`: vLLM's; 0 only (first-come first-served). `cache_salt`
+        --lora-slots). `priority`: vLLM's; lower runs first under scheduling_policy
+        "priority", 0 only under "fcfs" (the default). `cache_salt`
         (vLLM's): requests share prefix-cache blocks (on the device and in the lower KV
         tiers) only with requests of the same salt, so one tenant cannot learn from cache
         hits what another has sent."""
-        check_priority(priority)
+        priority = check_priority(priority, self.options.scheduling_policy)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise BrazeError(f"cache_salt must be a non-empty string, got {cache_salt!r}",
                              param="cache_salt")
@@ -182,6 +184,7 @@ class Engine(EngineLoRA):
         req = Request(request_id, ids, params, eos_ids=() if params.ignore_eos else self.eos_token_ids,
                       max_len=limit, arrival_time=arrival_time)
         req.group = group
+        req.priority = priority
         single, req.bad_sequences = self._bad_words(params)
         req.bias = bias_entries(params, list(req.stop_ids), single)
         if self.tokenizer is not None:

@@ -92,8 +92,8 @@ class LLM:
         (--kv-offload-*), as the server's field of that name: {"max_load_tokens": N (0:
         load nothing), "store": false (keep its blocks out of them)}, for all prompts or
         one per prompt (None: no limits).
-        priority: vLLM's, one per prompt; braze schedules first-come first-served, so only
-        zeros are taken (as vLLM's default "fcfs" policy does).
+        priority: vLLM's, one per prompt: with scheduling_policy="priority", lower runs
+        first; under the default "fcfs" only zeros are taken (as vLLM's).
         use_tqdm: vLLM's progress-bar switch, taken for its scripts; braze draws none.
 
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
@@ -121,8 +121,9 @@ class LLM:
             sp.validate()
         loras = _per_prompt(lora_request, len(prompts), "lora_requests")
         transfers = _per_prompt(kv_transfer_params, len(prompts), "kv_transfer_params")
-        for pr in _per_prompt(priority, len(prompts), "priorities"):
-            check_priority(pr)          # refused before any prompt is queued
+        priorities = [check_priority(pr, self.engine.options.scheduling_policy)
+                      for pr in _per_prompt(priority, len(prompts), "priorities")]
+        # (refused before any prompt is queued)
         for t in transfers:
             if t is not None:           # refused before any prompt is queued
                 KVTransferPolicy.of(t)
@@ -136,7 +137,8 @@ class LLM:
                 self.engine.structured.cache.compile(sp.structured_outputs)
         groups, ids = [], []
         try:
-            for p, sp, lora, transfer, salt in zip(prompts, plist, loras, transfers, salts):
+            for p, sp, lora, transfer, salt, pr in zip(prompts, plist, loras, transfers, salts,
+                                                       priorities):
                 base = f"llm-{next(self._ids)}"
                 children = sp.children()       # n > 1 / best_of: one request per sample
                 group = [base] if len(children) == 1 else [f"{base}-{i}" for i in range(len(children))]
@@ -144,7 +146,7 @@ class LLM:
                     self.engine.add_request(rid, p, child,
                                             group=base if len(children) > 1 else None,
                                             lora_request=lora, kv_transfer_params=transfer,
-                                            cache_salt=salt)
+                                            cache_salt=salt, priority=pr)
                     ids.append(rid)
                 groups.append((sp, group))
             final = self.engine.run_to_completion(ids)

@@ -15,6 +15,7 @@ from braze.ir.segments import CUDAGRAPH_MODES
 
 BACKENDS = ("auto", "cuda", "reference", "interpret")
 SAMPLERS = ("torch", "triton")       # EngineOptions.sampler
+POLICIES = ("fcfs", "priority")      # EngineOptions.scheduling_policy (vLLM's)
 # vLLM's names for engine options braze names otherwise (braze.LLM takes either)
 VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": "speculative",
               "max_num_batched_tokens": "max_num_tokens"}
@@ -24,7 +25,6 @@ VLLM_NAMES = {"num_gpu_blocks_override": "num_kv_blocks", "speculative_config": 
 VLLM_FIXED = {
     "enable_chunked_prefill": (True, "braze always prefills a prompt longer than "
                                      "max_num_tokens in chunks"),
-    "scheduling_policy": ("fcfs", "braze schedules requests first-come first-served"),
 }
 
 
@@ -91,6 +91,10 @@ class EngineOptions:
     # deepseek_r1, ...): chat replies split into reasoning and content, and a structured
     # output's grammar held back till the reasoning ends; None: replies are all answer
     reasoning_parser: str | None = None
+    # vLLM's: "fcfs" (first come, first served) or "priority" (waiting requests admitted by
+    # their priority, lower first, then arrival; a preemption takes the running request of
+    # the lowest priority, latest arrival): runtime/scheduler.py
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -133,6 +137,9 @@ class EngineOptions:
         check_override(self.override_generation_config)
         from .reasoning import check_name
         check_name(self.reasoning_parser)
+        if self.scheduling_policy not in POLICIES:
+            raise BrazeError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got "
+                             f"{self.scheduling_policy!r}", param="scheduling_policy")
         if self.cudagraph_mode is not None and self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise BrazeError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, "
                              f"got {self.cudagraph_mode!r}")

@@ -213,7 +213,7 @@ class Request:
                  "stop_reason", "stop_ids", "max_len", "reported_tokens", "num_pending",
                  "kv_policy", "grammar", "matcher", "bias", "logprobs", "cumulative_logprob",
                  "group", "prompt_logprobs", "bad_sequences", "lora", "lora_slot", "kv_salt",
-                 "draft_token_ids", "kv_loading", "cache_salt")
+                 "draft_token_ids", "kv_loading", "cache_salt", "priority")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_ids=(),
                  max_len: int = 1 << 62, arrival_time: float | None = None):
@@ -250,6 +250,7 @@ class Request:
         self.lora_slot = None                 # the device slot it holds while running
         self.kv_salt = None                   # keys its KV blocks apart (the adapter's)
         self.cache_salt = None                # vLLM's cache_salt: its prefix cache's tenant
+        self.priority = 0                     # vLLM's (scheduling_policy "priority"): lower first
         # speculative proposals to verify after its last token in the next step
         # (runtime/speculative.py); empty when not speculating
         self.draft_token_ids: list[int] = []

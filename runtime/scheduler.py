@@ -5,7 +5,9 @@ Running requests go first, in admission order: a decoding request takes one toke
 a request part-way through its prompt takes as much of the rest as the budget allows
 (chunked prefill). Then waiting requests are admitted first-come first-served while
 the budget, the sequence limit and the KV cache allow; admission needs blocks for
-the whole prompt (less what the prefix cache already holds).
+the whole prompt (less what the prefix cache already holds). Under vLLM's "priority"
+policy the waiting queue is ordered by (priority, arrival) instead, lower first, and a
+preemption takes the running request last in that order, not the last admitted.
 
 Parallel samples of one prompt (n, best_of: requests with the same `group`) share its
 KV blocks through the prefix cache: a sibling waits while another one is still
@@ -43,16 +45,25 @@ from .prompt_logprobs import limit_rows
 from .request import Request, Status
 
 
-def check_priority(priority) -> None:
-    """vLLM's request `priority`: this scheduler is first-come first-served (vLLM's default
-    scheduling_policy "fcfs"), which, as vLLM's, refuses any priority but 0 rather than
-    ignoring it."""
-    if priority is None or (isinstance(priority, numbers.Integral)
-                            and not isinstance(priority, bool) and priority == 0):
-        return                  # (numpy's integers included)
-    raise BrazeError(f"priority={priority!r}: braze schedules requests first-come "
-                     f"first-served (vLLM's scheduling_policy 'fcfs') and takes no "
-                     f"priorities; leave priority out or give 0", param="priority")
+def check_priority(priority, policy: str = "fcfs") -> int:
+    """vLLM's request `priority` as an int (None: 0). Under scheduling_policy "priority"
+    any integer (lower runs first); under "fcfs" (the default), as vLLM's, any priority
+    but 0 is refused rather than ignored."""
+    if priority is None:
+        return 0
+    if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
+        raise BrazeError(f"priority must be an integer, got {priority!r}", param="priority")
+    if policy == "priority" or priority == 0:      # (numpy's integers included)
+        return int(priority)
+    raise BrazeError(f"priority={priority!r}: this engine schedules requests first-come "
+                     f"first-served (scheduling_policy 'fcfs', vLLM's default) and takes no "
+                     f"priorities; leave priority out or give 0, or start it with "
+                     f"scheduling_policy='priority' (--scheduling-policy priority)",
+                     param="priority")
+
+
+def _rank(req: Request) -> tuple:
+    return req.priority, req.metrics.arrival_time
 
 
 class ScheduledChunk:
@@ -100,7 +111,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
-                 watermark_blocks: int = 0):
+                 watermark_blocks: int = 0, policy: str = "fcfs"):
         if max_num_seqs < 1 or max_num_tokens < 1:
             raise BrazeError(f"max_num_seqs ({max_num_seqs}) and max_num_tokens "
                              f"({max_num_tokens}) must be positive")
@@ -110,6 +121,9 @@ class Scheduler:
         self.watermark = watermark_blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # "priority": the waiting queue in (priority, arrival) order, and preemption takes
+        # the running request last in that order (vLLM's policy of that name)
+        self.by_priority = policy == "priority"
         self.num_preemptions = 0
         # runtime/kv_offload.py's KVOffload when KV blocks have lower tiers: asked whether a
         # waiting request's blocks are staged (`ready`), and to fill them on admission (`load`)
@@ -126,7 +140,18 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
-        self.waiting.append(req)
+        if self.by_priority:
+            self._queue(req)
+        else:
+            self.waiting.append(req)
+
+    def _queue(self, req: Request) -> None:
+        """Into the waiting queue at its (priority, arrival) place, after its equals."""
+        key, w = _rank(req), self.waiting
+        i = len(w)
+        while i and _rank(w[i - 1]) > key:
+            i -= 1
+        w.insert(i, req)
 
     def remove(self, req: Request) -> None:
         """Take a request out (finished or aborted), freeing its blocks."""
@@ -273,7 +298,7 @@ class Scheduler:
         recently admitted requests if needed. False if `req` itself had to go."""
         total = req.num_computed + num_new
         while not self.bm.reserve(req.request_id, total):
-            victim = self.running[-1]
+            victim = max(self.running, key=_rank) if self.by_priority else self.running[-1]
             self._preempt(victim, out)
             if victim is req:
                 return False
@@ -289,7 +314,10 @@ class Scheduler:
         req.num_computed = 0
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if self.by_priority:
+            self._queue(req)
+        else:
+            self.waiting.appendleft(req)
         out.preempted.append(req)
 
     def _release_lora(self, req: Request) -> None:

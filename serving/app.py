@@ -166,14 +166,16 @@ class Service:
     async def submit(self, request_id: str, ids: list[int], params: SamplingParams,
                      group: str | None = None, kv_transfer_params: dict | None = None,
                      prompt_param: str = "prompt", lora: str | None = None,
-                     bounded: bool = True, cache_salt: str | None = None) -> RequestStream:
+                     bounded: bool = True, cache_salt: str | None = None,
+                     priority: int | None = None) -> RequestStream:
         if params.structured_outputs is not None:
             await self.compile_grammar(params.structured_outputs)
         try:
             params.validate()
             return await self.aengine.add(request_id, ids, params, len(ids), group=group,
                                           kv_transfer_params=kv_transfer_params, lora=lora,
-                                          bounded=bounded, cache_salt=cache_salt)
+                                          bounded=bounded, cache_salt=cache_salt,
+                                          priority=priority)
         except BrazeError as e:
             if getattr(e, "status", None) == 404:      # its LoRA adapter was just unloaded
                 raise APIError(404, str(e), "invalid_request_error", "model",
@@ -449,7 +451,8 @@ class _Job:
                         crid, ids, child, group, getattr(self.body, "kv_transfer_params", None),
                         "messages" if self.chat else "prompt",
                         lora=lora_for(self.svc, getattr(self.body, "model", None)),
-                        bounded=False, cache_salt=getattr(self.body, "cache_salt", None))
+                        bounded=False, cache_salt=getattr(self.body, "cache_salt", None),
+                        priority=getattr(self.body, "priority", None))
                     self.choices.append(_Choice(pi * self.params.n + j, pi, stream, text, ids))
         except BaseException:
             self._abort_all()

@@ -162,7 +162,7 @@ class AsyncEngine:
     async def add(self, request_id: str, prompt, params, num_prompt_tokens: int,
                   group: str | None = None, kv_transfer_params: dict | None = None,
                   lora: str | None = None, bounded: bool = True,
-                  cache_salt: str | None = None) -> RequestStream:
+                  cache_salt: str | None = None, priority: int | None = None) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here).
         `bounded=False`: a part (a prompt, sample or beam) of a client request admitted
         already, which the queue bound does not refuse (it still may not join a server that
@@ -172,7 +172,7 @@ class AsyncEngine:
         ack = self._loop.create_future()
         self._streams[request_id] = stream
         self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params, lora,
-                    cache_salt))
+                    cache_salt, priority))
         try:
             await ack
         except asyncio.CancelledError:
@@ -291,11 +291,11 @@ class AsyncEngine:
                 acks, must_step = [], False
                 for cmd in cmds:
                     if cmd[0] == "add":
-                        _, rid, prompt, params, fut, group, kv_params, lora, salt = cmd
+                        _, rid, prompt, params, fut, group, kv_params, lora, salt, pr = cmd
                         try:
                             eng.add_request(rid, prompt, params, group=group,
                                             kv_transfer_params=kv_params, lora_request=lora,
-                                            cache_salt=salt)
+                                            cache_salt=salt, priority=pr)
                             acks.append((fut, None))
                         except Exception as e:      # BrazeError: the client's fault → 400
                             acks.append((fut, e))

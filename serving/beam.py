@@ -69,7 +69,8 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
                 streams.append(await svc.submit(f"{rid}-{next(counter)}", toks, step,
                                                 kv_transfer_params=kv, prompt_param=where,
                                                 lora=lora, bounded=False,
-                                                cache_salt=getattr(body, "cache_salt", None)))
+                                                cache_salt=getattr(body, "cache_salt", None),
+                                                priority=getattr(body, "priority", None)))
             outs = await asyncio.gather(*(_final(s) for s in streams))
         except BaseException:
             for s in streams:

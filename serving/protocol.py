@@ -77,6 +77,8 @@ class _GenerationRequest(BaseModel):
     model: str | None = None
     # vLLM's: prefix-cache hits only among requests of the same salt (a tenant's)
     cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's: lower runs first under --scheduling-policy priority; 0 only under fcfs
+    priority: int | None = None
     # vLLM's: keep only the prompt's last N tokens (-1: the model's max_model_len)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -148,7 +150,6 @@ NOT_YET_SUPPORTED: dict[str, tuple] = {
     "suffix": _OFF,
     # vLLM's extra request fields braze does not implement yet
     "spaces_between_special_tokens": (None, True),
-    "priority": (None, 0),
     "logits_processors": _OFF,
     "vllm_xargs": _OFF,
     "functions": _OFF,

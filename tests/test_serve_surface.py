@@ -276,7 +276,6 @@ def test_a_small_kv_cache_is_named_in_the_length_refusal(artifact, tokenizer, tm
 
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/completions", "suffix", "tail"),
-    ("/v1/completions", "priority", 1),
     ("/v1/completions", "spaces_between_special_tokens", False),
     ("/v1/chat/completions", "logits_processors", ["my.module.Proc"]),
     ("/v1/completions", "vllm_xargs", {"k": 1}),
