@@ -635,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "FastAPI app; NAME: an entry point of the group braze.serve_extensions. "
                    "Repeatable (docs/serving.md)")
     _engine_flags(s, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
+    from braze import vllm_serve_flags
+    vllm_serve_flags.add_to(s)        # a vLLM command line's flags: taken, or refused saying why
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")

@@ -63,3 +63,33 @@ def test_a_blank_api_key_names_where_it_came_from(store, flags, env, source):
     code, _, err = _serve(store.artifact("llama"), *flags,
                           env={"BRAZE_API_KEY": "", "VLLM_API_KEY": "", **env})
     assert_one_line_error(code, err, source, "blank")
+
+
+@pytest.mark.parametrize("flags, advice", [
+    (["--dtype", "bfloat16"], "braze compile MODEL_DIR -o ARTIFACT --dtype"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size N"),
+    (["-tp", "2"], "--tensor-parallel-size N"),
+    (["--enforce-eager"], "--cudagraph-mode none"),
+    (["--trust-remote-code"], "loads no model code"),
+    (["--uvicorn-log-level", "warning"], "--log-level"),
+    (["--kv-cache-dtype", "fp8"], "braze compile"),
+    (["--ssl-keyfile", "k.pem"], "reverse proxy")])
+def test_vllm_flags_braze_does_not_take_say_what_to_do(flags, advice, capsys):
+    """A flag pasted from a vLLM command line that braze serve has no use for is refused
+    naming it and the braze way to get what it asked for (argparse alone said only
+    "unrecognized arguments")."""
+    from braze.cli import build_parser
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "art.braze", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flags[0] in err and advice in err, err
+
+
+@pytest.mark.parametrize("flag", ["--enable-auto-tool-choice", "--disable-log-stats"])
+def test_vllm_flags_for_what_braze_always_does_are_taken(flag):
+    """vLLM's switches for behaviour braze has by default (tool calls read for tool_choice
+    "auto"; no periodic stats log) keep a vLLM command line working."""
+    from braze.cli import build_parser
+    a = build_parser().parse_args(["serve", "art.braze", flag])
+    assert a.artifact == "art.braze"
