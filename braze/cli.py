@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        description="Serve ARTIFACT over HTTP: /v1/completions, "
                        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /server_info, /health, "
-                       "/ping, /version, /metrics. "
+                       "/ping, /load, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
     s.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_MAX_REQUEST_BODY_BYTES}, 4 MiB: about a million tokens of text)")
     s.add_argument("--api-key", action="append", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health, "
-                   "/ping, /version and /metrics (401 otherwise); repeatable for several keys. "
+                   "/ping, /load, /version and /metrics (401 otherwise); repeatable for several keys. "
                    "Default: $BRAZE_API_KEY, else $VLLM_API_KEY, else no key. Prefer the "
                    "environment: a flag shows in the process list")
     s.add_argument("--allowed-origins", metavar="ORIGINS",

@@ -292,6 +292,38 @@ def test_models_version_health(server, artifact, ref_engine):
     assert server.http.get("/health").status_code == 200
 
 
+def test_load_counts_the_requests_in_flight(artifact):
+    """vLLM's GET /load, which load balancers poll: {"server_load": requests in flight}.
+    In-process, the engine's steps held on an Event so that two requests stay in flight."""
+    from fastapi.testclient import TestClient
+
+    from braze.runtime.engine import Engine
+    from braze.serving.app import Service, create_app
+    from braze.serving.async_engine import AsyncEngine
+    from braze.serving.metrics import Metrics
+    engine = Engine(artifact, backend="reference", num_kv_blocks=64)
+    go, step = threading.Event(), engine.step
+
+    def held_step():
+        go.wait(60)
+        return step()
+    engine.step = held_step
+    metrics = Metrics(MODEL)
+    svc = Service(AsyncEngine(engine, metrics=metrics), metrics, MODEL, engine.max_model_len,
+                  engine.tokenizer, None)
+    with TestClient(create_app(svc)) as client, ThreadPoolExecutor(2) as pool:
+        assert client.get("/load").json() == {"server_load": 0}
+        body = {"model": MODEL, "prompt": [1, 5, 6], "max_tokens": 3, "ignore_eos": True}
+        replies = [pool.submit(client.post, "/v1/completions", json=body) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while client.get("/load").json()["server_load"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get("/load").json() == {"server_load": 2}
+        go.set()
+        assert [r.result(60).status_code for r in replies] == [200, 200]
+        assert client.get("/load").json() == {"server_load": 0}
+
+
 def test_32_concurrent_clients(server, reference):
     prompts = [f"Client {i % 4} says" for i in range(32)]      # 4 distinct, 8 clients each
 
