@@ -640,7 +640,8 @@ class _Job:
             done = True
         except (Aborted, Unavailable, Rejected) as e:
             # the server aborted it (shutdown), the engine failed or cannot run it: say so
-            self.outcome = "error" if isinstance(e, Rejected) else "abort"
+            # (as /metrics counts it: an engine failure is an error, a shutdown an abort)
+            self.outcome = "abort" if isinstance(e, Aborted) else "error"
             kind = "invalid_request_error" if isinstance(e, Rejected) else "service_unavailable"
             yield R.sse(error_body(str(e), kind))
             yield R.SSE_DONE
@@ -668,7 +669,7 @@ class _Job:
             self._abort_all("the request failed")
             raise bad_request(str(e)) from None
         except (Aborted, Unavailable) as e:
-            self.outcome = "abort"
+            self.outcome = "abort" if isinstance(e, Aborted) else "error"
             self._abort_all("the request failed")
             raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
         except asyncio.CancelledError:

@@ -86,3 +86,35 @@ def test_requests_failed_by_the_engine_are_counted_and_nothing_shows_running(sto
                for r in ("stop", "length", "abort")) == 0
     assert m["braze_requests_running"] == 0 and m["braze_requests_waiting"] == 0
     assert m["braze_kv_cache_usage"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_over_http_the_failure_is_a_503_and_logged_as_an_error(store, stream, caplog):
+    """Through the app: the request the failing step took gets an OpenAI-shaped 503 (a
+    stream: its error event), and the request's log line says it ended in an error, as
+    /metrics counts it (it said "finish abort", as for a client that went away)."""
+    from fastapi.testclient import TestClient
+
+    from braze.serving.app import Service, create_app
+    engine = _failing_engine(store.artifact("llama"), after_steps=2)
+    metrics = Metrics("m")
+    svc = Service(AsyncEngine(engine, metrics=metrics), metrics, "m", engine.max_model_len,
+                  engine.tokenizer, None)
+    body = {"model": "m", "prompt": [1, 7, 8], "max_tokens": 20, "ignore_eos": True,
+            "stream": stream}
+    with caplog.at_level("INFO", logger="braze.serving"), TestClient(create_app(svc)) as client:
+        r = client.post("/v1/completions", json=body)
+        if stream:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and '"type":"service_unavailable"' in events[-2]
+            assert "simulated device fault" in events[-2]
+        else:
+            assert r.status_code == 503, r.text
+            assert "simulated device fault" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
+    (line,) = [rec.getMessage() for rec in caplog.records if "output tokens, finish" in
+               rec.getMessage()]
+    assert "finish error" in line, line
+    assert parse_metrics(metrics.render(svc.aengine.snapshot()))[
+        'braze_requests_total{finish_reason="error"}'] == 1
