@@ -81,6 +81,12 @@ class Service:
     # the model's sampling defaults for unset request fields (runtime/sampling_defaults.py)
     sampling_defaults: dict = dataclasses.field(default_factory=dict)
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
+    model_aliases: tuple = ()             # --served-model-name's names after the first
+
+    @property
+    def served_names(self) -> tuple:
+        """Every name a request may give for the model (responses give the first)."""
+        return (self.model_name, *self.model_aliases)
 
     def __post_init__(self):
         self.created = int(time.time())
@@ -106,7 +112,7 @@ class Service:
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; none or "" is the served model, as
         in vLLM."""
-        if model and model != self.model_name and lora_for(self, model) is None:
+        if model and model not in self.served_names and lora_for(self, model) is None:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r} and the LoRA adapters /v1/models lists",
                            "invalid_request_error", "model", "model_not_found")
@@ -241,7 +247,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
     @app.get("/v1/models")
     async def models():
-        out = R.model_list(svc.model_name, svc.created, svc.max_model_len,
+        out = R.model_list(svc.served_names, svc.created, svc.max_model_len,
                            str(svc.aengine.engine.artifact.root))
         out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
         return out

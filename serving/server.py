@@ -106,8 +106,9 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         from braze.runtime.lora import check_vllm_options
         check_vllm_options(getattr(engine.lora, "contract", None), art.root,
                            so.enable_lora or None, so.max_loras, so.max_lora_rank)
-        name = so.served_model_name or engine.model_name
-        lora_parents = load_at_start(engine, so.lora_modules, name)
+        names = so.served_model_names or [engine.model_name]
+        name = names[0]
+        lora_parents = load_at_start(engine, so.lora_modules, names)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
@@ -132,7 +133,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,
-                      lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults)
+                      lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults,
+                      model_aliases=tuple(names[1:]))
         if engine.sampling_defaults:
             log.info("requests that leave them unset get the model's sampling defaults %s "
                      "(its generation_config.json, --override-generation-config; "
