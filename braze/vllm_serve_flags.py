@@ -46,8 +46,8 @@ REFUSED = {
 }
 
 # vLLM's switches for what braze always does: taken, and they change nothing
+# (--enable-auto-tool-choice is braze serve's own flag on the main branch: not here)
 TAKEN = (
-    "--enable-auto-tool-choice",   # tool_choice "auto" is always read (--tool-call-parser)
     "--disable-log-stats",         # braze logs no periodic stats
 )
 

@@ -86,10 +86,10 @@ def test_vllm_flags_braze_does_not_take_say_what_to_do(flags, advice, capsys):
     assert flags[0] in err and advice in err, err
 
 
-@pytest.mark.parametrize("flag", ["--enable-auto-tool-choice", "--disable-log-stats"])
+@pytest.mark.parametrize("flag", ["--disable-log-stats"])
 def test_vllm_flags_for_what_braze_always_does_are_taken(flag):
-    """vLLM's switches for behaviour braze has by default (tool calls read for tool_choice
-    "auto"; no periodic stats log) keep a vLLM command line working."""
+    """vLLM's switches for behaviour braze has by default (no periodic stats log) keep a
+    vLLM command line working."""
     from braze.cli import build_parser
     a = build_parser().parse_args(["serve", "art.braze", flag])
     assert a.artifact == "art.braze"
