@@ -190,6 +190,7 @@ def cmd_serve(a) -> int:
     except ImportError as e:
         raise BrazeError(f"`braze serve` needs fastapi and uvicorn ({e}); "
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
+    _take_artifact(a)
     _check_launcher(a.artifact)
     rc = serve(a.artifact, _engine_options(a), _server_options(a))
     # the server has drained and stopped: skip the interpreter's teardown of torch, triton
@@ -330,7 +331,7 @@ def _server_options(a):
     from braze.serving.options import ServerOptions, api_keys_from, name_list
     keys, _ = api_keys_from(a.api_key)
     return ServerOptions(
-        host=a.host, port=a.port, max_queue=a.max_queue, served_model_name=a.served_model_name,
+        host=a.host, port=a.port, max_queue=a.max_queue, served_model_name=_one_or_list(a.served_model_name),
         drain_timeout=a.drain_timeout, log_level=a.log_level, read_timeout=a.read_timeout,
         limit_concurrency=a.limit_concurrency, allowed_hosts=a.allowed_hosts,
         max_request_body_bytes=a.max_request_body_bytes, api_keys=keys,
@@ -346,6 +347,22 @@ def _server_options(a):
         max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
         enable_prompt_tokens_details=a.enable_prompt_tokens_details,
         default_chat_template_kwargs=a.default_chat_template_kwargs)
+
+
+def _take_artifact(a) -> None:
+    """`braze serve --served-model-name NAME... ARTIFACT`: the names (nargs +, as vLLM's)
+    took ARTIFACT too; it is their last word."""
+    if a.artifact is None:
+        names = a.served_model_name or []
+        if len(names) < 2:
+            raise BrazeError("braze serve needs ARTIFACT, an artifact directory (braze "
+                             "compile MODEL_DIR -o ARTIFACT)")
+        a.artifact = names.pop()
+
+
+def _one_or_list(values: list[str] | None):
+    """An nargs="+" flag's values: None, one value, or the list of several."""
+    return values if values is None or len(values) > 1 else values[0]
 
 
 def _trust_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -555,9 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        description="Serve ARTIFACT over HTTP: /v1/completions, "
                        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /server_info, /health, "
-                       "/ping, /version, /metrics. "
+                       "/ping, /load, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
-    s.add_argument("artifact", metavar="ARTIFACT", help="an artifact directory (braze compile)")
+    # optional to argparse only: `--served-model-name NAME... ARTIFACT` takes it (_take_artifact)
+    s.add_argument("artifact", metavar="ARTIFACT", nargs="?",
+                   help="an artifact directory (braze compile)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--lora-modules", nargs="+", action="extend", metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to load at start, as NAME=PATH or "
@@ -577,8 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                    help="most requests waiting for the running batch; more get 503 (default 256)")
-    s.add_argument("--served-model-name", metavar="NAME",
-                   help="the model name clients use (default: the artifact directory's name)")
+    s.add_argument("--served-model-name", metavar="NAME", nargs="+",
+                   help="the model name clients use (default: the artifact directory's name); "
+                   "as in vLLM, several names are each answered, and responses give the first")
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -631,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_MAX_REQUEST_BODY_BYTES}, 4 MiB: about a million tokens of text)")
     s.add_argument("--api-key", action="append", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health, "
-                   "/ping, /version and /metrics (401 otherwise); repeatable for several keys. "
+                   "/ping, /load, /version and /metrics (401 otherwise); repeatable for several keys. "
                    "Default: $BRAZE_API_KEY, else $VLLM_API_KEY, else no key. Prefer the "
                    "environment: a flag shows in the process list")
     s.add_argument("--allowed-origins", metavar="ORIGINS",
@@ -658,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "FastAPI app; NAME: an entry point of the group braze.serve_extensions. "
                    "Repeatable (docs/serving.md)")
     _engine_flags(s, "what the GPU's free memory holds, or up to 1 GiB on the CPU")
+    from braze import vllm_serve_flags
+    vllm_serve_flags.add_to(s)        # a vLLM command line's flags: taken, or refused saying why
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="build a tiny random model, compile it and generate (CPU, seconds)")

@@ -88,6 +88,12 @@ class Service:
     # --default-chat-template-kwargs: under each chat request's chat_template_kwargs
     default_chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
+    model_aliases: tuple = ()             # --served-model-name's names after the first
+
+    @property
+    def served_names(self) -> tuple:
+        """Every name a request may give for the model (responses give the first)."""
+        return (self.model_name, *self.model_aliases)
 
     def __post_init__(self):
         self.created = int(time.time())
@@ -113,7 +119,7 @@ class Service:
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; none or "" is the served model, as
         in vLLM."""
-        if model and model != self.model_name and lora_for(self, model) is None:
+        if model and model not in self.served_names and lora_for(self, model) is None:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r} and the LoRA adapters /v1/models lists",
                            "invalid_request_error", "model", "model_not_found")
@@ -250,7 +256,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
 
     @app.get("/v1/models")
     async def models():
-        out = R.model_list(svc.model_name, svc.created, svc.max_model_len,
+        out = R.model_list(svc.served_names, svc.created, svc.max_model_len,
                            str(svc.aengine.engine.artifact.root))
         out["data"] += model_cards(svc)         # LoRA adapters, each with its parent
         return out
@@ -689,7 +695,8 @@ class _Job:
             done = True
         except (Aborted, Unavailable, Rejected) as e:
             # the server aborted it (shutdown), the engine failed or cannot run it: say so
-            self.outcome = "error" if isinstance(e, Rejected) else "abort"
+            # (as /metrics counts it: an engine failure is an error, a shutdown an abort)
+            self.outcome = "abort" if isinstance(e, Aborted) else "error"
             kind = "invalid_request_error" if isinstance(e, Rejected) else "service_unavailable"
             yield R.sse(error_body(str(e), kind))
             yield R.SSE_DONE
@@ -717,7 +724,7 @@ class _Job:
             self._abort_all("the request failed")
             raise bad_request(str(e)) from None
         except (Aborted, Unavailable) as e:
-            self.outcome = "abort"
+            self.outcome = "abort" if isinstance(e, Aborted) else "error"
             self._abort_all("the request failed")
             raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
         except asyncio.CancelledError:

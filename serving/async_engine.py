@@ -49,6 +49,7 @@ class RequestStream:
         self.arrival = time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.ack: asyncio.Future | None = None      # set once the engine took the request
 
     def __aiter__(self):
         return self
@@ -169,7 +170,7 @@ class AsyncEngine:
         is draining or whose engine is gone)."""
         self.check_admission(bounded)
         stream = RequestStream(self, request_id, num_prompt_tokens)
-        ack = self._loop.create_future()
+        ack = stream.ack = self._loop.create_future()
         self._streams[request_id] = stream
         self._send(("add", request_id, prompt, params, ack, group, kv_transfer_params, lora,
                     cache_salt, priority))
@@ -247,10 +248,23 @@ class AsyncEngine:
 
     def _fail_all(self, err: BaseException) -> None:
         self.error = err
-        self._fail_pending(f"the engine failed: {type(err).__name__}: {err}")
+        message = f"the engine failed: {type(err).__name__}: {err}"
         streams, self._streams = list(self._streams.values()), {}
         for s in streams:
-            s.queue.put_nowait(Unavailable(f"the engine failed: {type(err).__name__}: {err}"))
+            if s.ack is not None and not s.ack.done():
+                # taken by the engine in the step that failed, never acknowledged: its
+                # `add` raises (a 503, counted as refused), else it would wait for ever
+                s.ack.set_exception(Unavailable(message))
+                continue
+            if self.metrics is not None:
+                self.metrics.on_finished("error", {}, time.monotonic() - s.arrival)
+            s.queue.put_nowait(Unavailable(message))
+        self._fail_pending(message)
+        # nothing runs or holds KV blocks any more: the last step's gauges would say so
+        # for ever
+        self._snap = {**self._snap, "running": 0, "engine_waiting": 0, "kv_blocks_used": 0}
+        if self._snap.get("kv_groups"):
+            self._snap["kv_groups"] = [{**g, "blocks_used": 0} for g in self._snap["kv_groups"]]
 
     def _post(self, fn, *args) -> None:
         try:

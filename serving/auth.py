@@ -1,7 +1,7 @@
 """`--api-key`: requests must carry `Authorization: Bearer KEY`.
 
 Every route needs the key except the probes a load balancer or Prometheus calls without
-one: /health, /ping, /version and /metrics (vLLM leaves those open too; unlike vLLM, braze
+one: /health, /ping, /load, /version and /metrics (vLLM leaves those open too; unlike vLLM, braze
 also guards /tokenize, /detokenize and /server_info, which show the tokenizer and the
 deployment). A missing or wrong key gets an OpenAI-shaped 401 (`code: invalid_api_key`),
 the same for every path, so the routes cannot be probed without the key. Keys are compared
@@ -14,7 +14,7 @@ import hmac
 
 from .protocol import send_error
 
-OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/load", "/version", "/metrics"})
 
 
 class APIKeyCheck:

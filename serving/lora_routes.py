@@ -59,7 +59,7 @@ def manager(svc):
 def lora_for(svc, model: str | None) -> str | None:
     """The adapter a request's "model" names, or None for the base model."""
     m = manager(svc)
-    if not model or model == svc.model_name or m is None:
+    if not model or model in svc.served_names or m is None:
         return None
     return model if model in m.registered else None
 
@@ -122,14 +122,15 @@ def module_spec(spec: str) -> tuple[str, str, str | None]:
     return d["name"], d["path"], base
 
 
-def load_at_start(engine, modules: list[str], model_name: str) -> dict[str, str]:
+def load_at_start(engine, modules: list[str], model_names: list[str]) -> dict[str, str]:
     """`--lora-modules name=path ...`: registered before the server answers. A request
-    naming `model_name` (the served model) runs the base model, so no adapter may take it.
+    naming one of `model_names` (the served model's) runs the base model, so no adapter may
+    take it.
     Returns the parents /v1/models names where an entry gave base_model_name."""
     parents = {}
     for spec in modules:
         name, path, base = module_spec(spec)
-        if name == model_name:
+        if name in model_names:
             raise LoRAError(f"--lora-modules: the adapter name {name!r} is the served model's "
                             f"name (requests naming it get the base model); pick another")
         engine.add_lora(LoRARequest(name, next(_IDS), path))
@@ -152,7 +153,7 @@ def install(app: FastAPI, svc, allow_updates: bool) -> None:
             raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.",
                            "InvalidUserInput", None, "bad_request")
         name = body.lora_name
-        if name == svc.model_name:
+        if name in svc.served_names:
             raise APIError(400, f"The lora adapter name {name!r} is the base model's name; "
                                 f"pick another", "InvalidUserInput", "lora_name", "bad_request")
         if name in m.registered and not body.load_inplace:

@@ -6,6 +6,10 @@ gauges and the engine's own counters come from the engine-thread snapshot
 handed to `render`. `braze_kv_cache_usage` is kv_blocks_used / kv_blocks_total where
 "used" means held by a live request: blocks kept only for the prefix cache are free to
 reuse and do not count.
+
+The families vLLM's dashboards and alerts read are exported under vLLM's names too
+(`vllm:num_requests_running{model_name=...}`, ...: VLLM_NAMES), renamed at scrape time
+from the braze_* families, so both always say the same.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -24,6 +28,25 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
                    80.0, 160.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# braze family -> vLLM's name of the same measure (vllm/v1/metrics/loggers.py); vLLM's
+# per-request mean time per output token is request_time_per_output_token_seconds
+VLLM_NAMES = {
+    "braze_requests_running": "vllm:num_requests_running",
+    "braze_requests_waiting": "vllm:num_requests_waiting",
+    "braze_kv_cache_usage": "vllm:kv_cache_usage_perc",
+    "braze_preemptions": "vllm:num_preemptions",
+    "braze_prompt_tokens": "vllm:prompt_tokens",
+    "braze_generation_tokens": "vllm:generation_tokens",
+    "braze_requests": "vllm:request_success",
+    "braze_prefix_cache_query_tokens": "vllm:prefix_cache_queries",
+    "braze_prefix_cache_hit_tokens": "vllm:prefix_cache_hits",
+    "braze_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "braze_time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
+    "braze_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "braze_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+}
+VLLM_LABELS = {"finish_reason": "finished_reason"}
 
 
 class Metrics:
@@ -53,6 +76,9 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self._snapshot = _Snapshot()
         r.register(self._snapshot)
+        r.register(_VLLMNames(model_name, [self._prompt, self._generation, self._requests,
+                                           self.ttft, self.tpot, self.latency,
+                                           self.queue_time, self._snapshot]))
 
     def on_admitted(self, num_prompt_tokens: int) -> None:
         self._prompt.inc(num_prompt_tokens)
@@ -126,6 +152,31 @@ class _Snapshot:
             yield from _spec_decode_metrics(snap)
         if snap.get("kv_groups"):
             yield from _kv_group_metrics(snap["kv_groups"])
+
+
+class _VLLMNames:
+    """The `sources`' families that VLLM_NAMES names, again under vLLM's names, with its
+    `model_name` label (and its `finished_reason` for braze's `finish_reason`)."""
+
+    def __init__(self, model_name: str, sources: list):
+        self.model_name, self.sources = model_name, sources
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for source in self.sources:
+            for family in source.collect():
+                name = VLLM_NAMES.get(family.name)
+                if name is None:
+                    continue
+                out = Metric(name, family.documentation, family.type)
+                for sample in family.samples:
+                    labels = {VLLM_LABELS.get(k, k): v for k, v in sample.labels.items()}
+                    out.samples.append(sample._replace(
+                        name=name + sample.name[len(family.name):],
+                        labels={"model_name": self.model_name, **labels}))
+                yield out
 
 
 def _gauge(name: str, help: str, value) -> GaugeMetricFamily:

@@ -22,7 +22,9 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     max_queue: int = 256                  # requests waiting for the running batch
-    served_model_name: str | None = None  # None: the artifact directory's name
+    # the model's name, or vLLM's list of names (every one answered, the first the one
+    # responses give); None: the artifact directory's name
+    served_model_name: str | list[str] | None = None
     drain_timeout: float = 30.0           # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     read_timeout: float = 30.0            # seconds for a request's headers, and its body
@@ -66,6 +68,11 @@ class ServerOptions:
         if not 0 < self.read_timeout < float("inf"):
             raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
                              f"{self.read_timeout}")
+        names = self.served_model_names
+        if any(not isinstance(n, str) or not n.strip() for n in names) or \
+                len(set(names)) < len(names):
+            raise BrazeError(f"--served-model-name takes distinct non-empty names, got "
+                             f"{self.served_model_name!r}")
         if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
             raise BrazeError("an API key must be a non-empty string")
         self.default_chat_template_kwargs = _template_kwargs(self.default_chat_template_kwargs)
@@ -74,6 +81,12 @@ class ServerOptions:
             # starlette would then echo any origin, which is worse: say so instead
             raise BrazeError("--allow-credentials needs the origins listed in "
                              "--allowed-origins, not '*'")
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """--served-model-name as a list (empty: the artifact directory's name)."""
+        n = self.served_model_name
+        return [] if n is None else list(n) if isinstance(n, (list, tuple)) else [n]
 
     @classmethod
     def of(cls, options: "ServerOptions | None" = None, **overrides) -> "ServerOptions":

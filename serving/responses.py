@@ -65,12 +65,12 @@ def usage_chunk(id: str, created: int, model: str, object: str, use: dict) -> di
             "usage": use}
 
 
-def model_list(name: str, created: int, max_model_len: int, root: str) -> dict:
-    """The served model's card, as vLLM's: `root` what it was loaded from (the artifact),
-    `parent` null (LoRA adapters' cards name it)."""
+def model_list(names, created: int, max_model_len: int, root: str) -> dict:
+    """The served model's cards, one per name, as vLLM's: `root` what it was loaded from
+    (the artifact), `parent` null (LoRA adapters' cards name the first)."""
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                          "owned_by": "braze", "root": root, "parent": None,
-                                         "max_model_len": max_model_len}]}
+                                         "max_model_len": max_model_len} for name in names]}
 
 
 # ---- several choices, logprobs, token ids --------------------------------------------------

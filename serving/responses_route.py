@@ -20,6 +20,7 @@ text, ...) are a 400 naming them, never ignored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -230,6 +231,9 @@ class _Reply:
             raise bad_request(str(e)) from None
         except (Aborted, Unavailable) as e:
             raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
+        except asyncio.CancelledError:     # its client went away (while_connected)
+            stream.abort("the client disconnected")
+            raise
         if out is None or out.finish_reason not in ("stop", "length"):
             raise APIError(503, f"the request ended with finish_reason "
                            f"{getattr(out, 'finish_reason', None)!r}", "service_unavailable",

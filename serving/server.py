@@ -106,8 +106,9 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         from braze.runtime.lora import check_vllm_options
         check_vllm_options(getattr(engine.lora, "contract", None), art.root,
                            so.enable_lora or None, so.max_loras, so.max_lora_rank)
-        name = so.served_model_name or engine.model_name
-        lora_parents = load_at_start(engine, so.lora_modules, name)
+        names = so.served_model_names or [engine.model_name]
+        name = names[0]
+        lora_parents = load_at_start(engine, so.lora_modules, names)
         tokenizer = engine.tokenizer
         if tokenizer is None and art.tokenizer_dir is not None:
             tokenizer = Tokenizer(art.tokenizer_dir)
@@ -140,7 +141,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       lora_parents=lora_parents, sampling_defaults=engine.sampling_defaults,
                       reasoning=engine.reasoning,
                       prompt_tokens_details=so.enable_prompt_tokens_details,
-                      default_chat_template_kwargs=so.default_chat_template_kwargs or {})
+                      default_chat_template_kwargs=so.default_chat_template_kwargs or {},
+                      model_aliases=tuple(names[1:]))
         if engine.reasoning is not None:
             log.info("chat replies are split into reasoning and content at %s ... %s "
                      "(--reasoning-parser %s)", engine.reasoning.format.start,

@@ -1,6 +1,8 @@
 """Routes beside the OpenAI API that vLLM users script against:
 
     GET|POST /ping     200 {} while healthy, else the 503 of /health (load balancers)
+    GET  /load         vLLM's {"server_load": N}: the engine requests in flight (running
+                       or waiting; a request of n samples counts n), for load balancers
     POST /tokenize     {prompt} or {messages, tools, ...} -> {count, max_model_len, tokens,
                        token_strs}
     POST /detokenize   {tokens} -> {prompt}
@@ -56,6 +58,10 @@ def install(app: FastAPI, svc) -> None:
         if reason is not None:
             return JSONResponse(error_body(reason, "service_unavailable"), status_code=503)
         return JSONResponse({})
+
+    @app.get("/load")
+    async def load():
+        return {"server_load": svc.aengine.num_inflight}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

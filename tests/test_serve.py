@@ -292,6 +292,38 @@ def test_models_version_health(server, artifact, ref_engine):
     assert server.http.get("/health").status_code == 200
 
 
+def test_load_counts_the_requests_in_flight(artifact):
+    """vLLM's GET /load, which load balancers poll: {"server_load": requests in flight}.
+    In-process, the engine's steps held on an Event so that two requests stay in flight."""
+    from fastapi.testclient import TestClient
+
+    from braze.runtime.engine import Engine
+    from braze.serving.app import Service, create_app
+    from braze.serving.async_engine import AsyncEngine
+    from braze.serving.metrics import Metrics
+    engine = Engine(artifact, backend="reference", num_kv_blocks=64)
+    go, step = threading.Event(), engine.step
+
+    def held_step():
+        go.wait(60)
+        return step()
+    engine.step = held_step
+    metrics = Metrics(MODEL)
+    svc = Service(AsyncEngine(engine, metrics=metrics), metrics, MODEL, engine.max_model_len,
+                  engine.tokenizer, None)
+    with TestClient(create_app(svc)) as client, ThreadPoolExecutor(2) as pool:
+        assert client.get("/load").json() == {"server_load": 0}
+        body = {"model": MODEL, "prompt": [1, 5, 6], "max_tokens": 3, "ignore_eos": True}
+        replies = [pool.submit(client.post, "/v1/completions", json=body) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while client.get("/load").json()["server_load"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get("/load").json() == {"server_load": 2}
+        go.set()
+        assert [r.result(60).status_code for r in replies] == [200, 200]
+        assert client.get("/load").json() == {"server_load": 0}
+
+
 def test_32_concurrent_clients(server, reference):
     prompts = [f"Client {i % 4} says" for i in range(32)]      # 4 distinct, 8 clients each
 
@@ -399,6 +431,53 @@ def test_metrics_text(server):
     assert n == m["braze_time_to_first_token_seconds_count"] > 0
     done = [f'braze_requests_total{{finish_reason="{r}"}}' for r in ("stop", "length")]
     assert n == sum(m[k] for k in done)           # every completed request had a first token
+
+
+VLLM_KINDS = {           # vLLM's metric families (vllm/v1/metrics/loggers.py) and kinds
+    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge", "vllm:num_preemptions": "counter",
+    "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+    "vllm:request_success": "counter", "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter", "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:request_time_per_output_token_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_queue_time_seconds": "histogram"}
+
+
+def test_vllms_metric_names_count_a_known_workload(server):
+    """A dashboard or alert written for vLLM reads braze's /metrics unchanged: vLLM's
+    names, kinds and `model_name` label, with values that match the workload sent (token
+    counts from the responses' usage, one finished request each)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    label = f'{{model_name="{MODEL}"}}'
+    before = server.metrics()
+    usage = []
+    for prompt, max_tokens in (([1, 40, 41, 42], 5), ([1, 50, 51, 52, 53, 54, 55], 7)):
+        r = server.http.post("/v1/completions", json={
+            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        usage.append(r.json()["usage"])
+    m = server.wait_metrics(lambda m: m.get("vllm:num_requests_running" + label) == 0)
+    kinds = {f.name: f.type for f in text_string_to_metric_families(server.http.get(
+        "/metrics").text)}
+    assert {k: kinds.get(k) for k in VLLM_KINDS} == VLLM_KINDS
+
+    def grew(name):
+        return m[name] - before.get(name, 0)
+    assert grew(f"vllm:prompt_tokens_total{label}") == sum(u["prompt_tokens"] for u in usage)
+    assert grew(f"vllm:generation_tokens_total{label}") == \
+        sum(u["completion_tokens"] for u in usage) == 12
+    ok = f'vllm:request_success_total{{finished_reason="length",model_name="{MODEL}"}}'
+    assert grew(ok) == 2
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds"):
+        assert grew(f"vllm:{hist}_count{label}") == 2
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert m[f"vllm:{gauge}{label}"] == 0
+    # the same facts as braze's own families
+    assert m[f"vllm:prompt_tokens_total{label}"] == m["braze_prompt_tokens_total"]
+    assert m[ok] == m['braze_requests_total{finish_reason="length"}']
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -104,3 +104,29 @@ def test_what_braze_does_not_do_is_refused_by_name(server, body, param):
     r = server.http.post("/v1/responses", json={"model": MODEL, **body})
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_a_client_gone_from_a_non_streamed_response_aborts_it(server):
+    """As for chat and completions: the client of a non-streamed /v1/responses request
+    goes away while it generates, and the engine request is aborted (its KV blocks freed),
+    not run to max_output_tokens for nobody."""
+    import json
+    import socket
+    aborted = 'braze_requests_total{finish_reason="abort"}'
+    gen, prompt = "braze_generation_tokens_total", "braze_prompt_tokens_total"
+    before = server.metrics()
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "input": "Wait", "max_output_tokens": 220,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        # the engine took it (220 tokens take it a while yet): leave
+        server.wait_metrics(lambda m: m[prompt] > before[prompt])
+    m = server.wait_metrics(lambda m: m[aborted] > before[aborted]
+                            and m["braze_requests_running"] == 0, timeout=30)
+    assert m[aborted] == before[aborted] + 1
+    assert m["braze_kv_cache_usage"] == 0 and m[gen] - before[gen] < 220
+    length = 'braze_requests_total{finish_reason="length"}'
+    assert m[length] == before[length]

@@ -63,3 +63,85 @@ def test_a_blank_api_key_names_where_it_came_from(store, flags, env, source):
     code, _, err = _serve(store.artifact("llama"), *flags,
                           env={"BRAZE_API_KEY": "", "VLLM_API_KEY": "", **env})
     assert_one_line_error(code, err, source, "blank")
+
+
+@pytest.mark.parametrize("flags, advice", [
+    (["--dtype", "bfloat16"], "braze compile MODEL_DIR -o ARTIFACT --dtype"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size N"),
+    (["-tp", "2"], "--tensor-parallel-size N"),
+    (["--enforce-eager"], "--cudagraph-mode none"),
+    (["--trust-remote-code"], "loads no model code"),
+    (["--uvicorn-log-level", "warning"], "--log-level"),
+    (["--kv-cache-dtype", "fp8"], "braze compile"),
+    (["--ssl-keyfile", "k.pem"], "reverse proxy")])
+def test_vllm_flags_braze_does_not_take_say_what_to_do(flags, advice, capsys):
+    """A flag pasted from a vLLM command line that braze serve has no use for is refused
+    naming it and the braze way to get what it asked for (argparse alone said only
+    "unrecognized arguments")."""
+    from braze.cli import build_parser
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "art.braze", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flags[0] in err and advice in err, err
+
+
+@pytest.mark.parametrize("flag", ["--disable-log-stats"])
+def test_vllm_flags_for_what_braze_always_does_are_taken(flag):
+    """vLLM's switches for behaviour braze has by default (no periodic stats log) keep a
+    vLLM command line working."""
+    from braze.cli import build_parser
+    a = build_parser().parse_args(["serve", "art.braze", flag])
+    assert a.artifact == "art.braze"
+
+
+def test_several_served_model_names_are_taken(monkeypatch):
+    """vLLM's `--served-model-name a b`: every name is answered, the first is the one
+    responses and /metrics give (it was 'unrecognized arguments: b')."""
+    from braze.cli import _server_options, build_parser
+    for name in ("BRAZE_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    a = build_parser().parse_args(["serve", "art.braze", "--served-model-name", "llama",
+                                   "gpt-4o-mini", "--port", "9"])
+    so = _server_options(a)
+    assert so.served_model_names == ["llama", "gpt-4o-mini"] and so.port == 9
+    one = _server_options(build_parser().parse_args(["serve", "art.braze",
+                                                     "--served-model-name", "m"]))
+    assert one.served_model_names == ["m"]
+    assert _server_options(build_parser().parse_args(["serve", "art.braze"])) \
+        .served_model_names == []
+    # before ARTIFACT (as a braze command line could always give it), the names end there
+    from braze.cli import _take_artifact
+    a = build_parser().parse_args(["serve", "--served-model-name", "m", "alias", "art.braze"])
+    _take_artifact(a)
+    assert a.artifact == "art.braze" and _server_options(a).served_model_names == ["m", "alias"]
+    a = build_parser().parse_args(["serve", "--served-model-name", "m", "art.braze"])
+    _take_artifact(a)
+    assert a.artifact == "art.braze" and _server_options(a).served_model_names == ["m"]
+
+
+def test_a_request_may_name_any_served_model_name(store):
+    """Every --served-model-name is a card of /v1/models and runs the model; responses
+    name the first, as vLLM's do; other names are still a 404."""
+    from fastapi.testclient import TestClient
+
+    from braze.runtime.engine import Engine
+    from braze.serving.app import Service, create_app
+    from braze.serving.async_engine import AsyncEngine
+    from braze.serving.metrics import Metrics
+    engine = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64)
+    metrics = Metrics("llama")
+    svc = Service(AsyncEngine(engine, metrics=metrics), metrics, "llama", engine.max_model_len,
+                  engine.tokenizer, None, model_aliases=("gpt-4o-mini",))
+    body = {"prompt": [1, 9, 10, 11], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(svc)) as client:
+        assert [c["id"] for c in client.get("/v1/models").json()["data"]] == \
+            ["llama", "gpt-4o-mini"]
+        assert client.get("/v1/models/gpt-4o-mini").json()["id"] == "gpt-4o-mini"
+        first = client.post("/v1/completions", json={**body, "model": "llama"}).json()
+        alias = client.post("/v1/completions", json={**body, "model": "gpt-4o-mini"})
+        assert alias.status_code == 200, alias.text
+        assert alias.json()["model"] == "llama"
+        assert alias.json()["choices"][0]["text"] == first["choices"][0]["text"]
+        assert client.post("/v1/completions", json={**body, "model": "other"}).status_code \
+            == 404

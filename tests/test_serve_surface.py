@@ -451,7 +451,7 @@ def test_api_key(guarded):
                         {"Authorization": f"Basic {KEY}"}):
             err = _error(anon.request(method, path, headers=headers, json={}), 401)
             assert err["code"] == "invalid_api_key" and KEY not in json.dumps(err)
-    for path in ("/health", "/ping", "/version", "/metrics"):
+    for path in ("/health", "/ping", "/load", "/version", "/metrics"):
         assert anon.get(path).status_code == 200, path
     assert guarded.http.get("/v1/models").status_code == 200
     wrong = openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0)

@@ -1,0 +1,120 @@
+"""The engine thread of `braze serve` failing under load (serving/async_engine.py): every
+request in flight or just accepted gets an answer (503, not a hang), and /metrics says what
+happened (the failed requests counted as errors, nothing left running). The real engine on
+the tiny llama, its step made to raise as a device fault would."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from braze.runtime.engine import Engine  # noqa: E402
+from braze.runtime.sampler import SamplingParams  # noqa: E402
+from braze.serving.async_engine import AsyncEngine, Unavailable  # noqa: E402
+from braze.serving.metrics import Metrics  # noqa: E402
+from serve_helpers import parse_metrics  # noqa: E402
+
+from conftest import prompts_of  # noqa: E402
+
+GUARD = 30.0          # a hang guard, not a timing assertion
+
+
+class DeviceFault(RuntimeError):
+    pass
+
+
+def _failing_engine(artifact, after_steps: int) -> Engine:
+    """An engine whose step raises after `after_steps` good ones."""
+    engine = Engine(artifact, backend="reference", num_kv_blocks=64)
+    step, count = engine.step, [0]
+
+    def faulty():
+        count[0] += 1
+        if count[0] > after_steps:
+            raise DeviceFault("simulated device fault")
+        return step()
+    engine.step = faulty
+    return engine
+
+
+def test_a_request_accepted_in_the_failing_step_gets_503_not_a_hang(store):
+    """The engine accepts the request, then its first step fails: the client must hear
+    about it (before the fix `add` awaited an acknowledgement that never came)."""
+    engine = _failing_engine(store.artifact("llama"), after_steps=0)
+    (prompt,) = prompts_of([6], seed=3)
+
+    async def main():
+        aeng = AsyncEngine(engine, metrics=Metrics("m"))
+        aeng.start()
+        try:
+            with pytest.raises(Unavailable, match="simulated device fault"):
+                await asyncio.wait_for(
+                    aeng.add("r0", prompt, SamplingParams(max_tokens=4), len(prompt)), GUARD)
+            assert not aeng.alive and aeng.num_inflight == 0
+        finally:
+            await aeng.stop()
+    asyncio.run(main())
+
+
+def test_requests_failed_by_the_engine_are_counted_and_nothing_shows_running(store):
+    """Two streams running when the engine fails: each ends with Unavailable, /metrics
+    counts both as finish_reason "error" and shows no request running or KV block held
+    (the gauges had stayed at the last good step's values for ever)."""
+    engine = _failing_engine(store.artifact("llama"), after_steps=3)
+    prompts = prompts_of([5, 7], seed=4)
+    metrics = Metrics("m")
+
+    async def main():
+        aeng = AsyncEngine(engine, metrics=metrics)
+        aeng.start()
+        try:
+            streams = [await aeng.add(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True),
+                                      len(p)) for i, p in enumerate(prompts)]
+            for s in streams:
+                with pytest.raises(Unavailable, match="simulated device fault"):
+                    async for _ in s:
+                        pass
+            return parse_metrics(metrics.render(aeng.snapshot()))
+        finally:
+            await aeng.stop()
+    m = asyncio.run(asyncio.wait_for(main(), GUARD))
+    assert m['braze_requests_total{finish_reason="error"}'] == 2
+    assert sum(m[f'braze_requests_total{{finish_reason="{r}"}}']
+               for r in ("stop", "length", "abort")) == 0
+    assert m["braze_requests_running"] == 0 and m["braze_requests_waiting"] == 0
+    assert m["braze_kv_cache_usage"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_over_http_the_failure_is_a_503_and_logged_as_an_error(store, stream, caplog):
+    """Through the app: the request the failing step took gets an OpenAI-shaped 503 (a
+    stream: its error event), and the request's log line says it ended in an error, as
+    /metrics counts it (it said "finish abort", as for a client that went away)."""
+    from fastapi.testclient import TestClient
+
+    from braze.serving.app import Service, create_app
+    engine = _failing_engine(store.artifact("llama"), after_steps=2)
+    metrics = Metrics("m")
+    svc = Service(AsyncEngine(engine, metrics=metrics), metrics, "m", engine.max_model_len,
+                  engine.tokenizer, None)
+    body = {"model": "m", "prompt": [1, 7, 8], "max_tokens": 20, "ignore_eos": True,
+            "stream": stream}
+    with caplog.at_level("INFO", logger="braze.serving"), TestClient(create_app(svc)) as client:
+        r = client.post("/v1/completions", json=body)
+        if stream:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and '"type":"service_unavailable"' in events[-2]
+            assert "simulated device fault" in events[-2]
+        else:
+            assert r.status_code == 503, r.text
+            assert "simulated device fault" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
+    (line,) = [rec.getMessage() for rec in caplog.records if "output tokens, finish" in
+               rec.getMessage()]
+    assert "finish error" in line, line
+    assert parse_metrics(metrics.render(svc.aengine.snapshot()))[
+        'braze_requests_total{finish_reason="error"}'] == 1
