@@ -5,7 +5,7 @@ A search keeps `beam_width` beams (generated token lists and their cumulative lo
 the model's raw logprobs). Each step every live beam is one engine request of one token
 asking for the `2 * beam_width` likeliest next tokens; the extensions that end in an end
 of sequence (EOS, unless `ignore_eos`) are set aside as finished, and the `beam_width`
-best of the others by score live on. After `max_tokens` steps (or when no beam is left)
+best of the others by score live on. After `max_tokens` steps (fewer where the beams fill the context, or when no beam is left)
 the finished and live beams together are ranked by score and the `beam_width` best
 returned, best first:
 
@@ -83,9 +83,16 @@ class BeamSearchOutput:
 
 
 class BeamSearch:
-    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids=()):
+    """`max_model_len`: the context; a beam that fills it ends there ("length"), as a
+    sampled sequence does (a prompt that fills it alone is left to the engine to refuse)."""
+
+    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids=(),
+                 max_model_len: int | None = None):
         self.prompt = list(prompt)
         self.params = params
+        self.max_steps = params.max_tokens
+        if max_model_len is not None and len(self.prompt) < max_model_len:
+            self.max_steps = min(self.max_steps, max_model_len - len(self.prompt))
         self.eos = frozenset() if params.ignore_eos else frozenset(eos_ids)
         self.beams: list[tuple[list[int], float]] = [([], 0.0)]
         self.finished: list[tuple[list[int], float]] = []     # ended at an EOS
@@ -93,7 +100,7 @@ class BeamSearch:
 
     @property
     def done(self) -> bool:
-        return not self.beams or self.steps >= self.params.max_tokens
+        return not self.beams or self.steps >= self.max_steps
 
     def pending(self) -> list[list[int]]:
         """The prompts to score this step: the prompt and each live beam."""

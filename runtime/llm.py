@@ -193,8 +193,8 @@ class LLM:
         beam of every prompt as a one-token request, in one batch. `use_tqdm` as in
         `generate`."""
         params.validate()
-        searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids)
-                    for p in _prompt_list(prompts)]
+        searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids,
+                               self.engine.max_model_len) for p in _prompt_list(prompts)]
         step = params.step_params()
 
         while not all(s.done for s in searches):

@@ -55,7 +55,7 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
         param = {"beam_width": "n"}.get(e.param, e.param)
         raise bad_request(str(e), param) from None
     eos = svc.aengine.engine.eos_token_ids
-    searches = [BeamSearch(ids, params, eos) for _, ids in prompts]
+    searches = [BeamSearch(ids, params, eos, svc.max_model_len) for _, ids in prompts]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     step = params.step_params()
     lora = lora_for(svc, getattr(body, "model", None))

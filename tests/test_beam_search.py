@@ -105,3 +105,22 @@ def test_bad_params_name_the_field(llm):
                        "length_penalty")]:
         with pytest.raises(BrazeError, match=field):
             llm.beam_search(PROMPT[:5], BeamSearchParams(**kw))
+
+
+def test_a_search_stops_at_the_context_length(llm):
+    """max_tokens past the context: the beams grow until prompt + beam fills max_model_len
+    and end there ("length"), as generate's samples do, rather than a late error about a
+    prompt too long (each step's prompt is the prompt and the beam)."""
+    room = 3
+    prompt = (PROMPT * 20)[:llm.engine.max_model_len - room]
+    (capped,) = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=room + 40,
+                                                           ignore_eos=True))
+    (exact,) = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=room,
+                                                          ignore_eos=True))
+    assert [s.token_ids for s in capped.sequences] == [s.token_ids for s in exact.sequences]
+    assert {len(s.token_ids) for s in capped.sequences} == {room}
+    assert {s.finish_reason for s in capped.sequences} == {"length"}
+    # a prompt that fills the context is still refused, naming the limit
+    with pytest.raises(BrazeError, match="max_model_len"):
+        llm.beam_search([(PROMPT * 20)[:llm.engine.max_model_len]],
+                        BeamSearchParams(beam_width=2, max_tokens=2))
