@@ -93,7 +93,11 @@ def test_a_reply_that_ends_by_itself_is_completed(server):
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input"),
-    ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}}, "text"),
+    ({"input": "x", "text": {"verbosity": "high"}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_object"}},
+      "response_format": {"type": "json_object"}}, "text"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "max_output_tokens": 10_000}, "max_output_tokens"),
     ({"input": "x", "model": "nope"}, "model"),
@@ -104,3 +108,69 @@ def test_what_braze_does_not_do_is_refused_by_name(server, body, param):
     r = server.http.post("/v1/responses", json={"model": MODEL, **body})
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_input_that_is_not_messages_names_the_item(server):
+    """A list of strings (or numbers) is not a list of messages: the 400 names the item and
+    what it is, not a pydantic union error saying a string was expected."""
+    for items, kind in ((["hi"], "str"), ([{"role": "user", "content": "x"}, 3], "int")):
+        r = server.http.post("/v1/responses", json={"model": MODEL, "input": items})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        i = len(items) - 1
+        assert err["param"] == "input" and f"input[{i}]" in err["message"], err
+        assert repr(kind) in err["message"] and "messages" in err["message"], err
+
+
+def test_usage_counts_the_input_tokens_read_from_the_prefix_cache(server):
+    """usage.input_tokens_details.cached_tokens is what the prefix cache served (vLLM's),
+    the same count the server's prefix-cache metric adds, not always 0."""
+    text = "Tell me everything about prefix caches, please. " * 2
+    server.client.responses.create(model=MODEL, input=text, max_output_tokens=1)
+    hits = "braze_prefix_cache_hit_tokens_total"
+    before = server.metrics()[hits]
+    r = server.client.responses.create(model=MODEL, input=text, max_output_tokens=1)
+    cached = server.metrics()[hits] - before
+    assert cached > 0
+    assert r.usage.input_tokens_details.cached_tokens == cached
+    events = list(server.client.responses.create(model=MODEL, input=text, stream=True,
+                                                 max_output_tokens=1))
+    assert events[-1].response.usage.input_tokens_details.cached_tokens == cached
+
+
+def test_text_format_json_schema_constrains_as_chat_response_format(server):
+    """text.format (json_schema, json_object) is the chat's response_format: the same
+    constrained text, streamed too, echoed in the response's `text`."""
+    import json
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"unit": {"enum": ["C", "F"]},
+                                               "days": {"type": "integer", "minimum": 1,
+                                                        "maximum": 7}},
+              "required": ["unit", "days"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "w", "schema": schema, "strict": True}
+    msgs = [{"role": "user", "content": "Weather?"}]
+    want = server.client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema,
+                                                                "strict": True}})
+    want = want.choices[0].message.content
+    assert set(json.loads(want)) == {"unit", "days"}
+    r = server.client.responses.create(model=MODEL, input="Weather?", max_output_tokens=40,
+                                       temperature=0, text={"format": fmt})
+    assert r.output_text == want and r.status == "completed"
+    assert r.text.format.type == "json_schema" and r.text.format.name == "w"
+    events = list(server.client.responses.create(model=MODEL, input="Weather?", stream=True,
+                                                 max_output_tokens=40, temperature=0,
+                                                 text={"format": fmt}))
+    assert events[-1].response.output_text == want
+    want = server.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20,
+                                                 temperature=0,
+                                                 response_format={"type": "json_object"})
+    r = server.client.responses.create(model=MODEL, input="Weather?", max_output_tokens=20,
+                                       temperature=0, text={"format": {"type": "json_object"}})
+    assert r.output_text == want.choices[0].message.content and r.output_text.startswith("{")
+    # a schema that does not compile is the client's error, named by the field it came in
+    bad = server.http.post("/v1/responses", json={
+        "model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "b",
+                                                          "schema": {"type": 5}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "text", bad.text
