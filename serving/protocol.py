@@ -86,6 +86,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=128)
+    # the n of highest cumulative logprob among best_of samples (vLLM's, chat too)
+    best_of: int | None = Field(None, ge=1, le=128)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)   # vLLM extension
@@ -123,7 +125,6 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=128)
     add_special_tokens: bool = True     # vLLM's: the tokenizer's BOS/EOS around a text prompt
 
 
@@ -231,12 +232,7 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
         raise bad_request("max_tokens must be at least 1; 0 only with echo: true, which "
                           "returns the prompt (and its logprobs) and generates nothing",
                           "max_tokens")
-    best_of = req.best_of
-    if best_of is not None and best_of < req.n:
-        raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
-    if best_of is not None and best_of > req.n and req.stream:
-        raise bad_request("best_of > n cannot be streamed (the best samples are known only "
-                          "at the end)", "best_of")
+    check_best_of(req)
     p = req.prompt
     if isinstance(p, str):
         p = [p]
@@ -253,6 +249,15 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return out
 
 
+def check_best_of(req: _GenerationRequest) -> None:
+    best_of = req.best_of
+    if best_of is not None and best_of < req.n:
+        raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
+    if best_of is not None and best_of > req.n and req.stream:
+        raise bad_request("best_of > n cannot be streamed (the best samples are known only "
+                          "at the end)", "best_of")
+
+
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
     """The first prompt of a completion request (completion_prompts for all)."""
     return completion_prompts(req)[0]
@@ -262,6 +267,7 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     check_common(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    check_best_of(req)
     check_chat(req)
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
@@ -349,12 +355,12 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int,
     if req.allowed_token_ids:      # [] as null: clients send it for "unset"
         kw["allowed_token_ids"] = list(req.allowed_token_ids)
     kw["n"] = req.n
+    kw["best_of"] = req.best_of
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs:
             kw["logprobs"] = req.top_logprobs or 0
     else:
         kw["logprobs"] = req.logprobs
-        kw["best_of"] = req.best_of
     plp = req.prompt_logprobs
     if getattr(req, "echo", False) and req.logprobs is not None:   # echo shows the prompt's too
         plp = max(plp or 0, req.logprobs)

@@ -408,3 +408,24 @@ def test_beam_search_returns_token_ids_and_refuses_stop_token_ids(server, store)
         "model": MODEL, "prompt": "Hi", "max_tokens": 2, "use_beam_search": True,
         "stop_token_ids": [5]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop_token_ids", bad.text
+
+
+def test_chat_best_of_picks_the_highest_cumulative_logprob(server, run):
+    """best_of on chat (vLLM's, as on completions) was read by nothing: the reply was one
+    plain sample. It is the sample of highest cumulative logprob among best_of, all of
+    them counted in usage; streamed, best_of > n is a 400 as on completions."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=4, temperature=1.0, seed=3)
+    r = server.client.chat.completions.create(
+        **kw, n=1, extra_body={"best_of": 4, "ignore_eos": True, "return_token_ids": True})
+    prompt = r.model_dump()["prompt_token_ids"]
+    samples = [run(prompt, max_tokens=4, temperature=1.0, seed=3 + i, logprobs=0)
+               for i in range(4)]
+    best = max(samples, key=lambda o: o.cumulative_logprob)
+    assert len({tuple(o.token_ids) for o in samples}) > 1       # a choice to make
+    assert r.choices[0].message.content == best.text and r.choices[0].logprobs is None
+    assert r.usage.completion_tokens == 16
+    bad = server.http.post("/v1/chat/completions", json={**kw, "best_of": 2, "stream": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of", bad.text
+    bad = server.http.post("/v1/chat/completions", json={**kw, "n": 3, "best_of": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of", bad.text
