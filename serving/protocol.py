@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from braze.runtime.chat_template import RESERVED_TEMPLATE_KWARGS
 
@@ -129,9 +130,25 @@ class CompletionRequest(_GenerationRequest):
 
 
 class TextPart(BaseModel):
+    """A content part: {"type": "text", "text": ...}, or another type (image_url, ...)
+    that check_messages refuses by name."""
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, v):
+        if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+            got = f"an object without a \"type\"" if isinstance(v, dict) else \
+                f"a {type(v).__name__}"
+            raise PydanticCustomError("content_part", "{m}", {
+                "m": f"is {got}, not a content part: give {{\"type\": \"text\", "
+                     f"\"text\": ...}} parts (or the whole content as one string)"})
+        if v["type"] == "text" and not isinstance(v.get("text"), str):
+            raise PydanticCustomError("content_part", "{m}", {
+                "m": "is a text part without a \"text\" string"})
+        return v
 
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -376,8 +393,11 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) for FastAPI's RequestValidationError errors, as one line."""
     if not errors:
         return "invalid request", None
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # a union reports one error per branch: the deepest says most (a content part's own
+    # error rather than "should be a valid string" for the content as a whole)
+    e = max(errors, key=lambda x: len(x.get("loc", ())))
+    loc = [str(x) if isinstance(x, str) else f"[{x}]" for x in e.get("loc", ())
+           if x != "body"]
     kind = e.get("type", "")
     if kind == "json_invalid":
         ctx = e.get("ctx") or {}
@@ -391,7 +411,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     # "stream", "structured_outputs")
     param = loc[0] if loc else None
     where = ".".join(x for x in loc if x not in _UNION_BRANCHES
-                     and not x.startswith(("list[", "dict[", "function-")))
+                     and not x.startswith(("list[", "dict[", "function-"))).replace(".[", "[")
     msg = e.get("msg", "invalid value")
-    return (f"{where}: {msg}" if where else msg), param
+    sep = " " if kind == "content_part" else ": "      # "messages[0].content[1] is a str, ..."
+    return (f"{where}{sep}{msg}" if where else msg), param
 
