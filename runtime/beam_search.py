@@ -37,11 +37,16 @@ MAX_BEAM_WIDTH = MAX_LOGPROBS // 2      # a step asks for 2 * beam_width logprob
 @dataclass
 class BeamSearchParams:
     """vLLM's names: `beam_width` beams, `max_tokens` steps at most, EOS ignored or not,
-    and the length penalty of the score."""
+    and the length penalty of the score. `temperature` is vLLM's field too: the search
+    ranks the model's raw logprobs, so it does not change the beams (it is checked, not
+    applied). `include_stop_str_in_output`: a beam that ended at an EOS keeps it in its
+    token ids (not counted in its length, as vLLM scores)."""
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False
+    temperature: float = 0.0
     length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
 
     def validate(self) -> None:
         v = self.beam_width
@@ -52,6 +57,11 @@ class BeamSearchParams:
         v = self.max_tokens
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
+        v = self.temperature
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise BrazeError(f"temperature must be a finite number >= 0, got {v!r}",
+                             param="temperature")
         v = self.length_penalty
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise BrazeError(f"length_penalty must be a finite number, got {v!r}",
@@ -65,7 +75,8 @@ class BeamSearchParams:
 
 @dataclass
 class BeamSequence:
-    """One result: the generated `token_ids` (the prompt not included, an EOS neither),
+    """One result: the generated `token_ids` (the prompt not included, an EOS neither
+    unless include_stop_str_in_output),
     their `cumulative_logprob`, its `score`, and `finish_reason` ("stop" at an EOS, else
     "length"); `text` where the caller decodes it."""
     token_ids: list[int]
@@ -115,7 +126,8 @@ class BeamSearch:
         for (tokens, cum), top in zip(self.beams, tops):
             for tid, lp in top:
                 if tid in self.eos:
-                    self.finished.append((tokens, cum + lp))
+                    kept = tokens + [tid] if self.params.include_stop_str_in_output else tokens
+                    self.finished.append((kept, cum + lp))
                 else:
                     grown.append((tokens + [tid], cum + lp))
         grown.sort(key=self._score, reverse=True)       # stable: ties keep their order
@@ -124,7 +136,8 @@ class BeamSearch:
 
     def _score(self, beam: tuple[list[int], float]) -> float:
         tokens, cum = beam
-        return cum / (len(self.prompt) + len(tokens)) ** self.params.length_penalty
+        n = len(tokens) - (1 if tokens and tokens[-1] in self.eos else 0)   # a kept EOS
+        return cum / (len(self.prompt) + n) ** self.params.length_penalty
 
     def result(self) -> BeamSearchOutput:
         ranked = [(b, "stop") for b in self.finished] + [(b, "length") for b in self.beams]

@@ -8,7 +8,8 @@ one JSON body: beam search cannot stream (its best sequences are known only at t
 Options that a deterministic search has no use for or cannot honour are refused by
 name rather than ignored (stop_token_ids among them: a beam ends at an EOS only);
 temperature, top_p, top_k, min_p and seed do not apply and are not read.
-`return_token_ids` and `skip_special_tokens` are honoured as on a sampled request.
+`return_token_ids`, `skip_special_tokens` and `include_stop_str_in_output` (the EOS
+that ended a beam kept in it) are honoured as vLLM does.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
     check(body)
     params = BeamSearchParams(beam_width=body.n, max_tokens=max_tokens,
                               ignore_eos=body.ignore_eos,
-                              length_penalty=getattr(body, "length_penalty", 1.0))
+                              length_penalty=getattr(body, "length_penalty", 1.0),
+                              include_stop_str_in_output=body.include_stop_str_in_output)
     try:
         params.validate()
     except BrazeError as e:

@@ -124,3 +124,30 @@ def test_a_search_stops_at_the_context_length(llm):
     with pytest.raises(BrazeError, match="max_model_len"):
         llm.beam_search([(PROMPT * 20)[:llm.engine.max_model_len]],
                         BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_vllms_temperature_and_include_stop_str_in_output_fields(llm):
+    """vLLM's BeamSearchParams has temperature and include_stop_str_in_output: code written
+    for it runs (it was a TypeError). The search ranks raw logprobs, so temperature leaves
+    the beams as they are; include_stop_str_in_output keeps the EOS that ended a beam in
+    its token ids (vLLM's rule), scored as without it."""
+    kw = dict(beam_width=2, max_tokens=4, ignore_eos=True)
+    (plain,) = llm.beam_search(PROMPT[:6], BeamSearchParams(**kw))
+    (vllm_style,) = llm.beam_search(PROMPT[:6], BeamSearchParams(
+        **kw, temperature=0.7, include_stop_str_in_output=False))
+    assert [s.token_ids for s in vllm_style.sequences] == [s.token_ids for s in plain.sequences]
+    with pytest.raises(BrazeError, match="temperature"):
+        llm.beam_search(PROMPT[:6], BeamSearchParams(**kw, temperature=-1.0))
+    tops = {(1, 2): [(9, -0.1), (5, -0.5), (6, -0.7)],
+            (1, 2, 5): [(3, -1.0)], (1, 2, 6): [(4, -0.2)]}
+    results = []
+    for keep in (False, True):
+        s = BeamSearch([1, 2], BeamSearchParams(beam_width=2, max_tokens=2,
+                                                include_stop_str_in_output=keep), eos_ids=[9])
+        _step(s, tops)
+        _step(s, tops)
+        results.append(s.result().sequences)
+    without, kept = results
+    assert [q.token_ids for q in without] == [[], [6, 4]]
+    assert [q.token_ids for q in kept] == [[9], [6, 4]]
+    assert [q.score for q in kept] == [q.score for q in without]
