@@ -22,6 +22,7 @@ tokens the prefix cache served. Fields that would need state or tools braze does
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -285,6 +286,9 @@ class _Reply:
             out = None
             async for out in stream:
                 pass
+        except asyncio.CancelledError:      # the client went away (while_connected)
+            stream.abort("the client disconnected")
+            raise
         except Rejected as e:
             raise bad_request(str(e)) from None
         except (Aborted, Unavailable) as e:

@@ -174,3 +174,18 @@ def test_text_format_json_schema_constrains_as_chat_response_format(server):
         "model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "b",
                                                           "schema": {"type": 5}}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "text", bad.text
+
+
+def test_a_client_gone_before_the_response_aborts_its_request(server):
+    """A non-streamed response whose client goes away stops generating (its KV freed),
+    as a chat completion does, rather than running to max_output_tokens for no one."""
+    import httpx
+    aborted = 'braze_requests_total{finish_reason="abort"}'
+    before = server.metrics()[aborted]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/responses", timeout=0.15, json={
+            "model": MODEL, "input": "Wait", "max_output_tokens": 200, "temperature": 0,
+            "ignore_eos": True})
+    m = server.wait_metrics(lambda m: m[aborted] > before and m["braze_kv_cache_usage"] == 0
+                            and m["braze_requests_running"] == 0)
+    assert m[aborted] == before + 1 and m["braze_kv_cache_usage"] == 0
