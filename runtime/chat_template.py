@@ -214,8 +214,11 @@ def _message(m, i: int) -> dict:
     if isinstance(content, list):
         texts = []
         for j, p in enumerate(content):
-            if not isinstance(p, dict) or p.get("type") != "text" or \
+            if isinstance(p, dict) and p.get("type") == "text" and \
                     not isinstance(p.get("text"), str):
+                raise BrazeError(f"messages[{i}].content[{j}] is a text part without a "
+                                 "\"text\" string", param="messages")
+            if not isinstance(p, dict) or p.get("type") != "text":
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
                 raise BrazeError(f"messages[{i}].content[{j}] is of type {kind!r}; braze "
                                  "chats in text: give {\"type\": \"text\", \"text\": ...} parts",
