@@ -389,7 +389,7 @@ def test_content_parts_that_are_not_text_parts_are_400_naming_the_part(plain):
     without a type was answered 'content: Input should be a valid string' (pydantic's
     error for the other branch), a text part without text ran as an empty message, and
     an image part on a text artifact did not say which part. Each is named now."""
-    for part, words in [("plain", ["messages[0].content[1]", "str"]),
+    for part, words in [("plain", ["messages[0].content[1]", "'str'"]),
                         ({"image_url": {"url": "x"}}, ["messages[0].content[1]", "type"]),
                         ({"type": "text"}, ["messages[0].content[1]", "text"]),
                         ({"type": "text", "text": 3}, ["messages[0].content[1]", "text"]),
