@@ -22,7 +22,6 @@ tokens the prefix cache served. Fields that would need state or tools braze does
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -225,7 +224,11 @@ def install(app: FastAPI, svc, while_connected) -> None:
         if body.stream:
             return StreamingResponse(reply.events(stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await while_connected(request, reply.whole(stream)))
+        try:
+            whole = await while_connected(request, reply.whole(stream))
+        finally:        # the client went away (a no-op once the request has finished)
+            stream.abort("the client disconnected")
+        return JSONResponse(whole)
 
 
 class _Reply:
@@ -286,9 +289,6 @@ class _Reply:
             out = None
             async for out in stream:
                 pass
-        except asyncio.CancelledError:      # the client went away (while_connected)
-            stream.abort("the client disconnected")
-            raise
         except Rejected as e:
             raise bad_request(str(e)) from None
         except (Aborted, Unavailable) as e:
