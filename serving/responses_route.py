@@ -80,10 +80,15 @@ _NOT_SUPPORTED: dict[str, tuple] = {
     "n": (None, 1),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
+    "logprobs": (None, False),      # chat's; the Responses API's is include + top_logprobs
+    "echo": (None, False),
 }
-# chat-only fields a Responses request has its own spelling of (or none)
-_NOT_PASSED = ("messages", "max_tokens", "max_completion_tokens", "logprobs", "echo",
-               "stream_options", "store", "parallel_tool_calls", "service_tier",
+# chat completions' fields that the Responses API spells its own way: a 400 saying so
+# (dropped, `max_tokens: 3` ran the reply to the end of the context)
+_CHAT_SPELLINGS = {"messages": "input", "max_tokens": "max_output_tokens",
+                   "max_completion_tokens": "max_output_tokens"}
+# Responses fields with nothing to do here (nothing is stored, there are no tools)
+_NOT_PASSED = ("stream_options", "store", "parallel_tool_calls", "service_tier",
                "prompt_cache_key", "safety_identifier", "max_tool_calls")
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -141,6 +146,10 @@ def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
         name, v = found
         raise bad_request(f"{name} is not supported by this server's /v1/responses (got "
                           f"{name}={json.dumps(v, default=str)[:60]}); leave it out", name)
+    for name, ours in _CHAT_SPELLINGS.items():
+        if (body.model_extra or {}).get(name) is not None:
+            raise bad_request(f"{name} is a chat completions field; /v1/responses takes "
+                              f"{ours} instead", name)
     messages = [{"role": "system", "content": body.instructions}] \
         if body.instructions is not None else []
     if isinstance(body.input, str):
@@ -150,7 +159,7 @@ def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
     if not messages:
         raise bad_request("input is empty: give a string or a list of messages", "input")
     extra = {k: v for k, v in (body.model_extra or {}).items()
-             if k not in _NOT_PASSED and k not in _NOT_SUPPORTED}
+             if k not in _NOT_PASSED and k not in _NOT_SUPPORTED and k not in _CHAT_SPELLINGS}
     fmt = response_format(body.text)
     if fmt is not None:
         if extra.get("response_format") is not None:

@@ -103,11 +103,18 @@ def test_a_reply_that_ends_by_itself_is_completed(server):
     ({"input": "x", "model": "nope"}, "model"),
     ({"input": [{"role": "wizard", "content": "x"}]}, "input"),
     ({"input": "Hi " * 300}, "input"),
+    # chat completions' spellings, which this route would otherwise drop without a word
+    ({"input": "x", "max_tokens": 3}, "max_tokens"),
+    ({"input": "x", "max_completion_tokens": 3}, "max_completion_tokens"),
+    ({"input": "x", "messages": [{"role": "user", "content": "y"}]}, "messages"),
+    ({"input": "x", "logprobs": True}, "logprobs"),
 ])
 def test_what_braze_does_not_do_is_refused_by_name(server, body, param):
     r = server.http.post("/v1/responses", json={"model": MODEL, **body})
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["param"] == param, r.text
+    if param in ("max_tokens", "max_completion_tokens"):
+        assert "max_output_tokens" in r.json()["error"]["message"]
 
 
 def test_input_that_is_not_messages_names_the_item(server):
