@@ -140,7 +140,7 @@ class TextPart(BaseModel):
     @classmethod
     def _shape(cls, v):
         if not isinstance(v, dict) or not isinstance(v.get("type"), str):
-            got = f"an object without a \"type\"" if isinstance(v, dict) else \
+            got = "an object without a \"type\"" if isinstance(v, dict) else \
                 f"of type {type(v).__name__!r}"
             raise PydanticCustomError("content_part", "{m}", {
                 "m": f"is {got}, not a content part: give {{\"type\": \"text\", "
