@@ -151,3 +151,20 @@ def test_vllms_temperature_and_include_stop_str_in_output_fields(llm):
     assert [q.token_ids for q in without] == [[], [6, 4]]
     assert [q.token_ids for q in kept] == [[9], [6, 4]]
     assert [q.score for q in kept] == [q.score for q in without]
+
+
+def test_concurrency_limit_is_vllms_and_changes_no_result(llm):
+    """vLLM's LLM.beam_search(prompts, params, lora_request, use_tqdm, concurrency_limit):
+    code passing concurrency_limit ran into a TypeError. It bounds how many prompts are
+    searched at once (vLLM's batches of prompts); the results are those of one batch."""
+    prompts = [PROMPT[:5], PROMPT[3:9], PROMPT[7:10]]
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    whole = llm.beam_search(prompts, params)
+    for limit in (1, 2, None):
+        got = llm.beam_search(prompts, params, None, False, concurrency_limit=limit)
+        assert [[s.token_ids for s in o.sequences] for o in got] == \
+            [[s.token_ids for s in o.sequences] for o in whole]
+        assert [o.prompt_token_ids for o in got] == prompts
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(BrazeError, match="concurrency_limit"):
+            llm.beam_search(prompts, params, concurrency_limit=bad)
