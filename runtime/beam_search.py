@@ -85,6 +85,11 @@ class BeamSequence:
     finish_reason: str
     text: str | None = None
 
+    @property
+    def cum_logprob(self) -> float:
+        """vLLM's BeamSearchSequence name for `cumulative_logprob`."""
+        return self.cumulative_logprob
+
 
 @dataclass
 class BeamSearchOutput:

@@ -136,6 +136,9 @@ def test_vllms_temperature_and_include_stop_str_in_output_fields(llm):
     (vllm_style,) = llm.beam_search(PROMPT[:6], BeamSearchParams(
         **kw, temperature=0.7, include_stop_str_in_output=False))
     assert [s.token_ids for s in vllm_style.sequences] == [s.token_ids for s in plain.sequences]
+    # and vLLM's name for a sequence's cumulative logprob reads the same value
+    assert [s.cum_logprob for s in plain.sequences] == \
+        [s.cumulative_logprob for s in plain.sequences]
     with pytest.raises(BrazeError, match="temperature"):
         llm.beam_search(PROMPT[:6], BeamSearchParams(**kw, temperature=-1.0))
     tops = {(1, 2): [(9, -0.1), (5, -0.5), (6, -0.7)],
