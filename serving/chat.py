@@ -74,6 +74,14 @@ class ChatTemplate:
         return open_final(text) if continue_final else text
 
 
+def not_text_part(where: str, kind: str, text_only_origin: str | None, text_type: str) -> str:
+    """The 400's message for a content part of type `kind` that is not text."""
+    why = (f", but this artifact was compiled text-only from {text_only_origin} (its vision "
+           "and audio towers are not in it)" if text_only_origin else
+           "; this server chats in text")
+    return f"{where} is of type {kind!r}{why}; send {text_type} content parts only"
+
+
 def check_messages(messages: list[ChatMessage], text_only_origin: str | None = None) -> None:
     """400 for message text the tokenizer cannot take (lone surrogates), naming where, and
     for content parts other than text; `text_only_origin`: the multimodal architecture the
@@ -81,11 +89,8 @@ def check_messages(messages: list[ChatMessage], text_only_origin: str | None = N
     for i, m in enumerate(messages):
         for j, p in enumerate(m.content if isinstance(m.content, list) else []):
             if p.type != "text":
-                why = (f", but this artifact was compiled text-only from {text_only_origin} "
-                       "(its vision and audio towers are not in it)" if text_only_origin
-                       else "; this server chats in text")
-                raise bad_request(f"messages[{i}].content[{j}] is of type {p.type!r}{why}; "
-                                  "send text content parts only", "messages")
+                raise bad_request(not_text_part(f"messages[{i}].content[{j}]", p.type,
+                                                text_only_origin, "text"), "messages")
         check_text(_content_text(m), "messages", f"messages[{i}].content")
         if m.name:
             check_text(m.name, "messages", f"messages[{i}].name")

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from braze.runtime.sampler import SamplingParams
 
 from .async_engine import Aborted, Rejected, Unavailable
+from .chat import not_text_part
 from .lora_routes import lora_for, response_model
 from .protocol import (
     ROLES,
@@ -139,8 +140,10 @@ def constraint_of(body: ResponsesRequest, chat: ChatCompletionRequest):
     return constraint, "text" if from_text and field == "response_format" else field
 
 
-def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat completion request that `body` asks for; 400 naming what it cannot be."""
+def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
+            ) -> ChatCompletionRequest:
+    """The chat completion request that `body` asks for; 400 naming what it cannot be.
+    `text_only_origin`: the multimodal architecture a text-only artifact came from."""
     found = first_set(body, _NOT_SUPPORTED)
     if found is not None:
         name, v = found
@@ -155,7 +158,7 @@ def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
-        messages += [_message(item, i) for i, item in enumerate(body.input)]
+        messages += [_message(item, i, text_only_origin) for i, item in enumerate(body.input)]
     if not messages:
         raise bad_request("input is empty: give a string or a list of messages", "input")
     extra = {k: v for k, v in (body.model_extra or {}).items()
@@ -176,7 +179,7 @@ def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
         raise bad_request(message, param) from None
 
 
-def _message(item: Any, i: int) -> dict:
+def _message(item: Any, i: int, text_only_origin: str | None = None) -> dict:
     where = f"input[{i}]"
     if not isinstance(item, dict) or item.get("type", "message") != "message" \
             or not isinstance(item.get("role"), str):
@@ -190,6 +193,10 @@ def _message(item: Any, i: int) -> dict:
     if isinstance(content, list):
         texts = []
         for j, p in enumerate(content):
+            if isinstance(p, dict) and isinstance(p.get("type"), str) \
+                    and p["type"] not in _TEXT_PARTS:
+                raise bad_request(not_text_part(f"{where}.content[{j}]", p["type"],
+                                                text_only_origin, "input_text"), "input")
             if not isinstance(p, dict) or p.get("type") not in _TEXT_PARTS \
                     or not isinstance(p.get("text"), str):
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
@@ -210,7 +217,7 @@ def install(app: FastAPI, svc, while_connected) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         svc.check_model(body.model)
-        chat = chat_of(body)
+        chat = chat_of(body, svc.text_only_origin)
         max_tokens = chat_max_tokens(chat)
         try:
             ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True)

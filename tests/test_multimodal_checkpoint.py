@@ -137,6 +137,16 @@ def test_server_refuses_image_parts_and_renders_the_json_template(mm, tmp_path):
                 assert err["param"] == "messages" and err["type"] == "invalid_request_error"
                 assert "text-only" in err["message"] and ORIGINS["gemma3"] in err["message"]
                 assert part["type"] in err["message"] and "content[1]" in err["message"]
+        # /v1/responses says the same of its image parts, naming its own field
+        for part in ({"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                     {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}):
+            r = s.http.post("/v1/responses", json={"model": MODEL, "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "What?"}, part]}]})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "input" and "input[0].content[1]" in err["message"]
+            assert part["type"] in err["message"] and "text-only" in err["message"]
+            assert ORIGINS["gemma3"] in err["message"]
         # text parts are served, rendered with chat_template.json's template
         msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
         r = s.http.post("/tokenize", json={"model": MODEL, "messages": msgs})
