@@ -177,7 +177,7 @@ class LLM:
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         texts = [prompter.text(c if isinstance(c, (list, tuple)) else [c],
                                add_generation_prompt, tools, chat_template_kwargs,
-                               continue_final_message)
+                               continue_final_message, self.artifact.text_only_origin)
                  for c in conversations]
         outs = self.generate([{"prompt_token_ids": prompter.ids(t)} for t in texts],
                              sampling_params, lora_request)

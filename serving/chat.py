@@ -17,6 +17,7 @@ from braze.runtime.chat_template import (
     TemplateRejected,
     check_continue_final,
     join_text_parts,
+    not_text_part,
     open_final,
     sandboxed,
     token_text,
@@ -72,14 +73,6 @@ class ChatTemplate:
             raise bad_request(f"the chat template failed on these messages: {e}",
                               "messages") from None
         return open_final(text) if continue_final else text
-
-
-def not_text_part(where: str, kind: str, text_only_origin: str | None, text_type: str) -> str:
-    """The 400's message for a content part of type `kind` that is not text."""
-    why = (f", but this artifact was compiled text-only from {text_only_origin} (its vision "
-           "and audio towers are not in it)" if text_only_origin else
-           "; this server chats in text")
-    return f"{where} is of type {kind!r}{why}; send {text_type} content parts only"
 
 
 def check_messages(messages: list[ChatMessage], text_only_origin: str | None = None) -> None:

@@ -31,10 +31,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from braze.runtime.chat_template import not_text_part
 from braze.runtime.sampler import SamplingParams
 
 from .async_engine import Aborted, Rejected, Unavailable
-from .chat import not_text_part
 from .lora_routes import lora_for, response_model
 from .protocol import (
     ROLES,

@@ -208,3 +208,20 @@ def test_other_multimodal_architectures_are_refused_naming_the_accepted_ones(tmp
     msg = str(e.value)
     assert "LlavaForConditionalGeneration" in msg and "\n" not in msg
     assert all(origin in msg for origin in ORIGINS.values())
+
+
+def test_llm_chat_refuses_image_parts_naming_the_text_only_origin(mm):
+    """LLM.chat says what the server says: the part, its type, and that the artifact was
+    compiled text-only from the multimodal checkpoint (it said only 'braze chats in
+    text'); text parts are rendered with chat_template.json's template."""
+    import braze
+    from braze.ir.errors import BrazeError
+    from braze.runtime import SamplingParams
+    llm = braze.LLM(mm.artifact("gemma3"), backend="reference")
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(BrazeError, match=r"messages\[0\]\.content\[1\] is of type 'image_url'"
+                       r".*text-only from Gemma3ForConditionalGeneration"):
+        llm.chat([{"role": "user", "content": [{"type": "text", "text": "What?"}, part]}])
+    (out,) = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                      SamplingParams(max_tokens=1))
+    assert out.prompt.endswith("user says: Hi\nassistant:")
