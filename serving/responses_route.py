@@ -83,6 +83,9 @@ _NOT_SUPPORTED: dict[str, tuple] = {
     "use_beam_search": (None, False),
     "logprobs": (None, False),      # chat's; the Responses API's is include + top_logprobs
     "echo": (None, False),
+    # chat's extensions whose results a Responses reply has no place for
+    "prompt_logprobs": (None,),
+    "return_token_ids": (None, False),
 }
 # chat completions' fields that the Responses API spells its own way: a 400 saying so
 # (dropped, `max_tokens: 3` ran the reply to the end of the context)

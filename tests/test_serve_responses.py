@@ -108,6 +108,8 @@ def test_a_reply_that_ends_by_itself_is_completed(server):
     ({"input": "x", "max_completion_tokens": 3}, "max_completion_tokens"),
     ({"input": "x", "messages": [{"role": "user", "content": "y"}]}, "messages"),
     ({"input": "x", "logprobs": True}, "logprobs"),
+    ({"input": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"input": "x", "return_token_ids": True}, "return_token_ids"),
 ])
 def test_what_braze_does_not_do_is_refused_by_name(server, body, param):
     r = server.http.post("/v1/responses", json={"model": MODEL, **body})
