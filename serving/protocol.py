@@ -231,6 +231,10 @@ def _short(v) -> str:
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
     check_supported(req)
+    if req.length_penalty != 1.0 and not req.use_beam_search:
+        raise bad_request(f"length_penalty ({req.length_penalty}) weighs beam search's score "
+                          "only: send use_beam_search: true with it, or leave it out",
+                          "length_penalty")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
