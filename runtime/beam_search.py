@@ -5,7 +5,7 @@ A search keeps `beam_width` beams (generated token lists and their cumulative lo
 the model's raw logprobs). Each step every live beam is one engine request of one token
 asking for the `2 * beam_width` likeliest next tokens; the extensions that end in an end
 of sequence (EOS, unless `ignore_eos`) are set aside as finished, and the `beam_width`
-best of the others by score live on. After `max_tokens` steps (or when no beam is left)
+best of the others by score live on. After `max_tokens` steps (fewer where the beams fill the context, or when no beam is left)
 the finished and live beams together are ranked by score and the `beam_width` best
 returned, best first:
 
@@ -37,11 +37,16 @@ MAX_BEAM_WIDTH = MAX_LOGPROBS // 2      # a step asks for 2 * beam_width logprob
 @dataclass
 class BeamSearchParams:
     """vLLM's names: `beam_width` beams, `max_tokens` steps at most, EOS ignored or not,
-    and the length penalty of the score."""
+    and the length penalty of the score. `temperature` is vLLM's field too: the search
+    ranks the model's raw logprobs, so it does not change the beams (it is checked, not
+    applied). `include_stop_str_in_output`: a beam that ended at an EOS keeps it in its
+    token ids (not counted in its length, as vLLM scores)."""
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False
+    temperature: float = 0.0
     length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
 
     def validate(self) -> None:
         v = self.beam_width
@@ -52,6 +57,11 @@ class BeamSearchParams:
         v = self.max_tokens
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise BrazeError(f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
+        v = self.temperature
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise BrazeError(f"temperature must be a finite number >= 0, got {v!r}",
+                             param="temperature")
         v = self.length_penalty
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise BrazeError(f"length_penalty must be a finite number, got {v!r}",
@@ -65,7 +75,8 @@ class BeamSearchParams:
 
 @dataclass
 class BeamSequence:
-    """One result: the generated `token_ids` (the prompt not included, an EOS neither),
+    """One result: the generated `token_ids` (the prompt not included, an EOS neither
+    unless include_stop_str_in_output),
     their `cumulative_logprob`, its `score`, and `finish_reason` ("stop" at an EOS, else
     "length"); `text` where the caller decodes it."""
     token_ids: list[int]
@@ -73,6 +84,11 @@ class BeamSequence:
     score: float
     finish_reason: str
     text: str | None = None
+
+    @property
+    def cum_logprob(self) -> float:
+        """vLLM's BeamSearchSequence name for `cumulative_logprob`."""
+        return self.cumulative_logprob
 
 
 @dataclass
@@ -83,9 +99,16 @@ class BeamSearchOutput:
 
 
 class BeamSearch:
-    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids=()):
+    """`max_model_len`: the context; a beam that fills it ends there ("length"), as a
+    sampled sequence does (a prompt that fills it alone is left to the engine to refuse)."""
+
+    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids=(),
+                 max_model_len: int | None = None):
         self.prompt = list(prompt)
         self.params = params
+        self.max_steps = params.max_tokens
+        if max_model_len is not None and len(self.prompt) < max_model_len:
+            self.max_steps = min(self.max_steps, max_model_len - len(self.prompt))
         self.eos = frozenset() if params.ignore_eos else frozenset(eos_ids)
         self.beams: list[tuple[list[int], float]] = [([], 0.0)]
         self.finished: list[tuple[list[int], float]] = []     # ended at an EOS
@@ -93,7 +116,7 @@ class BeamSearch:
 
     @property
     def done(self) -> bool:
-        return not self.beams or self.steps >= self.params.max_tokens
+        return not self.beams or self.steps >= self.max_steps
 
     def pending(self) -> list[list[int]]:
         """The prompts to score this step: the prompt and each live beam."""
@@ -108,7 +131,8 @@ class BeamSearch:
         for (tokens, cum), top in zip(self.beams, tops):
             for tid, lp in top:
                 if tid in self.eos:
-                    self.finished.append((tokens, cum + lp))
+                    kept = tokens + [tid] if self.params.include_stop_str_in_output else tokens
+                    self.finished.append((kept, cum + lp))
                 else:
                     grown.append((tokens + [tid], cum + lp))
         grown.sort(key=self._score, reverse=True)       # stable: ties keep their order
@@ -117,7 +141,8 @@ class BeamSearch:
 
     def _score(self, beam: tuple[list[int], float]) -> float:
         tokens, cum = beam
-        return cum / (len(self.prompt) + len(tokens)) ** self.params.length_penalty
+        n = len(tokens) - (1 if tokens and tokens[-1] in self.eos else 0)   # a kept EOS
+        return cum / (len(self.prompt) + n) ** self.params.length_penalty
 
     def result(self) -> BeamSearchOutput:
         ranked = [(b, "stop") for b in self.finished] + [(b, "length") for b in self.beams]

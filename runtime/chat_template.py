@@ -151,8 +151,9 @@ class ChatPrompter:
 
     def text(self, messages: list[dict], add_generation_prompt: bool = True,
              tools: list[dict] | None = None, extra: dict | None = None,
-             continue_final: bool = False) -> str:
-        """`continue_final`: the text ends inside the final message (open_final)."""
+             continue_final: bool = False, text_only_origin: str | None = None) -> str:
+        """`continue_final`: the text ends inside the final message (open_final).
+        `text_only_origin`: named when a message has an image or audio part."""
         from jinja2 import TemplateError
         check_continue_final(continue_final, add_generation_prompt)
         bad = [k for k in (extra or {}) if k in RESERVED_TEMPLATE_KWARGS]
@@ -162,7 +163,7 @@ class ChatPrompter:
                              + (f" (pass {bad[0]}= to the call instead)"
                                 if bad[0] in ("add_generation_prompt", "continue_final_message")
                                 else ""), param="chat_template_kwargs")
-        msgs = [_message(m, i) for i, m in enumerate(messages)]
+        msgs = [_message(m, i, text_only_origin) for i, m in enumerate(messages)]
         if continue_final and msgs:
             msgs[-1] = {**msgs[-1], "content": (msgs[-1].get("content") or "") + CONTINUE_MARKER}
         kw = dict(extra or {})
@@ -202,7 +203,17 @@ def template_tool_calls(calls) -> list[dict]:
     return out
 
 
-def _message(m, i: int) -> dict:
+def not_text_part(where: str, kind: str, text_only_origin: str | None = None,
+                  text_type: str = "text") -> str:
+    """The refusal of a content part of type `kind` that is not text: braze chats in text;
+    `text_only_origin`: the multimodal architecture a text-only artifact came from."""
+    why = (f", but this artifact was compiled text-only from {text_only_origin} (its vision "
+           "and audio towers are not in it)" if text_only_origin else
+           "; braze chats in text")
+    return f"{where} is of type {kind!r}{why}; send {text_type} content parts only"
+
+
+def _message(m, i: int, text_only_origin: str | None = None) -> dict:
     """A message as the template sees it: content parts joined into one string, tool
     calls' arguments as objects."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -214,8 +225,14 @@ def _message(m, i: int) -> dict:
     if isinstance(content, list):
         texts = []
         for j, p in enumerate(content):
-            if not isinstance(p, dict) or p.get("type") != "text" or \
+            if isinstance(p, dict) and p.get("type") == "text" and \
                     not isinstance(p.get("text"), str):
+                raise BrazeError(f"messages[{i}].content[{j}] is a text part without a "
+                                 "\"text\" string", param="messages")
+            if isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] != "text":
+                raise BrazeError(not_text_part(f"messages[{i}].content[{j}]", p["type"],
+                                               text_only_origin), param="messages")
+            if not isinstance(p, dict) or p.get("type") != "text":
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
                 raise BrazeError(f"messages[{i}].content[{j}] is of type {kind!r}; braze "
                                  "chats in text: give {\"type\": \"text\", \"text\": ...} parts",

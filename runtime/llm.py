@@ -183,7 +183,7 @@ class LLM:
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         texts = [prompter.text(c if isinstance(c, (list, tuple)) else [c],
                                add_generation_prompt, tools, chat_template_kwargs,
-                               continue_final_message)
+                               continue_final_message, self.artifact.text_only_origin)
                  for c in conversations]
         outs = self.generate([{"prompt_token_ids": prompter.ids(t)} for t in texts],
                              sampling_params, lora_request)
@@ -192,20 +192,28 @@ class LLM:
                 o.prompt = text
         return outs
 
-    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, *,
-                    use_tqdm=False) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None,
+                    use_tqdm=False, concurrency_limit: int | None = None
+                    ) -> list[BeamSearchOutput]:
         """vLLM's beam search: for each prompt (as `generate` takes them) its `beam_width`
         best sequences, best first (runtime/beam_search.py). Each step runs every live
-        beam of every prompt as a one-token request, in one batch. `use_tqdm` as in
-        `generate`."""
+        beam of every prompt as a one-token request, in one batch; `concurrency_limit`
+        (vLLM's): at most that many prompts at a time, in order (None: all). `use_tqdm`
+        as in `generate`."""
         params.validate()
-        searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids)
-                    for p in _prompt_list(prompts)]
+        v = concurrency_limit
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BrazeError(f"concurrency_limit must be null (all prompts at once) or an "
+                             f"integer >= 1, got {v!r}", param="concurrency_limit")
+        searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids,
+                               self.engine.max_model_len) for p in _prompt_list(prompts)]
         step = params.step_params()
-
-        while not all(s.done for s in searches):
-            outs = self.generate(step_prompts(searches), step, lora_request=lora_request)
-            advance_all(searches, [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs])
+        size = concurrency_limit or max(1, len(searches))
+        for start in range(0, len(searches), size):
+            batch = searches[start:start + size]
+            while not all(s.done for s in batch):
+                outs = self.generate(step_prompts(batch), step, lora_request=lora_request)
+                advance_all(batch, [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs])
         results = [s.result() for s in searches]
         if self.tokenizer is not None:
             for r in results:

@@ -6,8 +6,10 @@ one engine request of one token with the 2n likeliest next tokens, submitted tog
 through the async engine; the client's other requests share the steps. The answer is
 one JSON body: beam search cannot stream (its best sequences are known only at the end).
 Options that a deterministic search has no use for or cannot honour are refused by
-name rather than ignored; temperature, top_p, top_k, min_p and seed do not apply and are
-not read.
+name rather than ignored (stop_token_ids among them: a beam ends at an EOS only);
+temperature, top_p, top_k, min_p and seed do not apply and are not read.
+`return_token_ids`, `skip_special_tokens` and `include_stop_str_in_output` (the EOS
+that ended a beam kept in it) are honoured as vLLM does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from .structured import GUIDED
 _REFUSED = {"stream": (None, False), "logprobs": (None, False), "top_logprobs": (None,),
             "echo": (None, False), "best_of": (None,), "prompt_logprobs": (None,),
             "response_format": (None,), "structured_outputs": (None,),
-            "tools": (None, []), "stop": (None, [], ""), "logit_bias": (None, {}),
+            "tools": (None, []), "stop": (None, [], ""), "stop_token_ids": (None, []),
+            "logit_bias": (None, {}),
             "bad_words": (None, []), "min_tokens": (None, 0), "allowed_token_ids": (None, []),
             **{field: (None,) for field in GUIDED}}
 
@@ -46,14 +49,15 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
     check(body)
     params = BeamSearchParams(beam_width=body.n, max_tokens=max_tokens,
                               ignore_eos=body.ignore_eos,
-                              length_penalty=getattr(body, "length_penalty", 1.0))
+                              length_penalty=getattr(body, "length_penalty", 1.0),
+                              include_stop_str_in_output=body.include_stop_str_in_output)
     try:
         params.validate()
     except BrazeError as e:
         param = {"beam_width": "n"}.get(e.param, e.param)
         raise bad_request(str(e), param) from None
     eos = svc.aengine.engine.eos_token_ids
-    searches = [BeamSearch(ids, params, eos) for _, ids in prompts]
+    searches = [BeamSearch(ids, params, eos, svc.max_model_len) for _, ids in prompts]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     step = params.step_params()
     lora = lora_for(svc, getattr(body, "model", None))
@@ -86,18 +90,26 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
     except (Aborted, Unavailable, BrazeError) as e:
         raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
     tok = svc.tokenizer
+    skip_special = getattr(body, "skip_special_tokens", True)
+    with_ids = bool(getattr(body, "return_token_ids", False))
     choices, n_out = [], 0
     for pi, s in enumerate(searches):
         for j, seq in enumerate(s.result().sequences):
-            text = tok.decode(seq.token_ids) if tok is not None else ""
+            text = tok.decode(seq.token_ids, skip_special_tokens=skip_special) \
+                if tok is not None else ""
             index = pi * params.beam_width + j
             n_out += len(seq.token_ids)
-            choices.append(R.chat_choice(index, text, seq.finish_reason) if chat
-                           else R.completion_choice(index, text, seq.finish_reason))
+            ids = list(seq.token_ids) if with_ids else None
+            choices.append(R.chat_choice(index, text, seq.finish_reason, token_ids=ids) if chat
+                           else R.completion_choice(index, text, seq.finish_reason,
+                                                    prompt_token_ids=s.prompt if with_ids
+                                                    else None, token_ids=ids))
     use = R.usage(sum(len(ids) for _, ids in prompts), n_out)
-    body_fn = R.chat_body if chat else R.completion_body
-    return body_fn(rid, int(time.time()), response_model(svc, getattr(body, "model", None)),
-                   choices, use)
+    model = response_model(svc, getattr(body, "model", None))
+    if chat:
+        return R.chat_body(rid, int(time.time()), model, choices, use,
+                           prompt_token_ids=searches[0].prompt if with_ids else None)
+    return R.completion_body(rid, int(time.time()), model, choices, use)
 
 
 async def _final(stream):

@@ -17,6 +17,7 @@ from braze.runtime.chat_template import (
     TemplateRejected,
     check_continue_final,
     join_text_parts,
+    not_text_part,
     open_final,
     sandboxed,
     token_text,
@@ -80,11 +81,9 @@ def check_messages(messages: list[ChatMessage], text_only_origin: str | None = N
     artifact was compiled from text-only, which the 400 names."""
     for i, m in enumerate(messages):
         for j, p in enumerate(m.content if isinstance(m.content, list) else []):
-            if p.type != "text" and text_only_origin:
-                raise bad_request(f"messages[{i}].content[{j}] is of type {p.type!r}, but this "
-                                  f"artifact was compiled text-only from {text_only_origin} "
-                                  "(its vision and audio towers are not in it); send text "
-                                  "content parts only", "messages")
+            if p.type != "text":
+                raise bad_request(not_text_part(f"messages[{i}].content[{j}]", p.type,
+                                                text_only_origin, "text"), "messages")
         check_text(_content_text(m), "messages", f"messages[{i}].content")
         if m.name:
             check_text(m.name, "messages", f"messages[{i}].name")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from braze.runtime.chat_template import RESERVED_TEMPLATE_KWARGS
 
@@ -92,6 +93,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=128)
+    # the n of highest cumulative logprob among best_of samples (vLLM's, chat too)
+    best_of: int | None = Field(None, ge=1, le=128)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)   # vLLM extension
@@ -129,14 +132,29 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=128)
     add_special_tokens: bool = True     # vLLM's: the tokenizer's BOS/EOS around a text prompt
 
 
 class TextPart(BaseModel):
+    """A content part: {"type": "text", "text": ...}, or another type (image_url, ...)
+    that check_messages refuses by name."""
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, v):
+        if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+            got = "an object without a \"type\"" if isinstance(v, dict) else \
+                f"of type {type(v).__name__!r}"
+            raise PydanticCustomError("content_part", "{m}", {
+                "m": f"is {got}, not a content part: give {{\"type\": \"text\", "
+                     f"\"text\": ...}} parts (or the whole content as one string)"})
+        if v["type"] == "text" and not isinstance(v.get("text"), str):
+            raise PydanticCustomError("content_part", "{m}", {
+                "m": "is a text part without a \"text\" string"})
+        return v
 
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -219,6 +237,10 @@ def _short(v) -> str:
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
     check_supported(req)
+    if req.length_penalty != 1.0 and not req.use_beam_search:
+        raise bad_request(f"length_penalty ({req.length_penalty}) weighs beam search's score "
+                          "only: send use_beam_search: true with it, or leave it out",
+                          "length_penalty")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(s == "" for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
@@ -237,12 +259,7 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
         raise bad_request("max_tokens must be at least 1; 0 only with echo: true, which "
                           "returns the prompt (and its logprobs) and generates nothing",
                           "max_tokens")
-    best_of = req.best_of
-    if best_of is not None and best_of < req.n:
-        raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
-    if best_of is not None and best_of > req.n and req.stream:
-        raise bad_request("best_of > n cannot be streamed (the best samples are known only "
-                          "at the end)", "best_of")
+    check_best_of(req)
     p = req.prompt
     if isinstance(p, str):
         p = [p]
@@ -259,6 +276,15 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return out
 
 
+def check_best_of(req: _GenerationRequest) -> None:
+    best_of = req.best_of
+    if best_of is not None and best_of < req.n:
+        raise bad_request(f"best_of ({best_of}) must be at least n ({req.n})", "best_of")
+    if best_of is not None and best_of > req.n and req.stream:
+        raise bad_request("best_of > n cannot be streamed (the best samples are known only "
+                          "at the end)", "best_of")
+
+
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
     """The first prompt of a completion request (completion_prompts for all)."""
     return completion_prompts(req)[0]
@@ -268,6 +294,7 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     check_common(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    check_best_of(req)
     check_chat(req)
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
@@ -368,12 +395,12 @@ def sampling_kwargs(req: _GenerationRequest, max_tokens: int,
     if req.allowed_token_ids:      # [] as null: clients send it for "unset"
         kw["allowed_token_ids"] = list(req.allowed_token_ids)
     kw["n"] = req.n
+    kw["best_of"] = req.best_of
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs:
             kw["logprobs"] = req.top_logprobs or 0
     else:
         kw["logprobs"] = req.logprobs
-        kw["best_of"] = req.best_of
     plp = req.prompt_logprobs
     if getattr(req, "echo", False) and req.logprobs is not None:   # echo shows the prompt's too
         plp = max(plp or 0, req.logprobs)
@@ -389,8 +416,11 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) for FastAPI's RequestValidationError errors, as one line."""
     if not errors:
         return "invalid request", None
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # a union reports one error per branch: the deepest says most (a content part's own
+    # error rather than "should be a valid string" for the content as a whole)
+    e = max(errors, key=lambda x: len(x.get("loc", ())))
+    loc = [str(x) if isinstance(x, str) else f"[{x}]" for x in e.get("loc", ())
+           if x != "body"]
     kind = e.get("type", "")
     if kind == "json_invalid":
         ctx = e.get("ctx") or {}
@@ -404,7 +434,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     # "stream", "structured_outputs")
     param = loc[0] if loc else None
     where = ".".join(x for x in loc if x not in _UNION_BRANCHES
-                     and not x.startswith(("list[", "dict[", "function-")))
+                     and not x.startswith(("list[", "dict[", "function-"))).replace(".[", "[")
     msg = e.get("msg", "invalid value")
-    return (f"{where}: {msg}" if where else msg), param
+    sep = " " if kind == "content_part" else ": "      # "messages[0].content[1] is a str, ..."
+    return (f"{where}{sep}{msg}" if where else msg), param
 

@@ -13,9 +13,11 @@ Streamed (`stream: true`), the events are OpenAI's, each `event: TYPE` + `data: 
 a `sequence_number`: response.created, response.in_progress, response.output_item.added,
 response.content_part.added, response.output_text.delta (as text comes),
 response.output_text.done, response.content_part.done, response.output_item.done, then
-response.completed or response.incomplete (the whole response). Fields that would need
-state or tools braze does not keep (previous_response_id, tools, a text.format other than
-text, ...) are a 400 naming them, never ignored.
+response.completed or response.incomplete (the whole response). `text.format`
+json_schema or json_object constrains the text as the chat's `response_format` does
+(serving/structured.py). `usage.input_tokens_details.cached_tokens` counts the prompt
+tokens the prefix cache served. Fields that would need state or tools braze does not keep
+(previous_response_id, tools, ...) are a 400 naming them, never ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from braze.runtime.chat_template import not_text_part
 from braze.runtime.sampler import SamplingParams
 
 from .async_engine import Aborted, Rejected, Unavailable
@@ -45,12 +48,13 @@ from .protocol import (
     sampling_kwargs,
     validation_message,
 )
+from .structured import request_constraint
 
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | list[Any]          # messages: each item is checked by _message
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
@@ -58,6 +62,8 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
+    text: Any = None
+
 
 
 # Responses fields that need what braze does not have (stored responses, tools, other
@@ -68,7 +74,6 @@ _NOT_SUPPORTED: dict[str, tuple] = {
     "prompt": (None,),
     "tools": (None, []),
     "tool_choice": (None, "auto", "none"),
-    "text": (None, {}, {"format": {"type": "text"}}),
     "reasoning": (None, {}),
     "background": (None, False),
     "include": (None, []),
@@ -77,32 +82,97 @@ _NOT_SUPPORTED: dict[str, tuple] = {
     "n": (None, 1),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
+    "logprobs": (None, False),      # chat's; the Responses API's is include + top_logprobs
+    "echo": (None, False),
+    # chat's extensions whose results a Responses reply has no place for
+    "prompt_logprobs": (None,),
+    "return_token_ids": (None, False),
 }
-# chat-only fields a Responses request has its own spelling of (or none)
-_NOT_PASSED = ("messages", "max_tokens", "max_completion_tokens", "logprobs", "echo",
-               "stream_options", "store", "parallel_tool_calls", "service_tier",
+# chat completions' fields that the Responses API spells its own way: a 400 saying so
+# (dropped, `max_tokens: 3` ran the reply to the end of the context)
+_CHAT_SPELLINGS = {"messages": "input", "max_tokens": "max_output_tokens",
+                   "max_completion_tokens": "max_output_tokens"}
+# Responses fields with nothing to do here (nothing is stored, there are no tools)
+_NOT_PASSED = ("stream_options", "store", "parallel_tool_calls", "service_tier",
                "prompt_cache_key", "safety_identifier", "max_tool_calls")
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat completion request that `body` asks for; 400 naming what it cannot be."""
+def response_format(text: Any) -> dict | None:
+    """`text` ({"format": {"type": "text" | "json_object" | "json_schema", ...}}) as the
+    chat's response_format, or None for plain text; 400 naming `text` otherwise."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad_request("text must be an object: {\"format\": {\"type\": ...}}", "text")
+    other = sorted(set(text) - {"format", "verbosity"})
+    if other:
+        raise bad_request(f"text.{other[0]} is not supported by this server's /v1/responses; "
+                          "leave it out", "text")
+    if text.get("verbosity") not in (None, "medium"):
+        raise bad_request(f"text.verbosity {json.dumps(text['verbosity'])[:40]} is not "
+                          "supported by this server's /v1/responses; leave it out", "text")
+    f = text.get("format")
+    if f is None:
+        return None
+    kind = f.get("type") if isinstance(f, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if not isinstance(f.get("schema"), dict):
+            raise bad_request("text.format json_schema needs a schema (a JSON Schema object) "
+                              "and a name", "text")
+        return {"type": "json_schema", "json_schema": {
+            k: f[k] for k in ("name", "schema", "strict", "description") if k in f}}
+    raise bad_request(f"text.format type {json.dumps(kind)[:40]} is not supported by this "
+                      "server's /v1/responses; use text, json_object or json_schema", "text")
+
+
+def constraint_of(body: ResponsesRequest, chat: ChatCompletionRequest):
+    """The grammar the request asks for (text.format, or the chat's own fields sent as
+    extras) and the field to name in its errors."""
+    from_text = response_format(body.text) is not None
+    try:
+        constraint, field = request_constraint(chat)
+    except APIError as e:
+        if from_text and e.param == "response_format":
+            e.param = "text"
+        raise
+    return constraint, "text" if from_text and field == "response_format" else field
+
+
+def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
+            ) -> ChatCompletionRequest:
+    """The chat completion request that `body` asks for; 400 naming what it cannot be.
+    `text_only_origin`: the multimodal architecture a text-only artifact came from."""
     found = first_set(body, _NOT_SUPPORTED)
     if found is not None:
         name, v = found
         raise bad_request(f"{name} is not supported by this server's /v1/responses (got "
                           f"{name}={json.dumps(v, default=str)[:60]}); leave it out", name)
+    for name, ours in _CHAT_SPELLINGS.items():
+        if (body.model_extra or {}).get(name) is not None:
+            raise bad_request(f"{name} is a chat completions field; /v1/responses takes "
+                              f"{ours} instead", name)
     messages = [{"role": "system", "content": body.instructions}] \
         if body.instructions is not None else []
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
-        messages += [_message(item, i) for i, item in enumerate(body.input)]
+        messages += [_message(item, i, text_only_origin) for i, item in enumerate(body.input)]
     if not messages:
         raise bad_request("input is empty: give a string or a list of messages", "input")
     extra = {k: v for k, v in (body.model_extra or {}).items()
-             if k not in _NOT_PASSED and k not in _NOT_SUPPORTED}
+             if k not in _NOT_PASSED and k not in _NOT_SUPPORTED and k not in _CHAT_SPELLINGS}
+    fmt = response_format(body.text)
+    if fmt is not None:
+        if extra.get("response_format") is not None:
+            raise bad_request("give text.format or response_format, not both (text.format "
+                              "is the Responses API's)", "text")
+        extra["response_format"] = fmt
     fields = {**extra, "model": body.model, "messages": messages,
               "max_tokens": body.max_output_tokens, "temperature": body.temperature,
               "top_p": body.top_p, "stream": body.stream, "user": body.user}
@@ -113,7 +183,7 @@ def chat_of(body: ResponsesRequest) -> ChatCompletionRequest:
         raise bad_request(message, param) from None
 
 
-def _message(item: Any, i: int) -> dict:
+def _message(item: Any, i: int, text_only_origin: str | None = None) -> dict:
     where = f"input[{i}]"
     if not isinstance(item, dict) or item.get("type", "message") != "message" \
             or not isinstance(item.get("role"), str):
@@ -127,6 +197,10 @@ def _message(item: Any, i: int) -> dict:
     if isinstance(content, list):
         texts = []
         for j, p in enumerate(content):
+            if isinstance(p, dict) and isinstance(p.get("type"), str) \
+                    and p["type"] not in _TEXT_PARTS:
+                raise bad_request(not_text_part(f"{where}.content[{j}]", p["type"],
+                                                text_only_origin, "input_text"), "input")
             if not isinstance(p, dict) or p.get("type") not in _TEXT_PARTS \
                     or not isinstance(p.get("text"), str):
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
@@ -147,7 +221,7 @@ def install(app: FastAPI, svc, while_connected) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         svc.check_model(body.model)
-        chat = chat_of(body)
+        chat = chat_of(body, svc.text_only_origin)
         max_tokens = chat_max_tokens(chat)
         try:
             ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True)
@@ -159,7 +233,10 @@ def install(app: FastAPI, svc, while_connected) -> None:
             max_tokens = svc.unset_max_tokens(len(ids))
         elif len(ids) < svc.max_model_len:      # else the engine says the prompt is too long
             check_context(len(ids), max_tokens, svc.max_model_len, "max_output_tokens")
-        params = SamplingParams(**sampling_kwargs(chat, max_tokens, svc.sampling_defaults))
+        constraint, field = constraint_of(body, chat)
+        await svc.compile_grammar(constraint, field)
+        params = SamplingParams(**sampling_kwargs(chat, max_tokens, svc.sampling_defaults),
+                                structured_outputs=constraint)
         reply = _Reply(svc, body, len(ids), params)
         svc.admit()
         stream = await svc.submit(reply.id, ids, params, prompt_param="input",
@@ -167,7 +244,11 @@ def install(app: FastAPI, svc, while_connected) -> None:
         if body.stream:
             return StreamingResponse(reply.events(stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await while_connected(request, reply.whole(stream)))
+        try:
+            whole = await while_connected(request, reply.whole(stream))
+        finally:        # the client went away (a no-op once the request has finished)
+            stream.abort("the client disconnected")
+        return JSONResponse(whole)
 
 
 class _Reply:
@@ -196,7 +277,8 @@ class _Reply:
             "model": self.model, "output": [self.message(text, status)] if done else [],
             "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
             "store": False, "temperature": self.params.temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+            "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": "none", "tools": [],
             "top_p": self.params.top_p, "truncation": "disabled",
             "usage": self.usage(out) if done else None, "user": b.user,
             "metadata": b.metadata or {},
@@ -215,7 +297,7 @@ class _Reply:
         n = len(out.token_ids)
         return {"input_tokens": self.num_prompt_tokens, "output_tokens": n,
                 "total_tokens": self.num_prompt_tokens + n,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
                 "output_tokens_details": {"reasoning_tokens": 0}}
 
     @staticmethod

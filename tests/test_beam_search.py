@@ -105,3 +105,69 @@ def test_bad_params_name_the_field(llm):
                        "length_penalty")]:
         with pytest.raises(BrazeError, match=field):
             llm.beam_search(PROMPT[:5], BeamSearchParams(**kw))
+
+
+def test_a_search_stops_at_the_context_length(llm):
+    """max_tokens past the context: the beams grow until prompt + beam fills max_model_len
+    and end there ("length"), as generate's samples do, rather than a late error about a
+    prompt too long (each step's prompt is the prompt and the beam)."""
+    room = 3
+    prompt = (PROMPT * 20)[:llm.engine.max_model_len - room]
+    (capped,) = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=room + 40,
+                                                           ignore_eos=True))
+    (exact,) = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=room,
+                                                          ignore_eos=True))
+    assert [s.token_ids for s in capped.sequences] == [s.token_ids for s in exact.sequences]
+    assert {len(s.token_ids) for s in capped.sequences} == {room}
+    assert {s.finish_reason for s in capped.sequences} == {"length"}
+    # a prompt that fills the context is still refused, naming the limit
+    with pytest.raises(BrazeError, match="max_model_len"):
+        llm.beam_search([(PROMPT * 20)[:llm.engine.max_model_len]],
+                        BeamSearchParams(beam_width=2, max_tokens=2))
+
+
+def test_vllms_temperature_and_include_stop_str_in_output_fields(llm):
+    """vLLM's BeamSearchParams has temperature and include_stop_str_in_output: code written
+    for it runs (it was a TypeError). The search ranks raw logprobs, so temperature leaves
+    the beams as they are; include_stop_str_in_output keeps the EOS that ended a beam in
+    its token ids (vLLM's rule), scored as without it."""
+    kw = dict(beam_width=2, max_tokens=4, ignore_eos=True)
+    (plain,) = llm.beam_search(PROMPT[:6], BeamSearchParams(**kw))
+    (vllm_style,) = llm.beam_search(PROMPT[:6], BeamSearchParams(
+        **kw, temperature=0.7, include_stop_str_in_output=False))
+    assert [s.token_ids for s in vllm_style.sequences] == [s.token_ids for s in plain.sequences]
+    # and vLLM's name for a sequence's cumulative logprob reads the same value
+    assert [s.cum_logprob for s in plain.sequences] == \
+        [s.cumulative_logprob for s in plain.sequences]
+    with pytest.raises(BrazeError, match="temperature"):
+        llm.beam_search(PROMPT[:6], BeamSearchParams(**kw, temperature=-1.0))
+    tops = {(1, 2): [(9, -0.1), (5, -0.5), (6, -0.7)],
+            (1, 2, 5): [(3, -1.0)], (1, 2, 6): [(4, -0.2)]}
+    results = []
+    for keep in (False, True):
+        s = BeamSearch([1, 2], BeamSearchParams(beam_width=2, max_tokens=2,
+                                                include_stop_str_in_output=keep), eos_ids=[9])
+        _step(s, tops)
+        _step(s, tops)
+        results.append(s.result().sequences)
+    without, kept = results
+    assert [q.token_ids for q in without] == [[], [6, 4]]
+    assert [q.token_ids for q in kept] == [[9], [6, 4]]
+    assert [q.score for q in kept] == [q.score for q in without]
+
+
+def test_concurrency_limit_is_vllms_and_changes_no_result(llm):
+    """vLLM's LLM.beam_search(prompts, params, lora_request, use_tqdm, concurrency_limit):
+    code passing concurrency_limit ran into a TypeError. It bounds how many prompts are
+    searched at once (vLLM's batches of prompts); the results are those of one batch."""
+    prompts = [PROMPT[:5], PROMPT[3:9], PROMPT[7:10]]
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    whole = llm.beam_search(prompts, params)
+    for limit in (1, 2, None):
+        got = llm.beam_search(prompts, params, None, False, concurrency_limit=limit)
+        assert [[s.token_ids for s in o.sequences] for o in got] == \
+            [[s.token_ids for s in o.sequences] for o in whole]
+        assert [o.prompt_token_ids for o in got] == prompts
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(BrazeError, match="concurrency_limit"):
+            llm.beam_search(prompts, params, concurrency_limit=bad)

@@ -304,3 +304,11 @@ def test_priority_is_refused_unless_neutral_as_vllms_fcfs_scheduler_does(llm):
         llm.engine.add_request("prio", prompts[0], GREEDY, priority=1)
     assert "prio" not in llm.engine.requests
 
+
+
+def test_chat_text_part_without_text_is_named_as_such(llm):
+    """A {"type": "text"} part without a text string was refused as being 'of type text'
+    while asking for text parts, which reads as a contradiction: it names the missing text."""
+    for part in ({"type": "text"}, {"type": "text", "text": None}, {"type": "text", "text": 3}):
+        with pytest.raises(BrazeError, match=r"messages\[0\]\.content\[1\].*without a \"text\""):
+            llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}])

@@ -137,6 +137,16 @@ def test_server_refuses_image_parts_and_renders_the_json_template(mm, tmp_path):
                 assert err["param"] == "messages" and err["type"] == "invalid_request_error"
                 assert "text-only" in err["message"] and ORIGINS["gemma3"] in err["message"]
                 assert part["type"] in err["message"] and "content[1]" in err["message"]
+        # /v1/responses says the same of its image parts, naming its own field
+        for part in ({"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                     {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}):
+            r = s.http.post("/v1/responses", json={"model": MODEL, "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "What?"}, part]}]})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "input" and "input[0].content[1]" in err["message"]
+            assert part["type"] in err["message"] and "text-only" in err["message"]
+            assert ORIGINS["gemma3"] in err["message"]
         # text parts are served, rendered with chat_template.json's template
         msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
         r = s.http.post("/tokenize", json={"model": MODEL, "messages": msgs})
@@ -198,3 +208,20 @@ def test_other_multimodal_architectures_are_refused_naming_the_accepted_ones(tmp
     msg = str(e.value)
     assert "LlavaForConditionalGeneration" in msg and "\n" not in msg
     assert all(origin in msg for origin in ORIGINS.values())
+
+
+def test_llm_chat_refuses_image_parts_naming_the_text_only_origin(mm):
+    """LLM.chat says what the server says: the part, its type, and that the artifact was
+    compiled text-only from the multimodal checkpoint (it said only 'braze chats in
+    text'); text parts are rendered with chat_template.json's template."""
+    import braze
+    from braze.ir.errors import BrazeError
+    from braze.runtime import SamplingParams
+    llm = braze.LLM(mm.artifact("gemma3"), backend="reference")
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(BrazeError, match=r"messages\[0\]\.content\[1\] is of type 'image_url'"
+                       r".*text-only from Gemma3ForConditionalGeneration"):
+        llm.chat([{"role": "user", "content": [{"type": "text", "text": "What?"}, part]}])
+    (out,) = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                      SamplingParams(max_tokens=1))
+    assert out.prompt.endswith("user says: Hi\nassistant:")

@@ -787,6 +787,30 @@ def test_protocol_checks():
     assert param == "top_k" and msg.startswith("top_k: ")
 
 
+def test_length_penalty_without_beam_search_is_refused():
+    """length_penalty weighs beam search's score only: on a sampled request it was read by
+    nothing, so a client that sent 0.5 got an unweighted answer without a word. 1.0 (the
+    neutral value clients fill in) still passes; with use_beam_search it applies."""
+    from braze.serving.protocol import (
+        APIError,
+        ChatCompletionRequest,
+        CompletionRequest,
+        chat_max_tokens,
+        completion_prompts,
+    )
+    chat = [{"role": "user", "content": "x"}]
+    for check, req in ((completion_prompts, CompletionRequest(prompt="a", length_penalty=0.5)),
+                       (chat_max_tokens, ChatCompletionRequest(messages=chat,
+                                                               length_penalty=2.0))):
+        with pytest.raises(APIError) as e:
+            check(req)
+        assert e.value.param == "length_penalty" and "use_beam_search" in e.value.message
+    completion_prompts(CompletionRequest(prompt="a", length_penalty=1.0))
+    completion_prompts(CompletionRequest(prompt="a", length_penalty=0.5, use_beam_search=True))
+    chat_max_tokens(ChatCompletionRequest(messages=chat, length_penalty=2.0,
+                                          use_beam_search=True))
+
+
 def test_validation_messages_name_fields_that_start_like_a_union_branch():
     """`stream`, `stream_options` and `structured_outputs` start with "str", the name
     pydantic gives a union's string branch: the message still names them."""

@@ -382,3 +382,50 @@ def test_what_cannot_be_done_is_a_clear_400(server):
                                            "top_logprobs": 2})
     assert r.status_code == 400 and "top_logprobs" in r.text
     assert server.http.get("/health").status_code == 200
+
+
+def test_beam_search_returns_token_ids_and_refuses_stop_token_ids(server, store):
+    """return_token_ids (vLLM's) gives each beam's token ids and the prompt's, as a sampled
+    request's; stop_token_ids, which the search does not stop at, is a 400 naming it."""
+    from test_beam_search import _hf_beams
+    want = [w[0] for w in _hf_beams(store, IDS, 2, 3)]
+    r = server.http.post("/v1/completions", json={
+        "model": MODEL, "prompt": IDS, "max_tokens": 3, "n": 2, "use_beam_search": True,
+        "ignore_eos": True, "return_token_ids": True}).json()
+    assert [c["token_ids"] for c in r["choices"]] == want
+    assert [c["prompt_token_ids"] for c in r["choices"]] == [IDS, IDS]
+    msgs = [{"role": "user", "content": "Hi"}]
+    plain = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs, "max_tokens": 1, "return_token_ids": True}).json()
+    r = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs, "max_tokens": 3, "n": 2, "use_beam_search": True,
+        "ignore_eos": True, "return_token_ids": True}).json()
+    prompt = plain["prompt_token_ids"]
+    assert r["prompt_token_ids"] == prompt
+    assert [c["token_ids"] for c in r["choices"]] == \
+        [w[0] for w in _hf_beams(store, prompt, 2, 3)]
+    bad = server.http.post("/v1/completions", json={
+        "model": MODEL, "prompt": "Hi", "max_tokens": 2, "use_beam_search": True,
+        "stop_token_ids": [5]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop_token_ids", bad.text
+
+
+def test_chat_best_of_picks_the_highest_cumulative_logprob(server, run):
+    """best_of on chat (vLLM's, as on completions) was read by nothing: the reply was one
+    plain sample. It is the sample of highest cumulative logprob among best_of, all of
+    them counted in usage; streamed, best_of > n is a 400 as on completions."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=4, temperature=1.0, seed=3)
+    r = server.client.chat.completions.create(
+        **kw, n=1, extra_body={"best_of": 4, "ignore_eos": True, "return_token_ids": True})
+    prompt = r.model_dump()["prompt_token_ids"]
+    samples = [run(prompt, max_tokens=4, temperature=1.0, seed=3 + i, logprobs=0)
+               for i in range(4)]
+    best = max(samples, key=lambda o: o.cumulative_logprob)
+    assert len({tuple(o.token_ids) for o in samples}) > 1       # a choice to make
+    assert r.choices[0].message.content == best.text and r.choices[0].logprobs is None
+    assert r.usage.completion_tokens == 16
+    bad = server.http.post("/v1/chat/completions", json={**kw, "best_of": 2, "stream": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of", bad.text
+    bad = server.http.post("/v1/chat/completions", json={**kw, "n": 3, "best_of": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of", bad.text

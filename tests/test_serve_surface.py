@@ -381,6 +381,27 @@ def test_unknown_role_is_400(plain):
         assert r.status_code == 200, r.text
 
 
+def test_content_parts_that_are_not_text_parts_are_400_naming_the_part(plain):
+    """A content part must be {"type": "text", "text": ...}: a bare string or an object
+    without a type was answered 'content: Input should be a valid string' (pydantic's
+    error for the other branch), a text part without text ran as an empty message, and
+    an image part on a text artifact did not say which part. Each is named now."""
+    for part, words in [("plain", ["messages[0].content[1]", "'str'"]),
+                        ({"image_url": {"url": "x"}}, ["messages[0].content[1]", "type"]),
+                        ({"type": "text"}, ["messages[0].content[1]", "text"]),
+                        ({"type": "text", "text": 3}, ["messages[0].content[1]", "text"]),
+                        ({"type": "image_url", "image_url": {"url": "x"}},
+                         ["messages[0].content[1]", "image_url"])]:
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}]
+        for path in ("/v1/chat/completions", "/tokenize"):
+            _error(plain.http.post(path, json={"messages": msgs, "max_tokens": 2}), 400,
+                   "messages", *words)
+    r = plain.http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_engine_errors_name_the_parameter(plain):
     post = plain.http.post
     _error(post("/v1/completions", json={"prompt": "x", "seed": 2 ** 64}), 400, "seed")
