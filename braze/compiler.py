@@ -50,6 +50,8 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
     t0 = time.perf_counter()
     out = Path(out)
     check_destination(out, force)        # before minutes of work, not after
+    if dump_ir:
+        _make_dump_dir(Path(dump_ir))
     log(f"[1/3] tracing {model_dir}")
     gguf = GGUFSource(model_dir, log=log) if is_gguf(model_dir) else None
     try:
@@ -83,7 +85,6 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     after_each = None
     if dump_ir:
         d = Path(dump_ir)
-        d.mkdir(parents=True, exist_ok=True)
         (d / "00-traced.bir").write_text(print_graph(graph))
         after_each = dump_after_each(d)
         log(f"dumping IR after each stage into {d}")
@@ -173,6 +174,19 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     log(f"compiled {spec.architecture} to {out} in {time.perf_counter() - t0:.1f}s")
     from braze.runtime.loader import open_artifact
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written
+
+
+def _make_dump_dir(d: Path) -> None:
+    """--dump-ir's directory, made (or found) before tracing: a path that is a file, or
+    that cannot be written, is the user's to fix, said before minutes of work."""
+    if d.exists() and not d.is_dir():
+        raise BrazeError(f"--dump-ir {d} is a file, not a directory: give a directory to "
+                         f"write the IR files into")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BrazeError(f"--dump-ir {d}: cannot make the directory ({e.strerror}); give a "
+                         f"directory you can write") from None
 
 
 def _check_small_m(small: dict, log) -> None:

@@ -1,0 +1,40 @@
+"""`braze compile` and `braze opt` options as a user types them: each honoured, or refused in
+one line naming the option and what to do, before any tracing; never silently ignored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import assert_one_line_error
+
+
+def _main(capsys, *args):
+    """`braze ARGS` in this process (no interpreter start-up) -> (code, stdout, stderr)."""
+    from braze.cli import main
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    from braze.ir import print_graph
+    from pass_helpers import model_graph
+    d = tmp_path_factory.mktemp("surface")
+    g, _ = model_graph("llama", d)
+    f = d / "traced.bir"
+    f.write_text(print_graph(g))
+    return f
+
+
+def test_dump_ir_at_a_file_is_refused_before_tracing(store, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    out = tmp_path / "a.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", out,
+                         "--opt-level", "0", "--targets", "", "--dump-ir", blocker)
+    assert_one_line_error(code, err, "--dump-ir", str(blocker))
+    assert "internal error" not in err and "tracing" not in err
+    assert blocker.read_text() == "mine" and not out.exists()
