@@ -38,3 +38,31 @@ def test_dump_ir_at_a_file_is_refused_before_tracing(store, tmp_path, capsys):
     assert_one_line_error(code, err, "--dump-ir", str(blocker))
     assert "internal error" not in err and "tracing" not in err
     assert blocker.read_text() == "mine" and not out.exists()
+
+
+def test_opt_on_a_file_that_is_not_text_is_one_line(tmp_path, capsys):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"\x00\xba\xff\xfe" * 64)
+    code, out, err = _main(capsys, "opt", f, "--passes", "canonicalize")
+    assert_one_line_error(code, err, str(f), "UTF-8")
+    assert out == ""
+
+
+@pytest.mark.parametrize("flag, value, reader", [("--max-num-tokens", "64", "plan-memory"),
+                                                 ("--cudagraph-mode", "none", "split-segments")])
+def test_opt_flag_for_a_pass_not_named_is_refused_and_honoured_when_named(
+        traced, capsys, flag, value, reader):
+    """braze opt's shortcuts for compile options are checked like --set: an option no pass
+    in --passes reads is an error, not silently dropped; named with its reader, it reaches
+    the pass exactly as --set gives it."""
+    key = flag[2:].replace("-", "_")
+    code, _, err = _main(capsys, "opt", traced, "--passes", "canonicalize", flag, value)
+    assert_one_line_error(code, err, key, "--list-passes")
+    code, by_flag, err = _main(capsys, "opt", traced, "--passes", reader, flag, value)
+    assert code == 0, err
+    code, by_set, err = _main(capsys, "opt", traced, "--passes", reader, "--set",
+                              f"{key}={value}")
+    assert code == 0, err
+    assert by_flag == by_set
+    code, default, err = _main(capsys, "opt", traced, "--passes", reader)
+    assert code == 0 and default != by_flag
