@@ -61,6 +61,13 @@ class CompileOptions:
         if self.lora_slots:
             from braze.passes.add_lora import target_modules
             target_modules(self.lora_targets)
+        else:       # what only a LoRA-capable artifact reads, given for one that is not
+            for name in ("max_lora_rank", "lora_targets"):
+                if getattr(self, name) != getattr(CompileOptions, name):
+                    flag = f"--{name.replace('_', '-')}"
+                    raise BrazeError(f"{flag} {getattr(self, name)} is for LoRA adapters, and "
+                                     f"without --lora-slots K the artifact serves none: add "
+                                     f"--lora-slots K, or drop {flag}")
         for t in self.target_list():
             if not (t.startswith("sm_") and t[3:].isdigit()):
                 raise BrazeError(f"--targets entry {t!r} is not like sm_80 or sm_90")

@@ -66,3 +66,22 @@ def test_opt_flag_for_a_pass_not_named_is_refused_and_honoured_when_named(
     assert by_flag == by_set
     code, default, err = _main(capsys, "opt", traced, "--passes", reader)
     assert code == 0 and default != by_flag
+
+
+@pytest.mark.parametrize("flag, value", [("--max-lora-rank", "8"),
+                                         ("--lora-targets", "q,v")])
+def test_lora_options_without_lora_slots_are_refused(store, tmp_path, capsys, flag, value):
+    """Without --lora-slots the artifact serves no adapters: a rank or targets given for them
+    would be recorded and dropped. vLLM refuses --max-lora-rank without --enable-lora too."""
+    out = tmp_path / "a.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", out,
+                         "--opt-level", "0", "--targets", "", flag, value)
+    assert_one_line_error(code, err, flag, "--lora-slots")
+    assert "tracing" not in err and not out.exists()
+
+
+def test_lora_options_with_lora_slots_reach_the_manifest(store):
+    from braze.artifact import read_manifest
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8, lora_targets="q,v")
+    opts = read_manifest(art)["options"]
+    assert (opts["lora_slots"], opts["max_lora_rank"], opts["lora_targets"]) == (2, 8, "q,v")
