@@ -12,6 +12,12 @@ from braze.ir.segments import CUDAGRAPH_MODES
 # (codegen/small_m_gemm.py); spelt here so that validating options needs no codegen import
 SMALL_M_GEMM = ("extern", "triton")
 
+# the compute capabilities NVIDIA GPUs have (Maxwell to Blackwell): --targets names these. A
+# name outside them (sm_99 for sm_90) is not a GPU, and Triton's LLVM answers it with a
+# crash dump per kernel; a new architecture is added here once Triton compiles for it
+GPU_TARGETS = tuple(f"sm_{c}" for c in (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 88,
+                                        89, 90, 100, 101, 103, 110, 120, 121))
+
 
 @dataclass
 class CompileOptions:
@@ -71,6 +77,11 @@ class CompileOptions:
         for t in self.target_list():
             if not (t.startswith("sm_") and t[3:].isdigit()):
                 raise BrazeError(f"--targets entry {t!r} is not like sm_80 or sm_90")
+            if t not in GPU_TARGETS:
+                raise BrazeError(f"--targets entry {t!r} is no NVIDIA GPU's architecture; "
+                                 f"give some of {', '.join(GPU_TARGETS)} (sm_80: A100, sm_90: "
+                                 f"H100/H200), or '' to compile the kernels on the GPU at "
+                                 f"first use")
 
     def limits(self) -> StepLimits:
         """The step limits these options give (max_model_len resolved by now)."""

@@ -85,3 +85,15 @@ def test_lora_options_with_lora_slots_reach_the_manifest(store):
     art = store.artifact("llama", lora_slots=2, max_lora_rank=8, lora_targets="q,v")
     opts = read_manifest(art)["options"]
     assert (opts["lora_slots"], opts["max_lora_rank"], opts["lora_targets"]) == (2, 8, "q,v")
+
+
+@pytest.mark.parametrize("targets, bad", [("sm_99", "sm_99"), ("sm_80,sm_9", "sm_9"),
+                                          ("sm_800", "sm_800")])
+def test_a_target_no_gpu_has_is_refused_before_tracing(store, tmp_path, capsys, targets, bad):
+    """A typo in --targets (sm_99 for sm_90) made Triton's LLVM print a crash dump of
+    hundreds of lines per kernel and the error blame the first kernel; it is the flag's."""
+    out = tmp_path / "a.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", out,
+                         "--opt-level", "0", "--targets", targets)
+    assert_one_line_error(code, err, "--targets", repr(bad), "sm_90")
+    assert "tracing" not in err and not out.exists()
