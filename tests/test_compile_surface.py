@@ -97,3 +97,21 @@ def test_a_target_no_gpu_has_is_refused_before_tracing(store, tmp_path, capsys, 
                          "--opt-level", "0", "--targets", targets)
     assert_one_line_error(code, err, "--targets", repr(bad), "sm_90")
     assert "tracing" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("level", ["0", "1"])
+def test_dash_O_is_the_opt_level(store, tmp_path, capsys, level):
+    """`-O1` as cc, mlir-opt and vLLM spell it (DESIGN: -O0 nothing, -O1 canonicalisation,
+    -O2 everything): the same pipeline as --opt-level."""
+    from braze.artifact import read_manifest
+    out = tmp_path / "a.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", out,
+                         f"-O{level}", "--targets", "", "-q")
+    assert code == 0, err
+    got = read_manifest(out)
+    want = read_manifest(store.artifact("llama", opt_level=int(level)))
+    assert got["options"]["opt_level"] == int(level)
+    assert got["compile"]["passes"] == [dict(p, ms=q["ms"]) for p, q in
+                                        zip(want["compile"]["passes"], got["compile"]["passes"])]
+    assert (out / "graph.bir").read_text() == (store.artifact("llama", opt_level=int(level))
+                                               / "graph.bir").read_text()
