@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def _quiet(msg: str) -> None:
     pass
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool = False,
             log=None, sign=None, mtp_assistant=None, **options):
     """Compile a Hugging Face model directory, or a GGUF file, into an artifact at `out`;
@@ -43,6 +48,8 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
 
     The artifact is signed with the Ed25519 private key file `sign`, or by default with
     the per-user key (braze/signing.py), so that hosts trusting the key run it as it is."""
+    # what --explain was asked for is shown even when progress is not (-q)
+    explain = (log or _stderr) if explain else None
     log = log or _quiet
     opts = CompileOptions(**options)
     opts.validate()
@@ -104,7 +111,11 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     verify(graph)
     if explain:
         for r in ctx.refusals:
-            log(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
+            explain(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
+        if not ctx.refusals:
+            explain(f"  --explain: nothing refused; " + (
+                f"the -O{opts.opt_level} passes took every pattern they met" if records
+                else f"-O{opts.opt_level} runs no passes"))
     lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's
     shards = ctx.records.get("shards", {})
     if tp > 1:

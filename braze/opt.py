@@ -121,6 +121,8 @@ def run_opt(a) -> int:
     if a.explain:
         for r in ctx.refusals:
             print(f"refused [{r.pass_name}] {r.node}: {r.reason}", file=sys.stderr)
+        if not ctx.refusals:
+            print("--explain: nothing refused", file=sys.stderr)
     if a.stats:
         for r in records:
             print(f"{r.name}: {r.matches} matches, {r.ms:.1f} ms", file=sys.stderr)

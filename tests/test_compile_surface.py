@@ -115,3 +115,29 @@ def test_dash_O_is_the_opt_level(store, tmp_path, capsys, level):
                                         zip(want["compile"]["passes"], got["compile"]["passes"])]
     assert (out / "graph.bir").read_text() == (store.artifact("llama", opt_level=int(level))
                                                / "graph.bir").read_text()
+
+
+def test_explain_is_shown_under_quiet_and_says_when_nothing_was_refused(store, tmp_path,
+                                                                         capsys):
+    """-q silences progress, not what --explain was asked for: each refusal is one line (the
+    manifest counts them), and a compile that refused nothing says so rather than nothing."""
+    from braze.artifact import read_manifest
+    out = tmp_path / "g.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("gemma4-ple-kvshare-moe"), "-o",
+                         out, "--targets", "", "--explain", "-q")
+    assert code == 0, err
+    said = [ln for ln in err.splitlines() if ln.strip().startswith("refused [")]
+    assert len(said) == read_manifest(out)["compile"]["refusals"] > 0, err
+    assert "[1/3]" not in err                    # still quiet otherwise
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", tmp_path / "l",
+                         "-O1", "--targets", "", "--explain", "-q")
+    assert code == 0 and read_manifest(tmp_path / "l")["compile"]["refusals"] == 0
+    assert "nothing" in err and "refused" in err
+
+
+def test_opt_explain_says_when_nothing_was_refused(traced, capsys):
+    code, _, err = _main(capsys, "opt", traced, "--passes", "canonicalize,fuse-norm",
+                         "--explain")
+    assert code == 0 and err.strip() == "--explain: nothing refused"
+    code, _, err = _main(capsys, "opt", traced, "--passes", "tabulate-positions", "--explain")
+    assert code == 0 and "refused [tabulate-positions]" in err and "nothing" not in err
