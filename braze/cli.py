@@ -449,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint directory): compiled beside the target, it reads the "
                         "target's last hidden state and KV cache and proposes tokens for "
                         "--speculative '{\"method\": \"mtp\", \"num_speculative_tokens\": k}'")
-    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR "
+                   "(00-traced.bir, 01-canonicalize.bir, ...; an earlier dump's NN-*.bir "
+                   "files there are replaced)")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")
     c.add_argument("--sign", metavar="KEY",

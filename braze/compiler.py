@@ -92,8 +92,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     after_each = None
     if dump_ir:
         d = Path(dump_ir)
-        (d / "00-traced.bir").write_text(print_graph(graph))
         after_each = dump_after_each(d)
+        (d / "00-traced.bir").write_text(print_graph(graph))
         log(f"dumping IR after each stage into {d}")
     log(f"[2/3] optimising at -O{opts.opt_level}")
     ctx = PassContext(options=opts.to_json())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import importlib
 import pkgutil
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -283,9 +284,19 @@ class PassManager:
         return records
 
 
+# the files of one IR dump: NN-stage.bir, 00-traced.bir first, then one per pass
+_DUMP_FILE = re.compile(r"\d{2}-[a-z0-9-]+\.bir")
+
+
 def dump_after_each(directory: Path):
+    """A writer of the IR after each pass into `directory`, cleared of an earlier dump's
+    files first (a -O2 dump's 15-plan-memory.bir must not sit beside a -O1 dump as if it
+    were this one's); other files there are left alone."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for f in directory.iterdir():
+        if _DUMP_FILE.fullmatch(f.name) and f.is_file():
+            f.unlink()
 
     def write(name: str, i: int, g: Graph) -> None:
         (directory / f"{i + 1:02d}-{name}.bir").write_text(print_graph(g))

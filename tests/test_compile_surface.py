@@ -141,3 +141,23 @@ def test_opt_explain_says_when_nothing_was_refused(traced, capsys):
     assert code == 0 and err.strip() == "--explain: nothing refused"
     code, _, err = _main(capsys, "opt", traced, "--passes", "tabulate-positions", "--explain")
     assert code == 0 and "refused [tabulate-positions]" in err and "nothing" not in err
+
+
+def test_dump_ir_into_a_reused_directory_holds_only_this_compiles_stages(store, tmp_path,
+                                                                         capsys):
+    """A second --dump-ir into the same directory (at -O1 after -O2) left the -O2 run's
+    02-merge-projections.bir ... 15-plan-memory.bir beside the new files, read as this
+    compile's; the user's own files there stay."""
+    from braze.passes.manager import pipeline
+    d = tmp_path / "ir"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    for i, level in enumerate((2, 1)):
+        code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o",
+                             tmp_path / f"a{i}", f"-O{level}", "--targets", "", "-q",
+                             "--dump-ir", d)
+        assert code == 0, err
+    want = {"00-traced.bir", "notes.txt"} | {f"{i + 1:02d}-{n}.bir"
+                                            for i, n in enumerate(pipeline(1))}
+    assert {p.name for p in d.iterdir()} == want
+    assert (d / "notes.txt").read_text() == "mine"
