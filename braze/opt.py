@@ -116,7 +116,7 @@ def run_opt(a) -> int:
 
     records = PassManager(names, ctx, verify_each=True,
                           after_each=show if a.print_after_all else None).run(g)
-    if not a.print_after_all:
+    if not (a.print_after_all and names):       # no pass ran: the graph as read is the answer
         sys.stdout.write(print_graph(g))
     if a.explain:
         for r in ctx.refusals:

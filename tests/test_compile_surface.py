@@ -161,3 +161,11 @@ def test_dump_ir_into_a_reused_directory_holds_only_this_compiles_stages(store, 
                                             for i, n in enumerate(pipeline(1))}
     assert {p.name for p in d.iterdir()} == want
     assert (d / "notes.txt").read_text() == "mine"
+
+
+def test_opt_print_after_all_with_no_passes_prints_the_graph(traced, capsys):
+    """--print-after-all replaces the final print with one per pass: with --passes '' that
+    printed nothing at all, where the graph as read (the fixed point) is the answer."""
+    code, out, err = _main(capsys, "opt", traced, "--print-after-all")
+    assert code == 0, err
+    assert out == traced.read_text()
