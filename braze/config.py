@@ -37,6 +37,18 @@ class CompileOptions:
     expert_parallel: bool = False         # MoE: whole experts per rank instead of split ones
     small_m_gemm: str = "extern"          # "triton": skinny-GEMM kernel at T <= 16 (codegen/small_m_gemm.py)
 
+    def __post_init__(self):
+        # the Python API may name the lists as lists, as vLLM's arguments are; the manifest
+        # records them as the flags spell them
+        for name in ("targets", "lora_targets"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v):
+                setattr(self, name, ",".join(v))
+            elif not isinstance(v, str):
+                raise BrazeError(f"--{name.replace('_', '-')} takes a comma-separated string "
+                                 f"or a list of names (e.g. 'sm_80,sm_90' or ['q', 'v']), "
+                                 f"got {v!r}")
+
     def validate(self) -> None:
         if self.opt_level not in (0, 1, 2):
             raise BrazeError(f"--opt-level must be 0, 1 or 2, got {self.opt_level}")

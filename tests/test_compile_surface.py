@@ -169,3 +169,17 @@ def test_opt_print_after_all_with_no_passes_prints_the_graph(traced, capsys):
     code, out, err = _main(capsys, "opt", traced, "--print-after-all")
     assert code == 0, err
     assert out == traced.read_text()
+
+
+def test_python_api_takes_target_lists_as_the_flags_comma_lists(store, tmp_path):
+    """braze.compile(targets=["sm_80"]) raised AttributeError: 'list' object has no attribute
+    'split', and lora_targets=["q", "v"] an error about the entry "['q'"."""
+    import braze
+    from braze.artifact import read_manifest
+    braze.compile(store.checkpoint("llama"), tmp_path / "a", opt_level=0, targets=[],
+                  lora_slots=2, lora_targets=["q", "v"])
+    opts = read_manifest(tmp_path / "a")["options"]
+    assert (opts["targets"], opts["lora_targets"]) == ("", "q,v")
+    from braze.ir.errors import BrazeError
+    with pytest.raises(BrazeError, match="--targets.*sm_80"):
+        braze.compile(store.checkpoint("llama"), tmp_path / "b", targets=5)
