@@ -50,6 +50,13 @@ class CompileOptions:
                                  f"got {v!r}")
 
     def validate(self) -> None:
+        for name in ("opt_level", "max_num_tokens", "max_num_seqs", "max_model_len",
+                     "block_size", "lora_slots", "max_lora_rank", "max_logits_rows",
+                     "tensor_parallel_size"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool)
+                    or v is None and name in ("max_model_len", "max_logits_rows")):
+                raise BrazeError(f"--{name.replace('_', '-')} must be an integer, got {v!r}")
         if self.opt_level not in (0, 1, 2):
             raise BrazeError(f"--opt-level must be 0, 1 or 2, got {self.opt_level}")
         for name in ("max_num_tokens", "max_num_seqs", "block_size", "tensor_parallel_size"):

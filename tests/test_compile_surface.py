@@ -183,3 +183,14 @@ def test_python_api_takes_target_lists_as_the_flags_comma_lists(store, tmp_path)
     from braze.ir.errors import BrazeError
     with pytest.raises(BrazeError, match="--targets.*sm_80"):
         braze.compile(store.checkpoint("llama"), tmp_path / "b", targets=5)
+
+
+@pytest.mark.parametrize("option, value", [("opt_level", "2"), ("max_num_tokens", "8192"),
+                                           ("max_model_len", 64.5), ("lora_slots", None)])
+def test_python_api_names_an_option_of_the_wrong_type(tmp_path, option, value):
+    """A string from a config file ("2") was told 'must be 0, 1 or 2, got 2', or failed
+    inside with "TypeError: '<' not supported"; the option is named with what it takes."""
+    from braze.config import CompileOptions
+    from braze.ir.errors import BrazeError
+    with pytest.raises(BrazeError, match=f"--{option.replace('_', '-')}.*integer.*{value!r}"):
+        CompileOptions(**{option: value}).validate()
