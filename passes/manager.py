@@ -270,6 +270,8 @@ class PassManager:
                 matches = int(info.fn(g, self.ctx) or 0)
             except BrazeError as e:
                 raise BrazeError(f"pass {info.name}: {e}") from None
+            except Exception as e:      # a bug: say in which pass (the traceback chains it)
+                raise RuntimeError(f"pass {info.name} raised {type(e).__name__}: {e}") from e
             ms = (time.perf_counter() - t0) * 1000
             if self.verify_each:
                 try:

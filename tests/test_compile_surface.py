@@ -194,3 +194,27 @@ def test_python_api_names_an_option_of_the_wrong_type(tmp_path, option, value):
     from braze.ir.errors import BrazeError
     with pytest.raises(BrazeError, match=f"--{option.replace('_', '-')}.*integer.*{value!r}"):
         CompileOptions(**{option: value}).validate()
+
+
+@pytest.fixture
+def broken_pass():
+    """A pass under development that crashes (level None: in no pipeline), removed after."""
+    from braze.passes import register_pass
+    from braze.passes.manager import PASSES, all_passes
+    all_passes()
+
+    @register_pass("zz-broken", level=None)
+    def broken(g, ctx):
+        """zz-broken: a pass with a bug."""
+        return {}["missing"]
+    yield "zz-broken"
+    del PASSES["zz-broken"]
+
+
+def test_a_pass_that_crashes_is_named(traced, capsys, monkeypatch, broken_pass):
+    """A bug in a pass being written said 'internal error: KeyError: missing' with no word
+    of which pass of --passes raised it."""
+    monkeypatch.delenv("BRAZE_DEBUG", raising=False)
+    code, out, err = _main(capsys, "opt", traced, "--passes", f"canonicalize,{broken_pass}")
+    assert code != 0 and out == ""
+    assert "Traceback" not in err and broken_pass in err and "KeyError" in err, err
