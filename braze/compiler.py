@@ -106,9 +106,14 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     if tp > 1:
         log(f"sharding for {tp} tensor-parallel ranks"
             + (", whole experts per rank (expert parallelism)" if opts.expert_parallel else ""))
+    verify_each = bool(os.environ.get("BRAZE_VERIFY_EACH"))
     records = PassManager(names, ctx=ctx, after_each=after_each, log=log,
-                          verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
-    verify(graph)
+                          verify_each=verify_each).run(graph)
+    try:
+        verify(graph)
+    except BrazeError as e:     # a pass broke it; verifying after each one names which
+        raise BrazeError(f"after the -O{opts.opt_level} passes: {e}; rerun with "
+                         f"BRAZE_VERIFY_EACH=1 to find the pass that left it so") from None
     if explain:
         for r in ctx.refusals:
             explain(f"  refused [{r.pass_name}] {r.node}: {r.reason}")

@@ -218,3 +218,32 @@ def test_a_pass_that_crashes_is_named(traced, capsys, monkeypatch, broken_pass):
     code, out, err = _main(capsys, "opt", traced, "--passes", f"canonicalize,{broken_pass}")
     assert code != 0 and out == ""
     assert "Traceback" not in err and broken_pass in err and "KeyError" in err, err
+
+
+@pytest.fixture
+def corrupting_pass():
+    """A pass under development in the -O1 pipeline that leaves a wrong declared type."""
+    from braze.ir import TensorType
+    from braze.passes import register_pass
+    from braze.passes.manager import PASSES, all_passes
+    all_passes()
+
+    @register_pass("zz-corrupt", stage="simplify", level=1, after=("canonicalize",))
+    def corrupt(g, ctx):
+        """zz-corrupt: declares the embedding's result f16."""
+        n = next(n for n in g.nodes if n.op == "embedding")
+        n.results[0].type = TensorType(n.results[0].type.shape, "f16")
+        return 1
+    yield "zz-corrupt"
+    del PASSES["zz-corrupt"]
+
+
+def test_a_malformed_graph_after_the_passes_says_how_to_find_the_pass(
+        store, tmp_path, capsys, monkeypatch, corrupting_pass):
+    monkeypatch.delenv("BRAZE_VERIFY_EACH", raising=False)
+    args = ("compile", store.checkpoint("llama"), "-O1", "--targets", "", "-q")
+    code, _, err = _main(capsys, *args, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, "embedding", "BRAZE_VERIFY_EACH=1")
+    monkeypatch.setenv("BRAZE_VERIFY_EACH", "1")
+    code, _, err = _main(capsys, *args, "-o", tmp_path / "b")
+    assert_one_line_error(code, err, "embedding", f"after pass {corrupting_pass}")
