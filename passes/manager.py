@@ -236,6 +236,15 @@ class PassManager:
     def __init__(self, names: list[str], ctx: PassContext | None = None, verify_each: bool = False,
                  after_each: Callable[[str, int, Graph], None] | None = None, log=None):
         self.infos = [get_pass(n) for n in names]
+        scheduled = None            # the first schedule pass: node indices are fixed from it
+        for info in self.infos:
+            if info.stage == "schedule":
+                scheduled = scheduled or info.name
+            elif scheduled:
+                raise BrazeError(f"pass {info.name} cannot run after {scheduled}: schedule "
+                                 f"passes record node indices (segments, the memory plan) that "
+                                 f"a {info.stage}-stage pass would leave stale; name "
+                                 f"{info.name} before {scheduled}")
         self.ctx = ctx or PassContext()
         self.verify_each = verify_each
         self.after_each = after_each

@@ -247,3 +247,16 @@ def test_a_malformed_graph_after_the_passes_says_how_to_find_the_pass(
     monkeypatch.setenv("BRAZE_VERIFY_EACH", "1")
     code, _, err = _main(capsys, *args, "-o", tmp_path / "b")
     assert_one_line_error(code, err, "embedding", f"after pass {corrupting_pass}")
+
+
+def test_a_pass_that_changes_nodes_after_a_schedule_pass_is_refused(traced, capsys):
+    """--passes split-segments,plan-memory,fuse-norm printed a graph whose segments and
+    memory plan named node indices and values fuse-norm had since changed (a last segment
+    ending at node 101 of 73), and the verifier passed it."""
+    code, out, err = _main(capsys, "opt", traced, "--passes",
+                           "canonicalize,split-segments,plan-memory,fuse-norm")
+    assert_one_line_error(code, err, "fuse-norm", "split-segments", "before")
+    assert out == ""
+    code, out, err = _main(capsys, "opt", traced, "--passes",
+                           "canonicalize,fuse-norm,split-segments,plan-memory")
+    assert code == 0, err
