@@ -67,6 +67,11 @@ class CompileOptions:
             raise BrazeError("--expert-parallel needs --tensor-parallel-size > 1: the experts "
                              "are placed on the ranks of the tensor-parallel group")
         rows = self.max_logits_rows
+        if rows is not None and self.opt_level < 2:
+            raise BrazeError(f"--max-logits-rows sizes the LM head that -O2's prune-logits "
+                             f"computes only at the sampled rows; at -O{self.opt_level} every "
+                             f"token has its logits row, so it would do nothing: drop it, or "
+                             f"compile at -O2")
         if rows is not None and not min(self.max_num_seqs, self.max_num_tokens) <= rows:
             raise BrazeError(f"--max-logits-rows {rows} is below --max-num-seqs "
                              f"{self.max_num_seqs}: every sequence of a step needs its row")

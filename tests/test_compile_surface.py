@@ -260,3 +260,14 @@ def test_a_pass_that_changes_nodes_after_a_schedule_pass_is_refused(traced, caps
     code, out, err = _main(capsys, "opt", traced, "--passes",
                            "canonicalize,fuse-norm,split-segments,plan-memory")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("level", ["0", "1"])
+def test_max_logits_rows_below_O2_is_refused(store, tmp_path, capsys, level):
+    """Below -O2 no prune-logits runs: every token has its logits row, and the runtime
+    reads --max-logits-rows only from a pruned artifact, so it was recorded and ignored."""
+    out = tmp_path / "a.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", out,
+                         f"-O{level}", "--targets", "", "--max-logits-rows", "512")
+    assert_one_line_error(code, err, "--max-logits-rows", f"-O{level}", "-O2")
+    assert not out.exists()
