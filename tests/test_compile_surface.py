@@ -4,6 +4,7 @@ one line naming the option and what to do, before any tracing; never silently ig
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -271,3 +272,25 @@ def test_max_logits_rows_below_O2_is_refused(store, tmp_path, capsys, level):
                          f"-O{level}", "--targets", "", "--max-logits-rows", "512")
     assert_one_line_error(code, err, "--max-logits-rows", f"-O{level}", "-O2")
     assert not out.exists()
+
+
+def test_a_graph_header_wrapped_over_lines_parses_as_docs_write_it(tmp_path, capsys):
+    """docs/writing-a-pass.md shows fuse-attention's input with its header over two lines;
+    braze opt refused it ('expected graph @name(...) {' on line 1). It reads as one line."""
+    from braze.ir import parse_graph
+    doc = (Path(__file__).parents[1] / "docs" / "writing-a-pass.md").read_text()
+    block = doc.split("    graph @g(", 1)[1].split("\n    }\n", 1)[0]
+    text = "graph @g(" + block.replace("\n    ", "\n") + "\n}\n"
+    assert "\n" in text.split("{", 1)[0]                      # wrapped, as in the doc
+    f = tmp_path / "fa.bir"
+    f.write_text(text)
+    code, out, err = _main(capsys, "opt", f, "--passes", "fuse-attention")
+    assert code == 0, err
+    assert "= attention(" in out and "paged_attention" not in out
+    one_line = text.split("{", 1)[0].replace("\n", " ") + "{" + text.split("{", 1)[1]
+    g = parse_graph(one_line)
+    from braze.ir import print_graph
+    assert print_graph(parse_graph(text)) == print_graph(g)
+    f.write_text("graph @g(%x: f32[T],\n  %y: f32[T]\n")
+    code, _, err = _main(capsys, "opt", f)
+    assert_one_line_error(code, err, str(f), "line 1", "{")
