@@ -58,7 +58,7 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
     out = Path(out)
     check_destination(out, force)        # before minutes of work, not after
     if dump_ir:
-        _make_dump_dir(Path(dump_ir))
+        _make_dump_dir(Path(dump_ir), out)
     log(f"[1/3] tracing {model_dir}")
     gguf = GGUFSource(model_dir, log=log) if is_gguf(model_dir) else None
     try:
@@ -192,9 +192,13 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     return open_artifact(out, check_hashes=False)      # hashed above, from the bytes written
 
 
-def _make_dump_dir(d: Path) -> None:
+def _make_dump_dir(d: Path, out: Path) -> None:
     """--dump-ir's directory, made (or found) before tracing: a path that is a file, or
-    that cannot be written, is the user's to fix, said before minutes of work."""
+    that cannot be written, or inside the artifact (which is written whole, replacing what
+    is there), is the user's to fix, said before minutes of work."""
+    if d.resolve() == out.resolve() or out.resolve() in d.resolve().parents:
+        raise BrazeError(f"--dump-ir {d} is inside the artifact {out}, which the compile "
+                         f"writes whole: give --dump-ir a directory outside it")
     if d.exists() and not d.is_dir():
         raise BrazeError(f"--dump-ir {d} is a file, not a directory: give a directory to "
                          f"write the IR files into")

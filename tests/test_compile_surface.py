@@ -294,3 +294,15 @@ def test_a_graph_header_wrapped_over_lines_parses_as_docs_write_it(tmp_path, cap
     f.write_text("graph @g(%x: f32[T],\n  %y: f32[T]\n")
     code, _, err = _main(capsys, "opt", f)
     assert_one_line_error(code, err, str(f), "line 1", "{")
+
+
+@pytest.mark.parametrize("inside", ["ir", "."])
+def test_dump_ir_inside_the_artifact_is_refused_before_tracing(store, tmp_path, capsys,
+                                                               inside):
+    """-o out --dump-ir out/ir made out/ before the compile, which then ended, after all
+    its work, with 'out already exists; pass --force' (and --force would delete the dump)."""
+    out = tmp_path / "a.braze"
+    code, _, err = _main(capsys, "compile", store.checkpoint("llama"), "-o", out, "-O0",
+                         "--targets", "", "--dump-ir", out / inside)
+    assert_one_line_error(code, err, "--dump-ir", str(out))
+    assert "tracing" not in err and not out.exists()
