@@ -112,7 +112,7 @@ class CompileOptions:
         return StepLimits.from_options(self.to_json())
 
     def target_list(self) -> list[str]:
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
+        return list(dict.fromkeys(t.strip() for t in self.targets.split(",") if t.strip()))
 
     def to_json(self) -> dict:
         return asdict(self)

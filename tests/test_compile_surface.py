@@ -306,3 +306,9 @@ def test_dump_ir_inside_the_artifact_is_refused_before_tracing(store, tmp_path, 
                          "--targets", "", "--dump-ir", out / inside)
     assert_one_line_error(code, err, "--dump-ir", str(out))
     assert "tracing" not in err and not out.exists()
+
+
+def test_a_target_named_twice_is_compiled_once():
+    """--targets sm_80,sm_90,sm_80 compiled every kernel for sm_80 twice (twice the time)."""
+    from braze.config import CompileOptions
+    assert CompileOptions(targets="sm_80, sm_90,sm_80").target_list() == ["sm_80", "sm_90"]
