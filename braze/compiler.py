@@ -118,7 +118,7 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
         for r in ctx.refusals:
             explain(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
         if not ctx.refusals:
-            explain(f"  --explain: nothing refused; " + (
+            explain("  --explain: nothing refused; " + (
                 f"the -O{opts.opt_level} passes took every pattern they met" if records
                 else f"-O{opts.opt_level} runs no passes"))
     lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's

@@ -3,7 +3,6 @@ one line naming the option and what to do, before any tracing; never silently ig
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
