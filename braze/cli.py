@@ -400,9 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Q4_1, Q5_0, Q5_1, Q2_K..Q6_K and IQ1_S..IQ4_XS weights, dequantized "
                         "to --dtype)")
     c.add_argument("-o", "--output", required=True, metavar="ARTIFACT", help="artifact directory to write")
-    c.add_argument("--opt-level", type=int, default=2, choices=(0, 1, 2),
+    c.add_argument("-O", "--opt-level", type=int, default=2, choices=(0, 1, 2),
                    help="0: the traced graph as is; 1: canonicalisation; 2: every fusion pass, "
-                   "segments and memory plan (default)")
+                   "segments and memory plan (default); -O0, -O1, -O2 for short")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights and compute dtype (default: the checkpoint's; for a quantized "
                         "GGUF, float16)")
@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint directory): compiled beside the target, it reads the "
                         "target's last hidden state and KV cache and proposes tokens for "
                         "--speculative '{\"method\": \"mtp\", \"num_speculative_tokens\": k}'")
-    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after tracing and after each pass into DIR "
+                   "(00-traced.bir, 01-canonicalize.bir, ...; an earlier dump's NN-*.bir "
+                   "files there are replaced)")
     c.add_argument("--explain", action="store_true",
                    help="say why each near-miss fusion was refused")
     c.add_argument("--sign", metavar="KEY",

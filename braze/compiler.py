@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def _quiet(msg: str) -> None:
     pass
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool = False,
             log=None, sign=None, mtp_assistant=None, **options):
     """Compile a Hugging Face model directory, or a GGUF file, into an artifact at `out`;
@@ -43,6 +48,8 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
 
     The artifact is signed with the Ed25519 private key file `sign`, or by default with
     the per-user key (braze/signing.py), so that hosts trusting the key run it as it is."""
+    # what --explain was asked for is shown even when progress is not (-q)
+    explain = (log or _stderr) if explain else None
     log = log or _quiet
     opts = CompileOptions(**options)
     opts.validate()
@@ -50,6 +57,8 @@ def compile(model_dir, out, *, force: bool = False, dump_ir=None, explain: bool 
     t0 = time.perf_counter()
     out = Path(out)
     check_destination(out, force)        # before minutes of work, not after
+    if dump_ir:
+        _make_dump_dir(Path(dump_ir), out)
     log(f"[1/3] tracing {model_dir}")
     gguf = GGUFSource(model_dir, log=log) if is_gguf(model_dir) else None
     try:
@@ -83,9 +92,8 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     after_each = None
     if dump_ir:
         d = Path(dump_ir)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "00-traced.bir").write_text(print_graph(graph))
         after_each = dump_after_each(d)
+        (d / "00-traced.bir").write_text(print_graph(graph))
         log(f"dumping IR after each stage into {d}")
     log(f"[2/3] optimising at -O{opts.opt_level}")
     ctx = PassContext(options=opts.to_json())
@@ -98,12 +106,21 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     if tp > 1:
         log(f"sharding for {tp} tensor-parallel ranks"
             + (", whole experts per rank (expert parallelism)" if opts.expert_parallel else ""))
+    verify_each = bool(os.environ.get("BRAZE_VERIFY_EACH"))
     records = PassManager(names, ctx=ctx, after_each=after_each, log=log,
-                          verify_each=bool(os.environ.get("BRAZE_VERIFY_EACH"))).run(graph)
-    verify(graph)
+                          verify_each=verify_each).run(graph)
+    try:
+        verify(graph)
+    except BrazeError as e:     # a pass broke it; verifying after each one names which
+        raise BrazeError(f"after the -O{opts.opt_level} passes: {e}; rerun with "
+                         f"BRAZE_VERIFY_EACH=1 to find the pass that left it so") from None
     if explain:
         for r in ctx.refusals:
-            log(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
+            explain(f"  refused [{r.pass_name}] {r.node}: {r.reason}")
+        if not ctx.refusals:
+            explain("  --explain: nothing refused; " + (
+                f"the -O{opts.opt_level} passes took every pattern they met" if records
+                else f"-O{opts.opt_level} runs no passes"))
     lora = graph.meta.pop("lora", None)         # the adapter contract: the manifest's
     shards = ctx.records.get("shards", {})
     if tp > 1:
@@ -181,6 +198,23 @@ def manifest_model(loaded, model_dir) -> dict:
     if loaded.multimodal:
         model["multimodal"] = loaded.multimodal
     return model
+
+
+def _make_dump_dir(d: Path, out: Path) -> None:
+    """--dump-ir's directory, made (or found) before tracing: a path that is a file, or
+    that cannot be written, or inside the artifact (which is written whole, replacing what
+    is there), is the user's to fix, said before minutes of work."""
+    if d.resolve() == out.resolve() or out.resolve() in d.resolve().parents:
+        raise BrazeError(f"--dump-ir {d} is inside the artifact {out}, which the compile "
+                         f"writes whole: give --dump-ir a directory outside it")
+    if d.exists() and not d.is_dir():
+        raise BrazeError(f"--dump-ir {d} is a file, not a directory: give a directory to "
+                         f"write the IR files into")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BrazeError(f"--dump-ir {d}: cannot make the directory ({e.strerror}); give a "
+                         f"directory you can write") from None
 
 
 def _check_small_m(small: dict, log) -> None:

@@ -56,13 +56,25 @@ def _convert(key: str, text: str):
     return text
 
 
-def parse_sets(items: list[str], names: list[str]) -> dict:
-    """`--set KEY=VALUE` items as compile options that the passes `names` read."""
+def parse_sets(items: list[str], names: list[str], flags: dict | None = None) -> dict:
+    """`--set KEY=VALUE` items as compile options that the passes `names` read; `flags`
+    (option -> value) are those given by their own flag (--max-num-tokens N), checked alike."""
     from braze.passes.manager import get_pass
     reads = {opt: [n for n in names if opt in get_pass(n).options]
              for n in names for opt in get_pass(n).options}
     fields = {f.name for f in dataclasses.fields(CompileOptions)}
     got = {}
+
+    def take(key: str, value, said: str):
+        if key not in reads:
+            readers = ", ".join(sorted(reads)) or "none"
+            raise BrazeError(f"{said}: no pass in --passes reads {key} (their options: "
+                             f"{readers}); braze opt --list-passes shows which pass reads what")
+        got[key] = value
+
+    for key, value in (flags or {}).items():
+        if value is not None:
+            take(key, value, f"--{key.replace('_', '-')} {value}")
     for item in items:
         key, eq, text = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -71,11 +83,7 @@ def parse_sets(items: list[str], names: list[str]) -> dict:
         if key not in fields:
             raise BrazeError(f"--set {key}: not a compile option; they are: "
                              f"{', '.join(sorted(fields))}")
-        if key not in reads:
-            readers = ", ".join(sorted(reads)) or "none"
-            raise BrazeError(f"--set {key}: no pass in --passes reads it (their options: "
-                             f"{readers}); braze opt --list-passes shows which pass reads what")
-        got[key] = _convert(key, text.strip())
+        take(key, _convert(key, text.strip()), f"--set {key}")
     CompileOptions(**got).validate()
     return got
 
@@ -90,13 +98,15 @@ def run_opt(a) -> int:
         raise BrazeError("braze opt needs FILE.bir (or - for standard input), "
                          "or --list-passes")
     names = [p.strip() for p in (a.passes or "").split(",") if p.strip()]
-    options = {k: v for k, v in (("max_num_tokens", a.max_num_tokens),
-                                 ("cudagraph_mode", a.cudagraph_mode)) if v}
-    options.update(parse_sets(a.set or [], names))
+    options = parse_sets(a.set or [], names, {"max_num_tokens": a.max_num_tokens,
+                                              "cudagraph_mode": a.cudagraph_mode})
     try:
-        text = sys.stdin.read() if a.file == "-" else open(a.file).read()
+        text = sys.stdin.read() if a.file == "-" else open(a.file, encoding="utf-8").read()
     except OSError as e:
         raise BrazeError(f"cannot read {a.file}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise BrazeError(f"{a.file} is not IR text: not UTF-8 ({e.reason} at byte {e.start}); "
+                         f"give a .bir file (braze compile --dump-ir DIR writes them)") from None
     g = parse_graph(text, source="<stdin>" if a.file == "-" else a.file)
     verify(g)
     ctx = PassContext(options=options)
@@ -106,11 +116,13 @@ def run_opt(a) -> int:
 
     records = PassManager(names, ctx, verify_each=True,
                           after_each=show if a.print_after_all else None).run(g)
-    if not a.print_after_all:
+    if not (a.print_after_all and names):       # no pass ran: the graph as read is the answer
         sys.stdout.write(print_graph(g))
     if a.explain:
         for r in ctx.refusals:
             print(f"refused [{r.pass_name}] {r.node}: {r.reason}", file=sys.stderr)
+        if not ctx.refusals:
+            print("--explain: nothing refused", file=sys.stderr)
     if a.stats:
         for r in records:
             print(f"{r.name}: {r.matches} matches, {r.ms:.1f} ms", file=sys.stderr)

@@ -238,7 +238,11 @@ class Graph:
         opdef.check_arity(len(operands))
         attrs = opdef.resolve_attrs(attrs or {})
         if types is None:
-            types = opdef.infer([v.type for v in operands], attrs)
+            try:
+                types = opdef.infer([v.type for v in operands], attrs)
+            except BrazeError as e:     # a pass built it: name the op and what it was given
+                given = ", ".join(f"{v.ref}: {v.type}" for v in operands)
+                raise BrazeError(f"{op}({given}): {e}") from None
         node = Node(op, operands, attrs)
         names = names or []
         for i, t in enumerate(types):

@@ -33,7 +33,8 @@ def broadcast_shapes(*shapes: tuple) -> tuple:
             if dim == 1:
                 dim = d
             elif dim != d:
-                raise BrazeError(f"shapes {[tuple(map(str, s)) for s in shapes]} do not broadcast")
+                raise BrazeError("shapes " + " and ".join(f"[{', '.join(map(str, s))}]"
+                                                         for s in shapes) + " do not broadcast")
         out.append(canon_dim(dim))
     return tuple(out)
 

@@ -168,6 +168,8 @@ def parse_graph(text: str, source: str = "IR") -> Graph:
     lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise BrazeError("empty IR text: expected 'graph @name(...) {'")
+    if lines[0][1].startswith("graph ") and not lines[0][1].endswith("{"):
+        lines = _join_header(lines, source)
     g: Graph | None = None
     env: dict[str, Value] = {}
     done = False
@@ -211,8 +213,19 @@ def parse_graph(text: str, source: str = "IR") -> Graph:
         except BrazeError as e:
             raise BrazeError(f"{source} line {lineno}: {e}  [{line[:120]}]") from None
     if g is None or not done:
-        raise BrazeError("IR text ends before the graph's closing '}'")
+        raise BrazeError(f"{source}: the text ends before the graph's closing '}}'")
     return g
+
+
+def _join_header(lines: list, source: str) -> list:
+    """A header wrapped over several lines (as hand-written tests and docs wrap long
+    input lists), read as the one line the printer writes."""
+    for i, (_, line) in enumerate(lines):
+        if line.endswith("{"):
+            joined = " ".join(ln for _, ln in lines[:i + 1]).replace("( ", "(")
+            return [(lines[0][0], joined)] + lines[i + 1:]
+    raise BrazeError(f"{source} line {lines[0][0]}: the graph header 'graph @name(...) {{' "
+                     f"has no closing '{{'  [{lines[0][1][:120]}]")
 
 
 def _lookup(env: dict, ref: str) -> Value:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import importlib
 import pkgutil
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -235,6 +236,15 @@ class PassManager:
     def __init__(self, names: list[str], ctx: PassContext | None = None, verify_each: bool = False,
                  after_each: Callable[[str, int, Graph], None] | None = None, log=None):
         self.infos = [get_pass(n) for n in names]
+        scheduled = None            # the first schedule pass: node indices are fixed from it
+        for info in self.infos:
+            if info.stage == "schedule":
+                scheduled = scheduled or info.name
+            elif scheduled:
+                raise BrazeError(f"pass {info.name} cannot run after {scheduled}: schedule "
+                                 f"passes record node indices (segments, the memory plan) that "
+                                 f"a {info.stage}-stage pass would leave stale; name "
+                                 f"{info.name} before {scheduled}")
         self.ctx = ctx or PassContext()
         self.verify_each = verify_each
         self.after_each = after_each
@@ -269,6 +279,8 @@ class PassManager:
                 matches = int(info.fn(g, self.ctx) or 0)
             except BrazeError as e:
                 raise BrazeError(f"pass {info.name}: {e}") from None
+            except Exception as e:      # a bug: say in which pass (the traceback chains it)
+                raise RuntimeError(f"pass {info.name} raised {type(e).__name__}: {e}") from e
             ms = (time.perf_counter() - t0) * 1000
             if self.verify_each:
                 try:
@@ -283,9 +295,19 @@ class PassManager:
         return records
 
 
+# the files of one IR dump: NN-stage.bir, 00-traced.bir first, then one per pass
+_DUMP_FILE = re.compile(r"\d{2}-[a-z0-9-]+\.bir")
+
+
 def dump_after_each(directory: Path):
+    """A writer of the IR after each pass into `directory`, cleared of an earlier dump's
+    files first (a -O2 dump's 15-plan-memory.bir must not sit beside a -O1 dump as if it
+    were this one's); other files there are left alone."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for f in directory.iterdir():
+        if _DUMP_FILE.fullmatch(f.name) and f.is_file():
+            f.unlink()
 
     def write(name: str, i: int, g: Graph) -> None:
         (directory / f"{i + 1:02d}-{name}.bir").write_text(print_graph(g))

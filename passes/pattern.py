@@ -81,13 +81,15 @@ class _Matcher:
         self.graph = graph
         self.deepest = ""
         self.depth = 0
-        self.best = -1
+        self.matched = 0            # sub-patterns matched so far in the current attempt
+        self.best = (-1, -1)
 
     def fail(self, msg: str):
-        # report the failure that got furthest into the pattern: when an Opt or a
-        # commutative retry falls back, its shallow failure must not hide the real reason
-        if self.depth >= self.best:
-            self.best, self.deepest = self.depth, msg
+        # report the failure that got furthest into the pattern (most matched before it,
+        # then deepest): when an Opt or a commutative retry falls back, its early failure
+        # must not hide the real reason
+        if (self.matched, self.depth) >= self.best:
+            self.best, self.deepest = (self.matched, self.depth), msg
         raise _Fail(msg)
 
     def value(self, pat: Pat, v: Value, b: dict, nodes: list) -> None:
@@ -96,6 +98,7 @@ class _Matcher:
             self._value(pat, v, b, nodes)
         finally:
             self.depth -= 1
+        self.matched += 1
 
     def _value(self, pat: Pat, v: Value, b: dict, nodes: list) -> None:
         if isinstance(pat, Var):
@@ -110,10 +113,11 @@ class _Matcher:
             b[pat.name] = v
             return
         if isinstance(pat, Opt):
-            b2, n2 = dict(b), list(nodes)
+            b2, n2, start = dict(b), list(nodes), self.matched
             try:
                 self.value(pat.pat, v, b2, n2)
             except _Fail:
+                self.matched = start
                 self.value(pat.otherwise, v, b, nodes)
                 return
             b.clear(), b.update(b2)
@@ -145,8 +149,10 @@ class _Matcher:
         if node.opdef.commutative and len(node.operands) == 2:
             orders.append(list(reversed(node.operands)))
         last = None
+        start = self.matched
         for operands in orders:
             b2, n2 = dict(b), list(nodes)
+            self.matched = start
             try:
                 for p, o in zip(pat.operands, operands):
                     self.value(p, o, b2, n2)

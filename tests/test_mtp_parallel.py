@@ -20,7 +20,8 @@ from braze.runtime import LLM, SamplingParams
 
 from conftest import prompts_of
 
-LIMITS = dict(targets="", dtype="float32", max_num_seqs=8, max_logits_rows=32)
+LIMITS = dict(targets="", dtype="float32", max_num_seqs=8)
+ROWS = 32          # -O2 logits rows (--max-logits-rows): k + 1 per sequence to verify
 PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
 SPEC_KEYS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
              "spec_decode_num_accepted_tokens", "spec_decode_accepted_per_position",
@@ -43,7 +44,8 @@ def guessing(tmp_path_factory):
         if (opt, tp, ep) not in made:
             made[opt, tp, ep] = d / f"a{opt}-tp{tp}{'-ep' if ep else ''}"
             braze.compile(ckpt, made[opt, tp, ep], opt_level=opt, tensor_parallel_size=tp,
-                          expert_parallel=ep, **LIMITS)
+                          expert_parallel=ep, max_logits_rows=ROWS if opt == 2 else None,
+                          **LIMITS)
         return made[opt, tp, ep]
     return artifact
 

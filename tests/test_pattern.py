@@ -44,3 +44,15 @@ def test_opt_and_attribute_capture():
     assert m and m["v"] is y and m["dt"] == "f16"
     m = match(pat, y, g)
     assert m and m["v"] is y
+
+
+def test_reason_is_the_failure_after_the_most_matched_at_equal_depth():
+    """mul(silu(x), %y) against mul(silu(a), param b): the given order matches silu(x) and
+    fails on %y (not a param); the swapped order fails at once (%y is no silu), at the same
+    depth. The reason is the first's: --explain named the wrong mismatch."""
+    g = Graph()
+    x = g.add_input("x", TensorType((T, 4), "f32"))
+    y = g.add_input("y", TensorType((T, 4), "f32"))
+    out = g.op("mul", g.op("silu", x), y)
+    m = match(Op("mul", Op("silu", Var("a")), Var("b", kind="param")), out, g)
+    assert not m and "pattern wants a param" in m.reason and "%y" in m.reason, m.reason

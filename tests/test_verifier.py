@@ -288,3 +288,17 @@ def test_bad_attribute_value_is_a_braze_error(corrupt):
     else:
         v["n_mean"].attrs["dims"] = [0, -2]
     _rejects(g)
+
+
+def test_building_a_node_whose_operands_do_not_fit_names_the_op_and_operands():
+    """A pass that builds add(x, y) of [T, 64] and [T, 32] got "shapes [('T', '64'), ('T',
+    '32')] do not broadcast", naming neither the op nor the values."""
+    from braze.ir import T, TensorType
+    g = Graph()
+    x = g.add_input("x", TensorType((T, 64), "f32"))
+    y = g.add_input("y", TensorType((T, 32), "f32"))
+    with pytest.raises(BrazeError) as e:
+        g.op("add", x, y)
+    msg = str(e.value)
+    assert "add(" in msg and "%x: f32[T, 64]" in msg and "%y: f32[T, 32]" in msg, msg
+    assert "('T'" not in msg
