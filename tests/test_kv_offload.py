@@ -261,6 +261,7 @@ def _probe(tokens):
     class R:
         request_id = "probe"
         all_token_ids = tokens
+        cache_salt = None
     return R
 
 
