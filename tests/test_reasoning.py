@@ -352,10 +352,11 @@ def test_reasoning_tokens_are_the_tokens_of_the_reasoning_text(ids, state):
     assert m.reasoning_tokens(ids, state) == want
 
 
-def test_responses_carry_a_reasoning_item_before_the_message(thinker, tmp_path):
+def test_responses_and_beam_search_split_the_reply_too(thinker, tmp_path):
     """/v1/responses with a reasoning parser (vLLM's): a `reasoning` output item with the
     reasoning text, then the message; usage counts the reasoning tokens; streamed, the
-    reasoning item's events come and close before the message's."""
+    reasoning item's events come and close before the message's. Chat beam search splits
+    each beam's reply."""
     from serve_helpers import MODEL, Server
     ckpt, art, thought = thinker
     want = _reference(_reference_reply(ckpt), UNDECIDED, FORMATS["qwen3"])
@@ -394,5 +395,17 @@ def test_responses_carry_a_reasoning_item_before_the_message(thinker, tmp_path):
         bad = s.http.post("/v1/responses", json={**body, "input": [
             {"type": "reasoning", "content": "not parts"}]})
         assert bad.status_code == 400 and "input[0]" in bad.json()["error"]["message"]
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        r = s.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": USER}], "n": 2,
+            "use_beam_search": True, "max_tokens": N, "ignore_eos": True,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        for ch in r.json()["choices"]:
+            text = tok.decode(ch["token_ids"], skip_special_tokens=True)
+            msg = ch["message"]
+            assert (msg["reasoning"], msg["content"]) == _reference(text, UNDECIDED,
+                                                                    FORMATS["qwen3"])
     finally:
         s.stop()
