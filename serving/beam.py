@@ -20,6 +20,7 @@ import uuid
 
 from braze.ir.errors import BrazeError
 from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all, step_prompts
+from braze.runtime.reasoning import split_reply
 
 from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
@@ -91,6 +92,9 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
         raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
     tok = svc.tokenizer
     skip_special = getattr(body, "skip_special_tokens", True)
+    markers = svc.reasoning if chat else None       # --reasoning-parser: split each beam
+    if markers is not None and markers.needs_special_tokens:
+        skip_special = False
     with_ids = bool(getattr(body, "return_token_ids", False))
     choices, n_out = [], 0
     for pi, s in enumerate(searches):
@@ -100,10 +104,15 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
             index = pi * params.beam_width + j
             n_out += len(seq.token_ids)
             ids = list(seq.token_ids) if with_ids else None
+            if markers is not None:
+                think, text = split_reply(text, markers.format, markers.prompt_state(s.prompt))
             choices.append(R.chat_choice(index, text, seq.finish_reason, token_ids=ids) if chat
                            else R.completion_choice(index, text, seq.finish_reason,
                                                     prompt_token_ids=s.prompt if with_ids
                                                     else None, token_ids=ids))
+            if markers is not None:
+                choices[-1]["message"]["reasoning"] = \
+                    think if getattr(body, "include_reasoning", True) else None
     use = R.usage(sum(len(ids) for _, ids in prompts), n_out)
     model = response_model(svc, getattr(body, "model", None))
     if chat:

@@ -16,7 +16,9 @@ response.output_text.done, response.content_part.done, response.output_item.done
 response.completed or response.incomplete (the whole response). `text.format`
 json_schema or json_object constrains the text as the chat's `response_format` does
 (serving/structured.py). `usage.input_tokens_details.cached_tokens` counts the prompt
-tokens the prefix cache served. Fields that would need state or tools braze does not keep
+tokens the prefix cache served. With --reasoning-parser (runtime/reasoning.py) a reply that
+reasons gets a `reasoning` output item before its message, as vLLM's does, and
+`reasoning_tokens` counts it. Fields that would need state or tools braze does not keep
 (previous_response_id, tools, ...) are a 400 naming them, never ignored.
 """
 
@@ -33,6 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from braze.runtime.chat_template import not_text_part
+from braze.runtime.reasoning import ReplySplitter, split_reply
 from braze.runtime.sampler import SamplingParams
 
 from .async_engine import Aborted, Rejected, Unavailable
@@ -46,6 +49,7 @@ from .protocol import (
     check_context,
     first_set,
     sampling_kwargs,
+    truncation,
     validation_message,
 )
 from .structured import request_constraint
@@ -162,7 +166,7 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
-        messages += [_message(item, i, text_only_origin) for i, item in enumerate(body.input)]
+        messages += _messages(body.input, text_only_origin)
     if not messages:
         raise bad_request("input is empty: give a string or a list of messages", "input")
     extra = {k: v for k, v in (body.model_extra or {}).items()
@@ -181,6 +185,38 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
     except ValidationError as e:
         message, param = validation_message(list(e.errors()))
         raise bad_request(message, param) from None
+
+
+def _messages(items: list, text_only_origin: str | None = None) -> list[dict]:
+    """The input items as chat messages. A reasoning item (an earlier reply's, sent back
+    as vLLM's clients do) goes with the assistant message after it, as its reasoning;
+    with none after it, it is an assistant turn of its own, as vLLM renders it."""
+    out, thought = [], None
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("type") == "reasoning":
+            thought = (thought or "") + _reasoning_text(item, i)
+            continue
+        m = _message(item, i, text_only_origin)
+        if thought is not None:
+            if m["role"] == "assistant":
+                m["reasoning"] = thought
+            else:
+                out.append({"role": "assistant", "content": "", "reasoning": thought})
+            thought = None
+        out.append(m)
+    if thought is not None:
+        out.append({"role": "assistant", "content": "", "reasoning": thought})
+    return out
+
+
+def _reasoning_text(item: dict, i: int) -> str:
+    parts = item.get("content") or []
+    if not isinstance(parts, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+        raise bad_request(f"input[{i}] is a reasoning item whose content is not a list of "
+                          "reasoning_text parts ({\"type\": \"reasoning_text\", \"text\": ...})",
+                          "input")
+    return "".join(p["text"] for p in parts)
 
 
 def _message(item: Any, i: int, text_only_origin: str | None = None) -> dict:
@@ -224,7 +260,8 @@ def install(app: FastAPI, svc, while_connected) -> None:
         chat = chat_of(body, svc.text_only_origin)
         max_tokens = chat_max_tokens(chat)
         try:
-            ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True)
+            ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True,
+                                         keep=truncation(chat, svc.max_model_len))
         except APIError as e:        # the messages are this request's input
             if e.param == "messages":
                 e.param = "input"
@@ -235,12 +272,18 @@ def install(app: FastAPI, svc, while_connected) -> None:
             check_context(len(ids), max_tokens, svc.max_model_len, "max_output_tokens")
         constraint, field = constraint_of(body, chat)
         await svc.compile_grammar(constraint, field)
-        params = SamplingParams(**sampling_kwargs(chat, max_tokens, svc.sampling_defaults),
-                                structured_outputs=constraint)
-        reply = _Reply(svc, body, len(ids), params)
+        kw = sampling_kwargs(chat, max_tokens, svc.sampling_defaults)
+        reasoning = None
+        if svc.reasoning is not None:   # a reasoning item before the message (vLLM's)
+            reasoning = (svc.reasoning, svc.reasoning.prompt_state(ids))
+            if svc.reasoning.needs_special_tokens:
+                kw["skip_special_tokens"] = False
+        params = SamplingParams(**kw, structured_outputs=constraint)
+        reply = _Reply(svc, body, len(ids), params, reasoning)
         svc.admit()
         stream = await svc.submit(reply.id, ids, params, prompt_param="input",
-                                  lora=lora_for(svc, body.model), bounded=False)
+                                  lora=lora_for(svc, body.model), bounded=False,
+                                  cache_salt=chat.cache_salt, priority=chat.priority)
         if body.stream:
             return StreamingResponse(reply.events(stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -255,10 +298,13 @@ class _Reply:
     """One response: its object as it stands, and its stream of events."""
 
     def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int,
-                 params: SamplingParams):
+                 params: SamplingParams, reasoning=None):
         self.body, self.params = body, params
+        # (ReasoningMarkers, the state the reply starts in) with --reasoning-parser
+        self.reasoning = reasoning
         self.id = "resp_" + uuid.uuid4().hex
         self.item_id = "msg_" + uuid.uuid4().hex
+        self.reasoning_id = "rs_" + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = response_model(svc, body.model)
         self.num_prompt_tokens = num_prompt_tokens
@@ -274,7 +320,7 @@ class _Reply:
             "status": status, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
-            "model": self.model, "output": [self.message(text, status)] if done else [],
+            "model": self.model, "output": self.output(text, status) if done else [],
             "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
             "store": False, "temperature": self.params.temperature,
             "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
@@ -283,6 +329,26 @@ class _Reply:
             "usage": self.usage(out) if done else None, "user": b.user,
             "metadata": b.metadata or {},
         }
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, answer) of the reply's text; no reasoning without a parser."""
+        if self.reasoning is None:
+            return None, text
+        markers, state = self.reasoning
+        return split_reply(text, markers.format, state)
+
+    def output(self, text: str, status: str) -> list[dict]:
+        """The output items: a reasoning item when the reply reasoned, then the message
+        (none for a reply cut off while still reasoning)."""
+        think, answer = self.split(text)
+        done = "completed" if answer is not None else status     # the reasoning ended
+        items = [self.reasoning_item(think, done)] if think else []
+        return items + ([] if answer is None else [self.message(answer, status)])
+
+    def reasoning_item(self, text: str | None, status: str) -> dict:
+        content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+        return {"id": self.reasoning_id, "type": "reasoning", "summary": [],
+                "content": content, "encrypted_content": None, "status": status}
 
     def message(self, text: str | None, status: str) -> dict:
         content = [] if text is None else [self.part(text)]
@@ -298,7 +364,13 @@ class _Reply:
         return {"input_tokens": self.num_prompt_tokens, "output_tokens": n,
                 "total_tokens": self.num_prompt_tokens + n,
                 "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
-                "output_tokens_details": {"reasoning_tokens": 0}}
+                "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens(out)}}
+
+    def reasoning_tokens(self, out) -> int:
+        if self.reasoning is None:
+            return 0
+        markers, state = self.reasoning
+        return markers.reasoning_tokens(out.token_ids, state)
 
     @staticmethod
     def status(out) -> str:
@@ -328,29 +400,38 @@ class _Reply:
         return f"event: {kind}\ndata: {json.dumps(d, separators=(',', ':'))}\n\n".encode()
 
     async def events(self, stream):
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         done = False
         try:
             yield self.event("response.created", response=self.response("in_progress"))
             yield self.event("response.in_progress", response=self.response("in_progress"))
-            yield self.event("response.output_item.added", output_index=0,
-                             item=self.message(None, "in_progress"))
-            yield self.event("response.content_part.added", **where, part=self.part(""))
+            items = _StreamItems(self)
+            if self.reasoning is None:      # the message from the start
+                for e in items.open_message():
+                    yield e
+            splitter = None if self.reasoning is None else ReplySplitter(
+                self.reasoning[0].format, self.reasoning[1])
             text, out = [], None
             async for out in stream:
-                if out.new_text:
-                    text.append(out.new_text)
-                    yield self.event("response.output_text.delta", **where,
-                                     delta=out.new_text, logprobs=[])
+                if not out.new_text:
+                    continue
+                text.append(out.new_text)
+                if splitter is None:
+                    said, think = out.new_text, ""
+                else:
+                    think, said = splitter.feed("".join(text), False)
+                for e in items.deltas(think, said):
+                    yield e
             if out is None or out.finish_reason not in ("stop", "length"):
                 raise Aborted(f"the request ended with finish_reason "
                               f"{getattr(out, 'finish_reason', None)!r}")
             text = "".join(text)
+            if splitter is not None:         # what the end of the text showed
+                think, said = splitter.feed(text, True)
+                for e in items.deltas(think, said, splitter.content is not None):
+                    yield e
             status = self.status(out)
-            yield self.event("response.output_text.done", **where, text=text, logprobs=[])
-            yield self.event("response.content_part.done", **where, part=self.part(text))
-            yield self.event("response.output_item.done", output_index=0,
-                             item=self.message(text, status))
+            for e in items.close(text, status):
+                yield e
             yield self.event(f"response.{status}", response=self.response(status, text, out))
             done = True
         except (Aborted, Unavailable, Rejected) as e:
@@ -360,6 +441,75 @@ class _Reply:
         finally:
             if not done:           # the client went away
                 stream.abort()
+
+
+class _StreamItems:
+    """A streamed response's output items as they open and close: the reasoning item (with
+    --reasoning-parser, once the reply reasons), then the message (once it answers)."""
+
+    def __init__(self, reply: _Reply):
+        self.reply = reply
+        self.next_index = 0
+        self.reasoning_at = self.message_at = None
+        self.thought = ""               # the reasoning text streamed so far
+        self.reasoning_closed = False
+
+    def _where(self, at: int, item_id: str) -> dict:
+        return {"item_id": item_id, "output_index": at, "content_index": 0}
+
+    def open_message(self) -> list[bytes]:
+        r = self.reply
+        self.message_at, self.next_index = self.next_index, self.next_index + 1
+        return [r.event("response.output_item.added", output_index=self.message_at,
+                        item=r.message(None, "in_progress")),
+                r.event("response.content_part.added",
+                        **self._where(self.message_at, r.item_id), part=r.part(""))]
+
+    def deltas(self, think: str, said: str, answering: bool = False) -> list[bytes]:
+        """Events for new reasoning text `think` and answer text `said` (`answering`: the
+        reply has reached its answer, even with no text of it yet)."""
+        r, ev = self.reply, []
+        if think:
+            if self.reasoning_at is None:
+                self.reasoning_at, self.next_index = self.next_index, self.next_index + 1
+                ev.append(r.event("response.output_item.added", output_index=self.reasoning_at,
+                                  item=r.reasoning_item(None, "in_progress")))
+            ev.append(r.event("response.reasoning_text.delta",
+                              **self._where(self.reasoning_at, r.reasoning_id), delta=think))
+            self.thought += think
+        if (said or answering) and self.message_at is None:
+            ev += self.close_reasoning("completed") + self.open_message()
+        if said:
+            ev.append(r.event("response.output_text.delta",
+                              **self._where(self.message_at, r.item_id), delta=said,
+                              logprobs=[]))
+        return ev
+
+    def close_reasoning(self, status: str) -> list[bytes]:
+        """The reasoning item's done events (once, and only if it opened): before the
+        message opens, or at the end."""
+        r = self.reply
+        if self.reasoning_at is None or self.reasoning_closed:
+            return []
+        self.reasoning_closed = True
+        return [r.event("response.reasoning_text.done",
+                        **self._where(self.reasoning_at, r.reasoning_id), text=self.thought),
+                r.event("response.output_item.done", output_index=self.reasoning_at,
+                        item=r.reasoning_item(self.thought, status))]
+
+    def close(self, text: str, status: str) -> list[bytes]:
+        """The done events of the items still open, with the whole text of each."""
+        r = self.reply
+        _, answer = r.split(text)
+        ev = self.close_reasoning(status)
+        if self.message_at is not None:
+            where = self._where(self.message_at, r.item_id)
+            answer = answer or ""
+            ev += [r.event("response.output_text.done", **where, text=answer, logprobs=[]),
+                   r.event("response.content_part.done", **where, part=r.part(answer)),
+                   r.event("response.output_item.done", output_index=self.message_at,
+                           item=r.message(answer, status))]
+        return ev
 
 
 __all__ = ["ResponsesRequest", "chat_of", "install"]

@@ -350,3 +350,62 @@ def test_reasoning_tokens_are_the_tokens_of_the_reasoning_text(ids, state):
     # the reference reasoning text, markers inside it (a second <think>) counted as one token
     want = len((think or "").replace(START, "x"))
     assert m.reasoning_tokens(ids, state) == want
+
+
+def test_responses_and_beam_search_split_the_reply_too(thinker, tmp_path):
+    """/v1/responses with a reasoning parser (vLLM's): a `reasoning` output item with the
+    reasoning text, then the message; usage counts the reasoning tokens; streamed, the
+    reasoning item's events come and close before the message's. Chat beam search splits
+    each beam's reply."""
+    from serve_helpers import MODEL, Server
+    ckpt, art, thought = thinker
+    want = _reference(_reference_reply(ckpt), UNDECIDED, FORMATS["qwen3"])
+    s = Server(art, tmp_path, "--reasoning-parser", "qwen3")
+    try:
+        body = {"model": MODEL, "input": USER, "max_output_tokens": N, "temperature": 0,
+                "ignore_eos": True}
+        r = s.http.post("/v1/responses", json=body)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        kinds = [o["type"] for o in got["output"]]
+        assert kinds == ["reasoning", "message"]
+        assert got["output"][0]["content"] == [{"type": "reasoning_text", "text": want[0]}]
+        assert got["output"][1]["content"][0]["text"] == want[1]
+        assert got["usage"]["output_tokens_details"]["reasoning_tokens"] == len(thought)
+        events = []
+        with s.http.stream("POST", "/v1/responses", json={**body, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        types = [e["type"] for e in events]
+        think = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+        said = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert (think, said) == want
+        added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+        assert added == ["reasoning", "message"]
+        assert types.index("response.output_item.done") < types.index("response.content_part.added")
+        final = events[-1]["response"]
+        assert [o["type"] for o in final["output"]] == kinds
+        assert final["output"][0]["content"] == got["output"][0]["content"]
+        # the reasoning item sent back, as vLLM's clients do, is taken as the reply's
+        again = s.http.post("/v1/responses", json={**body, "input": [
+            {"role": "user", "content": USER}, got["output"][0], got["output"][1],
+            {"role": "user", "content": "and then?"}]})
+        assert again.status_code == 200, again.text
+        bad = s.http.post("/v1/responses", json={**body, "input": [
+            {"type": "reasoning", "content": "not parts"}]})
+        assert bad.status_code == 400 and "input[0]" in bad.json()["error"]["message"]
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        r = s.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": USER}], "n": 2,
+            "use_beam_search": True, "max_tokens": N, "ignore_eos": True,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        for ch in r.json()["choices"]:
+            text = tok.decode(ch["token_ids"], skip_special_tokens=True)
+            msg = ch["message"]
+            assert (msg["reasoning"], msg["content"]) == _reference(text, UNDECIDED,
+                                                                    FORMATS["qwen3"])
+    finally:
+        s.stop()

@@ -39,6 +39,13 @@ def test_cached_prompt_tokens_are_reported(store, tmp_path):
         for req, hit in ((salted, 0), ({**body, "cache_salt": "tenant-b"}, 0), (salted, want)):
             use = s.http.post("/v1/completions", json=req).json()["usage"]
             assert use["prompt_tokens_details"] == {"cached_tokens": hit}
+        # /v1/responses passes the salt on too (its usage always counts cached tokens)
+        text = "Tell me everything about prefix caches, please. " * 3
+        for salt, cached in (("x", False), ("y", False), ("x", True)):
+            use = s.http.post("/v1/responses", json={
+                "model": MODEL, "input": text, "max_output_tokens": 1,
+                "cache_salt": salt}).json()["usage"]
+            assert (use["input_tokens_details"]["cached_tokens"] > 0) == cached, salt
         r = s.http.post("/v1/completions", json={**body, "cache_salt": ""})
         assert r.status_code == 400 and "cache_salt" in r.text
         # n samples of one prompt: its cached tokens count once, as its prompt tokens do

@@ -52,6 +52,11 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(store, tmp_path):
                 assert echoed.startswith(want) and not echoed.startswith(text)
             else:
                 assert echoed.startswith(text)
+        # /v1/responses: the same, on the rendered input
+        r = s.http.post("/v1/responses", json={"model": MODEL, "input": text,
+                                               "max_output_tokens": 1,
+                                               "truncate_prompt_tokens": 6})
+        assert r.status_code == 200 and r.json()["usage"]["input_tokens"] == 6, r.text
         # chat: the rendered prompt's last tokens
         msgs = [{"role": "user", "content": text}]
         full = s.http.post("/tokenize", json={"model": MODEL, "messages": msgs}).json()["tokens"]
