@@ -211,6 +211,7 @@ class PassContext:
 
     def option(self, name: str, default=None):
         """Compile option `name`, which the running pass must declare in `register_pass`."""
+        _discover()            # (a context used outside a PassManager: the registry filled)
         info = PASSES.get(self.current)
         if info is not None and name not in info.options:
             raise ValueError(f"pass {info.name} reads option {name!r} without declaring it: "

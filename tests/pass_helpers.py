@@ -91,6 +91,16 @@ def assert_pass_preserves(text_or_graph, names: list[str], bindings: dict[str, i
 _MODEL_CACHE: dict = {}
 
 
+def traced_file(tmp_dir):
+    """The tiny Llama traced to IR text, in `tmp_dir`/traced.bir (the `braze opt` input the
+    command-line tests feed)."""
+    from braze.ir import print_graph
+    g, _ = model_graph("llama", tmp_dir)
+    f = tmp_dir / "traced.bir"
+    f.write_text(print_graph(g))
+    return f
+
+
 def model_graph(family: str, tmp_dir, seed: int = 1, dtype: str | None = None, **overrides):
     """A tiny random checkpoint of `family` traced to IR (in `dtype`, default the
     checkpoint's), with its real weights. Returns (graph, params). Cached per

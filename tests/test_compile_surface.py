@@ -20,13 +20,8 @@ def _main(capsys, *args):
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
-    from braze.ir import print_graph
-    from pass_helpers import model_graph
-    d = tmp_path_factory.mktemp("surface")
-    g, _ = model_graph("llama", d)
-    f = d / "traced.bir"
-    f.write_text(print_graph(g))
-    return f
+    from pass_helpers import traced_file
+    return traced_file(tmp_path_factory.mktemp("surface"))
 
 
 def test_dump_ir_at_a_file_is_refused_before_tracing(store, tmp_path, capsys):

@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 
 from cli_helpers import assert_one_line_error, run
-from pass_helpers import model_graph
+from pass_helpers import traced_file
 
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
-    from braze.ir import print_graph
-    d = tmp_path_factory.mktemp("opt")
-    g, _ = model_graph("llama", d)
-    f = d / "traced.bir"
-    f.write_text(print_graph(g))
-    return f
+    return traced_file(tmp_path_factory.mktemp("opt"))
 
 
 def test_list_passes_shows_every_registered_pass_and_its_options():

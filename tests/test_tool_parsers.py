@@ -66,6 +66,19 @@ CASES = [
 ]
 
 
+def _assert_streams_as_whole(parser, text: str, every: int) -> None:
+    """`text` streamed in pieces of `every` characters reads as parsed whole: the same
+    calls, or (with none streamed) the same content. Parsing must not raise."""
+    content, calls = final_message(parser.parse(text, final=True))
+    whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in calls]
+    s_content, s_calls = stream(parser, text, range(1, len(text), every))
+    if calls:
+        assert s_calls == whole, text
+    elif not s_calls:
+        assert s_content == content, text
+
+
 @pytest.mark.parametrize("name,text,content,calls", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_parse_whole_and_streamed(name, text, content, calls):
@@ -149,14 +162,7 @@ def test_malformed_output_is_content_not_an_error(name):
         for i in range(len(text) + 1):
             for stray in "}]":
                 bad = text[:i] + stray + text[i:]
-                content, calls = final_message(parser.parse(bad, final=True))
-                whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-                         for c in calls]
-                s_content, s_calls = stream(parser, bad, range(1, len(bad), 5))
-                if calls:
-                    assert s_calls == whole, bad
-                elif not s_calls:
-                    assert s_content == content, bad
+                _assert_streams_as_whole(parser, bad, 5)
 
 
 def test_llama3_json_answer_is_content_streamed_too():
@@ -304,13 +310,6 @@ def test_edited_output_streams_as_it_reads_whole(name):
                 i = rng.randrange(len(t) + 1)
                 t = t[:i] + rng.choice('{}[]",: \nx<>|;\\') + t[i:] if rng.random() < 0.5 \
                     else t[:i] + t[i + 1:]
-            content, calls = final_message(parser.parse(t, final=True))
-            whole = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-                     for c in calls]
-            s_content, s_calls = stream(parser, t, range(1, len(t), 3))
-            if calls:
-                assert s_calls == whole, t
-            elif not s_calls:
-                assert s_content == content, t
+            _assert_streams_as_whole(parser, t, 3)
     text = ('I will check.\n<tool_call>\n{"function": "get_weather"}\n</tool_call>\nDone.')
     assert stream(ToolParser("hermes"), text, range(1, len(text))) == (text, [])
