@@ -383,6 +383,26 @@ MUTATIONS = [
              "            if not holds(sizes):          # another bucket's launch: not in this plan",
              "            if False:",
              ["tests/test_small_m_gemm.py"], k="split_k"),
+    Mutation("reasoning-gate-off",
+             "with --reasoning-parser, response_format forces the format from the first "
+             "token: a reasoning model cannot think",
+             "runtime/engine.py",
+             "if self.reasoning is not None:       # the grammar holds the answer",
+             "if False:       # the grammar holds the answer",
+             ["tests/test_reasoning.py"], k="grammar_holds"),
+    Mutation("priority-victim-last-admitted",
+             "under --scheduling-policy priority a high-priority request is preempted for a "
+             "low-priority one",
+             "runtime/scheduler.py",
+             "victim = max(self.running, key=_rank) if self.by_priority else self.running[-1]",
+             "victim = self.running[-1]",
+             ["tests/test_priority_scheduling.py"], k="preemption"),
+    Mutation("cache-salt-not-chained",
+             "one tenant's prompt hits another tenant's prefix-cache blocks (cache_salt)",
+             "runtime/engine.py",
+             "req.kv_salt = (\"cache_salt\", cache_salt, req.kv_salt)",
+             "req.kv_salt = req.kv_salt",
+             ["tests/test_cache_salt.py"], k="within_a_salt"),
 ]
 
 
