@@ -214,7 +214,7 @@ def _streamed(s, body) -> tuple[str, str, list]:
 def test_the_server_splits_chat_replies_into_reasoning_and_content(thinker, tmp_path):
     from serve_helpers import MODEL, Server
     ckpt, art, _ = thinker
-    s = Server(art, tmp_path, "--reasoning-parser", "qwen3")
+    s = Server(art, tmp_path, "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes")
     try:
         assert "reasoning and content" in s.stderr()
         for enable_thinking in (None, True, False):
@@ -263,6 +263,12 @@ def test_the_server_splits_chat_replies_into_reasoning_and_content(thinker, tmp_
             "max_tokens": 2, "temperature": 0})
         msg = r.json()["choices"][0]["message"]
         assert msg["content"] is None and msg["reasoning"]
+        # with tools offered (tool_choice auto) too: no answer is content null, not ""
+        r = s.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": USER}],
+            "max_tokens": 2, "temperature": 0, "tools": tools})
+        msg = r.json()["choices"][0]["message"]
+        assert msg["content"] is None and msg["reasoning"] and not msg.get("tool_calls")
         # completions are text, as in vLLM: the markers stay in it
         r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert "reasoning" not in r.json()["choices"][0]
