@@ -195,11 +195,11 @@ class LLM:
     def beam_search(self, prompts, params: BeamSearchParams, lora_request=None,
                     use_tqdm=False, concurrency_limit: int | None = None
                     ) -> list[BeamSearchOutput]:
-        """vLLM's beam search: for each prompt (as `generate` takes them) its `beam_width`
-        best sequences, best first (runtime/beam_search.py). Each step runs every live
-        beam of every prompt as a one-token request, in one batch; `concurrency_limit`
-        (vLLM's): at most that many prompts at a time, in order (None: all). `use_tqdm`
-        as in `generate`."""
+        """vLLM's beam search: for each prompt (as `generate` takes them, "cache_salt"
+        included) its `beam_width` best sequences, best first (runtime/beam_search.py).
+        Each step runs every live beam of every prompt as a one-token request, in one
+        batch; `concurrency_limit` (vLLM's): at most that many prompts at a time, in
+        order (None: all). `use_tqdm` as in `generate`."""
         params.validate()
         v = concurrency_limit
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -207,12 +207,17 @@ class LLM:
                              f"integer >= 1, got {v!r}", param="concurrency_limit")
         searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids,
                                self.engine.max_model_len) for p in _prompt_list(prompts)]
+        salts = _cache_salts(prompts)       # each step's prompts keep their prompt's salt
         step = params.step_params()
         size = concurrency_limit or max(1, len(searches))
         for start in range(0, len(searches), size):
             batch = searches[start:start + size]
             while not all(s.done for s in batch):
-                outs = self.generate(step_prompts(batch), step, lora_request=lora_request)
+                live = [salt for s, salt in zip(batch, salts[start:start + size])
+                        if not s.done for _ in s.beams]
+                steps = [t if salt is None else {"prompt_token_ids": t, "cache_salt": salt}
+                         for t, salt in zip(step_prompts(batch), live)]
+                outs = self.generate(steps, step, lora_request=lora_request)
                 advance_all(batch, [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs])
         results = [s.result() for s in searches]
         if self.tokenizer is not None:

@@ -13,8 +13,11 @@ template decides. The last marker in the prompt's tokens sets it (`prompt_state`
 
   - a start marker (Qwen3.5's and DeepSeek-R1's templates open `<think>` themselves, and
     DeepSeek-V3.1's does with thinking=True): the reply begins inside the reasoning;
-  - an end marker (`enable_thinking=False` renders `<think>\\n\\n</think>\\n\\n`): the
-    reply is all answer;
+  - an end marker with nothing but whitespace after it (`enable_thinking=False` renders
+    `<think>\\n\\n</think>\\n\\n`): the reply is all answer. One followed by more of
+    the conversation closed an earlier reply's reasoning (Qwen3's templates render it in
+    tool-calling loops; Magistral's system prompt spells the markers), and decides
+    nothing about the new reply: undecided;
   - neither (the first Qwen3 templates; Gemma 4): the reply is reasoning if it opens with
     the start marker, else all answer.
 
@@ -31,7 +34,7 @@ Magistral's) would vanish from decoded text, so requests of a reasoning server k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from braze.ir.errors import BrazeError
 
@@ -79,6 +82,8 @@ class ReasoningMarkers:
     end_id: int
     needs_special_tokens: bool      # the markers are special tokens: keep them in the text
     calls_id: int | None = None     # the tool-call marker's token, if the format has one
+    # the tokenizer's decode(ids, skip_special_tokens): what follows an end marker
+    decode: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def resolve(cls, name: str, tokenizer) -> "ReasoningMarkers":
@@ -99,16 +104,23 @@ class ReasoningMarkers:
         special = any(tokenizer.decode([i], skip_special_tokens=True) == ""
                       for i in ids.values())
         calls = tokenizer.token_id(fmt.calls) if fmt.calls else None
-        return cls(name, fmt, ids[fmt.start], ids[fmt.end], special, calls)
+        return cls(name, fmt, ids[fmt.start], ids[fmt.end], special, calls, tokenizer.decode)
 
     def prompt_state(self, prompt_ids) -> str:
         """Where a reply to `prompt_ids` starts: REASONING, ANSWER or UNDECIDED."""
-        for t in reversed(prompt_ids):
+        for i in range(len(prompt_ids) - 1, -1, -1):
+            t = prompt_ids[i]
             if t == self.start_id:
                 return REASONING
-            if t == self.end_id:
-                return ANSWER
+            if t == self.end_id:       # the template's own (closing it), or an earlier reply's
+                return ANSWER if self._blank(prompt_ids[i + 1:]) else UNDECIDED
         return UNDECIDED
+
+    def _blank(self, ids) -> bool:
+        """Whether `ids` are whitespace alone (special tokens, a turn's end, are not)."""
+        if self.decode is None:
+            return not ids
+        return all(not self.decode([t], skip_special_tokens=False).strip() for t in ids)
 
     def reasoning_tokens(self, output_ids, state: str) -> int:
         """How many of a reply's tokens are reasoning (the markers not counted): what

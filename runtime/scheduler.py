@@ -203,8 +203,15 @@ class Scheduler:
             if end > real and not reserve(req.request_id, end):
                 end = real                  # no room for its guesses: drop them, preempt no one
                 num_new = end - start
-            if not reserve(req.request_id, end) and not self._grow(req, num_new, out):
-                continue                # req itself was preempted; running[i] is the next one
+            if not reserve(req.request_id, end):
+                before = running[:i]
+                grown = self._grow(req, num_new, out)
+                # the priority policy may take a victim scheduled earlier in this step: its
+                # chunk goes too, and requests before req may have left the running list
+                budget += self._unschedule(out)
+                i = sum(r.status is Status.RUNNING for r in before)
+                if not grown:
+                    continue            # req itself was preempted; running[i] is the next one
             c = ScheduledChunk(req, num_new, start, end >= real)
             if end > real:
                 c.num_draft = end - real
@@ -295,7 +302,9 @@ class Scheduler:
 
     def _grow(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room in the cache for `num_new` more tokens of `req`, preempting the most
-        recently admitted requests if needed. False if `req` itself had to go."""
+        recently admitted requests (the priority policy: the last in (priority, arrival)
+        order, which may be scheduled already; `_unschedule`) if needed. False if `req`
+        itself had to go."""
         total = req.num_computed + num_new
         while not self.bm.reserve(req.request_id, total):
             victim = max(self.running, key=_rank) if self.by_priority else self.running[-1]
@@ -303,6 +312,19 @@ class Scheduler:
             if victim is req:
                 return False
         return True
+
+    @staticmethod
+    def _unschedule(out: SchedulerOutput) -> int:
+        """Drop the chunks of requests preempted after they were scheduled this step (the
+        priority policy's victim may come before the request that needed room); the tokens
+        they held go back to the step's budget."""
+        gone = [c for c in out.chunks if c.request.status is not Status.RUNNING]
+        if not gone:
+            return 0
+        out.chunks[:] = [c for c in out.chunks if c.request.status is Status.RUNNING]
+        out.fills[:] = [c for c in out.fills if c.request.status is Status.RUNNING]
+        out.num_draft -= sum(c.num_draft for c in gone)
+        return sum(c.num_new for c in gone)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)

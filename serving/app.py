@@ -763,6 +763,8 @@ class _Job:
                 think, text = split_reply(text, *self.reasoning)
             if self.chat and self.tools is not None:
                 content, calls = self.tools.message(text or "")
+                if text is None:        # cut off while still reasoning: no answer (null)
+                    content = None
                 reason = self.tools.finish_reason(len(calls), out.finish_reason)
                 ch = R.chat_choice(index, content, reason, lp, stop_reason, ids)
                 if calls:

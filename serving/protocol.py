@@ -327,6 +327,11 @@ def truncation(req, max_model_len: int) -> int | None:
         raise bad_request("truncate_prompt_tokens must be at least 1 (the prompt's last N "
                           "tokens are kept), or -1 for the model's max_model_len",
                           "truncate_prompt_tokens")
+    if k > max_model_len:           # (vLLM refuses it too): it keeps more than can run
+        raise bad_request(f"truncate_prompt_tokens ({k}) is more than this model's "
+                          f"max_model_len ({max_model_len}); give at most {max_model_len - 1} "
+                          f"(the last tokens kept leave room to generate), or leave it out",
+                          "truncate_prompt_tokens")
     return max_model_len if k == -1 else k
 
 

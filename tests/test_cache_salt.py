@@ -74,3 +74,21 @@ def test_llm_takes_vllms_prompt_key(art, want):
         same = llm.generate({"prompt_token_ids": SECOND, "cache_salt": "t"}, GREEDY)[0]
     assert other.outputs[0].token_ids == same.outputs[0].token_ids == want
     assert (other.num_cached_tokens, same.num_cached_tokens) == (0, len(SHARED) // BLOCK * BLOCK)
+
+
+def test_llm_beam_search_keeps_its_prompts_salt(art):
+    """LLM.beam_search takes generate's prompt forms, "cache_salt" included: its steps
+    cache the prompt under that salt (it was dropped: another tenant's unsalted request
+    hit the blocks the salted search computed). The beams are those of an unsalted search."""
+    from braze import LLM
+    from braze.runtime.beam_search import BeamSearchParams
+    bp = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    with LLM(art, backend="reference", num_kv_blocks=64) as llm:
+        want = [s.token_ids for s in llm.beam_search([SECOND], bp)[0].sequences]
+    full = len(SHARED) // BLOCK * BLOCK
+    with LLM(art, backend="reference", num_kv_blocks=64) as llm:
+        got = llm.beam_search([{"prompt_token_ids": SECOND, "cache_salt": "t"}], bp)[0]
+        assert [s.token_ids for s in got.sequences] == want
+        other = llm.generate({"prompt_token_ids": SECOND}, GREEDY)[0]
+        same = llm.generate({"prompt_token_ids": SECOND, "cache_salt": "t"}, GREEDY)[0]
+    assert (other.num_cached_tokens, same.num_cached_tokens) == (0, full)

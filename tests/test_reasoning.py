@@ -214,7 +214,7 @@ def _streamed(s, body) -> tuple[str, str, list]:
 def test_the_server_splits_chat_replies_into_reasoning_and_content(thinker, tmp_path):
     from serve_helpers import MODEL, Server
     ckpt, art, _ = thinker
-    s = Server(art, tmp_path, "--reasoning-parser", "qwen3")
+    s = Server(art, tmp_path, "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes")
     try:
         assert "reasoning and content" in s.stderr()
         for enable_thinking in (None, True, False):
@@ -263,6 +263,12 @@ def test_the_server_splits_chat_replies_into_reasoning_and_content(thinker, tmp_
             "max_tokens": 2, "temperature": 0})
         msg = r.json()["choices"][0]["message"]
         assert msg["content"] is None and msg["reasoning"]
+        # with tools offered (tool_choice auto) too: no answer is content null, not ""
+        r = s.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": USER}],
+            "max_tokens": 2, "temperature": 0, "tools": tools})
+        msg = r.json()["choices"][0]["message"]
+        assert msg["content"] is None and msg["reasoning"] and not msg.get("tool_calls")
         # completions are text, as in vLLM: the markers stay in it
         r = s.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert "reasoning" not in r.json()["choices"][0]
@@ -409,3 +415,41 @@ def test_responses_and_beam_search_split_the_reply_too(thinker, tmp_path):
                                                                     FORMATS["qwen3"])
     finally:
         s.stop()
+
+
+# a Qwen3-style template that renders an earlier reply's reasoning (as Qwen3's does for the
+# replies after the last user message: a tool-calling loop), and enable_thinking=false as
+# an empty closed reasoning
+_HISTORY = (
+    "{% for m in messages %}{{ m['role'] + ': ' }}{% if m.reasoning_content is defined %}"
+    "{{ '<think>\n' + m.reasoning_content + '\n</think>\n\n' }}{% endif %}"
+    "{{ m['content'] + '\n' }}{% endfor %}assistant:"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}")
+
+
+@pytest.mark.parametrize("earlier, enable_thinking, want", [
+    (False, None, UNDECIDED), (True, None, UNDECIDED), (True, False, ANSWER),
+    (False, False, ANSWER)])
+def test_an_earlier_replys_reasoning_does_not_decide_the_new_one(thinker, earlier,
+                                                                 enable_thinking, want):
+    """Only markers the template put after the conversation decide where the reply starts:
+    an earlier reply's closed reasoning (Qwen3's tool loops render it; Magistral's system
+    prompt spells [THINK]...[/THINK]) is followed by more of the conversation, and the new
+    reply may reason again. (Its </think> made every such reply all answer: its reasoning
+    came back as content, and a grammar held it from the first token.)"""
+    from transformers import AutoTokenizer
+
+    from braze.runtime.reasoning import ReasoningMarkers
+    from braze.runtime.tokenizer import Tokenizer
+    ckpt, _, _ = thinker
+    msgs = [{"role": "user", "content": USER}]
+    if earlier:
+        msgs += [{"role": "assistant", "content": "a call", "reasoning_content": "hm"},
+                 {"role": "tool", "content": "42"}]
+    kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = AutoTokenizer.from_pretrained(ckpt).apply_chat_template(
+        msgs, chat_template=_HISTORY, tokenize=True, return_dict=False, **kw)
+    assert (END_ID in ids) == (earlier or enable_thinking is False)    # the template's doing
+    markers = ReasoningMarkers.resolve("qwen3", Tokenizer(ckpt))
+    assert markers.prompt_state(ids) == want

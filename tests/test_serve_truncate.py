@@ -67,3 +67,31 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(store, tmp_path):
         assert r.json()["choices"][0]["token_ids"] == _greedy(ckpt, full[-7:], 3)
     finally:
         s.stop()
+
+
+def test_a_truncation_longer_than_the_model_is_refused_by_name(store, tmp_path):
+    """truncate_prompt_tokens above max_model_len can keep nothing the model takes: a 400
+    naming it, as vLLM's, for a short prompt too (it was taken), and for a long one
+    (whose 400 blamed the prompt, which the client had asked to have cut)."""
+    s = Server(store.artifact("llama"), tmp_path)
+    try:
+        limit = s.http.get("/v1/models").json()["data"][0]["max_model_len"]
+        long = [1] + [3 + i % 200 for i in range(limit + 40)]
+        for route, body in (("/v1/completions", {"prompt": long}),
+                            ("/v1/completions", {"prompt": "hi"}),
+                            ("/v1/chat/completions",
+                             {"messages": [{"role": "user", "content": "hi"}]}),
+                            ("/v1/responses", {"input": "hi"})):
+            r = s.http.post(route, json={"model": MODEL, **body,
+                                         "truncate_prompt_tokens": limit + 1})
+            assert r.status_code == 400, (route, r.text)
+            err = r.json()["error"]
+            assert err["param"] == "truncate_prompt_tokens" and str(limit) in err["message"]
+            r = s.http.post(route, json={"model": MODEL, **body, "max_tokens": 1,
+                                         "truncate_prompt_tokens": limit - 1}
+                            if route != "/v1/responses" else
+                            {"model": MODEL, **body, "max_output_tokens": 1,
+                             "truncate_prompt_tokens": limit - 1})
+            assert r.status_code == 200, (route, r.text)
+    finally:
+        s.stop()
