@@ -171,3 +171,20 @@ def test_concurrency_limit_is_vllms_and_changes_no_result(llm):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(BrazeError, match="concurrency_limit"):
             llm.beam_search(prompts, params, concurrency_limit=bad)
+
+
+def test_a_prompts_cache_salt_keys_its_beams_blocks(store):
+    """A prompt given as {"prompt_token_ids": ..., "cache_salt": ...} (as generate takes
+    it): its beams share prefix-cache blocks only with requests of that salt."""
+    import braze
+    from braze.runtime import SamplingParams
+    prompt = list(range(3, 40))                 # two full blocks of 16
+    params = BeamSearchParams(beam_width=2, max_tokens=1, ignore_eos=True)
+    with braze.LLM(store.artifact("llama"), backend="reference", num_kv_blocks=64) as llm:
+        llm.generate([prompt], SamplingParams(max_tokens=1))       # cached without a salt
+        hits = llm.stats()["prefix_cache_hit_tokens"]
+        salted = llm.beam_search([{"prompt_token_ids": prompt, "cache_salt": "t"}], params)
+        assert llm.stats()["prefix_cache_hit_tokens"] == hits     # another tenant's blocks
+        plain = llm.beam_search([prompt], params)
+        assert llm.stats()["prefix_cache_hit_tokens"] > hits
+    assert [s.token_ids for s in salted[0].sequences] == [s.token_ids for s in plain[0].sequences]
