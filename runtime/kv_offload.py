@@ -701,7 +701,7 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
     if not options.enable_prefix_caching:
         raise BrazeError("KV offload keeps the blocks of the prefix cache: it needs prefix "
                          "caching on (drop --no-enable-prefix-caching / --no-prefix-caching, "
-                         "or enable_prefix_caching=False)")
+                         "or the engine option enable_prefix_caching=False)")
     if options.kv_offload_dir and options.kv_offload_s3:
         raise BrazeError("choose one lower KV tier: --kv-offload-dir or --kv-offload-s3, "
                          "not both")

@@ -19,8 +19,7 @@ import numbers
 from braze.ir.errors import BrazeError
 
 from .engine import Engine
-from .beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams, advance_all,
-                          step_prompts)
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, advance_all
 from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
@@ -195,30 +194,34 @@ class LLM:
     def beam_search(self, prompts, params: BeamSearchParams, lora_request=None,
                     use_tqdm=False, concurrency_limit: int | None = None
                     ) -> list[BeamSearchOutput]:
-        """vLLM's beam search: for each prompt (as `generate` takes them, "cache_salt"
-        included) its `beam_width` best sequences, best first (runtime/beam_search.py).
-        Each step runs every live beam of every prompt as a one-token request, in one
-        batch; `concurrency_limit` (vLLM's): at most that many prompts at a time, in
-        order (None: all). `use_tqdm` as in `generate`."""
+        """vLLM's beam search: for each prompt (as `generate` takes them) its `beam_width`
+        best sequences, best first (runtime/beam_search.py). Each step runs every live
+        beam of every prompt as a one-token request, in one batch; `concurrency_limit`
+        (vLLM's): at most that many prompts at a time, in order (None: all).
+        `lora_request` and a prompt's "cache_salt" as in `generate` (one adapter for all
+        prompts or one per prompt); `use_tqdm` as there too."""
         params.validate()
         v = concurrency_limit
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise BrazeError(f"concurrency_limit must be null (all prompts at once) or an "
                              f"integer >= 1, got {v!r}", param="concurrency_limit")
+        plist = _prompt_list(prompts)
+        # each prompt's adapter and cache_salt go with every one of its beams' requests
+        loras = _per_prompt(lora_request, len(plist), "lora_requests")
+        salts = _cache_salts(prompts)
         searches = [BeamSearch(self.engine.encode(p), params, self.engine.eos_token_ids,
-                               self.engine.max_model_len) for p in _prompt_list(prompts)]
-        salts = _cache_salts(prompts)       # each step's prompts keep their prompt's salt
+                               self.engine.max_model_len) for p in plist]
         step = params.step_params()
         size = concurrency_limit or max(1, len(searches))
         for start in range(0, len(searches), size):
-            batch = searches[start:start + size]
-            while not all(s.done for s in batch):
-                live = [salt for s, salt in zip(batch, salts[start:start + size])
-                        if not s.done for _ in s.beams]
-                steps = [t if salt is None else {"prompt_token_ids": t, "cache_salt": salt}
-                         for t, salt in zip(step_prompts(batch), live)]
-                outs = self.generate(steps, step, lora_request=lora_request)
-                advance_all(batch, [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs])
+            batch = range(start, min(start + size, len(searches)))
+            while not all(searches[i].done for i in batch):
+                beams = [(i, ids) for i in batch if not searches[i].done
+                         for ids in searches[i].pending()]      # step_prompts' order
+                outs = self.generate([_tokens_prompt(ids, salts[i]) for i, ids in beams], step,
+                                     lora_request=[loras[i] for i, _ in beams])
+                advance_all([searches[i] for i in batch],
+                            [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs])
         results = [s.result() for s in searches]
         if self.tokenizer is not None:
             for r in results:
@@ -280,6 +283,12 @@ def _cache_salts(prompts) -> list:
     if not isinstance(prompts, (list, tuple)):
         return []
     return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+
+
+def _tokens_prompt(ids: list[int], salt) -> dict:
+    """vLLM's TokensPrompt of `ids`, with its cache_salt where it has one."""
+    return {"prompt_token_ids": ids} if salt is None else {"prompt_token_ids": ids,
+                                                           "cache_salt": salt}
 
 
 def _listed(p):

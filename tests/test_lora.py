@@ -18,7 +18,7 @@ from braze.runtime.lora import LoRAError, LoRARequest
 from braze.runtime.sampler import SamplingParams
 
 from conftest import prompts_of
-from lora_helpers import make_adapter, peft_greedy, write_adapter
+from lora_helpers import make_adapter, peft_greedy, peft_model, write_adapter
 
 PROMPT = [1, 17, 93, 4, 250, 66, 7, 31, 128, 9]
 LORA = dict(lora_slots=2, max_lora_rank=8)
@@ -428,3 +428,28 @@ def test_llm_takes_vllms_lora_options_as_checks(store, adapters, expected):
         LLM(art, backend="reference", num_kv_blocks=8, max_loras=3)
     with pytest.raises(BrazeError, match="enable_lora=True.*--lora-slots"):
         LLM(store.artifact("llama"), backend="reference", num_kv_blocks=8, enable_lora=True)
+
+
+def test_beam_search_takes_one_adapter_per_prompt(store, adapters):
+    """vLLM's LLM.beam_search(prompts, params, lora_request=[...]): one adapter (or None)
+    per prompt, each prompt's beams scored with its own, as peft's beam search has them."""
+    from braze.runtime.beam_search import BeamSearchParams
+    ck = store.checkpoint("llama")
+    llm = LLM(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=64)
+    prompts, names, width, steps = [PROMPT, PROMPT[:6], PROMPT[2:]], ["a", None, "b"], 2, 4
+    got = llm.beam_search(prompts, BeamSearchParams(beam_width=width, max_tokens=steps,
+                                                    ignore_eos=True),
+                          lora_request=[req(n, adapters) for n in names])
+    for prompt, name, out in zip(prompts, names, got):
+        model = peft_model(ck, None if name is None else adapters[name])
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), num_beams=width,
+                                  num_return_sequences=width, do_sample=False,
+                                  max_new_tokens=steps, early_stopping=False,
+                                  eos_token_id=None, pad_token_id=0)
+        assert [s.token_ids for s in out.sequences] == [w[len(prompt):].tolist() for w in want]
+    with pytest.raises(BrazeError, match="2 lora_requests for 3 prompts"):
+        llm.beam_search(prompts, BeamSearchParams(beam_width=width, max_tokens=1),
+                        lora_request=[None, None])
+    assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
