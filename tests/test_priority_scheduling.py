@@ -24,14 +24,19 @@ def art(store):
     return store.artifact("llama")
 
 
-@pytest.fixture(scope="module")
-def alone(art):
-    eng = Engine(art, backend="reference", num_kv_blocks=64)
+def _each_alone(art, prompts, params) -> list:
+    """The reference: each prompt's tokens run alone on a roomy engine."""
     out = []
-    for i, p in enumerate(PROMPTS):
-        eng.add_request(f"a{i}", p, GREEDY)
+    for i, p in enumerate(prompts):
+        eng = Engine(art, backend="reference", num_kv_blocks=64)
+        eng.add_request(f"a{i}", p, params)
         out.append(eng.run_to_completion([f"a{i}"])[f"a{i}"].token_ids)
     return out
+
+
+@pytest.fixture(scope="module")
+def alone(art):
+    return _each_alone(art, PROMPTS, GREEDY)
 
 
 def _start_order(eng, priorities) -> tuple[list[int], list]:
@@ -72,11 +77,7 @@ def test_preemption_takes_the_lowest_priority_request(art):
     priority policy the one of lower priority, even though it was admitted first."""
     long = SamplingParams(max_tokens=40, ignore_eos=True)
     prompts = prompts_of([14, 14], seed=12)
-    want = []
-    for p in prompts:
-        e = Engine(art, backend="reference", num_kv_blocks=64)
-        e.add_request("w", p, long)
-        want.append(e.run_to_completion(["w"])["w"].token_ids)
+    want = _each_alone(art, prompts, long)
     for policy, priorities, victim in (("fcfs", (0, 0), "hi"), ("priority", (5, 0), "lo")):
         eng = Engine(art, backend="reference", num_kv_blocks=6, scheduling_policy=policy)
         eng.add_request("lo", prompts[0], long, priority=priorities[0])
@@ -120,11 +121,7 @@ def test_a_victim_scheduled_earlier_in_the_step_gives_its_chunk_back(art):
     boundary first with no block free; outputs equal each prompt run alone."""
     short = SamplingParams(max_tokens=20, ignore_eos=True)
     prompts = prompts_of([20, 14], seed=13)
-    want = []
-    for p in prompts:
-        e = Engine(art, backend="reference", num_kv_blocks=64)
-        e.add_request("w", p, short)
-        want.append(e.run_to_completion(["w"])["w"].token_ids)
+    want = _each_alone(art, prompts, short)
     eng = Engine(art, backend="reference", num_kv_blocks=3, scheduling_policy="priority")
     eng.add_request("lo", prompts[0], short, priority=5)
     eng.step()                          # "lo" runs first: two blocks of the three
