@@ -148,7 +148,10 @@ class Prompts:
                               "/v1/completions with token ids", "messages")
         check_messages(body.messages, self.svc.text_only_origin)
         # the server's defaults (--default-chat-template-kwargs) under the request's own
-        kwargs = {**self.svc.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
+        effort = getattr(body, "reasoning_effort", None)     # OpenAI's, as vLLM passes it
+        kwargs = {**self.svc.default_chat_template_kwargs,
+                  **({} if effort is None else {"reasoning_effort": effort}),
+                  **(body.chat_template_kwargs or {})}
         text = template.render(body.messages, body.add_generation_prompt, kwargs, tools=tools,
                                continue_final=getattr(body, "continue_final_message", False),
                                documents=getattr(body, "documents", None))

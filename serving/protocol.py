@@ -13,7 +13,7 @@ app turns into an OpenAI-shaped JSON error: {"error": {"message", "type", "param
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -201,6 +201,8 @@ class ChatCompletionRequest(_GenerationRequest):
     # vLLM's: with --reasoning-parser, whether the reply's reasoning is returned (the
     # content is the answer either way)
     include_reasoning: bool = True
+    # OpenAI's (vLLM passes it to the chat template, as gpt-oss's and others' read it)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
 
 

@@ -78,7 +78,6 @@ _NOT_SUPPORTED: dict[str, tuple] = {
     "prompt": (None,),
     "tools": (None, []),
     "tool_choice": (None, "auto", "none"),
-    "reasoning": (None, {}),
     "background": (None, False),
     "include": (None, []),
     "truncation": (None, "disabled"),
@@ -177,6 +176,9 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
             raise bad_request("give text.format or response_format, not both (text.format "
                               "is the Responses API's)", "text")
         extra["response_format"] = fmt
+    effort = _effort(extra.pop("reasoning", None))
+    if effort is not None:
+        extra["reasoning_effort"] = effort
     fields = {**extra, "model": body.model, "messages": messages,
               "max_tokens": body.max_output_tokens, "temperature": body.temperature,
               "top_p": body.top_p, "stream": body.stream, "user": body.user}
@@ -185,6 +187,21 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
     except ValidationError as e:
         message, param = validation_message(list(e.errors()))
         raise bad_request(message, param) from None
+
+
+def _effort(reasoning: Any) -> str | None:
+    """`reasoning` ({"effort": ...}): the effort, which goes to the chat template as chat's
+    reasoning_effort does (vLLM's); a summary braze cannot write is a 400 naming it."""
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict):
+        raise bad_request("reasoning must be an object: {\"effort\": ...}", "reasoning")
+    for key in sorted(set(reasoning) - {"effort"}):
+        if reasoning[key] is not None:
+            raise bad_request(f"reasoning.{key} is not supported by this server's "
+                              f"/v1/responses (it writes no reasoning summaries); leave it "
+                              f"out", "reasoning")
+    return reasoning.get("effort")
 
 
 def _messages(items: list, text_only_origin: str | None = None) -> list[dict]:
@@ -321,7 +338,8 @@ class _Reply:
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "model": self.model, "output": self.output(text, status) if done else [],
-            "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
+            "parallel_tool_calls": True, "previous_response_id": None,
+            "reasoning": self.reasoning_param(),
             "store": False, "temperature": self.params.temperature,
             "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
             "tool_choice": "none", "tools": [],
@@ -329,6 +347,11 @@ class _Reply:
             "usage": self.usage(out) if done else None, "user": b.user,
             "metadata": b.metadata or {},
         }
+
+    def reasoning_param(self) -> dict | None:
+        """The request's `reasoning`, as OpenAI echoes it."""
+        effort = _effort((self.body.model_extra or {}).get("reasoning"))
+        return None if effort is None else {"effort": effort, "summary": None}
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning, answer) of the reply's text; no reasoning without a parser."""
