@@ -62,14 +62,13 @@ class Engine(EngineLoRA):
         self.sampling_defaults = sampling_defaults(self.artifact.tokenizer_dir,
                                                    opts.generation_config,
                                                    opts.override_generation_config)
+        tok_dir = self.artifact.tokenizer_dir
+        has_tok = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
+        self.tokenizer = Tokenizer(tok_dir) if has_tok else None
         # a reasoning parser's markers (runtime/reasoning.py), checked against the
         # tokenizer before the weights load
-        self.reasoning = None
-        if opts.reasoning_parser is not None:
-            tok_dir = self.artifact.tokenizer_dir
-            tok = Tokenizer(tok_dir) if tok_dir is not None and (
-                tok_dir / "tokenizer.json").exists() else None
-            self.reasoning = ReasoningMarkers.resolve(opts.reasoning_parser, tok)
+        self.reasoning = None if opts.reasoning_parser is None else \
+            ReasoningMarkers.resolve(opts.reasoning_parser, self.tokenizer)
         had_group = parallel.current_group() is not None
         try:
             self._build(opts, progress)
@@ -95,9 +94,6 @@ class Engine(EngineLoRA):
             self.block_manager.registrations = []
             self.scheduler.kv_loader = self.offload
         self._init_lora(opts.max_cpu_loras)
-        tok_dir = self.artifact.tokenizer_dir
-        has_tok = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
-        self.tokenizer = Tokenizer(tok_dir) if has_tok else None
         self.eos_token_ids = list(self.artifact.model.get("eos_token_ids") or [])
         self.vocab_size = self.artifact.model.get("vocab_size")
         self.max_model_len = r.max_len

@@ -34,7 +34,7 @@ Magistral's) would vanish from decoded text, so requests of a reasoning server k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from braze.ir.errors import BrazeError
 
@@ -57,7 +57,7 @@ class ReasoningFormat:
 THINK = ReasoningFormat("<think>", "</think>")
 # vLLM's parser names, for the families braze compiles (and their reasoning variants)
 FORMATS = {
-    "qwen3": ReasoningFormat("<think>", "</think>", calls="<tool_call>"),
+    "qwen3": replace(THINK, calls="<tool_call>"),
     "deepseek_r1": THINK,          # DeepSeek-R1 and its distills, QwQ, Phi-4-mini-reasoning
     "deepseek_v3": THINK,          # DeepSeek-V3.1: thinking=True in chat_template_kwargs
     "gemma4": ReasoningFormat("<|channel>", "<channel|>", "thought\n", "<|tool_call>"),
@@ -118,9 +118,18 @@ class ReasoningMarkers:
 
     def _blank(self, ids) -> bool:
         """Whether `ids` are whitespace alone (special tokens, a turn's end, are not)."""
-        if self.decode is None:
+        if self.decode is None or not ids:
             return not ids
-        return all(not self.decode([t], skip_special_tokens=False).strip() for t in ids)
+        return not self.decode(list(ids), skip_special_tokens=False).strip()
+
+    def reply(self, prompt_ids) -> Reply:
+        """A reply to `prompt_ids`, as this parser splits it."""
+        return Reply(self, self.prompt_state(prompt_ids))
+
+    def skip_special_tokens(self, asked: bool) -> bool:
+        """A request's skip_special_tokens as this parser runs it: markers that are
+        special tokens stay in the text."""
+        return asked and not self.needs_special_tokens
 
     def reasoning_tokens(self, output_ids, state: str) -> int:
         """How many of a reply's tokens are reasoning (the markers not counted): what
@@ -185,6 +194,23 @@ def _end(text: str, fmt: ReasoningFormat, pos: int) -> tuple[int, int]:
     if call >= 0 and (end < 0 or call < end):
         return call, call
     return found
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Where one reply starts (`state`), with its parser's markers: what splits its text
+    and counts its reasoning tokens."""
+    markers: ReasoningMarkers
+    state: str
+
+    def split(self, text: str, final: bool = True) -> tuple[str | None, str | None]:
+        return split_reply(text, self.markers.format, self.state, final)
+
+    def splitter(self) -> ReplySplitter:
+        return ReplySplitter(self.markers.format, self.state)
+
+    def reasoning_tokens(self, output_ids) -> int:
+        return self.markers.reasoning_tokens(output_ids, self.state)
 
 
 class ReplySplitter:

@@ -22,7 +22,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from braze import __version__
 from braze.ir.errors import BrazeError
-from braze.runtime.reasoning import ReplySplitter, split_reply
 from braze.runtime.sampler import SamplingParams
 
 from . import beam
@@ -339,9 +338,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
             kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
         reasoning = None
         if svc.reasoning is not None:   # where the reply starts: the template's prompt says
-            reasoning = (svc.reasoning.format, svc.reasoning.prompt_state(ids))
-            if svc.reasoning.needs_special_tokens:        # markers that are special tokens
-                kw["skip_special_tokens"] = False
+            reasoning = svc.reasoning.reply(ids)
+            kw["skip_special_tokens"] = svc.reasoning.skip_special_tokens(kw["skip_special_tokens"])
         params = SamplingParams(**kw, structured_outputs=constraint)
         return await _generate(svc, request, body, [(None, ids)], params, chat=True,
                                tool_plan=tool_plan, reasoning=reasoning)
@@ -379,8 +377,8 @@ async def _generate(svc: Service, request: Request, body, prompts: list, params:
                     chat: bool, tool_plan=None, reasoning=None):
     """Run `prompts` ([(text or None, token ids)]) with `params`: one engine request per
     prompt and sample (n, best_of), rendered as one response or one SSE stream.
-    `reasoning`: (ReasoningFormat, the state the reply starts in) to split chat replies
-    into reasoning and content (runtime/reasoning.py)."""
+    `reasoning`: the runtime/reasoning.Reply that splits chat replies into reasoning and
+    content."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     job = _Job(svc, rid, request.scope.get("braze.request_id", rid), chat, int(time.time()),
                body, params, tool_plan, reasoning)
@@ -415,7 +413,7 @@ class _Job:
     def __init__(self, svc: Service, rid: str, client_rid: str, chat: bool, created: int,
                  body, params: SamplingParams, tool_plan=None, reasoning=None):
         self.svc, self.rid, self.client_rid = svc, rid, client_rid
-        self.reasoning = reasoning if chat else None     # (format, start state)
+        self.reasoning = reasoning if chat else None     # runtime/reasoning.Reply
         self.show_reasoning = getattr(body, "include_reasoning", True)
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
         self.tools = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
@@ -539,7 +537,7 @@ class _Job:
         if self.reasoning is None:
             return "", "", c.text
         if c.splitter is None:
-            c.splitter = ReplySplitter(*self.reasoning)
+            c.splitter = self.reasoning.splitter()
         think, said = c.splitter.feed(c.text, final)
         return think, said, c.splitter.content or ""
 
@@ -760,7 +758,7 @@ class _Job:
                 ids = [] if self.token_ids else None
             think = None
             if self.chat and self.reasoning is not None:
-                think, text = split_reply(text, *self.reasoning)
+                think, text = self.reasoning.split(text)
             if self.chat and self.tools is not None:
                 content, calls = self.tools.message(text or "")
                 if text is None:        # cut off while still reasoning: no answer (null)

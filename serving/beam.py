@@ -20,7 +20,6 @@ import uuid
 
 from braze.ir.errors import BrazeError
 from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all, step_prompts
-from braze.runtime.reasoning import split_reply
 
 from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
@@ -93,8 +92,8 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
     tok = svc.tokenizer
     skip_special = getattr(body, "skip_special_tokens", True)
     markers = svc.reasoning if chat else None       # --reasoning-parser: split each beam
-    if markers is not None and markers.needs_special_tokens:
-        skip_special = False
+    if markers is not None:
+        skip_special = markers.skip_special_tokens(skip_special)
     with_ids = bool(getattr(body, "return_token_ids", False))
     choices, n_out = [], 0
     for pi, s in enumerate(searches):
@@ -105,7 +104,7 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
             n_out += len(seq.token_ids)
             ids = list(seq.token_ids) if with_ids else None
             if markers is not None:
-                think, text = split_reply(text, markers.format, markers.prompt_state(s.prompt))
+                think, text = markers.reply(s.prompt).split(text)
             choices.append(R.chat_choice(index, text, seq.finish_reason, token_ids=ids) if chat
                            else R.completion_choice(index, text, seq.finish_reason,
                                                     prompt_token_ids=s.prompt if with_ids

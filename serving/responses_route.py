@@ -35,7 +35,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from braze.runtime.chat_template import not_text_part
-from braze.runtime.reasoning import ReplySplitter, split_reply
 from braze.runtime.sampler import SamplingParams
 
 from .async_engine import Aborted, Rejected, Unavailable
@@ -292,9 +291,8 @@ def install(app: FastAPI, svc, while_connected) -> None:
         kw = sampling_kwargs(chat, max_tokens, svc.sampling_defaults)
         reasoning = None
         if svc.reasoning is not None:   # a reasoning item before the message (vLLM's)
-            reasoning = (svc.reasoning, svc.reasoning.prompt_state(ids))
-            if svc.reasoning.needs_special_tokens:
-                kw["skip_special_tokens"] = False
+            reasoning = svc.reasoning.reply(ids)
+            kw["skip_special_tokens"] = svc.reasoning.skip_special_tokens(kw["skip_special_tokens"])
         params = SamplingParams(**kw, structured_outputs=constraint)
         reply = _Reply(svc, body, len(ids), params, reasoning)
         svc.admit()
@@ -317,7 +315,7 @@ class _Reply:
     def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int,
                  params: SamplingParams, reasoning=None):
         self.body, self.params = body, params
-        # (ReasoningMarkers, the state the reply starts in) with --reasoning-parser
+        # with --reasoning-parser, the runtime/reasoning.Reply that splits the text
         self.reasoning = reasoning
         self.id = "resp_" + uuid.uuid4().hex
         self.item_id = "msg_" + uuid.uuid4().hex
@@ -355,10 +353,7 @@ class _Reply:
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning, answer) of the reply's text; no reasoning without a parser."""
-        if self.reasoning is None:
-            return None, text
-        markers, state = self.reasoning
-        return split_reply(text, markers.format, state)
+        return (None, text) if self.reasoning is None else self.reasoning.split(text)
 
     def output(self, text: str, status: str) -> list[dict]:
         """The output items: a reasoning item when the reply reasoned, then the message
@@ -390,10 +385,7 @@ class _Reply:
                 "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens(out)}}
 
     def reasoning_tokens(self, out) -> int:
-        if self.reasoning is None:
-            return 0
-        markers, state = self.reasoning
-        return markers.reasoning_tokens(out.token_ids, state)
+        return 0 if self.reasoning is None else self.reasoning.reasoning_tokens(out.token_ids)
 
     @staticmethod
     def status(out) -> str:
@@ -431,8 +423,7 @@ class _Reply:
             if self.reasoning is None:      # the message from the start
                 for e in items.open_message():
                     yield e
-            splitter = None if self.reasoning is None else ReplySplitter(
-                self.reasoning[0].format, self.reasoning[1])
+            splitter = None if self.reasoning is None else self.reasoning.splitter()
             text, out = [], None
             async for out in stream:
                 if not out.new_text:
