@@ -266,20 +266,22 @@ PROMPT_FORMS = ("a prompt is a string, a list of token ids, {\"prompt\": text} o
 
 def _prompt_list(prompts) -> list:
     """One prompt or a list of them, as a list of strings and lists of token ids."""
-    prompts = _listed(prompts)
-    if isinstance(prompts, (str, dict)) or _is_ids(prompts):
-        prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)):
+    prompts = _as_list(prompts)
+    if not isinstance(prompts, (list, tuple)):
         raise BrazeError(f"{PROMPT_FORMS}, or a list of those; got {type(prompts).__name__}",
                          param="prompt")
     return [_one_prompt(p) for p in prompts]
 
 
+def _as_list(prompts):
+    """One prompt (a string, ids, a dict) as a list of one; a list as it is."""
+    prompts = _listed(prompts)
+    return [prompts] if isinstance(prompts, (str, dict)) or _is_ids(prompts) else prompts
+
+
 def _cache_salts(prompts) -> list:
     """Each prompt's "cache_salt" (vLLM's TextPrompt / TokensPrompt key), None without."""
-    prompts = _listed(prompts)
-    if isinstance(prompts, (str, dict)) or _is_ids(prompts):
-        prompts = [prompts]
+    prompts = _as_list(prompts)
     if not isinstance(prompts, (list, tuple)):
         return []
     return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
