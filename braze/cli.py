@@ -346,7 +346,9 @@ def _server_options(a):
         allow_runtime_lora_updating=a.allow_runtime_lora_updating, enable_lora=a.enable_lora,
         max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
         enable_prompt_tokens_details=a.enable_prompt_tokens_details,
-        default_chat_template_kwargs=a.default_chat_template_kwargs)
+        default_chat_template_kwargs=a.default_chat_template_kwargs,
+        enable_responses_store=a.enable_responses_store,
+        responses_store_size=a.responses_store_size)
 
 
 def _take_artifact(a) -> None:
@@ -573,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        description="Serve ARTIFACT over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /server_info, /health, "
+                       "/v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /server_info, /health, "
                        "/ping, /load, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
     # optional to argparse only: `--served-model-name NAME... ARTIFACT` takes it (_take_artifact)
@@ -627,6 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat template keywords every chat request gets, under its own "
                    "chat_template_kwargs (vLLM's flag), e.g. '{\"enable_thinking\": false}' "
                    "to serve a Qwen3 without reasoning unless a request asks for it")
+    s.add_argument("--enable-responses-store", action="store_true",
+                   help="keep /v1/responses by id, in memory: previous_response_id goes on "
+                   "with a stored conversation, background: true runs a reply to poll, GET and "
+                   "DELETE /v1/responses/{id} answer (vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1 "
+                   "turns it on too). Default: off, and a request's store: true keeps nothing, "
+                   "as in vLLM")
+    s.add_argument("--responses-store-size", type=_positive_int, default=1000, metavar="N",
+                   help="with --enable-responses-store, the most responses kept; the oldest "
+                   "finished one is forgotten first (default 1000)")
     s.add_argument("--reasoning-parser", metavar="NAME",
                    help="split chat replies of a reasoning model into `reasoning` and "
                    "`content` (as vLLM's flag does), and hold response_format / tool_choice "

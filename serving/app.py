@@ -88,6 +88,8 @@ class Service:
     default_chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     lora_parents: dict = dataclasses.field(default_factory=dict)  # adapter -> --lora-modules base_model_name
     model_aliases: tuple = ()             # --served-model-name's names after the first
+    # --enable-responses-store: /v1/responses kept by id (serving/responses_store.py)
+    responses_store: object | None = None
 
     @property
     def served_names(self) -> tuple:

@@ -53,9 +53,14 @@ class ServerOptions:
     # vLLM's: chat template keywords every chat request gets (e.g. {"enable_thinking":
     # false}), under the request's own chat_template_kwargs; a dict or its JSON text
     default_chat_template_kwargs: dict | None = None
+    # /v1/responses kept by id (previous_response_id, background, GET/DELETE), the last
+    # responses_store_size of them; vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1 turns it on too
+    enable_responses_store: bool = False
+    responses_store_size: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "limit_concurrency", "max_request_body_bytes"):
+        for name in ("max_queue", "limit_concurrency", "max_request_body_bytes",
+                     "responses_store_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BrazeError(f"{name} must be a positive integer, got {v!r}")

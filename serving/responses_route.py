@@ -18,14 +18,18 @@ json_schema or json_object constrains the text as the chat's `response_format` d
 (serving/structured.py). `usage.input_tokens_details.cached_tokens` counts the prompt
 tokens the prefix cache served. With --reasoning-parser (runtime/reasoning.py) a reply that
 reasons gets a `reasoning` output item before its message, as vLLM's does, and
-`reasoning_tokens` counts it. Fields that would need state or tools braze does not keep
-(previous_response_id, tools, ...) are a 400 naming them, never ignored.
+`reasoning_tokens` counts it. With --enable-responses-store, responses are kept
+(serving/responses_store.py): `previous_response_id` goes on with a stored conversation,
+`background` runs a reply while the client polls, and GET / DELETE /v1/responses/{id},
+/input_items and /cancel answer. Fields that would need what braze does not have (tools,
+...) are a 400 naming them, never ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -39,6 +43,7 @@ from braze.runtime.sampler import SamplingParams
 
 from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for, response_model
+from . import responses_store as stored
 from .protocol import (
     ROLES,
     APIError,
@@ -53,6 +58,8 @@ from .protocol import (
 )
 from .structured import request_constraint
 
+log = logging.getLogger("braze.serving")
+
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -66,18 +73,18 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     user: str | None = None
     text: Any = None
+    store: bool | None = None               # OpenAI's default: true (kept if the server keeps any)
+    background: bool | None = None
+    previous_response_id: str | None = None
 
 
-
-# Responses fields that need what braze does not have (stored responses, tools, other
+# Responses fields that need what braze does not have (conversations objects, tools, other
 # output formats), with their neutral values: anything else is a 400 naming the field
 _NOT_SUPPORTED: dict[str, tuple] = {
-    "previous_response_id": (None,),
     "conversation": (None,),
     "prompt": (None,),
     "tools": (None, []),
     "tool_choice": (None, "auto", "none"),
-    "background": (None, False),
     "include": (None, []),
     "truncation": (None, "disabled"),
     "top_logprobs": (None, 0),
@@ -94,8 +101,8 @@ _NOT_SUPPORTED: dict[str, tuple] = {
 # (dropped, `max_tokens: 3` ran the reply to the end of the context)
 _CHAT_SPELLINGS = {"messages": "input", "max_tokens": "max_output_tokens",
                    "max_completion_tokens": "max_output_tokens"}
-# Responses fields with nothing to do here (nothing is stored, there are no tools)
-_NOT_PASSED = ("stream_options", "store", "parallel_tool_calls", "service_tier",
+# Responses fields with nothing to do here (there are no tools)
+_NOT_PASSED = ("stream_options", "parallel_tool_calls", "service_tier",
                "prompt_cache_key", "safety_identifier", "max_tool_calls")
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -146,10 +153,11 @@ def constraint_of(body: ResponsesRequest, chat: ChatCompletionRequest):
     return constraint, "text" if from_text and field == "response_format" else field
 
 
-def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
-            ) -> ChatCompletionRequest:
+def chat_of(body: ResponsesRequest, text_only_origin: str | None = None,
+            history: list | None = None) -> ChatCompletionRequest:
     """The chat completion request that `body` asks for; 400 naming what it cannot be.
-    `text_only_origin`: the multimodal architecture a text-only artifact came from."""
+    `text_only_origin`: the multimodal architecture a text-only artifact came from;
+    `history`: the stored items that previous_response_id continues, before the input."""
     found = first_set(body, _NOT_SUPPORTED)
     if found is not None:
         name, v = found
@@ -161,6 +169,7 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None
                               f"{ours} instead", name)
     messages = [{"role": "system", "content": body.instructions}] \
         if body.instructions is not None else []
+    messages += _messages(history or [], text_only_origin)
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
@@ -269,11 +278,24 @@ def _message(item: Any, i: int, text_only_origin: str | None = None) -> dict:
 def install(app: FastAPI, svc, while_connected) -> None:
     """`while_connected(request, coroutine)`: app._while_connected (a non-streamed request
     is cancelled when its client goes away)."""
+    store = getattr(svc, "responses_store", None)       # serving/responses_store.py
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         svc.check_model(body.model)
-        chat = chat_of(body, svc.text_only_origin)
+        keep = store is not None and body.store is not False
+        if body.background:
+            if not keep:
+                raise bad_request("background needs the response stored, to be fetched "
+                                  "later: " + ("leave store true" if store is not None else
+                                               "start the server with "
+                                               "--enable-responses-store"), "background")
+            if body.stream:
+                raise bad_request("background with stream is not supported by this "
+                                  "server: poll GET /v1/responses/{id} instead", "stream")
+        history = [] if body.previous_response_id is None else \
+            stored.previous(store, body.previous_response_id)
+        chat = chat_of(body, svc.text_only_origin, history)
         max_tokens = chat_max_tokens(chat)
         try:
             ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True,
@@ -294,11 +316,18 @@ def install(app: FastAPI, svc, while_connected) -> None:
             reasoning = svc.reasoning.reply(ids)
             kw["skip_special_tokens"] = svc.reasoning.skip_special_tokens(kw["skip_special_tokens"])
         params = SamplingParams(**kw, structured_outputs=constraint)
-        reply = _Reply(svc, body, len(ids), params, reasoning)
+        reply = _Reply(svc, body, len(ids), params, reasoning, stored=keep)
+        items = stored.input_items(body.input)
         svc.admit()
         stream = await svc.submit(reply.id, ids, params, prompt_param="input",
                                   lora=lora_for(svc, body.model), bounded=False,
                                   cache_salt=chat.cache_salt, priority=chat.priority)
+        if keep:
+            def kept(response: dict) -> None:
+                store.put(reply.id, stored.Stored(response, history + items, items))
+            reply.on_done = kept
+        if body.background:
+            return JSONResponse(_background(store, reply, stream, history + items, items))
         if body.stream:
             return StreamingResponse(reply.events(stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -308,13 +337,75 @@ def install(app: FastAPI, svc, while_connected) -> None:
             stream.abort("the client disconnected")
         return JSONResponse(whole)
 
+    def _kept(rid: str) -> stored.Stored:
+        if store is None:
+            raise stored.not_found(rid, None)
+        return store.get(rid)
+
+    @app.get("/v1/responses/{rid}")
+    async def retrieve(rid: str, stream: bool = False):
+        s = _kept(rid)
+        if stream:
+            raise bad_request("stream=true (replaying a response's events) is not supported "
+                              "by this server: GET it without stream", "stream")
+        return JSONResponse(s.response)
+
+    @app.get("/v1/responses/{rid}/input_items")
+    async def input_items(rid: str, limit: int = 20, order: str = "desc",
+                          after: str | None = None):
+        return JSONResponse(stored.page(_kept(rid).input_items, limit, order, after))
+
+    @app.post("/v1/responses/{rid}/cancel")
+    async def cancel(rid: str):
+        s = _kept(rid)
+        if not s.response.get("background"):
+            raise bad_request(f"{rid} is not a background response; only those can be "
+                              "cancelled (a foreground one ends when its client "
+                              "disconnects)", None)
+        await s.cancel()
+        return JSONResponse(s.response)
+
+    @app.delete("/v1/responses/{rid}")
+    async def delete(rid: str):
+        _kept(rid)
+        await store.delete(rid).cancel()
+        return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
+
+
+def _background(store, reply: "_Reply", stream, context: list, items: list) -> dict:
+    """Keep `reply` as a background response, "queued", and run it: the stored object
+    follows it to its end (completed, incomplete, failed or cancelled)."""
+    reply.on_done = None
+    s = stored.Stored(reply.response("queued"), context, items, abort=stream.abort)
+
+    async def run() -> None:
+        s.response = reply.response("in_progress")
+        try:
+            s.response = await reply.whole(stream)
+        except asyncio.CancelledError:
+            stream.abort("the response was cancelled")
+            s.response = reply.response("cancelled")
+        except APIError as e:
+            s.response = reply.response("failed", error={"code": e.code or "server_error",
+                                                         "message": e.message})
+        except Exception as e:         # never lost silently: the stored object says so
+            log.exception("background response %s failed", reply.id)
+            s.response = reply.response("failed", error={"code": "server_error",
+                                                         "message": str(e)})
+
+    s.task = asyncio.get_running_loop().create_task(run())
+    store.put(reply.id, s)
+    return s.response
+
 
 class _Reply:
     """One response: its object as it stands, and its stream of events."""
 
     def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int,
-                 params: SamplingParams, reasoning=None):
+                 params: SamplingParams, reasoning=None, stored: bool = False):
         self.body, self.params = body, params
+        self.stored = stored            # kept in the server's responses store
+        self.on_done = None             # called with the final response object
         # with --reasoning-parser, the runtime/reasoning.Reply that splits the text
         self.reasoning = reasoning
         self.id = "resp_" + uuid.uuid4().hex
@@ -325,20 +416,21 @@ class _Reply:
         self.num_prompt_tokens = num_prompt_tokens
         self.seq = 0
 
-    def response(self, status: str, text: str | None = None, out=None) -> dict:
+    def response(self, status: str, text: str | None = None, out=None,
+                 error: dict | None = None) -> dict:
         """The response object; `text` and `out` (the final RequestOutput) once done."""
         done = out is not None
         incomplete = done and out.finish_reason == "length"
         b = self.body
         return {
             "id": self.id, "object": "response", "created_at": self.created,
-            "status": status, "error": None,
+            "status": status, "error": error, "background": bool(b.background),
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "model": self.model, "output": self.output(text, status) if done else [],
-            "parallel_tool_calls": True, "previous_response_id": None,
+            "parallel_tool_calls": True, "previous_response_id": b.previous_response_id,
             "reasoning": self.reasoning_param(),
-            "store": False, "temperature": self.params.temperature,
+            "store": self.stored, "temperature": self.params.temperature,
             "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
             "tool_choice": "none", "tools": [],
             "top_p": self.params.top_p, "truncation": "disabled",
@@ -407,7 +499,12 @@ class _Reply:
             raise APIError(503, f"the request ended with finish_reason "
                            f"{getattr(out, 'finish_reason', None)!r}", "service_unavailable",
                            None, "aborted")
-        return self.response(self.status(out), out.text or "", out)
+        return self.done(self.response(self.status(out), out.text or "", out))
+
+    def done(self, response: dict) -> dict:
+        if self.on_done is not None:
+            self.on_done(response)
+        return response
 
     def event(self, kind: str, **fields) -> bytes:
         d = {"type": kind, "sequence_number": self.seq, **fields}
@@ -446,7 +543,8 @@ class _Reply:
             status = self.status(out)
             for e in items.close(text, status):
                 yield e
-            yield self.event(f"response.{status}", response=self.response(status, text, out))
+            yield self.event(f"response.{status}",
+                             response=self.done(self.response(status, text, out)))
             done = True
         except (Aborted, Unavailable, Rejected) as e:
             kind = "invalid_request_error" if isinstance(e, Rejected) else "server_error"

@@ -53,6 +53,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _responses_store(so: ServerOptions):
+    """The store of /v1/responses (serving/responses_store.py) when --enable-responses-store
+    (or vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1) asks for one, else None."""
+    env = os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "").strip().lower()
+    if not (so.enable_responses_store or env in ("1", "true")):
+        return None
+    from .responses_store import ResponseStore
+    log.info("/v1/responses keeps the last %d responses in memory (previous_response_id, "
+             "background, GET /v1/responses/{id}; --responses-store-size)",
+             so.responses_store_size)
+    return ResponseStore(so.responses_store_size)
+
+
 def _url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -142,7 +155,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
                       reasoning=engine.reasoning,
                       prompt_tokens_details=so.enable_prompt_tokens_details,
                       default_chat_template_kwargs=so.default_chat_template_kwargs or {},
-                      model_aliases=tuple(names[1:]))
+                      model_aliases=tuple(names[1:]),
+                      responses_store=_responses_store(so))
         if engine.reasoning is not None:
             log.info("chat replies are split into reasoning and content at %s ... %s "
                      "(--reasoning-parser %s)", engine.reasoning.format.start,

@@ -403,6 +403,12 @@ MUTATIONS = [
              "req.kv_salt = (\"cache_salt\", cache_salt, req.kv_salt)",
              "req.kv_salt = req.kv_salt",
              ["tests/test_cache_salt.py"], k="within_a_salt"),
+    Mutation("responses-history-dropped",
+             "previous_response_id answers the new input alone, not the stored conversation",
+             "serving/responses_route.py",
+             "messages += _messages(history or [], text_only_origin)",
+             "messages += []",
+             ["tests/test_serve_responses_store.py"], k="previous_response_id_goes_on"),
 ]
 
 

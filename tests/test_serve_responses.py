@@ -205,3 +205,21 @@ def test_a_client_gone_before_the_response_aborts_its_request(server):
     m = server.wait_metrics(lambda m: m[aborted] > before and m["braze_kv_cache_usage"] == 0
                             and m["braze_requests_running"] == 0)
     assert m[aborted] == before + 1 and m["braze_kv_cache_usage"] == 0
+
+
+def test_without_the_store_nothing_is_kept_and_each_route_says_how_to_keep_it(server):
+    """vLLM's default: `store: true` (OpenAI's default) keeps nothing and says so in the
+    object; what needs a stored response names --enable-responses-store."""
+    r = server.client.responses.create(model=MODEL, input="Hi", max_output_tokens=2,
+                                       temperature=0)
+    assert r.store is False
+    for route in (server.http.get(f"/v1/responses/{r.id}"),
+                  server.http.delete(f"/v1/responses/{r.id}"),
+                  server.http.post(f"/v1/responses/{r.id}/cancel")):
+        assert route.status_code == 404, route.text
+        assert "--enable-responses-store" in route.json()["error"]["message"]
+    for body, param in (({"background": True}, "background"),
+                        ({"previous_response_id": r.id}, "previous_response_id")):
+        got = server.http.post("/v1/responses", json={"model": MODEL, "input": "x", **body})
+        assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
+        assert "--enable-responses-store" in got.json()["error"]["message"]
