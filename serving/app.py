@@ -59,6 +59,7 @@ from .protocol import (
 from .lora_routes import lora_for, model_cards, response_model
 from .read_timeouts import BodyTimeout
 from .structured import request_constraint
+from .tools import held_to
 from .tools import plan as tools_plan
 
 log = logging.getLogger("braze.serving")
@@ -314,12 +315,7 @@ def create_app(svc: Service, read_timeout: float | None = None,
         svc.check_model(body.model)
         max_tokens = chat_max_tokens(body)
         tool_plan = tools_plan(body, svc.tool_call_parser)
-        constraint, field = request_constraint(body)
-        if tool_plan is not None and tool_plan.constraint is not None:
-            if constraint is not None:
-                raise bad_request("tool_choice required or a named function cannot be combined "
-                                  "with response_format or structured_outputs", "tool_choice")
-            constraint, field = tool_plan.constraint, "tools"
+        constraint, field = held_to(tool_plan, *request_constraint(body))
         if body.use_beam_search:
             beam.check(body)        # (tools and response_format before the template sees them)
         await svc.compile_grammar(constraint, field, tool_plan.tools if field == "tools" else None)

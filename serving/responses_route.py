@@ -21,8 +21,10 @@ reasons gets a `reasoning` output item before its message, as vLLM's does, and
 `reasoning_tokens` counts it. With --enable-responses-store, responses are kept
 (serving/responses_store.py): `previous_response_id` goes on with a stored conversation,
 `background` runs a reply while the client polls, and GET / DELETE /v1/responses/{id},
-/input_items and /cancel answer. Fields that would need what braze does not have (tools,
-...) are a 400 naming them, never ignored.
+/input_items and /cancel answer. Function `tools` and `tool_choice` work as on chat
+(serving/responses_tools.py): calls come back as function_call items, and function_call /
+function_call_output items in the input are the chat's tool turns. Fields that would need
+what braze does not have (hosted tools, ...) are a 400 naming them, never ignored.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from braze.runtime.sampler import SamplingParams
 from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for, response_model
 from . import responses_store as stored
+from . import responses_tools
+from .responses_stream import StreamItems, ToolStreamItems
 from .protocol import (
     ROLES,
     APIError,
@@ -57,6 +61,8 @@ from .protocol import (
     validation_message,
 )
 from .structured import request_constraint
+from .tools import held_to
+from .tools import plan as tools_plan
 
 log = logging.getLogger("braze.serving")
 
@@ -83,8 +89,6 @@ class ResponsesRequest(BaseModel):
 _NOT_SUPPORTED: dict[str, tuple] = {
     "conversation": (None,),
     "prompt": (None,),
-    "tools": (None, []),
-    "tool_choice": (None, "auto", "none"),
     "include": (None, []),
     "truncation": (None, "disabled"),
     "top_logprobs": (None, 0),
@@ -101,8 +105,8 @@ _NOT_SUPPORTED: dict[str, tuple] = {
 # (dropped, `max_tokens: 3` ran the reply to the end of the context)
 _CHAT_SPELLINGS = {"messages": "input", "max_tokens": "max_output_tokens",
                    "max_completion_tokens": "max_output_tokens"}
-# Responses fields with nothing to do here (there are no tools)
-_NOT_PASSED = ("stream_options", "parallel_tool_calls", "service_tier",
+# Responses fields with nothing to do here
+_NOT_PASSED = ("stream_options", "service_tier",
                "prompt_cache_key", "safety_identifier", "max_tool_calls")
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -169,11 +173,12 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None,
                               f"{ours} instead", name)
     messages = [{"role": "system", "content": body.instructions}] \
         if body.instructions is not None else []
-    messages += _messages(history or [], text_only_origin)
+    called: set = set()
+    messages += _messages(history or [], text_only_origin, called)
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
-        messages += _messages(body.input, text_only_origin)
+        messages += _messages(body.input, text_only_origin, called)
     if not messages:
         raise bad_request("input is empty: give a string or a list of messages", "input")
     extra = {k: v for k, v in (body.model_extra or {}).items()
@@ -184,6 +189,12 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None,
             raise bad_request("give text.format or response_format, not both (text.format "
                               "is the Responses API's)", "text")
         extra["response_format"] = fmt
+    tools = responses_tools.chat_tools(extra.pop("tools", None))
+    if tools is not None:
+        extra["tools"] = tools
+    choice = extra.pop("tool_choice", None)
+    if tools is not None or choice not in (None, "auto", "none"):   # else nothing to choose
+        extra["tool_choice"] = responses_tools.chat_tool_choice(choice)
     effort = _effort(extra.pop("reasoning", None))
     if effort is not None:
         extra["reasoning_effort"] = effort
@@ -212,16 +223,32 @@ def _effort(reasoning: Any) -> str | None:
     return reasoning.get("effort")
 
 
-def _messages(items: list, text_only_origin: str | None = None) -> list[dict]:
+def _messages(items: list, text_only_origin: str | None = None,
+              called: set | None = None) -> list[dict]:
     """The input items as chat messages. A reasoning item (an earlier reply's, sent back
     as vLLM's clients do) goes with the assistant message after it, as its reasoning;
     with none after it, it is an assistant turn of its own, as vLLM renders it."""
     out, thought = [], None
+    calling = None          # the assistant turn that a function_call item next joins
+    called = set() if called is None else called   # call ids an output may answer (grows)
     for i, item in enumerate(items):
-        if isinstance(item, dict) and item.get("type") == "reasoning":
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "reasoning":
             thought = (thought or "") + _reasoning_text(item, i)
             continue
-        m = _message(item, i, text_only_origin)
+        if kind == "function_call":     # an assistant's call: its turn's tool_calls
+            call = responses_tools.call_of(item, i)
+            called.add(call["id"])
+            if calling is None or thought is not None:
+                calling = {"role": "assistant", "content": "", "tool_calls": []}
+                if thought is not None:
+                    calling["reasoning"], thought = thought, None
+                out.append(calling)
+            calling.setdefault("tool_calls", []).append(call)
+            continue
+        m = responses_tools.output_of(item, i, called) if kind == "function_call_output" \
+            else _message(item, i, text_only_origin)
+        calling = m if m["role"] == "assistant" else None
         if thought is not None:
             if m["role"] == "assistant":
                 m["reasoning"] = thought
@@ -250,7 +277,8 @@ def _message(item: Any, i: int, text_only_origin: str | None = None) -> dict:
             or not isinstance(item.get("role"), str):
         kind = item.get("type") if isinstance(item, dict) else type(item).__name__
         raise bad_request(f"{where} is of type {kind!r}; this server's /v1/responses takes "
-                          "messages ({\"role\", \"content\"}) only", "input")
+                          "messages ({\"role\", \"content\"}), reasoning, function_call and "
+                          "function_call_output items", "input")
     if item["role"] not in ROLES:
         raise bad_request(f"{where}.role is {json.dumps(item['role'])[:40]}; a role is one "
                           f"of {', '.join(ROLES)}", "input")
@@ -297,8 +325,13 @@ def install(app: FastAPI, svc, while_connected) -> None:
             stored.previous(store, body.previous_response_id)
         chat = chat_of(body, svc.text_only_origin, history)
         max_tokens = chat_max_tokens(chat)
+        tool_plan = tools_plan(chat, svc.tool_call_parser)
+        constraint, field = held_to(tool_plan, *constraint_of(body, chat))
+        await svc.compile_grammar(constraint, field,
+                                  tool_plan.tools if field == "tools" else None)
         try:
             ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True,
+                                         tools=tool_plan.tools if tool_plan else None,
                                          keep=truncation(chat, svc.max_model_len))
         except APIError as e:        # the messages are this request's input
             if e.param == "messages":
@@ -308,15 +341,15 @@ def install(app: FastAPI, svc, while_connected) -> None:
             max_tokens = svc.unset_max_tokens(len(ids))
         elif len(ids) < svc.max_model_len:      # else the engine says the prompt is too long
             check_context(len(ids), max_tokens, svc.max_model_len, "max_output_tokens")
-        constraint, field = constraint_of(body, chat)
-        await svc.compile_grammar(constraint, field)
         kw = sampling_kwargs(chat, max_tokens, svc.sampling_defaults)
+        if tool_plan is not None:       # a tool parser that reads special tokens keeps them
+            kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
         reasoning = None
         if svc.reasoning is not None:   # a reasoning item before the message (vLLM's)
             reasoning = svc.reasoning.reply(ids)
             kw["skip_special_tokens"] = svc.reasoning.skip_special_tokens(kw["skip_special_tokens"])
         params = SamplingParams(**kw, structured_outputs=constraint)
-        reply = _Reply(svc, body, len(ids), params, reasoning, stored=keep)
+        reply = _Reply(svc, body, len(ids), params, reasoning, stored=keep, tools=tool_plan)
         items = stored.input_items(body.input)
         svc.admit()
         stream = await svc.submit(reply.id, ids, params, prompt_param="input",
@@ -402,8 +435,12 @@ class _Reply:
     """One response: its object as it stands, and its stream of events."""
 
     def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int,
-                 params: SamplingParams, reasoning=None, stored: bool = False):
+                 params: SamplingParams, reasoning=None, stored: bool = False,
+                 tools=None):
         self.body, self.params = body, params
+        # the request's serving/tools.ToolPlan, when its reply may call a function
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.tool_plan = tools
         self.stored = stored            # kept in the server's responses store
         self.on_done = None             # called with the final response object
         # with --reasoning-parser, the runtime/reasoning.Reply that splits the text
@@ -417,9 +454,12 @@ class _Reply:
         self.seq = 0
 
     def response(self, status: str, text: str | None = None, out=None,
-                 error: dict | None = None) -> dict:
-        """The response object; `text` and `out` (the final RequestOutput) once done."""
+                 error: dict | None = None, output: list | None = None) -> dict:
+        """The response object; `text` and `out` (the final RequestOutput) once done;
+        `output`: its items as streamed (else they are read off `text`)."""
         done = out is not None
+        if done and output is None:
+            output = self.output(text, status)
         incomplete = done and out.finish_reason == "length"
         b = self.body
         return {
@@ -427,16 +467,24 @@ class _Reply:
             "status": status, "error": error, "background": bool(b.background),
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
-            "model": self.model, "output": self.output(text, status) if done else [],
-            "parallel_tool_calls": True, "previous_response_id": b.previous_response_id,
+            "model": self.model, "output": output if done else [],
+            "parallel_tool_calls": self.tool_plan.parallel if self.tool_plan else True,
+            "previous_response_id": b.previous_response_id,
             "reasoning": self.reasoning_param(),
             "store": self.stored, "temperature": self.params.temperature,
             "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
-            "tool_choice": "none", "tools": [],
+            "tool_choice": self.tool_choice(), "tools": (b.model_extra or {}).get("tools") or [],
             "top_p": self.params.top_p, "truncation": "disabled",
             "usage": self.usage(out) if done else None, "user": b.user,
             "metadata": b.metadata or {},
         }
+
+    def tool_choice(self):
+        """The request's tool_choice, as OpenAI echoes it (auto with tools, else none)."""
+        if self.tool_plan is None:
+            return "none"
+        choice = (self.body.model_extra or {}).get("tool_choice")
+        return choice if choice is not None else "auto"
 
     def reasoning_param(self) -> dict | None:
         """The request's `reasoning`, as OpenAI echoes it."""
@@ -453,16 +501,25 @@ class _Reply:
         think, answer = self.split(text)
         done = "completed" if answer is not None else status     # the reasoning ended
         items = [self.reasoning_item(think, done)] if think else []
-        return items + ([] if answer is None else [self.message(answer, status)])
+        if answer is None:
+            return items
+        if self.tools is None:
+            return items + [self.message(answer, status)]
+        content, calls = self.tools.message(answer)      # the parser reads the answer alone
+        if content or not calls:
+            items.append(self.message(content or "", status))
+        return items + [responses_tools.call_item(c["id"], c["function"]["name"],
+                                                  c["function"]["arguments"], status)
+                        for c in calls]
 
     def reasoning_item(self, text: str | None, status: str) -> dict:
         content = [] if text is None else [{"type": "reasoning_text", "text": text}]
         return {"id": self.reasoning_id, "type": "reasoning", "summary": [],
                 "content": content, "encrypted_content": None, "status": status}
 
-    def message(self, text: str | None, status: str) -> dict:
+    def message(self, text: str | None, status: str, item_id: str | None = None) -> dict:
         content = [] if text is None else [self.part(text)]
-        return {"id": self.item_id, "type": "message", "role": "assistant",
+        return {"id": item_id or self.item_id, "type": "message", "role": "assistant",
                 "status": status, "content": content}
 
     @staticmethod
@@ -516,8 +573,8 @@ class _Reply:
         try:
             yield self.event("response.created", response=self.response("in_progress"))
             yield self.event("response.in_progress", response=self.response("in_progress"))
-            items = _StreamItems(self)
-            if self.reasoning is None:      # the message from the start
+            items = StreamItems(self) if self.tools is None else ToolStreamItems(self)
+            if self.reasoning is None and self.tools is None:   # the message from the start
                 for e in items.open_message():
                     yield e
             splitter = None if self.reasoning is None else self.reasoning.splitter()
@@ -536,15 +593,15 @@ class _Reply:
                 raise Aborted(f"the request ended with finish_reason "
                               f"{getattr(out, 'finish_reason', None)!r}")
             text = "".join(text)
-            if splitter is not None:         # what the end of the text showed
-                think, said = splitter.feed(text, True)
-                for e in items.deltas(think, said, splitter.content is not None):
-                    yield e
+            think, said = ("", "") if splitter is None else splitter.feed(text, True)
+            answering = splitter is None or splitter.content is not None
+            for e in items.deltas(think, said, answering, final=True):  # the text's end
+                yield e
             status = self.status(out)
             for e in items.close(text, status):
                 yield e
-            yield self.event(f"response.{status}",
-                             response=self.done(self.response(status, text, out)))
+            yield self.event(f"response.{status}", response=self.done(
+                self.response(status, text, out, output=items.output())))
             done = True
         except (Aborted, Unavailable, Rejected) as e:
             kind = "invalid_request_error" if isinstance(e, Rejected) else "server_error"
@@ -553,75 +610,6 @@ class _Reply:
         finally:
             if not done:           # the client went away
                 stream.abort()
-
-
-class _StreamItems:
-    """A streamed response's output items as they open and close: the reasoning item (with
-    --reasoning-parser, once the reply reasons), then the message (once it answers)."""
-
-    def __init__(self, reply: _Reply):
-        self.reply = reply
-        self.next_index = 0
-        self.reasoning_at = self.message_at = None
-        self.thought = ""               # the reasoning text streamed so far
-        self.reasoning_closed = False
-
-    def _where(self, at: int, item_id: str) -> dict:
-        return {"item_id": item_id, "output_index": at, "content_index": 0}
-
-    def open_message(self) -> list[bytes]:
-        r = self.reply
-        self.message_at, self.next_index = self.next_index, self.next_index + 1
-        return [r.event("response.output_item.added", output_index=self.message_at,
-                        item=r.message(None, "in_progress")),
-                r.event("response.content_part.added",
-                        **self._where(self.message_at, r.item_id), part=r.part(""))]
-
-    def deltas(self, think: str, said: str, answering: bool = False) -> list[bytes]:
-        """Events for new reasoning text `think` and answer text `said` (`answering`: the
-        reply has reached its answer, even with no text of it yet)."""
-        r, ev = self.reply, []
-        if think:
-            if self.reasoning_at is None:
-                self.reasoning_at, self.next_index = self.next_index, self.next_index + 1
-                ev.append(r.event("response.output_item.added", output_index=self.reasoning_at,
-                                  item=r.reasoning_item(None, "in_progress")))
-            ev.append(r.event("response.reasoning_text.delta",
-                              **self._where(self.reasoning_at, r.reasoning_id), delta=think))
-            self.thought += think
-        if (said or answering) and self.message_at is None:
-            ev += self.close_reasoning("completed") + self.open_message()
-        if said:
-            ev.append(r.event("response.output_text.delta",
-                              **self._where(self.message_at, r.item_id), delta=said,
-                              logprobs=[]))
-        return ev
-
-    def close_reasoning(self, status: str) -> list[bytes]:
-        """The reasoning item's done events (once, and only if it opened): before the
-        message opens, or at the end."""
-        r = self.reply
-        if self.reasoning_at is None or self.reasoning_closed:
-            return []
-        self.reasoning_closed = True
-        return [r.event("response.reasoning_text.done",
-                        **self._where(self.reasoning_at, r.reasoning_id), text=self.thought),
-                r.event("response.output_item.done", output_index=self.reasoning_at,
-                        item=r.reasoning_item(self.thought, status))]
-
-    def close(self, text: str, status: str) -> list[bytes]:
-        """The done events of the items still open, with the whole text of each."""
-        r = self.reply
-        _, answer = r.split(text)
-        ev = self.close_reasoning(status)
-        if self.message_at is not None:
-            where = self._where(self.message_at, r.item_id)
-            answer = answer or ""
-            ev += [r.event("response.output_text.done", **where, text=answer, logprobs=[]),
-                   r.event("response.content_part.done", **where, part=r.part(answer)),
-                   r.event("response.output_item.done", output_index=self.message_at,
-                           item=r.message(answer, status))]
-        return ev
 
 
 __all__ = ["ResponsesRequest", "chat_of", "install"]

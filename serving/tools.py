@@ -68,6 +68,17 @@ class ToolPlan:
         return reason
 
 
+def held_to(tool_plan: ToolPlan | None, constraint, field: str | None):
+    """(constraint, field) of a request: its tool plan's grammar (tool_choice required or
+    named), else its own (response_format, ...); both at once is a 400."""
+    if tool_plan is None or tool_plan.constraint is None:
+        return constraint, field
+    if constraint is not None:
+        raise bad_request("tool_choice required or a named function cannot be combined "
+                          f"with {field}", "tool_choice")
+    return tool_plan.constraint, "tools"
+
+
 def _tool_list(tools: Any) -> list[dict]:
     if not isinstance(tools, list) or not tools:
         raise bad_request("tools must be a non-empty list of {\"type\": \"function\", "

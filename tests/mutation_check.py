@@ -409,6 +409,12 @@ MUTATIONS = [
              "messages += _messages(history or [], text_only_origin)",
              "messages += []",
              ["tests/test_serve_responses_store.py"], k="previous_response_id_goes_on"),
+    Mutation("responses-call-arguments-lost",
+             "a function_call item sent back in /v1/responses input loses its arguments",
+             "serving/responses_tools.py",
+             '"function": {"name": item["name"], "arguments": item["arguments"]}}',
+             '"function": {"name": item["name"], "arguments": "{}"}}',
+             ["tests/test_serve_responses_tools.py"], k="tool_turns"),
 ]
 
 

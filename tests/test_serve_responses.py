@@ -89,7 +89,8 @@ def test_a_reply_that_ends_by_itself_is_completed(server):
 
 @pytest.mark.parametrize("body, param", [
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input"),
