@@ -406,7 +406,7 @@ MUTATIONS = [
     Mutation("responses-history-dropped",
              "previous_response_id answers the new input alone, not the stored conversation",
              "serving/responses_route.py",
-             "messages += _messages(history or [], text_only_origin)",
+             "messages += _messages(history or [], text_only_origin, called)",
              "messages += []",
              ["tests/test_serve_responses_store.py"], k="previous_response_id_goes_on"),
     Mutation("responses-call-arguments-lost",
