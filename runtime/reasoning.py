@@ -147,6 +147,23 @@ class ReasoningMarkers:
         return n
 
 
+    def answer_start(self, output_ids, state: str) -> int | None:
+        """Where a reply's answer starts among its tokens: after the end marker (at a tool
+        call's marker, which is the answer's); None while it still reasons."""
+        inside = state == REASONING
+        for i, t in enumerate(output_ids):
+            if state == UNDECIDED and i == 0:
+                inside = t == self.start_id
+                if not inside:
+                    return 0
+            elif inside:
+                if t == self.end_id:
+                    return i + 1
+                if t == self.calls_id:
+                    return i
+        return None if inside or (state == UNDECIDED and not output_ids) else 0
+
+
 def _held(text: str, marker: str) -> int:
     """Characters at the end of `text` that could be the start of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -211,6 +228,9 @@ class Reply:
 
     def reasoning_tokens(self, output_ids) -> int:
         return self.markers.reasoning_tokens(output_ids, self.state)
+
+    def answer_start(self, output_ids) -> int | None:
+        return self.markers.answer_start(output_ids, self.state)
 
 
 class ReplySplitter:

@@ -48,6 +48,7 @@ from .lora_routes import lora_for, response_model
 from . import responses_store as stored
 from . import responses_tools
 from .responses_stream import StreamItems, ToolStreamItems
+from . import responses as R
 from .protocol import (
     ROLES,
     APIError,
@@ -82,6 +83,8 @@ class ResponsesRequest(BaseModel):
     store: bool | None = None               # OpenAI's default: true (kept if the server keeps any)
     background: bool | None = None
     previous_response_id: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 # Responses fields that need what braze does not have (conversations objects, tools, other
@@ -89,9 +92,7 @@ class ResponsesRequest(BaseModel):
 _NOT_SUPPORTED: dict[str, tuple] = {
     "conversation": (None,),
     "prompt": (None,),
-    "include": (None, []),
     "truncation": (None, "disabled"),
-    "top_logprobs": (None, 0),
     "n": (None, 1),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
@@ -198,6 +199,8 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None,
     effort = _effort(extra.pop("reasoning", None))
     if effort is not None:
         extra["reasoning_effort"] = effort
+    if wants_logprobs(body):            # the chat's logprobs, for the message's text
+        extra.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     fields = {**extra, "model": body.model, "messages": messages,
               "max_tokens": body.max_output_tokens, "temperature": body.temperature,
               "top_p": body.top_p, "stream": body.stream, "user": body.user}
@@ -206,6 +209,21 @@ def chat_of(body: ResponsesRequest, text_only_origin: str | None = None,
     except ValidationError as e:
         message, param = validation_message(list(e.errors()))
         raise bad_request(message, param) from None
+
+
+# what `include` may ask for: the rest (reasoning.encrypted_content, file_search_call.results,
+# ...) needs what braze does not have
+INCLUDABLE = ("message.output_text.logprobs",)
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Whether the message's output_text carries logprobs: `include` asks for them (as
+    OpenAI's), or top_logprobs asks for alternatives; 400 naming what cannot be included."""
+    for x in body.include or []:
+        if x not in INCLUDABLE:
+            raise bad_request(f"include {x!r} is not supported by this server's /v1/responses; "
+                              f"it can include {', '.join(INCLUDABLE)}", "include")
+    return "message.output_text.logprobs" in (body.include or []) or bool(body.top_logprobs)
 
 
 def _effort(reasoning: Any) -> str | None:
@@ -326,6 +344,10 @@ def install(app: FastAPI, svc, while_connected) -> None:
         chat = chat_of(body, svc.text_only_origin, history)
         max_tokens = chat_max_tokens(chat)
         tool_plan = tools_plan(chat, svc.tool_call_parser)
+        if chat.logprobs and tool_plan is not None and tool_plan.mode != "none":
+            raise bad_request("logprobs (include message.output_text.logprobs, top_logprobs) "
+                              "with function tools is not supported by this server's "
+                              "/v1/responses: leave one out", "include")
         constraint, field = held_to(tool_plan, *constraint_of(body, chat))
         await svc.compile_grammar(constraint, field,
                                   tool_plan.tools if field == "tools" else None)
@@ -441,6 +463,9 @@ class _Reply:
         # the request's serving/tools.ToolPlan, when its reply may call a function
         self.tools = tools if tools is not None and tools.mode != "none" else None
         self.tool_plan = tools
+        self.want_logprobs = params.logprobs is not None
+        self.lp_next = 0                # a stream's logprobs sent so far (output positions)
+        self.tokenizer = svc.tokenizer
         self.stored = stored            # kept in the server's responses store
         self.on_done = None             # called with the final response object
         # with --reasoning-parser, the runtime/reasoning.Reply that splits the text
@@ -459,7 +484,7 @@ class _Reply:
         `output`: its items as streamed (else they are read off `text`)."""
         done = out is not None
         if done and output is None:
-            output = self.output(text, status)
+            output = self.output(text, status, out)
         incomplete = done and out.finish_reason == "length"
         b = self.body
         return {
@@ -495,7 +520,32 @@ class _Reply:
         """(reasoning, answer) of the reply's text; no reasoning without a parser."""
         return (None, text) if self.reasoning is None else self.reasoning.split(text)
 
-    def output(self, text: str, status: str) -> list[dict]:
+    def token_text(self, tid: int) -> str:
+        tok = self.tokenizer
+        return f"token_id:{tid}" if tok is None else tok.decode([tid], skip_special_tokens=False)
+
+    def answer_logprobs(self, out, since: int = 0) -> list[dict]:
+        """OpenAI's logprobs of the answer's tokens from output position `since` (none
+        unless asked for, or while the reply still reasons)."""
+        if not self.want_logprobs or not out.logprobs:
+            return []
+        start = 0 if self.reasoning is None else self.reasoning.answer_start(out.token_ids)
+        if start is None:
+            return []
+        entries = out.logprobs[max(start, since):]
+        return R.chat_logprobs(entries, self.token_text)["content"] if entries else []
+
+    def stream_logprobs(self, out) -> list[dict]:
+        """The answer's logprobs not yet sent in a stream, for its next text delta."""
+        if not self.want_logprobs or not out.logprobs:
+            return []
+        lp = self.answer_logprobs(out, self.lp_next)
+        if lp or (self.reasoning is None or self.reasoning.answer_start(out.token_ids)
+                  is not None):
+            self.lp_next = len(out.logprobs)
+        return lp
+
+    def output(self, text: str, status: str, out=None) -> list[dict]:
         """The output items: a reasoning item when the reply reasoned, then the message
         (none for a reply cut off while still reasoning)."""
         think, answer = self.split(text)
@@ -504,7 +554,8 @@ class _Reply:
         if answer is None:
             return items
         if self.tools is None:
-            return items + [self.message(answer, status)]
+            lp = [] if out is None else self.answer_logprobs(out)
+            return items + [self.message(answer, status, logprobs=lp)]
         content, calls = self.tools.message(answer)      # the parser reads the answer alone
         if content or not calls:
             items.append(self.message(content or "", status))
@@ -517,14 +568,16 @@ class _Reply:
         return {"id": self.reasoning_id, "type": "reasoning", "summary": [],
                 "content": content, "encrypted_content": None, "status": status}
 
-    def message(self, text: str | None, status: str, item_id: str | None = None) -> dict:
-        content = [] if text is None else [self.part(text)]
+    def message(self, text: str | None, status: str, item_id: str | None = None,
+                logprobs: list | None = None) -> dict:
+        content = [] if text is None else [self.part(text, logprobs)]
         return {"id": item_id or self.item_id, "type": "message", "role": "assistant",
                 "status": status, "content": content}
 
     @staticmethod
-    def part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: list | None = None) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [],
+                "logprobs": logprobs or []}
 
     def usage(self, out) -> dict:
         n = len(out.token_ids)
@@ -587,7 +640,8 @@ class _Reply:
                     said, think = out.new_text, ""
                 else:
                     think, said = splitter.feed("".join(text), False)
-                for e in items.deltas(think, said):
+                lp = self.stream_logprobs(out) if said else []
+                for e in items.deltas(think, said, logprobs=lp):
                     yield e
             if out is None or out.finish_reason not in ("stop", "length"):
                 raise Aborted(f"the request ended with finish_reason "
@@ -598,7 +652,7 @@ class _Reply:
             for e in items.deltas(think, said, answering, final=True):  # the text's end
                 yield e
             status = self.status(out)
-            for e in items.close(text, status):
+            for e in items.close(text, status, self.answer_logprobs(out)):
                 yield e
             yield self.event(f"response.{status}", response=self.done(
                 self.response(status, text, out, output=items.output())))

@@ -38,10 +38,10 @@ class StreamItems:
                         **self._where(self.message_at, r.item_id), part=r.part(""))]
 
     def deltas(self, think: str, said: str, answering: bool = False,
-               final: bool = False) -> list[bytes]:
+               final: bool = False, logprobs: list | None = None) -> list[bytes]:
         """Events for new reasoning text `think` and answer text `said` (`answering`: the
         reply has reached its answer, even with no text of it yet; `final`: the text has
-        ended)."""
+        ended; `logprobs`: the answer tokens' not sent yet, which go with `said`)."""
         r, ev = self.reply, []
         if think:
             if self.reasoning_at is None:
@@ -56,7 +56,7 @@ class StreamItems:
         if said:
             ev.append(r.event("response.output_text.delta",
                               **self._where(self.message_at, r.item_id), delta=said,
-                              logprobs=[]))
+                              logprobs=logprobs or []))
         return ev
 
     def close_reasoning(self, status: str) -> list[bytes]:
@@ -71,18 +71,20 @@ class StreamItems:
                 r.event("response.output_item.done", output_index=self.reasoning_at,
                         item=r.reasoning_item(self.thought, status))]
 
-    def close(self, text: str, status: str) -> list[bytes]:
-        """The done events of the items still open, with the whole text of each."""
+    def close(self, text: str, status: str, logprobs: list | None = None) -> list[bytes]:
+        """The done events of the items still open, with the whole text of each (and the
+        message's `logprobs`)."""
         r = self.reply
         _, answer = r.split(text)
         ev = self.close_reasoning(status)
         if self.message_at is not None:
             where = self._where(self.message_at, r.item_id)
             answer = answer or ""
-            ev += [r.event("response.output_text.done", **where, text=answer, logprobs=[]),
-                   r.event("response.content_part.done", **where, part=r.part(answer)),
+            lp = logprobs or []
+            ev += [r.event("response.output_text.done", **where, text=answer, logprobs=lp),
+                   r.event("response.content_part.done", **where, part=r.part(answer, lp)),
                    r.event("response.output_item.done", output_index=self.message_at,
-                           item=r.message(answer, status))]
+                           item=r.message(answer, status, logprobs=lp))]
         return ev
 
     def output(self) -> list[dict] | None:
@@ -107,7 +109,7 @@ class ToolStreamItems(StreamItems):
         self.done_items: dict[int, dict] = {}     # output_index -> its item, once closed
 
     def deltas(self, think: str, said: str, answering: bool = False,
-               final: bool = False) -> list[bytes]:
+               final: bool = False, logprobs: list | None = None) -> list[bytes]:
         ev = super().deltas(think, "")            # the reasoning; the answer goes below
         self.answer += said
         for d in self.streamer.feed(self.answer, final):
@@ -184,7 +186,7 @@ class ToolStreamItems(StreamItems):
                         output_index=at, arguments=arguments),
                 r.event("response.output_item.done", output_index=at, item=self.done_items[at])]
 
-    def close(self, text: str, status: str) -> list[bytes]:
+    def close(self, text: str, status: str, logprobs: list | None = None) -> list[bytes]:
         return self.close_reasoning(status) + self._close_message(status) + \
             self._close_call(status)
 

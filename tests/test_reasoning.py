@@ -378,6 +378,14 @@ def test_responses_and_beam_search_split_the_reply_too(thinker, tmp_path):
         assert got["output"][0]["content"] == [{"type": "reasoning_text", "text": want[0]}]
         assert got["output"][1]["content"][0]["text"] == want[1]
         assert got["usage"]["output_tokens_details"]["reasoning_tokens"] == len(thought)
+        # logprobs (include): the answer's tokens alone, as chat's of the same reply after
+        # <think>, the reasoning and </think>
+        lp = s.http.post("/v1/responses", json={**body, "top_logprobs": 2, "include": [
+            "message.output_text.logprobs"]}).json()["output"][1]["content"][0]["logprobs"]
+        chat = s.http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": USER}], "max_tokens": N,
+            "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}).json()
+        assert lp == chat["choices"][0]["logprobs"]["content"][len(thought) + 2:] and lp
         events = []
         with s.http.stream("POST", "/v1/responses", json={**body, "stream": True}) as resp:
             for line in resp.iter_lines():

@@ -7,6 +7,8 @@ transformers' chat template and the engine run in-process."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -90,6 +92,8 @@ def test_a_reply_that_ends_by_itself_is_completed(server):
 @pytest.mark.parametrize("body, param", [
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
@@ -224,3 +228,32 @@ def test_without_the_store_nothing_is_kept_and_each_route_says_how_to_keep_it(se
         got = server.http.post("/v1/responses", json={"model": MODEL, "input": "x", **body})
         assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
         assert "--enable-responses-store" in got.json()["error"]["message"]
+
+
+def test_logprobs_are_the_chats_whole_and_streamed(server):
+    """include message.output_text.logprobs (with top_logprobs): the message's tokens with
+    their alternatives, as chat's logprobs of the same greedy reply; streamed, the text
+    deltas' logprobs add up to the same."""
+    chat = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+        "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 3}).json()
+    want = chat["choices"][0]["logprobs"]["content"]
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "top_logprobs": 3, "include": ["message.output_text.logprobs"]}
+    r = server.http.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"][0]["logprobs"] == want and len(want) == 5
+    assert all(len(e["top_logprobs"]) == 3 for e in want)
+    events = []
+    with server.http.stream("POST", "/v1/responses", json={**body, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    streamed = [e for ev in events if ev["type"] == "response.output_text.delta"
+                for e in ev["logprobs"]]
+    done = next(ev for ev in events if ev["type"] == "response.output_text.done")
+    assert streamed == done["logprobs"] == want
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == want
+    plain = server.http.post("/v1/responses", json={**body, "include": None,
+                                                    "top_logprobs": None}).json()
+    assert plain["output"][0]["content"][0]["logprobs"] == []

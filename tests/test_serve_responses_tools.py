@@ -180,3 +180,9 @@ def test_an_output_answers_a_call_made_before_it(server):
     r = server.http.post("/v1/responses", json={"model": MODEL, "tools": FLAT, "input": [
         *MSGS, {"type": "function_call_output", "call_id": "call_9", "output": "1"}]})
     assert r.status_code == 400 and "call_9" in r.json()["error"]["message"], r.text
+
+
+def test_logprobs_with_tools_are_refused_by_name(server):
+    r = server.http.post("/v1/responses", json={
+        "model": MODEL, "input": "x", "tools": FLAT, "include": ["message.output_text.logprobs"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include", r.text
