@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -85,6 +85,8 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = None
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # OpenAI's: "auto" drops the conversation's oldest turns until the prompt fits
+    truncation: Literal["auto", "disabled"] | None = None
 
 
 # Responses fields that need what braze does not have (conversations objects, tools, other
@@ -92,7 +94,6 @@ class ResponsesRequest(BaseModel):
 _NOT_SUPPORTED: dict[str, tuple] = {
     "conversation": (None,),
     "prompt": (None,),
-    "truncation": (None, "disabled"),
     "n": (None, 1),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
@@ -226,6 +227,18 @@ def wants_logprobs(body: ResponsesRequest) -> bool:
     return "message.output_text.logprobs" in (body.include or []) or bool(body.top_logprobs)
 
 
+def _drop_turn(messages: list) -> list | None:
+    """`messages` less the conversation's oldest turn (its first user message and what
+    answered it, up to the next user message: calls and their outputs go together), the
+    system message kept; None when only the last turn is left."""
+    first = next((i for i, m in enumerate(messages) if m.role != "system"), None)
+    if first is None:
+        return None
+    nxt = next((i for i in range(first + 1, len(messages)) if messages[i].role == "user"),
+               None)
+    return None if nxt is None else messages[:first] + messages[nxt:]
+
+
 def _effort(reasoning: Any) -> str | None:
     """`reasoning` ({"effort": ...}): the effort, which goes to the chat template as chat's
     reasoning_effort does (vLLM's); a summary braze cannot write is a 400 naming it."""
@@ -351,14 +364,23 @@ def install(app: FastAPI, svc, while_connected) -> None:
         constraint, field = held_to(tool_plan, *constraint_of(body, chat))
         await svc.compile_grammar(constraint, field,
                                   tool_plan.tools if field == "tools" else None)
-        try:
-            ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=True,
-                                         tools=tool_plan.tools if tool_plan else None,
-                                         keep=truncation(chat, svc.max_model_len))
-        except APIError as e:        # the messages are this request's input
-            if e.param == "messages":
-                e.param = "input"
-            raise
+        auto = body.truncation == "auto"    # the oldest turns dropped until it fits
+        while True:
+            try:
+                ids = await svc.prompts.chat(chat, chat.add_special_tokens, for_model=not auto,
+                                             tools=tool_plan.tools if tool_plan else None,
+                                             keep=truncation(chat, svc.max_model_len))
+            except APIError as e:        # the messages are this request's input
+                if e.param == "messages":
+                    e.param = "input"
+                raise
+            if not auto or len(ids) + (max_tokens or 1) <= svc.max_model_len:
+                break
+            shorter = _drop_turn(chat.messages)
+            if shorter is None:         # the last turn alone: too long is the usual 400
+                svc.prompts.check_length(len(ids), "input")
+                break
+            chat = chat.model_copy(update={"messages": shorter})
         if max_tokens is None:
             max_tokens = svc.unset_max_tokens(len(ids))
         elif len(ids) < svc.max_model_len:      # else the engine says the prompt is too long
@@ -499,7 +521,7 @@ class _Reply:
             "store": self.stored, "temperature": self.params.temperature,
             "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
             "tool_choice": self.tool_choice(), "tools": (b.model_extra or {}).get("tools") or [],
-            "top_p": self.params.top_p, "truncation": "disabled",
+            "top_p": self.params.top_p, "truncation": b.truncation or "disabled",
             "usage": self.usage(out) if done else None, "user": b.user,
             "metadata": b.metadata or {},
         }

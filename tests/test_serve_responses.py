@@ -257,3 +257,41 @@ def test_logprobs_are_the_chats_whole_and_streamed(server):
     plain = server.http.post("/v1/responses", json={**body, "include": None,
                                                     "top_logprobs": None}).json()
     assert plain["output"][0]["content"][0]["logprobs"] == []
+
+
+def test_truncation_auto_drops_the_oldest_turns_until_the_prompt_fits(server):
+    """OpenAI's truncation "auto": a conversation longer than the context loses its oldest
+    turns (the instructions kept) until the prompt and max_output_tokens fit; the reply is
+    the chat completion of the turns kept, which /tokenize finds independently."""
+    turns = []
+    for i in range(8):
+        turns += [{"role": "user", "content": f"Tell me more about item number {i}, please."},
+                  {"role": "assistant", "content": f"Item {i} is a fine item indeed."}]
+    turns.append({"role": "user", "content": "Which was best?"})
+    system = [{"role": "system", "content": "Be brief."}]
+    limit = server.http.get("/v1/models").json()["data"][0]["max_model_len"]
+    out = 6
+
+    def n_tokens(messages):
+        r = server.http.post("/tokenize", json={"model": MODEL, "messages": messages,
+                                                "add_generation_prompt": True})
+        assert r.status_code == 200, r.text
+        return r.json()["count"]
+    assert n_tokens(system + turns) + out > limit          # it does not fit whole
+    k = next(k for k in range(0, len(turns), 2) if n_tokens(system + turns[k:]) + out <= limit)
+    assert k > 0
+    body = {"model": MODEL, "input": turns, "instructions": "Be brief.",
+            "max_output_tokens": out, "temperature": 0, "ignore_eos": True}
+    refused = server.http.post("/v1/responses", json=body)
+    assert refused.status_code == 400, refused.text
+    r = server.http.post("/v1/responses", json={**body, "truncation": "auto"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want, n_prompt = _chat(server, system + turns[k:], out)
+    assert (got["usage"]["input_tokens"], got["output"][0]["content"][0]["text"]) == \
+        (n_prompt, want)
+    assert got["truncation"] == "auto"
+    # one turn that does not fit alone is still refused
+    alone = server.http.post("/v1/responses", json={**body, "truncation": "auto",
+                                                    "input": "Hi " * 300})
+    assert alone.status_code == 400, alone.text
