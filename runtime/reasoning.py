@@ -134,34 +134,27 @@ class ReasoningMarkers:
     def reasoning_tokens(self, output_ids, state: str) -> int:
         """How many of a reply's tokens are reasoning (the markers not counted): what
         usage's reasoning_tokens reports."""
+        return self._scan(output_ids, state)[0]
+
+    def answer_start(self, output_ids, state: str) -> int | None:
+        """Where a reply's answer starts among its tokens: after the end marker (at a tool
+        call's marker, which is the answer's); None while it still reasons."""
+        return self._scan(output_ids, state)[1]
+
+    def _scan(self, output_ids, state: str) -> tuple[int, int | None]:
         n, inside = 0, state == REASONING
         for i, t in enumerate(output_ids):
             if state == UNDECIDED and i == 0:
                 inside = t == self.start_id
                 if not inside:
-                    return 0
-            elif inside:
-                if t == self.end_id or t == self.calls_id:
-                    return n
-                n += 1
-        return n
-
-
-    def answer_start(self, output_ids, state: str) -> int | None:
-        """Where a reply's answer starts among its tokens: after the end marker (at a tool
-        call's marker, which is the answer's); None while it still reasons."""
-        inside = state == REASONING
-        for i, t in enumerate(output_ids):
-            if state == UNDECIDED and i == 0:
-                inside = t == self.start_id
-                if not inside:
-                    return 0
+                    return 0, 0
             elif inside:
                 if t == self.end_id:
-                    return i + 1
+                    return n, i + 1
                 if t == self.calls_id:
-                    return i
-        return None if inside or (state == UNDECIDED and not output_ids) else 0
+                    return n, i
+                n += 1
+        return n, None if inside or (state == UNDECIDED and not output_ids) else 0
 
 
 def _held(text: str, marker: str) -> int:

@@ -352,10 +352,18 @@ def test_reasoning_tokens_are_the_tokens_of_the_reasoning_text(ids, state):
     fmt = FORMATS["qwen3"]
     m = ReasoningMarkers("qwen3", fmt, START_ID, END_ID, False, 258)
     text = "".join({START_ID: START, END_ID: END, 258: fmt.calls}.get(t, "x") for t in ids)
-    think, _ = _reference(text, state, FORMATS["qwen3"])
+    think, answer = _reference(text, state, FORMATS["qwen3"])
     # the reference reasoning text, markers inside it (a second <think>) counted as one token
     want = len((think or "").replace(START, "x"))
     assert m.reasoning_tokens(ids, state) == want
+    # and the answer's tokens (the logprobs /v1/responses gives) are the answer's text
+    start = m.answer_start(ids, state)
+    if answer is None or (state == UNDECIDED and not ids):
+        assert start is None
+    else:
+        tail = "".join({START_ID: START, END_ID: END, 258: fmt.calls}.get(t, "x")
+                       for t in ids[start:])
+        assert tail == answer, (text, start)
 
 
 def test_responses_and_beam_search_split_the_reply_too(thinker, tmp_path):
