@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        description="Serve ARTIFACT over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /server_info, /health, "
+                       "/v1/chat/completions, /v1/responses, /invocations, /v1/models, /tokenize, /detokenize, /server_info, /health, "
                        "/ping, /load, /version, /metrics. "
                        "SIGTERM drains in-flight requests, then exits.")
     # optional to argparse only: `--served-model-name NAME... ARTIFACT` takes it (_take_artifact)

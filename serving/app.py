@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from braze import __version__
@@ -341,6 +342,28 @@ def create_app(svc: Service, read_timeout: float | None = None,
         params = SamplingParams(**kw, structured_outputs=constraint)
         return await _generate(svc, request, body, [(None, ids)], params, chat=True,
                                tool_plan=tool_plan, reasoning=reasoning)
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        """SageMaker's route (vLLM serves it too): a chat request when the body has
+        `messages`, a completion request when it has `prompt`."""
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise bad_request("the request body must be a JSON object (sent with "
+                              "Content-Type: application/json)", None) from None
+        if isinstance(raw, dict) and "messages" in raw:
+            kind, route = ChatCompletionRequest, chat_completions
+        elif isinstance(raw, dict) and "prompt" in raw:
+            kind, route = CompletionRequest, completions
+        else:
+            raise bad_request("/invocations takes a chat completion request (with "
+                              "\"messages\") or a completion request (with \"prompt\")", None)
+        try:
+            body = kind.model_validate(raw)
+        except ValidationError as e:        # shaped as a bad body of the route itself
+            raise RequestValidationError(e.errors()) from None
+        return await route(body, request)
 
     return app
 

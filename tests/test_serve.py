@@ -851,3 +851,29 @@ def test_sse_framing():
     assert json.loads(b[6:]) == chunk and R.SSE_DONE == b"data: [DONE]\n\n"
     u = R.usage_chunk("id1", 5, "m", "text_completion", R.usage(3, 4))
     assert u["choices"] == [] and u["usage"]["total_tokens"] == 7
+
+
+def test_invocations_is_the_chat_or_completion_route_its_body_names(server):
+    """SageMaker's /invocations (vLLM's): a body with messages is a chat completion, one
+    with prompt a completion, answered as those routes answer the same body."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0, "ignore_eos": True}
+    comp = {"model": MODEL, "prompt": "Once upon", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+    for body, route, text in ((chat, "/v1/chat/completions", lambda c: c["message"]["content"]),
+                              (comp, "/v1/completions", lambda c: c["text"])):
+        want = server.http.post(route, json=body).json()
+        got = server.http.post("/invocations", json=body)
+        assert got.status_code == 200, got.text
+        got = got.json()
+        assert got["object"] == want["object"] and got["usage"] == want["usage"]
+        assert text(got["choices"][0]) == text(want["choices"][0])
+    streamed = server.http.post("/invocations", json={**comp, "stream": True})
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    for bad, param in (({"input": "x"}, None), ({**chat, "max_tokens": 0}, "max_tokens")):
+        r = server.http.post("/invocations", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = server.http.post("/invocations", content=b"{not json",
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
