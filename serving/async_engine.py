@@ -8,7 +8,12 @@ list under a condition variable; the thread sleeps on that condition when it has
 
 Admission control happens on the loop: a request is refused (`QueueFull`, HTTP 503) when
 `max_queue` accepted requests are already waiting for a place in the running batch, and
-(`Unavailable`, 503) while draining or after the engine thread died.
+(`Unavailable`, 503) while draining, after the engine thread died, or while it is stalled.
+
+Stalls: the engine thread stamps when a step starts; a step that has not returned after
+`iteration_timeout` seconds (a hung kernel, a deadlocked collective) makes the engine
+"stalled": /health and /ping answer 503 saying so, `braze_engine_stalled` reads 1, and the
+log says when it began and when (if ever) the step returned.
 """
 
 from __future__ import annotations
@@ -73,10 +78,15 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine, max_queue: int = 256, metrics=None):
+    def __init__(self, engine, max_queue: int = 256, metrics=None,
+                 iteration_timeout: float = 60.0):
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = metrics
+        self.iteration_timeout = iteration_timeout
+        self._step_started: float | None = None      # monotonic; set by the engine thread
+        self._stall_logged = False
+        self._watchdog: asyncio.Task | None = None
         self.draining = False
         self._streams: dict[str, RequestStream] = {}
         self._cond = threading.Condition()
@@ -94,6 +104,7 @@ class AsyncEngine:
         self._snap = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="braze-engine", daemon=True)
         self._thread.start()
+        self._watchdog = self._loop.create_task(self._watch_steps())
 
     @property
     def alive(self) -> bool:
@@ -107,7 +118,32 @@ class AsyncEngine:
         """Engine gauges as of its last step, with requests not yet running as waiting."""
         snap = dict(self._snap)
         snap["waiting"] = max(0, len(self._streams) - snap.get("running", 0))
+        snap["engine_stalled"] = int(self.stalled_for() is not None)
         return snap
+
+    def stalled_for(self) -> float | None:
+        """Seconds the step in progress has run, when that is more than
+        `iteration_timeout` (the engine is stalled); else None."""
+        started = self._step_started
+        if started is None:
+            return None
+        took = time.monotonic() - started
+        return took if took > self.iteration_timeout else None
+
+    async def _watch_steps(self) -> None:
+        """Log a stall once when it is seen, and the step's return after one."""
+        period = min(1.0, self.iteration_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            stalled = self.stalled_for()
+            if stalled is not None and not self._stall_logged:
+                self._stall_logged = True
+                log.error("the engine is stalled: its step has not returned for %.0f s "
+                          "(--engine-iteration-timeout %g); /health answers 503", stalled,
+                          self.iteration_timeout)
+            elif stalled is None and self._stall_logged:
+                self._stall_logged = False
+                log.warning("the engine's stalled step returned; /health answers 200 again")
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -125,6 +161,8 @@ class AsyncEngine:
             s.abort(reason)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.abort_all("the server is shutting down")
         with self._cond:
             self._stop = True
@@ -148,6 +186,11 @@ class AsyncEngine:
             return "the server is shutting down; not accepting new requests"
         if not self.alive:
             return "the engine is not running (see the server log)"
+        stalled = self.stalled_for()
+        if stalled is not None:
+            return (f"the engine is stalled: its current step has not returned for "
+                    f"{stalled:.0f} s (more than --engine-iteration-timeout "
+                    f"{self.iteration_timeout:g} s); see the server log")
         return None
 
     def check_admission(self, bounded: bool = True) -> None:
@@ -323,11 +366,17 @@ class AsyncEngine:
                         eng.abort_request(cmd[1])
                         must_step = True            # the step reports (and frees) aborted ones
                 try:
-                    outputs = eng.step() if (eng.has_unfinished() or must_step) else []
+                    if eng.has_unfinished() or must_step:
+                        self._step_started = time.monotonic()
+                        outputs = eng.step()
+                    else:
+                        outputs = []
                 except BrazeError as e:
                     # a waiting request can never run (say, its prompt needs more KV blocks
                     # than the cache has): fail the waiting ones, keep serving the rest
                     outputs = self._drop_waiting(e)
+                finally:
+                    self._step_started = None
                 busy = eng.has_unfinished()
                 self._post(self._deliver, acks, outputs, self._read_stats())
         except BaseException as e:

@@ -134,7 +134,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         if parser is not None:
             log.info("tool calls (tool_choice auto) are read with the %r parser%s", parser,
                      "" if so.tool_call_parser else " (from the chat template)")
-        svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics), metrics,
+        svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics,
+                                  iteration_timeout=so.engine_iteration_timeout), metrics,
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,

@@ -118,3 +118,67 @@ def test_over_http_the_failure_is_a_503_and_logged_as_an_error(store, stream, ca
     assert "finish error" in line, line
     assert parse_metrics(metrics.render(svc.aengine.snapshot()))[
         'braze_requests_total{finish_reason="error"}'] == 1
+
+
+def _wait_for(pred, what: str):
+    """Poll `pred` until it holds (a hang guard of GUARD seconds, not a timing assertion)."""
+    import time
+    deadline = time.monotonic() + GUARD
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_hung_step_makes_health_503_until_it_returns(store, caplog):
+    """A step that never returns (a hung kernel) left /health at 200 for ever: only a dead
+    engine thread was noticed. Past --engine-iteration-timeout, /health and /ping answer 503
+    naming the stall, /metrics' braze_engine_stalled reads 1 and the log says so; once the
+    step returns all is well again and the request finishes with its tokens."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from braze.serving.app import Service, create_app
+    engine = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64)
+    step, count = engine.step, [0]
+    entered, release = threading.Event(), threading.Event()
+
+    def hanging():
+        count[0] += 1
+        if count[0] == 2:             # the second step hangs until the test lets it go
+            entered.set()
+            release.wait(GUARD)
+        return step()
+    engine.step = hanging
+    metrics = Metrics("m")
+    aeng = AsyncEngine(engine, metrics=metrics, iteration_timeout=0.2)
+    svc = Service(aeng, metrics, "m", engine.max_model_len, engine.tokenizer, None)
+    body = {"model": "m", "prompt": [1, 7, 8], "max_tokens": 5, "ignore_eos": True}
+    with caplog.at_level("INFO", logger="braze.serving"), TestClient(create_app(svc)) as client:
+        assert client.get("/health").status_code == 200
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=client.post("/v1/completions",
+                                                                         json=body)))
+        t.start()
+        try:
+            assert entered.wait(GUARD)
+            _wait_for(lambda: client.get("/health").status_code == 503,
+                      "/health never noticed the hung step")
+            for path in ("/health", "/ping"):
+                r = client.get(path)
+                assert r.status_code == 503, path
+                message = r.json()["error"]["message"]
+                assert "stalled" in message and "--engine-iteration-timeout" in message
+            m = parse_metrics(client.get("/metrics").text)
+            assert m["braze_engine_stalled"] == 1
+            _wait_for(lambda: any("engine is stalled" in rec.getMessage()
+                                  for rec in caplog.records), "no log line named the stall")
+        finally:
+            release.set()
+            t.join(GUARD)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        assert client.get("/health").status_code == 200
+        assert client.get("/ping").status_code == 200
+        assert parse_metrics(client.get("/metrics").text)["braze_engine_stalled"] == 0

@@ -634,6 +634,7 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     flags = ["--host", "0.0.0.0", "--port", "9", "--max-queue", "5", "--served-model-name", "m",
              "--drain-timeout", "3", "--log-level", "debug", "--read-timeout", "4",
+             "--engine-iteration-timeout", "9",
              "--limit-concurrency", "7", "--allowed-hosts", "a.example",
              "--max-request-body-bytes", "1000", "--api-key", "k1", "--api-key", "k2",
              "--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST",
@@ -647,6 +648,7 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--default-chat-template-kwargs", '{"enable_thinking": false}']
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
+                         engine_iteration_timeout=9.0,
                          limit_concurrency=7, allowed_hosts="a.example",
                          max_request_body_bytes=1000, api_keys=["k1", "k2"],
                          allowed_origins=["https://a.example"], allowed_methods=["GET", "POST"],
