@@ -182,3 +182,54 @@ def test_a_hung_step_makes_health_503_until_it_returns(store, caplog):
         assert client.get("/health").status_code == 200
         assert client.get("/ping").status_code == 200
         assert parse_metrics(client.get("/metrics").text)["braze_engine_stalled"] == 0
+
+
+def test_an_adapter_that_fails_to_reload_fails_its_request_only(store, tmp_path):
+    """An adapter evicted from the host cache is read from disk again when a request needs
+    it; if its files are gone meanwhile that read fails inside the engine's step. The step
+    raised, and the server failed every waiting request (and the running one had its
+    step's tokens counted as computed without the step running). Now only the request
+    naming that adapter fails, with the adapter's error; the others finish with the tokens
+    transformers + peft give, and the server keeps serving."""
+    import shutil
+
+    from braze.runtime.lora import LoRARequest
+    from braze.serving.async_engine import Rejected
+    from lora_helpers import make_adapter, peft_greedy
+    ck = store.checkpoint("llama")
+    paths = {n: make_adapter(ck, tmp_path / n, seed=s, r=4, alpha=8, scale=3.0)
+             for n, s in (("a", 11), ("b", 12), ("c", 13))}
+    prompt = [1, 17, 93, 4, 250, 66, 7, 31]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = peft_greedy(ck, paths["b"], prompt, params.max_tokens)
+    engine = Engine(store.artifact("llama", opt_level=0, lora_slots=2, max_lora_rank=8),
+                    backend="reference", num_kv_blocks=64, max_num_seqs=4)
+    for i, n in enumerate("abc"):
+        engine.add_lora(LoRARequest(n, i + 1, str(paths[n])))
+    # two slots, two host copies: "a" is held nowhere now; its next use reads the disk
+    shutil.rmtree(paths["a"])
+
+    async def tokens(stream) -> list[int]:
+        out = [o async for o in stream][-1]
+        assert out.finish_reason == "length"
+        return list(out.token_ids)
+
+    async def main():
+        aeng = AsyncEngine(engine, metrics=Metrics("m"))
+        aeng.start()
+        try:
+            running = await aeng.add("running", prompt, params, len(prompt), lora="b")
+            bad, waiting = await asyncio.gather(
+                aeng.add("bad", prompt, params, len(prompt), lora="a"),
+                aeng.add("waiting", prompt, params, len(prompt), lora="b"))
+            with pytest.raises(Rejected, match="LoRA adapter 'a'.*read again from disk"):
+                async for _ in bad:
+                    pass
+            got = [await tokens(running), await tokens(waiting)]
+            after = await aeng.add("after", prompt, params, len(prompt), lora="b")
+            got.append(await tokens(after))
+            assert aeng.alive and aeng.unavailable_reason() is None
+            return got
+        finally:
+            await aeng.stop()
+    assert asyncio.run(asyncio.wait_for(main(), GUARD)) == [want] * 3
