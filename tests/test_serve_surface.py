@@ -87,6 +87,34 @@ PLUGIN = textwrap.dedent('''
 ''' % MARK)
 
 
+HOLD_PLUGIN = textwrap.dedent('''
+    """A braze serve extension for the second-signal test: the engine's second step (the
+    request running, a token streamed) waits until the server aborts a request, so the
+    request is in flight when the signals come however fast the machine is."""
+    import threading
+
+    GUARD = 120
+
+
+    def install(app):
+        aeng = app.state.service.aengine
+        engine, aborted, steps = aeng.engine, threading.Event(), [0]
+        step, abort = engine.step, aeng.abort
+
+        def held_step():
+            steps[0] += 1
+            if steps[0] == 2:
+                aborted.wait(GUARD)
+            return step()
+
+        def abort_and_release(request_id):
+            abort(request_id)
+            aborted.set()
+        engine.step = held_step
+        aeng.abort = abort_and_release
+''')
+
+
 @pytest.fixture(scope="module")
 def artifact(store):
     return store.artifact("llama")
@@ -96,6 +124,7 @@ def artifact(store):
 def plugin_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("plugin")
     (d / "braze_test_plugin.py").write_text(PLUGIN)
+    (d / "braze_test_hold.py").write_text(HOLD_PLUGIN)
     return d
 
 
@@ -572,14 +601,20 @@ def test_serve_help_lists_the_new_flags():
 
 # ---- a second signal during the drain ------------------------------------------------------
 
-def test_second_sigterm_answers_503_and_exits_non_zero(artifact, tmp_path):
-    s = Server(artifact, tmp_path, "--drain-timeout", "60")
+def test_second_sigterm_answers_503_and_exits_non_zero(artifact, plugin_dir, tmp_path):
+    """The request must still be in flight when the second signal comes: an extension
+    (HOLD_PLUGIN) holds the engine's second step until the server aborts a request, where
+    a long request used to be relied on (on a fast or idle machine it finished first)."""
+    import os
+    s = Server(artifact, tmp_path, "--drain-timeout", "60", "--extension",
+               "braze_test_hold:install",
+               env={"PYTHONPATH": f"{plugin_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     try:
         result = {}
 
         def long_one():
             result["r"] = httpx.post(s.url + "/v1/completions", timeout=120, json={
-                "model": MODEL, "prompt": "Long", "max_tokens": 240, "temperature": 0,
+                "model": MODEL, "prompt": "Long", "max_tokens": 20, "temperature": 0,
                 "ignore_eos": True})
 
         t = threading.Thread(target=long_one, daemon=True)
