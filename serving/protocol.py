@@ -242,6 +242,9 @@ def _short(v) -> str:
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
     check_supported(req)
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options shape a stream: send them with stream: true, or "
+                          "leave them out", "stream_options")
     if req.length_penalty != 1.0 and not req.use_beam_search:
         raise bad_request(f"length_penalty ({req.length_penalty}) weighs beam search's score "
                           "only: send use_beam_search: true with it, or leave it out",

@@ -821,6 +821,29 @@ def test_protocol_checks():
     assert param == "top_k" and msg.startswith("top_k: ")
 
 
+def test_stream_options_without_stream_are_refused():
+    """stream_options (include_usage, continuous_usage_stats) only shape a stream: on a
+    whole response they were ignored without a word. OpenAI and vLLM answer 400 ("Stream
+    options can only be defined when `stream=True`"); null is the default and is fine."""
+    from braze.serving.protocol import (
+        APIError,
+        ChatCompletionRequest,
+        CompletionRequest,
+        chat_max_tokens,
+        completion_prompts,
+    )
+    chat = [{"role": "user", "content": "hi"}]
+    so = {"include_usage": True}
+    with pytest.raises(APIError, match="stream_options .*stream: true") as e:
+        completion_prompts(CompletionRequest(prompt="a", stream_options=so))
+    assert e.value.param == "stream_options"
+    with pytest.raises(APIError, match="stream_options .*stream: true"):
+        chat_max_tokens(ChatCompletionRequest(messages=chat, stream=False, stream_options=so))
+    assert completion_prompts(CompletionRequest(prompt="a", stream=True, stream_options=so))
+    assert completion_prompts(CompletionRequest(prompt="a", stream_options=None))
+    chat_max_tokens(ChatCompletionRequest(messages=chat, stream=True, stream_options=so))
+
+
 def test_length_penalty_without_beam_search_is_refused():
     """length_penalty weighs beam search's score only: on a sampled request it was read by
     nothing, so a client that sent 0.5 got an unweighted answer without a word. 1.0 (the
