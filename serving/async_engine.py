@@ -19,6 +19,7 @@ log says when it began and when (if ever) the step returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -89,6 +90,7 @@ class AsyncEngine:
         self._watchdog: asyncio.Task | None = None
         self.draining = False
         self._streams: dict[str, RequestStream] = {}
+        self._held = 0            # client requests in flight between engine requests
         self._cond = threading.Condition()
         self._commands: list[tuple] = []
         self._stop = False
@@ -152,9 +154,22 @@ class AsyncEngine:
         """Wait (bounded, and until `give_up()`) until no request is in flight; True when
         that happened."""
         deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline and self.alive and not give_up():
+        while self._busy() and time.monotonic() < deadline and self.alive and not give_up():
             await asyncio.sleep(0.05)
-        return not self._streams
+        return not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._streams or self._held)
+
+    @contextlib.contextmanager
+    def holding(self):
+        """A client request of many engine requests one after another (a beam search's
+        steps) is in flight for the drain also between them."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
 
     def abort_all(self, reason: str) -> None:
         for s in list(self._streams.values()):
@@ -180,9 +195,11 @@ class AsyncEngine:
                 log.exception("closing the engine failed")
 
     # ---- requests (event-loop thread) -------------------------------------------------
-    def unavailable_reason(self) -> str | None:
-        """Why no new request can be served now (draining, engine thread gone), or None."""
-        if self.draining:
+    def unavailable_reason(self, part: bool = False) -> str | None:
+        """Why no new request can be served now (draining, engine thread gone or stalled),
+        or None. `part`: of a client request admitted already (a beam search's next step),
+        which a drain lets finish."""
+        if self.draining and not part:
             return "the server is shutting down; not accepting new requests"
         if not self.alive:
             return "the engine is not running (see the server log)"
@@ -195,8 +212,10 @@ class AsyncEngine:
 
     def check_admission(self, bounded: bool = True) -> None:
         """Raise Unavailable (draining, engine gone) or, when `bounded`, QueueFull
-        (`max_queue` requests already waiting) when a new request cannot be taken now."""
-        reason = self.unavailable_reason()
+        (`max_queue` requests already waiting) when a new request cannot be taken now.
+        Not `bounded`: a part of an admitted request, refused only when the engine is gone
+        or stalled (a drain lets it finish)."""
+        reason = self.unavailable_reason(part=not bounded)
         if reason is not None:
             raise Unavailable(reason)
         if bounded and self.snapshot()["waiting"] >= self.max_queue:
@@ -209,8 +228,8 @@ class AsyncEngine:
                   cache_salt: str | None = None, priority: int | None = None) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here).
         `bounded=False`: a part (a prompt, sample or beam) of a client request admitted
-        already, which the queue bound does not refuse (it still may not join a server that
-        is draining or whose engine is gone)."""
+        already, which neither the queue bound nor a drain refuses (it still may not join
+        a server whose engine is gone or stalled)."""
         self.check_admission(bounded)
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = stream.ack = self._loop.create_future()
@@ -231,7 +250,9 @@ class AsyncEngine:
 
     async def call(self, fn):
         """Run `fn(engine)` on the engine thread (between steps); its result or error."""
-        self.check_admission(bounded=False)
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise Unavailable(reason)
         fut = self._loop.create_future()
         self._send(("call", fn, fut))
         return await fut

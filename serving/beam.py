@@ -84,8 +84,9 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool,
         return [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs]
 
     try:
-        while not all(s.done for s in searches):
-            advance_all(searches, await score_async(step_prompts(searches)))
+        with svc.aengine.holding():     # a drain waits for the search, not only its steps
+            while not all(s.done for s in searches):
+                advance_all(searches, await score_async(step_prompts(searches)))
     except Rejected as e:               # as a plain request's are answered
         raise bad_request(str(e)) from None
     except (Aborted, Unavailable, BrazeError) as e:
