@@ -333,6 +333,7 @@ def _server_options(a):
     return ServerOptions(
         host=a.host, port=a.port, max_queue=a.max_queue, served_model_name=_one_or_list(a.served_model_name),
         drain_timeout=a.drain_timeout, log_level=a.log_level, read_timeout=a.read_timeout,
+        engine_iteration_timeout=a.engine_iteration_timeout,
         limit_concurrency=a.limit_concurrency, allowed_hosts=a.allowed_hosts,
         max_request_body_bytes=a.max_request_body_bytes, api_keys=keys,
         allowed_origins=name_list(a.allowed_origins),
@@ -605,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "as in vLLM, several names are each answered, and responses give the first")
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
+    s.add_argument("--engine-iteration-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds one engine step may run; a longer one makes /health and "
+                   "/ping answer 503 (a hung engine) until it returns (default 60, as vLLM's "
+                   "VLLM_ENGINE_ITERATION_TIMEOUT_S)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="the server's log level (default info)")
     s.add_argument("--read-timeout", type=float, default=30.0, metavar="S",

@@ -400,6 +400,10 @@ class Engine(EngineLoRA):
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
+        for req, err in sched.failed:        # it can never run: finished, with why
+            self._finish(req, "abort")
+            req.stop_reason = str(err)
+            outputs.append(self._output(req))
         for req in sched.preempted:
             self.runner.remove(req)
         if sched.chunks:

@@ -490,7 +490,14 @@ class LoRAManager:
                 self.stats["lora_evictions"] += 1
             else:
                 return None
-            self._write(slot, self._host_copy(key, req), req)
+            try:
+                host = self._host_copy(key, req)
+            except LoRAError as e:
+                raise LoRAError(f"{e}; it had left the host cache of {self.max_cpu_loras} "
+                                f"adapters (max_cpu_loras) and was read again from disk: "
+                                f"restore its files, or load it again from where they are "
+                                f"now", e.status) from None
+            self._write(slot, host, req)
             self._slot_of[key] = slot
             self._holder[slot] = key
         self._lru.pop(key, None)

@@ -99,6 +99,9 @@ class SchedulerOutput:
     num_draft: int = 0
     # indices of the chunks that score prompt tokens (prompt_logprobs; runtime/prompt_logprobs.py)
     prompt_chunks: list[int] | tuple = ()      # (no list made for steps without them)
+    # waiting requests that can never run, with why (their LoRA adapter cannot be loaded):
+    # still in `waiting`, for the engine to finish (the others' step goes on)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -244,7 +247,12 @@ class Scheduler:
                                         salt):
                 break
             if req.lora is not None:
-                req.lora_slot = self.lora.acquire(req.lora)
+                try:
+                    req.lora_slot = self.lora.acquire(req.lora)
+                except BrazeError as e:     # its adapter's files are gone since it was
+                    out.failed.append((req, e))     # added: it alone fails; raising here
+                    w += 1                  # would lose the chunks scheduled above
+                    continue
                 if req.lora_slot is None:   # every adapter slot is pinned by running
                     w += 1                  # requests: admit others (vLLM does the same)
                     continue

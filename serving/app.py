@@ -50,8 +50,10 @@ from .protocol import (
     bad_request,
     chat_max_tokens,
     check_context,
+    client_request_id,
     completion_prompts,
     error_body,
+    response_ids,
     sampling_kwargs,
     send_error,
     truncation,
@@ -304,7 +306,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                                     svc.max_model_len - longest))
         if body.use_beam_search:
             return JSONResponse(await _while_connected(
-                request, beam.respond(svc, body, prompts, max_tokens, chat=False)))
+                request, beam.respond(svc, body, prompts, max_tokens, chat=False,
+                                      scope=request.scope)))
         constraint, field = request_constraint(body)
         await svc.compile_grammar(constraint, field)
         params = SamplingParams(**sampling_kwargs(body, max_tokens, svc.sampling_defaults),
@@ -331,7 +334,8 @@ def create_app(svc: Service, read_timeout: float | None = None,
                           else "max_tokens")
         if body.use_beam_search:
             return JSONResponse(await _while_connected(
-                request, beam.respond(svc, body, [(None, ids)], max_tokens, chat=True)))
+                request, beam.respond(svc, body, [(None, ids)], max_tokens, chat=True,
+                                      scope=request.scope)))
         kw = sampling_kwargs(body, max_tokens, svc.sampling_defaults)
         if tool_plan is not None:       # a tool parser that reads special tokens keeps them
             kw["skip_special_tokens"] = kw["skip_special_tokens"] and tool_plan.skip_special_tokens
@@ -400,9 +404,9 @@ async def _generate(svc: Service, request: Request, body, prompts: list, params:
     prompt and sample (n, best_of), rendered as one response or one SSE stream.
     `reasoning`: the runtime/reasoning.Reply that splits chat replies into reasoning and
     content."""
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    rid, engine_rid = response_ids(request.scope, "chatcmpl-" if chat else "cmpl-")
     job = _Job(svc, rid, request.scope.get("braze.request_id", rid), chat, int(time.time()),
-               body, params, tool_plan, reasoning)
+               body, params, tool_plan, reasoning, engine_rid)
     await job.submit(prompts)
     if body.stream:
         return StreamingResponse(job.sse(body.include_usage), media_type="text/event-stream",
@@ -432,8 +436,10 @@ class _Job:
     """One admitted request: its choices' output streams rendered as SSE or as one JSON body."""
 
     def __init__(self, svc: Service, rid: str, client_rid: str, chat: bool, created: int,
-                 body, params: SamplingParams, tool_plan=None, reasoning=None):
+                 body, params: SamplingParams, tool_plan=None, reasoning=None,
+                 engine_rid: str | None = None):
         self.svc, self.rid, self.client_rid = svc, rid, client_rid
+        self.engine_rid = engine_rid or rid     # its engine requests' ids: distinct per job
         self.reasoning = reasoning if chat else None     # runtime/reasoning.Reply
         self.show_reasoning = getattr(body, "include_reasoning", True)
         # with tools in play, chat text goes through the plan's parser (serving/tools.py)
@@ -469,9 +475,9 @@ class _Job:
         try:
             for pi, (text, ids) in enumerate(prompts):
                 self.num_prompt_tokens += len(ids)
-                group = None if len(children) == 1 else f"{self.rid}-{pi}"
+                group = None if len(children) == 1 else f"{self.engine_rid}-{pi}"
                 for j, child in enumerate(children):
-                    crid = self.rid if single else f"{self.rid}-{pi}-{j}"
+                    crid = self.engine_rid if single else f"{self.engine_rid}-{pi}-{j}"
                     stream = await self.svc.submit(
                         crid, ids, child, group, getattr(self.body, "kv_transfer_params", None),
                         "messages" if self.chat else "prompt",
@@ -898,13 +904,10 @@ class RequestIdMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = None
-        for k, v in scope.get("headers", ()):
-            if k == b"x-request-id":
-                rid = v.decode("latin-1").strip()[:256] or None
-                break
-        rid = rid or uuid.uuid4().hex
+        given = client_request_id(scope)
+        rid = given or uuid.uuid4().hex
         scope["braze.request_id"] = rid
+        scope["braze.client_request_id"] = given   # the base of response ids, as in vLLM
         started = False
 
         async def send_with_id(message):

@@ -8,12 +8,18 @@ list under a condition variable; the thread sleeps on that condition when it has
 
 Admission control happens on the loop: a request is refused (`QueueFull`, HTTP 503) when
 `max_queue` accepted requests are already waiting for a place in the running batch, and
-(`Unavailable`, 503) while draining or after the engine thread died.
+(`Unavailable`, 503) while draining, after the engine thread died, or while it is stalled.
+
+Stalls: the engine thread stamps when a step starts; a step that has not returned after
+`iteration_timeout` seconds (a hung kernel, a deadlocked collective) makes the engine
+"stalled": /health and /ping answer 503 saying so, `braze_engine_stalled` reads 1, and the
+log says when it began and when (if ever) the step returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -73,12 +79,18 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine, max_queue: int = 256, metrics=None):
+    def __init__(self, engine, max_queue: int = 256, metrics=None,
+                 iteration_timeout: float = 60.0):
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = metrics
+        self.iteration_timeout = iteration_timeout
+        self._step_started: float | None = None      # monotonic; set by the engine thread
+        self._stall_logged = False
+        self._watchdog: asyncio.Task | None = None
         self.draining = False
         self._streams: dict[str, RequestStream] = {}
+        self._held = 0            # client requests in flight between engine requests
         self._cond = threading.Condition()
         self._commands: list[tuple] = []
         self._stop = False
@@ -94,6 +106,7 @@ class AsyncEngine:
         self._snap = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="braze-engine", daemon=True)
         self._thread.start()
+        self._watchdog = self._loop.create_task(self._watch_steps())
 
     @property
     def alive(self) -> bool:
@@ -107,7 +120,32 @@ class AsyncEngine:
         """Engine gauges as of its last step, with requests not yet running as waiting."""
         snap = dict(self._snap)
         snap["waiting"] = max(0, len(self._streams) - snap.get("running", 0))
+        snap["engine_stalled"] = int(self.stalled_for() is not None)
         return snap
+
+    def stalled_for(self) -> float | None:
+        """Seconds the step in progress has run, when that is more than
+        `iteration_timeout` (the engine is stalled); else None."""
+        started = self._step_started
+        if started is None:
+            return None
+        took = time.monotonic() - started
+        return took if took > self.iteration_timeout else None
+
+    async def _watch_steps(self) -> None:
+        """Log a stall once when it is seen, and the step's return after one."""
+        period = min(1.0, self.iteration_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            stalled = self.stalled_for()
+            if stalled is not None and not self._stall_logged:
+                self._stall_logged = True
+                log.error("the engine is stalled: its step has not returned for %.0f s "
+                          "(--engine-iteration-timeout %g); /health answers 503", stalled,
+                          self.iteration_timeout)
+            elif stalled is None and self._stall_logged:
+                self._stall_logged = False
+                log.warning("the engine's stalled step returned; /health answers 200 again")
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -116,15 +154,30 @@ class AsyncEngine:
         """Wait (bounded, and until `give_up()`) until no request is in flight; True when
         that happened."""
         deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline and self.alive and not give_up():
+        while self._busy() and time.monotonic() < deadline and self.alive and not give_up():
             await asyncio.sleep(0.05)
-        return not self._streams
+        return not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._streams or self._held)
+
+    @contextlib.contextmanager
+    def holding(self):
+        """A client request of many engine requests one after another (a beam search's
+        steps) is in flight for the drain also between them."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
 
     def abort_all(self, reason: str) -> None:
         for s in list(self._streams.values()):
             s.abort(reason)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.abort_all("the server is shutting down")
         with self._cond:
             self._stop = True
@@ -142,18 +195,27 @@ class AsyncEngine:
                 log.exception("closing the engine failed")
 
     # ---- requests (event-loop thread) -------------------------------------------------
-    def unavailable_reason(self) -> str | None:
-        """Why no new request can be served now (draining, engine thread gone), or None."""
-        if self.draining:
+    def unavailable_reason(self, part: bool = False) -> str | None:
+        """Why no new request can be served now (draining, engine thread gone or stalled),
+        or None. `part`: of a client request admitted already (a beam search's next step),
+        which a drain lets finish."""
+        if self.draining and not part:
             return "the server is shutting down; not accepting new requests"
         if not self.alive:
             return "the engine is not running (see the server log)"
+        stalled = self.stalled_for()
+        if stalled is not None:
+            return (f"the engine is stalled: its current step has not returned for "
+                    f"{stalled:.0f} s (more than --engine-iteration-timeout "
+                    f"{self.iteration_timeout:g} s); see the server log")
         return None
 
     def check_admission(self, bounded: bool = True) -> None:
         """Raise Unavailable (draining, engine gone) or, when `bounded`, QueueFull
-        (`max_queue` requests already waiting) when a new request cannot be taken now."""
-        reason = self.unavailable_reason()
+        (`max_queue` requests already waiting) when a new request cannot be taken now.
+        Not `bounded`: a part of an admitted request, refused only when the engine is gone
+        or stalled (a drain lets it finish)."""
+        reason = self.unavailable_reason(part=not bounded)
         if reason is not None:
             raise Unavailable(reason)
         if bounded and self.snapshot()["waiting"] >= self.max_queue:
@@ -166,8 +228,8 @@ class AsyncEngine:
                   cache_salt: str | None = None, priority: int | None = None) -> RequestStream:
         """Admit a request; returns once the engine accepted it (its errors raise here).
         `bounded=False`: a part (a prompt, sample or beam) of a client request admitted
-        already, which the queue bound does not refuse (it still may not join a server that
-        is draining or whose engine is gone)."""
+        already, which neither the queue bound nor a drain refuses (it still may not join
+        a server whose engine is gone or stalled)."""
         self.check_admission(bounded)
         stream = RequestStream(self, request_id, num_prompt_tokens)
         ack = stream.ack = self._loop.create_future()
@@ -188,7 +250,9 @@ class AsyncEngine:
 
     async def call(self, fn):
         """Run `fn(engine)` on the engine thread (between steps); its result or error."""
-        self.check_admission(bounded=False)
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise Unavailable(reason)
         fut = self._loop.create_future()
         self._send(("call", fn, fut))
         return await fut
@@ -222,6 +286,11 @@ class AsyncEngine:
                 continue
             if self.metrics is not None and out.new_token_ids:
                 self.metrics.on_tokens(len(out.new_token_ids))
+            if out.finished and out.finish_reason == "abort" and isinstance(out.stop_reason, str):
+                # the engine gave up on it (its LoRA adapter or grammar cannot be loaded),
+                # unasked: an abort from here had dropped its stream already
+                self._reject([out.request_id], out.stop_reason)
+                continue
             if out.finished:
                 del self._streams[out.request_id]
                 if self.metrics is not None:
@@ -323,11 +392,17 @@ class AsyncEngine:
                         eng.abort_request(cmd[1])
                         must_step = True            # the step reports (and frees) aborted ones
                 try:
-                    outputs = eng.step() if (eng.has_unfinished() or must_step) else []
+                    if eng.has_unfinished() or must_step:
+                        self._step_started = time.monotonic()
+                        outputs = eng.step()
+                    else:
+                        outputs = []
                 except BrazeError as e:
                     # a waiting request can never run (say, its prompt needs more KV blocks
                     # than the cache has): fail the waiting ones, keep serving the rest
                     outputs = self._drop_waiting(e)
+                finally:
+                    self._step_started = None
                 busy = eng.has_unfinished()
                 self._post(self._deliver, acks, outputs, self._read_stats())
         except BaseException as e:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from braze.ir.errors import BrazeError
 from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all, step_prompts
@@ -24,7 +23,7 @@ from braze.runtime.beam_search import BeamSearch, BeamSearchParams, advance_all,
 from . import responses as R
 from .async_engine import Aborted, Rejected, Unavailable
 from .lora_routes import lora_for, response_model
-from .protocol import APIError, bad_request, first_set
+from .protocol import APIError, bad_request, first_set, response_ids
 from .structured import GUIDED
 
 # field -> the values a beam search request may send it with (its neutral ones)
@@ -44,8 +43,10 @@ def check(body) -> None:
                           f"(beam search returns its n best sequences whole)", found[0])
 
 
-async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict:
-    """The response body of a beam search request over `prompts` ([(text, ids)])."""
+async def respond(svc, body, prompts: list, max_tokens: int, chat: bool,
+                  scope: dict | None = None) -> dict:
+    """The response body of a beam search request over `prompts` ([(text, ids)]); `scope`:
+    the HTTP request's (its X-Request-Id is the base of the response's id)."""
     check(body)
     params = BeamSearchParams(beam_width=body.n, max_tokens=max_tokens,
                               ignore_eos=body.ignore_eos,
@@ -58,7 +59,7 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
         raise bad_request(str(e), param) from None
     eos = svc.aengine.engine.eos_token_ids
     searches = [BeamSearch(ids, params, eos, svc.max_model_len) for _, ids in prompts]
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    rid, engine_rid = response_ids(scope or {}, "chatcmpl-" if chat else "cmpl-")
     step = params.step_params()
     lora = lora_for(svc, getattr(body, "model", None))
     kv = getattr(body, "kv_transfer_params", None)      # every step's, as a sampled request's
@@ -70,7 +71,7 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
         streams = []
         try:
             for toks in token_lists:
-                streams.append(await svc.submit(f"{rid}-{next(counter)}", toks, step,
+                streams.append(await svc.submit(f"{engine_rid}-{next(counter)}", toks, step,
                                                 kv_transfer_params=kv, prompt_param=where,
                                                 lora=lora, bounded=False,
                                                 cache_salt=getattr(body, "cache_salt", None),
@@ -83,8 +84,9 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool) -> dict
         return [[(t, lp) for t, lp in o.logprobs[0].top] for o in outs]
 
     try:
-        while not all(s.done for s in searches):
-            advance_all(searches, await score_async(step_prompts(searches)))
+        with svc.aengine.holding():     # a drain waits for the search, not only its steps
+            while not all(s.done for s in searches):
+                advance_all(searches, await score_async(step_prompts(searches)))
     except Rejected as e:               # as a plain request's are answered
         raise bad_request(str(e)) from None
     except (Aborted, Unavailable, BrazeError) as e:

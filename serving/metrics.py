@@ -100,7 +100,8 @@ class Metrics:
 
     def render(self, snap: dict) -> str:
         """The exposition text (`CONTENT_TYPE`), the gauges read from `snap`: running,
-        waiting, kv_blocks_used, kv_blocks_total, preemptions, prefix_cache_hit_tokens,
+        waiting, engine_stalled, kv_blocks_used, kv_blocks_total, preemptions,
+        prefix_cache_hit_tokens,
         prefix_cache_queries,
         kernels_*, kv_groups, spec_decode_*, kv_offload_* (missing keys read as 0)."""
         self._snapshot.snap = snap
@@ -127,6 +128,9 @@ class _Snapshot:
                      snap.get("running", 0))
         yield _gauge("braze_requests_waiting", "Requests accepted and waiting to be scheduled.",
                      snap.get("waiting", 0))
+        yield _gauge("braze_engine_stalled", "1 while the engine's current step has run longer "
+                     "than --engine-iteration-timeout (then /health answers 503), else 0.",
+                     snap.get("engine_stalled", 0))
         yield _gauge("braze_kv_cache_usage",
                      "Fraction of KV-cache blocks held by live requests (0 to 1).", usage)
         yield _gauge("braze_kv_cache_blocks_total", "KV-cache blocks in the pool.", total)

@@ -27,6 +27,9 @@ class ServerOptions:
     served_model_name: str | list[str] | None = None
     drain_timeout: float = 30.0           # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
+    # seconds one engine step may run before /health calls the engine stalled (vLLM's
+    # VLLM_ENGINE_ITERATION_TIMEOUT_S, 60 s, is the same bound)
+    engine_iteration_timeout: float = 60.0
     read_timeout: float = 30.0            # seconds for a request's headers, and its body
     limit_concurrency: int = 1024         # open connections and requests
     allowed_hosts: str | None = None      # comma-separated Host names (serving/hosts.py)
@@ -70,6 +73,9 @@ class ServerOptions:
                              f"one), got {p!r}")
         if not self.drain_timeout >= 0:
             raise BrazeError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if not 0 < self.engine_iteration_timeout < float("inf"):
+            raise BrazeError(f"--engine-iteration-timeout must be a positive number of "
+                             f"seconds, got {self.engine_iteration_timeout}")
         if not 0 < self.read_timeout < float("inf"):
             raise BrazeError(f"--read-timeout must be a positive number of seconds, got "
                              f"{self.read_timeout}")

@@ -13,6 +13,7 @@ app turns into an OpenAI-shaped JSON error: {"error": {"message", "type", "param
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,11 +40,13 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 async def send_error(send, status: int, message: str, type: str, code: str | None = None,
-                     close: bool = False) -> None:
+                     close: bool = False, headers: list | None = None) -> None:
     """An OpenAI-shaped error straight through ASGI `send`: for middleware, which runs outside
-    FastAPI's exception handlers. `close` asks the server to close the connection after it."""
+    FastAPI's exception handlers. `close` asks the server to close the connection after it;
+    `headers`: more (name, value) byte pairs."""
     body = json.dumps(error_body(message, type, None, code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *(headers or ())]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -239,6 +242,9 @@ def _short(v) -> str:
 def check_common(req: _GenerationRequest) -> None:
     """Options braze does not implement get a clear 400 rather than being silently ignored."""
     check_supported(req)
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options shape a stream: send them with stream: true, or "
+                          "leave them out", "stream_options")
     if req.length_penalty != 1.0 and not req.use_beam_search:
         raise bad_request(f"length_penalty ({req.length_penalty}) weighs beam search's score "
                           "only: send use_beam_search: true with it, or leave it out",
@@ -446,3 +452,23 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     sep = " " if kind == "content_part" else ": "      # "messages[0].content[1] is a str, ..."
     return (f"{where}{sep}{msg}" if where else msg), param
 
+
+
+def client_request_id(scope) -> str | None:
+    """The request's X-Request-Id header (stripped, at most 256 characters), or None."""
+    for k, v in scope.get("headers", ()):
+        if k == b"x-request-id":
+            return v.decode("latin-1").strip()[:256] or None
+    return None
+
+
+def response_ids(scope: dict, prefix: str) -> tuple[str, str]:
+    """A response's id, vLLM's way: `prefix` ("cmpl-", "chatcmpl-", "resp_") and the
+    client's X-Request-Id header (as app.RequestIdMiddleware read it), else a fresh id; and
+    the base of its engine requests' ids, distinct even when two requests bring the same
+    header (a retry)."""
+    fresh = uuid.uuid4().hex
+    given = scope.get("braze.client_request_id")
+    if given is None:
+        return prefix + fresh, prefix + fresh
+    return prefix + given, f"{prefix}{given}-{fresh}"

@@ -57,6 +57,7 @@ from .protocol import (
     chat_max_tokens,
     check_context,
     first_set,
+    response_ids,
     sampling_kwargs,
     truncation,
     validation_message,
@@ -393,10 +394,12 @@ def install(app: FastAPI, svc, while_connected) -> None:
             reasoning = svc.reasoning.reply(ids)
             kw["skip_special_tokens"] = svc.reasoning.skip_special_tokens(kw["skip_special_tokens"])
         params = SamplingParams(**kw, structured_outputs=constraint)
-        reply = _Reply(svc, body, len(ids), params, reasoning, stored=keep, tools=tool_plan)
+        rid, engine_rid = response_ids(request.scope, "resp_")
+        reply = _Reply(svc, body, len(ids), params, reasoning, rid, stored=keep,
+                       tools=tool_plan)
         items = stored.input_items(body.input)
         svc.admit()
-        stream = await svc.submit(reply.id, ids, params, prompt_param="input",
+        stream = await svc.submit(engine_rid, ids, params, prompt_param="input",
                                   lora=lora_for(svc, body.model), bounded=False,
                                   cache_salt=chat.cache_salt, priority=chat.priority)
         if keep:
@@ -479,8 +482,8 @@ class _Reply:
     """One response: its object as it stands, and its stream of events."""
 
     def __init__(self, svc, body: ResponsesRequest, num_prompt_tokens: int,
-                 params: SamplingParams, reasoning=None, stored: bool = False,
-                 tools=None):
+                 params: SamplingParams, reasoning=None, rid: str | None = None,
+                 stored: bool = False, tools=None):
         self.body, self.params = body, params
         # the request's serving/tools.ToolPlan, when its reply may call a function
         self.tools = tools if tools is not None and tools.mode != "none" else None
@@ -492,7 +495,7 @@ class _Reply:
         self.on_done = None             # called with the final response object
         # with --reasoning-parser, the runtime/reasoning.Reply that splits the text
         self.reasoning = reasoning
-        self.id = "resp_" + uuid.uuid4().hex
+        self.id = rid or "resp_" + uuid.uuid4().hex
         self.item_id = "msg_" + uuid.uuid4().hex
         self.reasoning_id = "rs_" + uuid.uuid4().hex
         self.created = int(time.time())

@@ -10,8 +10,8 @@ and the process exits with 128 + the signal's number, as a shell reports a kille
 a third exits without answering.
 
 Clients are held to `read_timeout` for a request's headers and body (read_timeouts.py),
-at most `limit_concurrency` connections and requests are open at once (uvicorn answers
-503 beyond), and the Host header is checked (hosts.py).
+at most `limit_concurrency` connections and requests are open at once (an OpenAI-shaped
+503 with X-Request-Id beyond: concurrency.py), and the Host header is checked (hosts.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from braze.ir.errors import BrazeError
 
 from .app import Service, create_app
+from .concurrency import limited_protocol
 from .hosts import hosts_to_answer, is_loopback
 from .options import ServerOptions
 from .read_timeouts import header_timeout_protocol
@@ -147,7 +148,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         if parser is not None:
             log.info("tool calls (tool_choice auto) are read with the %r parser%s", parser,
                      "" if so.tool_call_parser else " (from the chat template)")
-        svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics), metrics,
+        svc = Service(AsyncEngine(engine, max_queue=so.max_queue, metrics=metrics,
+                                  iteration_timeout=so.engine_iteration_timeout), metrics,
                       name, engine.max_model_len, tokenizer, template,
                       trust_request_chat_template=so.trust_request_chat_template,
                       tool_call_parser=parser, text_only_origin=art.text_only_origin,
@@ -179,7 +181,8 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=5,
                                 limit_concurrency=so.limit_concurrency,
-                                http=header_timeout_protocol(AutoHTTPProtocol, so.read_timeout))
+                                http=limited_protocol(header_timeout_protocol(
+                                    AutoHTTPProtocol, so.read_timeout)))
         server = DrainingServer(config, svc, so.drain_timeout, _url(sock))
         server.run(sockets=[sock])
         engine.close()          # the tensor-parallel ranks: told to stop, not left to find out

@@ -562,9 +562,43 @@ def test_request_id_echoed_or_generated(server):
     resp = server.client.completions.with_raw_response.create(
         model=MODEL, prompt="x", max_tokens=1, extra_headers={"X-Request-Id": "via-openai"})
     assert resp.headers["x-request-id"] == "via-openai"
-    assert re.search(r"request via-openai \(cmpl-[0-9a-f]+\): \d+ prompt tokens, 1 output "
+    assert resp.parse().id == "cmpl-via-openai"          # vLLM's id: cmpl-<X-Request-Id>
+    assert re.search(r"request via-openai \(cmpl-via-openai\): \d+ prompt tokens, 1 output "
                      r"tokens, finish \w+, ttft [\d.]+ s, total [\d.]+ s", _wait_log(server,
                                                                                    "via-openai"))
+
+
+@pytest.mark.parametrize("path, body, prefix", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2}, "cmpl-"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 2}, "cmpl-"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 2}, "chatcmpl-"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2}, "resp_"),
+])
+def test_the_response_id_is_built_on_the_clients_x_request_id(server, path, body, prefix):
+    """vLLM's response ids are `cmpl-<X-Request-Id>`, `chatcmpl-<X-Request-Id>` (its
+    `_base_request_id`), so a gateway's trace id finds the response, and every streamed
+    chunk carries it; braze's ignored the header. Two requests with the same header (a
+    retry) are both served: the engine's own ids stay distinct. Without the header: the
+    prefix and a fresh id."""
+    def ids_of(stream: bool, rid: str | None) -> set:
+        headers = {"X-Request-Id": rid} if rid else {}
+        r = server.http.post(path, json={"model": MODEL, **body, "stream": stream},
+                             headers=headers)
+        assert r.status_code == 200, r.text
+        if not stream:
+            return {r.json()["id"]}
+        events = [e for e in sse_events(r.text.splitlines()) if e != "[DONE]"]
+        assert events
+        return {e["response"]["id"] if "response" in e else e["id"] for e in events
+                if "response" in e or "id" in e}
+    for stream in (False, True):
+        assert ids_of(stream, "trace-7") == {prefix + "trace-7"}, stream
+    with ThreadPoolExecutor(2) as pool:
+        same = list(pool.map(lambda _: ids_of(False, "retry-1"), range(2)))
+    assert same == [{prefix + "retry-1"}] * 2
+    (fresh,) = ids_of(False, None)
+    assert re.fullmatch(re.escape(prefix) + r"[0-9a-f]{32}", fresh), fresh
 
 
 def _wait_log(server, needle, timeout=10.0) -> str:
@@ -785,6 +819,29 @@ def test_protocol_checks():
     msg, param = validation_message([{"type": "greater_than_equal", "loc": ("body", "top_k"),
                                       "msg": "Input should be greater than or equal to -1"}])
     assert param == "top_k" and msg.startswith("top_k: ")
+
+
+def test_stream_options_without_stream_are_refused():
+    """stream_options (include_usage, continuous_usage_stats) only shape a stream: on a
+    whole response they were ignored without a word. OpenAI and vLLM answer 400 ("Stream
+    options can only be defined when `stream=True`"); null is the default and is fine."""
+    from braze.serving.protocol import (
+        APIError,
+        ChatCompletionRequest,
+        CompletionRequest,
+        chat_max_tokens,
+        completion_prompts,
+    )
+    chat = [{"role": "user", "content": "hi"}]
+    so = {"include_usage": True}
+    with pytest.raises(APIError, match="stream_options .*stream: true") as e:
+        completion_prompts(CompletionRequest(prompt="a", stream_options=so))
+    assert e.value.param == "stream_options"
+    with pytest.raises(APIError, match="stream_options .*stream: true"):
+        chat_max_tokens(ChatCompletionRequest(messages=chat, stream=False, stream_options=so))
+    assert completion_prompts(CompletionRequest(prompt="a", stream=True, stream_options=so))
+    assert completion_prompts(CompletionRequest(prompt="a", stream_options=None))
+    chat_max_tokens(ChatCompletionRequest(messages=chat, stream=True, stream_options=so))
 
 
 def test_length_penalty_without_beam_search_is_refused():

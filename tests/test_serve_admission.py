@@ -69,3 +69,53 @@ def test_nothing_was_counted_as_rejected_or_aborted(server):
     m = server.metrics()
     assert m["braze_requests_rejected_total"] == 0
     assert m['braze_requests_total{finish_reason="abort"}'] == 0
+
+
+def test_a_beam_search_in_flight_when_the_drain_starts_finishes(art):
+    """A drain (SIGTERM) lets in-flight requests finish. A beam search sends new engine
+    requests at every step: those were refused once the drain began, so the search in
+    flight was answered 503; and between two steps no engine request of it was in flight,
+    so the drain could end under it. In-process, the engine's steps held on an Event: the
+    drain starts while the search runs, and the answer is the one given without a drain."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from braze.serving.app import Service, create_app
+    from braze.serving.async_engine import AsyncEngine
+    from braze.serving.metrics import Metrics
+    engine = Engine(art, backend="reference", num_kv_blocks=64)
+    step, entered, go = engine.step, threading.Event(), threading.Event()
+    go.set()
+
+    def held_step():
+        entered.set()
+        go.wait(60)
+        return step()
+    engine.step = held_step
+    metrics = Metrics(MODEL)
+    aeng = AsyncEngine(engine, metrics=metrics)
+    svc = Service(aeng, metrics, MODEL, engine.max_model_len, engine.tokenizer, None)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "n": 2,
+            "use_beam_search": True, "ignore_eos": True}
+    with TestClient(create_app(svc)) as client:
+        want = client.post("/v1/completions", json=body)
+        assert want.status_code == 200, want.text
+        go.clear()
+        entered.clear()
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            r=client.post("/v1/completions", json=body)))
+        t.start()
+        assert entered.wait(60)               # the search's first step is in the engine
+        aeng.begin_drain()
+        idle = client.portal.call(aeng.wait_idle, 0.0)   # not idle: the search is in flight
+        go.set()
+        t.join(60)
+        drained = client.portal.call(aeng.wait_idle, 30.0)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == \
+            [c["text"] for c in want.json()["choices"]]
+        assert not idle and drained
+        assert client.post("/v1/completions", json=body).status_code == 503  # new: refused

@@ -118,3 +118,118 @@ def test_over_http_the_failure_is_a_503_and_logged_as_an_error(store, stream, ca
     assert "finish error" in line, line
     assert parse_metrics(metrics.render(svc.aengine.snapshot()))[
         'braze_requests_total{finish_reason="error"}'] == 1
+
+
+def _wait_for(pred, what: str):
+    """Poll `pred` until it holds (a hang guard of GUARD seconds, not a timing assertion)."""
+    import time
+    deadline = time.monotonic() + GUARD
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_hung_step_makes_health_503_until_it_returns(store, caplog):
+    """A step that never returns (a hung kernel) left /health at 200 for ever: only a dead
+    engine thread was noticed. Past --engine-iteration-timeout, /health and /ping answer 503
+    naming the stall, /metrics' braze_engine_stalled reads 1 and the log says so; once the
+    step returns all is well again and the request finishes with its tokens."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from braze.serving.app import Service, create_app
+    engine = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64)
+    step, count = engine.step, [0]
+    entered, release = threading.Event(), threading.Event()
+
+    def hanging():
+        count[0] += 1
+        if count[0] == 2:             # the second step hangs until the test lets it go
+            entered.set()
+            release.wait(GUARD)
+        return step()
+    engine.step = hanging
+    metrics = Metrics("m")
+    aeng = AsyncEngine(engine, metrics=metrics, iteration_timeout=0.2)
+    svc = Service(aeng, metrics, "m", engine.max_model_len, engine.tokenizer, None)
+    body = {"model": "m", "prompt": [1, 7, 8], "max_tokens": 5, "ignore_eos": True}
+    with caplog.at_level("INFO", logger="braze.serving"), TestClient(create_app(svc)) as client:
+        assert client.get("/health").status_code == 200
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=client.post("/v1/completions",
+                                                                         json=body)))
+        t.start()
+        try:
+            assert entered.wait(GUARD)
+            _wait_for(lambda: client.get("/health").status_code == 503,
+                      "/health never noticed the hung step")
+            for path in ("/health", "/ping"):
+                r = client.get(path)
+                assert r.status_code == 503, path
+                message = r.json()["error"]["message"]
+                assert "stalled" in message and "--engine-iteration-timeout" in message
+            m = parse_metrics(client.get("/metrics").text)
+            assert m["braze_engine_stalled"] == 1
+            _wait_for(lambda: any("engine is stalled" in rec.getMessage()
+                                  for rec in caplog.records), "no log line named the stall")
+        finally:
+            release.set()
+            t.join(GUARD)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        assert client.get("/health").status_code == 200
+        assert client.get("/ping").status_code == 200
+        assert parse_metrics(client.get("/metrics").text)["braze_engine_stalled"] == 0
+
+
+def test_an_adapter_that_fails_to_reload_fails_its_request_only(store, tmp_path):
+    """An adapter evicted from the host cache is read from disk again when a request needs
+    it; if its files are gone meanwhile that read fails inside the engine's step. The step
+    raised, and the server failed every waiting request (and the running one had its
+    step's tokens counted as computed without the step running). Now only the request
+    naming that adapter fails, with the adapter's error; the others finish with the tokens
+    transformers + peft give, and the server keeps serving."""
+    import shutil
+
+    from braze.runtime.lora import LoRARequest
+    from braze.serving.async_engine import Rejected
+    from lora_helpers import make_adapter, peft_greedy
+    ck = store.checkpoint("llama")
+    paths = {n: make_adapter(ck, tmp_path / n, seed=s, r=4, alpha=8, scale=3.0)
+             for n, s in (("a", 11), ("b", 12), ("c", 13))}
+    prompt = [1, 17, 93, 4, 250, 66, 7, 31]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = peft_greedy(ck, paths["b"], prompt, params.max_tokens)
+    engine = Engine(store.artifact("llama", opt_level=0, lora_slots=2, max_lora_rank=8),
+                    backend="reference", num_kv_blocks=64, max_num_seqs=4)
+    for i, n in enumerate("abc"):
+        engine.add_lora(LoRARequest(n, i + 1, str(paths[n])))
+    # two slots, two host copies: "a" is held nowhere now; its next use reads the disk
+    shutil.rmtree(paths["a"])
+
+    async def tokens(stream) -> list[int]:
+        out = [o async for o in stream][-1]
+        assert out.finish_reason == "length"
+        return list(out.token_ids)
+
+    async def main():
+        aeng = AsyncEngine(engine, metrics=Metrics("m"))
+        aeng.start()
+        try:
+            running = await aeng.add("running", prompt, params, len(prompt), lora="b")
+            bad, waiting = await asyncio.gather(
+                aeng.add("bad", prompt, params, len(prompt), lora="a"),
+                aeng.add("waiting", prompt, params, len(prompt), lora="b"))
+            with pytest.raises(Rejected, match="LoRA adapter 'a'.*read again from disk"):
+                async for _ in bad:
+                    pass
+            got = [await tokens(running), await tokens(waiting)]
+            after = await aeng.add("after", prompt, params, len(prompt), lora="b")
+            got.append(await tokens(after))
+            assert aeng.alive and aeng.unavailable_reason() is None
+            return got
+        finally:
+            await aeng.stop()
+    assert asyncio.run(asyncio.wait_for(main(), GUARD)) == [want] * 3

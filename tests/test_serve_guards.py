@@ -90,10 +90,18 @@ def test_trickled_body_gets_408_and_is_disconnected(server):
 
 
 def test_concurrency_limit_answers_503(server):
+    """Past --limit-concurrency uvicorn answered a bare text/plain "Service Unavailable"
+    without X-Request-Id (so a gateway could not tie it to its request): it is an
+    OpenAI-shaped 503 naming the flag, with the client's X-Request-Id (or a fresh one)."""
     idle = [_connect(server) for _ in range(3)]       # with this request: 4 connections
     try:
-        r = httpx.get(server.url + "/health", timeout=GUARD)
+        r = httpx.get(server.url + "/health", timeout=GUARD, headers={"X-Request-Id": "over-1"})
         assert r.status_code == 503
+        assert r.headers.get("x-request-id") == "over-1"
+        err = r.json()["error"]
+        assert err["type"] == "service_unavailable" and "--limit-concurrency" in err["message"]
+        r = httpx.get(server.url + "/health", timeout=GUARD)
+        assert r.status_code == 503 and r.headers.get("x-request-id")
     finally:
         for s in idle:
             s.close()

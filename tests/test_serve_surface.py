@@ -87,6 +87,34 @@ PLUGIN = textwrap.dedent('''
 ''' % MARK)
 
 
+HOLD_PLUGIN = textwrap.dedent('''
+    """A braze serve extension for the second-signal test: the engine's second step (the
+    request running, a token streamed) waits until the server aborts a request, so the
+    request is in flight when the signals come however fast the machine is."""
+    import threading
+
+    GUARD = 120
+
+
+    def install(app):
+        aeng = app.state.service.aengine
+        engine, aborted, steps = aeng.engine, threading.Event(), [0]
+        step, abort = engine.step, aeng.abort
+
+        def held_step():
+            steps[0] += 1
+            if steps[0] == 2:
+                aborted.wait(GUARD)
+            return step()
+
+        def abort_and_release(request_id):
+            abort(request_id)
+            aborted.set()
+        engine.step = held_step
+        aeng.abort = abort_and_release
+''')
+
+
 @pytest.fixture(scope="module")
 def artifact(store):
     return store.artifact("llama")
@@ -96,6 +124,7 @@ def artifact(store):
 def plugin_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("plugin")
     (d / "braze_test_plugin.py").write_text(PLUGIN)
+    (d / "braze_test_hold.py").write_text(HOLD_PLUGIN)
     return d
 
 
@@ -572,14 +601,20 @@ def test_serve_help_lists_the_new_flags():
 
 # ---- a second signal during the drain ------------------------------------------------------
 
-def test_second_sigterm_answers_503_and_exits_non_zero(artifact, tmp_path):
-    s = Server(artifact, tmp_path, "--drain-timeout", "60")
+def test_second_sigterm_answers_503_and_exits_non_zero(artifact, plugin_dir, tmp_path):
+    """The request must still be in flight when the second signal comes: an extension
+    (HOLD_PLUGIN) holds the engine's second step until the server aborts a request, where
+    a long request used to be relied on (on a fast or idle machine it finished first)."""
+    import os
+    s = Server(artifact, tmp_path, "--drain-timeout", "60", "--extension",
+               "braze_test_hold:install",
+               env={"PYTHONPATH": f"{plugin_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     try:
         result = {}
 
         def long_one():
             result["r"] = httpx.post(s.url + "/v1/completions", timeout=120, json={
-                "model": MODEL, "prompt": "Long", "max_tokens": 240, "temperature": 0,
+                "model": MODEL, "prompt": "Long", "max_tokens": 20, "temperature": 0,
                 "ignore_eos": True})
 
         t = threading.Thread(target=long_one, daemon=True)
@@ -634,6 +669,7 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     flags = ["--host", "0.0.0.0", "--port", "9", "--max-queue", "5", "--served-model-name", "m",
              "--drain-timeout", "3", "--log-level", "debug", "--read-timeout", "4",
+             "--engine-iteration-timeout", "9",
              "--limit-concurrency", "7", "--allowed-hosts", "a.example",
              "--max-request-body-bytes", "1000", "--api-key", "k1", "--api-key", "k2",
              "--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST",
@@ -647,6 +683,7 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--default-chat-template-kwargs", '{"enable_thinking": false}']
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
+                         engine_iteration_timeout=9.0,
                          limit_concurrency=7, allowed_hosts="a.example",
                          max_request_body_bytes=1000, api_keys=["k1", "k2"],
                          allowed_origins=["https://a.example"], allowed_methods=["GET", "POST"],
