@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import tempfile
 import time
 import warnings
@@ -57,6 +58,8 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                "IQ4_NL", "IQ4_XS")
 
 ROPE_FREQS = "rope_freqs.weight"
+# llama-gguf-split's part names: model-00002-of-00003.gguf
+SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 INV_FREQ = "model.rotary_emb.inv_freq"
 
 
@@ -119,13 +122,24 @@ class GGUFSource:
         return v if isinstance(v, str) else None
 
     def _check_supported(self) -> None:
+        # first: llama-gguf-split writes the metadata (general.architecture too) into the
+        # first part only, so a later part would read as architecture '?'
+        splits = self.field("split.count", 1)
+        if splits and int(splits) > 1:
+            part = int(self.field("split.no", 0)) + 1
+            first = (SPLIT_NAME.sub(f"-00001-of-{int(splits):05d}.gguf", self.path.name)
+                     if SPLIT_NAME.search(self.path.name) or part == 1 else "FIRST-PART.gguf")
+            raise BrazeError(f"{self.path} is part {part} of a {splits}-way split GGUF; merge "
+                             f"the parts first (llama-gguf-split --merge {first} merged.gguf) "
+                             f"and compile merged.gguf")
         if self.arch not in ARCHITECTURES:
             raise BrazeError(f"{self.path}: GGUF architecture {self.arch!r} is not supported; "
                              f"braze reads GGUF architectures: {', '.join(ARCHITECTURES)}")
-        splits = self.field("split.count", 1)
-        if splits and int(splits) > 1:
-            raise BrazeError(f"{self.path} is part 1 of a {splits}-way split GGUF; merge the "
-                             f"parts first (llama-gguf-split --merge)")
+        for key in ("attention.head_count", "attention.head_count_kv"):
+            per_layer = self.field(f"{self.arch}.{key}")
+            if isinstance(per_layer, list):
+                raise BrazeError(f"{self.path}: {self.arch}.{key} is per layer ({per_layer}); "
+                                 f"braze reads {self.arch} GGUFs with one count for all layers")
         for t in self.reader.tensors:
             if t.tensor_type.name not in QUANT_TYPES:
                 raise BrazeError(f"{self.path}: tensor {t.name} has GGUF quant type "
@@ -148,9 +162,11 @@ class GGUFSource:
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 cfg = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except (ValueError, KeyError, TypeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 -- also huggingface_hub's strict-dataclass
+            # validation errors (a metadata value of the wrong type), which are no builtin
+            why = " ".join(str(e).split())[:200]
             raise BrazeError(f"{self.path}: transformers cannot read its GGUF metadata "
-                             f"({str(e)[:200]})") from None
+                             f"({why})") from None
         arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
         cfg.architectures = [arch_name]
         a = self.arch

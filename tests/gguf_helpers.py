@@ -132,7 +132,8 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
                vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None,
                name: str | None = None, eos: str = "<|im_end|>",
-               bos: str = "<|endoftext|>", file_type: str | None = None) -> Path:
+               bos: str = "<|endoftext|>", file_type: str | None = None,
+               split_max_tensors: int = 0) -> Path:
     """Write `model` (a transformers Llama/Qwen3) to `path` as llama.cpp would.
 
     `qtype`: GGMLQuantizationType names, comma-separated: the 2-D weights take them in
@@ -141,7 +142,10 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     tensors; `arch` overrides general.architecture (for the error tests); `rope_freqs`
     adds Llama 3's frequency-divisor tensor; `eos` and `bos` name a BPE vocabulary's
     end and begin tokens (Qwen's by default); `file_type` the llama.cpp name of the mix
-    (general.file_type: "MOSTLY_Q4_K_M"; by default the first of `qtype`)."""
+    (general.file_type: "MOSTLY_Q4_K_M"; by default the first of `qtype`);
+    `split_max_tensors` splits the file as llama-gguf-split does (path-00001-of-0000N.gguf:
+    the metadata in the first part only, every part holding split.no/count).
+    Returns the path of the file, or of the first part of a split one."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     cfg = model.config
@@ -149,7 +153,7 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     arch = arch or family
     cycle = [Q[q] for q in qtype.split(",")]
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(name or f"tiny-{family}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -227,6 +231,8 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))[0]
     return path
 
 

@@ -380,3 +380,28 @@ def test_not_a_gguf_file_is_a_clear_error(tmp_path):
                                          "or a .gguf file"):
         braze.compile(other, tmp_path / "b.braze")
 
+
+
+def test_each_part_of_a_split_gguf_is_refused_naming_that_part(tmp_path):
+    """llama-gguf-split writes the metadata into the first part only: the second part must
+    not read as an unsupported architecture '?', nor call itself part 1."""
+    first = write_gguf(tiny_hf_model("llama", 320), tmp_path / "model.gguf", "F16",
+                       tokenizer="spm", split_max_tensors=12)
+    assert first.name == "model-00001-of-00002.gguf"
+    for part, path in enumerate(sorted(tmp_path.glob("model-*-of-*.gguf")), 1):
+        code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
+        assert_one_line_error(code, err, f"part {part} of a 2-way split GGUF",
+                              "llama-gguf-split --merge model-00001-of-00002.gguf")
+    assert not (tmp_path / "a.braze").exists()
+
+
+@pytest.mark.parametrize("kv_heads", [[2, 1], [2, 2]])
+def test_per_layer_kv_head_counts_are_one_line_naming_the_key(tmp_path, monkeypatch, kv_heads):
+    """llama.cpp writes attention.head_count_kv as a per-layer array for some models;
+    transformers' config rejects a list there with a traceback."""
+    import gguf
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, n: self.add_array(
+        "llama.attention.head_count_kv", kv_heads))
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F16", tokenizer="spm")
+    code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "llama.attention.head_count_kv", str(kv_heads))
