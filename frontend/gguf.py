@@ -46,9 +46,13 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", False),
 }
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
+# ... and Mixtral "llama" too, told apart by llama.expert_count (transformers reads it as a
+# dense Llama, its experts left out and its MLPs random)
+MIXTRAL = "MixtralForCausalLM"
 
 # the quant types braze dequantizes (through gguf.quants.dequantize): the legacy and
 # K-quants, and the I-quants of llama.cpp's imatrix files
@@ -168,14 +172,20 @@ class GGUFSource:
             raise BrazeError(f"{self.path}: transformers cannot read its GGUF metadata "
                              f"({why})") from None
         arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
-        cfg.architectures = [arch_name]
         a = self.arch
+        if a == "llama" and self.field("llama.expert_count"):
+            cfg, arch_name = self._mixtral_config(cfg), MIXTRAL
+        cfg.architectures = [arch_name]
         embd = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
         if (self.field(f"{a}.vocab_size") is None and "tokenizer.ggml.tokens" not in
                 self.reader.fields and embd is not None):
             # nothing states the vocabulary's size: transformers falls back to its class
             # default (32000 for llama); the embedding's rows are the size
             cfg.vocab_size = int(embd.shape[-1])
+        moe_width = self.field(f"{a}.expert_feed_forward_length")
+        if moe_width and hasattr(cfg, "moe_intermediate_size"):
+            # transformers' qwen3moe reader skips it: its class default (768) would stand
+            cfg.moe_intermediate_size = int(moe_width)
         key_length = self.field(f"{a}.attention.key_length")
         if key_length:
             cfg.head_dim = int(key_length)
@@ -202,6 +212,15 @@ class GGUFSource:
             gen["bos_token_id"] = cfg.bos_token_id
         (self.dir / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
         return raw
+
+    def _mixtral_config(self, llama):
+        """The MixtralConfig of a llama GGUF with experts: transformers' reading of its llama
+        keys, plus the expert counts."""
+        from transformers import MixtralConfig
+        keep = {k: v for k, v in llama.to_dict().items()
+                if k not in ("model_type", "architectures", "transformers_version")}
+        return MixtralConfig(**keep, num_local_experts=int(self.field("llama.expert_count")),
+                             num_experts_per_tok=int(self.field("llama.expert_used_count", 2)))
 
     def _write_tokenizer(self) -> None:
         """transformers' GGUF tokenizer converter, saved in the usual files."""
@@ -344,6 +363,15 @@ def _transformers_names(source: GGUFSource, config: dict) -> dict[str, str]:
         gname = name_map.get_name(base)
         if gname is not None:
             out[f"{gname}.{suffix}"] = hf_name
+    # a MoE's experts: llama.cpp stacks each projection of all experts in one tensor
+    # (blk.N.ffn_gate_exps.weight: experts x rows x cols), which is braze's own stacked
+    # parameter (frontend weight_sources); transformers' model fuses gate and up instead
+    for i in range(cfg.num_hidden_layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            ours = f"model.layers.{i}.mlp.experts.{proj}"
+            gname = name_map.get_name(ours)
+            if gname is not None:
+                out[f"{gname}.weight"] = ours
     return out
 
 

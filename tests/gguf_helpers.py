@@ -70,7 +70,8 @@ def bpe_vocab(size: int):
 
 
 def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
-    """A tiny transformers Llama, Qwen2 or Qwen3 with random weights (fp32, eval)."""
+    """A tiny transformers Llama, Qwen2, Qwen3, Mixtral or Qwen3-MoE with random weights
+    (fp32, eval)."""
     import transformers as tf
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -84,6 +85,12 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     elif arch == "qwen3":
         common.setdefault("head_dim", 128)     # transformers reads no head_dim from a qwen3 GGUF
         cfg = tf.Qwen3Config(**common)
+    elif arch == "mixtral":                  # written by llama.cpp as a llama with experts
+        cfg = tf.MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
+    elif arch == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**{"num_experts": 4, "num_experts_per_tok": 2,
+                                   "moe_intermediate_size": 64, "head_dim": 16,
+                                   "norm_topk_prob": True, **common})
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -114,7 +121,8 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
         return arr.astype(np.float16), None
     if qtype.name in RANDOM_BLOCK_TYPES:
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        rows, cols = arr.shape
+        lead, cols = arr.shape[:-1], arr.shape[-1]
+        rows = int(np.prod(lead))
         raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
         scale = np.full((rows, cols // block), 0.002, np.float16).view(np.uint8)
         scale = scale.reshape(rows, cols // block, 2)
@@ -125,8 +133,24 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
             raw[..., type_size - 2:] = scale
         else:                                # the I-quants (and Q8_1): d first
             raw[..., 0:2] = scale
-        return raw.reshape(rows, -1), qtype
+        return raw.reshape(*lead, -1), qtype
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
+
+
+# the llama.cpp architecture of a transformers model type, where the names differ
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
+
+
+def _split_experts(state_dict):
+    """(name, tensor) as llama.cpp's converter sees them: transformers' fused experts
+    `gate_up_proj` (experts x 2*inter x hidden) as separate gate and up projections."""
+    for name, t in state_dict.items():
+        if name.endswith(".experts.gate_up_proj"):
+            gate, up = t.chunk(2, dim=1)
+            yield name.replace("gate_up_proj", "gate_proj"), gate
+            yield name.replace("gate_up_proj", "up_proj"), up
+        else:
+            yield name, t
 
 
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
@@ -149,7 +173,7 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     import gguf
     from gguf import GGMLQuantizationType as Q
     cfg = model.config
-    family = cfg.model_type
+    family = GGUF_ARCH.get(cfg.model_type, cfg.model_type)
     arch = arch or family
     cycle = [Q[q] for q in qtype.split(",")]
     path = Path(path)
@@ -170,6 +194,12 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     if family == "llama":
         w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    if getattr(cfg, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     first, known = qtype.split(",")[0], gguf.LlamaFileType.__members__
     file_type = file_type or next((n for n in (f"MOSTLY_{first}", f"MOSTLY_{first}_M")
                                    if n in known), "ALL_F32")
@@ -212,9 +242,12 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     k = 0
-    for hf_name, t in model.state_dict().items():
+    for hf_name, t in _split_experts(model.state_dict()):
         base, suffix = hf_name.rsplit(".", 1)
-        name = names.get_name(base) + "." + suffix
+        if ".experts." in hf_name:             # blk.N.ffn_gate_exps.weight: experts stacked
+            name = names.get_name(hf_name) + ".weight"
+        else:
+            name = names.get_name(base) + "." + suffix
         arr = t.detach().float().numpy()
         if family == "llama" and name.endswith("attn_q.weight"):
             arr = llama_permute(arr, cfg.num_attention_heads)

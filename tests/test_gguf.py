@@ -405,3 +405,41 @@ def test_per_layer_kv_head_counts_are_one_line_naming_the_key(tmp_path, monkeypa
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F16", tokenizer="spm")
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
     assert_one_line_error(code, err, "llama.attention.head_count_kv", str(kv_heads))
+
+
+def _gguf_roundtrip(model, qtype: str):
+    """`model` with each weight as gguf's own quantizer and dequantizer give it back (the
+    values a file written in `qtype` holds: write_gguf keeps 1-D and odd-width ones F32)."""
+    import copy
+
+    import gguf
+    q = gguf.GGMLQuantizationType[qtype]
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.dim() >= 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[q][0] == 0:
+                w = gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q), q)
+                p.copy_(torch.from_numpy(w.reshape(p.shape)))
+    return out
+
+
+@pytest.mark.parametrize("arch, tok, qtype", [("mixtral", "spm", "F32"), ("mixtral", "spm", "Q8_0"),
+                                             ("qwen3_moe", "bpe", "F32"),
+                                             ("qwen3_moe", "bpe", "Q8_0")])
+def test_moe_ggufs_give_the_logits_of_the_model_they_were_written_from(tmp_path, arch, tok, qtype):
+    """Mixtral (llama.cpp's architecture 'llama' with llama.expert_count) and Qwen3-MoE,
+    whose experts llama.cpp stacks per projection (blk.N.ffn_gate_exps.weight). transformers
+    reads the Mixtral as a dense Llama with random MLPs, and the Qwen3-MoE with its class's
+    expert width, so the reference is the written model, its weights through gguf's own
+    quantizer and dequantizer."""
+    vocab = VOCAB[tok]
+    model = tiny_hf_model(arch, vocab)
+    path = write_gguf(model, tmp_path / "m.gguf", qtype, tokenizer=tok)
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == type(model).__name__
+    prompt = [t % vocab for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, qtype)(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
