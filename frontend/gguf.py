@@ -47,6 +47,7 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", False),
+    "phi3": ("Phi3ForCausalLM", False),
 }
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
@@ -62,6 +63,8 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                "IQ4_NL", "IQ4_XS")
 
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors, which llama.cpp keeps as tensors (config values in transformers)
+LONGROPE = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
 # llama-gguf-split's part names: model-00002-of-00003.gguf
 SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 INV_FREQ = "model.rotary_emb.inv_freq"
@@ -182,6 +185,9 @@ class GGUFSource:
             # nothing states the vocabulary's size: transformers falls back to its class
             # default (32000 for llama); the embedding's rows are the size
             cfg.vocab_size = int(embd.shape[-1])
+        if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
+            # a class default (Phi-3's 32000) the file does not state: the file's or none
+            cfg.pad_token_id = self.field("tokenizer.ggml.padding_token_id")
         moe_width = self.field(f"{a}.expert_feed_forward_length")
         if moe_width and hasattr(cfg, "moe_intermediate_size"):
             # transformers' qwen3moe reader skips it: its class default (768) would stand
@@ -190,6 +196,17 @@ class GGUFSource:
         if key_length:
             cfg.head_dim = int(key_length)
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        rotary = self.field(f"{a}.rope.dimension_count")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if rotary and int(rotary) < head_dim:
+            # partial rotary (Phi-4-mini rotates 96 of 128): transformers' reader skips the
+            # key, which would rotate every dimension
+            rope["partial_rotary_factor"] = int(rotary) / head_dim
+            cfg.rope_parameters = rope
+        longrope = self._longrope()
+        if longrope:
+            rope.update(longrope)
+            cfg.rope_parameters = rope
         scaling = self.field(f"{a}.rope.scaling.type")
         if scaling and scaling != "none":
             if scaling not in ("linear", "yarn"):
@@ -212,6 +229,26 @@ class GGUFSource:
             gen["bos_token_id"] = cfg.bos_token_id
         (self.dir / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
         return raw
+
+    def _longrope(self) -> dict | None:
+        """Phi-3's longrope parameters from the GGUF: its factor tensors (transformers' reader
+        drops them, leaving plain RoPE) and the original context length."""
+        import gguf
+        tensors = {t.name: t for t in self.reader.tensors if t.name in LONGROPE.values()}
+        if not tensors:
+            return None
+        orig = self.field(f"{self.arch}.rope.scaling.original_context_length")
+        if len(tensors) != 2 or not orig:
+            raise BrazeError(f"{self.path}: longrope needs {' and '.join(LONGROPE.values())} "
+                             f"and {self.arch}.rope.scaling.original_context_length; the file "
+                             f"has only {', '.join(sorted(tensors)) or 'neither'}"
+                             f"{'' if orig else ' and no original context length'}")
+        out = {"rope_type": "longrope", "original_max_position_embeddings": int(orig)}
+        for key, name in LONGROPE.items():
+            t = tensors[name]
+            out[key] = [float(x) for x in
+                        np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)]
+        return out
 
     def _mixtral_config(self, llama):
         """The MixtralConfig of a llama GGUF with experts: transformers' reading of its llama
@@ -294,7 +331,7 @@ class GGUFCheckpoint:
         hf_names = _transformers_names(source, config)
         self.files = {}            # our name -> GGUF tensor name
         for gname in self.tensors:
-            if gname == ROPE_FREQS:
+            if gname == ROPE_FREQS or gname in LONGROPE.values():
                 continue
             self.files[hf_names.get(gname, gname)] = gname
         self.progress = Progress(self.log, len(self.files), "GGUF tensors")

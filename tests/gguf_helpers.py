@@ -70,8 +70,8 @@ def bpe_vocab(size: int):
 
 
 def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
-    """A tiny transformers Llama, Qwen2, Qwen3, Mixtral or Qwen3-MoE with random weights
-    (fp32, eval)."""
+    """A tiny transformers Llama, Qwen2, Qwen3, Phi-3, Mixtral or Qwen3-MoE with random
+    weights (fp32, eval)."""
     import transformers as tf
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -85,6 +85,8 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     elif arch == "qwen3":
         common.setdefault("head_dim", 128)     # transformers reads no head_dim from a qwen3 GGUF
         cfg = tf.Qwen3Config(**common)
+    elif arch == "phi3":                     # fused qkv_proj and gate_up_proj tensors
+        cfg = tf.Phi3Config(**{"pad_token_id": None, **common})
     elif arch == "mixtral":                  # written by llama.cpp as a llama with experts
         cfg = tf.MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
     elif arch == "qwen3_moe":
@@ -191,8 +193,13 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    if family == "llama":
-        w.add_rope_dimension_count(head_dim)
+    if family in ("llama", "phi3"):
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") == "longrope":  # as convert_hf_to_gguf.py's Phi3MiniModel
+        orig = rope["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
     w.add_vocab_size(cfg.vocab_size)
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     if experts:

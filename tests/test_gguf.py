@@ -332,9 +332,9 @@ def test_compile_help_says_model_may_be_a_gguf_file():
 
 def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F32",
-                      tokenizer="spm", arch="phi3")
+                      tokenizer="spm", arch="falcon")
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
-    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen2, qwen3")
+    assert_one_line_error(code, err, "GGUF architecture 'falcon' is not supported", "llama, qwen2, qwen3")
 
 
 def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
@@ -443,3 +443,45 @@ def test_moe_ggufs_give_the_logits_of_the_model_they_were_written_from(tmp_path,
     with torch.no_grad():
         expected = _gguf_roundtrip(model, qtype)(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, partial):
+    """Phi-3 / Phi-4-mini GGUFs: fused attn_qkv and ffn_up tensors, and Phi-4-mini's partial
+    rotary stated as phi3.rope.dimension_count (transformers' reader skips it, and its
+    class default pad id 32000 is outside a small vocabulary)."""
+    model = tiny_hf_model("phi3", 320, partial_rotary_factor=partial)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "Phi3ForCausalLM"
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_phi3_longrope_factor_tensors_are_read(tmp_path, long):
+    """Phi-3-128k GGUFs keep longrope's factors as tensors (rope_factors_long/short), which
+    transformers' reader drops: without them the model runs on plain RoPE. Checked for a
+    short-context artifact and one whose max_model_len passes the original context."""
+    from braze.runtime import Executor, open_artifact
+    head = 16
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+            "short_factor": [1.0 + 0.3 * i for i in range(head // 2)],
+            "long_factor": [2.0 + 0.5 * i for i in range(head // 2)]}
+    model = tiny_hf_model("phi3", 320, rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32",
+                  max_model_len=128 if long else 32)
+    prompt = [t % 320 for t in PROMPT]
+    ex = Executor(open_artifact(out), backend="reference", num_blocks=8)
+    got = ex.run(step_inputs(ex, [SeqChunk(prompt, 0, take_blocks(ex, 2))]))
+    # transformers picks the factors by the sequence's length: a long one for the long set
+    full = torch.tensor([prompt + [5] * (40 if long else 0)])
+    with torch.no_grad():
+        expected = model(full).logits[0, :len(prompt)]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
