@@ -176,6 +176,10 @@ class GGUFSource:
                              f"({why})") from None
         arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
         a = self.arch
+        if cfg.model_type == "mistral":
+            # MistralConfig's default 4096-token window, which the file does not state:
+            # llama.cpp runs architecture llama (Mistral v0.2+ too) on the whole context
+            cfg.sliding_window = None
         if a == "llama" and self.field("llama.expert_count"):
             cfg, arch_name = self._mixtral_config(cfg), MIXTRAL
         cfg.architectures = [arch_name]

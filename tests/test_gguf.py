@@ -485,3 +485,22 @@ def test_phi3_longrope_factor_tensors_are_read(tmp_path, long):
     with torch.no_grad():
         expected = model(full).logits[0, :len(prompt)]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mistral_gguf_attends_to_the_whole_context(tmp_path):
+    """transformers reads a llama GGUF whose general.name is "mistral" as a Mistral, with
+    MistralConfig's default 4096-token sliding window, which the file does not state:
+    llama.cpp (and Mistral v0.2+ itself) attend to the whole context, so tokens past 4096
+    must see the first ones."""
+    from braze.runtime import Executor, open_artifact
+    n = 4096 + 64
+    model = tiny_hf_model("llama", 320, max_position_embeddings=n)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm", name="mistral")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    prompt = [(7 * i) % 320 for i in range(n)]
+    ex = Executor(open_artifact(out), backend="reference", num_blocks=n // 16 + 1)
+    got = ex.run(step_inputs(ex, [SeqChunk(prompt, 0, take_blocks(ex, n // 16))]))
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got[-64:], expected[-64:], atol=1e-4, rtol=1e-4)
