@@ -99,7 +99,10 @@ class GGUFSource:
         try:
             self.reader = gguf.GGUFReader(str(self.path))
         except (ValueError, OSError, IndexError, KeyError) as e:
-            raise BrazeError(f"{self.path}: not a readable GGUF file ({str(e)[:200]})") from None
+            size = self.path.stat().st_size
+            raise BrazeError(f"{self.path}: not a readable GGUF file ({str(e)[:200]}); a "
+                             f"truncated file (an interrupted download) reads so: compare its "
+                             f"{size} bytes with the original's, or download it again") from None
         self.arch = self._str("general.architecture") or "?"
         self.name = self._str("general.name") or ""
         self._check_supported()

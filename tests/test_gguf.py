@@ -504,3 +504,13 @@ def test_a_mistral_gguf_attends_to_the_whole_context(tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(got[-64:], expected[-64:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_truncated_gguf_says_it_may_be_an_interrupted_download(tmp_path):
+    whole = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    code, _, err = run("compile", cut, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "cut.gguf: not a readable GGUF file", "truncated",
+                          f"{cut.stat().st_size} bytes")
+    assert not (tmp_path / "a.braze").exists()
