@@ -214,13 +214,20 @@ class GGUFSource:
         if longrope:
             rope.update(longrope)
             cfg.rope_parameters = rope
+        # as llama.cpp reads them: the factor under its old key (rope.scale_linear) too, and
+        # a factor without a type is linear
+        factor = self.field(f"{a}.rope.scaling.factor")
+        if factor is None:
+            factor = self.field(f"{a}.rope.scale_linear")
         scaling = self.field(f"{a}.rope.scaling.type")
+        if scaling is None and factor and float(factor) != 1.0:
+            scaling = "linear"
         if scaling and scaling != "none":
             if scaling not in ("linear", "yarn"):
                 raise BrazeError(f"{self.path}: RoPE scaling type {scaling!r} is not supported "
                                  f"(braze reads linear and yarn from GGUF)")
             rope["rope_type"] = scaling
-            rope["factor"] = float(self.field(f"{a}.rope.scaling.factor", 1.0))
+            rope["factor"] = float(factor or 1.0)
             orig = self.field(f"{a}.rope.scaling.original_context_length")
             if orig:
                 rope["original_max_position_embeddings"] = int(orig)

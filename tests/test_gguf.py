@@ -229,14 +229,17 @@ def test_llama3_rope_freqs_tensor_scales_rope(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_linear_rope_scaling_keys_are_read(tmp_path):
+@pytest.mark.parametrize("keys", [
+    {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+    {"llama.rope.scaling.factor": 4.0},          # llama.cpp: a factor without a type is linear
+    {"llama.rope.scale_linear": 4.0},            # the key older converters wrote
+], ids=["type-and-factor", "factor-only", "scale_linear"])
+def test_linear_rope_scaling_keys_are_read(tmp_path, keys):
     """llama.cpp's `llama.rope.scaling.*` keys (which transformers' GGUF reader skips) give
     the RoPE of the model the file was written from."""
     rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
     model = tiny_hf_model("llama", 320, rope_parameters=rope)
-    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm",
-                      extra_kv={"llama.rope.scaling.type": "linear",
-                                "llama.rope.scaling.factor": 4.0})
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm", extra_kv=keys)
     out = tmp_path / "a.braze"
     braze.compile(path, out, opt_level=0, targets="")
     prompt = [t % 320 for t in PROMPT]
