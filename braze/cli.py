@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face model directory (config.json, *.safetensors, tokenizer "
                         "files; fp8 e4m3 block-scaled weights are dequantized to --dtype), "
                         "or a .gguf file (llama, with Mistral and Mixtral, qwen2, qwen3, "
-                        "qwen3moe, phi3; F32/F16/BF16, Q8_0, Q4_0, "
+                        "qwen3moe, phi3, gemma3; F32/F16/BF16, Q8_0, Q4_0, "
                         "Q4_1, Q5_0, Q5_1, Q2_K..Q6_K and IQ1_S..IQ4_XS weights, dequantized "
                         "to --dtype)")
     c.add_argument("-o", "--output", required=True, metavar="ARTIFACT", help="artifact directory to write")

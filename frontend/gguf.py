@@ -48,7 +48,10 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", False),
     "phi3": ("Phi3ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
 }
+# architectures whose norms llama.cpp stores as 1 + w (Gemma's (1 + w) RMSNorm, folded)
+NORM_SHIFT = {"gemma3"}
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
 # ... and Mixtral "llama" too, told apart by llama.expert_count (transformers reads it as a
@@ -195,6 +198,8 @@ class GGUFSource:
         if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
             # a class default (Phi-3's 32000) the file does not state: the file's or none
             cfg.pad_token_id = self.field("tokenizer.ggml.padding_token_id")
+        if a == "gemma3":
+            self._gemma3(cfg)
         moe_width = self.field(f"{a}.expert_feed_forward_length")
         if moe_width and hasattr(cfg, "moe_intermediate_size"):
             # transformers' qwen3moe reader skips it: its class default (768) would stand
@@ -202,18 +207,19 @@ class GGUFSource:
         key_length = self.field(f"{a}.attention.key_length")
         if key_length:
             cfg.head_dim = int(key_length)
-        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        params = dict(getattr(cfg, "rope_parameters", None) or {})
+        # Gemma 3 keeps RoPE per layer type: llama.cpp's keys are its global layers' (the
+        # sliding ones keep their own base, unscaled)
+        per_type = "full_attention" in params
+        rope = dict(params["full_attention"]) if per_type else params
+        before = dict(rope)
         rotary = self.field(f"{a}.rope.dimension_count")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if rotary and int(rotary) < head_dim:
             # partial rotary (Phi-4-mini rotates 96 of 128): transformers' reader skips the
             # key, which would rotate every dimension
             rope["partial_rotary_factor"] = int(rotary) / head_dim
-            cfg.rope_parameters = rope
-        longrope = self._longrope()
-        if longrope:
-            rope.update(longrope)
-            cfg.rope_parameters = rope
+        rope.update(self._longrope() or {})
         # as llama.cpp reads them: the factor under its old key (rope.scale_linear) too, and
         # a factor without a type is linear
         factor = self.field(f"{a}.rope.scaling.factor")
@@ -231,7 +237,8 @@ class GGUFSource:
             orig = self.field(f"{a}.rope.scaling.original_context_length")
             if orig:
                 rope["original_max_position_embeddings"] = int(orig)
-            cfg.rope_parameters = rope
+        if rope != before:
+            cfg.rope_parameters = {**params, "full_attention": rope} if per_type else rope
         cfg.dtype = self.default_dtype()
         cfg.save_pretrained(str(self.dir))
         raw = json.loads((self.dir / "config.json").read_text())
@@ -263,6 +270,15 @@ class GGUFSource:
             out[key] = [float(x) for x in
                         np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)]
         return out
+
+    def _gemma3(self, cfg) -> None:
+        """What llama.cpp fixes for Gemma 3 instead of writing it, and transformers' reader
+        leaves at Gemma3TextConfig's defaults: queries scaled by 1/sqrt(head_dim), but by
+        1/sqrt(hidden / heads) for the 62-layer 27B (llama.cpp's gemma3 hparams)."""
+        if cfg.num_hidden_layers == 62:
+            cfg.query_pre_attn_scalar = cfg.hidden_size // cfg.num_attention_heads
+        else:
+            cfg.query_pre_attn_scalar = cfg.head_dim
 
     def _mixtral_config(self, llama):
         """The MixtralConfig of a llama GGUF with experts: transformers' reading of its llama
@@ -339,6 +355,7 @@ class GGUFCheckpoint:
         self.dir = source.path
         self.log = log or (lambda msg: None)
         self._permute = ARCHITECTURES[source.arch][1]
+        self._norm_shift = source.arch in NORM_SHIFT
         self._heads = config.get("num_attention_heads")
         self._kv_heads = config.get("num_key_value_heads") or self._heads
         self.tensors = {t.name: t for t in source.reader.tensors}
@@ -364,6 +381,8 @@ class GGUFCheckpoint:
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         if self._permute and (".attn_q." in gname or ".attn_k." in gname):
             w = _unpermute(w, self._heads if ".attn_q." in gname else self._kv_heads)
+        if self._norm_shift and gname.endswith("norm.weight"):
+            w = w - 1.0
         w = np.ascontiguousarray(w, dtype=np.float32)
         out = torch.from_numpy(w if w.flags.writeable else w.copy())   # F32: a view of the map
         self.progress.step(t.n_bytes)

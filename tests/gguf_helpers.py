@@ -87,6 +87,11 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
         cfg = tf.Qwen3Config(**common)
     elif arch == "phi3":                     # fused qkv_proj and gate_up_proj tensors
         cfg = tf.Phi3Config(**{"pad_token_id": None, **common})
+    elif arch == "gemma3":                   # (1 + w) norms, sliding and global layers
+        common.pop("rope_theta")             # its own two: 10000 local, 1e6 global
+        cfg = tf.Gemma3TextConfig(**{**common, "head_dim": 16, "query_pre_attn_scalar": 16,
+                                     "sliding_window": 4, "num_hidden_layers": 6,
+                                     "tie_word_embeddings": True, **overrides})
     elif arch == "mixtral":                  # written by llama.cpp as a llama with experts
         cfg = tf.MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
     elif arch == "qwen3_moe":
@@ -140,7 +145,7 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
 
 
 # the llama.cpp architecture of a transformers model type, where the names differ
-GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}
 
 
 def _split_experts(state_dict):
@@ -189,6 +194,9 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
+    if family == "gemma3":                    # llama.cpp keeps the global layers' RoPE
+        rope = rope["full_attention"]
+        w.add_sliding_window(cfg.sliding_window)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_key_length(head_dim)
@@ -256,6 +264,8 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
         else:
             name = names.get_name(base) + "." + suffix
         arr = t.detach().float().numpy()
+        if family == "gemma3" and name.endswith("norm.weight"):
+            arr = arr + 1.0                      # llama.cpp stores Gemma's norms as 1 + w
         if family == "llama" and name.endswith("attn_q.weight"):
             arr = llama_permute(arr, cfg.num_attention_heads)
         elif family == "llama" and name.endswith("attn_k.weight"):

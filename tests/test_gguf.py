@@ -517,3 +517,27 @@ def test_a_truncated_gguf_says_it_may_be_an_interrupted_download(tmp_path):
     assert_one_line_error(code, err, "cut.gguf: not a readable GGUF file", "truncated",
                           f"{cut.stat().st_size} bytes")
     assert not (tmp_path / "a.braze").exists()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gemma3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, scaled):
+    """Gemma 3 GGUFs: llama.cpp stores the (1 + w) norms as 1 + w, keeps RoPE scaling for
+    the global layers only (Gemma 3 4B+: linear, factor 8), and fixes the query scale
+    (1/sqrt(head_dim)) rather than writing it: transformers' reader leaves the class default
+    query_pre_attn_scalar 256. Six layers: five sliding (window 4) and one global."""
+    rope = None
+    if scaled:
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                   "factor": 8.0}}
+    model = tiny_hf_model("gemma3", 320, **({"rope_parameters": rope} if rope else {}))
+    kv = {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0} if scaled else {}
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm", extra_kv=kv)
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "Gemma3ForCausalLM"
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
