@@ -16,8 +16,10 @@ checkpoint of tensors with transformers' names. `GGUFSource` gives it exactly th
 
 What transformers does not read and llama.cpp does is read here too: RoPE scaling keys
 (`{arch}.rope.scaling.*`, linear and yarn), Llama 3's `rope_freqs` tensor (per-frequency
-divisors, applied to the RoPE inverse frequencies), `attention.key_length` as head_dim,
-and the tokens llama.cpp stops on (frontend/gguf_stops.py).
+divisors, applied to the RoPE inverse frequencies), Phi-3's longrope factor tensors and
+partial rotary (`rope.dimension_count`), `attention.key_length` as head_dim, the MoE
+expert width, Mixtral (a llama with `llama.expert_count`), Gemma 3's 1 + w norms and
+query scale, and the tokens llama.cpp stops on (frontend/gguf_stops.py).
 """
 
 from __future__ import annotations
