@@ -54,6 +54,7 @@ ARCHITECTURES = {
 }
 # architectures whose norms llama.cpp stores as 1 + w (Gemma's (1 + w) RMSNorm, folded)
 NORM_SHIFT = {"gemma3"}
+FLOAT16_OVERFLOWS = {"gemma3"}
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
 # ... and Mixtral "llama" too, told apart by llama.expert_count (transformers reads it as a
@@ -163,11 +164,13 @@ class GGUFSource:
 
     def default_dtype(self) -> str:
         """The dtype the weights were stored in: float32 if all are F32, bfloat16 if any is
-        BF16, else float16 (llama.cpp's own compute type for quantized weights)."""
+        BF16, else float16 (llama.cpp's own compute type for quantized weights), but
+        bfloat16 for the architectures whose activations overflow float16 (Gemma's pass
+        65504: vLLM refuses float16 for them)."""
         types = set(self.types)
         if types <= {"F32"}:
             return "float32"
-        if "BF16" in types:
+        if "BF16" in types or self.arch in FLOAT16_OVERFLOWS:
             return "bfloat16"
         return "float16"
 

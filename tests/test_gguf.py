@@ -541,3 +541,23 @@ def test_gemma3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path,
     with torch.no_grad():
         expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_quantized_gemma3_gguf_compiles_by_default_in_a_dtype_its_activations_fit(tmp_path):
+    """Gemma's hidden states pass float16's 65504 (here: embedding entries ~1e4 times
+    sqrt(hidden)); the default for a quantized file, float16, made them inf and the logits
+    NaN. Without --dtype a Gemma 3 GGUF compiles to bfloat16, whose top tokens are the
+    float32 model's."""
+    model = tiny_hf_model("gemma3", 320)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e5)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    assert json.loads((out / "manifest.json").read_text())["model"]["dtype"] == "bf16"
+    prompt = [t % 320 for t in PROMPT]
+    got = _prefill_logits(out, prompt).float()
+    assert torch.isfinite(got).all()
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
