@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "segments and memory plan (default); -O0, -O1, -O2 for short")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights and compute dtype (default: the checkpoint's; for a quantized "
-                        "GGUF, float16)")
+                        "GGUF, float16; bfloat16 for Gemma 3, whose activations overflow float16)")
     c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
                    help="most tokens in one step (recorded for the runtime; default 8192)")
     c.add_argument("--max-num-seqs", type=_positive_int, default=256,
