@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model_dir", metavar="MODEL",
                    help="a Hugging Face model directory (config.json, *.safetensors, tokenizer "
                         "files; fp8 e4m3 block-scaled weights are dequantized to --dtype), "
-                        "or a .gguf file (llama, qwen2, qwen3; F32/F16/BF16, Q8_0, Q4_0, "
+                        "or a .gguf file (llama, with Mistral and Mixtral, qwen2, qwen3, "
+                        "qwen3moe, phi3, gemma3; F32/F16/BF16, Q8_0, Q4_0, "
                         "Q4_1, Q5_0, Q5_1, Q2_K..Q6_K and IQ1_S..IQ4_XS weights, dequantized "
                         "to --dtype)")
     c.add_argument("-o", "--output", required=True, metavar="ARTIFACT", help="artifact directory to write")
@@ -408,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "segments and memory plan (default); -O0, -O1, -O2 for short")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights and compute dtype (default: the checkpoint's; for a quantized "
-                        "GGUF, float16)")
+                        "GGUF, float16; bfloat16 for Gemma 3, whose activations overflow float16)")
     c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
                    help="most tokens in one step (recorded for the runtime; default 8192)")
     c.add_argument("--max-num-seqs", type=_positive_int, default=256,

@@ -16,8 +16,10 @@ checkpoint of tensors with transformers' names. `GGUFSource` gives it exactly th
 
 What transformers does not read and llama.cpp does is read here too: RoPE scaling keys
 (`{arch}.rope.scaling.*`, linear and yarn), Llama 3's `rope_freqs` tensor (per-frequency
-divisors, applied to the RoPE inverse frequencies), `attention.key_length` as head_dim,
-and the tokens llama.cpp stops on (frontend/gguf_stops.py).
+divisors, applied to the RoPE inverse frequencies), Phi-3's longrope factor tensors and
+partial rotary (`rope.dimension_count`), `attention.key_length` as head_dim, the MoE
+expert width, Mixtral (a llama with `llama.expert_count`), Gemma 3's 1 + w norms and
+query scale, and the tokens llama.cpp stops on (frontend/gguf_stops.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import tempfile
 import time
 import warnings
@@ -45,9 +48,18 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", False),
+    "phi3": ("Phi3ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
 }
+# architectures whose norms llama.cpp stores as 1 + w (Gemma's (1 + w) RMSNorm, folded)
+NORM_SHIFT = {"gemma3"}
+FLOAT16_OVERFLOWS = {"gemma3"}
 # llama.cpp names Mistral GGUFs "llama"; transformers then reads them as mistral
 MISTRAL = ("MistralForCausalLM", True)
+# ... and Mixtral "llama" too, told apart by llama.expert_count (transformers reads it as a
+# dense Llama, its experts left out and its MLPs random)
+MIXTRAL = "MixtralForCausalLM"
 
 # the quant types braze dequantizes (through gguf.quants.dequantize): the legacy and
 # K-quants, and the I-quants of llama.cpp's imatrix files
@@ -57,6 +69,10 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                "IQ4_NL", "IQ4_XS")
 
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors, which llama.cpp keeps as tensors (config values in transformers)
+LONGROPE = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+# llama-gguf-split's part names: model-00002-of-00003.gguf
+SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 INV_FREQ = "model.rotary_emb.inv_freq"
 
 
@@ -89,7 +105,10 @@ class GGUFSource:
         try:
             self.reader = gguf.GGUFReader(str(self.path))
         except (ValueError, OSError, IndexError, KeyError) as e:
-            raise BrazeError(f"{self.path}: not a readable GGUF file ({str(e)[:200]})") from None
+            size = self.path.stat().st_size
+            raise BrazeError(f"{self.path}: not a readable GGUF file ({str(e)[:200]}); a "
+                             f"truncated file (an interrupted download) reads so: compare its "
+                             f"{size} bytes with the original's, or download it again") from None
         self.arch = self._str("general.architecture") or "?"
         self.name = self._str("general.name") or ""
         self._check_supported()
@@ -119,13 +138,24 @@ class GGUFSource:
         return v if isinstance(v, str) else None
 
     def _check_supported(self) -> None:
+        # first: llama-gguf-split writes the metadata (general.architecture too) into the
+        # first part only, so a later part would read as architecture '?'
+        splits = self.field("split.count", 1)
+        if splits and int(splits) > 1:
+            part = int(self.field("split.no", 0)) + 1
+            first = (SPLIT_NAME.sub(f"-00001-of-{int(splits):05d}.gguf", self.path.name)
+                     if SPLIT_NAME.search(self.path.name) or part == 1 else "FIRST-PART.gguf")
+            raise BrazeError(f"{self.path} is part {part} of a {splits}-way split GGUF; merge "
+                             f"the parts first (llama-gguf-split --merge {first} merged.gguf) "
+                             f"and compile merged.gguf")
         if self.arch not in ARCHITECTURES:
             raise BrazeError(f"{self.path}: GGUF architecture {self.arch!r} is not supported; "
                              f"braze reads GGUF architectures: {', '.join(ARCHITECTURES)}")
-        splits = self.field("split.count", 1)
-        if splits and int(splits) > 1:
-            raise BrazeError(f"{self.path} is part 1 of a {splits}-way split GGUF; merge the "
-                             f"parts first (llama-gguf-split --merge)")
+        for key in ("attention.head_count", "attention.head_count_kv"):
+            per_layer = self.field(f"{self.arch}.{key}")
+            if isinstance(per_layer, list):
+                raise BrazeError(f"{self.path}: {self.arch}.{key} is per layer ({per_layer}); "
+                                 f"braze reads {self.arch} GGUFs with one count for all layers")
         for t in self.reader.tensors:
             if t.tensor_type.name not in QUANT_TYPES:
                 raise BrazeError(f"{self.path}: tensor {t.name} has GGUF quant type "
@@ -134,11 +164,13 @@ class GGUFSource:
 
     def default_dtype(self) -> str:
         """The dtype the weights were stored in: float32 if all are F32, bfloat16 if any is
-        BF16, else float16 (llama.cpp's own compute type for quantized weights)."""
+        BF16, else float16 (llama.cpp's own compute type for quantized weights), but
+        bfloat16 for the architectures whose activations overflow float16 (Gemma's pass
+        65504: vLLM refuses float16 for them)."""
         types = set(self.types)
         if types <= {"F32"}:
             return "float32"
-        if "BF16" in types:
+        if "BF16" in types or self.arch in FLOAT16_OVERFLOWS:
             return "bfloat16"
         return "float16"
 
@@ -148,33 +180,70 @@ class GGUFSource:
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 cfg = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except (ValueError, KeyError, TypeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 -- also huggingface_hub's strict-dataclass
+            # validation errors (a metadata value of the wrong type), which are no builtin
+            why = " ".join(str(e).split())[:200]
             raise BrazeError(f"{self.path}: transformers cannot read its GGUF metadata "
-                             f"({str(e)[:200]})") from None
+                             f"({why})") from None
         arch_name, _ = MISTRAL if cfg.model_type == "mistral" else ARCHITECTURES[self.arch]
-        cfg.architectures = [arch_name]
         a = self.arch
+        if cfg.model_type == "mistral":
+            # MistralConfig's default 4096-token window, which the file does not state:
+            # llama.cpp runs architecture llama (Mistral v0.2+ too) on the whole context
+            cfg.sliding_window = None
+        if a == "llama" and self.field("llama.expert_count"):
+            cfg, arch_name = self._mixtral_config(cfg), MIXTRAL
+        cfg.architectures = [arch_name]
         embd = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
         if (self.field(f"{a}.vocab_size") is None and "tokenizer.ggml.tokens" not in
                 self.reader.fields and embd is not None):
             # nothing states the vocabulary's size: transformers falls back to its class
             # default (32000 for llama); the embedding's rows are the size
             cfg.vocab_size = int(embd.shape[-1])
+        if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
+            # a class default (Phi-3's 32000) the file does not state: the file's or none
+            cfg.pad_token_id = self.field("tokenizer.ggml.padding_token_id")
+        if a == "gemma3":
+            self._gemma3(cfg)
+        moe_width = self.field(f"{a}.expert_feed_forward_length")
+        if moe_width and hasattr(cfg, "moe_intermediate_size"):
+            # transformers' qwen3moe reader skips it: its class default (768) would stand
+            cfg.moe_intermediate_size = int(moe_width)
         key_length = self.field(f"{a}.attention.key_length")
         if key_length:
             cfg.head_dim = int(key_length)
-        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        params = dict(getattr(cfg, "rope_parameters", None) or {})
+        # Gemma 3 keeps RoPE per layer type: llama.cpp's keys are its global layers' (the
+        # sliding ones keep their own base, unscaled)
+        per_type = "full_attention" in params
+        rope = dict(params["full_attention"]) if per_type else params
+        before = dict(rope)
+        rotary = self.field(f"{a}.rope.dimension_count")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if rotary and int(rotary) < head_dim:
+            # partial rotary (Phi-4-mini rotates 96 of 128): transformers' reader skips the
+            # key, which would rotate every dimension
+            rope["partial_rotary_factor"] = int(rotary) / head_dim
+        rope.update(self._longrope() or {})
+        # as llama.cpp reads them: the factor under its old key (rope.scale_linear) too, and
+        # a factor without a type is linear
+        factor = self.field(f"{a}.rope.scaling.factor")
+        if factor is None:
+            factor = self.field(f"{a}.rope.scale_linear")
         scaling = self.field(f"{a}.rope.scaling.type")
+        if scaling is None and factor and float(factor) != 1.0:
+            scaling = "linear"
         if scaling and scaling != "none":
             if scaling not in ("linear", "yarn"):
                 raise BrazeError(f"{self.path}: RoPE scaling type {scaling!r} is not supported "
                                  f"(braze reads linear and yarn from GGUF)")
             rope["rope_type"] = scaling
-            rope["factor"] = float(self.field(f"{a}.rope.scaling.factor", 1.0))
+            rope["factor"] = float(factor or 1.0)
             orig = self.field(f"{a}.rope.scaling.original_context_length")
             if orig:
                 rope["original_max_position_embeddings"] = int(orig)
-            cfg.rope_parameters = rope
+        if rope != before:
+            cfg.rope_parameters = {**params, "full_attention": rope} if per_type else rope
         cfg.dtype = self.default_dtype()
         cfg.save_pretrained(str(self.dir))
         raw = json.loads((self.dir / "config.json").read_text())
@@ -186,6 +255,44 @@ class GGUFSource:
             gen["bos_token_id"] = cfg.bos_token_id
         (self.dir / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
         return raw
+
+    def _longrope(self) -> dict | None:
+        """Phi-3's longrope parameters from the GGUF: its factor tensors (transformers' reader
+        drops them, leaving plain RoPE) and the original context length."""
+        import gguf
+        tensors = {t.name: t for t in self.reader.tensors if t.name in LONGROPE.values()}
+        if not tensors:
+            return None
+        orig = self.field(f"{self.arch}.rope.scaling.original_context_length")
+        if len(tensors) != 2 or not orig:
+            raise BrazeError(f"{self.path}: longrope needs {' and '.join(LONGROPE.values())} "
+                             f"and {self.arch}.rope.scaling.original_context_length; the file "
+                             f"has only {', '.join(sorted(tensors)) or 'neither'}"
+                             f"{'' if orig else ' and no original context length'}")
+        out = {"rope_type": "longrope", "original_max_position_embeddings": int(orig)}
+        for key, name in LONGROPE.items():
+            t = tensors[name]
+            out[key] = [float(x) for x in
+                        np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)]
+        return out
+
+    def _gemma3(self, cfg) -> None:
+        """What llama.cpp fixes for Gemma 3 instead of writing it, and transformers' reader
+        leaves at Gemma3TextConfig's defaults: queries scaled by 1/sqrt(head_dim), but by
+        1/sqrt(hidden / heads) for the 62-layer 27B (llama.cpp's gemma3 hparams)."""
+        if cfg.num_hidden_layers == 62:
+            cfg.query_pre_attn_scalar = cfg.hidden_size // cfg.num_attention_heads
+        else:
+            cfg.query_pre_attn_scalar = cfg.head_dim
+
+    def _mixtral_config(self, llama):
+        """The MixtralConfig of a llama GGUF with experts: transformers' reading of its llama
+        keys, plus the expert counts."""
+        from transformers import MixtralConfig
+        keep = {k: v for k, v in llama.to_dict().items()
+                if k not in ("model_type", "architectures", "transformers_version")}
+        return MixtralConfig(**keep, num_local_experts=int(self.field("llama.expert_count")),
+                             num_experts_per_tok=int(self.field("llama.expert_used_count", 2)))
 
     def _write_tokenizer(self) -> None:
         """transformers' GGUF tokenizer converter, saved in the usual files."""
@@ -253,13 +360,14 @@ class GGUFCheckpoint:
         self.dir = source.path
         self.log = log or (lambda msg: None)
         self._permute = ARCHITECTURES[source.arch][1]
+        self._norm_shift = source.arch in NORM_SHIFT
         self._heads = config.get("num_attention_heads")
         self._kv_heads = config.get("num_key_value_heads") or self._heads
         self.tensors = {t.name: t for t in source.reader.tensors}
         hf_names = _transformers_names(source, config)
         self.files = {}            # our name -> GGUF tensor name
         for gname in self.tensors:
-            if gname == ROPE_FREQS:
+            if gname == ROPE_FREQS or gname in LONGROPE.values():
                 continue
             self.files[hf_names.get(gname, gname)] = gname
         self.progress = Progress(self.log, len(self.files), "GGUF tensors")
@@ -278,6 +386,8 @@ class GGUFCheckpoint:
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         if self._permute and (".attn_q." in gname or ".attn_k." in gname):
             w = _unpermute(w, self._heads if ".attn_q." in gname else self._kv_heads)
+        if self._norm_shift and gname.endswith("norm.weight"):
+            w = w - 1.0
         w = np.ascontiguousarray(w, dtype=np.float32)
         out = torch.from_numpy(w if w.flags.writeable else w.copy())   # F32: a view of the map
         self.progress.step(t.n_bytes)
@@ -328,6 +438,15 @@ def _transformers_names(source: GGUFSource, config: dict) -> dict[str, str]:
         gname = name_map.get_name(base)
         if gname is not None:
             out[f"{gname}.{suffix}"] = hf_name
+    # a MoE's experts: llama.cpp stacks each projection of all experts in one tensor
+    # (blk.N.ffn_gate_exps.weight: experts x rows x cols), which is braze's own stacked
+    # parameter (frontend weight_sources); transformers' model fuses gate and up instead
+    for i in range(cfg.num_hidden_layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            ours = f"model.layers.{i}.mlp.experts.{proj}"
+            gname = name_map.get_name(ours)
+            if gname is not None:
+                out[f"{gname}.weight"] = ours
     return out
 
 

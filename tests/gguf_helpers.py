@@ -70,7 +70,8 @@ def bpe_vocab(size: int):
 
 
 def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
-    """A tiny transformers Llama, Qwen2 or Qwen3 with random weights (fp32, eval)."""
+    """A tiny transformers Llama, Qwen2, Qwen3, Phi-3, Mixtral or Qwen3-MoE with random
+    weights (fp32, eval)."""
     import transformers as tf
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -84,6 +85,19 @@ def tiny_hf_model(arch: str, vocab_size: int, seed: int = 0, **overrides):
     elif arch == "qwen3":
         common.setdefault("head_dim", 128)     # transformers reads no head_dim from a qwen3 GGUF
         cfg = tf.Qwen3Config(**common)
+    elif arch == "phi3":                     # fused qkv_proj and gate_up_proj tensors
+        cfg = tf.Phi3Config(**{"pad_token_id": None, **common})
+    elif arch == "gemma3":                   # (1 + w) norms, sliding and global layers
+        common.pop("rope_theta")             # its own two: 10000 local, 1e6 global
+        cfg = tf.Gemma3TextConfig(**{**common, "head_dim": 16, "query_pre_attn_scalar": 16,
+                                     "sliding_window": 4, "num_hidden_layers": 6,
+                                     "tie_word_embeddings": True, **overrides})
+    elif arch == "mixtral":                  # written by llama.cpp as a llama with experts
+        cfg = tf.MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
+    elif arch == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**{"num_experts": 4, "num_experts_per_tok": 2,
+                                   "moe_intermediate_size": 64, "head_dim": 16,
+                                   "norm_topk_prob": True, **common})
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -114,7 +128,8 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
         return arr.astype(np.float16), None
     if qtype.name in RANDOM_BLOCK_TYPES:
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        rows, cols = arr.shape
+        lead, cols = arr.shape[:-1], arr.shape[-1]
+        rows = int(np.prod(lead))
         raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
         scale = np.full((rows, cols // block), 0.002, np.float16).view(np.uint8)
         scale = scale.reshape(rows, cols // block, 2)
@@ -125,14 +140,31 @@ def _encode(arr: np.ndarray, qtype, rng: np.random.Generator):
             raw[..., type_size - 2:] = scale
         else:                                # the I-quants (and Q8_1): d first
             raw[..., 0:2] = scale
-        return raw.reshape(rows, -1), qtype
+        return raw.reshape(*lead, -1), qtype
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
+
+
+# the llama.cpp architecture of a transformers model type, where the names differ
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}
+
+
+def _split_experts(state_dict):
+    """(name, tensor) as llama.cpp's converter sees them: transformers' fused experts
+    `gate_up_proj` (experts x 2*inter x hidden) as separate gate and up projections."""
+    for name, t in state_dict.items():
+        if name.endswith(".experts.gate_up_proj"):
+            gate, up = t.chunk(2, dim=1)
+            yield name.replace("gate_up_proj", "gate_proj"), gate
+            yield name.replace("gate_up_proj", "up_proj"), up
+        else:
+            yield name, t
 
 
 def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | None = None,
                vocab=None, extra_kv=None, seed: int = 0, tensor_types=None, rope_freqs=None,
                name: str | None = None, eos: str = "<|im_end|>",
-               bos: str = "<|endoftext|>", file_type: str | None = None) -> Path:
+               bos: str = "<|endoftext|>", file_type: str | None = None,
+               split_max_tensors: int = 0) -> Path:
     """Write `model` (a transformers Llama/Qwen3) to `path` as llama.cpp would.
 
     `qtype`: GGMLQuantizationType names, comma-separated: the 2-D weights take them in
@@ -141,15 +173,18 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     tensors; `arch` overrides general.architecture (for the error tests); `rope_freqs`
     adds Llama 3's frequency-divisor tensor; `eos` and `bos` name a BPE vocabulary's
     end and begin tokens (Qwen's by default); `file_type` the llama.cpp name of the mix
-    (general.file_type: "MOSTLY_Q4_K_M"; by default the first of `qtype`)."""
+    (general.file_type: "MOSTLY_Q4_K_M"; by default the first of `qtype`);
+    `split_max_tensors` splits the file as llama-gguf-split does (path-00001-of-0000N.gguf:
+    the metadata in the first part only, every part holding split.no/count).
+    Returns the path of the file, or of the first part of a split one."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     cfg = model.config
-    family = cfg.model_type
+    family = GGUF_ARCH.get(cfg.model_type, cfg.model_type)
     arch = arch or family
     cycle = [Q[q] for q in qtype.split(",")]
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(name or f"tiny-{family}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -159,13 +194,27 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
+    if family == "gemma3":                    # llama.cpp keeps the global layers' RoPE
+        rope = rope["full_attention"]
+        w.add_sliding_window(cfg.sliding_window)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    if family == "llama":
-        w.add_rope_dimension_count(head_dim)
+    if family in ("llama", "phi3"):
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") == "longrope":  # as convert_hf_to_gguf.py's Phi3MiniModel
+        orig = rope["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
     w.add_vocab_size(cfg.vocab_size)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    if getattr(cfg, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     first, known = qtype.split(",")[0], gguf.LlamaFileType.__members__
     file_type = file_type or next((n for n in (f"MOSTLY_{first}", f"MOSTLY_{first}_M")
                                    if n in known), "ALL_F32")
@@ -208,10 +257,15 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     k = 0
-    for hf_name, t in model.state_dict().items():
+    for hf_name, t in _split_experts(model.state_dict()):
         base, suffix = hf_name.rsplit(".", 1)
-        name = names.get_name(base) + "." + suffix
+        if ".experts." in hf_name:             # blk.N.ffn_gate_exps.weight: experts stacked
+            name = names.get_name(hf_name) + ".weight"
+        else:
+            name = names.get_name(base) + "." + suffix
         arr = t.detach().float().numpy()
+        if family == "gemma3" and name.endswith("norm.weight"):
+            arr = arr + 1.0                      # llama.cpp stores Gemma's norms as 1 + w
         if family == "llama" and name.endswith("attn_q.weight"):
             arr = llama_permute(arr, cfg.num_attention_heads)
         elif family == "llama" and name.endswith("attn_k.weight"):
@@ -227,6 +281,8 @@ def write_gguf(model, path, qtype="F32", tokenizer: str = "bpe", arch: str | Non
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))[0]
     return path
 
 

@@ -229,14 +229,17 @@ def test_llama3_rope_freqs_tensor_scales_rope(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_linear_rope_scaling_keys_are_read(tmp_path):
+@pytest.mark.parametrize("keys", [
+    {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+    {"llama.rope.scaling.factor": 4.0},          # llama.cpp: a factor without a type is linear
+    {"llama.rope.scale_linear": 4.0},            # the key older converters wrote
+], ids=["type-and-factor", "factor-only", "scale_linear"])
+def test_linear_rope_scaling_keys_are_read(tmp_path, keys):
     """llama.cpp's `llama.rope.scaling.*` keys (which transformers' GGUF reader skips) give
     the RoPE of the model the file was written from."""
     rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
     model = tiny_hf_model("llama", 320, rope_parameters=rope)
-    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm",
-                      extra_kv={"llama.rope.scaling.type": "linear",
-                                "llama.rope.scaling.factor": 4.0})
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm", extra_kv=keys)
     out = tmp_path / "a.braze"
     braze.compile(path, out, opt_level=0, targets="")
     prompt = [t % 320 for t in PROMPT]
@@ -332,9 +335,9 @@ def test_compile_help_says_model_may_be_a_gguf_file():
 
 def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
     path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F32",
-                      tokenizer="spm", arch="phi3")
+                      tokenizer="spm", arch="falcon")
     code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
-    assert_one_line_error(code, err, "GGUF architecture 'phi3' is not supported", "llama, qwen2, qwen3")
+    assert_one_line_error(code, err, "GGUF architecture 'falcon' is not supported", "llama, qwen2, qwen3")
 
 
 def test_unsupported_quant_type_is_one_line_naming_it(tmp_path):
@@ -380,3 +383,181 @@ def test_not_a_gguf_file_is_a_clear_error(tmp_path):
                                          "or a .gguf file"):
         braze.compile(other, tmp_path / "b.braze")
 
+
+
+def test_each_part_of_a_split_gguf_is_refused_naming_that_part(tmp_path):
+    """llama-gguf-split writes the metadata into the first part only: the second part must
+    not read as an unsupported architecture '?', nor call itself part 1."""
+    first = write_gguf(tiny_hf_model("llama", 320), tmp_path / "model.gguf", "F16",
+                       tokenizer="spm", split_max_tensors=12)
+    assert first.name == "model-00001-of-00002.gguf"
+    for part, path in enumerate(sorted(tmp_path.glob("model-*-of-*.gguf")), 1):
+        code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
+        assert_one_line_error(code, err, f"part {part} of a 2-way split GGUF",
+                              "llama-gguf-split --merge model-00001-of-00002.gguf")
+    assert not (tmp_path / "a.braze").exists()
+
+
+@pytest.mark.parametrize("kv_heads", [[2, 1], [2, 2]])
+def test_per_layer_kv_head_counts_are_one_line_naming_the_key(tmp_path, monkeypatch, kv_heads):
+    """llama.cpp writes attention.head_count_kv as a per-layer array for some models;
+    transformers' config rejects a list there with a traceback."""
+    import gguf
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, n: self.add_array(
+        "llama.attention.head_count_kv", kv_heads))
+    path = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "F16", tokenizer="spm")
+    code, _, err = run("compile", path, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "llama.attention.head_count_kv", str(kv_heads))
+
+
+def _gguf_roundtrip(model, qtype: str):
+    """`model` with each weight as gguf's own quantizer and dequantizer give it back (the
+    values a file written in `qtype` holds: write_gguf keeps 1-D and odd-width ones F32)."""
+    import copy
+
+    import gguf
+    q = gguf.GGMLQuantizationType[qtype]
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.dim() >= 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[q][0] == 0:
+                w = gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q), q)
+                p.copy_(torch.from_numpy(w.reshape(p.shape)))
+    return out
+
+
+@pytest.mark.parametrize("arch, tok, qtype", [("mixtral", "spm", "F32"), ("mixtral", "spm", "Q8_0"),
+                                             ("qwen3_moe", "bpe", "F32"),
+                                             ("qwen3_moe", "bpe", "Q8_0")])
+def test_moe_ggufs_give_the_logits_of_the_model_they_were_written_from(tmp_path, arch, tok, qtype):
+    """Mixtral (llama.cpp's architecture 'llama' with llama.expert_count) and Qwen3-MoE,
+    whose experts llama.cpp stacks per projection (blk.N.ffn_gate_exps.weight). transformers
+    reads the Mixtral as a dense Llama with random MLPs, and the Qwen3-MoE with its class's
+    expert width, so the reference is the written model, its weights through gguf's own
+    quantizer and dequantizer."""
+    vocab = VOCAB[tok]
+    model = tiny_hf_model(arch, vocab)
+    path = write_gguf(model, tmp_path / "m.gguf", qtype, tokenizer=tok)
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == type(model).__name__
+    prompt = [t % vocab for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, qtype)(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, partial):
+    """Phi-3 / Phi-4-mini GGUFs: fused attn_qkv and ffn_up tensors, and Phi-4-mini's partial
+    rotary stated as phi3.rope.dimension_count (transformers' reader skips it, and its
+    class default pad id 32000 is outside a small vocabulary)."""
+    model = tiny_hf_model("phi3", 320, partial_rotary_factor=partial)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "Phi3ForCausalLM"
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_phi3_longrope_factor_tensors_are_read(tmp_path, long):
+    """Phi-3-128k GGUFs keep longrope's factors as tensors (rope_factors_long/short), which
+    transformers' reader drops: without them the model runs on plain RoPE. Checked for a
+    short-context artifact and one whose max_model_len passes the original context."""
+    from braze.runtime import Executor, open_artifact
+    head = 16
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+            "short_factor": [1.0 + 0.3 * i for i in range(head // 2)],
+            "long_factor": [2.0 + 0.5 * i for i in range(head // 2)]}
+    model = tiny_hf_model("phi3", 320, rope_parameters=rope)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32",
+                  max_model_len=128 if long else 32)
+    prompt = [t % 320 for t in PROMPT]
+    ex = Executor(open_artifact(out), backend="reference", num_blocks=8)
+    got = ex.run(step_inputs(ex, [SeqChunk(prompt, 0, take_blocks(ex, 2))]))
+    # transformers picks the factors by the sequence's length: a long one for the long set
+    full = torch.tensor([prompt + [5] * (40 if long else 0)])
+    with torch.no_grad():
+        expected = model(full).logits[0, :len(prompt)]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mistral_gguf_attends_to_the_whole_context(tmp_path):
+    """transformers reads a llama GGUF whose general.name is "mistral" as a Mistral, with
+    MistralConfig's default 4096-token sliding window, which the file does not state:
+    llama.cpp (and Mistral v0.2+ itself) attend to the whole context, so tokens past 4096
+    must see the first ones."""
+    from braze.runtime import Executor, open_artifact
+    n = 4096 + 64
+    model = tiny_hf_model("llama", 320, max_position_embeddings=n)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", tokenizer="spm", name="mistral")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    prompt = [(7 * i) % 320 for i in range(n)]
+    ex = Executor(open_artifact(out), backend="reference", num_blocks=n // 16 + 1)
+    got = ex.run(step_inputs(ex, [SeqChunk(prompt, 0, take_blocks(ex, n // 16))]))
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got[-64:], expected[-64:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_truncated_gguf_says_it_may_be_an_interrupted_download(tmp_path):
+    whole = write_gguf(tiny_hf_model("llama", 320), tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    code, _, err = run("compile", cut, "-o", tmp_path / "a.braze")
+    assert_one_line_error(code, err, "cut.gguf: not a readable GGUF file", "truncated",
+                          f"{cut.stat().st_size} bytes")
+    assert not (tmp_path / "a.braze").exists()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gemma3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, scaled):
+    """Gemma 3 GGUFs: llama.cpp stores the (1 + w) norms as 1 + w, keeps RoPE scaling for
+    the global layers only (Gemma 3 4B+: linear, factor 8), and fixes the query scale
+    (1/sqrt(head_dim)) rather than writing it: transformers' reader leaves the class default
+    query_pre_attn_scalar 256. Six layers: five sliding (window 4) and one global."""
+    rope = None
+    if scaled:
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                   "factor": 8.0}}
+    model = tiny_hf_model("gemma3", 320, **({"rope_parameters": rope} if rope else {}))
+    kv = {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0} if scaled else {}
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm", extra_kv=kv)
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "Gemma3ForCausalLM"
+    prompt = [t % 320 for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_quantized_gemma3_gguf_compiles_by_default_in_a_dtype_its_activations_fit(tmp_path):
+    """Gemma's hidden states pass float16's 65504 (here: embedding entries ~1e4 times
+    sqrt(hidden)); the default for a quantized file, float16, made them inf and the logits
+    NaN. Without --dtype a Gemma 3 GGUF compiles to bfloat16, whose top tokens are the
+    float32 model's."""
+    model = tiny_hf_model("gemma3", 320)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e5)
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="")
+    assert json.loads((out / "manifest.json").read_text())["model"]["dtype"] == "bf16"
+    prompt = [t % 320 for t in PROMPT]
+    got = _prefill_logits(out, prompt).float()
+    assert torch.isfinite(got).all()
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
