@@ -34,7 +34,7 @@ from .options import EngineOptions
 from .reasoning import ReasoningGate, ReasoningMarkers
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
-from .sampler import SamplingParams, bias_entries
+from .sampler import SamplingParams, bias_entries, prompt_keep
 from .sampling_defaults import sampling_defaults
 from .scheduler import Scheduler, check_priority
 from .speculative import make_speculator
@@ -171,6 +171,9 @@ class Engine(EngineLoRA):
                              f"or use another", param="request_id")
         ids = self.encode(prompt)
         limit = self.max_model_len
+        keep = prompt_keep(params.truncate_prompt_tokens, limit)
+        if keep is not None:
+            ids = ids[-keep:]
         if len(ids) >= limit:
             raise BrazeError(self.too_long(len(ids)), param="prompt")
         if params.num_samples > 1:

@@ -312,3 +312,34 @@ def test_chat_text_part_without_text_is_named_as_such(llm):
     for part in ({"type": "text"}, {"type": "text", "text": None}, {"type": "text", "text": 3}):
         with pytest.raises(BrazeError, match=r"messages\[0\]\.content\[1\].*without a \"text\""):
             llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}])
+
+
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(store, llm):
+    """vLLM's SamplingParams(truncate_prompt_tokens=k): the prompt's last k tokens, text or
+    ids (-1: max_model_len), as the server's field of that name. It was a TypeError."""
+    limit = llm.engine.max_model_len
+    long = [1] + [(5 * i) % 200 + 3 for i in range(limit + 20)]
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    k = 7
+    cut = SamplingParams(max_tokens=4, ignore_eos=True, truncate_prompt_tokens=k)
+    outs = llm.generate([long, text], cut)
+    want = [long[-k:], llm.get_tokenizer().encode(text)[-k:]]
+    assert [o.prompt_token_ids for o in outs] == want
+    assert outs[1].prompt == text
+    plain = llm.generate([{"prompt_token_ids": ids} for ids in want],
+                         SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    model = hf_model(store.checkpoint("llama"))
+    for ids, o in zip(want, outs):
+        assert_valid_greedy(model, ids, o.token_ids)
+    # -1 keeps max_model_len tokens: a short prompt as it is, a long one still too long
+    short = llm.generate(text, SamplingParams(max_tokens=4, ignore_eos=True,
+                                              truncate_prompt_tokens=-1))[0]
+    assert short.token_ids == llm.generate(text, SamplingParams(
+        max_tokens=4, ignore_eos=True))[0].token_ids
+    with pytest.raises(BrazeError, match=f"{limit} tokens.*max_model_len"):
+        llm.generate([long], SamplingParams(max_tokens=4, truncate_prompt_tokens=-1))
+    for bad in (0, -2, limit + 1, 2.5, True):
+        with pytest.raises(BrazeError, match="truncate_prompt_tokens"):
+            llm.generate(text, SamplingParams(truncate_prompt_tokens=bad))
+    assert not llm.engine.has_unfinished()
