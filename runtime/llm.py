@@ -19,6 +19,7 @@ import numbers
 from braze.ir.errors import BrazeError
 
 from .engine import Engine
+from . import vllm_args
 from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, advance_all
 from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
@@ -45,15 +46,18 @@ class LLM:
                              "LLM(model=ARTIFACT)")
         from .lora import VLLM_OPTIONS, check_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
+        compiled_asks = vllm_args.take(overrides)
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
-        if lora_asks:
-            try:
+        try:
+            vllm_args.check(compiled_asks, self.engine.artifact.manifest,
+                            self.engine.artifact.root)
+            if lora_asks:
                 check_vllm_options(getattr(self.engine.lora, "contract", None),
                                    self.engine.artifact.root, **lora_asks)
-            except BrazeError:
-                self.close()          # a tensor-parallel artifact's other ranks, too
-                raise
+        except BrazeError:
+            self.close()          # a tensor-parallel artifact's other ranks, too
+            raise
         self.artifact = self.engine.artifact
         if self.engine.sampling_defaults:
             log.info("generate and chat without SamplingParams use the model's sampling "

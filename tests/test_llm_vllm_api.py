@@ -343,3 +343,30 @@ def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(store, llm):
         with pytest.raises(BrazeError, match="truncate_prompt_tokens"):
             llm.generate(text, SamplingParams(truncate_prompt_tokens=bad))
     assert not llm.engine.has_unfinished()
+
+
+def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(store):
+    """vLLM scripts write LLM(model=..., tensor_parallel_size=1, dtype="auto", seed=0,
+    enforce_eager=True, trust_remote_code=True, ...). Where the artifact already does what
+    they ask (its own tensor-parallel size and dtype), braze takes them; else the error
+    names the argument and the braze way. Each was a bare "unknown engine option"."""
+    art = store.artifact("llama")
+    ok = LLM(model=art, backend="reference", num_kv_blocks=16, tensor_parallel_size=1,
+             dtype="auto", enforce_eager=False, trust_remote_code=False)
+    same = LLM(model=art, backend="reference", num_kv_blocks=16, dtype="float32")
+    import torch
+    typed = LLM(model=art, backend="reference", num_kv_blocks=16, dtype=torch.float32)
+    plain = LLM(model=art, backend="reference", num_kv_blocks=16)
+    want = plain.generate("hello", GREEDY)[0].token_ids
+    for llm in (ok, same, typed):
+        assert llm.generate("hello", GREEDY)[0].token_ids == want
+    for kw, words in ((dict(tensor_parallel_size=2), "tensor_parallel_size=2.*--tensor-parallel-size 2"),
+                      (dict(dtype="bfloat16"), "dtype='bfloat16'.*float32.*--dtype bfloat16"),
+                      (dict(enforce_eager=True), "enforce_eager=True.*cudagraph_mode=\"none\""),
+                      (dict(seed=0), "seed=0.*SamplingParams"),
+                      (dict(trust_remote_code=True), "trust_remote_code=True.*no model code"),
+                      (dict(tokenizer="x"), "tokenizer='x'.*carries"),
+                      (dict(quantization="fp8"), "quantization='fp8'.*braze compile"),
+                      (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2")):
+        with pytest.raises(BrazeError, match=words):
+            LLM(model=art, backend="reference", num_kv_blocks=16, **kw)
