@@ -204,6 +204,11 @@ class LLM:
         (vLLM's): at most that many prompts at a time, in order (None: all).
         `lora_request` and a prompt's "cache_salt" as in `generate` (one adapter for all
         prompts or one per prompt); `use_tqdm` as there too."""
+        if not isinstance(params, BeamSearchParams):
+            raise BrazeError(f"beam search takes braze.BeamSearchParams(beam_width=..., "
+                             f"max_tokens=...), got {type(params).__name__} (vLLM's LLM."
+                             f"beam_search takes the same; SamplingParams are for generate)",
+                             param="params")
         params.validate()
         v = concurrency_limit
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -171,3 +171,13 @@ def test_concurrency_limit_is_vllms_and_changes_no_result(llm):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(BrazeError, match="concurrency_limit"):
             llm.beam_search(prompts, params, concurrency_limit=bad)
+
+
+def test_params_of_another_type_are_named_not_an_attribute_error(llm):
+    """A vLLM script of before BeamSearchParams passes SamplingParams (use_beam_search was
+    one of its fields), or a dict: that was an AttributeError from inside the search."""
+    from braze import SamplingParams
+    for params in (SamplingParams(max_tokens=3), {"beam_width": 2, "max_tokens": 3}, None):
+        with pytest.raises(BrazeError, match=r"BeamSearchParams\(beam_width=.*max_tokens="):
+            llm.beam_search(PROMPT[:5], params)
+    assert not llm.engine.has_unfinished()
