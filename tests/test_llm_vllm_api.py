@@ -370,3 +370,11 @@ def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(sto
                       (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2")):
         with pytest.raises(BrazeError, match=words):
             LLM(model=art, backend="reference", num_kv_blocks=16, **kw)
+
+
+def test_a_checkpoint_given_as_the_model_says_to_compile_it(store):
+    """vLLM's LLM(model=HF_DIR) is the first line a vLLM user writes; braze runs compiled
+    artifacts, and the error said only that the directory has no manifest.json."""
+    ckpt = store.checkpoint("llama")
+    with pytest.raises(BrazeError, match=rf"Hugging Face checkpoint.*braze compile {ckpt} -o"):
+        LLM(model=ckpt, backend="reference")
