@@ -378,3 +378,20 @@ def test_a_checkpoint_given_as_the_model_says_to_compile_it(store):
     ckpt = store.checkpoint("llama")
     with pytest.raises(BrazeError, match=rf"Hugging Face checkpoint.*braze compile {ckpt} -o"):
         LLM(model=ckpt, backend="reference")
+
+
+def test_get_tokenizer_answers_the_stop_token_lookups_of_vllm_scripts(store, llm):
+    """vLLM scripts build stop_token_ids with get_tokenizer().convert_tokens_to_ids("<|eot_id|>")
+    and read pad_token_id, len(tokenizer) and get_vocab(): AttributeErrors before. Each
+    answer is transformers' own for the same tokenizer."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    tok = llm.get_tokenizer()
+    for q in ("</s>", "<s>", "<pad>", "#", "not-a-token", ["</s>", "#", "not-a-token"], ()):
+        assert tok.convert_tokens_to_ids(q) == hf_tok.convert_tokens_to_ids(q), q
+    assert (tok.pad_token, tok.pad_token_id) == (hf_tok.pad_token, hf_tok.pad_token_id)
+    assert len(tok) == len(hf_tok) and tok.get_vocab() == hf_tok.get_vocab()
+    eos = tok.convert_tokens_to_ids("</s>")
+    out = llm.generate([[1, 5, 6]], SamplingParams(max_tokens=4, stop_token_ids=[eos],
+                                                   logit_bias={eos: 100}))[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop"
