@@ -102,6 +102,7 @@ class LLM:
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
         the prompt's text (None for token ids)."""
+        self.engine.check_open()        # (before a grammar reaches the stopped compiler)
         if sampling_params is not None:
             if params is not None:
                 raise BrazeError("give the sampling parameters once: as the second argument "

@@ -395,3 +395,19 @@ def test_get_tokenizer_answers_the_stop_token_lookups_of_vllm_scripts(store, llm
     out = llm.generate([[1, 5, 6]], SamplingParams(max_tokens=4, stop_token_ids=[eos],
                                                    logit_bias={eos: 100}))[0]
     assert out.token_ids == [eos] and out.finish_reason == "stop"
+
+
+def test_an_llm_closed_says_so_when_asked_to_generate(store):
+    """After close() (or its with-block), generate ran on regardless, and with a grammar
+    died of a RuntimeError from the grammar thread ("cannot schedule new futures after
+    shutdown"); a tensor-parallel artifact's ranks are gone by then. Now it says why."""
+    with LLM(model=store.artifact("llama"), backend="reference", num_kv_blocks=16) as llm:
+        assert llm.generate("hi", GREEDY)[0].token_ids
+    choice = SamplingParams(max_tokens=4, structured_outputs={"choice": ["yes", "no"]})
+    for call in (lambda: llm.generate("hi", GREEDY), lambda: llm.generate("hi", choice),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}], GREEDY),
+                 lambda: llm.engine.add_request("r", [1, 5], GREEDY)):
+        with pytest.raises(BrazeError, match=r"closed.*new braze\.LLM"):
+            call()
+    assert not llm.engine.has_unfinished()
+    llm.close()                     # twice is fine
