@@ -165,17 +165,17 @@ class LLM:
         return outs
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             lora_request=None, *, chat_template: str | None = None,
+             use_tqdm=True, lora_request=None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None,
-             continue_final_message: bool = False, use_tqdm=True) -> list[RequestOutput]:
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
         of conversations. `chat_template_kwargs` and `tools` are passed to the template.
         `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
         ends inside each conversation's final message, which the model continues.
-        `use_tqdm` as in generate.
+        `use_tqdm` as in generate; it comes third, before `lora_request`, as in vLLM's.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "

@@ -411,3 +411,18 @@ def test_an_llm_closed_says_so_when_asked_to_generate(store):
             call()
     assert not llm.engine.has_unfinished()
     llm.close()                     # twice is fine
+
+
+def test_chat_takes_use_tqdm_third_as_vllms_chat_does(llm):
+    """vLLM's signature is chat(messages, sampling_params, use_tqdm, lora_request, ...):
+    llm.chat(conv, params, False) took False for a LoRA adapter and failed on "serves no
+    LoRA adapters". A lora_request of another type is named as such, first."""
+    conv = [{"role": "user", "content": "Hi"}]
+    plain = llm.chat(conv, GREEDY)[0].token_ids
+    assert llm.chat(conv, GREEDY, False)[0].token_ids == plain
+    assert llm.chat(conv, GREEDY, True, None)[0].token_ids == plain
+    for bad in (True, 3):
+        with pytest.raises(BrazeError, match=rf"lora_request must be a LoRARequest.*got "
+                                             rf"{type(bad).__name__}"):
+            llm.generate("hi", GREEDY, lora_request=bad)
+    assert not llm.engine.has_unfinished()
