@@ -71,6 +71,9 @@ class SamplingParams:
     # or its dict form {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
     structured_outputs: object = None
     skip_special_tokens: bool = True      # drop special tokens from the text
+    # vLLM's: braze decodes with the tokenizer's own spacing, as vLLM's fast-tokenizer
+    # detokenizer does (True, vLLM's default); False (a slow tokenizer's) is refused
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False   # vLLM's: keep the stop string/token that ended it
     # logits processing (vLLM semantics), applied on the device, batched (sample_batch)
     presence_penalty: float = 0.0     # OpenAI: minus this for every token already generated
@@ -173,6 +176,12 @@ class SamplingParams:
         if not isinstance(self.skip_special_tokens, bool):
             raise BrazeError(f"skip_special_tokens must be true or false, "
                              f"got {self.skip_special_tokens!r}", param="skip_special_tokens")
+        if self.spaces_between_special_tokens is not True:
+            raise BrazeError(f"spaces_between_special_tokens={self.spaces_between_special_tokens!r}"
+                             f" is not supported: braze decodes special tokens with the "
+                             f"tokenizer's own spacing (vLLM's fast detokenizer does too); "
+                             f"leave it out or give True",
+                             param="spaces_between_special_tokens")
         if self.output_kind not in OUTPUT_KINDS:
             raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
                              f"got {self.output_kind!r}", param="output_kind")

@@ -426,3 +426,19 @@ def test_chat_takes_use_tqdm_third_as_vllms_chat_does(llm):
                                              rf"{type(bad).__name__}"):
             llm.generate("hi", GREEDY, lora_request=bad)
     assert not llm.engine.has_unfinished()
+
+
+def test_spaces_between_special_tokens_is_vllms_field_taken_at_what_braze_does(llm):
+    """SamplingParams(spaces_between_special_tokens=...) was a TypeError. braze decodes
+    as vLLM's fast-tokenizer detokenizer does (the tokenizer's own spacing, as the server
+    takes the field): True (vLLM's default) is that; False is refused naming it."""
+    ids = [1, 5, 6, 7]
+    plain = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True,
+                                               skip_special_tokens=False))[0]
+    same = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True,
+                                              skip_special_tokens=False,
+                                              spaces_between_special_tokens=True))[0]
+    assert (same.token_ids, same.text) == (plain.token_ids, plain.text)
+    for bad in (False, "yes"):
+        with pytest.raises(BrazeError, match="spaces_between_special_tokens"):
+            llm.generate([ids], SamplingParams(spaces_between_special_tokens=bad))
