@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import numbers
+import random
 
 from braze.ir.errors import BrazeError
 
@@ -24,7 +25,7 @@ from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, advance
 from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
-from .sampler import SamplingParams
+from .sampler import SEED_LIMIT, SamplingParams
 from .scheduler import check_priority
 
 log = logging.getLogger("braze.runtime")
@@ -44,6 +45,11 @@ class LLM:
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
+        # vLLM's seed: requests without their own seed take the next of this generator's,
+        # so a script's sampling repeats run to run
+        seed = overrides.pop("seed", None)
+        SamplingParams(seed=seed).validate()
+        self._seeds = None if seed is None else random.Random(seed)
         from .lora import VLLM_OPTIONS, check_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
         compiled_asks = vllm_args.take(overrides)
@@ -123,6 +129,10 @@ class LLM:
                                  f"{type(sp).__name__}: write SamplingParams(**{{...}})")
         for sp in plist:
             sp.validate()
+        if self._seeds is not None:     # LLM(seed=...): each unseeded request the next seed
+            plist = [sp if sp.seed is not None else
+                     dataclasses.replace(sp, seed=self._seeds.randrange(SEED_LIMIT))
+                     for sp in plist]
         loras = _per_prompt(lora_request, len(prompts), "lora_requests")
         transfers = _per_prompt(kv_transfer_params, len(prompts), "kv_transfer_params")
         priorities = [check_priority(pr, self.engine.options.scheduling_policy)

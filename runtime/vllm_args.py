@@ -34,7 +34,6 @@ ARGS = {
     "revision": ((None,), _ARTIFACT),
     "download_dir": ((None,), _ARTIFACT),
     "load_format": (("auto",), _ARTIFACT),
-    "seed": ((None,), "give each request its own seed: SamplingParams(seed=...)"),
     "swap_space": ((None,), "braze recomputes preempted requests; kv_offload_cpu_gb keeps "
                             "computed prefixes in host memory"),
     "cpu_offload_gb": ((None, 0), "braze keeps every weight on the device: leave it out"),

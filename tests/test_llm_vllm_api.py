@@ -363,7 +363,6 @@ def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(sto
     for kw, words in ((dict(tensor_parallel_size=2), "tensor_parallel_size=2.*--tensor-parallel-size 2"),
                       (dict(dtype="bfloat16"), "dtype='bfloat16'.*float32.*--dtype bfloat16"),
                       (dict(enforce_eager=True), "enforce_eager=True.*cudagraph_mode=\"none\""),
-                      (dict(seed=0), "seed=0.*SamplingParams"),
                       (dict(trust_remote_code=True), "trust_remote_code=True.*no model code"),
                       (dict(tokenizer="x"), "tokenizer='x'.*carries"),
                       (dict(quantization="fp8"), "quantization='fp8'.*braze compile"),
@@ -442,3 +441,29 @@ def test_spaces_between_special_tokens_is_vllms_field_taken_at_what_braze_does(l
     for bad in (False, "yes"):
         with pytest.raises(BrazeError, match="spaces_between_special_tokens"):
             llm.generate([ids], SamplingParams(spaces_between_special_tokens=bad))
+
+
+def test_llm_seed_makes_unseeded_sampling_repeat_as_vllms_does(store):
+    """vLLM's LLM(seed=S): requests without a seed of their own sample the same tokens in
+    every run of the script (the engine's generator is seeded). It was refused; now each
+    unseeded request takes the next seed of a generator seeded with S."""
+    art = store.artifact("llama")
+    hot = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    prompts = ["hello", "hello", [1, 5, 6]]
+
+    def run(seed):
+        with LLM(model=art, backend="reference", num_kv_blocks=32, seed=seed) as llm:
+            return [o.token_ids for o in llm.generate(prompts, hot)] + \
+                [o.token_ids for o in llm.generate(prompts[:1], hot)]
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first != other
+    assert first[0] != first[1]         # each request its own draw, as in vLLM
+    with LLM(model=art, backend="reference", num_kv_blocks=32, seed=7) as llm:
+        own = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True, seed=3)
+        alone = LLM.generate(llm, [[1, 5, 6]], own)[0].token_ids
+    with LLM(model=art, backend="reference", num_kv_blocks=32) as llm:
+        assert llm.generate([[1, 5, 6]], own)[0].token_ids == alone   # its own seed wins
+    for bad in (-1, 1.5, "7"):
+        with pytest.raises(BrazeError, match="seed"):
+            LLM(model=art, backend="reference", num_kv_blocks=8, seed=bad)
