@@ -27,7 +27,6 @@ ARGS = {
     "pipeline_parallel_size": ((1,), "braze has no pipeline parallelism; compile with "
                                      "--tensor-parallel-size N"),
     "data_parallel_size": ((1,), "run one braze.LLM per replica"),
-    "enforce_eager": ((False,), 'give cudagraph_mode="none" (no CUDA graphs)'),
     "trust_remote_code": ((False,), "braze loads no model code (the artifact is data): "
                                     "leave it out"),
     "tokenizer": ((None,), "the artifact carries its checkpoint's tokenizer: leave it out"),
@@ -41,7 +40,18 @@ ARGS = {
 
 
 def take(values: dict) -> dict:
-    """Remove ARGS' names from `values` (keyword arguments to LLM), returning them."""
+    """Remove ARGS' names from `values` (keyword arguments to LLM), returning them; vLLM's
+    enforce_eager=True becomes braze's cudagraph_mode="none" (no CUDA graphs) in `values`."""
+    eager = values.pop("enforce_eager", None)
+    if eager is not None and not isinstance(eager, bool):
+        raise BrazeError(f"enforce_eager must be True or False, got {eager!r}",
+                         param="enforce_eager")
+    if eager:
+        mode = values.setdefault("cudagraph_mode", "none")
+        if mode != "none":
+            raise BrazeError(f"enforce_eager=True (vLLM's: no CUDA graphs) and "
+                             f"cudagraph_mode={mode!r} disagree; give one of them",
+                             param="enforce_eager")
     return {k: values.pop(k) for k in ARGS if k in values}
 
 

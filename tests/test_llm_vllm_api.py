@@ -358,11 +358,16 @@ def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(sto
     typed = LLM(model=art, backend="reference", num_kv_blocks=16, dtype=torch.float32)
     plain = LLM(model=art, backend="reference", num_kv_blocks=16)
     want = plain.generate("hello", GREEDY)[0].token_ids
-    for llm in (ok, same, typed):
+    eager = LLM(model=art, backend="reference", num_kv_blocks=16, enforce_eager=True)
+    assert eager.engine.options.cudagraph_mode == "none"     # vLLM's: no CUDA graphs
+    assert ok.engine.options.cudagraph_mode is None           # the artifact's
+    for llm in (ok, same, typed, eager):
         assert llm.generate("hello", GREEDY)[0].token_ids == want
     for kw, words in ((dict(tensor_parallel_size=2), "tensor_parallel_size=2.*--tensor-parallel-size 2"),
                       (dict(dtype="bfloat16"), "dtype='bfloat16'.*float32.*--dtype bfloat16"),
-                      (dict(enforce_eager=True), "enforce_eager=True.*cudagraph_mode=\"none\""),
+                      (dict(enforce_eager=True, cudagraph_mode="full"),
+                       "enforce_eager=True.*cudagraph_mode='full'"),
+                      (dict(enforce_eager="yes"), "enforce_eager must be True or False"),
                       (dict(trust_remote_code=True), "trust_remote_code=True.*no model code"),
                       (dict(tokenizer="x"), "tokenizer='x'.*carries"),
                       (dict(quantization="fp8"), "quantization='fp8'.*braze compile"),
