@@ -175,7 +175,8 @@ class LLM:
         return outs
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm=True, lora_request=None, *, chat_template: str | None = None,
+             use_tqdm=True, lora_request=None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None,
              continue_final_message: bool = False) -> list[RequestOutput]:
@@ -186,10 +187,18 @@ class LLM:
         `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
         ends inside each conversation's final message, which the model continues.
         `use_tqdm` as in generate; it comes third, before `lora_request`, as in vLLM's.
+        `chat_template_content_format` (vLLM's): braze renders a message's content as one
+        string (its text parts joined), vLLM's "string", which "auto" is here too; "openai"
+        (the parts as a list) is refused.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "
                              "with token ids")
+        if chat_template_content_format not in ("auto", "string"):
+            raise BrazeError(f"chat_template_content_format={chat_template_content_format!r}: "
+                             f"braze renders a message's content as one string (its text "
+                             f"parts joined), vLLM's \"string\"; give \"auto\" or \"string\"",
+                             param="chat_template_content_format")
         prompter = self.tokenizer.chat_prompter(chat_template)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise BrazeError("messages must be a non-empty list of {\"role\", \"content\"} dicts, "

@@ -472,3 +472,17 @@ def test_llm_seed_makes_unseeded_sampling_repeat_as_vllms_does(store):
     for bad in (-1, 1.5, "7"):
         with pytest.raises(BrazeError, match="seed"):
             LLM(model=art, backend="reference", num_kv_blocks=8, seed=bad)
+
+
+def test_chat_takes_vllms_chat_template_content_format(llm):
+    """vLLM's chat(..., chat_template_content_format="string"|"auto"|"openai") was a
+    TypeError. braze renders a message's content as one string (vLLM's "string"), which
+    "auto" and "string" take; "openai" (content as a list of parts) is refused naming it."""
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    plain = llm.chat(conv, GREEDY)[0]
+    for fmt in ("auto", "string"):
+        got = llm.chat(conv, GREEDY, chat_template_content_format=fmt)[0]
+        assert (got.prompt_token_ids, got.token_ids) == (plain.prompt_token_ids, plain.token_ids)
+    for bad in ("openai", "text"):
+        with pytest.raises(BrazeError, match=f"chat_template_content_format={bad!r}"):
+            llm.chat(conv, GREEDY, chat_template_content_format=bad)
