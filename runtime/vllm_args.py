@@ -27,6 +27,9 @@ ARGS = {
     "pipeline_parallel_size": ((1,), "braze has no pipeline parallelism; compile with "
                                      "--tensor-parallel-size N"),
     "data_parallel_size": ((1,), "run one braze.LLM per replica"),
+    "disable_log_stats": ((True, False), ""),      # braze logs no periodic stats
+    "tokenizer_mode": (("auto",), "braze runs the artifact's own tokenizer (tokenizer.json): "
+                                  "leave it out"),
     "trust_remote_code": ((False,), "braze loads no model code (the artifact is data): "
                                     "leave it out"),
     "tokenizer": ((None,), "the artifact carries its checkpoint's tokenizer: leave it out"),

@@ -352,7 +352,8 @@ def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(sto
     names the argument and the braze way. Each was a bare "unknown engine option"."""
     art = store.artifact("llama")
     ok = LLM(model=art, backend="reference", num_kv_blocks=16, tensor_parallel_size=1,
-             dtype="auto", enforce_eager=False, trust_remote_code=False)
+             dtype="auto", enforce_eager=False, trust_remote_code=False,
+             disable_log_stats=True, tokenizer_mode="auto")
     same = LLM(model=art, backend="reference", num_kv_blocks=16, dtype="float32")
     import torch
     typed = LLM(model=art, backend="reference", num_kv_blocks=16, dtype=torch.float32)
@@ -371,7 +372,8 @@ def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(sto
                       (dict(trust_remote_code=True), "trust_remote_code=True.*no model code"),
                       (dict(tokenizer="x"), "tokenizer='x'.*carries"),
                       (dict(quantization="fp8"), "quantization='fp8'.*braze compile"),
-                      (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2")):
+                      (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2"),
+                      (dict(tokenizer_mode="slow"), "tokenizer_mode='slow'.*tokenizer.json")):
         with pytest.raises(BrazeError, match=words):
             LLM(model=art, backend="reference", num_kv_blocks=16, **kw)
 
