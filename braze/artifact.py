@@ -95,7 +95,10 @@ def read_manifest_bytes(root: Path) -> tuple[dict, bytes]:
         raise BrazeError(_not_a_directory(root))
     path = root / MANIFEST
     if not path.exists():
-        raise BrazeError(f"{root} is not a braze artifact: it has no {MANIFEST}")
+        hint = (f"; it is a Hugging Face checkpoint (config.json): compile it first, "
+                f"braze compile {root} -o ARTIFACT (or braze.compile), and run ARTIFACT"
+                if (root / "config.json").is_file() else "")
+        raise BrazeError(f"{root} is not a braze artifact: it has no {MANIFEST}{hint}")
     data = path.read_bytes()
     try:
         manifest = json.loads(data)

@@ -78,17 +78,25 @@ class BeamSequence:
     """One result: the generated `token_ids` (the prompt not included, an EOS neither
     unless include_stop_str_in_output),
     their `cumulative_logprob`, its `score`, and `finish_reason` ("stop" at an EOS, else
-    "length"); `text` where the caller decodes it."""
+    "length"); `text` where the caller decodes it (of `token_ids`: vLLM's offline
+    beam_search decodes the prompt too). vLLM's names read too: `tokens` (the prompt's
+    ids, then `token_ids`) and `cum_logprob`."""
     token_ids: list[int]
     cumulative_logprob: float
     score: float
     finish_reason: str
     text: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
     def cum_logprob(self) -> float:
         """vLLM's BeamSearchSequence name for `cumulative_logprob`."""
         return self.cumulative_logprob
+
+    @property
+    def tokens(self) -> list[int]:
+        """vLLM's BeamSearchSequence.tokens: the prompt's ids, then `token_ids`."""
+        return self.prompt_token_ids + self.token_ids
 
 
 @dataclass
@@ -148,7 +156,8 @@ class BeamSearch:
         ranked = [(b, "stop") for b in self.finished] + [(b, "length") for b in self.beams]
         ranked.sort(key=lambda r: self._score(r[0]), reverse=True)
         return BeamSearchOutput(self.prompt, [
-            BeamSequence(list(tokens), cum, self._score((tokens, cum)), reason)
+            BeamSequence(list(tokens), cum, self._score((tokens, cum)), reason,
+                         prompt_token_ids=self.prompt)
             for (tokens, cum), reason in ranked[:self.params.beam_width]])
 
 

@@ -34,7 +34,7 @@ from .options import EngineOptions
 from .reasoning import ReasoningGate, ReasoningMarkers
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, Status, TokenLogprobs, now
-from .sampler import SamplingParams, bias_entries
+from .sampler import SamplingParams, bias_entries, prompt_keep
 from .sampling_defaults import sampling_defaults
 from .scheduler import Scheduler, check_priority
 from .speculative import make_speculator
@@ -110,6 +110,7 @@ class Engine(EngineLoRA):
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._structured = None             # runtime.structured.StructuredBackend, on first use
+        self.closed = False                 # close() was called: it runs nothing more
         self._grammar_wait: list[Request] = []   # requests whose grammar is compiling
         self._in_flight: list = []          # launched steps whose tokens are not applied yet
         self._held_rows: list | None = None   # finished while a launched step waits to sample
@@ -155,6 +156,7 @@ class Engine(EngineLoRA):
         (vLLM's): requests share prefix-cache blocks (on the device and in the lower KV
         tiers) only with requests of the same salt, so one tenant cannot learn from cache
         hits what another has sent."""
+        self.check_open()
         priority = check_priority(priority, self.options.scheduling_policy)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise BrazeError(f"cache_salt must be a non-empty string, got {cache_salt!r}",
@@ -171,6 +173,9 @@ class Engine(EngineLoRA):
                              f"or use another", param="request_id")
         ids = self.encode(prompt)
         limit = self.max_model_len
+        keep = prompt_keep(params.truncate_prompt_tokens, limit)
+        if keep is not None:
+            ids = ids[-keep:]
         if len(ids) >= limit:
             raise BrazeError(self.too_long(len(ids)), param="prompt")
         if params.num_samples > 1:
@@ -350,7 +355,8 @@ class Engine(EngineLoRA):
         so the next process serving this artifact finds them, and the tensor-parallel
         ranks this engine runs on stop (each closing its own tiers; runtime/parallel.py,
         also done when the process exits; a no-op at one rank), and so does the thread
-        that compiles grammars. The engine runs nothing after this."""
+        that compiles grammars. The engine runs nothing after this (add_request refuses)."""
+        self.closed = True
         try:
             if self.offload is not None:
                 self.offload.close()
@@ -361,6 +367,14 @@ class Engine(EngineLoRA):
             finally:
                 if self.runner.group is not None:
                     parallel.shutdown(self.runner.group)
+
+    def check_open(self) -> None:
+        """BrazeError once close() was called: its ranks, KV tiers and grammar thread are
+        gone."""
+        if self.closed:
+            raise BrazeError("this engine was closed (LLM.close(), or the end of its with "
+                             "block): it runs nothing more; make a new braze.LLM (or Engine) "
+                             "to generate again")
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every prompt prefix the device's cache holds (benchmarks, a cache

@@ -15,15 +15,17 @@ import dataclasses
 import itertools
 import logging
 import numbers
+import random
 
 from braze.ir.errors import BrazeError
 
 from .engine import Engine
+from . import vllm_args
 from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, advance_all
 from .kv_offload import KVTransferPolicy
 from .options import EngineOptions
 from .request import RequestOutput
-from .sampler import SamplingParams
+from .sampler import SEED_LIMIT, SamplingParams
 from .scheduler import check_priority
 
 log = logging.getLogger("braze.runtime")
@@ -43,17 +45,25 @@ class LLM:
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
+        # vLLM's seed: requests without their own seed take the next of this generator's,
+        # so a script's sampling repeats run to run
+        seed = overrides.pop("seed", None)
+        SamplingParams(seed=seed).validate()
+        self._seeds = None if seed is None else random.Random(seed)
         from .lora import VLLM_OPTIONS, check_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
+        compiled_asks = vllm_args.take(overrides)
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
-        if lora_asks:
-            try:
+        try:
+            vllm_args.check(compiled_asks, self.engine.artifact.manifest,
+                            self.engine.artifact.root)
+            if lora_asks:
                 check_vllm_options(getattr(self.engine.lora, "contract", None),
                                    self.engine.artifact.root, **lora_asks)
-            except BrazeError:
-                self.close()          # a tensor-parallel artifact's other ranks, too
-                raise
+        except BrazeError:
+            self.close()          # a tensor-parallel artifact's other ranks, too
+            raise
         self.artifact = self.engine.artifact
         if self.engine.sampling_defaults:
             log.info("generate and chat without SamplingParams use the model's sampling "
@@ -98,6 +108,7 @@ class LLM:
         Returns one RequestOutput per prompt, in order: its `outputs` lists the samples
         (one unless n > 1), so vLLM's `out.outputs[0].text` reads the first; `prompt` is
         the prompt's text (None for token ids)."""
+        self.engine.check_open()        # (before a grammar reaches the stopped compiler)
         if sampling_params is not None:
             if params is not None:
                 raise BrazeError("give the sampling parameters once: as the second argument "
@@ -118,6 +129,10 @@ class LLM:
                                  f"{type(sp).__name__}: write SamplingParams(**{{...}})")
         for sp in plist:
             sp.validate()
+        if self._seeds is not None:     # LLM(seed=...): each unseeded request the next seed
+            plist = [sp if sp.seed is not None else
+                     dataclasses.replace(sp, seed=self._seeds.randrange(SEED_LIMIT))
+                     for sp in plist]
         loras = _per_prompt(lora_request, len(prompts), "lora_requests")
         transfers = _per_prompt(kv_transfer_params, len(prompts), "kv_transfer_params")
         priorities = [check_priority(pr, self.engine.options.scheduling_policy)
@@ -160,21 +175,30 @@ class LLM:
         return outs
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             lora_request=None, *, chat_template: str | None = None,
+             use_tqdm=True, lora_request=None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None,
-             continue_final_message: bool = False, use_tqdm=True) -> list[RequestOutput]:
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template (or
         `chat_template`, a Jinja template text) as `generate` prompts (runtime/chat_template.py).
         messages: one conversation, a list of {"role": ..., "content": ...} dicts, or a list
         of conversations. `chat_template_kwargs` and `tools` are passed to the template.
         `continue_final_message` (with add_generation_prompt=False, as in vLLM): the prompt
         ends inside each conversation's final message, which the model continues.
-        `use_tqdm` as in generate.
+        `use_tqdm` as in generate; it comes third, before `lora_request`, as in vLLM's.
+        `chat_template_content_format` (vLLM's): braze renders a message's content as one
+        string (its text parts joined), vLLM's "string", which "auto" is here too; "openai"
+        (the parts as a list) is refused.
         Returns one RequestOutput per conversation; its `prompt` is the rendered text."""
         if self.tokenizer is None:
             raise BrazeError("this artifact has no tokenizer, so it cannot chat; use generate "
                              "with token ids")
+        if chat_template_content_format not in ("auto", "string"):
+            raise BrazeError(f"chat_template_content_format={chat_template_content_format!r}: "
+                             f"braze renders a message's content as one string (its text "
+                             f"parts joined), vLLM's \"string\"; give \"auto\" or \"string\"",
+                             param="chat_template_content_format")
         prompter = self.tokenizer.chat_prompter(chat_template)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise BrazeError("messages must be a non-empty list of {\"role\", \"content\"} dicts, "
@@ -200,6 +224,11 @@ class LLM:
         (vLLM's): at most that many prompts at a time, in order (None: all).
         `lora_request` and a prompt's "cache_salt" as in `generate` (one adapter for all
         prompts or one per prompt); `use_tqdm` as there too."""
+        if not isinstance(params, BeamSearchParams):
+            raise BrazeError(f"beam search takes braze.BeamSearchParams(beam_width=..., "
+                             f"max_tokens=...), got {type(params).__name__} (vLLM's LLM."
+                             f"beam_search takes the same; SamplingParams are for generate)",
+                             param="params")
         params.validate()
         v = concurrency_limit
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

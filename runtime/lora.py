@@ -638,6 +638,9 @@ class EngineLoRA:
     def _bind_lora(self, req, lora_request) -> None:
         """Tie a new request to its adapter (a LoRARequest, registered here if new, or the
         name of one registered)."""
+        if not isinstance(lora_request, (LoRARequest, str)):
+            raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "
+                             f"{type(lora_request).__name__}", param="lora_request")
         mgr = self._need_lora()
         if isinstance(lora_request, LoRARequest):
             # as in vLLM, the lora_int_id names the adapter's version: a new one under a
@@ -646,9 +649,6 @@ class EngineLoRA:
             mgr.add(lora_request, replace=old is not None
                     and old[0].lora_int_id != lora_request.lora_int_id)
             lora_request = lora_request.lora_name
-        if not isinstance(lora_request, str):
-            raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "
-                             f"{type(lora_request).__name__}")
         req.lora = req.kv_salt = mgr.hold(lora_request)
         if self.offload is not None:          # lower KV tiers key blocks by tokens alone
             from .kv_offload import KVTransferPolicy

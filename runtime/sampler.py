@@ -71,6 +71,9 @@ class SamplingParams:
     # or its dict form {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
     structured_outputs: object = None
     skip_special_tokens: bool = True      # drop special tokens from the text
+    # vLLM's: braze decodes with the tokenizer's own spacing, as vLLM's fast-tokenizer
+    # detokenizer does (True, vLLM's default); False (a slow tokenizer's) is refused
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False   # vLLM's: keep the stop string/token that ended it
     # logits processing (vLLM semantics), applied on the device, batched (sample_batch)
     presence_penalty: float = 0.0     # OpenAI: minus this for every token already generated
@@ -89,6 +92,8 @@ class SamplingParams:
     # parallel samples: `n` outputs per prompt, the best `n` of `best_of` by cumulative logprob
     n: int = 1
     best_of: int | None = None
+    # vLLM's: keep only the prompt's last N tokens (-1: max_model_len); None: all of them
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -171,6 +176,12 @@ class SamplingParams:
         if not isinstance(self.skip_special_tokens, bool):
             raise BrazeError(f"skip_special_tokens must be true or false, "
                              f"got {self.skip_special_tokens!r}", param="skip_special_tokens")
+        if self.spaces_between_special_tokens is not True:
+            raise BrazeError(f"spaces_between_special_tokens={self.spaces_between_special_tokens!r}"
+                             f" is not supported: braze decodes special tokens with the "
+                             f"tokenizer's own spacing (vLLM's fast detokenizer does too); "
+                             f"leave it out or give True",
+                             param="spaces_between_special_tokens")
         if self.output_kind not in OUTPUT_KINDS:
             raise BrazeError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
                              f"got {self.output_kind!r}", param="output_kind")
@@ -232,6 +243,9 @@ class SamplingParams:
         if v is not None and (not _is_int(v) or not self.n <= v <= MAX_N):
             raise BrazeError(f"best_of must be null or an integer in [n, {MAX_N}] (n={self.n}), "
                              f"got {v!r}", param="best_of")
+        v = self.truncate_prompt_tokens
+        if v is not None and (not _is_int(v) or not (v == -1 or v >= 1)):
+            raise BrazeError(_TRUNCATE_RANGE + f", got {v!r}", param="truncate_prompt_tokens")
 
     @property
     def greedy(self) -> bool:
@@ -267,6 +281,25 @@ class SamplingParams:
                         seed=None if self.seed is None else (self.seed + i) % SEED_LIMIT,
                         prompt_logprobs=self.prompt_logprobs if i == 0 else None)
                 for i in range(k)]
+
+
+_TRUNCATE_RANGE = ("truncate_prompt_tokens must be null (the whole prompt), an integer >= 1 "
+                   "(the prompt's last N tokens are kept) or -1 (the model's max_model_len)")
+
+
+def prompt_keep(k, max_model_len: int) -> int | None:
+    """How many of a prompt's last tokens vLLM's truncate_prompt_tokens `k` keeps (None:
+    all of them), refusing a `k` that keeps more than the model can run."""
+    if k is None:
+        return None
+    if not _is_int(k) or not (k == -1 or k >= 1):
+        raise BrazeError(_TRUNCATE_RANGE + f", got {k!r}", param="truncate_prompt_tokens")
+    if k > max_model_len:           # (vLLM refuses it too): it keeps more than can run
+        raise BrazeError(f"truncate_prompt_tokens ({k}) is more than this model's "
+                         f"max_model_len ({max_model_len}); give at most {max_model_len - 1} "
+                         f"(the last tokens kept leave room to generate), or leave it out",
+                         param="truncate_prompt_tokens")
+    return max_model_len if k == -1 else int(k)
 
 
 def resolve_seed(seed: int | None) -> int:

@@ -74,6 +74,14 @@ class StructuredOutputsParams:
             if unknown:
                 raise BrazeError(f"structured_outputs has unknown field(s) {sorted(unknown)}; "
                                  f"it takes one of {', '.join(KINDS)}")
+            # vLLM's switches: braze's JSON grammars never allow free whitespace (its
+            # disable_any_whitespace), and have no other backend to fall back to; a
+            # whitespace pattern of the caller's would be dropped, so it is refused
+            if value.get("whitespace_pattern") is not None:
+                raise BrazeError("structured_outputs.whitespace_pattern is not supported: "
+                                 "braze's JSON grammars allow no whitespace between tokens "
+                                 "(vLLM's disable_any_whitespace); leave it out",
+                                 param="structured_outputs")
             return cls(**{k: value[k] for k in KINDS if k in value})
         raise BrazeError(f"structured_outputs must be an object with one of "
                          f"{', '.join(KINDS)}, got {value!r}")

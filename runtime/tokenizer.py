@@ -74,6 +74,39 @@ class Tokenizer:
         return token_text(self.config, "eos_token") or None
 
     @property
+    def pad_token(self) -> str | None:
+        from .chat_template import token_text
+        return token_text(self.config, "pad_token") or None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_id(self.pad_token)
+
+    def convert_tokens_to_ids(self, tokens):
+        """transformers': the id of a vocabulary entry (special tokens included), or a list
+        of them for a list; for an entry not in the vocabulary, the unknown token's id
+        (None where the tokenizer has none)."""
+        if isinstance(tokens, str):
+            return self._id_or_unknown(tokens)
+        return [self._id_or_unknown(t) for t in tokens]
+
+    def _id_or_unknown(self, token: str) -> int | None:
+        tid = self.token_id(token)
+        if tid is None:
+            from .chat_template import token_text
+            unk = token_text(self.config, "unk_token") or getattr(self._tok.model, "unk_token",
+                                                                   None)
+            tid = self.token_id(unk) if unk else None
+        return tid
+
+    def get_vocab(self) -> dict[str, int]:
+        """Each vocabulary entry's id, added (special) tokens included (transformers')."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
     def bos_token_id(self) -> int | None:
         return None if self.bos_token is None else self.token_id(self.bos_token)
 

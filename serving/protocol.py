@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from braze.runtime.chat_template import RESERVED_TEMPLATE_KWARGS
+from braze.runtime.sampler import prompt_keep
 
 
 class APIError(Exception):
@@ -328,19 +329,7 @@ def check_chat(req: ChatCompletionRequest) -> None:
 def truncation(req, max_model_len: int) -> int | None:
     """How many of the prompt's last tokens the request keeps (vLLM's
     truncate_prompt_tokens; -1 is max_model_len); None: all of them."""
-    k = getattr(req, "truncate_prompt_tokens", None)
-    if k is None:
-        return None
-    if k == 0:
-        raise bad_request("truncate_prompt_tokens must be at least 1 (the prompt's last N "
-                          "tokens are kept), or -1 for the model's max_model_len",
-                          "truncate_prompt_tokens")
-    if k > max_model_len:           # (vLLM refuses it too): it keeps more than can run
-        raise bad_request(f"truncate_prompt_tokens ({k}) is more than this model's "
-                          f"max_model_len ({max_model_len}); give at most {max_model_len - 1} "
-                          f"(the last tokens kept leave room to generate), or leave it out",
-                          "truncate_prompt_tokens")
-    return max_model_len if k == -1 else k
+    return prompt_keep(getattr(req, "truncate_prompt_tokens", None), max_model_len)
 
 
 def check_text(text: str, param: str, where: str | None = None) -> None:

@@ -171,3 +171,24 @@ def test_concurrency_limit_is_vllms_and_changes_no_result(llm):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(BrazeError, match="concurrency_limit"):
             llm.beam_search(prompts, params, concurrency_limit=bad)
+
+
+def test_params_of_another_type_are_named_not_an_attribute_error(llm):
+    """A vLLM script of before BeamSearchParams passes SamplingParams (use_beam_search was
+    one of its fields), or a dict: that was an AttributeError from inside the search."""
+    from braze import SamplingParams
+    for params in (SamplingParams(max_tokens=3), {"beam_width": 2, "max_tokens": 3}, None):
+        with pytest.raises(BrazeError, match=r"BeamSearchParams\(beam_width=.*max_tokens="):
+            llm.beam_search(PROMPT[:5], params)
+    assert not llm.engine.has_unfinished()
+
+
+def test_sequences_read_as_vllms_beam_search_sequence(llm):
+    """vLLM's BeamSearchSequence.tokens is the prompt and the beam's tokens (its main
+    field, read by vLLM beam-search scripts); braze's had only token_ids (the beam's)."""
+    prompt = PROMPT[:5]
+    out = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=3,
+                                                     ignore_eos=True))[0]
+    for s in out.sequences:
+        assert s.tokens == prompt + s.token_ids and len(s.token_ids) == 3
+        assert s.cum_logprob == s.cumulative_logprob

@@ -312,3 +312,179 @@ def test_chat_text_part_without_text_is_named_as_such(llm):
     for part in ({"type": "text"}, {"type": "text", "text": None}, {"type": "text", "text": 3}):
         with pytest.raises(BrazeError, match=r"messages\[0\]\.content\[1\].*without a \"text\""):
             llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}])
+
+
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(store, llm):
+    """vLLM's SamplingParams(truncate_prompt_tokens=k): the prompt's last k tokens, text or
+    ids (-1: max_model_len), as the server's field of that name. It was a TypeError."""
+    limit = llm.engine.max_model_len
+    long = [1] + [(5 * i) % 200 + 3 for i in range(limit + 20)]
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    k = 7
+    cut = SamplingParams(max_tokens=4, ignore_eos=True, truncate_prompt_tokens=k)
+    outs = llm.generate([long, text], cut)
+    want = [long[-k:], llm.get_tokenizer().encode(text)[-k:]]
+    assert [o.prompt_token_ids for o in outs] == want
+    assert outs[1].prompt == text
+    plain = llm.generate([{"prompt_token_ids": ids} for ids in want],
+                         SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    model = hf_model(store.checkpoint("llama"))
+    for ids, o in zip(want, outs):
+        assert_valid_greedy(model, ids, o.token_ids)
+    # -1 keeps max_model_len tokens: a short prompt as it is, a long one still too long
+    short = llm.generate(text, SamplingParams(max_tokens=4, ignore_eos=True,
+                                              truncate_prompt_tokens=-1))[0]
+    assert short.token_ids == llm.generate(text, SamplingParams(
+        max_tokens=4, ignore_eos=True))[0].token_ids
+    with pytest.raises(BrazeError, match=f"{limit} tokens.*max_model_len"):
+        llm.generate([long], SamplingParams(max_tokens=4, truncate_prompt_tokens=-1))
+    for bad in (0, -2, limit + 1, 2.5, True):
+        with pytest.raises(BrazeError, match="truncate_prompt_tokens"):
+            llm.generate(text, SamplingParams(truncate_prompt_tokens=bad))
+    assert not llm.engine.has_unfinished()
+
+
+def test_vllms_constructor_arguments_are_taken_checked_or_refused_saying_why(store):
+    """vLLM scripts write LLM(model=..., tensor_parallel_size=1, dtype="auto", seed=0,
+    enforce_eager=True, trust_remote_code=True, ...). Where the artifact already does what
+    they ask (its own tensor-parallel size and dtype), braze takes them; else the error
+    names the argument and the braze way. Each was a bare "unknown engine option"."""
+    art = store.artifact("llama")
+    ok = LLM(model=art, backend="reference", num_kv_blocks=16, tensor_parallel_size=1,
+             dtype="auto", enforce_eager=False, trust_remote_code=False,
+             disable_log_stats=True, tokenizer_mode="auto")
+    same = LLM(model=art, backend="reference", num_kv_blocks=16, dtype="float32")
+    import torch
+    typed = LLM(model=art, backend="reference", num_kv_blocks=16, dtype=torch.float32)
+    plain = LLM(model=art, backend="reference", num_kv_blocks=16)
+    want = plain.generate("hello", GREEDY)[0].token_ids
+    eager = LLM(model=art, backend="reference", num_kv_blocks=16, enforce_eager=True)
+    assert eager.engine.options.cudagraph_mode == "none"     # vLLM's: no CUDA graphs
+    assert ok.engine.options.cudagraph_mode is None           # the artifact's
+    for llm in (ok, same, typed, eager):
+        assert llm.generate("hello", GREEDY)[0].token_ids == want
+    for kw, words in ((dict(tensor_parallel_size=2), "tensor_parallel_size=2.*--tensor-parallel-size 2"),
+                      (dict(dtype="bfloat16"), "dtype='bfloat16'.*float32.*--dtype bfloat16"),
+                      (dict(enforce_eager=True, cudagraph_mode="full"),
+                       "enforce_eager=True.*cudagraph_mode='full'"),
+                      (dict(enforce_eager="yes"), "enforce_eager must be True or False"),
+                      (dict(trust_remote_code=True), "trust_remote_code=True.*no model code"),
+                      (dict(tokenizer="x"), "tokenizer='x'.*carries"),
+                      (dict(quantization="fp8"), "quantization='fp8'.*braze compile"),
+                      (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2"),
+                      (dict(tokenizer_mode="slow"), "tokenizer_mode='slow'.*tokenizer.json")):
+        with pytest.raises(BrazeError, match=words):
+            LLM(model=art, backend="reference", num_kv_blocks=16, **kw)
+
+
+def test_a_checkpoint_given_as_the_model_says_to_compile_it(store):
+    """vLLM's LLM(model=HF_DIR) is the first line a vLLM user writes; braze runs compiled
+    artifacts, and the error said only that the directory has no manifest.json."""
+    ckpt = store.checkpoint("llama")
+    with pytest.raises(BrazeError, match=rf"Hugging Face checkpoint.*braze compile {ckpt} -o"):
+        LLM(model=ckpt, backend="reference")
+
+
+def test_get_tokenizer_answers_the_stop_token_lookups_of_vllm_scripts(store, llm):
+    """vLLM scripts build stop_token_ids with get_tokenizer().convert_tokens_to_ids("<|eot_id|>")
+    and read pad_token_id, len(tokenizer) and get_vocab(): AttributeErrors before. Each
+    answer is transformers' own for the same tokenizer."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(store.checkpoint("llama"))
+    tok = llm.get_tokenizer()
+    for q in ("</s>", "<s>", "<pad>", "#", "not-a-token", ["</s>", "#", "not-a-token"], ()):
+        assert tok.convert_tokens_to_ids(q) == hf_tok.convert_tokens_to_ids(q), q
+    assert (tok.pad_token, tok.pad_token_id) == (hf_tok.pad_token, hf_tok.pad_token_id)
+    assert len(tok) == len(hf_tok) and tok.get_vocab() == hf_tok.get_vocab()
+    eos = tok.convert_tokens_to_ids("</s>")
+    out = llm.generate([[1, 5, 6]], SamplingParams(max_tokens=4, stop_token_ids=[eos],
+                                                   logit_bias={eos: 100}))[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop"
+
+
+def test_an_llm_closed_says_so_when_asked_to_generate(store):
+    """After close() (or its with-block), generate ran on regardless, and with a grammar
+    died of a RuntimeError from the grammar thread ("cannot schedule new futures after
+    shutdown"); a tensor-parallel artifact's ranks are gone by then. Now it says why."""
+    with LLM(model=store.artifact("llama"), backend="reference", num_kv_blocks=16) as llm:
+        assert llm.generate("hi", GREEDY)[0].token_ids
+    choice = SamplingParams(max_tokens=4, structured_outputs={"choice": ["yes", "no"]})
+    for call in (lambda: llm.generate("hi", GREEDY), lambda: llm.generate("hi", choice),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}], GREEDY),
+                 lambda: llm.engine.add_request("r", [1, 5], GREEDY)):
+        with pytest.raises(BrazeError, match=r"closed.*new braze\.LLM"):
+            call()
+    assert not llm.engine.has_unfinished()
+    llm.close()                     # twice is fine
+
+
+def test_chat_takes_use_tqdm_third_as_vllms_chat_does(llm):
+    """vLLM's signature is chat(messages, sampling_params, use_tqdm, lora_request, ...):
+    llm.chat(conv, params, False) took False for a LoRA adapter and failed on "serves no
+    LoRA adapters". A lora_request of another type is named as such, first."""
+    conv = [{"role": "user", "content": "Hi"}]
+    plain = llm.chat(conv, GREEDY)[0].token_ids
+    assert llm.chat(conv, GREEDY, False)[0].token_ids == plain
+    assert llm.chat(conv, GREEDY, True, None)[0].token_ids == plain
+    for bad in (True, 3):
+        with pytest.raises(BrazeError, match=rf"lora_request must be a LoRARequest.*got "
+                                             rf"{type(bad).__name__}"):
+            llm.generate("hi", GREEDY, lora_request=bad)
+    assert not llm.engine.has_unfinished()
+
+
+def test_spaces_between_special_tokens_is_vllms_field_taken_at_what_braze_does(llm):
+    """SamplingParams(spaces_between_special_tokens=...) was a TypeError. braze decodes
+    as vLLM's fast-tokenizer detokenizer does (the tokenizer's own spacing, as the server
+    takes the field): True (vLLM's default) is that; False is refused naming it."""
+    ids = [1, 5, 6, 7]
+    plain = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True,
+                                               skip_special_tokens=False))[0]
+    same = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True,
+                                              skip_special_tokens=False,
+                                              spaces_between_special_tokens=True))[0]
+    assert (same.token_ids, same.text) == (plain.token_ids, plain.text)
+    for bad in (False, "yes"):
+        with pytest.raises(BrazeError, match="spaces_between_special_tokens"):
+            llm.generate([ids], SamplingParams(spaces_between_special_tokens=bad))
+
+
+def test_llm_seed_makes_unseeded_sampling_repeat_as_vllms_does(store):
+    """vLLM's LLM(seed=S): requests without a seed of their own sample the same tokens in
+    every run of the script (the engine's generator is seeded). It was refused; now each
+    unseeded request takes the next seed of a generator seeded with S."""
+    art = store.artifact("llama")
+    hot = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    prompts = ["hello", "hello", [1, 5, 6]]
+
+    def run(seed):
+        with LLM(model=art, backend="reference", num_kv_blocks=32, seed=seed) as llm:
+            return [o.token_ids for o in llm.generate(prompts, hot)] + \
+                [o.token_ids for o in llm.generate(prompts[:1], hot)]
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first != other
+    assert first[0] != first[1]         # each request its own draw, as in vLLM
+    with LLM(model=art, backend="reference", num_kv_blocks=32, seed=7) as llm:
+        own = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True, seed=3)
+        alone = LLM.generate(llm, [[1, 5, 6]], own)[0].token_ids
+    with LLM(model=art, backend="reference", num_kv_blocks=32) as llm:
+        assert llm.generate([[1, 5, 6]], own)[0].token_ids == alone   # its own seed wins
+    for bad in (-1, 1.5, "7"):
+        with pytest.raises(BrazeError, match="seed"):
+            LLM(model=art, backend="reference", num_kv_blocks=8, seed=bad)
+
+
+def test_chat_takes_vllms_chat_template_content_format(llm):
+    """vLLM's chat(..., chat_template_content_format="string"|"auto"|"openai") was a
+    TypeError. braze renders a message's content as one string (vLLM's "string"), which
+    "auto" and "string" take; "openai" (content as a list of parts) is refused naming it."""
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    plain = llm.chat(conv, GREEDY)[0]
+    for fmt in ("auto", "string"):
+        got = llm.chat(conv, GREEDY, chat_template_content_format=fmt)[0]
+        assert (got.prompt_token_ids, got.token_ids) == (plain.prompt_token_ids, plain.token_ids)
+    for bad in ("openai", "text"):
+        with pytest.raises(BrazeError, match=f"chat_template_content_format={bad!r}"):
+            llm.chat(conv, GREEDY, chat_template_content_format=bad)

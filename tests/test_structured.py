@@ -530,3 +530,17 @@ def test_close_stops_the_grammar_thread(store):
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_vllms_whitespace_pattern_is_refused_not_dropped(llm):
+    """vLLM's structured_outputs {"json": ..., "whitespace_pattern": ...} was taken and the
+    pattern silently dropped; braze's JSON grammars allow no free whitespace, so the field
+    is refused naming it. The switches that match what braze does are still taken."""
+    with pytest.raises(BrazeError, match="whitespace_pattern.*leave it out"):
+        SamplingParams(structured_outputs={"json": SCHEMA, "whitespace_pattern": r"[ ]?"})
+    kept = SamplingParams(max_tokens=60, structured_outputs={
+        "json": SCHEMA, "whitespace_pattern": None, "disable_any_whitespace": True,
+        "disable_fallback": True})
+    plain = SamplingParams(max_tokens=60, structured_outputs={"json": SCHEMA})
+    a, b = llm.generate(["Hello", "Hello"], [kept, plain])
+    assert a.token_ids == b.token_ids       # (plain's output is held to SCHEMA above)
