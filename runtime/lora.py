@@ -476,12 +476,16 @@ class LoRAManager:
 
     def acquire(self, key: tuple) -> int | None:
         """Pin the adapter in a slot (loading it if it is not resident) and return the
-        slot; None when every slot is pinned by running requests (the caller waits)."""
+        slot; None when every slot is pinned by running requests (the caller waits).
+        LoRAError when it must be read from disk again and cannot be (its files gone)."""
         slot = self._slot_of.get(key)
         if slot is None:
             req = self._known.get(key)
             if req is None:
                 raise LoRAError(f"LoRA adapter {key[1]!r} is not loaded", 404)
+            # read first (from disk if its host copy was evicted): one that cannot be read
+            # now raises LoRAError with no slot emptied for it
+            host = self._host_copy(key, req)
             if None in self._holder:
                 slot = self._holder.index(None)
             elif self._lru:
@@ -490,7 +494,7 @@ class LoRAManager:
                 self.stats["lora_evictions"] += 1
             else:
                 return None
-            self._write(slot, self._host_copy(key, req), req)
+            self._write(slot, host, req)
             self._slot_of[key] = slot
             self._holder[slot] = key
         self._lru.pop(key, None)

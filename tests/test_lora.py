@@ -399,6 +399,33 @@ def test_host_copies_are_an_lru_of_max_cpu_loras(store, adapters, expected):
     assert eng.lora.stats["lora_reads_from_disk"] == 4          # read again for its slot
 
 
+def test_an_adapter_unreadable_when_reread_fails_its_request_only(store, adapters, expected,
+                                                                  tmp_path):
+    """An adapter whose host copy was evicted (max_cpu_loras) is read from disk again when a
+    request needs a slot; if its directory is gone by then, that request ends (abort, the
+    reason naming the adapter) and the engine goes on with the others: it used to raise out
+    of the scheduler and end every request (a server's engine with them)."""
+    import shutil
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4, max_cpu_loras=2)
+    gone = tmp_path / "gone"
+    shutil.copytree(adapters["a"], gone)
+    eng.add_lora(LoRARequest("gone", 1, str(gone)))
+    for i, n in enumerate("bc"):
+        eng.add_lora(LoRARequest(n, i + 2, str(adapters[n])))      # gone's host copy evicted
+    shutil.rmtree(gone)
+    eng.add_request("r0", PROMPT, GREEDY, lora_request="b")
+    eng.add_request("r1", PROMPT, GREEDY, lora_request="gone")
+    eng.add_request("r2", PROMPT, GREEDY)
+    final = eng.run_to_completion()
+    assert final["r0"].token_ids == expected["b"] and final["r2"].token_ids == expected[None]
+    assert final["r1"].finish_reason == "abort" and final["r1"].token_ids == []
+    assert "LoRA adapter 'gone'" in final["r1"].stop_reason
+    assert eng.lora.in_use() == {} and eng.lora._refs == {}
+    eng.add_request("r3", PROMPT, GREEDY, lora_request="c")      # the engine still serves
+    assert eng.run_to_completion()["r3"].token_ids == expected["c"]
+
+
 def test_generate_command_takes_an_adapter(store, adapters, expected):
     from cli_helpers import run as braze
     art = store.artifact("llama", opt_level=0, **LORA)
