@@ -293,8 +293,7 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
             for key in f.keys():
                 got = _peft_module(key)
                 if got is None:
-                    raise LoRAError(f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B "
-                                    f"weight (only lora_A/lora_B weights are supported)")
+                    raise LoRAError(_not_lora_weight(name, key, contract))
                 found.setdefault(got[0], {})[got[1]] = f.get_tensor(key)
     except SafetensorError as e:
         raise LoRAError(f"LoRA adapter {name!r}: {weights} is not a readable safetensors file "
@@ -337,9 +336,35 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
     return HostAdapter(name, r, tensors, sorted(found), ignored)
 
 
+# modules peft can put LoRA on (target_modules) that braze serves none on: it saves their
+# lora_embedding_A/B, or lora_A/B, and their whole weight (`.base_layer.weight`)
+EMBEDDINGS = ("embed_tokens", "lm_head")
+
+
+def _embedding_refusal(name: str, mod: str, contract: Contract) -> str:
+    short = mod.rsplit(".", 1)[-1]
+    return (f"LoRA adapter {name!r} targets {mod}, and braze serves LoRA only on the linear "
+            f"layers the artifact was compiled for (--lora-targets "
+            f"{','.join(contract.targets)}), not on the embeddings or the LM head; train the "
+            f"adapter without {short} in target_modules")
+
+
+def _not_lora_weight(name: str, key: str, contract: Contract) -> str:
+    """The error for an adapter tensor that is no lora_A/lora_B weight."""
+    mod = key.removeprefix("base_model.model.")
+    for tail in (".lora_embedding_A", ".lora_embedding_B", ".base_layer.weight"):
+        mod = mod.removesuffix(tail)
+    if mod.rsplit(".", 1)[-1] in EMBEDDINGS:
+        return _embedding_refusal(name, mod, contract)
+    return (f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (only "
+            f"lora_A/lora_B weights are supported)")
+
+
 def _unknown_module(name: str, mod: str, where: dict, contract: Contract) -> str:
     """The error for an adapter module the artifact has no LoRA slot for."""
     short = mod.rsplit(".", 1)[-1]
+    if short in EMBEDDINGS:
+        return _embedding_refusal(name, mod, contract)
     known = sorted({m.rsplit(".", 1)[-1] for m in list(where) + contract.untargeted})
     if short not in known:
         return (f"LoRA adapter {name!r} targets module {mod}, which this model has no "

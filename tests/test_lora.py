@@ -304,6 +304,33 @@ def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
         plain.add_request("x", PROMPT, GREEDY, lora_request=req("a", adapters))
 
 
+@pytest.mark.parametrize("targets, save_embedding_layers, module", [
+    (["embed_tokens", "q_proj"], True, "model.embed_tokens"),    # + its whole weight
+    (["embed_tokens", "q_proj"], False, "model.embed_tokens"),   # lora_embedding_A/B only
+    (["lm_head", "q_proj"], True, "lm_head"),
+    (["lm_head", "q_proj"], False, "lm_head"),                   # lora_A/B on lm_head
+])
+def test_adapters_on_the_embeddings_or_lm_head_are_refused_naming_them(
+        store, tmp_path, targets, save_embedding_layers, module):
+    """peft adapters with embed_tokens or lm_head among target_modules: refused naming the
+    module and what to train instead (the error named a tensor, e.g. '...embed_tokens.
+    base_layer.weight', as 'not a LoRA A/B weight', leaving the user to guess why)."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+    model = get_peft_model(hf_model(store.checkpoint("llama")),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    model.save_pretrained(tmp_path / "ad", save_embedding_layers=save_embedding_layers)
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError) as e:
+        eng.add_lora(LoRARequest("emb", 1, str(tmp_path / "ad")))
+    msg = str(e.value)
+    assert e.value.status == 400 and module in msg
+    assert f"without {targets[0]} in target_modules" in msg, msg
+    assert eng.list_loras() == []
+
+
 # -- other families and target sets ------------------------------------------------------
 
 @pytest.mark.parametrize("case,targets", [
