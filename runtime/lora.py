@@ -270,6 +270,13 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
         if cfg.get(key, ok) not in (ok, None):
             raise LoRAError(f"LoRA adapter {name!r}: {key}={cfg.get(key)!r} is not supported "
                             f"(braze serves plain LoRA: {key}={ok!r})")
+    if cfg.get("target_parameters"):
+        raise LoRAError(f"LoRA adapter {name!r} has target_parameters "
+                        f"{cfg['target_parameters']!r}: LoRA on parameters (peft's way to an "
+                        f"MoE layer's experts) is not supported; braze serves LoRA on the "
+                        f"linear layers the artifact was compiled for (--lora-targets "
+                        f"{','.join(contract.targets)}): train the adapter with "
+                        f"target_modules only")
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise LoRAError(f"LoRA adapter {name!r}: {key} is not supported yet "

@@ -331,6 +331,31 @@ def test_adapters_on_the_embeddings_or_lm_head_are_refused_naming_them(
     assert eng.list_loras() == []
 
 
+def test_an_adapter_on_moe_experts_is_refused_naming_target_parameters(store, tmp_path):
+    """peft puts LoRA on an MoE layer's experts through target_parameters (their fused
+    gate_up_proj / down_proj parameters): refused naming them and what to train instead
+    (the error was 'rank_pattern is not supported yet', a config key peft filled in itself).
+    The same artifact serves the adapter's attention part alone, as peft computes it."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+    ck = store.checkpoint("mixtral")
+    torch.manual_seed(5)
+    model = get_peft_model(hf_model(ck), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+        target_parameters=["gate_up_proj", "down_proj"]))
+    model.save_pretrained(tmp_path / "moe")
+    llm = LLM(store.artifact("mixtral", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=16, max_num_seqs=2)
+    with pytest.raises(LoRAError, match="target_parameters") as e:
+        llm.generate(PROMPT, GREEDY, lora_request=LoRARequest("moe", 1, str(tmp_path / "moe")))
+    assert "gate_up_proj" in str(e.value) and "target_modules" in str(e.value)
+    assert e.value.status == 400
+    attn = make_adapter(ck, tmp_path / "attn", seed=5, targets=["q_proj", "v_proj"], scale=3.0)
+    got = llm.generate(PROMPT, GREEDY, lora_request=LoRARequest("attn", 2, str(attn)))
+    assert got[0].token_ids == peft_greedy(ck, attn, PROMPT, GREEDY.max_tokens)
+
+
 # -- other families and target sets ------------------------------------------------------
 
 @pytest.mark.parametrize("case,targets", [
