@@ -256,3 +256,34 @@ def test_load_and_unload_while_draining_get_503(store, adapters, tmp_path):
         assert "Traceback" not in s.stderr()
     finally:
         s.stop()
+
+
+def test_runtime_updating_off_says_how_to_turn_it_on_and_vllms_variable_does(store, adapters,
+                                                                               tmp_path):
+    """Without --allow-runtime-lora-updating the load/unload routes answer a 404 naming the
+    flag (it was 'no route POST /v1/load_lora_adapter'); a vLLM deployment's
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True turns them on, as vLLM's does (it was ignored)."""
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    (tmp_path / "off").mkdir()
+    s = Server(art, tmp_path / "off", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"})
+    try:
+        for path, body in (("/v1/load_lora_adapter", {"lora_name": "b",
+                                                       "lora_path": str(adapters["b"])}),
+                           ("/v1/unload_lora_adapter", {"lora_name": "b"})):
+            r = s.http.post(path, json=body)
+            assert r.status_code == 404
+            assert "--allow-runtime-lora-updating" in r.json()["error"]["message"]
+        assert [d["id"] for d in s.http.get("/v1/models").json()["data"]] == [MODEL]
+    finally:
+        s.stop()
+    (tmp_path / "env").mkdir()
+    s = Server(art, tmp_path / "env", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    try:
+        r = s.http.post("/v1/load_lora_adapter", json={"lora_name": "b",
+                                                       "lora_path": str(adapters["b"])})
+        assert r.status_code == 200, r.text
+        assert _complete(s, "b").json()["choices"][0]["token_ids"] == \
+            peft_greedy(store.checkpoint("llama"), adapters["b"], PROMPT, 6)
+        assert s.http.post("/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
+    finally:
+        s.stop()
