@@ -595,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM's flag, checked: the artifact must serve LoRA adapters (braze "
                         "compiles them in: braze compile --lora-slots K --max-lora-rank R)")
     s.add_argument("--max-loras", type=_positive_int, metavar="K",
-                   help="vLLM's flag, checked: at most the artifact's --lora-slots")
+                   help="vLLM's flag: the adapters one batch may hold, at most the artifact's "
+                        "--lora-slots (default: all of them)")
     s.add_argument("--max-lora-rank", type=_positive_int, metavar="R",
                    help="vLLM's flag, checked: at most the artifact's --max-lora-rank")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

@@ -39,18 +39,18 @@ class LLM:
         num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ... (and vLLM's names
         for some: runtime/options.VLLM_NAMES, e.g. speculative_config=). vLLM's enable_lora,
         max_loras and max_lora_rank are checked against what the artifact was compiled
-        with (--lora-slots, --max-lora-rank)."""
+        with (--lora-slots, --max-lora-rank); max_loras below its slots bounds the
+        adapters one batch holds, as in vLLM."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
-        from .lora import VLLM_OPTIONS, check_vllm_options
+        from .lora import VLLM_OPTIONS, apply_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
         if lora_asks:
             try:
-                check_vllm_options(getattr(self.engine.lora, "contract", None),
-                                   self.engine.artifact.root, **lora_asks)
+                apply_vllm_options(self.engine.lora, self.engine.artifact.root, **lora_asks)
             except BrazeError:
                 self.close()          # a tensor-parallel artifact's other ranks, too
                 raise

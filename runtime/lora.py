@@ -544,6 +544,13 @@ class LoRAManager:
         else:
             self._free(key)                  # unloaded while it ran
 
+    def use_slots(self, n: int) -> None:
+        """vLLM's max_loras below the artifact's slots: adapters go to the first `n` only,
+        so at most `n` run in one batch (set before any request takes a slot)."""
+        if any(h is not None for h in self._holder[n:]):
+            raise BrazeError("max_loras is set before any adapter takes a slot")
+        del self._holder[n:], self._pins[n:]
+
     def in_use(self) -> dict[str, int]:
         """Adapter name -> running requests using it."""
         out: dict[str, int] = {}
@@ -595,8 +602,19 @@ def add_slots_buffer(static: dict, executor) -> None:
 
 
 # vLLM's LLM() LoRA options: in braze the artifact fixes them (`braze compile --lora-slots K
-# --max-lora-rank R`), so braze.LLM takes them as checks of what it was compiled with
+# --max-lora-rank R`), so braze.LLM takes them as checks of what it was compiled with, and
+# max_loras below the slots as the adapters one batch may hold
 VLLM_OPTIONS = ("enable_lora", "max_loras", "max_lora_rank")
+
+
+def apply_vllm_options(lora: "LoRAManager | None", root, enable_lora=None, max_loras=None,
+                       max_lora_rank=None) -> None:
+    """`check_vllm_options` on the engine's LoRA manager (None: the artifact serves none),
+    then max_loras bounds the slots its batches use."""
+    check_vllm_options(getattr(lora, "contract", None), root, enable_lora, max_loras,
+                       max_lora_rank)
+    if max_loras is not None and lora is not None:
+        lora.use_slots(max_loras)
 
 
 def check_vllm_options(contract: Contract | None, root, enable_lora=None, max_loras=None,

@@ -509,6 +509,23 @@ def test_llm_takes_vllms_lora_options_as_checks(store, adapters, expected):
         LLM(store.artifact("llama"), backend="reference", num_kv_blocks=8, enable_lora=True)
 
 
+def test_max_loras_below_the_slots_bounds_the_adapters_in_a_batch(store, adapters, expected):
+    """vLLM's max_loras is the adapters one batch may hold: below the artifact's
+    --lora-slots, only that many run at once (the others wait, as for a full pool) and all
+    still get peft's tokens. It was checked against the slots and then ignored."""
+    llm = LLM(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=32, max_num_seqs=4, max_loras=1)
+    eng = llm.engine
+    names = ["a", "b", None]
+    for i, n in enumerate(names):
+        eng.add_request(f"r{i}", PROMPT, GREEDY, lora_request=req(n, adapters, i + 1))
+    eng.step()
+    assert list(eng.lora.in_use()) == ["a"] and eng.num_waiting() == 1     # b waits
+    final = eng.run_to_completion()
+    assert [final[f"r{i}"].token_ids for i in range(3)] == [expected[n] for n in names]
+    assert eng.lora.in_use() == {} and eng.lora.stats["lora_evictions"] == 1
+
+
 def test_beam_search_takes_one_adapter_per_prompt(store, adapters):
     """vLLM's LLM.beam_search(prompts, params, lora_request=[...]): one adapter (or None)
     per prompt, each prompt's beams scored with its own, as peft's beam search has them."""
