@@ -232,6 +232,9 @@ def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> Non
             off += n
 
 
+PEFT_LORA_ALPHA = 8          # peft's LoraConfig default lora_alpha
+
+
 def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
     """Read a PEFT adapter directory ("~" is the user's home, as in vLLM) and lay it out as
     the artifact's pools want it. A path the OS refuses is a LoRAError, as a missing one."""
@@ -282,7 +285,7 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
             raise LoRAError(f"LoRA adapter {name!r}: {key} is not supported yet "
                             f"(got {cfg.get(key)!r})")
     r = cfg.get("r")
-    alpha = cfg.get("lora_alpha", r)
+    alpha = cfg.get("lora_alpha", PEFT_LORA_ALPHA)     # absent: peft's default, as peft reads it
     if (not isinstance(r, int) or isinstance(r, bool) or r < 1
             or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
             or not math.isfinite(alpha)):

@@ -271,6 +271,21 @@ def test_a_malformed_adapter_config_is_a_clear_error(store, tmp_path, config, ne
     assert e.value.status == 400 and "adapter_config.json" in str(e.value)
     assert eng.list_loras() == []
 
+def test_a_config_without_lora_alpha_takes_pefts_default(store, adapters, tmp_path):
+    """adapter_config.json without lora_alpha: peft's LoraConfig default (8) applies, as
+    peft itself loads it; braze took alpha = r, a silently wrong scale (here half)."""
+    import shutil
+    ck = store.checkpoint("llama")
+    d = shutil.copytree(adapters["a"], tmp_path / "noalpha")          # r 4, alpha 8
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    eng.add_request("r", PROMPT, GREEDY, lora_request=LoRARequest("na", 1, str(d)))
+    assert eng.run_to_completion()["r"].token_ids == peft_greedy(ck, d, PROMPT, GREEDY.max_tokens)
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
