@@ -269,7 +269,8 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
                         f"{extra}", 404)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"LoRA adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+    for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
+                    ("lora_bias", False)):
         if cfg.get(key, ok) not in (ok, None):
             raise LoRAError(f"LoRA adapter {name!r}: {key}={cfg.get(key)!r} is not supported "
                             f"(braze serves plain LoRA: {key}={ok!r})")

@@ -286,6 +286,23 @@ def test_a_config_without_lora_alpha_takes_pefts_default(store, adapters, tmp_pa
     assert eng.run_to_completion()["r"].token_ids == peft_greedy(ck, d, PROMPT, GREEDY.max_tokens)
 
 
+def test_an_adapter_with_lora_bias_is_refused_naming_it(store, tmp_path):
+    """peft's lora_bias=True adds a bias to each lora_B: refused naming lora_bias (the error
+    named a '...lora_B.bias' tensor as 'not a LoRA A/B weight')."""
+    ck = store.checkpoint("llama")
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+    model = get_peft_model(hf_model(ck), LoraConfig(r=4, target_modules=["q_proj"],
+                                                    lora_bias=True))
+    model.save_pretrained(tmp_path / "bias")
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="lora_bias=True is not supported") as e:
+        eng.add_lora(LoRARequest("bias", 1, str(tmp_path / "bias")))
+    assert e.value.status == 400
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
