@@ -128,12 +128,16 @@ def load_at_start(engine, modules: list[str], model_names: list[str]) -> dict[st
     naming one of `model_names` (the served model's) runs the base model, so no adapter may
     take it.
     Returns the parents /v1/models names where an entry gave base_model_name."""
-    parents = {}
+    parents, paths = {}, {}
     for spec in modules:
         name, path, base = module_spec(spec)
         if name in model_names:
             raise LoRAError(f"--lora-modules: the adapter name {name!r} is the served model's "
                             f"name (requests naming it get the base model); pick another")
+        if name in paths:
+            raise LoRAError(f"--lora-modules names the adapter {name!r} twice ({paths[name]} "
+                            f"and {path}); give each adapter its own name")
+        paths[name] = path
         engine.add_lora(LoRARequest(name, next(_IDS), path))
         if base:
             parents[name] = base

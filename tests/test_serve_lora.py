@@ -206,6 +206,18 @@ def test_bad_lora_modules_json_is_one_line(store, spec, needle):
     assert_one_line_error(code, err, "--lora-modules", needle)
 
 
+def test_lora_modules_naming_an_adapter_twice_is_one_line(store, adapters):
+    """Two --lora-modules entries with one name: a one-line error naming both paths (it said
+    the adapter 'is already loaded ...; unload it first', advice a starting server cannot
+    take)."""
+    from cli_helpers import assert_one_line_error, run
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = run("serve", art, "--port", "0", "--backend", "reference",
+                       "--lora-modules", f"a={adapters['a']}", f"a={adapters['b']}", timeout=120)
+    assert_one_line_error(code, err, "--lora-modules", "'a' twice")
+    assert str(adapters["a"]) in err and str(adapters["b"]) in err and "unload" not in err
+
+
 def test_retrieve_a_model_or_an_adapter(server, adapters):
     """The openai client's models.retrieve (GET /v1/models/{id}): the base model's card or
     an adapter's, with its parent; 404 model_not_found for another name."""
