@@ -263,10 +263,13 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
                         f"a JSON object (peft's LoraConfig: r, lora_alpha, target_modules, ...)")
     weights = d / "adapter_model.safetensors"
     if not weights.is_file():
-        extra = " (adapter_model.bin is a pickle, which braze does not load; save the adapter " \
-                "with safe_serialization)" if (d / "adapter_model.bin").exists() else ""
-        raise LoRAError(f"LoRA adapter {name!r}: no adapter_model.safetensors in {str(path)!r}"
-                        f"{extra}", 404)
+        if (d / "adapter_model.bin").exists():     # there, in a format braze does not load
+            raise LoRAError(f"LoRA adapter {name!r}: {str(path)!r} holds adapter_model.bin, a "
+                            f"pickle, which braze does not load; save the adapter again as "
+                            f"adapter_model.safetensors (peft: save_pretrained(..., "
+                            f"safe_serialization=True))")
+        raise LoRAError(f"LoRA adapter {name!r}: no adapter_model.safetensors in "
+                        f"{str(path)!r}", 404)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"LoRA adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),

@@ -303,6 +303,23 @@ def test_an_adapter_with_lora_bias_is_refused_naming_it(store, tmp_path):
     assert e.value.status == 400
 
 
+def test_a_pickled_adapter_is_a_400_saying_to_save_it_as_safetensors(store, adapters, tmp_path):
+    """An adapter saved as adapter_model.bin (peft's safe_serialization=False) is there but
+    in a format braze does not load: a 400 saying how to save it, not the 404 of a missing
+    adapter (over HTTP, "not found" for a directory that holds it)."""
+    from safetensors.torch import load_file
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "adapter_config.json").write_text((adapters["a"] / "adapter_config.json").read_text())
+    torch.save(load_file(str(adapters["a"] / "adapter_model.safetensors")),
+               d / "adapter_model.bin")
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="adapter_model.bin.*safe_serialization") as e:
+        eng.add_lora(LoRARequest("pickled", 1, str(d)))
+    assert e.value.status == 400
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
