@@ -34,6 +34,7 @@ import errno
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,10 @@ class LoRARequest:
         if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \
                 or self.lora_int_id < 1:
             raise BrazeError(f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
+        if not isinstance(self.lora_path, (str, os.PathLike)) or not os.fspath(self.lora_path):
+            raise BrazeError(f"lora_path must be the adapter's directory (a non-empty string "
+                             f"or path), got {self.lora_path!r}")
+        object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
 
 
 class LoRAError(BrazeError):

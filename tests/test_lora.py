@@ -320,6 +320,22 @@ def test_a_pickled_adapter_is_a_400_saying_to_save_it_as_safetensors(store, adap
     assert e.value.status == 400
 
 
+def test_lora_request_paths_are_checked_and_pathlike_taken(store, adapters, expected):
+    """LoRARequest's lora_path: a pathlib.Path is taken (as a str, so the same adapter
+    compares equal either way); None, a number or "" is refused naming lora_path (None and
+    a number were a TypeError from pathlib deep in generate; "" read the current
+    directory)."""
+    for bad in (None, 3, ""):
+        with pytest.raises(BrazeError, match="lora_path must be"):
+            LoRARequest("a", 1, bad)
+    from pathlib import Path
+    r = LoRARequest("a", 1, Path(adapters["a"]))
+    assert r == LoRARequest("a", 1, str(adapters["a"]))
+    llm = LLM(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=8, max_num_seqs=2)
+    assert llm.generate(PROMPT, GREEDY, lora_request=r)[0].token_ids == expected["a"]
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
