@@ -235,7 +235,12 @@ class Engine(EngineLoRA):
         failed to compile aborts the request (stop_reason: the error)."""
         err = req.grammar.exception()
         if err is not None:
-            self._fail(req, str(err))
+            self._unbind_lora(req)
+            self.requests.pop(req.request_id, None)
+            req.status = Status.FINISHED
+            req.finish_reason, req.stop_reason = "abort", str(err)
+            req.metrics.finished_time = now()
+            self._aborted.append(req)
             return False
         req.matcher = self.structured.matcher(req.params.structured_outputs, req.grammar.result())
         if self.reasoning is not None:       # the grammar holds the answer, not the reasoning
@@ -243,16 +248,6 @@ class Engine(EngineLoRA):
                                         self.reasoning.prompt_state(req.prompt_token_ids))
         self.scheduler.add(req)
         return True
-
-    def _fail(self, req: Request, message: str) -> None:
-        """End a request that never ran and cannot (outside the scheduler, or taken out of
-        its waiting queue): finish_reason "abort", stop_reason the error."""
-        self._unbind_lora(req)
-        self.requests.pop(req.request_id, None)
-        req.status = Status.FINISHED
-        req.finish_reason, req.stop_reason = "abort", message
-        req.metrics.finished_time = now()
-        self._aborted.append(req)
 
     def _admit_compiled(self) -> None:
         ready = [r for r in self._grammar_wait if r.grammar.done()]
@@ -405,8 +400,10 @@ class Engine(EngineLoRA):
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
-        for req, message in sched.failed:
-            self._fail(req, message)
+        for req, message in sched.failed:      # e.g. its adapter's files gone: it alone ends
+            self._finish(req, "abort")
+            req.stop_reason = message
+            self._aborted.append(req)
         for req in sched.preempted:
             self.runner.remove(req)
         if sched.chunks:

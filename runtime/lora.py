@@ -556,6 +556,11 @@ class LoRAManager:
         else:
             self._free(key)                  # unloaded while it ran
 
+    @property
+    def max_loras(self) -> int:
+        """The adapters one batch may hold: the artifact's slots, or vLLM's max_loras."""
+        return len(self._holder)
+
     def use_slots(self, n: int) -> None:
         """vLLM's max_loras below the artifact's slots: adapters go to the first `n` only,
         so at most `n` run in one batch (set before any request takes a slot)."""

@@ -299,3 +299,26 @@ def test_runtime_updating_off_says_how_to_turn_it_on_and_vllms_variable_does(sto
         assert s.http.post("/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
     finally:
         s.stop()
+
+
+def test_an_adapter_whose_files_went_away_fails_its_request_alone(store, adapters, tmp_path):
+    """--max-cpu-loras below the adapters loaded: one is read from disk again when a request
+    needs it. Its directory deleted meanwhile, that request gets an error naming the adapter
+    (it ended the engine and every request with it) and the server goes on serving; with
+    --max-loras 1 /server_info says one adapter per batch."""
+    import shutil
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    gone = shutil.copytree(adapters["b"], tmp_path / "gone")
+    s = Server(art, tmp_path, "--lora-modules", f"gone={gone}", f"a={adapters['a']}",
+               f"c={adapters['b']}", "--max-cpu-loras", "2", "--max-loras", "1")
+    try:
+        assert s.http.get("/server_info").json()["engine"]["lora"]["max_loras"] == 1
+        shutil.rmtree(gone)
+        r = _complete(s, "gone")
+        assert r.status_code == 503 and "LoRA adapter 'gone'" in r.json()["error"]["message"]
+        ck = store.checkpoint("llama")
+        assert _complete(s, "a").json()["choices"][0]["token_ids"] == \
+            peft_greedy(ck, adapters["a"], PROMPT, 6)
+        assert "Traceback" not in s.stderr()
+    finally:
+        s.stop()
