@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from braze.artifact import adapter_prefixes, text_only_origin
+from braze.hub import download_advice, looks_like_repo_id
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
 
@@ -255,6 +256,10 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
 def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
     path = d
     cfg_path = d / "adapter_config.json"
+    if not d.exists() and looks_like_repo_id(str(path)):
+        raise LoRAError(f"LoRA adapter {name!r}: no directory {str(path)!r}; braze reads "
+                        f"adapters from local directories: to serve the Hugging Face "
+                        f"repository {path}, {download_advice(str(path))} and give DIR", 404)
     if not d.is_dir() or not cfg_path.is_file():
         raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {str(path)!r} (a "
                         f"PEFT adapter directory holds adapter_config.json and "

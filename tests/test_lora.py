@@ -336,6 +336,24 @@ def test_lora_request_paths_are_checked_and_pathlike_taken(store, adapters, expe
     assert llm.generate(PROMPT, GREEDY, lora_request=r)[0].token_ids == expected["a"]
 
 
+def test_a_hub_repo_id_as_adapter_path_says_to_download_it(store, tmp_path, monkeypatch):
+    """vLLM takes a Hub repository id as lora_path (its docs' --lora-modules
+    sql=yard1/llama-2-7b-sql-lora-test): braze reads local directories, and the 404 says
+    how to get one (it said only that there was no adapter_config.json in it)."""
+    monkeypatch.chdir(tmp_path)
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError) as e:
+        eng.add_lora(LoRARequest("sql", 1, "yard1/llama-2-7b-sql-lora-test"))
+    assert e.value.status == 404
+    assert "huggingface-cli download yard1/llama-2-7b-sql-lora-test --local-dir DIR" in \
+        str(e.value)
+    (tmp_path / "yard1" / "empty").mkdir(parents=True)      # a local directory, not an adapter
+    with pytest.raises(LoRAError, match="no adapter_config.json") as e:
+        eng.add_lora(LoRARequest("sql", 1, "yard1/empty"))
+    assert "huggingface-cli" not in str(e.value)
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
