@@ -491,7 +491,13 @@ class LoRAManager:
 
     def hold(self, name: str) -> tuple:
         """A new request names adapter `name`: its key, held until `unhold`."""
-        key = self.key(name)
+        return self.hold_key(self.key(name))
+
+    def hold_key(self, key: tuple) -> tuple:
+        """Hold a key already held (a beam search's next step keeps the version of the
+        adapter it started with, even once that is unloaded or replaced)."""
+        if key not in self._known:
+            raise LoRAError(f"LoRA adapter {key[1]!r} is not loaded", 404)
         self._refs[key] = self._refs.get(key, 0) + 1
         return key
 
@@ -705,9 +711,12 @@ class EngineLoRA:
         return [r for r, _ in self.lora.registered.values()] if self.lora is not None else []
 
     def _bind_lora(self, req, lora_request) -> None:
-        """Tie a new request to its adapter (a LoRARequest, registered here if new, or the
-        name of one registered)."""
+        """Tie a new request to its adapter (a LoRARequest, registered here if new, the
+        name of one registered, or a key `LoRAManager.hold` gave, still held)."""
         mgr = self._need_lora()
+        if isinstance(lora_request, tuple):
+            self._bind_key(req, mgr.hold_key(lora_request))
+            return
         if isinstance(lora_request, LoRARequest):
             # as in vLLM, the lora_int_id names the adapter's version: a new one under a
             # registered name (an RL loop's next checkpoint) replaces it
@@ -718,7 +727,10 @@ class EngineLoRA:
         if not isinstance(lora_request, str):
             raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "
                              f"{type(lora_request).__name__}")
-        req.lora = req.kv_salt = mgr.hold(lora_request)
+        self._bind_key(req, mgr.hold(lora_request))
+
+    def _bind_key(self, req, key: tuple) -> None:
+        req.lora = req.kv_salt = key
         if self.offload is not None:          # lower KV tiers key blocks by tokens alone
             from .kv_offload import KVTransferPolicy
             req.kv_policy = KVTransferPolicy.of({"max_load_tokens": 0, "store": False})

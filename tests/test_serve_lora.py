@@ -322,3 +322,47 @@ def test_an_adapter_whose_files_went_away_fails_its_request_alone(store, adapter
         assert "Traceback" not in s.stderr()
     finally:
         s.stop()
+
+
+def test_beam_search_keeps_its_adapter_when_it_is_replaced_midway(store, adapters, tmp_path):
+    """A beam search runs each step as new requests: it pins the adapter version it started
+    with, as a sampled request does. Replaced in place (load_inplace) while it runs, it
+    still gives LLM.beam_search's beams on that adapter (its later steps took the new
+    weights), and unloading midway lets it finish (its next step was a 404)."""
+    from braze.runtime.llm import LLM
+    from braze.runtime.lora import LoRARequest
+    from braze.runtime.beam_search import BeamSearchParams
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    n = 30
+    llm = LLM(art, backend="reference", num_kv_blocks=64)
+    want = {k: llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(
+        beam_width=2, max_tokens=n, ignore_eos=True), lora_request=LoRARequest(
+            k, 1, str(adapters[k])))[0].sequences for k in "ab"}
+    s = Server(art, tmp_path, "--lora-modules", f"a={adapters['a']}",
+               "--allow-runtime-lora-updating")
+    try:
+        # "a" replaced by b's weights while a search on a runs; then unloaded while one on
+        # (now) b runs
+        for change, ran in (({"lora_name": "a", "lora_path": str(adapters["b"]),
+                              "load_inplace": True}, "a"), (None, "b")):
+            got = {}
+
+            def search():
+                got["r"] = s.http.post("/v1/completions", json={
+                    "model": "a", "prompt": PROMPT, "max_tokens": n, "n": 2,
+                    "use_beam_search": True, "ignore_eos": True, "return_token_ids": True})
+
+            t = threading.Thread(target=search)
+            key = "braze_generation_tokens_total"
+            before = s.metrics().get(key, 0)
+            t.start()                   # a few steps in (two beams, a token each per step)
+            s.wait_metrics(lambda m: m.get(key, 0) >= before + 8, timeout=60)
+            r = (s.http.post("/v1/load_lora_adapter", json=change) if change else
+                 s.http.post("/v1/unload_lora_adapter", json={"lora_name": "a"}))
+            assert r.status_code == 200, r.text
+            t.join(120)
+            assert t.is_alive() is False and got["r"].status_code == 200, got["r"].text
+            beams = [c["token_ids"] for c in got["r"].json()["choices"]]
+            assert beams == [b.token_ids for b in want[ran]]
+    finally:
+        s.stop()
