@@ -261,9 +261,15 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
                         f"adapters from local directories: to serve the Hugging Face "
                         f"repository {path}, {download_advice(str(path))} and give DIR", 404)
     if not d.is_dir() or not cfg_path.is_file():
+        # peft's save_pretrained puts each adapter not named "default" in a subdirectory
+        subs = sorted(str(c) for c in d.iterdir() if (c / "adapter_config.json").is_file()) \
+            if d.is_dir() else []
+        hint = (f"; its subdirectories {', '.join(subs[:8])}{', ...' if len(subs) > 8 else ''} "
+                f"hold adapters (peft saves each named adapter in its own): give one of them"
+                if subs else "")
         raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {str(path)!r} (a "
                         f"PEFT adapter directory holds adapter_config.json and "
-                        f"adapter_model.safetensors)", 404)
+                        f"adapter_model.safetensors){hint}", 404)
     try:
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:

@@ -354,6 +354,24 @@ def test_a_hub_repo_id_as_adapter_path_says_to_download_it(store, tmp_path, monk
     assert "huggingface-cli" not in str(e.value)
 
 
+def test_a_directory_of_named_adapters_names_them(store, adapters, expected, tmp_path):
+    """peft saves a model's adapters other than "default" each in a subdirectory of the
+    save_pretrained directory: given that directory, the 404 names the subdirectories that
+    hold adapters (it said only 'no adapter_config.json'); one of them serves as peft's."""
+    import shutil
+    out = tmp_path / "saved"
+    for sub in ("sql", "chat"):
+        shutil.copytree(adapters["a"], out / sub)
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="no adapter_config.json") as e:
+        eng.add_lora(LoRARequest("sql", 1, str(out)))
+    assert e.value.status == 404
+    assert f"{out / 'chat'}, {out / 'sql'}" in str(e.value)
+    eng.add_request("r", PROMPT, GREEDY, lora_request=LoRARequest("sql", 1, str(out / "sql")))
+    assert eng.run_to_completion()["r"].token_ids == expected["a"]
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
