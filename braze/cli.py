@@ -328,7 +328,8 @@ def _engine_options(a):
 
 def _server_options(a):
     """serving/options.ServerOptions from `braze serve`'s flags (checked there)."""
-    from braze.serving.options import ServerOptions, api_keys_from, name_list
+    from braze.serving.options import (ServerOptions, api_keys_from, name_list,
+                                       runtime_lora_updating_from)
     keys, _ = api_keys_from(a.api_key)
     return ServerOptions(
         host=a.host, port=a.port, max_queue=a.max_queue, served_model_name=_one_or_list(a.served_model_name),
@@ -344,7 +345,7 @@ def _server_options(a):
         trust_request_chat_template=a.trust_request_chat_template,
         chat_template=a.chat_template,
         extensions=list(a.extension or []), lora_modules=list(a.lora_modules or []),
-        allow_runtime_lora_updating=a.allow_runtime_lora_updating, enable_lora=a.enable_lora,
+        allow_runtime_lora_updating=runtime_lora_updating_from(a.allow_runtime_lora_updating), enable_lora=a.enable_lora,
         max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
         enable_prompt_tokens_details=a.enable_prompt_tokens_details,
         default_chat_template_kwargs=a.default_chat_template_kwargs,
@@ -591,12 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifact needs --lora-slots)")
     s.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they "
-                        "read any adapter path the server can; off by default)")
+                        "read any adapter path the server can; off by default; vLLM's "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true in the environment turns them "
+                        "on too)")
     s.add_argument("--enable-lora", action="store_true",
                    help="vLLM's flag, checked: the artifact must serve LoRA adapters (braze "
                         "compiles them in: braze compile --lora-slots K --max-lora-rank R)")
     s.add_argument("--max-loras", type=_positive_int, metavar="K",
-                   help="vLLM's flag, checked: at most the artifact's --lora-slots")
+                   help="vLLM's flag: the adapters one batch may hold, at most the artifact's "
+                        "--lora-slots (default: all of them)")
     s.add_argument("--max-lora-rank", type=_positive_int, metavar="R",
                    help="vLLM's flag, checked: at most the artifact's --max-lora-rank")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

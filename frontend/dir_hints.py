@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from braze.hub import download_advice, looks_like_repo_id
+
 
 def no_config_hint(model_dir: Path) -> str:
     """For a directory without config.json: GGUF files, a LoRA adapter, Mistral's/Meta's
@@ -21,12 +23,10 @@ def no_config_hint(model_dir: Path) -> str:
 def missing_dir_hint(path: Path) -> str:
     """For a missing path spelled like a Hub repository id (`org/name`): how to get it."""
     text = str(path)
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+    if not looks_like_repo_id(text):
         return ""
     return (f"; braze compiles a local directory: to compile the Hugging Face repository "
-            f"{text}, download it first (huggingface-cli download {text} --local-dir DIR) "
-            f"and pass DIR")
+            f"{text}, {download_advice(text)} and pass DIR")
 
 
 def _adapter_hint(model_dir: Path) -> str:

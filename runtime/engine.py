@@ -414,10 +414,10 @@ class Engine(EngineLoRA):
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
-        for req, err in sched.failed:        # it can never run: finished, with why
+        for req, message in sched.failed:      # e.g. its adapter's files gone: it alone ends
             self._finish(req, "abort")
-            req.stop_reason = str(err)
-            outputs.append(self._output(req))
+            req.stop_reason = message
+            self._aborted.append(req)
         for req in sched.preempted:
             self.runner.remove(req)
         if sched.chunks:

@@ -41,7 +41,8 @@ class LLM:
         num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ... (and vLLM's names
         for some: runtime/options.VLLM_NAMES, e.g. speculative_config=). vLLM's enable_lora,
         max_loras and max_lora_rank are checked against what the artifact was compiled
-        with (--lora-slots, --max-lora-rank)."""
+        with (--lora-slots, --max-lora-rank); max_loras below its slots bounds the
+        adapters one batch holds, as in vLLM."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
@@ -50,7 +51,7 @@ class LLM:
         seed = overrides.pop("seed", None)
         SamplingParams(seed=seed).validate()
         self._seeds = None if seed is None else random.Random(seed)
-        from .lora import VLLM_OPTIONS, check_vllm_options
+        from .lora import VLLM_OPTIONS, apply_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
         compiled_asks = vllm_args.take(overrides)
         self.engine = Engine(artifact if model is None else model,
@@ -59,8 +60,7 @@ class LLM:
             vllm_args.check(compiled_asks, self.engine.artifact.manifest,
                             self.engine.artifact.root)
             if lora_asks:
-                check_vllm_options(getattr(self.engine.lora, "contract", None),
-                                   self.engine.artifact.root, **lora_asks)
+                apply_vllm_options(self.engine.lora, self.engine.artifact.root, **lora_asks)
         except BrazeError:
             self.close()          # a tensor-parallel artifact's other ranks, too
             raise

@@ -34,6 +34,7 @@ import errno
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from braze.artifact import adapter_prefixes, text_only_origin
+from braze.hub import download_advice, looks_like_repo_id
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
 
@@ -63,6 +65,10 @@ class LoRARequest:
         if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \
                 or self.lora_int_id < 1:
             raise BrazeError(f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
+        if not isinstance(self.lora_path, (str, os.PathLike)) or not os.fspath(self.lora_path):
+            raise BrazeError(f"lora_path must be the adapter's directory (a non-empty string "
+                             f"or path), got {self.lora_path!r}")
+        object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
 
 
 class LoRAError(BrazeError):
@@ -232,6 +238,9 @@ def _split_fused(name: str, found: dict, where: dict, contract: Contract) -> Non
             off += n
 
 
+PEFT_LORA_ALPHA = 8          # peft's LoraConfig default lora_alpha
+
+
 def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
     """Read a PEFT adapter directory ("~" is the user's home, as in vLLM) and lay it out as
     the artifact's pools want it. A path the OS refuses is a LoRAError, as a missing one."""
@@ -247,10 +256,20 @@ def read_adapter(name: str, path, contract: Contract) -> HostAdapter:
 def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
     path = d
     cfg_path = d / "adapter_config.json"
+    if not d.exists() and looks_like_repo_id(str(path)):
+        raise LoRAError(f"LoRA adapter {name!r}: no directory {str(path)!r}; braze reads "
+                        f"adapters from local directories: to serve the Hugging Face "
+                        f"repository {path}, {download_advice(str(path))} and give DIR", 404)
     if not d.is_dir() or not cfg_path.is_file():
+        # peft's save_pretrained puts each adapter not named "default" in a subdirectory
+        subs = sorted(str(c) for c in d.iterdir() if (c / "adapter_config.json").is_file()) \
+            if d.is_dir() else []
+        hint = (f"; its subdirectories {', '.join(subs[:8])}{', ...' if len(subs) > 8 else ''} "
+                f"hold adapters (peft saves each named adapter in its own): give one of them"
+                if subs else "")
         raise LoRAError(f"LoRA adapter {name!r}: no adapter_config.json in {str(path)!r} (a "
                         f"PEFT adapter directory holds adapter_config.json and "
-                        f"adapter_model.safetensors)", 404)
+                        f"adapter_model.safetensors){hint}", 404)
     try:
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
@@ -260,22 +279,33 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
                         f"a JSON object (peft's LoraConfig: r, lora_alpha, target_modules, ...)")
     weights = d / "adapter_model.safetensors"
     if not weights.is_file():
-        extra = " (adapter_model.bin is a pickle, which braze does not load; save the adapter " \
-                "with safe_serialization)" if (d / "adapter_model.bin").exists() else ""
-        raise LoRAError(f"LoRA adapter {name!r}: no adapter_model.safetensors in {str(path)!r}"
-                        f"{extra}", 404)
+        if (d / "adapter_model.bin").exists():     # there, in a format braze does not load
+            raise LoRAError(f"LoRA adapter {name!r}: {str(path)!r} holds adapter_model.bin, a "
+                            f"pickle, which braze does not load; save the adapter again as "
+                            f"adapter_model.safetensors (peft: save_pretrained(..., "
+                            f"safe_serialization=True))")
+        raise LoRAError(f"LoRA adapter {name!r}: no adapter_model.safetensors in "
+                        f"{str(path)!r}", 404)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"LoRA adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)):
+    for key, ok in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
+                    ("lora_bias", False)):
         if cfg.get(key, ok) not in (ok, None):
             raise LoRAError(f"LoRA adapter {name!r}: {key}={cfg.get(key)!r} is not supported "
                             f"(braze serves plain LoRA: {key}={ok!r})")
+    if cfg.get("target_parameters"):
+        raise LoRAError(f"LoRA adapter {name!r} has target_parameters "
+                        f"{cfg['target_parameters']!r}: LoRA on parameters (peft's way to an "
+                        f"MoE layer's experts) is not supported; braze serves LoRA on the "
+                        f"linear layers the artifact was compiled for (--lora-targets "
+                        f"{','.join(contract.targets)}): train the adapter with "
+                        f"target_modules only")
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise LoRAError(f"LoRA adapter {name!r}: {key} is not supported yet "
                             f"(got {cfg.get(key)!r})")
     r = cfg.get("r")
-    alpha = cfg.get("lora_alpha", r)
+    alpha = cfg.get("lora_alpha", PEFT_LORA_ALPHA)     # absent: peft's default, as peft reads it
     if (not isinstance(r, int) or isinstance(r, bool) or r < 1
             or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
             or not math.isfinite(alpha)):
@@ -293,8 +323,7 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
             for key in f.keys():
                 got = _peft_module(key)
                 if got is None:
-                    raise LoRAError(f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B "
-                                    f"weight (only lora_A/lora_B weights are supported)")
+                    raise LoRAError(_not_lora_weight(name, key, contract))
                 found.setdefault(got[0], {})[got[1]] = f.get_tensor(key)
     except SafetensorError as e:
         raise LoRAError(f"LoRA adapter {name!r}: {weights} is not a readable safetensors file "
@@ -337,9 +366,35 @@ def _read_adapter(name: str, d: Path, contract: Contract) -> HostAdapter:
     return HostAdapter(name, r, tensors, sorted(found), ignored)
 
 
+# modules peft can put LoRA on (target_modules) that braze serves none on: it saves their
+# lora_embedding_A/B, or lora_A/B, and their whole weight (`.base_layer.weight`)
+EMBEDDINGS = ("embed_tokens", "lm_head")
+
+
+def _embedding_refusal(name: str, mod: str, contract: Contract) -> str:
+    short = mod.rsplit(".", 1)[-1]
+    return (f"LoRA adapter {name!r} targets {mod}, and braze serves LoRA only on the linear "
+            f"layers the artifact was compiled for (--lora-targets "
+            f"{','.join(contract.targets)}), not on the embeddings or the LM head; train the "
+            f"adapter without {short} in target_modules")
+
+
+def _not_lora_weight(name: str, key: str, contract: Contract) -> str:
+    """The error for an adapter tensor that is no lora_A/lora_B weight."""
+    mod = key.removeprefix("base_model.model.")
+    for tail in (".lora_embedding_A", ".lora_embedding_B", ".base_layer.weight"):
+        mod = mod.removesuffix(tail)
+    if mod.rsplit(".", 1)[-1] in EMBEDDINGS:
+        return _embedding_refusal(name, mod, contract)
+    return (f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (only "
+            f"lora_A/lora_B weights are supported)")
+
+
 def _unknown_module(name: str, mod: str, where: dict, contract: Contract) -> str:
     """The error for an adapter module the artifact has no LoRA slot for."""
     short = mod.rsplit(".", 1)[-1]
+    if short in EMBEDDINGS:
+        return _embedding_refusal(name, mod, contract)
     known = sorted({m.rsplit(".", 1)[-1] for m in list(where) + contract.untargeted})
     if short not in known:
         return (f"LoRA adapter {name!r} targets module {mod}, which this model has no "
@@ -442,7 +497,13 @@ class LoRAManager:
 
     def hold(self, name: str) -> tuple:
         """A new request names adapter `name`: its key, held until `unhold`."""
-        key = self.key(name)
+        return self.hold_key(self.key(name))
+
+    def hold_key(self, key: tuple) -> tuple:
+        """Hold a key already held (a beam search's next step keeps the version of the
+        adapter it started with, even once that is unloaded or replaced)."""
+        if key not in self._known:
+            raise LoRAError(f"LoRA adapter {key[1]!r} is not loaded", 404)
         self._refs[key] = self._refs.get(key, 0) + 1
         return key
 
@@ -476,12 +537,22 @@ class LoRAManager:
 
     def acquire(self, key: tuple) -> int | None:
         """Pin the adapter in a slot (loading it if it is not resident) and return the
-        slot; None when every slot is pinned by running requests (the caller waits)."""
+        slot; None when every slot is pinned by running requests (the caller waits).
+        LoRAError when it must be read from disk again and cannot be (its files gone)."""
         slot = self._slot_of.get(key)
         if slot is None:
             req = self._known.get(key)
             if req is None:
                 raise LoRAError(f"LoRA adapter {key[1]!r} is not loaded", 404)
+            # read first (from disk if its host copy was evicted): one that cannot be read
+            # now raises LoRAError with no slot emptied for it
+            try:
+                host = self._host_copy(key, req)
+            except LoRAError as e:
+                raise LoRAError(f"{e}; it had left the host cache of {self.max_cpu_loras} "
+                                f"adapters (max_cpu_loras) and was read again from disk: "
+                                f"restore its files, or load it again from where they are "
+                                f"now", e.status) from None
             if None in self._holder:
                 slot = self._holder.index(None)
             elif self._lru:
@@ -490,13 +561,6 @@ class LoRAManager:
                 self.stats["lora_evictions"] += 1
             else:
                 return None
-            try:
-                host = self._host_copy(key, req)
-            except LoRAError as e:
-                raise LoRAError(f"{e}; it had left the host cache of {self.max_cpu_loras} "
-                                f"adapters (max_cpu_loras) and was read again from disk: "
-                                f"restore its files, or load it again from where they are "
-                                f"now", e.status) from None
             self._write(slot, host, req)
             self._slot_of[key] = slot
             self._holder[slot] = key
@@ -514,6 +578,18 @@ class LoRAManager:
             self._lru[key] = None            # resident, evictable
         else:
             self._free(key)                  # unloaded while it ran
+
+    @property
+    def max_loras(self) -> int:
+        """The adapters one batch may hold: the artifact's slots, or vLLM's max_loras."""
+        return len(self._holder)
+
+    def use_slots(self, n: int) -> None:
+        """vLLM's max_loras below the artifact's slots: adapters go to the first `n` only,
+        so at most `n` run in one batch (set before any request takes a slot)."""
+        if any(h is not None for h in self._holder[n:]):
+            raise BrazeError("max_loras is set before any adapter takes a slot")
+        del self._holder[n:], self._pins[n:]
 
     def in_use(self) -> dict[str, int]:
         """Adapter name -> running requests using it."""
@@ -566,8 +642,19 @@ def add_slots_buffer(static: dict, executor) -> None:
 
 
 # vLLM's LLM() LoRA options: in braze the artifact fixes them (`braze compile --lora-slots K
-# --max-lora-rank R`), so braze.LLM takes them as checks of what it was compiled with
+# --max-lora-rank R`), so braze.LLM takes them as checks of what it was compiled with, and
+# max_loras below the slots as the adapters one batch may hold
 VLLM_OPTIONS = ("enable_lora", "max_loras", "max_lora_rank")
+
+
+def apply_vllm_options(lora: "LoRAManager | None", root, enable_lora=None, max_loras=None,
+                       max_lora_rank=None) -> None:
+    """`check_vllm_options` on the engine's LoRA manager (None: the artifact serves none),
+    then max_loras bounds the slots its batches use."""
+    check_vllm_options(getattr(lora, "contract", None), root, enable_lora, max_loras,
+                       max_lora_rank)
+    if max_loras is not None and lora is not None:
+        lora.use_slots(max_loras)
 
 
 def check_vllm_options(contract: Contract | None, root, enable_lora=None, max_loras=None,
@@ -636,12 +723,15 @@ class EngineLoRA:
         return [r for r, _ in self.lora.registered.values()] if self.lora is not None else []
 
     def _bind_lora(self, req, lora_request) -> None:
-        """Tie a new request to its adapter (a LoRARequest, registered here if new, or the
-        name of one registered)."""
-        if not isinstance(lora_request, (LoRARequest, str)):
+        """Tie a new request to its adapter (a LoRARequest, registered here if new, the
+        name of one registered, or a key `LoRAManager.hold` gave, still held)."""
+        if not isinstance(lora_request, (LoRARequest, str, tuple)):
             raise BrazeError(f"lora_request must be a LoRARequest or an adapter name, got "
                              f"{type(lora_request).__name__}", param="lora_request")
         mgr = self._need_lora()
+        if isinstance(lora_request, tuple):
+            self._bind_key(req, mgr.hold_key(lora_request))
+            return
         if isinstance(lora_request, LoRARequest):
             # as in vLLM, the lora_int_id names the adapter's version: a new one under a
             # registered name (an RL loop's next checkpoint) replaces it
@@ -649,7 +739,10 @@ class EngineLoRA:
             mgr.add(lora_request, replace=old is not None
                     and old[0].lora_int_id != lora_request.lora_int_id)
             lora_request = lora_request.lora_name
-        req.lora = req.kv_salt = mgr.hold(lora_request)
+        self._bind_key(req, mgr.hold(lora_request))
+
+    def _bind_key(self, req, key: tuple) -> None:
+        req.lora = req.kv_salt = key
         if self.offload is not None:          # lower KV tiers key blocks by tokens alone
             from .kv_offload import KVTransferPolicy
             req.kv_policy = KVTransferPolicy.of({"max_load_tokens": 0, "store": False})

@@ -99,9 +99,9 @@ class SchedulerOutput:
     num_draft: int = 0
     # indices of the chunks that score prompt tokens (prompt_logprobs; runtime/prompt_logprobs.py)
     prompt_chunks: list[int] | tuple = ()      # (no list made for steps without them)
-    # waiting requests that can never run, with why (their LoRA adapter cannot be loaded):
-    # still in `waiting`, for the engine to finish (the others' step goes on)
-    failed: list[tuple[Request, Exception]] = field(default_factory=list)
+    # waiting requests that cannot run (their LoRA adapter could not be read again): the
+    # engine ends each with its error as the stop_reason
+    failed: list[tuple[Request, str]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -249,9 +249,10 @@ class Scheduler:
             if req.lora is not None:
                 try:
                     req.lora_slot = self.lora.acquire(req.lora)
-                except BrazeError as e:     # its adapter's files are gone since it was
-                    out.failed.append((req, e))     # added: it alone fails; raising here
-                    w += 1                  # would lose the chunks scheduled above
+                except BrazeError as e:     # its adapter's files are gone: it alone ends
+                    del self.waiting[w]
+                    req.status = Status.FINISHED
+                    out.failed.append((req, str(e)))
                     continue
                 if req.lora_slot is None:   # every adapter slot is pinned by running
                     w += 1                  # requests: admit others (vLLM does the same)

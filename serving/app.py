@@ -741,8 +741,10 @@ class _Job:
             bad = [c.last for c in self.choices
                    if c.last is None or c.last.finish_reason not in ("stop", "length")]
             if bad:
+                why = bad[0].stop_reason if bad[0] else None      # the engine's reason, if any
                 raise Aborted(f"the request ended with finish_reason "
-                              f"{bad[0].finish_reason if bad[0] else None!r}")
+                              f"{bad[0].finish_reason if bad[0] else None!r}"
+                              + (f": {why}" if isinstance(why, str) else ""))
             self.outcome = self.last.finish_reason
         except Rejected as e:
             self.outcome = "error"

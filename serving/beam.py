@@ -43,6 +43,13 @@ def check(body) -> None:
                           f"(beam search returns its n best sequences whole)", found[0])
 
 
+async def _unhold(svc, key: tuple) -> None:
+    try:
+        await svc.aengine.call(lambda eng: eng.lora.unhold(key))
+    except Exception:           # draining or the engine gone: nothing runs it any more
+        pass
+
+
 async def respond(svc, body, prompts: list, max_tokens: int, chat: bool,
                   scope: dict | None = None) -> dict:
     """The response body of a beam search request over `prompts` ([(text, ids)]); `scope`:
@@ -66,6 +73,14 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool,
     where = "messages" if chat else "prompt"
     counter = iter(range(1 << 62))
     svc.admit()         # once: the search's steps are parts of an admitted request
+    if lora is not None:
+        # every step runs on the adapter version the search started with, as a sampled
+        # request does: held until the search ends, though it be unloaded or replaced
+        try:
+            lora = await svc.aengine.call(lambda eng, name=lora: eng.lora.hold(name))
+        except BrazeError as e:
+            raise APIError(404, str(e), "invalid_request_error", "model",
+                           "model_not_found") from None
 
     async def score_async(token_lists):
         streams = []
@@ -91,6 +106,9 @@ async def respond(svc, body, prompts: list, max_tokens: int, chat: bool,
         raise bad_request(str(e)) from None
     except (Aborted, Unavailable, BrazeError) as e:
         raise APIError(503, str(e), "service_unavailable", None, "aborted") from None
+    finally:
+        if lora is not None:
+            await _unhold(svc, lora)
     tok = svc.tokenizer
     skip_special = getattr(body, "skip_special_tokens", True)
     markers = svc.reasoning if chat else None       # --reasoning-parser: split each beam

@@ -14,8 +14,9 @@
 Errors are OpenAI-shaped: a missing field, a duplicate name, an adapter the artifact
 cannot serve (rank above --max-lora-rank, a module the model lacks or the artifact did
 not target) are 400; an unknown name or a path with no adapter is 404. The load and
-unload routes exist only with `braze serve --allow-runtime-lora-updating` (they read
-any path the server can), as vLLM asks for VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+unload routes work only with `braze serve --allow-runtime-lora-updating` or vLLM's
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=true (they read any path the server can); without, they
+answer a 404 naming the flag.
 
 Unloading lets requests already admitted with the adapter finish; a request naming it
 afterwards gets the 404 of an unknown model. The adapter is read from disk in a worker
@@ -90,9 +91,9 @@ def check_options(manifest: dict, allow_updates: bool) -> None:
     """Before the engine loads: the runtime load/unload routes need an artifact that serves
     adapters (on any other they could only ever answer 400)."""
     if allow_updates and Contract.from_manifest(manifest) is None:
-        raise LoRAError("--allow-runtime-lora-updating: this artifact serves no LoRA adapters; "
-                        "compile it with --lora-slots K (and --max-lora-rank R), or drop the "
-                        "flag")
+        raise LoRAError("--allow-runtime-lora-updating (or $VLLM_ALLOW_RUNTIME_LORA_UPDATING): "
+                        "this artifact serves no LoRA adapters; compile it with --lora-slots K "
+                        "(and --max-lora-rank R), or drop the flag (unset the variable)")
 
 
 def module_spec(spec: str) -> tuple[str, str, str | None]:
@@ -127,12 +128,16 @@ def load_at_start(engine, modules: list[str], model_names: list[str]) -> dict[st
     naming one of `model_names` (the served model's) runs the base model, so no adapter may
     take it.
     Returns the parents /v1/models names where an entry gave base_model_name."""
-    parents = {}
+    parents, paths = {}, {}
     for spec in modules:
         name, path, base = module_spec(spec)
         if name in model_names:
             raise LoRAError(f"--lora-modules: the adapter name {name!r} is the served model's "
                             f"name (requests naming it get the base model); pick another")
+        if name in paths:
+            raise LoRAError(f"--lora-modules names the adapter {name!r} twice ({paths[name]} "
+                            f"and {path}); give each adapter its own name")
+        paths[name] = path
         engine.add_lora(LoRARequest(name, next(_IDS), path))
         if base:
             parents[name] = base
@@ -141,6 +146,13 @@ def load_at_start(engine, modules: list[str], model_names: list[str]) -> dict[st
 
 def install(app: FastAPI, svc, allow_updates: bool) -> None:
     if not allow_updates:
+        async def off():
+            raise APIError(404, "loading and unloading LoRA adapters at run time is off: start "
+                                "braze serve with --allow-runtime-lora-updating (or with "
+                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true in its environment)",
+                           "NotFoundError", None, "not_found")
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            app.post(path)(off)
         return
 
     @app.post("/v1/load_lora_adapter")

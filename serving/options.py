@@ -118,6 +118,16 @@ class ServerOptions:
         return d
 
 
+# vLLM's switch for its /v1/load_lora_adapter and /v1/unload_lora_adapter, read as vLLM
+# reads it ("1" or "true", any case): a vLLM deployment's environment turns them on here too
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def runtime_lora_updating_from(flag: bool, environ=os.environ) -> bool:
+    """`--allow-runtime-lora-updating`, else $VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+    return bool(flag) or environ.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true")
+
+
 def api_keys_from(flag_values: list[str] | None, environ=os.environ) -> tuple[list[str], str]:
     """The API keys to require and where they came from: `--api-key` (repeatable), else
     $BRAZE_API_KEY, else $VLLM_API_KEY (so a vLLM deployment's environment works as is)."""

@@ -117,9 +117,9 @@ def serve(artifact, options=None, server: ServerOptions | None = None, **overrid
         from .lora_routes import check_options, load_at_start
         check_options(art.manifest, so.allow_runtime_lora_updating)
         engine = Engine(art, opts)
-        from braze.runtime.lora import check_vllm_options
-        check_vllm_options(getattr(engine.lora, "contract", None), art.root,
-                           so.enable_lora or None, so.max_loras, so.max_lora_rank)
+        from braze.runtime.lora import apply_vllm_options
+        apply_vllm_options(engine.lora, art.root, so.enable_lora or None, so.max_loras,
+                           so.max_lora_rank)
         names = so.served_model_names or [engine.model_name]
         name = names[0]
         lora_parents = load_at_start(engine, so.lora_modules, names)

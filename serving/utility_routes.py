@@ -168,5 +168,5 @@ def _lora(engine) -> dict | None:
     m = getattr(engine, "lora", None)
     if m is None:
         return None
-    return {"slots": m.contract.slots, "max_rank": m.contract.max_rank,
-            "max_cpu_loras": m.max_cpu_loras}
+    return {"slots": m.contract.slots, "max_loras": m.max_loras,
+            "max_rank": m.contract.max_rank, "max_cpu_loras": m.max_cpu_loras}

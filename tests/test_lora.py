@@ -271,6 +271,107 @@ def test_a_malformed_adapter_config_is_a_clear_error(store, tmp_path, config, ne
     assert e.value.status == 400 and "adapter_config.json" in str(e.value)
     assert eng.list_loras() == []
 
+def test_a_config_without_lora_alpha_takes_pefts_default(store, adapters, tmp_path):
+    """adapter_config.json without lora_alpha: peft's LoraConfig default (8) applies, as
+    peft itself loads it; braze took alpha = r, a silently wrong scale (here half)."""
+    import shutil
+    ck = store.checkpoint("llama")
+    d = shutil.copytree(adapters["a"], tmp_path / "noalpha")          # r 4, alpha 8
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    eng.add_request("r", PROMPT, GREEDY, lora_request=LoRARequest("na", 1, str(d)))
+    assert eng.run_to_completion()["r"].token_ids == peft_greedy(ck, d, PROMPT, GREEDY.max_tokens)
+
+
+def test_an_adapter_with_lora_bias_is_refused_naming_it(store, tmp_path):
+    """peft's lora_bias=True adds a bias to each lora_B: refused naming lora_bias (the error
+    named a '...lora_B.bias' tensor as 'not a LoRA A/B weight')."""
+    ck = store.checkpoint("llama")
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+    model = get_peft_model(hf_model(ck), LoraConfig(r=4, target_modules=["q_proj"],
+                                                    lora_bias=True))
+    model.save_pretrained(tmp_path / "bias")
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="lora_bias=True is not supported") as e:
+        eng.add_lora(LoRARequest("bias", 1, str(tmp_path / "bias")))
+    assert e.value.status == 400
+
+
+def test_a_pickled_adapter_is_a_400_saying_to_save_it_as_safetensors(store, adapters, tmp_path):
+    """An adapter saved as adapter_model.bin (peft's safe_serialization=False) is there but
+    in a format braze does not load: a 400 saying how to save it, not the 404 of a missing
+    adapter (over HTTP, "not found" for a directory that holds it)."""
+    from safetensors.torch import load_file
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "adapter_config.json").write_text((adapters["a"] / "adapter_config.json").read_text())
+    torch.save(load_file(str(adapters["a"] / "adapter_model.safetensors")),
+               d / "adapter_model.bin")
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="adapter_model.bin.*safe_serialization") as e:
+        eng.add_lora(LoRARequest("pickled", 1, str(d)))
+    assert e.value.status == 400
+
+
+def test_lora_request_paths_are_checked_and_pathlike_taken(store, adapters, expected):
+    """LoRARequest's lora_path: a pathlib.Path is taken (as a str, so the same adapter
+    compares equal either way); None, a number or "" is refused naming lora_path (None and
+    a number were a TypeError from pathlib deep in generate; "" read the current
+    directory)."""
+    for bad in (None, 3, ""):
+        with pytest.raises(BrazeError, match="lora_path must be"):
+            LoRARequest("a", 1, bad)
+    from pathlib import Path
+    r = LoRARequest("a", 1, Path(adapters["a"]))
+    assert r == LoRARequest("a", 1, str(adapters["a"]))
+    llm = LLM(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=8, max_num_seqs=2)
+    assert llm.generate(PROMPT, GREEDY, lora_request=r)[0].token_ids == expected["a"]
+
+
+def test_a_hub_repo_id_as_adapter_path_says_to_download_it(store, tmp_path, monkeypatch):
+    """vLLM takes a Hub repository id as lora_path (its docs' --lora-modules
+    sql=yard1/llama-2-7b-sql-lora-test): braze reads local directories, and the 404 says
+    how to get one (it said only that there was no adapter_config.json in it)."""
+    monkeypatch.chdir(tmp_path)
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError) as e:
+        eng.add_lora(LoRARequest("sql", 1, "yard1/llama-2-7b-sql-lora-test"))
+    assert e.value.status == 404
+    assert "huggingface-cli download yard1/llama-2-7b-sql-lora-test --local-dir DIR" in \
+        str(e.value)
+    (tmp_path / "yard1" / "empty").mkdir(parents=True)      # a local directory, not an adapter
+    with pytest.raises(LoRAError, match="no adapter_config.json") as e:
+        eng.add_lora(LoRARequest("sql", 1, "yard1/empty"))
+    assert "huggingface-cli" not in str(e.value)
+
+
+def test_a_directory_of_named_adapters_names_them(store, adapters, expected, tmp_path):
+    """peft saves a model's adapters other than "default" each in a subdirectory of the
+    save_pretrained directory: given that directory, the 404 names the subdirectories that
+    hold adapters (it said only 'no adapter_config.json'); one of them serves as peft's."""
+    import shutil
+    out = tmp_path / "saved"
+    for sub in ("sql", "chat"):
+        shutil.copytree(adapters["a"], out / sub)
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError, match="no adapter_config.json") as e:
+        eng.add_lora(LoRARequest("sql", 1, str(out)))
+    assert e.value.status == 404
+    assert f"{out / 'chat'}, {out / 'sql'}" in str(e.value)
+    eng.add_request("r", PROMPT, GREEDY, lora_request=LoRARequest("sql", 1, str(out / "sql")))
+    assert eng.run_to_completion()["r"].token_ids == expected["a"]
+
+
 def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
                  num_kv_blocks=8, max_num_seqs=4)
@@ -302,6 +403,58 @@ def test_adapter_errors_name_the_problem(store, adapters, tmp_path):
     plain = Engine(store.artifact("llama", opt_level=0), backend="reference", num_kv_blocks=8)
     with pytest.raises(BrazeError, match="serves no LoRA adapters; compile it with --lora-slots"):
         plain.add_request("x", PROMPT, GREEDY, lora_request=req("a", adapters))
+
+
+@pytest.mark.parametrize("targets, save_embedding_layers, module", [
+    (["embed_tokens", "q_proj"], True, "model.embed_tokens"),    # + its whole weight
+    (["embed_tokens", "q_proj"], False, "model.embed_tokens"),   # lora_embedding_A/B only
+    (["lm_head", "q_proj"], True, "lm_head"),
+    (["lm_head", "q_proj"], False, "lm_head"),                   # lora_A/B on lm_head
+])
+def test_adapters_on_the_embeddings_or_lm_head_are_refused_naming_them(
+        store, tmp_path, targets, save_embedding_layers, module):
+    """peft adapters with embed_tokens or lm_head among target_modules: refused naming the
+    module and what to train instead (the error named a tensor, e.g. '...embed_tokens.
+    base_layer.weight', as 'not a LoRA A/B weight', leaving the user to guess why)."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+    model = get_peft_model(hf_model(store.checkpoint("llama")),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    model.save_pretrained(tmp_path / "ad", save_embedding_layers=save_embedding_layers)
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=8, max_num_seqs=4)
+    with pytest.raises(LoRAError) as e:
+        eng.add_lora(LoRARequest("emb", 1, str(tmp_path / "ad")))
+    msg = str(e.value)
+    assert e.value.status == 400 and module in msg
+    assert f"without {targets[0]} in target_modules" in msg, msg
+    assert eng.list_loras() == []
+
+
+def test_an_adapter_on_moe_experts_is_refused_naming_target_parameters(store, tmp_path):
+    """peft puts LoRA on an MoE layer's experts through target_parameters (their fused
+    gate_up_proj / down_proj parameters): refused naming them and what to train instead
+    (the error was 'rank_pattern is not supported yet', a config key peft filled in itself).
+    The same artifact serves the adapter's attention part alone, as peft computes it."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+    ck = store.checkpoint("mixtral")
+    torch.manual_seed(5)
+    model = get_peft_model(hf_model(ck), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+        target_parameters=["gate_up_proj", "down_proj"]))
+    model.save_pretrained(tmp_path / "moe")
+    llm = LLM(store.artifact("mixtral", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=16, max_num_seqs=2)
+    with pytest.raises(LoRAError, match="target_parameters") as e:
+        llm.generate(PROMPT, GREEDY, lora_request=LoRARequest("moe", 1, str(tmp_path / "moe")))
+    assert "gate_up_proj" in str(e.value) and "target_modules" in str(e.value)
+    assert e.value.status == 400
+    attn = make_adapter(ck, tmp_path / "attn", seed=5, targets=["q_proj", "v_proj"], scale=3.0)
+    got = llm.generate(PROMPT, GREEDY, lora_request=LoRARequest("attn", 2, str(attn)))
+    assert got[0].token_ids == peft_greedy(ck, attn, PROMPT, GREEDY.max_tokens)
 
 
 # -- other families and target sets ------------------------------------------------------
@@ -399,6 +552,33 @@ def test_host_copies_are_an_lru_of_max_cpu_loras(store, adapters, expected):
     assert eng.lora.stats["lora_reads_from_disk"] == 4          # read again for its slot
 
 
+def test_an_adapter_unreadable_when_reread_fails_its_request_only(store, adapters, expected,
+                                                                  tmp_path):
+    """An adapter whose host copy was evicted (max_cpu_loras) is read from disk again when a
+    request needs a slot; if its directory is gone by then, that request ends (abort, the
+    reason naming the adapter) and the engine goes on with the others: it used to raise out
+    of the scheduler and end every request (a server's engine with them)."""
+    import shutil
+    eng = Engine(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+                 num_kv_blocks=32, max_num_seqs=4, max_cpu_loras=2)
+    gone = tmp_path / "gone"
+    shutil.copytree(adapters["a"], gone)
+    eng.add_lora(LoRARequest("gone", 1, str(gone)))
+    for i, n in enumerate("bc"):
+        eng.add_lora(LoRARequest(n, i + 2, str(adapters[n])))      # gone's host copy evicted
+    shutil.rmtree(gone)
+    eng.add_request("r0", PROMPT, GREEDY, lora_request="b")
+    eng.add_request("r1", PROMPT, GREEDY, lora_request="gone")
+    eng.add_request("r2", PROMPT, GREEDY)
+    final = eng.run_to_completion()
+    assert final["r0"].token_ids == expected["b"] and final["r2"].token_ids == expected[None]
+    assert final["r1"].finish_reason == "abort" and final["r1"].token_ids == []
+    assert "LoRA adapter 'gone'" in final["r1"].stop_reason
+    assert eng.lora.in_use() == {} and eng.lora._refs == {}
+    eng.add_request("r3", PROMPT, GREEDY, lora_request="c")      # the engine still serves
+    assert eng.run_to_completion()["r3"].token_ids == expected["c"]
+
+
 def test_generate_command_takes_an_adapter(store, adapters, expected):
     from cli_helpers import run as braze
     art = store.artifact("llama", opt_level=0, **LORA)
@@ -428,6 +608,23 @@ def test_llm_takes_vllms_lora_options_as_checks(store, adapters, expected):
         LLM(art, backend="reference", num_kv_blocks=8, max_loras=3)
     with pytest.raises(BrazeError, match="enable_lora=True.*--lora-slots"):
         LLM(store.artifact("llama"), backend="reference", num_kv_blocks=8, enable_lora=True)
+
+
+def test_max_loras_below_the_slots_bounds_the_adapters_in_a_batch(store, adapters, expected):
+    """vLLM's max_loras is the adapters one batch may hold: below the artifact's
+    --lora-slots, only that many run at once (the others wait, as for a full pool) and all
+    still get peft's tokens. It was checked against the slots and then ignored."""
+    llm = LLM(store.artifact("llama", opt_level=0, **LORA), backend="reference",
+              num_kv_blocks=32, max_num_seqs=4, max_loras=1)
+    eng = llm.engine
+    names = ["a", "b", None]
+    for i, n in enumerate(names):
+        eng.add_request(f"r{i}", PROMPT, GREEDY, lora_request=req(n, adapters, i + 1))
+    eng.step()
+    assert list(eng.lora.in_use()) == ["a"] and eng.num_waiting() == 1     # b waits
+    final = eng.run_to_completion()
+    assert [final[f"r{i}"].token_ids for i in range(3)] == [expected[n] for n in names]
+    assert eng.lora.in_use() == {} and eng.lora.stats["lora_evictions"] == 1
 
 
 def test_beam_search_takes_one_adapter_per_prompt(store, adapters):

@@ -206,6 +206,18 @@ def test_bad_lora_modules_json_is_one_line(store, spec, needle):
     assert_one_line_error(code, err, "--lora-modules", needle)
 
 
+def test_lora_modules_naming_an_adapter_twice_is_one_line(store, adapters):
+    """Two --lora-modules entries with one name: a one-line error naming both paths (it said
+    the adapter 'is already loaded ...; unload it first', advice a starting server cannot
+    take)."""
+    from cli_helpers import assert_one_line_error, run
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    code, _, err = run("serve", art, "--port", "0", "--backend", "reference",
+                       "--lora-modules", f"a={adapters['a']}", f"a={adapters['b']}", timeout=120)
+    assert_one_line_error(code, err, "--lora-modules", "'a' twice")
+    assert str(adapters["a"]) in err and str(adapters["b"]) in err and "unload" not in err
+
+
 def test_retrieve_a_model_or_an_adapter(server, adapters):
     """The openai client's models.retrieve (GET /v1/models/{id}): the base model's card or
     an adapter's, with its parent; 404 model_not_found for another name."""
@@ -254,5 +266,103 @@ def test_load_and_unload_while_draining_get_503(store, adapters, tmp_path):
             assert "shutting down" in r.json()["error"]["message"]
         t.join(120)
         assert "Traceback" not in s.stderr()
+    finally:
+        s.stop()
+
+
+def test_runtime_updating_off_says_how_to_turn_it_on_and_vllms_variable_does(store, adapters,
+                                                                               tmp_path):
+    """Without --allow-runtime-lora-updating the load/unload routes answer a 404 naming the
+    flag (it was 'no route POST /v1/load_lora_adapter'); a vLLM deployment's
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True turns them on, as vLLM's does (it was ignored)."""
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    (tmp_path / "off").mkdir()
+    s = Server(art, tmp_path / "off", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"})
+    try:
+        for path, body in (("/v1/load_lora_adapter", {"lora_name": "b",
+                                                       "lora_path": str(adapters["b"])}),
+                           ("/v1/unload_lora_adapter", {"lora_name": "b"})):
+            r = s.http.post(path, json=body)
+            assert r.status_code == 404
+            assert "--allow-runtime-lora-updating" in r.json()["error"]["message"]
+        assert [d["id"] for d in s.http.get("/v1/models").json()["data"]] == [MODEL]
+    finally:
+        s.stop()
+    (tmp_path / "env").mkdir()
+    s = Server(art, tmp_path / "env", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    try:
+        r = s.http.post("/v1/load_lora_adapter", json={"lora_name": "b",
+                                                       "lora_path": str(adapters["b"])})
+        assert r.status_code == 200, r.text
+        assert _complete(s, "b").json()["choices"][0]["token_ids"] == \
+            peft_greedy(store.checkpoint("llama"), adapters["b"], PROMPT, 6)
+        assert s.http.post("/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_an_adapter_whose_files_went_away_fails_its_request_alone(store, adapters, tmp_path):
+    """--max-cpu-loras below the adapters loaded: one is read from disk again when a request
+    needs it. Its directory deleted meanwhile, that request gets an error naming the adapter
+    (it ended the engine and every request with it) and the server goes on serving; with
+    --max-loras 1 /server_info says one adapter per batch."""
+    import shutil
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    gone = shutil.copytree(adapters["b"], tmp_path / "gone")
+    s = Server(art, tmp_path, "--lora-modules", f"gone={gone}", f"a={adapters['a']}",
+               f"c={adapters['b']}", "--max-cpu-loras", "2", "--max-loras", "1")
+    try:
+        assert s.http.get("/server_info").json()["engine"]["lora"]["max_loras"] == 1
+        shutil.rmtree(gone)
+        r = _complete(s, "gone")
+        assert r.status_code == 503 and "LoRA adapter 'gone'" in r.json()["error"]["message"]
+        ck = store.checkpoint("llama")
+        assert _complete(s, "a").json()["choices"][0]["token_ids"] == \
+            peft_greedy(ck, adapters["a"], PROMPT, 6)
+        assert "Traceback" not in s.stderr()
+    finally:
+        s.stop()
+
+
+def test_beam_search_keeps_its_adapter_when_it_is_replaced_midway(store, adapters, tmp_path):
+    """A beam search runs each step as new requests: it pins the adapter version it started
+    with, as a sampled request does. Replaced in place (load_inplace) while it runs, it
+    still gives LLM.beam_search's beams on that adapter (its later steps took the new
+    weights), and unloading midway lets it finish (its next step was a 404)."""
+    from braze.runtime.llm import LLM
+    from braze.runtime.lora import LoRARequest
+    from braze.runtime.beam_search import BeamSearchParams
+    art = store.artifact("llama", lora_slots=2, max_lora_rank=8)
+    n = 30
+    llm = LLM(art, backend="reference", num_kv_blocks=64)
+    want = {k: llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(
+        beam_width=2, max_tokens=n, ignore_eos=True), lora_request=LoRARequest(
+            k, 1, str(adapters[k])))[0].sequences for k in "ab"}
+    s = Server(art, tmp_path, "--lora-modules", f"a={adapters['a']}",
+               "--allow-runtime-lora-updating")
+    try:
+        # "a" replaced by b's weights while a search on a runs; then unloaded while one on
+        # (now) b runs
+        for change, ran in (({"lora_name": "a", "lora_path": str(adapters["b"]),
+                              "load_inplace": True}, "a"), (None, "b")):
+            got = {}
+
+            def search():
+                got["r"] = s.http.post("/v1/completions", json={
+                    "model": "a", "prompt": PROMPT, "max_tokens": n, "n": 2,
+                    "use_beam_search": True, "ignore_eos": True, "return_token_ids": True})
+
+            t = threading.Thread(target=search)
+            key = "braze_generation_tokens_total"
+            before = s.metrics().get(key, 0)
+            t.start()                   # a few steps in (two beams, a token each per step)
+            s.wait_metrics(lambda m: m.get(key, 0) >= before + 8, timeout=60)
+            r = (s.http.post("/v1/load_lora_adapter", json=change) if change else
+                 s.http.post("/v1/unload_lora_adapter", json={"lora_name": "a"}))
+            assert r.status_code == 200, r.text
+            t.join(120)
+            assert t.is_alive() is False and got["r"].status_code == 200, got["r"].text
+            beams = [c["token_ids"] for c in got["r"].json()["choices"]]
+            assert beams == [b.token_ids for b in want[ran]]
     finally:
         s.stop()
