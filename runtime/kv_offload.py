@@ -66,7 +66,7 @@ GIB = 1 << 30
 TRANSFER_KEYS = {"max_load_tokens", "store"}
 # the counters summed over tensor-parallel ranks (each rank moves its own slice's bytes)
 SUMMED = ("store_bytes_host", "store_bytes_lower", "store_failures", "load_bytes_host",
-          "load_bytes_lower", "load_failures")
+          "load_bytes_lower", "load_failures", "lower_evictions", "lower_bytes")
 REPLY_LEN = 1 + len(SUMMED)        # a rank's answer to rank 0: a value, then its SUMMED
 # how long a rank > 0 waits for its own staging of a request that rank 0 has staged, before
 # answering how many of its blocks it holds (a rank 0 waiting on it waits inside a step)
@@ -179,6 +179,7 @@ class KVOffload:
         self.host_bytes = host_bytes
         self.host = HostStore(host_bytes, self.block_bytes, pin=self.cuda)
         self.lower = lower
+        self.ranks = 1                  # tensor-parallel ranks, each with its own slice
         self._io = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-io") if lower else None
         self._keys: dict[str, list[str]] = {}          # request id -> its block keys so far
         self._staging: dict[str, _Staging] = {}
@@ -592,22 +593,35 @@ class KVOffload:
                 self._ask("report")     # the other ranks' bytes and failures
             except BrazeError:          # a rank gone: the counts it last gave
                 pass
-        with self._lock:
-            c = dict(self.counters)
+        c = self._own()
         for k in SUMMED:
             c[k] += self._peer_counters[k]
         c["host_blocks"] = len(self.host)
         c["host_capacity_blocks"] = self.host.capacity_blocks
         c["host_evictions"] = self.host.evictions
         c["lower_tier"] = self.lower.name if self.lower is not None else None
+        cap = getattr(self.lower, "capacity_bytes", None)
+        if cap is not None:
+            c["lower_capacity_bytes"] = cap * self.ranks
+        return c
+
+    def _own(self) -> dict:
+        """This rank's counters, with its lower tier's evictions and bytes held (a disk
+        tier's; 0 for the others)."""
+        with self._lock:
+            c = dict(self.counters)
+        c["lower_evictions"] = getattr(self.lower, "evictions", 0)
+        c["lower_bytes"] = getattr(self.lower, "bytes", 0)
         return c
 
     def summary(self) -> dict:
         """The tiers in effect (for /server_info): the host tier's size, the lower tier."""
+        cap = getattr(self.lower, "capacity_bytes", None)
         return {"host_gb": self.host_bytes / GIB,
                 "host_capacity_blocks": self.host.capacity_blocks,
                 "lower_tier": self.lower.name if self.lower is not None else None,
-                "lower": self.lower.where if self.lower is not None else None}
+                "lower": self.lower.where if self.lower is not None else None,
+                **({"lower_gb": cap * self.ranks / GIB} if cap is not None else {})}
 
     # ---------------------------------------------------- tensor parallelism
 
@@ -662,8 +676,8 @@ class KVOffload:
         return 0.0
 
     def reply(self, value: float) -> list[float]:
-        with self._lock:
-            return [value] + [float(self.counters[k]) for k in SUMMED]
+        c = self._own()
+        return [value] + [float(c[k]) for k in SUMMED]
 
 
 def run_commands(offload, cmds: list, cache, device, rank: int, ranks: int):
@@ -708,6 +722,7 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
     group = current_group()
     rank, ranks = (group.rank, group.size) if group is not None else (0, 1)
     tiers = {"cpu_gb": options.kv_offload_cpu_gb, "dir": options.kv_offload_dir,
+             "dir_gb": options.kv_offload_dir_gb or DEFAULT_DIR_GB,
              "s3": options.kv_offload_s3, "group_of": dict(group_of or {})}
     check_host_memory(options.kv_offload_cpu_gb or DEFAULT_HOST_GB, ranks)
     identity = model_identity(manifest, cache.block_size, cache._layout, ranks)
@@ -746,13 +761,35 @@ def _open(tiers: dict, cache, identity: bytes, device, rank: int, ranks: int) ->
     suffix = f".rank{rank}" if ranks > 1 else ""
     lower = None
     if tiers["dir"]:
-        lower = DirectoryStore(tiers["dir"], suffix=suffix)
+        # the cap is the directory's: each rank keeps its share of it
+        cap = int(tiers.get("dir_gb", DEFAULT_DIR_GB) * GIB / ranks)
+        lower = DirectoryStore(tiers["dir"], suffix=suffix, capacity_bytes=cap)
+        if rank == 0:
+            check_disk_space(lower, tiers.get("dir_gb", DEFAULT_DIR_GB))
     elif tiers["s3"]:
         lower = S3Store(tiers["s3"], suffix=suffix)
     gb = tiers["cpu_gb"] if tiers["cpu_gb"] else DEFAULT_HOST_GB
     off = KVOffload(cache, identity, int(gb * GIB), lower, device)
+    off.ranks = ranks
     off.group_of.update(tiers["group_of"])
     return off
 
 
 DEFAULT_HOST_GB = 4.0      # the host tier when only a lower tier is named
+DEFAULT_DIR_GB = 64.0      # the disk tier's cap when --kv-offload-dir-gb is not given
+
+
+def check_disk_space(store: DirectoryStore, gb: float) -> None:
+    """A cap larger than what the directory's filesystem has free (beside the blocks
+    already there) fills the disk before the cap is reached: the writes then fail (counted,
+    never fatal), so that is said, not refused."""
+    try:
+        st = os.statvfs(store.root)
+    except (OSError, AttributeError):
+        return
+    room = st.f_bavail * st.f_frsize + store.bytes
+    if gb * GIB > room:
+        log.warning("--kv-offload-dir-gb %g: %s has %.1f GiB free for KV blocks; the disk "
+                    "fills first (its failed writes are counted in "
+                    "braze_kv_offload_failures_total): give --kv-offload-dir-gb at most that",
+                    gb, store.root, room / GIB)

@@ -279,6 +279,81 @@ def test_a_full_disk_is_counted_and_changes_no_output(art, want, tmp_path, monke
     assert not [f for f in (tmp_path / "kv").rglob("*") if f.is_file()]   # no block, no temp
 
 
+def _file_bytes(art) -> int:
+    """A block file's size: the block, sealed."""
+    return len(seal(bytes(_block_bytes(art))))
+
+
+def _disk_bytes(kv: Path) -> int:
+    return sum(f.stat().st_size for f in kv.rglob("*") if f.is_file())
+
+
+def test_the_disk_tier_keeps_to_its_cap_least_recently_used_first(art, want, tmp_path,
+                                                                 monkeypatch):
+    """A long-running server filled the disk: --kv-offload-dir had no cap. With one, the
+    least recently used block files are deleted for room (counted, and in /metrics), the
+    files never exceed it, and the outputs are those of an engine that keeps it all."""
+    pytest.importorskip("prometheus_client")
+    from braze.serving.metrics import Metrics
+    from serve_helpers import parse_metrics
+    kv = tmp_path / "kv"
+    cap_files = 5
+    sizes, written = [], []
+    real_put = kv_stores.DirectoryStore.put
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put",
+                        lambda self, k, p: (real_put(self, k, p), written.append(k),
+                                            sizes.append(_disk_bytes(kv))))
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(kv),
+                 kv_offload_dir_gb=cap_files * _file_bytes(art) / GIB)
+    assert [o.token_ids for o in _traffic(eng)] == want
+    s = _offload_stats(eng)
+    files = list(kv.rglob("*.kv"))
+    assert len(files) == cap_files and max(sizes) <= cap_files * _file_bytes(art)
+    assert s["lower_evictions"] == s["store_blocks"] - cap_files > 0
+    assert s["lower_bytes"] == _disk_bytes(kv) and s["store_failures"] == 0
+    m = parse_metrics(Metrics("m").render(eng.stats()))
+    assert m['braze_kv_offload_lower_evictions_total{tier="disk"}'] == s["lower_evictions"]
+    assert m['braze_kv_offload_lower_bytes{tier="disk"}'] == s["lower_bytes"]
+    # the last written are the ones kept
+    assert {f.name[:-3] for f in files} == set(list(dict.fromkeys(reversed(written)))[:5])
+
+
+def test_a_restart_reuses_the_disk_tiers_blocks_within_its_cap(art, want, tmp_path):
+    """The block files an earlier run left are loaded by the next, and count against its
+    cap: one smaller than them deletes the least recently used at start."""
+    kv = tmp_path / "kv"
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(kv))
+    run_all(first, [FIRST, *FILLERS], GREEDY)
+    first.offload.close()
+    shared = {f"{k}.kv" for k in first.offload.keys(_probe(FIRST), 4)}
+    files = sorted(kv.rglob("*.kv"))
+    assert len(files) > 6 and shared <= {f.name for f in files}
+    for age, f in enumerate(files):         # FIRST's blocks the most recently used
+        t = 1_000_000 + (10_000 if f.name in shared else age)
+        os.utime(f, (t, t))
+    fb = _file_bytes(art)
+    fresh = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_dir=str(kv), kv_offload_dir_gb=6 * fb / GIB)
+    s = _offload_stats(fresh)
+    assert s["lower_evictions"] == len(files) - 6 and s["lower_bytes"] == 6 * fb
+    left = {f.name for f in kv.rglob("*.kv")}
+    assert len(left) == 6 and shared <= left
+    assert run_all(fresh, [SECOND], GREEDY)[0].token_ids == want[-1]
+    assert _offload_stats(fresh)["load_blocks_lower"] == 4
+
+
+def test_the_disk_tier_cap_is_checked(art, tmp_path):
+    with pytest.raises(BrazeError, match="kv_offload_dir_gb must be a positive number"):
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_dir_gb=0)
+    with pytest.raises(BrazeError, match="kv_offload_dir_gb caps the disk tier.*--kv-offload-dir"):
+        Engine(art, backend="reference", kv_offload_cpu_gb=1, kv_offload_dir_gb=2)
+    eng = Engine(art, backend="reference", kv_offload_dir=str(tmp_path))
+    assert eng.offload.lower.capacity_bytes == 64 * GIB     # the default: finite
+    assert eng.offload.summary()["lower_gb"] == 64
+
+
 def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
                                                                 caplog):
     """`braze serve` exits without the interpreter's teardown: the blocks still queued for
