@@ -180,7 +180,12 @@ class KVOffload:
         self.host = HostStore(host_bytes, self.block_bytes, pin=self.cuda)
         self.lower = lower
         self.ranks = 1                  # tensor-parallel ranks, each with its own slice
+        # the lower tier's writes, and its reads on a thread of their own: a request staging
+        # its blocks never waits behind the writes queued before it (a long prefill's, or
+        # each try of a tier that is down)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-io") if lower else None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-read") \
+            if lower else None
         self._keys: dict[str, list[str]] = {}          # request id -> its block keys so far
         self._staging: dict[str, _Staging] = {}
         self._pending: list = []       # (event, host buffer, keys) of copies still running
@@ -267,7 +272,7 @@ class KVOffload:
             break
         if not need:
             return True
-        self._staging[req.request_id] = _Staging(self._io.submit(self._stage, need), need)
+        self._staging[req.request_id] = _Staging(self._reader.submit(self._stage, need), need)
         if self.peers is not None:      # the other ranks stage their slices meanwhile
             self.peers.send("stage", req.request_id, need)
             self.peers.flush()
@@ -573,6 +578,8 @@ class KVOffload:
         for ev, _, _ in self._pending:
             ev.synchronize()
         self.poll()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
         if self._io is None:
             return
         io, self._io = self._io, None
@@ -644,8 +651,8 @@ class KVOffload:
             self.store(*args)
         elif op == "stage":
             rid, keys = args
-            if self._io is not None:
-                self._staging[rid] = _Staging(self._io.submit(self._stage, keys), keys)
+            if self._reader is not None:
+                self._staging[rid] = _Staging(self._reader.submit(self._stage, keys), keys)
         elif op == "hold":
             rid, keys = args
             st = self._staging.pop(rid, None)

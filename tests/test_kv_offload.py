@@ -354,6 +354,37 @@ def test_the_disk_tier_cap_is_checked(art, tmp_path):
     assert eng.offload.summary()["lower_gb"] == 64
 
 
+def test_a_load_from_disk_never_waits_behind_the_tiers_queued_writes(art, want, tmp_path,
+                                                                    monkeypatch):
+    """Reads and writes shared one background thread: a request whose prefix is on disk
+    waited in the scheduler behind every block write queued before it (a prefill's
+    thousands, or each try of a store that is down), and so did every cold request.
+    Its blocks are now read while the writes still wait."""
+    import threading
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    run_all(first, [FIRST], GREEDY)
+    first.offload.close()
+    gate, gave_up = threading.Event(), []
+    real_put = kv_stores.DirectoryStore.put
+
+    def slow_put(self, k, p):
+        if not gate.wait(5):            # the writes wait till SECOND is done (at most 5 s)
+            gave_up.append(k)
+            gate.set()
+        real_put(self, k, p)
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put", slow_put)
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    try:
+        run_all(eng, FILLERS[:2], GREEDY)       # their blocks' writes now wait
+        assert run_all(eng, [SECOND], GREEDY)[0].token_ids == want[-1]
+        assert not gave_up, "SECOND's load waited for the writes queued before it"
+        assert _offload_stats(eng)["load_blocks_lower"] == 4
+    finally:
+        gate.set()
+    eng.offload.close()
+
+
 def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
                                                                 caplog):
     """`braze serve` exits without the interpreter's teardown: the blocks still queued for
