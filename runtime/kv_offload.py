@@ -79,6 +79,9 @@ LOAD_INFLIGHT_CHUNKS = 4
 # how long closing an engine waits for the lower tier's queued writes (a store that is
 # down must not hold a server's shutdown for the tries of every block)
 CLOSE_WAIT_S = 30.0
+# the bytes of block writes queued for the lower tier: the host tier's size, and at least
+# this much (a tier that falls behind drops the blocks past it, counted as failed stores)
+WRITE_BACKLOG_MIN_BYTES = 1 << 30
 
 
 @dataclass
@@ -192,6 +195,8 @@ class KVOffload:
         self._streams: dict[str, torch.cuda.Stream] = {}   # "store", "load": the copies' own
         self._loading: dict[str, _Load] = {}   # request id -> its load still copying in
         self._in_host_from_lower: set[str] = set()
+        self._backlog = 0              # bytes of block writes queued for the lower tier
+        self._said_backlog = False
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
         # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
         self.peers = None
@@ -526,8 +531,26 @@ class KVOffload:
             self.host.put(k, row)       # HostStore.put copies it out of the buffer
         self.counters["store_blocks"] += len(keys)
         self.counters["store_bytes_host"] += len(keys) * self.block_bytes
-        if self._io is not None:
-            payloads = [(k, row.numpy().tobytes()) for row, k in zip(host, keys)]
+        if self._io is None:
+            return
+        # the writes queued hold at most the host tier's size (WRITE_BACKLOG_MIN_BYTES at
+        # least): a lower tier slower than the traffic (or down, each block a timeout) must
+        # not grow the server without bound
+        limit = max(self.host_bytes, WRITE_BACKLOG_MIN_BYTES)
+        with self._lock:
+            room = max(0, (limit - self._backlog) // self.block_bytes)
+            take = min(room, len(keys))
+            self._backlog += take * self.block_bytes
+            dropped = len(keys) - take
+            self.counters["store_failures"] += dropped
+        if dropped and not self._said_backlog:
+            self._said_backlog = True
+            log.warning("KV tier %s is behind: its queued block writes reached the host "
+                        "tier's size (--kv-offload-cpu-gb, 1 GiB at least), so blocks past it are not "
+                        "written (counted in braze_kv_offload_failures_total)",
+                        self.lower.where)
+        if take:
+            payloads = [(k, row.numpy().tobytes()) for row, k in zip(host[:take], keys)]
             self._io.submit(self._write_through, payloads)
 
     def _write_through(self, payloads) -> None:
@@ -538,6 +561,9 @@ class KVOffload:
                 with self._lock:
                     self.counters["store_failures"] += 1
                 continue
+            finally:
+                with self._lock:
+                    self._backlog -= len(data)
             with self._lock:
                 self.counters["store_bytes_lower"] += len(data)
 

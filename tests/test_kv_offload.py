@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from braze.ir.errors import BrazeError
-from braze.runtime import kv_stores
+from braze.runtime import kv_offload, kv_stores
 from braze.runtime.block_manager import BlockManager
 from braze.runtime.engine import Engine
 from braze.runtime.kv_offload import GIB, KVTransferPolicy
@@ -383,6 +383,40 @@ def test_a_load_from_disk_never_waits_behind_the_tiers_queued_writes(art, want, 
     finally:
         gate.set()
     eng.offload.close()
+
+
+def test_writes_a_slow_tier_cannot_take_wait_within_the_host_tiers_size(art, want, tmp_path,
+                                                                       monkeypatch):
+    """Every stored block was queued for the lower tier, a copy of its bytes each, however
+    far behind the tier was: a store that is down (each block a connect timeout) or slower
+    than the traffic grew the server's memory without bound. The queue now holds at most
+    the host tier's size (1 GiB at least; none here); the blocks past it are counted failed stores, and computed when
+    needed."""
+    import threading
+    gate, taken = threading.Event(), []
+    real_put = kv_stores.DirectoryStore.put
+
+    def stuck_put(self, k, p):
+        gate.wait(10)
+        taken.append(k)
+        real_put(self, k, p)
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put", stuck_put)
+    monkeypatch.setattr(kv_offload, "WRITE_BACKLOG_MIN_BYTES", 0)
+    host_blocks = 8
+    kv = tmp_path / "kv"
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, host_blocks), kv_offload_dir=str(kv))
+    try:
+        got = run_all(eng, [FIRST, *FILLERS], GREEDY)
+        s = _offload_stats(eng)
+        assert s["store_blocks"] > host_blocks + 1
+        assert s["store_failures"] >= s["store_blocks"] - host_blocks
+    finally:
+        gate.set()
+    eng.offload.drain()
+    s = _offload_stats(eng)
+    assert len(taken) == len(list(kv.rglob("*.kv"))) == s["store_blocks"] - s["store_failures"]
+    assert [o.token_ids for o in got] == want[:len(got)]
 
 
 def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
