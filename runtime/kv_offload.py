@@ -56,7 +56,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
-from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
+from .kv_stores import CorruptBlock, DirectoryStore, HostStore, S3Store, StoreError
 from .parallel import current_group
 from .uploads import upload_values
 
@@ -82,6 +82,10 @@ CLOSE_WAIT_S = 30.0
 # the bytes of block writes queued for the lower tier: the host tier's size, and at least
 # this much (a tier that falls behind drops the blocks past it, counted as failed stores)
 WRITE_BACKLOG_MIN_BYTES = 1 << 30
+# after a read from the lower tier fails (the tier errors, not a corrupt block), how long it
+# is left alone: a request would otherwise wait out a store that is down (its timeouts and
+# retries) before each first token
+TIER_RETRY_S = 10.0
 
 
 @dataclass
@@ -196,6 +200,7 @@ class KVOffload:
         self._loading: dict[str, _Load] = {}   # request id -> its load still copying in
         self._in_host_from_lower: set[str] = set()
         self._backlog = 0              # bytes of block writes queued for the lower tier
+        self._failed_read_at = None    # when a read from the lower tier last failed
         self._said_backlog = False
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
         # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
@@ -267,7 +272,7 @@ class KVOffload:
         keys = self.keys(req, end)[first:]
         if self._in_flight(keys[0]):    # another request's load brings these blocks to the
             return False                # device: wait for it and hit them there
-        if self.lower is None:
+        if self.lower is None or self._reads_resting():
             return True
         need = []
         for k in keys:
@@ -282,6 +287,11 @@ class KVOffload:
             self.peers.send("stage", req.request_id, need)
             self.peers.flush()
         return False
+
+    def _reads_resting(self) -> bool:
+        """Whether the lower tier is left alone after a failed read (TIER_RETRY_S)."""
+        t = self._failed_read_at
+        return t is not None and time.monotonic() - t < TIER_RETRY_S
 
     def _in_flight(self, key: str) -> bool:
         return any(key in load.keys for load in self._loading.values())
@@ -309,9 +319,13 @@ class KVOffload:
                 continue
             try:
                 payload = self.lower.get(k)
-            except StoreError:
+            except StoreError as e:
                 with self._lock:
                     self.counters["load_failures"] += 1
+                if not isinstance(e, CorruptBlock):
+                    log.warning("KV tier %s: %s; its blocks are computed for the next %g s, "
+                                "then it is tried again", self.lower.where, e, TIER_RETRY_S)
+                    self._failed_read_at = time.monotonic()
                 break
             if payload is None or len(payload) != self.block_bytes:
                 if payload is not None:

@@ -42,16 +42,20 @@ class StoreError(Exception):
     """A lower tier failed to read or write a block (counted, never fatal)."""
 
 
+class CorruptBlock(StoreError):
+    """A block read back, and not as it was written (the tier itself works)."""
+
+
 def seal(payload: bytes) -> bytes:
     return MAGIC + hashlib.sha256(payload).digest() + payload
 
 
 def unseal(data: bytes, key: str, where: str) -> bytes:
     if len(data) < _HEADER or data[:len(MAGIC)] != MAGIC:
-        raise StoreError(f"KV block {key} in {where} is not a braze KV block")
+        raise CorruptBlock(f"KV block {key} in {where} is not a braze KV block")
     payload = data[_HEADER:]
     if hashlib.sha256(payload).digest() != data[len(MAGIC):_HEADER]:
-        raise StoreError(f"KV block {key} in {where} is corrupt (checksum mismatch)")
+        raise CorruptBlock(f"KV block {key} in {where} is corrupt (checksum mismatch)")
     return payload
 
 
@@ -203,7 +207,7 @@ class DirectoryStore:
             raise StoreError(f"KV block {key} cannot be read from {p} ({e})") from None
         try:
             payload = unseal(data, key, str(p))
-        except StoreError:
+        except CorruptBlock:
             self._forget(key)
             try:
                 p.unlink()

@@ -419,6 +419,27 @@ def test_writes_a_slow_tier_cannot_take_wait_within_the_host_tiers_size(art, wan
     assert [o.token_ids for o in got] == want[:len(got)]
 
 
+def test_a_tier_that_errors_is_left_alone_for_a_while(art, want, tmp_path, monkeypatch):
+    """Every cold request asked the lower tier first and waited in the scheduler for its
+    answer: with a store that is down, each one's first token came a connect timeout (and
+    its retries) late. After a read fails, the tier is not read for TIER_RETRY_S; then it
+    is tried again. A corrupt block is not the tier's failure."""
+    asked = []
+
+    def down(self, k):
+        asked.append(k)
+        raise StoreError(f"KV block {k} cannot be read (connection timed out)")
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_dir=str(tmp_path / "kv"))
+    monkeypatch.setattr(kv_stores.DirectoryStore, "get", down)
+    got = [run_all(eng, [p], GREEDY)[0] for p in [FIRST, *FILLERS]]
+    assert [o.token_ids for o in got] == want[:len(got)]
+    assert len(asked) == 1 and _offload_stats(eng)["load_failures"] == 1
+    monkeypatch.setattr(kv_offload, "TIER_RETRY_S", 0.0)         # the while is over
+    run_all(eng, prompts_of([40], seed=9), GREEDY)                # a prompt no tier holds
+    assert len(asked) == 2 and _offload_stats(eng)["load_failures"] == 2
+
+
 def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
                                                                 caplog):
     """`braze serve` exits without the interpreter's teardown: the blocks still queued for
