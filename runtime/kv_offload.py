@@ -769,7 +769,7 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
     group = current_group()
     rank, ranks = (group.rank, group.size) if group is not None else (0, 1)
     tiers = {"cpu_gb": options.kv_offload_cpu_gb, "dir": options.kv_offload_dir,
-             "dir_gb": options.kv_offload_dir_gb or DEFAULT_DIR_GB,
+             "dir_gb": options.kv_offload_dir_gb,
              "s3": options.kv_offload_s3, "group_of": dict(group_of or {})}
     check_host_memory(options.kv_offload_cpu_gb or DEFAULT_HOST_GB, ranks)
     identity = model_identity(manifest, cache.block_size, cache._layout, ranks)
@@ -809,10 +809,11 @@ def _open(tiers: dict, cache, identity: bytes, device, rank: int, ranks: int) ->
     lower = None
     if tiers["dir"]:
         # the cap is the directory's: each rank keeps its share of it
-        cap = int(tiers.get("dir_gb", DEFAULT_DIR_GB) * GIB / ranks)
+        gb = tiers.get("dir_gb") or DEFAULT_DIR_GB
+        cap = int(gb * GIB / ranks)
         lower = DirectoryStore(tiers["dir"], suffix=suffix, capacity_bytes=cap)
         if rank == 0:
-            check_disk_space(lower, tiers.get("dir_gb", DEFAULT_DIR_GB))
+            check_disk_space(lower, gb, given=bool(tiers.get("dir_gb")))
     elif tiers["s3"]:
         lower = S3Store(tiers["s3"], suffix=suffix)
     gb = tiers["cpu_gb"] if tiers["cpu_gb"] else DEFAULT_HOST_GB
@@ -826,7 +827,7 @@ DEFAULT_HOST_GB = 4.0      # the host tier when only a lower tier is named
 DEFAULT_DIR_GB = 64.0      # the disk tier's cap when --kv-offload-dir-gb is not given
 
 
-def check_disk_space(store: DirectoryStore, gb: float) -> None:
+def check_disk_space(store: DirectoryStore, gb: float, given: bool = True) -> None:
     """A cap larger than what the directory's filesystem has free (beside the blocks
     already there) fills the disk before the cap is reached: the writes then fail (counted,
     never fatal), so that is said, not refused."""
@@ -836,7 +837,7 @@ def check_disk_space(store: DirectoryStore, gb: float) -> None:
         return
     room = st.f_bavail * st.f_frsize + store.bytes
     if gb * GIB > room:
-        log.warning("--kv-offload-dir-gb %g: %s has %.1f GiB free for KV blocks; the disk "
+        log.warning("--kv-offload-dir-gb %g%s: %s has %.1f GiB free for KV blocks; the disk "
                     "fills first (its failed writes are counted in "
                     "braze_kv_offload_failures_total): give --kv-offload-dir-gb at most that",
-                    gb, store.root, room / GIB)
+                    gb, "" if given else " (the default)", store.root, room / GIB)

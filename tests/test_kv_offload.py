@@ -344,7 +344,7 @@ def test_a_restart_reuses_the_disk_tiers_blocks_within_its_cap(art, want, tmp_pa
     assert _offload_stats(fresh)["load_blocks_lower"] == 4
 
 
-def test_the_disk_tier_cap_is_checked(art, tmp_path):
+def test_the_disk_tier_cap_is_checked(art, tmp_path, monkeypatch, caplog):
     with pytest.raises(BrazeError, match="kv_offload_dir_gb must be a positive number"):
         Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_dir_gb=0)
     with pytest.raises(BrazeError, match="kv_offload_dir_gb caps the disk tier.*--kv-offload-dir"):
@@ -352,6 +352,16 @@ def test_the_disk_tier_cap_is_checked(art, tmp_path):
     eng = Engine(art, backend="reference", kv_offload_dir=str(tmp_path))
     assert eng.offload.lower.capacity_bytes == 64 * GIB     # the default: finite
     assert eng.offload.summary()["lower_gb"] == 64
+    # a cap the filesystem has no room for is said at start, naming the flag and the room
+    real = os.statvfs(tmp_path)
+    monkeypatch.setattr(kv_offload.os, "statvfs", lambda p: os.statvfs_result(
+        (real.f_bsize, 1 << 20, 0, 0, 1024, 0, 0, 0, 0, 255)))       # 1 GiB free
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path))
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_dir_gb=0.5)
+    said = [r.getMessage() for r in caplog.records if "--kv-offload-dir-gb" in r.getMessage()]
+    assert len(said) == 1 and "64 (the default)" in said[0] and "1.0 GiB free" in said[0]
 
 
 def test_a_load_from_disk_never_waits_behind_the_tiers_queued_writes(art, want, tmp_path,
