@@ -198,7 +198,6 @@ class KVOffload:
         self._pending: list = []       # (event, host buffer, keys) of copies still running
         self._streams: dict[str, torch.cuda.Stream] = {}   # "store", "load": the copies' own
         self._loading: dict[str, _Load] = {}   # request id -> its load still copying in
-        self._in_host_from_lower: set[str] = set()
         self._backlog = 0              # bytes of block writes queued for the lower tier
         self._failed_read_at = None    # when a read from the lower tier last failed
         self._said_backlog = False
@@ -309,11 +308,11 @@ class KVOffload:
         if pending:
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
-    def _stage(self, keys: list[str]) -> None:
+    def _stage(self, keys: list[str]) -> set[str]:
         """Background: the lower tier's blocks for `keys` (in order, up to the first it
-        lacks or fails on) into the host tier."""
+        lacks or fails on) into the host tier; the keys it read."""
         t = time.perf_counter()
-        got = 0
+        got = set()
         for k in keys:
             if k in self.host:
                 continue
@@ -335,13 +334,13 @@ class KVOffload:
             # pageable: a load stacks its blocks into pinned memory before copying
             block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
             self.host.put(k, block)
-            got += 1
+            got.add(k)
             with self._lock:
-                self._in_host_from_lower.add(k)
                 self.counters["load_bytes_lower"] += len(payload)
         with self._lock:
             self.counters["load_seconds"] += time.perf_counter() - t
             self.counters["loads"] += 1 if got else 0
+        return got
 
     def load(self, req, bm, cached_tokens: int) -> int:
         """After `bm.allocate` gave `req` its blocks with `cached_tokens` from the device's
@@ -349,7 +348,10 @@ class KVOffload:
         tokens loaded (a multiple of the block size). The blocks are not in the prefix
         cache yet, and no step may read them before `settled(req)` says their copy has
         ended (at once where the copy is synchronous); the caller then commits them."""
-        self._staging.pop(req.request_id, None)
+        st = self._staging.pop(req.request_id, None)
+        # the blocks its own staging read from the lower tier (the others: the host tier's)
+        from_lower = st.future.result() if st is not None and st.future.done() \
+            and not st.future.cancelled() and st.future.exception() is None else set()
         bs = self.block_size
         first, end = self._loadable(req, bm)
         first = cached_tokens // bs
@@ -374,8 +376,7 @@ class KVOffload:
             self._loading[req.request_id] = load
         with self._lock:
             for k in keys[:len(blocks)]:
-                tier = "lower" if k in self._in_host_from_lower else "host"
-                self._in_host_from_lower.discard(k)
+                tier = "lower" if k in from_lower else "host"
                 self.counters[f"load_blocks_{tier}"] += 1
             self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
             if load is None:

@@ -450,6 +450,38 @@ def test_a_tier_that_errors_is_left_alone_for_a_while(art, want, tmp_path, monke
     assert len(asked) == 2 and _offload_stats(eng)["load_failures"] == 2
 
 
+def test_blocks_staged_for_an_aborted_request_count_as_host_hits_later(art, want, tmp_path,
+                                                                      monkeypatch):
+    """Every block staged from the lower tier was remembered until some request loaded it:
+    staged for a request aborted meanwhile (a client gone), it stayed remembered for the
+    server's life, and the next load of it, from the host tier, counted as the lower
+    tier's. A load counts a block as the lower tier's only when its own staging read it."""
+    import threading
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    run_all(first, [FIRST], GREEDY)
+    first.offload.close()
+    gate = threading.Event()
+    real_get = kv_stores.DirectoryStore.get
+    monkeypatch.setattr(kv_stores.DirectoryStore, "get",
+                        lambda self, k: (gate.wait(10), real_get(self, k))[1])
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    eng.add_request("gone", SECOND, GREEDY)
+    eng.step()
+    assert eng.num_waiting() == 1               # waiting for its blocks from disk
+    eng.abort_request("gone")
+    eng.step()
+    gate.set()
+    import time
+    last = eng.offload.keys(_probe(SECOND), 4)[-1]
+    while last not in eng.offload.host:         # the staging ends in the background
+        time.sleep(0.01)
+    assert run_all(eng, [SECOND], GREEDY)[0].token_ids == want[-1]
+    s = _offload_stats(eng)
+    assert (s["load_blocks_host"], s["load_blocks_lower"]) == (4, 0)
+    assert s["load_bytes_lower"] == 4 * _block_bytes(art)       # what the staging read
+
+
 def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,
                                                                 caplog):
     """`braze serve` exits without the interpreter's teardown: the blocks still queued for
