@@ -561,8 +561,8 @@ class KVOffload:
         if dropped and not self._said_backlog:
             self._said_backlog = True
             log.warning("KV tier %s is behind: its queued block writes reached the host "
-                        "tier's size (--kv-offload-cpu-gb, 1 GiB at least), so blocks past it are not "
-                        "written (counted in braze_kv_offload_failures_total)",
+                        "tier's size (--kv-offload-cpu-gb, 1 GiB at least), so blocks past "
+                        "it are not written (counted in braze_kv_offload_failures_total)",
                         self.lower.where)
         if take:
             payloads = [(k, row.numpy().tobytes()) for row, k in zip(host[:take], keys)]

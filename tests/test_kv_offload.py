@@ -405,8 +405,8 @@ def test_writes_a_slow_tier_cannot_take_wait_within_the_host_tiers_size(art, wan
     """Every stored block was queued for the lower tier, a copy of its bytes each, however
     far behind the tier was: a store that is down (each block a connect timeout) or slower
     than the traffic grew the server's memory without bound. The queue now holds at most
-    the host tier's size (1 GiB at least; none here); the blocks past it are counted failed stores, and computed when
-    needed."""
+    the host tier's size (1 GiB at least; no floor here); the blocks past it are counted
+    failed stores, and computed when needed."""
     import threading
     gate, taken = threading.Event(), []
     real_put = kv_stores.DirectoryStore.put
