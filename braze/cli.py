@@ -280,7 +280,12 @@ def _engine_flags(p: argparse.ArgumentParser, kv_default: str) -> None:
                         "off; 4 when a lower tier is named)")
     p.add_argument("--kv-offload-dir", metavar="PATH",
                    help="a third KV tier below host memory: one file per block in PATH (shared "
-                        "by every process serving the same artifact)")
+                        "by every process serving the same artifact; blocks left by an earlier "
+                        "run are reused)")
+    p.add_argument("--kv-offload-dir-gb", type=_positive_float, metavar="GB",
+                   help="the most block files --kv-offload-dir keeps, in GiB; the least "
+                        "recently used are deleted for room (default: 64; counted in "
+                        "braze_kv_offload_lower_evictions_total)")
     p.add_argument("--kv-offload-s3", metavar="s3://BUCKET/PREFIX",
                    help="a third KV tier in an S3-compatible object store, through boto3 "
                         "(credentials, region and AWS_ENDPOINT_URL from the usual AWS "
@@ -316,6 +321,7 @@ def _engine_options(a):
                          fused_prepare=a.fused_prepare, debug=a.debug,
                          trusted_keys=a.trusted_keys, trust_artifact=a.trust_artifact,
                          kv_offload_cpu_gb=a.kv_offload_cpu_gb, kv_offload_dir=a.kv_offload_dir,
+                         kv_offload_dir_gb=a.kv_offload_dir_gb,
                          kv_offload_s3=a.kv_offload_s3, max_cpu_loras=a.max_cpu_loras,
                          speculative=a.speculative, collective_timeout_s=a.collective_timeout_s,
                          sampler=a.sampler,

@@ -56,7 +56,7 @@ import torch
 
 from braze.ir.errors import BrazeError
 
-from .kv_stores import DirectoryStore, HostStore, S3Store, StoreError
+from .kv_stores import CorruptBlock, DirectoryStore, HostStore, S3Store, StoreError
 from .parallel import current_group
 from .uploads import upload_values
 
@@ -66,7 +66,7 @@ GIB = 1 << 30
 TRANSFER_KEYS = {"max_load_tokens", "store"}
 # the counters summed over tensor-parallel ranks (each rank moves its own slice's bytes)
 SUMMED = ("store_bytes_host", "store_bytes_lower", "store_failures", "load_bytes_host",
-          "load_bytes_lower", "load_failures")
+          "load_bytes_lower", "load_failures", "lower_evictions", "lower_bytes")
 REPLY_LEN = 1 + len(SUMMED)        # a rank's answer to rank 0: a value, then its SUMMED
 # how long a rank > 0 waits for its own staging of a request that rank 0 has staged, before
 # answering how many of its blocks it holds (a rank 0 waiting on it waits inside a step)
@@ -79,6 +79,13 @@ LOAD_INFLIGHT_CHUNKS = 4
 # how long closing an engine waits for the lower tier's queued writes (a store that is
 # down must not hold a server's shutdown for the tries of every block)
 CLOSE_WAIT_S = 30.0
+# the bytes of block writes queued for the lower tier: the host tier's size, and at least
+# this much (a tier that falls behind drops the blocks past it, counted as failed stores)
+WRITE_BACKLOG_MIN_BYTES = 1 << 30
+# after a read from the lower tier fails (the tier errors, not a corrupt block), how long it
+# is left alone: a request would otherwise wait out a store that is down (its timeouts and
+# retries) before each first token
+TIER_RETRY_S = 10.0
 
 
 @dataclass
@@ -179,13 +186,21 @@ class KVOffload:
         self.host_bytes = host_bytes
         self.host = HostStore(host_bytes, self.block_bytes, pin=self.cuda)
         self.lower = lower
+        self.ranks = 1                  # tensor-parallel ranks, each with its own slice
+        # the lower tier's writes, and its reads on a thread of their own: a request staging
+        # its blocks never waits behind the writes queued before it (a long prefill's, or
+        # each try of a tier that is down)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-io") if lower else None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="braze-kv-read") \
+            if lower else None
         self._keys: dict[str, list[str]] = {}          # request id -> its block keys so far
         self._staging: dict[str, _Staging] = {}
         self._pending: list = []       # (event, host buffer, keys) of copies still running
         self._streams: dict[str, torch.cuda.Stream] = {}   # "store", "load": the copies' own
         self._loading: dict[str, _Load] = {}   # request id -> its load still copying in
-        self._in_host_from_lower: set[str] = set()
+        self._backlog = 0              # bytes of block writes queued for the lower tier
+        self._failed_read_at = None    # when a read from the lower tier last failed
+        self._said_backlog = False
         # tensor parallelism: on rank 0, the group whose other ranks repeat each decision on
         # their slices; on those ranks, the blocks held for a load rank 0 is agreeing on
         self.peers = None
@@ -256,7 +271,7 @@ class KVOffload:
         keys = self.keys(req, end)[first:]
         if self._in_flight(keys[0]):    # another request's load brings these blocks to the
             return False                # device: wait for it and hit them there
-        if self.lower is None:
+        if self.lower is None or self._reads_resting():
             return True
         need = []
         for k in keys:
@@ -266,11 +281,16 @@ class KVOffload:
             break
         if not need:
             return True
-        self._staging[req.request_id] = _Staging(self._io.submit(self._stage, need), need)
+        self._staging[req.request_id] = _Staging(self._reader.submit(self._stage, need), need)
         if self.peers is not None:      # the other ranks stage their slices meanwhile
             self.peers.send("stage", req.request_id, need)
             self.peers.flush()
         return False
+
+    def _reads_resting(self) -> bool:
+        """Whether the lower tier is left alone after a failed read (TIER_RETRY_S)."""
+        t = self._failed_read_at
+        return t is not None and time.monotonic() - t < TIER_RETRY_S
 
     def _in_flight(self, key: str) -> bool:
         return any(key in load.keys for load in self._loading.values())
@@ -288,19 +308,23 @@ class KVOffload:
         if pending:
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
-    def _stage(self, keys: list[str]) -> None:
+    def _stage(self, keys: list[str]) -> set[str]:
         """Background: the lower tier's blocks for `keys` (in order, up to the first it
-        lacks or fails on) into the host tier."""
+        lacks or fails on) into the host tier; the keys it read."""
         t = time.perf_counter()
-        got = 0
+        got = set()
         for k in keys:
             if k in self.host:
                 continue
             try:
                 payload = self.lower.get(k)
-            except StoreError:
+            except StoreError as e:
                 with self._lock:
                     self.counters["load_failures"] += 1
+                if not isinstance(e, CorruptBlock):
+                    log.warning("KV tier %s: %s; its blocks are computed for the next %g s, "
+                                "then it is tried again", self.lower.where, e, TIER_RETRY_S)
+                    self._failed_read_at = time.monotonic()
                 break
             if payload is None or len(payload) != self.block_bytes:
                 if payload is not None:
@@ -310,13 +334,13 @@ class KVOffload:
             # pageable: a load stacks its blocks into pinned memory before copying
             block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
             self.host.put(k, block)
-            got += 1
+            got.add(k)
             with self._lock:
-                self._in_host_from_lower.add(k)
                 self.counters["load_bytes_lower"] += len(payload)
         with self._lock:
             self.counters["load_seconds"] += time.perf_counter() - t
             self.counters["loads"] += 1 if got else 0
+        return got
 
     def load(self, req, bm, cached_tokens: int) -> int:
         """After `bm.allocate` gave `req` its blocks with `cached_tokens` from the device's
@@ -324,7 +348,10 @@ class KVOffload:
         tokens loaded (a multiple of the block size). The blocks are not in the prefix
         cache yet, and no step may read them before `settled(req)` says their copy has
         ended (at once where the copy is synchronous); the caller then commits them."""
-        self._staging.pop(req.request_id, None)
+        st = self._staging.pop(req.request_id, None)
+        # the blocks its own staging read from the lower tier (the others: the host tier's)
+        from_lower = st.future.result() if st is not None and st.future.done() \
+            and not st.future.cancelled() and st.future.exception() is None else set()
         bs = self.block_size
         first, end = self._loadable(req, bm)
         first = cached_tokens // bs
@@ -349,8 +376,7 @@ class KVOffload:
             self._loading[req.request_id] = load
         with self._lock:
             for k in keys[:len(blocks)]:
-                tier = "lower" if k in self._in_host_from_lower else "host"
-                self._in_host_from_lower.discard(k)
+                tier = "lower" if k in from_lower else "host"
                 self.counters[f"load_blocks_{tier}"] += 1
             self.counters["load_bytes_host"] += len(blocks) * self.block_bytes
             if load is None:
@@ -520,8 +546,26 @@ class KVOffload:
             self.host.put(k, row)       # HostStore.put copies it out of the buffer
         self.counters["store_blocks"] += len(keys)
         self.counters["store_bytes_host"] += len(keys) * self.block_bytes
-        if self._io is not None:
-            payloads = [(k, row.numpy().tobytes()) for row, k in zip(host, keys)]
+        if self._io is None:
+            return
+        # the writes queued hold at most the host tier's size (WRITE_BACKLOG_MIN_BYTES at
+        # least): a lower tier slower than the traffic (or down, each block a timeout) must
+        # not grow the server without bound
+        limit = max(self.host_bytes, WRITE_BACKLOG_MIN_BYTES)
+        with self._lock:
+            room = max(0, (limit - self._backlog) // self.block_bytes)
+            take = min(room, len(keys))
+            self._backlog += take * self.block_bytes
+            dropped = len(keys) - take
+            self.counters["store_failures"] += dropped
+        if dropped and not self._said_backlog:
+            self._said_backlog = True
+            log.warning("KV tier %s is behind: its queued block writes reached the host "
+                        "tier's size (--kv-offload-cpu-gb, 1 GiB at least), so blocks past "
+                        "it are not written (counted in braze_kv_offload_failures_total)",
+                        self.lower.where)
+        if take:
+            payloads = [(k, row.numpy().tobytes()) for row, k in zip(host[:take], keys)]
             self._io.submit(self._write_through, payloads)
 
     def _write_through(self, payloads) -> None:
@@ -532,6 +576,9 @@ class KVOffload:
                 with self._lock:
                     self.counters["store_failures"] += 1
                 continue
+            finally:
+                with self._lock:
+                    self._backlog -= len(data)
             with self._lock:
                 self.counters["store_bytes_lower"] += len(data)
 
@@ -572,6 +619,8 @@ class KVOffload:
         for ev, _, _ in self._pending:
             ev.synchronize()
         self.poll()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
         if self._io is None:
             return
         io, self._io = self._io, None
@@ -592,22 +641,35 @@ class KVOffload:
                 self._ask("report")     # the other ranks' bytes and failures
             except BrazeError:          # a rank gone: the counts it last gave
                 pass
-        with self._lock:
-            c = dict(self.counters)
+        c = self._own()
         for k in SUMMED:
             c[k] += self._peer_counters[k]
         c["host_blocks"] = len(self.host)
         c["host_capacity_blocks"] = self.host.capacity_blocks
         c["host_evictions"] = self.host.evictions
         c["lower_tier"] = self.lower.name if self.lower is not None else None
+        cap = getattr(self.lower, "capacity_bytes", None)
+        if cap is not None:
+            c["lower_capacity_bytes"] = cap * self.ranks
+        return c
+
+    def _own(self) -> dict:
+        """This rank's counters, with its lower tier's evictions and bytes held (a disk
+        tier's; 0 for the others)."""
+        with self._lock:
+            c = dict(self.counters)
+        c["lower_evictions"] = getattr(self.lower, "evictions", 0)
+        c["lower_bytes"] = getattr(self.lower, "bytes", 0)
         return c
 
     def summary(self) -> dict:
         """The tiers in effect (for /server_info): the host tier's size, the lower tier."""
+        cap = getattr(self.lower, "capacity_bytes", None)
         return {"host_gb": self.host_bytes / GIB,
                 "host_capacity_blocks": self.host.capacity_blocks,
                 "lower_tier": self.lower.name if self.lower is not None else None,
-                "lower": self.lower.where if self.lower is not None else None}
+                "lower": self.lower.where if self.lower is not None else None,
+                **({"lower_gb": cap * self.ranks / GIB} if cap is not None else {})}
 
     # ---------------------------------------------------- tensor parallelism
 
@@ -630,8 +692,8 @@ class KVOffload:
             self.store(*args)
         elif op == "stage":
             rid, keys = args
-            if self._io is not None:
-                self._staging[rid] = _Staging(self._io.submit(self._stage, keys), keys)
+            if self._reader is not None:
+                self._staging[rid] = _Staging(self._reader.submit(self._stage, keys), keys)
         elif op == "hold":
             rid, keys = args
             st = self._staging.pop(rid, None)
@@ -662,8 +724,8 @@ class KVOffload:
         return 0.0
 
     def reply(self, value: float) -> list[float]:
-        with self._lock:
-            return [value] + [float(self.counters[k]) for k in SUMMED]
+        c = self._own()
+        return [value] + [float(c[k]) for k in SUMMED]
 
 
 def run_commands(offload, cmds: list, cache, device, rank: int, ranks: int):
@@ -708,6 +770,7 @@ def make_offload(options, cache, manifest: dict, device, group_of=None) -> KVOff
     group = current_group()
     rank, ranks = (group.rank, group.size) if group is not None else (0, 1)
     tiers = {"cpu_gb": options.kv_offload_cpu_gb, "dir": options.kv_offload_dir,
+             "dir_gb": options.kv_offload_dir_gb,
              "s3": options.kv_offload_s3, "group_of": dict(group_of or {})}
     check_host_memory(options.kv_offload_cpu_gb or DEFAULT_HOST_GB, ranks)
     identity = model_identity(manifest, cache.block_size, cache._layout, ranks)
@@ -746,13 +809,36 @@ def _open(tiers: dict, cache, identity: bytes, device, rank: int, ranks: int) ->
     suffix = f".rank{rank}" if ranks > 1 else ""
     lower = None
     if tiers["dir"]:
-        lower = DirectoryStore(tiers["dir"], suffix=suffix)
+        # the cap is the directory's: each rank keeps its share of it
+        gb = tiers.get("dir_gb") or DEFAULT_DIR_GB
+        cap = int(gb * GIB / ranks)
+        lower = DirectoryStore(tiers["dir"], suffix=suffix, capacity_bytes=cap)
+        if rank == 0:
+            check_disk_space(lower, gb, given=bool(tiers.get("dir_gb")))
     elif tiers["s3"]:
         lower = S3Store(tiers["s3"], suffix=suffix)
     gb = tiers["cpu_gb"] if tiers["cpu_gb"] else DEFAULT_HOST_GB
     off = KVOffload(cache, identity, int(gb * GIB), lower, device)
+    off.ranks = ranks
     off.group_of.update(tiers["group_of"])
     return off
 
 
 DEFAULT_HOST_GB = 4.0      # the host tier when only a lower tier is named
+DEFAULT_DIR_GB = 64.0      # the disk tier's cap when --kv-offload-dir-gb is not given
+
+
+def check_disk_space(store: DirectoryStore, gb: float, given: bool = True) -> None:
+    """A cap larger than what the directory's filesystem has free (beside the blocks
+    already there) fills the disk before the cap is reached: the writes then fail (counted,
+    never fatal), so that is said, not refused."""
+    try:
+        st = os.statvfs(store.root)
+    except (OSError, AttributeError):
+        return
+    room = st.f_bavail * st.f_frsize + store.bytes
+    if gb * GIB > room:
+        log.warning("--kv-offload-dir-gb %g%s: %s has %.1f GiB free for KV blocks; the disk "
+                    "fills first (its failed writes are counted in "
+                    "braze_kv_offload_failures_total): give --kv-offload-dir-gb at most that",
+                    gb, "" if given else " (the default)", store.root, room / GIB)

@@ -42,16 +42,20 @@ class StoreError(Exception):
     """A lower tier failed to read or write a block (counted, never fatal)."""
 
 
+class CorruptBlock(StoreError):
+    """A block read back, and not as it was written (the tier itself works)."""
+
+
 def seal(payload: bytes) -> bytes:
     return MAGIC + hashlib.sha256(payload).digest() + payload
 
 
 def unseal(data: bytes, key: str, where: str) -> bytes:
     if len(data) < _HEADER or data[:len(MAGIC)] != MAGIC:
-        raise StoreError(f"KV block {key} in {where} is not a braze KV block")
+        raise CorruptBlock(f"KV block {key} in {where} is not a braze KV block")
     payload = data[_HEADER:]
     if hashlib.sha256(payload).digest() != data[len(MAGIC):_HEADER]:
-        raise StoreError(f"KV block {key} in {where} is corrupt (checksum mismatch)")
+        raise CorruptBlock(f"KV block {key} in {where} is corrupt (checksum mismatch)")
     return payload
 
 
@@ -108,13 +112,19 @@ class HostStore:
 
 class DirectoryStore:
     """One file per block, written to a temporary name and renamed, so a reader never sees
-    a half-written block."""
+    a half-written block. At most `capacity_bytes` of block files: the least recently used
+    (written or read) are deleted for room. The files an earlier run left (a restart) are
+    found at start, reused, and counted against the cap, oldest first to go. A block file
+    that reads back corrupt is deleted (it is computed, and stored again)."""
 
     name = "disk"
 
-    def __init__(self, path, suffix: str = ""):
+    def __init__(self, path, suffix: str = "", capacity_bytes: int | None = None):
         self.root = Path(path).expanduser()
         self.suffix = suffix            # ".rankR" at tensor parallelism
+        self.capacity_bytes = capacity_bytes        # None: no cap
+        self.evictions = 0
+        self._lock = threading.Lock()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -128,6 +138,12 @@ class DirectoryStore:
         except OSError as e:
             raise BrazeError(f"KV offload directory {self.root} cannot be written ({e}); "
                              f"pass a writable --kv-offload-dir") from None
+        # key -> file size, least recently used first
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self.bytes = 0
+        self._scan()
+        with self._lock:
+            self._evict(0)
 
     @property
     def where(self) -> str:
@@ -135,6 +151,47 @@ class DirectoryStore:
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{self.suffix}.kv"
+
+    def _scan(self) -> None:
+        """The block files already here (an earlier run's), oldest modified first."""
+        tail = f"{self.suffix}.kv"
+        found = []
+        for sub in self.root.iterdir():
+            if len(sub.name) != 2 or not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                key = f.name[:-len(tail)]
+                if not f.name.endswith(tail) or len(key) != 32 or not key.startswith(sub.name):
+                    continue            # another rank's, a temporary, not a block
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                found.append((st.st_mtime, key, st.st_size))
+        for _, key, size in sorted(found):
+            self._files[key] = size
+            self.bytes += size
+
+    def _evict(self, room: int) -> None:
+        """Delete least recently used block files until `room` more bytes fit the cap
+        (with the lock held)."""
+        cap = self.capacity_bytes
+        if cap is None:
+            return
+        while self._files and self.bytes + room > cap:
+            key, size = self._files.popitem(last=False)
+            self.bytes -= size
+            self.evictions += 1
+            try:
+                self._path(key).unlink()
+            except OSError:             # gone already (another process sharing the tier)
+                pass
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            size = self._files.pop(key, None)
+            if size is not None:
+                self.bytes -= size
 
     def contains(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -144,13 +201,43 @@ class DirectoryStore:
         try:
             data = p.read_bytes()
         except FileNotFoundError:
+            self._forget(key)
             return None
         except OSError as e:
             raise StoreError(f"KV block {key} cannot be read from {p} ({e})") from None
-        return unseal(data, key, str(p))
+        try:
+            payload = unseal(data, key, str(p))
+        except CorruptBlock:
+            self._forget(key)
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            raise
+        with self._lock:
+            if key in self._files:
+                self._files.move_to_end(key)
+            else:                       # written by another process sharing the tier
+                self._files[key] = len(data)
+                self.bytes += len(data)
+        try:
+            os.utime(p)                 # a restart's scan finds it recently used
+        except OSError:
+            pass
+        return payload
 
     def put(self, key: str, payload: bytes) -> None:
         p = self._path(key)
+        data = seal(payload)
+        cap = self.capacity_bytes
+        if cap is not None and len(data) > cap:
+            raise StoreError(f"KV block {key} ({len(data)} bytes) is larger than the disk "
+                             f"tier's cap ({cap} bytes, --kv-offload-dir-gb)")
+        with self._lock:
+            if key in self._files and p.is_file():      # equal keys: equal KV
+                self._files.move_to_end(key)
+                return
+            self._evict(len(data))
         tmp = None
         try:
             p.parent.mkdir(exist_ok=True)
@@ -161,7 +248,7 @@ class DirectoryStore:
                 os.close(fd)
                 raise
             with f:
-                f.write(seal(payload))
+                f.write(data)
             os.replace(tmp, p)
         except OSError as e:            # a full disk among them
             if tmp is not None:
@@ -170,6 +257,11 @@ class DirectoryStore:
                 except OSError:
                     pass
             raise StoreError(f"KV block {key} cannot be written to {p} ({e})") from None
+        with self._lock:
+            old = self._files.pop(key, 0)
+            self._files[key] = len(data)
+            self.bytes += len(data) - old
+            self._evict(0)
 
 
 class S3Store:

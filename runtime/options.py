@@ -70,6 +70,9 @@ class EngineOptions:
     # GiB, and below it a directory or an s3://bucket/prefix
     kv_offload_cpu_gb: float | None = None
     kv_offload_dir: str | None = None
+    # the most GiB of block files the directory tier keeps (least recently used deleted
+    # first); None: kv_offload.DEFAULT_DIR_GB
+    kv_offload_dir_gb: float | None = None
     kv_offload_s3: str | None = None
     # LoRA (runtime/lora.py): adapters kept parsed in host memory (None: the artifact's slots)
     max_cpu_loras: int | None = None
@@ -108,6 +111,15 @@ class EngineOptions:
         v = self.kv_offload_cpu_gb
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
             raise BrazeError(f"kv_offload_cpu_gb must be a positive number of GiB, got {v!r}")
+        v = self.kv_offload_dir_gb
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e9:
+                raise BrazeError(f"kv_offload_dir_gb must be a positive number of GiB, got "
+                                 f"{v!r}", param="kv_offload_dir_gb")
+            if not self.kv_offload_dir:
+                raise BrazeError("kv_offload_dir_gb caps the disk tier, and no kv_offload_dir "
+                                 "names one: give --kv-offload-dir PATH too (or drop "
+                                 "--kv-offload-dir-gb)", param="kv_offload_dir_gb")
         v = self.gpu_memory_utilization
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise BrazeError(f"gpu_memory_utilization must be a fraction of the GPU's memory "

@@ -264,3 +264,11 @@ def _offload_metrics(snap: dict):
     yield _gauge("braze_kv_offload_host_capacity_blocks",
                  "KV blocks the host tier holds at most (--kv-offload-cpu-gb).",
                  g("host_capacity_blocks"))
+    if lower:
+        yield _labelled(CounterMetricFamily, "braze_kv_offload_lower_evictions",
+                        "KV blocks the lower tier deleted for room, least recently used "
+                        "first (a disk tier over --kv-offload-dir-gb).", ["tier"],
+                        [((lower,), g("lower_evictions"))])
+        yield _labelled(GaugeMetricFamily, "braze_kv_offload_lower_bytes",
+                        "Bytes of KV blocks the lower tier holds (a disk tier's files).",
+                        ["tier"], [((lower,), g("lower_bytes"))])

@@ -165,7 +165,8 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
              "--max-model-len", "48", "--max-num-seqs", "3", "--max-num-tokens", "40", "--buckets", "1,8,40",
              "--cudagraph-mode", "none", "--no-prefix-caching", "--no-async-scheduling",
              "--fused-prepare", "--debug", "--trusted-keys", "keys", "--trust-artifact",
-             "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv", "--max-cpu-loras", "6",
+             "--kv-offload-cpu-gb", "0.5", "--kv-offload-dir", "kv", "--kv-offload-dir-gb", "3",
+             "--max-cpu-loras", "6",
              "--speculative", '{"method": "ngram", "num_speculative_tokens": 2}',
              "--collective-timeout", "7.5", "--sampler", "triton",
              "--scheduling-policy", "priority"]
@@ -176,7 +177,7 @@ def test_every_engine_option_is_reachable_from_generate_serve_and_llm(store):
                          enable_prefix_caching=False, async_scheduling=False,
                          fused_prepare=True, debug=True,
                          trusted_keys="keys", trust_artifact=True, kv_offload_cpu_gb=0.5,
-                         kv_offload_dir="kv", max_cpu_loras=6,
+                         kv_offload_dir="kv", kv_offload_dir_gb=3.0, max_cpu_loras=6,
                          speculative={"method": "ngram", "num_speculative_tokens": 2},
                          collective_timeout_s=7.5, sampler="triton",
                          scheduling_policy="priority")

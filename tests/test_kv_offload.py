@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from braze.ir.errors import BrazeError
-from braze.runtime import kv_stores
+from braze.runtime import kv_offload, kv_stores
 from braze.runtime.block_manager import BlockManager
 from braze.runtime.engine import Engine
 from braze.runtime.kv_offload import GIB, KVTransferPolicy
@@ -254,6 +254,11 @@ def test_a_corrupt_disk_block_is_a_counted_miss_and_is_computed(art, want, tmp_p
     assert run_all(fresh, [SECOND], GREEDY)[0].token_ids == want[-1]
     s = _offload_stats(fresh)
     assert s["load_failures"] == 1 and s["load_blocks_lower"] == 2     # up to the bad one
+    # the corrupt file is not kept (a restart finds it, and the cap counts it): the block,
+    # computed again, is written again
+    fresh.offload.drain()
+    assert unseal(victim.read_bytes(), keys[2], "here") == \
+        first.offload.host.get(keys[2]).numpy().tobytes()
 
 
 def _probe(tokens):
@@ -277,6 +282,209 @@ def test_a_full_disk_is_counted_and_changes_no_output(art, want, tmp_path, monke
     s = _offload_stats(eng)
     assert s["store_failures"] == s["store_blocks"] > 0 and s["store_bytes_lower"] == 0
     assert not [f for f in (tmp_path / "kv").rglob("*") if f.is_file()]   # no block, no temp
+
+
+def _file_bytes(art) -> int:
+    """A block file's size: the block, sealed."""
+    return len(seal(bytes(_block_bytes(art))))
+
+
+def _disk_bytes(kv: Path) -> int:
+    return sum(f.stat().st_size for f in kv.rglob("*") if f.is_file())
+
+
+def test_the_disk_tier_keeps_to_its_cap_least_recently_used_first(art, want, tmp_path,
+                                                                 monkeypatch):
+    """A long-running server filled the disk: --kv-offload-dir had no cap. With one, the
+    least recently used block files are deleted for room (counted, and in /metrics), the
+    files never exceed it, and the outputs are those of an engine that keeps it all."""
+    pytest.importorskip("prometheus_client")
+    from braze.serving.metrics import Metrics
+    from serve_helpers import parse_metrics
+    kv = tmp_path / "kv"
+    cap_files = 5
+    sizes, written = [], []
+    real_put = kv_stores.DirectoryStore.put
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put",
+                        lambda self, k, p: (real_put(self, k, p), written.append(k),
+                                            sizes.append(_disk_bytes(kv))))
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(kv),
+                 kv_offload_dir_gb=cap_files * _file_bytes(art) / GIB)
+    assert [o.token_ids for o in _traffic(eng)] == want
+    s = _offload_stats(eng)
+    files = list(kv.rglob("*.kv"))
+    assert len(files) == cap_files and max(sizes) <= cap_files * _file_bytes(art)
+    assert s["lower_evictions"] == s["store_blocks"] - cap_files > 0
+    assert s["lower_bytes"] == _disk_bytes(kv) and s["store_failures"] == 0
+    m = parse_metrics(Metrics("m").render(eng.stats()))
+    assert m['braze_kv_offload_lower_evictions_total{tier="disk"}'] == s["lower_evictions"]
+    assert m['braze_kv_offload_lower_bytes{tier="disk"}'] == s["lower_bytes"]
+    # the last written are the ones kept
+    assert {f.name[:-3] for f in files} == set(list(dict.fromkeys(reversed(written)))[:5])
+
+
+def test_a_restart_reuses_the_disk_tiers_blocks_within_its_cap(art, want, tmp_path):
+    """The block files an earlier run left are loaded by the next, and count against its
+    cap: one smaller than them deletes the least recently used at start."""
+    kv = tmp_path / "kv"
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_cpu_gb=_host_gb(art, 64), kv_offload_dir=str(kv))
+    run_all(first, [FIRST, *FILLERS], GREEDY)
+    first.offload.close()
+    shared = {f"{k}.kv" for k in first.offload.keys(_probe(FIRST), 4)}
+    files = sorted(kv.rglob("*.kv"))
+    assert len(files) > 6 and shared <= {f.name for f in files}
+    for age, f in enumerate(files):         # FIRST's blocks the most recently used
+        t = 1_000_000 + (10_000 if f.name in shared else age)
+        os.utime(f, (t, t))
+    fb = _file_bytes(art)
+    fresh = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                   kv_offload_dir=str(kv), kv_offload_dir_gb=6 * fb / GIB)
+    s = _offload_stats(fresh)
+    assert s["lower_evictions"] == len(files) - 6 and s["lower_bytes"] == 6 * fb
+    left = {f.name for f in kv.rglob("*.kv")}
+    assert len(left) == 6 and shared <= left
+    assert run_all(fresh, [SECOND], GREEDY)[0].token_ids == want[-1]
+    assert _offload_stats(fresh)["load_blocks_lower"] == 4
+
+
+def test_the_disk_tier_cap_is_checked(art, tmp_path, monkeypatch, caplog):
+    with pytest.raises(BrazeError, match="kv_offload_dir_gb must be a positive number"):
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_dir_gb=0)
+    with pytest.raises(BrazeError, match="kv_offload_dir_gb caps the disk tier.*--kv-offload-dir"):
+        Engine(art, backend="reference", kv_offload_cpu_gb=1, kv_offload_dir_gb=2)
+    eng = Engine(art, backend="reference", kv_offload_dir=str(tmp_path))
+    assert eng.offload.lower.capacity_bytes == 64 * GIB     # the default: finite
+    assert eng.offload.summary()["lower_gb"] == 64
+    # a cap the filesystem has no room for is said at start, naming the flag and the room
+    real = os.statvfs(tmp_path)
+    monkeypatch.setattr(kv_offload.os, "statvfs", lambda p: os.statvfs_result(
+        (real.f_bsize, 1 << 20, 0, 0, 1024, 0, 0, 0, 0, 255)))       # 1 GiB free
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="braze.runtime"):
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path))
+        Engine(art, backend="reference", kv_offload_dir=str(tmp_path), kv_offload_dir_gb=0.5)
+    said = [r.getMessage() for r in caplog.records if "--kv-offload-dir-gb" in r.getMessage()]
+    assert len(said) == 1 and "64 (the default)" in said[0] and "1.0 GiB free" in said[0]
+
+
+def test_a_load_from_disk_never_waits_behind_the_tiers_queued_writes(art, want, tmp_path,
+                                                                    monkeypatch):
+    """Reads and writes shared one background thread: a request whose prefix is on disk
+    waited in the scheduler behind every block write queued before it (a prefill's
+    thousands, or each try of a store that is down), and so did every cold request.
+    Its blocks are now read while the writes still wait."""
+    import threading
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    run_all(first, [FIRST], GREEDY)
+    first.offload.close()
+    gate, gave_up = threading.Event(), []
+    real_put = kv_stores.DirectoryStore.put
+
+    def slow_put(self, k, p):
+        if not gate.wait(5):            # the writes wait till SECOND is done (at most 5 s)
+            gave_up.append(k)
+            gate.set()
+        real_put(self, k, p)
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put", slow_put)
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    try:
+        run_all(eng, FILLERS[:2], GREEDY)       # their blocks' writes now wait
+        assert run_all(eng, [SECOND], GREEDY)[0].token_ids == want[-1]
+        assert not gave_up, "SECOND's load waited for the writes queued before it"
+        assert _offload_stats(eng)["load_blocks_lower"] == 4
+    finally:
+        gate.set()
+    eng.offload.close()
+
+
+def test_writes_a_slow_tier_cannot_take_wait_within_the_host_tiers_size(art, want, tmp_path,
+                                                                       monkeypatch):
+    """Every stored block was queued for the lower tier, a copy of its bytes each, however
+    far behind the tier was: a store that is down (each block a connect timeout) or slower
+    than the traffic grew the server's memory without bound. The queue now holds at most
+    the host tier's size (1 GiB at least; no floor here); the blocks past it are counted
+    failed stores, and computed when needed."""
+    import threading
+    gate, taken = threading.Event(), []
+    real_put = kv_stores.DirectoryStore.put
+
+    def stuck_put(self, k, p):
+        gate.wait(10)
+        taken.append(k)
+        real_put(self, k, p)
+    monkeypatch.setattr(kv_stores.DirectoryStore, "put", stuck_put)
+    monkeypatch.setattr(kv_offload, "WRITE_BACKLOG_MIN_BYTES", 0)
+    host_blocks = 8
+    kv = tmp_path / "kv"
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_cpu_gb=_host_gb(art, host_blocks), kv_offload_dir=str(kv))
+    try:
+        got = run_all(eng, [FIRST, *FILLERS], GREEDY)
+        s = _offload_stats(eng)
+        assert s["store_blocks"] > host_blocks + 1
+        assert s["store_failures"] >= s["store_blocks"] - host_blocks
+    finally:
+        gate.set()
+    eng.offload.drain()
+    s = _offload_stats(eng)
+    assert len(taken) == len(list(kv.rglob("*.kv"))) == s["store_blocks"] - s["store_failures"]
+    assert [o.token_ids for o in got] == want[:len(got)]
+
+
+def test_a_tier_that_errors_is_left_alone_for_a_while(art, want, tmp_path, monkeypatch):
+    """Every cold request asked the lower tier first and waited in the scheduler for its
+    answer: with a store that is down, each one's first token came a connect timeout (and
+    its retries) late. After a read fails, the tier is not read for TIER_RETRY_S; then it
+    is tried again. A corrupt block is not the tier's failure."""
+    asked = []
+
+    def down(self, k):
+        asked.append(k)
+        raise StoreError(f"KV block {k} cannot be read (connection timed out)")
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS,
+                 kv_offload_dir=str(tmp_path / "kv"))
+    monkeypatch.setattr(kv_stores.DirectoryStore, "get", down)
+    got = [run_all(eng, [p], GREEDY)[0] for p in [FIRST, *FILLERS]]
+    assert [o.token_ids for o in got] == want[:len(got)]
+    assert len(asked) == 1 and _offload_stats(eng)["load_failures"] == 1
+    monkeypatch.setattr(kv_offload, "TIER_RETRY_S", 0.0)         # the while is over
+    run_all(eng, prompts_of([40], seed=9), GREEDY)                # a prompt no tier holds
+    assert len(asked) == 2 and _offload_stats(eng)["load_failures"] == 2
+
+
+def test_blocks_staged_for_an_aborted_request_count_as_host_hits_later(art, want, tmp_path,
+                                                                      monkeypatch):
+    """Every block staged from the lower tier was remembered until some request loaded it:
+    staged for a request aborted meanwhile (a client gone), it stayed remembered for the
+    server's life, and the next load of it, from the host tier, counted as the lower
+    tier's. A load counts a block as the lower tier's only when its own staging read it."""
+    import threading
+    kv = str(tmp_path / "kv")
+    first = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    run_all(first, [FIRST], GREEDY)
+    first.offload.close()
+    gate = threading.Event()
+    real_get = kv_stores.DirectoryStore.get
+    monkeypatch.setattr(kv_stores.DirectoryStore, "get",
+                        lambda self, k: (gate.wait(10), real_get(self, k))[1])
+    eng = Engine(art, backend="reference", num_kv_blocks=DEVICE_BLOCKS, kv_offload_dir=kv)
+    eng.add_request("gone", SECOND, GREEDY)
+    eng.step()
+    assert eng.num_waiting() == 1               # waiting for its blocks from disk
+    eng.abort_request("gone")
+    eng.step()
+    gate.set()
+    import time
+    last = eng.offload.keys(_probe(SECOND), 4)[-1]
+    while last not in eng.offload.host:         # the staging ends in the background
+        time.sleep(0.01)
+    assert run_all(eng, [SECOND], GREEDY)[0].token_ids == want[-1]
+    s = _offload_stats(eng)
+    assert (s["load_blocks_host"], s["load_blocks_lower"]) == (4, 0)
+    assert s["load_bytes_lower"] == 4 * _block_bytes(art)       # what the staging read
 
 
 def test_closing_finishes_the_disk_tiers_writes_within_a_bound(art, tmp_path, monkeypatch,

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from braze.runtime.engine import Engine  # noqa: E402
-from braze.runtime.kv_offload import DEFAULT_HOST_GB, GIB  # noqa: E402
+from braze.runtime.kv_offload import DEFAULT_DIR_GB, DEFAULT_HOST_GB, GIB  # noqa: E402
 from braze.serving.options import ServerOptions  # noqa: E402
 from braze.serving.utility_routes import describe  # noqa: E402
 
@@ -26,7 +26,7 @@ def _info(engine) -> dict:
 
 def test_server_info_shows_the_kv_tiers_in_effect(store, tmp_path):
     """A lower tier alone gets a host tier of DEFAULT_HOST_GB: the flags say null, the
-    engine runs 4 GiB of host memory and a disk tier."""
+    engine runs 4 GiB of host memory and a disk tier of DEFAULT_DIR_GB at most."""
     eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32,
                  kv_offload_dir=str(tmp_path / "kv"))
     info = _info(eng)
@@ -34,7 +34,7 @@ def test_server_info_shows_the_kv_tiers_in_effect(store, tmp_path):
     host = eng.offload.host
     assert info["kv_offload"] == {
         "host_gb": DEFAULT_HOST_GB, "host_capacity_blocks": host.capacity_blocks,
-        "lower_tier": "disk", "lower": str(tmp_path / "kv")}
+        "lower_tier": "disk", "lower": str(tmp_path / "kv"), "lower_gb": DEFAULT_DIR_GB}
     assert host.capacity_blocks == int(DEFAULT_HOST_GB * GIB) // eng.offload.block_bytes
     plain = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=32)
     assert _info(plain)["kv_offload"] is None
