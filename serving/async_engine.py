@@ -286,11 +286,6 @@ class AsyncEngine:
                 continue
             if self.metrics is not None and out.new_token_ids:
                 self.metrics.on_tokens(len(out.new_token_ids))
-            if out.finished and out.finish_reason == "abort" and isinstance(out.stop_reason, str):
-                # the engine gave up on it (its LoRA adapter or grammar cannot be loaded),
-                # unasked: an abort from here had dropped its stream already
-                self._reject([out.request_id], out.stop_reason)
-                continue
             if out.finished:
                 del self._streams[out.request_id]
                 if self.metrics is not None:
