@@ -418,6 +418,27 @@ def test_prometheus_has_the_acceptance_metrics(store):
     assert "braze_spec_decode" not in Metrics("m").render({"running": 0})
 
 
+def test_prometheus_has_vllms_spec_decode_names(store):
+    """vLLM's dashboards read vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}
+    and the per-position counter, with its model_name label: the same values as braze's."""
+    from braze.serving.metrics import Metrics
+
+    from serve_helpers import parse_metrics
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
+                 speculative=NGRAM)
+    run_all(eng, mixed_prompts(), GREEDY)
+    s = eng.stats()
+    got = parse_metrics(Metrics("m").render(s))
+    label = '{model_name="m"}'
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert got[f"vllm:spec_decode_{name}_total{label}"] == s["spec_decode_" + name]
+    assert s["spec_decode_num_drafts"] > 0
+    for j, n in enumerate(s["spec_decode_accepted_per_position"]):
+        key = f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{j}"}}'
+        assert got[key] == n
+    assert "vllm:spec_decode" not in Metrics("m").render({"running": 0})
+
+
 # ------------------------------------------------------------------ the draft method
 
 @pytest.mark.parametrize("target,draft,opt", [
