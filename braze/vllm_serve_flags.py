@@ -26,6 +26,15 @@ REFUSED = {
                                        "N ranks itself (docs/parallelism.md)",
     ("--pipeline-parallel-size", "-pp"): "braze has no pipeline parallelism; compile with "
                                          "--tensor-parallel-size N",
+    ("--enable-expert-parallel", "-ep"): "expert parallelism is compiled into the artifact: "
+                                         "braze compile MODEL_DIR -o ARTIFACT "
+                                         "--tensor-parallel-size N --expert-parallel",
+    ("--distributed-executor-backend",): "braze serve starts its N ranks itself (one process "
+                                         "each), or joins them under torchrun "
+                                         "(docs/parallelism.md)",
+    ("--speculative-model", "--num-speculative-tokens"): (
+        "vLLM's older flags; give --speculative-config '{\"model\": DRAFT_ARTIFACT, "
+        "\"num_speculative_tokens\": 3}' (or \"method\": \"ngram\" / \"mtp\")"),
     ("--data-parallel-size", "-dp"): "run one braze serve per replica behind a load balancer",
     ("--enforce-eager",): "use --cudagraph-mode none",
     ("--max-seq-len-to-capture",): "the step sizes captured as CUDA graphs are --buckets",

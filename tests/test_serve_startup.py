@@ -73,7 +73,12 @@ def test_a_blank_api_key_names_where_it_came_from(store, flags, env, source):
     (["--trust-remote-code"], "loads no model code"),
     (["--uvicorn-log-level", "warning"], "--log-level"),
     (["--kv-cache-dtype", "fp8"], "braze compile"),
-    (["--ssl-keyfile", "k.pem"], "reverse proxy")])
+    (["--ssl-keyfile", "k.pem"], "reverse proxy"),
+    (["--enable-expert-parallel"], "--expert-parallel"),
+    (["-ep"], "--expert-parallel"),
+    (["--distributed-executor-backend", "mp"], "starts its N ranks itself"),
+    (["--speculative-model", "/d"], "--speculative-config"),
+    (["--num-speculative-tokens", "3"], "--speculative-config")])
 def test_vllm_flags_braze_does_not_take_say_what_to_do(flags, advice, capsys):
     """A flag pasted from a vLLM command line that braze serve has no use for is refused
     naming it and the braze way to get what it asked for (argparse alone said only
