@@ -39,12 +39,20 @@ class LLM:
         num_kv_blocks, max_num_seqs, max_num_tokens, cudagraph_mode, ... (and vLLM's names
         for some: runtime/options.VLLM_NAMES, e.g. speculative_config=). vLLM's enable_lora,
         max_loras and max_lora_rank are checked against what the artifact was compiled
-        with (--lora-slots, --max-lora-rank)."""
+        with (--lora-slots, --max-lora-rank), and its tensor_parallel_size,
+        enable_expert_parallel and pipeline_parallel_size likewise (--tensor-parallel-size,
+        --expert-parallel: runtime/parallel.VLLM_OPTIONS)."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
         from .lora import VLLM_OPTIONS, check_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
+        from . import parallel
+        parallel_asks = {k: overrides.pop(k) for k in parallel.VLLM_OPTIONS if k in overrides}
+        if parallel_asks:       # before the engine starts the artifact's ranks
+            from braze.artifact import read_manifest
+            root = artifact if model is None else model
+            parallel.check_vllm_options(read_manifest(root), root, **parallel_asks)
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))
         if lora_asks:

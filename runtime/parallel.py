@@ -68,6 +68,40 @@ def tensor_parallel_size(manifest: dict) -> int:
     return int((manifest.get("parallel") or {}).get("tensor_parallel_size", 1))
 
 
+# vLLM's LLM() options for parallelism, which braze fixes when it compiles the artifact
+VLLM_OPTIONS = ("tensor_parallel_size", "enable_expert_parallel", "pipeline_parallel_size")
+
+
+def check_vllm_options(manifest: dict, root, **asks) -> None:
+    """BrazeError, naming the compile flag, where vLLM's tensor_parallel_size /
+    enable_expert_parallel / pipeline_parallel_size (`asks`, VLLM_OPTIONS; None: not
+    asked) want other than what the artifact at `root` was compiled for."""
+    tp, ep, pp = (asks.get(k) for k in VLLM_OPTIONS)
+    for key, v in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BrazeError(f"{key} must be a positive integer, got {v!r}", param=key)
+    if ep not in (None, True, False):
+        raise BrazeError(f"enable_expert_parallel must be True or False, got {ep!r}",
+                         param="enable_expert_parallel")
+    n = tensor_parallel_size(manifest)
+    if tp is not None and tp != n:
+        raise BrazeError(f"tensor_parallel_size={tp}: artifact {root} was compiled for "
+                         f"--tensor-parallel-size {n}, and braze compiles the split into the "
+                         f"artifact: braze compile MODEL -o ARTIFACT --tensor-parallel-size "
+                         f"{tp} (or leave tensor_parallel_size out)",
+                         param="tensor_parallel_size")
+    has_ep = bool((manifest.get("parallel") or {}).get("expert_parallel"))
+    if ep is not None and ep != has_ep:
+        raise BrazeError(f"enable_expert_parallel={ep}: artifact {root} was compiled "
+                         f"{'with' if has_ep else 'without'} --expert-parallel; braze compiles "
+                         f"it in: braze compile MODEL -o ARTIFACT --tensor-parallel-size N "
+                         f"--expert-parallel (or leave enable_expert_parallel out)",
+                         param="enable_expert_parallel")
+    if pp not in (None, 1):
+        raise BrazeError(f"pipeline_parallel_size={pp}: braze has no pipeline parallelism; "
+                         f"compile with --tensor-parallel-size N", param="pipeline_parallel_size")
+
+
 def launcher_world_size() -> int:
     """WORLD_SIZE where a launcher (torchrun) set its variables, else 1."""
     return int(os.environ["WORLD_SIZE"]) if all(v in os.environ for v in _TORCHRUN_VARS) else 1
