@@ -137,8 +137,9 @@ class SpeculativeConfig:
 
 def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
     """Prompt lookup: the k tokens that followed the latest earlier occurrence of the
-    sequence's last n tokens (the longest n from n_max down to n_min that occurs);
-    [] when none does. `tokens`: a list or a 1-D integer array.
+    sequence's last n tokens (the longest n from n_max down to n_min that occurs) that
+    has k tokens after it, else the earliest (the most tokens: in a run of one token the
+    latest has one); [] when none does. `tokens`: a list or a 1-D integer array.
 
     O(L) per call, not O(L * n_max^2): the candidates are the earlier positions holding
     the last token (one vectorised compare), each extended backwards while it keeps
@@ -163,7 +164,12 @@ def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
     n = int(length.max())
     if n < n_min:
         return []
-    j = int(ends[np.flatnonzero(length >= n)[-1]]) + 1   # the latest of the longest
+    longest = ends[length >= n]
+    # the latest of the longest with k tokens after it; where the tail repeats with a period
+    # shorter than k none near the end has, and the earliest has the most (vLLM's and
+    # transformers' prompt lookup take the first match)
+    full = longest[longest <= L - 1 - k]
+    j = int(full[-1] if full.size else longest[0]) + 1
     return arr[j:j + k].tolist()
 
 

@@ -119,9 +119,9 @@ def _brute_ngram(tokens, k, n_max, n_min):
     L = len(tokens)
     for n in range(min(n_max, L - 1), n_min - 1, -1):
         tail = tokens[L - n:]
-        for j in range(L - n - 1, -1, -1):          # latest earlier occurrence first
-            if tokens[j:j + n] == tail:
-                return tokens[j + n:j + n + k]
+        found = [tokens[j + n:j + n + k] for j in range(L - n) if tokens[j:j + n] == tail]
+        if found:       # the latest earlier occurrence with k tokens after it, else the earliest
+            return next((f for f in reversed(found) if len(f) == k), found[0])
     return []
 
 
@@ -131,6 +131,12 @@ def test_ngram_examples():
     assert ngram_propose([1, 2, 3], 2, 3, 1) == []
     assert ngram_propose([4, 4, 4], 5, 2, 1) == [4]                        # what follows
     assert ngram_propose([9], 2, 3, 1) == []
+    # a tail that repeats with a period shorter than k: the latest match has fewer than k
+    # tokens after it (one, in a run of one token); an earlier one has all k, as vLLM's and
+    # transformers' prompt lookup (the first match) propose
+    assert ngram_propose([7, 4, 4, 4, 4, 4], 3, 2, 1) == [4, 4, 4]
+    assert ngram_propose([1, 2, 3, 2, 3, 2, 3], 4, 2, 1) == [2, 3, 2, 3]
+    assert ngram_propose([1, 2, 3, 2, 3, 2, 3], 2, 2, 1) == [2, 3]
 
 
 @settings(max_examples=200, deadline=None)
