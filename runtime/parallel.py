@@ -565,8 +565,11 @@ def distribute_mtp(run, graph, caches: dict, blocks: int = 0):
                 dist.broadcast(_header(_MTP, blocks, 0, 0, 0, dev), 0)
                 _exchange_feeds(inputs, feeds, dev)
                 return run(feeds)
-        except BrazeError:
-            raise
+        except BrazeError as e:
+            err = _step_error(g, e)
+            if err is e:
+                raise
+            raise err from None
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
             raise BrazeError(_failure(g, e)) from None
     return call
@@ -622,8 +625,11 @@ class LeaderGraphs:
                     dist.broadcast(cmds, 0)
                 _exchange(self.inner, self.static, num_tokens, num_seqs, wide)
                 return self.inner.run(num_tokens, num_seqs, decode_only, wide=wide)
-        except BrazeError:
-            raise
+        except BrazeError as e:
+            err = _step_error(g, e)
+            if err is e:
+                raise
+            raise err from None
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
             raise BrazeError(_failure(g, e)) from None
 
@@ -642,7 +648,8 @@ class LeaderGraphs:
             raise BrazeError(_failure(g, e)) from None
 
 
-def _failure(g: Group, e: Exception) -> str:
+def _exited(g: Group) -> str | None:
+    """Why the run cannot go on where a rank it started exited (None: none did)."""
     import time
     end = time.monotonic() + 5      # a peer that closed its connection is likely exiting:
     for p in g.procs:               # give it a moment, so the message names it
@@ -651,8 +658,23 @@ def _failure(g: Group, e: Exception) -> str:
         g.check_alive()
     except BrazeError as dead:
         return str(dead)
-    return (f"a tensor-parallel collective failed ({type(e).__name__}: {str(e)[:300]}); "
-            f"a rank died or hung past the collective timeout")
+    return None
+
+
+def _failure(g: Group, e: Exception) -> str:
+    return _exited(g) or (f"a tensor-parallel collective failed ({type(e).__name__}: "
+                          f"{str(e)[:300]}); a rank died or hung past the collective timeout")
+
+
+def _step_error(g: Group, e: BrazeError) -> BrazeError:
+    """A BrazeError from inside a step: the interpreter's or launch plan's node error
+    chained from a RuntimeError (gloo's or NCCL's, a collective meeting a rank that is
+    gone) names the rank that exited instead; any other is itself."""
+    if isinstance(e.__cause__, RuntimeError):
+        dead = _exited(g)
+        if dead is not None:
+            return BrazeError(dead)
+    return e
 
 
 def distribute(graphs, artifact, options, num_kv_blocks: int):
