@@ -46,6 +46,9 @@ METHODS = ("ngram", "draft", "mtp")
 # vLLM's names for the same methods
 METHOD_ALIASES = {"draft_model": "draft", "deepseek_mtp": "mtp", "[ngram]": "ngram"}
 MAX_SPECULATIVE_TOKENS = 16
+# the MTP layers an artifact holds (braze/compile_mtp.py compiles one; Gemma 4's assistant
+# is one model): `mtp`'s guesses where the config names no count, as vLLM takes n_predict
+MTP_LAYERS = 1
 
 
 @dataclass
@@ -96,8 +99,9 @@ class SpeculativeConfig:
     def of(cls, value) -> "SpeculativeConfig | None":
         """From a SpeculativeConfig, a dict or its JSON text (None: no speculation), read
         as vLLM reads its speculative_config: a key set to null is not given, a "model"
-        without a "method" is a draft model, and a prompt_lookup_min (max) given alone
-        moves the other bound's default to meet it."""
+        without a "method" is a draft model, `mtp` without num_speculative_tokens guesses
+        once per MTP layer, and a prompt_lookup_min (max) given alone moves the other
+        bound's default to meet it."""
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -114,6 +118,9 @@ class SpeculativeConfig:
         value = {k: v for k, v in value.items() if v is not None}
         if "method" not in value and "model" in value:
             value["method"] = "draft"
+        if "num_speculative_tokens" not in value and isinstance(value.get("method"), str) \
+                and METHOD_ALIASES.get(value["method"], value["method"]) == "mtp":
+            value["num_speculative_tokens"] = MTP_LAYERS     # vLLM: the model's n_predict
         lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
         if hi is None and isinstance(lo, int) and lo > cls.prompt_lookup_max:
             value["prompt_lookup_max"] = lo

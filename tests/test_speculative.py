@@ -82,6 +82,19 @@ def test_vllm_spellings_are_understood(value, want):
     assert (c.method, c.model, c.prompt_lookup_max, c.prompt_lookup_min) == want
 
 
+@pytest.mark.parametrize("method", ["mtp", "deepseek_mtp"])
+def test_mtp_without_a_count_guesses_once_per_layer(method):
+    """vLLM reads an MTP config without num_speculative_tokens as the model's n_predict
+    (num_nextn_predict_layers; braze compiles one layer): one guess, not an error. Other
+    methods still need the count."""
+    c = SpeculativeConfig.of({"method": method})
+    assert (c.method, c.num_speculative_tokens) == ("mtp", 1)
+    assert SpeculativeConfig.of('{"method": "mtp", "num_speculative_tokens": 3}') \
+        .num_speculative_tokens == 3
+    with pytest.raises(BrazeError, match="needs 'num_speculative_tokens'"):
+        SpeculativeConfig.of({"method": "ngram"})
+
+
 def test_llm_takes_vllms_speculative_config(store):
     """`LLM(model, speculative_config={...})` as in vLLM: the same tokens, speculating."""
     from braze.runtime.llm import LLM
