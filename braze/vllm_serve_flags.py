@@ -1,6 +1,8 @@
 """`vllm serve` flags on a `braze serve` command line, pasted from a vLLM deployment.
 
-Those for what braze does anyway are taken (TAKEN). Those braze has no use for are refused,
+Those for what braze does anyway are taken (TAKEN); those for what the artifact fixed
+(-tp, --enable-expert-parallel, --enable-lora, ...) are braze serve's own flags, checked
+against it (braze/cli.py). Those braze has no use for are refused,
 each naming the flag and the braze way to what it asked for (REFUSED), where argparse
 alone said only "unrecognized arguments". Both are hidden from --help.
 """
@@ -20,15 +22,8 @@ REFUSED = {
     ("--kv-cache-dtype",): _COMPILED_DTYPE,
     ("--quantization", "-q"): "quantized checkpoints (fp8, GGUF) are read by braze compile; "
                               "braze serve runs what the artifact holds",
-    ("--tensor-parallel-size", "-tp"): "tensor parallelism is compiled into the artifact: "
-                                       "braze compile MODEL_DIR -o ARTIFACT "
-                                       "--tensor-parallel-size N; braze serve then starts its "
-                                       "N ranks itself (docs/parallelism.md)",
     ("--pipeline-parallel-size", "-pp"): "braze has no pipeline parallelism; compile with "
                                          "--tensor-parallel-size N",
-    ("--enable-expert-parallel", "-ep"): "expert parallelism is compiled into the artifact: "
-                                         "braze compile MODEL_DIR -o ARTIFACT "
-                                         "--tensor-parallel-size N --expert-parallel",
     ("--distributed-executor-backend",): "braze serve starts its N ranks itself (one process "
                                          "each), or joins them under torchrun "
                                          "(docs/parallelism.md)",
