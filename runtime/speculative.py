@@ -49,6 +49,12 @@ MAX_SPECULATIVE_TOKENS = 16
 # the MTP layers an artifact holds (braze/compile_mtp.py compiles one; Gemma 4's assistant
 # is one model): `mtp`'s guesses where the config names no count, as vLLM takes n_predict
 MTP_LAYERS = 1
+# vLLM's speculative_config keys for what braze does one way only: taken at that value,
+# refused (saying why) at any other; key -> (the value braze does, what braze does)
+VLLM_FIXED = {
+    "draft_tensor_parallel_size": (1, "a draft runs on rank 0 alone (the target's other "
+                                      "ranks follow only the target)"),
+}
 
 
 @dataclass
@@ -126,6 +132,11 @@ class SpeculativeConfig:
             value["prompt_lookup_max"] = lo
         if lo is None and isinstance(hi, int) and hi < cls.prompt_lookup_min:
             value["prompt_lookup_min"] = hi
+        for key, (want, why) in VLLM_FIXED.items():
+            v = value.pop(key, want)
+            if not (v == want and type(v) is type(want)):
+                raise BrazeError(f"speculative {key}={v!r}: {why}; leave {key} out or give "
+                                 f"{want!r}", param="speculative")
         known = set(cls.__dataclass_fields__)
         bad = sorted(set(value) - known)
         if bad:

@@ -57,6 +57,8 @@ def assert_clean(eng: Engine) -> None:
     ({"method": "draft", "model": 5, "num_speculative_tokens": 2}, "path of a braze artifact, got 5"),
     ('{"method": "ngram",', "not valid JSON"),
     ([1, 2], "must be a dict"),
+    ({"model": "/d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
+     "draft_tensor_parallel_size=2: a draft runs on rank 0 alone"),
 ])
 def test_config_errors_name_the_fault(value, message):
     with pytest.raises(BrazeError, match=message) as e:
@@ -76,6 +78,9 @@ def test_config_errors_name_the_fault(value, message):
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, ("ngram", None, 5, 5)),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 4, 3)),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 1)),
+    # vLLM's draft examples pin the draft to one rank: what braze does
+    ({"model": "/d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
+     ("draft", "/d", 4, 1)),
 ])
 def test_vllm_spellings_are_understood(value, want):
     c = SpeculativeConfig.of(value)
