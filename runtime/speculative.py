@@ -106,8 +106,8 @@ class SpeculativeConfig:
         """From a SpeculativeConfig, a dict or its JSON text (None: no speculation), read
         as vLLM reads its speculative_config: a key set to null is not given, a "model"
         without a "method" is a draft model, `mtp` without num_speculative_tokens guesses
-        once per MTP layer, and a prompt_lookup_min (max) given alone moves the other
-        bound's default to meet it."""
+        once per MTP layer, and a prompt_lookup_min (max) given alone sets the other
+        bound too (n-grams of that one length)."""
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -128,9 +128,9 @@ class SpeculativeConfig:
                 and METHOD_ALIASES.get(value["method"], value["method"]) == "mtp":
             value["num_speculative_tokens"] = MTP_LAYERS     # vLLM: the model's n_predict
         lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
-        if hi is None and isinstance(lo, int) and lo > cls.prompt_lookup_max:
+        if hi is None and isinstance(lo, int):      # (a bad one is refused by its own name)
             value["prompt_lookup_max"] = lo
-        if lo is None and isinstance(hi, int) and hi < cls.prompt_lookup_min:
+        if lo is None and isinstance(hi, int):
             value["prompt_lookup_min"] = hi
         for key, (want, why) in VLLM_FIXED.items():
             v = value.pop(key, want)

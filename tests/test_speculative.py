@@ -74,10 +74,12 @@ def test_config_errors_name_the_fault(value, message):
     # a key set to null is a key not given
     ({"method": "ngram", "num_speculative_tokens": 2, "model": None, "prompt_lookup_max": None},
      ("ngram", None, 4, 1)),
-    # one bound given: the other follows it where its default would be on the wrong side
+    # one bound given: the other takes its value, as vLLM's SpeculativeConfig sets it (only
+    # n-grams of that length are looked up)
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, ("ngram", None, 5, 5)),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 4, 3)),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 1)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 3, 3)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 2)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 6}, ("ngram", None, 6, 6)),
     # vLLM's draft examples pin the draft to one rank: what braze does
     ({"model": "/d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
      ("draft", "/d", 4, 1)),
