@@ -158,6 +158,18 @@ def _check_launcher(path) -> None:
                          f"it over the {world} processes, or run it without torchrun")
 
 
+def _check_parallel_flags(a) -> None:
+    """vLLM's -tp N / --enable-expert-parallel on braze serve: checked against what the
+    artifact was compiled for, before its ranks start (runtime/parallel.py)."""
+    if a.tensor_parallel_size is None and not a.enable_expert_parallel:
+        return
+    from braze.artifact import read_manifest
+    from braze.runtime.parallel import check_vllm_options
+    check_vllm_options(read_manifest(Path(a.artifact)), a.artifact,
+                       tensor_parallel_size=a.tensor_parallel_size,
+                       enable_expert_parallel=a.enable_expert_parallel or None)
+
+
 def _read_prompt(path: str) -> str:
     try:
         if path == "-":
@@ -192,6 +204,7 @@ def cmd_serve(a) -> int:
                          "pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
     _take_artifact(a)
     _check_launcher(a.artifact)
+    _check_parallel_flags(a)
     rc = serve(a.artifact, _engine_options(a), _server_options(a))
     # the server has drained and stopped: skip the interpreter's teardown of torch, triton
     # and the engine thread, which took a second or more after "stopped" (a supervisor
@@ -609,6 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--lora-slots (default: all of them)")
     s.add_argument("--max-lora-rank", type=_positive_int, metavar="R",
                    help="vLLM's flag, checked: at most the artifact's --max-lora-rank")
+    s.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, metavar="N",
+                   help="vLLM's flag, checked: the artifact's --tensor-parallel-size (braze "
+                        "compiles the split in, and serve starts the artifact's N ranks "
+                        "itself)")
+    s.add_argument("--enable-expert-parallel", "-ep", action="store_true",
+                   help="vLLM's flag, checked: the artifact was compiled with "
+                        "--expert-parallel")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-queue", type=_positive_int, default=256, metavar="N",
                    help="most requests waiting for the running batch; more get 503 (default 256)")

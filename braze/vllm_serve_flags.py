@@ -1,6 +1,8 @@
 """`vllm serve` flags on a `braze serve` command line, pasted from a vLLM deployment.
 
-Those for what braze does anyway are taken (TAKEN). Those braze has no use for are refused,
+Those for what braze does anyway are taken (TAKEN); those for what the artifact fixed
+(-tp, --enable-expert-parallel, --enable-lora, ...) are braze serve's own flags, checked
+against it (braze/cli.py). Those braze has no use for are refused,
 each naming the flag and the braze way to what it asked for (REFUSED), where argparse
 alone said only "unrecognized arguments". Both are hidden from --help.
 """
@@ -20,12 +22,14 @@ REFUSED = {
     ("--kv-cache-dtype",): _COMPILED_DTYPE,
     ("--quantization", "-q"): "quantized checkpoints (fp8, GGUF) are read by braze compile; "
                               "braze serve runs what the artifact holds",
-    ("--tensor-parallel-size", "-tp"): "tensor parallelism is compiled into the artifact: "
-                                       "braze compile MODEL_DIR -o ARTIFACT "
-                                       "--tensor-parallel-size N; braze serve then starts its "
-                                       "N ranks itself (docs/parallelism.md)",
     ("--pipeline-parallel-size", "-pp"): "braze has no pipeline parallelism; compile with "
                                          "--tensor-parallel-size N",
+    ("--distributed-executor-backend",): "braze serve starts its N ranks itself (one process "
+                                         "each), or joins them under torchrun "
+                                         "(docs/parallelism.md)",
+    ("--speculative-model", "--num-speculative-tokens"): (
+        "vLLM's older flags; give --speculative-config '{\"model\": DRAFT_ARTIFACT, "
+        "\"num_speculative_tokens\": 3}' (or \"method\": \"ngram\" / \"mtp\")"),
     ("--data-parallel-size", "-dp"): "run one braze serve per replica behind a load balancer",
     ("--enforce-eager",): "use --cudagraph-mode none",
     ("--max-seq-len-to-capture",): "the step sizes captured as CUDA graphs are --buckets",

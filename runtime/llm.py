@@ -42,7 +42,10 @@ class LLM:
         for some: runtime/options.VLLM_NAMES, e.g. speculative_config=). vLLM's enable_lora,
         max_loras and max_lora_rank are checked against what the artifact was compiled
         with (--lora-slots, --max-lora-rank); max_loras below its slots bounds the
-        adapters one batch holds, as in vLLM."""
+        adapters one batch holds, as in vLLM. Its tensor_parallel_size,
+        enable_expert_parallel and pipeline_parallel_size are checked likewise
+        (--tensor-parallel-size, --expert-parallel: runtime/parallel.VLLM_OPTIONS), and
+        vLLM's other compile-time arguments by runtime/vllm_args.py."""
         if (artifact is None) == (model is None):
             raise BrazeError("give the artifact directory once: LLM(ARTIFACT) or "
                              "LLM(model=ARTIFACT)")
@@ -53,6 +56,12 @@ class LLM:
         self._seeds = None if seed is None else random.Random(seed)
         from .lora import VLLM_OPTIONS, apply_vllm_options
         lora_asks = {k: overrides.pop(k) for k in VLLM_OPTIONS if k in overrides}
+        from . import parallel
+        parallel_asks = {k: overrides.pop(k) for k in parallel.VLLM_OPTIONS if k in overrides}
+        if parallel_asks:       # before the engine starts the artifact's ranks
+            from braze.artifact import read_manifest
+            root = artifact if model is None else model
+            parallel.check_vllm_options(read_manifest(root), root, **parallel_asks)
         compiled_asks = vllm_args.take(overrides)
         self.engine = Engine(artifact if model is None else model,
                              EngineOptions.of(options, **overrides))

@@ -68,6 +68,40 @@ def tensor_parallel_size(manifest: dict) -> int:
     return int((manifest.get("parallel") or {}).get("tensor_parallel_size", 1))
 
 
+# vLLM's LLM() options for parallelism, which braze fixes when it compiles the artifact
+VLLM_OPTIONS = ("tensor_parallel_size", "enable_expert_parallel", "pipeline_parallel_size")
+
+
+def check_vllm_options(manifest: dict, root, **asks) -> None:
+    """BrazeError, naming the compile flag, where vLLM's tensor_parallel_size /
+    enable_expert_parallel / pipeline_parallel_size (`asks`, VLLM_OPTIONS; None: not
+    asked) want other than what the artifact at `root` was compiled for."""
+    tp, ep, pp = (asks.get(k) for k in VLLM_OPTIONS)
+    for key, v in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BrazeError(f"{key} must be a positive integer, got {v!r}", param=key)
+    if ep not in (None, True, False):
+        raise BrazeError(f"enable_expert_parallel must be True or False, got {ep!r}",
+                         param="enable_expert_parallel")
+    n = tensor_parallel_size(manifest)
+    if tp is not None and tp != n:
+        raise BrazeError(f"tensor_parallel_size={tp}: artifact {root} was compiled for "
+                         f"--tensor-parallel-size {n}, and braze compiles the split into the "
+                         f"artifact: braze compile MODEL -o ARTIFACT --tensor-parallel-size "
+                         f"{tp} (or leave tensor_parallel_size out)",
+                         param="tensor_parallel_size")
+    has_ep = bool((manifest.get("parallel") or {}).get("expert_parallel"))
+    if ep is not None and ep != has_ep:
+        raise BrazeError(f"enable_expert_parallel={ep}: artifact {root} was compiled "
+                         f"{'with' if has_ep else 'without'} --expert-parallel; braze compiles "
+                         f"it in: braze compile MODEL -o ARTIFACT --tensor-parallel-size N "
+                         f"--expert-parallel (or leave enable_expert_parallel out)",
+                         param="enable_expert_parallel")
+    if pp not in (None, 1):
+        raise BrazeError(f"pipeline_parallel_size={pp}: braze has no pipeline parallelism; "
+                         f"compile with --tensor-parallel-size N", param="pipeline_parallel_size")
+
+
 def launcher_world_size() -> int:
     """WORLD_SIZE where a launcher (torchrun) set its variables, else 1."""
     return int(os.environ["WORLD_SIZE"]) if all(v in os.environ for v in _TORCHRUN_VARS) else 1
@@ -531,8 +565,11 @@ def distribute_mtp(run, graph, caches: dict, blocks: int = 0):
                 dist.broadcast(_header(_MTP, blocks, 0, 0, 0, dev), 0)
                 _exchange_feeds(inputs, feeds, dev)
                 return run(feeds)
-        except BrazeError:
-            raise
+        except BrazeError as e:
+            err = _step_error(g, e)
+            if err is e:
+                raise
+            raise err from None
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
             raise BrazeError(_failure(g, e)) from None
     return call
@@ -588,8 +625,11 @@ class LeaderGraphs:
                     dist.broadcast(cmds, 0)
                 _exchange(self.inner, self.static, num_tokens, num_seqs, wide)
                 return self.inner.run(num_tokens, num_seqs, decode_only, wide=wide)
-        except BrazeError:
-            raise
+        except BrazeError as e:
+            err = _step_error(g, e)
+            if err is e:
+                raise
+            raise err from None
         except Exception as e:          # gloo/NCCL: a peer gone, or the collective timeout
             raise BrazeError(_failure(g, e)) from None
 
@@ -608,7 +648,8 @@ class LeaderGraphs:
             raise BrazeError(_failure(g, e)) from None
 
 
-def _failure(g: Group, e: Exception) -> str:
+def _exited(g: Group) -> str | None:
+    """Why the run cannot go on where a rank it started exited (None: none did)."""
     import time
     end = time.monotonic() + 5      # a peer that closed its connection is likely exiting:
     for p in g.procs:               # give it a moment, so the message names it
@@ -617,8 +658,23 @@ def _failure(g: Group, e: Exception) -> str:
         g.check_alive()
     except BrazeError as dead:
         return str(dead)
-    return (f"a tensor-parallel collective failed ({type(e).__name__}: {str(e)[:300]}); "
-            f"a rank died or hung past the collective timeout")
+    return None
+
+
+def _failure(g: Group, e: Exception) -> str:
+    return _exited(g) or (f"a tensor-parallel collective failed ({type(e).__name__}: "
+                          f"{str(e)[:300]}); a rank died or hung past the collective timeout")
+
+
+def _step_error(g: Group, e: BrazeError) -> BrazeError:
+    """A BrazeError from inside a step: the interpreter's or launch plan's node error
+    chained from a RuntimeError (gloo's or NCCL's, a collective meeting a rank that is
+    gone) names the rank that exited instead; any other is itself."""
+    if isinstance(e.__cause__, RuntimeError):
+        dead = _exited(g)
+        if dead is not None:
+            return BrazeError(dead)
+    return e
 
 
 def distribute(graphs, artifact, options, num_kv_blocks: int):

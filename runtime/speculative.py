@@ -46,6 +46,15 @@ METHODS = ("ngram", "draft", "mtp")
 # vLLM's names for the same methods
 METHOD_ALIASES = {"draft_model": "draft", "deepseek_mtp": "mtp", "[ngram]": "ngram"}
 MAX_SPECULATIVE_TOKENS = 16
+# the MTP layers an artifact holds (braze/compile_mtp.py compiles one; Gemma 4's assistant
+# is one model): `mtp`'s guesses where the config names no count, as vLLM takes n_predict
+MTP_LAYERS = 1
+# vLLM's speculative_config keys for what braze does one way only: taken at that value,
+# refused (saying why) at any other; key -> (the value braze does, what braze does)
+VLLM_FIXED = {
+    "draft_tensor_parallel_size": (1, "a draft runs on rank 0 alone (the target's other "
+                                      "ranks follow only the target)"),
+}
 
 
 @dataclass
@@ -96,8 +105,9 @@ class SpeculativeConfig:
     def of(cls, value) -> "SpeculativeConfig | None":
         """From a SpeculativeConfig, a dict or its JSON text (None: no speculation), read
         as vLLM reads its speculative_config: a key set to null is not given, a "model"
-        without a "method" is a draft model, and a prompt_lookup_min (max) given alone
-        moves the other bound's default to meet it."""
+        without a "method" is a draft model, `mtp` without num_speculative_tokens guesses
+        once per MTP layer, and a prompt_lookup_min (max) given alone sets the other
+        bound too (n-grams of that one length)."""
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -114,11 +124,19 @@ class SpeculativeConfig:
         value = {k: v for k, v in value.items() if v is not None}
         if "method" not in value and "model" in value:
             value["method"] = "draft"
+        if "num_speculative_tokens" not in value and isinstance(value.get("method"), str) \
+                and METHOD_ALIASES.get(value["method"], value["method"]) == "mtp":
+            value["num_speculative_tokens"] = MTP_LAYERS     # vLLM: the model's n_predict
         lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
-        if hi is None and isinstance(lo, int) and lo > cls.prompt_lookup_max:
+        if hi is None and isinstance(lo, int):      # (a bad one is refused by its own name)
             value["prompt_lookup_max"] = lo
-        if lo is None and isinstance(hi, int) and hi < cls.prompt_lookup_min:
+        if lo is None and isinstance(hi, int):
             value["prompt_lookup_min"] = hi
+        for key, (want, why) in VLLM_FIXED.items():
+            v = value.pop(key, want)
+            if not (v == want and type(v) is type(want)):
+                raise BrazeError(f"speculative {key}={v!r}: {why}; leave {key} out or give "
+                                 f"{want!r}", param="speculative")
         known = set(cls.__dataclass_fields__)
         bad = sorted(set(value) - known)
         if bad:
@@ -137,8 +155,9 @@ class SpeculativeConfig:
 
 def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
     """Prompt lookup: the k tokens that followed the latest earlier occurrence of the
-    sequence's last n tokens (the longest n from n_max down to n_min that occurs);
-    [] when none does. `tokens`: a list or a 1-D integer array.
+    sequence's last n tokens (the longest n from n_max down to n_min that occurs) that
+    has k tokens after it, else the earliest (the most tokens: in a run of one token the
+    latest has one); [] when none does. `tokens`: a list or a 1-D integer array.
 
     O(L) per call, not O(L * n_max^2): the candidates are the earlier positions holding
     the last token (one vectorised compare), each extended backwards while it keeps
@@ -163,7 +182,12 @@ def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
     n = int(length.max())
     if n < n_min:
         return []
-    j = int(ends[np.flatnonzero(length >= n)[-1]]) + 1   # the latest of the longest
+    longest = ends[length >= n]
+    # the latest of the longest with k tokens after it; where the tail repeats with a period
+    # shorter than k none near the end has, and the earliest has the most (vLLM's and
+    # transformers' prompt lookup take the first match)
+    full = longest[longest <= L - 1 - k]
+    j = int(full[-1] if full.size else longest[0]) + 1
     return arr[j:j + k].tolist()
 
 

@@ -1,9 +1,10 @@
 """vLLM's `LLM(...)` arguments for what a braze artifact fixed when it was compiled, or what
 braze does one way only (as braze/vllm_serve_flags.py for `vllm serve` flags).
 
-`braze.LLM` takes one where it asks for what the artifact does anyway (its own
-tensor-parallel size and dtype, "auto", the off values), so a vLLM script runs as
-written; at any other value the error names the argument and the braze way to it.
+`braze.LLM` takes one where it asks for what the artifact does anyway (its own dtype,
+"auto", the off values), so a vLLM script runs as written; at any other value the error
+names the argument and the braze way to it. The parallel sizes are runtime/parallel.py's
+(VLLM_OPTIONS), checked before the artifact's ranks start.
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ _ARTIFACT = "braze.LLM runs a compiled artifact (braze compile MODEL_DIR -o ARTI
 
 # name -> (the values braze takes (None: the artifact's own, checked), what to do instead)
 ARGS = {
-    "tensor_parallel_size": (None, "tensor parallelism is compiled into the artifact: braze "
-                                   "compile MODEL_DIR -o ARTIFACT --tensor-parallel-size {value} "
-                                   "(braze.LLM then starts its ranks itself)"),
     "dtype": (None, _COMPILED_DTYPE),
     "kv_cache_dtype": (("auto",), "the KV cache holds the dtype the artifact was compiled "
                                   "with (braze compile --dtype): leave it out"),
     "quantization": ((None,), "quantized checkpoints (fp8, GGUF) are read by braze compile; "
                               "braze.LLM runs what the artifact holds: leave it out"),
-    "pipeline_parallel_size": ((1,), "braze has no pipeline parallelism; compile with "
-                                     "--tensor-parallel-size N"),
     "data_parallel_size": ((1,), "run one braze.LLM per replica"),
     "disable_log_stats": ((True, False), ""),      # braze logs no periodic stats
     "tokenizer_mode": (("auto",), "braze runs the artifact's own tokenizer (tokenizer.json): "
@@ -65,15 +61,9 @@ def _same(v, taken) -> bool:
 def check(asks: dict, manifest: dict, root) -> None:
     """BrazeError naming the first of `asks` (from `take`) that the artifact at `root`
     (its `manifest`) does not do, and the braze way to it."""
-    from .parallel import tensor_parallel_size
     for name, v in asks.items():
         taken, advice = ARGS[name]
-        if name == "tensor_parallel_size":
-            n = tensor_parallel_size(manifest)
-            if isinstance(v, int) and not isinstance(v, bool) and v == n:
-                continue
-            have = f"artifact {root} runs on {n} rank{'s' * (n > 1)}"
-        elif name == "dtype":
+        if name == "dtype":
             compiled = _dtype_name(manifest["model"]["dtype"])
             if v == "auto" or _dtype_name(v) == compiled:
                 continue

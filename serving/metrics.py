@@ -45,6 +45,11 @@ VLLM_NAMES = {
     "braze_time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
     "braze_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
     "braze_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    # speculative decoding (vLLM's SpecDecodingProm; acceptance rates it leaves to queries)
+    "braze_spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+    "braze_spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "braze_spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+    "braze_spec_decode_num_accepted_tokens_per_pos": "vllm:spec_decode_num_accepted_tokens_per_pos",
 }
 VLLM_LABELS = {"finish_reason": "finished_reason"}
 

@@ -149,12 +149,14 @@ def test_greedy_output_identical_with_mtp(dsm, opt, k):
     _, arts, _ = dsm
     prompts = prompts_of([5, 13, 30, 9], seed=3)
     base = run_all(Engine(arts[opt], backend="reference"), prompts, GREEDY)
-    eng = Engine(arts[opt], backend="reference",
-                 speculative={"method": "mtp", "num_speculative_tokens": k})
+    # vLLM's spelling without a count guesses once (the model's one next-n layer)
+    spec = {"method": "mtp", "num_speculative_tokens": k} if k > 1 else {"method": "deepseek_mtp"}
+    eng = Engine(arts[opt], backend="reference", speculative=spec)
     got = run_all(eng, prompts, GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in base]
     s = eng.stats()
     assert s["spec_decode_method"] == "mtp" and s["spec_decode_num_drafts"] > 0
+    assert s["spec_decode_num_speculative_tokens"] == k
     assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["num_running"] == 0
     assert not eng.spec.proposer.states           # finished requests leave no MTP state
 

@@ -65,15 +65,33 @@ def test_a_blank_api_key_names_where_it_came_from(store, flags, env, source):
     assert_one_line_error(code, err, source, "blank")
 
 
+def test_vllms_parallel_flags_are_checked_against_the_artifact(store):
+    """`-tp N` / `--enable-expert-parallel`, on nearly every pasted vLLM command line: the
+    artifact fixed its split, so they are checks naming the compile flag (-tp was refused
+    even where it said what the artifact does), made before any rank starts."""
+    from braze.cli import _check_parallel_flags, build_parser
+    art = store.artifact("llama")
+    code, _, err = _serve(art, "-tp", "2")
+    assert_one_line_error(code, err, "tensor_parallel_size=2",
+                          "compiled for --tensor-parallel-size 1")
+    code, _, err = _serve(art, "--enable-expert-parallel")
+    assert_one_line_error(code, err, "enable_expert_parallel=True", "--expert-parallel")
+    for flags in (["--tensor-parallel-size", "1"], ["-tp", "1"], []):
+        a = build_parser().parse_args(["serve", str(art), *flags])
+        _check_parallel_flags(a)            # what the artifact does: taken
+
+
 @pytest.mark.parametrize("flags, advice", [
     (["--dtype", "bfloat16"], "braze compile MODEL_DIR -o ARTIFACT --dtype"),
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size N"),
-    (["-tp", "2"], "--tensor-parallel-size N"),
+    (["--pipeline-parallel-size", "2"], "--tensor-parallel-size N"),
     (["--enforce-eager"], "--cudagraph-mode none"),
     (["--trust-remote-code"], "loads no model code"),
     (["--uvicorn-log-level", "warning"], "--log-level"),
     (["--kv-cache-dtype", "fp8"], "braze compile"),
-    (["--ssl-keyfile", "k.pem"], "reverse proxy")])
+    (["--ssl-keyfile", "k.pem"], "reverse proxy"),
+    (["--distributed-executor-backend", "mp"], "starts its N ranks itself"),
+    (["--speculative-model", "/d"], "--speculative-config"),
+    (["--num-speculative-tokens", "3"], "--speculative-config")])
 def test_vllm_flags_braze_does_not_take_say_what_to_do(flags, advice, capsys):
     """A flag pasted from a vLLM command line that braze serve has no use for is refused
     naming it and the braze way to get what it asked for (argparse alone said only

@@ -57,6 +57,8 @@ def assert_clean(eng: Engine) -> None:
     ({"method": "draft", "model": 5, "num_speculative_tokens": 2}, "path of a braze artifact, got 5"),
     ('{"method": "ngram",', "not valid JSON"),
     ([1, 2], "must be a dict"),
+    ({"model": "/d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
+     "draft_tensor_parallel_size=2: a draft runs on rank 0 alone"),
 ])
 def test_config_errors_name_the_fault(value, message):
     with pytest.raises(BrazeError, match=message) as e:
@@ -72,14 +74,32 @@ def test_config_errors_name_the_fault(value, message):
     # a key set to null is a key not given
     ({"method": "ngram", "num_speculative_tokens": 2, "model": None, "prompt_lookup_max": None},
      ("ngram", None, 4, 1)),
-    # one bound given: the other follows it where its default would be on the wrong side
+    # one bound given: the other takes its value, as vLLM's SpeculativeConfig sets it (only
+    # n-grams of that length are looked up)
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, ("ngram", None, 5, 5)),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 4, 3)),
-    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 1)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3}, ("ngram", None, 3, 3)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ("ngram", None, 2, 2)),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 6}, ("ngram", None, 6, 6)),
+    # vLLM's draft examples pin the draft to one rank: what braze does
+    ({"model": "/d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
+     ("draft", "/d", 4, 1)),
 ])
 def test_vllm_spellings_are_understood(value, want):
     c = SpeculativeConfig.of(value)
     assert (c.method, c.model, c.prompt_lookup_max, c.prompt_lookup_min) == want
+
+
+@pytest.mark.parametrize("method", ["mtp", "deepseek_mtp"])
+def test_mtp_without_a_count_guesses_once_per_layer(method):
+    """vLLM reads an MTP config without num_speculative_tokens as the model's n_predict
+    (num_nextn_predict_layers; braze compiles one layer): one guess, not an error. Other
+    methods still need the count."""
+    c = SpeculativeConfig.of({"method": method})
+    assert (c.method, c.num_speculative_tokens) == ("mtp", 1)
+    assert SpeculativeConfig.of('{"method": "mtp", "num_speculative_tokens": 3}') \
+        .num_speculative_tokens == 3
+    with pytest.raises(BrazeError, match="needs 'num_speculative_tokens'"):
+        SpeculativeConfig.of({"method": "ngram"})
 
 
 def test_llm_takes_vllms_speculative_config(store):
@@ -119,9 +139,9 @@ def _brute_ngram(tokens, k, n_max, n_min):
     L = len(tokens)
     for n in range(min(n_max, L - 1), n_min - 1, -1):
         tail = tokens[L - n:]
-        for j in range(L - n - 1, -1, -1):          # latest earlier occurrence first
-            if tokens[j:j + n] == tail:
-                return tokens[j + n:j + n + k]
+        found = [tokens[j + n:j + n + k] for j in range(L - n) if tokens[j:j + n] == tail]
+        if found:       # the latest earlier occurrence with k tokens after it, else the earliest
+            return next((f for f in reversed(found) if len(f) == k), found[0])
     return []
 
 
@@ -131,6 +151,12 @@ def test_ngram_examples():
     assert ngram_propose([1, 2, 3], 2, 3, 1) == []
     assert ngram_propose([4, 4, 4], 5, 2, 1) == [4]                        # what follows
     assert ngram_propose([9], 2, 3, 1) == []
+    # a tail that repeats with a period shorter than k: the latest match has fewer than k
+    # tokens after it (one, in a run of one token); an earlier one has all k, as vLLM's and
+    # transformers' prompt lookup (the first match) propose
+    assert ngram_propose([7, 4, 4, 4, 4, 4], 3, 2, 1) == [4, 4, 4]
+    assert ngram_propose([1, 2, 3, 2, 3, 2, 3], 4, 2, 1) == [2, 3, 2, 3]
+    assert ngram_propose([1, 2, 3, 2, 3, 2, 3], 2, 2, 1) == [2, 3]
 
 
 @settings(max_examples=200, deadline=None)
@@ -416,6 +442,27 @@ def test_prometheus_has_the_acceptance_metrics(store):
         assert got[f'braze_spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}}'] == n
     assert got["braze_spec_decode_acceptance_rate"] == pytest.approx(s["spec_decode_acceptance_rate"])
     assert "braze_spec_decode" not in Metrics("m").render({"running": 0})
+
+
+def test_prometheus_has_vllms_spec_decode_names(store):
+    """vLLM's dashboards read vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}
+    and the per-position counter, with its model_name label: the same values as braze's."""
+    from braze.serving.metrics import Metrics
+
+    from serve_helpers import parse_metrics
+    eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
+                 speculative=NGRAM)
+    run_all(eng, mixed_prompts(), GREEDY)
+    s = eng.stats()
+    got = parse_metrics(Metrics("m").render(s))
+    label = '{model_name="m"}'
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert got[f"vllm:spec_decode_{name}_total{label}"] == s["spec_decode_" + name]
+    assert s["spec_decode_num_drafts"] > 0
+    for j, n in enumerate(s["spec_decode_accepted_per_position"]):
+        key = f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{j}"}}'
+        assert got[key] == n
+    assert "vllm:spec_decode" not in Metrics("m").render({"running": 0})
 
 
 # ------------------------------------------------------------------ the draft method

@@ -165,6 +165,29 @@ def test_a_killed_rank_ends_the_run_with_an_error(store):
             _greedy(llm, 2)
 
 
+@pytest.mark.parametrize("opt", [0, 2])
+def test_a_rank_killed_inside_a_step_is_named(store, opt):
+    """Rank 1 killed while rank 0 is inside a step (its all_reduce meets a closed
+    connection): the error names the rank that exited, as between steps, not gloo's
+    "Connection reset by peer" wrapped in the interpreter's node error."""
+    from braze.runtime import LLM, parallel
+    with LLM(store.artifact("llama", opt_level=opt, tensor_parallel_size=2),
+             backend="reference", collective_timeout_s=30) as llm:
+        _greedy(llm, 2)
+        (proc,) = parallel._GROUP.procs
+        graphs = llm.engine.runner.graphs
+        inner = graphs.inner.run
+
+        def run(*args, **kw):       # the step's header and inputs are out: rank 1 is in it
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=30)
+            return inner(*args, **kw)
+        graphs.inner.run = run
+        with pytest.raises(BrazeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited "
+                                             r"with code -9"):
+            _greedy(llm, 2)
+
+
 def test_a_hung_rank_ends_the_run_at_the_collective_timeout(store):
     from braze.runtime import LLM, parallel
     with LLM(store.artifact("llama", opt_level=2, tensor_parallel_size=2), backend="reference",

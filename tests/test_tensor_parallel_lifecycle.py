@@ -295,3 +295,27 @@ def test_after_a_step_cut_short_the_next_is_refused(arts):
                                              "failed part way .*KeyboardInterrupt.* close it"):
             _greedy(llm)
     assert proc.exitcode is not None
+
+
+def test_vllms_parallel_options_to_llm_are_checked_against_the_artifact(arts, monkeypatch):
+    """`LLM(model, tensor_parallel_size=N)` is how vLLM scripts ask for N GPUs: taken where
+    the artifact was compiled for N ranks (it was 'unknown engine option'), refused naming
+    the compile flag where it was not, before any rank starts; so are expert and pipeline
+    parallelism the artifact does not do."""
+    from braze.runtime import LLM
+    seen = _started_groups(monkeypatch)
+    with LLM(arts[0], tensor_parallel_size=1, pipeline_parallel_size=1,
+             enable_expert_parallel=False, **OPTS) as llm:
+        want = _greedy(llm)
+    with LLM(arts[0], **OPTS) as llm:
+        assert want == _greedy(llm)
+    for art, asks, msg in [
+            (arts[0], {"tensor_parallel_size": 2}, "compiled for --tensor-parallel-size 1"),
+            (arts[1], {"tensor_parallel_size": 4}, "compiled for --tensor-parallel-size 2"),
+            (arts[1], {"enable_expert_parallel": True}, "--expert-parallel"),
+            (arts[0], {"pipeline_parallel_size": 2}, "no pipeline parallelism"),
+            (arts[0], {"tensor_parallel_size": "2"}, "positive integer")]:
+        with pytest.raises(BrazeError, match=msg) as e:
+            LLM(art, **asks, **OPTS)
+        assert next(iter(asks)) in str(e.value)
+    assert not seen                 # refused before starting ranks
