@@ -63,7 +63,7 @@ def test_engines_opened_one_after_another_in_one_process(arts, monkeypatch, capf
             LLM(two_ranks, **OPTS)
         one.close()
         assert _greedy(llm) == want
-    with pytest.raises(BrazeError, match="group was closed"):
+    with pytest.raises(BrazeError, match="this engine was closed"):
         _greedy(llm)
     assert [p.exitcode for p in groups[1].procs] == [0]
     err = capfd.readouterr().err            # the ranks write to this process's stderr
