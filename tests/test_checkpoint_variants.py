@@ -190,3 +190,47 @@ def test_a_mistral_or_meta_native_checkpoint_says_to_use_the_hugging_face_format
         read_config(tmp_path)
     msg = str(e.value)
     assert "params.json" in msg and "Hugging Face format" in msg and "\n" not in msg
+
+
+def _long_logits(ckpt, tmp_path, tokens, **options):
+    import braze
+    from braze.runtime import Executor, open_artifact
+    braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", **options)
+    ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
+    return ex.run(step_inputs(ex, [SeqChunk(tokens, 0, take_blocks(ex, 4))]))
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+     "rope_theta": 10000.0},
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+])
+def test_a_scaled_rope_serves_past_max_position_embeddings(tmp_path, rope):
+    """Qwen's long-context recipe adds YaRN (factor 4 over the 32K it was trained on) to
+    config.json and serves --max-model-len 4 x 32K, which vLLM allows (its context is
+    original x factor for YaRN, max_position_embeddings x factor for linear): braze refused
+    anything past max_position_embeddings. These RoPEs are fixed frequencies, so
+    transformers gives every position the same logits as braze."""
+    ckpt = _checkpoint(tmp_path, "qwen3", max_position_embeddings=32, rope_scaling=rope)
+    tokens = (PROMPT * 3)[:50]                       # past the 32 positions
+    got = _long_logits(ckpt, tmp_path, tokens, max_model_len=64)
+    with torch.no_grad():
+        expected = hf_model(ckpt)(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope, named", [
+    (None, "max_position_embeddings"),
+    ({"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}, "dynamic"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+      "rope_theta": 10000.0}, "128"),
+])
+def test_a_max_model_len_past_the_models_context_names_the_limit(tmp_path, rope, named):
+    """Past what the RoPE serves (dynamic NTK: transformers recomputes its frequencies
+    past max_position_embeddings, which an artifact's fixed ones cannot follow) the error
+    says what limits it and the longest --max-model-len there is."""
+    ckpt = _checkpoint(tmp_path, "qwen3", max_position_embeddings=32, rope_scaling=rope)
+    with pytest.raises(BrazeError) as e:
+        _long_logits(ckpt, tmp_path, PROMPT, max_model_len=200)
+    msg = str(e.value)
+    assert "--max-model-len 200" in msg and named in msg and "\n" not in msg
