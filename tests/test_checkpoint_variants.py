@@ -234,3 +234,26 @@ def test_a_max_model_len_past_the_models_context_names_the_limit(tmp_path, rope,
         _long_logits(ckpt, tmp_path, PROMPT, max_model_len=200)
     msg = str(e.value)
     assert "--max-model-len 200" in msg and named in msg and "\n" not in msg
+
+
+def test_gemma3_in_float16_is_refused_naming_the_dtypes_that_work(tmp_path):
+    """Gemma 3's activations outgrow float16's range on real checkpoints (garbage or <pad>
+    floods; vLLM refuses --dtype float16 for it): an asked-for float16 is one line naming
+    the model and what to pass instead."""
+    ckpt = _checkpoint(tmp_path, "gemma3")
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path, dtype="float16")
+    msg = str(e.value)
+    assert "float16" in msg and "--dtype bfloat16" in msg and "Gemma3" in msg and "\n" not in msg
+
+
+def test_gemma3_declared_float16_compiles_in_bfloat16(tmp_path):
+    """A Gemma 3 whose config.json declares float16 (a conversion) and no --dtype: braze
+    picks bfloat16, as vLLM's dtype auto does, and says so."""
+    import braze
+    ckpt = _checkpoint(tmp_path, "gemma3")
+    _edit_config(ckpt, dtype="float16")
+    said = []
+    art = braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", log=said.append)
+    assert art.model["dtype"] == "bf16"
+    assert any("bfloat16" in m and "float16" in m for m in said)
