@@ -403,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-O", "--opt-level", type=int, default=2, choices=(0, 1, 2),
                    help="0: the traced graph as is; 1: canonicalisation; 2: every fusion pass, "
                    "segments and memory plan (default); -O0, -O1, -O2 for short")
-    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="weights and compute dtype (default: the checkpoint's; for a quantized "
-                        "GGUF, float16)")
+    c.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="weights and compute dtype (default auto: the checkpoint's; for a "
+                        "quantized GGUF, float16)")
     c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
                    help="most tokens in one step (recorded for the runtime; default 8192)")
     c.add_argument("--max-num-seqs", type=_positive_int, default=256,

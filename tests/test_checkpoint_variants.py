@@ -257,3 +257,18 @@ def test_gemma3_declared_float16_compiles_in_bfloat16(tmp_path):
     art = braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", log=said.append)
     assert art.model["dtype"] == "bf16"
     assert any("bfloat16" in m and "float16" in m for m in said)
+
+
+def test_dtype_auto_is_the_checkpoints_as_in_vllm(tmp_path):
+    """vLLM's --dtype default and usual spelling is `auto` (the checkpoint's dtype, half
+    for float32 there): braze compile refused it as an invalid choice. It now means the
+    checkpoint's dtype, from the command line and the Python API alike."""
+    import braze
+    from braze.cli import build_parser
+    args = build_parser().parse_args(["compile", "m", "-o", "a", "--dtype", "auto"])
+    assert args.dtype == "auto"
+    ckpt = _checkpoint(tmp_path)
+    _edit_config(ckpt, dtype="bfloat16")
+    art = braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", dtype=args.dtype)
+    assert art.model["dtype"] == braze.compile(ckpt, tmp_path / "b", opt_level=0,
+                                               targets="").model["dtype"] == "bf16"
