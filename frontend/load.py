@@ -112,6 +112,9 @@ def read_config(model_dir: Path):
         raise BrazeError(f"{path}: a JSON {type(raw).__name__}, not the object of a model "
                          f"config")
     archs = raw.get("architectures") or []
+    if isinstance(archs, str):      # iterated, it read letter by letter
+        raise BrazeError(f"{path}: architectures is the string {archs!r}; it is a list: "
+                         f"\"architectures\": [\"{archs}\"]")
     if archs and not any(a in supported_architectures() for a in archs):
         raise BrazeError(f"unsupported architecture {', '.join(archs)} in {path}; braze "
                          f"supports: {', '.join(supported_architectures())}")

@@ -111,7 +111,22 @@ def _quiet(logger: str):
         log.disabled = saved
 
 
+def _positive(cfg, *names) -> None:
+    """Counts (and a set sliding_window) must be positive: a 0 or a negative reached the
+    tracer or the arithmetic as a traceback, or compiled as is."""
+    for name in names:
+        v = getattr(cfg, name, None)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and v > 0):
+            raise BrazeError(f"config.json {name}={v} must be a positive number"
+                             + (" (or null: no sliding window)" if name == "sliding_window"
+                                else "") + "; does config.json match the checkpoint?")
+
+
 def _spec_from_config(cfg, family: str) -> ModelSpec:
+    _positive(cfg, "hidden_size", "num_attention_heads", "num_hidden_layers",
+              "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+              "max_position_embeddings", "sliding_window")
     hidden = _require(cfg, "hidden_size")
     heads = _require(cfg, "num_attention_heads")
     layers = _require(cfg, "num_hidden_layers")

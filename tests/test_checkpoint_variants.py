@@ -272,3 +272,29 @@ def test_dtype_auto_is_the_checkpoints_as_in_vllm(tmp_path):
     art = braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", dtype=args.dtype)
     assert art.model["dtype"] == braze.compile(ckpt, tmp_path / "b", opt_level=0,
                                                targets="").model["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_key_value_heads", 0),          # was a ZeroDivisionError traceback
+    ("num_hidden_layers", 0),            # was "graph @LlamaForCausalLM has no attention..."
+    ("num_attention_heads", 0),
+    ("sliding_window", -1),              # was compiled as is
+])
+def test_a_config_count_that_is_not_positive_names_the_key(tmp_path, key, value):
+    ckpt = _checkpoint(tmp_path, "mistral")
+    _edit_config(ckpt, **{key: value})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert f"{key}={value}" in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_architectures_written_as_a_string_says_it_should_be_a_list(tmp_path):
+    """"architectures": "LlamaForCausalLM" (a hand-written config) was read letter by
+    letter: "unsupported architecture L, l, a, m, a, ...". """
+    ckpt = _checkpoint(tmp_path)
+    _edit_config(ckpt, architectures="LlamaForCausalLM")
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert '["LlamaForCausalLM"]' in msg and "L, l, a" not in msg and "\n" not in msg
