@@ -25,7 +25,9 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._keys: dict[Path, set[str]] = {}      # the names each file holds, once read
         index = self.dir / "model.safetensors.index.json"
-        if index.exists():
+        # transformers reads model.safetensors whenever it exists, before any index (an
+        # index left behind by shards merged into it names files no longer there)
+        if index.exists() and not (self.dir / "model.safetensors").exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:

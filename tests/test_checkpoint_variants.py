@@ -298,3 +298,18 @@ def test_architectures_written_as_a_string_says_it_should_be_a_list(tmp_path):
         _logits(ckpt, tmp_path)
     msg = str(e.value)
     assert '["LlamaForCausalLM"]' in msg and "L, l, a" not in msg and "\n" not in msg
+
+
+def test_a_single_weights_file_beside_a_stale_index_is_read_as_transformers_does(tmp_path):
+    """Shards merged into model.safetensors (and the shards deleted) with the old index
+    left behind: transformers loads model.safetensors whenever it exists, index or not;
+    braze followed the index to shards no longer there."""
+    from safetensors.torch import load_file, save_file
+    ckpt = _checkpoint(tmp_path, max_shard_size="40KB")
+    shards = sorted(ckpt.glob("model-*.safetensors"))
+    merged = {k: v for f in shards for k, v in load_file(f).items()}
+    save_file(merged, ckpt / "model.safetensors", metadata={"format": "pt"})
+    for f in shards:
+        f.unlink()
+    assert (ckpt / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(_logits(ckpt, tmp_path), _expected(ckpt), atol=1e-4, rtol=1e-4)
