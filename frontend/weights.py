@@ -61,7 +61,10 @@ class Checkpoint:
             while len(self._handles) >= self.MAX_OPEN:
                 del self._handles[next(iter(self._handles))]
             if not path.exists():
-                raise BrazeError(f"{path}: weight file listed in the index is missing")
+                raise BrazeError(f"{path}: weight file listed in model.safetensors.index.json "
+                                 f"is missing (an interrupted download?); download the "
+                                 f"checkpoint again, e.g. `huggingface-cli download` into "
+                                 f"{path.parent}")
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types

@@ -313,3 +313,15 @@ def test_a_single_weights_file_beside_a_stale_index_is_read_as_transformers_does
         f.unlink()
     assert (ckpt / "model.safetensors.index.json").exists()
     torch.testing.assert_close(_logits(ckpt, tmp_path), _expected(ckpt), atol=1e-4, rtol=1e-4)
+
+
+def test_a_shard_missing_from_a_download_says_to_fetch_it(tmp_path):
+    """An interrupted download leaves the index naming a shard that is not there: the error
+    names the shard and says to download it again, not only that it is missing."""
+    ckpt = _checkpoint(tmp_path, max_shard_size="40KB")
+    shard = sorted(ckpt.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert shard.name in msg and "download" in msg and "\n" not in msg
