@@ -126,7 +126,9 @@ def _positive(cfg, *names) -> None:
 def _spec_from_config(cfg, family: str) -> ModelSpec:
     _positive(cfg, "hidden_size", "num_attention_heads", "num_hidden_layers",
               "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
-              "max_position_embeddings", "sliding_window")
+              "max_position_embeddings", "sliding_window", "num_experts_per_tok",
+              "moe_intermediate_size", "decoder_sparse_step", "query_pre_attn_scalar",
+              "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
     hidden = _require(cfg, "hidden_size")
     heads = _require(cfg, "num_attention_heads")
     layers = _require(cfg, "num_hidden_layers")
@@ -143,7 +145,9 @@ def _spec_from_config(cfg, family: str) -> ModelSpec:
     if not rope:
         rope = dict(_get(cfg, "rope_scaling", None) or {})
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
-    partial = rope.get("partial_rotary_factor") or _get(cfg, "partial_rotary_factor", 1.0)
+    partial = rope.get("partial_rotary_factor")     # not `or`: a 0 read as 1.0
+    if partial is None:
+        partial = _get(cfg, "partial_rotary_factor", 1.0)
     if not 0 < partial <= 1:
         raise BrazeError(f"config.json partial_rotary_factor={partial} is not in (0, 1]")
     rope["partial_rotary_factor"] = partial

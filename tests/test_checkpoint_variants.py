@@ -325,3 +325,30 @@ def test_a_shard_missing_from_a_download_says_to_fetch_it(tmp_path):
         _logits(ckpt, tmp_path)
     msg = str(e.value)
     assert shard.name in msg and "download" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("family, key, value", [
+    ("mixtral", "num_experts_per_tok", 0),         # compiled: MoE layers that add nothing
+    ("qwen3_moe", "decoder_sparse_step", 0),       # read as 1 ("gate weight missing")
+    ("deepseek_v3", "num_experts_per_tok", 0),
+    ("deepseek_v3", "kv_lora_rank", 0),            # a tracing error from torch.cat
+    ("gemma3", "query_pre_attn_scalar", 0),        # a ZeroDivisionError traceback
+])
+def test_a_family_count_that_is_not_positive_names_the_key(tmp_path, family, key, value):
+    ckpt = _checkpoint(tmp_path, family)
+    _edit_config(ckpt, **{key: value})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert key in msg and str(value) in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_a_zero_partial_rotary_factor_is_refused_not_read_as_one(tmp_path):
+    """rope_parameters' partial_rotary_factor 0.0 fell through an `or` to the default 1.0
+    and compiled a whole-head RoPE."""
+    ckpt = _checkpoint(tmp_path)
+    _edit_config(ckpt, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "partial_rotary_factor": 0.0})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    assert "partial_rotary_factor=0.0" in str(e.value) and "config.json" in str(e.value)
