@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-num-seqs", type=_positive_int, default=256,
                    help="most sequences in one step (recorded for the runtime; default 256)")
     c.add_argument("--max-model-len", type=_positive_int,
-                   help="longest sequence, prompt + output (default: max_position_embeddings; at most that, or what a YaRN or linear RoPE extends it to, as vLLM)")
+                   help="longest sequence, prompt + output (default: max_position_embeddings; "
+                        "at most that, or what a YaRN or linear RoPE extends it to, as vLLM)")
     c.add_argument("--block-size", type=_positive_int, default=16, help="KV-cache block size in tokens (default 16)")
     c.add_argument("--max-logits-rows", type=_positive_int, metavar="N",
                    help="most rows the LM head computes in one step at -O2 (default: "
