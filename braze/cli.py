@@ -427,15 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-O", "--opt-level", type=int, default=2, choices=(0, 1, 2),
                    help="0: the traced graph as is; 1: canonicalisation; 2: every fusion pass, "
                    "segments and memory plan (default); -O0, -O1, -O2 for short")
-    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="weights and compute dtype (default: the checkpoint's; for a quantized "
-                        "GGUF, float16; bfloat16 for Gemma 3, whose activations overflow float16)")
+    c.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="weights and compute dtype (default auto: the checkpoint's; for a "
+                        "quantized GGUF, float16; bfloat16 for Gemma 3, whose activations "
+                        "overflow float16)")
     c.add_argument("--max-num-tokens", type=_positive_int, default=8192,
                    help="most tokens in one step (recorded for the runtime; default 8192)")
     c.add_argument("--max-num-seqs", type=_positive_int, default=256,
                    help="most sequences in one step (recorded for the runtime; default 256)")
     c.add_argument("--max-model-len", type=_positive_int,
-                   help="longest sequence, prompt + output (default: max_position_embeddings)")
+                   help="longest sequence, prompt + output (default: max_position_embeddings; "
+                        "at most that, or what a YaRN or linear RoPE extends it to, as vLLM)")
     c.add_argument("--block-size", type=_positive_int, default=16, help="KV-cache block size in tokens (default 16)")
     c.add_argument("--max-logits-rows", type=_positive_int, metavar="N",
                    help="most rows the LM head computes in one step at -O2 (default: "

@@ -24,6 +24,7 @@ from braze.frontend.kv_groups import assign_kv_groups
 from braze.frontend.gguf import GGUFSource, is_gguf
 from braze.ir import Graph, print_graph, verify
 from braze.ir.errors import BrazeError
+from braze.models.rope import context_limit
 from braze.passes import PassContext, PassManager, dump_after_each
 from braze.passes.manager import pipeline
 from braze.passes.shard import parallel_manifest, rank_loader
@@ -81,9 +82,12 @@ def _compile(model_dir: Path, out: Path, opts, key, t0, force, dump_ir, explain,
     spec, graph = loaded.spec, loaded.graph
     if opts.max_model_len is None:
         opts.max_model_len = spec.max_position_embeddings
-    elif opts.max_model_len > spec.max_position_embeddings:
-        raise BrazeError(f"--max-model-len {opts.max_model_len} exceeds the model's "
-                         f"max_position_embeddings ({spec.max_position_embeddings})")
+    else:
+        limit, why = context_limit(spec.rope, spec.max_position_embeddings)
+        if opts.max_model_len > limit:
+            raise BrazeError(f"--max-model-len {opts.max_model_len} exceeds the {limit} "
+                             f"tokens this model serves ({why}); pass --max-model-len "
+                             f"{limit} or less")
     opts.dtype = loaded.dtype
     kv_groups = assign_kv_groups(graph)     # one block table per kind of attention
     verify(graph)

@@ -22,7 +22,7 @@ GPU_TARGETS = tuple(f"sm_{c}" for c in (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 
 @dataclass
 class CompileOptions:
     opt_level: int = 2
-    dtype: str | None = None              # None: the checkpoint's dtype
+    dtype: str | None = None              # None (or "auto", vLLM's word): the checkpoint's
     max_num_tokens: int = StepLimits.max_num_tokens
     max_num_seqs: int = StepLimits.max_num_seqs
     max_model_len: int | None = None      # None: the model's max_position_embeddings
@@ -38,6 +38,8 @@ class CompileOptions:
     small_m_gemm: str = "extern"          # "triton": skinny-GEMM kernel at T <= 16 (codegen/small_m_gemm.py)
 
     def __post_init__(self):
+        if self.dtype == "auto":
+            self.dtype = None
         # the Python API may name the lists as lists, as vLLM's arguments are; the manifest
         # records them as the flags spell them
         for name in ("targets", "lora_targets"):

@@ -14,8 +14,8 @@ from braze.artifact import is_artifact
 from braze.ir import Graph
 from braze.ir.errors import BrazeError
 from braze.ir.types import torch_dtype
-from braze.models.registry import (build_model, build_spec, family_of, supported_architectures,
-                                   weight_sources)
+from braze.models.registry import (FLOAT16_UNSTABLE, build_model, build_spec, family_of,
+                                   supported_architectures, weight_sources)
 from braze.models.spec import ModelSpec
 
 from .dir_hints import missing_dir_hint, no_config_hint
@@ -112,6 +112,9 @@ def read_config(model_dir: Path):
         raise BrazeError(f"{path}: a JSON {type(raw).__name__}, not the object of a model "
                          f"config")
     archs = raw.get("architectures") or []
+    if isinstance(archs, str):      # iterated, it read letter by letter
+        raise BrazeError(f"{path}: architectures is the string {archs!r}; it is a list: "
+                         f"\"architectures\": [\"{archs}\"]")
     if archs and not any(a in supported_architectures() for a in archs):
         raise BrazeError(f"unsupported architecture {', '.join(archs)} in {path}; braze "
                          f"supports: {', '.join(supported_architectures())}")
@@ -155,6 +158,7 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
                              f"{model_dir} is {spec.architecture}")
         spec.gemma4.hidden_output = True
     dt = parse_dtype(dtype) if dtype else default_dtype(raw, Path(model_dir) / "config.json")
+    dt = _stable_dtype(spec, dt, asked=bool(dtype), log=log)
     if log:
         log(f"model: {spec.architecture} ({spec.num_params_hint}), dtype {dt}")
     t0 = time.perf_counter()
@@ -209,6 +213,21 @@ def load_model(model_dir, dtype: str | None = None, block_size: int = 16,
         log(f"frontend done in {time.perf_counter() - t0:.2f}s: {len(graph.nodes)} ops, "
             f"{len(graph.params)} parameters")
     return loaded
+
+
+def _stable_dtype(spec, dt: str, asked: bool, log) -> str:
+    """`dt`, unless the family is unstable in float16 (FLOAT16_UNSTABLE): then float16
+    asked for is refused, and float16 from config.json becomes bfloat16 (vLLM's auto)."""
+    why = FLOAT16_UNSTABLE.get(spec.family)
+    if dt != "f16" or why is None:
+        return dt
+    if asked:
+        raise BrazeError(f"--dtype float16: {spec.architecture} is numerically unstable in "
+                         f"float16 ({why}); pass --dtype bfloat16 or --dtype float32")
+    if log:
+        log(f"note: config.json declares float16, in which {spec.architecture} is unstable "
+            f"({why}): compiling in bfloat16 (--dtype float32 for full precision)")
+    return "bf16"
 
 
 def _real_tensor(module, name: str):

@@ -25,7 +25,9 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._keys: dict[Path, set[str]] = {}      # the names each file holds, once read
         index = self.dir / "model.safetensors.index.json"
-        if index.exists():
+        # transformers reads model.safetensors whenever it exists, before any index (an
+        # index left behind by shards merged into it names files no longer there)
+        if index.exists() and not (self.dir / "model.safetensors").exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
@@ -59,7 +61,10 @@ class Checkpoint:
             while len(self._handles) >= self.MAX_OPEN:
                 del self._handles[next(iter(self._handles))]
             if not path.exists():
-                raise BrazeError(f"{path}: weight file listed in the index is missing")
+                raise BrazeError(f"{path}: weight file listed in model.safetensors.index.json "
+                                 f"is missing (an interrupted download?); download the "
+                                 f"checkpoint again, e.g. `huggingface-cli download` into "
+                                 f"{path.parent}")
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types

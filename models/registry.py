@@ -56,6 +56,13 @@ MULTIMODAL = {
 }
 
 
+# families whose real checkpoints overflow float16 (vLLM refuses float16 for them too):
+# an asked-for --dtype float16 is refused, a config.json float16 compiles in bfloat16
+FLOAT16_UNSTABLE = {
+    "gemma3": "its activations outgrow float16's range (garbage or <pad> output)",
+}
+
+
 # used only when config.json names no architectures (e.g. a config built in code)
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen3_moe": "qwen3_moe", "phi3": "phi3",

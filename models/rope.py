@@ -185,3 +185,31 @@ def _longrope(rope, need, base, dim, max_position_embeddings):
                              f"dimension {dim} needs {dim // 2}")
         sets.append(1.0 / (torch.tensor(ext, dtype=torch.float32) * base ** shape))
     return sets[0], sets[1], float(attention)
+
+
+def context_limit(rope: dict, max_position_embeddings: int) -> tuple[int, str]:
+    """The longest sequence a model with `rope` serves, and what sets it (for an error).
+
+    vLLM's rule: YaRN extends the original_max_position_embeddings it was trained on by
+    `factor`, linear scaling extends max_position_embeddings by `factor` (both fixed
+    frequencies, equal to transformers' at every position); every other type stops at
+    max_position_embeddings (dynamic NTK too: transformers recomputes its frequencies
+    past it, which fixed ones cannot follow)."""
+    rope = rope or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    factor = rope.get("factor")
+    if kind == "yarn" and factor and rope.get("original_max_position_embeddings"):
+        original = rope["original_max_position_embeddings"]
+        limit = int(original * factor)
+        if limit > max_position_embeddings:
+            return limit, (f"its YaRN RoPE's original_max_position_embeddings {original} "
+                           f"x factor {factor:g}")
+    if kind == "linear" and factor and factor > 1:
+        return (int(max_position_embeddings * factor),
+                f"max_position_embeddings {max_position_embeddings} x its linear RoPE "
+                f"factor {factor:g}")
+    why = f"max_position_embeddings {max_position_embeddings}"
+    if kind == "dynamic":
+        why += (" (dynamic NTK RoPE: transformers recomputes its frequencies past it, which "
+                "an artifact's fixed ones cannot follow)")
+    return max_position_embeddings, why

@@ -111,7 +111,24 @@ def _quiet(logger: str):
         log.disabled = saved
 
 
+def _positive(cfg, *names) -> None:
+    """Counts (and a set sliding_window) must be positive: a 0 or a negative reached the
+    tracer or the arithmetic as a traceback, or compiled as is."""
+    for name in names:
+        v = getattr(cfg, name, None)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and v > 0):
+            raise BrazeError(f"config.json {name}={v} must be a positive number"
+                             + (" (or null: no sliding window)" if name == "sliding_window"
+                                else "") + "; does config.json match the checkpoint?")
+
+
 def _spec_from_config(cfg, family: str) -> ModelSpec:
+    _positive(cfg, "hidden_size", "num_attention_heads", "num_hidden_layers",
+              "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+              "max_position_embeddings", "sliding_window", "num_experts_per_tok",
+              "moe_intermediate_size", "decoder_sparse_step", "query_pre_attn_scalar",
+              "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
     hidden = _require(cfg, "hidden_size")
     heads = _require(cfg, "num_attention_heads")
     layers = _require(cfg, "num_hidden_layers")
@@ -128,7 +145,9 @@ def _spec_from_config(cfg, family: str) -> ModelSpec:
     if not rope:
         rope = dict(_get(cfg, "rope_scaling", None) or {})
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
-    partial = rope.get("partial_rotary_factor") or _get(cfg, "partial_rotary_factor", 1.0)
+    partial = rope.get("partial_rotary_factor")     # not `or`: a 0 read as 1.0
+    if partial is None:
+        partial = _get(cfg, "partial_rotary_factor", 1.0)
     if not 0 < partial <= 1:
         raise BrazeError(f"config.json partial_rotary_factor={partial} is not in (0, 1]")
     rope["partial_rotary_factor"] = partial

@@ -159,8 +159,9 @@ def test_tensors_under_another_prefix_are_named_in_the_error(tmp_path):
 ])
 def test_malformed_json_files_are_one_line_errors(tmp_path, file, text, named):
     """Valid JSON of the wrong shape (not an object; a weight_map that is not names to
-    files) is said to be so, not an AttributeError traceback."""
-    ckpt = _checkpoint(tmp_path)
+    files) is said to be so, not an AttributeError traceback. (Sharded: beside a
+    model.safetensors the index is not read, as transformers reads none.)"""
+    ckpt = _checkpoint(tmp_path, max_shard_size="40KB")
     (ckpt / file).write_text(text)
     with pytest.raises(BrazeError) as e:
         _logits(ckpt, tmp_path)
@@ -190,3 +191,165 @@ def test_a_mistral_or_meta_native_checkpoint_says_to_use_the_hugging_face_format
         read_config(tmp_path)
     msg = str(e.value)
     assert "params.json" in msg and "Hugging Face format" in msg and "\n" not in msg
+
+
+def _long_logits(ckpt, tmp_path, tokens, **options):
+    import braze
+    from braze.runtime import Executor, open_artifact
+    braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", **options)
+    ex = Executor(open_artifact(tmp_path / "a"), num_blocks=4)
+    return ex.run(step_inputs(ex, [SeqChunk(tokens, 0, take_blocks(ex, 4))]))
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+     "rope_theta": 10000.0},
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+])
+def test_a_scaled_rope_serves_past_max_position_embeddings(tmp_path, rope):
+    """Qwen's long-context recipe adds YaRN (factor 4 over the 32K it was trained on) to
+    config.json and serves --max-model-len 4 x 32K, which vLLM allows (its context is
+    original x factor for YaRN, max_position_embeddings x factor for linear): braze refused
+    anything past max_position_embeddings. These RoPEs are fixed frequencies, so
+    transformers gives every position the same logits as braze."""
+    ckpt = _checkpoint(tmp_path, "qwen3", max_position_embeddings=32, rope_scaling=rope)
+    tokens = (PROMPT * 3)[:50]                       # past the 32 positions
+    got = _long_logits(ckpt, tmp_path, tokens, max_model_len=64)
+    with torch.no_grad():
+        expected = hf_model(ckpt)(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope, named", [
+    (None, "max_position_embeddings"),
+    ({"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}, "dynamic"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+      "rope_theta": 10000.0}, "128"),
+])
+def test_a_max_model_len_past_the_models_context_names_the_limit(tmp_path, rope, named):
+    """Past what the RoPE serves (dynamic NTK: transformers recomputes its frequencies
+    past max_position_embeddings, which an artifact's fixed ones cannot follow) the error
+    says what limits it and the longest --max-model-len there is."""
+    ckpt = _checkpoint(tmp_path, "qwen3", max_position_embeddings=32, rope_scaling=rope)
+    with pytest.raises(BrazeError) as e:
+        _long_logits(ckpt, tmp_path, PROMPT, max_model_len=200)
+    msg = str(e.value)
+    assert "--max-model-len 200" in msg and named in msg and "\n" not in msg
+
+
+def test_gemma3_in_float16_is_refused_naming_the_dtypes_that_work(tmp_path):
+    """Gemma 3's activations outgrow float16's range on real checkpoints (garbage or <pad>
+    floods; vLLM refuses --dtype float16 for it): an asked-for float16 is one line naming
+    the model and what to pass instead."""
+    ckpt = _checkpoint(tmp_path, "gemma3")
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path, dtype="float16")
+    msg = str(e.value)
+    assert "float16" in msg and "--dtype bfloat16" in msg and "Gemma3" in msg and "\n" not in msg
+
+
+def test_gemma3_declared_float16_compiles_in_bfloat16(tmp_path):
+    """A Gemma 3 whose config.json declares float16 (a conversion) and no --dtype: braze
+    picks bfloat16, as vLLM's dtype auto does, and says so."""
+    import braze
+    ckpt = _checkpoint(tmp_path, "gemma3")
+    _edit_config(ckpt, dtype="float16")
+    said = []
+    art = braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", log=said.append)
+    assert art.model["dtype"] == "bf16"
+    assert any("bfloat16" in m and "float16" in m for m in said)
+
+
+def test_dtype_auto_is_the_checkpoints_as_in_vllm(tmp_path):
+    """vLLM's --dtype default and usual spelling is `auto` (the checkpoint's dtype, half
+    for float32 there): braze compile refused it as an invalid choice. It now means the
+    checkpoint's dtype, from the command line and the Python API alike."""
+    import braze
+    from braze.cli import build_parser
+    args = build_parser().parse_args(["compile", "m", "-o", "a", "--dtype", "auto"])
+    assert args.dtype == "auto"
+    ckpt = _checkpoint(tmp_path)
+    _edit_config(ckpt, dtype="bfloat16")
+    art = braze.compile(ckpt, tmp_path / "a", opt_level=0, targets="", dtype=args.dtype)
+    assert art.model["dtype"] == braze.compile(ckpt, tmp_path / "b", opt_level=0,
+                                               targets="").model["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_key_value_heads", 0),          # was a ZeroDivisionError traceback
+    ("num_hidden_layers", 0),            # was "graph @LlamaForCausalLM has no attention..."
+    ("num_attention_heads", 0),
+    ("sliding_window", -1),              # was compiled as is
+])
+def test_a_config_count_that_is_not_positive_names_the_key(tmp_path, key, value):
+    ckpt = _checkpoint(tmp_path, "mistral")
+    _edit_config(ckpt, **{key: value})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert f"{key}={value}" in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_architectures_written_as_a_string_says_it_should_be_a_list(tmp_path):
+    """"architectures": "LlamaForCausalLM" (a hand-written config) was read letter by
+    letter: "unsupported architecture L, l, a, m, a, ...". """
+    ckpt = _checkpoint(tmp_path)
+    _edit_config(ckpt, architectures="LlamaForCausalLM")
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert '["LlamaForCausalLM"]' in msg and "L, l, a" not in msg and "\n" not in msg
+
+
+def test_a_single_weights_file_beside_a_stale_index_is_read_as_transformers_does(tmp_path):
+    """Shards merged into model.safetensors (and the shards deleted) with the old index
+    left behind: transformers loads model.safetensors whenever it exists, index or not;
+    braze followed the index to shards no longer there."""
+    from safetensors.torch import load_file, save_file
+    ckpt = _checkpoint(tmp_path, max_shard_size="40KB")
+    shards = sorted(ckpt.glob("model-*.safetensors"))
+    merged = {k: v for f in shards for k, v in load_file(f).items()}
+    save_file(merged, ckpt / "model.safetensors", metadata={"format": "pt"})
+    for f in shards:
+        f.unlink()
+    assert (ckpt / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(_logits(ckpt, tmp_path), _expected(ckpt), atol=1e-4, rtol=1e-4)
+
+
+def test_a_shard_missing_from_a_download_says_to_fetch_it(tmp_path):
+    """An interrupted download leaves the index naming a shard that is not there: the error
+    names the shard and says to download it again, not only that it is missing."""
+    ckpt = _checkpoint(tmp_path, max_shard_size="40KB")
+    shard = sorted(ckpt.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert shard.name in msg and "download" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("family, key, value", [
+    ("mixtral", "num_experts_per_tok", 0),         # compiled: MoE layers that add nothing
+    ("qwen3_moe", "decoder_sparse_step", 0),       # read as 1 ("gate weight missing")
+    ("deepseek_v3", "num_experts_per_tok", 0),
+    ("deepseek_v3", "kv_lora_rank", 0),            # a tracing error from torch.cat
+    ("gemma3", "query_pre_attn_scalar", 0),        # a ZeroDivisionError traceback
+])
+def test_a_family_count_that_is_not_positive_names_the_key(tmp_path, family, key, value):
+    ckpt = _checkpoint(tmp_path, family)
+    _edit_config(ckpt, **{key: value})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    msg = str(e.value)
+    assert key in msg and str(value) in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_a_zero_partial_rotary_factor_is_refused_not_read_as_one(tmp_path):
+    """rope_parameters' partial_rotary_factor 0.0 fell through an `or` to the default 1.0
+    and compiled a whole-head RoPE."""
+    ckpt = _checkpoint(tmp_path)
+    _edit_config(ckpt, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "partial_rotary_factor": 0.0})
+    with pytest.raises(BrazeError) as e:
+        _logits(ckpt, tmp_path)
+    assert "partial_rotary_factor=0.0" in str(e.value) and "config.json" in str(e.value)

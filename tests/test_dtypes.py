@@ -31,16 +31,19 @@ MEAN_ERROR_RATIO = 0.8          # measured 0.53-0.70 correct, 0.94-1.49 without 
 # Mixtral is left out in bf16: there transformers' router flips an expert choice at one
 # position (its bf16 logits move by 1.5 from its float32 ones; braze's by 0.05), and the
 # later positions inherit that through attention: a near-tie, not an error of either side.
+# Gemma 3 is refused in float16 (models/registry.FLOAT16_UNSTABLE; its interpreted kernels
+# are checked in float32 by test_interpret_vs_hf.py and in bf16 on the GPU)
+SKIP = {("mixtral", "bfloat16"), ("gemma3-sandwich-softcap", "float16")}
 RUNS = [(c, d, opt, "reference")
         for c in ("llama", "qwen3-headdim24-tied", "qwen3_moe-dense-middle", "mixtral",
                   "phi3-longrope-partial-tied", "gemma3-sandwich-softcap", "gemma4-ple-kvshare-moe")
-        for d in HALF if (c, d) != ("mixtral", "bfloat16") for opt in (0, 2)]
+        for d in HALF if (c, d) not in SKIP for opt in (0, 2)]
 # the kernels too (interpreted, so f16 only: the interpreter computes bf16 wrongly); 20
-# interpreted steps each, so the three largest families (20-38 s apiece) run with `slow`
+# interpreted steps each, so the two largest families (20-38 s apiece) run with `slow`
 # and on the GPU in bf16 (tests/test_gpu.py), Llama and Phi-3 in every run
 RUNS += [(c, "float16", 2, "interpret") for c in ("llama", "phi3-longrope-partial-tied")]
 RUNS += [pytest.param(c, "float16", 2, "interpret", marks=pytest.mark.slow)
-         for c in ("qwen3_moe-dense-middle", "gemma3-sandwich-softcap", "gemma4-ple-kvshare-moe")]
+         for c in ("qwen3_moe-dense-middle", "gemma4-ple-kvshare-moe")]
 
 
 def transformers_logits(store, case, dtype):

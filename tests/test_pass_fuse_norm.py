@@ -277,7 +277,8 @@ def test_half_norm_scaled_in_f32_without_a_cast_back_is_refused():
     assert any("without a cast back" in r for r in reasons), reasons
 
 
-@pytest.mark.parametrize("dtype", [None, "bfloat16", "float16"])
+# (not float16: braze refuses Gemma 3 in it, models/registry.FLOAT16_UNSTABLE)
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_gemma3_sandwich_norms(dtype, tmp_path_factory):
     """Per layer: input, post-attention, pre- and post-feedforward norms and q/k norms.
     The pre-feedforward norm and the next layer's input norm take the residual add in

@@ -414,7 +414,8 @@ def test_phi3_graph_fuses_partial_rotary_with_the_cache_write(tmp_path):
     assert "cache_write" not in g.op_counts() and "neg" not in g.op_counts()
 
 
-@pytest.mark.parametrize("dtype", [None, "float16"])
+# bfloat16, not float16: braze refuses Gemma 3 in float16 (models/registry.FLOAT16_UNSTABLE)
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_gemma3_qk_norm_scaled_in_f32_folds_into_the_rope(dtype, tmp_path_factory):
     g, params = model_graph("gemma3", tmp_path_factory.mktemp("g"), dtype=dtype)
     run_passes(g, ["canonicalize"])
