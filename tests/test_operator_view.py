@@ -47,6 +47,7 @@ def test_server_info_shows_the_lora_cache_in_effect(store):
     eng = Engine(art, backend="reference", num_kv_blocks=32, max_cpu_loras=1)
     info = _info(eng)
     assert info["lora"] == {"slots": eng.lora.contract.slots,
+                            "max_loras": eng.lora.max_loras,
                             "max_rank": eng.lora.contract.max_rank,
                             "max_cpu_loras": eng.lora.max_cpu_loras}
     assert info["lora"]["max_cpu_loras"] == 2 and info["options"]["max_cpu_loras"] == 1

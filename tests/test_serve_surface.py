@@ -680,7 +680,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
              "--lora-modules", "a=/x", "b=/y",
              "--allow-runtime-lora-updating", "--enable-lora", "--max-loras", "3",
              "--max-lora-rank", "32", "--enable-prompt-tokens-details",
-             "--default-chat-template-kwargs", '{"enable_thinking": false}']
+             "--default-chat-template-kwargs", '{"enable_thinking": false}',
+             "--enable-responses-store", "--responses-store-size", "7"]
     want = ServerOptions(host="0.0.0.0", port=9, max_queue=5, served_model_name="m",
                          drain_timeout=3.0, log_level="debug", read_timeout=4.0,
                          engine_iteration_timeout=9.0,
@@ -694,7 +695,8 @@ def test_every_server_option_is_reachable_from_serve(monkeypatch):
                          lora_modules=["a=/x", "b=/y"],
                          allow_runtime_lora_updating=True, enable_lora=True, max_loras=3,
                          max_lora_rank=32, enable_prompt_tokens_details=True,
-                         default_chat_template_kwargs={"enable_thinking": False})
+                         default_chat_template_kwargs={"enable_thinking": False},
+                         enable_responses_store=True, responses_store_size=7)
     default = ServerOptions()
     assert {f.name for f in fields(ServerOptions)
             if getattr(want, f.name) != getattr(default, f.name)} \

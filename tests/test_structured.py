@@ -5,6 +5,7 @@ parse and validate however random the model is)."""
 from __future__ import annotations
 
 import json
+import time
 import threading
 
 import pytest
@@ -489,7 +490,9 @@ def test_a_step_interrupted_while_it_samples_leaks_no_batch_row(store):
     from braze.runtime.engine import Engine
 
     from conftest import run_all
-    prompts, params = _mixed_requests(2, 1, [30, 9, 5])
+    # the plain request long enough to outlast the grammars' compiles on a loaded machine
+    # (with 5 tokens it could finish first, and the wait below never ended)
+    prompts, params = _mixed_requests(2, 1, [30, 9, 60])
     eng = Engine(store.artifact("llama"), backend="reference", num_kv_blocks=64,
                  async_scheduling=True)
     for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -497,6 +500,9 @@ def test_a_step_interrupted_while_it_samples_leaks_no_batch_row(store):
     # every grammar compiled and every request running, a step in flight: the next step
     # samples after applying that one (runner.sample)
     while eng._grammar_wait or len(eng.scheduler.running) < len(prompts) or not eng._in_flight:
+        assert len(eng.requests) == len(prompts), "one finished before all three ran together"
+        if not eng.scheduler.running or eng._grammar_wait:
+            time.sleep(0.001)           # the grammars compile on their thread
         eng.step()
     real = eng.runner.sample
 
