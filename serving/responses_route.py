@@ -398,6 +398,8 @@ def install(app: FastAPI, svc, while_connected) -> None:
         reply = _Reply(svc, body, len(ids), params, reasoning, rid, stored=keep,
                        tools=tool_plan)
         items = stored.input_items(body.input)
+        if keep:
+            store.check_free(reply.id)
         svc.admit()
         stream = await svc.submit(engine_rid, ids, params, prompt_param="input",
                                   lora=lora_for(svc, body.model), bounded=False,

@@ -79,6 +79,15 @@ class ResponseStore:
             log.debug("the responses store forgot %s (--responses-store-size %d)", old,
                       self.capacity)
 
+    def check_free(self, rid: str) -> None:
+        """409 when a stored response already has the id `rid` (built on a client's
+        X-Request-Id, sent again): keeping a second would lose the first."""
+        if rid in self._kept:
+            raise APIError(409, f"a stored response already has the id {rid!r}, which this "
+                           f"request's X-Request-Id makes: send another X-Request-Id, or "
+                           f"DELETE /v1/responses/{rid} first", "invalid_request_error", None,
+                           "conflict")
+
     def get(self, rid: str) -> Stored:
         """The stored response `rid`; 404 naming it otherwise."""
         s = self._kept.get(rid)

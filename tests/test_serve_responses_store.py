@@ -181,3 +181,18 @@ def test_the_store_forgets_the_oldest_beyond_its_size(server):
     assert first.status_code == 404
     assert "--responses-store-size" in first.json()["error"]["message"]
     assert all(server.http.get(f"/v1/responses/{i}").status_code == 200 for i in ids[1:])
+
+
+def test_an_x_request_id_sent_again_does_not_overwrite_a_stored_response(server):
+    """Response ids are built on the client's X-Request-Id (as vLLM's): a second request
+    with the same one would replace the stored first; it is a 409 instead."""
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 2, "temperature": 0}
+    first = server.http.post("/v1/responses", json=body, headers={"X-Request-Id": "same-1"})
+    assert first.status_code == 200 and first.json()["id"] == "resp_same-1", first.text
+    again = server.http.post("/v1/responses", json={**body, "input": "Other"},
+                             headers={"X-Request-Id": "same-1"})
+    assert again.status_code == 409 and "X-Request-Id" in again.json()["error"]["message"]
+    assert server.http.get("/v1/responses/resp_same-1").json() == first.json()
+    unstored = server.http.post("/v1/responses", json={**body, "store": False},
+                                headers={"X-Request-Id": "same-1"})
+    assert unstored.status_code == 200, unstored.text
