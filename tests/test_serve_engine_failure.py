@@ -72,8 +72,11 @@ def test_requests_failed_by_the_engine_are_counted_and_nothing_shows_running(sto
         aeng = AsyncEngine(engine, metrics=metrics)
         aeng.start()
         try:
-            streams = [await aeng.add(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True),
-                                      len(p)) for i, p in enumerate(prompts)]
+            # both sent before either is acknowledged: awaited one by one, the first could
+            # run its three good steps (and the engine fail) before the second was sent
+            streams = await asyncio.gather(*(
+                aeng.add(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True), len(p))
+                for i, p in enumerate(prompts)))
             for s in streams:
                 with pytest.raises(Unavailable, match="simulated device fault"):
                     async for _ in s:
