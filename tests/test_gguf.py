@@ -426,6 +426,19 @@ def _gguf_roundtrip(model, qtype: str):
     return out
 
 
+def _assert_compiles_to_its_source(model, path, tmp_path, qtype: str, vocab: int) -> None:
+    """The GGUF at `path`, written from `model` in `qtype`, compiles (float32) to `model`'s
+    architecture and gives its logits, its weights through gguf's quantizer and back."""
+    out = tmp_path / "a.braze"
+    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == type(model).__name__
+    prompt = [t % vocab for t in PROMPT]
+    with torch.no_grad():
+        expected = _gguf_roundtrip(model, qtype)(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch, tok, qtype", [("mixtral", "spm", "F32"), ("mixtral", "spm", "Q8_0"),
                                              ("qwen3_moe", "bpe", "F32"),
                                              ("qwen3_moe", "bpe", "Q8_0")])
@@ -438,14 +451,7 @@ def test_moe_ggufs_give_the_logits_of_the_model_they_were_written_from(tmp_path,
     vocab = VOCAB[tok]
     model = tiny_hf_model(arch, vocab)
     path = write_gguf(model, tmp_path / "m.gguf", qtype, tokenizer=tok)
-    out = tmp_path / "a.braze"
-    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["architecture"] == type(model).__name__
-    prompt = [t % vocab for t in PROMPT]
-    with torch.no_grad():
-        expected = _gguf_roundtrip(model, qtype)(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+    _assert_compiles_to_its_source(model, path, tmp_path, qtype, vocab)
 
 
 @pytest.mark.parametrize("partial", [1.0, 0.5])
@@ -455,14 +461,7 @@ def test_phi3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, p
     class default pad id 32000 is outside a small vocabulary)."""
     model = tiny_hf_model("phi3", 320, partial_rotary_factor=partial)
     path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm")
-    out = tmp_path / "a.braze"
-    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["architecture"] == "Phi3ForCausalLM"
-    prompt = [t % 320 for t in PROMPT]
-    with torch.no_grad():
-        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+    _assert_compiles_to_its_source(model, path, tmp_path, "Q8_0", 320)
 
 
 @pytest.mark.parametrize("long", [False, True])
@@ -533,14 +532,7 @@ def test_gemma3_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path,
     model = tiny_hf_model("gemma3", 320, **({"rope_parameters": rope} if rope else {}))
     kv = {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0} if scaled else {}
     path = write_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer="spm", extra_kv=kv)
-    out = tmp_path / "a.braze"
-    braze.compile(path, out, opt_level=0, targets="", dtype="float32")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["architecture"] == "Gemma3ForCausalLM"
-    prompt = [t % 320 for t in PROMPT]
-    with torch.no_grad():
-        expected = _gguf_roundtrip(model, "Q8_0")(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_prefill_logits(out, prompt), expected, atol=1e-4, rtol=1e-4)
+    _assert_compiles_to_its_source(model, path, tmp_path, "Q8_0", 320)
 
 
 def test_a_quantized_gemma3_gguf_compiles_by_default_in_a_dtype_its_activations_fit(tmp_path):
