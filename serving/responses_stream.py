@@ -25,6 +25,7 @@ class StreamItems:
         self.reasoning_at = self.message_at = None
         self.thought = ""               # the reasoning text streamed so far
         self.reasoning_closed = False
+        self.msg_id = reply.item_id     # the open message's id
 
     def _where(self, at: int, item_id: str) -> dict:
         return {"item_id": item_id, "output_index": at, "content_index": 0}
@@ -33,9 +34,19 @@ class StreamItems:
         r = self.reply
         self.message_at, self.next_index = self.next_index, self.next_index + 1
         return [r.event("response.output_item.added", output_index=self.message_at,
-                        item=r.message(None, "in_progress")),
+                        item=r.message(None, "in_progress", self.msg_id)),
                 r.event("response.content_part.added",
-                        **self._where(self.message_at, r.item_id), part=r.part(""))]
+                        **self._where(self.message_at, self.msg_id), part=r.part(""))]
+
+    def message_done(self, text: str, status: str, logprobs: list | None = None
+                     ) -> tuple[dict, list[bytes]]:
+        """The open message, finished with `text`, and its done events."""
+        r, at, lp = self.reply, self.message_at, logprobs or []
+        where = self._where(at, self.msg_id)
+        item = r.message(text, status, self.msg_id, lp)
+        return item, [r.event("response.output_text.done", **where, text=text, logprobs=lp),
+                      r.event("response.content_part.done", **where, part=r.part(text, lp)),
+                      r.event("response.output_item.done", output_index=at, item=item)]
 
     def deltas(self, think: str, said: str, answering: bool = False,
                final: bool = False, logprobs: list | None = None) -> list[bytes]:
@@ -55,7 +66,7 @@ class StreamItems:
             ev += self.close_reasoning("completed") + self.open_message()
         if said:
             ev.append(r.event("response.output_text.delta",
-                              **self._where(self.message_at, r.item_id), delta=said,
+                              **self._where(self.message_at, self.msg_id), delta=said,
                               logprobs=logprobs or []))
         return ev
 
@@ -74,17 +85,10 @@ class StreamItems:
     def close(self, text: str, status: str, logprobs: list | None = None) -> list[bytes]:
         """The done events of the items still open, with the whole text of each (and the
         message's `logprobs`)."""
-        r = self.reply
-        _, answer = r.split(text)
+        _, answer = self.reply.split(text)
         ev = self.close_reasoning(status)
         if self.message_at is not None:
-            where = self._where(self.message_at, r.item_id)
-            answer = answer or ""
-            lp = logprobs or []
-            ev += [r.event("response.output_text.done", **where, text=answer, logprobs=lp),
-                   r.event("response.content_part.done", **where, part=r.part(answer, lp)),
-                   r.event("response.output_item.done", output_index=self.message_at,
-                           item=r.message(answer, status, logprobs=lp))]
+            ev += self.message_done(answer or "", status, logprobs)[1]
         return ev
 
     def output(self) -> list[dict] | None:
@@ -104,8 +108,8 @@ class ToolStreamItems(StreamItems):
         self.streamer = reply.tools.streamer()
         self.answer = ""                # the answer so far: what the parser reads
         self.said = ""                  # the open message's text
-        self.msg_id = reply.item_id
         self.call = None                # the open call: [at, item_id, call_id, name, arguments]
+        self.calls_made = False
         self.done_items: dict[int, dict] = {}     # output_index -> its item, once closed
 
     def deltas(self, think: str, said: str, answering: bool = False,
@@ -114,13 +118,9 @@ class ToolStreamItems(StreamItems):
         self.answer += said
         for d in self.streamer.feed(self.answer, final):
             ev += self._content(d["content"]) if "content" in d else self._calls(d["tool_calls"])
-        if final and answering and self.message_at is None and not self.done_items_calls():
+        if final and answering and self.message_at is None and not self.calls_made:
             ev += self.close_reasoning("completed") + self.open_message()   # an empty answer
         return ev
-
-    def done_items_calls(self) -> bool:
-        return self.call is not None or any(i["type"] == "function_call"
-                                            for i in self.done_items.values())
 
     def _content(self, text: str) -> list[bytes]:
         r, ev = self.reply, self._close_call("completed")
@@ -143,6 +143,7 @@ class ToolStreamItems(StreamItems):
                 at, self.next_index = self.next_index, self.next_index + 1
                 item = responses_tools.call_item(c["id"], f["name"], "", "in_progress")
                 self.call = [at, item["id"], c["id"], f["name"], ""]
+                self.calls_made = True
                 ev.append(r.event("response.output_item.added", output_index=at, item=item))
             if f.get("arguments"):
                 self.call[4] += f["arguments"]
@@ -151,14 +152,6 @@ class ToolStreamItems(StreamItems):
                                   delta=f["arguments"]))
         return ev
 
-    def open_message(self) -> list[bytes]:
-        r = self.reply
-        self.message_at, self.next_index = self.next_index, self.next_index + 1
-        return [r.event("response.output_item.added", output_index=self.message_at,
-                        item=r.message(None, "in_progress", self.msg_id)),
-                r.event("response.content_part.added",
-                        **self._where(self.message_at, self.msg_id), part=r.part(""))]
-
     def close_reasoning(self, status: str) -> list[bytes]:
         ev = super().close_reasoning(status)
         if ev:
@@ -166,14 +159,10 @@ class ToolStreamItems(StreamItems):
         return ev
 
     def _close_message(self, status: str) -> list[bytes]:
-        r, at = self.reply, self.message_at
-        if at is None or at in self.done_items:
+        if self.message_at is None or self.message_at in self.done_items:
             return []
-        where = self._where(at, self.msg_id)
-        self.done_items[at] = r.message(self.said, status, self.msg_id)
-        return [r.event("response.output_text.done", **where, text=self.said, logprobs=[]),
-                r.event("response.content_part.done", **where, part=r.part(self.said)),
-                r.event("response.output_item.done", output_index=at, item=self.done_items[at])]
+        self.done_items[self.message_at], ev = self.message_done(self.said, status)
+        return ev
 
     def _close_call(self, status: str) -> list[bytes]:
         if self.call is None:
