@@ -498,10 +498,7 @@ class _Job:
         return self.choices[0].last if self.choices else None
 
     def _token_text(self, tid: int) -> str:
-        tok = self.svc.tokenizer
-        if tok is None or self.body.return_tokens_as_token_ids:
-            return f"token_id:{tid}"
-        return tok.decode([tid], skip_special_tokens=False)
+        return R.token_text(self.svc.tokenizer, tid, self.body.return_tokens_as_token_ids)
 
     def _prompt_text(self, c: _Choice) -> str:
         """The echo of a prompt: its text as sent, or token ids decoded with their special

@@ -141,6 +141,14 @@ def chat_body(id: str, created: int, model: str, choices: list[dict], use: dict 
 LOGPROB_FLOOR = -9999.0
 
 
+def token_text(tokenizer, tid: int, as_ids: bool = False) -> str:
+    """A token as logprobs name it: its text with special tokens kept, or vLLM's
+    "token_id:N" (return_tokens_as_token_ids, or a model without a tokenizer)."""
+    if tokenizer is None or as_ids:
+        return f"token_id:{tid}"
+    return tokenizer.decode([tid], skip_special_tokens=False)
+
+
 def finite(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 

@@ -404,12 +404,12 @@ def install(app: FastAPI, svc, while_connected) -> None:
         stream = await svc.submit(engine_rid, ids, params, prompt_param="input",
                                   lora=lora_for(svc, body.model), bounded=False,
                                   cache_salt=chat.cache_salt, priority=chat.priority)
+        if body.background:
+            return JSONResponse(_background(store, reply, stream, history + items, items))
         if keep:
             def kept(response: dict) -> None:
                 store.put(reply.id, stored.Stored(response, history + items, items))
             reply.on_done = kept
-        if body.background:
-            return JSONResponse(_background(store, reply, stream, history + items, items))
         if body.stream:
             return StreamingResponse(reply.events(stream), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -457,7 +457,6 @@ def install(app: FastAPI, svc, while_connected) -> None:
 def _background(store, reply: "_Reply", stream, context: list, items: list) -> dict:
     """Keep `reply` as a background response, "queued", and run it: the stored object
     follows it to its end (completed, incomplete, failed or cancelled)."""
-    reply.on_done = None
     s = stored.Stored(reply.response("queued"), context, items, abort=stream.abort)
 
     async def run() -> None:
@@ -487,9 +486,7 @@ class _Reply:
                  params: SamplingParams, reasoning=None, rid: str | None = None,
                  stored: bool = False, tools=None):
         self.body, self.params = body, params
-        # the request's serving/tools.ToolPlan, when its reply may call a function
-        self.tools = tools if tools is not None and tools.mode != "none" else None
-        self.tool_plan = tools
+        self.tool_plan = tools          # the request's serving/tools.ToolPlan, if any
         self.want_logprobs = params.logprobs is not None
         self.lp_next = 0                # a stream's logprobs sent so far (output positions)
         self.tokenizer = svc.tokenizer
@@ -531,6 +528,12 @@ class _Reply:
             "metadata": b.metadata or {},
         }
 
+    @property
+    def tools(self):
+        """The tool plan when the reply may call a function (not tool_choice none)."""
+        p = self.tool_plan
+        return p if p is not None and p.mode != "none" else None
+
     def tool_choice(self):
         """The request's tool_choice, as OpenAI echoes it (auto with tools, else none)."""
         if self.tool_plan is None:
@@ -547,30 +550,29 @@ class _Reply:
         """(reasoning, answer) of the reply's text; no reasoning without a parser."""
         return (None, text) if self.reasoning is None else self.reasoning.split(text)
 
-    def token_text(self, tid: int) -> str:
-        tok = self.tokenizer
-        return f"token_id:{tid}" if tok is None else tok.decode([tid], skip_special_tokens=False)
-
-    def answer_logprobs(self, out, since: int = 0) -> list[dict]:
-        """OpenAI's logprobs of the answer's tokens from output position `since` (none
-        unless asked for, or while the reply still reasons)."""
+    def _answer_entries(self, out, since: int) -> list | None:
+        """The answer's TokenLogprobs from output position `since`; None while the reply
+        still reasons (or none were asked for)."""
         if not self.want_logprobs or not out.logprobs:
-            return []
+            return None
         start = 0 if self.reasoning is None else self.reasoning.answer_start(out.token_ids)
-        if start is None:
+        return None if start is None else out.logprobs[max(start, since):]
+
+    def _openai_logprobs(self, entries) -> list[dict]:
+        if not entries:
             return []
-        entries = out.logprobs[max(start, since):]
-        return R.chat_logprobs(entries, self.token_text)["content"] if entries else []
+        return R.chat_logprobs(entries, lambda t: R.token_text(self.tokenizer, t))["content"]
+
+    def answer_logprobs(self, out) -> list[dict]:
+        """OpenAI's logprobs of the answer's tokens (none unless asked for)."""
+        return self._openai_logprobs(self._answer_entries(out, 0))
 
     def stream_logprobs(self, out) -> list[dict]:
         """The answer's logprobs not yet sent in a stream, for its next text delta."""
-        if not self.want_logprobs or not out.logprobs:
-            return []
-        lp = self.answer_logprobs(out, self.lp_next)
-        if lp or (self.reasoning is None or self.reasoning.answer_start(out.token_ids)
-                  is not None):
+        entries = self._answer_entries(out, self.lp_next)
+        if entries is not None:
             self.lp_next = len(out.logprobs)
-        return lp
+        return self._openai_logprobs(entries)
 
     def output(self, text: str, status: str, out=None) -> list[dict]:
         """The output items: a reasoning item when the reply reasoned, then the message
