@@ -74,7 +74,9 @@ class ResponseStore:
         self._kept[rid] = stored
         self._kept.move_to_end(rid)
         over = len(self._kept) - self.capacity
-        for old in [k for k, s in self._kept.items() if not s.running][:max(over, 0)]:
+        if over <= 0:
+            return
+        for old in [k for k, s in self._kept.items() if not s.running][:over]:
             del self._kept[old]
             log.debug("the responses store forgot %s (--responses-store-size %d)", old,
                       self.capacity)
